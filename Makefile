@@ -1,0 +1,97 @@
+# tributary: Braze Currents -> mParticle.
+#
+#   make run        install what is missing, build, start on the embedded defaults
+#   make test       install what is missing, build, run every test
+#   make asan       the test suite under AddressSanitizer + UndefinedBehaviorSanitizer
+#   make valgrind   the test suite under valgrind (memcheck)
+#   make bench      the benchmark (figures as "name value unit" lines)
+#   make fuzz       libFuzzer targets, about a minute each
+#   make install    PREFIX=/usr/local DESTDIR=
+#   make fmt lint clean
+
+VERSION := 0.1.0
+REVISION := $(shell git rev-parse --short HEAD 2>/dev/null || echo unknown)
+
+PKGS := lua5.4 lua5.4-cjson libmicrohttpd libcurl sqlite3 libcrypto
+CC ?= cc
+CFLAGS ?= -O2 -g
+WARN := -Wall -Wextra -Wshadow -Wstrict-prototypes -Wmissing-prototypes -Werror
+# Recursive (=) so that pkg-config runs after scripts/setup.sh installed the packages.
+PKG_CFLAGS = $(shell pkg-config --cflags $(PKGS))
+PKG_LIBS = $(shell pkg-config --libs $(PKGS))
+ALL_CFLAGS = -std=c11 -D_GNU_SOURCE -pthread $(WARN) $(CFLAGS) $(PKG_CFLAGS) \
+	-DTRIBUTARY_VERSION='"$(VERSION) ($(REVISION))"'
+LIBS = $(PKG_LIBS) -pthread -lm
+
+BUILD ?= build/release
+BIN ?= host/tributary
+
+SRCS := $(wildcard host/*.c)
+OBJS := $(patsubst host/%.c,$(BUILD)/host/%.o,$(SRCS))
+LIB_OBJS := $(filter-out $(BUILD)/host/main.o,$(OBJS))
+UNIT_SRCS := $(wildcard tests/unit/test_*.c)
+UNIT_BINS := $(patsubst tests/unit/%.c,$(BUILD)/tests/%,$(UNIT_SRCS))
+
+PREFIX ?= /usr/local
+DESTDIR ?=
+
+.PHONY: all setup run test check-suite unit asan valgrind bench soak fuzz install fmt lint clean
+
+all: $(BIN)
+
+setup:
+	@scripts/setup.sh
+
+$(BUILD)/host/%.o: host/%.c $(wildcard host/*.h) Makefile
+	@mkdir -p $(dir $@)
+	$(CC) $(ALL_CFLAGS) -c -o $@ $<
+
+$(BIN): $(OBJS)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $(OBJS) $(LIBS)
+
+$(BUILD)/tests/%: tests/unit/%.c tests/unit/unit.h $(LIB_OBJS)
+	@mkdir -p $(dir $@)
+	$(CC) $(ALL_CFLAGS) -Ihost $$(pkg-config --cflags check) -o $@ $< $(LIB_OBJS) \
+		$(LDFLAGS) $$(pkg-config --libs check) $(LIBS)
+
+unit: $(UNIT_BINS)
+
+run: setup
+	@$(MAKE) --no-print-directory all
+	@mkdir -p var
+	exec $(BIN) serve --config tributary.conf.lua
+
+test: setup
+	@$(MAKE) --no-print-directory check-suite
+
+# The whole suite against the binary and unit tests of this BUILD.
+check-suite: $(BIN) $(UNIT_BINS)
+	@scripts/test.sh $(BUILD)/tests $(BIN)
+
+asan: setup
+	@$(MAKE) --no-print-directory check-suite BUILD=build/asan BIN=build/asan/tributary \
+		CFLAGS="-O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer" \
+		LDFLAGS="-fsanitize=address,undefined"
+
+valgrind: setup
+	@scripts/setup.sh valgrind
+	@$(MAKE) --no-print-directory check-suite BUILD=build/valgrind BIN=build/valgrind/tributary \
+		CFLAGS="-O1 -g" TEST_WRAPPER="valgrind --quiet --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite --track-fds=no"
+
+install: all
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/share/tributary/rules \
+		$(DESTDIR)$(PREFIX)/share/tributary $(DESTDIR)$(PREFIX)/lib/systemd/system
+	install -m 0755 $(BIN) $(DESTDIR)$(PREFIX)/bin/tributary
+	install -m 0644 rules/*.lua $(DESTDIR)$(PREFIX)/share/tributary/rules/
+	install -m 0644 tributary.conf.lua $(DESTDIR)$(PREFIX)/share/tributary/tributary.conf.lua.example
+
+fmt:
+	clang-format -i host/*.c host/*.h tests/unit/*.c tests/unit/*.h
+
+lint:
+	cppcheck --quiet --error-exitcode=1 --enable=warning,performance,portability \
+		--std=c11 --inline-suppr -D_GNU_SOURCE -I host host tests/unit
+
+clean:
+	rm -rf build host/tributary

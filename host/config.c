@@ -1,0 +1,796 @@
+#include "config.h"
+
+#include "sandbox.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <lauxlib.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+extern char **environ;
+
+/* The configuration file may compute values, but within bounds. */
+#define CONFIG_MEMORY (64u << 20)
+#define CONFIG_INSTRUCTIONS 10000000
+#define CONFIG_FILE_MAX (4u << 20)
+
+enum ktype { K_STR, K_SECRET, K_INT, K_LIST, K_SECRET_LIST, K_ENUM, K_APPS };
+
+struct key {
+    const char *path;
+    enum ktype type;
+    size_t off;
+    int64_t min, max;
+    const char *const *choices; /* K_ENUM, NULL-terminated */
+};
+
+static const char *const ENVIRONMENTS[] = {"production", "development", NULL};
+static const char *const SYNC_MODES[] = {"full", "normal", NULL};
+static const char *const LOG_LEVELS[] = {"debug", "info", "warn", "error", NULL};
+static const char *const LOG_FORMATS[] = {"logfmt", "json", NULL};
+
+#define OFF(field) offsetof(struct config, field)
+#define FEED_KEYS(name, i)                                                                    \
+    {"feeds." name ".key", K_SECRET, OFF(feeds[i].key), 0, 0, NULL},                          \
+        {"feeds." name ".secret", K_SECRET, OFF(feeds[i].secret), 0, 0, NULL},                \
+        {"feeds." name ".url", K_STR, OFF(feeds[i].url), 0, 0, NULL},                         \
+        {"feeds." name ".rate_limit", K_INT, OFF(feeds[i].rate_limit), 1, 100000, NULL}
+
+static const struct key KEYS[] = {
+    {"listen", K_STR, OFF(listen), 0, 0, NULL},
+    {"data_dir", K_STR, OFF(data_dir), 0, 0, NULL},
+    {"rules_dir", K_STR, OFF(rules_dir), 0, 0, NULL},
+    {"environment", K_ENUM, OFF(environment), 0, 0, ENVIRONMENTS},
+    {"inbound.tokens", K_SECRET_LIST, OFF(inbound_tokens), 0, 0, NULL},
+    {"inbound.max_body_bytes", K_INT, OFF(inbound_max_body_bytes), 1024, 1LL << 30, NULL},
+    {"inbound.max_events", K_INT, OFF(inbound_max_events), 1, 1000000, NULL},
+    {"mparticle.url", K_STR, OFF(mparticle_url), 0, 0, NULL},
+    FEED_KEYS("ios", FEED_IOS),
+    FEED_KEYS("android", FEED_ANDROID),
+    FEED_KEYS("web", FEED_WEB),
+    FEED_KEYS("unbound", FEED_UNBOUND),
+    {"events", K_LIST, OFF(events), 0, 0, NULL},
+    {"apps", K_APPS, 0, 0, 0, NULL},
+    {"batch.linger_ms", K_INT, OFF(batch_linger_ms), 0, 60000, NULL},
+    {"retry.base_ms", K_INT, OFF(retry_base_ms), 1, 3600000, NULL},
+    {"retry.max_ms", K_INT, OFF(retry_max_ms), 1, 86400000, NULL},
+    {"retry.max_age_s", K_INT, OFF(retry_max_age_s), 1, 90 * 86400, NULL},
+    {"retry.pause_ms", K_INT, OFF(retry_pause_ms), 100, 86400000, NULL},
+    {"queue.sync", K_ENUM, OFF(queue_sync), 0, 0, SYNC_MODES},
+    {"queue.max_depth", K_INT, OFF(queue_max_depth), 1, INT64_C(1) << 40, NULL},
+    {"dedup.window_s", K_INT, OFF(dedup_window_s), 0, 30 * 86400, NULL},
+    {"http.threads", K_INT, OFF(http_threads), 1, 256, NULL},
+    {"http.max_connections", K_INT, OFF(http_max_connections), 1, 100000, NULL},
+    {"http.timeout_s", K_INT, OFF(http_timeout_s), 1, 3600, NULL},
+    {"rules.memory_mb", K_INT, OFF(rules_memory_mb), 1, 4096, NULL},
+    {"rules.instructions", K_INT, OFF(rules_instructions), 1000, INT64_C(1) << 40, NULL},
+    {"log.level", K_ENUM, OFF(log_level), 0, 0, LOG_LEVELS},
+    {"log.format", K_ENUM, OFF(log_format), 0, 0, LOG_FORMATS},
+    {"admin.token", K_SECRET, OFF(admin_token), 0, 0, NULL},
+};
+
+/* ---- small helpers ------------------------------------------------------ */
+
+static void list_free(struct string_list *l)
+{
+    for (size_t i = 0; i < l->n; i++)
+        free(l->items[i]);
+    free(l->items);
+    l->items = NULL;
+    l->n = 0;
+}
+
+static int list_add(struct string_list *l, const char *s, size_t n)
+{
+    char **items = realloc(l->items, (l->n + 1) * sizeof(*items));
+    if (!items)
+        return -1;
+    l->items = items;
+    char *copy = strndup(s, n);
+    if (!copy)
+        return -1;
+    l->items[l->n++] = copy;
+    return 0;
+}
+
+static void apps_free(struct config *c)
+{
+    for (size_t i = 0; i < c->napps; i++)
+        free(c->apps[i].app_id);
+    free(c->apps);
+    c->apps = NULL;
+    c->napps = 0;
+}
+
+static char **str_field(struct config *c, const struct key *k)
+{
+    return (char **)((char *)c + k->off);
+}
+
+static int64_t *int_field(struct config *c, const struct key *k)
+{
+    return (int64_t *)((char *)c + k->off);
+}
+
+static struct string_list *list_field(struct config *c, const struct key *k)
+{
+    return (struct string_list *)((char *)c + k->off);
+}
+
+static const struct key *find_key(const char *path)
+{
+    for (size_t i = 0; i < ARRAY_LEN(KEYS); i++) {
+        if (strcmp(KEYS[i].path, path) == 0)
+            return &KEYS[i];
+    }
+    return NULL;
+}
+
+/* True when `path` is a section (a prefix of some key followed by '.'). */
+static int is_section(const char *path)
+{
+    size_t n = strlen(path);
+    for (size_t i = 0; i < ARRAY_LEN(KEYS); i++) {
+        if (strncmp(KEYS[i].path, path, n) == 0 && KEYS[i].path[n] == '.')
+            return 1;
+    }
+    return 0;
+}
+
+static void env_name(const char *path, char *out, size_t outlen)
+{
+    size_t j = 0;
+    const char *prefix = "TRIBUTARY_";
+    for (const char *p = prefix; *p && j + 1 < outlen; p++)
+        out[j++] = *p;
+    for (const char *p = path; *p && j + 1 < outlen; p++)
+        out[j++] = *p == '.' ? '_' : (char)toupper((unsigned char)*p);
+    out[j] = '\0';
+}
+
+/* Accumulates error lines. */
+struct errs {
+    buf b;
+    int count;
+};
+
+static void PRINTF(2, 3) errs_add(struct errs *e, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    if (e->b.len)
+        (void)!buf_addc(&e->b, '\n');
+    (void)!buf_vprintf(&e->b, fmt, ap);
+    va_end(ap);
+    e->count++;
+}
+
+/* The line of the first assignment to `name` in src ("name =" or ["name"] =), or 0. */
+static int find_line(const char *src, const char *name)
+{
+    if (!src)
+        return 0;
+    size_t n = strlen(name);
+    int line = 1;
+    for (const char *p = src; *p; p++) {
+        if (*p == '\n') {
+            line++;
+            continue;
+        }
+        if (strncmp(p, name, n) != 0)
+            continue;
+        char before = p == src ? ' ' : p[-1];
+        if (isalnum((unsigned char)before) || before == '_')
+            continue;
+        const char *q = p + n;
+        if (before == '"' || before == '\'') {
+            if (*q != before)
+                continue;
+            q++;
+            if (*q != ']')
+                continue;
+            q++;
+        } else if (isalnum((unsigned char)*q) || *q == '_') {
+            continue;
+        }
+        while (*q == ' ' || *q == '\t')
+            q++;
+        if (*q == '=' && q[1] != '=')
+            return line;
+    }
+    return 0;
+}
+
+static const char *last_component(const char *path)
+{
+    const char *dot = strrchr(path, '.');
+    return dot ? dot + 1 : path;
+}
+
+struct loader {
+    struct config *c;
+    struct errs *e;
+    const char *file;
+    const char *src;
+};
+
+static void PRINTF(3, 4) file_err(struct loader *ld, const char *path, const char *fmt, ...)
+{
+    char msg[ERR_LEN];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    int line = find_line(ld->src, last_component(path));
+    if (line)
+        errs_add(ld->e, "%s:%d: %s", ld->file, line, msg);
+    else
+        errs_add(ld->e, "%s: %s", ld->file, msg);
+}
+
+static int choice_ok(const struct key *k, const char *v)
+{
+    for (const char *const *c = k->choices; *c; c++) {
+        if (strcmp(*c, v) == 0)
+            return 1;
+    }
+    return 0;
+}
+
+static void choices_text(const struct key *k, char *out, size_t outlen)
+{
+    out[0] = '\0';
+    size_t used = 0;
+    for (const char *const *c = k->choices; *c; c++) {
+        int n = snprintf(out + used, outlen - used, "%s%s", used ? ", " : "", *c);
+        if (n < 0 || (size_t)n >= outlen - used)
+            break;
+        used += (size_t)n;
+    }
+}
+
+/* ---- values from the Lua file ------------------------------------------- */
+
+static void set_from_lua(struct loader *ld, lua_State *L, const struct key *k, const char *path);
+
+static void set_apps_from_lua(struct loader *ld, lua_State *L)
+{
+    /* ... apps */
+    if (!lua_istable(L, -1)) {
+        file_err(ld, "apps", "'apps' must be a table of app_id = \"ios\"|\"android\"|\"web\"|\"unbound\"");
+        return;
+    }
+    apps_free(ld->c);
+    lua_pushnil(L);
+    while (lua_next(L, -2)) {
+        /* ... apps app_id platform */
+        if (lua_type(L, -2) != LUA_TSTRING) {
+            file_err(ld, "apps", "'apps' keys must be app_id strings");
+        } else if (lua_type(L, -1) != LUA_TSTRING ||
+                   feed_from_name(lua_tostring(L, -1), lua_rawlen(L, -1)) < 0) {
+            file_err(ld, lua_tostring(L, -2),
+                     "apps[\"%s\"] must be \"ios\", \"android\", \"web\" or \"unbound\"",
+                     lua_tostring(L, -2));
+        } else {
+            struct app_entry *a = realloc(ld->c->apps, (ld->c->napps + 1) * sizeof(*a));
+            if (!a) {
+                errs_add(ld->e, "out of memory");
+                lua_pop(L, 2);
+                return;
+            }
+            ld->c->apps = a;
+            a[ld->c->napps].app_id = strdup(lua_tostring(L, -2));
+            a[ld->c->napps].feed = (enum feed)feed_from_name(lua_tostring(L, -1), lua_rawlen(L, -1));
+            ld->c->napps++;
+        }
+        lua_pop(L, 1);
+    }
+}
+
+static void set_list_from_lua(struct loader *ld, lua_State *L, const struct key *k,
+                              const char *path)
+{
+    struct string_list *l = list_field(ld->c, k);
+    list_free(l);
+    if (lua_type(L, -1) == LUA_TSTRING) {
+        /* "a,b,c" as in the environment */
+        size_t n;
+        const char *s = lua_tolstring(L, -1, &n);
+        const char *p = s;
+        while (p <= s + n) {
+            const char *comma = memchr(p, ',', (size_t)(s + n - p));
+            const char *end = comma ? comma : s + n;
+            const char *a = p;
+            while (a < end && isspace((unsigned char)*a))
+                a++;
+            const char *b = end;
+            while (b > a && isspace((unsigned char)b[-1]))
+                b--;
+            if (b > a && list_add(l, a, (size_t)(b - a)) != 0)
+                errs_add(ld->e, "out of memory");
+            if (!comma)
+                break;
+            p = comma + 1;
+        }
+        return;
+    }
+    if (!lua_istable(L, -1)) {
+        file_err(ld, path, "'%s' must be a list of strings", path);
+        return;
+    }
+    lua_Integer len = (lua_Integer)lua_rawlen(L, -1);
+    for (lua_Integer i = 1; i <= len; i++) {
+        lua_rawgeti(L, -1, i);
+        size_t n;
+        const char *s = lua_type(L, -1) == LUA_TSTRING ? lua_tolstring(L, -1, &n) : NULL;
+        if (!s || n == 0)
+            file_err(ld, path, "'%s' item %lld must be a non-empty string", path, (long long)i);
+        else if (list_add(l, s, n) != 0)
+            errs_add(ld->e, "out of memory");
+        lua_pop(L, 1);
+    }
+    /* a list has only 1..n */
+    lua_pushnil(L);
+    while (lua_next(L, -2)) {
+        lua_pop(L, 1);
+        if (!lua_isinteger(L, -1) || lua_tointeger(L, -1) < 1 || lua_tointeger(L, -1) > len) {
+            file_err(ld, path, "'%s' must be a list (found a non-index key)", path);
+            lua_pop(L, 1);
+            break;
+        }
+    }
+}
+
+static void set_from_lua(struct loader *ld, lua_State *L, const struct key *k, const char *path)
+{
+    int secret = k->type == K_SECRET || k->type == K_SECRET_LIST;
+    switch (k->type) {
+    case K_STR:
+    case K_SECRET:
+    case K_ENUM: {
+        if (lua_type(L, -1) != LUA_TSTRING) {
+            file_err(ld, path, "'%s' must be a string, not %s", path, luaL_typename(L, -1));
+            return;
+        }
+        const char *v = lua_tostring(L, -1);
+        if (k->type == K_ENUM && !choice_ok(k, v)) {
+            char choices[200];
+            choices_text(k, choices, sizeof choices);
+            file_err(ld, path, "'%s' must be one of %s, not \"%s\"", path, choices, v);
+            return;
+        }
+        if (*v == '\0' && secret) {
+            file_err(ld, path, "'%s' must not be empty", path);
+            return;
+        }
+        char **f = str_field(ld->c, k);
+        free(*f);
+        *f = strdup(v);
+        return;
+    }
+    case K_INT: {
+        int isnum = 0;
+        lua_Integer v = lua_tointegerx(L, -1, &isnum);
+        if (!isnum || lua_type(L, -1) != LUA_TNUMBER) {
+            file_err(ld, path, "'%s' must be an integer, not %s", path, luaL_typename(L, -1));
+            return;
+        }
+        if (v < k->min || v > k->max) {
+            file_err(ld, path, "'%s' must be between %lld and %lld, not %lld", path,
+                     (long long)k->min, (long long)k->max, (long long)v);
+            return;
+        }
+        *int_field(ld->c, k) = v;
+        return;
+    }
+    case K_LIST:
+    case K_SECRET_LIST:
+        set_list_from_lua(ld, L, k, path);
+        return;
+    case K_APPS:
+        set_apps_from_lua(ld, L);
+        return;
+    }
+}
+
+/* Walks the table on top of the stack; prefix is the section path ("" at the top). */
+static void walk(struct loader *ld, lua_State *L, const char *prefix)
+{
+    lua_pushnil(L);
+    while (lua_next(L, -2)) {
+        /* ... t key value */
+        if (lua_type(L, -2) != LUA_TSTRING) {
+            errs_add(ld->e, "%s: keys in %s must be names, found a %s key", ld->file,
+                     *prefix ? prefix : "the configuration table", luaL_typename(L, -2));
+            lua_pop(L, 1);
+            continue;
+        }
+        char path[256];
+        snprintf(path, sizeof path, "%s%s%s", prefix, *prefix ? "." : "", lua_tostring(L, -2));
+        const struct key *k = find_key(path);
+        if (k)
+            set_from_lua(ld, L, k, path);
+        else if (is_section(path) && lua_istable(L, -1))
+            walk(ld, L, path);
+        else if (is_section(path))
+            file_err(ld, path, "'%s' must be a table, not %s", path, luaL_typename(L, -1));
+        else
+            file_err(ld, path, "unknown key '%s'", path);
+        lua_pop(L, 1);
+    }
+}
+
+static char *read_file(const char *path, size_t *len, struct errs *e)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        errs_add(e, "%s: cannot open: %s", path, strerror(errno));
+        return NULL;
+    }
+    buf b;
+    buf_init(&b, CONFIG_FILE_MAX);
+    char chunk[8192];
+    size_t n;
+    int failed = 0;
+    while ((n = fread(chunk, 1, sizeof chunk, f)) > 0) {
+        if (buf_add(&b, chunk, n) != 0) {
+            failed = 1;
+            break;
+        }
+    }
+    int rerr = ferror(f);
+    fclose(f);
+    if (failed || rerr) {
+        errs_add(e, "%s: %s", path, failed ? "file too large" : "read error");
+        buf_free(&b);
+        return NULL;
+    }
+    *len = b.len;
+    return buf_take(&b);
+}
+
+static void load_file(struct config *c, const char *path, struct errs *e)
+{
+    size_t len = 0;
+    char *src = read_file(path, &len, e);
+    if (!src)
+        return;
+    struct loader ld = {c, e, path, src};
+    sandbox *sb = sandbox_new(SANDBOX_GETENV);
+    if (!sb) {
+        errs_add(e, "out of memory");
+        free(src);
+        return;
+    }
+    lua_State *L = sandbox_lua(sb);
+    char chunk[300], err[ERR_LEN];
+    snprintf(chunk, sizeof chunk, "@%s", path);
+    if (sandbox_load(sb, chunk, src, len, err, sizeof err) != 0) {
+        errs_add(e, "%s", err);
+        goto done;
+    }
+    struct sandbox_limits lim = {CONFIG_MEMORY, CONFIG_INSTRUCTIONS};
+    struct sandbox_error serr;
+    if (sandbox_call(sb, 0, 1, &lim, &serr) != SANDBOX_OK) {
+        errs_add(e, "%s", serr.msg);
+        goto done;
+    }
+    if (!lua_istable(L, -1)) {
+        errs_add(e, "%s: the file must return a table, not %s", path, luaL_typename(L, -1));
+        goto done;
+    }
+    walk(&ld, L, "");
+done:
+    sandbox_free(sb);
+    free(src);
+}
+
+/* ---- values from the environment ---------------------------------------- */
+
+static void set_from_env(struct config *c, const struct key *k, const char *name, const char *v,
+                         struct errs *e)
+{
+    switch (k->type) {
+    case K_STR:
+    case K_SECRET:
+    case K_ENUM: {
+        if (k->type == K_ENUM && !choice_ok(k, v)) {
+            char choices[200];
+            choices_text(k, choices, sizeof choices);
+            errs_add(e, "%s: must be one of %s, not \"%s\"", name, choices, v);
+            return;
+        }
+        char **f = str_field(c, k);
+        free(*f);
+        *f = *v ? strdup(v) : NULL;
+        return;
+    }
+    case K_INT: {
+        int64_t n;
+        if (parse_int64(v, k->min, k->max, &n) != 0) {
+            errs_add(e, "%s: must be an integer between %lld and %lld, not \"%s\"", name,
+                     (long long)k->min, (long long)k->max, v);
+            return;
+        }
+        *int_field(c, k) = n;
+        return;
+    }
+    case K_LIST:
+    case K_SECRET_LIST: {
+        struct string_list *l = list_field(c, k);
+        list_free(l);
+        const char *p = v;
+        for (;;) {
+            const char *comma = strchr(p, ',');
+            const char *end = comma ? comma : p + strlen(p);
+            const char *a = p, *b = end;
+            while (a < b && isspace((unsigned char)*a))
+                a++;
+            while (b > a && isspace((unsigned char)b[-1]))
+                b--;
+            if (b > a && list_add(l, a, (size_t)(b - a)) != 0)
+                errs_add(e, "out of memory");
+            if (!comma)
+                break;
+            p = comma + 1;
+        }
+        return;
+    }
+    case K_APPS:
+        return;
+    }
+}
+
+static void load_env(struct config *c, struct errs *e, buf *warnings)
+{
+    char name[128];
+    for (size_t i = 0; i < ARRAY_LEN(KEYS); i++) {
+        if (KEYS[i].type == K_APPS)
+            continue;
+        env_name(KEYS[i].path, name, sizeof name);
+        const char *v = getenv(name);
+        if (v)
+            set_from_env(c, &KEYS[i], name, v, e);
+    }
+    /* A mistyped variable would silently leave a default in force: say so. */
+    for (char **env = environ; env && *env; env++) {
+        if (strncmp(*env, "TRIBUTARY_", 10) != 0)
+            continue;
+        const char *eq = strchr(*env, '=');
+        size_t n = eq ? (size_t)(eq - *env) : strlen(*env);
+        int known = 0;
+        for (size_t i = 0; i < ARRAY_LEN(KEYS) && !known; i++) {
+            if (KEYS[i].type == K_APPS)
+                continue;
+            env_name(KEYS[i].path, name, sizeof name);
+            known = strlen(name) == n && strncmp(name, *env, n) == 0;
+        }
+        if (!known) {
+            if (warnings->len)
+                (void)!buf_addc(warnings, '\n');
+            (void)!buf_printf(warnings, "unknown environment variable %.*s is ignored", (int)n,
+                              *env);
+        }
+    }
+}
+
+/* ---- defaults and checks ------------------------------------------------ */
+
+static int set_defaults(struct config *c)
+{
+    c->listen = strdup("127.0.0.1:8080");
+    c->data_dir = strdup("./var");
+    c->rules_dir = strdup("./rules");
+    c->environment = strdup("production");
+    c->inbound_max_body_bytes = 16 << 20;
+    c->inbound_max_events = 10000;
+    c->mparticle_url = strdup("https://s2s.mparticle.com");
+    for (int f = 0; f < FEED_COUNT; f++)
+        c->feeds[f].rate_limit = 270;
+    c->batch_linger_ms = 500;
+    c->retry_base_ms = 1000;
+    c->retry_max_ms = 300000;
+    c->retry_max_age_s = 172800;
+    c->retry_pause_ms = 120000;
+    c->queue_sync = strdup("full");
+    c->queue_max_depth = 5000000;
+    c->dedup_window_s = 3600;
+    c->http_threads = 8;
+    c->http_max_connections = 1024;
+    c->http_timeout_s = 30;
+    c->rules_memory_mb = 64;
+    c->rules_instructions = 1000000;
+    c->log_level = strdup("info");
+    c->log_format = strdup("logfmt");
+    if (!c->listen || !c->data_dir || !c->rules_dir || !c->environment || !c->mparticle_url ||
+        !c->queue_sync || !c->log_level || !c->log_format)
+        return -1;
+    return 0;
+}
+
+int config_host_is_loopback(const char *host)
+{
+    return strcmp(host, "localhost") == 0 || strncmp(host, "127.", 4) == 0 ||
+           strcmp(host, "::1") == 0;
+}
+
+int config_listen_addr(const struct config *c, char *host, size_t hostlen, int *port)
+{
+    const char *s = c->listen;
+    const char *colon;
+    size_t hn;
+    if (*s == '[') {
+        const char *close = strchr(s, ']');
+        if (!close || close[1] != ':')
+            return -1;
+        hn = (size_t)(close - s - 1);
+        s++;
+        colon = close + 1;
+    } else {
+        colon = strrchr(s, ':');
+        if (!colon)
+            return -1;
+        hn = (size_t)(colon - s);
+    }
+    if (hn == 0 || hn >= hostlen)
+        return -1;
+    memcpy(host, s, hn);
+    host[hn] = '\0';
+    int64_t p;
+    if (parse_int64(colon + 1, 0, 65535, &p) != 0)
+        return -1;
+    *port = (int)p;
+    return 0;
+}
+
+/* http:// is allowed only towards loopback (test doubles, local proxies). */
+static void check_url(const char *what, const char *url, struct errs *e)
+{
+    if (strncmp(url, "https://", 8) == 0 && url[8])
+        return;
+    if (strncmp(url, "http://", 7) == 0) {
+        char host[256];
+        const char *h = url + 7;
+        size_t n;
+        if (*h == '[') {
+            const char *close = strchr(h, ']');
+            n = close ? (size_t)(close - h - 1) : 0;
+            h++;
+        } else {
+            n = strcspn(h, ":/");
+        }
+        if (n > 0 && n < sizeof host) {
+            memcpy(host, h, n);
+            host[n] = '\0';
+            if (config_host_is_loopback(host))
+                return;
+        }
+        errs_add(e, "%s: plain http:// is only allowed to a loopback address; use https://",
+                 what);
+        return;
+    }
+    errs_add(e, "%s: must be an https:// URL", what);
+}
+
+static void check(struct config *c, struct errs *e)
+{
+    char host[256];
+    int port;
+    if (config_listen_addr(c, host, sizeof host, &port) != 0)
+        errs_add(e, "listen: \"%s\" is not HOST:PORT", c->listen);
+    else if (!config_host_is_loopback(host) && c->inbound_tokens.n == 0)
+        errs_add(e, "listen: refusing to listen on non-loopback address %s without "
+                    "inbound.tokens (TRIBUTARY_INBOUND_TOKENS)", host);
+    check_url("mparticle.url", c->mparticle_url, e);
+    for (int f = 0; f < FEED_COUNT; f++) {
+        struct feed_config *fc = &c->feeds[f];
+        if (!fc->key != !fc->secret)
+            errs_add(e, "feeds.%s: key and secret must be set together (only the %s is set)",
+                     FEED_NAMES[f], fc->key ? "key" : "secret");
+        if (fc->url) {
+            char what[64];
+            snprintf(what, sizeof what, "feeds.%s.url", FEED_NAMES[f]);
+            check_url(what, fc->url, e);
+        }
+    }
+    if (c->retry_base_ms > c->retry_max_ms)
+        errs_add(e, "retry.base_ms (%lld) must not exceed retry.max_ms (%lld)",
+                 (long long)c->retry_base_ms, (long long)c->retry_max_ms);
+    for (size_t i = 0; i < c->inbound_tokens.n; i++) {
+        for (const char *p = c->inbound_tokens.items[i]; *p; p++) {
+            if ((unsigned char)*p <= ' ' || (unsigned char)*p >= 0x7f) {
+                errs_add(e, "inbound.tokens: token %zu contains a space or control character",
+                         i + 1);
+                break;
+            }
+        }
+    }
+    if (!*c->data_dir)
+        errs_add(e, "data_dir must not be empty");
+    if (!*c->rules_dir)
+        errs_add(e, "rules_dir must not be empty");
+}
+
+/* ---- public ------------------------------------------------------------- */
+
+int config_load(struct config **out, const char *path, char *err, size_t errlen)
+{
+    *out = NULL;
+    struct errs e = {0};
+    buf_init(&e.b, 16 * 1024);
+    buf warnings;
+    buf_init(&warnings, 16 * 1024);
+
+    struct config *c = calloc(1, sizeof(*c));
+    if (!c || set_defaults(c) != 0) {
+        str_copy(err, errlen, "out of memory");
+        config_unref(c);
+        buf_free(&e.b);
+        buf_free(&warnings);
+        return -1;
+    }
+    atomic_store(&c->refs, 1);
+
+    struct stat st;
+    if (!path && stat(CONFIG_DEFAULT_FILE, &st) == 0)
+        path = CONFIG_DEFAULT_FILE;
+    if (path) {
+        c->file = strdup(path);
+        load_file(c, path, &e);
+    }
+    if (e.count == 0)
+        load_env(c, &e, &warnings);
+    if (e.count == 0)
+        check(c, &e);
+
+    if (e.count) {
+        str_copy(err, errlen, e.b.data ? e.b.data : "invalid configuration");
+        buf_free(&e.b);
+        buf_free(&warnings);
+        config_unref(c);
+        return -1;
+    }
+    buf_free(&e.b);
+    c->warnings = warnings.len ? buf_take(&warnings) : NULL;
+    buf_free(&warnings);
+    *out = c;
+    return 0;
+}
+
+struct config *config_ref(struct config *c)
+{
+    if (c)
+        atomic_fetch_add(&c->refs, 1);
+    return c;
+}
+
+void config_unref(struct config *c)
+{
+    if (!c || atomic_fetch_sub(&c->refs, 1) > 1)
+        return;
+    for (size_t i = 0; i < ARRAY_LEN(KEYS); i++) {
+        const struct key *k = &KEYS[i];
+        if (k->type == K_STR || k->type == K_SECRET || k->type == K_ENUM)
+            free(*str_field(c, k));
+        else if (k->type == K_LIST || k->type == K_SECRET_LIST)
+            list_free(list_field(c, k));
+    }
+    apps_free(c);
+    free(c->file);
+    free(c->warnings);
+    free(c);
+}
+
+int config_feed_ready(const struct config *c, enum feed f)
+{
+    return c->feeds[f].key != NULL && c->feeds[f].secret != NULL;
+}
+
+const char *config_feed_url(const struct config *c, enum feed f)
+{
+    return c->feeds[f].url ? c->feeds[f].url : c->mparticle_url;
+}

@@ -1,0 +1,92 @@
+/*
+ * config: the service configuration, from a Lua file that returns a table and
+ * from TRIBUTARY_* environment variables (which win). Every key has a default,
+ * a type and, except `apps`, an environment variable: TRIBUTARY_ plus the key
+ * path in capitals with '_' for '.', e.g. batch.linger_ms -> TRIBUTARY_BATCH_LINGER_MS.
+ *
+ * Unknown keys and wrong types are errors naming the file and line. Values of
+ * secret keys (tokens, keys, secrets) never appear in messages.
+ *
+ * A loaded config is immutable and reference counted, so a reload can swap it
+ * while requests still hold the old one.
+ */
+#ifndef TRIBUTARY_CONFIG_H
+#define TRIBUTARY_CONFIG_H
+
+#include "record.h"
+#include "util.h"
+
+#include <stdatomic.h>
+#include <stdint.h>
+
+#define CONFIG_DEFAULT_FILE "tributary.conf.lua"
+
+struct feed_config {
+    char *key;    /* NULL when not configured */
+    char *secret; /* NULL when not configured */
+    char *url;    /* base URL; NULL means mparticle.url */
+    int64_t rate_limit; /* batches per second */
+};
+
+struct app_entry {
+    char *app_id;
+    enum feed feed;
+};
+
+struct string_list {
+    char **items;
+    size_t n;
+};
+
+struct config {
+    _Atomic int refs;
+    char *file; /* the file read, NULL when running on defaults */
+    char *warnings; /* newline-separated notes for the log, or NULL */
+
+    char *listen;
+    char *data_dir;
+    char *rules_dir;
+    char *environment;
+    struct string_list inbound_tokens;
+    int64_t inbound_max_body_bytes;
+    int64_t inbound_max_events;
+    char *mparticle_url;
+    struct feed_config feeds[FEED_COUNT];
+    struct string_list events; /* n == 0: every type the rules map */
+    struct app_entry *apps;
+    size_t napps;
+    int64_t batch_linger_ms;
+    int64_t retry_base_ms;
+    int64_t retry_max_ms;
+    int64_t retry_max_age_s;
+    int64_t retry_pause_ms;
+    char *queue_sync;
+    int64_t queue_max_depth;
+    int64_t dedup_window_s;
+    int64_t http_threads;
+    int64_t http_max_connections;
+    int64_t http_timeout_s;
+    int64_t rules_memory_mb;
+    int64_t rules_instructions;
+    char *log_level;
+    char *log_format;
+    char *admin_token;
+};
+
+/* Loads `path`, or ./tributary.conf.lua when path is NULL and that file exists,
+ * else the defaults; then applies the environment. On error returns -1 and
+ * writes one message per line into err. Caller releases with config_unref. */
+int config_load(struct config **out, const char *path, char *err, size_t errlen) WUR;
+
+struct config *config_ref(struct config *c);
+void config_unref(struct config *c);
+
+/* Feeds that have both key and secret. */
+int config_feed_ready(const struct config *c, enum feed f);
+const char *config_feed_url(const struct config *c, enum feed f);
+
+/* Splits `listen` into host and port; 0 or -1. */
+int config_listen_addr(const struct config *c, char *host, size_t hostlen, int *port) WUR;
+int config_host_is_loopback(const char *host);
+
+#endif

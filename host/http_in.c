@@ -1,0 +1,332 @@
+#include "http_in.h"
+
+#include "digest.h"
+#include "log.h"
+#include "reload.h"
+
+#include <arpa/inet.h>
+#include <microhttpd.h>
+#include <netdb.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+
+/* Headers and the read buffer of one connection. */
+#define CONNECTION_MEMORY (64 * 1024)
+
+struct http_in {
+    struct MHD_Daemon *d;
+    struct ingest *in;
+    struct http_in_options opt;
+    struct http_in_hooks hooks;
+    int port;
+};
+
+enum route { R_NONE, R_CURRENTS, R_HEALTHZ, R_READYZ, R_METRICS };
+
+/* One request in progress. */
+struct req {
+    enum route route;
+    int method_ok;
+    int answered; /* a response was queued early (401, 413, 503) */
+    int too_large;
+    struct timespec start;
+    buf body;
+    char id[40];
+};
+
+static _Atomic uint64_t request_seq;
+
+static double elapsed(const struct timespec *start)
+{
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (double)(now.tv_sec - start->tv_sec) + (double)(now.tv_nsec - start->tv_nsec) / 1e9;
+}
+
+static enum MHD_Result reply(struct MHD_Connection *c, struct req *r, int status,
+                             const char *type, const char *body, size_t len, int retry_after)
+{
+    struct MHD_Response *resp =
+        MHD_create_response_from_buffer(len, (void *)body, MHD_RESPMEM_MUST_COPY);
+    if (!resp)
+        return MHD_NO;
+    MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, type);
+    MHD_add_response_header(resp, "X-Request-Id", r->id);
+    if (retry_after > 0) {
+        char v[16];
+        snprintf(v, sizeof v, "%d", retry_after);
+        MHD_add_response_header(resp, MHD_HTTP_HEADER_RETRY_AFTER, v);
+    }
+    if (status == 405)
+        MHD_add_response_header(resp, MHD_HTTP_HEADER_ALLOW,
+                                r->route == R_CURRENTS ? "POST" : "GET");
+    enum MHD_Result rc = MHD_queue_response(c, (unsigned int)status, resp);
+    MHD_destroy_response(resp);
+    metrics_inbound(status, elapsed(&r->start));
+    if (status >= 500)
+        log_warn("answered", LOG_I("status", status));
+    else
+        log_debug("answered", LOG_I("status", status));
+    return rc;
+}
+
+static enum MHD_Result reply_json(struct MHD_Connection *c, struct req *r, int status,
+                                  const char *json, int retry_after)
+{
+    return reply(c, r, status, "application/json", json, strlen(json), retry_after);
+}
+
+static enum route route_of(const char *url)
+{
+    if (strcmp(url, "/currents") == 0 || strcmp(url, "/currents/") == 0)
+        return R_CURRENTS;
+    if (strcmp(url, "/healthz") == 0)
+        return R_HEALTHZ;
+    if (strcmp(url, "/readyz") == 0)
+        return R_READYZ;
+    if (strcmp(url, "/metrics") == 0)
+        return R_METRICS;
+    return R_NONE;
+}
+
+static enum MHD_Result answer_ingest(http_in *h, struct MHD_Connection *c, struct req *r,
+                                     const struct ingest_response *resp)
+{
+    return reply(c, r, resp->status, "application/json", resp->body.data ? resp->body.data : "{}",
+                 resp->body.data ? resp->body.len : 2, resp->retry_after_s);
+    (void)h;
+}
+
+static enum MHD_Result answer_ready(http_in *h, struct MHD_Connection *c, struct req *r)
+{
+    buf reasons, out;
+    buf_init(&reasons, 4096);
+    buf_init(&out, 8192);
+    int ready = h->hooks.ready ? h->hooks.ready(h->hooks.ctx, &reasons) : 1;
+    if (atomic_load(&h->in->draining)) {
+        ready = 0;
+        if (reasons.len)
+            (void)!buf_addc(&reasons, ',');
+        (void)!buf_adds(&reasons, "\"shutting down\"");
+    }
+    (void)!buf_printf(&out, "{\"ready\":%s,\"reasons\":[%s]}", ready ? "true" : "false",
+                      reasons.data ? reasons.data : "");
+    enum MHD_Result rc = reply_json(c, r, ready ? 200 : 503, out.data ? out.data : "{}", 0);
+    buf_free(&reasons);
+    buf_free(&out);
+    return rc;
+}
+
+static enum MHD_Result answer_metrics(http_in *h, struct MHD_Connection *c, struct req *r)
+{
+    struct metrics_gauges g = {0};
+    struct snapshot s;
+    reload_get(&s);
+    g.rules_version = s.rs ? ruleset_version(s.rs) : "";
+    if (h->hooks.gauges)
+        h->hooks.gauges(h->hooks.ctx, &g);
+    buf out;
+    buf_init(&out, 1 << 20);
+    enum MHD_Result rc;
+    if (metrics_render(&out, &g) != 0)
+        rc = reply_json(c, r, 500, "{\"error\":\"metrics too large\"}", 0);
+    else
+        rc = reply(c, r, 200, "text/plain; version=0.0.4", out.data, out.len, 0);
+    buf_free(&out);
+    reload_put(&s);
+    return rc;
+}
+
+static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const char *url,
+                                  const char *method, const char *version, const char *upload,
+                                  size_t *upload_size, void **con_cls)
+{
+    (void)version;
+    http_in *h = cls;
+    struct req *r = *con_cls;
+    if (!r) {
+        r = calloc(1, sizeof(*r));
+        if (!r)
+            return MHD_NO;
+        *con_cls = r;
+        clock_gettime(CLOCK_MONOTONIC, &r->start);
+        const char *rid = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "X-Request-Id");
+        if (rid && strlen(rid) < sizeof r->id && strspn(rid, "abcdefghijklmnopqrstuvwxyz"
+                                                              "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+                                                              "0123456789-_.") == strlen(rid))
+            str_copy(r->id, sizeof r->id, rid);
+        else
+            snprintf(r->id, sizeof r->id, "%08x-%06llx", (unsigned)time(NULL),
+                     (unsigned long long)(atomic_fetch_add(&request_seq, 1) & 0xffffff));
+        r->route = route_of(url);
+        r->method_ok = r->route == R_CURRENTS ? strcmp(method, MHD_HTTP_METHOD_POST) == 0
+                                              : (strcmp(method, MHD_HTTP_METHOD_GET) == 0 ||
+                                                 strcmp(method, MHD_HTTP_METHOD_HEAD) == 0);
+        buf_init(&r->body, h->opt.max_body);
+        if (r->route != R_CURRENTS || !r->method_ok)
+            return MHD_YES;
+        log_set_request(r->id);
+        /* Answer before reading a body that will be refused anyway. */
+        struct ingest_response resp = {0};
+        buf_init(&resp.body, 4096);
+        enum MHD_Result rc = MHD_YES;
+        const char *cl = MHD_lookup_connection_value(c, MHD_HEADER_KIND,
+                                                     MHD_HTTP_HEADER_CONTENT_LENGTH);
+        int64_t len;
+        if (atomic_load(&h->in->draining)) {
+            r->answered = 1;
+            rc = reply_json(c, r, 503, "{\"error\":\"shutting down\"}", 5);
+        } else if (!ingest_authorized(MHD_lookup_connection_value(c, MHD_HEADER_KIND,
+                                                                  MHD_HTTP_HEADER_AUTHORIZATION),
+                                      &resp)) {
+            r->answered = 1;
+            log_info("request refused", LOG_I("status", resp.status)
+                         LOG_S("reason", "authentication"));
+            rc = answer_ingest(h, c, r, &resp);
+        } else if (cl && parse_int64(cl, 0, INT64_MAX, &len) == 0 &&
+                   (uint64_t)len > h->opt.max_body) {
+            r->answered = 1;
+            char msg[128];
+            snprintf(msg, sizeof msg, "{\"error\":\"body larger than %zu bytes\"}",
+                     h->opt.max_body);
+            rc = reply_json(c, r, 413, msg, 0);
+        }
+        buf_free(&resp.body);
+        log_set_request(NULL);
+        return rc;
+    }
+
+    if (*upload_size) {
+        if (!r->answered && !r->too_large && buf_add(&r->body, upload, *upload_size) != 0) {
+            r->too_large = 1;
+            buf_free(&r->body);
+        }
+        *upload_size = 0;
+        return MHD_YES;
+    }
+    if (r->answered)
+        return MHD_YES;
+
+    log_set_request(r->id);
+    enum MHD_Result rc;
+    if (r->route == R_NONE) {
+        rc = reply_json(c, r, 404, "{\"error\":\"not found\"}", 0);
+    } else if (!r->method_ok) {
+        rc = reply_json(c, r, 405, "{\"error\":\"method not allowed\"}", 0);
+    } else if (r->route == R_HEALTHZ) {
+        rc = reply_json(c, r, 200, "{\"status\":\"ok\"}", 0);
+    } else if (r->route == R_READYZ) {
+        rc = answer_ready(h, c, r);
+    } else if (r->route == R_METRICS) {
+        rc = answer_metrics(h, c, r);
+    } else if (r->too_large) {
+        char msg[128];
+        snprintf(msg, sizeof msg, "{\"error\":\"body larger than %zu bytes\"}", h->opt.max_body);
+        rc = reply_json(c, r, 413, msg, 0);
+    } else {
+        struct ingest_request req = {
+            .authorization =
+                MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_AUTHORIZATION),
+            .body = r->body.data ? r->body.data : "",
+            .len = r->body.len,
+        };
+        struct ingest_response resp = {0};
+        buf_init(&resp.body, 1 << 16);
+        ingest_handle(h->in, &req, &resp);
+        rc = answer_ingest(h, c, r, &resp);
+        buf_free(&resp.body);
+    }
+    log_set_request(NULL);
+    return rc;
+}
+
+static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls,
+                         enum MHD_RequestTerminationCode toe)
+{
+    (void)cls;
+    (void)c;
+    (void)toe;
+    struct req *r = *con_cls;
+    if (!r)
+        return;
+    buf_free(&r->body);
+    free(r);
+    *con_cls = NULL;
+}
+
+static void mhd_log(void *cls, const char *fmt, va_list ap)
+{
+    (void)cls;
+    char msg[512];
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    size_t n = strlen(msg);
+    while (n && (msg[n - 1] == '\n' || msg[n - 1] == '\r'))
+        msg[--n] = '\0';
+    log_debug("http server", LOG_S("detail", msg));
+}
+
+int http_in_start(http_in **out, struct ingest *in, const struct http_in_options *o,
+                  const struct http_in_hooks *hooks, char *err, size_t errlen)
+{
+    *out = NULL;
+    struct addrinfo hints = {0}, *ai = NULL;
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
+    char port[16];
+    snprintf(port, sizeof port, "%d", o->port);
+    int gai = getaddrinfo(o->host, port, &hints, &ai);
+    if (gai != 0) {
+        str_printf(err, errlen, "listen %s: %s", o->host, gai_strerror(gai));
+        return -1;
+    }
+    http_in *h = calloc(1, sizeof(*h));
+    if (!h) {
+        freeaddrinfo(ai);
+        str_copy(err, errlen, "out of memory");
+        return -1;
+    }
+    h->in = in;
+    h->opt = *o;
+    if (hooks)
+        h->hooks = *hooks;
+    unsigned int flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL | MHD_USE_ERROR_LOG;
+    if (ai->ai_family == AF_INET6)
+        flags |= MHD_USE_IPv6;
+    h->d = MHD_start_daemon(
+        flags, (uint16_t)o->port, NULL, NULL, on_request, h, MHD_OPTION_SOCK_ADDR, ai->ai_addr,
+        MHD_OPTION_THREAD_POOL_SIZE, (unsigned int)o->threads, MHD_OPTION_CONNECTION_LIMIT,
+        (unsigned int)o->max_connections, MHD_OPTION_CONNECTION_TIMEOUT,
+        (unsigned int)o->timeout_s, MHD_OPTION_CONNECTION_MEMORY_LIMIT,
+        (size_t)CONNECTION_MEMORY, MHD_OPTION_NOTIFY_COMPLETED, on_completed, h,
+        MHD_OPTION_EXTERNAL_LOGGER, mhd_log, h, MHD_OPTION_LISTENING_ADDRESS_REUSE,
+        (unsigned int)1, MHD_OPTION_END);
+    freeaddrinfo(ai);
+    if (!h->d) {
+        str_printf(err, errlen, "cannot listen on %s:%d (address in use or not available)",
+                   o->host, o->port);
+        free(h);
+        return -1;
+    }
+    const union MHD_DaemonInfo *info = MHD_get_daemon_info(h->d, MHD_DAEMON_INFO_BIND_PORT);
+    h->port = info ? info->port : o->port;
+    *out = h;
+    return 0;
+}
+
+int http_in_port(const http_in *h)
+{
+    return h->port;
+}
+
+void http_in_stop(http_in *h)
+{
+    if (!h)
+        return;
+    MHD_stop_daemon(h->d);
+    free(h);
+}

@@ -1,0 +1,47 @@
+/*
+ * http_in: the inbound HTTP server (libmicrohttpd, a pool of worker threads).
+ *
+ *   POST /currents       Braze Currents batches -> ingest
+ *   GET  /healthz        the process serves
+ *   GET  /readyz         rules loaded and storage healthy (200), else 503
+ *   GET  /metrics        Prometheus text
+ *   POST /admin/reload   reload configuration and rules (admin token)
+ *
+ * Bounded: body size (413 as soon as Content-Length says so), header sizes,
+ * connections, idle time per connection. The only module that includes
+ * libmicrohttpd.
+ */
+#ifndef TRIBUTARY_HTTP_IN_H
+#define TRIBUTARY_HTTP_IN_H
+
+#include "ingest.h"
+#include "metrics.h"
+#include "util.h"
+
+typedef struct http_in http_in;
+
+struct http_in_options {
+    const char *host;
+    int port;
+    int threads;
+    int max_connections;
+    int timeout_s;
+    size_t max_body;
+};
+
+/* What the server asks of the running service. */
+struct http_in_hooks {
+    void *ctx;
+    /* 1 when ready; otherwise appends the reasons (JSON strings, comma-separated). */
+    int (*ready)(void *ctx, buf *reasons);
+    void (*gauges)(void *ctx, struct metrics_gauges *g);
+};
+
+int http_in_start(http_in **out, struct ingest *in, const struct http_in_options *o,
+                  const struct http_in_hooks *hooks, char *err, size_t errlen) WUR;
+/* The port actually bound (useful with port 0). */
+int http_in_port(const http_in *h);
+/* Stops accepting, waits for requests in progress, frees. Accepts NULL. */
+void http_in_stop(http_in *h);
+
+#endif

@@ -1,0 +1,193 @@
+#include "ingest.h"
+
+#include "auth.h"
+#include "log.h"
+#include "metrics.h"
+#include "reload.h"
+#include "rules.h"
+
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+/* Seconds Braze is asked to wait, by kind of trouble. */
+#define RETRY_AFTER_DRAINING 5
+#define RETRY_AFTER_FULL 30
+#define RETRY_AFTER_ERROR 10
+
+/* Each worker thread owns one rules engine; it is rebuilt between requests
+ * when a reload installed a new ruleset or a rule damaged the state. */
+static pthread_key_t engine_key;
+static pthread_once_t engine_once = PTHREAD_ONCE_INIT;
+
+static void engine_destroy(void *p)
+{
+    rules_free(p);
+}
+
+static void engine_key_init(void)
+{
+    (void)pthread_key_create(&engine_key, engine_destroy);
+}
+
+static rules *thread_engine(ruleset *rs, char *err, size_t errlen)
+{
+    pthread_once(&engine_once, engine_key_init);
+    rules *r = pthread_getspecific(engine_key);
+    if (r && rules_ruleset(r) == rs && !rules_needs_rebuild(r))
+        return r;
+    if (r && rules_ruleset(r) == rs) {
+        metrics_add(M_RULE_STATE_REBUILDS, 1);
+        log_info("rebuilding a worker's rules state after a limit was hit");
+    }
+    rules *fresh = NULL;
+    if (rules_new(&fresh, rs, err, errlen) != 0)
+        return NULL;
+    rules_free(r);
+    pthread_setspecific(engine_key, fresh);
+    return fresh;
+}
+
+void ingest_thread_done(void)
+{
+    pthread_once(&engine_once, engine_key_init);
+    rules_free(pthread_getspecific(engine_key));
+    pthread_setspecific(engine_key, NULL);
+}
+
+static void respond_error(struct ingest_response *resp, int status, int retry_after,
+                          const char *error, long index, const char *reason)
+{
+    resp->status = status;
+    resp->retry_after_s = retry_after;
+    buf_reset(&resp->body);
+    int rc = buf_adds(&resp->body, "{\"error\":");
+    rc |= buf_json_str(&resp->body, error, strlen(error));
+    if (index >= 0)
+        rc |= buf_printf(&resp->body, ",\"index\":%ld", index);
+    if (reason) {
+        rc |= buf_adds(&resp->body, ",\"reason\":");
+        rc |= buf_json_str(&resp->body, reason, strlen(reason));
+    }
+    rc |= buf_addc(&resp->body, '}');
+    (void)rc;
+}
+
+int ingest_authorized(const char *authorization, struct ingest_response *resp)
+{
+    struct snapshot s;
+    reload_get(&s);
+    enum auth_result a = auth_check_bearer(s.cfg, authorization);
+    reload_put(&s);
+    if (a == AUTH_OK)
+        return 1;
+    metrics_add(M_AUTH_FAILURES, 1);
+    respond_error(resp, 401, 0, auth_result_text(a), -1, NULL);
+    return 0;
+}
+
+static void count_dropped(const struct mapping *m)
+{
+    for (int r = 0; r < DROP_REASON_COUNT; r++) {
+        if (m->dropped[r])
+            metrics_add_dropped((enum drop_reason)r, m->dropped[r]);
+    }
+}
+
+static void log_dead_letters(const struct mapping *m)
+{
+    for (size_t i = 0; i < m->ndead; i++) {
+        const struct dead_letter *d = &m->dead[i];
+        if (!d->stored)
+            continue;
+        metrics_add_dead(d->reason, 1);
+        log_warn("event quarantined", LOG_S("reason", d->reason) LOG_S("event_id", d->event_id.p)
+                     LOG_S("event_type", d->event_type.p) LOG_S("detail", d->detail.p)
+                         LOG_S("rules_version", d->rules_version));
+    }
+}
+
+void ingest_handle(struct ingest *in, const struct ingest_request *req,
+                   struct ingest_response *resp)
+{
+    resp->status = 500;
+    resp->retry_after_s = 0;
+    if (atomic_load(&in->draining)) {
+        respond_error(resp, 503, RETRY_AFTER_DRAINING, "shutting down", -1, NULL);
+        return;
+    }
+    if (!ingest_authorized(req->authorization, resp))
+        return;
+
+    struct snapshot s;
+    reload_get(&s);
+    struct mapping m;
+    mapping_init(&m);
+    char err[ERR_LEN];
+
+    rules *r = thread_engine(s.rs, err, sizeof err);
+    if (!r) {
+        log_error("cannot build the rules engine", LOG_S("error", err));
+        respond_error(resp, 503, RETRY_AFTER_ERROR, "rules unavailable", -1, NULL);
+        goto done;
+    }
+    struct input_error ie;
+    struct timespec a, b;
+    clock_gettime(CLOCK_MONOTONIC, &a);
+    int mapped = rules_map(r, req->body, req->len, INPUT_ENVELOPE, &m, &ie);
+    clock_gettime(CLOCK_MONOTONIC, &b);
+    metrics_rules_time((double)(b.tv_sec - a.tv_sec) + (double)(b.tv_nsec - a.tv_nsec) / 1e9);
+    if (mapped != 0) {
+        if (ie.status == 503) {
+            log_error("cannot map a request", LOG_S("error", ie.reason));
+            respond_error(resp, 503, RETRY_AFTER_ERROR, "temporarily unable to map", -1, NULL);
+        } else {
+            log_info("request refused", LOG_I("status", ie.status) LOG_S("reason", ie.reason)
+                         LOG_I("index", ie.index));
+            respond_error(resp, ie.status,
+                          0, ie.status == 413 ? "too many events" : "invalid request", ie.index,
+                          ie.reason);
+        }
+        goto done;
+    }
+
+    struct commit_result res = {0};
+    enum queue_status qs = QUEUE_OK;
+    if (m.nrecords || m.ndead)
+        qs = queue_commit(in->q, &m, &res);
+    if (qs != QUEUE_OK) {
+        int retry = qs == QUEUE_FULL ? RETRY_AFTER_FULL
+                    : qs == QUEUE_CLOSED ? RETRY_AFTER_DRAINING
+                                         : RETRY_AFTER_ERROR;
+        log_warn("request not stored; Braze will retry", LOG_S("queue", queue_status_name(qs))
+                     LOG_I("events", (long long)m.nevents));
+        respond_error(resp, 503, retry,
+                      qs == QUEUE_FULL ? "queue full" : qs == QUEUE_CLOSED ? "shutting down"
+                                                                           : "storage error",
+                      -1, NULL);
+        goto done;
+    }
+
+    metrics_add(M_EVENTS_RECEIVED, m.nevents);
+    metrics_add(M_EVENTS_QUEUED, res.queued);
+    metrics_add(M_EVENTS_DUPLICATE, res.duplicates);
+    count_dropped(&m);
+    log_dead_letters(&m);
+    if (rules_needs_rebuild(r))
+        log_warn("a rule hit a limit; this worker's state will be rebuilt");
+
+    size_t filtered = m.dropped[DROP_UNSUPPORTED_TYPE] + m.dropped[DROP_NOT_SELECTED] +
+                      m.dropped[DROP_RULE];
+    resp->status = 200;
+    buf_reset(&resp->body);
+    if (buf_printf(&resp->body,
+                   "{\"accepted\":%zu,\"forwarded\":%zu,\"filtered\":%zu,\"skipped\":%zu,"
+                   "\"duplicates\":%zu,\"quarantined\":%zu,\"rules_version\":\"%s\"}",
+                   m.nevents, res.queued, filtered, m.dropped[DROP_NO_EXTERNAL_ID],
+                   res.duplicates, res.quarantined, ruleset_version(s.rs)) != 0)
+        buf_reset(&resp->body);
+done:
+    mapping_free(&m);
+    reload_put(&s);
+}

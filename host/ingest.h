@@ -1,0 +1,50 @@
+/*
+ * ingest: one Currents request, from its bytes to Braze's status code.
+ *
+ *   authenticate -> map with this thread's rules engine -> commit to the queue
+ *   -> 200 with a summary, or the code Braze reacts to correctly:
+ *      401 missing/wrong credentials (Braze stops; the customer must fix them)
+ *      400 malformed input (Braze splits the batch and drops what stays bad)
+ *      413 too large (Braze splits the batch)
+ *      503 + Retry-After for our own trouble (Braze retries later)
+ * Nothing is answered 2xx before it is durable, and no failure of ours is
+ * answered 4xx.
+ *
+ * Independent of HTTP, so tests and fuzzers drive it directly. Uses auth, rules,
+ * queue, reload, metrics, log.
+ */
+#ifndef TRIBUTARY_INGEST_H
+#define TRIBUTARY_INGEST_H
+
+#include "queue.h"
+#include "util.h"
+
+#include <stdatomic.h>
+
+struct ingest {
+    queue *q;
+    _Atomic int draining; /* set on shutdown: new batches get 503 */
+};
+
+struct ingest_request {
+    const char *authorization; /* header value or NULL */
+    const char *body;
+    size_t len;
+};
+
+struct ingest_response {
+    int status;
+    int retry_after_s; /* 0: no Retry-After header */
+    buf body;          /* JSON; caller frees with buf_free */
+};
+
+/* Outcome of the authentication step alone, for answering before the body. */
+int ingest_authorized(const char *authorization, struct ingest_response *resp);
+
+void ingest_handle(struct ingest *in, const struct ingest_request *req,
+                   struct ingest_response *resp);
+
+/* Frees this thread's rules engine (also done automatically at thread exit). */
+void ingest_thread_done(void);
+
+#endif

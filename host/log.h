@@ -1,0 +1,46 @@
+/*
+ * log: the one logging family. Each call writes one structured line to stderr,
+ * as logfmt (the default, easy on a terminal) or JSON (one object per line), with
+ * a timestamp, the level, a message and typed fields:
+ *
+ *     log_info("feed paused", LOG_S("feed", "ios") LOG_I("status", 401));
+ *
+ * The request id of the calling thread (log_set_request) is added to every line.
+ * Callers never pass secrets; a test greps the logs for every configured one.
+ */
+#ifndef TRIBUTARY_LOG_H
+#define TRIBUTARY_LOG_H
+
+enum log_level { LOG_DEBUG, LOG_INFO, LOG_WARN, LOG_ERROR };
+enum log_format { LOG_LOGFMT, LOG_JSON };
+
+enum log_field_kind { LOG_FIELD_END, LOG_FIELD_STR, LOG_FIELD_INT };
+
+struct log_field {
+    const char *key;
+    enum log_field_kind kind;
+    const char *s;
+    long long i;
+};
+
+#define LOG_S(k, v) {(k), LOG_FIELD_STR, (v), 0},
+#define LOG_I(k, v) {(k), LOG_FIELD_INT, NULL, (long long)(v)},
+
+void log_setup(enum log_level level, enum log_format format);
+int log_enabled(enum log_level level);
+/* fields ends with an entry of kind LOG_FIELD_END; the macros below add it. */
+void log_emit(enum log_level level, const char *msg, const struct log_field *fields);
+/* Sets the request id added to this thread's lines; NULL clears it. Borrowed:
+ * must stay valid until cleared. */
+void log_set_request(const char *request_id);
+
+#define LOG_FIELDS(...) ((const struct log_field[]){__VA_ARGS__{0, LOG_FIELD_END, 0, 0}})
+#define log_debug(msg, ...) log_emit(LOG_DEBUG, (msg), LOG_FIELDS(__VA_ARGS__))
+#define log_info(msg, ...) log_emit(LOG_INFO, (msg), LOG_FIELDS(__VA_ARGS__))
+#define log_warn(msg, ...) log_emit(LOG_WARN, (msg), LOG_FIELDS(__VA_ARGS__))
+#define log_error(msg, ...) log_emit(LOG_ERROR, (msg), LOG_FIELDS(__VA_ARGS__))
+
+int log_level_parse(const char *s, enum log_level *out);
+int log_format_parse(const char *s, enum log_format *out);
+
+#endif

@@ -1,0 +1,288 @@
+/*
+ * main: the command line.
+ *
+ *   tributary serve [--config FILE]
+ *   tributary check [--config FILE]
+ *   tributary map   [--config FILE] [FILE|-]
+ *   tributary --help | --version
+ */
+#include "config.h"
+#include "log.h"
+#include "mparticle.h"
+#include "reload.h"
+#include "rules.h"
+#include "service.h"
+#include "util.h"
+
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifndef TRIBUTARY_VERSION
+#define TRIBUTARY_VERSION "dev"
+#endif
+
+/* map reads at most this much input. */
+#define MAP_INPUT_MAX (256u << 20)
+
+static const char USAGE[] =
+    "usage: tributary <command> [--config FILE] [arguments]\n"
+    "\n"
+    "Receives Braze Currents batches over HTTP, maps them with Lua rules, keeps them\n"
+    "durably and delivers them to mParticle's server-to-server Events API.\n"
+    "\n"
+    "commands:\n"
+    "  serve             run the service (SIGTERM stops, SIGHUP reloads)\n"
+    "  check             validate the configuration and the rules, run the rule tests\n"
+    "  map [FILE|-]      dry run: print what the rules make of Currents JSON (an\n"
+    "                    envelope, a JSON array, one event, or NDJSON); sends nothing\n"
+    "\n"
+    "options:\n"
+    "  --config FILE     configuration file (default: ./" CONFIG_DEFAULT_FILE
+    " when present;\n"
+    "                    TRIBUTARY_* environment variables override it)\n"
+    "  -h, --help        this text\n"
+    "  --version         print the version\n";
+
+struct args {
+    const char *command;
+    const char *config;
+    const char *positional[8];
+    int npositional;
+    int json;
+};
+
+static int parse_args(int argc, char **argv, struct args *a)
+{
+    memset(a, 0, sizeof(*a));
+    for (int i = 1; i < argc; i++) {
+        const char *s = argv[i];
+        if (strcmp(s, "--config") == 0 || strcmp(s, "-c") == 0) {
+            if (i + 1 >= argc) {
+                fprintf(stderr, "tributary: %s needs a file name\n", s);
+                return -1;
+            }
+            a->config = argv[++i];
+        } else if (strncmp(s, "--config=", 9) == 0) {
+            a->config = s + 9;
+        } else if (strcmp(s, "--json") == 0) {
+            a->json = 1;
+        } else if (s[0] == '-' && s[1] != '\0') {
+            fprintf(stderr, "tributary: unknown option %s (see --help)\n", s);
+            return -1;
+        } else if (!a->command) {
+            a->command = s;
+        } else if (a->npositional < (int)ARRAY_LEN(a->positional)) {
+            a->positional[a->npositional++] = s;
+        } else {
+            fprintf(stderr, "tributary: too many arguments\n");
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* Loads the configuration for a one-shot command, printing errors. */
+static struct config *load_config(const char *path)
+{
+    char err[4096];
+    struct config *c = NULL;
+    if (config_load(&c, path, err, sizeof err) != 0) {
+        fprintf(stderr, "%s\n", err);
+        return NULL;
+    }
+    if (c->warnings)
+        fprintf(stderr, "warning: %s\n", c->warnings);
+    return c;
+}
+
+static int cmd_check(const struct args *a)
+{
+    struct config *c = load_config(a->config);
+    if (!c)
+        return 1;
+    char err[ERR_LEN];
+    ruleset *rs = NULL;
+    if (ruleset_load(&rs, c, err, sizeof err) != 0) {
+        fprintf(stderr, "%s\n", err);
+        config_unref(c);
+        return 1;
+    }
+    buf report;
+    buf_init(&report, 1 << 20);
+    int ntests = 0;
+    int rc = reload_validate(rs, &report, &ntests);
+    if (rc != 0) {
+        fputs(report.data ? report.data : "rules failed validation\n", stderr);
+    } else {
+        printf("ok: configuration %s, %zu rule file%s, %d rule test%s passed, rules version %s\n",
+               c->file ? c->file : "(defaults)", ruleset_files(rs),
+               ruleset_files(rs) == 1 ? "" : "s", ntests, ntests == 1 ? "" : "s",
+               ruleset_version(rs));
+    }
+    buf_free(&report);
+    ruleset_unref(rs);
+    config_unref(c);
+    return rc == 0 ? 0 : 1;
+}
+
+static char *read_input(const char *path, size_t *len)
+{
+    FILE *f = stdin;
+    if (path && strcmp(path, "-") != 0) {
+        f = fopen(path, "rb");
+        if (!f) {
+            perror(path);
+            return NULL;
+        }
+    }
+    buf b;
+    buf_init(&b, MAP_INPUT_MAX);
+    char chunk[65536];
+    size_t n;
+    int over = 0;
+    while ((n = fread(chunk, 1, sizeof chunk, f)) > 0) {
+        if (buf_add(&b, chunk, n) != 0) {
+            over = 1;
+            break;
+        }
+    }
+    if (f != stdin)
+        fclose(f);
+    if (over) {
+        fprintf(stderr, "tributary: input larger than %u MiB\n", MAP_INPUT_MAX >> 20);
+        buf_free(&b);
+        return NULL;
+    }
+    *len = b.len;
+    return buf_take(&b);
+}
+
+static int print_outcome(const struct mapping *m, size_t i, const char *environment,
+                         const char *version, buf *line)
+{
+    const struct outcome *o = &m->outcomes[i];
+    int rc = buf_printf(line, "{\"index\":%zu,", i);
+    rc |= buf_adds(line, "\"event_id\":");
+    rc |= buf_json_str(line, o->event_id.p, o->event_id.n);
+    rc |= buf_adds(line, ",\"event_type\":");
+    rc |= buf_json_str(line, o->event_type.p, o->event_type.n);
+    rc |= buf_addc(line, ',');
+    rc |= buf_printf(line, "\"rules_version\":\"%s\",", version);
+    if (o->kind == OUTCOME_RECORD) {
+        const struct record *r = &m->records[o->index];
+        struct batch_part part = {r->batch, r->event, r->event_id};
+        char srid[UUID_STR_LEN];
+        mparticle_source_request_id(&part, 1, srid);
+        rc |= buf_printf(line, "\"feed\":\"%s\",\"batch\":", FEED_NAMES[r->feed]);
+        rc |= mparticle_build_batch(line, environment, srid, &part, 1);
+    } else if (o->kind == OUTCOME_DROPPED) {
+        rc |= buf_printf(line, "\"dropped\":\"%s\",\"detail\":", DROP_REASON_NAMES[o->reason]);
+        rc |= buf_json_str(line, o->detail.p, o->detail.n);
+    } else {
+        const struct dead_letter *d = &m->dead[o->index];
+        rc |= buf_printf(line, "\"dead_letter\":\"%s\",\"detail\":", d->reason);
+        rc |= buf_json_str(line, d->detail.p, d->detail.n);
+    }
+    rc |= buf_adds(line, "}\n");
+    return rc ? -1 : 0;
+}
+
+static int cmd_map(const struct args *a)
+{
+    if (a->npositional > 1) {
+        fprintf(stderr, "tributary: map takes at most one input file\n");
+        return 2;
+    }
+    struct config *c = load_config(a->config);
+    if (!c)
+        return 1;
+    int rc = 1;
+    char err[ERR_LEN];
+    ruleset *rs = NULL;
+    rules *r = NULL;
+    char *input = NULL;
+    size_t len = 0;
+    struct mapping m;
+    mapping_init(&m);
+    m.keep_outcomes = 1;
+    if (ruleset_load(&rs, c, err, sizeof err) != 0 || rules_new(&r, rs, err, sizeof err) != 0) {
+        fprintf(stderr, "%s\n", err);
+        goto done;
+    }
+    input = read_input(a->npositional ? a->positional[0] : NULL, &len);
+    if (!input)
+        goto done;
+    struct input_error ie;
+    if (rules_map(r, input, len, INPUT_ANY, &m, &ie) != 0) {
+        if (ie.index >= 0)
+            fprintf(stderr, "tributary: event %ld: %s\n", ie.index, ie.reason);
+        else
+            fprintf(stderr, "tributary: %s\n", ie.reason);
+        goto done;
+    }
+    buf line;
+    buf_init(&line, 64u << 20);
+    rc = 0;
+    for (size_t i = 0; i < m.noutcomes; i++) {
+        buf_reset(&line);
+        if (print_outcome(&m, i, c->environment, ruleset_version(rs), &line) != 0) {
+            fprintf(stderr, "tributary: output for event %zu too large\n", i);
+            rc = 1;
+            break;
+        }
+        fwrite(line.data, 1, line.len, stdout);
+    }
+    buf_free(&line);
+done:
+    mapping_free(&m);
+    free(input);
+    rules_free(r);
+    ruleset_unref(rs);
+    config_unref(c);
+    return rc;
+}
+
+int main(int argc, char **argv)
+{
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
+            fputs(USAGE, stdout);
+            return 0;
+        }
+        if (strcmp(argv[i], "--version") == 0) {
+            printf("tributary %s\n", TRIBUTARY_VERSION);
+            return 0;
+        }
+    }
+    struct args a;
+    if (parse_args(argc, argv, &a) != 0)
+        return 2;
+    if (!a.command) {
+        fputs(USAGE, stderr);
+        return 2;
+    }
+    signal(SIGPIPE, SIG_IGN);
+    if (strcmp(a.command, "serve") == 0) {
+        if (a.npositional) {
+            fprintf(stderr, "tributary: serve takes no arguments\n");
+            return 2;
+        }
+        /* Signals are taken synchronously by the main thread (sigtimedwait), so
+         * every thread started afterwards must have them blocked. */
+        sigset_t set;
+        sigemptyset(&set);
+        sigaddset(&set, SIGTERM);
+        sigaddset(&set, SIGINT);
+        sigaddset(&set, SIGHUP);
+        pthread_sigmask(SIG_BLOCK, &set, NULL);
+        return service_run(a.config);
+    }
+    if (strcmp(a.command, "check") == 0)
+        return cmd_check(&a);
+    if (strcmp(a.command, "map") == 0)
+        return cmd_map(&a);
+    fprintf(stderr, "tributary: unknown command '%s' (see --help)\n", a.command);
+    return 2;
+}

@@ -1,0 +1,311 @@
+#include "metrics.h"
+
+#include <stdatomic.h>
+#include <string.h>
+
+#ifndef TRIBUTARY_VERSION
+#define TRIBUTARY_VERSION "dev"
+#endif
+
+/* Status codes tracked one by one; the rest count under their class. */
+static const int INBOUND_CODES[] = {200, 400, 401, 403, 404, 405, 413, 429, 500, 503};
+#define NINBOUND (ARRAY_LEN(INBOUND_CODES) + 1)
+static const int OUTBOUND_CODES[] = {0, 202, 400, 401, 403, 413, 429, 500, 502, 503, 504};
+#define NOUTBOUND (ARRAY_LEN(OUTBOUND_CODES) + 1)
+
+static const double BUCKETS[] = {0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
+                                 0.05,   0.1,   0.25,   0.5,   1,    2.5, 5, 10};
+#define NBUCKETS (ARRAY_LEN(BUCKETS))
+
+struct histogram {
+    _Atomic uint64_t buckets[NBUCKETS + 1];
+    _Atomic uint64_t count;
+    _Atomic uint64_t sum_us;
+};
+
+static const char *const DEAD_NAMES[MD_COUNT] = {DEAD_RULE_ERROR, DEAD_RULE_LIMIT,
+                                                 DEAD_INVALID_OUTPUT, DEAD_REJECTED, DEAD_MAX_AGE};
+
+static struct {
+    _Atomic uint64_t counters[M_COUNTER_COUNT];
+    _Atomic uint64_t dropped[DROP_REASON_COUNT];
+    _Atomic uint64_t dead[MD_COUNT];
+    _Atomic uint64_t inbound[NINBOUND];
+    struct histogram inbound_time;
+    struct histogram rules_time;
+    _Atomic uint64_t out_requests[FEED_COUNT][NOUTBOUND];
+    _Atomic uint64_t out_batches[FEED_COUNT][NOUTBOUND];
+    _Atomic uint64_t delivered[FEED_COUNT];
+    _Atomic uint64_t retries[FEED_COUNT];
+    _Atomic uint64_t rule_counts[METRICS_RULE_COUNTERS + 1];
+    char rule_names[METRICS_RULE_COUNTERS][33];
+    _Atomic int rule_names_used;
+} M;
+
+static const char *const COUNTER_HELP[M_COUNTER_COUNT][3] = {
+    {"tributary_events_received_total", "counter", "Events in accepted inbound requests."},
+    {"tributary_events_queued_total", "counter", "Events mapped and stored for delivery."},
+    {"tributary_events_duplicate_total", "counter",
+     "Events acknowledged but not stored again (same id within the dedup window)."},
+    {"tributary_rule_reloads_total", "counter", "Rule sets loaded and put in force."},
+    {"tributary_rule_reload_failures_total", "counter",
+     "Rule reloads refused because the new rules failed validation or their tests."},
+    {"tributary_rule_state_rebuilds_total", "counter",
+     "Worker Lua states rebuilt after a rule hit a limit."},
+    {"tributary_auth_failures_total", "counter", "Inbound requests refused for authentication."},
+};
+
+void metrics_add(enum counter c, uint64_t n)
+{
+    atomic_fetch_add_explicit(&M.counters[c], n, memory_order_relaxed);
+}
+
+void metrics_add_dropped(enum drop_reason r, uint64_t n)
+{
+    atomic_fetch_add_explicit(&M.dropped[r], n, memory_order_relaxed);
+}
+
+static int dead_index(const char *reason)
+{
+    for (int i = 0; i < MD_COUNT; i++) {
+        if (strcmp(DEAD_NAMES[i], reason) == 0)
+            return i;
+    }
+    return MD_RULE_ERROR;
+}
+
+void metrics_add_dead(const char *reason, uint64_t n)
+{
+    atomic_fetch_add_explicit(&M.dead[dead_index(reason)], n, memory_order_relaxed);
+}
+
+static void observe(struct histogram *h, double seconds)
+{
+    size_t i = 0;
+    while (i < NBUCKETS && seconds > BUCKETS[i])
+        i++;
+    atomic_fetch_add_explicit(&h->buckets[i], 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&h->count, 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&h->sum_us, (uint64_t)(seconds * 1e6), memory_order_relaxed);
+}
+
+static size_t code_index(const int *codes, size_t n, int status)
+{
+    for (size_t i = 0; i < n; i++) {
+        if (codes[i] == status)
+            return i;
+    }
+    return n;
+}
+
+void metrics_inbound(int status, double seconds)
+{
+    atomic_fetch_add_explicit(&M.inbound[code_index(INBOUND_CODES, ARRAY_LEN(INBOUND_CODES), status)],
+                              1, memory_order_relaxed);
+    observe(&M.inbound_time, seconds);
+}
+
+void metrics_rules_time(double seconds)
+{
+    observe(&M.rules_time, seconds);
+}
+
+void metrics_outbound(enum feed f, int status, uint64_t batches, uint64_t events)
+{
+    (void)events;
+    size_t i = code_index(OUTBOUND_CODES, ARRAY_LEN(OUTBOUND_CODES), status);
+    atomic_fetch_add_explicit(&M.out_requests[f][i], 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&M.out_batches[f][i], batches, memory_order_relaxed);
+}
+
+void metrics_delivered(enum feed f, uint64_t events)
+{
+    atomic_fetch_add_explicit(&M.delivered[f], events, memory_order_relaxed);
+}
+
+void metrics_retry(enum feed f)
+{
+    atomic_fetch_add_explicit(&M.retries[f], 1, memory_order_relaxed);
+}
+
+void metrics_rule_count(const char *name, uint64_t n)
+{
+    int used = atomic_load(&M.rule_names_used);
+    for (int i = 0; i < used; i++) {
+        if (strcmp(M.rule_names[i], name) == 0) {
+            atomic_fetch_add_explicit(&M.rule_counts[i], n, memory_order_relaxed);
+            return;
+        }
+    }
+    /* New names are rare: claim a slot under a simple spin on the counter. */
+    static _Atomic int lock;
+    while (atomic_exchange(&lock, 1))
+        ;
+    used = atomic_load(&M.rule_names_used);
+    int slot = METRICS_RULE_COUNTERS;
+    for (int i = 0; i < used; i++) {
+        if (strcmp(M.rule_names[i], name) == 0)
+            slot = i;
+    }
+    if (slot == METRICS_RULE_COUNTERS && used < METRICS_RULE_COUNTERS) {
+        str_copy(M.rule_names[used], sizeof M.rule_names[used], name);
+        slot = used;
+        atomic_store(&M.rule_names_used, used + 1);
+    }
+    atomic_store(&lock, 0);
+    atomic_fetch_add_explicit(&M.rule_counts[slot], n, memory_order_relaxed);
+}
+
+uint64_t metrics_get(enum counter c)
+{
+    return atomic_load(&M.counters[c]);
+}
+
+uint64_t metrics_get_dropped(enum drop_reason r)
+{
+    return atomic_load(&M.dropped[r]);
+}
+
+uint64_t metrics_get_dead(const char *reason)
+{
+    return atomic_load(&M.dead[dead_index(reason)]);
+}
+
+/* ---- rendering ---------------------------------------------------------- */
+
+static int header(buf *b, const char *name, const char *type, const char *help)
+{
+    return buf_printf(b, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
+}
+
+static int render_histogram(buf *b, const char *name, const char *help, struct histogram *h)
+{
+    int rc = header(b, name, "histogram", help);
+    uint64_t cum = 0;
+    for (size_t i = 0; i <= NBUCKETS; i++) {
+        cum += atomic_load(&h->buckets[i]);
+        if (i < NBUCKETS)
+            rc |= buf_printf(b, "%s_bucket{le=\"%g\"} %llu\n", name, BUCKETS[i],
+                             (unsigned long long)cum);
+        else
+            rc |= buf_printf(b, "%s_bucket{le=\"+Inf\"} %llu\n", name, (unsigned long long)cum);
+    }
+    rc |= buf_printf(b, "%s_sum %.6f\n%s_count %llu\n", name,
+                     (double)atomic_load(&h->sum_us) / 1e6, name,
+                     (unsigned long long)atomic_load(&h->count));
+    return rc;
+}
+
+static void code_label(const int *codes, size_t n, size_t i, char *out, size_t outlen)
+{
+    if (i < n)
+        str_printf(out, outlen, "%d", codes[i]);
+    else
+        str_copy(out, outlen, "other");
+}
+
+int metrics_render(buf *b, const struct metrics_gauges *g)
+{
+    int rc = 0;
+    rc |= header(b, "tributary_build_info", "gauge", "Version of the running tributary.");
+    rc |= buf_printf(b, "tributary_build_info{version=\"%s\",rules_version=\"%s\"} 1\n",
+                     TRIBUTARY_VERSION, g && g->rules_version ? g->rules_version : "");
+    for (int c = 0; c < M_COUNTER_COUNT; c++) {
+        rc |= header(b, COUNTER_HELP[c][0], COUNTER_HELP[c][1], COUNTER_HELP[c][2]);
+        rc |= buf_printf(b, "%s %llu\n", COUNTER_HELP[c][0],
+                         (unsigned long long)atomic_load(&M.counters[c]));
+    }
+    rc |= header(b, "tributary_events_filtered_total", "counter",
+                 "Events not forwarded by design, by reason.");
+    for (int r = 0; r < DROP_REASON_COUNT; r++) {
+        if (r == DROP_NO_EXTERNAL_ID)
+            continue;
+        rc |= buf_printf(b, "tributary_events_filtered_total{reason=\"%s\"} %llu\n",
+                         DROP_REASON_NAMES[r], (unsigned long long)atomic_load(&M.dropped[r]));
+    }
+    rc |= header(b, "tributary_events_skipped_total", "counter",
+                 "Events not forwarded because the user has no external_user_id.");
+    rc |= buf_printf(b, "tributary_events_skipped_total{reason=\"no_external_id\"} %llu\n",
+                     (unsigned long long)atomic_load(&M.dropped[DROP_NO_EXTERNAL_ID]));
+    rc |= header(b, "tributary_dead_letters_total", "counter",
+                 "Events moved to the dead-letter store, by reason.");
+    for (int r = 0; r < MD_COUNT; r++)
+        rc |= buf_printf(b, "tributary_dead_letters_total{reason=\"%s\"} %llu\n", DEAD_NAMES[r],
+                         (unsigned long long)atomic_load(&M.dead[r]));
+    rc |= header(b, "tributary_http_requests_total", "counter", "Inbound requests by status.");
+    for (size_t i = 0; i < NINBOUND; i++) {
+        char code[16];
+        code_label(INBOUND_CODES, ARRAY_LEN(INBOUND_CODES), i, code, sizeof code);
+        rc |= buf_printf(b, "tributary_http_requests_total{code=\"%s\"} %llu\n", code,
+                         (unsigned long long)atomic_load(&M.inbound[i]));
+    }
+    rc |= render_histogram(b, "tributary_http_request_duration_seconds",
+                           "Time from a complete inbound request to its answer.", &M.inbound_time);
+    rc |= render_histogram(b, "tributary_rules_duration_seconds",
+                           "Time spent in the rules per inbound request.", &M.rules_time);
+
+    rc |= header(b, "tributary_mparticle_requests_total", "counter",
+                 "Requests to mParticle by feed and status (0: no answer).");
+    for (int f = 0; f < FEED_COUNT; f++) {
+        for (size_t i = 0; i < NOUTBOUND; i++) {
+            uint64_t v = atomic_load(&M.out_requests[f][i]);
+            char code[16];
+            code_label(OUTBOUND_CODES, ARRAY_LEN(OUTBOUND_CODES), i, code, sizeof code);
+            rc |= buf_printf(b, "tributary_mparticle_requests_total{feed=\"%s\",code=\"%s\"} %llu\n",
+                             FEED_NAMES[f], code, (unsigned long long)v);
+        }
+    }
+    rc |= header(b, "tributary_mparticle_batches_total", "counter",
+                 "Batches sent to mParticle by feed and status of their request.");
+    for (int f = 0; f < FEED_COUNT; f++) {
+        for (size_t i = 0; i < NOUTBOUND; i++) {
+            char code[16];
+            code_label(OUTBOUND_CODES, ARRAY_LEN(OUTBOUND_CODES), i, code, sizeof code);
+            rc |= buf_printf(b, "tributary_mparticle_batches_total{feed=\"%s\",code=\"%s\"} %llu\n",
+                             FEED_NAMES[f], code,
+                             (unsigned long long)atomic_load(&M.out_batches[f][i]));
+        }
+    }
+    rc |= header(b, "tributary_events_delivered_total", "counter",
+                 "Events accepted by mParticle (202), by feed.");
+    for (int f = 0; f < FEED_COUNT; f++)
+        rc |= buf_printf(b, "tributary_events_delivered_total{feed=\"%s\"} %llu\n", FEED_NAMES[f],
+                         (unsigned long long)atomic_load(&M.delivered[f]));
+    rc |= header(b, "tributary_mparticle_retries_total", "counter",
+                 "Requests to mParticle sent again after a failure, by feed.");
+    for (int f = 0; f < FEED_COUNT; f++)
+        rc |= buf_printf(b, "tributary_mparticle_retries_total{feed=\"%s\"} %llu\n", FEED_NAMES[f],
+                         (unsigned long long)atomic_load(&M.retries[f]));
+
+    int used = atomic_load(&M.rule_names_used);
+    rc |= header(b, "tributary_rule_counts_total", "counter",
+                 "Counters incremented by rules with tributary.count(name).");
+    for (int i = 0; i < used; i++)
+        rc |= buf_printf(b, "tributary_rule_counts_total{name=\"%s\"} %llu\n", M.rule_names[i],
+                         (unsigned long long)atomic_load(&M.rule_counts[i]));
+    if (atomic_load(&M.rule_counts[METRICS_RULE_COUNTERS]))
+        rc |= buf_printf(b, "tributary_rule_counts_total{name=\"other\"} %llu\n",
+                         (unsigned long long)atomic_load(&M.rule_counts[METRICS_RULE_COUNTERS]));
+
+    if (g) {
+        rc |= header(b, "tributary_queue_depth", "gauge", "Events waiting for delivery, by feed.");
+        for (int f = 0; f < FEED_COUNT; f++)
+            rc |= buf_printf(b, "tributary_queue_depth{feed=\"%s\"} %lld\n", FEED_NAMES[f],
+                             (long long)g->queue_depth[f]);
+        rc |= header(b, "tributary_queue_oldest_age_seconds", "gauge",
+                     "Age of the oldest undelivered event, by feed.");
+        for (int f = 0; f < FEED_COUNT; f++)
+            rc |= buf_printf(b, "tributary_queue_oldest_age_seconds{feed=\"%s\"} %.3f\n",
+                             FEED_NAMES[f], g->oldest_age_s[f]);
+        rc |= header(b, "tributary_feed_paused", "gauge",
+                     "1 when a feed is paused (no credentials, or mParticle refused them).");
+        for (int f = 0; f < FEED_COUNT; f++)
+            rc |= buf_printf(b, "tributary_feed_paused{feed=\"%s\"} %d\n", FEED_NAMES[f],
+                             g->paused[f]);
+        rc |= header(b, "tributary_dead_letters", "gauge", "Events in the dead-letter store.");
+        rc |= buf_printf(b, "tributary_dead_letters %lld\n", (long long)g->dead_letters);
+        rc |= header(b, "tributary_ready", "gauge", "1 when the service is ready.");
+        rc |= buf_printf(b, "tributary_ready %d\n", g->ready);
+    }
+    return rc ? -1 : 0;
+}

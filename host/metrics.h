@@ -1,0 +1,71 @@
+/*
+ * metrics: process-wide counters and histograms, rendered in the Prometheus text
+ * format for GET /metrics. Updates are lock-free atomics, cheap enough for the
+ * per-request path; nothing here is per event unless batched by the caller.
+ *
+ * Gauges that live elsewhere (queue depth, paused feeds) are supplied at render
+ * time through metrics_gauge callbacks.
+ */
+#ifndef TRIBUTARY_METRICS_H
+#define TRIBUTARY_METRICS_H
+
+#include "record.h"
+#include "util.h"
+
+#include <stdint.h>
+
+enum counter {
+    M_EVENTS_RECEIVED,   /* events in accepted (2xx) requests */
+    M_EVENTS_QUEUED,     /* stored for delivery */
+    M_EVENTS_DUPLICATE,  /* seen before within the dedup window */
+    M_RULE_RELOADS,
+    M_RULE_RELOAD_FAILURES,
+    M_RULE_STATE_REBUILDS,
+    M_AUTH_FAILURES,
+    M_COUNTER_COUNT
+};
+
+enum dead_reason_index {
+    MD_RULE_ERROR,
+    MD_RULE_LIMIT,
+    MD_INVALID_OUTPUT,
+    MD_REJECTED,
+    MD_MAX_AGE,
+    MD_COUNT
+};
+
+void metrics_add(enum counter c, uint64_t n);
+void metrics_add_dropped(enum drop_reason r, uint64_t n);
+void metrics_add_dead(const char *reason, uint64_t n); /* reason: one of DEAD_* */
+/* Inbound requests by status code, and their latency. */
+void metrics_inbound(int status, double seconds);
+/* Time spent in the rules for one request. */
+void metrics_rules_time(double seconds);
+/* Outbound to mParticle: one request answered `status` (0: transport failure),
+ * carrying `batches` batches and `events` events. */
+void metrics_outbound(enum feed f, int status, uint64_t batches, uint64_t events);
+void metrics_delivered(enum feed f, uint64_t events);
+void metrics_retry(enum feed f);
+/* A named counter a rule increments with tributary.count(name, n). At most
+ * METRICS_RULE_COUNTERS names; later names count under "other". */
+#define METRICS_RULE_COUNTERS 32
+void metrics_rule_count(const char *name, uint64_t n);
+
+uint64_t metrics_get(enum counter c);
+uint64_t metrics_get_dropped(enum drop_reason r);
+uint64_t metrics_get_dead(const char *reason);
+
+/* Gauges supplied by the running service at render time. */
+struct metrics_gauges {
+    int64_t queue_depth[FEED_COUNT];
+    double oldest_age_s[FEED_COUNT];
+    int paused[FEED_COUNT];
+    int64_t dead_letters;
+    int ready;
+    const char *rules_version;
+};
+
+/* Appends the exposition text. */
+int metrics_render(buf *out, const struct metrics_gauges *g) WUR;
+
+#endif

@@ -1,0 +1,242 @@
+#include "mparticle.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <time.h>
+
+void mparticle_source_request_id(const struct batch_part *parts, size_t n,
+                                 char out[UUID_STR_LEN])
+{
+    uuid5 *u = uuid5_new();
+    if (!u) {
+        str_copy(out, UUID_STR_LEN, "00000000-0000-5000-8000-000000000000");
+        return;
+    }
+    for (size_t i = 0; i < n; i++) {
+        uuid5_add(u, parts[i].event_id.p, parts[i].event_id.n);
+        uuid5_add(u, "\n", 1);
+    }
+    uuid5_finish(u, out);
+}
+
+/* One merged batch-level value. */
+struct entry {
+    str section; /* JSON string, quotes included */
+    str key;     /* JSON string, or empty for a top-level scalar */
+    str value;   /* JSON */
+};
+
+struct entries {
+    struct entry *e;
+    size_t n, cap;
+};
+
+static int str_same(str a, str b)
+{
+    return a.n == b.n && (a.n == 0 || memcmp(a.p, b.p, a.n) == 0);
+}
+
+static int entries_put(struct entries *es, str section, str key, str value)
+{
+    for (size_t i = 0; i < es->n; i++) {
+        if (str_same(es->e[i].section, section) && str_same(es->e[i].key, key)) {
+            es->e[i].value = value;
+            return 0;
+        }
+    }
+    if (es->n == es->cap) {
+        size_t cap = es->cap ? es->cap * 2 : 32;
+        struct entry *e = realloc(es->e, cap * sizeof(*e));
+        if (!e)
+            return -1;
+        es->e = e;
+        es->cap = cap;
+    }
+    es->e[es->n++] = (struct entry){section, key, value};
+    return 0;
+}
+
+/* Splits "section\tkey\tvalue\n" lines into entries. */
+static int parse_lines(struct entries *es, str lines)
+{
+    const char *p = lines.p, *end = lines.p + lines.n;
+    while (p < end) {
+        const char *nl = memchr(p, '\n', (size_t)(end - p));
+        const char *le = nl ? nl : end;
+        const char *t1 = memchr(p, '\t', (size_t)(le - p));
+        const char *t2 = t1 ? memchr(t1 + 1, '\t', (size_t)(le - t1 - 1)) : NULL;
+        if (t1 && t2) {
+            str section = {p, (size_t)(t1 - p)};
+            str key = {t1 + 1, (size_t)(t2 - t1 - 1)};
+            str value = {t2 + 1, (size_t)(le - t2 - 1)};
+            if (entries_put(es, section, key, value) != 0)
+                return -1;
+        }
+        p = le + 1;
+    }
+    return 0;
+}
+
+size_t mparticle_batch_size_bound(const struct batch_part *parts, size_t n)
+{
+    size_t total = 160; /* envelope, environment, schema_version, source_request_id */
+    for (size_t i = 0; i < n; i++)
+        total += parts[i].batch.n + parts[i].event.n + 8;
+    return total;
+}
+
+int mparticle_build_batch(buf *out, const char *environment, const char *srid,
+                          const struct batch_part *parts, size_t n)
+{
+    struct entries es = {0};
+    int rc = -1;
+    for (size_t i = 0; i < n; i++) {
+        if (parse_lines(&es, parts[i].batch) != 0)
+            goto done;
+    }
+    static const str ENV = {"\"environment\"", 13};
+    int has_env = 0;
+    for (size_t i = 0; i < es.n; i++)
+        has_env |= str_same(es.e[i].section, ENV) && es.e[i].key.n == 0;
+
+    rc = buf_addc(out, '{');
+    if (!has_env) {
+        rc |= buf_adds(out, "\"environment\":");
+        rc |= buf_json_str(out, environment, strlen(environment));
+        rc |= buf_addc(out, ',');
+    }
+    rc |= buf_adds(out, "\"schema_version\":2,\"source_request_id\":");
+    rc |= buf_json_str(out, srid, strlen(srid));
+    /* sections in order of first appearance */
+    for (size_t i = 0; i < es.n; i++) {
+        int first = 1;
+        for (size_t j = 0; j < i && first; j++)
+            first = !str_same(es.e[j].section, es.e[i].section);
+        if (!first)
+            continue;
+        int keyed = 0;
+        const struct entry *scalar = NULL;
+        for (size_t j = i; j < es.n; j++) {
+            if (!str_same(es.e[j].section, es.e[i].section))
+                continue;
+            if (es.e[j].key.n)
+                keyed = 1;
+            else
+                scalar = &es.e[j];
+        }
+        rc |= buf_addc(out, ',');
+        rc |= buf_add(out, es.e[i].section.p, es.e[i].section.n);
+        rc |= buf_addc(out, ':');
+        if (!keyed && scalar) {
+            rc |= buf_add(out, scalar->value.p, scalar->value.n);
+            continue;
+        }
+        rc |= buf_addc(out, '{');
+        int sep = 0;
+        for (size_t j = i; j < es.n; j++) {
+            if (!str_same(es.e[j].section, es.e[i].section) || !es.e[j].key.n)
+                continue;
+            if (sep)
+                rc |= buf_addc(out, ',');
+            sep = 1;
+            rc |= buf_add(out, es.e[j].key.p, es.e[j].key.n);
+            rc |= buf_addc(out, ':');
+            rc |= buf_add(out, es.e[j].value.p, es.e[j].value.n);
+        }
+        rc |= buf_addc(out, '}');
+    }
+    rc |= buf_adds(out, ",\"events\":[");
+    for (size_t i = 0; i < n; i++) {
+        if (i)
+            rc |= buf_addc(out, ',');
+        rc |= buf_add(out, parts[i].event.p, parts[i].event.n);
+    }
+    rc |= buf_adds(out, "]}");
+    rc = rc ? -1 : 0;
+done:
+    free(es.e);
+    return rc;
+}
+
+enum mp_action mparticle_classify(int status)
+{
+    if (status >= 200 && status < 300)
+        return MP_DELIVERED;
+    if (status == 401 || status == 403)
+        return MP_AUTH;
+    if (status == 429)
+        return MP_RATE_LIMITED;
+    if (status == 413)
+        return MP_SPLIT;
+    if (status == 408 || status == 0 || status >= 500)
+        return MP_RETRY;
+    if (status >= 400)
+        return MP_REJECTED;
+    return MP_RETRY; /* 1xx/3xx: not expected from this API */
+}
+
+const char *mparticle_action_name(enum mp_action a)
+{
+    static const char *const names[] = {"delivered", "retry", "rate_limited",
+                                        "split",     "rejected", "auth"};
+    return names[a];
+}
+
+int64_t mparticle_retry_after(const char *value, int64_t now_s, int64_t min_s, int64_t max_s)
+{
+    if (!value)
+        return -1;
+    while (*value == ' ' || *value == '\t')
+        value++;
+    if (!*value)
+        return -1;
+    int64_t secs;
+    if (*value >= '0' && *value <= '9') {
+        char *end;
+        unsigned long long v = strtoull(value, &end, 10);
+        while (*end == ' ' || *end == '\t')
+            end++;
+        if (*end != '\0')
+            return -1;
+        secs = v > (unsigned long long)INT64_MAX ? INT64_MAX : (int64_t)v;
+    } else {
+        /* IMF-fixdate, e.g. "Sun, 06 Nov 1994 08:49:37 GMT" */
+        struct tm tm = {0};
+        const char *end = strptime(value, "%a, %d %b %Y %H:%M:%S GMT", &tm);
+        if (!end || *end != '\0')
+            return -1;
+        time_t at = timegm(&tm);
+        if (at == (time_t)-1)
+            return -1;
+        secs = (int64_t)at - now_s;
+    }
+    if (secs < min_s)
+        secs = min_s;
+    if (secs > max_s)
+        secs = max_s;
+    return secs;
+}
+
+void mparticle_basic_auth(const char *key, const char *secret, char *out, size_t outlen)
+{
+    size_t kn = strlen(key), sn = strlen(secret);
+    size_t n = kn + 1 + sn;
+    unsigned char *plain = malloc(n + 1);
+    size_t need = 6 + 4 * ((n + 2) / 3) + 1;
+    if (!plain || outlen < need) {
+        free(plain);
+        if (outlen)
+            out[0] = '\0';
+        return;
+    }
+    memcpy(plain, key, kn);
+    plain[kn] = ':';
+    memcpy(plain + kn + 1, secret, sn);
+    memcpy(out, "Basic ", 6);
+    digest_base64(plain, n, out + 6);
+    /* the plain credentials never linger in freed memory */
+    explicit_bzero(plain, n);
+    free(plain);
+}

@@ -1,0 +1,64 @@
+/*
+ * mparticle: what mParticle's server-to-server Events API expects and answers.
+ *
+ * - Builds a batch (one user, one feed) from queued records: the batch-level
+ *   lines of every record merged in order (later records win), the events in
+ *   order, environment, schema_version 2 and a source_request_id that is a
+ *   name-based UUID over the event ids, so a re-sent batch is recognised.
+ * - Classifies answers (what the sender does with each status) and parses
+ *   Retry-After.
+ *
+ * Plain C; the HTTP transport itself is in sender.
+ */
+#ifndef TRIBUTARY_MPARTICLE_H
+#define TRIBUTARY_MPARTICLE_H
+
+#include "digest.h"
+#include "record.h"
+#include "util.h"
+
+/* mParticle's limits. */
+#define MPARTICLE_MAX_BATCH_BYTES (128 * 1024)
+#define MPARTICLE_MAX_REQUEST_BYTES (256 * 1024 - 1)
+#define MPARTICLE_MAX_BATCHES_PER_REQUEST 100
+#define MPARTICLE_BULK_PATH "/v2/bulkevents"
+
+/* One event's parts as stored in the queue. */
+struct batch_part {
+    str batch;    /* batch-level lines */
+    str event;    /* event JSON */
+    str event_id;
+};
+
+/* source_request_id for a batch holding these events, in order. */
+void mparticle_source_request_id(const struct batch_part *parts, size_t n,
+                                 char out[UUID_STR_LEN]);
+
+/* Appends the batch JSON object. environment is used unless a record sets it. */
+int mparticle_build_batch(buf *out, const char *environment, const char *source_request_id,
+                          const struct batch_part *parts, size_t n) WUR;
+
+/* Bytes a batch of these parts takes at most (for sizing before building). */
+size_t mparticle_batch_size_bound(const struct batch_part *parts, size_t n);
+
+/* What the sender does with an answer. */
+enum mp_action {
+    MP_DELIVERED,   /* 202 (and other 2xx): delete */
+    MP_RETRY,       /* 5xx, 408, transport failure: back off and retry */
+    MP_RATE_LIMITED, /* 429: wait Retry-After or back off, slow down */
+    MP_SPLIT,       /* 413: smaller requests */
+    MP_REJECTED,    /* 400 and other 4xx: isolate the bad batch, dead-letter it */
+    MP_AUTH,        /* 401/403: pause the feed */
+};
+
+enum mp_action mparticle_classify(int status);
+const char *mparticle_action_name(enum mp_action a);
+
+/* Parses a Retry-After value (delta seconds or an HTTP date) relative to now
+ * (UNIX seconds) and clamps it to [min_s, max_s]. -1 when absent or invalid. */
+int64_t mparticle_retry_after(const char *value, int64_t now_s, int64_t min_s, int64_t max_s);
+
+/* "Basic base64(key:secret)" into out (at least 4*((klen+slen+3)/3)+8 bytes). */
+void mparticle_basic_auth(const char *key, const char *secret, char *out, size_t outlen);
+
+#endif

@@ -1,0 +1,1371 @@
+#include "queue.h"
+
+#include "log.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <sqlite3.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#define QUEUE_FILE "queue.db"
+#define SCHEMA_VERSION "1"
+/* Large pages make the WAL writes of ~2 KB rows sequential and cheap: about
+ * three times the insert rate of 4 KiB pages with synchronous=FULL. */
+#define PAGE_SIZE 16384
+#define BUSY_TIMEOUT_MS 10000
+/* Dedup ids are pruned in slices so no transaction grows large. */
+#define PRUNE_SLICE 50000
+#define PRUNE_EVERY_MS 10000
+#define GAUGES_EVERY_MS 1000
+/* Expiry moves at most this many records per transaction. */
+#define EXPIRE_SLICE 10000
+
+static const char *const SCHEMA =
+    "CREATE TABLE IF NOT EXISTS meta("
+    "  key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;"
+    /* one mapped event; id is the order of arrival */
+    "CREATE TABLE IF NOT EXISTS records("
+    "  id INTEGER PRIMARY KEY,"
+    "  feed INTEGER NOT NULL,"
+    "  received_ms INTEGER NOT NULL,"
+    "  event_id TEXT NOT NULL,"
+    "  event_type TEXT NOT NULL,"
+    "  rules_version TEXT NOT NULL,"
+    "  user TEXT NOT NULL,"
+    "  batch TEXT NOT NULL,"
+    "  event TEXT NOT NULL,"
+    "  raw TEXT NOT NULL);"
+    "CREATE INDEX IF NOT EXISTS records_feed ON records(feed, id);"
+    /* a batch persisted before it is sent; record_ids: little-endian int64s */
+    "CREATE TABLE IF NOT EXISTS batches("
+    "  id INTEGER PRIMARY KEY,"
+    "  feed INTEGER NOT NULL,"
+    "  source_request_id TEXT NOT NULL,"
+    "  created_ms INTEGER NOT NULL,"
+    "  oldest_ms INTEGER NOT NULL,"
+    "  record_ids BLOB NOT NULL);"
+    /* ids within the dedup window; rowid order is time order */
+    "CREATE TABLE IF NOT EXISTS seen("
+    "  id INTEGER PRIMARY KEY,"
+    "  event_id TEXT NOT NULL UNIQUE,"
+    "  at_ms INTEGER NOT NULL);"
+    "CREATE TABLE IF NOT EXISTS dead("
+    "  id INTEGER PRIMARY KEY,"
+    "  at_ms INTEGER NOT NULL,"
+    "  reason TEXT NOT NULL,"
+    "  detail TEXT NOT NULL,"
+    "  feed INTEGER,"
+    "  event_id TEXT NOT NULL,"
+    "  event_type TEXT NOT NULL,"
+    "  rules_version TEXT NOT NULL,"
+    "  received_ms INTEGER,"
+    "  raw TEXT NOT NULL,"
+    "  event TEXT);"
+    "CREATE INDEX IF NOT EXISTS dead_reason ON dead(reason, id);"
+    "CREATE TABLE IF NOT EXISTS feed_state("
+    "  feed INTEGER PRIMARY KEY,"
+    "  reason TEXT NOT NULL,"
+    "  since_ms INTEGER NOT NULL);";
+
+enum stmt_id {
+    S_SEEN,
+    S_INSERT_RECORD,
+    S_INSERT_DEAD,
+    S_INSERT_BATCH,
+    S_GET_BATCH,
+    S_DELETE_BATCH,
+    S_DELETE_RECORD,
+    S_RECORD_TO_DEAD,
+    S_RECORD_FEED,
+    S_OLDEST,
+    S_FEED_STATE_SET,
+    S_FEED_STATE_CLEAR,
+    S_COUNT
+};
+
+static const char *const STMTS[S_COUNT] = {
+    [S_SEEN] = "INSERT OR IGNORE INTO seen(event_id, at_ms) VALUES(?1, ?2)",
+    [S_INSERT_RECORD] = "INSERT INTO records(feed, received_ms, event_id, event_type, "
+                        "rules_version, user, batch, event, raw) "
+                        "VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+    [S_INSERT_DEAD] = "INSERT INTO dead(at_ms, reason, detail, feed, event_id, event_type, "
+                      "rules_version, received_ms, raw, event) "
+                      "VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+    [S_INSERT_BATCH] = "INSERT INTO batches(feed, source_request_id, created_ms, oldest_ms, "
+                       "record_ids) VALUES(?1, ?2, ?3, ?4, ?5)",
+    [S_GET_BATCH] = "SELECT feed, record_ids FROM batches WHERE id = ?1",
+    [S_DELETE_BATCH] = "DELETE FROM batches WHERE id = ?1",
+    [S_DELETE_RECORD] = "DELETE FROM records WHERE id = ?1",
+    [S_RECORD_TO_DEAD] = "INSERT INTO dead(at_ms, reason, detail, feed, event_id, event_type, "
+                         "rules_version, received_ms, raw, event) "
+                         "SELECT ?2, ?3, ?4, feed, event_id, event_type, rules_version, "
+                         "received_ms, raw, event FROM records WHERE id = ?1",
+    [S_RECORD_FEED] = "SELECT feed FROM records WHERE id = ?1",
+    [S_OLDEST] = "SELECT received_ms FROM records WHERE feed = ?1 ORDER BY id LIMIT 1",
+    [S_FEED_STATE_SET] = "INSERT INTO feed_state(feed, reason, since_ms) VALUES(?1, ?2, ?3) "
+                         "ON CONFLICT(feed) DO UPDATE SET reason = excluded.reason, "
+                         "since_ms = CASE WHEN feed_state.reason = excluded.reason "
+                         "THEN feed_state.since_ms ELSE excluded.since_ms END",
+    [S_FEED_STATE_CLEAR] = "DELETE FROM feed_state WHERE feed = ?1",
+};
+
+enum op_kind {
+    OP_COMMIT,
+    OP_PERSIST,
+    OP_ACK,
+    OP_DEAD_BATCH,
+    OP_SPLIT,
+    OP_EXPIRE,
+    OP_FEED_STATE,
+    OP_REQUEUE,
+    OP_PURGE,
+};
+
+struct op {
+    enum op_kind kind;
+    enum queue_status status;
+    int done;
+    struct op *next;
+    /* effects applied to the in-memory gauges once the commit is durable */
+    int64_t depth_delta[FEED_COUNT];
+    int64_t dead_delta;
+    union {
+        struct {
+            struct mapping *m;
+            struct commit_result *res;
+            int dedup; /* 0 for requeue */
+            const int64_t *dead_ids;
+            size_t ndead_ids;
+        } commit;
+        struct {
+            struct queue_batch *b;
+            size_t n;
+            int64_t replaces; /* OP_SPLIT: the batch they replace */
+        } persist;
+        struct {
+            const int64_t *ids;
+            size_t n;
+            const char *reason;
+            const char *detail;
+        } batches;
+        struct {
+            int64_t cutoff_ms;
+            size_t *moved;
+        } expire;
+        struct {
+            enum feed feed;
+            const char *reason;
+        } feed_state;
+        struct {
+            const struct dead_filter *f;
+            size_t *deleted;
+        } purge;
+    } u;
+};
+
+struct queue {
+    sqlite3 *db; /* the writer's connection */
+    sqlite3_stmt *st[S_COUNT];
+    char *path;
+    struct queue_options opt;
+
+    pthread_t writer;
+    int writer_started;
+    pthread_mutex_t mu;
+    pthread_cond_t work;
+    pthread_cond_t done;
+    struct op *pending, *pending_tail;
+    int stopping;
+
+    /* writer-side bookkeeping, also read under mu */
+    int healthy;
+    struct queue_gauges gauges;
+    int64_t last_prune_ms;
+    int64_t last_gauges_ms;
+};
+
+struct queue_reader {
+    sqlite3 *db;
+    sqlite3_stmt *scan;
+    sqlite3_stmt *fetch;
+};
+
+const char *queue_status_name(enum queue_status s)
+{
+    switch (s) {
+    case QUEUE_OK:
+        return "ok";
+    case QUEUE_FULL:
+        return "full";
+    case QUEUE_ERROR:
+        return "storage error";
+    case QUEUE_CLOSED:
+        return "closed";
+    }
+    return "?";
+}
+
+/* ---- helpers ------------------------------------------------------------ */
+
+static enum queue_status status_of(int rc)
+{
+    if (rc == SQLITE_FULL)
+        return QUEUE_FULL;
+    return QUEUE_ERROR;
+}
+
+static int exec(sqlite3 *db, const char *sql, char *err, size_t errlen)
+{
+    char *msg = NULL;
+    if (sqlite3_exec(db, sql, NULL, NULL, &msg) != SQLITE_OK) {
+        str_printf(err, errlen, "%s", msg ? msg : sqlite3_errmsg(db));
+        sqlite3_free(msg);
+        return -1;
+    }
+    return 0;
+}
+
+static int step_done(sqlite3_stmt *s)
+{
+    int rc = sqlite3_step(s);
+    sqlite3_reset(s);
+    return rc == SQLITE_DONE || rc == SQLITE_ROW ? SQLITE_OK : rc;
+}
+
+static void bind_str(sqlite3_stmt *s, int i, str v)
+{
+    sqlite3_bind_text(s, i, v.p ? v.p : "", (int)v.n, SQLITE_STATIC);
+}
+
+static void encode_ids(const int64_t *ids, size_t n, unsigned char *out)
+{
+    for (size_t i = 0; i < n; i++) {
+        uint64_t v = (uint64_t)ids[i];
+        for (int b = 0; b < 8; b++)
+            out[i * 8 + (size_t)b] = (unsigned char)(v >> (8 * b));
+    }
+}
+
+static int64_t decode_id(const unsigned char *p)
+{
+    uint64_t v = 0;
+    for (int b = 7; b >= 0; b--)
+        v = (v << 8) | p[b];
+    return (int64_t)v;
+}
+
+static int open_db(const char *path, int create, sqlite3 **out, char *err, size_t errlen)
+{
+    int flags = SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX | (create ? SQLITE_OPEN_CREATE : 0);
+    sqlite3 *db = NULL;
+    int rc = sqlite3_open_v2(path, &db, flags, NULL);
+    if (rc != SQLITE_OK) {
+        str_printf(err, errlen, "%s: %s", path, db ? sqlite3_errmsg(db) : sqlite3_errstr(rc));
+        sqlite3_close(db);
+        return -1;
+    }
+    sqlite3_busy_timeout(db, BUSY_TIMEOUT_MS);
+    sqlite3_extended_result_codes(db, 0);
+    *out = db;
+    return 0;
+}
+
+/* ---- writer: operations ------------------------------------------------- */
+
+static int insert_record(queue *q, const struct record *r, int64_t now)
+{
+    sqlite3_stmt *s = q->st[S_INSERT_RECORD];
+    sqlite3_bind_int(s, 1, (int)r->feed);
+    sqlite3_bind_int64(s, 2, now);
+    bind_str(s, 3, r->event_id);
+    bind_str(s, 4, r->event_type);
+    sqlite3_bind_text(s, 5, r->rules_version, -1, SQLITE_STATIC);
+    bind_str(s, 6, r->user);
+    bind_str(s, 7, r->batch);
+    bind_str(s, 8, r->event);
+    bind_str(s, 9, r->raw);
+    return step_done(s);
+}
+
+static int insert_dead(queue *q, const struct dead_letter *d, int64_t now)
+{
+    sqlite3_stmt *s = q->st[S_INSERT_DEAD];
+    sqlite3_bind_int64(s, 1, now);
+    sqlite3_bind_text(s, 2, d->reason, -1, SQLITE_STATIC);
+    bind_str(s, 3, d->detail);
+    if (d->feed >= 0)
+        sqlite3_bind_int(s, 4, d->feed);
+    else
+        sqlite3_bind_null(s, 4);
+    bind_str(s, 5, d->event_id);
+    bind_str(s, 6, d->event_type);
+    sqlite3_bind_text(s, 7, d->rules_version ? d->rules_version : "", -1, SQLITE_STATIC);
+    sqlite3_bind_int64(s, 8, now);
+    bind_str(s, 9, d->raw);
+    sqlite3_bind_null(s, 10);
+    return step_done(s);
+}
+
+/* 1 when the id is new (and now recorded), 0 when seen, -1 on error. */
+static int first_sighting(queue *q, str id, int64_t now)
+{
+    sqlite3_stmt *s = q->st[S_SEEN];
+    bind_str(s, 1, id);
+    sqlite3_bind_int64(s, 2, now);
+    int rc = step_done(s);
+    if (rc != SQLITE_OK)
+        return -1;
+    return sqlite3_changes(q->db) > 0;
+}
+
+static int64_t depth_total(queue *q)
+{
+    int64_t t = 0;
+    for (int f = 0; f < FEED_COUNT; f++)
+        t += q->gauges.depth[f];
+    return t;
+}
+
+static enum queue_status apply_commit(queue *q, struct op *op, int64_t now, int64_t depth)
+{
+    struct mapping *m = op->u.commit.m;
+    struct commit_result *res = op->u.commit.res;
+    memset(res, 0, sizeof(*res));
+    if (depth + (int64_t)m->nrecords > q->opt.max_depth && m->nrecords > 0)
+        return QUEUE_FULL;
+    int dedup = op->u.commit.dedup && q->opt.dedup_window_ms > 0;
+    for (size_t i = 0; i < m->nrecords; i++) {
+        const struct record *r = &m->records[i];
+        if (dedup) {
+            int first = first_sighting(q, r->event_id, now);
+            if (first < 0)
+                return status_of(sqlite3_errcode(q->db));
+            if (!first) {
+                res->duplicates++;
+                continue;
+            }
+        }
+        int rc = insert_record(q, r, now);
+        if (rc != SQLITE_OK)
+            return status_of(rc);
+        res->queued++;
+        op->depth_delta[r->feed]++;
+    }
+    for (size_t i = 0; i < m->ndead; i++) {
+        struct dead_letter *d = &m->dead[i];
+        d->stored = 0;
+        if (dedup) {
+            int first = first_sighting(q, d->event_id, now);
+            if (first < 0)
+                return status_of(sqlite3_errcode(q->db));
+            if (!first) {
+                res->duplicates++;
+                continue;
+            }
+        }
+        int rc = insert_dead(q, d, now);
+        if (rc != SQLITE_OK)
+            return status_of(rc);
+        res->quarantined++;
+        op->dead_delta++;
+        d->stored = 1;
+    }
+    for (size_t i = 0; i < op->u.commit.ndead_ids; i++) {
+        char sql[96];
+        snprintf(sql, sizeof sql, "DELETE FROM dead WHERE id = %lld",
+                 (long long)op->u.commit.dead_ids[i]);
+        char err[ERR_LEN];
+        if (exec(q->db, sql, err, sizeof err) != 0)
+            return QUEUE_ERROR;
+        op->dead_delta -= sqlite3_changes(q->db);
+    }
+    return QUEUE_OK;
+}
+
+static int insert_batch(queue *q, struct queue_batch *b, int64_t now)
+{
+    size_t bytes = b->nrecords * 8;
+    unsigned char *blob = malloc(bytes ? bytes : 1);
+    if (!blob)
+        return SQLITE_NOMEM;
+    encode_ids(b->record_ids, b->nrecords, blob);
+    sqlite3_stmt *s = q->st[S_INSERT_BATCH];
+    sqlite3_bind_int(s, 1, (int)b->feed);
+    sqlite3_bind_text(s, 2, b->source_request_id, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(s, 3, now);
+    sqlite3_bind_int64(s, 4, b->oldest_ms);
+    sqlite3_bind_blob(s, 5, blob, (int)bytes, SQLITE_STATIC);
+    int rc = step_done(s);
+    free(blob);
+    if (rc == SQLITE_OK)
+        b->id = sqlite3_last_insert_rowid(q->db);
+    return rc;
+}
+
+static enum queue_status apply_persist(queue *q, struct op *op, int64_t now)
+{
+    if (op->kind == OP_SPLIT) {
+        sqlite3_stmt *s = q->st[S_DELETE_BATCH];
+        sqlite3_bind_int64(s, 1, op->u.persist.replaces);
+        int rc = step_done(s);
+        if (rc != SQLITE_OK)
+            return status_of(rc);
+    }
+    for (size_t i = 0; i < op->u.persist.n; i++) {
+        int rc = insert_batch(q, &op->u.persist.b[i], now);
+        if (rc != SQLITE_OK)
+            return status_of(rc);
+    }
+    return QUEUE_OK;
+}
+
+/* Calls fn(q, op, record id, feed) for each record of a batch, then deletes the batch. */
+static enum queue_status each_batch_record(queue *q, struct op *op, int64_t batch_id, int64_t now,
+                                           int (*fn)(queue *, struct op *, int64_t, int, int64_t))
+{
+    sqlite3_stmt *s = q->st[S_GET_BATCH];
+    sqlite3_bind_int64(s, 1, batch_id);
+    int rc = sqlite3_step(s);
+    if (rc == SQLITE_DONE) {
+        sqlite3_reset(s);
+        return QUEUE_OK; /* already gone */
+    }
+    if (rc != SQLITE_ROW) {
+        sqlite3_reset(s);
+        return status_of(rc);
+    }
+    int feed = sqlite3_column_int(s, 0);
+    size_t bytes = (size_t)sqlite3_column_bytes(s, 1);
+    const unsigned char *blob = sqlite3_column_blob(s, 1);
+    size_t n = bytes / 8;
+    int64_t *ids = malloc((n ? n : 1) * sizeof(*ids));
+    if (!ids) {
+        sqlite3_reset(s);
+        return QUEUE_ERROR;
+    }
+    for (size_t i = 0; i < n; i++)
+        ids[i] = decode_id(blob + i * 8);
+    sqlite3_reset(s);
+    enum queue_status st = QUEUE_OK;
+    for (size_t i = 0; i < n && st == QUEUE_OK; i++) {
+        rc = fn(q, op, ids[i], feed, now);
+        if (rc != SQLITE_OK)
+            st = status_of(rc);
+    }
+    free(ids);
+    if (st != QUEUE_OK)
+        return st;
+    s = q->st[S_DELETE_BATCH];
+    sqlite3_bind_int64(s, 1, batch_id);
+    rc = step_done(s);
+    return rc == SQLITE_OK ? QUEUE_OK : status_of(rc);
+}
+
+static int delete_record(queue *q, struct op *op, int64_t id, int feed, int64_t now)
+{
+    (void)now;
+    sqlite3_stmt *s = q->st[S_DELETE_RECORD];
+    sqlite3_bind_int64(s, 1, id);
+    int rc = step_done(s);
+    if (rc == SQLITE_OK && sqlite3_changes(q->db) > 0 && feed >= 0 && feed < FEED_COUNT)
+        op->depth_delta[feed]--;
+    return rc;
+}
+
+static int record_to_dead(queue *q, struct op *op, int64_t id, int feed, int64_t now)
+{
+    sqlite3_stmt *s = q->st[S_RECORD_TO_DEAD];
+    sqlite3_bind_int64(s, 1, id);
+    sqlite3_bind_int64(s, 2, now);
+    sqlite3_bind_text(s, 3, op->u.batches.reason, -1, SQLITE_STATIC);
+    sqlite3_bind_text(s, 4, op->u.batches.detail ? op->u.batches.detail : "", -1, SQLITE_STATIC);
+    int rc = step_done(s);
+    if (rc != SQLITE_OK)
+        return rc;
+    op->dead_delta += sqlite3_changes(q->db);
+    return delete_record(q, op, id, feed, now);
+}
+
+static enum queue_status apply_batches(queue *q, struct op *op, int64_t now)
+{
+    for (size_t i = 0; i < op->u.batches.n; i++) {
+        enum queue_status st = each_batch_record(
+            q, op, op->u.batches.ids[i], now, op->kind == OP_ACK ? delete_record : record_to_dead);
+        if (st != QUEUE_OK)
+            return st;
+    }
+    return QUEUE_OK;
+}
+
+static int cmp_i64(const void *a, const void *b)
+{
+    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+static enum queue_status apply_expire(queue *q, struct op *op, int64_t now)
+{
+    /* records in persisted batches belong to the sender */
+    int64_t *held = NULL;
+    size_t nheld = 0, cap = 0;
+    sqlite3_stmt *s = NULL;
+    enum queue_status st = QUEUE_ERROR;
+    if (sqlite3_prepare_v2(q->db, "SELECT record_ids FROM batches", -1, &s, NULL) != SQLITE_OK)
+        goto done;
+    while (sqlite3_step(s) == SQLITE_ROW) {
+        size_t n = (size_t)sqlite3_column_bytes(s, 0) / 8;
+        const unsigned char *blob = sqlite3_column_blob(s, 0);
+        if (nheld + n > cap) {
+            cap = (nheld + n) * 2;
+            int64_t *h = realloc(held, cap * sizeof(*h));
+            if (!h)
+                goto done;
+            held = h;
+        }
+        for (size_t i = 0; i < n; i++)
+            held[nheld++] = decode_id(blob + i * 8);
+    }
+    sqlite3_finalize(s);
+    s = NULL;
+    if (nheld)
+        qsort(held, nheld, sizeof(*held), cmp_i64);
+
+    if (sqlite3_prepare_v2(q->db,
+                           "SELECT id, feed FROM records WHERE received_ms < ?1 ORDER BY id LIMIT ?2",
+                           -1, &s, NULL) != SQLITE_OK)
+        goto done;
+    sqlite3_bind_int64(s, 1, op->u.expire.cutoff_ms);
+    sqlite3_bind_int(s, 2, EXPIRE_SLICE + (int)nheld);
+    int64_t *ids = NULL;
+    int *feeds = NULL;
+    size_t n = 0;
+    ids = malloc((EXPIRE_SLICE + nheld + 1) * sizeof(*ids));
+    feeds = malloc((EXPIRE_SLICE + nheld + 1) * sizeof(*feeds));
+    if (!ids || !feeds) {
+        free(ids);
+        free(feeds);
+        goto done;
+    }
+    while (sqlite3_step(s) == SQLITE_ROW && n < EXPIRE_SLICE) {
+        int64_t id = sqlite3_column_int64(s, 0);
+        if (nheld && bsearch(&id, held, nheld, sizeof(*held), cmp_i64))
+            continue;
+        ids[n] = id;
+        feeds[n] = sqlite3_column_int(s, 1);
+        n++;
+    }
+    sqlite3_finalize(s);
+    s = NULL;
+    op->u.batches.reason = DEAD_MAX_AGE;
+    op->u.batches.detail = "not delivered within retry.max_age_s";
+    st = QUEUE_OK;
+    for (size_t i = 0; i < n && st == QUEUE_OK; i++) {
+        int rc = record_to_dead(q, op, ids[i], feeds[i], now);
+        if (rc != SQLITE_OK)
+            st = status_of(rc);
+    }
+    if (st == QUEUE_OK)
+        *op->u.expire.moved = n;
+    free(ids);
+    free(feeds);
+done:
+    sqlite3_finalize(s);
+    free(held);
+    return st;
+}
+
+static enum queue_status apply_feed_state(queue *q, struct op *op, int64_t now)
+{
+    sqlite3_stmt *s;
+    if (op->u.feed_state.reason) {
+        s = q->st[S_FEED_STATE_SET];
+        sqlite3_bind_int(s, 1, (int)op->u.feed_state.feed);
+        sqlite3_bind_text(s, 2, op->u.feed_state.reason, -1, SQLITE_STATIC);
+        sqlite3_bind_int64(s, 3, now);
+    } else {
+        s = q->st[S_FEED_STATE_CLEAR];
+        sqlite3_bind_int(s, 1, (int)op->u.feed_state.feed);
+    }
+    int rc = step_done(s);
+    return rc == SQLITE_OK ? QUEUE_OK : status_of(rc);
+}
+
+/* Builds the WHERE clause of a dead-letter filter; parameters ?1..?3. */
+static void dead_where(const struct dead_filter *f, char *out, size_t outlen)
+{
+    str_printf(out, outlen, "WHERE (?1 = 0 OR id = ?1) AND (?2 IS NULL OR reason = ?2) "
+                            "AND (?3 = 0 OR at_ms < ?3)");
+    (void)f;
+}
+
+static void dead_bind(sqlite3_stmt *s, const struct dead_filter *f)
+{
+    sqlite3_bind_int64(s, 1, f->id);
+    if (f->reason)
+        sqlite3_bind_text(s, 2, f->reason, -1, SQLITE_STATIC);
+    else
+        sqlite3_bind_null(s, 2);
+    sqlite3_bind_int64(s, 3, f->before_ms);
+}
+
+static enum queue_status apply_purge(queue *q, struct op *op)
+{
+    char where[256], sql[400];
+    dead_where(op->u.purge.f, where, sizeof where);
+    str_printf(sql, sizeof sql, "DELETE FROM dead %s", where);
+    sqlite3_stmt *s;
+    if (sqlite3_prepare_v2(q->db, sql, -1, &s, NULL) != SQLITE_OK)
+        return QUEUE_ERROR;
+    dead_bind(s, op->u.purge.f);
+    int rc = sqlite3_step(s);
+    sqlite3_finalize(s);
+    if (rc != SQLITE_DONE)
+        return status_of(rc);
+    *op->u.purge.deleted = (size_t)sqlite3_changes(q->db);
+    op->dead_delta -= sqlite3_changes(q->db);
+    return QUEUE_OK;
+}
+
+static enum queue_status apply(queue *q, struct op *op, int64_t now, int64_t depth)
+{
+    switch (op->kind) {
+    case OP_COMMIT:
+    case OP_REQUEUE:
+        return apply_commit(q, op, now, depth);
+    case OP_PERSIST:
+    case OP_SPLIT:
+        return apply_persist(q, op, now);
+    case OP_ACK:
+    case OP_DEAD_BATCH:
+        return apply_batches(q, op, now);
+    case OP_EXPIRE:
+        return apply_expire(q, op, now);
+    case OP_FEED_STATE:
+        return apply_feed_state(q, op, now);
+    case OP_PURGE:
+        return apply_purge(q, op);
+    }
+    return QUEUE_ERROR;
+}
+
+/* ---- writer: housekeeping ----------------------------------------------- */
+
+/* Deletes dedup ids older than the window, one slice per call. Rowid order is
+ * time order (one writer, one clock), so the boundary is found by bisection. */
+static void prune_seen(queue *q, int64_t now)
+{
+    if (q->opt.dedup_window_ms <= 0)
+        return;
+    int64_t cutoff = now - q->opt.dedup_window_ms;
+    sqlite3_stmt *s = NULL;
+    int64_t lo = 0, hi = 0;
+    if (sqlite3_prepare_v2(q->db, "SELECT min(id), max(id) FROM seen", -1, &s, NULL) != SQLITE_OK)
+        return;
+    if (sqlite3_step(s) == SQLITE_ROW && sqlite3_column_type(s, 0) != SQLITE_NULL) {
+        lo = sqlite3_column_int64(s, 0);
+        hi = sqlite3_column_int64(s, 1);
+    }
+    sqlite3_finalize(s);
+    if (hi == 0)
+        return;
+    if (sqlite3_prepare_v2(q->db, "SELECT at_ms FROM seen WHERE id >= ?1 ORDER BY id LIMIT 1", -1,
+                           &s, NULL) != SQLITE_OK)
+        return;
+    /* first id whose at_ms >= cutoff lies in (lo-1, hi+1] */
+    int64_t a = lo, b = hi + 1;
+    while (a < b) {
+        int64_t mid = a + (b - a) / 2;
+        sqlite3_bind_int64(s, 1, mid);
+        int64_t at = INT64_MAX;
+        if (sqlite3_step(s) == SQLITE_ROW)
+            at = sqlite3_column_int64(s, 0);
+        sqlite3_reset(s);
+        if (at < cutoff)
+            a = mid + 1;
+        else
+            b = mid;
+    }
+    sqlite3_finalize(s);
+    int64_t end = a;
+    if (end <= lo)
+        return;
+    if (end > lo + PRUNE_SLICE)
+        end = lo + PRUNE_SLICE;
+    char sql[96], err[ERR_LEN];
+    snprintf(sql, sizeof sql, "DELETE FROM seen WHERE id < %lld", (long long)end);
+    if (exec(q->db, sql, err, sizeof err) != 0)
+        log_warn("cannot prune dedup ids", LOG_S("error", err));
+}
+
+static void refresh_oldest(queue *q)
+{
+    sqlite3_stmt *s = q->st[S_OLDEST];
+    int64_t oldest[FEED_COUNT];
+    for (int f = 0; f < FEED_COUNT; f++) {
+        sqlite3_bind_int(s, 1, f);
+        oldest[f] = sqlite3_step(s) == SQLITE_ROW ? sqlite3_column_int64(s, 0) : 0;
+        sqlite3_reset(s);
+    }
+    pthread_mutex_lock(&q->mu);
+    memcpy(q->gauges.oldest_ms, oldest, sizeof oldest);
+    pthread_mutex_unlock(&q->mu);
+}
+
+static int count_rows(sqlite3 *db, struct queue_gauges *g)
+{
+    sqlite3_stmt *s;
+    memset(g->depth, 0, sizeof g->depth);
+    if (sqlite3_prepare_v2(db, "SELECT feed, count(*) FROM records GROUP BY feed", -1, &s, NULL) !=
+        SQLITE_OK)
+        return -1;
+    while (sqlite3_step(s) == SQLITE_ROW) {
+        int f = sqlite3_column_int(s, 0);
+        if (f >= 0 && f < FEED_COUNT)
+            g->depth[f] = sqlite3_column_int64(s, 1);
+    }
+    sqlite3_finalize(s);
+    if (sqlite3_prepare_v2(db, "SELECT count(*) FROM dead", -1, &s, NULL) != SQLITE_OK)
+        return -1;
+    if (sqlite3_step(s) == SQLITE_ROW)
+        g->dead = sqlite3_column_int64(s, 0);
+    sqlite3_finalize(s);
+    return 0;
+}
+
+/* ---- writer: the loop --------------------------------------------------- */
+
+static void run_group(queue *q, struct op *ops)
+{
+    char err[ERR_LEN];
+    int64_t now = clock_wall_ms();
+    enum queue_status group = QUEUE_OK;
+    if (exec(q->db, "BEGIN IMMEDIATE", err, sizeof err) != 0) {
+        log_error("queue: cannot begin a transaction", LOG_S("error", err));
+        group = status_of(sqlite3_errcode(q->db));
+    }
+    int64_t depth = depth_total(q);
+    for (struct op *op = ops; op && group == QUEUE_OK; op = op->next) {
+        memset(op->depth_delta, 0, sizeof op->depth_delta);
+        op->dead_delta = 0;
+        if (exec(q->db, "SAVEPOINT op", err, sizeof err) != 0) {
+            group = QUEUE_ERROR;
+            break;
+        }
+        op->status = apply(q, op, now, depth);
+        if (op->status == QUEUE_OK) {
+            for (int f = 0; f < FEED_COUNT; f++)
+                depth += op->depth_delta[f];
+            (void)exec(q->db, "RELEASE op", err, sizeof err);
+        } else {
+            if (op->status == QUEUE_ERROR)
+                log_error("queue: operation failed", LOG_S("error", sqlite3_errmsg(q->db))
+                              LOG_I("kind", op->kind));
+            (void)exec(q->db, "ROLLBACK TO op", err, sizeof err);
+            (void)exec(q->db, "RELEASE op", err, sizeof err);
+        }
+    }
+    if (group == QUEUE_OK && exec(q->db, "COMMIT", err, sizeof err) != 0) {
+        log_error("queue: commit failed", LOG_S("error", err));
+        group = status_of(sqlite3_errcode(q->db));
+    }
+    if (group != QUEUE_OK && !sqlite3_get_autocommit(q->db))
+        (void)exec(q->db, "ROLLBACK", err, sizeof err);
+
+    pthread_mutex_lock(&q->mu);
+    q->healthy = group == QUEUE_OK;
+    for (struct op *op = ops; op; op = op->next) {
+        if (group != QUEUE_OK) {
+            op->status = group;
+        } else if (op->status == QUEUE_OK) {
+            for (int f = 0; f < FEED_COUNT; f++)
+                q->gauges.depth[f] += op->depth_delta[f];
+            q->gauges.dead += op->dead_delta;
+        }
+    }
+    pthread_mutex_unlock(&q->mu);
+}
+
+static void *writer_main(void *arg)
+{
+    queue *q = arg;
+    for (;;) {
+        pthread_mutex_lock(&q->mu);
+        while (!q->pending && !q->stopping) {
+            struct timespec ts;
+            clock_gettime(CLOCK_REALTIME, &ts);
+            ts.tv_sec += 1;
+            pthread_cond_timedwait(&q->work, &q->mu, &ts);
+            if (!q->pending)
+                break; /* time for housekeeping */
+        }
+        struct op *ops = q->pending;
+        q->pending = q->pending_tail = NULL;
+        int stopping = q->stopping;
+        pthread_mutex_unlock(&q->mu);
+
+        if (ops) {
+            run_group(q, ops);
+            pthread_mutex_lock(&q->mu);
+            for (struct op *op = ops, *next; op; op = next) {
+                next = op->next;
+                op->done = 1;
+            }
+            pthread_cond_broadcast(&q->done);
+            pthread_mutex_unlock(&q->mu);
+        }
+        int64_t now = clock_mono_ms();
+        if (now - q->last_gauges_ms >= GAUGES_EVERY_MS) {
+            q->last_gauges_ms = now;
+            refresh_oldest(q);
+        }
+        if (!ops && now - q->last_prune_ms >= PRUNE_EVERY_MS) {
+            q->last_prune_ms = now;
+            char err[ERR_LEN];
+            if (exec(q->db, "BEGIN IMMEDIATE", err, sizeof err) == 0) {
+                prune_seen(q, clock_wall_ms());
+                if (exec(q->db, "COMMIT", err, sizeof err) != 0)
+                    (void)exec(q->db, "ROLLBACK", err, sizeof err);
+            }
+        }
+        if (stopping && !ops) {
+            pthread_mutex_lock(&q->mu);
+            int empty = q->pending == NULL;
+            pthread_mutex_unlock(&q->mu);
+            if (empty)
+                break;
+        }
+    }
+    return NULL;
+}
+
+static enum queue_status submit(queue *q, struct op *op)
+{
+    op->done = 0;
+    op->next = NULL;
+    op->status = QUEUE_ERROR;
+    pthread_mutex_lock(&q->mu);
+    if (q->stopping || !q->writer_started) {
+        pthread_mutex_unlock(&q->mu);
+        return QUEUE_CLOSED;
+    }
+    if (q->pending_tail)
+        q->pending_tail->next = op;
+    else
+        q->pending = op;
+    q->pending_tail = op;
+    pthread_cond_signal(&q->work);
+    while (!op->done)
+        pthread_cond_wait(&q->done, &q->mu);
+    pthread_mutex_unlock(&q->mu);
+    return op->status;
+}
+
+/* ---- open / close ------------------------------------------------------- */
+
+static int mkdir_p(const char *dir, char *err, size_t errlen)
+{
+    char path[4096];
+    str_copy(path, sizeof path, dir);
+    for (char *p = path + 1; *p; p++) {
+        if (*p != '/')
+            continue;
+        *p = '\0';
+        if (mkdir(path, 0700) != 0 && errno != EEXIST) {
+            str_printf(err, errlen, "cannot create %s: %s", path, strerror(errno));
+            return -1;
+        }
+        *p = '/';
+    }
+    if (mkdir(path, 0700) != 0 && errno != EEXIST) {
+        str_printf(err, errlen, "cannot create %s: %s", path, strerror(errno));
+        return -1;
+    }
+    return 0;
+}
+
+int queue_open(queue **out, const struct queue_options *o, char *err, size_t errlen)
+{
+    *out = NULL;
+    queue *q = calloc(1, sizeof(*q));
+    if (!q) {
+        str_copy(err, errlen, "out of memory");
+        return -1;
+    }
+    q->opt = *o;
+    q->healthy = 1;
+    pthread_mutex_init(&q->mu, NULL);
+    pthread_cond_init(&q->work, NULL);
+    pthread_cond_init(&q->done, NULL);
+    size_t n = strlen(o->dir) + sizeof(QUEUE_FILE) + 2;
+    q->path = malloc(n);
+    if (!q->path) {
+        str_copy(err, errlen, "out of memory");
+        goto fail;
+    }
+    snprintf(q->path, n, "%s/%s", o->dir, QUEUE_FILE);
+
+    struct stat st;
+    if (o->readonly) {
+        if (stat(q->path, &st) != 0) {
+            str_printf(err, errlen, "no queue at %s (has the service run with this data_dir?)",
+                       q->path);
+            goto fail;
+        }
+    } else if (mkdir_p(o->dir, err, errlen) != 0) {
+        goto fail;
+    }
+    if (open_db(q->path, !o->readonly, &q->db, err, errlen) != 0)
+        goto fail;
+    char pragmas[256];
+    snprintf(pragmas, sizeof pragmas,
+             "PRAGMA page_size=%d; PRAGMA journal_mode=WAL; PRAGMA synchronous=%s; "
+             "PRAGMA cache_size=-32768; PRAGMA temp_store=MEMORY;",
+             PAGE_SIZE, o->sync_full ? "FULL" : "NORMAL");
+    if (exec(q->db, pragmas, err, errlen) != 0)
+        goto fail;
+    if (!o->readonly) {
+        if (exec(q->db, SCHEMA, err, errlen) != 0)
+            goto fail;
+        if (exec(q->db,
+                 "INSERT INTO meta(key, value) VALUES('schema_version', '" SCHEMA_VERSION "') "
+                 "ON CONFLICT(key) DO NOTHING",
+                 err, errlen) != 0)
+            goto fail;
+    }
+    sqlite3_stmt *v;
+    if (sqlite3_prepare_v2(q->db, "SELECT value FROM meta WHERE key = 'schema_version'", -1, &v,
+                           NULL) != SQLITE_OK) {
+        str_printf(err, errlen, "%s: not a tributary queue (%s)", q->path, sqlite3_errmsg(q->db));
+        goto fail;
+    }
+    int ok = sqlite3_step(v) == SQLITE_ROW &&
+             strcmp((const char *)sqlite3_column_text(v, 0), SCHEMA_VERSION) == 0;
+    sqlite3_finalize(v);
+    if (!ok) {
+        str_printf(err, errlen, "%s: unknown queue schema version", q->path);
+        goto fail;
+    }
+    for (int i = 0; i < S_COUNT; i++) {
+        if (sqlite3_prepare_v3(q->db, STMTS[i], -1, SQLITE_PREPARE_PERSISTENT, &q->st[i], NULL) !=
+            SQLITE_OK) {
+            str_printf(err, errlen, "%s: %s", q->path, sqlite3_errmsg(q->db));
+            goto fail;
+        }
+    }
+    if (count_rows(q->db, &q->gauges) != 0) {
+        str_printf(err, errlen, "%s: %s", q->path, sqlite3_errmsg(q->db));
+        goto fail;
+    }
+    refresh_oldest(q);
+    if (!o->readonly) {
+        if (pthread_create(&q->writer, NULL, writer_main, q) != 0) {
+            str_copy(err, errlen, "cannot start the queue writer thread");
+            goto fail;
+        }
+        q->writer_started = 1;
+    }
+    *out = q;
+    return 0;
+fail:
+    queue_free(q);
+    return -1;
+}
+
+void queue_free(queue *q)
+{
+    if (!q)
+        return;
+    if (q->writer_started) {
+        pthread_mutex_lock(&q->mu);
+        q->stopping = 1;
+        pthread_cond_signal(&q->work);
+        pthread_mutex_unlock(&q->mu);
+        pthread_join(q->writer, NULL);
+    }
+    for (int i = 0; i < S_COUNT; i++)
+        sqlite3_finalize(q->st[i]);
+    if (q->db) {
+        if (!q->opt.readonly)
+            sqlite3_exec(q->db, "PRAGMA wal_checkpoint(TRUNCATE)", NULL, NULL, NULL);
+        sqlite3_close(q->db);
+    }
+    pthread_cond_destroy(&q->work);
+    pthread_cond_destroy(&q->done);
+    pthread_mutex_destroy(&q->mu);
+    free(q->path);
+    free(q);
+}
+
+int queue_healthy(queue *q)
+{
+    pthread_mutex_lock(&q->mu);
+    int h = q->healthy;
+    pthread_mutex_unlock(&q->mu);
+    return h;
+}
+
+void queue_gauges(queue *q, struct queue_gauges *g)
+{
+    pthread_mutex_lock(&q->mu);
+    *g = q->gauges;
+    pthread_mutex_unlock(&q->mu);
+}
+
+/* ---- public operations -------------------------------------------------- */
+
+enum queue_status queue_commit(queue *q, struct mapping *m, struct commit_result *res)
+{
+    struct op op = {.kind = OP_COMMIT};
+    op.u.commit.m = m;
+    op.u.commit.res = res;
+    op.u.commit.dedup = 1;
+    return submit(q, &op);
+}
+
+enum queue_status queue_requeue(queue *q, struct mapping *m, const int64_t *ids, size_t n)
+{
+    struct commit_result res;
+    struct op op = {.kind = OP_REQUEUE};
+    op.u.commit.m = m;
+    op.u.commit.res = &res;
+    op.u.commit.dedup = 0;
+    op.u.commit.dead_ids = ids;
+    op.u.commit.ndead_ids = n;
+    return submit(q, &op);
+}
+
+enum queue_status queue_persist_batches(queue *q, struct queue_batch *b, size_t n)
+{
+    struct op op = {.kind = OP_PERSIST};
+    op.u.persist.b = b;
+    op.u.persist.n = n;
+    return submit(q, &op);
+}
+
+enum queue_status queue_split_batch(queue *q, int64_t batch_id, struct queue_batch *parts,
+                                    size_t n)
+{
+    struct op op = {.kind = OP_SPLIT};
+    op.u.persist.b = parts;
+    op.u.persist.n = n;
+    op.u.persist.replaces = batch_id;
+    return submit(q, &op);
+}
+
+enum queue_status queue_ack(queue *q, const int64_t *batch_ids, size_t n)
+{
+    struct op op = {.kind = OP_ACK};
+    op.u.batches.ids = batch_ids;
+    op.u.batches.n = n;
+    return submit(q, &op);
+}
+
+enum queue_status queue_dead_batch(queue *q, int64_t batch_id, const char *reason,
+                                   const char *detail)
+{
+    struct op op = {.kind = OP_DEAD_BATCH};
+    op.u.batches.ids = &batch_id;
+    op.u.batches.n = 1;
+    op.u.batches.reason = reason;
+    op.u.batches.detail = detail;
+    return submit(q, &op);
+}
+
+enum queue_status queue_expire(queue *q, int64_t cutoff_ms, size_t *moved)
+{
+    *moved = 0;
+    struct op op = {.kind = OP_EXPIRE};
+    op.u.expire.cutoff_ms = cutoff_ms;
+    op.u.expire.moved = moved;
+    return submit(q, &op);
+}
+
+enum queue_status queue_set_feed_state(queue *q, enum feed f, const char *reason)
+{
+    struct op op = {.kind = OP_FEED_STATE};
+    op.u.feed_state.feed = f;
+    op.u.feed_state.reason = reason;
+    return submit(q, &op);
+}
+
+enum queue_status queue_dead_purge(queue *q, const struct dead_filter *f, size_t *deleted)
+{
+    *deleted = 0;
+    struct op op = {.kind = OP_PURGE};
+    op.u.purge.f = f;
+    op.u.purge.deleted = deleted;
+    return submit(q, &op);
+}
+
+/* ---- readers ------------------------------------------------------------ */
+
+void queue_items_init(struct queue_items *it)
+{
+    memset(it, 0, sizeof(*it));
+    arena_init(&it->mem);
+}
+
+void queue_items_free(struct queue_items *it)
+{
+    arena_free(&it->mem);
+    free(it->items);
+    memset(it, 0, sizeof(*it));
+}
+
+queue_reader *queue_reader_new(queue *q, char *err, size_t errlen)
+{
+    queue_reader *r = calloc(1, sizeof(*r));
+    if (!r) {
+        str_copy(err, errlen, "out of memory");
+        return NULL;
+    }
+    if (open_db(q->path, 0, &r->db, err, errlen) != 0)
+        goto fail;
+    if (sqlite3_prepare_v3(r->db,
+                           "SELECT id, received_ms, user, batch, event, event_id FROM records "
+                           "WHERE feed = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
+                           -1, SQLITE_PREPARE_PERSISTENT, &r->scan, NULL) != SQLITE_OK ||
+        sqlite3_prepare_v3(r->db,
+                           "SELECT id, received_ms, user, batch, event, event_id FROM records "
+                           "WHERE id = ?1",
+                           -1, SQLITE_PREPARE_PERSISTENT, &r->fetch, NULL) != SQLITE_OK) {
+        str_printf(err, errlen, "%s", sqlite3_errmsg(r->db));
+        goto fail;
+    }
+    return r;
+fail:
+    queue_reader_free(r);
+    return NULL;
+}
+
+void queue_reader_free(queue_reader *r)
+{
+    if (!r)
+        return;
+    sqlite3_finalize(r->scan);
+    sqlite3_finalize(r->fetch);
+    sqlite3_close(r->db);
+    free(r);
+}
+
+static str col_str(sqlite3_stmt *s, int i, arena *a, int *failed)
+{
+    const char *p = (const char *)sqlite3_column_text(s, i);
+    size_t n = (size_t)sqlite3_column_bytes(s, i);
+    const char *c = arena_strndup(a, p ? p : "", p ? n : 0);
+    if (!c) {
+        *failed = 1;
+        return STR_NULL;
+    }
+    return (str){c, p ? n : 0};
+}
+
+/* Appends the current row of s; returns the bytes it holds or -1. */
+static long add_item(struct queue_items *out, sqlite3_stmt *s)
+{
+    if (out->n == out->cap) {
+        size_t cap = out->cap ? out->cap * 2 : 256;
+        struct queue_item *it = realloc(out->items, cap * sizeof(*it));
+        if (!it)
+            return -1;
+        out->items = it;
+        out->cap = cap;
+    }
+    int failed = 0;
+    struct queue_item *it = &out->items[out->n];
+    it->id = sqlite3_column_int64(s, 0);
+    it->received_ms = sqlite3_column_int64(s, 1);
+    it->user = col_str(s, 2, &out->mem, &failed);
+    it->batch = col_str(s, 3, &out->mem, &failed);
+    it->event = col_str(s, 4, &out->mem, &failed);
+    it->event_id = col_str(s, 5, &out->mem, &failed);
+    if (failed)
+        return -1;
+    out->n++;
+    return (long)(it->batch.n + it->event.n + it->event_id.n);
+}
+
+int queue_scan(queue_reader *r, enum feed f, int64_t after_id, size_t limit, size_t max_bytes,
+               struct queue_items *out)
+{
+    sqlite3_stmt *s = r->scan;
+    sqlite3_bind_int(s, 1, (int)f);
+    sqlite3_bind_int64(s, 2, after_id);
+    sqlite3_bind_int64(s, 3, (sqlite3_int64)limit);
+    size_t bytes = 0;
+    int rc;
+    while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
+        long b = add_item(out, s);
+        if (b < 0) {
+            sqlite3_reset(s);
+            return -1;
+        }
+        bytes += (size_t)b;
+        if (bytes >= max_bytes)
+            break;
+    }
+    sqlite3_reset(s);
+    return rc == SQLITE_ROW || rc == SQLITE_DONE ? 0 : -1;
+}
+
+int queue_fetch(queue_reader *r, const int64_t *ids, size_t n, struct queue_items *out)
+{
+    sqlite3_stmt *s = r->fetch;
+    for (size_t i = 0; i < n; i++) {
+        sqlite3_bind_int64(s, 1, ids[i]);
+        int rc = sqlite3_step(s);
+        if (rc == SQLITE_ROW && add_item(out, s) < 0)
+            rc = SQLITE_NOMEM;
+        sqlite3_reset(s);
+        if (rc != SQLITE_ROW && rc != SQLITE_DONE)
+            return -1;
+    }
+    return 0;
+}
+
+int queue_load_batches(queue_reader *r, void (*fn)(void *ctx, struct queue_batch *b), void *ctx)
+{
+    sqlite3_stmt *s;
+    if (sqlite3_prepare_v2(r->db,
+                           "SELECT id, feed, source_request_id, oldest_ms, record_ids FROM batches "
+                           "ORDER BY id",
+                           -1, &s, NULL) != SQLITE_OK)
+        return -1;
+    int rc;
+    while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
+        struct queue_batch b = {0};
+        b.id = sqlite3_column_int64(s, 0);
+        b.feed = (enum feed)sqlite3_column_int(s, 1);
+        str_copy(b.source_request_id, sizeof b.source_request_id,
+                 (const char *)sqlite3_column_text(s, 2));
+        b.oldest_ms = sqlite3_column_int64(s, 3);
+        size_t n = (size_t)sqlite3_column_bytes(s, 4) / 8;
+        const unsigned char *blob = sqlite3_column_blob(s, 4);
+        b.record_ids = malloc((n ? n : 1) * sizeof(int64_t));
+        if (!b.record_ids) {
+            rc = SQLITE_NOMEM;
+            break;
+        }
+        for (size_t i = 0; i < n; i++)
+            b.record_ids[i] = decode_id(blob + i * 8);
+        b.nrecords = n;
+        if (b.feed >= FEED_COUNT) {
+            free(b.record_ids);
+            continue;
+        }
+        fn(ctx, &b); /* takes b.record_ids */
+    }
+    sqlite3_finalize(s);
+    return rc == SQLITE_DONE ? 0 : -1;
+}
+
+int64_t queue_oldest_ms(queue_reader *r, enum feed f)
+{
+    sqlite3_stmt *s;
+    int64_t v = 0;
+    if (sqlite3_prepare_v2(r->db, STMTS[S_OLDEST], -1, &s, NULL) != SQLITE_OK)
+        return 0;
+    sqlite3_bind_int(s, 1, (int)f);
+    if (sqlite3_step(s) == SQLITE_ROW)
+        v = sqlite3_column_int64(s, 0);
+    sqlite3_finalize(s);
+    return v;
+}
+
+int queue_dead_each(queue_reader *r, const struct dead_filter *f,
+                    int (*fn)(void *ctx, const struct dead_row *row), void *ctx)
+{
+    char where[256], sql[512];
+    dead_where(f, where, sizeof where);
+    str_printf(sql, sizeof sql,
+               "SELECT id, at_ms, reason, detail, feed, event_id, event_type, rules_version, raw, "
+               "event FROM dead %s ORDER BY id LIMIT ?4",
+               where);
+    sqlite3_stmt *s;
+    if (sqlite3_prepare_v2(r->db, sql, -1, &s, NULL) != SQLITE_OK)
+        return -1;
+    dead_bind(s, f);
+    sqlite3_bind_int64(s, 4, f->limit ? (sqlite3_int64)f->limit : -1);
+    int rc;
+    while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
+        struct dead_row row;
+        row.id = sqlite3_column_int64(s, 0);
+        row.at_ms = sqlite3_column_int64(s, 1);
+        row.reason = (const char *)sqlite3_column_text(s, 2);
+        row.detail = (const char *)sqlite3_column_text(s, 3);
+        row.feed = sqlite3_column_type(s, 4) == SQLITE_NULL ? -1 : sqlite3_column_int(s, 4);
+        row.event_id = (const char *)sqlite3_column_text(s, 5);
+        row.event_type = (const char *)sqlite3_column_text(s, 6);
+        row.rules_version = (const char *)sqlite3_column_text(s, 7);
+        row.raw = (const char *)sqlite3_column_text(s, 8);
+        row.event = (const char *)sqlite3_column_text(s, 9);
+        if (fn(ctx, &row) != 0) {
+            rc = SQLITE_DONE;
+            break;
+        }
+    }
+    sqlite3_finalize(s);
+    return rc == SQLITE_DONE ? 0 : -1;
+}
+
+static int64_t scalar(sqlite3 *db, const char *sql)
+{
+    sqlite3_stmt *s;
+    int64_t v = 0;
+    if (sqlite3_prepare_v2(db, sql, -1, &s, NULL) != SQLITE_OK)
+        return -1;
+    if (sqlite3_step(s) == SQLITE_ROW)
+        v = sqlite3_column_int64(s, 0);
+    sqlite3_finalize(s);
+    return v;
+}
+
+static int64_t file_size(const char *path)
+{
+    struct stat st;
+    return stat(path, &st) == 0 ? (int64_t)st.st_size : 0;
+}
+
+int queue_stats(queue_reader *r, struct queue_stats *st)
+{
+    memset(st, 0, sizeof(*st));
+    struct queue_gauges g;
+    if (count_rows(r->db, &g) != 0)
+        return -1;
+    memcpy(st->depth, g.depth, sizeof st->depth);
+    st->dead = g.dead;
+    for (int f = 0; f < FEED_COUNT; f++)
+        st->oldest_ms[f] = queue_oldest_ms(r, (enum feed)f);
+    sqlite3_stmt *s;
+    if (sqlite3_prepare_v2(r->db, "SELECT feed, count(*) FROM batches GROUP BY feed", -1, &s,
+                           NULL) != SQLITE_OK)
+        return -1;
+    while (sqlite3_step(s) == SQLITE_ROW) {
+        int f = sqlite3_column_int(s, 0);
+        if (f >= 0 && f < FEED_COUNT)
+            st->in_flight_batches[f] = sqlite3_column_int64(s, 1);
+    }
+    sqlite3_finalize(s);
+    if (sqlite3_prepare_v2(r->db, "SELECT feed, reason, since_ms FROM feed_state", -1, &s, NULL) !=
+        SQLITE_OK)
+        return -1;
+    while (sqlite3_step(s) == SQLITE_ROW) {
+        int f = sqlite3_column_int(s, 0);
+        if (f >= 0 && f < FEED_COUNT) {
+            str_copy(st->paused[f], sizeof st->paused[f], (const char *)sqlite3_column_text(s, 1));
+            st->paused_since_ms[f] = sqlite3_column_int64(s, 2);
+        }
+    }
+    sqlite3_finalize(s);
+    st->dedup_ids = scalar(r->db, "SELECT count(*) FROM seen");
+    const char *path = sqlite3_db_filename(r->db, "main");
+    if (path) {
+        char wal[4200];
+        snprintf(wal, sizeof wal, "%s-wal", path);
+        st->bytes = file_size(path) + file_size(wal);
+    }
+    return 0;
+}

@@ -1,0 +1,179 @@
+/*
+ * queue: the durable store between ingestion and delivery, in SQLite (WAL).
+ *
+ * Holds mapped records (one row per event, grouped for batching by feed and
+ * user at send time), the batches being sent (with their source_request_id, so
+ * a batch re-sent after a crash is byte-for-byte the same), the ids seen within
+ * the dedup window, the dead-letter store, and the state of paused feeds.
+ *
+ * One writer thread owns the only write connection. Callers hand it operations
+ * and wait: the writer takes everything pending, applies it in one transaction
+ * (each operation in its own savepoint, so one failure spoils nothing else),
+ * commits once, and wakes every waiter. Under load many requests share one fsync
+ * (group commit); alone, a request pays one.
+ *
+ * Reads (the sender's scans, the CLI's listings) go through a queue_reader, one
+ * per thread.
+ *
+ * The only module that includes SQLite.
+ */
+#ifndef TRIBUTARY_QUEUE_H
+#define TRIBUTARY_QUEUE_H
+
+#include "record.h"
+#include "util.h"
+
+#include <stdint.h>
+
+typedef struct queue queue;
+typedef struct queue_reader queue_reader;
+
+struct queue_options {
+    const char *dir;       /* data_dir; created (0700) when missing */
+    int sync_full;         /* synchronous=FULL, else NORMAL */
+    int64_t max_depth;     /* records; a commit beyond it is refused (QUEUE_FULL) */
+    int64_t dedup_window_ms;
+    int readonly;          /* CLI listings: no writer thread, no schema changes */
+};
+
+enum queue_status {
+    QUEUE_OK,
+    QUEUE_FULL,    /* over max_depth or the disk is full: try again later */
+    QUEUE_ERROR,   /* storage error */
+    QUEUE_CLOSED,  /* shutting down */
+};
+
+const char *queue_status_name(enum queue_status s);
+
+/* Opens (creating when needed) data_dir/queue.db and starts the writer. */
+int queue_open(queue **out, const struct queue_options *o, char *err, size_t errlen) WUR;
+/* Stops the writer after the pending operations and closes. Accepts NULL. */
+void queue_free(queue *q);
+int queue_healthy(queue *q); /* 0 after a storage error until the next good commit */
+
+/* ---- ingestion ---------------------------------------------------------- */
+
+struct commit_result {
+    size_t queued;      /* records stored */
+    size_t quarantined; /* dead letters stored */
+    size_t duplicates;  /* records and dead letters whose id was already seen */
+};
+
+/* Stores a request's records and dead letters, recording their ids for dedup,
+ * and returns once durable. All or nothing. Marks each stored dead letter. */
+enum queue_status queue_commit(queue *q, struct mapping *m, struct commit_result *res);
+
+/* ---- delivery ----------------------------------------------------------- */
+
+struct queue_item {
+    int64_t id;
+    int64_t received_ms;
+    str user;
+    str batch;
+    str event;
+    str event_id;
+};
+
+/* A run of items read from the queue; strings live in mem. */
+struct queue_items {
+    arena mem;
+    struct queue_item *items;
+    size_t n, cap;
+};
+
+void queue_items_init(struct queue_items *it);
+void queue_items_free(struct queue_items *it);
+
+/* A batch as persisted before sending: its records, in order. */
+struct queue_batch {
+    int64_t id;          /* assigned by queue_persist_batches */
+    enum feed feed;
+    char source_request_id[40];
+    int64_t *record_ids;
+    size_t nrecords;
+    int64_t oldest_ms;   /* received_ms of its oldest record */
+};
+
+queue_reader *queue_reader_new(queue *q, char *err, size_t errlen);
+void queue_reader_free(queue_reader *r);
+
+/* Reads up to `limit` records of feed f with id > after_id, in id order, that
+ * are at most max_bytes in total (at least one). */
+int queue_scan(queue_reader *r, enum feed f, int64_t after_id, size_t limit, size_t max_bytes,
+               struct queue_items *out) WUR;
+/* Reads the records with the given ids, in that order (missing ones are skipped). */
+int queue_fetch(queue_reader *r, const int64_t *ids, size_t n, struct queue_items *out) WUR;
+/* Calls fn for every persisted batch (after a restart: the ones in flight). */
+int queue_load_batches(queue_reader *r, void (*fn)(void *ctx, struct queue_batch *b), void *ctx) WUR;
+/* The received time of the oldest record of f, or 0 when none. */
+int64_t queue_oldest_ms(queue_reader *r, enum feed f);
+
+/* Persists batches before they are sent; fills their ids. */
+enum queue_status queue_persist_batches(queue *q, struct queue_batch *b, size_t n);
+/* Delivered: removes the batches and their records. */
+enum queue_status queue_ack(queue *q, const int64_t *batch_ids, size_t n);
+/* Moves a batch's records to the dead-letter store with reason and detail. */
+enum queue_status queue_dead_batch(queue *q, int64_t batch_id, const char *reason,
+                                   const char *detail);
+/* Replaces one batch by several (a 413 split); fills the new ids. */
+enum queue_status queue_split_batch(queue *q, int64_t batch_id, struct queue_batch *parts,
+                                    size_t n);
+/* Moves records received before cutoff_ms that are not part of a persisted
+ * batch to the dead-letter store (max_age); *moved receives the count. The
+ * sender expires its own batches with queue_dead_batch. */
+enum queue_status queue_expire(queue *q, int64_t cutoff_ms, size_t *moved);
+/* Records a feed's pause (reason NULL: resumed) for `queue stats`. */
+enum queue_status queue_set_feed_state(queue *q, enum feed f, const char *reason);
+
+/* In-memory figures kept by the writer (cheap, for /metrics and /readyz). */
+struct queue_gauges {
+    int64_t depth[FEED_COUNT];
+    int64_t oldest_ms[FEED_COUNT]; /* 0 when empty */
+    int64_t dead;
+};
+void queue_gauges(queue *q, struct queue_gauges *g);
+
+/* ---- dead letters and stats (CLI) --------------------------------------- */
+
+struct dead_row {
+    int64_t id;
+    int64_t at_ms;
+    const char *reason;
+    const char *detail;
+    int feed;
+    const char *event_id;
+    const char *event_type;
+    const char *rules_version;
+    const char *raw;
+    const char *event; /* mapped form, or NULL */
+};
+
+struct dead_filter {
+    int64_t id;          /* 0: any */
+    const char *reason;  /* NULL: any */
+    int64_t before_ms;   /* 0: any */
+    size_t limit;        /* 0: no limit */
+};
+
+/* Calls fn for each matching dead letter, oldest first; fn returns non-zero to stop. */
+int queue_dead_each(queue_reader *r, const struct dead_filter *f,
+                    int (*fn)(void *ctx, const struct dead_row *row), void *ctx) WUR;
+/* Stores the mapping's records (no dedup: they were seen before) and deletes the
+ * dead letters `ids` in one transaction. */
+enum queue_status queue_requeue(queue *q, struct mapping *m, const int64_t *ids, size_t n);
+/* Deletes dead letters matching the filter; *deleted receives the count. */
+enum queue_status queue_dead_purge(queue *q, const struct dead_filter *f, size_t *deleted);
+
+struct queue_stats {
+    int64_t depth[FEED_COUNT];
+    int64_t oldest_ms[FEED_COUNT];
+    int64_t in_flight_batches[FEED_COUNT];
+    char paused[FEED_COUNT][128]; /* reason, or "" */
+    int64_t paused_since_ms[FEED_COUNT];
+    int64_t dead;
+    int64_t dedup_ids;
+    int64_t bytes; /* database file and WAL */
+};
+int queue_stats(queue_reader *r, struct queue_stats *s) WUR;
+
+#endif

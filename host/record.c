@@ -1,0 +1,91 @@
+#include "record.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+const char *const FEED_NAMES[FEED_COUNT] = {"ios", "android", "web", "unbound"};
+
+const char *const DROP_REASON_NAMES[DROP_REASON_COUNT] = {
+    "unsupported_type", "not_selected", "rule_drop", "no_external_id"};
+
+int feed_from_name(const char *name, size_t n)
+{
+    for (int i = 0; i < FEED_COUNT; i++) {
+        if (strlen(FEED_NAMES[i]) == n && memcmp(FEED_NAMES[i], name, n) == 0)
+            return i;
+    }
+    return -1;
+}
+
+void mapping_init(struct mapping *m)
+{
+    memset(m, 0, sizeof(*m));
+    arena_init(&m->mem);
+}
+
+void mapping_free(struct mapping *m)
+{
+    if (!m)
+        return;
+    arena_free(&m->mem);
+    free(m->records);
+    free(m->dead);
+    free(m->outcomes);
+    memset(m, 0, sizeof(*m));
+}
+
+static void *grow(void *arr, size_t *cap, size_t n, size_t size)
+{
+    if (n < *cap)
+        return arr;
+    size_t ncap = *cap ? *cap * 2 : 64;
+    void *p = realloc(arr, ncap * size);
+    if (!p)
+        return NULL;
+    *cap = ncap;
+    return p;
+}
+
+struct record *mapping_add_record(struct mapping *m)
+{
+    struct record *r = grow(m->records, &m->records_cap, m->nrecords, sizeof(*r));
+    if (!r)
+        return NULL;
+    m->records = r;
+    r = &m->records[m->nrecords++];
+    memset(r, 0, sizeof(*r));
+    return r;
+}
+
+struct dead_letter *mapping_add_dead(struct mapping *m)
+{
+    struct dead_letter *d = grow(m->dead, &m->dead_cap, m->ndead, sizeof(*d));
+    if (!d)
+        return NULL;
+    m->dead = d;
+    d = &m->dead[m->ndead++];
+    memset(d, 0, sizeof(*d));
+    d->feed = -1;
+    return d;
+}
+
+struct outcome *mapping_add_outcome(struct mapping *m)
+{
+    struct outcome *o = grow(m->outcomes, &m->outcomes_cap, m->noutcomes, sizeof(*o));
+    if (!o)
+        return NULL;
+    m->outcomes = o;
+    o = &m->outcomes[m->noutcomes++];
+    memset(o, 0, sizeof(*o));
+    return o;
+}
+
+str mapping_copy(struct mapping *m, const char *p, size_t n, int *failed)
+{
+    const char *c = arena_strndup(&m->mem, p ? p : "", p ? n : 0);
+    if (!c) {
+        *failed = 1;
+        return STR_NULL;
+    }
+    return (str){c, p ? n : 0};
+}

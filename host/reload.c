@@ -1,0 +1,150 @@
+#include "reload.h"
+
+#include "log.h"
+#include "metrics.h"
+
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+static struct {
+    pthread_mutex_t mu;
+    pthread_mutex_t reloading; /* one reload at a time */
+    char *config_path;
+    struct config *cfg;
+    ruleset *rs;
+    uint64_t generation;
+} R = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, NULL, NULL, NULL, 0};
+
+int reload_validate(ruleset *rs, buf *report, int *ntests)
+{
+    char err[ERR_LEN];
+    rules *r = NULL;
+    *ntests = 0;
+    if (rules_new(&r, rs, err, sizeof err) != 0) {
+        (void)!buf_printf(report, "%s\n", err);
+        return -1;
+    }
+    int failures = rules_self_test(r, report, ntests);
+    rules_free(r);
+    return failures == 0 ? 0 : -1;
+}
+
+void reload_init(const char *config_path, struct config *cfg, ruleset *rs)
+{
+    pthread_mutex_lock(&R.mu);
+    free(R.config_path);
+    R.config_path = config_path ? strdup(config_path) : NULL;
+    R.cfg = cfg;
+    R.rs = rs;
+    R.generation = 1;
+    pthread_mutex_unlock(&R.mu);
+}
+
+void reload_shutdown(void)
+{
+    pthread_mutex_lock(&R.mu);
+    ruleset_unref(R.rs);
+    config_unref(R.cfg);
+    free(R.config_path);
+    R.rs = NULL;
+    R.cfg = NULL;
+    R.config_path = NULL;
+    pthread_mutex_unlock(&R.mu);
+}
+
+void reload_get(struct snapshot *s)
+{
+    pthread_mutex_lock(&R.mu);
+    s->cfg = config_ref(R.cfg);
+    s->rs = ruleset_ref(R.rs);
+    s->generation = R.generation;
+    pthread_mutex_unlock(&R.mu);
+}
+
+void reload_put(struct snapshot *s)
+{
+    ruleset_unref(s->rs);
+    config_unref(s->cfg);
+    s->rs = NULL;
+    s->cfg = NULL;
+}
+
+/* Settings read once at start; a reload cannot change them. */
+static void warn_restart_only(const struct config *old, const struct config *neu)
+{
+    static const struct {
+        const char *key;
+        size_t off;
+    } keys[] = {{"listen", offsetof(struct config, listen)},
+                {"data_dir", offsetof(struct config, data_dir)},
+                {"queue.sync", offsetof(struct config, queue_sync)}};
+    for (size_t i = 0; i < ARRAY_LEN(keys); i++) {
+        const char *a = *(char *const *)((const char *)old + keys[i].off);
+        const char *b = *(char *const *)((const char *)neu + keys[i].off);
+        if (strcmp(a, b) != 0)
+            log_warn("setting changed but takes effect only after a restart",
+                     LOG_S("key", keys[i].key));
+    }
+    if (old->http_threads != neu->http_threads)
+        log_warn("setting changed but takes effect only after a restart",
+                 LOG_S("key", "http.threads"));
+}
+
+int reload_now(const char *trigger, char *err, size_t errlen)
+{
+    pthread_mutex_lock(&R.reloading);
+    pthread_mutex_lock(&R.mu);
+    char *path = R.config_path ? strdup(R.config_path) : NULL;
+    struct config *old = config_ref(R.cfg);
+    pthread_mutex_unlock(&R.mu);
+
+    int rc = -1;
+    struct config *cfg = NULL;
+    ruleset *rs = NULL;
+    buf report;
+    buf_init(&report, 64 * 1024);
+    int ntests = 0;
+    if (config_load(&cfg, path, err, errlen) != 0)
+        goto done;
+    if (ruleset_load(&rs, cfg, err, errlen) != 0)
+        goto done;
+    if (reload_validate(rs, &report, &ntests) != 0) {
+        /* drop the trailing newline */
+        if (report.len && report.data[report.len - 1] == '\n')
+            report.data[--report.len] = '\0';
+        str_copy(err, errlen, report.data ? report.data : "rules failed validation");
+        goto done;
+    }
+    if (old)
+        warn_restart_only(old, cfg);
+    pthread_mutex_lock(&R.mu);
+    struct config *prev_cfg = R.cfg;
+    ruleset *prev_rs = R.rs;
+    R.cfg = cfg;
+    R.rs = rs;
+    R.generation++;
+    uint64_t gen = R.generation;
+    pthread_mutex_unlock(&R.mu);
+    cfg = NULL;
+    rs = NULL;
+    ruleset_unref(prev_rs);
+    config_unref(prev_cfg);
+    metrics_add(M_RULE_RELOADS, 1);
+    log_info("configuration and rules reloaded", LOG_S("trigger", trigger)
+                 LOG_I("generation", (long long)gen) LOG_I("rule_tests", ntests));
+    rc = 0;
+done:
+    if (rc != 0) {
+        metrics_add(M_RULE_RELOAD_FAILURES, 1);
+        log_error("reload refused; the previous rules stay in force", LOG_S("trigger", trigger)
+                      LOG_S("error", err));
+    }
+    buf_free(&report);
+    ruleset_unref(rs);
+    config_unref(cfg);
+    config_unref(old);
+    free(path);
+    pthread_mutex_unlock(&R.reloading);
+    return rc;
+}

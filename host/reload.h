@@ -1,0 +1,42 @@
+/*
+ * reload: the configuration and rule set in force, and their replacement.
+ *
+ * Holds the current (config, ruleset) pair. Readers take references with
+ * reload_get and keep a consistent pair for a whole request, so a request in
+ * flight finishes on the rules it started with. reload_now loads the
+ * configuration file and the rules again, validates them (every file compiles
+ * and runs its top level within the limits, and every rule test passes) and only
+ * then swaps; on failure the old pair stays in force.
+ *
+ * Workers notice a new generation by comparing the ruleset pointer and rebuild
+ * their Lua state between requests (see ingest).
+ */
+#ifndef TRIBUTARY_RELOAD_H
+#define TRIBUTARY_RELOAD_H
+
+#include "config.h"
+#include "rules.h"
+
+struct snapshot {
+    struct config *cfg;
+    ruleset *rs;
+    uint64_t generation;
+};
+
+/* Validates a ruleset: builds an engine and runs the rule tests. Appends the
+ * reasons to report; returns 0 when good. *ntests receives the number of tests. */
+int reload_validate(ruleset *rs, buf *report, int *ntests) WUR;
+
+/* Installs the first pair (takes both references). config_path may be NULL. */
+void reload_init(const char *config_path, struct config *cfg, ruleset *rs);
+/* Releases the pair in force. */
+void reload_shutdown(void);
+/* Takes references on the pair in force; release with reload_put. */
+void reload_get(struct snapshot *s);
+void reload_put(struct snapshot *s);
+
+/* Loads, validates and installs the configuration and rules. On failure the old
+ * ones stay in force and err says why (file and line). `trigger` is logged. */
+int reload_now(const char *trigger, char *err, size_t errlen) WUR;
+
+#endif

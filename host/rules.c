@@ -1,0 +1,1311 @@
+#include "rules.h"
+
+#include "digest.h"
+#include "log.h"
+#include "metrics.h"
+#include "sandbox.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <lauxlib.h>
+#include <lua-cjson.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+/* A file's top level may set up tables, but a loop without end must fail fast. */
+#define RULES_LOAD_INSTRUCTIONS 20000000
+
+/* Batch keys the sender owns; rules cannot set them. */
+static const char *const HOST_BATCH_KEYS[] = {"events", "source_request_id", "schema_version",
+                                              "batch_id"};
+
+/* ---- ruleset ------------------------------------------------------------ */
+
+struct rule_file {
+    char *name; /* path as shown in messages: rules_dir/file.lua */
+    char *src;
+    size_t len;
+};
+
+struct ruleset {
+    _Atomic int refs;
+    struct config *cfg;
+    struct rule_file *files;
+    size_t nfiles;
+    char version[17];
+};
+
+static int cmp_names(const void *a, const void *b)
+{
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+static int has_suffix(const char *s, const char *suffix)
+{
+    size_t n = strlen(s), m = strlen(suffix);
+    return n > m && strcmp(s + n - m, suffix) == 0;
+}
+
+static char *slurp(const char *path, size_t max, size_t *len, char *err, size_t errlen)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        str_printf(err, errlen, "%s: cannot open: %s", path, strerror(errno));
+        return NULL;
+    }
+    buf b;
+    buf_init(&b, max);
+    char chunk[16384];
+    size_t n;
+    int over = 0;
+    while ((n = fread(chunk, 1, sizeof chunk, f)) > 0) {
+        if (buf_add(&b, chunk, n) != 0) {
+            over = 1;
+            break;
+        }
+    }
+    int rerr = ferror(f);
+    fclose(f);
+    if (over || rerr) {
+        str_printf(err, errlen, "%s: %s", path, over ? "file larger than 1 MiB" : "read error");
+        buf_free(&b);
+        return NULL;
+    }
+    *len = b.len;
+    return buf_take(&b);
+}
+
+/* The version covers the rule files and every configuration value rules can
+ * read, so two events with the same version were mapped the same way. */
+static void compute_version(ruleset *rs)
+{
+    uint64_t h = DIGEST_FNV64_INIT;
+    for (size_t i = 0; i < rs->nfiles; i++) {
+        const char *base = strrchr(rs->files[i].name, '/');
+        base = base ? base + 1 : rs->files[i].name;
+        h = digest_fnv64(h, base, strlen(base) + 1);
+        h = digest_fnv64(h, rs->files[i].src, rs->files[i].len);
+        h = digest_fnv64(h, "\0", 1);
+    }
+    struct config *c = rs->cfg;
+    h = digest_fnv64(h, c->environment, strlen(c->environment) + 1);
+    for (size_t i = 0; i < c->events.n; i++)
+        h = digest_fnv64(h, c->events.items[i], strlen(c->events.items[i]) + 1);
+    uint64_t apps = 0; /* order-independent */
+    for (size_t i = 0; i < c->napps; i++) {
+        uint64_t a = digest_fnv64(DIGEST_FNV64_INIT, c->apps[i].app_id, strlen(c->apps[i].app_id));
+        apps += digest_fnv64(a, &c->apps[i].feed, sizeof c->apps[i].feed);
+    }
+    h = digest_fnv64(h, &apps, sizeof apps);
+    for (int f = 0; f < FEED_COUNT; f++) {
+        char ready = (char)config_feed_ready(c, (enum feed)f);
+        h = digest_fnv64(h, &ready, 1);
+    }
+    snprintf(rs->version, sizeof rs->version, "%012llx",
+             (unsigned long long)(h & 0xffffffffffffULL));
+}
+
+int ruleset_load(ruleset **out, struct config *cfg, char *err, size_t errlen)
+{
+    *out = NULL;
+    int rc = -1;
+    char **names = NULL;
+    size_t nnames = 0;
+    ruleset *rs = calloc(1, sizeof(*rs));
+    if (!rs) {
+        str_copy(err, errlen, "out of memory");
+        return -1;
+    }
+    atomic_store(&rs->refs, 1);
+    rs->cfg = config_ref(cfg);
+
+    DIR *d = opendir(cfg->rules_dir);
+    if (!d) {
+        str_printf(err, errlen, "rules_dir %s: %s", cfg->rules_dir, strerror(errno));
+        goto done;
+    }
+    struct dirent *de;
+    while ((de = readdir(d)) != NULL) {
+        if (de->d_name[0] == '.' || !has_suffix(de->d_name, ".lua"))
+            continue;
+        if (nnames == RULES_MAX_FILES) {
+            str_printf(err, errlen, "rules_dir %s: more than %d rule files", cfg->rules_dir,
+                       RULES_MAX_FILES);
+            closedir(d);
+            goto done;
+        }
+        char **n2 = realloc(names, (nnames + 1) * sizeof(*names));
+        if (!n2 || !(n2[nnames] = strdup(de->d_name))) {
+            names = n2 ? n2 : names;
+            str_copy(err, errlen, "out of memory");
+            closedir(d);
+            goto done;
+        }
+        names = n2;
+        nnames++;
+    }
+    closedir(d);
+    if (nnames == 0) {
+        str_printf(err, errlen, "rules_dir %s: no rule files (*.lua)", cfg->rules_dir);
+        goto done;
+    }
+    qsort(names, nnames, sizeof(*names), cmp_names);
+
+    rs->files = calloc(nnames, sizeof(*rs->files));
+    if (!rs->files) {
+        str_copy(err, errlen, "out of memory");
+        goto done;
+    }
+    for (size_t i = 0; i < nnames; i++) {
+        size_t n = strlen(cfg->rules_dir) + strlen(names[i]) + 2;
+        char *path = malloc(n);
+        if (!path) {
+            str_copy(err, errlen, "out of memory");
+            goto done;
+        }
+        snprintf(path, n, "%s/%s", cfg->rules_dir, names[i]);
+        struct stat st;
+        if (stat(path, &st) != 0 || !S_ISREG(st.st_mode)) {
+            free(path);
+            continue;
+        }
+        struct rule_file *f = &rs->files[rs->nfiles];
+        f->name = path;
+        f->src = slurp(path, RULES_MAX_FILE_BYTES, &f->len, err, errlen);
+        if (!f->src) {
+            free(path);
+            f->name = NULL;
+            goto done;
+        }
+        rs->nfiles++;
+    }
+    if (rs->nfiles == 0) {
+        str_printf(err, errlen, "rules_dir %s: no rule files (*.lua)", cfg->rules_dir);
+        goto done;
+    }
+    compute_version(rs);
+    *out = rs;
+    rs = NULL;
+    rc = 0;
+done:
+    for (size_t i = 0; i < nnames; i++)
+        free(names[i]);
+    free(names);
+    ruleset_unref(rs);
+    return rc;
+}
+
+ruleset *ruleset_ref(ruleset *rs)
+{
+    if (rs)
+        atomic_fetch_add(&rs->refs, 1);
+    return rs;
+}
+
+void ruleset_unref(ruleset *rs)
+{
+    if (!rs || atomic_fetch_sub(&rs->refs, 1) > 1)
+        return;
+    for (size_t i = 0; i < rs->nfiles; i++) {
+        free(rs->files[i].name);
+        free(rs->files[i].src);
+    }
+    free(rs->files);
+    config_unref(rs->cfg);
+    free(rs);
+}
+
+const char *ruleset_version(const ruleset *rs)
+{
+    return rs->version;
+}
+
+struct config *ruleset_config(const ruleset *rs)
+{
+    return rs->cfg;
+}
+
+size_t ruleset_files(const ruleset *rs)
+{
+    return rs->nfiles;
+}
+
+const char *ruleset_file_name(const ruleset *rs, size_t i)
+{
+    return rs->files[i].name;
+}
+
+/* ---- engine ------------------------------------------------------------- */
+
+/* [-0, +1] Pushes t[name] without metamethods: rules may return tables with
+ * metatables, and host code must never run script code outside sandbox_call. */
+static int rawfield(lua_State *L, int idx, const char *name)
+{
+    idx = lua_absindex(L, idx);
+    lua_pushstring(L, name);
+    return lua_rawget(L, idx);
+}
+
+
+struct rules {
+    ruleset *rs;
+    sandbox *sb;
+    int *process_refs; /* one per file */
+    int *tests_refs;   /* LUA_NOREF when the file has no tests */
+    size_t n;
+    int decode_ref;
+    int encode_ref;
+    int tributary_ref; /* the table behind the read-only `tributary` global */
+    int absent_ref;    /* tributary.absent, the "must be missing" marker in tests */
+    struct sandbox_limits limits;
+    size_t memory_cap; /* state memory between requests before a rebuild */
+    buf scratch;
+};
+
+/* The view of the configuration that rules read through `tributary`. */
+struct rule_context {
+    const char *environment;
+    int feeds[FEED_COUNT];
+};
+
+static int tributary_count(lua_State *L)
+{
+    size_t n;
+    const char *name = luaL_checklstring(L, 1, &n);
+    lua_Integer by = luaL_optinteger(L, 2, 1);
+    luaL_argcheck(L, n > 0 && n <= 32, 1, "counter names have 1 to 32 characters");
+    for (size_t i = 0; i < n; i++) {
+        char c = name[i];
+        luaL_argcheck(L, (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '_', 1,
+                      "counter names use a-z, 0-9 and _");
+    }
+    luaL_argcheck(L, by >= 0, 2, "must not be negative");
+    metrics_rule_count(name, (uint64_t)by);
+    return 0;
+}
+
+/* [-0, +0] Fills the `tributary` table from the configuration, with `over` (a
+ * test's `config` table at stack index `over`, or 0) taking precedence. */
+static void set_context(rules *r, lua_State *L, int over)
+{
+    struct config *c = r->rs->cfg;
+    lua_rawgeti(L, LUA_REGISTRYINDEX, r->tributary_ref); /* T */
+    int T = lua_gettop(L);
+
+    lua_pushstring(L, ruleset_version(r->rs));
+    lua_setfield(L, T, "version");
+
+    if (over && rawfield(L, over, "environment") == LUA_TSTRING) {
+        lua_setfield(L, T, "environment");
+    } else {
+        if (over)
+            lua_pop(L, 1);
+        lua_pushstring(L, c->environment);
+        lua_setfield(L, T, "environment");
+    }
+
+    if (over && rawfield(L, over, "apps") == LUA_TTABLE) {
+        sandbox_readonly(L);
+    } else {
+        if (over)
+            lua_pop(L, 1);
+        lua_createtable(L, 0, (int)c->napps);
+        for (size_t i = 0; i < c->napps; i++) {
+            lua_pushstring(L, FEED_NAMES[c->apps[i].feed]);
+            lua_setfield(L, -2, c->apps[i].app_id);
+        }
+        sandbox_readonly(L);
+    }
+    lua_setfield(L, T, "apps");
+
+    if (over && rawfield(L, over, "events") == LUA_TTABLE) {
+        /* a list of names in tests, a set for rules */
+        lua_newtable(L);
+        lua_Integer len = (lua_Integer)lua_rawlen(L, -2);
+        for (lua_Integer i = 1; i <= len; i++) {
+            lua_rawgeti(L, -2, i);
+            lua_pushboolean(L, 1);
+            lua_settable(L, -3);
+        }
+        lua_remove(L, -2);
+        sandbox_readonly(L);
+    } else {
+        if (over)
+            lua_pop(L, 1);
+        if (!over && c->events.n > 0) {
+            lua_createtable(L, 0, (int)c->events.n);
+            for (size_t i = 0; i < c->events.n; i++) {
+                lua_pushboolean(L, 1);
+                lua_setfield(L, -2, c->events.items[i]);
+            }
+            sandbox_readonly(L);
+        } else {
+            lua_pushnil(L);
+        }
+    }
+    lua_setfield(L, T, "events");
+
+    /* feeds: which have credentials; tests assume all unless they say otherwise */
+    lua_createtable(L, 0, FEED_COUNT);
+    for (int f = 0; f < FEED_COUNT; f++) {
+        int ready = over ? 1 : config_feed_ready(c, (enum feed)f);
+        if (over) {
+            if (rawfield(L, over, "feeds") == LUA_TTABLE) {
+                if (rawfield(L, -1, FEED_NAMES[f]) != LUA_TNIL)
+                    ready = lua_toboolean(L, -1);
+                lua_pop(L, 1);
+            }
+            lua_pop(L, 1);
+        }
+        lua_pushboolean(L, ready);
+        lua_setfield(L, -2, FEED_NAMES[f]);
+    }
+    sandbox_readonly(L);
+    lua_setfield(L, T, "feeds");
+    lua_pop(L, 1);
+}
+
+/* Runs inside lua_pcall: opens cjson and builds the `tributary` global. */
+static int setup_state(lua_State *L)
+{
+    rules *r = lua_touserdata(L, 1);
+
+    luaL_requiref(L, "cjson", luaopen_cjson, 0); /* cjson */
+    static const struct {
+        const char *fn;
+        int arg;
+    } settings[] = {{"decode_max_depth", RULES_MAX_JSON_DEPTH},
+                    {"encode_max_depth", RULES_MAX_JSON_DEPTH},
+                    {"decode_invalid_numbers", 0},
+                    {"encode_invalid_numbers", 0},
+                    {"encode_keep_buffer", 1}};
+    for (size_t i = 0; i < ARRAY_LEN(settings); i++) {
+        lua_getfield(L, -1, settings[i].fn);
+        if (strstr(settings[i].fn, "depth"))
+            lua_pushinteger(L, settings[i].arg);
+        else
+            lua_pushboolean(L, settings[i].arg);
+        lua_call(L, 1, 0);
+    }
+    lua_getfield(L, -1, "decode");
+    r->decode_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    lua_getfield(L, -1, "encode");
+    r->encode_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+
+    lua_createtable(L, 0, 3); /* cjson view */
+    lua_getfield(L, -2, "encode");
+    lua_setfield(L, -2, "encode");
+    lua_getfield(L, -2, "decode");
+    lua_setfield(L, -2, "decode");
+    lua_getfield(L, -2, "null");
+    lua_setfield(L, -2, "null");
+    sandbox_readonly(L);
+    sandbox_expose(r->sb, "cjson");
+    lua_pop(L, 1);
+
+    lua_newtable(L); /* T */
+    lua_pushcfunction(L, tributary_count);
+    lua_setfield(L, -2, "count");
+    lua_newtable(L);
+    sandbox_readonly(L);
+    lua_pushvalue(L, -1);
+    r->absent_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    lua_setfield(L, -2, "absent");
+    lua_pushvalue(L, -1);
+    r->tributary_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    sandbox_readonly(L);
+    sandbox_expose(r->sb, "tributary");
+    return 0;
+}
+
+/* [-1, +0] Takes the value a file returned and records its process function and
+ * tests. */
+static int register_file(rules *r, lua_State *L, size_t i, const char *name, char *err,
+                         size_t errlen)
+{
+    int rc = -1;
+    r->tests_refs[i] = LUA_NOREF;
+    if (lua_isfunction(L, -1)) {
+        r->process_refs[i] = luaL_ref(L, LUA_REGISTRYINDEX);
+        return 0;
+    }
+    if (!lua_istable(L, -1)) {
+        str_printf(err, errlen,
+                   "%s: must return a function or a table with a `process` function (returned %s)",
+                   name, luaL_typename(L, -1));
+        goto done;
+    }
+    if (rawfield(L, -1, "process") != LUA_TFUNCTION) {
+        str_printf(err, errlen, "%s: the returned table has no `process` function", name);
+        lua_pop(L, 1);
+        goto done;
+    }
+    r->process_refs[i] = luaL_ref(L, LUA_REGISTRYINDEX);
+    int t = rawfield(L, -1, "tests");
+    if (t == LUA_TTABLE) {
+        r->tests_refs[i] = luaL_ref(L, LUA_REGISTRYINDEX);
+    } else {
+        lua_pop(L, 1);
+        if (t != LUA_TNIL) {
+            str_printf(err, errlen, "%s: `tests` must be a list of tables", name);
+            goto done;
+        }
+    }
+    rc = 0;
+done:
+    lua_pop(L, 1);
+    return rc;
+}
+
+int rules_new(rules **out, ruleset *rs, char *err, size_t errlen)
+{
+    *out = NULL;
+    rules *r = calloc(1, sizeof(*r));
+    if (!r) {
+        str_copy(err, errlen, "out of memory");
+        return -1;
+    }
+    r->rs = ruleset_ref(rs);
+    struct config *c = rs->cfg;
+    r->limits.memory_bytes = (size_t)c->rules_memory_mb << 20;
+    r->limits.instructions = c->rules_instructions;
+    r->memory_cap = r->limits.memory_bytes;
+    r->decode_ref = r->encode_ref = r->tributary_ref = r->absent_ref = LUA_NOREF;
+    buf_init(&r->scratch, 1u << 24);
+    r->n = rs->nfiles;
+    r->process_refs = calloc(r->n, sizeof(int));
+    r->tests_refs = calloc(r->n, sizeof(int));
+    r->sb = sandbox_new(0);
+    if (!r->process_refs || !r->tests_refs || !r->sb) {
+        str_copy(err, errlen, "out of memory");
+        goto fail;
+    }
+    lua_State *L = sandbox_lua(r->sb);
+    lua_pushcfunction(L, setup_state);
+    lua_pushlightuserdata(L, r);
+    if (lua_pcall(L, 1, 0, 0) != LUA_OK) {
+        str_printf(err, errlen, "cannot set up the rules state: %s", lua_tostring(L, -1));
+        lua_pop(L, 1);
+        goto fail;
+    }
+    set_context(r, L, 0);
+
+    struct sandbox_limits load = {r->limits.memory_bytes, RULES_LOAD_INSTRUCTIONS};
+    for (size_t i = 0; i < r->n; i++) {
+        const struct rule_file *f = &rs->files[i];
+        char chunk[512];
+        snprintf(chunk, sizeof chunk, "@%s", f->name);
+        if (sandbox_load(r->sb, chunk, f->src, f->len, err, errlen) != 0)
+            goto fail;
+        struct sandbox_error serr;
+        enum sandbox_rc rc = sandbox_call(r->sb, 0, 1, &load, &serr);
+        if (rc != SANDBOX_OK) {
+            if (rc == SANDBOX_LIMIT)
+                str_printf(err, errlen, "%s: while loading: %s%s%s", f->name, serr.msg,
+                           serr.where[0] ? " at " : "", serr.where);
+            else
+                str_copy(err, errlen, serr.msg);
+            goto fail;
+        }
+        if (register_file(r, L, i, f->name, err, errlen) != 0)
+            goto fail;
+    }
+    lua_gc(L, LUA_GCCOLLECT);
+    *out = r;
+    return 0;
+fail:
+    rules_free(r);
+    return -1;
+}
+
+void rules_free(rules *r)
+{
+    if (!r)
+        return;
+    sandbox_free(r->sb);
+    free(r->process_refs);
+    free(r->tests_refs);
+    buf_free(&r->scratch);
+    ruleset_unref(r->rs);
+    free(r);
+}
+
+ruleset *rules_ruleset(const rules *r)
+{
+    return r->rs;
+}
+
+int rules_needs_rebuild(const rules *r)
+{
+    return sandbox_damaged(r->sb) || sandbox_memory(r->sb) > r->memory_cap;
+}
+
+/* ---- JSON between Lua and C --------------------------------------------- */
+
+/* [-0, +0] Encodes the value at idx with cjson into out (appending). On failure
+ * returns -1 with the reason in err. */
+static int encode_value(rules *r, lua_State *L, int idx, buf *out, char *err, size_t errlen)
+{
+    idx = lua_absindex(L, idx);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, r->encode_ref);
+    lua_pushvalue(L, idx);
+    if (lua_pcall(L, 1, 1, 0) != LUA_OK) {
+        str_printf(err, errlen, "cannot encode as JSON: %s",
+                   lua_isstring(L, -1) ? lua_tostring(L, -1) : "error");
+        lua_pop(L, 1);
+        return -1;
+    }
+    size_t n;
+    const char *s = lua_tolstring(L, -1, &n);
+    int rc = buf_add(out, s, n);
+    lua_pop(L, 1);
+    if (rc != 0)
+        str_copy(err, errlen, "encoded value too large");
+    return rc;
+}
+
+/* Scalars are written directly; tables go through cjson. */
+static int write_value(rules *r, lua_State *L, int idx, buf *out, char *err, size_t errlen)
+{
+    switch (lua_type(L, idx)) {
+    case LUA_TSTRING: {
+        size_t n;
+        const char *s = lua_tolstring(L, idx, &n);
+        return buf_json_str(out, s, n);
+    }
+    case LUA_TNUMBER:
+        if (lua_isinteger(L, idx))
+            return buf_printf(out, "%lld", (long long)lua_tointeger(L, idx));
+        if (!isfinite(lua_tonumber(L, idx))) {
+            str_copy(err, errlen, "numbers must be finite");
+            return -1;
+        }
+        return buf_printf(out, "%.14g", (double)lua_tonumber(L, idx));
+    case LUA_TBOOLEAN:
+        return buf_adds(out, lua_toboolean(L, idx) ? "true" : "false");
+    case LUA_TLIGHTUSERDATA:
+        if (lua_touserdata(L, idx) == NULL)
+            return buf_adds(out, "null"); /* cjson.null */
+        break;
+    case LUA_TTABLE:
+        return encode_value(r, L, idx, out, err, errlen);
+    default:
+        break;
+    }
+    str_printf(err, errlen, "cannot encode a %s value as JSON", luaL_typename(L, idx));
+    return -1;
+}
+
+static int is_host_key(const char *k)
+{
+    for (size_t i = 0; i < ARRAY_LEN(HOST_BATCH_KEYS); i++) {
+        if (strcmp(k, HOST_BATCH_KEYS[i]) == 0)
+            return 1;
+    }
+    return 0;
+}
+
+/* [-0, +0] Writes the batch table at idx as record lines (see record.h). */
+static int flatten_batch(rules *r, lua_State *L, int idx, buf *out, char *err, size_t errlen)
+{
+    lua_pushnil(L);
+    while (lua_next(L, idx)) {
+        /* key value */
+        if (lua_type(L, -2) != LUA_TSTRING) {
+            str_copy(err, errlen, "out.batch keys must be strings");
+            lua_pop(L, 2);
+            return -1;
+        }
+        size_t kn;
+        const char *k = lua_tolstring(L, -2, &kn);
+        if (is_host_key(k)) {
+            lua_pop(L, 1);
+            continue;
+        }
+        int object = lua_istable(L, -1) && lua_rawlen(L, -1) == 0;
+        if (object) {
+            int vi = lua_gettop(L);
+            lua_pushnil(L);
+            while (lua_next(L, vi)) {
+                if (lua_type(L, -2) != LUA_TSTRING) {
+                    str_printf(err, errlen, "out.batch.%s keys must be strings", k);
+                    lua_pop(L, 4);
+                    return -1;
+                }
+                size_t sn;
+                const char *sk = lua_tolstring(L, -2, &sn);
+                if (buf_json_str(out, k, kn) || buf_addc(out, '\t') ||
+                    buf_json_str(out, sk, sn) || buf_addc(out, '\t') ||
+                    write_value(r, L, lua_gettop(L), out, err, errlen) || buf_addc(out, '\n')) {
+                    if (!err[0])
+                        str_copy(err, errlen, "batch too large");
+                    lua_pop(L, 4);
+                    return -1;
+                }
+                lua_pop(L, 1);
+            }
+        } else {
+            if (buf_json_str(out, k, kn) || buf_adds(out, "\t\t") ||
+                write_value(r, L, lua_gettop(L), out, err, errlen) || buf_addc(out, '\n')) {
+                if (!err[0])
+                    str_copy(err, errlen, "batch too large");
+                lua_pop(L, 2);
+                return -1;
+            }
+        }
+        lua_pop(L, 1);
+    }
+    return 0;
+}
+
+/* ---- one event through the chain ---------------------------------------- */
+
+enum chain_kind { CHAIN_OUT, CHAIN_DROP, CHAIN_DEAD };
+
+struct chain_result {
+    enum chain_kind kind;
+    const char *dead_reason;
+    char detail[ERR_LEN];
+};
+
+static enum drop_reason classify_drop(const char *reason)
+{
+    if (strcmp(reason, "unsupported_type") == 0)
+        return DROP_UNSUPPORTED_TYPE;
+    if (strcmp(reason, "not_selected") == 0)
+        return DROP_NOT_SELECTED;
+    if (strcmp(reason, "no_external_id") == 0)
+        return DROP_NO_EXTERNAL_ID;
+    return DROP_RULE;
+}
+
+static const char *file_base(const char *path)
+{
+    const char *s = strrchr(path, '/');
+    return s ? s + 1 : path;
+}
+
+/* [-0, +1] Runs files 0..upto on the event at evi. Pushes the final out (or nil). */
+static void run_chain(rules *r, lua_State *L, int evi, size_t upto, struct chain_result *res)
+{
+    lua_pushnil(L);
+    int outi = lua_gettop(L);
+    res->kind = CHAIN_OUT;
+    res->detail[0] = '\0';
+    struct sandbox_limits lim = r->limits;
+    for (size_t k = 0; k <= upto && k < r->n; k++) {
+        const char *fname = r->rs->files[k].name;
+        lua_rawgeti(L, LUA_REGISTRYINDEX, r->process_refs[k]);
+        lua_pushvalue(L, evi);
+        lua_pushvalue(L, outi);
+        struct sandbox_error serr;
+        enum sandbox_rc rc = sandbox_call(r->sb, 2, 2, &lim, &serr);
+        if (rc != SANDBOX_OK) {
+            res->kind = CHAIN_DEAD;
+            res->dead_reason = rc == SANDBOX_LIMIT ? DEAD_RULE_LIMIT : DEAD_RULE_ERROR;
+            if (serr.where[0] && !strstr(serr.msg, serr.where))
+                str_printf(res->detail, sizeof res->detail, "%s (at %s)", serr.msg, serr.where);
+            else if (rc == SANDBOX_LIMIT || !serr.where[0])
+                str_printf(res->detail, sizeof res->detail, "%s: %s", fname, serr.msg);
+            else
+                str_copy(res->detail, sizeof res->detail, serr.msg);
+            lua_pushnil(L);
+            lua_replace(L, outi);
+            return;
+        }
+        int t = lua_type(L, -2);
+        if (t == LUA_TBOOLEAN && !lua_toboolean(L, -2)) {
+            res->kind = CHAIN_DROP;
+            const char *why = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : "rule_drop";
+            str_copy(res->detail, sizeof res->detail, why);
+            lua_pop(L, 2);
+            lua_pushnil(L);
+            lua_replace(L, outi);
+            return;
+        }
+        if (t == LUA_TTABLE) {
+            lua_pushvalue(L, -2);
+            lua_replace(L, outi);
+        } else if (t != LUA_TNIL) {
+            res->kind = CHAIN_DEAD;
+            res->dead_reason = DEAD_INVALID_OUTPUT;
+            str_printf(res->detail, sizeof res->detail,
+                       "%s: process returned a %s; expected a table, nil, or false", fname,
+                       lua_typename(L, t));
+            lua_pop(L, 2);
+            lua_pushnil(L);
+            lua_replace(L, outi);
+            return;
+        }
+        lua_pop(L, 2);
+    }
+    if (lua_isnil(L, outi)) {
+        res->kind = CHAIN_DROP;
+        str_printf(res->detail, sizeof res->detail, "no rule produced an output (last: %s)",
+                   file_base(r->rs->files[r->n - 1].name));
+    }
+}
+
+/* The identity of the event being mapped, captured before any rule runs. */
+struct event_ids {
+    str id;
+    str type;
+};
+
+static int add_dead(rules *r, lua_State *L, int evi, const struct event_ids *ids, struct mapping *m,
+                    int feed, const char *reason, const char *detail)
+{
+    int failed = 0;
+    struct dead_letter *d = mapping_add_dead(m);
+    if (!d)
+        return -1;
+    char err[ERR_LEN];
+    buf_reset(&r->scratch);
+    if (encode_value(r, L, evi, &r->scratch, err, sizeof err) != 0) {
+        buf_reset(&r->scratch);
+        (void)!buf_adds(&r->scratch, "{}");
+    }
+    d->reason = reason;
+    d->feed = feed;
+    d->rules_version = ruleset_version(r->rs);
+    d->detail = mapping_copy(m, detail, strlen(detail), &failed);
+    d->raw = mapping_copy(m, r->scratch.data, r->scratch.len, &failed);
+    d->event_id = ids->id;
+    d->event_type = ids->type;
+    return failed ? -1 : 0;
+}
+
+/* [-0, +0] Turns the out table at outi into a record. Returns 0, 1 when the
+ * output is invalid (reason in err), or -1 when out of memory. */
+static int emit(rules *r, lua_State *L, int evi, const struct event_ids *ids, int outi,
+                struct mapping *m, char *err, size_t errlen)
+{
+    int top = lua_gettop(L);
+    int rc = 1;
+    int failed = 0;
+    err[0] = '\0';
+    size_t n;
+
+    rawfield(L, outi, "feed");
+    const char *feedname = lua_type(L, -1) == LUA_TSTRING ? lua_tolstring(L, -1, &n) : NULL;
+    int feed = feedname ? feed_from_name(feedname, n) : -1;
+    if (feed < 0) {
+        str_copy(err, errlen, "out.feed must be \"ios\", \"android\", \"web\" or \"unbound\"");
+        goto done;
+    }
+    if (rawfield(L, outi, "event") != LUA_TTABLE) {
+        str_copy(err, errlen, "out.event must be a table");
+        goto done;
+    }
+    int bt = rawfield(L, outi, "batch");
+    if (bt != LUA_TTABLE && bt != LUA_TNIL) {
+        str_copy(err, errlen, "out.batch must be a table");
+        goto done;
+    }
+    /* stack: feed event batch */
+    struct record tmp = {0};
+    tmp.feed = (enum feed)feed;
+    tmp.rules_version = ruleset_version(r->rs);
+
+    buf_reset(&r->scratch);
+    if (encode_value(r, L, top + 2, &r->scratch, err, errlen) != 0)
+        goto done;
+    tmp.event = mapping_copy(m, r->scratch.data, r->scratch.len, &failed);
+
+    buf_reset(&r->scratch);
+    if (bt == LUA_TTABLE && flatten_batch(r, L, top + 3, &r->scratch, err, errlen) != 0)
+        goto done;
+    tmp.batch = mapping_copy(m, r->scratch.data, r->scratch.len, &failed);
+
+    /* the user: customer_id, else every identity together */
+    const char *user = NULL;
+    size_t ulen = 0;
+    if (bt == LUA_TTABLE && rawfield(L, top + 3, "user_identities") == LUA_TTABLE) {
+        int ct = rawfield(L, -1, "customer_id");
+        if (ct == LUA_TSTRING || ct == LUA_TNUMBER)
+            user = lua_tolstring(L, -1, &ulen);
+        lua_pop(L, 1);
+    }
+    if (user)
+        tmp.user = mapping_copy(m, user, ulen, &failed);
+    else
+        tmp.user = tmp.batch;
+
+    buf_reset(&r->scratch);
+    if (encode_value(r, L, evi, &r->scratch, err, errlen) != 0)
+        goto done;
+    tmp.raw = mapping_copy(m, r->scratch.data, r->scratch.len, &failed);
+    tmp.event_id = ids->id;
+    tmp.event_type = ids->type;
+
+    struct record *rec = failed ? NULL : mapping_add_record(m);
+    if (!rec) {
+        rc = -1;
+        goto done;
+    }
+    *rec = tmp;
+    rc = 0;
+done:
+    lua_settop(L, top);
+    return rc;
+}
+
+/* [-0, +0] Maps the event at evi into m. -1 only when out of memory. */
+static int map_event(rules *r, lua_State *L, int evi, struct mapping *m)
+{
+    int top = lua_gettop(L);
+    int failed = 0;
+    struct event_ids ids;
+    size_t n;
+    rawfield(L, evi, "id");
+    const char *s = lua_tolstring(L, -1, &n);
+    ids.id = mapping_copy(m, s, n, &failed);
+    rawfield(L, evi, "event_type");
+    s = lua_tolstring(L, -1, &n);
+    ids.type = mapping_copy(m, s, n, &failed);
+    lua_settop(L, top);
+    if (failed)
+        return -1;
+    struct chain_result res;
+    run_chain(r, L, evi, r->n - 1, &res);
+    struct outcome *o = m->keep_outcomes ? mapping_add_outcome(m) : NULL;
+    if (m->keep_outcomes && !o)
+        return -1;
+    if (o) {
+        o->event_id = ids.id;
+        o->event_type = ids.type;
+    }
+    int rc = 0;
+    if (res.kind == CHAIN_OUT) {
+        char err[ERR_LEN];
+        int e = emit(r, L, evi, &ids, top + 1, m, err, sizeof err);
+        if (e < 0) {
+            rc = -1;
+        } else if (e > 0) {
+            res.kind = CHAIN_DEAD;
+            res.dead_reason = DEAD_INVALID_OUTPUT;
+            str_copy(res.detail, sizeof res.detail, err);
+        } else if (o) {
+            o->kind = OUTCOME_RECORD;
+            o->index = m->nrecords - 1;
+        }
+    }
+    if (res.kind == CHAIN_DROP) {
+        enum drop_reason why = classify_drop(res.detail);
+        m->dropped[why]++;
+        if (o) {
+            o->kind = OUTCOME_DROPPED;
+            o->reason = why;
+            o->detail = mapping_copy(m, res.detail, strlen(res.detail), &failed);
+        }
+    } else if (res.kind == CHAIN_DEAD) {
+        int feed = -1;
+        if (lua_istable(L, top + 1) && rawfield(L, top + 1, "feed") == LUA_TSTRING)
+            feed = feed_from_name(lua_tostring(L, -1), lua_rawlen(L, -1));
+        lua_settop(L, top + 1);
+        if (add_dead(r, L, evi, &ids, m, feed, res.dead_reason, res.detail) != 0)
+            rc = -1;
+        if (o) {
+            o->kind = OUTCOME_DEAD;
+            o->index = m->ndead - 1;
+        }
+    }
+    lua_settop(L, top);
+    return failed ? -1 : rc;
+}
+
+/* ---- requests ----------------------------------------------------------- */
+
+static int PRINTF(4, 5) input_fail(struct input_error *e, int status, long index,
+                                   const char *fmt, ...)
+{
+    e->status = status;
+    e->index = index;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(e->reason, sizeof e->reason, fmt, ap);
+    va_end(ap);
+    return -1;
+}
+
+static int is_blank(const char *s, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        if (s[i] != ' ' && s[i] != '\t' && s[i] != '\r' && s[i] != '\n')
+            return 0;
+    }
+    return 1;
+}
+
+/* [-0, +1 on success] */
+static int decode(rules *r, lua_State *L, const char *s, size_t n, char *err, size_t errlen)
+{
+    lua_rawgeti(L, LUA_REGISTRYINDEX, r->decode_ref);
+    lua_pushlstring(L, s, n);
+    if (lua_pcall(L, 1, 1, 0) != LUA_OK) {
+        str_copy(err, errlen, lua_isstring(L, -1) ? lua_tostring(L, -1) : "invalid JSON");
+        lua_pop(L, 1);
+        return -1;
+    }
+    return 0;
+}
+
+/* True when the table at idx has only the keys 1..#t. */
+static int is_list(lua_State *L, int idx)
+{
+    lua_Integer len = (lua_Integer)lua_rawlen(L, idx), count = 0;
+    lua_pushnil(L);
+    while (lua_next(L, idx)) {
+        lua_pop(L, 1);
+        if (++count > len || !lua_isinteger(L, -1)) {
+            lua_pop(L, 1);
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* [-0, +1 on success] Pushes the list of events in the body. */
+static int decode_events(rules *r, lua_State *L, const char *body, size_t len,
+                         enum input_shape shape, struct input_error *e)
+{
+    char err[ERR_LEN];
+    if (decode(r, L, body, len, err, sizeof err) != 0) {
+        if (shape == INPUT_ENVELOPE)
+            return input_fail(e, 400, -1, "malformed JSON: %s", err);
+        /* NDJSON: one event per line */
+        lua_newtable(L);
+        lua_Integer k = 0;
+        const char *p = body, *end = body + len;
+        long line = 0;
+        while (p < end) {
+            const char *nl = memchr(p, '\n', (size_t)(end - p));
+            const char *le = nl ? nl : end;
+            line++;
+            if (!is_blank(p, (size_t)(le - p))) {
+                if (decode(r, L, p, (size_t)(le - p), err, sizeof err) != 0) {
+                    lua_pop(L, 1);
+                    return input_fail(e, 400, -1, "malformed JSON on line %ld: %s", line, err);
+                }
+                lua_rawseti(L, -2, ++k);
+            }
+            p = le + 1;
+        }
+        return 0;
+    }
+    int top = lua_gettop(L);
+    if (!lua_istable(L, top)) {
+        lua_pop(L, 1);
+        return input_fail(e, 400, -1, "expected a JSON object {\"events\": [...]}");
+    }
+    int t = rawfield(L, top, "events");
+    if (t == LUA_TTABLE) {
+        lua_remove(L, top);
+        if (!is_list(L, top)) {
+            lua_pop(L, 1);
+            return input_fail(e, 400, -1, "\"events\" must be a list");
+        }
+        return 0;
+    }
+    lua_pop(L, 1);
+    if (t != LUA_TNIL) {
+        lua_pop(L, 1);
+        return input_fail(e, 400, -1, "\"events\" must be a list");
+    }
+    if (shape == INPUT_ENVELOPE) {
+        lua_pop(L, 1);
+        return input_fail(e, 400, -1, "expected a JSON object {\"events\": [...]}");
+    }
+    if (rawfield(L, top, "event_type") != LUA_TNIL) {
+        /* a single event */
+        lua_pop(L, 1);
+        lua_createtable(L, 1, 0);
+        lua_insert(L, top);
+        lua_rawseti(L, top, 1);
+        return 0;
+    }
+    lua_pop(L, 1);
+    if (!is_list(L, top)) {
+        lua_pop(L, 1);
+        return input_fail(e, 400, -1, "expected events: an envelope, a list, an event or NDJSON");
+    }
+    return 0;
+}
+
+/* A required field: a non-empty string (number for time). */
+static const char *check_event(lua_State *L, int idx)
+{
+    if (!lua_istable(L, idx) || lua_rawlen(L, idx) > 0)
+        return "event is not a JSON object";
+    int t = rawfield(L, idx, "event_type");
+    const char *why = NULL;
+    if (t == LUA_TNIL || t == LUA_TLIGHTUSERDATA)
+        why = "missing event_type";
+    else if (t != LUA_TSTRING || lua_rawlen(L, -1) == 0)
+        why = "event_type must be a non-empty string";
+    lua_pop(L, 1);
+    if (why)
+        return why;
+    t = rawfield(L, idx, "id");
+    if (t == LUA_TNIL || t == LUA_TLIGHTUSERDATA)
+        why = "missing id";
+    else if (t != LUA_TSTRING || lua_rawlen(L, -1) == 0)
+        why = "id must be a non-empty string";
+    lua_pop(L, 1);
+    if (why)
+        return why;
+    t = rawfield(L, idx, "time");
+    if (t == LUA_TNIL || t == LUA_TLIGHTUSERDATA)
+        why = "missing time";
+    else if (t != LUA_TNUMBER)
+        why = "time must be a number (UNIX seconds)";
+    lua_pop(L, 1);
+    return why;
+}
+
+int rules_map(rules *r, const char *body, size_t len, enum input_shape shape, struct mapping *m,
+              struct input_error *e)
+{
+    e->status = 0;
+    e->index = -1;
+    e->reason[0] = '\0';
+    if (is_blank(body, len))
+        return 0;
+    lua_State *L = sandbox_lua(r->sb);
+    int top = lua_gettop(L);
+    if (decode_events(r, L, body, len, shape, e) != 0) {
+        lua_settop(L, top);
+        return -1;
+    }
+    int evs = lua_gettop(L);
+    lua_Integer n = (lua_Integer)lua_rawlen(L, evs);
+    struct config *c = r->rs->cfg;
+    if (n > c->inbound_max_events) {
+        lua_settop(L, top);
+        return input_fail(e, 413, -1, "%lld events in one request; at most %lld", (long long)n,
+                          (long long)c->inbound_max_events);
+    }
+    for (lua_Integer i = 1; i <= n; i++) {
+        lua_rawgeti(L, evs, i);
+        const char *why = check_event(L, lua_gettop(L));
+        lua_pop(L, 1);
+        if (why) {
+            lua_settop(L, top);
+            return input_fail(e, 400, (long)(i - 1), "%s", why);
+        }
+    }
+    size_t nrec = m->nrecords, ndead = m->ndead, nout = m->noutcomes;
+    size_t dropped[DROP_REASON_COUNT];
+    memcpy(dropped, m->dropped, sizeof dropped);
+    for (lua_Integer i = 1; i <= n; i++) {
+        lua_rawgeti(L, evs, i);
+        int rc = map_event(r, L, lua_gettop(L), m);
+        lua_pop(L, 1);
+        if (rc != 0) {
+            m->nrecords = nrec;
+            m->ndead = ndead;
+            m->noutcomes = nout;
+            memcpy(m->dropped, dropped, sizeof dropped);
+            lua_settop(L, top);
+            return input_fail(e, 503, -1, "out of memory while mapping");
+        }
+    }
+    m->nevents += (size_t)n;
+    lua_settop(L, top);
+    return 0;
+}
+
+/* ---- rule tests --------------------------------------------------------- */
+
+/* A value for a test report, without running metamethods. */
+static void show(lua_State *L, int idx, char *out, size_t outlen)
+{
+    switch (lua_type(L, idx)) {
+    case LUA_TSTRING:
+        str_printf(out, outlen, "\"%s\"", lua_tostring(L, idx));
+        break;
+    case LUA_TNUMBER:
+        if (lua_isinteger(L, idx))
+            str_printf(out, outlen, "%lld", (long long)lua_tointeger(L, idx));
+        else
+            str_printf(out, outlen, "%.14g", (double)lua_tonumber(L, idx));
+        break;
+    case LUA_TBOOLEAN:
+        str_copy(out, outlen, lua_toboolean(L, idx) ? "true" : "false");
+        break;
+    case LUA_TLIGHTUSERDATA:
+        str_copy(out, outlen, lua_touserdata(L, idx) ? "userdata" : "null");
+        break;
+    default:
+        str_copy(out, outlen, luaL_typename(L, idx));
+        break;
+    }
+}
+
+/* Compares actual (at a) with expected (at x): every field of expected must be
+ * equal in actual; tributary.absent requires the field to be missing. Writes the
+ * first difference into diff and returns 0 when they differ. */
+static int matches(rules *r, lua_State *L, int a, int x, char *path, size_t pathlen, char *diff,
+                   size_t difflen)
+{
+    a = lua_absindex(L, a);
+    x = lua_absindex(L, x);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, r->absent_ref);
+    int absent = lua_rawequal(L, -1, x);
+    lua_pop(L, 1);
+    if (absent) {
+        if (lua_isnil(L, a))
+            return 1;
+        char got[120];
+        show(L, a, got, sizeof got);
+        str_printf(diff, difflen, "%s: expected to be absent, got %s", path, got);
+        return 0;
+    }
+    if (lua_istable(L, x)) {
+        if (!lua_istable(L, a)) {
+            str_printf(diff, difflen, "%s: expected a table, got %s", path, luaL_typename(L, a));
+            return 0;
+        }
+        size_t plen = strlen(path);
+        lua_pushnil(L);
+        while (lua_next(L, x)) {
+            lua_pushvalue(L, -2);
+            lua_rawget(L, a); /* key xv av */
+            if (lua_type(L, -3) == LUA_TNUMBER)
+                snprintf(path + plen, pathlen - plen, "[%lld]", (long long)lua_tointeger(L, -3));
+            else if (lua_type(L, -3) == LUA_TSTRING)
+                snprintf(path + plen, pathlen - plen, ".%s", lua_tostring(L, -3));
+            else
+                snprintf(path + plen, pathlen - plen, "[%s]", luaL_typename(L, -3));
+            int ok = matches(r, L, -1, -2, path, pathlen, diff, difflen);
+            path[plen] = '\0';
+            lua_pop(L, 2);
+            if (!ok) {
+                lua_pop(L, 1);
+                return 0;
+            }
+        }
+        return 1;
+    }
+    if (lua_rawequal(L, a, x) ||
+        (lua_type(L, a) == LUA_TNUMBER && lua_type(L, x) == LUA_TNUMBER && lua_compare(L, a, x, LUA_OPEQ)))
+        return 1;
+    char want[120], got[120];
+    show(L, x, want, sizeof want);
+    show(L, a, got, sizeof got);
+    str_printf(diff, difflen, "%s: expected %s, got %s", path, want, got);
+    return 0;
+}
+
+/* [-0, +0] Runs one test (table at ti) of file k. Returns 1 passed, 0 failed. */
+static int run_test(rules *r, lua_State *L, size_t k, int ti, long index, buf *report)
+{
+    const char *fname = r->rs->files[k].name;
+    int top = lua_gettop(L);
+    char name[200];
+    if (rawfield(L, ti, "name") == LUA_TSTRING)
+        snprintf(name, sizeof name, "'%s'", lua_tostring(L, -1));
+    else
+        snprintf(name, sizeof name, "#%ld", index);
+    lua_pop(L, 1);
+
+    char diff[ERR_LEN];
+    int ok = 0;
+    /* Tests see every feed configured and no event selection, unless their
+     * `config` says otherwise. */
+    if (rawfield(L, ti, "config") != LUA_TTABLE) {
+        lua_pop(L, 1);
+        lua_newtable(L);
+    }
+    set_context(r, L, lua_gettop(L));
+    if (rawfield(L, ti, "event") != LUA_TTABLE) {
+        str_copy(diff, sizeof diff, "the test has no `event` table");
+        goto done;
+    }
+    int evi = lua_gettop(L);
+    struct chain_result res;
+    run_chain(r, L, evi, k, &res);
+    int outi = lua_gettop(L);
+    int xt = rawfield(L, ti, "expect");
+    int dt = rawfield(L, ti, "expect_drop");
+    if (xt == LUA_TNIL && dt == LUA_TNIL) {
+        str_copy(diff, sizeof diff, "the test has neither `expect` nor `expect_drop`");
+        goto done;
+    }
+    if (res.kind == CHAIN_DEAD) {
+        str_printf(diff, sizeof diff, "the event went to the dead-letter store (%s): %s",
+                   res.dead_reason, res.detail);
+        goto done;
+    }
+    if (dt != LUA_TNIL) {
+        const char *want = lua_tostring(L, -1);
+        if (res.kind != CHAIN_DROP)
+            str_printf(diff, sizeof diff, "expected a drop (%s), but the event was mapped",
+                       want ? want : "?");
+        else if (want && strcmp(want, res.detail) != 0)
+            str_printf(diff, sizeof diff, "expected drop reason \"%s\", got \"%s\"", want,
+                       res.detail);
+        else
+            ok = 1;
+        goto done;
+    }
+    if (res.kind == CHAIN_DROP) {
+        str_printf(diff, sizeof diff, "expected an output, but the event was dropped (%s)",
+                   res.detail);
+        goto done;
+    }
+    char path[256] = "out";
+    if (!matches(r, L, outi, outi + 1, path, sizeof path, diff, sizeof diff))
+        goto done;
+    /* the output must also be something the host can store */
+    struct mapping scratch;
+    mapping_init(&scratch);
+    char err[ERR_LEN];
+    struct event_ids ids = {{"test", 4}, {"test", 4}};
+    int e = emit(r, L, evi, &ids, outi, &scratch, err, sizeof err);
+    mapping_free(&scratch);
+    if (e != 0) {
+        str_printf(diff, sizeof diff, "the output is not valid: %s", e > 0 ? err : "out of memory");
+        goto done;
+    }
+    ok = 1;
+done:
+    if (!ok)
+        (void)!buf_printf(report, "%s: test %s failed: %s\n", fname, name, diff);
+    lua_settop(L, top);
+    return ok;
+}
+
+int rules_self_test(rules *r, buf *report, int *ntests)
+{
+    lua_State *L = sandbox_lua(r->sb);
+    int top = lua_gettop(L);
+    int failures = 0;
+    *ntests = 0;
+    for (size_t k = 0; k < r->n; k++) {
+        if (r->tests_refs[k] == LUA_NOREF)
+            continue;
+        lua_rawgeti(L, LUA_REGISTRYINDEX, r->tests_refs[k]);
+        int tt = lua_gettop(L);
+        lua_Integer n = (lua_Integer)lua_rawlen(L, tt);
+        for (lua_Integer i = 1; i <= n; i++) {
+            lua_rawgeti(L, tt, i);
+            (*ntests)++;
+            if (!lua_istable(L, -1)) {
+                (void)!buf_printf(report, "%s: test #%lld is not a table\n", r->rs->files[k].name,
+                                  (long long)i);
+                failures++;
+            } else if (!run_test(r, L, k, lua_gettop(L), (long)i, report)) {
+                failures++;
+            }
+            lua_pop(L, 1);
+        }
+        lua_settop(L, top);
+    }
+    set_context(r, L, 0);
+    lua_settop(L, top);
+    return failures;
+}

@@ -1,0 +1,82 @@
+/*
+ * rules: runs the Lua rule scripts on Braze Currents events.
+ *
+ * A ruleset is the immutable input of a rule generation: every *.lua file of
+ * rules_dir (in name order) plus the configuration values rules may read. Its
+ * version is a fingerprint of both, recorded with every event it maps.
+ *
+ * A rules engine is one Lua state (sandboxed, with memory and instruction limits)
+ * running a ruleset. Engines are not thread-safe: each worker thread owns one.
+ *
+ * The rule contract (documented for users in the README): each file returns a
+ * function, or a table with a `process` function and optional `tests`:
+ *
+ *     process(event, out) -> out' | nil | false, reason
+ *
+ * `event` is the decoded Braze event, `out` what earlier files produced (nil at
+ * first). Returning a table replaces out, nil keeps it, false drops the event
+ * with a reason. The final out is {feed = "ios"|"android"|"web"|"unbound",
+ * batch = {...batch-level fields...}, event = {...mParticle event...}}.
+ *
+ * Uses sandbox (Lua), lua-cjson, config, record, metrics.
+ */
+#ifndef TRIBUTARY_RULES_H
+#define TRIBUTARY_RULES_H
+
+#include "config.h"
+#include "record.h"
+#include "util.h"
+
+#define RULES_MAX_FILES 256
+#define RULES_MAX_FILE_BYTES (1u << 20)
+/* JSON nesting accepted in requests and produced by rules. */
+#define RULES_MAX_JSON_DEPTH 64
+
+typedef struct ruleset ruleset;
+
+/* Reads the rule files of cfg->rules_dir. Takes a reference on cfg. Caller
+ * releases with ruleset_unref. */
+int ruleset_load(ruleset **out, struct config *cfg, char *err, size_t errlen) WUR;
+ruleset *ruleset_ref(ruleset *rs);
+void ruleset_unref(ruleset *rs);
+const char *ruleset_version(const ruleset *rs);
+struct config *ruleset_config(const ruleset *rs); /* borrowed */
+size_t ruleset_files(const ruleset *rs);
+const char *ruleset_file_name(const ruleset *rs, size_t i);
+
+typedef struct rules rules;
+
+/* Builds an engine: compiles and runs every file's top level under the limits.
+ * Errors name the file and line. Takes a reference on rs. */
+int rules_new(rules **out, ruleset *rs, char *err, size_t errlen) WUR;
+void rules_free(rules *r);
+ruleset *rules_ruleset(const rules *r); /* borrowed */
+/* True when a limit tripped or the state holds more memory than allowed: the
+ * owner should build a fresh engine before the next request. */
+int rules_needs_rebuild(const rules *r);
+
+/* What a request body may hold. */
+enum input_shape {
+    INPUT_ENVELOPE, /* {"events": [...]}: what Braze sends */
+    INPUT_ANY,      /* envelope, JSON array, a single event, or NDJSON (map, dlq) */
+};
+
+/* Why a request was refused; status is the HTTP answer (400 or 413). */
+struct input_error {
+    int status;
+    long index; /* the event at fault, or -1 */
+    char reason[ERR_LEN];
+};
+
+/* Decodes and validates a request body, then runs every event through the rules
+ * into m. On invalid input returns -1 with e filled and nothing added to m.
+ * On an internal failure (out of memory) returns -1 with e->status 503. */
+int rules_map(rules *r, const char *body, size_t len, enum input_shape shape, struct mapping *m,
+              struct input_error *e) WUR;
+
+/* Runs the examples that rule files carry in their `tests` tables. Appends one
+ * report per failure to report (with a readable difference). Returns the
+ * number of failures, or -1 on an internal error. */
+int rules_self_test(rules *r, buf *report, int *ntests);
+
+#endif

@@ -1,0 +1,522 @@
+#include "sandbox.h"
+
+#include "log.h"
+
+#include <lauxlib.h>
+#include <lualib.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* The count hook fires every HOOK_STEP instructions; a tripped limit makes it
+ * fire on every instruction. */
+#define HOOK_STEP 1000
+
+/* Pattern matching runs in C where the hook cannot interrupt it. A Lua pattern
+ * with q backtracking quantifiers can cost about n^q steps on an n-byte subject
+ * (times n more when it may start anywhere), so calls whose bound exceeds
+ * PATTERN_COST_MAX are refused. */
+#define PATTERN_MAX_LEN 512
+#define PATTERN_COST_MAX 2e8
+
+/* print() from scripts goes to the log, at most this many lines per second. */
+#define PRINT_LINES_PER_SECOND 20
+
+enum trip { TRIP_NONE, TRIP_INSTRUCTIONS, TRIP_MEMORY };
+
+struct sandbox {
+    lua_State *L;
+    size_t used;  /* bytes held by the state */
+    size_t limit; /* SIZE_MAX outside sandbox_call */
+    int64_t steps;
+    int64_t budget;
+    enum trip tripped;
+    int damaged;
+    int base_ref; /* registry reference to the table behind every chunk's globals */
+    char where[256];
+};
+
+static sandbox *from_lua(lua_State *L)
+{
+    return *(sandbox **)lua_getextraspace(L);
+}
+
+/* ---- limits ------------------------------------------------------------- */
+
+static void *sb_alloc(void *ud, void *ptr, size_t osize, size_t nsize)
+{
+    sandbox *sb = ud;
+    if (!ptr)
+        osize = 0; /* osize then encodes the object type, not a size */
+    if (nsize == 0) {
+        free(ptr);
+        sb->used -= osize;
+        return NULL;
+    }
+    if (nsize > osize && (nsize - osize > sb->limit || sb->used > sb->limit - (nsize - osize))) {
+        sb->tripped = TRIP_MEMORY;
+        return NULL;
+    }
+    void *p = realloc(ptr, nsize);
+    if (!p)
+        return NULL;
+    sb->used = sb->used - osize + nsize;
+    return p;
+}
+
+static void sb_hook(lua_State *L, lua_Debug *ar)
+{
+    (void)ar;
+    sandbox *sb = from_lua(L);
+    sb->steps += HOOK_STEP;
+    if (sb->tripped == TRIP_NONE && sb->steps > sb->budget)
+        sb->tripped = TRIP_INSTRUCTIONS;
+    if (sb->tripped != TRIP_NONE) {
+        /* From now on every instruction raises: handlers cannot keep running. */
+        lua_sethook(L, sb_hook, LUA_MASKCOUNT, 1);
+        luaL_error(L, "%s limit exceeded",
+                   sb->tripped == TRIP_MEMORY ? "memory" : "instruction");
+    }
+}
+
+/* Message handler: records where in a script the error happened and turns a
+ * non-string error object into a readable message. */
+static int sb_msgh(lua_State *L)
+{
+    sandbox *sb = from_lua(L);
+    sb->where[0] = '\0';
+    lua_Debug ar;
+    for (int level = 1; lua_getstack(L, level, &ar); level++) {
+        if (lua_getinfo(L, "Sl", &ar) && ar.currentline > 0) {
+            snprintf(sb->where, sizeof sb->where, "%s:%d", ar.short_src, ar.currentline);
+            break;
+        }
+    }
+    if (!lua_isstring(L, 1)) {
+        if (luaL_callmeta(L, 1, "__tostring") && lua_type(L, -1) == LUA_TSTRING)
+            return 1;
+        lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, 1));
+    }
+    return 1;
+}
+
+/* pcall and xpcall for scripts: like the standard ones, except that a tripped
+ * limit is raised again instead of being caught. */
+static int sb_pcall(lua_State *L)
+{
+    luaL_checkany(L, 1);
+    int status = lua_pcall(L, lua_gettop(L) - 1, LUA_MULTRET, 0);
+    if (from_lua(L)->tripped != TRIP_NONE)
+        return luaL_error(L, "limit exceeded");
+    lua_pushboolean(L, status == LUA_OK);
+    lua_insert(L, 1);
+    return lua_gettop(L);
+}
+
+static int sb_xpcall(lua_State *L)
+{
+    int n = lua_gettop(L);
+    luaL_checktype(L, 2, LUA_TFUNCTION);
+    lua_pushboolean(L, 1);
+    lua_pushvalue(L, 1);
+    lua_rotate(L, 3, 2); /* f msgh true f args... */
+    int status = lua_pcall(L, n - 2, LUA_MULTRET, 2);
+    if (from_lua(L)->tripped != TRIP_NONE)
+        return luaL_error(L, "limit exceeded");
+    if (status != LUA_OK) {
+        lua_pushboolean(L, 0);
+        lua_pushvalue(L, -2);
+        return 2;
+    }
+    return lua_gettop(L) - 2;
+}
+
+static int sb_print(lua_State *L)
+{
+    static _Atomic int64_t window;
+    static _Atomic int lines;
+    int64_t now = clock_mono_ms() / 1000;
+    if (atomic_exchange(&window, now) != now)
+        atomic_store(&lines, 0);
+    if (atomic_fetch_add(&lines, 1) >= PRINT_LINES_PER_SECOND)
+        return 0;
+    luaL_Buffer b;
+    luaL_buffinit(L, &b);
+    int n = lua_gettop(L);
+    for (int i = 1; i <= n; i++) {
+        if (i > 1)
+            luaL_addchar(&b, '\t');
+        luaL_tolstring(L, i, NULL);
+        luaL_addvalue(&b);
+    }
+    luaL_pushresult(&b);
+    log_info("script print", LOG_S("text", lua_tostring(L, -1)));
+    return 0;
+}
+
+/* ---- pattern guard ------------------------------------------------------ */
+
+int sandbox_pattern_check(const char *p, size_t plen, size_t n, int global, char *err,
+                          size_t errlen)
+{
+    if (plen > PATTERN_MAX_LEN) {
+        str_printf(err, errlen, "pattern longer than %d bytes", PATTERN_MAX_LEN);
+        return -1;
+    }
+    int quantifiers = 0;
+    size_t i = 0;
+    int anchored = !global && plen > 0 && p[0] == '^';
+    if (anchored)
+        i = 1;
+    while (i < plen) {
+        char c = p[i++];
+        if (c == '%' && i < plen) {
+            char k = p[i++];
+            if (k == 'b') {
+                i += 2;
+                continue;
+            }
+            if (k == 'f') {
+                /* %f[set]: a frontier, no quantifier applies */
+                if (i < plen && p[i] == '[') {
+                    i++;
+                    if (i < plen && p[i] == '^')
+                        i++;
+                    if (i < plen)
+                        i++;
+                    while (i < plen && p[i] != ']')
+                        i += (p[i] == '%') ? 2 : 1;
+                    i++;
+                }
+                continue;
+            }
+        } else if (c == '[') {
+            if (i < plen && p[i] == '^')
+                i++;
+            if (i < plen)
+                i++; /* a ']' first in a set is literal */
+            while (i < plen && p[i] != ']')
+                i += (p[i] == '%') ? 2 : 1;
+            i++;
+        } else if (c == '(' || c == ')') {
+            continue;
+        }
+        if (i < plen && (p[i] == '*' || p[i] == '+' || p[i] == '-')) {
+            quantifiers++;
+            i++;
+        } else if (i < plen && p[i] == '?') {
+            i++;
+        }
+    }
+    int exponent = quantifiers + (anchored ? 0 : 1);
+    double cost = 1;
+    for (int k = 0; k < exponent; k++)
+        cost *= (double)(n + 1);
+    if (cost > PATTERN_COST_MAX) {
+        str_printf(err, errlen,
+                   "pattern too complex for a %zu-byte subject (%d backtracking quantifiers%s)",
+                   n, quantifiers, anchored ? "" : ", unanchored");
+        return -1;
+    }
+    return 0;
+}
+
+/* Wraps string.find/match/gmatch/gsub: checks the bound, then calls the original
+ * (upvalue 1). Upvalue 2 says whether the function iterates over the subject,
+ * upvalue 3 whether it is find, whose fourth argument asks for a plain search. */
+static int sb_pattern_fn(lua_State *L)
+{
+    size_t n, plen;
+    const char *s = luaL_checklstring(L, 1, &n);
+    const char *p = luaL_checklstring(L, 2, &plen);
+    (void)s;
+    int global = lua_toboolean(L, lua_upvalueindex(2));
+    /* string.find(s, p, init, plain): a plain search has no pattern cost */
+    int plain = lua_toboolean(L, lua_upvalueindex(3)) && lua_toboolean(L, 4);
+    if (!plain && strpbrk(p, "^$*+?.([%-") != NULL) {
+        char err[200];
+        if (sandbox_pattern_check(p, plen, n, global, err, sizeof err) != 0)
+            return luaL_error(L, "%s", err);
+    }
+    lua_pushvalue(L, lua_upvalueindex(1));
+    lua_insert(L, 1);
+    lua_call(L, lua_gettop(L) - 1, LUA_MULTRET);
+    return lua_gettop(L);
+}
+
+/* ---- environment -------------------------------------------------------- */
+
+static int ro_newindex(lua_State *L)
+{
+    return luaL_error(L, "attempt to modify a read-only table (field '%s')",
+                      lua_isstring(L, 2) ? lua_tostring(L, 2) : "?");
+}
+
+static int ro_next(lua_State *L)
+{
+    /* upvalue 1: the real table; arguments: (proxy, key) */
+    lua_settop(L, 2);
+    lua_pushvalue(L, 2);
+    if (lua_next(L, lua_upvalueindex(1)))
+        return 2;
+    lua_pushnil(L);
+    return 1;
+}
+
+static int ro_pairs(lua_State *L)
+{
+    lua_pushvalue(L, lua_upvalueindex(1));
+    lua_pushcclosure(L, ro_next, 1);
+    lua_pushvalue(L, 1); /* the proxy, never the real table */
+    lua_pushnil(L);
+    return 3;
+}
+
+static int ro_len(lua_State *L)
+{
+    lua_pushinteger(L, (lua_Integer)luaL_len(L, lua_upvalueindex(1)));
+    return 1;
+}
+
+void sandbox_readonly(lua_State *L)
+{
+    /* t */
+    lua_newtable(L); /* t proxy */
+    lua_createtable(L, 0, 5); /* t proxy mt */
+    lua_pushvalue(L, -3);
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, ro_newindex);
+    lua_setfield(L, -2, "__newindex");
+    lua_pushvalue(L, -3);
+    lua_pushcclosure(L, ro_pairs, 1);
+    lua_setfield(L, -2, "__pairs");
+    lua_pushvalue(L, -3);
+    lua_pushcclosure(L, ro_len, 1);
+    lua_setfield(L, -2, "__len");
+    lua_pushboolean(L, 0);
+    lua_setfield(L, -2, "__metatable");
+    lua_setmetatable(L, -2); /* t proxy */
+    lua_remove(L, -2);       /* proxy */
+}
+
+/* [-0, +1] Pushes a copy of the library table `lib` (from the real globals) with
+ * only the listed names (all when names is NULL, minus `skip`). */
+static void copy_lib(lua_State *L, const char *lib, const char *const *names, const char *skip)
+{
+    lua_getglobal(L, lib); /* lib */
+    lua_newtable(L);       /* lib copy */
+    if (names) {
+        for (; *names; names++) {
+            lua_getfield(L, -2, *names);
+            lua_setfield(L, -2, *names);
+        }
+    } else {
+        lua_pushnil(L);
+        while (lua_next(L, -3)) {
+            if (skip && lua_type(L, -2) == LUA_TSTRING && strcmp(lua_tostring(L, -2), skip) == 0) {
+                lua_pop(L, 1);
+                continue;
+            }
+            lua_pushvalue(L, -2);
+            lua_insert(L, -2);
+            lua_settable(L, -4);
+        }
+    }
+    lua_remove(L, -2); /* copy */
+}
+
+static void guard_pattern(lua_State *L, const char *name, int global)
+{
+    /* string-copy */
+    lua_getfield(L, -1, name);
+    lua_pushboolean(L, global);
+    lua_pushboolean(L, strcmp(name, "find") == 0);
+    lua_pushcclosure(L, sb_pattern_fn, 3);
+    lua_setfield(L, -2, name);
+}
+
+static int build_env(lua_State *L)
+{
+    sandbox *sb = from_lua(L);
+    int flags = (int)lua_tointeger(L, 1);
+
+    luaL_requiref(L, LUA_GNAME, luaopen_base, 1);
+    luaL_requiref(L, LUA_STRLIBNAME, luaopen_string, 1);
+    luaL_requiref(L, LUA_TABLIBNAME, luaopen_table, 1);
+    luaL_requiref(L, LUA_MATHLIBNAME, luaopen_math, 1);
+    luaL_requiref(L, LUA_UTF8LIBNAME, luaopen_utf8, 1);
+    luaL_requiref(L, LUA_OSLIBNAME, luaopen_os, 1);
+    lua_settop(L, 1);
+
+    static const char *const base_names[] = {
+        "assert", "error", "ipairs", "next", "pairs", "rawequal", "rawget", "rawlen", "select",
+        "setmetatable", "getmetatable", "tonumber", "tostring", "type", "_VERSION", NULL};
+    copy_lib(L, LUA_GNAME, base_names, NULL); /* base */
+    lua_pushcfunction(L, sb_pcall);
+    lua_setfield(L, -2, "pcall");
+    lua_pushcfunction(L, sb_xpcall);
+    lua_setfield(L, -2, "xpcall");
+    lua_pushcfunction(L, sb_print);
+    lua_setfield(L, -2, "print");
+
+    /* string: without dump, with guarded pattern functions, reachable from
+     * string values only through a read-only view. */
+    copy_lib(L, LUA_STRLIBNAME, NULL, "dump"); /* base string */
+    guard_pattern(L, "find", 0);
+    guard_pattern(L, "match", 0);
+    guard_pattern(L, "gmatch", 1);
+    guard_pattern(L, "gsub", 1);
+    sandbox_readonly(L); /* base string-ro */
+    lua_pushliteral(L, "");
+    lua_createtable(L, 0, 2); /* base string-ro "" mt */
+    lua_pushvalue(L, -3);
+    lua_setfield(L, -2, "__index");
+    lua_pushboolean(L, 0);
+    lua_setfield(L, -2, "__metatable");
+    lua_setmetatable(L, -2);
+    lua_pop(L, 1);
+    lua_setfield(L, -2, "string");
+
+    copy_lib(L, LUA_TABLIBNAME, NULL, NULL);
+    sandbox_readonly(L);
+    lua_setfield(L, -2, "table");
+    copy_lib(L, LUA_MATHLIBNAME, NULL, NULL);
+    sandbox_readonly(L);
+    lua_setfield(L, -2, "math");
+    copy_lib(L, LUA_UTF8LIBNAME, NULL, NULL);
+    sandbox_readonly(L);
+    lua_setfield(L, -2, "utf8");
+    static const char *const os_names[] = {"time", "date", "clock", NULL};
+    static const char *const os_env_names[] = {"time", "date", "clock", "getenv", NULL};
+    copy_lib(L, LUA_OSLIBNAME, (flags & SANDBOX_GETENV) ? os_env_names : os_names, NULL);
+    sandbox_readonly(L);
+    lua_setfield(L, -2, "os");
+
+    sb->base_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    return 0;
+}
+
+sandbox *sandbox_new(int flags)
+{
+    sandbox *sb = calloc(1, sizeof(*sb));
+    if (!sb)
+        return NULL;
+    sb->limit = SIZE_MAX;
+    sb->base_ref = LUA_NOREF;
+    sb->L = lua_newstate(sb_alloc, sb);
+    if (!sb->L) {
+        free(sb);
+        return NULL;
+    }
+    *(sandbox **)lua_getextraspace(sb->L) = sb;
+    lua_gc(sb->L, LUA_GCGEN, 0, 0);
+    lua_pushcfunction(sb->L, build_env);
+    lua_pushinteger(sb->L, flags);
+    if (lua_pcall(sb->L, 1, 0, 0) != LUA_OK) {
+        sandbox_free(sb);
+        return NULL;
+    }
+    return sb;
+}
+
+void sandbox_free(sandbox *sb)
+{
+    if (!sb)
+        return;
+    if (sb->L)
+        lua_close(sb->L);
+    free(sb);
+}
+
+lua_State *sandbox_lua(sandbox *sb)
+{
+    return sb->L;
+}
+
+void sandbox_expose(sandbox *sb, const char *name)
+{
+    lua_State *L = sb->L;
+    lua_rawgeti(L, LUA_REGISTRYINDEX, sb->base_ref); /* v base */
+    lua_insert(L, -2);                               /* base v */
+    lua_setfield(L, -2, name);
+    lua_pop(L, 1);
+}
+
+int sandbox_load(sandbox *sb, const char *chunkname, const char *src, size_t len, char *err,
+                 size_t errlen)
+{
+    lua_State *L = sb->L;
+    if (luaL_loadbufferx(L, src, len, chunkname, "t") != LUA_OK) {
+        str_copy(err, errlen, lua_isstring(L, -1) ? lua_tostring(L, -1) : "cannot load");
+        lua_pop(L, 1);
+        return -1;
+    }
+    /* fn */
+    lua_newtable(L);          /* fn env */
+    lua_createtable(L, 0, 2); /* fn env mt */
+    lua_rawgeti(L, LUA_REGISTRYINDEX, sb->base_ref);
+    lua_setfield(L, -2, "__index");
+    lua_pushboolean(L, 0);
+    lua_setfield(L, -2, "__metatable");
+    lua_setmetatable(L, -2);
+    if (!lua_setupvalue(L, -2, 1)) /* fn */
+        lua_pop(L, 1);
+    return 0;
+}
+
+enum sandbox_rc sandbox_call(sandbox *sb, int nargs, int nresults, const struct sandbox_limits *lim,
+                             struct sandbox_error *err)
+{
+    lua_State *L = sb->L;
+    int fn = lua_gettop(L) - nargs;
+    lua_pushcfunction(L, sb_msgh);
+    lua_insert(L, fn); /* msgh fn args */
+
+    sb->tripped = TRIP_NONE;
+    sb->steps = 0;
+    sb->budget = lim && lim->instructions > 0 ? lim->instructions : INT64_MAX;
+    sb->limit = lim && lim->memory_bytes > 0 ? sb->used + lim->memory_bytes : SIZE_MAX;
+    sb->where[0] = '\0';
+    lua_sethook(L, sb_hook, LUA_MASKCOUNT, HOOK_STEP);
+
+    int status = lua_pcall(L, nargs, nresults, fn);
+
+    lua_sethook(L, NULL, 0, 0);
+    sb->limit = SIZE_MAX;
+    enum trip tripped = sb->tripped;
+    sb->tripped = TRIP_NONE;
+
+    if (status == LUA_OK && tripped == TRIP_NONE) {
+        lua_remove(L, fn);
+        return SANDBOX_OK;
+    }
+    if (err) {
+        const char *msg = status != LUA_OK && lua_isstring(L, -1) ? lua_tostring(L, -1) : "error";
+        str_copy(err->msg, sizeof err->msg, msg);
+        str_copy(err->where, sizeof err->where, sb->where);
+    }
+    lua_settop(L, fn - 1);
+    if (tripped == TRIP_NONE)
+        return SANDBOX_ERROR;
+    sb->damaged = 1;
+    if (err) {
+        if (tripped == TRIP_MEMORY)
+            str_printf(err->msg, sizeof err->msg, "memory limit exceeded (%zu bytes)",
+                       lim ? lim->memory_bytes : 0);
+        else
+            str_printf(err->msg, sizeof err->msg, "instruction limit exceeded (%lld instructions)",
+                       (long long)(lim ? lim->instructions : 0));
+    }
+    return SANDBOX_LIMIT;
+}
+
+size_t sandbox_memory(const sandbox *sb)
+{
+    return sb->used;
+}
+
+int sandbox_damaged(const sandbox *sb)
+{
+    return sb->damaged;
+}

@@ -1,0 +1,79 @@
+/*
+ * sandbox: Lua 5.4 states that run untrusted scripts safely.
+ *
+ * Provides a state with an allow-listed environment (base functions without
+ * load/dofile/loadfile/collectgarbage/rawset, read-only string/table/math/utf8,
+ * os.time/date/clock), text-only loading, one environment table per chunk so
+ * scripts cannot change each other's globals, and limits that a script cannot
+ * escape:
+ *   - memory: a custom allocator caps what a call may allocate;
+ *   - instructions: a count hook ends a call after its budget; once a limit
+ *     trips, every further instruction raises again, so `pcall` cannot swallow it;
+ *   - C functions the hook cannot interrupt (pattern matching) refuse inputs whose
+ *     worst-case cost is beyond a bound.
+ *
+ * Used by rules (the rule scripts) and config (the configuration file). Besides
+ * those two, no module includes Lua headers.
+ */
+#ifndef TRIBUTARY_SANDBOX_H
+#define TRIBUTARY_SANDBOX_H
+
+#include "util.h"
+
+#include <lua.h>
+#include <stdint.h>
+
+typedef struct sandbox sandbox;
+
+enum sandbox_flags {
+    SANDBOX_GETENV = 1, /* expose os.getenv (configuration files only) */
+};
+
+struct sandbox_limits {
+    size_t memory_bytes;  /* the most a call may allocate beyond what was in use */
+    int64_t instructions; /* Lua VM instructions per call */
+};
+
+enum sandbox_rc { SANDBOX_OK, SANDBOX_ERROR, SANDBOX_LIMIT };
+
+/* An error raised inside the sandbox. */
+struct sandbox_error {
+    char msg[ERR_LEN]; /* the message, usually "file:line: text" */
+    char where[256];   /* innermost script position "file:line", or "" */
+};
+
+/* Returns a new state, or NULL when out of memory. Caller frees with sandbox_free. */
+sandbox *sandbox_new(int flags);
+void sandbox_free(sandbox *sb);
+lua_State *sandbox_lua(sandbox *sb);
+
+/* [-1, +0] Makes the value on top a global of every chunk loaded afterwards.
+ * Tables should be made read-only first (sandbox_readonly). */
+void sandbox_expose(sandbox *sb, const char *name);
+
+/* [-1, +1] Replaces the table on top with a read-only view of it (pairs, # and
+ * indexing work; assignment raises an error). Nested tables are not wrapped. */
+void sandbox_readonly(lua_State *L);
+
+/* [-0, +1] Loads a text chunk (never bytecode) with a fresh environment table and
+ * pushes the function. On a syntax error returns -1 with "file:line: message". */
+int sandbox_load(sandbox *sb, const char *chunkname, const char *src, size_t len,
+                 char *err, size_t errlen) WUR;
+
+/* [-(nargs+1), +nresults] Calls the function below the arguments under the limits.
+ * On failure the stack is left as it was before the function was pushed. */
+enum sandbox_rc sandbox_call(sandbox *sb, int nargs, int nresults, const struct sandbox_limits *lim,
+                             struct sandbox_error *err);
+
+/* Bytes the state currently holds. */
+size_t sandbox_memory(const sandbox *sb);
+/* True once a limit tripped: the state's scripts may have been cut halfway and
+ * their globals may be inconsistent, so the owner should rebuild it. */
+int sandbox_damaged(const sandbox *sb);
+
+/* Pattern guard, exposed for tests: 0 when matching `pattern` against a subject of
+ * `subject_len` bytes is within the complexity bound, else -1 with a reason. */
+int sandbox_pattern_check(const char *pattern, size_t plen, size_t subject_len, int global,
+                          char *err, size_t errlen);
+
+#endif

@@ -1,0 +1,202 @@
+#include "service.h"
+
+#include "config.h"
+#include "http_in.h"
+#include "ingest.h"
+#include "log.h"
+#include "metrics.h"
+#include "queue.h"
+#include "reload.h"
+#include "rules.h"
+
+#include <errno.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifndef TRIBUTARY_VERSION
+#define TRIBUTARY_VERSION "dev"
+#endif
+
+struct service {
+    queue *q;
+    struct ingest in;
+    http_in *http;
+};
+
+static int hook_ready(void *ctx, buf *reasons)
+{
+    struct service *s = ctx;
+    int ready = 1;
+    struct snapshot snap;
+    reload_get(&snap);
+    if (!snap.rs) {
+        ready = 0;
+        (void)!buf_adds(reasons, "\"rules not loaded\"");
+    }
+    reload_put(&snap);
+    if (!queue_healthy(s->q)) {
+        if (!ready)
+            (void)!buf_addc(reasons, ',');
+        ready = 0;
+        (void)!buf_adds(reasons, "\"storage failing\"");
+    }
+    return ready;
+}
+
+static void hook_gauges(void *ctx, struct metrics_gauges *g)
+{
+    struct service *s = ctx;
+    struct queue_gauges qg;
+    queue_gauges(s->q, &qg);
+    int64_t now = clock_wall_ms();
+    for (int f = 0; f < FEED_COUNT; f++) {
+        g->queue_depth[f] = qg.depth[f];
+        g->oldest_age_s[f] = qg.oldest_ms[f] ? (double)(now - qg.oldest_ms[f]) / 1000.0 : 0;
+    }
+    g->dead_letters = qg.dead;
+    buf ignored;
+    buf_init(&ignored, 1024);
+    g->ready = hook_ready(ctx, &ignored);
+    buf_free(&ignored);
+}
+
+static void log_feeds(const struct config *c, char *names, size_t len)
+{
+    names[0] = '\0';
+    size_t used = 0;
+    for (int f = 0; f < FEED_COUNT; f++) {
+        if (!config_feed_ready(c, (enum feed)f))
+            continue;
+        int n = snprintf(names + used, len - used, "%s%s", used ? "," : "", FEED_NAMES[f]);
+        if (n > 0 && (size_t)n < len - used)
+            used += (size_t)n;
+    }
+    if (!used)
+        str_copy(names, len, "none");
+}
+
+int service_run(const char *config_path)
+{
+    char err[4096];
+    struct config *cfg = NULL;
+    if (config_load(&cfg, config_path, err, sizeof err) != 0) {
+        fprintf(stderr, "tributary: configuration error:\n%s\n", err);
+        return 1;
+    }
+    enum log_level level = LOG_INFO;
+    enum log_format format = LOG_LOGFMT;
+    (void)log_level_parse(cfg->log_level, &level);
+    (void)log_format_parse(cfg->log_format, &format);
+    log_setup(level, format);
+    for (char *w = cfg->warnings, *nl; w && *w; w = nl ? nl + 1 : NULL) {
+        nl = strchr(w, '\n');
+        char line[512];
+        snprintf(line, sizeof line, "%.*s", nl ? (int)(nl - w) : (int)strlen(w), w);
+        log_warn(line);
+    }
+
+    ruleset *rs = NULL;
+    if (ruleset_load(&rs, cfg, err, sizeof err) != 0) {
+        log_error("cannot load the rules", LOG_S("error", err));
+        config_unref(cfg);
+        return 1;
+    }
+    buf report;
+    buf_init(&report, 64 * 1024);
+    int ntests = 0;
+    if (reload_validate(rs, &report, &ntests) != 0) {
+        log_error("the rules failed validation", LOG_S("error", report.data ? report.data : ""));
+        buf_free(&report);
+        ruleset_unref(rs);
+        config_unref(cfg);
+        return 1;
+    }
+    buf_free(&report);
+    reload_init(config_path ? config_path : cfg->file, config_ref(cfg), rs);
+
+    struct service s = {0};
+    int rc = 1;
+    struct queue_options qo = {
+        .dir = cfg->data_dir,
+        .sync_full = strcmp(cfg->queue_sync, "full") == 0,
+        .max_depth = cfg->queue_max_depth,
+        .dedup_window_ms = cfg->dedup_window_s * 1000,
+    };
+    if (queue_open(&s.q, &qo, err, sizeof err) != 0) {
+        log_error("cannot open the queue", LOG_S("error", err));
+        goto done;
+    }
+    s.in.q = s.q;
+    atomic_store(&s.in.draining, 0);
+
+    char host[256];
+    int port = 0;
+    if (config_listen_addr(cfg, host, sizeof host, &port) != 0) {
+        log_error("invalid listen address", LOG_S("listen", cfg->listen));
+        goto done;
+    }
+    if (cfg->inbound_tokens.n == 0)
+        log_warn("no inbound.tokens configured: requests are accepted without authentication "
+                 "(allowed on a loopback address only)");
+    struct http_in_options ho = {
+        .host = host,
+        .port = port,
+        .threads = (int)cfg->http_threads,
+        .max_connections = (int)cfg->http_max_connections,
+        .timeout_s = (int)cfg->http_timeout_s,
+        .max_body = (size_t)cfg->inbound_max_body_bytes,
+    };
+    struct http_in_hooks hooks = {&s, hook_ready, hook_gauges};
+    if (http_in_start(&s.http, &s.in, &ho, &hooks, err, sizeof err) != 0) {
+        log_error("cannot start the HTTP server", LOG_S("error", err));
+        goto done;
+    }
+
+    char feeds[64];
+    log_feeds(cfg, feeds, sizeof feeds);
+    struct queue_gauges qg;
+    queue_gauges(s.q, &qg);
+    long long depth = 0;
+    for (int f = 0; f < FEED_COUNT; f++)
+        depth += qg.depth[f];
+    char listen[300];
+    snprintf(listen, sizeof listen, "%s:%d", host, http_in_port(s.http));
+    log_info("tributary started", LOG_S("version", TRIBUTARY_VERSION) LOG_S("listen", listen)
+                 LOG_S("rules_version", ruleset_version(rs)) LOG_I("rule_files",
+                                                                   (long long)ruleset_files(rs))
+                     LOG_S("feeds", feeds) LOG_I("queue_depth", depth)
+                         LOG_S("data_dir", cfg->data_dir));
+    if (strcmp(feeds, "none") == 0)
+        log_warn("no mParticle credentials configured: events are accepted, queued and held "
+                 "until feeds.<name>.key and .secret are set");
+
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGTERM);
+    sigaddset(&set, SIGINT);
+    sigaddset(&set, SIGHUP);
+    for (;;) {
+        struct timespec tick = {1, 0};
+        int sig = sigtimedwait(&set, NULL, &tick);
+        if (sig == SIGTERM || sig == SIGINT) {
+            log_info("stopping", LOG_S("signal", sig == SIGTERM ? "SIGTERM" : "SIGINT"));
+            break;
+        }
+        if (sig == SIGHUP) {
+            char rerr[4096];
+            (void)!reload_now("SIGHUP", rerr, sizeof rerr);
+        }
+    }
+    atomic_store(&s.in.draining, 1);
+    rc = 0;
+done:
+    http_in_stop(s.http);
+    queue_free(s.q);
+    reload_shutdown();
+    config_unref(cfg);
+    if (rc == 0)
+        log_info("stopped");
+    return rc;
+}

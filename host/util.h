@@ -1,0 +1,88 @@
+/*
+ * util: small building blocks shared by every module.
+ *
+ * - buf: a growable byte buffer with a hard cap, for everything that grows from
+ *   input (request bodies, batch bodies, responses). Appending past the cap
+ *   fails instead of growing without bound.
+ * - arena: stable-address storage for the strings of one request; freed at once.
+ * - JSON string escaping for the few places that write JSON by hand.
+ * - clocks, strict number parsing, constant names.
+ *
+ * Uses only libc.
+ */
+#ifndef TRIBUTARY_UTIL_H
+#define TRIBUTARY_UTIL_H
+
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define WUR __attribute__((warn_unused_result))
+#define PRINTF(a, b) __attribute__((format(printf, a, b)))
+#define ARRAY_LEN(a) (sizeof(a) / sizeof((a)[0]))
+
+/* Size of the caller-owned error buffers passed through the code base. */
+#define ERR_LEN 512
+
+/* A borrowed byte string: not NUL-terminated unless said so. */
+typedef struct str {
+    const char *p;
+    size_t n;
+} str;
+
+#define STR_NULL ((str){NULL, 0})
+
+/* ---- buf ---------------------------------------------------------------- */
+
+typedef struct buf {
+    char *data; /* NUL-terminated after every successful append */
+    size_t len;
+    size_t cap;
+    size_t max; /* hard cap on len */
+} buf;
+
+void buf_init(buf *b, size_t max);
+void buf_free(buf *b);
+void buf_reset(buf *b);
+/* Each append returns 0, or -1 (nothing appended) when the cap or memory runs out. */
+int buf_add(buf *b, const void *p, size_t n) WUR;
+int buf_addc(buf *b, char c) WUR;
+int buf_adds(buf *b, const char *s) WUR;
+int buf_printf(buf *b, const char *fmt, ...) PRINTF(2, 3) WUR;
+int buf_vprintf(buf *b, const char *fmt, va_list ap) WUR;
+/* Appends s as a quoted, escaped JSON string. Invalid UTF-8 is passed through. */
+int buf_json_str(buf *b, const char *s, size_t n) WUR;
+/* Detaches the data: the caller frees it with free(); b is left empty. */
+char *buf_take(buf *b);
+
+/* ---- arena -------------------------------------------------------------- */
+
+typedef struct arena {
+    struct arena_chunk *head;
+} arena;
+
+void arena_init(arena *a);
+void arena_free(arena *a);
+/* Returns memory that stays valid until arena_free, or NULL when out of memory. */
+void *arena_alloc(arena *a, size_t n);
+/* Copies n bytes and a NUL terminator. */
+const char *arena_strndup(arena *a, const char *s, size_t n);
+
+/* ---- clocks and parsing ------------------------------------------------- */
+
+int64_t clock_wall_ms(void);  /* milliseconds since the UNIX epoch */
+int64_t clock_mono_ms(void);  /* monotonic milliseconds, for timeouts */
+void clock_sleep_ms(int64_t ms);
+
+/* Parses a whole decimal integer within [min, max]; 0 or -1. */
+int parse_int64(const char *s, int64_t min, int64_t max, int64_t *out) WUR;
+/* Parses a duration such as "90s", "15m", "12h", "7d" or plain seconds. */
+int parse_duration_s(const char *s, int64_t *out) WUR;
+
+/* Copies a string into a fixed buffer, always terminating it (truncates). */
+void str_copy(char *dst, size_t dstlen, const char *src);
+/* snprintf into a fixed buffer; never fails, truncates. */
+void str_printf(char *dst, size_t dstlen, const char *fmt, ...) PRINTF(3, 4);
+int str_eq(str a, const char *b);
+
+#endif

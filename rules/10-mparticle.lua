@@ -1,0 +1,383 @@
+-- The default mapping: Braze Currents event -> mParticle batch.
+--
+-- Reproduces Braze's own mParticle export: 54 event types, routed to the iOS,
+-- Android, Web or Unbound feed, with the user's external_user_id as customer id.
+-- Edit this file, or add files after it (they run in name order) to change the
+-- result; see the README section "Writing rules".
+--
+-- process(event, out) returns the output table, or false and a reason:
+--   "unsupported_type"  not one of the mapped event types (counted as filtered)
+--   "not_selected"      excluded by the `events` setting (filtered)
+--   "no_external_id"    the user has no external_user_id (skipped)
+
+local null = cjson.null
+
+-- Braze event_type -> mParticle event_name (false: an `uninstall` event, no name).
+local NAMES = {
+  ["users.behaviors.Uninstall"] = false,
+  ["users.behaviors.app.NewsFeedImpression"] = "News Feed Views",
+  ["users.behaviors.subscription.GlobalStateChange"] = "Global Subscription State Changes",
+  ["users.behaviors.subscriptiongroup.StateChange"] = "Subscription Group State Changes",
+  ["users.campaigns.Abort"] = "Campaign Aborts",
+  ["users.campaigns.Conversion"] = "Campaign Conversions",
+  ["users.campaigns.EnrollInControl"] = "Campaign Control Group Enrollments",
+  ["users.canvas.Abort"] = "Canvas Aborts",
+  ["users.canvas.Conversion"] = "Canvas Conversions",
+  ["users.canvas.Entry"] = "Canvas Entries",
+  ["users.canvas.exit.MatchedAudience"] = "Exit Matched Audiences",
+  ["users.canvas.exit.PerformedEvent"] = "Exit Performed Events",
+  ["users.canvas.experimentstep.Conversion"] = "Experiment Step Conversions",
+  ["users.canvas.experimentstep.SplitEntry"] = "Experiment Split Entries",
+  ["users.messages.contentcard.Abort"] = "Content Card Aborts",
+  ["users.messages.contentcard.Click"] = "Content Card Clicks",
+  ["users.messages.contentcard.Dismiss"] = "Content Card Dismisses",
+  ["users.messages.contentcard.Impression"] = "Content Card Impressions",
+  ["users.messages.contentcard.Send"] = "Content Card Sends",
+  ["users.messages.email.Abort"] = "Email Aborts",
+  ["users.messages.email.Bounce"] = "Email Bounces",
+  ["users.messages.email.Click"] = "Email Clicks",
+  ["users.messages.email.Delivery"] = "Email Deliveries",
+  ["users.messages.email.MarkAsSpam"] = "Email Marks As Spam",
+  ["users.messages.email.Open"] = "Email Opens",
+  ["users.messages.email.Send"] = "Email Sends",
+  ["users.messages.email.SoftBounce"] = "Email Soft Bounces",
+  ["users.messages.email.Unsubscribe"] = "Email Unsubscribes",
+  ["users.messages.inappmessage.Abort"] = "In-App Message Aborts",
+  ["users.messages.inappmessage.Click"] = "In-App Message Clicks",
+  ["users.messages.inappmessage.Impression"] = "In-App Message Impressions",
+  ["users.messages.newsfeedcard.Abort"] = "News Feed Card Aborts",
+  ["users.messages.newsfeedcard.Click"] = "News Feed Card Clicks",
+  ["users.messages.newsfeedcard.Impression"] = "News Feed Card Views",
+  ["users.messages.pushnotification.Abort"] = "Push Notification Aborts",
+  ["users.messages.pushnotification.Bounce"] = "Push Notification Bounces",
+  ["users.messages.pushnotification.Open"] = "Push Notification Opens",
+  ["users.messages.pushnotification.Send"] = "Push Notification Sends",
+  ["users.messages.sms.Abort"] = "SMS Aborts",
+  ["users.messages.sms.CarrierSend"] = "SMS Carrier Sends",
+  ["users.messages.sms.Delivery"] = "SMS Deliveries",
+  ["users.messages.sms.DeliveryFailure"] = "SMS Delivery Failures",
+  ["users.messages.sms.InboundReceive"] = "SMS Inbound Received",
+  ["users.messages.sms.Rejection"] = "SMS Rejections",
+  ["users.messages.sms.Send"] = "SMS Sends",
+  ["users.messages.sms.ShortLinkClick"] = "SMS Short Link Clicks",
+  ["users.messages.webhook.Abort"] = "Webhook Aborts",
+  ["users.messages.webhook.Send"] = "Webhook Sends",
+  ["users.messages.whatsapp.Abort"] = "WhatsApp Aborts",
+  ["users.messages.whatsapp.Delivery"] = "WhatsApp Deliveries",
+  ["users.messages.whatsapp.Failure"] = "WhatsApp Failures",
+  ["users.messages.whatsapp.InboundReceive"] = "WhatsApp Inbound Received",
+  ["users.messages.whatsapp.Read"] = "WhatsApp Reads",
+  ["users.messages.whatsapp.Send"] = "WhatsApp Sends",
+}
+
+-- Braze's mParticle page spells two of them differently; both select the event.
+local ALIASES = {
+  ["users.campaigns.Abort"] = "users_campaigns_abort",
+  ["users.canvas.Abort"] = "users_canvas_abort",
+}
+
+-- properties.platform -> feed
+local PLATFORM_FEED = {
+  ios = "ios", tvos = "ios",
+  android = "android", kindle = "android",
+  web = "web",
+}
+
+-- feed -> device_info.platform
+local DEVICE_PLATFORM = { ios = "iOS", android = "Android", web = "web" }
+
+-- properties.ad_id_type -> device_info field
+local AD_ID_FIELD = {
+  ios_idfa = "ios_advertising_id",
+  google_ad_id = "android_advertising_id",
+  windows_ad_id = "microsoft_advertising_id",
+  roku_ad_id = "roku_advertising_id",
+}
+
+-- Properties that land elsewhere (or nowhere) instead of in custom_attributes.
+local CONSUMED = {
+  platform = true, device_model = true, os_version = true, media_urls = true,
+  ad_id = true, ad_id_type = true, ad_tracking_enabled = true,
+}
+
+-- mParticle's limits on custom attributes.
+local MAX_ATTRIBUTES = 100
+local MAX_NAME = 256
+local MAX_VALUE = 4096
+
+-- Absent and JSON null are the same.
+local function present(v)
+  if v == nil or v == null then return nil end
+  return v
+end
+
+local function nonempty(v)
+  v = present(v)
+  if v == "" then return nil end
+  return v
+end
+
+-- Cut a string to at most `max` characters (bytes when it is not UTF-8).
+local function cut(s, max)
+  if #s <= max then return s, false end
+  local chars = utf8.len(s)
+  if chars == nil then return s:sub(1, max), true end
+  if chars <= max then return s, false end
+  return s:sub(1, utf8.offset(s, max + 1) - 1), true
+end
+
+-- A custom attribute value: scalars stay, lists are joined with ",", objects
+-- become JSON text.
+local function attribute_value(v)
+  local t = type(v)
+  if t ~= "table" then return v end
+  if #v > 0 or next(v) == nil then
+    local parts = {}
+    for _, item in ipairs(v) do
+      item = present(item)
+      if item ~= nil then
+        parts[#parts + 1] = type(item) == "table" and cjson.encode(item) or tostring(item)
+      end
+    end
+    return table.concat(parts, ",")
+  end
+  return cjson.encode(v)
+end
+
+local function custom_attributes(props, user, consumed)
+  local names = {}
+  for k, v in pairs(props) do
+    if present(v) ~= nil and not CONSUMED[k] and not consumed[k] then
+      names[#names + 1] = k
+    end
+  end
+  local device_id = nonempty(user.device_id)
+  if device_id and props.device_id == nil then names[#names + 1] = "device_id" end
+  table.sort(names)
+
+  local attrs, truncated = {}, 0
+  local kept = math.min(#names, MAX_ATTRIBUTES)
+  for i = 1, kept do
+    local k = names[i]
+    local v
+    if k == "device_id" and props.device_id == nil then v = device_id else v = attribute_value(props[k]) end
+    if k == "content_card_id" then k = "card_id" end
+    local name, cut_name = cut(k, MAX_NAME)
+    if type(v) == "string" then
+      local cut_value
+      v, cut_value = cut(v, MAX_VALUE)
+      if cut_value then truncated = truncated + 1 end
+    end
+    if cut_name then truncated = truncated + 1 end
+    attrs[name] = v
+  end
+  if truncated > 0 then tributary.count("attribute_truncated", truncated) end
+  if #names > kept then tributary.count("attribute_dropped", #names - kept) end
+  return attrs
+end
+
+local function feed_for(props)
+  local feed = PLATFORM_FEED[present(props.platform)]
+  if not feed then
+    local app_id = present(props.app_id)
+    feed = app_id and tributary.apps[app_id] or "unbound"
+  end
+  -- mParticle treats a platform's data without its own credentials as unbound
+  if feed ~= "unbound" and not tributary.feeds[feed] and tributary.feeds.unbound then
+    feed = "unbound"
+  end
+  return feed
+end
+
+local function selected(event_type)
+  local events = tributary.events
+  if events == nil then return true end
+  return events[event_type] or (ALIASES[event_type] ~= nil and events[ALIASES[event_type]]) or false
+end
+
+local function process(event, out)
+  local name = NAMES[event.event_type]
+  if name == nil then return false, "unsupported_type" end
+  if not selected(event.event_type) then return false, "not_selected" end
+
+  local user = present(event.user) or {}
+  local props = present(event.properties) or {}
+  local customer_id = nonempty(user.external_user_id)
+  if customer_id == nil then return false, "no_external_id" end
+
+  local feed = feed_for(props)
+  local consumed = {}
+
+  local identities = { customer_id = tostring(customer_id) }
+  local kind = event.event_type
+  local email = nonempty(props.email_address)
+  if email and (kind:find("users.messages.email.", 1, true) == 1
+      or kind:find("users.behaviors.subscription", 1, true) == 1) then
+    identities.email = email
+    consumed.email_address = true
+  end
+
+  local user_attributes = {}
+  local mobile = nonempty(props.to_phone_number)
+  if mobile then
+    consumed.to_phone_number = true
+  else
+    mobile = nonempty(props.user_phone_number)
+    if mobile then consumed.user_phone_number = true end
+  end
+  if mobile then user_attributes["$mobile"] = mobile end
+
+  local device_info = {}
+  device_info.platform = DEVICE_PLATFORM[feed]
+  device_info.device_model = nonempty(props.device_model)
+  local device_id = nonempty(user.device_id)
+  if feed == "ios" then device_info.ios_idfv = device_id end
+  if feed == "android" then device_info.android_uuid = device_id end
+  local ad_field = AD_ID_FIELD[present(props.ad_id_type)]
+  if ad_field then device_info[ad_field] = nonempty(props.ad_id) end
+  local tracking = present(props.ad_tracking_enabled)
+  if type(tracking) == "boolean" then device_info.limit_ad_tracking = not tracking end
+
+  local data = {
+    timestamp_unixtime_ms = math.tointeger(math.floor(event.time * 1000)),
+    source_message_id = event.id,
+    custom_attributes = custom_attributes(props, user, consumed),
+  }
+  local mp_type = "uninstall"
+  if name then
+    mp_type = "custom_event"
+    data.event_name = name
+    data.custom_event_type = "other"
+  end
+
+  return {
+    feed = feed,
+    batch = {
+      environment = tributary.environment,
+      user_identities = identities,
+      user_attributes = user_attributes,
+      device_info = device_info,
+    },
+    event = { event_type = mp_type, data = data },
+  }
+end
+
+-- Examples, run by `tributary check` and before every reload.
+local absent = tributary.absent
+local tests = {
+  {
+    name = "push send on iOS",
+    event = {
+      event_type = "users.messages.pushnotification.Send",
+      id = "a1b2c3d4-0000-4000-8000-000000000001",
+      time = 1732800000,
+      user = { user_id = "5f8a9b0c1d2e3f4a5b6c7d8e", external_user_id = "customer-1234",
+               device_id = "2E3C1F4A-77B2-4C8E-9A01-6F2D3B4C5D6E", timezone = "Europe/Berlin" },
+      properties = { app_id = "app-1", campaign_name = "Winter sale", platform = "ios",
+                     device_model = "iPhone15,2", os_version = "iOS 17.6.1",
+                     ad_id = "idfa-1", ad_id_type = "ios_idfa", ad_tracking_enabled = true },
+    },
+    expect = {
+      feed = "ios",
+      batch = {
+        environment = "production",
+        user_identities = { customer_id = "customer-1234", email = absent },
+        device_info = { platform = "iOS", device_model = "iPhone15,2",
+                        ios_idfv = "2E3C1F4A-77B2-4C8E-9A01-6F2D3B4C5D6E",
+                        ios_advertising_id = "idfa-1", limit_ad_tracking = false },
+      },
+      event = {
+        event_type = "custom_event",
+        data = {
+          event_name = "Push Notification Sends", custom_event_type = "other",
+          timestamp_unixtime_ms = 1732800000000,
+          source_message_id = "a1b2c3d4-0000-4000-8000-000000000001",
+          custom_attributes = { app_id = "app-1", campaign_name = "Winter sale",
+                                device_id = "2E3C1F4A-77B2-4C8E-9A01-6F2D3B4C5D6E",
+                                os_version = absent, platform = absent, user_id = absent,
+                                timezone = absent },
+        },
+      },
+    },
+  },
+  {
+    name = "email open goes to unbound with the email identity",
+    event = {
+      event_type = "users.messages.email.Open", id = "e-1", time = 1732800001,
+      user = { external_user_id = "customer-1" },
+      properties = { email_address = "jane@example.com", campaign_id = "c-1" },
+    },
+    expect = {
+      feed = "unbound",
+      batch = { user_identities = { customer_id = "customer-1", email = "jane@example.com" },
+                device_info = { platform = absent } },
+      event = { data = { event_name = "Email Opens",
+                         custom_attributes = { campaign_id = "c-1", email_address = absent } } },
+    },
+  },
+  {
+    name = "uninstall reaches its platform through the apps table",
+    config = { apps = { ["android-app"] = "android" } },
+    event = { event_type = "users.behaviors.Uninstall", id = "u-1", time = 1732800002,
+              user = { external_user_id = "customer-2", device_id = "dev-2" },
+              properties = { app_id = "android-app" } },
+    expect = { feed = "android",
+               batch = { device_info = { platform = "Android", android_uuid = "dev-2" } },
+               event = { event_type = "uninstall", data = { event_name = absent } } },
+  },
+  {
+    name = "a platform feed without credentials falls back to unbound",
+    config = { feeds = { ios = false } },
+    event = { event_type = "users.messages.inappmessage.Click", id = "i-1", time = 1,
+              user = { external_user_id = "c" }, properties = { platform = "tvos" } },
+    expect = { feed = "unbound", batch = { device_info = { platform = absent } } },
+  },
+  {
+    name = "SMS: $mobile from to_phone_number",
+    event = { event_type = "users.messages.sms.Delivery", id = "s-1", time = 1,
+              user = { external_user_id = "c" },
+              properties = { to_phone_number = "+4915112345678", from_phone_number = "+1555" } },
+    expect = { batch = { user_attributes = { ["$mobile"] = "+4915112345678" } },
+               event = { data = { custom_attributes = { from_phone_number = "+1555",
+                                                        to_phone_number = absent } } } },
+  },
+  {
+    name = "content_card_id is renamed, lists are joined, media_urls dropped",
+    event = { event_type = "users.messages.contentcard.Click", id = "cc-1", time = 1,
+              user = { external_user_id = "c" },
+              properties = { content_card_id = "card-9", media_urls = { "https://x/1.png" },
+                             suspected_bot_click_reason = { "ua", "ip" },
+                             extra = { nested = true } } },
+    expect = { event = { data = { custom_attributes = {
+      card_id = "card-9", content_card_id = absent, media_urls = absent,
+      suspected_bot_click_reason = "ua,ip", extra = '{"nested":true}' } } } },
+  },
+  {
+    name = "no external_user_id: skipped",
+    event = { event_type = "users.messages.email.Send", id = "x-1", time = 1,
+              user = { user_id = "5f8a" }, properties = {} },
+    expect_drop = "no_external_id",
+  },
+  {
+    name = "an event type outside the mapping is filtered",
+    event = { event_type = "users.behaviors.CustomEvent", id = "x-2", time = 1,
+              user = { external_user_id = "c" } },
+    expect_drop = "unsupported_type",
+  },
+  {
+    name = "the events setting narrows the selection, with Braze's alias spelling",
+    config = { events = { "users_canvas_abort" } },
+    event = { event_type = "users.canvas.Entry", id = "x-3", time = 1,
+              user = { external_user_id = "c" } },
+    expect_drop = "not_selected",
+  },
+  {
+    name = "an alias selects the event",
+    config = { events = { "users_canvas_abort" } },
+    event = { event_type = "users.canvas.Abort", id = "x-4", time = 1,
+              user = { external_user_id = "c" } },
+    expect = { event = { data = { event_name = "Canvas Aborts" } } },
+  },
+}
+
+return { process = process, tests = tests }

@@ -1,0 +1,36 @@
+#!/bin/sh
+# Runs the whole test suite: every Check unit test binary, then the integration
+# tests (which start the real binary). Exits non-zero when anything fails.
+#
+#   scripts/test.sh UNIT_DIR BINARY
+#
+# TEST_WRAPPER (e.g. "valgrind ...") runs the binary and the unit tests under a
+# tool. TEST_FILTER selects integration tests by name (unittest -k).
+set -u
+unit_dir=$1
+bin=$2
+failed=0
+start=$(date +%s)
+
+echo "== unit tests ($unit_dir)"
+for t in "$unit_dir"/test_*; do
+    [ -x "$t" ] || continue
+    # CK_FORK=no under a wrapper, so valgrind sees the test code itself.
+    if [ -n "${TEST_WRAPPER:-}" ]; then
+        CK_FORK=no CK_DEFAULT_TIMEOUT=300 timeout 900 $TEST_WRAPPER "$t" || { echo "FAILED: $t"; failed=1; }
+    else
+        CK_DEFAULT_TIMEOUT=60 timeout 300 "$t" || { echo "FAILED: $t"; failed=1; }
+    fi
+done
+
+echo "== integration tests ($bin)"
+export TEST_TRIBUTARY_BIN="$bin"
+export TEST_WRAPPER="${TEST_WRAPPER:-}"
+set -- python3 -m unittest discover -s tests/integration -p 'test_*.py' -t tests/integration
+if [ -n "${TEST_FILTER:-}" ]; then
+    set -- "$@" -k "$TEST_FILTER"
+fi
+timeout 1800 "$@" || failed=1
+
+echo "== suite finished in $(( $(date +%s) - start ))s: $([ $failed = 0 ] && echo PASS || echo FAIL)"
+exit $failed
