@@ -42,17 +42,23 @@ all: $(BIN)
 setup:
 	@scripts/setup.sh
 
+# `make V=1` shows the commands.
+Q := $(if $(V),,@)
+
 $(BUILD)/host/%.o: host/%.c $(wildcard host/*.h) Makefile
 	@mkdir -p $(dir $@)
-	$(CC) $(ALL_CFLAGS) -c -o $@ $<
+	@$(if $(Q),echo "  CC    $<")
+	$(Q)$(CC) $(ALL_CFLAGS) -c -o $@ $<
 
 $(BIN): $(OBJS)
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $(OBJS) $(LIBS)
+	@$(if $(Q),echo "  LD    $@")
+	$(Q)$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $(OBJS) $(LIBS)
 
 $(BUILD)/tests/%: tests/unit/%.c tests/unit/unit.h $(LIB_OBJS)
 	@mkdir -p $(dir $@)
-	$(CC) $(ALL_CFLAGS) -Ihost $$(pkg-config --cflags check) -o $@ $< $(LIB_OBJS) \
+	@$(if $(Q),echo "  TEST  $@")
+	$(Q)$(CC) $(ALL_CFLAGS) -Ihost $$(pkg-config --cflags check) -o $@ $< $(LIB_OBJS) \
 		$(LDFLAGS) $$(pkg-config --libs check) $(LIBS)
 
 unit: $(UNIT_BINS)
@@ -67,7 +73,7 @@ test: setup
 
 # The whole suite against the binary and unit tests of this BUILD.
 check-suite: $(BIN) $(UNIT_BINS)
-	@scripts/test.sh $(BUILD)/tests $(BIN)
+	@TEST_WRAPPER="$(TEST_WRAPPER)" scripts/test.sh $(BUILD)/tests $(BIN)
 
 asan: setup
 	@$(MAKE) --no-print-directory check-suite BUILD=build/asan BIN=build/asan/tributary \

@@ -1,0 +1,254 @@
+"""Test harness: starts the real tributary binary on loopback and talks to it.
+
+Each Service runs in its own temporary directory (queue, logs) on a free port.
+The binary comes from TEST_TRIBUTARY_BIN (default host/tributary); TEST_WRAPPER
+(e.g. valgrind) is put in front of it.
+"""
+
+import http.client
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import tempfile
+import time
+import unittest
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+BIN = os.path.abspath(os.path.join(ROOT, os.environ.get("TEST_TRIBUTARY_BIN", "host/tributary")))
+WRAPPER = shlex.split(os.environ.get("TEST_WRAPPER", ""))
+RULES = os.path.join(ROOT, "rules")
+DATA = os.path.join(ROOT, "tests", "data")
+# Under valgrind everything is much slower.
+SLOW = 10 if WRAPPER else 1
+
+TOKEN = "test-token-0123456789abcdef"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def clean_env(extra=None):
+    """The test's environment without any TRIBUTARY_* variable of the caller."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIBUTARY_")}
+    env.update(extra or {})
+    return env
+
+
+def run_cli(args, env=None, stdin=None, cwd=None, timeout=60):
+    """Runs the binary once; returns CompletedProcess with text output."""
+    return subprocess.run(
+        WRAPPER + [BIN] + args,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=clean_env(env),
+        cwd=cwd or ROOT,
+        timeout=timeout * SLOW,
+    )
+
+
+class Response:
+    def __init__(self, status, headers, body):
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+    def json(self):
+        return json.loads(self.body)
+
+    def __repr__(self):
+        return "Response(%d, %r)" % (self.status, self.body[:300])
+
+
+def request(port, method, path, body=None, headers=None, timeout=30):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout * SLOW)
+    try:
+        if isinstance(body, str):
+            body = body.encode()
+        conn.request(method, path, body=body, headers=headers or {})
+        r = conn.getresponse()
+        return Response(r.status, {k.lower(): v for k, v in r.getheaders()}, r.read().decode())
+    finally:
+        conn.close()
+
+
+class Service:
+    """One running tributary serve."""
+
+    def __init__(self, env=None, rules_dir=None, config=None, tokens=(TOKEN,), workdir=None):
+        self.dir = workdir or tempfile.mkdtemp(prefix="tributary-it-")
+        self.port = free_port()
+        self.data_dir = os.path.join(self.dir, "var")
+        self.log_path = os.path.join(self.dir, "service.log")
+        self.env = {
+            "TRIBUTARY_LISTEN": "127.0.0.1:%d" % self.port,
+            "TRIBUTARY_DATA_DIR": self.data_dir,
+            "TRIBUTARY_RULES_DIR": rules_dir or RULES,
+            "TRIBUTARY_LOG_LEVEL": "debug",
+        }
+        if tokens:
+            self.env["TRIBUTARY_INBOUND_TOKENS"] = ",".join(tokens)
+        self.env.update(env or {})
+        self.config = None
+        if config is not None:
+            self.config = os.path.join(self.dir, "tributary.conf.lua")
+            with open(self.config, "w") as f:
+                f.write(config)
+        self.proc = None
+
+    def start(self, wait=True):
+        args = WRAPPER + [BIN, "serve"]
+        if self.config:
+            args += ["--config", self.config]
+        self.log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            args, env=clean_env(self.env), cwd=self.dir, stdout=self.log, stderr=subprocess.STDOUT
+        )
+        if wait:
+            self.wait_healthy()
+        return self
+
+    def wait_healthy(self, timeout=15):
+        deadline = time.time() + timeout * SLOW
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError("service exited with %d:\n%s" % (self.proc.returncode, self.logs()))
+            try:
+                if request(self.port, "GET", "/healthz", timeout=2).status == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError("service did not become healthy:\n" + self.logs())
+
+    def stop(self, timeout=30):
+        """SIGTERM and wait; returns the exit code."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout * SLOW)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise AssertionError("service did not stop on SIGTERM:\n" + self.logs())
+        if self.proc:
+            self.log.close()
+        return self.proc.returncode if self.proc else None
+
+    def kill9(self):
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+        self.log.close()
+
+    def cleanup(self):
+        try:
+            self.stop()
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def logs(self):
+        try:
+            with open(self.log_path, "rb") as f:
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    def post(self, events=None, body=None, token=TOKEN, headers=None, path="/currents"):
+        h = {"Content-Type": "application/json", "Braze-Currents-Version": "1"}
+        if token is not None:
+            h["Authorization"] = "Bearer " + token
+        h.update(headers or {})
+        if body is None:
+            body = json.dumps({"events": events or []})
+        return request(self.port, "POST", path, body, h)
+
+    def get(self, path):
+        return request(self.port, "GET", path)
+
+    def metrics(self):
+        """Prometheus text -> {'name{labels}': value}."""
+        out = {}
+        for line in self.get("/metrics").body.splitlines():
+            if line and not line.startswith("#"):
+                key, _, value = line.rpartition(" ")
+                out[key] = float(value)
+        return out
+
+    def db(self):
+        """A read connection to the queue database."""
+        return sqlite3.connect(os.path.join(self.data_dir, "queue.db"), timeout=30)
+
+    def queued_ids(self):
+        with self.db() as db:
+            return [r[0] for r in db.execute("SELECT event_id FROM records ORDER BY id")]
+
+    def cli(self, args, **kw):
+        env = dict(self.env)
+        return run_cli(args + (["--config", self.config] if self.config else []), env=env, cwd=self.dir, **kw)
+
+
+class ServiceTest(unittest.TestCase):
+    """Base class: self.service(...) starts a service that is cleaned up after the test."""
+
+    def service(self, **kw):
+        s = Service(**kw)
+        self.addCleanup(s.cleanup)
+        return s.start()
+
+    def tmpdir(self):
+        d = tempfile.mkdtemp(prefix="tributary-it-")
+        self.addCleanup(shutil.rmtree, d, True)
+        return d
+
+    def rules_dir(self, extra=None, default=True):
+        """A rules directory: the shipped rules (unless default=False) plus extra {name: source}."""
+        d = self.tmpdir()
+        if default:
+            for name in os.listdir(RULES):
+                if name.endswith(".lua"):
+                    shutil.copy(os.path.join(RULES, name), d)
+        for name, src in (extra or {}).items():
+            with open(os.path.join(d, name), "w") as f:
+                f.write(src)
+        return d
+
+
+_seq = [0]
+
+
+def event(event_type="users.messages.email.Open", user="customer-1", id=None, time_s=1732800000,
+          platform=None, **props):
+    """A Currents event shaped like Braze's samples."""
+    _seq[0] += 1
+    e = {
+        "event_type": event_type,
+        "id": id or "evt-%d-%d-%d" % (os.getpid(), int(time.time() * 1000), _seq[0]),
+        "time": time_s,
+        "user": {"user_id": "5f8a9b0c1d2e3f4a5b6c7d8e", "timezone": "Europe/Berlin"},
+        "properties": dict(props),
+    }
+    if user is not None:
+        e["user"]["external_user_id"] = user
+    if platform is not None:
+        e["properties"]["platform"] = platform
+    return e
+
+
+def load_event_map():
+    """[(braze_type, mparticle_name, mparticle_event_type)] from tests/data/event-map.tsv."""
+    rows = []
+    with open(os.path.join(DATA, "event-map.tsv")) as f:
+        for line in f:
+            if line.startswith("#") or not line.strip():
+                continue
+            braze, name, kind = line.rstrip("\n").split("\t")
+            rows.append((braze, name, kind))
+    return rows

@@ -1,0 +1,70 @@
+"""The command line: check, --help, --version, errors that name file and line."""
+
+import os
+import unittest
+
+from harness import ServiceTest, run_cli
+
+
+class Cli(ServiceTest):
+    def test_version_and_help(self):
+        p = run_cli(["--version"])
+        self.assertEqual(p.returncode, 0)
+        self.assertRegex(p.stdout, r"^tributary \d+\.\d+\.\d+")
+        p = run_cli(["--help"])
+        self.assertEqual(p.returncode, 0)
+        for command in ("serve", "check", "map"):
+            self.assertIn(command, p.stdout)
+
+    def test_unknown_command_is_a_usage_error(self):
+        p = run_cli(["frobnicate"])
+        self.assertEqual(p.returncode, 2)
+        self.assertIn("unknown command", p.stderr)
+
+    def test_check_passes_on_the_shipped_configuration_and_rules(self):
+        p = run_cli(["check", "--config", "tributary.conf.lua"])
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertRegex(p.stdout, r"ok: .* rule tests? passed, rules version [0-9a-f]{12}")
+
+    def test_check_names_file_and_line_of_a_rule_syntax_error(self):
+        rules = self.rules_dir({"20-broken.lua": "return function(e, out)\n  if then\nend\n"})
+        p = run_cli(["check"], env={"TRIBUTARY_RULES_DIR": rules})
+        self.assertEqual(p.returncode, 1)
+        self.assertIn("20-broken.lua:2:", p.stderr)
+
+    def test_check_names_file_and_line_of_an_unknown_config_key(self):
+        d = self.tmpdir()
+        conf = os.path.join(d, "c.lua")
+        with open(conf, "w") as f:
+            f.write("return {\n  batch = {\n    lingr_ms = 5,\n  },\n}\n")
+        p = run_cli(["check", "--config", conf])
+        self.assertEqual(p.returncode, 1)
+        self.assertIn("c.lua:3: unknown key 'batch.lingr_ms'", p.stderr)
+
+    def test_check_reports_a_wrong_type_without_echoing_secrets(self):
+        d = self.tmpdir()
+        conf = os.path.join(d, "c.lua")
+        with open(conf, "w") as f:
+            f.write('return { feeds = { ios = { key = "super-secret-key-value" } } }\n')
+        p = run_cli(["check", "--config", conf])
+        self.assertEqual(p.returncode, 1)
+        self.assertIn("feeds.ios", p.stderr)
+        self.assertNotIn("super-secret-key-value", p.stderr + p.stdout)
+
+    def test_check_fails_when_a_rule_test_fails(self):
+        rules = self.rules_dir({"20-rename.lua": (
+            "return {\n"
+            "  process = function(e, out) out.event.data.event_name = 'Renamed' end,\n"
+            "  tests = { { name = 'renames', event = { event_type = 'users.messages.email.Open',\n"
+            "    id = '1', time = 1, user = { external_user_id = 'c' } },\n"
+            "    expect = { event = { data = { event_name = 'Something else' } } } } },\n"
+            "}\n")})
+        p = run_cli(["check"], env={"TRIBUTARY_RULES_DIR": rules})
+        self.assertEqual(p.returncode, 1)
+        self.assertIn("20-rename.lua: test 'renames' failed", p.stderr)
+        self.assertIn('expected "Something else", got "Renamed"', p.stderr)
+
+    def test_bad_environment_value_is_an_error_naming_the_variable(self):
+        p = run_cli(["check"], env={"TRIBUTARY_BATCH_LINGER_MS": "soon"})
+        self.assertEqual(p.returncode, 1)
+        self.assertIn("TRIBUTARY_BATCH_LINGER_MS", p.stderr)

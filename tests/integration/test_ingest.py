@@ -1,0 +1,293 @@
+"""Inbound HTTP: Currents batches in, Braze's status codes out (currents-http.md)."""
+
+import http.client
+import json
+import threading
+
+from harness import TOKEN, Service, ServiceTest, event, request
+
+
+class Ingest(ServiceTest):
+    def test_valid_batch_is_committed_and_summarised(self):
+        s = self.service()
+        events = [
+            event("users.messages.pushnotification.Send", platform="ios", user="c-1"),
+            event("users.messages.email.Open", user=None),  # skipped: no external id
+            event("users.behaviors.CustomEvent", user="c-2"),  # filtered: not mapped
+        ]
+        r = s.post(events)
+        self.assertEqual(r.status, 200, r)
+        summary = r.json()
+        self.assertEqual(summary["accepted"], 3)
+        self.assertEqual(summary["forwarded"], 1)
+        self.assertEqual(summary["skipped"], 1)
+        self.assertEqual(summary["filtered"], 1)
+        self.assertEqual(summary["duplicates"], 0)
+        self.assertEqual(summary["quarantined"], 0)
+        self.assertEqual(s.queued_ids(), [events[0]["id"]])
+
+    def test_every_event_of_a_large_batch_is_queued_in_order(self):
+        s = self.service()
+        events = [event("users.messages.email.Send", user="u-%d" % i) for i in range(100)]
+        r = s.post(events)
+        self.assertEqual(r.status, 200, r)
+        self.assertEqual(r.json()["forwarded"], 100)
+        self.assertEqual(s.queued_ids(), [e["id"] for e in events])
+
+    def test_duplicate_ids_are_acknowledged_and_stored_once(self):
+        s = self.service()
+        e = event("users.messages.email.Send")
+        self.assertEqual(s.post([e]).json()["forwarded"], 1)
+        again = s.post([e, e])
+        self.assertEqual(again.status, 200)
+        self.assertEqual(again.json()["duplicates"], 2)
+        self.assertEqual(again.json()["forwarded"], 0)
+        self.assertEqual(s.queued_ids(), [e["id"]])
+        self.assertEqual(s.metrics()["tributary_events_duplicate_total"], 2)
+
+    def test_unknown_fields_and_unknown_event_types_are_accepted(self):
+        s = self.service()
+        e = event("users.messages.email.Open", brand_new_field={"x": [1, 2]})
+        e["top_level_novelty"] = True
+        e["user"]["new_user_field"] = "v"
+        future = event("users.messages.hologram.Projected")
+        r = s.post([e, future])
+        self.assertEqual(r.status, 200, r)
+        self.assertEqual(r.json()["forwarded"], 1)
+        self.assertEqual(r.json()["filtered"], 1)
+        m = s.metrics()
+        self.assertEqual(m['tributary_events_filtered_total{reason="unsupported_type"}'], 1)
+
+    def test_rule_error_quarantines_the_event_and_the_rest_succeeds(self):
+        rules = self.rules_dir({"20-explode.lua": (
+            "return function(event, out)\n"
+            "  if event.properties.explode then\n"
+            "    error('cannot handle this one')\n"
+            "  end\n"
+            "end\n")})
+        s = self.service(rules_dir=rules)
+        bad = event("users.messages.email.Open", explode=True)
+        good = event("users.messages.email.Open")
+        r = s.post([bad, good])
+        self.assertEqual(r.status, 200, r)
+        self.assertEqual(r.json()["quarantined"], 1)
+        self.assertEqual(r.json()["forwarded"], 1)
+        with s.db() as db:
+            rows = db.execute("SELECT event_id, reason, detail, raw FROM dead").fetchall()
+        self.assertEqual(len(rows), 1)
+        event_id, reason, detail, raw = rows[0]
+        self.assertEqual(event_id, bad["id"])
+        self.assertEqual(reason, "rule_error")
+        self.assertIn("20-explode.lua:3:", detail)
+        self.assertIn("cannot handle this one", detail)
+        self.assertEqual(json.loads(raw)["id"], bad["id"])
+        self.assertEqual(s.metrics()['tributary_dead_letters_total{reason="rule_error"}'], 1)
+
+    def test_concurrent_requests_are_all_committed(self):
+        s = self.service()
+        results, ids = [], []
+        lock = threading.Lock()
+
+        def worker(n):
+            for _ in range(10):
+                batch = [event("users.messages.email.Send", user="w%d" % n) for _ in range(20)]
+                r = s.post(batch)
+                with lock:
+                    results.append(r.status)
+                    ids.extend(e["id"] for e in batch)
+
+        threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self.assertEqual(set(results), {200})
+        self.assertEqual(sorted(s.queued_ids()), sorted(ids))
+
+
+class Auth(ServiceTest):
+    def test_missing_token_is_401(self):
+        s = self.service()
+        r = s.post([event()], token=None)
+        self.assertEqual(r.status, 401)
+        self.assertEqual(s.queued_ids(), [])
+
+    def test_wrong_token_is_401_and_not_echoed(self):
+        s = self.service()
+        r = s.post([event()], token="not-the-token")
+        self.assertEqual(r.status, 401)
+        self.assertNotIn("not-the-token", r.body)
+        self.assertNotIn("not-the-token", s.logs())
+
+    def test_any_configured_token_is_accepted_for_rotation(self):
+        s = self.service(tokens=("old-token-aaaaaaaa", "new-token-bbbbbbbb"))
+        self.assertEqual(s.post([event()], token="old-token-aaaaaaaa").status, 200)
+        self.assertEqual(s.post([event()], token="new-token-bbbbbbbb").status, 200)
+        self.assertEqual(s.post([event()], token="new-token-bbbbbbb").status, 401)
+
+    def test_empty_body_with_good_token_is_a_2xx_no_op(self):
+        s = self.service()
+        r = s.post(body="")
+        self.assertEqual(r.status, 200, r)
+        self.assertEqual(r.json()["accepted"], 0)
+
+    def test_empty_list_with_good_token_is_a_2xx_no_op(self):
+        s = self.service()
+        r = s.post([])
+        self.assertEqual(r.status, 200)
+        self.assertEqual(r.json()["accepted"], 0)
+
+    def test_empty_probe_with_bad_token_is_401(self):
+        s = self.service()
+        self.assertEqual(s.post(body="", token="bad").status, 401)
+        self.assertEqual(s.post([], token=None).status, 401)
+
+    def test_without_configured_tokens_loopback_accepts_requests(self):
+        s = self.service(tokens=())
+        self.assertEqual(s.post([event()], token=None).status, 200)
+        self.assertIn("without authentication", s.logs())
+
+    def test_non_loopback_listen_without_token_refuses_to_start(self):
+        s = Service(tokens=(), env={"TRIBUTARY_LISTEN": "0.0.0.0:0"})
+        self.addCleanup(s.cleanup)
+        s.start(wait=False)
+        self.assertEqual(s.proc.wait(timeout=30), 1)
+        self.assertIn("without inbound.tokens", s.logs())
+
+
+class MalformedInput(ServiceTest):
+    def assert_400(self, s, body, index=None, reason=None):
+        r = s.post(body=body)
+        self.assertEqual(r.status, 400, r)
+        err = r.json()
+        if index is not None:
+            self.assertEqual(err["index"], index)
+        if reason is not None:
+            self.assertIn(reason, err["reason"])
+        self.assertEqual(s.queued_ids(), [])
+        return err
+
+    def test_malformed_json_is_400(self):
+        s = self.service()
+        self.assert_400(s, '{"events": [', reason="malformed JSON")
+
+    def test_not_an_envelope_is_400(self):
+        s = self.service()
+        self.assert_400(s, json.dumps([event()]))
+        self.assert_400(s, '{"data": []}')
+        self.assert_400(s, '"events"')
+
+    def test_events_not_a_list_is_400(self):
+        s = self.service()
+        self.assert_400(s, '{"events": {"a": 1}}', reason="list")
+        self.assert_400(s, '{"events": 7}', reason="list")
+
+    def test_event_without_id_is_400_naming_its_index(self):
+        s = self.service()
+        e = event()
+        del e["id"]
+        self.assert_400(s, json.dumps({"events": [event(), e]}), index=1, reason="missing id")
+
+    def test_event_without_event_type_is_400(self):
+        s = self.service()
+        e = event()
+        del e["event_type"]
+        self.assert_400(s, json.dumps({"events": [e]}), index=0, reason="event_type")
+
+    def test_event_without_time_is_400(self):
+        s = self.service()
+        e = event()
+        del e["time"]
+        self.assert_400(s, json.dumps({"events": [e]}), index=0, reason="missing time")
+
+    def test_time_that_is_not_a_number_is_400(self):
+        s = self.service()
+        e = event()
+        e["time"] = "yesterday"
+        self.assert_400(s, json.dumps({"events": [e]}), index=0, reason="time")
+
+    def test_event_that_is_not_an_object_is_400(self):
+        s = self.service()
+        self.assert_400(s, '{"events": [42]}', index=0, reason="not a JSON object")
+
+    def test_one_bad_event_rejects_the_whole_request_with_no_partial_write(self):
+        s = self.service()
+        good = [event() for _ in range(5)]
+        bad = event()
+        bad["id"] = ""
+        self.assert_400(s, json.dumps({"events": good + [bad]}), index=5)
+        # Braze then re-sends the good ones alone
+        self.assertEqual(s.post(good).status, 200)
+        self.assertEqual(len(s.queued_ids()), 5)
+
+    def test_body_over_the_limit_is_413(self):
+        s = self.service(env={"TRIBUTARY_INBOUND_MAX_BODY_BYTES": "4096"})
+        big = [event(padding="x" * 1000) for _ in range(10)]
+        r = s.post(big)
+        self.assertEqual(r.status, 413, r)
+        small = [event()]
+        self.assertEqual(s.post(small).status, 200)
+
+    def test_chunked_body_over_the_limit_is_413(self):
+        s = self.service(env={"TRIBUTARY_INBOUND_MAX_BODY_BYTES": "4096"})
+        body = json.dumps({"events": [event(padding="x" * 1000) for _ in range(10)]}).encode()
+        conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=30)
+        conn.putrequest("POST", "/currents")
+        conn.putheader("Authorization", "Bearer " + TOKEN)
+        conn.putheader("Transfer-Encoding", "chunked")
+        conn.endheaders()
+        for i in range(0, len(body), 1000):
+            chunk = body[i:i + 1000]
+            conn.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        conn.send(b"0\r\n\r\n")
+        r = conn.getresponse()
+        self.assertEqual(r.status, 413)
+        conn.close()
+        self.assertEqual(s.queued_ids(), [])
+
+    def test_more_events_than_allowed_is_413(self):
+        s = self.service(env={"TRIBUTARY_INBOUND_MAX_EVENTS": "3"})
+        self.assertEqual(s.post([event() for _ in range(4)]).status, 413)
+        self.assertEqual(s.post([event() for _ in range(3)]).status, 200)
+
+
+class OwnTrouble(ServiceTest):
+    def test_queue_over_its_limit_is_503_with_retry_after(self):
+        s = self.service(env={"TRIBUTARY_QUEUE_MAX_DEPTH": "3"})
+        self.assertEqual(s.post([event(), event()]).status, 200)
+        r = s.post([event(), event()])
+        self.assertEqual(r.status, 503, r)
+        self.assertGreater(int(r.headers["retry-after"]), 0)
+        self.assertEqual(len(s.queued_ids()), 2)
+
+    def test_storage_failure_is_503_never_4xx(self):
+        s = self.service()
+        self.assertEqual(s.post([event()]).status, 200)
+        # Make every later write fail: replace the records table with a view
+        # (writes to a view raise an error inside SQLite).
+        with s.db() as db:
+            db.execute("ALTER TABLE records RENAME TO records_moved")
+            db.execute("CREATE VIEW records AS SELECT * FROM records_moved")
+        r = s.post([event()])
+        self.assertEqual(r.status, 503, r)
+        self.assertIn("retry-after", r.headers)
+
+
+class Probes(ServiceTest):
+    def test_healthz_and_readyz(self):
+        s = self.service()
+        self.assertEqual(s.get("/healthz").status, 200)
+        r = s.get("/readyz")
+        self.assertEqual(r.status, 200)
+        self.assertTrue(r.json()["ready"])
+
+    def test_unknown_path_is_404_and_wrong_method_405(self):
+        s = self.service()
+        self.assertEqual(s.get("/nope").status, 404)
+        self.assertEqual(s.get("/currents").status, 405)
+        self.assertEqual(request(s.port, "POST", "/healthz", b"").status, 405)
+
+    def test_query_parameters_are_accepted_on_currents(self):
+        s = self.service()
+        r = s.post([event()], path="/currents?workspace=brand-a")
+        self.assertEqual(r.status, 200)

@@ -1,0 +1,231 @@
+"""`tributary map` with the shipped rules against event-map.md."""
+
+import json
+import os
+import unittest
+
+from harness import DATA, event, load_event_map, run_cli
+
+EVENT_MAP = load_event_map()
+
+
+def map_events(events, env=None, as_ndjson=True, config=None, cwd=None):
+    """Runs map on the events; returns the parsed output lines."""
+    if as_ndjson:
+        stdin = "\n".join(json.dumps(e) for e in events) + "\n"
+    else:
+        stdin = json.dumps({"events": events})
+    args = ["map", "-"]
+    if config:
+        args += ["--config", config]
+    p = run_cli(args, env=env, stdin=stdin, cwd=cwd)
+    if p.returncode != 0:
+        raise AssertionError("map failed (%d): %s" % (p.returncode, p.stderr))
+    return [json.loads(line) for line in p.stdout.splitlines()]
+
+
+class EventTypes(unittest.TestCase):
+    def test_reference_table_has_54_event_types(self):
+        self.assertEqual(len(EVENT_MAP), 54)
+
+    def test_all_54_event_types_map_to_their_mparticle_event(self):
+        events = []
+        for i, (braze, _, _) in enumerate(EVENT_MAP):
+            events.append(event(braze, user="customer-%d" % i, id="id-%d" % i,
+                                time_s=1732800000 + i, campaign_id="camp-%d" % i))
+        out = map_events(events)
+        self.assertEqual(len(out), 54)
+        for (braze, name, kind), line, e in zip(EVENT_MAP, out, events):
+            with self.subTest(event_type=braze):
+                self.assertEqual(line["event_type"], braze)
+                self.assertIn("batch", line, line)
+                batch = line["batch"]
+                self.assertEqual(batch["schema_version"], 2)
+                self.assertEqual(batch["environment"], "production")
+                self.assertNotIn("batch_id", batch)
+                self.assertRegex(batch["source_request_id"],
+                                 r"^[0-9a-f]{8}-[0-9a-f]{4}-5[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
+                self.assertEqual(batch["user_identities"]["customer_id"], e["user"]["external_user_id"])
+                self.assertEqual(len(batch["events"]), 1)
+                mp = batch["events"][0]
+                self.assertEqual(mp["event_type"], kind)
+                data = mp["data"]
+                if kind == "custom_event":
+                    self.assertEqual(data["event_name"], name)
+                    self.assertEqual(data["custom_event_type"], "other")
+                else:
+                    self.assertNotIn("event_name", data)
+                self.assertEqual(data["timestamp_unixtime_ms"], e["time"] * 1000)
+                self.assertEqual(data["source_message_id"], e["id"])
+                self.assertEqual(data["custom_attributes"]["campaign_id"], e["properties"]["campaign_id"])
+                # no platform, no app: unbound, and no device_info.platform
+                self.assertEqual(line["feed"], "unbound")
+                self.assertNotIn("platform", batch.get("device_info", {}))
+
+    def test_other_event_types_are_filtered_not_rejected(self):
+        out = map_events([event("users.behaviors.CustomEvent"), event("users.behaviors.Purchase"),
+                          event("users.messages.email.Deferral"), event("users.future.Thing")])
+        self.assertEqual([o["dropped"] for o in out], ["unsupported_type"] * 4)
+
+    def test_braze_doc_spellings_select_the_abort_events(self):
+        env = {"TRIBUTARY_EVENTS": "users_campaigns_abort,users_canvas_abort"}
+        out = map_events([event("users.campaigns.Abort"), event("users.canvas.Abort"),
+                          event("users.canvas.Entry")], env=env)
+        self.assertIn("batch", out[0])
+        self.assertIn("batch", out[1])
+        self.assertEqual(out[2]["dropped"], "not_selected")
+
+
+class Users(unittest.TestCase):
+    def test_user_without_external_id_is_skipped(self):
+        absent = event(user=None)
+        null = event()
+        null["user"]["external_user_id"] = None
+        empty = event(user="")
+        out = map_events([absent, null, empty])
+        self.assertEqual([o["dropped"] for o in out], ["no_external_id"] * 3)
+
+    def test_internal_ids_timezone_and_os_version_are_not_forwarded(self):
+        e = event("users.messages.pushnotification.Send", platform="android", os_version="14")
+        out = map_events([e])[0]
+        text = json.dumps(out["batch"])
+        self.assertNotIn("5f8a9b0c1d2e3f4a5b6c7d8e", text)
+        self.assertNotIn("Europe/Berlin", text)
+        self.assertNotIn("os_version", text)
+
+
+class Feeds(unittest.TestCase):
+    def feed_of(self, env=None, config=None, cwd=None, **props):
+        e = event("users.messages.pushnotification.Send", **props)
+        return map_events([e], env=env, config=config, cwd=cwd)[0]
+
+    def test_platform_decides_the_feed(self):
+        expected = {"ios": ("ios", "iOS"), "tvos": ("ios", "iOS"), "android": ("android", "Android"),
+                    "kindle": ("android", "Android"), "web": ("web", "web"), "roku": ("unbound", None)}
+        for platform, (feed, device_platform) in expected.items():
+            with self.subTest(platform=platform):
+                out = self.feed_of(platform=platform)
+                self.assertEqual(out["feed"], feed)
+                self.assertEqual(out["batch"].get("device_info", {}).get("platform"), device_platform)
+
+    def test_app_table_routes_events_without_platform(self):
+        d = os.path.join(os.path.dirname(DATA), "tmp-map-config")
+        os.makedirs(d, exist_ok=True)
+        conf = os.path.join(d, "apps.conf.lua")
+        with open(conf, "w") as f:
+            f.write('return { apps = { ["app-ios"] = "ios", ["app-web"] = "web" } }\n')
+        try:
+            e1 = event("users.behaviors.Uninstall", app_id="app-ios")
+            e2 = event("users.messages.inappmessage.Click", app_id="app-web")
+            e3 = event("users.behaviors.Uninstall", app_id="app-unknown")
+            out = map_events([e1, e2, e3], config=conf)
+            self.assertEqual([o["feed"] for o in out], ["ios", "web", "unbound"])
+            self.assertEqual(out[0]["batch"]["events"][0]["event_type"], "uninstall")
+            self.assertEqual(out[0]["batch"]["device_info"]["platform"], "iOS")
+        finally:
+            os.remove(conf)
+            os.rmdir(d)
+
+    def test_platform_without_credentials_falls_back_to_unbound_when_unbound_has_them(self):
+        env = {"TRIBUTARY_FEEDS_UNBOUND_KEY": "k", "TRIBUTARY_FEEDS_UNBOUND_SECRET": "s"}
+        out = self.feed_of(env=env, platform="ios")
+        self.assertEqual(out["feed"], "unbound")
+        self.assertNotIn("platform", out["batch"].get("device_info", {}))
+        env.update({"TRIBUTARY_FEEDS_IOS_KEY": "k2", "TRIBUTARY_FEEDS_IOS_SECRET": "s2"})
+        self.assertEqual(self.feed_of(env=env, platform="ios")["feed"], "ios")
+
+    def test_without_any_credentials_the_event_stays_on_its_platform_feed(self):
+        self.assertEqual(self.feed_of(platform="android")["feed"], "android")
+
+
+class Fields(unittest.TestCase):
+    def test_device_info_from_properties_and_user(self):
+        e = event("users.messages.pushnotification.Open", platform="ios", device_model="iPhone15,2",
+                  ad_id="AAAA", ad_id_type="ios_idfa", ad_tracking_enabled=False)
+        e["user"]["device_id"] = "DEV-1"
+        info = map_events([e])[0]["batch"]["device_info"]
+        self.assertEqual(info, {"platform": "iOS", "device_model": "iPhone15,2", "ios_idfv": "DEV-1",
+                                "ios_advertising_id": "AAAA", "limit_ad_tracking": True})
+
+    def test_advertising_id_field_follows_its_type(self):
+        for kind, field in [("google_ad_id", "android_advertising_id"),
+                            ("windows_ad_id", "microsoft_advertising_id"),
+                            ("roku_ad_id", "roku_advertising_id")]:
+            with self.subTest(kind=kind):
+                e = event("users.messages.pushnotification.Send", platform="android",
+                          ad_id="X", ad_id_type=kind)
+                e["user"]["device_id"] = "DEV-A"
+                info = map_events([e])[0]["batch"]["device_info"]
+                self.assertEqual(info[field], "X")
+                self.assertEqual(info["android_uuid"], "DEV-A")
+
+    def test_email_and_mobile_identities(self):
+        email = event("users.messages.email.Click", email_address="jane@example.com")
+        sub = event("users.behaviors.subscription.GlobalStateChange", email_address="sub@example.com")
+        sms_out = event("users.messages.sms.Send", to_phone_number="+4915112345678")
+        sms_in = event("users.messages.sms.InboundReceive", user_phone_number="+4915100000000")
+        out = map_events([email, sub, sms_out, sms_in])
+        self.assertEqual(out[0]["batch"]["user_identities"]["email"], "jane@example.com")
+        self.assertEqual(out[1]["batch"]["user_identities"]["email"], "sub@example.com")
+        self.assertEqual(out[2]["batch"]["user_attributes"]["$mobile"], "+4915112345678")
+        self.assertEqual(out[3]["batch"]["user_attributes"]["$mobile"], "+4915100000000")
+
+    def test_custom_attributes_rules(self):
+        e = event("users.messages.contentcard.Click", content_card_id="card-1",
+                  suspected_bot_click_reason=["ua", "ip"], media_urls=["https://x/a.png"],
+                  nested={"a": 1}, nothing=None, count=3, flag=True)
+        e["user"]["device_id"] = "dev-9"
+        attrs = map_events([e])[0]["batch"]["events"][0]["data"]["custom_attributes"]
+        self.assertEqual(attrs["card_id"], "card-1")
+        self.assertNotIn("content_card_id", attrs)
+        self.assertEqual(attrs["suspected_bot_click_reason"], "ua,ip")
+        self.assertNotIn("media_urls", attrs)
+        self.assertEqual(json.loads(attrs["nested"]), {"a": 1})
+        self.assertNotIn("nothing", attrs)
+        self.assertEqual(attrs["count"], 3)
+        self.assertIs(attrs["flag"], True)
+        self.assertEqual(attrs["device_id"], "dev-9")
+        for v in attrs.values():
+            self.assertNotIsInstance(v, (dict, list))
+
+    def test_custom_attribute_limits(self):
+        props = {"attr_%03d" % i: "v" for i in range(150)}
+        props["attr_000"] = "x" * 5000
+        props["n" * 300] = "long name"
+        e = event("users.messages.email.Send", **props)
+        attrs = map_events([e])[0]["batch"]["events"][0]["data"]["custom_attributes"]
+        self.assertEqual(len(attrs), 100)
+        self.assertEqual(len(attrs["attr_000"]), 4096)
+        self.assertTrue(all(len(k) <= 256 for k in attrs))
+        # the first 100 in name order are kept
+        self.assertIn("attr_098", attrs)
+        self.assertNotIn("attr_149", attrs)
+
+
+class Inputs(unittest.TestCase):
+    def test_map_reads_an_envelope_an_array_one_event_or_ndjson(self):
+        e1, e2 = event(), event()
+        forms = {
+            "envelope": json.dumps({"events": [e1, e2]}),
+            "array": json.dumps([e1, e2]),
+            "ndjson": json.dumps(e1) + "\n" + json.dumps(e2) + "\n",
+        }
+        for name, text in forms.items():
+            with self.subTest(form=name):
+                p = run_cli(["map", "-"], stdin=text)
+                self.assertEqual(p.returncode, 0, p.stderr)
+                ids = [json.loads(line)["event_id"] for line in p.stdout.splitlines()]
+                self.assertEqual(ids, [e1["id"], e2["id"]])
+        p = run_cli(["map", "-"], stdin=json.dumps(e1))
+        self.assertEqual(json.loads(p.stdout)["event_id"], e1["id"])
+
+    def test_map_reports_the_rules_version_with_every_event(self):
+        p = run_cli(["check"])
+        version = p.stdout.strip().rsplit(" ", 1)[-1]
+        out = map_events([event(), event("users.behaviors.CustomEvent")])
+        self.assertEqual({o["rules_version"] for o in out}, {version})
+
+    def test_map_of_malformed_input_fails_with_the_reason(self):
+        p = run_cli(["map", "-"], stdin='{"events": [{"id": "x", "time": 1}]}')
+        self.assertEqual(p.returncode, 1)
+        self.assertIn("event 0: missing event_type", p.stderr)

@@ -1,0 +1,82 @@
+/* util: bounded buffers, JSON escaping, parsing. */
+#include "unit.h"
+
+START_TEST(test_buf_refuses_to_grow_past_its_cap)
+{
+    buf b;
+    buf_init(&b, 8);
+    ck_assert_int_eq(buf_adds(&b, "12345678"), 0);
+    ck_assert_int_eq(buf_addc(&b, '9'), -1);
+    ck_assert_uint_eq(b.len, 8);
+    ck_assert_str_eq(b.data, "12345678");
+    buf_free(&b);
+}
+END_TEST
+
+START_TEST(test_json_string_escapes_quotes_controls_and_backslashes)
+{
+    buf b;
+    buf_init(&b, 1024);
+    const char in[] = "a\"b\\c\n\t\x01z";
+    ck_assert_int_eq(buf_json_str(&b, in, sizeof in - 1), 0);
+    ck_assert_str_eq(b.data, "\"a\\\"b\\\\c\\n\\t\\u0001z\"");
+    buf_free(&b);
+}
+END_TEST
+
+START_TEST(test_parse_int64_is_strict)
+{
+    int64_t v;
+    ck_assert_int_eq(parse_int64("42", 0, 100, &v), 0);
+    ck_assert_int_eq(v, 42);
+    ck_assert_int_eq(parse_int64("42x", 0, 100, &v), -1);
+    ck_assert_int_eq(parse_int64("", 0, 100, &v), -1);
+    ck_assert_int_eq(parse_int64("101", 0, 100, &v), -1);
+    ck_assert_int_eq(parse_int64("-1", 0, 100, &v), -1);
+}
+END_TEST
+
+START_TEST(test_parse_duration_units)
+{
+    int64_t v;
+    ck_assert_int_eq(parse_duration_s("90", &v), 0);
+    ck_assert_int_eq(v, 90);
+    ck_assert_int_eq(parse_duration_s("15m", &v), 0);
+    ck_assert_int_eq(v, 900);
+    ck_assert_int_eq(parse_duration_s("7d", &v), 0);
+    ck_assert_int_eq(v, 7 * 86400);
+    ck_assert_int_eq(parse_duration_s("3x", &v), -1);
+    ck_assert_int_eq(parse_duration_s("h", &v), -1);
+}
+END_TEST
+
+START_TEST(test_arena_keeps_addresses_stable)
+{
+    arena a;
+    arena_init(&a);
+    const char *first = arena_strndup(&a, "hello", 5);
+    for (int i = 0; i < 10000; i++)
+        ck_assert_ptr_nonnull(arena_alloc(&a, 100));
+    ck_assert_ptr_nonnull(arena_alloc(&a, 1 << 20));
+    ck_assert_str_eq(first, "hello");
+    arena_free(&a);
+}
+END_TEST
+
+static Suite *suite(void)
+{
+    Suite *s = suite_create("util");
+    TCase *tc = tcase_create("util");
+    tcase_add_test(tc, test_buf_refuses_to_grow_past_its_cap);
+    tcase_add_test(tc, test_json_string_escapes_quotes_controls_and_backslashes);
+    tcase_add_test(tc, test_parse_int64_is_strict);
+    tcase_add_test(tc, test_parse_duration_units);
+    tcase_add_test(tc, test_arena_keeps_addresses_stable);
+    suite_add_tcase(s, tc);
+    return s;
+}
+
+int main(void)
+{
+    return unit_run(suite());
+}
