@@ -2,6 +2,7 @@
 
 #include "sandbox.h"
 
+#include <arpa/inet.h>
 #include <ctype.h>
 #include <errno.h>
 #include <lauxlib.h>
@@ -27,6 +28,12 @@ struct key {
     int64_t min, max;
     const char *const *choices; /* K_ENUM, NULL-terminated */
 };
+
+/* String keys without a default may be unset (NULL); the others must not be empty. */
+static int optional(const struct key *k)
+{
+    return k->type == K_SECRET || (strncmp(k->path, "feeds.", 6) == 0 && strstr(k->path, ".url"));
+}
 
 static const char *const ENVIRONMENTS[] = {"production", "development", NULL};
 static const char *const SYNC_MODES[] = {"full", "normal", NULL};
@@ -169,18 +176,12 @@ static void PRINTF(2, 3) errs_add(struct errs *e, const char *fmt, ...)
     e->count++;
 }
 
-/* The line of the first assignment to `name` in src ("name =" or ["name"] =), or 0. */
-static int find_line(const char *src, const char *name)
+/* Where the first assignment to `name` ("name =" or ["name"] =) at or after
+ * `from` starts, or NULL. */
+static const char *find_assignment(const char *src, const char *from, const char *name,
+                                   size_t n)
 {
-    if (!src)
-        return 0;
-    size_t n = strlen(name);
-    int line = 1;
-    for (const char *p = src; *p; p++) {
-        if (*p == '\n') {
-            line++;
-            continue;
-        }
+    for (const char *p = from; *p; p++) {
         if (strncmp(p, name, n) != 0)
             continue;
         char before = p == src ? ' ' : p[-1];
@@ -200,15 +201,32 @@ static int find_line(const char *src, const char *name)
         while (*q == ' ' || *q == '\t')
             q++;
         if (*q == '=' && q[1] != '=')
-            return line;
+            return p;
     }
-    return 0;
+    return NULL;
 }
 
-static const char *last_component(const char *path)
+/* The line where a key path is assigned: each component is looked for after
+ * the previous one, so feeds.web.key is found inside `web = {...}`. 0 when not
+ * found. */
+static int find_line(const char *src, const char *path)
 {
-    const char *dot = strrchr(path, '.');
-    return dot ? dot + 1 : path;
+    if (!src)
+        return 0;
+    const char *at = src;
+    for (const char *c = path; *c;) {
+        const char *dot = strchr(c, '.');
+        size_t n = dot ? (size_t)(dot - c) : strlen(c);
+        const char *found = find_assignment(src, at, c, n);
+        if (!found)
+            return 0;
+        at = found;
+        c += n + (dot ? 1 : 0);
+    }
+    int line = 1;
+    for (const char *p = src; p < at; p++)
+        line += *p == '\n';
+    return line;
 }
 
 struct loader {
@@ -225,7 +243,7 @@ static void PRINTF(3, 4) file_err(struct loader *ld, const char *path, const cha
     va_start(ap, fmt);
     vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
-    int line = find_line(ld->src, last_component(path));
+    int line = find_line(ld->src, path);
     if (line)
         errs_add(ld->e, "%s:%d: %s", ld->file, line, msg);
     else
@@ -470,12 +488,21 @@ static void load_file(struct config *c, const char *path, struct errs *e)
     char chunk[300], err[ERR_LEN];
     snprintf(chunk, sizeof chunk, "@%s", path);
     if (sandbox_load(sb, chunk, src, len, err, sizeof err) != 0) {
+        /* Lua quotes the offending token ("near '...'"), which may be a secret. */
+        char *near = strstr(err, " near ");
+        if (near)
+            *near = '\0';
         errs_add(e, "%s", err);
         goto done;
     }
     struct sandbox_limits lim = {CONFIG_MEMORY, CONFIG_INSTRUCTIONS};
     struct sandbox_error serr;
-    if (sandbox_call(sb, 0, 1, &lim, &serr) != SANDBOX_OK) {
+    enum sandbox_rc rc = sandbox_call(sb, 0, 1, &lim, &serr);
+    if (rc == SANDBOX_LIMIT) {
+        errs_add(e, "%s: %s", path, serr.msg);
+        goto done;
+    }
+    if (rc != SANDBOX_OK) {
         errs_add(e, "%s", serr.msg);
         goto done;
     }
@@ -506,7 +533,7 @@ static void set_from_env(struct config *c, const struct key *k, const char *name
         }
         char **f = str_field(c, k);
         free(*f);
-        *f = *v ? strdup(v) : NULL;
+        *f = *v || !optional(k) ? strdup(v) : NULL;
         return;
     }
     case K_INT: {
@@ -614,8 +641,15 @@ static int set_defaults(struct config *c)
 
 int config_host_is_loopback(const char *host)
 {
-    return strcmp(host, "localhost") == 0 || strncmp(host, "127.", 4) == 0 ||
-           strcmp(host, "::1") == 0;
+    struct in_addr a4;
+    struct in6_addr a6;
+    if (strcmp(host, "localhost") == 0)
+        return 1;
+    if (inet_pton(AF_INET, host, &a4) == 1)
+        return (ntohl(a4.s_addr) >> 24) == 127;
+    if (inet_pton(AF_INET6, host, &a6) == 1)
+        return IN6_IS_ADDR_LOOPBACK(&a6);
+    return 0;
 }
 
 int config_listen_addr(const struct config *c, char *host, size_t hostlen, int *port)
@@ -656,6 +690,11 @@ static void check_url(const char *what, const char *url, struct errs *e)
         char host[256];
         const char *h = url + 7;
         size_t n;
+        /* skip user:password@ of the authority */
+        const char *auth_end = h + strcspn(h, "/?#");
+        const char *at = memchr(h, '@', (size_t)(auth_end - h));
+        if (at)
+            h = at + 1;
         if (*h == '[') {
             const char *close = strchr(h, ']');
             n = close ? (size_t)(close - h - 1) : 0;
@@ -678,6 +717,13 @@ static void check_url(const char *what, const char *url, struct errs *e)
 
 static void check(struct config *c, struct errs *e)
 {
+    for (size_t i = 0; i < ARRAY_LEN(KEYS); i++) {
+        const struct key *k = &KEYS[i];
+        if ((k->type == K_STR || k->type == K_ENUM) && !optional(k) && !**str_field(c, k))
+            errs_add(e, "%s must not be empty", k->path);
+    }
+    if (e->count)
+        return;
     char host[256];
     int port;
     if (config_listen_addr(c, host, sizeof host, &port) != 0)
@@ -709,10 +755,6 @@ static void check(struct config *c, struct errs *e)
             }
         }
     }
-    if (!*c->data_dir)
-        errs_add(e, "data_dir must not be empty");
-    if (!*c->rules_dir)
-        errs_add(e, "rules_dir must not be empty");
 }
 
 /* ---- public ------------------------------------------------------------- */

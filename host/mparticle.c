@@ -82,8 +82,13 @@ static int parse_lines(struct entries *es, str lines)
 size_t mparticle_batch_size_bound(const struct batch_part *parts, size_t n)
 {
     size_t total = 160; /* envelope, environment, schema_version, source_request_id */
-    for (size_t i = 0; i < n; i++)
+    for (size_t i = 0; i < n; i++) {
         total += parts[i].batch.n + parts[i].event.n + 8;
+        /* a line "s"\t"k"\tv\n renders at most 2 bytes longer: ,"s":{"k":v} */
+        for (const char *p = parts[i].batch.p, *end = p + parts[i].batch.n;
+             p && (p = memchr(p, '\n', (size_t)(end - p))) != NULL; p++)
+            total += 2;
+    }
     return total;
 }
 
@@ -202,9 +207,15 @@ int64_t mparticle_retry_after(const char *value, int64_t now_s, int64_t min_s, i
             return -1;
         secs = v > (unsigned long long)INT64_MAX ? INT64_MAX : (int64_t)v;
     } else {
-        /* IMF-fixdate, e.g. "Sun, 06 Nov 1994 08:49:37 GMT" */
-        struct tm tm = {0};
-        const char *end = strptime(value, "%a, %d %b %Y %H:%M:%S GMT", &tm);
+        /* HTTP-date: IMF-fixdate, or the obsolete RFC 850 and asctime forms */
+        static const char *const formats[] = {"%a, %d %b %Y %H:%M:%S GMT",
+                                              "%A, %d-%b-%y %H:%M:%S GMT", "%a %b %e %H:%M:%S %Y"};
+        struct tm tm;
+        const char *end = NULL;
+        for (size_t i = 0; i < ARRAY_LEN(formats) && (!end || *end); i++) {
+            memset(&tm, 0, sizeof tm);
+            end = strptime(value, formats[i], &tm);
+        }
         if (!end || *end != '\0')
             return -1;
         time_t at = timegm(&tm);

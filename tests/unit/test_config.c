@@ -1,0 +1,697 @@
+/* config: the Lua configuration file, TRIBUTARY_* environment variables and the checks. */
+#include "unit.h"
+
+#include "config.h"
+
+#include <sys/stat.h>
+
+extern char **environ;
+
+/* One directory per test case (made in the parent process, so it is removed
+ * even when a test fails); each test writes its files there under its own name. */
+static char root[64];
+
+static void make_root(void)
+{
+    unit_tmpdir(root, sizeof root);
+}
+
+static void remove_root(void)
+{
+    unit_rmdir(root);
+}
+
+/* No TRIBUTARY_* variable of the surrounding shell may leak into a test. */
+static void clear_env(void)
+{
+    for (;;) {
+        char name[256] = "";
+        for (char **e = environ; e && *e; e++) {
+            if (strncmp(*e, "TRIBUTARY_", 10) == 0) {
+                size_t n = strcspn(*e, "=");
+                if (n < sizeof name) {
+                    memcpy(name, *e, n);
+                    name[n] = '\0';
+                }
+                break;
+            }
+        }
+        if (!name[0])
+            break;
+        ck_assert_int_eq(unsetenv(name), 0);
+    }
+    unsetenv("UNIT_MP_KEY");
+    unsetenv("UNIT_MP_SECRET");
+}
+
+/* Each test starts in an empty directory, so config_load(NULL) finds no file. */
+static void enter_root(void)
+{
+    clear_env();
+    ck_assert_int_eq(chdir(root), 0);
+}
+
+static void leave_root(void)
+{
+    clear_env();
+    ck_assert_int_eq(chdir("/"), 0);
+}
+
+/* Writes `lua` to root/name and returns the path (valid until the next call). */
+static const char *conf(const char *name, const char *lua)
+{
+    static char path[128];
+    snprintf(path, sizeof path, "%s/%s", root, name);
+    unit_write(path, lua);
+    return path;
+}
+
+static int has_app(const struct config *c, const char *app_id, enum feed f)
+{
+    for (size_t i = 0; i < c->napps; i++) {
+        if (strcmp(c->apps[i].app_id, app_id) == 0)
+            return c->apps[i].feed == f;
+    }
+    return 0;
+}
+
+/* ---- defaults ------------------------------------------------------------ */
+
+START_TEST(test_defaults_without_file_or_environment)
+{
+    struct config *c = NULL;
+    char err[4096] = "";
+    ck_assert_msg(config_load(&c, NULL, err, sizeof err) == 0, "%s", err);
+    ck_assert_ptr_null(c->file);
+    ck_assert_ptr_null(c->warnings);
+    ck_assert_str_eq(c->listen, "127.0.0.1:8080");
+    ck_assert_str_eq(c->data_dir, "./var");
+    ck_assert_str_eq(c->rules_dir, "./rules");
+    ck_assert_str_eq(c->environment, "production");
+    ck_assert_str_eq(c->mparticle_url, "https://s2s.mparticle.com");
+    ck_assert_int_eq(c->batch_linger_ms, 500);
+    ck_assert_int_eq(c->retry_base_ms, 1000);
+    ck_assert_int_eq(c->retry_max_ms, 300000);
+    ck_assert_int_eq(c->retry_max_age_s, 172800);
+    ck_assert_int_eq(c->retry_pause_ms, 120000);
+    ck_assert_str_eq(c->queue_sync, "full");
+    ck_assert_int_eq(c->dedup_window_s, 3600);
+    ck_assert_int_eq(c->inbound_max_body_bytes, 16 * 1024 * 1024);
+    ck_assert_uint_eq(c->inbound_tokens.n, 0);
+    ck_assert_uint_eq(c->events.n, 0);
+    ck_assert_uint_eq(c->napps, 0);
+    for (int f = 0; f < FEED_COUNT; f++) {
+        ck_assert_int_eq(config_feed_ready(c, (enum feed)f), 0);
+        ck_assert_str_eq(config_feed_url(c, (enum feed)f), "https://s2s.mparticle.com");
+    }
+    config_unref(c);
+}
+END_TEST
+
+START_TEST(test_null_path_reads_tributary_conf_lua_in_current_directory)
+{
+    char sub[128];
+    snprintf(sub, sizeof sub, "%s/cwd", root);
+    ck_assert_int_eq(mkdir(sub, 0700), 0);
+    ck_assert_int_eq(chdir(sub), 0);
+    unit_write("tributary.conf.lua", "return { batch = { linger_ms = 42 } }\n");
+
+    struct config *c = NULL;
+    char err[4096] = "";
+    ck_assert_msg(config_load(&c, NULL, err, sizeof err) == 0, "%s", err);
+    ck_assert_str_eq(c->file, "tributary.conf.lua");
+    ck_assert_int_eq(c->batch_linger_ms, 42);
+    config_unref(c);
+}
+END_TEST
+
+/* ---- values from the file ------------------------------------------------ */
+
+START_TEST(test_file_values_are_read_from_nested_sections)
+{
+    const char *path = conf("nested.lua",
+                            "return {\n"
+                            "  listen = \"127.0.0.1:9999\",\n"
+                            "  data_dir = \"/srv/trib/var\",\n"
+                            "  environment = \"development\",\n"
+                            "  mparticle = { url = \"https://s2s.eu1.mparticle.com\" },\n"
+                            "  feeds = { ios = { key = \"k\", secret = \"s\",\n"
+                            "                    url = \"https://s2s.us2.mparticle.com\",\n"
+                            "                    rate_limit = 50 } },\n"
+                            "  batch = { linger_ms = 250 },\n"
+                            "  retry = { base_ms = 10, max_ms = 20, max_age_s = 30, pause_ms = 400 },\n"
+                            "  queue = { sync = \"normal\" },\n"
+                            "  dedup = { window_s = 0 },\n"
+                            "}\n");
+    struct config *c = NULL;
+    char err[4096] = "";
+    ck_assert_msg(config_load(&c, path, err, sizeof err) == 0, "%s", err);
+    ck_assert_str_eq(c->file, path);
+    ck_assert_str_eq(c->listen, "127.0.0.1:9999");
+    ck_assert_str_eq(c->data_dir, "/srv/trib/var");
+    ck_assert_str_eq(c->rules_dir, "./rules");
+    ck_assert_str_eq(c->environment, "development");
+    ck_assert_str_eq(c->mparticle_url, "https://s2s.eu1.mparticle.com");
+    ck_assert_str_eq(c->feeds[FEED_IOS].key, "k");
+    ck_assert_str_eq(c->feeds[FEED_IOS].secret, "s");
+    ck_assert_int_eq(c->feeds[FEED_IOS].rate_limit, 50);
+    ck_assert_int_eq(config_feed_ready(c, FEED_IOS), 1);
+    ck_assert_int_eq(config_feed_ready(c, FEED_WEB), 0);
+    ck_assert_str_eq(config_feed_url(c, FEED_IOS), "https://s2s.us2.mparticle.com");
+    ck_assert_str_eq(config_feed_url(c, FEED_WEB), "https://s2s.eu1.mparticle.com");
+    ck_assert_int_eq(c->batch_linger_ms, 250);
+    ck_assert_int_eq(c->retry_base_ms, 10);
+    ck_assert_int_eq(c->retry_max_ms, 20);
+    ck_assert_int_eq(c->retry_max_age_s, 30);
+    ck_assert_int_eq(c->retry_pause_ms, 400);
+    ck_assert_str_eq(c->queue_sync, "normal");
+    ck_assert_int_eq(c->dedup_window_s, 0);
+    config_unref(c);
+}
+END_TEST
+
+START_TEST(test_file_lists_are_read_in_order)
+{
+    const char *path = conf("lists.lua",
+                            "return {\n"
+                            "  inbound = { tokens = { \"tok-one\", \"tok-two\" } },\n"
+                            "  events = { \"users.messages.email.Open\",\n"
+                            "             \"users.messages.pushnotification.Send\" },\n"
+                            "}\n");
+    struct config *c = NULL;
+    char err[4096] = "";
+    ck_assert_msg(config_load(&c, path, err, sizeof err) == 0, "%s", err);
+    ck_assert_uint_eq(c->inbound_tokens.n, 2);
+    ck_assert_str_eq(c->inbound_tokens.items[0], "tok-one");
+    ck_assert_str_eq(c->inbound_tokens.items[1], "tok-two");
+    ck_assert_uint_eq(c->events.n, 2);
+    ck_assert_str_eq(c->events.items[0], "users.messages.email.Open");
+    ck_assert_str_eq(c->events.items[1], "users.messages.pushnotification.Send");
+    config_unref(c);
+}
+END_TEST
+
+START_TEST(test_file_apps_table_maps_app_id_to_feed)
+{
+    const char *path = conf("apps.lua",
+                            "return {\n"
+                            "  apps = {\n"
+                            "    [\"11111111-2222-4333-8444-555555555555\"] = \"ios\",\n"
+                            "    android_app = \"android\",\n"
+                            "    [\"web-app\"] = \"web\",\n"
+                            "  },\n"
+                            "}\n");
+    struct config *c = NULL;
+    char err[4096] = "";
+    ck_assert_msg(config_load(&c, path, err, sizeof err) == 0, "%s", err);
+    ck_assert_uint_eq(c->napps, 3);
+    ck_assert(has_app(c, "11111111-2222-4333-8444-555555555555", FEED_IOS));
+    ck_assert(has_app(c, "android_app", FEED_ANDROID));
+    ck_assert(has_app(c, "web-app", FEED_WEB));
+    config_unref(c);
+}
+END_TEST
+
+START_TEST(test_os_getenv_is_available_in_config_file)
+{
+    ck_assert_int_eq(setenv("UNIT_MP_KEY", "key-from-env", 1), 0);
+    ck_assert_int_eq(setenv("UNIT_MP_SECRET", "secret-from-env", 1), 0);
+    const char *path = conf("getenv.lua",
+                            "return { feeds = { unbound = {\n"
+                            "  key = os.getenv(\"UNIT_MP_KEY\"),\n"
+                            "  secret = os.getenv(\"UNIT_MP_SECRET\"),\n"
+                            "} } }\n");
+    struct config *c = NULL;
+    char err[4096] = "";
+    ck_assert_msg(config_load(&c, path, err, sizeof err) == 0, "%s", err);
+    ck_assert_str_eq(c->feeds[FEED_UNBOUND].key, "key-from-env");
+    ck_assert_str_eq(c->feeds[FEED_UNBOUND].secret, "secret-from-env");
+    config_unref(c);
+}
+END_TEST
+
+/* ---- the environment wins ------------------------------------------------ */
+
+START_TEST(test_environment_integer_overrides_file)
+{
+    const char *path = conf("linger.lua", "return { batch = { linger_ms = 250 } }\n");
+    ck_assert_int_eq(setenv("TRIBUTARY_BATCH_LINGER_MS", "1234", 1), 0);
+    struct config *c = NULL;
+    char err[4096] = "";
+    ck_assert_msg(config_load(&c, path, err, sizeof err) == 0, "%s", err);
+    ck_assert_int_eq(c->batch_linger_ms, 1234);
+    config_unref(c);
+}
+END_TEST
+
+START_TEST(test_environment_token_list_is_split_on_commas_and_trimmed)
+{
+    const char *path = conf("tokens.lua", "return { inbound = { tokens = { \"from-file\" } } }\n");
+    ck_assert_int_eq(setenv("TRIBUTARY_INBOUND_TOKENS", "a, b", 1), 0);
+    struct config *c = NULL;
+    char err[4096] = "";
+    ck_assert_msg(config_load(&c, path, err, sizeof err) == 0, "%s", err);
+    ck_assert_uint_eq(c->inbound_tokens.n, 2);
+    ck_assert_str_eq(c->inbound_tokens.items[0], "a");
+    ck_assert_str_eq(c->inbound_tokens.items[1], "b");
+    config_unref(c);
+}
+END_TEST
+
+START_TEST(test_environment_feed_credentials_override_file)
+{
+    const char *path = conf("creds.lua",
+                            "return { feeds = { ios = { key = \"file-key\", secret = \"file-secret\" } } }\n");
+    ck_assert_int_eq(setenv("TRIBUTARY_FEEDS_IOS_KEY", "env-key", 1), 0);
+    ck_assert_int_eq(setenv("TRIBUTARY_FEEDS_IOS_SECRET", "env-secret", 1), 0);
+    struct config *c = NULL;
+    char err[4096] = "";
+    ck_assert_msg(config_load(&c, path, err, sizeof err) == 0, "%s", err);
+    ck_assert_str_eq(c->feeds[FEED_IOS].key, "env-key");
+    ck_assert_str_eq(c->feeds[FEED_IOS].secret, "env-secret");
+    ck_assert_int_eq(config_feed_ready(c, FEED_IOS), 1);
+    config_unref(c);
+}
+END_TEST
+
+START_TEST(test_unknown_environment_variable_is_a_warning_not_an_error)
+{
+    ck_assert_int_eq(setenv("TRIBUTARY_BATCH_LINGER", "100", 1), 0);
+    struct config *c = NULL;
+    char err[4096] = "";
+    ck_assert_msg(config_load(&c, NULL, err, sizeof err) == 0, "%s", err);
+    ck_assert_ptr_nonnull(c->warnings);
+    ck_assert_str_eq(c->warnings, "unknown environment variable TRIBUTARY_BATCH_LINGER is ignored");
+    ck_assert_int_eq(c->batch_linger_ms, 500);
+    config_unref(c);
+}
+END_TEST
+
+START_TEST(test_empty_environment_data_dir_is_an_error_not_a_crash)
+{
+    /* data_dir = "" in the file is refused with "data_dir must not be empty";
+     * the same value from the environment must be refused the same way. */
+    ck_assert_int_eq(setenv("TRIBUTARY_DATA_DIR", "", 1), 0);
+    struct config *c = NULL;
+    char err[4096] = "";
+    ck_assert_int_eq(config_load(&c, NULL, err, sizeof err), -1);
+    ck_assert_ptr_null(c);
+    ck_assert_ptr_nonnull(strstr(err, "data_dir"));
+}
+END_TEST
+
+/* ---- errors in the file -------------------------------------------------- */
+
+START_TEST(test_unknown_key_names_file_and_line)
+{
+    const char *path = conf("typo.lua",
+                            "return {\n"
+                            "  batch = {\n"
+                            "    lingr_ms = 100,\n"
+                            "  },\n"
+                            "}\n");
+    struct config *c = NULL;
+    char err[4096] = "", want[256];
+    ck_assert_int_eq(config_load(&c, path, err, sizeof err), -1);
+    ck_assert_ptr_null(c);
+    snprintf(want, sizeof want, "%s:3: unknown key 'batch.lingr_ms'", path);
+    ck_assert_str_eq(err, want);
+}
+END_TEST
+
+START_TEST(test_wrong_type_names_key_and_line)
+{
+    const char *path = conf("type.lua",
+                            "return {\n"
+                            "  batch = { linger_ms = \"500\" },\n"
+                            "}\n");
+    struct config *c = NULL;
+    char err[4096] = "", want[256];
+    ck_assert_int_eq(config_load(&c, path, err, sizeof err), -1);
+    snprintf(want, sizeof want, "%s:2: 'batch.linger_ms' must be an integer, not string", path);
+    ck_assert_str_eq(err, want);
+}
+END_TEST
+
+START_TEST(test_wrong_type_names_line_of_its_own_section_not_an_earlier_same_name)
+{
+    /* Both feeds have a `key`; the error is on line 3, not on line 2. */
+    const char *path = conf("same-name.lua",
+                            "return { feeds = {\n"
+                            "  ios = { key = \"k\", secret = \"s\" },\n"
+                            "  web = { key = 7, secret = \"s\" },\n"
+                            "} }\n");
+    struct config *c = NULL;
+    char err[4096] = "", want[256];
+    ck_assert_int_eq(config_load(&c, path, err, sizeof err), -1);
+    snprintf(want, sizeof want, "%s:3: 'feeds.web.key' must be a string, not number", path);
+    ck_assert_str_eq(err, want);
+}
+END_TEST
+
+START_TEST(test_out_of_range_integer_is_refused_with_its_bounds)
+{
+    const char *path = conf("range.lua", "return { batch = { linger_ms = 60001 } }\n");
+    struct config *c = NULL;
+    char err[4096] = "", want[256];
+    ck_assert_int_eq(config_load(&c, path, err, sizeof err), -1);
+    snprintf(want, sizeof want,
+             "%s:1: 'batch.linger_ms' must be between 0 and 60000, not 60001", path);
+    ck_assert_str_eq(err, want);
+}
+END_TEST
+
+START_TEST(test_integer_at_its_upper_bound_is_accepted)
+{
+    const char *path = conf("bound.lua", "return { batch = { linger_ms = 60000 } }\n");
+    struct config *c = NULL;
+    char err[4096] = "";
+    ck_assert_msg(config_load(&c, path, err, sizeof err) == 0, "%s", err);
+    ck_assert_int_eq(c->batch_linger_ms, 60000);
+    config_unref(c);
+}
+END_TEST
+
+START_TEST(test_bad_enum_value_is_refused_with_the_choices)
+{
+    const char *path = conf("enum.lua", "return { environment = \"staging\" }\n");
+    struct config *c = NULL;
+    char err[4096] = "", want[256];
+    ck_assert_int_eq(config_load(&c, path, err, sizeof err), -1);
+    snprintf(want, sizeof want,
+             "%s:1: 'environment' must be one of production, development, not \"staging\"", path);
+    ck_assert_str_eq(err, want);
+}
+END_TEST
+
+START_TEST(test_retry_base_above_max_is_refused)
+{
+    const char *path = conf("retry.lua", "return { retry = { base_ms = 5000, max_ms = 4000 } }\n");
+    struct config *c = NULL;
+    char err[4096] = "";
+    ck_assert_int_eq(config_load(&c, path, err, sizeof err), -1);
+    ck_assert_str_eq(err, "retry.base_ms (5000) must not exceed retry.max_ms (4000)");
+}
+END_TEST
+
+/* ---- secrets stay out of messages ---------------------------------------- */
+
+START_TEST(test_wrong_type_secret_does_not_echo_key_or_secret)
+{
+    const char *path = conf("secret-type.lua",
+                            "return { feeds = { ios = {\n"
+                            "  key = \"ios-key-do-not-log\",\n"
+                            "  secret = 424242,\n"
+                            "} } }\n");
+    struct config *c = NULL;
+    char err[4096] = "";
+    ck_assert_int_eq(config_load(&c, path, err, sizeof err), -1);
+    ck_assert_ptr_nonnull(strstr(err, "'feeds.ios.secret' must be a string, not number"));
+    ck_assert_ptr_null(strstr(err, "ios-key-do-not-log"));
+    ck_assert_ptr_null(strstr(err, "424242"));
+}
+END_TEST
+
+START_TEST(test_key_without_secret_is_refused_without_echoing_key)
+{
+    const char *path = conf("key-only.lua",
+                            "return { feeds = { android = { key = \"android-key-do-not-log\" } } }\n");
+    struct config *c = NULL;
+    char err[4096] = "";
+    ck_assert_int_eq(config_load(&c, path, err, sizeof err), -1);
+    ck_assert_str_eq(err, "feeds.android: key and secret must be set together (only the key is set)");
+    ck_assert_ptr_null(strstr(err, "android-key-do-not-log"));
+}
+END_TEST
+
+START_TEST(test_secret_without_key_from_environment_is_refused_without_echoing_secret)
+{
+    ck_assert_int_eq(setenv("TRIBUTARY_FEEDS_WEB_SECRET", "web-secret-do-not-log", 1), 0);
+    struct config *c = NULL;
+    char err[4096] = "";
+    ck_assert_int_eq(config_load(&c, NULL, err, sizeof err), -1);
+    ck_assert_str_eq(err, "feeds.web: key and secret must be set together (only the secret is set)");
+    ck_assert_ptr_null(strstr(err, "web-secret-do-not-log"));
+}
+END_TEST
+
+START_TEST(test_syntax_error_in_unfinished_secret_string_does_not_echo_secret)
+{
+    /* The closing quote is missing: Lua's message quotes the token it stopped at. */
+    const char *path = conf("unfinished.lua",
+                            "return { feeds = { ios = {\n"
+                            "  key = \"k\",\n"
+                            "  secret = \"secret-do-not-log\n"
+                            "} } }\n");
+    struct config *c = NULL;
+    char err[4096] = "";
+    ck_assert_int_eq(config_load(&c, path, err, sizeof err), -1);
+    ck_assert_ptr_nonnull(strstr(err, path));
+    ck_assert_msg(strstr(err, "secret-do-not-log") == NULL, "secret in message: %s", err);
+}
+END_TEST
+
+/* ---- files that are not a configuration ---------------------------------- */
+
+START_TEST(test_lua_syntax_error_names_file_and_line)
+{
+    const char *path = conf("syntax.lua",
+                            "return {\n"
+                            "  listen = \"127.0.0.1:8080\"\n"
+                            "  data_dir = \"./var\",\n"
+                            "}\n");
+    struct config *c = NULL;
+    char err[4096] = "", want[256];
+    ck_assert_int_eq(config_load(&c, path, err, sizeof err), -1);
+    ck_assert_ptr_null(c);
+    snprintf(want, sizeof want, "%s:3:", path);
+    ck_assert_msg(strncmp(err, want, strlen(want)) == 0, "want prefix %s, got %s", want, err);
+}
+END_TEST
+
+START_TEST(test_file_that_does_not_return_a_table_is_refused)
+{
+    const char *path = conf("number.lua", "return 42\n");
+    struct config *c = NULL;
+    char err[4096] = "", want[256];
+    ck_assert_int_eq(config_load(&c, path, err, sizeof err), -1);
+    snprintf(want, sizeof want, "%s: the file must return a table, not number", path);
+    ck_assert_str_eq(err, want);
+}
+END_TEST
+
+START_TEST(test_missing_file_is_an_error_naming_it)
+{
+    char path[128];
+    snprintf(path, sizeof path, "%s/does-not-exist.lua", root);
+    struct config *c = NULL;
+    char err[4096] = "", want[256];
+    ck_assert_int_eq(config_load(&c, path, err, sizeof err), -1);
+    snprintf(want, sizeof want, "%s: cannot open: No such file or directory", path);
+    ck_assert_str_eq(err, want);
+}
+END_TEST
+
+START_TEST(test_endless_loop_in_file_hits_instruction_limit)
+{
+    const char *path = conf("loop.lua", "while true do end\nreturn {}\n");
+    struct config *c = NULL;
+    char err[4096] = "";
+    ck_assert_int_eq(config_load(&c, path, err, sizeof err), -1);
+    ck_assert_ptr_null(c);
+    ck_assert_msg(strstr(err, "instruction limit exceeded") != NULL, "%s", err);
+}
+END_TEST
+
+/* ---- listen and inbound tokens ------------------------------------------- */
+
+START_TEST(test_non_loopback_listen_without_tokens_is_refused)
+{
+    const char *path = conf("open.lua", "return { listen = \"0.0.0.0:8080\" }\n");
+    struct config *c = NULL;
+    char err[4096] = "";
+    ck_assert_int_eq(config_load(&c, path, err, sizeof err), -1);
+    ck_assert_str_eq(err, "listen: refusing to listen on non-loopback address 0.0.0.0 without "
+                          "inbound.tokens (TRIBUTARY_INBOUND_TOKENS)");
+}
+END_TEST
+
+START_TEST(test_non_loopback_listen_with_a_token_is_accepted)
+{
+    const char *path = conf("open-token.lua",
+                            "return { listen = \"0.0.0.0:8080\", inbound = { tokens = { \"t1\" } } }\n");
+    struct config *c = NULL;
+    char err[4096] = "";
+    ck_assert_msg(config_load(&c, path, err, sizeof err) == 0, "%s", err);
+    ck_assert_str_eq(c->listen, "0.0.0.0:8080");
+    ck_assert_uint_eq(c->inbound_tokens.n, 1);
+    config_unref(c);
+}
+END_TEST
+
+START_TEST(test_listen_addr_parses_bracketed_ipv6)
+{
+    struct config c = {0};
+    c.listen = "[::1]:9000";
+    char host[64] = "";
+    int port = -1;
+    ck_assert_int_eq(config_listen_addr(&c, host, sizeof host, &port), 0);
+    ck_assert_str_eq(host, "::1");
+    ck_assert_int_eq(port, 9000);
+}
+END_TEST
+
+START_TEST(test_listen_addr_parses_ipv4)
+{
+    struct config c = {0};
+    c.listen = "127.0.0.1:80";
+    char host[64] = "";
+    int port = -1;
+    ck_assert_int_eq(config_listen_addr(&c, host, sizeof host, &port), 0);
+    ck_assert_str_eq(host, "127.0.0.1");
+    ck_assert_int_eq(port, 80);
+}
+END_TEST
+
+START_TEST(test_listen_addr_rejects_host_without_port)
+{
+    struct config c = {0};
+    c.listen = "nohost";
+    char host[64] = "";
+    int port = -1;
+    ck_assert_int_eq(config_listen_addr(&c, host, sizeof host, &port), -1);
+}
+END_TEST
+
+/* ---- mParticle URLs ------------------------------------------------------ */
+
+START_TEST(test_https_url_is_accepted)
+{
+    const char *path = conf("https.lua", "return { mparticle = { url = \"https://s2s.us2.mparticle.com\" } }\n");
+    struct config *c = NULL;
+    char err[4096] = "";
+    ck_assert_msg(config_load(&c, path, err, sizeof err) == 0, "%s", err);
+    ck_assert_str_eq(c->mparticle_url, "https://s2s.us2.mparticle.com");
+    config_unref(c);
+}
+END_TEST
+
+START_TEST(test_plain_http_to_loopback_is_accepted)
+{
+    const char *path = conf("http-local.lua", "return { mparticle = { url = \"http://127.0.0.1:9/\" } }\n");
+    struct config *c = NULL;
+    char err[4096] = "";
+    ck_assert_msg(config_load(&c, path, err, sizeof err) == 0, "%s", err);
+    ck_assert_str_eq(c->mparticle_url, "http://127.0.0.1:9/");
+    config_unref(c);
+}
+END_TEST
+
+START_TEST(test_plain_http_to_remote_host_is_refused)
+{
+    const char *path = conf("http-remote.lua", "return { mparticle = { url = \"http://example.com\" } }\n");
+    struct config *c = NULL;
+    char err[4096] = "";
+    ck_assert_int_eq(config_load(&c, path, err, sizeof err), -1);
+    ck_assert_str_eq(err, "mparticle.url: plain http:// is only allowed to a loopback address; "
+                          "use https://");
+}
+END_TEST
+
+START_TEST(test_plain_http_to_dns_name_starting_with_127_is_refused)
+{
+    /* "127.0.0.1.example.com" is a DNS name that resolves anywhere. */
+    const char *path = conf("http-127-name.lua",
+                            "return { mparticle = { url = \"http://127.0.0.1.example.com/\" } }\n");
+    struct config *c = NULL;
+    char err[4096] = "";
+    ck_assert_int_eq(config_load(&c, path, err, sizeof err), -1);
+    ck_assert_str_eq(err, "mparticle.url: plain http:// is only allowed to a loopback address; "
+                          "use https://");
+}
+END_TEST
+
+START_TEST(test_plain_http_with_loopback_userinfo_is_refused)
+{
+    /* The host of http://127.0.0.1@example.com/ is example.com; 127.0.0.1 is a user name. */
+    const char *path = conf("http-userinfo.lua",
+                            "return { mparticle = { url = \"http://127.0.0.1@example.com/\" } }\n");
+    struct config *c = NULL;
+    char err[4096] = "";
+    ck_assert_int_eq(config_load(&c, path, err, sizeof err), -1);
+    ck_assert_str_eq(err, "mparticle.url: plain http:// is only allowed to a loopback address; "
+                          "use https://");
+}
+END_TEST
+
+START_TEST(test_plain_http_feed_url_to_remote_host_is_refused)
+{
+    const char *path = conf("feed-http.lua",
+                            "return { feeds = { web = { url = \"http://s2s.mparticle.com\" } } }\n");
+    struct config *c = NULL;
+    char err[4096] = "";
+    ck_assert_int_eq(config_load(&c, path, err, sizeof err), -1);
+    ck_assert_str_eq(err, "feeds.web.url: plain http:// is only allowed to a loopback address; "
+                          "use https://");
+}
+END_TEST
+
+static Suite *suite(void)
+{
+    Suite *s = suite_create("config");
+    TCase *tc = tcase_create("config");
+    tcase_add_unchecked_fixture(tc, make_root, remove_root);
+    tcase_add_checked_fixture(tc, enter_root, leave_root);
+
+    tcase_add_test(tc, test_defaults_without_file_or_environment);
+    tcase_add_test(tc, test_null_path_reads_tributary_conf_lua_in_current_directory);
+
+    tcase_add_test(tc, test_file_values_are_read_from_nested_sections);
+    tcase_add_test(tc, test_file_lists_are_read_in_order);
+    tcase_add_test(tc, test_file_apps_table_maps_app_id_to_feed);
+    tcase_add_test(tc, test_os_getenv_is_available_in_config_file);
+
+    tcase_add_test(tc, test_environment_integer_overrides_file);
+    tcase_add_test(tc, test_environment_token_list_is_split_on_commas_and_trimmed);
+    tcase_add_test(tc, test_environment_feed_credentials_override_file);
+    tcase_add_test(tc, test_unknown_environment_variable_is_a_warning_not_an_error);
+    tcase_add_test(tc, test_empty_environment_data_dir_is_an_error_not_a_crash);
+
+    tcase_add_test(tc, test_unknown_key_names_file_and_line);
+    tcase_add_test(tc, test_wrong_type_names_key_and_line);
+    tcase_add_test(tc, test_wrong_type_names_line_of_its_own_section_not_an_earlier_same_name);
+    tcase_add_test(tc, test_out_of_range_integer_is_refused_with_its_bounds);
+    tcase_add_test(tc, test_integer_at_its_upper_bound_is_accepted);
+    tcase_add_test(tc, test_bad_enum_value_is_refused_with_the_choices);
+    tcase_add_test(tc, test_retry_base_above_max_is_refused);
+
+    tcase_add_test(tc, test_wrong_type_secret_does_not_echo_key_or_secret);
+    tcase_add_test(tc, test_key_without_secret_is_refused_without_echoing_key);
+    tcase_add_test(tc, test_secret_without_key_from_environment_is_refused_without_echoing_secret);
+    tcase_add_test(tc, test_syntax_error_in_unfinished_secret_string_does_not_echo_secret);
+
+    tcase_add_test(tc, test_lua_syntax_error_names_file_and_line);
+    tcase_add_test(tc, test_file_that_does_not_return_a_table_is_refused);
+    tcase_add_test(tc, test_missing_file_is_an_error_naming_it);
+    tcase_add_test(tc, test_endless_loop_in_file_hits_instruction_limit);
+
+    tcase_add_test(tc, test_non_loopback_listen_without_tokens_is_refused);
+    tcase_add_test(tc, test_non_loopback_listen_with_a_token_is_accepted);
+    tcase_add_test(tc, test_listen_addr_parses_bracketed_ipv6);
+    tcase_add_test(tc, test_listen_addr_parses_ipv4);
+    tcase_add_test(tc, test_listen_addr_rejects_host_without_port);
+
+    tcase_add_test(tc, test_https_url_is_accepted);
+    tcase_add_test(tc, test_plain_http_to_loopback_is_accepted);
+    tcase_add_test(tc, test_plain_http_to_remote_host_is_refused);
+    tcase_add_test(tc, test_plain_http_to_dns_name_starting_with_127_is_refused);
+    tcase_add_test(tc, test_plain_http_with_loopback_userinfo_is_refused);
+    tcase_add_test(tc, test_plain_http_feed_url_to_remote_host_is_refused);
+    suite_add_tcase(s, tc);
+    return s;
+}
+
+int main(void)
+{
+    return unit_run(suite());
+}

@@ -1,0 +1,362 @@
+/* mparticle: batch bodies, source_request_id, answers, Retry-After, Basic auth. */
+#include "unit.h"
+
+#include "mparticle.h"
+
+/* A str over a string literal. */
+#define S(lit) ((str){(lit), sizeof(lit) - 1})
+
+/* A part with only an event id (for source_request_id). */
+#define ID(lit) ((struct batch_part){STR_NULL, STR_NULL, S(lit)})
+
+static const char SRID[] = "0d3c7f4e-5b1a-5c2d-9e8f-7a6b5c4d3e2f";
+
+/* ---- Basic auth ---------------------------------------------------------- */
+
+START_TEST(test_basic_auth_matches_documented_test_vector)
+{
+    char out[128];
+    mparticle_basic_auth("example-api-key", "example-api-secret", out, sizeof out);
+    ck_assert_str_eq(out, "Basic ZXhhbXBsZS1hcGkta2V5OmV4YW1wbGUtYXBpLXNlY3JldA==");
+}
+END_TEST
+
+START_TEST(test_basic_auth_into_too_small_buffer_writes_empty_string)
+{
+    char out[16];
+    memset(out, 'x', sizeof out);
+    mparticle_basic_auth("example-api-key", "example-api-secret", out, sizeof out);
+    ck_assert_str_eq(out, "");
+}
+END_TEST
+
+/* ---- source_request_id --------------------------------------------------- */
+
+START_TEST(test_source_request_id_is_deterministic_for_same_event_ids)
+{
+    struct batch_part a[] = {ID("evt-1"), ID("evt-2")};
+    struct batch_part b[] = {ID("evt-1"), ID("evt-2")};
+    char ida[UUID_STR_LEN], idb[UUID_STR_LEN];
+    mparticle_source_request_id(a, 2, ida);
+    mparticle_source_request_id(b, 2, idb);
+    ck_assert_str_eq(ida, idb);
+}
+END_TEST
+
+START_TEST(test_source_request_id_differs_when_an_event_id_differs)
+{
+    struct batch_part a[] = {ID("evt-1"), ID("evt-2")};
+    struct batch_part b[] = {ID("evt-1"), ID("evt-3")};
+    char ida[UUID_STR_LEN], idb[UUID_STR_LEN];
+    mparticle_source_request_id(a, 2, ida);
+    mparticle_source_request_id(b, 2, idb);
+    ck_assert_str_ne(ida, idb);
+}
+END_TEST
+
+START_TEST(test_source_request_id_differs_when_event_order_differs)
+{
+    struct batch_part a[] = {ID("evt-1"), ID("evt-2")};
+    struct batch_part b[] = {ID("evt-2"), ID("evt-1")};
+    char ida[UUID_STR_LEN], idb[UUID_STR_LEN];
+    mparticle_source_request_id(a, 2, ida);
+    mparticle_source_request_id(b, 2, idb);
+    ck_assert_str_ne(ida, idb);
+}
+END_TEST
+
+START_TEST(test_source_request_id_differs_when_ids_are_regrouped)
+{
+    /* "ab" alone is not the same batch as "a" then "b". */
+    struct batch_part a[] = {ID("ab")};
+    struct batch_part b[] = {ID("a"), ID("b")};
+    char ida[UUID_STR_LEN], idb[UUID_STR_LEN];
+    mparticle_source_request_id(a, 1, ida);
+    mparticle_source_request_id(b, 2, idb);
+    ck_assert_str_ne(ida, idb);
+}
+END_TEST
+
+START_TEST(test_source_request_id_has_uuid_v5_shape)
+{
+    struct batch_part parts[] = {ID("a1b2c3d4-0000-4000-8000-000000000001")};
+    char id[UUID_STR_LEN];
+    mparticle_source_request_id(parts, 1, id);
+    ck_assert_uint_eq(strlen(id), 36);
+    for (int i = 0; i < 36; i++) {
+        if (i == 8 || i == 13 || i == 18 || i == 23)
+            ck_assert_msg(id[i] == '-', "%s: no '-' at %d", id, i);
+        else
+            ck_assert_msg(strchr("0123456789abcdef", id[i]) != NULL, "%s: not hex at %d", id, i);
+    }
+    ck_assert_msg(id[14] == '5', "%s: version is not 5", id);
+    ck_assert_msg(strchr("89ab", id[19]) != NULL, "%s: variant is not RFC 4122", id);
+}
+END_TEST
+
+/* ---- building a batch ---------------------------------------------------- */
+
+START_TEST(test_build_batch_of_one_part_renders_envelope_sections_and_event)
+{
+    struct batch_part parts[] = {{
+        S("\"user_identities\"\t\"customer_id\"\t\"customer-1234\"\n"
+          "\"device_info\"\t\"platform\"\t\"iOS\"\n"),
+        S("{\"event_type\":\"custom_event\",\"data\":{\"event_name\":\"Push Notification Sends\"}}"),
+        S("evt-1"),
+    }};
+    buf b;
+    buf_init(&b, 1 << 20);
+    ck_assert_int_eq(mparticle_build_batch(&b, "production", SRID, parts, 1), 0);
+    ck_assert_str_eq(b.data,
+                     "{\"environment\":\"production\",\"schema_version\":2,"
+                     "\"source_request_id\":\"0d3c7f4e-5b1a-5c2d-9e8f-7a6b5c4d3e2f\","
+                     "\"user_identities\":{\"customer_id\":\"customer-1234\"},"
+                     "\"device_info\":{\"platform\":\"iOS\"},"
+                     "\"events\":[{\"event_type\":\"custom_event\","
+                     "\"data\":{\"event_name\":\"Push Notification Sends\"}}]}");
+    buf_free(&b);
+}
+END_TEST
+
+START_TEST(test_build_batch_merges_sections_of_two_parts_later_value_wins)
+{
+    struct batch_part parts[] = {
+        {
+            S("\"user_attributes\"\t\"a\"\t1\n"
+              "\"user_attributes\"\t\"b\"\t2\n"),
+            S("{\"n\":1}"),
+            S("evt-1"),
+        },
+        {
+            S("\"user_attributes\"\t\"b\"\t3\n"
+              "\"user_attributes\"\t\"c\"\t4\n"),
+            S("{\"n\":2}"),
+            S("evt-2"),
+        },
+    };
+    buf b;
+    buf_init(&b, 1 << 20);
+    ck_assert_int_eq(mparticle_build_batch(&b, "production", SRID, parts, 2), 0);
+    ck_assert_str_eq(b.data,
+                     "{\"environment\":\"production\",\"schema_version\":2,"
+                     "\"source_request_id\":\"0d3c7f4e-5b1a-5c2d-9e8f-7a6b5c4d3e2f\","
+                     "\"user_attributes\":{\"a\":1,\"b\":3,\"c\":4},"
+                     "\"events\":[{\"n\":1},{\"n\":2}]}");
+    buf_free(&b);
+}
+END_TEST
+
+START_TEST(test_build_batch_part_setting_environment_overrides_default)
+{
+    struct batch_part parts[] = {{
+        S("\"environment\"\t\t\"development\"\n"),
+        S("{\"n\":1}"),
+        S("evt-1"),
+    }};
+    buf b;
+    buf_init(&b, 1 << 20);
+    ck_assert_int_eq(mparticle_build_batch(&b, "production", SRID, parts, 1), 0);
+    ck_assert_str_eq(b.data,
+                     "{\"schema_version\":2,"
+                     "\"source_request_id\":\"0d3c7f4e-5b1a-5c2d-9e8f-7a6b5c4d3e2f\","
+                     "\"environment\":\"development\","
+                     "\"events\":[{\"n\":1}]}");
+    buf_free(&b);
+}
+END_TEST
+
+START_TEST(test_build_batch_top_level_scalar_renders_as_plain_value)
+{
+    struct batch_part parts[] = {{
+        S("\"mpid\"\t\t8675309\n"),
+        S("{\"n\":1}"),
+        S("evt-1"),
+    }};
+    buf b;
+    buf_init(&b, 1 << 20);
+    ck_assert_int_eq(mparticle_build_batch(&b, "production", SRID, parts, 1), 0);
+    ck_assert_str_eq(b.data,
+                     "{\"environment\":\"production\",\"schema_version\":2,"
+                     "\"source_request_id\":\"0d3c7f4e-5b1a-5c2d-9e8f-7a6b5c4d3e2f\","
+                     "\"mpid\":8675309,"
+                     "\"events\":[{\"n\":1}]}");
+    buf_free(&b);
+}
+END_TEST
+
+START_TEST(test_build_batch_fails_when_output_cap_is_reached)
+{
+    struct batch_part parts[] = {{
+        S("\"user_identities\"\t\"customer_id\"\t\"customer-1234\"\n"),
+        S("{\"event_type\":\"custom_event\"}"),
+        S("evt-1"),
+    }};
+    buf b;
+    buf_init(&b, 64);
+    ck_assert_int_eq(mparticle_build_batch(&b, "production", SRID, parts, 1), -1);
+    buf_free(&b);
+}
+END_TEST
+
+START_TEST(test_batch_size_bound_covers_the_built_batch)
+{
+    struct batch_part parts[] = {
+        {
+            S("\"user_identities\"\t\"customer_id\"\t\"customer-1234\"\n"
+              "\"user_attributes\"\t\"$mobile\"\t\"+4915112345678\"\n"
+              "\"device_info\"\t\"platform\"\t\"iOS\"\n"),
+            S("{\"event_type\":\"custom_event\",\"data\":{\"event_name\":\"a\"}}"),
+            S("evt-1"),
+        },
+        {
+            S("\"environment\"\t\t\"development\"\n"),
+            S("{\"event_type\":\"custom_event\",\"data\":{\"event_name\":\"b\"}}"),
+            S("evt-2"),
+        },
+    };
+    buf b;
+    buf_init(&b, 1 << 20);
+    ck_assert_int_eq(mparticle_build_batch(&b, "production", SRID, parts, 2), 0);
+    ck_assert_uint_le(b.len, mparticle_batch_size_bound(parts, 2));
+    buf_free(&b);
+}
+END_TEST
+
+/* ---- what an answer means ------------------------------------------------ */
+
+START_TEST(test_202_is_delivered)
+{
+    ck_assert_int_eq(mparticle_classify(202), MP_DELIVERED);
+    ck_assert_str_eq(mparticle_action_name(MP_DELIVERED), "delivered");
+}
+END_TEST
+
+START_TEST(test_400_is_rejected)
+{
+    ck_assert_int_eq(mparticle_classify(400), MP_REJECTED);
+    ck_assert_str_eq(mparticle_action_name(MP_REJECTED), "rejected");
+}
+END_TEST
+
+START_TEST(test_401_and_403_are_auth_problems)
+{
+    ck_assert_int_eq(mparticle_classify(401), MP_AUTH);
+    ck_assert_int_eq(mparticle_classify(403), MP_AUTH);
+    ck_assert_str_eq(mparticle_action_name(MP_AUTH), "auth");
+}
+END_TEST
+
+START_TEST(test_413_splits)
+{
+    ck_assert_int_eq(mparticle_classify(413), MP_SPLIT);
+    ck_assert_str_eq(mparticle_action_name(MP_SPLIT), "split");
+}
+END_TEST
+
+START_TEST(test_429_is_rate_limited)
+{
+    ck_assert_int_eq(mparticle_classify(429), MP_RATE_LIMITED);
+    ck_assert_str_eq(mparticle_action_name(MP_RATE_LIMITED), "rate_limited");
+}
+END_TEST
+
+START_TEST(test_5xx_and_transport_failure_retry)
+{
+    ck_assert_int_eq(mparticle_classify(500), MP_RETRY);
+    ck_assert_int_eq(mparticle_classify(503), MP_RETRY);
+    ck_assert_int_eq(mparticle_classify(0), MP_RETRY);
+    ck_assert_str_eq(mparticle_action_name(MP_RETRY), "retry");
+}
+END_TEST
+
+/* ---- Retry-After --------------------------------------------------------- */
+
+START_TEST(test_retry_after_delta_seconds)
+{
+    ck_assert_int_eq(mparticle_retry_after("120", 0, 0, 3600), 120);
+}
+END_TEST
+
+START_TEST(test_retry_after_below_min_is_raised_to_min)
+{
+    ck_assert_int_eq(mparticle_retry_after("5", 0, 10, 3600), 10);
+}
+END_TEST
+
+START_TEST(test_retry_after_above_max_is_lowered_to_max)
+{
+    ck_assert_int_eq(mparticle_retry_after("99999", 0, 1, 3600), 3600);
+}
+END_TEST
+
+START_TEST(test_retry_after_imf_fixdate_is_relative_to_now)
+{
+    /* Sun, 06 Nov 1994 08:49:37 GMT is 784111777; now is 90 s earlier. */
+    ck_assert_int_eq(mparticle_retry_after("Sun, 06 Nov 1994 08:49:37 GMT", 784111777 - 90, 0, 3600),
+                     90);
+}
+END_TEST
+
+START_TEST(test_retry_after_date_in_the_past_is_raised_to_min)
+{
+    ck_assert_int_eq(mparticle_retry_after("Sun, 06 Nov 1994 08:49:37 GMT", 784111777 + 600, 1, 3600),
+                     1);
+}
+END_TEST
+
+START_TEST(test_retry_after_garbage_is_invalid)
+{
+    ck_assert_int_eq(mparticle_retry_after("soon", 0, 0, 3600), -1);
+    ck_assert_int_eq(mparticle_retry_after("12abc", 0, 0, 3600), -1);
+    ck_assert_int_eq(mparticle_retry_after("", 0, 0, 3600), -1);
+}
+END_TEST
+
+START_TEST(test_retry_after_absent_is_invalid)
+{
+    ck_assert_int_eq(mparticle_retry_after(NULL, 0, 0, 3600), -1);
+}
+END_TEST
+
+static Suite *suite(void)
+{
+    Suite *s = suite_create("mparticle");
+    TCase *tc = tcase_create("mparticle");
+    tcase_add_test(tc, test_basic_auth_matches_documented_test_vector);
+    tcase_add_test(tc, test_basic_auth_into_too_small_buffer_writes_empty_string);
+
+    tcase_add_test(tc, test_source_request_id_is_deterministic_for_same_event_ids);
+    tcase_add_test(tc, test_source_request_id_differs_when_an_event_id_differs);
+    tcase_add_test(tc, test_source_request_id_differs_when_event_order_differs);
+    tcase_add_test(tc, test_source_request_id_differs_when_ids_are_regrouped);
+    tcase_add_test(tc, test_source_request_id_has_uuid_v5_shape);
+
+    tcase_add_test(tc, test_build_batch_of_one_part_renders_envelope_sections_and_event);
+    tcase_add_test(tc, test_build_batch_merges_sections_of_two_parts_later_value_wins);
+    tcase_add_test(tc, test_build_batch_part_setting_environment_overrides_default);
+    tcase_add_test(tc, test_build_batch_top_level_scalar_renders_as_plain_value);
+    tcase_add_test(tc, test_build_batch_fails_when_output_cap_is_reached);
+    tcase_add_test(tc, test_batch_size_bound_covers_the_built_batch);
+
+    tcase_add_test(tc, test_202_is_delivered);
+    tcase_add_test(tc, test_400_is_rejected);
+    tcase_add_test(tc, test_401_and_403_are_auth_problems);
+    tcase_add_test(tc, test_413_splits);
+    tcase_add_test(tc, test_429_is_rate_limited);
+    tcase_add_test(tc, test_5xx_and_transport_failure_retry);
+
+    tcase_add_test(tc, test_retry_after_delta_seconds);
+    tcase_add_test(tc, test_retry_after_below_min_is_raised_to_min);
+    tcase_add_test(tc, test_retry_after_above_max_is_lowered_to_max);
+    tcase_add_test(tc, test_retry_after_imf_fixdate_is_relative_to_now);
+    tcase_add_test(tc, test_retry_after_date_in_the_past_is_raised_to_min);
+    tcase_add_test(tc, test_retry_after_garbage_is_invalid);
+    tcase_add_test(tc, test_retry_after_absent_is_invalid);
+    suite_add_tcase(s, tc);
+    return s;
+}
+
+int main(void)
+{
+    return unit_run(suite());
+}
