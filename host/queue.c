@@ -26,9 +26,10 @@
 static const char *const SCHEMA =
     "CREATE TABLE IF NOT EXISTS meta("
     "  key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;"
-    /* one mapped event; id is the order of arrival */
+    /* one mapped event; id is the order of arrival and never reused (the
+     * sender claims records above a cursor) */
     "CREATE TABLE IF NOT EXISTS records("
-    "  id INTEGER PRIMARY KEY,"
+    "  id INTEGER PRIMARY KEY AUTOINCREMENT,"
     "  feed INTEGER NOT NULL,"
     "  received_ms INTEGER NOT NULL,"
     "  event_id TEXT NOT NULL,"
@@ -41,7 +42,7 @@ static const char *const SCHEMA =
     "CREATE INDEX IF NOT EXISTS records_feed ON records(feed, id);"
     /* a batch persisted before it is sent; record_ids: little-endian int64s */
     "CREATE TABLE IF NOT EXISTS batches("
-    "  id INTEGER PRIMARY KEY,"
+    "  id INTEGER PRIMARY KEY AUTOINCREMENT,"
     "  feed INTEGER NOT NULL,"
     "  source_request_id TEXT NOT NULL,"
     "  created_ms INTEGER NOT NULL,"
@@ -53,7 +54,7 @@ static const char *const SCHEMA =
     "  event_id TEXT NOT NULL UNIQUE,"
     "  at_ms INTEGER NOT NULL);"
     "CREATE TABLE IF NOT EXISTS dead("
-    "  id INTEGER PRIMARY KEY,"
+    "  id INTEGER PRIMARY KEY AUTOINCREMENT,"
     "  at_ms INTEGER NOT NULL,"
     "  reason TEXT NOT NULL,"
     "  detail TEXT NOT NULL,"
@@ -334,8 +335,6 @@ static enum queue_status apply_commit(queue *q, struct op *op, int64_t now, int6
     struct mapping *m = op->u.commit.m;
     struct commit_result *res = op->u.commit.res;
     memset(res, 0, sizeof(*res));
-    if (depth + (int64_t)m->nrecords > q->opt.max_depth && m->nrecords > 0)
-        return QUEUE_FULL;
     int dedup = op->u.commit.dedup && q->opt.dedup_window_ms > 0;
     for (size_t i = 0; i < m->nrecords; i++) {
         const struct record *r = &m->records[i];
@@ -353,6 +352,12 @@ static enum queue_status apply_commit(queue *q, struct op *op, int64_t now, int6
             return status_of(rc);
         res->queued++;
         op->depth_delta[r->feed]++;
+    }
+    /* Checked after dedup, so a retry of stored events is still acknowledged;
+     * the savepoint of this operation is rolled back on QUEUE_FULL. */
+    if (res->queued > 0 && depth + (int64_t)res->queued > q->opt.max_depth) {
+        memset(res, 0, sizeof(*res));
+        return QUEUE_FULL;
     }
     for (size_t i = 0; i < m->ndead; i++) {
         struct dead_letter *d = &m->dead[i];
@@ -737,6 +742,16 @@ static int count_rows(sqlite3 *db, struct queue_gauges *g)
 
 /* ---- writer: the loop --------------------------------------------------- */
 
+/* A commit that did not happen reports nothing stored. */
+static void reset_commit(struct op *op)
+{
+    if (op->kind != OP_COMMIT && op->kind != OP_REQUEUE)
+        return;
+    memset(op->u.commit.res, 0, sizeof(*op->u.commit.res));
+    for (size_t i = 0; i < op->u.commit.m->ndead; i++)
+        op->u.commit.m->dead[i].stored = 0;
+}
+
 static void run_group(queue *q, struct op *ops)
 {
     char err[ERR_LEN];
@@ -765,6 +780,7 @@ static void run_group(queue *q, struct op *ops)
                               LOG_I("kind", op->kind));
             (void)exec(q->db, "ROLLBACK TO op", err, sizeof err);
             (void)exec(q->db, "RELEASE op", err, sizeof err);
+            reset_commit(op);
         }
     }
     if (group == QUEUE_OK && exec(q->db, "COMMIT", err, sizeof err) != 0) {
@@ -779,6 +795,7 @@ static void run_group(queue *q, struct op *ops)
     for (struct op *op = ops; op; op = op->next) {
         if (group != QUEUE_OK) {
             op->status = group;
+            reset_commit(op);
         } else if (op->status == QUEUE_OK) {
             for (int f = 0; f < FEED_COUNT; f++)
                 q->gauges.depth[f] += op->depth_delta[f];

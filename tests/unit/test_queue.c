@@ -1,0 +1,1097 @@
+/* queue: durable records, dedup, dead letters, batches in flight, group commit. */
+#include "unit.h"
+
+#include "queue.h"
+#include "record.h"
+
+#include <pthread.h>
+#include <stdint.h>
+
+#define RULES_VERSION "rules-test-1"
+#define NO_LIMIT 1000000           /* max_depth when the bound is not under test */
+#define DEDUP_DAY (86400 * 1000LL) /* dedup_window_ms */
+
+/* Each test gets its own data_dir under one root. Check does not run a checked
+ * teardown after a failed test, so the root (an unchecked fixture, run by the
+ * parent process) is what guarantees nothing is left in /tmp. */
+static char root[256];
+static char data_dir[280];
+
+static void suite_setup(void)
+{
+    unit_tmpdir(root, sizeof root);
+}
+
+static void suite_teardown(void)
+{
+    unit_rmdir(root);
+}
+
+static void setup(void)
+{
+    snprintf(data_dir, sizeof data_dir, "%s/XXXXXX", root);
+    ck_assert_ptr_nonnull(mkdtemp(data_dir));
+}
+
+static void teardown(void)
+{
+    unit_rmdir(data_dir);
+}
+
+/* ---- helpers ------------------------------------------------------------ */
+
+static queue *open_queue(int64_t max_depth, int64_t dedup_window_ms)
+{
+    struct queue_options o = {.dir = data_dir,
+                              .sync_full = 1,
+                              .max_depth = max_depth,
+                              .dedup_window_ms = dedup_window_ms};
+    char err[ERR_LEN] = "";
+    queue *q = NULL;
+    int rc = queue_open(&q, &o, err, sizeof err);
+    ck_assert_msg(rc == 0, "queue_open: %s", err);
+    ck_assert_ptr_nonnull(q);
+    return q;
+}
+
+static str copy(struct mapping *m, const char *s)
+{
+    int failed = 0;
+    str v = mapping_copy(m, s, strlen(s), &failed);
+    ck_assert_int_eq(failed, 0);
+    return v;
+}
+
+/* Appends n records for feed f with ids "<prefix>-<i>", users "user-<prefix>-<i>",
+ * events {"event_name":"<prefix>-<i>"} and raw {"id":"<prefix>-<i>"}. */
+static void add_records(struct mapping *m, enum feed f, const char *prefix, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        char id[128], user[160], event[200], raw[200];
+        snprintf(id, sizeof id, "%s-%zu", prefix, i);
+        snprintf(user, sizeof user, "user-%s", id);
+        snprintf(event, sizeof event, "{\"event_name\":\"%s\"}", id);
+        snprintf(raw, sizeof raw, "{\"id\":\"%s\"}", id);
+        struct record *r = mapping_add_record(m);
+        ck_assert_ptr_nonnull(r);
+        r->feed = f;
+        r->user = copy(m, user);
+        r->batch = copy(m, "user_identities\tcustomer_id\t\"c-1\"\n");
+        r->event = copy(m, event);
+        r->raw = copy(m, raw);
+        r->event_id = copy(m, id);
+        r->event_type = copy(m, "users.behaviors.CustomEvent");
+        r->rules_version = RULES_VERSION;
+    }
+}
+
+static struct dead_letter *add_dead(struct mapping *m, int feed, const char *id, const char *reason,
+                                    const char *detail, const char *raw)
+{
+    struct dead_letter *d = mapping_add_dead(m);
+    ck_assert_ptr_nonnull(d);
+    d->reason = reason;
+    d->detail = copy(m, detail);
+    d->feed = feed;
+    d->raw = copy(m, raw);
+    d->event_id = copy(m, id);
+    d->event_type = copy(m, "users.behaviors.CustomEvent");
+    d->rules_version = RULES_VERSION;
+    return d;
+}
+
+/* Commits n fresh records of feed f; asserts they were all queued. */
+static void commit_records(queue *q, enum feed f, const char *prefix, size_t n)
+{
+    struct mapping m;
+    mapping_init(&m);
+    add_records(&m, f, prefix, n);
+    struct commit_result res;
+    ck_assert_int_eq(queue_commit(q, &m, &res), QUEUE_OK);
+    ck_assert_uint_eq(res.queued, n);
+    mapping_free(&m);
+}
+
+static int64_t depth(queue *q, enum feed f)
+{
+    struct queue_gauges g;
+    queue_gauges(q, &g);
+    return g.depth[f];
+}
+
+static int64_t dead_gauge(queue *q)
+{
+    struct queue_gauges g;
+    queue_gauges(q, &g);
+    return g.dead;
+}
+
+static queue_reader *reader(queue *q)
+{
+    char err[ERR_LEN] = "";
+    queue_reader *r = queue_reader_new(q, err, sizeof err);
+    ck_assert_msg(r != NULL, "queue_reader_new: %s", err);
+    return r;
+}
+
+/* Every record of feed f, in id order. Free with queue_items_free. */
+static void scan_all(queue *q, enum feed f, struct queue_items *items)
+{
+    queue_reader *r = reader(q);
+    queue_items_init(items);
+    ck_assert_int_eq(queue_scan(r, f, 0, NO_LIMIT, SIZE_MAX, items), 0);
+    queue_reader_free(r);
+}
+
+struct dead_copy {
+    int64_t id, at_ms;
+    int feed;
+    int has_event;
+    char reason[64], detail[256], event_id[64], event_type[64], rules_version[64];
+    char raw[256], event[256];
+};
+
+struct dead_list {
+    struct dead_copy rows[64];
+    size_t n;
+};
+
+static int collect_dead(void *ctx, const struct dead_row *row)
+{
+    struct dead_list *l = ctx;
+    ck_assert_uint_lt(l->n, 64);
+    struct dead_copy *c = &l->rows[l->n++];
+    c->id = row->id;
+    c->at_ms = row->at_ms;
+    c->feed = row->feed;
+    str_copy(c->reason, sizeof c->reason, row->reason);
+    str_copy(c->detail, sizeof c->detail, row->detail);
+    str_copy(c->event_id, sizeof c->event_id, row->event_id);
+    str_copy(c->event_type, sizeof c->event_type, row->event_type);
+    str_copy(c->rules_version, sizeof c->rules_version, row->rules_version);
+    str_copy(c->raw, sizeof c->raw, row->raw);
+    c->has_event = row->event != NULL;
+    str_copy(c->event, sizeof c->event, row->event ? row->event : "");
+    return 0;
+}
+
+static void list_dead(queue *q, const struct dead_filter *f, struct dead_list *out)
+{
+    memset(out, 0, sizeof(*out));
+    queue_reader *r = reader(q);
+    ck_assert_int_eq(queue_dead_each(r, f, collect_dead, out), 0);
+    queue_reader_free(r);
+}
+
+struct batch_list {
+    struct queue_batch b[16];
+    size_t n;
+};
+
+static void collect_batch(void *ctx, struct queue_batch *b)
+{
+    struct batch_list *l = ctx;
+    if (l->n == 16) {
+        free(b->record_ids);
+        return;
+    }
+    l->b[l->n++] = *b; /* takes record_ids */
+}
+
+static void load_batches(queue *q, struct batch_list *out)
+{
+    memset(out, 0, sizeof(*out));
+    queue_reader *r = reader(q);
+    ck_assert_int_eq(queue_load_batches(r, collect_batch, out), 0);
+    queue_reader_free(r);
+}
+
+static void batch_list_free(struct batch_list *l)
+{
+    for (size_t i = 0; i < l->n; i++)
+        free(l->b[i].record_ids);
+    l->n = 0;
+}
+
+/* A batch of feed f over the given record ids (borrowed). */
+static struct queue_batch make_batch(enum feed f, const char *source_request_id, int64_t *ids,
+                                     size_t n, int64_t oldest_ms)
+{
+    struct queue_batch b = {0};
+    b.feed = f;
+    str_copy(b.source_request_id, sizeof b.source_request_id, source_request_id);
+    b.record_ids = ids;
+    b.nrecords = n;
+    b.oldest_ms = oldest_ms;
+    return b;
+}
+
+/* ---- ingestion ---------------------------------------------------------- */
+
+START_TEST(test_commit_reports_queued_records_and_depth_per_feed)
+{
+    queue *q = open_queue(NO_LIMIT, DEDUP_DAY);
+    struct mapping m;
+    mapping_init(&m);
+    add_records(&m, FEED_IOS, "ios", 3);
+    add_records(&m, FEED_WEB, "web", 2);
+    struct commit_result res;
+    ck_assert_int_eq(queue_commit(q, &m, &res), QUEUE_OK);
+    ck_assert_uint_eq(res.queued, 5);
+    ck_assert_uint_eq(res.duplicates, 0);
+    ck_assert_uint_eq(res.quarantined, 0);
+    ck_assert_int_eq(depth(q, FEED_IOS), 3);
+    ck_assert_int_eq(depth(q, FEED_WEB), 2);
+    ck_assert_int_eq(depth(q, FEED_ANDROID), 0);
+    ck_assert_int_eq(depth(q, FEED_UNBOUND), 0);
+    mapping_free(&m);
+    queue_free(q);
+}
+END_TEST
+
+START_TEST(test_scan_returns_committed_records_in_order_with_their_fields)
+{
+    queue *q = open_queue(NO_LIMIT, DEDUP_DAY);
+    int64_t before = clock_wall_ms();
+    commit_records(q, FEED_ANDROID, "evt", 3);
+    commit_records(q, FEED_IOS, "other", 1);
+    int64_t after = clock_wall_ms();
+
+    struct queue_items it;
+    scan_all(q, FEED_ANDROID, &it);
+    ck_assert_uint_eq(it.n, 3);
+    const char *ids[] = {"evt-0", "evt-1", "evt-2"};
+    const char *users[] = {"user-evt-0", "user-evt-1", "user-evt-2"};
+    const char *events[] = {"{\"event_name\":\"evt-0\"}", "{\"event_name\":\"evt-1\"}",
+                            "{\"event_name\":\"evt-2\"}"};
+    for (size_t i = 0; i < 3; i++) {
+        ck_assert_str_eq(it.items[i].event_id.p, ids[i]);
+        ck_assert_uint_eq(it.items[i].event_id.n, strlen(ids[i]));
+        ck_assert_str_eq(it.items[i].user.p, users[i]);
+        ck_assert_uint_eq(it.items[i].user.n, strlen(users[i]));
+        ck_assert_str_eq(it.items[i].batch.p, "user_identities\tcustomer_id\t\"c-1\"\n");
+        ck_assert_str_eq(it.items[i].event.p, events[i]);
+        ck_assert_uint_eq(it.items[i].event.n, strlen(events[i]));
+        ck_assert_int_ge(it.items[i].received_ms, before);
+        ck_assert_int_le(it.items[i].received_ms, after);
+        if (i > 0)
+            ck_assert_int_gt(it.items[i].id, it.items[i - 1].id);
+    }
+    queue_items_free(&it);
+    queue_free(q);
+}
+END_TEST
+
+START_TEST(test_duplicate_id_is_acknowledged_but_not_stored_again)
+{
+    queue *q = open_queue(NO_LIMIT, DEDUP_DAY);
+    commit_records(q, FEED_IOS, "evt", 2);
+
+    struct mapping m;
+    mapping_init(&m);
+    add_records(&m, FEED_IOS, "evt", 3); /* evt-0, evt-1 seen; evt-2 new */
+    struct commit_result res;
+    ck_assert_int_eq(queue_commit(q, &m, &res), QUEUE_OK);
+    ck_assert_uint_eq(res.duplicates, 2);
+    ck_assert_uint_eq(res.queued, 1);
+    ck_assert_int_eq(depth(q, FEED_IOS), 3);
+
+    struct queue_items it;
+    scan_all(q, FEED_IOS, &it);
+    ck_assert_uint_eq(it.n, 3);
+    ck_assert_str_eq(it.items[2].event_id.p, "evt-2");
+    queue_items_free(&it);
+    mapping_free(&m);
+    queue_free(q);
+}
+END_TEST
+
+START_TEST(test_same_id_twice_in_one_commit_is_stored_once)
+{
+    queue *q = open_queue(NO_LIMIT, DEDUP_DAY);
+    struct mapping m;
+    mapping_init(&m);
+    add_records(&m, FEED_IOS, "evt", 1);
+    add_records(&m, FEED_IOS, "evt", 1); /* evt-0 again */
+    struct commit_result res;
+    ck_assert_int_eq(queue_commit(q, &m, &res), QUEUE_OK);
+    ck_assert_uint_eq(res.queued, 1);
+    ck_assert_uint_eq(res.duplicates, 1);
+    ck_assert_int_eq(depth(q, FEED_IOS), 1);
+
+    struct queue_items it;
+    scan_all(q, FEED_IOS, &it);
+    ck_assert_uint_eq(it.n, 1);
+    queue_items_free(&it);
+    mapping_free(&m);
+    queue_free(q);
+}
+END_TEST
+
+START_TEST(test_without_dedup_window_duplicates_are_stored)
+{
+    queue *q = open_queue(NO_LIMIT, 0);
+    commit_records(q, FEED_IOS, "evt", 2);
+
+    struct mapping m;
+    mapping_init(&m);
+    add_records(&m, FEED_IOS, "evt", 2);
+    struct commit_result res;
+    ck_assert_int_eq(queue_commit(q, &m, &res), QUEUE_OK);
+    ck_assert_uint_eq(res.queued, 2);
+    ck_assert_uint_eq(res.duplicates, 0);
+    ck_assert_int_eq(depth(q, FEED_IOS), 4);
+
+    struct queue_items it;
+    scan_all(q, FEED_IOS, &it);
+    ck_assert_uint_eq(it.n, 4);
+    queue_items_free(&it);
+    mapping_free(&m);
+    queue_free(q);
+}
+END_TEST
+
+START_TEST(test_dead_letters_are_stored_marked_and_counted)
+{
+    queue *q = open_queue(NO_LIMIT, DEDUP_DAY);
+    struct mapping m;
+    mapping_init(&m);
+    add_records(&m, FEED_IOS, "ok", 1);
+    add_dead(&m, FEED_IOS, "bad-1", DEAD_RULE_ERROR, "x", "{}");
+    add_dead(&m, -1, "bad-2", DEAD_INVALID_OUTPUT, "y", "{}");
+    struct commit_result res;
+    ck_assert_int_eq(queue_commit(q, &m, &res), QUEUE_OK);
+    ck_assert_uint_eq(res.queued, 1);
+    ck_assert_uint_eq(res.quarantined, 2);
+    ck_assert_uint_eq(res.duplicates, 0);
+    ck_assert_int_eq(m.dead[0].stored, 1);
+    ck_assert_int_eq(m.dead[1].stored, 1);
+    ck_assert_int_eq(dead_gauge(q), 2);
+    ck_assert_int_eq(depth(q, FEED_IOS), 1); /* dead letters are not records */
+    mapping_free(&m);
+    queue_free(q);
+}
+END_TEST
+
+START_TEST(test_dead_letter_listing_keeps_reason_detail_and_raw)
+{
+    queue *q = open_queue(NO_LIMIT, DEDUP_DAY);
+    struct mapping m;
+    mapping_init(&m);
+    add_dead(&m, FEED_WEB, "bad-1", DEAD_RULE_ERROR,
+             "rules/50_custom.lua:12: attempt to index a nil value",
+             "{\"id\":\"bad-1\",\"event_type\":\"users.behaviors.CustomEvent\"}");
+    add_dead(&m, -1, "bad-2", DEAD_RULE_LIMIT, "instruction limit", "{\"id\":\"bad-2\"}");
+    struct commit_result res;
+    ck_assert_int_eq(queue_commit(q, &m, &res), QUEUE_OK);
+
+    struct dead_filter any = {0};
+    struct dead_list l;
+    list_dead(q, &any, &l);
+    ck_assert_uint_eq(l.n, 2);
+    ck_assert_str_eq(l.rows[0].reason, "rule_error");
+    ck_assert_str_eq(l.rows[0].detail, "rules/50_custom.lua:12: attempt to index a nil value");
+    ck_assert_str_eq(l.rows[0].raw,
+                     "{\"id\":\"bad-1\",\"event_type\":\"users.behaviors.CustomEvent\"}");
+    ck_assert_str_eq(l.rows[0].event_id, "bad-1");
+    ck_assert_str_eq(l.rows[0].event_type, "users.behaviors.CustomEvent");
+    ck_assert_str_eq(l.rows[0].rules_version, RULES_VERSION);
+    ck_assert_int_eq(l.rows[0].feed, FEED_WEB);
+    ck_assert_int_eq(l.rows[0].has_event, 0);
+    ck_assert_str_eq(l.rows[1].reason, "rule_limit");
+    ck_assert_str_eq(l.rows[1].detail, "instruction limit");
+    ck_assert_str_eq(l.rows[1].raw, "{\"id\":\"bad-2\"}");
+    ck_assert_int_eq(l.rows[1].feed, -1);
+    ck_assert_int_lt(l.rows[0].id, l.rows[1].id); /* oldest first */
+    mapping_free(&m);
+    queue_free(q);
+}
+END_TEST
+
+START_TEST(test_duplicate_dead_letter_is_not_stored_twice)
+{
+    queue *q = open_queue(NO_LIMIT, DEDUP_DAY);
+    struct mapping first, again;
+    mapping_init(&first);
+    mapping_init(&again);
+    add_dead(&first, FEED_IOS, "bad-1", DEAD_RULE_ERROR, "x", "{}");
+    add_dead(&again, FEED_IOS, "bad-1", DEAD_RULE_ERROR, "x", "{}");
+    struct commit_result res;
+    ck_assert_int_eq(queue_commit(q, &first, &res), QUEUE_OK);
+    ck_assert_int_eq(queue_commit(q, &again, &res), QUEUE_OK);
+    ck_assert_uint_eq(res.quarantined, 0);
+    ck_assert_uint_eq(res.duplicates, 1);
+    ck_assert_int_eq(again.dead[0].stored, 0);
+    ck_assert_int_eq(dead_gauge(q), 1);
+
+    struct dead_filter any = {0};
+    struct dead_list l;
+    list_dead(q, &any, &l);
+    ck_assert_uint_eq(l.n, 1);
+    mapping_free(&first);
+    mapping_free(&again);
+    queue_free(q);
+}
+END_TEST
+
+/* ---- restart ------------------------------------------------------------ */
+
+START_TEST(test_records_survive_a_restart_exactly_once)
+{
+    queue *q = open_queue(NO_LIMIT, DEDUP_DAY);
+    commit_records(q, FEED_IOS, "evt", 5);
+    commit_records(q, FEED_WEB, "web", 2);
+    queue_free(q);
+
+    q = open_queue(NO_LIMIT, DEDUP_DAY);
+    ck_assert_int_eq(depth(q, FEED_IOS), 5);
+    ck_assert_int_eq(depth(q, FEED_WEB), 2);
+    struct queue_items it;
+    scan_all(q, FEED_IOS, &it);
+    ck_assert_uint_eq(it.n, 5);
+    for (size_t i = 0; i < 5; i++) {
+        char id[32];
+        snprintf(id, sizeof id, "evt-%zu", i);
+        ck_assert_str_eq(it.items[i].event_id.p, id);
+    }
+    queue_items_free(&it);
+    queue_free(q);
+}
+END_TEST
+
+START_TEST(test_dedup_remembers_ids_seen_before_a_restart)
+{
+    queue *q = open_queue(NO_LIMIT, DEDUP_DAY);
+    commit_records(q, FEED_IOS, "evt", 3);
+    queue_free(q);
+
+    q = open_queue(NO_LIMIT, DEDUP_DAY);
+    struct mapping m;
+    mapping_init(&m);
+    add_records(&m, FEED_IOS, "evt", 3);
+    struct commit_result res;
+    ck_assert_int_eq(queue_commit(q, &m, &res), QUEUE_OK);
+    ck_assert_uint_eq(res.duplicates, 3);
+    ck_assert_uint_eq(res.queued, 0);
+    ck_assert_int_eq(depth(q, FEED_IOS), 3);
+    mapping_free(&m);
+    queue_free(q);
+}
+END_TEST
+
+/* ---- max_depth ---------------------------------------------------------- */
+
+START_TEST(test_commit_beyond_max_depth_is_refused_whole)
+{
+    queue *q = open_queue(10, DEDUP_DAY);
+    commit_records(q, FEED_IOS, "a", 6);
+
+    struct mapping m;
+    mapping_init(&m);
+    add_records(&m, FEED_WEB, "b", 5); /* 6 + 5 > 10 */
+    struct dead_letter *d = add_dead(&m, FEED_WEB, "b-dead", DEAD_RULE_ERROR, "x", "{}");
+    struct commit_result res;
+    ck_assert_int_eq(queue_commit(q, &m, &res), QUEUE_FULL);
+    ck_assert_uint_eq(res.queued, 0);
+    ck_assert_uint_eq(res.quarantined, 0);
+    ck_assert_int_eq(d->stored, 0);
+    ck_assert_int_eq(depth(q, FEED_IOS), 6);
+    ck_assert_int_eq(depth(q, FEED_WEB), 0);
+    ck_assert_int_eq(dead_gauge(q), 0);
+
+    /* nothing of the refused request was remembered: its ids are still new */
+    mapping_free(&m);
+    mapping_init(&m);
+    add_records(&m, FEED_WEB, "b", 4); /* 6 + 4 = 10: at the bound */
+    ck_assert_int_eq(queue_commit(q, &m, &res), QUEUE_OK);
+    ck_assert_uint_eq(res.queued, 4);
+    ck_assert_uint_eq(res.duplicates, 0);
+    mapping_free(&m);
+    queue_free(q);
+}
+END_TEST
+
+START_TEST(test_commit_up_to_max_depth_is_accepted_and_one_more_is_not)
+{
+    queue *q = open_queue(10, DEDUP_DAY);
+    commit_records(q, FEED_IOS, "a", 10);
+    ck_assert_int_eq(depth(q, FEED_IOS), 10);
+
+    struct mapping m;
+    mapping_init(&m);
+    add_records(&m, FEED_ANDROID, "b", 1);
+    struct commit_result res;
+    ck_assert_int_eq(queue_commit(q, &m, &res), QUEUE_FULL);
+    ck_assert_int_eq(depth(q, FEED_ANDROID), 0);
+    mapping_free(&m);
+    queue_free(q);
+}
+END_TEST
+
+/* ---- group commit ------------------------------------------------------- */
+
+#define THREADS 8
+#define REQUESTS 50
+#define PER_REQUEST 20
+
+struct committer {
+    queue *q;
+    int n;
+    int not_ok; /* calls that did not return QUEUE_OK or queued too few */
+};
+
+static void *committer_main(void *arg)
+{
+    struct committer *c = arg;
+    for (int r = 0; r < REQUESTS; r++) {
+        char prefix[32];
+        snprintf(prefix, sizeof prefix, "t%d-r%d", c->n, r);
+        struct mapping m;
+        mapping_init(&m);
+        add_records(&m, (enum feed)(c->n % 2 ? FEED_ANDROID : FEED_IOS), prefix, PER_REQUEST);
+        struct commit_result res;
+        if (queue_commit(c->q, &m, &res) != QUEUE_OK || res.queued != PER_REQUEST)
+            c->not_ok++;
+        mapping_free(&m);
+    }
+    return NULL;
+}
+
+static void mark_seen(struct queue_items *it, unsigned char *seen)
+{
+    for (size_t i = 0; i < it->n; i++) {
+        int t, r, k;
+        ck_assert_int_eq(sscanf(it->items[i].event_id.p, "t%d-r%d-%d", &t, &r, &k), 3);
+        ck_assert(t >= 0 && t < THREADS && r >= 0 && r < REQUESTS && k >= 0 && k < PER_REQUEST);
+        seen[(t * REQUESTS + r) * PER_REQUEST + k]++;
+    }
+}
+
+START_TEST(test_concurrent_commits_are_all_stored_exactly_once)
+{
+    queue *q = open_queue(NO_LIMIT, DEDUP_DAY);
+    pthread_t th[THREADS];
+    struct committer c[THREADS];
+    for (int i = 0; i < THREADS; i++) {
+        c[i] = (struct committer){.q = q, .n = i};
+        ck_assert_int_eq(pthread_create(&th[i], NULL, committer_main, &c[i]), 0);
+    }
+    for (int i = 0; i < THREADS; i++)
+        ck_assert_int_eq(pthread_join(th[i], NULL), 0);
+    for (int i = 0; i < THREADS; i++)
+        ck_assert_int_eq(c[i].not_ok, 0);
+
+    const int total = THREADS * REQUESTS * PER_REQUEST;
+    ck_assert_int_eq(depth(q, FEED_IOS) + depth(q, FEED_ANDROID), total);
+    static unsigned char seen[THREADS * REQUESTS * PER_REQUEST];
+    memset(seen, 0, sizeof seen);
+    struct queue_items ios, android;
+    scan_all(q, FEED_IOS, &ios);
+    scan_all(q, FEED_ANDROID, &android);
+    ck_assert_uint_eq(ios.n + android.n, (size_t)total);
+    mark_seen(&ios, seen);
+    mark_seen(&android, seen);
+    for (int i = 0; i < total; i++)
+        ck_assert_msg(seen[i] == 1, "record %d stored %d times", i, seen[i]);
+    queue_items_free(&ios);
+    queue_items_free(&android);
+    queue_free(q);
+}
+END_TEST
+
+/* ---- batches in flight -------------------------------------------------- */
+
+START_TEST(test_persisted_batches_come_back_after_a_restart)
+{
+    queue *q = open_queue(NO_LIMIT, DEDUP_DAY);
+    commit_records(q, FEED_IOS, "evt", 3);
+    commit_records(q, FEED_WEB, "web", 1);
+    struct queue_items ios, web;
+    scan_all(q, FEED_IOS, &ios);
+    scan_all(q, FEED_WEB, &web);
+    int64_t ios_ids[2] = {ios.items[0].id, ios.items[2].id};
+    int64_t web_ids[1] = {web.items[0].id};
+    struct queue_batch b[2] = {
+        make_batch(FEED_IOS, "3f2a6b9e-0c1d-4e5f-8a7b-123456789abc", ios_ids, 2,
+                   ios.items[0].received_ms),
+        make_batch(FEED_WEB, "a0b1c2d3-e4f5-4a6b-8c7d-0e1f2a3b4c5d", web_ids, 1,
+                   web.items[0].received_ms),
+    };
+    ck_assert_int_eq(queue_persist_batches(q, b, 2), QUEUE_OK);
+    ck_assert_int_gt(b[0].id, 0);
+    ck_assert_int_gt(b[1].id, 0);
+    ck_assert_int_ne(b[0].id, b[1].id);
+    queue_free(q);
+
+    q = open_queue(NO_LIMIT, DEDUP_DAY);
+    struct batch_list l;
+    load_batches(q, &l);
+    ck_assert_uint_eq(l.n, 2);
+    ck_assert_int_eq(l.b[0].id, b[0].id);
+    ck_assert_int_eq(l.b[0].feed, FEED_IOS);
+    ck_assert_str_eq(l.b[0].source_request_id, "3f2a6b9e-0c1d-4e5f-8a7b-123456789abc");
+    ck_assert_uint_eq(l.b[0].nrecords, 2);
+    ck_assert_int_eq(l.b[0].record_ids[0], ios_ids[0]);
+    ck_assert_int_eq(l.b[0].record_ids[1], ios_ids[1]);
+    ck_assert_int_eq(l.b[0].oldest_ms, ios.items[0].received_ms);
+    ck_assert_int_eq(l.b[1].id, b[1].id);
+    ck_assert_int_eq(l.b[1].feed, FEED_WEB);
+    ck_assert_str_eq(l.b[1].source_request_id, "a0b1c2d3-e4f5-4a6b-8c7d-0e1f2a3b4c5d");
+    ck_assert_uint_eq(l.b[1].nrecords, 1);
+    ck_assert_int_eq(l.b[1].record_ids[0], web_ids[0]);
+    ck_assert_int_eq(depth(q, FEED_IOS), 3); /* persisting does not remove records */
+    batch_list_free(&l);
+    queue_items_free(&ios);
+    queue_items_free(&web);
+    queue_free(q);
+}
+END_TEST
+
+START_TEST(test_ack_removes_the_batch_and_its_records)
+{
+    queue *q = open_queue(NO_LIMIT, DEDUP_DAY);
+    commit_records(q, FEED_IOS, "evt", 3);
+    struct queue_items it;
+    scan_all(q, FEED_IOS, &it);
+    int64_t ids[2] = {it.items[0].id, it.items[1].id};
+    struct queue_batch b = make_batch(FEED_IOS, "src-1", ids, 2, it.items[0].received_ms);
+    ck_assert_int_eq(queue_persist_batches(q, &b, 1), QUEUE_OK);
+    queue_items_free(&it);
+
+    ck_assert_int_eq(queue_ack(q, &b.id, 1), QUEUE_OK);
+    ck_assert_int_eq(depth(q, FEED_IOS), 1);
+    scan_all(q, FEED_IOS, &it);
+    ck_assert_uint_eq(it.n, 1);
+    ck_assert_str_eq(it.items[0].event_id.p, "evt-2");
+    queue_items_free(&it);
+    struct batch_list l;
+    load_batches(q, &l);
+    ck_assert_uint_eq(l.n, 0);
+    ck_assert_int_eq(dead_gauge(q), 0);
+    queue_free(q);
+}
+END_TEST
+
+START_TEST(test_a_repeated_ack_does_not_touch_a_later_batch)
+{
+    queue *q = open_queue(NO_LIMIT, DEDUP_DAY);
+    commit_records(q, FEED_IOS, "first", 1);
+    struct queue_items it;
+    scan_all(q, FEED_IOS, &it);
+    int64_t first_ids[1] = {it.items[0].id};
+    queue_items_free(&it);
+    struct queue_batch first = make_batch(FEED_IOS, "src-first", first_ids, 1, 0);
+    ck_assert_int_eq(queue_persist_batches(q, &first, 1), QUEUE_OK);
+    ck_assert_int_eq(queue_ack(q, &first.id, 1), QUEUE_OK);
+
+    commit_records(q, FEED_IOS, "second", 1);
+    scan_all(q, FEED_IOS, &it);
+    int64_t second_ids[1] = {it.items[0].id};
+    queue_items_free(&it);
+    struct queue_batch second = make_batch(FEED_IOS, "src-second", second_ids, 1, 0);
+    ck_assert_int_eq(queue_persist_batches(q, &second, 1), QUEUE_OK);
+
+    /* the first batch is gone: acking it again is accepted and changes nothing */
+    ck_assert_int_eq(queue_ack(q, &first.id, 1), QUEUE_OK);
+    ck_assert_int_eq(depth(q, FEED_IOS), 1);
+    scan_all(q, FEED_IOS, &it);
+    ck_assert_uint_eq(it.n, 1);
+    ck_assert_str_eq(it.items[0].event_id.p, "second-0");
+    queue_items_free(&it);
+    struct batch_list l;
+    load_batches(q, &l);
+    ck_assert_uint_eq(l.n, 1);
+    ck_assert_str_eq(l.b[0].source_request_id, "src-second");
+    batch_list_free(&l);
+    queue_free(q);
+}
+END_TEST
+
+START_TEST(test_dead_batch_moves_its_records_to_dead_letters)
+{
+    queue *q = open_queue(NO_LIMIT, DEDUP_DAY);
+    commit_records(q, FEED_IOS, "evt", 3);
+    struct queue_items it;
+    scan_all(q, FEED_IOS, &it);
+    int64_t ids[2] = {it.items[0].id, it.items[1].id};
+    struct queue_batch b = make_batch(FEED_IOS, "src-1", ids, 2, it.items[0].received_ms);
+    ck_assert_int_eq(queue_persist_batches(q, &b, 1), QUEUE_OK);
+    queue_items_free(&it);
+
+    ck_assert_int_eq(queue_dead_batch(q, b.id, DEAD_REJECTED, "400 from mParticle: bad event"),
+                     QUEUE_OK);
+    ck_assert_int_eq(depth(q, FEED_IOS), 1);
+    ck_assert_int_eq(dead_gauge(q), 2);
+    scan_all(q, FEED_IOS, &it);
+    ck_assert_uint_eq(it.n, 1);
+    ck_assert_str_eq(it.items[0].event_id.p, "evt-2");
+    queue_items_free(&it);
+
+    struct dead_filter any = {0};
+    struct dead_list l;
+    list_dead(q, &any, &l);
+    ck_assert_uint_eq(l.n, 2);
+    for (size_t i = 0; i < 2; i++) {
+        char id[16], raw[64], event[64];
+        snprintf(id, sizeof id, "evt-%zu", i);
+        snprintf(raw, sizeof raw, "{\"id\":\"%s\"}", id);
+        snprintf(event, sizeof event, "{\"event_name\":\"%s\"}", id);
+        ck_assert_str_eq(l.rows[i].reason, "rejected");
+        ck_assert_str_eq(l.rows[i].detail, "400 from mParticle: bad event");
+        ck_assert_str_eq(l.rows[i].event_id, id);
+        ck_assert_str_eq(l.rows[i].raw, raw);
+        ck_assert_int_eq(l.rows[i].has_event, 1);
+        ck_assert_str_eq(l.rows[i].event, event);
+        ck_assert_int_eq(l.rows[i].feed, FEED_IOS);
+    }
+    struct batch_list bl;
+    load_batches(q, &bl);
+    ck_assert_uint_eq(bl.n, 0);
+    queue_free(q);
+}
+END_TEST
+
+START_TEST(test_split_batch_replaces_one_batch_by_two)
+{
+    queue *q = open_queue(NO_LIMIT, DEDUP_DAY);
+    commit_records(q, FEED_ANDROID, "evt", 4);
+    struct queue_items it;
+    scan_all(q, FEED_ANDROID, &it);
+    int64_t all[4] = {it.items[0].id, it.items[1].id, it.items[2].id, it.items[3].id};
+    int64_t oldest = it.items[0].received_ms;
+    queue_items_free(&it);
+    struct queue_batch whole = make_batch(FEED_ANDROID, "src-whole", all, 4, oldest);
+    ck_assert_int_eq(queue_persist_batches(q, &whole, 1), QUEUE_OK);
+
+    struct queue_batch parts[2] = {
+        make_batch(FEED_ANDROID, "src-part-1", all, 2, oldest),
+        make_batch(FEED_ANDROID, "src-part-2", all + 2, 2, oldest),
+    };
+    ck_assert_int_eq(queue_split_batch(q, whole.id, parts, 2), QUEUE_OK);
+    ck_assert_int_gt(parts[0].id, 0);
+    ck_assert_int_gt(parts[1].id, 0);
+
+    struct batch_list l;
+    load_batches(q, &l);
+    ck_assert_uint_eq(l.n, 2);
+    ck_assert_int_eq(l.b[0].id, parts[0].id);
+    ck_assert_str_eq(l.b[0].source_request_id, "src-part-1");
+    ck_assert_uint_eq(l.b[0].nrecords, 2);
+    ck_assert_int_eq(l.b[0].record_ids[0], all[0]);
+    ck_assert_int_eq(l.b[0].record_ids[1], all[1]);
+    ck_assert_int_eq(l.b[1].id, parts[1].id);
+    ck_assert_str_eq(l.b[1].source_request_id, "src-part-2");
+    ck_assert_uint_eq(l.b[1].nrecords, 2);
+    ck_assert_int_eq(l.b[1].record_ids[0], all[2]);
+    ck_assert_int_eq(l.b[1].record_ids[1], all[3]);
+    ck_assert_int_eq(depth(q, FEED_ANDROID), 4); /* the records stay */
+    batch_list_free(&l);
+    queue_free(q);
+}
+END_TEST
+
+/* ---- expiry ------------------------------------------------------------- */
+
+START_TEST(test_expire_moves_records_older_than_the_cutoff_to_max_age)
+{
+    queue *q = open_queue(NO_LIMIT, DEDUP_DAY);
+    commit_records(q, FEED_IOS, "old", 2);
+    clock_sleep_ms(20);
+    int64_t cutoff = clock_wall_ms();
+    clock_sleep_ms(5);
+    commit_records(q, FEED_IOS, "new", 1);
+
+    size_t moved = 99;
+    ck_assert_int_eq(queue_expire(q, cutoff, &moved), QUEUE_OK);
+    ck_assert_uint_eq(moved, 2);
+    ck_assert_int_eq(depth(q, FEED_IOS), 1);
+    ck_assert_int_eq(dead_gauge(q), 2);
+
+    struct queue_items it;
+    scan_all(q, FEED_IOS, &it);
+    ck_assert_uint_eq(it.n, 1);
+    ck_assert_str_eq(it.items[0].event_id.p, "new-0");
+    queue_items_free(&it);
+
+    struct dead_filter any = {0};
+    struct dead_list l;
+    list_dead(q, &any, &l);
+    ck_assert_uint_eq(l.n, 2);
+    ck_assert_str_eq(l.rows[0].reason, "max_age");
+    ck_assert_str_eq(l.rows[0].event_id, "old-0");
+    ck_assert_str_eq(l.rows[0].raw, "{\"id\":\"old-0\"}");
+    ck_assert_str_eq(l.rows[1].reason, "max_age");
+    ck_assert_str_eq(l.rows[1].event_id, "old-1");
+    queue_free(q);
+}
+END_TEST
+
+START_TEST(test_expire_leaves_records_of_a_persisted_batch_alone)
+{
+    queue *q = open_queue(NO_LIMIT, DEDUP_DAY);
+    commit_records(q, FEED_IOS, "evt", 4);
+    struct queue_items it;
+    scan_all(q, FEED_IOS, &it);
+    int64_t held[2] = {it.items[1].id, it.items[3].id};
+    struct queue_batch b = make_batch(FEED_IOS, "src-1", held, 2, it.items[1].received_ms);
+    ck_assert_int_eq(queue_persist_batches(q, &b, 1), QUEUE_OK);
+    queue_items_free(&it);
+
+    size_t moved = 0;
+    ck_assert_int_eq(queue_expire(q, clock_wall_ms() + 60000, &moved), QUEUE_OK);
+    ck_assert_uint_eq(moved, 2);
+    ck_assert_int_eq(depth(q, FEED_IOS), 2);
+
+    scan_all(q, FEED_IOS, &it);
+    ck_assert_uint_eq(it.n, 2);
+    ck_assert_int_eq(it.items[0].id, held[0]);
+    ck_assert_int_eq(it.items[1].id, held[1]);
+    queue_items_free(&it);
+    struct batch_list l;
+    load_batches(q, &l);
+    ck_assert_uint_eq(l.n, 1);
+    ck_assert_int_eq(l.b[0].id, b.id);
+    batch_list_free(&l);
+    queue_free(q);
+}
+END_TEST
+
+/* ---- dead letters: requeue and purge ------------------------------------ */
+
+START_TEST(test_requeue_stores_records_without_dedup_and_deletes_the_dead_letters)
+{
+    queue *q = open_queue(NO_LIMIT, DEDUP_DAY);
+    struct mapping m;
+    mapping_init(&m);
+    add_dead(&m, FEED_IOS, "evt-0", DEAD_RULE_ERROR, "x", "{\"id\":\"evt-0\"}");
+    add_dead(&m, FEED_IOS, "keep-0", DEAD_RULE_ERROR, "x", "{\"id\":\"keep-0\"}");
+    struct commit_result res;
+    ck_assert_int_eq(queue_commit(q, &m, &res), QUEUE_OK);
+    mapping_free(&m);
+    struct dead_filter any = {0};
+    struct dead_list l;
+    list_dead(q, &any, &l);
+    ck_assert_uint_eq(l.n, 2);
+    int64_t dead_id = l.rows[0].id;
+
+    /* evt-0 was seen (as a dead letter), so an ordinary commit would drop it */
+    mapping_init(&m);
+    add_records(&m, FEED_IOS, "evt", 1);
+    ck_assert_int_eq(queue_requeue(q, &m, &dead_id, 1), QUEUE_OK);
+    ck_assert_int_eq(depth(q, FEED_IOS), 1);
+    ck_assert_int_eq(dead_gauge(q), 1);
+
+    struct queue_items it;
+    scan_all(q, FEED_IOS, &it);
+    ck_assert_uint_eq(it.n, 1);
+    ck_assert_str_eq(it.items[0].event_id.p, "evt-0");
+    queue_items_free(&it);
+    list_dead(q, &any, &l);
+    ck_assert_uint_eq(l.n, 1);
+    ck_assert_str_eq(l.rows[0].event_id, "keep-0");
+    mapping_free(&m);
+    queue_free(q);
+}
+END_TEST
+
+START_TEST(test_dead_purge_by_reason_deletes_only_that_reason)
+{
+    queue *q = open_queue(NO_LIMIT, DEDUP_DAY);
+    struct mapping m;
+    mapping_init(&m);
+    add_dead(&m, FEED_IOS, "a", DEAD_RULE_ERROR, "x", "{}");
+    add_dead(&m, FEED_IOS, "b", DEAD_INVALID_OUTPUT, "y", "{}");
+    add_dead(&m, FEED_IOS, "c", DEAD_RULE_ERROR, "z", "{}");
+    struct commit_result res;
+    ck_assert_int_eq(queue_commit(q, &m, &res), QUEUE_OK);
+    mapping_free(&m);
+
+    struct dead_filter f = {.reason = DEAD_RULE_ERROR};
+    size_t deleted = 0;
+    ck_assert_int_eq(queue_dead_purge(q, &f, &deleted), QUEUE_OK);
+    ck_assert_uint_eq(deleted, 2);
+    ck_assert_int_eq(dead_gauge(q), 1);
+
+    struct dead_filter any = {0};
+    struct dead_list l;
+    list_dead(q, &any, &l);
+    ck_assert_uint_eq(l.n, 1);
+    ck_assert_str_eq(l.rows[0].event_id, "b");
+    ck_assert_str_eq(l.rows[0].reason, "invalid_output");
+    queue_free(q);
+}
+END_TEST
+
+START_TEST(test_dead_purge_before_a_time_deletes_only_older_rows)
+{
+    queue *q = open_queue(NO_LIMIT, DEDUP_DAY);
+    struct mapping m;
+    mapping_init(&m);
+    add_dead(&m, FEED_IOS, "old-1", DEAD_RULE_ERROR, "x", "{}");
+    add_dead(&m, FEED_IOS, "old-2", DEAD_INVALID_OUTPUT, "x", "{}");
+    struct commit_result res;
+    ck_assert_int_eq(queue_commit(q, &m, &res), QUEUE_OK);
+    mapping_free(&m);
+    clock_sleep_ms(20);
+    mapping_init(&m);
+    add_dead(&m, FEED_IOS, "new-1", DEAD_RULE_ERROR, "x", "{}");
+    ck_assert_int_eq(queue_commit(q, &m, &res), QUEUE_OK);
+    mapping_free(&m);
+
+    struct dead_filter any = {0};
+    struct dead_list l;
+    list_dead(q, &any, &l);
+    ck_assert_uint_eq(l.n, 3);
+    ck_assert_int_lt(l.rows[1].at_ms, l.rows[2].at_ms);
+
+    struct dead_filter f = {.before_ms = l.rows[2].at_ms}; /* strictly before new-1 */
+    size_t deleted = 0;
+    ck_assert_int_eq(queue_dead_purge(q, &f, &deleted), QUEUE_OK);
+    ck_assert_uint_eq(deleted, 2);
+    ck_assert_int_eq(dead_gauge(q), 1);
+    list_dead(q, &any, &l);
+    ck_assert_uint_eq(l.n, 1);
+    ck_assert_str_eq(l.rows[0].event_id, "new-1");
+    queue_free(q);
+}
+END_TEST
+
+/* ---- stats -------------------------------------------------------------- */
+
+START_TEST(test_stats_report_depth_oldest_and_in_flight_batches)
+{
+    queue *q = open_queue(NO_LIMIT, DEDUP_DAY);
+    commit_records(q, FEED_IOS, "evt", 3);
+    commit_records(q, FEED_WEB, "web", 1);
+    struct queue_items it;
+    scan_all(q, FEED_IOS, &it);
+    int64_t ids[1] = {it.items[0].id};
+    int64_t oldest = it.items[0].received_ms;
+    struct queue_batch b = make_batch(FEED_IOS, "src-1", ids, 1, oldest);
+    ck_assert_int_eq(queue_persist_batches(q, &b, 1), QUEUE_OK);
+    queue_items_free(&it);
+
+    queue_reader *r = reader(q);
+    struct queue_stats s;
+    ck_assert_int_eq(queue_stats(r, &s), 0);
+    ck_assert_int_eq(s.depth[FEED_IOS], 3);
+    ck_assert_int_eq(s.depth[FEED_WEB], 1);
+    ck_assert_int_eq(s.depth[FEED_ANDROID], 0);
+    ck_assert_int_eq(s.oldest_ms[FEED_IOS], oldest);
+    ck_assert_int_eq(s.oldest_ms[FEED_ANDROID], 0);
+    ck_assert_int_eq(s.in_flight_batches[FEED_IOS], 1);
+    ck_assert_int_eq(s.in_flight_batches[FEED_WEB], 0);
+    ck_assert_int_eq(s.dedup_ids, 4);
+    ck_assert_int_eq(s.dead, 0);
+    ck_assert_int_gt(s.bytes, 0);
+    ck_assert_str_eq(s.paused[FEED_IOS], "");
+    queue_reader_free(r);
+    queue_free(q);
+}
+END_TEST
+
+START_TEST(test_stats_report_a_paused_feed_until_it_resumes)
+{
+    queue *q = open_queue(NO_LIMIT, DEDUP_DAY);
+    int64_t before = clock_wall_ms();
+    ck_assert_int_eq(queue_set_feed_state(q, FEED_IOS, "401 from mParticle"), QUEUE_OK);
+    int64_t after = clock_wall_ms();
+
+    queue_reader *r = reader(q);
+    struct queue_stats s;
+    ck_assert_int_eq(queue_stats(r, &s), 0);
+    ck_assert_str_eq(s.paused[FEED_IOS], "401 from mParticle");
+    ck_assert_int_ge(s.paused_since_ms[FEED_IOS], before);
+    ck_assert_int_le(s.paused_since_ms[FEED_IOS], after);
+    ck_assert_str_eq(s.paused[FEED_ANDROID], "");
+
+    ck_assert_int_eq(queue_set_feed_state(q, FEED_IOS, NULL), QUEUE_OK);
+    ck_assert_int_eq(queue_stats(r, &s), 0);
+    ck_assert_str_eq(s.paused[FEED_IOS], "");
+    ck_assert_int_eq(s.paused_since_ms[FEED_IOS], 0);
+    queue_reader_free(r);
+    queue_free(q);
+}
+END_TEST
+
+/* ---- read-only ---------------------------------------------------------- */
+
+START_TEST(test_readonly_open_of_a_missing_directory_fails_with_a_clear_message)
+{
+    char missing[320];
+    snprintf(missing, sizeof missing, "%s/missing", data_dir);
+    struct queue_options o = {.dir = missing, .max_depth = NO_LIMIT, .readonly = 1};
+    char err[ERR_LEN] = "";
+    queue *q = (queue *)1;
+    ck_assert_int_eq(queue_open(&q, &o, err, sizeof err), -1);
+    ck_assert_ptr_null(q);
+    char expected[400];
+    snprintf(expected, sizeof expected,
+             "no queue at %s/queue.db (has the service run with this data_dir?)", missing);
+    ck_assert_str_eq(err, expected);
+    ck_assert_int_eq(access(missing, F_OK), -1); /* and nothing was created */
+}
+END_TEST
+
+START_TEST(test_readonly_queue_answers_writes_with_closed)
+{
+    queue *q = open_queue(NO_LIMIT, DEDUP_DAY);
+    commit_records(q, FEED_IOS, "evt", 2);
+    queue_free(q);
+
+    struct queue_options o = {.dir = data_dir, .max_depth = NO_LIMIT, .readonly = 1};
+    char err[ERR_LEN] = "";
+    ck_assert_msg(queue_open(&q, &o, err, sizeof err) == 0, "%s", err);
+    ck_assert_int_eq(depth(q, FEED_IOS), 2);
+    struct mapping m;
+    mapping_init(&m);
+    add_records(&m, FEED_IOS, "more", 1);
+    struct commit_result res;
+    ck_assert_int_eq(queue_commit(q, &m, &res), QUEUE_CLOSED);
+    mapping_free(&m);
+    queue_free(q);
+}
+END_TEST
+
+static Suite *suite(void)
+{
+    Suite *s = suite_create("queue");
+    TCase *tc = tcase_create("queue");
+    tcase_add_unchecked_fixture(tc, suite_setup, suite_teardown);
+    tcase_add_checked_fixture(tc, setup, teardown);
+    tcase_set_timeout(tc, 60); /* synchronous=FULL: every group pays an fsync */
+    tcase_add_test(tc, test_commit_reports_queued_records_and_depth_per_feed);
+    tcase_add_test(tc, test_scan_returns_committed_records_in_order_with_their_fields);
+    tcase_add_test(tc, test_duplicate_id_is_acknowledged_but_not_stored_again);
+    tcase_add_test(tc, test_same_id_twice_in_one_commit_is_stored_once);
+    tcase_add_test(tc, test_without_dedup_window_duplicates_are_stored);
+    tcase_add_test(tc, test_dead_letters_are_stored_marked_and_counted);
+    tcase_add_test(tc, test_dead_letter_listing_keeps_reason_detail_and_raw);
+    tcase_add_test(tc, test_duplicate_dead_letter_is_not_stored_twice);
+    tcase_add_test(tc, test_records_survive_a_restart_exactly_once);
+    tcase_add_test(tc, test_dedup_remembers_ids_seen_before_a_restart);
+    tcase_add_test(tc, test_commit_beyond_max_depth_is_refused_whole);
+    tcase_add_test(tc, test_commit_up_to_max_depth_is_accepted_and_one_more_is_not);
+    tcase_add_test(tc, test_concurrent_commits_are_all_stored_exactly_once);
+    tcase_add_test(tc, test_persisted_batches_come_back_after_a_restart);
+    tcase_add_test(tc, test_ack_removes_the_batch_and_its_records);
+    tcase_add_test(tc, test_a_repeated_ack_does_not_touch_a_later_batch);
+    tcase_add_test(tc, test_dead_batch_moves_its_records_to_dead_letters);
+    tcase_add_test(tc, test_split_batch_replaces_one_batch_by_two);
+    tcase_add_test(tc, test_expire_moves_records_older_than_the_cutoff_to_max_age);
+    tcase_add_test(tc, test_expire_leaves_records_of_a_persisted_batch_alone);
+    tcase_add_test(tc, test_requeue_stores_records_without_dedup_and_deletes_the_dead_letters);
+    tcase_add_test(tc, test_dead_purge_by_reason_deletes_only_that_reason);
+    tcase_add_test(tc, test_dead_purge_before_a_time_deletes_only_older_rows);
+    tcase_add_test(tc, test_stats_report_depth_oldest_and_in_flight_batches);
+    tcase_add_test(tc, test_stats_report_a_paused_feed_until_it_resumes);
+    tcase_add_test(tc, test_readonly_open_of_a_missing_directory_fails_with_a_clear_message);
+    tcase_add_test(tc, test_readonly_queue_answers_writes_with_closed);
+    suite_add_tcase(s, tc);
+    return s;
+}
+
+int main(void)
+{
+    return unit_run(suite());
+}
