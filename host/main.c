@@ -4,13 +4,16 @@
  *   tributary serve [--config FILE]
  *   tributary check [--config FILE]
  *   tributary map   [--config FILE] [FILE|-]
+ *   tributary dlq ..., tributary queue stats   (see dlq.h)
  *   tributary --help | --version
  */
 #include "config.h"
+#include "dlq.h"
 #include "log.h"
 #include "mparticle.h"
 #include "reload.h"
 #include "rules.h"
+#include "sender.h"
 #include "service.h"
 #include "util.h"
 
@@ -37,11 +40,18 @@ static const char USAGE[] =
     "  check             validate the configuration and the rules, run the rule tests\n"
     "  map [FILE|-]      dry run: print what the rules make of Currents JSON (an\n"
     "                    envelope, a JSON array, one event, or NDJSON); sends nothing\n"
+    "  dlq list [--reason R] [--limit N]      dead letters, oldest first\n"
+    "  dlq show ID                            one dead letter, with its Braze event\n"
+    "  dlq requeue ID | --reason R | --all    run dead letters through the current rules\n"
+    "                                         again and queue them for delivery\n"
+    "  dlq purge --older-than DURATION [--reason R]   delete old dead letters (7d, 12h)\n"
+    "  queue stats       depth per feed, oldest event, paused feeds and why\n"
     "\n"
     "options:\n"
     "  --config FILE     configuration file (default: ./" CONFIG_DEFAULT_FILE
     " when present;\n"
     "                    TRIBUTARY_* environment variables override it)\n"
+    "  --json            machine-readable output (dlq, queue)\n"
     "  -h, --help        this text\n"
     "  --version         print the version\n";
 
@@ -51,23 +61,49 @@ struct args {
     const char *positional[8];
     int npositional;
     int json;
+    int all;
+    const char *reason;
+    const char *older_than;
+    const char *limit;
 };
+
+/* Options that take a value: --name VALUE or --name=VALUE. */
+static int value_option(int argc, char **argv, int *i, const char *name, const char **out)
+{
+    size_t n = strlen(name);
+    const char *s = argv[*i];
+    if (strncmp(s, name, n) != 0)
+        return 0;
+    if (s[n] == '=') {
+        *out = s + n + 1;
+        return 1;
+    }
+    if (s[n] != '\0')
+        return 0;
+    if (*i + 1 >= argc) {
+        fprintf(stderr, "tributary: %s needs a value\n", name);
+        return -1;
+    }
+    *out = argv[++*i];
+    return 1;
+}
 
 static int parse_args(int argc, char **argv, struct args *a)
 {
     memset(a, 0, sizeof(*a));
     for (int i = 1; i < argc; i++) {
         const char *s = argv[i];
-        if (strcmp(s, "--config") == 0 || strcmp(s, "-c") == 0) {
-            if (i + 1 >= argc) {
-                fprintf(stderr, "tributary: %s needs a file name\n", s);
+        int v;
+        if ((v = value_option(argc, argv, &i, "--config", &a->config)) != 0 ||
+            (v = value_option(argc, argv, &i, "--reason", &a->reason)) != 0 ||
+            (v = value_option(argc, argv, &i, "--older-than", &a->older_than)) != 0 ||
+            (v = value_option(argc, argv, &i, "--limit", &a->limit)) != 0) {
+            if (v < 0)
                 return -1;
-            }
-            a->config = argv[++i];
-        } else if (strncmp(s, "--config=", 9) == 0) {
-            a->config = s + 9;
         } else if (strcmp(s, "--json") == 0) {
             a->json = 1;
+        } else if (strcmp(s, "--all") == 0) {
+            a->all = 1;
         } else if (s[0] == '-' && s[1] != '\0') {
             fprintf(stderr, "tributary: unknown option %s (see --help)\n", s);
             return -1;
@@ -264,6 +300,10 @@ int main(int argc, char **argv)
         return 2;
     }
     signal(SIGPIPE, SIG_IGN);
+    if (sender_global_init() != 0) {
+        fprintf(stderr, "tributary: cannot initialise the HTTP client library\n");
+        return 1;
+    }
     if (strcmp(a.command, "serve") == 0) {
         if (a.npositional) {
             fprintf(stderr, "tributary: serve takes no arguments\n");
@@ -283,6 +323,12 @@ int main(int argc, char **argv)
         return cmd_check(&a);
     if (strcmp(a.command, "map") == 0)
         return cmd_map(&a);
+    struct cli_options o = {a.config, a.positional, a.npositional, a.reason, a.older_than,
+                            a.limit, a.all, a.json};
+    if (strcmp(a.command, "dlq") == 0)
+        return dlq_main(&o);
+    if (strcmp(a.command, "queue") == 0)
+        return queue_main(&o);
     fprintf(stderr, "tributary: unknown command '%s' (see --help)\n", a.command);
     return 2;
 }

@@ -8,6 +8,7 @@
 #include "queue.h"
 #include "reload.h"
 #include "rules.h"
+#include "sender.h"
 
 #include <errno.h>
 #include <signal.h>
@@ -19,9 +20,13 @@
 #define TRIBUTARY_VERSION "dev"
 #endif
 
+/* In-flight requests to mParticle may finish for this long after SIGTERM. */
+#define SHUTDOWN_GRACE_MS 10000
+
 struct service {
     queue *q;
     struct ingest in;
+    sender *sender;
     http_in *http;
 };
 
@@ -56,6 +61,10 @@ static void hook_gauges(void *ctx, struct metrics_gauges *g)
         g->oldest_age_s[f] = qg.oldest_ms[f] ? (double)(now - qg.oldest_ms[f]) / 1000.0 : 0;
     }
     g->dead_letters = qg.dead;
+    enum feed_pause paused[FEED_COUNT];
+    sender_paused(s->sender, paused);
+    for (int f = 0; f < FEED_COUNT; f++)
+        g->paused[f] = paused[f] != PAUSE_NONE;
     buf ignored;
     buf_init(&ignored, 1024);
     g->ready = hook_ready(ctx, &ignored);
@@ -130,6 +139,10 @@ int service_run(const char *config_path)
     }
     s.in.q = s.q;
     atomic_store(&s.in.draining, 0);
+    if (sender_start(&s.sender, s.q, err, sizeof err) != 0) {
+        log_error("cannot start the sender", LOG_S("error", err));
+        goto done;
+    }
 
     char host[256];
     int port = 0;
@@ -189,9 +202,13 @@ int service_run(const char *config_path)
             (void)!reload_now("SIGHUP", rerr, sizeof rerr);
         }
     }
-    atomic_store(&s.in.draining, 1);
     rc = 0;
 done:
+    /* New batches get 503 while the sender finishes its in-flight requests;
+     * then the server stops (after the requests in progress) and the queue
+     * closes. */
+    atomic_store(&s.in.draining, 1);
+    sender_stop(s.sender, SHUTDOWN_GRACE_MS);
     http_in_stop(s.http);
     queue_free(s.q);
     reload_shutdown();

@@ -1,0 +1,486 @@
+#include "dlq.h"
+
+#include "config.h"
+#include "metrics.h"
+#include "queue.h"
+#include "rules.h"
+#include "util.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+/* requeue maps and stores dead letters in slices of this many. */
+#define REQUEUE_SLICE 500
+
+static struct config *load_config(const char *path)
+{
+    char err[4096];
+    struct config *c = NULL;
+    if (config_load(&c, path, err, sizeof err) != 0) {
+        fprintf(stderr, "%s\n", err);
+        return NULL;
+    }
+    return c;
+}
+
+static queue *open_queue(const struct config *c, int write)
+{
+    char err[ERR_LEN];
+    queue *q = NULL;
+    struct queue_options qo = {
+        .dir = c->data_dir,
+        .sync_full = strcmp(c->queue_sync, "full") == 0,
+        .max_depth = INT64_MAX,
+        .dedup_window_ms = c->dedup_window_s * 1000,
+        .readonly = !write,
+    };
+    if (queue_open(&q, &qo, err, sizeof err) != 0) {
+        fprintf(stderr, "tributary: %s\n", err);
+        return NULL;
+    }
+    return q;
+}
+
+static void age_text(int64_t ms, char *out, size_t len)
+{
+    int64_t s = ms / 1000;
+    if (s < 0)
+        s = 0;
+    if (s < 120)
+        snprintf(out, len, "%llds", (long long)s);
+    else if (s < 7200)
+        snprintf(out, len, "%lldm", (long long)(s / 60));
+    else if (s < 172800)
+        snprintf(out, len, "%lldh", (long long)(s / 3600));
+    else
+        snprintf(out, len, "%lldd", (long long)(s / 86400));
+}
+
+static void print_json_str(const char *s)
+{
+    buf b;
+    buf_init(&b, 64u << 20);
+    if (buf_json_str(&b, s ? s : "", s ? strlen(s) : 0) == 0)
+        fwrite(b.data, 1, b.len, stdout);
+    else
+        fputs("\"\"", stdout);
+    buf_free(&b);
+}
+
+static void print_row_json(const struct dead_row *r, int full)
+{
+    printf("{\"id\":%lld,\"at_ms\":%lld,\"reason\":", (long long)r->id, (long long)r->at_ms);
+    print_json_str(r->reason);
+    printf(",\"detail\":");
+    print_json_str(r->detail);
+    printf(",\"feed\":");
+    if (r->feed >= 0 && r->feed < FEED_COUNT)
+        printf("\"%s\"", FEED_NAMES[r->feed]);
+    else
+        printf("null");
+    printf(",\"event_id\":");
+    print_json_str(r->event_id);
+    printf(",\"event_type\":");
+    print_json_str(r->event_type);
+    printf(",\"rules_version\":");
+    print_json_str(r->rules_version);
+    if (full) {
+        /* raw and event are JSON texts themselves */
+        printf(",\"raw\":%s", r->raw && *r->raw ? r->raw : "null");
+        printf(",\"event\":%s", r->event && *r->event ? r->event : "null");
+    }
+    printf("}");
+}
+
+struct list_ctx {
+    int json;
+    int count;
+    int64_t now;
+};
+
+static int list_row(void *ctx, const struct dead_row *r)
+{
+    struct list_ctx *l = ctx;
+    if (l->json) {
+        printf("%s", l->count ? ",\n " : "[");
+        print_row_json(r, 0);
+    } else {
+        if (l->count == 0)
+            printf("%-8s %-6s %-15s %-8s %-42s %-38s %s\n", "ID", "AGE", "REASON", "FEED",
+                   "EVENT TYPE", "EVENT ID", "DETAIL");
+        char age[16];
+        age_text(l->now - r->at_ms, age, sizeof age);
+        char detail[81];
+        str_copy(detail, sizeof detail, r->detail ? r->detail : "");
+        for (char *p = detail; *p; p++) {
+            if (*p == '\n' || *p == '\t')
+                *p = ' ';
+        }
+        printf("%-8lld %-6s %-15s %-8s %-42s %-38s %s\n", (long long)r->id, age, r->reason,
+               r->feed >= 0 && r->feed < FEED_COUNT ? FEED_NAMES[r->feed] : "-", r->event_type,
+               r->event_id, detail);
+    }
+    l->count++;
+    return 0;
+}
+
+static int cmd_list(const struct cli_options *o, const struct config *c)
+{
+    struct dead_filter f = {0};
+    f.reason = o->reason;
+    int64_t limit = 0;
+    if (o->limit && parse_int64(o->limit, 1, INT64_MAX, &limit) != 0) {
+        fprintf(stderr, "tributary: --limit needs a positive number\n");
+        return 2;
+    }
+    f.limit = (size_t)limit;
+    queue *q = open_queue(c, 0);
+    if (!q)
+        return 1;
+    char err[ERR_LEN];
+    queue_reader *r = queue_reader_new(q, err, sizeof err);
+    int rc = 1;
+    struct list_ctx l = {o->json, 0, clock_wall_ms()};
+    if (r && queue_dead_each(r, &f, list_row, &l) == 0) {
+        rc = 0;
+        if (o->json)
+            printf("%s]\n", l.count ? "" : "[");
+        else if (l.count == 0)
+            printf("the dead-letter store is empty%s\n", o->reason ? " for this reason" : "");
+    } else {
+        fprintf(stderr, "tributary: cannot read the dead-letter store\n");
+    }
+    queue_reader_free(r);
+    queue_free(q);
+    return rc;
+}
+
+struct show_ctx {
+    int json;
+    int found;
+};
+
+static int show_row(void *ctx, const struct dead_row *r)
+{
+    struct show_ctx *sc = ctx;
+    sc->found = 1;
+    if (sc->json) {
+        print_row_json(r, 1);
+        printf("\n");
+        return 1;
+    }
+    char when[64];
+    time_t t = (time_t)(r->at_ms / 1000);
+    struct tm tm;
+    gmtime_r(&t, &tm);
+    strftime(when, sizeof when, "%Y-%m-%dT%H:%M:%SZ", &tm);
+    printf("id:            %lld\n", (long long)r->id);
+    printf("dead-lettered: %s\n", when);
+    printf("reason:        %s\n", r->reason);
+    printf("detail:        %s\n", r->detail);
+    printf("feed:          %s\n", r->feed >= 0 && r->feed < FEED_COUNT ? FEED_NAMES[r->feed] : "-");
+    printf("event id:      %s\n", r->event_id);
+    printf("event type:    %s\n", r->event_type);
+    printf("rules version: %s\n", r->rules_version);
+    printf("braze event:   %s\n", r->raw);
+    if (r->event && *r->event)
+        printf("mapped event:  %s\n", r->event);
+    return 1;
+}
+
+static int parse_id(const struct cli_options *o, int64_t *id)
+{
+    if (o->nargs != 1 || parse_int64(o->args[0], 1, INT64_MAX, id) != 0) {
+        fprintf(stderr, "tributary: expected a dead-letter ID (see `tributary dlq list`)\n");
+        return -1;
+    }
+    return 0;
+}
+
+static int cmd_show(const struct cli_options *o, const struct config *c)
+{
+    struct dead_filter f = {0};
+    if (parse_id(o, &f.id) != 0)
+        return 2;
+    f.limit = 1;
+    queue *q = open_queue(c, 0);
+    if (!q)
+        return 1;
+    char err[ERR_LEN];
+    queue_reader *r = queue_reader_new(q, err, sizeof err);
+    struct show_ctx sc = {o->json, 0};
+    int rc = 1;
+    if (!r || queue_dead_each(r, &f, show_row, &sc) != 0)
+        fprintf(stderr, "tributary: cannot read the dead-letter store\n");
+    else if (!sc.found)
+        fprintf(stderr, "tributary: no dead letter %lld\n", (long long)f.id);
+    else
+        rc = 0;
+    queue_reader_free(r);
+    queue_free(q);
+    return rc;
+}
+
+struct collect {
+    int64_t *ids;
+    char **raws;
+    size_t n, cap;
+    int failed;
+};
+
+static int collect_row(void *ctx, const struct dead_row *r)
+{
+    struct collect *c = ctx;
+    if (c->n == c->cap) {
+        size_t cap = c->cap ? c->cap * 2 : 64;
+        int64_t *ids = realloc(c->ids, cap * sizeof(*ids));
+        if (!ids) {
+            c->failed = 1;
+            return 1;
+        }
+        c->ids = ids;
+        char **raws = realloc(c->raws, cap * sizeof(*raws));
+        if (!raws) {
+            c->failed = 1;
+            return 1;
+        }
+        c->raws = raws;
+        c->cap = cap;
+    }
+    c->ids[c->n] = r->id;
+    c->raws[c->n] = strdup(r->raw ? r->raw : "");
+    if (!c->raws[c->n]) {
+        c->failed = 1;
+        return 1;
+    }
+    c->n++;
+    return 0;
+}
+
+static void collect_free(struct collect *c)
+{
+    for (size_t i = 0; i < c->n; i++)
+        free(c->raws[i]);
+    free(c->raws);
+    free(c->ids);
+}
+
+static int cmd_requeue(const struct cli_options *o, struct config *c)
+{
+    struct dead_filter f = {0};
+    if (o->nargs == 1) {
+        if (parse_id(o, &f.id) != 0)
+            return 2;
+    } else if (o->nargs > 1 || (!o->reason && !o->all)) {
+        fprintf(stderr, "tributary: dlq requeue needs an ID, --reason REASON or --all\n");
+        return 2;
+    }
+    f.reason = o->reason;
+    char err[ERR_LEN];
+    ruleset *rs = NULL;
+    rules *engine = NULL;
+    queue *q = NULL;
+    queue_reader *reader = NULL;
+    struct collect all = {0};
+    int rc = 1;
+    if (ruleset_load(&rs, c, err, sizeof err) != 0 || rules_new(&engine, rs, err, sizeof err) != 0) {
+        fprintf(stderr, "%s\n", err);
+        goto done;
+    }
+    q = open_queue(c, 1);
+    if (!q)
+        goto done;
+    reader = queue_reader_new(q, err, sizeof err);
+    if (!reader || queue_dead_each(reader, &f, collect_row, &all) != 0 || all.failed) {
+        fprintf(stderr, "tributary: cannot read the dead-letter store\n");
+        goto done;
+    }
+    if (all.n == 0) {
+        fprintf(stderr, "tributary: no matching dead letters\n");
+        rc = f.id ? 1 : 0;
+        goto done;
+    }
+    size_t forwarded = 0, dropped = 0, dead = 0, skipped = 0;
+    rc = 0;
+    for (size_t start = 0; start < all.n; start += REQUEUE_SLICE) {
+        size_t end = start + REQUEUE_SLICE < all.n ? start + REQUEUE_SLICE : all.n;
+        struct mapping m;
+        mapping_init(&m);
+        int64_t *ids = malloc((end - start) * sizeof(*ids));
+        size_t nids = 0;
+        if (!ids) {
+            mapping_free(&m);
+            rc = 1;
+            break;
+        }
+        for (size_t i = start; i < end; i++) {
+            struct input_error ie;
+            if (rules_map(engine, all.raws[i], strlen(all.raws[i]), INPUT_ANY, &m, &ie) != 0) {
+                fprintf(stderr, "tributary: dead letter %lld cannot be requeued (kept): %s\n",
+                        (long long)all.ids[i], ie.reason);
+                skipped++;
+                continue;
+            }
+            ids[nids++] = all.ids[i];
+        }
+        enum queue_status st = queue_requeue(q, &m, ids, nids);
+        if (st != QUEUE_OK) {
+            fprintf(stderr, "tributary: cannot store requeued events: %s\n",
+                    queue_status_name(st));
+            rc = 1;
+        } else {
+            forwarded += m.nrecords;
+            dead += m.ndead;
+            for (int r = 0; r < DROP_REASON_COUNT; r++)
+                dropped += m.dropped[r];
+        }
+        free(ids);
+        mapping_free(&m);
+        if (rc)
+            break;
+    }
+    if (o->json)
+        printf("{\"requeued\":%zu,\"forwarded\":%zu,\"dropped\":%zu,\"dead_lettered_again\":%zu,"
+               "\"kept\":%zu,\"rules_version\":\"%s\"}\n",
+               forwarded + dropped + dead, forwarded, dropped, dead, skipped, ruleset_version(rs));
+    else
+        printf("requeued %zu event%s with rules %s: %zu queued for delivery, %zu dropped by the "
+               "rules, %zu dead-lettered again%s\n",
+               forwarded + dropped + dead, forwarded + dropped + dead == 1 ? "" : "s",
+               ruleset_version(rs), forwarded, dropped, dead,
+               skipped ? " (some could not be requeued and were kept)" : "");
+done:
+    collect_free(&all);
+    queue_reader_free(reader);
+    queue_free(q);
+    rules_free(engine);
+    ruleset_unref(rs);
+    return rc;
+}
+
+static int cmd_purge(const struct cli_options *o, const struct config *c)
+{
+    int64_t seconds;
+    if (!o->older_than || parse_duration_s(o->older_than, &seconds) != 0) {
+        fprintf(stderr, "tributary: dlq purge needs --older-than DURATION (e.g. 7d, 12h, 30m)\n");
+        return 2;
+    }
+    struct dead_filter f = {0};
+    f.reason = o->reason;
+    f.before_ms = clock_wall_ms() - seconds * 1000;
+    queue *q = open_queue(c, 1);
+    if (!q)
+        return 1;
+    size_t deleted = 0;
+    enum queue_status st = queue_dead_purge(q, &f, &deleted);
+    queue_free(q);
+    if (st != QUEUE_OK) {
+        fprintf(stderr, "tributary: cannot purge: %s\n", queue_status_name(st));
+        return 1;
+    }
+    if (o->json)
+        printf("{\"purged\":%zu}\n", deleted);
+    else
+        printf("purged %zu dead letter%s older than %s\n", deleted, deleted == 1 ? "" : "s",
+               o->older_than);
+    return 0;
+}
+
+int dlq_main(const struct cli_options *o)
+{
+    if (o->nargs < 1) {
+        fprintf(stderr, "usage: tributary dlq list|show|requeue|purge ...\n");
+        return 2;
+    }
+    const char *sub = o->args[0];
+    struct cli_options rest = *o;
+    rest.args = o->args + 1;
+    rest.nargs = o->nargs - 1;
+    struct config *c = load_config(o->config);
+    if (!c)
+        return 1;
+    int rc;
+    if (strcmp(sub, "list") == 0)
+        rc = cmd_list(&rest, c);
+    else if (strcmp(sub, "show") == 0)
+        rc = cmd_show(&rest, c);
+    else if (strcmp(sub, "requeue") == 0)
+        rc = cmd_requeue(&rest, c);
+    else if (strcmp(sub, "purge") == 0)
+        rc = cmd_purge(&rest, c);
+    else {
+        fprintf(stderr, "tributary: unknown dlq command '%s' (list, show, requeue, purge)\n", sub);
+        rc = 2;
+    }
+    config_unref(c);
+    return rc;
+}
+
+int queue_main(const struct cli_options *o)
+{
+    if (o->nargs != 1 || strcmp(o->args[0], "stats") != 0) {
+        fprintf(stderr, "usage: tributary queue stats [--json]\n");
+        return 2;
+    }
+    struct config *c = load_config(o->config);
+    if (!c)
+        return 1;
+    queue *q = open_queue(c, 0);
+    if (!q) {
+        config_unref(c);
+        return 1;
+    }
+    char err[ERR_LEN];
+    queue_reader *r = queue_reader_new(q, err, sizeof err);
+    struct queue_stats st;
+    int rc = 1;
+    if (r && queue_stats(r, &st) == 0) {
+        rc = 0;
+        int64_t now = clock_wall_ms();
+        if (o->json) {
+            printf("{\"feeds\":{");
+            for (int f = 0; f < FEED_COUNT; f++) {
+                printf("%s\"%s\":{\"depth\":%lld,\"oldest_age_s\":%lld,\"in_flight_batches\":%lld,"
+                       "\"paused\":%s",
+                       f ? "," : "", FEED_NAMES[f], (long long)st.depth[f],
+                       st.oldest_ms[f] ? (long long)((now - st.oldest_ms[f]) / 1000) : 0LL,
+                       (long long)st.in_flight_batches[f], st.paused[f][0] ? "true" : "false");
+                if (st.paused[f][0]) {
+                    printf(",\"reason\":");
+                    print_json_str(st.paused[f]);
+                    printf(",\"paused_since_ms\":%lld", (long long)st.paused_since_ms[f]);
+                }
+                printf("}");
+            }
+            printf("},\"dead_letters\":%lld,\"dedup_ids\":%lld,\"bytes\":%lld}\n",
+                   (long long)st.dead, (long long)st.dedup_ids, (long long)st.bytes);
+        } else {
+            printf("%-8s %10s %10s %10s  %s\n", "FEED", "DEPTH", "OLDEST", "IN FLIGHT", "STATE");
+            for (int f = 0; f < FEED_COUNT; f++) {
+                char age[16] = "-";
+                if (st.oldest_ms[f])
+                    age_text(now - st.oldest_ms[f], age, sizeof age);
+                char state[200];
+                if (st.paused[f][0]) {
+                    char since[16];
+                    age_text(now - st.paused_since_ms[f], since, sizeof since);
+                    snprintf(state, sizeof state, "paused %s: %s", since, st.paused[f]);
+                } else {
+                    str_copy(state, sizeof state, "sending");
+                }
+                printf("%-8s %10lld %10s %10lld  %s\n", FEED_NAMES[f], (long long)st.depth[f], age,
+                       (long long)st.in_flight_batches[f], state);
+            }
+            printf("\ndead letters: %lld\ndedup ids:    %lld\non disk:      %.1f MiB\n",
+                   (long long)st.dead, (long long)st.dedup_ids, (double)st.bytes / 1048576.0);
+        }
+    } else {
+        fprintf(stderr, "tributary: cannot read the queue\n");
+    }
+    queue_reader_free(r);
+    queue_free(q);
+    config_unref(c);
+    return rc;
+}

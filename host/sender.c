@@ -1,0 +1,1094 @@
+#include "sender.h"
+
+#include "digest.h"
+#include "log.h"
+#include "metrics.h"
+#include "mparticle.h"
+#include "reload.h"
+
+#include <curl/curl.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <time.h>
+
+#ifndef TRIBUTARY_VERSION
+#define TRIBUTARY_VERSION "dev"
+#endif
+
+/* Requests in flight per feed. */
+#define MAX_IN_FLIGHT 8
+/* Batches held in memory per feed (waiting or in flight) before claiming more. */
+#define MAX_HELD_BATCHES 2000
+#define MAX_HELD_BYTES (32u << 20)
+/* One claim reads at most this many records. */
+#define CLAIM_RECORDS 5000
+#define CLAIM_BYTES (8u << 20)
+/* How often an idle feed looks for new records. */
+#define IDLE_POLL_MS 20
+/* Sweep for records past retry.max_age_s that were never claimed, at most this
+ * rarely. */
+#define EXPIRE_EVERY_MS 60000
+/* Retry-After from mParticle is honoured within these bounds. */
+#define RETRY_AFTER_MIN_S 1
+#define RETRY_AFTER_MAX_S 600
+/* mParticle's answer body is kept up to this size (for dead-letter details). */
+#define RESPONSE_MAX 16384
+#define CONNECT_TIMEOUT_MS 10000
+#define REQUEST_TIMEOUT_MS 60000
+/* A rate-limit usage at or above this makes the feed slow down. */
+#define RATE_USAGE_HIGH 90
+
+/* A persisted batch, waiting or in flight. */
+struct pbatch {
+    int64_t id;
+    enum feed feed;
+    char srid[40];
+    int64_t *record_ids;
+    size_t nrecords;
+    int64_t oldest_ms;
+    char *body;
+    size_t len;
+    int limit;     /* most batches it may share a request with (halved on 400/413) */
+    int in_flight;
+    int delivered; /* 202 received, deletion from the queue pending */
+    struct pbatch *next;
+};
+
+struct feed_state {
+    enum feed feed;
+    int64_t cursor; /* highest record id claimed */
+    struct pbatch *head, *tail;
+    size_t nbatches, bytes;
+    int in_flight;
+    enum feed_pause pause;
+    int64_t probe_at;
+    int probing;
+    unsigned char cred_fp[32]; /* fingerprint of key, secret and url */
+    int has_fp;
+    int failures;       /* consecutive retryable failures */
+    int64_t not_before; /* backoff or Retry-After, monotonic ms */
+    double rate, tokens;
+    int64_t refilled_at;
+    int64_t next_claim; /* monotonic ms */
+};
+
+struct request {
+    struct request *next; /* in flight */
+    struct sender *s;
+    CURL *easy;
+    struct feed_state *f;
+    struct pbatch **batches;
+    size_t n;
+    size_t events;
+    buf body;
+    buf response;
+    struct curl_slist *headers;
+    char retry_after[64];
+    int rate_usage;
+    int probe;
+};
+
+struct sender {
+    queue *q;
+    queue_reader *reader;
+    CURLM *multi;
+    pthread_t thread;
+    pthread_mutex_t mu;
+    _Atomic int stopping;
+    _Atomic int64_t grace_until;
+    struct feed_state feeds[FEED_COUNT];
+    enum feed_pause paused[FEED_COUNT]; /* copy for other threads, under mu */
+    int in_flight;
+    struct request *requests; /* in flight */
+    struct config *cfg; /* the configuration this loop iteration uses */
+    uint64_t rng;
+    int64_t last_expire;
+};
+
+/* ---- small helpers ------------------------------------------------------ */
+
+static uint64_t next_random(struct sender *s)
+{
+    /* xorshift64*: jitter needs spread, not secrecy */
+    s->rng ^= s->rng >> 12;
+    s->rng ^= s->rng << 25;
+    s->rng ^= s->rng >> 27;
+    return s->rng * 0x2545F4914F6CDD1DULL;
+}
+
+/* Full jitter: uniform in [0, min(max, base * 2^(failures-1))]. */
+static int64_t backoff_ms(struct sender *s, int failures)
+{
+    int64_t base = s->cfg->retry_base_ms, cap = s->cfg->retry_max_ms;
+    int64_t ceiling = base;
+    for (int i = 1; i < failures && ceiling < cap; i++)
+        ceiling *= 2;
+    if (ceiling > cap)
+        ceiling = cap;
+    return (int64_t)(next_random(s) % (uint64_t)(ceiling + 1));
+}
+
+static void pbatch_free(struct pbatch *b)
+{
+    if (!b)
+        return;
+    free(b->record_ids);
+    free(b->body);
+    free(b);
+}
+
+static void feed_append(struct feed_state *f, struct pbatch *b)
+{
+    b->next = NULL;
+    if (f->tail)
+        f->tail->next = b;
+    else
+        f->head = b;
+    f->tail = b;
+    f->nbatches++;
+    f->bytes += b->len;
+}
+
+static void feed_remove(struct feed_state *f, struct pbatch *b)
+{
+    struct pbatch **pp = &f->head, *prev = NULL;
+    while (*pp && *pp != b) {
+        prev = *pp;
+        pp = &(*pp)->next;
+    }
+    if (!*pp)
+        return;
+    *pp = b->next;
+    if (f->tail == b)
+        f->tail = prev;
+    f->nbatches--;
+    f->bytes -= b->len;
+}
+
+static void publish_pause(struct sender *s, struct feed_state *f)
+{
+    pthread_mutex_lock(&s->mu);
+    s->paused[f->feed] = f->pause;
+    pthread_mutex_unlock(&s->mu);
+}
+
+static void credential_fingerprint(const struct config *c, enum feed f, unsigned char out[32])
+{
+    buf b;
+    buf_init(&b, 64 * 1024);
+    const struct feed_config *fc = &c->feeds[f];
+    (void)!buf_printf(&b, "%s\n%s\n%s", fc->key ? fc->key : "", fc->secret ? fc->secret : "",
+                      config_feed_url(c, f));
+    digest_sha256(b.data ? b.data : "", b.len, out);
+    if (b.data)
+        explicit_bzero(b.data, b.len);
+    buf_free(&b);
+}
+
+/* ---- building batches --------------------------------------------------- */
+
+/* Builds b->body from the records it names. */
+static int build_body(struct sender *s, struct pbatch *b, const struct queue_items *items,
+                      size_t from, size_t n)
+{
+    struct batch_part *parts = calloc(n ? n : 1, sizeof(*parts));
+    if (!parts)
+        return -1;
+    for (size_t i = 0; i < n; i++) {
+        const struct queue_item *it = &items->items[from + i];
+        parts[i] = (struct batch_part){it->batch, it->event, it->event_id};
+    }
+    if (!b->srid[0])
+        mparticle_source_request_id(parts, n, b->srid);
+    buf body;
+    buf_init(&body, MPARTICLE_MAX_REQUEST_BYTES * 4);
+    int rc = mparticle_build_batch(&body, s->cfg->environment, b->srid, parts, n);
+    free(parts);
+    if (rc != 0) {
+        buf_free(&body);
+        return -1;
+    }
+    b->len = body.len;
+    b->body = buf_take(&body);
+    return 0;
+}
+
+static struct pbatch *new_batch(enum feed f, const struct queue_items *items, const size_t *idx,
+                                size_t n)
+{
+    struct pbatch *b = calloc(1, sizeof(*b));
+    if (!b)
+        return NULL;
+    b->feed = f;
+    b->limit = MPARTICLE_MAX_BATCHES_PER_REQUEST;
+    b->record_ids = malloc(n * sizeof(int64_t));
+    if (!b->record_ids) {
+        free(b);
+        return NULL;
+    }
+    b->nrecords = n;
+    b->oldest_ms = INT64_MAX;
+    for (size_t i = 0; i < n; i++) {
+        const struct queue_item *it = &items->items[idx[i]];
+        b->record_ids[i] = it->id;
+        if (it->received_ms < b->oldest_ms)
+            b->oldest_ms = it->received_ms;
+    }
+    return b;
+}
+
+static _Thread_local const struct queue_items *sort_items;
+
+static int cmp_user(const void *a, const void *b)
+{
+    const struct queue_item *x = &sort_items->items[*(const size_t *)a];
+    const struct queue_item *y = &sort_items->items[*(const size_t *)b];
+    size_t n = x->user.n < y->user.n ? x->user.n : y->user.n;
+    int c = memcmp(x->user.p, y->user.p, n);
+    if (c == 0 && x->user.n != y->user.n)
+        c = x->user.n < y->user.n ? -1 : 1;
+    if (c == 0)
+        c = x->id < y->id ? -1 : x->id > y->id;
+    return c;
+}
+
+static int same_user(const struct queue_items *items, size_t a, size_t b)
+{
+    str x = items->items[a].user, y = items->items[b].user;
+    return x.n == y.n && memcmp(x.p, y.p, x.n) == 0;
+}
+
+static int cmp_first_id(const void *a, const void *b)
+{
+    const struct pbatch *x = *(struct pbatch *const *)a, *y = *(struct pbatch *const *)b;
+    return x->record_ids[0] < y->record_ids[0] ? -1 : x->record_ids[0] > y->record_ids[0];
+}
+
+/* Groups a window of records into one batch per user (split at 128 KB),
+ * persists the batches and appends them to the feed. */
+static int claim_window(struct sender *s, struct feed_state *f, struct queue_items *items)
+{
+    size_t n = items->n;
+    size_t *order = malloc(n * sizeof(*order));
+    struct pbatch **made = calloc(n, sizeof(*made));
+    struct queue_batch *qb = calloc(n, sizeof(*qb));
+    size_t nmade = 0;
+    int rc = -1;
+    if (!order || !made || !qb)
+        goto done;
+    for (size_t i = 0; i < n; i++)
+        order[i] = i;
+    sort_items = items;
+    qsort(order, n, sizeof(*order), cmp_user);
+
+    for (size_t i = 0; i < n;) {
+        /* records [i, j) belong to one user, in arrival order */
+        size_t j = i + 1;
+        while (j < n && same_user(items, order[i], order[j]))
+            j++;
+        for (size_t k = i; k < j;) {
+            size_t used = 0, m = 0;
+            while (k + m < j) {
+                const struct queue_item *it = &items->items[order[k + m]];
+                struct batch_part part = {it->batch, it->event, it->event_id};
+                size_t add = mparticle_batch_size_bound(&part, 1);
+                if (m > 0 && used + add > MPARTICLE_MAX_BATCH_BYTES)
+                    break;
+                used += add;
+                m++;
+            }
+            struct pbatch *b = new_batch(f->feed, items, order + k, m);
+            if (!b)
+                goto done;
+            made[nmade++] = b;
+            /* the body needs the parts in batch order, contiguous */
+            struct queue_items one = {0};
+            one.items = malloc(m * sizeof(*one.items));
+            if (!one.items)
+                goto done;
+            for (size_t x = 0; x < m; x++)
+                one.items[x] = items->items[order[k + x]];
+            int brc = build_body(s, b, &one, 0, m);
+            free(one.items);
+            if (brc != 0)
+                goto done;
+            k += m;
+        }
+        i = j;
+    }
+    /* keep the order of arrival across users */
+    qsort(made, nmade, sizeof(*made), cmp_first_id);
+    for (size_t i = 0; i < nmade; i++) {
+        qb[i].feed = f->feed;
+        str_copy(qb[i].source_request_id, sizeof qb[i].source_request_id, made[i]->srid);
+        qb[i].record_ids = made[i]->record_ids;
+        qb[i].nrecords = made[i]->nrecords;
+        qb[i].oldest_ms = made[i]->oldest_ms;
+    }
+    enum queue_status st = queue_persist_batches(s->q, qb, nmade);
+    if (st != QUEUE_OK) {
+        log_error("cannot persist batches; will try again", LOG_S("feed", FEED_NAMES[f->feed])
+                      LOG_S("queue", queue_status_name(st)));
+        goto done;
+    }
+    for (size_t i = 0; i < nmade; i++) {
+        made[i]->id = qb[i].id;
+        feed_append(f, made[i]);
+        made[i] = NULL;
+    }
+    f->cursor = items->items[n - 1].id;
+    rc = 0;
+done:
+    for (size_t i = 0; i < nmade; i++)
+        pbatch_free(made[i]);
+    free(made);
+    free(order);
+    free(qb);
+    return rc;
+}
+
+/* ---- feeds -------------------------------------------------------------- */
+
+static void set_pause(struct sender *s, struct feed_state *f, enum feed_pause p,
+                      const char *reason)
+{
+    if (f->pause == p)
+        return;
+    f->pause = p;
+    publish_pause(s, f);
+    enum queue_status st = queue_set_feed_state(s->q, f->feed, p == PAUSE_NONE ? NULL : reason);
+    if (st != QUEUE_OK)
+        log_warn("cannot record the feed state", LOG_S("feed", FEED_NAMES[f->feed]));
+}
+
+/* Follows configuration changes: credentials arriving, changing or going. */
+static void update_credentials(struct sender *s, struct feed_state *f)
+{
+    int ready = config_feed_ready(s->cfg, f->feed);
+    unsigned char fp[32];
+    credential_fingerprint(s->cfg, f->feed, fp);
+    int changed = !f->has_fp || memcmp(fp, f->cred_fp, sizeof fp) != 0;
+    memcpy(f->cred_fp, fp, sizeof fp);
+    f->has_fp = 1;
+    double limit = (double)s->cfg->feeds[f->feed].rate_limit;
+    if (f->rate <= 0 || f->rate > limit)
+        f->rate = limit;
+    if (!changed)
+        return;
+    if (!ready) {
+        if (f->pause != PAUSE_NO_CREDENTIALS)
+            log_warn("feed has no credentials: its events are held until feeds.<feed>.key and "
+                     ".secret are set",
+                     LOG_S("feed", FEED_NAMES[f->feed]));
+        set_pause(s, f, PAUSE_NO_CREDENTIALS, "no credentials configured");
+        return;
+    }
+    if (f->pause == PAUSE_NO_CREDENTIALS) {
+        log_info("feed credentials configured; sending", LOG_S("feed", FEED_NAMES[f->feed]));
+        set_pause(s, f, PAUSE_NONE, NULL);
+    } else if (f->pause == PAUSE_AUTH) {
+        log_info("feed credentials changed; probing now", LOG_S("feed", FEED_NAMES[f->feed]));
+        f->probe_at = 0;
+    }
+}
+
+static int64_t wall_to_age_ms(int64_t wall_ms)
+{
+    return clock_wall_ms() - wall_ms;
+}
+
+/* Moves waiting batches past retry.max_age_s to the dead-letter store. */
+static void expire_batches(struct sender *s, struct feed_state *f)
+{
+    int64_t max_age = s->cfg->retry_max_age_s * 1000;
+    for (struct pbatch *b = f->head, *next; b; b = next) {
+        next = b->next;
+        if (b->in_flight || b->delivered || wall_to_age_ms(b->oldest_ms) <= max_age)
+            continue;
+        enum queue_status st = queue_dead_batch(s->q, b->id, DEAD_MAX_AGE,
+                                                "not delivered within retry.max_age_s");
+        if (st != QUEUE_OK)
+            return;
+        metrics_add_dead(DEAD_MAX_AGE, b->nrecords);
+        log_warn("batch older than retry.max_age_s moved to the dead-letter store",
+                 LOG_S("feed", FEED_NAMES[f->feed]) LOG_S("batch", b->srid)
+                     LOG_I("events", (long long)b->nrecords));
+        feed_remove(f, b);
+        pbatch_free(b);
+    }
+}
+
+static void claim(struct sender *s, struct feed_state *f, int64_t now)
+{
+    if (f->pause == PAUSE_NO_CREDENTIALS || now < f->next_claim)
+        return;
+    if (f->nbatches >= MAX_HELD_BATCHES || f->bytes >= MAX_HELD_BYTES) {
+        f->next_claim = now + IDLE_POLL_MS;
+        return;
+    }
+    struct queue_items peek;
+    queue_items_init(&peek);
+    if (queue_scan(s->reader, f->feed, f->cursor, 1, 1, &peek) != 0 || peek.n == 0) {
+        queue_items_free(&peek);
+        f->next_claim = now + IDLE_POLL_MS;
+        return;
+    }
+    int64_t waited = wall_to_age_ms(peek.items[0].received_ms);
+    queue_items_free(&peek);
+    int64_t linger = s->cfg->batch_linger_ms;
+    if (waited < linger) {
+        f->next_claim = now + (linger - waited);
+        return;
+    }
+    struct queue_items items;
+    queue_items_init(&items);
+    if (queue_scan(s->reader, f->feed, f->cursor, CLAIM_RECORDS, CLAIM_BYTES, &items) == 0 &&
+        items.n > 0) {
+        if (claim_window(s, f, &items) != 0)
+            f->next_claim = now + 1000;
+    }
+    queue_items_free(&items);
+}
+
+/* ---- requests ----------------------------------------------------------- */
+
+static size_t on_body(char *p, size_t size, size_t n, void *ud)
+{
+    struct request *r = ud;
+    size_t len = size * n;
+    if (r->response.len < RESPONSE_MAX)
+        (void)!buf_add(&r->response, p, len < RESPONSE_MAX - r->response.len
+                                             ? len
+                                             : RESPONSE_MAX - r->response.len);
+    return len;
+}
+
+static size_t on_header(char *p, size_t size, size_t n, void *ud)
+{
+    struct request *r = ud;
+    size_t len = size * n;
+    char line[256];
+    size_t m = len < sizeof line - 1 ? len : sizeof line - 1;
+    memcpy(line, p, m);
+    line[m] = '\0';
+    line[strcspn(line, "\r\n")] = '\0';
+    if (strncasecmp(line, "Retry-After:", 12) == 0)
+        str_copy(r->retry_after, sizeof r->retry_after, line + 12);
+    else if (strncasecmp(line, "X-mp-rate-limit-percentage-used:", 32) == 0)
+        r->rate_usage = atoi(line + 32);
+    return len;
+}
+
+static void request_free(struct request *r)
+{
+    if (!r)
+        return;
+    if (r->easy)
+        curl_easy_cleanup(r->easy);
+    curl_slist_free_all(r->headers);
+    buf_free(&r->body);
+    buf_free(&r->response);
+    free(r->batches);
+    free(r);
+}
+
+static int start_request(struct sender *s, struct feed_state *f, struct pbatch **batches, size_t n,
+                         int probe)
+{
+    struct request *r = calloc(1, sizeof(*r));
+    if (!r)
+        return -1;
+    r->s = s;
+    r->f = f;
+    r->probe = probe;
+    r->rate_usage = -1;
+    r->n = n;
+    r->batches = malloc(n * sizeof(*r->batches));
+    buf_init(&r->body, MPARTICLE_MAX_REQUEST_BYTES * 4);
+    buf_init(&r->response, RESPONSE_MAX + 1);
+    if (!r->batches)
+        goto fail;
+    int rc = buf_addc(&r->body, '[');
+    for (size_t i = 0; i < n; i++) {
+        r->batches[i] = batches[i];
+        r->events += batches[i]->nrecords;
+        if (i)
+            rc |= buf_addc(&r->body, ',');
+        rc |= buf_add(&r->body, batches[i]->body, batches[i]->len);
+    }
+    rc |= buf_addc(&r->body, ']');
+    if (rc)
+        goto fail;
+
+    const struct feed_config *fc = &s->cfg->feeds[f->feed];
+    char url[2048];
+    const char *base = config_feed_url(s->cfg, f->feed);
+    size_t bl = strlen(base);
+    while (bl && base[bl - 1] == '/')
+        bl--;
+    snprintf(url, sizeof url, "%.*s%s", (int)bl, base, MPARTICLE_BULK_PATH);
+    char auth[1024];
+    mparticle_basic_auth(fc->key, fc->secret, auth, sizeof auth);
+    char header[1100];
+    snprintf(header, sizeof header, "Authorization: %s", auth);
+    r->headers = curl_slist_append(r->headers, "Content-Type: application/json");
+    r->headers = curl_slist_append(r->headers, header);
+    r->headers = curl_slist_append(r->headers, "Expect:");
+    explicit_bzero(auth, sizeof auth);
+    explicit_bzero(header, sizeof header);
+    if (!r->headers)
+        goto fail;
+
+    r->easy = curl_easy_init();
+    if (!r->easy)
+        goto fail;
+    CURL *e = r->easy;
+    curl_easy_setopt(e, CURLOPT_URL, url);
+    curl_easy_setopt(e, CURLOPT_POST, 1L);
+    curl_easy_setopt(e, CURLOPT_POSTFIELDS, r->body.data);
+    curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)r->body.len);
+    curl_easy_setopt(e, CURLOPT_HTTPHEADER, r->headers);
+    curl_easy_setopt(e, CURLOPT_USERAGENT, "tributary/" TRIBUTARY_VERSION);
+    curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, on_body);
+    curl_easy_setopt(e, CURLOPT_WRITEDATA, r);
+    curl_easy_setopt(e, CURLOPT_HEADERFUNCTION, on_header);
+    curl_easy_setopt(e, CURLOPT_HEADERDATA, r);
+    curl_easy_setopt(e, CURLOPT_PRIVATE, r);
+    curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, (long)CONNECT_TIMEOUT_MS);
+    curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, (long)REQUEST_TIMEOUT_MS);
+    curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(e, CURLOPT_TCP_KEEPALIVE, 1L);
+    curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "http,https");
+    curl_easy_setopt(e, CURLOPT_SSL_VERIFYPEER, 1L);
+    curl_easy_setopt(e, CURLOPT_SSL_VERIFYHOST, 2L);
+    if (curl_multi_add_handle(s->multi, e) != CURLM_OK)
+        goto fail;
+    for (size_t i = 0; i < n; i++)
+        batches[i]->in_flight = 1;
+    f->in_flight++;
+    s->in_flight++;
+    r->next = s->requests;
+    s->requests = r;
+    log_debug("sending", LOG_S("feed", FEED_NAMES[f->feed]) LOG_I("batches", (long long)n)
+                  LOG_I("events", (long long)r->events) LOG_I("bytes", (long long)r->body.len)
+                      LOG_S("batch", batches[0]->srid));
+    return 0;
+fail:
+    request_free(r);
+    return -1;
+}
+
+static void refill(struct feed_state *f, int64_t now)
+{
+    if (f->refilled_at == 0)
+        f->tokens = f->rate;
+    else
+        f->tokens += f->rate * (double)(now - f->refilled_at) / 1000.0;
+    if (f->tokens > f->rate)
+        f->tokens = f->rate; /* at most one second of burst */
+    f->refilled_at = now;
+}
+
+static void dispatch(struct sender *s, struct feed_state *f, int64_t now)
+{
+    if (f->pause == PAUSE_NO_CREDENTIALS)
+        return;
+    if (f->pause == PAUSE_AUTH) {
+        /* one batch, alone, to learn whether the credentials work again */
+        if (f->probing || now < f->probe_at)
+            return;
+        for (struct pbatch *b = f->head; b; b = b->next) {
+            if (!b->in_flight && !b->delivered) {
+                if (start_request(s, f, &b, 1, 1) == 0)
+                    f->probing = 1;
+                return;
+            }
+        }
+        return;
+    }
+    if (now < f->not_before)
+        return;
+    refill(f, now);
+    struct pbatch *pick[MPARTICLE_MAX_BATCHES_PER_REQUEST];
+    while (f->in_flight < MAX_IN_FLIGHT && f->tokens >= 1) {
+        /* the request holds at most: 100 batches, the tokens available, and the
+         * limit of every batch in it (halved after a 400 or 413) */
+        size_t n = 0, bytes = 2;
+        size_t cap = MPARTICLE_MAX_BATCHES_PER_REQUEST;
+        if (f->tokens < (double)cap)
+            cap = (size_t)f->tokens;
+        for (struct pbatch *b = f->head; b; b = b->next) {
+            if (b->in_flight || b->delivered)
+                continue;
+            size_t c = cap < (size_t)b->limit ? cap : (size_t)b->limit;
+            if (n + 1 > c)
+                break;
+            if (n > 0 && bytes + b->len + 1 > MPARTICLE_MAX_REQUEST_BYTES)
+                break;
+            pick[n++] = b;
+            bytes += b->len + 1;
+            cap = c;
+        }
+        if (n == 0)
+            return;
+        if (start_request(s, f, pick, n, 0) != 0)
+            return;
+        f->tokens -= (double)n;
+    }
+}
+
+/* ---- answers ------------------------------------------------------------ */
+
+static void release(struct request *r)
+{
+    for (size_t i = 0; i < r->n; i++)
+        r->batches[i]->in_flight = 0;
+}
+
+/* Deletes delivered batches from the queue; keeps trying if storage fails. */
+static void ack_delivered(struct sender *s, struct feed_state *f)
+{
+    int64_t ids[256];
+    size_t n = 0;
+    for (struct pbatch *b = f->head; b && n < ARRAY_LEN(ids); b = b->next) {
+        if (b->delivered)
+            ids[n++] = b->id;
+    }
+    if (n == 0)
+        return;
+    if (queue_ack(s->q, ids, n) != QUEUE_OK) {
+        log_error("cannot delete delivered batches; retrying", LOG_S("feed", FEED_NAMES[f->feed]));
+        return;
+    }
+    for (struct pbatch *b = f->head, *next; b; b = next) {
+        next = b->next;
+        if (b->delivered) {
+            feed_remove(f, b);
+            pbatch_free(b);
+        }
+    }
+}
+
+static void on_delivered(struct sender *s, struct request *r)
+{
+    struct feed_state *f = r->f;
+    for (size_t i = 0; i < r->n; i++) {
+        r->batches[i]->delivered = 1;
+        r->batches[i]->in_flight = 0;
+    }
+    metrics_delivered(f->feed, r->events);
+    if (f->failures > 0)
+        log_info("mParticle accepts again", LOG_S("feed", FEED_NAMES[f->feed])
+                     LOG_I("failures", f->failures));
+    f->failures = 0;
+    if (r->probe) {
+        log_info("feed credentials accepted; feed resumed", LOG_S("feed", FEED_NAMES[f->feed]));
+        set_pause(s, f, PAUSE_NONE, NULL);
+    }
+    double limit = (double)s->cfg->feeds[f->feed].rate_limit;
+    if (r->rate_usage >= RATE_USAGE_HIGH) {
+        f->rate = f->rate * 0.8 > 1 ? f->rate * 0.8 : 1;
+        log_info("mParticle rate limit usage high; slowing down", LOG_S("feed", FEED_NAMES[f->feed])
+                     LOG_I("usage_percent", r->rate_usage) LOG_I("batches_per_s", (long long)f->rate));
+    } else if (f->rate < limit) {
+        f->rate += limit * 0.05; /* recover gently */
+        if (f->rate > limit)
+            f->rate = limit;
+    }
+    ack_delivered(s, f);
+}
+
+static void retry_later(struct sender *s, struct request *r, int status, const char *why)
+{
+    struct feed_state *f = r->f;
+    release(r);
+    f->failures++;
+    metrics_retry(f->feed);
+    int64_t delay = backoff_ms(s, f->failures);
+    f->not_before = clock_mono_ms() + delay;
+    if (f->failures == 1 || f->failures % 10 == 0)
+        log_warn("mParticle request failed; backing off", LOG_S("feed", FEED_NAMES[f->feed])
+                     LOG_I("status", status) LOG_S("error", why) LOG_I("failures", f->failures)
+                         LOG_I("retry_in_ms", delay));
+}
+
+static void on_rate_limited(struct sender *s, struct request *r)
+{
+    struct feed_state *f = r->f;
+    release(r);
+    metrics_retry(f->feed);
+    f->rate = f->rate * 0.5 > 1 ? f->rate * 0.5 : 1;
+    f->tokens = 0;
+    int64_t wait_s = mparticle_retry_after(r->retry_after[0] ? r->retry_after : NULL,
+                                           clock_wall_ms() / 1000, RETRY_AFTER_MIN_S,
+                                           RETRY_AFTER_MAX_S);
+    int64_t delay;
+    if (wait_s >= 0) {
+        delay = wait_s * 1000;
+    } else {
+        f->failures++;
+        delay = backoff_ms(s, f->failures);
+    }
+    f->not_before = clock_mono_ms() + delay;
+    log_warn("mParticle rate limit reached (429); waiting", LOG_S("feed", FEED_NAMES[f->feed])
+                 LOG_I("retry_in_ms", delay) LOG_I("batches_per_s", (long long)f->rate));
+}
+
+static void on_auth_refused(struct sender *s, struct request *r, int status)
+{
+    struct feed_state *f = r->f;
+    release(r);
+    f->probe_at = clock_mono_ms() + s->cfg->retry_pause_ms;
+    char reason[128];
+    snprintf(reason, sizeof reason, "mParticle answered %d: credentials missing or invalid",
+             status);
+    if (f->pause != PAUSE_AUTH)
+        log_error("ALERT: mParticle refused this feed's credentials; the feed is paused and its "
+                  "events are kept",
+                  LOG_S("feed", FEED_NAMES[f->feed]) LOG_I("status", status)
+                      LOG_I("probe_in_ms", s->cfg->retry_pause_ms));
+    set_pause(s, f, PAUSE_AUTH, reason);
+}
+
+/* Splits a lone batch in two halves (413); rebuilds both bodies. */
+static int split_batch(struct sender *s, struct feed_state *f, struct pbatch *b)
+{
+    size_t half = b->nrecords / 2;
+    struct queue_items items;
+    queue_items_init(&items);
+    struct pbatch *parts[2] = {NULL, NULL};
+    struct queue_batch qb[2];
+    memset(qb, 0, sizeof qb);
+    int rc = -1;
+    if (queue_fetch(s->reader, b->record_ids, b->nrecords, &items) != 0 ||
+        items.n != b->nrecords)
+        goto done;
+    size_t from[2] = {0, half}, count[2] = {half, b->nrecords - half};
+    for (int i = 0; i < 2; i++) {
+        size_t *idx = malloc(count[i] * sizeof(*idx));
+        if (!idx)
+            goto done;
+        for (size_t k = 0; k < count[i]; k++)
+            idx[k] = from[i] + k;
+        parts[i] = new_batch(f->feed, &items, idx, count[i]);
+        free(idx);
+        if (!parts[i] || build_body(s, parts[i], &items, from[i], count[i]) != 0)
+            goto done;
+        qb[i].feed = f->feed;
+        str_copy(qb[i].source_request_id, sizeof qb[i].source_request_id, parts[i]->srid);
+        qb[i].record_ids = parts[i]->record_ids;
+        qb[i].nrecords = parts[i]->nrecords;
+        qb[i].oldest_ms = parts[i]->oldest_ms;
+    }
+    if (queue_split_batch(s->q, b->id, qb, 2) != QUEUE_OK)
+        goto done;
+    for (int i = 0; i < 2; i++) {
+        parts[i]->id = qb[i].id;
+        parts[i]->limit = 1;
+        feed_append(f, parts[i]);
+        parts[i] = NULL;
+    }
+    feed_remove(f, b);
+    pbatch_free(b);
+    rc = 0;
+done:
+    pbatch_free(parts[0]);
+    pbatch_free(parts[1]);
+    queue_items_free(&items);
+    return rc;
+}
+
+static void dead_letter(struct sender *s, struct request *r, int status)
+{
+    struct feed_state *f = r->f;
+    struct pbatch *b = r->batches[0];
+    char detail[1024];
+    const char *msg = r->response.data ? r->response.data : "";
+    snprintf(detail, sizeof detail, "mParticle answered %d: %.900s", status, msg);
+    if (queue_dead_batch(s->q, b->id, DEAD_REJECTED, detail) != QUEUE_OK) {
+        retry_later(s, r, status, "cannot move the rejected batch to the dead-letter store");
+        return;
+    }
+    metrics_add_dead(DEAD_REJECTED, b->nrecords);
+    log_error("mParticle rejected a batch; moved to the dead-letter store",
+              LOG_S("feed", FEED_NAMES[f->feed]) LOG_S("batch", b->srid) LOG_I("status", status)
+                  LOG_I("events", (long long)b->nrecords) LOG_S("detail", msg));
+    feed_remove(f, b);
+    pbatch_free(b);
+}
+
+/* 400 or 413: halve the requests these batches may travel in; a lone batch is
+ * split (413) or, when it cannot be split, dead-lettered. */
+static void on_refused_content(struct sender *s, struct request *r, int status,
+                               enum mp_action action)
+{
+    struct feed_state *f = r->f;
+    if (r->n > 1) {
+        int limit = (int)(r->n / 2);
+        for (size_t i = 0; i < r->n; i++) {
+            r->batches[i]->limit = limit;
+            r->batches[i]->in_flight = 0;
+        }
+        log_info("mParticle refused a bulk request; splitting it", LOG_S("feed", FEED_NAMES[f->feed])
+                     LOG_I("status", status) LOG_I("batches", (long long)r->n));
+        return;
+    }
+    struct pbatch *b = r->batches[0];
+    b->in_flight = 0;
+    if (action == MP_SPLIT && b->nrecords > 1) {
+        if (split_batch(s, f, b) != 0)
+            retry_later(s, r, status, "cannot split the batch");
+        return;
+    }
+    dead_letter(s, r, status);
+}
+
+static void finish(struct sender *s, CURLMsg *msg)
+{
+    struct request *r = NULL;
+    curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **)&r);
+    struct feed_state *f = r->f;
+    long status = 0;
+    if (msg->data.result == CURLE_OK)
+        curl_easy_getinfo(msg->easy_handle, CURLINFO_RESPONSE_CODE, &status);
+    curl_multi_remove_handle(s->multi, msg->easy_handle);
+    for (struct request **pp = &s->requests; *pp; pp = &(*pp)->next) {
+        if (*pp == r) {
+            *pp = r->next;
+            break;
+        }
+    }
+    f->in_flight--;
+    s->in_flight--;
+    if (r->probe)
+        f->probing = 0;
+    metrics_outbound(f->feed, (int)status, r->n, r->events);
+    enum mp_action action = mparticle_classify((int)status);
+    log_debug("answered", LOG_S("feed", FEED_NAMES[f->feed]) LOG_I("status", status)
+                  LOG_S("action", mparticle_action_name(action)) LOG_I("batches", (long long)r->n));
+    switch (action) {
+    case MP_DELIVERED:
+        on_delivered(s, r);
+        break;
+    case MP_RETRY:
+        retry_later(s, r, (int)status,
+                    msg->data.result != CURLE_OK ? curl_easy_strerror(msg->data.result)
+                                                 : "server error");
+        break;
+    case MP_RATE_LIMITED:
+        on_rate_limited(s, r);
+        break;
+    case MP_AUTH:
+        on_auth_refused(s, r, (int)status);
+        break;
+    case MP_SPLIT:
+    case MP_REJECTED:
+        on_refused_content(s, r, (int)status, action);
+        break;
+    }
+    request_free(r);
+}
+
+/* ---- the loop ----------------------------------------------------------- */
+
+static void load_batch(void *ctx, struct queue_batch *qb)
+{
+    struct sender *s = ctx;
+    struct feed_state *f = &s->feeds[qb->feed];
+    struct pbatch *b = calloc(1, sizeof(*b));
+    struct queue_items items;
+    queue_items_init(&items);
+    if (!b)
+        goto fail;
+    b->id = qb->id;
+    b->feed = qb->feed;
+    b->limit = MPARTICLE_MAX_BATCHES_PER_REQUEST;
+    str_copy(b->srid, sizeof b->srid, qb->source_request_id);
+    b->record_ids = qb->record_ids;
+    b->nrecords = qb->nrecords;
+    b->oldest_ms = qb->oldest_ms;
+    qb->record_ids = NULL;
+    if (queue_fetch(s->reader, b->record_ids, b->nrecords, &items) != 0 || items.n == 0 ||
+        build_body(s, b, &items, 0, items.n) != 0)
+        goto fail;
+    for (size_t i = 0; i < b->nrecords; i++) {
+        if (b->record_ids[i] > f->cursor)
+            f->cursor = b->record_ids[i];
+    }
+    feed_append(f, b);
+    queue_items_free(&items);
+    return;
+fail:
+    log_error("cannot restore a persisted batch; it stays in the queue",
+              LOG_S("feed", FEED_NAMES[qb->feed]) LOG_S("batch", qb->source_request_id));
+    queue_items_free(&items);
+    free(qb->record_ids);
+    pbatch_free(b);
+}
+
+static void sweep_unclaimed(struct sender *s, int64_t now)
+{
+    /* often enough that nothing outlives retry.max_age_s by much */
+    int64_t every = s->cfg->retry_max_age_s * 1000 / 4;
+    if (every > EXPIRE_EVERY_MS)
+        every = EXPIRE_EVERY_MS;
+    if (every < 250)
+        every = 250;
+    if (now - s->last_expire < every)
+        return;
+    s->last_expire = now;
+    size_t moved = 0;
+    int64_t cutoff = clock_wall_ms() - s->cfg->retry_max_age_s * 1000;
+    if (queue_expire(s->q, cutoff, &moved) == QUEUE_OK && moved > 0) {
+        metrics_add_dead(DEAD_MAX_AGE, moved);
+        log_warn("events older than retry.max_age_s moved to the dead-letter store",
+                 LOG_I("events", (long long)moved));
+        s->last_expire = 0; /* more may be waiting: sweep again next round */
+    }
+}
+
+static void *sender_main(void *arg)
+{
+    struct sender *s = arg;
+    struct snapshot snap;
+    reload_get(&snap);
+    s->cfg = snap.cfg;
+    if (queue_load_batches(s->reader, load_batch, s) != 0)
+        log_error("cannot read the persisted batches");
+    size_t restored = 0;
+    for (int i = 0; i < FEED_COUNT; i++)
+        restored += s->feeds[i].nbatches;
+    if (restored)
+        log_info("re-sending batches persisted before the last stop",
+                 LOG_I("batches", (long long)restored));
+    reload_put(&snap);
+
+    for (;;) {
+        reload_get(&snap);
+        s->cfg = snap.cfg;
+        int64_t now = clock_mono_ms();
+        int stopping = atomic_load(&s->stopping);
+        if (stopping && (s->in_flight == 0 || now >= atomic_load(&s->grace_until))) {
+            reload_put(&snap);
+            break;
+        }
+        int64_t wake = now + IDLE_POLL_MS;
+        for (int i = 0; i < FEED_COUNT; i++) {
+            struct feed_state *f = &s->feeds[i];
+            update_credentials(s, f);
+            ack_delivered(s, f);
+            if (stopping)
+                continue;
+            expire_batches(s, f);
+            claim(s, f, now);
+            dispatch(s, f, now);
+            if (f->not_before > now && f->not_before < wake)
+                wake = f->not_before;
+        }
+        if (!stopping)
+            sweep_unclaimed(s, now);
+        int running = 0;
+        curl_multi_perform(s->multi, &running);
+        CURLMsg *msg;
+        int left;
+        while ((msg = curl_multi_info_read(s->multi, &left)) != NULL) {
+            if (msg->msg == CURLMSG_DONE)
+                finish(s, msg);
+        }
+        int timeout = (int)(wake - clock_mono_ms());
+        if (timeout < 1)
+            timeout = 1;
+        curl_multi_poll(s->multi, NULL, 0, timeout, NULL);
+        reload_put(&snap);
+        s->cfg = NULL;
+    }
+
+    /* What is still in flight is abandoned: persisted, re-sent after restart. */
+    for (struct request *r = s->requests, *next; r; r = next) {
+        next = r->next;
+        curl_multi_remove_handle(s->multi, r->easy);
+        request_free(r);
+    }
+    s->requests = NULL;
+    if (s->in_flight)
+        log_warn("stopped with requests in flight; their batches are re-sent after a restart",
+                 LOG_I("requests", s->in_flight));
+    return NULL;
+}
+
+int sender_global_init(void)
+{
+    return curl_global_init(CURL_GLOBAL_DEFAULT) == CURLE_OK ? 0 : -1;
+}
+
+int sender_start(sender **out, queue *q, char *err, size_t errlen)
+{
+    *out = NULL;
+    struct sender *s = calloc(1, sizeof(*s));
+    if (!s) {
+        str_copy(err, errlen, "out of memory");
+        return -1;
+    }
+    s->q = q;
+    s->rng = (uint64_t)clock_wall_ms() ^ ((uint64_t)(uintptr_t)s << 16) ^ 0x9E3779B97F4A7C15ULL;
+    pthread_mutex_init(&s->mu, NULL);
+    for (int i = 0; i < FEED_COUNT; i++) {
+        s->feeds[i].feed = (enum feed)i;
+        s->paused[i] = PAUSE_NONE;
+    }
+    s->reader = queue_reader_new(q, err, errlen);
+    if (!s->reader)
+        goto fail;
+    s->multi = curl_multi_init();
+    if (!s->multi) {
+        str_copy(err, errlen, "cannot create the HTTP client");
+        goto fail;
+    }
+    curl_multi_setopt(s->multi, CURLMOPT_MAX_HOST_CONNECTIONS, (long)(MAX_IN_FLIGHT * 2));
+    curl_multi_setopt(s->multi, CURLMOPT_MAXCONNECTS, (long)(MAX_IN_FLIGHT * FEED_COUNT * 2));
+    if (pthread_create(&s->thread, NULL, sender_main, s) != 0) {
+        str_copy(err, errlen, "cannot start the sender thread");
+        goto fail;
+    }
+    *out = s;
+    return 0;
+fail:
+    if (s->multi)
+        curl_multi_cleanup(s->multi);
+    queue_reader_free(s->reader);
+    pthread_mutex_destroy(&s->mu);
+    free(s);
+    return -1;
+}
+
+void sender_stop(sender *s, int64_t grace_ms)
+{
+    if (!s)
+        return;
+    atomic_store(&s->grace_until, clock_mono_ms() + grace_ms);
+    atomic_store(&s->stopping, 1);
+    curl_multi_wakeup(s->multi);
+    pthread_join(s->thread, NULL);
+    for (int i = 0; i < FEED_COUNT; i++) {
+        struct feed_state *f = &s->feeds[i];
+        for (struct pbatch *b = f->head, *next; b; b = next) {
+            next = b->next;
+            pbatch_free(b);
+        }
+    }
+    curl_multi_cleanup(s->multi);
+    queue_reader_free(s->reader);
+    pthread_mutex_destroy(&s->mu);
+    free(s);
+}
+
+void sender_paused(sender *s, enum feed_pause paused[FEED_COUNT])
+{
+    pthread_mutex_lock(&s->mu);
+    memcpy(paused, s->paused, sizeof s->paused);
+    pthread_mutex_unlock(&s->mu);
+}

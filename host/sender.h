@@ -1,0 +1,49 @@
+/*
+ * sender: drains the queue into mParticle.
+ *
+ * One thread with one curl multi handle (keep-alive connections, several
+ * requests in flight, timeouts always set). For each feed it
+ *   - claims a window of queued records once the oldest has waited
+ *     batch.linger_ms, groups them into one batch per user (at most 128 KB),
+ *     and persists the batches with their source_request_id before sending;
+ *   - packs waiting batches into bulk requests (at most 100 batches, under
+ *     256 KB) within the feed's rate limit (token bucket, lowered by 429s and by
+ *     X-mp-rate-limit-percentage-used near 100);
+ *   - acts on each answer: 202 deletes; 429 waits Retry-After; 5xx and transport
+ *     failures back off exponentially with full jitter; 400 and 413 split the
+ *     request (and a lone batch) until the bad batch is isolated and
+ *     dead-lettered with mParticle's message; 401/403 pause only that feed, keep
+ *     everything queued and probe again after retry.pause_ms or as soon as its
+ *     credentials change.
+ * A feed without credentials is paused the same way. Batches whose oldest event
+ * is older than retry.max_age_s go to the dead-letter store.
+ *
+ * A batch is removed only after its 202; after a crash the persisted batches are
+ * sent again with the same bytes and source_request_id.
+ *
+ * Uses queue, mparticle, reload (configuration), metrics, log. The only module
+ * that includes curl.
+ */
+#ifndef TRIBUTARY_SENDER_H
+#define TRIBUTARY_SENDER_H
+
+#include "queue.h"
+#include "record.h"
+
+typedef struct sender sender;
+
+/* Why a feed is not sending. */
+enum feed_pause { PAUSE_NONE, PAUSE_NO_CREDENTIALS, PAUSE_AUTH };
+
+/* Process-wide set-up of the HTTP client; once, before any thread starts. */
+int sender_global_init(void) WUR;
+
+/* Starts the sender thread (after sender_global_init). */
+int sender_start(sender **out, queue *q, char *err, size_t errlen) WUR;
+/* Stops claiming, lets in-flight requests finish for up to grace_ms, stops.
+ * What is not acknowledged stays queued. Accepts NULL. */
+void sender_stop(sender *s, int64_t grace_ms);
+/* Current pause state of every feed. */
+void sender_paused(sender *s, enum feed_pause paused[FEED_COUNT]);
+
+#endif

@@ -1,0 +1,680 @@
+"""A test double of mParticle's server-to-server Events API (see
+/work/shared/reference/mparticle-events-api.md), for the integration tests.
+
+    with MParticleDouble(feeds={"ios": ("ios-key", "ios-secret")}) as d:
+        ...  # point the service at d.url
+        assert d.wait_for_events(3, timeout=10)
+        d.events("ios")
+
+Endpoints: POST /v2/bulkevents (JSON array of batches) and POST /v2/events (one batch
+object); anything else is 404. HTTP Basic auth with a feed's key and secret decides the feed:
+no (usable) Basic credentials -> 401, credentials matching no feed -> 403.
+
+Order of checks for a request on an endpoint:
+  auth (401/403 faults replace its result) -> slow / drop / fail faults (only for requests that
+  passed auth) -> size limits (413) -> JSON and schema validation (400) -> poison markers (400)
+  -> 202 and recording. A 400 or 413 rejects the whole request: nothing of it is stored.
+
+Everything is thread-safe and may be changed while the server runs. The Authorization header
+and the secrets are never logged nor recorded (request headers are stored redacted).
+"""
+
+import base64
+import binascii
+import collections
+import copy
+import http.server
+import json
+import re
+import socket
+import threading
+import time
+import urllib.parse
+
+MAX_REQUEST_BYTES = 256 * 1024  # a request must be *under* 256 KB
+MAX_BATCH_BYTES = 128 * 1024  # a batch at most 128 KB
+MAX_BATCHES = 100
+MAX_ATTRIBUTES = 100
+MAX_NAME_CHARS = 256
+MAX_VALUE_CHARS = 4096
+
+ENVIRONMENTS = ("production", "development")
+
+# The documented list plus the two more the published JSON schema knows (first_run, profile).
+EVENT_TYPES = frozenset([
+    "custom_event", "screen_view", "commerce_event", "session_start", "session_end", "uninstall",
+    "opt_out", "push_registration", "push_message", "application_state_transition", "crash_report",
+    "breadcrumb", "network_performance", "user_attribute_change", "user_identity_change",
+    "first_run", "profile",
+])
+
+CUSTOM_EVENT_TYPES = frozenset([
+    "navigation", "location", "search", "transaction", "user_content", "user_preference", "social",
+    "media", "other",
+])
+
+PLATFORMS = frozenset([
+    "iOS", "Android", "web", "tvOS", "roku", "out_of_band", "alexa", "smart_tv", "fire_tv", "xbox",
+])
+
+ENDPOINTS = {"/v2/bulkevents": "bulk", "/v2/events": "single"}
+
+_ERROR_CODES = {
+    400: "BAD_REQUEST",
+    401: "UNAUTHORIZED",
+    403: "FORBIDDEN",
+    404: "NOT_FOUND",
+    413: "PAYLOAD_TOO_LARGE",
+    429: "TOO_MANY_REQUESTS",
+    500: "INTERNAL_SERVER_ERROR",
+    502: "BAD_GATEWAY",
+    503: "SERVICE_UNAVAILABLE",
+    504: "GATEWAY_TIMEOUT",
+}
+
+_WS = re.compile(r"[ \t\n\r]*")
+
+
+def error_body(status, message):
+    """The documented error body: {"errors":[{"code":..., "message":...}]} as bytes."""
+    code = _ERROR_CODES.get(status, "HTTP_%d" % status)
+    return json.dumps({"errors": [{"code": code, "message": message}]}).encode()
+
+
+def basic_auth(key, secret):
+    """The Authorization header value for key and secret."""
+    return "Basic " + base64.b64encode(("%s:%s" % (key, secret)).encode()).decode()
+
+
+class Rejected(Exception):
+    """The request is answered with status and the documented error body."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _reject_constant(name):
+    raise ValueError("invalid JSON constant " + name)
+
+
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
+def _loads(text):
+    value, end = _DECODER.raw_decode(text, _WS.match(text, 0).end())
+    if _WS.match(text, end).end() != len(text):
+        raise ValueError("extra data after JSON value at offset %d" % end)
+    return value
+
+
+def _array_items(text):
+    """The raw JSON text of each element of a JSON array (text already known to be valid)."""
+    i = _WS.match(text, 0).end() + 1  # past '['
+    i = _WS.match(text, i).end()
+    items = []
+    if text[i] == "]":
+        return items
+    while True:
+        _, end = _DECODER.raw_decode(text, i)
+        items.append(text[i:end])
+        i = _WS.match(text, end).end()
+        if text[i] == "]":
+            return items
+        i = _WS.match(text, i + 1).end()  # past ','
+
+
+def _is_scalar(v):
+    return v is None or isinstance(v, (str, int, float, bool))
+
+
+def _check_attributes(attrs, where, allow_arrays):
+    if attrs is None:
+        return
+    if not isinstance(attrs, dict):
+        raise Rejected(400, "%s must be an object" % where)
+    if len(attrs) > MAX_ATTRIBUTES:
+        raise Rejected(400, "%s has %d attributes, at most %d are allowed" % (where, len(attrs), MAX_ATTRIBUTES))
+    for name, value in attrs.items():
+        if len(name) > MAX_NAME_CHARS:
+            raise Rejected(400, "%s: attribute name longer than %d characters" % (where, MAX_NAME_CHARS))
+        values = [value]
+        if allow_arrays and isinstance(value, list):
+            values = value
+        for v in values:
+            if not _is_scalar(v):
+                raise Rejected(400, "%s.%s: value must be a string, number, boolean or null, not %s"
+                               % (where, name, "an array" if isinstance(v, list) else "an object"))
+            if isinstance(v, str) and len(v) > MAX_VALUE_CHARS:
+                raise Rejected(400, "%s.%s: value longer than %d characters" % (where, name, MAX_VALUE_CHARS))
+
+
+def validate_batch(batch, where="batch"):
+    """Raises Rejected(400, message) when the batch would be refused by the API."""
+    if not isinstance(batch, dict):
+        raise Rejected(400, "%s must be a JSON object" % where)
+    if "batch_id" in batch:
+        raise Rejected(400, '%s: field "batch_id" is not allowed' % where)
+    env = batch.get("environment")
+    if env not in ENVIRONMENTS:
+        if env is None:
+            raise Rejected(400, 'Required batch field "environment" is missing or empty (%s)' % where)
+        raise Rejected(400, '%s: invalid environment %s (production or development)' % (where, json.dumps(env)))
+    ids = batch.get("user_identities")
+    if ids is not None:
+        if not isinstance(ids, dict):
+            raise Rejected(400, "%s.user_identities must be an object" % where)
+        for name in ("customer_id", "customerid"):
+            if name in ids and not isinstance(ids[name], str):
+                raise Rejected(400, "%s.user_identities.%s must be a string" % (where, name))
+    _check_attributes(batch.get("user_attributes"), where + ".user_attributes", allow_arrays=True)
+    device = batch.get("device_info")
+    if device is not None:
+        if not isinstance(device, dict):
+            raise Rejected(400, "%s.device_info must be an object" % where)
+        if "platform" in device and device["platform"] is not None and device["platform"] not in PLATFORMS:
+            raise Rejected(400, "%s.device_info.platform: unknown platform %s" % (where, json.dumps(device["platform"])))
+    events = batch.get("events")
+    if not isinstance(events, list):
+        if events is None:
+            raise Rejected(400, 'Required batch field "events" is missing (%s)' % where)
+        raise Rejected(400, "%s.events must be an array" % where)
+    for i, ev in enumerate(events):
+        w = "%s.events[%d]" % (where, i)
+        if not isinstance(ev, dict):
+            raise Rejected(400, "%s must be an object" % w)
+        et = ev.get("event_type")
+        if not et:
+            raise Rejected(400, 'Required event field "event_type" is missing or empty (%s)' % w)
+        if et not in EVENT_TYPES:
+            raise Rejected(400, "%s: unknown event_type %s" % (w, json.dumps(et)))
+        data = ev.get("data")
+        if not isinstance(data, dict):
+            raise Rejected(400, 'Required event field "data" is missing or not an object (%s)' % w)
+        if et == "custom_event":
+            name = data.get("event_name")
+            if not isinstance(name, str) or not name:
+                raise Rejected(400, 'Required event field "event_name" is missing or empty (%s)' % w)
+            if len(name) > MAX_NAME_CHARS:
+                raise Rejected(400, "%s.data.event_name longer than %d characters" % (w, MAX_NAME_CHARS))
+            if data.get("custom_event_type") not in CUSTOM_EVENT_TYPES:
+                raise Rejected(400, "%s.data.custom_event_type: invalid value %s"
+                               % (w, json.dumps(data.get("custom_event_type"))))
+        ts = data.get("timestamp_unixtime_ms")
+        if ts is not None and (isinstance(ts, bool) or not isinstance(ts, (int, float))):
+            raise Rejected(400, "%s.data.timestamp_unixtime_ms must be a number" % w)
+        _check_attributes(data.get("custom_attributes"), w + ".data.custom_attributes", allow_arrays=False)
+
+
+class _Fault:
+    def __init__(self, kind, feed, times, **params):
+        self.kind = kind
+        self.feed = feed
+        self.times = times
+        self.params = params
+
+    def matches(self, feed):
+        return self.times != 0 and (self.feed is None or self.feed == feed)
+
+    def consume(self):
+        if self.times is not None:
+            self.times -= 1
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False  # stop() must not wait for idle keep-alive connections
+    allow_reuse_address = True
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "mParticleDouble/1.0"
+
+    def version_string(self):
+        return self.server_version
+
+    def setup(self):
+        super().setup()
+        self.server.double._track(self.connection, True)
+
+    def finish(self):
+        try:
+            super().finish()
+        finally:
+            self.server.double._track(self.connection, False)
+
+    def log_message(self, format, *args):  # never log (no headers, no credentials)
+        pass
+
+    def _dispatch(self):
+        try:
+            self.server.double._handle(self)
+        except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, socket.timeout):
+            self.close_connection = True
+
+    do_POST = do_GET = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_HEAD = _dispatch
+
+
+class MParticleDouble:
+    """An in-process mParticle Events API on 127.0.0.1 (see the module docstring).
+
+    feeds: {name: (key, secret)}; default one feed "default" with the documented test vector.
+    Attributes: url, port, rate_limit_percentage (None or int, sent on 202s), idle_timeout.
+    """
+
+    def __init__(self, feeds=None, idle_timeout=None):
+        if feeds is None:
+            feeds = {"default": ("example-api-key", "example-api-secret")}
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._feeds = {}
+        for name, (key, secret) in feeds.items():
+            self._feeds[name] = (key, secret)
+        self.rate_limit_percentage = None
+        self.idle_timeout = idle_timeout
+        self._faults = []
+        self._poison = []
+        self._requests = []
+        self._batches = []
+        self._event_count = 0
+        self._done_requests = 0
+        self._connections = set()
+        self._stopping = threading.Event()
+        self._server = None
+        self._thread = None
+        self.port = None
+        self.url = None
+
+    def __repr__(self):
+        return "MParticleDouble(url=%r, feeds=%r)" % (self.url, sorted(self._feeds))
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def start(self):
+        self._stopping.clear()
+        self._server = _Server(("127.0.0.1", 0), _Handler)
+        self._server.double = self
+        self.port = self._server.server_address[1]
+        self.url = "http://127.0.0.1:%d" % self.port
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.5},
+                                        name="mparticle-double", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self):
+        """Stops serving and closes open (keep-alive) connections; idempotent."""
+        if self._server is None:
+            return
+        self._stopping.set()
+        # shutdown() waits for serve_forever's select() to wake up: wake it with a connection.
+        t = threading.Thread(target=self._server.shutdown, daemon=True)
+        t.start()
+        while t.is_alive():
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+            except OSError:
+                pass
+            t.join(0.02)
+        with self._lock:
+            conns = list(self._connections)
+        for c in conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self._server.server_close()
+        self._thread.join(5)
+        self._server = None
+        with self._cond:
+            self._cond.notify_all()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+        return False
+
+    def _track(self, conn, add):
+        with self._lock:
+            if add:
+                self._connections.add(conn)
+            else:
+                self._connections.discard(conn)
+
+    # ---- feeds -----------------------------------------------------------------------------
+
+    def set_feed(self, name, key, secret):
+        """Adds or replaces a feed's credentials (e.g. to rotate a secret)."""
+        with self._lock:
+            self._feeds[name] = (key, secret)
+
+    def remove_feed(self, name):
+        """Removes a feed: its credentials are answered 403 from now on (revoked)."""
+        with self._lock:
+            self._feeds.pop(name, None)
+
+    def auth_header(self, feed):
+        """The Authorization header value for a configured feed (for tests)."""
+        with self._lock:
+            key, secret = self._feeds[feed]
+        return basic_auth(key, secret)
+
+    # ---- fault injection -------------------------------------------------------------------
+
+    def fail(self, status, feed=None, times=None, retry_after=None, rate_limit_exceeded=None, message=None):
+        """The next `times` requests (None: until cleared) of `feed` (None: any) get `status`.
+
+        401/403 replace the auth result (they also hit requests without valid credentials when
+        feed is None); other statuses are consumed only by requests that passed auth. For 429,
+        retry_after adds "Retry-After: <retry_after>" and rate_limit_exceeded adds
+        "X-mp-rate-limit-exceeded: <value>".
+        """
+        with self._lock:
+            self._faults.append(_Fault("fail", feed, times, status=int(status), retry_after=retry_after,
+                                       rate_limit_exceeded=rate_limit_exceeded, message=message))
+
+    def slow(self, seconds, times=None, feed=None):
+        """Delays the answers of the next `times` authenticated requests by `seconds` (the
+        request is processed, and its batches recorded, before the delay)."""
+        with self._lock:
+            self._faults.append(_Fault("slow", feed, times, seconds=float(seconds)))
+
+    def drop_connections(self, times=None, feed=None, after_processing=False):
+        """Closes the connection without any response after reading the request.
+
+        after_processing=True: the request is processed (and recorded if valid) first, as when
+        the response is lost on the way back (a resend then shows up as a duplicate).
+        """
+        with self._lock:
+            self._faults.append(_Fault("drop", feed, times, after_processing=after_processing))
+
+    def poison(self, marker):
+        """Requests with a batch whose JSON text contains `marker` are answered 400 naming the batch."""
+        with self._lock:
+            self._poison.append(marker)
+
+    def clear_faults(self):
+        """Removes all fail/slow/drop faults and poison markers."""
+        with self._lock:
+            self._faults = []
+            self._poison = []
+
+    def _take_fault(self, kinds, feed, pred=None):
+        # called with the lock held
+        for f in self._faults:
+            if f.kind in kinds and f.matches(feed) and (pred is None or pred(f)):
+                f.consume()
+                return f
+        return None
+
+    # ---- recordings ------------------------------------------------------------------------
+
+    @property
+    def requests(self):
+        """Every request seen, in arrival order: dicts with request_id, method, path, feed (or
+        None), status (None while pending or when dropped), dropped, batches (count or None),
+        headers (lower-case names, authorization redacted), body_size, error (message of a
+        refusal), time (time.monotonic() at arrival), answered (time.monotonic() of the answer)."""
+        with self._lock:
+            return [copy.deepcopy(r) for r in self._requests]
+
+    @property
+    def batches(self):
+        """Accepted batches: [{"feed", "batch", "request_id"}]."""
+        with self._lock:
+            return [dict(b) for b in self._batches]
+
+    def events(self, feed=None):
+        """[(feed, batch, event)] of all accepted events, in order."""
+        with self._lock:
+            return [(b["feed"], b["batch"], e) for b in self._batches
+                    if feed is None or b["feed"] == feed
+                    for e in (b["batch"].get("events") or [])]
+
+    def source_message_ids(self, feed=None):
+        return [e.get("data", {}).get("source_message_id") for _, _, e in self.events(feed)]
+
+    def source_request_ids(self, feed=None):
+        """collections.Counter of accepted batches' source_request_id (counts > 1: resent)."""
+        with self._lock:
+            return collections.Counter(b["batch"].get("source_request_id") for b in self._batches
+                                       if feed is None or b["feed"] == feed)
+
+    def event_count(self):
+        with self._lock:
+            return self._event_count
+
+    def wait_for_events(self, n, timeout):
+        """True once at least n events were accepted in total; False after timeout seconds."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._event_count >= n, timeout)
+
+    def wait_for_requests(self, n, timeout):
+        """True once at least n requests were finished (answered or dropped)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._done_requests >= n, timeout)
+
+    def clear_records(self):
+        """Forgets recorded requests and batches (faults and feeds stay)."""
+        with self._cond:
+            self._requests = []
+            self._batches = []
+            self._event_count = 0
+            self._done_requests = 0
+
+    # ---- request handling ------------------------------------------------------------------
+
+    def _authenticate(self, headers):
+        """(feed, None) or (None, 401|403)."""
+        value = headers.get("Authorization")
+        if value is None:
+            return None, 401
+        scheme, _, token = value.strip().partition(" ")
+        if scheme.lower() != "basic" or not token.strip():
+            return None, 401
+        try:
+            raw = base64.b64decode(token.strip(), validate=True).decode("utf-8")
+        except (binascii.Error, ValueError):
+            return None, 401
+        key, sep, secret = raw.partition(":")
+        if not sep:
+            return None, 401
+        with self._lock:
+            for name, (k, s) in self._feeds.items():
+                if k == key and s == secret:
+                    return name, None
+        return None, 403
+
+    @staticmethod
+    def _read_body(h):
+        if "chunked" in h.headers.get("Transfer-Encoding", "").lower():
+            parts = []
+            while True:
+                line = h.rfile.readline(65537)
+                size = int(line.split(b";")[0].strip(), 16)
+                if size == 0:
+                    while h.rfile.readline(65537) not in (b"\r\n", b"\n", b""):
+                        pass
+                    return b"".join(parts)
+                parts.append(h.rfile.read(size))
+                h.rfile.readline(65537)
+        n = int(h.headers.get("Content-Length") or 0)
+        if n < 0:
+            raise ValueError("negative Content-Length")
+        body = h.rfile.read(n)
+        if len(body) != n:
+            raise ConnectionResetError("request body cut short")
+        return body
+
+    def _handle(self, h):
+        arrived = time.monotonic()
+        if self.idle_timeout is not None:
+            h.connection.settimeout(self.idle_timeout)
+        headers = {}
+        for k, v in h.headers.items():
+            headers[k.lower()] = v
+        if "authorization" in headers:
+            scheme = headers["authorization"].strip().partition(" ")[0]
+            headers["authorization"] = scheme + " <redacted>"
+        path = urllib.parse.urlsplit(h.path).path
+        rec = {"method": h.command, "path": path, "feed": None, "status": None, "dropped": False,
+               "batches": None, "headers": headers, "body_size": None, "error": None,
+               "time": arrived, "answered": None}
+        with self._lock:
+            rec["request_id"] = len(self._requests) + 1
+            self._requests.append(rec)
+        try:
+            body = self._read_body(h)
+        except (ValueError, IndexError):
+            self._answer(h, rec, 400, error_body(400, "unreadable request body"), close=True)
+            return
+        rec["body_size"] = len(body)
+
+        if h.command != "POST" or path not in ENDPOINTS:
+            self._answer(h, rec, 404, error_body(404, "no such endpoint: %s %s" % (h.command, path)))
+            return
+
+        feed, auth_status = self._authenticate(h.headers)
+        rec["feed"] = feed
+        with self._lock:
+            auth_fault = self._take_fault(("fail",), feed, lambda f: f.params["status"] in (401, 403))
+        if auth_fault is not None:
+            st = auth_fault.params["status"]
+            msg = auth_fault.params["message"] or ("Authorization header missing or invalid" if st == 401
+                                                   else "API key/secret are present but not valid")
+            self._answer(h, rec, st, error_body(st, msg))
+            return
+        if auth_status == 401:
+            self._answer(h, rec, 401, error_body(401, "Authorization header missing or invalid"))
+            return
+        if auth_status == 403:
+            self._answer(h, rec, 403, error_body(403, "API key/secret are present but not valid"))
+            return
+
+        with self._lock:
+            slow = self._take_fault(("slow",), feed)
+            drop = self._take_fault(("drop",), feed)
+            fail = None if drop is not None else self._take_fault(
+                ("fail",), feed, lambda f: f.params["status"] not in (401, 403))
+        delay = slow.params["seconds"] if slow is not None else 0.0
+
+        if drop is not None and not drop.params["after_processing"]:
+            self._delay(delay)
+            self._drop(h, rec)
+            return
+
+        extra = []
+        if fail is not None:
+            st = fail.params["status"]
+            if st == 429:
+                if fail.params["retry_after"] is not None:
+                    extra.append(("Retry-After", str(fail.params["retry_after"])))
+                if fail.params["rate_limit_exceeded"] is not None:
+                    extra.append(("X-mp-rate-limit-exceeded", str(fail.params["rate_limit_exceeded"])))
+            default = {429: "Too many requests - rate limiting is being applied",
+                       503: "Service unavailable - the message should be retried after a back off"}
+            msg = fail.params["message"] or default.get(st, "injected failure %d" % st)
+            status, body = st, (error_body(st, msg) if st >= 300 else b"")
+        else:
+            status, body, extra = self._process(body, path, feed, rec)
+
+        self._delay(delay)
+        if drop is not None:
+            self._drop(h, rec)
+            return
+        self._answer(h, rec, status, body, extra)
+
+    def _process(self, body, path, feed, rec):
+        """Validates and records; returns (status, body, extra headers)."""
+        try:
+            if len(body) >= MAX_REQUEST_BYTES:
+                raise Rejected(413, "request body of %d bytes, must be under %d" % (len(body), MAX_REQUEST_BYTES))
+            try:
+                text = body.decode("utf-8")
+                value = _loads(text)
+            except (UnicodeDecodeError, ValueError) as e:
+                raise Rejected(400, "malformed JSON: %s" % e)
+            if ENDPOINTS[path] == "bulk":
+                if not isinstance(value, list):
+                    raise Rejected(400, "/v2/bulkevents expects a JSON array of batches")
+                batches, raws = value, _array_items(text)
+                rec["batches"] = len(batches)
+                if len(batches) > MAX_BATCHES:
+                    raise Rejected(400, "too many batches in one request: %d, at most %d"
+                                   % (len(batches), MAX_BATCHES))
+            else:
+                if not isinstance(value, dict):
+                    raise Rejected(400, "/v2/events expects one batch object")
+                batches, raws = [value], [text]
+                rec["batches"] = 1
+            for i, raw in enumerate(raws):
+                size = len(raw.encode("utf-8"))
+                if size > MAX_BATCH_BYTES:
+                    raise Rejected(413, "batch %d is %d bytes, at most %d" % (i, size, MAX_BATCH_BYTES))
+            for i, batch in enumerate(batches):
+                validate_batch(batch, "batch[%d]" % i)
+            with self._lock:
+                markers = list(self._poison)
+            for i, (batch, raw) in enumerate(zip(batches, raws)):
+                canon = json.dumps(batch, ensure_ascii=False)
+                for m in markers:
+                    if m in raw or m in canon:
+                        raise Rejected(400, "batch[%d] (source_request_id %s) rejected: invalid batch"
+                                       % (i, json.dumps(batch.get("source_request_id"))))
+        except Rejected as r:
+            rec["error"] = r.message
+            return r.status, error_body(r.status, r.message), []
+        with self._cond:
+            for b in batches:
+                self._batches.append({"feed": feed, "batch": b, "request_id": rec["request_id"]})
+                self._event_count += len(b["events"])
+            self._cond.notify_all()
+        extra = []
+        pct = self.rate_limit_percentage
+        if pct is not None:
+            extra.append(("X-mp-rate-limit-percentage-used", str(int(pct))))
+        return 202, b"", extra
+
+    def _delay(self, seconds):
+        if seconds > 0:
+            self._stopping.wait(seconds)
+
+    def _finish(self, rec, status=None, dropped=False):
+        with self._cond:
+            rec["status"] = status
+            rec["dropped"] = dropped
+            rec["answered"] = time.monotonic()
+            self._done_requests += 1
+            self._cond.notify_all()
+
+    def _drop(self, h, rec):
+        h.close_connection = True
+        self._finish(rec, dropped=True)
+        try:
+            h.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _answer(self, h, rec, status, body, extra=(), close=False):
+        if status >= 400 and not rec["error"]:
+            try:
+                rec["error"] = json.loads(body)["errors"][0]["message"]
+            except (ValueError, KeyError, IndexError, TypeError):
+                pass
+        self._finish(rec, status)  # recorded before the client can see the answer
+        h.send_response(status)
+        for k, v in extra:
+            h.send_header(k, v)
+        if body:
+            h.send_header("Content-Type", "application/json")
+        h.send_header("Content-Length", str(len(body)))
+        if close or self._stopping.is_set():
+            h.send_header("Connection", "close")
+            h.close_connection = True
+        h.end_headers()
+        if body and h.command != "HEAD":
+            h.wfile.write(body)
+        h.wfile.flush()
