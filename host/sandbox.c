@@ -18,7 +18,11 @@
  * (times n more when it may start anywhere), so calls whose bound exceeds
  * PATTERN_COST_MAX are refused. */
 #define PATTERN_MAX_LEN 512
-#define PATTERN_COST_MAX 2e8
+#define PATTERN_COST_MAX 1e9
+
+/* C loops the hook cannot interrupt are bounded: string.rep of empty strings,
+ * table.move over a range. */
+#define TABLE_MOVE_MAX 10000000
 
 /* print() from scripts goes to the log, at most this many lines per second. */
 #define PRINT_LINES_PER_SECOND 20
@@ -174,7 +178,9 @@ int sandbox_pattern_check(const char *p, size_t plen, size_t n, int global, char
         if (c == '%' && i < plen) {
             char k = p[i++];
             if (k == 'b') {
+                /* %bxy scans ahead for the balance: as costly as a quantifier */
                 i += 2;
+                quantifiers++;
                 continue;
             }
             if (k == 'f') {
@@ -202,10 +208,9 @@ int sandbox_pattern_check(const char *p, size_t plen, size_t n, int global, char
         } else if (c == '(' || c == ')') {
             continue;
         }
-        if (i < plen && (p[i] == '*' || p[i] == '+' || p[i] == '-')) {
+        /* '?' backtracks too: k optional items try 2^k combinations */
+        if (i < plen && (p[i] == '*' || p[i] == '+' || p[i] == '-' || p[i] == '?')) {
             quantifiers++;
-            i++;
-        } else if (i < plen && p[i] == '?') {
             i++;
         }
     }
@@ -234,7 +239,7 @@ static int sb_pattern_fn(lua_State *L)
     int global = lua_toboolean(L, lua_upvalueindex(2));
     /* string.find(s, p, init, plain): a plain search has no pattern cost */
     int plain = lua_toboolean(L, lua_upvalueindex(3)) && lua_toboolean(L, 4);
-    if (!plain && strpbrk(p, "^$*+?.([%-") != NULL) {
+    if (!plain) {
         char err[200];
         if (sandbox_pattern_check(p, plen, n, global, err, sizeof err) != 0)
             return luaL_error(L, "%s", err);
@@ -243,6 +248,46 @@ static int sb_pattern_fn(lua_State *L)
     lua_insert(L, 1);
     lua_call(L, lua_gettop(L) - 1, LUA_MULTRET);
     return lua_gettop(L);
+}
+
+/* string.rep: Lua loops n times even when the result is empty (and needs no
+ * memory), so an empty result is answered here. Larger results are bounded by
+ * the memory limit when the buffer is allocated. */
+static int sb_rep(lua_State *L)
+{
+    size_t l, lsep = 0;
+    luaL_checklstring(L, 1, &l);
+    lua_Integer n = luaL_checkinteger(L, 2);
+    luaL_optlstring(L, 3, "", &lsep);
+    if (n <= 0 || (l == 0 && (lsep == 0 || n == 1))) {
+        lua_pushliteral(L, "");
+        return 1;
+    }
+    lua_pushvalue(L, lua_upvalueindex(1));
+    lua_insert(L, 1);
+    lua_call(L, lua_gettop(L) - 1, 1);
+    return 1;
+}
+
+/* table.move(a1, f, e, t [, a2]) copies element by element in C: bounded. */
+static int sb_move(lua_State *L)
+{
+    lua_Integer f = luaL_checkinteger(L, 2);
+    lua_Integer e = luaL_checkinteger(L, 3);
+    if (e >= f && (e - f >= TABLE_MOVE_MAX || e - f < 0))
+        return luaL_error(L, "table.move over more than %d elements", TABLE_MOVE_MAX);
+    lua_pushvalue(L, lua_upvalueindex(1));
+    lua_insert(L, 1);
+    lua_call(L, lua_gettop(L) - 1, LUA_MULTRET);
+    return lua_gettop(L);
+}
+
+/* [-0, +0] Replaces lib[name] (lib on top) by a C closure over the original. */
+static void wrap(lua_State *L, const char *name, lua_CFunction fn)
+{
+    lua_getfield(L, -1, name);
+    lua_pushcclosure(L, fn, 1);
+    lua_setfield(L, -2, name);
 }
 
 /* ---- environment -------------------------------------------------------- */
@@ -367,6 +412,7 @@ static int build_env(lua_State *L)
     guard_pattern(L, "match", 0);
     guard_pattern(L, "gmatch", 1);
     guard_pattern(L, "gsub", 1);
+    wrap(L, "rep", sb_rep);
     sandbox_readonly(L); /* base string-ro */
     lua_pushliteral(L, "");
     lua_createtable(L, 0, 2); /* base string-ro "" mt */
@@ -379,6 +425,7 @@ static int build_env(lua_State *L)
     lua_setfield(L, -2, "string");
 
     copy_lib(L, LUA_TABLIBNAME, NULL, NULL);
+    wrap(L, "move", sb_move);
     sandbox_readonly(L);
     lua_setfield(L, -2, "table");
     copy_lib(L, LUA_MATHLIBNAME, NULL, NULL);

@@ -1,0 +1,1246 @@
+/*
+ * rules: request validation, the shipped default mapping, the rule contract
+ * (errors, invalid outputs, limits), the sandbox, and rule self-tests.
+ *
+ * Every test builds an engine from rule files written into a fresh directory
+ * (TRIBUTARY_RULES_DIR), with that directory as the working directory so that
+ * no ./tributary.conf.lua is picked up. Calls that would hang if a limit did
+ * not hold run in a child process under a deadline (bounded_run), so a hang
+ * fails one test instead of stalling the suite, even under CK_FORK=no.
+ */
+#include "unit.h"
+
+#include "config.h"
+#include "record.h"
+#include "rules.h"
+#include "sandbox.h"
+
+#include <errno.h>
+#include <limits.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+
+/* ---- fixture ------------------------------------------------------------ */
+
+/* The shipped default mapping, read once in main() (rules/10-mparticle.lua). */
+static char *default_rules_src;
+
+static struct {
+    char root[64];
+    char rules_dir[128];
+    struct config *cfg;
+    ruleset *rs;
+    rules *r;
+    struct mapping m;
+    struct input_error ie;
+} F;
+
+static void setup(void)
+{
+    memset(&F, 0, sizeof F);
+    unit_tmpdir(F.root, sizeof F.root);
+    snprintf(F.rules_dir, sizeof F.rules_dir, "%s/rules", F.root);
+    ck_assert_int_eq(mkdir(F.rules_dir, 0700), 0);
+    ck_assert_int_eq(chdir(F.root), 0);
+    ck_assert_int_eq(setenv("TRIBUTARY_RULES_DIR", F.rules_dir, 1), 0);
+    /* Under CK_FORK=no, settings of an earlier test must not leak in. */
+    unsetenv("TRIBUTARY_INBOUND_MAX_EVENTS");
+    unsetenv("TRIBUTARY_RULES_INSTRUCTIONS");
+    unsetenv("TRIBUTARY_RULES_MEMORY_MB");
+    unsetenv("TRIBUTARY_EVENTS");
+    mapping_init(&F.m);
+    F.m.keep_outcomes = 1;
+}
+
+/* Frees the engine, ruleset, configuration and mapping. */
+static void release(void)
+{
+    rules_free(F.r);
+    ruleset_unref(F.rs);
+    config_unref(F.cfg);
+    mapping_free(&F.m);
+    F.r = NULL;
+    F.rs = NULL;
+    F.cfg = NULL;
+}
+
+static void teardown(void)
+{
+    release();
+    ck_assert_int_eq(chdir("/"), 0);
+    unit_rmdir(F.root);
+}
+
+/* Writes one rule file into the rules directory. */
+static void rule(const char *name, const char *src)
+{
+    char path[256];
+    snprintf(path, sizeof path, "%s/%s", F.rules_dir, name);
+    unit_write(path, src);
+}
+
+static void default_rules(void)
+{
+    ck_assert_msg(default_rules_src != NULL, "rules/10-mparticle.lua not found");
+    rule("10-mparticle.lua", default_rules_src);
+}
+
+/* Loads the configuration and the rule files, without building an engine. */
+static void prepare(void)
+{
+    char err[ERR_LEN] = "";
+    ck_assert_msg(config_load(&F.cfg, NULL, err, sizeof err) == 0, "config_load: %s", err);
+    ck_assert_msg(ruleset_load(&F.rs, F.cfg, err, sizeof err) == 0, "ruleset_load: %s", err);
+}
+
+static void build(void)
+{
+    char err[ERR_LEN] = "";
+    prepare();
+    ck_assert_msg(rules_new(&F.r, F.rs, err, sizeof err) == 0, "rules_new: %s", err);
+}
+
+static int map(const char *body, enum input_shape shape)
+{
+    return rules_map(F.r, body, strlen(body), shape, &F.m, &F.ie);
+}
+
+static int contains(const char *hay, const char *needle)
+{
+    return hay != NULL && strstr(hay, needle) != NULL;
+}
+
+/* A rule that maps every event to the unbound feed. */
+#define PASS_RULE                                                                                  \
+    "return function(event, out)\n"                                                                \
+    "  return {feed = \"unbound\", batch = {}, event = {id = event.id}}\n"                         \
+    "end\n"
+
+/* One valid Braze event with the given id. */
+#define EV(id)                                                                                     \
+    "{\"event_type\":\"users.messages.email.Send\",\"id\":\"" id "\",\"time\":1732800000,"         \
+    "\"user\":{\"external_user_id\":\"c-1\"}}"
+
+#define ENVELOPE(events) "{\"events\":[" events "]}"
+
+#define PUSH_ID "a1b2c3d4-0000-4000-8000-000000000001"
+
+#define PUSH_SEND_IOS                                                                              \
+    ENVELOPE("{\"event_type\":\"users.messages.pushnotification.Send\",\"id\":\"" PUSH_ID "\","    \
+             "\"time\":1732800000,"                                                                \
+             "\"user\":{\"user_id\":\"5f8a9b0c1d2e3f4a5b6c7d8e\","                                 \
+             "\"external_user_id\":\"customer-1234\",\"device_id\":\"2E3C1F4A\"},"                 \
+             "\"properties\":{\"platform\":\"ios\",\"campaign_name\":\"Winter sale\"}}")
+
+/* ---- calls under a deadline --------------------------------------------- */
+
+/* What a call in a child process reported back. */
+struct bounded {
+    int finished; /* the child reported before the deadline */
+    long ms;      /* how long the call took */
+    int rc;
+    int status; /* input_error.status */
+    size_t nrecords, ndead;
+    char reason[32];      /* the first dead letter's reason */
+    char detail[ERR_LEN]; /* its detail */
+    char err[ERR_LEN];    /* rules_new's message */
+    int rebuild;          /* rules_needs_rebuild afterwards */
+};
+
+static const char *bounded_body;
+
+static void child_map(struct bounded *res)
+{
+    res->rc = map(bounded_body, INPUT_ENVELOPE);
+    res->status = F.ie.status;
+    res->nrecords = F.m.nrecords;
+    res->ndead = F.m.ndead;
+    if (F.m.ndead > 0) {
+        str_copy(res->reason, sizeof res->reason, F.m.dead[0].reason);
+        str_copy(res->detail, sizeof res->detail, F.m.dead[0].detail.p);
+    }
+    res->rebuild = rules_needs_rebuild(F.r);
+}
+
+static void child_rules_new(struct bounded *res)
+{
+    rules *r = NULL;
+    res->rc = rules_new(&r, F.rs, res->err, sizeof res->err);
+    rules_free(r);
+}
+
+/* Runs fn in a child process; res->finished stays 0 when it did not report
+ * within deadline_ms (the child is then killed). */
+static void bounded_run(void (*fn)(struct bounded *), long deadline_ms, struct bounded *res)
+{
+    int fds[2];
+    ck_assert_int_eq(pipe(fds), 0);
+    fflush(NULL);
+    pid_t pid = fork();
+    ck_assert_int_ge(pid, 0);
+    if (pid == 0) {
+        close(fds[0]);
+        struct bounded r;
+        memset(&r, 0, sizeof r);
+        int64_t t0 = clock_mono_ms();
+        fn(&r);
+        r.ms = (long)(clock_mono_ms() - t0);
+        r.finished = 1;
+        release(); /* so that valgrind sees nothing held at _exit */
+        ssize_t w = write(fds[1], &r, sizeof r);
+        _exit(w == (ssize_t)sizeof r ? 0 : 1);
+    }
+    close(fds[1]);
+    memset(res, 0, sizeof *res);
+    int64_t deadline = clock_mono_ms() + deadline_ms;
+    int ready = 0;
+    for (;;) {
+        int64_t left = deadline - clock_mono_ms();
+        struct pollfd p = {fds[0], POLLIN, 0};
+        ready = poll(&p, 1, left > 0 ? (int)left : 0);
+        if (ready >= 0 || errno != EINTR)
+            break;
+    }
+    if (ready > 0) {
+        ssize_t n = read(fds[0], res, sizeof *res);
+        if (n != (ssize_t)sizeof *res)
+            memset(res, 0, sizeof *res);
+    }
+    if (!res->finished)
+        kill(pid, SIGKILL);
+    waitpid(pid, NULL, 0);
+    close(fds[0]);
+}
+
+/* Maps body with the built engine under a deadline. */
+static void map_bounded(const char *body, long deadline_ms, struct bounded *res)
+{
+    bounded_body = body;
+    bounded_run(child_map, deadline_ms, res);
+}
+
+/* ---- probes ------------------------------------------------------------- */
+
+/* Builds an engine whose only rule drops every event with tostring(expr) as the
+ * reason, maps one event, and returns what the rule saw: the string, or
+ * "dead:<reason>:<detail>" when the rule failed. */
+static const char *probe(const char *expr)
+{
+    static char seen[ERR_LEN + 64];
+    char src[1024];
+    snprintf(src, sizeof src, "return function(event, out)\n  return false, tostring(%s)\nend\n",
+             expr);
+    rule("50-probe.lua", src);
+    build();
+    ck_assert_int_eq(map(ENVELOPE(EV("p-1")), INPUT_ENVELOPE), 0);
+    ck_assert_uint_eq(F.m.noutcomes, 1);
+    const struct outcome *o = &F.m.outcomes[0];
+    if (o->kind == OUTCOME_DROPPED)
+        str_copy(seen, sizeof seen, o->detail.p);
+    else if (o->kind == OUTCOME_DEAD)
+        snprintf(seen, sizeof seen, "dead:%s:%s", F.m.dead[o->index].reason,
+                 F.m.dead[o->index].detail.p);
+    else
+        str_copy(seen, sizeof seen, "record");
+    return seen;
+}
+
+/* Builds an engine from one rule file and maps one event; the event must end up
+ * as a dead letter, which is returned. */
+static const struct dead_letter *dead_from(const char *src)
+{
+    rule("50-rule.lua", src);
+    build();
+    ck_assert_int_eq(map(ENVELOPE(EV("d-1")), INPUT_ENVELOPE), 0);
+    ck_assert_uint_eq(F.m.nrecords, 0);
+    ck_assert_uint_eq(F.m.ndead, 1);
+    return &F.m.dead[0];
+}
+
+/* ==== request validation ================================================== */
+
+START_TEST(test_malformed_json_is_refused_with_400)
+{
+    rule("10-pass.lua", PASS_RULE);
+    build();
+    ck_assert_int_eq(map("{\"events\": [", INPUT_ENVELOPE), -1);
+    ck_assert_int_eq(F.ie.status, 400);
+    ck_assert_msg(contains(F.ie.reason, "malformed JSON"), "reason: %s", F.ie.reason);
+}
+END_TEST
+
+START_TEST(test_a_json_array_is_not_an_envelope)
+{
+    rule("10-pass.lua", PASS_RULE);
+    build();
+    ck_assert_int_eq(map("[" EV("a-1") "]", INPUT_ENVELOPE), -1);
+    ck_assert_int_eq(F.ie.status, 400);
+    ck_assert_uint_eq(F.m.nrecords, 0);
+}
+END_TEST
+
+START_TEST(test_an_object_without_events_is_not_an_envelope)
+{
+    rule("10-pass.lua", PASS_RULE);
+    build();
+    ck_assert_int_eq(map("{\"foo\":1}", INPUT_ENVELOPE), -1);
+    ck_assert_int_eq(F.ie.status, 400);
+}
+END_TEST
+
+START_TEST(test_events_that_is_an_object_is_refused)
+{
+    rule("10-pass.lua", PASS_RULE);
+    build();
+    ck_assert_int_eq(map("{\"events\":{\"a\":" EV("a-1") "}}", INPUT_ENVELOPE), -1);
+    ck_assert_int_eq(F.ie.status, 400);
+    ck_assert_msg(contains(F.ie.reason, "\"events\" must be a list"), "reason: %s", F.ie.reason);
+}
+END_TEST
+
+START_TEST(test_events_that_is_a_number_is_refused)
+{
+    rule("10-pass.lua", PASS_RULE);
+    build();
+    ck_assert_int_eq(map("{\"events\":5}", INPUT_ENVELOPE), -1);
+    ck_assert_int_eq(F.ie.status, 400);
+}
+END_TEST
+
+START_TEST(test_event_without_event_type_is_refused_naming_its_index)
+{
+    rule("10-pass.lua", PASS_RULE);
+    build();
+    const char *body = ENVELOPE(EV("a-1") ",{\"id\":\"a-2\",\"time\":1}");
+    ck_assert_int_eq(map(body, INPUT_ENVELOPE), -1);
+    ck_assert_int_eq(F.ie.status, 400);
+    ck_assert_int_eq(F.ie.index, 1);
+    ck_assert_msg(contains(F.ie.reason, "missing event_type"), "reason: %s", F.ie.reason);
+    ck_assert_uint_eq(F.m.nrecords, 0);
+    ck_assert_uint_eq(F.m.nevents, 0);
+}
+END_TEST
+
+START_TEST(test_event_without_id_is_refused_naming_its_index)
+{
+    rule("10-pass.lua", PASS_RULE);
+    build();
+    const char *body = ENVELOPE(EV("a-1") "," EV("a-2") ",{\"event_type\":\"x\",\"time\":1}");
+    ck_assert_int_eq(map(body, INPUT_ENVELOPE), -1);
+    ck_assert_int_eq(F.ie.status, 400);
+    ck_assert_int_eq(F.ie.index, 2);
+    ck_assert_msg(contains(F.ie.reason, "missing id"), "reason: %s", F.ie.reason);
+    ck_assert_uint_eq(F.m.nrecords, 0);
+}
+END_TEST
+
+START_TEST(test_event_without_time_is_refused_naming_its_index)
+{
+    rule("10-pass.lua", PASS_RULE);
+    build();
+    const char *body = ENVELOPE("{\"event_type\":\"x\",\"id\":\"a-0\"}," EV("a-1"));
+    ck_assert_int_eq(map(body, INPUT_ENVELOPE), -1);
+    ck_assert_int_eq(F.ie.status, 400);
+    ck_assert_int_eq(F.ie.index, 0);
+    ck_assert_msg(contains(F.ie.reason, "missing time"), "reason: %s", F.ie.reason);
+    ck_assert_uint_eq(F.m.nrecords, 0);
+}
+END_TEST
+
+START_TEST(test_time_as_a_string_is_refused)
+{
+    rule("10-pass.lua", PASS_RULE);
+    build();
+    const char *body =
+        ENVELOPE(EV("a-1") ",{\"event_type\":\"x\",\"id\":\"a-2\",\"time\":\"1732800000\"}");
+    ck_assert_int_eq(map(body, INPUT_ENVELOPE), -1);
+    ck_assert_int_eq(F.ie.status, 400);
+    ck_assert_int_eq(F.ie.index, 1);
+    ck_assert_msg(contains(F.ie.reason, "time must be a number"), "reason: %s", F.ie.reason);
+    ck_assert_uint_eq(F.m.nrecords, 0);
+    ck_assert_uint_eq(F.m.ndead, 0);
+}
+END_TEST
+
+START_TEST(test_empty_body_is_a_no_op)
+{
+    rule("10-pass.lua", PASS_RULE);
+    build();
+    ck_assert_int_eq(rules_map(F.r, "", 0, INPUT_ENVELOPE, &F.m, &F.ie), 0);
+    ck_assert_uint_eq(F.m.nevents, 0);
+    ck_assert_uint_eq(F.m.nrecords, 0);
+    ck_assert_int_eq(F.ie.status, 0);
+}
+END_TEST
+
+START_TEST(test_empty_event_list_is_a_no_op)
+{
+    rule("10-pass.lua", PASS_RULE);
+    build();
+    ck_assert_int_eq(map("{\"events\":[]}", INPUT_ENVELOPE), 0);
+    ck_assert_uint_eq(F.m.nevents, 0);
+    ck_assert_uint_eq(F.m.nrecords, 0);
+}
+END_TEST
+
+START_TEST(test_max_events_is_accepted)
+{
+    ck_assert_int_eq(setenv("TRIBUTARY_INBOUND_MAX_EVENTS", "2", 1), 0);
+    rule("10-pass.lua", PASS_RULE);
+    build();
+    ck_assert_int_eq(map(ENVELOPE(EV("a-1") "," EV("a-2")), INPUT_ENVELOPE), 0);
+    ck_assert_uint_eq(F.m.nrecords, 2);
+}
+END_TEST
+
+START_TEST(test_one_event_over_max_events_is_413)
+{
+    ck_assert_int_eq(setenv("TRIBUTARY_INBOUND_MAX_EVENTS", "2", 1), 0);
+    rule("10-pass.lua", PASS_RULE);
+    build();
+    ck_assert_int_eq(map(ENVELOPE(EV("a-1") "," EV("a-2") "," EV("a-3")), INPUT_ENVELOPE), -1);
+    ck_assert_int_eq(F.ie.status, 413);
+    ck_assert_uint_eq(F.m.nrecords, 0);
+}
+END_TEST
+
+START_TEST(test_unknown_fields_are_accepted)
+{
+    default_rules();
+    build();
+    const char *body =
+        ENVELOPE("{\"event_type\":\"users.messages.email.Send\",\"id\":\"u-1\",\"time\":1,"
+                 "\"brand_new_top_level\":{\"x\":[1,2]},"
+                 "\"user\":{\"external_user_id\":\"c-1\",\"brand_new_user_field\":true},"
+                 "\"properties\":{\"brand_new_property\":\"v\"}}");
+    ck_assert_int_eq(map(body, INPUT_ENVELOPE), 0);
+    ck_assert_uint_eq(F.m.nrecords, 1);
+}
+END_TEST
+
+START_TEST(test_unknown_event_type_is_counted_as_unsupported_not_refused)
+{
+    default_rules();
+    build();
+    const char *body = ENVELOPE("{\"event_type\":\"users.behaviors.BrandNewThing\",\"id\":\"n-1\","
+                                "\"time\":1,\"user\":{\"external_user_id\":\"c-1\"}}");
+    ck_assert_int_eq(map(body, INPUT_ENVELOPE), 0);
+    ck_assert_uint_eq(F.m.nevents, 1);
+    ck_assert_uint_eq(F.m.nrecords, 0);
+    ck_assert_uint_eq(F.m.ndead, 0);
+    ck_assert_uint_eq(F.m.dropped[DROP_UNSUPPORTED_TYPE], 1);
+}
+END_TEST
+
+START_TEST(test_any_input_accepts_a_json_array)
+{
+    rule("10-pass.lua", PASS_RULE);
+    build();
+    ck_assert_int_eq(map("[" EV("a-1") "," EV("a-2") "]", INPUT_ANY), 0);
+    ck_assert_uint_eq(F.m.nevents, 2);
+    ck_assert_uint_eq(F.m.nrecords, 2);
+}
+END_TEST
+
+START_TEST(test_any_input_accepts_a_single_event)
+{
+    rule("10-pass.lua", PASS_RULE);
+    build();
+    ck_assert_int_eq(map(EV("a-1"), INPUT_ANY), 0);
+    ck_assert_uint_eq(F.m.nevents, 1);
+    ck_assert_uint_eq(F.m.nrecords, 1);
+}
+END_TEST
+
+START_TEST(test_any_input_accepts_ndjson)
+{
+    rule("10-pass.lua", PASS_RULE);
+    build();
+    ck_assert_int_eq(map(EV("a-1") "\n" EV("a-2") "\n", INPUT_ANY), 0);
+    ck_assert_uint_eq(F.m.nevents, 2);
+    ck_assert_uint_eq(F.m.nrecords, 2);
+    ck_assert_str_eq(F.m.records[1].event_id.p, "a-2");
+}
+END_TEST
+
+/* ==== the default mapping ================================================= */
+
+START_TEST(test_ios_push_send_goes_to_the_ios_feed)
+{
+    default_rules();
+    build();
+    ck_assert_int_eq(map(PUSH_SEND_IOS, INPUT_ENVELOPE), 0);
+    ck_assert_uint_eq(F.m.nrecords, 1);
+    ck_assert_int_eq(F.m.records[0].feed, FEED_IOS);
+}
+END_TEST
+
+START_TEST(test_push_send_event_carries_its_name_and_source_message_id)
+{
+    default_rules();
+    build();
+    ck_assert_int_eq(map(PUSH_SEND_IOS, INPUT_ENVELOPE), 0);
+    ck_assert_uint_eq(F.m.nrecords, 1);
+    const char *event = F.m.records[0].event.p;
+    ck_assert_msg(contains(event, "\"event_name\":\"Push Notification Sends\""), "event: %s",
+                  event);
+    ck_assert_msg(contains(event, "\"source_message_id\":\"" PUSH_ID "\""), "event: %s", event);
+}
+END_TEST
+
+START_TEST(test_push_send_batch_carries_the_customer_id)
+{
+    default_rules();
+    build();
+    ck_assert_int_eq(map(PUSH_SEND_IOS, INPUT_ENVELOPE), 0);
+    ck_assert_uint_eq(F.m.nrecords, 1);
+    const char *batch = F.m.records[0].batch.p;
+    ck_assert_msg(contains(batch, "\"user_identities\"\t\"customer_id\"\t\"customer-1234\"\n"),
+                  "batch: %s", batch);
+}
+END_TEST
+
+START_TEST(test_user_key_is_the_external_user_id)
+{
+    default_rules();
+    build();
+    ck_assert_int_eq(map(PUSH_SEND_IOS, INPUT_ENVELOPE), 0);
+    ck_assert_uint_eq(F.m.nrecords, 1);
+    ck_assert_str_eq(F.m.records[0].user.p, "customer-1234");
+}
+END_TEST
+
+START_TEST(test_event_without_external_user_id_is_skipped)
+{
+    default_rules();
+    build();
+    const char *body = ENVELOPE("{\"event_type\":\"users.messages.email.Send\",\"id\":\"x-1\","
+                                "\"time\":1,\"user\":{\"user_id\":\"5f8a\"}}");
+    ck_assert_int_eq(map(body, INPUT_ENVELOPE), 0);
+    ck_assert_uint_eq(F.m.nrecords, 0);
+    ck_assert_uint_eq(F.m.ndead, 0);
+    ck_assert_uint_eq(F.m.dropped[DROP_NO_EXTERNAL_ID], 1);
+}
+END_TEST
+
+START_TEST(test_event_with_null_external_user_id_is_skipped)
+{
+    default_rules();
+    build();
+    const char *body = ENVELOPE("{\"event_type\":\"users.messages.email.Send\",\"id\":\"x-1\","
+                                "\"time\":1,\"user\":{\"external_user_id\":null}}");
+    ck_assert_int_eq(map(body, INPUT_ENVELOPE), 0);
+    ck_assert_uint_eq(F.m.nrecords, 0);
+    ck_assert_uint_eq(F.m.ndead, 0);
+    ck_assert_uint_eq(F.m.dropped[DROP_NO_EXTERNAL_ID], 1);
+}
+END_TEST
+
+START_TEST(test_shipped_rules_pass_their_own_tests)
+{
+    default_rules();
+    build();
+    buf report;
+    buf_init(&report, 1 << 16);
+    int ntests = 0;
+    int failures = rules_self_test(F.r, &report, &ntests);
+    ck_assert_msg(failures == 0, "%d failures:\n%s", failures, report.data ? report.data : "");
+    ck_assert_int_gt(ntests, 0);
+    buf_free(&report);
+}
+END_TEST
+
+/* ==== rule errors and limits ============================================== */
+
+#define BAD_RULE_LINE_3                                                                            \
+    "return function(event, out)\n"                                                                \
+    "  if event.id == \"e-2\" then\n"                                                              \
+    "    error(\"boom\")\n"                                                                        \
+    "  end\n"                                                                                      \
+    "  return {feed = \"unbound\", batch = {}, event = {id = event.id}}\n"                         \
+    "end\n"
+
+START_TEST(test_rule_error_dead_letters_the_event_with_file_and_line)
+{
+    rule("50-bad.lua", BAD_RULE_LINE_3);
+    build();
+    ck_assert_int_eq(map(ENVELOPE(EV("e-2")), INPUT_ENVELOPE), 0);
+    ck_assert_uint_eq(F.m.ndead, 1);
+    ck_assert_str_eq(F.m.dead[0].reason, DEAD_RULE_ERROR);
+    ck_assert_msg(contains(F.m.dead[0].detail.p, "50-bad.lua:3:"), "detail: %s",
+                  F.m.dead[0].detail.p);
+    ck_assert_str_eq(F.m.dead[0].event_id.p, "e-2");
+}
+END_TEST
+
+START_TEST(test_rule_error_leaves_the_other_events_mapped)
+{
+    rule("50-bad.lua", BAD_RULE_LINE_3);
+    build();
+    ck_assert_int_eq(map(ENVELOPE(EV("e-1") "," EV("e-2") "," EV("e-3")), INPUT_ENVELOPE), 0);
+    ck_assert_uint_eq(F.m.nevents, 3);
+    ck_assert_uint_eq(F.m.nrecords, 2);
+    ck_assert_uint_eq(F.m.ndead, 1);
+    ck_assert_str_eq(F.m.records[0].event_id.p, "e-1");
+    ck_assert_str_eq(F.m.records[1].event_id.p, "e-3");
+}
+END_TEST
+
+START_TEST(test_rule_returning_a_number_is_invalid_output)
+{
+    const struct dead_letter *d = dead_from("return function(event, out) return 42 end\n");
+    ck_assert_str_eq(d->reason, DEAD_INVALID_OUTPUT);
+    ck_assert_msg(contains(d->detail.p, "50-rule.lua"), "detail: %s", d->detail.p);
+}
+END_TEST
+
+START_TEST(test_output_with_an_unknown_feed_is_invalid_output)
+{
+    const struct dead_letter *d =
+        dead_from("return function(event, out)\n"
+                  "  return {feed = \"mars\", batch = {}, event = {id = event.id}}\n"
+                  "end\n");
+    ck_assert_str_eq(d->reason, DEAD_INVALID_OUTPUT);
+    ck_assert_msg(contains(d->detail.p, "feed"), "detail: %s", d->detail.p);
+}
+END_TEST
+
+#define LOOP_RULE "return function(event, out)\n  while true do end\nend\n"
+
+START_TEST(test_infinite_loop_hits_the_instruction_limit)
+{
+    ck_assert_int_eq(setenv("TRIBUTARY_RULES_INSTRUCTIONS", "100000", 1), 0);
+    rule("50-loop.lua", LOOP_RULE);
+    build();
+    struct bounded res;
+    map_bounded(ENVELOPE(EV("l-1")), 10000, &res);
+    ck_assert_msg(res.finished, "rules_map did not return within 10 s");
+    ck_assert_int_eq(res.rc, 0);
+    ck_assert_uint_eq(res.ndead, 1);
+    ck_assert_str_eq(res.reason, DEAD_RULE_LIMIT);
+    ck_assert_msg(contains(res.detail, "instruction"), "detail: %s", res.detail);
+}
+END_TEST
+
+START_TEST(test_instruction_limit_asks_for_a_rebuild)
+{
+    ck_assert_int_eq(setenv("TRIBUTARY_RULES_INSTRUCTIONS", "100000", 1), 0);
+    rule("50-loop.lua", LOOP_RULE);
+    build();
+    ck_assert_int_eq(rules_needs_rebuild(F.r), 0);
+    struct bounded res;
+    map_bounded(ENVELOPE(EV("l-1")), 10000, &res);
+    ck_assert_msg(res.finished, "rules_map did not return within 10 s");
+    ck_assert_int_ne(res.rebuild, 0);
+}
+END_TEST
+
+START_TEST(test_infinite_loop_returns_well_under_a_second)
+{
+    ck_assert_int_eq(setenv("TRIBUTARY_RULES_INSTRUCTIONS", "100000", 1), 0);
+    rule("50-loop.lua", LOOP_RULE);
+    build();
+    struct bounded res;
+    map_bounded(ENVELOPE(EV("l-1")), 10000, &res);
+    ck_assert_msg(res.finished, "rules_map did not return within 10 s");
+    ck_assert_int_lt(res.ms, 500);
+}
+END_TEST
+
+START_TEST(test_pcall_cannot_swallow_the_instruction_limit)
+{
+    ck_assert_int_eq(setenv("TRIBUTARY_RULES_INSTRUCTIONS", "100000", 1), 0);
+    rule("50-pcall.lua", "return function(event, out)\n"
+                         "  while true do\n"
+                         "    pcall(function() while true do end end)\n"
+                         "  end\n"
+                         "  return {feed = \"unbound\", batch = {}, event = {}}\n"
+                         "end\n");
+    build();
+    struct bounded res;
+    map_bounded(ENVELOPE(EV("l-1")), 10000, &res);
+    ck_assert_msg(res.finished, "rules_map did not return within 10 s");
+    ck_assert_uint_eq(res.nrecords, 0);
+    ck_assert_uint_eq(res.ndead, 1);
+    ck_assert_str_eq(res.reason, DEAD_RULE_LIMIT);
+}
+END_TEST
+
+START_TEST(test_xpcall_cannot_swallow_the_instruction_limit)
+{
+    ck_assert_int_eq(setenv("TRIBUTARY_RULES_INSTRUCTIONS", "100000", 1), 0);
+    rule("50-xpcall.lua",
+         "return function(event, out)\n"
+         "  local ok = xpcall(function() while true do end end, function(m) return m end)\n"
+         "  return {feed = \"unbound\", batch = {}, event = {ok = ok}}\n"
+         "end\n");
+    build();
+    struct bounded res;
+    map_bounded(ENVELOPE(EV("l-1")), 10000, &res);
+    ck_assert_msg(res.finished, "rules_map did not return within 10 s");
+    ck_assert_uint_eq(res.nrecords, 0);
+    ck_assert_uint_eq(res.ndead, 1);
+    ck_assert_str_eq(res.reason, DEAD_RULE_LIMIT);
+}
+END_TEST
+
+START_TEST(test_growing_string_hits_the_memory_limit)
+{
+    ck_assert_int_eq(setenv("TRIBUTARY_RULES_MEMORY_MB", "8", 1), 0);
+    /* Only memory can stop it. */
+    ck_assert_int_eq(setenv("TRIBUTARY_RULES_INSTRUCTIONS", "100000000", 1), 0);
+    const struct dead_letter *d = dead_from("return function(event, out)\n"
+                                            "  local keep, n = {}, 1024\n"
+                                            "  while true do\n"
+                                            "    keep[#keep + 1] = string.rep(\"x\", n)\n"
+                                            "    n = n * 2\n"
+                                            "  end\n"
+                                            "end\n");
+    ck_assert_str_eq(d->reason, DEAD_RULE_LIMIT);
+    ck_assert_msg(contains(d->detail.p, "memory"), "detail: %s", d->detail.p);
+}
+END_TEST
+
+START_TEST(test_growing_table_hits_the_memory_limit)
+{
+    ck_assert_int_eq(setenv("TRIBUTARY_RULES_MEMORY_MB", "8", 1), 0);
+    ck_assert_int_eq(setenv("TRIBUTARY_RULES_INSTRUCTIONS", "100000000", 1), 0);
+    const struct dead_letter *d = dead_from("return function(event, out)\n"
+                                            "  local t, i = {}, 0\n"
+                                            "  while true do\n"
+                                            "    i = i + 1\n"
+                                            "    t[i] = {i}\n"
+                                            "  end\n"
+                                            "end\n");
+    ck_assert_str_eq(d->reason, DEAD_RULE_LIMIT);
+    ck_assert_msg(contains(d->detail.p, "memory"), "detail: %s", d->detail.p);
+}
+END_TEST
+
+START_TEST(test_top_level_infinite_loop_fails_rules_new_naming_the_file)
+{
+    rule("30-forever.lua", "while true do end\nreturn function() end\n");
+    prepare();
+    struct bounded res;
+    bounded_run(child_rules_new, 30000, &res);
+    ck_assert_msg(res.finished, "rules_new did not return within 30 s");
+    ck_assert_int_eq(res.rc, -1);
+    ck_assert_msg(contains(res.err, "30-forever.lua"), "err: %s", res.err);
+}
+END_TEST
+
+START_TEST(test_syntax_error_fails_rules_new_with_file_and_line)
+{
+    rule("30-syntax.lua", "return function(event, out)\n  return {feed = }\nend\n");
+    prepare();
+    char err[ERR_LEN] = "";
+    ck_assert_int_eq(rules_new(&F.r, F.rs, err, sizeof err), -1);
+    ck_assert_ptr_null(F.r);
+    ck_assert_msg(contains(err, "30-syntax.lua:2:"), "err: %s", err);
+}
+END_TEST
+
+/* ==== the sandbox ========================================================= */
+
+/* The control for the probes below: what the sandbox offers is seen as such. */
+START_TEST(test_allowed_functions_are_reachable)
+{
+    ck_assert_str_eq(probe("type(os.time) .. type(string.format) .. type(pcall)"),
+                     "functionfunctionfunction");
+}
+END_TEST
+
+START_TEST(test_io_is_not_reachable)
+{
+    ck_assert_str_eq(probe("io"), "nil");
+}
+END_TEST
+
+START_TEST(test_os_execute_is_not_reachable)
+{
+    ck_assert_str_eq(probe("os.execute"), "nil");
+}
+END_TEST
+
+START_TEST(test_os_getenv_is_not_reachable)
+{
+    ck_assert_str_eq(probe("os.getenv"), "nil");
+}
+END_TEST
+
+START_TEST(test_require_is_not_reachable)
+{
+    ck_assert_str_eq(probe("require"), "nil");
+}
+END_TEST
+
+START_TEST(test_debug_is_not_reachable)
+{
+    ck_assert_str_eq(probe("debug"), "nil");
+}
+END_TEST
+
+START_TEST(test_load_is_not_reachable)
+{
+    ck_assert_str_eq(probe("load"), "nil");
+}
+END_TEST
+
+START_TEST(test_loadstring_is_not_reachable)
+{
+    ck_assert_str_eq(probe("loadstring"), "nil");
+}
+END_TEST
+
+START_TEST(test_dofile_is_not_reachable)
+{
+    ck_assert_str_eq(probe("dofile"), "nil");
+}
+END_TEST
+
+START_TEST(test_loadfile_is_not_reachable)
+{
+    ck_assert_str_eq(probe("loadfile"), "nil");
+}
+END_TEST
+
+START_TEST(test_collectgarbage_is_not_reachable)
+{
+    ck_assert_str_eq(probe("collectgarbage"), "nil");
+}
+END_TEST
+
+START_TEST(test_rawset_is_not_reachable)
+{
+    ck_assert_str_eq(probe("rawset"), "nil");
+}
+END_TEST
+
+START_TEST(test_string_dump_is_not_reachable)
+{
+    ck_assert_str_eq(probe("string.dump"), "nil");
+}
+END_TEST
+
+START_TEST(test_string_dump_is_not_reachable_through_a_string_value)
+{
+    ck_assert_str_eq(probe("(\"\").dump"), "nil");
+}
+END_TEST
+
+START_TEST(test_string_metatable_is_hidden)
+{
+    const char *seen = probe("getmetatable(\"\")");
+    ck_assert_msg(strncmp(seen, "table", 5) != 0 && strncmp(seen, "dead:", 5) != 0,
+                  "getmetatable(\"\") gave %s", seen);
+}
+END_TEST
+
+START_TEST(test_string_library_is_read_only)
+{
+    const struct dead_letter *d = dead_from("return function(event, out)\n"
+                                            "  string.upper = nil\n"
+                                            "end\n");
+    ck_assert_str_eq(d->reason, DEAD_RULE_ERROR);
+    ck_assert_msg(contains(d->detail.p, "read-only"), "detail: %s", d->detail.p);
+}
+END_TEST
+
+START_TEST(test_string_values_keep_their_methods_after_an_attempt_to_replace_them)
+{
+    rule("50-probe.lua", "return function(event, out)\n"
+                         "  pcall(function() string.upper = function() return \"pwned\" end end)\n"
+                         "  return false, (\"abc\"):upper()\n"
+                         "end\n");
+    build();
+    ck_assert_int_eq(map(ENVELOPE(EV("p-1")), INPUT_ENVELOPE), 0);
+    ck_assert_uint_eq(F.m.noutcomes, 1);
+    ck_assert_int_eq(F.m.outcomes[0].kind, OUTCOME_DROPPED);
+    ck_assert_str_eq(F.m.outcomes[0].detail.p, "ABC");
+}
+END_TEST
+
+#define MARKER_A                                                                                   \
+    "marker = \"a\"\n"                                                                             \
+    "return function(event, out)\n"                                                                \
+    "  return {feed = \"unbound\", batch = {}, event = {a_sees = marker}}\n"                       \
+    "end\n"
+
+#define MARKER_B                                                                                   \
+    "local seen_at_load = tostring(marker)\n"                                                      \
+    "marker = \"b\"\n"                                                                             \
+    "return function(event, out)\n"                                                                \
+    "  out.event.b_saw_at_load = seen_at_load\n"                                                   \
+    "  return out\n"                                                                               \
+    "end\n"
+
+START_TEST(test_one_files_globals_are_invisible_to_another)
+{
+    rule("10-a.lua", MARKER_A);
+    rule("20-b.lua", MARKER_B);
+    build();
+    ck_assert_int_eq(map(ENVELOPE(EV("g-1")), INPUT_ENVELOPE), 0);
+    ck_assert_uint_eq(F.m.nrecords, 1);
+    const char *event = F.m.records[0].event.p;
+    ck_assert_msg(contains(event, "\"b_saw_at_load\":\"nil\""), "event: %s", event);
+}
+END_TEST
+
+START_TEST(test_one_file_cannot_change_another_files_globals)
+{
+    rule("10-a.lua", MARKER_A);
+    rule("20-b.lua", MARKER_B);
+    build();
+    ck_assert_int_eq(map(ENVELOPE(EV("g-1")), INPUT_ENVELOPE), 0);
+    ck_assert_uint_eq(F.m.nrecords, 1);
+    const char *event = F.m.records[0].event.p;
+    ck_assert_msg(contains(event, "\"a_sees\":\"a\""), "event: %s", event);
+}
+END_TEST
+
+/* A rule that drops every event with the result of `call` as the reason. */
+#define CALL_RULE(call) "return function(event, out)\n  return false, tostring(" call ")\nend\n"
+
+START_TEST(test_pathological_pattern_is_refused_not_run)
+{
+    rule("50-pattern.lua", CALL_RULE("string.find(string.rep(\"a\", 20000), \"a*a*a*a*b\")"));
+    build();
+    struct bounded res;
+    map_bounded(ENVELOPE(EV("r-1")), 3000, &res);
+    ck_assert_msg(res.finished, "string.find did not return within 3 s");
+    ck_assert_uint_eq(res.ndead, 1);
+    ck_assert_str_eq(res.reason, DEAD_RULE_ERROR);
+    ck_assert_msg(contains(res.detail, "too complex"), "detail: %s", res.detail);
+}
+END_TEST
+
+START_TEST(test_pathological_pattern_is_refused_as_a_string_method)
+{
+    rule("50-pattern.lua", CALL_RULE("(\"a\"):rep(20000):find(\"a*a*a*a*b\")"));
+    build();
+    struct bounded res;
+    map_bounded(ENVELOPE(EV("r-1")), 3000, &res);
+    ck_assert_msg(res.finished, "s:find did not return within 3 s");
+    ck_assert_uint_eq(res.ndead, 1);
+    ck_assert_str_eq(res.reason, DEAD_RULE_ERROR);
+    ck_assert_msg(contains(res.detail, "too complex"), "detail: %s", res.detail);
+}
+END_TEST
+
+START_TEST(test_pattern_check_allows_short_plain_patterns)
+{
+    char err[200] = "";
+    ck_assert_int_eq(sandbox_pattern_check("abc", 3, 100000, 0, err, sizeof err), 0);
+    ck_assert_int_eq(sandbox_pattern_check("^users%.messages%.", 18, 100000, 0, err, sizeof err),
+                     0);
+    ck_assert_int_eq(sandbox_pattern_check("%d+", 3, 1000, 1, err, sizeof err), 0);
+}
+END_TEST
+
+START_TEST(test_pattern_check_refuses_many_quantifiers_on_long_subjects)
+{
+    char err[200] = "";
+    ck_assert_int_eq(sandbox_pattern_check("a*a*a*a*b", 9, 20000, 0, err, sizeof err), -1);
+    ck_assert_msg(contains(err, "too complex"), "err: %s", err);
+}
+END_TEST
+
+START_TEST(test_pattern_check_refuses_overlong_patterns)
+{
+    char p[600];
+    memset(p, 'a', sizeof p - 1);
+    p[sizeof p - 1] = '\0';
+    char err[200] = "";
+    ck_assert_int_eq(sandbox_pattern_check(p, strlen(p), 10, 0, err, sizeof err), -1);
+}
+END_TEST
+
+/* ==== C functions the instruction hook cannot interrupt ===================== */
+
+/* Each call below runs inside one C function, so the count hook never fires: it
+ * must be refused (or be cheap) rather than hang the worker. */
+
+START_TEST(test_pattern_starting_with_a_nul_byte_is_still_checked)
+{
+    /* "\0*a*a*a*a*b": the same backtracking as above behind a NUL byte */
+    rule("50-pattern.lua", CALL_RULE("string.find(string.rep(\"a\", 20000), \"\\0*a*a*a*a*b\")"));
+    build();
+    struct bounded res;
+    map_bounded(ENVELOPE(EV("r-1")), 3000, &res);
+    ck_assert_msg(res.finished, "string.find did not return within 3 s");
+    ck_assert_uint_eq(res.ndead, 1);
+    ck_assert_str_eq(res.reason, DEAD_RULE_ERROR);
+}
+END_TEST
+
+START_TEST(test_optional_items_count_towards_pattern_cost)
+{
+    /* 40 "a?" before a "b" that never comes: 2^40 ways to fail */
+    rule("50-pattern.lua",
+         CALL_RULE("string.find(string.rep(\"a\", 40), string.rep(\"a?\", 40) .. \"b\")"));
+    build();
+    struct bounded res;
+    map_bounded(ENVELOPE(EV("r-1")), 3000, &res);
+    ck_assert_msg(res.finished, "string.find did not return within 3 s");
+}
+END_TEST
+
+START_TEST(test_balance_pattern_on_a_long_subject_is_bounded)
+{
+    /* %b() from every start of a megabyte of "(" that never closes: n^2/2 steps */
+    rule("50-pattern.lua", CALL_RULE("string.find(string.rep(\"(\", 1000000), \"%b()\")"));
+    build();
+    struct bounded res;
+    map_bounded(ENVELOPE(EV("r-1")), 3000, &res);
+    ck_assert_msg(res.finished, "string.find did not return within 3 s");
+}
+END_TEST
+
+START_TEST(test_repeating_an_empty_string_is_bounded)
+{
+    rule("50-rep.lua", CALL_RULE("#string.rep(\"\", 1000000000000000)"));
+    build();
+    struct bounded res;
+    map_bounded(ENVELOPE(EV("r-1")), 3000, &res);
+    ck_assert_msg(res.finished, "string.rep did not return within 3 s");
+}
+END_TEST
+
+START_TEST(test_table_move_over_a_huge_range_is_bounded)
+{
+    rule("50-move.lua", CALL_RULE("#table.move({}, 1, 1000000000000000, 2)"));
+    build();
+    struct bounded res;
+    map_bounded(ENVELOPE(EV("r-1")), 3000, &res);
+    ck_assert_msg(res.finished, "table.move did not return within 3 s");
+}
+END_TEST
+
+/* ==== rule self-tests ===================================================== */
+
+#define TESTED_RULE_HEAD                                                                           \
+    "local function process(event, out)\n"                                                         \
+    "  if event.id == \"skip\" then return false, \"too_old\" end\n"                               \
+    "  return {feed = \"unbound\", batch = {}, event = {name = \"Seen \" .. event.id}}\n"          \
+    "end\n"                                                                                        \
+    "return { process = process, tests = {\n"
+
+START_TEST(test_wrong_expectation_is_reported_with_file_field_and_values)
+{
+    rule("20-tested.lua", TESTED_RULE_HEAD
+         "  { name = \"right\", event = {event_type = \"t\", id = \"a\", time = 1},\n"
+         "    expect = {event = {name = \"Seen a\"}} },\n"
+         "  { name = \"wrong\", event = {event_type = \"t\", id = \"b\", time = 1},\n"
+         "    expect = {event = {name = \"Seen z\"}} },\n"
+         "} }\n");
+    build();
+    buf report;
+    buf_init(&report, 1 << 16);
+    int ntests = 0;
+    int failures = rules_self_test(F.r, &report, &ntests);
+    const char *text = report.data ? report.data : "";
+    ck_assert_int_eq(ntests, 2);
+    ck_assert_int_eq(failures, 1);
+    ck_assert_msg(contains(text, "20-tested.lua"), "report: %s", text);
+    ck_assert_msg(contains(text, "'wrong'"), "report: %s", text);
+    ck_assert_msg(!contains(text, "'right'"), "report: %s", text);
+    ck_assert_msg(contains(text, "out.event.name"), "report: %s", text);
+    ck_assert_msg(contains(text, "expected \"Seen z\", got \"Seen b\""), "report: %s", text);
+    buf_free(&report);
+}
+END_TEST
+
+START_TEST(test_expected_drop_of_a_mapped_event_is_reported)
+{
+    rule("20-tested.lua", TESTED_RULE_HEAD
+         "  { name = \"should drop\", event = {event_type = \"t\", id = \"a\", time = 1},\n"
+         "    expect_drop = \"no_external_id\" },\n"
+         "} }\n");
+    build();
+    buf report;
+    buf_init(&report, 1 << 16);
+    int ntests = 0;
+    int failures = rules_self_test(F.r, &report, &ntests);
+    const char *text = report.data ? report.data : "";
+    ck_assert_int_eq(failures, 1);
+    ck_assert_msg(contains(text, "'should drop'"), "report: %s", text);
+    ck_assert_msg(contains(text, "expected a drop (no_external_id)"), "report: %s", text);
+    buf_free(&report);
+}
+END_TEST
+
+START_TEST(test_wrong_drop_reason_is_reported)
+{
+    rule("20-tested.lua", TESTED_RULE_HEAD
+         "  { name = \"drop reason\", event = {event_type = \"t\", id = \"skip\", time = 1},\n"
+         "    expect_drop = \"no_external_id\" },\n"
+         "} }\n");
+    build();
+    buf report;
+    buf_init(&report, 1 << 16);
+    int ntests = 0;
+    int failures = rules_self_test(F.r, &report, &ntests);
+    const char *text = report.data ? report.data : "";
+    ck_assert_int_eq(failures, 1);
+    ck_assert_msg(contains(text, "expected drop reason \"no_external_id\", got \"too_old\""),
+                  "report: %s", text);
+    buf_free(&report);
+}
+END_TEST
+
+/* ---- suite -------------------------------------------------------------- */
+
+static char *read_file(const char *path)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f)
+        return NULL;
+    buf b;
+    buf_init(&b, 1u << 20);
+    char chunk[8192];
+    size_t n;
+    int ok = 1;
+    while ((n = fread(chunk, 1, sizeof chunk, f)) > 0) {
+        if (buf_add(&b, chunk, n) != 0) {
+            ok = 0;
+            break;
+        }
+    }
+    fclose(f);
+    if (!ok || b.len == 0) {
+        buf_free(&b);
+        return NULL;
+    }
+    return buf_take(&b);
+}
+
+/* rules/10-mparticle.lua from the working directory, else from the nearest
+ * directory above the test binary that has it. */
+static char *find_default_rules(void)
+{
+    char *src = read_file("rules/10-mparticle.lua");
+    if (src)
+        return src;
+    char dir[PATH_MAX];
+    ssize_t n = readlink("/proc/self/exe", dir, sizeof dir - 1);
+    if (n <= 0)
+        return NULL;
+    dir[n] = '\0';
+    char *slash;
+    while ((slash = strrchr(dir, '/')) != NULL) {
+        *slash = '\0';
+        char path[PATH_MAX + 32];
+        snprintf(path, sizeof path, "%s/rules/10-mparticle.lua", dir);
+        if ((src = read_file(path)) != NULL)
+            return src;
+    }
+    return NULL;
+}
+
+static TCase *tcase(Suite *s, const char *name)
+{
+    TCase *tc = tcase_create(name);
+    tcase_add_checked_fixture(tc, setup, teardown);
+    /* calls that could hang run under their own deadline (bounded_run) */
+    tcase_set_timeout(tc, 60);
+    suite_add_tcase(s, tc);
+    return tc;
+}
+
+static Suite *suite(void)
+{
+    Suite *s = suite_create("rules");
+
+    TCase *tc = tcase(s, "requests");
+    tcase_add_test(tc, test_malformed_json_is_refused_with_400);
+    tcase_add_test(tc, test_a_json_array_is_not_an_envelope);
+    tcase_add_test(tc, test_an_object_without_events_is_not_an_envelope);
+    tcase_add_test(tc, test_events_that_is_an_object_is_refused);
+    tcase_add_test(tc, test_events_that_is_a_number_is_refused);
+    tcase_add_test(tc, test_event_without_event_type_is_refused_naming_its_index);
+    tcase_add_test(tc, test_event_without_id_is_refused_naming_its_index);
+    tcase_add_test(tc, test_event_without_time_is_refused_naming_its_index);
+    tcase_add_test(tc, test_time_as_a_string_is_refused);
+    tcase_add_test(tc, test_empty_body_is_a_no_op);
+    tcase_add_test(tc, test_empty_event_list_is_a_no_op);
+    tcase_add_test(tc, test_max_events_is_accepted);
+    tcase_add_test(tc, test_one_event_over_max_events_is_413);
+    tcase_add_test(tc, test_unknown_fields_are_accepted);
+    tcase_add_test(tc, test_unknown_event_type_is_counted_as_unsupported_not_refused);
+    tcase_add_test(tc, test_any_input_accepts_a_json_array);
+    tcase_add_test(tc, test_any_input_accepts_a_single_event);
+    tcase_add_test(tc, test_any_input_accepts_ndjson);
+
+    tc = tcase(s, "default_mapping");
+    tcase_add_test(tc, test_ios_push_send_goes_to_the_ios_feed);
+    tcase_add_test(tc, test_push_send_event_carries_its_name_and_source_message_id);
+    tcase_add_test(tc, test_push_send_batch_carries_the_customer_id);
+    tcase_add_test(tc, test_user_key_is_the_external_user_id);
+    tcase_add_test(tc, test_event_without_external_user_id_is_skipped);
+    tcase_add_test(tc, test_event_with_null_external_user_id_is_skipped);
+    tcase_add_test(tc, test_shipped_rules_pass_their_own_tests);
+
+    tc = tcase(s, "errors_and_limits");
+    tcase_add_test(tc, test_rule_error_dead_letters_the_event_with_file_and_line);
+    tcase_add_test(tc, test_rule_error_leaves_the_other_events_mapped);
+    tcase_add_test(tc, test_rule_returning_a_number_is_invalid_output);
+    tcase_add_test(tc, test_output_with_an_unknown_feed_is_invalid_output);
+    tcase_add_test(tc, test_infinite_loop_hits_the_instruction_limit);
+    tcase_add_test(tc, test_instruction_limit_asks_for_a_rebuild);
+    tcase_add_test(tc, test_infinite_loop_returns_well_under_a_second);
+    tcase_add_test(tc, test_pcall_cannot_swallow_the_instruction_limit);
+    tcase_add_test(tc, test_xpcall_cannot_swallow_the_instruction_limit);
+    tcase_add_test(tc, test_growing_string_hits_the_memory_limit);
+    tcase_add_test(tc, test_growing_table_hits_the_memory_limit);
+    tcase_add_test(tc, test_top_level_infinite_loop_fails_rules_new_naming_the_file);
+    tcase_add_test(tc, test_syntax_error_fails_rules_new_with_file_and_line);
+
+    tc = tcase(s, "sandbox");
+    tcase_add_test(tc, test_allowed_functions_are_reachable);
+    tcase_add_test(tc, test_io_is_not_reachable);
+    tcase_add_test(tc, test_os_execute_is_not_reachable);
+    tcase_add_test(tc, test_os_getenv_is_not_reachable);
+    tcase_add_test(tc, test_require_is_not_reachable);
+    tcase_add_test(tc, test_debug_is_not_reachable);
+    tcase_add_test(tc, test_load_is_not_reachable);
+    tcase_add_test(tc, test_loadstring_is_not_reachable);
+    tcase_add_test(tc, test_dofile_is_not_reachable);
+    tcase_add_test(tc, test_loadfile_is_not_reachable);
+    tcase_add_test(tc, test_collectgarbage_is_not_reachable);
+    tcase_add_test(tc, test_rawset_is_not_reachable);
+    tcase_add_test(tc, test_string_dump_is_not_reachable);
+    tcase_add_test(tc, test_string_dump_is_not_reachable_through_a_string_value);
+    tcase_add_test(tc, test_string_metatable_is_hidden);
+    tcase_add_test(tc, test_string_library_is_read_only);
+    tcase_add_test(tc, test_string_values_keep_their_methods_after_an_attempt_to_replace_them);
+    tcase_add_test(tc, test_one_files_globals_are_invisible_to_another);
+    tcase_add_test(tc, test_one_file_cannot_change_another_files_globals);
+    tcase_add_test(tc, test_pathological_pattern_is_refused_not_run);
+    tcase_add_test(tc, test_pathological_pattern_is_refused_as_a_string_method);
+    tcase_add_test(tc, test_pattern_check_allows_short_plain_patterns);
+    tcase_add_test(tc, test_pattern_check_refuses_many_quantifiers_on_long_subjects);
+    tcase_add_test(tc, test_pattern_check_refuses_overlong_patterns);
+
+    tc = tcase(s, "uninterruptible_c_functions");
+    tcase_add_test(tc, test_pattern_starting_with_a_nul_byte_is_still_checked);
+    tcase_add_test(tc, test_optional_items_count_towards_pattern_cost);
+    tcase_add_test(tc, test_balance_pattern_on_a_long_subject_is_bounded);
+    tcase_add_test(tc, test_repeating_an_empty_string_is_bounded);
+    tcase_add_test(tc, test_table_move_over_a_huge_range_is_bounded);
+
+    tc = tcase(s, "rule_tests");
+    tcase_add_test(tc, test_wrong_expectation_is_reported_with_file_field_and_values);
+    tcase_add_test(tc, test_expected_drop_of_a_mapped_event_is_reported);
+    tcase_add_test(tc, test_wrong_drop_reason_is_reported);
+    return s;
+}
+
+int main(void)
+{
+    default_rules_src = find_default_rules();
+    int rc = unit_run(suite());
+    free(default_rules_src);
+    return rc;
+}
