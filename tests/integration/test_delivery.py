@@ -1,0 +1,372 @@
+"""Delivery to mParticle (mparticle-events-api.md) against the test double."""
+
+import collections
+import json
+import os
+import signal
+import time
+
+from harness import SLOW, Service, ServiceTest, event, load_event_map, run_cli
+from mparticle_double import MParticleDouble
+
+FEEDS = {
+    "ios": ("ios-key", "ios-secret"),
+    "android": ("android-key", "android-secret"),
+    "web": ("web-key", "web-secret"),
+    "unbound": ("unbound-key", "unbound-secret"),
+}
+
+
+def feed_env(double, feeds=FEEDS, **extra):
+    env = {"TRIBUTARY_MPARTICLE_URL": double.url, "TRIBUTARY_BATCH_LINGER_MS": "50",
+           "TRIBUTARY_RETRY_BASE_MS": "50", "TRIBUTARY_RETRY_MAX_MS": "400",
+           "TRIBUTARY_RETRY_PAUSE_MS": "500"}
+    for name, (key, secret) in feeds.items():
+        env["TRIBUTARY_FEEDS_%s_KEY" % name.upper()] = key
+        env["TRIBUTARY_FEEDS_%s_SECRET" % name.upper()] = secret
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+class Delivery(ServiceTest):
+    def double(self, feeds=FEEDS):
+        d = MParticleDouble(feeds=dict(feeds)).start()
+        self.addCleanup(d.stop)
+        return d
+
+    def wait(self, condition, timeout=20, what="condition"):
+        deadline = time.time() + timeout * SLOW
+        while time.time() < deadline:
+            if condition():
+                return
+            time.sleep(0.05)
+        self.fail("timed out waiting for " + what)
+
+    def test_all_54_event_types_arrive_on_the_right_feed_in_the_right_shape(self):
+        d = self.double()
+        conf = 'return { apps = { ["app-android"] = "android" } }\n'
+        s = self.service(env=feed_env(d), config=conf)
+        platforms = [None, "ios", "android", "web", "tvos", "kindle"]
+        expected_feed = {None: "unbound", "ios": "ios", "android": "android", "web": "web",
+                         "tvos": "ios", "kindle": "android"}
+        events, want = [], {}
+        for i, (braze, name, kind) in enumerate(load_event_map()):
+            platform = platforms[i % len(platforms)]
+            e = event(braze, user="user-%d" % i, platform=platform, campaign_id="c%d" % i)
+            if braze == "users.behaviors.Uninstall":
+                e["properties"].pop("platform", None)
+                e["properties"]["app_id"] = "app-android"
+                platform = "android"
+            events.append(e)
+            want[e["id"]] = (expected_feed[platform], name, kind)
+        self.assertEqual(s.post(events).json()["forwarded"], 54)
+        self.assertTrue(d.wait_for_events(54, 20 * SLOW), "only %d events" % d.event_count())
+        got = {ev["data"]["source_message_id"]: (feed, batch, ev) for feed, batch, ev in d.events()}
+        self.assertEqual(set(got), set(want))
+        for event_id, (feed, name, kind) in want.items():
+            with self.subTest(event_id=event_id):
+                got_feed, batch, ev = got[event_id]
+                self.assertEqual(got_feed, feed)
+                self.assertEqual(ev["event_type"], kind)
+                if kind == "custom_event":
+                    self.assertEqual(ev["data"]["event_name"], name)
+                self.assertEqual(batch["schema_version"], 2)
+                self.assertEqual(batch["environment"], "production")
+                self.assertNotIn("batch_id", batch)
+                platform = {"ios": "iOS", "android": "Android", "web": "web"}.get(feed)
+                self.assertEqual(batch.get("device_info", {}).get("platform"), platform)
+        self.wait(lambda: s.queued_ids() == [], what="the queue to empty")
+        m = s.metrics()
+        self.assertEqual(sum(m['tributary_events_delivered_total{feed="%s"}' % f] for f in FEEDS), 54)
+
+    def test_events_of_one_user_within_linger_share_a_batch(self):
+        d = self.double()
+        s = self.service(env=feed_env(d, TRIBUTARY_BATCH_LINGER_MS=1500))
+        mine = [event("users.messages.email.Open", user="same-user") for _ in range(3)]
+        other = event("users.messages.email.Open", user="other-user")
+        for e in mine:
+            self.assertEqual(s.post([e]).status, 200)
+        self.assertEqual(s.post([other]).status, 200)
+        self.assertTrue(d.wait_for_events(4, 10 * SLOW))
+        batches = {b["batch"]["user_identities"]["customer_id"]: b["batch"] for b in d.batches}
+        self.assertEqual([e["data"]["source_message_id"] for e in batches["same-user"]["events"]],
+                         [e["id"] for e in mine])
+        self.assertEqual(len(batches["other-user"]["events"]), 1)
+        self.assertEqual(len(d.batches), 2)
+
+    def test_401_on_one_feed_pauses_only_that_feed_and_loses_nothing_once_fixed(self):
+        d = self.double()
+        d.fail(401, feed="ios")
+        s = self.service(env=feed_env(d))
+        ios = [event("users.messages.pushnotification.Send", platform="ios", user="i%d" % i)
+               for i in range(10)]
+        android = [event("users.messages.pushnotification.Send", platform="android", user="a%d" % i)
+                   for i in range(10)]
+        self.assertEqual(s.post(ios + android).status, 200)
+        self.assertTrue(d.wait_for_events(10, 10 * SLOW))
+        time.sleep(1)
+        self.assertEqual({f for f, _, _ in d.events()}, {"android"})
+        self.wait(lambda: s.metrics()['tributary_feed_paused{feed="ios"}'] == 1, what="ios paused")
+        self.assertEqual(s.metrics()['tributary_feed_paused{feed="android"}'], 0)
+        self.assertIn("ALERT", s.logs())
+        self.assertNotIn("ios-secret", s.logs())
+        stats = json.loads(s.cli(["queue", "stats", "--json"]).stdout)
+        self.assertTrue(stats["feeds"]["ios"]["paused"])
+        self.assertIn("401", stats["feeds"]["ios"]["reason"])
+        self.assertEqual(stats["feeds"]["ios"]["depth"], 10)
+        # credentials fixed on mParticle's side: the next probe resumes the feed
+        d.clear_faults()
+        self.assertTrue(d.wait_for_events(20, 20 * SLOW))
+        ids = d.source_message_ids()
+        self.assertEqual(sorted(ids), sorted(e["id"] for e in ios + android))
+        self.wait(lambda: s.metrics()['tributary_feed_paused{feed="ios"}'] == 0, what="resume")
+
+    def test_rotated_credentials_resume_a_paused_feed_on_reload(self):
+        d = self.double()
+        wrong = dict(FEEDS, web=("web-key", "old-secret"))
+        d_conf = 'return { feeds = { web = { key = "web-key", secret = "%s" } } }\n'
+        env = feed_env(d, feeds={k: v for k, v in FEEDS.items() if k != "web"},
+                       TRIBUTARY_RETRY_PAUSE_MS=600000)
+        s = self.service(env=env, config=d_conf % wrong["web"][1])
+        web = [event("users.messages.inappmessage.Click", platform="web", user="w%d" % i)
+               for i in range(5)]
+        s.post(web)
+        self.wait(lambda: s.metrics()['tributary_feed_paused{feed="web"}'] == 1, what="web paused")
+        self.assertEqual(d.event_count(), 0)
+        with open(s.config, "w") as f:
+            f.write(d_conf % FEEDS["web"][1])
+        s.proc.send_signal(signal.SIGHUP)
+        self.assertTrue(d.wait_for_events(5, 10 * SLOW), "not resumed after the reload")
+        self.assertNotIn("old-secret", s.logs())
+        self.assertNotIn(FEEDS["web"][1], s.logs())
+
+    def test_retry_after_is_honoured(self):
+        d = self.double()
+        d.fail(429, times=1, retry_after=2)
+        s = self.service(env=feed_env(d))
+        s.post([event("users.messages.email.Send")])
+        self.assertTrue(d.wait_for_events(1, 15 * SLOW))
+        statuses = [(r["status"], r["time"]) for r in d.requests if r["status"] in (429, 202)]
+        self.assertEqual([st for st, _ in statuses], [429, 202])
+        self.assertGreaterEqual(statuses[1][1] - statuses[0][1], 1.9)
+
+    def test_429_without_retry_after_backs_off_and_delivers(self):
+        d = self.double()
+        d.fail(429, times=3)
+        s = self.service(env=feed_env(d))
+        s.post([event("users.messages.email.Send")])
+        self.assertTrue(d.wait_for_events(1, 15 * SLOW))
+        self.assertEqual([r["status"] for r in d.requests], [429, 429, 429, 202])
+
+    def test_5xx_storm_ends_with_every_event_delivered_once(self):
+        d = self.double()
+        d.fail(503, times=4)
+        d.fail(500, times=4)
+        s = self.service(env=feed_env(d))
+        events = [event("users.messages.email.Send", user="s%d" % (i % 30)) for i in range(300)]
+        for i in range(0, 300, 50):
+            self.assertEqual(s.post(events[i:i + 50]).status, 200)
+        self.assertTrue(d.wait_for_events(300, 30 * SLOW), "only %d" % d.event_count())
+        time.sleep(0.5)
+        ids = d.source_message_ids()
+        self.assertEqual(len(ids), 300)
+        self.assertEqual(sorted(ids), sorted(e["id"] for e in events))
+        self.assertGreaterEqual(sum(1 for r in d.requests if r["status"] >= 500), 8)
+        self.assertGreater(s.metrics()['tributary_mparticle_retries_total{feed="unbound"}'], 0)
+
+    def test_dropped_connections_are_retried_with_the_same_source_request_id(self):
+        d = self.double()
+        d.drop_connections(times=2, after_processing=True)
+        s = self.service(env=feed_env(d))
+        events = [event("users.messages.email.Send", user="d%d" % i) for i in range(5)]
+        s.post(events)
+        self.wait(lambda: len([r for r in d.requests if r["status"] == 202]) >= 1, what="a 202")
+        # a lost answer makes the sender re-send the same batches: mParticle
+        # recognises them by source_request_id
+        srids = d.source_request_ids()
+        self.assertEqual(set(srids.values()), {3}, srids)
+        self.assertEqual(set(d.source_message_ids()), {e["id"] for e in events})
+
+    def test_a_400_batch_is_isolated_and_dead_lettered_while_neighbours_are_delivered(self):
+        d = self.double()
+        d.poison("POISON-PILL")
+        s = self.service(env=feed_env(d, TRIBUTARY_BATCH_LINGER_MS=300))
+        good = [event("users.messages.email.Send", user="g%d" % i) for i in range(40)]
+        bad = event("users.messages.email.Send", user="bad-user", note="POISON-PILL")
+        batch = good[:20] + [bad] + good[20:]
+        self.assertEqual(s.post(batch).status, 200)
+        self.assertTrue(d.wait_for_events(40, 20 * SLOW), "only %d" % d.event_count())
+        self.wait(lambda: s.metrics()['tributary_dead_letters_total{reason="rejected"}'] == 1,
+                  what="the dead letter")
+        self.assertEqual(sorted(d.source_message_ids()), sorted(e["id"] for e in good))
+        listing = json.loads(s.cli(["dlq", "list", "--json"]).stdout)
+        self.assertEqual(len(listing), 1)
+        self.assertEqual(listing[0]["event_id"], bad["id"])
+        self.assertEqual(listing[0]["reason"], "rejected")
+        self.assertIn("400", listing[0]["detail"])
+        self.assertIn("BAD_REQUEST", listing[0]["detail"])
+        self.assertEqual(s.queued_ids(), [])
+
+    def test_413_splits_the_request_and_delivers_everything(self):
+        d = self.double()
+        d.fail(413, times=2)
+        s = self.service(env=feed_env(d, TRIBUTARY_BATCH_LINGER_MS=300))
+        events = [event("users.messages.email.Send", user="b%d" % i) for i in range(30)]
+        s.post(events)
+        self.assertTrue(d.wait_for_events(30, 20 * SLOW))
+        self.assertEqual(sorted(d.source_message_ids()), sorted(e["id"] for e in events))
+        statuses = [r["status"] for r in d.requests]
+        self.assertEqual(statuses[:2], [413, 413])
+        delivered = [r["batches"] for r in d.requests if r["status"] == 202]
+        self.assertEqual(sum(delivered), 30)
+        self.assertLess(max(delivered), 30)
+
+    def test_a_large_user_batch_is_split_at_128_kb(self):
+        d = self.double()
+        s = self.service(env=feed_env(d, TRIBUTARY_BATCH_LINGER_MS=300))
+        events = [event("users.messages.email.Send", user="big", blob="x" * 3000)
+                  for _ in range(100)]
+        s.post(events)
+        self.assertTrue(d.wait_for_events(100, 20 * SLOW))
+        for b in d.batches:
+            self.assertLessEqual(len(json.dumps(b["batch"])), 128 * 1024)
+        self.assertGreater(len(d.batches), 2)
+        self.assertTrue(all(r["body_size"] < 256 * 1024 for r in d.requests))
+
+    def test_events_past_max_age_are_dead_lettered_and_requeue_delivers_them(self):
+        d = self.double()
+        # neither ios nor unbound (its fallback) can take these events
+        only_android = {"android": FEEDS["android"]}
+        s = self.service(env=feed_env(d, feeds=only_android, TRIBUTARY_RETRY_MAX_AGE_S=1))
+        events = [event("users.messages.pushnotification.Send", platform="ios", user="o%d" % i)
+                  for i in range(5)]
+        s.post(events)
+        self.wait(lambda: s.metrics()['tributary_dead_letters_total{reason="max_age"}'] == 5,
+                  what="max_age dead letters")
+        self.assertEqual(s.queued_ids(), [])
+        self.assertEqual(d.event_count(), 0)
+        s.stop()
+        # credentials arrive; the operator requeues the expired events
+        s2 = self.service(env=feed_env(d, TRIBUTARY_RETRY_MAX_AGE_S=3600), workdir=s.dir)
+        p = s2.cli(["dlq", "requeue", "--reason", "max_age"])
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertIn("5 queued for delivery", p.stdout)
+        self.assertTrue(d.wait_for_events(5, 15 * SLOW))
+        self.assertEqual(sorted(d.source_message_ids()), sorted(e["id"] for e in events))
+        self.assertEqual(json.loads(s2.cli(["dlq", "list", "--json"]).stdout), [])
+
+    def test_feed_without_credentials_holds_its_events_until_they_arrive(self):
+        d = self.double()
+        conf_path = None
+        s = self.service(env=feed_env(d, feeds={}), config="return {}\n")
+        conf_path = s.config
+        events = [event("users.messages.email.Send", user="h%d" % i) for i in range(3)]
+        s.post(events)
+        time.sleep(0.5)
+        self.assertEqual(d.event_count(), 0)
+        self.assertEqual(len(s.queued_ids()), 3)
+        stats = json.loads(s.cli(["queue", "stats", "--json"]).stdout)
+        self.assertEqual(stats["feeds"]["unbound"]["reason"], "no credentials configured")
+        with open(conf_path, "w") as f:
+            f.write('return { feeds = { unbound = { key = "unbound-key", '
+                    'secret = "unbound-secret" } } }\n')
+        s.proc.send_signal(signal.SIGHUP)
+        self.assertTrue(d.wait_for_events(3, 10 * SLOW))
+
+    def test_kill9_during_sending_loses_nothing_and_resends_in_flight_batches_unchanged(self):
+        d = self.double()
+        d.slow(1.5)
+        s = self.service(env=feed_env(d))
+        events = [event("users.messages.email.Send", user="k%d" % (i % 40)) for i in range(400)]
+        for i in range(0, 400, 100):
+            self.assertEqual(s.post(events[i:i + 100]).status, 200)
+        self.wait(lambda: len(d.requests) >= 1, what="a request in flight")
+        time.sleep(0.3)  # requests in flight, answers pending
+        s.kill9()
+        in_flight = {srid for srid in d.source_request_ids()}
+        self.assertTrue(in_flight)
+        d.clear_faults()
+        s.start()
+        self.assertTrue(d.wait_for_events(400, 30 * SLOW))
+        time.sleep(0.5)
+        # nothing lost
+        self.assertEqual(set(d.source_message_ids()), {e["id"] for e in events})
+        # an event delivered twice was in flight at the kill, and its batch came
+        # back byte-for-byte: same source_request_id, same events
+        by_srid = collections.defaultdict(list)
+        for b in d.batches:
+            by_srid[b["batch"]["source_request_id"]].append(b["batch"])
+        for srid, copies in by_srid.items():
+            if len(copies) > 1:
+                self.assertIn(srid, in_flight)
+                self.assertTrue(all(c == copies[0] for c in copies))
+        counts = collections.Counter(d.source_message_ids())
+        twice = {i for i, n in counts.items() if n > 1}
+        first_sent = {ev["data"]["source_message_id"] for b in d.batches
+                      if b["batch"]["source_request_id"] in in_flight for ev in b["batch"]["events"]}
+        self.assertTrue(twice <= first_sent)
+
+    def test_sigterm_answers_503_finishes_in_flight_sends_and_exits_0(self):
+        d = self.double()
+        d.slow(1.0, times=1)
+        s = self.service(env=feed_env(d))
+        first = [event("users.messages.email.Send", user="t1")]
+        s.post(first)
+        self.wait(lambda: len(d.requests) >= 1, what="the request in flight")
+        s.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        late = s.post([event("users.messages.email.Send", user="t2")])
+        self.assertEqual(late.status, 503)
+        self.assertIn("retry-after", late.headers)
+        self.assertEqual(s.proc.wait(timeout=20 * SLOW), 0)
+        self.assertEqual(d.source_message_ids(), [first[0]["id"]])
+        self.assertEqual([r["status"] for r in d.requests], [202])
+        # the batch was acknowledged before exit: not sent again after a restart
+        s.log.close()
+        s.start()
+        time.sleep(1)
+        self.assertEqual(len(d.requests), 1)
+
+    def test_rate_limit_spaces_batches_per_feed(self):
+        d = self.double()
+        s = self.service(env=feed_env(d, TRIBUTARY_FEEDS_UNBOUND_RATE_LIMIT=5,
+                                      TRIBUTARY_BATCH_LINGER_MS=200))
+        events = [event("users.messages.email.Send", user="r%d" % i) for i in range(15)]
+        start = time.monotonic()
+        s.post(events)
+        self.assertTrue(d.wait_for_events(15, 20 * SLOW))
+        elapsed = time.monotonic() - start
+        # 5 at once (one second of burst), then 5 per second
+        self.assertGreaterEqual(elapsed, 1.6)
+
+    def test_high_rate_limit_usage_slows_the_feed(self):
+        d = self.double()
+        d.rate_limit_percentage = 97
+        s = self.service(env=feed_env(d))
+        s.post([event("users.messages.email.Send")])
+        self.assertTrue(d.wait_for_events(1, 10 * SLOW))
+        self.wait(lambda: "slowing down" in s.logs(), what="slow down log")
+
+    def test_dlq_show_purge_and_json_forms(self):
+        rules = self.rules_dir({"20-fail.lua": "return function(e) error('nope') end\n"})
+        s = self.service(rules_dir=rules)
+        e = event("users.messages.email.Send")
+        s.post([e])
+        listing = s.cli(["dlq", "list"])
+        self.assertEqual(listing.returncode, 0)
+        self.assertIn("rule_error", listing.stdout)
+        self.assertIn(e["id"], listing.stdout)
+        entry = json.loads(s.cli(["dlq", "list", "--json"]).stdout)[0]
+        shown = json.loads(s.cli(["dlq", "show", str(entry["id"]), "--json"]).stdout)
+        self.assertEqual(shown["raw"]["id"], e["id"])
+        self.assertIn("20-fail.lua:1:", shown["detail"])
+        text = s.cli(["dlq", "show", str(entry["id"])]).stdout
+        self.assertIn("reason:        rule_error", text)
+        self.assertEqual(s.cli(["dlq", "show", "999999"]).returncode, 1)
+        kept = s.cli(["dlq", "purge", "--older-than", "1h"])
+        self.assertIn("purged 0", kept.stdout)
+        time.sleep(1.1)
+        gone = s.cli(["dlq", "purge", "--older-than", "1s", "--reason", "rule_error"])
+        self.assertIn("purged 1", gone.stdout)
+        self.assertEqual(json.loads(s.cli(["dlq", "list", "--json"]).stdout), [])
+        self.assertEqual(s.cli(["dlq", "purge"]).returncode, 2)
