@@ -28,6 +28,17 @@ SLOW = 10 if WRAPPER else 1
 
 TOKEN = "test-token-0123456789abcdef"
 
+# What AddressSanitizer, UndefinedBehaviorSanitizer, LeakSanitizer and valgrind
+# print when they find something.
+TOOL_ERRORS = ("ERROR: AddressSanitizer", "ERROR: LeakSanitizer", "runtime error:",
+               "== Invalid ", "== Conditional jump", "definitely lost in", "== Mismatched free",
+               "== Syscall param")
+
+
+def tool_errors(text):
+    """The lines of text in which a sanitizer or valgrind reports an error."""
+    return [line for line in text.splitlines() if any(m in line for m in TOOL_ERRORS)]
+
 
 def free_port():
     with socket.socket() as s:
@@ -43,8 +54,9 @@ def clean_env(extra=None):
 
 
 def run_cli(args, env=None, stdin=None, cwd=None, timeout=60):
-    """Runs the binary once; returns CompletedProcess with text output."""
-    return subprocess.run(
+    """Runs the binary once; returns CompletedProcess with text output. A
+    sanitizer or valgrind report fails the calling test."""
+    p = subprocess.run(
         WRAPPER + [BIN] + args,
         input=stdin,
         capture_output=True,
@@ -53,6 +65,10 @@ def run_cli(args, env=None, stdin=None, cwd=None, timeout=60):
         cwd=cwd or ROOT,
         timeout=timeout * SLOW,
     )
+    errors = tool_errors(p.stderr)
+    if errors or p.returncode == 99:
+        raise AssertionError("%s reported errors:\n%s" % (args, p.stderr))
+    return p
 
 
 class Response:
@@ -103,8 +119,11 @@ class Service:
             with open(self.config, "w") as f:
                 f.write(config)
         self.proc = None
+        self.killed = False
+        self.expected_exit = 0
 
     def start(self, wait=True):
+        self.killed = False
         args = WRAPPER + [BIN, "serve"]
         if self.config:
             args += ["--config", self.config]
@@ -147,10 +166,18 @@ class Service:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
         self.log.close()
+        self.killed = True
 
     def cleanup(self):
+        """Stops the service; fails when it did not exit cleanly or a sanitizer or
+        valgrind reported an error at any point of its life."""
         try:
-            self.stop()
+            code = self.stop()
+            errors = tool_errors(self.logs())
+            if errors:
+                raise AssertionError("tool errors in the service log:\n" + "\n".join(errors[:20]))
+            if code not in (0, None, -signal.SIGKILL, self.expected_exit):
+                raise AssertionError("service exited with %s:\n%s" % (code, self.logs()[-3000:]))
         finally:
             shutil.rmtree(self.dir, ignore_errors=True)
 

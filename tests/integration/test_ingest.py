@@ -149,6 +149,7 @@ class Auth(ServiceTest):
 
     def test_non_loopback_listen_without_token_refuses_to_start(self):
         s = Service(tokens=(), env={"TRIBUTARY_LISTEN": "0.0.0.0:0"})
+        s.expected_exit = 1
         self.addCleanup(s.cleanup)
         s.start(wait=False)
         self.assertEqual(s.proc.wait(timeout=30), 1)
