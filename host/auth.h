@@ -22,6 +22,9 @@ enum auth_result {
 
 /* authorization: the Authorization header value, or NULL. */
 enum auth_result auth_check_bearer(const struct config *c, const char *authorization);
+/* The admin token (admin.token): AUTH_OK, or why not. Callers treat a missing
+ * admin.token as "admin endpoints disabled" before calling this. */
+enum auth_result auth_check_admin(const struct config *c, const char *authorization);
 /* Constant-time check of a presented secret against a list of accepted ones. */
 int auth_secret_matches(const struct string_list *accepted, const char *presented, size_t n);
 const char *auth_result_text(enum auth_result r);

@@ -1,5 +1,6 @@
 #include "http_in.h"
 
+#include "auth.h"
 #include "digest.h"
 #include "log.h"
 #include "reload.h"
@@ -25,7 +26,7 @@ struct http_in {
     int port;
 };
 
-enum route { R_NONE, R_CURRENTS, R_HEALTHZ, R_READYZ, R_METRICS };
+enum route { R_NONE, R_CURRENTS, R_HEALTHZ, R_READYZ, R_METRICS, R_ADMIN_RELOAD };
 
 /* One request in progress. */
 struct req {
@@ -63,7 +64,8 @@ static enum MHD_Result reply(struct MHD_Connection *c, struct req *r, int status
     }
     if (status == 405)
         MHD_add_response_header(resp, MHD_HTTP_HEADER_ALLOW,
-                                r->route == R_CURRENTS ? "POST" : "GET");
+                                r->route == R_CURRENTS || r->route == R_ADMIN_RELOAD ? "POST"
+                                                                                     : "GET");
     enum MHD_Result rc = MHD_queue_response(c, (unsigned int)status, resp);
     MHD_destroy_response(resp);
     metrics_inbound(status, elapsed(&r->start));
@@ -90,6 +92,8 @@ static enum route route_of(const char *url)
         return R_READYZ;
     if (strcmp(url, "/metrics") == 0)
         return R_METRICS;
+    if (strcmp(url, "/admin/reload") == 0)
+        return R_ADMIN_RELOAD;
     return R_NONE;
 }
 
@@ -141,6 +145,45 @@ static enum MHD_Result answer_metrics(http_in *h, struct MHD_Connection *c, stru
     return rc;
 }
 
+/* POST /admin/reload: only with the admin token; absent without admin.token. */
+static enum MHD_Result answer_admin_reload(struct MHD_Connection *c, struct req *r)
+{
+    struct snapshot s;
+    reload_get(&s);
+    int enabled = s.cfg->admin_token != NULL;
+    enum auth_result a = enabled ? auth_check_admin(s.cfg, MHD_lookup_connection_value(
+                                                               c, MHD_HEADER_KIND,
+                                                               MHD_HTTP_HEADER_AUTHORIZATION))
+                                 : AUTH_INVALID;
+    reload_put(&s);
+    if (!enabled)
+        return reply_json(c, r, 404, "{\"error\":\"not found\"}", 0);
+    if (a != AUTH_OK) {
+        metrics_add(M_AUTH_FAILURES, 1);
+        log_warn("admin request refused", LOG_S("reason", auth_result_text(a)));
+        return reply_json(c, r, 401, "{\"error\":\"admin token required\"}", 0);
+    }
+    char err[4096];
+    buf out;
+    buf_init(&out, 16384);
+    int status;
+    if (reload_now("admin request", err, sizeof err) == 0) {
+        reload_get(&s);
+        (void)!buf_printf(&out, "{\"reloaded\":true,\"rules_version\":\"%s\",\"generation\":%llu}",
+                          ruleset_version(s.rs), (unsigned long long)s.generation);
+        reload_put(&s);
+        status = 200;
+    } else {
+        (void)!buf_adds(&out, "{\"reloaded\":false,\"error\":");
+        (void)!buf_json_str(&out, err, strlen(err));
+        (void)!buf_addc(&out, '}');
+        status = 422;
+    }
+    enum MHD_Result rc = reply_json(c, r, status, out.data ? out.data : "{}", 0);
+    buf_free(&out);
+    return rc;
+}
+
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const char *url,
                                   const char *method, const char *version, const char *upload,
                                   size_t *upload_size, void **con_cls)
@@ -163,9 +206,10 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
             snprintf(r->id, sizeof r->id, "%08x-%06llx", (unsigned)time(NULL),
                      (unsigned long long)(atomic_fetch_add(&request_seq, 1) & 0xffffff));
         r->route = route_of(url);
-        r->method_ok = r->route == R_CURRENTS ? strcmp(method, MHD_HTTP_METHOD_POST) == 0
-                                              : (strcmp(method, MHD_HTTP_METHOD_GET) == 0 ||
-                                                 strcmp(method, MHD_HTTP_METHOD_HEAD) == 0);
+        int post = r->route == R_CURRENTS || r->route == R_ADMIN_RELOAD;
+        r->method_ok = post ? strcmp(method, MHD_HTTP_METHOD_POST) == 0
+                            : (strcmp(method, MHD_HTTP_METHOD_GET) == 0 ||
+                               strcmp(method, MHD_HTTP_METHOD_HEAD) == 0);
         buf_init(&r->body, h->opt.max_body);
         if (r->route != R_CURRENTS || !r->method_ok)
             return MHD_YES;
@@ -223,6 +267,8 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         rc = answer_ready(h, c, r);
     } else if (r->route == R_METRICS) {
         rc = answer_metrics(h, c, r);
+    } else if (r->route == R_ADMIN_RELOAD) {
+        rc = answer_admin_reload(c, r);
     } else if (r->too_large) {
         char msg[128];
         snprintf(msg, sizeof msg, "{\"error\":\"body larger than %zu bytes\"}", h->opt.max_body);

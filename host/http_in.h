@@ -5,7 +5,7 @@
  *   GET  /healthz        the process serves
  *   GET  /readyz         rules loaded and storage healthy (200), else 503
  *   GET  /metrics        Prometheus text
- *   POST /admin/reload   reload configuration and rules (admin token)
+ *   POST /admin/reload   reload configuration and rules (admin token; 404 without one)
  *
  * Bounded: body size (413 as soon as Content-Length says so), header sizes,
  * connections, idle time per connection. The only module that includes

@@ -35,12 +35,8 @@ static rules *thread_engine(ruleset *rs, char *err, size_t errlen)
 {
     pthread_once(&engine_once, engine_key_init);
     rules *r = pthread_getspecific(engine_key);
-    if (r && rules_ruleset(r) == rs && !rules_needs_rebuild(r))
+    if (r && rules_ruleset(r) == rs)
         return r;
-    if (r && rules_ruleset(r) == rs) {
-        metrics_add(M_RULE_STATE_REBUILDS, 1);
-        log_info("rebuilding a worker's rules state after a limit was hit");
-    }
     rules *fresh = NULL;
     if (rules_new(&fresh, rs, err, errlen) != 0)
         return NULL;
@@ -127,12 +123,12 @@ void ingest_handle(struct ingest *in, const struct ingest_request *req,
     char err[ERR_LEN];
 
     rules *r = thread_engine(s.rs, err, sizeof err);
+    struct input_error ie;
     if (!r) {
         log_error("cannot build the rules engine", LOG_S("error", err));
         respond_error(resp, 503, RETRY_AFTER_ERROR, "rules unavailable", -1, NULL);
         goto done;
     }
-    struct input_error ie;
     struct timespec a, b;
     clock_gettime(CLOCK_MONOTONIC, &a);
     int mapped = rules_map(r, req->body, req->len, INPUT_ENVELOPE, &m, &ie);
@@ -170,12 +166,12 @@ void ingest_handle(struct ingest *in, const struct ingest_request *req,
     }
 
     metrics_add(M_EVENTS_RECEIVED, m.nevents);
+    if (m.nevents)
+        metrics_mapped(ruleset_version(s.rs), m.nevents);
     metrics_add(M_EVENTS_QUEUED, res.queued);
     metrics_add(M_EVENTS_DUPLICATE, res.duplicates);
     count_dropped(&m);
     log_dead_letters(&m);
-    if (rules_needs_rebuild(r))
-        log_warn("a rule hit a limit; this worker's state will be rebuilt");
 
     size_t filtered = m.dropped[DROP_UNSUPPORTED_TYPE] + m.dropped[DROP_NOT_SELECTED] +
                       m.dropped[DROP_RULE];
@@ -188,6 +184,13 @@ void ingest_handle(struct ingest *in, const struct ingest_request *req,
                    res.duplicates, res.quarantined, ruleset_version(s.rs)) != 0)
         buf_reset(&resp->body);
 done:
+    /* A rule cut short by a limit may have left its globals half updated: the
+     * next request of this worker starts on a fresh state. */
+    if (r && rules_needs_rebuild(r)) {
+        metrics_add(M_RULE_STATE_REBUILDS, 1);
+        log_warn("a rule hit a limit; this worker's rules state is rebuilt");
+        ingest_thread_done();
+    }
     mapping_free(&m);
     reload_put(&s);
 }

@@ -1,5 +1,6 @@
 #include "metrics.h"
 
+#include <pthread.h>
 #include <stdatomic.h>
 #include <string.h>
 
@@ -40,7 +41,14 @@ static struct {
     _Atomic uint64_t rule_counts[METRICS_RULE_COUNTERS + 1];
     char rule_names[METRICS_RULE_COUNTERS][33];
     _Atomic int rule_names_used;
-} M;
+    pthread_mutex_t versions_mu;
+    struct {
+        char version[24];
+        uint64_t events;
+        uint64_t last_use;
+    } versions[METRICS_VERSIONS];
+    uint64_t versions_clock;
+} M = {.versions_mu = PTHREAD_MUTEX_INITIALIZER};
 
 static const char *const COUNTER_HELP[M_COUNTER_COUNT][3] = {
     {"tributary_events_received_total", "counter", "Events in accepted inbound requests."},
@@ -154,6 +162,29 @@ void metrics_rule_count(const char *name, uint64_t n)
     }
     atomic_store(&lock, 0);
     atomic_fetch_add_explicit(&M.rule_counts[slot], n, memory_order_relaxed);
+}
+
+void metrics_mapped(const char *version, uint64_t events)
+{
+    pthread_mutex_lock(&M.versions_mu);
+    int slot = -1, oldest = 0;
+    for (int i = 0; i < METRICS_VERSIONS; i++) {
+        if (strcmp(M.versions[i].version, version) == 0) {
+            slot = i;
+            break;
+        }
+        if (M.versions[i].last_use < M.versions[oldest].last_use)
+            oldest = i;
+    }
+    if (slot < 0) {
+        /* a new version replaces the one used longest ago */
+        slot = oldest;
+        str_copy(M.versions[slot].version, sizeof M.versions[slot].version, version);
+        M.versions[slot].events = 0;
+    }
+    M.versions[slot].events += events;
+    M.versions[slot].last_use = ++M.versions_clock;
+    pthread_mutex_unlock(&M.versions_mu);
 }
 
 uint64_t metrics_get(enum counter c)
@@ -276,6 +307,16 @@ int metrics_render(buf *b, const struct metrics_gauges *g)
     for (int f = 0; f < FEED_COUNT; f++)
         rc |= buf_printf(b, "tributary_mparticle_retries_total{feed=\"%s\"} %llu\n", FEED_NAMES[f],
                          (unsigned long long)atomic_load(&M.retries[f]));
+
+    rc |= header(b, "tributary_events_mapped_total", "counter",
+                 "Events mapped, by the rules version that mapped them (recent versions).");
+    pthread_mutex_lock(&M.versions_mu);
+    for (int i = 0; i < METRICS_VERSIONS; i++) {
+        if (M.versions[i].version[0])
+            rc |= buf_printf(b, "tributary_events_mapped_total{rules_version=\"%s\"} %llu\n",
+                             M.versions[i].version, (unsigned long long)M.versions[i].events);
+    }
+    pthread_mutex_unlock(&M.versions_mu);
 
     int used = atomic_load(&M.rule_names_used);
     rc |= header(b, "tributary_rule_counts_total", "counter",

@@ -51,6 +51,10 @@ void metrics_retry(enum feed f);
 #define METRICS_RULE_COUNTERS 32
 void metrics_rule_count(const char *name, uint64_t n);
 
+/* Events mapped by a rule version (the most recent METRICS_VERSIONS versions). */
+#define METRICS_VERSIONS 8
+void metrics_mapped(const char *rules_version, uint64_t events);
+
 uint64_t metrics_get(enum counter c);
 uint64_t metrics_get_dropped(enum drop_reason r);
 uint64_t metrics_get_dead(const char *reason);

@@ -3,9 +3,12 @@
 #include "log.h"
 #include "metrics.h"
 
+#include <errno.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/inotify.h>
+#include <unistd.h>
 
 static struct {
     pthread_mutex_t mu;
@@ -14,7 +17,10 @@ static struct {
     struct config *cfg;
     ruleset *rs;
     uint64_t generation;
-} R = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, NULL, NULL, NULL, 0};
+    int watch_fd;
+    int watch_wd;
+    char *watched;
+} R = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, NULL, NULL, NULL, 0, -1, -1, NULL};
 
 int reload_validate(ruleset *rs, buf *report, int *ntests)
 {
@@ -147,4 +153,92 @@ done:
     free(path);
     pthread_mutex_unlock(&R.reloading);
     return rc;
+}
+
+/* ---- watching rules_dir ------------------------------------------------- */
+
+static void watch_dir(void)
+{
+    struct snapshot snap;
+    reload_get(&snap);
+    const char *dir = snap.cfg ? snap.cfg->rules_dir : NULL;
+    if (dir && R.watched && strcmp(dir, R.watched) == 0 && R.watch_wd >= 0) {
+        reload_put(&snap);
+        return;
+    }
+    if (R.watch_wd >= 0)
+        inotify_rm_watch(R.watch_fd, R.watch_wd);
+    R.watch_wd = -1;
+    free(R.watched);
+    R.watched = dir ? strdup(dir) : NULL;
+    if (dir) {
+        R.watch_wd = inotify_add_watch(R.watch_fd, dir,
+                                       IN_CLOSE_WRITE | IN_MOVED_TO | IN_MOVED_FROM | IN_DELETE |
+                                           IN_CREATE | IN_DELETE_SELF | IN_MOVE_SELF);
+        if (R.watch_wd < 0)
+            log_warn("cannot watch rules_dir; reload with SIGHUP or /admin/reload",
+                     LOG_S("rules_dir", dir) LOG_S("error", strerror(errno)));
+    }
+    reload_put(&snap);
+}
+
+int reload_watch_start(void)
+{
+    R.watch_fd = inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
+    if (R.watch_fd < 0) {
+        log_warn("inotify unavailable; reload with SIGHUP or /admin/reload",
+                 LOG_S("error", strerror(errno)));
+        return -1;
+    }
+    watch_dir();
+    return R.watch_fd;
+}
+
+static int is_rule_file(const char *name)
+{
+    size_t n = strlen(name);
+    return name[0] != '.' && n > 4 && strcmp(name + n - 4, ".lua") == 0;
+}
+
+int reload_watch_changed(void)
+{
+    if (R.watch_fd < 0)
+        return 0;
+    int relevant = 0;
+    _Alignas(struct inotify_event) char events[8192];
+    for (;;) {
+        ssize_t n = read(R.watch_fd, events, sizeof events);
+        if (n <= 0)
+            break;
+        for (char *p = events; p < events + n;) {
+            const struct inotify_event *ev = (const struct inotify_event *)p;
+            if (ev->mask & (IN_DELETE_SELF | IN_MOVE_SELF | IN_IGNORED)) {
+                /* the directory itself was replaced: watch its new incarnation */
+                R.watch_wd = -1;
+                relevant = 1;
+            } else if (ev->len && is_rule_file(ev->name)) {
+                relevant = 1;
+            }
+            p += sizeof(*ev) + ev->len;
+        }
+    }
+    if (R.watch_wd < 0)
+        watch_dir();
+    return relevant;
+}
+
+void reload_watch_refresh(void)
+{
+    if (R.watch_fd >= 0)
+        watch_dir();
+}
+
+void reload_watch_stop(void)
+{
+    if (R.watch_fd >= 0)
+        close(R.watch_fd);
+    R.watch_fd = -1;
+    R.watch_wd = -1;
+    free(R.watched);
+    R.watched = NULL;
 }

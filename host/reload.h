@@ -39,4 +39,17 @@ void reload_put(struct snapshot *s);
  * ones stay in force and err says why (file and line). `trigger` is logged. */
 int reload_now(const char *trigger, char *err, size_t errlen) WUR;
 
+/* Watching rules_dir (inotify): a file written, renamed, created or removed
+ * there asks for a reload. Editors write in several steps, so the caller waits
+ * RELOAD_SETTLE_MS after the last change before reloading. */
+#define RELOAD_SETTLE_MS 200
+
+/* Starts watching the rules_dir in force; returns a file descriptor to poll, or -1. */
+int reload_watch_start(void);
+/* Reads the pending notifications; 1 when one of them concerns a rule file. */
+int reload_watch_changed(void);
+/* Follows a rules_dir changed by a reload. */
+void reload_watch_refresh(void);
+void reload_watch_stop(void);
+
 #endif

@@ -11,7 +11,10 @@
 #include "sender.h"
 
 #include <errno.h>
+#include <poll.h>
 #include <signal.h>
+#include <sys/signalfd.h>
+#include <unistd.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -84,6 +87,59 @@ static void log_feeds(const struct config *c, char *names, size_t len)
     }
     if (!used)
         str_copy(names, len, "none");
+}
+
+/* The main thread's loop: signals (taken through a signalfd; main() blocked them
+ * in every thread) and changes in rules_dir. Returns when told to stop. */
+static int wait_for_stop(void)
+{
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGTERM);
+    sigaddset(&set, SIGINT);
+    sigaddset(&set, SIGHUP);
+    int sfd = signalfd(-1, &set, SFD_CLOEXEC);
+    if (sfd < 0) {
+        log_error("cannot take signals", LOG_S("error", strerror(errno)));
+        return 1;
+    }
+    int wfd = reload_watch_start();
+    int64_t reload_at = 0; /* a rules_dir change waits to settle */
+    char rerr[4096];
+    for (;;) {
+        struct pollfd fds[2] = {{sfd, POLLIN, 0}, {wfd, POLLIN, 0}};
+        /* follow a rules_dir changed by any reload (also /admin/reload) */
+        reload_watch_refresh();
+        int timeout = 1000;
+        if (reload_at) {
+            int64_t left = reload_at - clock_mono_ms();
+            timeout = left > 0 ? (int)left : 0;
+        }
+        int n = poll(fds, wfd >= 0 ? 2 : 1, timeout);
+        if (n < 0 && errno != EINTR)
+            break;
+        if (n > 0 && (fds[0].revents & POLLIN)) {
+            struct signalfd_siginfo si;
+            if (read(sfd, &si, sizeof si) == (ssize_t)sizeof si) {
+                if (si.ssi_signo == SIGHUP) {
+                    (void)!reload_now("SIGHUP", rerr, sizeof rerr);
+                } else {
+                    log_info("stopping",
+                             LOG_S("signal", si.ssi_signo == SIGTERM ? "SIGTERM" : "SIGINT"));
+                    break;
+                }
+            }
+        }
+        if (n > 0 && wfd >= 0 && (fds[1].revents & POLLIN) && reload_watch_changed())
+            reload_at = clock_mono_ms() + RELOAD_SETTLE_MS;
+        if (reload_at && clock_mono_ms() >= reload_at) {
+            reload_at = 0;
+            (void)!reload_now("rules_dir changed", rerr, sizeof rerr);
+        }
+    }
+    reload_watch_stop();
+    close(sfd);
+    return 0;
 }
 
 int service_run(const char *config_path)
@@ -185,24 +241,7 @@ int service_run(const char *config_path)
         log_warn("no mParticle credentials configured: events are accepted, queued and held "
                  "until feeds.<name>.key and .secret are set");
 
-    sigset_t set;
-    sigemptyset(&set);
-    sigaddset(&set, SIGTERM);
-    sigaddset(&set, SIGINT);
-    sigaddset(&set, SIGHUP);
-    for (;;) {
-        struct timespec tick = {1, 0};
-        int sig = sigtimedwait(&set, NULL, &tick);
-        if (sig == SIGTERM || sig == SIGINT) {
-            log_info("stopping", LOG_S("signal", sig == SIGTERM ? "SIGTERM" : "SIGINT"));
-            break;
-        }
-        if (sig == SIGHUP) {
-            char rerr[4096];
-            (void)!reload_now("SIGHUP", rerr, sizeof rerr);
-        }
-    }
-    rc = 0;
+    rc = wait_for_stop();
 done:
     /* New batches get 503 while the sender finishes its in-flight requests;
      * then the server stops (after the requests in progress) and the queue

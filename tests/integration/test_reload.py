@@ -1,0 +1,206 @@
+"""Hot reload: SIGHUP, /admin/reload, rules_dir changes; the sandbox limits."""
+
+import json
+import os
+import signal
+import threading
+import time
+
+from harness import SLOW, TOKEN, ServiceTest, event, request
+
+ADMIN = "admin-token-5b2f0c9e1d"
+
+STAMP = """return function(event, out)
+  if out then out.event.data.custom_attributes.stamp_{part} = "{version}" end
+end
+"""
+
+
+def write_atomically(path, text):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.rename(tmp, path)
+
+
+class Reload(ServiceTest):
+    def admin_reload(self, s, token=ADMIN):
+        headers = {"Authorization": "Bearer " + token} if token else {}
+        return request(s.port, "POST", "/admin/reload", b"", headers)
+
+    def test_50_reloads_under_load_fail_no_request_lose_no_event_mix_no_versions(self):
+        rules = self.rules_dir({"20-stamp-a.lua": STAMP.format(part="a", version="v0"),
+                                "30-stamp-b.lua": STAMP.format(part="b", version="v0")})
+        s = self.service(rules_dir=rules, env={"TRIBUTARY_ADMIN_TOKEN": ADMIN})
+        stop = threading.Event()
+        lock = threading.Lock()
+        sent, statuses, latencies = [], [], []
+
+        def load(n):
+            i = 0
+            while not stop.is_set():
+                batch = [event("users.messages.email.Send", user="l%d" % n,
+                               id="reload-%d-%d-%d" % (n, i, k)) for k in range(20)]
+                i += 1
+                started = time.monotonic()
+                r = s.post(batch)
+                with lock:
+                    latencies.append(time.monotonic() - started)
+                    statuses.append(r.status)
+                    if r.status == 200:
+                        sent.extend(e["id"] for e in batch)
+
+        threads = [threading.Thread(target=load, args=(n,)) for n in range(4)]
+        for t in threads:
+            t.start()
+        try:
+            for version in range(1, 51):
+                write_atomically(os.path.join(rules, "20-stamp-a.lua"),
+                                 STAMP.format(part="a", version="v%d" % version))
+                write_atomically(os.path.join(rules, "30-stamp-b.lua"),
+                                 STAMP.format(part="b", version="v%d" % version))
+                r = self.admin_reload(s)
+                self.assertEqual(r.status, 200, r)
+                time.sleep(0.02)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+
+        self.assertEqual(set(statuses), {200})
+        self.assertGreater(len(sent), 1000)
+        self.assertLess(max(latencies), 2.0 * SLOW, "a request waited too long")
+        with s.db() as db:
+            rows = db.execute("SELECT event_id, rules_version, event FROM records").fetchall()
+        self.assertEqual(sorted(r[0] for r in rows), sorted(sent))
+        stamp_of_version = {}
+        for event_id, version, mapped in rows:
+            attrs = json.loads(mapped)["data"]["custom_attributes"]
+            self.assertEqual(attrs["stamp_a"], attrs["stamp_b"], "mixed rule versions")
+            stamp_of_version.setdefault(version, attrs["stamp_a"])
+            self.assertEqual(stamp_of_version[version], attrs["stamp_a"])
+        self.assertGreater(len(stamp_of_version), 5)
+        self.assertGreaterEqual(s.metrics()["tributary_rule_reloads_total"], 50)
+
+    def test_admin_reload_needs_the_admin_token(self):
+        s = self.service(env={"TRIBUTARY_ADMIN_TOKEN": ADMIN})
+        self.assertEqual(self.admin_reload(s, token=None).status, 401)
+        self.assertEqual(self.admin_reload(s, token="wrong").status, 401)
+        self.assertEqual(self.admin_reload(s, token=TOKEN).status, 401)
+        r = self.admin_reload(s)
+        self.assertEqual(r.status, 200)
+        self.assertTrue(r.json()["reloaded"])
+        self.assertRegex(r.json()["rules_version"], "^[0-9a-f]{12}$")
+        self.assertNotIn(ADMIN, s.logs())
+
+    def test_admin_endpoints_are_disabled_without_an_admin_token(self):
+        s = self.service()
+        self.assertEqual(self.admin_reload(s, token="anything").status, 404)
+
+    def test_broken_rules_are_refused_and_the_old_ones_stay_in_force(self):
+        rules = self.rules_dir()
+        s = self.service(rules_dir=rules, env={"TRIBUTARY_ADMIN_TOKEN": ADMIN})
+        before = s.post([event()]).json()["rules_version"]
+        with open(os.path.join(rules, "40-broken.lua"), "w") as f:
+            f.write("return function(e, out)\n  local x = \nend\n")
+        r = self.admin_reload(s)
+        self.assertEqual(r.status, 422)
+        self.assertIn("40-broken.lua:3:", r.json()["error"])
+        after = s.post([event()])
+        self.assertEqual(after.status, 200)
+        self.assertEqual(after.json()["rules_version"], before)
+        self.assertGreaterEqual(s.metrics()["tributary_rule_reload_failures_total"], 1)
+        self.assertIn("reload refused", s.logs())
+
+    def test_a_failing_rule_test_refuses_the_reload(self):
+        rules = self.rules_dir()
+        s = self.service(rules_dir=rules, env={"TRIBUTARY_ADMIN_TOKEN": ADMIN})
+        with open(os.path.join(rules, "50-tested.lua"), "w") as f:
+            f.write("return { process = function(e, out) end, tests = {\n"
+                    "  { name = 'always wrong', event = { event_type = 'users.messages.email.Open',\n"
+                    "    id = '1', time = 1, user = { external_user_id = 'c' } },\n"
+                    "    expect = { feed = 'ios' } } } }\n")
+        r = self.admin_reload(s)
+        self.assertEqual(r.status, 422)
+        self.assertIn("test 'always wrong' failed", r.json()["error"])
+        self.assertIn('out.feed: expected "ios", got "unbound"', r.json()["error"])
+
+    def test_a_change_in_rules_dir_is_picked_up_without_a_signal(self):
+        rules = self.rules_dir()
+        s = self.service(rules_dir=rules)
+        with open(os.path.join(rules, "60-rename.lua"), "w") as f:
+            f.write("return function(e, out)\n"
+                    "  if out then out.event.data.event_name = 'Renamed By Rule' end\n"
+                    "end\n")
+        deadline = time.time() + 10 * SLOW
+        while time.time() < deadline and "rules_dir changed" not in s.logs():
+            time.sleep(0.05)
+        e = event("users.messages.email.Open")
+        s.post([e])
+        with s.db() as db:
+            (mapped,) = db.execute("SELECT event FROM records WHERE event_id = ?", (e["id"],)).fetchone()
+        self.assertEqual(json.loads(mapped)["data"]["event_name"], "Renamed By Rule")
+
+    def test_sighup_reloads_inbound_tokens_for_rotation(self):
+        d = self.tmpdir()
+        conf = 'return { inbound = { tokens = { "%s" } } }\n'
+        s = self.service(tokens=(), config=conf % "first-token-aaaaaaaa")
+        self.assertEqual(s.post([event()], token="first-token-aaaaaaaa").status, 200)
+        with open(s.config, "w") as f:
+            f.write('return { inbound = { tokens = { "first-token-aaaaaaaa", "second-token-bbbbbbb" } } }\n')
+        s.proc.send_signal(signal.SIGHUP)
+        deadline = time.time() + 10 * SLOW
+        while time.time() < deadline and s.post([event()], token="second-token-bbbbbbb").status != 200:
+            time.sleep(0.05)
+        self.assertEqual(s.post([event()], token="second-token-bbbbbbb").status, 200)
+        with open(s.config, "w") as f:
+            f.write(conf % "second-token-bbbbbbb")
+        s.proc.send_signal(signal.SIGHUP)
+        deadline = time.time() + 10 * SLOW
+        while time.time() < deadline and s.post([event()], token="first-token-aaaaaaaa").status != 401:
+            time.sleep(0.05)
+        self.assertEqual(s.post([event()], token="first-token-aaaaaaaa").status, 401)
+        self.assertNotIn("second-token-bbbbbbb", s.logs())
+        self.assertTrue(os.path.isdir(d))
+
+
+class Limits(ServiceTest):
+    def test_a_rule_over_its_instruction_limit_fails_only_that_event(self):
+        rules = self.rules_dir({"20-loop.lua": (
+            "return function(event, out)\n"
+            "  if event.properties.spin then while true do end end\n"
+            "end\n")})
+        s = self.service(rules_dir=rules, env={"TRIBUTARY_RULES_INSTRUCTIONS": "200000"})
+        bad = event("users.messages.email.Open", spin=True)
+        good = event("users.messages.email.Open")
+        r = s.post([bad, good])
+        self.assertEqual(r.status, 200, r)
+        self.assertEqual(r.json()["quarantined"], 1)
+        self.assertEqual(r.json()["forwarded"], 1)
+        with s.db() as db:
+            (reason, detail) = db.execute("SELECT reason, detail FROM dead").fetchone()
+        self.assertEqual(reason, "rule_limit")
+        self.assertIn("instruction limit", detail)
+        # the service keeps serving, on a rebuilt state
+        for _ in range(3):
+            self.assertEqual(s.post([event()]).status, 200)
+        self.assertGreaterEqual(s.metrics()["tributary_rule_state_rebuilds_total"], 1)
+
+    def test_a_memory_bomb_fails_only_that_event(self):
+        rules = self.rules_dir({"20-bomb.lua": (
+            "return function(event, out)\n"
+            "  if event.properties.bomb then\n"
+            "    local t = {}\n"
+            "    for i = 1, 1e9 do t[i] = string.rep('x', 1000) .. i end\n"
+            "  end\n"
+            "end\n")})
+        s = self.service(rules_dir=rules, env={"TRIBUTARY_RULES_MEMORY_MB": "16",
+                                               "TRIBUTARY_RULES_INSTRUCTIONS": "100000000"})
+        r = s.post([event("users.messages.email.Open", bomb=True), event()])
+        self.assertEqual(r.status, 200, r)
+        self.assertEqual(r.json()["quarantined"], 1)
+        with s.db() as db:
+            (reason, detail) = db.execute("SELECT reason, detail FROM dead").fetchone()
+        self.assertEqual(reason, "rule_limit")
+        self.assertIn("memory limit", detail)
+        self.assertEqual(s.post([event()]).status, 200)
