@@ -64,6 +64,18 @@ class Cli(ServiceTest):
         self.assertIn("20-rename.lua: test 'renames' failed", p.stderr)
         self.assertIn('expected "Something else", got "Renamed"', p.stderr)
 
+    def test_every_shipped_rule_example_passes_its_tests_with_the_default_rules(self):
+        examples = os.path.join(os.path.dirname(__file__), "..", "..", "rules", "examples")
+        names = sorted(n for n in os.listdir(examples) if n.endswith(".lua"))
+        self.assertGreaterEqual(len(names), 5)
+        for name in names:
+            with self.subTest(example=name):
+                with open(os.path.join(examples, name)) as f:
+                    rules = self.rules_dir({name: f.read()})
+                p = run_cli(["check"], env={"TRIBUTARY_RULES_DIR": rules})
+                self.assertEqual(p.returncode, 0, p.stderr)
+                self.assertIn("2 rule files", p.stdout)
+
     def test_bad_environment_value_is_an_error_naming_the_variable(self):
         p = run_cli(["check"], env={"TRIBUTARY_BATCH_LINGER_MS": "soon"})
         self.assertEqual(p.returncode, 1)
