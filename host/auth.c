@@ -2,10 +2,15 @@
 
 #include "digest.h"
 
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 
-int auth_secret_matches(const struct string_list *accepted, const char *presented, size_t n)
+/* ---- tokens ------------------------------------------------------------- */
+
+static int secret_matches(const struct string_list *accepted, const char *presented, size_t n)
 {
     unsigned char want[32], got[32];
     digest_sha256(presented, n, got);
@@ -46,7 +51,7 @@ static enum auth_result check_token(const struct string_list *accepted, const ch
         return AUTH_INVALID;
     if (n == 0)
         return AUTH_MISSING;
-    return auth_secret_matches(accepted, token, n) ? AUTH_OK : AUTH_INVALID;
+    return secret_matches(accepted, token, n) ? AUTH_OK : AUTH_INVALID;
 }
 
 enum auth_result auth_check_admin(const struct config *c, const char *authorization)
@@ -58,11 +63,140 @@ enum auth_result auth_check_admin(const struct config *c, const char *authorizat
     return check_token(&one, authorization);
 }
 
-enum auth_result auth_check_bearer(const struct config *c, const char *authorization)
+/* ---- signatures --------------------------------------------------------- */
+
+static int hexval(char c)
 {
-    if (c->inbound_tokens.n == 0)
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    if (c >= 'a' && c <= 'f')
+        return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F')
+        return c - 'A' + 10;
+    return -1;
+}
+
+int auth_parse_signature(const char *header, struct auth_signature *out)
+{
+    memset(out, 0, sizeof(*out));
+    int have_t = 0;
+    const char *p = header;
+    while (*p) {
+        while (*p == ' ' || *p == '\t' || *p == ',')
+            p++;
+        if (!*p)
+            break;
+        const char *item = p;
+        while (*p && *p != ',')
+            p++;
+        size_t n = (size_t)(p - item);
+        while (n && (item[n - 1] == ' ' || item[n - 1] == '\t'))
+            n--;
+        if (n > 2 && item[0] == 't' && item[1] == '=') {
+            if (have_t)
+                return -1;
+            int64_t t = 0;
+            for (size_t i = 2; i < n; i++) {
+                if (item[i] < '0' || item[i] > '9' || t > (INT64_MAX - 9) / 10)
+                    return -1;
+                t = t * 10 + (item[i] - '0');
+            }
+            out->t = t;
+            have_t = 1;
+        } else if (n > 3 && item[0] == 'v' && item[1] == '1' && item[2] == '=') {
+            if (n - 3 != 64 || out->n == AUTH_MAX_SIGNATURES)
+                return -1;
+            for (size_t i = 0; i < 32; i++) {
+                int hi = hexval(item[3 + 2 * i]), lo = hexval(item[4 + 2 * i]);
+                if (hi < 0 || lo < 0)
+                    return -1;
+                out->v1[out->n][i] = (unsigned char)(hi << 4 | lo);
+            }
+            out->n++;
+        }
+        /* other schemes (v0, v2, ...) are ignored, as a later version may add them */
+    }
+    return have_t && out->n > 0 ? 0 : -1;
+}
+
+static int mac(const char *secret, int64_t t, const char *body, size_t len, unsigned char out[32])
+{
+    char prefix[32];
+    int n = snprintf(prefix, sizeof prefix, "%lld.", (long long)t);
+    /* HMAC over "<t>." followed by the raw body, without copying the body */
+    int rc = digest_hmac_sha256_2(secret, strlen(secret), prefix, (size_t)n, body ? body : "", len,
+                                  out);
+    return rc;
+}
+
+int auth_sign(const char *secret, int64_t t, const char *body, size_t len, char *out,
+              size_t outlen)
+{
+    unsigned char m[32];
+    if (mac(secret, t, body, len, m) != 0)
+        return -1;
+    char hex[65];
+    digest_hex(m, sizeof m, hex);
+    int n = snprintf(out, outlen, "t=%lld,v1=%s", (long long)t, hex);
+    return n > 0 && (size_t)n < outlen ? 0 : -1;
+}
+
+static enum auth_result check_signature(const struct config *c, const struct auth_request *r)
+{
+    if (!r->signature)
+        return AUTH_MISSING;
+    struct auth_signature sig;
+    if (auth_parse_signature(r->signature, &sig) != 0)
+        return AUTH_INVALID;
+    int64_t skew = r->now_s - sig.t;
+    if (skew > c->inbound_replay_window_s || -skew > c->inbound_replay_window_s)
+        return AUTH_EXPIRED;
+    if (!r->have_body)
+        return AUTH_PENDING;
+    int match = 0;
+    for (size_t s = 0; s < c->inbound_hmac_secrets.n; s++) {
+        unsigned char want[32];
+        if (mac(c->inbound_hmac_secrets.items[s], sig.t, r->body, r->len, want) != 0)
+            return AUTH_INVALID;
+        for (int i = 0; i < sig.n; i++)
+            match |= digest_equal(want, sizeof want, sig.v1[i], sizeof sig.v1[i]);
+    }
+    return match ? AUTH_OK : AUTH_INVALID;
+}
+
+/* ---- the decision ------------------------------------------------------- */
+
+/* The more telling of two failures. */
+static enum auth_result worse(enum auth_result a, enum auth_result b)
+{
+    if (a == AUTH_MISSING)
+        return b;
+    if (b == AUTH_MISSING)
+        return a;
+    return a == AUTH_EXPIRED ? a : b;
+}
+
+enum auth_result auth_check(const struct config *c, const struct auth_request *r)
+{
+    int tokens = c->inbound_tokens.n > 0, secrets = c->inbound_hmac_secrets.n > 0;
+    if (!tokens && !secrets)
         return AUTH_OK;
-    return check_token(&c->inbound_tokens, authorization);
+    enum auth_result tok = tokens ? check_token(&c->inbound_tokens, r->authorization)
+                                  : AUTH_MISSING;
+    enum auth_result sig = secrets ? check_signature(c, r) : AUTH_MISSING;
+    const char *mode = c->inbound_require;
+    if (strcmp(mode, "token") == 0)
+        return tok;
+    if (strcmp(mode, "signature") == 0)
+        return sig;
+    if (strcmp(mode, "both") == 0)
+        return tok != AUTH_OK ? tok : sig;
+    /* either */
+    if (tok == AUTH_OK || sig == AUTH_OK)
+        return AUTH_OK;
+    if (sig == AUTH_PENDING)
+        return AUTH_PENDING;
+    return worse(tok, sig);
 }
 
 const char *auth_result_text(enum auth_result r)
@@ -70,10 +204,89 @@ const char *auth_result_text(enum auth_result r)
     switch (r) {
     case AUTH_OK:
         return "ok";
+    case AUTH_PENDING:
+        return "pending";
     case AUTH_MISSING:
-        return "missing bearer token";
+        return "missing credentials";
     case AUTH_INVALID:
         return "invalid credentials";
+    case AUTH_EXPIRED:
+        return "signature timestamp outside the replay window";
     }
     return "?";
+}
+
+/* ---- throttling --------------------------------------------------------- */
+
+#define SLOTS 1024
+
+static struct {
+    pthread_mutex_t mu;
+    struct {
+        char client[48];
+        int64_t window_start;
+        int failures;
+        int64_t blocked_until;
+    } slot[SLOTS];
+} T = {.mu = PTHREAD_MUTEX_INITIALIZER};
+
+/* The slot of a client: its own, else a free or expired one, else the one that
+ * changed longest ago. Caller holds T.mu. */
+static int slot_of(const char *client, int64_t now_s, int create)
+{
+    uint64_t h = digest_fnv64(DIGEST_FNV64_INIT, client, strlen(client));
+    int victim = -1;
+    for (int probe = 0; probe < 16; probe++) {
+        int i = (int)((h + (uint64_t)probe) % SLOTS);
+        if (strcmp(T.slot[i].client, client) == 0)
+            return i;
+        int idle = T.slot[i].client[0] == '\0' ||
+                   (T.slot[i].blocked_until <= now_s &&
+                    now_s - T.slot[i].window_start > AUTH_THROTTLE_WINDOW_S);
+        if (victim < 0 && idle)
+            victim = i;
+    }
+    if (!create)
+        return -1;
+    if (victim < 0)
+        victim = (int)(h % SLOTS);
+    str_copy(T.slot[victim].client, sizeof T.slot[victim].client, client);
+    T.slot[victim].window_start = now_s;
+    T.slot[victim].failures = 0;
+    T.slot[victim].blocked_until = 0;
+    return victim;
+}
+
+int auth_throttled(const char *client, int64_t now_s, int64_t *retry_after_s)
+{
+    if (!client || !*client)
+        return 0;
+    pthread_mutex_lock(&T.mu);
+    int i = slot_of(client, now_s, 0);
+    int blocked = i >= 0 && T.slot[i].blocked_until > now_s;
+    if (blocked)
+        *retry_after_s = T.slot[i].blocked_until - now_s;
+    pthread_mutex_unlock(&T.mu);
+    return blocked;
+}
+
+int auth_failed(const char *client, int64_t now_s)
+{
+    if (!client || !*client)
+        return 0;
+    pthread_mutex_lock(&T.mu);
+    int i = slot_of(client, now_s, 1);
+    if (now_s - T.slot[i].window_start > AUTH_THROTTLE_WINDOW_S) {
+        T.slot[i].window_start = now_s;
+        T.slot[i].failures = 0;
+    }
+    int started = 0;
+    if (++T.slot[i].failures >= AUTH_THROTTLE_FAILURES && T.slot[i].blocked_until <= now_s) {
+        T.slot[i].blocked_until = now_s + AUTH_THROTTLE_BLOCK_S;
+        T.slot[i].failures = 0;
+        T.slot[i].window_start = now_s;
+        started = 1;
+    }
+    pthread_mutex_unlock(&T.mu);
+    return started;
 }

@@ -1,11 +1,21 @@
 /*
  * auth: decides whether an inbound request may be accepted.
  *
- * Braze sends `Authorization: Bearer <token>`; the token must equal one of
- * inbound.tokens (several during a rotation). Comparison is constant-time over
- * SHA-256 digests, so neither the content nor the length of a configured token
- * leaks through timing. With no token configured, requests are accepted (the
- * configuration only allows that on a loopback listener).
+ * Two ways to authenticate, either enough by default (inbound.require):
+ *   - `Authorization: Bearer <token>` (what Braze sends): the token must equal
+ *     one of inbound.tokens (several during a rotation);
+ *   - `Tributary-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret,
+ *     "<t>.<raw body>")>` for producers that can sign: any v1 may match any of
+ *     inbound.hmac_secrets (rotation), and t must lie within
+ *     inbound.replay_window_s of now.
+ * Comparisons are constant-time: tokens through their SHA-256 digests (so not
+ * even the length leaks), signatures over the raw MAC bytes. With neither
+ * tokens nor secrets configured, requests are accepted (the configuration
+ * only allows that on a loopback listener).
+ *
+ * A client address with repeated failures is refused for a while (429), so
+ * guessing is slow; failures are counted and logged without the presented
+ * credentials.
  *
  * Uses digest (libcrypto) and config. Never logs or returns a presented secret.
  */
@@ -14,19 +24,52 @@
 
 #include "config.h"
 
+#define AUTH_SIGNATURE_HEADER "Tributary-Signature"
+#define AUTH_MAX_SIGNATURES 8
+/* Failures from one address within the window before it is refused. */
+#define AUTH_THROTTLE_FAILURES 10
+#define AUTH_THROTTLE_WINDOW_S 60
+#define AUTH_THROTTLE_BLOCK_S 60
+
 enum auth_result {
     AUTH_OK,
+    AUTH_PENDING, /* depends on the body's signature: decide once it is read */
     AUTH_MISSING, /* no credentials presented */
     AUTH_INVALID, /* credentials presented but wrong */
+    AUTH_EXPIRED, /* a signature outside the replay window */
 };
 
-/* authorization: the Authorization header value, or NULL. */
-enum auth_result auth_check_bearer(const struct config *c, const char *authorization);
-/* The admin token (admin.token): AUTH_OK, or why not. Callers treat a missing
- * admin.token as "admin endpoints disabled" before calling this. */
+struct auth_request {
+    const char *authorization; /* header value or NULL */
+    const char *signature;     /* Tributary-Signature value or NULL */
+    const char *body;
+    size_t len;
+    int have_body; /* 0: only the headers are known yet */
+    int64_t now_s;
+};
+
+enum auth_result auth_check(const struct config *c, const struct auth_request *r);
+/* The admin token (admin.token). Callers treat a missing admin.token as "admin
+ * endpoints disabled" before calling this. */
 enum auth_result auth_check_admin(const struct config *c, const char *authorization);
-/* Constant-time check of a presented secret against a list of accepted ones. */
-int auth_secret_matches(const struct string_list *accepted, const char *presented, size_t n);
 const char *auth_result_text(enum auth_result r);
+
+/* A parsed Tributary-Signature header. */
+struct auth_signature {
+    int64_t t;
+    unsigned char v1[AUTH_MAX_SIGNATURES][32];
+    int n;
+};
+
+/* 0, or -1 when the header is malformed (no t, no v1, bad hex, too many). */
+int auth_parse_signature(const char *header, struct auth_signature *out) WUR;
+/* Writes "t=<t>,v1=<hex>" for body under secret. */
+int auth_sign(const char *secret, int64_t t, const char *body, size_t len, char *out,
+              size_t outlen) WUR;
+
+/* 1 when the client is refused for now (*retry_after_s set). */
+int auth_throttled(const char *client, int64_t now_s, int64_t *retry_after_s);
+/* Records a failure; returns 1 when it starts a refusal period. */
+int auth_failed(const char *client, int64_t now_s);
 
 #endif

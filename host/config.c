@@ -32,13 +32,15 @@ struct key {
 /* String keys without a default may be unset (NULL); the others must not be empty. */
 static int optional(const struct key *k)
 {
-    return k->type == K_SECRET || (strncmp(k->path, "feeds.", 6) == 0 && strstr(k->path, ".url"));
+    return k->type == K_SECRET || (strncmp(k->path, "feeds.", 6) == 0 && strstr(k->path, ".url")) ||
+           strncmp(k->path, "tls.", 4) == 0 || strcmp(k->path, "mparticle.ca_bundle") == 0;
 }
 
 static const char *const ENVIRONMENTS[] = {"production", "development", NULL};
 static const char *const SYNC_MODES[] = {"full", "normal", NULL};
 static const char *const LOG_LEVELS[] = {"debug", "info", "warn", "error", NULL};
 static const char *const LOG_FORMATS[] = {"logfmt", "json", NULL};
+static const char *const REQUIRE_MODES[] = {"either", "token", "signature", "both", NULL};
 
 #define OFF(field) offsetof(struct config, field)
 #define FEED_KEYS(name, i)                                                                    \
@@ -53,6 +55,9 @@ static const struct key KEYS[] = {
     {"rules_dir", K_STR, OFF(rules_dir), 0, 0, NULL},
     {"environment", K_ENUM, OFF(environment), 0, 0, ENVIRONMENTS},
     {"inbound.tokens", K_SECRET_LIST, OFF(inbound_tokens), 0, 0, NULL},
+    {"inbound.hmac_secrets", K_SECRET_LIST, OFF(inbound_hmac_secrets), 0, 0, NULL},
+    {"inbound.require", K_ENUM, OFF(inbound_require), 0, 0, REQUIRE_MODES},
+    {"inbound.replay_window_s", K_INT, OFF(inbound_replay_window_s), 1, 86400, NULL},
     {"inbound.max_body_bytes", K_INT, OFF(inbound_max_body_bytes), 1024, 1LL << 30, NULL},
     {"inbound.max_events", K_INT, OFF(inbound_max_events), 1, 1000000, NULL},
     {"mparticle.url", K_STR, OFF(mparticle_url), 0, 0, NULL},
@@ -73,6 +78,11 @@ static const struct key KEYS[] = {
     {"http.threads", K_INT, OFF(http_threads), 1, 256, NULL},
     {"http.max_connections", K_INT, OFF(http_max_connections), 1, 100000, NULL},
     {"http.timeout_s", K_INT, OFF(http_timeout_s), 1, 3600, NULL},
+    {"http.request_timeout_s", K_INT, OFF(http_request_timeout_s), 1, 3600, NULL},
+    {"http.max_connections_per_ip", K_INT, OFF(http_max_connections_per_ip), 0, 100000, NULL},
+    {"tls.cert", K_STR, OFF(tls_cert), 0, 0, NULL},
+    {"tls.key", K_STR, OFF(tls_key), 0, 0, NULL},
+    {"mparticle.ca_bundle", K_STR, OFF(mparticle_ca_bundle), 0, 0, NULL},
     {"rules.memory_mb", K_INT, OFF(rules_memory_mb), 1, 4096, NULL},
     {"rules.instructions", K_INT, OFF(rules_instructions), 1000, INT64_C(1) << 40, NULL},
     {"log.level", K_ENUM, OFF(log_level), 0, 0, LOG_LEVELS},
@@ -615,6 +625,10 @@ static int set_defaults(struct config *c)
     c->environment = strdup("production");
     c->inbound_max_body_bytes = 16 << 20;
     c->inbound_max_events = 10000;
+    c->inbound_require = strdup("either");
+    c->inbound_replay_window_s = 300;
+    c->http_request_timeout_s = 120;
+    c->http_max_connections_per_ip = 0;
     c->mparticle_url = strdup("https://s2s.mparticle.com");
     for (int f = 0; f < FEED_COUNT; f++)
         c->feeds[f].rate_limit = 270;
@@ -634,6 +648,7 @@ static int set_defaults(struct config *c)
     c->log_level = strdup("info");
     c->log_format = strdup("logfmt");
     if (!c->listen || !c->data_dir || !c->rules_dir || !c->environment || !c->mparticle_url ||
+        !c->inbound_require ||
         !c->queue_sync || !c->log_level || !c->log_format)
         return -1;
     return 0;
@@ -728,9 +743,19 @@ static void check(struct config *c, struct errs *e)
     int port;
     if (config_listen_addr(c, host, sizeof host, &port) != 0)
         errs_add(e, "listen: \"%s\" is not HOST:PORT", c->listen);
-    else if (!config_host_is_loopback(host) && c->inbound_tokens.n == 0)
+    else if (!config_host_is_loopback(host) && c->inbound_tokens.n == 0 &&
+             c->inbound_hmac_secrets.n == 0)
         errs_add(e, "listen: refusing to listen on non-loopback address %s without "
-                    "inbound.tokens (TRIBUTARY_INBOUND_TOKENS)", host);
+                    "inbound.tokens (TRIBUTARY_INBOUND_TOKENS) or inbound.hmac_secrets", host);
+    const char *req = c->inbound_require;
+    if ((strcmp(req, "token") == 0 || strcmp(req, "both") == 0) && c->inbound_tokens.n == 0)
+        errs_add(e, "inbound.require = \"%s\" needs inbound.tokens", req);
+    if ((strcmp(req, "signature") == 0 || strcmp(req, "both") == 0) &&
+        c->inbound_hmac_secrets.n == 0)
+        errs_add(e, "inbound.require = \"%s\" needs inbound.hmac_secrets", req);
+    if (!c->tls_cert != !c->tls_key)
+        errs_add(e, "tls: cert and key must be set together (only the %s is set)",
+                 c->tls_cert ? "cert" : "key");
     check_url("mparticle.url", c->mparticle_url, e);
     for (int f = 0; f < FEED_COUNT; f++) {
         struct feed_config *fc = &c->feeds[f];

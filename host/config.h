@@ -48,6 +48,9 @@ struct config {
     char *rules_dir;
     char *environment;
     struct string_list inbound_tokens;
+    struct string_list inbound_hmac_secrets;
+    char *inbound_require; /* token, signature, either, both */
+    int64_t inbound_replay_window_s;
     int64_t inbound_max_body_bytes;
     int64_t inbound_max_events;
     char *mparticle_url;
@@ -71,6 +74,11 @@ struct config {
     char *log_level;
     char *log_format;
     char *admin_token;
+    char *tls_cert; /* PEM file paths; both or neither */
+    char *tls_key;
+    char *mparticle_ca_bundle;
+    int64_t http_request_timeout_s;
+    int64_t http_max_connections_per_ip;
 };
 
 /* Loads `path`, or ./tributary.conf.lua when path is NULL and that file exists,

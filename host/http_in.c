@@ -15,8 +15,12 @@
 #include <sys/socket.h>
 #include <time.h>
 
-/* Headers and the read buffer of one connection. */
+/* Headers and the read buffer of one connection: larger headers get 431. */
 #define CONNECTION_MEMORY (64 * 1024)
+/* TLS 1.2 and 1.3 with forward-secret AEAD ciphers only (GnuTLS priorities). */
+#define TLS_PRIORITIES                                                                        \
+    "SECURE128:-VERS-ALL:+VERS-TLS1.3:+VERS-TLS1.2:-CIPHER-ALL:+AES-128-GCM:+AES-256-GCM:"    \
+    "+CHACHA20-POLY1305:-KX-ALL:+ECDHE-ECDSA:+ECDHE-RSA:%SERVER_PRECEDENCE"
 
 struct http_in {
     struct MHD_Daemon *d;
@@ -37,6 +41,7 @@ struct req {
     struct timespec start;
     buf body;
     char id[40];
+    char client[INET6_ADDRSTRLEN];
 };
 
 static _Atomic uint64_t request_seq;
@@ -80,6 +85,49 @@ static enum MHD_Result reply_json(struct MHD_Connection *c, struct req *r, int s
                                   const char *json, int retry_after)
 {
     return reply(c, r, status, "application/json", json, strlen(json), retry_after);
+}
+
+/* The client's address. Behind a reverse proxy on the same host (a loopback
+ * peer) it is the last X-Forwarded-For entry, the one the proxy itself added. */
+static void client_address(struct MHD_Connection *c, char *out, size_t len)
+{
+    out[0] = '\0';
+    const union MHD_ConnectionInfo *info =
+        MHD_get_connection_info(c, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
+    if (!info || !info->client_addr)
+        return;
+    const struct sockaddr *sa = info->client_addr;
+    if (sa->sa_family == AF_INET)
+        inet_ntop(AF_INET, &((const struct sockaddr_in *)sa)->sin_addr, out, (socklen_t)len);
+    else if (sa->sa_family == AF_INET6)
+        inet_ntop(AF_INET6, &((const struct sockaddr_in6 *)sa)->sin6_addr, out, (socklen_t)len);
+    if (!config_host_is_loopback(out))
+        return;
+    const char *xff = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "X-Forwarded-For");
+    if (!xff)
+        return;
+    const char *last = strrchr(xff, ',');
+    last = last ? last + 1 : xff;
+    while (*last == ' ' || *last == '\t')
+        last++;
+    char addr[INET6_ADDRSTRLEN];
+    size_t n = strcspn(last, " \t");
+    if (n == 0 || n >= sizeof addr)
+        return;
+    memcpy(addr, last, n);
+    addr[n] = '\0';
+    unsigned char bin[sizeof(struct in6_addr)];
+    if (inet_pton(AF_INET, addr, bin) == 1 || inet_pton(AF_INET6, addr, bin) == 1)
+        str_copy(out, len, addr);
+}
+
+static struct ingest_request headers_of(struct MHD_Connection *c, const struct req *r)
+{
+    struct ingest_request q = {0};
+    q.authorization = MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_AUTHORIZATION);
+    q.signature = MHD_lookup_connection_value(c, MHD_HEADER_KIND, AUTH_SIGNATURE_HEADER);
+    q.client = r->client;
+    return q;
 }
 
 static enum route route_of(const char *url)
@@ -158,9 +206,19 @@ static enum MHD_Result answer_admin_reload(struct MHD_Connection *c, struct req 
     reload_put(&s);
     if (!enabled)
         return reply_json(c, r, 404, "{\"error\":\"not found\"}", 0);
+    int64_t now = clock_wall_ms() / 1000, wait_s = 0;
+    if (auth_throttled(r->client, now, &wait_s)) {
+        metrics_add(M_AUTH_THROTTLED, 1);
+        return reply_json(c, r, 429, "{\"error\":\"too many authentication failures\"}",
+                          (int)(wait_s > 0 ? wait_s : 1));
+    }
     if (a != AUTH_OK) {
         metrics_add(M_AUTH_FAILURES, 1);
-        log_warn("admin request refused", LOG_S("reason", auth_result_text(a)));
+        log_warn("admin request refused", LOG_S("client", r->client)
+                     LOG_S("reason", auth_result_text(a)));
+        if (auth_failed(r->client, now))
+            log_warn("refusing a client for a while after repeated authentication failures",
+                     LOG_S("client", r->client) LOG_I("seconds", AUTH_THROTTLE_BLOCK_S));
         return reply_json(c, r, 401, "{\"error\":\"admin token required\"}", 0);
     }
     char err[4096];
@@ -206,6 +264,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
             snprintf(r->id, sizeof r->id, "%08x-%06llx", (unsigned)time(NULL),
                      (unsigned long long)(atomic_fetch_add(&request_seq, 1) & 0xffffff));
         r->route = route_of(url);
+        client_address(c, r->client, sizeof r->client);
         int post = r->route == R_CURRENTS || r->route == R_ADMIN_RELOAD;
         r->method_ok = post ? strcmp(method, MHD_HTTP_METHOD_POST) == 0
                             : (strcmp(method, MHD_HTTP_METHOD_GET) == 0 ||
@@ -221,15 +280,9 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         const char *cl = MHD_lookup_connection_value(c, MHD_HEADER_KIND,
                                                      MHD_HTTP_HEADER_CONTENT_LENGTH);
         int64_t len;
-        if (atomic_load(&h->in->draining)) {
+        struct ingest_request q = headers_of(c, r);
+        if (!ingest_precheck(h->in, &q, &resp)) {
             r->answered = 1;
-            rc = reply_json(c, r, 503, "{\"error\":\"shutting down\"}", 5);
-        } else if (!ingest_authorized(MHD_lookup_connection_value(c, MHD_HEADER_KIND,
-                                                                  MHD_HTTP_HEADER_AUTHORIZATION),
-                                      &resp)) {
-            r->answered = 1;
-            log_info("request refused", LOG_I("status", resp.status)
-                         LOG_S("reason", "authentication"));
             rc = answer_ingest(h, c, r, &resp);
         } else if (cl && parse_int64(cl, 0, INT64_MAX, &len) == 0 &&
                    (uint64_t)len > h->opt.max_body) {
@@ -245,6 +298,12 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
     }
 
     if (*upload_size) {
+        if (elapsed(&r->start) > h->opt.request_timeout_s) {
+            /* a body trickling in to hold the connection: close it */
+            log_info("request took too long; connection closed", LOG_S("client", r->client)
+                         LOG_I("limit_s", h->opt.request_timeout_s));
+            return MHD_NO;
+        }
         if (!r->answered && !r->too_large && buf_add(&r->body, upload, *upload_size) != 0) {
             r->too_large = 1;
             buf_free(&r->body);
@@ -274,12 +333,9 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         snprintf(msg, sizeof msg, "{\"error\":\"body larger than %zu bytes\"}", h->opt.max_body);
         rc = reply_json(c, r, 413, msg, 0);
     } else {
-        struct ingest_request req = {
-            .authorization =
-                MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_AUTHORIZATION),
-            .body = r->body.data ? r->body.data : "",
-            .len = r->body.len,
-        };
+        struct ingest_request req = headers_of(c, r);
+        req.body = r->body.data ? r->body.data : "";
+        req.len = r->body.len;
         struct ingest_response resp = {0};
         buf_init(&resp.body, 1 << 16);
         ingest_handle(h->in, &req, &resp);
@@ -343,14 +399,34 @@ int http_in_start(http_in **out, struct ingest *in, const struct http_in_options
     unsigned int flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL | MHD_USE_ERROR_LOG;
     if (ai->ai_family == AF_INET6)
         flags |= MHD_USE_IPv6;
-    h->d = MHD_start_daemon(
-        flags, (uint16_t)o->port, NULL, NULL, on_request, h, MHD_OPTION_SOCK_ADDR, ai->ai_addr,
-        MHD_OPTION_THREAD_POOL_SIZE, (unsigned int)o->threads, MHD_OPTION_CONNECTION_LIMIT,
-        (unsigned int)o->max_connections, MHD_OPTION_CONNECTION_TIMEOUT,
-        (unsigned int)o->timeout_s, MHD_OPTION_CONNECTION_MEMORY_LIMIT,
-        (size_t)CONNECTION_MEMORY, MHD_OPTION_NOTIFY_COMPLETED, on_completed, h,
-        MHD_OPTION_EXTERNAL_LOGGER, mhd_log, h, MHD_OPTION_LISTENING_ADDRESS_REUSE,
-        (unsigned int)1, MHD_OPTION_END);
+    if (o->tls_cert_pem) {
+        if (MHD_is_feature_supported(MHD_FEATURE_TLS) != MHD_YES) {
+            str_copy(err, errlen, "this libmicrohttpd has no TLS support");
+            freeaddrinfo(ai);
+            free(h);
+            return -1;
+        }
+        flags |= MHD_USE_TLS;
+    }
+    struct MHD_OptionItem opts[] = {
+        {MHD_OPTION_EXTERNAL_LOGGER, (intptr_t)mhd_log, h},
+        {MHD_OPTION_SOCK_ADDR, 0, ai->ai_addr},
+        {MHD_OPTION_THREAD_POOL_SIZE, o->threads, NULL},
+        {MHD_OPTION_CONNECTION_LIMIT, o->max_connections, NULL},
+        {MHD_OPTION_PER_IP_CONNECTION_LIMIT, o->max_connections_per_ip, NULL},
+        {MHD_OPTION_CONNECTION_TIMEOUT, o->timeout_s, NULL},
+        {MHD_OPTION_CONNECTION_MEMORY_LIMIT, CONNECTION_MEMORY, NULL},
+        {MHD_OPTION_NOTIFY_COMPLETED, (intptr_t)on_completed, h},
+        {MHD_OPTION_LISTENING_ADDRESS_REUSE, 1, NULL},
+        /* without TLS the list ends here */
+        {o->tls_cert_pem ? MHD_OPTION_HTTPS_MEM_CERT : MHD_OPTION_END, 0,
+         (void *)o->tls_cert_pem},
+        {MHD_OPTION_HTTPS_MEM_KEY, 0, (void *)o->tls_key_pem},
+        {MHD_OPTION_HTTPS_PRIORITIES, 0, (void *)TLS_PRIORITIES},
+        {MHD_OPTION_END, 0, NULL},
+    };
+    h->d = MHD_start_daemon(flags, (uint16_t)o->port, NULL, NULL, on_request, h,
+                            MHD_OPTION_ARRAY, opts, MHD_OPTION_END);
     freeaddrinfo(ai);
     if (!h->d) {
         str_printf(err, errlen, "cannot listen on %s:%d (address in use or not available)",

@@ -8,8 +8,9 @@
  *   POST /admin/reload   reload configuration and rules (admin token; 404 without one)
  *
  * Bounded: body size (413 as soon as Content-Length says so), header sizes,
- * connections, idle time per connection. The only module that includes
- * libmicrohttpd.
+ * connections (in all and per address), idle time per connection and the time a
+ * whole request may take. Optional TLS (TLS 1.2 and 1.3 only). The only module
+ * that includes libmicrohttpd.
  */
 #ifndef TRIBUTARY_HTTP_IN_H
 #define TRIBUTARY_HTTP_IN_H
@@ -25,8 +26,12 @@ struct http_in_options {
     int port;
     int threads;
     int max_connections;
-    int timeout_s;
+    int max_connections_per_ip; /* 0: no limit */
+    int timeout_s;              /* idle connection */
+    int request_timeout_s;      /* a whole request, however slowly it trickles */
     size_t max_body;
+    const char *tls_cert_pem;   /* NULL: plain HTTP */
+    const char *tls_key_pem;
 };
 
 /* What the server asks of the running service. */

@@ -70,17 +70,44 @@ static void respond_error(struct ingest_response *resp, int status, int retry_af
     (void)rc;
 }
 
-int ingest_authorized(const char *authorization, struct ingest_response *resp)
+/* Shutdown, throttling and authentication. have_body: the signature can be
+ * verified. 1: go on; 0: refused, resp filled. */
+static int admit(struct ingest *in, const struct ingest_request *req, int have_body,
+                 struct ingest_response *resp)
 {
+    if (atomic_load(&in->draining)) {
+        respond_error(resp, 503, RETRY_AFTER_DRAINING, "shutting down", -1, NULL);
+        return 0;
+    }
+    int64_t now = clock_wall_ms() / 1000, wait_s = 0;
+    if (auth_throttled(req->client, now, &wait_s)) {
+        metrics_add(M_AUTH_THROTTLED, 1);
+        respond_error(resp, 429, (int)(wait_s > 0 ? wait_s : 1),
+                      "too many authentication failures", -1, NULL);
+        return 0;
+    }
     struct snapshot s;
     reload_get(&s);
-    enum auth_result a = auth_check_bearer(s.cfg, authorization);
+    struct auth_request ar = {req->authorization, req->signature, req->body, req->len, have_body,
+                              now};
+    enum auth_result a = auth_check(s.cfg, &ar);
     reload_put(&s);
-    if (a == AUTH_OK)
+    if (a == AUTH_OK || (a == AUTH_PENDING && !have_body))
         return 1;
     metrics_add(M_AUTH_FAILURES, 1);
+    log_info("authentication failed", LOG_S("client", req->client) LOG_S("reason",
+                                                                        auth_result_text(a)));
+    if (auth_failed(req->client, now))
+        log_warn("refusing a client for a while after repeated authentication failures",
+                 LOG_S("client", req->client) LOG_I("seconds", AUTH_THROTTLE_BLOCK_S));
     respond_error(resp, 401, 0, auth_result_text(a), -1, NULL);
     return 0;
+}
+
+int ingest_precheck(struct ingest *in, const struct ingest_request *req,
+                    struct ingest_response *resp)
+{
+    return admit(in, req, 0, resp);
 }
 
 static void count_dropped(const struct mapping *m)
@@ -109,11 +136,7 @@ void ingest_handle(struct ingest *in, const struct ingest_request *req,
 {
     resp->status = 500;
     resp->retry_after_s = 0;
-    if (atomic_load(&in->draining)) {
-        respond_error(resp, 503, RETRY_AFTER_DRAINING, "shutting down", -1, NULL);
-        return;
-    }
-    if (!ingest_authorized(req->authorization, resp))
+    if (!admit(in, req, 1, resp))
         return;
 
     struct snapshot s;

@@ -27,7 +27,9 @@ struct ingest {
 };
 
 struct ingest_request {
-    const char *authorization; /* header value or NULL */
+    const char *authorization; /* Authorization header or NULL */
+    const char *signature;     /* Tributary-Signature header or NULL */
+    const char *client;        /* peer address, for throttling and logs */
     const char *body;
     size_t len;
 };
@@ -38,8 +40,11 @@ struct ingest_response {
     buf body;          /* JSON; caller frees with buf_free */
 };
 
-/* Outcome of the authentication step alone, for answering before the body. */
-int ingest_authorized(const char *authorization, struct ingest_response *resp);
+/* The checks that need no body (shutting down, throttled client, credentials
+ * that cannot succeed), so a refused request is answered before its body is
+ * read. 1: go on; 0: refused, resp filled. body and len of req are ignored. */
+int ingest_precheck(struct ingest *in, const struct ingest_request *req,
+                    struct ingest_response *resp);
 
 void ingest_handle(struct ingest *in, const struct ingest_request *req,
                    struct ingest_response *resp);

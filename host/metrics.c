@@ -61,6 +61,8 @@ static const char *const COUNTER_HELP[M_COUNTER_COUNT][3] = {
     {"tributary_rule_state_rebuilds_total", "counter",
      "Worker Lua states rebuilt after a rule hit a limit."},
     {"tributary_auth_failures_total", "counter", "Inbound requests refused for authentication."},
+    {"tributary_auth_throttled_total", "counter",
+     "Inbound requests refused (429) because their address failed authentication repeatedly."},
 };
 
 void metrics_add(enum counter c, uint64_t n)

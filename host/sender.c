@@ -565,6 +565,8 @@ static int start_request(struct sender *s, struct feed_state *f, struct pbatch *
     curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "http,https");
     curl_easy_setopt(e, CURLOPT_SSL_VERIFYPEER, 1L);
     curl_easy_setopt(e, CURLOPT_SSL_VERIFYHOST, 2L);
+    if (s->cfg->mparticle_ca_bundle)
+        curl_easy_setopt(e, CURLOPT_CAINFO, s->cfg->mparticle_ca_bundle);
     if (curl_multi_add_handle(s->multi, e) != CURLM_OK)
         goto fail;
     for (size_t i = 0; i < n; i++)

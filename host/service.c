@@ -14,6 +14,7 @@
 #include <poll.h>
 #include <signal.h>
 #include <sys/signalfd.h>
+#include <sys/stat.h>
 #include <unistd.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -87,6 +88,39 @@ static void log_feeds(const struct config *c, char *names, size_t len)
     }
     if (!used)
         str_copy(names, len, "none");
+}
+
+/* Reads a PEM file for the TLS listener. A private key readable by group or
+ * others is refused. */
+static int read_pem(const char *path, char **out, int secret)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        log_error("cannot open a TLS file", LOG_S("path", path) LOG_S("error", strerror(errno)));
+        return -1;
+    }
+    struct stat st;
+    if (secret && fstat(fileno(f), &st) == 0 && (st.st_mode & 077)) {
+        log_error("the TLS key must not be readable by group or others (chmod 600)",
+                  LOG_S("path", path));
+        fclose(f);
+        return -1;
+    }
+    buf b;
+    buf_init(&b, 1 << 20);
+    char chunk[4096];
+    size_t n;
+    int rc = 0;
+    while ((n = fread(chunk, 1, sizeof chunk, f)) > 0)
+        rc |= buf_add(&b, chunk, n);
+    fclose(f);
+    if (rc != 0 || b.len == 0) {
+        log_error("cannot read a TLS file", LOG_S("path", path));
+        buf_free(&b);
+        return -1;
+    }
+    *out = buf_take(&b);
+    return 0;
 }
 
 /* The main thread's loop: signals (taken through a signalfd; main() blocked them
@@ -183,6 +217,7 @@ int service_run(const char *config_path)
 
     struct service s = {0};
     int rc = 1;
+    char *cert = NULL, *key = NULL;
     struct queue_options qo = {
         .dir = cfg->data_dir,
         .sync_full = strcmp(cfg->queue_sync, "full") == 0,
@@ -209,13 +244,19 @@ int service_run(const char *config_path)
     if (cfg->inbound_tokens.n == 0)
         log_warn("no inbound.tokens configured: requests are accepted without authentication "
                  "(allowed on a loopback address only)");
+    if (cfg->tls_cert && (read_pem(cfg->tls_cert, &cert, 0) != 0 || read_pem(cfg->tls_key, &key, 1) != 0))
+        goto done;
     struct http_in_options ho = {
         .host = host,
         .port = port,
         .threads = (int)cfg->http_threads,
         .max_connections = (int)cfg->http_max_connections,
+        .max_connections_per_ip = (int)cfg->http_max_connections_per_ip,
         .timeout_s = (int)cfg->http_timeout_s,
+        .request_timeout_s = (int)cfg->http_request_timeout_s,
         .max_body = (size_t)cfg->inbound_max_body_bytes,
+        .tls_cert_pem = cert,
+        .tls_key_pem = key,
     };
     struct http_in_hooks hooks = {&s, hook_ready, hook_gauges};
     if (http_in_start(&s.http, &s.in, &ho, &hooks, err, sizeof err) != 0) {
@@ -231,7 +272,8 @@ int service_run(const char *config_path)
     for (int f = 0; f < FEED_COUNT; f++)
         depth += qg.depth[f];
     char listen[300];
-    snprintf(listen, sizeof listen, "%s:%d", host, http_in_port(s.http));
+    snprintf(listen, sizeof listen, "%s://%s:%d", cert ? "https" : "http", host,
+             http_in_port(s.http));
     log_info("tributary started", LOG_S("version", TRIBUTARY_VERSION) LOG_S("listen", listen)
                  LOG_S("rules_version", ruleset_version(rs)) LOG_I("rule_files",
                                                                    (long long)ruleset_files(rs))
@@ -251,6 +293,10 @@ done:
     http_in_stop(s.http);
     queue_free(s.q);
     reload_shutdown();
+    if (key)
+        explicit_bzero(key, strlen(key));
+    free(key);
+    free(cert);
     config_unref(cfg);
     if (rc == 0)
         log_info("stopped");
