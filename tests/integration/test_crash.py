@@ -51,6 +51,9 @@ class Crash(ServiceTest):
         # The restarted service knows the depth it found on disk.
         depth = sum(v for k, v in s.metrics().items() if k.startswith("tributary_queue_depth{"))
         self.assertEqual(depth, len(queued))
+        deadline = time.time() + 30
+        while "tributary started" not in s.logs() and time.time() < deadline:
+            time.sleep(0.05)
         self.assertRegex(s.logs(), r"queue_depth=%d" % len(queued))
         # and still recognises the acknowledged ids as duplicates
         again = s.post([{"event_type": "users.messages.email.Send", "id": acknowledged[0],
