@@ -85,6 +85,12 @@ valgrind: setup
 	@$(MAKE) --no-print-directory check-suite BUILD=build/valgrind BIN=build/valgrind/tributary \
 		CFLAGS="-O1 -g" TEST_WRAPPER="valgrind --quiet --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite --track-fds=no"
 
+# libFuzzer targets (clang): tests/fuzz/fuzz.mk builds them and runs each for
+# FUZZ_SECONDS (default 60); their corpora replay in the normal suite.
+fuzz: setup
+	@scripts/setup.sh clang libclang-rt-14-dev
+	@$(MAKE) --no-print-directory -f tests/fuzz/fuzz.mk run
+
 install: all
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/share/tributary/rules \
 		$(DESTDIR)$(PREFIX)/share/tributary $(DESTDIR)$(PREFIX)/lib/systemd/system

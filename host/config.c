@@ -481,17 +481,13 @@ static char *read_file(const char *path, size_t *len, struct errs *e)
     return buf_take(&b);
 }
 
-static void load_file(struct config *c, const char *path, struct errs *e)
+static void load_source(struct config *c, const char *path, const char *src, size_t len,
+                        struct errs *e)
 {
-    size_t len = 0;
-    char *src = read_file(path, &len, e);
-    if (!src)
-        return;
     struct loader ld = {c, e, path, src};
     sandbox *sb = sandbox_new(SANDBOX_GETENV);
     if (!sb) {
         errs_add(e, "out of memory");
-        free(src);
         return;
     }
     lua_State *L = sandbox_lua(sb);
@@ -523,6 +519,15 @@ static void load_file(struct config *c, const char *path, struct errs *e)
     walk(&ld, L, "");
 done:
     sandbox_free(sb);
+}
+
+static void load_file(struct config *c, const char *path, struct errs *e)
+{
+    size_t len = 0;
+    char *src = read_file(path, &len, e);
+    if (!src)
+        return;
+    load_source(c, path, src, len, e);
     free(src);
 }
 
@@ -784,7 +789,8 @@ static void check(struct config *c, struct errs *e)
 
 /* ---- public ------------------------------------------------------------- */
 
-int config_load(struct config **out, const char *path, char *err, size_t errlen)
+static int load(struct config **out, const char *path, const char *src, size_t len, int env,
+                char *err, size_t errlen)
 {
     *out = NULL;
     struct errs e = {0};
@@ -802,14 +808,18 @@ int config_load(struct config **out, const char *path, char *err, size_t errlen)
     }
     atomic_store(&c->refs, 1);
 
-    struct stat st;
-    if (!path && stat(CONFIG_DEFAULT_FILE, &st) == 0)
-        path = CONFIG_DEFAULT_FILE;
-    if (path) {
-        c->file = strdup(path);
-        load_file(c, path, &e);
+    if (src) {
+        load_source(c, path, src, len, &e);
+    } else {
+        struct stat st;
+        if (!path && stat(CONFIG_DEFAULT_FILE, &st) == 0)
+            path = CONFIG_DEFAULT_FILE;
+        if (path) {
+            c->file = strdup(path);
+            load_file(c, path, &e);
+        }
     }
-    if (e.count == 0)
+    if (e.count == 0 && env)
         load_env(c, &e, &warnings);
     if (e.count == 0)
         check(c, &e);
@@ -826,6 +836,17 @@ int config_load(struct config **out, const char *path, char *err, size_t errlen)
     buf_free(&warnings);
     *out = c;
     return 0;
+}
+
+int config_load(struct config **out, const char *path, char *err, size_t errlen)
+{
+    return load(out, path, NULL, 0, 1, err, errlen);
+}
+
+int config_load_source(struct config **out, const char *name, const char *src, size_t len,
+                       char *err, size_t errlen)
+{
+    return load(out, name, src, len, 0, err, errlen);
 }
 
 struct config *config_ref(struct config *c)

@@ -86,6 +86,11 @@ struct config {
  * writes one message per line into err. Caller releases with config_unref. */
 int config_load(struct config **out, const char *path, char *err, size_t errlen) WUR;
 
+/* The same from a configuration text in memory (name is used in messages),
+ * without the environment: for tests and fuzzing. */
+int config_load_source(struct config **out, const char *name, const char *src, size_t len,
+                       char *err, size_t errlen) WUR;
+
 struct config *config_ref(struct config *c);
 void config_unref(struct config *c);
 

@@ -512,7 +512,7 @@ START_TEST(test_non_loopback_listen_without_tokens_is_refused)
     char err[4096] = "";
     ck_assert_int_eq(config_load(&c, path, err, sizeof err), -1);
     ck_assert_str_eq(err, "listen: refusing to listen on non-loopback address 0.0.0.0 without "
-                          "inbound.tokens (TRIBUTARY_INBOUND_TOKENS)");
+                          "inbound.tokens (TRIBUTARY_INBOUND_TOKENS) or inbound.hmac_secrets");
 }
 END_TEST
 
