@@ -6,7 +6,7 @@
 #   scripts/setup.sh PKG...     additionally the named packages (e.g. valgrind)
 set -eu
 
-PACKAGES="gcc make pkg-config ca-certificates curl python3 python3-minimal
+PACKAGES="gcc make pkg-config ca-certificates curl openssl python3 python3-minimal
 liblua5.4-dev lua-cjson-dev libcurl4-openssl-dev libmicrohttpd-dev
 libsqlite3-dev libssl-dev check $*"
 

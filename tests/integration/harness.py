@@ -35,6 +35,31 @@ TOOL_ERRORS = ("ERROR: AddressSanitizer", "ERROR: LeakSanitizer", "runtime error
                "== Syscall param")
 
 
+# Everything the service said during this test run (logs, response bodies, CLI
+# output, metrics) and every secret configured, for test_zz_secrets.
+ARTIFACTS = []
+SECRETS = set()
+_SECRET_ENV = ("TOKEN", "SECRET", "_KEY", "HMAC")
+
+
+def register_secret(value):
+    """Declares a secret a test configured some other way than the environment."""
+    if value and len(value) >= 6:
+        SECRETS.add(value)
+
+
+def register_env_secrets(env):
+    for k, v in (env or {}).items():
+        if k.startswith("TRIBUTARY_") and any(m in k for m in _SECRET_ENV):
+            for part in str(v).split(","):
+                register_secret(part.strip())
+
+
+def collect(label, text):
+    if text:
+        ARTIFACTS.append((label, text if isinstance(text, str) else text.decode(errors="replace")))
+
+
 def tool_errors(text):
     """The lines of text in which a sanitizer or valgrind reports an error."""
     return [line for line in text.splitlines() if any(m in line for m in TOOL_ERRORS)]
@@ -65,6 +90,9 @@ def run_cli(args, env=None, stdin=None, cwd=None, timeout=60):
         cwd=cwd or ROOT,
         timeout=timeout * SLOW,
     )
+    register_env_secrets(env)
+    collect("cli %s stdout" % args[:2], p.stdout)
+    collect("cli %s stderr" % args[:2], p.stderr)
     errors = tool_errors(p.stderr)
     if errors or p.returncode == 99:
         raise AssertionError("%s reported errors:\n%s" % (args, p.stderr))
@@ -91,7 +119,10 @@ def request(port, method, path, body=None, headers=None, timeout=30):
             body = body.encode()
         conn.request(method, path, body=body, headers=headers or {})
         r = conn.getresponse()
-        return Response(r.status, {k.lower(): v for k, v in r.getheaders()}, r.read().decode())
+        resp = Response(r.status, {k.lower(): v for k, v in r.getheaders()}, r.read().decode())
+        collect("%s %s -> %d" % (method, path, resp.status), resp.body)
+        collect("%s %s headers" % (method, path), json.dumps(resp.headers))
+        return resp
     finally:
         conn.close()
 
@@ -113,6 +144,7 @@ class Service:
         if tokens:
             self.env["TRIBUTARY_INBOUND_TOKENS"] = ",".join(tokens)
         self.env.update(env or {})
+        register_env_secrets(self.env)
         self.config = None
         if config is not None:
             self.config = os.path.join(self.dir, "tributary.conf.lua")
@@ -172,7 +204,13 @@ class Service:
         """Stops the service; fails when it did not exit cleanly or a sanitizer or
         valgrind reported an error at any point of its life."""
         try:
+            if self.proc and self.proc.poll() is None:
+                try:
+                    collect("metrics at cleanup", self.get("/metrics").body)
+                except OSError:
+                    pass
             code = self.stop()
+            collect("service log", self.logs())
             errors = tool_errors(self.logs())
             if errors:
                 raise AssertionError("tool errors in the service log:\n" + "\n".join(errors[:20]))
