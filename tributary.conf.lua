@@ -14,9 +14,16 @@ return {
   inbound = {
     -- Bearer tokens Braze may present (several during a rotation), e.g.
     -- tokens = { os.getenv("BRAZE_CURRENTS_TOKEN") },
+    -- Secrets for signed requests (Tributary-Signature), e.g.
+    -- hmac_secrets = { os.getenv("TRIBUTARY_HMAC_SECRET") },
+    require = "either",       -- token or signature; or "token", "signature", "both"
+    replay_window_s = 300,
     max_body_bytes = 16 * 1024 * 1024,
     max_events = 10000,       -- events in one request; beyond: 413, Braze splits
   },
+
+  -- admin = { token = os.getenv("TRIBUTARY_ADMIN_TOKEN") },  -- enables POST /admin/reload
+  -- tls = { cert = "/etc/tributary/tls/fullchain.pem", key = "/etc/tributary/tls/privkey.pem" },
 
   mparticle = {
     url = "https://s2s.mparticle.com", -- or https://s2s.us2|eu1|au1.mparticle.com
@@ -51,7 +58,11 @@ return {
     max_depth = 5000000,      -- events; beyond it Braze gets 503 and retries later
   },
   dedup = { window_s = 3600 },
-  http = { threads = 8, max_connections = 1024, timeout_s = 30 },
+  http = {
+    threads = 8, max_connections = 1024, max_connections_per_ip = 0,
+    timeout_s = 30,           -- idle connections
+    request_timeout_s = 120,  -- a whole request, however slowly it arrives
+  },
   rules = { memory_mb = 64, instructions = 1000000 }, -- limits per event
   log = { level = "info", format = "logfmt" },        -- or format = "json"
 }
