@@ -341,10 +341,14 @@ int metrics_render(buf *b, const struct metrics_gauges *g)
             rc |= buf_printf(b, "tributary_queue_oldest_age_seconds{feed=\"%s\"} %.3f\n",
                              FEED_NAMES[f], g->oldest_age_s[f]);
         rc |= header(b, "tributary_feed_paused", "gauge",
-                     "1 when a feed is paused (no credentials, or mParticle refused them).");
-        for (int f = 0; f < FEED_COUNT; f++)
-            rc |= buf_printf(b, "tributary_feed_paused{feed=\"%s\"} %d\n", FEED_NAMES[f],
-                             g->paused[f]);
+                     "1 when a feed is paused, by reason: no_credentials (none configured) or "
+                     "refused (mParticle answered 401/403).");
+        for (int f = 0; f < FEED_COUNT; f++) {
+            rc |= buf_printf(b, "tributary_feed_paused{feed=\"%s\",reason=\"no_credentials\"} %d\n",
+                             FEED_NAMES[f], g->paused[f] == 1);
+            rc |= buf_printf(b, "tributary_feed_paused{feed=\"%s\",reason=\"refused\"} %d\n",
+                             FEED_NAMES[f], g->paused[f] == 2);
+        }
         rc |= header(b, "tributary_dead_letters", "gauge", "Events in the dead-letter store.");
         rc |= buf_printf(b, "tributary_dead_letters %lld\n", (long long)g->dead_letters);
         rc |= header(b, "tributary_ready", "gauge", "1 when the service is ready.");

@@ -64,7 +64,7 @@ uint64_t metrics_get_dead(const char *reason);
 struct metrics_gauges {
     int64_t queue_depth[FEED_COUNT];
     double oldest_age_s[FEED_COUNT];
-    int paused[FEED_COUNT];
+    int paused[FEED_COUNT]; /* 0 sending, 1 no credentials, 2 refused by mParticle */
     int64_t dead_letters;
     int ready;
     const char *rules_version;

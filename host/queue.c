@@ -790,8 +790,12 @@ static void run_group(queue *q, struct op *ops)
     if (group != QUEUE_OK && !sqlite3_get_autocommit(q->db))
         (void)exec(q->db, "ROLLBACK", err, sizeof err);
 
+    /* healthy: the last group committed and none of its operations met a storage error */
+    int healthy = group == QUEUE_OK;
+    for (struct op *op = ops; op && healthy; op = op->next)
+        healthy = op->status != QUEUE_ERROR;
     pthread_mutex_lock(&q->mu);
-    q->healthy = group == QUEUE_OK;
+    q->healthy = healthy;
     for (struct op *op = ops; op; op = op->next) {
         if (group != QUEUE_OK) {
             op->status = group;

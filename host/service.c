@@ -51,6 +51,18 @@ static int hook_ready(void *ctx, buf *reasons)
         ready = 0;
         (void)!buf_adds(reasons, "\"storage failing\"");
     }
+    /* Nothing can leave: better that Braze keeps its events than that they pile up here. */
+    enum feed_pause paused[FEED_COUNT];
+    sender_paused(s->sender, paused);
+    int all = 1;
+    for (int f = 0; f < FEED_COUNT; f++)
+        all &= paused[f] != PAUSE_NONE;
+    if (all) {
+        if (!ready)
+            (void)!buf_addc(reasons, ',');
+        ready = 0;
+        (void)!buf_adds(reasons, "\"every feed is paused (no credentials, or refused by mParticle)\"");
+    }
     return ready;
 }
 
@@ -68,7 +80,7 @@ static void hook_gauges(void *ctx, struct metrics_gauges *g)
     enum feed_pause paused[FEED_COUNT];
     sender_paused(s->sender, paused);
     for (int f = 0; f < FEED_COUNT; f++)
-        g->paused[f] = paused[f] != PAUSE_NONE;
+        g->paused[f] = paused[f] == PAUSE_NO_CREDENTIALS ? 1 : paused[f] == PAUSE_AUTH ? 2 : 0;
     buf ignored;
     buf_init(&ignored, 1024);
     g->ready = hook_ready(ctx, &ignored);

@@ -106,8 +106,8 @@ class Delivery(ServiceTest):
         self.assertTrue(d.wait_for_events(10, 10 * SLOW))
         time.sleep(1)
         self.assertEqual({f for f, _, _ in d.events()}, {"android"})
-        self.wait(lambda: s.metrics()['tributary_feed_paused{feed="ios"}'] == 1, what="ios paused")
-        self.assertEqual(s.metrics()['tributary_feed_paused{feed="android"}'], 0)
+        self.wait(lambda: s.metrics()['tributary_feed_paused{feed="ios",reason="refused"}'] == 1, what="ios paused")
+        self.assertEqual(s.metrics()['tributary_feed_paused{feed="android",reason="refused"}'], 0)
         self.assertIn("ALERT", s.logs())
         self.assertNotIn("ios-secret", s.logs())
         stats = json.loads(s.cli(["queue", "stats", "--json"]).stdout)
@@ -119,7 +119,7 @@ class Delivery(ServiceTest):
         self.assertTrue(d.wait_for_events(20, 20 * SLOW))
         ids = d.source_message_ids()
         self.assertEqual(sorted(ids), sorted(e["id"] for e in ios + android))
-        self.wait(lambda: s.metrics()['tributary_feed_paused{feed="ios"}'] == 0, what="resume")
+        self.wait(lambda: s.metrics()['tributary_feed_paused{feed="ios",reason="refused"}'] == 0, what="resume")
 
     def test_rotated_credentials_resume_a_paused_feed_on_reload(self):
         d = self.double()
@@ -131,7 +131,7 @@ class Delivery(ServiceTest):
         web = [event("users.messages.inappmessage.Click", platform="web", user="w%d" % i)
                for i in range(5)]
         s.post(web)
-        self.wait(lambda: s.metrics()['tributary_feed_paused{feed="web"}'] == 1, what="web paused")
+        self.wait(lambda: s.metrics()['tributary_feed_paused{feed="web",reason="refused"}'] == 1, what="web paused")
         self.assertEqual(d.event_count(), 0)
         with open(s.config, "w") as f:
             f.write(d_conf % FEEDS["web"][1])

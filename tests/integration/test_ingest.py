@@ -3,6 +3,7 @@
 import http.client
 import json
 import threading
+import time
 
 from harness import TOKEN, Service, ServiceTest, event, request
 
@@ -272,15 +273,31 @@ class OwnTrouble(ServiceTest):
         r = s.post([event()])
         self.assertEqual(r.status, 503, r)
         self.assertIn("retry-after", r.headers)
+        ready = s.get("/readyz")
+        self.assertEqual(ready.status, 503)
+        self.assertIn("storage failing", ready.body)
 
 
 class Probes(ServiceTest):
     def test_healthz_and_readyz(self):
-        s = self.service()
+        s = self.service(env={"TRIBUTARY_FEEDS_UNBOUND_KEY": "k", "TRIBUTARY_FEEDS_UNBOUND_SECRET": "s",
+                              "TRIBUTARY_MPARTICLE_URL": "http://127.0.0.1:9"})
         self.assertEqual(s.get("/healthz").status, 200)
         r = s.get("/readyz")
         self.assertEqual(r.status, 200)
         self.assertTrue(r.json()["ready"])
+
+    def test_readyz_is_503_while_every_feed_is_paused_and_healthz_stays_200(self):
+        s = self.service()
+        deadline = time.time() + 5
+        while s.get("/readyz").status != 503 and time.time() < deadline:
+            time.sleep(0.05)
+        r = s.get("/readyz")
+        self.assertEqual(r.status, 503)
+        self.assertIn("every feed is paused", r.body)
+        self.assertEqual(s.get("/healthz").status, 200)
+        # still accepting and holding events
+        self.assertEqual(s.post([event()]).status, 200)
 
     def test_unknown_path_is_404_and_wrong_method_405(self):
         s = self.service()
