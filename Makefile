@@ -91,12 +91,19 @@ fuzz: setup
 	@scripts/setup.sh clang libclang-rt-14-dev
 	@$(MAKE) --no-print-directory -f tests/fuzz/fuzz.mk run
 
+# Installs the binary, the default rules (and examples), the example
+# configuration and the systemd unit. See docs/operations.md for the rest.
 install: all
-	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/share/tributary/rules \
-		$(DESTDIR)$(PREFIX)/share/tributary $(DESTDIR)$(PREFIX)/lib/systemd/system
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/share/tributary/rules/examples \
+		$(DESTDIR)$(PREFIX)/lib/systemd/system
 	install -m 0755 $(BIN) $(DESTDIR)$(PREFIX)/bin/tributary
 	install -m 0644 rules/*.lua $(DESTDIR)$(PREFIX)/share/tributary/rules/
+	install -m 0644 rules/examples/*.lua $(DESTDIR)$(PREFIX)/share/tributary/rules/examples/
 	install -m 0644 tributary.conf.lua $(DESTDIR)$(PREFIX)/share/tributary/tributary.conf.lua.example
+	install -m 0644 docs/prometheus-alerts.yml $(DESTDIR)$(PREFIX)/share/tributary/
+	sed 's|@BINDIR@|$(PREFIX)/bin|g' scripts/tributary.service \
+		> $(DESTDIR)$(PREFIX)/lib/systemd/system/tributary.service
+	chmod 0644 $(DESTDIR)$(PREFIX)/lib/systemd/system/tributary.service
 
 fmt:
 	clang-format -i host/*.c host/*.h tests/unit/*.c tests/unit/*.h

@@ -73,7 +73,8 @@ static enum MHD_Result reply(struct MHD_Connection *c, struct req *r, int status
                                                                                      : "GET");
     enum MHD_Result rc = MHD_queue_response(c, (unsigned int)status, resp);
     MHD_destroy_response(resp);
-    metrics_inbound(status, elapsed(&r->start));
+    if (r->route == R_CURRENTS)
+        metrics_inbound(status, elapsed(&r->start));
     if (status >= 500)
         log_warn("answered", LOG_I("status", status));
     else

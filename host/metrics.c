@@ -265,7 +265,8 @@ int metrics_render(buf *b, const struct metrics_gauges *g)
     for (int r = 0; r < MD_COUNT; r++)
         rc |= buf_printf(b, "tributary_dead_letters_total{reason=\"%s\"} %llu\n", DEAD_NAMES[r],
                          (unsigned long long)atomic_load(&M.dead[r]));
-    rc |= header(b, "tributary_http_requests_total", "counter", "Inbound requests by status.");
+    rc |= header(b, "tributary_http_requests_total", "counter",
+                 "Inbound Currents requests (POST /currents) by status.");
     for (size_t i = 0; i < NINBOUND; i++) {
         char code[16];
         code_label(INBOUND_CODES, ARRAY_LEN(INBOUND_CODES), i, code, sizeof code);
@@ -273,7 +274,7 @@ int metrics_render(buf *b, const struct metrics_gauges *g)
                          (unsigned long long)atomic_load(&M.inbound[i]));
     }
     rc |= render_histogram(b, "tributary_http_request_duration_seconds",
-                           "Time from a complete inbound request to its answer.", &M.inbound_time);
+                           "Time from a Currents request's arrival to its answer.", &M.inbound_time);
     rc |= render_histogram(b, "tributary_rules_duration_seconds",
                            "Time spent in the rules per inbound request.", &M.rules_time);
 

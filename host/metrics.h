@@ -38,7 +38,7 @@ enum dead_reason_index {
 void metrics_add(enum counter c, uint64_t n);
 void metrics_add_dropped(enum drop_reason r, uint64_t n);
 void metrics_add_dead(const char *reason, uint64_t n); /* reason: one of DEAD_* */
-/* Inbound requests by status code, and their latency. */
+/* Inbound Currents requests by status code, and their latency. */
 void metrics_inbound(int status, double seconds);
 /* Time spent in the rules for one request. */
 void metrics_rules_time(double seconds);

@@ -1,0 +1,174 @@
+"""Operating tributary: metrics against a scenario, logs, install, alert rules."""
+
+import json
+import os
+import re
+import subprocess
+import time
+
+from harness import BIN, ROOT, SLOW, ServiceTest, event
+from mparticle_double import MParticleDouble
+
+FEEDS = {"unbound": ("u-key", "u-secret"), "ios": ("i-key", "i-secret")}
+
+
+class Metrics(ServiceTest):
+    def test_metrics_count_what_a_scenario_did(self):
+        d = MParticleDouble(feeds=FEEDS).start()
+        self.addCleanup(d.stop)
+        d.fail(500, times=1)
+        d.poison("POISONED")
+        rules = self.rules_dir({"20-fail.lua": (
+            "return function(e, out)\n"
+            "  if e.properties.boom then error('boom') end\n"
+            "  if e.properties.drop_me then return false, 'not wanted' end\n"
+            "end\n")})
+        s = self.service(rules_dir=rules, env={
+            "TRIBUTARY_MPARTICLE_URL": d.url, "TRIBUTARY_BATCH_LINGER_MS": "50",
+            "TRIBUTARY_RETRY_BASE_MS": "20", "TRIBUTARY_RETRY_MAX_MS": "50",
+            "TRIBUTARY_FEEDS_UNBOUND_KEY": "u-key", "TRIBUTARY_FEEDS_UNBOUND_SECRET": "u-secret",
+            "TRIBUTARY_FEEDS_IOS_KEY": "i-key", "TRIBUTARY_FEEDS_IOS_SECRET": "i-secret"})
+        forwarded = [event("users.messages.email.Send", user="m%d" % i) for i in range(6)]
+        ios = [event("users.messages.pushnotification.Send", platform="ios", user="p%d" % i)
+               for i in range(4)]
+        poisoned = event("users.messages.email.Send", user="poison-user", note="POISONED")
+        filtered = [event("users.behaviors.CustomEvent") for _ in range(3)]
+        dropped = [event("users.messages.email.Send", drop_me=True) for _ in range(2)]
+        skipped = [event("users.messages.email.Send", user=None) for _ in range(5)]
+        boom = [event("users.messages.email.Send", boom=True)]
+        first = forwarded + ios + [poisoned] + filtered + dropped + skipped + boom
+        self.assertEqual(s.post(first).status, 200)
+        self.assertEqual(s.post(forwarded[:2]).status, 200)  # duplicates
+        self.assertEqual(s.post(body="{", token="x").status, 401)
+        self.assertEqual(s.post(body="{").status, 400)
+        self.assertTrue(d.wait_for_events(10, 20 * SLOW))
+        deadline = time.time() + 20 * SLOW
+        while time.time() < deadline:
+            m = s.metrics()
+            if (m['tributary_dead_letters_total{reason="rejected"}'] == 1
+                    and sum(m['tributary_queue_depth{feed="%s"}' % f]
+                            for f in ("ios", "android", "web", "unbound")) == 0):
+                break
+            time.sleep(0.1)
+        m = s.metrics()
+        self.assertEqual(m["tributary_events_received_total"], len(first) + 2)
+        self.assertEqual(m["tributary_events_queued_total"], 11)
+        self.assertEqual(m["tributary_events_duplicate_total"], 2)
+        self.assertEqual(m['tributary_events_filtered_total{reason="unsupported_type"}'], 3)
+        self.assertEqual(m['tributary_events_filtered_total{reason="rule_drop"}'], 2)
+        self.assertEqual(m['tributary_events_filtered_total{reason="not_selected"}'], 0)
+        self.assertEqual(m['tributary_events_skipped_total{reason="no_external_id"}'], 5)
+        self.assertEqual(m['tributary_dead_letters_total{reason="rule_error"}'], 1)
+        self.assertEqual(m['tributary_dead_letters_total{reason="rejected"}'], 1)
+        self.assertEqual(m["tributary_dead_letters"], 2)
+        self.assertEqual(m['tributary_events_delivered_total{feed="unbound"}'], 6)
+        self.assertEqual(m['tributary_events_delivered_total{feed="ios"}'], 4)
+        self.assertGreaterEqual(m['tributary_mparticle_requests_total{feed="unbound",code="500"}']
+                                + m['tributary_mparticle_requests_total{feed="ios",code="500"}'], 1)
+        self.assertGreaterEqual(m['tributary_mparticle_requests_total{feed="unbound",code="400"}'], 1)
+        self.assertEqual(sum(v for k, v in m.items()
+                             if k.startswith("tributary_mparticle_requests_total")),
+                         len(d.requests))
+        self.assertGreaterEqual(sum(v for k, v in m.items()
+                                    if k.startswith("tributary_mparticle_retries_total")), 1)
+        self.assertEqual(m['tributary_http_requests_total{code="200"}'], 2)
+        self.assertEqual(m['tributary_http_requests_total{code="400"}'], 1)
+        self.assertEqual(m['tributary_http_requests_total{code="401"}'], 1)
+        self.assertEqual(m["tributary_auth_failures_total"], 1)
+        self.assertEqual(m["tributary_http_request_duration_seconds_count"], 4)
+        self.assertEqual(m["tributary_rules_duration_seconds_count"], 3)
+        self.assertEqual(m['tributary_queue_depth{feed="unbound"}'], 0)
+        self.assertEqual(m['tributary_feed_paused{feed="unbound",reason="refused"}'], 0)
+        self.assertEqual(m['tributary_feed_paused{feed="web",reason="no_credentials"}'], 1)
+        self.assertEqual(m["tributary_ready"], 1)
+        version = s.post([]).json()["rules_version"]
+        self.assertEqual(m['tributary_events_mapped_total{rules_version="%s"}' % version],
+                         len(first) + 2)
+        self.assertTrue(any(k.startswith("tributary_build_info{") for k in m))
+
+    def test_metric_names_follow_prometheus_conventions(self):
+        s = self.service()
+        text = s.get("/metrics").body
+        types = dict(re.findall(r"^# TYPE (\S+) (\S+)$", text, re.M))
+        self.assertGreater(len(types), 15)
+        for name, kind in types.items():
+            self.assertTrue(name.startswith("tributary_"), name)
+            if kind == "counter":
+                self.assertTrue(name.endswith("_total"), name)
+            if kind == "histogram":
+                self.assertTrue(name.endswith("_seconds"), name)
+        self.assertIn("# HELP tributary_queue_depth", text)
+
+    def test_alert_rules_use_only_exported_metrics(self):
+        s = self.service()
+        exported = set(re.findall(r"^# TYPE (\S+) ", s.get("/metrics").body, re.M))
+        with open(os.path.join(ROOT, "docs", "prometheus-alerts.yml")) as f:
+            rules = f.read()
+        used = set(re.findall(r"\b(tributary_[a-z_]+)", rules))
+        self.assertGreaterEqual(len(used), 6)
+        self.assertEqual(used - exported, set())
+        for alert in re.findall(r"alert: (\w+)", rules):
+            with open(os.path.join(ROOT, "docs", "operations.md")) as f:
+                self.assertIn("### " + alert, f.read())
+
+
+class Logs(ServiceTest):
+    def test_json_logs_are_one_object_per_line_with_level_and_request_id(self):
+        s = self.service(env={"TRIBUTARY_LOG_FORMAT": "json", "TRIBUTARY_LOG_LEVEL": "debug"})
+        s.post([event()])
+        s.post([event()], token="wrong")
+        lines = [l for l in s.logs().splitlines() if l.strip()]
+        self.assertGreater(len(lines), 3)
+        records = [json.loads(l) for l in lines]
+        for r in records:
+            self.assertIn(r["level"], ("debug", "info", "warn", "error"))
+            self.assertRegex(r["ts"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+            self.assertTrue(r["msg"])
+        self.assertTrue(any("request_id" in r for r in records))
+
+    def test_info_level_is_quiet_under_normal_load(self):
+        s = self.service(env={"TRIBUTARY_LOG_LEVEL": "info"})
+        time.sleep(0.2)
+        before = len(s.logs().splitlines())
+        for _ in range(50):
+            self.assertEqual(s.post([event() for _ in range(20)]).status, 200)
+        self.assertEqual(len(s.logs().splitlines()), before)
+
+    def test_startup_line_names_version_listen_rules_feeds_and_depth(self):
+        s = self.service(env={"TRIBUTARY_FEEDS_WEB_KEY": "web-k", "TRIBUTARY_FEEDS_WEB_SECRET": "web-s",
+                              "TRIBUTARY_MPARTICLE_URL": "http://127.0.0.1:9"})
+        deadline = time.time() + 10 * SLOW
+        while "tributary started" not in s.logs() and time.time() < deadline:
+            time.sleep(0.05)
+        line = [l for l in s.logs().splitlines() if "tributary started" in l][0]
+        self.assertRegex(line, r'version="\d+\.\d+\.\d+')
+        self.assertIn("listen=http://127.0.0.1:%d" % s.port, line)
+        self.assertRegex(line, r"rules_version=[0-9a-f]{12}")
+        self.assertIn("feeds=web", line)
+        self.assertIn("queue_depth=0", line)
+        self.assertNotIn("web-k", line)
+
+
+class Install(ServiceTest):
+    def test_make_install_places_binary_rules_config_and_unit(self):
+        if os.path.abspath(BIN) != os.path.join(ROOT, "host", "tributary"):
+            self.skipTest("installs the release build only")
+        prefix = self.tmpdir()
+        p = subprocess.run(["make", "-s", "install", "PREFIX=" + prefix], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        for path in ("bin/tributary", "share/tributary/rules/10-mparticle.lua",
+                     "share/tributary/rules/examples/50-route-feed.lua",
+                     "share/tributary/tributary.conf.lua.example",
+                     "share/tributary/prometheus-alerts.yml",
+                     "lib/systemd/system/tributary.service"):
+            self.assertTrue(os.path.exists(os.path.join(prefix, path)), path)
+        with open(os.path.join(prefix, "lib/systemd/system/tributary.service")) as f:
+            unit = f.read()
+        self.assertIn("ExecStart=%s/bin/tributary serve" % prefix, unit)
+        for option in ("ExecReload=/bin/kill -HUP $MAINPID", "NoNewPrivileges=yes",
+                       "ProtectSystem=strict", "DynamicUser=yes", "StateDirectory=tributary"):
+            self.assertIn(option, unit)
+        v = subprocess.run([os.path.join(prefix, "bin/tributary"), "--version"],
+                           capture_output=True, text=True)
+        self.assertEqual(v.returncode, 0)
