@@ -16,9 +16,10 @@
  * three times the insert rate of 4 KiB pages with synchronous=FULL. */
 #define PAGE_SIZE 16384
 #define BUSY_TIMEOUT_MS 10000
-/* Dedup ids are pruned in slices so no transaction grows large. */
-#define PRUNE_SLICE 50000
-#define PRUNE_EVERY_MS 10000
+/* Dedup ids are pruned in slices so no transaction grows large, often enough
+ * to keep up with any ingest rate (up to 200,000 ids a second). */
+#define PRUNE_SLICE 200000
+#define PRUNE_EVERY_MS 1000
 #define GAUGES_EVERY_MS 1000
 /* Expiry moves at most this many records per transaction. */
 #define EXPIRE_SLICE 10000
@@ -84,6 +85,7 @@ enum stmt_id {
     S_OLDEST,
     S_FEED_STATE_SET,
     S_FEED_STATE_CLEAR,
+    S_DELETE_DEAD,
     S_COUNT
 };
 
@@ -111,6 +113,7 @@ static const char *const STMTS[S_COUNT] = {
                          "since_ms = CASE WHEN feed_state.reason = excluded.reason "
                          "THEN feed_state.since_ms ELSE excluded.since_ms END",
     [S_FEED_STATE_CLEAR] = "DELETE FROM feed_state WHERE feed = ?1",
+    [S_DELETE_DEAD] = "DELETE FROM dead WHERE id = ?1",
 };
 
 enum op_kind {
@@ -379,12 +382,11 @@ static enum queue_status apply_commit(queue *q, struct op *op, int64_t now, int6
         d->stored = 1;
     }
     for (size_t i = 0; i < op->u.commit.ndead_ids; i++) {
-        char sql[96];
-        snprintf(sql, sizeof sql, "DELETE FROM dead WHERE id = %lld",
-                 (long long)op->u.commit.dead_ids[i]);
-        char err[ERR_LEN];
-        if (exec(q->db, sql, err, sizeof err) != 0)
-            return QUEUE_ERROR;
+        sqlite3_stmt *s = q->st[S_DELETE_DEAD];
+        sqlite3_bind_int64(s, 1, op->u.commit.dead_ids[i]);
+        int rc = step_done(s);
+        if (rc != SQLITE_OK)
+            return status_of(rc);
         op->dead_delta -= sqlite3_changes(q->db);
     }
     return QUEUE_OK;
@@ -598,13 +600,9 @@ static enum queue_status apply_feed_state(queue *q, struct op *op, int64_t now)
     return rc == SQLITE_OK ? QUEUE_OK : status_of(rc);
 }
 
-/* Builds the WHERE clause of a dead-letter filter; parameters ?1..?3. */
-static void dead_where(const struct dead_filter *f, char *out, size_t outlen)
-{
-    str_printf(out, outlen, "WHERE (?1 = 0 OR id = ?1) AND (?2 IS NULL OR reason = ?2) "
-                            "AND (?3 = 0 OR at_ms < ?3)");
-    (void)f;
-}
+/* The WHERE clause of a dead-letter filter, bound by dead_bind. */
+#define DEAD_WHERE                                                                            \
+    "WHERE (?1 = 0 OR id = ?1) AND (?2 IS NULL OR reason = ?2) AND (?3 = 0 OR at_ms < ?3)"
 
 static void dead_bind(sqlite3_stmt *s, const struct dead_filter *f)
 {
@@ -618,11 +616,8 @@ static void dead_bind(sqlite3_stmt *s, const struct dead_filter *f)
 
 static enum queue_status apply_purge(queue *q, struct op *op)
 {
-    char where[256], sql[400];
-    dead_where(op->u.purge.f, where, sizeof where);
-    str_printf(sql, sizeof sql, "DELETE FROM dead %s", where);
     sqlite3_stmt *s;
-    if (sqlite3_prepare_v2(q->db, sql, -1, &s, NULL) != SQLITE_OK)
+    if (sqlite3_prepare_v2(q->db, "DELETE FROM dead " DEAD_WHERE, -1, &s, NULL) != SQLITE_OK)
         return QUEUE_ERROR;
     dead_bind(s, op->u.purge.f);
     int rc = sqlite3_step(s);
@@ -842,7 +837,7 @@ static void *writer_main(void *arg)
             q->last_gauges_ms = now;
             refresh_oldest(q);
         }
-        if (!ops && now - q->last_prune_ms >= PRUNE_EVERY_MS) {
+        if (now - q->last_prune_ms >= PRUNE_EVERY_MS) {
             q->last_prune_ms = now;
             char err[ERR_LEN];
             if (exec(q->db, "BEGIN IMMEDIATE", err, sizeof err) == 0) {
@@ -1299,14 +1294,11 @@ int64_t queue_oldest_ms(queue_reader *r, enum feed f)
 int queue_dead_each(queue_reader *r, const struct dead_filter *f,
                     int (*fn)(void *ctx, const struct dead_row *row), void *ctx)
 {
-    char where[256], sql[512];
-    dead_where(f, where, sizeof where);
-    str_printf(sql, sizeof sql,
-               "SELECT id, at_ms, reason, detail, feed, event_id, event_type, rules_version, raw, "
-               "event FROM dead %s ORDER BY id LIMIT ?4",
-               where);
     sqlite3_stmt *s;
-    if (sqlite3_prepare_v2(r->db, sql, -1, &s, NULL) != SQLITE_OK)
+    if (sqlite3_prepare_v2(r->db,
+                           "SELECT id, at_ms, reason, detail, feed, event_id, event_type, "
+                           "rules_version, raw, event FROM dead " DEAD_WHERE " ORDER BY id LIMIT ?4",
+                           -1, &s, NULL) != SQLITE_OK)
         return -1;
     dead_bind(s, f);
     sqlite3_bind_int64(s, 4, f->limit ? (sqlite3_int64)f->limit : -1);
