@@ -350,6 +350,13 @@ int metrics_render(buf *b, const struct metrics_gauges *g)
             rc |= buf_printf(b, "tributary_feed_paused{feed=\"%s\",reason=\"refused\"} %d\n",
                              FEED_NAMES[f], g->paused[f] == 2);
         }
+        rc |= header(b, "tributary_queue_commits_total", "counter",
+                     "Queue transactions committed; concurrent requests share them.");
+        rc |= buf_printf(b, "tributary_queue_commits_total %lld\n", (long long)g->queue_commits);
+        rc |= header(b, "tributary_queue_operations_total", "counter",
+                     "Operations carried by those transactions (requests, sent batches, ...).");
+        rc |= buf_printf(b, "tributary_queue_operations_total %lld\n",
+                         (long long)g->queue_operations);
         rc |= header(b, "tributary_dead_letters", "gauge", "Events in the dead-letter store.");
         rc |= buf_printf(b, "tributary_dead_letters %lld\n", (long long)g->dead_letters);
         rc |= header(b, "tributary_ready", "gauge", "1 when the service is ready.");

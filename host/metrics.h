@@ -66,6 +66,8 @@ struct metrics_gauges {
     double oldest_age_s[FEED_COUNT];
     int paused[FEED_COUNT]; /* 0 sending, 1 no credentials, 2 refused by mParticle */
     int64_t dead_letters;
+    int64_t queue_commits;
+    int64_t queue_operations;
     int ready;
     const char *rules_version;
 };

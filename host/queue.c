@@ -791,6 +791,11 @@ static void run_group(queue *q, struct op *ops)
         healthy = op->status != QUEUE_ERROR;
     pthread_mutex_lock(&q->mu);
     q->healthy = healthy;
+    if (group == QUEUE_OK) {
+        q->gauges.commits++;
+        for (struct op *op = ops; op; op = op->next)
+            q->gauges.operations++;
+    }
     for (struct op *op = ops; op; op = op->next) {
         if (group != QUEUE_OK) {
             op->status = group;

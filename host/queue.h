@@ -130,6 +130,8 @@ struct queue_gauges {
     int64_t depth[FEED_COUNT];
     int64_t oldest_ms[FEED_COUNT]; /* 0 when empty */
     int64_t dead;
+    int64_t commits;    /* transactions committed (each one fsync with sync=full) */
+    int64_t operations; /* operations they carried: requests, batches sent, ... */
 };
 void queue_gauges(queue *q, struct queue_gauges *g);
 

@@ -77,6 +77,8 @@ static void hook_gauges(void *ctx, struct metrics_gauges *g)
         g->oldest_age_s[f] = qg.oldest_ms[f] ? (double)(now - qg.oldest_ms[f]) / 1000.0 : 0;
     }
     g->dead_letters = qg.dead;
+    g->queue_commits = qg.commits;
+    g->queue_operations = qg.operations;
     enum feed_pause paused[FEED_COUNT];
     sender_paused(s->sender, paused);
     for (int f = 0; f < FEED_COUNT; f++)

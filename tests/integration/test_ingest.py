@@ -104,6 +104,10 @@ class Ingest(ServiceTest):
             t.join()
         self.assertEqual(set(results), {200})
         self.assertEqual(sorted(s.queued_ids()), sorted(ids))
+        # group commit: concurrent requests shared transactions (and fsyncs)
+        m = s.metrics()
+        self.assertGreaterEqual(m["tributary_queue_operations_total"], 80)
+        self.assertLess(m["tributary_queue_commits_total"], m["tributary_queue_operations_total"])
 
 
 class Auth(ServiceTest):
