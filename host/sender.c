@@ -380,7 +380,11 @@ static void update_credentials(struct sender *s, struct feed_state *f)
     if (!changed)
         return;
     if (!ready) {
-        if (f->pause != PAUSE_NO_CREDENTIALS)
+        /* with no feed configured at all, the service's start-up line says it once */
+        int any = 0;
+        for (int i = 0; i < FEED_COUNT; i++)
+            any |= config_feed_ready(s->cfg, (enum feed)i);
+        if (f->pause != PAUSE_NO_CREDENTIALS && any)
             log_warn("feed has no credentials: its events are held until feeds.<feed>.key and "
                      ".secret are set",
                      LOG_S("feed", FEED_NAMES[f->feed]));
