@@ -230,26 +230,29 @@ static struct {
     } slot[SLOTS];
 } T = {.mu = PTHREAD_MUTEX_INITIALIZER};
 
-/* The slot of a client: its own, else a free or expired one, else the one that
- * changed longest ago. Caller holds T.mu. */
+/* The slot of a client: its own, else a free or idle one, else the least recently
+ * started one that is not refusing anybody: a refusal in force is never evicted,
+ * so flooding the table from many addresses cannot lift it. -1 when there is no
+ * room (the failure goes unrecorded). Caller holds T.mu. */
 static int slot_of(const char *client, int64_t now_s, int create)
 {
     uint64_t h = digest_fnv64(DIGEST_FNV64_INIT, client, strlen(client));
-    int victim = -1;
+    int idle = -1, oldest = -1;
     for (int probe = 0; probe < 16; probe++) {
         int i = (int)((h + (uint64_t)probe) % SLOTS);
         if (strcmp(T.slot[i].client, client) == 0)
             return i;
-        int idle = T.slot[i].client[0] == '\0' ||
-                   (T.slot[i].blocked_until <= now_s &&
-                    now_s - T.slot[i].window_start > AUTH_THROTTLE_WINDOW_S);
-        if (victim < 0 && idle)
-            victim = i;
+        if (T.slot[i].blocked_until > now_s)
+            continue;
+        if (idle < 0 && (T.slot[i].client[0] == '\0' ||
+                         now_s - T.slot[i].window_start > AUTH_THROTTLE_WINDOW_S))
+            idle = i;
+        if (oldest < 0 || T.slot[i].window_start < T.slot[oldest].window_start)
+            oldest = i;
     }
-    if (!create)
+    int victim = idle >= 0 ? idle : oldest;
+    if (!create || victim < 0)
         return -1;
-    if (victim < 0)
-        victim = (int)(h % SLOTS);
     str_copy(T.slot[victim].client, sizeof T.slot[victim].client, client);
     T.slot[victim].window_start = now_s;
     T.slot[victim].failures = 0;
@@ -276,6 +279,10 @@ int auth_failed(const char *client, int64_t now_s)
         return 0;
     pthread_mutex_lock(&T.mu);
     int i = slot_of(client, now_s, 1);
+    if (i < 0) {
+        pthread_mutex_unlock(&T.mu);
+        return 0;
+    }
     if (now_s - T.slot[i].window_start > AUTH_THROTTLE_WINDOW_S) {
         T.slot[i].window_start = now_s;
         T.slot[i].failures = 0;

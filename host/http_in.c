@@ -8,10 +8,13 @@
 #include <arpa/inet.h>
 #include <microhttpd.h>
 #include <netdb.h>
+#include <pthread.h>
+#include <unistd.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/socket.h>
 #include <time.h>
 
@@ -22,12 +25,27 @@
     "SECURE128:-VERS-ALL:+VERS-TLS1.3:+VERS-TLS1.2:-CIPHER-ALL:+AES-128-GCM:+AES-256-GCM:"    \
     "+CHACHA20-POLY1305:-KX-ALL:+ECDHE-ECDSA:+ECDHE-RSA:%SERVER_PRECEDENCE"
 
+/* One TCP connection, for the request-time watchdog. */
+struct conn {
+    struct conn *next, *prev;
+    int fd;                /* a dup() of the socket: ours until the connection closes */
+    int64_t receiving_since; /* monotonic ms when the current request began; 0: none */
+};
+
 struct http_in {
     struct MHD_Daemon *d;
     struct ingest *in;
     struct http_in_options opt;
     struct http_in_hooks hooks;
     int port;
+    /* Requests that trickle in (headers or body) are cut off after
+     * request_timeout_s by shutting their socket down from a watchdog. */
+    pthread_mutex_t conns_mu;
+    pthread_cond_t conns_cv;
+    struct conn *conns;
+    int watchdog_started;
+    int stopping;
+    pthread_t watchdog;
 };
 
 enum route { R_NONE, R_CURRENTS, R_HEALTHZ, R_READYZ, R_METRICS, R_ADMIN_RELOAD };
@@ -88,6 +106,17 @@ static enum MHD_Result reply_json(struct MHD_Connection *c, struct req *r, int s
     return reply(c, r, status, "application/json", json, strlen(json), retry_after);
 }
 
+/* Keeps the last X-Forwarded-For header line: a proxy that adds its own line
+ * rather than extending the client's puts it last. */
+static enum MHD_Result last_forwarded_for(void *cls, enum MHD_ValueKind kind, const char *key,
+                                          const char *value)
+{
+    (void)kind;
+    if (key && value && strcasecmp(key, "X-Forwarded-For") == 0)
+        *(const char **)cls = value;
+    return MHD_YES;
+}
+
 /* The client's address. Behind a reverse proxy on the same host (a loopback
  * peer) it is the last X-Forwarded-For entry, the one the proxy itself added. */
 static void client_address(struct MHD_Connection *c, char *out, size_t len)
@@ -104,7 +133,8 @@ static void client_address(struct MHD_Connection *c, char *out, size_t len)
         inet_ntop(AF_INET6, &((const struct sockaddr_in6 *)sa)->sin6_addr, out, (socklen_t)len);
     if (!config_host_is_loopback(out))
         return;
-    const char *xff = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "X-Forwarded-For");
+    const char *xff = NULL;
+    MHD_get_connection_values(c, MHD_HEADER_KIND, last_forwarded_for, &xff);
     if (!xff)
         return;
     const char *last = strrchr(xff, ',');
@@ -243,6 +273,102 @@ static enum MHD_Result answer_admin_reload(struct MHD_Connection *c, struct req 
     return rc;
 }
 
+/* ---- request-time watchdog ---------------------------------------------- */
+
+static struct conn *conn_of(struct MHD_Connection *c)
+{
+    const union MHD_ConnectionInfo *info =
+        MHD_get_connection_info(c, MHD_CONNECTION_INFO_SOCKET_CONTEXT);
+    return info ? info->socket_context : NULL;
+}
+
+/* The request is complete: the watchdog leaves the connection alone. */
+static void received(struct MHD_Connection *c, http_in *h)
+{
+    struct conn *k = conn_of(c);
+    if (!k)
+        return;
+    pthread_mutex_lock(&h->conns_mu);
+    k->receiving_since = 0;
+    pthread_mutex_unlock(&h->conns_mu);
+}
+
+static void on_connection(void *cls, struct MHD_Connection *c, void **socket_context,
+                          enum MHD_ConnectionNotificationCode toe)
+{
+    http_in *h = cls;
+    if (toe == MHD_CONNECTION_NOTIFY_STARTED) {
+        const union MHD_ConnectionInfo *info =
+            MHD_get_connection_info(c, MHD_CONNECTION_INFO_CONNECTION_FD);
+        struct conn *k = calloc(1, sizeof(*k));
+        if (!k)
+            return;
+        k->fd = info ? dup(info->connect_fd) : -1;
+        pthread_mutex_lock(&h->conns_mu);
+        k->next = h->conns;
+        if (h->conns)
+            h->conns->prev = k;
+        h->conns = k;
+        pthread_mutex_unlock(&h->conns_mu);
+        *socket_context = k;
+        return;
+    }
+    struct conn *k = *socket_context;
+    if (!k)
+        return;
+    pthread_mutex_lock(&h->conns_mu);
+    if (k->prev)
+        k->prev->next = k->next;
+    else
+        h->conns = k->next;
+    if (k->next)
+        k->next->prev = k->prev;
+    pthread_mutex_unlock(&h->conns_mu);
+    if (k->fd >= 0)
+        close(k->fd);
+    free(k);
+    *socket_context = NULL;
+}
+
+/* Called when a request line has arrived, before the headers. */
+static void *on_request_line(void *cls, const char *uri, struct MHD_Connection *c)
+{
+    (void)uri;
+    http_in *h = cls;
+    struct conn *k = conn_of(c);
+    if (k) {
+        pthread_mutex_lock(&h->conns_mu);
+        k->receiving_since = clock_mono_ms();
+        pthread_mutex_unlock(&h->conns_mu);
+    }
+    return NULL;
+}
+
+static void *watchdog_main(void *arg)
+{
+    http_in *h = arg;
+    pthread_mutex_lock(&h->conns_mu);
+    while (!h->stopping) {
+        int64_t now = clock_mono_ms(), limit = (int64_t)h->opt.request_timeout_s * 1000;
+        for (struct conn *k = h->conns; k; k = k->next) {
+            if (k->receiving_since && now - k->receiving_since > limit && k->fd >= 0) {
+                /* the socket is shut down, not closed: its number stays ours until
+                 * libmicrohttpd reports the connection closed */
+                shutdown(k->fd, SHUT_RDWR);
+                k->receiving_since = 0;
+                log_info("request took too long to arrive; connection closed",
+                         LOG_I("limit_s", h->opt.request_timeout_s));
+            }
+        }
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_sec += 1;
+        pthread_cond_timedwait(&h->conns_cv, &h->conns_mu, &ts);
+    }
+    pthread_mutex_unlock(&h->conns_mu);
+    return NULL;
+}
+
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const char *url,
                                   const char *method, const char *version, const char *upload,
                                   size_t *upload_size, void **con_cls)
@@ -299,12 +425,6 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
     }
 
     if (*upload_size) {
-        if (elapsed(&r->start) > h->opt.request_timeout_s) {
-            /* a body trickling in to hold the connection: close it */
-            log_info("request took too long; connection closed", LOG_S("client", r->client)
-                         LOG_I("limit_s", h->opt.request_timeout_s));
-            return MHD_NO;
-        }
         if (!r->answered && !r->too_large && buf_add(&r->body, upload, *upload_size) != 0) {
             r->too_large = 1;
             buf_free(&r->body);
@@ -314,6 +434,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
     }
     if (r->answered)
         return MHD_YES;
+    received(c, h);
 
     log_set_request(r->id);
     enum MHD_Result rc;
@@ -397,6 +518,12 @@ int http_in_start(http_in **out, struct ingest *in, const struct http_in_options
     h->opt = *o;
     if (hooks)
         h->hooks = *hooks;
+    pthread_mutex_init(&h->conns_mu, NULL);
+    pthread_cond_init(&h->conns_cv, NULL);
+    /* libmicrohttpd divides the connection limit among its threads: a thread
+     * with a share of 0 would never wake up, not even to stop */
+    if (h->opt.threads > h->opt.max_connections)
+        h->opt.threads = h->opt.max_connections;
     unsigned int flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL | MHD_USE_ERROR_LOG;
     if (ai->ai_family == AF_INET6)
         flags |= MHD_USE_IPv6;
@@ -412,12 +539,14 @@ int http_in_start(http_in **out, struct ingest *in, const struct http_in_options
     struct MHD_OptionItem opts[] = {
         {MHD_OPTION_EXTERNAL_LOGGER, (intptr_t)mhd_log, h},
         {MHD_OPTION_SOCK_ADDR, 0, ai->ai_addr},
-        {MHD_OPTION_THREAD_POOL_SIZE, o->threads, NULL},
+        {MHD_OPTION_THREAD_POOL_SIZE, h->opt.threads, NULL},
         {MHD_OPTION_CONNECTION_LIMIT, o->max_connections, NULL},
         {MHD_OPTION_PER_IP_CONNECTION_LIMIT, o->max_connections_per_ip, NULL},
         {MHD_OPTION_CONNECTION_TIMEOUT, o->timeout_s, NULL},
         {MHD_OPTION_CONNECTION_MEMORY_LIMIT, CONNECTION_MEMORY, NULL},
         {MHD_OPTION_NOTIFY_COMPLETED, (intptr_t)on_completed, h},
+        {MHD_OPTION_NOTIFY_CONNECTION, (intptr_t)on_connection, h},
+        {MHD_OPTION_URI_LOG_CALLBACK, (intptr_t)on_request_line, h},
         {MHD_OPTION_LISTENING_ADDRESS_REUSE, 1, NULL},
         /* without TLS the list ends here */
         {o->tls_cert_pem ? MHD_OPTION_HTTPS_MEM_CERT : MHD_OPTION_END, 0,
@@ -432,9 +561,13 @@ int http_in_start(http_in **out, struct ingest *in, const struct http_in_options
     if (!h->d) {
         str_printf(err, errlen, "cannot listen on %s:%d (address in use or not available)",
                    o->host, o->port);
+        pthread_mutex_destroy(&h->conns_mu);
+        pthread_cond_destroy(&h->conns_cv);
         free(h);
         return -1;
     }
+    if (pthread_create(&h->watchdog, NULL, watchdog_main, h) == 0)
+        h->watchdog_started = 1;
     const union MHD_DaemonInfo *info = MHD_get_daemon_info(h->d, MHD_DAEMON_INFO_BIND_PORT);
     h->port = info ? info->port : o->port;
     *out = h;
@@ -450,6 +583,15 @@ void http_in_stop(http_in *h)
 {
     if (!h)
         return;
+    if (h->watchdog_started) {
+        pthread_mutex_lock(&h->conns_mu);
+        h->stopping = 1;
+        pthread_cond_signal(&h->conns_cv);
+        pthread_mutex_unlock(&h->conns_mu);
+        pthread_join(h->watchdog, NULL);
+    }
     MHD_stop_daemon(h->d);
+    pthread_mutex_destroy(&h->conns_mu);
+    pthread_cond_destroy(&h->conns_cv);
     free(h);
 }

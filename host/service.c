@@ -255,9 +255,9 @@ int service_run(const char *config_path)
         log_error("invalid listen address", LOG_S("listen", cfg->listen));
         goto done;
     }
-    if (cfg->inbound_tokens.n == 0)
-        log_warn("no inbound.tokens configured: requests are accepted without authentication "
-                 "(allowed on a loopback address only)");
+    if (cfg->inbound_tokens.n == 0 && cfg->inbound_hmac_secrets.n == 0)
+        log_warn("no inbound.tokens or inbound.hmac_secrets configured: requests are accepted "
+                 "without authentication (allowed on a loopback address only)");
     if (cfg->tls_cert && (read_pem(cfg->tls_cert, &cert, 0) != 0 || read_pem(cfg->tls_key, &key, 1) != 0))
         goto done;
     struct http_in_options ho = {

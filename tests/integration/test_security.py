@@ -1,0 +1,765 @@
+"""Security: request signatures, inbound.require, throttling of authentication
+failures, the admin endpoint, the TLS listener and the bounds on requests and
+connections (host/auth.h, host/http_in.c)."""
+
+import hashlib
+import hmac
+import http.client
+import json
+import os
+import select
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import tempfile
+import time
+import unittest
+import warnings
+
+from harness import RULES, SLOW, TOKEN, Service, ServiceTest, event, request, run_cli
+
+SECRET = "hmac-secret-4f1c9a7e2b"
+OTHER_SECRET = "hmac-secret-rotated-8d3e"
+ADMIN = "admin-token-security-6a1f"
+
+
+def sign(secret, body, t):
+    """The Tributary-Signature value for body, made the way a producer makes it."""
+    if isinstance(body, str):
+        body = body.encode()
+    return "t=%d,v1=%s" % (t, mac(secret, body, t))
+
+
+def mac(secret, body, t):
+    return hmac.new(secret.encode(), b"%d." % t + body, hashlib.sha256).hexdigest()
+
+
+def now_s():
+    """The current UNIX second, taken early enough in that second that a request
+    sent right away is answered before the service's clock moves on."""
+    frac = time.time() % 1
+    if frac > 0.7:
+        time.sleep(1.02 - frac)
+    return int(time.time())
+
+
+def envelope(*events):
+    return json.dumps({"events": list(events)}).encode()
+
+
+def signed_post(s, body, secret=SECRET, t=None, token=None, headers=None):
+    h = {"Tributary-Signature": sign(secret, body, now_s() if t is None else t)}
+    h.update(headers or {})
+    return s.post(body=body, token=token, headers=h)
+
+
+def probe(sock, data, timeout=1.0):
+    """Sends data on an open connection; the first bytes of the answer, b"" when
+    the server closed the connection, None when nothing came within timeout."""
+    sock.settimeout(timeout * SLOW)
+    try:
+        if data:
+            sock.sendall(data)
+        return sock.recv(4096)
+    except socket.timeout:
+        return None
+    except (ConnectionResetError, BrokenPipeError):
+        return b""
+
+
+HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n"
+
+
+def own_address():
+    """This machine's non-loopback IPv4 address (the one a default route uses),
+    or None."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+        try:
+            u.connect(("192.0.2.1", 9))  # no packet is sent
+            address = u.getsockname()[0]
+        except OSError:
+            return None
+    return None if address.startswith("127.") or address == "0.0.0.0" else address
+
+
+# ---- HMAC request signatures ----------------------------------------------
+
+
+class Signatures(ServiceTest):
+    def test_signed_request_without_token_is_accepted_when_only_secrets_are_configured(self):
+        s = self.service(tokens=(), env={"TRIBUTARY_INBOUND_HMAC_SECRETS": SECRET})
+        e = event()
+        r = signed_post(s, envelope(e))
+        self.assertEqual(r.status, 200, r)
+        self.assertEqual(s.queued_ids(), [e["id"]])
+
+    def test_signed_request_without_token_is_accepted_when_tokens_are_configured_too(self):
+        s = self.service(env={"TRIBUTARY_INBOUND_HMAC_SECRETS": SECRET})
+        e = event()
+        r = signed_post(s, envelope(e))
+        self.assertEqual(r.status, 200, r)
+        self.assertEqual(s.queued_ids(), [e["id"]])
+
+    def test_request_without_token_or_signature_is_401_when_only_secrets_are_configured(self):
+        s = self.service(tokens=(), env={"TRIBUTARY_INBOUND_HMAC_SECRETS": SECRET})
+        r = s.post([event()], token=None)
+        self.assertEqual(r.status, 401, r)
+        self.assertEqual(s.queued_ids(), [])
+
+    def test_signature_made_with_a_wrong_secret_is_401(self):
+        s = self.service(env={"TRIBUTARY_INBOUND_HMAC_SECRETS": SECRET})
+        r = signed_post(s, envelope(event()), secret="not-the-secret")
+        self.assertEqual(r.status, 401, r)
+        self.assertEqual(r.json()["error"], "invalid credentials")
+        self.assertEqual(s.queued_ids(), [])
+
+    def test_body_changed_after_signing_is_401(self):
+        s = self.service(env={"TRIBUTARY_INBOUND_HMAC_SECRETS": SECRET})
+        e = event(campaign_name="Winter sale")
+        t = now_s()
+        header = sign(SECRET, envelope(e), t)
+        e["properties"]["campaign_name"] = "Winter sail"
+        r = s.post(body=envelope(e), token=None, headers={"Tributary-Signature": header})
+        self.assertEqual(r.status, 401, r)
+        self.assertEqual(s.queued_ids(), [])
+
+    def test_timestamp_301_s_in_the_past_is_401_outside_the_replay_window(self):
+        s = self.service(env={"TRIBUTARY_INBOUND_HMAC_SECRETS": SECRET})
+        r = signed_post(s, envelope(event()), t=now_s() - 301)
+        self.assertEqual(r.status, 401, r)
+        self.assertIn("replay window", r.json()["error"])
+        self.assertEqual(s.queued_ids(), [])
+
+    def test_timestamp_301_s_in_the_future_is_401_outside_the_replay_window(self):
+        s = self.service(env={"TRIBUTARY_INBOUND_HMAC_SECRETS": SECRET})
+        r = signed_post(s, envelope(event()), t=now_s() + 301)
+        self.assertEqual(r.status, 401, r)
+        self.assertIn("replay window", r.json()["error"])
+        self.assertEqual(s.queued_ids(), [])
+
+    def test_timestamps_299_s_in_the_past_and_in_the_future_are_accepted(self):
+        s = self.service(env={"TRIBUTARY_INBOUND_HMAC_SECRETS": SECRET})
+        past, future = event(), event()
+        self.assertEqual(signed_post(s, envelope(past), t=now_s() - 299).status, 200)
+        self.assertEqual(signed_post(s, envelope(future), t=now_s() + 299).status, 200)
+        self.assertEqual(s.queued_ids(), [past["id"], future["id"]])
+
+    def test_replay_window_s_narrows_the_accepted_timestamps(self):
+        s = self.service(env={"TRIBUTARY_INBOUND_HMAC_SECRETS": SECRET,
+                              "TRIBUTARY_INBOUND_REPLAY_WINDOW_S": "10"})
+        self.assertEqual(signed_post(s, envelope(event()), t=now_s() - 8).status, 200)
+        r = signed_post(s, envelope(event()), t=now_s() - 12)
+        self.assertEqual(r.status, 401, r)
+        self.assertIn("replay window", r.json()["error"])
+
+    def test_a_signature_made_with_either_of_two_rotated_secrets_is_accepted(self):
+        s = self.service(tokens=(), env={
+            "TRIBUTARY_INBOUND_HMAC_SECRETS": "%s,%s" % (SECRET, OTHER_SECRET)})
+        old, new = event(), event()
+        self.assertEqual(signed_post(s, envelope(old), secret=SECRET).status, 200)
+        self.assertEqual(signed_post(s, envelope(new), secret=OTHER_SECRET).status, 200)
+        self.assertEqual(s.queued_ids(), [old["id"], new["id"]])
+
+    def test_a_header_with_a_wrong_and_a_right_v1_is_accepted(self):
+        s = self.service(tokens=(), env={"TRIBUTARY_INBOUND_HMAC_SECRETS": SECRET})
+        e = event()
+        body, t = envelope(e), now_s()
+        header = "t=%d,v1=%s,v1=%s" % (t, mac("an-old-secret", body, t), mac(SECRET, body, t))
+        r = s.post(body=body, token=None, headers={"Tributary-Signature": header})
+        self.assertEqual(r.status, 200, r)
+        self.assertEqual(s.queued_ids(), [e["id"]])
+
+    def test_malformed_signature_headers_are_401(self):
+        s = self.service(tokens=(), env={"TRIBUTARY_INBOUND_HMAC_SECRETS": SECRET})
+        body = envelope(event())
+        t = now_s()
+        good = mac(SECRET, body, t)
+        malformed = {
+            "no t": "v1=%s" % good,
+            "no v1": "t=%d" % t,
+            "t not a number": "t=%sx,v1=%s" % (t, good),
+            "bad hex": "t=%d,v1=%s" % (t, "zz" + good[2:]),
+            "v1 too short": "t=%d,v1=%s" % (t, good[:-2]),
+            "v1 too long": "t=%d,v1=%s" % (t, good + "00"),
+            "empty": "",
+        }
+        for what, header in malformed.items():
+            with self.subTest(what):
+                r = s.post(body=body, token=None, headers={"Tributary-Signature": header})
+                self.assertEqual(r.status, 401, r)
+        self.assertEqual(s.queued_ids(), [])
+
+
+class RequireModes(ServiceTest):
+    def both_configured(self, require):
+        return self.service(env={"TRIBUTARY_INBOUND_HMAC_SECRETS": SECRET,
+                                 "TRIBUTARY_INBOUND_REQUIRE": require})
+
+    def test_require_token_refuses_a_valid_signature_without_token(self):
+        s = self.both_configured("token")
+        self.assertEqual(signed_post(s, envelope(event())).status, 401)
+        self.assertEqual(s.post([event()]).status, 200)
+
+    def test_require_signature_refuses_a_valid_token_without_signature(self):
+        s = self.both_configured("signature")
+        self.assertEqual(s.post([event()]).status, 401)
+        self.assertEqual(signed_post(s, envelope(event())).status, 200)
+
+    def test_require_both_needs_token_and_signature(self):
+        s = self.both_configured("both")
+        self.assertEqual(s.post([event()]).status, 401)
+        self.assertEqual(signed_post(s, envelope(event())).status, 401)
+        self.assertEqual(signed_post(s, envelope(event()), token="wrong-token").status, 401)
+        r = signed_post(s, envelope(event()), secret="wrong-secret", token=TOKEN)
+        self.assertEqual(r.status, 401)
+        e = event()
+        self.assertEqual(signed_post(s, envelope(e), token=TOKEN).status, 200)
+        self.assertEqual(s.queued_ids(), [e["id"]])
+
+    def test_require_either_accepts_a_token_or_a_signature(self):
+        s = self.both_configured("either")
+        by_token, by_signature = event(), event()
+        self.assertEqual(s.post([by_token]).status, 200)
+        self.assertEqual(signed_post(s, envelope(by_signature)).status, 200)
+        self.assertEqual(s.post([event()], token=None).status, 401)
+        self.assertEqual(s.queued_ids(), [by_token["id"], by_signature["id"]])
+
+    def test_require_signature_without_secrets_is_a_config_error(self):
+        p = run_cli(["check"], cwd=self.tmpdir(), env={
+            "TRIBUTARY_RULES_DIR": RULES, "TRIBUTARY_INBOUND_TOKENS": TOKEN,
+            "TRIBUTARY_INBOUND_REQUIRE": "signature"})
+        self.assertEqual(p.returncode, 1, p.stderr)
+        self.assertIn('inbound.require = "signature" needs inbound.hmac_secrets', p.stderr)
+
+
+class SignCommand(ServiceTest):
+    def write_body(self, body):
+        path = os.path.join(self.tmpdir(), "body.json")
+        with open(path, "wb") as f:
+            f.write(body)
+        return path
+
+    def test_sign_prints_the_header_python_computes(self):
+        body = envelope(event(id="sign-1"))
+        path = self.write_body(body)
+        p = run_cli(["sign", "--timestamp", "1732800000", path], cwd=self.tmpdir(),
+                    env={"TRIBUTARY_INBOUND_HMAC_SECRETS": SECRET})
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertEqual(p.stdout, "Tributary-Signature: t=1732800000,v1=%s\n"
+                         % mac(SECRET, body, 1732800000))
+
+    def test_a_request_signed_by_the_sign_command_is_accepted(self):
+        s = self.service(tokens=(), env={"TRIBUTARY_INBOUND_HMAC_SECRETS": SECRET})
+        e = event()
+        body = envelope(e)
+        t = now_s()
+        p = run_cli(["sign", "--timestamp", str(t), self.write_body(body)], cwd=self.tmpdir(),
+                    env={"TRIBUTARY_INBOUND_HMAC_SECRETS": SECRET})
+        self.assertEqual(p.returncode, 0, p.stderr)
+        name, _, value = p.stdout.strip().partition(": ")
+        self.assertEqual(name, "Tributary-Signature")
+        r = s.post(body=body, token=None, headers={name: value})
+        self.assertEqual(r.status, 200, r)
+        self.assertEqual(s.queued_ids(), [e["id"]])
+
+
+class Secrecy(ServiceTest):
+    def test_presented_credentials_never_appear_in_responses_or_the_log(self):
+        s = self.service(env={"TRIBUTARY_INBOUND_HMAC_SECRETS": SECRET})
+        wrong_token = "wrong-token-7f3a9c0d"
+        body, t = envelope(event()), now_s()
+        good_sig = sign(SECRET, body, t)
+        bad_sig = sign("guessed-secret-11aa", body, t)
+        old_sig = sign(SECRET, body, t - 1000)
+        answers = [
+            s.post(body=body, token=wrong_token),
+            s.post(body=body, token=None, headers={"Tributary-Signature": bad_sig}),
+            s.post(body=body, token=None, headers={"Tributary-Signature": old_sig}),
+            s.post(body=body, token=None, headers={"Tributary-Signature": good_sig}),
+            s.post([event()]),
+        ]
+        self.assertEqual([r.status for r in answers], [401, 401, 401, 200, 200])
+        texts = [r.body for r in answers] + [json.dumps(r.headers) for r in answers]
+        texts.append(s.logs())
+        secrets = [wrong_token, TOKEN, SECRET, "guessed-secret-11aa",
+                   good_sig.split("v1=")[1], bad_sig.split("v1=")[1], old_sig.split("v1=")[1]]
+        for text in texts:
+            for secret in secrets:
+                self.assertNotIn(secret, text)
+
+
+# ---- throttling of authentication failures ---------------------------------
+
+
+class Throttling(ServiceTest):
+    def fail_ten_times(self, s, xff):
+        statuses = [s.post([event()], token="wrong-token", headers={"X-Forwarded-For": xff}).status
+                    for _ in range(10)]
+        self.assertEqual(statuses, [401] * 10)
+
+    def test_the_eleventh_failure_of_one_client_is_429_with_retry_after(self):
+        s = self.service()
+        self.fail_ten_times(s, "203.0.113.7")
+        r = s.post([event()], token="wrong-token", headers={"X-Forwarded-For": "203.0.113.7"})
+        self.assertEqual(r.status, 429, r)
+        self.assertIn("too many authentication failures", r.json()["error"])
+        self.assertTrue(1 <= int(r.headers["retry-after"]) <= 60, r.headers)
+
+    def test_a_throttled_client_is_refused_even_with_the_right_token(self):
+        s = self.service()
+        self.fail_ten_times(s, "203.0.113.7")
+        r = s.post([event()], headers={"X-Forwarded-For": "203.0.113.7"})
+        self.assertEqual(r.status, 429, r)
+        self.assertEqual(s.queued_ids(), [])
+
+    def test_another_client_is_served_while_one_is_throttled(self):
+        s = self.service()
+        self.fail_ten_times(s, "203.0.113.7")
+        e = event()
+        r = s.post([e], headers={"X-Forwarded-For": "203.0.113.8"})
+        self.assertEqual(r.status, 200, r)
+        self.assertEqual(s.queued_ids(), [e["id"]])
+
+    def test_failures_and_refusals_are_counted_in_metrics(self):
+        s = self.service()
+        self.fail_ten_times(s, "203.0.113.7")
+        for _ in range(2):
+            s.post([event()], token="wrong-token", headers={"X-Forwarded-For": "203.0.113.7"})
+        m = s.metrics()
+        self.assertEqual(m["tributary_auth_failures_total"], 10)
+        self.assertEqual(m["tributary_auth_throttled_total"], 2)
+
+    def test_signature_failures_count_towards_throttling(self):
+        s = self.service(tokens=(), env={"TRIBUTARY_INBOUND_HMAC_SECRETS": SECRET})
+        xff = {"X-Forwarded-For": "203.0.113.20"}
+        statuses = [signed_post(s, envelope(event()), secret="guess-%d" % i, headers=xff).status
+                    for i in range(10)]
+        self.assertEqual(statuses, [401] * 10)
+        self.assertEqual(signed_post(s, envelope(event()), headers=xff).status, 429)
+
+    def test_only_the_last_x_forwarded_for_entry_is_the_client(self):
+        s = self.service()
+        self.fail_ten_times(s, "1.2.3.4, 203.0.113.9")
+        r = s.post([event()], headers={"X-Forwarded-For": "203.0.113.9"})
+        self.assertEqual(r.status, 429, r)
+        e = event()
+        r = s.post([e], headers={"X-Forwarded-For": "203.0.113.9, 1.2.3.4"})
+        self.assertEqual(r.status, 200, r)
+        self.assertIn("client=203.0.113.9 ", s.logs())
+        self.assertEqual(s.queued_ids(), [e["id"]])
+
+    def test_x_forwarded_for_from_a_non_loopback_peer_is_ignored(self):
+        address = own_address()
+        if not address:
+            self.skipTest("no non-loopback IPv4 address on this machine")
+        s = Service()
+        s.env["TRIBUTARY_LISTEN"] = "0.0.0.0:%d" % s.port
+        self.addCleanup(s.cleanup)
+        s.start()
+        port = s.port
+
+        def post(token, n):
+            conn = http.client.HTTPConnection(address, port, timeout=30 * SLOW)
+            try:
+                conn.request("POST", "/currents", envelope(event()), {
+                    "Authorization": "Bearer " + token, "Content-Type": "application/json",
+                    "X-Forwarded-For": "203.0.113.%d" % n})
+                return conn.getresponse().status
+            finally:
+                conn.close()
+
+        self.assertEqual([post("wrong-token", n) for n in range(10)], [401] * 10)
+        self.assertEqual(post(TOKEN, 99), 429)
+        self.assertIn("client=%s " % address, s.logs())
+
+
+# ---- the admin endpoint ----------------------------------------------------
+
+
+class Admin(ServiceTest):
+    def admin_reload(self, s, token, xff="203.0.113.50"):
+        headers = {"X-Forwarded-For": xff}
+        if token:
+            headers["Authorization"] = "Bearer " + token
+        return request(s.port, "POST", "/admin/reload", b"", headers)
+
+    def test_admin_failures_are_throttled_even_for_the_right_token(self):
+        s = self.service(env={"TRIBUTARY_ADMIN_TOKEN": ADMIN})
+        statuses = [self.admin_reload(s, "wrong-admin-%d" % i).status for i in range(10)]
+        self.assertEqual(statuses, [401] * 10)
+        r = self.admin_reload(s, ADMIN)
+        self.assertEqual(r.status, 429, r)
+        self.assertTrue(1 <= int(r.headers["retry-after"]) <= 60, r.headers)
+        self.assertEqual(self.admin_reload(s, ADMIN, xff="203.0.113.51").status, 200)
+
+    def test_the_admin_token_does_not_authenticate_currents(self):
+        s = self.service(env={"TRIBUTARY_ADMIN_TOKEN": ADMIN})
+        r = s.post([event()], token=ADMIN)
+        self.assertEqual(r.status, 401, r)
+        self.assertEqual(s.queued_ids(), [])
+
+    def test_a_wrong_admin_token_is_not_echoed_or_logged(self):
+        s = self.service(env={"TRIBUTARY_ADMIN_TOKEN": ADMIN})
+        r = self.admin_reload(s, "wrong-admin-c0ffee42")
+        self.assertEqual(r.status, 401, r)
+        self.assertNotIn("wrong-admin-c0ffee42", r.body)
+        self.assertNotIn("wrong-admin-c0ffee42", s.logs())
+        self.assertNotIn(ADMIN, s.logs())
+
+
+# ---- the TLS listener ------------------------------------------------------
+
+
+class TLSService(Service):
+    """A service with tls.cert / tls.key: health is checked over HTTPS."""
+
+    def __init__(self, cert, key, **kw):
+        env = kw.pop("env", {})
+        env.update({"TRIBUTARY_TLS_CERT": cert, "TRIBUTARY_TLS_KEY": key})
+        super().__init__(env=env, **kw)
+        self.cert = cert
+
+    def wait_healthy(self, timeout=15):
+        deadline = time.time() + timeout * SLOW
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError("service exited with %d:\n%s"
+                                     % (self.proc.returncode, self.logs()))
+            try:
+                if https_request(self.port, self.cert, "GET", "/healthz", timeout=2)[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError("service did not become healthy over HTTPS:\n" + self.logs())
+
+
+def tls_connect(port, context, timeout=10):
+    """A TLS socket to 127.0.0.1:port that verifies the name localhost."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=timeout * SLOW)
+    try:
+        return context.wrap_socket(raw, server_hostname="localhost")
+    except BaseException:
+        raw.close()
+        raise
+
+
+def https_request(port, cafile, method, path, body=None, headers=None, context=None,
+                  timeout=10):
+    """(status, body, TLS version) of one HTTPS request."""
+    context = context or ssl.create_default_context(cafile=cafile)
+    conn = http.client.HTTPSConnection("localhost", port, timeout=timeout * SLOW)
+    conn.sock = tls_connect(port, context, timeout)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        r = conn.getresponse()
+        return r.status, r.read().decode(), conn.sock.version()
+    finally:
+        conn.close()
+
+
+class TLS(ServiceTest):
+    @classmethod
+    def setUpClass(cls):
+        cls.pki = tempfile.mkdtemp(prefix="tributary-it-tls-")
+        cls.cert = os.path.join(cls.pki, "cert.pem")
+        cls.key = os.path.join(cls.pki, "key.pem")
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes",
+                        "-keyout", cls.key, "-out", cls.cert, "-days", "1",
+                        "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"],
+                       check=True, capture_output=True)
+        os.chmod(cls.key, 0o600)
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.pki, ignore_errors=True)
+
+    def tls_service(self, key=None, **kw):
+        s = TLSService(self.cert, key or self.key, **kw)
+        self.addCleanup(s.cleanup)
+        return s
+
+    def test_currents_is_served_over_https_with_the_configured_certificate(self):
+        s = self.tls_service().start()
+        e = event()
+        status, body, version = https_request(
+            s.port, self.cert, "POST", "/currents", envelope(e),
+            {"Authorization": "Bearer " + TOKEN, "Content-Type": "application/json"})
+        self.assertEqual(status, 200, body)
+        self.assertIn(version, ("TLSv1.2", "TLSv1.3"))
+        self.assertEqual(s.queued_ids(), [e["id"]])
+        self.assertIn("listen=https://", s.logs())
+
+    def test_tls_1_2_is_accepted(self):
+        s = self.tls_service().start()
+        ctx = ssl.create_default_context(cafile=self.cert)
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+        status, _, version = https_request(s.port, None, "GET", "/healthz", context=ctx)
+        self.assertEqual((status, version), (200, "TLSv1.2"))
+
+    def test_tls_1_1_is_refused(self):
+        s = self.tls_service().start()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+            # Let this client really offer TLS 1.0/1.1 (OpenSSL 3 disables them at
+            # its default security level), so a failure is the server's refusal.
+            ctx.set_ciphers("ALL:@SECLEVEL=0")
+            ctx.minimum_version = ssl.TLSVersion.TLSv1
+            ctx.maximum_version = ssl.TLSVersion.TLSv1_1
+        with self.assertRaises((ssl.SSLError, ConnectionError)) as caught:
+            with tls_connect(s.port, ctx) as t:
+                self.fail("handshake succeeded with %s" % t.version())
+        self.assertNotIn("NO_PROTOCOLS_AVAILABLE", str(caught.exception))
+        # and the listener still serves modern clients
+        self.assertEqual(https_request(s.port, self.cert, "GET", "/healthz")[0], 200)
+
+    def test_a_key_readable_by_group_or_others_stops_the_start(self):
+        loose = os.path.join(self.tmpdir(), "key.pem")
+        shutil.copy(self.key, loose)
+        os.chmod(loose, 0o644)
+        s = self.tls_service(key=loose)
+        s.expected_exit = 1
+        s.start(wait=False)
+        try:
+            code = s.proc.wait(timeout=15 * SLOW)
+        except subprocess.TimeoutExpired:
+            self.fail("service started with a world-readable key:\n" + s.logs())
+        self.assertEqual(code, 1, s.logs())
+        self.assertIn("chmod 600", s.logs())
+
+    def test_tls_cert_without_key_is_a_config_error(self):
+        p = run_cli(["check"], cwd=self.tmpdir(), env={
+            "TRIBUTARY_RULES_DIR": RULES, "TRIBUTARY_TLS_CERT": self.cert})
+        self.assertEqual(p.returncode, 1, p.stdout + p.stderr)
+        self.assertIn("tls: cert and key must be set together (only the cert is set)", p.stderr)
+
+    def test_tls_key_without_cert_is_a_config_error(self):
+        p = run_cli(["check"], cwd=self.tmpdir(), env={
+            "TRIBUTARY_RULES_DIR": RULES, "TRIBUTARY_TLS_KEY": self.key})
+        self.assertEqual(p.returncode, 1, p.stdout + p.stderr)
+        self.assertIn("tls: cert and key must be set together (only the key is set)", p.stderr)
+
+
+# ---- bounds ----------------------------------------------------------------
+
+
+def envelope_of_size(n):
+    """A valid one-event envelope of exactly n bytes, and its event."""
+    e = event(pad="")
+    e["properties"]["pad"] = "x" * (n - len(envelope(e)))
+    body = envelope(e)
+    assert len(body) == n, len(body)
+    return body, e
+
+
+def nested(levels):
+    """An object nested `levels` deep: {"k": {"k": ... "x"}}."""
+    v = "x"
+    for _ in range(levels):
+        v = {"k": v}
+    return v
+
+
+def post_chunked(port, body, chunk=512):
+    """POSTs body to /currents with Transfer-Encoding: chunked (no Content-Length)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30 * SLOW)
+    try:
+        chunks = (body[i:i + chunk] for i in range(0, len(body), chunk))
+        conn.request("POST", "/currents", body=chunks, encode_chunked=True, headers={
+            "Authorization": "Bearer " + TOKEN, "Content-Type": "application/json",
+            "Transfer-Encoding": "chunked"})
+        r = conn.getresponse()
+        return r.status, r.read().decode()
+    finally:
+        conn.close()
+
+
+class BodyBounds(ServiceTest):
+    LIMIT = {"TRIBUTARY_INBOUND_MAX_BODY_BYTES": "2048"}
+
+    def test_a_body_of_exactly_max_body_bytes_is_accepted(self):
+        s = self.service(env=self.LIMIT)
+        body, e = envelope_of_size(2048)
+        r = s.post(body=body)
+        self.assertEqual(r.status, 200, r)
+        self.assertEqual(s.queued_ids(), [e["id"]])
+
+    def test_a_body_one_byte_over_max_body_bytes_is_413(self):
+        s = self.service(env=self.LIMIT)
+        body, _ = envelope_of_size(2049)
+        r = s.post(body=body)
+        self.assertEqual(r.status, 413, r)
+        self.assertIn("2048", r.json()["error"])
+        self.assertEqual(s.queued_ids(), [])
+
+    def test_a_chunked_body_of_exactly_max_body_bytes_is_accepted(self):
+        s = self.service(env=self.LIMIT)
+        body, e = envelope_of_size(2048)
+        status, text = post_chunked(s.port, body)
+        self.assertEqual(status, 200, text)
+        self.assertEqual(s.queued_ids(), [e["id"]])
+
+    def test_a_chunked_body_one_byte_over_max_body_bytes_is_413(self):
+        s = self.service(env=self.LIMIT)
+        body, _ = envelope_of_size(2049)
+        status, text = post_chunked(s.port, body)
+        self.assertEqual(status, 413, text)
+        self.assertEqual(s.queued_ids(), [])
+
+
+class NestingBounds(ServiceTest):
+    # envelope {} > events [] > event {} > properties {} = 4 levels, plus the nesting
+    def test_json_nested_64_levels_in_total_is_accepted(self):
+        s = self.service()
+        e = event(deep=nested(60))
+        r = s.post([e])
+        self.assertEqual(r.status, 200, r)
+        self.assertEqual(s.queued_ids(), [e["id"]])
+
+    def test_json_nested_65_levels_is_400(self):
+        s = self.service()
+        r = s.post([event(deep=nested(61))])
+        self.assertEqual(r.status, 400, r)
+        self.assertIn("nested", r.json()["reason"])
+        self.assertEqual(s.queued_ids(), [])
+
+
+class HeaderBounds(ServiceTest):
+    def test_a_30_kb_header_is_answered_normally(self):
+        s = self.service()
+        e = event()
+        r = s.post([e], headers={"X-Padding": "p" * (30 * 1024)})
+        self.assertEqual(r.status, 200, r)
+        self.assertEqual(s.queued_ids(), [e["id"]])
+
+    def test_a_100_kb_header_is_refused(self):
+        s = self.service()
+        try:
+            status = s.post([event()], headers={"X-Padding": "p" * (100 * 1024)}).status
+        except (ConnectionError, http.client.HTTPException):
+            status = None  # closed without an answer
+        self.assertIn(status, (431, None))
+        self.assertEqual(s.queued_ids(), [])
+        self.assertEqual(s.get("/healthz").status, 200)
+
+
+class ConnectionBounds(ServiceTest):
+    def open_idle(self, port, n):
+        socks = []
+        for _ in range(n):
+            sock = socket.create_connection(("127.0.0.1", port))
+            self.addCleanup(sock.close)
+            socks.append(sock)
+            time.sleep(0.05)  # accepted in this order
+        return socks
+
+    def test_a_fifth_connection_is_not_served_while_max_connections_4_are_open(self):
+        # http.threads=2: with fewer connections than threads the service does not
+        # stop (see test_sigterm_stops_the_service_with_max_connections_below_threads).
+        s = self.service(env={"TRIBUTARY_HTTP_MAX_CONNECTIONS": "4",
+                              "TRIBUTARY_HTTP_THREADS": "2"})
+        time.sleep(0.2)  # the health check's connection is gone
+        socks = self.open_idle(s.port, 5)
+        for sock in socks[:4]:
+            self.assertTrue(probe(sock, HEALTHZ).startswith(b"HTTP/1.1 200"))
+        fifth = probe(socks[4], HEALTHZ, timeout=1.0)
+        self.assertIn(fifth, (None, b""), "a fifth connection was served")
+        for sock in socks:
+            sock.close()
+        time.sleep(0.2)
+        self.assertEqual(request(s.port, "GET", "/healthz", timeout=5).status, 200)
+
+    def test_sigterm_stops_the_service_with_max_connections_below_threads(self):
+        s = self.service(env={"TRIBUTARY_HTTP_MAX_CONNECTIONS": "4"})  # http.threads = 8
+        self.assertEqual(s.get("/healthz").status, 200)
+        s.proc.send_signal(signal.SIGTERM)
+        try:
+            code = s.proc.wait(timeout=5 * SLOW)
+        except subprocess.TimeoutExpired:
+            s.kill9()
+            self.fail("no exit within 5 s of SIGTERM with http.max_connections=4 and "
+                      "http.threads=8:\n" + s.logs()[-1500:])
+        self.assertEqual(code, 0)
+
+    def test_a_third_connection_from_one_address_is_closed_with_max_connections_per_ip_2(self):
+        s = self.service(env={"TRIBUTARY_HTTP_MAX_CONNECTIONS_PER_IP": "2"})
+        time.sleep(0.2)
+        socks = self.open_idle(s.port, 3)
+        for sock in socks[:2]:
+            self.assertTrue(probe(sock, HEALTHZ).startswith(b"HTTP/1.1 200"))
+        self.assertEqual(probe(socks[2], HEALTHZ), b"")
+        for sock in socks:
+            sock.close()
+        time.sleep(0.2)
+        self.assertEqual(request(s.port, "GET", "/healthz", timeout=5).status, 200)
+
+    def test_a_half_sent_request_line_is_closed_after_timeout_s(self):
+        s = self.service(env={"TRIBUTARY_HTTP_TIMEOUT_S": "1"})
+        sock = socket.create_connection(("127.0.0.1", s.port))
+        self.addCleanup(sock.close)
+        start = time.time()
+        answer = probe(sock, b"POST /curr", timeout=3.0)
+        self.assertEqual(answer, b"", "connection still open after 3 s")
+        self.assertLess(time.time() - start, 3.0 * SLOW)
+
+    def test_a_trickling_body_is_cut_off_after_request_timeout_s(self):
+        s = self.service(env={"TRIBUTARY_HTTP_REQUEST_TIMEOUT_S": "2",
+                              "TRIBUTARY_HTTP_TIMEOUT_S": "30"})
+        e = event()
+        body = envelope(e)
+        sock = socket.create_connection(("127.0.0.1", s.port))
+        self.addCleanup(sock.close)
+        sock.sendall(b"POST /currents HTTP/1.1\r\nHost: localhost\r\n"
+                     b"Authorization: Bearer " + TOKEN.encode() + b"\r\n"
+                     b"Content-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body))
+        start, sent, answer = time.time(), 0, None
+        while time.time() - start < 6 * SLOW and sent < len(body):
+            try:
+                sock.sendall(body[sent:sent + 4])
+            except (BrokenPipeError, ConnectionResetError):
+                answer = b""
+                break
+            sent += 4
+            readable, _, _ = select.select([sock], [], [], 0.5)
+            if readable:
+                answer = probe(sock, b"")
+                break
+        self.assertIsNotNone(answer, "still reading after %.1f s" % (time.time() - start))
+        self.assertFalse(answer.startswith(b"HTTP/1.1 2"), answer)
+        self.assertLess(time.time() - start, 5 * SLOW)
+        self.assertLess(sent, len(body))
+        self.assertIn("request took too long", s.logs())
+        self.assertEqual(s.queued_ids(), [])
+        self.assertEqual(s.post([event()]).status, 200)
+
+    def test_trickling_headers_are_cut_off_after_request_timeout_s(self):
+        # README, Bounds: "one request, however slowly it trickles" is closed after
+        # http.request_timeout_s; here the request never gets past its headers.
+        s = self.service(env={"TRIBUTARY_HTTP_REQUEST_TIMEOUT_S": "2",
+                              "TRIBUTARY_HTTP_TIMEOUT_S": "30"})
+        sock = socket.create_connection(("127.0.0.1", s.port))
+        self.addCleanup(sock.close)
+        sock.sendall(b"POST /currents HTTP/1.1\r\nHost: localhost\r\nX-Slow: ")
+        start, answer = time.time(), None
+        while time.time() - start < 6 * SLOW:
+            try:
+                sock.sendall(b"abcd")
+            except (BrokenPipeError, ConnectionResetError):
+                answer = b""
+                break
+            readable, _, _ = select.select([sock], [], [], 0.5)
+            if readable:
+                answer = probe(sock, b"")
+                break
+        self.assertIsNotNone(answer, "still reading headers after %.1f s" % (time.time() - start))
+        self.assertLess(time.time() - start, 5 * SLOW)
+
+
+if __name__ == "__main__":
+    unittest.main()
