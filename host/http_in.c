@@ -352,12 +352,12 @@ static void *watchdog_main(void *arg)
         int64_t now = clock_mono_ms(), limit = (int64_t)h->opt.request_timeout_s * 1000;
         for (struct conn *k = h->conns; k; k = k->next) {
             if (k->receiving_since && now - k->receiving_since > limit && k->fd >= 0) {
+                log_info("request took too long to arrive; connection closed",
+                         LOG_I("limit_s", h->opt.request_timeout_s));
                 /* the socket is shut down, not closed: its number stays ours until
                  * libmicrohttpd reports the connection closed */
                 shutdown(k->fd, SHUT_RDWR);
                 k->receiving_since = 0;
-                log_info("request took too long to arrive; connection closed",
-                         LOG_I("limit_s", h->opt.request_timeout_s));
             }
         }
         struct timespec ts;

@@ -8,6 +8,7 @@ The binary comes from TEST_TRIBUTARY_BIN (default host/tributary); TEST_WRAPPER
 import http.client
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -39,7 +40,9 @@ TOOL_ERRORS = ("ERROR: AddressSanitizer", "ERROR: LeakSanitizer", "runtime error
 # output, metrics) and every secret configured, for test_zz_secrets.
 ARTIFACTS = []
 SECRETS = set()
-_SECRET_ENV = ("TOKEN", "SECRET", "_KEY", "HMAC")
+# The variables that hold secrets (paths such as TRIBUTARY_TLS_KEY do not).
+_SECRET_ENV = re.compile(r"^TRIBUTARY_(INBOUND_TOKENS|INBOUND_HMAC_SECRETS|ADMIN_TOKEN|"
+                         r"FEEDS_[A-Z]+_(KEY|SECRET))$")
 
 
 def register_secret(value):
@@ -50,7 +53,7 @@ def register_secret(value):
 
 def register_env_secrets(env):
     for k, v in (env or {}).items():
-        if k.startswith("TRIBUTARY_") and any(m in k for m in _SECRET_ENV):
+        if _SECRET_ENV.match(k):
             for part in str(v).split(","):
                 register_secret(part.strip())
 
