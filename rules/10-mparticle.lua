@@ -144,35 +144,58 @@ local function attribute_value(v)
   return cjson.encode(v)
 end
 
+-- Adds one attribute within mParticle's limits; returns how many cuts it needed.
+local function put(attrs, k, v)
+  local cuts = 0
+  if k == "content_card_id" then k = "card_id" end
+  if #k > MAX_NAME then
+    local cut_name
+    k, cut_name = cut(k, MAX_NAME)
+    if cut_name then cuts = cuts + 1 end
+  end
+  if type(v) == "table" then v = attribute_value(v) end
+  if type(v) == "string" and #v > MAX_VALUE then
+    local cut_value
+    v, cut_value = cut(v, MAX_VALUE)
+    if cut_value then cuts = cuts + 1 end
+  end
+  attrs[k] = v
+  return cuts
+end
+
+-- Every remaining property (plus the user's device_id). Over the limit of 100,
+-- the first 100 in name order are kept, so the choice does not depend on the
+-- order of the JSON.
 local function custom_attributes(props, user, consumed)
-  local names = {}
+  local attrs, n, cuts = {}, 0, 0
   for k, v in pairs(props) do
-    if present(v) ~= nil and not CONSUMED[k] and not consumed[k] then
-      names[#names + 1] = k
+    if v ~= null and not CONSUMED[k] and not consumed[k] then
+      n = n + 1
+      if n <= MAX_ATTRIBUTES then cuts = cuts + put(attrs, k, v) end
     end
   end
   local device_id = nonempty(user.device_id)
-  if device_id and props.device_id == nil then names[#names + 1] = "device_id" end
-  table.sort(names)
-
-  local attrs, truncated = {}, 0
-  local kept = math.min(#names, MAX_ATTRIBUTES)
-  for i = 1, kept do
-    local k = names[i]
-    local v
-    if k == "device_id" and props.device_id == nil then v = device_id else v = attribute_value(props[k]) end
-    if k == "content_card_id" then k = "card_id" end
-    local name, cut_name = cut(k, MAX_NAME)
-    if type(v) == "string" then
-      local cut_value
-      v, cut_value = cut(v, MAX_VALUE)
-      if cut_value then truncated = truncated + 1 end
-    end
-    if cut_name then truncated = truncated + 1 end
-    attrs[name] = v
+  if device_id and props.device_id == nil then
+    n = n + 1
+    if n <= MAX_ATTRIBUTES then cuts = cuts + put(attrs, "device_id", device_id) end
   end
-  if truncated > 0 then tributary.count("attribute_truncated", truncated) end
-  if #names > kept then tributary.count("attribute_dropped", #names - kept) end
+  if n > MAX_ATTRIBUTES then
+    local names = {}
+    for k, v in pairs(props) do
+      if v ~= null and not CONSUMED[k] and not consumed[k] then names[#names + 1] = k end
+    end
+    if device_id and props.device_id == nil then names[#names + 1] = "device_id" end
+    table.sort(names)
+    attrs, cuts = {}, 0
+    for i = 1, MAX_ATTRIBUTES do
+      local k = names[i]
+      local v = props[k]
+      if v == nil then v = device_id end
+      cuts = cuts + put(attrs, k, v)
+    end
+    tributary.count("attribute_dropped", n - MAX_ATTRIBUTES)
+  end
+  if cuts > 0 then tributary.count("attribute_truncated", cuts) end
   return attrs
 end
 
@@ -195,6 +218,15 @@ local function selected(event_type)
   return events[event_type] or (ALIASES[event_type] ~= nil and events[ALIASES[event_type]]) or false
 end
 
+-- Event types whose properties.email_address is the user's email identity.
+local EMAIL_IDENTITY = {}
+for event_type in pairs(NAMES) do
+  if event_type:find("users.messages.email.", 1, true) == 1
+      or event_type:find("users.behaviors.subscription", 1, true) == 1 then
+    EMAIL_IDENTITY[event_type] = true
+  end
+end
+
 local function process(event, out)
   local name = NAMES[event.event_type]
   if name == nil then return false, "unsupported_type" end
@@ -209,10 +241,8 @@ local function process(event, out)
   local consumed = {}
 
   local identities = { customer_id = tostring(customer_id) }
-  local kind = event.event_type
-  local email = nonempty(props.email_address)
-  if email and (kind:find("users.messages.email.", 1, true) == 1
-      or kind:find("users.behaviors.subscription", 1, true) == 1) then
+  local email = EMAIL_IDENTITY[event.event_type] and nonempty(props.email_address)
+  if email then
     identities.email = email
     consumed.email_address = true
   end
