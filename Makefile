@@ -73,7 +73,7 @@ test: setup
 
 # The whole suite against the binary and unit tests of this BUILD.
 check-suite: $(BIN) $(UNIT_BINS)
-	@TEST_WRAPPER="$(TEST_WRAPPER)" scripts/test.sh $(BUILD)/tests $(BIN)
+	@TEST_WRAPPER="$(TEST_WRAPPER)" CFLAGS="$(CFLAGS)" LDFLAGS="$(LDFLAGS)" scripts/test.sh $(BUILD) $(BIN)
 
 asan: setup
 	@$(MAKE) --no-print-directory check-suite BUILD=build/asan BIN=build/asan/tributary \

@@ -846,7 +846,18 @@ int config_load(struct config **out, const char *path, char *err, size_t errlen)
 int config_load_source(struct config **out, const char *name, const char *src, size_t len,
                        char *err, size_t errlen)
 {
-    return load(out, name, src, len, 0, err, errlen);
+    /* the loader's line finder reads up to a NUL, as in a file read whole */
+    char *copy = malloc(len + 1);
+    if (!copy) {
+        str_copy(err, errlen, "out of memory");
+        *out = NULL;
+        return -1;
+    }
+    memcpy(copy, src, len);
+    copy[len] = '\0';
+    int rc = load(out, name, copy, len, 0, err, errlen);
+    free(copy);
+    return rc;
 }
 
 struct config *config_ref(struct config *c)

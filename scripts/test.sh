@@ -2,12 +2,15 @@
 # Runs the whole test suite: every Check unit test binary, then the integration
 # tests (which start the real binary). Exits non-zero when anything fails.
 #
-#   scripts/test.sh UNIT_DIR BINARY
+#   scripts/test.sh BUILD BINARY
 #
+# BUILD is the build directory (unit tests in BUILD/tests, objects in
+# BUILD/host); the fuzz corpora replay against those objects.
 # TEST_WRAPPER (e.g. "valgrind ...") runs the binary and the unit tests under a
 # tool. TEST_FILTER selects integration tests by name (unittest -k).
 set -u
-unit_dir=$1
+build=$1
+unit_dir=$build/tests
 bin=$2
 failed=0
 start=$(date +%s)
@@ -22,6 +25,9 @@ for t in "$unit_dir"/test_*; do
         CK_DEFAULT_TIMEOUT=60 timeout 300 "$t" || { echo "FAILED: $t"; failed=1; }
     fi
 done
+
+echo "== fuzz corpora (regression inputs)"
+make -s --no-print-directory -f tests/fuzz/fuzz.mk replay BUILD="$build" || { echo "FAILED: fuzz corpus replay"; failed=1; }
 
 echo "== integration tests ($bin)"
 export TEST_TRIBUTARY_BIN="$bin"

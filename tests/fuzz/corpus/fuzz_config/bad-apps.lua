@@ -1,0 +1,1 @@
+return { apps = { ["a"] = "windows", [1] = "ios", b = 3 } }

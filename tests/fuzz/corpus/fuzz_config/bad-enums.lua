@@ -1,0 +1,1 @@
+return { environment = "staging", queue = { sync = "off" }, log = { level = "trace", format = "xml" }, inbound = { require = "token" } }

@@ -1,0 +1,1 @@
+return { retry = { base_ms = 10, max_ms = 5 } }

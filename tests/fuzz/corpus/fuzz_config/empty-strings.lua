@@ -1,0 +1,1 @@
+return { listen = "", rules_dir = "", admin = { token = "" }, inbound = { tokens = { "" } } }

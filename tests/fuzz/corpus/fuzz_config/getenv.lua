@@ -1,0 +1,1 @@
+return { admin = { token = os.getenv("TRIBUTARY_NOPE") or "fallback" } }

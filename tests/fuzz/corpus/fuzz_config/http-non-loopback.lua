@@ -1,0 +1,1 @@
+return { mparticle = { url = "http://user@10.0.0.1/" }, feeds = { web = { url = "ftp://x" } } }

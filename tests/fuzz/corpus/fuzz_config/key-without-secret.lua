@@ -1,0 +1,1 @@
+return { feeds = { ios = { key = "k" } }, tls = { cert = "c" } }

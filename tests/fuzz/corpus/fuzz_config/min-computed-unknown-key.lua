@@ -1,0 +1,1 @@
+local k="x" return {[k]=1}

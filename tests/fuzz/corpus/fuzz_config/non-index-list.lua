@@ -1,0 +1,1 @@
+return { events = { "a", x = "b" }, inbound = { hmac_secrets = { [3] = "s" } } }

@@ -1,0 +1,1 @@
+return { http = { threads = 0 }, inbound = { max_body_bytes = 1 }, rules = { instructions = 1 << 62 }, batch = { linger_ms = -1 } }

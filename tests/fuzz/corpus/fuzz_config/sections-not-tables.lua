@@ -1,0 +1,1 @@
+return { inbound = 1, feeds = { ios = "k" }, retry = true }

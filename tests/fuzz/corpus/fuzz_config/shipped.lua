@@ -1,0 +1,68 @@
+-- tributary configuration. Every value below is the built-in default, so this
+-- file changes nothing until you edit it. Any key can also be set from the
+-- environment: TRIBUTARY_ + the key path in capitals with _ for ., for example
+-- TRIBUTARY_FEEDS_IOS_KEY or TRIBUTARY_BATCH_LINGER_MS. The environment wins.
+--
+-- Keep secrets out of this file: pass them as environment variables, or read
+-- them here with os.getenv("NAME").
+return {
+  listen = "127.0.0.1:8080",  -- a non-loopback address requires inbound.tokens
+  data_dir = "./var",         -- the SQLite queue and dead-letter store
+  rules_dir = "./rules",      -- *.lua files, run in name order
+  environment = "production", -- or "development": sent with every batch
+
+  inbound = {
+    -- Bearer tokens Braze may present (several during a rotation), e.g.
+    -- tokens = { os.getenv("BRAZE_CURRENTS_TOKEN") },
+    -- Secrets for signed requests (Tributary-Signature), e.g.
+    -- hmac_secrets = { os.getenv("TRIBUTARY_HMAC_SECRET") },
+    require = "either",       -- token or signature; or "token", "signature", "both"
+    replay_window_s = 300,
+    max_body_bytes = 16 * 1024 * 1024,
+    max_events = 10000,       -- events in one request; beyond: 413, Braze splits
+  },
+
+  -- admin = { token = os.getenv("TRIBUTARY_ADMIN_TOKEN") },  -- enables POST /admin/reload
+  -- tls = { cert = "/etc/tributary/tls/fullchain.pem", key = "/etc/tributary/tls/privkey.pem" },
+
+  mparticle = {
+    url = "https://s2s.mparticle.com", -- or https://s2s.us2|eu1|au1.mparticle.com
+  },
+
+  -- One mParticle input per feed, each with its own server-to-server key and
+  -- secret (and optionally its own pod url). A feed without credentials holds
+  -- its events until they are configured.
+  feeds = {
+    -- ios     = { key = os.getenv("MP_IOS_KEY"),     secret = os.getenv("MP_IOS_SECRET") },
+    -- android = { key = os.getenv("MP_ANDROID_KEY"), secret = os.getenv("MP_ANDROID_SECRET") },
+    -- web     = { key = os.getenv("MP_WEB_KEY"),     secret = os.getenv("MP_WEB_SECRET") },
+    -- unbound = { key = os.getenv("MP_UNBOUND_KEY"), secret = os.getenv("MP_UNBOUND_SECRET") },
+  },
+
+  -- Forward only these event types (default: all 54 the rules map), e.g.
+  -- events = { "users.messages.email.Open", "users.messages.pushnotification.Send" },
+
+  -- app_id -> platform, for events without properties.platform (uninstalls):
+  apps = {
+    -- ["11111111-2222-4333-8444-555555555555"] = "ios",
+  },
+
+  batch = { linger_ms = 500 },  -- events of one user within this time share a batch
+  retry = {
+    base_ms = 1000, max_ms = 300000, -- exponential backoff with full jitter
+    max_age_s = 172800,              -- then the dead-letter store (48 hours)
+    pause_ms = 120000,               -- probe a feed paused by 401/403 this often
+  },
+  queue = {
+    sync = "full",            -- "normal" trades the last commits on power loss for speed
+    max_depth = 5000000,      -- events; beyond it Braze gets 503 and retries later
+  },
+  dedup = { window_s = 3600 },
+  http = {
+    threads = 8, max_connections = 1024, max_connections_per_ip = 0,
+    timeout_s = 30,           -- idle connections
+    request_timeout_s = 120,  -- a whole request, however slowly it arrives
+  },
+  rules = { memory_mb = 64, instructions = 1000000 }, -- limits per event
+  log = { level = "info", format = "logfmt" },        -- or format = "json"
+}

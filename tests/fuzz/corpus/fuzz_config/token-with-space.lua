@@ -1,0 +1,1 @@
+return { inbound = { tokens = { "a b", "ok" } } }

@@ -1,0 +1,1 @@
+return { lisen = "127.0.0.1:1", batch = { linger = 1 } }

@@ -1,0 +1,1 @@
+return { listen = 8080, inbound = { tokens = 5, max_events = "10" }, http = { threads = 2.5 }, apps = "x", events = { 1, "" } }
