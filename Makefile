@@ -85,6 +85,17 @@ valgrind: setup
 	@$(MAKE) --no-print-directory check-suite BUILD=build/valgrind BIN=build/valgrind/tributary \
 		CFLAGS="-O1 -g" TEST_WRAPPER="valgrind --quiet --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite --track-fds=no"
 
+# The benchmark: throughput, then latency at a fixed rate (figures as
+# "name value unit" lines; see scripts/bench.sh). It never fails the build.
+bench: setup
+	@$(MAKE) --no-print-directory all
+	@scripts/bench.sh
+
+# Ten minutes at a constant rate, sampling the service's memory.
+soak: setup
+	@$(MAKE) --no-print-directory all
+	@scripts/bench.sh --soak
+
 # libFuzzer targets (clang): tests/fuzz/fuzz.mk builds them and runs each for
 # FUZZ_SECONDS (default 60); their corpora replay in the normal suite.
 fuzz: setup
