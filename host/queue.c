@@ -1,5 +1,6 @@
 #include "queue.h"
 
+#include "dedup.h"
 #include "log.h"
 
 #include <errno.h>
@@ -11,7 +12,7 @@
 #include <sys/stat.h>
 
 #define QUEUE_FILE "queue.db"
-#define SCHEMA_VERSION "1"
+#define SCHEMA_VERSION "2"
 /* Large pages make the WAL writes of ~2 KB rows sequential and cheap: about
  * three times the insert rate of 4 KiB pages with synchronous=FULL. */
 #define PAGE_SIZE 16384
@@ -21,6 +22,11 @@
 #define PRUNE_SLICE 200000
 #define PRUNE_EVERY_MS 1000
 #define GAUGES_EVERY_MS 1000
+/* After a backlog most pages are free: give them back to the file system, a
+ * bounded number at a time, when more than half the file is free. */
+#define VACUUM_EVERY_MS 10000
+#define VACUUM_PAGES 2048
+#define VACUUM_MIN_FREE 4096
 /* Expiry moves at most this many records per transaction. */
 #define EXPIRE_SLICE 10000
 
@@ -49,10 +55,12 @@ static const char *const SCHEMA =
     "  created_ms INTEGER NOT NULL,"
     "  oldest_ms INTEGER NOT NULL,"
     "  record_ids BLOB NOT NULL);"
-    /* ids within the dedup window; rowid order is time order */
-    "CREATE TABLE IF NOT EXISTS seen("
+    /* fingerprints of the ids seen within the dedup window (see dedup.h), an
+     * append-only log: rowid order is time order */
+    "CREATE TABLE IF NOT EXISTS dedup("
     "  id INTEGER PRIMARY KEY,"
-    "  event_id TEXT NOT NULL UNIQUE,"
+    "  a INTEGER NOT NULL,"
+    "  b INTEGER NOT NULL,"
     "  at_ms INTEGER NOT NULL);"
     "CREATE TABLE IF NOT EXISTS dead("
     "  id INTEGER PRIMARY KEY AUTOINCREMENT,"
@@ -90,7 +98,7 @@ enum stmt_id {
 };
 
 static const char *const STMTS[S_COUNT] = {
-    [S_SEEN] = "INSERT OR IGNORE INTO seen(event_id, at_ms) VALUES(?1, ?2)",
+    [S_SEEN] = "INSERT INTO dedup(a, b, at_ms) VALUES(?1, ?2, ?3)",
     [S_INSERT_RECORD] = "INSERT INTO records(feed, received_ms, event_id, event_type, "
                         "rules_version, user, batch, event, raw) "
                         "VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
@@ -133,9 +141,13 @@ struct op {
     enum queue_status status;
     int done;
     struct op *next;
+    int async; /* nobody waits: the writer frees the operation */
     /* effects applied to the in-memory gauges once the commit is durable */
     int64_t depth_delta[FEED_COUNT];
     int64_t dead_delta;
+    /* fingerprints this operation added to the dedup set, undone on rollback */
+    struct dedup_fp *added;
+    size_t nadded, added_cap;
     union {
         struct {
             struct mapping *m;
@@ -187,8 +199,10 @@ struct queue {
     /* writer-side bookkeeping, also read under mu */
     int healthy;
     struct queue_gauges gauges;
+    dedup *seen; /* NULL when the dedup window is 0 */
     int64_t last_prune_ms;
     int64_t last_gauges_ms;
+    int64_t last_vacuum_ms;
 };
 
 struct queue_reader {
@@ -313,16 +327,38 @@ static int insert_dead(queue *q, const struct dead_letter *d, int64_t now)
     return step_done(s);
 }
 
-/* 1 when the id is new (and now recorded), 0 when seen, -1 on error. */
-static int first_sighting(queue *q, str id, int64_t now)
+/* 1 when the id is new (and now recorded, in memory and in the log), 0 when it
+ * was seen within the window, -1 on error. */
+static int first_sighting(queue *q, struct op *op, str id, int64_t now)
 {
+    struct dedup_fp fp;
+    dedup_fingerprint(id.p ? id.p : "", id.n, &fp);
+    if (dedup_contains(q->seen, &fp, now))
+        return 0;
+    if (op->nadded == op->added_cap) {
+        size_t cap = op->added_cap ? op->added_cap * 2 : 64;
+        struct dedup_fp *a = realloc(op->added, cap * sizeof(*a));
+        if (!a)
+            return -1;
+        op->added = a;
+        op->added_cap = cap;
+    }
     sqlite3_stmt *s = q->st[S_SEEN];
-    bind_str(s, 1, id);
-    sqlite3_bind_int64(s, 2, now);
-    int rc = step_done(s);
-    if (rc != SQLITE_OK)
+    sqlite3_bind_int64(s, 1, (sqlite3_int64)fp.a);
+    sqlite3_bind_int64(s, 2, (sqlite3_int64)fp.b);
+    sqlite3_bind_int64(s, 3, now);
+    if (step_done(s) != SQLITE_OK || dedup_add(q->seen, &fp, now) != 0)
         return -1;
-    return sqlite3_changes(q->db) > 0;
+    op->added[op->nadded++] = fp;
+    return 1;
+}
+
+/* The operation's writes were rolled back: so are its dedup entries. */
+static void undo_sightings(queue *q, struct op *op)
+{
+    for (size_t i = 0; i < op->nadded; i++)
+        dedup_remove(q->seen, &op->added[i]);
+    op->nadded = 0;
 }
 
 static int64_t depth_total(queue *q)
@@ -338,11 +374,11 @@ static enum queue_status apply_commit(queue *q, struct op *op, int64_t now, int6
     struct mapping *m = op->u.commit.m;
     struct commit_result *res = op->u.commit.res;
     memset(res, 0, sizeof(*res));
-    int dedup = op->u.commit.dedup && q->opt.dedup_window_ms > 0;
+    int check = op->u.commit.dedup && q->seen;
     for (size_t i = 0; i < m->nrecords; i++) {
         const struct record *r = &m->records[i];
-        if (dedup) {
-            int first = first_sighting(q, r->event_id, now);
+        if (check) {
+            int first = first_sighting(q, op, r->event_id, now);
             if (first < 0)
                 return status_of(sqlite3_errcode(q->db));
             if (!first) {
@@ -365,8 +401,8 @@ static enum queue_status apply_commit(queue *q, struct op *op, int64_t now, int6
     for (size_t i = 0; i < m->ndead; i++) {
         struct dead_letter *d = &m->dead[i];
         d->stored = 0;
-        if (dedup) {
-            int first = first_sighting(q, d->event_id, now);
+        if (check) {
+            int first = first_sighting(q, op, d->event_id, now);
             if (first < 0)
                 return status_of(sqlite3_errcode(q->db));
             if (!first) {
@@ -655,14 +691,14 @@ static enum queue_status apply(queue *q, struct op *op, int64_t now, int64_t dep
 
 /* Deletes dedup ids older than the window, one slice per call. Rowid order is
  * time order (one writer, one clock), so the boundary is found by bisection. */
-static void prune_seen(queue *q, int64_t now)
+static void prune_dedup(queue *q, int64_t now)
 {
     if (q->opt.dedup_window_ms <= 0)
         return;
     int64_t cutoff = now - q->opt.dedup_window_ms;
     sqlite3_stmt *s = NULL;
     int64_t lo = 0, hi = 0;
-    if (sqlite3_prepare_v2(q->db, "SELECT min(id), max(id) FROM seen", -1, &s, NULL) != SQLITE_OK)
+    if (sqlite3_prepare_v2(q->db, "SELECT min(id), max(id) FROM dedup", -1, &s, NULL) != SQLITE_OK)
         return;
     if (sqlite3_step(s) == SQLITE_ROW && sqlite3_column_type(s, 0) != SQLITE_NULL) {
         lo = sqlite3_column_int64(s, 0);
@@ -671,7 +707,7 @@ static void prune_seen(queue *q, int64_t now)
     sqlite3_finalize(s);
     if (hi == 0)
         return;
-    if (sqlite3_prepare_v2(q->db, "SELECT at_ms FROM seen WHERE id >= ?1 ORDER BY id LIMIT 1", -1,
+    if (sqlite3_prepare_v2(q->db, "SELECT at_ms FROM dedup WHERE id >= ?1 ORDER BY id LIMIT 1", -1,
                            &s, NULL) != SQLITE_OK)
         return;
     /* first id whose at_ms >= cutoff lies in (lo-1, hi+1] */
@@ -695,9 +731,33 @@ static void prune_seen(queue *q, int64_t now)
     if (end > lo + PRUNE_SLICE)
         end = lo + PRUNE_SLICE;
     char sql[96], err[ERR_LEN];
-    snprintf(sql, sizeof sql, "DELETE FROM seen WHERE id < %lld", (long long)end);
+    snprintf(sql, sizeof sql, "DELETE FROM dedup WHERE id < %lld", (long long)end);
     if (exec(q->db, sql, err, sizeof err) != 0)
         log_warn("cannot prune dedup ids", LOG_S("error", err));
+}
+
+static int64_t pragma_value(sqlite3 *db, const char *sql)
+{
+    sqlite3_stmt *s;
+    int64_t v = 0;
+    if (sqlite3_prepare_v2(db, sql, -1, &s, NULL) != SQLITE_OK)
+        return 0;
+    if (sqlite3_step(s) == SQLITE_ROW)
+        v = sqlite3_column_int64(s, 0);
+    sqlite3_finalize(s);
+    return v;
+}
+
+static void shrink(queue *q)
+{
+    int64_t free_pages = pragma_value(q->db, "PRAGMA freelist_count");
+    int64_t pages = pragma_value(q->db, "PRAGMA page_count");
+    if (free_pages < VACUUM_MIN_FREE || free_pages * 2 < pages)
+        return;
+    char sql[64], err[ERR_LEN];
+    snprintf(sql, sizeof sql, "PRAGMA incremental_vacuum(%d)", VACUUM_PAGES);
+    if (exec(q->db, sql, err, sizeof err) != 0)
+        log_warn("cannot shrink the queue file", LOG_S("error", err));
 }
 
 static void refresh_oldest(queue *q)
@@ -760,6 +820,7 @@ static void run_group(queue *q, struct op *ops)
     for (struct op *op = ops; op && group == QUEUE_OK; op = op->next) {
         memset(op->depth_delta, 0, sizeof op->depth_delta);
         op->dead_delta = 0;
+        op->nadded = 0;
         if (exec(q->db, "SAVEPOINT op", err, sizeof err) != 0) {
             group = QUEUE_ERROR;
             break;
@@ -775,6 +836,7 @@ static void run_group(queue *q, struct op *ops)
                               LOG_I("kind", op->kind));
             (void)exec(q->db, "ROLLBACK TO op", err, sizeof err);
             (void)exec(q->db, "RELEASE op", err, sizeof err);
+            undo_sightings(q, op);
             reset_commit(op);
         }
     }
@@ -799,6 +861,7 @@ static void run_group(queue *q, struct op *ops)
     for (struct op *op = ops; op; op = op->next) {
         if (group != QUEUE_OK) {
             op->status = group;
+            undo_sightings(q, op);
             reset_commit(op);
         } else if (op->status == QUEUE_OK) {
             for (int f = 0; f < FEED_COUNT; f++)
@@ -829,13 +892,31 @@ static void *writer_main(void *arg)
 
         if (ops) {
             run_group(q, ops);
+            struct op *finished = NULL;
             pthread_mutex_lock(&q->mu);
             for (struct op *op = ops, *next; op; op = next) {
                 next = op->next;
-                op->done = 1;
+                free(op->added);
+                op->added = NULL;
+                if (op->async) {
+                    /* nobody waits for it: free it once the lock is released */
+                    op->next = finished;
+                    finished = op;
+                } else {
+                    op->done = 1; /* from here the submitter owns op again */
+                }
             }
             pthread_cond_broadcast(&q->done);
             pthread_mutex_unlock(&q->mu);
+            for (struct op *op = finished, *next; op; op = next) {
+                next = op->next;
+                if (op->status != QUEUE_OK)
+                    log_error("queue: a background operation failed; its batches are sent "
+                              "again after a restart",
+                              LOG_S("status", queue_status_name(op->status)));
+                free((void *)op->u.batches.ids);
+                free(op);
+            }
         }
         int64_t now = clock_mono_ms();
         if (now - q->last_gauges_ms >= GAUGES_EVERY_MS) {
@@ -846,10 +927,14 @@ static void *writer_main(void *arg)
             q->last_prune_ms = now;
             char err[ERR_LEN];
             if (exec(q->db, "BEGIN IMMEDIATE", err, sizeof err) == 0) {
-                prune_seen(q, clock_wall_ms());
+                prune_dedup(q, clock_wall_ms());
                 if (exec(q->db, "COMMIT", err, sizeof err) != 0)
                     (void)exec(q->db, "ROLLBACK", err, sizeof err);
             }
+        }
+        if (now - q->last_vacuum_ms >= VACUUM_EVERY_MS) {
+            q->last_vacuum_ms = now;
+            shrink(q);
         }
         if (stopping && !ops) {
             pthread_mutex_lock(&q->mu);
@@ -862,6 +947,8 @@ static void *writer_main(void *arg)
     return NULL;
 }
 
+/* Hands op to the writer and, unless op->async, waits for its commit. An async
+ * op (heap-allocated) belongs to the writer from here on. */
 static enum queue_status submit(queue *q, struct op *op)
 {
     op->done = 0;
@@ -878,6 +965,10 @@ static enum queue_status submit(queue *q, struct op *op)
         q->pending = op;
     q->pending_tail = op;
     pthread_cond_signal(&q->work);
+    if (op->async) {
+        pthread_mutex_unlock(&q->mu);
+        return QUEUE_OK;
+    }
     while (!op->done)
         pthread_cond_wait(&q->done, &q->mu);
     pthread_mutex_unlock(&q->mu);
@@ -905,6 +996,87 @@ static int mkdir_p(const char *dir, char *err, size_t errlen)
         return -1;
     }
     return 0;
+}
+
+/* Schema 1 kept the ids themselves under a unique index; schema 2 keeps their
+ * fingerprints in an append-only log. */
+static int migrate(sqlite3 *db, char *err, size_t errlen)
+{
+    sqlite3_stmt *s = NULL, *ins = NULL;
+    int version = 0;
+    if (sqlite3_prepare_v2(db, "SELECT value FROM meta WHERE key = 'schema_version'", -1, &s,
+                           NULL) != SQLITE_OK) {
+        sqlite3_finalize(s);
+        return 0; /* a new database */
+    }
+    if (sqlite3_step(s) == SQLITE_ROW)
+        version = atoi((const char *)sqlite3_column_text(s, 0));
+    sqlite3_finalize(s);
+    if (version != 1)
+        return 0;
+    int rc = -1;
+    if (exec(db, "BEGIN IMMEDIATE; CREATE TABLE IF NOT EXISTS dedup(id INTEGER PRIMARY KEY, "
+                 "a INTEGER NOT NULL, b INTEGER NOT NULL, at_ms INTEGER NOT NULL)",
+             err, errlen) != 0)
+        return -1;
+    if (sqlite3_prepare_v2(db, "SELECT event_id, at_ms FROM seen ORDER BY id", -1, &s, NULL) !=
+            SQLITE_OK ||
+        sqlite3_prepare_v2(db, "INSERT INTO dedup(a, b, at_ms) VALUES(?1, ?2, ?3)", -1, &ins,
+                           NULL) != SQLITE_OK) {
+        str_printf(err, errlen, "migrating the queue: %s", sqlite3_errmsg(db));
+        goto done;
+    }
+    while (sqlite3_step(s) == SQLITE_ROW) {
+        struct dedup_fp fp;
+        const char *id = (const char *)sqlite3_column_text(s, 0);
+        dedup_fingerprint(id ? id : "", (size_t)sqlite3_column_bytes(s, 0), &fp);
+        sqlite3_bind_int64(ins, 1, (sqlite3_int64)fp.a);
+        sqlite3_bind_int64(ins, 2, (sqlite3_int64)fp.b);
+        sqlite3_bind_int64(ins, 3, sqlite3_column_int64(s, 1));
+        if (step_done(ins) != SQLITE_OK) {
+            str_printf(err, errlen, "migrating the queue: %s", sqlite3_errmsg(db));
+            goto done;
+        }
+    }
+    if (exec(db, "DROP TABLE seen; UPDATE meta SET value = '2' WHERE key = 'schema_version'; "
+                 "COMMIT",
+             err, errlen) != 0)
+        goto done;
+    rc = 0;
+done:
+    sqlite3_finalize(s);
+    sqlite3_finalize(ins);
+    if (rc != 0)
+        (void)sqlite3_exec(db, "ROLLBACK", NULL, NULL, NULL);
+    return rc;
+}
+
+/* Rebuilds the in-memory dedup set from the log. */
+static int load_dedup(queue *q, char *err, size_t errlen)
+{
+    q->seen = dedup_new(q->opt.dedup_window_ms);
+    if (!q->seen) {
+        str_copy(err, errlen, "out of memory");
+        return -1;
+    }
+    sqlite3_stmt *s;
+    if (sqlite3_prepare_v2(q->db, "SELECT a, b, at_ms FROM dedup WHERE at_ms >= ?1 ORDER BY id",
+                           -1, &s, NULL) != SQLITE_OK) {
+        str_printf(err, errlen, "%s: %s", q->path, sqlite3_errmsg(q->db));
+        return -1;
+    }
+    sqlite3_bind_int64(s, 1, clock_wall_ms() - q->opt.dedup_window_ms);
+    int rc = 0;
+    while (rc == 0 && sqlite3_step(s) == SQLITE_ROW) {
+        struct dedup_fp fp = {(uint64_t)sqlite3_column_int64(s, 0),
+                              (uint64_t)sqlite3_column_int64(s, 1)};
+        if (dedup_add(q->seen, &fp, sqlite3_column_int64(s, 2)) != 0) {
+            str_copy(err, errlen, "out of memory loading the dedup ids");
+            rc = -1;
+        }
+    }
+    sqlite3_finalize(s);
+    return rc;
 }
 
 int queue_open(queue **out, const struct queue_options *o, char *err, size_t errlen)
@@ -948,6 +1120,11 @@ int queue_open(queue **out, const struct queue_options *o, char *err, size_t err
     if (exec(q->db, pragmas, err, errlen) != 0)
         goto fail;
     if (!o->readonly) {
+        /* lets the file shrink after a backlog (new databases only) */
+        if (exec(q->db, "PRAGMA auto_vacuum=INCREMENTAL", err, errlen) != 0)
+            goto fail;
+        if (migrate(q->db, err, errlen) != 0)
+            goto fail;
         if (exec(q->db, SCHEMA, err, errlen) != 0)
             goto fail;
         if (exec(q->db,
@@ -981,6 +1158,8 @@ int queue_open(queue **out, const struct queue_options *o, char *err, size_t err
         goto fail;
     }
     refresh_oldest(q);
+    if (!o->readonly && o->dedup_window_ms > 0 && load_dedup(q, err, errlen) != 0)
+        goto fail;
     if (!o->readonly) {
         if (pthread_create(&q->writer, NULL, writer_main, q) != 0) {
             str_copy(err, errlen, "cannot start the queue writer thread");
@@ -1016,6 +1195,7 @@ void queue_free(queue *q)
     pthread_cond_destroy(&q->work);
     pthread_cond_destroy(&q->done);
     pthread_mutex_destroy(&q->mu);
+    dedup_free(q->seen);
     free(q->path);
     free(q);
 }
@@ -1082,6 +1262,28 @@ enum queue_status queue_ack(queue *q, const int64_t *batch_ids, size_t n)
     op.u.batches.ids = batch_ids;
     op.u.batches.n = n;
     return submit(q, &op);
+}
+
+enum queue_status queue_ack_async(queue *q, const int64_t *batch_ids, size_t n)
+{
+    struct op *op = calloc(1, sizeof(*op));
+    int64_t *ids = malloc((n ? n : 1) * sizeof(*ids));
+    if (!op || !ids) {
+        free(op);
+        free(ids);
+        return QUEUE_ERROR;
+    }
+    memcpy(ids, batch_ids, n * sizeof(*ids));
+    op->kind = OP_ACK;
+    op->async = 1;
+    op->u.batches.ids = ids;
+    op->u.batches.n = n;
+    enum queue_status st = submit(q, op);
+    if (st != QUEUE_OK) {
+        free(ids);
+        free(op);
+    }
+    return st;
 }
 
 enum queue_status queue_dead_batch(queue *q, int64_t batch_id, const char *reason,
@@ -1378,7 +1580,7 @@ int queue_stats(queue_reader *r, struct queue_stats *st)
         }
     }
     sqlite3_finalize(s);
-    st->dedup_ids = scalar(r->db, "SELECT count(*) FROM seen");
+    st->dedup_ids = scalar(r->db, "SELECT count(*) FROM dedup");
     const char *path = sqlite3_db_filename(r->db, "main");
     if (path) {
         char wal[4200];

@@ -112,6 +112,9 @@ int64_t queue_oldest_ms(queue_reader *r, enum feed f);
 enum queue_status queue_persist_batches(queue *q, struct queue_batch *b, size_t n);
 /* Delivered: removes the batches and their records. */
 enum queue_status queue_ack(queue *q, const int64_t *batch_ids, size_t n);
+/* The same without waiting for the commit (the ids are copied). Should it fail,
+ * the batches stay persisted and are sent again, unchanged, after a restart. */
+enum queue_status queue_ack_async(queue *q, const int64_t *batch_ids, size_t n);
 /* Moves a batch's records to the dead-letter store with reason and detail. */
 enum queue_status queue_dead_batch(queue *q, int64_t batch_id, const char *reason,
                                    const char *detail);

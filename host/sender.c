@@ -54,8 +54,7 @@ struct pbatch {
     size_t len;
     int limit;     /* most batches it may share a request with (halved on 400/413) */
     int in_flight;
-    int delivered; /* 202 received, deletion from the queue pending */
-    struct pbatch *next;
+    struct pbatch *next, *prev;
 };
 
 struct feed_state {
@@ -144,6 +143,7 @@ static void pbatch_free(struct pbatch *b)
 static void feed_append(struct feed_state *f, struct pbatch *b)
 {
     b->next = NULL;
+    b->prev = f->tail;
     if (f->tail)
         f->tail->next = b;
     else
@@ -155,16 +155,15 @@ static void feed_append(struct feed_state *f, struct pbatch *b)
 
 static void feed_remove(struct feed_state *f, struct pbatch *b)
 {
-    struct pbatch **pp = &f->head, *prev = NULL;
-    while (*pp && *pp != b) {
-        prev = *pp;
-        pp = &(*pp)->next;
-    }
-    if (!*pp)
-        return;
-    *pp = b->next;
-    if (f->tail == b)
-        f->tail = prev;
+    if (b->prev)
+        b->prev->next = b->next;
+    else
+        f->head = b->next;
+    if (b->next)
+        b->next->prev = b->prev;
+    else
+        f->tail = b->prev;
+    b->next = b->prev = NULL;
     f->nbatches--;
     f->bytes -= b->len;
 }
@@ -411,7 +410,7 @@ static void expire_batches(struct sender *s, struct feed_state *f)
     int64_t max_age = s->cfg->retry_max_age_s * 1000;
     for (struct pbatch *b = f->head, *next; b; b = next) {
         next = b->next;
-        if (b->in_flight || b->delivered || wall_to_age_ms(b->oldest_ms) <= max_age)
+        if (b->in_flight || wall_to_age_ms(b->oldest_ms) <= max_age)
             continue;
         enum queue_status st = queue_dead_batch(s->q, b->id, DEAD_MAX_AGE,
                                                 "not delivered within retry.max_age_s");
@@ -608,7 +607,7 @@ static void dispatch(struct sender *s, struct feed_state *f, int64_t now)
         if (f->probing || now < f->probe_at)
             return;
         for (struct pbatch *b = f->head; b; b = b->next) {
-            if (!b->in_flight && !b->delivered) {
+            if (!b->in_flight) {
                 if (start_request(s, f, &b, 1, 1) == 0)
                     f->probing = 1;
                 return;
@@ -628,7 +627,7 @@ static void dispatch(struct sender *s, struct feed_state *f, int64_t now)
         if (f->tokens < (double)cap)
             cap = (size_t)f->tokens;
         for (struct pbatch *b = f->head; b; b = b->next) {
-            if (b->in_flight || b->delivered)
+            if (b->in_flight)
                 continue;
             size_t c = cap < (size_t)b->limit ? cap : (size_t)b->limit;
             if (n + 1 > c)
@@ -655,36 +654,22 @@ static void release(struct request *r)
         r->batches[i]->in_flight = 0;
 }
 
-/* Deletes delivered batches from the queue; keeps trying if storage fails. */
-static void ack_delivered(struct sender *s, struct feed_state *f)
-{
-    int64_t ids[256];
-    size_t n = 0;
-    for (struct pbatch *b = f->head; b && n < ARRAY_LEN(ids); b = b->next) {
-        if (b->delivered)
-            ids[n++] = b->id;
-    }
-    if (n == 0)
-        return;
-    if (queue_ack(s->q, ids, n) != QUEUE_OK) {
-        log_error("cannot delete delivered batches; retrying", LOG_S("feed", FEED_NAMES[f->feed]));
-        return;
-    }
-    for (struct pbatch *b = f->head, *next; b; b = next) {
-        next = b->next;
-        if (b->delivered) {
-            feed_remove(f, b);
-            pbatch_free(b);
-        }
-    }
-}
-
+/* Delivered: the batches leave the queue (without waiting for the commit: were
+ * it lost, they would be sent again unchanged after a restart, and mParticle
+ * recognises them by source_request_id) and memory. */
 static void on_delivered(struct sender *s, struct request *r)
 {
     struct feed_state *f = r->f;
+    int64_t ids[MPARTICLE_MAX_BATCHES_PER_REQUEST];
+    for (size_t i = 0; i < r->n; i++)
+        ids[i] = r->batches[i]->id;
+    if (queue_ack_async(s->q, ids, r->n) != QUEUE_OK)
+        log_error("cannot delete delivered batches; they are sent again after a restart",
+                  LOG_S("feed", FEED_NAMES[f->feed]));
     for (size_t i = 0; i < r->n; i++) {
-        r->batches[i]->delivered = 1;
-        r->batches[i]->in_flight = 0;
+        feed_remove(f, r->batches[i]);
+        pbatch_free(r->batches[i]);
+        r->batches[i] = NULL;
     }
     metrics_delivered(f->feed, r->events);
     if (f->failures > 0)
@@ -705,7 +690,6 @@ static void on_delivered(struct sender *s, struct request *r)
         if (f->rate > limit)
             f->rate = limit;
     }
-    ack_delivered(s, f);
 }
 
 static void retry_later(struct sender *s, struct request *r, int status, const char *why)
@@ -986,7 +970,6 @@ static void *sender_main(void *arg)
         for (int i = 0; i < FEED_COUNT; i++) {
             struct feed_state *f = &s->feeds[i];
             update_credentials(s, f);
-            ack_delivered(s, f);
             if (stopping)
                 continue;
             expire_batches(s, f);

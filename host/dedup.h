@@ -1,0 +1,44 @@
+/*
+ * dedup: the event ids seen within the dedup window, in memory.
+ *
+ * Braze delivers at least once, so an id may come again; an id seen within
+ * dedup.window_s is acknowledged but not stored twice. Keeping the ids in an
+ * on-disk index would dirty one random page per event (ids are random UUIDs), so
+ * the queue keeps an append-only log on disk, written in the same transaction as
+ * the events, and this set in memory, rebuilt from the log at start.
+ *
+ * An id is kept as a 128-bit fingerprint (SHA-256, truncated): about 20 bytes
+ * per id in memory, and a false match is as likely as guessing a 128-bit key.
+ * Ids live in time segments; a segment older than the window is dropped whole.
+ *
+ * Not thread-safe: the queue's writer thread owns it.
+ */
+#ifndef TRIBUTARY_DEDUP_H
+#define TRIBUTARY_DEDUP_H
+
+#include "util.h"
+
+#include <stdint.h>
+
+typedef struct dedup dedup;
+
+struct dedup_fp {
+    uint64_t a; /* never 0 */
+    uint64_t b;
+};
+
+void dedup_fingerprint(const char *id, size_t n, struct dedup_fp *out);
+
+/* window_ms > 0. NULL when out of memory. */
+dedup *dedup_new(int64_t window_ms);
+void dedup_free(dedup *d);
+/* 1 when fp was added within the window (as of now_ms). */
+int dedup_contains(const dedup *d, const struct dedup_fp *fp, int64_t now_ms);
+/* Records fp as seen at at_ms; -1 when out of memory. */
+int dedup_add(dedup *d, const struct dedup_fp *fp, int64_t at_ms) WUR;
+/* Forgets fp (a commit that added it was rolled back). */
+void dedup_remove(dedup *d, const struct dedup_fp *fp);
+/* Fingerprints held. */
+size_t dedup_size(const dedup *d);
+
+#endif
