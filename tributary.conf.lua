@@ -59,7 +59,8 @@ return {
   },
   dedup = { window_s = 3600 },
   http = {
-    threads = 8, max_connections = 1024, max_connections_per_ip = 0,
+    threads = 8,              -- Lua states mapping requests at once
+    max_connections = 1024, max_connections_per_ip = 0,
     timeout_s = 30,           -- idle connections
     request_timeout_s = 120,  -- a whole request, however slowly it arrives
   },

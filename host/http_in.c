@@ -520,11 +520,11 @@ int http_in_start(http_in **out, struct ingest *in, const struct http_in_options
         h->hooks = *hooks;
     pthread_mutex_init(&h->conns_mu, NULL);
     pthread_cond_init(&h->conns_cv, NULL);
-    /* libmicrohttpd divides the connection limit among its threads: a thread
-     * with a share of 0 would never wake up, not even to stop */
-    if (h->opt.threads > h->opt.max_connections)
-        h->opt.threads = h->opt.max_connections;
-    unsigned int flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL | MHD_USE_ERROR_LOG;
+    /* A thread per connection: a request waiting for its commit holds only its
+     * own connection, and requests of every connection can share a commit. The
+     * Lua work is bounded separately by the engine pool (ingest). */
+    unsigned int flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_THREAD_PER_CONNECTION |
+                         MHD_USE_POLL | MHD_USE_ERROR_LOG;
     if (ai->ai_family == AF_INET6)
         flags |= MHD_USE_IPv6;
     if (o->tls_cert_pem) {
@@ -539,7 +539,6 @@ int http_in_start(http_in **out, struct ingest *in, const struct http_in_options
     struct MHD_OptionItem opts[] = {
         {MHD_OPTION_EXTERNAL_LOGGER, (intptr_t)mhd_log, h},
         {MHD_OPTION_SOCK_ADDR, 0, ai->ai_addr},
-        {MHD_OPTION_THREAD_POOL_SIZE, h->opt.threads, NULL},
         {MHD_OPTION_CONNECTION_LIMIT, o->max_connections, NULL},
         {MHD_OPTION_PER_IP_CONNECTION_LIMIT, o->max_connections_per_ip, NULL},
         {MHD_OPTION_CONNECTION_TIMEOUT, o->timeout_s, NULL},

@@ -1,11 +1,14 @@
 /*
- * http_in: the inbound HTTP server (libmicrohttpd, a pool of worker threads).
+ * http_in: the inbound HTTP server (libmicrohttpd).
  *
  *   POST /currents       Braze Currents batches -> ingest
  *   GET  /healthz        the process serves
  *   GET  /readyz         rules loaded and storage healthy (200), else 503
  *   GET  /metrics        Prometheus text
  *   POST /admin/reload   reload configuration and rules (admin token; 404 without one)
+ *
+ * One thread per connection (at most max_connections), so a request waiting for
+ * its commit never holds up another connection's.
  *
  * Bounded: body size (413 as soon as Content-Length says so), header sizes,
  * connections (in all and per address), idle time per connection and the time a
@@ -24,7 +27,6 @@ typedef struct http_in http_in;
 struct http_in_options {
     const char *host;
     int port;
-    int threads;
     int max_connections;
     int max_connections_per_ip; /* 0: no limit */
     int timeout_s;              /* idle connection */

@@ -16,40 +16,100 @@
 #define RETRY_AFTER_FULL 30
 #define RETRY_AFTER_ERROR 10
 
-/* Each worker thread owns one rules engine; it is rebuilt between requests
- * when a reload installed a new ruleset or a rule damaged the state. */
-static pthread_key_t engine_key;
-static pthread_once_t engine_once = PTHREAD_ONCE_INIT;
+/* A pool of rules engines (Lua states): a request borrows one for its mapping.
+ * At most `size` exist, which bounds the requests mapped at once and the memory
+ * of the states; a request waits for a free engine otherwise. An engine built
+ * for an older ruleset is rebuilt when borrowed, so a reload reaches every
+ * engine between requests and no request is cut in half; one that a limit may
+ * have damaged is dropped on return. */
+struct ingest_engines {
+    pthread_mutex_t mu;
+    pthread_cond_t freed;
+    rules **idle;
+    size_t nidle;
+    size_t size, out; /* capacity; borrowed or being built */
+};
 
-static void engine_destroy(void *p)
+int ingest_init(struct ingest *in, queue *q, int engines)
 {
-    rules_free(p);
+    memset(in, 0, sizeof(*in));
+    in->q = q;
+    struct ingest_engines *e = calloc(1, sizeof(*e));
+    if (!e)
+        return -1;
+    e->idle = calloc((size_t)engines, sizeof(*e->idle));
+    if (!e->idle) {
+        free(e);
+        return -1;
+    }
+    pthread_mutex_init(&e->mu, NULL);
+    pthread_cond_init(&e->freed, NULL);
+    e->size = (size_t)engines;
+    in->engines = e;
+    return 0;
 }
 
-static void engine_key_init(void)
+void ingest_fini(struct ingest *in)
 {
-    (void)pthread_key_create(&engine_key, engine_destroy);
+    struct ingest_engines *e = in->engines;
+    if (!e)
+        return;
+    for (size_t i = 0; i < e->nidle; i++)
+        rules_free(e->idle[i]);
+    free(e->idle);
+    pthread_mutex_destroy(&e->mu);
+    pthread_cond_destroy(&e->freed);
+    free(e);
+    in->engines = NULL;
 }
 
-static rules *thread_engine(ruleset *rs, char *err, size_t errlen)
+static rules *borrow(struct ingest_engines *e, ruleset *rs, char *err, size_t errlen)
 {
-    pthread_once(&engine_once, engine_key_init);
-    rules *r = pthread_getspecific(engine_key);
+    pthread_mutex_lock(&e->mu);
+    while (e->nidle == 0 && e->out >= e->size)
+        pthread_cond_wait(&e->freed, &e->mu);
+    rules *r = NULL;
+    /* prefer an engine already built for this ruleset */
+    for (size_t i = e->nidle; i-- > 0;) {
+        if (rules_ruleset(e->idle[i]) == rs) {
+            r = e->idle[i];
+            e->idle[i] = e->idle[--e->nidle];
+            break;
+        }
+    }
+    if (!r && e->nidle)
+        r = e->idle[--e->nidle]; /* an older generation: rebuilt below */
+    e->out++;
+    pthread_mutex_unlock(&e->mu);
     if (r && rules_ruleset(r) == rs)
         return r;
-    rules *fresh = NULL;
-    if (rules_new(&fresh, rs, err, errlen) != 0)
-        return NULL;
     rules_free(r);
-    pthread_setspecific(engine_key, fresh);
-    return fresh;
+    if (rules_new(&r, rs, err, errlen) != 0) {
+        pthread_mutex_lock(&e->mu);
+        e->out--;
+        pthread_cond_signal(&e->freed);
+        pthread_mutex_unlock(&e->mu);
+        return NULL;
+    }
+    return r;
 }
 
-void ingest_thread_done(void)
+static void give_back(struct ingest_engines *e, rules *r)
 {
-    pthread_once(&engine_once, engine_key_init);
-    rules_free(pthread_getspecific(engine_key));
-    pthread_setspecific(engine_key, NULL);
+    /* A rule cut short by a limit may have left its globals half updated: the
+     * state is dropped and the next borrower builds a fresh one. */
+    if (rules_needs_rebuild(r)) {
+        metrics_add(M_RULE_STATE_REBUILDS, 1);
+        log_warn("a rule hit a limit; its rules state is rebuilt");
+        rules_free(r);
+        r = NULL;
+    }
+    pthread_mutex_lock(&e->mu);
+    if (r)
+        e->idle[e->nidle++] = r;
+    e->out--;
+    pthread_cond_signal(&e->freed);
+    pthread_mutex_unlock(&e->mu);
 }
 
 static void respond_error(struct ingest_response *resp, int status, int retry_after,
@@ -145,7 +205,7 @@ void ingest_handle(struct ingest *in, const struct ingest_request *req,
     mapping_init(&m);
     char err[ERR_LEN];
 
-    rules *r = thread_engine(s.rs, err, sizeof err);
+    rules *r = borrow(in->engines, s.rs, err, sizeof err);
     struct input_error ie;
     if (!r) {
         log_error("cannot build the rules engine", LOG_S("error", err));
@@ -207,13 +267,8 @@ void ingest_handle(struct ingest *in, const struct ingest_request *req,
                    res.duplicates, res.quarantined, ruleset_version(s.rs)) != 0)
         buf_reset(&resp->body);
 done:
-    /* A rule cut short by a limit may have left its globals half updated: the
-     * next request of this worker starts on a fresh state. */
-    if (r && rules_needs_rebuild(r)) {
-        metrics_add(M_RULE_STATE_REBUILDS, 1);
-        log_warn("a rule hit a limit; this worker's rules state is rebuilt");
-        ingest_thread_done();
-    }
+    if (r)
+        give_back(in->engines, r);
     mapping_free(&m);
     reload_put(&s);
 }

@@ -21,10 +21,17 @@
 
 #include <stdatomic.h>
 
+struct ingest_engines;
+
 struct ingest {
     queue *q;
     _Atomic int draining; /* set on shutdown: new batches get 503 */
+    struct ingest_engines *engines;
 };
+
+/* engines: the most rules engines (Lua states) mapping requests at once. */
+int ingest_init(struct ingest *in, queue *q, int engines) WUR;
+void ingest_fini(struct ingest *in);
 
 struct ingest_request {
     const char *authorization; /* Authorization header or NULL */
@@ -48,8 +55,5 @@ int ingest_precheck(struct ingest *in, const struct ingest_request *req,
 
 void ingest_handle(struct ingest *in, const struct ingest_request *req,
                    struct ingest_response *resp);
-
-/* Frees this thread's rules engine (also done automatically at thread exit). */
-void ingest_thread_done(void);
 
 #endif

@@ -753,10 +753,12 @@ static void run_chain(rules *r, lua_State *L, int evi, size_t upto, struct chain
     }
 }
 
-/* The identity of the event being mapped, captured before any rule runs. */
+/* The identity of the event being mapped, captured before any rule runs, and
+ * its bytes as received when known. */
 struct event_ids {
     str id;
     str type;
+    str raw;
 };
 
 static int add_dead(rules *r, lua_State *L, int evi, const struct event_ids *ids, struct mapping *m,
@@ -768,7 +770,9 @@ static int add_dead(rules *r, lua_State *L, int evi, const struct event_ids *ids
         return -1;
     char err[ERR_LEN];
     buf_reset(&r->scratch);
-    if (encode_value(r, L, evi, &r->scratch, err, sizeof err) != 0) {
+    if (ids->raw.p) {
+        (void)!buf_add(&r->scratch, ids->raw.p, ids->raw.n);
+    } else if (encode_value(r, L, evi, &r->scratch, err, sizeof err) != 0) {
         buf_reset(&r->scratch);
         (void)!buf_adds(&r->scratch, "{}");
     }
@@ -838,10 +842,14 @@ static int emit(rules *r, lua_State *L, int evi, const struct event_ids *ids, in
     else
         tmp.user = tmp.batch;
 
-    buf_reset(&r->scratch);
-    if (encode_value(r, L, evi, &r->scratch, err, errlen) != 0)
-        goto done;
-    tmp.raw = mapping_copy(m, r->scratch.data, r->scratch.len, &failed);
+    if (ids->raw.p) {
+        tmp.raw = mapping_copy(m, ids->raw.p, ids->raw.n, &failed);
+    } else {
+        buf_reset(&r->scratch);
+        if (encode_value(r, L, evi, &r->scratch, err, errlen) != 0)
+            goto done;
+        tmp.raw = mapping_copy(m, r->scratch.data, r->scratch.len, &failed);
+    }
     tmp.event_id = ids->id;
     tmp.event_type = ids->type;
 
@@ -858,11 +866,12 @@ done:
 }
 
 /* [-0, +0] Maps the event at evi into m. -1 only when out of memory. */
-static int map_event(rules *r, lua_State *L, int evi, struct mapping *m)
+static int map_event(rules *r, lua_State *L, int evi, str raw, struct mapping *m)
 {
     int top = lua_gettop(L);
     int failed = 0;
     struct event_ids ids;
+    ids.raw = raw;
     size_t n;
     rawfield(L, evi, "id");
     const char *s = lua_tolstring(L, -1, &n);
@@ -919,6 +928,120 @@ static int map_event(rules *r, lua_State *L, int evi, struct mapping *m)
     }
     lua_settop(L, top);
     return failed ? -1 : rc;
+}
+
+/* ---- where each event's bytes are ---------------------------------------- */
+
+/* cjson validates and decodes the body; this finds the byte range of every
+ * element of the top-level "events" list, so a record keeps the event exactly as
+ * Braze sent it without encoding it again. Structural only: it trusts cjson for
+ * validity and gives up (-1) on anything unexpected, and the caller then falls
+ * back to encoding. */
+static const char *skip_ws(const char *p, const char *end)
+{
+    while (p < end && (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r'))
+        p++;
+    return p;
+}
+
+static const char *skip_string(const char *p, const char *end)
+{
+    for (p++; p < end; p++) {
+        if (*p == '\\')
+            p++;
+        else if (*p == '"')
+            return p + 1;
+    }
+    return NULL;
+}
+
+static const char *skip_value(const char *p, const char *end)
+{
+    if (p >= end)
+        return NULL;
+    if (*p == '"')
+        return skip_string(p, end);
+    if (*p != '{' && *p != '[') {
+        while (p < end && *p != ',' && *p != '}' && *p != ']' && *p != ' ' && *p != '\n' &&
+               *p != '\t' && *p != '\r')
+            p++;
+        return p;
+    }
+    int depth = 0;
+    while (p < end) {
+        if (*p == '"') {
+            p = skip_string(p, end);
+            if (!p)
+                return NULL;
+            continue;
+        }
+        if (*p == '{' || *p == '[')
+            depth++;
+        else if ((*p == '}' || *p == ']') && --depth == 0)
+            return p + 1;
+        p++;
+    }
+    return NULL;
+}
+
+/* Fills slices (n of them, the length of the decoded list) or returns -1. */
+static int event_slices(const char *body, size_t len, str *slices, size_t n)
+{
+    const char *p = body, *end = body + len, *list = NULL;
+    p = skip_ws(p, end);
+    if (p >= end || *p != '{')
+        return -1;
+    p++;
+    for (;;) {
+        p = skip_ws(p, end);
+        if (p < end && *p == '}')
+            break;
+        if (p >= end || *p != '"')
+            return -1;
+        const char *key = p + 1, *key_end = skip_string(p, end);
+        if (!key_end)
+            return -1;
+        p = skip_ws(key_end, end);
+        if (p >= end || *p != ':')
+            return -1;
+        p = skip_ws(p + 1, end);
+        if (key_end - key - 1 == 6 && memcmp(key, "events", 6) == 0)
+            list = p; /* a repeated key: the last one wins, as in cjson */
+        p = skip_value(p, end);
+        if (!p)
+            return -1;
+        p = skip_ws(p, end);
+        if (p < end && *p == ',') {
+            p++;
+            continue;
+        }
+        if (p < end && *p == '}')
+            break;
+        return -1;
+    }
+    if (!list || *list != '[')
+        return -1;
+    p = list + 1;
+    size_t i = 0;
+    for (;;) {
+        p = skip_ws(p, end);
+        if (p < end && *p == ']')
+            break;
+        const char *v = p;
+        p = skip_value(p, end);
+        if (!p || i == n)
+            return -1;
+        slices[i++] = (str){v, (size_t)(p - v)};
+        p = skip_ws(p, end);
+        if (p < end && *p == ',') {
+            p++;
+            continue;
+        }
+        if (p < end && *p == ']')
+            break;
+        return -1;
+    }
+    return i == n ? 0 : -1;
 }
 
 /* ---- requests ----------------------------------------------------------- */
@@ -1104,11 +1227,18 @@ int rules_map(rules *r, const char *body, size_t len, enum input_shape shape, st
     size_t nrec = m->nrecords, ndead = m->ndead, nout = m->noutcomes;
     size_t dropped[DROP_REASON_COUNT];
     memcpy(dropped, m->dropped, sizeof dropped);
+    /* the events' own bytes, when the body is an envelope the scanner follows */
+    str *raws = n > 0 ? calloc((size_t)n, sizeof(*raws)) : NULL;
+    if (raws && event_slices(body, len, raws, (size_t)n) != 0) {
+        free(raws);
+        raws = NULL;
+    }
     for (lua_Integer i = 1; i <= n; i++) {
         lua_rawgeti(L, evs, i);
-        int rc = map_event(r, L, lua_gettop(L), m);
+        int rc = map_event(r, L, lua_gettop(L), raws ? raws[i - 1] : STR_NULL, m);
         lua_pop(L, 1);
         if (rc != 0) {
+            free(raws);
             m->nrecords = nrec;
             m->ndead = ndead;
             m->noutcomes = nout;
@@ -1117,6 +1247,7 @@ int rules_map(rules *r, const char *body, size_t len, enum input_shape shape, st
             return input_fail(e, 503, -1, "out of memory while mapping");
         }
     }
+    free(raws);
     m->nevents += (size_t)n;
     lua_settop(L, top);
     return 0;
@@ -1268,7 +1399,7 @@ static int run_test(rules *r, lua_State *L, size_t k, int ti, long index, buf *r
     struct mapping scratch;
     mapping_init(&scratch);
     char err[ERR_LEN];
-    struct event_ids ids = {{"test", 4}, {"test", 4}};
+    struct event_ids ids = {{"test", 4}, {"test", 4}, STR_NULL};
     int e = emit(r, L, evi, &ids, outi, &scratch, err, sizeof err);
     mapping_free(&scratch);
     if (e != 0) {

@@ -242,8 +242,10 @@ int service_run(const char *config_path)
         log_error("cannot open the queue", LOG_S("error", err));
         goto done;
     }
-    s.in.q = s.q;
-    atomic_store(&s.in.draining, 0);
+    if (ingest_init(&s.in, s.q, (int)cfg->http_threads) != 0) {
+        log_error("out of memory");
+        goto done;
+    }
     if (sender_start(&s.sender, s.q, err, sizeof err) != 0) {
         log_error("cannot start the sender", LOG_S("error", err));
         goto done;
@@ -263,7 +265,6 @@ int service_run(const char *config_path)
     struct http_in_options ho = {
         .host = host,
         .port = port,
-        .threads = (int)cfg->http_threads,
         .max_connections = (int)cfg->http_max_connections,
         .max_connections_per_ip = (int)cfg->http_max_connections_per_ip,
         .timeout_s = (int)cfg->http_timeout_s,
@@ -305,6 +306,7 @@ done:
     atomic_store(&s.in.draining, 1);
     sender_stop(s.sender, SHUTDOWN_GRACE_MS);
     http_in_stop(s.http);
+    ingest_fini(&s.in);
     queue_free(s.q);
     reload_shutdown();
     if (key)
