@@ -12,7 +12,7 @@
 #include <sys/stat.h>
 
 #define QUEUE_FILE "queue.db"
-#define SCHEMA_VERSION "2"
+#define SCHEMA_VERSION "3"
 /* Large pages make the WAL writes of ~2 KB rows sequential and cheap: about
  * three times the insert rate of 4 KiB pages with synchronous=FULL. */
 #define PAGE_SIZE 16384
@@ -33,20 +33,6 @@
 static const char *const SCHEMA =
     "CREATE TABLE IF NOT EXISTS meta("
     "  key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;"
-    /* one mapped event; id is the order of arrival and never reused (the
-     * sender claims records above a cursor) */
-    "CREATE TABLE IF NOT EXISTS records("
-    "  id INTEGER PRIMARY KEY AUTOINCREMENT,"
-    "  feed INTEGER NOT NULL,"
-    "  received_ms INTEGER NOT NULL,"
-    "  event_id TEXT NOT NULL,"
-    "  event_type TEXT NOT NULL,"
-    "  rules_version TEXT NOT NULL,"
-    "  user TEXT NOT NULL,"
-    "  batch TEXT NOT NULL,"
-    "  event TEXT NOT NULL,"
-    "  raw TEXT NOT NULL);"
-    "CREATE INDEX IF NOT EXISTS records_feed ON records(feed, id);"
     /* a batch persisted before it is sent; record_ids: little-endian int64s */
     "CREATE TABLE IF NOT EXISTS batches("
     "  id INTEGER PRIMARY KEY AUTOINCREMENT,"
@@ -80,17 +66,52 @@ static const char *const SCHEMA =
     "  reason TEXT NOT NULL,"
     "  since_ms INTEGER NOT NULL);";
 
+/* One table of records per feed (records_ios, ...): one mapped event per row;
+ * id is its order of arrival on the feed and never reused (the sender claims
+ * records above a cursor). A table per feed keeps each feed's rows together, so
+ * deleting what a feed delivered rewrites few pages, and needs no index. */
+static const char *const RECORDS_TABLE =
+    "CREATE TABLE IF NOT EXISTS records_%s("
+    "  id INTEGER PRIMARY KEY AUTOINCREMENT,"
+    "  received_ms INTEGER NOT NULL,"
+    "  event_id TEXT NOT NULL,"
+    "  event_type TEXT NOT NULL,"
+    "  rules_version TEXT NOT NULL,"
+    "  user TEXT NOT NULL,"
+    "  batch TEXT NOT NULL,"
+    "  event TEXT NOT NULL,"
+    "  raw TEXT NOT NULL)";
+
+/* Statements on a feed's records table: %s is the feed's name, %d its number. */
+enum feed_stmt_id { F_INSERT, F_DELETE, F_TO_DEAD, F_OLDEST, F_COUNT };
+
+static const char *const FEED_STMTS[F_COUNT] = {
+    [F_INSERT] = "INSERT INTO records_%s(received_ms, event_id, event_type, rules_version, "
+                 "user, batch, event, raw) VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    [F_DELETE] = "DELETE FROM records_%s WHERE id = ?1",
+    [F_TO_DEAD] = "INSERT INTO dead(at_ms, reason, detail, feed, event_id, event_type, "
+                  "rules_version, received_ms, raw, event) "
+                  "SELECT ?2, ?3, ?4, ?5, event_id, event_type, rules_version, received_ms, "
+                  "raw, event FROM records_%s WHERE id = ?1",
+    [F_OLDEST] = "SELECT received_ms FROM records_%s ORDER BY id LIMIT 1",
+};
+
+/* Prepares FEED_STMTS[which] for feed f. */
+static int prepare_feed(sqlite3 *db, const char *tmpl, enum feed f, sqlite3_stmt **out)
+{
+    char sql[512];
+    snprintf(sql, sizeof sql, tmpl, FEED_NAMES[f]);
+    return sqlite3_prepare_v3(db, sql, -1, SQLITE_PREPARE_PERSISTENT, out, NULL) == SQLITE_OK
+               ? 0
+               : -1;
+}
+
 enum stmt_id {
     S_SEEN,
-    S_INSERT_RECORD,
     S_INSERT_DEAD,
     S_INSERT_BATCH,
     S_GET_BATCH,
     S_DELETE_BATCH,
-    S_DELETE_RECORD,
-    S_RECORD_TO_DEAD,
-    S_RECORD_FEED,
-    S_OLDEST,
     S_FEED_STATE_SET,
     S_FEED_STATE_CLEAR,
     S_DELETE_DEAD,
@@ -99,9 +120,6 @@ enum stmt_id {
 
 static const char *const STMTS[S_COUNT] = {
     [S_SEEN] = "INSERT INTO dedup(a, b, at_ms) VALUES(?1, ?2, ?3)",
-    [S_INSERT_RECORD] = "INSERT INTO records(feed, received_ms, event_id, event_type, "
-                        "rules_version, user, batch, event, raw) "
-                        "VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
     [S_INSERT_DEAD] = "INSERT INTO dead(at_ms, reason, detail, feed, event_id, event_type, "
                       "rules_version, received_ms, raw, event) "
                       "VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
@@ -109,13 +127,6 @@ static const char *const STMTS[S_COUNT] = {
                        "record_ids) VALUES(?1, ?2, ?3, ?4, ?5)",
     [S_GET_BATCH] = "SELECT feed, record_ids FROM batches WHERE id = ?1",
     [S_DELETE_BATCH] = "DELETE FROM batches WHERE id = ?1",
-    [S_DELETE_RECORD] = "DELETE FROM records WHERE id = ?1",
-    [S_RECORD_TO_DEAD] = "INSERT INTO dead(at_ms, reason, detail, feed, event_id, event_type, "
-                         "rules_version, received_ms, raw, event) "
-                         "SELECT ?2, ?3, ?4, feed, event_id, event_type, rules_version, "
-                         "received_ms, raw, event FROM records WHERE id = ?1",
-    [S_RECORD_FEED] = "SELECT feed FROM records WHERE id = ?1",
-    [S_OLDEST] = "SELECT received_ms FROM records WHERE feed = ?1 ORDER BY id LIMIT 1",
     [S_FEED_STATE_SET] = "INSERT INTO feed_state(feed, reason, since_ms) VALUES(?1, ?2, ?3) "
                          "ON CONFLICT(feed) DO UPDATE SET reason = excluded.reason, "
                          "since_ms = CASE WHEN feed_state.reason = excluded.reason "
@@ -185,6 +196,7 @@ struct op {
 struct queue {
     sqlite3 *db; /* the writer's connection */
     sqlite3_stmt *st[S_COUNT];
+    sqlite3_stmt *fst[FEED_COUNT][F_COUNT];
     char *path;
     struct queue_options opt;
 
@@ -207,8 +219,8 @@ struct queue {
 
 struct queue_reader {
     sqlite3 *db;
-    sqlite3_stmt *scan;
-    sqlite3_stmt *fetch;
+    sqlite3_stmt *scan[FEED_COUNT];
+    sqlite3_stmt *fetch[FEED_COUNT];
 };
 
 const char *queue_status_name(enum queue_status s)
@@ -295,16 +307,15 @@ static int open_db(const char *path, int create, sqlite3 **out, char *err, size_
 
 static int insert_record(queue *q, const struct record *r, int64_t now)
 {
-    sqlite3_stmt *s = q->st[S_INSERT_RECORD];
-    sqlite3_bind_int(s, 1, (int)r->feed);
-    sqlite3_bind_int64(s, 2, now);
-    bind_str(s, 3, r->event_id);
-    bind_str(s, 4, r->event_type);
-    sqlite3_bind_text(s, 5, r->rules_version, -1, SQLITE_STATIC);
-    bind_str(s, 6, r->user);
-    bind_str(s, 7, r->batch);
-    bind_str(s, 8, r->event);
-    bind_str(s, 9, r->raw);
+    sqlite3_stmt *s = q->fst[r->feed][F_INSERT];
+    sqlite3_bind_int64(s, 1, now);
+    bind_str(s, 2, r->event_id);
+    bind_str(s, 3, r->event_type);
+    sqlite3_bind_text(s, 4, r->rules_version, -1, SQLITE_STATIC);
+    bind_str(s, 5, r->user);
+    bind_str(s, 6, r->batch);
+    bind_str(s, 7, r->event);
+    bind_str(s, 8, r->raw);
     return step_done(s);
 }
 
@@ -510,21 +521,26 @@ static enum queue_status each_batch_record(queue *q, struct op *op, int64_t batc
 static int delete_record(queue *q, struct op *op, int64_t id, int feed, int64_t now)
 {
     (void)now;
-    sqlite3_stmt *s = q->st[S_DELETE_RECORD];
+    if (feed < 0 || feed >= FEED_COUNT)
+        return SQLITE_OK;
+    sqlite3_stmt *s = q->fst[feed][F_DELETE];
     sqlite3_bind_int64(s, 1, id);
     int rc = step_done(s);
-    if (rc == SQLITE_OK && sqlite3_changes(q->db) > 0 && feed >= 0 && feed < FEED_COUNT)
+    if (rc == SQLITE_OK && sqlite3_changes(q->db) > 0)
         op->depth_delta[feed]--;
     return rc;
 }
 
 static int record_to_dead(queue *q, struct op *op, int64_t id, int feed, int64_t now)
 {
-    sqlite3_stmt *s = q->st[S_RECORD_TO_DEAD];
+    if (feed < 0 || feed >= FEED_COUNT)
+        return SQLITE_OK;
+    sqlite3_stmt *s = q->fst[feed][F_TO_DEAD];
     sqlite3_bind_int64(s, 1, id);
     sqlite3_bind_int64(s, 2, now);
     sqlite3_bind_text(s, 3, op->u.batches.reason, -1, SQLITE_STATIC);
     sqlite3_bind_text(s, 4, op->u.batches.detail ? op->u.batches.detail : "", -1, SQLITE_STATIC);
+    sqlite3_bind_int(s, 5, feed);
     int rc = step_done(s);
     if (rc != SQLITE_OK)
         return rc;
@@ -549,18 +565,26 @@ static int cmp_i64(const void *a, const void *b)
     return x < y ? -1 : x > y;
 }
 
+/* A record is known by its feed and its id on that feed. */
+static int64_t held_key(int feed, int64_t id)
+{
+    return (int64_t)((uint64_t)id << 2 | (uint64_t)feed);
+}
+
 static enum queue_status apply_expire(queue *q, struct op *op, int64_t now)
 {
     /* records in persisted batches belong to the sender */
-    int64_t *held = NULL;
+    int64_t *held = NULL, *ids = NULL;
     size_t nheld = 0, cap = 0;
     sqlite3_stmt *s = NULL;
     enum queue_status st = QUEUE_ERROR;
-    if (sqlite3_prepare_v2(q->db, "SELECT record_ids FROM batches", -1, &s, NULL) != SQLITE_OK)
+    if (sqlite3_prepare_v2(q->db, "SELECT feed, record_ids FROM batches", -1, &s, NULL) !=
+        SQLITE_OK)
         goto done;
     while (sqlite3_step(s) == SQLITE_ROW) {
-        size_t n = (size_t)sqlite3_column_bytes(s, 0) / 8;
-        const unsigned char *blob = sqlite3_column_blob(s, 0);
+        int feed = sqlite3_column_int(s, 0);
+        size_t n = (size_t)sqlite3_column_bytes(s, 1) / 8;
+        const unsigned char *blob = sqlite3_column_blob(s, 1);
         if (nheld + n > cap) {
             cap = (nheld + n) * 2;
             int64_t *h = realloc(held, cap * sizeof(*h));
@@ -569,54 +593,51 @@ static enum queue_status apply_expire(queue *q, struct op *op, int64_t now)
             held = h;
         }
         for (size_t i = 0; i < n; i++)
-            held[nheld++] = decode_id(blob + i * 8);
+            held[nheld++] = held_key(feed, decode_id(blob + i * 8));
     }
     sqlite3_finalize(s);
     s = NULL;
     if (nheld)
         qsort(held, nheld, sizeof(*held), cmp_i64);
-
-    if (sqlite3_prepare_v2(q->db,
-                           "SELECT id, feed FROM records WHERE received_ms < ?1 ORDER BY id LIMIT ?2",
-                           -1, &s, NULL) != SQLITE_OK)
+    ids = malloc((EXPIRE_SLICE + 1) * sizeof(*ids));
+    if (!ids)
         goto done;
-    sqlite3_bind_int64(s, 1, op->u.expire.cutoff_ms);
-    sqlite3_bind_int(s, 2, EXPIRE_SLICE + (int)nheld);
-    int64_t *ids = NULL;
-    int *feeds = NULL;
-    size_t n = 0;
-    ids = malloc((EXPIRE_SLICE + nheld + 1) * sizeof(*ids));
-    feeds = malloc((EXPIRE_SLICE + nheld + 1) * sizeof(*feeds));
-    if (!ids || !feeds) {
-        free(ids);
-        free(feeds);
-        goto done;
-    }
-    while (sqlite3_step(s) == SQLITE_ROW && n < EXPIRE_SLICE) {
-        int64_t id = sqlite3_column_int64(s, 0);
-        if (nheld && bsearch(&id, held, nheld, sizeof(*held), cmp_i64))
-            continue;
-        ids[n] = id;
-        feeds[n] = sqlite3_column_int(s, 1);
-        n++;
-    }
-    sqlite3_finalize(s);
-    s = NULL;
     op->u.batches.reason = DEAD_MAX_AGE;
     op->u.batches.detail = "not delivered within retry.max_age_s";
-    st = QUEUE_OK;
-    for (size_t i = 0; i < n && st == QUEUE_OK; i++) {
-        int rc = record_to_dead(q, op, ids[i], feeds[i], now);
-        if (rc != SQLITE_OK)
-            st = status_of(rc);
+    size_t moved = 0;
+    for (int f = 0; f < FEED_COUNT && moved < EXPIRE_SLICE; f++) {
+        char sql[160];
+        snprintf(sql, sizeof sql,
+                 "SELECT id FROM records_%s WHERE received_ms < ?1 ORDER BY id LIMIT ?2",
+                 FEED_NAMES[f]);
+        if (sqlite3_prepare_v2(q->db, sql, -1, &s, NULL) != SQLITE_OK)
+            goto done;
+        sqlite3_bind_int64(s, 1, op->u.expire.cutoff_ms);
+        sqlite3_bind_int64(s, 2, (sqlite3_int64)(EXPIRE_SLICE + nheld));
+        size_t n = 0;
+        while (moved + n < EXPIRE_SLICE && sqlite3_step(s) == SQLITE_ROW) {
+            int64_t id = sqlite3_column_int64(s, 0), key = held_key(f, id);
+            if (nheld && bsearch(&key, held, nheld, sizeof(*held), cmp_i64))
+                continue;
+            ids[n++] = id;
+        }
+        sqlite3_finalize(s);
+        s = NULL;
+        for (size_t i = 0; i < n; i++) {
+            int rc = record_to_dead(q, op, ids[i], f, now);
+            if (rc != SQLITE_OK) {
+                st = status_of(rc);
+                goto done;
+            }
+        }
+        moved += n;
     }
-    if (st == QUEUE_OK)
-        *op->u.expire.moved = n;
-    free(ids);
-    free(feeds);
+    *op->u.expire.moved = moved;
+    st = QUEUE_OK;
 done:
     sqlite3_finalize(s);
     free(held);
+    free(ids);
     return st;
 }
 
@@ -762,10 +783,9 @@ static void shrink(queue *q)
 
 static void refresh_oldest(queue *q)
 {
-    sqlite3_stmt *s = q->st[S_OLDEST];
     int64_t oldest[FEED_COUNT];
     for (int f = 0; f < FEED_COUNT; f++) {
-        sqlite3_bind_int(s, 1, f);
+        sqlite3_stmt *s = q->fst[f][F_OLDEST];
         oldest[f] = sqlite3_step(s) == SQLITE_ROW ? sqlite3_column_int64(s, 0) : 0;
         sqlite3_reset(s);
     }
@@ -778,15 +798,15 @@ static int count_rows(sqlite3 *db, struct queue_gauges *g)
 {
     sqlite3_stmt *s;
     memset(g->depth, 0, sizeof g->depth);
-    if (sqlite3_prepare_v2(db, "SELECT feed, count(*) FROM records GROUP BY feed", -1, &s, NULL) !=
-        SQLITE_OK)
-        return -1;
-    while (sqlite3_step(s) == SQLITE_ROW) {
-        int f = sqlite3_column_int(s, 0);
-        if (f >= 0 && f < FEED_COUNT)
-            g->depth[f] = sqlite3_column_int64(s, 1);
+    for (int f = 0; f < FEED_COUNT; f++) {
+        char sql[96];
+        snprintf(sql, sizeof sql, "SELECT count(*) FROM records_%s", FEED_NAMES[f]);
+        if (sqlite3_prepare_v2(db, sql, -1, &s, NULL) != SQLITE_OK)
+            return -1;
+        if (sqlite3_step(s) == SQLITE_ROW)
+            g->depth[f] = sqlite3_column_int64(s, 0);
+        sqlite3_finalize(s);
     }
-    sqlite3_finalize(s);
     if (sqlite3_prepare_v2(db, "SELECT count(*) FROM dead", -1, &s, NULL) != SQLITE_OK)
         return -1;
     if (sqlite3_step(s) == SQLITE_ROW)
@@ -998,6 +1018,53 @@ static int mkdir_p(const char *dir, char *err, size_t errlen)
     return 0;
 }
 
+static int create_records_tables(sqlite3 *db, char *err, size_t errlen)
+{
+    for (int f = 0; f < FEED_COUNT; f++) {
+        char sql[512];
+        snprintf(sql, sizeof sql, RECORDS_TABLE, FEED_NAMES[f]);
+        if (exec(db, sql, err, errlen) != 0)
+            return -1;
+    }
+    return 0;
+}
+
+/* Schema 2 kept every feed's records in one table; schema 3 has one per feed.
+ * Record ids are kept, so persisted batches still name their records. */
+static int migrate_to_3(sqlite3 *db, char *err, size_t errlen)
+{
+    if (exec(db, "BEGIN IMMEDIATE", err, errlen) != 0)
+        return -1;
+    if (create_records_tables(db, err, errlen) != 0)
+        goto fail;
+    sqlite3_stmt *s;
+    int had_records = 0;
+    if (sqlite3_prepare_v2(db, "SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
+                               "name = 'records'",
+                           -1, &s, NULL) == SQLITE_OK) {
+        had_records = sqlite3_step(s) == SQLITE_ROW;
+        sqlite3_finalize(s);
+    }
+    for (int f = 0; f < FEED_COUNT && had_records; f++) {
+        char sql[512];
+        snprintf(sql, sizeof sql,
+                 "INSERT INTO records_%s(id, received_ms, event_id, event_type, rules_version, "
+                 "user, batch, event, raw) SELECT id, received_ms, event_id, event_type, "
+                 "rules_version, user, batch, event, raw FROM records WHERE feed = %d ORDER BY id",
+                 FEED_NAMES[f], f);
+        if (exec(db, sql, err, errlen) != 0)
+            goto fail;
+    }
+    if ((had_records && exec(db, "DROP TABLE records", err, errlen) != 0) ||
+        exec(db, "UPDATE meta SET value = '3' WHERE key = 'schema_version'; COMMIT", err,
+             errlen) != 0)
+        goto fail;
+    return 0;
+fail:
+    (void)sqlite3_exec(db, "ROLLBACK", NULL, NULL, NULL);
+    return -1;
+}
+
 /* Schema 1 kept the ids themselves under a unique index; schema 2 keeps their
  * fingerprints in an append-only log. */
 static int migrate(sqlite3 *db, char *err, size_t errlen)
@@ -1012,6 +1079,9 @@ static int migrate(sqlite3 *db, char *err, size_t errlen)
     if (sqlite3_step(s) == SQLITE_ROW)
         version = atoi((const char *)sqlite3_column_text(s, 0));
     sqlite3_finalize(s);
+    s = NULL;
+    if (version == 2)
+        return migrate_to_3(db, err, errlen);
     if (version != 1)
         return 0;
     int rc = -1;
@@ -1048,7 +1118,7 @@ done:
     sqlite3_finalize(ins);
     if (rc != 0)
         (void)sqlite3_exec(db, "ROLLBACK", NULL, NULL, NULL);
-    return rc;
+    return rc == 0 ? migrate_to_3(db, err, errlen) : rc;
 }
 
 /* Rebuilds the in-memory dedup set from the log. */
@@ -1125,7 +1195,7 @@ int queue_open(queue **out, const struct queue_options *o, char *err, size_t err
             goto fail;
         if (migrate(q->db, err, errlen) != 0)
             goto fail;
-        if (exec(q->db, SCHEMA, err, errlen) != 0)
+        if (exec(q->db, SCHEMA, err, errlen) != 0 || create_records_tables(q->db, err, errlen) != 0)
             goto fail;
         if (exec(q->db,
                  "INSERT INTO meta(key, value) VALUES('schema_version', '" SCHEMA_VERSION "') "
@@ -1151,6 +1221,14 @@ int queue_open(queue **out, const struct queue_options *o, char *err, size_t err
             SQLITE_OK) {
             str_printf(err, errlen, "%s: %s", q->path, sqlite3_errmsg(q->db));
             goto fail;
+        }
+    }
+    for (int f = 0; f < FEED_COUNT; f++) {
+        for (int i = 0; i < F_COUNT; i++) {
+            if (prepare_feed(q->db, FEED_STMTS[i], (enum feed)f, &q->fst[f][i]) != 0) {
+                str_printf(err, errlen, "%s: %s", q->path, sqlite3_errmsg(q->db));
+                goto fail;
+            }
         }
     }
     if (count_rows(q->db, &q->gauges) != 0) {
@@ -1187,6 +1265,10 @@ void queue_free(queue *q)
     }
     for (int i = 0; i < S_COUNT; i++)
         sqlite3_finalize(q->st[i]);
+    for (int f = 0; f < FEED_COUNT; f++) {
+        for (int i = 0; i < F_COUNT; i++)
+            sqlite3_finalize(q->fst[f][i]);
+    }
     if (q->db) {
         if (!q->opt.readonly)
             sqlite3_exec(q->db, "PRAGMA wal_checkpoint(TRUNCATE)", NULL, NULL, NULL);
@@ -1347,16 +1429,18 @@ queue_reader *queue_reader_new(queue *q, char *err, size_t errlen)
     }
     if (open_db(q->path, 0, &r->db, err, errlen) != 0)
         goto fail;
-    if (sqlite3_prepare_v3(r->db,
-                           "SELECT id, received_ms, user, batch, event, event_id FROM records "
-                           "WHERE feed = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
-                           -1, SQLITE_PREPARE_PERSISTENT, &r->scan, NULL) != SQLITE_OK ||
-        sqlite3_prepare_v3(r->db,
-                           "SELECT id, received_ms, user, batch, event, event_id FROM records "
-                           "WHERE id = ?1",
-                           -1, SQLITE_PREPARE_PERSISTENT, &r->fetch, NULL) != SQLITE_OK) {
-        str_printf(err, errlen, "%s", sqlite3_errmsg(r->db));
-        goto fail;
+    for (int f = 0; f < FEED_COUNT; f++) {
+        if (prepare_feed(r->db,
+                         "SELECT id, received_ms, user, batch, event, event_id FROM records_%s "
+                         "WHERE id > ?1 ORDER BY id LIMIT ?2",
+                         (enum feed)f, &r->scan[f]) != 0 ||
+            prepare_feed(r->db,
+                         "SELECT id, received_ms, user, batch, event, event_id FROM records_%s "
+                         "WHERE id = ?1",
+                         (enum feed)f, &r->fetch[f]) != 0) {
+            str_printf(err, errlen, "%s", sqlite3_errmsg(r->db));
+            goto fail;
+        }
     }
     return r;
 fail:
@@ -1368,8 +1452,10 @@ void queue_reader_free(queue_reader *r)
 {
     if (!r)
         return;
-    sqlite3_finalize(r->scan);
-    sqlite3_finalize(r->fetch);
+    for (int f = 0; f < FEED_COUNT; f++) {
+        sqlite3_finalize(r->scan[f]);
+        sqlite3_finalize(r->fetch[f]);
+    }
     sqlite3_close(r->db);
     free(r);
 }
@@ -1414,10 +1500,9 @@ static long add_item(struct queue_items *out, sqlite3_stmt *s)
 int queue_scan(queue_reader *r, enum feed f, int64_t after_id, size_t limit, size_t max_bytes,
                struct queue_items *out)
 {
-    sqlite3_stmt *s = r->scan;
-    sqlite3_bind_int(s, 1, (int)f);
-    sqlite3_bind_int64(s, 2, after_id);
-    sqlite3_bind_int64(s, 3, (sqlite3_int64)limit);
+    sqlite3_stmt *s = r->scan[f];
+    sqlite3_bind_int64(s, 1, after_id);
+    sqlite3_bind_int64(s, 2, (sqlite3_int64)limit);
     size_t bytes = 0;
     int rc;
     while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
@@ -1434,9 +1519,10 @@ int queue_scan(queue_reader *r, enum feed f, int64_t after_id, size_t limit, siz
     return rc == SQLITE_ROW || rc == SQLITE_DONE ? 0 : -1;
 }
 
-int queue_fetch(queue_reader *r, const int64_t *ids, size_t n, struct queue_items *out)
+int queue_fetch(queue_reader *r, enum feed f, const int64_t *ids, size_t n,
+                struct queue_items *out)
 {
-    sqlite3_stmt *s = r->fetch;
+    sqlite3_stmt *s = r->fetch[f];
     for (size_t i = 0; i < n; i++) {
         sqlite3_bind_int64(s, 1, ids[i]);
         int rc = sqlite3_step(s);
@@ -1489,9 +1575,8 @@ int64_t queue_oldest_ms(queue_reader *r, enum feed f)
 {
     sqlite3_stmt *s;
     int64_t v = 0;
-    if (sqlite3_prepare_v2(r->db, STMTS[S_OLDEST], -1, &s, NULL) != SQLITE_OK)
+    if (prepare_feed(r->db, FEED_STMTS[F_OLDEST], f, &s) != 0)
         return 0;
-    sqlite3_bind_int(s, 1, (int)f);
     if (sqlite3_step(s) == SQLITE_ROW)
         v = sqlite3_column_int64(s, 0);
     sqlite3_finalize(s);

@@ -101,8 +101,10 @@ void queue_reader_free(queue_reader *r);
  * are at most max_bytes in total (at least one). */
 int queue_scan(queue_reader *r, enum feed f, int64_t after_id, size_t limit, size_t max_bytes,
                struct queue_items *out) WUR;
-/* Reads the records with the given ids, in that order (missing ones are skipped). */
-int queue_fetch(queue_reader *r, const int64_t *ids, size_t n, struct queue_items *out) WUR;
+/* Reads the records of feed f with the given ids, in that order (missing ones
+ * are skipped). */
+int queue_fetch(queue_reader *r, enum feed f, const int64_t *ids, size_t n,
+                struct queue_items *out) WUR;
 /* Calls fn for every persisted batch (after a restart: the ones in flight). */
 int queue_load_batches(queue_reader *r, void (*fn)(void *ctx, struct queue_batch *b), void *ctx) WUR;
 /* The received time of the oldest record of f, or 0 when none. */

@@ -754,7 +754,7 @@ static int split_batch(struct sender *s, struct feed_state *f, struct pbatch *b)
     struct queue_batch qb[2];
     memset(qb, 0, sizeof qb);
     int rc = -1;
-    if (queue_fetch(s->reader, b->record_ids, b->nrecords, &items) != 0 ||
+    if (queue_fetch(s->reader, b->feed, b->record_ids, b->nrecords, &items) != 0 ||
         items.n != b->nrecords)
         goto done;
     size_t from[2] = {0, half}, count[2] = {half, b->nrecords - half};
@@ -902,7 +902,7 @@ static void load_batch(void *ctx, struct queue_batch *qb)
     b->nrecords = qb->nrecords;
     b->oldest_ms = qb->oldest_ms;
     qb->record_ids = NULL;
-    if (queue_fetch(s->reader, b->record_ids, b->nrecords, &items) != 0 || items.n == 0 ||
+    if (queue_fetch(s->reader, b->feed, b->record_ids, b->nrecords, &items) != 0 || items.n == 0 ||
         build_body(s, b, &items, 0, items.n) != 0)
         goto fail;
     for (size_t i = 0; i < b->nrecords; i++) {

@@ -29,6 +29,11 @@ SLOW = 10 if WRAPPER else 1
 
 TOKEN = "test-token-0123456789abcdef"
 
+FEEDS = ("ios", "android", "web", "unbound")
+# Every feed's records table as one (the queue keeps a table per feed).
+RECORDS = "(%s)" % " UNION ALL ".join(
+    "SELECT %d AS feed, * FROM records_%s" % (i, f) for i, f in enumerate(FEEDS))
+
 # What AddressSanitizer, UndefinedBehaviorSanitizer, LeakSanitizer and valgrind
 # print when they find something.
 TOOL_ERRORS = ("ERROR: AddressSanitizer", "ERROR: LeakSanitizer", "runtime error:",
@@ -255,8 +260,10 @@ class Service:
         return sqlite3.connect(os.path.join(self.data_dir, "queue.db"), timeout=30)
 
     def queued_ids(self):
+        """Event ids waiting for delivery, in order of arrival."""
         with self.db() as db:
-            return [r[0] for r in db.execute("SELECT event_id FROM records ORDER BY id")]
+            return [r[0] for r in db.execute(
+                "SELECT event_id FROM %s ORDER BY received_ms, feed, id" % RECORDS)]
 
     def cli(self, args, **kw):
         env = dict(self.env)

@@ -6,7 +6,7 @@ import signal
 import threading
 import time
 
-from harness import SLOW, TOKEN, ServiceTest, event, request
+from harness import RECORDS, SLOW, TOKEN, ServiceTest, event, request
 
 ADMIN = "admin-token-5b2f0c9e1d"
 
@@ -71,7 +71,7 @@ class Reload(ServiceTest):
         self.assertGreater(len(sent), 1000)
         self.assertLess(max(latencies), 2.0 * SLOW, "a request waited too long")
         with s.db() as db:
-            rows = db.execute("SELECT event_id, rules_version, event FROM records").fetchall()
+            rows = db.execute("SELECT event_id, rules_version, event FROM %s" % RECORDS).fetchall()
         self.assertEqual(sorted(r[0] for r in rows), sorted(sent))
         stamp_of_version = {}
         for event_id, version, mapped in rows:
@@ -138,7 +138,8 @@ class Reload(ServiceTest):
         e = event("users.messages.email.Open")
         s.post([e])
         with s.db() as db:
-            (mapped,) = db.execute("SELECT event FROM records WHERE event_id = ?", (e["id"],)).fetchone()
+            (mapped,) = db.execute("SELECT event FROM %s WHERE event_id = ?" % RECORDS,
+                                   (e["id"],)).fetchone()
         self.assertEqual(json.loads(mapped)["data"]["event_name"], "Renamed By Rule")
 
     def test_sighup_reloads_inbound_tokens_for_rotation(self):

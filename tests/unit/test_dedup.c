@@ -85,20 +85,26 @@ START_TEST(test_a_million_ids_are_all_found)
 }
 END_TEST
 
-START_TEST(test_a_schema_1_queue_is_migrated_and_keeps_its_ids)
+START_TEST(test_an_old_queue_is_migrated_and_keeps_its_ids_and_records)
 {
     char dir[256], path[320], err[ERR_LEN];
     unit_tmpdir(dir, sizeof dir);
     snprintf(path, sizeof path, "%s/queue.db", dir);
     sqlite3 *db;
     ck_assert_int_eq(sqlite3_open(path, &db), SQLITE_OK);
-    char sql[512];
+    char sql[2048];
     snprintf(sql, sizeof sql,
              "CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;"
              "INSERT INTO meta VALUES('schema_version', '1');"
              "CREATE TABLE seen(id INTEGER PRIMARY KEY, event_id TEXT NOT NULL UNIQUE,"
              " at_ms INTEGER NOT NULL);"
-             "INSERT INTO seen(event_id, at_ms) VALUES('old-event', %lld);",
+             "INSERT INTO seen(event_id, at_ms) VALUES('old-event', %lld);"
+             "CREATE TABLE records(id INTEGER PRIMARY KEY AUTOINCREMENT, feed INTEGER NOT NULL,"
+             " received_ms INTEGER NOT NULL, event_id TEXT NOT NULL, event_type TEXT NOT NULL,"
+             " rules_version TEXT NOT NULL, user TEXT NOT NULL, batch TEXT NOT NULL,"
+             " event TEXT NOT NULL, raw TEXT NOT NULL);"
+             "INSERT INTO records VALUES(7, 0, 1, 'ios-1', 't', 'v', 'u', '', '{}', '{}');"
+             "INSERT INTO records VALUES(9, 2, 1, 'web-1', 't', 'v', 'u', '', '{}', '{}');",
              (long long)clock_wall_ms());
     ck_assert_int_eq(sqlite3_exec(db, sql, NULL, NULL, NULL), SQLITE_OK);
     sqlite3_close(db);
@@ -119,6 +125,26 @@ START_TEST(test_a_schema_1_queue_is_migrated_and_keeps_its_ids)
     ck_assert_uint_eq(res.duplicates, 1);
     ck_assert_uint_eq(res.queued, 0);
     mapping_free(&m);
+    /* the records moved to their feed's table, with their ids */
+    queue_reader *rd = queue_reader_new(q, err, sizeof err);
+    ck_assert_ptr_nonnull(rd);
+    struct queue_items ios, web;
+    queue_items_init(&ios);
+    queue_items_init(&web);
+    ck_assert_int_eq(queue_scan(rd, FEED_IOS, 0, 10, 1 << 20, &ios), 0);
+    ck_assert_int_eq(queue_scan(rd, FEED_WEB, 0, 10, 1 << 20, &web), 0);
+    ck_assert_uint_eq(ios.n, 1);
+    ck_assert_int_eq(ios.items[0].id, 7);
+    ck_assert(str_eq(ios.items[0].event_id, "ios-1"));
+    ck_assert_uint_eq(web.n, 1);
+    ck_assert_int_eq(web.items[0].id, 9);
+    queue_items_free(&ios);
+    queue_items_free(&web);
+    queue_reader_free(rd);
+    struct queue_gauges g;
+    queue_gauges(q, &g);
+    ck_assert_int_eq(g.depth[FEED_IOS], 1);
+    ck_assert_int_eq(g.depth[FEED_WEB], 1);
     queue_free(q);
     unit_rmdir(dir);
 }
@@ -134,7 +160,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_a_removed_id_is_forgotten_and_can_be_added_again);
     tcase_add_test(tc, test_ids_are_kept_for_the_window_and_forgotten_after);
     tcase_add_test(tc, test_a_million_ids_are_all_found);
-    tcase_add_test(tc, test_a_schema_1_queue_is_migrated_and_keeps_its_ids);
+    tcase_add_test(tc, test_an_old_queue_is_migrated_and_keeps_its_ids_and_records);
     suite_add_tcase(s, tc);
     return s;
 }
