@@ -27,6 +27,10 @@
 #define VACUUM_EVERY_MS 10000
 #define VACUUM_PAGES 2048
 #define VACUUM_MIN_FREE 4096
+/* The writer copies the WAL back into the database once it holds this many
+ * pages: after waking the requests of the group that filled it, not inside their
+ * commit, so no request waits for a checkpoint of others' data. */
+#define CHECKPOINT_PAGES 1000
 /* Expiry moves at most this many records per transaction. */
 #define EXPIRE_SLICE 10000
 
@@ -215,6 +219,7 @@ struct queue {
     int64_t last_prune_ms;
     int64_t last_gauges_ms;
     int64_t last_vacuum_ms;
+    int wal_pages; /* set by the WAL hook after each commit */
 };
 
 struct queue_reader {
@@ -817,6 +822,24 @@ static int count_rows(sqlite3 *db, struct queue_gauges *g)
 
 /* ---- writer: the loop --------------------------------------------------- */
 
+static int on_wal_commit(void *arg, sqlite3 *db, const char *name, int pages)
+{
+    (void)db;
+    (void)name;
+    ((queue *)arg)->wal_pages = pages;
+    return SQLITE_OK;
+}
+
+static void checkpoint(queue *q)
+{
+    if (q->wal_pages < CHECKPOINT_PAGES)
+        return;
+    q->wal_pages = 0;
+    int rc = sqlite3_wal_checkpoint_v2(q->db, NULL, SQLITE_CHECKPOINT_PASSIVE, NULL, NULL);
+    if (rc != SQLITE_OK && rc != SQLITE_BUSY)
+        log_warn("queue: checkpoint failed", LOG_S("error", sqlite3_errmsg(q->db)));
+}
+
 /* A commit that did not happen reports nothing stored. */
 static void reset_commit(struct op *op)
 {
@@ -928,6 +951,7 @@ static void *writer_main(void *arg)
             }
             pthread_cond_broadcast(&q->done);
             pthread_mutex_unlock(&q->mu);
+            checkpoint(q);
             for (struct op *op = finished, *next; op; op = next) {
                 next = op->next;
                 if (op->status != QUEUE_OK)
@@ -1222,6 +1246,11 @@ int queue_open(queue **out, const struct queue_options *o, char *err, size_t err
             str_printf(err, errlen, "%s: %s", q->path, sqlite3_errmsg(q->db));
             goto fail;
         }
+    }
+    if (!o->readonly) {
+        if (exec(q->db, "PRAGMA wal_autocheckpoint=0", err, errlen) != 0)
+            goto fail;
+        sqlite3_wal_hook(q->db, on_wal_commit, q);
     }
     for (int f = 0; f < FEED_COUNT; f++) {
         for (int i = 0; i < F_COUNT; i++) {
