@@ -984,10 +984,40 @@ static const char *skip_value(const char *p, const char *end)
     return NULL;
 }
 
+/* Splits the list at p into its elements; returns the end of the list, or NULL
+ * when it is not a list of exactly n elements. */
+static const char *split_list(const char *p, const char *end, str *slices, size_t n)
+{
+    if (p >= end || *p != '[')
+        return NULL;
+    p++;
+    size_t i = 0;
+    for (;;) {
+        p = skip_ws(p, end);
+        if (p < end && *p == ']')
+            break;
+        const char *v = p;
+        p = skip_value(p, end);
+        if (!p || i == n)
+            return NULL;
+        slices[i++] = (str){v, (size_t)(p - v)};
+        p = skip_ws(p, end);
+        if (p < end && *p == ',') {
+            p++;
+            continue;
+        }
+        if (p < end && *p == ']')
+            break;
+        return NULL;
+    }
+    return i == n ? p + 1 : NULL;
+}
+
 /* Fills slices (n of them, the length of the decoded list) or returns -1. */
 static int event_slices(const char *body, size_t len, str *slices, size_t n)
 {
-    const char *p = body, *end = body + len, *list = NULL;
+    const char *p = body, *end = body + len;
+    int found = 0;
     p = skip_ws(p, end);
     if (p >= end || *p != '{')
         return -1;
@@ -1005,9 +1035,13 @@ static int event_slices(const char *body, size_t len, str *slices, size_t n)
         if (p >= end || *p != ':')
             return -1;
         p = skip_ws(p + 1, end);
-        if (key_end - key - 1 == 6 && memcmp(key, "events", 6) == 0)
-            list = p; /* a repeated key: the last one wins, as in cjson */
-        p = skip_value(p, end);
+        if (key_end - key - 1 == 6 && memcmp(key, "events", 6) == 0) {
+            /* a repeated key: the last one wins, as in cjson */
+            p = split_list(p, end, slices, n);
+            found = p != NULL;
+        } else {
+            p = skip_value(p, end);
+        }
         if (!p)
             return -1;
         p = skip_ws(p, end);
@@ -1019,29 +1053,7 @@ static int event_slices(const char *body, size_t len, str *slices, size_t n)
             break;
         return -1;
     }
-    if (!list || *list != '[')
-        return -1;
-    p = list + 1;
-    size_t i = 0;
-    for (;;) {
-        p = skip_ws(p, end);
-        if (p < end && *p == ']')
-            break;
-        const char *v = p;
-        p = skip_value(p, end);
-        if (!p || i == n)
-            return -1;
-        slices[i++] = (str){v, (size_t)(p - v)};
-        p = skip_ws(p, end);
-        if (p < end && *p == ',') {
-            p++;
-            continue;
-        }
-        if (p < end && *p == ']')
-            break;
-        return -1;
-    }
-    return i == n ? 0 : -1;
+    return found ? 0 : -1;
 }
 
 /* ---- requests ----------------------------------------------------------- */
