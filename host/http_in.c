@@ -347,6 +347,7 @@ static void *on_request_line(void *cls, const char *uri, struct MHD_Connection *
 static void *watchdog_main(void *arg)
 {
     http_in *h = arg;
+    pthread_setname_np(pthread_self(), "http-watchdog");
     pthread_mutex_lock(&h->conns_mu);
     while (!h->stopping) {
         int64_t now = clock_mono_ms(), limit = (int64_t)h->opt.request_timeout_s * 1000;

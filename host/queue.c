@@ -918,6 +918,7 @@ static void run_group(queue *q, struct op *ops)
 static void *writer_main(void *arg)
 {
     queue *q = arg;
+    pthread_setname_np(pthread_self(), "queue-writer");
     for (;;) {
         pthread_mutex_lock(&q->mu);
         while (!q->pending && !q->stopping) {

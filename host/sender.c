@@ -944,6 +944,7 @@ static void sweep_unclaimed(struct sender *s, int64_t now)
 static void *sender_main(void *arg)
 {
     struct sender *s = arg;
+    pthread_setname_np(pthread_self(), "sender");
     struct snapshot snap;
     reload_get(&snap);
     s->cfg = snap.cfg;
