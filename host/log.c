@@ -68,7 +68,8 @@ static int logfmt_value(buf *b, const char *s)
     return buf_json_str(b, s, strlen(s));
 }
 
-static int add_field(buf *b, int json, const char *key, const char *s, const long long *i)
+/* A field: the string s, or the number i when s is NULL. */
+static int add_field(buf *b, int json, const char *key, const char *s, long long i)
 {
     int rc = 0;
     if (json) {
@@ -78,13 +79,13 @@ static int add_field(buf *b, int json, const char *key, const char *s, const lon
         if (s)
             rc |= buf_json_str(b, s, strlen(s));
         else
-            rc |= buf_printf(b, "%lld", *i);
+            rc |= buf_printf(b, "%lld", i);
     } else {
         rc |= buf_printf(b, " %s=", key);
         if (s)
             rc |= logfmt_value(b, s);
         else
-            rc |= buf_printf(b, "%lld", *i);
+            rc |= buf_printf(b, "%lld", i);
     }
     return rc;
 }
@@ -115,12 +116,12 @@ void log_emit(enum log_level level, const char *msg, const struct log_field *fie
         rc |= buf_json_str(&b, msg, strlen(msg));
     }
     if (t_request)
-        rc |= add_field(&b, json, "request_id", t_request, NULL);
+        rc |= add_field(&b, json, "request_id", t_request, 0);
     for (const struct log_field *f = fields; f && f->kind != LOG_FIELD_END; f++) {
         if (f->kind == LOG_FIELD_STR)
-            rc |= add_field(&b, json, f->key, f->s ? f->s : "", NULL);
+            rc |= add_field(&b, json, f->key, f->s ? f->s : "", 0);
         else
-            rc |= add_field(&b, json, f->key, NULL, &f->i);
+            rc |= add_field(&b, json, f->key, NULL, f->i);
     }
     if (json)
         rc |= buf_addc(&b, '}');
