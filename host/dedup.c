@@ -4,18 +4,35 @@
 
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 /* SEGMENTS - 1 segments cover the window; the last one is being filled. */
 #define SEGMENTS 5
-#define MIN_CAPACITY 1024
+#define MIN_CAPACITY 4096
+/* A table grows by half once 4/5 full. */
+#define MAX_LOAD_NUM 4
+#define MAX_LOAD_DEN 5
+/* Growing moves this many slots per insert into the bigger table, so no insert
+ * ever waits for a whole table to be copied (a copy of millions of ids would
+ * hold up every request behind it for a second). Moving at least two slots per
+ * insert finishes the move long before the new table fills. */
+#define MOVE_PER_INSERT 8
 
-/* slot states: a == 0 marks a free (b == 0) or removed (b == 1) slot */
-struct segment {
-    int64_t slot; /* at_ms / segment_ms of its ids; -1 when unused */
+/* Open addressing with linear probing. Slots with a == 0 are free (b == 0) or
+ * removed (b == 1). */
+struct table {
     struct dedup_fp *fps;
-    size_t cap;  /* power of two */
-    size_t used; /* live ids and removed slots */
+    size_t cap;
+    size_t used; /* live and removed */
     size_t live;
+};
+
+struct segment {
+    int64_t slot;       /* at_ms / segment_ms of its ids; -1 when unused */
+    struct table t;     /* where new ids go */
+    struct table old;   /* while growing: the table being copied into t */
+    size_t moved;       /* slots of old already copied */
+    size_t old_moved;   /* ids of old already in t (counted once) */
 };
 
 struct dedup {
@@ -36,6 +53,22 @@ void dedup_fingerprint(const char *id, size_t n, struct dedup_fp *out)
     out->b = b;
 }
 
+/* Tables come straight from the kernel: zeroed lazily, page by page, and given
+ * back whole when freed (calloc may zero a large block at once, a stall). */
+static struct dedup_fp *table_alloc(size_t cap)
+{
+    void *p = mmap(NULL, cap * sizeof(struct dedup_fp), PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    return p == MAP_FAILED ? NULL : p;
+}
+
+static void table_free(struct table *t)
+{
+    if (t->fps)
+        munmap(t->fps, t->cap * sizeof(struct dedup_fp));
+    memset(t, 0, sizeof(*t));
+}
+
 dedup *dedup_new(int64_t window_ms)
 {
     dedup *d = calloc(1, sizeof(*d));
@@ -51,7 +84,8 @@ dedup *dedup_new(int64_t window_ms)
 
 static void segment_clear(struct segment *s)
 {
-    free(s->fps);
+    table_free(&s->t);
+    table_free(&s->old);
     memset(s, 0, sizeof(*s));
     s->slot = -1;
 }
@@ -65,17 +99,18 @@ void dedup_free(dedup *d)
     free(d);
 }
 
-/* The slot holding fp, or where it would go (a free slot); SIZE_MAX when absent
- * and the table is full. */
-static size_t probe(const struct segment *s, const struct dedup_fp *fp, int *found)
+/* The slot holding fp, or where it would go (a free or removed slot), or
+ * SIZE_MAX when the table is empty. */
+static size_t probe(const struct table *t, const struct dedup_fp *fp, int *found)
 {
     *found = 0;
-    if (!s->cap)
+    if (!t->cap)
         return SIZE_MAX;
-    size_t mask = s->cap - 1, i = (size_t)(fp->b ^ (fp->a >> 7)) & mask;
+    /* the fingerprint is already uniform: scale it to the capacity */
+    size_t i = (size_t)(((unsigned __int128)fp->b * t->cap) >> 64);
     size_t reuse = SIZE_MAX;
-    for (size_t n = 0; n < s->cap; n++, i = (i + 1) & mask) {
-        const struct dedup_fp *e = &s->fps[i];
+    for (size_t n = 0; n < t->cap; n++) {
+        const struct dedup_fp *e = &t->fps[i];
         if (e->a == fp->a && e->b == fp->b) {
             *found = 1;
             return i;
@@ -84,10 +119,72 @@ static size_t probe(const struct segment *s, const struct dedup_fp *fp, int *fou
             if (e->b == 0)
                 return reuse != SIZE_MAX ? reuse : i;
             if (reuse == SIZE_MAX)
-                reuse = i; /* a removed slot: reusable, but keep looking */
+                reuse = i;
         }
+        if (++i == t->cap)
+            i = 0;
     }
     return reuse;
+}
+
+static void put(struct table *t, const struct dedup_fp *fp)
+{
+    int found;
+    size_t at = probe(t, fp, &found);
+    if (found)
+        return;
+    if (t->fps[at].a == 0 && t->fps[at].b == 0)
+        t->used++;
+    t->fps[at] = *fp;
+    t->live++;
+}
+
+static int erase(struct table *t, const struct dedup_fp *fp)
+{
+    int found;
+    size_t at = probe(t, fp, &found);
+    if (!found)
+        return 0;
+    t->fps[at].a = 0;
+    t->fps[at].b = 1;
+    t->live--;
+    return 1;
+}
+
+/* Moves a few slots of the old table into the new one; frees the old table
+ * once it is empty. */
+static void move_some(struct segment *s)
+{
+    for (int n = 0; n < MOVE_PER_INSERT && s->moved < s->old.cap; n++, s->moved++) {
+        /* A moved id stays in the old table too: turning it into a removed slot
+         * would lengthen every probe that misses there. */
+        struct dedup_fp *e = &s->old.fps[s->moved];
+        if (e->a != 0) {
+            size_t before = s->t.live;
+            put(&s->t, e);
+            s->old_moved += s->t.live - before;
+        }
+    }
+    if (s->moved == s->old.cap) {
+        table_free(&s->old);
+        s->moved = 0;
+        s->old_moved = 0;
+    }
+}
+
+static int start_growing(struct segment *s)
+{
+    size_t cap = s->t.cap ? s->t.cap + s->t.cap / 2 : MIN_CAPACITY;
+    if (s->t.used - s->t.live > s->t.live)
+        cap = s->t.cap; /* mostly removed slots: same size, cleaned */
+    struct dedup_fp *fps = table_alloc(cap);
+    if (!fps)
+        return -1;
+    s->old = s->t;
+    s->moved = 0;
+    s->old_moved = 0;
+    s->t = (struct table){fps, cap, 0, 0};
+    return 0;
 }
 
 static int live_segment(const dedup *d, const struct segment *s, int64_t now_ms)
@@ -95,40 +192,22 @@ static int live_segment(const dedup *d, const struct segment *s, int64_t now_ms)
     return s->slot >= 0 && s->slot > now_ms / d->segment_ms - SEGMENTS;
 }
 
+static int segment_contains(const struct segment *s, const struct dedup_fp *fp)
+{
+    int found;
+    probe(&s->t, fp, &found);
+    if (!found && s->old.cap)
+        probe(&s->old, fp, &found);
+    return found;
+}
+
 int dedup_contains(const dedup *d, const struct dedup_fp *fp, int64_t now_ms)
 {
     for (int i = 0; i < SEGMENTS; i++) {
         const struct segment *s = &d->seg[i];
-        if (!live_segment(d, s, now_ms) || !s->live)
-            continue;
-        int found;
-        probe(s, fp, &found);
-        if (found)
+        if (live_segment(d, s, now_ms) && (s->t.live || s->old.live) && segment_contains(s, fp))
             return 1;
     }
-    return 0;
-}
-
-static int grow(struct segment *s)
-{
-    size_t cap = s->cap ? s->cap * 2 : MIN_CAPACITY;
-    if (s->used - s->live > s->live)
-        cap = s->cap; /* mostly removed slots: rehash in place size */
-    struct dedup_fp *fps = calloc(cap, sizeof(*fps));
-    if (!fps)
-        return -1;
-    struct segment next = {s->slot, fps, cap, 0, 0};
-    for (size_t i = 0; i < s->cap; i++) {
-        if (s->fps[i].a == 0)
-            continue;
-        int found;
-        size_t at = probe(&next, &s->fps[i], &found);
-        next.fps[at] = s->fps[i];
-        next.used++;
-        next.live++;
-    }
-    free(s->fps);
-    *s = next;
     return 0;
 }
 
@@ -142,16 +221,13 @@ int dedup_add(dedup *d, const struct dedup_fp *fp, int64_t at_ms)
         segment_clear(s); /* its ids are SEGMENTS segments old: past the window */
         s->slot = slot;
     }
-    if ((s->used + 1) * 10 > s->cap * 7 && grow(s) != 0)
-        return -1;
-    int found;
-    size_t at = probe(s, fp, &found);
-    if (found)
+    if (segment_contains(s, fp))
         return 0;
-    if (s->fps[at].a == 0 && s->fps[at].b == 0)
-        s->used++;
-    s->fps[at] = *fp;
-    s->live++;
+    if (s->old.cap)
+        move_some(s);
+    else if ((s->t.used + 1) * MAX_LOAD_DEN > s->t.cap * MAX_LOAD_NUM && start_growing(s) != 0)
+        return -1;
+    put(&s->t, fp);
     return 0;
 }
 
@@ -159,14 +235,12 @@ void dedup_remove(dedup *d, const struct dedup_fp *fp)
 {
     for (int i = 0; i < SEGMENTS; i++) {
         struct segment *s = &d->seg[i];
-        int found;
-        size_t at = probe(s, fp, &found);
-        if (found) {
-            s->fps[at].a = 0;
-            s->fps[at].b = 1;
-            s->live--;
+        int in_new = erase(&s->t, fp);
+        int in_old = s->old.cap && erase(&s->old, fp);
+        if (in_new && in_old)
+            s->old_moved--; /* it had been copied: it was counted once */
+        if (in_new || in_old)
             return;
-        }
     }
 }
 
@@ -174,6 +248,6 @@ size_t dedup_size(const dedup *d)
 {
     size_t n = 0;
     for (int i = 0; i < SEGMENTS; i++)
-        n += d->seg[i].live;
+        n += d->seg[i].t.live + d->seg[i].old.live - d->seg[i].old_moved;
     return n;
 }
