@@ -157,7 +157,7 @@ static enum auth_result check_signature(const struct config *c, const struct aut
     for (size_t s = 0; s < c->inbound_hmac_secrets.n; s++) {
         unsigned char want[32];
         if (mac(c->inbound_hmac_secrets.items[s], sig.t, r->body, r->len, want) != 0)
-            return AUTH_INVALID;
+            return AUTH_ERROR;
         for (int i = 0; i < sig.n; i++)
             match |= digest_equal(want, sizeof want, sig.v1[i], sizeof sig.v1[i]);
     }
@@ -194,6 +194,8 @@ enum auth_result auth_check(const struct config *c, const struct auth_request *r
     /* either */
     if (tok == AUTH_OK || sig == AUTH_OK)
         return AUTH_OK;
+    if (sig == AUTH_ERROR)
+        return AUTH_ERROR;
     if (sig == AUTH_PENDING)
         return AUTH_PENDING;
     return worse(tok, sig);
@@ -212,6 +214,8 @@ const char *auth_result_text(enum auth_result r)
         return "invalid credentials";
     case AUTH_EXPIRED:
         return "signature timestamp outside the replay window";
+    case AUTH_ERROR:
+        return "temporarily unable to authenticate";
     }
     return "?";
 }

@@ -37,6 +37,7 @@ enum auth_result {
     AUTH_MISSING, /* no credentials presented */
     AUTH_INVALID, /* credentials presented but wrong */
     AUTH_EXPIRED, /* a signature outside the replay window */
+    AUTH_ERROR,   /* our own failure (cryptography library): not the client's */
 };
 
 struct auth_request {

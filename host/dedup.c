@@ -231,17 +231,16 @@ int dedup_add(dedup *d, const struct dedup_fp *fp, int64_t at_ms)
     return 0;
 }
 
-void dedup_remove(dedup *d, const struct dedup_fp *fp)
+void dedup_remove(dedup *d, const struct dedup_fp *fp, int64_t at_ms)
 {
-    for (int i = 0; i < SEGMENTS; i++) {
-        struct segment *s = &d->seg[i];
-        int in_new = erase(&s->t, fp);
-        int in_old = s->old.cap && erase(&s->old, fp);
-        if (in_new && in_old)
-            s->old_moved--; /* it had been copied: it was counted once */
-        if (in_new || in_old)
-            return;
-    }
+    int64_t slot = at_ms / d->segment_ms;
+    struct segment *s = &d->seg[slot % SEGMENTS];
+    if (s->slot != slot)
+        return;
+    int in_new = erase(&s->t, fp);
+    int in_old = s->old.cap && erase(&s->old, fp);
+    if (in_new && in_old)
+        s->old_moved--; /* it had been copied: it was counted once */
 }
 
 size_t dedup_size(const dedup *d)

@@ -36,8 +36,9 @@ void dedup_free(dedup *d);
 int dedup_contains(const dedup *d, const struct dedup_fp *fp, int64_t now_ms);
 /* Records fp as seen at at_ms; -1 when out of memory. */
 int dedup_add(dedup *d, const struct dedup_fp *fp, int64_t at_ms) WUR;
-/* Forgets fp (a commit that added it was rolled back). */
-void dedup_remove(dedup *d, const struct dedup_fp *fp);
+/* Forgets fp added at at_ms (the commit that added it was rolled back); an
+ * older sighting of the same id stays. */
+void dedup_remove(dedup *d, const struct dedup_fp *fp, int64_t at_ms);
 /* Fingerprints held. */
 size_t dedup_size(const dedup *d);
 

@@ -18,6 +18,11 @@
 #include <sys/socket.h>
 #include <time.h>
 
+/* Bodies of requests that only a signature over the body can admit are read
+ * before anybody is authenticated: all of them together get this much memory,
+ * beyond which they are refused (503) or cut off. */
+#define UNAUTHENTICATED_BODY_BUDGET (64u << 20)
+
 /* Headers and the read buffer of one connection: larger headers get 431. */
 #define CONNECTION_MEMORY (64 * 1024)
 /* TLS 1.2 and 1.3 with forward-secret AEAD ciphers only (GnuTLS priorities). */
@@ -56,6 +61,8 @@ struct req {
     int method_ok;
     int answered; /* a response was queued early (401, 413, 503) */
     int too_large;
+    int unauthenticated; /* counted against UNAUTHENTICATED_BODY_BUDGET */
+    size_t counted;
     struct timespec start;
     buf body;
     char id[40];
@@ -63,6 +70,7 @@ struct req {
 };
 
 static _Atomic uint64_t request_seq;
+static _Atomic size_t unauthenticated_bytes;
 
 static double elapsed(const struct timespec *start)
 {
@@ -407,13 +415,21 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         enum MHD_Result rc = MHD_YES;
         const char *cl = MHD_lookup_connection_value(c, MHD_HEADER_KIND,
                                                      MHD_HTTP_HEADER_CONTENT_LENGTH);
-        int64_t len;
+        int64_t len = 0;
         struct ingest_request q = headers_of(c, r);
-        if (!ingest_precheck(h->in, &q, &resp)) {
+        int admitted = ingest_precheck(h->in, &q, &resp);
+        r->unauthenticated = admitted == 2;
+        int has_length = cl && parse_int64(cl, 0, INT64_MAX, &len) == 0;
+        if (!admitted) {
             r->answered = 1;
             rc = answer_ingest(h, c, r, &resp);
-        } else if (cl && parse_int64(cl, 0, INT64_MAX, &len) == 0 &&
-                   (uint64_t)len > h->opt.max_body) {
+        } else if (r->unauthenticated && has_length &&
+                   (uint64_t)len + atomic_load(&unauthenticated_bytes) >
+                       UNAUTHENTICATED_BODY_BUDGET) {
+            r->answered = 1;
+            log_warn("too many unauthenticated request bodies in flight; refused");
+            rc = reply_json(c, r, 503, "{\"error\":\"busy\"}", 5);
+        } else if (has_length && (uint64_t)len > h->opt.max_body) {
             r->answered = 1;
             char msg[128];
             snprintf(msg, sizeof msg, "{\"error\":\"body larger than %zu bytes\"}",
@@ -426,6 +442,14 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
     }
 
     if (*upload_size) {
+        if (r->unauthenticated && !r->answered) {
+            r->counted += *upload_size;
+            if (atomic_fetch_add(&unauthenticated_bytes, *upload_size) + *upload_size >
+                UNAUTHENTICATED_BODY_BUDGET) {
+                log_warn("too many unauthenticated request bodies in flight; connection closed");
+                return MHD_NO;
+            }
+        }
         if (!r->answered && !r->too_large && buf_add(&r->body, upload, *upload_size) != 0) {
             r->too_large = 1;
             buf_free(&r->body);
@@ -478,6 +502,7 @@ static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls,
     struct req *r = *con_cls;
     if (!r)
         return;
+    atomic_fetch_sub(&unauthenticated_bytes, r->counted);
     buf_free(&r->body);
     free(r);
     *con_cls = NULL;

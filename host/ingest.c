@@ -152,8 +152,15 @@ static int admit(struct ingest *in, const struct ingest_request *req, int have_b
                               now};
     enum auth_result a = auth_check(s.cfg, &ar);
     reload_put(&s);
-    if (a == AUTH_OK || (a == AUTH_PENDING && !have_body))
+    if (a == AUTH_OK)
         return 1;
+    if (a == AUTH_PENDING && !have_body)
+        return 2;
+    if (a == AUTH_ERROR) {
+        log_error("cannot check a request's signature");
+        respond_error(resp, 503, RETRY_AFTER_ERROR, auth_result_text(a), -1, NULL);
+        return 0;
+    }
     metrics_add(M_AUTH_FAILURES, 1);
     log_info("authentication failed", LOG_S("client", req->client) LOG_S("reason",
                                                                         auth_result_text(a)));
@@ -230,6 +237,11 @@ void ingest_handle(struct ingest *in, const struct ingest_request *req,
         }
         goto done;
     }
+
+    /* The mapping lives in its own memory: the engine can serve another request
+     * while this one waits for its commit. */
+    give_back(in->engines, r);
+    r = NULL;
 
     struct commit_result res = {0};
     enum queue_status qs = QUEUE_OK;

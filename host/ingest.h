@@ -49,7 +49,8 @@ struct ingest_response {
 
 /* The checks that need no body (shutting down, throttled client, credentials
  * that cannot succeed), so a refused request is answered before its body is
- * read. 1: go on; 0: refused, resp filled. body and len of req are ignored. */
+ * read. 1: authenticated, go on; 2: go on, but only a signature over the body
+ * can admit it; 0: refused, resp filled. body and len of req are ignored. */
 int ingest_precheck(struct ingest *in, const struct ingest_request *req,
                     struct ingest_response *resp);
 

@@ -216,7 +216,7 @@ static int print_outcome(const struct mapping *m, size_t i, const char *environm
         const struct record *r = &m->records[o->index];
         struct batch_part part = {r->batch, r->event, r->event_id};
         char srid[UUID_STR_LEN];
-        mparticle_source_request_id(&part, 1, srid);
+        rc |= mparticle_source_request_id(&part, 1, srid);
         rc |= buf_printf(line, "\"feed\":\"%s\",\"batch\":", FEED_NAMES[r->feed]);
         rc |= mparticle_build_batch(line, environment, srid, &part, 1);
     } else if (o->kind == OUTCOME_DROPPED) {

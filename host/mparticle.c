@@ -6,19 +6,18 @@
 #include <strings.h>
 #include <time.h>
 
-void mparticle_source_request_id(const struct batch_part *parts, size_t n,
-                                 char out[UUID_STR_LEN])
+int mparticle_source_request_id(const struct batch_part *parts, size_t n,
+                                char out[UUID_STR_LEN])
 {
     uuid5 *u = uuid5_new();
-    if (!u) {
-        str_copy(out, UUID_STR_LEN, "00000000-0000-5000-8000-000000000000");
-        return;
-    }
+    if (!u)
+        return -1;
     for (size_t i = 0; i < n; i++) {
         uuid5_add(u, parts[i].event_id.p, parts[i].event_id.n);
         uuid5_add(u, "\n", 1);
     }
     uuid5_finish(u, out);
+    return 0;
 }
 
 /* One merged batch-level value. */

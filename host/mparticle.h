@@ -30,9 +30,10 @@ struct batch_part {
     str event_id;
 };
 
-/* source_request_id for a batch holding these events, in order. */
-void mparticle_source_request_id(const struct batch_part *parts, size_t n,
-                                 char out[UUID_STR_LEN]);
+/* source_request_id for a batch holding these events, in order; -1 when out of
+ * memory (a fixed id would make mParticle drop every such batch as a repeat). */
+int mparticle_source_request_id(const struct batch_part *parts, size_t n,
+                                char out[UUID_STR_LEN]) WUR;
 
 /* Appends the batch JSON object. environment is used unless a record sets it. */
 int mparticle_build_batch(buf *out, const char *environment, const char *source_request_id,

@@ -160,9 +160,11 @@ struct op {
     /* effects applied to the in-memory gauges once the commit is durable */
     int64_t depth_delta[FEED_COUNT];
     int64_t dead_delta;
-    /* fingerprints this operation added to the dedup set, undone on rollback */
+    /* fingerprints this operation added to the dedup set (at added_ms), undone
+     * on rollback */
     struct dedup_fp *added;
     size_t nadded, added_cap;
+    int64_t added_ms;
     union {
         struct {
             struct mapping *m;
@@ -366,6 +368,7 @@ static int first_sighting(queue *q, struct op *op, str id, int64_t now)
     if (step_done(s) != SQLITE_OK || dedup_add(q->seen, &fp, now) != 0)
         return -1;
     op->added[op->nadded++] = fp;
+    op->added_ms = now;
     return 1;
 }
 
@@ -373,7 +376,7 @@ static int first_sighting(queue *q, struct op *op, str id, int64_t now)
 static void undo_sightings(queue *q, struct op *op)
 {
     for (size_t i = 0; i < op->nadded; i++)
-        dedup_remove(q->seen, &op->added[i]);
+        dedup_remove(q->seen, &op->added[i], op->added_ms);
     op->nadded = 0;
 }
 
@@ -877,10 +880,16 @@ static void run_group(queue *q, struct op *ops)
             if (op->status == QUEUE_ERROR)
                 log_error("queue: operation failed", LOG_S("error", sqlite3_errmsg(q->db))
                               LOG_I("kind", op->kind));
-            (void)exec(q->db, "ROLLBACK TO op", err, sizeof err);
-            (void)exec(q->db, "RELEASE op", err, sizeof err);
             undo_sightings(q, op);
             reset_commit(op);
+            if (sqlite3_get_autocommit(q->db)) {
+                /* SQLite rolled the whole transaction back (disk full, I/O
+                 * error): nothing of this group may commit */
+                group = op->status;
+                break;
+            }
+            (void)exec(q->db, "ROLLBACK TO op", err, sizeof err);
+            (void)exec(q->db, "RELEASE op", err, sizeof err);
         }
     }
     if (group == QUEUE_OK && exec(q->db, "COMMIT", err, sizeof err) != 0) {

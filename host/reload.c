@@ -82,19 +82,36 @@ static void warn_restart_only(const struct config *old, const struct config *neu
     static const struct {
         const char *key;
         size_t off;
-    } keys[] = {{"listen", offsetof(struct config, listen)},
+    } strs[] = {{"listen", offsetof(struct config, listen)},
                 {"data_dir", offsetof(struct config, data_dir)},
-                {"queue.sync", offsetof(struct config, queue_sync)}};
-    for (size_t i = 0; i < ARRAY_LEN(keys); i++) {
-        const char *a = *(char *const *)((const char *)old + keys[i].off);
-        const char *b = *(char *const *)((const char *)neu + keys[i].off);
-        if (strcmp(a, b) != 0)
+                {"queue.sync", offsetof(struct config, queue_sync)},
+                {"tls.cert", offsetof(struct config, tls_cert)},
+                {"tls.key", offsetof(struct config, tls_key)}};
+    static const struct {
+        const char *key;
+        size_t off;
+    } ints[] = {{"http.threads", offsetof(struct config, http_threads)},
+                {"http.max_connections", offsetof(struct config, http_max_connections)},
+                {"http.max_connections_per_ip", offsetof(struct config, http_max_connections_per_ip)},
+                {"http.timeout_s", offsetof(struct config, http_timeout_s)},
+                {"http.request_timeout_s", offsetof(struct config, http_request_timeout_s)},
+                {"inbound.max_body_bytes", offsetof(struct config, inbound_max_body_bytes)},
+                {"queue.max_depth", offsetof(struct config, queue_max_depth)},
+                {"dedup.window_s", offsetof(struct config, dedup_window_s)}};
+    for (size_t i = 0; i < ARRAY_LEN(strs); i++) {
+        const char *a = *(char *const *)((const char *)old + strs[i].off);
+        const char *b = *(char *const *)((const char *)neu + strs[i].off);
+        if ((a == NULL) != (b == NULL) || (a && strcmp(a, b) != 0))
             log_warn("setting changed but takes effect only after a restart",
-                     LOG_S("key", keys[i].key));
+                     LOG_S("key", strs[i].key));
     }
-    if (old->http_threads != neu->http_threads)
-        log_warn("setting changed but takes effect only after a restart",
-                 LOG_S("key", "http.threads"));
+    for (size_t i = 0; i < ARRAY_LEN(ints); i++) {
+        int64_t a = *(const int64_t *)((const char *)old + ints[i].off);
+        int64_t b = *(const int64_t *)((const char *)neu + ints[i].off);
+        if (a != b)
+            log_warn("setting changed but takes effect only after a restart",
+                     LOG_S("key", ints[i].key));
+    }
 }
 
 int reload_now(const char *trigger, char *err, size_t errlen)

@@ -699,6 +699,7 @@ static void run_chain(rules *r, lua_State *L, int evi, size_t upto, struct chain
     int outi = lua_gettop(L);
     res->kind = CHAIN_OUT;
     res->detail[0] = '\0';
+    /* one instruction budget for the event, shared by all its rules */
     struct sandbox_limits lim = r->limits;
     for (size_t k = 0; k <= upto && k < r->n; k++) {
         const char *fname = r->rs->files[k].name;
@@ -707,6 +708,9 @@ static void run_chain(rules *r, lua_State *L, int evi, size_t upto, struct chain
         lua_pushvalue(L, outi);
         struct sandbox_error serr;
         enum sandbox_rc rc = sandbox_call(r->sb, 2, 2, &lim, &serr);
+        lim.instructions -= sandbox_steps(r->sb);
+        if (lim.instructions < 1)
+            lim.instructions = 1;
         if (rc != SANDBOX_OK) {
             res->kind = CHAIN_DEAD;
             res->dead_reason = rc == SANDBOX_LIMIT ? DEAD_RULE_LIMIT : DEAD_RULE_ERROR;
@@ -828,6 +832,13 @@ static int emit(rules *r, lua_State *L, int evi, const struct event_ids *ids, in
         goto done;
     tmp.batch = mapping_copy(m, r->scratch.data, r->scratch.len, &failed);
 
+    if (tmp.event.n + tmp.batch.n > RULES_MAX_OUTPUT_BYTES) {
+        str_printf(err, errlen,
+                   "the mapped event and its batch fields take %zu bytes; an mParticle batch "
+                   "holds at most 128 KB",
+                   tmp.event.n + tmp.batch.n);
+        goto done;
+    }
     /* the user: customer_id, else every identity together */
     const char *user = NULL;
     size_t ulen = 0;
@@ -1029,8 +1040,8 @@ static int event_slices(const char *body, size_t len, str *slices, size_t n)
         if (p >= end || *p != '"')
             return -1;
         const char *key = p + 1, *key_end = skip_string(p, end);
-        if (!key_end)
-            return -1;
+        if (!key_end || memchr(key, '\\', (size_t)(key_end - key)))
+            return -1; /* an escaped key might spell "events": leave it to cjson */
         p = skip_ws(key_end, end);
         if (p >= end || *p != ':')
             return -1;
@@ -1295,11 +1306,18 @@ static void show(lua_State *L, int idx, char *out, size_t outlen)
 /* Compares actual (at a) with expected (at x): every field of expected must be
  * equal in actual; tributary.absent requires the field to be missing. Writes the
  * first difference into diff and returns 0 when they differ. */
+#define TEST_MAX_DEPTH 32
+
 static int matches(rules *r, lua_State *L, int a, int x, char *path, size_t pathlen, char *diff,
-                   size_t difflen)
+                   size_t difflen, int depth)
 {
     a = lua_absindex(L, a);
     x = lua_absindex(L, x);
+    if (depth > TEST_MAX_DEPTH || !lua_checkstack(L, 8)) {
+        str_printf(diff, difflen, "%s: the expectation is nested more than %d levels deep", path,
+                   TEST_MAX_DEPTH);
+        return 0;
+    }
     lua_rawgeti(L, LUA_REGISTRYINDEX, r->absent_ref);
     int absent = lua_rawequal(L, -1, x);
     lua_pop(L, 1);
@@ -1327,7 +1345,7 @@ static int matches(rules *r, lua_State *L, int a, int x, char *path, size_t path
                 snprintf(path + plen, pathlen - plen, ".%s", lua_tostring(L, -3));
             else
                 snprintf(path + plen, pathlen - plen, "[%s]", luaL_typename(L, -3));
-            int ok = matches(r, L, -1, -2, path, pathlen, diff, difflen);
+            int ok = matches(r, L, -1, -2, path, pathlen, diff, difflen, depth + 1);
             path[plen] = '\0';
             lua_pop(L, 2);
             if (!ok) {
@@ -1405,7 +1423,7 @@ static int run_test(rules *r, lua_State *L, size_t k, int ti, long index, buf *r
         goto done;
     }
     char path[256] = "out";
-    if (!matches(r, L, outi, outi + 1, path, sizeof path, diff, sizeof diff))
+    if (!matches(r, L, outi, outi + 1, path, sizeof path, diff, sizeof diff, 0))
         goto done;
     /* the output must also be something the host can store */
     struct mapping scratch;
@@ -1424,6 +1442,29 @@ done:
         (void)!buf_printf(report, "%s: test %s failed: %s\n", fname, name, diff);
     lua_settop(L, top);
     return ok;
+}
+
+struct test_call {
+    rules *r;
+    size_t k;
+    long index;
+    buf *report;
+    int ok;
+};
+
+/* Runs one test (the table below the light userdata) under lua_pcall: a test's
+ * own data (a nil key in config.events, a cyclic expectation) may raise. */
+static int protected_test(lua_State *L)
+{
+    struct test_call *t = lua_touserdata(L, 1);
+    t->ok = run_test(t->r, L, t->k, 2, t->index, t->report);
+    return 0;
+}
+
+static int protected_context(lua_State *L)
+{
+    set_context(lua_touserdata(L, 1), L, 0);
+    return 0;
 }
 
 int rules_self_test(rules *r, buf *report, int *ntests)
@@ -1446,15 +1487,32 @@ int rules_self_test(rules *r, buf *report, int *ntests)
                 (void)!buf_printf(report, "%s: test #%lld is not a table\n", r->rs->files[k].name,
                                   (long long)i);
                 failures++;
-            } else if (!run_test(r, L, k, lua_gettop(L), (long)i, report)) {
-                failures++;
+            } else {
+                struct test_call t = {r, k, (long)i, report, 0};
+                lua_pushcfunction(L, protected_test);
+                lua_pushlightuserdata(L, &t);
+                lua_pushvalue(L, -3);
+                if (lua_pcall(L, 2, 0, 0) != LUA_OK) {
+                    (void)!buf_printf(report, "%s: test #%lld cannot run: %s\n",
+                                      r->rs->files[k].name, (long long)i,
+                                      lua_isstring(L, -1) ? lua_tostring(L, -1) : "error");
+                    lua_pop(L, 1);
+                    t.ok = 0;
+                }
+                if (!t.ok)
+                    failures++;
             }
             lua_pop(L, 1);
         }
         lua_settop(L, top);
     }
     r->testing = 0;
-    set_context(r, L, 0);
+    lua_pushcfunction(L, protected_context);
+    lua_pushlightuserdata(L, r);
+    if (lua_pcall(L, 1, 0, 0) != LUA_OK) {
+        lua_settop(L, top);
+        return -1;
+    }
     lua_settop(L, top);
     return failures;
 }

@@ -31,6 +31,9 @@
 #define RULES_MAX_FILE_BYTES (1u << 20)
 /* JSON nesting accepted in requests and produced by rules. */
 #define RULES_MAX_JSON_DEPTH 64
+/* A mapped event with its batch-level fields must fit an mParticle batch
+ * (128 KB) with room for the envelope; larger ones are invalid output. */
+#define RULES_MAX_OUTPUT_BYTES (120 * 1024)
 
 typedef struct ruleset ruleset;
 

@@ -290,6 +290,23 @@ static void wrap(lua_State *L, const char *name, lua_CFunction fn)
     lua_setfield(L, -2, name);
 }
 
+/* setmetatable, without finalizers: a __gc metamethod would run whenever the
+ * collector gets to it, in host code, outside every limit. */
+static int sb_setmetatable(lua_State *L)
+{
+    if (lua_type(L, 2) == LUA_TTABLE) {
+        lua_pushliteral(L, "__gc");
+        int t = lua_rawget(L, 2);
+        lua_pop(L, 1);
+        if (t != LUA_TNIL)
+            return luaL_error(L, "finalizers (__gc) are not allowed in scripts");
+    }
+    lua_pushvalue(L, lua_upvalueindex(1));
+    lua_insert(L, 1);
+    lua_call(L, lua_gettop(L) - 1, 1);
+    return 1;
+}
+
 /* ---- environment -------------------------------------------------------- */
 
 static int ro_newindex(lua_State *L)
@@ -404,6 +421,7 @@ static int build_env(lua_State *L)
     lua_setfield(L, -2, "xpcall");
     lua_pushcfunction(L, sb_print);
     lua_setfield(L, -2, "print");
+    wrap(L, "setmetatable", sb_setmetatable);
 
     /* string: without dump, with guarded pattern functions, reachable from
      * string values only through a read-only view. */
@@ -556,6 +574,11 @@ enum sandbox_rc sandbox_call(sandbox *sb, int nargs, int nresults, const struct 
                        (long long)(lim ? lim->instructions : 0));
     }
     return SANDBOX_LIMIT;
+}
+
+int64_t sandbox_steps(const sandbox *sb)
+{
+    return sb->steps;
 }
 
 size_t sandbox_memory(const sandbox *sb)

@@ -65,6 +65,9 @@ int sandbox_load(sandbox *sb, const char *chunkname, const char *src, size_t len
 enum sandbox_rc sandbox_call(sandbox *sb, int nargs, int nresults, const struct sandbox_limits *lim,
                              struct sandbox_error *err);
 
+/* Instructions the last sandbox_call ran (in steps of the hook's granularity). */
+int64_t sandbox_steps(const sandbox *sb);
+
 /* Bytes the state currently holds. */
 size_t sandbox_memory(const sandbox *sb);
 /* True once a limit tripped: the state's scripts may have been cut halfway and

@@ -103,6 +103,7 @@ struct sender {
     enum feed_pause paused[FEED_COUNT]; /* copy for other threads, under mu */
     int in_flight;
     struct request *requests; /* in flight */
+    int joined;
     struct config *cfg; /* the configuration this loop iteration uses */
     uint64_t rng;
     int64_t last_expire;
@@ -201,8 +202,10 @@ static int build_body(struct sender *s, struct pbatch *b, const struct queue_ite
         const struct queue_item *it = &items->items[from + i];
         parts[i] = (struct batch_part){it->batch, it->event, it->event_id};
     }
-    if (!b->srid[0])
-        mparticle_source_request_id(parts, n, b->srid);
+    if (!b->srid[0] && mparticle_source_request_id(parts, n, b->srid) != 0) {
+        free(parts);
+        return -1;
+    }
     buf body;
     buf_init(&body, MPARTICLE_MAX_REQUEST_BYTES * 4);
     int rc = mparticle_build_batch(&body, s->cfg->environment, b->srid, parts, n);
@@ -442,6 +445,8 @@ static void claim(struct sender *s, struct feed_state *f, int64_t now)
     }
     int64_t waited = wall_to_age_ms(peek.items[0].received_ms);
     queue_items_free(&peek);
+    if (waited < 0)
+        waited = 0; /* the clock went back: do not wait for it */
     int64_t linger = s->cfg->batch_linger_ms;
     if (waited < linger) {
         f->next_claim = now + (linger - waited);
@@ -603,8 +608,9 @@ static void dispatch(struct sender *s, struct feed_state *f, int64_t now)
     if (f->pause == PAUSE_NO_CREDENTIALS)
         return;
     if (f->pause == PAUSE_AUTH) {
-        /* one batch, alone, to learn whether the credentials work again */
-        if (f->probing || now < f->probe_at)
+        /* one batch, alone, to learn whether the credentials work again (after any
+         * backoff or Retry-After that the last probe earned) */
+        if (f->probing || now < f->probe_at || now < f->not_before)
             return;
         for (struct pbatch *b = f->head; b; b = b->next) {
             if (!b->in_flight) {
@@ -1057,12 +1063,20 @@ fail:
 
 void sender_stop(sender *s, int64_t grace_ms)
 {
-    if (!s)
+    if (!s || s->joined)
         return;
     atomic_store(&s->grace_until, clock_mono_ms() + grace_ms);
     atomic_store(&s->stopping, 1);
     curl_multi_wakeup(s->multi);
     pthread_join(s->thread, NULL);
+    s->joined = 1;
+}
+
+void sender_free(sender *s)
+{
+    if (!s)
+        return;
+    sender_stop(s, 0);
     for (int i = 0; i < FEED_COUNT; i++) {
         struct feed_state *f = &s->feeds[i];
         for (struct pbatch *b = f->head, *next; b; b = next) {

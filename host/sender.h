@@ -40,9 +40,11 @@ int sender_global_init(void) WUR;
 
 /* Starts the sender thread (after sender_global_init). */
 int sender_start(sender **out, queue *q, char *err, size_t errlen) WUR;
-/* Stops claiming, lets in-flight requests finish for up to grace_ms, stops.
- * What is not acknowledged stays queued. Accepts NULL. */
+/* Stops claiming, lets in-flight requests finish for up to grace_ms, stops the
+ * thread. What is not acknowledged stays queued. sender_paused keeps working
+ * until sender_free. Accepts NULL. */
 void sender_stop(sender *s, int64_t grace_ms);
+void sender_free(sender *s);
 /* Current pause state of every feed. */
 void sender_paused(sender *s, enum feed_pause paused[FEED_COUNT]);
 

@@ -306,6 +306,7 @@ done:
     atomic_store(&s.in.draining, 1);
     sender_stop(s.sender, SHUTDOWN_GRACE_MS);
     http_in_stop(s.http);
+    sender_free(s.sender); /* after the server: /readyz and /metrics ask it */
     ingest_fini(&s.in);
     queue_free(s.q);
     reload_shutdown();

@@ -258,7 +258,8 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
 static void check_batch(const struct batch_part *parts, size_t n)
 {
     char srid[UUID_STR_LEN];
-    mparticle_source_request_id(parts, n, srid);
+    if (mparticle_source_request_id(parts, n, srid) != 0)
+        abort();
     CHECK(strlen(srid) == UUID_STR_LEN - 1);
     buf out;
     buf_init(&out, 64u << 20);

@@ -76,6 +76,46 @@ class Cli(ServiceTest):
                 self.assertEqual(p.returncode, 0, p.stderr)
                 self.assertIn("2 rule files", p.stdout)
 
+    def test_a_rule_test_with_bad_data_fails_cleanly_instead_of_crashing(self):
+        tests = {
+            "nil key in config.events": "config = { events = { 'a', nil, 'b' } },",
+            "NaN key in config.events": "config = { events = { 0/0 } },",
+        }
+        for name, config in tests.items():
+            with self.subTest(case=name):
+                rules = self.rules_dir({"20-t.lua": (
+                    "return { process = function(e, out) end, tests = { {\n"
+                    "  " + config + "\n"
+                    "  event = { event_type = 'users.messages.email.Open', id = '1', time = 1,\n"
+                    "            user = { external_user_id = 'c' } },\n"
+                    "  expect = { feed = 'unbound' } } } }\n")})
+                p = run_cli(["check"], env={"TRIBUTARY_RULES_DIR": rules})
+                self.assertEqual(p.returncode, 1, p.stderr)
+                self.assertIn("20-t.lua: test #1 cannot run", p.stderr)
+
+    def test_a_deeply_nested_or_cyclic_expectation_fails_cleanly(self):
+        rules = self.rules_dir({"20-t.lua": (
+            "local deep = {}\nlocal x = deep\nfor i = 1, 60 do x.n = {} x = x.n end\n"
+            "local cyc = {}\ncyc.self = cyc\n"
+            "return { process = function(e, out) if out then out.event.data.self = out.event.data end end,\n"
+            "  tests = {\n"
+            "  { name = 'deep', event = { event_type = 'users.messages.email.Open', id = '1', time = 1,\n"
+            "    user = { external_user_id = 'c' } }, expect = { event = deep } },\n"
+            "  { name = 'cyclic', event = { event_type = 'users.messages.email.Open', id = '2', time = 1,\n"
+            "    user = { external_user_id = 'c' } }, expect = { event = { data = cyc } } } } }\n")})
+        p = run_cli(["check"], env={"TRIBUTARY_RULES_DIR": rules})
+        self.assertEqual(p.returncode, 1, p.stderr)
+        self.assertIn("test 'deep' failed", p.stderr)
+        self.assertIn("test 'cyclic' failed", p.stderr)
+
+    def test_finalizers_are_refused_so_they_cannot_run_outside_the_limits(self):
+        rules = self.rules_dir({"20-gc.lua": (
+            "setmetatable({}, { __gc = function() while true do end end })\n"
+            "return function(e, out) end\n")})
+        p = run_cli(["check"], env={"TRIBUTARY_RULES_DIR": rules}, timeout=20)
+        self.assertEqual(p.returncode, 1)
+        self.assertIn("finalizers (__gc) are not allowed", p.stderr)
+
     def test_bad_environment_value_is_an_error_naming_the_variable(self):
         p = run_cli(["check"], env={"TRIBUTARY_BATCH_LINGER_MS": "soon"})
         self.assertEqual(p.returncode, 1)

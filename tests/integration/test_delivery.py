@@ -327,6 +327,54 @@ class Delivery(ServiceTest):
         time.sleep(1)
         self.assertEqual(len(d.requests), 1)
 
+    def test_an_oversized_mapped_event_is_dead_lettered_and_its_feed_keeps_flowing(self):
+        d = self.double()
+        s = self.service(env=feed_env(d))
+        big = event("users.messages.email.Send", user="x" * 200000)
+        normal = event("users.messages.email.Send", user="normal-user")
+        r = s.post([big, normal])
+        self.assertEqual(r.status, 200, r)
+        self.assertEqual(r.json()["quarantined"], 1)
+        self.assertTrue(d.wait_for_events(1, 10 * SLOW))
+        self.assertEqual(d.source_message_ids(), [normal["id"]])
+        entry = json.loads(s.cli(["dlq", "list", "--json"]).stdout)[0]
+        self.assertEqual(entry["reason"], "invalid_output")
+        self.assertIn("128 KB", entry["detail"])
+
+    def test_a_paused_feeds_probe_waits_out_backoff_and_retry_after(self):
+        d = self.double()
+        d.fail(401, times=1)
+        s = self.service(env=feed_env(d, TRIBUTARY_RETRY_PAUSE_MS=200, TRIBUTARY_RETRY_BASE_MS=300,
+                                      TRIBUTARY_RETRY_MAX_MS=600))
+        s.post([event("users.messages.email.Send")])
+        self.wait(lambda: len(d.requests) >= 1, what="the first request")
+        d.fail(503)
+        start = len(d.requests)
+        time.sleep(3)
+        # with backoff between 0.3 and 0.6 s, at most about ten probes in 3 s
+        self.assertLessEqual(len(d.requests) - start, 12)
+        d.clear_faults()
+        self.assertTrue(d.wait_for_events(1, 10 * SLOW))
+
+    def test_readiness_and_metrics_answer_while_the_service_stops(self):
+        d = self.double()
+        d.slow(1.5, times=1)
+        s = self.service(env=feed_env(d))
+        s.post([event("users.messages.email.Send")])
+        self.wait(lambda: len(d.requests) >= 1, what="a request in flight")
+        s.proc.send_signal(signal.SIGTERM)
+        answered = 0
+        deadline = time.time() + 5 * SLOW
+        while s.proc.poll() is None and time.time() < deadline:
+            try:
+                s.get("/readyz")
+                s.get("/metrics")
+                answered += 1
+            except OSError:
+                pass
+        self.assertEqual(s.proc.wait(timeout=20 * SLOW), 0)
+        self.assertGreater(answered, 0)
+
     def test_rate_limit_spaces_batches_per_feed(self):
         d = self.double()
         s = self.service(env=feed_env(d, TRIBUTARY_FEEDS_UNBOUND_RATE_LIMIT=5,

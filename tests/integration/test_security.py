@@ -763,3 +763,36 @@ class ConnectionBounds(ServiceTest):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class UnauthenticatedBodies(ServiceTest):
+    def test_bodies_awaiting_a_signature_check_share_a_bounded_budget(self):
+        secret = "budget-secret-123456"
+        s = self.service(tokens=(), env={"TRIBUTARY_INBOUND_HMAC_SECRETS": secret,
+                                         "TRIBUTARY_INBOUND_MAX_BODY_BYTES": str(60 << 20),
+                                         "TRIBUTARY_HTTP_REQUEST_TIMEOUT_S": "60"})
+        header = "t=%d,v1=%s" % (int(time.time()), "0" * 64)
+        # A holds 40 MiB that only its signature could admit
+        a = socket.create_connection(("127.0.0.1", s.port))
+        self.addCleanup(a.close)
+        a.sendall(b"POST /currents HTTP/1.1\r\nHost: x\r\nTributary-Signature: " +
+                  header.encode() + b"\r\nContent-Length: %d\r\n\r\n" % (41 << 20))
+        chunk = b"x" * (1 << 20)
+        for _ in range(40):
+            a.sendall(chunk)
+        time.sleep(0.5)
+        # B wants 40 MiB more: beyond the 64 MiB budget
+        b = socket.create_connection(("127.0.0.1", s.port))
+        self.addCleanup(b.close)
+        b.sendall(b"POST /currents HTTP/1.1\r\nHost: x\r\nTributary-Signature: " +
+                  header.encode() + b"\r\nContent-Length: %d\r\n\r\n" % (40 << 20))
+        b.settimeout(10)
+        answer = b.recv(200)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 503"), answer)
+        # a small signed request still gets through
+        body = json.dumps({"events": [event()]}).encode()
+        t = int(time.time())
+        mac = hmac.new(secret.encode(), b"%d." % t + body, hashlib.sha256).hexdigest()
+        r = s.post(body=body.decode(), token=None,
+                   headers={"Tributary-Signature": "t=%d,v1=%s" % (t, mac)})
+        self.assertEqual(r.status, 200, r)

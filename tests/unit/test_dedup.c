@@ -42,11 +42,25 @@ START_TEST(test_a_removed_id_is_forgotten_and_can_be_added_again)
     dedup *d = dedup_new(60000);
     struct dedup_fp x = fp_of("x");
     ck_assert_int_eq(dedup_add(d, &x, 5000), 0);
-    dedup_remove(d, &x);
+    dedup_remove(d, &x, 5000);
     ck_assert_int_eq(dedup_contains(d, &x, 5001), 0);
     ck_assert_int_eq(dedup_add(d, &x, 5002), 0);
     ck_assert_int_eq(dedup_contains(d, &x, 5003), 1);
     ck_assert_uint_eq(dedup_size(d), 1);
+    dedup_free(d);
+}
+END_TEST
+
+START_TEST(test_undoing_a_new_sighting_keeps_an_older_one)
+{
+    int64_t window = 40000, t0 = 1732800000000;
+    dedup *d = dedup_new(window);
+    struct dedup_fp x = fp_of("x");
+    ck_assert_int_eq(dedup_add(d, &x, t0), 0);
+    /* the same id again a segment later, then that commit is rolled back */
+    ck_assert_int_eq(dedup_add(d, &x, t0 + window / 2), 0);
+    dedup_remove(d, &x, t0 + window / 2);
+    ck_assert_int_eq(dedup_contains(d, &x, t0 + window / 2), 1);
     dedup_free(d);
 }
 END_TEST
@@ -159,6 +173,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_an_added_id_is_contained_and_others_are_not);
     tcase_add_test(tc, test_a_removed_id_is_forgotten_and_can_be_added_again);
     tcase_add_test(tc, test_ids_are_kept_for_the_window_and_forgotten_after);
+    tcase_add_test(tc, test_undoing_a_new_sighting_keeps_an_older_one);
     tcase_add_test(tc, test_a_million_ids_are_all_found);
     tcase_add_test(tc, test_an_old_queue_is_migrated_and_keeps_its_ids_and_records);
     suite_add_tcase(s, tc);

@@ -37,8 +37,8 @@ START_TEST(test_source_request_id_is_deterministic_for_same_event_ids)
     struct batch_part a[] = {ID("evt-1"), ID("evt-2")};
     struct batch_part b[] = {ID("evt-1"), ID("evt-2")};
     char ida[UUID_STR_LEN], idb[UUID_STR_LEN];
-    mparticle_source_request_id(a, 2, ida);
-    mparticle_source_request_id(b, 2, idb);
+    ck_assert_int_eq(mparticle_source_request_id(a, 2, ida), 0);
+    ck_assert_int_eq(mparticle_source_request_id(b, 2, idb), 0);
     ck_assert_str_eq(ida, idb);
 }
 END_TEST
@@ -48,8 +48,8 @@ START_TEST(test_source_request_id_differs_when_an_event_id_differs)
     struct batch_part a[] = {ID("evt-1"), ID("evt-2")};
     struct batch_part b[] = {ID("evt-1"), ID("evt-3")};
     char ida[UUID_STR_LEN], idb[UUID_STR_LEN];
-    mparticle_source_request_id(a, 2, ida);
-    mparticle_source_request_id(b, 2, idb);
+    ck_assert_int_eq(mparticle_source_request_id(a, 2, ida), 0);
+    ck_assert_int_eq(mparticle_source_request_id(b, 2, idb), 0);
     ck_assert_str_ne(ida, idb);
 }
 END_TEST
@@ -59,8 +59,8 @@ START_TEST(test_source_request_id_differs_when_event_order_differs)
     struct batch_part a[] = {ID("evt-1"), ID("evt-2")};
     struct batch_part b[] = {ID("evt-2"), ID("evt-1")};
     char ida[UUID_STR_LEN], idb[UUID_STR_LEN];
-    mparticle_source_request_id(a, 2, ida);
-    mparticle_source_request_id(b, 2, idb);
+    ck_assert_int_eq(mparticle_source_request_id(a, 2, ida), 0);
+    ck_assert_int_eq(mparticle_source_request_id(b, 2, idb), 0);
     ck_assert_str_ne(ida, idb);
 }
 END_TEST
@@ -71,8 +71,8 @@ START_TEST(test_source_request_id_differs_when_ids_are_regrouped)
     struct batch_part a[] = {ID("ab")};
     struct batch_part b[] = {ID("a"), ID("b")};
     char ida[UUID_STR_LEN], idb[UUID_STR_LEN];
-    mparticle_source_request_id(a, 1, ida);
-    mparticle_source_request_id(b, 2, idb);
+    ck_assert_int_eq(mparticle_source_request_id(a, 1, ida), 0);
+    ck_assert_int_eq(mparticle_source_request_id(b, 2, idb), 0);
     ck_assert_str_ne(ida, idb);
 }
 END_TEST
@@ -81,7 +81,7 @@ START_TEST(test_source_request_id_has_uuid_v5_shape)
 {
     struct batch_part parts[] = {ID("a1b2c3d4-0000-4000-8000-000000000001")};
     char id[UUID_STR_LEN];
-    mparticle_source_request_id(parts, 1, id);
+    ck_assert_int_eq(mparticle_source_request_id(parts, 1, id), 0);
     ck_assert_uint_eq(strlen(id), 36);
     for (int i = 0; i < 36; i++) {
         if (i == 8 || i == 13 || i == 18 || i == 23)
