@@ -459,26 +459,13 @@ static char *read_file(const char *path, size_t *len, struct errs *e)
         errs_add(e, "%s: cannot open: %s", path, strerror(errno));
         return NULL;
     }
-    buf b;
-    buf_init(&b, CONFIG_FILE_MAX);
-    char chunk[8192];
-    size_t n;
-    int failed = 0;
-    while ((n = fread(chunk, 1, sizeof chunk, f)) > 0) {
-        if (buf_add(&b, chunk, n) != 0) {
-            failed = 1;
-            break;
-        }
-    }
-    int rerr = ferror(f);
+    char *src = read_stream(f, CONFIG_FILE_MAX, len);
+    if (!src && errno == EFBIG)
+        errs_add(e, "%s: file larger than %u MiB", path, CONFIG_FILE_MAX >> 20);
+    else if (!src)
+        errs_add(e, "%s: cannot read: %s", path, strerror(errno));
     fclose(f);
-    if (failed || rerr) {
-        errs_add(e, "%s: %s", path, failed ? "file too large" : "read error");
-        buf_free(&b);
-        return NULL;
-    }
-    *len = b.len;
-    return buf_take(&b);
+    return src;
 }
 
 static void load_source(struct config *c, const char *path, const char *src, size_t len,
@@ -841,6 +828,19 @@ static int load(struct config **out, const char *path, const char *src, size_t l
 int config_load(struct config **out, const char *path, char *err, size_t errlen)
 {
     return load(out, path, NULL, 0, 1, err, errlen);
+}
+
+struct config *config_load_for_command(const char *path)
+{
+    char err[4096];
+    struct config *c = NULL;
+    if (config_load(&c, path, err, sizeof err) != 0) {
+        fprintf(stderr, "%s\n", err);
+        return NULL;
+    }
+    if (c->warnings)
+        fprintf(stderr, "warning: %s\n", c->warnings);
+    return c;
 }
 
 int config_load_source(struct config **out, const char *name, const char *src, size_t len,

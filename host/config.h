@@ -86,6 +86,9 @@ struct config {
  * writes one message per line into err. Caller releases with config_unref. */
 int config_load(struct config **out, const char *path, char *err, size_t errlen) WUR;
 
+/* config_load for a one-shot command: errors and warnings go to stderr. NULL on error. */
+struct config *config_load_for_command(const char *path);
+
 /* The same from a configuration text in memory (name is used in messages),
  * without the environment: for tests and fuzzing. */
 int config_load_source(struct config **out, const char *name, const char *src, size_t len,

@@ -14,17 +14,6 @@
 /* requeue maps and stores dead letters in slices of this many. */
 #define REQUEUE_SLICE 500
 
-static struct config *load_config(const char *path)
-{
-    char err[4096];
-    struct config *c = NULL;
-    if (config_load(&c, path, err, sizeof err) != 0) {
-        fprintf(stderr, "%s\n", err);
-        return NULL;
-    }
-    return c;
-}
-
 static queue *open_queue(const struct config *c, int write)
 {
     char err[ERR_LEN];
@@ -398,7 +387,7 @@ int dlq_main(const struct cli_options *o)
     struct cli_options rest = *o;
     rest.args = o->args + 1;
     rest.nargs = o->nargs - 1;
-    struct config *c = load_config(o->config);
+    struct config *c = config_load_for_command(o->config);
     if (!c)
         return 1;
     int rc;
@@ -424,7 +413,7 @@ int queue_main(const struct cli_options *o)
         fprintf(stderr, "usage: tributary queue stats [--json]\n");
         return 2;
     }
-    struct config *c = load_config(o->config);
+    struct config *c = config_load_for_command(o->config);
     if (!c)
         return 1;
     queue *q = open_queue(c, 0);

@@ -19,6 +19,7 @@
 #include "service.h"
 #include "util.h"
 
+#include <errno.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -125,23 +126,9 @@ static int parse_args(int argc, char **argv, struct args *a)
     return 0;
 }
 
-/* Loads the configuration for a one-shot command, printing errors. */
-static struct config *load_config(const char *path)
-{
-    char err[4096];
-    struct config *c = NULL;
-    if (config_load(&c, path, err, sizeof err) != 0) {
-        fprintf(stderr, "%s\n", err);
-        return NULL;
-    }
-    if (c->warnings)
-        fprintf(stderr, "warning: %s\n", c->warnings);
-    return c;
-}
-
 static int cmd_check(const struct args *a)
 {
-    struct config *c = load_config(a->config);
+    struct config *c = config_load_for_command(a->config);
     if (!c)
         return 1;
     char err[ERR_LEN];
@@ -179,26 +166,15 @@ static char *read_input(const char *path, size_t *len)
             return NULL;
         }
     }
-    buf b;
-    buf_init(&b, MAP_INPUT_MAX);
-    char chunk[65536];
-    size_t n;
-    int over = 0;
-    while ((n = fread(chunk, 1, sizeof chunk, f)) > 0) {
-        if (buf_add(&b, chunk, n) != 0) {
-            over = 1;
-            break;
-        }
-    }
+    char *input = read_stream(f, MAP_INPUT_MAX, len);
+    if (!input && errno == EFBIG)
+        fprintf(stderr, "tributary: input larger than %u MiB\n", MAP_INPUT_MAX >> 20);
+    else if (!input)
+        fprintf(stderr, "tributary: cannot read %s: %s\n", f == stdin ? "standard input" : path,
+                strerror(errno));
     if (f != stdin)
         fclose(f);
-    if (over) {
-        fprintf(stderr, "tributary: input larger than %u MiB\n", MAP_INPUT_MAX >> 20);
-        buf_free(&b);
-        return NULL;
-    }
-    *len = b.len;
-    return buf_take(&b);
+    return input;
 }
 
 static int print_outcome(const struct mapping *m, size_t i, const char *environment,
@@ -237,7 +213,7 @@ static int cmd_map(const struct args *a)
         fprintf(stderr, "tributary: map takes at most one input file\n");
         return 2;
     }
-    struct config *c = load_config(a->config);
+    struct config *c = config_load_for_command(a->config);
     if (!c)
         return 1;
     int rc = 1;
@@ -294,7 +270,7 @@ static int cmd_sign(const struct args *a)
         fprintf(stderr, "tributary: sign takes at most one input file\n");
         return 2;
     }
-    struct config *c = load_config(a->config);
+    struct config *c = config_load_for_command(a->config);
     if (!c)
         return 1;
     int rc = 1;

@@ -237,6 +237,22 @@ static void code_label(const int *codes, size_t n, size_t i, char *out, size_t o
         str_copy(out, outlen, "other");
 }
 
+/* One counter family labelled by feed and by outbound status code. */
+static int render_by_feed_and_code(buf *b, const char *name, const char *help,
+                                   _Atomic uint64_t (*counters)[NOUTBOUND])
+{
+    int rc = header(b, name, "counter", help);
+    for (int f = 0; f < FEED_COUNT; f++) {
+        for (size_t i = 0; i < NOUTBOUND; i++) {
+            char code[16];
+            code_label(OUTBOUND_CODES, ARRAY_LEN(OUTBOUND_CODES), i, code, sizeof code);
+            rc |= buf_printf(b, "%s{feed=\"%s\",code=\"%s\"} %llu\n", name, FEED_NAMES[f], code,
+                             (unsigned long long)atomic_load(&counters[f][i]));
+        }
+    }
+    return rc;
+}
+
 int metrics_render(buf *b, const struct metrics_gauges *g)
 {
     int rc = 0;
@@ -278,28 +294,12 @@ int metrics_render(buf *b, const struct metrics_gauges *g)
     rc |= render_histogram(b, "tributary_rules_duration_seconds",
                            "Time spent in the rules per inbound request.", &M.rules_time);
 
-    rc |= header(b, "tributary_mparticle_requests_total", "counter",
-                 "Requests to mParticle by feed and status (0: no answer).");
-    for (int f = 0; f < FEED_COUNT; f++) {
-        for (size_t i = 0; i < NOUTBOUND; i++) {
-            uint64_t v = atomic_load(&M.out_requests[f][i]);
-            char code[16];
-            code_label(OUTBOUND_CODES, ARRAY_LEN(OUTBOUND_CODES), i, code, sizeof code);
-            rc |= buf_printf(b, "tributary_mparticle_requests_total{feed=\"%s\",code=\"%s\"} %llu\n",
-                             FEED_NAMES[f], code, (unsigned long long)v);
-        }
-    }
-    rc |= header(b, "tributary_mparticle_batches_total", "counter",
-                 "Batches sent to mParticle by feed and status of their request.");
-    for (int f = 0; f < FEED_COUNT; f++) {
-        for (size_t i = 0; i < NOUTBOUND; i++) {
-            char code[16];
-            code_label(OUTBOUND_CODES, ARRAY_LEN(OUTBOUND_CODES), i, code, sizeof code);
-            rc |= buf_printf(b, "tributary_mparticle_batches_total{feed=\"%s\",code=\"%s\"} %llu\n",
-                             FEED_NAMES[f], code,
-                             (unsigned long long)atomic_load(&M.out_batches[f][i]));
-        }
-    }
+    rc |= render_by_feed_and_code(b, "tributary_mparticle_requests_total",
+                                  "Requests to mParticle by feed and status (0: no answer).",
+                                  M.out_requests);
+    rc |= render_by_feed_and_code(b, "tributary_mparticle_batches_total",
+                                  "Batches sent to mParticle by feed and status of their request.",
+                                  M.out_batches);
     rc |= header(b, "tributary_events_delivered_total", "counter",
                  "Events accepted by mParticle (202), by feed.");
     for (int f = 0; f < FEED_COUNT; f++)

@@ -56,26 +56,13 @@ static char *slurp(const char *path, size_t max, size_t *len, char *err, size_t 
         str_printf(err, errlen, "%s: cannot open: %s", path, strerror(errno));
         return NULL;
     }
-    buf b;
-    buf_init(&b, max);
-    char chunk[16384];
-    size_t n;
-    int over = 0;
-    while ((n = fread(chunk, 1, sizeof chunk, f)) > 0) {
-        if (buf_add(&b, chunk, n) != 0) {
-            over = 1;
-            break;
-        }
-    }
-    int rerr = ferror(f);
+    char *src = read_stream(f, max, len);
+    if (!src && errno == EFBIG)
+        str_printf(err, errlen, "%s: file larger than %zu KiB", path, max >> 10);
+    else if (!src)
+        str_printf(err, errlen, "%s: cannot read: %s", path, strerror(errno));
     fclose(f);
-    if (over || rerr) {
-        str_printf(err, errlen, "%s: %s", path, over ? "file larger than 1 MiB" : "read error");
-        buf_free(&b);
-        return NULL;
-    }
-    *len = b.len;
-    return buf_take(&b);
+    return src;
 }
 
 /* The version covers the rule files and every configuration value rules can

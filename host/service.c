@@ -11,14 +11,15 @@
 #include "sender.h"
 
 #include <errno.h>
+#include <malloc.h>
 #include <poll.h>
 #include <signal.h>
-#include <sys/signalfd.h>
-#include <sys/stat.h>
-#include <unistd.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/signalfd.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #ifndef TRIBUTARY_VERSION
 #define TRIBUTARY_VERSION "dev"
@@ -26,6 +27,22 @@
 
 /* In-flight requests to mParticle may finish for this long after SIGTERM. */
 #define SHUTDOWN_GRACE_MS 10000
+
+/*
+ * glibc gives each busy thread its own malloc arena, up to eight per core.
+ * Every connection has a thread and maps its requests there, so a burst of
+ * connections left a dozen arenas each holding megabytes of freed,
+ * fragmented memory: a 10,000 events/s soak reached 350 MiB of RSS, 150 MiB
+ * with one arena per core. MALLOC_ARENA_MAX in the environment still wins.
+ */
+static void limit_malloc_arenas(void)
+{
+    if (getenv("MALLOC_ARENA_MAX"))
+        return;
+    long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+    int arenas = cpus < 2 ? 2 : cpus > 8 ? 8 : (int)cpus;
+    (void)mallopt(M_ARENA_MAX, arenas);
+}
 
 struct service {
     queue *q;
@@ -192,6 +209,7 @@ static int wait_for_stop(void)
 
 int service_run(const char *config_path)
 {
+    limit_malloc_arenas();
     char err[4096];
     struct config *cfg = NULL;
     if (config_load(&cfg, config_path, err, sizeof err) != 0) {

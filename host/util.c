@@ -138,6 +138,32 @@ char *buf_take(buf *b)
     return p;
 }
 
+char *read_stream(FILE *f, size_t max, size_t *len)
+{
+    buf b;
+    buf_init(&b, max);
+    char chunk[16384];
+    size_t n;
+    while ((n = fread(chunk, 1, sizeof chunk, f)) > 0) {
+        if (buf_add(&b, chunk, n) != 0) {
+            int too_big = b.len + n > max;
+            buf_free(&b);
+            errno = too_big ? EFBIG : ENOMEM;
+            return NULL;
+        }
+    }
+    if (ferror(f)) {
+        buf_free(&b);
+        errno = EIO;
+        return NULL;
+    }
+    *len = b.len;
+    char *p = buf_take(&b);
+    if (!p)
+        errno = ENOMEM;
+    return p;
+}
+
 /* ---- arena -------------------------------------------------------------- */
 
 struct arena_chunk {

@@ -16,6 +16,7 @@
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 
 #define WUR __attribute__((warn_unused_result))
 #define PRINTF(a, b) __attribute__((format(printf, a, b)))
@@ -54,6 +55,9 @@ int buf_vprintf(buf *b, const char *fmt, va_list ap) WUR;
 int buf_json_str(buf *b, const char *s, size_t n) WUR;
 /* Detaches the data: the caller frees it with free(); b is left empty. */
 char *buf_take(buf *b);
+/* Reads the rest of f into a new NUL-terminated string of at most max bytes, its length in *len.
+ * Returns NULL with errno EFBIG (longer than max), EIO (read error) or ENOMEM. */
+char *read_stream(FILE *f, size_t max, size_t *len);
 
 /* ---- arena -------------------------------------------------------------- */
 

@@ -79,9 +79,15 @@ $(FUZZ_BINS:=.o): $(FUZZ_OUT)/%.o: tests/fuzz/%.c $(HOST_HDRS) tests/fuzz/fuzz.m
 	@$(if $(Q),echo "  CC    $@")
 	$(Q)$(FUZZ_CC) $(FUZZ_CFLAGS) -Ihost -c -o $@ $<
 
-$(FUZZ_BINS): $(FUZZ_OUT)/%: $(FUZZ_OUT)/%.o $(FUZZ_OBJS)
+$(FUZZ_OUT)/fuzz_engine.o: tests/fuzz/fuzz_engine.c tests/fuzz/fuzz_engine.h $(HOST_HDRS) tests/fuzz/fuzz.mk
+	@mkdir -p $(dir $@)
+	@$(if $(Q),echo "  CC    $@")
+	$(Q)$(FUZZ_CC) $(FUZZ_CFLAGS) -Ihost -c -o $@ $<
+
+$(FUZZ_BINS): $(FUZZ_OUT)/%: $(FUZZ_OUT)/%.o $(FUZZ_OUT)/fuzz_engine.o $(FUZZ_OBJS)
 	@$(if $(Q),echo "  LD    $@")
-	$(Q)$(FUZZ_CC) $(FUZZ_LDFLAGS) -o $@ $< $(FUZZ_OBJS) $(PKG_LIBS) -pthread -lm
+	$(Q)$(FUZZ_CC) $(FUZZ_LDFLAGS) -o $@ $< $(FUZZ_OUT)/fuzz_engine.o $(FUZZ_OBJS) $(PKG_LIBS) \
+		-pthread -lm
 
 # Each target in turn; all of them run even when one fails, then the verdict.
 # A fresh stamp tells this run's crashes from those of earlier runs.
@@ -132,10 +138,11 @@ LIB_OBJS := $(patsubst host/%.c,$(BUILD)/host/%.o,$(HOST_SRCS))
 $(BUILD)/host/%.o: host/%.c $(HOST_HDRS)
 	$(Q)$(MAKE) --no-print-directory -f Makefile BUILD=$(BUILD) $@
 
-$(REPLAY_BINS): $(REPLAY_OUT)/%: tests/fuzz/%.c tests/fuzz/replay.c $(HOST_HDRS) $(LIB_OBJS) tests/fuzz/fuzz.mk
+$(REPLAY_BINS): $(REPLAY_OUT)/%: tests/fuzz/%.c tests/fuzz/replay.c tests/fuzz/fuzz_engine.c \
+		tests/fuzz/fuzz_engine.h $(HOST_HDRS) $(LIB_OBJS) tests/fuzz/fuzz.mk
 	@mkdir -p $(dir $@)
 	@$(if $(Q),echo "  CC    $@")
-	$(Q)$(CC) $(REPLAY_CFLAGS) -o $@ tests/fuzz/replay.c $< $(LIB_OBJS) $(LDFLAGS) \
+	$(Q)$(CC) $(REPLAY_CFLAGS) -o $@ tests/fuzz/replay.c tests/fuzz/fuzz_engine.c $< $(LIB_OBJS) $(LDFLAGS) \
 		$(PKG_LIBS) -pthread -lm
 
 replay: $(REPLAY_BINS)

@@ -9,11 +9,9 @@
  * that exists; every batch is built, is a syntactically valid JSON object, and
  * fits mparticle_batch_size_bound (the sender sizes requests with it).
  *
- * The engine is built once (LLVMFuzzerInitialize) from TRIBUTARY_RULES_DIR, or
- * ./rules, with every other TRIBUTARY_* variable ignored; it is rebuilt when a
- * limit damaged it, as the service does.
+ * The engine is fuzz_engine.h's: the shipped rules, as the service runs them.
  */
-#include "config.h"
+#include "fuzz_engine.h"
 #include "log.h"
 #include "mparticle.h"
 #include "record.h"
@@ -27,19 +25,9 @@
 int LLVMFuzzerInitialize(int *argc, char ***argv);
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
-extern char **environ;
-
-static ruleset *rs;
-static rules *engine;
 static const char *environment;
 
-#define CHECK(cond)                                                                                \
-    do {                                                                                           \
-        if (!(cond)) {                                                                             \
-            fprintf(stderr, "fuzz_map: check failed: %s (%s:%d)\n", #cond, __FILE__, __LINE__);    \
-            abort();                                                                               \
-        }                                                                                          \
-    } while (0)
+#define CHECK(cond) FUZZ_CHECK("fuzz_map", cond)
 
 /* ---- a strict JSON syntax check (RFC 8259; bytes >= 0x80 are not decoded) -- */
 
@@ -196,61 +184,12 @@ static int json_is_object(const char *s, size_t n)
 
 /* ---- the engine --------------------------------------------------------- */
 
-/* The configuration the fuzzer runs on: defaults (or ./tributary.conf.lua),
- * with rules_dir from TRIBUTARY_RULES_DIR or "rules", and nothing else taken
- * from the environment. */
-static struct config *fuzz_config(void)
-{
-    const char *env = getenv("TRIBUTARY_RULES_DIR");
-    char *dir = strdup(env && *env ? env : "rules");
-    CHECK(dir != NULL);
-    /* collect first: unsetenv changes environ */
-    char *names[256];
-    size_t n = 0;
-    for (char **e = environ; e && *e && n < ARRAY_LEN(names); e++) {
-        if (strncmp(*e, "TRIBUTARY_", 10) == 0)
-            names[n++] = strndup(*e, strcspn(*e, "="));
-    }
-    for (size_t i = 0; i < n; i++) {
-        if (names[i])
-            unsetenv(names[i]);
-        free(names[i]);
-    }
-    CHECK(setenv("TRIBUTARY_RULES_DIR", dir, 1) == 0);
-    free(dir);
-    struct config *c = NULL;
-    char err[4096];
-    if (config_load(&c, NULL, err, sizeof err) != 0) {
-        fprintf(stderr, "fuzz_map: configuration: %s\n", err);
-        exit(1);
-    }
-    return c;
-}
-
-/* At exit, so that valgrind and LeakSanitizer see nothing left behind. */
-static void release_engine(void)
-{
-    rules_free(engine);
-    engine = NULL;
-    ruleset_unref(rs);
-    rs = NULL;
-}
-
 int LLVMFuzzerInitialize(int *argc, char ***argv)
 {
     (void)argc;
     (void)argv;
-    log_setup(LOG_ERROR, LOG_LOGFMT);
-    struct config *c = fuzz_config();
-    char err[ERR_LEN];
-    if (ruleset_load(&rs, c, err, sizeof err) != 0 ||
-        rules_new(&engine, rs, err, sizeof err) != 0) {
-        fprintf(stderr, "fuzz_map: rules: %s\n", err);
-        exit(1);
-    }
-    atexit(release_engine);
-    environment = ruleset_config(rs)->environment; /* lives as long as rs */
-    config_unref(c);                               /* the ruleset holds a reference */
+    fuzz_engine_init("fuzz_map");
+    environment = fuzz_engine_config()->environment;
     return 0;
 }
 
@@ -280,19 +219,11 @@ static void check_batch(const struct batch_part *parts, size_t n)
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
-    if (rules_needs_rebuild(engine)) {
-        char err[ERR_LEN];
-        rules_free(engine);
-        if (rules_new(&engine, rs, err, sizeof err) != 0) {
-            fprintf(stderr, "fuzz_map: rebuilding the engine: %s\n", err);
-            abort();
-        }
-    }
     struct mapping m;
     mapping_init(&m);
     m.keep_outcomes = 1;
     struct input_error e;
-    int rc = rules_map(engine, (const char *)data, size, INPUT_ANY, &m, &e);
+    int rc = rules_map(fuzz_engine(), (const char *)data, size, INPUT_ANY, &m, &e);
     CHECK(rc == 0 || rc == -1);
     if (rc != 0) {
         CHECK(e.status == 400 || e.status == 413 || e.status == 503);

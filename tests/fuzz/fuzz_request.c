@@ -6,11 +6,9 @@
  * 413 or 503 and a reason, and adds nothing to the mapping; an accepted body
  * accounts for every event exactly once (a record, a dead letter or a drop).
  *
- * The engine is built once (LLVMFuzzerInitialize) from TRIBUTARY_RULES_DIR, or
- * ./rules, with every other TRIBUTARY_* variable ignored; it is rebuilt when a
- * limit damaged it, as the service does.
+ * The engine is fuzz_engine.h's: the shipped rules, as the service runs them.
  */
-#include "config.h"
+#include "fuzz_engine.h"
 #include "log.h"
 #include "record.h"
 #include "rules.h"
@@ -23,91 +21,22 @@
 int LLVMFuzzerInitialize(int *argc, char ***argv);
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
-extern char **environ;
-
-static ruleset *rs;
-static rules *engine;
-
-#define CHECK(cond)                                                                                \
-    do {                                                                                           \
-        if (!(cond)) {                                                                             \
-            fprintf(stderr, "fuzz_request: check failed: %s (%s:%d)\n", #cond, __FILE__,           \
-                    __LINE__);                                                                     \
-            abort();                                                                               \
-        }                                                                                          \
-    } while (0)
-
-/* The configuration the fuzzer runs on: defaults (or ./tributary.conf.lua),
- * with rules_dir from TRIBUTARY_RULES_DIR or "rules", and nothing else taken
- * from the environment. */
-static struct config *fuzz_config(void)
-{
-    const char *env = getenv("TRIBUTARY_RULES_DIR");
-    char *dir = strdup(env && *env ? env : "rules");
-    CHECK(dir != NULL);
-    /* collect first: unsetenv changes environ */
-    char *names[256];
-    size_t n = 0;
-    for (char **e = environ; e && *e && n < ARRAY_LEN(names); e++) {
-        if (strncmp(*e, "TRIBUTARY_", 10) == 0)
-            names[n++] = strndup(*e, strcspn(*e, "="));
-    }
-    for (size_t i = 0; i < n; i++) {
-        if (names[i])
-            unsetenv(names[i]);
-        free(names[i]);
-    }
-    CHECK(setenv("TRIBUTARY_RULES_DIR", dir, 1) == 0);
-    free(dir);
-    struct config *c = NULL;
-    char err[4096];
-    if (config_load(&c, NULL, err, sizeof err) != 0) {
-        fprintf(stderr, "fuzz_request: configuration: %s\n", err);
-        exit(1);
-    }
-    return c;
-}
-
-/* At exit, so that valgrind and LeakSanitizer see nothing left behind. */
-static void release_engine(void)
-{
-    rules_free(engine);
-    engine = NULL;
-    ruleset_unref(rs);
-    rs = NULL;
-}
+#define CHECK(cond) FUZZ_CHECK("fuzz_request", cond)
 
 int LLVMFuzzerInitialize(int *argc, char ***argv)
 {
     (void)argc;
     (void)argv;
-    log_setup(LOG_ERROR, LOG_LOGFMT);
-    struct config *c = fuzz_config();
-    char err[ERR_LEN];
-    if (ruleset_load(&rs, c, err, sizeof err) != 0 ||
-        rules_new(&engine, rs, err, sizeof err) != 0) {
-        fprintf(stderr, "fuzz_request: rules: %s\n", err);
-        exit(1);
-    }
-    atexit(release_engine);
-    config_unref(c); /* the ruleset holds a reference */
+    fuzz_engine_init("fuzz_request");
     return 0;
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
-    if (rules_needs_rebuild(engine)) {
-        char err[ERR_LEN];
-        rules_free(engine);
-        if (rules_new(&engine, rs, err, sizeof err) != 0) {
-            fprintf(stderr, "fuzz_request: rebuilding the engine: %s\n", err);
-            abort();
-        }
-    }
     struct mapping m;
     mapping_init(&m);
     struct input_error e;
-    int rc = rules_map(engine, (const char *)data, size, INPUT_ENVELOPE, &m, &e);
+    int rc = rules_map(fuzz_engine(), (const char *)data, size, INPUT_ENVELOPE, &m, &e);
     CHECK(rc == 0 || rc == -1);
     if (rc != 0) {
         CHECK(e.status == 400 || e.status == 413 || e.status == 503);

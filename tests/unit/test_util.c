@@ -1,6 +1,8 @@
 /* util: bounded buffers, JSON escaping, parsing. */
 #include "unit.h"
 
+#include <errno.h>
+
 START_TEST(test_buf_refuses_to_grow_past_its_cap)
 {
     buf b;
@@ -50,6 +52,29 @@ START_TEST(test_parse_duration_units)
 }
 END_TEST
 
+START_TEST(test_read_stream_reads_whole_files_and_refuses_longer_ones)
+{
+    FILE *f = tmpfile();
+    ck_assert_ptr_nonnull(f);
+    for (int i = 0; i < 5000; i++)
+        ck_assert_int_ge(fputs("0123456789", f), 0);
+    rewind(f);
+    size_t len = 0;
+    char *all = read_stream(f, 50000, &len);
+    ck_assert_ptr_nonnull(all);
+    ck_assert_uint_eq(len, 50000);
+    ck_assert_uint_eq(strlen(all), 50000);
+    ck_assert(memcmp(all + 49990, "0123456789", 10) == 0);
+    free(all);
+
+    rewind(f);
+    errno = 0;
+    ck_assert_ptr_null(read_stream(f, 49999, &len));
+    ck_assert_int_eq(errno, EFBIG);
+    fclose(f);
+}
+END_TEST
+
 START_TEST(test_arena_keeps_addresses_stable)
 {
     arena a;
@@ -72,6 +97,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_parse_int64_is_strict);
     tcase_add_test(tc, test_parse_duration_units);
     tcase_add_test(tc, test_arena_keeps_addresses_stable);
+    tcase_add_test(tc, test_read_stream_reads_whole_files_and_refuses_longer_ones);
     suite_add_tcase(s, tc);
     return s;
 }
