@@ -187,6 +187,32 @@ static int start_growing(struct segment *s)
     return 0;
 }
 
+static size_t segment_size(const struct segment *s)
+{
+    return s->t.live + s->old.live - s->old_moved;
+}
+
+/* A new segment gets room for as many ids as the one before it held, at two
+ * thirds load: at a steady rate no table ever grows, and memory stays flat once
+ * the window is full. */
+static int presize(dedup *d, struct segment *s)
+{
+    if (s->slot < 1)
+        return 0;
+    const struct segment *prev = &d->seg[(s->slot - 1) % SEGMENTS];
+    if (prev->slot != s->slot - 1)
+        return 0;
+    size_t n = segment_size(prev);
+    size_t cap = n + n / 2;
+    if (cap <= MIN_CAPACITY)
+        return 0;
+    struct dedup_fp *fps = table_alloc(cap);
+    if (!fps)
+        return -1;
+    s->t = (struct table){fps, cap, 0, 0};
+    return 0;
+}
+
 static int live_segment(const dedup *d, const struct segment *s, int64_t now_ms)
 {
     return s->slot >= 0 && s->slot > now_ms / d->segment_ms - SEGMENTS;
@@ -220,6 +246,8 @@ int dedup_add(dedup *d, const struct dedup_fp *fp, int64_t at_ms)
             return 0; /* older than anything kept: already outside the window */
         segment_clear(s); /* its ids are SEGMENTS segments old: past the window */
         s->slot = slot;
+        if (presize(d, s) != 0)
+            return -1;
     }
     if (segment_contains(s, fp))
         return 0;
@@ -247,6 +275,14 @@ size_t dedup_size(const dedup *d)
 {
     size_t n = 0;
     for (int i = 0; i < SEGMENTS; i++)
-        n += d->seg[i].t.live + d->seg[i].old.live - d->seg[i].old_moved;
+        n += segment_size(&d->seg[i]);
+    return n;
+}
+
+size_t dedup_memory(const dedup *d)
+{
+    size_t n = 0;
+    for (int i = 0; i < SEGMENTS; i++)
+        n += (d->seg[i].t.cap + d->seg[i].old.cap) * sizeof(struct dedup_fp);
     return n;
 }

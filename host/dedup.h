@@ -41,5 +41,7 @@ int dedup_add(dedup *d, const struct dedup_fp *fp, int64_t at_ms) WUR;
 void dedup_remove(dedup *d, const struct dedup_fp *fp, int64_t at_ms);
 /* Fingerprints held. */
 size_t dedup_size(const dedup *d);
+/* Bytes of memory its tables take (what dedup.window_s costs). */
+size_t dedup_memory(const dedup *d);
 
 #endif

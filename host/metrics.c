@@ -357,6 +357,12 @@ int metrics_render(buf *b, const struct metrics_gauges *g)
                      "Operations carried by those transactions (requests, sent batches, ...).");
         rc |= buf_printf(b, "tributary_queue_operations_total %lld\n",
                          (long long)g->queue_operations);
+        rc |= header(b, "tributary_dedup_ids", "gauge",
+                     "Event ids remembered to recognise a repeat within dedup.window_s.");
+        rc |= buf_printf(b, "tributary_dedup_ids %lld\n", (long long)g->dedup_ids);
+        rc |= header(b, "tributary_dedup_memory_bytes", "gauge",
+                     "Memory the remembered event ids take.");
+        rc |= buf_printf(b, "tributary_dedup_memory_bytes %lld\n", (long long)g->dedup_bytes);
         rc |= header(b, "tributary_dead_letters", "gauge", "Events in the dead-letter store.");
         rc |= buf_printf(b, "tributary_dead_letters %lld\n", (long long)g->dead_letters);
         rc |= header(b, "tributary_ready", "gauge", "1 when the service is ready.");

@@ -68,6 +68,8 @@ struct metrics_gauges {
     int64_t dead_letters;
     int64_t queue_commits;
     int64_t queue_operations;
+    int64_t dedup_ids;
+    int64_t dedup_bytes;
     int ready;
     const char *rules_version;
 };

@@ -372,6 +372,15 @@ static int first_sighting(queue *q, struct op *op, str id, int64_t now)
     return 1;
 }
 
+/* Under q->mu. */
+static void dedup_gauges(queue *q)
+{
+    if (!q->seen)
+        return;
+    q->gauges.dedup_ids = (int64_t)dedup_size(q->seen);
+    q->gauges.dedup_bytes = (int64_t)dedup_memory(q->seen);
+}
+
 /* The operation's writes were rolled back: so are its dedup entries. */
 static void undo_sightings(queue *q, struct op *op)
 {
@@ -921,6 +930,7 @@ static void run_group(queue *q, struct op *ops)
             q->gauges.dead += op->dead_delta;
         }
     }
+    dedup_gauges(q);
     pthread_mutex_unlock(&q->mu);
 }
 
@@ -1277,6 +1287,7 @@ int queue_open(queue **out, const struct queue_options *o, char *err, size_t err
     refresh_oldest(q);
     if (!o->readonly && o->dedup_window_ms > 0 && load_dedup(q, err, errlen) != 0)
         goto fail;
+    dedup_gauges(q);
     if (!o->readonly) {
         if (pthread_create(&q->writer, NULL, writer_main, q) != 0) {
             str_copy(err, errlen, "cannot start the queue writer thread");

@@ -137,6 +137,8 @@ struct queue_gauges {
     int64_t dead;
     int64_t commits;    /* transactions committed (each one fsync with sync=full) */
     int64_t operations; /* operations they carried: requests, batches sent, ... */
+    int64_t dedup_ids;   /* event ids remembered for the dedup window */
+    int64_t dedup_bytes; /* the memory they take */
 };
 void queue_gauges(queue *q, struct queue_gauges *g);
 

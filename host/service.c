@@ -96,6 +96,8 @@ static void hook_gauges(void *ctx, struct metrics_gauges *g)
     g->dead_letters = qg.dead;
     g->queue_commits = qg.commits;
     g->queue_operations = qg.operations;
+    g->dedup_ids = qg.dedup_ids;
+    g->dedup_bytes = qg.dedup_bytes;
     enum feed_pause paused[FEED_COUNT];
     sender_paused(s->sender, paused);
     for (int f = 0; f < FEED_COUNT; f++)

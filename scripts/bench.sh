@@ -44,7 +44,9 @@
 # Soak mode (BENCH_SOAK_RATE events/s for BENCH_SOAK_SECONDS) prints instead:
 #   offered_rate, achieved_rate, errors, latency_*,
 #   rss_idle_mib (before load), rss_start_mib (10 s into the run), rss_end_mib,
-#   rss_max_mib, peak_rss_mib, queue_disk_mib.
+#   rss_max_mib, dedup_ids_end and dedup_end_mib (the ids dedup.window_s holds at
+#   the end and their memory: it grows with the window's ids by design),
+#   peak_rss_mib, queue_disk_mib.
 # Progress and notes go to stderr. Exit status 0 whatever the figures; 1 when the
 # tooling broke (build failed, the service or the sink did not start or died).
 #
@@ -211,6 +213,12 @@ status_kb() { awk -v k="$1:" '$1 == k { print $2 }' "/proc/$SVC_PID/status"; }
 
 mib() { calc "%.1f" "$1 / 1024"; }
 
+# service_metric NAME: one unlabelled value from the service's /metrics (0 when absent)
+service_metric() {
+    "$LOADGEN" get "http://127.0.0.1:$SVC_PORT/metrics" 2>/dev/null |
+        awk -v k="$1" '$1 == k { v = $2 } END { print v + 0 }'
+}
+
 queue_disk_mib() {
     local total=0 f s
     for f in "$RUN/var/queue.db" "$RUN/var/queue.db-wal"; do
@@ -359,7 +367,9 @@ if [[ $SOAK == 1 ]]; then
             rss_last=$(status_kb VmRSS)
             [[ -n $rss_start ]] || rss_start=$rss_last
             ((rss_last > rss_max)) && rss_max=$rss_last
-            log "soak $((next / 1000)) s: rss $(mib "$rss_last") MiB, sink $(sink_events) events"
+            log "soak $((next / 1000)) s: rss $(mib "$rss_last") MiB" \
+                "(dedup $(calc "%.1f" "$(service_metric tributary_dedup_memory_bytes) / 1048576") MiB)," \
+                "sink $(sink_events) events"
             next=$((next + 10000))
         fi
     done
@@ -377,6 +387,9 @@ if [[ $SOAK == 1 ]]; then
     figure rss_start_mib "$(mib "$rss_start")" MiB
     figure rss_end_mib "$(mib "$rss_last")" MiB
     figure rss_max_mib "$(mib "$rss_max")" MiB
+    # what dedup.window_s holds at the end: it grows with the ids in the window, by design
+    figure dedup_ids_end "$(service_metric tributary_dedup_ids)" ids
+    figure dedup_end_mib "$(calc "%.1f" "$(service_metric tributary_dedup_memory_bytes) / 1048576")" MiB
     final_figures
     exit 0
 fi

@@ -81,6 +81,9 @@ class Metrics(ServiceTest):
         self.assertEqual(m['tributary_feed_paused{feed="unbound",reason="refused"}'], 0)
         self.assertEqual(m['tributary_feed_paused{feed="web",reason="no_credentials"}'], 1)
         self.assertEqual(m["tributary_ready"], 1)
+        # ids of what was stored: 11 queued events and the rule error's dead letter
+        self.assertEqual(m["tributary_dedup_ids"], 12)
+        self.assertGreaterEqual(m["tributary_dedup_memory_bytes"], 12 * 16)
         version = s.post([]).json()["rules_version"]
         self.assertEqual(m['tributary_events_mapped_total{rules_version="%s"}' % version],
                          len(first) + 2)

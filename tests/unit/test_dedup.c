@@ -78,6 +78,66 @@ START_TEST(test_ids_are_kept_for_the_window_and_forgotten_after)
 }
 END_TEST
 
+START_TEST(test_memory_follows_the_ids_in_the_window)
+{
+    int64_t window = 40000, t0 = 1732800000000; /* segments of 10 s; t0 starts one */
+    dedup *d = dedup_new(window);
+    ck_assert_uint_eq(dedup_memory(d), 0);
+    char id[64];
+    for (int i = 0; i < 400000; i++) {
+        snprintf(id, sizeof id, "id-%d", i);
+        struct dedup_fp fp = fp_of(id);
+        ck_assert_int_eq(dedup_add(d, &fp, t0 + i % 1000), 0);
+    }
+    size_t full = dedup_memory(d);
+    ck_assert_uint_ge(full, 400000 * sizeof(struct dedup_fp));
+    ck_assert_uint_le(full, 4 * 400000 * sizeof(struct dedup_fp));
+    /* one id per segment for two windows: the full table, and the one sized
+     * after it for the next segment, are both reused for a handful of ids */
+    for (int k = 1; k <= 10; k++) {
+        snprintf(id, sizeof id, "late-%d", k);
+        struct dedup_fp fp = fp_of(id);
+        ck_assert_int_eq(dedup_add(d, &fp, t0 + k * 10000), 0);
+    }
+    ck_assert_uint_lt(dedup_memory(d), full / 10);
+    dedup_free(d);
+}
+END_TEST
+
+START_TEST(test_a_segment_is_sized_from_the_one_before_and_does_not_grow)
+{
+    int64_t window = 40000, t0 = 1732800000000; /* segments of 10 s; t0 starts one */
+    dedup *d = dedup_new(window);
+    char id[64];
+    for (int i = 0; i < 100000; i++) {
+        snprintf(id, sizeof id, "first-%d", i);
+        struct dedup_fp fp = fp_of(id);
+        ck_assert_int_eq(dedup_add(d, &fp, t0 + i % 1000), 0);
+    }
+    size_t one = dedup_memory(d);
+    struct dedup_fp fp = fp_of("second-0");
+    ck_assert_int_eq(dedup_add(d, &fp, t0 + 10000), 0);
+    size_t two = dedup_memory(d);
+    ck_assert_uint_ge(two - one, 150000 * sizeof(struct dedup_fp));
+    for (int i = 1; i < 100000; i++) {
+        snprintf(id, sizeof id, "second-%d", i);
+        fp = fp_of(id);
+        ck_assert_int_eq(dedup_add(d, &fp, t0 + 10000 + i % 1000), 0);
+    }
+    ck_assert_uint_eq(dedup_memory(d), two); /* the same rate: no growth */
+    ck_assert_uint_eq(dedup_size(d), 200000);
+    for (int i = 0; i < 100000; i += 101) {
+        snprintf(id, sizeof id, "first-%d", i);
+        fp = fp_of(id);
+        ck_assert_int_eq(dedup_contains(d, &fp, t0 + 20000), 1);
+        snprintf(id, sizeof id, "second-%d", i);
+        fp = fp_of(id);
+        ck_assert_int_eq(dedup_contains(d, &fp, t0 + 20000), 1);
+    }
+    dedup_free(d);
+}
+END_TEST
+
 START_TEST(test_a_million_ids_are_all_found)
 {
     dedup *d = dedup_new(3600 * 1000);
@@ -175,6 +235,8 @@ static Suite *suite(void)
     tcase_add_test(tc, test_ids_are_kept_for_the_window_and_forgotten_after);
     tcase_add_test(tc, test_undoing_a_new_sighting_keeps_an_older_one);
     tcase_add_test(tc, test_a_million_ids_are_all_found);
+    tcase_add_test(tc, test_memory_follows_the_ids_in_the_window);
+    tcase_add_test(tc, test_a_segment_is_sized_from_the_one_before_and_does_not_grow);
     tcase_add_test(tc, test_an_old_queue_is_migrated_and_keeps_its_ids_and_records);
     suite_add_tcase(s, tc);
     return s;
