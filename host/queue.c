@@ -31,6 +31,11 @@
  * pages: after waking the requests of the group that filled it, not inside their
  * commit, so no request waits for a checkpoint of others' data. */
 #define CHECKPOINT_PAGES 1000
+/* A writer step (a group commit, a checkpoint, housekeeping) that takes longer
+ * than this holds up every request behind it: it is logged, at most once per
+ * SLOW_LOG_EVERY_MS, with the number of such steps since the last line. */
+#define SLOW_STEP_MS 250
+#define SLOW_LOG_EVERY_MS 10000
 /* Expiry moves at most this many records per transaction. */
 #define EXPIRE_SLICE 10000
 
@@ -222,6 +227,8 @@ struct queue {
     int64_t last_gauges_ms;
     int64_t last_vacuum_ms;
     int wal_pages; /* set by the WAL hook after each commit */
+    int64_t slow_logged_ms;
+    int64_t slow_steps;
 };
 
 struct queue_reader {
@@ -623,16 +630,19 @@ static enum queue_status apply_expire(queue *q, struct op *op, int64_t now)
     op->u.batches.detail = "not delivered within retry.max_age_s";
     size_t moved = 0;
     for (int f = 0; f < FEED_COUNT && moved < EXPIRE_SLICE; f++) {
+        /* Records are stamped when stored and ids ascend, so the expired ones
+         * come first: the scan stops at the first one young enough (a WHERE on
+         * received_ms would read a whole backlog when none has expired). */
         char sql[160];
-        snprintf(sql, sizeof sql,
-                 "SELECT id FROM records_%s WHERE received_ms < ?1 ORDER BY id LIMIT ?2",
+        snprintf(sql, sizeof sql, "SELECT id, received_ms FROM records_%s ORDER BY id LIMIT ?1",
                  FEED_NAMES[f]);
         if (sqlite3_prepare_v2(q->db, sql, -1, &s, NULL) != SQLITE_OK)
             goto done;
-        sqlite3_bind_int64(s, 1, op->u.expire.cutoff_ms);
-        sqlite3_bind_int64(s, 2, (sqlite3_int64)(EXPIRE_SLICE + nheld));
+        sqlite3_bind_int64(s, 1, (sqlite3_int64)(EXPIRE_SLICE + nheld));
         size_t n = 0;
         while (moved + n < EXPIRE_SLICE && sqlite3_step(s) == SQLITE_ROW) {
+            if (sqlite3_column_int64(s, 1) >= op->u.expire.cutoff_ms)
+                break;
             int64_t id = sqlite3_column_int64(s, 0), key = held_key(f, id);
             if (nheld && bsearch(&key, held, nheld, sizeof(*held), cmp_i64))
                 continue;
@@ -735,16 +745,24 @@ static void prune_dedup(queue *q, int64_t now)
         return;
     int64_t cutoff = now - q->opt.dedup_window_ms;
     sqlite3_stmt *s = NULL;
-    int64_t lo = 0, hi = 0;
-    if (sqlite3_prepare_v2(q->db, "SELECT min(id), max(id) FROM dedup", -1, &s, NULL) != SQLITE_OK)
+    int64_t lo = 0, hi = 0, oldest = INT64_MAX;
+    /* Two subqueries: SQLite finds a lone min() or max() of the rowid in one
+     * seek, but min() and max() together in one query scan the whole table,
+     * millions of rows with an hour's window, every second. */
+    if (sqlite3_prepare_v2(q->db,
+                           "SELECT (SELECT id FROM dedup ORDER BY id LIMIT 1),"
+                           " (SELECT at_ms FROM dedup ORDER BY id LIMIT 1),"
+                           " (SELECT max(id) FROM dedup)",
+                           -1, &s, NULL) != SQLITE_OK)
         return;
     if (sqlite3_step(s) == SQLITE_ROW && sqlite3_column_type(s, 0) != SQLITE_NULL) {
         lo = sqlite3_column_int64(s, 0);
-        hi = sqlite3_column_int64(s, 1);
+        oldest = sqlite3_column_int64(s, 1);
+        hi = sqlite3_column_int64(s, 2);
     }
     sqlite3_finalize(s);
-    if (hi == 0)
-        return;
+    if (hi == 0 || oldest >= cutoff)
+        return; /* empty, or nothing older than the window */
     if (sqlite3_prepare_v2(q->db, "SELECT at_ms FROM dedup WHERE id >= ?1 ORDER BY id LIMIT 1", -1,
                            &s, NULL) != SQLITE_OK)
         return;
@@ -934,6 +952,22 @@ static void run_group(queue *q, struct op *ops)
     pthread_mutex_unlock(&q->mu);
 }
 
+/* Called after each writer step that began at start_ms (monotonic). */
+static void note_step(queue *q, const char *step, int64_t start_ms)
+{
+    int64_t now = clock_mono_ms(), took = now - start_ms;
+    if (took < SLOW_STEP_MS)
+        return;
+    q->slow_steps++;
+    if (now - q->slow_logged_ms < SLOW_LOG_EVERY_MS)
+        return;
+    log_warn("queue: slow storage step; requests wait for it",
+             LOG_S("step", step) LOG_I("ms", took) LOG_I("slow_steps", q->slow_steps)
+                 LOG_I("wal_pages", q->wal_pages));
+    q->slow_logged_ms = now;
+    q->slow_steps = 0;
+}
+
 static void *writer_main(void *arg)
 {
     queue *q = arg;
@@ -954,7 +988,9 @@ static void *writer_main(void *arg)
         pthread_mutex_unlock(&q->mu);
 
         if (ops) {
+            int64_t t0 = clock_mono_ms();
             run_group(q, ops);
+            note_step(q, "commit", t0);
             struct op *finished = NULL;
             pthread_mutex_lock(&q->mu);
             for (struct op *op = ops, *next; op; op = next) {
@@ -971,7 +1007,9 @@ static void *writer_main(void *arg)
             }
             pthread_cond_broadcast(&q->done);
             pthread_mutex_unlock(&q->mu);
+            t0 = clock_mono_ms();
             checkpoint(q);
+            note_step(q, "checkpoint", t0);
             for (struct op *op = finished, *next; op; op = next) {
                 next = op->next;
                 if (op->status != QUEUE_OK)
@@ -986,19 +1024,24 @@ static void *writer_main(void *arg)
         if (now - q->last_gauges_ms >= GAUGES_EVERY_MS) {
             q->last_gauges_ms = now;
             refresh_oldest(q);
+            note_step(q, "gauges", now);
         }
         if (now - q->last_prune_ms >= PRUNE_EVERY_MS) {
             q->last_prune_ms = now;
             char err[ERR_LEN];
+            int64_t t0 = clock_mono_ms();
             if (exec(q->db, "BEGIN IMMEDIATE", err, sizeof err) == 0) {
                 prune_dedup(q, clock_wall_ms());
                 if (exec(q->db, "COMMIT", err, sizeof err) != 0)
                     (void)exec(q->db, "ROLLBACK", err, sizeof err);
             }
+            note_step(q, "dedup prune", t0);
         }
         if (now - q->last_vacuum_ms >= VACUUM_EVERY_MS) {
             q->last_vacuum_ms = now;
+            int64_t t0 = clock_mono_ms();
             shrink(q);
+            note_step(q, "shrink", t0);
         }
         if (stopping && !ops) {
             pthread_mutex_lock(&q->mu);
