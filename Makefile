@@ -116,10 +116,14 @@ install: all
 		> $(DESTDIR)$(PREFIX)/lib/systemd/system/tributary.service
 	chmod 0644 $(DESTDIR)$(PREFIX)/lib/systemd/system/tributary.service
 
+FORMATTED = host/*.c host/*.h tests/unit/*.c tests/unit/*.h tests/bench/*.c tests/fuzz/*.c \
+	tests/fuzz/*.h
+
 fmt:
-	clang-format -i host/*.c host/*.h tests/unit/*.c tests/unit/*.h
+	clang-format -i $(FORMATTED)
 
 lint:
+	clang-format --dry-run --Werror $(FORMATTED)
 	cppcheck --quiet --error-exitcode=1 --enable=warning,performance,portability \
 		--std=c11 --inline-suppr -D_GNU_SOURCE -I host host tests/unit
 

@@ -124,13 +124,12 @@ static int mac(const char *secret, int64_t t, const char *body, size_t len, unsi
     char prefix[32];
     int n = snprintf(prefix, sizeof prefix, "%lld.", (long long)t);
     /* HMAC over "<t>." followed by the raw body, without copying the body */
-    int rc = digest_hmac_sha256_2(secret, strlen(secret), prefix, (size_t)n, body ? body : "", len,
-                                  out);
+    int rc =
+        digest_hmac_sha256_2(secret, strlen(secret), prefix, (size_t)n, body ? body : "", len, out);
     return rc;
 }
 
-int auth_sign(const char *secret, int64_t t, const char *body, size_t len, char *out,
-              size_t outlen)
+int auth_sign(const char *secret, int64_t t, const char *body, size_t len, char *out, size_t outlen)
 {
     unsigned char m[32];
     if (mac(secret, t, body, len, m) != 0)
@@ -181,8 +180,8 @@ enum auth_result auth_check(const struct config *c, const struct auth_request *r
     int tokens = c->inbound_tokens.n > 0, secrets = c->inbound_hmac_secrets.n > 0;
     if (!tokens && !secrets)
         return AUTH_OK;
-    enum auth_result tok = tokens ? check_token(&c->inbound_tokens, r->authorization)
-                                  : AUTH_MISSING;
+    enum auth_result tok =
+        tokens ? check_token(&c->inbound_tokens, r->authorization) : AUTH_MISSING;
     enum auth_result sig = secrets ? check_signature(c, r) : AUTH_MISSING;
     const char *mode = c->inbound_require;
     if (strcmp(mode, "token") == 0)

@@ -22,9 +22,9 @@
 #define CONFIG_DEFAULT_FILE "tributary.conf.lua"
 
 struct feed_config {
-    char *key;    /* NULL when not configured */
-    char *secret; /* NULL when not configured */
-    char *url;    /* base URL; NULL means mparticle.url */
+    char *key;          /* NULL when not configured */
+    char *secret;       /* NULL when not configured */
+    char *url;          /* base URL; NULL means mparticle.url */
     int64_t rate_limit; /* batches per second */
 };
 
@@ -40,7 +40,7 @@ struct string_list {
 
 struct config {
     _Atomic int refs;
-    char *file; /* the file read, NULL when running on defaults */
+    char *file;     /* the file read, NULL when running on defaults */
     char *warnings; /* newline-separated notes for the log, or NULL */
 
     char *listen;

@@ -28,11 +28,11 @@ struct table {
 };
 
 struct segment {
-    int64_t slot;       /* at_ms / segment_ms of its ids; -1 when unused */
-    struct table t;     /* where new ids go */
-    struct table old;   /* while growing: the table being copied into t */
-    size_t moved;       /* slots of old already copied */
-    size_t old_moved;   /* ids of old already in t (counted once) */
+    int64_t slot;     /* at_ms / segment_ms of its ids; -1 when unused */
+    struct table t;   /* where new ids go */
+    struct table old; /* while growing: the table being copied into t */
+    size_t moved;     /* slots of old already copied */
+    size_t old_moved; /* ids of old already in t (counted once) */
 };
 
 struct dedup {
@@ -242,9 +242,11 @@ int dedup_add(dedup *d, const struct dedup_fp *fp, int64_t at_ms)
     int64_t slot = at_ms / d->segment_ms;
     struct segment *s = &d->seg[slot % SEGMENTS];
     if (s->slot != slot) {
+        /* older than anything kept: already outside the window */
         if (s->slot > slot)
-            return 0; /* older than anything kept: already outside the window */
-        segment_clear(s); /* its ids are SEGMENTS segments old: past the window */
+            return 0;
+        /* its ids are SEGMENTS segments old: past the window */
+        segment_clear(s);
         s->slot = slot;
         if (presize(d, s) != 0)
             return -1;

@@ -60,8 +60,8 @@ void digest_sha256(const void *p, size_t n, unsigned char out[32])
     EVP_Digest(p, n, out, &len, EVP_sha256(), NULL);
 }
 
-int digest_hmac_sha256_2(const void *key, size_t keylen, const void *a, size_t alen,
-                         const void *b, size_t blen, unsigned char out[32])
+int digest_hmac_sha256_2(const void *key, size_t keylen, const void *a, size_t alen, const void *b,
+                         size_t blen, unsigned char out[32])
 {
     int rc = -1;
     HMAC_CTX *ctx = NULL;

@@ -25,8 +25,8 @@ void digest_sha256(const void *p, size_t n, unsigned char out[32]);
 int digest_hmac_sha256(const void *key, size_t keylen, const void *msg, size_t msglen,
                        unsigned char out[32]) WUR;
 /* HMAC-SHA256 over the concatenation of two parts (e.g. "<t>." and the body). */
-int digest_hmac_sha256_2(const void *key, size_t keylen, const void *a, size_t alen,
-                         const void *b, size_t blen, unsigned char out[32]) WUR;
+int digest_hmac_sha256_2(const void *key, size_t keylen, const void *a, size_t alen, const void *b,
+                         size_t blen, unsigned char out[32]) WUR;
 
 /* Compares in time that depends only on the lengths; 1 when equal. */
 int digest_equal(const void *a, size_t alen, const void *b, size_t blen);

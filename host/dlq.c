@@ -274,7 +274,8 @@ static int cmd_requeue(const struct cli_options *o, struct config *c)
     queue_reader *reader = NULL;
     struct collect all = {0};
     int rc = 1;
-    if (ruleset_load(&rs, c, err, sizeof err) != 0 || rules_new(&engine, rs, err, sizeof err) != 0) {
+    if (ruleset_load(&rs, c, err, sizeof err) != 0 ||
+        rules_new(&engine, rs, err, sizeof err) != 0) {
         fprintf(stderr, "%s\n", err);
         goto done;
     }
@@ -316,8 +317,7 @@ static int cmd_requeue(const struct cli_options *o, struct config *c)
         }
         enum queue_status st = queue_requeue(q, &m, ids, nids);
         if (st != QUEUE_OK) {
-            fprintf(stderr, "tributary: cannot store requeued events: %s\n",
-                    queue_status_name(st));
+            fprintf(stderr, "tributary: cannot store requeued events: %s\n", queue_status_name(st));
             rc = 1;
         } else {
             forwarded += m.nrecords;

@@ -26,14 +26,14 @@
 /* Headers and the read buffer of one connection: larger headers get 431. */
 #define CONNECTION_MEMORY (64 * 1024)
 /* TLS 1.2 and 1.3 with forward-secret AEAD ciphers only (GnuTLS priorities). */
-#define TLS_PRIORITIES                                                                        \
-    "SECURE128:-VERS-ALL:+VERS-TLS1.3:+VERS-TLS1.2:-CIPHER-ALL:+AES-128-GCM:+AES-256-GCM:"    \
+#define TLS_PRIORITIES                                                                             \
+    "SECURE128:-VERS-ALL:+VERS-TLS1.3:+VERS-TLS1.2:-CIPHER-ALL:+AES-128-GCM:+AES-256-GCM:"         \
     "+CHACHA20-POLY1305:-KX-ALL:+ECDHE-ECDSA:+ECDHE-RSA:%SERVER_PRECEDENCE"
 
 /* One TCP connection, for the request-time watchdog. */
 struct conn {
     struct conn *next, *prev;
-    int fd;                /* a dup() of the socket: ours until the connection closes */
+    int fd;                  /* a dup() of the socket: ours until the connection closes */
     int64_t receiving_since; /* monotonic ms when the current request began; 0: none */
 };
 
@@ -79,8 +79,8 @@ static double elapsed(const struct timespec *start)
     return (double)(now.tv_sec - start->tv_sec) + (double)(now.tv_nsec - start->tv_nsec) / 1e9;
 }
 
-static enum MHD_Result reply(struct MHD_Connection *c, struct req *r, int status,
-                             const char *type, const char *body, size_t len, int retry_after)
+static enum MHD_Result reply(struct MHD_Connection *c, struct req *r, int status, const char *type,
+                             const char *body, size_t len, int retry_after)
 {
     struct MHD_Response *resp =
         MHD_create_response_from_buffer(len, (void *)body, MHD_RESPMEM_MUST_COPY);
@@ -163,7 +163,8 @@ static void client_address(struct MHD_Connection *c, char *out, size_t len)
 static struct ingest_request headers_of(struct MHD_Connection *c, const struct req *r)
 {
     struct ingest_request q = {0};
-    q.authorization = MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_AUTHORIZATION);
+    q.authorization =
+        MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_AUTHORIZATION);
     q.signature = MHD_lookup_connection_value(c, MHD_HEADER_KIND, AUTH_SIGNATURE_HEADER);
     q.client = r->client;
     return q;
@@ -238,10 +239,10 @@ static enum MHD_Result answer_admin_reload(struct MHD_Connection *c, struct req 
     struct snapshot s;
     reload_get(&s);
     int enabled = s.cfg->admin_token != NULL;
-    enum auth_result a = enabled ? auth_check_admin(s.cfg, MHD_lookup_connection_value(
-                                                               c, MHD_HEADER_KIND,
-                                                               MHD_HTTP_HEADER_AUTHORIZATION))
-                                 : AUTH_INVALID;
+    enum auth_result a =
+        enabled ? auth_check_admin(s.cfg, MHD_lookup_connection_value(
+                                              c, MHD_HEADER_KIND, MHD_HTTP_HEADER_AUTHORIZATION))
+                : AUTH_INVALID;
     reload_put(&s);
     if (!enabled)
         return reply_json(c, r, 404, "{\"error\":\"not found\"}", 0);
@@ -253,8 +254,8 @@ static enum MHD_Result answer_admin_reload(struct MHD_Connection *c, struct req 
     }
     if (a != AUTH_OK) {
         metrics_add(M_AUTH_FAILURES, 1);
-        log_warn("admin request refused", LOG_S("client", r->client)
-                     LOG_S("reason", auth_result_text(a)));
+        log_warn("admin request refused",
+                 LOG_S("client", r->client) LOG_S("reason", auth_result_text(a)));
         if (auth_failed(r->client, now))
             log_warn("refusing a client for a while after repeated authentication failures",
                      LOG_S("client", r->client) LOG_I("seconds", AUTH_THROTTLE_BLOCK_S));
@@ -392,9 +393,10 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         *con_cls = r;
         clock_gettime(CLOCK_MONOTONIC, &r->start);
         const char *rid = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "X-Request-Id");
-        if (rid && strlen(rid) < sizeof r->id && strspn(rid, "abcdefghijklmnopqrstuvwxyz"
-                                                              "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-                                                              "0123456789-_.") == strlen(rid))
+        if (rid && strlen(rid) < sizeof r->id &&
+            strspn(rid, "abcdefghijklmnopqrstuvwxyz"
+                        "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+                        "0123456789-_.") == strlen(rid))
             str_copy(r->id, sizeof r->id, rid);
         else
             snprintf(r->id, sizeof r->id, "%08x-%06llx", (unsigned)time(NULL),
@@ -413,8 +415,8 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         struct ingest_response resp = {0};
         buf_init(&resp.body, 4096);
         enum MHD_Result rc = MHD_YES;
-        const char *cl = MHD_lookup_connection_value(c, MHD_HEADER_KIND,
-                                                     MHD_HTTP_HEADER_CONTENT_LENGTH);
+        const char *cl =
+            MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
         int64_t len = 0;
         struct ingest_request q = headers_of(c, r);
         int admitted = ingest_precheck(h->in, &q, &resp);
@@ -574,18 +576,17 @@ int http_in_start(http_in **out, struct ingest *in, const struct http_in_options
         {MHD_OPTION_URI_LOG_CALLBACK, (intptr_t)on_request_line, h},
         {MHD_OPTION_LISTENING_ADDRESS_REUSE, 1, NULL},
         /* without TLS the list ends here */
-        {o->tls_cert_pem ? MHD_OPTION_HTTPS_MEM_CERT : MHD_OPTION_END, 0,
-         (void *)o->tls_cert_pem},
+        {o->tls_cert_pem ? MHD_OPTION_HTTPS_MEM_CERT : MHD_OPTION_END, 0, (void *)o->tls_cert_pem},
         {MHD_OPTION_HTTPS_MEM_KEY, 0, (void *)o->tls_key_pem},
         {MHD_OPTION_HTTPS_PRIORITIES, 0, (void *)TLS_PRIORITIES},
         {MHD_OPTION_END, 0, NULL},
     };
-    h->d = MHD_start_daemon(flags, (uint16_t)o->port, NULL, NULL, on_request, h,
-                            MHD_OPTION_ARRAY, opts, MHD_OPTION_END);
+    h->d = MHD_start_daemon(flags, (uint16_t)o->port, NULL, NULL, on_request, h, MHD_OPTION_ARRAY,
+                            opts, MHD_OPTION_END);
     freeaddrinfo(ai);
     if (!h->d) {
-        str_printf(err, errlen, "cannot listen on %s:%d (address in use or not available)",
-                   o->host, o->port);
+        str_printf(err, errlen, "cannot listen on %s:%d (address in use or not available)", o->host,
+                   o->port);
         pthread_mutex_destroy(&h->conns_mu);
         pthread_cond_destroy(&h->conns_cv);
         free(h);

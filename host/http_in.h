@@ -32,7 +32,7 @@ struct http_in_options {
     int timeout_s;              /* idle connection */
     int request_timeout_s;      /* a whole request, however slowly it trickles */
     size_t max_body;
-    const char *tls_cert_pem;   /* NULL: plain HTTP */
+    const char *tls_cert_pem; /* NULL: plain HTTP */
     const char *tls_key_pem;
 };
 

@@ -142,14 +142,14 @@ static int admit(struct ingest *in, const struct ingest_request *req, int have_b
     int64_t now = clock_wall_ms() / 1000, wait_s = 0;
     if (auth_throttled(req->client, now, &wait_s)) {
         metrics_add(M_AUTH_THROTTLED, 1);
-        respond_error(resp, 429, (int)(wait_s > 0 ? wait_s : 1),
-                      "too many authentication failures", -1, NULL);
+        respond_error(resp, 429, (int)(wait_s > 0 ? wait_s : 1), "too many authentication failures",
+                      -1, NULL);
         return 0;
     }
     struct snapshot s;
     reload_get(&s);
-    struct auth_request ar = {req->authorization, req->signature, req->body, req->len, have_body,
-                              now};
+    struct auth_request ar = {req->authorization, req->signature, req->body,
+                              req->len,           have_body,      now};
     enum auth_result a = auth_check(s.cfg, &ar);
     reload_put(&s);
     if (a == AUTH_OK)
@@ -162,8 +162,8 @@ static int admit(struct ingest *in, const struct ingest_request *req, int have_b
         return 0;
     }
     metrics_add(M_AUTH_FAILURES, 1);
-    log_info("authentication failed", LOG_S("client", req->client) LOG_S("reason",
-                                                                        auth_result_text(a)));
+    log_info("authentication failed",
+             LOG_S("client", req->client) LOG_S("reason", auth_result_text(a)));
     if (auth_failed(req->client, now))
         log_warn("refusing a client for a while after repeated authentication failures",
                  LOG_S("client", req->client) LOG_I("seconds", AUTH_THROTTLE_BLOCK_S));
@@ -192,7 +192,8 @@ static void log_dead_letters(const struct mapping *m)
         if (!d->stored)
             continue;
         metrics_add_dead(d->reason, 1);
-        log_warn("event quarantined", LOG_S("reason", d->reason) LOG_S("event_id", d->event_id.p)
+        log_warn("event quarantined",
+                 LOG_S("reason", d->reason) LOG_S("event_id", d->event_id.p)
                      LOG_S("event_type", d->event_type.p) LOG_S("detail", d->detail.p)
                          LOG_S("rules_version", d->rules_version));
     }
@@ -230,9 +231,9 @@ void ingest_handle(struct ingest *in, const struct ingest_request *req,
             respond_error(resp, 503, RETRY_AFTER_ERROR, "temporarily unable to map", -1, NULL);
         } else {
             log_info("request refused", LOG_I("status", ie.status) LOG_S("reason", ie.reason)
-                         LOG_I("index", ie.index));
-            respond_error(resp, ie.status,
-                          0, ie.status == 413 ? "too many events" : "invalid request", ie.index,
+                                            LOG_I("index", ie.index));
+            respond_error(resp, ie.status, 0,
+                          ie.status == 413 ? "too many events" : "invalid request", ie.index,
                           ie.reason);
         }
         goto done;
@@ -248,14 +249,15 @@ void ingest_handle(struct ingest *in, const struct ingest_request *req,
     if (m.nrecords || m.ndead)
         qs = queue_commit(in->q, &m, &res);
     if (qs != QUEUE_OK) {
-        int retry = qs == QUEUE_FULL ? RETRY_AFTER_FULL
+        int retry = qs == QUEUE_FULL     ? RETRY_AFTER_FULL
                     : qs == QUEUE_CLOSED ? RETRY_AFTER_DRAINING
                                          : RETRY_AFTER_ERROR;
-        log_warn("request not stored; Braze will retry", LOG_S("queue", queue_status_name(qs))
-                     LOG_I("events", (long long)m.nevents));
+        log_warn("request not stored; Braze will retry",
+                 LOG_S("queue", queue_status_name(qs)) LOG_I("events", (long long)m.nevents));
         respond_error(resp, 503, retry,
-                      qs == QUEUE_FULL ? "queue full" : qs == QUEUE_CLOSED ? "shutting down"
-                                                                           : "storage error",
+                      qs == QUEUE_FULL     ? "queue full"
+                      : qs == QUEUE_CLOSED ? "shutting down"
+                                           : "storage error",
                       -1, NULL);
         goto done;
     }
@@ -268,15 +270,15 @@ void ingest_handle(struct ingest *in, const struct ingest_request *req,
     count_dropped(&m);
     log_dead_letters(&m);
 
-    size_t filtered = m.dropped[DROP_UNSUPPORTED_TYPE] + m.dropped[DROP_NOT_SELECTED] +
-                      m.dropped[DROP_RULE];
+    size_t filtered =
+        m.dropped[DROP_UNSUPPORTED_TYPE] + m.dropped[DROP_NOT_SELECTED] + m.dropped[DROP_RULE];
     resp->status = 200;
     buf_reset(&resp->body);
     if (buf_printf(&resp->body,
                    "{\"accepted\":%zu,\"forwarded\":%zu,\"filtered\":%zu,\"skipped\":%zu,"
                    "\"duplicates\":%zu,\"quarantined\":%zu,\"rules_version\":\"%s\"}",
-                   m.nevents, res.queued, filtered, m.dropped[DROP_NO_EXTERNAL_ID],
-                   res.duplicates, res.quarantined, ruleset_version(s.rs)) != 0)
+                   m.nevents, res.queued, filtered, m.dropped[DROP_NO_EXTERNAL_ID], res.duplicates,
+                   res.quarantined, ruleset_version(s.rs)) != 0)
         buf_reset(&resp->body);
 done:
     if (r)

@@ -53,8 +53,7 @@ static const char USAGE[] =
     "                    signed with the first of inbound.hmac_secrets\n"
     "\n"
     "options:\n"
-    "  --config FILE     configuration file (default: ./" CONFIG_DEFAULT_FILE
-    " when present;\n"
+    "  --config FILE     configuration file (default: ./" CONFIG_DEFAULT_FILE " when present;\n"
     "                    TRIBUTARY_* environment variables override it)\n"
     "  --json            machine-readable output (dlq, queue)\n"
     "  -h, --help        this text\n"
@@ -348,8 +347,8 @@ int main(int argc, char **argv)
         return cmd_map(&a);
     if (strcmp(a.command, "sign") == 0)
         return cmd_sign(&a);
-    struct cli_options o = {a.config, a.positional, a.npositional, a.reason, a.older_than,
-                            a.limit, a.all, a.json};
+    struct cli_options o = {a.config,     a.positional, a.npositional, a.reason,
+                            a.older_than, a.limit,      a.all,         a.json};
     if (strcmp(a.command, "dlq") == 0)
         return dlq_main(&o);
     if (strcmp(a.command, "queue") == 0)

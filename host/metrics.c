@@ -14,8 +14,8 @@ static const int INBOUND_CODES[] = {200, 400, 401, 403, 404, 405, 413, 429, 500,
 static const int OUTBOUND_CODES[] = {0, 202, 400, 401, 403, 413, 429, 500, 502, 503, 504};
 #define NOUTBOUND (ARRAY_LEN(OUTBOUND_CODES) + 1)
 
-static const double BUCKETS[] = {0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
-                                 0.05,   0.1,   0.25,   0.5,   1,    2.5, 5, 10};
+static const double BUCKETS[] = {0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+                                 0.1,    0.25,  0.5,    1,     2.5,  5,     10};
 #define NBUCKETS (ARRAY_LEN(BUCKETS))
 
 struct histogram {
@@ -110,8 +110,9 @@ static size_t code_index(const int *codes, size_t n, int status)
 
 void metrics_inbound(int status, double seconds)
 {
-    atomic_fetch_add_explicit(&M.inbound[code_index(INBOUND_CODES, ARRAY_LEN(INBOUND_CODES), status)],
-                              1, memory_order_relaxed);
+    atomic_fetch_add_explicit(
+        &M.inbound[code_index(INBOUND_CODES, ARRAY_LEN(INBOUND_CODES), status)], 1,
+        memory_order_relaxed);
     observe(&M.inbound_time, seconds);
 }
 
@@ -223,9 +224,8 @@ static int render_histogram(buf *b, const char *name, const char *help, struct h
         else
             rc |= buf_printf(b, "%s_bucket{le=\"+Inf\"} %llu\n", name, (unsigned long long)cum);
     }
-    rc |= buf_printf(b, "%s_sum %.6f\n%s_count %llu\n", name,
-                     (double)atomic_load(&h->sum_us) / 1e6, name,
-                     (unsigned long long)atomic_load(&h->count));
+    rc |= buf_printf(b, "%s_sum %.6f\n%s_count %llu\n", name, (double)atomic_load(&h->sum_us) / 1e6,
+                     name, (unsigned long long)atomic_load(&h->count));
     return rc;
 }
 
@@ -289,8 +289,9 @@ int metrics_render(buf *b, const struct metrics_gauges *g)
         rc |= buf_printf(b, "tributary_http_requests_total{code=\"%s\"} %llu\n", code,
                          (unsigned long long)atomic_load(&M.inbound[i]));
     }
-    rc |= render_histogram(b, "tributary_http_request_duration_seconds",
-                           "Time from a Currents request's arrival to its answer.", &M.inbound_time);
+    rc |=
+        render_histogram(b, "tributary_http_request_duration_seconds",
+                         "Time from a Currents request's arrival to its answer.", &M.inbound_time);
     rc |= render_histogram(b, "tributary_rules_duration_seconds",
                            "Time spent in the rules per inbound request.", &M.rules_time);
 

@@ -15,9 +15,9 @@
 #include <stdint.h>
 
 enum counter {
-    M_EVENTS_RECEIVED,   /* events in accepted (2xx) requests */
-    M_EVENTS_QUEUED,     /* stored for delivery */
-    M_EVENTS_DUPLICATE,  /* seen before within the dedup window */
+    M_EVENTS_RECEIVED,  /* events in accepted (2xx) requests */
+    M_EVENTS_QUEUED,    /* stored for delivery */
+    M_EVENTS_DUPLICATE, /* seen before within the dedup window */
     M_RULE_RELOADS,
     M_RULE_RELOAD_FAILURES,
     M_RULE_STATE_REBUILDS,

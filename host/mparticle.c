@@ -6,8 +6,7 @@
 #include <strings.h>
 #include <time.h>
 
-int mparticle_source_request_id(const struct batch_part *parts, size_t n,
-                                char out[UUID_STR_LEN])
+int mparticle_source_request_id(const struct batch_part *parts, size_t n, char out[UUID_STR_LEN])
 {
     uuid5 *u = uuid5_new();
     if (!u)
@@ -183,7 +182,7 @@ enum mp_action mparticle_classify(int status)
 
 const char *mparticle_action_name(enum mp_action a)
 {
-    static const char *const names[] = {"delivered", "retry", "rate_limited",
+    static const char *const names[] = {"delivered", "retry",    "rate_limited",
                                         "split",     "rejected", "auth"};
     return names[a];
 }

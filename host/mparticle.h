@@ -25,8 +25,8 @@
 
 /* One event's parts as stored in the queue. */
 struct batch_part {
-    str batch;    /* batch-level lines */
-    str event;    /* event JSON */
+    str batch; /* batch-level lines */
+    str event; /* event JSON */
     str event_id;
 };
 
@@ -44,12 +44,12 @@ size_t mparticle_batch_size_bound(const struct batch_part *parts, size_t n);
 
 /* What the sender does with an answer. */
 enum mp_action {
-    MP_DELIVERED,   /* 202 (and other 2xx): delete */
-    MP_RETRY,       /* 5xx, 408, transport failure: back off and retry */
+    MP_DELIVERED,    /* 202 (and other 2xx): delete */
+    MP_RETRY,        /* 5xx, 408, transport failure: back off and retry */
     MP_RATE_LIMITED, /* 429: wait Retry-After or back off, slow down */
-    MP_SPLIT,       /* 413: smaller requests */
-    MP_REJECTED,    /* 400 and other 4xx: isolate the bad batch, dead-letter it */
-    MP_AUTH,        /* 401/403: pause the feed */
+    MP_SPLIT,        /* 413: smaller requests */
+    MP_REJECTED,     /* 400 and other 4xx: isolate the bad batch, dead-letter it */
+    MP_AUTH,         /* 401/403: pause the feed */
 };
 
 enum mp_action mparticle_classify(int status);

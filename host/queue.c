@@ -79,17 +79,16 @@ static const char *const SCHEMA =
  * id is its order of arrival on the feed and never reused (the sender claims
  * records above a cursor). A table per feed keeps each feed's rows together, so
  * deleting what a feed delivered rewrites few pages, and needs no index. */
-static const char *const RECORDS_TABLE =
-    "CREATE TABLE IF NOT EXISTS records_%s("
-    "  id INTEGER PRIMARY KEY AUTOINCREMENT,"
-    "  received_ms INTEGER NOT NULL,"
-    "  event_id TEXT NOT NULL,"
-    "  event_type TEXT NOT NULL,"
-    "  rules_version TEXT NOT NULL,"
-    "  user TEXT NOT NULL,"
-    "  batch TEXT NOT NULL,"
-    "  event TEXT NOT NULL,"
-    "  raw TEXT NOT NULL)";
+static const char *const RECORDS_TABLE = "CREATE TABLE IF NOT EXISTS records_%s("
+                                         "  id INTEGER PRIMARY KEY AUTOINCREMENT,"
+                                         "  received_ms INTEGER NOT NULL,"
+                                         "  event_id TEXT NOT NULL,"
+                                         "  event_type TEXT NOT NULL,"
+                                         "  rules_version TEXT NOT NULL,"
+                                         "  user TEXT NOT NULL,"
+                                         "  batch TEXT NOT NULL,"
+                                         "  event TEXT NOT NULL,"
+                                         "  raw TEXT NOT NULL)";
 
 /* Statements on a feed's records table: %s is the feed's name, %d its number. */
 enum feed_stmt_id { F_INSERT, F_DELETE, F_TO_DEAD, F_OLDEST, F_COUNT };
@@ -110,9 +109,8 @@ static int prepare_feed(sqlite3 *db, const char *tmpl, enum feed f, sqlite3_stmt
 {
     char sql[512];
     snprintf(sql, sizeof sql, tmpl, FEED_NAMES[f]);
-    return sqlite3_prepare_v3(db, sql, -1, SQLITE_PREPARE_PERSISTENT, out, NULL) == SQLITE_OK
-               ? 0
-               : -1;
+    return sqlite3_prepare_v3(db, sql, -1, SQLITE_PREPARE_PERSISTENT, out, NULL) == SQLITE_OK ? 0
+                                                                                              : -1;
 }
 
 enum stmt_id {
@@ -685,7 +683,7 @@ static enum queue_status apply_feed_state(queue *q, struct op *op, int64_t now)
 }
 
 /* The WHERE clause of a dead-letter filter, bound by dead_bind. */
-#define DEAD_WHERE                                                                            \
+#define DEAD_WHERE                                                                                 \
     "WHERE (?1 = 0 OR id = ?1) AND (?2 IS NULL OR reason = ?2) AND (?3 = 0 OR at_ms < ?3)"
 
 static void dead_bind(sqlite3_stmt *s, const struct dead_filter *f)
@@ -905,8 +903,8 @@ static void run_group(queue *q, struct op *ops)
             (void)exec(q->db, "RELEASE op", err, sizeof err);
         } else {
             if (op->status == QUEUE_ERROR)
-                log_error("queue: operation failed", LOG_S("error", sqlite3_errmsg(q->db))
-                              LOG_I("kind", op->kind));
+                log_error("queue: operation failed",
+                          LOG_S("error", sqlite3_errmsg(q->db)) LOG_I("kind", op->kind));
             undo_sightings(q, op);
             reset_commit(op);
             if (sqlite3_get_autocommit(q->db)) {
@@ -1126,8 +1124,9 @@ static int migrate_to_3(sqlite3 *db, char *err, size_t errlen)
         goto fail;
     sqlite3_stmt *s;
     int had_records = 0;
-    if (sqlite3_prepare_v2(db, "SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
-                               "name = 'records'",
+    if (sqlite3_prepare_v2(db,
+                           "SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
+                           "name = 'records'",
                            -1, &s, NULL) == SQLITE_OK) {
         had_records = sqlite3_step(s) == SQLITE_ROW;
         sqlite3_finalize(s);
@@ -1143,8 +1142,8 @@ static int migrate_to_3(sqlite3 *db, char *err, size_t errlen)
             goto fail;
     }
     if ((had_records && exec(db, "DROP TABLE records", err, errlen) != 0) ||
-        exec(db, "UPDATE meta SET value = '3' WHERE key = 'schema_version'; COMMIT", err,
-             errlen) != 0)
+        exec(db, "UPDATE meta SET value = '3' WHERE key = 'schema_version'; COMMIT", err, errlen) !=
+            0)
         goto fail;
     return 0;
 fail:
@@ -1172,8 +1171,9 @@ static int migrate(sqlite3 *db, char *err, size_t errlen)
     if (version != 1)
         return 0;
     int rc = -1;
-    if (exec(db, "BEGIN IMMEDIATE; CREATE TABLE IF NOT EXISTS dedup(id INTEGER PRIMARY KEY, "
-                 "a INTEGER NOT NULL, b INTEGER NOT NULL, at_ms INTEGER NOT NULL)",
+    if (exec(db,
+             "BEGIN IMMEDIATE; CREATE TABLE IF NOT EXISTS dedup(id INTEGER PRIMARY KEY, "
+             "a INTEGER NOT NULL, b INTEGER NOT NULL, at_ms INTEGER NOT NULL)",
              err, errlen) != 0)
         return -1;
     if (sqlite3_prepare_v2(db, "SELECT event_id, at_ms FROM seen ORDER BY id", -1, &s, NULL) !=
@@ -1195,8 +1195,9 @@ static int migrate(sqlite3 *db, char *err, size_t errlen)
             goto done;
         }
     }
-    if (exec(db, "DROP TABLE seen; UPDATE meta SET value = '2' WHERE key = 'schema_version'; "
-                 "COMMIT",
+    if (exec(db,
+             "DROP TABLE seen; UPDATE meta SET value = '2' WHERE key = 'schema_version'; "
+             "COMMIT",
              err, errlen) != 0)
         goto done;
     rc = 0;
@@ -1217,8 +1218,8 @@ static int load_dedup(queue *q, char *err, size_t errlen)
         return -1;
     }
     sqlite3_stmt *s;
-    if (sqlite3_prepare_v2(q->db, "SELECT a, b, at_ms FROM dedup WHERE at_ms >= ?1 ORDER BY id",
-                           -1, &s, NULL) != SQLITE_OK) {
+    if (sqlite3_prepare_v2(q->db, "SELECT a, b, at_ms FROM dedup WHERE at_ms >= ?1 ORDER BY id", -1,
+                           &s, NULL) != SQLITE_OK) {
         str_printf(err, errlen, "%s: %s", q->path, sqlite3_errmsg(q->db));
         return -1;
     }
@@ -1421,8 +1422,7 @@ enum queue_status queue_persist_batches(queue *q, struct queue_batch *b, size_t 
     return submit(q, &op);
 }
 
-enum queue_status queue_split_batch(queue *q, int64_t batch_id, struct queue_batch *parts,
-                                    size_t n)
+enum queue_status queue_split_batch(queue *q, int64_t batch_id, struct queue_batch *parts, size_t n)
 {
     struct op op = {.kind = OP_SPLIT};
     op.u.persist.b = parts;
@@ -1612,8 +1612,7 @@ int queue_scan(queue_reader *r, enum feed f, int64_t after_id, size_t limit, siz
     return rc == SQLITE_ROW || rc == SQLITE_DONE ? 0 : -1;
 }
 
-int queue_fetch(queue_reader *r, enum feed f, const int64_t *ids, size_t n,
-                struct queue_items *out)
+int queue_fetch(queue_reader *r, enum feed f, const int64_t *ids, size_t n, struct queue_items *out)
 {
     sqlite3_stmt *s = r->fetch[f];
     for (size_t i = 0; i < n; i++) {
@@ -1682,7 +1681,8 @@ int queue_dead_each(queue_reader *r, const struct dead_filter *f,
     sqlite3_stmt *s;
     if (sqlite3_prepare_v2(r->db,
                            "SELECT id, at_ms, reason, detail, feed, event_id, event_type, "
-                           "rules_version, raw, event FROM dead " DEAD_WHERE " ORDER BY id LIMIT ?4",
+                           "rules_version, raw, event FROM dead " DEAD_WHERE
+                           " ORDER BY id LIMIT ?4",
                            -1, &s, NULL) != SQLITE_OK)
         return -1;
     dead_bind(s, f);

@@ -29,18 +29,18 @@ typedef struct queue queue;
 typedef struct queue_reader queue_reader;
 
 struct queue_options {
-    const char *dir;       /* data_dir; created (0700) when missing */
-    int sync_full;         /* synchronous=FULL, else NORMAL */
-    int64_t max_depth;     /* records; a commit beyond it is refused (QUEUE_FULL) */
+    const char *dir;   /* data_dir; created (0700) when missing */
+    int sync_full;     /* synchronous=FULL, else NORMAL */
+    int64_t max_depth; /* records; a commit beyond it is refused (QUEUE_FULL) */
     int64_t dedup_window_ms;
-    int readonly;          /* CLI listings: no writer thread, no schema changes */
+    int readonly; /* CLI listings: no writer thread, no schema changes */
 };
 
 enum queue_status {
     QUEUE_OK,
-    QUEUE_FULL,    /* over max_depth or the disk is full: try again later */
-    QUEUE_ERROR,   /* storage error */
-    QUEUE_CLOSED,  /* shutting down */
+    QUEUE_FULL,   /* over max_depth or the disk is full: try again later */
+    QUEUE_ERROR,  /* storage error */
+    QUEUE_CLOSED, /* shutting down */
 };
 
 const char *queue_status_name(enum queue_status s);
@@ -86,12 +86,12 @@ void queue_items_free(struct queue_items *it);
 
 /* A batch as persisted before sending: its records, in order. */
 struct queue_batch {
-    int64_t id;          /* assigned by queue_persist_batches */
+    int64_t id; /* assigned by queue_persist_batches */
     enum feed feed;
     char source_request_id[40];
     int64_t *record_ids;
     size_t nrecords;
-    int64_t oldest_ms;   /* received_ms of its oldest record */
+    int64_t oldest_ms; /* received_ms of its oldest record */
 };
 
 queue_reader *queue_reader_new(queue *q, char *err, size_t errlen);
@@ -106,7 +106,8 @@ int queue_scan(queue_reader *r, enum feed f, int64_t after_id, size_t limit, siz
 int queue_fetch(queue_reader *r, enum feed f, const int64_t *ids, size_t n,
                 struct queue_items *out) WUR;
 /* Calls fn for every persisted batch (after a restart: the ones in flight). */
-int queue_load_batches(queue_reader *r, void (*fn)(void *ctx, struct queue_batch *b), void *ctx) WUR;
+int queue_load_batches(queue_reader *r, void (*fn)(void *ctx, struct queue_batch *b),
+                       void *ctx) WUR;
 /* The received time of the oldest record of f, or 0 when none. */
 int64_t queue_oldest_ms(queue_reader *r, enum feed f);
 
@@ -135,8 +136,8 @@ struct queue_gauges {
     int64_t depth[FEED_COUNT];
     int64_t oldest_ms[FEED_COUNT]; /* 0 when empty */
     int64_t dead;
-    int64_t commits;    /* transactions committed (each one fsync with sync=full) */
-    int64_t operations; /* operations they carried: requests, batches sent, ... */
+    int64_t commits;     /* transactions committed (each one fsync with sync=full) */
+    int64_t operations;  /* operations they carried: requests, batches sent, ... */
     int64_t dedup_ids;   /* event ids remembered for the dedup window */
     int64_t dedup_bytes; /* the memory they take */
 };
@@ -158,10 +159,10 @@ struct dead_row {
 };
 
 struct dead_filter {
-    int64_t id;          /* 0: any */
-    const char *reason;  /* NULL: any */
-    int64_t before_ms;   /* 0: any */
-    size_t limit;        /* 0: no limit */
+    int64_t id;         /* 0: any */
+    const char *reason; /* NULL: any */
+    int64_t before_ms;  /* 0: any */
+    size_t limit;       /* 0: no limit */
 };
 
 /* Calls fn for each matching dead letter, oldest first; fn returns non-zero to stop. */

@@ -5,8 +5,8 @@
 
 const char *const FEED_NAMES[FEED_COUNT] = {"ios", "android", "web", "unbound"};
 
-const char *const DROP_REASON_NAMES[DROP_REASON_COUNT] = {
-    "unsupported_type", "not_selected", "rule_drop", "no_external_id"};
+const char *const DROP_REASON_NAMES[DROP_REASON_COUNT] = {"unsupported_type", "not_selected",
+                                                          "rule_drop", "no_external_id"};
 
 int feed_from_name(const char *name, size_t n)
 {

@@ -39,7 +39,7 @@ struct record {
 /* Why an event went to the dead-letter store. */
 #define DEAD_RULE_ERROR "rule_error"         /* a rule raised an error */
 #define DEAD_RULE_LIMIT "rule_limit"         /* a rule hit its memory or instruction limit */
-#define DEAD_INVALID_OUTPUT "invalid_output" /* a rule returned something that is not a valid output */
+#define DEAD_INVALID_OUTPUT "invalid_output" /* a rule returned an output that is not valid */
 #define DEAD_REJECTED "rejected"             /* mParticle answered 400 for its batch */
 #define DEAD_MAX_AGE "max_age"               /* older than retry.max_age_s, never delivered */
 

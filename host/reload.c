@@ -90,14 +90,15 @@ static void warn_restart_only(const struct config *old, const struct config *neu
     static const struct {
         const char *key;
         size_t off;
-    } ints[] = {{"http.threads", offsetof(struct config, http_threads)},
-                {"http.max_connections", offsetof(struct config, http_max_connections)},
-                {"http.max_connections_per_ip", offsetof(struct config, http_max_connections_per_ip)},
-                {"http.timeout_s", offsetof(struct config, http_timeout_s)},
-                {"http.request_timeout_s", offsetof(struct config, http_request_timeout_s)},
-                {"inbound.max_body_bytes", offsetof(struct config, inbound_max_body_bytes)},
-                {"queue.max_depth", offsetof(struct config, queue_max_depth)},
-                {"dedup.window_s", offsetof(struct config, dedup_window_s)}};
+    } ints[] = {
+        {"http.threads", offsetof(struct config, http_threads)},
+        {"http.max_connections", offsetof(struct config, http_max_connections)},
+        {"http.max_connections_per_ip", offsetof(struct config, http_max_connections_per_ip)},
+        {"http.timeout_s", offsetof(struct config, http_timeout_s)},
+        {"http.request_timeout_s", offsetof(struct config, http_request_timeout_s)},
+        {"inbound.max_body_bytes", offsetof(struct config, inbound_max_body_bytes)},
+        {"queue.max_depth", offsetof(struct config, queue_max_depth)},
+        {"dedup.window_s", offsetof(struct config, dedup_window_s)}};
     for (size_t i = 0; i < ARRAY_LEN(strs); i++) {
         const char *a = *(char *const *)((const char *)old + strs[i].off);
         const char *b = *(char *const *)((const char *)neu + strs[i].off);
@@ -154,14 +155,15 @@ int reload_now(const char *trigger, char *err, size_t errlen)
     ruleset_unref(prev_rs);
     config_unref(prev_cfg);
     metrics_add(M_RULE_RELOADS, 1);
-    log_info("configuration and rules reloaded", LOG_S("trigger", trigger)
-                 LOG_I("generation", (long long)gen) LOG_I("rule_tests", ntests));
+    log_info("configuration and rules reloaded",
+             LOG_S("trigger", trigger) LOG_I("generation", (long long)gen)
+                 LOG_I("rule_tests", ntests));
     rc = 0;
 done:
     if (rc != 0) {
         metrics_add(M_RULE_RELOAD_FAILURES, 1);
-        log_error("reload refused; the previous rules stay in force", LOG_S("trigger", trigger)
-                      LOG_S("error", err));
+        log_error("reload refused; the previous rules stay in force",
+                  LOG_S("trigger", trigger) LOG_S("error", err));
     }
     buf_free(&report);
     ruleset_unref(rs);

@@ -236,7 +236,6 @@ static int rawfield(lua_State *L, int idx, const char *name)
     return lua_rawget(L, idx);
 }
 
-
 struct rules {
     ruleset *rs;
     sandbox *sb;
@@ -628,9 +627,9 @@ static int flatten_batch(rules *r, lua_State *L, int idx, buf *out, char *err, s
                 }
                 size_t sn;
                 const char *sk = lua_tolstring(L, -2, &sn);
-                if (buf_json_str(out, k, kn) || buf_addc(out, '\t') ||
-                    buf_json_str(out, sk, sn) || buf_addc(out, '\t') ||
-                    write_value(r, L, lua_gettop(L), out, err, errlen) || buf_addc(out, '\n')) {
+                if (buf_json_str(out, k, kn) || buf_addc(out, '\t') || buf_json_str(out, sk, sn) ||
+                    buf_addc(out, '\t') || write_value(r, L, lua_gettop(L), out, err, errlen) ||
+                    buf_addc(out, '\n')) {
                     if (!err[0])
                         str_copy(err, errlen, "batch too large");
                     lua_pop(L, 4);
@@ -1056,8 +1055,8 @@ static int event_slices(const char *body, size_t len, str *slices, size_t n)
 
 /* ---- requests ----------------------------------------------------------- */
 
-static int PRINTF(4, 5) input_fail(struct input_error *e, int status, long index,
-                                   const char *fmt, ...)
+static int PRINTF(4, 5)
+    input_fail(struct input_error *e, int status, long index, const char *fmt, ...)
 {
     e->status = status;
     e->index = index;
@@ -1342,8 +1341,8 @@ static int matches(rules *r, lua_State *L, int a, int x, char *path, size_t path
         }
         return 1;
     }
-    if (lua_rawequal(L, a, x) ||
-        (lua_type(L, a) == LUA_TNUMBER && lua_type(L, x) == LUA_TNUMBER && lua_compare(L, a, x, LUA_OPEQ)))
+    if (lua_rawequal(L, a, x) || (lua_type(L, a) == LUA_TNUMBER && lua_type(L, x) == LUA_TNUMBER &&
+                                  lua_compare(L, a, x, LUA_OPEQ)))
         return 1;
     char want[120], got[120];
     show(L, x, want, sizeof want);

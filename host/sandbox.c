@@ -79,8 +79,7 @@ static void sb_hook(lua_State *L, lua_Debug *ar)
     if (sb->tripped != TRIP_NONE) {
         /* From now on every instruction raises: handlers cannot keep running. */
         lua_sethook(L, sb_hook, LUA_MASKCOUNT, 1);
-        luaL_error(L, "%s limit exceeded",
-                   sb->tripped == TRIP_MEMORY ? "memory" : "instruction");
+        luaL_error(L, "%s limit exceeded", sb->tripped == TRIP_MEMORY ? "memory" : "instruction");
     }
 }
 
@@ -220,8 +219,8 @@ int sandbox_pattern_check(const char *p, size_t plen, size_t n, int global, char
         cost *= (double)(n + 1);
     if (cost > PATTERN_COST_MAX) {
         str_printf(err, errlen,
-                   "pattern too complex for a %zu-byte subject (%d backtracking quantifiers%s)",
-                   n, quantifiers, anchored ? "" : ", unanchored");
+                   "pattern too complex for a %zu-byte subject (%d backtracking quantifiers%s)", n,
+                   quantifiers, anchored ? "" : ", unanchored");
         return -1;
     }
     return 0;
@@ -344,7 +343,7 @@ static int ro_len(lua_State *L)
 void sandbox_readonly(lua_State *L)
 {
     /* t */
-    lua_newtable(L); /* t proxy */
+    lua_newtable(L);          /* t proxy */
     lua_createtable(L, 0, 5); /* t proxy mt */
     lua_pushvalue(L, -3);
     lua_setfield(L, -2, "__index");
@@ -411,9 +410,10 @@ static int build_env(lua_State *L)
     luaL_requiref(L, LUA_OSLIBNAME, luaopen_os, 1);
     lua_settop(L, 1);
 
-    static const char *const base_names[] = {
-        "assert", "error", "ipairs", "next", "pairs", "rawequal", "rawget", "rawlen", "select",
-        "setmetatable", "getmetatable", "tonumber", "tostring", "type", "_VERSION", NULL};
+    static const char *const base_names[] = {"assert",   "error",        "ipairs",       "next",
+                                             "pairs",    "rawequal",     "rawget",       "rawlen",
+                                             "select",   "setmetatable", "getmetatable", "tonumber",
+                                             "tostring", "type",         "_VERSION",     NULL};
     copy_lib(L, LUA_GNAME, base_names, NULL); /* base */
     lua_pushcfunction(L, sb_pcall);
     lua_setfield(L, -2, "pcall");

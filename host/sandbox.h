@@ -57,8 +57,8 @@ void sandbox_readonly(lua_State *L);
 
 /* [-0, +1] Loads a text chunk (never bytecode) with a fresh environment table and
  * pushes the function. On a syntax error returns -1 with "file:line: message". */
-int sandbox_load(sandbox *sb, const char *chunkname, const char *src, size_t len,
-                 char *err, size_t errlen) WUR;
+int sandbox_load(sandbox *sb, const char *chunkname, const char *src, size_t len, char *err,
+                 size_t errlen) WUR;
 
 /* [-(nargs+1), +nresults] Calls the function below the arguments under the limits.
  * On failure the stack is left as it was before the function was pushed. */

@@ -52,7 +52,7 @@ struct pbatch {
     int64_t oldest_ms;
     char *body;
     size_t len;
-    int limit;     /* most batches it may share a request with (halved on 400/413) */
+    int limit; /* most batches it may share a request with (halved on 400/413) */
     int in_flight;
     struct pbatch *next, *prev;
 };
@@ -333,8 +333,8 @@ static int claim_window(struct sender *s, struct feed_state *f, struct queue_ite
     }
     enum queue_status st = queue_persist_batches(s->q, qb, nmade);
     if (st != QUEUE_OK) {
-        log_error("cannot persist batches; will try again", LOG_S("feed", FEED_NAMES[f->feed])
-                      LOG_S("queue", queue_status_name(st)));
+        log_error("cannot persist batches; will try again",
+                  LOG_S("feed", FEED_NAMES[f->feed]) LOG_S("queue", queue_status_name(st)));
         goto done;
     }
     for (size_t i = 0; i < nmade; i++) {
@@ -355,8 +355,7 @@ done:
 
 /* ---- feeds -------------------------------------------------------------- */
 
-static void set_pause(struct sender *s, struct feed_state *f, enum feed_pause p,
-                      const char *reason)
+static void set_pause(struct sender *s, struct feed_state *f, enum feed_pause p, const char *reason)
 {
     if (f->pause == p)
         return;
@@ -415,8 +414,8 @@ static void expire_batches(struct sender *s, struct feed_state *f)
         next = b->next;
         if (b->in_flight || wall_to_age_ms(b->oldest_ms) <= max_age)
             continue;
-        enum queue_status st = queue_dead_batch(s->q, b->id, DEAD_MAX_AGE,
-                                                "not delivered within retry.max_age_s");
+        enum queue_status st =
+            queue_dead_batch(s->q, b->id, DEAD_MAX_AGE, "not delivered within retry.max_age_s");
         if (st != QUEUE_OK)
             return;
         metrics_add_dead(DEAD_MAX_AGE, b->nrecords);
@@ -469,9 +468,8 @@ static size_t on_body(char *p, size_t size, size_t n, void *ud)
     struct request *r = ud;
     size_t len = size * n;
     if (r->response.len < RESPONSE_MAX)
-        (void)!buf_add(&r->response, p, len < RESPONSE_MAX - r->response.len
-                                             ? len
-                                             : RESPONSE_MAX - r->response.len);
+        (void)!buf_add(&r->response, p,
+                       len < RESPONSE_MAX - r->response.len ? len : RESPONSE_MAX - r->response.len);
     return len;
 }
 
@@ -583,7 +581,8 @@ static int start_request(struct sender *s, struct feed_state *f, struct pbatch *
     s->in_flight++;
     r->next = s->requests;
     s->requests = r;
-    log_debug("sending", LOG_S("feed", FEED_NAMES[f->feed]) LOG_I("batches", (long long)n)
+    log_debug("sending",
+              LOG_S("feed", FEED_NAMES[f->feed]) LOG_I("batches", (long long)n)
                   LOG_I("events", (long long)r->events) LOG_I("bytes", (long long)r->body.len)
                       LOG_S("batch", batches[0]->srid));
     return 0;
@@ -679,8 +678,8 @@ static void on_delivered(struct sender *s, struct request *r)
     }
     metrics_delivered(f->feed, r->events);
     if (f->failures > 0)
-        log_info("mParticle accepts again", LOG_S("feed", FEED_NAMES[f->feed])
-                     LOG_I("failures", f->failures));
+        log_info("mParticle accepts again",
+                 LOG_S("feed", FEED_NAMES[f->feed]) LOG_I("failures", f->failures));
     f->failures = 0;
     if (r->probe) {
         log_info("feed credentials accepted; feed resumed", LOG_S("feed", FEED_NAMES[f->feed]));
@@ -689,8 +688,9 @@ static void on_delivered(struct sender *s, struct request *r)
     double limit = (double)s->cfg->feeds[f->feed].rate_limit;
     if (r->rate_usage >= RATE_USAGE_HIGH) {
         f->rate = f->rate * 0.8 > 1 ? f->rate * 0.8 : 1;
-        log_info("mParticle rate limit usage high; slowing down", LOG_S("feed", FEED_NAMES[f->feed])
-                     LOG_I("usage_percent", r->rate_usage) LOG_I("batches_per_s", (long long)f->rate));
+        log_info("mParticle rate limit usage high; slowing down",
+                 LOG_S("feed", FEED_NAMES[f->feed]) LOG_I("usage_percent", r->rate_usage)
+                     LOG_I("batches_per_s", (long long)f->rate));
     } else if (f->rate < limit) {
         f->rate += limit * 0.05; /* recover gently */
         if (f->rate > limit)
@@ -707,9 +707,9 @@ static void retry_later(struct sender *s, struct request *r, int status, const c
     int64_t delay = backoff_ms(s, f->failures);
     f->not_before = clock_mono_ms() + delay;
     if (f->failures == 1 || f->failures % 10 == 0)
-        log_warn("mParticle request failed; backing off", LOG_S("feed", FEED_NAMES[f->feed])
-                     LOG_I("status", status) LOG_S("error", why) LOG_I("failures", f->failures)
-                         LOG_I("retry_in_ms", delay));
+        log_warn("mParticle request failed; backing off",
+                 LOG_S("feed", FEED_NAMES[f->feed]) LOG_I("status", status) LOG_S("error", why)
+                     LOG_I("failures", f->failures) LOG_I("retry_in_ms", delay));
 }
 
 static void on_rate_limited(struct sender *s, struct request *r)
@@ -719,9 +719,9 @@ static void on_rate_limited(struct sender *s, struct request *r)
     metrics_retry(f->feed);
     f->rate = f->rate * 0.5 > 1 ? f->rate * 0.5 : 1;
     f->tokens = 0;
-    int64_t wait_s = mparticle_retry_after(r->retry_after[0] ? r->retry_after : NULL,
-                                           clock_wall_ms() / 1000, RETRY_AFTER_MIN_S,
-                                           RETRY_AFTER_MAX_S);
+    int64_t wait_s =
+        mparticle_retry_after(r->retry_after[0] ? r->retry_after : NULL, clock_wall_ms() / 1000,
+                              RETRY_AFTER_MIN_S, RETRY_AFTER_MAX_S);
     int64_t delay;
     if (wait_s >= 0) {
         delay = wait_s * 1000;
@@ -730,8 +730,9 @@ static void on_rate_limited(struct sender *s, struct request *r)
         delay = backoff_ms(s, f->failures);
     }
     f->not_before = clock_mono_ms() + delay;
-    log_warn("mParticle rate limit reached (429); waiting", LOG_S("feed", FEED_NAMES[f->feed])
-                 LOG_I("retry_in_ms", delay) LOG_I("batches_per_s", (long long)f->rate));
+    log_warn("mParticle rate limit reached (429); waiting",
+             LOG_S("feed", FEED_NAMES[f->feed]) LOG_I("retry_in_ms", delay)
+                 LOG_I("batches_per_s", (long long)f->rate));
 }
 
 static void on_auth_refused(struct sender *s, struct request *r, int status)
@@ -829,8 +830,9 @@ static void on_refused_content(struct sender *s, struct request *r, int status,
             r->batches[i]->limit = limit;
             r->batches[i]->in_flight = 0;
         }
-        log_info("mParticle refused a bulk request; splitting it", LOG_S("feed", FEED_NAMES[f->feed])
-                     LOG_I("status", status) LOG_I("batches", (long long)r->n));
+        log_info("mParticle refused a bulk request; splitting it",
+                 LOG_S("feed", FEED_NAMES[f->feed]) LOG_I("status", status)
+                     LOG_I("batches", (long long)r->n));
         return;
     }
     struct pbatch *b = r->batches[0];
@@ -864,7 +866,8 @@ static void finish(struct sender *s, CURLMsg *msg)
         f->probing = 0;
     metrics_outbound(f->feed, (int)status, r->n, r->events);
     enum mp_action action = mparticle_classify((int)status);
-    log_debug("answered", LOG_S("feed", FEED_NAMES[f->feed]) LOG_I("status", status)
+    log_debug("answered",
+              LOG_S("feed", FEED_NAMES[f->feed]) LOG_I("status", status)
                   LOG_S("action", mparticle_action_name(action)) LOG_I("batches", (long long)r->n));
     switch (action) {
     case MP_DELIVERED:

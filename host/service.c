@@ -78,7 +78,8 @@ static int hook_ready(void *ctx, buf *reasons)
         if (!ready)
             (void)!buf_addc(reasons, ',');
         ready = 0;
-        (void)!buf_adds(reasons, "\"every feed is paused (no credentials, or refused by mParticle)\"");
+        (void)!buf_adds(reasons,
+                        "\"every feed is paused (no credentials, or refused by mParticle)\"");
     }
     return ready;
 }
@@ -280,7 +281,8 @@ int service_run(const char *config_path)
     if (cfg->inbound_tokens.n == 0 && cfg->inbound_hmac_secrets.n == 0)
         log_warn("no inbound.tokens or inbound.hmac_secrets configured: requests are accepted "
                  "without authentication (allowed on a loopback address only)");
-    if (cfg->tls_cert && (read_pem(cfg->tls_cert, &cert, 0) != 0 || read_pem(cfg->tls_key, &key, 1) != 0))
+    if (cfg->tls_cert &&
+        (read_pem(cfg->tls_cert, &cert, 0) != 0 || read_pem(cfg->tls_key, &key, 1) != 0))
         goto done;
     struct http_in_options ho = {
         .host = host,
@@ -309,11 +311,11 @@ int service_run(const char *config_path)
     char listen[300];
     snprintf(listen, sizeof listen, "%s://%s:%d", cert ? "https" : "http", host,
              http_in_port(s.http));
-    log_info("tributary started", LOG_S("version", TRIBUTARY_VERSION) LOG_S("listen", listen)
-                 LOG_S("rules_version", ruleset_version(rs)) LOG_I("rule_files",
-                                                                   (long long)ruleset_files(rs))
-                     LOG_S("feeds", feeds) LOG_I("queue_depth", depth)
-                         LOG_S("data_dir", cfg->data_dir));
+    log_info("tributary started",
+             LOG_S("version", TRIBUTARY_VERSION) LOG_S("listen", listen)
+                 LOG_S("rules_version", ruleset_version(rs))
+                     LOG_I("rule_files", (long long)ruleset_files(rs)) LOG_S("feeds", feeds)
+                         LOG_I("queue_depth", depth) LOG_S("data_dir", cfg->data_dir));
     if (strcmp(feeds, "none") == 0)
         log_warn("no mParticle credentials configured: events are accepted, queued and held "
                  "until feeds.<name>.key and .secret are set");

@@ -74,8 +74,8 @@ const char *arena_strndup(arena *a, const char *s, size_t n);
 
 /* ---- clocks and parsing ------------------------------------------------- */
 
-int64_t clock_wall_ms(void);  /* milliseconds since the UNIX epoch */
-int64_t clock_mono_ms(void);  /* monotonic milliseconds, for timeouts */
+int64_t clock_wall_ms(void); /* milliseconds since the UNIX epoch */
+int64_t clock_mono_ms(void); /* monotonic milliseconds, for timeouts */
 void clock_sleep_ms(int64_t ms);
 
 /* Parses a whole decimal integer within [min, max]; 0 or -1. */

@@ -205,8 +205,20 @@ struct campaign {
     char name[96], variation_name[64], step_name[64];
 };
 
-enum category { C_EMAIL, C_PUSH, C_SMS, C_CARD, C_INAPP, C_NEWSFEED, C_CANVAS, C_CAMPAIGN,
-                C_WEBHOOK, C_WHATSAPP, C_SUBSCRIPTION, C_UNINSTALL };
+enum category {
+    C_EMAIL,
+    C_PUSH,
+    C_SMS,
+    C_CARD,
+    C_INAPP,
+    C_NEWSFEED,
+    C_CANVAS,
+    C_CAMPAIGN,
+    C_WEBHOOK,
+    C_WHATSAPP,
+    C_SUBSCRIPTION,
+    C_UNINSTALL
+};
 
 struct etype {
     const char *name;
@@ -289,8 +301,9 @@ static const struct etype *pick_type(void)
 }
 
 static const char *const TIMEZONES[] = {
-    "America/New_York", "America/Chicago", "America/Los_Angeles", "Europe/Berlin", "Europe/London",
-    "Europe/Paris", "Asia/Tokyo", "Australia/Sydney", "America/Sao_Paulo", "Asia/Kolkata"};
+    "America/New_York",  "America/Chicago", "America/Los_Angeles", "Europe/Berlin",
+    "Europe/London",     "Europe/Paris",    "Asia/Tokyo",          "Australia/Sydney",
+    "America/Sao_Paulo", "Asia/Kolkata"};
 static const char *const IOS_MODELS[] = {"iPhone15,2", "iPhone14,5", "iPhone16,1", "iPhone13,2",
                                          "iPad13,4"};
 static const char *const IOS_VERSIONS[] = {"iOS 17.6.1", "iOS 18.1", "iOS 16.7.10", "iOS 18.0.1"};
@@ -317,8 +330,9 @@ static const char *const CAMPAIGN_NAMES[] = {
     "Win-back: we miss you - 90 day lapsed - coupon WELCOME15",
     "Order shipped - transactional - tracking link",
     "Black Friday early access - loyalty tier gold and platinum"};
-static const char *const VARIATION_NAMES[] = {"Variant A (control copy)", "Variant B (emoji subject)",
-                                              "Variant C (short copy)", "Control group"};
+static const char *const VARIATION_NAMES[] = {"Variant A (control copy)",
+                                              "Variant B (emoji subject)", "Variant C (short copy)",
+                                              "Control group"};
 static const char *const STEP_NAMES[] = {"Entry message", "Wait 1 day then push",
                                          "Decision split: opened?", "Follow-up email",
                                          "Final reminder"};
@@ -476,10 +490,11 @@ static void gen_event(sb *b, const struct user *u, const struct etype *t, long l
                       "\"user_agent\":\"%s\"",
                       u->phone, PICK(USER_AGENTS));
         else
-            sb_printf(b,
-                      ",\"to_phone_number\":\"%s\",\"from_phone_number\":\"+15005550006\","
-                      "\"message_body\":\"%s\",\"message_extras\":\"{\\\"locale\\\":\\\"en-US\\\"}\"",
-                      u->phone, PICK(SMS_BODIES));
+            sb_printf(
+                b,
+                ",\"to_phone_number\":\"%s\",\"from_phone_number\":\"+15005550006\","
+                "\"message_body\":\"%s\",\"message_extras\":\"{\\\"locale\\\":\\\"en-US\\\"}\"",
+                u->phone, PICK(SMS_BODIES));
         if (!strcmp(verb, "DeliveryFailure") || !strcmp(verb, "Rejection"))
             sb_printf(b, ",\"error\":\"30003\",\"provider_error_code\":\"Unreachable destination "
                          "handset\"");
@@ -510,8 +525,8 @@ static void gen_event(sb *b, const struct user *u, const struct etype *t, long l
     case C_CANVAS:
     case C_CAMPAIGN:
         add_campaign(b, c);
-        sb_printf(b, ",\"send_id\":\"%s\",\"dispatch_id\":\"%s\",\"in_control_group\":%s",
-                  send_id, dispatch_id, rnd_below(10) ? "false" : "true");
+        sb_printf(b, ",\"send_id\":\"%s\",\"dispatch_id\":\"%s\",\"in_control_group\":%s", send_id,
+                  dispatch_id, rnd_below(10) ? "false" : "true");
         if (strstr(verb, "Conversion"))
             sb_printf(b, ",\"conversion_behavior_index\":0,\"conversion_behavior\":"
                          "\"{\\\"type\\\":\\\"purchase\\\",\\\"product\\\":\\\"any\\\"}\"");
@@ -975,8 +990,16 @@ int main(int argc, char **argv)
     if (strcmp(mode, "closed") && strcmp(mode, "rate") && strcmp(mode, "dump"))
         usage();
 
-    struct opts o = {.conns = 16, .seconds = 20, .rate = 200, .timeout = 30, .events = 100,
-                     .templates = 200, .requests = 10, .users = 8000, .tag = 1, .seed = 1};
+    struct opts o = {.conns = 16,
+                     .seconds = 20,
+                     .rate = 200,
+                     .timeout = 30,
+                     .events = 100,
+                     .templates = 200,
+                     .requests = 10,
+                     .users = 8000,
+                     .tag = 1,
+                     .seed = 1};
     if (!strcmp(mode, "rate"))
         o.seconds = 15;
     parse(argc, argv, &o);
@@ -1000,8 +1023,7 @@ int main(int argc, char **argv)
             fwrite(tmpl[k].body, 1, tmpl[k].len, stdout);
             fputc('\n', stdout);
         }
-        fprintf(stderr, "loadgen: %zu bodies, %.0f bytes per event on average\n", ntmpl,
-                avg_event);
+        fprintf(stderr, "loadgen: %zu bodies, %.0f bytes per event on average\n", ntmpl, avg_event);
         return 0;
     }
     fprintf(stderr, "loadgen: %zu bodies of %zu events generated in %.2f s, %.0f bytes per event\n",
@@ -1082,8 +1104,10 @@ int main(int argc, char **argv)
             if (give_up == 0)
                 give_up = now + o.timeout;
             if (now > give_up || stop_flag) {
-                fprintf(stderr, "loadgen: %zu requests still unanswered after %.0f s; counted as "
-                                "errors\n", R.busy, o.timeout);
+                fprintf(stderr,
+                        "loadgen: %zu requests still unanswered after %.0f s; counted as "
+                        "errors\n",
+                        R.busy, o.timeout);
                 R.errors += R.busy;
                 R.unanswered = R.busy;
                 break;
@@ -1091,8 +1115,9 @@ int main(int argc, char **argv)
         }
         if (now - last_progress >= 5) {
             last_progress = now;
-            fprintf(stderr, "loadgen: %s %.0f s: %llu requests, %llu ok, %llu errors, %zu in "
-                            "flight, %llu connections opened\n",
+            fprintf(stderr,
+                    "loadgen: %s %.0f s: %llu requests, %llu ok, %llu errors, %zu in "
+                    "flight, %llu connections opened\n",
                     mode, now - begin, (unsigned long long)R.requests,
                     (unsigned long long)R.ok_requests, (unsigned long long)R.errors, R.busy,
                     (unsigned long long)R.connects);

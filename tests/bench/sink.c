@@ -117,8 +117,7 @@ static enum MHD_Result send_stats(struct MHD_Connection *c)
         o += (size_t)snprintf(out + o, sizeof out - o,
                               "%s\"%s\":{\"requests\":%llu,\"batches\":%llu,\"events\":%llu,"
                               "\"bytes\":%llu}",
-                              i ? "," : "", feeds[i].name,
-                              (unsigned long long)feeds[i].requests,
+                              i ? "," : "", feeds[i].name, (unsigned long long)feeds[i].requests,
                               (unsigned long long)feeds[i].batches,
                               (unsigned long long)feeds[i].events,
                               (unsigned long long)feeds[i].bytes);
@@ -299,10 +298,9 @@ int main(int argc, char **argv)
     unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL;
     struct MHD_Daemon *d = MHD_start_daemon(
         flags, 0, NULL, NULL, handler, NULL, MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&sa,
-        MHD_OPTION_NOTIFY_COMPLETED, completed, NULL, MHD_OPTION_THREAD_POOL_SIZE,
-        threads, MHD_OPTION_CONNECTION_LIMIT, 4096u,
-        MHD_OPTION_CONNECTION_TIMEOUT, 120u, MHD_OPTION_CONNECTION_MEMORY_LIMIT,
-        (size_t)(256 * 1024), MHD_OPTION_END);
+        MHD_OPTION_NOTIFY_COMPLETED, completed, NULL, MHD_OPTION_THREAD_POOL_SIZE, threads,
+        MHD_OPTION_CONNECTION_LIMIT, 4096u, MHD_OPTION_CONNECTION_TIMEOUT, 120u,
+        MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)(256 * 1024), MHD_OPTION_END);
     if (!d) {
         fprintf(stderr, "sink: cannot listen on %s:%u\n", listen_addr, port);
         return 1;

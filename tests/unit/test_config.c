@@ -129,20 +129,20 @@ END_TEST
 
 START_TEST(test_file_values_are_read_from_nested_sections)
 {
-    const char *path = conf("nested.lua",
-                            "return {\n"
-                            "  listen = \"127.0.0.1:9999\",\n"
-                            "  data_dir = \"/srv/trib/var\",\n"
-                            "  environment = \"development\",\n"
-                            "  mparticle = { url = \"https://s2s.eu1.mparticle.com\" },\n"
-                            "  feeds = { ios = { key = \"k\", secret = \"s\",\n"
-                            "                    url = \"https://s2s.us2.mparticle.com\",\n"
-                            "                    rate_limit = 50 } },\n"
-                            "  batch = { linger_ms = 250 },\n"
-                            "  retry = { base_ms = 10, max_ms = 20, max_age_s = 30, pause_ms = 400 },\n"
-                            "  queue = { sync = \"normal\" },\n"
-                            "  dedup = { window_s = 0 },\n"
-                            "}\n");
+    const char *path = conf(
+        "nested.lua", "return {\n"
+                      "  listen = \"127.0.0.1:9999\",\n"
+                      "  data_dir = \"/srv/trib/var\",\n"
+                      "  environment = \"development\",\n"
+                      "  mparticle = { url = \"https://s2s.eu1.mparticle.com\" },\n"
+                      "  feeds = { ios = { key = \"k\", secret = \"s\",\n"
+                      "                    url = \"https://s2s.us2.mparticle.com\",\n"
+                      "                    rate_limit = 50 } },\n"
+                      "  batch = { linger_ms = 250 },\n"
+                      "  retry = { base_ms = 10, max_ms = 20, max_age_s = 30, pause_ms = 400 },\n"
+                      "  queue = { sync = \"normal\" },\n"
+                      "  dedup = { window_s = 0 },\n"
+                      "}\n");
     struct config *c = NULL;
     char err[4096] = "";
     ck_assert_msg(config_load(&c, path, err, sizeof err) == 0, "%s", err);
@@ -172,12 +172,12 @@ END_TEST
 
 START_TEST(test_file_lists_are_read_in_order)
 {
-    const char *path = conf("lists.lua",
-                            "return {\n"
-                            "  inbound = { tokens = { \"tok-one\", \"tok-two\" } },\n"
-                            "  events = { \"users.messages.email.Open\",\n"
-                            "             \"users.messages.pushnotification.Send\" },\n"
-                            "}\n");
+    const char *path =
+        conf("lists.lua", "return {\n"
+                          "  inbound = { tokens = { \"tok-one\", \"tok-two\" } },\n"
+                          "  events = { \"users.messages.email.Open\",\n"
+                          "             \"users.messages.pushnotification.Send\" },\n"
+                          "}\n");
     struct config *c = NULL;
     char err[4096] = "";
     ck_assert_msg(config_load(&c, path, err, sizeof err) == 0, "%s", err);
@@ -193,14 +193,14 @@ END_TEST
 
 START_TEST(test_file_apps_table_maps_app_id_to_feed)
 {
-    const char *path = conf("apps.lua",
-                            "return {\n"
-                            "  apps = {\n"
-                            "    [\"11111111-2222-4333-8444-555555555555\"] = \"ios\",\n"
-                            "    android_app = \"android\",\n"
-                            "    [\"web-app\"] = \"web\",\n"
-                            "  },\n"
-                            "}\n");
+    const char *path =
+        conf("apps.lua", "return {\n"
+                         "  apps = {\n"
+                         "    [\"11111111-2222-4333-8444-555555555555\"] = \"ios\",\n"
+                         "    android_app = \"android\",\n"
+                         "    [\"web-app\"] = \"web\",\n"
+                         "  },\n"
+                         "}\n");
     struct config *c = NULL;
     char err[4096] = "";
     ck_assert_msg(config_load(&c, path, err, sizeof err) == 0, "%s", err);
@@ -216,11 +216,10 @@ START_TEST(test_os_getenv_is_available_in_config_file)
 {
     ck_assert_int_eq(setenv("UNIT_MP_KEY", "key-from-env", 1), 0);
     ck_assert_int_eq(setenv("UNIT_MP_SECRET", "secret-from-env", 1), 0);
-    const char *path = conf("getenv.lua",
-                            "return { feeds = { unbound = {\n"
-                            "  key = os.getenv(\"UNIT_MP_KEY\"),\n"
-                            "  secret = os.getenv(\"UNIT_MP_SECRET\"),\n"
-                            "} } }\n");
+    const char *path = conf("getenv.lua", "return { feeds = { unbound = {\n"
+                                          "  key = os.getenv(\"UNIT_MP_KEY\"),\n"
+                                          "  secret = os.getenv(\"UNIT_MP_SECRET\"),\n"
+                                          "} } }\n");
     struct config *c = NULL;
     char err[4096] = "";
     ck_assert_msg(config_load(&c, path, err, sizeof err) == 0, "%s", err);
@@ -260,8 +259,9 @@ END_TEST
 
 START_TEST(test_environment_feed_credentials_override_file)
 {
-    const char *path = conf("creds.lua",
-                            "return { feeds = { ios = { key = \"file-key\", secret = \"file-secret\" } } }\n");
+    const char *path =
+        conf("creds.lua",
+             "return { feeds = { ios = { key = \"file-key\", secret = \"file-secret\" } } }\n");
     ck_assert_int_eq(setenv("TRIBUTARY_FEEDS_IOS_KEY", "env-key", 1), 0);
     ck_assert_int_eq(setenv("TRIBUTARY_FEEDS_IOS_SECRET", "env-secret", 1), 0);
     struct config *c = NULL;
@@ -304,12 +304,11 @@ END_TEST
 
 START_TEST(test_unknown_key_names_file_and_line)
 {
-    const char *path = conf("typo.lua",
-                            "return {\n"
-                            "  batch = {\n"
-                            "    lingr_ms = 100,\n"
-                            "  },\n"
-                            "}\n");
+    const char *path = conf("typo.lua", "return {\n"
+                                        "  batch = {\n"
+                                        "    lingr_ms = 100,\n"
+                                        "  },\n"
+                                        "}\n");
     struct config *c = NULL;
     char err[4096] = "", want[256];
     ck_assert_int_eq(config_load(&c, path, err, sizeof err), -1);
@@ -321,10 +320,9 @@ END_TEST
 
 START_TEST(test_wrong_type_names_key_and_line)
 {
-    const char *path = conf("type.lua",
-                            "return {\n"
-                            "  batch = { linger_ms = \"500\" },\n"
-                            "}\n");
+    const char *path = conf("type.lua", "return {\n"
+                                        "  batch = { linger_ms = \"500\" },\n"
+                                        "}\n");
     struct config *c = NULL;
     char err[4096] = "", want[256];
     ck_assert_int_eq(config_load(&c, path, err, sizeof err), -1);
@@ -336,11 +334,10 @@ END_TEST
 START_TEST(test_wrong_type_names_line_of_its_own_section_not_an_earlier_same_name)
 {
     /* Both feeds have a `key`; the error is on line 3, not on line 2. */
-    const char *path = conf("same-name.lua",
-                            "return { feeds = {\n"
-                            "  ios = { key = \"k\", secret = \"s\" },\n"
-                            "  web = { key = 7, secret = \"s\" },\n"
-                            "} }\n");
+    const char *path = conf("same-name.lua", "return { feeds = {\n"
+                                             "  ios = { key = \"k\", secret = \"s\" },\n"
+                                             "  web = { key = 7, secret = \"s\" },\n"
+                                             "} }\n");
     struct config *c = NULL;
     char err[4096] = "", want[256];
     ck_assert_int_eq(config_load(&c, path, err, sizeof err), -1);
@@ -355,8 +352,8 @@ START_TEST(test_out_of_range_integer_is_refused_with_its_bounds)
     struct config *c = NULL;
     char err[4096] = "", want[256];
     ck_assert_int_eq(config_load(&c, path, err, sizeof err), -1);
-    snprintf(want, sizeof want,
-             "%s:1: 'batch.linger_ms' must be between 0 and 60000, not 60001", path);
+    snprintf(want, sizeof want, "%s:1: 'batch.linger_ms' must be between 0 and 60000, not 60001",
+             path);
     ck_assert_str_eq(err, want);
 }
 END_TEST
@@ -398,11 +395,10 @@ END_TEST
 
 START_TEST(test_wrong_type_secret_does_not_echo_key_or_secret)
 {
-    const char *path = conf("secret-type.lua",
-                            "return { feeds = { ios = {\n"
-                            "  key = \"ios-key-do-not-log\",\n"
-                            "  secret = 424242,\n"
-                            "} } }\n");
+    const char *path = conf("secret-type.lua", "return { feeds = { ios = {\n"
+                                               "  key = \"ios-key-do-not-log\",\n"
+                                               "  secret = 424242,\n"
+                                               "} } }\n");
     struct config *c = NULL;
     char err[4096] = "";
     ck_assert_int_eq(config_load(&c, path, err, sizeof err), -1);
@@ -414,12 +410,13 @@ END_TEST
 
 START_TEST(test_key_without_secret_is_refused_without_echoing_key)
 {
-    const char *path = conf("key-only.lua",
-                            "return { feeds = { android = { key = \"android-key-do-not-log\" } } }\n");
+    const char *path = conf(
+        "key-only.lua", "return { feeds = { android = { key = \"android-key-do-not-log\" } } }\n");
     struct config *c = NULL;
     char err[4096] = "";
     ck_assert_int_eq(config_load(&c, path, err, sizeof err), -1);
-    ck_assert_str_eq(err, "feeds.android: key and secret must be set together (only the key is set)");
+    ck_assert_str_eq(err,
+                     "feeds.android: key and secret must be set together (only the key is set)");
     ck_assert_ptr_null(strstr(err, "android-key-do-not-log"));
 }
 END_TEST
@@ -430,7 +427,8 @@ START_TEST(test_secret_without_key_from_environment_is_refused_without_echoing_s
     struct config *c = NULL;
     char err[4096] = "";
     ck_assert_int_eq(config_load(&c, NULL, err, sizeof err), -1);
-    ck_assert_str_eq(err, "feeds.web: key and secret must be set together (only the secret is set)");
+    ck_assert_str_eq(err,
+                     "feeds.web: key and secret must be set together (only the secret is set)");
     ck_assert_ptr_null(strstr(err, "web-secret-do-not-log"));
 }
 END_TEST
@@ -438,11 +436,10 @@ END_TEST
 START_TEST(test_syntax_error_in_unfinished_secret_string_does_not_echo_secret)
 {
     /* The closing quote is missing: Lua's message quotes the token it stopped at. */
-    const char *path = conf("unfinished.lua",
-                            "return { feeds = { ios = {\n"
-                            "  key = \"k\",\n"
-                            "  secret = \"secret-do-not-log\n"
-                            "} } }\n");
+    const char *path = conf("unfinished.lua", "return { feeds = { ios = {\n"
+                                              "  key = \"k\",\n"
+                                              "  secret = \"secret-do-not-log\n"
+                                              "} } }\n");
     struct config *c = NULL;
     char err[4096] = "";
     ck_assert_int_eq(config_load(&c, path, err, sizeof err), -1);
@@ -455,11 +452,10 @@ END_TEST
 
 START_TEST(test_lua_syntax_error_names_file_and_line)
 {
-    const char *path = conf("syntax.lua",
-                            "return {\n"
-                            "  listen = \"127.0.0.1:8080\"\n"
-                            "  data_dir = \"./var\",\n"
-                            "}\n");
+    const char *path = conf("syntax.lua", "return {\n"
+                                          "  listen = \"127.0.0.1:8080\"\n"
+                                          "  data_dir = \"./var\",\n"
+                                          "}\n");
     struct config *c = NULL;
     char err[4096] = "", want[256];
     ck_assert_int_eq(config_load(&c, path, err, sizeof err), -1);
@@ -518,8 +514,9 @@ END_TEST
 
 START_TEST(test_non_loopback_listen_with_a_token_is_accepted)
 {
-    const char *path = conf("open-token.lua",
-                            "return { listen = \"0.0.0.0:8080\", inbound = { tokens = { \"t1\" } } }\n");
+    const char *path =
+        conf("open-token.lua",
+             "return { listen = \"0.0.0.0:8080\", inbound = { tokens = { \"t1\" } } }\n");
     struct config *c = NULL;
     char err[4096] = "";
     ck_assert_msg(config_load(&c, path, err, sizeof err) == 0, "%s", err);
@@ -567,7 +564,8 @@ END_TEST
 
 START_TEST(test_https_url_is_accepted)
 {
-    const char *path = conf("https.lua", "return { mparticle = { url = \"https://s2s.us2.mparticle.com\" } }\n");
+    const char *path =
+        conf("https.lua", "return { mparticle = { url = \"https://s2s.us2.mparticle.com\" } }\n");
     struct config *c = NULL;
     char err[4096] = "";
     ck_assert_msg(config_load(&c, path, err, sizeof err) == 0, "%s", err);
@@ -578,7 +576,8 @@ END_TEST
 
 START_TEST(test_plain_http_to_loopback_is_accepted)
 {
-    const char *path = conf("http-local.lua", "return { mparticle = { url = \"http://127.0.0.1:9/\" } }\n");
+    const char *path =
+        conf("http-local.lua", "return { mparticle = { url = \"http://127.0.0.1:9/\" } }\n");
     struct config *c = NULL;
     char err[4096] = "";
     ck_assert_msg(config_load(&c, path, err, sizeof err) == 0, "%s", err);
@@ -589,7 +588,8 @@ END_TEST
 
 START_TEST(test_plain_http_to_remote_host_is_refused)
 {
-    const char *path = conf("http-remote.lua", "return { mparticle = { url = \"http://example.com\" } }\n");
+    const char *path =
+        conf("http-remote.lua", "return { mparticle = { url = \"http://example.com\" } }\n");
     struct config *c = NULL;
     char err[4096] = "";
     ck_assert_int_eq(config_load(&c, path, err, sizeof err), -1);
@@ -626,8 +626,8 @@ END_TEST
 
 START_TEST(test_plain_http_feed_url_to_remote_host_is_refused)
 {
-    const char *path = conf("feed-http.lua",
-                            "return { feeds = { web = { url = \"http://s2s.mparticle.com\" } } }\n");
+    const char *path = conf(
+        "feed-http.lua", "return { feeds = { web = { url = \"http://s2s.mparticle.com\" } } }\n");
     struct config *c = NULL;
     char err[4096] = "";
     ck_assert_int_eq(config_load(&c, path, err, sizeof err), -1);

@@ -184,8 +184,8 @@ START_TEST(test_an_old_queue_is_migrated_and_keeps_its_ids_and_records)
     sqlite3_close(db);
 
     queue *q;
-    struct queue_options o = {.dir = dir, .sync_full = 1, .max_depth = 100,
-                              .dedup_window_ms = 3600000};
+    struct queue_options o = {
+        .dir = dir, .sync_full = 1, .max_depth = 100, .dedup_window_ms = 3600000};
     ck_assert_msg(queue_open(&q, &o, err, sizeof err) == 0, "%s", err);
     struct mapping m;
     mapping_init(&m);

@@ -101,19 +101,19 @@ START_TEST(test_build_batch_of_one_part_renders_envelope_sections_and_event)
     struct batch_part parts[] = {{
         S("\"user_identities\"\t\"customer_id\"\t\"customer-1234\"\n"
           "\"device_info\"\t\"platform\"\t\"iOS\"\n"),
-        S("{\"event_type\":\"custom_event\",\"data\":{\"event_name\":\"Push Notification Sends\"}}"),
+        S("{\"event_type\":\"custom_event\",\"data\":{\"event_name\":\"Push Notification "
+          "Sends\"}}"),
         S("evt-1"),
     }};
     buf b;
     buf_init(&b, 1 << 20);
     ck_assert_int_eq(mparticle_build_batch(&b, "production", SRID, parts, 1), 0);
-    ck_assert_str_eq(b.data,
-                     "{\"environment\":\"production\",\"schema_version\":2,"
-                     "\"source_request_id\":\"0d3c7f4e-5b1a-5c2d-9e8f-7a6b5c4d3e2f\","
-                     "\"user_identities\":{\"customer_id\":\"customer-1234\"},"
-                     "\"device_info\":{\"platform\":\"iOS\"},"
-                     "\"events\":[{\"event_type\":\"custom_event\","
-                     "\"data\":{\"event_name\":\"Push Notification Sends\"}}]}");
+    ck_assert_str_eq(b.data, "{\"environment\":\"production\",\"schema_version\":2,"
+                             "\"source_request_id\":\"0d3c7f4e-5b1a-5c2d-9e8f-7a6b5c4d3e2f\","
+                             "\"user_identities\":{\"customer_id\":\"customer-1234\"},"
+                             "\"device_info\":{\"platform\":\"iOS\"},"
+                             "\"events\":[{\"event_type\":\"custom_event\","
+                             "\"data\":{\"event_name\":\"Push Notification Sends\"}}]}");
     buf_free(&b);
 }
 END_TEST
@@ -137,11 +137,10 @@ START_TEST(test_build_batch_merges_sections_of_two_parts_later_value_wins)
     buf b;
     buf_init(&b, 1 << 20);
     ck_assert_int_eq(mparticle_build_batch(&b, "production", SRID, parts, 2), 0);
-    ck_assert_str_eq(b.data,
-                     "{\"environment\":\"production\",\"schema_version\":2,"
-                     "\"source_request_id\":\"0d3c7f4e-5b1a-5c2d-9e8f-7a6b5c4d3e2f\","
-                     "\"user_attributes\":{\"a\":1,\"b\":3,\"c\":4},"
-                     "\"events\":[{\"n\":1},{\"n\":2}]}");
+    ck_assert_str_eq(b.data, "{\"environment\":\"production\",\"schema_version\":2,"
+                             "\"source_request_id\":\"0d3c7f4e-5b1a-5c2d-9e8f-7a6b5c4d3e2f\","
+                             "\"user_attributes\":{\"a\":1,\"b\":3,\"c\":4},"
+                             "\"events\":[{\"n\":1},{\"n\":2}]}");
     buf_free(&b);
 }
 END_TEST
@@ -156,11 +155,10 @@ START_TEST(test_build_batch_part_setting_environment_overrides_default)
     buf b;
     buf_init(&b, 1 << 20);
     ck_assert_int_eq(mparticle_build_batch(&b, "production", SRID, parts, 1), 0);
-    ck_assert_str_eq(b.data,
-                     "{\"schema_version\":2,"
-                     "\"source_request_id\":\"0d3c7f4e-5b1a-5c2d-9e8f-7a6b5c4d3e2f\","
-                     "\"environment\":\"development\","
-                     "\"events\":[{\"n\":1}]}");
+    ck_assert_str_eq(b.data, "{\"schema_version\":2,"
+                             "\"source_request_id\":\"0d3c7f4e-5b1a-5c2d-9e8f-7a6b5c4d3e2f\","
+                             "\"environment\":\"development\","
+                             "\"events\":[{\"n\":1}]}");
     buf_free(&b);
 }
 END_TEST
@@ -175,11 +173,10 @@ START_TEST(test_build_batch_top_level_scalar_renders_as_plain_value)
     buf b;
     buf_init(&b, 1 << 20);
     ck_assert_int_eq(mparticle_build_batch(&b, "production", SRID, parts, 1), 0);
-    ck_assert_str_eq(b.data,
-                     "{\"environment\":\"production\",\"schema_version\":2,"
-                     "\"source_request_id\":\"0d3c7f4e-5b1a-5c2d-9e8f-7a6b5c4d3e2f\","
-                     "\"mpid\":8675309,"
-                     "\"events\":[{\"n\":1}]}");
+    ck_assert_str_eq(b.data, "{\"environment\":\"production\",\"schema_version\":2,"
+                             "\"source_request_id\":\"0d3c7f4e-5b1a-5c2d-9e8f-7a6b5c4d3e2f\","
+                             "\"mpid\":8675309,"
+                             "\"events\":[{\"n\":1}]}");
     buf_free(&b);
 }
 END_TEST
@@ -292,15 +289,15 @@ END_TEST
 START_TEST(test_retry_after_imf_fixdate_is_relative_to_now)
 {
     /* Sun, 06 Nov 1994 08:49:37 GMT is 784111777; now is 90 s earlier. */
-    ck_assert_int_eq(mparticle_retry_after("Sun, 06 Nov 1994 08:49:37 GMT", 784111777 - 90, 0, 3600),
-                     90);
+    ck_assert_int_eq(
+        mparticle_retry_after("Sun, 06 Nov 1994 08:49:37 GMT", 784111777 - 90, 0, 3600), 90);
 }
 END_TEST
 
 START_TEST(test_retry_after_date_in_the_past_is_raised_to_min)
 {
-    ck_assert_int_eq(mparticle_retry_after("Sun, 06 Nov 1994 08:49:37 GMT", 784111777 + 600, 1, 3600),
-                     1);
+    ck_assert_int_eq(
+        mparticle_retry_after("Sun, 06 Nov 1994 08:49:37 GMT", 784111777 + 600, 1, 3600), 1);
 }
 END_TEST
 
