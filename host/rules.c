@@ -941,12 +941,19 @@ static const char *skip_ws(const char *p, const char *end)
     return p;
 }
 
+/* Most of a body is strings: memchr finds each quote, and a quote ends the
+ * string unless an odd number of backslashes precedes it. */
 static const char *skip_string(const char *p, const char *end)
 {
+    const char *open = p;
     for (p++; p < end; p++) {
-        if (*p == '\\')
-            p++;
-        else if (*p == '"')
+        p = memchr(p, '"', (size_t)(end - p));
+        if (!p)
+            return NULL;
+        size_t slashes = 0;
+        for (const char *b = p - 1; b > open && *b == '\\'; b--)
+            slashes++;
+        if (slashes % 2 == 0)
             return p + 1;
     }
     return NULL;

@@ -11,6 +11,12 @@
 --   "no_external_id"    the user has no external_user_id (skipped)
 
 local null = cjson.null
+-- Locals: a global lookup goes through the sandbox's environment on every use.
+local type, pairs, ipairs, next, tostring = type, pairs, ipairs, next, tostring
+local concat, sort = table.concat, table.sort
+local encode = cjson.encode
+local tointeger, floor = math.tointeger, math.floor
+local utf8_len, utf8_offset = utf8.len, utf8.offset
 
 -- Braze event_type -> mParticle event_name (false: an `uninstall` event, no name).
 local NAMES = {
@@ -101,9 +107,9 @@ local CONSUMED = {
 }
 
 -- mParticle's limits on custom attributes.
-local MAX_ATTRIBUTES = 100
-local MAX_NAME = 256
-local MAX_VALUE = 4096
+local MAX_ATTRIBUTES <const> = 100
+local MAX_NAME <const> = 256
+local MAX_VALUE <const> = 4096
 
 -- Absent and JSON null are the same.
 local function present(v)
@@ -120,10 +126,10 @@ end
 -- Cut a string to at most `max` characters (bytes when it is not UTF-8).
 local function cut(s, max)
   if #s <= max then return s, false end
-  local chars = utf8.len(s)
+  local chars = utf8_len(s)
   if chars == nil then return s:sub(1, max), true end
   if chars <= max then return s, false end
-  return s:sub(1, utf8.offset(s, max + 1) - 1), true
+  return s:sub(1, utf8_offset(s, max + 1) - 1), true
 end
 
 -- A custom attribute value: scalars stay, lists are joined with ",", objects
@@ -136,12 +142,12 @@ local function attribute_value(v)
     for _, item in ipairs(v) do
       item = present(item)
       if item ~= nil then
-        parts[#parts + 1] = type(item) == "table" and cjson.encode(item) or tostring(item)
+        parts[#parts + 1] = type(item) == "table" and encode(item) or tostring(item)
       end
     end
-    return table.concat(parts, ",")
+    return concat(parts, ",")
   end
-  return cjson.encode(v)
+  return encode(v)
 end
 
 -- Adds one attribute within mParticle's limits; returns how many cuts it needed.
@@ -163,29 +169,44 @@ local function put(attrs, k, v)
   return cuts
 end
 
+-- Whether property k goes to custom_attributes; skip1 and skip2 are the
+-- properties this event used elsewhere (email identity, $mobile).
+local function kept(k, v, skip1, skip2)
+  return v ~= null and not CONSUMED[k] and k ~= skip1 and k ~= skip2
+end
+
 -- Every remaining property (plus the user's device_id). Over the limit of 100,
 -- the first 100 in name order are kept, so the choice does not depend on the
 -- order of the JSON.
-local function custom_attributes(props, user, consumed)
+local function custom_attributes(props, device_id, skip1, skip2)
   local attrs, n, cuts = {}, 0, 0
   for k, v in pairs(props) do
-    if v ~= null and not CONSUMED[k] and not consumed[k] then
+    if v ~= null and not CONSUMED[k] and k ~= skip1 and k ~= skip2 then -- kept(), inline
       n = n + 1
-      if n <= MAX_ATTRIBUTES then cuts = cuts + put(attrs, k, v) end
+      if n <= MAX_ATTRIBUTES then
+        -- the common case inline: a short name and a scalar within the limits
+        local t = type(v)
+        if #k <= MAX_NAME and k ~= "content_card_id" and t ~= "table"
+            and (t ~= "string" or #v <= MAX_VALUE) then
+          attrs[k] = v
+        else
+          cuts = cuts + put(attrs, k, v)
+        end
+      end
     end
   end
-  local device_id = nonempty(user.device_id)
-  if device_id and props.device_id == nil then
+  local own_device_id = device_id and props.device_id == nil
+  if own_device_id then
     n = n + 1
     if n <= MAX_ATTRIBUTES then cuts = cuts + put(attrs, "device_id", device_id) end
   end
   if n > MAX_ATTRIBUTES then
     local names = {}
     for k, v in pairs(props) do
-      if v ~= null and not CONSUMED[k] and not consumed[k] then names[#names + 1] = k end
+      if kept(k, v, skip1, skip2) then names[#names + 1] = k end
     end
-    if device_id and props.device_id == nil then names[#names + 1] = "device_id" end
-    table.sort(names)
+    if own_device_id then names[#names + 1] = "device_id" end
+    sort(names)
     attrs, cuts = {}, 0
     for i = 1, MAX_ATTRIBUTES do
       local k = names[i]
@@ -228,9 +249,10 @@ for event_type in pairs(NAMES) do
 end
 
 local function process(event, out)
-  local name = NAMES[event.event_type]
+  local event_type = event.event_type
+  local name = NAMES[event_type]
   if name == nil then return false, "unsupported_type" end
-  if not selected(event.event_type) then return false, "not_selected" end
+  if not selected(event_type) then return false, "not_selected" end
 
   local user = present(event.user) or {}
   local props = present(event.properties) or {}
@@ -238,57 +260,43 @@ local function process(event, out)
   if customer_id == nil then return false, "no_external_id" end
 
   local feed = feed_for(props)
-  local consumed = {}
 
-  local identities = { customer_id = tostring(customer_id) }
-  local email = EMAIL_IDENTITY[event.event_type] and nonempty(props.email_address)
-  if email then
-    identities.email = email
-    consumed.email_address = true
+  local email = EMAIL_IDENTITY[event_type] and nonempty(props.email_address) or nil
+  local mobile, mobile_key = nonempty(props.to_phone_number), "to_phone_number"
+  if not mobile then
+    mobile, mobile_key = nonempty(props.user_phone_number), "user_phone_number"
   end
 
-  local user_attributes = {}
-  local mobile = nonempty(props.to_phone_number)
-  if mobile then
-    consumed.to_phone_number = true
-  else
-    mobile = nonempty(props.user_phone_number)
-    if mobile then consumed.user_phone_number = true end
-  end
-  if mobile then user_attributes["$mobile"] = mobile end
-
-  local device_info = {}
-  device_info.platform = DEVICE_PLATFORM[feed]
-  device_info.device_model = nonempty(props.device_model)
   local device_id = nonempty(user.device_id)
+  local ad_field = AD_ID_FIELD[present(props.ad_id_type)]
+  local tracking = present(props.ad_tracking_enabled)
+  local device_info = {
+    platform = DEVICE_PLATFORM[feed],
+    device_model = nonempty(props.device_model),
+  }
   if feed == "ios" then device_info.ios_idfv = device_id end
   if feed == "android" then device_info.android_uuid = device_id end
-  local ad_field = AD_ID_FIELD[present(props.ad_id_type)]
   if ad_field then device_info[ad_field] = nonempty(props.ad_id) end
-  local tracking = present(props.ad_tracking_enabled)
   if type(tracking) == "boolean" then device_info.limit_ad_tracking = not tracking end
 
   local data = {
-    timestamp_unixtime_ms = math.tointeger(math.floor(event.time * 1000)),
+    timestamp_unixtime_ms = tointeger(floor(event.time * 1000)),
     source_message_id = event.id,
-    custom_attributes = custom_attributes(props, user, consumed),
+    custom_attributes = custom_attributes(props, device_id, email and "email_address",
+                                          mobile and mobile_key),
+    event_name = name or nil,
+    custom_event_type = name and "other" or nil,
   }
-  local mp_type = "uninstall"
-  if name then
-    mp_type = "custom_event"
-    data.event_name = name
-    data.custom_event_type = "other"
-  end
 
   return {
     feed = feed,
     batch = {
       environment = tributary.environment,
-      user_identities = identities,
-      user_attributes = user_attributes,
+      user_identities = { customer_id = tostring(customer_id), email = email },
+      user_attributes = { ["$mobile"] = mobile or nil },
       device_info = device_info,
     },
-    event = { event_type = mp_type, data = data },
+    event = { event_type = name and "custom_event" or "uninstall", data = data },
   }
 end
 

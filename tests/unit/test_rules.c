@@ -420,6 +420,36 @@ START_TEST(test_unknown_fields_are_accepted)
 }
 END_TEST
 
+/* The three events below as they appear in the body: strings with escaped
+ * quotes, backslashes (one ending a string), brackets and braces. */
+#define TRICKY_1                                                                                   \
+    "{\"event_type\":\"users.messages.email.Send\",\"id\":\"q-1\",\"time\":1,"                     \
+    "\"user\":{\"external_user_id\":\"c-1\"},"                                                     \
+    "\"properties\":{\"subject\":\"say \\\"hi\\\" ]},{\",\"path\":\"C:\\\\dir\\\\\"}}"
+#define TRICKY_2                                                                                   \
+    "{ \"event_type\" : \"users.messages.email.Send\", \"id\" : \"q-2\", \"time\" : 2,"            \
+    " \"user\" : { \"external_user_id\" : \"c-\\\\\\\"2\" }, \"properties\" : { \"n\" : [1, {}] "  \
+    "} }"
+#define TRICKY_3                                                                                   \
+    "{\"event_type\":\"users.messages.email.Send\",\"id\":\"q-3\",\"time\":3,"                     \
+    "\"user\":{\"external_user_id\":\"\\\\\"}}"
+
+START_TEST(test_records_keep_each_event_exactly_as_received)
+{
+    rule("10-pass.lua", PASS_RULE);
+    build();
+    const char *events[] = {TRICKY_1, TRICKY_2, TRICKY_3};
+    ck_assert_int_eq(
+        map("{\"events\": [ " TRICKY_1 " ,\n" TRICKY_2 "," TRICKY_3 " ]}", INPUT_ENVELOPE), 0);
+    ck_assert_uint_eq(F.m.nrecords, 3);
+    for (size_t i = 0; i < 3; i++) {
+        ck_assert_uint_eq(F.m.records[i].raw.n, strlen(events[i]));
+        ck_assert_msg(memcmp(F.m.records[i].raw.p, events[i], strlen(events[i])) == 0,
+                      "record %zu: %.*s", i, (int)F.m.records[i].raw.n, F.m.records[i].raw.p);
+    }
+}
+END_TEST
+
 START_TEST(test_unknown_event_type_is_counted_as_unsupported_not_refused)
 {
     default_rules();
@@ -1168,6 +1198,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_max_events_is_accepted);
     tcase_add_test(tc, test_one_event_over_max_events_is_413);
     tcase_add_test(tc, test_unknown_fields_are_accepted);
+    tcase_add_test(tc, test_records_keep_each_event_exactly_as_received);
     tcase_add_test(tc, test_unknown_event_type_is_counted_as_unsupported_not_refused);
     tcase_add_test(tc, test_any_input_accepts_a_json_array);
     tcase_add_test(tc, test_any_input_accepts_a_single_event);
