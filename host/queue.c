@@ -1270,10 +1270,14 @@ int queue_open(queue **out, const struct queue_options *o, char *err, size_t err
     }
     if (open_db(q->path, !o->readonly, &q->db, err, errlen) != 0)
         goto fail;
+    /* secure_delete=FAST: deleted rows are zeroed in the pages a change writes
+     * anyway, but a page freed whole is not written again only to zero it
+     * (Debian's SQLite zeroes everything by default: 7% more bytes written per
+     * event, for pages the next inserts overwrite within seconds). */
     char pragmas[256];
     snprintf(pragmas, sizeof pragmas,
              "PRAGMA page_size=%d; PRAGMA journal_mode=WAL; PRAGMA synchronous=%s; "
-             "PRAGMA cache_size=-32768; PRAGMA temp_store=MEMORY;",
+             "PRAGMA cache_size=-32768; PRAGMA temp_store=MEMORY; PRAGMA secure_delete=FAST;",
              PAGE_SIZE, o->sync_full ? "FULL" : "NORMAL");
     if (exec(q->db, pragmas, err, errlen) != 0)
         goto fail;
