@@ -15,6 +15,10 @@
  * Reads (the sender's scans, the CLI's listings) go through a queue_reader, one
  * per thread.
  *
+ * A checkpoint thread copies the WAL back into the database while the writer
+ * commits. The WAL file stays under QUEUE_WAL_MAX_BYTES plus the few group
+ * commits that end while the writer waits for a checkpoint to restart it.
+ *
  * The only module that includes SQLite.
  */
 #ifndef TRIBUTARY_QUEUE_H
@@ -27,6 +31,8 @@
 
 typedef struct queue queue;
 typedef struct queue_reader queue_reader;
+
+#define QUEUE_WAL_MAX_BYTES (3000 * 16384LL)
 
 struct queue_options {
     const char *dir;   /* data_dir; created (0700) when missing */

@@ -27,13 +27,14 @@
 # Phase 2, latency: open loop at BENCH_RATE events/s (BENCH_RATE/100 requests/s)
 #   for BENCH_RATE_SECONDS; latency from each request's *scheduled* send time to
 #   its 200 (no coordinated omission; a new connection opens when all are busy).
-# At the end: the service's peak RSS (VmHWM) and the queue's size on disk
+# At the end: the service's peak RSS (VmHWM) over the throughput phase and its
+#   delivery, and over the whole run, and the queue's size on disk
 #   (queue.db + queue.db-wal).
 #
 # Figures go to stdout, one per line as `name value unit`:
 #   accepted_events_per_s, delivered_events_per_s, cpu_s_per_million_events,
 #   latency_p50_ms, latency_p99_ms, latency_p999_ms, latency_max_ms, offered_rate,
-#   achieved_rate, errors, peak_rss_mib, queue_disk_mib
+#   achieved_rate, errors, peak_rss_throughput_mib, peak_rss_mib, queue_disk_mib
 #   and also: throughput_errors (non-200 in phase 1), delivery_lag_s (last event
 #   delivered after the last request of phase 1), events_per_batch (phase 1, as
 #   the sink saw them), disk_write_kib_per_event (the service's write_bytes from
@@ -419,6 +420,7 @@ sys1=$(system_user_ticks)
 svcuser1=$(user_ticks "$SVC_PID")
 sinkuser1=$(user_ticks "$SINK_PID")
 wb1=$(write_bytes)
+hwm1=$(status_kb VmHWM)
 stats=$(sink_stats)
 delivered=$(($(json_num events <<<"$stats") - ev0))
 batches=$(($(json_num batches <<<"$stats") - batches0))
@@ -465,6 +467,7 @@ figure accepted_events_per_s "$(field "$P1" events_per_s)" events/s
 figure delivered_events_per_s "$(calc "%.0f" "$span_s > 0 ? $delivered / $span_s : 0")" events/s
 figure cpu_s_per_million_events "$(calc "%.2f" "$ok_events > 0 ? $cpu_s / ($ok_events / 1000000) : 0")" s
 rate_figures "$P2"
+figure peak_rss_throughput_mib "$(mib "$hwm1")" MiB
 final_figures
 figure throughput_errors "$(field "$P1" errors)" requests
 figure delivery_lag_s "$(calc "%.2f" "($last_ms - $end_ms) / 1000")" s

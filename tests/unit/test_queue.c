@@ -5,7 +5,9 @@
 #include "record.h"
 
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdint.h>
+#include <sys/stat.h>
 
 #define RULES_VERSION "rules-test-1"
 #define NO_LIMIT 1000000           /* max_depth when the bound is not under test */
@@ -1033,6 +1035,73 @@ START_TEST(test_readonly_open_of_a_missing_directory_fails_with_a_clear_message)
 }
 END_TEST
 
+/* A reader scanning the queue all the time, as the sender does: it keeps the
+ * WAL from starting over after a background checkpoint. */
+struct scanner {
+    queue *q;
+    atomic_int stop;
+    long scans;
+};
+
+static void *scan_loop(void *arg)
+{
+    struct scanner *sc = arg;
+    char err[ERR_LEN];
+    queue_reader *r = queue_reader_new(sc->q, err, sizeof err);
+    if (!r)
+        return NULL;
+    while (!atomic_load(&sc->stop)) {
+        struct queue_items items;
+        queue_items_init(&items);
+        if (queue_scan(r, FEED_UNBOUND, 0, 100, SIZE_MAX, &items) == 0)
+            sc->scans++;
+        queue_items_free(&items);
+    }
+    queue_reader_free(r);
+    return NULL;
+}
+
+START_TEST(test_the_wal_stays_bounded_under_commits_and_scans)
+{
+    queue *q = open_queue(NO_LIMIT, 0);
+    struct scanner sc = {.q = q};
+    pthread_t t;
+    ck_assert_int_eq(pthread_create(&t, NULL, scan_loop, &sc), 0);
+    char wal[320];
+    snprintf(wal, sizeof wal, "%s/queue.db-wal", data_dir);
+    static char big[8192];
+    memset(big, 'x', sizeof big - 1);
+    const long long per_commit = 128 * (long long)sizeof big; /* 1 MiB */
+    long long largest = 0;
+    /* three times the bound goes through the WAL */
+    for (int c = 0; c < 3 * QUEUE_WAL_MAX_BYTES / per_commit; c++) {
+        struct mapping m;
+        mapping_init(&m);
+        char prefix[32];
+        snprintf(prefix, sizeof prefix, "w%d", c);
+        add_records(&m, FEED_UNBOUND, prefix, 128);
+        for (size_t i = 0; i < m.nrecords; i++)
+            m.records[i].raw = copy(&m, big);
+        struct commit_result res;
+        ck_assert_int_eq(queue_commit(q, &m, &res), QUEUE_OK);
+        mapping_free(&m);
+        struct stat st;
+        ck_assert_int_eq(stat(wal, &st), 0);
+        if (st.st_size > largest)
+            largest = st.st_size;
+    }
+    atomic_store(&sc.stop, 1);
+    pthread_join(t, NULL);
+    ck_assert_int_gt(sc.scans, 0);
+    ck_assert_int_eq(depth(q, FEED_UNBOUND), 3 * QUEUE_WAL_MAX_BYTES / per_commit * 128);
+    queue_free(q);
+    /* without the bound, the same run took the WAL past 70 MB */
+    ck_assert_msg(largest <= QUEUE_WAL_MAX_BYTES + 8 * per_commit,
+                  "the WAL reached %lld bytes; the bound is %lld plus a few group commits", largest,
+                  (long long)QUEUE_WAL_MAX_BYTES);
+}
+END_TEST
+
 START_TEST(test_readonly_queue_answers_writes_with_closed)
 {
     queue *q = open_queue(NO_LIMIT, DEDUP_DAY);
@@ -1087,6 +1156,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_stats_report_a_paused_feed_until_it_resumes);
     tcase_add_test(tc, test_readonly_open_of_a_missing_directory_fails_with_a_clear_message);
     tcase_add_test(tc, test_readonly_queue_answers_writes_with_closed);
+    tcase_add_test(tc, test_the_wal_stays_bounded_under_commits_and_scans);
     suite_add_tcase(s, tc);
     return s;
 }
