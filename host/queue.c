@@ -873,7 +873,7 @@ static int on_wal_commit(void *arg, sqlite3 *db, const char *name, int pages)
 static void *checkpointer_main(void *arg)
 {
     queue *q = arg;
-    pthread_setname_np(pthread_self(), "queue-checkpoint");
+    pthread_setname_np(pthread_self(), "queue-checkpt");
     pthread_mutex_lock(&q->mu);
     for (;;) {
         while (!q->checkpoint_requested && !q->stopping)
