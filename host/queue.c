@@ -27,15 +27,16 @@
 #define VACUUM_EVERY_MS 10000
 #define VACUUM_PAGES 2048
 #define VACUUM_MIN_FREE 4096
-/* Once the WAL holds CHECKPOINT_PAGES pages, a checkpoint thread with its own
- * connection copies it back into the database while the writer goes on
- * committing (a checkpoint writes 16 MB and syncs the database file: tens of
- * milliseconds that no request should wait for). The WAL starts over from its
- * beginning only when a commit finds it wholly copied and unread, which a busy
- * sender can keep from happening; at WAL_LIMIT_PAGES the writer itself waits
- * for a checkpoint that restarts it, so the WAL stays bounded. */
+/* Once the WAL holds CHECKPOINT_PAGES pages (a third of its limit at most), a
+ * checkpoint thread with its own connection copies it back into the database
+ * while the writer goes on committing (a checkpoint writes 16 MB and syncs the
+ * database file: tens of milliseconds that no request should wait for). The WAL
+ * starts over from its beginning only when a commit finds it wholly copied and
+ * unread, which the checkpoint thread racing the writer seldom leaves it; at its
+ * limit (queue_options.wal_max_bytes) the writer copies the rest itself after
+ * its commit, and the next commit starts the WAL over. */
 #define CHECKPOINT_PAGES 1000
-#define WAL_LIMIT_PAGES (QUEUE_WAL_MAX_BYTES / PAGE_SIZE)
+#define RESTART_LOG_EVERY_MS 60000
 /* A writer step (a group commit, a checkpoint, housekeeping) that takes longer
  * than this holds up every request behind it: it is logged, at most once per
  * SLOW_LOG_EVERY_MS, with the number of such steps since the last line. */
@@ -226,7 +227,10 @@ struct queue {
     pthread_t checkpointer;
     int checkpointer_started;
     pthread_cond_t checkpoint_wanted;
+    pthread_cond_t checkpoint_idle;
     int checkpoint_requested;
+    int checkpoint_running;
+    int restart_pending; /* the writer waits to restart the WAL: no new checkpoint */
     sqlite3 *checkpoint_db;
 
     /* writer-side bookkeeping, also read under mu */
@@ -239,6 +243,9 @@ struct queue {
     int wal_pages; /* set by the WAL hook after each commit */
     int64_t slow_logged_ms;
     int64_t slow_steps;
+    int wal_limit_pages;
+    int checkpoint_pages;
+    int64_t restart_logged_ms; /* monotonic */
 };
 
 struct queue_reader {
@@ -876,40 +883,66 @@ static void *checkpointer_main(void *arg)
     pthread_setname_np(pthread_self(), "queue-checkpt");
     pthread_mutex_lock(&q->mu);
     for (;;) {
-        while (!q->checkpoint_requested && !q->stopping)
+        while ((!q->checkpoint_requested || q->restart_pending) && !q->stopping)
             pthread_cond_wait(&q->checkpoint_wanted, &q->mu);
         if (q->stopping)
             break; /* queue_free checkpoints once the writer has stopped */
         q->checkpoint_requested = 0;
+        q->checkpoint_running = 1;
         pthread_mutex_unlock(&q->mu);
         int rc = sqlite3_wal_checkpoint_v2(q->checkpoint_db, NULL, SQLITE_CHECKPOINT_PASSIVE, NULL,
                                            NULL);
         if (rc != SQLITE_OK && rc != SQLITE_BUSY)
             log_warn("queue: checkpoint failed", LOG_S("error", sqlite3_errmsg(q->checkpoint_db)));
         pthread_mutex_lock(&q->mu);
+        q->checkpoint_running = 0;
+        pthread_cond_broadcast(&q->checkpoint_idle);
     }
     pthread_mutex_unlock(&q->mu);
     return NULL;
 }
 
-/* After a commit: asks the checkpoint thread to copy the WAL back, or, when the
- * WAL has not started over for WAL_LIMIT_PAGES, waits for a checkpoint that
- * makes the next commit start it over. */
+static void request_checkpoint(queue *q)
+{
+    pthread_mutex_lock(&q->mu);
+    q->checkpoint_requested = 1;
+    pthread_cond_signal(&q->checkpoint_wanted);
+    pthread_mutex_unlock(&q->mu);
+}
+
+/* After a commit: asks the checkpoint thread to copy the WAL back or, once the
+ * WAL has reached its limit, copies the rest itself so that a following commit
+ * starts the WAL over. A passive checkpoint never waits for readers: while a
+ * long read holds the WAL, commits go on and the WAL grows until it ends. */
 static void checkpoint(queue *q)
 {
-    if (q->wal_pages < CHECKPOINT_PAGES)
+    if (q->wal_pages < q->checkpoint_pages)
         return;
-    if (q->wal_pages < WAL_LIMIT_PAGES && q->checkpointer_started) {
-        pthread_mutex_lock(&q->mu);
-        q->checkpoint_requested = 1;
-        pthread_cond_signal(&q->checkpoint_wanted);
-        pthread_mutex_unlock(&q->mu);
+    if (q->wal_pages < q->wal_limit_pages) {
+        request_checkpoint(q);
         return;
     }
-    q->wal_pages = 0;
-    int rc = sqlite3_wal_checkpoint_v2(q->db, NULL, SQLITE_CHECKPOINT_RESTART, NULL, NULL);
+    /* SQLite answers BUSY at once while another checkpoint runs: let the
+     * checkpoint thread finish its pass and hold off its next one */
+    pthread_mutex_lock(&q->mu);
+    q->restart_pending = 1;
+    while (q->checkpoint_running)
+        pthread_cond_wait(&q->checkpoint_idle, &q->mu);
+    pthread_mutex_unlock(&q->mu);
+    int rc = sqlite3_wal_checkpoint_v2(q->db, NULL, SQLITE_CHECKPOINT_PASSIVE, NULL, NULL);
+    pthread_mutex_lock(&q->mu);
+    q->restart_pending = 0;
+    pthread_mutex_unlock(&q->mu);
     if (rc != SQLITE_OK && rc != SQLITE_BUSY)
         log_warn("queue: checkpoint failed", LOG_S("error", sqlite3_errmsg(q->db)));
+    int64_t now = clock_mono_ms();
+    if (q->wal_pages >= 2 * q->wal_limit_pages &&
+        now - q->restart_logged_ms >= RESTART_LOG_EVERY_MS) {
+        q->restart_logged_ms = now;
+        log_warn("queue: a long read keeps the WAL from starting over; it grows until the read "
+                 "ends",
+                 LOG_I("wal_pages", q->wal_pages) LOG_I("limit_pages", q->wal_limit_pages));
+    }
 }
 
 /* A commit that did not happen reports nothing stored. */
@@ -1291,10 +1324,17 @@ int queue_open(queue **out, const struct queue_options *o, char *err, size_t err
     }
     q->opt = *o;
     q->healthy = 1;
+    q->wal_limit_pages =
+        (int)((o->wal_max_bytes > 0 ? o->wal_max_bytes : QUEUE_WAL_MAX_BYTES) / PAGE_SIZE);
+    if (q->wal_limit_pages < 3)
+        q->wal_limit_pages = 3;
+    q->checkpoint_pages =
+        q->wal_limit_pages / 3 < CHECKPOINT_PAGES ? q->wal_limit_pages / 3 : CHECKPOINT_PAGES;
     pthread_mutex_init(&q->mu, NULL);
     pthread_cond_init(&q->work, NULL);
     pthread_cond_init(&q->done, NULL);
     pthread_cond_init(&q->checkpoint_wanted, NULL);
+    pthread_cond_init(&q->checkpoint_idle, NULL);
     size_t n = strlen(o->dir) + sizeof(QUEUE_FILE) + 2;
     q->path = malloc(n);
     if (!q->path) {
@@ -1384,11 +1424,6 @@ int queue_open(queue **out, const struct queue_options *o, char *err, size_t err
         goto fail;
     dedup_gauges(q);
     if (!o->readonly) {
-        if (pthread_create(&q->writer, NULL, writer_main, q) != 0) {
-            str_copy(err, errlen, "cannot start the queue writer thread");
-            goto fail;
-        }
-        q->writer_started = 1;
         if (open_db(q->path, 0, &q->checkpoint_db, err, errlen) != 0)
             goto fail;
         char sync[64];
@@ -1400,6 +1435,11 @@ int queue_open(queue **out, const struct queue_options *o, char *err, size_t err
             goto fail;
         }
         q->checkpointer_started = 1;
+        if (pthread_create(&q->writer, NULL, writer_main, q) != 0) {
+            str_copy(err, errlen, "cannot start the queue writer thread");
+            goto fail;
+        }
+        q->writer_started = 1;
     }
     *out = q;
     return 0;
@@ -1412,16 +1452,15 @@ void queue_free(queue *q)
 {
     if (!q)
         return;
-    if (q->writer_started) {
-        pthread_mutex_lock(&q->mu);
-        q->stopping = 1;
-        pthread_cond_signal(&q->work);
-        pthread_cond_signal(&q->checkpoint_wanted);
-        pthread_mutex_unlock(&q->mu);
+    pthread_mutex_lock(&q->mu);
+    q->stopping = 1;
+    pthread_cond_signal(&q->work);
+    pthread_cond_signal(&q->checkpoint_wanted);
+    pthread_mutex_unlock(&q->mu);
+    if (q->writer_started)
         pthread_join(q->writer, NULL);
-        if (q->checkpointer_started)
-            pthread_join(q->checkpointer, NULL);
-    }
+    if (q->checkpointer_started)
+        pthread_join(q->checkpointer, NULL);
     sqlite3_close(q->checkpoint_db);
     for (int i = 0; i < S_COUNT; i++)
         sqlite3_finalize(q->st[i]);
@@ -1437,6 +1476,7 @@ void queue_free(queue *q)
     pthread_cond_destroy(&q->work);
     pthread_cond_destroy(&q->done);
     pthread_cond_destroy(&q->checkpoint_wanted);
+    pthread_cond_destroy(&q->checkpoint_idle);
     pthread_mutex_destroy(&q->mu);
     dedup_free(q->seen);
     free(q->path);

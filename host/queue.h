@@ -16,8 +16,10 @@
  * per thread.
  *
  * A checkpoint thread copies the WAL back into the database while the writer
- * commits. The WAL file stays under QUEUE_WAL_MAX_BYTES plus the few group
- * commits that end while the writer waits for a checkpoint to restart it.
+ * commits. The WAL file stays under QUEUE_WAL_MAX_BYTES plus a few group
+ * commits, except while a long read (a dead-letter listing paged in a terminal)
+ * keeps it from starting over: commits then go on and the WAL grows until the
+ * read ends.
  *
  * The only module that includes SQLite.
  */
@@ -39,7 +41,8 @@ struct queue_options {
     int sync_full;     /* synchronous=FULL, else NORMAL */
     int64_t max_depth; /* records; a commit beyond it is refused (QUEUE_FULL) */
     int64_t dedup_window_ms;
-    int readonly; /* CLI listings: no writer thread, no schema changes */
+    int readonly;          /* CLI listings: no writer thread, no schema changes */
+    int64_t wal_max_bytes; /* 0: QUEUE_WAL_MAX_BYTES */
 };
 
 enum queue_status {

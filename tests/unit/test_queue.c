@@ -56,6 +56,17 @@ static queue *open_queue(int64_t max_depth, int64_t dedup_window_ms)
     return q;
 }
 
+/* A queue whose WAL limit is wal_max_bytes (small, so a test reaches it fast). */
+static queue *open_queue_wal(int64_t wal_max_bytes)
+{
+    struct queue_options o = {
+        .dir = data_dir, .sync_full = 1, .max_depth = NO_LIMIT, .wal_max_bytes = wal_max_bytes};
+    char err[ERR_LEN] = "";
+    queue *q = NULL;
+    ck_assert_msg(queue_open(&q, &o, err, sizeof err) == 0, "queue_open: %s", err);
+    return q;
+}
+
 static str copy(struct mapping *m, const char *s)
 {
     int failed = 0;
@@ -1061,44 +1072,118 @@ static void *scan_loop(void *arg)
     return NULL;
 }
 
+#define WAL_LIMIT (4 << 20)
+#define BIG_RAW 8192
+#define PER_COMMIT 32 /* records of BIG_RAW */
+/* what a commit of them adds to the WAL at most: a 16 KiB page (and a 24-byte
+ * frame header) per record, plus a few pages of the tables' upper levels */
+#define COMMIT_WAL ((PER_COMMIT + 4) * (16384 + 24))
+
+/* Commits PER_COMMIT records with BIG_RAW bytes of raw event each. */
+static void commit_big(queue *q, int c)
+{
+    static char big[BIG_RAW];
+    memset(big, 'x', sizeof big - 1);
+    struct mapping m;
+    mapping_init(&m);
+    char prefix[32];
+    snprintf(prefix, sizeof prefix, "w%d", c);
+    add_records(&m, FEED_UNBOUND, prefix, PER_COMMIT);
+    for (size_t i = 0; i < m.nrecords; i++)
+        m.records[i].raw = copy(&m, big);
+    struct commit_result res;
+    ck_assert_int_eq(queue_commit(q, &m, &res), QUEUE_OK);
+    ck_assert_uint_eq(res.queued, PER_COMMIT);
+    mapping_free(&m);
+}
+
+static long long wal_size(void)
+{
+    char wal[320];
+    snprintf(wal, sizeof wal, "%s/queue.db-wal", data_dir);
+    struct stat st;
+    ck_assert_int_eq(stat(wal, &st), 0);
+    return st.st_size;
+}
+
 START_TEST(test_the_wal_stays_bounded_under_commits_and_scans)
 {
-    queue *q = open_queue(NO_LIMIT, 0);
+    queue *q = open_queue_wal(WAL_LIMIT);
     struct scanner sc = {.q = q};
     pthread_t t;
     ck_assert_int_eq(pthread_create(&t, NULL, scan_loop, &sc), 0);
-    char wal[320];
-    snprintf(wal, sizeof wal, "%s/queue.db-wal", data_dir);
-    static char big[8192];
-    memset(big, 'x', sizeof big - 1);
-    const long long per_commit = 128 * (long long)sizeof big; /* 1 MiB */
+    int commits = 5 * WAL_LIMIT / COMMIT_WAL; /* five times the limit goes through */
     long long largest = 0;
-    /* three times the bound goes through the WAL */
-    for (int c = 0; c < 3 * QUEUE_WAL_MAX_BYTES / per_commit; c++) {
-        struct mapping m;
-        mapping_init(&m);
-        char prefix[32];
-        snprintf(prefix, sizeof prefix, "w%d", c);
-        add_records(&m, FEED_UNBOUND, prefix, 128);
-        for (size_t i = 0; i < m.nrecords; i++)
-            m.records[i].raw = copy(&m, big);
-        struct commit_result res;
-        ck_assert_int_eq(queue_commit(q, &m, &res), QUEUE_OK);
-        mapping_free(&m);
-        struct stat st;
-        ck_assert_int_eq(stat(wal, &st), 0);
-        if (st.st_size > largest)
-            largest = st.st_size;
+    for (int c = 0; c < commits; c++) {
+        commit_big(q, c);
+        long long n = wal_size();
+        if (n > largest)
+            largest = n;
     }
     atomic_store(&sc.stop, 1);
     pthread_join(t, NULL);
     ck_assert_int_gt(sc.scans, 0);
-    ck_assert_int_eq(depth(q, FEED_UNBOUND), 3 * QUEUE_WAL_MAX_BYTES / per_commit * 128);
+    ck_assert_int_eq(depth(q, FEED_UNBOUND), (int64_t)commits * PER_COMMIT);
     queue_free(q);
-    /* without the bound, the same run took the WAL past 70 MB */
-    ck_assert_msg(largest <= QUEUE_WAL_MAX_BYTES + 8 * per_commit,
-                  "the WAL reached %lld bytes; the bound is %lld plus a few group commits", largest,
-                  (long long)QUEUE_WAL_MAX_BYTES);
+    /* without the limit, a run like this took the WAL past three times it */
+    ck_assert_msg(largest <= WAL_LIMIT + 8 * COMMIT_WAL,
+                  "the WAL reached %lld bytes; the limit is %d plus a few group commits", largest,
+                  WAL_LIMIT);
+}
+END_TEST
+
+/* A dead-letter listing whose reader stops in the middle, as `dlq list` does
+ * when its output is paged: commits go on while it holds its read. */
+struct paused_listing {
+    queue *q;
+    int commits;
+    int64_t slowest_ms;
+    long long wal_during;
+};
+
+static int commit_while_reading(void *ctx, const struct dead_row *row)
+{
+    (void)row;
+    struct paused_listing *p = ctx;
+    for (int c = 0; c < p->commits; c++) {
+        int64_t t0 = clock_mono_ms();
+        commit_big(p->q, 1000 + c);
+        int64_t took = clock_mono_ms() - t0;
+        if (took > p->slowest_ms)
+            p->slowest_ms = took;
+    }
+    p->wal_during = wal_size();
+    return 1; /* stop after the first row */
+}
+
+START_TEST(test_a_long_read_does_not_hold_up_commits)
+{
+    queue *q = open_queue_wal(WAL_LIMIT);
+    struct mapping m;
+    mapping_init(&m);
+    add_dead(&m, FEED_UNBOUND, "dead-1", DEAD_RULE_ERROR, "boom", "{\"id\":\"dead-1\"}");
+    struct commit_result res;
+    ck_assert_int_eq(queue_commit(q, &m, &res), QUEUE_OK);
+    mapping_free(&m);
+
+    struct paused_listing p = {.q = q, .commits = 3 * WAL_LIMIT / COMMIT_WAL};
+    queue_reader *r = reader(q);
+    struct dead_filter f = {0};
+    ck_assert_int_eq(queue_dead_each(r, &f, commit_while_reading, &p), 0);
+    queue_reader_free(r);
+    /* the WAL grew past its limit while the read held it, and no commit waited
+     * for the read */
+    ck_assert_int_gt(p.wal_during, WAL_LIMIT + 4LL * COMMIT_WAL);
+    ck_assert_int_lt(p.slowest_ms, 2000);
+    ck_assert_int_eq(depth(q, FEED_UNBOUND), (int64_t)p.commits * PER_COMMIT);
+    /* once the read is over, the WAL starts over: the commits after it reuse
+     * the WAL from its start instead of growing it (the first one still
+     * appends, and the checkpoint after it lets the next one start over) */
+    long long after = wal_size();
+    for (int c = 0; c < 3 * WAL_LIMIT / COMMIT_WAL; c++)
+        commit_big(q, 5000 + c);
+    ck_assert_int_le(wal_size(), after + 2 * COMMIT_WAL);
+    queue_free(q);
 }
 END_TEST
 
@@ -1157,6 +1242,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_readonly_open_of_a_missing_directory_fails_with_a_clear_message);
     tcase_add_test(tc, test_readonly_queue_answers_writes_with_closed);
     tcase_add_test(tc, test_the_wal_stays_bounded_under_commits_and_scans);
+    tcase_add_test(tc, test_a_long_read_does_not_hold_up_commits);
     suite_add_tcase(s, tc);
     return s;
 }
