@@ -34,7 +34,8 @@
 typedef struct queue queue;
 typedef struct queue_reader queue_reader;
 
-#define QUEUE_WAL_MAX_BYTES (3000 * 16384LL)
+/* The WAL's usual limit: 48 MiB, 3,072 pages of 16 KiB. */
+#define QUEUE_WAL_MAX_BYTES (48LL << 20)
 
 struct queue_options {
     const char *dir;   /* data_dir; created (0700) when missing */
