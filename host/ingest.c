@@ -63,6 +63,26 @@ void ingest_fini(struct ingest *in)
     in->engines = NULL;
 }
 
+/* Returns a borrowed engine to the pool; NULL returns only the slot (an engine
+ * that could not be built). */
+static void give_back(struct ingest_engines *e, rules *r)
+{
+    /* A rule cut short by a limit may have left its globals half updated: the
+     * state is dropped and the next borrower builds a fresh one. */
+    if (r && rules_needs_rebuild(r)) {
+        metrics_add(M_RULE_STATE_REBUILDS, 1);
+        log_warn("a rule hit a limit; its rules state is rebuilt");
+        rules_free(r);
+        r = NULL;
+    }
+    pthread_mutex_lock(&e->mu);
+    if (r)
+        e->idle[e->nidle++] = r;
+    e->out--;
+    pthread_cond_signal(&e->freed);
+    pthread_mutex_unlock(&e->mu);
+}
+
 static rules *borrow(struct ingest_engines *e, ruleset *rs, char *err, size_t errlen)
 {
     pthread_mutex_lock(&e->mu);
@@ -85,31 +105,10 @@ static rules *borrow(struct ingest_engines *e, ruleset *rs, char *err, size_t er
         return r;
     rules_free(r);
     if (rules_new(&r, rs, err, errlen) != 0) {
-        pthread_mutex_lock(&e->mu);
-        e->out--;
-        pthread_cond_signal(&e->freed);
-        pthread_mutex_unlock(&e->mu);
+        give_back(e, NULL);
         return NULL;
     }
     return r;
-}
-
-static void give_back(struct ingest_engines *e, rules *r)
-{
-    /* A rule cut short by a limit may have left its globals half updated: the
-     * state is dropped and the next borrower builds a fresh one. */
-    if (rules_needs_rebuild(r)) {
-        metrics_add(M_RULE_STATE_REBUILDS, 1);
-        log_warn("a rule hit a limit; its rules state is rebuilt");
-        rules_free(r);
-        r = NULL;
-    }
-    pthread_mutex_lock(&e->mu);
-    if (r)
-        e->idle[e->nidle++] = r;
-    e->out--;
-    pthread_cond_signal(&e->freed);
-    pthread_mutex_unlock(&e->mu);
 }
 
 static void respond_error(struct ingest_response *resp, int status, int retry_after,

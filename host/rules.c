@@ -751,6 +751,23 @@ struct event_ids {
     str raw;
 };
 
+/* Copies the event's bytes into m for its record or dead letter: as received
+ * when known, else encoded from the table at evi. -1 (err) when it cannot be
+ * encoded. */
+static int copy_raw(rules *r, lua_State *L, int evi, const struct event_ids *ids, struct mapping *m,
+                    str *out, int *failed, char *err, size_t errlen)
+{
+    if (ids->raw.p) {
+        *out = mapping_copy(m, ids->raw.p, ids->raw.n, failed);
+        return 0;
+    }
+    buf_reset(&r->scratch);
+    if (encode_value(r, L, evi, &r->scratch, err, errlen) != 0)
+        return -1;
+    *out = mapping_copy(m, r->scratch.data, r->scratch.len, failed);
+    return 0;
+}
+
 static int add_dead(rules *r, lua_State *L, int evi, const struct event_ids *ids, struct mapping *m,
                     int feed, const char *reason, const char *detail)
 {
@@ -759,18 +776,12 @@ static int add_dead(rules *r, lua_State *L, int evi, const struct event_ids *ids
     if (!d)
         return -1;
     char err[ERR_LEN];
-    buf_reset(&r->scratch);
-    if (ids->raw.p) {
-        (void)!buf_add(&r->scratch, ids->raw.p, ids->raw.n);
-    } else if (encode_value(r, L, evi, &r->scratch, err, sizeof err) != 0) {
-        buf_reset(&r->scratch);
-        (void)!buf_adds(&r->scratch, "{}");
-    }
+    if (copy_raw(r, L, evi, ids, m, &d->raw, &failed, err, sizeof err) != 0)
+        d->raw = mapping_copy(m, "{}", 2, &failed);
     d->reason = reason;
     d->feed = feed;
     d->rules_version = ruleset_version(r->rs);
     d->detail = mapping_copy(m, detail, strlen(detail), &failed);
-    d->raw = mapping_copy(m, r->scratch.data, r->scratch.len, &failed);
     d->event_id = ids->id;
     d->event_type = ids->type;
     return failed ? -1 : 0;
@@ -839,14 +850,8 @@ static int emit(rules *r, lua_State *L, int evi, const struct event_ids *ids, in
     else
         tmp.user = tmp.batch;
 
-    if (ids->raw.p) {
-        tmp.raw = mapping_copy(m, ids->raw.p, ids->raw.n, &failed);
-    } else {
-        buf_reset(&r->scratch);
-        if (encode_value(r, L, evi, &r->scratch, err, errlen) != 0)
-            goto done;
-        tmp.raw = mapping_copy(m, r->scratch.data, r->scratch.len, &failed);
-    }
+    if (copy_raw(r, L, evi, ids, m, &tmp.raw, &failed, err, errlen) != 0)
+        goto done;
     tmp.event_id = ids->id;
     tmp.event_type = ids->type;
 

@@ -135,9 +135,9 @@ class Reload(ServiceTest):
         deadline = time.time() + 10 * SLOW
         while time.time() < deadline and "rules_dir changed" not in s.logs():
             time.sleep(0.05)
-        # Engines move to the new rules as they are rebuilt, without holding up
-        # requests: under a slow build (valgrind) the first requests after the
-        # reload may still meet the previous rules.
+        # The trigger is also logged when a reload is refused: the watch can
+        # fire while the file is still empty, and the reload of the complete
+        # file follows. Under valgrind a post can fall between the two.
         name = None
         while name != "Renamed By Rule" and time.time() < deadline:
             e = event("users.messages.email.Open")
