@@ -12,7 +12,7 @@
 #include <sys/stat.h>
 
 #define QUEUE_FILE "queue.db"
-#define SCHEMA_VERSION "3"
+#define SCHEMA_VERSION "4"
 /* Large pages make the WAL writes of ~2 KB rows sequential and cheap: about
  * three times the insert rate of 4 KiB pages with synchronous=FULL. */
 #define PAGE_SIZE 16384
@@ -76,17 +76,37 @@ static const char *const SCHEMA =
     "  raw TEXT NOT NULL,"
     "  event TEXT);"
     "CREATE INDEX IF NOT EXISTS dead_reason ON dead(reason, id);"
+    /* per feed, the line below which every record is delivered or dead (see
+     * queue_ack): the records below it are deleted as one range, now and then
+     * and at the next start */
+    "CREATE TABLE IF NOT EXISTS settled("
+    "  feed INTEGER PRIMARY KEY,"
+    "  below INTEGER NOT NULL);"
+    /* records delivered above their feed's line: deleted with the range once
+     * the line passes them, or at the next start */
+    "CREATE TABLE IF NOT EXISTS delivered("
+    "  feed INTEGER NOT NULL,"
+    "  id INTEGER NOT NULL,"
+    "  PRIMARY KEY(feed, id)) WITHOUT ROWID;"
     "CREATE TABLE IF NOT EXISTS feed_state("
     "  feed INTEGER PRIMARY KEY,"
     "  reason TEXT NOT NULL,"
     "  since_ms INTEGER NOT NULL);";
 
-/* One table of records per feed (records_ios, ...): one mapped event per row;
- * id is its order of arrival on the feed and never reused (the sender claims
- * records above a cursor). A table per feed keeps each feed's rows together, so
- * deleting what a feed delivered rewrites few pages, and needs no index. */
-static const char *const RECORDS_TABLE = "CREATE TABLE IF NOT EXISTS records_%s("
-                                         "  id INTEGER PRIMARY KEY AUTOINCREMENT,"
+/* Each feed keeps its records in RING tables, records_<feed>_0 .. _<RING-1>,
+ * read together through the view records_<feed>: one mapped event per row, id
+ * its order of arrival on the feed, never reused (the sender claims records
+ * above a cursor). The writer fills one table until it holds SEGMENT_RECORDS
+ * and the next one is empty, then moves on. Delivered records are not deleted
+ * one by one: a table is emptied whole once its feed's settled line (see
+ * queue_ack) has passed its last record. SQLite frees an emptied table's pages
+ * without writing them, where deleting records one by one, or as a range,
+ * rewrote the pages they shared with records still waiting. */
+#define RING 2
+#define SEGMENT_RECORDS 8192 /* queue_options.segment_records */
+
+static const char *const RECORDS_TABLE = "CREATE TABLE IF NOT EXISTS records_%1$s_%2$d("
+                                         "  id INTEGER PRIMARY KEY,"
                                          "  received_ms INTEGER NOT NULL,"
                                          "  event_id TEXT NOT NULL,"
                                          "  event_type TEXT NOT NULL,"
@@ -96,27 +116,46 @@ static const char *const RECORDS_TABLE = "CREATE TABLE IF NOT EXISTS records_%s(
                                          "  event TEXT NOT NULL,"
                                          "  raw TEXT NOT NULL)";
 
-/* Statements on a feed's records table: %s is the feed's name, %d its number. */
-enum feed_stmt_id { F_INSERT, F_DELETE, F_TO_DEAD, F_OLDEST, F_COUNT };
+/* Statements on a feed's view of its records: %1$s is the feed's name, %2$d
+ * its number. ?1 is the feed's settled line where one is bound. */
+enum feed_stmt_id { F_TO_DEAD, F_OLDEST, F_EXISTS, F_DEPTH, F_COUNT };
 
 static const char *const FEED_STMTS[F_COUNT] = {
-    [F_INSERT] = "INSERT INTO records_%s(received_ms, event_id, event_type, rules_version, "
-                 "user, batch, event, raw) VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-    [F_DELETE] = "DELETE FROM records_%s WHERE id = ?1",
     [F_TO_DEAD] = "INSERT INTO dead(at_ms, reason, detail, feed, event_id, event_type, "
                   "rules_version, received_ms, raw, event) "
                   "SELECT ?2, ?3, ?4, ?5, event_id, event_type, rules_version, received_ms, "
-                  "raw, event FROM records_%s WHERE id = ?1",
-    [F_OLDEST] = "SELECT received_ms FROM records_%s ORDER BY id LIMIT 1",
+                  "raw, event FROM records_%1$s WHERE id = ?1",
+    [F_OLDEST] = "SELECT received_ms FROM records_%1$s WHERE id >= ?1 ORDER BY id LIMIT 1",
+    [F_EXISTS] = "SELECT 1 FROM records_%1$s WHERE id = ?1",
+    [F_DEPTH] = "SELECT (SELECT count(*) FROM records_%1$s WHERE id >= ?1) - "
+                "(SELECT count(*) FROM delivered WHERE feed = %2$d AND id >= ?1)",
 };
 
-/* Prepares FEED_STMTS[which] for feed f. */
-static int prepare_feed(sqlite3 *db, const char *tmpl, enum feed f, sqlite3_stmt **out)
+/* Statements on one table of the ring: %1$s is the feed's name, %2$d the
+ * table's place in the ring. */
+enum ring_stmt_id { R_INSERT, R_DELETE, R_CLEAR, R_COUNT };
+
+static const char *const RING_STMTS[R_COUNT] = {
+    [R_INSERT] = "INSERT INTO records_%1$s_%2$d(id, received_ms, event_id, event_type, "
+                 "rules_version, user, batch, event, raw) "
+                 "VALUES(?9, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    [R_DELETE] = "DELETE FROM records_%1$s_%2$d WHERE id = ?1",
+    [R_CLEAR] = "DELETE FROM records_%1$s_%2$d",
+};
+
+/* Prepares a FEED_STMTS template for feed f, or a RING_STMTS one for table n
+ * of its ring. */
+static int prepare_table(sqlite3 *db, const char *tmpl, enum feed f, int n, sqlite3_stmt **out)
 {
     char sql[512];
-    snprintf(sql, sizeof sql, tmpl, FEED_NAMES[f]);
+    snprintf(sql, sizeof sql, tmpl, FEED_NAMES[f], n);
     return sqlite3_prepare_v3(db, sql, -1, SQLITE_PREPARE_PERSISTENT, out, NULL) == SQLITE_OK ? 0
                                                                                               : -1;
+}
+
+static int prepare_feed(sqlite3 *db, const char *tmpl, enum feed f, sqlite3_stmt **out)
+{
+    return prepare_table(db, tmpl, f, (int)f, out);
 }
 
 enum stmt_id {
@@ -128,6 +167,9 @@ enum stmt_id {
     S_FEED_STATE_SET,
     S_FEED_STATE_CLEAR,
     S_DELETE_DEAD,
+    S_DELIVERED,
+    S_SET_LINE,
+    S_SETTLE_DELIVERED,
     S_COUNT
 };
 
@@ -146,6 +188,10 @@ static const char *const STMTS[S_COUNT] = {
                          "THEN feed_state.since_ms ELSE excluded.since_ms END",
     [S_FEED_STATE_CLEAR] = "DELETE FROM feed_state WHERE feed = ?1",
     [S_DELETE_DEAD] = "DELETE FROM dead WHERE id = ?1",
+    [S_DELIVERED] = "INSERT OR IGNORE INTO delivered(feed, id) VALUES(?1, ?2)",
+    [S_SET_LINE] = "INSERT INTO settled(feed, below) VALUES(?1, ?2) "
+                   "ON CONFLICT(feed) DO UPDATE SET below = max(below, excluded.below)",
+    [S_SETTLE_DELIVERED] = "DELETE FROM delivered WHERE feed = ?1 AND id < ?2",
 };
 
 enum op_kind {
@@ -190,8 +236,10 @@ struct op {
         struct {
             const int64_t *ids;
             size_t n;
-            const char *reason;
+            const char *reason; /* OP_DEAD_BATCH */
             const char *detail;
+            enum feed feed;        /* OP_ACK: the feed of the batches */
+            int64_t settled_below; /* OP_ACK: see queue_ack */
         } batches;
         struct {
             int64_t cutoff_ms;
@@ -208,10 +256,23 @@ struct op {
     } u;
 };
 
+/* The writer's view of a feed's records. After a rolled-back transaction it
+ * may run ahead of the database (an id skipped, a table that looks fuller or
+ * emptier than it is), which only delays emptying a table or leaves a table
+ * holding two runs of ids: never a record deleted early. */
+struct feed_ring {
+    int64_t next_id;
+    int64_t line;       /* settled line: every record below it is delivered or dead */
+    int filling;        /* the table taking new records */
+    int64_t rows[RING]; /* records stored in each table since it was emptied */
+    int64_t last[RING]; /* the largest id each table has held */
+};
+
 struct queue {
     sqlite3 *db; /* the writer's connection */
     sqlite3_stmt *st[S_COUNT];
     sqlite3_stmt *fst[FEED_COUNT][F_COUNT];
+    sqlite3_stmt *rst[FEED_COUNT][RING][R_COUNT];
     char *path;
     struct queue_options opt;
 
@@ -245,7 +306,9 @@ struct queue {
     int64_t slow_steps;
     int wal_limit_pages;
     int checkpoint_pages;
-    int64_t restart_logged_ms; /* monotonic */
+    int64_t segment_records;
+    int64_t restart_logged_ms;
+    struct feed_ring ring[FEED_COUNT]; /* monotonic */
 };
 
 struct queue_reader {
@@ -338,7 +401,12 @@ static int open_db(const char *path, int create, sqlite3 **out, char *err, size_
 
 static int insert_record(queue *q, const struct record *r, int64_t now)
 {
-    sqlite3_stmt *s = q->fst[r->feed][F_INSERT];
+    struct feed_ring *ring = &q->ring[r->feed];
+    int t = ring->filling, next = (t + 1) % RING;
+    if (ring->rows[t] >= q->segment_records && ring->rows[next] == 0)
+        ring->filling = t = next;
+    sqlite3_stmt *s = q->rst[r->feed][t][R_INSERT];
+    sqlite3_bind_int64(s, 9, ring->next_id);
     sqlite3_bind_int64(s, 1, now);
     bind_str(s, 2, r->event_id);
     bind_str(s, 3, r->event_type);
@@ -347,7 +415,12 @@ static int insert_record(queue *q, const struct record *r, int64_t now)
     bind_str(s, 6, r->batch);
     bind_str(s, 7, r->event);
     bind_str(s, 8, r->raw);
-    return step_done(s);
+    int rc = step_done(s);
+    if (rc == SQLITE_OK) {
+        ring->rows[t]++;
+        ring->last[t] = ring->next_id++;
+    }
+    return rc;
 }
 
 static int insert_dead(queue *q, const struct dead_letter *d, int64_t now)
@@ -564,12 +637,71 @@ static int delete_record(queue *q, struct op *op, int64_t id, int feed, int64_t 
     (void)now;
     if (feed < 0 || feed >= FEED_COUNT)
         return SQLITE_OK;
-    sqlite3_stmt *s = q->fst[feed][F_DELETE];
+    for (int t = 0; t < RING; t++) {
+        sqlite3_stmt *s = q->rst[feed][t][R_DELETE];
+        sqlite3_bind_int64(s, 1, id);
+        int rc = step_done(s);
+        if (rc != SQLITE_OK)
+            return rc;
+        if (sqlite3_changes(q->db) > 0) {
+            op->depth_delta[feed]--;
+            break;
+        }
+    }
+    return SQLITE_OK;
+}
+
+/* A delivered record below the new settled line needs nothing more; one above
+ * it is marked until the line passes it. */
+static int record_delivered(queue *q, struct op *op, int64_t id, int feed, int64_t now)
+{
+    (void)now;
+    if (feed < 0 || feed >= FEED_COUNT)
+        return SQLITE_OK;
+    sqlite3_stmt *s = q->fst[feed][F_EXISTS];
     sqlite3_bind_int64(s, 1, id);
+    int rc = sqlite3_step(s);
+    sqlite3_reset(s);
+    if (rc == SQLITE_DONE)
+        return SQLITE_OK; /* already gone */
+    if (rc != SQLITE_ROW)
+        return rc;
+    op->depth_delta[feed]--;
+    if (feed == (int)op->u.batches.feed && id < op->u.batches.settled_below)
+        return SQLITE_OK;
+    s = q->st[S_DELIVERED];
+    sqlite3_bind_int(s, 1, feed);
+    sqlite3_bind_int64(s, 2, id);
+    return step_done(s);
+}
+
+/* Raises feed f's settled line: the marks below it go, and so does every
+ * table of the ring whose records all lie below it. */
+static enum queue_status raise_line(queue *q, enum feed f, int64_t below)
+{
+    struct feed_ring *ring = &q->ring[f];
+    if (below <= ring->line)
+        return QUEUE_OK;
+    sqlite3_stmt *s = q->st[S_SET_LINE];
+    sqlite3_bind_int(s, 1, (int)f);
+    sqlite3_bind_int64(s, 2, below);
     int rc = step_done(s);
-    if (rc == SQLITE_OK && sqlite3_changes(q->db) > 0)
-        op->depth_delta[feed]--;
-    return rc;
+    if (rc != SQLITE_OK)
+        return status_of(rc);
+    ring->line = below;
+    s = q->st[S_SETTLE_DELIVERED];
+    sqlite3_bind_int(s, 1, (int)f);
+    sqlite3_bind_int64(s, 2, below);
+    if ((rc = step_done(s)) != SQLITE_OK)
+        return status_of(rc);
+    for (int t = 0; t < RING; t++) {
+        if (ring->rows[t] == 0 || ring->last[t] >= below)
+            continue;
+        if ((rc = step_done(q->rst[f][t][R_CLEAR])) != SQLITE_OK)
+            return status_of(rc);
+        ring->rows[t] = 0;
+    }
+    return QUEUE_OK;
 }
 
 static int record_to_dead(queue *q, struct op *op, int64_t id, int feed, int64_t now)
@@ -592,11 +724,14 @@ static int record_to_dead(queue *q, struct op *op, int64_t id, int feed, int64_t
 static enum queue_status apply_batches(queue *q, struct op *op, int64_t now)
 {
     for (size_t i = 0; i < op->u.batches.n; i++) {
-        enum queue_status st = each_batch_record(
-            q, op, op->u.batches.ids[i], now, op->kind == OP_ACK ? delete_record : record_to_dead);
+        enum queue_status st =
+            each_batch_record(q, op, op->u.batches.ids[i], now,
+                              op->kind == OP_ACK ? record_delivered : record_to_dead);
         if (st != QUEUE_OK)
             return st;
     }
+    if (op->kind == OP_ACK && op->u.batches.settled_below > 0)
+        return raise_line(q, op->u.batches.feed, op->u.batches.settled_below);
     return QUEUE_OK;
 }
 
@@ -612,29 +747,49 @@ static int64_t held_key(int feed, int64_t id)
     return (int64_t)((uint64_t)id << 2 | (uint64_t)feed);
 }
 
+/* Appends the record at blob (8 bytes, little-endian) or, when blob is NULL,
+ * the record `id` to the held set. */
+static int hold(int64_t **held, size_t *n, size_t *cap, int feed, const unsigned char *blob,
+                size_t count, int64_t id)
+{
+    if (*n + count > *cap) {
+        size_t c = (*n + count) * 2;
+        int64_t *h = realloc(*held, c * sizeof(*h));
+        if (!h)
+            return -1;
+        *held = h;
+        *cap = c;
+    }
+    for (size_t i = 0; i < count; i++)
+        (*held)[(*n)++] = held_key(feed, blob ? decode_id(blob + i * 8) : id);
+    return 0;
+}
+
 static enum queue_status apply_expire(queue *q, struct op *op, int64_t now)
 {
-    /* records in persisted batches belong to the sender */
+    /* records in persisted batches belong to the sender; delivered ones are
+     * below the line or marked */
     int64_t *held = NULL, *ids = NULL;
     size_t nheld = 0, cap = 0;
     sqlite3_stmt *s = NULL;
     enum queue_status st = QUEUE_ERROR;
+
     if (sqlite3_prepare_v2(q->db, "SELECT feed, record_ids FROM batches", -1, &s, NULL) !=
         SQLITE_OK)
         goto done;
     while (sqlite3_step(s) == SQLITE_ROW) {
-        int feed = sqlite3_column_int(s, 0);
-        size_t n = (size_t)sqlite3_column_bytes(s, 1) / 8;
-        const unsigned char *blob = sqlite3_column_blob(s, 1);
-        if (nheld + n > cap) {
-            cap = (nheld + n) * 2;
-            int64_t *h = realloc(held, cap * sizeof(*h));
-            if (!h)
-                goto done;
-            held = h;
-        }
-        for (size_t i = 0; i < n; i++)
-            held[nheld++] = held_key(feed, decode_id(blob + i * 8));
+        if (hold(&held, &nheld, &cap, sqlite3_column_int(s, 0), sqlite3_column_blob(s, 1),
+                 (size_t)sqlite3_column_bytes(s, 1) / 8, 0) != 0)
+            goto done;
+    }
+    sqlite3_finalize(s);
+    s = NULL;
+    if (sqlite3_prepare_v2(q->db, "SELECT feed, id FROM delivered", -1, &s, NULL) != SQLITE_OK)
+        goto done;
+    while (sqlite3_step(s) == SQLITE_ROW) {
+        if (hold(&held, &nheld, &cap, sqlite3_column_int(s, 0), NULL, 1,
+                 sqlite3_column_int64(s, 1)) != 0)
+            goto done;
     }
     sqlite3_finalize(s);
     s = NULL;
@@ -651,11 +806,13 @@ static enum queue_status apply_expire(queue *q, struct op *op, int64_t now)
          * come first: the scan stops at the first one young enough (a WHERE on
          * received_ms would read a whole backlog when none has expired). */
         char sql[160];
-        snprintf(sql, sizeof sql, "SELECT id, received_ms FROM records_%s ORDER BY id LIMIT ?1",
+        snprintf(sql, sizeof sql,
+                 "SELECT id, received_ms FROM records_%s WHERE id >= ?2 ORDER BY id LIMIT ?1",
                  FEED_NAMES[f]);
         if (sqlite3_prepare_v2(q->db, sql, -1, &s, NULL) != SQLITE_OK)
             goto done;
         sqlite3_bind_int64(s, 1, (sqlite3_int64)(EXPIRE_SLICE + nheld));
+        sqlite3_bind_int64(s, 2, q->ring[f].line);
         size_t n = 0;
         while (moved + n < EXPIRE_SLICE && sqlite3_step(s) == SQLITE_ROW) {
             if (sqlite3_column_int64(s, 1) >= op->u.expire.cutoff_ms)
@@ -833,11 +990,27 @@ static void shrink(queue *q)
         log_warn("cannot shrink the queue file", LOG_S("error", err));
 }
 
+/* Feed f's settled line as stored (0 when none yet). */
+static int64_t read_line(sqlite3 *db, enum feed f)
+{
+    sqlite3_stmt *s;
+    int64_t v = 0;
+    if (sqlite3_prepare_v2(db, "SELECT below FROM settled WHERE feed = ?1", -1, &s, NULL) !=
+        SQLITE_OK)
+        return 0;
+    sqlite3_bind_int(s, 1, (int)f);
+    if (sqlite3_step(s) == SQLITE_ROW)
+        v = sqlite3_column_int64(s, 0);
+    sqlite3_finalize(s);
+    return v;
+}
+
 static void refresh_oldest(queue *q)
 {
     int64_t oldest[FEED_COUNT];
     for (int f = 0; f < FEED_COUNT; f++) {
         sqlite3_stmt *s = q->fst[f][F_OLDEST];
+        sqlite3_bind_int64(s, 1, q->ring[f].line);
         oldest[f] = sqlite3_step(s) == SQLITE_ROW ? sqlite3_column_int64(s, 0) : 0;
         sqlite3_reset(s);
     }
@@ -851,10 +1024,10 @@ static int count_rows(sqlite3 *db, struct queue_gauges *g)
     sqlite3_stmt *s;
     memset(g->depth, 0, sizeof g->depth);
     for (int f = 0; f < FEED_COUNT; f++) {
-        char sql[96];
-        snprintf(sql, sizeof sql, "SELECT count(*) FROM records_%s", FEED_NAMES[f]);
-        if (sqlite3_prepare_v2(db, sql, -1, &s, NULL) != SQLITE_OK)
+        int64_t line = read_line(db, (enum feed)f);
+        if (prepare_feed(db, FEED_STMTS[F_DEPTH], (enum feed)f, &s) != 0)
             return -1;
+        sqlite3_bind_int64(s, 1, line);
         if (sqlite3_step(s) == SQLITE_ROW)
             g->depth[f] = sqlite3_column_int64(s, 0);
         sqlite3_finalize(s);
@@ -1180,12 +1353,29 @@ static int mkdir_p(const char *dir, char *err, size_t errlen)
     return 0;
 }
 
+/* Each feed's ring of tables and the view over them. */
 static int create_records_tables(sqlite3 *db, char *err, size_t errlen)
 {
     for (int f = 0; f < FEED_COUNT; f++) {
         char sql[512];
-        snprintf(sql, sizeof sql, RECORDS_TABLE, FEED_NAMES[f]);
-        if (exec(db, sql, err, errlen) != 0)
+        buf view;
+        buf_init(&view, 4096);
+        int rc = buf_printf(&view, "CREATE VIEW IF NOT EXISTS records_%s AS ", FEED_NAMES[f]);
+        if (rc != 0)
+            str_copy(err, errlen, "out of memory");
+        for (int t = 0; t < RING && rc == 0; t++) {
+            snprintf(sql, sizeof sql, RECORDS_TABLE, FEED_NAMES[f], t);
+            rc = exec(db, sql, err, errlen);
+            if (rc == 0 && buf_printf(&view, "%sSELECT * FROM records_%s_%d",
+                                      t ? " UNION ALL " : "", FEED_NAMES[f], t) != 0) {
+                str_copy(err, errlen, "out of memory");
+                rc = -1;
+            }
+        }
+        if (rc == 0)
+            rc = exec(db, view.data, err, errlen);
+        buf_free(&view);
+        if (rc != 0)
             return -1;
     }
     return 0;
@@ -1197,8 +1387,17 @@ static int migrate_to_3(sqlite3 *db, char *err, size_t errlen)
 {
     if (exec(db, "BEGIN IMMEDIATE", err, errlen) != 0)
         return -1;
-    if (create_records_tables(db, err, errlen) != 0)
-        goto fail;
+    for (int f = 0; f < FEED_COUNT; f++) {
+        char sql[512];
+        snprintf(sql, sizeof sql,
+                 "CREATE TABLE IF NOT EXISTS records_%s(id INTEGER PRIMARY KEY AUTOINCREMENT, "
+                 "received_ms INTEGER NOT NULL, event_id TEXT NOT NULL, event_type TEXT NOT NULL, "
+                 "rules_version TEXT NOT NULL, user TEXT NOT NULL, batch TEXT NOT NULL, "
+                 "event TEXT NOT NULL, raw TEXT NOT NULL)",
+                 FEED_NAMES[f]);
+        if (exec(db, sql, err, errlen) != 0)
+            goto fail;
+    }
     sqlite3_stmt *s;
     int had_records = 0;
     if (sqlite3_prepare_v2(db,
@@ -1228,25 +1427,39 @@ fail:
     return -1;
 }
 
+/* Schema 4 keeps each feed's records in a ring of tables emptied whole once
+ * delivered: schema 3's table becomes the first of the ring, and each feed gets
+ * its settled line and the marks of records delivered above it (schema 3
+ * deleted each delivered record at once). */
+static int migrate_to_4(sqlite3 *db, char *err, size_t errlen)
+{
+    if (exec(db, "BEGIN IMMEDIATE", err, errlen) != 0)
+        return -1;
+    for (int f = 0; f < FEED_COUNT; f++) {
+        char sql[160];
+        snprintf(sql, sizeof sql, "ALTER TABLE records_%s RENAME TO records_%s_0", FEED_NAMES[f],
+                 FEED_NAMES[f]);
+        if (exec(db, sql, err, errlen) != 0)
+            goto fail;
+    }
+    if (create_records_tables(db, err, errlen) == 0 &&
+        exec(db,
+             "CREATE TABLE IF NOT EXISTS settled(feed INTEGER PRIMARY KEY, "
+             "below INTEGER NOT NULL); CREATE TABLE IF NOT EXISTS delivered(feed INTEGER NOT "
+             "NULL, id INTEGER NOT NULL, PRIMARY KEY(feed, id)) WITHOUT ROWID; "
+             "UPDATE meta SET value = '4' WHERE key = 'schema_version'; COMMIT",
+             err, errlen) == 0)
+        return 0;
+fail:
+    (void)sqlite3_exec(db, "ROLLBACK", NULL, NULL, NULL);
+    return -1;
+}
+
 /* Schema 1 kept the ids themselves under a unique index; schema 2 keeps their
  * fingerprints in an append-only log. */
-static int migrate(sqlite3 *db, char *err, size_t errlen)
+static int migrate_to_2(sqlite3 *db, char *err, size_t errlen)
 {
     sqlite3_stmt *s = NULL, *ins = NULL;
-    int version = 0;
-    if (sqlite3_prepare_v2(db, "SELECT value FROM meta WHERE key = 'schema_version'", -1, &s,
-                           NULL) != SQLITE_OK) {
-        sqlite3_finalize(s);
-        return 0; /* a new database */
-    }
-    if (sqlite3_step(s) == SQLITE_ROW)
-        version = atoi((const char *)sqlite3_column_text(s, 0));
-    sqlite3_finalize(s);
-    s = NULL;
-    if (version == 2)
-        return migrate_to_3(db, err, errlen);
-    if (version != 1)
-        return 0;
     int rc = -1;
     if (exec(db,
              "BEGIN IMMEDIATE; CREATE TABLE IF NOT EXISTS dedup(id INTEGER PRIMARY KEY, "
@@ -1283,7 +1496,85 @@ done:
     sqlite3_finalize(ins);
     if (rc != 0)
         (void)sqlite3_exec(db, "ROLLBACK", NULL, NULL, NULL);
-    return rc == 0 ? migrate_to_3(db, err, errlen) : rc;
+    return rc;
+}
+
+/* Brings a queue written by an earlier version up to SCHEMA_VERSION, one step
+ * at a time, each in its own transaction. */
+static int migrate(sqlite3 *db, char *err, size_t errlen)
+{
+    sqlite3_stmt *s = NULL;
+    int version = 0;
+    if (sqlite3_prepare_v2(db, "SELECT value FROM meta WHERE key = 'schema_version'", -1, &s,
+                           NULL) != SQLITE_OK) {
+        sqlite3_finalize(s);
+        return 0; /* a new database */
+    }
+    if (sqlite3_step(s) == SQLITE_ROW)
+        version = atoi((const char *)sqlite3_column_text(s, 0));
+    sqlite3_finalize(s);
+    if (version < 1 || version >= 4)
+        return 0; /* new, current, or unknown (refused by the caller) */
+    if (version == 1 && migrate_to_2(db, err, errlen) != 0)
+        return -1;
+    if (version <= 2 && migrate_to_3(db, err, errlen) != 0)
+        return -1;
+    return migrate_to_4(db, err, errlen);
+}
+
+/* Records delivered before the last stop are deleted now, while nothing else
+ * runs: those below their feed's line and those marked. */
+static int settle_delivered(sqlite3 *db, char *err, size_t errlen)
+{
+    if (exec(db, "BEGIN IMMEDIATE", err, errlen) != 0)
+        return -1;
+    for (int f = 0; f < FEED_COUNT; f++) {
+        int64_t line = read_line(db, (enum feed)f);
+        for (int t = 0; t < RING; t++) {
+            char sql[320];
+            snprintf(sql, sizeof sql,
+                     "DELETE FROM records_%s_%d WHERE id < %lld OR "
+                     "id IN (SELECT id FROM delivered WHERE feed = %d)",
+                     FEED_NAMES[f], t, (long long)line, f);
+            if (exec(db, sql, err, errlen) != 0)
+                goto fail;
+        }
+    }
+    if (exec(db, "DELETE FROM delivered; COMMIT", err, errlen) == 0)
+        return 0;
+fail:
+    (void)sqlite3_exec(db, "ROLLBACK", NULL, NULL, NULL);
+    return -1;
+}
+
+/* Reads where each feed's ring stands: the writer goes on filling the table
+ * that holds the newest records, with ids above every id stored or settled. */
+static int load_rings(queue *q)
+{
+    for (int f = 0; f < FEED_COUNT; f++) {
+        struct feed_ring *ring = &q->ring[f];
+        memset(ring, 0, sizeof(*ring));
+        ring->line = read_line(q->db, (enum feed)f);
+        int64_t newest = ring->line > 0 ? ring->line - 1 : 0;
+        for (int t = 0; t < RING; t++) {
+            char sql[128];
+            sqlite3_stmt *s;
+            snprintf(sql, sizeof sql, "SELECT count(*), coalesce(max(id), 0) FROM records_%s_%d",
+                     FEED_NAMES[f], t);
+            if (sqlite3_prepare_v2(q->db, sql, -1, &s, NULL) != SQLITE_OK)
+                return -1;
+            if (sqlite3_step(s) == SQLITE_ROW) {
+                ring->rows[t] = sqlite3_column_int64(s, 0);
+                ring->last[t] = sqlite3_column_int64(s, 1);
+            }
+            sqlite3_finalize(s);
+            if (ring->rows[t] > 0 && ring->last[t] > ring->last[ring->filling])
+                ring->filling = t;
+            newest = ring->last[t] > newest ? ring->last[t] : newest;
+        }
+        ring->next_id = newest + 1;
+    }
+    return 0;
 }
 
 /* Rebuilds the in-memory dedup set from the log. */
@@ -1328,6 +1619,7 @@ int queue_open(queue **out, const struct queue_options *o, char *err, size_t err
         (int)((o->wal_max_bytes > 0 ? o->wal_max_bytes : QUEUE_WAL_MAX_BYTES) / PAGE_SIZE);
     if (q->wal_limit_pages < 3)
         q->wal_limit_pages = 3;
+    q->segment_records = o->segment_records > 0 ? o->segment_records : SEGMENT_RECORDS;
     q->checkpoint_pages =
         q->wal_limit_pages / 3 < CHECKPOINT_PAGES ? q->wal_limit_pages / 3 : CHECKPOINT_PAGES;
     pthread_mutex_init(&q->mu, NULL);
@@ -1392,9 +1684,14 @@ int queue_open(queue **out, const struct queue_options *o, char *err, size_t err
              strcmp((const char *)sqlite3_column_text(v, 0), SCHEMA_VERSION) == 0;
     sqlite3_finalize(v);
     if (!ok) {
-        str_printf(err, errlen, "%s: unknown queue schema version", q->path);
+        str_printf(err, errlen,
+                   "%s: unknown queue schema version (written by another version of "
+                   "tributary; `tributary serve` upgrades an older one)",
+                   q->path);
         goto fail;
     }
+    if (!o->readonly && settle_delivered(q->db, err, errlen) != 0)
+        goto fail;
     for (int i = 0; i < S_COUNT; i++) {
         if (sqlite3_prepare_v3(q->db, STMTS[i], -1, SQLITE_PREPARE_PERSISTENT, &q->st[i], NULL) !=
             SQLITE_OK) {
@@ -1408,12 +1705,21 @@ int queue_open(queue **out, const struct queue_options *o, char *err, size_t err
         sqlite3_wal_hook(q->db, on_wal_commit, q);
     }
     for (int f = 0; f < FEED_COUNT; f++) {
-        for (int i = 0; i < F_COUNT; i++) {
-            if (prepare_feed(q->db, FEED_STMTS[i], (enum feed)f, &q->fst[f][i]) != 0) {
-                str_printf(err, errlen, "%s: %s", q->path, sqlite3_errmsg(q->db));
-                goto fail;
-            }
+        int bad = 0;
+        for (int i = 0; i < F_COUNT; i++)
+            bad |= prepare_feed(q->db, FEED_STMTS[i], (enum feed)f, &q->fst[f][i]);
+        for (int t = 0; t < RING; t++) {
+            for (int i = 0; i < R_COUNT; i++)
+                bad |= prepare_table(q->db, RING_STMTS[i], (enum feed)f, t, &q->rst[f][t][i]);
         }
+        if (bad) {
+            str_printf(err, errlen, "%s: %s", q->path, sqlite3_errmsg(q->db));
+            goto fail;
+        }
+    }
+    if (load_rings(q) != 0) {
+        str_printf(err, errlen, "%s: %s", q->path, sqlite3_errmsg(q->db));
+        goto fail;
     }
     if (count_rows(q->db, &q->gauges) != 0) {
         str_printf(err, errlen, "%s: %s", q->path, sqlite3_errmsg(q->db));
@@ -1467,6 +1773,10 @@ void queue_free(queue *q)
     for (int f = 0; f < FEED_COUNT; f++) {
         for (int i = 0; i < F_COUNT; i++)
             sqlite3_finalize(q->fst[f][i]);
+        for (int t = 0; t < RING; t++) {
+            for (int i = 0; i < R_COUNT; i++)
+                sqlite3_finalize(q->rst[f][t][i]);
+        }
     }
     if (q->db) {
         if (!q->opt.readonly)
@@ -1538,15 +1848,19 @@ enum queue_status queue_split_batch(queue *q, int64_t batch_id, struct queue_bat
     return submit(q, &op);
 }
 
-enum queue_status queue_ack(queue *q, const int64_t *batch_ids, size_t n)
+enum queue_status queue_ack(queue *q, const int64_t *batch_ids, size_t n, enum feed f,
+                            int64_t settled_below)
 {
     struct op op = {.kind = OP_ACK};
     op.u.batches.ids = batch_ids;
     op.u.batches.n = n;
+    op.u.batches.feed = f;
+    op.u.batches.settled_below = settled_below;
     return submit(q, &op);
 }
 
-enum queue_status queue_ack_async(queue *q, const int64_t *batch_ids, size_t n)
+enum queue_status queue_ack_async(queue *q, const int64_t *batch_ids, size_t n, enum feed f,
+                                  int64_t settled_below)
 {
     struct op *op = calloc(1, sizeof(*op));
     int64_t *ids = malloc((n ? n : 1) * sizeof(*ids));
@@ -1560,6 +1874,8 @@ enum queue_status queue_ack_async(queue *q, const int64_t *batch_ids, size_t n)
     op->async = 1;
     op->u.batches.ids = ids;
     op->u.batches.n = n;
+    op->u.batches.feed = f;
+    op->u.batches.settled_below = settled_below;
     enum queue_status st = submit(q, op);
     if (st != QUEUE_OK) {
         free(ids);
@@ -1774,8 +2090,10 @@ int64_t queue_oldest_ms(queue_reader *r, enum feed f)
 {
     sqlite3_stmt *s;
     int64_t v = 0;
+    int64_t line = read_line(r->db, f);
     if (prepare_feed(r->db, FEED_STMTS[F_OLDEST], f, &s) != 0)
         return 0;
+    sqlite3_bind_int64(s, 1, line);
     if (sqlite3_step(s) == SQLITE_ROW)
         v = sqlite3_column_int64(s, 0);
     sqlite3_finalize(s);

@@ -2,9 +2,9 @@
  * queue: the durable store between ingestion and delivery, in SQLite (WAL).
  *
  * Holds mapped records (one row per event, grouped for batching by feed and
- * user at send time), the batches being sent (with their source_request_id, so
- * a batch re-sent after a crash is byte-for-byte the same), the ids seen within
- * the dedup window, the dead-letter store, and the state of paused feeds.
+ * user at send time, deleted in order once delivered), the batches being sent (with their
+ * source_request_id, so a batch re-sent after a crash is byte-for-byte the same), the ids seen
+ * within the dedup window, the dead-letter store, and the state of paused feeds.
  *
  * One writer thread owns the only write connection. Callers hand it operations
  * and wait: the writer takes everything pending, applies it in one transaction
@@ -42,8 +42,9 @@ struct queue_options {
     int sync_full;     /* synchronous=FULL, else NORMAL */
     int64_t max_depth; /* records; a commit beyond it is refused (QUEUE_FULL) */
     int64_t dedup_window_ms;
-    int readonly;          /* CLI listings: no writer thread, no schema changes */
-    int64_t wal_max_bytes; /* 0: QUEUE_WAL_MAX_BYTES */
+    int readonly;            /* CLI listings: no writer thread, no schema changes */
+    int64_t wal_max_bytes;   /* 0: QUEUE_WAL_MAX_BYTES */
+    int64_t segment_records; /* records per table of a feed's ring; 0: 8192 */
 };
 
 enum queue_status {
@@ -108,7 +109,9 @@ queue_reader *queue_reader_new(queue *q, char *err, size_t errlen);
 void queue_reader_free(queue_reader *r);
 
 /* Reads up to `limit` records of feed f with id > after_id, in id order, that
- * are at most max_bytes in total (at least one). */
+ * are at most max_bytes in total (at least one). Delivered records stay on disk
+ * until their table is emptied (see queue_ack): all lie at or below the
+ * sender's cursor, and a scan from 0 may return them. */
 int queue_scan(queue_reader *r, enum feed f, int64_t after_id, size_t limit, size_t max_bytes,
                struct queue_items *out) WUR;
 /* Reads the records of feed f with the given ids, in that order (missing ones
@@ -123,11 +126,19 @@ int64_t queue_oldest_ms(queue_reader *r, enum feed f);
 
 /* Persists batches before they are sent; fills their ids. */
 enum queue_status queue_persist_batches(queue *q, struct queue_batch *b, size_t n);
-/* Delivered: removes the batches and their records. */
-enum queue_status queue_ack(queue *q, const int64_t *batch_ids, size_t n);
+/* Delivered: removes the batches (all of feed f) and their records.
+ * settled_below is the sender's word that every record of f with a smaller id
+ * is delivered or dead-lettered (0: no such word). Records leave in id order:
+ * those below the line go at once, as one range; a delivered record above it is
+ * marked and goes when a later acknowledgement's line passes it (or at the next
+ * start). Deleting records one by one would rewrite every page they share with
+ * records still waiting. */
+enum queue_status queue_ack(queue *q, const int64_t *batch_ids, size_t n, enum feed f,
+                            int64_t settled_below);
 /* The same without waiting for the commit (the ids are copied). Should it fail,
  * the batches stay persisted and are sent again, unchanged, after a restart. */
-enum queue_status queue_ack_async(queue *q, const int64_t *batch_ids, size_t n);
+enum queue_status queue_ack_async(queue *q, const int64_t *batch_ids, size_t n, enum feed f,
+                                  int64_t settled_below);
 /* Moves a batch's records to the dead-letter store with reason and detail. */
 enum queue_status queue_dead_batch(queue *q, int64_t batch_id, const char *reason,
                                    const char *detail);

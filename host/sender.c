@@ -49,6 +49,7 @@ struct pbatch {
     char srid[40];
     int64_t *record_ids;
     size_t nrecords;
+    int64_t first_id; /* the smallest of record_ids */
     int64_t oldest_ms;
     char *body;
     size_t len;
@@ -60,6 +61,9 @@ struct pbatch {
 struct feed_state {
     enum feed feed;
     int64_t cursor; /* highest record id claimed */
+    /* the smallest record id of the persisted batches that could not be
+     * restored at start (0: none): their records stay in the queue */
+    int64_t unrestored;
     struct pbatch *head, *tail;
     size_t nbatches, bytes;
     int in_flight;
@@ -234,13 +238,36 @@ static struct pbatch *new_batch(enum feed f, const struct queue_items *items, co
     }
     b->nrecords = n;
     b->oldest_ms = INT64_MAX;
+    b->first_id = INT64_MAX;
     for (size_t i = 0; i < n; i++) {
         const struct queue_item *it = &items->items[idx[i]];
         b->record_ids[i] = it->id;
         if (it->received_ms < b->oldest_ms)
             b->oldest_ms = it->received_ms;
+        if (it->id < b->first_id)
+            b->first_id = it->id;
     }
     return b;
+}
+
+static int64_t smallest_id(const int64_t *ids, size_t n)
+{
+    int64_t m = INT64_MAX;
+    for (size_t i = 0; i < n; i++)
+        m = ids[i] < m ? ids[i] : m;
+    return m;
+}
+
+/* The line below which every record of the feed is delivered or dead: each
+ * record up to the cursor is in a batch the feed still holds, or is settled. */
+static int64_t settled_below(const struct feed_state *f)
+{
+    int64_t line = f->cursor + 1;
+    if (f->unrestored > 0 && f->unrestored < line)
+        line = f->unrestored;
+    for (const struct pbatch *b = f->head; b; b = b->next)
+        line = b->first_id < line ? b->first_id : line;
+    return line;
 }
 
 static _Thread_local const struct queue_items *sort_items;
@@ -666,16 +693,15 @@ static void on_delivered(struct sender *s, struct request *r)
 {
     struct feed_state *f = r->f;
     int64_t ids[MPARTICLE_MAX_BATCHES_PER_REQUEST];
-    for (size_t i = 0; i < r->n; i++)
-        ids[i] = r->batches[i]->id;
-    if (queue_ack_async(s->q, ids, r->n) != QUEUE_OK)
-        log_error("cannot delete delivered batches; they are sent again after a restart",
-                  LOG_S("feed", FEED_NAMES[f->feed]));
     for (size_t i = 0; i < r->n; i++) {
+        ids[i] = r->batches[i]->id;
         feed_remove(f, r->batches[i]);
         pbatch_free(r->batches[i]);
         r->batches[i] = NULL;
     }
+    if (queue_ack_async(s->q, ids, r->n, f->feed, settled_below(f)) != QUEUE_OK)
+        log_error("cannot delete delivered batches; they are sent again after a restart",
+                  LOG_S("feed", FEED_NAMES[f->feed]));
     metrics_delivered(f->feed, r->events);
     if (f->failures > 0)
         log_info("mParticle accepts again",
@@ -898,6 +924,7 @@ static void load_batch(void *ctx, struct queue_batch *qb)
 {
     struct sender *s = ctx;
     struct feed_state *f = &s->feeds[qb->feed];
+    int64_t first = smallest_id(qb->record_ids, qb->nrecords);
     struct pbatch *b = calloc(1, sizeof(*b));
     struct queue_items items;
     queue_items_init(&items);
@@ -909,6 +936,7 @@ static void load_batch(void *ctx, struct queue_batch *qb)
     str_copy(b->srid, sizeof b->srid, qb->source_request_id);
     b->record_ids = qb->record_ids;
     b->nrecords = qb->nrecords;
+    b->first_id = first;
     b->oldest_ms = qb->oldest_ms;
     qb->record_ids = NULL;
     if (queue_fetch(s->reader, b->feed, b->record_ids, b->nrecords, &items) != 0 || items.n == 0 ||
@@ -924,6 +952,8 @@ static void load_batch(void *ctx, struct queue_batch *qb)
 fail:
     log_error("cannot restore a persisted batch; it stays in the queue",
               LOG_S("feed", FEED_NAMES[qb->feed]) LOG_S("batch", qb->source_request_id));
+    if (qb->nrecords > 0 && (f->unrestored == 0 || first < f->unrestored))
+        f->unrestored = first;
     queue_items_free(&items);
     free(qb->record_ids);
     pbatch_free(b);

@@ -30,9 +30,15 @@ SLOW = 10 if WRAPPER else 1
 TOKEN = "test-token-0123456789abcdef"
 
 FEEDS = ("ios", "android", "web", "unbound")
-# Every feed's records table as one (the queue keeps a table per feed).
+# Every feed's records as one table (the queue keeps a view over a ring of
+# tables per feed).
 RECORDS = "(%s)" % " UNION ALL ".join(
     "SELECT %d AS feed, * FROM records_%s" % (i, f) for i, f in enumerate(FEEDS))
+# The records not yet delivered: delivered ones stay in their table, below their
+# feed's settled line or marked, until the table is emptied whole.
+WAITING = ("(SELECT * FROM %s AS r WHERE r.id >= coalesce((SELECT below FROM settled AS s "
+           "WHERE s.feed = r.feed), 0) AND NOT EXISTS (SELECT 1 FROM delivered AS d "
+           "WHERE d.feed = r.feed AND d.id = r.id))" % RECORDS)
 
 # What AddressSanitizer, UndefinedBehaviorSanitizer, LeakSanitizer and valgrind
 # print when they find something.
@@ -263,7 +269,7 @@ class Service:
         """Event ids waiting for delivery, in order of arrival."""
         with self.db() as db:
             return [r[0] for r in db.execute(
-                "SELECT event_id FROM %s ORDER BY received_ms, feed, id" % RECORDS)]
+                "SELECT event_id FROM %s ORDER BY received_ms, feed, id" % WAITING)]
 
     def cli(self, args, **kw):
         env = dict(self.env)

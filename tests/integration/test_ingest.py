@@ -269,11 +269,12 @@ class OwnTrouble(ServiceTest):
     def test_storage_failure_is_503_never_4xx(self):
         s = self.service()
         self.assertEqual(s.post([event()]).status, 200)
-        # Make every later write fail: replace the table of the feed these events
-        # travel on with a view (writes to a view raise an error inside SQLite).
+        # Make every later write fail: replace the tables of the feed these events
+        # travel on with views (writes to a view raise an error inside SQLite).
         with s.db() as db:
-            db.execute("ALTER TABLE records_unbound RENAME TO records_moved")
-            db.execute("CREATE VIEW records_unbound AS SELECT * FROM records_moved")
+            for t in (0, 1):
+                db.execute("ALTER TABLE records_unbound_%d RENAME TO moved_%d" % (t, t))
+                db.execute("CREATE VIEW records_unbound_%d AS SELECT * FROM moved_%d" % (t, t))
         r = s.post([event()])
         self.assertEqual(r.status, 503, r)
         self.assertIn("retry-after", r.headers)

@@ -5,6 +5,7 @@
 #include "record.h"
 
 #include <pthread.h>
+#include <sqlite3.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <sys/stat.h>
@@ -137,6 +138,22 @@ static int64_t dead_gauge(queue *q)
     struct queue_gauges g;
     queue_gauges(q, &g);
     return g.dead;
+}
+
+/* One number from the queue's file, read beside the queue's own connections. */
+static int64_t count_in_file(const char *sql)
+{
+    char path[320];
+    snprintf(path, sizeof path, "%s/queue.db", data_dir);
+    sqlite3 *db;
+    ck_assert_int_eq(sqlite3_open_v2(path, &db, SQLITE_OPEN_READONLY, NULL), SQLITE_OK);
+    sqlite3_stmt *s;
+    ck_assert_int_eq(sqlite3_prepare_v2(db, sql, -1, &s, NULL), SQLITE_OK);
+    ck_assert_int_eq(sqlite3_step(s), SQLITE_ROW);
+    int64_t v = sqlite3_column_int64(s, 0);
+    sqlite3_finalize(s);
+    sqlite3_close(db);
+    return v;
 }
 
 static queue_reader *reader(queue *q)
@@ -666,12 +683,24 @@ START_TEST(test_ack_removes_the_batch_and_its_records)
     commit_records(q, FEED_IOS, "evt", 3);
     struct queue_items it;
     scan_all(q, FEED_IOS, &it);
-    int64_t ids[2] = {it.items[0].id, it.items[1].id};
+    int64_t ids[2] = {it.items[0].id, it.items[1].id}, waiting = it.items[2].id;
     struct queue_batch b = make_batch(FEED_IOS, "src-1", ids, 2, it.items[0].received_ms);
     ck_assert_int_eq(queue_persist_batches(q, &b, 1), QUEUE_OK);
     queue_items_free(&it);
 
-    ck_assert_int_eq(queue_ack(q, &b.id, 1), QUEUE_OK);
+    /* everything below the unclaimed third record is settled: the two records
+     * count no more (and stay on disk until their table is emptied whole) */
+    ck_assert_int_eq(queue_ack(q, &b.id, 1, FEED_IOS, waiting), QUEUE_OK);
+    ck_assert_int_eq(depth(q, FEED_IOS), 1);
+    ck_assert_int_eq(count_in_file("SELECT count(*) FROM delivered"), 0);
+    struct queue_stats st;
+    queue_reader *r = reader(q);
+    ck_assert_int_eq(queue_stats(r, &st), 0);
+    queue_reader_free(r);
+    ck_assert_int_eq(st.depth[FEED_IOS], 1);
+    queue_free(q);
+    /* after a restart only the waiting record is left */
+    q = open_queue(NO_LIMIT, DEDUP_DAY);
     ck_assert_int_eq(depth(q, FEED_IOS), 1);
     scan_all(q, FEED_IOS, &it);
     ck_assert_uint_eq(it.n, 1);
@@ -695,7 +724,7 @@ START_TEST(test_a_repeated_ack_does_not_touch_a_later_batch)
     queue_items_free(&it);
     struct queue_batch first = make_batch(FEED_IOS, "src-first", first_ids, 1, 0);
     ck_assert_int_eq(queue_persist_batches(q, &first, 1), QUEUE_OK);
-    ck_assert_int_eq(queue_ack(q, &first.id, 1), QUEUE_OK);
+    ck_assert_int_eq(queue_ack(q, &first.id, 1, FEED_IOS, first_ids[0] + 1), QUEUE_OK);
 
     commit_records(q, FEED_IOS, "second", 1);
     scan_all(q, FEED_IOS, &it);
@@ -705,7 +734,7 @@ START_TEST(test_a_repeated_ack_does_not_touch_a_later_batch)
     ck_assert_int_eq(queue_persist_batches(q, &second, 1), QUEUE_OK);
 
     /* the first batch is gone: acking it again is accepted and changes nothing */
-    ck_assert_int_eq(queue_ack(q, &first.id, 1), QUEUE_OK);
+    ck_assert_int_eq(queue_ack(q, &first.id, 1, FEED_IOS, second_ids[0]), QUEUE_OK);
     ck_assert_int_eq(depth(q, FEED_IOS), 1);
     scan_all(q, FEED_IOS, &it);
     ck_assert_uint_eq(it.n, 1);
@@ -715,6 +744,145 @@ START_TEST(test_a_repeated_ack_does_not_touch_a_later_batch)
     load_batches(q, &l);
     ck_assert_uint_eq(l.n, 1);
     ck_assert_str_eq(l.b[0].source_request_id, "src-second");
+    batch_list_free(&l);
+    queue_free(q);
+}
+END_TEST
+
+/* Two batches of one feed, {evt-0} and {evt-1}, persisted; evt-2 unclaimed. */
+static void two_batches(queue *q, int64_t ids[3], struct queue_batch b[2])
+{
+    commit_records(q, FEED_IOS, "evt", 3);
+    struct queue_items it;
+    scan_all(q, FEED_IOS, &it);
+    ck_assert_uint_eq(it.n, 3);
+    for (int i = 0; i < 3; i++)
+        ids[i] = it.items[i].id;
+    queue_items_free(&it);
+    b[0] = make_batch(FEED_IOS, "src-0", &ids[0], 1, 0);
+    b[1] = make_batch(FEED_IOS, "src-1", &ids[1], 1, 0);
+    ck_assert_int_eq(queue_persist_batches(q, b, 2), QUEUE_OK);
+}
+
+START_TEST(test_a_record_delivered_above_the_settled_line_waits_for_it)
+{
+    queue *q = open_queue(NO_LIMIT, DEDUP_DAY);
+    int64_t ids[3];
+    struct queue_batch b[2];
+    two_batches(q, ids, b);
+
+    /* evt-1 is delivered while evt-0 is not: it is marked, not deleted */
+    ck_assert_int_eq(queue_ack(q, &b[1].id, 1, FEED_IOS, ids[0]), QUEUE_OK);
+    ck_assert_int_eq(depth(q, FEED_IOS), 2);
+    ck_assert_int_eq(count_in_file("SELECT count(*) FROM records_ios"), 3);
+    ck_assert_int_eq(count_in_file("SELECT count(*) FROM delivered"), 1);
+    struct queue_stats st;
+    queue_reader *r = reader(q);
+    ck_assert_int_eq(queue_stats(r, &st), 0);
+    queue_reader_free(r);
+    ck_assert_int_eq(st.depth[FEED_IOS], 2);
+
+    /* expiry takes only the unclaimed record: not the one in a batch, not the
+     * delivered one */
+    size_t moved = 0;
+    ck_assert_int_eq(queue_expire(q, clock_wall_ms() + 60000, &moved), QUEUE_OK);
+    ck_assert_uint_eq(moved, 1);
+    ck_assert_int_eq(depth(q, FEED_IOS), 1);
+
+    /* evt-0 delivered: the line passes every record the table has held, and
+     * the table is emptied with the marks */
+    ck_assert_int_eq(queue_ack(q, &b[0].id, 1, FEED_IOS, ids[2] + 1), QUEUE_OK);
+    ck_assert_int_eq(depth(q, FEED_IOS), 0);
+    ck_assert_int_eq(count_in_file("SELECT count(*) FROM records_ios"), 0);
+    ck_assert_int_eq(count_in_file("SELECT count(*) FROM delivered"), 0);
+    r = reader(q);
+    ck_assert_int_eq(queue_stats(r, &st), 0);
+    queue_reader_free(r);
+    ck_assert_int_eq(st.depth[FEED_IOS], 0);
+    ck_assert_int_eq(st.oldest_ms[FEED_IOS], 0);
+    ck_assert_int_eq(dead_gauge(q), 1);
+    queue_free(q);
+}
+END_TEST
+
+START_TEST(test_a_table_of_the_ring_is_emptied_once_the_line_passes_it)
+{
+    struct queue_options o = {
+        .dir = data_dir, .sync_full = 1, .max_depth = NO_LIMIT, .segment_records = 2};
+    char err[ERR_LEN] = "";
+    queue *q = NULL;
+    ck_assert_msg(queue_open(&q, &o, err, sizeof err) == 0, "queue_open: %s", err);
+    /* two records fill the first table; the next three go to the second,
+     * which goes on filling while the first is not empty */
+    commit_records(q, FEED_WEB, "evt", 5);
+    ck_assert_int_eq(count_in_file("SELECT count(*) FROM records_web_0"), 2);
+    ck_assert_int_eq(count_in_file("SELECT count(*) FROM records_web_1"), 3);
+    struct queue_items it;
+    scan_all(q, FEED_WEB, &it);
+    ck_assert_uint_eq(it.n, 5);
+    int64_t first[2] = {it.items[0].id, it.items[1].id}, third = it.items[2].id;
+    for (size_t i = 1; i < it.n; i++)
+        ck_assert_int_gt(it.items[i].id, it.items[i - 1].id);
+    queue_items_free(&it);
+
+    struct queue_batch b = make_batch(FEED_WEB, "src-0", first, 2, 0);
+    ck_assert_int_eq(queue_persist_batches(q, &b, 1), QUEUE_OK);
+    /* a line short of the table's last record leaves it alone */
+    ck_assert_int_eq(queue_ack(q, &b.id, 1, FEED_WEB, first[1]), QUEUE_OK);
+    ck_assert_int_eq(count_in_file("SELECT count(*) FROM records_web_0"), 2);
+    ck_assert_int_eq(depth(q, FEED_WEB), 3);
+    /* a later acknowledgement (of nothing more) that moves the line past it
+     * empties it */
+    ck_assert_int_eq(queue_ack(q, NULL, 0, FEED_WEB, third), QUEUE_OK);
+    ck_assert_int_eq(count_in_file("SELECT count(*) FROM records_web_0"), 0);
+    ck_assert_int_eq(count_in_file("SELECT count(*) FROM records_web_1"), 3);
+    ck_assert_int_eq(depth(q, FEED_WEB), 3);
+
+    /* the emptied table takes the next records, with ids that go on rising */
+    commit_records(q, FEED_WEB, "later", 1);
+    ck_assert_int_eq(count_in_file("SELECT count(*) FROM records_web_0"), 1);
+    scan_all(q, FEED_WEB, &it);
+    ck_assert_uint_eq(it.n, 4);
+    ck_assert_str_eq(it.items[3].event_id.p, "later-0");
+    ck_assert_int_gt(it.items[3].id, it.items[2].id);
+    queue_items_free(&it);
+    queue_free(q);
+
+    /* after a restart, new ids stay above every id stored or settled */
+    ck_assert_msg(queue_open(&q, &o, err, sizeof err) == 0, "queue_open: %s", err);
+    commit_records(q, FEED_WEB, "again", 1);
+    scan_all(q, FEED_WEB, &it);
+    ck_assert_uint_eq(it.n, 5);
+    ck_assert_str_eq(it.items[4].event_id.p, "again-0");
+    ck_assert_int_gt(it.items[4].id, it.items[3].id);
+    queue_items_free(&it);
+    ck_assert_int_eq(depth(q, FEED_WEB), 5);
+    queue_free(q);
+}
+END_TEST
+
+START_TEST(test_records_marked_delivered_are_deleted_at_the_next_start)
+{
+    queue *q = open_queue(NO_LIMIT, DEDUP_DAY);
+    int64_t ids[3];
+    struct queue_batch b[2];
+    two_batches(q, ids, b);
+    ck_assert_int_eq(queue_ack(q, &b[1].id, 1, FEED_IOS, ids[0]), QUEUE_OK);
+    queue_free(q);
+
+    q = open_queue(NO_LIMIT, DEDUP_DAY);
+    ck_assert_int_eq(depth(q, FEED_IOS), 2);
+    ck_assert_int_eq(count_in_file("SELECT count(*) FROM delivered"), 0);
+    struct queue_items it;
+    scan_all(q, FEED_IOS, &it);
+    ck_assert_uint_eq(it.n, 2);
+    ck_assert_int_eq(it.items[0].id, ids[0]);
+    ck_assert_int_eq(it.items[1].id, ids[2]);
+    queue_items_free(&it);
+    struct batch_list l;
+    load_batches(q, &l);
+    ck_assert_uint_eq(l.n, 1);
+    ck_assert_int_eq(l.b[0].id, b[0].id);
     batch_list_free(&l);
     queue_free(q);
 }
@@ -1235,6 +1403,9 @@ static Suite *suite(void)
     tcase_add_test(tc, test_split_batch_replaces_one_batch_by_two);
     tcase_add_test(tc, test_expire_moves_records_older_than_the_cutoff_to_max_age);
     tcase_add_test(tc, test_expire_leaves_records_of_a_persisted_batch_alone);
+    tcase_add_test(tc, test_a_record_delivered_above_the_settled_line_waits_for_it);
+    tcase_add_test(tc, test_records_marked_delivered_are_deleted_at_the_next_start);
+    tcase_add_test(tc, test_a_table_of_the_ring_is_emptied_once_the_line_passes_it);
     tcase_add_test(tc, test_requeue_stores_records_without_dedup_and_deletes_the_dead_letters);
     tcase_add_test(tc, test_dead_purge_by_reason_deletes_only_that_reason);
     tcase_add_test(tc, test_dead_purge_before_a_time_deletes_only_older_rows);
