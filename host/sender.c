@@ -939,8 +939,20 @@ static void load_batch(void *ctx, struct queue_batch *qb)
     b->first_id = first;
     b->oldest_ms = qb->oldest_ms;
     qb->record_ids = NULL;
-    if (queue_fetch(s->reader, b->feed, b->record_ids, b->nrecords, &items) != 0 || items.n == 0 ||
-        build_body(s, b, &items, 0, items.n) != 0)
+    if (queue_fetch(s->reader, b->feed, b->record_ids, b->nrecords, &items) != 0)
+        goto fail;
+    if (items.n == 0) {
+        /* its records were delivered, but the acknowledgement of the batch
+         * itself did not reach the disk: it goes now */
+        if (queue_ack(s->q, &b->id, 1, b->feed, 0) != QUEUE_OK)
+            goto fail;
+        log_info("a persisted batch had no records left; removed",
+                 LOG_S("feed", FEED_NAMES[b->feed]) LOG_S("batch", b->srid));
+        queue_items_free(&items);
+        pbatch_free(b);
+        return;
+    }
+    if (build_body(s, b, &items, 0, items.n) != 0)
         goto fail;
     for (size_t i = 0; i < b->nrecords; i++) {
         if (b->record_ids[i] > f->cursor)
@@ -950,6 +962,7 @@ static void load_batch(void *ctx, struct queue_batch *qb)
     queue_items_free(&items);
     return;
 fail:
+    /* its records stay: the settled line stops below them */
     log_error("cannot restore a persisted batch; it stays in the queue",
               LOG_S("feed", FEED_NAMES[qb->feed]) LOG_S("batch", qb->source_request_id));
     if (qb->nrecords > 0 && (f->unrestored == 0 || first < f->unrestored))

@@ -306,6 +306,35 @@ class Delivery(ServiceTest):
                       if b["batch"]["source_request_id"] in in_flight for ev in b["batch"]["events"]}
         self.assertTrue(twice <= first_sent)
 
+    def test_delivered_records_leave_the_disk_and_a_batch_without_records_is_removed(self):
+        d = self.double()
+        s = self.service(env=feed_env(d))
+        first = [event("users.messages.email.Send", user="r%d" % i) for i in range(30)]
+        self.assertEqual(s.post(first).status, 200)
+        self.assertTrue(d.wait_for_events(30, 20 * SLOW))
+        s.stop()
+        with s.db() as db:
+            # delivered and acknowledged: nothing of them is left on disk
+            self.assertEqual(db.execute("SELECT count(*) FROM records_unbound").fetchone()[0], 0)
+            # a batch persisted before a stop whose records were all delivered
+            # (its own acknowledgement lost) names records that are gone
+            db.execute("INSERT INTO batches(feed, source_request_id, created_ms, oldest_ms, "
+                       "record_ids) VALUES(3, 'gone-batch', 0, 0, x'0100000000000000')")
+        s.start()
+        later = [event("users.messages.email.Send", user="r%d" % i) for i in range(20)]
+        self.assertEqual(s.post(later).status, 200)
+        self.assertTrue(d.wait_for_events(50, 20 * SLOW))
+        self.assertIn("a persisted batch had no records left; removed", s.logs())
+        self.assertNotIn("gone-batch", d.source_request_ids())
+        # the removed batch holds nothing back: the later records leave the
+        # disk too once delivered
+        self.wait(lambda: s.queued_ids() == [], what="nothing waiting")
+        s.stop()
+        with s.db() as db:
+            self.assertEqual(db.execute("SELECT count(*) FROM batches").fetchone()[0], 0)
+            self.assertEqual(db.execute("SELECT count(*) FROM records_unbound").fetchone()[0], 0)
+        self.assertEqual(sorted(d.source_message_ids()), sorted(e["id"] for e in first + later))
+
     def test_sigterm_answers_503_finishes_in_flight_sends_and_exits_0(self):
         d = self.double()
         d.slow(1.0, times=1)
