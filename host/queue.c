@@ -76,18 +76,13 @@ static const char *const SCHEMA =
     "  raw TEXT NOT NULL,"
     "  event TEXT);"
     "CREATE INDEX IF NOT EXISTS dead_reason ON dead(reason, id);"
-    /* per feed, the line below which every record is delivered or dead (see
-     * queue_ack): the records below it are deleted as one range, now and then
-     * and at the next start */
+    /* per feed: `below`, the line under which every record is delivered or
+     * dead (see queue_ack), and `claimed`, the largest id put in a batch. A
+     * record at or under `claimed` that no batch holds is delivered or dead. */
     "CREATE TABLE IF NOT EXISTS settled("
     "  feed INTEGER PRIMARY KEY,"
-    "  below INTEGER NOT NULL);"
-    /* records delivered above their feed's line: deleted with the range once
-     * the line passes them, or at the next start */
-    "CREATE TABLE IF NOT EXISTS delivered("
-    "  feed INTEGER NOT NULL,"
-    "  id INTEGER NOT NULL,"
-    "  PRIMARY KEY(feed, id)) WITHOUT ROWID;"
+    "  below INTEGER NOT NULL,"
+    "  claimed INTEGER NOT NULL);"
     "CREATE TABLE IF NOT EXISTS feed_state("
     "  feed INTEGER PRIMARY KEY,"
     "  reason TEXT NOT NULL,"
@@ -117,18 +112,24 @@ static const char *const RECORDS_TABLE = "CREATE TABLE IF NOT EXISTS records_%1$
                                          "  raw TEXT NOT NULL)";
 
 /* Statements on a feed's view of its records: %1$s is the feed's name, %2$d
- * its number. ?1 is the feed's settled line where one is bound. */
-enum feed_stmt_id { F_TO_DEAD, F_OLDEST, F_EXISTS, F_DEPTH, F_COUNT };
+ * its number. */
+enum feed_stmt_id { F_TO_DEAD, F_OLDEST, F_DEPTH, F_COUNT_RANGE, F_COUNT };
 
 static const char *const FEED_STMTS[F_COUNT] = {
     [F_TO_DEAD] = "INSERT INTO dead(at_ms, reason, detail, feed, event_id, event_type, "
                   "rules_version, received_ms, raw, event) "
                   "SELECT ?2, ?3, ?4, ?5, event_id, event_type, rules_version, received_ms, "
                   "raw, event FROM records_%1$s WHERE id = ?1",
-    [F_OLDEST] = "SELECT received_ms FROM records_%1$s WHERE id >= ?1 ORDER BY id LIMIT 1",
-    [F_EXISTS] = "SELECT 1 FROM records_%1$s WHERE id = ?1",
-    [F_DEPTH] = "SELECT (SELECT count(*) FROM records_%1$s WHERE id >= ?1) - "
-                "(SELECT count(*) FROM delivered WHERE feed = %2$d AND id >= ?1)",
+    /* ?1: the feed's settled line. id is selected too: SQLite merges the
+     * tables in id order only when the ORDER BY term is in the result
+     * (otherwise it sorts every row) */
+    [F_OLDEST] = "SELECT received_ms, id FROM records_%1$s WHERE id >= ?1 ORDER BY id LIMIT 1",
+    /* ?1: the feed's claimed id; the records of a batch are all there */
+    [F_DEPTH] = "SELECT (SELECT count(*) FROM (SELECT id FROM records_%1$s WHERE id > ?1)) + "
+                "(SELECT coalesce(sum(length(record_ids)), 0) / 8 FROM batches "
+                "WHERE feed = %2$d)",
+    [F_COUNT_RANGE] = "SELECT count(*) FROM (SELECT id FROM records_%1$s WHERE id > ?1 AND "
+                      "id <= ?2)",
 };
 
 /* Statements on one table of the ring: %1$s is the feed's name, %2$d the
@@ -162,14 +163,13 @@ enum stmt_id {
     S_SEEN,
     S_INSERT_DEAD,
     S_INSERT_BATCH,
-    S_GET_BATCH,
+    S_TAKE_BATCH,
     S_DELETE_BATCH,
     S_FEED_STATE_SET,
     S_FEED_STATE_CLEAR,
     S_DELETE_DEAD,
-    S_DELIVERED,
     S_SET_LINE,
-    S_SETTLE_DELIVERED,
+    S_SET_CLAIMED,
     S_COUNT
 };
 
@@ -180,7 +180,7 @@ static const char *const STMTS[S_COUNT] = {
                       "VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
     [S_INSERT_BATCH] = "INSERT INTO batches(feed, source_request_id, created_ms, oldest_ms, "
                        "record_ids) VALUES(?1, ?2, ?3, ?4, ?5)",
-    [S_GET_BATCH] = "SELECT feed, record_ids FROM batches WHERE id = ?1",
+    [S_TAKE_BATCH] = "DELETE FROM batches WHERE id = ?1 RETURNING feed, record_ids",
     [S_DELETE_BATCH] = "DELETE FROM batches WHERE id = ?1",
     [S_FEED_STATE_SET] = "INSERT INTO feed_state(feed, reason, since_ms) VALUES(?1, ?2, ?3) "
                          "ON CONFLICT(feed) DO UPDATE SET reason = excluded.reason, "
@@ -188,10 +188,10 @@ static const char *const STMTS[S_COUNT] = {
                          "THEN feed_state.since_ms ELSE excluded.since_ms END",
     [S_FEED_STATE_CLEAR] = "DELETE FROM feed_state WHERE feed = ?1",
     [S_DELETE_DEAD] = "DELETE FROM dead WHERE id = ?1",
-    [S_DELIVERED] = "INSERT OR IGNORE INTO delivered(feed, id) VALUES(?1, ?2)",
-    [S_SET_LINE] = "INSERT INTO settled(feed, below) VALUES(?1, ?2) "
+    [S_SET_LINE] = "INSERT INTO settled(feed, below, claimed) VALUES(?1, ?2, 0) "
                    "ON CONFLICT(feed) DO UPDATE SET below = max(below, excluded.below)",
-    [S_SETTLE_DELIVERED] = "DELETE FROM delivered WHERE feed = ?1 AND id < ?2",
+    [S_SET_CLAIMED] = "INSERT INTO settled(feed, below, claimed) VALUES(?1, 0, ?2) "
+                      "ON CONFLICT(feed) DO UPDATE SET claimed = max(claimed, excluded.claimed)",
 };
 
 enum op_kind {
@@ -263,6 +263,7 @@ struct op {
 struct feed_ring {
     int64_t next_id;
     int64_t line;       /* settled line: every record below it is delivered or dead */
+    int64_t claimed;    /* the largest id put in a batch */
     int filling;        /* the table taking new records */
     int64_t rows[RING]; /* records stored in each table since it was emptied */
     int64_t last[RING]; /* the largest id each table has held */
@@ -582,19 +583,51 @@ static enum queue_status apply_persist(queue *q, struct op *op, int64_t now)
         if (rc != SQLITE_OK)
             return status_of(rc);
     }
+    /* per feed: the largest id claimed now, and how many ids above the
+     * previous claim the batches hold */
+    int64_t claimed[FEED_COUNT] = {0}, fresh[FEED_COUNT] = {0};
     for (size_t i = 0; i < op->u.persist.n; i++) {
+        const struct queue_batch *b = &op->u.persist.b[i];
         int rc = insert_batch(q, &op->u.persist.b[i], now);
         if (rc != SQLITE_OK)
             return status_of(rc);
+        for (size_t k = 0; k < b->nrecords && b->feed < FEED_COUNT; k++) {
+            int64_t id = b->record_ids[k];
+            claimed[b->feed] = id > claimed[b->feed] ? id : claimed[b->feed];
+            fresh[b->feed] += id > q->ring[b->feed].claimed;
+        }
+    }
+    for (int f = 0; f < FEED_COUNT; f++) {
+        if (claimed[f] <= q->ring[f].claimed)
+            continue;
+        /* a record skipped here would count as delivered */
+        sqlite3_stmt *s = q->fst[f][F_COUNT_RANGE];
+        sqlite3_bind_int64(s, 1, q->ring[f].claimed);
+        sqlite3_bind_int64(s, 2, claimed[f]);
+        int64_t stored = sqlite3_step(s) == SQLITE_ROW ? sqlite3_column_int64(s, 0) : -1;
+        sqlite3_reset(s);
+        if (stored != fresh[f]) {
+            log_error("queue: refused batches that leave out records of their feed",
+                      LOG_S("feed", FEED_NAMES[f]) LOG_I("records", stored)
+                          LOG_I("in_batches", fresh[f]));
+            return QUEUE_ERROR;
+        }
+        s = q->st[S_SET_CLAIMED];
+        sqlite3_bind_int(s, 1, f);
+        sqlite3_bind_int64(s, 2, claimed[f]);
+        int rc = step_done(s);
+        if (rc != SQLITE_OK)
+            return status_of(rc);
+        q->ring[f].claimed = claimed[f];
     }
     return QUEUE_OK;
 }
 
-/* Calls fn(q, op, record id, feed) for each record of a batch, then deletes the batch. */
+/* Deletes a batch and calls fn(q, op, record id, feed) for each of its records. */
 static enum queue_status each_batch_record(queue *q, struct op *op, int64_t batch_id, int64_t now,
                                            int (*fn)(queue *, struct op *, int64_t, int, int64_t))
 {
-    sqlite3_stmt *s = q->st[S_GET_BATCH];
+    sqlite3_stmt *s = q->st[S_TAKE_BATCH];
     sqlite3_bind_int64(s, 1, batch_id);
     int rc = sqlite3_step(s);
     if (rc == SQLITE_DONE) {
@@ -616,20 +649,16 @@ static enum queue_status each_batch_record(queue *q, struct op *op, int64_t batc
     }
     for (size_t i = 0; i < n; i++)
         ids[i] = decode_id(blob + i * 8);
+    rc = sqlite3_step(s); /* the end of the RETURNING rows */
     sqlite3_reset(s);
-    enum queue_status st = QUEUE_OK;
+    enum queue_status st = rc == SQLITE_DONE ? QUEUE_OK : status_of(rc);
     for (size_t i = 0; i < n && st == QUEUE_OK; i++) {
         rc = fn(q, op, ids[i], feed, now);
         if (rc != SQLITE_OK)
             st = status_of(rc);
     }
     free(ids);
-    if (st != QUEUE_OK)
-        return st;
-    s = q->st[S_DELETE_BATCH];
-    sqlite3_bind_int64(s, 1, batch_id);
-    rc = step_done(s);
-    return rc == SQLITE_OK ? QUEUE_OK : status_of(rc);
+    return st;
 }
 
 static int delete_record(queue *q, struct op *op, int64_t id, int feed, int64_t now)
@@ -651,32 +680,23 @@ static int delete_record(queue *q, struct op *op, int64_t id, int feed, int64_t 
     return SQLITE_OK;
 }
 
-/* A delivered record below the new settled line needs nothing more; one above
- * it is marked until the line passes it. */
+/* With its batch gone, a delivered record is one that no batch holds at or
+ * under the feed's claimed id: nothing more to write. The records of a batch
+ * are there until the batch is acknowledged or dead-lettered (expiry takes
+ * only unclaimed records, a restart keeps them), so each one leaves the
+ * depth. */
 static int record_delivered(queue *q, struct op *op, int64_t id, int feed, int64_t now)
 {
+    (void)q;
+    (void)id;
     (void)now;
-    if (feed < 0 || feed >= FEED_COUNT)
-        return SQLITE_OK;
-    sqlite3_stmt *s = q->fst[feed][F_EXISTS];
-    sqlite3_bind_int64(s, 1, id);
-    int rc = sqlite3_step(s);
-    sqlite3_reset(s);
-    if (rc == SQLITE_DONE)
-        return SQLITE_OK; /* already gone */
-    if (rc != SQLITE_ROW)
-        return rc;
-    op->depth_delta[feed]--;
-    if (feed == (int)op->u.batches.feed && id < op->u.batches.settled_below)
-        return SQLITE_OK;
-    s = q->st[S_DELIVERED];
-    sqlite3_bind_int(s, 1, feed);
-    sqlite3_bind_int64(s, 2, id);
-    return step_done(s);
+    if (feed >= 0 && feed < FEED_COUNT)
+        op->depth_delta[feed]--;
+    return SQLITE_OK;
 }
 
-/* Raises feed f's settled line: the marks below it go, and so does every
- * table of the ring whose records all lie below it. */
+/* Raises feed f's settled line: every table of the ring whose records all lie
+ * below it is emptied. */
 static enum queue_status raise_line(queue *q, enum feed f, int64_t below)
 {
     struct feed_ring *ring = &q->ring[f];
@@ -689,11 +709,6 @@ static enum queue_status raise_line(queue *q, enum feed f, int64_t below)
     if (rc != SQLITE_OK)
         return status_of(rc);
     ring->line = below;
-    s = q->st[S_SETTLE_DELIVERED];
-    sqlite3_bind_int(s, 1, (int)f);
-    sqlite3_bind_int64(s, 2, below);
-    if ((rc = step_done(s)) != SQLITE_OK)
-        return status_of(rc);
     for (int t = 0; t < RING; t++) {
         if (ring->rows[t] == 0 || ring->last[t] >= below)
             continue;
@@ -735,67 +750,13 @@ static enum queue_status apply_batches(queue *q, struct op *op, int64_t now)
     return QUEUE_OK;
 }
 
-static int cmp_i64(const void *a, const void *b)
-{
-    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
-    return x < y ? -1 : x > y;
-}
-
-/* A record is known by its feed and its id on that feed. */
-static int64_t held_key(int feed, int64_t id)
-{
-    return (int64_t)((uint64_t)id << 2 | (uint64_t)feed);
-}
-
-/* Appends the record at blob (8 bytes, little-endian) or, when blob is NULL,
- * the record `id` to the held set. */
-static int hold(int64_t **held, size_t *n, size_t *cap, int feed, const unsigned char *blob,
-                size_t count, int64_t id)
-{
-    if (*n + count > *cap) {
-        size_t c = (*n + count) * 2;
-        int64_t *h = realloc(*held, c * sizeof(*h));
-        if (!h)
-            return -1;
-        *held = h;
-        *cap = c;
-    }
-    for (size_t i = 0; i < count; i++)
-        (*held)[(*n)++] = held_key(feed, blob ? decode_id(blob + i * 8) : id);
-    return 0;
-}
-
 static enum queue_status apply_expire(queue *q, struct op *op, int64_t now)
 {
-    /* records in persisted batches belong to the sender; delivered ones are
-     * below the line or marked */
-    int64_t *held = NULL, *ids = NULL;
-    size_t nheld = 0, cap = 0;
+    /* only unclaimed records: those in batches belong to the sender, and the
+     * claimed ones no batch holds are delivered */
+    int64_t *ids = malloc((EXPIRE_SLICE + 1) * sizeof(*ids));
     sqlite3_stmt *s = NULL;
     enum queue_status st = QUEUE_ERROR;
-
-    if (sqlite3_prepare_v2(q->db, "SELECT feed, record_ids FROM batches", -1, &s, NULL) !=
-        SQLITE_OK)
-        goto done;
-    while (sqlite3_step(s) == SQLITE_ROW) {
-        if (hold(&held, &nheld, &cap, sqlite3_column_int(s, 0), sqlite3_column_blob(s, 1),
-                 (size_t)sqlite3_column_bytes(s, 1) / 8, 0) != 0)
-            goto done;
-    }
-    sqlite3_finalize(s);
-    s = NULL;
-    if (sqlite3_prepare_v2(q->db, "SELECT feed, id FROM delivered", -1, &s, NULL) != SQLITE_OK)
-        goto done;
-    while (sqlite3_step(s) == SQLITE_ROW) {
-        if (hold(&held, &nheld, &cap, sqlite3_column_int(s, 0), NULL, 1,
-                 sqlite3_column_int64(s, 1)) != 0)
-            goto done;
-    }
-    sqlite3_finalize(s);
-    s = NULL;
-    if (nheld)
-        qsort(held, nheld, sizeof(*held), cmp_i64);
-    ids = malloc((EXPIRE_SLICE + 1) * sizeof(*ids));
     if (!ids)
         goto done;
     op->u.batches.reason = DEAD_MAX_AGE;
@@ -807,21 +768,15 @@ static enum queue_status apply_expire(queue *q, struct op *op, int64_t now)
          * received_ms would read a whole backlog when none has expired). */
         char sql[160];
         snprintf(sql, sizeof sql,
-                 "SELECT id, received_ms FROM records_%s WHERE id >= ?2 ORDER BY id LIMIT ?1",
+                 "SELECT id, received_ms FROM records_%s WHERE id > ?2 ORDER BY id LIMIT ?1",
                  FEED_NAMES[f]);
         if (sqlite3_prepare_v2(q->db, sql, -1, &s, NULL) != SQLITE_OK)
             goto done;
-        sqlite3_bind_int64(s, 1, (sqlite3_int64)(EXPIRE_SLICE + nheld));
-        sqlite3_bind_int64(s, 2, q->ring[f].line);
+        sqlite3_bind_int64(s, 1, (sqlite3_int64)(EXPIRE_SLICE - moved));
+        sqlite3_bind_int64(s, 2, q->ring[f].claimed);
         size_t n = 0;
-        while (moved + n < EXPIRE_SLICE && sqlite3_step(s) == SQLITE_ROW) {
-            if (sqlite3_column_int64(s, 1) >= op->u.expire.cutoff_ms)
-                break;
-            int64_t id = sqlite3_column_int64(s, 0), key = held_key(f, id);
-            if (nheld && bsearch(&key, held, nheld, sizeof(*held), cmp_i64))
-                continue;
-            ids[n++] = id;
-        }
+        while (sqlite3_step(s) == SQLITE_ROW && sqlite3_column_int64(s, 1) < op->u.expire.cutoff_ms)
+            ids[n++] = sqlite3_column_int64(s, 0);
         sqlite3_finalize(s);
         s = NULL;
         for (size_t i = 0; i < n; i++) {
@@ -837,7 +792,6 @@ static enum queue_status apply_expire(queue *q, struct op *op, int64_t now)
     st = QUEUE_OK;
 done:
     sqlite3_finalize(s);
-    free(held);
     free(ids);
     return st;
 }
@@ -990,13 +944,16 @@ static void shrink(queue *q)
         log_warn("cannot shrink the queue file", LOG_S("error", err));
 }
 
-/* Feed f's settled line as stored (0 when none yet). */
-static int64_t read_line(sqlite3 *db, enum feed f)
+/* Feed f's settled line (which 0) or claimed id (which 1) as stored, 0 when
+ * none yet. */
+static int64_t read_settled(sqlite3 *db, enum feed f, int which)
 {
     sqlite3_stmt *s;
     int64_t v = 0;
-    if (sqlite3_prepare_v2(db, "SELECT below FROM settled WHERE feed = ?1", -1, &s, NULL) !=
-        SQLITE_OK)
+    if (sqlite3_prepare_v2(db,
+                           which ? "SELECT claimed FROM settled WHERE feed = ?1"
+                                 : "SELECT below FROM settled WHERE feed = ?1",
+                           -1, &s, NULL) != SQLITE_OK)
         return 0;
     sqlite3_bind_int(s, 1, (int)f);
     if (sqlite3_step(s) == SQLITE_ROW)
@@ -1024,10 +981,10 @@ static int count_rows(sqlite3 *db, struct queue_gauges *g)
     sqlite3_stmt *s;
     memset(g->depth, 0, sizeof g->depth);
     for (int f = 0; f < FEED_COUNT; f++) {
-        int64_t line = read_line(db, (enum feed)f);
+        int64_t claimed = read_settled(db, (enum feed)f, 1);
         if (prepare_feed(db, FEED_STMTS[F_DEPTH], (enum feed)f, &s) != 0)
             return -1;
-        sqlite3_bind_int64(s, 1, line);
+        sqlite3_bind_int64(s, 1, claimed);
         if (sqlite3_step(s) == SQLITE_ROW)
             g->depth[f] = sqlite3_column_int64(s, 0);
         sqlite3_finalize(s);
@@ -1152,7 +1109,7 @@ static void run_group(queue *q, struct op *ops)
                 depth += op->depth_delta[f];
             (void)exec(q->db, "RELEASE op", err, sizeof err);
         } else {
-            if (op->status == QUEUE_ERROR)
+            if (op->status == QUEUE_ERROR && sqlite3_errcode(q->db) != SQLITE_OK)
                 log_error("queue: operation failed",
                           LOG_S("error", sqlite3_errmsg(q->db)) LOG_I("kind", op->kind));
             undo_sightings(q, op);
@@ -1381,6 +1338,19 @@ static int create_records_tables(sqlite3 *db, char *err, size_t errlen)
     return 0;
 }
 
+static int table_exists(sqlite3 *db, const char *name)
+{
+    sqlite3_stmt *s;
+    int found = 0;
+    if (sqlite3_prepare_v2(db, "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1", -1,
+                           &s, NULL) == SQLITE_OK) {
+        sqlite3_bind_text(s, 1, name, -1, SQLITE_STATIC);
+        found = sqlite3_step(s) == SQLITE_ROW;
+        sqlite3_finalize(s);
+    }
+    return found;
+}
+
 /* Schema 2 kept every feed's records in one table; schema 3 has one per feed.
  * Record ids are kept, so persisted batches still name their records. */
 static int migrate_to_3(sqlite3 *db, char *err, size_t errlen)
@@ -1398,15 +1368,7 @@ static int migrate_to_3(sqlite3 *db, char *err, size_t errlen)
         if (exec(db, sql, err, errlen) != 0)
             goto fail;
     }
-    sqlite3_stmt *s;
-    int had_records = 0;
-    if (sqlite3_prepare_v2(db,
-                           "SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
-                           "name = 'records'",
-                           -1, &s, NULL) == SQLITE_OK) {
-        had_records = sqlite3_step(s) == SQLITE_ROW;
-        sqlite3_finalize(s);
-    }
+    int had_records = table_exists(db, "records");
     for (int f = 0; f < FEED_COUNT && had_records; f++) {
         char sql[512];
         snprintf(sql, sizeof sql,
@@ -1428,11 +1390,13 @@ fail:
 }
 
 /* Schema 4 keeps each feed's records in a ring of tables emptied whole once
- * delivered: schema 3's table becomes the first of the ring, and each feed gets
- * its settled line and the marks of records delivered above it (schema 3
- * deleted each delivered record at once). */
+ * delivered (schema 3 deleted each delivered record at once): schema 3's table
+ * becomes the first of the ring, and each feed's claimed id is the largest id
+ * its batches hold (schema 3 batched every record up to it). */
 static int migrate_to_4(sqlite3 *db, char *err, size_t errlen)
 {
+    int64_t claimed[FEED_COUNT] = {0};
+    sqlite3_stmt *s = NULL;
     if (exec(db, "BEGIN IMMEDIATE", err, errlen) != 0)
         return -1;
     for (int f = 0; f < FEED_COUNT; f++) {
@@ -1442,15 +1406,45 @@ static int migrate_to_4(sqlite3 *db, char *err, size_t errlen)
         if (exec(db, sql, err, errlen) != 0)
             goto fail;
     }
-    if (create_records_tables(db, err, errlen) == 0 &&
+    if (create_records_tables(db, err, errlen) != 0 ||
         exec(db,
              "CREATE TABLE IF NOT EXISTS settled(feed INTEGER PRIMARY KEY, "
-             "below INTEGER NOT NULL); CREATE TABLE IF NOT EXISTS delivered(feed INTEGER NOT "
-             "NULL, id INTEGER NOT NULL, PRIMARY KEY(feed, id)) WITHOUT ROWID; "
-             "UPDATE meta SET value = '4' WHERE key = 'schema_version'; COMMIT",
-             err, errlen) == 0)
+             "below INTEGER NOT NULL, claimed INTEGER NOT NULL)",
+             err, errlen) != 0)
+        goto fail;
+    /* (a queue from before schema 2 has no batches yet) */
+    if (table_exists(db, "batches") &&
+        sqlite3_prepare_v2(db, "SELECT feed, record_ids FROM batches", -1, &s, NULL) != SQLITE_OK)
+        goto sql_fail;
+    while (s && sqlite3_step(s) == SQLITE_ROW) {
+        int f = sqlite3_column_int(s, 0);
+        const unsigned char *blob = sqlite3_column_blob(s, 1);
+        size_t n = (size_t)sqlite3_column_bytes(s, 1) / 8;
+        for (size_t i = 0; i < n && f >= 0 && f < FEED_COUNT; i++) {
+            int64_t id = decode_id(blob + i * 8);
+            claimed[f] = id > claimed[f] ? id : claimed[f];
+        }
+    }
+    sqlite3_finalize(s);
+    if (sqlite3_prepare_v2(db, "INSERT INTO settled(feed, below, claimed) VALUES(?1, 0, ?2)", -1,
+                           &s, NULL) != SQLITE_OK)
+        goto sql_fail;
+    for (int f = 0; f < FEED_COUNT; f++) {
+        sqlite3_bind_int(s, 1, f);
+        sqlite3_bind_int64(s, 2, claimed[f]);
+        if (step_done(s) != SQLITE_OK)
+            goto sql_fail;
+    }
+    sqlite3_finalize(s);
+    s = NULL;
+    if (exec(db, "UPDATE meta SET value = '4' WHERE key = 'schema_version'; COMMIT", err, errlen) ==
+        0)
         return 0;
+    goto fail;
+sql_fail:
+    str_printf(err, errlen, "migrating the queue: %s", sqlite3_errmsg(db));
 fail:
+    sqlite3_finalize(s);
     (void)sqlite3_exec(db, "ROLLBACK", NULL, NULL, NULL);
     return -1;
 }
@@ -1523,26 +1517,54 @@ static int migrate(sqlite3 *db, char *err, size_t errlen)
 }
 
 /* Records delivered before the last stop are deleted now, while nothing else
- * runs: those below their feed's line and those marked. */
+ * runs: each feed's records below its settled line, and those at or under its
+ * claimed id that no batch holds. */
 static int settle_delivered(sqlite3 *db, char *err, size_t errlen)
 {
-    if (exec(db, "BEGIN IMMEDIATE", err, errlen) != 0)
+    if (exec(db,
+             "BEGIN IMMEDIATE; CREATE TEMP TABLE IF NOT EXISTS held(feed INTEGER NOT NULL, "
+             "id INTEGER NOT NULL, PRIMARY KEY(feed, id)) WITHOUT ROWID; DELETE FROM held",
+             err, errlen) != 0)
         return -1;
+    sqlite3_stmt *s = NULL, *ins = NULL;
+    if (sqlite3_prepare_v2(db, "SELECT feed, record_ids FROM batches", -1, &s, NULL) != SQLITE_OK ||
+        sqlite3_prepare_v2(db, "INSERT OR IGNORE INTO held(feed, id) VALUES(?1, ?2)", -1, &ins,
+                           NULL) != SQLITE_OK)
+        goto sql_fail;
+    while (sqlite3_step(s) == SQLITE_ROW) {
+        const unsigned char *blob = sqlite3_column_blob(s, 1);
+        size_t n = (size_t)sqlite3_column_bytes(s, 1) / 8;
+        sqlite3_bind_int(ins, 1, sqlite3_column_int(s, 0));
+        for (size_t i = 0; i < n; i++) {
+            sqlite3_bind_int64(ins, 2, decode_id(blob + i * 8));
+            if (step_done(ins) != SQLITE_OK)
+                goto sql_fail;
+        }
+    }
+    sqlite3_finalize(s);
+    sqlite3_finalize(ins);
+    s = ins = NULL;
     for (int f = 0; f < FEED_COUNT; f++) {
-        int64_t line = read_line(db, (enum feed)f);
+        long long below = (long long)read_settled(db, (enum feed)f, 0);
+        long long claimed = (long long)read_settled(db, (enum feed)f, 1);
         for (int t = 0; t < RING; t++) {
-            char sql[320];
+            char sql[400];
             snprintf(sql, sizeof sql,
-                     "DELETE FROM records_%s_%d WHERE id < %lld OR "
-                     "id IN (SELECT id FROM delivered WHERE feed = %d)",
-                     FEED_NAMES[f], t, (long long)line, f);
+                     "DELETE FROM records_%s_%d WHERE id < %lld OR (id <= %lld AND "
+                     "id NOT IN (SELECT id FROM held WHERE feed = %d))",
+                     FEED_NAMES[f], t, below, claimed, f);
             if (exec(db, sql, err, errlen) != 0)
                 goto fail;
         }
     }
-    if (exec(db, "DELETE FROM delivered; COMMIT", err, errlen) == 0)
+    if (exec(db, "DROP TABLE held; COMMIT", err, errlen) == 0)
         return 0;
+    goto fail;
+sql_fail:
+    str_printf(err, errlen, "%s", sqlite3_errmsg(db));
 fail:
+    sqlite3_finalize(s);
+    sqlite3_finalize(ins);
     (void)sqlite3_exec(db, "ROLLBACK", NULL, NULL, NULL);
     return -1;
 }
@@ -1554,8 +1576,10 @@ static int load_rings(queue *q)
     for (int f = 0; f < FEED_COUNT; f++) {
         struct feed_ring *ring = &q->ring[f];
         memset(ring, 0, sizeof(*ring));
-        ring->line = read_line(q->db, (enum feed)f);
+        ring->line = read_settled(q->db, (enum feed)f, 0);
+        ring->claimed = read_settled(q->db, (enum feed)f, 1);
         int64_t newest = ring->line > 0 ? ring->line - 1 : 0;
+        newest = ring->claimed > newest ? ring->claimed : newest;
         for (int t = 0; t < RING; t++) {
             char sql[128];
             sqlite3_stmt *s;
@@ -2090,7 +2114,7 @@ int64_t queue_oldest_ms(queue_reader *r, enum feed f)
 {
     sqlite3_stmt *s;
     int64_t v = 0;
-    int64_t line = read_line(r->db, f);
+    int64_t line = read_settled(r->db, f, 0);
     if (prepare_feed(r->db, FEED_STMTS[F_OLDEST], f, &s) != 0)
         return 0;
     sqlite3_bind_int64(s, 1, line);

@@ -110,8 +110,8 @@ void queue_reader_free(queue_reader *r);
 
 /* Reads up to `limit` records of feed f with id > after_id, in id order, that
  * are at most max_bytes in total (at least one). Delivered records stay on disk
- * until their table is emptied (see queue_ack): all lie at or below the
- * sender's cursor, and a scan from 0 may return them. */
+ * until their table is emptied (see queue_ack): they lie at or under the
+ * sender's cursor, and a scan from below it may return them. */
 int queue_scan(queue_reader *r, enum feed f, int64_t after_id, size_t limit, size_t max_bytes,
                struct queue_items *out) WUR;
 /* Reads the records of feed f with the given ids, in that order (missing ones
@@ -126,13 +126,14 @@ int64_t queue_oldest_ms(queue_reader *r, enum feed f);
 
 /* Persists batches before they are sent; fills their ids. */
 enum queue_status queue_persist_batches(queue *q, struct queue_batch *b, size_t n);
-/* Delivered: removes the batches (all of feed f) and their records.
- * settled_below is the sender's word that every record of f with a smaller id
- * is delivered or dead-lettered (0: no such word). Records leave in id order:
- * those below the line go at once, as one range; a delivered record above it is
- * marked and goes when a later acknowledgement's line passes it (or at the next
- * start). Deleting records one by one would rewrite every page they share with
- * records still waiting. */
+/* Delivered: removes the batches (all of feed f). Their records stay on disk
+ * but no longer count: a record at or under the largest id ever persisted in
+ * a batch that no batch holds is delivered (or dead), and is deleted with the
+ * table of the feed's ring that holds it, once settled_below has passed every
+ * record of that table (or at the next start). settled_below is the sender's
+ * word that every record of f with a smaller id is delivered or dead (0: no
+ * such word). Deleting records one by one would rewrite every page they share
+ * with records still waiting. */
 enum queue_status queue_ack(queue *q, const int64_t *batch_ids, size_t n, enum feed f,
                             int64_t settled_below);
 /* The same without waiting for the commit (the ids are copied). Should it fail,

@@ -14,6 +14,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import struct
 import subprocess
 import tempfile
 import time
@@ -34,12 +35,6 @@ FEEDS = ("ios", "android", "web", "unbound")
 # tables per feed).
 RECORDS = "(%s)" % " UNION ALL ".join(
     "SELECT %d AS feed, * FROM records_%s" % (i, f) for i, f in enumerate(FEEDS))
-# The records not yet delivered: delivered ones stay in their table, below their
-# feed's settled line or marked, until the table is emptied whole.
-WAITING = ("(SELECT * FROM %s AS r WHERE r.id >= coalesce((SELECT below FROM settled AS s "
-           "WHERE s.feed = r.feed), 0) AND NOT EXISTS (SELECT 1 FROM delivered AS d "
-           "WHERE d.feed = r.feed AND d.id = r.id))" % RECORDS)
-
 # What AddressSanitizer, UndefinedBehaviorSanitizer, LeakSanitizer and valgrind
 # print when they find something.
 TOOL_ERRORS = ("ERROR: AddressSanitizer", "ERROR: LeakSanitizer", "runtime error:",
@@ -266,10 +261,17 @@ class Service:
         return sqlite3.connect(os.path.join(self.data_dir, "queue.db"), timeout=30)
 
     def queued_ids(self):
-        """Event ids waiting for delivery, in order of arrival."""
+        """Event ids waiting for delivery, in order of arrival: records above their
+        feed's claimed id, or in a batch. (Delivered records stay in their table
+        until it is emptied whole.)"""
         with self.db() as db:
-            return [r[0] for r in db.execute(
-                "SELECT event_id FROM %s ORDER BY received_ms, feed, id" % WAITING)]
+            claimed = dict(db.execute("SELECT feed, claimed FROM settled").fetchall())
+            held = set()
+            for feed, blob in db.execute("SELECT feed, record_ids FROM batches"):
+                held.update((feed, i) for (i,) in struct.iter_unpack("<q", blob))
+            rows = db.execute("SELECT feed, id, event_id FROM %s ORDER BY received_ms, feed, id"
+                              % RECORDS).fetchall()
+        return [e for f, i, e in rows if i > claimed.get(f, 0) or (f, i) in held]
 
     def cli(self, args, **kw):
         env = dict(self.env)

@@ -639,7 +639,7 @@ START_TEST(test_persisted_batches_come_back_after_a_restart)
     struct queue_items ios, web;
     scan_all(q, FEED_IOS, &ios);
     scan_all(q, FEED_WEB, &web);
-    int64_t ios_ids[2] = {ios.items[0].id, ios.items[2].id};
+    int64_t ios_ids[2] = {ios.items[0].id, ios.items[1].id};
     int64_t web_ids[1] = {web.items[0].id};
     struct queue_batch b[2] = {
         make_batch(FEED_IOS, "3f2a6b9e-0c1d-4e5f-8a7b-123456789abc", ios_ids, 2,
@@ -692,7 +692,6 @@ START_TEST(test_ack_removes_the_batch_and_its_records)
      * count no more (and stay on disk until their table is emptied whole) */
     ck_assert_int_eq(queue_ack(q, &b.id, 1, FEED_IOS, waiting), QUEUE_OK);
     ck_assert_int_eq(depth(q, FEED_IOS), 1);
-    ck_assert_int_eq(count_in_file("SELECT count(*) FROM delivered"), 0);
     struct queue_stats st;
     queue_reader *r = reader(q);
     ck_assert_int_eq(queue_stats(r, &st), 0);
@@ -764,18 +763,17 @@ static void two_batches(queue *q, int64_t ids[3], struct queue_batch b[2])
     ck_assert_int_eq(queue_persist_batches(q, b, 2), QUEUE_OK);
 }
 
-START_TEST(test_a_record_delivered_above_the_settled_line_waits_for_it)
+START_TEST(test_a_record_delivered_before_an_older_one_no_longer_counts)
 {
     queue *q = open_queue(NO_LIMIT, DEDUP_DAY);
     int64_t ids[3];
     struct queue_batch b[2];
     two_batches(q, ids, b);
 
-    /* evt-1 is delivered while evt-0 is not: it is marked, not deleted */
+    /* evt-1 is delivered while evt-0 is not: it stays on disk, uncounted */
     ck_assert_int_eq(queue_ack(q, &b[1].id, 1, FEED_IOS, ids[0]), QUEUE_OK);
     ck_assert_int_eq(depth(q, FEED_IOS), 2);
     ck_assert_int_eq(count_in_file("SELECT count(*) FROM records_ios"), 3);
-    ck_assert_int_eq(count_in_file("SELECT count(*) FROM delivered"), 1);
     struct queue_stats st;
     queue_reader *r = reader(q);
     ck_assert_int_eq(queue_stats(r, &st), 0);
@@ -784,17 +782,19 @@ START_TEST(test_a_record_delivered_above_the_settled_line_waits_for_it)
 
     /* expiry takes only the unclaimed record: not the one in a batch, not the
      * delivered one */
+    ck_assert_int_eq(count_in_file("SELECT count(*) FROM settled WHERE feed = 0 AND "
+                                   "claimed = (SELECT max(id) FROM records_ios) - 1"),
+                     1);
     size_t moved = 0;
     ck_assert_int_eq(queue_expire(q, clock_wall_ms() + 60000, &moved), QUEUE_OK);
     ck_assert_uint_eq(moved, 1);
     ck_assert_int_eq(depth(q, FEED_IOS), 1);
 
     /* evt-0 delivered: the line passes every record the table has held, and
-     * the table is emptied with the marks */
+     * the table is emptied */
     ck_assert_int_eq(queue_ack(q, &b[0].id, 1, FEED_IOS, ids[2] + 1), QUEUE_OK);
     ck_assert_int_eq(depth(q, FEED_IOS), 0);
     ck_assert_int_eq(count_in_file("SELECT count(*) FROM records_ios"), 0);
-    ck_assert_int_eq(count_in_file("SELECT count(*) FROM delivered"), 0);
     r = reader(q);
     ck_assert_int_eq(queue_stats(r, &st), 0);
     queue_reader_free(r);
@@ -861,7 +861,7 @@ START_TEST(test_a_table_of_the_ring_is_emptied_once_the_line_passes_it)
 }
 END_TEST
 
-START_TEST(test_records_marked_delivered_are_deleted_at_the_next_start)
+START_TEST(test_delivered_records_left_on_disk_are_deleted_at_the_next_start)
 {
     queue *q = open_queue(NO_LIMIT, DEDUP_DAY);
     int64_t ids[3];
@@ -872,7 +872,7 @@ START_TEST(test_records_marked_delivered_are_deleted_at_the_next_start)
 
     q = open_queue(NO_LIMIT, DEDUP_DAY);
     ck_assert_int_eq(depth(q, FEED_IOS), 2);
-    ck_assert_int_eq(count_in_file("SELECT count(*) FROM delivered"), 0);
+    ck_assert_int_eq(count_in_file("SELECT count(*) FROM records_ios"), 2);
     struct queue_items it;
     scan_all(q, FEED_IOS, &it);
     ck_assert_uint_eq(it.n, 2);
@@ -884,6 +884,35 @@ START_TEST(test_records_marked_delivered_are_deleted_at_the_next_start)
     ck_assert_uint_eq(l.n, 1);
     ck_assert_int_eq(l.b[0].id, b[0].id);
     batch_list_free(&l);
+    queue_free(q);
+}
+END_TEST
+
+START_TEST(test_batches_that_leave_out_a_record_are_refused)
+{
+    queue *q = open_queue(NO_LIMIT, DEDUP_DAY);
+    commit_records(q, FEED_IOS, "evt", 3);
+    struct queue_items it;
+    scan_all(q, FEED_IOS, &it);
+    /* evt-1 left out: once evt-2 is claimed it would count as delivered */
+    int64_t gap[2] = {it.items[0].id, it.items[2].id}, all[3];
+    for (int i = 0; i < 3; i++)
+        all[i] = it.items[i].id;
+    queue_items_free(&it);
+    struct queue_batch b = make_batch(FEED_IOS, "src-gap", gap, 2, 0);
+    ck_assert_int_eq(queue_persist_batches(q, &b, 1), QUEUE_ERROR);
+    struct batch_list l;
+    load_batches(q, &l);
+    ck_assert_uint_eq(l.n, 0);
+    ck_assert_int_eq(depth(q, FEED_IOS), 3);
+    /* the same records, none left out, in two batches */
+    struct queue_batch two[2] = {make_batch(FEED_IOS, "src-a", all, 2, 0),
+                                 make_batch(FEED_IOS, "src-b", all + 2, 1, 0)};
+    ck_assert_int_eq(queue_persist_batches(q, two, 2), QUEUE_OK);
+    load_batches(q, &l);
+    ck_assert_uint_eq(l.n, 2);
+    batch_list_free(&l);
+    ck_assert_int_eq(depth(q, FEED_IOS), 3);
     queue_free(q);
 }
 END_TEST
@@ -1013,8 +1042,8 @@ START_TEST(test_expire_leaves_records_of_a_persisted_batch_alone)
     commit_records(q, FEED_IOS, "evt", 4);
     struct queue_items it;
     scan_all(q, FEED_IOS, &it);
-    int64_t held[2] = {it.items[1].id, it.items[3].id};
-    struct queue_batch b = make_batch(FEED_IOS, "src-1", held, 2, it.items[1].received_ms);
+    int64_t held[2] = {it.items[0].id, it.items[1].id};
+    struct queue_batch b = make_batch(FEED_IOS, "src-1", held, 2, it.items[0].received_ms);
     ck_assert_int_eq(queue_persist_batches(q, &b, 1), QUEUE_OK);
     queue_items_free(&it);
 
@@ -1403,8 +1432,9 @@ static Suite *suite(void)
     tcase_add_test(tc, test_split_batch_replaces_one_batch_by_two);
     tcase_add_test(tc, test_expire_moves_records_older_than_the_cutoff_to_max_age);
     tcase_add_test(tc, test_expire_leaves_records_of_a_persisted_batch_alone);
-    tcase_add_test(tc, test_a_record_delivered_above_the_settled_line_waits_for_it);
-    tcase_add_test(tc, test_records_marked_delivered_are_deleted_at_the_next_start);
+    tcase_add_test(tc, test_a_record_delivered_before_an_older_one_no_longer_counts);
+    tcase_add_test(tc, test_batches_that_leave_out_a_record_are_refused);
+    tcase_add_test(tc, test_delivered_records_left_on_disk_are_deleted_at_the_next_start);
     tcase_add_test(tc, test_a_table_of_the_ring_is_emptied_once_the_line_passes_it);
     tcase_add_test(tc, test_requeue_stores_records_without_dedup_and_deletes_the_dead_letters);
     tcase_add_test(tc, test_dead_purge_by_reason_deletes_only_that_reason);
