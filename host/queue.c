@@ -1,5 +1,6 @@
 #include "queue.h"
 
+#include "claim.h"
 #include "dedup.h"
 #include "log.h"
 
@@ -48,14 +49,17 @@
 static const char *const SCHEMA =
     "CREATE TABLE IF NOT EXISTS meta("
     "  key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;"
-    /* a batch persisted before it is sent; record_ids: little-endian int64s */
-    "CREATE TABLE IF NOT EXISTS batches("
+    /* batches persisted before they are sent, one row per claim (see claim.h),
+     * and which of a claim's batches are finished (delivered, dead-lettered or
+     * split): a row here only once one is */
+    "CREATE TABLE IF NOT EXISTS claims("
     "  id INTEGER PRIMARY KEY AUTOINCREMENT,"
     "  feed INTEGER NOT NULL,"
-    "  source_request_id TEXT NOT NULL,"
     "  created_ms INTEGER NOT NULL,"
-    "  oldest_ms INTEGER NOT NULL,"
-    "  record_ids BLOB NOT NULL);"
+    "  batches BLOB NOT NULL);"
+    "CREATE TABLE IF NOT EXISTS claim_done("
+    "  id INTEGER PRIMARY KEY,"
+    "  done BLOB NOT NULL);"
     /* fingerprints of the ids seen within the dedup window (see dedup.h), an
      * append-only log: rowid order is time order */
     "CREATE TABLE IF NOT EXISTS dedup("
@@ -124,10 +128,8 @@ static const char *const FEED_STMTS[F_COUNT] = {
      * tables in id order only when the ORDER BY term is in the result
      * (otherwise it sorts every row) */
     [F_OLDEST] = "SELECT received_ms, id FROM records_%1$s WHERE id >= ?1 ORDER BY id LIMIT 1",
-    /* ?1: the feed's claimed id; the records of a batch are all there */
-    [F_DEPTH] = "SELECT (SELECT count(*) FROM (SELECT id FROM records_%1$s WHERE id > ?1)) + "
-                "(SELECT coalesce(sum(length(record_ids)), 0) / 8 FROM batches "
-                "WHERE feed = %2$d)",
+    /* the records not claimed yet (?1: the feed's claimed id) */
+    [F_DEPTH] = "SELECT count(*) FROM (SELECT id FROM records_%1$s WHERE id > ?1)",
     [F_COUNT_RANGE] = "SELECT count(*) FROM (SELECT id FROM records_%1$s WHERE id > ?1 AND "
                       "id <= ?2)",
 };
@@ -162,9 +164,11 @@ static int prepare_feed(sqlite3 *db, const char *tmpl, enum feed f, sqlite3_stmt
 enum stmt_id {
     S_SEEN,
     S_INSERT_DEAD,
-    S_INSERT_BATCH,
-    S_TAKE_BATCH,
-    S_DELETE_BATCH,
+    S_INSERT_CLAIM,
+    S_GET_CLAIM,
+    S_SET_DONE,
+    S_DELETE_CLAIM,
+    S_DELETE_DONE,
     S_FEED_STATE_SET,
     S_FEED_STATE_CLEAR,
     S_DELETE_DEAD,
@@ -178,10 +182,13 @@ static const char *const STMTS[S_COUNT] = {
     [S_INSERT_DEAD] = "INSERT INTO dead(at_ms, reason, detail, feed, event_id, event_type, "
                       "rules_version, received_ms, raw, event) "
                       "VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-    [S_INSERT_BATCH] = "INSERT INTO batches(feed, source_request_id, created_ms, oldest_ms, "
-                       "record_ids) VALUES(?1, ?2, ?3, ?4, ?5)",
-    [S_TAKE_BATCH] = "DELETE FROM batches WHERE id = ?1 RETURNING feed, record_ids",
-    [S_DELETE_BATCH] = "DELETE FROM batches WHERE id = ?1",
+    [S_INSERT_CLAIM] = "INSERT INTO claims(feed, created_ms, batches) VALUES(?1, ?2, ?3)",
+    [S_GET_CLAIM] = "SELECT c.feed, c.batches, d.done FROM claims AS c "
+                    "LEFT JOIN claim_done AS d ON d.id = c.id WHERE c.id = ?1",
+    [S_SET_DONE] = "INSERT INTO claim_done(id, done) VALUES(?1, ?2) "
+                   "ON CONFLICT(id) DO UPDATE SET done = excluded.done",
+    [S_DELETE_CLAIM] = "DELETE FROM claims WHERE id = ?1",
+    [S_DELETE_DONE] = "DELETE FROM claim_done WHERE id = ?1",
     [S_FEED_STATE_SET] = "INSERT INTO feed_state(feed, reason, since_ms) VALUES(?1, ?2, ?3) "
                          "ON CONFLICT(feed) DO UPDATE SET reason = excluded.reason, "
                          "since_ms = CASE WHEN feed_state.reason = excluded.reason "
@@ -365,15 +372,6 @@ static void bind_str(sqlite3_stmt *s, int i, str v)
     sqlite3_bind_text(s, i, v.p ? v.p : "", (int)v.n, SQLITE_STATIC);
 }
 
-static void encode_ids(const int64_t *ids, size_t n, unsigned char *out)
-{
-    for (size_t i = 0; i < n; i++) {
-        uint64_t v = (uint64_t)ids[i];
-        for (int b = 0; b < 8; b++)
-            out[i * 8 + (size_t)b] = (unsigned char)(v >> (8 * b));
-    }
-}
-
 static int64_t decode_id(const unsigned char *p)
 {
     uint64_t v = 0;
@@ -554,110 +552,196 @@ static enum queue_status apply_commit(queue *q, struct op *op, int64_t now, int6
     return QUEUE_OK;
 }
 
-static int insert_batch(queue *q, struct queue_batch *b, int64_t now)
+typedef int (*record_fn)(queue *, struct op *, int64_t id, int feed, int64_t now);
+
+static int cmp_i64(const void *a, const void *b)
 {
-    size_t bytes = b->nrecords * 8;
-    unsigned char *blob = malloc(bytes ? bytes : 1);
-    if (!blob)
-        return SQLITE_NOMEM;
-    encode_ids(b->record_ids, b->nrecords, blob);
-    sqlite3_stmt *s = q->st[S_INSERT_BATCH];
-    sqlite3_bind_int(s, 1, (int)b->feed);
-    sqlite3_bind_text(s, 2, b->source_request_id, -1, SQLITE_STATIC);
-    sqlite3_bind_int64(s, 3, now);
-    sqlite3_bind_int64(s, 4, b->oldest_ms);
-    sqlite3_bind_blob(s, 5, blob, (int)bytes, SQLITE_STATIC);
-    int rc = step_done(s);
-    free(blob);
-    if (rc == SQLITE_OK)
-        b->id = sqlite3_last_insert_rowid(q->db);
-    return rc;
+    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* Marks batches finished in their claims, calling fn (when not NULL) for each
+ * record of each batch not finished before; a claim whose batches are all
+ * finished is deleted. */
+static enum queue_status finish_batches(queue *q, struct op *op, const int64_t *batch_ids, size_t n,
+                                        int64_t now, record_fn fn)
+{
+    int64_t *ids = malloc((n ? n : 1) * sizeof(*ids));
+    if (!ids)
+        return QUEUE_ERROR;
+    memcpy(ids, batch_ids, n * sizeof(*ids));
+    qsort(ids, n, sizeof(*ids), cmp_i64);
+    enum queue_status st = QUEUE_OK;
+    for (size_t i = 0; i < n && st == QUEUE_OK;) {
+        int64_t row = claim_row_of(ids[i]);
+        size_t j = i;
+        while (j < n && claim_row_of(ids[j]) == row)
+            j++;
+        /* copies: the statements below would invalidate the columns */
+        sqlite3_stmt *s = q->st[S_GET_CLAIM];
+        sqlite3_bind_int64(s, 1, row);
+        int rc = sqlite3_step(s);
+        unsigned char *blob = NULL, *done = NULL;
+        size_t len = 0, nbytes = 0;
+        int feed = 0;
+        if (rc == SQLITE_ROW) {
+            feed = sqlite3_column_int(s, 0);
+            len = (size_t)sqlite3_column_bytes(s, 1);
+            blob = malloc(len ? len : 1);
+            if (blob)
+                memcpy(blob, sqlite3_column_blob(s, 1), len);
+            done = calloc(1, CLAIM_BITMAP_BYTES(CLAIM_MAX_BATCHES));
+            nbytes = (size_t)sqlite3_column_bytes(s, 2);
+            if (done && nbytes <= CLAIM_BITMAP_BYTES(CLAIM_MAX_BATCHES) && nbytes > 0)
+                memcpy(done, sqlite3_column_blob(s, 2), nbytes);
+        }
+        sqlite3_reset(s);
+        struct claim_batch *b = NULL;
+        long nb = rc == SQLITE_ROW && blob && done ? claim_parse(blob, len, &b) : 0;
+        if (rc == SQLITE_ROW && nb < 0) {
+            log_error("queue: a persisted claim of batches is unreadable",
+                      LOG_I("claim", row) LOG_I("bytes", (long long)len));
+            st = QUEUE_ERROR;
+        } else if (rc == SQLITE_ROW && (!blob || !done)) {
+            st = QUEUE_ERROR;
+        } else if (rc != SQLITE_ROW && rc != SQLITE_DONE) {
+            st = status_of(rc);
+        }
+        size_t left = 0;
+        for (size_t k = i; k < j && st == QUEUE_OK && nb > 0; k++) {
+            size_t x = claim_index_of(ids[k]);
+            if (x >= (size_t)nb || claim_finished(done, CLAIM_BITMAP_BYTES((size_t)nb), x))
+                continue; /* finished before (a repeated acknowledgement) */
+            for (size_t r = 0; fn && r < b[x].nrecords && st == QUEUE_OK; r++) {
+                if ((rc = fn(q, op, claim_record(&b[x], r), feed, now)) != SQLITE_OK)
+                    st = status_of(rc);
+            }
+            claim_finish(done, x);
+        }
+        for (long x = 0; x < nb; x++)
+            left += !claim_finished(done, CLAIM_BITMAP_BYTES((size_t)nb), (size_t)x);
+        if (st == QUEUE_OK && nb > 0) {
+            if (left == 0) {
+                s = q->st[S_DELETE_CLAIM];
+                sqlite3_bind_int64(s, 1, row);
+                rc = step_done(s);
+                if (rc == SQLITE_OK) {
+                    s = q->st[S_DELETE_DONE];
+                    sqlite3_bind_int64(s, 1, row);
+                    rc = step_done(s);
+                }
+            } else {
+                s = q->st[S_SET_DONE];
+                sqlite3_bind_int64(s, 1, row);
+                sqlite3_bind_blob(s, 2, done, (int)CLAIM_BITMAP_BYTES((size_t)nb), SQLITE_STATIC);
+                rc = step_done(s);
+            }
+            if (rc != SQLITE_OK)
+                st = status_of(rc);
+        }
+        free(b);
+        free(blob);
+        free(done);
+        i = j;
+    }
+    free(ids);
+    return st;
+}
+
+/* Stores batches b[0..n) of one claim, in rows of at most CLAIM_MAX_BATCHES,
+ * and fills their ids. */
+static int insert_claims(queue *q, struct queue_batch *b, size_t n, int64_t now)
+{
+    for (size_t at = 0; at < n;) {
+        size_t m = n - at < CLAIM_MAX_BATCHES ? n - at : CLAIM_MAX_BATCHES;
+        size_t len;
+        unsigned char *blob = claim_encode(b + at, m, &len);
+        if (!blob)
+            return SQLITE_NOMEM;
+        sqlite3_stmt *s = q->st[S_INSERT_CLAIM];
+        sqlite3_bind_int(s, 1, (int)b[at].feed);
+        sqlite3_bind_int64(s, 2, now);
+        sqlite3_bind_blob(s, 3, blob, (int)len, SQLITE_STATIC);
+        int rc = step_done(s);
+        free(blob);
+        if (rc != SQLITE_OK)
+            return rc;
+        int64_t row = sqlite3_last_insert_rowid(q->db);
+        for (size_t i = 0; i < m; i++)
+            b[at + i].id = claim_batch_id(row, i);
+        at += m;
+    }
+    return SQLITE_OK;
+}
+
+/* Persists the batches of feed f among b[0..n) as one claim, and raises the
+ * feed's claimed id once sure no record up to it is left out. */
+static enum queue_status persist_feed(queue *q, enum feed f, struct queue_batch *b, size_t n,
+                                      int64_t now)
+{
+    size_t m = 0;
+    for (size_t i = 0; i < n; i++)
+        m += b[i].feed == f;
+    if (m == 0)
+        return QUEUE_OK;
+    struct queue_batch *mine = malloc(m * sizeof(*mine));
+    if (!mine)
+        return QUEUE_ERROR;
+    /* the largest id claimed now, and how many ids above the previous claim
+     * the batches hold */
+    int64_t claimed = 0, fresh = 0;
+    for (size_t i = 0, k = 0; i < n; i++) {
+        if (b[i].feed != f)
+            continue;
+        mine[k++] = b[i];
+        for (size_t r = 0; r < b[i].nrecords; r++) {
+            int64_t id = b[i].record_ids[r];
+            claimed = id > claimed ? id : claimed;
+            fresh += id > q->ring[f].claimed;
+        }
+    }
+    int rc = insert_claims(q, mine, m, now);
+    for (size_t i = 0, k = 0; i < n && rc == SQLITE_OK; i++) {
+        if (b[i].feed == f)
+            b[i].id = mine[k++].id;
+    }
+    free(mine);
+    if (rc != SQLITE_OK)
+        return status_of(rc);
+    if (claimed <= q->ring[f].claimed)
+        return QUEUE_OK;
+    /* a record left out here would count as delivered */
+    sqlite3_stmt *s = q->fst[f][F_COUNT_RANGE];
+    sqlite3_bind_int64(s, 1, q->ring[f].claimed);
+    sqlite3_bind_int64(s, 2, claimed);
+    int64_t stored = sqlite3_step(s) == SQLITE_ROW ? sqlite3_column_int64(s, 0) : -1;
+    sqlite3_reset(s);
+    if (stored != fresh) {
+        log_error("queue: refused batches that leave out records of their feed",
+                  LOG_S("feed", FEED_NAMES[f]) LOG_I("records", stored) LOG_I("in_batches", fresh));
+        return QUEUE_ERROR;
+    }
+    s = q->st[S_SET_CLAIMED];
+    sqlite3_bind_int(s, 1, (int)f);
+    sqlite3_bind_int64(s, 2, claimed);
+    rc = step_done(s);
+    if (rc != SQLITE_OK)
+        return status_of(rc);
+    q->ring[f].claimed = claimed;
+    return QUEUE_OK;
 }
 
 static enum queue_status apply_persist(queue *q, struct op *op, int64_t now)
 {
-    if (op->kind == OP_SPLIT) {
-        sqlite3_stmt *s = q->st[S_DELETE_BATCH];
-        sqlite3_bind_int64(s, 1, op->u.persist.replaces);
-        int rc = step_done(s);
-        if (rc != SQLITE_OK)
-            return status_of(rc);
+    enum queue_status st = QUEUE_OK;
+    if (op->kind == OP_SPLIT)
+        st = finish_batches(q, op, &op->u.persist.replaces, 1, now, NULL);
+    for (size_t i = 0; i < op->u.persist.n && st == QUEUE_OK; i++) {
+        if (op->u.persist.b[i].feed >= FEED_COUNT)
+            st = QUEUE_ERROR;
     }
-    /* per feed: the largest id claimed now, and how many ids above the
-     * previous claim the batches hold */
-    int64_t claimed[FEED_COUNT] = {0}, fresh[FEED_COUNT] = {0};
-    for (size_t i = 0; i < op->u.persist.n; i++) {
-        const struct queue_batch *b = &op->u.persist.b[i];
-        int rc = insert_batch(q, &op->u.persist.b[i], now);
-        if (rc != SQLITE_OK)
-            return status_of(rc);
-        for (size_t k = 0; k < b->nrecords && b->feed < FEED_COUNT; k++) {
-            int64_t id = b->record_ids[k];
-            claimed[b->feed] = id > claimed[b->feed] ? id : claimed[b->feed];
-            fresh[b->feed] += id > q->ring[b->feed].claimed;
-        }
-    }
-    for (int f = 0; f < FEED_COUNT; f++) {
-        if (claimed[f] <= q->ring[f].claimed)
-            continue;
-        /* a record skipped here would count as delivered */
-        sqlite3_stmt *s = q->fst[f][F_COUNT_RANGE];
-        sqlite3_bind_int64(s, 1, q->ring[f].claimed);
-        sqlite3_bind_int64(s, 2, claimed[f]);
-        int64_t stored = sqlite3_step(s) == SQLITE_ROW ? sqlite3_column_int64(s, 0) : -1;
-        sqlite3_reset(s);
-        if (stored != fresh[f]) {
-            log_error("queue: refused batches that leave out records of their feed",
-                      LOG_S("feed", FEED_NAMES[f]) LOG_I("records", stored)
-                          LOG_I("in_batches", fresh[f]));
-            return QUEUE_ERROR;
-        }
-        s = q->st[S_SET_CLAIMED];
-        sqlite3_bind_int(s, 1, f);
-        sqlite3_bind_int64(s, 2, claimed[f]);
-        int rc = step_done(s);
-        if (rc != SQLITE_OK)
-            return status_of(rc);
-        q->ring[f].claimed = claimed[f];
-    }
-    return QUEUE_OK;
-}
-
-/* Deletes a batch and calls fn(q, op, record id, feed) for each of its records. */
-static enum queue_status each_batch_record(queue *q, struct op *op, int64_t batch_id, int64_t now,
-                                           int (*fn)(queue *, struct op *, int64_t, int, int64_t))
-{
-    sqlite3_stmt *s = q->st[S_TAKE_BATCH];
-    sqlite3_bind_int64(s, 1, batch_id);
-    int rc = sqlite3_step(s);
-    if (rc == SQLITE_DONE) {
-        sqlite3_reset(s);
-        return QUEUE_OK; /* already gone */
-    }
-    if (rc != SQLITE_ROW) {
-        sqlite3_reset(s);
-        return status_of(rc);
-    }
-    int feed = sqlite3_column_int(s, 0);
-    size_t bytes = (size_t)sqlite3_column_bytes(s, 1);
-    const unsigned char *blob = sqlite3_column_blob(s, 1);
-    size_t n = bytes / 8;
-    int64_t *ids = malloc((n ? n : 1) * sizeof(*ids));
-    if (!ids) {
-        sqlite3_reset(s);
-        return QUEUE_ERROR;
-    }
-    for (size_t i = 0; i < n; i++)
-        ids[i] = decode_id(blob + i * 8);
-    rc = sqlite3_step(s); /* the end of the RETURNING rows */
-    sqlite3_reset(s);
-    enum queue_status st = rc == SQLITE_DONE ? QUEUE_OK : status_of(rc);
-    for (size_t i = 0; i < n && st == QUEUE_OK; i++) {
-        rc = fn(q, op, ids[i], feed, now);
-        if (rc != SQLITE_OK)
-            st = status_of(rc);
-    }
-    free(ids);
+    for (int f = 0; f < FEED_COUNT && st == QUEUE_OK; f++)
+        st = persist_feed(q, (enum feed)f, op->u.persist.b, op->u.persist.n, now);
     return st;
 }
 
@@ -738,13 +822,10 @@ static int record_to_dead(queue *q, struct op *op, int64_t id, int feed, int64_t
 
 static enum queue_status apply_batches(queue *q, struct op *op, int64_t now)
 {
-    for (size_t i = 0; i < op->u.batches.n; i++) {
-        enum queue_status st =
-            each_batch_record(q, op, op->u.batches.ids[i], now,
-                              op->kind == OP_ACK ? record_delivered : record_to_dead);
-        if (st != QUEUE_OK)
-            return st;
-    }
+    enum queue_status st = finish_batches(q, op, op->u.batches.ids, op->u.batches.n, now,
+                                          op->kind == OP_ACK ? record_delivered : record_to_dead);
+    if (st != QUEUE_OK)
+        return st;
     if (op->kind == OP_ACK && op->u.batches.settled_below > 0)
         return raise_line(q, op->u.batches.feed, op->u.batches.settled_below);
     return QUEUE_OK;
@@ -944,6 +1025,50 @@ static void shrink(queue *q)
         log_warn("cannot shrink the queue file", LOG_S("error", err));
 }
 
+/* Calls fn for every batch not finished, claim by claim, in id order. fn
+ * returns non-zero to stop, and that is returned; -1 on a storage error or an
+ * unreadable claim. */
+static int each_live_batch(sqlite3 *db,
+                           int (*fn)(void *ctx, int64_t id, int feed, const struct claim_batch *b),
+                           void *ctx)
+{
+    sqlite3_stmt *s;
+    if (sqlite3_prepare_v2(db,
+                           "SELECT c.id, c.feed, c.batches, d.done FROM claims AS c "
+                           "LEFT JOIN claim_done AS d ON d.id = c.id ORDER BY c.id",
+                           -1, &s, NULL) != SQLITE_OK)
+        return -1;
+    int rc, out = 0;
+    while (out == 0 && (rc = sqlite3_step(s)) == SQLITE_ROW) {
+        int64_t row = sqlite3_column_int64(s, 0);
+        struct claim_batch *b;
+        long nb = claim_parse(sqlite3_column_blob(s, 2), (size_t)sqlite3_column_bytes(s, 2), &b);
+        if (nb < 0) {
+            log_error("queue: a persisted claim of batches is unreadable", LOG_I("claim", row));
+            out = -1;
+            break;
+        }
+        const unsigned char *done = sqlite3_column_blob(s, 3);
+        size_t nd = (size_t)sqlite3_column_bytes(s, 3);
+        for (long x = 0; x < nb && out == 0; x++) {
+            if (!claim_finished(done, nd, (size_t)x))
+                out = fn(ctx, claim_batch_id(row, (size_t)x), sqlite3_column_int(s, 1), &b[x]);
+        }
+        free(b);
+    }
+    sqlite3_finalize(s);
+    return out ? out : rc == SQLITE_DONE ? 0 : -1;
+}
+
+static int add_live_records(void *ctx, int64_t id, int feed, const struct claim_batch *b)
+{
+    (void)id;
+    struct queue_gauges *g = ctx;
+    if (feed >= 0 && feed < FEED_COUNT)
+        g->depth[feed] += (int64_t)b->nrecords;
+    return 0;
+}
+
 /* Feed f's settled line (which 0) or claimed id (which 1) as stored, 0 when
  * none yet. */
 static int64_t read_settled(sqlite3 *db, enum feed f, int which)
@@ -989,6 +1114,8 @@ static int count_rows(sqlite3 *db, struct queue_gauges *g)
             g->depth[f] = sqlite3_column_int64(s, 0);
         sqlite3_finalize(s);
     }
+    if (each_live_batch(db, add_live_records, g) != 0)
+        return -1;
     if (sqlite3_prepare_v2(db, "SELECT count(*) FROM dead", -1, &s, NULL) != SQLITE_OK)
         return -1;
     if (sqlite3_step(s) == SQLITE_ROW)
@@ -1390,13 +1517,14 @@ fail:
 }
 
 /* Schema 4 keeps each feed's records in a ring of tables emptied whole once
- * delivered (schema 3 deleted each delivered record at once): schema 3's table
- * becomes the first of the ring, and each feed's claimed id is the largest id
- * its batches hold (schema 3 batched every record up to it). */
+ * delivered (schema 3 deleted each delivered record at once), and batches by
+ * claim: schema 3's records table becomes the first of the ring, each of its
+ * batches a claim of one, and each feed's claimed id is the largest id its
+ * batches hold (schema 3 batched every record up to it). */
 static int migrate_to_4(sqlite3 *db, char *err, size_t errlen)
 {
     int64_t claimed[FEED_COUNT] = {0};
-    sqlite3_stmt *s = NULL;
+    sqlite3_stmt *s = NULL, *ins = NULL;
     if (exec(db, "BEGIN IMMEDIATE", err, errlen) != 0)
         return -1;
     for (int f = 0; f < FEED_COUNT; f++) {
@@ -1406,26 +1534,51 @@ static int migrate_to_4(sqlite3 *db, char *err, size_t errlen)
         if (exec(db, sql, err, errlen) != 0)
             goto fail;
     }
-    if (create_records_tables(db, err, errlen) != 0 ||
-        exec(db,
-             "CREATE TABLE IF NOT EXISTS settled(feed INTEGER PRIMARY KEY, "
-             "below INTEGER NOT NULL, claimed INTEGER NOT NULL)",
-             err, errlen) != 0)
+    if (create_records_tables(db, err, errlen) != 0 || exec(db, SCHEMA, err, errlen) != 0)
         goto fail;
     /* (a queue from before schema 2 has no batches yet) */
     if (table_exists(db, "batches") &&
-        sqlite3_prepare_v2(db, "SELECT feed, record_ids FROM batches", -1, &s, NULL) != SQLITE_OK)
+        (sqlite3_prepare_v2(db,
+                            "SELECT feed, source_request_id, created_ms, oldest_ms, record_ids "
+                            "FROM batches ORDER BY id",
+                            -1, &s, NULL) != SQLITE_OK ||
+         sqlite3_prepare_v2(db, "INSERT INTO claims(feed, created_ms, batches) VALUES(?1, ?2, ?3)",
+                            -1, &ins, NULL) != SQLITE_OK))
         goto sql_fail;
     while (s && sqlite3_step(s) == SQLITE_ROW) {
+        struct queue_batch b = {0};
         int f = sqlite3_column_int(s, 0);
-        const unsigned char *blob = sqlite3_column_blob(s, 1);
-        size_t n = (size_t)sqlite3_column_bytes(s, 1) / 8;
-        for (size_t i = 0; i < n && f >= 0 && f < FEED_COUNT; i++) {
-            int64_t id = decode_id(blob + i * 8);
-            claimed[f] = id > claimed[f] ? id : claimed[f];
+        if (f < 0 || f >= FEED_COUNT)
+            continue;
+        b.feed = (enum feed)f;
+        str_copy(b.source_request_id, sizeof b.source_request_id,
+                 (const char *)sqlite3_column_text(s, 1));
+        b.oldest_ms = sqlite3_column_int64(s, 3);
+        const unsigned char *blob = sqlite3_column_blob(s, 4);
+        b.nrecords = (size_t)sqlite3_column_bytes(s, 4) / 8;
+        b.record_ids = malloc((b.nrecords ? b.nrecords : 1) * sizeof(int64_t));
+        if (!b.record_ids)
+            goto sql_fail;
+        for (size_t i = 0; i < b.nrecords; i++) {
+            b.record_ids[i] = decode_id(blob + i * 8);
+            claimed[f] = b.record_ids[i] > claimed[f] ? b.record_ids[i] : claimed[f];
         }
+        size_t len;
+        unsigned char *enc = claim_encode(&b, 1, &len);
+        free(b.record_ids);
+        if (!enc)
+            goto sql_fail;
+        sqlite3_bind_int(ins, 1, f);
+        sqlite3_bind_int64(ins, 2, sqlite3_column_int64(s, 2));
+        sqlite3_bind_blob(ins, 3, enc, (int)len, SQLITE_STATIC);
+        int rc = step_done(ins);
+        free(enc);
+        if (rc != SQLITE_OK)
+            goto sql_fail;
     }
     sqlite3_finalize(s);
+    sqlite3_finalize(ins);
+    ins = NULL;
     if (sqlite3_prepare_v2(db, "INSERT INTO settled(feed, below, claimed) VALUES(?1, 0, ?2)", -1,
                            &s, NULL) != SQLITE_OK)
         goto sql_fail;
@@ -1437,14 +1590,18 @@ static int migrate_to_4(sqlite3 *db, char *err, size_t errlen)
     }
     sqlite3_finalize(s);
     s = NULL;
-    if (exec(db, "UPDATE meta SET value = '4' WHERE key = 'schema_version'; COMMIT", err, errlen) ==
-        0)
+    if (exec(db,
+             "DROP TABLE IF EXISTS batches; "
+             "UPDATE meta SET value = '4' WHERE key = 'schema_version'; COMMIT",
+             err, errlen) == 0)
         return 0;
     goto fail;
 sql_fail:
-    str_printf(err, errlen, "migrating the queue: %s", sqlite3_errmsg(db));
+    str_printf(err, errlen, "migrating the queue: %s",
+               sqlite3_errcode(db) != SQLITE_OK ? sqlite3_errmsg(db) : "out of memory");
 fail:
     sqlite3_finalize(s);
+    sqlite3_finalize(ins);
     (void)sqlite3_exec(db, "ROLLBACK", NULL, NULL, NULL);
     return -1;
 }
@@ -1516,6 +1673,19 @@ static int migrate(sqlite3 *db, char *err, size_t errlen)
     return migrate_to_4(db, err, errlen);
 }
 
+static int hold_batch(void *ctx, int64_t id, int feed, const struct claim_batch *b)
+{
+    (void)id;
+    sqlite3_stmt *ins = ctx;
+    sqlite3_bind_int(ins, 1, feed);
+    for (size_t i = 0; i < b->nrecords; i++) {
+        sqlite3_bind_int64(ins, 2, claim_record(b, i));
+        if (step_done(ins) != SQLITE_OK)
+            return -1;
+    }
+    return 0;
+}
+
 /* Records delivered before the last stop are deleted now, while nothing else
  * runs: each feed's records below its settled line, and those at or under its
  * claimed id that no batch holds. */
@@ -1526,24 +1696,16 @@ static int settle_delivered(sqlite3 *db, char *err, size_t errlen)
              "id INTEGER NOT NULL, PRIMARY KEY(feed, id)) WITHOUT ROWID; DELETE FROM held",
              err, errlen) != 0)
         return -1;
-    sqlite3_stmt *s = NULL, *ins = NULL;
-    if (sqlite3_prepare_v2(db, "SELECT feed, record_ids FROM batches", -1, &s, NULL) != SQLITE_OK ||
-        sqlite3_prepare_v2(db, "INSERT OR IGNORE INTO held(feed, id) VALUES(?1, ?2)", -1, &ins,
-                           NULL) != SQLITE_OK)
-        goto sql_fail;
-    while (sqlite3_step(s) == SQLITE_ROW) {
-        const unsigned char *blob = sqlite3_column_blob(s, 1);
-        size_t n = (size_t)sqlite3_column_bytes(s, 1) / 8;
-        sqlite3_bind_int(ins, 1, sqlite3_column_int(s, 0));
-        for (size_t i = 0; i < n; i++) {
-            sqlite3_bind_int64(ins, 2, decode_id(blob + i * 8));
-            if (step_done(ins) != SQLITE_OK)
-                goto sql_fail;
-        }
+    sqlite3_stmt *ins = NULL;
+    if (sqlite3_prepare_v2(db, "INSERT OR IGNORE INTO held(feed, id) VALUES(?1, ?2)", -1, &ins,
+                           NULL) != SQLITE_OK ||
+        each_live_batch(db, hold_batch, ins) != 0) {
+        str_printf(err, errlen, "reading the persisted batches: %s",
+                   sqlite3_errcode(db) != SQLITE_OK ? sqlite3_errmsg(db) : "a claim is unreadable");
+        goto fail;
     }
-    sqlite3_finalize(s);
     sqlite3_finalize(ins);
-    s = ins = NULL;
+    ins = NULL;
     for (int f = 0; f < FEED_COUNT; f++) {
         long long below = (long long)read_settled(db, (enum feed)f, 0);
         long long claimed = (long long)read_settled(db, (enum feed)f, 1);
@@ -1559,11 +1721,7 @@ static int settle_delivered(sqlite3 *db, char *err, size_t errlen)
     }
     if (exec(db, "DROP TABLE held; COMMIT", err, errlen) == 0)
         return 0;
-    goto fail;
-sql_fail:
-    str_printf(err, errlen, "%s", sqlite3_errmsg(db));
 fail:
-    sqlite3_finalize(s);
     sqlite3_finalize(ins);
     (void)sqlite3_exec(db, "ROLLBACK", NULL, NULL, NULL);
     return -1;
@@ -2074,40 +2232,37 @@ int queue_fetch(queue_reader *r, enum feed f, const int64_t *ids, size_t n, stru
     return 0;
 }
 
+struct load_ctx {
+    void (*fn)(void *ctx, struct queue_batch *b);
+    void *ctx;
+};
+
+static int load_one(void *ctx, int64_t id, int feed, const struct claim_batch *cb)
+{
+    struct load_ctx *l = ctx;
+    if (feed < 0 || feed >= FEED_COUNT)
+        return 0;
+    struct queue_batch b = {0};
+    b.id = id;
+    b.feed = (enum feed)feed;
+    size_t n =
+        cb->srid_len < sizeof b.source_request_id ? cb->srid_len : sizeof b.source_request_id - 1;
+    memcpy(b.source_request_id, cb->srid, n);
+    b.oldest_ms = cb->oldest_ms;
+    b.record_ids = malloc((cb->nrecords ? cb->nrecords : 1) * sizeof(int64_t));
+    if (!b.record_ids)
+        return -1;
+    for (size_t i = 0; i < cb->nrecords; i++)
+        b.record_ids[i] = claim_record(cb, i);
+    b.nrecords = cb->nrecords;
+    l->fn(l->ctx, &b); /* takes b.record_ids */
+    return 0;
+}
+
 int queue_load_batches(queue_reader *r, void (*fn)(void *ctx, struct queue_batch *b), void *ctx)
 {
-    sqlite3_stmt *s;
-    if (sqlite3_prepare_v2(r->db,
-                           "SELECT id, feed, source_request_id, oldest_ms, record_ids FROM batches "
-                           "ORDER BY id",
-                           -1, &s, NULL) != SQLITE_OK)
-        return -1;
-    int rc;
-    while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
-        struct queue_batch b = {0};
-        b.id = sqlite3_column_int64(s, 0);
-        b.feed = (enum feed)sqlite3_column_int(s, 1);
-        str_copy(b.source_request_id, sizeof b.source_request_id,
-                 (const char *)sqlite3_column_text(s, 2));
-        b.oldest_ms = sqlite3_column_int64(s, 3);
-        size_t n = (size_t)sqlite3_column_bytes(s, 4) / 8;
-        const unsigned char *blob = sqlite3_column_blob(s, 4);
-        b.record_ids = malloc((n ? n : 1) * sizeof(int64_t));
-        if (!b.record_ids) {
-            rc = SQLITE_NOMEM;
-            break;
-        }
-        for (size_t i = 0; i < n; i++)
-            b.record_ids[i] = decode_id(blob + i * 8);
-        b.nrecords = n;
-        if (b.feed >= FEED_COUNT) {
-            free(b.record_ids);
-            continue;
-        }
-        fn(ctx, &b); /* takes b.record_ids */
-    }
-    sqlite3_finalize(s);
-    return rc == SQLITE_DONE ? 0 : -1;
+    struct load_ctx l = {fn, ctx};
+    return each_live_batch(r->db, load_one, &l) == 0 ? 0 : -1;
 }
 
 int64_t queue_oldest_ms(queue_reader *r, enum feed f)
@@ -2176,6 +2331,16 @@ static int64_t file_size(const char *path)
     return stat(path, &st) == 0 ? (int64_t)st.st_size : 0;
 }
 
+static int count_batch(void *ctx, int64_t id, int feed, const struct claim_batch *b)
+{
+    (void)id;
+    (void)b;
+    int64_t *n = ctx;
+    if (feed >= 0 && feed < FEED_COUNT)
+        n[feed]++;
+    return 0;
+}
+
 int queue_stats(queue_reader *r, struct queue_stats *st)
 {
     memset(st, 0, sizeof(*st));
@@ -2186,16 +2351,9 @@ int queue_stats(queue_reader *r, struct queue_stats *st)
     st->dead = g.dead;
     for (int f = 0; f < FEED_COUNT; f++)
         st->oldest_ms[f] = queue_oldest_ms(r, (enum feed)f);
-    sqlite3_stmt *s;
-    if (sqlite3_prepare_v2(r->db, "SELECT feed, count(*) FROM batches GROUP BY feed", -1, &s,
-                           NULL) != SQLITE_OK)
+    if (each_live_batch(r->db, count_batch, st->in_flight_batches) != 0)
         return -1;
-    while (sqlite3_step(s) == SQLITE_ROW) {
-        int f = sqlite3_column_int(s, 0);
-        if (f >= 0 && f < FEED_COUNT)
-            st->in_flight_batches[f] = sqlite3_column_int64(s, 1);
-    }
-    sqlite3_finalize(s);
+    sqlite3_stmt *s;
     if (sqlite3_prepare_v2(r->db, "SELECT feed, reason, since_ms FROM feed_state", -1, &s, NULL) !=
         SQLITE_OK)
         return -1;

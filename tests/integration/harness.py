@@ -136,6 +136,28 @@ def request(port, method, path, body=None, headers=None, timeout=30):
         conn.close()
 
 
+def claim_batches(blob):
+    """The record ids of each batch of a claim as the queue stores it (host/claim.h)."""
+    (n,) = struct.unpack_from("<I", blob, 0)
+    at, out = 4, []
+    for _ in range(n):
+        at += 1 + blob[at] + 8
+        (count,) = struct.unpack_from("<I", blob, at)
+        at += 4
+        out.append(list(struct.unpack_from("<%dq" % count, blob, at)))
+        at += 8 * count
+    return out
+
+
+def claim_blob(batches):
+    """A claim of batches [(source_request_id, [record ids])] as the queue stores it."""
+    out = struct.pack("<I", len(batches))
+    for srid, ids in batches:
+        out += bytes([len(srid)]) + srid.encode() + struct.pack("<qI", 0, len(ids))
+        out += struct.pack("<%dq" % len(ids), *ids)
+    return out
+
+
 class Service:
     """One running tributary serve."""
 
@@ -262,13 +284,17 @@ class Service:
 
     def queued_ids(self):
         """Event ids waiting for delivery, in order of arrival: records above their
-        feed's claimed id, or in a batch. (Delivered records stay in their table
-        until it is emptied whole.)"""
+        feed's claimed id, or in a batch not yet delivered. (Delivered records
+        stay in their table until it is emptied whole.)"""
         with self.db() as db:
             claimed = dict(db.execute("SELECT feed, claimed FROM settled").fetchall())
             held = set()
-            for feed, blob in db.execute("SELECT feed, record_ids FROM batches"):
-                held.update((feed, i) for (i,) in struct.iter_unpack("<q", blob))
+            for feed, batches, done in db.execute(
+                    "SELECT c.feed, c.batches, d.done FROM claims AS c "
+                    "LEFT JOIN claim_done AS d ON d.id = c.id"):
+                for i, ids in enumerate(claim_batches(batches)):
+                    if not (done and i // 8 < len(done) and done[i // 8] >> (i % 8) & 1):
+                        held.update((feed, r) for r in ids)
             rows = db.execute("SELECT feed, id, event_id FROM %s ORDER BY received_ms, feed, id"
                               % RECORDS).fetchall()
         return [e for f, i, e in rows if i > claimed.get(f, 0) or (f, i) in held]

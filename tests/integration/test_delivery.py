@@ -6,7 +6,7 @@ import os
 import signal
 import time
 
-from harness import SLOW, Service, ServiceTest, event, load_event_map, run_cli
+from harness import SLOW, Service, ServiceTest, claim_blob, event, load_event_map, run_cli
 from mparticle_double import MParticleDouble
 
 FEEDS = {
@@ -318,8 +318,8 @@ class Delivery(ServiceTest):
             self.assertEqual(db.execute("SELECT count(*) FROM records_unbound").fetchone()[0], 0)
             # a batch persisted before a stop whose records were all delivered
             # (its own acknowledgement lost) names records that are gone
-            db.execute("INSERT INTO batches(feed, source_request_id, created_ms, oldest_ms, "
-                       "record_ids) VALUES(3, 'gone-batch', 0, 0, x'0100000000000000')")
+            db.execute("INSERT INTO claims(feed, created_ms, batches) VALUES(3, 0, ?)",
+                       (claim_blob([("gone-batch", [1])]),))
         s.start()
         later = [event("users.messages.email.Send", user="r%d" % i) for i in range(20)]
         self.assertEqual(s.post(later).status, 200)
@@ -331,7 +331,7 @@ class Delivery(ServiceTest):
         self.wait(lambda: s.queued_ids() == [], what="nothing waiting")
         s.stop()
         with s.db() as db:
-            self.assertEqual(db.execute("SELECT count(*) FROM batches").fetchone()[0], 0)
+            self.assertEqual(db.execute("SELECT count(*) FROM claims").fetchone()[0], 0)
             self.assertEqual(db.execute("SELECT count(*) FROM records_unbound").fetchone()[0], 0)
         self.assertEqual(sorted(d.source_message_ids()), sorted(e["id"] for e in first + later))
 
