@@ -1,6 +1,7 @@
 /* queue: durable records, dedup, dead letters, batches in flight, group commit. */
 #include "unit.h"
 
+#include "claim.h"
 #include "queue.h"
 #include "record.h"
 
@@ -917,6 +918,153 @@ START_TEST(test_batches_that_leave_out_a_record_are_refused)
 }
 END_TEST
 
+START_TEST(test_a_claim_encodes_and_parses_back_its_batches)
+{
+    int64_t a[2] = {7, 9}, b[1] = {((int64_t)1 << 40) + 3};
+    struct queue_batch in[3] = {
+        make_batch(FEED_IOS, "3f2a6b9e-0c1d-4e5f-8a7b-123456789abc", a, 2, 1111),
+        make_batch(FEED_IOS, "x", b, 1, -5), make_batch(FEED_IOS, "", NULL, 0, 0)};
+    size_t len;
+    unsigned char *p = claim_encode(in, 3, &len);
+    ck_assert_ptr_nonnull(p);
+    struct claim_batch *out;
+    ck_assert_int_eq(claim_parse(p, len, &out), 3);
+    ck_assert_uint_eq(out[0].srid_len, 36);
+    ck_assert(memcmp(out[0].srid, in[0].source_request_id, 36) == 0);
+    ck_assert_int_eq(out[0].oldest_ms, 1111);
+    ck_assert_uint_eq(out[0].nrecords, 2);
+    ck_assert_int_eq(claim_record(&out[0], 0), 7);
+    ck_assert_int_eq(claim_record(&out[0], 1), 9);
+    ck_assert_uint_eq(out[1].srid_len, 1);
+    ck_assert_int_eq(out[1].oldest_ms, -5);
+    ck_assert_int_eq(claim_record(&out[1], 0), ((int64_t)1 << 40) + 3);
+    ck_assert_uint_eq(out[2].nrecords, 0);
+    free(out);
+    /* every truncation, and one byte too many, is refused */
+    for (size_t n = 0; n < len; n++)
+        ck_assert_int_eq(claim_parse(p, n, &out), -1);
+    unsigned char *longer = malloc(len + 1);
+    memcpy(longer, p, len);
+    longer[len] = 0;
+    ck_assert_int_eq(claim_parse(longer, len + 1, &out), -1);
+    free(longer);
+    free(p);
+
+    int64_t id = claim_batch_id(12345, 65535);
+    ck_assert_int_eq(claim_row_of(id), 12345);
+    ck_assert_uint_eq(claim_index_of(id), 65535);
+    unsigned char bits[CLAIM_BITMAP_BYTES(20)] = {0};
+    claim_finish(bits, 0);
+    claim_finish(bits, 19);
+    ck_assert(claim_finished(bits, sizeof bits, 0));
+    ck_assert(!claim_finished(bits, sizeof bits, 1));
+    ck_assert(claim_finished(bits, sizeof bits, 19));
+    ck_assert(!claim_finished(bits, sizeof bits, 200)); /* beyond the bitmap: not finished */
+    ck_assert(!claim_finished(NULL, 0, 0));
+}
+END_TEST
+
+START_TEST(test_a_claim_goes_once_each_of_its_batches_is_finished)
+{
+    queue *q = open_queue(NO_LIMIT, DEDUP_DAY);
+    commit_records(q, FEED_IOS, "evt", 3);
+    struct queue_items it;
+    scan_all(q, FEED_IOS, &it);
+    int64_t ids[3] = {it.items[0].id, it.items[1].id, it.items[2].id};
+    queue_items_free(&it);
+    struct queue_batch b[3] = {make_batch(FEED_IOS, "src-0", &ids[0], 1, 0),
+                               make_batch(FEED_IOS, "src-1", &ids[1], 1, 0),
+                               make_batch(FEED_IOS, "src-2", &ids[2], 1, 0)};
+    ck_assert_int_eq(queue_persist_batches(q, b, 3), QUEUE_OK);
+    ck_assert_int_eq(count_in_file("SELECT count(*) FROM claims"), 1);
+    ck_assert_int_eq(claim_row_of(b[0].id), claim_row_of(b[2].id));
+
+    /* one delivered, one dead-lettered: the claim keeps the third */
+    ck_assert_int_eq(queue_ack(q, &b[1].id, 1, FEED_IOS, ids[0]), QUEUE_OK);
+    ck_assert_int_eq(queue_dead_batch(q, b[0].id, DEAD_REJECTED, "400"), QUEUE_OK);
+    ck_assert_int_eq(depth(q, FEED_IOS), 1);
+    ck_assert_int_eq(dead_gauge(q), 1);
+    struct batch_list l;
+    load_batches(q, &l);
+    ck_assert_uint_eq(l.n, 1);
+    ck_assert_int_eq(l.b[0].id, b[2].id);
+    ck_assert_str_eq(l.b[0].source_request_id, "src-2");
+    batch_list_free(&l);
+    ck_assert_int_eq(count_in_file("SELECT count(*) FROM claims"), 1);
+    ck_assert_int_eq(count_in_file("SELECT count(*) FROM claim_done"), 1);
+
+    /* acknowledged again: nothing changes */
+    ck_assert_int_eq(queue_ack(q, &b[1].id, 1, FEED_IOS, ids[0]), QUEUE_OK);
+    ck_assert_int_eq(depth(q, FEED_IOS), 1);
+
+    ck_assert_int_eq(queue_ack(q, &b[2].id, 1, FEED_IOS, ids[2] + 1), QUEUE_OK);
+    ck_assert_int_eq(depth(q, FEED_IOS), 0);
+    ck_assert_int_eq(count_in_file("SELECT count(*) FROM claims"), 0);
+    ck_assert_int_eq(count_in_file("SELECT count(*) FROM claim_done"), 0);
+    load_batches(q, &l);
+    ck_assert_uint_eq(l.n, 0);
+    queue_free(q);
+}
+END_TEST
+
+START_TEST(test_a_schema_3_queue_keeps_its_records_and_batches)
+{
+    char path[320];
+    snprintf(path, sizeof path, "%s/queue.db", data_dir);
+    sqlite3 *db;
+    ck_assert_int_eq(sqlite3_open(path, &db), SQLITE_OK);
+    char sql[4096] = "CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;"
+                     "INSERT INTO meta VALUES('schema_version', '3');"
+                     "CREATE TABLE batches(id INTEGER PRIMARY KEY AUTOINCREMENT, feed INTEGER NOT "
+                     "NULL, source_request_id TEXT NOT NULL, created_ms INTEGER NOT NULL, "
+                     "oldest_ms INTEGER NOT NULL, record_ids BLOB NOT NULL);"
+                     "INSERT INTO batches VALUES(4, 0, 'src-old', 1, 2, "
+                     "x'05000000000000000600000000000000');";
+    for (int f = 0; f < FEED_COUNT; f++) {
+        char t[400];
+        snprintf(t, sizeof t,
+                 "CREATE TABLE records_%s(id INTEGER PRIMARY KEY AUTOINCREMENT, received_ms "
+                 "INTEGER NOT NULL, event_id TEXT NOT NULL, event_type TEXT NOT NULL, "
+                 "rules_version TEXT NOT NULL, user TEXT NOT NULL, batch TEXT NOT NULL, "
+                 "event TEXT NOT NULL, raw TEXT NOT NULL);",
+                 FEED_NAMES[f]);
+        strcat(sql, t);
+    }
+    strcat(sql, "INSERT INTO records_ios VALUES(5, 1, 'a', 't', 'v', 'u', '', '{}', '{}');"
+                "INSERT INTO records_ios VALUES(6, 1, 'b', 't', 'v', 'u', '', '{}', '{}');"
+                "INSERT INTO records_ios VALUES(7, 1, 'c', 't', 'v', 'u', '', '{}', '{}');");
+    ck_assert_int_eq(sqlite3_exec(db, sql, NULL, NULL, NULL), SQLITE_OK);
+    sqlite3_close(db);
+
+    queue *q = open_queue(NO_LIMIT, DEDUP_DAY);
+    ck_assert_int_eq(depth(q, FEED_IOS), 3);
+    struct batch_list l;
+    load_batches(q, &l);
+    ck_assert_uint_eq(l.n, 1);
+    ck_assert_str_eq(l.b[0].source_request_id, "src-old");
+    ck_assert_uint_eq(l.b[0].nrecords, 2);
+    ck_assert_int_eq(l.b[0].record_ids[0], 5);
+    ck_assert_int_eq(l.b[0].record_ids[1], 6);
+    ck_assert_int_eq(l.b[0].oldest_ms, 2);
+    int64_t old = l.b[0].id;
+    batch_list_free(&l);
+    /* the unbatched record is claimed next, and new records follow it */
+    int64_t seven = 7;
+    struct queue_batch b = make_batch(FEED_IOS, "src-new", &seven, 1, 0);
+    ck_assert_int_eq(queue_persist_batches(q, &b, 1), QUEUE_OK);
+    ck_assert_int_eq(queue_ack(q, &old, 1, FEED_IOS, 7), QUEUE_OK);
+    ck_assert_int_eq(depth(q, FEED_IOS), 1);
+    commit_records(q, FEED_IOS, "new", 1);
+    struct queue_items it;
+    scan_all(q, FEED_IOS, &it);
+    ck_assert_int_gt(it.items[it.n - 1].id, 7);
+    queue_items_free(&it);
+    ck_assert_int_eq(count_in_file("SELECT value FROM meta WHERE key = 'schema_version'"), 4);
+    ck_assert_int_eq(count_in_file("SELECT count(*) FROM sqlite_master WHERE name = 'batches'"), 0);
+    queue_free(q);
+}
+END_TEST
+
 START_TEST(test_dead_batch_moves_its_records_to_dead_letters)
 {
     queue *q = open_queue(NO_LIMIT, DEDUP_DAY);
@@ -1434,6 +1582,9 @@ static Suite *suite(void)
     tcase_add_test(tc, test_expire_leaves_records_of_a_persisted_batch_alone);
     tcase_add_test(tc, test_a_record_delivered_before_an_older_one_no_longer_counts);
     tcase_add_test(tc, test_batches_that_leave_out_a_record_are_refused);
+    tcase_add_test(tc, test_a_claim_encodes_and_parses_back_its_batches);
+    tcase_add_test(tc, test_a_claim_goes_once_each_of_its_batches_is_finished);
+    tcase_add_test(tc, test_a_schema_3_queue_keeps_its_records_and_batches);
     tcase_add_test(tc, test_delivered_records_left_on_disk_are_deleted_at_the_next_start);
     tcase_add_test(tc, test_a_table_of_the_ring_is_emptied_once_the_line_passes_it);
     tcase_add_test(tc, test_requeue_stores_records_without_dedup_and_deletes_the_dead_letters);
