@@ -784,6 +784,8 @@ static int record_delivered(queue *q, struct op *op, int64_t id, int feed, int64
 static enum queue_status raise_line(queue *q, enum feed f, int64_t below)
 {
     struct feed_ring *ring = &q->ring[f];
+    if (below > ring->claimed + 1)
+        below = ring->claimed + 1; /* nothing unclaimed is delivered */
     if (below <= ring->line)
         return QUEUE_OK;
     sqlite3_stmt *s = q->st[S_SET_LINE];

@@ -1,10 +1,12 @@
 /*
  * queue: the durable store between ingestion and delivery, in SQLite (WAL).
  *
- * Holds mapped records (one row per event, grouped for batching by feed and
- * user at send time, deleted in order once delivered), the batches being sent (with their
- * source_request_id, so a batch re-sent after a crash is byte-for-byte the same), the ids seen
- * within the dedup window, the dead-letter store, and the state of paused feeds.
+ * Holds mapped records (one row per event in a ring of tables per feed, grouped
+ * for batching by feed and user at send time, and deleted a table at a time
+ * once delivered), the batches being sent (one row per claim, see claim.h, with
+ * each batch's source_request_id, so a batch re-sent after a crash is
+ * byte-for-byte the same), the ids seen within the dedup window, the
+ * dead-letter store, and the state of paused feeds.
  *
  * One writer thread owns the only write connection. Callers hand it operations
  * and wait: the writer takes everything pending, applies it in one transaction
@@ -124,7 +126,11 @@ int queue_load_batches(queue_reader *r, void (*fn)(void *ctx, struct queue_batch
 /* The received time of the oldest record of f, or 0 when none. */
 int64_t queue_oldest_ms(queue_reader *r, enum feed f);
 
-/* Persists batches before they are sent; fills their ids. */
+/* Persists batches before they are sent, as one claim per feed; fills their
+ * ids. Claiming is in id order and leaves nothing out: once a batch holds a
+ * record, every earlier record of its feed is in a batch (this call's or an
+ * earlier one's) or delivered. Batches that would leave a record out are
+ * refused (QUEUE_ERROR). */
 enum queue_status queue_persist_batches(queue *q, struct queue_batch *b, size_t n);
 /* Delivered: removes the batches (all of feed f). Their records stay on disk
  * but no longer count: a record at or under the largest id ever persisted in

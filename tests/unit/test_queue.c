@@ -791,17 +791,25 @@ START_TEST(test_a_record_delivered_before_an_older_one_no_longer_counts)
     ck_assert_uint_eq(moved, 1);
     ck_assert_int_eq(depth(q, FEED_IOS), 1);
 
-    /* evt-0 delivered: the line passes every record the table has held, and
-     * the table is emptied */
-    ck_assert_int_eq(queue_ack(q, &b[0].id, 1, FEED_IOS, ids[2] + 1), QUEUE_OK);
+    /* evt-0 delivered: the line passes every claimed record, but the table
+     * has held evt-2 (expired, never claimed) and waits for a line past it */
+    ck_assert_int_eq(queue_ack(q, &b[0].id, 1, FEED_IOS, ids[1] + 1), QUEUE_OK);
     ck_assert_int_eq(depth(q, FEED_IOS), 0);
-    ck_assert_int_eq(count_in_file("SELECT count(*) FROM records_ios"), 0);
+    ck_assert_int_eq(count_in_file("SELECT count(*) FROM records_ios"), 2);
     r = reader(q);
     ck_assert_int_eq(queue_stats(r, &st), 0);
     queue_reader_free(r);
     ck_assert_int_eq(st.depth[FEED_IOS], 0);
     ck_assert_int_eq(st.oldest_ms[FEED_IOS], 0);
     ck_assert_int_eq(dead_gauge(q), 1);
+    /* a line past what was ever claimed counts only up to the claimed */
+    ck_assert_int_eq(queue_ack(q, NULL, 0, FEED_IOS, ids[2] + 100), QUEUE_OK);
+    ck_assert_int_eq(count_in_file("SELECT below FROM settled WHERE feed = 0"), ids[1] + 1);
+    queue_free(q);
+    /* the next start deletes the delivered records */
+    q = open_queue(NO_LIMIT, DEDUP_DAY);
+    ck_assert_int_eq(count_in_file("SELECT count(*) FROM records_ios"), 0);
+    ck_assert_int_eq(depth(q, FEED_IOS), 0);
     queue_free(q);
 }
 END_TEST
