@@ -569,7 +569,8 @@ static enum queue_status finish_batches(queue *q, struct op *op, const int64_t *
     int64_t *ids = malloc((n ? n : 1) * sizeof(*ids));
     if (!ids)
         return QUEUE_ERROR;
-    memcpy(ids, batch_ids, n * sizeof(*ids));
+    if (n > 0)
+        memcpy(ids, batch_ids, n * sizeof(*ids));
     qsort(ids, n, sizeof(*ids), cmp_i64);
     enum queue_status st = QUEUE_OK;
     for (size_t i = 0; i < n && st == QUEUE_OK;) {
@@ -2053,7 +2054,8 @@ enum queue_status queue_ack_async(queue *q, const int64_t *batch_ids, size_t n, 
         free(ids);
         return QUEUE_ERROR;
     }
-    memcpy(ids, batch_ids, n * sizeof(*ids));
+    if (n > 0)
+        memcpy(ids, batch_ids, n * sizeof(*ids));
     op->kind = OP_ACK;
     op->async = 1;
     op->u.batches.ids = ids;
