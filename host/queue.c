@@ -317,6 +317,7 @@ struct queue {
     int wal_limit_pages;
     int checkpoint_pages;
     int64_t segment_records;
+    int64_t data_version; /* PRAGMA data_version when the rings were last read */
     int64_t restart_logged_ms;
     struct feed_ring ring[FEED_COUNT]; /* monotonic */
 };
@@ -1217,6 +1218,8 @@ static void reset_commit(struct op *op)
         op->u.commit.m->dead[i].stored = 0;
 }
 
+static int load_rings(queue *q);
+
 static void run_group(queue *q, struct op *ops)
 {
     char err[ERR_LEN];
@@ -1225,6 +1228,13 @@ static void run_group(queue *q, struct op *ops)
     if (exec(q->db, "BEGIN IMMEDIATE", err, sizeof err) != 0) {
         log_error("queue: cannot begin a transaction", LOG_S("error", err));
         group = status_of(sqlite3_errcode(q->db));
+    } else {
+        /* another process (`tributary dlq requeue` beside the service) committed
+         * since: where the rings stand is read again, so ids are not reused */
+        int64_t version = pragma_value(q->db, "PRAGMA data_version");
+        if (version != q->data_version && load_rings(q) != 0)
+            group = status_of(sqlite3_errcode(q->db));
+        q->data_version = version;
     }
     int64_t depth = depth_total(q);
     for (struct op *op = ops; op && group == QUEUE_OK; op = op->next) {
@@ -1908,6 +1918,7 @@ int queue_open(queue **out, const struct queue_options *o, char *err, size_t err
         str_printf(err, errlen, "%s: %s", q->path, sqlite3_errmsg(q->db));
         goto fail;
     }
+    q->data_version = pragma_value(q->db, "PRAGMA data_version");
     if (count_rows(q->db, &q->gauges) != 0) {
         str_printf(err, errlen, "%s: %s", q->path, sqlite3_errmsg(q->db));
         goto fail;

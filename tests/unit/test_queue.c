@@ -1073,6 +1073,30 @@ START_TEST(test_a_schema_3_queue_keeps_its_records_and_batches)
 }
 END_TEST
 
+START_TEST(test_two_processes_writing_one_queue_never_reuse_an_id)
+{
+    /* the service, and `tributary dlq requeue` opened beside it */
+    queue *service = open_queue(NO_LIMIT, DEDUP_DAY);
+    commit_records(service, FEED_IOS, "a", 3);
+    queue *cli = open_queue(NO_LIMIT, 0);
+    commit_records(cli, FEED_IOS, "b", 2);
+    commit_records(service, FEED_IOS, "c", 2);
+    commit_records(cli, FEED_IOS, "d", 1);
+    queue_free(cli);
+    struct queue_items it;
+    scan_all(service, FEED_IOS, &it);
+    ck_assert_uint_eq(it.n, 8);
+    const char *order[8] = {"a-0", "a-1", "a-2", "b-0", "b-1", "c-0", "c-1", "d-0"};
+    for (size_t i = 0; i < it.n; i++) {
+        ck_assert_str_eq(it.items[i].event_id.p, order[i]);
+        if (i > 0)
+            ck_assert_int_gt(it.items[i].id, it.items[i - 1].id);
+    }
+    queue_items_free(&it);
+    queue_free(service);
+}
+END_TEST
+
 START_TEST(test_dead_batch_moves_its_records_to_dead_letters)
 {
     queue *q = open_queue(NO_LIMIT, DEDUP_DAY);
@@ -1593,6 +1617,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_a_claim_encodes_and_parses_back_its_batches);
     tcase_add_test(tc, test_a_claim_goes_once_each_of_its_batches_is_finished);
     tcase_add_test(tc, test_a_schema_3_queue_keeps_its_records_and_batches);
+    tcase_add_test(tc, test_two_processes_writing_one_queue_never_reuse_an_id);
     tcase_add_test(tc, test_delivered_records_left_on_disk_are_deleted_at_the_next_start);
     tcase_add_test(tc, test_a_table_of_the_ring_is_emptied_once_the_line_passes_it);
     tcase_add_test(tc, test_requeue_stores_records_without_dedup_and_deletes_the_dead_letters);
