@@ -117,7 +117,7 @@ static const char *const RECORDS_TABLE = "CREATE TABLE IF NOT EXISTS records_%1$
 
 /* Statements on a feed's view of its records: %1$s is the feed's name, %2$d
  * its number. */
-enum feed_stmt_id { F_TO_DEAD, F_OLDEST, F_DEPTH, F_COUNT_RANGE, F_COUNT };
+enum feed_stmt_id { F_TO_DEAD, F_OLDEST, F_COUNT_RANGE, F_COUNT };
 
 static const char *const FEED_STMTS[F_COUNT] = {
     [F_TO_DEAD] = "INSERT INTO dead(at_ms, reason, detail, feed, event_id, event_type, "
@@ -128,8 +128,6 @@ static const char *const FEED_STMTS[F_COUNT] = {
      * tables in id order only when the ORDER BY term is in the result
      * (otherwise it sorts every row) */
     [F_OLDEST] = "SELECT received_ms, id FROM records_%1$s WHERE id >= ?1 ORDER BY id LIMIT 1",
-    /* the records not claimed yet (?1: the feed's claimed id) */
-    [F_DEPTH] = "SELECT count(*) FROM (SELECT id FROM records_%1$s WHERE id > ?1)",
     [F_COUNT_RANGE] = "SELECT count(*) FROM (SELECT id FROM records_%1$s WHERE id > ?1 AND "
                       "id <= ?2)",
 };
@@ -176,6 +174,7 @@ enum stmt_id {
     S_DELETE_DEAD,
     S_SET_LINE,
     S_SET_CLAIMED,
+    S_DATA_VERSION,
     S_COUNT
 };
 
@@ -199,6 +198,7 @@ static const char *const STMTS[S_COUNT] = {
     [S_DELETE_DEAD] = "DELETE FROM dead WHERE id = ?1",
     [S_SET_LINE] = "INSERT INTO settled(feed, below, claimed) VALUES(?1, ?2, 0) "
                    "ON CONFLICT(feed) DO UPDATE SET below = max(below, excluded.below)",
+    [S_DATA_VERSION] = "PRAGMA data_version",
     [S_SET_CLAIMED] = "INSERT INTO settled(feed, below, claimed) VALUES(?1, 0, ?2) "
                       "ON CONFLICT(feed) DO UPDATE SET claimed = max(claimed, excluded.claimed)",
 };
@@ -373,14 +373,6 @@ static int step_done(sqlite3_stmt *s)
 static void bind_str(sqlite3_stmt *s, int i, str v)
 {
     sqlite3_bind_text(s, i, v.p ? v.p : "", (int)v.n, SQLITE_STATIC);
-}
-
-static int64_t decode_id(const unsigned char *p)
-{
-    uint64_t v = 0;
-    for (int b = 7; b >= 0; b--)
-        v = (v << 8) | p[b];
-    return (int64_t)v;
 }
 
 static int open_db(const char *path, int create, sqlite3 **out, char *err, size_t errlen)
@@ -563,6 +555,83 @@ static int cmp_i64(const void *a, const void *b)
     return x < y ? -1 : x > y;
 }
 
+/* A claim as stored: its feed, its batches (parsed, pointing into blob) and
+ * its bitmap of finished batches, room for CLAIM_MAX_BATCHES. n is 0 when the
+ * claim is gone. */
+struct claim_row {
+    int feed;
+    unsigned char *blob;
+    unsigned char *done;
+    struct claim_batch *b;
+    long n;
+};
+
+static void claim_row_free(struct claim_row *c)
+{
+    free(c->b);
+    free(c->blob);
+    free(c->done);
+}
+
+/* Reads claim `row` into c, copied: the statements that follow would
+ * invalidate the columns. */
+static enum queue_status read_claim(queue *q, int64_t row, struct claim_row *c)
+{
+    memset(c, 0, sizeof(*c));
+    sqlite3_stmt *s = q->st[S_GET_CLAIM];
+    sqlite3_bind_int64(s, 1, row);
+    int rc = sqlite3_step(s);
+    enum queue_status st = rc == SQLITE_DONE ? QUEUE_OK : status_of(rc);
+    if (rc == SQLITE_ROW) {
+        size_t len = (size_t)sqlite3_column_bytes(s, 1);
+        size_t nbytes = (size_t)sqlite3_column_bytes(s, 2);
+        c->feed = sqlite3_column_int(s, 0);
+        c->blob = malloc(len ? len : 1);
+        c->done = calloc(1, CLAIM_BITMAP_BYTES(CLAIM_MAX_BATCHES));
+        if (c->blob && c->done) {
+            memcpy(c->blob, sqlite3_column_blob(s, 1), len);
+            if (nbytes > 0 && nbytes <= CLAIM_BITMAP_BYTES(CLAIM_MAX_BATCHES))
+                memcpy(c->done, sqlite3_column_blob(s, 2), nbytes);
+            c->n = claim_parse(c->blob, len, &c->b);
+            st = QUEUE_OK;
+            if (c->n < 0) {
+                log_error("queue: a persisted claim of batches is unreadable",
+                          LOG_I("claim", row) LOG_I("bytes", (long long)len));
+                c->n = 0;
+                st = QUEUE_ERROR;
+            }
+        } else {
+            st = QUEUE_ERROR;
+        }
+    }
+    sqlite3_reset(s);
+    return st;
+}
+
+/* Stores which of claim `row`'s batches are finished, or deletes the claim
+ * once all are. */
+static int write_claim_done(queue *q, int64_t row, const struct claim_row *c)
+{
+    size_t nbytes = CLAIM_BITMAP_BYTES((size_t)c->n), left = 0;
+    for (long x = 0; x < c->n; x++)
+        left += !claim_finished(c->done, nbytes, (size_t)x);
+    sqlite3_stmt *s;
+    if (left > 0) {
+        s = q->st[S_SET_DONE];
+        sqlite3_bind_int64(s, 1, row);
+        sqlite3_bind_blob(s, 2, c->done, (int)nbytes, SQLITE_STATIC);
+        return step_done(s);
+    }
+    s = q->st[S_DELETE_CLAIM];
+    sqlite3_bind_int64(s, 1, row);
+    int rc = step_done(s);
+    if (rc != SQLITE_OK)
+        return rc;
+    s = q->st[S_DELETE_DONE];
+    sqlite3_bind_int64(s, 1, row);
+    return step_done(s);
+}
+
 /* Marks batches finished in their claims, calling fn (when not NULL) for each
  * record of each batch not finished before; a claim whose batches are all
  * finished is deleted. */
@@ -576,77 +645,31 @@ static enum queue_status finish_batches(queue *q, struct op *op, const int64_t *
         memcpy(ids, batch_ids, n * sizeof(*ids));
     qsort(ids, n, sizeof(*ids), cmp_i64);
     enum queue_status st = QUEUE_OK;
-    for (size_t i = 0; i < n && st == QUEUE_OK;) {
+    for (size_t i = 0, j; i < n && st == QUEUE_OK; i = j) {
+        /* ids[i, j) belong to one claim */
         int64_t row = claim_row_of(ids[i]);
-        size_t j = i;
-        while (j < n && claim_row_of(ids[j]) == row)
+        for (j = i + 1; j < n && claim_row_of(ids[j]) == row;)
             j++;
-        /* copies: the statements below would invalidate the columns */
-        sqlite3_stmt *s = q->st[S_GET_CLAIM];
-        sqlite3_bind_int64(s, 1, row);
-        int rc = sqlite3_step(s);
-        unsigned char *blob = NULL, *done = NULL;
-        size_t len = 0, nbytes = 0;
-        int feed = 0;
-        if (rc == SQLITE_ROW) {
-            feed = sqlite3_column_int(s, 0);
-            len = (size_t)sqlite3_column_bytes(s, 1);
-            blob = malloc(len ? len : 1);
-            if (blob)
-                memcpy(blob, sqlite3_column_blob(s, 1), len);
-            done = calloc(1, CLAIM_BITMAP_BYTES(CLAIM_MAX_BATCHES));
-            nbytes = (size_t)sqlite3_column_bytes(s, 2);
-            if (done && nbytes <= CLAIM_BITMAP_BYTES(CLAIM_MAX_BATCHES) && nbytes > 0)
-                memcpy(done, sqlite3_column_blob(s, 2), nbytes);
-        }
-        sqlite3_reset(s);
-        struct claim_batch *b = NULL;
-        long nb = rc == SQLITE_ROW && blob && done ? claim_parse(blob, len, &b) : 0;
-        if (rc == SQLITE_ROW && nb < 0) {
-            log_error("queue: a persisted claim of batches is unreadable",
-                      LOG_I("claim", row) LOG_I("bytes", (long long)len));
-            st = QUEUE_ERROR;
-        } else if (rc == SQLITE_ROW && (!blob || !done)) {
-            st = QUEUE_ERROR;
-        } else if (rc != SQLITE_ROW && rc != SQLITE_DONE) {
-            st = status_of(rc);
-        }
-        size_t left = 0;
-        for (size_t k = i; k < j && st == QUEUE_OK && nb > 0; k++) {
+        struct claim_row c;
+        st = read_claim(q, row, &c);
+        size_t nbytes = CLAIM_BITMAP_BYTES((size_t)c.n);
+        for (size_t k = i; k < j && st == QUEUE_OK; k++) {
             size_t x = claim_index_of(ids[k]);
-            if (x >= (size_t)nb || claim_finished(done, CLAIM_BITMAP_BYTES((size_t)nb), x))
-                continue; /* finished before (a repeated acknowledgement) */
-            for (size_t r = 0; fn && r < b[x].nrecords && st == QUEUE_OK; r++) {
-                if ((rc = fn(q, op, claim_record(&b[x], r), feed, now)) != SQLITE_OK)
+            if (x >= (size_t)c.n || claim_finished(c.done, nbytes, x))
+                continue; /* gone, or finished before (a repeated acknowledgement) */
+            for (size_t r = 0; fn && r < c.b[x].nrecords && st == QUEUE_OK; r++) {
+                int rc = fn(q, op, claim_record(&c.b[x], r), c.feed, now);
+                if (rc != SQLITE_OK)
                     st = status_of(rc);
             }
-            claim_finish(done, x);
+            claim_finish(c.done, x);
         }
-        for (long x = 0; x < nb; x++)
-            left += !claim_finished(done, CLAIM_BITMAP_BYTES((size_t)nb), (size_t)x);
-        if (st == QUEUE_OK && nb > 0) {
-            if (left == 0) {
-                s = q->st[S_DELETE_CLAIM];
-                sqlite3_bind_int64(s, 1, row);
-                rc = step_done(s);
-                if (rc == SQLITE_OK) {
-                    s = q->st[S_DELETE_DONE];
-                    sqlite3_bind_int64(s, 1, row);
-                    rc = step_done(s);
-                }
-            } else {
-                s = q->st[S_SET_DONE];
-                sqlite3_bind_int64(s, 1, row);
-                sqlite3_bind_blob(s, 2, done, (int)CLAIM_BITMAP_BYTES((size_t)nb), SQLITE_STATIC);
-                rc = step_done(s);
-            }
+        if (st == QUEUE_OK && c.n > 0) {
+            int rc = write_claim_done(q, row, &c);
             if (rc != SQLITE_OK)
                 st = status_of(rc);
         }
-        free(b);
-        free(blob);
-        free(done);
-        i = j;
+        claim_row_free(&c);
     }
     free(ids);
     return st;
@@ -1112,10 +1135,11 @@ static int count_rows(sqlite3 *db, struct queue_gauges *g)
     sqlite3_stmt *s;
     memset(g->depth, 0, sizeof g->depth);
     for (int f = 0; f < FEED_COUNT; f++) {
-        int64_t claimed = read_settled(db, (enum feed)f, 1);
-        if (prepare_feed(db, FEED_STMTS[F_DEPTH], (enum feed)f, &s) != 0)
+        /* the records not claimed yet, then those in batches */
+        if (prepare_feed(db, FEED_STMTS[F_COUNT_RANGE], (enum feed)f, &s) != 0)
             return -1;
-        sqlite3_bind_int64(s, 1, claimed);
+        sqlite3_bind_int64(s, 1, read_settled(db, (enum feed)f, 1));
+        sqlite3_bind_int64(s, 2, INT64_MAX);
         if (sqlite3_step(s) == SQLITE_ROW)
             g->depth[f] = sqlite3_column_int64(s, 0);
         sqlite3_finalize(s);
@@ -1231,7 +1255,9 @@ static void run_group(queue *q, struct op *ops)
     } else {
         /* another process (`tributary dlq requeue` beside the service) committed
          * since: where the rings stand is read again, so ids are not reused */
-        int64_t version = pragma_value(q->db, "PRAGMA data_version");
+        sqlite3_stmt *s = q->st[S_DATA_VERSION];
+        int64_t version = sqlite3_step(s) == SQLITE_ROW ? sqlite3_column_int64(s, 0) : -1;
+        sqlite3_reset(s);
         if (version != q->data_version && load_rings(q) != 0)
             group = status_of(sqlite3_errcode(q->db));
         q->data_version = version;
@@ -1569,13 +1595,15 @@ static int migrate_to_4(sqlite3 *db, char *err, size_t errlen)
         str_copy(b.source_request_id, sizeof b.source_request_id,
                  (const char *)sqlite3_column_text(s, 1));
         b.oldest_ms = sqlite3_column_int64(s, 3);
-        const unsigned char *blob = sqlite3_column_blob(s, 4);
-        b.nrecords = (size_t)sqlite3_column_bytes(s, 4) / 8;
+        /* little-endian int64s, as a claim's record ids */
+        struct claim_batch v3 = {.ids = sqlite3_column_blob(s, 4),
+                                 .nrecords = (size_t)sqlite3_column_bytes(s, 4) / 8};
+        b.nrecords = v3.nrecords;
         b.record_ids = malloc((b.nrecords ? b.nrecords : 1) * sizeof(int64_t));
         if (!b.record_ids)
             goto sql_fail;
         for (size_t i = 0; i < b.nrecords; i++) {
-            b.record_ids[i] = decode_id(blob + i * 8);
+            b.record_ids[i] = claim_record(&v3, i);
             claimed[f] = b.record_ids[i] > claimed[f] ? b.record_ids[i] : claimed[f];
         }
         size_t len;

@@ -223,6 +223,14 @@ static int build_body(struct sender *s, struct pbatch *b, const struct queue_ite
     return 0;
 }
 
+static int64_t smallest_id(const int64_t *ids, size_t n)
+{
+    int64_t m = INT64_MAX;
+    for (size_t i = 0; i < n; i++)
+        m = ids[i] < m ? ids[i] : m;
+    return m;
+}
+
 static struct pbatch *new_batch(enum feed f, const struct queue_items *items, const size_t *idx,
                                 size_t n)
 {
@@ -238,24 +246,14 @@ static struct pbatch *new_batch(enum feed f, const struct queue_items *items, co
     }
     b->nrecords = n;
     b->oldest_ms = INT64_MAX;
-    b->first_id = INT64_MAX;
     for (size_t i = 0; i < n; i++) {
         const struct queue_item *it = &items->items[idx[i]];
         b->record_ids[i] = it->id;
         if (it->received_ms < b->oldest_ms)
             b->oldest_ms = it->received_ms;
-        if (it->id < b->first_id)
-            b->first_id = it->id;
     }
+    b->first_id = smallest_id(b->record_ids, n);
     return b;
-}
-
-static int64_t smallest_id(const int64_t *ids, size_t n)
-{
-    int64_t m = INT64_MAX;
-    for (size_t i = 0; i < n; i++)
-        m = ids[i] < m ? ids[i] : m;
-    return m;
 }
 
 /* The line below which every record of the feed is delivered or dead: each

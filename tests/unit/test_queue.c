@@ -174,6 +174,19 @@ static void scan_all(queue *q, enum feed f, struct queue_items *items)
     queue_reader_free(r);
 }
 
+/* Commits n fresh records "<prefix>-<i>" to feed f, which holds no other,
+ * and fills ids with their ids, in order. */
+static void commit_ids(queue *q, enum feed f, const char *prefix, size_t n, int64_t *ids)
+{
+    commit_records(q, f, prefix, n);
+    struct queue_items it;
+    scan_all(q, f, &it);
+    ck_assert_uint_eq(it.n, n);
+    for (size_t i = 0; i < n; i++)
+        ids[i] = it.items[i].id;
+    queue_items_free(&it);
+}
+
 struct dead_copy {
     int64_t id, at_ms;
     int feed;
@@ -681,13 +694,12 @@ END_TEST
 START_TEST(test_ack_removes_the_batch_and_its_records)
 {
     queue *q = open_queue(NO_LIMIT, DEDUP_DAY);
-    commit_records(q, FEED_IOS, "evt", 3);
-    struct queue_items it;
-    scan_all(q, FEED_IOS, &it);
-    int64_t ids[2] = {it.items[0].id, it.items[1].id}, waiting = it.items[2].id;
-    struct queue_batch b = make_batch(FEED_IOS, "src-1", ids, 2, it.items[0].received_ms);
+    int64_t ids[3];
+    commit_ids(q, FEED_IOS, "evt", 3, ids);
+    int64_t waiting = ids[2];
+    struct queue_batch b = make_batch(FEED_IOS, "src-1", ids, 2, 0);
     ck_assert_int_eq(queue_persist_batches(q, &b, 1), QUEUE_OK);
-    queue_items_free(&it);
+    struct queue_items it;
 
     /* everything below the unclaimed third record is settled: the two records
      * count no more (and stay on disk until their table is emptied whole) */
@@ -752,13 +764,7 @@ END_TEST
 /* Two batches of one feed, {evt-0} and {evt-1}, persisted; evt-2 unclaimed. */
 static void two_batches(queue *q, int64_t ids[3], struct queue_batch b[2])
 {
-    commit_records(q, FEED_IOS, "evt", 3);
-    struct queue_items it;
-    scan_all(q, FEED_IOS, &it);
-    ck_assert_uint_eq(it.n, 3);
-    for (int i = 0; i < 3; i++)
-        ids[i] = it.items[i].id;
-    queue_items_free(&it);
+    commit_ids(q, FEED_IOS, "evt", 3, ids);
     b[0] = make_batch(FEED_IOS, "src-0", &ids[0], 1, 0);
     b[1] = make_batch(FEED_IOS, "src-1", &ids[1], 1, 0);
     ck_assert_int_eq(queue_persist_batches(q, b, 2), QUEUE_OK);
@@ -900,14 +906,10 @@ END_TEST
 START_TEST(test_batches_that_leave_out_a_record_are_refused)
 {
     queue *q = open_queue(NO_LIMIT, DEDUP_DAY);
-    commit_records(q, FEED_IOS, "evt", 3);
-    struct queue_items it;
-    scan_all(q, FEED_IOS, &it);
+    int64_t all[3];
+    commit_ids(q, FEED_IOS, "evt", 3, all);
     /* evt-1 left out: once evt-2 is claimed it would count as delivered */
-    int64_t gap[2] = {it.items[0].id, it.items[2].id}, all[3];
-    for (int i = 0; i < 3; i++)
-        all[i] = it.items[i].id;
-    queue_items_free(&it);
+    int64_t gap[2] = {all[0], all[2]};
     struct queue_batch b = make_batch(FEED_IOS, "src-gap", gap, 2, 0);
     ck_assert_int_eq(queue_persist_batches(q, &b, 1), QUEUE_ERROR);
     struct batch_list l;
@@ -975,11 +977,8 @@ END_TEST
 START_TEST(test_a_claim_goes_once_each_of_its_batches_is_finished)
 {
     queue *q = open_queue(NO_LIMIT, DEDUP_DAY);
-    commit_records(q, FEED_IOS, "evt", 3);
-    struct queue_items it;
-    scan_all(q, FEED_IOS, &it);
-    int64_t ids[3] = {it.items[0].id, it.items[1].id, it.items[2].id};
-    queue_items_free(&it);
+    int64_t ids[3];
+    commit_ids(q, FEED_IOS, "evt", 3, ids);
     struct queue_batch b[3] = {make_batch(FEED_IOS, "src-0", &ids[0], 1, 0),
                                make_batch(FEED_IOS, "src-1", &ids[1], 1, 0),
                                make_batch(FEED_IOS, "src-2", &ids[2], 1, 0)};
