@@ -1,6 +1,7 @@
 #include "sandbox.h"
 
 #include "log.h"
+#include "pool.h"
 
 #include <lauxlib.h>
 #include <lualib.h>
@@ -31,6 +32,7 @@ enum trip { TRIP_NONE, TRIP_INSTRUCTIONS, TRIP_MEMORY };
 
 struct sandbox {
     lua_State *L;
+    pool *pool;   /* the state's small objects */
     size_t used;  /* bytes held by the state */
     size_t limit; /* SIZE_MAX outside sandbox_call */
     int64_t steps;
@@ -54,7 +56,7 @@ static void *sb_alloc(void *ud, void *ptr, size_t osize, size_t nsize)
     if (!ptr)
         osize = 0; /* osize then encodes the object type, not a size */
     if (nsize == 0) {
-        free(ptr);
+        pool_resize(sb->pool, ptr, osize, 0);
         sb->used -= osize;
         return NULL;
     }
@@ -62,7 +64,7 @@ static void *sb_alloc(void *ud, void *ptr, size_t osize, size_t nsize)
         sb->tripped = TRIP_MEMORY;
         return NULL;
     }
-    void *p = realloc(ptr, nsize);
+    void *p = pool_resize(sb->pool, ptr, osize, nsize);
     if (!p)
         return NULL;
     sb->used = sb->used - osize + nsize;
@@ -469,8 +471,10 @@ sandbox *sandbox_new(int flags)
         return NULL;
     sb->limit = SIZE_MAX;
     sb->base_ref = LUA_NOREF;
-    sb->L = lua_newstate(sb_alloc, sb);
+    sb->pool = pool_new();
+    sb->L = sb->pool ? lua_newstate(sb_alloc, sb) : NULL;
     if (!sb->L) {
+        pool_free(sb->pool);
         free(sb);
         return NULL;
     }
@@ -491,6 +495,7 @@ void sandbox_free(sandbox *sb)
         return;
     if (sb->L)
         lua_close(sb->L);
+    pool_free(sb->pool);
     free(sb);
 }
 
@@ -583,7 +588,7 @@ int64_t sandbox_steps(const sandbox *sb)
 
 size_t sandbox_memory(const sandbox *sb)
 {
-    return sb->used;
+    return sb->used + pool_idle(sb->pool);
 }
 
 int sandbox_damaged(const sandbox *sb)

@@ -68,7 +68,8 @@ enum sandbox_rc sandbox_call(sandbox *sb, int nargs, int nresults, const struct 
 /* Instructions the last sandbox_call ran (in steps of the hook's granularity). */
 int64_t sandbox_steps(const sandbox *sb);
 
-/* Bytes the state currently holds. */
+/* Bytes the state holds: its objects, and the freed small blocks its pool keeps
+ * for reuse. */
 size_t sandbox_memory(const sandbox *sb);
 /* True once a limit tripped: the state's scripts may have been cut halfway and
  * their globals may be inconsistent, so the owner should rebuild it. */
