@@ -158,8 +158,9 @@ static int read_pem(const char *path, char **out, int secret)
 }
 
 /* The main thread's loop: signals (taken through a signalfd; main() blocked them
- * in every thread) and changes in rules_dir. Returns when told to stop. */
-static int wait_for_stop(void)
+ * in every thread) and changes in rules_dir, watched through wfd (-1: not
+ * watched). Returns when told to stop. */
+static int wait_for_stop(int wfd)
 {
     sigset_t set;
     sigemptyset(&set);
@@ -171,7 +172,6 @@ static int wait_for_stop(void)
         log_error("cannot take signals", LOG_S("error", strerror(errno)));
         return 1;
     }
-    int wfd = reload_watch_start();
     int64_t reload_at = 0; /* a rules_dir change waits to settle */
     char rerr[4096];
     for (;;) {
@@ -205,7 +205,6 @@ static int wait_for_stop(void)
             (void)!reload_now("rules_dir changed", rerr, sizeof rerr);
         }
     }
-    reload_watch_stop();
     close(sfd);
     return 0;
 }
@@ -295,6 +294,9 @@ int service_run(const char *config_path)
         .tls_cert_pem = cert,
         .tls_key_pem = key,
     };
+    /* Watched before the first request can be answered: a rule written as soon
+     * as the service is up is not missed. */
+    int wfd = reload_watch_start();
     struct http_in_hooks hooks = {&s, hook_ready, hook_gauges};
     if (http_in_start(&s.http, &s.in, &ho, &hooks, err, sizeof err) != 0) {
         log_error("cannot start the HTTP server", LOG_S("error", err));
@@ -320,7 +322,7 @@ int service_run(const char *config_path)
         log_warn("no mParticle credentials configured: events are accepted, queued and held "
                  "until feeds.<name>.key and .secret are set");
 
-    rc = wait_for_stop();
+    rc = wait_for_stop(wfd);
 done:
     /* New batches get 503 while the sender finishes its in-flight requests;
      * then the server stops (after the requests in progress) and the queue
@@ -329,6 +331,7 @@ done:
     sender_stop(s.sender, SHUTDOWN_GRACE_MS);
     http_in_stop(s.http);
     sender_free(s.sender); /* after the server: /readyz and /metrics ask it */
+    reload_watch_stop();
     ingest_fini(&s.in);
     queue_free(s.q);
     reload_shutdown();
