@@ -35,8 +35,14 @@
  * starts over from its beginning only when a commit finds it wholly copied and
  * unread, which the checkpoint thread racing the writer seldom leaves it; at its
  * limit (queue_options.wal_max_bytes) the writer copies the rest itself after
- * its commit, and the next commit starts the WAL over. */
+ * its commit and waits up to RESTART_WAIT_MS for the reads still in the WAL (the
+ * sender's scans take a millisecond or two), so that the next commit starts the
+ * WAL over. A read that outlasts the wait (a paged `dlq list`) keeps the WAL
+ * growing until it ends; the writer then tries without waiting, and waits again
+ * only RESTART_RETRY_MS later, so that commits do not pay the wait each time. */
 #define CHECKPOINT_PAGES 1000
+#define RESTART_WAIT_MS 20
+#define RESTART_RETRY_MS 1000
 #define RESTART_LOG_EVERY_MS 60000
 /* A writer step (a group commit, a checkpoint, housekeeping) that takes longer
  * than this holds up every request behind it: it is logged, at most once per
@@ -319,6 +325,7 @@ struct queue {
     int64_t segment_records;
     int64_t data_version; /* PRAGMA data_version when the rings were last read */
     int64_t restart_logged_ms;
+    int64_t restart_busy_ms;           /* when a restart last waited in vain */
     struct feed_ring ring[FEED_COUNT]; /* monotonic */
 };
 
@@ -1216,13 +1223,25 @@ static void checkpoint(queue *q)
     while (q->checkpoint_running)
         pthread_cond_wait(&q->checkpoint_idle, &q->mu);
     pthread_mutex_unlock(&q->mu);
-    int rc = sqlite3_wal_checkpoint_v2(q->db, NULL, SQLITE_CHECKPOINT_PASSIVE, NULL, NULL);
+    int64_t now = clock_mono_ms();
+    int wait = now - q->restart_busy_ms >= RESTART_RETRY_MS;
+    int rc;
+    if (wait) {
+        /* RESTART waits for the readers through the busy handler */
+        sqlite3_busy_timeout(q->db, RESTART_WAIT_MS);
+        rc = sqlite3_wal_checkpoint_v2(q->db, NULL, SQLITE_CHECKPOINT_RESTART, NULL, NULL);
+        sqlite3_busy_timeout(q->db, BUSY_TIMEOUT_MS);
+        if (rc == SQLITE_BUSY)
+            q->restart_busy_ms = now;
+    } else {
+        rc = sqlite3_wal_checkpoint_v2(q->db, NULL, SQLITE_CHECKPOINT_PASSIVE, NULL, NULL);
+    }
     pthread_mutex_lock(&q->mu);
     q->restart_pending = 0;
     pthread_mutex_unlock(&q->mu);
     if (rc != SQLITE_OK && rc != SQLITE_BUSY)
         log_warn("queue: checkpoint failed", LOG_S("error", sqlite3_errmsg(q->db)));
-    int64_t now = clock_mono_ms();
+    now = clock_mono_ms();
     if (q->wal_pages >= 2 * q->wal_limit_pages &&
         now - q->restart_logged_ms >= RESTART_LOG_EVERY_MS) {
         q->restart_logged_ms = now;
