@@ -67,11 +67,13 @@ void ingest_fini(struct ingest *in)
  * that could not be built). */
 static void give_back(struct ingest_engines *e, rules *r)
 {
-    /* A rule cut short by a limit may have left its globals half updated: the
-     * state is dropped and the next borrower builds a fresh one. */
-    if (r && rules_needs_rebuild(r)) {
+    /* A rule cut short by a limit may have left its globals half updated, and a
+     * state that grew too large keeps its memory: the state is dropped and the
+     * next borrower builds a fresh one. */
+    const char *why = r ? rules_needs_rebuild(r) : NULL;
+    if (why) {
         metrics_add(M_RULE_STATE_REBUILDS, 1);
-        log_warn("a rule hit a limit; its rules state is rebuilt");
+        log_warn("rules state rebuilt", LOG_S("reason", why));
         rules_free(r);
         r = NULL;
     }

@@ -528,9 +528,13 @@ ruleset *rules_ruleset(const rules *r)
     return r->rs;
 }
 
-int rules_needs_rebuild(const rules *r)
+const char *rules_needs_rebuild(const rules *r)
 {
-    return sandbox_damaged(r->sb) || sandbox_memory(r->sb) > r->memory_cap;
+    if (sandbox_damaged(r->sb))
+        return "a rule hit a limit";
+    if (sandbox_memory(r->sb) > r->memory_cap)
+        return "the state holds more than rules.memory_mb";
+    return NULL;
 }
 
 /* ---- JSON between Lua and C --------------------------------------------- */

@@ -54,9 +54,9 @@ typedef struct rules rules;
 int rules_new(rules **out, ruleset *rs, char *err, size_t errlen) WUR;
 void rules_free(rules *r);
 ruleset *rules_ruleset(const rules *r); /* borrowed */
-/* True when a limit tripped or the state holds more memory than allowed: the
- * owner should build a fresh engine before the next request. */
-int rules_needs_rebuild(const rules *r);
+/* Why the owner should build a fresh engine before the next request (a limit
+ * tripped, or the state holds more memory than allowed), or NULL. */
+const char *rules_needs_rebuild(const rules *r);
 
 /* What a request body may hold. */
 enum input_shape {

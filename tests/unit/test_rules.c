@@ -161,7 +161,7 @@ static void child_map(struct bounded *res)
         str_copy(res->reason, sizeof res->reason, F.m.dead[0].reason);
         str_copy(res->detail, sizeof res->detail, F.m.dead[0].detail.p);
     }
-    res->rebuild = rules_needs_rebuild(F.r);
+    res->rebuild = rules_needs_rebuild(F.r) != NULL;
 }
 
 static void child_rules_new(struct bounded *res)
@@ -659,11 +659,33 @@ START_TEST(test_instruction_limit_asks_for_a_rebuild)
     ck_assert_int_eq(setenv("TRIBUTARY_RULES_INSTRUCTIONS", "100000", 1), 0);
     rule("50-loop.lua", LOOP_RULE);
     build();
-    ck_assert_int_eq(rules_needs_rebuild(F.r), 0);
+    ck_assert_ptr_null(rules_needs_rebuild(F.r));
     struct bounded res;
     map_bounded(ENVELOPE(EV("l-1")), 10000, &res);
     ck_assert_msg(res.finished, "rules_map did not return within 10 s");
     ck_assert_int_ne(res.rebuild, 0);
+}
+END_TEST
+
+START_TEST(test_a_state_that_outgrows_its_memory_asks_for_a_rebuild)
+{
+    ck_assert_int_eq(setenv("TRIBUTARY_RULES_MEMORY_MB", "2", 1), 0);
+    /* about 0.8 MB more for every request, each within the limit of a call */
+    rule("50-hoard.lua", "local keep = {}\n"
+                         "return function(event, out)\n"
+                         "  for i = 1, 10000 do keep[#keep + 1] = {i} end\n"
+                         "  return {feed = \"unbound\", batch = {}, event = {id = event.id}}\n"
+                         "end\n");
+    build();
+    ck_assert_int_eq(map(ENVELOPE(EV("h-1")), INPUT_ENVELOPE), 0);
+    ck_assert_ptr_null(rules_needs_rebuild(F.r));
+    ck_assert_int_eq(map(ENVELOPE(EV("h-2")), INPUT_ENVELOPE), 0);
+    ck_assert_int_eq(map(ENVELOPE(EV("h-3")), INPUT_ENVELOPE), 0);
+    ck_assert_uint_eq(F.m.nrecords, 3);
+    ck_assert_uint_eq(F.m.ndead, 0);
+    const char *why = rules_needs_rebuild(F.r);
+    ck_assert_ptr_nonnull(why);
+    ck_assert_str_eq(why, "the state holds more than rules.memory_mb");
 }
 END_TEST
 
@@ -1220,6 +1242,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_output_with_an_unknown_feed_is_invalid_output);
     tcase_add_test(tc, test_infinite_loop_hits_the_instruction_limit);
     tcase_add_test(tc, test_instruction_limit_asks_for_a_rebuild);
+    tcase_add_test(tc, test_a_state_that_outgrows_its_memory_asks_for_a_rebuild);
     tcase_add_test(tc, test_infinite_loop_returns_well_under_a_second);
     tcase_add_test(tc, test_pcall_cannot_swallow_the_instruction_limit);
     tcase_add_test(tc, test_xpcall_cannot_swallow_the_instruction_limit);
