@@ -1224,9 +1224,9 @@ static void checkpoint(queue *q)
         pthread_cond_wait(&q->checkpoint_idle, &q->mu);
     pthread_mutex_unlock(&q->mu);
     int64_t now = clock_mono_ms();
-    int wait = now - q->restart_busy_ms >= RESTART_RETRY_MS;
+    int wait_for_readers = now - q->restart_busy_ms >= RESTART_RETRY_MS;
     int rc;
-    if (wait) {
+    if (wait_for_readers) {
         /* RESTART waits for the readers through the busy handler */
         sqlite3_busy_timeout(q->db, RESTART_WAIT_MS);
         rc = sqlite3_wal_checkpoint_v2(q->db, NULL, SQLITE_CHECKPOINT_RESTART, NULL, NULL);
