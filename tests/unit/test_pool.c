@@ -139,6 +139,21 @@ START_TEST(test_a_state_counts_the_freed_blocks_its_pool_keeps)
 }
 END_TEST
 
+#if defined(__SANITIZE_ADDRESS__)
+/* AddressSanitizer reports a read of a freed block (and exits with 1): pooled
+ * objects keep the checks malloc's would have. */
+START_TEST(test_reading_a_freed_block_is_caught_under_asan)
+{
+    pool *p = pool_new();
+    char *volatile b = pool_resize(p, NULL, 0, 32);
+    b[0] = 'x';
+    ck_assert_ptr_null(pool_resize(p, b, 32, 0));
+    ck_assert_int_ne(b[1], 1);
+    pool_free(p);
+}
+END_TEST
+#endif
+
 static Suite *suite(void)
 {
     Suite *s = suite_create("pool");
@@ -149,6 +164,9 @@ static Suite *suite(void)
     tcase_add_test(tc, test_resizing_keeps_the_bytes_across_classes_and_into_malloc);
     tcase_add_test(tc, test_idle_counts_what_the_pool_keeps_beyond_the_blocks_in_use);
     tcase_add_test(tc, test_a_state_counts_the_freed_blocks_its_pool_keeps);
+#if defined(__SANITIZE_ADDRESS__)
+    tcase_add_exit_test(tc, test_reading_a_freed_block_is_caught_under_asan, 1);
+#endif
     suite_add_tcase(s, tc);
     return s;
 }
