@@ -1105,22 +1105,25 @@ static int add_live_records(void *ctx, int64_t id, int feed, const struct claim_
     return 0;
 }
 
-/* Feed f's settled line (which 0) or claimed id (which 1) as stored, 0 when
- * none yet. */
-static int64_t read_settled(sqlite3 *db, enum feed f, int which)
+/* Feed f's settled line and claimed id as stored (either pointer may be
+ * NULL), 0 when none yet. */
+static void read_settled(sqlite3 *db, enum feed f, int64_t *below, int64_t *claimed)
 {
     sqlite3_stmt *s;
-    int64_t v = 0;
-    if (sqlite3_prepare_v2(db,
-                           which ? "SELECT claimed FROM settled WHERE feed = ?1"
-                                 : "SELECT below FROM settled WHERE feed = ?1",
-                           -1, &s, NULL) != SQLITE_OK)
-        return 0;
-    sqlite3_bind_int(s, 1, (int)f);
-    if (sqlite3_step(s) == SQLITE_ROW)
-        v = sqlite3_column_int64(s, 0);
-    sqlite3_finalize(s);
-    return v;
+    int64_t v[2] = {0, 0};
+    if (sqlite3_prepare_v2(db, "SELECT below, claimed FROM settled WHERE feed = ?1", -1, &s,
+                           NULL) == SQLITE_OK) {
+        sqlite3_bind_int(s, 1, (int)f);
+        if (sqlite3_step(s) == SQLITE_ROW) {
+            v[0] = sqlite3_column_int64(s, 0);
+            v[1] = sqlite3_column_int64(s, 1);
+        }
+        sqlite3_finalize(s);
+    }
+    if (below)
+        *below = v[0];
+    if (claimed)
+        *claimed = v[1];
 }
 
 static void refresh_oldest(queue *q)
@@ -1143,9 +1146,11 @@ static int count_rows(sqlite3 *db, struct queue_gauges *g)
     memset(g->depth, 0, sizeof g->depth);
     for (int f = 0; f < FEED_COUNT; f++) {
         /* the records not claimed yet, then those in batches */
+        int64_t claimed;
+        read_settled(db, (enum feed)f, NULL, &claimed);
         if (prepare_feed(db, FEED_STMTS[F_COUNT_RANGE], (enum feed)f, &s) != 0)
             return -1;
-        sqlite3_bind_int64(s, 1, read_settled(db, (enum feed)f, 1));
+        sqlite3_bind_int64(s, 1, claimed);
         sqlite3_bind_int64(s, 2, INT64_MAX);
         if (sqlite3_step(s) == SQLITE_ROW)
             g->depth[f] = sqlite3_column_int64(s, 0);
@@ -1769,14 +1774,14 @@ static int settle_delivered(sqlite3 *db, char *err, size_t errlen)
     sqlite3_finalize(ins);
     ins = NULL;
     for (int f = 0; f < FEED_COUNT; f++) {
-        long long below = (long long)read_settled(db, (enum feed)f, 0);
-        long long claimed = (long long)read_settled(db, (enum feed)f, 1);
+        int64_t below, claimed;
+        read_settled(db, (enum feed)f, &below, &claimed);
         for (int t = 0; t < RING; t++) {
             char sql[400];
             snprintf(sql, sizeof sql,
                      "DELETE FROM records_%s_%d WHERE id < %lld OR (id <= %lld AND "
                      "id NOT IN (SELECT id FROM held WHERE feed = %d))",
-                     FEED_NAMES[f], t, below, claimed, f);
+                     FEED_NAMES[f], t, (long long)below, (long long)claimed, f);
             if (exec(db, sql, err, errlen) != 0)
                 goto fail;
         }
@@ -1796,8 +1801,7 @@ static int load_rings(queue *q)
     for (int f = 0; f < FEED_COUNT; f++) {
         struct feed_ring *ring = &q->ring[f];
         memset(ring, 0, sizeof(*ring));
-        ring->line = read_settled(q->db, (enum feed)f, 0);
-        ring->claimed = read_settled(q->db, (enum feed)f, 1);
+        read_settled(q->db, (enum feed)f, &ring->line, &ring->claimed);
         int64_t newest = ring->line > 0 ? ring->line - 1 : 0;
         newest = ring->claimed > newest ? ring->claimed : newest;
         for (int t = 0; t < RING; t++) {
@@ -2333,7 +2337,8 @@ int64_t queue_oldest_ms(queue_reader *r, enum feed f)
 {
     sqlite3_stmt *s;
     int64_t v = 0;
-    int64_t line = read_settled(r->db, f, 0);
+    int64_t line;
+    read_settled(r->db, f, &line, NULL);
     if (prepare_feed(r->db, FEED_STMTS[F_OLDEST], f, &s) != 0)
         return 0;
     sqlite3_bind_int64(s, 1, line);
