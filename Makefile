@@ -5,6 +5,7 @@
 #   make asan       the test suite under AddressSanitizer + UndefinedBehaviorSanitizer
 #   make valgrind   the test suite under valgrind (memcheck)
 #   make bench      the benchmark (figures as "name value unit" lines)
+#   make bench-instructions   instructions per event by thread (callgrind)
 #   make fuzz       libFuzzer targets, about a minute each
 #   make install    PREFIX=/usr/local DESTDIR=
 #   make fmt lint clean
@@ -35,7 +36,8 @@ UNIT_BINS := $(patsubst tests/unit/%.c,$(BUILD)/tests/%,$(UNIT_SRCS))
 PREFIX ?= /usr/local
 DESTDIR ?=
 
-.PHONY: all setup run test check-suite unit asan valgrind bench soak fuzz install fmt lint clean
+.PHONY: all setup run test check-suite unit asan valgrind bench bench-instructions soak fuzz install \
+	fmt lint clean
 
 all: $(BIN)
 
@@ -90,6 +92,13 @@ valgrind: setup
 bench: setup
 	@$(MAKE) --no-print-directory all
 	@scripts/bench.sh
+
+# Instructions per event by thread, with the service under callgrind: steadier
+# than timings for comparing two versions (see scripts/bench-instructions.sh).
+bench-instructions: setup
+	@$(MAKE) --no-print-directory all
+	@scripts/setup.sh valgrind
+	@scripts/bench-instructions.sh
 
 # Ten minutes at a constant rate, sampling the service's memory.
 soak: setup

@@ -3,8 +3,34 @@
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
 #include <openssl/hmac.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+
+/* The algorithms, fetched from OpenSSL's default provider once. Passing
+ * EVP_sha256() instead makes OpenSSL look the implementation up again on every
+ * call, which costs more than hashing an event id. They stay for the life of the
+ * process. */
+static pthread_once_t fetch_once = PTHREAD_ONCE_INIT;
+static EVP_MD *sha1_md, *sha256_md;
+
+static void fetch_algorithms(void)
+{
+    sha1_md = EVP_MD_fetch(NULL, "SHA1", NULL);
+    sha256_md = EVP_MD_fetch(NULL, "SHA256", NULL);
+}
+
+static const EVP_MD *sha1(void)
+{
+    pthread_once(&fetch_once, fetch_algorithms);
+    return sha1_md ? sha1_md : EVP_sha1();
+}
+
+static const EVP_MD *sha256(void)
+{
+    pthread_once(&fetch_once, fetch_algorithms);
+    return sha256_md ? sha256_md : EVP_sha256();
+}
 
 /* tributary's UUID namespace for source_request_id values. */
 static const unsigned char NAMESPACE[16] = {0x6f, 0x2b, 0x1c, 0x5e, 0x3a, 0x47, 0x4d, 0x8b,
@@ -20,7 +46,7 @@ uuid5 *uuid5_new(void)
     if (!u)
         return NULL;
     u->ctx = EVP_MD_CTX_new();
-    if (!u->ctx || EVP_DigestInit_ex(u->ctx, EVP_sha1(), NULL) != 1) {
+    if (!u->ctx || EVP_DigestInit_ex(u->ctx, sha1(), NULL) != 1) {
         EVP_MD_CTX_free(u->ctx);
         free(u);
         return NULL;
@@ -57,7 +83,7 @@ void uuid5_finish(uuid5 *u, char out[UUID_STR_LEN])
 void digest_sha256(const void *p, size_t n, unsigned char out[32])
 {
     unsigned int len = 0;
-    EVP_Digest(p, n, out, &len, EVP_sha256(), NULL);
+    EVP_Digest(p, n, out, &len, sha256(), NULL);
 }
 
 int digest_hmac_sha256_2(const void *key, size_t keylen, const void *a, size_t alen, const void *b,
@@ -74,7 +100,7 @@ int digest_hmac_sha256_2(const void *key, size_t keylen, const void *a, size_t a
     ctx = HMAC_CTX_new();
     if (!ctx)
         goto done;
-    if (HMAC_Init_ex(ctx, key, (int)keylen, EVP_sha256(), NULL) != 1)
+    if (HMAC_Init_ex(ctx, key, (int)keylen, sha256(), NULL) != 1)
         goto done;
     if (alen && HMAC_Update(ctx, a, alen) != 1)
         goto done;

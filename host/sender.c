@@ -32,6 +32,8 @@
 /* Sweep for records past retry.max_age_s that were never claimed, at most this
  * rarely. */
 #define EXPIRE_EVERY_MS 60000
+/* Held batches are checked against retry.max_age_s this often. */
+#define EXPIRE_HELD_EVERY_MS 1000
 /* Retry-After from mParticle is honoured within these bounds. */
 #define RETRY_AFTER_MIN_S 1
 #define RETRY_AFTER_MAX_S 600
@@ -111,6 +113,8 @@ struct sender {
     struct config *cfg; /* the configuration this loop iteration uses */
     uint64_t rng;
     int64_t last_expire;
+    int64_t last_expire_held;
+    uint64_t cfg_generation; /* of the configuration the feeds follow (0: none yet) */
 };
 
 /* ---- small helpers ------------------------------------------------------ */
@@ -145,15 +149,25 @@ static void pbatch_free(struct pbatch *b)
     free(b);
 }
 
-static void feed_append(struct feed_state *f, struct pbatch *b)
+/* Adds b to the feed's batches, which stay in order of their smallest record
+ * id: the head holds the smallest (see settled_below), and the oldest records
+ * are sent first. A new claim's batches go at the tail; the walk back is for
+ * the parts of a split batch. */
+static void feed_insert(struct feed_state *f, struct pbatch *b)
 {
-    b->next = NULL;
-    b->prev = f->tail;
-    if (f->tail)
-        f->tail->next = b;
+    struct pbatch *after = f->tail;
+    while (after && after->first_id > b->first_id)
+        after = after->prev;
+    b->prev = after;
+    b->next = after ? after->next : f->head;
+    if (b->next)
+        b->next->prev = b;
+    else
+        f->tail = b;
+    if (after)
+        after->next = b;
     else
         f->head = b;
-    f->tail = b;
     f->nbatches++;
     f->bytes += b->len;
 }
@@ -212,6 +226,8 @@ static int build_body(struct sender *s, struct pbatch *b, const struct queue_ite
     }
     buf body;
     buf_init(&body, MPARTICLE_MAX_REQUEST_BYTES * 4);
+    /* room for the whole body at once (a hint: building checks every append) */
+    (void)!buf_reserve(&body, mparticle_batch_size_bound(parts, n));
     int rc = mparticle_build_batch(&body, s->cfg->environment, b->srid, parts, n);
     free(parts);
     if (rc != 0) {
@@ -257,14 +273,15 @@ static struct pbatch *new_batch(enum feed f, const struct queue_items *items, co
 }
 
 /* The line below which every record of the feed is delivered or dead: each
- * record up to the cursor is in a batch the feed still holds, or is settled. */
+ * record up to the cursor is in a batch the feed still holds, or is settled.
+ * The head of the batches has the smallest record id of them all. */
 static int64_t settled_below(const struct feed_state *f)
 {
     int64_t line = f->cursor + 1;
     if (f->unrestored > 0 && f->unrestored < line)
         line = f->unrestored;
-    for (const struct pbatch *b = f->head; b; b = b->next)
-        line = b->first_id < line ? b->first_id : line;
+    if (f->head && f->head->first_id < line)
+        line = f->head->first_id;
     return line;
 }
 
@@ -364,7 +381,7 @@ static int claim_window(struct sender *s, struct feed_state *f, struct queue_ite
     }
     for (size_t i = 0; i < nmade; i++) {
         made[i]->id = qb[i].id;
-        feed_append(f, made[i]);
+        feed_insert(f, made[i]);
         made[i] = NULL;
     }
     f->cursor = items->items[n - 1].id;
@@ -434,10 +451,10 @@ static int64_t wall_to_age_ms(int64_t wall_ms)
 /* Moves waiting batches past retry.max_age_s to the dead-letter store. */
 static void expire_batches(struct sender *s, struct feed_state *f)
 {
-    int64_t max_age = s->cfg->retry_max_age_s * 1000;
+    int64_t cutoff = clock_wall_ms() - s->cfg->retry_max_age_s * 1000;
     for (struct pbatch *b = f->head, *next; b; b = next) {
         next = b->next;
-        if (b->in_flight || wall_to_age_ms(b->oldest_ms) <= max_age)
+        if (b->in_flight || b->oldest_ms >= cutoff)
             continue;
         enum queue_status st =
             queue_dead_batch(s->q, b->id, DEAD_MAX_AGE, "not delivered within retry.max_age_s");
@@ -543,6 +560,10 @@ static int start_request(struct sender *s, struct feed_state *f, struct pbatch *
     buf_init(&r->response, RESPONSE_MAX + 1);
     if (!r->batches)
         goto fail;
+    size_t total = 2;
+    for (size_t i = 0; i < n; i++)
+        total += batches[i]->len + 1;
+    (void)!buf_reserve(&r->body, total); /* a hint, as in build_body */
     int rc = buf_addc(&r->body, '[');
     for (size_t i = 0; i < n; i++) {
         r->batches[i] = batches[i];
@@ -810,7 +831,7 @@ static int split_batch(struct sender *s, struct feed_state *f, struct pbatch *b)
     for (int i = 0; i < 2; i++) {
         parts[i]->id = qb[i].id;
         parts[i]->limit = 1;
-        feed_append(f, parts[i]);
+        feed_insert(f, parts[i]);
         parts[i] = NULL;
     }
     feed_remove(f, b);
@@ -956,7 +977,7 @@ static void load_batch(void *ctx, struct queue_batch *qb)
         if (b->record_ids[i] > f->cursor)
             f->cursor = b->record_ids[i];
     }
-    feed_append(f, b);
+    feed_insert(f, b);
     queue_items_free(&items);
     return;
 fail:
@@ -1018,12 +1039,19 @@ static void *sender_main(void *arg)
             break;
         }
         int64_t wake = now + IDLE_POLL_MS;
+        int cfg_changed = snap.generation != s->cfg_generation;
+        s->cfg_generation = snap.generation;
+        int expire_held = !stopping && now - s->last_expire_held >= EXPIRE_HELD_EVERY_MS;
+        if (expire_held)
+            s->last_expire_held = now;
         for (int i = 0; i < FEED_COUNT; i++) {
             struct feed_state *f = &s->feeds[i];
-            update_credentials(s, f);
+            if (cfg_changed)
+                update_credentials(s, f);
             if (stopping)
                 continue;
-            expire_batches(s, f);
+            if (expire_held)
+                expire_batches(s, f);
             claim(s, f, now);
             dispatch(s, f, now);
             if (f->not_before > now && f->not_before < wake)

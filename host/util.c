@@ -30,7 +30,7 @@ void buf_reset(buf *b)
         b->data[0] = '\0';
 }
 
-static int buf_reserve(buf *b, size_t extra)
+int buf_reserve(buf *b, size_t extra)
 {
     if (extra > b->max || b->len > b->max - extra)
         return -1;

@@ -45,6 +45,8 @@ typedef struct buf {
 void buf_init(buf *b, size_t max);
 void buf_free(buf *b);
 void buf_reset(buf *b);
+/* Makes room for extra more bytes at once: -1 past the cap or out of memory. */
+int buf_reserve(buf *b, size_t extra) WUR;
 /* Each append returns 0, or -1 (nothing appended) when the cap or memory runs out. */
 int buf_add(buf *b, const void *p, size_t n) WUR;
 int buf_addc(buf *b, char c) WUR;

@@ -66,6 +66,9 @@
 #     on a real disk: on tmpfs queue.sync=full costs nothing)
 #   BENCH_SERVICE_ENV="TRIBUTARY_X=v ..." extra service settings, for experiments
 #     (e.g. TRIBUTARY_QUEUE_SYNC=normal); the figures then no longer compare
+#   BENCH_SERVICE_WRAPPER="valgrind --tool=callgrind ..." runs the service
+#     under a tool (scripts/bench-instructions.sh); timing figures then mean
+#     nothing
 #   BENCH_KEEP=1 keeps the run directory (service log, loadgen output, and
 #     rate.lat / soak.lat: per request the scheduled time, latency ms, status)
 
@@ -284,8 +287,9 @@ for kv in "${extra_env[@]}"; do
     [[ $kv == TRIBUTARY_*=* ]] || fail "BENCH_SERVICE_ENV: $kv is not TRIBUTARY_NAME=value"
     svc_env+=("$kv")
 done
+read -r -a wrapper <<<"${BENCH_SERVICE_WRAPPER:-}"
 # Started from the run directory so that no ./tributary.conf.lua is picked up.
-(cd "$RUN" && exec env "${svc_env[@]}" "$BIN" serve >"$RUN/service.log" 2>&1) &
+(cd "$RUN" && exec env "${svc_env[@]}" "${wrapper[@]}" "$BIN" serve >"$RUN/service.log" 2>&1) &
 SVC_PID=$!
 ready=0
 for _ in $(seq 300); do
