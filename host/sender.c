@@ -312,17 +312,32 @@ static int cmp_first_id(const void *a, const void *b)
     return x->record_ids[0] < y->record_ids[0] ? -1 : x->record_ids[0] > y->record_ids[0];
 }
 
-/* Groups a window of records into one batch per user (split at 128 KB),
- * persists the batches and appends them to the feed. */
-static int claim_window(struct sender *s, struct feed_state *f, struct queue_items *items)
+/* One feed's share of a claim: new batches, in order of their first record. */
+struct claim_part {
+    struct pbatch **made;
+    size_t n;
+    int64_t cursor; /* the last record the claim covers */
+};
+
+static void claim_part_free(struct claim_part *c)
+{
+    for (size_t i = 0; i < c->n; i++)
+        pbatch_free(c->made[i]);
+    free(c->made);
+    memset(c, 0, sizeof(*c));
+}
+
+/* Groups a window of records into one batch per user (split at 128 KB) and
+ * builds their bodies. */
+static int build_claim(struct sender *s, struct feed_state *f, struct queue_items *items,
+                       struct claim_part *c)
 {
     size_t n = items->n;
     size_t *order = malloc(n * sizeof(*order));
-    struct pbatch **made = calloc(n, sizeof(*made));
-    struct queue_batch *qb = calloc(n, sizeof(*qb));
-    size_t nmade = 0;
+    c->made = calloc(n, sizeof(*c->made));
+    c->n = 0;
     int rc = -1;
-    if (!order || !made || !qb)
+    if (!order || !c->made)
         goto done;
     for (size_t i = 0; i < n; i++)
         order[i] = i;
@@ -348,7 +363,7 @@ static int claim_window(struct sender *s, struct feed_state *f, struct queue_ite
             struct pbatch *b = new_batch(f->feed, items, order + k, m);
             if (!b)
                 goto done;
-            made[nmade++] = b;
+            c->made[c->n++] = b;
             /* the body needs the parts in batch order, contiguous */
             struct queue_items one = {0};
             one.items = malloc(m * sizeof(*one.items));
@@ -365,33 +380,13 @@ static int claim_window(struct sender *s, struct feed_state *f, struct queue_ite
         i = j;
     }
     /* keep the order of arrival across users */
-    qsort(made, nmade, sizeof(*made), cmp_first_id);
-    for (size_t i = 0; i < nmade; i++) {
-        qb[i].feed = f->feed;
-        str_copy(qb[i].source_request_id, sizeof qb[i].source_request_id, made[i]->srid);
-        qb[i].record_ids = made[i]->record_ids;
-        qb[i].nrecords = made[i]->nrecords;
-        qb[i].oldest_ms = made[i]->oldest_ms;
-    }
-    enum queue_status st = queue_persist_batches(s->q, qb, nmade);
-    if (st != QUEUE_OK) {
-        log_error("cannot persist batches; will try again",
-                  LOG_S("feed", FEED_NAMES[f->feed]) LOG_S("queue", queue_status_name(st)));
-        goto done;
-    }
-    for (size_t i = 0; i < nmade; i++) {
-        made[i]->id = qb[i].id;
-        feed_insert(f, made[i]);
-        made[i] = NULL;
-    }
-    f->cursor = items->items[n - 1].id;
+    qsort(c->made, c->n, sizeof(*c->made), cmp_first_id);
+    c->cursor = items->items[n - 1].id;
     rc = 0;
 done:
-    for (size_t i = 0; i < nmade; i++)
-        pbatch_free(made[i]);
-    free(made);
     free(order);
-    free(qb);
+    if (rc != 0)
+        claim_part_free(c);
     return rc;
 }
 
@@ -469,7 +464,8 @@ static void expire_batches(struct sender *s, struct feed_state *f)
     }
 }
 
-static void claim(struct sender *s, struct feed_state *f, int64_t now)
+/* Reads feed f's next window of records when it is due, into c. */
+static void claim_feed(struct sender *s, struct feed_state *f, int64_t now, struct claim_part *c)
 {
     if (f->pause == PAUSE_NO_CREDENTIALS || now < f->next_claim)
         return;
@@ -497,10 +493,69 @@ static void claim(struct sender *s, struct feed_state *f, int64_t now)
     queue_items_init(&items);
     if (queue_scan(s->reader, f->feed, f->cursor, CLAIM_RECORDS, CLAIM_BYTES, &items) == 0 &&
         items.n > 0) {
-        if (claim_window(s, f, &items) != 0)
+        if (build_claim(s, f, &items, c) != 0)
             f->next_claim = now + 1000;
     }
     queue_items_free(&items);
+}
+
+/* Claims the due windows of every feed and persists their batches in one
+ * commit, then hands the batches to their feeds. Should that commit fail, each
+ * feed's claim is tried alone, so that one feed's refusal holds up no other;
+ * a feed whose claim cannot be persisted tries again a second later. */
+static void claim(struct sender *s, int64_t now)
+{
+    struct claim_part parts[FEED_COUNT];
+    memset(parts, 0, sizeof parts);
+    size_t total = 0, from[FEED_COUNT];
+    int feeds = 0;
+    for (int i = 0; i < FEED_COUNT; i++) {
+        claim_feed(s, &s->feeds[i], now, &parts[i]);
+        from[i] = total;
+        total += parts[i].n;
+        feeds += parts[i].n > 0;
+    }
+    if (total == 0)
+        return;
+    struct queue_batch *qb = calloc(total, sizeof(*qb));
+    enum queue_status all = QUEUE_ERROR;
+    if (qb) {
+        for (int i = 0; i < FEED_COUNT; i++) {
+            for (size_t j = 0; j < parts[i].n; j++) {
+                const struct pbatch *b = parts[i].made[j];
+                struct queue_batch *out = &qb[from[i] + j];
+                out->feed = b->feed;
+                str_copy(out->source_request_id, sizeof out->source_request_id, b->srid);
+                out->record_ids = b->record_ids;
+                out->nrecords = b->nrecords;
+                out->oldest_ms = b->oldest_ms;
+            }
+        }
+        all = queue_persist_batches(s->q, qb, total);
+    }
+    for (int i = 0; i < FEED_COUNT; i++) {
+        struct feed_state *f = &s->feeds[i];
+        if (parts[i].n == 0)
+            continue;
+        enum queue_status st = all;
+        if (st != QUEUE_OK && qb && feeds > 1)
+            st = queue_persist_batches(s->q, qb + from[i], parts[i].n);
+        if (st != QUEUE_OK) {
+            log_error("cannot persist batches; will try again",
+                      LOG_S("feed", FEED_NAMES[f->feed]) LOG_S("queue", queue_status_name(st)));
+            f->next_claim = now + 1000;
+            claim_part_free(&parts[i]);
+            continue;
+        }
+        for (size_t j = 0; j < parts[i].n; j++) {
+            parts[i].made[j]->id = qb[from[i] + j].id;
+            feed_insert(f, parts[i].made[j]);
+            parts[i].made[j] = NULL;
+        }
+        f->cursor = parts[i].cursor;
+        claim_part_free(&parts[i]);
+    }
+    free(qb);
 }
 
 /* ---- requests ----------------------------------------------------------- */
@@ -1052,7 +1107,11 @@ static void *sender_main(void *arg)
                 continue;
             if (expire_held)
                 expire_batches(s, f);
-            claim(s, f, now);
+        }
+        if (!stopping)
+            claim(s, now);
+        for (int i = 0; i < FEED_COUNT && !stopping; i++) {
+            struct feed_state *f = &s->feeds[i];
             dispatch(s, f, now);
             if (f->not_before > now && f->not_before < wake)
                 wake = f->not_before;
