@@ -89,7 +89,10 @@ struct request {
     struct pbatch **batches;
     size_t n;
     size_t events;
-    buf body;
+    /* The body, "[" b0 "," b1 ... "]", is read from the batches' own bodies:
+     * its length, and where the upload stands (batch, byte of "," and body). */
+    size_t len;
+    size_t at_batch, at_byte;
     buf response;
     struct curl_slist *headers;
     char retry_after[64];
@@ -586,6 +589,57 @@ static size_t on_header(char *p, size_t size, size_t n, void *ud)
     return len;
 }
 
+/* libcurl reads the request body here: each batch's body, preceded by "[" or
+ * ",", then "]". The batches stay in memory until the request has finished. */
+static size_t read_body(char *dst, size_t size, size_t n, void *ud)
+{
+    struct request *r = ud;
+    size_t want = size * n, got = 0;
+    while (got < want && r->at_batch <= r->n) {
+        if (r->at_batch == r->n) {
+            dst[got++] = ']';
+            r->at_batch++;
+            break;
+        }
+        const struct pbatch *b = r->batches[r->at_batch];
+        if (r->at_byte == 0) {
+            dst[got++] = r->at_batch == 0 ? '[' : ',';
+            r->at_byte = 1;
+            continue;
+        }
+        size_t left = 1 + b->len - r->at_byte, take = want - got < left ? want - got : left;
+        memcpy(dst + got, b->body + r->at_byte - 1, take);
+        got += take;
+        r->at_byte += take;
+        if (r->at_byte == 1 + b->len) {
+            r->at_batch++;
+            r->at_byte = 0;
+        }
+    }
+    return got;
+}
+
+/* libcurl rewinds the body to send it again (a reused connection that the
+ * server had closed). */
+static int seek_body(void *ud, curl_off_t offset, int origin)
+{
+    struct request *r = ud;
+    if (origin != SEEK_SET || offset < 0 || (size_t)offset > r->len)
+        return CURL_SEEKFUNC_CANTSEEK;
+    size_t skip = (size_t)offset;
+    r->at_batch = 0;
+    r->at_byte = 0;
+    while (r->at_batch < r->n && skip >= 1 + r->batches[r->at_batch]->len) {
+        skip -= 1 + r->batches[r->at_batch]->len;
+        r->at_batch++;
+    }
+    if (r->at_batch < r->n)
+        r->at_byte = skip;
+    else
+        r->at_batch += skip; /* past "]" when skip is 1 */
+    return CURL_SEEKFUNC_OK;
+}
+
 static void request_free(struct request *r)
 {
     if (!r)
@@ -593,7 +647,6 @@ static void request_free(struct request *r)
     if (r->easy)
         curl_easy_cleanup(r->easy);
     curl_slist_free_all(r->headers);
-    buf_free(&r->body);
     buf_free(&r->response);
     free(r->batches);
     free(r);
@@ -610,26 +663,16 @@ static int start_request(struct sender *s, struct feed_state *f, struct pbatch *
     r->probe = probe;
     r->rate_usage = -1;
     r->n = n;
-    r->batches = malloc(n * sizeof(*r->batches));
-    buf_init(&r->body, MPARTICLE_MAX_REQUEST_BYTES * 4);
+    r->batches = malloc((n ? n : 1) * sizeof(*r->batches));
     buf_init(&r->response, RESPONSE_MAX + 1);
-    if (!r->batches)
+    if (!r->batches || n == 0)
         goto fail;
-    size_t total = 2;
-    for (size_t i = 0; i < n; i++)
-        total += batches[i]->len + 1;
-    (void)!buf_reserve(&r->body, total); /* a hint, as in build_body */
-    int rc = buf_addc(&r->body, '[');
+    r->len = 2 + (n - 1);
     for (size_t i = 0; i < n; i++) {
         r->batches[i] = batches[i];
         r->events += batches[i]->nrecords;
-        if (i)
-            rc |= buf_addc(&r->body, ',');
-        rc |= buf_add(&r->body, batches[i]->body, batches[i]->len);
+        r->len += batches[i]->len;
     }
-    rc |= buf_addc(&r->body, ']');
-    if (rc)
-        goto fail;
 
     const struct feed_config *fc = &s->cfg->feeds[f->feed];
     char url[2048];
@@ -656,8 +699,11 @@ static int start_request(struct sender *s, struct feed_state *f, struct pbatch *
     CURL *e = r->easy;
     curl_easy_setopt(e, CURLOPT_URL, url);
     curl_easy_setopt(e, CURLOPT_POST, 1L);
-    curl_easy_setopt(e, CURLOPT_POSTFIELDS, r->body.data);
-    curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)r->body.len);
+    curl_easy_setopt(e, CURLOPT_READFUNCTION, read_body);
+    curl_easy_setopt(e, CURLOPT_READDATA, r);
+    curl_easy_setopt(e, CURLOPT_SEEKFUNCTION, seek_body);
+    curl_easy_setopt(e, CURLOPT_SEEKDATA, r);
+    curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)r->len);
     curl_easy_setopt(e, CURLOPT_HTTPHEADER, r->headers);
     curl_easy_setopt(e, CURLOPT_USERAGENT, "tributary/" TRIBUTARY_VERSION);
     curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, on_body);
@@ -684,7 +730,7 @@ static int start_request(struct sender *s, struct feed_state *f, struct pbatch *
     s->requests = r;
     log_debug("sending",
               LOG_S("feed", FEED_NAMES[f->feed]) LOG_I("batches", (long long)n)
-                  LOG_I("events", (long long)r->events) LOG_I("bytes", (long long)r->body.len)
+                  LOG_I("events", (long long)r->events) LOG_I("bytes", (long long)r->len)
                       LOG_S("batch", batches[0]->srid));
     return 0;
 fail:

@@ -187,6 +187,28 @@ class Delivery(ServiceTest):
         self.assertEqual(set(srids.values()), {3}, srids)
         self.assertEqual(set(d.source_message_ids()), {e["id"] for e in events})
 
+    def test_a_request_on_a_reused_connection_the_server_closed_is_sent_again_whole(self):
+        # libcurl sends such a request again on a new connection by itself,
+        # rewinding the body it reads from the batches
+        d = self.double()
+        s = self.service(env=feed_env(d))
+        first = [event("users.messages.email.Send", user="r%d" % i) for i in range(3)]
+        s.post(first)
+        self.assertTrue(d.wait_for_events(3, 20 * SLOW))
+        d.drop_connections(times=1)
+        second = [event("users.messages.email.Send", user="q%d" % i, blob="x" * 2000)
+                  for i in range(60)]
+        s.post(second)
+        self.assertTrue(d.wait_for_events(63, 20 * SLOW), "only %d" % d.event_count())
+        dropped = [r for r in d.requests if r["dropped"]]
+        self.assertEqual(len(dropped), 1)
+        # the same batches again, whole: the double parsed and accepted every one
+        self.assertEqual(sorted(d.source_message_ids()), sorted(e["id"] for e in first + second))
+        self.assertEqual(d.requests[-1]["status"], 202)
+        self.assertEqual(d.requests[-1]["batches"], 60)
+        self.assertEqual(s.metrics()['tributary_mparticle_retries_total{feed="unbound"}'], 0)
+        self.assertEqual(s.metrics()['tributary_dead_letters_total{reason="rejected"}'], 0)
+
     def test_a_400_batch_is_isolated_and_dead_lettered_while_neighbours_are_delivered(self):
         d = self.double()
         d.poison("POISON-PILL")
