@@ -271,10 +271,10 @@ struct op {
     } u;
 };
 
-/* The writer's view of a feed's records. After a rolled-back transaction it
- * may run ahead of the database (an id skipped, a table that looks fuller or
- * emptier than it is), which only delays emptying a table or leaves a table
- * holding two runs of ids: never a record deleted early. */
+/* The writer's view of a feed's records. An operation that is rolled back
+ * takes its changes to this view back with it (run_group): a claimed id left
+ * ahead of the database would skip storing the next claim's, and after a
+ * restart the feed's claims would be refused. */
 struct feed_ring {
     int64_t next_id;
     int64_t line;       /* settled line: every record below it is delivered or dead */
@@ -1286,6 +1286,9 @@ static void run_group(queue *q, struct op *ops)
             group = status_of(sqlite3_errcode(q->db));
         q->data_version = version;
     }
+    /* the rings as the group found them, and as each operation found them */
+    struct feed_ring group_rings[FEED_COUNT], op_rings[FEED_COUNT];
+    memcpy(group_rings, q->ring, sizeof group_rings);
     int64_t depth = depth_total(q);
     for (struct op *op = ops; op && group == QUEUE_OK; op = op->next) {
         memset(op->depth_delta, 0, sizeof op->depth_delta);
@@ -1295,6 +1298,7 @@ static void run_group(queue *q, struct op *ops)
             group = QUEUE_ERROR;
             break;
         }
+        memcpy(op_rings, q->ring, sizeof op_rings);
         op->status = apply(q, op, now, depth);
         if (op->status == QUEUE_OK) {
             for (int f = 0; f < FEED_COUNT; f++)
@@ -1306,6 +1310,7 @@ static void run_group(queue *q, struct op *ops)
                           LOG_S("error", sqlite3_errmsg(q->db)) LOG_I("kind", op->kind));
             undo_sightings(q, op);
             reset_commit(op);
+            memcpy(q->ring, op_rings, sizeof op_rings);
             if (sqlite3_get_autocommit(q->db)) {
                 /* SQLite rolled the whole transaction back (disk full, I/O
                  * error): nothing of this group may commit */
@@ -1322,6 +1327,8 @@ static void run_group(queue *q, struct op *ops)
     }
     if (group != QUEUE_OK && !sqlite3_get_autocommit(q->db))
         (void)exec(q->db, "ROLLBACK", err, sizeof err);
+    if (group != QUEUE_OK)
+        memcpy(q->ring, group_rings, sizeof group_rings);
 
     /* healthy: the last group committed and none of its operations met a storage error */
     int healthy = group == QUEUE_OK;

@@ -37,7 +37,9 @@ int buf_reserve(buf *b, size_t extra)
     size_t need = b->len + extra + 1;
     if (need <= b->cap)
         return 0;
-    size_t cap = b->cap ? b->cap : 256;
+    /* the first block fits the first request exactly when that is large (a
+     * reservation for the whole), then doubles */
+    size_t cap = b->cap ? b->cap : need > 256 ? need : 256;
     while (cap < need)
         cap = cap > SIZE_MAX / 2 ? need : cap * 2;
     char *p = realloc(b->data, cap);

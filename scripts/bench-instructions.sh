@@ -60,9 +60,16 @@ events=$((${accepted:-0} + ${answered:-0} * per_request))
     exit 1
 }
 
+shopt -s nullglob
+profiles=("$OUT"/callgrind.out.*)
+((${#profiles[@]} > 0)) || {
+    echo "bench-instructions: callgrind wrote no profiles (did the service exit?)" >&2
+    exit 1
+}
+
 # A thread's role is the entry point in its profile; its total is the file's
 # "summary:" line.
-for f in "$OUT"/callgrind.out.*; do
+for f in "${profiles[@]}"; do
     total=$(awk '/^(summary|totals):/ { print $2; exit }' "$f")
     role=other
     if grep -qE '^c?fn=\([0-9]+\) on_request$' "$f"; then

@@ -928,6 +928,42 @@ START_TEST(test_batches_that_leave_out_a_record_are_refused)
 }
 END_TEST
 
+/* One operation claims for two feeds and the second claim is refused: the
+ * first feed's claim goes too, in memory as on disk, so that claiming it again
+ * alone stores its claimed id, and its next claim after a restart is taken. */
+START_TEST(test_a_refused_claim_takes_back_the_other_feeds_claims_of_its_operation)
+{
+    queue *q = open_queue(NO_LIMIT, DEDUP_DAY);
+    int64_t ios[2], web[3];
+    commit_ids(q, FEED_IOS, "ios", 2, ios);
+    commit_ids(q, FEED_WEB, "web", 3, web);
+    int64_t gap[2] = {web[0], web[2]}; /* web-1 left out */
+    struct queue_batch both[2] = {make_batch(FEED_IOS, "src-ios", ios, 2, 0),
+                                  make_batch(FEED_WEB, "src-gap", gap, 2, 0)};
+    ck_assert_int_eq(queue_persist_batches(q, both, 2), QUEUE_ERROR);
+    struct batch_list l;
+    load_batches(q, &l);
+    ck_assert_uint_eq(l.n, 0);
+    struct queue_batch alone = make_batch(FEED_IOS, "src-ios", ios, 2, 0);
+    ck_assert_int_eq(queue_persist_batches(q, &alone, 1), QUEUE_OK);
+    queue_free(q);
+
+    q = open_queue(NO_LIMIT, DEDUP_DAY);
+    commit_records(q, FEED_IOS, "ios-more", 2);
+    struct queue_items it;
+    scan_all(q, FEED_IOS, &it);
+    ck_assert_uint_eq(it.n, 4);
+    int64_t more[2] = {it.items[2].id, it.items[3].id};
+    queue_items_free(&it);
+    struct queue_batch next = make_batch(FEED_IOS, "src-more", more, 2, 0);
+    ck_assert_int_eq(queue_persist_batches(q, &next, 1), QUEUE_OK);
+    load_batches(q, &l);
+    ck_assert_uint_eq(l.n, 2);
+    batch_list_free(&l);
+    queue_free(q);
+}
+END_TEST
+
 START_TEST(test_a_claim_encodes_and_parses_back_its_batches)
 {
     int64_t a[2] = {7, 9}, b[1] = {((int64_t)1 << 40) + 3};
@@ -1622,6 +1658,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_expire_leaves_records_of_a_persisted_batch_alone);
     tcase_add_test(tc, test_a_record_delivered_before_an_older_one_no_longer_counts);
     tcase_add_test(tc, test_batches_that_leave_out_a_record_are_refused);
+    tcase_add_test(tc, test_a_refused_claim_takes_back_the_other_feeds_claims_of_its_operation);
     tcase_add_test(tc, test_a_claim_encodes_and_parses_back_its_batches);
     tcase_add_test(tc, test_a_claim_goes_once_each_of_its_batches_is_finished);
     tcase_add_test(tc, test_a_schema_3_queue_keeps_its_records_and_batches);

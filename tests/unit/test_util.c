@@ -2,6 +2,7 @@
 #include "unit.h"
 
 #include <errno.h>
+#include <string.h>
 
 START_TEST(test_buf_refuses_to_grow_past_its_cap)
 {
@@ -11,6 +12,29 @@ START_TEST(test_buf_refuses_to_grow_past_its_cap)
     ck_assert_int_eq(buf_addc(&b, '9'), -1);
     ck_assert_uint_eq(b.len, 8);
     ck_assert_str_eq(b.data, "12345678");
+    buf_free(&b);
+}
+END_TEST
+
+/* A reservation takes one block of exactly the room asked for, which the
+ * appends then fill without moving it. */
+START_TEST(test_buf_reserve_takes_the_room_at_once)
+{
+    buf b;
+    buf_init(&b, 1 << 20);
+    ck_assert_int_eq(buf_reserve(&b, 5000), 0);
+    ck_assert_uint_eq(b.cap, 5001);
+    const char *block = b.data;
+    char chunk[1000];
+    memset(chunk, 'x', sizeof chunk);
+    for (int i = 0; i < 5; i++)
+        ck_assert_int_eq(buf_add(&b, chunk, sizeof chunk), 0);
+    ck_assert_ptr_eq(b.data, block);
+    ck_assert_uint_eq(b.len, 5000);
+    ck_assert_int_eq(buf_addc(&b, 'y'), 0);
+    ck_assert_uint_ge(b.cap, 5002);
+    ck_assert_int_eq(buf_reserve(&b, 1 << 20), -1);
+    ck_assert_uint_eq(b.len, 5001);
     buf_free(&b);
 }
 END_TEST
@@ -93,6 +117,7 @@ static Suite *suite(void)
     Suite *s = suite_create("util");
     TCase *tc = tcase_create("util");
     tcase_add_test(tc, test_buf_refuses_to_grow_past_its_cap);
+    tcase_add_test(tc, test_buf_reserve_takes_the_room_at_once);
     tcase_add_test(tc, test_json_string_escapes_quotes_controls_and_backslashes);
     tcase_add_test(tc, test_parse_int64_is_strict);
     tcase_add_test(tc, test_parse_duration_units);
