@@ -728,10 +728,9 @@ static int start_request(struct sender *s, struct feed_state *f, struct pbatch *
     s->in_flight++;
     r->next = s->requests;
     s->requests = r;
-    log_debug("sending",
-              LOG_S("feed", FEED_NAMES[f->feed]) LOG_I("batches", (long long)n)
-                  LOG_I("events", (long long)r->events) LOG_I("bytes", (long long)r->len)
-                      LOG_S("batch", batches[0]->srid));
+    log_debug("sending", LOG_S("feed", FEED_NAMES[f->feed]) LOG_I("batches", (long long)n)
+                             LOG_I("events", (long long)r->events) LOG_I("bytes", (long long)r->len)
+                                 LOG_S("batch", batches[0]->srid));
     return 0;
 fail:
     request_free(r);
