@@ -67,8 +67,9 @@
 #   BENCH_SERVICE_ENV="TRIBUTARY_X=v ..." extra service settings, for experiments
 #     (e.g. TRIBUTARY_QUEUE_SYNC=normal); the figures then no longer compare
 #   BENCH_SERVICE_WRAPPER="valgrind --tool=callgrind ..." runs the service
-#     under a tool (scripts/bench-instructions.sh); timing figures then mean
-#     nothing
+#     under a tool (scripts/bench-instructions.sh; or "heaptrack -o FILE");
+#     timing figures then mean nothing, and with a tool that runs the service
+#     as its child, neither do CPU and memory
 #   BENCH_KEEP=1 keeps the run directory (service log, loadgen output, and
 #     rate.lat / soak.lat: per request the scheduled time, latency ms, status)
 
@@ -164,6 +165,15 @@ cleanup() {
     local rc=$?
     trap - EXIT INT TERM
     stop_pid "$LG_PID" 2
+    # a BENCH_SERVICE_WRAPPER that runs the service as its child (heaptrack)
+    # does not pass the signal on: the service is stopped first
+    if [[ -n $SVC_PID ]]; then
+        local child
+        # shellcheck disable=SC2013  # the file holds pids separated by spaces
+        for child in $(cat "/proc/$SVC_PID/task/"*/children 2>/dev/null); do
+            stop_pid "$child" 15
+        done
+    fi
     stop_pid "$SVC_PID" 15
     stop_pid "$SINK_PID" 5
     if [[ ${BENCH_KEEP:-0} == 1 ]]; then
