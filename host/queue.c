@@ -325,8 +325,8 @@ struct queue {
     int64_t segment_records;
     int64_t data_version; /* PRAGMA data_version when the rings were last read */
     int64_t restart_logged_ms;
-    int64_t restart_busy_ms;           /* when a restart last waited in vain */
-    struct feed_ring ring[FEED_COUNT]; /* monotonic */
+    int64_t restart_busy_ms; /* when a restart last waited in vain */
+    struct feed_ring ring[FEED_COUNT];
 };
 
 struct queue_reader {

@@ -312,7 +312,7 @@ static int same_user(const struct queue_items *items, size_t a, size_t b)
 static int cmp_first_id(const void *a, const void *b)
 {
     const struct pbatch *x = *(struct pbatch *const *)a, *y = *(struct pbatch *const *)b;
-    return x->record_ids[0] < y->record_ids[0] ? -1 : x->record_ids[0] > y->record_ids[0];
+    return x->first_id < y->first_id ? -1 : x->first_id > y->first_id;
 }
 
 /* One feed's share of a claim: new batches, in order of their first record. */
@@ -655,7 +655,7 @@ static void request_free(struct request *r)
 static int start_request(struct sender *s, struct feed_state *f, struct pbatch **batches, size_t n,
                          int probe)
 {
-    struct request *r = calloc(1, sizeof(*r));
+    struct request *r = n > 0 ? calloc(1, sizeof(*r)) : NULL;
     if (!r)
         return -1;
     r->s = s;
@@ -663,9 +663,9 @@ static int start_request(struct sender *s, struct feed_state *f, struct pbatch *
     r->probe = probe;
     r->rate_usage = -1;
     r->n = n;
-    r->batches = malloc((n ? n : 1) * sizeof(*r->batches));
+    r->batches = malloc(n * sizeof(*r->batches));
     buf_init(&r->response, RESPONSE_MAX + 1);
-    if (!r->batches || n == 0)
+    if (!r->batches)
         goto fail;
     r->len = 2 + (n - 1);
     for (size_t i = 0; i < n; i++) {
