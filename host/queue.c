@@ -1106,24 +1106,29 @@ static int add_live_records(void *ctx, int64_t id, int feed, const struct claim_
 }
 
 /* Feed f's settled line and claimed id as stored (either pointer may be
- * NULL), 0 when none yet. */
-static void read_settled(sqlite3 *db, enum feed f, int64_t *below, int64_t *claimed)
+ * NULL), 0 when none yet. -1 when they cannot be read: a caller must not take
+ * the zeros for the stored values. */
+static int read_settled(sqlite3 *db, enum feed f, int64_t *below, int64_t *claimed)
 {
     sqlite3_stmt *s;
     int64_t v[2] = {0, 0};
     if (sqlite3_prepare_v2(db, "SELECT below, claimed FROM settled WHERE feed = ?1", -1, &s,
-                           NULL) == SQLITE_OK) {
-        sqlite3_bind_int(s, 1, (int)f);
-        if (sqlite3_step(s) == SQLITE_ROW) {
-            v[0] = sqlite3_column_int64(s, 0);
-            v[1] = sqlite3_column_int64(s, 1);
-        }
-        sqlite3_finalize(s);
+                           NULL) != SQLITE_OK)
+        return -1;
+    sqlite3_bind_int(s, 1, (int)f);
+    int rc = sqlite3_step(s);
+    if (rc == SQLITE_ROW) {
+        v[0] = sqlite3_column_int64(s, 0);
+        v[1] = sqlite3_column_int64(s, 1);
     }
+    sqlite3_finalize(s);
+    if (rc != SQLITE_ROW && rc != SQLITE_DONE)
+        return -1;
     if (below)
         *below = v[0];
     if (claimed)
         *claimed = v[1];
+    return 0;
 }
 
 static void refresh_oldest(queue *q)
@@ -1147,8 +1152,8 @@ static int count_rows(sqlite3 *db, struct queue_gauges *g)
     for (int f = 0; f < FEED_COUNT; f++) {
         /* the records not claimed yet, then those in batches */
         int64_t claimed;
-        read_settled(db, (enum feed)f, NULL, &claimed);
-        if (prepare_feed(db, FEED_STMTS[F_COUNT_RANGE], (enum feed)f, &s) != 0)
+        if (read_settled(db, (enum feed)f, NULL, &claimed) != 0 ||
+            prepare_feed(db, FEED_STMTS[F_COUNT_RANGE], (enum feed)f, &s) != 0)
             return -1;
         sqlite3_bind_int64(s, 1, claimed);
         sqlite3_bind_int64(s, 2, INT64_MAX);
@@ -1277,14 +1282,31 @@ static void run_group(queue *q, struct op *ops)
         log_error("queue: cannot begin a transaction", LOG_S("error", err));
         group = status_of(sqlite3_errcode(q->db));
     } else {
-        /* another process (`tributary dlq requeue` beside the service) committed
-         * since: where the rings stand is read again, so ids are not reused */
+        /* another process (`tributary dlq requeue` or `purge` beside the
+         * service) committed since: where the rings stand is read again, so
+         * ids are not reused, and so are the depth and dead-letter gauges. On
+         * an error nothing of this group is applied and the next group reads
+         * them again. */
         sqlite3_stmt *s = q->st[S_DATA_VERSION];
-        int64_t version = sqlite3_step(s) == SQLITE_ROW ? sqlite3_column_int64(s, 0) : -1;
+        int rc = sqlite3_step(s);
+        int64_t version = rc == SQLITE_ROW ? sqlite3_column_int64(s, 0) : -1;
         sqlite3_reset(s);
-        if (version != q->data_version && load_rings(q) != 0)
+        struct queue_gauges counted;
+        if (rc != SQLITE_ROW) {
             group = status_of(sqlite3_errcode(q->db));
-        q->data_version = version;
+        } else if (version != q->data_version) {
+            if (load_rings(q) != 0 || count_rows(q->db, &counted) != 0) {
+                log_error("queue: cannot read what another process changed",
+                          LOG_S("error", sqlite3_errmsg(q->db)));
+                group = status_of(sqlite3_errcode(q->db));
+            } else {
+                q->data_version = version;
+                pthread_mutex_lock(&q->mu);
+                memcpy(q->gauges.depth, counted.depth, sizeof counted.depth);
+                q->gauges.dead = counted.dead;
+                pthread_mutex_unlock(&q->mu);
+            }
+        }
     }
     /* the rings as the group found them, and as each operation found them */
     struct feed_ring group_rings[FEED_COUNT], op_rings[FEED_COUNT];
@@ -1782,7 +1804,11 @@ static int settle_delivered(sqlite3 *db, char *err, size_t errlen)
     ins = NULL;
     for (int f = 0; f < FEED_COUNT; f++) {
         int64_t below, claimed;
-        read_settled(db, (enum feed)f, &below, &claimed);
+        if (read_settled(db, (enum feed)f, &below, &claimed) != 0) {
+            str_printf(err, errlen, "reading where feed %s is settled: %s", FEED_NAMES[f],
+                       sqlite3_errmsg(db));
+            goto fail;
+        }
         for (int t = 0; t < RING; t++) {
             char sql[400];
             snprintf(sql, sizeof sql,
@@ -1802,13 +1828,17 @@ fail:
 }
 
 /* Reads where each feed's ring stands: the writer goes on filling the table
- * that holds the newest records, with ids above every id stored or settled. */
+ * that holds the newest records, with ids above every id stored or settled.
+ * The rings change only when all of them were read: on an error they stay as
+ * they were and -1 is returned. */
 static int load_rings(queue *q)
 {
+    struct feed_ring fresh[FEED_COUNT];
+    memset(fresh, 0, sizeof fresh);
     for (int f = 0; f < FEED_COUNT; f++) {
-        struct feed_ring *ring = &q->ring[f];
-        memset(ring, 0, sizeof(*ring));
-        read_settled(q->db, (enum feed)f, &ring->line, &ring->claimed);
+        struct feed_ring *ring = &fresh[f];
+        if (read_settled(q->db, (enum feed)f, &ring->line, &ring->claimed) != 0)
+            return -1;
         int64_t newest = ring->line > 0 ? ring->line - 1 : 0;
         newest = ring->claimed > newest ? ring->claimed : newest;
         for (int t = 0; t < RING; t++) {
@@ -1818,17 +1848,21 @@ static int load_rings(queue *q)
                      FEED_NAMES[f], t);
             if (sqlite3_prepare_v2(q->db, sql, -1, &s, NULL) != SQLITE_OK)
                 return -1;
-            if (sqlite3_step(s) == SQLITE_ROW) {
+            int rc = sqlite3_step(s);
+            if (rc == SQLITE_ROW) {
                 ring->rows[t] = sqlite3_column_int64(s, 0);
                 ring->last[t] = sqlite3_column_int64(s, 1);
             }
             sqlite3_finalize(s);
+            if (rc != SQLITE_ROW)
+                return -1;
             if (ring->rows[t] > 0 && ring->last[t] > ring->last[ring->filling])
                 ring->filling = t;
             newest = ring->last[t] > newest ? ring->last[t] : newest;
         }
         ring->next_id = newest + 1;
     }
+    memcpy(q->ring, fresh, sizeof fresh);
     return 0;
 }
 
@@ -2345,8 +2379,8 @@ int64_t queue_oldest_ms(queue_reader *r, enum feed f)
     sqlite3_stmt *s;
     int64_t v = 0;
     int64_t line;
-    read_settled(r->db, f, &line, NULL);
-    if (prepare_feed(r->db, FEED_STMTS[F_OLDEST], f, &s) != 0)
+    if (read_settled(r->db, f, &line, NULL) != 0 ||
+        prepare_feed(r->db, FEED_STMTS[F_OLDEST], f, &s) != 0)
         return 0;
     sqlite3_bind_int64(s, 1, line);
     if (sqlite3_step(s) == SQLITE_ROW)

@@ -243,13 +243,13 @@ struct rules {
     int *tests_refs;   /* LUA_NOREF when the file has no tests */
     size_t n;
     int decode_ref;
-    int encode_ref;
     int tributary_ref; /* the table behind the read-only `tributary` global */
     int absent_ref;    /* tributary.absent, the "must be missing" marker in tests */
     struct sandbox_limits limits;
     size_t memory_cap; /* state memory between requests before a rebuild */
     int testing;       /* running rule tests: tributary.count counts nothing */
     buf scratch;
+    buf encoded; /* cjson.encode's text while a rule calls it */
 };
 
 /* The view of the configuration that rules read through `tributary`. */
@@ -357,6 +357,8 @@ static void set_context(rules *r, lua_State *L, int over)
     lua_pop(L, 1);
 }
 
+static int rules_encode(lua_State *L);
+
 /* Runs inside lua_pcall: opens cjson and builds the `tributary` global. */
 static int setup_state(lua_State *L)
 {
@@ -367,10 +369,7 @@ static int setup_state(lua_State *L)
         const char *fn;
         int arg;
     } settings[] = {{"decode_max_depth", RULES_MAX_JSON_DEPTH},
-                    {"encode_max_depth", RULES_MAX_JSON_DEPTH},
-                    {"decode_invalid_numbers", 0},
-                    {"encode_invalid_numbers", 0},
-                    {"encode_keep_buffer", 1}};
+                    {"decode_invalid_numbers", 0}};
     for (size_t i = 0; i < ARRAY_LEN(settings); i++) {
         lua_getfield(L, -1, settings[i].fn);
         if (strstr(settings[i].fn, "depth"))
@@ -381,11 +380,10 @@ static int setup_state(lua_State *L)
     }
     lua_getfield(L, -1, "decode");
     r->decode_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-    lua_getfield(L, -1, "encode");
-    r->encode_ref = luaL_ref(L, LUA_REGISTRYINDEX);
 
-    lua_createtable(L, 0, 3); /* cjson view */
-    lua_getfield(L, -2, "encode");
+    lua_createtable(L, 0, 3); /* cjson view; its encode is the host's (see write_json) */
+    lua_pushlightuserdata(L, r);
+    lua_pushcclosure(L, rules_encode, 1);
     lua_setfield(L, -2, "encode");
     lua_getfield(L, -2, "decode");
     lua_setfield(L, -2, "decode");
@@ -463,8 +461,9 @@ int rules_new(rules **out, ruleset *rs, char *err, size_t errlen)
     r->limits.memory_bytes = (size_t)c->rules_memory_mb << 20;
     r->limits.instructions = c->rules_instructions;
     r->memory_cap = r->limits.memory_bytes;
-    r->decode_ref = r->encode_ref = r->tributary_ref = r->absent_ref = LUA_NOREF;
+    r->decode_ref = r->tributary_ref = r->absent_ref = LUA_NOREF;
     buf_init(&r->scratch, 1u << 24);
+    buf_init(&r->encoded, RULES_MAX_ENCODE_BYTES + 64);
     r->n = rs->nfiles;
     r->process_refs = calloc(r->n, sizeof(int));
     r->tests_refs = calloc(r->n, sizeof(int));
@@ -519,6 +518,7 @@ void rules_free(rules *r)
     free(r->process_refs);
     free(r->tests_refs);
     buf_free(&r->scratch);
+    buf_free(&r->encoded);
     ruleset_unref(r->rs);
     free(r);
 }
@@ -539,58 +539,182 @@ const char *rules_needs_rebuild(const rules *r)
 
 /* ---- JSON between Lua and C --------------------------------------------- */
 
-/* [-0, +0] Encodes the value at idx with cjson into out (appending). On failure
- * returns -1 with the reason in err. */
-static int encode_value(rules *r, lua_State *L, int idx, buf *out, char *err, size_t errlen)
+/* JSON text of Lua values, written by the host rather than by cjson.encode:
+ * cjson grows its output buffer outside the Lua allocator, without a bound,
+ * and exits the process when that allocation fails, so a rule returning (or
+ * encoding) a table that expands to gigabytes of text (a table nested in
+ * itself twice per level, say) would take the service down. This writer stops
+ * at a byte limit instead. It follows cjson's conventions: a table whose keys
+ * are all positive integers is an array (holes up to twice its size, or any
+ * up to 10 items, become null; sparser ones are an error), any other table an
+ * object with string or number keys, an empty table {}, cjson.null null.
+ * Integers are written whole, other numbers with 14 significant digits. */
+
+struct json_out {
+    buf *out;
+    size_t limit; /* out->len may not pass it */
+    char *err;
+    size_t errlen;
+};
+
+#define JSON_SPARSE_RATIO 2
+#define JSON_SPARSE_SAFE 10
+
+static int json_fail(struct json_out *j, const char *what)
 {
-    idx = lua_absindex(L, idx);
-    lua_rawgeti(L, LUA_REGISTRYINDEX, r->encode_ref);
-    lua_pushvalue(L, idx);
-    if (lua_pcall(L, 1, 1, 0) != LUA_OK) {
-        str_printf(err, errlen, "cannot encode as JSON: %s",
-                   lua_isstring(L, -1) ? lua_tostring(L, -1) : "error");
-        lua_pop(L, 1);
-        return -1;
-    }
-    size_t n;
-    const char *s = lua_tolstring(L, -1, &n);
-    int rc = buf_add(out, s, n);
-    lua_pop(L, 1);
-    if (rc != 0)
-        str_copy(err, errlen, "encoded value too large");
-    return rc;
+    if (!j->err[0])
+        str_copy(j->err, j->errlen, what);
+    return -1;
 }
 
-/* Scalars are written directly; tables go through cjson. */
-static int write_value(rules *r, lua_State *L, int idx, buf *out, char *err, size_t errlen)
+static int json_room(struct json_out *j)
+{
+    if (j->out->len > j->limit) {
+        str_printf(j->err, j->errlen, "the JSON text is larger than %zu bytes", j->limit);
+        return -1;
+    }
+    return 0;
+}
+
+static int json_number(struct json_out *j, lua_State *L, int idx)
+{
+    if (lua_isinteger(L, idx))
+        return buf_int(j->out, (long long)lua_tointeger(L, idx));
+    double v = lua_tonumber(L, idx);
+    if (!isfinite(v))
+        return json_fail(j, "numbers must be finite");
+    return buf_printf(j->out, "%.14g", v);
+}
+
+/* The length of the table at idx as a JSON array, 0 when it is empty or an
+ * object, -1 when it is an array too sparse to write. */
+static lua_Integer json_array_length(lua_State *L, int idx)
+{
+    lua_Integer max = 0, items = 0;
+    lua_pushnil(L);
+    while (lua_next(L, idx)) {
+        lua_pop(L, 1);
+        if (!lua_isinteger(L, -1) || lua_tointeger(L, -1) < 1) {
+            lua_pop(L, 1);
+            return 0;
+        }
+        lua_Integer k = lua_tointeger(L, -1);
+        max = k > max ? k : max;
+        items++;
+    }
+    if (max > JSON_SPARSE_SAFE && max > items * JSON_SPARSE_RATIO)
+        return -1;
+    return max;
+}
+
+static int json_value(struct json_out *j, lua_State *L, int idx, int depth);
+
+static int json_table(struct json_out *j, lua_State *L, int idx, int depth)
+{
+    if (depth > RULES_MAX_JSON_DEPTH) {
+        str_printf(j->err, j->errlen, "tables nested deeper than %d levels",
+                   RULES_MAX_JSON_DEPTH);
+        return -1;
+    }
+    if (!lua_checkstack(L, 3))
+        return json_fail(j, "out of Lua stack");
+    lua_Integer n = json_array_length(L, idx);
+    if (n < 0)
+        return json_fail(j, "a table is too sparse an array to write as JSON");
+    if (n > 0) {
+        if (buf_addc(j->out, '['))
+            return -1;
+        for (lua_Integer i = 1; i <= n; i++) {
+            if (i > 1 && buf_addc(j->out, ','))
+                return -1;
+            lua_rawgeti(L, idx, i);
+            int rc = lua_isnil(L, -1) ? buf_adds(j->out, "null")
+                                      : json_value(j, L, lua_gettop(L), depth + 1);
+            lua_pop(L, 1);
+            if (rc != 0 || json_room(j) != 0)
+                return -1;
+        }
+        return buf_addc(j->out, ']');
+    }
+    if (buf_addc(j->out, '{'))
+        return -1;
+    int first = 1;
+    lua_pushnil(L);
+    while (lua_next(L, idx)) {
+        /* key value */
+        int rc = first ? 0 : buf_addc(j->out, ',');
+        first = 0;
+        if (rc == 0 && lua_type(L, -2) == LUA_TSTRING) {
+            size_t kn;
+            const char *k = lua_tolstring(L, -2, &kn);
+            rc = buf_json_str(j->out, k, kn);
+        } else if (rc == 0 && lua_type(L, -2) == LUA_TNUMBER) {
+            rc = buf_addc(j->out, '"') || json_number(j, L, -2) || buf_addc(j->out, '"');
+        } else if (rc == 0) {
+            rc = json_fail(j, "table keys must be strings or numbers");
+        }
+        rc = rc || buf_addc(j->out, ':') || json_value(j, L, lua_gettop(L), depth + 1) ||
+             json_room(j);
+        lua_pop(L, 1);
+        if (rc != 0) {
+            lua_pop(L, 1);
+            return -1;
+        }
+    }
+    return buf_addc(j->out, '}');
+}
+
+static int json_value(struct json_out *j, lua_State *L, int idx, int depth)
 {
     switch (lua_type(L, idx)) {
     case LUA_TSTRING: {
         size_t n;
         const char *s = lua_tolstring(L, idx, &n);
-        return buf_json_str(out, s, n);
+        return buf_json_str(j->out, s, n);
     }
     case LUA_TNUMBER:
-        if (lua_isinteger(L, idx))
-            return buf_printf(out, "%lld", (long long)lua_tointeger(L, idx));
-        if (!isfinite(lua_tonumber(L, idx))) {
-            str_copy(err, errlen, "numbers must be finite");
-            return -1;
-        }
-        return buf_printf(out, "%.14g", (double)lua_tonumber(L, idx));
+        return json_number(j, L, idx);
     case LUA_TBOOLEAN:
-        return buf_adds(out, lua_toboolean(L, idx) ? "true" : "false");
+        return buf_adds(j->out, lua_toboolean(L, idx) ? "true" : "false");
     case LUA_TLIGHTUSERDATA:
         if (lua_touserdata(L, idx) == NULL)
-            return buf_adds(out, "null"); /* cjson.null */
+            return buf_adds(j->out, "null"); /* cjson.null */
         break;
     case LUA_TTABLE:
-        return encode_value(r, L, idx, out, err, errlen);
+        return json_table(j, L, idx, depth);
     default:
         break;
     }
-    str_printf(err, errlen, "cannot encode a %s value as JSON", luaL_typename(L, idx));
+    str_printf(j->err, j->errlen, "cannot encode a %s value as JSON", luaL_typename(L, idx));
     return -1;
+}
+
+/* [-0, +0] Appends the value at idx to out as JSON text of at most limit
+ * bytes. On failure returns -1 with the reason in err; out then holds a part. */
+static int write_json(lua_State *L, int idx, buf *out, size_t limit, char *err, size_t errlen)
+{
+    struct json_out j = {out, out->len + limit, err, errlen};
+    err[0] = '\0';
+    if (json_value(&j, L, lua_absindex(L, idx), 0) != 0 || json_room(&j) != 0)
+        return json_fail(&j, "the JSON text is too large");
+    return 0;
+}
+
+/* cjson.encode as rules see it: the same text, through write_json. */
+static int rules_encode(lua_State *L)
+{
+    rules *r = lua_touserdata(L, lua_upvalueindex(1));
+    luaL_checkany(L, 1);
+    char err[ERR_LEN];
+    buf_reset(&r->encoded);
+    if (write_json(L, 1, &r->encoded, RULES_MAX_ENCODE_BYTES, err, sizeof err) != 0) {
+        buf_reset(&r->encoded);
+        return luaL_error(L, "cjson.encode: %s", err);
+    }
+    lua_pushlstring(L, r->encoded.data ? r->encoded.data : "", r->encoded.len);
+    if (r->encoded.cap > RULES_MAX_OUTPUT_BYTES)
+        buf_free(&r->encoded); /* a rare large text does not stay */
+    return 1;
 }
 
 static int is_host_key(const char *k)
@@ -603,7 +727,7 @@ static int is_host_key(const char *k)
 }
 
 /* [-0, +0] Writes the batch table at idx as record lines (see record.h). */
-static int flatten_batch(rules *r, lua_State *L, int idx, buf *out, char *err, size_t errlen)
+static int flatten_batch(lua_State *L, int idx, buf *out, char *err, size_t errlen)
 {
     lua_pushnil(L);
     while (lua_next(L, idx)) {
@@ -632,7 +756,8 @@ static int flatten_batch(rules *r, lua_State *L, int idx, buf *out, char *err, s
                 size_t sn;
                 const char *sk = lua_tolstring(L, -2, &sn);
                 if (buf_json_str(out, k, kn) || buf_addc(out, '\t') || buf_json_str(out, sk, sn) ||
-                    buf_addc(out, '\t') || write_value(r, L, lua_gettop(L), out, err, errlen) ||
+                    buf_addc(out, '\t') ||
+                    write_json(L, lua_gettop(L), out, RULES_MAX_OUTPUT_BYTES, err, errlen) ||
                     buf_addc(out, '\n')) {
                     if (!err[0])
                         str_copy(err, errlen, "batch too large");
@@ -643,7 +768,8 @@ static int flatten_batch(rules *r, lua_State *L, int idx, buf *out, char *err, s
             }
         } else {
             if (buf_json_str(out, k, kn) || buf_adds(out, "\t\t") ||
-                write_value(r, L, lua_gettop(L), out, err, errlen) || buf_addc(out, '\n')) {
+                write_json(L, lua_gettop(L), out, RULES_MAX_OUTPUT_BYTES, err, errlen) ||
+                buf_addc(out, '\n')) {
                 if (!err[0])
                     str_copy(err, errlen, "batch too large");
                 lua_pop(L, 2);
@@ -766,7 +892,7 @@ static int copy_raw(rules *r, lua_State *L, int evi, const struct event_ids *ids
         return 0;
     }
     buf_reset(&r->scratch);
-    if (encode_value(r, L, evi, &r->scratch, err, errlen) != 0)
+    if (write_json(L, evi, &r->scratch, RULES_MAX_ENCODE_BYTES, err, errlen) != 0)
         return -1;
     *out = mapping_copy(m, r->scratch.data, r->scratch.len, failed);
     return 0;
@@ -824,13 +950,29 @@ static int emit(rules *r, lua_State *L, int evi, const struct event_ids *ids, in
     tmp.rules_version = ruleset_version(r->rs);
 
     buf_reset(&r->scratch);
-    if (encode_value(r, L, top + 2, &r->scratch, err, errlen) != 0)
+    if (write_json(L, top + 2, &r->scratch, RULES_MAX_OUTPUT_BYTES, err, errlen) != 0) {
+        char why[ERR_LEN];
+        str_copy(why, sizeof why, err);
+        if (r->scratch.len > RULES_MAX_OUTPUT_BYTES)
+            str_printf(err, errlen,
+                       "out.event takes more than %u bytes as JSON; an mParticle batch holds at "
+                       "most 128 KB",
+                       (unsigned)RULES_MAX_OUTPUT_BYTES);
+        else
+            str_printf(err, errlen, "out.event: %s", why);
         goto done;
+    }
     tmp.event = mapping_copy(m, r->scratch.data, r->scratch.len, &failed);
 
     buf_reset(&r->scratch);
-    if (bt == LUA_TTABLE && flatten_batch(r, L, top + 3, &r->scratch, err, errlen) != 0)
+    if (bt == LUA_TTABLE && flatten_batch(L, top + 3, &r->scratch, err, errlen) != 0) {
+        if (r->scratch.len > RULES_MAX_OUTPUT_BYTES)
+            str_printf(err, errlen,
+                       "out.batch takes more than %u bytes as JSON; an mParticle batch holds at "
+                       "most 128 KB",
+                       (unsigned)RULES_MAX_OUTPUT_BYTES);
         goto done;
+    }
     tmp.batch = mapping_copy(m, r->scratch.data, r->scratch.len, &failed);
 
     if (tmp.event.n + tmp.batch.n > RULES_MAX_OUTPUT_BYTES) {
@@ -937,6 +1079,9 @@ static int map_event(rules *r, lua_State *L, int evi, str raw, struct mapping *m
 }
 
 /* ---- where each event's bytes are ---------------------------------------- */
+
+/* How the events were laid out in a body. */
+enum body_form { FORM_ENVELOPE, FORM_LIST, FORM_EVENT, FORM_LINES };
 
 /* cjson validates and decodes the body; this finds the byte range of every
  * element of the top-level "events" list, so a record keeps the event exactly as
@@ -1071,6 +1216,45 @@ static int event_slices(const char *body, size_t len, str *slices, size_t n)
 
 /* ---- requests ----------------------------------------------------------- */
 
+/* The byte range of every event of a body decoded as form, so that each is
+ * kept as it came (a dead letter stored again by `dlq requeue` stays the
+ * event Braze sent, not its re-encoding after the rules ran). -1 when they
+ * cannot be told apart; the events are then encoded from their tables. */
+static int body_slices(const char *body, size_t len, enum body_form form, str *slices, size_t n)
+{
+    const char *p = skip_ws(body, body + len), *end = body + len;
+    switch (form) {
+    case FORM_ENVELOPE:
+        return event_slices(body, len, slices, n);
+    case FORM_LIST:
+        p = split_list(p, end, slices, n);
+        return p && skip_ws(p, end) == end ? 0 : -1;
+    case FORM_EVENT: {
+        const char *v = skip_value(p, end);
+        if (n != 1 || !v || skip_ws(v, end) != end)
+            return -1;
+        slices[0] = (str){p, (size_t)(v - p)};
+        return 0;
+    }
+    case FORM_LINES:
+        break;
+    }
+    size_t i = 0;
+    while (p < end) {
+        const char *nl = memchr(p, '\n', (size_t)(end - p));
+        const char *le = nl ? nl : end;
+        const char *v = skip_ws(p, le);
+        if (v < le) {
+            const char *ve = skip_value(v, le);
+            if (i == n || !ve || skip_ws(ve, le) != le)
+                return -1;
+            slices[i++] = (str){v, (size_t)(ve - v)};
+        }
+        p = le + 1;
+    }
+    return i == n ? 0 : -1;
+}
+
 static int PRINTF(4, 5)
     input_fail(struct input_error *e, int status, long index, const char *fmt, ...)
 {
@@ -1122,13 +1306,14 @@ static int is_list(lua_State *L, int idx)
 
 /* [-0, +1 on success] Pushes the list of events in the body. */
 static int decode_events(rules *r, lua_State *L, const char *body, size_t len,
-                         enum input_shape shape, struct input_error *e)
+                         enum input_shape shape, enum body_form *form, struct input_error *e)
 {
     char err[ERR_LEN];
     if (decode(r, L, body, len, err, sizeof err) != 0) {
         if (shape == INPUT_ENVELOPE)
             return input_fail(e, 400, -1, "malformed JSON: %s", err);
         /* NDJSON: one event per line */
+        *form = FORM_LINES;
         lua_newtable(L);
         lua_Integer k = 0;
         const char *p = body, *end = body + len;
@@ -1155,6 +1340,7 @@ static int decode_events(rules *r, lua_State *L, const char *body, size_t len,
     }
     int t = rawfield(L, top, "events");
     if (t == LUA_TTABLE) {
+        *form = FORM_ENVELOPE;
         lua_remove(L, top);
         if (!is_list(L, top)) {
             lua_pop(L, 1);
@@ -1173,6 +1359,7 @@ static int decode_events(rules *r, lua_State *L, const char *body, size_t len,
     }
     if (rawfield(L, top, "event_type") != LUA_TNIL) {
         /* a single event */
+        *form = FORM_EVENT;
         lua_pop(L, 1);
         lua_createtable(L, 1, 0);
         lua_insert(L, top);
@@ -1184,6 +1371,7 @@ static int decode_events(rules *r, lua_State *L, const char *body, size_t len,
         lua_pop(L, 1);
         return input_fail(e, 400, -1, "expected events: an envelope, a list, an event or NDJSON");
     }
+    *form = FORM_LIST;
     return 0;
 }
 
@@ -1228,7 +1416,8 @@ int rules_map(rules *r, const char *body, size_t len, enum input_shape shape, st
         return 0;
     lua_State *L = sandbox_lua(r->sb);
     int top = lua_gettop(L);
-    if (decode_events(r, L, body, len, shape, e) != 0) {
+    enum body_form form;
+    if (decode_events(r, L, body, len, shape, &form, e) != 0) {
         lua_settop(L, top);
         return -1;
     }
@@ -1252,9 +1441,9 @@ int rules_map(rules *r, const char *body, size_t len, enum input_shape shape, st
     size_t nrec = m->nrecords, ndead = m->ndead, nout = m->noutcomes;
     size_t dropped[DROP_REASON_COUNT];
     memcpy(dropped, m->dropped, sizeof dropped);
-    /* the events' own bytes, when the body is an envelope the scanner follows */
+    /* the events' own bytes, when the scanner can follow the body */
     str *raws = n > 0 ? calloc((size_t)n, sizeof(*raws)) : NULL;
-    if (raws && event_slices(body, len, raws, (size_t)n) != 0) {
+    if (raws && body_slices(body, len, form, raws, (size_t)n) != 0) {
         free(raws);
         raws = NULL;
     }

@@ -34,6 +34,8 @@
 /* A mapped event with its batch-level fields must fit an mParticle batch
  * (128 KB) with room for the envelope; larger ones are invalid output. */
 #define RULES_MAX_OUTPUT_BYTES (120 * 1024)
+/* cjson.encode called by a rule refuses to make a longer text. */
+#define RULES_MAX_ENCODE_BYTES (1u << 20)
 
 typedef struct ruleset ruleset;
 

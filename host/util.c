@@ -93,41 +93,51 @@ int buf_printf(buf *b, const char *fmt, ...)
     return rc;
 }
 
+/* Bytes JSON text cannot hold as they are: 0 for those that pass, else the
+ * letter of their short escape, or 'u' for \u00XX. */
+static const char JSON_ESCAPE[256] = {
+    ['\0'] = 'u', [1] = 'u',   [2] = 'u',    [3] = 'u',   [4] = 'u',  [5] = 'u',  [6] = 'u',
+    [7] = 'u',    ['\b'] = 'b', ['\t'] = 't', ['\n'] = 'n', [11] = 'u', ['\f'] = 'f',
+    ['\r'] = 'r', [14] = 'u',  [15] = 'u',   [16] = 'u',  [17] = 'u', [18] = 'u', [19] = 'u',
+    [20] = 'u',   [21] = 'u',  [22] = 'u',   [23] = 'u',  [24] = 'u', [25] = 'u', [26] = 'u',
+    [27] = 'u',   [28] = 'u',  [29] = 'u',   [30] = 'u',  [31] = 'u', ['"'] = '"', ['\\'] = '\\',
+    [127] = 'u',
+};
+
 int buf_json_str(buf *b, const char *s, size_t n)
 {
     static const char hex[] = "0123456789abcdef";
-    if (buf_addc(b, '"') != 0)
+    /* room for the common case, no escapes, at once */
+    if (n > SIZE_MAX - 2 || buf_reserve(b, n + 2) != 0)
         return -1;
+    b->data[b->len++] = '"';
     size_t run = 0; /* start of the pending run of bytes that need no escape */
     for (size_t i = 0; i < n; i++) {
-        unsigned char c = (unsigned char)s[i];
-        const char *esc = NULL;
-        char u[6];
-        if (c == '"')
-            esc = "\\\"";
-        else if (c == '\\')
-            esc = "\\\\";
-        else if (c == '\n')
-            esc = "\\n";
-        else if (c == '\r')
-            esc = "\\r";
-        else if (c == '\t')
-            esc = "\\t";
-        else if (c < 0x20 || c == 0x7f) {
-            memcpy(u, "\\u00", 4);
-            u[4] = hex[c >> 4];
-            u[5] = hex[c & 15];
-        } else
+        char e = JSON_ESCAPE[(unsigned char)s[i]];
+        if (!e)
             continue;
-        if (buf_add(b, s + run, i - run) != 0)
-            return -1;
-        if (esc ? buf_adds(b, esc) : buf_add(b, u, 6))
+        char u[6] = {'\\', e, '0', '0', hex[((unsigned char)s[i]) >> 4], hex[s[i] & 15]};
+        if (buf_add(b, s + run, i - run) != 0 || buf_add(b, u, e == 'u' ? 6 : 2) != 0)
             return -1;
         run = i + 1;
     }
     if (buf_add(b, s + run, n - run) != 0)
         return -1;
     return buf_addc(b, '"');
+}
+
+int buf_int(buf *b, long long v)
+{
+    char tmp[24];
+    size_t i = sizeof tmp;
+    unsigned long long u = v < 0 ? 0ULL - (unsigned long long)v : (unsigned long long)v;
+    do {
+        tmp[--i] = (char)('0' + u % 10);
+        u /= 10;
+    } while (u);
+    if (v < 0)
+        tmp[--i] = '-';
+    return buf_add(b, tmp + i, sizeof tmp - i);
 }
 
 char *buf_take(buf *b)

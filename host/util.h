@@ -55,6 +55,8 @@ int buf_printf(buf *b, const char *fmt, ...) PRINTF(2, 3) WUR;
 int buf_vprintf(buf *b, const char *fmt, va_list ap) WUR;
 /* Appends s as a quoted, escaped JSON string. Invalid UTF-8 is passed through. */
 int buf_json_str(buf *b, const char *s, size_t n) WUR;
+/* Appends v in decimal. */
+int buf_int(buf *b, long long v) WUR;
 /* Detaches the data: the caller frees it with free(); b is left empty. */
 char *buf_take(buf *b);
 /* Reads the rest of f into a new NUL-terminated string of at most max bytes, its length in *len.

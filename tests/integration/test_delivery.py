@@ -237,8 +237,10 @@ class Delivery(ServiceTest):
         s.post(events)
         self.assertTrue(d.wait_for_events(30, 20 * SLOW))
         self.assertEqual(sorted(d.source_message_ids()), sorted(e["id"] for e in events))
+        # the halves travel side by side: the second 413 may be logged after a 202
         statuses = [r["status"] for r in d.requests]
-        self.assertEqual(statuses[:2], [413, 413])
+        self.assertEqual(statuses[0], 413)
+        self.assertEqual(statuses.count(413), 2)
         delivered = [r["batches"] for r in d.requests if r["status"] == 202]
         self.assertEqual(sum(delivered), 30)
         self.assertLess(max(delivered), 30)

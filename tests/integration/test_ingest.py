@@ -84,6 +84,28 @@ class Ingest(ServiceTest):
         self.assertEqual(json.loads(raw)["id"], bad["id"])
         self.assertEqual(s.metrics()['tributary_dead_letters_total{reason="rule_error"}'], 1)
 
+    def test_a_requeued_event_dead_lettered_again_keeps_the_bytes_braze_sent(self):
+        # the rule changes the event before it fails; numbers JSON cannot round
+        # through a double and an empty list must come back as they were sent
+        rules = self.rules_dir({"20-explode.lua": (
+            "return function(event, out)\n"
+            "  event.properties.touched = true\n"
+            "  error('still failing')\n"
+            "end\n")})
+        s = self.service(rules_dir=rules)
+        raw = ('{"event_type": "users.messages.email.Open", "id": "keep-bytes-1",'
+               ' "time": 1732800000.123456, "user": {"external_user_id": "c-1"},'
+               ' "properties": {"n": 12345678901234567890, "l": [], "url": "https://x/y"}}')
+        r = s.post(body='{"events": [%s]}' % raw)
+        self.assertEqual(r.status, 200, r)
+        self.assertEqual(r.json()["quarantined"], 1)
+        for _ in range(2):
+            p = s.cli(["dlq", "requeue", "--reason", "rule_error"])
+            self.assertEqual(p.returncode, 0, p.stderr)
+            with s.db() as db:
+                rows = db.execute("SELECT raw FROM dead").fetchall()
+            self.assertEqual([row[0] for row in rows], [raw])
+
     def test_concurrent_requests_are_all_committed(self):
         s = self.service()
         results, ids = [], []

@@ -2,9 +2,11 @@
 
 import json
 import os
+import shutil
+import tempfile
 import unittest
 
-from harness import DATA, event, load_event_map, run_cli
+from harness import DATA, RULES, event, load_event_map, run_cli
 
 EVENT_MAP = load_event_map()
 
@@ -229,3 +231,54 @@ class Inputs(unittest.TestCase):
         p = run_cli(["map", "-"], stdin='{"events": [{"id": "x", "time": 1}]}')
         self.assertEqual(p.returncode, 1)
         self.assertIn("event 0: missing event_type", p.stderr)
+
+
+# A rule that builds a table which, written as JSON, would take 2^30 copies of
+# "x": tens of gigabytes of text from a few kilobytes of Lua memory.
+EXPANDING_RULE = """
+return function(event, out)
+  local d = {"x"}
+  for _ = 1, 30 do d = {d, d} end
+  local how = event.properties.how
+  if how == "return" then
+    out.event.data.custom_attributes = d
+  elseif how == "encode" then
+    out.event.data.custom_attributes = { big = cjson.encode(d) }
+  else
+    out.event.data.custom_attributes = {
+      small = cjson.encode({ a = { 1, 2, cjson.null }, b = "q\\"/", n = 12345678901234 }) }
+  end
+  return out
+end
+"""
+
+
+class RuleOutput(unittest.TestCase):
+    def setUp(self):
+        self.rules = tempfile.mkdtemp(prefix="tributary-rules-")
+        self.addCleanup(shutil.rmtree, self.rules, True)
+        shutil.copy(os.path.join(RULES, "10-mparticle.lua"), self.rules)
+        with open(os.path.join(self.rules, "20-expand.lua"), "w") as f:
+            f.write(EXPANDING_RULE)
+
+    def map_one(self, how):
+        e = event("users.messages.email.Send", how=how)
+        p = run_cli(["map", "-"], stdin=json.dumps(e),
+                    env={"TRIBUTARY_RULES_DIR": self.rules})
+        self.assertEqual(p.returncode, 0, p.stderr)
+        return json.loads(p.stdout)
+
+    def test_an_output_too_large_to_write_is_invalid_output_not_a_crash(self):
+        out = self.map_one("return")
+        self.assertEqual(out["dead_letter"], "invalid_output")
+        self.assertIn("128 KB", out["detail"])
+
+    def test_cjson_encode_in_a_rule_refuses_a_text_over_its_limit(self):
+        out = self.map_one("encode")
+        self.assertEqual(out["dead_letter"], "rule_error")
+        self.assertIn("cjson.encode: the JSON text is larger than 1048576 bytes", out["detail"])
+
+    def test_cjson_encode_in_a_rule_writes_what_cjson_writes(self):
+        out = self.map_one("small")
+        text = out["batch"]["events"][0]["data"]["custom_attributes"]["small"]
+        self.assertEqual(json.loads(text), {"a": [1, 2, None], "b": 'q"/', "n": 12345678901234})

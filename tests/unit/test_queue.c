@@ -1132,6 +1132,74 @@ START_TEST(test_two_processes_writing_one_queue_never_reuse_an_id)
 }
 END_TEST
 
+START_TEST(test_the_gauges_follow_what_another_process_committed)
+{
+    queue *service = open_queue(NO_LIMIT, DEDUP_DAY);
+    commit_records(service, FEED_IOS, "a", 3);
+    queue *cli = open_queue(NO_LIMIT, 0);
+    commit_records(cli, FEED_IOS, "b", 2);
+    struct mapping m;
+    mapping_init(&m);
+    add_dead(&m, FEED_IOS, "dead-0", DEAD_RULE_ERROR, "x", "{\"id\":\"dead-0\"}");
+    struct commit_result res;
+    ck_assert_int_eq(queue_commit(cli, &m, &res), QUEUE_OK);
+    mapping_free(&m);
+    queue_free(cli);
+
+    /* the service's next commit finds the other process's changes */
+    commit_records(service, FEED_IOS, "c", 1);
+    ck_assert_int_eq(depth(service, FEED_IOS), 6);
+    ck_assert_int_eq(dead_gauge(service), 1);
+    queue_free(service);
+}
+END_TEST
+
+/* Runs one statement on the queue's file beside the queue's own connections. */
+static void exec_in_file(const char *sql)
+{
+    char path[320];
+    snprintf(path, sizeof path, "%s/queue.db", data_dir);
+    sqlite3 *db;
+    ck_assert_int_eq(sqlite3_open_v2(path, &db, SQLITE_OPEN_READWRITE, NULL), SQLITE_OK);
+    sqlite3_busy_timeout(db, 5000);
+    char *msg = NULL;
+    int rc = sqlite3_exec(db, sql, NULL, NULL, &msg);
+    ck_assert_msg(rc == SQLITE_OK, "%s: %s", sql, msg ? msg : "");
+    sqlite3_close(db);
+}
+
+START_TEST(test_a_failed_reading_of_another_process_changes_keeps_the_ids_apart)
+{
+    queue *service = open_queue(NO_LIMIT, DEDUP_DAY);
+    commit_records(service, FEED_IOS, "a", 3);
+    /* another process changes the file in a way the service cannot read back */
+    exec_in_file("ALTER TABLE records_ios_1 RENAME TO away");
+
+    struct mapping m;
+    mapping_init(&m);
+    add_records(&m, FEED_IOS, "b", 1);
+    struct commit_result res;
+    ck_assert_int_ne(queue_commit(service, &m, &res), QUEUE_OK);
+    mapping_free(&m);
+
+    /* once it can, the next commit reads where the rings stand again */
+    exec_in_file("ALTER TABLE away RENAME TO records_ios_1");
+    commit_records(service, FEED_IOS, "c", 2);
+    struct queue_items it;
+    scan_all(service, FEED_IOS, &it);
+    ck_assert_uint_eq(it.n, 5);
+    const char *order[5] = {"a-0", "a-1", "a-2", "c-0", "c-1"};
+    for (size_t i = 0; i < it.n; i++) {
+        ck_assert_str_eq(it.items[i].event_id.p, order[i]);
+        if (i > 0)
+            ck_assert_int_gt(it.items[i].id, it.items[i - 1].id);
+    }
+    queue_items_free(&it);
+    ck_assert_int_eq(depth(service, FEED_IOS), 5);
+    queue_free(service);
+}
+END_TEST
+
 START_TEST(test_dead_batch_moves_its_records_to_dead_letters)
 {
     queue *q = open_queue(NO_LIMIT, DEDUP_DAY);
@@ -1663,6 +1731,8 @@ static Suite *suite(void)
     tcase_add_test(tc, test_a_claim_goes_once_each_of_its_batches_is_finished);
     tcase_add_test(tc, test_a_schema_3_queue_keeps_its_records_and_batches);
     tcase_add_test(tc, test_two_processes_writing_one_queue_never_reuse_an_id);
+    tcase_add_test(tc, test_the_gauges_follow_what_another_process_committed);
+    tcase_add_test(tc, test_a_failed_reading_of_another_process_changes_keeps_the_ids_apart);
     tcase_add_test(tc, test_delivered_records_left_on_disk_are_deleted_at_the_next_start);
     tcase_add_test(tc, test_a_table_of_the_ring_is_emptied_once_the_line_passes_it);
     tcase_add_test(tc, test_requeue_stores_records_without_dedup_and_deletes_the_dead_letters);
