@@ -5,14 +5,18 @@
 #include "log.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <sqlite3.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #define QUEUE_FILE "queue.db"
+#define QUEUE_LOCK_FILE "serve.lock"
 #define SCHEMA_VERSION "4"
 /* Large pages make the WAL writes of ~2 KB rows sequential and cheap: about
  * three times the insert rate of 4 KiB pages with synchronous=FULL. */
@@ -291,6 +295,7 @@ struct queue {
     sqlite3_stmt *rst[FEED_COUNT][RING][R_COUNT];
     char *path;
     struct queue_options opt;
+    int lock_fd; /* holds the service's lock on data_dir (-1: none) */
 
     pthread_t writer;
     int writer_started;
@@ -1894,6 +1899,29 @@ static int load_dedup(queue *q, char *err, size_t errlen)
     return rc;
 }
 
+/* One service per data_dir: a second one would send the same records again
+ * and claim against the first one's batches. The lock goes with the process
+ * (flock), so a crash leaves none behind. The CLI's writes do not take it:
+ * they are meant to run beside the service. */
+static int take_lock(queue *q, char *err, size_t errlen)
+{
+    char path[4096];
+    snprintf(path, sizeof path, "%s/%s", q->opt.dir, QUEUE_LOCK_FILE);
+    q->lock_fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    if (q->lock_fd < 0) {
+        str_printf(err, errlen, "%s: %s", path, strerror(errno));
+        return -1;
+    }
+    if (flock(q->lock_fd, LOCK_EX | LOCK_NB) != 0) {
+        if (errno == EWOULDBLOCK)
+            str_printf(err, errlen, "another tributary serve is using data_dir %s", q->opt.dir);
+        else
+            str_printf(err, errlen, "%s: %s", path, strerror(errno));
+        return -1;
+    }
+    return 0;
+}
+
 int queue_open(queue **out, const struct queue_options *o, char *err, size_t errlen)
 {
     *out = NULL;
@@ -1903,6 +1931,7 @@ int queue_open(queue **out, const struct queue_options *o, char *err, size_t err
         return -1;
     }
     q->opt = *o;
+    q->lock_fd = -1;
     q->healthy = 1;
     q->wal_limit_pages =
         (int)((o->wal_max_bytes > 0 ? o->wal_max_bytes : QUEUE_WAL_MAX_BYTES) / PAGE_SIZE);
@@ -1931,7 +1960,7 @@ int queue_open(queue **out, const struct queue_options *o, char *err, size_t err
                        q->path);
             goto fail;
         }
-    } else if (mkdir_p(o->dir, err, errlen) != 0) {
+    } else if (mkdir_p(o->dir, err, errlen) != 0 || (o->exclusive && take_lock(q, err, errlen))) {
         goto fail;
     }
     if (open_db(q->path, !o->readonly, &q->db, err, errlen) != 0)
@@ -2079,6 +2108,8 @@ void queue_free(queue *q)
     pthread_cond_destroy(&q->checkpoint_idle);
     pthread_mutex_destroy(&q->mu);
     dedup_free(q->seen);
+    if (q->lock_fd >= 0)
+        close(q->lock_fd);
     free(q->path);
     free(q);
 }

@@ -47,6 +47,7 @@ struct queue_options {
     int readonly;            /* CLI listings: no writer thread, no schema changes */
     int64_t wal_max_bytes;   /* 0: QUEUE_WAL_MAX_BYTES */
     int64_t segment_records; /* records per table of a feed's ring; 0: 8192 */
+    int exclusive;           /* the service: refuse when another holds data_dir */
 };
 
 enum queue_status {

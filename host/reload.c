@@ -77,6 +77,26 @@ void reload_put(struct snapshot *s)
 }
 
 /* Settings read once at start; a reload cannot change them. */
+/* The listener stays on the address it was bound to until a restart, so a
+ * reloaded configuration is held to that address's rule: off loopback, inbound
+ * credentials are required (a new `listen` alone must not switch them off). */
+static int check_bound_listener(const struct config *old, const struct config *cfg, char *err,
+                                size_t errlen)
+{
+    char host[256];
+    int port;
+    if (!old || config_listen_addr(old, host, sizeof host, &port) != 0)
+        return 0;
+    if (config_host_is_loopback(host) || cfg->inbound_tokens.n > 0 ||
+        cfg->inbound_hmac_secrets.n > 0)
+        return 0;
+    str_printf(err, errlen,
+               "the service listens on non-loopback address %s until it restarts; refusing a "
+               "configuration without inbound.tokens or inbound.hmac_secrets",
+               host);
+    return -1;
+}
+
 static void warn_restart_only(const struct config *old, const struct config *neu)
 {
     static const struct {
@@ -132,6 +152,8 @@ int reload_now(const char *trigger, char *err, size_t errlen)
     if (config_load(&cfg, path, err, errlen) != 0)
         goto done;
     if (ruleset_load(&rs, cfg, err, errlen) != 0)
+        goto done;
+    if (check_bound_listener(old, cfg, err, errlen) != 0)
         goto done;
     if (reload_validate(rs, &report, &ntests) != 0) {
         /* drop the trailing newline */

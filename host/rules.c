@@ -368,8 +368,7 @@ static int setup_state(lua_State *L)
     static const struct {
         const char *fn;
         int arg;
-    } settings[] = {{"decode_max_depth", RULES_MAX_JSON_DEPTH},
-                    {"decode_invalid_numbers", 0}};
+    } settings[] = {{"decode_max_depth", RULES_MAX_JSON_DEPTH}, {"decode_invalid_numbers", 0}};
     for (size_t i = 0; i < ARRAY_LEN(settings); i++) {
         lua_getfield(L, -1, settings[i].fn);
         if (strstr(settings[i].fn, "depth"))
@@ -612,8 +611,7 @@ static int json_value(struct json_out *j, lua_State *L, int idx, int depth);
 static int json_table(struct json_out *j, lua_State *L, int idx, int depth)
 {
     if (depth > RULES_MAX_JSON_DEPTH) {
-        str_printf(j->err, j->errlen, "tables nested deeper than %d levels",
-                   RULES_MAX_JSON_DEPTH);
+        str_printf(j->err, j->errlen, "tables nested deeper than %d levels", RULES_MAX_JSON_DEPTH);
         return -1;
     }
     if (!lua_checkstack(L, 3))
@@ -1277,14 +1275,37 @@ static int is_blank(const char *s, size_t n)
 }
 
 /* [-0, +1 on success] */
+struct decode_arg {
+    rules *r;
+    const char *s;
+    size_t n;
+};
+
+/* Under lua_pcall: the text is copied into Lua there too, so that running out
+ * of memory is an error, not a panic. */
+static int protected_decode(lua_State *L)
+{
+    const struct decode_arg *a = lua_touserdata(L, 1);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, a->r->decode_ref);
+    lua_pushlstring(L, a->s, a->n);
+    lua_call(L, 1, 1);
+    return 1;
+}
+
+/* [-0, +1] Pushes the decoded text; on failure pushes nothing and returns -1
+ * (invalid JSON, reason in err) or DECODE_NO_MEMORY (our own trouble: the
+ * request may succeed when tried again, so it is not the sender's fault). */
+#define DECODE_NO_MEMORY (-2)
 static int decode(rules *r, lua_State *L, const char *s, size_t n, char *err, size_t errlen)
 {
-    lua_rawgeti(L, LUA_REGISTRYINDEX, r->decode_ref);
-    lua_pushlstring(L, s, n);
-    if (lua_pcall(L, 1, 1, 0) != LUA_OK) {
+    struct decode_arg a = {r, s, n};
+    lua_pushcfunction(L, protected_decode);
+    lua_pushlightuserdata(L, &a);
+    int rc = lua_pcall(L, 1, 1, 0);
+    if (rc != LUA_OK) {
         str_copy(err, errlen, lua_isstring(L, -1) ? lua_tostring(L, -1) : "invalid JSON");
         lua_pop(L, 1);
-        return -1;
+        return rc == LUA_ERRMEM ? DECODE_NO_MEMORY : -1;
     }
     return 0;
 }
@@ -1309,7 +1330,10 @@ static int decode_events(rules *r, lua_State *L, const char *body, size_t len,
                          enum input_shape shape, enum body_form *form, struct input_error *e)
 {
     char err[ERR_LEN];
-    if (decode(r, L, body, len, err, sizeof err) != 0) {
+    int rc = decode(r, L, body, len, err, sizeof err);
+    if (rc == DECODE_NO_MEMORY)
+        return input_fail(e, 503, -1, "out of memory while decoding");
+    if (rc != 0) {
         if (shape == INPUT_ENVELOPE)
             return input_fail(e, 400, -1, "malformed JSON: %s", err);
         /* NDJSON: one event per line */
@@ -1323,8 +1347,11 @@ static int decode_events(rules *r, lua_State *L, const char *body, size_t len,
             const char *le = nl ? nl : end;
             line++;
             if (!is_blank(p, (size_t)(le - p))) {
-                if (decode(r, L, p, (size_t)(le - p), err, sizeof err) != 0) {
+                rc = decode(r, L, p, (size_t)(le - p), err, sizeof err);
+                if (rc != 0) {
                     lua_pop(L, 1);
+                    if (rc == DECODE_NO_MEMORY)
+                        return input_fail(e, 503, -1, "out of memory while decoding");
                     return input_fail(e, 400, -1, "malformed JSON on line %ld: %s", line, err);
                 }
                 lua_rawseti(L, -2, ++k);

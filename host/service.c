@@ -257,6 +257,7 @@ int service_run(const char *config_path)
         .sync_full = strcmp(cfg->queue_sync, "full") == 0,
         .max_depth = cfg->queue_max_depth,
         .dedup_window_ms = cfg->dedup_window_s * 1000,
+        .exclusive = 1,
     };
     if (queue_open(&s.q, &qo, err, sizeof err) != 0) {
         log_error("cannot open the queue", LOG_S("error", err));

@@ -6,7 +6,7 @@ import signal
 import threading
 import time
 
-from harness import RECORDS, SLOW, TOKEN, ServiceTest, event, request
+from harness import RECORDS, SLOW, TOKEN, Service, ServiceTest, event, request
 
 ADMIN = "admin-token-5b2f0c9e1d"
 
@@ -169,6 +169,27 @@ class Reload(ServiceTest):
         self.assertEqual(s.post([event()], token="first-token-aaaaaaaa").status, 401)
         self.assertNotIn("second-token-bbbbbbb", s.logs())
         self.assertTrue(os.path.isdir(d))
+
+    def test_a_reload_cannot_switch_off_the_credentials_the_bound_address_needs(self):
+        # bound to every address with a token; the new file moves to loopback
+        # without one, but the socket stays where it is until a restart
+        s = Service(tokens=(), config="")
+        self.addCleanup(s.cleanup)
+        del s.env["TRIBUTARY_LISTEN"]
+        conf = 'return { listen = "%s:%d", inbound = { tokens = { %s } } }\n'
+        with open(s.config, "w") as f:
+            f.write(conf % ("0.0.0.0", s.port, '"bound-token-aaaaaaaa"'))
+        s.start()
+        self.assertEqual(s.post([event()], token=None).status, 401)
+        with open(s.config, "w") as f:
+            f.write(conf % ("127.0.0.1", s.port, ""))
+        s.proc.send_signal(signal.SIGHUP)
+        deadline = time.time() + 10 * SLOW
+        while time.time() < deadline and "reload refused" not in s.logs():
+            time.sleep(0.05)
+        self.assertIn("listens on non-loopback address 0.0.0.0 until it restarts", s.logs())
+        self.assertEqual(s.post([event()], token=None).status, 401)
+        self.assertEqual(s.post([event()], token="bound-token-aaaaaaaa").status, 200)
 
 
 class Limits(ServiceTest):

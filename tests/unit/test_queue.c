@@ -1200,6 +1200,25 @@ START_TEST(test_a_failed_reading_of_another_process_changes_keeps_the_ids_apart)
 }
 END_TEST
 
+START_TEST(test_a_second_service_on_one_data_dir_is_refused_until_the_first_stops)
+{
+    struct queue_options o = {.dir = data_dir, .max_depth = NO_LIMIT, .exclusive = 1};
+    char err[ERR_LEN] = "";
+    queue *first = NULL, *second = NULL;
+    ck_assert_int_eq(queue_open(&first, &o, err, sizeof err), 0);
+    ck_assert_int_ne(queue_open(&second, &o, err, sizeof err), 0);
+    ck_assert_ptr_null(second);
+    ck_assert_msg(strstr(err, "another tributary serve is using data_dir") != NULL, "%s", err);
+    /* the CLI's writes run beside the service */
+    queue *cli = open_queue(NO_LIMIT, 0);
+    commit_records(cli, FEED_IOS, "cli", 1);
+    queue_free(cli);
+    queue_free(first);
+    ck_assert_int_eq(queue_open(&second, &o, err, sizeof err), 0);
+    queue_free(second);
+}
+END_TEST
+
 START_TEST(test_dead_batch_moves_its_records_to_dead_letters)
 {
     queue *q = open_queue(NO_LIMIT, DEDUP_DAY);
@@ -1732,6 +1751,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_a_schema_3_queue_keeps_its_records_and_batches);
     tcase_add_test(tc, test_two_processes_writing_one_queue_never_reuse_an_id);
     tcase_add_test(tc, test_the_gauges_follow_what_another_process_committed);
+    tcase_add_test(tc, test_a_second_service_on_one_data_dir_is_refused_until_the_first_stops);
     tcase_add_test(tc, test_a_failed_reading_of_another_process_changes_keeps_the_ids_apart);
     tcase_add_test(tc, test_delivered_records_left_on_disk_are_deleted_at_the_next_start);
     tcase_add_test(tc, test_a_table_of_the_ring_is_emptied_once_the_line_passes_it);
