@@ -2,6 +2,7 @@
 #include "unit.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <string.h>
 
 START_TEST(test_buf_refuses_to_grow_past_its_cap)
@@ -46,6 +47,33 @@ START_TEST(test_json_string_escapes_quotes_controls_and_backslashes)
     const char in[] = "a\"b\\c\n\t\x01z";
     ck_assert_int_eq(buf_json_str(&b, in, sizeof in - 1), 0);
     ck_assert_str_eq(b.data, "\"a\\\"b\\\\c\\n\\t\\u0001z\"");
+    buf_free(&b);
+}
+END_TEST
+
+START_TEST(test_buf_json_str_escapes_every_control_byte_and_delete)
+{
+    buf b;
+    buf_init(&b, 1024);
+    const char in[] = "\b\f\r\x1f\x7f/\xc3\xa9";
+    ck_assert_int_eq(buf_json_str(&b, in, sizeof in - 1), 0);
+    ck_assert_str_eq(b.data, "\"\\b\\f\\r\\u001f\\u007f/\xc3\xa9\"");
+    buf_free(&b);
+}
+END_TEST
+
+START_TEST(test_buf_int_writes_the_whole_range)
+{
+    buf b;
+    buf_init(&b, 1024);
+    ck_assert_int_eq(buf_int(&b, 0), 0);
+    ck_assert_int_eq(buf_addc(&b, ' '), 0);
+    ck_assert_int_eq(buf_int(&b, -42), 0);
+    ck_assert_int_eq(buf_addc(&b, ' '), 0);
+    ck_assert_int_eq(buf_int(&b, LLONG_MAX), 0);
+    ck_assert_int_eq(buf_addc(&b, ' '), 0);
+    ck_assert_int_eq(buf_int(&b, LLONG_MIN), 0);
+    ck_assert_str_eq(b.data, "0 -42 9223372036854775807 -9223372036854775808");
     buf_free(&b);
 }
 END_TEST
@@ -119,6 +147,8 @@ static Suite *suite(void)
     tcase_add_test(tc, test_buf_refuses_to_grow_past_its_cap);
     tcase_add_test(tc, test_buf_reserve_takes_the_room_at_once);
     tcase_add_test(tc, test_json_string_escapes_quotes_controls_and_backslashes);
+    tcase_add_test(tc, test_buf_json_str_escapes_every_control_byte_and_delete);
+    tcase_add_test(tc, test_buf_int_writes_the_whole_range);
     tcase_add_test(tc, test_parse_int64_is_strict);
     tcase_add_test(tc, test_parse_duration_units);
     tcase_add_test(tc, test_arena_keeps_addresses_stable);
