@@ -11,9 +11,6 @@
 #include <string.h>
 #include <time.h>
 
-/* requeue maps and stores dead letters in slices of this many. */
-#define REQUEUE_SLICE 500
-
 static queue *open_queue(const struct config *c, int write)
 {
     char err[ERR_LEN];
@@ -212,50 +209,92 @@ static int cmd_show(const struct cli_options *o, const struct config *c)
     return rc;
 }
 
-struct collect {
-    int64_t *ids;
-    char **raws;
-    size_t n, cap;
+/* requeue reads, maps and commits dead letters a page at a time: a page ends
+ * at REQUEUE_PAGE dead letters or once their Braze events reach
+ * REQUEUE_PAGE_BYTES (at least one). Memory stays bounded by a page however
+ * many the store holds (millions after a feed was paused past retry.max_age_s),
+ * and a page committed stays committed should a later one fail. */
+#define REQUEUE_PAGE 500
+#define REQUEUE_PAGE_BYTES (8u << 20)
+
+/* One page: the ids and Braze events of its dead letters, copied (a row's
+ * strings live only during the callback). */
+struct page {
+    int64_t ids[REQUEUE_PAGE];
+    char *raws[REQUEUE_PAGE];
+    size_t n;
+    size_t bytes;
     int failed;
 };
 
-static int collect_row(void *ctx, const struct dead_row *r)
+static int page_row(void *ctx, const struct dead_row *r)
 {
-    struct collect *c = ctx;
-    if (c->n == c->cap) {
-        size_t cap = c->cap ? c->cap * 2 : 64;
-        int64_t *ids = realloc(c->ids, cap * sizeof(*ids));
-        if (!ids) {
-            c->failed = 1;
-            return 1;
-        }
-        c->ids = ids;
-        char **raws = realloc(c->raws, cap * sizeof(*raws));
-        if (!raws) {
-            c->failed = 1;
-            return 1;
-        }
-        c->raws = raws;
-        c->cap = cap;
-    }
-    c->ids[c->n] = r->id;
-    c->raws[c->n] = strdup(r->raw ? r->raw : "");
-    if (!c->raws[c->n]) {
-        c->failed = 1;
+    struct page *p = ctx;
+    const char *raw = r->raw ? r->raw : "";
+    p->raws[p->n] = strdup(raw);
+    if (!p->raws[p->n]) {
+        p->failed = 1;
         return 1;
     }
-    c->n++;
+    p->ids[p->n++] = r->id;
+    p->bytes += strlen(raw);
+    return p->n == REQUEUE_PAGE || p->bytes >= REQUEUE_PAGE_BYTES;
+}
+
+static void page_free(struct page *p)
+{
+    for (size_t i = 0; i < p->n; i++)
+        free(p->raws[i]);
+    p->n = 0;
+    p->bytes = 0;
+}
+
+struct requeue_counts {
+    size_t forwarded, dropped, dead, skipped;
+    size_t done;     /* dead letters requeued and deleted, committed */
+    int64_t done_id; /* the last id of the last page committed, 0: none */
+};
+
+/* Maps a page with the rules and commits it: its records stored and its dead
+ * letters deleted in one transaction. A dead letter the rules cannot take as
+ * input is kept (and counted as skipped). */
+static int requeue_page(rules *engine, queue *q, const struct page *p, struct requeue_counts *n)
+{
+    struct mapping m;
+    mapping_init(&m);
+    int64_t ids[REQUEUE_PAGE];
+    size_t nids = 0, skipped = 0;
+    for (size_t i = 0; i < p->n; i++) {
+        struct input_error ie;
+        if (rules_map(engine, p->raws[i], strlen(p->raws[i]), INPUT_ANY, &m, &ie) != 0) {
+            fprintf(stderr, "tributary: dead letter %lld cannot be requeued (kept): %s\n",
+                    (long long)p->ids[i], ie.reason);
+            skipped++;
+            continue;
+        }
+        ids[nids++] = p->ids[i];
+    }
+    n->skipped += skipped;
+    enum queue_status st = queue_requeue(q, &m, ids, nids);
+    if (st != QUEUE_OK) {
+        fprintf(stderr, "tributary: cannot store requeued events: %s\n", queue_status_name(st));
+        mapping_free(&m);
+        return -1;
+    }
+    n->forwarded += m.nrecords;
+    n->dead += m.ndead;
+    for (int r = 0; r < DROP_REASON_COUNT; r++)
+        n->dropped += m.dropped[r];
+    n->done += nids;
+    n->done_id = p->ids[p->n - 1];
+    mapping_free(&m);
     return 0;
 }
 
-static void collect_free(struct collect *c)
-{
-    for (size_t i = 0; i < c->n; i++)
-        free(c->raws[i]);
-    free(c->raws);
-    free(c->ids);
-}
-
+/* Pages continue strictly after the last id read and stop at the largest id
+ * there was at the start: the dead letters the rules put back in the store
+ * during the run (and any the service adds meanwhile) get larger ids and wait
+ * for the next run, so the run ends. */
 static int cmd_requeue(const struct cli_options *o, struct config *c)
 {
     struct dead_filter f = {0};
@@ -267,13 +306,20 @@ static int cmd_requeue(const struct cli_options *o, struct config *c)
         return 2;
     }
     f.reason = o->reason;
+    f.limit = REQUEUE_PAGE;
     char err[ERR_LEN];
     ruleset *rs = NULL;
     rules *engine = NULL;
     queue *q = NULL;
     queue_reader *reader = NULL;
-    struct collect all = {0};
+    struct page *page = calloc(1, sizeof(*page));
+    struct requeue_counts n = {0};
+    int64_t through = 0;
     int rc = 1;
+    if (!page) {
+        fprintf(stderr, "tributary: out of memory\n");
+        goto done;
+    }
     if (ruleset_load(&rs, c, err, sizeof err) != 0 ||
         rules_new(&engine, rs, err, sizeof err) != 0) {
         fprintf(stderr, "%s\n", err);
@@ -283,65 +329,59 @@ static int cmd_requeue(const struct cli_options *o, struct config *c)
     if (!q)
         goto done;
     reader = queue_reader_new(q, err, sizeof err);
-    if (!reader || queue_dead_each(reader, &f, collect_row, &all) != 0 || all.failed) {
+    if (!reader || queue_dead_last_id(reader, &through) != 0) {
         fprintf(stderr, "tributary: cannot read the dead-letter store\n");
         goto done;
     }
-    if (all.n == 0) {
-        fprintf(stderr, "tributary: no matching dead letters\n");
-        rc = f.id ? 1 : 0;
+    int64_t after = 0;
+    int pages = 0;
+    rc = 0;
+    for (;;) {
+        if (queue_dead_each_between(reader, &f, after, through, page_row, page) != 0 ||
+            page->failed) {
+            fprintf(stderr, "tributary: cannot read the dead-letter store\n");
+            rc = 1;
+            break;
+        }
+        if (page->n == 0)
+            break;
+        pages++;
+        after = page->ids[page->n - 1];
+        if (requeue_page(engine, q, page, &n) != 0) {
+            rc = 1;
+            break;
+        }
+        page_free(page);
+    }
+    if (pages == 0) {
+        if (rc == 0) {
+            fprintf(stderr, "tributary: no matching dead letters\n");
+            rc = f.id ? 1 : 0;
+        }
         goto done;
     }
-    size_t forwarded = 0, dropped = 0, dead = 0, skipped = 0;
-    rc = 0;
-    for (size_t start = 0; start < all.n; start += REQUEUE_SLICE) {
-        size_t end = start + REQUEUE_SLICE < all.n ? start + REQUEUE_SLICE : all.n;
-        struct mapping m;
-        mapping_init(&m);
-        int64_t *ids = malloc((end - start) * sizeof(*ids));
-        size_t nids = 0;
-        if (!ids) {
-            mapping_free(&m);
-            rc = 1;
-            break;
-        }
-        for (size_t i = start; i < end; i++) {
-            struct input_error ie;
-            if (rules_map(engine, all.raws[i], strlen(all.raws[i]), INPUT_ANY, &m, &ie) != 0) {
-                fprintf(stderr, "tributary: dead letter %lld cannot be requeued (kept): %s\n",
-                        (long long)all.ids[i], ie.reason);
-                skipped++;
-                continue;
-            }
-            ids[nids++] = all.ids[i];
-        }
-        enum queue_status st = queue_requeue(q, &m, ids, nids);
-        if (st != QUEUE_OK) {
-            fprintf(stderr, "tributary: cannot store requeued events: %s\n", queue_status_name(st));
-            rc = 1;
-        } else {
-            forwarded += m.nrecords;
-            dead += m.ndead;
-            for (int r = 0; r < DROP_REASON_COUNT; r++)
-                dropped += m.dropped[r];
-        }
-        free(ids);
-        mapping_free(&m);
-        if (rc)
-            break;
-    }
+    if (rc != 0 && n.done_id == 0)
+        fprintf(stderr, "tributary: requeue stopped: nothing was requeued, the dead letters are "
+                        "still in the store\n");
+    else if (rc != 0)
+        fprintf(stderr,
+                "tributary: requeue stopped after dead letter %lld: the %zu requeued up to there "
+                "are committed, the rest are still in the store: run the command again\n",
+                (long long)n.done_id, n.done);
+    size_t requeued = n.forwarded + n.dropped + n.dead;
     if (o->json)
         printf("{\"requeued\":%zu,\"forwarded\":%zu,\"dropped\":%zu,\"dead_lettered_again\":%zu,"
                "\"kept\":%zu,\"rules_version\":\"%s\"}\n",
-               forwarded + dropped + dead, forwarded, dropped, dead, skipped, ruleset_version(rs));
+               requeued, n.forwarded, n.dropped, n.dead, n.skipped, ruleset_version(rs));
     else
         printf("requeued %zu event%s with rules %s: %zu queued for delivery, %zu dropped by the "
                "rules, %zu dead-lettered again%s\n",
-               forwarded + dropped + dead, forwarded + dropped + dead == 1 ? "" : "s",
-               ruleset_version(rs), forwarded, dropped, dead,
-               skipped ? " (some could not be requeued and were kept)" : "");
+               requeued, requeued == 1 ? "" : "s", ruleset_version(rs), n.forwarded, n.dropped,
+               n.dead, n.skipped ? " (some could not be requeued and were kept)" : "");
 done:
-    collect_free(&all);
+    if (page)
+        page_free(page);
+    free(page);
     queue_reader_free(reader);
     queue_free(q);
     rules_free(engine);

@@ -10,7 +10,8 @@
  *
  * requeue runs each dead letter's Braze event through the rules in force now
  * (a fixed rule or renewed credentials recover it) and stores the result in
- * the same transaction that removes the dead letter.
+ * the same transaction that removes the dead letter, a page of dead letters
+ * at a time: its memory is bounded by the page, not by the store.
  */
 #ifndef TRIBUTARY_DLQ_H
 #define TRIBUTARY_DLQ_H

@@ -2515,3 +2515,55 @@ int queue_stats(queue_reader *r, struct queue_stats *st)
     }
     return 0;
 }
+
+/* ---- dead letters a page at a time (dlq requeue) ------------------------- */
+
+int queue_dead_last_id(queue_reader *r, int64_t *last)
+{
+    sqlite3_stmt *s;
+    *last = 0;
+    if (sqlite3_prepare_v2(r->db, "SELECT max(id) FROM dead", -1, &s, NULL) != SQLITE_OK)
+        return -1;
+    int rc = sqlite3_step(s);
+    if (rc == SQLITE_ROW)
+        *last = sqlite3_column_int64(s, 0);
+    sqlite3_finalize(s);
+    return rc == SQLITE_ROW ? 0 : -1;
+}
+
+int queue_dead_each_between(queue_reader *r, const struct dead_filter *f, int64_t after_id,
+                            int64_t through_id, int (*fn)(void *ctx, const struct dead_row *row),
+                            void *ctx)
+{
+    sqlite3_stmt *s;
+    if (sqlite3_prepare_v2(r->db,
+                           "SELECT id, at_ms, reason, detail, feed, event_id, event_type, "
+                           "rules_version, raw, event FROM dead " DEAD_WHERE
+                           " AND id > ?5 AND id <= ?6 ORDER BY id LIMIT ?4",
+                           -1, &s, NULL) != SQLITE_OK)
+        return -1;
+    dead_bind(s, f);
+    sqlite3_bind_int64(s, 4, f->limit ? (sqlite3_int64)f->limit : -1);
+    sqlite3_bind_int64(s, 5, after_id);
+    sqlite3_bind_int64(s, 6, through_id);
+    int rc;
+    while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
+        struct dead_row row;
+        row.id = sqlite3_column_int64(s, 0);
+        row.at_ms = sqlite3_column_int64(s, 1);
+        row.reason = (const char *)sqlite3_column_text(s, 2);
+        row.detail = (const char *)sqlite3_column_text(s, 3);
+        row.feed = sqlite3_column_type(s, 4) == SQLITE_NULL ? -1 : sqlite3_column_int(s, 4);
+        row.event_id = (const char *)sqlite3_column_text(s, 5);
+        row.event_type = (const char *)sqlite3_column_text(s, 6);
+        row.rules_version = (const char *)sqlite3_column_text(s, 7);
+        row.raw = (const char *)sqlite3_column_text(s, 8);
+        row.event = (const char *)sqlite3_column_text(s, 9);
+        if (fn(ctx, &row) != 0) {
+            rc = SQLITE_DONE;
+            break;
+        }
+    }
+    sqlite3_finalize(s);
+    return rc == SQLITE_DONE ? 0 : -1;
+}

@@ -197,6 +197,15 @@ struct dead_filter {
 /* Calls fn for each matching dead letter, oldest first; fn returns non-zero to stop. */
 int queue_dead_each(queue_reader *r, const struct dead_filter *f,
                     int (*fn)(void *ctx, const struct dead_row *row), void *ctx) WUR;
+/* The largest dead-letter id ever given out is at most *last (0: none), read
+ * once: ids are never reused, so later dead letters get larger ones. */
+int queue_dead_last_id(queue_reader *r, int64_t *last) WUR;
+/* queue_dead_each restricted to the ids in (after_id, through_id]: a page of a
+ * long run (`dlq requeue`), each page a read of its own, so no read stays open
+ * across the run. f->limit bounds the page. */
+int queue_dead_each_between(queue_reader *r, const struct dead_filter *f, int64_t after_id,
+                            int64_t through_id, int (*fn)(void *ctx, const struct dead_row *row),
+                            void *ctx) WUR;
 /* Stores the mapping's records (no dedup: they were seen before) and deletes the
  * dead letters `ids` in one transaction. */
 enum queue_status queue_requeue(queue *q, struct mapping *m, const int64_t *ids, size_t n);

@@ -108,6 +108,25 @@ def run_cli(args, env=None, stdin=None, cwd=None, timeout=60):
     return p
 
 
+# GNU time, to read a command's peak memory.
+TIME = "/usr/bin/time"
+
+
+def run_cli_peak_rss(args, env=None, cwd=None, timeout=60):
+    """Runs the binary once under GNU time, without TEST_WRAPPER (whose memory
+    is not the binary's); returns (CompletedProcess, peak resident memory in
+    KiB). Through time, a small process: a process started from this one would
+    count this one's memory too (the peak survives fork and exec)."""
+    with tempfile.NamedTemporaryFile("r") as peak:
+        p = subprocess.run([TIME, "-f", "%M", "-o", peak.name, BIN] + args, capture_output=True,
+                           text=True, env=clean_env(env), cwd=cwd or ROOT, timeout=timeout)
+        kib = int(peak.read().split()[-1])
+    register_env_secrets(env)
+    collect("cli %s stdout" % args[:2], p.stdout)
+    collect("cli %s stderr" % args[:2], p.stderr)
+    return p, kib
+
+
 class Response:
     def __init__(self, status, headers, body):
         self.status = status

@@ -1,9 +1,16 @@
-"""The command line: check, --help, --version, errors that name file and line."""
+"""The command line: check, --help, --version, errors that name file and line;
+dlq requeue over many dead letters."""
 
+import json
 import os
 import unittest
 
-from harness import ServiceTest, run_cli
+from harness import RULES, TIME, WRAPPER, ServiceTest, event, run_cli, run_cli_peak_rss
+
+# dlq requeue reads, maps and commits this many dead letters at a time, fewer
+# when their Braze events reach REQUEUE_PAGE_BYTES (host/dlq.c).
+REQUEUE_PAGE = 500
+REQUEUE_PAGE_BYTES = 8 << 20
 
 
 class Cli(ServiceTest):
@@ -120,3 +127,71 @@ class Cli(ServiceTest):
         p = run_cli(["check"], env={"TRIBUTARY_BATCH_LINGER_MS": "soon"})
         self.assertEqual(p.returncode, 1)
         self.assertIn("TRIBUTARY_BATCH_LINGER_MS", p.stderr)
+
+
+class DeadLetterCommands(ServiceTest):
+    FAILING_RULE = {"20-fail.lua": "return function(e) error('nope') end\n"}
+
+    def dead_letters(self, count, blob_bytes=100):
+        """A service whose rules fail for every event, and `count` events it put
+        in the dead-letter store (reason rule_error); returns (service, ids)."""
+        s = self.service(rules_dir=self.rules_dir(self.FAILING_RULE))
+        ids = []
+        while len(ids) < count:
+            events = [event("users.messages.email.Send", user="u%d" % (len(ids) + i),
+                            blob="x" * blob_bytes)
+                      for i in range(min(5000, count - len(ids)))]
+            self.assertEqual(s.post(events).status, 200)
+            ids += [e["id"] for e in events]
+        return s, ids
+
+    def test_requeue_of_more_dead_letters_than_a_page_queues_each_exactly_once(self):
+        count = 2 * REQUEUE_PAGE + REQUEUE_PAGE // 2
+        s, ids = self.dead_letters(count)
+        s.env["TRIBUTARY_RULES_DIR"] = RULES  # the rule is fixed
+        p = s.cli(["dlq", "requeue", "--reason", "rule_error"])
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertIn("requeued %d events" % count, p.stdout)
+        self.assertIn("%d queued for delivery, 0 dropped by the rules, 0 dead-lettered again"
+                      % count, p.stdout)
+        self.assertEqual(sorted(s.queued_ids()), sorted(ids))
+        self.assertEqual(json.loads(s.cli(["dlq", "list", "--json"]).stdout), [])
+
+    def test_requeue_of_dead_letters_larger_than_a_page_in_bytes_queues_each_exactly_once(self):
+        blob_bytes = 1536 * 1024
+        count = REQUEUE_PAGE_BYTES // blob_bytes + 2  # 7 events, 10.5 MiB
+        s, ids = self.dead_letters(count, blob_bytes)
+        s.env["TRIBUTARY_RULES_DIR"] = RULES
+        p = s.cli(["dlq", "requeue", "--all"])
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertIn("%d queued for delivery" % count, p.stdout)
+        self.assertEqual(sorted(s.queued_ids()), sorted(ids))
+        self.assertEqual(json.loads(s.cli(["dlq", "list", "--json"]).stdout), [])
+
+    def test_requeue_ends_when_the_rules_dead_letter_every_event_again(self):
+        count = 2 * REQUEUE_PAGE + REQUEUE_PAGE // 2
+        s, ids = self.dead_letters(count)
+        p = s.cli(["dlq", "requeue", "--all", "--json"], timeout=30)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertEqual(json.loads(p.stdout)["dead_lettered_again"], count)
+        dead = json.loads(s.cli(["dlq", "list", "--json"]).stdout)
+        self.assertEqual(sorted(d["event_id"] for d in dead), sorted(ids))
+        self.assertEqual(s.queued_ids(), [])
+
+    @unittest.skipIf(WRAPPER, "measures the binary's own memory")
+    @unittest.skipUnless(os.access(TIME, os.X_OK), "needs GNU time")
+    def test_requeue_peak_memory_does_not_grow_with_the_number_of_dead_letters(self):
+        blob_bytes = 2000
+        peak = {}
+        for count in (6 * REQUEUE_PAGE, 24 * REQUEUE_PAGE):
+            s, ids = self.dead_letters(count, blob_bytes)
+            s.stop()
+            env = dict(s.env, TRIBUTARY_RULES_DIR=RULES)
+            p, peak[count] = run_cli_peak_rss(["dlq", "requeue", "--all"], env=env, cwd=s.dir)
+            self.assertEqual(p.returncode, 0, p.stderr)
+            self.assertIn("%d queued for delivery" % count, p.stdout)
+        # 18 pages more Braze events, 18 * 500 * 2 KB = 18 MB, may not show in
+        # the peak: a third of it is the margin (caches, allocator).
+        extra_kib = (24 - 6) * REQUEUE_PAGE * blob_bytes // 1024
+        self.assertLess(peak[24 * REQUEUE_PAGE] - peak[6 * REQUEUE_PAGE], extra_kib // 3,
+                        "peak KiB by dead letters: %r" % peak)

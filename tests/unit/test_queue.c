@@ -1406,6 +1406,52 @@ START_TEST(test_requeue_stores_records_without_dedup_and_deletes_the_dead_letter
 }
 END_TEST
 
+/* The page reads of `dlq requeue`: ids in (after, through], the filter, the
+ * limit, in id order. */
+START_TEST(test_dead_each_between_reads_matching_ids_after_one_through_another_in_order)
+{
+    queue *q = open_queue(NO_LIMIT, DEDUP_DAY);
+    queue_reader *r = reader(q);
+    int64_t last = -1;
+    ck_assert_int_eq(queue_dead_last_id(r, &last), 0);
+    ck_assert_int_eq(last, 0); /* empty */
+    struct mapping m;
+    mapping_init(&m);
+    add_dead(&m, FEED_IOS, "e1", DEAD_RULE_ERROR, "x", "{}");
+    add_dead(&m, FEED_IOS, "e2", DEAD_INVALID_OUTPUT, "x", "{}");
+    add_dead(&m, FEED_IOS, "e3", DEAD_RULE_ERROR, "x", "{}");
+    add_dead(&m, FEED_IOS, "e4", DEAD_RULE_ERROR, "x", "{}");
+    add_dead(&m, FEED_IOS, "e5", DEAD_RULE_ERROR, "x", "{}");
+    add_dead(&m, FEED_IOS, "e6", DEAD_RULE_ERROR, "x", "{}");
+    struct commit_result res;
+    ck_assert_int_eq(queue_commit(q, &m, &res), QUEUE_OK);
+    mapping_free(&m);
+    struct dead_filter any = {0};
+    struct dead_list all;
+    list_dead(q, &any, &all);
+    ck_assert_uint_eq(all.n, 6);
+    ck_assert_int_eq(queue_dead_last_id(r, &last), 0);
+    ck_assert_int_eq(last, all.rows[5].id);
+
+    /* after e1 through e5, rule_error only, two at most: e3, e4 */
+    struct dead_filter f = {.reason = DEAD_RULE_ERROR, .limit = 2};
+    struct dead_list l = {0};
+    ck_assert_int_eq(
+        queue_dead_each_between(r, &f, all.rows[0].id, all.rows[4].id, collect_dead, &l), 0);
+    ck_assert_uint_eq(l.n, 2);
+    ck_assert_str_eq(l.rows[0].event_id, "e3");
+    ck_assert_str_eq(l.rows[1].event_id, "e4");
+    /* the next page: e5, and not e6, past the upper end */
+    struct dead_list next = {0};
+    ck_assert_int_eq(
+        queue_dead_each_between(r, &f, l.rows[1].id, all.rows[4].id, collect_dead, &next), 0);
+    ck_assert_uint_eq(next.n, 1);
+    ck_assert_str_eq(next.rows[0].event_id, "e5");
+    queue_reader_free(r);
+    queue_free(q);
+}
+END_TEST
+
 START_TEST(test_dead_purge_by_reason_deletes_only_that_reason)
 {
     queue *q = open_queue(NO_LIMIT, DEDUP_DAY);
@@ -1756,6 +1802,8 @@ static Suite *suite(void)
     tcase_add_test(tc, test_delivered_records_left_on_disk_are_deleted_at_the_next_start);
     tcase_add_test(tc, test_a_table_of_the_ring_is_emptied_once_the_line_passes_it);
     tcase_add_test(tc, test_requeue_stores_records_without_dedup_and_deletes_the_dead_letters);
+    tcase_add_test(tc,
+                   test_dead_each_between_reads_matching_ids_after_one_through_another_in_order);
     tcase_add_test(tc, test_dead_purge_by_reason_deletes_only_that_reason);
     tcase_add_test(tc, test_dead_purge_before_a_time_deletes_only_older_rows);
     tcase_add_test(tc, test_stats_report_depth_oldest_and_in_flight_batches);
