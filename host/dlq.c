@@ -389,6 +389,18 @@ done:
     return rc;
 }
 
+/* The purge cutoff, now_ms less `seconds`. A duration reaching back to the
+ * epoch or beyond (parse_duration_s accepts up to INT64_MAX seconds, where
+ * seconds * 1000 overflowed and the wrapped cutoff could lie in the future)
+ * is older than every dead letter: the cutoff is then the earliest time there
+ * is, and nothing is purged (0 would mean no cutoff at all). */
+static int64_t purge_cutoff_ms(int64_t now_ms, int64_t seconds)
+{
+    if (seconds >= now_ms / 1000)
+        return INT64_MIN;
+    return now_ms - seconds * 1000;
+}
+
 static int cmd_purge(const struct cli_options *o, const struct config *c)
 {
     int64_t seconds;
@@ -398,7 +410,7 @@ static int cmd_purge(const struct cli_options *o, const struct config *c)
     }
     struct dead_filter f = {0};
     f.reason = o->reason;
-    f.before_ms = clock_wall_ms() - seconds * 1000;
+    f.before_ms = purge_cutoff_ms(clock_wall_ms(), seconds);
     queue *q = open_queue(c, 1);
     if (!q)
         return 1;

@@ -1,5 +1,5 @@
 """The command line: check, --help, --version, errors that name file and line;
-dlq requeue over many dead letters."""
+dlq requeue and purge over many dead letters and at the limits of their input."""
 
 import json
 import os
@@ -195,3 +195,22 @@ class DeadLetterCommands(ServiceTest):
         extra_kib = (24 - 6) * REQUEUE_PAGE * blob_bytes // 1024
         self.assertLess(peak[24 * REQUEUE_PAGE] - peak[6 * REQUEUE_PAGE], extra_kib // 3,
                         "peak KiB by dead letters: %r" % peak)
+
+    def test_purge_older_than_a_duration_beyond_the_epoch_purges_nothing(self):
+        s, ids = self.dead_letters(1)
+        # seconds * 1000 overflows int64 for each of these
+        for duration in ("9223372036854775807s", "150000000000d", "300000000000d",
+                         "15250284452471w"):
+            with self.subTest(duration=duration):
+                p = s.cli(["dlq", "purge", "--older-than", duration])
+                self.assertEqual(p.returncode, 0, p.stderr)
+                self.assertIn("purged 0 dead letters", p.stdout)
+                dead = json.loads(s.cli(["dlq", "list", "--json"]).stdout)
+                self.assertEqual([d["event_id"] for d in dead], ids)
+
+    def test_purge_duration_beyond_64_bit_seconds_is_a_usage_error(self):
+        s, ids = self.dead_letters(1)
+        p = s.cli(["dlq", "purge", "--older-than", "9223372036854775808s"])
+        self.assertEqual(p.returncode, 2)
+        self.assertIn("--older-than DURATION", p.stderr)
+        self.assertEqual(len(json.loads(s.cli(["dlq", "list", "--json"]).stdout)), 1)
