@@ -2423,35 +2423,7 @@ int64_t queue_oldest_ms(queue_reader *r, enum feed f)
 int queue_dead_each(queue_reader *r, const struct dead_filter *f,
                     int (*fn)(void *ctx, const struct dead_row *row), void *ctx)
 {
-    sqlite3_stmt *s;
-    if (sqlite3_prepare_v2(r->db,
-                           "SELECT id, at_ms, reason, detail, feed, event_id, event_type, "
-                           "rules_version, raw, event FROM dead " DEAD_WHERE
-                           " ORDER BY id LIMIT ?4",
-                           -1, &s, NULL) != SQLITE_OK)
-        return -1;
-    dead_bind(s, f);
-    sqlite3_bind_int64(s, 4, f->limit ? (sqlite3_int64)f->limit : -1);
-    int rc;
-    while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
-        struct dead_row row;
-        row.id = sqlite3_column_int64(s, 0);
-        row.at_ms = sqlite3_column_int64(s, 1);
-        row.reason = (const char *)sqlite3_column_text(s, 2);
-        row.detail = (const char *)sqlite3_column_text(s, 3);
-        row.feed = sqlite3_column_type(s, 4) == SQLITE_NULL ? -1 : sqlite3_column_int(s, 4);
-        row.event_id = (const char *)sqlite3_column_text(s, 5);
-        row.event_type = (const char *)sqlite3_column_text(s, 6);
-        row.rules_version = (const char *)sqlite3_column_text(s, 7);
-        row.raw = (const char *)sqlite3_column_text(s, 8);
-        row.event = (const char *)sqlite3_column_text(s, 9);
-        if (fn(ctx, &row) != 0) {
-            rc = SQLITE_DONE;
-            break;
-        }
-    }
-    sqlite3_finalize(s);
-    return rc == SQLITE_DONE ? 0 : -1;
+    return queue_dead_each_between(r, f, 0, INT64_MAX, fn, ctx);
 }
 
 static int64_t scalar(sqlite3 *db, const char *sql)
