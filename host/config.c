@@ -1,5 +1,6 @@
 #include "config.h"
 
+#include "mparticle.h"
 #include "sandbox.h"
 
 #include <arpa/inet.h>
@@ -10,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/stat.h>
 
 extern char **environ;
@@ -691,9 +693,38 @@ int config_listen_addr(const struct config *c, char *host, size_t hostlen, int *
     return 0;
 }
 
-/* http:// is allowed only towards loopback (test doubles, local proxies). */
+/* The API path a URL's path ends in (trailing slashes aside), or NULL. The
+ * sender appends /v2/bulkevents to the base URL: a URL that already names an
+ * endpoint would be sent to .../v2/bulkevents/v2/bulkevents and only ever be
+ * answered 404. */
+static const char *api_path_of(const char *url)
+{
+    static const char *const paths[] = {MPARTICLE_BULK_PATH, "/v2/events"};
+    const char *p = strstr(url, "://");
+    p = p ? p + 3 : url;
+    p += strcspn(p, "/?#"); /* past the authority */
+    size_t n = strcspn(p, "?#");
+    while (n && p[n - 1] == '/')
+        n--;
+    for (size_t i = 0; i < ARRAY_LEN(paths); i++) {
+        size_t m = strlen(paths[i]);
+        if (n >= m && strncasecmp(p + n - m, paths[i], m) == 0)
+            return paths[i];
+    }
+    return NULL;
+}
+
+/* A base URL such as https://s2s.mparticle.com. http:// is allowed only towards
+ * loopback (test doubles, local proxies). The URL itself is not echoed: it may
+ * hold a user name and password. */
 static void check_url(const char *what, const char *url, struct errs *e)
 {
+    const char *api = api_path_of(url);
+    if (api)
+        errs_add(e,
+                 "%s: ends in %s, but it is the base URL (such as https://s2s.mparticle.com): "
+                 "tributary appends " MPARTICLE_BULK_PATH " itself",
+                 what, api);
     if (strncmp(url, "https://", 8) == 0 && url[8])
         return;
     if (strncmp(url, "http://", 7) == 0) {

@@ -163,27 +163,36 @@ done:
     return rc;
 }
 
+/* Only the answers the API documents mean what they say. A 200 from a proxy
+ * or from a wrong URL is no delivery, and a 404, 405 or 410 says nothing about
+ * the batch: taking them for a delivery or a rejection would lose or
+ * dead-letter the whole backlog at sending speed. */
 enum mp_action mparticle_classify(int status)
 {
-    if (status >= 200 && status < 300)
+    switch (status) {
+    case 202:
         return MP_DELIVERED;
-    if (status == 401 || status == 403)
-        return MP_AUTH;
-    if (status == 429)
-        return MP_RATE_LIMITED;
-    if (status == 413)
-        return MP_SPLIT;
-    if (status == 408 || status == 0 || status >= 500)
-        return MP_RETRY;
-    if (status >= 400)
+    case 400:
         return MP_REJECTED;
-    return MP_RETRY; /* 1xx/3xx: not expected from this API */
+    case 401:
+    case 403:
+        return MP_AUTH;
+    case 413:
+        return MP_SPLIT;
+    case 429:
+        return MP_RATE_LIMITED;
+    case 0:   /* no answer: transport failure */
+    case 408: /* request timeout */
+        return MP_RETRY;
+    default:
+        return status >= 500 && status <= 599 ? MP_RETRY : MP_UNEXPECTED;
+    }
 }
 
 const char *mparticle_action_name(enum mp_action a)
 {
-    static const char *const names[] = {"delivered", "retry",    "rate_limited",
-                                        "split",     "rejected", "auth"};
+    static const char *const names[] = {"delivered", "retry", "rate_limited", "split",
+                                        "rejected",  "auth",  "unexpected"};
     return names[a];
 }
 

@@ -5,8 +5,8 @@
  *   lines of every record merged in order (later records win), the events in
  *   order, environment, schema_version 2 and a source_request_id that is a
  *   name-based UUID over the event ids, so a re-sent batch is recognised.
- * - Classifies answers (what the sender does with each status) and parses
- *   Retry-After.
+ * - Classifies answers (what the sender does with each status: only 202 is a
+ *   delivery, only 400 a malformed batch) and parses Retry-After.
  *
  * Plain C; the HTTP transport itself is in sender.
  */
@@ -42,14 +42,19 @@ int mparticle_build_batch(buf *out, const char *environment, const char *source_
 /* Bytes a batch of these parts takes at most (for sizing before building). */
 size_t mparticle_batch_size_bound(const struct batch_part *parts, size_t n);
 
-/* What the sender does with an answer. */
+/* What the sender does with an answer. Only the statuses of the API's contract
+ * (mparticle-events-api.md, "Responses") have a meaning; anything else did not
+ * come from the Events API as configured (a wrong mparticle.url, a proxy in
+ * between) and proves nothing about the batches: they are kept. */
 enum mp_action {
-    MP_DELIVERED,    /* 202 (and other 2xx): delete */
-    MP_RETRY,        /* 5xx, 408, transport failure: back off and retry */
+    MP_DELIVERED,    /* 202 only: delete */
+    MP_RETRY,        /* 5xx, 408, transport failure (0): back off and retry */
     MP_RATE_LIMITED, /* 429: wait Retry-After or back off, slow down */
     MP_SPLIT,        /* 413: smaller requests */
-    MP_REJECTED,     /* 400 and other 4xx: isolate the bad batch, dead-letter it */
+    MP_REJECTED,     /* 400 only: isolate the bad batch, dead-letter it */
     MP_AUTH,         /* 401/403: pause the feed */
+    MP_UNEXPECTED,   /* any other status (other 2xx, 1xx, 3xx, other 4xx): keep the
+                      * batches, back off as for MP_RETRY, log an error */
 };
 
 enum mp_action mparticle_classify(int status);

@@ -75,6 +75,7 @@ struct feed_state {
     unsigned char cred_fp[32]; /* fingerprint of key, secret and url */
     int has_fp;
     int failures;       /* consecutive retryable failures */
+    int unexpected;     /* answers outside the API's contract since the last delivery */
     int64_t not_before; /* backoff or Retry-After, monotonic ms */
     double rate, tokens;
     int64_t refilled_at;
@@ -826,6 +827,7 @@ static void on_delivered(struct sender *s, struct request *r)
         log_info("mParticle accepts again",
                  LOG_S("feed", FEED_NAMES[f->feed]) LOG_I("failures", f->failures));
     f->failures = 0;
+    f->unexpected = 0;
     if (r->probe) {
         log_info("feed credentials accepted; feed resumed", LOG_S("feed", FEED_NAMES[f->feed]));
         set_pause(s, f, PAUSE_NONE, NULL);
@@ -843,7 +845,9 @@ static void on_delivered(struct sender *s, struct request *r)
     }
 }
 
-static void retry_later(struct sender *s, struct request *r, int status, const char *why)
+/* A failed request: its batches wait out a backoff that grows with the
+ * consecutive failures. Returns the delay. */
+static int64_t back_off(struct sender *s, struct request *r)
 {
     struct feed_state *f = r->f;
     release(r);
@@ -851,10 +855,38 @@ static void retry_later(struct sender *s, struct request *r, int status, const c
     metrics_retry(f->feed);
     int64_t delay = backoff_ms(s, f->failures);
     f->not_before = clock_mono_ms() + delay;
+    return delay;
+}
+
+static void retry_later(struct sender *s, struct request *r, int status, const char *why)
+{
+    struct feed_state *f = r->f;
+    int64_t delay = back_off(s, r);
     if (f->failures == 1 || f->failures % 10 == 0)
         log_warn("mParticle request failed; backing off",
                  LOG_S("feed", FEED_NAMES[f->feed]) LOG_I("status", status) LOG_S("error", why)
                      LOG_I("failures", f->failures) LOG_I("retry_in_ms", delay));
+}
+
+/* A status outside the API's contract did not come from mParticle's Events API
+ * as configured: most likely mparticle.url (or feeds.<feed>.url) is wrong, such
+ * as a URL that already ends in /v2/bulkevents (404), or a proxy answers in its
+ * place (200, 3xx, 407). It says nothing about the batches, so they are kept
+ * and sent again after a backoff, as for a retry. Logged at error, as nothing
+ * is delivered until someone fixes it: the first such answer and every 10th. */
+static void on_unexpected(struct sender *s, struct request *r, int status)
+{
+    struct feed_state *f = r->f;
+    int64_t delay = back_off(s, r);
+    f->unexpected++;
+    if (f->unexpected == 1 || f->unexpected % 10 == 0)
+        log_error("unexpected answer from mParticle; the batches are kept and sent again after "
+                  "a backoff",
+                  LOG_S("feed", FEED_NAMES[f->feed]) LOG_I("status", status)
+                      LOG_I("answers", f->unexpected) LOG_I("retry_in_ms", delay)
+                          LOG_S("hint", "check mparticle.url and feeds.<feed>.url (the base URL, "
+                                        "such as https://s2s.mparticle.com: tributary appends "
+                                        "/v2/bulkevents) and any proxy in between"));
 }
 
 static void on_rate_limited(struct sender *s, struct request *r)
@@ -1032,6 +1064,9 @@ static void finish(struct sender *s, CURLMsg *msg)
     case MP_SPLIT:
     case MP_REJECTED:
         on_refused_content(s, r, (int)status, action);
+        break;
+    case MP_UNEXPECTED:
+        on_unexpected(s, r, (int)status);
         break;
     }
     request_free(r);

@@ -9,12 +9,14 @@
  *   - packs waiting batches into bulk requests (at most 100 batches, under
  *     256 KB) within the feed's rate limit (token bucket, lowered by 429s and by
  *     X-mp-rate-limit-percentage-used near 100);
- *   - acts on each answer: 202 deletes; 429 waits Retry-After; 5xx and transport
- *     failures back off exponentially with full jitter; 400 and 413 split the
- *     request (and a lone batch) until the bad batch is isolated and
- *     dead-lettered with mParticle's message; 401/403 pause only that feed, keep
- *     everything queued and probe again after retry.pause_ms or as soon as its
- *     credentials change.
+ *   - acts on each answer: 202 (only) deletes; 429 waits Retry-After; 5xx, 408
+ *     and transport failures back off exponentially with full jitter; 400 and
+ *     413 split the request (and a lone batch) until the bad batch is isolated
+ *     and dead-lettered with mParticle's message (400 only); 401/403 pause only
+ *     that feed, keep everything queued and probe again after retry.pause_ms or
+ *     as soon as its credentials change; any other status (a 200 from a proxy, a
+ *     404 from a wrong mparticle.url) keeps the batches, backs off as for a 5xx
+ *     and logs an error.
  * A feed without credentials is paused the same way. Batches whose oldest event
  * is older than retry.max_age_s go to the dead-letter store.
  *

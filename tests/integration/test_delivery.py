@@ -174,6 +174,58 @@ class Delivery(ServiceTest):
         self.assertGreaterEqual(sum(1 for r in d.requests if r["status"] >= 500), 8)
         self.assertGreater(s.metrics()['tributary_mparticle_retries_total{feed="unbound"}'], 0)
 
+    def unexpected_lines(self, s):
+        return [line for line in s.logs().splitlines()
+                if "unexpected answer from mParticle" in line]
+
+    def test_a_200_is_no_delivery_the_batches_are_kept_until_a_202(self):
+        # only 202 means mParticle has the batches: a proxy or a wrong URL may answer 200
+        d = self.double()
+        d.fail(200)
+        s = self.service(env=feed_env(d))
+        events = [event("users.messages.email.Send", user="p%d" % i) for i in range(5)]
+        self.assertEqual(s.post(events).status, 200)
+        self.wait(lambda: any(r["status"] == 200 for r in d.requests), what="a 200")
+        time.sleep(0.6)  # backoff of at most retry.max_ms (0.4 s): sent again meanwhile
+        self.assertEqual(d.event_count(), 0)
+        self.assertEqual(sorted(s.queued_ids()), sorted(e["id"] for e in events))
+        self.assertGreaterEqual(sum(r["status"] == 200 for r in d.requests), 2)
+        d.clear_faults()
+        self.assertTrue(d.wait_for_events(5, 10 * SLOW))
+        self.wait(lambda: s.queued_ids() == [], what="the queue to empty")
+        self.assertEqual(sorted(d.source_message_ids()), sorted(e["id"] for e in events))
+        m = s.metrics()
+        self.assertEqual(m['tributary_dead_letters_total{reason="rejected"}'], 0)
+        self.assertEqual(m['tributary_events_delivered_total{feed="unbound"}'], 5)
+        # an error naming the feed and the status, with a hint: the first and every 10th
+        lines = self.unexpected_lines(s)
+        answers = sum(r["status"] == 200 for r in d.requests)
+        self.assertEqual(len(lines), 1 + answers // 10, lines)
+        self.assertIn("level=error", lines[0])
+        self.assertIn("feed=unbound", lines[0])
+        self.assertIn("status=200", lines[0])
+        self.assertIn("mparticle.url", lines[0])
+        self.assertIn("proxy", lines[0])
+        self.assertNotIn("unbound-secret", s.logs())
+        self.assertNotIn(d.auth_header("unbound").split()[1], s.logs())
+
+    def test_a_404_dead_letters_nothing_and_everything_is_delivered_once_202s_come(self):
+        # a wrong mparticle.url is answered 404: no batch of the backlog is to blame
+        d = self.double()
+        d.fail(404)
+        s = self.service(env=feed_env(d))
+        events = [event("users.messages.email.Send", user="n%d" % i) for i in range(5)]
+        self.assertEqual(s.post(events).status, 200)
+        self.wait(lambda: sum(r["status"] == 404 for r in d.requests) >= 3, what="three 404s")
+        self.assertEqual(sorted(s.queued_ids()), sorted(e["id"] for e in events))
+        d.clear_faults()
+        self.assertTrue(d.wait_for_events(5, 10 * SLOW))
+        self.wait(lambda: s.queued_ids() == [], what="the queue to empty")
+        self.assertEqual(sorted(d.source_message_ids()), sorted(e["id"] for e in events))
+        self.assertEqual(s.metrics()['tributary_dead_letters_total{reason="rejected"}'], 0)
+        self.assertEqual(json.loads(s.cli(["dlq", "list", "--json"]).stdout), [])
+        self.assertIn("status=404", self.unexpected_lines(s)[0])
+
     def test_dropped_connections_are_retried_with_the_same_source_request_id(self):
         d = self.double()
         d.drop_connections(times=2, after_processing=True)

@@ -636,6 +636,58 @@ START_TEST(test_plain_http_feed_url_to_remote_host_is_refused)
 }
 END_TEST
 
+START_TEST(test_mparticle_url_ending_in_the_bulk_path_is_refused_as_not_a_base_url)
+{
+    /* the sender appends /v2/bulkevents: this URL would only ever be answered 404 */
+    const char *path = conf("bulk-path.lua", "return { mparticle = { url = "
+                                             "\"https://s2s.mparticle.com/v2/bulkevents\" } }\n");
+    struct config *c = NULL;
+    char err[4096] = "";
+    ck_assert_int_eq(config_load(&c, path, err, sizeof err), -1);
+    ck_assert_str_eq(err, "mparticle.url: ends in /v2/bulkevents, but it is the base URL (such as "
+                          "https://s2s.mparticle.com): tributary appends /v2/bulkevents itself");
+}
+END_TEST
+
+START_TEST(test_feed_url_ending_in_the_events_path_and_a_slash_is_refused_as_not_a_base_url)
+{
+    const char *path =
+        conf("events-path.lua", "return { feeds = { ios = { url = "
+                                "\"https://s2s.us2.mparticle.com/v2/events/\" } } }\n");
+    struct config *c = NULL;
+    char err[4096] = "";
+    ck_assert_int_eq(config_load(&c, path, err, sizeof err), -1);
+    ck_assert_str_eq(err, "feeds.ios.url: ends in /v2/events, but it is the base URL (such as "
+                          "https://s2s.mparticle.com): tributary appends /v2/bulkevents itself");
+}
+END_TEST
+
+START_TEST(test_loopback_url_ending_in_the_bulk_path_and_a_slash_is_refused)
+{
+    const char *path =
+        conf("loopback-bulk-path.lua", "return { mparticle = { url = "
+                                       "\"http://127.0.0.1:9/v2/bulkevents/\" } }\n");
+    struct config *c = NULL;
+    char err[4096] = "";
+    ck_assert_int_eq(config_load(&c, path, err, sizeof err), -1);
+    ck_assert_str_eq(err, "mparticle.url: ends in /v2/bulkevents, but it is the base URL (such as "
+                          "https://s2s.mparticle.com): tributary appends /v2/bulkevents itself");
+}
+END_TEST
+
+START_TEST(test_base_url_with_a_path_of_its_own_is_accepted)
+{
+    /* an egress proxy may serve mParticle under a path prefix */
+    const char *path = conf("prefix.lua", "return { mparticle = { url = "
+                                          "\"http://127.0.0.1:9/mparticle/v2/\" } }\n");
+    struct config *c = NULL;
+    char err[4096] = "";
+    ck_assert_msg(config_load(&c, path, err, sizeof err) == 0, "%s", err);
+    ck_assert_str_eq(c->mparticle_url, "http://127.0.0.1:9/mparticle/v2/");
+    config_unref(c);
+}
+END_TEST
+
 static Suite *suite(void)
 {
     Suite *s = suite_create("config");
@@ -687,6 +739,11 @@ static Suite *suite(void)
     tcase_add_test(tc, test_plain_http_to_dns_name_starting_with_127_is_refused);
     tcase_add_test(tc, test_plain_http_with_loopback_userinfo_is_refused);
     tcase_add_test(tc, test_plain_http_feed_url_to_remote_host_is_refused);
+    tcase_add_test(tc, test_mparticle_url_ending_in_the_bulk_path_is_refused_as_not_a_base_url);
+    tcase_add_test(
+        tc, test_feed_url_ending_in_the_events_path_and_a_slash_is_refused_as_not_a_base_url);
+    tcase_add_test(tc, test_loopback_url_ending_in_the_bulk_path_and_a_slash_is_refused);
+    tcase_add_test(tc, test_base_url_with_a_path_of_its_own_is_accepted);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -257,12 +257,47 @@ START_TEST(test_429_is_rate_limited)
 }
 END_TEST
 
-START_TEST(test_5xx_and_transport_failure_retry)
+START_TEST(test_5xx_408_and_transport_failure_retry)
 {
     ck_assert_int_eq(mparticle_classify(500), MP_RETRY);
     ck_assert_int_eq(mparticle_classify(503), MP_RETRY);
+    ck_assert_int_eq(mparticle_classify(599), MP_RETRY);
+    ck_assert_int_eq(mparticle_classify(408), MP_RETRY);
     ck_assert_int_eq(mparticle_classify(0), MP_RETRY);
     ck_assert_str_eq(mparticle_action_name(MP_RETRY), "retry");
+}
+END_TEST
+
+/* Only 202 means mParticle has the batches: a proxy or a wrong URL answering
+ * 200 must not make the sender delete them. */
+START_TEST(test_2xx_other_than_202_is_unexpected_not_delivered)
+{
+    ck_assert_int_eq(mparticle_classify(200), MP_UNEXPECTED);
+    ck_assert_int_eq(mparticle_classify(201), MP_UNEXPECTED);
+    ck_assert_int_eq(mparticle_classify(204), MP_UNEXPECTED);
+    ck_assert_str_eq(mparticle_action_name(MP_UNEXPECTED), "unexpected");
+}
+END_TEST
+
+/* Only 400 says a batch is malformed: a 404 from a wrong URL, a 405, 407 or 410
+ * must not dead-letter the backlog. */
+START_TEST(test_4xx_other_than_400_401_403_408_413_429_is_unexpected_not_rejected)
+{
+    ck_assert_int_eq(mparticle_classify(404), MP_UNEXPECTED);
+    ck_assert_int_eq(mparticle_classify(405), MP_UNEXPECTED);
+    ck_assert_int_eq(mparticle_classify(407), MP_UNEXPECTED);
+    ck_assert_int_eq(mparticle_classify(410), MP_UNEXPECTED);
+    ck_assert_int_eq(mparticle_classify(422), MP_UNEXPECTED);
+}
+END_TEST
+
+START_TEST(test_1xx_3xx_and_out_of_range_statuses_are_unexpected)
+{
+    ck_assert_int_eq(mparticle_classify(100), MP_UNEXPECTED);
+    ck_assert_int_eq(mparticle_classify(301), MP_UNEXPECTED);
+    ck_assert_int_eq(mparticle_classify(302), MP_UNEXPECTED);
+    ck_assert_int_eq(mparticle_classify(600), MP_UNEXPECTED);
+    ck_assert_int_eq(mparticle_classify(-1), MP_UNEXPECTED);
 }
 END_TEST
 
@@ -340,7 +375,10 @@ static Suite *suite(void)
     tcase_add_test(tc, test_401_and_403_are_auth_problems);
     tcase_add_test(tc, test_413_splits);
     tcase_add_test(tc, test_429_is_rate_limited);
-    tcase_add_test(tc, test_5xx_and_transport_failure_retry);
+    tcase_add_test(tc, test_5xx_408_and_transport_failure_retry);
+    tcase_add_test(tc, test_2xx_other_than_202_is_unexpected_not_delivered);
+    tcase_add_test(tc, test_4xx_other_than_400_401_403_408_413_429_is_unexpected_not_rejected);
+    tcase_add_test(tc, test_1xx_3xx_and_out_of_range_statuses_are_unexpected);
 
     tcase_add_test(tc, test_retry_after_delta_seconds);
     tcase_add_test(tc, test_retry_after_below_min_is_raised_to_min);
