@@ -74,7 +74,8 @@ struct feed_state {
     int probing;
     unsigned char cred_fp[32]; /* fingerprint of key, secret and url */
     int has_fp;
-    int failures;       /* consecutive retryable failures */
+    int failures;       /* consecutive failed rounds (see count_failure) */
+    int64_t failed_ns;  /* when the last failure was counted, mono_ns */
     int unexpected;     /* answers outside the API's contract since the last delivery */
     int64_t not_before; /* backoff or Retry-After, monotonic ms */
     double rate, tokens;
@@ -99,6 +100,7 @@ struct request {
     char retry_after[64];
     int rate_usage;
     int probe;
+    int64_t started_ns; /* mono_ns */
 };
 
 struct sender {
@@ -122,6 +124,16 @@ struct sender {
 };
 
 /* ---- small helpers ------------------------------------------------------ */
+
+/* Monotonic nanoseconds: whether a request started before or after a failure
+ * was counted must hold within a millisecond too (answers over loopback or a
+ * LAN take less). */
+static int64_t mono_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
 
 static uint64_t next_random(struct sender *s)
 {
@@ -663,6 +675,7 @@ static int start_request(struct sender *s, struct feed_state *f, struct pbatch *
     r->f = f;
     r->probe = probe;
     r->rate_usage = -1;
+    r->started_ns = mono_ns();
     r->n = n;
     r->batches = malloc(n * sizeof(*r->batches));
     buf_init(&r->response, RESPONSE_MAX + 1);
@@ -845,27 +858,49 @@ static void on_delivered(struct sender *s, struct request *r)
     }
 }
 
-/* A failed request: its batches wait out a backoff that grows with the
- * consecutive failures. Returns the delay. */
-static int64_t back_off(struct sender *s, struct request *r)
+/* Counts one failure per round. The requests in flight together fail together
+ * (a network blip, an outage): counting each would push the backoff ceiling to
+ * base * 2^7 after a single blip of 8 requests. So the failure of a request
+ * that started before the last counted failure is part of that round and not
+ * counted again. Returns 1 when this one was counted. */
+static int count_failure(struct feed_state *f, const struct request *r)
+{
+    if (f->failures > 0 && r->started_ns < f->failed_ns)
+        return 0;
+    f->failures++;
+    f->failed_ns = mono_ns();
+    return 1;
+}
+
+/* Holds the feed until at least `at` (monotonic ms): a wait already set, such
+ * as a 429's Retry-After, is never cut short by a shorter one. */
+static void hold_until(struct feed_state *f, int64_t at)
+{
+    if (at > f->not_before)
+        f->not_before = at;
+}
+
+/* A failed request: its batches wait out a backoff that grows with the failed
+ * rounds. Returns 1 when the failure was counted (the first of its round). */
+static int back_off(struct sender *s, struct request *r)
 {
     struct feed_state *f = r->f;
     release(r);
-    f->failures++;
+    int counted = count_failure(f, r);
     metrics_retry(f->feed);
-    int64_t delay = backoff_ms(s, f->failures);
-    f->not_before = clock_mono_ms() + delay;
-    return delay;
+    hold_until(f, clock_mono_ms() + backoff_ms(s, f->failures));
+    return counted;
 }
 
 static void retry_later(struct sender *s, struct request *r, int status, const char *why)
 {
     struct feed_state *f = r->f;
-    int64_t delay = back_off(s, r);
-    if (f->failures == 1 || f->failures % 10 == 0)
+    int counted = back_off(s, r);
+    int64_t wait = f->not_before - clock_mono_ms();
+    if (counted && (f->failures == 1 || f->failures % 10 == 0))
         log_warn("mParticle request failed; backing off",
                  LOG_S("feed", FEED_NAMES[f->feed]) LOG_I("status", status) LOG_S("error", why)
-                     LOG_I("failures", f->failures) LOG_I("retry_in_ms", delay));
+                     LOG_I("failures", f->failures) LOG_I("retry_in_ms", wait));
 }
 
 /* A status outside the API's contract did not come from mParticle's Events API
@@ -877,13 +912,14 @@ static void retry_later(struct sender *s, struct request *r, int status, const c
 static void on_unexpected(struct sender *s, struct request *r, int status)
 {
     struct feed_state *f = r->f;
-    int64_t delay = back_off(s, r);
+    back_off(s, r);
+    int64_t wait = f->not_before - clock_mono_ms();
     f->unexpected++;
     if (f->unexpected == 1 || f->unexpected % 10 == 0)
         log_error("unexpected answer from mParticle; the batches are kept and sent again after "
                   "a backoff",
                   LOG_S("feed", FEED_NAMES[f->feed]) LOG_I("status", status)
-                      LOG_I("answers", f->unexpected) LOG_I("retry_in_ms", delay)
+                      LOG_I("answers", f->unexpected) LOG_I("retry_in_ms", wait)
                           LOG_S("hint", "check mparticle.url and feeds.<feed>.url (the base URL, "
                                         "such as https://s2s.mparticle.com: tributary appends "
                                         "/v2/bulkevents) and any proxy in between"));
@@ -903,12 +939,13 @@ static void on_rate_limited(struct sender *s, struct request *r)
     if (wait_s >= 0) {
         delay = wait_s * 1000;
     } else {
-        f->failures++;
+        count_failure(f, r);
         delay = backoff_ms(s, f->failures);
     }
-    f->not_before = clock_mono_ms() + delay;
+    int64_t now = clock_mono_ms();
+    hold_until(f, now + delay);
     log_warn("mParticle rate limit reached (429); waiting",
-             LOG_S("feed", FEED_NAMES[f->feed]) LOG_I("retry_in_ms", delay)
+             LOG_S("feed", FEED_NAMES[f->feed]) LOG_I("retry_in_ms", f->not_before - now)
                  LOG_I("batches_per_s", (long long)f->rate));
 }
 

@@ -14,6 +14,7 @@ Order of checks for a request on an endpoint:
   auth (401/403 faults replace its result) -> slow / drop / fail faults (only for requests that
   passed auth) -> size limits (413) -> JSON and schema validation (400) -> poison markers (400)
   -> 202 and recording. A 400 or 413 rejects the whole request: nothing of it is stored.
+A fail fault may hold its answers until the test sets an event (fail(..., hold=event)).
 
 Everything is thread-safe and may be changed while the server runs. The Authorization header
 and the secrets are never logged nor recorded (request headers are stored redacted).
@@ -37,6 +38,7 @@ MAX_BATCHES = 100
 MAX_ATTRIBUTES = 100
 MAX_NAME_CHARS = 256
 MAX_VALUE_CHARS = 4096
+HOLD_MAX_S = 30  # longest a held answer waits for its event
 
 ENVIRONMENTS = ("production", "development")
 
@@ -364,17 +366,22 @@ class MParticleDouble:
 
     # ---- fault injection -------------------------------------------------------------------
 
-    def fail(self, status, feed=None, times=None, retry_after=None, rate_limit_exceeded=None, message=None):
+    def fail(self, status, feed=None, times=None, retry_after=None, rate_limit_exceeded=None, message=None,
+             hold=None):
         """The next `times` requests (None: until cleared) of `feed` (None: any) get `status`.
 
         401/403 replace the auth result (they also hit requests without valid credentials when
         feed is None); other statuses are consumed only by requests that passed auth. For 429,
         retry_after adds "Retry-After: <retry_after>" and rate_limit_exceeded adds
-        "X-mp-rate-limit-exceeded: <value>".
+        "X-mp-rate-limit-exceeded: <value>". Any status may be injected, 2xx included (answered
+        with an empty body; nothing is recorded as accepted). hold: a threading.Event; the
+        requests that took this fault are answered only once it is set (at most HOLD_MAX_S
+        seconds later), so that a test decides when, and in which order, answers arrive.
         """
         with self._lock:
             self._faults.append(_Fault("fail", feed, times, status=int(status), retry_after=retry_after,
-                                       rate_limit_exceeded=rate_limit_exceeded, message=message))
+                                       rate_limit_exceeded=rate_limit_exceeded, message=message,
+                                       hold=hold))
 
     def slow(self, seconds, times=None, feed=None):
         """Delays the answers of the next `times` authenticated requests by `seconds` (the
@@ -542,6 +549,7 @@ class MParticleDouble:
         with self._lock:
             auth_fault = self._take_fault(("fail",), feed, lambda f: f.params["status"] in (401, 403))
         if auth_fault is not None:
+            self._hold(auth_fault)
             st = auth_fault.params["status"]
             msg = auth_fault.params["message"] or ("Authorization header missing or invalid" if st == 401
                                                    else "API key/secret are present but not valid")
@@ -582,6 +590,7 @@ class MParticleDouble:
             status, body, extra = self._process(body, path, feed, rec)
 
         self._delay(delay)
+        self._hold(fail)
         if drop is not None:
             self._drop(h, rec)
             return
@@ -641,6 +650,15 @@ class MParticleDouble:
     def _delay(self, seconds):
         if seconds > 0:
             self._stopping.wait(seconds)
+
+    def _hold(self, fault):
+        """Waits until the fault's hold event is set (if it has one), the double stops, or
+        HOLD_MAX_S passed."""
+        hold = fault.params.get("hold") if fault is not None else None
+        deadline = time.monotonic() + HOLD_MAX_S
+        while hold is not None and not hold.wait(0.02):
+            if self._stopping.is_set() or time.monotonic() >= deadline:
+                return
 
     def _finish(self, rec, status=None, dropped=False):
         with self._cond:

@@ -3,7 +3,9 @@
 import collections
 import json
 import os
+import re
 import signal
+import threading
 import time
 
 from harness import SLOW, Service, ServiceTest, claim_blob, event, load_event_map, run_cli
@@ -149,6 +151,49 @@ class Delivery(ServiceTest):
         statuses = [(r["status"], r["time"]) for r in d.requests if r["status"] in (429, 202)]
         self.assertEqual([st for st, _ in statuses], [429, 202])
         self.assertGreaterEqual(statuses[1][1] - statuses[0][1], 1.9)
+
+    def test_a_503_in_flight_does_not_cut_short_a_429s_retry_after(self):
+        d = self.double()
+        released = threading.Event()
+        self.addCleanup(released.set)
+        d.fail(429, times=1, retry_after=3)
+        d.fail(503, times=1, hold=released)
+        s = self.service(env=feed_env(d, TRIBUTARY_BATCH_LINGER_MS=300))
+        # 150 batches: two requests (at most 100 batches each) in flight together
+        events = [event("users.messages.email.Send", user="c%d" % i) for i in range(150)]
+        self.assertEqual(s.post(events).status, 200)
+        self.wait(lambda: len(d.requests) >= 2, what="two requests in flight")
+        self.wait(lambda: "rate limit reached (429)" in s.logs(), what="the 429 taken in")
+        released.set()  # the 503 comes after the 429
+        self.assertTrue(d.wait_for_events(150, 15 * SLOW))
+        limited, failed = sorted(d.requests[:2], key=lambda r: r["status"])
+        self.assertEqual((limited["status"], failed["status"]), (429, 503))
+        self.assertGreater(failed["answered"], limited["answered"])
+        later = d.requests[2:]
+        self.assertTrue(later)
+        # nothing reaches mParticle before its Retry-After has passed
+        self.assertGreaterEqual(min(r["time"] for r in later) - limited["answered"], 2.9)
+        self.assertEqual(sorted(d.source_message_ids()), sorted(e["id"] for e in events))
+
+    def test_requests_failing_together_count_as_one_failure_for_the_backoff(self):
+        d = self.double()
+        released = threading.Event()
+        self.addCleanup(released.set)
+        d.fail(503, times=8, hold=released)
+        s = self.service(env=feed_env(d, TRIBUTARY_BATCH_LINGER_MS=300,
+                                      TRIBUTARY_FEEDS_UNBOUND_RATE_LIMIT=2000))
+        # 800 batches: eight requests of 100 batches, all in flight at once
+        events = [event("users.messages.email.Send", user="f%d" % i) for i in range(800)]
+        self.assertEqual(s.post(events).status, 200)
+        self.wait(lambda: len(d.requests) >= 8, what="eight requests in flight")
+        released.set()  # one blip: all eight fail together
+        self.assertTrue(d.wait_for_events(800, 20 * SLOW))
+        self.assertEqual([r["status"] for r in d.requests[:8]], [503] * 8)
+        self.wait(lambda: "mParticle accepts again" in s.logs(), what="the recovery line")
+        line = next(l for l in s.logs().splitlines() if "mParticle accepts again" in l)
+        # one failed round, not eight failures (a backoff ceiling of base * 2^7)
+        self.assertEqual(re.search(r"failures=(\d+)", line).group(1), "1", line)
+        self.assertEqual(s.logs().count("mParticle request failed; backing off"), 1)
 
     def test_429_without_retry_after_backs_off_and_delivers(self):
         d = self.double()

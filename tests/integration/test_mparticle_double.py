@@ -418,6 +418,41 @@ class DoubleTest(unittest.TestCase):
         self.d.clear_faults()
         self.assertEqual(self.post([batch()])[0], 202)
 
+    def test_fault_200_is_answered_with_an_empty_body_and_stores_nothing(self):
+        # what a proxy or a wrong URL may answer: not mParticle's 202
+        self.d.fail(200, times=1)
+        st, _, body = self.post([batch()])
+        self.assertEqual((st, body), (200, b""))
+        self.assertNothingStored()
+        self.assertEqual(self.post([batch()])[0], 202)
+
+    def test_held_fault_is_answered_only_once_its_event_is_set(self):
+        released = threading.Event()
+        self.addCleanup(released.set)
+        self.d.fail(503, times=1, hold=released)
+        answers = []
+        t = threading.Thread(target=lambda: answers.append(self.post([batch()])[0]))
+        t.start()
+        time.sleep(0.3)
+        self.assertEqual(answers, [])
+        self.assertIsNone(self.d.requests[0]["status"])
+        released.set()
+        t.join(5)
+        self.assertEqual(answers, [503])
+
+    def test_held_auth_fault_is_answered_only_once_its_event_is_set(self):
+        released = threading.Event()
+        self.addCleanup(released.set)
+        self.d.fail(401, times=1, hold=released)
+        answers = []
+        t = threading.Thread(target=lambda: answers.append(self.post([batch()])[0]))
+        t.start()
+        time.sleep(0.3)
+        self.assertEqual(answers, [])
+        released.set()
+        t.join(5)
+        self.assertEqual(answers, [401])
+
     def test_request_arrival_times_are_recorded(self):
         self.d.fail(429, times=1, retry_after=1)
         t0 = time.monotonic()
