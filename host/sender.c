@@ -100,7 +100,8 @@ struct request {
     char retry_after[64];
     int rate_usage;
     int probe;
-    int64_t started_ns; /* mono_ns */
+    int64_t started_ns;        /* mono_ns */
+    unsigned char cred_fp[32]; /* the feed's cred_fp when it was sent */
 };
 
 struct sender {
@@ -676,6 +677,7 @@ static int start_request(struct sender *s, struct feed_state *f, struct pbatch *
     r->probe = probe;
     r->rate_usage = -1;
     r->started_ns = mono_ns();
+    memcpy(r->cred_fp, f->cred_fp, sizeof r->cred_fp);
     r->n = n;
     r->batches = malloc(n * sizeof(*r->batches));
     buf_init(&r->response, RESPONSE_MAX + 1);
@@ -949,10 +951,21 @@ static void on_rate_limited(struct sender *s, struct request *r)
                  LOG_I("batches_per_s", (long long)f->rate));
 }
 
+/* 401/403: the feed's credentials are refused, unless the request went out
+ * with credentials that a reload has replaced since: that answer says nothing
+ * about the current ones, and pausing the feed would override the immediate
+ * probe the reload asked for (or stop a feed whose new credentials work). Its
+ * batches only go back to the queue. */
 static void on_auth_refused(struct sender *s, struct request *r, int status)
 {
     struct feed_state *f = r->f;
     release(r);
+    if (memcmp(r->cred_fp, f->cred_fp, sizeof r->cred_fp) != 0) {
+        log_info("mParticle refused credentials that a reload has replaced since; the batches "
+                 "are sent again with the current ones",
+                 LOG_S("feed", FEED_NAMES[f->feed]) LOG_I("status", status));
+        return;
+    }
     f->probe_at = clock_mono_ms() + s->cfg->retry_pause_ms;
     char reason[128];
     snprintf(reason, sizeof reason, "mParticle answered %d: credentials missing or invalid",

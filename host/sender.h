@@ -14,9 +14,10 @@
  *     413 split the request (and a lone batch) until the bad batch is isolated
  *     and dead-lettered with mParticle's message (400 only); 401/403 pause only
  *     that feed, keep everything queued and probe again after retry.pause_ms or
- *     as soon as its credentials change; any other status (a 200 from a proxy, a
- *     404 from a wrong mparticle.url) keeps the batches, backs off as for a 5xx
- *     and logs an error.
+ *     as soon as its credentials change (an answer to credentials that a reload
+ *     has replaced since only puts the batches back); any other status (a 200
+ *     from a proxy, a 404 from a wrong mparticle.url) keeps the batches, backs
+ *     off as for a 5xx and logs an error.
  * A feed without credentials is paused the same way. Batches whose oldest event
  * is older than retry.max_age_s go to the dead-letter store.
  *

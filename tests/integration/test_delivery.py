@@ -142,6 +142,35 @@ class Delivery(ServiceTest):
         self.assertNotIn("old-secret", s.logs())
         self.assertNotIn(FEEDS["web"][1], s.logs())
 
+    def test_a_401_for_credentials_a_reload_replaced_neither_pauses_the_feed_nor_alerts(self):
+        d = self.double(feeds=dict(FEEDS, web=("web-key", "old-secret")))
+        released = threading.Event()
+        self.addCleanup(released.set)
+        d.fail(401, times=1, hold=released)
+        d_conf = 'return { feeds = { web = { key = "web-key", secret = "%s" } } }\n'
+        env = feed_env(d, feeds={k: v for k, v in FEEDS.items() if k != "web"},
+                       TRIBUTARY_RETRY_PAUSE_MS=600000)
+        s = self.service(env=env, config=d_conf % "old-secret")
+        web = [event("users.messages.inappmessage.Click", platform="web", user="w%d" % i)
+               for i in range(5)]
+        s.post(web)
+        self.wait(lambda: len(d.requests) >= 1, what="the request with the old secret")
+        # the secret is rotated and reloaded while that request waits for its answer
+        d.set_feed("web", "web-key", FEEDS["web"][1])
+        with open(s.config, "w") as f:
+            f.write(d_conf % FEEDS["web"][1])
+        s.proc.send_signal(signal.SIGHUP)
+        self.wait(lambda: "configuration and rules reloaded" in s.logs(), what="the reload")
+        released.set()  # now the 401 for the old secret arrives
+        self.assertTrue(d.wait_for_events(5, 10 * SLOW), "paused by a 401 for a replaced secret")
+        self.assertEqual(sorted(d.source_message_ids()), sorted(e["id"] for e in web))
+        self.assertEqual([r["status"] for r in d.requests], [401, 202])
+        self.assertIn("refused credentials that a reload has replaced since", s.logs())
+        self.assertNotIn("ALERT", s.logs())
+        self.assertEqual(s.metrics()['tributary_feed_paused{feed="web",reason="refused"}'], 0)
+        self.assertNotIn("old-secret", s.logs())
+        self.assertNotIn(FEEDS["web"][1], s.logs())
+
     def test_retry_after_is_honoured(self):
         d = self.double()
         d.fail(429, times=1, retry_after=2)
