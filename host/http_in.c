@@ -59,8 +59,9 @@ enum route { R_NONE, R_CURRENTS, R_HEALTHZ, R_READYZ, R_METRICS, R_ADMIN_RELOAD 
 struct req {
     enum route route;
     int method_ok;
-    int answered; /* a response was queued early (401, 413, 503) */
+    int answered; /* a response was queued early (401, 404, 405, 413, 429, 503) */
     int too_large;
+    int unwanted_body;   /* a body came for a route that takes none (never stored) */
     int unauthenticated; /* counted against UNAUTHENTICATED_BODY_BUDGET */
     size_t counted;
     struct timespec start;
@@ -233,8 +234,10 @@ static enum MHD_Result answer_metrics(http_in *h, struct MHD_Connection *c, stru
     return rc;
 }
 
-/* POST /admin/reload: only with the admin token; absent without admin.token. */
-static enum MHD_Result answer_admin_reload(struct MHD_Connection *c, struct req *r)
+/* POST /admin/reload, as soon as its headers are known: 1 with the request
+ * answered (404 without admin.token, 429 for a throttled client, 401 without
+ * the admin token), 0 when the token is right. Nothing of a body has been read. */
+static int refuse_admin(struct MHD_Connection *c, struct req *r, enum MHD_Result *rc)
 {
     struct snapshot s;
     reload_get(&s);
@@ -244,13 +247,16 @@ static enum MHD_Result answer_admin_reload(struct MHD_Connection *c, struct req 
                                               c, MHD_HEADER_KIND, MHD_HTTP_HEADER_AUTHORIZATION))
                 : AUTH_INVALID;
     reload_put(&s);
-    if (!enabled)
-        return reply_json(c, r, 404, "{\"error\":\"not found\"}", 0);
+    if (!enabled) {
+        *rc = reply_json(c, r, 404, "{\"error\":\"not found\"}", 0);
+        return 1;
+    }
     int64_t now = clock_wall_ms() / 1000, wait_s = 0;
     if (auth_throttled(r->client, now, &wait_s)) {
         metrics_add(M_AUTH_THROTTLED, 1);
-        return reply_json(c, r, 429, "{\"error\":\"too many authentication failures\"}",
-                          (int)(wait_s > 0 ? wait_s : 1));
+        *rc = reply_json(c, r, 429, "{\"error\":\"too many authentication failures\"}",
+                         (int)(wait_s > 0 ? wait_s : 1));
+        return 1;
     }
     if (a != AUTH_OK) {
         metrics_add(M_AUTH_FAILURES, 1);
@@ -259,8 +265,16 @@ static enum MHD_Result answer_admin_reload(struct MHD_Connection *c, struct req 
         if (auth_failed(r->client, now))
             log_warn("refusing a client for a while after repeated authentication failures",
                      LOG_S("client", r->client) LOG_I("seconds", AUTH_THROTTLE_BLOCK_S));
-        return reply_json(c, r, 401, "{\"error\":\"admin token required\"}", 0);
+        *rc = reply_json(c, r, 401, "{\"error\":\"admin token required\"}", 0);
+        return 1;
     }
+    return 0;
+}
+
+/* POST /admin/reload once the request is complete; refuse_admin let it in. */
+static enum MHD_Result answer_admin_reload(struct MHD_Connection *c, struct req *r)
+{
+    struct snapshot s;
     char err[4096];
     buf out;
     buf_init(&out, 16384);
@@ -279,6 +293,50 @@ static enum MHD_Result answer_admin_reload(struct MHD_Connection *c, struct req 
     }
     enum MHD_Result rc = reply_json(c, r, status, out.data ? out.data : "{}", 0);
     buf_free(&out);
+    return rc;
+}
+
+/* Whether the request brings a body: HTTP/1.1 has one exactly when it says so
+ * with Content-Length (above 0) or Transfer-Encoding. */
+static int has_body(struct MHD_Connection *c)
+{
+    const char *te =
+        MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_TRANSFER_ENCODING);
+    const char *cl =
+        MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
+    int64_t len = 0;
+    return te != NULL || (cl != NULL && (parse_int64(cl, 0, INT64_MAX, &len) != 0 || len > 0));
+}
+
+static enum MHD_Result refuse_body(struct MHD_Connection *c, struct req *r)
+{
+    return reply_json(c, r, 413, "{\"error\":\"this path takes no request body\"}", 0);
+}
+
+/* Every request but POST /currents, as soon as its headers are known. Only
+ * /currents reads a body: everything else is decided on the headers, so no
+ * body is ever held for a route that has no use for it (bodies read before
+ * authentication are bounded by UNAUTHENTICATED_BODY_BUDGET, and only
+ * /currents has them). An unknown path (404), a wrong method (405), a refused
+ * admin request and a request that brings a body (413) are answered at once;
+ * libmicrohttpd then reads none of the body and closes the connection after
+ * the answer. The rest is answered once the (empty) request is complete. */
+static enum MHD_Result begin_other(struct MHD_Connection *c, struct req *r)
+{
+    enum MHD_Result rc = MHD_YES;
+    log_set_request(r->id);
+    r->answered = 1;
+    if (r->route == R_NONE) {
+        rc = reply_json(c, r, 404, "{\"error\":\"not found\"}", 0);
+    } else if (!r->method_ok) {
+        rc = reply_json(c, r, 405, "{\"error\":\"method not allowed\"}", 0);
+    } else if (r->route != R_ADMIN_RELOAD || !refuse_admin(c, r, &rc)) {
+        if (has_body(c))
+            rc = refuse_body(c, r);
+        else
+            r->answered = 0;
+    }
+    log_set_request(NULL);
     return rc;
 }
 
@@ -409,7 +467,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
                                strcmp(method, MHD_HTTP_METHOD_HEAD) == 0);
         buf_init(&r->body, h->opt.max_body);
         if (r->route != R_CURRENTS || !r->method_ok)
-            return MHD_YES;
+            return begin_other(c, r);
         log_set_request(r->id);
         /* Answer before reading a body that will be refused anyway. */
         struct ingest_response resp = {0};
@@ -444,6 +502,13 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
     }
 
     if (*upload_size) {
+        if (r->route != R_CURRENTS) {
+            /* not expected (begin_other answers a request with a body), and
+             * never stored */
+            r->unwanted_body = 1;
+            *upload_size = 0;
+            return MHD_YES;
+        }
         if (r->unauthenticated && !r->answered) {
             r->counted += *upload_size;
             if (atomic_fetch_add(&unauthenticated_bytes, *upload_size) + *upload_size >
@@ -465,10 +530,8 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
 
     log_set_request(r->id);
     enum MHD_Result rc;
-    if (r->route == R_NONE) {
-        rc = reply_json(c, r, 404, "{\"error\":\"not found\"}", 0);
-    } else if (!r->method_ok) {
-        rc = reply_json(c, r, 405, "{\"error\":\"method not allowed\"}", 0);
+    if (r->unwanted_body) {
+        rc = refuse_body(c, r);
     } else if (r->route == R_HEALTHZ) {
         rc = reply_json(c, r, 200, "{\"status\":\"ok\"}", 0);
     } else if (r->route == R_READYZ) {

@@ -10,6 +10,10 @@
  * One thread per connection (at most max_connections), so a request waiting for
  * its commit never holds up another connection's.
  *
+ * Only POST /currents reads a body: every other request is answered from its
+ * headers (404, 405, admin token refused, 413 when it brings a body) before any
+ * of its body is read, so no body is held for a route that has no use for it.
+ *
  * Bounded: body size (413 as soon as Content-Length says so), header sizes,
  * connections (in all and per address), idle time per connection and the time a
  * whole request may take. Optional TLS (TLS 1.2 and 1.3 only). The only module

@@ -648,6 +648,90 @@ class HeaderBounds(ServiceTest):
         self.assertEqual(s.get("/healthz").status, 200)
 
 
+def peak_rss_kib(pid):
+    """The peak resident memory of a process (VmHWM), in KiB."""
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmHWM in /proc/%d/status" % pid)
+
+
+class BodiesOutsideCurrents(ServiceTest):
+    """Only POST /currents reads a request body: every other request is answered
+    from its headers, and a body sent anyway is never held in memory."""
+
+    BODY = 16 << 20  # inbound.max_body_bytes by default
+
+    def send_body_anyway(self, s, head):
+        """Sends the request head announcing a BODY-byte body, takes the answer
+        that comes before any of the body, then sends the body regardless, as an
+        attacker would. Returns that early answer (None: there was none) and the
+        growth of the service's peak resident memory in bytes."""
+        before = peak_rss_kib(s.proc.pid)
+        sock = socket.create_connection(("127.0.0.1", s.port))
+        self.addCleanup(sock.close)
+        sock.sendall(head + b"Content-Length: %d\r\n\r\n" % self.BODY)
+        early = probe(sock, b"", timeout=1.0)
+        sock.settimeout(2 * SLOW)
+        chunk, sent = b"x" * (1 << 20), 0
+        try:
+            while sent < self.BODY:
+                sock.sendall(chunk)
+                sent += len(chunk)
+            if early is None:  # answered (if at all) only once the whole body was read
+                probe(sock, b"", timeout=5.0)
+        except OSError:
+            pass  # the service closed the connection: the body went nowhere
+        time.sleep(0.3)
+        return early, (peak_rss_kib(s.proc.pid) - before) * 1024
+
+    def assert_answered_unread(self, early, growth, status):
+        self.assertIsNotNone(early, "no answer before the body was sent")
+        self.assertTrue(early.startswith(b"HTTP/1.1 %d" % status), early)
+        self.assertLess(growth, self.BODY // 8, "peak RSS grew by %d bytes" % growth)
+
+    def test_a_large_body_to_an_unknown_path_is_404_before_it_is_read(self):
+        s = self.service()
+        early, growth = self.send_body_anyway(s, b"POST /nope HTTP/1.1\r\nHost: x\r\n")
+        self.assert_answered_unread(early, growth, 404)
+
+    def test_a_large_body_with_a_wrong_method_on_currents_is_405_before_it_is_read(self):
+        s = self.service()
+        early, growth = self.send_body_anyway(
+            s, b"PUT /currents HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + TOKEN.encode() +
+            b"\r\n")
+        self.assert_answered_unread(early, growth, 405)
+
+    def test_a_large_body_to_healthz_is_413_before_it_is_read(self):
+        s = self.service()
+        early, growth = self.send_body_anyway(s, b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        self.assert_answered_unread(early, growth, 413)
+        self.assertEqual(s.get("/healthz").status, 200)
+
+    def test_a_large_body_to_admin_reload_without_token_is_401_before_it_is_read(self):
+        s = self.service(env={"TRIBUTARY_ADMIN_TOKEN": ADMIN})
+        early, growth = self.send_body_anyway(s, b"POST /admin/reload HTTP/1.1\r\nHost: x\r\n")
+        self.assert_answered_unread(early, growth, 401)
+
+    def test_admin_reload_with_the_right_token_and_a_body_is_413_without_reloading(self):
+        s = self.service(env={"TRIBUTARY_ADMIN_TOKEN": ADMIN})
+        r = request(s.port, "POST", "/admin/reload", b"{}",
+                    {"Authorization": "Bearer " + ADMIN})
+        self.assertEqual(r.status, 413, r)
+        self.assertIn("no request body", r.json()["error"])
+        self.assertEqual(s.metrics()["tributary_rule_reloads_total"], 0)
+
+    def test_admin_reload_with_the_right_token_and_no_body_reloads(self):
+        s = self.service(env={"TRIBUTARY_ADMIN_TOKEN": ADMIN})
+        r = request(s.port, "POST", "/admin/reload", None, {"Authorization": "Bearer " + ADMIN})
+        self.assertEqual(r.status, 200, r)
+        self.assertTrue(r.json()["reloaded"])
+        r = request(s.port, "POST", "/admin/reload", b"", {"Authorization": "Bearer " + ADMIN})
+        self.assertEqual(r.status, 200, r)
+        self.assertEqual(s.metrics()["tributary_rule_reloads_total"], 2)
+
+
 class ConnectionBounds(ServiceTest):
     def open_idle(self, port, n):
         socks = []
