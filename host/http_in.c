@@ -51,6 +51,11 @@ struct http_in {
     int watchdog_started;
     int stopping;
     pthread_t watchdog;
+    /* The first complaint of libmicrohttpd while the daemon starts (why it
+     * could not listen), for the error http_in_start returns. */
+    pthread_mutex_t start_mu;
+    int starting;
+    char start_error[256];
 };
 
 enum route { R_NONE, R_CURRENTS, R_HEALTHZ, R_READYZ, R_METRICS, R_ADMIN_RELOAD };
@@ -575,13 +580,17 @@ static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls,
 
 static void mhd_log(void *cls, const char *fmt, va_list ap)
 {
-    (void)cls;
+    http_in *h = cls;
     char msg[512];
     vsnprintf(msg, sizeof msg, fmt, ap);
     size_t n = strlen(msg);
     while (n && (msg[n - 1] == '\n' || msg[n - 1] == '\r'))
         msg[--n] = '\0';
     log_debug("http server", LOG_S("detail", msg));
+    pthread_mutex_lock(&h->start_mu);
+    if (h->starting && !h->start_error[0])
+        str_copy(h->start_error, sizeof h->start_error, msg);
+    pthread_mutex_unlock(&h->start_mu);
 }
 
 int http_in_start(http_in **out, struct ingest *in, const struct http_in_options *o,
@@ -611,6 +620,7 @@ int http_in_start(http_in **out, struct ingest *in, const struct http_in_options
         h->hooks = *hooks;
     pthread_mutex_init(&h->conns_mu, NULL);
     pthread_cond_init(&h->conns_cv, NULL);
+    pthread_mutex_init(&h->start_mu, NULL);
     /* A thread per connection: a request waiting for its commit holds only its
      * own connection, and requests of every connection can share a commit. The
      * Lua work is bounded separately by the engine pool (ingest). */
@@ -622,6 +632,9 @@ int http_in_start(http_in **out, struct ingest *in, const struct http_in_options
         if (MHD_is_feature_supported(MHD_FEATURE_TLS) != MHD_YES) {
             str_copy(err, errlen, "this libmicrohttpd has no TLS support");
             freeaddrinfo(ai);
+            pthread_mutex_destroy(&h->conns_mu);
+            pthread_cond_destroy(&h->conns_cv);
+            pthread_mutex_destroy(&h->start_mu);
             free(h);
             return -1;
         }
@@ -637,21 +650,33 @@ int http_in_start(http_in **out, struct ingest *in, const struct http_in_options
         {MHD_OPTION_NOTIFY_COMPLETED, (intptr_t)on_completed, h},
         {MHD_OPTION_NOTIFY_CONNECTION, (intptr_t)on_connection, h},
         {MHD_OPTION_URI_LOG_CALLBACK, (intptr_t)on_request_line, h},
-        {MHD_OPTION_LISTENING_ADDRESS_REUSE, 1, NULL},
+        /* No MHD_OPTION_LISTENING_ADDRESS_REUSE: without it the listening socket
+         * gets SO_REUSEADDR only, so a restart binds at once despite connections
+         * in TIME_WAIT, while a second process on the same address fails to
+         * start. With it (SO_REUSEPORT) a second `tributary serve` would start
+         * and the kernel would split the requests between the two. */
         /* without TLS the list ends here */
         {o->tls_cert_pem ? MHD_OPTION_HTTPS_MEM_CERT : MHD_OPTION_END, 0, (void *)o->tls_cert_pem},
         {MHD_OPTION_HTTPS_MEM_KEY, 0, (void *)o->tls_key_pem},
         {MHD_OPTION_HTTPS_PRIORITIES, 0, (void *)TLS_PRIORITIES},
         {MHD_OPTION_END, 0, NULL},
     };
+    pthread_mutex_lock(&h->start_mu);
+    h->starting = 1;
+    pthread_mutex_unlock(&h->start_mu);
     h->d = MHD_start_daemon(flags, (uint16_t)o->port, NULL, NULL, on_request, h, MHD_OPTION_ARRAY,
                             opts, MHD_OPTION_END);
     freeaddrinfo(ai);
+    pthread_mutex_lock(&h->start_mu);
+    h->starting = 0;
+    pthread_mutex_unlock(&h->start_mu);
     if (!h->d) {
-        str_printf(err, errlen, "cannot listen on %s:%d (address in use or not available)", o->host,
-                   o->port);
+        /* e.g. "Failed to bind to port 8080: Address already in use" */
+        str_printf(err, errlen, "cannot listen on %s:%d: %s", o->host, o->port,
+                   h->start_error[0] ? h->start_error : "address in use or not available");
         pthread_mutex_destroy(&h->conns_mu);
         pthread_cond_destroy(&h->conns_cv);
+        pthread_mutex_destroy(&h->start_mu);
         free(h);
         return -1;
     }
@@ -682,5 +707,6 @@ void http_in_stop(http_in *h)
     MHD_stop_daemon(h->d);
     pthread_mutex_destroy(&h->conns_mu);
     pthread_cond_destroy(&h->conns_cv);
+    pthread_mutex_destroy(&h->start_mu);
     free(h);
 }

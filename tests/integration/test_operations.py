@@ -3,10 +3,11 @@
 import json
 import os
 import re
+import socket
 import subprocess
 import time
 
-from harness import BIN, ROOT, SLOW, ServiceTest, event
+from harness import BIN, ROOT, SLOW, Service, ServiceTest, event
 from mparticle_double import MParticleDouble
 
 FEEDS = {"unbound": ("u-key", "u-secret"), "ios": ("i-key", "i-secret")}
@@ -150,6 +151,38 @@ class Logs(ServiceTest):
         self.assertIn("feeds=web", line)
         self.assertIn("queue_depth=0", line)
         self.assertNotIn("web-k", line)
+
+
+class Listening(ServiceTest):
+    def test_a_second_service_on_the_same_address_fails_to_start_and_the_first_keeps_serving(self):
+        first = self.service()
+        second = Service(env={"TRIBUTARY_LISTEN": "127.0.0.1:%d" % first.port})
+        self.addCleanup(second.cleanup)
+        second.start(wait=False)
+        try:
+            code = second.proc.wait(timeout=10 * SLOW)
+        except subprocess.TimeoutExpired:
+            self.fail("a second service started on port %d:\n%s" % (first.port, second.logs()[-2000:]))
+        second.expected_exit = code
+        self.assertNotEqual(code, 0)
+        self.assertRegex(second.logs(), r"cannot listen on 127\.0\.0\.1:%d: .*in use" % first.port)
+        events = [event() for _ in range(8)]
+        for e in events:
+            self.assertEqual(first.post([e]).status, 200)
+        self.assertEqual(first.queued_ids(), [e["id"] for e in events])
+
+    def test_a_restart_right_after_closing_connections_listens_on_the_same_port(self):
+        s = self.service()
+        # A connection the service closes itself (on SIGTERM) lingers in
+        # TIME_WAIT on its port: the next start must bind regardless.
+        client = socket.create_connection(("127.0.0.1", s.port))
+        self.addCleanup(client.close)
+        client.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertTrue(client.recv(4096).startswith(b"HTTP/1.1 200"))
+        self.assertEqual(s.stop(), 0)
+        client.close()
+        s.start()
+        self.assertEqual(s.post([event()]).status, 200)
 
 
 class Install(ServiceTest):
