@@ -62,7 +62,7 @@ return {
     threads = 8,              -- Lua states mapping requests at once
     max_connections = 1024, max_connections_per_ip = 0,
     timeout_s = 30,           -- idle connections
-    request_timeout_s = 120,  -- a whole request, however slowly it arrives
+    request_timeout_s = 120,  -- a whole request, request line included, however slowly it arrives
   },
   rules = { memory_mb = 64, instructions = 1000000 }, -- limits per event
   log = { level = "info", format = "logfmt" },        -- or format = "json"

@@ -33,8 +33,9 @@
 /* One TCP connection, for the request-time watchdog. */
 struct conn {
     struct conn *next, *prev;
-    int fd;                  /* a dup() of the socket: ours until the connection closes */
-    int64_t receiving_since; /* monotonic ms when the current request began; 0: none */
+    int fd;           /* a dup() of the socket: ours until the connection closes */
+    int64_t deadline; /* monotonic ms by which the current request must have arrived; 0: none */
+    int cut;          /* shut down by the watchdog */
 };
 
 struct http_in {
@@ -43,8 +44,9 @@ struct http_in {
     struct http_in_options opt;
     struct http_in_hooks hooks;
     int port;
-    /* Requests that trickle in (headers or body) are cut off after
-     * request_timeout_s by shutting their socket down from a watchdog. */
+    /* Requests that trickle in (request line, headers or body) are cut off by
+     * shutting their socket down from a watchdog, which checks every second.
+     * libmicrohttpd's idle timeout cannot do it: every byte resets it. */
     pthread_mutex_t conns_mu;
     pthread_cond_t conns_cv;
     struct conn *conns;
@@ -354,14 +356,33 @@ static struct conn *conn_of(struct MHD_Connection *c)
     return info ? info->socket_context : NULL;
 }
 
-/* The request is complete: the watchdog leaves the connection alone. */
+/* Sets when the connection's current request must have arrived whole, at the
+ * latest (only_earlier: unless it already must sooner). Nothing tells when a
+ * request's first byte came, so the clock starts at what is known: a
+ * connection's first request must be in request_timeout_s after the
+ * connection was accepted (on_connection); a later one on a kept-alive
+ * connection gets the idle wait allowed between requests (timeout_s, after
+ * which libmicrohttpd closes the connection anyway) plus request_timeout_s
+ * from the end of the one before (on_completed); a request line, once there,
+ * brings the deadline forward to request_timeout_s from then
+ * (on_request_line). */
+static void watch_until(http_in *h, struct conn *k, int64_t deadline, int only_earlier)
+{
+    pthread_mutex_lock(&h->conns_mu);
+    if (!k->cut && (!only_earlier || !k->deadline || deadline < k->deadline))
+        k->deadline = deadline;
+    pthread_mutex_unlock(&h->conns_mu);
+}
+
+/* The request is complete: the watchdog leaves the connection alone while it
+ * is answered. */
 static void received(struct MHD_Connection *c, http_in *h)
 {
     struct conn *k = conn_of(c);
     if (!k)
         return;
     pthread_mutex_lock(&h->conns_mu);
-    k->receiving_since = 0;
+    k->deadline = 0;
     pthread_mutex_unlock(&h->conns_mu);
 }
 
@@ -376,6 +397,7 @@ static void on_connection(void *cls, struct MHD_Connection *c, void **socket_con
         if (!k)
             return;
         k->fd = info ? dup(info->connect_fd) : -1;
+        k->deadline = clock_mono_ms() + (int64_t)h->opt.request_timeout_s * 1000;
         pthread_mutex_lock(&h->conns_mu);
         k->next = h->conns;
         if (h->conns)
@@ -402,17 +424,15 @@ static void on_connection(void *cls, struct MHD_Connection *c, void **socket_con
     *socket_context = NULL;
 }
 
-/* Called when a request line has arrived, before the headers. */
+/* Called when a request line has arrived, before the headers: the request has
+ * begun by now. */
 static void *on_request_line(void *cls, const char *uri, struct MHD_Connection *c)
 {
     (void)uri;
     http_in *h = cls;
     struct conn *k = conn_of(c);
-    if (k) {
-        pthread_mutex_lock(&h->conns_mu);
-        k->receiving_since = clock_mono_ms();
-        pthread_mutex_unlock(&h->conns_mu);
-    }
+    if (k)
+        watch_until(h, k, clock_mono_ms() + (int64_t)h->opt.request_timeout_s * 1000, 1);
     return NULL;
 }
 
@@ -422,15 +442,16 @@ static void *watchdog_main(void *arg)
     pthread_setname_np(pthread_self(), "http-watchdog");
     pthread_mutex_lock(&h->conns_mu);
     while (!h->stopping) {
-        int64_t now = clock_mono_ms(), limit = (int64_t)h->opt.request_timeout_s * 1000;
+        int64_t now = clock_mono_ms();
         for (struct conn *k = h->conns; k; k = k->next) {
-            if (k->receiving_since && now - k->receiving_since > limit && k->fd >= 0) {
+            if (k->deadline && now > k->deadline && k->fd >= 0) {
                 log_info("request took too long to arrive; connection closed",
                          LOG_I("limit_s", h->opt.request_timeout_s));
                 /* the socket is shut down, not closed: its number stays ours until
                  * libmicrohttpd reports the connection closed */
                 shutdown(k->fd, SHUT_RDWR);
-                k->receiving_since = 0;
+                k->deadline = 0;
+                k->cut = 1;
             }
         }
         struct timespec ts;
@@ -563,12 +584,18 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
     return rc;
 }
 
+/* A request is over (answered, or cut short). On a kept-alive connection the
+ * next request is timed from here. */
 static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls,
                          enum MHD_RequestTerminationCode toe)
 {
-    (void)cls;
-    (void)c;
+    http_in *h = cls;
     (void)toe;
+    struct conn *k = conn_of(c);
+    if (k)
+        watch_until(h, k,
+                    clock_mono_ms() + ((int64_t)h->opt.timeout_s + h->opt.request_timeout_s) * 1000,
+                    0);
     struct req *r = *con_cls;
     if (!r)
         return;

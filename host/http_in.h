@@ -34,7 +34,10 @@ struct http_in_options {
     int max_connections;
     int max_connections_per_ip; /* 0: no limit */
     int timeout_s;              /* idle connection */
-    int request_timeout_s;      /* a whole request, however slowly it trickles */
+    /* a whole request (request line, headers, body), however slowly it
+     * trickles: timed from the connection's acceptance, or on a kept-alive
+     * connection from the end of the previous request plus timeout_s */
+    int request_timeout_s;
     size_t max_body;
     const char *tls_cert_pem; /* NULL: plain HTTP */
     const char *tls_key_pem;

@@ -844,6 +844,49 @@ class ConnectionBounds(ServiceTest):
         self.assertIsNotNone(answer, "still reading headers after %.1f s" % (time.time() - start))
         self.assertLess(time.time() - start, 5 * SLOW)
 
+    def test_a_request_line_trickled_a_byte_a_second_is_cut_off_after_request_timeout_s(self):
+        # Every byte resets the idle timeout (30 s): only the request timeout,
+        # counted from the connection's acceptance, ends this.
+        s = self.service(env={"TRIBUTARY_HTTP_REQUEST_TIMEOUT_S": "2",
+                              "TRIBUTARY_HTTP_TIMEOUT_S": "30"})
+        sock = socket.create_connection(("127.0.0.1", s.port))
+        self.addCleanup(sock.close)
+        start, answer = time.time(), None
+        for byte in b"POST /currents?workspace=a-slow-one HTTP/1.1\r\n":
+            try:
+                sock.sendall(bytes([byte]))
+            except (BrokenPipeError, ConnectionResetError):
+                answer = b""
+                break
+            readable, _, _ = select.select([sock], [], [], 1.0)
+            if readable:
+                answer = probe(sock, b"")
+                break
+            if time.time() - start > 6 * SLOW:
+                break
+        elapsed = time.time() - start
+        self.assertEqual(answer, b"", "request line still read after %.1f s" % elapsed)
+        self.assertLess(elapsed, 4.5 * SLOW)
+        self.assertIn("request took too long", s.logs())
+        self.assertEqual(s.get("/healthz").status, 200)
+
+    def test_a_kept_alive_client_pausing_less_than_timeout_s_between_requests_is_served(self):
+        # Pauses longer than http.request_timeout_s but shorter than the idle
+        # timeout (http.timeout_s) are the idle wait between requests, not part
+        # of a request.
+        s = self.service(env={"TRIBUTARY_HTTP_REQUEST_TIMEOUT_S": "1",
+                              "TRIBUTARY_HTTP_TIMEOUT_S": "4"})
+        sock = socket.create_connection(("127.0.0.1", s.port))
+        self.addCleanup(sock.close)
+        for i in range(3):
+            if i:
+                time.sleep(2.2)
+            answer = probe(sock, HEALTHZ, timeout=2.0)
+            self.assertIsNotNone(answer, "no answer to request %d" % (i + 1))
+            self.assertTrue(answer.startswith(b"HTTP/1.1 200"), "request %d: %r" % (i + 1, answer))
+            self.assertNotIn(b"Connection: close", answer)
+        self.assertNotIn("request took too long", s.logs())
+
 
 if __name__ == "__main__":
     unittest.main()
