@@ -399,6 +399,10 @@ static void guard_pattern(lua_State *L, const char *name, int global)
     lua_setfield(L, -2, name);
 }
 
+/* The arithmetic metamethods lstrlib puts in the string metatable. */
+static const char *const STRING_ARITH[] = {"__add", "__sub", "__mul", "__div",
+                                           "__mod", "__pow", "__unm", "__idiv"};
+
 static int build_env(lua_State *L)
 {
     sandbox *sb = from_lua(L);
@@ -426,23 +430,35 @@ static int build_env(lua_State *L)
     wrap(L, "setmetatable", sb_setmetatable);
 
     /* string: without dump, with guarded pattern functions, reachable from
-     * string values only through a read-only view. */
-    copy_lib(L, LUA_STRLIBNAME, NULL, "dump"); /* base string */
+     * string values only through a read-only view. The library's metatable for
+     * strings gives way to one whose __index is that view; its arithmetic
+     * metamethods stay, since Lua 5.4 converts strings in arithmetic ("10" + 1)
+     * with them. */
+    lua_pushliteral(L, "");
+    lua_getmetatable(L, -1); /* base "" lib-mt */
+    lua_remove(L, -2);
+    int lib_mt = lua_gettop(L);
+    copy_lib(L, LUA_STRLIBNAME, NULL, "dump"); /* base lib-mt string */
     guard_pattern(L, "find", 0);
     guard_pattern(L, "match", 0);
     guard_pattern(L, "gmatch", 1);
     guard_pattern(L, "gsub", 1);
     wrap(L, "rep", sb_rep);
-    sandbox_readonly(L); /* base string-ro */
+    sandbox_readonly(L); /* base lib-mt string-ro */
     lua_pushliteral(L, "");
-    lua_createtable(L, 0, 2); /* base string-ro "" mt */
-    lua_pushvalue(L, -3);
+    lua_createtable(L, 0, 2 + (int)(sizeof STRING_ARITH / sizeof *STRING_ARITH));
+    lua_pushvalue(L, -3); /* base lib-mt string-ro "" mt string-ro */
     lua_setfield(L, -2, "__index");
     lua_pushboolean(L, 0);
     lua_setfield(L, -2, "__metatable");
+    for (size_t i = 0; i < sizeof STRING_ARITH / sizeof *STRING_ARITH; i++) {
+        lua_getfield(L, lib_mt, STRING_ARITH[i]);
+        lua_setfield(L, -2, STRING_ARITH[i]);
+    }
     lua_setmetatable(L, -2);
     lua_pop(L, 1);
-    lua_setfield(L, -2, "string");
+    lua_setfield(L, -3, "string"); /* base lib-mt */
+    lua_pop(L, 1);
 
     copy_lib(L, LUA_TABLIBNAME, NULL, NULL);
     wrap(L, "move", sb_move);

@@ -914,6 +914,24 @@ START_TEST(test_string_values_keep_their_methods_after_an_attempt_to_replace_the
 }
 END_TEST
 
+START_TEST(test_a_numeric_string_plus_a_number_is_that_sum)
+{
+    ck_assert_str_eq(probe("\"10\" + 1 == 11"), "true");
+}
+END_TEST
+
+START_TEST(test_two_numeric_strings_multiply_as_numbers)
+{
+    ck_assert_str_eq(probe("\"3\" * \"4\" == 12"), "true");
+}
+END_TEST
+
+START_TEST(test_arithmetic_on_a_non_numeric_string_is_an_error)
+{
+    ck_assert_str_eq(probe("pcall(function() return \"ten\" + 1 end)"), "false");
+}
+END_TEST
+
 #define MARKER_A                                                                                   \
     "marker = \"a\"\n"                                                                             \
     "return function(event, out)\n"                                                                \
@@ -1269,6 +1287,9 @@ static Suite *suite(void)
     tcase_add_test(tc, test_string_metatable_is_hidden);
     tcase_add_test(tc, test_string_library_is_read_only);
     tcase_add_test(tc, test_string_values_keep_their_methods_after_an_attempt_to_replace_them);
+    tcase_add_test(tc, test_a_numeric_string_plus_a_number_is_that_sum);
+    tcase_add_test(tc, test_two_numeric_strings_multiply_as_numbers);
+    tcase_add_test(tc, test_arithmetic_on_a_non_numeric_string_is_an_error);
     tcase_add_test(tc, test_one_files_globals_are_invisible_to_another);
     tcase_add_test(tc, test_one_file_cannot_change_another_files_globals);
     tcase_add_test(tc, test_pathological_pattern_is_refused_not_run);
