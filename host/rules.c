@@ -813,8 +813,9 @@ static void run_chain(rules *r, lua_State *L, int evi, size_t upto, struct chain
     int outi = lua_gettop(L);
     res->kind = CHAIN_OUT;
     res->detail[0] = '\0';
-    /* one instruction budget for the event, shared by all its rules */
+    /* one instruction and one memory budget for the event, shared by all its rules */
     struct sandbox_limits lim = r->limits;
+    size_t base = sandbox_used(r->sb);
     for (size_t k = 0; k <= upto && k < r->n; k++) {
         const char *fname = r->rs->files[k].name;
         lua_rawgeti(L, LUA_REGISTRYINDEX, r->process_refs[k]);
@@ -825,6 +826,8 @@ static void run_chain(rules *r, lua_State *L, int evi, size_t upto, struct chain
         lim.instructions -= sandbox_steps(r->sb);
         if (lim.instructions < 1)
             lim.instructions = 1;
+        size_t held = sandbox_used(r->sb) > base ? sandbox_used(r->sb) - base : 0;
+        lim.memory_bytes = held < r->limits.memory_bytes ? r->limits.memory_bytes - held : 1;
         if (rc != SANDBOX_OK) {
             res->kind = CHAIN_DEAD;
             res->dead_reason = rc == SANDBOX_LIMIT ? DEAD_RULE_LIMIT : DEAD_RULE_ERROR;

@@ -602,6 +602,11 @@ int64_t sandbox_steps(const sandbox *sb)
     return sb->steps;
 }
 
+size_t sandbox_used(const sandbox *sb)
+{
+    return sb->used;
+}
+
 size_t sandbox_memory(const sandbox *sb)
 {
     return sb->used + pool_idle(sb->pool);

@@ -6,7 +6,8 @@
  * os.time/date/clock), text-only loading, one environment table per chunk so
  * scripts cannot change each other's globals, and limits that a script cannot
  * escape:
- *   - memory: a custom allocator caps what a call may allocate;
+ *   - memory: a custom allocator caps what a call may allocate (a caller can
+ *     share one budget between calls, see struct sandbox_limits);
  *   - instructions: a count hook ends a call after its budget; once a limit
  *     trips, every further instruction raises again, so `pcall` cannot swallow it;
  *   - C functions the hook cannot interrupt (pattern matching) refuse inputs whose
@@ -29,8 +30,11 @@ enum sandbox_flags {
     SANDBOX_GETENV = 1, /* expose os.getenv (configuration files only) */
 };
 
+/* What one call may use. Calls share a budget when the caller lowers it from one
+ * call to the next: `instructions` by sandbox_steps, `memory_bytes` by what
+ * sandbox_used grew since the budget began. */
 struct sandbox_limits {
-    size_t memory_bytes;  /* the most a call may allocate beyond what was in use */
+    size_t memory_bytes;  /* the most the state may grow by during the call */
     int64_t instructions; /* Lua VM instructions per call */
 };
 
@@ -68,6 +72,9 @@ enum sandbox_rc sandbox_call(sandbox *sb, int nargs, int nresults, const struct 
 /* Instructions the last sandbox_call ran (in steps of the hook's granularity). */
 int64_t sandbox_steps(const sandbox *sb);
 
+/* Bytes in the state's objects, live or garbage not yet collected: what the
+ * memory limit counts. */
+size_t sandbox_used(const sandbox *sb);
 /* Bytes the state holds: its objects, and the freed small blocks its pool keeps
  * for reuse. */
 size_t sandbox_memory(const sandbox *sb);

@@ -771,6 +771,70 @@ START_TEST(test_growing_table_hits_the_memory_limit)
 }
 END_TEST
 
+/* With rules.memory_mb = 1: each file keeps 60% of it alive in `out` until the
+ * event's rules are done, in strings of 1% so that no one allocation comes near
+ * the limit. */
+#define KEEP_60_PERCENT_A                                                                          \
+    "return function(event, out)\n"                                                                \
+    "  local keep = {}\n"                                                                          \
+    "  for i = 1, 60 do keep[i] = string.rep(\"a\", 10485) end\n"                                  \
+    "  return {feed = \"unbound\", batch = {}, event = {id = event.id}, keep_a = keep}\n"          \
+    "end\n"
+
+#define KEEP_60_PERCENT_B                                                                          \
+    "return function(event, out)\n"                                                                \
+    "  local keep = {}\n"                                                                          \
+    "  for i = 1, 60 do keep[i] = string.rep(\"b\", 10485) end\n"                                  \
+    "  out.keep_a = nil\n"                                                                         \
+    "  return out\n"                                                                               \
+    "end\n"
+
+START_TEST(test_one_file_using_60_percent_of_the_memory_limit_is_within_it)
+{
+    ck_assert_int_eq(setenv("TRIBUTARY_RULES_MEMORY_MB", "1", 1), 0);
+    ck_assert_int_eq(setenv("TRIBUTARY_RULES_INSTRUCTIONS", "100000000", 1), 0);
+    rule("10-a.lua", KEEP_60_PERCENT_A);
+    build();
+    ck_assert_int_eq(map(ENVELOPE(EV("m-1")), INPUT_ENVELOPE), 0);
+    ck_assert_uint_eq(F.m.ndead, 0);
+    ck_assert_uint_eq(F.m.nrecords, 1);
+}
+END_TEST
+
+START_TEST(test_two_files_using_60_percent_each_for_one_event_exceed_the_memory_limit)
+{
+    ck_assert_int_eq(setenv("TRIBUTARY_RULES_MEMORY_MB", "1", 1), 0);
+    ck_assert_int_eq(setenv("TRIBUTARY_RULES_INSTRUCTIONS", "100000000", 1), 0);
+    rule("10-a.lua", KEEP_60_PERCENT_A);
+    rule("20-b.lua", KEEP_60_PERCENT_B);
+    build();
+    ck_assert_int_eq(map(ENVELOPE(EV("m-1")), INPUT_ENVELOPE), 0);
+    ck_assert_uint_eq(F.m.nrecords, 0);
+    ck_assert_uint_eq(F.m.ndead, 1);
+    ck_assert_str_eq(F.m.dead[0].reason, DEAD_RULE_LIMIT);
+    ck_assert_msg(contains(F.m.dead[0].detail.p, "memory"), "detail: %s", F.m.dead[0].detail.p);
+}
+END_TEST
+
+START_TEST(test_memory_kept_from_an_earlier_event_counts_towards_that_event_only)
+{
+    ck_assert_int_eq(setenv("TRIBUTARY_RULES_MEMORY_MB", "1", 1), 0);
+    ck_assert_int_eq(setenv("TRIBUTARY_RULES_INSTRUCTIONS", "100000000", 1), 0);
+    /* each event keeps 60% of rules.memory_mb in a global (README, Limits) */
+    rule("10-hoard.lua", "kept = {}\n"
+                         "return function(event, out)\n"
+                         "  local keep = {}\n"
+                         "  for i = 1, 60 do keep[i] = string.rep(\"k\", 10485) end\n"
+                         "  kept[#kept + 1] = keep\n"
+                         "  return {feed = \"unbound\", batch = {}, event = {id = event.id}}\n"
+                         "end\n");
+    build();
+    ck_assert_int_eq(map(ENVELOPE(EV("k-1") "," EV("k-2")), INPUT_ENVELOPE), 0);
+    ck_assert_uint_eq(F.m.ndead, 0);
+    ck_assert_uint_eq(F.m.nrecords, 2);
+}
+END_TEST
+
 START_TEST(test_top_level_infinite_loop_fails_rules_new_naming_the_file)
 {
     rule("30-forever.lua", "while true do end\nreturn function() end\n");
@@ -1266,6 +1330,9 @@ static Suite *suite(void)
     tcase_add_test(tc, test_xpcall_cannot_swallow_the_instruction_limit);
     tcase_add_test(tc, test_growing_string_hits_the_memory_limit);
     tcase_add_test(tc, test_growing_table_hits_the_memory_limit);
+    tcase_add_test(tc, test_one_file_using_60_percent_of_the_memory_limit_is_within_it);
+    tcase_add_test(tc, test_two_files_using_60_percent_each_for_one_event_exceed_the_memory_limit);
+    tcase_add_test(tc, test_memory_kept_from_an_earlier_event_counts_towards_that_event_only);
     tcase_add_test(tc, test_top_level_infinite_loop_fails_rules_new_naming_the_file);
     tcase_add_test(tc, test_syntax_error_fails_rules_new_with_file_and_line);
 
