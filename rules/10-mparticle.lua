@@ -17,6 +17,7 @@ local concat, sort = table.concat, table.sort
 local encode = cjson.encode
 local tointeger, floor = math.tointeger, math.floor
 local utf8_len, utf8_offset = utf8.len, utf8.offset
+local byte, sub = string.byte, string.sub
 
 -- Braze event_type -> mParticle event_name (false: an `uninstall` event, no name).
 local NAMES = {
@@ -123,13 +124,20 @@ local function nonempty(v)
   return v
 end
 
--- Cut a string to at most `max` characters (bytes when it is not UTF-8).
+-- Cut a string to at most `max` characters (bytes when what would be kept is
+-- not UTF-8). Reads about `max` characters, however long the string: a value
+-- of megabytes costs no more than one at the limit.
 local function cut(s, max)
   if #s <= max then return s, false end
-  local chars = utf8_len(s)
-  if chars == nil then return s:sub(1, max), true end
-  if chars <= max then return s, false end
-  return s:sub(1, utf8_offset(s, max + 1) - 1), true
+  local first = byte(s, 1)
+  if first >= 0x80 and first < 0xC0 then return sub(s, 1, max), true end -- not UTF-8
+  local stop = utf8_offset(s, max + 1) -- where character max + 1 starts
+  if stop == nil or stop > #s then -- at most max characters
+    if utf8_len(s) == nil then return sub(s, 1, max), true end
+    return s, false
+  end
+  if utf8_len(s, 1, stop - 1) == nil then return sub(s, 1, max), true end
+  return sub(s, 1, stop - 1), true
 end
 
 -- A custom attribute value: scalars stay, lists are joined with ",", objects

@@ -203,6 +203,14 @@ class Fields(unittest.TestCase):
         self.assertIn("attr_098", attrs)
         self.assertNotIn("attr_149", attrs)
 
+    def test_a_value_of_megabytes_is_cut_within_the_rules_budget(self):
+        e = event("users.messages.email.Send", huge="x" * 2000000, accented="é" * 5000)
+        out = map_events([e])[0]
+        self.assertNotIn("dead_letter", out)
+        attrs = out["batch"]["events"][0]["data"]["custom_attributes"]
+        self.assertEqual(attrs["huge"], "x" * 4096)
+        self.assertEqual(attrs["accented"], "é" * 4096)  # characters, not bytes
+
 
 class Inputs(unittest.TestCase):
     def test_map_reads_an_envelope_an_array_one_event_or_ndjson(self):
