@@ -354,6 +354,17 @@ static int cmd_requeue(const struct cli_options *o, struct config *c)
             break;
         }
         page_free(page);
+        /* as the service does after a request: a state a rule left damaged
+         * or grown too large is not used for the next page */
+        if (rules_needs_rebuild(engine)) {
+            rules_free(engine);
+            engine = NULL;
+            if (rules_new(&engine, rs, err, sizeof err) != 0) {
+                fprintf(stderr, "%s\n", err);
+                rc = 1;
+                break;
+            }
+        }
     }
     if (pages == 0) {
         if (rc == 0) {
