@@ -66,6 +66,7 @@ static const struct key KEYS[] = {
     {"inbound.max_body_bytes", K_INT, OFF(inbound_max_body_bytes), 1024, 1LL << 30, NULL},
     {"inbound.max_events", K_INT, OFF(inbound_max_events), 1, 1000000, NULL},
     {"mparticle.url", K_STR, OFF(mparticle_url), 0, 0, NULL},
+    {"mparticle.rate_limit", K_INT, OFF(mparticle_rate_limit), 1, 100000, NULL},
     FEED_KEYS("ios", FEED_IOS),
     FEED_KEYS("android", FEED_ANDROID),
     FEED_KEYS("web", FEED_WEB),
@@ -628,6 +629,7 @@ static int set_defaults(struct config *c)
     c->http_request_timeout_s = 120;
     c->http_max_connections_per_ip = 0;
     c->mparticle_url = strdup("https://s2s.mparticle.com");
+    c->mparticle_rate_limit = 270;
     for (int f = 0; f < FEED_COUNT; f++)
         c->feeds[f].rate_limit = 270;
     c->batch_linger_ms = 500;

@@ -54,6 +54,7 @@ struct config {
     int64_t inbound_max_body_bytes;
     int64_t inbound_max_events;
     char *mparticle_url;
+    int64_t mparticle_rate_limit; /* batches per second, all feeds together (the account) */
     struct feed_config feeds[FEED_COUNT];
     struct string_list events; /* n == 0: every type the rules map */
     struct app_entry *apps;

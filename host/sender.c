@@ -60,6 +60,12 @@ struct pbatch {
     struct pbatch *next, *prev;
 };
 
+/* A token bucket: `rate` batches a second, at most one second's worth at once. */
+struct bucket {
+    double rate, tokens;
+    int64_t refilled_at;
+};
+
 struct feed_state {
     enum feed feed;
     int64_t cursor; /* highest record id claimed */
@@ -78,8 +84,7 @@ struct feed_state {
     int64_t failed_ns;  /* when the last failure was counted, mono_ns */
     int unexpected;     /* answers outside the API's contract since the last delivery */
     int64_t not_before; /* backoff or Retry-After, monotonic ms */
-    double rate, tokens;
-    int64_t refilled_at;
+    struct bucket rate; /* the feed's own, lowered on 429s and high usage */
     int64_t next_claim; /* monotonic ms */
 };
 
@@ -98,6 +103,7 @@ struct request {
     buf response;
     struct curl_slist *headers;
     char retry_after[64];
+    char rate_exceeded[32]; /* X-mp-rate-limit-exceeded: which limit a 429 is for */
     int rate_usage;
     int probe;
     int64_t started_ns;        /* mono_ns */
@@ -122,6 +128,11 @@ struct sender {
     int64_t last_expire;
     int64_t last_expire_held;
     uint64_t cfg_generation; /* of the configuration the feeds follow (0: none yet) */
+    /* mParticle's limit is per account: all feeds together stay within
+     * mparticle.rate_limit */
+    struct bucket account;
+    int64_t account_not_before; /* a 429 for the whole account: monotonic ms */
+    int turn;                   /* the feed that dispatches first this turn */
 };
 
 /* ---- small helpers ------------------------------------------------------ */
@@ -430,8 +441,8 @@ static void update_credentials(struct sender *s, struct feed_state *f)
     memcpy(f->cred_fp, fp, sizeof fp);
     f->has_fp = 1;
     double limit = (double)s->cfg->feeds[f->feed].rate_limit;
-    if (f->rate <= 0 || f->rate > limit)
-        f->rate = limit;
+    if (f->rate.rate <= 0 || f->rate.rate > limit)
+        f->rate.rate = limit;
     if (!changed)
         return;
     if (!ready) {
@@ -600,6 +611,8 @@ static size_t on_header(char *p, size_t size, size_t n, void *ud)
         str_copy(r->retry_after, sizeof r->retry_after, line + 12);
     else if (strncasecmp(line, "X-mp-rate-limit-percentage-used:", 32) == 0)
         r->rate_usage = atoi(line + 32);
+    else if (strncasecmp(line, "X-mp-rate-limit-exceeded:", 25) == 0)
+        str_copy(r->rate_exceeded, sizeof r->rate_exceeded, line + 25 + strspn(line + 25, " \t"));
     return len;
 }
 
@@ -753,15 +766,28 @@ fail:
     return -1;
 }
 
-static void refill(struct feed_state *f, int64_t now)
+/* A 429 or a high usage: the rate drops (to 1 batch/s at the least). */
+static void slow_down(struct bucket *b, double factor)
 {
-    if (f->refilled_at == 0)
-        f->tokens = f->rate;
+    b->rate = b->rate * factor > 1 ? b->rate * factor : 1;
+}
+
+/* A delivery: the rate recovers gently towards its limit. */
+static void recover(struct bucket *b, double limit)
+{
+    if (b->rate < limit)
+        b->rate = b->rate + limit * 0.05 < limit ? b->rate + limit * 0.05 : limit;
+}
+
+static void refill(struct bucket *b, int64_t now)
+{
+    if (b->refilled_at == 0)
+        b->tokens = b->rate;
     else
-        f->tokens += f->rate * (double)(now - f->refilled_at) / 1000.0;
-    if (f->tokens > f->rate)
-        f->tokens = f->rate; /* at most one second of burst */
-    f->refilled_at = now;
+        b->tokens += b->rate * (double)(now - b->refilled_at) / 1000.0;
+    if (b->tokens > b->rate)
+        b->tokens = b->rate; /* at most one second of burst */
+    b->refilled_at = now;
 }
 
 static void dispatch(struct sender *s, struct feed_state *f, int64_t now)
@@ -782,17 +808,22 @@ static void dispatch(struct sender *s, struct feed_state *f, int64_t now)
         }
         return;
     }
-    if (now < f->not_before)
+    if (now < f->not_before || now < s->account_not_before)
         return;
-    refill(f, now);
+    refill(&f->rate, now);
+    refill(&s->account, now);
     struct pbatch *pick[MPARTICLE_MAX_BATCHES_PER_REQUEST];
-    while (f->in_flight < MAX_IN_FLIGHT && f->tokens >= 1) {
-        /* the request holds at most: 100 batches, the tokens available, and the
-         * limit of every batch in it (halved after a 400 or 413) */
+    for (;;) {
+        /* the request holds at most: 100 batches, the tokens available to the
+         * feed and to the account, and the limit of every batch in it (halved
+         * after a 400 or 413) */
+        double tokens = f->rate.tokens < s->account.tokens ? f->rate.tokens : s->account.tokens;
+        if (f->in_flight >= MAX_IN_FLIGHT || tokens < 1)
+            return;
         size_t n = 0, bytes = 2;
         size_t cap = MPARTICLE_MAX_BATCHES_PER_REQUEST;
-        if (f->tokens < (double)cap)
-            cap = (size_t)f->tokens;
+        if (tokens < (double)cap)
+            cap = (size_t)tokens;
         for (struct pbatch *b = f->head; b; b = b->next) {
             if (b->in_flight)
                 continue;
@@ -809,7 +840,8 @@ static void dispatch(struct sender *s, struct feed_state *f, int64_t now)
             return;
         if (start_request(s, f, pick, n, 0) != 0)
             return;
-        f->tokens -= (double)n;
+        f->rate.tokens -= (double)n;
+        s->account.tokens -= (double)n;
     }
 }
 
@@ -847,16 +879,14 @@ static void on_delivered(struct sender *s, struct request *r)
         log_info("feed credentials accepted; feed resumed", LOG_S("feed", FEED_NAMES[f->feed]));
         set_pause(s, f, PAUSE_NONE, NULL);
     }
-    double limit = (double)s->cfg->feeds[f->feed].rate_limit;
+    recover(&s->account, (double)s->cfg->mparticle_rate_limit);
     if (r->rate_usage >= RATE_USAGE_HIGH) {
-        f->rate = f->rate * 0.8 > 1 ? f->rate * 0.8 : 1;
+        slow_down(&f->rate, 0.8);
         log_info("mParticle rate limit usage high; slowing down",
                  LOG_S("feed", FEED_NAMES[f->feed]) LOG_I("usage_percent", r->rate_usage)
-                     LOG_I("batches_per_s", (long long)f->rate));
-    } else if (f->rate < limit) {
-        f->rate += limit * 0.05; /* recover gently */
-        if (f->rate > limit)
-            f->rate = limit;
+                     LOG_I("batches_per_s", (long long)f->rate.rate));
+    } else {
+        recover(&f->rate, (double)s->cfg->feeds[f->feed].rate_limit);
     }
 }
 
@@ -932,8 +962,14 @@ static void on_rate_limited(struct sender *s, struct request *r)
     struct feed_state *f = r->f;
     release(r);
     metrics_retry(f->feed);
-    f->rate = f->rate * 0.5 > 1 ? f->rate * 0.5 : 1;
-    f->tokens = 0;
+    /* a limit of the whole account (or beyond it) holds every feed back */
+    static const char *const shared[] = {"account", "org", "workspace"};
+    int account = 0;
+    for (size_t i = 0; i < ARRAY_LEN(shared); i++)
+        account |= strcasecmp(r->rate_exceeded, shared[i]) == 0;
+    struct bucket *b = account ? &s->account : &f->rate;
+    slow_down(b, 0.5);
+    b->tokens = 0;
     int64_t wait_s =
         mparticle_retry_after(r->retry_after[0] ? r->retry_after : NULL, clock_wall_ms() / 1000,
                               RETRY_AFTER_MIN_S, RETRY_AFTER_MAX_S);
@@ -946,9 +982,13 @@ static void on_rate_limited(struct sender *s, struct request *r)
     }
     int64_t now = clock_mono_ms();
     hold_until(f, now + delay);
+    if (account && now + delay > s->account_not_before)
+        s->account_not_before = now + delay;
     log_warn("mParticle rate limit reached (429); waiting",
-             LOG_S("feed", FEED_NAMES[f->feed]) LOG_I("retry_in_ms", f->not_before - now)
-                 LOG_I("batches_per_s", (long long)f->rate));
+             LOG_S("feed", FEED_NAMES[f->feed])
+                 LOG_S("limit", r->rate_exceeded[0] ? r->rate_exceeded : "unknown")
+                     LOG_I("retry_in_ms", f->not_before - now)
+                         LOG_I("batches_per_s", (long long)b->rate));
 }
 
 /* 401/403: the feed's credentials are refused, unless the request went out
@@ -1229,6 +1269,9 @@ static void *sender_main(void *arg)
         int expire_held = !stopping && now - s->last_expire_held >= EXPIRE_HELD_EVERY_MS;
         if (expire_held)
             s->last_expire_held = now;
+        if (cfg_changed &&
+            (s->account.rate <= 0 || s->account.rate > (double)s->cfg->mparticle_rate_limit))
+            s->account.rate = (double)s->cfg->mparticle_rate_limit;
         for (int i = 0; i < FEED_COUNT; i++) {
             struct feed_state *f = &s->feeds[i];
             if (cfg_changed)
@@ -1240,11 +1283,15 @@ static void *sender_main(void *arg)
         }
         if (!stopping)
             claim(s, now);
+        /* the feeds take turns at going first: they share the account's tokens */
+        s->turn = (s->turn + 1) % FEED_COUNT;
         for (int i = 0; i < FEED_COUNT && !stopping; i++) {
-            struct feed_state *f = &s->feeds[i];
+            struct feed_state *f = &s->feeds[(s->turn + i) % FEED_COUNT];
             dispatch(s, f, now);
             if (f->not_before > now && f->not_before < wake)
                 wake = f->not_before;
+            if (s->account_not_before > now && s->account_not_before < wake)
+                wake = s->account_not_before;
         }
         if (!stopping)
             sweep_unclaimed(s, now);

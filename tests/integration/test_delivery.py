@@ -567,6 +567,35 @@ class Delivery(ServiceTest):
         # 5 at once (one second of burst), then 5 per second
         self.assertGreaterEqual(elapsed, 1.6)
 
+    def test_all_feeds_together_stay_within_the_account_rate_limit(self):
+        d = self.double()
+        s = self.service(env=feed_env(d, TRIBUTARY_MPARTICLE_RATE_LIMIT=5,
+                                      TRIBUTARY_BATCH_LINGER_MS=200))
+        # one batch per user, on two feeds that each allow 270 batches/s
+        events = ([event("users.messages.email.Send", user="u%d" % i) for i in range(8)] +
+                  [event("users.messages.pushnotification.Send", platform="ios", user="i%d" % i)
+                   for i in range(7)])
+        start = time.monotonic()
+        s.post(events)
+        self.assertTrue(d.wait_for_events(15, 20 * SLOW))
+        elapsed = time.monotonic() - start
+        # 5 at once (one second of burst), then 5 per second for both feeds
+        self.assertGreaterEqual(elapsed, 1.6)
+        self.assertEqual({r["feed"] for r in d.requests if r["status"] == 202}, {"unbound", "ios"})
+
+    def test_a_429_for_the_account_holds_back_every_feed(self):
+        d = self.double()
+        d.fail(429, feed="unbound", times=1, retry_after=2, rate_limit_exceeded="account")
+        s = self.service(env=feed_env(d, TRIBUTARY_BATCH_LINGER_MS=50))
+        s.post([event("users.messages.email.Send", user="a")])
+        self.wait(lambda: any(r["status"] == 429 for r in d.requests), what="the 429")
+        refused_at = next(r["time"] for r in d.requests if r["status"] == 429)
+        s.post([event("users.messages.pushnotification.Send", platform="ios", user="b")])
+        self.assertTrue(d.wait_for_events(2, 20 * SLOW))
+        ios = [r["time"] for r in d.requests if r["feed"] == "ios"]
+        self.assertGreaterEqual(min(ios) - refused_at, 1.9)
+        self.assertIn('limit=account', s.logs())
+
     def test_high_rate_limit_usage_slows_the_feed(self):
         d = self.double()
         d.rate_limit_percentage = 97
