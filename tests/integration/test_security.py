@@ -18,7 +18,7 @@ import time
 import unittest
 import warnings
 
-from harness import RULES, SLOW, TOKEN, Service, ServiceTest, event, request, run_cli
+from harness import RULES, SLOW, TOKEN, WRAPPER, Service, ServiceTest, event, request, run_cli
 
 SECRET = "hmac-secret-4f1c9a7e2b"
 OTHER_SECRET = "hmac-secret-rotated-8d3e"
@@ -689,7 +689,9 @@ class BodiesOutsideCurrents(ServiceTest):
     def assert_answered_unread(self, early, growth, status):
         self.assertIsNotNone(early, "no answer before the body was sent")
         self.assertTrue(early.startswith(b"HTTP/1.1 %d" % status), early)
-        self.assertLess(growth, self.BODY // 8, "peak RSS grew by %d bytes" % growth)
+        # under valgrind the tool's own bookkeeping for a connection takes a few MB
+        self.assertLess(growth, self.BODY // (4 if WRAPPER else 8),
+                        "peak RSS grew by %d bytes" % growth)
 
     def test_a_large_body_to_an_unknown_path_is_404_before_it_is_read(self):
         s = self.service()
