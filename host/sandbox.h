@@ -10,10 +10,8 @@
  *     share one budget between calls, see struct sandbox_limits);
  *   - instructions: a count hook ends a call after its budget; once a limit
  *     trips, every further instruction raises again, so `pcall` cannot swallow it;
- *   - work the hook cannot see, inside one C function, is charged to the same
- *     budget before it is done: library functions pay for their worst case on
- *     their arguments, and the allocator for the bytes it hands out; pattern
- *     matching also refuses patterns whose worst case is beyond a bound.
+ *   - C functions the hook cannot interrupt (pattern matching) refuse inputs whose
+ *     worst-case cost is beyond a bound.
  *
  * Used by rules (the rule scripts) and config (the configuration file). Besides
  * those two, no module includes Lua headers.
@@ -37,7 +35,7 @@ enum sandbox_flags {
  * sandbox_used grew since the budget began. */
 struct sandbox_limits {
     size_t memory_bytes;  /* the most the state may grow by during the call */
-    int64_t instructions; /* Lua VM instructions, and work in C charged as such */
+    int64_t instructions; /* Lua VM instructions per call */
 };
 
 enum sandbox_rc { SANDBOX_OK, SANDBOX_ERROR, SANDBOX_LIMIT };
@@ -71,8 +69,7 @@ int sandbox_load(sandbox *sb, const char *chunkname, const char *src, size_t len
 enum sandbox_rc sandbox_call(sandbox *sb, int nargs, int nresults, const struct sandbox_limits *lim,
                              struct sandbox_error *err);
 
-/* Instructions the last sandbox_call ran (in steps of the hook's granularity),
- * plus those it was charged for work in C functions and for memory. */
+/* Instructions the last sandbox_call ran (in steps of the hook's granularity). */
 int64_t sandbox_steps(const sandbox *sb);
 
 /* Bytes in the state's objects, live or garbage not yet collected: what the
