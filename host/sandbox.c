@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 /* The count hook fires every HOOK_STEP instructions; a tripped limit makes it
  * fire on every instruction. */
@@ -24,6 +25,14 @@
 /* C loops the hook cannot interrupt are bounded: string.rep of empty strings,
  * table.move over a range. */
 #define TABLE_MOVE_MAX 10000000
+
+/* The library functions do their work in C, where the count hook cannot see
+ * it: each call is timed and pays for its time afterwards, as instructions of
+ * about this many nanoseconds (Lua 5.4 on x86-64). A loop that calls them then
+ * runs out of budget as a loop of Lua instructions would; what one call may do
+ * is bounded beforehand (patterns and plain searches by PATTERN_COST_MAX,
+ * table.move by TABLE_MOVE_MAX, everything by the memory limit). */
+#define NS_PER_INSTRUCTION 4
 
 /* print() from scripts goes to the log, at most this many lines per second. */
 #define PRINT_LINES_PER_SECOND 20
@@ -82,6 +91,70 @@ static void sb_hook(lua_State *L, lua_Debug *ar)
         /* From now on every instruction raises: handlers cannot keep running. */
         lua_sethook(L, sb_hook, LUA_MASKCOUNT, 1);
         luaL_error(L, "%s limit exceeded", sb->tripped == TRIP_MEMORY ? "memory" : "instruction");
+    }
+}
+
+/* Charges cost instructions to the call's budget; beyond it the instruction
+ * limit trips, as in the count hook. */
+static void charge(lua_State *L, int64_t cost)
+{
+    sandbox *sb = from_lua(L);
+    sb->steps += cost;
+    if (sb->tripped == TRIP_NONE && sb->steps > sb->budget) {
+        sb->tripped = TRIP_INSTRUCTIONS;
+        lua_sethook(L, sb_hook, LUA_MASKCOUNT, 1);
+        luaL_error(L, "instruction limit exceeded");
+    }
+}
+
+static int64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* Calls upvalue 1 with the arguments and returns its results, charging the
+ * time it took, also when it fails (a pattern found malformed halfway through
+ * a long subject has done the work all the same). */
+static int timed(lua_State *L)
+{
+    lua_pushvalue(L, lua_upvalueindex(1));
+    lua_insert(L, 1);
+    int64_t start = now_ns();
+    int status = lua_pcall(L, lua_gettop(L) - 1, LUA_MULTRET, 0);
+    charge(L, (now_ns() - start) / NS_PER_INSTRUCTION);
+    if (status != LUA_OK)
+        return lua_error(L);
+    return lua_gettop(L);
+}
+
+/* string.gmatch: the work is in the iterator it returns, which is timed too. */
+static int timed_gmatch(lua_State *L)
+{
+    lua_pushvalue(L, lua_upvalueindex(1));
+    lua_insert(L, 1);
+    lua_call(L, lua_gettop(L) - 1, 1);
+    lua_pushcclosure(L, timed, 1);
+    return 1;
+}
+
+/* [-0, +0] Times every function of the library table on top (see timed). */
+static void time_lib(lua_State *L)
+{
+    lua_pushnil(L);
+    while (lua_next(L, -2)) {
+        /* lib key value */
+        if (lua_iscfunction(L, -1)) {
+            int gmatch =
+                lua_type(L, -2) == LUA_TSTRING && strcmp(lua_tostring(L, -2), "gmatch") == 0;
+            lua_pushcclosure(L, gmatch ? timed_gmatch : timed, 1);
+            lua_pushvalue(L, -2);
+            lua_insert(L, -2);
+            lua_rawset(L, -4); /* replacing an existing key's value keeps lua_next valid */
+        } else {
+            lua_pop(L, 1);
+        }
     }
 }
 
@@ -238,8 +311,12 @@ static int sb_pattern_fn(lua_State *L)
     const char *p = luaL_checklstring(L, 2, &plen);
     (void)s;
     int global = lua_toboolean(L, lua_upvalueindex(2));
-    /* string.find(s, p, init, plain): a plain search has no pattern cost */
+    /* string.find(s, p, init, plain): a plain search compares the needle at
+     * every place it could start */
     int plain = lua_toboolean(L, lua_upvalueindex(3)) && lua_toboolean(L, 4);
+    if (plain && (double)n * (double)plen > PATTERN_COST_MAX)
+        return luaL_error(L, "plain search of a %I-byte needle in a %I-byte subject is too large",
+                          (lua_Integer)plen, (lua_Integer)n);
     if (!plain) {
         char err[200];
         if (sandbox_pattern_check(p, plen, n, global, err, sizeof err) != 0)
@@ -277,6 +354,19 @@ static int sb_move(lua_State *L)
     lua_Integer e = luaL_checkinteger(L, 3);
     if (e >= f && (e - f >= TABLE_MOVE_MAX || e - f < 0))
         return luaL_error(L, "table.move over more than %d elements", TABLE_MOVE_MAX);
+    lua_pushvalue(L, lua_upvalueindex(1));
+    lua_insert(L, 1);
+    lua_call(L, lua_gettop(L) - 1, LUA_MULTRET);
+    return lua_gettop(L);
+}
+
+/* table.insert and table.remove move elements up to the length in C; a __len
+ * metamethod could claim any length (and another one at the next call), so
+ * such tables are refused. */
+static int sb_plain_length(lua_State *L)
+{
+    if (luaL_getmetafield(L, 1, "__len") != LUA_TNIL)
+        return luaL_error(L, "tables with a __len metamethod are not supported here");
     lua_pushvalue(L, lua_upvalueindex(1));
     lua_insert(L, 1);
     lua_call(L, lua_gettop(L) - 1, LUA_MULTRET);
@@ -444,6 +534,7 @@ static int build_env(lua_State *L)
     guard_pattern(L, "gmatch", 1);
     guard_pattern(L, "gsub", 1);
     wrap(L, "rep", sb_rep);
+    time_lib(L);
     sandbox_readonly(L); /* base lib-mt string-ro */
     lua_pushliteral(L, "");
     lua_createtable(L, 0, 2 + (int)(sizeof STRING_ARITH / sizeof *STRING_ARITH));
@@ -462,12 +553,17 @@ static int build_env(lua_State *L)
 
     copy_lib(L, LUA_TABLIBNAME, NULL, NULL);
     wrap(L, "move", sb_move);
+    wrap(L, "insert", sb_plain_length);
+    wrap(L, "remove", sb_plain_length);
+    time_lib(L);
     sandbox_readonly(L);
     lua_setfield(L, -2, "table");
     copy_lib(L, LUA_MATHLIBNAME, NULL, NULL);
+    time_lib(L);
     sandbox_readonly(L);
     lua_setfield(L, -2, "math");
     copy_lib(L, LUA_UTF8LIBNAME, NULL, NULL);
+    time_lib(L);
     sandbox_readonly(L);
     lua_setfield(L, -2, "utf8");
     static const char *const os_names[] = {"time", "date", "clock", NULL};

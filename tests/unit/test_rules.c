@@ -654,6 +654,68 @@ START_TEST(test_infinite_loop_hits_the_instruction_limit)
 }
 END_TEST
 
+/* A rule that calls a library function in a loop, each call doing work in C
+ * that the count hook does not see; it must end as a limit hit within 2 s. */
+static void assert_library_loop_hits_the_limit(const char *body)
+{
+    char src[512];
+    snprintf(src, sizeof src, "return function(event, out)\n%s\nend\n", body);
+    rule("50-lib.lua", src);
+    build();
+    struct bounded res;
+    map_bounded(ENVELOPE(EV("c-1")), 2000, &res);
+    ck_assert_msg(res.finished, "rules_map did not return within 2 s");
+    ck_assert_uint_eq(res.ndead, 1);
+    ck_assert_str_eq(res.reason, DEAD_RULE_LIMIT);
+    ck_assert_msg(contains(res.detail, "instruction"), "detail: %s", res.detail);
+}
+
+START_TEST(test_a_loop_of_costly_pattern_searches_hits_the_instruction_limit)
+{
+    /* each search: about 9 million steps, some 30 ms, for a handful of instructions */
+    assert_library_loop_hits_the_limit("  local s = (\"a\"):rep(3000)\n"
+                                       "  for i = 1, 100000 do s:find(\".-b\") end");
+}
+END_TEST
+
+START_TEST(test_a_loop_of_large_table_moves_hits_the_instruction_limit)
+{
+    assert_library_loop_hits_the_limit("  for i = 1, 100000 do table.move({}, 1, 9999999, 1) end");
+}
+END_TEST
+
+START_TEST(test_a_loop_of_matches_through_gmatch_hits_the_instruction_limit)
+{
+    /* one iterator call scans a whole 300 KB subject that has no match */
+    assert_library_loop_hits_the_limit(
+        "  local s = (\"b\"):rep(300000)\n"
+        "  for i = 1, 100000 do for w in s:gmatch(\"a\") do end end");
+}
+END_TEST
+
+START_TEST(test_a_plain_search_too_large_for_one_call_is_refused)
+{
+    const struct dead_letter *d = dead_from("return function(event, out)\n"
+                                            "  local s = (\"a\"):rep(400000)\n"
+                                            "  s:find((\"a\"):rep(200000) .. \"b\", 1, true)\n"
+                                            "end\n");
+    ck_assert_str_eq(d->reason, DEAD_RULE_ERROR);
+    ck_assert_msg(contains(d->detail.p, "plain search"), "detail: %s", d->detail.p);
+}
+END_TEST
+
+START_TEST(test_table_insert_refuses_a_table_with_a_len_metamethod)
+{
+    const struct dead_letter *d =
+        dead_from("return function(event, out)\n"
+                  "  local t = setmetatable({}, {__len = function() return 2^40 end})\n"
+                  "  table.insert(t, 1, \"x\")\n"
+                  "end\n");
+    ck_assert_str_eq(d->reason, DEAD_RULE_ERROR);
+    ck_assert_msg(contains(d->detail.p, "__len"), "detail: %s", d->detail.p);
+}
+END_TEST
+
 START_TEST(test_instruction_limit_asks_for_a_rebuild)
 {
     ck_assert_int_eq(setenv("TRIBUTARY_RULES_INSTRUCTIONS", "100000", 1), 0);
@@ -1357,6 +1419,11 @@ static Suite *suite(void)
     tcase_add_test(tc, test_a_numeric_string_plus_a_number_is_that_sum);
     tcase_add_test(tc, test_two_numeric_strings_multiply_as_numbers);
     tcase_add_test(tc, test_arithmetic_on_a_non_numeric_string_is_an_error);
+    tcase_add_test(tc, test_a_loop_of_costly_pattern_searches_hits_the_instruction_limit);
+    tcase_add_test(tc, test_a_loop_of_large_table_moves_hits_the_instruction_limit);
+    tcase_add_test(tc, test_a_loop_of_matches_through_gmatch_hits_the_instruction_limit);
+    tcase_add_test(tc, test_a_plain_search_too_large_for_one_call_is_refused);
+    tcase_add_test(tc, test_table_insert_refuses_a_table_with_a_len_metamethod);
     tcase_add_test(tc, test_one_files_globals_are_invisible_to_another);
     tcase_add_test(tc, test_one_file_cannot_change_another_files_globals);
     tcase_add_test(tc, test_pathological_pattern_is_refused_not_run);
