@@ -219,9 +219,9 @@ static int sb_print(lua_State *L)
         atomic_store(&lines, 0);
     if (atomic_fetch_add(&lines, 1) >= PRINT_LINES_PER_SECOND)
         return 0;
+    int n = lua_gettop(L); /* before luaL_buffinit, which pushes a placeholder */
     luaL_Buffer b;
     luaL_buffinit(L, &b);
-    int n = lua_gettop(L);
     for (int i = 1; i <= n; i++) {
         if (i > 1)
             luaL_addchar(&b, '\t');

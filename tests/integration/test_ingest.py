@@ -106,6 +106,17 @@ class Ingest(ServiceTest):
                 rows = db.execute("SELECT raw FROM dead").fetchall()
             self.assertEqual([row[0] for row in rows], [raw])
 
+    def test_print_in_a_rule_logs_exactly_its_arguments(self):
+        rules = self.rules_dir({"20-print.lua": (
+            "return function(event, out)\n"
+            "  print('mapped', event.id, 42)\n"
+            "end\n")})
+        s = self.service(rules_dir=rules)
+        e = event("users.messages.email.Open")
+        self.assertEqual(s.post([e]).status, 200)
+        line = next(l for l in s.logs().splitlines() if "script print" in l)
+        self.assertIn('text="mapped\\t%s\\t42"' % e["id"], line)
+
     def test_concurrent_requests_are_all_committed(self):
         s = self.service()
         results, ids = [], []
