@@ -552,6 +552,7 @@ const char *rules_needs_rebuild(const rules *r)
 struct json_out {
     buf *out;
     size_t limit; /* out->len may not pass it */
+    size_t max;   /* the bytes this text may take */
     char *err;
     size_t errlen;
 };
@@ -569,7 +570,7 @@ static int json_fail(struct json_out *j, const char *what)
 static int json_room(struct json_out *j)
 {
     if (j->out->len > j->limit) {
-        str_printf(j->err, j->errlen, "the JSON text is larger than %zu bytes", j->limit);
+        str_printf(j->err, j->errlen, "the JSON text is larger than %zu bytes", j->max);
         return -1;
     }
     return 0;
@@ -691,7 +692,7 @@ static int json_value(struct json_out *j, lua_State *L, int idx, int depth)
  * bytes. On failure returns -1 with the reason in err; out then holds a part. */
 static int write_json(lua_State *L, int idx, buf *out, size_t limit, char *err, size_t errlen)
 {
-    struct json_out j = {out, out->len + limit, err, errlen};
+    struct json_out j = {out, out->len + limit, limit, err, errlen};
     err[0] = '\0';
     if (json_value(&j, L, lua_absindex(L, idx), 0) != 0 || json_room(&j) != 0)
         return json_fail(&j, "the JSON text is too large");
