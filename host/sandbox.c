@@ -5,6 +5,7 @@
 
 #include <lauxlib.h>
 #include <lualib.h>
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -28,11 +29,14 @@
 
 /* The library functions do their work in C, where the count hook cannot see
  * it: each call is timed and pays for its time afterwards, as instructions of
- * about this many nanoseconds (Lua 5.4 on x86-64). A loop that calls them then
- * runs out of budget as a loop of Lua instructions would; what one call may do
- * is bounded beforehand (patterns and plain searches by PATTERN_COST_MAX,
- * table.move by TABLE_MOVE_MAX, everything by the memory limit). */
-#define NS_PER_INSTRUCTION 4
+ * the same time. What an instruction takes is measured once per process
+ * (calibrate): so the charge follows the machine, and a run under valgrind,
+ * where everything is some 50 times slower, charges the same instructions. A
+ * loop that calls library functions then runs out of budget as a loop of Lua
+ * instructions would; what one call may do is bounded beforehand (patterns
+ * and plain searches by PATTERN_COST_MAX, table.move by TABLE_MOVE_MAX,
+ * everything by the memory limit). */
+#define CALIBRATION_LOOPS 200000
 
 /* print() from scripts goes to the log, at most this many lines per second. */
 #define PRINT_LINES_PER_SECOND 20
@@ -114,6 +118,49 @@ static int64_t now_ns(void)
     return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
+static double ns_per_instruction = 4; /* until calibrated: Lua 5.4 on x86-64 */
+static pthread_once_t calibrated = PTHREAD_ONCE_INIT;
+static int64_t calibration_steps;
+
+static void count_steps(lua_State *L, lua_Debug *ar)
+{
+    (void)L;
+    (void)ar;
+    calibration_steps += HOOK_STEP;
+}
+
+/* Times a loop of plain Lua instructions, counted by the same hook rules run
+ * under; the fastest of three runs (the others met a busy machine). */
+static void calibrate(void)
+{
+    lua_State *L = luaL_newstate();
+    if (!L)
+        return;
+    double best = 0;
+    for (int run = 0; run < 3; run++) {
+        char src[128];
+        snprintf(src, sizeof src, "local x = 0 for i = 1, %d do x = x + i %% 7 end return x",
+                 CALIBRATION_LOOPS);
+        if (luaL_loadstring(L, src) != LUA_OK)
+            break;
+        calibration_steps = 0;
+        lua_sethook(L, count_steps, LUA_MASKCOUNT, HOOK_STEP);
+        int64_t start = now_ns();
+        int rc = lua_pcall(L, 0, 1, 0);
+        int64_t took = now_ns() - start;
+        lua_sethook(L, NULL, 0, 0);
+        lua_settop(L, 0);
+        if (rc != LUA_OK || calibration_steps == 0)
+            break;
+        double ns = (double)took / (double)calibration_steps;
+        if (best == 0 || ns < best)
+            best = ns;
+    }
+    lua_close(L);
+    if (best >= 0.5 && best <= 10000)
+        ns_per_instruction = best;
+}
+
 /* Calls upvalue 1 with the arguments and returns its results, charging the
  * time it took, also when it fails (a pattern found malformed halfway through
  * a long subject has done the work all the same). */
@@ -123,7 +170,7 @@ static int timed(lua_State *L)
     lua_insert(L, 1);
     int64_t start = now_ns();
     int status = lua_pcall(L, lua_gettop(L) - 1, LUA_MULTRET, 0);
-    charge(L, (now_ns() - start) / NS_PER_INSTRUCTION);
+    charge(L, (int64_t)((double)(now_ns() - start) / ns_per_instruction));
     if (status != LUA_OK)
         return lua_error(L);
     return lua_gettop(L);
@@ -578,6 +625,7 @@ static int build_env(lua_State *L)
 
 sandbox *sandbox_new(int flags)
 {
+    pthread_once(&calibrated, calibrate);
     sandbox *sb = calloc(1, sizeof(*sb));
     if (!sb)
         return NULL;
