@@ -36,7 +36,7 @@
  * instructions would; what one call may do is bounded beforehand (patterns
  * and plain searches by PATTERN_COST_MAX, table.move by TABLE_MOVE_MAX,
  * everything by the memory limit). */
-#define CALIBRATION_LOOPS 200000
+#define CALIBRATION_LOOPS 50000
 
 /* print() from scripts goes to the log, at most this many lines per second. */
 #define PRINT_LINES_PER_SECOND 20
