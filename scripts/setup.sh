@@ -2,13 +2,14 @@
 # Installs the Debian packages tributary needs to build, run and test, and only
 # those that are missing. Shared by `make run` and `make test`.
 #
-#   scripts/setup.sh            build and run dependencies, plus test tools
+#   scripts/setup.sh            build and run dependencies, plus test tools (check;
+#                               GNU time, for a test of peak memory)
 #   scripts/setup.sh PKG...     additionally the named packages (e.g. valgrind)
 set -eu
 
 PACKAGES="gcc make pkg-config ca-certificates curl openssl python3 python3-minimal
 liblua5.4-dev lua-cjson-dev libcurl4-openssl-dev libmicrohttpd-dev
-libsqlite3-dev libssl-dev check $*"
+libsqlite3-dev libssl-dev check time $*"
 
 missing=""
 for p in $PACKAGES; do
