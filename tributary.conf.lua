@@ -27,6 +27,7 @@ return {
 
   mparticle = {
     url = "https://s2s.mparticle.com", -- or https://s2s.us2|eu1|au1.mparticle.com
+    rate_limit = 270,                   -- batches/s, all feeds together (the account's limit)
   },
 
   -- One mParticle input per feed, each with its own server-to-server key and

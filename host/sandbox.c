@@ -10,7 +10,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 /* The count hook fires every HOOK_STEP instructions; a tripped limit makes it
  * fire on every instruction. */
@@ -111,13 +110,6 @@ static void charge(lua_State *L, int64_t cost)
     }
 }
 
-static int64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
-
 static double ns_per_instruction = 4; /* until calibrated: Lua 5.4 on x86-64 */
 static pthread_once_t calibrated = PTHREAD_ONCE_INIT;
 static int64_t calibration_steps;
@@ -145,9 +137,9 @@ static void calibrate(void)
             break;
         calibration_steps = 0;
         lua_sethook(L, count_steps, LUA_MASKCOUNT, HOOK_STEP);
-        int64_t start = now_ns();
+        int64_t start = clock_mono_ns();
         int rc = lua_pcall(L, 0, 1, 0);
-        int64_t took = now_ns() - start;
+        int64_t took = clock_mono_ns() - start;
         lua_sethook(L, NULL, 0, 0);
         lua_settop(L, 0);
         if (rc != LUA_OK || calibration_steps == 0)
@@ -161,6 +153,17 @@ static void calibrate(void)
         ns_per_instruction = best;
 }
 
+/* The tail of every wrapper: calls the original function (upvalue 1) with the
+ * arguments as they are and returns how many results it left (nresults, or all
+ * of them with LUA_MULTRET). */
+static int call_original(lua_State *L, int nresults)
+{
+    lua_pushvalue(L, lua_upvalueindex(1));
+    lua_insert(L, 1);
+    lua_call(L, lua_gettop(L) - 1, nresults);
+    return lua_gettop(L);
+}
+
 /* Calls upvalue 1 with the arguments and returns its results, charging the
  * time it took, also when it fails (a pattern found malformed halfway through
  * a long subject has done the work all the same). */
@@ -168,9 +171,9 @@ static int timed(lua_State *L)
 {
     lua_pushvalue(L, lua_upvalueindex(1));
     lua_insert(L, 1);
-    int64_t start = now_ns();
+    int64_t start = clock_mono_ns();
     int status = lua_pcall(L, lua_gettop(L) - 1, LUA_MULTRET, 0);
-    charge(L, (int64_t)((double)(now_ns() - start) / ns_per_instruction));
+    charge(L, (int64_t)((double)(clock_mono_ns() - start) / ns_per_instruction));
     if (status != LUA_OK)
         return lua_error(L);
     return lua_gettop(L);
@@ -179,9 +182,7 @@ static int timed(lua_State *L)
 /* string.gmatch: the work is in the iterator it returns, which is timed too. */
 static int timed_gmatch(lua_State *L)
 {
-    lua_pushvalue(L, lua_upvalueindex(1));
-    lua_insert(L, 1);
-    lua_call(L, lua_gettop(L) - 1, 1);
+    call_original(L, 1);
     lua_pushcclosure(L, timed, 1);
     return 1;
 }
@@ -369,10 +370,7 @@ static int sb_pattern_fn(lua_State *L)
         if (sandbox_pattern_check(p, plen, n, global, err, sizeof err) != 0)
             return luaL_error(L, "%s", err);
     }
-    lua_pushvalue(L, lua_upvalueindex(1));
-    lua_insert(L, 1);
-    lua_call(L, lua_gettop(L) - 1, LUA_MULTRET);
-    return lua_gettop(L);
+    return call_original(L, LUA_MULTRET);
 }
 
 /* string.rep: Lua loops n times even when the result is empty (and needs no
@@ -388,10 +386,7 @@ static int sb_rep(lua_State *L)
         lua_pushliteral(L, "");
         return 1;
     }
-    lua_pushvalue(L, lua_upvalueindex(1));
-    lua_insert(L, 1);
-    lua_call(L, lua_gettop(L) - 1, 1);
-    return 1;
+    return call_original(L, 1);
 }
 
 /* table.move(a1, f, e, t [, a2]) copies element by element in C: bounded. */
@@ -401,10 +396,7 @@ static int sb_move(lua_State *L)
     lua_Integer e = luaL_checkinteger(L, 3);
     if (e >= f && (e - f >= TABLE_MOVE_MAX || e - f < 0))
         return luaL_error(L, "table.move over more than %d elements", TABLE_MOVE_MAX);
-    lua_pushvalue(L, lua_upvalueindex(1));
-    lua_insert(L, 1);
-    lua_call(L, lua_gettop(L) - 1, LUA_MULTRET);
-    return lua_gettop(L);
+    return call_original(L, LUA_MULTRET);
 }
 
 /* table.insert and table.remove move elements up to the length in C; a __len
@@ -414,10 +406,7 @@ static int sb_plain_length(lua_State *L)
 {
     if (luaL_getmetafield(L, 1, "__len") != LUA_TNIL)
         return luaL_error(L, "tables with a __len metamethod are not supported here");
-    lua_pushvalue(L, lua_upvalueindex(1));
-    lua_insert(L, 1);
-    lua_call(L, lua_gettop(L) - 1, LUA_MULTRET);
-    return lua_gettop(L);
+    return call_original(L, LUA_MULTRET);
 }
 
 /* [-0, +0] Replaces lib[name] (lib on top) by a C closure over the original. */
@@ -439,10 +428,7 @@ static int sb_setmetatable(lua_State *L)
         if (t != LUA_TNIL)
             return luaL_error(L, "finalizers (__gc) are not allowed in scripts");
     }
-    lua_pushvalue(L, lua_upvalueindex(1));
-    lua_insert(L, 1);
-    lua_call(L, lua_gettop(L) - 1, 1);
-    return 1;
+    return call_original(L, 1);
 }
 
 /* ---- environment -------------------------------------------------------- */

@@ -10,8 +10,10 @@
  *     share one budget between calls, see struct sandbox_limits);
  *   - instructions: a count hook ends a call after its budget; once a limit
  *     trips, every further instruction raises again, so `pcall` cannot swallow it;
- *   - C functions the hook cannot interrupt (pattern matching) refuse inputs whose
- *     worst-case cost is beyond a bound.
+ *   - C functions the hook cannot interrupt (pattern matching, plain find,
+ *     table.move, table.insert/remove) refuse inputs whose worst-case cost is
+ *     beyond a bound, and every function of string, table, utf8 and math pays
+ *     its budget for the time it took, in instructions of that time.
  *
  * Used by rules (the rule scripts) and config (the configuration file). Besides
  * those two, no module includes Lua headers.

@@ -81,7 +81,8 @@ struct feed_state {
     unsigned char cred_fp[32]; /* fingerprint of key, secret and url */
     int has_fp;
     int failures;       /* consecutive failed rounds (see count_failure) */
-    int64_t failed_ns;  /* when the last failure was counted, mono_ns */
+    int64_t failed_ns;  /* when the last failure was counted, clock_mono_ns: whether a
+                         * request started before it must hold within a millisecond */
     int unexpected;     /* answers outside the API's contract since the last delivery */
     int64_t not_before; /* backoff or Retry-After, monotonic ms */
     struct bucket rate; /* the feed's own, lowered on 429s and high usage */
@@ -106,7 +107,7 @@ struct request {
     char rate_exceeded[32]; /* X-mp-rate-limit-exceeded: which limit a 429 is for */
     int rate_usage;
     int probe;
-    int64_t started_ns;        /* mono_ns */
+    int64_t started_ns;        /* clock_mono_ns */
     unsigned char cred_fp[32]; /* the feed's cred_fp when it was sent */
 };
 
@@ -136,16 +137,6 @@ struct sender {
 };
 
 /* ---- small helpers ------------------------------------------------------ */
-
-/* Monotonic nanoseconds: whether a request started before or after a failure
- * was counted must hold within a millisecond too (answers over loopback or a
- * LAN take less). */
-static int64_t mono_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
 
 static uint64_t next_random(struct sender *s)
 {
@@ -689,7 +680,7 @@ static int start_request(struct sender *s, struct feed_state *f, struct pbatch *
     r->f = f;
     r->probe = probe;
     r->rate_usage = -1;
-    r->started_ns = mono_ns();
+    r->started_ns = clock_mono_ns();
     memcpy(r->cred_fp, f->cred_fp, sizeof r->cred_fp);
     r->n = n;
     r->batches = malloc(n * sizeof(*r->batches));
@@ -900,7 +891,7 @@ static int count_failure(struct feed_state *f, const struct request *r)
     if (f->failures > 0 && r->started_ns < f->failed_ns)
         return 0;
     f->failures++;
-    f->failed_ns = mono_ns();
+    f->failed_ns = clock_mono_ns();
     return 1;
 }
 
