@@ -1,6 +1,7 @@
 #include "util.h"
 
 #include <errno.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -104,6 +105,19 @@ static const char JSON_ESCAPE[256] = {
     [30] = 'u',   [31] = 'u',   ['"'] = '"',  ['\\'] = '\\', [127] = 'u',
 };
 
+/* Whether any of the 8 bytes of w needs an escape: a control byte (under
+ * 0x20), '"', '\\' or DEL. The classic zero-byte test, (x - 0x01..) & ~x &
+ * 0x80.., is exact about whether there is one; bytes of 0x80 and up (UTF-8)
+ * never set it. */
+static int word_needs_escape(uint64_t w)
+{
+    const uint64_t ones = 0x0101010101010101u, highs = 0x8080808080808080u;
+    uint64_t quote = w ^ (ones * '"'), backslash = w ^ (ones * '\\'), del = w ^ (ones * 0x7f);
+    uint64_t found = ((w - ones * 0x20) & ~w) | ((quote - ones) & ~quote) |
+                     ((backslash - ones) & ~backslash) | ((del - ones) & ~del);
+    return (found & highs) != 0;
+}
+
 int buf_json_str(buf *b, const char *s, size_t n)
 {
     static const char hex[] = "0123456789abcdef";
@@ -113,6 +127,16 @@ int buf_json_str(buf *b, const char *s, size_t n)
     b->data[b->len++] = '"';
     size_t run = 0; /* start of the pending run of bytes that need no escape */
     for (size_t i = 0; i < n; i++) {
+        /* most text has no byte to escape: pass it 8 bytes at a time */
+        while (n - i >= 8) {
+            uint64_t w;
+            memcpy(&w, s + i, 8);
+            if (word_needs_escape(w))
+                break;
+            i += 8;
+        }
+        if (i == n)
+            break;
         char e = JSON_ESCAPE[(unsigned char)s[i]];
         if (!e)
             continue;

@@ -62,6 +62,39 @@ START_TEST(test_buf_json_str_escapes_every_control_byte_and_delete)
 }
 END_TEST
 
+/* Long strings pass 8 bytes at a time: every byte value at every position of
+ * a 19-byte string (two words and a tail) must come out as the escape table says. */
+START_TEST(test_buf_json_str_escapes_every_byte_at_every_position_of_a_long_string)
+{
+    for (int c = 0; c < 256; c++) {
+        char expect_mid[8];
+        if (c == '"' || c == '\\')
+            snprintf(expect_mid, sizeof expect_mid, "\\%c", c);
+        else if (c == '\b' || c == '\f' || c == '\n' || c == '\r' || c == '\t')
+            snprintf(expect_mid, sizeof expect_mid, "\\%c",
+                     c == '\b' ? 'b' : c == '\f' ? 'f' : c == '\n' ? 'n' : c == '\r' ? 'r' : 't');
+        else if (c < 0x20 || c == 0x7f)
+            snprintf(expect_mid, sizeof expect_mid, "\\u%04x", c);
+        else
+            snprintf(expect_mid, sizeof expect_mid, "%c", c);
+        for (size_t pos = 0; pos < 19; pos++) {
+            char in[19], expect[64];
+            memset(in, 'a', sizeof in);
+            in[pos] = (char)c;
+            int n = snprintf(expect, sizeof expect, "\"%.*s%s%.*s\"", (int)pos, in, expect_mid,
+                             (int)(sizeof in - pos - 1), in + pos + 1);
+            buf b;
+            buf_init(&b, 1024);
+            ck_assert_int_eq(buf_json_str(&b, in, sizeof in), 0);
+            ck_assert_uint_eq(b.len, (size_t)n);
+            ck_assert_msg(memcmp(b.data, expect, (size_t)n) == 0, "byte 0x%02x at %zu: %s", c,
+                          pos, b.data);
+            buf_free(&b);
+        }
+    }
+}
+END_TEST
+
 START_TEST(test_buf_int_writes_the_whole_range)
 {
     buf b;
@@ -148,6 +181,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_buf_reserve_takes_the_room_at_once);
     tcase_add_test(tc, test_json_string_escapes_quotes_controls_and_backslashes);
     tcase_add_test(tc, test_buf_json_str_escapes_every_control_byte_and_delete);
+    tcase_add_test(tc, test_buf_json_str_escapes_every_byte_at_every_position_of_a_long_string);
     tcase_add_test(tc, test_buf_int_writes_the_whole_range);
     tcase_add_test(tc, test_parse_int64_is_strict);
     tcase_add_test(tc, test_parse_duration_units);
