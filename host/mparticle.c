@@ -56,23 +56,52 @@ static int entries_put(struct entries *es, str section, str key, str value)
     return 0;
 }
 
+/* Reads the line at *p of lines ending at end, "section\tkey\tvalue\n", and
+ * moves *p past it. Returns 0 when the line has no two tabs (skipped). */
+static int next_line(const char **p, const char *end, struct entry *e)
+{
+    const char *nl = memchr(*p, '\n', (size_t)(end - *p));
+    const char *le = nl ? nl : end;
+    const char *t1 = memchr(*p, '\t', (size_t)(le - *p));
+    const char *t2 = t1 ? memchr(t1 + 1, '\t', (size_t)(le - t1 - 1)) : NULL;
+    if (t1 && t2) {
+        e->section = (str){*p, (size_t)(t1 - *p)};
+        e->key = (str){t1 + 1, (size_t)(t2 - t1 - 1)};
+        e->value = (str){t2 + 1, (size_t)(le - t2 - 1)};
+    }
+    *p = le + 1;
+    return t1 && t2;
+}
+
 /* Splits "section\tkey\tvalue\n" lines into entries. */
 static int parse_lines(struct entries *es, str lines)
 {
-    const char *p = lines.p, *end = lines.p + lines.n;
-    while (p < end) {
-        const char *nl = memchr(p, '\n', (size_t)(end - p));
-        const char *le = nl ? nl : end;
-        const char *t1 = memchr(p, '\t', (size_t)(le - p));
-        const char *t2 = t1 ? memchr(t1 + 1, '\t', (size_t)(le - t1 - 1)) : NULL;
-        if (t1 && t2) {
-            str section = {p, (size_t)(t1 - p)};
-            str key = {t1 + 1, (size_t)(t2 - t1 - 1)};
-            str value = {t2 + 1, (size_t)(le - t2 - 1)};
-            if (entries_put(es, section, key, value) != 0)
-                return -1;
+    struct entry e;
+    for (const char *p = lines.p, *end = lines.p + lines.n; p < end;) {
+        if (next_line(&p, end, &e) && entries_put(es, e.section, e.key, e.value) != 0)
+            return -1;
+    }
+    return 0;
+}
+
+int mparticle_attr_names_add(struct mparticle_attr_names *set, str lines)
+{
+    static const str SECTION = {"\"user_attributes\"", 17};
+    size_t before = set->n;
+    struct entry e;
+    for (const char *p = lines.p, *end = lines.p + lines.n; p < end;) {
+        if (!next_line(&p, end, &e) || e.key.n == 0 || !str_same(e.section, SECTION))
+            continue;
+        size_t i = 0;
+        while (i < set->n && !str_same(set->names[i], e.key))
+            i++;
+        if (i < set->n)
+            continue;
+        if (set->n == MPARTICLE_MAX_USER_ATTRIBUTES) {
+            set->n = before;
+            return -1;
         }
-        p = le + 1;
+        set->names[set->n++] = e.key;
     }
     return 0;
 }

@@ -21,6 +21,7 @@
 #define MPARTICLE_MAX_BATCH_BYTES (128 * 1024)
 #define MPARTICLE_MAX_REQUEST_BYTES (256 * 1024 - 1)
 #define MPARTICLE_MAX_BATCHES_PER_REQUEST 100
+#define MPARTICLE_MAX_USER_ATTRIBUTES 100 /* per batch */
 #define MPARTICLE_BULK_PATH "/v2/bulkevents"
 
 /* One event's parts as stored in the queue. */
@@ -29,6 +30,18 @@ struct batch_part {
     str event; /* event JSON */
     str event_id;
 };
+
+/* The user_attributes names of one batch being put together: records of one
+ * user merge their attributes, and the union must stay within mParticle's 100. */
+struct mparticle_attr_names {
+    str names[MPARTICLE_MAX_USER_ATTRIBUTES]; /* borrowed from the records' lines */
+    size_t n;
+};
+
+/* Adds the user_attributes names of a record's batch-level lines to `set`.
+ * Returns 0, or -1 with `set` unchanged when the union would hold more than
+ * MPARTICLE_MAX_USER_ATTRIBUTES: the record belongs in another batch. */
+int mparticle_attr_names_add(struct mparticle_attr_names *set, str lines) WUR;
 
 /* source_request_id for a batch holding these events, in order; -1 when out of
  * memory (a fixed id would make mParticle drop every such batch as a repeat). */

@@ -1751,22 +1751,53 @@ done:
     return rc;
 }
 
-/* Brings a queue written by an earlier version up to SCHEMA_VERSION, one step
- * at a time, each in its own transaction. */
-static int migrate(sqlite3 *db, char *err, size_t errlen)
+/* What the file holds, read before anything writes to it: 0 for an empty
+ * database, else the schema version of a tributary queue. -1 (err) for a
+ * database of something else, or of a newer tributary: opening such a file
+ * must leave it as it is. */
+static int stored_version(sqlite3 *db, const char *path, char *err, size_t errlen)
 {
     sqlite3_stmt *s = NULL;
-    int version = 0;
-    if (sqlite3_prepare_v2(db, "SELECT value FROM meta WHERE key = 'schema_version'", -1, &s,
-                           NULL) != SQLITE_OK) {
-        sqlite3_finalize(s);
-        return 0; /* a new database */
+    int version = -1;
+    if (sqlite3_prepare_v2(db, "SELECT count(*) FROM sqlite_master", -1, &s, NULL) != SQLITE_OK ||
+        sqlite3_step(s) != SQLITE_ROW) {
+        str_printf(err, errlen, "%s: %s", path, sqlite3_errmsg(db));
+        goto done;
     }
-    if (sqlite3_step(s) == SQLITE_ROW)
-        version = atoi((const char *)sqlite3_column_text(s, 0));
+    if (sqlite3_column_int64(s, 0) == 0) {
+        version = 0;
+        goto done;
+    }
     sqlite3_finalize(s);
+    if (sqlite3_prepare_v2(db, "SELECT value FROM meta WHERE key = 'schema_version'", -1, &s,
+                           NULL) != SQLITE_OK ||
+        sqlite3_step(s) != SQLITE_ROW || sqlite3_column_type(s, 0) != SQLITE_TEXT) {
+        str_printf(err, errlen,
+                   "%s: not a tributary queue (the database holds other tables); "
+                   "choose another data_dir",
+                   path);
+        goto done;
+    }
+    version = atoi((const char *)sqlite3_column_text(s, 0));
+    if (version < 1 || version > atoi(SCHEMA_VERSION)) {
+        str_printf(err, errlen,
+                   "%s: queue schema version %s is unknown to this version of tributary "
+                   "(it reads versions 1 to " SCHEMA_VERSION
+                   " and upgrades the older ones); it was left unchanged",
+                   path, (const char *)sqlite3_column_text(s, 0));
+        version = -1;
+    }
+done:
+    sqlite3_finalize(s);
+    return version;
+}
+
+/* Brings a queue of schema `version` up to SCHEMA_VERSION, one step at a time,
+ * each in its own transaction. */
+static int migrate(sqlite3 *db, int version, char *err, size_t errlen)
+{
     if (version < 1 || version >= 4)
-        return 0; /* new, current, or unknown (refused by the caller) */
+        return 0; /* new or current */
     if (version == 1 && migrate_to_2(db, err, errlen) != 0)
         return -1;
     if (version <= 2 && migrate_to_3(db, err, errlen) != 0)
@@ -1965,6 +1996,9 @@ int queue_open(queue **out, const struct queue_options *o, char *err, size_t err
     }
     if (open_db(q->path, !o->readonly, &q->db, err, errlen) != 0)
         goto fail;
+    int version = stored_version(q->db, q->path, err, errlen);
+    if (version < 0)
+        goto fail;
     /* A cache of 16 MiB holds what the writer touches (the ends of each records
      * table and of the id log); 32 MiB measured slower and 15 MiB bigger.
      * secure_delete=FAST: deleted rows are zeroed in the pages a change writes
@@ -1982,7 +2016,7 @@ int queue_open(queue **out, const struct queue_options *o, char *err, size_t err
         /* lets the file shrink after a backlog (new databases only) */
         if (exec(q->db, "PRAGMA auto_vacuum=INCREMENTAL", err, errlen) != 0)
             goto fail;
-        if (migrate(q->db, err, errlen) != 0)
+        if (migrate(q->db, version, err, errlen) != 0)
             goto fail;
         if (exec(q->db, SCHEMA, err, errlen) != 0 || create_records_tables(q->db, err, errlen) != 0)
             goto fail;

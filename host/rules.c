@@ -745,10 +745,21 @@ static int flatten_batch(lua_State *L, int idx, buf *out, char *err, size_t errl
         int object = lua_istable(L, -1) && lua_rawlen(L, -1) == 0;
         if (object) {
             int vi = lua_gettop(L);
+            size_t names = 0, max_names = strcmp(k, "user_attributes") == 0
+                                              ? RULES_MAX_USER_ATTRIBUTES
+                                              : SIZE_MAX;
             lua_pushnil(L);
             while (lua_next(L, vi)) {
                 if (lua_type(L, -2) != LUA_TSTRING) {
                     str_printf(err, errlen, "out.batch.%s keys must be strings", k);
+                    lua_pop(L, 4);
+                    return -1;
+                }
+                if (++names > max_names) {
+                    str_printf(err, errlen,
+                               "out.batch.%s has more than %zu names; an mParticle batch takes "
+                               "at most %zu",
+                               k, max_names, max_names);
                     lua_pop(L, 4);
                     return -1;
                 }

@@ -346,8 +346,8 @@ static void claim_part_free(struct claim_part *c)
     memset(c, 0, sizeof(*c));
 }
 
-/* Groups a window of records into one batch per user (split at 128 KB) and
- * builds their bodies. */
+/* Groups a window of records into one batch per user (split at 128 KB and at
+ * 100 user attributes) and builds their bodies. */
 static int build_claim(struct sender *s, struct feed_state *f, struct queue_items *items,
                        struct claim_part *c)
 {
@@ -370,11 +370,15 @@ static int build_claim(struct sender *s, struct feed_state *f, struct queue_item
             j++;
         for (size_t k = i; k < j;) {
             size_t used = 0, m = 0;
+            struct mparticle_attr_names attrs = {.n = 0};
             while (k + m < j) {
                 const struct queue_item *it = &items->items[order[k + m]];
                 struct batch_part part = {it->batch, it->event, it->event_id};
                 size_t add = mparticle_batch_size_bound(&part, 1);
                 if (m > 0 && used + add > MPARTICLE_MAX_BATCH_BYTES)
+                    break;
+                /* a record over the limit alone still goes, and gets its 400 */
+                if (mparticle_attr_names_add(&attrs, it->batch) != 0 && m > 0)
                     break;
                 used += add;
                 m++;

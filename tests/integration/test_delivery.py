@@ -383,6 +383,29 @@ class Delivery(ServiceTest):
         self.assertGreater(len(d.batches), 2)
         self.assertTrue(all(r["body_size"] < 256 * 1024 for r in d.requests))
 
+    def test_a_users_batch_is_split_where_its_user_attributes_would_pass_100(self):
+        # each event brings 60 user attributes of its own: two of them in one
+        # batch would be 120, which mParticle refuses with a 400
+        rules = self.rules_dir({"20-attributes.lua": (
+            "return function(e, out)\n"
+            "  if not out then return end\n"
+            "  local attrs = out.batch.user_attributes\n"
+            "  for i = 1, 60 do attrs[e.properties.prefix .. i] = i end\n"
+            "  return out\n"
+            "end\n")})
+        d = self.double()
+        s = self.service(rules_dir=rules, env=feed_env(d, TRIBUTARY_BATCH_LINGER_MS=1000))
+        events = [event("users.messages.email.Send", user="attribute-rich", prefix=p)
+                  for p in ("a", "b", "c")]
+        self.assertEqual(s.post(events).status, 200)
+        self.assertTrue(d.wait_for_events(3, 10 * SLOW))
+        self.assertEqual(sorted(d.source_message_ids()), sorted(e["id"] for e in events))
+        self.assertEqual(len(d.batches), 3)
+        for b in d.batches:
+            self.assertEqual(len(b["batch"]["user_attributes"]), 60)
+        self.assertEqual(json.loads(s.cli(["dlq", "list", "--json"]).stdout), [])
+        self.assertEqual(s.metrics()['tributary_dead_letters_total{reason="rejected"}'], 0)
+
     def test_events_past_max_age_are_dead_lettered_and_requeue_delivers_them(self):
         d = self.double()
         # neither ios nor unbound (its fallback) can take these events

@@ -145,6 +145,45 @@ START_TEST(test_build_batch_merges_sections_of_two_parts_later_value_wins)
 }
 END_TEST
 
+/* Batch-level lines naming user attributes first .. first + n - 1, and others. */
+static str attr_lines(buf *b, int first, int n)
+{
+    buf_init(b, 1 << 20);
+    (void)!buf_adds(b, "\"user_identities\"\t\"customer_id\"\t\"c\"\n");
+    for (int i = first; i < first + n; i++)
+        (void)!buf_printf(b, "\"user_attributes\"\t\"a%d\"\t%d\n", i, i);
+    (void)!buf_adds(b, "\"environment\"\t\t\"production\"\n");
+    return (str){b->data, b->len};
+}
+
+START_TEST(test_user_attribute_names_of_records_add_up_to_100_and_no_further)
+{
+    buf x, y, z;
+    struct mparticle_attr_names set = {.n = 0};
+    ck_assert_int_eq(mparticle_attr_names_add(&set, attr_lines(&x, 1, 60)), 0);
+    ck_assert_uint_eq(set.n, 60);
+    /* a1..a60 again and a61..a100: only the 40 new names count */
+    ck_assert_int_eq(mparticle_attr_names_add(&set, attr_lines(&y, 1, 100)), 0);
+    ck_assert_uint_eq(set.n, 100);
+    /* one more name is one too many; the set stays as it was */
+    ck_assert_int_eq(mparticle_attr_names_add(&set, attr_lines(&z, 50, 52)), -1);
+    ck_assert_uint_eq(set.n, 100);
+    buf_free(&x);
+    buf_free(&y);
+    buf_free(&z);
+}
+END_TEST
+
+START_TEST(test_a_record_of_more_than_100_user_attributes_does_not_fit_even_alone)
+{
+    buf x;
+    struct mparticle_attr_names set = {.n = 0};
+    ck_assert_int_eq(mparticle_attr_names_add(&set, attr_lines(&x, 1, 101)), -1);
+    ck_assert_uint_eq(set.n, 0);
+    buf_free(&x);
+}
+END_TEST
+
 START_TEST(test_build_batch_part_setting_environment_overrides_default)
 {
     struct batch_part parts[] = {{
@@ -366,6 +405,8 @@ static Suite *suite(void)
     tcase_add_test(tc, test_build_batch_of_one_part_renders_envelope_sections_and_event);
     tcase_add_test(tc, test_build_batch_merges_sections_of_two_parts_later_value_wins);
     tcase_add_test(tc, test_build_batch_part_setting_environment_overrides_default);
+    tcase_add_test(tc, test_user_attribute_names_of_records_add_up_to_100_and_no_further);
+    tcase_add_test(tc, test_a_record_of_more_than_100_user_attributes_does_not_fit_even_alone);
     tcase_add_test(tc, test_build_batch_top_level_scalar_renders_as_plain_value);
     tcase_add_test(tc, test_build_batch_fails_when_output_cap_is_reached);
     tcase_add_test(tc, test_batch_size_bound_covers_the_built_batch);

@@ -1108,6 +1108,69 @@ START_TEST(test_a_schema_3_queue_keeps_its_records_and_batches)
 }
 END_TEST
 
+/* Writes a database of `sql` as the queue file, and returns its bytes. */
+static char *foreign_queue(const char *sql, size_t *len)
+{
+    char path[320];
+    snprintf(path, sizeof path, "%s/queue.db", data_dir);
+    sqlite3 *db;
+    ck_assert_int_eq(sqlite3_open(path, &db), SQLITE_OK);
+    ck_assert_int_eq(sqlite3_exec(db, sql, NULL, NULL, NULL), SQLITE_OK);
+    ck_assert_int_eq(sqlite3_close(db), SQLITE_OK);
+    FILE *f = fopen(path, "rb");
+    ck_assert_ptr_nonnull(f);
+    char *bytes = malloc(1 << 20);
+    ck_assert_ptr_nonnull(bytes);
+    *len = fread(bytes, 1, 1 << 20, f);
+    fclose(f);
+    return bytes;
+}
+
+/* Opens the queue, expecting a refusal that mentions `why`, and checks that
+ * the file was left as it was. */
+static void assert_refused_unchanged(const char *sql, const char *why)
+{
+    size_t before_len, after_len;
+    char *before = foreign_queue(sql, &before_len);
+    struct queue_options o = {.dir = data_dir, .sync_full = 1, .max_depth = NO_LIMIT};
+    char err[ERR_LEN] = "";
+    queue *q = NULL;
+    ck_assert_int_eq(queue_open(&q, &o, err, sizeof err), -1);
+    ck_assert_ptr_null(q);
+    ck_assert_msg(strstr(err, why) != NULL, "error: %s", err);
+    char path[320];
+    snprintf(path, sizeof path, "%s/queue.db", data_dir);
+    FILE *f = fopen(path, "rb");
+    ck_assert_ptr_nonnull(f);
+    char *after = malloc(1 << 20);
+    ck_assert_ptr_nonnull(after);
+    after_len = fread(after, 1, 1 << 20, f);
+    fclose(f);
+    ck_assert_uint_eq(after_len, before_len);
+    ck_assert_msg(memcmp(before, after, before_len) == 0, "the file changed");
+    snprintf(path, sizeof path, "%s/queue.db-wal", data_dir);
+    ck_assert_msg(access(path, F_OK) != 0, "a WAL was created");
+    free(before);
+    free(after);
+}
+
+START_TEST(test_a_queue_of_a_newer_schema_is_refused_and_left_unchanged)
+{
+    assert_refused_unchanged("CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+                             "INSERT INTO meta VALUES('schema_version', '5');"
+                             "CREATE TABLE records_v5(id INTEGER PRIMARY KEY, body BLOB);",
+                             "queue schema version 5 is unknown");
+}
+END_TEST
+
+START_TEST(test_a_database_of_something_else_is_refused_and_left_unchanged)
+{
+    assert_refused_unchanged("CREATE TABLE invoices(id INTEGER PRIMARY KEY, total REAL);"
+                             "INSERT INTO invoices VALUES(1, 9.5);",
+                             "not a tributary queue");
+}
+END_TEST
+
 START_TEST(test_two_processes_writing_one_queue_never_reuse_an_id)
 {
     /* the service, and `tributary dlq requeue` opened beside it */
@@ -1795,6 +1858,8 @@ static Suite *suite(void)
     tcase_add_test(tc, test_a_claim_encodes_and_parses_back_its_batches);
     tcase_add_test(tc, test_a_claim_goes_once_each_of_its_batches_is_finished);
     tcase_add_test(tc, test_a_schema_3_queue_keeps_its_records_and_batches);
+    tcase_add_test(tc, test_a_queue_of_a_newer_schema_is_refused_and_left_unchanged);
+    tcase_add_test(tc, test_a_database_of_something_else_is_refused_and_left_unchanged);
     tcase_add_test(tc, test_two_processes_writing_one_queue_never_reuse_an_id);
     tcase_add_test(tc, test_the_gauges_follow_what_another_process_committed);
     tcase_add_test(tc, test_a_second_service_on_one_data_dir_is_refused_until_the_first_stops);

@@ -637,6 +637,38 @@ START_TEST(test_output_with_an_unknown_feed_is_invalid_output)
 }
 END_TEST
 
+/* mParticle takes at most 100 user attributes per batch: an event with more
+ * could never be delivered, so it is refused at once, naming the limit. */
+START_TEST(test_an_output_with_more_than_100_user_attributes_is_invalid_output)
+{
+    const struct dead_letter *d =
+        dead_from("return function(event, out)\n"
+                  "  local attrs = {}\n"
+                  "  for i = 1, 101 do attrs['a' .. i] = i end\n"
+                  "  return {feed = 'unbound', batch = {user_attributes = attrs},\n"
+                  "          event = {event_type = 'custom_event', data = {}}}\n"
+                  "end\n");
+    ck_assert_str_eq(d->reason, DEAD_INVALID_OUTPUT);
+    ck_assert_msg(contains(d->detail.p, "user_attributes has more than 100"), "detail: %s",
+                  d->detail.p);
+}
+END_TEST
+
+START_TEST(test_an_output_with_100_user_attributes_is_a_record)
+{
+    rule("50-rule.lua", "return function(event, out)\n"
+                        "  local attrs = {}\n"
+                        "  for i = 1, 100 do attrs['a' .. i] = i end\n"
+                        "  return {feed = 'unbound', batch = {user_attributes = attrs},\n"
+                        "          event = {event_type = 'custom_event', data = {}}}\n"
+                        "end\n");
+    build();
+    ck_assert_int_eq(map(ENVELOPE(EV("e-1")), INPUT_ENVELOPE), 0);
+    ck_assert_uint_eq(F.m.ndead, 0);
+    ck_assert_uint_eq(F.m.nrecords, 1);
+}
+END_TEST
+
 #define LOOP_RULE "return function(event, out)\n  while true do end\nend\n"
 
 START_TEST(test_infinite_loop_hits_the_instruction_limit)
@@ -1388,6 +1420,8 @@ static Suite *suite(void)
     tcase_add_test(tc, test_rule_error_leaves_the_other_events_mapped);
     tcase_add_test(tc, test_rule_returning_a_number_is_invalid_output);
     tcase_add_test(tc, test_output_with_an_unknown_feed_is_invalid_output);
+    tcase_add_test(tc, test_an_output_with_more_than_100_user_attributes_is_invalid_output);
+    tcase_add_test(tc, test_an_output_with_100_user_attributes_is_a_record);
     tcase_add_test(tc, test_infinite_loop_hits_the_instruction_limit);
     tcase_add_test(tc, test_instruction_limit_asks_for_a_rebuild);
     tcase_add_test(tc, test_a_state_that_outgrows_its_memory_asks_for_a_rebuild);
