@@ -31,7 +31,7 @@ void buf_reset(buf *b)
         b->data[0] = '\0';
 }
 
-int buf_reserve(buf *b, size_t extra)
+int buf_grow(buf *b, size_t extra)
 {
     if (extra > b->max || b->len > b->max - extra)
         return -1;
@@ -49,22 +49,6 @@ int buf_reserve(buf *b, size_t extra)
     b->data = p;
     b->cap = cap;
     return 0;
-}
-
-int buf_add(buf *b, const void *p, size_t n)
-{
-    if (buf_reserve(b, n) != 0)
-        return -1;
-    if (n)
-        memcpy(b->data + b->len, p, n);
-    b->len += n;
-    b->data[b->len] = '\0';
-    return 0;
-}
-
-int buf_addc(buf *b, char c)
-{
-    return buf_add(b, &c, 1);
 }
 
 int buf_adds(buf *b, const char *s)

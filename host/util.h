@@ -17,6 +17,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <string.h>
 
 #define WUR __attribute__((warn_unused_result))
 #define PRINTF(a, b) __attribute__((format(printf, a, b)))
@@ -45,11 +46,40 @@ typedef struct buf {
 void buf_init(buf *b, size_t max);
 void buf_free(buf *b);
 void buf_reset(buf *b);
-/* Makes room for extra more bytes at once: -1 past the cap or out of memory. */
-int buf_reserve(buf *b, size_t extra) WUR;
+/* The slow path of buf_reserve: a larger block. */
+int buf_grow(buf *b, size_t extra) WUR;
+
+/* Makes room for extra more bytes at once: -1 past the cap or out of memory.
+ * Inline, with the appends below: JSON is written a few bytes at a time, and
+ * the common case is a comparison and a copy. */
+WUR static inline int buf_reserve(buf *b, size_t extra)
+{
+    if (extra <= b->max && b->len <= b->max - extra && b->len + extra < b->cap)
+        return 0;
+    return buf_grow(b, extra);
+}
+
 /* Each append returns 0, or -1 (nothing appended) when the cap or memory runs out. */
-int buf_add(buf *b, const void *p, size_t n) WUR;
-int buf_addc(buf *b, char c) WUR;
+WUR static inline int buf_add(buf *b, const void *p, size_t n)
+{
+    if (buf_reserve(b, n) != 0)
+        return -1;
+    if (n)
+        memcpy(b->data + b->len, p, n);
+    b->len += n;
+    b->data[b->len] = '\0';
+    return 0;
+}
+
+WUR static inline int buf_addc(buf *b, char c)
+{
+    if (buf_reserve(b, 1) != 0)
+        return -1;
+    b->data[b->len++] = c;
+    b->data[b->len] = '\0';
+    return 0;
+}
+
 int buf_adds(buf *b, const char *s) WUR;
 int buf_printf(buf *b, const char *fmt, ...) PRINTF(2, 3) WUR;
 int buf_vprintf(buf *b, const char *fmt, va_list ap) WUR;
