@@ -87,6 +87,8 @@ static int parse_lines(struct entries *es, str lines)
 int mparticle_attr_names_add(struct mparticle_attr_names *set, str lines)
 {
     static const str SECTION = {"\"user_attributes\"", 17};
+    if (!lines.n || !memmem(lines.p, lines.n, SECTION.p, SECTION.n))
+        return 0; /* most records have none */
     size_t before = set->n;
     struct entry e;
     for (const char *p = lines.p, *end = lines.p + lines.n; p < end;) {
