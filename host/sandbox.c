@@ -37,6 +37,14 @@
  * everything by the memory limit). */
 #define CALIBRATION_LOOPS 50000
 
+/* What a call is charged is its wall-clock time: the thread's own CPU time
+ * takes a system call to read (some 500 ns, more than most library calls
+ * cost). So that a thread the host deschedules during a call (a busy machine:
+ * tens of milliseconds) is not charged for other threads' time, one call pays
+ * at most 1/TIMED_CALL_SHARE of the budget; a loop of costly calls still runs
+ * out of budget within TIMED_CALL_SHARE of them. */
+#define TIMED_CALL_SHARE 8
+
 /* print() from scripts goes to the log, at most this many lines per second. */
 #define PRINT_LINES_PER_SECOND 20
 
@@ -173,7 +181,9 @@ static int timed(lua_State *L)
     lua_insert(L, 1);
     int64_t start = clock_mono_ns();
     int status = lua_pcall(L, lua_gettop(L) - 1, LUA_MULTRET, 0);
-    charge(L, (int64_t)((double)(clock_mono_ns() - start) / ns_per_instruction));
+    int64_t cost = (int64_t)((double)(clock_mono_ns() - start) / ns_per_instruction);
+    int64_t most = from_lua(L)->budget / TIMED_CALL_SHARE;
+    charge(L, cost < most ? cost : most > 0 ? most : 1);
     if (status != LUA_OK)
         return lua_error(L);
     return lua_gettop(L);

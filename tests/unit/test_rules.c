@@ -726,6 +726,37 @@ START_TEST(test_a_loop_of_matches_through_gmatch_hits_the_instruction_limit)
 }
 END_TEST
 
+/* Library calls are charged their wall-clock time; a thread descheduled during
+ * one (a busy host) must not lose its event for it. One call, however long,
+ * pays at most an eighth of the budget: here a string.rep of 8 MiB, over a
+ * millisecond, against a budget of 20,000 instructions (some 0.1 ms). */
+START_TEST(test_one_slow_library_call_pays_at_most_an_eighth_of_the_budget)
+{
+    ck_assert_int_eq(setenv("TRIBUTARY_RULES_INSTRUCTIONS", "20000", 1), 0);
+    rule("50-rule.lua", "return function(event, out)\n"
+                        "  local s = ('x'):rep(8 * 1024 * 1024)\n"
+                        "  return {feed = 'unbound', batch = {},\n"
+                        "          event = {event_type = 'custom_event', data = {n = #s}}}\n"
+                        "end\n");
+    build();
+    ck_assert_int_eq(map(ENVELOPE(EV("e-1")), INPUT_ENVELOPE), 0);
+    ck_assert_msg(F.m.ndead == 0, "dead letter: %s", F.m.ndead ? F.m.dead[0].detail.p : "");
+    ck_assert_uint_eq(F.m.nrecords, 1);
+}
+END_TEST
+
+START_TEST(test_nine_slow_library_calls_hit_the_instruction_limit)
+{
+    ck_assert_int_eq(setenv("TRIBUTARY_RULES_INSTRUCTIONS", "20000", 1), 0);
+    const struct dead_letter *d =
+        dead_from("return function(event, out)\n"
+                  "  for i = 1, 9 do local s = ('x'):rep(1024 * 1024) end\n"
+                  "end\n");
+    ck_assert_str_eq(d->reason, DEAD_RULE_LIMIT);
+    ck_assert_msg(contains(d->detail.p, "instruction"), "detail: %s", d->detail.p);
+}
+END_TEST
+
 START_TEST(test_a_plain_search_too_large_for_one_call_is_refused)
 {
     /* refused before any work: the budget only keeps building the strings from
@@ -1461,6 +1492,8 @@ static Suite *suite(void)
     tcase_add_test(tc, test_a_loop_of_large_table_moves_hits_the_instruction_limit);
     tcase_add_test(tc, test_a_loop_of_matches_through_gmatch_hits_the_instruction_limit);
     tcase_add_test(tc, test_a_plain_search_too_large_for_one_call_is_refused);
+    tcase_add_test(tc, test_one_slow_library_call_pays_at_most_an_eighth_of_the_budget);
+    tcase_add_test(tc, test_nine_slow_library_calls_hit_the_instruction_limit);
     tcase_add_test(tc, test_table_insert_refuses_a_table_with_a_len_metamethod);
     tcase_add_test(tc, test_one_files_globals_are_invisible_to_another);
     tcase_add_test(tc, test_one_file_cannot_change_another_files_globals);
