@@ -44,10 +44,11 @@ struct queue_options {
     int sync_full;     /* synchronous=FULL, else NORMAL */
     int64_t max_depth; /* records; a commit beyond it is refused (QUEUE_FULL) */
     int64_t dedup_window_ms;
-    int readonly;            /* CLI listings: no writer thread, no schema changes */
-    int64_t wal_max_bytes;   /* 0: QUEUE_WAL_MAX_BYTES */
-    int64_t segment_records; /* records per table of a feed's ring; 0: 8192 */
-    int exclusive;           /* the service: refuse when another holds data_dir */
+    int readonly;                   /* CLI listings: no writer thread, no schema changes */
+    int64_t wal_max_bytes;          /* 0: QUEUE_WAL_MAX_BYTES */
+    int64_t segment_records;        /* records per table of a feed's ring; 0: 8192 */
+    int exclusive;                  /* the service: refuse when another holds data_dir */
+    int64_t compact_min_free_bytes; /* free space that makes the file compact; 0: 512 MiB */
 };
 
 enum queue_status {

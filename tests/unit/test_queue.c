@@ -1171,6 +1171,72 @@ START_TEST(test_a_database_of_something_else_is_refused_and_left_unchanged)
 }
 END_TEST
 
+/* A first start killed between creating its tables and writing the schema
+ * version (before the set-up was one transaction) left tributary's tables
+ * without a version: the next start finishes the set-up. */
+START_TEST(test_a_queue_whose_first_start_stopped_halfway_is_set_up_on_the_next)
+{
+    size_t len;
+    free(
+        foreign_queue("CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL) "
+                      "WITHOUT ROWID; CREATE TABLE claims(id INTEGER PRIMARY KEY AUTOINCREMENT, "
+                      "feed INTEGER NOT NULL, created_ms INTEGER NOT NULL, batches BLOB NOT NULL);",
+                      &len));
+    queue *q = open_queue(NO_LIMIT, DEDUP_DAY);
+    commit_records(q, FEED_IOS, "a", 2);
+    ck_assert_int_eq(depth(q, FEED_IOS), 2);
+    queue_free(q);
+    ck_assert_int_eq(count_in_file("SELECT value FROM meta WHERE key = 'schema_version'"), 4);
+}
+END_TEST
+
+static int64_t file_bytes(void)
+{
+    char path[320];
+    snprintf(path, sizeof path, "%s/queue.db", data_dir);
+    struct stat st;
+    ck_assert_int_eq(stat(path, &st), 0);
+    return (int64_t)st.st_size;
+}
+
+/* After a backlog, the file gives its free pages back (here with a threshold
+ * of 1 MiB instead of 512 MiB), and keeps every record still waiting. */
+START_TEST(test_after_a_backlog_the_file_gives_its_free_space_back)
+{
+    queue *q = open_queue(NO_LIMIT, 0);
+    commit_records(q, FEED_IOS, "kept", 3);
+    queue_free(q);
+    /* a backlog's worth of pages, freed */
+    char path[320];
+    snprintf(path, sizeof path, "%s/queue.db", data_dir);
+    sqlite3 *db;
+    ck_assert_int_eq(sqlite3_open(path, &db), SQLITE_OK);
+    ck_assert_int_eq(sqlite3_exec(db,
+                                  "CREATE TABLE backlog(x BLOB);"
+                                  "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n "
+                                  "WHERE i < 2000) INSERT INTO backlog SELECT randomblob(4000) "
+                                  "FROM n; DROP TABLE backlog; PRAGMA wal_checkpoint(TRUNCATE);",
+                                  NULL, NULL, NULL),
+                     SQLITE_OK);
+    ck_assert_int_eq(sqlite3_close(db), SQLITE_OK);
+    int64_t before = file_bytes();
+    ck_assert_int_gt(before, 8 << 20);
+
+    struct queue_options o = {
+        .dir = data_dir, .sync_full = 1, .max_depth = NO_LIMIT, .compact_min_free_bytes = 1 << 20};
+    char err[ERR_LEN] = "";
+    ck_assert_msg(queue_open(&q, &o, err, sizeof err) == 0, "queue_open: %s", err);
+    for (int i = 0; i < 100 && count_in_file("PRAGMA freelist_count") > 0; i++)
+        usleep(50 * 1000);
+    commit_records(q, FEED_IOS, "after", 1);
+    ck_assert_int_eq(depth(q, FEED_IOS), 4);
+    queue_free(q);
+    ck_assert_int_eq(count_in_file("PRAGMA freelist_count"), 0);
+    ck_assert_msg(file_bytes() < before / 4, "%lld bytes, %lld before", (long long)file_bytes(),
+                  (long long)before);
+}
+END_TEST
+
 START_TEST(test_two_processes_writing_one_queue_never_reuse_an_id)
 {
     /* the service, and `tributary dlq requeue` opened beside it */
@@ -1860,6 +1926,8 @@ static Suite *suite(void)
     tcase_add_test(tc, test_a_schema_3_queue_keeps_its_records_and_batches);
     tcase_add_test(tc, test_a_queue_of_a_newer_schema_is_refused_and_left_unchanged);
     tcase_add_test(tc, test_a_database_of_something_else_is_refused_and_left_unchanged);
+    tcase_add_test(tc, test_a_queue_whose_first_start_stopped_halfway_is_set_up_on_the_next);
+    tcase_add_test(tc, test_after_a_backlog_the_file_gives_its_free_space_back);
     tcase_add_test(tc, test_two_processes_writing_one_queue_never_reuse_an_id);
     tcase_add_test(tc, test_the_gauges_follow_what_another_process_committed);
     tcase_add_test(tc, test_a_second_service_on_one_data_dir_is_refused_until_the_first_stops);
