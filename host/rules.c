@@ -3,6 +3,7 @@
 #include "digest.h"
 #include "log.h"
 #include "metrics.h"
+#include "mparticle.h"
 #include "sandbox.h"
 
 #include <dirent.h>
@@ -745,8 +746,10 @@ static int flatten_batch(lua_State *L, int idx, buf *out, char *err, size_t errl
         int object = lua_istable(L, -1) && lua_rawlen(L, -1) == 0;
         if (object) {
             int vi = lua_gettop(L);
+            /* more user attributes than mParticle takes in a batch: the
+             * event could never be delivered */
             size_t names = 0, max_names = strcmp(k, "user_attributes") == 0
-                                              ? RULES_MAX_USER_ATTRIBUTES
+                                              ? MPARTICLE_MAX_USER_ATTRIBUTES
                                               : SIZE_MAX;
             lua_pushnil(L);
             while (lua_next(L, vi)) {

@@ -34,10 +34,6 @@
 /* A mapped event with its batch-level fields must fit an mParticle batch
  * (128 KB) with room for the envelope; larger ones are invalid output. */
 #define RULES_MAX_OUTPUT_BYTES (120 * 1024)
-/* user_attributes names of one event; more is invalid output, as mParticle
- * takes at most 100 per batch (records of one user share a batch only while
- * the union of their names stays within it). */
-#define RULES_MAX_USER_ATTRIBUTES 100
 /* cjson.encode called by a rule refuses to make a longer text. */
 #define RULES_MAX_ENCODE_BYTES (1u << 20)
 

@@ -377,9 +377,13 @@ static int build_claim(struct sender *s, struct feed_state *f, struct queue_item
                 size_t add = mparticle_batch_size_bound(&part, 1);
                 if (m > 0 && used + add > MPARTICLE_MAX_BATCH_BYTES)
                     break;
-                /* a record over the limit alone still goes, and gets its 400 */
-                if (mparticle_attr_names_add(&attrs, it->batch) != 0 && m > 0)
+                if (mparticle_attr_names_add(&attrs, it->batch) != 0) {
+                    /* over the limit alone (queued before the rules refused
+                     * such events): a batch of its own, to mParticle's 400 */
+                    if (m == 0)
+                        m = 1;
                     break;
+                }
                 used += add;
                 m++;
             }

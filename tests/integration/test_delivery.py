@@ -406,6 +406,24 @@ class Delivery(ServiceTest):
         self.assertEqual(json.loads(s.cli(["dlq", "list", "--json"]).stdout), [])
         self.assertEqual(s.metrics()['tributary_dead_letters_total{reason="rejected"}'], 0)
 
+    def test_user_attributes_repeated_across_a_users_events_count_once(self):
+        rules = self.rules_dir({"20-attributes.lua": (
+            "return function(e, out)\n"
+            "  if not out then return end\n"
+            "  local attrs = out.batch.user_attributes\n"
+            "  for i = 1, 60 do attrs['shared' .. i] = e.properties.n end\n"
+            "  return out\n"
+            "end\n")})
+        d = self.double()
+        s = self.service(rules_dir=rules, env=feed_env(d, TRIBUTARY_BATCH_LINGER_MS=1000))
+        events = [event("users.messages.email.Send", user="attribute-rich", n=n) for n in range(3)]
+        self.assertEqual(s.post(events).status, 200)
+        self.assertTrue(d.wait_for_events(3, 10 * SLOW))
+        self.assertEqual(len(d.batches), 1)
+        attrs = d.batches[0]["batch"]["user_attributes"]
+        self.assertEqual(len(attrs), 60)
+        self.assertEqual(attrs["shared1"], 2)  # the latest event's value
+
     def test_events_past_max_age_are_dead_lettered_and_requeue_delivers_them(self):
         d = self.double()
         # neither ios nor unbound (its fallback) can take these events

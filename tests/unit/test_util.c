@@ -72,7 +72,11 @@ START_TEST(test_buf_json_str_escapes_every_byte_at_every_position_of_a_long_stri
             snprintf(expect_mid, sizeof expect_mid, "\\%c", c);
         else if (c == '\b' || c == '\f' || c == '\n' || c == '\r' || c == '\t')
             snprintf(expect_mid, sizeof expect_mid, "\\%c",
-                     c == '\b' ? 'b' : c == '\f' ? 'f' : c == '\n' ? 'n' : c == '\r' ? 'r' : 't');
+                     c == '\b'   ? 'b'
+                     : c == '\f' ? 'f'
+                     : c == '\n' ? 'n'
+                     : c == '\r' ? 'r'
+                                 : 't');
         else if (c < 0x20 || c == 0x7f)
             snprintf(expect_mid, sizeof expect_mid, "\\u%04x", c);
         else
@@ -87,8 +91,8 @@ START_TEST(test_buf_json_str_escapes_every_byte_at_every_position_of_a_long_stri
             buf_init(&b, 1024);
             ck_assert_int_eq(buf_json_str(&b, in, sizeof in), 0);
             ck_assert_uint_eq(b.len, (size_t)n);
-            ck_assert_msg(memcmp(b.data, expect, (size_t)n) == 0, "byte 0x%02x at %zu: %s", c,
-                          pos, b.data);
+            ck_assert_msg(memcmp(b.data, expect, (size_t)n) == 0, "byte 0x%02x at %zu: %s", c, pos,
+                          b.data);
             buf_free(&b);
         }
     }
