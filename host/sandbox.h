@@ -13,7 +13,8 @@
  *   - C functions the hook cannot interrupt (pattern matching, plain find,
  *     table.move, table.insert/remove) refuse inputs whose worst-case cost is
  *     beyond a bound, and every function of string, table, utf8 and math pays
- *     its budget for the time it took, in instructions of that time.
+ *     its budget for the time it took, in instructions of that time (at most an
+ *     eighth of the budget per call: the time is wall-clock time).
  *
  * Used by rules (the rule scripts) and config (the configuration file). Besides
  * those two, no module includes Lua headers.
