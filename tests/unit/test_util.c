@@ -99,6 +99,50 @@ START_TEST(test_buf_json_str_escapes_every_byte_at_every_position_of_a_long_stri
 }
 END_TEST
 
+/* The escape of one byte, as JSON_ESCAPE in util.c says, written out here. */
+static void escape_byte(buf *b, unsigned char c)
+{
+    static const char with_short[] = "\"\\\b\f\n\r\t", letters[] = "\"\\bfnrt";
+    const char *short_escape = strchr(with_short, c);
+    if (c && short_escape)
+        (void)!buf_printf(b, "\\%c", letters[short_escape - with_short]);
+    else if (c < 0x20 || c == 0x7f)
+        (void)!buf_printf(b, "\\u%04x", c);
+    else
+        (void)!buf_addc(b, (char)c);
+}
+
+/* Random strings of bytes that need an escape and bytes that do not, next to
+ * each other in every arrangement, against the byte-by-byte reference. */
+START_TEST(test_buf_json_str_matches_a_byte_by_byte_escape_on_random_strings)
+{
+    static const unsigned char alphabet[] = {'a',  '"',  '\\', 0,    0x1f, '\n',
+                                             0x7f, 0x80, 0xc3, 0xa9, ' ',  '~'};
+    unsigned seed = 12345;
+    for (int round = 0; round < 5000; round++) {
+        char in[48];
+        size_t n = (size_t)(round % 48);
+        for (size_t i = 0; i < n; i++) {
+            seed = seed * 1103515245u + 12345u;
+            in[i] = (char)alphabet[(seed >> 16) % sizeof alphabet];
+        }
+        buf got, want;
+        buf_init(&got, 1024);
+        buf_init(&want, 1024);
+        ck_assert_int_eq(buf_json_str(&got, in, n), 0);
+        (void)!buf_addc(&want, '"');
+        for (size_t i = 0; i < n; i++)
+            escape_byte(&want, (unsigned char)in[i]);
+        (void)!buf_addc(&want, '"');
+        ck_assert_uint_eq(got.len, want.len);
+        ck_assert_msg(memcmp(got.data, want.data, want.len) == 0, "round %d: %s against %s", round,
+                      got.data, want.data);
+        buf_free(&got);
+        buf_free(&want);
+    }
+}
+END_TEST
+
 START_TEST(test_buf_int_writes_the_whole_range)
 {
     buf b;
@@ -186,6 +230,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_json_string_escapes_quotes_controls_and_backslashes);
     tcase_add_test(tc, test_buf_json_str_escapes_every_control_byte_and_delete);
     tcase_add_test(tc, test_buf_json_str_escapes_every_byte_at_every_position_of_a_long_string);
+    tcase_add_test(tc, test_buf_json_str_matches_a_byte_by_byte_escape_on_random_strings);
     tcase_add_test(tc, test_buf_int_writes_the_whole_range);
     tcase_add_test(tc, test_parse_int64_is_strict);
     tcase_add_test(tc, test_parse_duration_units);
