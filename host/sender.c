@@ -1084,8 +1084,10 @@ static void dead_letter(struct sender *s, struct request *r, int status)
     pbatch_free(b);
 }
 
-/* 400 or 413: halve the requests these batches may travel in; a lone batch is
- * split (413) or, when it cannot be split, dead-lettered. */
+/* 400 or 413: halve the requests these batches may travel in; a lone batch of
+ * several events is split, so that a 400 ends up with the one event mParticle
+ * refuses (a user's batch holds that user's events, good ones too); a lone
+ * event is dead-lettered. */
 static void on_refused_content(struct sender *s, struct request *r, int status,
                                enum mp_action action)
 {
@@ -1103,7 +1105,11 @@ static void on_refused_content(struct sender *s, struct request *r, int status,
     }
     struct pbatch *b = r->batches[0];
     b->in_flight = 0;
-    if (action == MP_SPLIT && b->nrecords > 1) {
+    if (b->nrecords > 1) {
+        if (action == MP_REJECTED)
+            log_info("mParticle refused a batch; splitting it to find the events it refused",
+                     LOG_S("feed", FEED_NAMES[f->feed]) LOG_S("batch", b->srid)
+                         LOG_I("events", (long long)b->nrecords));
         if (split_batch(s, f, b) != 0)
             retry_later(s, r, status, "cannot split the batch");
         return;

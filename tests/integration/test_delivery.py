@@ -355,6 +355,22 @@ class Delivery(ServiceTest):
         self.assertIn("BAD_REQUEST", listing[0]["detail"])
         self.assertEqual(s.queued_ids(), [])
 
+    def test_a_400_for_a_users_batch_dead_letters_only_the_event_it_refuses(self):
+        d = self.double()
+        d.poison("POISON-PILL")
+        s = self.service(env=feed_env(d, TRIBUTARY_BATCH_LINGER_MS=1000))
+        good = [event("users.messages.email.Send", user="one-user") for _ in range(6)]
+        bad = event("users.messages.email.Send", user="one-user", note="POISON-PILL")
+        self.assertEqual(s.post(good[:4] + [bad] + good[4:]).status, 200)
+        self.assertTrue(d.wait_for_events(6, 20 * SLOW), "only %d" % d.event_count())
+        self.wait(lambda: s.metrics()['tributary_dead_letters_total{reason="rejected"}'] == 1,
+                  what="the dead letter")
+        self.assertEqual(sorted(d.source_message_ids()), sorted(e["id"] for e in good))
+        listing = json.loads(s.cli(["dlq", "list", "--json"]).stdout)
+        self.assertEqual([x["event_id"] for x in listing], [bad["id"]])
+        self.assertIn("splitting it to find the events it refused", s.logs())
+        self.assertEqual(s.queued_ids(), [])
+
     def test_413_splits_the_request_and_delivers_everything(self):
         d = self.double()
         d.fail(413, times=2)
