@@ -28,13 +28,13 @@
 #define PRUNE_EVERY_MS 1000
 #define GAUGES_EVERY_MS 1000
 /* After a backlog most of the file is free pages. The queue gives them back
- * with VACUUM, which rewrites the pages in use: only while few are (at most
- * COMPACT_MAX_USED_BYTES: work that requests wait for)
- * and many are free (queue_options.compact_min_free_bytes). A steady flow keeps
- * its free pages: its emptied ring tables are filled again within seconds.
+ * with VACUUM, which rewrites the pages in use (requests wait for it: about
+ * 0.3 s for 64 MiB), so only while few are (COMPACT_MAX_USED_BYTES) and many
+ * are free (queue_options.compact_min_free_bytes). A steady flow keeps its
+ * free pages: its emptied ring tables are filled again within seconds.
  * (auto_vacuum would give pages back a few at a time, but it keeps a map of
  * page owners that commits write too: 4 - 7% more CPU per event in `make
- * bench`.) VACUUM of 64 MiB in use takes about 0.3 s. */
+ * bench`.) */
 #define COMPACT_EVERY_MS 10000
 #define COMPACT_MIN_FREE_BYTES (512LL << 20)
 #define COMPACT_MAX_USED_BYTES (64LL << 20)
