@@ -36,6 +36,7 @@
  * page owners that commits write too: 4 - 7% more CPU per event in `make
  * bench`.) */
 #define COMPACT_EVERY_MS 10000
+#define COMPACT_RETRY_MS (10 * 60 * 1000) /* after a failure (a full disk, most likely) */
 #define COMPACT_MIN_FREE_BYTES (512LL << 20)
 #define COMPACT_MAX_USED_BYTES (64LL << 20)
 /* Once the WAL holds CHECKPOINT_PAGES pages (a third of its limit at most), a
@@ -327,7 +328,7 @@ struct queue {
     dedup *seen; /* NULL when the dedup window is 0 */
     int64_t last_prune_ms;
     int64_t last_gauges_ms;
-    int64_t last_compact_ms;
+    int64_t next_compact_ms;
     int64_t compact_min_free_bytes;
     int wal_pages; /* set by the WAL hook after each commit */
     int64_t slow_logged_ms;
@@ -1061,27 +1062,29 @@ static int64_t pragma_value(sqlite3 *db, const char *sql)
     return v;
 }
 
-static void compact(queue *q)
+/* Returns -1 when a compaction failed. */
+static int compact(queue *q)
 {
     int64_t page = pragma_value(q->db, "PRAGMA page_size");
     int64_t free_bytes = pragma_value(q->db, "PRAGMA freelist_count") * page;
     int64_t used_bytes = pragma_value(q->db, "PRAGMA page_count") * page - free_bytes;
     if (free_bytes < q->compact_min_free_bytes || used_bytes > COMPACT_MAX_USED_BYTES)
-        return;
+        return 0;
     char err[ERR_LEN];
     int64_t t0 = clock_mono_ms();
     /* the copy VACUUM builds goes to a temporary file, not to memory */
     int rc = exec(q->db, "PRAGMA temp_store=FILE; VACUUM", err, sizeof err);
     (void)sqlite3_exec(q->db, "PRAGMA temp_store=MEMORY", NULL, NULL, NULL);
     if (rc != 0) {
-        log_warn("queue: cannot give the file's free space back; trying again later",
+        log_warn("queue: cannot give the file's free space back; trying again in 10 minutes",
                  LOG_S("error", err));
-        return;
+        return -1;
     }
     log_info("queue: gave the file's free space back",
              LOG_I("freed_mib", (long long)(free_bytes >> 20))
                  LOG_I("used_mib", (long long)(used_bytes >> 20))
                      LOG_I("ms", (long long)(clock_mono_ms() - t0)));
+    return 0;
 }
 
 /* Calls fn for every batch not finished, claim by claim, in id order. fn
@@ -1486,10 +1489,9 @@ static void *writer_main(void *arg)
             }
             note_step(q, "dedup prune", t0);
         }
-        if (now - q->last_compact_ms >= COMPACT_EVERY_MS) {
-            q->last_compact_ms = now;
+        if (now >= q->next_compact_ms) {
             int64_t t0 = clock_mono_ms();
-            compact(q);
+            q->next_compact_ms = now + (compact(q) == 0 ? COMPACT_EVERY_MS : COMPACT_RETRY_MS);
             note_step(q, "compact", t0);
             checkpoint(q);
         }
