@@ -6,6 +6,7 @@
 #include "mparticle.h"
 #include "reload.h"
 
+#include <ctype.h>
 #include <curl/curl.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -474,6 +475,7 @@ static int64_t wall_to_age_ms(int64_t wall_ms)
 static void expire_batches(struct sender *s, struct feed_state *f)
 {
     int64_t cutoff = clock_wall_ms() - s->cfg->retry_max_age_s * 1000;
+    size_t batches = 0, events = 0;
     for (struct pbatch *b = f->head, *next; b; b = next) {
         next = b->next;
         if (b->in_flight || b->oldest_ms >= cutoff)
@@ -481,14 +483,18 @@ static void expire_batches(struct sender *s, struct feed_state *f)
         enum queue_status st =
             queue_dead_batch(s->q, b->id, DEAD_MAX_AGE, "not delivered within retry.max_age_s");
         if (st != QUEUE_OK)
-            return;
+            break;
         metrics_add_dead(DEAD_MAX_AGE, b->nrecords);
-        log_warn("batch older than retry.max_age_s moved to the dead-letter store",
-                 LOG_S("feed", FEED_NAMES[f->feed]) LOG_S("batch", b->srid)
-                     LOG_I("events", (long long)b->nrecords));
+        batches++;
+        events += b->nrecords;
         feed_remove(f, b);
         pbatch_free(b);
     }
+    /* one line for all of them: after a long outage they are thousands */
+    if (batches)
+        log_warn("batches older than retry.max_age_s moved to the dead-letter store",
+                 LOG_S("feed", FEED_NAMES[f->feed]) LOG_I("batches", (long long)batches)
+                     LOG_I("events", (long long)events));
 }
 
 /* Reads feed f's next window of records when it is due, into c. */
@@ -1065,13 +1071,47 @@ done:
     return rc;
 }
 
+/* Overwrites every occurrence of secret in s[0..n) with '*'. */
+static void mask(char *s, size_t n, const char *secret)
+{
+    size_t k = secret ? strlen(secret) : 0;
+    if (k == 0)
+        return;
+    for (char *p = s; (p = memmem(p, n - (size_t)(p - s), secret, k)) != NULL; p += k)
+        memset(p, '*', k);
+}
+
+/* What mParticle answered, fit for a log line and a dead letter: whatever
+ * could be a credential masked (an echoed Authorization header, any feed's key
+ * or secret), bytes that are not UTF-8 replaced, at most ANSWER_EXCERPT bytes. */
+#define ANSWER_EXCERPT 900
+static void answer_excerpt(const struct config *cfg, const buf *response, char *out, size_t outlen)
+{
+    size_t n = response->data ? response->len : 0;
+    if (n > outlen - 1)
+        n = outlen - 1;
+    if (n)
+        memcpy(out, response->data, n);
+    static const char basic[] = "Basic ";
+    for (char *p = out; (p = memmem(p, n - (size_t)(p - out), basic, sizeof basic - 1)) != NULL;) {
+        p += sizeof basic - 1;
+        while (p < out + n && (isalnum((unsigned char)*p) || *p == '+' || *p == '/' || *p == '='))
+            *p++ = '*';
+    }
+    for (int i = 0; i < FEED_COUNT; i++) {
+        mask(out, n, cfg->feeds[i].key);
+        mask(out, n, cfg->feeds[i].secret);
+    }
+    out[utf8_sanitize(out, n, ANSWER_EXCERPT)] = '\0';
+}
+
 static void dead_letter(struct sender *s, struct request *r, int status)
 {
     struct feed_state *f = r->f;
     struct pbatch *b = r->batches[0];
-    char detail[1024];
-    const char *msg = r->response.data ? r->response.data : "";
-    snprintf(detail, sizeof detail, "mParticle answered %d: %.900s", status, msg);
+    char msg[4096], detail[1024];
+    answer_excerpt(s->cfg, &r->response, msg, sizeof msg);
+    snprintf(detail, sizeof detail, "mParticle answered %d: %.*s", status, ANSWER_EXCERPT, msg);
     if (queue_dead_batch(s->q, b->id, DEAD_REJECTED, detail) != QUEUE_OK) {
         retry_later(s, r, status, "cannot move the rejected batch to the dead-letter store");
         return;

@@ -134,6 +134,51 @@ int buf_json_str(buf *b, const char *s, size_t n)
     return buf_addc(b, '"');
 }
 
+/* The length of the well-formed UTF-8 sequence at p (n bytes left), or 0. */
+static size_t utf8_sequence(const unsigned char *p, size_t n)
+{
+    unsigned c = p[0], lo = 0x80, hi = 0xBF;
+    size_t len;
+    if (c < 0x80)
+        return 1;
+    if (c >= 0xC2 && c <= 0xDF) {
+        len = 2;
+    } else if (c >= 0xE0 && c <= 0xEF) {
+        len = 3;
+        lo = c == 0xE0 ? 0xA0 : lo; /* no overlong forms */
+        hi = c == 0xED ? 0x9F : hi; /* no surrogates */
+    } else if (c >= 0xF0 && c <= 0xF4) {
+        len = 4;
+        lo = c == 0xF0 ? 0x90 : lo;
+        hi = c == 0xF4 ? 0x8F : hi; /* nothing past U+10FFFF */
+    } else {
+        return 0;
+    }
+    if (n < len || p[1] < lo || p[1] > hi)
+        return 0;
+    for (size_t i = 2; i < len; i++) {
+        if ((p[i] & 0xC0) != 0x80)
+            return 0;
+    }
+    return len;
+}
+
+size_t utf8_sanitize(char *s, size_t n, size_t max)
+{
+    size_t i = 0, keep = 0;
+    while (i < n) {
+        size_t len = utf8_sequence((const unsigned char *)s + i, n - i);
+        if (len == 0) {
+            s[i] = '?';
+            len = 1;
+        }
+        i += len;
+        if (i <= max)
+            keep = i;
+    }
+    return keep;
+}
+
 int buf_int(buf *b, long long v)
 {
     char tmp[24];

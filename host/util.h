@@ -85,6 +85,10 @@ int buf_printf(buf *b, const char *fmt, ...) PRINTF(2, 3) WUR;
 int buf_vprintf(buf *b, const char *fmt, va_list ap) WUR;
 /* Appends s as a quoted, escaped JSON string. Invalid UTF-8 is passed through. */
 int buf_json_str(buf *b, const char *s, size_t n) WUR;
+/* Makes s[0..n) valid UTF-8 in place: each byte that does not begin a
+ * well-formed sequence (RFC 3629) becomes '?'. Returns the length of the
+ * longest prefix of at most max bytes that ends between two characters. */
+size_t utf8_sanitize(char *s, size_t n, size_t max);
 /* Appends v in decimal. */
 int buf_int(buf *b, long long v) WUR;
 /* Detaches the data: the caller frees it with free(); b is left empty. */

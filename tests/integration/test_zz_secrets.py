@@ -39,6 +39,20 @@ class Secrets(ServiceTest):
                                  {"Authorization": "Bearer " + ADMIN}).status, 200)
         self.assertEqual(s.post([event("users.messages.email.Send")], token=INBOUND).status, 200)
         self.assertTrue(d.wait_for_events(1, 20 * harness.SLOW))
+        # a 400 whose body echoes the credentials (a proxy's or a debugging
+        # endpoint's): logged and dead-lettered without them
+        basic = base64.b64encode(("%s:%s" % (KEY, SECRET)).encode()).decode()
+        d.fail(400, times=1, message="Authorization: Basic %s (key %s, secret %s)"
+               % (basic, KEY, SECRET))
+        self.assertEqual(s.post([event("users.messages.email.Send")], token=INBOUND).status, 200)
+        deadline = time.time() + 20 * harness.SLOW
+        while time.time() < deadline and \
+                s.metrics().get('tributary_dead_letters_total{reason="rejected"}') != 1:
+            time.sleep(0.05)
+        listing = s.cli(["dlq", "list", "--json"]).stdout
+        harness.collect("dlq list --json", listing)
+        self.assertIn("Basic ***", listing)
+        harness.collect("dlq show", s.cli(["dlq", "show", "1"]).stdout)
         s.proc.send_signal(signal.SIGHUP)
         time.sleep(0.3)
         harness.collect("metrics", s.get("/metrics").body)

@@ -143,6 +143,30 @@ START_TEST(test_buf_json_str_matches_a_byte_by_byte_escape_on_random_strings)
 }
 END_TEST
 
+START_TEST(test_utf8_sanitize_replaces_what_is_not_utf8_and_cuts_between_characters)
+{
+    /* é, then an overlong '/', a surrogate, a code point past U+10FFFF, a lone
+     * continuation byte and a truncated sequence */
+    char s[] = "\xc3\xa9-\xc0\xaf-\xed\xa0\x80-\xf4\x90\x80\x80-\x80-\xe2\x82";
+    size_t n = sizeof s - 1;
+    ck_assert_uint_eq(utf8_sanitize(s, n, n), n);
+    /* (split so that no "??" followed by '-' reads as a trigraph) */
+    ck_assert_str_eq(s, "\xc3\xa9-?"
+                        "?-?"
+                        "?"
+                        "?-?"
+                        "?"
+                        "?"
+                        "?-?-?"
+                        "?");
+    char t[] = "ab\xe2\x82\xac\xe2\x82\xac"; /* ab€€ */
+    ck_assert_uint_eq(utf8_sanitize(t, 8, 8), 8);
+    ck_assert_uint_eq(utf8_sanitize(t, 8, 7), 5); /* not in the middle of the second € */
+    ck_assert_uint_eq(utf8_sanitize(t, 8, 4), 2);
+    ck_assert_uint_eq(utf8_sanitize(t, 8, 0), 0);
+}
+END_TEST
+
 START_TEST(test_buf_int_writes_the_whole_range)
 {
     buf b;
@@ -231,6 +255,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_buf_json_str_escapes_every_control_byte_and_delete);
     tcase_add_test(tc, test_buf_json_str_escapes_every_byte_at_every_position_of_a_long_string);
     tcase_add_test(tc, test_buf_json_str_matches_a_byte_by_byte_escape_on_random_strings);
+    tcase_add_test(tc, test_utf8_sanitize_replaces_what_is_not_utf8_and_cuts_between_characters);
     tcase_add_test(tc, test_buf_int_writes_the_whole_range);
     tcase_add_test(tc, test_parse_int64_is_strict);
     tcase_add_test(tc, test_parse_duration_units);
