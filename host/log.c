@@ -137,3 +137,12 @@ void log_emit(enum log_level level, const char *msg, const struct log_field *fie
     (void)!write(STDERR_FILENO, b.data, b.len);
     buf_free(&b);
 }
+
+int log_due(long long *last_ms)
+{
+    long long now = (long long)clock_mono_ms();
+    if (*last_ms && now - *last_ms < LOG_REPEAT_MS)
+        return 0;
+    *last_ms = now;
+    return 1;
+}

@@ -40,6 +40,12 @@ void log_set_request(const char *request_id);
 #define log_warn(msg, ...) log_emit(LOG_WARN, (msg), LOG_FIELDS(__VA_ARGS__))
 #define log_error(msg, ...) log_emit(LOG_ERROR, (msg), LOG_FIELDS(__VA_ARGS__))
 
+/* For lines that a lasting failure repeats (a full disk): 1 when at least
+ * LOG_REPEAT_MS passed since *last_ms (the caller's own, 0 at first; its
+ * owner's thread only), which it then updates; 0 to skip the line. */
+#define LOG_REPEAT_MS 10000
+int log_due(long long *last_ms);
+
 int log_level_parse(const char *s, enum log_level *out);
 int log_format_parse(const char *s, enum log_format *out);
 

@@ -35,6 +35,8 @@
  * (auto_vacuum would give pages back a few at a time, but it keeps a map of
  * page owners that commits write too: 4 - 7% more CPU per event in `make
  * bench`.) */
+/* A background operation that failed is tried again after this long. */
+#define RETRY_OPS_MS 1000
 #define COMPACT_EVERY_MS 10000
 #define COMPACT_RETRY_MS (10 * 60 * 1000) /* after a failure (a full disk, most likely) */
 #define COMPACT_MIN_FREE_BYTES (512LL << 20)
@@ -310,6 +312,9 @@ struct queue {
     pthread_cond_t work;
     pthread_cond_t done;
     struct op *pending, *pending_tail;
+    struct op *retry; /* failed background operations, the writer's own */
+    int64_t retry_at_ms;
+    long long retry_logged_ms, commit_logged_ms, checkpoint_logged_ms; /* see log_due */
     int stopping;
 
     /* the checkpoint thread: requested by the writer, under mu */
@@ -1211,6 +1216,7 @@ static void *checkpointer_main(void *arg)
 {
     queue *q = arg;
     pthread_setname_np(pthread_self(), "queue-checkpt");
+    long long checkpointer_logged_ms = 0; /* see log_due */
     pthread_mutex_lock(&q->mu);
     for (;;) {
         while ((!q->checkpoint_requested || q->restart_pending) && !q->stopping)
@@ -1222,7 +1228,7 @@ static void *checkpointer_main(void *arg)
         pthread_mutex_unlock(&q->mu);
         int rc = sqlite3_wal_checkpoint_v2(q->checkpoint_db, NULL, SQLITE_CHECKPOINT_PASSIVE, NULL,
                                            NULL);
-        if (rc != SQLITE_OK && rc != SQLITE_BUSY)
+        if (rc != SQLITE_OK && rc != SQLITE_BUSY && log_due(&checkpointer_logged_ms))
             log_warn("queue: checkpoint failed", LOG_S("error", sqlite3_errmsg(q->checkpoint_db)));
         pthread_mutex_lock(&q->mu);
         q->checkpoint_running = 0;
@@ -1275,7 +1281,7 @@ static void checkpoint(queue *q)
     pthread_mutex_lock(&q->mu);
     q->restart_pending = 0;
     pthread_mutex_unlock(&q->mu);
-    if (rc != SQLITE_OK && rc != SQLITE_BUSY)
+    if (rc != SQLITE_OK && rc != SQLITE_BUSY && log_due(&q->checkpoint_logged_ms))
         log_warn("queue: checkpoint failed", LOG_S("error", sqlite3_errmsg(q->db)));
     now = clock_mono_ms();
     if (q->wal_pages >= 2 * q->wal_limit_pages &&
@@ -1370,7 +1376,8 @@ static void run_group(queue *q, struct op *ops)
         }
     }
     if (group == QUEUE_OK && exec(q->db, "COMMIT", err, sizeof err) != 0) {
-        log_error("queue: commit failed", LOG_S("error", err));
+        if (log_due(&q->commit_logged_ms))
+            log_error("queue: commit failed", LOG_S("error", err));
         group = status_of(sqlite3_errcode(q->db));
     }
     if (group != QUEUE_OK && !sqlite3_get_autocommit(q->db))
@@ -1464,6 +1471,14 @@ static void *writer_main(void *arg)
             note_step(q, "checkpoint", t0);
             for (struct op *op = finished, *next; op; op = next) {
                 next = op->next;
+                if (op->status != QUEUE_OK && !stopping) {
+                    /* an acknowledgement that failed (a full disk): applied again
+                     * is the same, and until it is, delivered batches stay held */
+                    op->next = q->retry;
+                    q->retry = op;
+                    q->retry_at_ms = clock_mono_ms() + RETRY_OPS_MS;
+                    continue;
+                }
                 if (op->status != QUEUE_OK)
                     log_error("queue: a background operation failed; its batches are sent "
                               "again after a restart",
@@ -1473,6 +1488,26 @@ static void *writer_main(void *arg)
             }
         }
         int64_t now = clock_mono_ms();
+        if (q->retry && (now >= q->retry_at_ms || stopping)) {
+            struct op *retry = q->retry;
+            q->retry = NULL;
+            size_t n = 0;
+            pthread_mutex_lock(&q->mu);
+            for (struct op *op = retry, *next; op; op = next, n++) {
+                next = op->next;
+                op->next = NULL;
+                op->status = QUEUE_ERROR;
+                if (q->pending_tail)
+                    q->pending_tail->next = op;
+                else
+                    q->pending = op;
+                q->pending_tail = op;
+            }
+            pthread_mutex_unlock(&q->mu);
+            if (log_due(&q->retry_logged_ms))
+                log_warn("queue: acknowledgements failed (storage); trying them again",
+                         LOG_I("operations", (long long)n));
+        }
         if (now - q->last_gauges_ms >= GAUGES_EVERY_MS) {
             q->last_gauges_ms = now;
             refresh_oldest(q);

@@ -79,7 +79,8 @@ struct feed_state {
     enum feed_pause pause;
     int64_t probe_at;
     int probing;
-    unsigned char cred_fp[32]; /* fingerprint of key, secret and url */
+    unsigned char cred_fp[32];   /* fingerprint of key, secret and url */
+    long long persist_logged_ms; /* see log_due */
     int has_fp;
     int failures;       /* consecutive failed rounds (see count_failure) */
     int64_t failed_ns;  /* when the last failure was counted, clock_mono_ns: whether a
@@ -574,8 +575,9 @@ static void claim(struct sender *s, int64_t now)
         if (st != QUEUE_OK && qb && feeds > 1)
             st = queue_persist_batches(s->q, qb + from[i], parts[i].n);
         if (st != QUEUE_OK) {
-            log_error("cannot persist batches; will try again",
-                      LOG_S("feed", FEED_NAMES[f->feed]) LOG_S("queue", queue_status_name(st)));
+            if (log_due(&f->persist_logged_ms))
+                log_error("cannot persist batches; will try again",
+                          LOG_S("feed", FEED_NAMES[f->feed]) LOG_S("queue", queue_status_name(st)));
             f->next_claim = now + 1000;
             claim_part_free(&parts[i]);
             continue;

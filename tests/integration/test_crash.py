@@ -1,9 +1,13 @@
 """kill -9 during ingestion: every acknowledged event is still queued, exactly once."""
 
+import os
+import subprocess
 import threading
 import time
 
-from harness import ServiceTest, event
+from harness import SLOW, ServiceTest, event
+from mparticle_double import MParticleDouble
+from test_delivery import FEEDS, feed_env
 
 
 class Crash(ServiceTest):
@@ -59,3 +63,52 @@ class Crash(ServiceTest):
         again = s.post([{"event_type": "users.messages.email.Send", "id": acknowledged[0],
                          "time": 1, "user": {"external_user_id": "u0"}}])
         self.assertEqual(again.json()["duplicates"], 1)
+
+
+class FullDisk(ServiceTest):
+    """data_dir on a small tmpfs that fills up (needs root; skipped where mount is refused)."""
+
+    def mount_small_disk(self, size):
+        path = self.tmpdir()
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=" + size, "tmpfs", path],
+                          capture_output=True).returncode != 0:
+            self.skipTest("cannot mount a tmpfs here")
+        self.addCleanup(subprocess.run, ["umount", "-l", path], capture_output=True)
+        return path
+
+    def test_after_a_full_disk_everything_is_delivered_once_space_is_freed(self):
+        disk = self.mount_small_disk("48m")
+        with open(os.path.join(disk, "filler"), "wb") as f:
+            f.write(b"\0" * (12 << 20))
+        d = MParticleDouble(feeds=dict(FEEDS)).start()
+        self.addCleanup(d.stop)
+        d.fail(503)
+        s = self.service(env=feed_env(d, TRIBUTARY_DATA_DIR=os.path.join(disk, "var")))
+        s.data_dir = os.path.join(disk, "var")
+        acknowledged, refusals, n = [], 0, 0
+        while refusals < 5 and n < 2000:
+            batch = [event("users.messages.email.Send", user="full-%d" % (n % 50),
+                           id="full-%d-%d" % (n, k), blob="x" * 400) for k in range(100)]
+            n += 1
+            r = s.post(batch)
+            if r.status == 200:
+                acknowledged += [e["id"] for e in batch]
+            else:
+                self.assertEqual(r.status, 503, r)
+                refusals += 1
+        self.assertGreater(refusals, 0, "the disk never filled up")
+        # mParticle recovers, then the disk gets room again
+        d.clear_faults()
+        time.sleep(2)
+        os.unlink(os.path.join(disk, "filler"))
+        self.assertTrue(d.wait_for_events(len(acknowledged), 60 * SLOW),
+                        "%d of %d delivered" % (d.event_count(), len(acknowledged)))
+        self.assertEqual(set(acknowledged) - set(d.source_message_ids()), set())
+
+        def depth():
+            return sum(v for k, v in s.metrics().items() if k.startswith("tributary_queue_depth{"))
+        deadline = time.time() + 30 * SLOW
+        while depth() and time.time() < deadline:
+            time.sleep(0.2)
+        self.assertEqual(depth(), 0, "delivered events still counted as queued")
+        self.assertEqual(s.queued_ids(), [])

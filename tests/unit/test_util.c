@@ -1,6 +1,8 @@
 /* util: bounded buffers, JSON escaping, parsing. */
 #include "unit.h"
 
+#include "log.h"
+
 #include <errno.h>
 #include <limits.h>
 #include <string.h>
@@ -167,6 +169,18 @@ START_TEST(test_utf8_sanitize_replaces_what_is_not_utf8_and_cuts_between_charact
 }
 END_TEST
 
+START_TEST(test_log_due_lets_one_line_through_per_period)
+{
+    long long last = 0;
+    ck_assert_int_eq(log_due(&last), 1);
+    ck_assert_int_eq(log_due(&last), 0);
+    ck_assert_int_eq(log_due(&last), 0);
+    last -= LOG_REPEAT_MS; /* as if the period had passed */
+    ck_assert_int_eq(log_due(&last), 1);
+    ck_assert_int_eq(log_due(&last), 0);
+}
+END_TEST
+
 START_TEST(test_buf_int_writes_the_whole_range)
 {
     buf b;
@@ -256,6 +270,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_buf_json_str_escapes_every_byte_at_every_position_of_a_long_string);
     tcase_add_test(tc, test_buf_json_str_matches_a_byte_by_byte_escape_on_random_strings);
     tcase_add_test(tc, test_utf8_sanitize_replaces_what_is_not_utf8_and_cuts_between_characters);
+    tcase_add_test(tc, test_log_due_lets_one_line_through_per_period);
     tcase_add_test(tc, test_buf_int_writes_the_whole_range);
     tcase_add_test(tc, test_parse_int64_is_strict);
     tcase_add_test(tc, test_parse_duration_units);
