@@ -57,6 +57,7 @@ return {
   queue = {
     sync = "full",            -- "normal" trades the last commits on power loss for speed
     max_depth = 5000000,      -- events; beyond it Braze gets 503 and retries later
+    min_free_mb = 256,        -- free disk under which new events get 503 (sending goes on)
   },
   dedup = { window_s = 3600 },
   http = {

@@ -80,6 +80,7 @@ static const struct key KEYS[] = {
     {"retry.pause_ms", K_INT, OFF(retry_pause_ms), 100, 86400000, NULL},
     {"queue.sync", K_ENUM, OFF(queue_sync), 0, 0, SYNC_MODES},
     {"queue.max_depth", K_INT, OFF(queue_max_depth), 1, INT64_C(1) << 40, NULL},
+    {"queue.min_free_mb", K_INT, OFF(queue_min_free_mb), 0, INT64_C(1) << 30, NULL},
     {"dedup.window_s", K_INT, OFF(dedup_window_s), 0, 30 * 86400, NULL},
     {"http.threads", K_INT, OFF(http_threads), 1, 256, NULL},
     {"http.max_connections", K_INT, OFF(http_max_connections), 1, 100000, NULL},
@@ -639,6 +640,7 @@ static int set_defaults(struct config *c)
     c->retry_pause_ms = 120000;
     c->queue_sync = strdup("full");
     c->queue_max_depth = 5000000;
+    c->queue_min_free_mb = 256;
     c->dedup_window_s = 3600;
     c->http_threads = 8;
     c->http_max_connections = 1024;

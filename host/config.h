@@ -66,6 +66,7 @@ struct config {
     int64_t retry_pause_ms;
     char *queue_sync;
     int64_t queue_max_depth;
+    int64_t queue_min_free_mb;
     int64_t dedup_window_s;
     int64_t http_threads;
     int64_t http_max_connections;

@@ -13,6 +13,7 @@
 #include <string.h>
 #include <sys/file.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <unistd.h>
 
 #define QUEUE_FILE "queue.db"
@@ -37,6 +38,7 @@
  * bench`.) */
 /* A background operation that failed is tried again after this long. */
 #define RETRY_OPS_MS 1000
+#define DISK_CHECK_EVERY_MS 50
 #define COMPACT_EVERY_MS 10000
 #define COMPACT_RETRY_MS (10 * 60 * 1000) /* after a failure (a full disk, most likely) */
 #define COMPACT_MIN_FREE_BYTES (512LL << 20)
@@ -314,6 +316,9 @@ struct queue {
     struct op *pending, *pending_tail;
     struct op *retry; /* failed background operations, the writer's own */
     int64_t retry_at_ms;
+    int disk_low; /* the file system has less than opt.min_free_bytes free */
+    int64_t last_disk_check_ms;
+    long long disk_logged_ms;
     long long retry_logged_ms, commit_logged_ms, checkpoint_logged_ms; /* see log_due */
     int stopping;
 
@@ -538,7 +543,7 @@ static enum queue_status apply_commit(queue *q, struct op *op, int64_t now, int6
     }
     /* Checked after dedup, so a retry of stored events is still acknowledged;
      * the savepoint of this operation is rolled back on QUEUE_FULL. */
-    if (res->queued > 0 && depth + (int64_t)res->queued > q->opt.max_depth) {
+    if (res->queued > 0 && (depth + (int64_t)res->queued > q->opt.max_depth || q->disk_low)) {
         memset(res, 0, sizeof(*res));
         return QUEUE_FULL;
     }
@@ -1427,6 +1432,28 @@ static void note_step(queue *q, const char *step, int64_t start_ms)
     q->slow_steps = 0;
 }
 
+/* Free space is read every DISK_CHECK_EVERY_MS between commits (statvfs, a
+ * microsecond: at 250 MB/s of writes, 12 MB pass between two reads); while it is under
+ * opt.min_free_bytes, commits of new events are refused, so that what drains
+ * the queue (persisting claims, acknowledgements, checkpoints) still has room. */
+static void check_disk(queue *q)
+{
+    struct statvfs fs;
+    if (q->opt.min_free_bytes <= 0 || statvfs(q->path, &fs) != 0)
+        return;
+    int64_t free_bytes = (int64_t)fs.f_bavail * (int64_t)fs.f_frsize;
+    int low = free_bytes < q->opt.min_free_bytes;
+    if (low && log_due(&q->disk_logged_ms))
+        log_warn("queue: refusing new events: the disk of data_dir is nearly full; sending "
+                 "goes on",
+                 LOG_I("free_mib", (long long)(free_bytes >> 20))
+                     LOG_I("min_free_mib", (long long)(q->opt.min_free_bytes >> 20)));
+    else if (!low && q->disk_low)
+        log_info("queue: the disk of data_dir has room again; taking new events",
+                 LOG_I("free_mib", (long long)(free_bytes >> 20)));
+    q->disk_low = low;
+}
+
 static void *writer_main(void *arg)
 {
     queue *q = arg;
@@ -1488,6 +1515,10 @@ static void *writer_main(void *arg)
             }
         }
         int64_t now = clock_mono_ms();
+        if (now - q->last_disk_check_ms >= DISK_CHECK_EVERY_MS) {
+            q->last_disk_check_ms = now;
+            check_disk(q);
+        }
         if (q->retry && (now >= q->retry_at_ms || stopping)) {
             struct op *retry = q->retry;
             q->retry = NULL;

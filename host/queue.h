@@ -49,6 +49,9 @@ struct queue_options {
     int64_t segment_records;        /* records per table of a feed's ring; 0: 8192 */
     int exclusive;                  /* the service: refuse when another holds data_dir */
     int64_t compact_min_free_bytes; /* free space that makes the file compact; 0: 512 MiB */
+    int64_t min_free_bytes;         /* new events are refused (QUEUE_FULL) while the file
+                                     * system of dir has less free: the room that sending
+                                     * and acknowledging need to drain the queue */
 };
 
 enum queue_status {

@@ -258,6 +258,7 @@ int service_run(const char *config_path)
         .max_depth = cfg->queue_max_depth,
         .dedup_window_ms = cfg->dedup_window_s * 1000,
         .exclusive = 1,
+        .min_free_bytes = cfg->queue_min_free_mb << 20,
     };
     if (queue_open(&s.q, &qo, err, sizeof err) != 0) {
         log_error("cannot open the queue", LOG_S("error", err));

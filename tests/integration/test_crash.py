@@ -76,14 +76,17 @@ class FullDisk(ServiceTest):
         self.addCleanup(subprocess.run, ["umount", "-l", path], capture_output=True)
         return path
 
-    def test_after_a_full_disk_everything_is_delivered_once_space_is_freed(self):
-        disk = self.mount_small_disk("48m")
+    def fill(self, min_free_mb):
+        """Events to a service whose mParticle answers 503, until the disk refuses more.
+        Returns the service, the double, the disk and the acknowledged ids."""
+        disk = self.mount_small_disk("64m")
         with open(os.path.join(disk, "filler"), "wb") as f:
             f.write(b"\0" * (12 << 20))
         d = MParticleDouble(feeds=dict(FEEDS)).start()
         self.addCleanup(d.stop)
         d.fail(503)
-        s = self.service(env=feed_env(d, TRIBUTARY_DATA_DIR=os.path.join(disk, "var")))
+        s = self.service(env=feed_env(d, TRIBUTARY_DATA_DIR=os.path.join(disk, "var"),
+                                      TRIBUTARY_QUEUE_MIN_FREE_MB=min_free_mb))
         s.data_dir = os.path.join(disk, "var")
         acknowledged, refusals, n = [], 0, 0
         while refusals < 5 and n < 2000:
@@ -97,10 +100,9 @@ class FullDisk(ServiceTest):
                 self.assertEqual(r.status, 503, r)
                 refusals += 1
         self.assertGreater(refusals, 0, "the disk never filled up")
-        # mParticle recovers, then the disk gets room again
-        d.clear_faults()
-        time.sleep(2)
-        os.unlink(os.path.join(disk, "filler"))
+        return s, d, disk, acknowledged
+
+    def assert_all_delivered(self, s, d, acknowledged):
         self.assertTrue(d.wait_for_events(len(acknowledged), 60 * SLOW),
                         "%d of %d delivered" % (d.event_count(), len(acknowledged)))
         self.assertEqual(set(acknowledged) - set(d.source_message_ids()), set())
@@ -112,3 +114,18 @@ class FullDisk(ServiceTest):
             time.sleep(0.2)
         self.assertEqual(depth(), 0, "delivered events still counted as queued")
         self.assertEqual(s.queued_ids(), [])
+
+    def test_a_disk_filled_to_the_last_byte_delivers_everything_once_space_is_freed(self):
+        s, d, disk, acknowledged = self.fill(min_free_mb=0)
+        # mParticle recovers, then the disk gets room again
+        d.clear_faults()
+        time.sleep(2)
+        os.unlink(os.path.join(disk, "filler"))
+        self.assert_all_delivered(s, d, acknowledged)
+
+    def test_new_events_are_refused_before_the_disk_is_full_and_the_queue_drains(self):
+        s, d, disk, acknowledged = self.fill(min_free_mb=24)
+        self.assertIn("refusing new events: the disk of data_dir is nearly full", s.logs())
+        # mParticle recovers; the disk keeps its filler
+        d.clear_faults()
+        self.assert_all_delivered(s, d, acknowledged)
