@@ -40,9 +40,10 @@
 /* What a call is charged is its wall-clock time: the thread's own CPU time
  * takes a system call to read (some 500 ns, more than most library calls
  * cost). So that a thread the host deschedules during a call (a busy machine:
- * tens of milliseconds) is not charged for other threads' time, one call pays
- * at most 1/TIMED_CALL_SHARE of the budget; a loop of costly calls still runs
- * out of budget within TIMED_CALL_SHARE of them. */
+ * tens of milliseconds) is not charged for other threads' time, a call pays at
+ * most 1/TIMED_CALL_SHARE of the budget by the wall clock; after such a call
+ * the rest of the sandbox_call is timed by the thread's CPU time, exactly, so
+ * that a loop of costly calls runs out of budget at its second. */
 #define TIMED_CALL_SHARE 8
 
 /* print() from scripts goes to the log, at most this many lines per second. */
@@ -57,6 +58,7 @@ struct sandbox {
     size_t limit; /* SIZE_MAX outside sandbox_call */
     int64_t steps;
     int64_t budget;
+    int cpu_timed; /* library calls timed by the thread's CPU time (see TIMED_CALL_SHARE) */
     enum trip tripped;
     int damaged;
     int base_ref; /* registry reference to the table behind every chunk's globals */
@@ -179,11 +181,18 @@ static int timed(lua_State *L)
 {
     lua_pushvalue(L, lua_upvalueindex(1));
     lua_insert(L, 1);
-    int64_t start = clock_mono_ns();
+    sandbox *sb = from_lua(L);
+    int cpu = sb->cpu_timed;
+    int64_t start = cpu ? clock_thread_ns() : clock_mono_ns();
     int status = lua_pcall(L, lua_gettop(L) - 1, LUA_MULTRET, 0);
-    int64_t cost = (int64_t)((double)(clock_mono_ns() - start) / ns_per_instruction);
-    int64_t most = from_lua(L)->budget / TIMED_CALL_SHARE;
-    charge(L, cost < most ? cost : most > 0 ? most : 1);
+    int64_t took = (cpu ? clock_thread_ns() : clock_mono_ns()) - start;
+    int64_t cost = (int64_t)((double)took / ns_per_instruction);
+    int64_t most = sb->budget / TIMED_CALL_SHARE > 0 ? sb->budget / TIMED_CALL_SHARE : 1;
+    if (!cpu && cost > most) {
+        cost = most;
+        sb->cpu_timed = 1;
+    }
+    charge(L, cost);
     if (status != LUA_OK)
         return lua_error(L);
     return lua_gettop(L);
@@ -701,6 +710,7 @@ enum sandbox_rc sandbox_call(sandbox *sb, int nargs, int nresults, const struct 
 
     sb->tripped = TRIP_NONE;
     sb->steps = 0;
+    sb->cpu_timed = 0;
     sb->budget = lim && lim->instructions > 0 ? lim->instructions : INT64_MAX;
     sb->limit = lim && lim->memory_bytes > 0 ? sb->used + lim->memory_bytes : SIZE_MAX;
     sb->where[0] = '\0';

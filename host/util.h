@@ -112,9 +112,10 @@ const char *arena_strndup(arena *a, const char *s, size_t n);
 
 /* ---- clocks and parsing ------------------------------------------------- */
 
-int64_t clock_wall_ms(void); /* milliseconds since the UNIX epoch */
-int64_t clock_mono_ms(void); /* monotonic milliseconds, for timeouts */
-int64_t clock_mono_ns(void); /* monotonic nanoseconds, to time or order short steps */
+int64_t clock_wall_ms(void);   /* milliseconds since the UNIX epoch */
+int64_t clock_mono_ms(void);   /* monotonic milliseconds, for timeouts */
+int64_t clock_mono_ns(void);   /* monotonic nanoseconds, to time or order short steps */
+int64_t clock_thread_ns(void); /* CPU time of the calling thread (a system call: ~0.5 us) */
 void clock_sleep_ms(int64_t ms);
 
 /* Parses a whole decimal integer within [min, max]; 0 or -1. */
