@@ -28,6 +28,11 @@
 #define PRUNE_SLICE 200000
 #define PRUNE_EVERY_MS 1000
 #define GAUGES_EVERY_MS 1000
+/* A background operation (an acknowledgement) that failed is tried again
+ * after this long. */
+#define RETRY_OPS_MS 1000
+/* Free space on the disk is read this often (see check_disk). */
+#define DISK_CHECK_EVERY_MS 50
 /* After a backlog most of the file is free pages. The queue gives them back
  * with VACUUM, which rewrites the pages in use (requests wait for it: about
  * 0.3 s for 64 MiB), so only while few are (COMPACT_MAX_USED_BYTES) and many
@@ -36,9 +41,6 @@
  * (auto_vacuum would give pages back a few at a time, but it keeps a map of
  * page owners that commits write too: 4 - 7% more CPU per event in `make
  * bench`.) */
-/* A background operation that failed is tried again after this long. */
-#define RETRY_OPS_MS 1000
-#define DISK_CHECK_EVERY_MS 50
 #define COMPACT_EVERY_MS 10000
 #define COMPACT_RETRY_MS (10 * 60 * 1000) /* after a failure (a full disk, most likely) */
 #define COMPACT_MIN_FREE_BYTES (512LL << 20)
