@@ -113,6 +113,11 @@ struct request {
     unsigned char cred_fp[32]; /* the feed's cred_fp when it was sent */
 };
 
+struct emptied {
+    int64_t *ids;
+    size_t n, cap;
+};
+
 struct sender {
     queue *q;
     queue_reader *reader;
@@ -136,6 +141,9 @@ struct sender {
     struct bucket account;
     int64_t account_not_before; /* a 429 for the whole account: monotonic ms */
     int turn;                   /* the feed that dispatches first this turn */
+    /* at start: persisted batches whose records were all delivered, removed
+     * once the read that restores the batches is over */
+    struct emptied emptied[FEED_COUNT];
 };
 
 /* ---- small helpers ------------------------------------------------------ */
@@ -1211,6 +1219,36 @@ static void finish(struct sender *s, CURLMsg *msg)
 
 /* ---- the loop ----------------------------------------------------------- */
 
+static int note_emptied(struct sender *s, const struct pbatch *b)
+{
+    struct emptied *e = &s->emptied[b->feed];
+    if (e->n == e->cap) {
+        size_t cap = e->cap ? e->cap * 2 : 64;
+        int64_t *ids = realloc(e->ids, cap * sizeof(*ids));
+        if (!ids)
+            return -1;
+        e->ids = ids;
+        e->cap = cap;
+    }
+    e->ids[e->n++] = b->id;
+    return 0;
+}
+
+/* The batches that had no records left go, one operation per feed; should it
+ * fail (a full disk), the queue tries it again. */
+static void remove_emptied(struct sender *s)
+{
+    for (int i = 0; i < FEED_COUNT; i++) {
+        if (s->emptied[i].n &&
+            queue_ack_async(s->q, s->emptied[i].ids, s->emptied[i].n, (enum feed)i, 0) != QUEUE_OK)
+            log_error("cannot remove persisted batches that had no records left; they are "
+                      "removed at the next start",
+                      LOG_S("feed", FEED_NAMES[i]) LOG_I("batches", (long long)s->emptied[i].n));
+        free(s->emptied[i].ids);
+        memset(&s->emptied[i], 0, sizeof s->emptied[i]);
+    }
+}
+
 static void load_batch(void *ctx, struct queue_batch *qb)
 {
     struct sender *s = ctx;
@@ -1234,8 +1272,9 @@ static void load_batch(void *ctx, struct queue_batch *qb)
         goto fail;
     if (items.n == 0) {
         /* its records were delivered, but the acknowledgement of the batch
-         * itself did not reach the disk: it goes now */
-        if (queue_ack(s->q, &b->id, 1, b->feed, 0) != QUEUE_OK)
+         * itself did not reach the disk: it goes after the restoring read (a
+         * write inside it, one per batch, kept the WAL from starting over) */
+        if (note_emptied(s, b) != 0 && queue_ack(s->q, &b->id, 1, b->feed, 0) != QUEUE_OK)
             goto fail;
         log_info("a persisted batch had no records left; removed",
                  LOG_S("feed", FEED_NAMES[b->feed]) LOG_S("batch", b->srid));
@@ -1293,6 +1332,7 @@ static void *sender_main(void *arg)
     s->cfg = snap.cfg;
     if (queue_load_batches(s->reader, load_batch, s) != 0)
         log_error("cannot read the persisted batches");
+    remove_emptied(s);
     size_t restored = 0;
     for (int i = 0; i < FEED_COUNT; i++)
         restored += s->feeds[i].nbatches;
