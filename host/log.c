@@ -138,9 +138,9 @@ void log_emit(enum log_level level, const char *msg, const struct log_field *fie
     buf_free(&b);
 }
 
-int log_due(long long *last_ms)
+int log_due(int64_t *last_ms)
 {
-    long long now = (long long)clock_mono_ms();
+    int64_t now = clock_mono_ms();
     if (*last_ms && now - *last_ms < LOG_REPEAT_MS)
         return 0;
     *last_ms = now;

@@ -11,6 +11,8 @@
 #ifndef TRIBUTARY_LOG_H
 #define TRIBUTARY_LOG_H
 
+#include <stdint.h>
+
 enum log_level { LOG_DEBUG, LOG_INFO, LOG_WARN, LOG_ERROR };
 enum log_format { LOG_LOGFMT, LOG_JSON };
 
@@ -44,7 +46,7 @@ void log_set_request(const char *request_id);
  * LOG_REPEAT_MS passed since *last_ms (the caller's own, 0 at first; its
  * owner's thread only), which it then updates; 0 to skip the line. */
 #define LOG_REPEAT_MS 10000
-int log_due(long long *last_ms);
+int log_due(int64_t *last_ms);
 
 int log_level_parse(const char *s, enum log_level *out);
 int log_format_parse(const char *s, enum log_format *out);

@@ -320,8 +320,7 @@ struct queue {
     int64_t retry_at_ms;
     int disk_low; /* the file system has less than opt.min_free_bytes free */
     int64_t last_disk_check_ms;
-    long long disk_logged_ms;
-    long long retry_logged_ms, commit_logged_ms, checkpoint_logged_ms; /* see log_due */
+    int64_t disk_logged_ms, retry_logged_ms, commit_logged_ms, checkpoint_logged_ms; /* log_due */
     int stopping;
 
     /* the checkpoint thread: requested by the writer, under mu */
@@ -1074,31 +1073,6 @@ static int64_t pragma_value(sqlite3 *db, const char *sql)
     return v;
 }
 
-/* Returns -1 when a compaction failed. */
-static int compact(queue *q)
-{
-    int64_t page = pragma_value(q->db, "PRAGMA page_size");
-    int64_t free_bytes = pragma_value(q->db, "PRAGMA freelist_count") * page;
-    int64_t used_bytes = pragma_value(q->db, "PRAGMA page_count") * page - free_bytes;
-    if (free_bytes < q->compact_min_free_bytes || used_bytes > COMPACT_MAX_USED_BYTES)
-        return 0;
-    char err[ERR_LEN];
-    int64_t t0 = clock_mono_ms();
-    /* the copy VACUUM builds goes to a temporary file, not to memory */
-    int rc = exec(q->db, "PRAGMA temp_store=FILE; VACUUM", err, sizeof err);
-    (void)sqlite3_exec(q->db, "PRAGMA temp_store=MEMORY", NULL, NULL, NULL);
-    if (rc != 0) {
-        log_warn("queue: cannot give the file's free space back; trying again in 10 minutes",
-                 LOG_S("error", err));
-        return -1;
-    }
-    log_info("queue: gave the file's free space back",
-             LOG_I("freed_mib", (long long)(free_bytes >> 20))
-                 LOG_I("used_mib", (long long)(used_bytes >> 20))
-                     LOG_I("ms", (long long)(clock_mono_ms() - t0)));
-    return 0;
-}
-
 /* Calls fn for every batch not finished, claim by claim, in id order. fn
  * returns non-zero to stop, and that is returned; -1 on a storage error or an
  * unreadable claim. */
@@ -1223,7 +1197,7 @@ static void *checkpointer_main(void *arg)
 {
     queue *q = arg;
     pthread_setname_np(pthread_self(), "queue-checkpt");
-    long long checkpointer_logged_ms = 0; /* see log_due */
+    int64_t checkpointer_logged_ms = 0; /* see log_due */
     pthread_mutex_lock(&q->mu);
     for (;;) {
         while ((!q->checkpoint_requested || q->restart_pending) && !q->stopping)
@@ -1434,6 +1408,44 @@ static void note_step(queue *q, const char *step, int64_t start_ms)
     q->slow_steps = 0;
 }
 
+/* Returns -1 when a compaction failed. */
+static int compact(queue *q)
+{
+    int64_t page = pragma_value(q->db, "PRAGMA page_size");
+    int64_t free_bytes = pragma_value(q->db, "PRAGMA freelist_count") * page;
+    int64_t used_bytes = pragma_value(q->db, "PRAGMA page_count") * page - free_bytes;
+    if (free_bytes < q->compact_min_free_bytes || used_bytes > COMPACT_MAX_USED_BYTES)
+        return 0;
+    char err[ERR_LEN];
+    int64_t t0 = clock_mono_ms();
+    /* the copy VACUUM builds goes to a temporary file, not to memory */
+    int rc = exec(q->db, "PRAGMA temp_store=FILE; VACUUM", err, sizeof err);
+    (void)sqlite3_exec(q->db, "PRAGMA temp_store=MEMORY", NULL, NULL, NULL);
+    if (rc != 0) {
+        log_warn("queue: cannot give the file's free space back; trying again in 10 minutes",
+                 LOG_S("error", err));
+        return -1;
+    }
+    log_info("queue: gave the file's free space back",
+             LOG_I("freed_mib", (long long)(free_bytes >> 20))
+                 LOG_I("used_mib", (long long)(used_bytes >> 20))
+                     LOG_I("ms", (long long)(clock_mono_ms() - t0)));
+    checkpoint(q); /* the rewritten file is in the WAL until then */
+    return 0;
+}
+
+/* Appends op to what the writer takes next. Under q->mu. */
+static void enqueue(queue *q, struct op *op)
+{
+    op->next = NULL;
+    op->status = QUEUE_ERROR;
+    if (q->pending_tail)
+        q->pending_tail->next = op;
+    else
+        q->pending = op;
+    q->pending_tail = op;
+}
+
 /* Free space is read every DISK_CHECK_EVERY_MS between commits (statvfs, a
  * microsecond: at 250 MB/s of writes, 12 MB pass between two reads); while it is under
  * opt.min_free_bytes, commits of new events are refused, so that what drains
@@ -1528,13 +1540,7 @@ static void *writer_main(void *arg)
             pthread_mutex_lock(&q->mu);
             for (struct op *op = retry, *next; op; op = next, n++) {
                 next = op->next;
-                op->next = NULL;
-                op->status = QUEUE_ERROR;
-                if (q->pending_tail)
-                    q->pending_tail->next = op;
-                else
-                    q->pending = op;
-                q->pending_tail = op;
+                enqueue(q, op);
             }
             pthread_mutex_unlock(&q->mu);
             if (log_due(&q->retry_logged_ms))
@@ -1561,7 +1567,6 @@ static void *writer_main(void *arg)
             int64_t t0 = clock_mono_ms();
             q->next_compact_ms = now + (compact(q) == 0 ? COMPACT_EVERY_MS : COMPACT_RETRY_MS);
             note_step(q, "compact", t0);
-            checkpoint(q);
         }
         if (stopping && !ops) {
             pthread_mutex_lock(&q->mu);
@@ -1579,18 +1584,12 @@ static void *writer_main(void *arg)
 static enum queue_status submit(queue *q, struct op *op)
 {
     op->done = 0;
-    op->next = NULL;
-    op->status = QUEUE_ERROR;
     pthread_mutex_lock(&q->mu);
     if (q->stopping || !q->writer_started) {
         pthread_mutex_unlock(&q->mu);
         return QUEUE_CLOSED;
     }
-    if (q->pending_tail)
-        q->pending_tail->next = op;
-    else
-        q->pending = op;
-    q->pending_tail = op;
+    enqueue(q, op);
     pthread_cond_signal(&q->work);
     if (op->async) {
         pthread_mutex_unlock(&q->mu);
@@ -2136,20 +2135,16 @@ int queue_open(queue **out, const struct queue_options *o, char *err, size_t err
             goto fail;
         }
     }
-    sqlite3_stmt *v;
-    if (sqlite3_prepare_v2(q->db, "SELECT value FROM meta WHERE key = 'schema_version'", -1, &v,
-                           NULL) != SQLITE_OK) {
-        str_printf(err, errlen, "%s: not a tributary queue (%s)", q->path, sqlite3_errmsg(q->db));
-        goto fail;
-    }
-    int ok = sqlite3_step(v) == SQLITE_ROW &&
-             strcmp((const char *)sqlite3_column_text(v, 0), SCHEMA_VERSION) == 0;
-    sqlite3_finalize(v);
-    if (!ok) {
-        str_printf(err, errlen,
-                   "%s: unknown queue schema version (written by another version of "
-                   "tributary; `tributary serve` upgrades an older one)",
-                   q->path);
+    /* a writer has brought the file to SCHEMA_VERSION; a reader cannot */
+    if (o->readonly && version != atoi(SCHEMA_VERSION)) {
+        if (version == 0)
+            str_printf(err, errlen, "%s: not a tributary queue yet (has the service run?)",
+                       q->path);
+        else
+            str_printf(err, errlen,
+                       "%s: queue schema version %d is older than this version of tributary "
+                       "reads; `tributary serve` upgrades it",
+                       q->path, version);
         goto fail;
     }
     if (!o->readonly && settle_delivered(q->db, err, errlen) != 0)

@@ -79,8 +79,8 @@ struct feed_state {
     enum feed_pause pause;
     int64_t probe_at;
     int probing;
-    unsigned char cred_fp[32];   /* fingerprint of key, secret and url */
-    long long persist_logged_ms; /* see log_due */
+    unsigned char cred_fp[32]; /* fingerprint of key, secret and url */
+    int64_t persist_logged_ms; /* see log_due */
     int has_fp;
     int failures;       /* consecutive failed rounds (see count_failure) */
     int64_t failed_ns;  /* when the last failure was counted, clock_mono_ns: whether a

@@ -399,18 +399,25 @@ class Delivery(ServiceTest):
         self.assertGreater(len(d.batches), 2)
         self.assertTrue(all(r["body_size"] < 256 * 1024 for r in d.requests))
 
-    def test_a_users_batch_is_split_where_its_user_attributes_would_pass_100(self):
-        # each event brings 60 user attributes of its own: two of them in one
-        # batch would be 120, which mParticle refuses with a 400
+    def with_60_user_attributes(self, name, value):
+        """A service whose rules give every event 60 user attributes, named
+        `name .. i` and valued `value` (Lua expressions of the event e), with
+        the events of one user in one second sharing a batch."""
         rules = self.rules_dir({"20-attributes.lua": (
             "return function(e, out)\n"
             "  if not out then return end\n"
             "  local attrs = out.batch.user_attributes\n"
-            "  for i = 1, 60 do attrs[e.properties.prefix .. i] = i end\n"
+            "  for i = 1, 60 do attrs[%s .. i] = %s end\n"
             "  return out\n"
-            "end\n")})
+            "end\n" % (name, value))})
         d = self.double()
         s = self.service(rules_dir=rules, env=feed_env(d, TRIBUTARY_BATCH_LINGER_MS=1000))
+        return s, d
+
+    def test_a_users_batch_is_split_where_its_user_attributes_would_pass_100(self):
+        # each event brings 60 user attributes of its own: two of them in one
+        # batch would be 120, which mParticle refuses with a 400
+        s, d = self.with_60_user_attributes("e.properties.prefix", "i")
         events = [event("users.messages.email.Send", user="attribute-rich", prefix=p)
                   for p in ("a", "b", "c")]
         self.assertEqual(s.post(events).status, 200)
@@ -423,15 +430,7 @@ class Delivery(ServiceTest):
         self.assertEqual(s.metrics()['tributary_dead_letters_total{reason="rejected"}'], 0)
 
     def test_user_attributes_repeated_across_a_users_events_count_once(self):
-        rules = self.rules_dir({"20-attributes.lua": (
-            "return function(e, out)\n"
-            "  if not out then return end\n"
-            "  local attrs = out.batch.user_attributes\n"
-            "  for i = 1, 60 do attrs['shared' .. i] = e.properties.n end\n"
-            "  return out\n"
-            "end\n")})
-        d = self.double()
-        s = self.service(rules_dir=rules, env=feed_env(d, TRIBUTARY_BATCH_LINGER_MS=1000))
+        s, d = self.with_60_user_attributes("'shared'", "e.properties.n")
         events = [event("users.messages.email.Send", user="attribute-rich", n=n) for n in range(3)]
         self.assertEqual(s.post(events).status, 200)
         self.assertTrue(d.wait_for_events(3, 10 * SLOW))

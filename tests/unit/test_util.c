@@ -171,7 +171,7 @@ END_TEST
 
 START_TEST(test_log_due_lets_one_line_through_per_period)
 {
-    long long last = 0;
+    int64_t last = 0;
     ck_assert_int_eq(log_due(&last), 1);
     ck_assert_int_eq(log_due(&last), 0);
     ck_assert_int_eq(log_due(&last), 0);
