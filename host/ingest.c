@@ -250,15 +250,17 @@ void ingest_handle(struct ingest *in, const struct ingest_request *req,
     if (m.nrecords || m.ndead)
         qs = queue_commit(in->q, &m, &res);
     if (qs != QUEUE_OK) {
-        int retry = qs == QUEUE_FULL     ? RETRY_AFTER_FULL
+        int full = qs == QUEUE_FULL || qs == QUEUE_NO_SPACE;
+        int retry = full                 ? RETRY_AFTER_FULL
                     : qs == QUEUE_CLOSED ? RETRY_AFTER_DRAINING
                                          : RETRY_AFTER_ERROR;
         log_warn("request not stored; Braze will retry",
                  LOG_S("queue", queue_status_name(qs)) LOG_I("events", (long long)m.nevents));
         respond_error(resp, 503, retry,
-                      qs == QUEUE_FULL     ? "queue full"
-                      : qs == QUEUE_CLOSED ? "shutting down"
-                                           : "storage error",
+                      qs == QUEUE_FULL       ? "queue full"
+                      : qs == QUEUE_NO_SPACE ? "disk full"
+                      : qs == QUEUE_CLOSED   ? "shutting down"
+                                             : "storage error",
                       -1, NULL);
         goto done;
     }

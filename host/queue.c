@@ -366,6 +366,8 @@ const char *queue_status_name(enum queue_status s)
         return "ok";
     case QUEUE_FULL:
         return "full";
+    case QUEUE_NO_SPACE:
+        return "disk full";
     case QUEUE_ERROR:
         return "storage error";
     case QUEUE_CLOSED:
@@ -379,7 +381,7 @@ const char *queue_status_name(enum queue_status s)
 static enum queue_status status_of(int rc)
 {
     if (rc == SQLITE_FULL)
-        return QUEUE_FULL;
+        return QUEUE_NO_SPACE;
     return QUEUE_ERROR;
 }
 
@@ -543,10 +545,11 @@ static enum queue_status apply_commit(queue *q, struct op *op, int64_t now, int6
         op->depth_delta[r->feed]++;
     }
     /* Checked after dedup, so a retry of stored events is still acknowledged;
-     * the savepoint of this operation is rolled back on QUEUE_FULL. */
+     * the savepoint of this operation is rolled back on a refusal. */
     if (res->queued > 0 && (depth + (int64_t)res->queued > q->opt.max_depth || q->disk_low)) {
+        enum queue_status refusal = q->disk_low ? QUEUE_NO_SPACE : QUEUE_FULL;
         memset(res, 0, sizeof(*res));
-        return QUEUE_FULL;
+        return refusal;
     }
     for (size_t i = 0; i < m->ndead; i++) {
         struct dead_letter *d = &m->dead[i];

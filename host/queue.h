@@ -49,16 +49,17 @@ struct queue_options {
     int64_t segment_records;        /* records per table of a feed's ring; 0: 8192 */
     int exclusive;                  /* the service: refuse when another holds data_dir */
     int64_t compact_min_free_bytes; /* free space that makes the file compact; 0: 512 MiB */
-    int64_t min_free_bytes;         /* new events are refused (QUEUE_FULL) while the file
+    int64_t min_free_bytes;         /* new events are refused (QUEUE_NO_SPACE) while the file
                                      * system of dir has less free: the room that sending
                                      * and acknowledging need to drain the queue */
 };
 
 enum queue_status {
     QUEUE_OK,
-    QUEUE_FULL,   /* over max_depth or the disk is full: try again later */
-    QUEUE_ERROR,  /* storage error */
-    QUEUE_CLOSED, /* shutting down */
+    QUEUE_FULL,     /* over max_depth: try again later */
+    QUEUE_NO_SPACE, /* the disk is full, or under queue.min_free_mb: try again later */
+    QUEUE_ERROR,    /* storage error */
+    QUEUE_CLOSED,   /* shutting down */
 };
 
 const char *queue_status_name(enum queue_status s);

@@ -78,7 +78,8 @@ class FullDisk(ServiceTest):
 
     def fill(self, min_free_mb):
         """Events to a service whose mParticle answers 503, until the disk refuses more.
-        Returns the service, the double, the disk and the acknowledged ids."""
+        Returns the service, the double, the disk, the acknowledged ids and the
+        error of each refusal."""
         disk = self.mount_small_disk("64m")
         with open(os.path.join(disk, "filler"), "wb") as f:
             f.write(b"\0" * (12 << 20))
@@ -88,8 +89,8 @@ class FullDisk(ServiceTest):
         s = self.service(env=feed_env(d, TRIBUTARY_DATA_DIR=os.path.join(disk, "var"),
                                       TRIBUTARY_QUEUE_MIN_FREE_MB=min_free_mb))
         s.data_dir = os.path.join(disk, "var")
-        acknowledged, refusals, n = [], 0, 0
-        while refusals < 5 and n < 2000:
+        acknowledged, refusals, n = [], [], 0
+        while len(refusals) < 5 and n < 2000:
             batch = [event("users.messages.email.Send", user="full-%d" % (n % 50),
                            id="full-%d-%d" % (n, k), blob="x" * 400) for k in range(100)]
             n += 1
@@ -98,9 +99,9 @@ class FullDisk(ServiceTest):
                 acknowledged += [e["id"] for e in batch]
             else:
                 self.assertEqual(r.status, 503, r)
-                refusals += 1
-        self.assertGreater(refusals, 0, "the disk never filled up")
-        return s, d, disk, acknowledged
+                refusals.append(r.json()["error"])
+        self.assertTrue(refusals, "the disk never filled up")
+        return s, d, disk, acknowledged, refusals
 
     def assert_all_delivered(self, s, d, acknowledged):
         self.assertTrue(d.wait_for_events(len(acknowledged), 60 * SLOW),
@@ -116,7 +117,7 @@ class FullDisk(ServiceTest):
         self.assertEqual(s.queued_ids(), [])
 
     def test_a_disk_filled_to_the_last_byte_delivers_everything_once_space_is_freed(self):
-        s, d, disk, acknowledged = self.fill(min_free_mb=0)
+        s, d, disk, acknowledged, _ = self.fill(min_free_mb=0)
         # mParticle recovers, then the disk gets room again
         d.clear_faults()
         time.sleep(2)
@@ -124,8 +125,9 @@ class FullDisk(ServiceTest):
         self.assert_all_delivered(s, d, acknowledged)
 
     def test_new_events_are_refused_before_the_disk_is_full_and_the_queue_drains(self):
-        s, d, disk, acknowledged = self.fill(min_free_mb=24)
+        s, d, disk, acknowledged, refusals = self.fill(min_free_mb=24)
         self.assertIn("refusing new events: the disk of data_dir is nearly full", s.logs())
+        self.assertEqual(set(refusals), {"disk full"})
         # mParticle recovers; the disk keeps its filler
         d.clear_faults()
         self.assert_all_delivered(s, d, acknowledged)

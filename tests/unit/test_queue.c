@@ -572,6 +572,47 @@ START_TEST(test_commit_up_to_max_depth_is_accepted_and_one_more_is_not)
 }
 END_TEST
 
+/* Under the disk reserve new events are refused as "disk full", not "queue
+ * full": the two call for different actions. */
+START_TEST(test_commit_under_the_disk_reserve_is_refused_as_no_space)
+{
+    struct queue_options o = {.dir = data_dir,
+                              .sync_full = 1,
+                              .max_depth = NO_LIMIT,
+                              .dedup_window_ms = DEDUP_DAY,
+                              .min_free_bytes = INT64_MAX / 2}; /* no disk has that much */
+    char err[ERR_LEN] = "";
+    queue *q = NULL;
+    ck_assert_msg(queue_open(&q, &o, err, sizeof err) == 0, "queue_open: %s", err);
+    ck_assert_str_eq(queue_status_name(QUEUE_NO_SPACE), "disk full");
+
+    /* the writer reads the free space between commits, every 50 ms */
+    enum queue_status st = QUEUE_OK;
+    int64_t before = 0;
+    char prefix[32];
+    for (int i = 0; i < 100 && st == QUEUE_OK; i++) {
+        before = depth(q, FEED_WEB);
+        struct mapping m;
+        mapping_init(&m);
+        snprintf(prefix, sizeof prefix, "n%d", i);
+        add_records(&m, FEED_WEB, prefix, 3);
+        struct dead_letter *d = add_dead(&m, FEED_WEB, "dead", DEAD_RULE_ERROR, "x", "{}");
+        struct commit_result res;
+        st = queue_commit(q, &m, &res);
+        if (st != QUEUE_OK) {
+            ck_assert_uint_eq(res.queued, 0);
+            ck_assert_int_eq(d->stored, 0);
+        }
+        mapping_free(&m);
+        if (st == QUEUE_OK)
+            usleep(20 * 1000);
+    }
+    ck_assert_int_eq(st, QUEUE_NO_SPACE);
+    ck_assert_int_eq(depth(q, FEED_WEB), before); /* nothing of the refused request */
+    queue_free(q);
+}
+END_TEST
+
 /* ---- group commit ------------------------------------------------------- */
 
 #define THREADS 8
@@ -1910,6 +1951,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_dedup_remembers_ids_seen_before_a_restart);
     tcase_add_test(tc, test_commit_beyond_max_depth_is_refused_whole);
     tcase_add_test(tc, test_commit_up_to_max_depth_is_accepted_and_one_more_is_not);
+    tcase_add_test(tc, test_commit_under_the_disk_reserve_is_refused_as_no_space);
     tcase_add_test(tc, test_concurrent_commits_are_all_stored_exactly_once);
     tcase_add_test(tc, test_persisted_batches_come_back_after_a_restart);
     tcase_add_test(tc, test_ack_removes_the_batch_and_its_records);
