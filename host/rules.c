@@ -577,6 +577,10 @@ static int json_room(struct json_out *j)
     return 0;
 }
 
+/* Numbers as text that reads back as the same number. cjson decodes every
+ * JSON number as a float: a whole one is written as an integer (a property
+ * 1700000000123 stays that, not 1.7e+12), others in the fewest digits, 15 to
+ * 17, that read back the same. */
 static int json_number(struct json_out *j, lua_State *L, int idx)
 {
     if (lua_isinteger(L, idx))
@@ -584,7 +588,15 @@ static int json_number(struct json_out *j, lua_State *L, int idx)
     double v = lua_tonumber(L, idx);
     if (!isfinite(v))
         return json_fail(j, "numbers must be finite");
-    return buf_printf(j->out, "%.14g", v);
+    if (v == floor(v) && fabs(v) < 0x1p63)
+        return buf_int(j->out, (long long)v);
+    char text[32];
+    for (int digits = 15; digits <= 17; digits++) {
+        snprintf(text, sizeof text, "%.*g", digits, v);
+        if (strtod(text, NULL) == v)
+            break;
+    }
+    return buf_adds(j->out, text);
 }
 
 /* The length of the table at idx as a JSON array, 0 when it is empty or an
@@ -1292,6 +1304,8 @@ static int is_blank(const char *s, size_t n)
     return 1;
 }
 
+#define DECODE_NO_MEMORY (-2)
+
 /* [-0, +1 on success] */
 struct decode_arg {
     rules *r;
@@ -1310,11 +1324,51 @@ static int protected_decode(lua_State *L)
     return 1;
 }
 
-/* [-0, +1] Pushes the decoded text; on failure pushes nothing and returns -1
- * (invalid JSON, reason in err) or DECODE_NO_MEMORY (our own trouble: the
- * request may succeed when tried again, so it is not the sender's fault). */
-#define DECODE_NO_MEMORY (-2)
-static int decode(rules *r, lua_State *L, const char *s, size_t n, char *err, size_t errlen)
+static int hex4(const char *p, unsigned *v)
+{
+    *v = 0;
+    for (int i = 0; i < 4; i++) {
+        int c = (unsigned char)p[i], d = c >= '0' && c <= '9'   ? c - '0'
+                                         : c >= 'a' && c <= 'f' ? c - 'a' + 10
+                                         : c >= 'A' && c <= 'F' ? c - 'A' + 10
+                                                                : -1;
+        if (d < 0)
+            return -1;
+        *v = *v << 4 | (unsigned)d;
+    }
+    return 0;
+}
+
+/* Replaces every \u escape of a UTF-16 surrogate that is not one half of a
+ * pair by \ufffd, the replacement character, in place (both are six bytes, so
+ * each event keeps its place in the body); returns how many. The JSON grammar
+ * allows such escapes (text cut in the middle of an emoji by a producer), cjson
+ * refuses them, and a 400 would make Braze drop the event for good. */
+static size_t repair_lone_surrogates(char *s, size_t n)
+{
+    size_t repaired = 0;
+    char *p = s, *end = s + n;
+    while ((p = memchr(p, '\\', (size_t)(end - p))) != NULL) {
+        unsigned hi, lo;
+        if (end - p < 6 || p[1] != 'u' || hex4(p + 2, &hi) != 0) {
+            p += end - p < 2 ? 1 : 2; /* another escape, \\ among them */
+            continue;
+        }
+        if (hi >= 0xD800 && hi <= 0xDBFF && end - p >= 12 && p[6] == '\\' && p[7] == 'u' &&
+            hex4(p + 8, &lo) == 0 && lo >= 0xDC00 && lo <= 0xDFFF) {
+            p += 12; /* a pair */
+            continue;
+        }
+        if (hi >= 0xD800 && hi <= 0xDFFF) {
+            memcpy(p + 2, "fffd", 4);
+            repaired++;
+        }
+        p += 6;
+    }
+    return repaired;
+}
+
+static int decode_text(rules *r, lua_State *L, const char *s, size_t n, char *err, size_t errlen)
 {
     struct decode_arg a = {r, s, n};
     lua_pushcfunction(L, protected_decode);
@@ -1326,6 +1380,30 @@ static int decode(rules *r, lua_State *L, const char *s, size_t n, char *err, si
         return rc == LUA_ERRMEM ? DECODE_NO_MEMORY : -1;
     }
     return 0;
+}
+
+/* [-0, +1] Pushes the decoded text; on failure pushes nothing and returns -1
+ * (invalid JSON, reason in err) or DECODE_NO_MEMORY (our own trouble: the
+ * request may succeed when tried again, so it is not the sender's fault). Text
+ * that cjson refuses only for its lone surrogates is decoded once they are
+ * repaired (see repair_lone_surrogates). */
+static int decode(rules *r, lua_State *L, const char *s, size_t n, char *err, size_t errlen)
+{
+    int rc = decode_text(r, L, s, n, err, errlen);
+    if (rc != -1 || !memchr(s, '\\', n))
+        return rc;
+    char *copy = malloc(n ? n : 1);
+    if (!copy)
+        return DECODE_NO_MEMORY;
+    memcpy(copy, s, n);
+    char first_err[ERR_LEN];
+    str_copy(first_err, sizeof first_err, err);
+    if (repair_lone_surrogates(copy, n) > 0)
+        rc = decode_text(r, L, copy, n, err, errlen);
+    if (rc == -1)
+        str_copy(err, errlen, first_err); /* the reason the text as sent was refused */
+    free(copy);
+    return rc;
 }
 
 /* True when the table at idx has only the keys 1..#t. */

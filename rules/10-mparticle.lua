@@ -12,12 +12,12 @@
 
 local null = cjson.null
 -- Locals: a global lookup goes through the sandbox's environment on every use.
-local type, pairs, ipairs, next, tostring = type, pairs, ipairs, next, tostring
+local type, pairs, ipairs, next, tostring, tonumber = type, pairs, ipairs, next, tostring, tonumber
 local concat, sort = table.concat, table.sort
 local encode = cjson.encode
 local tointeger, floor = math.tointeger, math.floor
 local utf8_len, utf8_offset = utf8.len, utf8.offset
-local byte, sub = string.byte, string.sub
+local byte, sub, format = string.byte, string.sub, string.format
 
 -- Braze event_type -> mParticle event_name (false: an `uninstall` event, no name).
 local NAMES = {
@@ -124,6 +124,27 @@ local function nonempty(v)
   return v
 end
 
+-- A scalar as text. cjson decodes every JSON number as a float: whole numbers
+-- are written as integers (12345, not 12345.0), others in as many digits as
+-- it takes to read back the same number. Absent values and tables have no
+-- text (nil).
+local SHORTER = { "%.15g", "%.16g" }
+local function text(v)
+  local t = type(v)
+  if t == "string" then return v end
+  if t == "number" then
+    local i = tointeger(v)
+    if i then return tostring(i) end
+    for _, digits in ipairs(SHORTER) do
+      local s = format(digits, v)
+      if tonumber(s) == v then return s end
+    end
+    return format("%.17g", v)
+  end
+  if v == nil or t == "table" then return nil end
+  return tostring(v)
+end
+
 -- Cut a string to at most `max` characters (bytes when what would be kept is
 -- not UTF-8). Reads about `max` characters, however long the string: a value
 -- of megabytes costs no more than one at the limit.
@@ -150,7 +171,7 @@ local function attribute_value(v)
     for _, item in ipairs(v) do
       item = present(item)
       if item ~= nil then
-        parts[#parts + 1] = type(item) == "table" and encode(item) or tostring(item)
+        parts[#parts + 1] = type(item) == "table" and encode(item) or text(item)
       end
     end
     return concat(parts, ",")
@@ -203,7 +224,7 @@ local function custom_attributes(props, device_id, skip1, skip2)
       end
     end
   end
-  local own_device_id = device_id and props.device_id == nil
+  local own_device_id = device_id and present(props.device_id) == nil
   if own_device_id then
     n = n + 1
     if n <= MAX_ATTRIBUTES then cuts = cuts + put(attrs, "device_id", device_id) end
@@ -218,7 +239,7 @@ local function custom_attributes(props, device_id, skip1, skip2)
     attrs, cuts = {}, 0
     for i = 1, MAX_ATTRIBUTES do
       local k = names[i]
-      local v = props[k]
+      local v = present(props[k])
       if v == nil then v = device_id end
       cuts = cuts + put(attrs, k, v)
     end
@@ -264,7 +285,7 @@ local function process(event, out)
 
   local user = present(event.user) or {}
   local props = present(event.properties) or {}
-  local customer_id = nonempty(user.external_user_id)
+  local customer_id = text(nonempty(user.external_user_id))
   if customer_id == nil then return false, "no_external_id" end
 
   local feed = feed_for(props)
@@ -300,7 +321,7 @@ local function process(event, out)
     feed = feed,
     batch = {
       environment = tributary.environment,
-      user_identities = { customer_id = tostring(customer_id), email = email },
+      user_identities = { customer_id = customer_id, email = email },
       user_attributes = { ["$mobile"] = mobile or nil },
       device_info = device_info,
     },
@@ -397,6 +418,13 @@ local tests = {
     expect = { event = { data = { custom_attributes = {
       card_id = "card-9", content_card_id = absent, media_urls = absent,
       suspected_bot_click_reason = "ua,ip", extra = '{"nested":true}' } } } },
+  },
+  {
+    name = "a null device_id property keeps the user's device_id",
+    event = { event_type = "users.messages.email.Send", id = "d-1", time = 1,
+              user = { external_user_id = "c", device_id = "dev-1" },
+              properties = { device_id = null } },
+    expect = { event = { data = { custom_attributes = { device_id = "dev-1" } } } },
   },
   {
     name = "no external_user_id: skipped",

@@ -271,6 +271,89 @@ START_TEST(test_malformed_json_is_refused_with_400)
 }
 END_TEST
 
+/* One event whose properties.subject is the JSON string text. */
+#define WITH_SUBJECT(id, text)                                                                     \
+    "{\"event_type\":\"users.messages.email.Send\",\"id\":\"" id "\",\"time\":1,"                  \
+    "\"user\":{\"external_user_id\":\"c-1\"},\"properties\":{\"subject\":\"" text "\"}}"
+
+START_TEST(test_a_lone_surrogate_escape_becomes_the_replacement_character)
+{
+    default_rules();
+    build();
+    /* cut in the middle of an emoji; a whole pair; an escaped backslash before
+     * "ud83d", which is text, not an escape */
+    const char *cut = WITH_SUBJECT("s-1", "sale \\ud83d!");
+    const char *pair = WITH_SUBJECT("s-2", "\\ud83d\\ude00 \\udc00");
+    const char *text = WITH_SUBJECT("s-3", "\\\\ud83d");
+    char body[1024];
+    snprintf(body, sizeof body, "{\"events\":[%s,%s,%s]}", cut, pair, text);
+    ck_assert_msg(map(body, INPUT_ENVELOPE) == 0, "%s", F.ie.reason);
+    ck_assert_uint_eq(F.m.nrecords, 3);
+    ck_assert_msg(contains(F.m.records[0].event.p, "\"subject\":\"sale \xef\xbf\xbd!\""), "%s",
+                  F.m.records[0].event.p);
+    ck_assert_msg(contains(F.m.records[1].event.p, "\"subject\":\"\xf0\x9f\x98\x80 \xef\xbf\xbd\""),
+                  "%s", F.m.records[1].event.p);
+    ck_assert_msg(contains(F.m.records[2].event.p, "\"subject\":\"\\\\ud83d\""), "%s",
+                  F.m.records[2].event.p);
+    /* the event is kept as Braze sent it */
+    ck_assert_uint_eq(F.m.records[0].raw.n, strlen(cut));
+    ck_assert_int_eq(memcmp(F.m.records[0].raw.p, cut, strlen(cut)), 0);
+}
+END_TEST
+
+START_TEST(test_malformed_json_with_a_lone_surrogate_is_still_refused)
+{
+    rule("10-pass.lua", PASS_RULE);
+    build();
+    ck_assert_int_eq(map("{\"events\": [\"\\ud800\"", INPUT_ENVELOPE), -1);
+    ck_assert_int_eq(F.ie.status, 400);
+    /* the reason is the one the text as sent got */
+    ck_assert_msg(contains(F.ie.reason, "malformed JSON") && contains(F.ie.reason, "unicode"),
+                  "reason: %s", F.ie.reason);
+}
+END_TEST
+
+/* cjson reads every JSON number as a float; what reaches mParticle is the
+ * number as sent. */
+START_TEST(test_numbers_keep_their_value_and_whole_numbers_stay_integers)
+{
+    default_rules();
+    build();
+    const char *body =
+        ENVELOPE("{\"event_type\":\"users.messages.email.Send\",\"id\":\"n-1\",\"time\":1,"
+                 "\"user\":{\"external_user_id\":12345},"
+                 "\"properties\":{\"ids\":[1,2,2.5,0.1],\"at\":1700000000123,\"big\":1e14,"
+                 "\"pi\":3.141592653589793,\"tenth\":0.1,\"neg\":-7}}");
+    ck_assert_msg(map(body, INPUT_ENVELOPE) == 0, "%s", F.ie.reason);
+    ck_assert_uint_eq(F.m.nrecords, 1);
+    const char *ev = F.m.records[0].event.p;
+    const char *want[] = {"\"ids\":\"1,2,2.5,0.1\"", "\"at\":1700000000123",
+                          "\"big\":100000000000000", "\"pi\":3.141592653589793",
+                          "\"tenth\":0.1",           "\"neg\":-7"};
+    for (size_t i = 0; i < ARRAY_LEN(want); i++)
+        ck_assert_msg(contains(ev, want[i]), "%s not in %s", want[i], ev);
+    ck_assert_msg(contains(F.m.records[0].batch.p, "\"customer_id\"\t\"12345\""), "%s",
+                  F.m.records[0].batch.p);
+    ck_assert_str_eq(F.m.records[0].user.p, "12345");
+}
+END_TEST
+
+/* absent and null are the same: a null properties.device_id leaves the user's */
+START_TEST(test_a_null_device_id_property_keeps_the_users_device_id)
+{
+    default_rules();
+    build();
+    const char *body =
+        ENVELOPE("{\"event_type\":\"users.messages.email.Send\",\"id\":\"d-1\",\"time\":1,"
+                 "\"user\":{\"external_user_id\":\"c-1\",\"device_id\":\"DEV-1\"},"
+                 "\"properties\":{\"device_id\":null}}");
+    ck_assert_msg(map(body, INPUT_ENVELOPE) == 0, "%s", F.ie.reason);
+    ck_assert_uint_eq(F.m.nrecords, 1);
+    ck_assert_msg(contains(F.m.records[0].event.p, "\"device_id\":\"DEV-1\""), "%s",
+                  F.m.records[0].event.p);
+}
+END_TEST
+
 START_TEST(test_a_json_array_is_not_an_envelope)
 {
     rule("10-pass.lua", PASS_RULE);
@@ -1424,6 +1507,10 @@ static Suite *suite(void)
 
     TCase *tc = tcase(s, "requests");
     tcase_add_test(tc, test_malformed_json_is_refused_with_400);
+    tcase_add_test(tc, test_a_lone_surrogate_escape_becomes_the_replacement_character);
+    tcase_add_test(tc, test_malformed_json_with_a_lone_surrogate_is_still_refused);
+    tcase_add_test(tc, test_numbers_keep_their_value_and_whole_numbers_stay_integers);
+    tcase_add_test(tc, test_a_null_device_id_property_keeps_the_users_device_id);
     tcase_add_test(tc, test_a_json_array_is_not_an_envelope);
     tcase_add_test(tc, test_an_object_without_events_is_not_an_envelope);
     tcase_add_test(tc, test_events_that_is_an_object_is_refused);
