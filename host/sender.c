@@ -812,7 +812,7 @@ static void dispatch(struct sender *s, struct feed_state *f, int64_t now)
     if (f->pause == PAUSE_AUTH) {
         /* one batch, alone, to learn whether the credentials work again (after any
          * backoff or Retry-After that the last probe earned) */
-        if (f->probing || now < f->probe_at || now < f->not_before)
+        if (f->probing || now < f->probe_at || now < f->not_before || now < s->account_not_before)
             return;
         for (struct pbatch *b = f->head; b; b = b->next) {
             if (!b->in_flight) {
@@ -1439,7 +1439,10 @@ int sender_start(sender **out, queue *q, char *err, size_t errlen)
         str_copy(err, errlen, "cannot create the HTTP client");
         goto fail;
     }
-    curl_multi_setopt(s->multi, CURLMOPT_MAX_HOST_CONNECTIONS, (long)(MAX_IN_FLIGHT * 2));
+    /* every feed may have all its requests in flight to the same host at once:
+     * with fewer connections, slow answers on two feeds would hold another
+     * feed's requests waiting inside curl for a connection */
+    curl_multi_setopt(s->multi, CURLMOPT_MAX_HOST_CONNECTIONS, (long)(MAX_IN_FLIGHT * FEED_COUNT));
     curl_multi_setopt(s->multi, CURLMOPT_MAXCONNECTS, (long)(MAX_IN_FLIGHT * FEED_COUNT * 2));
     if (pthread_create(&s->thread, NULL, sender_main, s) != 0) {
         str_copy(err, errlen, "cannot start the sender thread");

@@ -479,6 +479,26 @@ class Delivery(ServiceTest):
         s.proc.send_signal(signal.SIGHUP)
         self.assertTrue(d.wait_for_events(3, 10 * SLOW))
 
+    def test_slow_answers_on_two_feeds_do_not_hold_up_a_third(self):
+        d = self.double()
+        d.slow(6, feed="ios")
+        d.slow(6, feed="android")
+        s = self.service(env=feed_env(d))
+        # enough users that both slow feeds keep all their requests in flight
+        for platform in ("ios", "android"):
+            for n in range(0, 1000, 100):
+                batch = [event("users.messages.pushnotification.Send", platform=platform,
+                               user="%s-%d" % (platform, n + i)) for i in range(100)]
+                self.assertEqual(s.post(batch).status, 200)
+        self.wait(lambda: all(sum(r["feed"] == feed for r in d.requests) >= 8
+                              for feed in ("ios", "android")), what="requests in flight")
+        posted = time.monotonic()
+        web = event("users.messages.pushnotification.Send", platform="web", user="w")
+        s.post([web])
+        self.wait(lambda: web["id"] in d.source_message_ids("web"), timeout=4,
+                  what="the web event")
+        self.assertLess(time.monotonic() - posted, 4 * SLOW)
+
     def test_kill9_during_sending_loses_nothing_and_resends_in_flight_batches_unchanged(self):
         d = self.double()
         d.slow(1.5)
@@ -651,6 +671,20 @@ class Delivery(ServiceTest):
         ios = [r["time"] for r in d.requests if r["feed"] == "ios"]
         self.assertGreaterEqual(min(ios) - refused_at, 1.9)
         self.assertIn('limit=account', s.logs())
+
+    def test_a_429_for_the_account_holds_back_the_probe_of_a_paused_feed(self):
+        d = self.double()
+        d.fail(401, feed="ios", times=1)
+        s = self.service(env=feed_env(d, TRIBUTARY_RETRY_PAUSE_MS=1000))
+        s.post([event("users.messages.pushnotification.Send", platform="ios", user="a")])
+        self.wait(lambda: any(r["status"] == 401 for r in d.requests), what="the 401")
+        d.fail(429, feed="unbound", times=1, retry_after=4, rate_limit_exceeded="account")
+        s.post([event("users.messages.email.Send", user="b")])
+        self.wait(lambda: any(r["status"] == 429 for r in d.requests), what="the 429")
+        refused_at = next(r["time"] for r in d.requests if r["status"] == 429)
+        self.assertTrue(d.wait_for_events(2, 20 * SLOW))
+        probes = [r["time"] for r in d.requests if r["feed"] == "ios" and r["status"] != 401]
+        self.assertGreaterEqual(min(probes) - refused_at, 3.9)
 
     def test_high_rate_limit_usage_slows_the_feed(self):
         d = self.double()
