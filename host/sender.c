@@ -301,6 +301,49 @@ static struct pbatch *new_batch(enum feed f, const struct queue_items *items, co
     return b;
 }
 
+/* Replaces batch b, whose records are items (in its order), by two: the first
+ * `first` records and the rest, persisted in one step; parts receives them,
+ * held by the feed. b is freed. On failure (-1) nothing changed. */
+static int split_in_two(struct sender *s, struct feed_state *f, struct pbatch *b,
+                        const struct queue_items *items, size_t first, struct pbatch *parts[2])
+{
+    parts[0] = parts[1] = NULL;
+    struct queue_batch qb[2];
+    memset(qb, 0, sizeof qb);
+    size_t from[2] = {0, first}, count[2] = {first, items->n - first};
+    for (int i = 0; i < 2; i++) {
+        size_t *idx = malloc(count[i] * sizeof(*idx));
+        if (!idx)
+            goto fail;
+        for (size_t k = 0; k < count[i]; k++)
+            idx[k] = from[i] + k;
+        parts[i] = new_batch(f->feed, items, idx, count[i]);
+        free(idx);
+        if (!parts[i] || build_body(s, parts[i], items, from[i], count[i]) != 0)
+            goto fail;
+        parts[i]->limit = b->limit;
+        qb[i].feed = f->feed;
+        str_copy(qb[i].source_request_id, sizeof qb[i].source_request_id, parts[i]->srid);
+        qb[i].record_ids = parts[i]->record_ids;
+        qb[i].nrecords = parts[i]->nrecords;
+        qb[i].oldest_ms = parts[i]->oldest_ms;
+    }
+    if (queue_split_batch(s->q, b->id, qb, 2) != QUEUE_OK)
+        goto fail;
+    for (int i = 0; i < 2; i++) {
+        parts[i]->id = qb[i].id;
+        feed_insert(f, parts[i]);
+    }
+    feed_remove(f, b);
+    pbatch_free(b);
+    return 0;
+fail:
+    pbatch_free(parts[0]);
+    pbatch_free(parts[1]);
+    parts[0] = parts[1] = NULL;
+    return -1;
+}
+
 /* The line below which every record of the feed is delivered or dead: each
  * record up to the cursor is in a batch the feed still holds, or is settled.
  * The head of the batches has the smallest record id of them all. */
@@ -481,6 +524,42 @@ static int64_t wall_to_age_ms(int64_t wall_ms)
 }
 
 /* Moves waiting batches past retry.max_age_s to the dead-letter store. */
+/* The part of batch b (past retry.max_age_s) to dead-letter: b itself when
+ * all its records were received before cutoff; when some came later, b is
+ * split in two, the older records first, and the older part is returned, so
+ * that a young event does not go with an old one of its user. NULL: nothing
+ * now (the split failed and b stays whole until the next sweep). */
+static struct pbatch *expired_part(struct sender *s, struct feed_state *f, struct pbatch *b,
+                                   int64_t cutoff)
+{
+    struct queue_items items;
+    queue_items_init(&items);
+    struct pbatch *parts[2] = {NULL, NULL}, *expired = NULL;
+    struct queue_item *sorted = NULL;
+    if (queue_fetch(s->reader, b->feed, b->record_ids, b->nrecords, &items) != 0 ||
+        items.n != b->nrecords)
+        goto done;
+    size_t old = 0;
+    for (size_t i = 0; i < items.n; i++)
+        old += items.items[i].received_ms < cutoff;
+    if (old == items.n) {
+        expired = b;
+        goto done;
+    }
+    if (old == 0 || !(sorted = malloc(items.n * sizeof(*sorted))))
+        goto done;
+    size_t o = 0, y = old;
+    for (size_t i = 0; i < items.n; i++)
+        sorted[items.items[i].received_ms < cutoff ? o++ : y++] = items.items[i];
+    memcpy(items.items, sorted, items.n * sizeof(*sorted));
+    if (split_in_two(s, f, b, &items, old, parts) == 0)
+        expired = parts[0];
+done:
+    free(sorted);
+    queue_items_free(&items);
+    return expired;
+}
+
 static void expire_batches(struct sender *s, struct feed_state *f)
 {
     int64_t cutoff = clock_wall_ms() - s->cfg->retry_max_age_s * 1000;
@@ -488,6 +567,9 @@ static void expire_batches(struct sender *s, struct feed_state *f)
     for (struct pbatch *b = f->head, *next; b; b = next) {
         next = b->next;
         if (b->in_flight || b->oldest_ms >= cutoff)
+            continue;
+        b = expired_part(s, f, b, cutoff); /* next stays in the list */
+        if (!b)
             continue;
         enum queue_status st =
             queue_dead_batch(s->q, b->id, DEAD_MAX_AGE, "not delivered within retry.max_age_s");
@@ -1036,47 +1118,15 @@ static void on_auth_refused(struct sender *s, struct request *r, int status)
 /* Splits a lone batch in two halves (413); rebuilds both bodies. */
 static int split_batch(struct sender *s, struct feed_state *f, struct pbatch *b)
 {
-    size_t half = b->nrecords / 2;
     struct queue_items items;
     queue_items_init(&items);
-    struct pbatch *parts[2] = {NULL, NULL};
-    struct queue_batch qb[2];
-    memset(qb, 0, sizeof qb);
+    struct pbatch *parts[2];
     int rc = -1;
-    if (queue_fetch(s->reader, b->feed, b->record_ids, b->nrecords, &items) != 0 ||
-        items.n != b->nrecords)
-        goto done;
-    size_t from[2] = {0, half}, count[2] = {half, b->nrecords - half};
-    for (int i = 0; i < 2; i++) {
-        size_t *idx = malloc(count[i] * sizeof(*idx));
-        if (!idx)
-            goto done;
-        for (size_t k = 0; k < count[i]; k++)
-            idx[k] = from[i] + k;
-        parts[i] = new_batch(f->feed, &items, idx, count[i]);
-        free(idx);
-        if (!parts[i] || build_body(s, parts[i], &items, from[i], count[i]) != 0)
-            goto done;
-        qb[i].feed = f->feed;
-        str_copy(qb[i].source_request_id, sizeof qb[i].source_request_id, parts[i]->srid);
-        qb[i].record_ids = parts[i]->record_ids;
-        qb[i].nrecords = parts[i]->nrecords;
-        qb[i].oldest_ms = parts[i]->oldest_ms;
+    if (queue_fetch(s->reader, b->feed, b->record_ids, b->nrecords, &items) == 0 &&
+        items.n == b->nrecords && split_in_two(s, f, b, &items, b->nrecords / 2, parts) == 0) {
+        parts[0]->limit = parts[1]->limit = 1;
+        rc = 0;
     }
-    if (queue_split_batch(s->q, b->id, qb, 2) != QUEUE_OK)
-        goto done;
-    for (int i = 0; i < 2; i++) {
-        parts[i]->id = qb[i].id;
-        parts[i]->limit = 1;
-        feed_insert(f, parts[i]);
-        parts[i] = NULL;
-    }
-    feed_remove(f, b);
-    pbatch_free(b);
-    rc = 0;
-done:
-    pbatch_free(parts[0]);
-    pbatch_free(parts[1]);
     queue_items_free(&items);
     return rc;
 }

@@ -461,6 +461,30 @@ class Delivery(ServiceTest):
         self.assertEqual(sorted(d.source_message_ids()), sorted(e["id"] for e in events))
         self.assertEqual(json.loads(s2.cli(["dlq", "list", "--json"]).stdout), [])
 
+    def test_past_max_age_only_the_old_events_of_a_users_batch_are_dead_lettered(self):
+        d = self.double()
+        d.fail(503)
+        s = self.service(env=feed_env(d, feeds={}, TRIBUTARY_RETRY_MAX_AGE_S=4),
+                         config="return {}\n")
+        old = event("users.messages.email.Send", user="same")
+        s.post([old])
+        time.sleep(2.5)
+        young = event("users.messages.email.Send", user="same")
+        s.post([young])
+        # credentials arrive: both events go into one batch for their user
+        with open(s.config, "w") as f:
+            f.write('return { feeds = { unbound = { key = "unbound-key", '
+                    'secret = "unbound-secret" } } }\n')
+        s.proc.send_signal(signal.SIGHUP)
+        self.wait(lambda: any(r["status"] == 503 for r in d.requests), what="the batch refused")
+        self.wait(lambda: s.metrics().get('tributary_dead_letters_total{reason="max_age"}') == 1,
+                  what="the old event dead-lettered")
+        d.clear_faults()
+        self.assertTrue(d.wait_for_events(1, 10 * SLOW))
+        self.assertEqual(d.source_message_ids(), [young["id"]])
+        dead = json.loads(s.cli(["dlq", "list", "--json"]).stdout)
+        self.assertEqual([x["event_id"] for x in dead], [old["id"]])
+
     def test_feed_without_credentials_holds_its_events_until_they_arrive(self):
         d = self.double()
         conf_path = None
