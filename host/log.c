@@ -20,6 +20,15 @@ void log_setup(enum log_level level, enum log_format format)
     atomic_store(&g_format, (int)format);
 }
 
+void log_configure(const char *level, const char *format)
+{
+    enum log_level l = LOG_INFO;
+    enum log_format f = LOG_LOGFMT;
+    (void)log_level_parse(level, &l);
+    (void)log_format_parse(format, &f);
+    log_setup(l, f);
+}
+
 int log_enabled(enum log_level level)
 {
     return (int)level >= atomic_load(&g_level);

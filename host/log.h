@@ -29,6 +29,9 @@ struct log_field {
 #define LOG_I(k, v) {(k), LOG_FIELD_INT, NULL, (long long)(v)},
 
 void log_setup(enum log_level level, enum log_format format);
+/* log_setup from the configuration's words (log.level, log.format); a word it
+ * does not know leaves info, or logfmt (the configuration has checked them). */
+void log_configure(const char *level, const char *format);
 int log_enabled(enum log_level level);
 /* fields ends with an entry of kind LOG_FIELD_END; the macros below add it. */
 void log_emit(enum log_level level, const char *msg, const struct log_field *fields);

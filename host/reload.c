@@ -118,6 +118,7 @@ static void warn_restart_only(const struct config *old, const struct config *neu
         {"http.request_timeout_s", offsetof(struct config, http_request_timeout_s)},
         {"inbound.max_body_bytes", offsetof(struct config, inbound_max_body_bytes)},
         {"queue.max_depth", offsetof(struct config, queue_max_depth)},
+        {"queue.min_free_mb", offsetof(struct config, queue_min_free_mb)},
         {"dedup.window_s", offsetof(struct config, dedup_window_s)}};
     for (size_t i = 0; i < ARRAY_LEN(strs); i++) {
         const char *a = *(char *const *)((const char *)old + strs[i].off);
@@ -164,6 +165,7 @@ int reload_now(const char *trigger, char *err, size_t errlen)
     }
     if (old)
         warn_restart_only(old, cfg);
+    log_configure(cfg->log_level, cfg->log_format); /* before the line saying it is done */
     pthread_mutex_lock(&R.mu);
     struct config *prev_cfg = R.cfg;
     ruleset *prev_rs = R.rs;

@@ -218,11 +218,7 @@ int service_run(const char *config_path)
         fprintf(stderr, "tributary: configuration error:\n%s\n", err);
         return 1;
     }
-    enum log_level level = LOG_INFO;
-    enum log_format format = LOG_LOGFMT;
-    (void)log_level_parse(cfg->log_level, &level);
-    (void)log_format_parse(cfg->log_format, &format);
-    log_setup(level, format);
+    log_configure(cfg->log_level, cfg->log_format);
     for (char *w = cfg->warnings, *nl; w && *w; w = nl ? nl + 1 : NULL) {
         nl = strchr(w, '\n');
         char line[512];

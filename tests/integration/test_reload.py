@@ -170,6 +170,20 @@ class Reload(ServiceTest):
         self.assertNotIn("second-token-bbbbbbb", s.logs())
         self.assertTrue(os.path.isdir(d))
 
+    def test_sighup_applies_the_log_format_and_names_settings_that_need_a_restart(self):
+        s = self.service(config="return { queue = { min_free_mb = 1 } }\n")
+        with open(s.config, "w") as f:
+            f.write('return { log = { format = "json" }, queue = { min_free_mb = 0 } }\n')
+        s.proc.send_signal(signal.SIGHUP)
+        deadline = time.time() + 10 * SLOW
+        while time.time() < deadline and "configuration and rules reloaded" not in s.logs():
+            time.sleep(0.05)
+        lines = s.logs().splitlines()
+        reloaded = next(i for i, line in enumerate(lines) if "configuration and rules reloaded" in line)
+        self.assertEqual(json.loads(lines[reloaded])["msg"], "configuration and rules reloaded")
+        warning = next(line for line in lines if "only after a restart" in line)
+        self.assertIn("queue.min_free_mb", warning)
+
     def test_a_reload_cannot_switch_off_the_credentials_the_bound_address_needs(self):
         # bound to every address with a token; the new file moves to loopback
         # without one, but the socket stays where it is until a restart
