@@ -3,6 +3,7 @@
 #include "config.h"
 #include "metrics.h"
 #include "queue.h"
+#include "reload.h"
 #include "rules.h"
 #include "util.h"
 
@@ -322,8 +323,24 @@ static int cmd_requeue(const struct cli_options *o, struct config *c)
         fprintf(stderr, "tributary: out of memory\n");
         goto done;
     }
-    if (ruleset_load(&rs, c, err, sizeof err) != 0 ||
-        rules_new(&engine, rs, err, sizeof err) != 0) {
+    if (ruleset_load(&rs, c, err, sizeof err) != 0) {
+        fprintf(stderr, "%s\n", err);
+        goto done;
+    }
+    /* rules that the service would refuse (their tests fail) map nothing */
+    buf report;
+    buf_init(&report, 1 << 20);
+    int ntests = 0;
+    int invalid = reload_validate(rs, &report, &ntests);
+    if (invalid)
+        fprintf(stderr,
+                "tributary: the rules in %s fail their tests, as a reload would find; nothing "
+                "requeued:\n%s",
+                c->rules_dir, report.data ? report.data : "");
+    buf_free(&report);
+    if (invalid)
+        goto done;
+    if (rules_new(&engine, rs, err, sizeof err) != 0) {
         fprintf(stderr, "%s\n", err);
         goto done;
     }

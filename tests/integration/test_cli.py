@@ -168,6 +168,21 @@ class DeadLetterCommands(ServiceTest):
         self.assertEqual(sorted(s.queued_ids()), sorted(ids))
         self.assertEqual(json.loads(s.cli(["dlq", "list", "--json"]).stdout), [])
 
+    def test_requeue_refuses_rules_whose_tests_fail(self):
+        s, ids = self.dead_letters(3)
+        s.env["TRIBUTARY_RULES_DIR"] = self.rules_dir({"50-tested.lua": (
+            "return { process = function(e, out) end, tests = {\n"
+            "  { name = 'always wrong', event = { event_type = 'users.messages.email.Open',\n"
+            "    id = '1', time = 1, user = { external_user_id = 'c' } },\n"
+            "    expect = { feed = 'ios' } } } }\n")})
+        p = s.cli(["dlq", "requeue", "--all"])
+        self.assertEqual(p.returncode, 1)
+        self.assertIn("fail their tests", p.stderr)
+        self.assertIn("test 'always wrong' failed", p.stderr)
+        self.assertEqual(s.queued_ids(), [])
+        dead = json.loads(s.cli(["dlq", "list", "--json"]).stdout)
+        self.assertEqual(sorted(d["event_id"] for d in dead), sorted(ids))
+
     def test_requeue_ends_when_the_rules_dead_letter_every_event_again(self):
         count = 2 * REQUEUE_PAGE + REQUEUE_PAGE // 2
         s, ids = self.dead_letters(count)
