@@ -20,7 +20,8 @@ static struct {
     int watch_fd;
     int watch_wd;
     char *watched;
-} R = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, NULL, NULL, NULL, 0, -1, -1, NULL};
+    int watch_warned; /* the watch failed, and it was said */
+} R = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, NULL, NULL, NULL, 0, -1, -1, NULL, 0};
 
 int reload_validate(ruleset *rs, buf *report, int *ntests)
 {
@@ -200,15 +201,19 @@ done:
 
 /* ---- watching rules_dir ------------------------------------------------- */
 
-static void watch_dir(void)
+/* Watches the rules_dir in force. Returns 1 when the directory being watched
+ * had been lost (replaced, or missing for a while) and is watched again: what
+ * it holds now was never loaded. */
+static int watch_dir(void)
 {
     struct snapshot snap;
     reload_get(&snap);
     const char *dir = snap.cfg ? snap.cfg->rules_dir : NULL;
     if (dir && R.watched && strcmp(dir, R.watched) == 0 && R.watch_wd >= 0) {
         reload_put(&snap);
-        return;
+        return 0;
     }
+    int lost = dir && R.watched && strcmp(dir, R.watched) == 0;
     if (R.watch_wd >= 0)
         inotify_rm_watch(R.watch_fd, R.watch_wd);
     R.watch_wd = -1;
@@ -218,11 +223,14 @@ static void watch_dir(void)
         R.watch_wd = inotify_add_watch(R.watch_fd, dir,
                                        IN_CLOSE_WRITE | IN_MOVED_TO | IN_MOVED_FROM | IN_DELETE |
                                            IN_CREATE | IN_DELETE_SELF | IN_MOVE_SELF);
-        if (R.watch_wd < 0)
+        /* once while it stays away: the main loop tries again every second */
+        if (R.watch_wd < 0 && !R.watch_warned)
             log_warn("cannot watch rules_dir; reload with SIGHUP or /admin/reload",
                      LOG_S("rules_dir", dir) LOG_S("error", strerror(errno)));
+        R.watch_warned = R.watch_wd < 0;
     }
     reload_put(&snap);
+    return lost && R.watch_wd >= 0;
 }
 
 int reload_watch_start(void)
@@ -233,7 +241,7 @@ int reload_watch_start(void)
                  LOG_S("error", strerror(errno)));
         return -1;
     }
-    watch_dir();
+    (void)watch_dir();
     return R.watch_fd;
 }
 
@@ -266,14 +274,13 @@ int reload_watch_changed(void)
         }
     }
     if (R.watch_wd < 0)
-        watch_dir();
+        relevant |= watch_dir();
     return relevant;
 }
 
-void reload_watch_refresh(void)
+int reload_watch_refresh(void)
 {
-    if (R.watch_fd >= 0)
-        watch_dir();
+    return R.watch_fd >= 0 ? watch_dir() : 0;
 }
 
 void reload_watch_stop(void)
@@ -284,4 +291,5 @@ void reload_watch_stop(void)
     R.watch_wd = -1;
     free(R.watched);
     R.watched = NULL;
+    R.watch_warned = 0;
 }

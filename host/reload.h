@@ -48,8 +48,9 @@ int reload_now(const char *trigger, char *err, size_t errlen) WUR;
 int reload_watch_start(void);
 /* Reads the pending notifications; 1 when one of them concerns a rule file. */
 int reload_watch_changed(void);
-/* Follows a rules_dir changed by a reload. */
-void reload_watch_refresh(void);
+/* Follows a rules_dir changed by a reload, and watches again one that was
+ * replaced or missing: 1 then, as its rules need loading. */
+int reload_watch_refresh(void);
 void reload_watch_stop(void);
 
 #endif

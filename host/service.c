@@ -176,8 +176,10 @@ static int wait_for_stop(int wfd)
     char rerr[4096];
     for (;;) {
         struct pollfd fds[2] = {{sfd, POLLIN, 0}, {wfd, POLLIN, 0}};
-        /* follow a rules_dir changed by any reload (also /admin/reload) */
-        reload_watch_refresh();
+        /* follow a rules_dir changed by any reload (also /admin/reload), and
+         * one that comes back after it was replaced or removed */
+        if (reload_watch_refresh())
+            reload_at = clock_mono_ms() + RELOAD_SETTLE_MS;
         int timeout = 1000;
         if (reload_at) {
             int64_t left = reload_at - clock_mono_ms();

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -147,6 +148,29 @@ class Reload(ServiceTest):
                                        (e["id"],)).fetchone()
             name = json.loads(mapped)["data"]["event_name"]
         self.assertEqual(name, "Renamed By Rule")
+
+    def test_a_rules_dir_replaced_after_a_gap_is_loaded_when_it_comes_back(self):
+        rules = self.rules_dir()
+        s = self.service(rules_dir=rules)
+        os.rename(rules, rules + ".prev")
+        self.addCleanup(shutil.rmtree, rules + ".prev", True)
+        time.sleep(2.5)  # the service finds no rules_dir for a while
+        fresh = self.rules_dir({"60-rename.lua": "return function(e, out)\n"
+                                "  if out then out.event.data.event_name = 'Renamed By Rule' end\n"
+                                "end\n"})
+        os.rename(fresh, rules)
+        deadline = time.time() + 10 * SLOW
+        name = None
+        while name != "Renamed By Rule" and time.time() < deadline:
+            e = event("users.messages.email.Open")
+            self.assertEqual(s.post([e]).status, 200)
+            with s.db() as db:
+                (mapped,) = db.execute("SELECT event FROM %s WHERE event_id = ?" % RECORDS,
+                                       (e["id"],)).fetchone()
+            name = json.loads(mapped)["data"]["event_name"]
+            time.sleep(0.1)
+        self.assertEqual(name, "Renamed By Rule")
+        self.assertEqual(s.logs().count("cannot watch rules_dir"), 1)
 
     def test_sighup_reloads_inbound_tokens_for_rotation(self):
         d = self.tmpdir()
