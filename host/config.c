@@ -759,7 +759,11 @@ static void check_url(const char *what, const char *url, struct errs *e)
     errs_add(e, "%s: must be an https:// URL", what);
 }
 
-static void check(struct config *c, struct errs *e)
+/* serving: also what only `serve` needs (how requests are authenticated for
+ * the address it listens on); the other commands read data_dir and rules_dir
+ * with the service's file, where the inbound secrets may come from an
+ * environment they do not have. */
+static void check(struct config *c, struct errs *e, int serving)
 {
     for (size_t i = 0; i < ARRAY_LEN(KEYS); i++) {
         const struct key *k = &KEYS[i];
@@ -772,16 +776,17 @@ static void check(struct config *c, struct errs *e)
     int port;
     if (config_listen_addr(c, host, sizeof host, &port) != 0)
         errs_add(e, "listen: \"%s\" is not HOST:PORT", c->listen);
-    else if (!config_host_is_loopback(host) && c->inbound_tokens.n == 0 &&
+    else if (serving && !config_host_is_loopback(host) && c->inbound_tokens.n == 0 &&
              c->inbound_hmac_secrets.n == 0)
         errs_add(e,
                  "listen: refusing to listen on non-loopback address %s without "
                  "inbound.tokens (TRIBUTARY_INBOUND_TOKENS) or inbound.hmac_secrets",
                  host);
     const char *req = c->inbound_require;
-    if ((strcmp(req, "token") == 0 || strcmp(req, "both") == 0) && c->inbound_tokens.n == 0)
+    if (serving && (strcmp(req, "token") == 0 || strcmp(req, "both") == 0) &&
+        c->inbound_tokens.n == 0)
         errs_add(e, "inbound.require = \"%s\" needs inbound.tokens", req);
-    if ((strcmp(req, "signature") == 0 || strcmp(req, "both") == 0) &&
+    if (serving && (strcmp(req, "signature") == 0 || strcmp(req, "both") == 0) &&
         c->inbound_hmac_secrets.n == 0)
         errs_add(e, "inbound.require = \"%s\" needs inbound.hmac_secrets", req);
     if (!c->tls_cert != !c->tls_key)
@@ -816,7 +821,7 @@ static void check(struct config *c, struct errs *e)
 /* ---- public ------------------------------------------------------------- */
 
 static int load(struct config **out, const char *path, const char *src, size_t len, int env,
-                char *err, size_t errlen)
+                int serving, char *err, size_t errlen)
 {
     *out = NULL;
     struct errs e = {0};
@@ -848,7 +853,7 @@ static int load(struct config **out, const char *path, const char *src, size_t l
     if (e.count == 0 && env)
         load_env(c, &e, &warnings);
     if (e.count == 0)
-        check(c, &e);
+        check(c, &e, serving);
 
     if (e.count) {
         str_copy(err, errlen, e.b.data ? e.b.data : "invalid configuration");
@@ -866,14 +871,14 @@ static int load(struct config **out, const char *path, const char *src, size_t l
 
 int config_load(struct config **out, const char *path, char *err, size_t errlen)
 {
-    return load(out, path, NULL, 0, 1, err, errlen);
+    return load(out, path, NULL, 0, 1, 1, err, errlen);
 }
 
-struct config *config_load_for_command(const char *path)
+struct config *config_load_for_command(const char *path, int serving)
 {
     char err[4096];
     struct config *c = NULL;
-    if (config_load(&c, path, err, sizeof err) != 0) {
+    if (load(&c, path, NULL, 0, 1, serving, err, sizeof err) != 0) {
         fprintf(stderr, "%s\n", err);
         return NULL;
     }
@@ -894,7 +899,7 @@ int config_load_source(struct config **out, const char *name, const char *src, s
     }
     memcpy(copy, src, len);
     copy[len] = '\0';
-    int rc = load(out, name, copy, len, 0, err, errlen);
+    int rc = load(out, name, copy, len, 0, 1, err, errlen);
     free(copy);
     return rc;
 }

@@ -88,8 +88,11 @@ struct config {
  * writes one message per line into err. Caller releases with config_unref. */
 int config_load(struct config **out, const char *path, char *err, size_t errlen) WUR;
 
-/* config_load for a one-shot command: errors and warnings go to stderr. NULL on error. */
-struct config *config_load_for_command(const char *path);
+/* config_load for a one-shot command: errors and warnings go to stderr. NULL on
+ * error. Without serving, what only `serve` needs is not checked (inbound
+ * credentials for the listen address): dlq and queue commands run with the
+ * service's file where its secrets come from the service's environment. */
+struct config *config_load_for_command(const char *path, int serving);
 
 /* The same from a configuration text in memory (name is used in messages),
  * without the environment: for tests and fuzzing. */

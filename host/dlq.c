@@ -469,7 +469,7 @@ int dlq_main(const struct cli_options *o)
     struct cli_options rest = *o;
     rest.args = o->args + 1;
     rest.nargs = o->nargs - 1;
-    struct config *c = config_load_for_command(o->config);
+    struct config *c = config_load_for_command(o->config, 0);
     if (!c)
         return 1;
     int rc;
@@ -495,7 +495,7 @@ int queue_main(const struct cli_options *o)
         fprintf(stderr, "usage: tributary queue stats [--json]\n");
         return 2;
     }
-    struct config *c = config_load_for_command(o->config);
+    struct config *c = config_load_for_command(o->config, 0);
     if (!c)
         return 1;
     queue *q = open_queue(c, 0);

@@ -127,7 +127,7 @@ static int parse_args(int argc, char **argv, struct args *a)
 
 static int cmd_check(const struct args *a)
 {
-    struct config *c = config_load_for_command(a->config);
+    struct config *c = config_load_for_command(a->config, 1);
     if (!c)
         return 1;
     char err[ERR_LEN];
@@ -212,7 +212,7 @@ static int cmd_map(const struct args *a)
         fprintf(stderr, "tributary: map takes at most one input file\n");
         return 2;
     }
-    struct config *c = config_load_for_command(a->config);
+    struct config *c = config_load_for_command(a->config, 0);
     if (!c)
         return 1;
     int rc = 1;
@@ -269,7 +269,7 @@ static int cmd_sign(const struct args *a)
         fprintf(stderr, "tributary: sign takes at most one input file\n");
         return 2;
     }
-    struct config *c = config_load_for_command(a->config);
+    struct config *c = config_load_for_command(a->config, 0);
     if (!c)
         return 1;
     int rc = 1;

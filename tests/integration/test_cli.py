@@ -33,6 +33,22 @@ class Cli(ServiceTest):
         self.assertEqual(p.returncode, 0, p.stderr)
         self.assertRegex(p.stdout, r"ok: .* rule tests? passed, rules version [0-9a-f]{12}")
 
+    def test_dlq_and_queue_commands_run_without_the_services_inbound_secrets(self):
+        # the service's file, whose token comes from an environment the operator's
+        # shell does not have
+        d = self.tmpdir()
+        conf = os.path.join(d, "prod.lua")
+        with open(conf, "w") as f:
+            f.write('return { listen = "0.0.0.0:8080", data_dir = "%s/var",\n'
+                    '  inbound = { tokens = { os.getenv("BRAZE_CURRENTS_TOKEN") } } }\n' % d)
+        for command in (["queue", "stats"], ["dlq", "list"]):
+            p = run_cli(command + ["--config", conf], cwd=d)
+            self.assertNotIn("refusing to listen", p.stderr)
+            self.assertIn("no queue at", p.stderr)
+        p = run_cli(["check", "--config", conf], cwd=d)
+        self.assertEqual(p.returncode, 1)
+        self.assertIn("refusing to listen on non-loopback address 0.0.0.0", p.stderr)
+
     def test_check_names_file_and_line_of_a_rule_syntax_error(self):
         rules = self.rules_dir({"20-broken.lua": "return function(e, out)\n  if then\nend\n"})
         p = run_cli(["check"], env={"TRIBUTARY_RULES_DIR": rules})
