@@ -7,6 +7,7 @@
 #include "rules.h"
 #include "util.h"
 
+#include <ctype.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -24,6 +25,7 @@ static queue *open_queue(const struct config *c, int write)
          * dedup log (a gigabyte for an hour at 10,000 events/s) is not read */
         .dedup_window_ms = 0,
         .readonly = !write,
+        .existing = 1, /* a mistaken data_dir gets no new queue */
     };
     if (queue_open(&q, &qo, err, sizeof err) != 0) {
         fprintf(stderr, "tributary: %s\n", err);
@@ -117,6 +119,11 @@ static int list_row(void *ctx, const struct dead_row *r)
 
 static int cmd_list(const struct cli_options *o, const struct config *c)
 {
+    if (o->nargs > 0) {
+        fprintf(stderr, "tributary: dlq list takes no argument ('%s'); see --reason, --limit\n",
+                o->args[0]);
+        return 2;
+    }
     struct dead_filter f = {0};
     f.reason = o->reason;
     int64_t limit = 0;
@@ -383,13 +390,15 @@ static int cmd_requeue(const struct cli_options *o, struct config *c)
             }
         }
     }
-    if (pages == 0) {
+    if (pages == 0 && (rc != 0 || f.id)) {
         if (rc == 0) {
             fprintf(stderr, "tributary: no matching dead letters\n");
-            rc = f.id ? 1 : 0;
+            rc = 1;
         }
         goto done;
     }
+    if (pages == 0)
+        fprintf(stderr, "tributary: no matching dead letters\n"); /* and a summary of none */
     if (rc != 0 && n.done_id == 0)
         fprintf(stderr, "tributary: requeue stopped: nothing was requeued, the dead letters are "
                         "still in the store\n");
@@ -434,8 +443,16 @@ static int64_t purge_cutoff_ms(int64_t now_ms, int64_t seconds)
 static int cmd_purge(const struct cli_options *o, const struct config *c)
 {
     int64_t seconds;
-    if (!o->older_than || parse_duration_s(o->older_than, &seconds) != 0) {
-        fprintf(stderr, "tributary: dlq purge needs --older-than DURATION (e.g. 7d, 12h, 30m)\n");
+    size_t len = o->older_than ? strlen(o->older_than) : 0;
+    /* a unit is required: a bare number is too easily meant as days */
+    if (len == 0 || isdigit((unsigned char)o->older_than[len - 1]) ||
+        parse_duration_s(o->older_than, &seconds) != 0) {
+        fprintf(stderr, "tributary: dlq purge needs --older-than DURATION with its unit (s, m, "
+                        "h, d, w: 7d, 12h, 30m)\n");
+        return 2;
+    }
+    if (o->nargs > 0) {
+        fprintf(stderr, "tributary: dlq purge takes no argument ('%s')\n", o->args[0]);
         return 2;
     }
     struct dead_filter f = {0};
@@ -459,10 +476,26 @@ static int cmd_purge(const struct cli_options *o, const struct config *c)
     return 0;
 }
 
+static int known_reason(const char *reason)
+{
+    for (size_t i = 0; i < DEAD_REASON_COUNT; i++) {
+        if (strcmp(reason, DEAD_REASONS[i]) == 0)
+            return 1;
+    }
+    return 0;
+}
+
 int dlq_main(const struct cli_options *o)
 {
     if (o->nargs < 1) {
         fprintf(stderr, "usage: tributary dlq list|show|requeue|purge ...\n");
+        return 2;
+    }
+    if (o->reason && !known_reason(o->reason)) {
+        fprintf(stderr, "tributary: unknown --reason '%s' (", o->reason);
+        for (size_t i = 0; i < DEAD_REASON_COUNT; i++)
+            fprintf(stderr, "%s%s", i ? ", " : "", DEAD_REASONS[i]);
+        fprintf(stderr, ")\n");
         return 2;
     }
     const char *sub = o->args[0];

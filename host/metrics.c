@@ -24,8 +24,8 @@ struct histogram {
     _Atomic uint64_t sum_us;
 };
 
-static const char *const DEAD_NAMES[MD_COUNT] = {DEAD_RULE_ERROR, DEAD_RULE_LIMIT,
-                                                 DEAD_INVALID_OUTPUT, DEAD_REJECTED, DEAD_MAX_AGE};
+_Static_assert(MD_COUNT == DEAD_REASON_COUNT, "one counter per dead-letter reason");
+#define DEAD_NAMES DEAD_REASONS
 
 static struct {
     _Atomic uint64_t counters[M_COUNTER_COUNT];

@@ -2095,15 +2095,19 @@ int queue_open(queue **out, const struct queue_options *o, char *err, size_t err
     snprintf(q->path, n, "%s/%s", o->dir, QUEUE_FILE);
 
     struct stat st;
-    if (o->readonly) {
+    if (o->readonly || o->existing) {
         if (stat(q->path, &st) != 0) {
-            str_printf(err, errlen, "no queue at %s (has the service run with this data_dir?)",
-                       q->path);
+            if (errno == ENOENT)
+                str_printf(err, errlen, "no queue at %s (has the service run with this data_dir?)",
+                           q->path);
+            else
+                str_printf(err, errlen, "cannot read %s: %s", q->path, strerror(errno));
             goto fail;
         }
-    } else if (mkdir_p(o->dir, err, errlen) != 0 || (o->exclusive && take_lock(q, err, errlen))) {
-        goto fail;
     }
+    if (!o->readonly &&
+        (mkdir_p(o->dir, err, errlen) != 0 || (o->exclusive && take_lock(q, err, errlen))))
+        goto fail;
     if (open_db(q->path, !o->readonly, &q->db, err, errlen) != 0)
         goto fail;
     int version = stored_version(q->db, q->path, err, errlen);

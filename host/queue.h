@@ -45,6 +45,7 @@ struct queue_options {
     int64_t max_depth; /* records; a commit beyond it is refused (QUEUE_FULL) */
     int64_t dedup_window_ms;
     int readonly;                   /* CLI listings: no writer thread, no schema changes */
+    int existing;                   /* CLI changes: open data_dir's queue, never create one */
     int64_t wal_max_bytes;          /* 0: QUEUE_WAL_MAX_BYTES */
     int64_t segment_records;        /* records per table of a feed's ring; 0: 8192 */
     int exclusive;                  /* the service: refuse when another holds data_dir */

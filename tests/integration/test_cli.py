@@ -49,6 +49,41 @@ class Cli(ServiceTest):
         self.assertEqual(p.returncode, 1)
         self.assertIn("refusing to listen on non-loopback address 0.0.0.0", p.stderr)
 
+    def test_dlq_refuses_what_it_would_misread(self):
+        s = self.service()
+        cases = [
+            (["dlq", "purge", "--older-than", "7"], "with its unit"),
+            (["dlq", "purge", "--older-than", "7d", "extra"], "takes no argument"),
+            (["dlq", "list", "--reason", "rule-error"], "unknown --reason 'rule-error' (rule_error,"),
+            (["dlq", "requeue", "--reason", "maxage"], "unknown --reason"),
+            (["dlq", "list", "extra"], "takes no argument"),
+        ]
+        for args, message in cases:
+            with self.subTest(args=args):
+                p = s.cli(args)
+                self.assertEqual(p.returncode, 2, p.stderr)
+                self.assertIn(message, p.stderr)
+        # nothing to requeue is still a summary, in JSON with --json
+        p = s.cli(["dlq", "requeue", "--all", "--json"])
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertEqual(json.loads(p.stdout)["requeued"], 0)
+
+    def test_dlq_changes_never_create_a_queue_in_a_mistaken_data_dir(self):
+        d = self.tmpdir()
+        for args in (["dlq", "purge", "--older-than", "1d"], ["dlq", "requeue", "--all"]):
+            p = run_cli(args, env={"TRIBUTARY_DATA_DIR": os.path.join(d, "var"),
+                                   "TRIBUTARY_RULES_DIR": RULES}, cwd=d)
+            self.assertEqual(p.returncode, 1, p.stderr)
+            self.assertIn("no queue at", p.stderr)
+        self.assertFalse(os.path.exists(os.path.join(d, "var")))
+        # a data_dir that cannot be read is not "no queue"
+        with open(os.path.join(d, "file"), "w") as f:
+            f.write("not a directory")
+        p = run_cli(["dlq", "list"], env={"TRIBUTARY_DATA_DIR": os.path.join(d, "file")}, cwd=d)
+        self.assertEqual(p.returncode, 1)
+        self.assertIn("cannot read", p.stderr)
+        self.assertIn("Not a directory", p.stderr)
+
     def test_check_names_file_and_line_of_a_rule_syntax_error(self):
         rules = self.rules_dir({"20-broken.lua": "return function(e, out)\n  if then\nend\n"})
         p = run_cli(["check"], env={"TRIBUTARY_RULES_DIR": rules})
