@@ -83,6 +83,20 @@ local ALIASES = {
   ["users.canvas.Abort"] = "users_canvas_abort",
 }
 
+-- A name in the `events` setting that selects nothing is a typo, and every
+-- event of the type meant would be filtered: refuse it, as the configuration
+-- refuses an unknown key (`tributary check` and a reload say so).
+do
+  local alias_of = {}
+  for event_type, alias in pairs(ALIASES) do alias_of[alias] = event_type end
+  for name in pairs(tributary.events or {}) do
+    if NAMES[name] == nil and alias_of[name] == nil then
+      error(("events: %q is not one of the mapped event types (see NAMES in this file)")
+            :format(name))
+    end
+  end
+end
+
 -- properties.platform -> feed
 local PLATFORM_FEED = {
   ios = "ios", tvos = "ios",

@@ -84,6 +84,14 @@ class Cli(ServiceTest):
         self.assertIn("cannot read", p.stderr)
         self.assertIn("Not a directory", p.stderr)
 
+    def test_check_refuses_an_events_setting_that_names_no_mapped_type(self):
+        p = run_cli(["check"], env={"TRIBUTARY_EVENTS": "users.messages.email.Opened"})
+        self.assertEqual(p.returncode, 1)
+        self.assertIn('"users.messages.email.Opened" is not one of the mapped event types',
+                      p.stderr)
+        p = run_cli(["check"], env={"TRIBUTARY_EVENTS": "users.messages.email.Open,users_canvas_abort"})
+        self.assertEqual(p.returncode, 0, p.stderr)
+
     def test_check_names_file_and_line_of_a_rule_syntax_error(self):
         rules = self.rules_dir({"20-broken.lua": "return function(e, out)\n  if then\nend\n"})
         p = run_cli(["check"], env={"TRIBUTARY_RULES_DIR": rules})
