@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 #include <strings.h>
 #include <sys/stat.h>
 
@@ -789,6 +790,18 @@ static void check(struct config *c, struct errs *e, int serving)
     if (serving && (strcmp(req, "signature") == 0 || strcmp(req, "both") == 0) &&
         c->inbound_hmac_secrets.n == 0)
         errs_add(e, "inbound.require = \"%s\" needs inbound.hmac_secrets", req);
+    /* files the service reads later, found missing now rather than at the first
+     * TLS handshake */
+    const char *files[] = {"mparticle.ca_bundle",
+                           c->mparticle_ca_bundle,
+                           "tls.cert",
+                           c->tls_cert,
+                           "tls.key",
+                           c->tls_key};
+    for (size_t i = 0; serving && i < ARRAY_LEN(files); i += 2) {
+        if (files[i + 1] && *files[i + 1] && access(files[i + 1], R_OK) != 0)
+            errs_add(e, "%s: cannot read %s: %s", files[i], files[i + 1], strerror(errno));
+    }
     if (!c->tls_cert != !c->tls_key)
         errs_add(e, "tls: cert and key must be set together (only the %s is set)",
                  c->tls_cert ? "cert" : "key");

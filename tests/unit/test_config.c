@@ -586,6 +586,22 @@ START_TEST(test_plain_http_to_loopback_is_accepted)
 }
 END_TEST
 
+START_TEST(test_a_ca_bundle_that_cannot_be_read_is_refused)
+{
+    const char *path =
+        conf("ca.lua", "return { mparticle = { ca_bundle = \"/nonexistent/ca.pem\" } }\n");
+    struct config *c = NULL;
+    char err[4096] = "";
+    ck_assert_int_eq(config_load(&c, path, err, sizeof err), -1);
+    ck_assert_str_eq(
+        err, "mparticle.ca_bundle: cannot read /nonexistent/ca.pem: No such file or directory");
+    /* a readable one is taken */
+    path = conf("ca-ok.lua", "return { mparticle = { ca_bundle = \"/dev/null\" } }\n");
+    ck_assert_msg(config_load(&c, path, err, sizeof err) == 0, "%s", err);
+    config_unref(c);
+}
+END_TEST
+
 START_TEST(test_plain_http_to_remote_host_is_refused)
 {
     const char *path =
@@ -744,6 +760,7 @@ static Suite *suite(void)
         tc, test_feed_url_ending_in_the_events_path_and_a_slash_is_refused_as_not_a_base_url);
     tcase_add_test(tc, test_loopback_url_ending_in_the_bulk_path_and_a_slash_is_refused);
     tcase_add_test(tc, test_base_url_with_a_path_of_its_own_is_accepted);
+    tcase_add_test(tc, test_a_ca_bundle_that_cannot_be_read_is_refused);
     suite_add_tcase(s, tc);
     return s;
 }
