@@ -61,10 +61,17 @@ struct pbatch {
     struct pbatch *next, *prev;
 };
 
-/* A token bucket: `rate` batches a second, at most one second's worth at once. */
+/* At most `rate` batches in any second: a send may go while the batches sent
+ * in the last RATE_SLOTS slots of RATE_SLOT_MS (a second and one slot, so that
+ * every one-second window lies within them) stay under the rate. mParticle
+ * counts batches per second; a token bucket with a second of burst let twice
+ * the rate through in the second after a quiet spell. */
+#define RATE_SLOT_MS 50
+#define RATE_SLOTS 21
 struct bucket {
-    double rate, tokens;
-    int64_t refilled_at;
+    double rate;               /* batches a second */
+    int64_t slot;              /* the newest slot: monotonic ms / RATE_SLOT_MS */
+    uint32_t sent[RATE_SLOTS]; /* batches sent in each of the last slots, a ring */
 };
 
 struct feed_state {
@@ -876,15 +883,27 @@ static void recover(struct bucket *b, double limit)
         b->rate = b->rate + limit * 0.05 < limit ? b->rate + limit * 0.05 : limit;
 }
 
-static void refill(struct bucket *b, int64_t now)
+/* How many batches may go now. */
+static double available(struct bucket *b, int64_t now)
 {
-    if (b->refilled_at == 0)
-        b->tokens = b->rate;
+    int64_t k = now / RATE_SLOT_MS;
+    if (k - b->slot >= RATE_SLOTS)
+        memset(b->sent, 0, sizeof b->sent);
     else
-        b->tokens += b->rate * (double)(now - b->refilled_at) / 1000.0;
-    if (b->tokens > b->rate)
-        b->tokens = b->rate; /* at most one second of burst */
-    b->refilled_at = now;
+        for (int64_t i = b->slot + 1; i <= k; i++)
+            b->sent[i % RATE_SLOTS] = 0;
+    if (k > b->slot)
+        b->slot = k;
+    double used = 0;
+    for (int i = 0; i < RATE_SLOTS; i++)
+        used += b->sent[i];
+    return b->rate - used;
+}
+
+static void spend(struct bucket *b, double n)
+{
+    if (n >= 1)
+        b->sent[b->slot % RATE_SLOTS] += (uint32_t)n;
 }
 
 static void dispatch(struct sender *s, struct feed_state *f, int64_t now)
@@ -907,20 +926,19 @@ static void dispatch(struct sender *s, struct feed_state *f, int64_t now)
     }
     if (now < f->not_before || now < s->account_not_before)
         return;
-    refill(&f->rate, now);
-    refill(&s->account, now);
     struct pbatch *pick[MPARTICLE_MAX_BATCHES_PER_REQUEST];
     for (;;) {
-        /* the request holds at most: 100 batches, the tokens available to the
-         * feed and to the account, and the limit of every batch in it (halved
+        /* the request holds at most: 100 batches, what the feed's rate and the
+         * account's allow now, and the limit of every batch in it (halved
          * after a 400 or 413) */
-        double tokens = f->rate.tokens < s->account.tokens ? f->rate.tokens : s->account.tokens;
-        if (f->in_flight >= MAX_IN_FLIGHT || tokens < 1)
+        double feed_room = available(&f->rate, now), account_room = available(&s->account, now);
+        double room = feed_room < account_room ? feed_room : account_room;
+        if (f->in_flight >= MAX_IN_FLIGHT || room < 1)
             return;
         size_t n = 0, bytes = 2;
         size_t cap = MPARTICLE_MAX_BATCHES_PER_REQUEST;
-        if (tokens < (double)cap)
-            cap = (size_t)tokens;
+        if (room < (double)cap)
+            cap = (size_t)room;
         for (struct pbatch *b = f->head; b; b = b->next) {
             if (b->in_flight)
                 continue;
@@ -937,8 +955,8 @@ static void dispatch(struct sender *s, struct feed_state *f, int64_t now)
             return;
         if (start_request(s, f, pick, n, 0) != 0)
             return;
-        f->rate.tokens -= (double)n;
-        s->account.tokens -= (double)n;
+        spend(&f->rate, (double)n);
+        spend(&s->account, (double)n);
     }
 }
 
@@ -1066,7 +1084,7 @@ static void on_rate_limited(struct sender *s, struct request *r)
         account |= strcasecmp(r->rate_exceeded, shared[i]) == 0;
     struct bucket *b = account ? &s->account : &f->rate;
     slow_down(b, 0.5);
-    b->tokens = 0;
+    spend(b, available(b, clock_mono_ms())); /* nothing more this second */
     int64_t wait_s =
         mparticle_retry_after(r->retry_after[0] ? r->retry_after : NULL, clock_wall_ms() / 1000,
                               RETRY_AFTER_MIN_S, RETRY_AFTER_MAX_S);
@@ -1420,7 +1438,7 @@ static void *sender_main(void *arg)
         }
         if (!stopping)
             claim(s, now);
-        /* the feeds take turns at going first: they share the account's tokens */
+        /* the feeds take turns at going first: they share the account's rate */
         s->turn = (s->turn + 1) % FEED_COUNT;
         for (int i = 0; i < FEED_COUNT && !stopping; i++) {
             struct feed_state *f = &s->feeds[(s->turn + i) % FEED_COUNT];

@@ -664,8 +664,19 @@ class Delivery(ServiceTest):
         s.post(events)
         self.assertTrue(d.wait_for_events(15, 20 * SLOW))
         elapsed = time.monotonic() - start
-        # 5 at once (one second of burst), then 5 per second
+        # 5 at once, then 5 more once a second has passed, and again
         self.assertGreaterEqual(elapsed, 1.6)
+
+    def test_no_second_carries_more_batches_than_the_rate_limit(self):
+        d = self.double()
+        s = self.service(env=feed_env(d, TRIBUTARY_MPARTICLE_RATE_LIMIT=10,
+                                      TRIBUTARY_BATCH_LINGER_MS=200))
+        s.post([event("users.messages.email.Send", user="n%d" % i) for i in range(35)])
+        self.assertTrue(d.wait_for_events(35, 20 * SLOW))
+        sent = sorted((r["time"], r["batches"]) for r in d.requests if r["status"] == 202)
+        for start, _ in sent:
+            in_window = sum(n for t, n in sent if start <= t < start + 1.0)
+            self.assertLessEqual(in_window, 10, "%d batches within a second of %.2f" % (in_window, start))
 
     def test_all_feeds_together_stay_within_the_account_rate_limit(self):
         d = self.double()
@@ -679,7 +690,7 @@ class Delivery(ServiceTest):
         s.post(events)
         self.assertTrue(d.wait_for_events(15, 20 * SLOW))
         elapsed = time.monotonic() - start
-        # 5 at once (one second of burst), then 5 per second for both feeds
+        # 5 at once, then 5 more once a second has passed, and again, for both feeds
         self.assertGreaterEqual(elapsed, 1.6)
         self.assertEqual({r["feed"] for r in d.requests if r["status"] == 202}, {"unbound", "ios"})
 
