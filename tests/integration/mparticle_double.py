@@ -12,8 +12,14 @@ no (usable) Basic credentials -> 401, credentials matching no feed -> 403.
 
 Order of checks for a request on an endpoint:
   auth (401/403 faults replace its result) -> slow / drop / fail faults (only for requests that
-  passed auth) -> size limits (413) -> JSON and schema validation (400) -> poison markers (400)
+  passed auth) -> size limits (413) -> JSON and schema validation -> poison markers (400)
   -> 202 and recording. A 400 or 413 rejects the whole request: nothing of it is stored.
+Schema validation: /v2/events answers 400 for an invalid batch, /v2/bulkevents for a body
+that is not an array of objects. Otherwise /v2/bulkevents, as the real API, answers 202 also
+when some batches inside failed: those are dropped, and kept in
+`rejected` for the tests. stop() fails (AssertionError) while any batch was rejected, so
+that a test whose service sent one cannot pass unnoticed; a test that means to send one
+reads and clears them with take_rejected().
 A fail fault may hold its answers until the test sets an event (fail(..., hold=event)).
 
 Everything is thread-safe and may be changed while the server runs. The Authorization header
@@ -263,7 +269,9 @@ class MParticleDouble:
     """An in-process mParticle Events API on 127.0.0.1 (see the module docstring).
 
     feeds: {name: (key, secret)}; default one feed "default" with the documented test vector.
-    Attributes: url, port, rate_limit_percentage (None or int, sent on 202s), idle_timeout.
+    Attributes: url, port, rate_limit_percentage (None or int, sent on 202s), idle_timeout,
+    rate_limit (None or batches per second for the whole account: a request that would take
+    the last second over it is 429 with Retry-After: 1, as mParticle's provisioned rate).
     """
 
     def __init__(self, feeds=None, idle_timeout=None):
@@ -275,11 +283,14 @@ class MParticleDouble:
         for name, (key, secret) in feeds.items():
             self._feeds[name] = (key, secret)
         self.rate_limit_percentage = None
+        self.rate_limit = None
+        self._accepted_at = []  # (time, batches) of the last second, for rate_limit
         self.idle_timeout = idle_timeout
         self._faults = []
         self._poison = []
         self._requests = []
         self._batches = []
+        self._rejected = []
         self._event_count = 0
         self._done_requests = 0
         self._connections = set()
@@ -331,6 +342,9 @@ class MParticleDouble:
         self._server = None
         with self._cond:
             self._cond.notify_all()
+            rejected = list(self._rejected)
+        if rejected:
+            raise AssertionError("mParticle would have dropped batches the service sent: %r" % rejected)
 
     def __enter__(self):
         return self.start()
@@ -433,6 +447,13 @@ class MParticleDouble:
         """Accepted batches: [{"feed", "batch", "request_id"}]."""
         with self._lock:
             return [dict(b) for b in self._batches]
+
+    def take_rejected(self):
+        """Batches a bulk request carried that the API would have dropped despite its 202:
+        [{"feed", "index", "message", "source_request_id"}]; forgets them."""
+        with self._lock:
+            rejected, self._rejected = self._rejected, []
+            return rejected
 
     def events(self, feed=None):
         """[(feed, batch, event)] of all accepted events, in order."""
@@ -623,8 +644,20 @@ class MParticleDouble:
                 size = len(raw.encode("utf-8"))
                 if size > MAX_BATCH_BYTES:
                     raise Rejected(413, "batch %d is %d bytes, at most %d" % (i, size, MAX_BATCH_BYTES))
+            dropped = []
             for i, batch in enumerate(batches):
-                validate_batch(batch, "batch[%d]" % i)
+                try:
+                    validate_batch(batch, "batch[%d]" % i)
+                except Rejected as r:
+                    # a body that is not an array of objects is malformed as a whole
+                    if ENDPOINTS[path] != "bulk" or not isinstance(batch, dict):
+                        raise
+                    dropped.append({"feed": feed, "index": i, "message": r.message,
+                                    "source_request_id": batch.get("source_request_id")})
+            if dropped:
+                keep = set(range(len(batches))) - {d["index"] for d in dropped}
+                batches = [b for i, b in enumerate(batches) if i in keep]
+                raws = [r for i, r in enumerate(raws) if i in keep]
             with self._lock:
                 markers = list(self._poison)
             for i, (batch, raw) in enumerate(zip(batches, raws)):
@@ -636,7 +669,12 @@ class MParticleDouble:
         except Rejected as r:
             rec["error"] = r.message
             return r.status, error_body(r.status, r.message), []
+        if self._over_rate(rec["batches"]):
+            rec["error"] = "over the provisioned rate"
+            return 429, error_body(429, "Too many requests - rate limiting is being applied"), [
+                ("Retry-After", "1"), ("X-mp-rate-limit-exceeded", "account")]
         with self._cond:
+            self._rejected.extend(dropped)
             for b in batches:
                 self._batches.append({"feed": feed, "batch": b, "request_id": rec["request_id"]})
                 self._event_count += len(b["events"])
@@ -646,6 +684,20 @@ class MParticleDouble:
         if pct is not None:
             extra.append(("X-mp-rate-limit-percentage-used", str(int(pct))))
         return 202, b"", extra
+
+    def _over_rate(self, n):
+        """True when n more batches would take the last second over rate_limit; else
+        counts them."""
+        limit = self.rate_limit
+        if limit is None:
+            return False
+        now = time.monotonic()
+        with self._lock:
+            self._accepted_at = [(t, k) for t, k in self._accepted_at if now - t < 1.0]
+            if sum(k for _, k in self._accepted_at) + n > limit:
+                return True
+            self._accepted_at.append((now, n))
+            return False
 
     def _delay(self, seconds):
         if seconds > 0:

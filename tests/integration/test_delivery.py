@@ -669,6 +669,7 @@ class Delivery(ServiceTest):
 
     def test_no_second_carries_more_batches_than_the_rate_limit(self):
         d = self.double()
+        d.rate_limit = 10  # mParticle's account limit, here as low as the service's
         s = self.service(env=feed_env(d, TRIBUTARY_MPARTICLE_RATE_LIMIT=10,
                                       TRIBUTARY_BATCH_LINGER_MS=200))
         s.post([event("users.messages.email.Send", user="n%d" % i) for i in range(35)])
@@ -677,6 +678,7 @@ class Delivery(ServiceTest):
         for start, _ in sent:
             in_window = sum(n for t, n in sent if start <= t < start + 1.0)
             self.assertLessEqual(in_window, 10, "%d batches within a second of %.2f" % (in_window, start))
+        self.assertEqual([r for r in d.requests if r["status"] == 429], [])
 
     def test_all_feeds_together_stay_within_the_account_rate_limit(self):
         d = self.double()

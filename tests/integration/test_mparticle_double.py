@@ -87,6 +87,10 @@ class DoubleTest(unittest.TestCase):
             self.assertIn(mentions, err[0]["message"])
         return err[0]["message"]
 
+    def post_one(self, b):
+        """POSTs one batch to /v2/events, where an invalid batch is a 400."""
+        return self.post(b, path="/v2/events")
+
     def assertNothingStored(self):
         self.assertEqual(self.d.batches, [])
         self.assertEqual(self.d.events(), [])
@@ -235,99 +239,114 @@ class DoubleTest(unittest.TestCase):
         self.assertError(self.post([batch(), "batch"]), 400)
 
     def test_batch_id_is_400(self):
-        self.assertError(self.post([batch(batch_id=123)]), 400, "batch_id")
+        self.assertError(self.post_one(batch(batch_id=123)), 400, "batch_id")
         self.assertNothingStored()
 
     def test_missing_environment_is_400(self):
         b = batch()
         del b["environment"]
-        self.assertError(self.post([b]), 400, "environment")
+        self.assertError(self.post_one(b), 400, "environment")
 
     def test_invalid_environment_is_400(self):
-        self.assertError(self.post([batch(environment="staging")]), 400, "environment")
+        self.assertError(self.post_one(batch(environment="staging")), 400, "environment")
 
     def test_development_environment_is_accepted(self):
-        self.assertEqual(self.post([batch(environment="development")])[0], 202)
+        self.assertEqual(self.post_one(batch(environment="development"))[0], 202)
 
     def test_missing_events_is_400(self):
         b = batch()
         del b["events"]
-        self.assertError(self.post([b]), 400, "events")
+        self.assertError(self.post_one(b), 400, "events")
 
     def test_event_without_event_type_is_400(self):
-        self.assertError(self.post([batch(events=[{"data": {}}])]), 400, '"event_type"')
+        self.assertError(self.post_one(batch(events=[{"data": {}}])), 400, '"event_type"')
 
     def test_event_without_data_is_400(self):
-        self.assertError(self.post([batch(events=[{"event_type": "uninstall"}])]), 400, '"data"')
+        self.assertError(self.post_one(batch(events=[{"event_type": "uninstall"}])), 400, '"data"')
 
     def test_unknown_event_type_is_400(self):
-        self.assertError(self.post([batch(events=[{"event_type": "email_open", "data": {}}])]), 400, "email_open")
+        self.assertError(self.post_one(batch(events=[{"event_type": "email_open", "data": {}}])), 400, "email_open")
 
     def test_uninstall_event_needs_no_name(self):
-        self.assertEqual(self.post([batch(events=[{"event_type": "uninstall", "data": {}}])])[0], 202)
+        self.assertEqual(self.post_one(batch(events=[{"event_type": "uninstall", "data": {}}]))[0], 202)
 
     def test_custom_event_without_event_name_is_400(self):
         e = custom_event()
         del e["data"]["event_name"]
-        self.assertError(self.post([batch(events=[e])]), 400, "event_name")
+        self.assertError(self.post_one(batch(events=[e])), 400, "event_name")
 
     def test_custom_event_name_over_256_chars_is_400(self):
-        self.assertError(self.post([batch(events=[custom_event("x" * 257)])]), 400, "event_name")
+        self.assertError(self.post_one(batch(events=[custom_event("x" * 257)])), 400, "event_name")
 
     def test_custom_event_name_of_256_chars_is_accepted(self):
-        self.assertEqual(self.post([batch(events=[custom_event("x" * 256)])])[0], 202)
+        self.assertEqual(self.post_one(batch(events=[custom_event("x" * 256)]))[0], 202)
 
     def test_invalid_custom_event_type_is_400(self):
         e = custom_event()
         e["data"]["custom_event_type"] = "push"
-        self.assertError(self.post([batch(events=[e])]), 400, "custom_event_type")
+        self.assertError(self.post_one(batch(events=[e])), 400, "custom_event_type")
 
     def test_nested_custom_attribute_object_is_400(self):
-        self.assertError(self.post([batch(events=[custom_event(campaign={"id": "c1"})])]), 400, "campaign")
+        self.assertError(self.post_one(batch(events=[custom_event(campaign={"id": "c1"})])), 400, "campaign")
         self.assertNothingStored()
 
     def test_array_custom_attribute_is_400(self):
-        self.assertError(self.post([batch(events=[custom_event(tags=["a", "b"])])]), 400, "tags")
+        self.assertError(self.post_one(batch(events=[custom_event(tags=["a", "b"])])), 400, "tags")
 
     def test_scalar_custom_attributes_are_accepted(self):
         e = custom_event(s="x", n=1.5, i=2, b=True, z=None)
-        self.assertEqual(self.post([batch(events=[e])])[0], 202)
+        self.assertEqual(self.post_one(batch(events=[e]))[0], 202)
 
     def test_more_than_100_custom_attributes_is_400(self):
         attrs = {"a%d" % i: "v" for i in range(101)}
-        self.assertError(self.post([batch(events=[custom_event(**attrs)])]), 400, "attributes")
+        self.assertError(self.post_one(batch(events=[custom_event(**attrs)])), 400, "attributes")
 
     def test_custom_attribute_name_over_256_chars_is_400(self):
-        self.assertError(self.post([batch(events=[custom_event(**{"n" * 257: "v"})])]), 400)
+        self.assertError(self.post_one(batch(events=[custom_event(**{"n" * 257: "v"})])), 400)
 
     def test_custom_attribute_value_over_4096_chars_is_400(self):
-        self.assertError(self.post([batch(events=[custom_event(v="x" * 4097)])]), 400)
+        self.assertError(self.post_one(batch(events=[custom_event(v="x" * 4097)])), 400)
 
     def test_user_attribute_arrays_are_accepted(self):
-        self.assertEqual(self.post([batch(user_attributes={"$mobile": "+49151", "tags": ["a", 1]})])[0], 202)
+        self.assertEqual(self.post_one(batch(user_attributes={"$mobile": "+49151", "tags": ["a", 1]}))[0], 202)
 
     def test_user_attribute_object_is_400(self):
-        self.assertError(self.post([batch(user_attributes={"x": {"y": 1}})]), 400, "user_attributes")
+        self.assertError(self.post_one(batch(user_attributes={"x": {"y": 1}})), 400, "user_attributes")
 
     def test_user_identities_must_be_an_object(self):
-        self.assertError(self.post([batch(user_identities=["customer-1"])]), 400, "user_identities")
+        self.assertError(self.post_one(batch(user_identities=["customer-1"])), 400, "user_identities")
 
     def test_customer_id_must_be_a_string(self):
-        self.assertError(self.post([batch(user_identities={"customer_id": 1234})]), 400, "customer_id")
+        self.assertError(self.post_one(batch(user_identities={"customer_id": 1234})), 400, "customer_id")
 
     def test_customerid_spelling_is_accepted(self):
         b = batch(user_identities={"customerid": "customer-9"})
-        self.assertEqual(self.post([b])[0], 202)
+        self.assertEqual(self.post_one(b)[0], 202)
         self.assertEqual(self.d.batches[0]["batch"]["user_identities"], {"customerid": "customer-9"})
 
     def test_unknown_device_platform_is_400(self):
-        self.assertError(self.post([batch(device_info={"platform": "ios"})]), 400, "platform")
+        self.assertError(self.post_one(batch(device_info={"platform": "ios"})), 400, "platform")
 
-    def test_one_bad_batch_rejects_the_whole_request(self):
+    def test_a_bad_batch_in_a_bulk_request_is_dropped_behind_a_202(self):
+        # "202 ... For /bulkevents also when some batches inside failed"
         good, bad = batch(), batch(batch_id=1)
-        msg = self.assertError(self.post([good, good, bad]), 400)
-        self.assertIn("batch[2]", msg)
-        self.assertNothingStored()
+        self.assertEqual(self.post([good, good, bad])[0], 202)
+        self.assertEqual(len(self.d.batches), 2)
+        rejected = self.d.take_rejected()
+        self.assertEqual([(r["index"], r["source_request_id"]) for r in rejected],
+                         [(2, bad["source_request_id"])])
+        self.assertIn("batch_id", rejected[0]["message"])
+        self.assertEqual(self.d.take_rejected(), [])
+
+    def test_stop_fails_while_a_dropped_batch_is_unread(self):
+        d = MParticleDouble(feeds=FEEDS).start()
+        self.d, outer = d, self.d
+        try:
+            self.assertEqual(self.post([batch(environment="staging")])[0], 202)
+        finally:
+            self.d = outer
+        with self.assertRaises(AssertionError):
+            d.stop()
 
     # ---- limits --------------------------------------------------------------------------
 
@@ -355,6 +374,17 @@ class DoubleTest(unittest.TestCase):
         self.assertLess(size, 256 * 1024)
         self.assertError(self.post([batch(), big]), 413)
         self.assertNothingStored()
+
+    def test_rate_limit_answers_429_with_retry_after_over_the_last_second(self):
+        self.d.rate_limit = 3
+        self.assertEqual(self.post([batch(), batch()])[0], 202)
+        st, headers, _ = self.post([batch(), batch()])
+        self.assertEqual(st, 429)
+        self.assertEqual((headers["retry-after"], headers["x-mp-rate-limit-exceeded"]), ("1", "account"))
+        self.assertEqual(self.post([batch()])[0], 202)
+        time.sleep(1.05)
+        self.assertEqual(self.post([batch(), batch(), batch()])[0], 202)
+        self.assertEqual(len(self.d.batches), 6)
 
     def test_more_than_100_batches_is_400(self):
         self.assertError(self.post([batch() for _ in range(101)]), 400, "batches")
