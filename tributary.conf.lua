@@ -65,6 +65,7 @@ return {
     max_connections = 1024, max_connections_per_ip = 0,
     timeout_s = 30,           -- idle connections
     request_timeout_s = 120,  -- a whole request, request line included, however slowly it arrives
+    trusted_proxies = {},     -- load balancers on other hosts: their X-Forwarded-For names the client
   },
   rules = { memory_mb = 64, instructions = 1000000 }, -- limits per event
   log = { level = "info", format = "logfmt" },        -- or format = "json"

@@ -88,6 +88,7 @@ static const struct key KEYS[] = {
     {"http.timeout_s", K_INT, OFF(http_timeout_s), 1, 3600, NULL},
     {"http.request_timeout_s", K_INT, OFF(http_request_timeout_s), 1, 3600, NULL},
     {"http.max_connections_per_ip", K_INT, OFF(http_max_connections_per_ip), 0, 100000, NULL},
+    {"http.trusted_proxies", K_LIST, OFF(http_trusted_proxies), 0, 0, NULL},
     {"tls.cert", K_STR, OFF(tls_cert), 0, 0, NULL},
     {"tls.key", K_STR, OFF(tls_key), 0, 0, NULL},
     {"mparticle.ca_bundle", K_STR, OFF(mparticle_ca_bundle), 0, 0, NULL},
@@ -656,6 +657,24 @@ static int set_defaults(struct config *c)
     return 0;
 }
 
+int config_proxy_trusted(const struct config *c, const char *peer)
+{
+    if (config_host_is_loopback(peer))
+        return 1;
+    if (strncmp(peer, "::ffff:", 7) == 0 && strchr(peer + 7, '.'))
+        peer += 7; /* an IPv4 peer on a dual-stack socket */
+    unsigned char a[sizeof(struct in6_addr)], b[sizeof(struct in6_addr)];
+    int family = strchr(peer, ':') ? AF_INET6 : AF_INET;
+    if (inet_pton(family, peer, a) != 1)
+        return 0;
+    size_t n = family == AF_INET6 ? 16 : 4;
+    for (size_t i = 0; i < c->http_trusted_proxies.n; i++) {
+        if (inet_pton(family, c->http_trusted_proxies.items[i], b) == 1 && memcmp(a, b, n) == 0)
+            return 1;
+    }
+    return 0;
+}
+
 int config_host_is_loopback(const char *host)
 {
     struct in_addr a4;
@@ -790,6 +809,12 @@ static void check(struct config *c, struct errs *e, int serving)
     if (serving && (strcmp(req, "signature") == 0 || strcmp(req, "both") == 0) &&
         c->inbound_hmac_secrets.n == 0)
         errs_add(e, "inbound.require = \"%s\" needs inbound.hmac_secrets", req);
+    unsigned char bin[sizeof(struct in6_addr)];
+    for (size_t i = 0; i < c->http_trusted_proxies.n; i++) {
+        const char *a = c->http_trusted_proxies.items[i];
+        if (inet_pton(AF_INET, a, bin) != 1 && inet_pton(AF_INET6, a, bin) != 1)
+            errs_add(e, "http.trusted_proxies: \"%s\" is not an IP address", a);
+    }
     /* files the service reads later, found missing now rather than at the first
      * TLS handshake */
     const char *files[] = {"mparticle.ca_bundle",

@@ -81,6 +81,9 @@ struct config {
     char *mparticle_ca_bundle;
     int64_t http_request_timeout_s;
     int64_t http_max_connections_per_ip;
+    /* peers (IP addresses) whose last X-Forwarded-For entry is the client, as
+     * a loopback peer's is: a load balancer on another host */
+    struct string_list http_trusted_proxies;
 };
 
 /* Loads `path`, or ./tributary.conf.lua when path is NULL and that file exists,
@@ -109,5 +112,8 @@ const char *config_feed_url(const struct config *c, enum feed f);
 /* Splits `listen` into host and port; 0 or -1. */
 int config_listen_addr(const struct config *c, char *host, size_t hostlen, int *port) WUR;
 int config_host_is_loopback(const char *host);
+/* Whether the peer address (text) may name the client in X-Forwarded-For: a
+ * loopback address or one of http.trusted_proxies. */
+int config_proxy_trusted(const struct config *c, const char *peer);
 
 #endif

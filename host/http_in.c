@@ -134,7 +134,8 @@ static enum MHD_Result last_forwarded_for(void *cls, enum MHD_ValueKind kind, co
 }
 
 /* The client's address. Behind a reverse proxy on the same host (a loopback
- * peer) it is the last X-Forwarded-For entry, the one the proxy itself added. */
+ * peer), or one of http.trusted_proxies, it is the last X-Forwarded-For entry,
+ * the one the proxy itself added. */
 static void client_address(struct MHD_Connection *c, char *out, size_t len)
 {
     out[0] = '\0';
@@ -147,7 +148,11 @@ static void client_address(struct MHD_Connection *c, char *out, size_t len)
         inet_ntop(AF_INET, &((const struct sockaddr_in *)sa)->sin_addr, out, (socklen_t)len);
     else if (sa->sa_family == AF_INET6)
         inet_ntop(AF_INET6, &((const struct sockaddr_in6 *)sa)->sin6_addr, out, (socklen_t)len);
-    if (!config_host_is_loopback(out))
+    struct snapshot s;
+    reload_get(&s);
+    int trusted = config_proxy_trusted(s.cfg, out);
+    reload_put(&s);
+    if (!trusted)
         return;
     const char *xff = NULL;
     MHD_get_connection_values(c, MHD_HEADER_KIND, last_forwarded_for, &xff);

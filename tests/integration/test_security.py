@@ -374,6 +374,31 @@ class Throttling(ServiceTest):
         self.assertEqual(post(TOKEN, 99), 429)
         self.assertIn("client=%s " % address, s.logs())
 
+    def test_x_forwarded_for_from_a_trusted_proxy_names_the_client(self):
+        address = own_address()
+        if not address:
+            self.skipTest("no non-loopback IPv4 address on this machine")
+        s = Service(env={"TRIBUTARY_HTTP_TRUSTED_PROXIES": "192.0.2.1," + address})
+        s.env["TRIBUTARY_LISTEN"] = "0.0.0.0:%d" % s.port
+        self.addCleanup(s.cleanup)
+        s.start()
+
+        def post(token, client):
+            conn = http.client.HTTPConnection(address, s.port, timeout=30 * SLOW)
+            try:
+                conn.request("POST", "/currents", envelope(event()), {
+                    "Authorization": "Bearer " + token, "Content-Type": "application/json",
+                    "X-Forwarded-For": client})
+                return conn.getresponse().status
+            finally:
+                conn.close()
+
+        # a load balancer's failures are its clients' own: the real sender stays served
+        self.assertEqual([post("wrong-token", "203.0.113.66") for _ in range(10)], [401] * 10)
+        self.assertEqual(post("wrong-token", "203.0.113.66"), 429)
+        self.assertEqual(post(TOKEN, "203.0.113.99"), 200)
+        self.assertIn("client=203.0.113.66 ", s.logs())
+
 
 # ---- the admin endpoint ----------------------------------------------------
 

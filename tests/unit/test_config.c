@@ -602,6 +602,28 @@ START_TEST(test_a_ca_bundle_that_cannot_be_read_is_refused)
 }
 END_TEST
 
+START_TEST(test_trusted_proxies_must_be_ip_addresses)
+{
+    const char *path =
+        conf("proxies.lua",
+             "return { http = { trusted_proxies = { \"10.0.0.5\", \"lb.internal\" } } }\n");
+    struct config *c = NULL;
+    char err[4096] = "";
+    ck_assert_int_eq(config_load(&c, path, err, sizeof err), -1);
+    ck_assert_str_eq(err, "http.trusted_proxies: \"lb.internal\" is not an IP address");
+    path = conf("proxies-ok.lua",
+                "return { http = { trusted_proxies = { \"10.0.0.5\", \"fd00::5\" } } }\n");
+    ck_assert_msg(config_load(&c, path, err, sizeof err) == 0, "%s", err);
+    ck_assert(config_proxy_trusted(c, "10.0.0.5"));
+    ck_assert(config_proxy_trusted(c, "::ffff:10.0.0.5"));
+    ck_assert(config_proxy_trusted(c, "fd00:0::5"));
+    ck_assert(config_proxy_trusted(c, "127.0.0.1"));
+    ck_assert(!config_proxy_trusted(c, "10.0.0.6"));
+    ck_assert(!config_proxy_trusted(c, "203.0.113.9"));
+    config_unref(c);
+}
+END_TEST
+
 START_TEST(test_plain_http_to_remote_host_is_refused)
 {
     const char *path =
@@ -761,6 +783,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_loopback_url_ending_in_the_bulk_path_and_a_slash_is_refused);
     tcase_add_test(tc, test_base_url_with_a_path_of_its_own_is_accepted);
     tcase_add_test(tc, test_a_ca_bundle_that_cannot_be_read_is_refused);
+    tcase_add_test(tc, test_trusted_proxies_must_be_ip_addresses);
     suite_add_tcase(s, tc);
     return s;
 }
