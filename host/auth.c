@@ -65,17 +65,6 @@ enum auth_result auth_check_admin(const struct config *c, const char *authorizat
 
 /* ---- signatures --------------------------------------------------------- */
 
-static int hexval(char c)
-{
-    if (c >= '0' && c <= '9')
-        return c - '0';
-    if (c >= 'a' && c <= 'f')
-        return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F')
-        return c - 'A' + 10;
-    return -1;
-}
-
 int auth_parse_signature(const char *header, struct auth_signature *out)
 {
     memset(out, 0, sizeof(*out));
@@ -107,7 +96,7 @@ int auth_parse_signature(const char *header, struct auth_signature *out)
             if (n - 3 != 64 || out->n == AUTH_MAX_SIGNATURES)
                 return -1;
             for (size_t i = 0; i < 32; i++) {
-                int hi = hexval(item[3 + 2 * i]), lo = hexval(item[4 + 2 * i]);
+                int hi = hex_digit(item[3 + 2 * i]), lo = hex_digit(item[4 + 2 * i]);
                 if (hi < 0 || lo < 0)
                     return -1;
                 out->v1[out->n][i] = (unsigned char)(hi << 4 | lo);

@@ -6,6 +6,7 @@
 #include <arpa/inet.h>
 #include <ctype.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <lauxlib.h>
 #include <stddef.h>
 #include <stdio.h>
@@ -657,19 +658,54 @@ static int set_defaults(struct config *c)
     return 0;
 }
 
+/* "a.b.c.d", "a.b.c.d/n", an IPv6 address, "x::y/n"; an IPv4-mapped IPv6
+ * address ("::ffff:a.b.c.d", a peer on a dual-stack socket) is its IPv4 one. */
+static int parse_ip_net(const char *s, struct ip_net *out)
+{
+    char text[INET6_ADDRSTRLEN + 8];
+    if (strlen(s) >= sizeof text)
+        return -1;
+    str_copy(text, sizeof text, s);
+    char *slash = strchr(text, '/');
+    if (slash)
+        *slash = '\0';
+    const char *addr = text;
+    if (strncasecmp(addr, "::ffff:", 7) == 0 && strchr(addr + 7, '.'))
+        addr += 7;
+    out->family = strchr(addr, ':') ? AF_INET6 : AF_INET;
+    if (inet_pton(out->family, addr, out->addr) != 1)
+        return -1;
+    int bits = out->family == AF_INET6 ? 128 : 32;
+    out->prefix = bits;
+    if (slash) {
+        int64_t n;
+        if (parse_int64(slash + 1, 0, bits, &n) != 0)
+            return -1;
+        out->prefix = (int)n;
+    }
+    return 0;
+}
+
+static int net_contains(const struct ip_net *net, const struct ip_net *a)
+{
+    if (net->family != a->family)
+        return 0;
+    int whole = net->prefix / 8, rest = net->prefix % 8;
+    if (memcmp(net->addr, a->addr, (size_t)whole) != 0)
+        return 0;
+    unsigned char mask = (unsigned char)(0xFF << (8 - rest));
+    return rest == 0 || (net->addr[whole] & mask) == (a->addr[whole] & mask);
+}
+
 int config_proxy_trusted(const struct config *c, const char *peer)
 {
     if (config_host_is_loopback(peer))
         return 1;
-    if (strncmp(peer, "::ffff:", 7) == 0 && strchr(peer + 7, '.'))
-        peer += 7; /* an IPv4 peer on a dual-stack socket */
-    unsigned char a[sizeof(struct in6_addr)], b[sizeof(struct in6_addr)];
-    int family = strchr(peer, ':') ? AF_INET6 : AF_INET;
-    if (inet_pton(family, peer, a) != 1)
+    struct ip_net a;
+    if (parse_ip_net(peer, &a) != 0)
         return 0;
-    size_t n = family == AF_INET6 ? 16 : 4;
-    for (size_t i = 0; i < c->http_trusted_proxies.n; i++) {
-        if (inet_pton(family, c->http_trusted_proxies.items[i], b) == 1 && memcmp(a, b, n) == 0)
+    for (size_t i = 0; i < c->ntrusted_nets; i++) {
+        if (net_contains(&c->trusted_nets[i], &a))
             return 1;
     }
     return 0;
@@ -809,11 +845,17 @@ static void check(struct config *c, struct errs *e, int serving)
     if (serving && (strcmp(req, "signature") == 0 || strcmp(req, "both") == 0) &&
         c->inbound_hmac_secrets.n == 0)
         errs_add(e, "inbound.require = \"%s\" needs inbound.hmac_secrets", req);
-    unsigned char bin[sizeof(struct in6_addr)];
-    for (size_t i = 0; i < c->http_trusted_proxies.n; i++) {
+    free(c->trusted_nets);
+    c->ntrusted_nets = 0;
+    c->trusted_nets = calloc(c->http_trusted_proxies.n + 1, sizeof(*c->trusted_nets));
+    if (!c->trusted_nets)
+        errs_add(e, "out of memory");
+    for (size_t i = 0; c->trusted_nets && i < c->http_trusted_proxies.n; i++) {
         const char *a = c->http_trusted_proxies.items[i];
-        if (inet_pton(AF_INET, a, bin) != 1 && inet_pton(AF_INET6, a, bin) != 1)
-            errs_add(e, "http.trusted_proxies: \"%s\" is not an IP address", a);
+        if (parse_ip_net(a, &c->trusted_nets[c->ntrusted_nets]) == 0)
+            c->ntrusted_nets++;
+        else
+            errs_add(e, "http.trusted_proxies: \"%s\" is not an IP address or CIDR network", a);
     }
     /* files the service reads later, found missing now rather than at the first
      * TLS handshake */
@@ -824,8 +866,11 @@ static void check(struct config *c, struct errs *e, int serving)
                            "tls.key",
                            c->tls_key};
     for (size_t i = 0; serving && i < ARRAY_LEN(files); i += 2) {
-        if (files[i + 1] && *files[i + 1] && access(files[i + 1], R_OK) != 0)
+        int fd = files[i + 1] && *files[i + 1] ? open(files[i + 1], O_RDONLY | O_CLOEXEC) : -2;
+        if (fd == -1)
             errs_add(e, "%s: cannot read %s: %s", files[i], files[i + 1], strerror(errno));
+        if (fd >= 0)
+            close(fd);
     }
     if (!c->tls_cert != !c->tls_key)
         errs_add(e, "tls: cert and key must be set together (only the %s is set)",
@@ -961,6 +1006,7 @@ void config_unref(struct config *c)
             list_free(list_field(c, k));
     }
     apps_free(c);
+    free(c->trusted_nets);
     free(c->file);
     free(c->warnings);
     free(c);

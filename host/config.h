@@ -33,6 +33,13 @@ struct app_entry {
     enum feed feed;
 };
 
+/* An IPv4 or IPv6 network: addr/prefix (an address alone: all its bits). */
+struct ip_net {
+    int family; /* AF_INET, AF_INET6 */
+    unsigned char addr[16];
+    int prefix;
+};
+
 struct string_list {
     char **items;
     size_t n;
@@ -81,9 +88,11 @@ struct config {
     char *mparticle_ca_bundle;
     int64_t http_request_timeout_s;
     int64_t http_max_connections_per_ip;
-    /* peers (IP addresses) whose last X-Forwarded-For entry is the client, as
-     * a loopback peer's is: a load balancer on another host */
+    /* peers (addresses or CIDR networks) whose last X-Forwarded-For entry is
+     * the client, as a loopback peer's is: a load balancer on another host */
     struct string_list http_trusted_proxies;
+    struct ip_net *trusted_nets; /* the same, parsed */
+    size_t ntrusted_nets;
 };
 
 /* Loads `path`, or ./tributary.conf.lua when path is NULL and that file exists,

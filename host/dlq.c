@@ -7,7 +7,6 @@
 #include "rules.h"
 #include "util.h"
 
-#include <ctype.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -443,10 +442,7 @@ static int64_t purge_cutoff_ms(int64_t now_ms, int64_t seconds)
 static int cmd_purge(const struct cli_options *o, const struct config *c)
 {
     int64_t seconds;
-    size_t len = o->older_than ? strlen(o->older_than) : 0;
-    /* a unit is required: a bare number is too easily meant as days */
-    if (len == 0 || isdigit((unsigned char)o->older_than[len - 1]) ||
-        parse_duration_s(o->older_than, &seconds) != 0) {
+    if (!o->older_than || parse_duration_s(o->older_than, &seconds) != 0) {
         fprintf(stderr, "tributary: dlq purge needs --older-than DURATION with its unit (s, m, "
                         "h, d, w: 7d, 12h, 30m)\n");
         return 2;

@@ -25,7 +25,6 @@ struct histogram {
 };
 
 _Static_assert(MD_COUNT == DEAD_REASON_COUNT, "one counter per dead-letter reason");
-#define DEAD_NAMES DEAD_REASONS
 
 static struct {
     _Atomic uint64_t counters[M_COUNTER_COUNT];
@@ -78,7 +77,7 @@ void metrics_add_dropped(enum drop_reason r, uint64_t n)
 static int dead_index(const char *reason)
 {
     for (int i = 0; i < MD_COUNT; i++) {
-        if (strcmp(DEAD_NAMES[i], reason) == 0)
+        if (strcmp(DEAD_REASONS[i], reason) == 0)
             return i;
     }
     return MD_RULE_ERROR;
@@ -279,7 +278,7 @@ int metrics_render(buf *b, const struct metrics_gauges *g)
     rc |= header(b, "tributary_dead_letters_total", "counter",
                  "Events moved to the dead-letter store, by reason.");
     for (int r = 0; r < MD_COUNT; r++)
-        rc |= buf_printf(b, "tributary_dead_letters_total{reason=\"%s\"} %llu\n", DEAD_NAMES[r],
+        rc |= buf_printf(b, "tributary_dead_letters_total{reason=\"%s\"} %llu\n", DEAD_REASONS[r],
                          (unsigned long long)atomic_load(&M.dead[r]));
     rc |= header(b, "tributary_http_requests_total", "counter",
                  "Inbound Currents requests (POST /currents) by status.");

@@ -263,14 +263,19 @@ int reload_watch_changed(void)
             break;
         for (char *p = events; p < events + n;) {
             const struct inotify_event *ev = (const struct inotify_event *)p;
+            p += sizeof(*ev) + ev->len;
+            if (ev->wd != R.watch_wd || R.watch_wd < 0)
+                continue; /* a directory watched before, since moved away or removed */
             if (ev->mask & (IN_DELETE_SELF | IN_MOVE_SELF | IN_IGNORED)) {
-                /* the directory itself was replaced: watch its new incarnation */
+                /* the directory itself was replaced: watch its new incarnation
+                 * (a directory moved away would go on reporting its changes) */
+                if (ev->mask & IN_MOVE_SELF)
+                    inotify_rm_watch(R.watch_fd, R.watch_wd);
                 R.watch_wd = -1;
                 relevant = 1;
             } else if (ev->len && is_rule_file(ev->name)) {
                 relevant = 1;
             }
-            p += sizeof(*ev) + ev->len;
         }
     }
     if (R.watch_wd < 0)

@@ -62,12 +62,14 @@ struct pbatch {
 };
 
 /* At most `rate` batches in any second: a send may go while the batches sent
- * in the last RATE_SLOTS slots of RATE_SLOT_MS (a second and one slot, so that
- * every one-second window lies within them) stay under the rate. mParticle
- * counts batches per second; a token bucket with a second of burst let twice
- * the rate through in the second after a quiet spell. */
+ * in the last RATE_SLOTS slots of RATE_SLOT_MS stay under the rate. A batch
+ * leaves the count once it is more than 1,050 ms old (a second and two slots:
+ * every one-second window lies within them, with a margin for requests that
+ * take different times to arrive). mParticle counts batches per second; a
+ * token bucket with a second of burst let twice the rate through in the second
+ * after a quiet spell. */
 #define RATE_SLOT_MS 50
-#define RATE_SLOTS 21
+#define RATE_SLOTS 22
 struct bucket {
     double rate;               /* batches a second */
     int64_t slot;              /* the newest slot: monotonic ms / RATE_SLOT_MS */
@@ -141,6 +143,7 @@ struct sender {
     struct config *cfg; /* the configuration this loop iteration uses */
     uint64_t rng;
     int64_t last_expire;
+    int64_t expiry_logged_ms; /* log_due of failed reads at expiry */
     int64_t last_expire_held;
     uint64_t cfg_generation; /* of the configuration the feeds follow (0: none yet) */
     /* mParticle's limit is per account: all feeds together stay within
@@ -530,12 +533,12 @@ static int64_t wall_to_age_ms(int64_t wall_ms)
     return clock_wall_ms() - wall_ms;
 }
 
-/* Moves waiting batches past retry.max_age_s to the dead-letter store. */
 /* The part of batch b (past retry.max_age_s) to dead-letter: b itself when
- * all its records were received before cutoff; when some came later, b is
- * split in two, the older records first, and the older part is returned, so
- * that a young event does not go with an old one of its user. NULL: nothing
- * now (the split failed and b stays whole until the next sweep). */
+ * all its records were received before cutoff (or they cannot be told apart);
+ * when some came later, b is split in two, the older records first, and the
+ * older part is returned, so that a young event does not go with an old one
+ * of its user. NULL: nothing now (reading or splitting failed; b stays whole
+ * and is tried again at the next sweep). */
 static struct pbatch *expired_part(struct sender *s, struct feed_state *f, struct pbatch *b,
                                    int64_t cutoff)
 {
@@ -543,17 +546,20 @@ static struct pbatch *expired_part(struct sender *s, struct feed_state *f, struc
     queue_items_init(&items);
     struct pbatch *parts[2] = {NULL, NULL}, *expired = NULL;
     struct queue_item *sorted = NULL;
-    if (queue_fetch(s->reader, b->feed, b->record_ids, b->nrecords, &items) != 0 ||
-        items.n != b->nrecords)
+    if (queue_fetch(s->reader, b->feed, b->record_ids, b->nrecords, &items) != 0) {
+        if (log_due(&s->expiry_logged_ms))
+            log_error("cannot read a batch past retry.max_age_s; tried again in a moment",
+                      LOG_S("feed", FEED_NAMES[f->feed]) LOG_S("batch", b->srid));
         goto done;
+    }
     size_t old = 0;
     for (size_t i = 0; i < items.n; i++)
         old += items.items[i].received_ms < cutoff;
-    if (old == items.n) {
-        expired = b;
+    if (old == items.n || old == 0 || items.n != b->nrecords) {
+        expired = b; /* all old, or not to be split by their ages: as a whole */
         goto done;
     }
-    if (old == 0 || !(sorted = malloc(items.n * sizeof(*sorted))))
+    if (!(sorted = malloc(items.n * sizeof(*sorted))))
         goto done;
     size_t o = 0, y = old;
     for (size_t i = 0; i < items.n; i++)
@@ -567,6 +573,7 @@ done:
     return expired;
 }
 
+/* Moves waiting batches past retry.max_age_s to the dead-letter store. */
 static void expire_batches(struct sender *s, struct feed_state *f)
 {
     int64_t cutoff = clock_wall_ms() - s->cfg->retry_max_age_s * 1000;

@@ -345,6 +345,17 @@ int parse_int64(const char *s, int64_t min, int64_t max, int64_t *out)
     return 0;
 }
 
+int hex_digit(char c)
+{
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    if (c >= 'a' && c <= 'f')
+        return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F')
+        return c - 'A' + 10;
+    return -1;
+}
+
 int parse_duration_s(const char *s, int64_t *out)
 {
     if (!s || !*s)
@@ -365,9 +376,9 @@ int parse_duration_s(const char *s, int64_t *out)
         unit = 86400;
     else if (*end == 'w')
         unit = 7 * 86400;
-    else if (*end != '\0')
+    else
         return -1;
-    if (*end != '\0' && end[1] != '\0')
+    if (end[1] != '\0')
         return -1;
     if (v > INT64_MAX / unit)
         return -1;

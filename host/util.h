@@ -120,8 +120,11 @@ void clock_sleep_ms(int64_t ms);
 
 /* Parses a whole decimal integer within [min, max]; 0 or -1. */
 int parse_int64(const char *s, int64_t min, int64_t max, int64_t *out) WUR;
-/* Parses a duration such as "90s", "15m", "12h", "7d" or plain seconds. */
+/* Parses a duration such as "90s", "15m", "12h", "7d" or "2w": the unit is
+ * required (a bare number is too easily meant as days). */
 int parse_duration_s(const char *s, int64_t *out) WUR;
+/* The value of a hexadecimal digit, either case; -1 for any other character. */
+int hex_digit(char c);
 
 /* Copies a string into a fixed buffer, always terminating it (truncates). */
 void str_copy(char *dst, size_t dstlen, const char *src);

@@ -12,12 +12,12 @@
 
 local null = cjson.null
 -- Locals: a global lookup goes through the sandbox's environment on every use.
-local type, pairs, ipairs, next, tostring, tonumber = type, pairs, ipairs, next, tostring, tonumber
+local type, pairs, ipairs, next, tostring = type, pairs, ipairs, next, tostring
 local concat, sort = table.concat, table.sort
 local encode = cjson.encode
 local tointeger, floor = math.tointeger, math.floor
 local utf8_len, utf8_offset = utf8.len, utf8.offset
-local byte, sub, format = string.byte, string.sub, string.format
+local byte, sub = string.byte, string.sub
 
 -- Braze event_type -> mParticle event_name (false: an `uninstall` event, no name).
 local NAMES = {
@@ -138,23 +138,13 @@ local function nonempty(v)
   return v
 end
 
--- A scalar as text. cjson decodes every JSON number as a float: whole numbers
--- are written as integers (12345, not 12345.0), others in as many digits as
--- it takes to read back the same number. Absent values and tables have no
--- text (nil).
-local SHORTER = { "%.15g", "%.16g" }
+-- A scalar as text. cjson decodes every JSON number as a float, which
+-- tostring writes as 12345.0: numbers are written as JSON writes them (whole
+-- ones as integers, others in full). Absent values and tables have no text.
 local function text(v)
   local t = type(v)
   if t == "string" then return v end
-  if t == "number" then
-    local i = tointeger(v)
-    if i then return tostring(i) end
-    for _, digits in ipairs(SHORTER) do
-      local s = format(digits, v)
-      if tonumber(s) == v then return s end
-    end
-    return format("%.17g", v)
-  end
+  if t == "number" then return encode(v) end
   if v == nil or t == "table" then return nil end
   return tostring(v)
 end

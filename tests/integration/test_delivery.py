@@ -464,11 +464,11 @@ class Delivery(ServiceTest):
     def test_past_max_age_only_the_old_events_of_a_users_batch_are_dead_lettered(self):
         d = self.double()
         d.fail(503)
-        s = self.service(env=feed_env(d, feeds={}, TRIBUTARY_RETRY_MAX_AGE_S=4),
+        s = self.service(env=feed_env(d, feeds={}, TRIBUTARY_RETRY_MAX_AGE_S=4 * SLOW),
                          config="return {}\n")
         old = event("users.messages.email.Send", user="same")
         s.post([old])
-        time.sleep(2.5)
+        time.sleep(2.5 * SLOW)
         young = event("users.messages.email.Send", user="same")
         s.post([young])
         # credentials arrive: both events go into one batch for their user
@@ -505,8 +505,8 @@ class Delivery(ServiceTest):
 
     def test_slow_answers_on_two_feeds_do_not_hold_up_a_third(self):
         d = self.double()
-        d.slow(6, feed="ios")
-        d.slow(6, feed="android")
+        d.slow(6 * SLOW, feed="ios")
+        d.slow(6 * SLOW, feed="android")
         s = self.service(env=feed_env(d))
         # enough users that both slow feeds keep all their requests in flight
         for platform in ("ios", "android"):
@@ -712,16 +712,16 @@ class Delivery(ServiceTest):
     def test_a_429_for_the_account_holds_back_the_probe_of_a_paused_feed(self):
         d = self.double()
         d.fail(401, feed="ios", times=1)
-        s = self.service(env=feed_env(d, TRIBUTARY_RETRY_PAUSE_MS=1000))
+        s = self.service(env=feed_env(d, TRIBUTARY_RETRY_PAUSE_MS=1000 * SLOW))
         s.post([event("users.messages.pushnotification.Send", platform="ios", user="a")])
         self.wait(lambda: any(r["status"] == 401 for r in d.requests), what="the 401")
-        d.fail(429, feed="unbound", times=1, retry_after=4, rate_limit_exceeded="account")
+        d.fail(429, feed="unbound", times=1, retry_after=4 * SLOW, rate_limit_exceeded="account")
         s.post([event("users.messages.email.Send", user="b")])
         self.wait(lambda: any(r["status"] == 429 for r in d.requests), what="the 429")
         refused_at = next(r["time"] for r in d.requests if r["status"] == 429)
         self.assertTrue(d.wait_for_events(2, 20 * SLOW))
         probes = [r["time"] for r in d.requests if r["feed"] == "ios" and r["status"] != 401]
-        self.assertGreaterEqual(min(probes) - refused_at, 3.9)
+        self.assertGreaterEqual(min(probes) - refused_at, 4 * SLOW - 0.1)
 
     def test_high_rate_limit_usage_slows_the_feed(self):
         d = self.double()

@@ -602,7 +602,7 @@ START_TEST(test_a_ca_bundle_that_cannot_be_read_is_refused)
 }
 END_TEST
 
-START_TEST(test_trusted_proxies_must_be_ip_addresses)
+START_TEST(test_trusted_proxies_must_be_ip_addresses_or_networks)
 {
     const char *path =
         conf("proxies.lua",
@@ -610,16 +610,22 @@ START_TEST(test_trusted_proxies_must_be_ip_addresses)
     struct config *c = NULL;
     char err[4096] = "";
     ck_assert_int_eq(config_load(&c, path, err, sizeof err), -1);
-    ck_assert_str_eq(err, "http.trusted_proxies: \"lb.internal\" is not an IP address");
-    path = conf("proxies-ok.lua",
-                "return { http = { trusted_proxies = { \"10.0.0.5\", \"fd00::5\" } } }\n");
+    ck_assert_str_eq(err,
+                     "http.trusted_proxies: \"lb.internal\" is not an IP address or CIDR network");
+    path =
+        conf("proxies-cidr.lua", "return { http = { trusted_proxies = { \"10.0.0.0/33\" } } }\n");
+    ck_assert_int_eq(config_load(&c, path, err, sizeof err), -1);
+    path =
+        conf("proxies-ok.lua", "return { http = { trusted_proxies = { \"10.0.0.5\", \"fd00::5\", "
+                               "\"172.16.0.0/12\", \"::ffff:192.0.2.7\" } } }\n");
     ck_assert_msg(config_load(&c, path, err, sizeof err) == 0, "%s", err);
-    ck_assert(config_proxy_trusted(c, "10.0.0.5"));
-    ck_assert(config_proxy_trusted(c, "::ffff:10.0.0.5"));
-    ck_assert(config_proxy_trusted(c, "fd00:0::5"));
-    ck_assert(config_proxy_trusted(c, "127.0.0.1"));
-    ck_assert(!config_proxy_trusted(c, "10.0.0.6"));
-    ck_assert(!config_proxy_trusted(c, "203.0.113.9"));
+    const char *trusted[] = {"10.0.0.5",   "::ffff:10.0.0.5", "fd00:0::5", "127.0.0.1",
+                             "172.16.0.1", "172.31.255.254",  "192.0.2.7"};
+    const char *not_trusted[] = {"172.32.0.1", "10.0.0.6", "203.0.113.9", "fd00::6", "junk"};
+    for (size_t i = 0; i < ARRAY_LEN(trusted); i++)
+        ck_assert_msg(config_proxy_trusted(c, trusted[i]), "%s", trusted[i]);
+    for (size_t i = 0; i < ARRAY_LEN(not_trusted); i++)
+        ck_assert_msg(!config_proxy_trusted(c, not_trusted[i]), "%s", not_trusted[i]);
     config_unref(c);
 }
 END_TEST
@@ -783,7 +789,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_loopback_url_ending_in_the_bulk_path_and_a_slash_is_refused);
     tcase_add_test(tc, test_base_url_with_a_path_of_its_own_is_accepted);
     tcase_add_test(tc, test_a_ca_bundle_that_cannot_be_read_is_refused);
-    tcase_add_test(tc, test_trusted_proxies_must_be_ip_addresses);
+    tcase_add_test(tc, test_trusted_proxies_must_be_ip_addresses_or_networks);
     suite_add_tcase(s, tc);
     return s;
 }

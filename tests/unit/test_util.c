@@ -212,8 +212,9 @@ END_TEST
 START_TEST(test_parse_duration_units)
 {
     int64_t v;
-    ck_assert_int_eq(parse_duration_s("90", &v), 0);
+    ck_assert_int_eq(parse_duration_s("90s", &v), 0);
     ck_assert_int_eq(v, 90);
+    ck_assert_int_eq(parse_duration_s("90", &v), -1); /* no unit */
     ck_assert_int_eq(parse_duration_s("15m", &v), 0);
     ck_assert_int_eq(v, 900);
     ck_assert_int_eq(parse_duration_s("7d", &v), 0);
