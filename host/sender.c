@@ -63,13 +63,14 @@ struct pbatch {
 
 /* At most `rate` batches in any second: a send may go while the batches sent
  * in the last RATE_SLOTS slots of RATE_SLOT_MS stay under the rate. A batch
- * leaves the count once it is more than 1,050 ms old (a second and two slots:
- * every one-second window lies within them, with a margin for requests that
- * take different times to arrive). mParticle counts batches per second; a
+ * leaves the count once it is more than 1,100 ms old (a second and three
+ * slots: every one-second window lies within them, with a margin for requests
+ * that take different times to arrive, such as one that opens a connection
+ * and its TLS session first). mParticle counts batches per second; a
  * token bucket with a second of burst let twice the rate through in the second
  * after a quiet spell. */
 #define RATE_SLOT_MS 50
-#define RATE_SLOTS 22
+#define RATE_SLOTS 23
 struct bucket {
     double rate;               /* batches a second */
     int64_t slot;              /* the newest slot: monotonic ms / RATE_SLOT_MS */

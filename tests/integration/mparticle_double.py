@@ -271,7 +271,8 @@ class MParticleDouble:
     feeds: {name: (key, secret)}; default one feed "default" with the documented test vector.
     Attributes: url, port, rate_limit_percentage (None or int, sent on 202s), idle_timeout,
     rate_limit (None or batches per second for the whole account: a request that would take
-    the last second over it is 429 with Retry-After: 1, as mParticle's provisioned rate).
+    the last rate_window_s (1.0) seconds over it is 429 with Retry-After: 1, as mParticle's
+    provisioned rate).
     """
 
     def __init__(self, feeds=None, idle_timeout=None):
@@ -284,6 +285,7 @@ class MParticleDouble:
             self._feeds[name] = (key, secret)
         self.rate_limit_percentage = None
         self.rate_limit = None
+        self.rate_window_s = 1.0
         self._accepted_at = []  # (time, batches) of the last second, for rate_limit
         self.idle_timeout = idle_timeout
         self._faults = []
@@ -693,7 +695,7 @@ class MParticleDouble:
             return False
         now = time.monotonic()
         with self._lock:
-            self._accepted_at = [(t, k) for t, k in self._accepted_at if now - t < 1.0]
+            self._accepted_at = [(t, k) for t, k in self._accepted_at if now - t < self.rate_window_s]
             if sum(k for _, k in self._accepted_at) + n > limit:
                 return True
             self._accepted_at.append((now, n))
