@@ -289,3 +289,56 @@ void mparticle_basic_auth(const char *key, const char *secret, char *out, size_t
     explicit_bzero(plain, n);
     free(plain);
 }
+
+static size_t skip_space(const char *s, size_t i, size_t n)
+{
+    while (i < n && (s[i] == ' ' || s[i] == '\t' || s[i] == '\n' || s[i] == '\r'))
+        i++;
+    return i;
+}
+
+int64_t mparticle_event_time_ms(const char *s, size_t n)
+{
+    static const char key[] = "timestamp_unixtime_ms";
+    int depth = 0, data_depth = -1, data_next = 0;
+    for (size_t i = 0; i < n; i++) {
+        char c = s[i];
+        if (c == '"') {
+            size_t start = ++i;
+            while (i < n && s[i] != '"')
+                i += s[i] == '\\' ? 2 : 1;
+            if (i >= n)
+                return -1;
+            size_t len = i - start, colon = skip_space(s, i + 1, n);
+            if (colon >= n || s[colon] != ':')
+                continue; /* a value, not a key */
+            if (depth == 1 && len == 4 && memcmp(s + start, "data", 4) == 0) {
+                data_next = 1;
+            } else if (depth == data_depth && len == sizeof key - 1 &&
+                       memcmp(s + start, key, len) == 0) {
+                size_t v = skip_space(s, colon + 1, n);
+                char num[32];
+                size_t k = 0;
+                while (v + k < n && k < sizeof num - 1 && strchr("+-0123456789.eE", s[v + k]))
+                    k++;
+                memcpy(num, s + v, k);
+                num[k] = '\0';
+                char *end;
+                double t = strtod(num, &end);
+                return k > 0 && *end == '\0' && t >= 0 && t < 9e18 ? (int64_t)t : -1;
+            }
+        } else if (c == '{' || c == '[') {
+            depth++;
+            if (data_next && c == '{' && depth == 2)
+                data_depth = 2;
+            data_next = 0;
+        } else if (c == '}' || c == ']') {
+            if (depth == data_depth)
+                data_depth = -1;
+            depth--;
+        } else if (c == ',') {
+            data_next = 0;
+        }
+    }
+    return -1;
+}

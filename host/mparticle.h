@@ -23,6 +23,9 @@
 #define MPARTICLE_MAX_BATCHES_PER_REQUEST 100
 #define MPARTICLE_MAX_USER_ATTRIBUTES 100 /* per batch */
 #define MPARTICLE_BULK_PATH "/v2/bulkevents"
+/* Data older than 30 days goes to the historical endpoint instead. */
+#define MPARTICLE_HISTORICAL_PATH "/v2/bulkevents/historical"
+#define MPARTICLE_HISTORICAL_AGE_MS (30LL * 86400 * 1000)
 
 /* One event's parts as stored in the queue. */
 struct batch_part {
@@ -79,5 +82,9 @@ int64_t mparticle_retry_after(const char *value, int64_t now_s, int64_t min_s, i
 
 /* "Basic base64(key:secret)" into out (at least 4*((klen+slen+3)/3)+8 bytes). */
 void mparticle_basic_auth(const char *key, const char *secret, char *out, size_t outlen);
+
+/* The event's data.timestamp_unixtime_ms, read from the event object's JSON
+ * (as the rules' output is written); -1 when it has none. */
+int64_t mparticle_event_time_ms(const char *event, size_t n);
 
 #endif

@@ -58,6 +58,7 @@ struct pbatch {
     size_t len;
     int limit; /* most batches it may share a request with (halved on 400/413) */
     int in_flight;
+    int historical; /* its events are older than 30 days: MPARTICLE_HISTORICAL_PATH */
     struct pbatch *next, *prev;
 };
 
@@ -287,6 +288,15 @@ static int64_t smallest_id(const int64_t *ids, size_t n)
     return m;
 }
 
+/* Whether a record's event goes to mParticle's historical endpoint: older than
+ * 30 days by its timestamp_unixtime_ms (which also makes it older than the 72
+ * hours that endpoint asks of every event). */
+static int historical(const struct queue_item *it, int64_t now_ms)
+{
+    int64_t t = mparticle_event_time_ms(it->event.p, it->event.n);
+    return t >= 0 && now_ms - t > MPARTICLE_HISTORICAL_AGE_MS;
+}
+
 static struct pbatch *new_batch(enum feed f, const struct queue_items *items, const size_t *idx,
                                 size_t n)
 {
@@ -333,6 +343,7 @@ static int split_in_two(struct sender *s, struct feed_state *f, struct pbatch *b
         if (!parts[i] || build_body(s, parts[i], items, from[i], count[i]) != 0)
             goto fail;
         parts[i]->limit = b->limit;
+        parts[i]->historical = b->historical;
         qb[i].feed = f->feed;
         str_copy(qb[i].source_request_id, sizeof qb[i].source_request_id, parts[i]->srid);
         qb[i].record_ids = parts[i]->record_ids;
@@ -427,6 +438,7 @@ static int build_claim(struct sender *s, struct feed_state *f, struct queue_item
     sort_items = items;
     qsort(order, n, sizeof(*order), cmp_user);
 
+    int64_t now_ms = clock_wall_ms();
     for (size_t i = 0; i < n;) {
         /* records [i, j) belong to one user, in arrival order */
         size_t j = i + 1;
@@ -435,8 +447,12 @@ static int build_claim(struct sender *s, struct feed_state *f, struct queue_item
         for (size_t k = i; k < j;) {
             size_t used = 0, m = 0;
             struct mparticle_attr_names attrs = {.n = 0};
+            /* a batch goes to one endpoint: its events are all recent or all historical */
+            int old = historical(&items->items[order[k]], now_ms);
             while (k + m < j) {
                 const struct queue_item *it = &items->items[order[k + m]];
+                if (m > 0 && historical(it, now_ms) != old)
+                    break;
                 struct batch_part part = {it->batch, it->event, it->event_id};
                 size_t add = mparticle_batch_size_bound(&part, 1);
                 if (m > 0 && used + add > MPARTICLE_MAX_BATCH_BYTES)
@@ -454,6 +470,7 @@ static int build_claim(struct sender *s, struct feed_state *f, struct queue_item
             struct pbatch *b = new_batch(f->feed, items, order + k, m);
             if (!b)
                 goto done;
+            b->historical = old;
             c->made[c->n++] = b;
             /* the body needs the parts in batch order, contiguous */
             struct queue_items one = {0};
@@ -821,7 +838,8 @@ static int start_request(struct sender *s, struct feed_state *f, struct pbatch *
     size_t bl = strlen(base);
     while (bl && base[bl - 1] == '/')
         bl--;
-    snprintf(url, sizeof url, "%.*s%s", (int)bl, base, MPARTICLE_BULK_PATH);
+    snprintf(url, sizeof url, "%.*s%s", (int)bl, base,
+             batches[0]->historical ? MPARTICLE_HISTORICAL_PATH : MPARTICLE_BULK_PATH);
     char auth[1024];
     mparticle_basic_auth(fc->key, fc->secret, auth, sizeof auth);
     char header[1100];
@@ -948,8 +966,8 @@ static void dispatch(struct sender *s, struct feed_state *f, int64_t now)
         if (room < (double)cap)
             cap = (size_t)room;
         for (struct pbatch *b = f->head; b; b = b->next) {
-            if (b->in_flight)
-                continue;
+            if (b->in_flight || (n > 0 && b->historical != pick[0]->historical))
+                continue; /* one endpoint per request */
             size_t c = cap < (size_t)b->limit ? cap : (size_t)b->limit;
             if (n + 1 > c)
                 break;
@@ -1360,6 +1378,7 @@ static void load_batch(void *ctx, struct queue_batch *qb)
     }
     if (build_body(s, b, &items, 0, items.n) != 0)
         goto fail;
+    b->historical = historical(&items.items[0], clock_wall_ms());
     for (size_t i = 0; i < b->nrecords; i++) {
         if (b->record_ids[i] > f->cursor)
             f->cursor = b->record_ids[i];

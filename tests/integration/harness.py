@@ -355,14 +355,15 @@ class ServiceTest(unittest.TestCase):
 _seq = [0]
 
 
-def event(event_type="users.messages.email.Open", user="customer-1", id=None, time_s=1732800000,
+def event(event_type="users.messages.email.Open", user="customer-1", id=None, time_s=None,
           platform=None, **props):
-    """A Currents event shaped like Braze's samples."""
+    """A Currents event shaped like Braze's samples; by default an hour old (older than
+    30 days it goes to mParticle's historical endpoint)."""
     _seq[0] += 1
     e = {
         "event_type": event_type,
         "id": id or "evt-%d-%d-%d" % (os.getpid(), int(time.time() * 1000), _seq[0]),
-        "time": time_s,
+        "time": int(time.time()) - 3600 if time_s is None else time_s,
         "user": {"user_id": "5f8a9b0c1d2e3f4a5b6c7d8e", "timezone": "Europe/Berlin"},
         "properties": dict(props),
     }

@@ -6,8 +6,10 @@
         assert d.wait_for_events(3, timeout=10)
         d.events("ios")
 
-Endpoints: POST /v2/bulkevents (JSON array of batches) and POST /v2/events (one batch
-object); anything else is 404. HTTP Basic auth with a feed's key and secret decides the feed:
+Endpoints: POST /v2/bulkevents (JSON array of batches), POST /v2/bulkevents/historical
+(the same, for events older than 30 days: each needs a timestamp at least 72 hours old) and
+POST /v2/events (one batch object); anything else is 404. An event older than 30 days on a
+real-time endpoint, or too young for the historical one, fails its batch. HTTP Basic auth with a feed's key and secret decides the feed:
 no (usable) Basic credentials -> 401, credentials matching no feed -> 403.
 
 Order of checks for a request on an endpoint:
@@ -65,7 +67,25 @@ PLATFORMS = frozenset([
     "iOS", "Android", "web", "tvOS", "roku", "out_of_band", "alexa", "smart_tv", "fire_tv", "xbox",
 ])
 
-ENDPOINTS = {"/v2/bulkevents": "bulk", "/v2/events": "single"}
+ENDPOINTS = {"/v2/bulkevents": "bulk", "/v2/events": "single", "/v2/bulkevents/historical": "historical"}
+HISTORICAL_AGE_S = 30 * 86400  # older data belongs on /v2/bulkevents/historical
+HISTORICAL_MIN_AGE_S = 72 * 3600  # younger data is refused there
+
+
+def check_age(batch, where, historical, now=None):
+    """Raises Rejected(400, ...) for an event on the wrong endpoint for its age: older than
+    30 days on the real-time endpoints; without a timestamp or younger than 72 hours on the
+    historical one."""
+    now = time.time() if now is None else now
+    for i, e in enumerate(batch.get("events") or []):
+        ts = (e.get("data") or {}).get("timestamp_unixtime_ms") if isinstance(e, dict) else None
+        age = now - ts / 1000.0 if isinstance(ts, (int, float)) and not isinstance(ts, bool) else None
+        w = "%s.events[%d]" % (where, i)
+        if historical and (age is None or age < HISTORICAL_MIN_AGE_S):
+            raise Rejected(400, "%s: the historical endpoint takes events with a "
+                           "timestamp_unixtime_ms at least 72 hours old" % w)
+        if not historical and age is not None and age > HISTORICAL_AGE_S:
+            raise Rejected(400, "%s is older than 30 days: send it to /v2/bulkevents/historical" % w)
 
 _ERROR_CODES = {
     400: "BAD_REQUEST",
@@ -629,7 +649,7 @@ class MParticleDouble:
                 value = _loads(text)
             except (UnicodeDecodeError, ValueError) as e:
                 raise Rejected(400, "malformed JSON: %s" % e)
-            if ENDPOINTS[path] == "bulk":
+            if ENDPOINTS[path] in ("bulk", "historical"):
                 if not isinstance(value, list):
                     raise Rejected(400, "/v2/bulkevents expects a JSON array of batches")
                 batches, raws = value, _array_items(text)
@@ -650,9 +670,10 @@ class MParticleDouble:
             for i, batch in enumerate(batches):
                 try:
                     validate_batch(batch, "batch[%d]" % i)
+                    check_age(batch, "batch[%d]" % i, ENDPOINTS[path] == "historical")
                 except Rejected as r:
                     # a body that is not an array of objects is malformed as a whole
-                    if ENDPOINTS[path] != "bulk" or not isinstance(batch, dict):
+                    if ENDPOINTS[path] == "single" or not isinstance(batch, dict):
                         raise
                     dropped.append({"feed": feed, "index": i, "message": r.message,
                                     "source_request_id": batch.get("source_request_id")})

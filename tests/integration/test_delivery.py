@@ -503,6 +503,27 @@ class Delivery(ServiceTest):
         s.proc.send_signal(signal.SIGHUP)
         self.assertTrue(d.wait_for_events(3, 10 * SLOW))
 
+    def test_events_older_than_30_days_go_to_the_historical_endpoint(self):
+        d = self.double()
+        s = self.service(env=feed_env(d))
+        now = int(time.time())
+        old = [event("users.messages.email.Send", user="u", time_s=now - 40 * 86400),
+               event("users.messages.email.Send", user="v", time_s=now - 31 * 86400)]
+        recent = [event("users.messages.email.Send", user="u", time_s=now - 29 * 86400),
+                  event("users.messages.email.Send", user="v", time_s=now - 60)]
+        self.assertEqual(s.post([old[0], recent[0], old[1], recent[1]]).status, 200)
+        self.assertTrue(d.wait_for_events(4, 20 * SLOW))
+        paths = {}
+        for r in d.requests:
+            for b in d.batches:
+                if b["request_id"] == r["request_id"]:
+                    for e in b["batch"]["events"]:
+                        paths[e["data"]["source_message_id"]] = r["path"]
+        self.assertEqual(paths, {old[0]["id"]: "/v2/bulkevents/historical",
+                                 old[1]["id"]: "/v2/bulkevents/historical",
+                                 recent[0]["id"]: "/v2/bulkevents",
+                                 recent[1]["id"]: "/v2/bulkevents"})
+
     def test_slow_answers_on_two_feeds_do_not_hold_up_a_third(self):
         d = self.double()
         d.slow(6 * SLOW, feed="ios")

@@ -25,7 +25,7 @@ def custom_event(name="Push Notification Sends", **attrs):
         "data": {
             "event_name": name,
             "custom_event_type": "other",
-            "timestamp_unixtime_ms": 1732800000000,
+            "timestamp_unixtime_ms": int(time.time() * 1000) - 3600 * 1000,  # an hour ago
             "source_message_id": "msg-%d" % _seq[0],
             "custom_attributes": dict(attrs or {"campaign_id": "c1"}),
         },
@@ -129,9 +129,23 @@ class DoubleTest(unittest.TestCase):
         self.assertNothingStored()
 
     def test_unknown_path_is_404(self):
-        self.assertEqual(self.post([batch()], path="/v2/bulkevents/historical")[0], 404)
         self.assertEqual(self.post([batch()], path="/v1/events")[0], 404)
+        self.assertEqual(self.post([batch()], path="/v2/bulkevents/historic")[0], 404)
         self.assertNothingStored()
+
+    def test_events_older_than_30_days_belong_on_the_historical_endpoint(self):
+        old = custom_event()
+        old["data"]["timestamp_unixtime_ms"] = int(time.time() * 1000) - 31 * 86400 * 1000
+        # on the real-time endpoint the batch is dropped behind a 202
+        self.assertEqual(self.post([batch(events=[old])])[0], 202)
+        self.assertIn("older than 30 days", self.d.take_rejected()[0]["message"])
+        self.assertError(self.post_one(batch(events=[old])), 400, "historical")
+        # on the historical endpoint it is taken, and a recent event is not
+        self.assertEqual(self.post([batch(events=[old])], path="/v2/bulkevents/historical")[0], 202)
+        self.assertEqual(len(self.d.batches), 1)
+        self.assertEqual(self.post([batch()], path="/v2/bulkevents/historical")[0], 202)
+        self.assertIn("72 hours", self.d.take_rejected()[0]["message"])
+        self.assertEqual(len(self.d.batches), 1)
 
     def test_get_is_404(self):
         conn = http.client.HTTPConnection("127.0.0.1", self.d.port, timeout=5)

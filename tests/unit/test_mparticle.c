@@ -368,6 +368,25 @@ START_TEST(test_retry_after_imf_fixdate_is_relative_to_now)
 }
 END_TEST
 
+/* data.timestamp_unixtime_ms, and no other key of that name */
+START_TEST(test_event_time_is_read_from_data_only)
+{
+    const char *ev[] = {
+        "{\"event_type\":\"custom_event\",\"data\":{\"timestamp_unixtime_ms\":1732800000000}}",
+        "{\"data\":{\"custom_attributes\":{\"timestamp_unixtime_ms\":5,\"s\":\"}{\\\"\"},"
+        "\"timestamp_unixtime_ms\":1732800000001,\"event_name\":\"x\"},\"event_type\":\"x\"}",
+        "{\"event_type\":\"uninstall\",\"data\":{\"custom_attributes\":{\"timestamp_unixtime_ms\":"
+        "5}}}",
+        "{\"timestamp_unixtime_ms\":7,\"data\":{}}",
+        "{\"data\":{\"timestamp_unixtime_ms\":\"1732800000000\"}}",
+        "{\"data\":{\"timestamp_unixtime_ms\":1.7328e12}}",
+    };
+    const int64_t want[] = {1732800000000, 1732800000001, -1, -1, -1, 1732800000000};
+    for (size_t i = 0; i < ARRAY_LEN(ev); i++)
+        ck_assert_msg(mparticle_event_time_ms(ev[i], strlen(ev[i])) == want[i], "%s", ev[i]);
+}
+END_TEST
+
 START_TEST(test_retry_after_date_in_the_past_is_raised_to_min)
 {
     ck_assert_int_eq(
@@ -428,6 +447,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_retry_after_date_in_the_past_is_raised_to_min);
     tcase_add_test(tc, test_retry_after_garbage_is_invalid);
     tcase_add_test(tc, test_retry_after_absent_is_invalid);
+    tcase_add_test(tc, test_event_time_is_read_from_data_only);
     suite_add_tcase(s, tc);
     return s;
 }
