@@ -304,11 +304,20 @@ int64_t mparticle_event_time_ms(const char *s, size_t n)
     for (size_t i = 0; i < n; i++) {
         char c = s[i];
         if (c == '"') {
+            /* to the closing quote: one not preceded by an odd number of backslashes */
             size_t start = ++i;
-            while (i < n && s[i] != '"')
-                i += s[i] == '\\' ? 2 : 1;
-            if (i >= n)
-                return -1;
+            for (;;) {
+                const char *q = memchr(s + i, '"', n - i);
+                if (!q)
+                    return -1;
+                i = (size_t)(q - s);
+                size_t slashes = 0;
+                while (i - slashes > start && s[i - slashes - 1] == '\\')
+                    slashes++;
+                if (slashes % 2 == 0)
+                    break;
+                i++;
+            }
             size_t len = i - start, colon = skip_space(s, i + 1, n);
             if (colon >= n || s[colon] != ':')
                 continue; /* a value, not a key */

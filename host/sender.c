@@ -428,6 +428,7 @@ static int build_claim(struct sender *s, struct feed_state *f, struct queue_item
 {
     size_t n = items->n;
     size_t *order = malloc(n * sizeof(*order));
+    unsigned char *old_event = NULL; /* per record: 1 for the historical endpoint */
     c->made = calloc(n, sizeof(*c->made));
     c->n = 0;
     int rc = -1;
@@ -438,7 +439,13 @@ static int build_claim(struct sender *s, struct feed_state *f, struct queue_item
     sort_items = items;
     qsort(order, n, sizeof(*order), cmp_user);
 
+    /* each record's endpoint, read once */
     int64_t now_ms = clock_wall_ms();
+    old_event = malloc(n ? n : 1);
+    if (!old_event)
+        goto done;
+    for (size_t i = 0; i < n; i++)
+        old_event[i] = (unsigned char)historical(&items->items[i], now_ms);
     for (size_t i = 0; i < n;) {
         /* records [i, j) belong to one user, in arrival order */
         size_t j = i + 1;
@@ -448,10 +455,10 @@ static int build_claim(struct sender *s, struct feed_state *f, struct queue_item
             size_t used = 0, m = 0;
             struct mparticle_attr_names attrs = {.n = 0};
             /* a batch goes to one endpoint: its events are all recent or all historical */
-            int old = historical(&items->items[order[k]], now_ms);
+            int old = old_event[order[k]];
             while (k + m < j) {
                 const struct queue_item *it = &items->items[order[k + m]];
-                if (m > 0 && historical(it, now_ms) != old)
+                if (m > 0 && old_event[order[k + m]] != old)
                     break;
                 struct batch_part part = {it->batch, it->event, it->event_id};
                 size_t add = mparticle_batch_size_bound(&part, 1);
@@ -493,6 +500,7 @@ static int build_claim(struct sender *s, struct feed_state *f, struct queue_item
     rc = 0;
 done:
     free(order);
+    free(old_event);
     if (rc != 0)
         claim_part_free(c);
     return rc;
