@@ -328,8 +328,12 @@ int64_t mparticle_event_time_ms(const char *s, size_t n)
                 size_t v = skip_space(s, colon + 1, n);
                 char num[32];
                 size_t k = 0;
-                while (v + k < n && k < sizeof num - 1 && strchr("+-0123456789.eE", s[v + k]))
-                    k++;
+                while (v + k < n && s[v + k] && strchr("+-0123456789.eE", s[v + k])) {
+                    if (++k == sizeof num)
+                        return -1; /* longer than any time the host writes */
+                }
+                if (v + k >= n)
+                    return -1; /* cut off */
                 memcpy(num, s + v, k);
                 num[k] = '\0';
                 char *end;

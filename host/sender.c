@@ -58,7 +58,10 @@ struct pbatch {
     size_t len;
     int limit; /* most batches it may share a request with (halved on 400/413) */
     int in_flight;
-    int historical; /* its events are older than 30 days: MPARTICLE_HISTORICAL_PATH */
+    /* its events' timestamp_unixtime_ms: the smallest and largest (-1: none
+     * has one), and how many have none; they choose the endpoint (see class_of) */
+    int64_t ev_min_ms, ev_max_ms;
+    size_t untimed;
     struct pbatch *next, *prev;
 };
 
@@ -288,13 +291,45 @@ static int64_t smallest_id(const int64_t *ids, size_t n)
     return m;
 }
 
-/* Whether a record's event goes to mParticle's historical endpoint: older than
- * 30 days by its timestamp_unixtime_ms (which also makes it older than the 72
- * hours that endpoint asks of every event). */
-static int historical(const struct queue_item *it, int64_t now_ms)
+/* Which endpoint takes an event: mParticle's historical one for data older
+ * than 30 days (each event at least 72 hours old), the real-time one for the
+ * rest. An event goes historical once it is a day short of 30 days old, so
+ * that one waiting in a batch (retries, a pause) or a clock a little off does
+ * not carry it past the line on the real-time endpoint. */
+#define HISTORICAL_AFTER_MS (MPARTICLE_HISTORICAL_AGE_MS - 86400LL * 1000)
+enum endpoint { EP_REALTIME, EP_HISTORICAL, EP_MIXED };
+
+static int event_historical(int64_t t, int64_t now_ms)
 {
-    int64_t t = mparticle_event_time_ms(it->event.p, it->event.n);
-    return t >= 0 && now_ms - t > MPARTICLE_HISTORICAL_AGE_MS;
+    return t >= 0 && now_ms - t > HISTORICAL_AFTER_MS;
+}
+
+/* The endpoint of a batch now, from its events' times: EP_MIXED when some of
+ * its events belong on each (a batch that waited while some crossed the line,
+ * or one persisted before batches were made per endpoint): it is split first. */
+static enum endpoint class_of(const struct pbatch *b, int64_t now_ms)
+{
+    if (b->untimed == b->nrecords || !event_historical(b->ev_min_ms, now_ms))
+        return EP_REALTIME;
+    return b->untimed == 0 && event_historical(b->ev_max_ms, now_ms) ? EP_HISTORICAL : EP_MIXED;
+}
+
+/* Notes the event times of records items[idx[0..n)] (idx NULL: items[0..n)). */
+static void note_event_times(struct pbatch *b, const struct queue_items *items, const size_t *idx,
+                             size_t n)
+{
+    b->ev_min_ms = b->ev_max_ms = -1;
+    b->untimed = 0;
+    for (size_t i = 0; i < n; i++) {
+        const struct queue_item *it = &items->items[idx ? idx[i] : i];
+        int64_t t = mparticle_event_time_ms(it->event.p, it->event.n);
+        if (t < 0) {
+            b->untimed++;
+            continue;
+        }
+        b->ev_min_ms = b->ev_min_ms < 0 || t < b->ev_min_ms ? t : b->ev_min_ms;
+        b->ev_max_ms = t > b->ev_max_ms ? t : b->ev_max_ms;
+    }
 }
 
 static struct pbatch *new_batch(enum feed f, const struct queue_items *items, const size_t *idx,
@@ -319,6 +354,7 @@ static struct pbatch *new_batch(enum feed f, const struct queue_items *items, co
             b->oldest_ms = it->received_ms;
     }
     b->first_id = smallest_id(b->record_ids, n);
+    note_event_times(b, items, idx, n);
     return b;
 }
 
@@ -343,7 +379,6 @@ static int split_in_two(struct sender *s, struct feed_state *f, struct pbatch *b
         if (!parts[i] || build_body(s, parts[i], items, from[i], count[i]) != 0)
             goto fail;
         parts[i]->limit = b->limit;
-        parts[i]->historical = b->historical;
         qb[i].feed = f->feed;
         str_copy(qb[i].source_request_id, sizeof qb[i].source_request_id, parts[i]->srid);
         qb[i].record_ids = parts[i]->record_ids;
@@ -381,14 +416,21 @@ static int64_t settled_below(const struct feed_state *f)
 
 static _Thread_local const struct queue_items *sort_items;
 
+static _Thread_local const unsigned char *sort_historical;
+
+/* By user, then endpoint (a user's old and recent events make two batches,
+ * not one per change), then arrival. */
 static int cmp_user(const void *a, const void *b)
 {
-    const struct queue_item *x = &sort_items->items[*(const size_t *)a];
-    const struct queue_item *y = &sort_items->items[*(const size_t *)b];
+    size_t i = *(const size_t *)a, j = *(const size_t *)b;
+    const struct queue_item *x = &sort_items->items[i];
+    const struct queue_item *y = &sort_items->items[j];
     size_t n = x->user.n < y->user.n ? x->user.n : y->user.n;
     int c = memcmp(x->user.p, y->user.p, n);
     if (c == 0 && x->user.n != y->user.n)
         c = x->user.n < y->user.n ? -1 : 1;
+    if (c == 0)
+        c = (int)sort_historical[i] - (int)sort_historical[j];
     if (c == 0)
         c = x->id < y->id ? -1 : x->id > y->id;
     return c;
@@ -434,18 +476,22 @@ static int build_claim(struct sender *s, struct feed_state *f, struct queue_item
     int rc = -1;
     if (!order || !c->made)
         goto done;
-    for (size_t i = 0; i < n; i++)
-        order[i] = i;
-    sort_items = items;
-    qsort(order, n, sizeof(*order), cmp_user);
-
     /* each record's endpoint, read once */
     int64_t now_ms = clock_wall_ms();
     old_event = malloc(n ? n : 1);
     if (!old_event)
         goto done;
+    for (size_t i = 0; i < n; i++) {
+        const struct queue_item *it = &items->items[i];
+        old_event[i] = (unsigned char)event_historical(
+            mparticle_event_time_ms(it->event.p, it->event.n), now_ms);
+    }
     for (size_t i = 0; i < n; i++)
-        old_event[i] = (unsigned char)historical(&items->items[i], now_ms);
+        order[i] = i;
+    sort_items = items;
+    sort_historical = old_event;
+    qsort(order, n, sizeof(*order), cmp_user);
+
     for (size_t i = 0; i < n;) {
         /* records [i, j) belong to one user, in arrival order */
         size_t j = i + 1;
@@ -477,7 +523,6 @@ static int build_claim(struct sender *s, struct feed_state *f, struct queue_item
             struct pbatch *b = new_batch(f->feed, items, order + k, m);
             if (!b)
                 goto done;
-            b->historical = old;
             c->made[c->n++] = b;
             /* the body needs the parts in batch order, contiguous */
             struct queue_items one = {0};
@@ -559,44 +604,91 @@ static int64_t wall_to_age_ms(int64_t wall_ms)
     return clock_wall_ms() - wall_ms;
 }
 
-/* The part of batch b (past retry.max_age_s) to dead-letter: b itself when
- * all its records were received before cutoff (or they cannot be told apart);
- * when some came later, b is split in two, the older records first, and the
- * older part is returned, so that a young event does not go with an old one
- * of its user. NULL: nothing now (reading or splitting failed; b stays whole
- * and is tried again at the next sweep). */
-static struct pbatch *expired_part(struct sender *s, struct feed_state *f, struct pbatch *b,
-                                   int64_t cutoff)
+/* Reads batch b's records and splits b in two by a test of each: those that
+ * pass first, each part in its order (split_in_two; parts receives them).
+ * Returns how many pass; parts stay NULL (and b whole) when all or none do.
+ * SPLIT_UNREADABLE: its records cannot be read whole now; SPLIT_FAILED: the
+ * split could not be made. Either way b is unchanged. */
+#define SPLIT_UNREADABLE (-1)
+#define SPLIT_FAILED (-2)
+static long split_by(struct sender *s, struct feed_state *f, struct pbatch *b,
+                     int (*pass)(const struct queue_item *, int64_t), int64_t arg,
+                     struct pbatch *parts[2])
 {
+    parts[0] = parts[1] = NULL;
     struct queue_items items;
     queue_items_init(&items);
-    struct pbatch *parts[2] = {NULL, NULL}, *expired = NULL;
     struct queue_item *sorted = NULL;
-    if (queue_fetch(s->reader, b->feed, b->record_ids, b->nrecords, &items) != 0) {
-        if (log_due(&s->expiry_logged_ms))
-            log_error("cannot read a batch past retry.max_age_s; tried again in a moment",
-                      LOG_S("feed", FEED_NAMES[f->feed]) LOG_S("batch", b->srid));
+    long rc = SPLIT_UNREADABLE;
+    if (queue_fetch(s->reader, b->feed, b->record_ids, b->nrecords, &items) != 0 ||
+        items.n != b->nrecords)
         goto done;
-    }
-    size_t old = 0;
+    size_t passed = 0;
     for (size_t i = 0; i < items.n; i++)
-        old += items.items[i].received_ms < cutoff;
-    if (old == items.n || old == 0 || items.n != b->nrecords) {
-        expired = b; /* all old, or not to be split by their ages: as a whole */
+        passed += pass(&items.items[i], arg) != 0;
+    rc = (long)passed;
+    if (passed == 0 || passed == items.n)
         goto done;
-    }
+    rc = SPLIT_FAILED;
     if (!(sorted = malloc(items.n * sizeof(*sorted))))
         goto done;
-    size_t o = 0, y = old;
+    size_t p = 0, q = passed;
     for (size_t i = 0; i < items.n; i++)
-        sorted[items.items[i].received_ms < cutoff ? o++ : y++] = items.items[i];
+        sorted[pass(&items.items[i], arg) ? p++ : q++] = items.items[i];
     memcpy(items.items, sorted, items.n * sizeof(*sorted));
-    if (split_in_two(s, f, b, &items, old, parts) == 0)
-        expired = parts[0];
+    if (split_in_two(s, f, b, &items, passed, parts) == 0)
+        rc = (long)passed;
 done:
     free(sorted);
     queue_items_free(&items);
-    return expired;
+    return rc;
+}
+
+static int received_before(const struct queue_item *it, int64_t cutoff)
+{
+    return it->received_ms < cutoff;
+}
+
+/* The part of batch b (past retry.max_age_s) to dead-letter: b itself when
+ * all its records were received before cutoff (or they cannot be read to be
+ * told apart); when some came later, b is split in two and the older part is
+ * returned, so that a young event does not go with an old one of its user.
+ * NULL: nothing now (the split failed; b stays whole until the next sweep). */
+static struct pbatch *expired_part(struct sender *s, struct feed_state *f, struct pbatch *b,
+                                   int64_t cutoff)
+{
+    struct pbatch *parts[2];
+    long old = split_by(s, f, b, received_before, cutoff, parts);
+    if (old == SPLIT_FAILED) {
+        if (log_due(&s->expiry_logged_ms))
+            log_error("cannot split a batch past retry.max_age_s by age; tried again in a moment",
+                      LOG_S("feed", FEED_NAMES[f->feed]) LOG_S("batch", b->srid));
+        return NULL;
+    }
+    return parts[0] ? parts[0] : b;
+}
+
+static int realtime_event(const struct queue_item *it, int64_t now_ms)
+{
+    return !event_historical(mparticle_event_time_ms(it->event.p, it->event.n), now_ms);
+}
+
+/* Splits the batches whose events now belong on both endpoints (see
+ * class_of): recent events first, then the historical ones. */
+static void split_mixed(struct sender *s, struct feed_state *f)
+{
+    int64_t now = clock_wall_ms();
+    for (struct pbatch *b = f->head, *next; b; b = next) {
+        next = b->next; /* the parts go in by their first record: next stays valid */
+        if (b->in_flight || class_of(b, now) != EP_MIXED)
+            continue;
+        struct pbatch *parts[2];
+        long recent = split_by(s, f, b, realtime_event, now, parts);
+        if (recent < 0 && log_due(&s->expiry_logged_ms))
+            log_error("cannot split a batch whose events belong on both of mParticle's endpoints; "
+                      "tried again in a moment",
+                      LOG_S("feed", FEED_NAMES[f->feed]) LOG_S("batch", b->srid));
+    }
 }
 
 /* Moves waiting batches past retry.max_age_s to the dead-letter store. */
@@ -846,8 +938,9 @@ static int start_request(struct sender *s, struct feed_state *f, struct pbatch *
     size_t bl = strlen(base);
     while (bl && base[bl - 1] == '/')
         bl--;
+    int historical = class_of(batches[0], clock_wall_ms()) == EP_HISTORICAL;
     snprintf(url, sizeof url, "%.*s%s", (int)bl, base,
-             batches[0]->historical ? MPARTICLE_HISTORICAL_PATH : MPARTICLE_BULK_PATH);
+             historical ? MPARTICLE_HISTORICAL_PATH : MPARTICLE_BULK_PATH);
     char auth[1024];
     mparticle_basic_auth(fc->key, fc->secret, auth, sizeof auth);
     char header[1100];
@@ -942,6 +1035,7 @@ static void spend(struct bucket *b, double n)
 
 static void dispatch(struct sender *s, struct feed_state *f, int64_t now)
 {
+    int64_t wall = clock_wall_ms(); /* for the endpoint of each batch (class_of) */
     if (f->pause == PAUSE_NO_CREDENTIALS)
         return;
     if (f->pause == PAUSE_AUTH) {
@@ -950,7 +1044,7 @@ static void dispatch(struct sender *s, struct feed_state *f, int64_t now)
         if (f->probing || now < f->probe_at || now < f->not_before || now < s->account_not_before)
             return;
         for (struct pbatch *b = f->head; b; b = b->next) {
-            if (!b->in_flight) {
+            if (!b->in_flight && class_of(b, wall) != EP_MIXED) {
                 if (start_request(s, f, &b, 1, 1) == 0)
                     f->probing = 1;
                 return;
@@ -973,9 +1067,13 @@ static void dispatch(struct sender *s, struct feed_state *f, int64_t now)
         size_t cap = MPARTICLE_MAX_BATCHES_PER_REQUEST;
         if (room < (double)cap)
             cap = (size_t)room;
+        enum endpoint first = EP_MIXED;
         for (struct pbatch *b = f->head; b; b = b->next) {
-            if (b->in_flight || (n > 0 && b->historical != pick[0]->historical))
-                continue; /* one endpoint per request */
+            /* one endpoint per request; a batch for both waits to be split */
+            enum endpoint ep = class_of(b, wall);
+            if (b->in_flight || ep == EP_MIXED || (n > 0 && ep != first))
+                continue;
+            first = ep;
             size_t c = cap < (size_t)b->limit ? cap : (size_t)b->limit;
             if (n + 1 > c)
                 break;
@@ -1386,7 +1484,7 @@ static void load_batch(void *ctx, struct queue_batch *qb)
     }
     if (build_body(s, b, &items, 0, items.n) != 0)
         goto fail;
-    b->historical = historical(&items.items[0], clock_wall_ms());
+    note_event_times(b, &items, NULL, items.n);
     for (size_t i = 0; i < b->nrecords; i++) {
         if (b->record_ids[i] > f->cursor)
             f->cursor = b->record_ids[i];
@@ -1468,8 +1566,10 @@ static void *sender_main(void *arg)
                 update_credentials(s, f);
             if (stopping)
                 continue;
-            if (expire_held)
+            if (expire_held) {
                 expire_batches(s, f);
+                split_mixed(s, f);
+            }
         }
         if (!stopping)
             claim(s, now);

@@ -651,7 +651,7 @@ class MParticleDouble:
                 raise Rejected(400, "malformed JSON: %s" % e)
             if ENDPOINTS[path] in ("bulk", "historical"):
                 if not isinstance(value, list):
-                    raise Rejected(400, "/v2/bulkevents expects a JSON array of batches")
+                    raise Rejected(400, "%s expects a JSON array of batches" % path)
                 batches, raws = value, _array_items(text)
                 rec["batches"] = len(batches)
                 if len(batches) > MAX_BATCHES:

@@ -509,7 +509,7 @@ class Delivery(ServiceTest):
         now = int(time.time())
         old = [event("users.messages.email.Send", user="u", time_s=now - 40 * 86400),
                event("users.messages.email.Send", user="v", time_s=now - 31 * 86400)]
-        recent = [event("users.messages.email.Send", user="u", time_s=now - 29 * 86400),
+        recent = [event("users.messages.email.Send", user="u", time_s=now - 28 * 86400),
                   event("users.messages.email.Send", user="v", time_s=now - 60)]
         self.assertEqual(s.post([old[0], recent[0], old[1], recent[1]]).status, 200)
         self.assertTrue(d.wait_for_events(4, 20 * SLOW))
@@ -523,6 +523,26 @@ class Delivery(ServiceTest):
                                  old[1]["id"]: "/v2/bulkevents/historical",
                                  recent[0]["id"]: "/v2/bulkevents",
                                  recent[1]["id"]: "/v2/bulkevents"})
+
+    def test_a_batch_whose_event_turns_historical_while_it_waits_is_split(self):
+        d = self.double()
+        d.fail(503)
+        s = self.service(env=feed_env(d))
+        now = int(time.time())
+        # a day short of 30 days (where the service switches) in three seconds; its user's
+        # other event is recent: their batch must become two
+        crossing = event("users.messages.email.Send", user="u", time_s=now - 29 * 86400 + 3)
+        recent = event("users.messages.email.Send", user="u", time_s=now - 3600)
+        self.assertEqual(s.post([crossing, recent]).status, 200)
+        self.wait(lambda: any(r["status"] == 503 for r in d.requests), what="a refused request")
+        time.sleep(5)
+        d.clear_faults()
+        self.assertTrue(d.wait_for_events(2, 20 * SLOW))
+        paths = {e["data"]["source_message_id"]: r["path"]
+                 for r in d.requests for b in d.batches if b["request_id"] == r["request_id"]
+                 for e in b["batch"]["events"]}
+        self.assertEqual(paths, {crossing["id"]: "/v2/bulkevents/historical",
+                                 recent["id"]: "/v2/bulkevents"})
 
     def test_slow_answers_on_two_feeds_do_not_hold_up_a_third(self):
         d = self.double()

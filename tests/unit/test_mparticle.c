@@ -380,8 +380,13 @@ START_TEST(test_event_time_is_read_from_data_only)
         "{\"timestamp_unixtime_ms\":7,\"data\":{}}",
         "{\"data\":{\"timestamp_unixtime_ms\":\"1732800000000\"}}",
         "{\"data\":{\"timestamp_unixtime_ms\":1.7328e12}}",
+        /* an even run of backslashes ends the string before the key */
+        "{\"data\":{\"k\":\"a\\\\\",\"timestamp_unixtime_ms\":1732800000002}}",
+        "{\"data\":{\"timestamp_unixtime_ms\":17",
+        "{\"data\":{\"timestamp_unixtime_ms\":1.732800000000000000000000000000000000e12}}",
     };
-    const int64_t want[] = {1732800000000, 1732800000001, -1, -1, -1, 1732800000000};
+    const int64_t want[] = {1732800000000, 1732800000001, -1, -1, -1,
+                            1732800000000, 1732800000002, -1, -1};
     for (size_t i = 0; i < ARRAY_LEN(ev); i++)
         ck_assert_msg(mparticle_event_time_ms(ev[i], strlen(ev[i])) == want[i], "%s", ev[i]);
 }
