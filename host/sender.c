@@ -314,15 +314,17 @@ static enum endpoint class_of(const struct pbatch *b, int64_t now_ms)
     return b->untimed == 0 && event_historical(b->ev_max_ms, now_ms) ? EP_HISTORICAL : EP_MIXED;
 }
 
-/* Notes the event times of records items[idx[0..n)] (idx NULL: items[0..n)). */
+/* Notes the event times of records items[idx[0..n)] (idx NULL: items[0..n));
+ * times, when not NULL, holds each item's already (by item index). */
 static void note_event_times(struct pbatch *b, const struct queue_items *items, const size_t *idx,
-                             size_t n)
+                             size_t n, const int64_t *times)
 {
     b->ev_min_ms = b->ev_max_ms = -1;
     b->untimed = 0;
     for (size_t i = 0; i < n; i++) {
-        const struct queue_item *it = &items->items[idx ? idx[i] : i];
-        int64_t t = mparticle_event_time_ms(it->event.p, it->event.n);
+        size_t x = idx ? idx[i] : i;
+        const struct queue_item *it = &items->items[x];
+        int64_t t = times ? times[x] : mparticle_event_time_ms(it->event.p, it->event.n);
         if (t < 0) {
             b->untimed++;
             continue;
@@ -332,8 +334,9 @@ static void note_event_times(struct pbatch *b, const struct queue_items *items, 
     }
 }
 
+/* A batch of records items[idx[0..n)]; times as for note_event_times. */
 static struct pbatch *new_batch(enum feed f, const struct queue_items *items, const size_t *idx,
-                                size_t n)
+                                size_t n, const int64_t *times)
 {
     struct pbatch *b = calloc(1, sizeof(*b));
     if (!b)
@@ -354,7 +357,7 @@ static struct pbatch *new_batch(enum feed f, const struct queue_items *items, co
             b->oldest_ms = it->received_ms;
     }
     b->first_id = smallest_id(b->record_ids, n);
-    note_event_times(b, items, idx, n);
+    note_event_times(b, items, idx, n, times);
     return b;
 }
 
@@ -374,7 +377,7 @@ static int split_in_two(struct sender *s, struct feed_state *f, struct pbatch *b
             goto fail;
         for (size_t k = 0; k < count[i]; k++)
             idx[k] = from[i] + k;
-        parts[i] = new_batch(f->feed, items, idx, count[i]);
+        parts[i] = new_batch(f->feed, items, idx, count[i], NULL);
         free(idx);
         if (!parts[i] || build_body(s, parts[i], items, from[i], count[i]) != 0)
             goto fail;
@@ -471,6 +474,7 @@ static int build_claim(struct sender *s, struct feed_state *f, struct queue_item
     size_t n = items->n;
     size_t *order = malloc(n * sizeof(*order));
     unsigned char *old_event = NULL; /* per record: 1 for the historical endpoint */
+    int64_t *times = NULL;           /* per record: its event's time (-1: none) */
     c->made = calloc(n, sizeof(*c->made));
     c->n = 0;
     int rc = -1;
@@ -479,12 +483,13 @@ static int build_claim(struct sender *s, struct feed_state *f, struct queue_item
     /* each record's endpoint, read once */
     int64_t now_ms = clock_wall_ms();
     old_event = malloc(n ? n : 1);
-    if (!old_event)
+    times = malloc((n ? n : 1) * sizeof(*times));
+    if (!old_event || !times)
         goto done;
     for (size_t i = 0; i < n; i++) {
         const struct queue_item *it = &items->items[i];
-        old_event[i] = (unsigned char)event_historical(
-            mparticle_event_time_ms(it->event.p, it->event.n), now_ms);
+        times[i] = mparticle_event_time_ms(it->event.p, it->event.n);
+        old_event[i] = (unsigned char)event_historical(times[i], now_ms);
     }
     for (size_t i = 0; i < n; i++)
         order[i] = i;
@@ -520,7 +525,7 @@ static int build_claim(struct sender *s, struct feed_state *f, struct queue_item
                 used += add;
                 m++;
             }
-            struct pbatch *b = new_batch(f->feed, items, order + k, m);
+            struct pbatch *b = new_batch(f->feed, items, order + k, m, times);
             if (!b)
                 goto done;
             c->made[c->n++] = b;
@@ -546,6 +551,7 @@ static int build_claim(struct sender *s, struct feed_state *f, struct queue_item
 done:
     free(order);
     free(old_event);
+    free(times);
     if (rc != 0)
         claim_part_free(c);
     return rc;
@@ -1484,7 +1490,7 @@ static void load_batch(void *ctx, struct queue_batch *qb)
     }
     if (build_body(s, b, &items, 0, items.n) != 0)
         goto fail;
-    note_event_times(b, &items, NULL, items.n);
+    note_event_times(b, &items, NULL, items.n, NULL);
     for (size_t i = 0; i < b->nrecords; i++) {
         if (b->record_ids[i] > f->cursor)
             f->cursor = b->record_ids[i];
