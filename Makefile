@@ -126,7 +126,7 @@ install: all
 	chmod 0644 $(DESTDIR)$(PREFIX)/lib/systemd/system/tributary.service
 
 FORMATTED = host/*.c host/*.h tests/unit/*.c tests/unit/*.h tests/bench/*.c tests/fuzz/*.c \
-	tests/fuzz/*.h
+	tests/fuzz/*.h tests/integration/faults/*.c
 
 fmt:
 	clang-format -i $(FORMATTED)

@@ -2244,8 +2244,14 @@ void queue_free(queue *q)
         }
     }
     if (q->db) {
+        /* The service leaves an empty WAL behind. A command beside it only
+         * copies what no one reads: TRUNCATE would take the write lock and
+         * wait for the service's readers while the service's writes wait. */
         if (!q->opt.readonly)
-            sqlite3_exec(q->db, "PRAGMA wal_checkpoint(TRUNCATE)", NULL, NULL, NULL);
+            sqlite3_exec(q->db,
+                         q->opt.exclusive ? "PRAGMA wal_checkpoint(TRUNCATE)"
+                                          : "PRAGMA wal_checkpoint(PASSIVE)",
+                         NULL, NULL, NULL);
         sqlite3_close(q->db);
     }
     pthread_cond_destroy(&q->work);

@@ -35,6 +35,8 @@
 #define EXPIRE_EVERY_MS 60000
 /* Held batches are checked against retry.max_age_s this often. */
 #define EXPIRE_HELD_EVERY_MS 1000
+/* Persisted batches that could not be restored are tried again this often. */
+#define RESTORE_RETRY_MS 1000
 /* Retry-After from mParticle is honoured within these bounds. */
 #define RETRY_AFTER_MIN_S 1
 #define RETRY_AFTER_MAX_S 600
@@ -85,7 +87,7 @@ struct feed_state {
     enum feed feed;
     int64_t cursor; /* highest record id claimed */
     /* the smallest record id of the persisted batches that could not be
-     * restored at start (0: none): their records stay in the queue */
+     * restored yet (0: none): the settled line stays below their records */
     int64_t unrestored;
     struct pbatch *head, *tail;
     size_t nbatches, bytes;
@@ -159,6 +161,15 @@ struct sender {
     /* at start: persisted batches whose records were all delivered, removed
      * once the read that restores the batches is over */
     struct emptied emptied[FEED_COUNT];
+    /* restoring the batches persisted before the last stop: */
+    int restore_pending;       /* a pass left batches behind: another follows */
+    int restore_unread;        /* the last pass could not read them all: claim nothing */
+    int restore_failed;        /* within a pass */
+    int64_t restore_next;      /* monotonic ms of the next pass */
+    int64_t restore_logged_ms; /* log_due */
+    int restore_passes;
+    const int64_t *restore_held; /* ids held already, sorted, during a pass */
+    size_t restore_nheld;
 };
 
 /* ---- small helpers ------------------------------------------------------ */
@@ -1455,11 +1466,29 @@ static void remove_emptied(struct sender *s)
     }
 }
 
+static int compare_ids(const void *a, const void *b)
+{
+    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return (x > y) - (x < y);
+}
+
 static void load_batch(void *ctx, struct queue_batch *qb)
 {
     struct sender *s = ctx;
     struct feed_state *f = &s->feeds[qb->feed];
+    if (s->restore_nheld &&
+        bsearch(&qb->id, s->restore_held, s->restore_nheld, sizeof(int64_t), compare_ids)) {
+        free(qb->record_ids); /* restored by an earlier pass */
+        qb->record_ids = NULL;
+        return;
+    }
     int64_t first = smallest_id(qb->record_ids, qb->nrecords);
+    /* its records are claimed, whether or not it can be restored now: they
+     * must not be claimed again into another batch */
+    for (size_t i = 0; i < qb->nrecords; i++) {
+        if (qb->record_ids[i] > f->cursor)
+            f->cursor = qb->record_ids[i];
+    }
     struct pbatch *b = calloc(1, sizeof(*b));
     struct queue_items items;
     queue_items_init(&items);
@@ -1491,17 +1520,16 @@ static void load_batch(void *ctx, struct queue_batch *qb)
     if (build_body(s, b, &items, 0, items.n) != 0)
         goto fail;
     note_event_times(b, &items, NULL, items.n, NULL);
-    for (size_t i = 0; i < b->nrecords; i++) {
-        if (b->record_ids[i] > f->cursor)
-            f->cursor = b->record_ids[i];
-    }
     feed_insert(f, b);
     queue_items_free(&items);
     return;
 fail:
-    /* its records stay: the settled line stops below them */
-    log_error("cannot restore a persisted batch; it stays in the queue",
-              LOG_S("feed", FEED_NAMES[qb->feed]) LOG_S("batch", qb->source_request_id));
+    /* its records stay, the settled line stops below them, and the next pass
+     * tries again */
+    s->restore_failed = 1;
+    if (log_due(&s->restore_logged_ms))
+        log_error("cannot restore a persisted batch; it stays in the queue and is tried again",
+                  LOG_S("feed", FEED_NAMES[qb->feed]) LOG_S("batch", qb->source_request_id));
     if (qb->nrecords > 0 && (f->unrestored == 0 || first < f->unrestored))
         f->unrestored = first;
     queue_items_free(&items);
@@ -1530,6 +1558,74 @@ static void sweep_unclaimed(struct sender *s, int64_t now)
     }
 }
 
+/* The ids of the batches the feeds hold, sorted; NULL when there are none or
+ * memory is short. */
+static int64_t *held_ids(const struct sender *s, size_t *n)
+{
+    *n = 0;
+    size_t total = 0;
+    for (int i = 0; i < FEED_COUNT; i++)
+        total += s->feeds[i].nbatches;
+    int64_t *ids = total ? malloc(total * sizeof(*ids)) : NULL;
+    if (!ids)
+        return NULL;
+    for (int i = 0; i < FEED_COUNT; i++) {
+        for (const struct pbatch *b = s->feeds[i].head; b; b = b->next)
+            ids[(*n)++] = b->id;
+    }
+    qsort(ids, *n, sizeof(*ids), compare_ids);
+    return ids;
+}
+
+/* Restores the batches persisted before the last stop, the ones no earlier
+ * pass restored. Until a pass has them all, each feed's settled line stays
+ * below the records of those it could not restore, and when the read itself
+ * failed, which batches it did not reach is unknown: then every line stays
+ * where it is and nothing is claimed, so no record of a persisted batch is
+ * taken for delivered or claimed twice. */
+static void restore(struct sender *s, int64_t now)
+{
+    size_t before = 0;
+    for (int i = 0; i < FEED_COUNT; i++) {
+        before += s->feeds[i].nbatches;
+        s->feeds[i].unrestored = 0;
+    }
+    size_t nheld = 0;
+    int64_t *held = held_ids(s, &nheld);
+    if (before && !held) {
+        s->restore_failed = 1; /* no memory to tell them apart: later */
+    } else {
+        s->restore_held = held;
+        s->restore_nheld = nheld;
+        s->restore_failed = 0;
+        s->restore_unread = queue_load_batches(s->reader, load_batch, s) != 0;
+        s->restore_held = NULL;
+        s->restore_nheld = 0;
+    }
+    free(held);
+    remove_emptied(s);
+    if (s->restore_unread) {
+        s->restore_failed = 1;
+        for (int i = 0; i < FEED_COUNT; i++)
+            s->feeds[i].unrestored = 1;
+        if (log_due(&s->restore_logged_ms))
+            log_error("cannot read the persisted batches; nothing is claimed until they are "
+                      "read, tried again every second");
+    }
+    s->restore_passes++;
+    s->restore_pending = s->restore_failed;
+    s->restore_next = now + RESTORE_RETRY_MS;
+    size_t restored = 0;
+    for (int i = 0; i < FEED_COUNT; i++)
+        restored += s->feeds[i].nbatches;
+    if (restored > before)
+        log_info("re-sending batches persisted before the last stop",
+                 LOG_I("batches", (long long)(restored - before)));
+    if (!s->restore_pending && s->restore_passes > 1)
+        log_info("every persisted batch is restored",
+                 LOG_I("attempts", (long long)s->restore_passes));
+}
+
 static void *sender_main(void *arg)
 {
     struct sender *s = arg;
@@ -1537,15 +1633,7 @@ static void *sender_main(void *arg)
     struct snapshot snap;
     reload_get(&snap);
     s->cfg = snap.cfg;
-    if (queue_load_batches(s->reader, load_batch, s) != 0)
-        log_error("cannot read the persisted batches");
-    remove_emptied(s);
-    size_t restored = 0;
-    for (int i = 0; i < FEED_COUNT; i++)
-        restored += s->feeds[i].nbatches;
-    if (restored)
-        log_info("re-sending batches persisted before the last stop",
-                 LOG_I("batches", (long long)restored));
+    restore(s, clock_mono_ms());
     reload_put(&snap);
 
     for (;;) {
@@ -1577,7 +1665,9 @@ static void *sender_main(void *arg)
                 split_mixed(s, f);
             }
         }
-        if (!stopping)
+        if (!stopping && s->restore_pending && now >= s->restore_next)
+            restore(s, now);
+        if (!stopping && !s->restore_unread)
             claim(s, now);
         /* the feeds take turns at going first: they share the account's rate */
         s->turn = (s->turn + 1) % FEED_COUNT;

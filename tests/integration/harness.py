@@ -171,11 +171,12 @@ def claim_batches(blob):
     return out
 
 
-def claim_blob(batches):
-    """A claim of batches [(source_request_id, [record ids])] as the queue stores it."""
+def claim_blob(batches, oldest_ms=0):
+    """A claim of batches [(source_request_id, [record ids])] as the queue stores it,
+    their oldest record received at oldest_ms (0: long ago)."""
     out = struct.pack("<I", len(batches))
     for srid, ids in batches:
-        out += bytes([len(srid)]) + srid.encode() + struct.pack("<qI", 0, len(ids))
+        out += bytes([len(srid)]) + srid.encode() + struct.pack("<qI", oldest_ms, len(ids))
         out += struct.pack("<%dq" % len(ids), *ids)
     return out
 

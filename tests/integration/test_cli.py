@@ -3,6 +3,9 @@ dlq requeue and purge over many dead letters and at the limits of their input.""
 
 import json
 import os
+import sqlite3
+import threading
+import time
 import unittest
 
 from harness import RULES, SANITIZED, TIME, WRAPPER, ServiceTest, event, run_cli, run_cli_peak_rss
@@ -288,3 +291,27 @@ class DeadLetterCommands(ServiceTest):
         self.assertEqual(p.returncode, 2)
         self.assertIn("--older-than DURATION", p.stderr)
         self.assertEqual(len(json.loads(s.cli(["dlq", "list", "--json"]).stdout)), 1)
+
+    def test_a_command_beside_a_long_read_does_not_hold_up_the_service(self):
+        s = self.service()
+        self.assertEqual(s.post([event("users.messages.email.Send")]).status, 200)
+        # a long read of the queue, as a paged `dlq list` in a terminal
+        reader = sqlite3.connect(os.path.join(s.data_dir, "queue.db"), isolation_level=None)
+        self.addCleanup(reader.close)
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM dead").fetchone()
+        self.assertEqual(s.post([event("users.messages.email.Send")]).status, 200)
+        done = []
+        cli = threading.Thread(target=lambda: done.append(
+            s.cli(["dlq", "purge", "--older-than", "30d"]).returncode))
+        cli.start()
+        time.sleep(0.3)
+        took = []
+        for _ in range(3):
+            started = time.time()
+            self.assertEqual(s.post([event("users.messages.email.Send")]).status, 200)
+            took.append(time.time() - started)
+        cli.join()
+        reader.execute("COMMIT")
+        self.assertEqual(done, [0])
+        self.assertLess(max(took), 3.0, "requests waited for the command's checkpoint: %s" % took)

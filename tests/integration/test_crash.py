@@ -1,11 +1,13 @@
-"""kill -9 during ingestion: every acknowledged event is still queued, exactly once."""
+"""kill -9 during ingestion: every acknowledged event is still queued, exactly once;
+read errors while the batches in flight are restored lose nothing; a full disk."""
 
 import os
 import subprocess
+import tempfile
 import threading
 import time
 
-from harness import SLOW, ServiceTest, event
+from harness import SLOW, ServiceTest, claim_batches, claim_blob, event
 from mparticle_double import MParticleDouble
 from test_delivery import FEEDS, feed_env
 
@@ -63,6 +65,104 @@ class Crash(ServiceTest):
         again = s.post([{"event_type": "users.messages.email.Send", "id": acknowledged[0],
                          "time": 1, "user": {"external_user_id": "u0"}}])
         self.assertEqual(again.json()["duplicates"], 1)
+
+
+def read_errors_shim():
+    """Builds tests/integration/faults/read_errors.c once per run; its path."""
+    global _SHIM
+    if _SHIM is None:
+        src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "faults", "read_errors.c")
+        _SHIM = os.path.join(tempfile.mkdtemp(prefix="tributary-shim-"), "read_errors.so")
+        subprocess.run(["cc", "-shared", "-fPIC", "-O1", "-o", _SHIM, src, "-ldl", "-lpthread"],
+                       check=True)
+    return _SHIM
+
+
+_SHIM = None
+
+
+class RestoreReadErrors(ServiceTest):
+    """Batches in flight at a kill -9 are restored at the next start; a read
+    error on the way is tried again, and until then nothing they hold is taken
+    for delivered."""
+
+    def wait(self, cond, timeout, what):
+        deadline = time.time() + timeout * SLOW
+        while time.time() < deadline:
+            if cond():
+                return
+            time.sleep(0.1)
+        self.fail("timed out waiting for " + what)
+
+    def in_flight_at_kill(self, events):
+        d = MParticleDouble(feeds=dict(FEEDS)).start()
+        self.addCleanup(d.stop)
+        d.fail(503)
+        s = self.service(env=feed_env(d))
+        self.assertEqual(s.post(events).status, 200)
+        self.wait(lambda: len(d.requests) >= 1, 20, "a first (failed) send")
+        s.kill9()
+        d.clear_faults()
+        return s, d
+
+    def restart_with_faults(self, s, **faults):
+        s.env["LD_PRELOAD"] = read_errors_shim()
+        # a sanitizer build wants its runtime first; the shim only wraps a call
+        s.env["ASAN_OPTIONS"] = (os.environ.get("ASAN_OPTIONS", "") +
+                                 ":verify_asan_link_order=0").lstrip(":")
+        s.env.update({k: str(v) for k, v in faults.items()})
+        s.start()
+
+    def settled_below(self, s):
+        with s.db() as db:
+            return db.execute("SELECT below FROM settled WHERE feed = 3").fetchone()[0]
+
+    def test_a_batch_that_cannot_be_read_at_start_is_restored_at_the_next_try(self):
+        stuck = ([event("users.messages.email.Send", user="stuck-a") for _ in range(25)] +
+                 [event("users.messages.email.Send", user="stuck-b") for _ in range(25)])
+        s, d = self.in_flight_at_kill(stuck)
+        self.restart_with_faults(s, FAIL_FETCH=1)
+        self.wait(lambda: "cannot restore a persisted batch" in s.logs(), 10 * SLOW,
+                  "the failed restore")
+        # both batches are sent within the run, the one that failed a second later
+        ids = {e["id"] for e in stuck}
+        self.wait(lambda: ids <= set(d.source_message_ids()), 20, "every restored event sent")
+        self.assertIn("every persisted batch is restored", s.logs())
+        # and the line moves past them as new events are delivered
+        fresh = [event("users.messages.email.Send", user="u%d" % (k % 20)) for k in range(300)]
+        self.assertEqual(s.post(fresh).status, 200)
+        self.wait(lambda: {e["id"] for e in fresh} <= set(d.source_message_ids()), 20,
+                  "new events delivered")
+        self.wait(lambda: self.settled_below(s) > 350, 10, "the settled line past every event")
+
+    def test_a_failed_read_of_the_persisted_batches_loses_none_of_them(self):
+        events = [event("users.messages.email.Send", user="x") for _ in range(20)]
+        s, d = self.in_flight_at_kill(events)
+        # the claims as a split leaves them: the part with the smaller record
+        # ids persisted after the one with the larger ids
+        with s.db() as db:
+            (blob,) = db.execute("SELECT batches FROM claims").fetchone()
+            ids = sorted(sum(claim_batches(blob), []))
+            self.assertEqual(len(ids), 20)
+            now_ms = int(time.time() * 1000)
+            db.execute("DELETE FROM claims")
+            db.execute("DELETE FROM claim_done")
+            for srid, part in (("high-part", ids[10:]), ("low-part", ids[:10])):
+                db.execute("INSERT INTO claims(feed, created_ms, batches) VALUES(3, ?, ?)",
+                           (now_ms, claim_blob([(srid, part)], oldest_ms=now_ms)))
+        # the read of the claims fails at its second row: the first part is
+        # restored and sent; the second is read at the next try
+        self.restart_with_faults(s, FAIL_CLAIMS_AT=2)
+        self.wait(lambda: "cannot read the persisted batches" in s.logs(), 10 * SLOW,
+                  "the failed read")
+        self.wait(lambda: {e["id"] for e in events} <= set(d.source_message_ids()), 20,
+                  "every event sent")
+        self.wait(lambda: self.settled_below(s) > ids[-1], 10, "the settled line past them")
+        # nothing left behind for the next start
+        s.stop()
+        with s.db() as db:
+            self.assertEqual(db.execute("SELECT count(*) FROM records_unbound").fetchone()[0], 0)
+            self.assertEqual(db.execute("SELECT count(*) FROM dead").fetchone()[0], 0)
 
 
 class FullDisk(ServiceTest):

@@ -1,0 +1,44 @@
+/*
+ * read_errors.so: transient read errors for the sender's restore at start,
+ * LD_PRELOADed into `tributary serve` by tests/integration/test_crash.py.
+ *
+ *   FAIL_FETCH=n        the first n reads of the sender thread that fetch a
+ *                       batch's records ("... WHERE id = ?1") fail
+ *   FAIL_CLAIMS_AT=n    the n-th row of the sender's read of the persisted
+ *                       claims fails, once
+ *
+ * A failed step answers SQLITE_IOERR, as a disk or memory hiccup would.
+ */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <pthread.h>
+#include <sqlite3.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+
+static atomic_int fetches, claim_rows;
+
+static int env_int(const char *name)
+{
+    const char *v = getenv(name);
+    return v ? atoi(v) : 0;
+}
+
+int sqlite3_step(sqlite3_stmt *st)
+{
+    static int (*real)(sqlite3_stmt *);
+    if (!real)
+        real = (int (*)(sqlite3_stmt *))dlsym(RTLD_NEXT, "sqlite3_step");
+    char thread[16] = "";
+    pthread_getname_np(pthread_self(), thread, sizeof thread);
+    const char *sql = sqlite3_sql(st);
+    if (!sql || strcmp(thread, "sender") != 0)
+        return real(st);
+    int at = env_int("FAIL_CLAIMS_AT");
+    if (at > 0 && strstr(sql, "FROM claims") && atomic_fetch_add(&claim_rows, 1) + 1 == at)
+        return SQLITE_IOERR;
+    if (strstr(sql, "WHERE id = ?1") && atomic_fetch_add(&fetches, 1) < env_int("FAIL_FETCH"))
+        return SQLITE_IOERR;
+    return real(st);
+}
