@@ -168,7 +168,7 @@ enum auth_result auth_check(const struct config *c, const struct auth_request *r
 {
     int tokens = c->inbound_tokens.n > 0, secrets = c->inbound_hmac_secrets.n > 0;
     if (!tokens && !secrets)
-        return AUTH_OK;
+        return r->client_local ? AUTH_OK : AUTH_REMOTE;
     enum auth_result tok =
         tokens ? check_token(&c->inbound_tokens, r->authorization) : AUTH_MISSING;
     enum auth_result sig = secrets ? check_signature(c, r) : AUTH_MISSING;
@@ -204,6 +204,8 @@ const char *auth_result_text(enum auth_result r)
         return "signature timestamp outside the replay window";
     case AUTH_ERROR:
         return "temporarily unable to authenticate";
+    case AUTH_REMOTE:
+        return "no inbound credentials configured: only clients on this machine are accepted";
     }
     return "?";
 }

@@ -10,8 +10,9 @@
  *     inbound.replay_window_s of now.
  * Comparisons are constant-time: tokens through their SHA-256 digests (so not
  * even the length leaks), signatures over the raw MAC bytes. With neither
- * tokens nor secrets configured, requests are accepted (the configuration
- * only allows that on a loopback listener).
+ * tokens nor secrets configured, requests are accepted from clients on this
+ * machine only (the configuration only allows that on a loopback listener,
+ * and a proxy on the same host names its own client in X-Forwarded-For).
  *
  * A client address with repeated failures is refused for a while (429), so
  * guessing is slow; failures are counted and logged without the presented
@@ -38,6 +39,7 @@ enum auth_result {
     AUTH_INVALID, /* credentials presented but wrong */
     AUTH_EXPIRED, /* a signature outside the replay window */
     AUTH_ERROR,   /* our own failure (cryptography library): not the client's */
+    AUTH_REMOTE,  /* no credentials configured, and the client is on another machine */
 };
 
 struct auth_request {
@@ -45,7 +47,8 @@ struct auth_request {
     const char *signature;     /* Tributary-Signature value or NULL */
     const char *body;
     size_t len;
-    int have_body; /* 0: only the headers are known yet */
+    int have_body;    /* 0: only the headers are known yet */
+    int client_local; /* the client (after a trusted proxy's X-Forwarded-For) is loopback */
     int64_t now_s;
 };
 

@@ -845,6 +845,13 @@ static void check(struct config *c, struct errs *e, int serving)
     if (serving && (strcmp(req, "signature") == 0 || strcmp(req, "both") == 0) &&
         c->inbound_hmac_secrets.n == 0)
         errs_add(e, "inbound.require = \"%s\" needs inbound.hmac_secrets", req);
+    /* Braze does not split a batch answered 503: one that could never fit
+     * would be retried for days */
+    if (c->queue_max_depth < c->inbound_max_events)
+        errs_add(e,
+                 "queue.max_depth (%lld) must be at least inbound.max_events (%lld): a request "
+                 "that large could never be queued",
+                 (long long)c->queue_max_depth, (long long)c->inbound_max_events);
     free(c->trusted_nets);
     c->ntrusted_nets = 0;
     c->trusted_nets = calloc(c->http_trusted_proxies.n + 1, sizeof(*c->trusted_nets));

@@ -66,8 +66,9 @@ enum route { R_NONE, R_CURRENTS, R_HEALTHZ, R_READYZ, R_METRICS, R_ADMIN_RELOAD 
 struct req {
     enum route route;
     int method_ok;
-    int answered; /* a response was queued early (401, 404, 405, 413, 429, 503) */
+    int answered; /* a response was queued early (401, 404, 405, 413, 415, 429, 503) */
     int too_large;
+    int no_memory;       /* the body could not be kept: our trouble, 503 */
     int unwanted_body;   /* a body came for a route that takes none (never stored) */
     int unauthenticated; /* counted against UNAUTHENTICATED_BODY_BUDGET */
     size_t counted;
@@ -120,6 +121,41 @@ static enum MHD_Result reply_json(struct MHD_Connection *c, struct req *r, int s
                                   const char *json, int retry_after)
 {
     return reply(c, r, status, "application/json", json, strlen(json), retry_after);
+}
+
+/* Retry-After when a body could not be kept in memory: our trouble, so 503,
+ * which Braze retries (a 413 would make it split a batch for nothing). */
+#define RETRY_AFTER_NO_MEMORY 10
+
+static enum MHD_Result refuse_too_large(const http_in *h, struct MHD_Connection *c, struct req *r)
+{
+    char msg[128];
+    snprintf(msg, sizeof msg, "{\"error\":\"body larger than %zu bytes\"}", h->opt.max_body);
+    return reply_json(c, r, 413, msg, 0);
+}
+
+/* Content-Encoding: only none or `identity` is read. */
+static int identity_encoding(const char *v)
+{
+    v += strspn(v, " \t");
+    size_t n = strlen(v);
+    while (n && (v[n - 1] == ' ' || v[n - 1] == '\t'))
+        n--;
+    return n == 0 || (n == 8 && strncasecmp(v, "identity", 8) == 0);
+}
+
+/* A compressed body would reach the JSON decoder as garbage and be answered
+ * 400, after which Braze drops its events; a 415 is retried, until the
+ * producer that compresses is set to send plain JSON. */
+static enum MHD_Result refuse_encoding(struct MHD_Connection *c, struct req *r, const char *v)
+{
+    char shown[33];
+    size_t n = strcspn(v, "\r\n");
+    snprintf(shown, sizeof shown, "%.*s", (int)(n < 32 ? n : 32), v);
+    log_warn("request refused: Content-Encoding not supported (send uncompressed JSON)",
+             LOG_S("content_encoding", shown));
+    return reply_json(c, r, 415,
+                      "{\"error\":\"unsupported Content-Encoding: send uncompressed JSON\"}", 0);
 }
 
 /* Keeps the last X-Forwarded-For header line: a proxy that adds its own line
@@ -511,21 +547,23 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         int admitted = ingest_precheck(h->in, &q, &resp);
         r->unauthenticated = admitted == 2;
         int has_length = cl && parse_int64(cl, 0, INT64_MAX, &len) == 0;
+        const char *encoding =
+            MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_ENCODING);
         if (!admitted) {
             r->answered = 1;
             rc = answer_ingest(h, c, r, &resp);
+        } else if (encoding && !identity_encoding(encoding)) {
+            r->answered = 1;
+            rc = refuse_encoding(c, r, encoding);
+        } else if (has_length && (uint64_t)len > h->opt.max_body) {
+            r->answered = 1;
+            rc = refuse_too_large(h, c, r);
         } else if (r->unauthenticated && has_length &&
                    (uint64_t)len + atomic_load(&unauthenticated_bytes) >
                        UNAUTHENTICATED_BODY_BUDGET) {
             r->answered = 1;
             log_warn("too many unauthenticated request bodies in flight; refused");
             rc = reply_json(c, r, 503, "{\"error\":\"busy\"}", 5);
-        } else if (has_length && (uint64_t)len > h->opt.max_body) {
-            r->answered = 1;
-            char msg[128];
-            snprintf(msg, sizeof msg, "{\"error\":\"body larger than %zu bytes\"}",
-                     h->opt.max_body);
-            rc = reply_json(c, r, 413, msg, 0);
         }
         buf_free(&resp.body);
         log_set_request(NULL);
@@ -548,8 +586,12 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
                 return MHD_NO;
             }
         }
-        if (!r->answered && !r->too_large && buf_add(&r->body, upload, *upload_size) != 0) {
-            r->too_large = 1;
+        if (!r->answered && !r->too_large && !r->no_memory &&
+            buf_add(&r->body, upload, *upload_size) != 0) {
+            if (*upload_size > h->opt.max_body - r->body.len)
+                r->too_large = 1;
+            else
+                r->no_memory = 1;
             buf_free(&r->body);
         }
         *upload_size = 0;
@@ -572,9 +614,10 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
     } else if (r->route == R_ADMIN_RELOAD) {
         rc = answer_admin_reload(c, r);
     } else if (r->too_large) {
-        char msg[128];
-        snprintf(msg, sizeof msg, "{\"error\":\"body larger than %zu bytes\"}", h->opt.max_body);
-        rc = reply_json(c, r, 413, msg, 0);
+        rc = refuse_too_large(h, c, r);
+    } else if (r->no_memory) {
+        log_error("out of memory for a request body; answered 503");
+        rc = reply_json(c, r, 503, "{\"error\":\"out of memory\"}", RETRY_AFTER_NO_MEMORY);
     } else {
         struct ingest_request req = headers_of(c, r);
         req.body = r->body.data ? r->body.data : "";

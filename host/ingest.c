@@ -149,8 +149,13 @@ static int admit(struct ingest *in, const struct ingest_request *req, int have_b
     }
     struct snapshot s;
     reload_get(&s);
-    struct auth_request ar = {req->authorization, req->signature, req->body,
-                              req->len,           have_body,      now};
+    struct auth_request ar = {.authorization = req->authorization,
+                              .signature = req->signature,
+                              .body = req->body,
+                              .len = req->len,
+                              .have_body = have_body,
+                              .client_local = config_host_is_loopback(req->client),
+                              .now_s = now};
     enum auth_result a = auth_check(s.cfg, &ar);
     reload_put(&s);
     if (a == AUTH_OK)

@@ -164,8 +164,13 @@ int reload_now(const char *trigger, char *err, size_t errlen)
         str_copy(err, errlen, report.data ? report.data : "rules failed validation");
         goto done;
     }
-    if (old)
+    if (old) {
         warn_restart_only(old, cfg);
+        if (old->inbound_tokens.n + old->inbound_hmac_secrets.n > 0 &&
+            cfg->inbound_tokens.n + cfg->inbound_hmac_secrets.n == 0)
+            log_warn("inbound credentials removed: requests are accepted without them, from "
+                     "clients on this machine only");
+    }
     log_configure(cfg->log_level, cfg->log_format); /* before the line saying it is done */
     pthread_mutex_lock(&R.mu);
     struct config *prev_cfg = R.cfg;

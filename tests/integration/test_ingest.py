@@ -5,7 +5,7 @@ import json
 import threading
 import time
 
-from harness import SLOW, TOKEN, Service, ServiceTest, event, request
+from harness import SLOW, TOKEN, Service, ServiceTest, event, request, run_cli
 
 
 class Ingest(ServiceTest):
@@ -292,12 +292,18 @@ class MalformedInput(ServiceTest):
 
 class OwnTrouble(ServiceTest):
     def test_queue_over_its_limit_is_503_with_retry_after(self):
-        s = self.service(env={"TRIBUTARY_QUEUE_MAX_DEPTH": "3"})
+        s = self.service(env={"TRIBUTARY_QUEUE_MAX_DEPTH": "3", "TRIBUTARY_INBOUND_MAX_EVENTS": "3"})
         self.assertEqual(s.post([event(), event()]).status, 200)
         r = s.post([event(), event()])
         self.assertEqual(r.status, 503, r)
         self.assertGreater(int(r.headers["retry-after"]), 0)
         self.assertEqual(len(s.queued_ids()), 2)
+
+    def test_a_queue_smaller_than_a_request_is_a_configuration_error(self):
+        # Braze does not split a batch answered 503: it would be retried for days
+        p = run_cli(["check"], env={"TRIBUTARY_QUEUE_MAX_DEPTH": "3"})
+        self.assertEqual(p.returncode, 1, p)
+        self.assertIn("queue.max_depth (3) must be at least inbound.max_events (10000)", p.stderr)
 
     def test_storage_failure_is_503_never_4xx(self):
         s = self.service()

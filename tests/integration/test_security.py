@@ -2,6 +2,7 @@
 failures, the admin endpoint, the TLS listener and the bounds on requests and
 connections (host/auth.h, host/http_in.c)."""
 
+import gzip
 import hashlib
 import hmac
 import http.client
@@ -635,6 +636,75 @@ class BodyBounds(ServiceTest):
         status, text = post_chunked(s.port, body)
         self.assertEqual(status, 413, text)
         self.assertEqual(s.queued_ids(), [])
+
+    def test_a_signed_request_over_max_body_bytes_is_413_whatever_its_size(self):
+        # before its signature can be checked, a body counts against a shared
+        # budget (busy: 503); one that is too large anyway gets 413 first
+        s = self.service(tokens=(), env={"TRIBUTARY_INBOUND_HMAC_SECRETS": SECRET})
+        for size in (20 << 20, 70 << 20):
+            sock = socket.create_connection(("127.0.0.1", s.port), timeout=10 * SLOW)
+            try:
+                sock.sendall(("POST /currents HTTP/1.1\r\nHost: x\r\n"
+                              "Tributary-Signature: t=%d,v1=%s\r\nContent-Length: %d\r\n\r\n"
+                              % (int(time.time()), "0" * 64, size)).encode())
+                line = sock.recv(4096).decode(errors="replace").split("\r\n")[0]
+            finally:
+                sock.close()
+            self.assertIn(" 413 ", line, size)
+
+
+class Encodings(ServiceTest):
+    def test_a_compressed_body_is_415_which_braze_retries_and_nothing_is_stored(self):
+        s = self.service()
+        body = gzip.compress(envelope(event()))
+        for encoding in ("gzip", "br", "deflate"):
+            r = s.post(body=body, headers={"Content-Encoding": encoding})
+            self.assertEqual(r.status, 415, r)  # not 400: Braze drops what keeps getting 400
+            self.assertIn("Content-Encoding", r.json()["error"])
+        self.assertEqual(s.queued_ids(), [])
+        self.assertIn('content_encoding=br', s.logs())
+
+    def test_an_identity_encoding_is_read_as_plain_json(self):
+        s = self.service()
+        e = event()
+        r = s.post(body=envelope(e), headers={"Content-Encoding": " Identity "})
+        self.assertEqual(r.status, 200, r)
+        self.assertEqual(s.queued_ids(), [e["id"]])
+
+    def test_the_token_is_checked_before_the_encoding(self):
+        s = self.service()
+        r = s.post(body=b"x", token="wrong-token-000", headers={"Content-Encoding": "gzip"})
+        self.assertEqual(r.status, 401, r)
+
+
+class WithoutCredentials(ServiceTest):
+    """No inbound tokens or secrets: only clients on this machine are served,
+    also through a reverse proxy on the same host."""
+
+    def test_a_client_forwarded_from_another_machine_is_401(self):
+        s = self.service(tokens=())
+        r = s.post([event()], token=None, headers={"X-Forwarded-For": "203.0.113.5"})
+        self.assertEqual(r.status, 401, r)
+        self.assertIn("only clients on this machine", r.json()["error"])
+        self.assertEqual(s.queued_ids(), [])
+
+    def test_a_local_client_direct_or_forwarded_is_served(self):
+        s = self.service(tokens=())
+        self.assertEqual(s.post([event()], token=None).status, 200)
+        r = s.post([event()], token=None, headers={"X-Forwarded-For": "127.0.0.1"})
+        self.assertEqual(r.status, 200, r)
+
+    def test_a_reload_that_removes_every_credential_says_so(self):
+        s = self.service(tokens=(), config='return { inbound = { tokens = { "%s" } } }\n' % TOKEN)
+        self.assertEqual(s.post([event()]).status, 200)
+        with open(s.config, "w") as f:
+            f.write("return {}\n")
+        s.proc.send_signal(signal.SIGHUP)
+        deadline = time.time() + 10 * SLOW
+        while "configuration and rules reloaded" not in s.logs() and time.time() < deadline:
+            time.sleep(0.05)
+        self.assertIn("inbound credentials removed", s.logs())
+        self.assertEqual(s.post([event()], token=None).status, 200)
 
 
 class NestingBounds(ServiceTest):
