@@ -2,9 +2,11 @@
 -- file changes nothing until you edit it. Any key can also be set from the
 -- environment: TRIBUTARY_ + the key path in capitals with _ for ., for example
 -- TRIBUTARY_FEEDS_IOS_KEY or TRIBUTARY_BATCH_LINGER_MS. The environment wins.
+-- TRIBUTARY_<KEY>_FILE=path reads the value from a file instead, again at
+-- every reload (the environment itself stays as it was at start).
 --
--- Keep secrets out of this file: pass them as environment variables, or read
--- them here with os.getenv("NAME").
+-- Keep secrets out of this file: pass them as environment variables or files,
+-- or read them here with os.getenv("NAME").
 return {
   listen = "127.0.0.1:8080",  -- a non-loopback address requires inbound.tokens
   data_dir = "./var",         -- the SQLite queue and dead-letter store

@@ -1,5 +1,6 @@
 #include "config.h"
 
+#include "digest.h"
 #include "mparticle.h"
 #include "sandbox.h"
 
@@ -99,6 +100,11 @@ static const struct key KEYS[] = {
     {"log.format", K_ENUM, OFF(log_format), 0, 0, LOG_FORMATS},
     {"admin.token", K_SECRET, OFF(admin_token), 0, 0, NULL},
 };
+
+_Static_assert(ARRAY_LEN(KEYS) <= CONFIG_KEYS_MAX, "room for every key's sources");
+
+/* A value read from TRIBUTARY_<KEY>_FILE: at most this long. */
+#define VALUE_FILE_MAX (64u << 10)
 
 /* ---- small helpers ------------------------------------------------------ */
 
@@ -585,16 +591,95 @@ static void set_from_env(struct config *c, const struct key *k, const char *name
     }
 }
 
+/* The value in the file TRIBUTARY_<KEY>_FILE names, without its trailing
+ * newline; a list may hold an item per line. NULL with an error naming the
+ * variable and the file, never the content. */
+static char *value_from_file(const struct key *k, const char *var, const char *path, struct errs *e)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        errs_add(e, "%s: cannot open %s: %s", var, path, strerror(errno));
+        return NULL;
+    }
+    size_t len = 0;
+    char *v = read_stream(f, VALUE_FILE_MAX, &len);
+    int failure = errno;
+    fclose(f);
+    if (!v) {
+        if (failure == EFBIG)
+            errs_add(e, "%s: %s is larger than %u KiB", var, path, VALUE_FILE_MAX >> 10);
+        else
+            errs_add(e, "%s: cannot read %s: %s", var, path, strerror(failure));
+        return NULL;
+    }
+    while (len && isspace((unsigned char)v[len - 1]))
+        len--;
+    v[len] = '\0';
+    int list = k->type == K_LIST || k->type == K_SECRET_LIST;
+    for (size_t i = 0; i < len; i++) {
+        if (v[i] == '\0') {
+            errs_add(e, "%s: %s is not text", var, path);
+            free(v);
+            return NULL;
+        }
+        if ((v[i] == '\n' || v[i] == '\r') && !list) {
+            errs_add(e, "%s: %s holds more than one line", var, path);
+            free(v);
+            return NULL;
+        }
+        if (v[i] == '\n' || v[i] == '\r')
+            v[i] = ',';
+    }
+    return v;
+}
+
+/* What a key's value is now, as a number that changes when it does. */
+static uint64_t fingerprint(struct config *c, const struct key *k)
+{
+    uint64_t h = digest_fnv64(0, &k->type, sizeof k->type);
+    switch (k->type) {
+    case K_STR:
+    case K_SECRET:
+    case K_ENUM: {
+        const char *v = *str_field(c, k);
+        return v ? digest_fnv64(h, v, strlen(v) + 1) : h;
+    }
+    case K_INT:
+        return digest_fnv64(h, int_field(c, k), sizeof(int64_t));
+    case K_LIST:
+    case K_SECRET_LIST: {
+        const struct string_list *l = list_field(c, k);
+        for (size_t i = 0; i < l->n; i++)
+            h = digest_fnv64(h, l->items[i], strlen(l->items[i]) + 1);
+        return h;
+    }
+    case K_APPS:
+        return h;
+    }
+    return h;
+}
+
 static void load_env(struct config *c, struct errs *e, buf *warnings)
 {
-    char name[128];
+    char name[128], file_var[140];
     for (size_t i = 0; i < ARRAY_LEN(KEYS); i++) {
+        c->file_value[i] = fingerprint(c, &KEYS[i]);
         if (KEYS[i].type == K_APPS)
             continue;
         env_name(KEYS[i].path, name, sizeof name);
-        const char *v = getenv(name);
-        if (v)
+        snprintf(file_var, sizeof file_var, "%s_FILE", name);
+        const char *v = getenv(name), *path = getenv(file_var);
+        if (v && path) {
+            errs_add(e, "%s and %s are both set; keep one", name, file_var);
+        } else if (v) {
             set_from_env(c, &KEYS[i], name, v, e);
+        } else if (path) {
+            char *from_file = value_from_file(&KEYS[i], file_var, path, e);
+            if (from_file)
+                set_from_env(c, &KEYS[i], file_var, from_file, e);
+            free(from_file);
+        }
+        c->from_env[i] = v || path;
     }
     /* A mistyped variable would silently leave a default in force: say so. */
     for (char **env = environ; env && *env; env++) {
@@ -607,7 +692,9 @@ static void load_env(struct config *c, struct errs *e, buf *warnings)
             if (KEYS[i].type == K_APPS)
                 continue;
             env_name(KEYS[i].path, name, sizeof name);
-            known = strlen(name) == n && strncmp(name, *env, n) == 0;
+            size_t len = strlen(name);
+            known = strncmp(name, *env, len) == 0 &&
+                    (n == len || (n == len + 5 && strncmp(*env + len, "_FILE", 5) == 0));
         }
         if (!known) {
             if (warnings->len)
@@ -992,6 +1079,23 @@ int config_load_source(struct config **out, const char *name, const char *src, s
     int rc = load(out, name, copy, len, 0, 1, err, errlen);
     free(copy);
     return rc;
+}
+
+size_t config_shadowed_changes(const struct config *old, const struct config *neu, char *out,
+                               size_t outlen)
+{
+    size_t n = 0, at = 0;
+    if (outlen)
+        out[0] = '\0';
+    for (size_t i = 0; i < ARRAY_LEN(KEYS); i++) {
+        if (!neu->from_env[i] || old->file_value[i] == neu->file_value[i])
+            continue;
+        int w = snprintf(out + at, outlen - at, "%s%s", n ? "," : "", KEYS[i].path);
+        if (w > 0 && (size_t)w < outlen - at)
+            at += (size_t)w;
+        n++;
+    }
+    return n;
 }
 
 struct config *config_ref(struct config *c)

@@ -3,6 +3,9 @@
  * from TRIBUTARY_* environment variables (which win). Every key has a default,
  * a type and, except `apps`, an environment variable: TRIBUTARY_ plus the key
  * path in capitals with '_' for '.', e.g. batch.linger_ms -> TRIBUTARY_BATCH_LINGER_MS.
+ * TRIBUTARY_<KEY>_FILE instead names a file holding the value, read at every
+ * load: a secret replaced in that file takes effect on a reload, where the
+ * process's own environment cannot change.
  *
  * Unknown keys and wrong types are errors naming the file and line. Values of
  * secret keys (tokens, keys, secrets) never appear in messages.
@@ -45,10 +48,17 @@ struct string_list {
     size_t n;
 };
 
+/* Room for every key (config.c checks it). */
+#define CONFIG_KEYS_MAX 64
+
 struct config {
     _Atomic int refs;
     char *file;     /* the file read, NULL when running on defaults */
     char *warnings; /* newline-separated notes for the log, or NULL */
+    /* per key: a fingerprint of the value the file gave (or the default), and
+     * whether the environment set it instead (see config_shadowed_changes) */
+    uint64_t file_value[CONFIG_KEYS_MAX];
+    unsigned char from_env[CONFIG_KEYS_MAX];
 
     char *listen;
     char *data_dir;
@@ -110,6 +120,12 @@ struct config *config_load_for_command(const char *path, int serving);
  * without the environment: for tests and fuzzing. */
 int config_load_source(struct config **out, const char *name, const char *src, size_t len,
                        char *err, size_t errlen) WUR;
+
+/* The keys whose value in the configuration file changed from old to neu while
+ * the environment sets them in neu, so the change has no effect: their names,
+ * comma-separated, in out (truncated to fit). Returns how many. */
+size_t config_shadowed_changes(const struct config *old, const struct config *neu, char *out,
+                               size_t outlen);
 
 struct config *config_ref(struct config *c);
 void config_unref(struct config *c);

@@ -166,6 +166,12 @@ int reload_now(const char *trigger, char *err, size_t errlen)
     }
     if (old) {
         warn_restart_only(old, cfg);
+        char keys[512];
+        if (config_shadowed_changes(old, cfg, keys, sizeof keys))
+            log_warn("changed in the configuration file, but the environment sets these keys "
+                     "and wins: the change has no effect (a reload does not change the "
+                     "environment; TRIBUTARY_<KEY>_FILE is read again)",
+                     LOG_S("keys", keys));
         if (old->inbound_tokens.n + old->inbound_hmac_secrets.n > 0 &&
             cfg->inbound_tokens.n + cfg->inbound_hmac_secrets.n == 0)
             log_warn("inbound credentials removed: requests are accepted without them, from "

@@ -7,7 +7,8 @@ import signal
 import threading
 import time
 
-from harness import RECORDS, SLOW, TOKEN, Service, ServiceTest, event, request
+from harness import (RECORDS, SLOW, TOKEN, Service, ServiceTest, event, register_secret, request,
+                     run_cli)
 
 ADMIN = "admin-token-5b2f0c9e1d"
 
@@ -271,3 +272,83 @@ class Limits(ServiceTest):
         self.assertEqual(reason, "rule_limit")
         self.assertIn("memory limit", detail)
         self.assertEqual(s.post([event()]).status, 200)
+
+
+class SecretsFromFiles(ServiceTest):
+    """TRIBUTARY_<KEY>_FILE: a value read from a file at every load, so that a
+    secret replaced in place takes effect on a reload; the process's own
+    environment cannot change."""
+
+    OLD, NEW = "rotated-token-old-5a1c", "rotated-token-new-9e4d"
+
+    def setUp(self):
+        super().setUp()
+        register_secret(self.OLD)
+        register_secret(self.NEW)
+
+    def reloaded(self, s, times):
+        s.proc.send_signal(signal.SIGHUP)
+        deadline = time.time() + 10 * SLOW
+        while s.logs().count("configuration and rules reloaded") < times and time.time() < deadline:
+            time.sleep(0.05)
+        self.assertEqual(s.logs().count("configuration and rules reloaded"), times, s.logs()[-2000:])
+
+    def test_a_token_rotated_in_its_file_takes_effect_on_a_reload(self):
+        tokens = os.path.join(self.tmpdir(), "tokens")
+        with open(tokens, "w") as f:
+            f.write(self.OLD + "\n")
+        s = self.service(tokens=(), env={"TRIBUTARY_INBOUND_TOKENS_FILE": tokens})
+        self.assertEqual(s.post([event()], token=self.OLD).status, 200)
+        self.assertEqual(s.post([event()], token=self.NEW).status, 401)
+        # the new token beside the old, one per line; Braze switches; the old goes
+        write_atomically(tokens, self.OLD + "\n" + self.NEW + "\n")
+        self.reloaded(s, 1)
+        self.assertEqual(s.post([event()], token=self.OLD).status, 200)
+        self.assertEqual(s.post([event()], token=self.NEW).status, 200)
+        write_atomically(tokens, self.NEW + "\n")
+        self.reloaded(s, 2)
+        self.assertEqual(s.post([event()], token=self.NEW).status, 200)
+        self.assertEqual(s.post([event()], token=self.OLD).status, 401)
+        self.assertNotIn("unknown environment variable", s.logs())
+
+    def test_a_file_change_the_environment_overrides_is_named_in_a_warning(self):
+        s = self.service(tokens=(self.OLD,),
+                         config='return { inbound = { tokens = { "%s" } } }\n' % self.OLD)
+        with open(s.config, "w") as f:
+            f.write('return { inbound = { tokens = { "%s", "%s" } } }\n' % (self.OLD, self.NEW))
+        self.reloaded(s, 1)
+        self.assertRegex(s.logs(), r"level=warn msg=\"changed in the configuration file, but the "
+                                   r"environment sets these keys and wins.*keys=inbound.tokens")
+        self.assertEqual(s.post([event()], token=self.NEW).status, 401)
+        # an unchanged file says nothing
+        self.reloaded(s, 2)
+        self.assertEqual(s.logs().count("environment sets these keys"), 1)
+
+    def test_file_errors_name_the_variable_and_the_file_never_its_content(self):
+        d = self.tmpdir()
+        two_lines = os.path.join(d, "key")
+        with open(two_lines, "w") as f:
+            f.write(self.OLD + "\n" + self.NEW + "\n")
+        cases = [
+            ({"TRIBUTARY_ADMIN_TOKEN": self.OLD, "TRIBUTARY_ADMIN_TOKEN_FILE": two_lines},
+             "TRIBUTARY_ADMIN_TOKEN and TRIBUTARY_ADMIN_TOKEN_FILE are both set; keep one"),
+            ({"TRIBUTARY_ADMIN_TOKEN_FILE": os.path.join(d, "missing")},
+             "TRIBUTARY_ADMIN_TOKEN_FILE: cannot open %s: No such file or directory"
+             % os.path.join(d, "missing")),
+            ({"TRIBUTARY_ADMIN_TOKEN_FILE": two_lines},
+             "TRIBUTARY_ADMIN_TOKEN_FILE: %s holds more than one line" % two_lines),
+        ]
+        for env, message in cases:
+            p = run_cli(["check"], env=env)
+            self.assertEqual(p.returncode, 1, p)
+            self.assertIn(message, p.stderr)
+            self.assertNotIn(self.OLD, p.stderr + p.stdout)
+            self.assertNotIn(self.NEW, p.stderr + p.stdout)
+
+    def test_a_setting_read_from_a_file_is_checked_like_any_other(self):
+        path = os.path.join(self.tmpdir(), "depth")
+        with open(path, "w") as f:
+            f.write("lots\n")
+        p = run_cli(["check"], env={"TRIBUTARY_QUEUE_MAX_DEPTH_FILE": path})
+        self.assertEqual(p.returncode, 1, p)
+        self.assertIn("TRIBUTARY_QUEUE_MAX_DEPTH_FILE: must be an integer", p.stderr)
