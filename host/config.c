@@ -513,6 +513,10 @@ static void load_source(struct config *c, const char *path, const char *src, siz
         goto done;
     }
     if (rc != SANDBOX_OK) {
+        /* and a runtime error names the constant involved ("(constant '...')") */
+        char *constant = strstr(serr.msg, " (constant ");
+        if (constant)
+            *constant = '\0';
         errs_add(e, "%s", serr.msg);
         goto done;
     }

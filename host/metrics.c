@@ -8,11 +8,13 @@
 #define TRIBUTARY_VERSION "dev"
 #endif
 
-/* Status codes tracked one by one; the rest count under their class. */
-static const int INBOUND_CODES[] = {200, 400, 401, 403, 404, 405, 413, 429, 500, 503};
-#define NINBOUND (ARRAY_LEN(INBOUND_CODES) + 1)
+/* Status codes tracked one by one; the rest count under their class ("4xx"),
+ * and anything outside 100-599 under "other". */
+static const int INBOUND_CODES[] = {200, 400, 401, 403, 404, 405, 413, 415, 429, 500, 503};
 static const int OUTBOUND_CODES[] = {0, 202, 400, 401, 403, 413, 429, 500, 502, 503, 504};
-#define NOUTBOUND (ARRAY_LEN(OUTBOUND_CODES) + 1)
+static const char *const CODE_CLASSES[] = {"1xx", "2xx", "3xx", "4xx", "5xx", "other"};
+#define NINBOUND (ARRAY_LEN(INBOUND_CODES) + ARRAY_LEN(CODE_CLASSES))
+#define NOUTBOUND (ARRAY_LEN(OUTBOUND_CODES) + ARRAY_LEN(CODE_CLASSES))
 
 static const double BUCKETS[] = {0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
                                  0.1,    0.25,  0.5,    1,     2.5,  5,     10};
@@ -104,7 +106,8 @@ static size_t code_index(const int *codes, size_t n, int status)
         if (codes[i] == status)
             return i;
     }
-    return n;
+    return status >= 100 && status < 600 ? n + (size_t)(status / 100 - 1)
+                                         : n + ARRAY_LEN(CODE_CLASSES) - 1;
 }
 
 void metrics_inbound(int status, double seconds)
@@ -233,7 +236,7 @@ static void code_label(const int *codes, size_t n, size_t i, char *out, size_t o
     if (i < n)
         str_printf(out, outlen, "%d", codes[i]);
     else
-        str_copy(out, outlen, "other");
+        str_copy(out, outlen, CODE_CLASSES[i - n]);
 }
 
 /* One counter family labelled by feed and by outbound status code. */

@@ -889,7 +889,7 @@ static enum queue_status apply_batches(queue *q, struct op *op, int64_t now)
                                           op->kind == OP_ACK ? record_delivered : record_to_dead);
     if (st != QUEUE_OK)
         return st;
-    if (op->kind == OP_ACK && op->u.batches.settled_below > 0)
+    if (op->u.batches.settled_below > 0)
         return raise_line(q, op->u.batches.feed, op->u.batches.settled_below);
     return QUEUE_OK;
 }
@@ -1289,6 +1289,35 @@ static void reset_commit(struct op *op)
 
 static int load_rings(queue *q);
 
+/* Inside a write transaction. When another process (`tributary dlq requeue`
+ * or `purge` beside the service) committed since the last look, where the
+ * rings stand is read again, so that ids are not reused, and so are the depth
+ * and dead-letter gauges. On an error nothing changes and the next look reads
+ * them again. */
+static enum queue_status follow_other_writers(queue *q)
+{
+    sqlite3_stmt *s = q->st[S_DATA_VERSION];
+    int rc = sqlite3_step(s);
+    int64_t version = rc == SQLITE_ROW ? sqlite3_column_int64(s, 0) : -1;
+    sqlite3_reset(s);
+    if (rc != SQLITE_ROW)
+        return status_of(sqlite3_errcode(q->db));
+    if (version == q->data_version)
+        return QUEUE_OK;
+    struct queue_gauges counted;
+    if (load_rings(q) != 0 || count_rows(q->db, &counted) != 0) {
+        log_error("queue: cannot read what another process changed",
+                  LOG_S("error", sqlite3_errmsg(q->db)));
+        return status_of(sqlite3_errcode(q->db));
+    }
+    q->data_version = version;
+    pthread_mutex_lock(&q->mu);
+    memcpy(q->gauges.depth, counted.depth, sizeof counted.depth);
+    q->gauges.dead = counted.dead;
+    pthread_mutex_unlock(&q->mu);
+    return QUEUE_OK;
+}
+
 static void run_group(queue *q, struct op *ops)
 {
     char err[ERR_LEN];
@@ -1298,31 +1327,7 @@ static void run_group(queue *q, struct op *ops)
         log_error("queue: cannot begin a transaction", LOG_S("error", err));
         group = status_of(sqlite3_errcode(q->db));
     } else {
-        /* another process (`tributary dlq requeue` or `purge` beside the
-         * service) committed since: where the rings stand is read again, so
-         * ids are not reused, and so are the depth and dead-letter gauges. On
-         * an error nothing of this group is applied and the next group reads
-         * them again. */
-        sqlite3_stmt *s = q->st[S_DATA_VERSION];
-        int rc = sqlite3_step(s);
-        int64_t version = rc == SQLITE_ROW ? sqlite3_column_int64(s, 0) : -1;
-        sqlite3_reset(s);
-        struct queue_gauges counted;
-        if (rc != SQLITE_ROW) {
-            group = status_of(sqlite3_errcode(q->db));
-        } else if (version != q->data_version) {
-            if (load_rings(q) != 0 || count_rows(q->db, &counted) != 0) {
-                log_error("queue: cannot read what another process changed",
-                          LOG_S("error", sqlite3_errmsg(q->db)));
-                group = status_of(sqlite3_errcode(q->db));
-            } else {
-                q->data_version = version;
-                pthread_mutex_lock(&q->mu);
-                memcpy(q->gauges.depth, counted.depth, sizeof counted.depth);
-                q->gauges.dead = counted.dead;
-                pthread_mutex_unlock(&q->mu);
-            }
-        }
+        group = follow_other_writers(q);
     }
     /* the rings as the group found them, and as each operation found them */
     struct feed_ring group_rings[FEED_COUNT], op_rings[FEED_COUNT];
@@ -1552,7 +1557,16 @@ static void *writer_main(void *arg)
         }
         if (now - q->last_gauges_ms >= GAUGES_EVERY_MS) {
             q->last_gauges_ms = now;
+            /* a command's changes show in the gauges while no request comes */
+            char err[ERR_LEN];
+            if (exec(q->db, "BEGIN", err, sizeof err) == 0) {
+                (void)follow_other_writers(q);
+                (void)exec(q->db, "COMMIT", err, sizeof err);
+            }
             refresh_oldest(q);
+            pthread_mutex_lock(&q->mu);
+            dedup_gauges(q);
+            pthread_mutex_unlock(&q->mu);
             note_step(q, "gauges", now);
         }
         if (now - q->last_prune_ms >= PRUNE_EVERY_MS) {
@@ -2358,12 +2372,14 @@ enum queue_status queue_ack_async(queue *q, const int64_t *batch_ids, size_t n, 
     return st;
 }
 
-enum queue_status queue_dead_batch(queue *q, int64_t batch_id, const char *reason,
-                                   const char *detail)
+enum queue_status queue_dead_batch(queue *q, int64_t batch_id, enum feed f, int64_t settled_below,
+                                   const char *reason, const char *detail)
 {
     struct op op = {.kind = OP_DEAD_BATCH};
     op.u.batches.ids = &batch_id;
     op.u.batches.n = 1;
+    op.u.batches.feed = f;
+    op.u.batches.settled_below = settled_below;
     op.u.batches.reason = reason;
     op.u.batches.detail = detail;
     return submit(q, &op);

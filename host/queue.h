@@ -153,9 +153,10 @@ enum queue_status queue_ack(queue *q, const int64_t *batch_ids, size_t n, enum f
  * the batches stay persisted and are sent again, unchanged, after a restart. */
 enum queue_status queue_ack_async(queue *q, const int64_t *batch_ids, size_t n, enum feed f,
                                   int64_t settled_below);
-/* Moves a batch's records to the dead-letter store with reason and detail. */
-enum queue_status queue_dead_batch(queue *q, int64_t batch_id, const char *reason,
-                                   const char *detail);
+/* Moves a batch's records to the dead-letter store with reason and detail;
+ * settled_below as for queue_ack (0: unchanged). */
+enum queue_status queue_dead_batch(queue *q, int64_t batch_id, enum feed f, int64_t settled_below,
+                                   const char *reason, const char *detail);
 /* Replaces one batch by several (a 413 split); fills the new ids. */
 enum queue_status queue_split_batch(queue *q, int64_t batch_id, struct queue_batch *parts,
                                     size_t n);

@@ -708,6 +708,20 @@ static void split_mixed(struct sender *s, struct feed_state *f)
     }
 }
 
+/* Moves a batch the feed holds to the dead-letter store and out of the feed,
+ * the settled line with it; -1 (the batch stays) when that fails. */
+static int dead_batch(struct sender *s, struct feed_state *f, struct pbatch *b, const char *reason,
+                      const char *detail)
+{
+    feed_remove(f, b);
+    if (queue_dead_batch(s->q, b->id, f->feed, settled_below(f), reason, detail) != QUEUE_OK) {
+        feed_insert(f, b);
+        return -1;
+    }
+    metrics_add_dead(reason, b->nrecords);
+    return 0;
+}
+
 /* Moves waiting batches past retry.max_age_s to the dead-letter store. */
 static void expire_batches(struct sender *s, struct feed_state *f)
 {
@@ -720,14 +734,10 @@ static void expire_batches(struct sender *s, struct feed_state *f)
         b = expired_part(s, f, b, cutoff); /* next stays in the list */
         if (!b)
             continue;
-        enum queue_status st =
-            queue_dead_batch(s->q, b->id, DEAD_MAX_AGE, "not delivered within retry.max_age_s");
-        if (st != QUEUE_OK)
+        if (dead_batch(s, f, b, DEAD_MAX_AGE, "not delivered within retry.max_age_s") != 0)
             break;
-        metrics_add_dead(DEAD_MAX_AGE, b->nrecords);
         batches++;
         events += b->nrecords;
-        feed_remove(f, b);
         pbatch_free(b);
     }
     /* one line for all of them: after a long outage they are thousands */
@@ -1319,15 +1329,42 @@ static void answer_excerpt(const struct config *cfg, const buf *response, char *
         n = outlen - 1;
     if (n)
         memcpy(out, response->data, n);
-    static const char basic[] = "Basic ";
-    for (char *p = out; (p = memmem(p, n - (size_t)(p - out), basic, sizeof basic - 1)) != NULL;) {
-        p += sizeof basic - 1;
-        while (p < out + n && (isalnum((unsigned char)*p) || *p == '+' || *p == '/' || *p == '='))
-            *p++ = '*';
+    /* "Basic <credentials>", any case, the credentials also JSON- or
+     * URL-escaped: masked up to the first byte that cannot be part of them */
+    for (size_t i = 0; i + 5 < n; i++) {
+        if (strncasecmp(out + i, "basic", 5) != 0 || (i > 0 && isalnum((unsigned char)out[i - 1])))
+            continue;
+        size_t j = i + 5;
+        if (out[j] != ' ' && out[j] != '\t')
+            continue;
+        while (j < n && (out[j] == ' ' || out[j] == '\t'))
+            j++;
+        for (; j < n && (isalnum((unsigned char)out[j]) || strchr("+/=\\%-_", out[j])); j++)
+            out[j] = '*';
+        i = j;
     }
     for (int i = 0; i < FEED_COUNT; i++) {
-        mask(out, n, cfg->feeds[i].key);
-        mask(out, n, cfg->feeds[i].secret);
+        const struct feed_config *fc = &cfg->feeds[i];
+        mask(out, n, fc->key);
+        mask(out, n, fc->secret);
+        /* the credentials of the Authorization header without the scheme, as
+         * sent and JSON-escaped */
+        char auth[1024], escaped[2048];
+        if (!fc->key || !fc->secret)
+            continue;
+        mparticle_basic_auth(fc->key, fc->secret, auth, sizeof auth);
+        const char *b64 = auth[0] ? auth + 6 : "";
+        mask(out, n, b64);
+        size_t e = 0;
+        for (const char *c = b64; *c; c++) {
+            if (*c == '/')
+                escaped[e++] = '\\';
+            escaped[e++] = *c;
+        }
+        escaped[e] = '\0';
+        mask(out, n, escaped);
+        explicit_bzero(auth, sizeof auth);
+        explicit_bzero(escaped, sizeof escaped);
     }
     out[utf8_sanitize(out, n, ANSWER_EXCERPT)] = '\0';
 }
@@ -1339,15 +1376,13 @@ static void dead_letter(struct sender *s, struct request *r, int status)
     char msg[4096], detail[1024];
     answer_excerpt(s->cfg, &r->response, msg, sizeof msg);
     snprintf(detail, sizeof detail, "mParticle answered %d: %.*s", status, ANSWER_EXCERPT, msg);
-    if (queue_dead_batch(s->q, b->id, DEAD_REJECTED, detail) != QUEUE_OK) {
+    if (dead_batch(s, f, b, DEAD_REJECTED, detail) != 0) {
         retry_later(s, r, status, "cannot move the rejected batch to the dead-letter store");
         return;
     }
-    metrics_add_dead(DEAD_REJECTED, b->nrecords);
     log_error("mParticle rejected a batch; moved to the dead-letter store",
               LOG_S("feed", FEED_NAMES[f->feed]) LOG_S("batch", b->srid) LOG_I("status", status)
                   LOG_I("events", (long long)b->nrecords) LOG_S("detail", msg));
-    feed_remove(f, b);
     pbatch_free(b);
 }
 
@@ -1633,6 +1668,12 @@ static void *sender_main(void *arg)
     struct snapshot snap;
     reload_get(&snap);
     s->cfg = snap.cfg;
+    /* the pauses the previous run recorded ended with it: this run starts
+     * sending, and records its own (feeds without credentials at once) */
+    for (int i = 0; i < FEED_COUNT; i++) {
+        if (queue_set_feed_state(s->q, (enum feed)i, NULL) != QUEUE_OK)
+            log_warn("cannot record the feed state", LOG_S("feed", FEED_NAMES[i]));
+    }
     restore(s, clock_mono_ms());
     reload_put(&snap);
 

@@ -8,7 +8,8 @@ import threading
 import time
 import unittest
 
-from harness import RULES, SANITIZED, TIME, WRAPPER, ServiceTest, event, run_cli, run_cli_peak_rss
+from harness import (RULES, SANITIZED, SLOW, TIME, WRAPPER, ServiceTest, event, run_cli,
+                     run_cli_peak_rss)
 
 # dlq requeue reads, maps and commits this many dead letters at a time, fewer
 # when their Braze events reach REQUEUE_PAGE_BYTES (host/dlq.c).
@@ -25,6 +26,15 @@ class Cli(ServiceTest):
         self.assertEqual(p.returncode, 0)
         for command in ("serve", "check", "map"):
             self.assertIn(command, p.stdout)
+
+    def test_a_runtime_error_in_the_configuration_never_shows_the_value_involved(self):
+        path = os.path.join(self.tmpdir(), "c.lua")
+        with open(path, "w") as f:
+            f.write('return { feeds = { ios = { key = ("ios-key-in-the-file")() } } }\n')
+        p = run_cli(["check", "--config", path])
+        self.assertEqual(p.returncode, 1, p)
+        self.assertIn("c.lua:1: attempt to call a string value", p.stderr)
+        self.assertNotIn("ios-key-in-the-file", p.stderr + p.stdout)
 
     def test_unknown_command_is_a_usage_error(self):
         p = run_cli(["frobnicate"])
@@ -272,6 +282,17 @@ class DeadLetterCommands(ServiceTest):
         extra_kib = (24 - 6) * REQUEUE_PAGE * blob_bytes // 1024
         self.assertLess(peak[24 * REQUEUE_PAGE] - peak[6 * REQUEUE_PAGE], extra_kib // 3,
                         "peak KiB by dead letters: %r" % peak)
+
+    def test_the_service_gauge_follows_a_purge_while_no_request_comes(self):
+        s, ids = self.dead_letters(3)
+        self.assertEqual(s.metrics()["tributary_dead_letters"], 3)
+        time.sleep(1.1)
+        p = s.cli(["dlq", "purge", "--older-than", "1s"])
+        self.assertIn("purged 3 dead letters", p.stdout)
+        deadline = time.time() + 5 * SLOW
+        while s.metrics()["tributary_dead_letters"] != 0 and time.time() < deadline:
+            time.sleep(0.1)
+        self.assertEqual(s.metrics()["tributary_dead_letters"], 0)
 
     def test_purge_older_than_a_duration_beyond_the_epoch_purges_nothing(self):
         s, ids = self.dead_letters(1)

@@ -1,5 +1,6 @@
 """Delivery to mParticle (mparticle-events-api.md) against the test double."""
 
+import base64
 import collections
 import json
 import os
@@ -371,6 +372,42 @@ class Delivery(ServiceTest):
         self.assertIn("splitting it to find the events it refused", s.logs())
         self.assertEqual(s.queued_ids(), [])
 
+    def test_a_dead_lettered_batch_leaves_no_age_behind_on_an_idle_feed(self):
+        d = self.double()
+        d.poison("POISON-PILL")
+        s = self.service(env=feed_env(d))
+        bad = event("users.messages.email.Send", user="bad-user", note="POISON-PILL")
+        good = event("users.messages.email.Send", user="good-user")
+        self.assertEqual(s.post([bad, good]).status, 200)
+        self.assertTrue(d.wait_for_events(1, 20 * SLOW))
+        self.wait(lambda: s.metrics()['tributary_dead_letters_total{reason="rejected"}'] == 1,
+                  what="the dead letter")
+        # nothing waits: the age of the oldest waiting event is 0, not the
+        # age of the delivered one above the dead-lettered batch
+        time.sleep(2.5)
+        self.wait(lambda: s.metrics()['tributary_queue_oldest_age_seconds{feed="unbound"}'] == 0,
+                  5, "the oldest age back at 0")
+        self.assertEqual(s.metrics()['tributary_queue_depth{feed="unbound"}'], 0)
+        with s.db() as db:
+            below, = db.execute("SELECT below FROM settled WHERE feed = 3").fetchone()
+        self.assertGreater(below, 2)
+
+    def test_an_echoed_authorization_header_is_masked_in_every_spelling(self):
+        key, secret = "echo-key-abcdef", "echo-secret>>>???zz"
+        d = self.double(feeds={"unbound": (key, secret)})
+        b64 = base64.b64encode(("%s:%s" % (key, secret)).encode()).decode()
+        self.assertIn("/", b64)  # so that its JSON-escaped spelling differs
+        d.fail(400, times=1, message="bad request; headers: authorization: basic %s | "
+               "Authorization: Basic %s | token %s" % (b64, b64.replace("/", "\\/"), b64))
+        s = self.service(env=feed_env(d, feeds={"unbound": (key, secret)}))
+        self.assertEqual(s.post([event("users.messages.email.Send", user="a")]).status, 200)
+        self.wait(lambda: s.metrics()['tributary_dead_letters_total{reason="rejected"}'] == 1,
+                  what="the dead letter")
+        shown = s.logs() + s.cli(["dlq", "list", "--json"]).stdout
+        self.assertIn("headers: authorization: basic ****", shown)
+        for part in (b64, b64.split("/")[-1], b64[:12]):
+            self.assertNotIn(part, shown)
+
     def test_413_splits_the_request_and_delivers_everything(self):
         d = self.double()
         d.fail(413, times=2)
@@ -502,6 +539,24 @@ class Delivery(ServiceTest):
                     'secret = "unbound-secret" } } }\n')
         s.proc.send_signal(signal.SIGHUP)
         self.assertTrue(d.wait_for_events(3, 10 * SLOW))
+
+    def test_a_pause_ends_with_the_run_that_recorded_it(self):
+        d = self.double()
+        d.fail(401)
+        s = self.service(env=feed_env(d, feeds={"unbound": FEEDS["unbound"]}))
+        self.assertEqual(s.post([event("users.messages.email.Send", user="a")]).status, 200)
+        self.wait(lambda: s.metrics()['tributary_feed_paused{feed="unbound",reason="refused"}'] == 1,
+                  what="the pause")
+        self.assertTrue(json.loads(s.cli(["queue", "stats", "--json"]).stdout)
+                        ["feeds"]["unbound"]["paused"])
+        s.stop()
+        d.clear_faults()
+        s.start()
+        self.assertTrue(d.wait_for_events(1, 10 * SLOW))
+        stats = json.loads(s.cli(["queue", "stats", "--json"]).stdout)["feeds"]
+        self.assertFalse(stats["unbound"]["paused"], stats)
+        # a feed without credentials is recorded as paused again at once
+        self.assertEqual(stats["ios"]["reason"], "no credentials configured", stats)
 
     def test_events_older_than_30_days_go_to_the_historical_endpoint(self):
         d = self.double()

@@ -663,6 +663,8 @@ class Encodings(ServiceTest):
             self.assertIn("Content-Encoding", r.json()["error"])
         self.assertEqual(s.queued_ids(), [])
         self.assertIn('content_encoding=br', s.logs())
+        # counted under its own code, which the alert on refused requests matches
+        self.assertEqual(s.metrics()['tributary_http_requests_total{code="415"}'], 3)
 
     def test_an_identity_encoding_is_read_as_plain_json(self):
         s = self.service()

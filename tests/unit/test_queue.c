@@ -1065,7 +1065,7 @@ START_TEST(test_a_claim_goes_once_each_of_its_batches_is_finished)
 
     /* one delivered, one dead-lettered: the claim keeps the third */
     ck_assert_int_eq(queue_ack(q, &b[1].id, 1, FEED_IOS, ids[0]), QUEUE_OK);
-    ck_assert_int_eq(queue_dead_batch(q, b[0].id, DEAD_REJECTED, "400"), QUEUE_OK);
+    ck_assert_int_eq(queue_dead_batch(q, b[0].id, FEED_IOS, 0, DEAD_REJECTED, "400"), QUEUE_OK);
     ck_assert_int_eq(depth(q, FEED_IOS), 1);
     ck_assert_int_eq(dead_gauge(q), 1);
     struct batch_list l;
@@ -1400,8 +1400,9 @@ START_TEST(test_dead_batch_moves_its_records_to_dead_letters)
     ck_assert_int_eq(queue_persist_batches(q, &b, 1), QUEUE_OK);
     queue_items_free(&it);
 
-    ck_assert_int_eq(queue_dead_batch(q, b.id, DEAD_REJECTED, "400 from mParticle: bad event"),
-                     QUEUE_OK);
+    ck_assert_int_eq(
+        queue_dead_batch(q, b.id, FEED_IOS, 0, DEAD_REJECTED, "400 from mParticle: bad event"),
+        QUEUE_OK);
     ck_assert_int_eq(depth(q, FEED_IOS), 1);
     ck_assert_int_eq(dead_gauge(q), 2);
     scan_all(q, FEED_IOS, &it);
