@@ -355,3 +355,60 @@ int64_t mparticle_event_time_ms(const char *s, size_t n)
     }
     return -1;
 }
+
+/* ---- names mParticle takes ---------------------------------------------- */
+
+static int one_of(const char *const *names, const char *s)
+{
+    for (; *names; names++) {
+        if (strcmp(*names, s) == 0)
+            return 1;
+    }
+    return 0;
+}
+
+int mparticle_event_type_known(const char *s)
+{
+    static const char *const types[] = {"custom_event",
+                                        "screen_view",
+                                        "commerce_event",
+                                        "session_start",
+                                        "session_end",
+                                        "uninstall",
+                                        "opt_out",
+                                        "push_registration",
+                                        "push_message",
+                                        "application_state_transition",
+                                        "crash_report",
+                                        "breadcrumb",
+                                        "network_performance",
+                                        "user_attribute_change",
+                                        "user_identity_change",
+                                        "first_run",
+                                        "profile",
+                                        "media",
+                                        NULL};
+    return one_of(types, s);
+}
+
+int mparticle_custom_event_type_known(const char *s)
+{
+    static const char *const types[] = {
+        "navigation",      "location", "search", "transaction", "user_content",
+        "user_preference", "social",   "media",  "other",       NULL};
+    return one_of(types, s);
+}
+
+int mparticle_platform_known(const char *s)
+{
+    static const char *const platforms[] = {"iOS",     "Android",     "web",   "tvOS",
+                                            "roku",    "out_of_band", "alexa", "smart_tv",
+                                            "fire_tv", "xbox",        NULL};
+    return one_of(platforms, s);
+}
+
+int mparticle_environment_known(const char *s)
+{
+    static const char *const environments[] = {"production", "development", NULL};
+    return one_of(environments, s);
+}

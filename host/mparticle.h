@@ -21,7 +21,10 @@
 #define MPARTICLE_MAX_BATCH_BYTES (128 * 1024)
 #define MPARTICLE_MAX_REQUEST_BYTES (256 * 1024 - 1)
 #define MPARTICLE_MAX_BATCHES_PER_REQUEST 100
-#define MPARTICLE_MAX_USER_ATTRIBUTES 100 /* per batch */
+#define MPARTICLE_MAX_USER_ATTRIBUTES 100   /* per batch */
+#define MPARTICLE_MAX_CUSTOM_ATTRIBUTES 100 /* per event */
+#define MPARTICLE_MAX_NAME_CHARS 256        /* an attribute's name, an event_name */
+#define MPARTICLE_MAX_VALUE_CHARS 4096      /* an attribute's value */
 #define MPARTICLE_BULK_PATH "/v2/bulkevents"
 /* Data older than 30 days goes to the historical endpoint instead. */
 #define MPARTICLE_HISTORICAL_PATH "/v2/bulkevents/historical"
@@ -57,6 +60,13 @@ int mparticle_build_batch(buf *out, const char *environment, const char *source_
 
 /* Bytes a batch of these parts takes at most (for sizing before building). */
 size_t mparticle_batch_size_bound(const struct batch_part *parts, size_t n);
+
+/* The names mParticle takes for an event's event_type, a custom event's
+ * custom_event_type, device_info.platform and environment: 1 when `s` is one. */
+int mparticle_event_type_known(const char *s);
+int mparticle_custom_event_type_known(const char *s);
+int mparticle_platform_known(const char *s);
+int mparticle_environment_known(const char *s);
 
 /* What the sender does with an answer. Only the statuses of the API's contract
  * (mparticle-events-api.md, "Responses") have a meaning; anything else did not

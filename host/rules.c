@@ -945,6 +945,202 @@ static int add_dead(rules *r, lua_State *L, int evi, const struct event_ids *ids
     return failed ? -1 : 0;
 }
 
+/* ---- what mParticle takes ------------------------------------------------ */
+
+/* mParticle's bulk endpoint answers 202 for a request even when it drops
+ * batches inside it, so an output it refuses must not be queued: it would be
+ * counted as delivered and lost. These checks make it a dead letter
+ * (invalid_output) naming the field instead. */
+
+/* Characters (UTF-8 code points) in s[0..n) exceed max. */
+static int too_long(const char *s, size_t n, size_t max)
+{
+    if (n <= max)
+        return 0;
+    size_t chars = 0;
+    for (size_t i = 0; i < n; i++)
+        chars += ((unsigned char)s[i] & 0xC0) != 0x80;
+    return chars > max;
+}
+
+/* A scalar as mParticle takes it: a string of at most max characters, a
+ * number, a boolean or null. 0, or -1 with the problem in err. */
+static int check_scalar(lua_State *L, int idx, const char *what, const char *name, size_t max,
+                        char *err, size_t errlen)
+{
+    int t = lua_type(L, idx);
+    size_t n;
+    if (t == LUA_TSTRING) {
+        const char *v = lua_tolstring(L, idx, &n);
+        if (!too_long(v, n, max))
+            return 0;
+        str_printf(err, errlen, "%s.%.64s: a value of more than %zu characters", what, name, max);
+        return -1;
+    }
+    if (t == LUA_TNUMBER || t == LUA_TBOOLEAN ||
+        (t == LUA_TLIGHTUSERDATA && lua_touserdata(L, idx) == NULL))
+        return 0;
+    str_printf(err, errlen, "%s.%.64s: a value must be a string, number, boolean or null, not a %s",
+               what, name, luaL_typename(L, idx));
+    return -1;
+}
+
+/* The name of the key at idx for messages (a number key is written as text). */
+static const char *key_text(lua_State *L, int idx, char *tmp, size_t tmplen, size_t *n)
+{
+    if (lua_type(L, idx) == LUA_TSTRING)
+        return lua_tolstring(L, idx, n);
+    if (lua_type(L, idx) == LUA_TNUMBER) {
+        lua_Number v = lua_tonumber(L, idx);
+        str_printf(tmp, tmplen, "%.17g", (double)v);
+        *n = strlen(tmp);
+        return tmp;
+    }
+    *n = 0;
+    return NULL; /* write_json refuses it */
+}
+
+/* out.event.data.custom_attributes at idx: at most 100, names of at most 256
+ * characters, scalar values of at most 4096. */
+static int check_custom_attributes(lua_State *L, int idx, char *err, size_t errlen)
+{
+    static const char what[] = "out.event.data.custom_attributes";
+    size_t count = 0;
+    lua_pushnil(L);
+    while (lua_next(L, idx)) {
+        char tmp[32];
+        size_t n;
+        const char *name = key_text(L, -2, tmp, sizeof tmp, &n);
+        int bad = 0;
+        if (++count > MPARTICLE_MAX_CUSTOM_ATTRIBUTES) {
+            str_printf(err, errlen, "%s: more than %d attributes", what,
+                       MPARTICLE_MAX_CUSTOM_ATTRIBUTES);
+            bad = 1;
+        } else if (name && too_long(name, n, MPARTICLE_MAX_NAME_CHARS)) {
+            str_printf(err, errlen, "%s: a name of more than %d characters (%.64s...)", what,
+                       MPARTICLE_MAX_NAME_CHARS, name);
+            bad = 1;
+        } else if (name) {
+            bad = check_scalar(L, -1, what, name, MPARTICLE_MAX_VALUE_CHARS, err, errlen) != 0;
+        }
+        lua_pop(L, 1);
+        if (bad) {
+            lua_pop(L, 1);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* out.batch.user_attributes at idx: scalars or lists of scalars, strings of at
+ * most 4096 characters (their number is checked with the batch lines). */
+static int check_user_attributes(lua_State *L, int idx, char *err, size_t errlen)
+{
+    static const char what[] = "out.batch.user_attributes";
+    lua_pushnil(L);
+    while (lua_next(L, idx)) {
+        char tmp[32];
+        size_t n;
+        const char *name = key_text(L, -2, tmp, sizeof tmp, &n);
+        int bad = 0;
+        if (name && lua_istable(L, -1) && lua_rawlen(L, -1) > 0) {
+            int list = lua_gettop(L);
+            for (lua_Integer i = 1; !bad && i <= (lua_Integer)lua_rawlen(L, list); i++) {
+                lua_rawgeti(L, list, i);
+                bad = check_scalar(L, -1, what, name, MPARTICLE_MAX_VALUE_CHARS, err, errlen) != 0;
+                lua_pop(L, 1);
+            }
+        } else if (name) {
+            bad = check_scalar(L, -1, what, name, MPARTICLE_MAX_VALUE_CHARS, err, errlen) != 0;
+        }
+        lua_pop(L, 1);
+        if (bad) {
+            lua_pop(L, 1);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* A string field of the table at idx that must be one of mParticle's names
+ * (required: absent is an error too). */
+static int check_name(lua_State *L, int idx, const char *field, const char *what, int required,
+                      int (*known)(const char *), char *err, size_t errlen)
+{
+    int t = rawfield(L, idx, field);
+    int ok = t == LUA_TNIL ? !required : t == LUA_TSTRING && known(lua_tostring(L, -1));
+    if (!ok && t == LUA_TSTRING)
+        str_printf(err, errlen, "%s.%s: \"%.64s\" is not one of mParticle's names", what, field,
+                   lua_tostring(L, -1));
+    else if (!ok)
+        str_printf(err, errlen, "%s.%s: a string is required, not %s", what, field,
+                   luaL_typename(L, -1));
+    lua_pop(L, 1);
+    return ok ? 0 : -1;
+}
+
+/* [-0, +0] The event table at eventi and the batch table at batchi (or nil)
+ * against mParticle's schema; 0, or -1 with the field and the problem in err. */
+static int check_output(lua_State *L, int eventi, int batchi, char *err, size_t errlen)
+{
+    if (check_name(L, eventi, "event_type", "out.event", 1, mparticle_event_type_known, err,
+                   errlen) != 0)
+        return -1;
+    rawfield(L, eventi, "event_type");
+    int custom = strcmp(lua_tostring(L, -1), "custom_event") == 0;
+    lua_pop(L, 1);
+    int rc = 0;
+    int dt = rawfield(L, eventi, "data");
+    int data = lua_gettop(L);
+    if (dt != LUA_TTABLE && (dt != LUA_TNIL || custom)) {
+        str_printf(err, errlen, "out.event.data must be a table, not %s", luaL_typename(L, data));
+        rc = -1;
+    } else if (dt == LUA_TTABLE) {
+        if (custom) {
+            int nt = rawfield(L, data, "event_name");
+            size_t n = 0;
+            const char *name = nt == LUA_TSTRING ? lua_tolstring(L, -1, &n) : NULL;
+            if (!name || n == 0) {
+                str_copy(err, errlen, "out.event.data.event_name: a custom event needs a name");
+                rc = -1;
+            } else if (too_long(name, n, MPARTICLE_MAX_NAME_CHARS)) {
+                str_printf(err, errlen, "out.event.data.event_name: more than %d characters",
+                           MPARTICLE_MAX_NAME_CHARS);
+                rc = -1;
+            }
+            lua_pop(L, 1);
+            if (rc == 0)
+                rc = check_name(L, data, "custom_event_type", "out.event.data", 1,
+                                mparticle_custom_event_type_known, err, errlen);
+        }
+        if (rc == 0) {
+            int at = rawfield(L, data, "custom_attributes");
+            if (at == LUA_TTABLE) {
+                rc = check_custom_attributes(L, lua_gettop(L), err, errlen);
+            } else if (at != LUA_TNIL) {
+                str_printf(err, errlen, "out.event.data.custom_attributes must be a table, not %s",
+                           luaL_typename(L, -1));
+                rc = -1;
+            }
+            lua_pop(L, 1);
+        }
+    }
+    lua_pop(L, 1); /* data */
+    if (rc != 0 || lua_type(L, batchi) != LUA_TTABLE)
+        return rc;
+    if (check_name(L, batchi, "environment", "out.batch", 0, mparticle_environment_known, err,
+                   errlen) != 0)
+        return -1;
+    if (rawfield(L, batchi, "device_info") == LUA_TTABLE)
+        rc = check_name(L, lua_gettop(L), "platform", "out.batch.device_info", 0,
+                        mparticle_platform_known, err, errlen);
+    lua_pop(L, 1);
+    if (rc == 0 && rawfield(L, batchi, "user_attributes") == LUA_TTABLE)
+        rc = check_user_attributes(L, lua_gettop(L), err, errlen);
+    lua_pop(L, 1);
+    return rc;
+}
+
 /* [-0, +0] Turns the out table at outi into a record. Returns 0, 1 when the
  * output is invalid (reason in err), or -1 when out of memory. */
 static int emit(rules *r, lua_State *L, int evi, const struct event_ids *ids, int outi,
@@ -973,6 +1169,8 @@ static int emit(rules *r, lua_State *L, int evi, const struct event_ids *ids, in
         goto done;
     }
     /* stack: feed event batch */
+    if (check_output(L, top + 2, top + 3, err, errlen) != 0)
+        goto done;
     struct record tmp = {0};
     tmp.feed = (enum feed)feed;
     tmp.rules_version = ruleset_version(r->rs);

@@ -392,6 +392,31 @@ class Delivery(ServiceTest):
             below, = db.execute("SELECT below FROM settled WHERE feed = 3").fetchone()
         self.assertGreater(below, 2)
 
+    def test_an_output_mparticle_would_drop_in_a_202_is_a_dead_letter_not_a_delivery(self):
+        d = self.double()
+        rules = self.rules_dir({"60-object.lua": (
+            "return function(event, out)\n"
+            "  if out and event.properties.nested then\n"
+            "    out.event.data.custom_attributes.obj = { a = 1 }\n"
+            "  end\n"
+            "end\n")})
+        s = self.service(rules_dir=rules, env=feed_env(d))
+        bad = event("users.messages.email.Send", user="a", nested=True)
+        good = event("users.messages.email.Send", user="b")
+        r = s.post([bad, good])
+        self.assertEqual(r.status, 200)
+        self.assertEqual(r.json()["quarantined"], 1)
+        self.assertTrue(d.wait_for_events(1, 10 * SLOW))
+        time.sleep(0.5)
+        self.assertEqual(d.source_message_ids(), [good["id"]])
+        listing = json.loads(s.cli(["dlq", "list", "--json"]).stdout)
+        self.assertEqual([(x["event_id"], x["reason"]) for x in listing],
+                         [(bad["id"], "invalid_output")])
+        self.assertIn("custom_attributes.obj: a value must be a string", listing[0]["detail"])
+        m = s.metrics()
+        self.assertEqual(m['tributary_dead_letters_total{reason="invalid_output"}'], 1)
+        self.assertEqual(m['tributary_events_delivered_total{feed="unbound"}'], 1)
+
     def test_an_echoed_authorization_header_is_masked_in_every_spelling(self):
         key, secret = "echo-key-abcdef", "echo-secret>>>???zz"
         d = self.double(feeds={"unbound": (key, secret)})

@@ -249,7 +249,7 @@ return function(event, out)
   for _ = 1, 30 do d = {d, d} end
   local how = event.properties.how
   if how == "return" then
-    out.event.data.custom_attributes = d
+    out.event.data.expanding = d
   elseif how == "encode" then
     out.event.data.custom_attributes = { big = cjson.encode(d) }
   else

@@ -115,7 +115,8 @@ static int contains(const char *hay, const char *needle)
 /* A rule that maps every event to the unbound feed. */
 #define PASS_RULE                                                                                  \
     "return function(event, out)\n"                                                                \
-    "  return {feed = \"unbound\", batch = {}, event = {id = event.id}}\n"                         \
+    "  return {feed = \"unbound\", batch = {}, event = {event_type = \"uninstall\", id = "         \
+    "event.id}}\n"                                                                                 \
     "end\n"
 
 /* One valid Braze event with the given id. */
@@ -672,7 +673,8 @@ END_TEST
     "  if event.id == \"e-2\" then\n"                                                              \
     "    error(\"boom\")\n"                                                                        \
     "  end\n"                                                                                      \
-    "  return {feed = \"unbound\", batch = {}, event = {id = event.id}}\n"                         \
+    "  return {feed = \"unbound\", batch = {}, event = {event_type = \"uninstall\", id = "         \
+    "event.id}}\n"                                                                                 \
     "end\n"
 
 START_TEST(test_rule_error_dead_letters_the_event_with_file_and_line)
@@ -711,10 +713,10 @@ END_TEST
 
 START_TEST(test_output_with_an_unknown_feed_is_invalid_output)
 {
-    const struct dead_letter *d =
-        dead_from("return function(event, out)\n"
-                  "  return {feed = \"mars\", batch = {}, event = {id = event.id}}\n"
-                  "end\n");
+    const struct dead_letter *d = dead_from("return function(event, out)\n"
+                                            "  return {feed = \"mars\", batch = {}, event = "
+                                            "{event_type = \"uninstall\", id = event.id}}\n"
+                                            "end\n");
     ck_assert_str_eq(d->reason, DEAD_INVALID_OUTPUT);
     ck_assert_msg(contains(d->detail.p, "feed"), "detail: %s", d->detail.p);
 }
@@ -729,7 +731,8 @@ START_TEST(test_an_output_with_more_than_100_user_attributes_is_invalid_output)
                   "  local attrs = {}\n"
                   "  for i = 1, 101 do attrs['a' .. i] = i end\n"
                   "  return {feed = 'unbound', batch = {user_attributes = attrs},\n"
-                  "          event = {event_type = 'custom_event', data = {}}}\n"
+                  "          event = {event_type = 'custom_event', data = {event_name = 'E', "
+                  "custom_event_type = 'other'}}}\n"
                   "end\n");
     ck_assert_str_eq(d->reason, DEAD_INVALID_OUTPUT);
     ck_assert_msg(contains(d->detail.p, "user_attributes has more than 100"), "detail: %s",
@@ -743,12 +746,74 @@ START_TEST(test_an_output_with_100_user_attributes_is_a_record)
                         "  local attrs = {}\n"
                         "  for i = 1, 100 do attrs['a' .. i] = i end\n"
                         "  return {feed = 'unbound', batch = {user_attributes = attrs},\n"
-                        "          event = {event_type = 'custom_event', data = {}}}\n"
+                        "          event = {event_type = 'custom_event', data = {event_name = 'E', "
+                        "custom_event_type = 'other'}}}\n"
                         "end\n");
     build();
     ck_assert_int_eq(map(ENVELOPE(EV("e-1")), INPUT_ENVELOPE), 0);
     ck_assert_uint_eq(F.m.ndead, 0);
     ck_assert_uint_eq(F.m.nrecords, 1);
+}
+END_TEST
+
+/* mParticle's bulk endpoint answers 202 and drops a batch it refuses: an
+ * output it would refuse is a dead letter naming the field, never queued. */
+#define SCHEMA_BASE                                                                                \
+    "return function(event, out)\n"                                                                \
+    "  local o = {feed = 'unbound', batch = {user_attributes = {}, device_info = {}},\n"           \
+    "    event = {event_type = 'custom_event', data = {event_name = 'E',\n"                        \
+    "      custom_event_type = 'other', custom_attributes = {}}}}\n"                               \
+    "  local a = o.event.data.custom_attributes\n"
+
+static const struct {
+    const char *change;
+    const char *detail;
+} SCHEMA_CASES[] = {
+    {"a.obj = {x = 1}",
+     "custom_attributes.obj: a value must be a string, number, boolean or null, not a table"},
+    {"for i = 1, 101 do a['a' .. i] = i end", "custom_attributes: more than 100 attributes"},
+    {"a[string.rep('n', 257)] = 1", "custom_attributes: a name of more than 256 characters"},
+    {"a.v = string.rep('v', 4097)", "custom_attributes.v: a value of more than 4096 characters"},
+    {"o.event.data.custom_attributes = 'text'", "custom_attributes must be a table, not string"},
+    {"o.event.data.event_name = string.rep('e', 257)", "event_name: more than 256 characters"},
+    {"o.event.data.event_name = nil", "event_name: a custom event needs a name"},
+    {"o.event.data.custom_event_type = 'bogus'",
+     "custom_event_type: \"bogus\" is not one of mParticle's names"},
+    {"o.event.event_type = 'bogus_type'", "event_type: \"bogus_type\" is not one of"},
+    {"o.event.event_type = nil", "out.event.event_type: a string is required, not nil"},
+    {"o.event.data = nil", "out.event.data must be a table, not nil"},
+    {"o.batch.device_info.platform = 'Windows'", "platform: \"Windows\" is not one of"},
+    {"o.batch.environment = 'staging'", "environment: \"staging\" is not one of"},
+    {"o.batch.user_attributes.u = {x = 1}", "user_attributes.u: a value must be a string"},
+    {"o.batch.user_attributes.l = {'a', {}}", "user_attributes.l: a value must be a string"},
+};
+
+START_TEST(test_an_output_mparticle_would_drop_is_invalid_output_naming_the_field)
+{
+    char src[1024];
+    snprintf(src, sizeof src, SCHEMA_BASE "  %s\n  return o\nend\n", SCHEMA_CASES[_i].change);
+    const struct dead_letter *d = dead_from(src);
+    ck_assert_str_eq(d->reason, DEAD_INVALID_OUTPUT);
+    ck_assert_msg(contains(d->detail.p, SCHEMA_CASES[_i].detail), "%s: detail: %s",
+                  SCHEMA_CASES[_i].change, d->detail.p);
+}
+END_TEST
+
+START_TEST(test_outputs_at_mparticles_limits_are_records)
+{
+    rule("50-rule.lua",
+         SCHEMA_BASE "  for i = 1, 99 do a['a' .. i] = i end\n"
+                     "  a[string.rep('n', 256)] = string.rep('\\u{e9}', 4096)\n" /* 8192 bytes */
+                     "  o.event.data.event_name = string.rep('e', 256)\n"
+                     "  o.batch.user_attributes.list = {'a', 1, true}\n"
+                     "  o.batch.device_info.platform = 'Android'\n"
+                     "  o.batch.environment = 'development'\n"
+                     "  if event.id == 'u-2' then o.event = {event_type = 'uninstall'} end\n"
+                     "  return o\nend\n");
+    build();
+    ck_assert_int_eq(map(ENVELOPE(EV("u-1") "," EV("u-2")), INPUT_ENVELOPE), 0);
+    ck_assert_msg(F.m.ndead == 0, "dead letter: %s", F.m.ndead ? F.m.dead[0].detail.p : "");
+    ck_assert_uint_eq(F.m.nrecords, 2);
 }
 END_TEST
 
@@ -822,7 +887,8 @@ START_TEST(test_one_slow_library_call_pays_at_most_an_eighth_of_the_budget)
     rule("50-rule.lua", "return function(event, out)\n"
                         "  local s = ('x'):rep(8 * 1024 * 1024)\n"
                         "  return {feed = 'unbound', batch = {},\n"
-                        "          event = {event_type = 'custom_event', data = {n = #s}}}\n"
+                        "          event = {event_type = 'custom_event', data = {event_name = 'E', "
+                        "custom_event_type = 'other', n = #s}}}\n"
                         "end\n");
     build();
     ck_assert_int_eq(map(ENVELOPE(EV("e-1")), INPUT_ENVELOPE), 0);
@@ -892,7 +958,8 @@ START_TEST(test_a_state_that_outgrows_its_memory_asks_for_a_rebuild)
     rule("50-hoard.lua", "local keep = {}\n"
                          "return function(event, out)\n"
                          "  for i = 1, 10000 do keep[#keep + 1] = {i} end\n"
-                         "  return {feed = \"unbound\", batch = {}, event = {id = event.id}}\n"
+                         "  return {feed = \"unbound\", batch = {}, event = {event_type = "
+                         "\"uninstall\", id = event.id}}\n"
                          "end\n");
     build();
     ck_assert_int_eq(map(ENVELOPE(EV("h-1")), INPUT_ENVELOPE), 0);
@@ -922,12 +989,13 @@ END_TEST
 START_TEST(test_pcall_cannot_swallow_the_instruction_limit)
 {
     ck_assert_int_eq(setenv("TRIBUTARY_RULES_INSTRUCTIONS", "100000", 1), 0);
-    rule("50-pcall.lua", "return function(event, out)\n"
-                         "  while true do\n"
-                         "    pcall(function() while true do end end)\n"
-                         "  end\n"
-                         "  return {feed = \"unbound\", batch = {}, event = {}}\n"
-                         "end\n");
+    rule("50-pcall.lua",
+         "return function(event, out)\n"
+         "  while true do\n"
+         "    pcall(function() while true do end end)\n"
+         "  end\n"
+         "  return {feed = \"unbound\", batch = {}, event = {event_type = \"uninstall\", }}\n"
+         "end\n");
     build();
     struct bounded res;
     map_bounded(ENVELOPE(EV("l-1")), 10000, &res);
@@ -941,11 +1009,12 @@ END_TEST
 START_TEST(test_xpcall_cannot_swallow_the_instruction_limit)
 {
     ck_assert_int_eq(setenv("TRIBUTARY_RULES_INSTRUCTIONS", "100000", 1), 0);
-    rule("50-xpcall.lua",
-         "return function(event, out)\n"
-         "  local ok = xpcall(function() while true do end end, function(m) return m end)\n"
-         "  return {feed = \"unbound\", batch = {}, event = {ok = ok}}\n"
-         "end\n");
+    rule(
+        "50-xpcall.lua",
+        "return function(event, out)\n"
+        "  local ok = xpcall(function() while true do end end, function(m) return m end)\n"
+        "  return {feed = \"unbound\", batch = {}, event = {event_type = \"uninstall\", ok = ok}}\n"
+        "end\n");
     build();
     struct bounded res;
     map_bounded(ENVELOPE(EV("l-1")), 10000, &res);
@@ -996,7 +1065,8 @@ END_TEST
     "return function(event, out)\n"                                                                \
     "  local keep = {}\n"                                                                          \
     "  for i = 1, 60 do keep[i] = string.rep(\"a\", 10485) end\n"                                  \
-    "  return {feed = \"unbound\", batch = {}, event = {id = event.id}, keep_a = keep}\n"          \
+    "  return {feed = \"unbound\", batch = {}, event = {event_type = \"uninstall\", id = "         \
+    "event.id}, keep_a = keep}\n"                                                                  \
     "end\n"
 
 #define KEEP_60_PERCENT_B                                                                          \
@@ -1044,7 +1114,8 @@ START_TEST(test_memory_kept_from_an_earlier_event_counts_towards_that_event_only
                          "  local keep = {}\n"
                          "  for i = 1, 60 do keep[i] = string.rep(\"k\", 10485) end\n"
                          "  kept[#kept + 1] = keep\n"
-                         "  return {feed = \"unbound\", batch = {}, event = {id = event.id}}\n"
+                         "  return {feed = \"unbound\", batch = {}, event = {event_type = "
+                         "\"uninstall\", id = event.id}}\n"
                          "end\n");
     build();
     ck_assert_int_eq(map(ENVELOPE(EV("k-1") "," EV("k-2")), INPUT_ENVELOPE), 0);
@@ -1217,7 +1288,8 @@ END_TEST
 #define MARKER_A                                                                                   \
     "marker = \"a\"\n"                                                                             \
     "return function(event, out)\n"                                                                \
-    "  return {feed = \"unbound\", batch = {}, event = {a_sees = marker}}\n"                       \
+    "  return {feed = \"unbound\", batch = {}, event = {event_type = \"uninstall\", a_sees = "     \
+    "marker}}\n"                                                                                   \
     "end\n"
 
 #define MARKER_B                                                                                   \
@@ -1375,7 +1447,8 @@ END_TEST
 #define TESTED_RULE_HEAD                                                                           \
     "local function process(event, out)\n"                                                         \
     "  if event.id == \"skip\" then return false, \"too_old\" end\n"                               \
-    "  return {feed = \"unbound\", batch = {}, event = {name = \"Seen \" .. event.id}}\n"          \
+    "  return {feed = \"unbound\", batch = {}, event = {event_type = \"uninstall\", name = "       \
+    "\"Seen \" .. event.id}}\n"                                                                    \
     "end\n"                                                                                        \
     "return { process = process, tests = {\n"
 
@@ -1546,6 +1619,9 @@ static Suite *suite(void)
     tcase_add_test(tc, test_output_with_an_unknown_feed_is_invalid_output);
     tcase_add_test(tc, test_an_output_with_more_than_100_user_attributes_is_invalid_output);
     tcase_add_test(tc, test_an_output_with_100_user_attributes_is_a_record);
+    tcase_add_loop_test(tc, test_an_output_mparticle_would_drop_is_invalid_output_naming_the_field,
+                        0, (int)ARRAY_LEN(SCHEMA_CASES));
+    tcase_add_test(tc, test_outputs_at_mparticles_limits_are_records);
     tcase_add_test(tc, test_infinite_loop_hits_the_instruction_limit);
     tcase_add_test(tc, test_instruction_limit_asks_for_a_rebuild);
     tcase_add_test(tc, test_a_state_that_outgrows_its_memory_asks_for_a_rebuild);
