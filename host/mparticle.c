@@ -369,6 +369,7 @@ static int one_of(const char *const *names, const char *s)
 
 int mparticle_event_type_known(const char *s)
 {
+    /* the documented list and the two more mParticle's JSON schema knows */
     static const char *const types[] = {"custom_event",
                                         "screen_view",
                                         "commerce_event",
@@ -386,7 +387,6 @@ int mparticle_event_type_known(const char *s)
                                         "user_identity_change",
                                         "first_run",
                                         "profile",
-                                        "media",
                                         NULL};
     return one_of(types, s);
 }

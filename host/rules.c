@@ -1092,10 +1092,10 @@ static int check_output(lua_State *L, int eventi, int batchi, char *err, size_t 
     int rc = 0;
     int dt = rawfield(L, eventi, "data");
     int data = lua_gettop(L);
-    if (dt != LUA_TTABLE && (dt != LUA_TNIL || custom)) {
+    if (dt != LUA_TTABLE) {
         str_printf(err, errlen, "out.event.data must be a table, not %s", luaL_typename(L, data));
         rc = -1;
-    } else if (dt == LUA_TTABLE) {
+    } else {
         if (custom) {
             int nt = rawfield(L, data, "event_name");
             size_t n = 0;

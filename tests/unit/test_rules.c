@@ -115,8 +115,8 @@ static int contains(const char *hay, const char *needle)
 /* A rule that maps every event to the unbound feed. */
 #define PASS_RULE                                                                                  \
     "return function(event, out)\n"                                                                \
-    "  return {feed = \"unbound\", batch = {}, event = {event_type = \"uninstall\", id = "         \
-    "event.id}}\n"                                                                                 \
+    "  return {feed = \"unbound\", batch = {},\n"                                                  \
+    "          event = {event_type = \"uninstall\", data = {}, id = event.id}}\n"                  \
     "end\n"
 
 /* One valid Braze event with the given id. */
@@ -673,8 +673,8 @@ END_TEST
     "  if event.id == \"e-2\" then\n"                                                              \
     "    error(\"boom\")\n"                                                                        \
     "  end\n"                                                                                      \
-    "  return {feed = \"unbound\", batch = {}, event = {event_type = \"uninstall\", id = "         \
-    "event.id}}\n"                                                                                 \
+    "  return {feed = \"unbound\", batch = {},\n"                                                  \
+    "          event = {event_type = \"uninstall\", data = {}, id = event.id}}\n"                  \
     "end\n"
 
 START_TEST(test_rule_error_dead_letters_the_event_with_file_and_line)
@@ -713,10 +713,11 @@ END_TEST
 
 START_TEST(test_output_with_an_unknown_feed_is_invalid_output)
 {
-    const struct dead_letter *d = dead_from("return function(event, out)\n"
-                                            "  return {feed = \"mars\", batch = {}, event = "
-                                            "{event_type = \"uninstall\", id = event.id}}\n"
-                                            "end\n");
+    const struct dead_letter *d =
+        dead_from("return function(event, out)\n"
+                  "  return {feed = \"mars\", batch = {},\n"
+                  "          event = {event_type = \"uninstall\", data = {}, id = event.id}}\n"
+                  "end\n");
     ck_assert_str_eq(d->reason, DEAD_INVALID_OUTPUT);
     ck_assert_msg(contains(d->detail.p, "feed"), "detail: %s", d->detail.p);
 }
@@ -801,15 +802,15 @@ END_TEST
 
 START_TEST(test_outputs_at_mparticles_limits_are_records)
 {
-    rule("50-rule.lua",
-         SCHEMA_BASE "  for i = 1, 99 do a['a' .. i] = i end\n"
-                     "  a[string.rep('n', 256)] = string.rep('\\u{e9}', 4096)\n" /* 8192 bytes */
-                     "  o.event.data.event_name = string.rep('e', 256)\n"
-                     "  o.batch.user_attributes.list = {'a', 1, true}\n"
-                     "  o.batch.device_info.platform = 'Android'\n"
-                     "  o.batch.environment = 'development'\n"
-                     "  if event.id == 'u-2' then o.event = {event_type = 'uninstall'} end\n"
-                     "  return o\nend\n");
+    rule("50-rule.lua", SCHEMA_BASE
+         "  for i = 1, 99 do a['a' .. i] = i end\n"
+         "  a[string.rep('n', 256)] = string.rep('\\u{e9}', 4096)\n" /* 8192 bytes */
+         "  o.event.data.event_name = string.rep('e', 256)\n"
+         "  o.batch.user_attributes.list = {'a', 1, true}\n"
+         "  o.batch.device_info.platform = 'Android'\n"
+         "  o.batch.environment = 'development'\n"
+         "  if event.id == 'u-2' then o.event = {event_type = 'uninstall', data = {}} end\n"
+         "  return o\nend\n");
     build();
     ck_assert_int_eq(map(ENVELOPE(EV("u-1") "," EV("u-2")), INPUT_ENVELOPE), 0);
     ck_assert_msg(F.m.ndead == 0, "dead letter: %s", F.m.ndead ? F.m.dead[0].detail.p : "");
@@ -955,12 +956,13 @@ START_TEST(test_a_state_that_outgrows_its_memory_asks_for_a_rebuild)
 {
     ck_assert_int_eq(setenv("TRIBUTARY_RULES_MEMORY_MB", "2", 1), 0);
     /* about 0.8 MB more for every request, each within the limit of a call */
-    rule("50-hoard.lua", "local keep = {}\n"
-                         "return function(event, out)\n"
-                         "  for i = 1, 10000 do keep[#keep + 1] = {i} end\n"
-                         "  return {feed = \"unbound\", batch = {}, event = {event_type = "
-                         "\"uninstall\", id = event.id}}\n"
-                         "end\n");
+    rule("50-hoard.lua",
+         "local keep = {}\n"
+         "return function(event, out)\n"
+         "  for i = 1, 10000 do keep[#keep + 1] = {i} end\n"
+         "  return {feed = \"unbound\", batch = {},\n"
+         "          event = {event_type = \"uninstall\", data = {}, id = event.id}}\n"
+         "end\n");
     build();
     ck_assert_int_eq(map(ENVELOPE(EV("h-1")), INPUT_ENVELOPE), 0);
     ck_assert_ptr_null(rules_needs_rebuild(F.r));
@@ -989,13 +991,13 @@ END_TEST
 START_TEST(test_pcall_cannot_swallow_the_instruction_limit)
 {
     ck_assert_int_eq(setenv("TRIBUTARY_RULES_INSTRUCTIONS", "100000", 1), 0);
-    rule("50-pcall.lua",
-         "return function(event, out)\n"
-         "  while true do\n"
-         "    pcall(function() while true do end end)\n"
-         "  end\n"
-         "  return {feed = \"unbound\", batch = {}, event = {event_type = \"uninstall\", }}\n"
-         "end\n");
+    rule("50-pcall.lua", "return function(event, out)\n"
+                         "  while true do\n"
+                         "    pcall(function() while true do end end)\n"
+                         "  end\n"
+                         "  return {feed = \"unbound\", batch = {},\n"
+                         "          event = {event_type = \"uninstall\", data = {}}}\n"
+                         "end\n");
     build();
     struct bounded res;
     map_bounded(ENVELOPE(EV("l-1")), 10000, &res);
@@ -1009,12 +1011,12 @@ END_TEST
 START_TEST(test_xpcall_cannot_swallow_the_instruction_limit)
 {
     ck_assert_int_eq(setenv("TRIBUTARY_RULES_INSTRUCTIONS", "100000", 1), 0);
-    rule(
-        "50-xpcall.lua",
-        "return function(event, out)\n"
-        "  local ok = xpcall(function() while true do end end, function(m) return m end)\n"
-        "  return {feed = \"unbound\", batch = {}, event = {event_type = \"uninstall\", ok = ok}}\n"
-        "end\n");
+    rule("50-xpcall.lua",
+         "return function(event, out)\n"
+         "  local ok = xpcall(function() while true do end end, function(m) return m end)\n"
+         "  return {feed = \"unbound\", batch = {},\n"
+         "          event = {event_type = \"uninstall\", data = {}, ok = ok}}\n"
+         "end\n");
     build();
     struct bounded res;
     map_bounded(ENVELOPE(EV("l-1")), 10000, &res);
@@ -1065,8 +1067,8 @@ END_TEST
     "return function(event, out)\n"                                                                \
     "  local keep = {}\n"                                                                          \
     "  for i = 1, 60 do keep[i] = string.rep(\"a\", 10485) end\n"                                  \
-    "  return {feed = \"unbound\", batch = {}, event = {event_type = \"uninstall\", id = "         \
-    "event.id}, keep_a = keep}\n"                                                                  \
+    "  return {feed = \"unbound\", batch = {}, keep_a = keep,\n"                                   \
+    "          event = {event_type = \"uninstall\", data = {}, id = event.id}}\n"                  \
     "end\n"
 
 #define KEEP_60_PERCENT_B                                                                          \
@@ -1109,14 +1111,15 @@ START_TEST(test_memory_kept_from_an_earlier_event_counts_towards_that_event_only
     ck_assert_int_eq(setenv("TRIBUTARY_RULES_MEMORY_MB", "1", 1), 0);
     ck_assert_int_eq(setenv("TRIBUTARY_RULES_INSTRUCTIONS", "100000000", 1), 0);
     /* each event keeps 60% of rules.memory_mb in a global (README, Limits) */
-    rule("10-hoard.lua", "kept = {}\n"
-                         "return function(event, out)\n"
-                         "  local keep = {}\n"
-                         "  for i = 1, 60 do keep[i] = string.rep(\"k\", 10485) end\n"
-                         "  kept[#kept + 1] = keep\n"
-                         "  return {feed = \"unbound\", batch = {}, event = {event_type = "
-                         "\"uninstall\", id = event.id}}\n"
-                         "end\n");
+    rule("10-hoard.lua",
+         "kept = {}\n"
+         "return function(event, out)\n"
+         "  local keep = {}\n"
+         "  for i = 1, 60 do keep[i] = string.rep(\"k\", 10485) end\n"
+         "  kept[#kept + 1] = keep\n"
+         "  return {feed = \"unbound\", batch = {},\n"
+         "          event = {event_type = \"uninstall\", data = {}, id = event.id}}\n"
+         "end\n");
     build();
     ck_assert_int_eq(map(ENVELOPE(EV("k-1") "," EV("k-2")), INPUT_ENVELOPE), 0);
     ck_assert_uint_eq(F.m.ndead, 0);
@@ -1288,8 +1291,8 @@ END_TEST
 #define MARKER_A                                                                                   \
     "marker = \"a\"\n"                                                                             \
     "return function(event, out)\n"                                                                \
-    "  return {feed = \"unbound\", batch = {}, event = {event_type = \"uninstall\", a_sees = "     \
-    "marker}}\n"                                                                                   \
+    "  return {feed = \"unbound\", batch = {},\n"                                                  \
+    "          event = {event_type = \"uninstall\", data = {}, a_sees = marker}}\n"                \
     "end\n"
 
 #define MARKER_B                                                                                   \
@@ -1447,8 +1450,8 @@ END_TEST
 #define TESTED_RULE_HEAD                                                                           \
     "local function process(event, out)\n"                                                         \
     "  if event.id == \"skip\" then return false, \"too_old\" end\n"                               \
-    "  return {feed = \"unbound\", batch = {}, event = {event_type = \"uninstall\", name = "       \
-    "\"Seen \" .. event.id}}\n"                                                                    \
+    "  return {feed = \"unbound\", batch = {},\n"                                                  \
+    "          event = {event_type = \"uninstall\", data = {}, name = \"Seen \" .. event.id}}\n"   \
     "end\n"                                                                                        \
     "return { process = process, tests = {\n"
 
