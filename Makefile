@@ -119,7 +119,12 @@ install: all
 	install -m 0755 $(BIN) $(DESTDIR)$(PREFIX)/bin/tributary
 	install -m 0644 rules/*.lua $(DESTDIR)$(PREFIX)/share/tributary/rules/
 	install -m 0644 rules/examples/*.lua $(DESTDIR)$(PREFIX)/share/tributary/rules/examples/
-	install -m 0644 tributary.conf.lua $(DESTDIR)$(PREFIX)/share/tributary/tributary.conf.lua.example
+	sed -e 's|^-- tributary configuration\. Every value below is the built-in default, so this$$|-- tributary configuration, installed: data_dir and rules_dir are where the\n-- systemd unit keeps them, so that commands given this file find them. Every\n-- other value below is the built-in default, so this|' \
+		-e 's|^-- file changes nothing until you edit it\.|-- file changes nothing else until you edit it.|' \
+		-e 's|data_dir = "./var", |data_dir = "/var/lib/tributary",|' \
+		-e 's|rules_dir = "./rules", |rules_dir = "/etc/tributary/rules",|' \
+		tributary.conf.lua > $(DESTDIR)$(PREFIX)/share/tributary/tributary.conf.lua.example
+	chmod 0644 $(DESTDIR)$(PREFIX)/share/tributary/tributary.conf.lua.example
 	install -m 0644 docs/prometheus-alerts.yml $(DESTDIR)$(PREFIX)/share/tributary/
 	sed 's|@BINDIR@|$(PREFIX)/bin|g' scripts/tributary.service \
 		> $(DESTDIR)$(PREFIX)/lib/systemd/system/tributary.service

@@ -965,8 +965,12 @@ static void check(struct config *c, struct errs *e, int serving)
                            c->tls_key};
     for (size_t i = 0; serving && i < ARRAY_LEN(files); i += 2) {
         int fd = files[i + 1] && *files[i + 1] ? open(files[i + 1], O_RDONLY | O_CLOEXEC) : -2;
+        struct stat st;
         if (fd == -1)
             errs_add(e, "%s: cannot read %s: %s", files[i], files[i + 1], strerror(errno));
+        else if (fd >= 0 && files[i + 1] == c->tls_key && fstat(fd, &st) == 0 && (st.st_mode & 077))
+            errs_add(e, "tls.key: %s must not be readable by group or others (chmod 600)",
+                     files[i + 1]);
         if (fd >= 0)
             close(fd);
     }

@@ -110,10 +110,14 @@ static enum MHD_Result reply(struct MHD_Connection *c, struct req *r, int status
     MHD_destroy_response(resp);
     if (r->route == R_CURRENTS)
         metrics_inbound(status, elapsed(&r->start));
-    if (status >= 500)
-        log_warn("answered", LOG_I("status", status));
+    /* a 503 from /readyz is a state a probe polls, said in its body */
+    static const char *const paths[] = {
+        [R_NONE] = "other",     [R_CURRENTS] = "/currents", [R_HEALTHZ] = "/healthz",
+        [R_READYZ] = "/readyz", [R_METRICS] = "/metrics",   [R_ADMIN_RELOAD] = "/admin/reload"};
+    if (status >= 500 && r->route != R_READYZ)
+        log_warn("answered", LOG_I("status", status) LOG_S("path", paths[r->route]));
     else
-        log_debug("answered", LOG_I("status", status));
+        log_debug("answered", LOG_I("status", status) LOG_S("path", paths[r->route]));
     return rc;
 }
 

@@ -1474,6 +1474,9 @@ static void check_disk(queue *q)
         log_info("queue: the disk of data_dir has room again; taking new events",
                  LOG_I("free_mib", (long long)(free_bytes >> 20)));
     q->disk_low = low;
+    pthread_mutex_lock(&q->mu);
+    q->gauges.disk_low = low;
+    pthread_mutex_unlock(&q->mu);
 }
 
 static void *writer_main(void *arg)
@@ -2293,6 +2296,10 @@ void queue_gauges(queue *q, struct queue_gauges *g)
     pthread_mutex_lock(&q->mu);
     *g = q->gauges;
     pthread_mutex_unlock(&q->mu);
+    int64_t depth = 0;
+    for (int f = 0; f < FEED_COUNT; f++)
+        depth += g->depth[f];
+    g->full = q->opt.max_depth > 0 && depth >= q->opt.max_depth;
 }
 
 /* ---- public operations -------------------------------------------------- */

@@ -176,6 +176,8 @@ struct queue_gauges {
     int64_t operations;  /* operations they carried: requests, batches sent, ... */
     int64_t dedup_ids;   /* event ids remembered for the dedup window */
     int64_t dedup_bytes; /* the memory they take */
+    int disk_low;        /* new events are refused: less than min_free_bytes free */
+    int full;            /* new events are refused: max_depth events queued */
 };
 void queue_gauges(queue *q, struct queue_gauges *g);
 

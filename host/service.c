@@ -18,7 +18,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/signalfd.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #ifndef TRIBUTARY_VERSION
@@ -67,6 +66,20 @@ static int hook_ready(void *ctx, buf *reasons)
             (void)!buf_addc(reasons, ',');
         ready = 0;
         (void)!buf_adds(reasons, "\"storage failing\"");
+    }
+    /* New events are refused (503): a load balancer sends them elsewhere. */
+    struct queue_gauges qg;
+    queue_gauges(s->q, &qg);
+    const char *refusing[] = {
+        qg.disk_low ? "\"disk nearly full (queue.min_free_mb): new events get 503\"" : NULL,
+        qg.full ? "\"queue full (queue.max_depth): new events get 503\"" : NULL};
+    for (size_t i = 0; i < ARRAY_LEN(refusing); i++) {
+        if (!refusing[i])
+            continue;
+        if (!ready)
+            (void)!buf_addc(reasons, ',');
+        ready = 0;
+        (void)!buf_adds(reasons, refusing[i]);
     }
     /* Nothing can leave: better that Braze keeps its events than that they pile up here. */
     enum feed_pause paused[FEED_COUNT];
@@ -124,20 +137,13 @@ static void log_feeds(const struct config *c, char *names, size_t len)
         str_copy(names, len, "none");
 }
 
-/* Reads a PEM file for the TLS listener. A private key readable by group or
- * others is refused. */
-static int read_pem(const char *path, char **out, int secret)
+/* Reads a PEM file for the TLS listener (the configuration's checks refused a
+ * key readable by group or others). */
+static int read_pem(const char *path, char **out)
 {
     FILE *f = fopen(path, "rb");
     if (!f) {
         log_error("cannot open a TLS file", LOG_S("path", path) LOG_S("error", strerror(errno)));
-        return -1;
-    }
-    struct stat st;
-    if (secret && fstat(fileno(f), &st) == 0 && (st.st_mode & 077)) {
-        log_error("the TLS key must not be readable by group or others (chmod 600)",
-                  LOG_S("path", path));
-        fclose(f);
         return -1;
     }
     buf b;
@@ -280,8 +286,7 @@ int service_run(const char *config_path)
     if (cfg->inbound_tokens.n == 0 && cfg->inbound_hmac_secrets.n == 0)
         log_warn("no inbound.tokens or inbound.hmac_secrets configured: requests are accepted "
                  "without authentication (allowed on a loopback address only)");
-    if (cfg->tls_cert &&
-        (read_pem(cfg->tls_cert, &cert, 0) != 0 || read_pem(cfg->tls_key, &key, 1) != 0))
+    if (cfg->tls_cert && (read_pem(cfg->tls_cert, &cert) != 0 || read_pem(cfg->tls_key, &key) != 0))
         goto done;
     struct http_in_options ho = {
         .host = host,

@@ -299,6 +299,34 @@ class OwnTrouble(ServiceTest):
         self.assertGreater(int(r.headers["retry-after"]), 0)
         self.assertEqual(len(s.queued_ids()), 2)
 
+    def test_a_service_refusing_new_events_is_not_ready(self):
+        s = self.service(env={"TRIBUTARY_QUEUE_MAX_DEPTH": "3", "TRIBUTARY_INBOUND_MAX_EVENTS": "3",
+                              "TRIBUTARY_FEEDS_UNBOUND_KEY": "k-123456",
+                              "TRIBUTARY_FEEDS_UNBOUND_SECRET": "s-123456",
+                              "TRIBUTARY_MPARTICLE_URL": "http://127.0.0.1:9"})
+        self.assertEqual(s.get("/readyz").status, 200)
+        self.assertEqual(s.post([event(), event(), event()]).status, 200)
+        r = s.get("/readyz")
+        self.assertEqual(r.status, 503, r)
+        self.assertIn("queue full (queue.max_depth)", r.json()["reasons"][0])
+        # polling a service that is not ready says nothing in the log
+        for _ in range(3):
+            s.get("/readyz")
+        self.assertNotIn("level=warn msg=answered", s.logs())
+
+    def test_a_disk_nearly_full_is_not_ready(self):
+        s = self.service(env={"TRIBUTARY_QUEUE_MIN_FREE_MB": str(1 << 29),
+                              "TRIBUTARY_FEEDS_UNBOUND_KEY": "k-123456",
+                              "TRIBUTARY_FEEDS_UNBOUND_SECRET": "s-123456",
+                              "TRIBUTARY_MPARTICLE_URL": "http://127.0.0.1:9"})
+        deadline = time.time() + 5 * SLOW
+        while s.get("/readyz").status == 200 and time.time() < deadline:
+            time.sleep(0.1)
+        r = s.get("/readyz")
+        self.assertEqual(r.status, 503, r)
+        self.assertIn("disk nearly full (queue.min_free_mb)", r.json()["reasons"][0])
+        self.assertEqual(s.post([event()]).status, 503)
+
     def test_a_queue_smaller_than_a_request_is_a_configuration_error(self):
         # Braze does not split a batch answered 503: it would be retried for days
         p = run_cli(["check"], env={"TRIBUTARY_QUEUE_MAX_DEPTH": "3"})

@@ -202,6 +202,15 @@ class Install(ServiceTest):
         with open(os.path.join(prefix, "lib/systemd/system/tributary.service")) as f:
             unit = f.read()
         self.assertIn("ExecStart=%s/bin/tributary serve" % prefix, unit)
+        # the example names the unit's directories, so that commands given
+        # the service's file find its queue and rules
+        with open(os.path.join(prefix, "share/tributary/tributary.conf.lua.example")) as f:
+            example = f.read()
+        self.assertIn("TRIBUTARY_DATA_DIR=/var/lib/tributary", unit)
+        self.assertIn('data_dir = "/var/lib/tributary"', example)
+        self.assertIn("TRIBUTARY_RULES_DIR=/etc/tributary/rules", unit)
+        self.assertIn('rules_dir = "/etc/tributary/rules"', example)
+        self.assertIn("file changes nothing else until you edit it", example)
         for option in ("ExecReload=/bin/kill -HUP $MAINPID", "NoNewPrivileges=yes",
                        "ProtectSystem=strict", "DynamicUser=yes", "StateDirectory=tributary"):
             self.assertIn(option, unit)

@@ -557,6 +557,12 @@ class TLS(ServiceTest):
             self.fail("service started with a world-readable key:\n" + s.logs())
         self.assertEqual(code, 1, s.logs())
         self.assertIn("chmod 600", s.logs())
+        # and `check` says so before a start is tried
+        p = run_cli(["check"], env={"TRIBUTARY_TLS_CERT": self.cert, "TRIBUTARY_TLS_KEY": loose,
+                                    "TRIBUTARY_RULES_DIR": RULES})
+        self.assertEqual(p.returncode, 1, p)
+        self.assertIn("tls.key: %s must not be readable by group or others (chmod 600)" % loose,
+                      p.stderr)
 
     def test_tls_cert_without_key_is_a_config_error(self):
         p = run_cli(["check"], cwd=self.tmpdir(), env={
