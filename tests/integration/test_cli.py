@@ -3,6 +3,7 @@ dlq requeue and purge over many dead letters and at the limits of their input.""
 
 import json
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -154,6 +155,35 @@ class Cli(ServiceTest):
                 p = run_cli(["check"], env={"TRIBUTARY_RULES_DIR": rules})
                 self.assertEqual(p.returncode, 0, p.stderr)
                 self.assertIn("2 rule files", p.stdout)
+
+    def test_the_readme_worked_examples_are_rule_files_that_behave_as_the_shipped_ones(self):
+        root = os.path.join(os.path.dirname(__file__), "..", "..")
+        with open(os.path.join(root, "README.md")) as f:
+            readme = f.read()
+        section = readme.split("### Worked examples", 1)[1].split("\n## ", 1)[0]
+        blocks = re.findall(r"\(`(50-[a-z-]+\.lua)`.*?```lua\n(.*?)```", section, re.S)
+        self.assertEqual(len(blocks), 5)
+        events = [event("users.messages.email.Delivery", user="u1"),
+                  event("users.messages.email.Open", user="u2", dispatch_id="d", send_id="s"),
+                  event("users.messages.inappmessage.Click", user="u3", platform="web"),
+                  event("users.messages.email.Click", user="test-4"),
+                  event("users.messages.email.Send", user="x@example.com")]
+        stdin = "\n".join(json.dumps(e) for e in events)
+        for name, block in blocks:
+            with self.subTest(example=name):
+                text = "\n".join(line[3:] for line in block.splitlines())
+                with open(os.path.join(root, "rules", "examples", name)) as f:
+                    shipped = f.read()
+                outputs = []
+                for source in (text, shipped):
+                    rules = self.rules_dir({name: source})
+                    self.assertEqual(run_cli(["check"], env={"TRIBUTARY_RULES_DIR": rules})
+                                     .returncode, 0, source)
+                    p = run_cli(["map", "-"], stdin=stdin, env={"TRIBUTARY_RULES_DIR": rules})
+                    self.assertEqual(p.returncode, 0, p.stderr)
+                    outputs.append([{k: v for k, v in json.loads(line).items()
+                                     if k != "rules_version"} for line in p.stdout.splitlines()])
+                self.assertEqual(outputs[0], outputs[1])
 
     def test_a_rule_test_with_bad_data_fails_cleanly_instead_of_crashing(self):
         tests = {
