@@ -15,13 +15,25 @@ static struct {
     pthread_mutex_t reloading; /* one reload at a time */
     char *config_path;
     struct config *cfg;
+    struct config *started; /* the configuration the service started with: what a
+                             * restart-only setting still is */
     ruleset *rs;
     uint64_t generation;
     int watch_fd;
     int watch_wd;
     char *watched;
     int watch_warned; /* the watch failed, and it was said */
-} R = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, NULL, NULL, NULL, 0, -1, -1, NULL, 0};
+} R = {PTHREAD_MUTEX_INITIALIZER,
+       PTHREAD_MUTEX_INITIALIZER,
+       NULL,
+       NULL,
+       NULL,
+       NULL,
+       0,
+       -1,
+       -1,
+       NULL,
+       0};
 
 int reload_validate(ruleset *rs, buf *report, int *ntests)
 {
@@ -43,6 +55,8 @@ void reload_init(const char *config_path, struct config *cfg, ruleset *rs)
     free(R.config_path);
     R.config_path = config_path ? strdup(config_path) : NULL;
     R.cfg = cfg;
+    config_unref(R.started);
+    R.started = config_ref(cfg);
     R.rs = rs;
     R.generation = 1;
     pthread_mutex_unlock(&R.mu);
@@ -53,9 +67,11 @@ void reload_shutdown(void)
     pthread_mutex_lock(&R.mu);
     ruleset_unref(R.rs);
     config_unref(R.cfg);
+    config_unref(R.started);
     free(R.config_path);
     R.rs = NULL;
     R.cfg = NULL;
+    R.started = NULL;
     R.config_path = NULL;
     pthread_mutex_unlock(&R.mu);
 }
@@ -77,16 +93,15 @@ void reload_put(struct snapshot *s)
     s->cfg = NULL;
 }
 
-/* Settings read once at start; a reload cannot change them. */
 /* The listener stays on the address it was bound to until a restart, so a
  * reloaded configuration is held to that address's rule: off loopback, inbound
  * credentials are required (a new `listen` alone must not switch them off). */
-static int check_bound_listener(const struct config *old, const struct config *cfg, char *err,
+static int check_bound_listener(const struct config *started, const struct config *cfg, char *err,
                                 size_t errlen)
 {
     char host[256];
     int port;
-    if (!old || config_listen_addr(old, host, sizeof host, &port) != 0)
+    if (!started || config_listen_addr(started, host, sizeof host, &port) != 0)
         return 0;
     if (config_host_is_loopback(host) || cfg->inbound_tokens.n > 0 ||
         cfg->inbound_hmac_secrets.n > 0)
@@ -98,6 +113,8 @@ static int check_bound_listener(const struct config *old, const struct config *c
     return -1;
 }
 
+/* Settings read only at start whose new value differs from the one the
+ * service started with, which stays in force until a restart. */
 static void warn_restart_only(const struct config *old, const struct config *neu)
 {
     static const struct {
@@ -143,6 +160,7 @@ int reload_now(const char *trigger, char *err, size_t errlen)
     pthread_mutex_lock(&R.mu);
     char *path = R.config_path ? strdup(R.config_path) : NULL;
     struct config *old = config_ref(R.cfg);
+    struct config *started = config_ref(R.started);
     pthread_mutex_unlock(&R.mu);
 
     int rc = -1;
@@ -155,7 +173,7 @@ int reload_now(const char *trigger, char *err, size_t errlen)
         goto done;
     if (ruleset_load(&rs, cfg, err, errlen) != 0)
         goto done;
-    if (check_bound_listener(old, cfg, err, errlen) != 0)
+    if (check_bound_listener(started, cfg, err, errlen) != 0)
         goto done;
     if (reload_validate(rs, &report, &ntests) != 0) {
         /* drop the trailing newline */
@@ -164,8 +182,9 @@ int reload_now(const char *trigger, char *err, size_t errlen)
         str_copy(err, errlen, report.data ? report.data : "rules failed validation");
         goto done;
     }
+    if (started)
+        warn_restart_only(started, cfg);
     if (old) {
-        warn_restart_only(old, cfg);
         char keys[512];
         if (config_shadowed_changes(old, cfg, keys, sizeof keys))
             log_warn("changed in the configuration file, but the environment sets these keys "
@@ -205,6 +224,7 @@ done:
     ruleset_unref(rs);
     config_unref(cfg);
     config_unref(old);
+    config_unref(started);
     free(path);
     pthread_mutex_unlock(&R.reloading);
     return rc;

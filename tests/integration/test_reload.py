@@ -311,6 +311,15 @@ class SecretsFromFiles(ServiceTest):
         self.assertEqual(s.post([event()], token=self.OLD).status, 401)
         self.assertNotIn("unknown environment variable", s.logs())
 
+    def test_a_restart_only_setting_is_named_while_it_differs_from_the_running_value(self):
+        s = self.service(config="return { http = { threads = 8 } }\n")
+        for threads, reloads in ((4, 1), (8, 2)):
+            with open(s.config, "w") as f:
+                f.write("return { http = { threads = %d } }\n" % threads)
+            self.reloaded(s, reloads)
+        # 8 -> 4 is not in force until a restart; back to 8 is what runs
+        self.assertEqual(s.logs().count('only after a restart" key=http.threads'), 1)
+
     def test_a_file_change_the_environment_overrides_is_named_in_a_warning(self):
         s = self.service(tokens=(self.OLD,),
                          config='return { inbound = { tokens = { "%s" } } }\n' % self.OLD)
