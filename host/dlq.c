@@ -300,6 +300,41 @@ static int requeue_page(rules *engine, queue *q, const struct page *p, struct re
     return 0;
 }
 
+/* The rules route by which feeds have credentials (a platform feed without
+ * them falls back to unbound), so a requeue must see the ones the service
+ * sees: a command run without the service's environment would hold events on
+ * feeds the service cannot send. The service records the feeds it has no
+ * credentials for; 0 when this command sees the same, else -1 with both. */
+static int same_feeds_as_service(const struct config *c, queue_reader *reader)
+{
+    struct queue_stats st;
+    if (queue_stats(reader, &st) != 0)
+        return 0; /* nothing recorded to compare with */
+    char service[64] = "", here[64] = "";
+    int differ = 0;
+    for (int f = 0; f < FEED_COUNT; f++) {
+        int theirs = strcmp(st.paused[f], QUEUE_PAUSED_NO_CREDENTIALS) != 0;
+        int ours = config_feed_ready(c, (enum feed)f);
+        differ |= theirs != ours;
+        if (theirs)
+            str_printf(service + strlen(service), sizeof service - strlen(service), "%s%s",
+                       service[0] ? ", " : "", FEED_NAMES[f]);
+        if (ours)
+            str_printf(here + strlen(here), sizeof here - strlen(here), "%s%s", here[0] ? ", " : "",
+                       FEED_NAMES[f]);
+    }
+    if (!differ)
+        return 0;
+    fprintf(stderr,
+            "tributary: the rules route events by which feeds have credentials, and this command "
+            "sees other ones than the service: the service has credentials for %s, this command "
+            "for %s. Run it with the service's environment (with the systemd unit: set -a; . "
+            "/etc/tributary/env; set +a), or add --force to route with what this command sees. "
+            "Nothing requeued.\n",
+            service[0] ? service : "none", here[0] ? here : "none");
+    return -1;
+}
+
 /* Pages continue strictly after the last id read and stop at the largest id
  * there was at the start: the dead letters the rules put back in the store
  * during the run (and any the service adds meanwhile) get larger ids and wait
@@ -358,6 +393,8 @@ static int cmd_requeue(const struct cli_options *o, struct config *c)
         fprintf(stderr, "tributary: cannot read the dead-letter store\n");
         goto done;
     }
+    if (!o->force && same_feeds_as_service(c, reader) != 0)
+        goto done;
     int64_t after = 0;
     int pages = 0;
     rc = 0;

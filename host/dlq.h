@@ -25,6 +25,7 @@ struct cli_options {
     const char *limit;
     int all;
     int json;
+    int force; /* dlq requeue: route with this command's credentials */
 };
 
 int dlq_main(const struct cli_options *o);

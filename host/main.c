@@ -46,7 +46,9 @@ static const char USAGE[] =
     "  dlq list [--reason R] [--limit N]      dead letters, oldest first\n"
     "  dlq show ID                            one dead letter, with its Braze event\n"
     "  dlq requeue ID | --reason R | --all    run dead letters through the current rules\n"
-    "                                         again and queue them for delivery\n"
+    "                                         again and queue them for delivery (refused\n"
+    "                                         when this command sees other feed credentials\n"
+    "                                         than the service: --force routes with them)\n"
     "  dlq purge --older-than DURATION [--reason R]   delete old dead letters (7d, 12h)\n"
     "  queue stats       depth per feed, oldest event, paused feeds and why\n"
     "  sign [FILE|-] [--timestamp T]   print the Tributary-Signature header for a body,\n"
@@ -66,6 +68,7 @@ struct args {
     int npositional;
     int json;
     int all;
+    int force;
     const char *reason;
     const char *older_than;
     const char *limit;
@@ -110,6 +113,8 @@ static int parse_args(int argc, char **argv, struct args *a)
             a->json = 1;
         } else if (strcmp(s, "--all") == 0) {
             a->all = 1;
+        } else if (strcmp(s, "--force") == 0) {
+            a->force = 1;
         } else if (s[0] == '-' && s[1] != '\0') {
             fprintf(stderr, "tributary: unknown option %s (see --help)\n", s);
             return -1;
@@ -347,8 +352,8 @@ int main(int argc, char **argv)
         return cmd_map(&a);
     if (strcmp(a.command, "sign") == 0)
         return cmd_sign(&a);
-    struct cli_options o = {a.config,     a.positional, a.npositional, a.reason,
-                            a.older_than, a.limit,      a.all,         a.json};
+    struct cli_options o = {a.config, a.positional, a.npositional, a.reason, a.older_than,
+                            a.limit,  a.all,        a.json,        a.force};
     if (strcmp(a.command, "dlq") == 0)
         return dlq_main(&o);
     if (strcmp(a.command, "queue") == 0)

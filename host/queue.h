@@ -166,6 +166,8 @@ enum queue_status queue_split_batch(queue *q, int64_t batch_id, struct queue_bat
 enum queue_status queue_expire(queue *q, int64_t cutoff_ms, size_t *moved);
 /* Records a feed's pause (reason NULL: resumed) for `queue stats`. */
 enum queue_status queue_set_feed_state(queue *q, enum feed f, const char *reason);
+/* The reason of a feed paused because it has no credentials. */
+#define QUEUE_PAUSED_NO_CREDENTIALS "no credentials configured"
 
 /* In-memory figures kept by the writer (cheap, for /metrics and /readyz). */
 struct queue_gauges {

@@ -604,7 +604,7 @@ static void update_credentials(struct sender *s, struct feed_state *f)
             log_warn("feed has no credentials: its events are held until feeds.<feed>.key and "
                      ".secret are set",
                      LOG_S("feed", FEED_NAMES[f->feed]));
-        set_pause(s, f, PAUSE_NO_CREDENTIALS, "no credentials configured");
+        set_pause(s, f, PAUSE_NO_CREDENTIALS, QUEUE_PAUSED_NO_CREDENTIALS);
         return;
     }
     if (f->pause == PAUSE_NO_CREDENTIALS) {

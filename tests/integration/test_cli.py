@@ -247,6 +247,31 @@ class DeadLetterCommands(ServiceTest):
             ids += [e["id"] for e in events]
         return s, ids
 
+    def test_requeue_routes_as_the_service_or_says_why_not(self):
+        s = self.service(rules_dir=self.rules_dir(self.FAILING_RULE),
+                         env={"TRIBUTARY_FEEDS_UNBOUND_KEY": "requeue-key-1",
+                              "TRIBUTARY_FEEDS_UNBOUND_SECRET": "requeue-secret-1",
+                              "TRIBUTARY_MPARTICLE_URL": "http://127.0.0.1:9"})
+        ios = event("users.messages.pushnotification.Send", user="r1", platform="ios")
+        self.assertEqual(s.post([ios]).status, 200)
+        s.stop()
+        env = {k: v for k, v in s.env.items() if not k.startswith("TRIBUTARY_FEEDS_")}
+        env["TRIBUTARY_RULES_DIR"] = RULES
+        # without the service's credentials, the ios event would be held on ios
+        p = run_cli(["dlq", "requeue", "--all"], env=env, cwd=s.dir)
+        self.assertEqual(p.returncode, 1, p)
+        self.assertIn("the service has credentials for unbound, this command for none", p.stderr)
+        self.assertEqual(s.queued_ids(), [])
+        # with them it goes where the service sends it: unbound, which has them
+        p = run_cli(["dlq", "requeue", "--all"], env=dict(s.env, TRIBUTARY_RULES_DIR=RULES),
+                    cwd=s.dir)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        with s.db() as db:
+            self.assertEqual(db.execute("SELECT count(*) FROM records_unbound").fetchone()[0], 1)
+        # --force routes with what the command sees
+        self.assertEqual(run_cli(["dlq", "requeue", "--all", "--force"], env=env,
+                                 cwd=s.dir).returncode, 0)
+
     def test_requeue_of_more_dead_letters_than_a_page_queues_each_exactly_once(self):
         count = 2 * REQUEUE_PAGE + REQUEUE_PAGE // 2
         s, ids = self.dead_letters(count)
