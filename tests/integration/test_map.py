@@ -235,6 +235,17 @@ class Inputs(unittest.TestCase):
         out = map_events([event(), event("users.behaviors.CustomEvent")])
         self.assertEqual({o["rules_version"] for o in out}, {version})
 
+    def test_the_sample_batch_the_readme_maps_maps_as_it_shows(self):
+        path = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "sample-currents-batch.json")
+        p = run_cli(["map", path])
+        self.assertEqual(p.returncode, 0, p.stderr)
+        out = [json.loads(line) for line in p.stdout.splitlines()]
+        self.assertEqual([o.get("feed") for o in out], ["ios", "unbound", "unbound", "unbound",
+                                                         "unbound", None])
+        self.assertEqual(out[0]["batch"]["events"][0]["data"]["event_name"],
+                         "Push Notification Sends")
+        self.assertEqual(out[-1]["dropped"], "no_external_id")
+
     def test_map_of_malformed_input_fails_with_the_reason(self):
         p = run_cli(["map", "-"], stdin='{"events": [{"id": "x", "time": 1}]}')
         self.assertEqual(p.returncode, 1)
