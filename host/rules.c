@@ -1000,11 +1000,12 @@ static const char *key_text(lua_State *L, int idx, char *tmp, size_t tmplen, siz
     return NULL; /* write_json refuses it */
 }
 
-/* out.event.data.custom_attributes at idx: at most 100, names of at most 256
- * characters, scalar values of at most 4096. */
-static int check_custom_attributes(lua_State *L, int idx, char *err, size_t errlen)
+/* The attributes table at idx (`what` in messages): at most max names of at
+ * most max_name characters, values scalars of at most 4096 characters, or with
+ * lists, lists of them. */
+static int check_attributes(lua_State *L, int idx, const char *what, size_t max, size_t max_name,
+                            int lists, char *err, size_t errlen)
 {
-    static const char what[] = "out.event.data.custom_attributes";
     size_t count = 0;
     lua_pushnil(L);
     while (lua_next(L, idx)) {
@@ -1012,38 +1013,14 @@ static int check_custom_attributes(lua_State *L, int idx, char *err, size_t errl
         size_t n;
         const char *name = key_text(L, -2, tmp, sizeof tmp, &n);
         int bad = 0;
-        if (++count > MPARTICLE_MAX_CUSTOM_ATTRIBUTES) {
-            str_printf(err, errlen, "%s: more than %d attributes", what,
-                       MPARTICLE_MAX_CUSTOM_ATTRIBUTES);
+        if (++count > max) {
+            str_printf(err, errlen, "%s: more than %zu attributes", what, max);
             bad = 1;
-        } else if (name && too_long(name, n, MPARTICLE_MAX_NAME_CHARS)) {
-            str_printf(err, errlen, "%s: a name of more than %d characters (%.64s...)", what,
-                       MPARTICLE_MAX_NAME_CHARS, name);
+        } else if (name && too_long(name, n, max_name)) {
+            str_printf(err, errlen, "%s: a name of more than %zu characters (%.64s...)", what,
+                       max_name, name);
             bad = 1;
-        } else if (name) {
-            bad = check_scalar(L, -1, what, name, MPARTICLE_MAX_VALUE_CHARS, err, errlen) != 0;
-        }
-        lua_pop(L, 1);
-        if (bad) {
-            lua_pop(L, 1);
-            return -1;
-        }
-    }
-    return 0;
-}
-
-/* out.batch.user_attributes at idx: scalars or lists of scalars, strings of at
- * most 4096 characters (their number is checked with the batch lines). */
-static int check_user_attributes(lua_State *L, int idx, char *err, size_t errlen)
-{
-    static const char what[] = "out.batch.user_attributes";
-    lua_pushnil(L);
-    while (lua_next(L, idx)) {
-        char tmp[32];
-        size_t n;
-        const char *name = key_text(L, -2, tmp, sizeof tmp, &n);
-        int bad = 0;
-        if (name && lua_istable(L, -1) && lua_rawlen(L, -1) > 0) {
+        } else if (name && lists && lua_istable(L, -1) && lua_rawlen(L, -1) > 0) {
             int list = lua_gettop(L);
             for (lua_Integer i = 1; !bad && i <= (lua_Integer)lua_rawlen(L, list); i++) {
                 lua_rawgeti(L, list, i);
@@ -1116,7 +1093,9 @@ static int check_output(lua_State *L, int eventi, int batchi, char *err, size_t 
         if (rc == 0) {
             int at = rawfield(L, data, "custom_attributes");
             if (at == LUA_TTABLE) {
-                rc = check_custom_attributes(L, lua_gettop(L), err, errlen);
+                rc = check_attributes(L, lua_gettop(L), "out.event.data.custom_attributes",
+                                      MPARTICLE_MAX_CUSTOM_ATTRIBUTES, MPARTICLE_MAX_NAME_CHARS, 0,
+                                      err, errlen);
             } else if (at != LUA_TNIL) {
                 str_printf(err, errlen, "out.event.data.custom_attributes must be a table, not %s",
                            luaL_typename(L, -1));
@@ -1136,7 +1115,9 @@ static int check_output(lua_State *L, int eventi, int batchi, char *err, size_t 
                         mparticle_platform_known, err, errlen);
     lua_pop(L, 1);
     if (rc == 0 && rawfield(L, batchi, "user_attributes") == LUA_TTABLE)
-        rc = check_user_attributes(L, lua_gettop(L), err, errlen);
+        /* their number is checked with the batch's lines (flatten_batch) */
+        rc = check_attributes(L, lua_gettop(L), "out.batch.user_attributes", SIZE_MAX, SIZE_MAX, 1,
+                              err, errlen);
     lua_pop(L, 1);
     return rc;
 }

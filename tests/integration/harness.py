@@ -340,6 +340,15 @@ class ServiceTest(unittest.TestCase):
         self.addCleanup(shutil.rmtree, d, True)
         return d
 
+    def wait(self, condition, timeout=20, what="condition"):
+        """Polls condition until it holds; fails the test after timeout * SLOW seconds."""
+        deadline = time.time() + timeout * SLOW
+        while time.time() < deadline:
+            if condition():
+                return
+            time.sleep(0.05)
+        self.fail("timed out waiting for " + what)
+
     def rules_dir(self, extra=None, default=True):
         """A rules directory: the shipped rules (unless default=False) plus extra {name: source}."""
         d = self.tmpdir()

@@ -86,14 +86,6 @@ class RestoreReadErrors(ServiceTest):
     error on the way is tried again, and until then nothing they hold is taken
     for delivered."""
 
-    def wait(self, cond, timeout, what):
-        deadline = time.time() + timeout * SLOW
-        while time.time() < deadline:
-            if cond():
-                return
-            time.sleep(0.1)
-        self.fail("timed out waiting for " + what)
-
     def in_flight_at_kill(self, events):
         d = MParticleDouble(feeds=dict(FEEDS)).start()
         self.addCleanup(d.stop)
@@ -122,7 +114,7 @@ class RestoreReadErrors(ServiceTest):
                  [event("users.messages.email.Send", user="stuck-b") for _ in range(25)])
         s, d = self.in_flight_at_kill(stuck)
         self.restart_with_faults(s, FAIL_FETCH=1)
-        self.wait(lambda: "cannot restore a persisted batch" in s.logs(), 10 * SLOW,
+        self.wait(lambda: "cannot restore a persisted batch" in s.logs(), 10,
                   "the failed restore")
         # both batches are sent within the run, the one that failed a second later
         ids = {e["id"] for e in stuck}
@@ -153,7 +145,7 @@ class RestoreReadErrors(ServiceTest):
         # the read of the claims fails at its second row: the first part is
         # restored and sent; the second is read at the next try
         self.restart_with_faults(s, FAIL_CLAIMS_AT=2)
-        self.wait(lambda: "cannot read the persisted batches" in s.logs(), 10 * SLOW,
+        self.wait(lambda: "cannot read the persisted batches" in s.logs(), 10,
                   "the failed read")
         self.wait(lambda: {e["id"] for e in events} <= set(d.source_message_ids()), 20,
                   "every event sent")

@@ -37,14 +37,6 @@ class Delivery(ServiceTest):
         self.addCleanup(d.stop)
         return d
 
-    def wait(self, condition, timeout=20, what="condition"):
-        deadline = time.time() + timeout * SLOW
-        while time.time() < deadline:
-            if condition():
-                return
-            time.sleep(0.05)
-        self.fail("timed out waiting for " + what)
-
     def test_all_54_event_types_arrive_on_the_right_feed_in_the_right_shape(self):
         d = self.double()
         conf = 'return { apps = { ["app-android"] = "android" } }\n'
