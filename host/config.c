@@ -679,8 +679,10 @@ static void load_env(struct config *c, struct errs *e, buf *warnings)
             set_from_env(c, &KEYS[i], name, v, e);
         } else if (path) {
             char *from_file = value_from_file(&KEYS[i], file_var, path, e);
-            if (from_file)
+            if (from_file) {
                 set_from_env(c, &KEYS[i], file_var, from_file, e);
+                explicit_bzero(from_file, strlen(from_file)); /* a secret, as a rule */
+            }
             free(from_file);
         }
         c->from_env[i] = v || path;

@@ -153,11 +153,17 @@ static int identity_encoding(const char *v)
  * producer that compresses is set to send plain JSON. */
 static enum MHD_Result refuse_encoding(struct MHD_Connection *c, struct req *r, const char *v)
 {
-    char shown[33];
-    size_t n = strcspn(v, "\r\n");
-    snprintf(shown, sizeof shown, "%.*s", (int)(n < 32 ? n : 32), v);
-    log_warn("request refused: Content-Encoding not supported (send uncompressed JSON)",
-             LOG_S("content_encoding", shown));
+    /* a producer that compresses retries every request: said now and then */
+    static _Atomic int64_t logged_ms;
+    int64_t now = clock_mono_ms(), last = atomic_load(&logged_ms);
+    if ((last == 0 || now - last >= LOG_REPEAT_MS) &&
+        atomic_compare_exchange_strong(&logged_ms, &last, now)) {
+        char shown[33];
+        size_t n = strcspn(v, "\r\n");
+        snprintf(shown, sizeof shown, "%.*s", (int)(n < 32 ? n : 32), v);
+        log_warn("request refused: Content-Encoding not supported (send uncompressed JSON)",
+                 LOG_S("content_encoding", shown));
+    }
     return reply_json(c, r, 415,
                       "{\"error\":\"unsupported Content-Encoding: send uncompressed JSON\"}", 0);
 }

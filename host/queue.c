@@ -318,7 +318,8 @@ struct queue {
     struct op *pending, *pending_tail;
     struct op *retry; /* failed background operations, the writer's own */
     int64_t retry_at_ms;
-    int disk_low; /* the file system has less than opt.min_free_bytes free */
+    int disk_low;         /* the file system has less than opt.min_free_bytes free */
+    int64_t refused_need; /* new events of the last commit refused as over max_depth (under mu) */
     int64_t last_disk_check_ms;
     int64_t disk_logged_ms, retry_logged_ms, commit_logged_ms, checkpoint_logged_ms; /* log_due */
     int stopping;
@@ -548,6 +549,11 @@ static enum queue_status apply_commit(queue *q, struct op *op, int64_t now, int6
      * the savepoint of this operation is rolled back on a refusal. */
     if (res->queued > 0 && (depth + (int64_t)res->queued > q->opt.max_depth || q->disk_low)) {
         enum queue_status refusal = q->disk_low ? QUEUE_NO_SPACE : QUEUE_FULL;
+        if (refusal == QUEUE_FULL) {
+            pthread_mutex_lock(&q->mu);
+            q->refused_need = (int64_t)res->queued;
+            pthread_mutex_unlock(&q->mu);
+        }
         memset(res, 0, sizeof(*res));
         return refusal;
     }
@@ -2295,11 +2301,13 @@ void queue_gauges(queue *q, struct queue_gauges *g)
 {
     pthread_mutex_lock(&q->mu);
     *g = q->gauges;
+    int64_t need = q->refused_need;
     pthread_mutex_unlock(&q->mu);
     int64_t depth = 0;
     for (int f = 0; f < FEED_COUNT; f++)
         depth += g->depth[f];
-    g->full = q->opt.max_depth > 0 && depth >= q->opt.max_depth;
+    /* full while the last request refused as too many would be refused again */
+    g->full = depth + (need > 0 ? need : 1) > q->opt.max_depth;
 }
 
 /* ---- public operations -------------------------------------------------- */
@@ -2665,17 +2673,28 @@ int queue_stats(queue_reader *r, struct queue_stats *st)
 
 /* ---- dead letters a page at a time (dlq requeue) ------------------------- */
 
-int queue_dead_last_id(queue_reader *r, int64_t *last)
+/* The largest id of a table (0 when it is empty). */
+static int last_id(queue_reader *r, const char *sql, int64_t *last)
 {
     sqlite3_stmt *s;
     *last = 0;
-    if (sqlite3_prepare_v2(r->db, "SELECT max(id) FROM dead", -1, &s, NULL) != SQLITE_OK)
+    if (sqlite3_prepare_v2(r->db, sql, -1, &s, NULL) != SQLITE_OK)
         return -1;
     int rc = sqlite3_step(s);
     if (rc == SQLITE_ROW)
         *last = sqlite3_column_int64(s, 0);
     sqlite3_finalize(s);
     return rc == SQLITE_ROW ? 0 : -1;
+}
+
+int queue_dead_last_id(queue_reader *r, int64_t *last)
+{
+    return last_id(r, "SELECT max(id) FROM dead", last);
+}
+
+int queue_last_claim(queue_reader *r, int64_t *last)
+{
+    return last_id(r, "SELECT max(id) FROM claims", last);
 }
 
 int queue_dead_each_between(queue_reader *r, const struct dead_filter *f, int64_t after_id,

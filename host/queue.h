@@ -127,6 +127,9 @@ int queue_scan(queue_reader *r, enum feed f, int64_t after_id, size_t limit, siz
  * are skipped). */
 int queue_fetch(queue_reader *r, enum feed f, const int64_t *ids, size_t n,
                 struct queue_items *out) WUR;
+/* The newest claim's row (0: none); the batches of claims persisted later have
+ * larger rows (claim_row_of). */
+int queue_last_claim(queue_reader *r, int64_t *last) WUR;
 /* Calls fn for every persisted batch (after a restart: the ones in flight). */
 int queue_load_batches(queue_reader *r, void (*fn)(void *ctx, struct queue_batch *b),
                        void *ctx) WUR;
@@ -179,7 +182,8 @@ struct queue_gauges {
     int64_t dedup_ids;   /* event ids remembered for the dedup window */
     int64_t dedup_bytes; /* the memory they take */
     int disk_low;        /* new events are refused: less than min_free_bytes free */
-    int full;            /* new events are refused: max_depth events queued */
+    int full;            /* new events are refused: max_depth events queued, or too many
+                          * for the last request refused to fit */
 };
 void queue_gauges(queue *q, struct queue_gauges *g);
 

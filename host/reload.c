@@ -93,15 +93,27 @@ void reload_put(struct snapshot *s)
     s->cfg = NULL;
 }
 
-/* The listener stays on the address it was bound to until a restart, so a
- * reloaded configuration is held to that address's rule: off loopback, inbound
- * credentials are required (a new `listen` alone must not switch them off). */
-static int check_bound_listener(const struct config *started, const struct config *cfg, char *err,
-                                size_t errlen)
+/* What a reloaded configuration must respect of the settings that stay as the
+ * service started until it restarts:
+ * - the listener stays on its address, so off loopback inbound credentials
+ *   are required (a new `listen` alone must not switch them off);
+ * - the queue keeps its queue.max_depth, so a request of inbound.max_events
+ *   events must fit in it (Braze does not split a batch answered 503). */
+static int check_against_started(const struct config *started, const struct config *cfg, char *err,
+                                 size_t errlen)
 {
+    if (!started)
+        return 0;
+    if (cfg->inbound_max_events > started->queue_max_depth) {
+        str_printf(err, errlen,
+                   "inbound.max_events (%lld) exceeds the queue.max_depth the service runs with "
+                   "until it restarts (%lld): a request that large could never be queued",
+                   (long long)cfg->inbound_max_events, (long long)started->queue_max_depth);
+        return -1;
+    }
     char host[256];
     int port;
-    if (!started || config_listen_addr(started, host, sizeof host, &port) != 0)
+    if (config_listen_addr(started, host, sizeof host, &port) != 0)
         return 0;
     if (config_host_is_loopback(host) || cfg->inbound_tokens.n > 0 ||
         cfg->inbound_hmac_secrets.n > 0)
@@ -173,7 +185,7 @@ int reload_now(const char *trigger, char *err, size_t errlen)
         goto done;
     if (ruleset_load(&rs, cfg, err, errlen) != 0)
         goto done;
-    if (check_bound_listener(started, cfg, err, errlen) != 0)
+    if (check_against_started(started, cfg, err, errlen) != 0)
         goto done;
     if (reload_validate(rs, &report, &ntests) != 0) {
         /* drop the trailing newline */

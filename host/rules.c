@@ -1006,6 +1006,12 @@ static const char *key_text(lua_State *L, int idx, char *tmp, size_t tmplen, siz
 static int check_attributes(lua_State *L, int idx, const char *what, size_t max, size_t max_name,
                             int lists, char *err, size_t errlen)
 {
+    /* written as JSON the way write_json decides: a table of items 1..n is a
+     * list, which mParticle does not take here */
+    if (json_array_length(L, idx) != 0) {
+        str_printf(err, errlen, "%s must be a table of names, not a list", what);
+        return -1;
+    }
     size_t count = 0;
     lua_pushnil(L);
     while (lua_next(L, idx)) {
@@ -1020,11 +1026,14 @@ static int check_attributes(lua_State *L, int idx, const char *what, size_t max,
             str_printf(err, errlen, "%s: a name of more than %zu characters (%.64s...)", what,
                        max_name, name);
             bad = 1;
-        } else if (name && lists && lua_istable(L, -1) && lua_rawlen(L, -1) > 0) {
+        } else if (name && lists && lua_istable(L, -1) && json_array_length(L, lua_gettop(L)) > 0) {
+            /* a list: only items 1..n, as write_json writes it (holes are null) */
             int list = lua_gettop(L);
-            for (lua_Integer i = 1; !bad && i <= (lua_Integer)lua_rawlen(L, list); i++) {
+            lua_Integer items = json_array_length(L, list);
+            for (lua_Integer i = 1; !bad && i <= items; i++) {
                 lua_rawgeti(L, list, i);
-                bad = check_scalar(L, -1, what, name, MPARTICLE_MAX_VALUE_CHARS, err, errlen) != 0;
+                bad = !lua_isnil(L, -1) &&
+                      check_scalar(L, -1, what, name, MPARTICLE_MAX_VALUE_CHARS, err, errlen) != 0;
                 lua_pop(L, 1);
             }
         } else if (name) {
@@ -1071,6 +1080,9 @@ static int check_output(lua_State *L, int eventi, int batchi, char *err, size_t 
     int data = lua_gettop(L);
     if (dt != LUA_TTABLE) {
         str_printf(err, errlen, "out.event.data must be a table, not %s", luaL_typename(L, data));
+        rc = -1;
+    } else if (json_array_length(L, data) != 0) {
+        str_copy(err, errlen, "out.event.data must be a table of names, not a list");
         rc = -1;
     } else {
         if (custom) {

@@ -1,5 +1,6 @@
 #include "sender.h"
 
+#include "claim.h"
 #include "digest.h"
 #include "log.h"
 #include "metrics.h"
@@ -168,8 +169,10 @@ struct sender {
     int64_t restore_next;      /* monotonic ms of the next pass */
     int64_t restore_logged_ms; /* log_due */
     int restore_passes;
-    const int64_t *restore_held; /* ids held already, sorted, during a pass */
-    size_t restore_nheld;
+    int64_t restore_claims_upto; /* claims persisted before the start: rows up to this
+                                  * (-1: not read yet); later ones are this run's */
+    int64_t *restored;           /* ids of the batches earlier passes restored or removed */
+    size_t nrestored, restored_cap, restored_sorted; /* the first restored_sorted in order */
 };
 
 /* ---- small helpers ------------------------------------------------------ */
@@ -1507,13 +1510,31 @@ static int compare_ids(const void *a, const void *b)
     return (x > y) - (x < y);
 }
 
+/* Notes a batch a pass restored or removed, so that a later pass leaves it
+ * (the feed may have delivered it since, its acknowledgement still on the way
+ * to the disk). */
+static int note_restored(struct sender *s, int64_t id)
+{
+    if (s->nrestored == s->restored_cap) {
+        size_t cap = s->restored_cap ? s->restored_cap * 2 : 256;
+        int64_t *ids = realloc(s->restored, cap * sizeof(*ids));
+        if (!ids)
+            return -1;
+        s->restored = ids;
+        s->restored_cap = cap;
+    }
+    s->restored[s->nrestored++] = id;
+    return 0;
+}
+
 static void load_batch(void *ctx, struct queue_batch *qb)
 {
     struct sender *s = ctx;
     struct feed_state *f = &s->feeds[qb->feed];
-    if (s->restore_nheld &&
-        bsearch(&qb->id, s->restore_held, s->restore_nheld, sizeof(int64_t), compare_ids)) {
-        free(qb->record_ids); /* restored by an earlier pass */
+    if (claim_row_of(qb->id) > s->restore_claims_upto ||
+        (s->restored_sorted &&
+         bsearch(&qb->id, s->restored, s->restored_sorted, sizeof(int64_t), compare_ids))) {
+        free(qb->record_ids); /* this run's, or restored by an earlier pass */
         qb->record_ids = NULL;
         return;
     }
@@ -1540,20 +1561,26 @@ static void load_batch(void *ctx, struct queue_batch *qb)
     qb->record_ids = NULL;
     if (queue_fetch(s->reader, b->feed, b->record_ids, b->nrecords, &items) != 0)
         goto fail;
+    if (note_restored(s, b->id) != 0)
+        goto fail;
     if (items.n == 0) {
         /* its records were delivered, but the acknowledgement of the batch
          * itself did not reach the disk: it goes after the restoring read (a
          * write inside it, one per batch, kept the WAL from starting over) */
-        if (note_emptied(s, b) != 0 && queue_ack(s->q, &b->id, 1, b->feed, 0) != QUEUE_OK)
+        if (note_emptied(s, b) != 0 && queue_ack(s->q, &b->id, 1, b->feed, 0) != QUEUE_OK) {
+            s->nrestored--;
             goto fail;
+        }
         log_info("a persisted batch had no records left; removed",
                  LOG_S("feed", FEED_NAMES[b->feed]) LOG_S("batch", b->srid));
         queue_items_free(&items);
         pbatch_free(b);
         return;
     }
-    if (build_body(s, b, &items, 0, items.n) != 0)
+    if (build_body(s, b, &items, 0, items.n) != 0) {
+        s->nrestored--;
         goto fail;
+    }
     note_event_times(b, &items, NULL, items.n, NULL);
     feed_insert(f, b);
     queue_items_free(&items);
@@ -1593,25 +1620,6 @@ static void sweep_unclaimed(struct sender *s, int64_t now)
     }
 }
 
-/* The ids of the batches the feeds hold, sorted; NULL when there are none or
- * memory is short. */
-static int64_t *held_ids(const struct sender *s, size_t *n)
-{
-    *n = 0;
-    size_t total = 0;
-    for (int i = 0; i < FEED_COUNT; i++)
-        total += s->feeds[i].nbatches;
-    int64_t *ids = total ? malloc(total * sizeof(*ids)) : NULL;
-    if (!ids)
-        return NULL;
-    for (int i = 0; i < FEED_COUNT; i++) {
-        for (const struct pbatch *b = s->feeds[i].head; b; b = b->next)
-            ids[(*n)++] = b->id;
-    }
-    qsort(ids, *n, sizeof(*ids), compare_ids);
-    return ids;
-}
-
 /* Restores the batches persisted before the last stop, the ones no earlier
  * pass restored. Until a pass has them all, each feed's settled line stays
  * below the records of those it could not restore, and when the read itself
@@ -1625,19 +1633,15 @@ static void restore(struct sender *s, int64_t now)
         before += s->feeds[i].nbatches;
         s->feeds[i].unrestored = 0;
     }
-    size_t nheld = 0;
-    int64_t *held = held_ids(s, &nheld);
-    if (before && !held) {
-        s->restore_failed = 1; /* no memory to tell them apart: later */
-    } else {
-        s->restore_held = held;
-        s->restore_nheld = nheld;
-        s->restore_failed = 0;
-        s->restore_unread = queue_load_batches(s->reader, load_batch, s) != 0;
-        s->restore_held = NULL;
-        s->restore_nheld = 0;
-    }
-    free(held);
+    s->restore_failed = 0;
+    int64_t upto;
+    if (s->restore_claims_upto < 0 && queue_last_claim(s->reader, &upto) == 0)
+        s->restore_claims_upto = upto;
+    s->restore_unread =
+        s->restore_claims_upto < 0 || queue_load_batches(s->reader, load_batch, s) != 0;
+    if (s->nrestored)
+        qsort(s->restored, s->nrestored, sizeof(*s->restored), compare_ids);
+    s->restored_sorted = s->nrestored;
     remove_emptied(s);
     if (s->restore_unread) {
         s->restore_failed = 1;
@@ -1656,9 +1660,14 @@ static void restore(struct sender *s, int64_t now)
     if (restored > before)
         log_info("re-sending batches persisted before the last stop",
                  LOG_I("batches", (long long)(restored - before)));
-    if (!s->restore_pending && s->restore_passes > 1)
-        log_info("every persisted batch is restored",
-                 LOG_I("attempts", (long long)s->restore_passes));
+    if (!s->restore_pending) {
+        if (s->restore_passes > 1)
+            log_info("every persisted batch is restored",
+                     LOG_I("attempts", (long long)s->restore_passes));
+        free(s->restored);
+        s->restored = NULL;
+        s->nrestored = s->restored_cap = s->restored_sorted = 0;
+    }
 }
 
 static void *sender_main(void *arg)
@@ -1765,6 +1774,7 @@ int sender_start(sender **out, queue *q, char *err, size_t errlen)
         return -1;
     }
     s->q = q;
+    s->restore_claims_upto = -1;
     s->rng = (uint64_t)clock_wall_ms() ^ ((uint64_t)(uintptr_t)s << 16) ^ 0x9E3779B97F4A7C15ULL;
     pthread_mutex_init(&s->mu, NULL);
     for (int i = 0; i < FEED_COUNT; i++) {
@@ -1825,6 +1835,7 @@ void sender_free(sender *s)
     curl_multi_cleanup(s->multi);
     queue_reader_free(s->reader);
     pthread_mutex_destroy(&s->mu);
+    free(s->restored); /* a restore still pending at the stop */
     free(s);
 }
 

@@ -1,6 +1,7 @@
 """kill -9 during ingestion: every acknowledged event is still queued, exactly once;
 read errors while the batches in flight are restored lose nothing; a full disk."""
 
+import collections
 import os
 import subprocess
 import tempfile
@@ -126,6 +127,19 @@ class RestoreReadErrors(ServiceTest):
         self.wait(lambda: {e["id"] for e in fresh} <= set(d.source_message_ids()), 20,
                   "new events delivered")
         self.wait(lambda: self.settled_below(s) > 350, 10, "the settled line past every event")
+
+    def test_a_batch_delivered_before_the_next_try_is_not_restored_again(self):
+        events = ([event("users.messages.email.Send", user="once-a") for _ in range(5)] +
+                  [event("users.messages.email.Send", user="once-b") for _ in range(5)])
+        s, d = self.in_flight_at_kill(events)
+        # one batch fails to restore; the other is delivered, and its
+        # acknowledgement takes the writer longer than the second try waits
+        self.restart_with_faults(s, FAIL_FETCH=1, SLOW_ACK_MS=1500)
+        self.wait(lambda: {e["id"] for e in events} <= set(d.source_message_ids()), 20,
+                  "every event sent")
+        time.sleep(2 * SLOW)
+        counts = collections.Counter(d.source_message_ids())
+        self.assertEqual(sorted(counts.values()), [1] * len(events), counts)
 
     def test_a_failed_read_of_the_persisted_batches_loses_none_of_them(self):
         events = [event("users.messages.email.Send", user="x") for _ in range(20)]

@@ -300,12 +300,15 @@ class OwnTrouble(ServiceTest):
         self.assertEqual(len(s.queued_ids()), 2)
 
     def test_a_service_refusing_new_events_is_not_ready(self):
-        s = self.service(env={"TRIBUTARY_QUEUE_MAX_DEPTH": "3", "TRIBUTARY_INBOUND_MAX_EVENTS": "3",
+        s = self.service(env={"TRIBUTARY_QUEUE_MAX_DEPTH": "5", "TRIBUTARY_INBOUND_MAX_EVENTS": "3",
                               "TRIBUTARY_FEEDS_UNBOUND_KEY": "k-123456",
                               "TRIBUTARY_FEEDS_UNBOUND_SECRET": "s-123456",
                               "TRIBUTARY_MPARTICLE_URL": "http://127.0.0.1:9"})
         self.assertEqual(s.get("/readyz").status, 200)
         self.assertEqual(s.post([event(), event(), event()]).status, 200)
+        self.assertEqual(s.get("/readyz").status, 200)  # two more would fit
+        # three do not: refused, and not ready while they would be refused again
+        self.assertEqual(s.post([event(), event(), event()]).status, 503)
         r = s.get("/readyz")
         self.assertEqual(r.status, 503, r)
         self.assertIn("queue full (queue.max_depth)", r.json()["reasons"][0])

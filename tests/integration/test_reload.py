@@ -320,6 +320,18 @@ class SecretsFromFiles(ServiceTest):
         # 8 -> 4 is not in force until a restart; back to 8 is what runs
         self.assertEqual(s.logs().count('only after a restart" key=http.threads'), 1)
 
+    def test_a_reload_cannot_take_requests_the_running_queue_could_never_hold(self):
+        s = self.service(config="return { queue = { max_depth = 5 }, inbound = { max_events = 5 } }\n")
+        with open(s.config, "w") as f:
+            f.write("return { queue = { max_depth = 100 }, inbound = { max_events = 50 } }\n")
+        s.proc.send_signal(signal.SIGHUP)
+        deadline = time.time() + 10 * SLOW
+        while "reload refused" not in s.logs() and time.time() < deadline:
+            time.sleep(0.05)
+        self.assertIn("inbound.max_events (50) exceeds the queue.max_depth the service runs with "
+                      "until it restarts (5)", s.logs())
+        self.assertEqual(s.post([event() for _ in range(10)]).status, 413)  # still 5 per request
+
     def test_a_file_change_the_environment_overrides_is_named_in_a_warning(self):
         s = self.service(tokens=(self.OLD,),
                          config='return { inbound = { tokens = { "%s" } } }\n' % self.OLD)

@@ -787,6 +787,12 @@ static const struct {
     {"o.batch.environment = 'staging'", "environment: \"staging\" is not one of"},
     {"o.batch.user_attributes.u = {x = 1}", "user_attributes.u: a value must be a string"},
     {"o.batch.user_attributes.l = {'a', {}}", "user_attributes.l: a value must be a string"},
+    {"o.batch.user_attributes.l = {1, 2, x = 3}", "user_attributes.l: a value must be a string"},
+    {"o.batch.user_attributes = {'a', 'b'}",
+     "user_attributes must be a table of names, not a list"},
+    {"o.event.data.custom_attributes = {'a', 'b'}",
+     "custom_attributes must be a table of names, not a list"},
+    {"o.event.data = {'x'}", "out.event.data must be a table of names, not a list"},
 };
 
 START_TEST(test_an_output_mparticle_would_drop_is_invalid_output_naming_the_field)
@@ -806,7 +812,7 @@ START_TEST(test_outputs_at_mparticles_limits_are_records)
          "  for i = 1, 99 do a['a' .. i] = i end\n"
          "  a[string.rep('n', 256)] = string.rep('\\u{e9}', 4096)\n" /* 8192 bytes */
          "  o.event.data.event_name = string.rep('e', 256)\n"
-         "  o.batch.user_attributes.list = {'a', 1, true}\n"
+         "  o.batch.user_attributes.list = {'a', 1, true, nil, 'e'}\n"
          "  o.batch.device_info.platform = 'Android'\n"
          "  o.batch.environment = 'development'\n"
          "  if event.id == 'u-2' then o.event = {event_type = 'uninstall', data = {}} end\n"

@@ -6,6 +6,8 @@
  *                       batch's records ("... WHERE id = ?1") fail
  *   FAIL_CLAIMS_AT=n    the n-th row of the sender's read of the persisted
  *                       claims fails, once
+ *   SLOW_ACK_MS=n       the writer takes n ms over each step on the claims'
+ *                       bitmaps of finished batches (a busy disk)
  *
  * A failed step answers SQLITE_IOERR, as a disk or memory hiccup would.
  */
@@ -16,6 +18,7 @@
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 static atomic_int fetches, claim_rows;
 
@@ -33,6 +36,9 @@ int sqlite3_step(sqlite3_stmt *st)
     char thread[16] = "";
     pthread_getname_np(pthread_self(), thread, sizeof thread);
     const char *sql = sqlite3_sql(st);
+    if (sql && strcmp(thread, "queue-writer") == 0 && strstr(sql, "claim_done") &&
+        env_int("SLOW_ACK_MS") > 0)
+        usleep((useconds_t)env_int("SLOW_ACK_MS") * 1000);
     if (!sql || strcmp(thread, "sender") != 0)
         return real(st);
     int at = env_int("FAIL_CLAIMS_AT");
