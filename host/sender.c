@@ -130,7 +130,8 @@ struct request {
     unsigned char cred_fp[32]; /* the feed's cred_fp when it was sent */
 };
 
-struct emptied {
+/* A growing list of batch ids. */
+struct id_list {
     int64_t *ids;
     size_t n, cap;
 };
@@ -161,7 +162,7 @@ struct sender {
     int turn;                   /* the feed that dispatches first this turn */
     /* at start: persisted batches whose records were all delivered, removed
      * once the read that restores the batches is over */
-    struct emptied emptied[FEED_COUNT];
+    struct id_list emptied[FEED_COUNT];
     /* restoring the batches persisted before the last stop: */
     int restore_pending;       /* a pass left batches behind: another follows */
     int restore_unread;        /* the last pass could not read them all: claim nothing */
@@ -171,8 +172,8 @@ struct sender {
     int restore_passes;
     int64_t restore_claims_upto; /* claims persisted before the start: rows up to this
                                   * (-1: not read yet); later ones are this run's */
-    int64_t *restored;           /* ids of the batches earlier passes restored or removed */
-    size_t nrestored, restored_cap, restored_sorted; /* the first restored_sorted in order */
+    struct id_list restored;     /* the batches passes restored or removed */
+    size_t restored_sorted;      /* the first restored_sorted of them in order */
 };
 
 /* ---- small helpers ------------------------------------------------------ */
@@ -1474,19 +1475,24 @@ static void finish(struct sender *s, CURLMsg *msg)
 
 /* ---- the loop ----------------------------------------------------------- */
 
-static int note_emptied(struct sender *s, const struct pbatch *b)
+static int id_list_add(struct id_list *l, int64_t id)
 {
-    struct emptied *e = &s->emptied[b->feed];
-    if (e->n == e->cap) {
-        size_t cap = e->cap ? e->cap * 2 : 64;
-        int64_t *ids = realloc(e->ids, cap * sizeof(*ids));
+    if (l->n == l->cap) {
+        size_t cap = l->cap ? l->cap * 2 : 64;
+        int64_t *ids = realloc(l->ids, cap * sizeof(*ids));
         if (!ids)
             return -1;
-        e->ids = ids;
-        e->cap = cap;
+        l->ids = ids;
+        l->cap = cap;
     }
-    e->ids[e->n++] = b->id;
+    l->ids[l->n++] = id;
     return 0;
+}
+
+static void id_list_free(struct id_list *l)
+{
+    free(l->ids);
+    memset(l, 0, sizeof(*l));
 }
 
 /* The batches that had no records left go, one operation per feed; should it
@@ -1499,8 +1505,7 @@ static void remove_emptied(struct sender *s)
             log_error("cannot remove persisted batches that had no records left; they are "
                       "removed at the next start",
                       LOG_S("feed", FEED_NAMES[i]) LOG_I("batches", (long long)s->emptied[i].n));
-        free(s->emptied[i].ids);
-        memset(&s->emptied[i], 0, sizeof s->emptied[i]);
+        id_list_free(&s->emptied[i]);
     }
 }
 
@@ -1510,30 +1515,13 @@ static int compare_ids(const void *a, const void *b)
     return (x > y) - (x < y);
 }
 
-/* Notes a batch a pass restored or removed, so that a later pass leaves it
- * (the feed may have delivered it since, its acknowledgement still on the way
- * to the disk). */
-static int note_restored(struct sender *s, int64_t id)
-{
-    if (s->nrestored == s->restored_cap) {
-        size_t cap = s->restored_cap ? s->restored_cap * 2 : 256;
-        int64_t *ids = realloc(s->restored, cap * sizeof(*ids));
-        if (!ids)
-            return -1;
-        s->restored = ids;
-        s->restored_cap = cap;
-    }
-    s->restored[s->nrestored++] = id;
-    return 0;
-}
-
 static void load_batch(void *ctx, struct queue_batch *qb)
 {
     struct sender *s = ctx;
     struct feed_state *f = &s->feeds[qb->feed];
     if (claim_row_of(qb->id) > s->restore_claims_upto ||
         (s->restored_sorted &&
-         bsearch(&qb->id, s->restored, s->restored_sorted, sizeof(int64_t), compare_ids))) {
+         bsearch(&qb->id, s->restored.ids, s->restored_sorted, sizeof(int64_t), compare_ids))) {
         free(qb->record_ids); /* this run's, or restored by an earlier pass */
         qb->record_ids = NULL;
         return;
@@ -1561,14 +1549,17 @@ static void load_batch(void *ctx, struct queue_batch *qb)
     qb->record_ids = NULL;
     if (queue_fetch(s->reader, b->feed, b->record_ids, b->nrecords, &items) != 0)
         goto fail;
-    if (note_restored(s, b->id) != 0)
+    /* a later pass leaves it: the feed may have delivered it by then, its
+     * acknowledgement still on the way to the disk */
+    if (id_list_add(&s->restored, b->id) != 0)
         goto fail;
     if (items.n == 0) {
         /* its records were delivered, but the acknowledgement of the batch
          * itself did not reach the disk: it goes after the restoring read (a
          * write inside it, one per batch, kept the WAL from starting over) */
-        if (note_emptied(s, b) != 0 && queue_ack(s->q, &b->id, 1, b->feed, 0) != QUEUE_OK) {
-            s->nrestored--;
+        if (id_list_add(&s->emptied[b->feed], b->id) != 0 &&
+            queue_ack(s->q, &b->id, 1, b->feed, 0) != QUEUE_OK) {
+            s->restored.n--;
             goto fail;
         }
         log_info("a persisted batch had no records left; removed",
@@ -1578,7 +1569,7 @@ static void load_batch(void *ctx, struct queue_batch *qb)
         return;
     }
     if (build_body(s, b, &items, 0, items.n) != 0) {
-        s->nrestored--;
+        s->restored.n--;
         goto fail;
     }
     note_event_times(b, &items, NULL, items.n, NULL);
@@ -1639,9 +1630,9 @@ static void restore(struct sender *s, int64_t now)
         s->restore_claims_upto = upto;
     s->restore_unread =
         s->restore_claims_upto < 0 || queue_load_batches(s->reader, load_batch, s) != 0;
-    if (s->nrestored)
-        qsort(s->restored, s->nrestored, sizeof(*s->restored), compare_ids);
-    s->restored_sorted = s->nrestored;
+    if (s->restored.n)
+        qsort(s->restored.ids, s->restored.n, sizeof(int64_t), compare_ids);
+    s->restored_sorted = s->restored.n;
     remove_emptied(s);
     if (s->restore_unread) {
         s->restore_failed = 1;
@@ -1664,9 +1655,8 @@ static void restore(struct sender *s, int64_t now)
         if (s->restore_passes > 1)
             log_info("every persisted batch is restored",
                      LOG_I("attempts", (long long)s->restore_passes));
-        free(s->restored);
-        s->restored = NULL;
-        s->nrestored = s->restored_cap = s->restored_sorted = 0;
+        id_list_free(&s->restored);
+        s->restored_sorted = 0;
     }
 }
 
@@ -1835,7 +1825,7 @@ void sender_free(sender *s)
     curl_multi_cleanup(s->multi);
     queue_reader_free(s->reader);
     pthread_mutex_destroy(&s->mu);
-    free(s->restored); /* a restore still pending at the stop */
+    id_list_free(&s->restored); /* a restore still pending at the stop */
     free(s);
 }
 

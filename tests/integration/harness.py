@@ -248,6 +248,19 @@ class Service:
             self.log.close()
         return self.proc.returncode if self.proc else None
 
+    def reload(self, config=None, outcome="configuration and rules reloaded", timeout=10):
+        """Writes config (when given) to the service's file, sends SIGHUP and waits
+        for one more log line with outcome; returns whether it came."""
+        if config is not None:
+            with open(self.config, "w") as f:
+                f.write(config)
+        seen = self.logs().count(outcome)
+        self.proc.send_signal(signal.SIGHUP)
+        deadline = time.time() + timeout * SLOW
+        while self.logs().count(outcome) == seen and time.time() < deadline:
+            time.sleep(0.05)
+        return self.logs().count(outcome) > seen
+
     def kill9(self):
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()

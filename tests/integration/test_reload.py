@@ -287,11 +287,8 @@ class SecretsFromFiles(ServiceTest):
         register_secret(self.NEW)
 
     def reloaded(self, s, times):
-        s.proc.send_signal(signal.SIGHUP)
-        deadline = time.time() + 10 * SLOW
-        while s.logs().count("configuration and rules reloaded") < times and time.time() < deadline:
-            time.sleep(0.05)
-        self.assertEqual(s.logs().count("configuration and rules reloaded"), times, s.logs()[-2000:])
+        self.assertTrue(s.reload(), s.logs()[-2000:])
+        self.assertEqual(s.logs().count("configuration and rules reloaded"), times)
 
     def test_a_token_rotated_in_its_file_takes_effect_on_a_reload(self):
         tokens = os.path.join(self.tmpdir(), "tokens")
@@ -322,12 +319,8 @@ class SecretsFromFiles(ServiceTest):
 
     def test_a_reload_cannot_take_requests_the_running_queue_could_never_hold(self):
         s = self.service(config="return { queue = { max_depth = 5 }, inbound = { max_events = 5 } }\n")
-        with open(s.config, "w") as f:
-            f.write("return { queue = { max_depth = 100 }, inbound = { max_events = 50 } }\n")
-        s.proc.send_signal(signal.SIGHUP)
-        deadline = time.time() + 10 * SLOW
-        while "reload refused" not in s.logs() and time.time() < deadline:
-            time.sleep(0.05)
+        self.assertTrue(s.reload("return { queue = { max_depth = 100 }, inbound = { max_events = 50 } }\n",
+                                 outcome="reload refused"), s.logs())
         self.assertIn("inbound.max_events (50) exceeds the queue.max_depth the service runs with "
                       "until it restarts (5)", s.logs())
         self.assertEqual(s.post([event() for _ in range(10)]).status, 413)  # still 5 per request
