@@ -259,6 +259,10 @@ struct op {
             int dedup; /* 0 for requeue */
             const int64_t *dead_ids;
             size_t ndead_ids;
+            /* OP_REQUEUE of records (queue_move): these, of feed from_feed */
+            const int64_t *record_ids;
+            size_t nrecord_ids;
+            enum feed from_feed;
         } commit;
         struct {
             struct queue_batch *b;
@@ -357,6 +361,7 @@ struct queue {
 struct queue_reader {
     sqlite3 *db;
     sqlite3_stmt *scan[FEED_COUNT];
+    sqlite3_stmt *scan_raw[FEED_COUNT]; /* prepared when first used */
     sqlite3_stmt *fetch[FEED_COUNT];
 };
 
@@ -889,6 +894,27 @@ static int record_to_dead(queue *q, struct op *op, int64_t id, int feed, int64_t
     return delete_record(q, op, id, feed, now);
 }
 
+/* Dead letters or records mapped again: the records (queue_move) are deleted
+ * first, each still there and in no batch, else nothing happens; then the
+ * mapping is stored and the dead letters deleted as for a commit. */
+static enum queue_status apply_requeue(queue *q, struct op *op, int64_t now, int64_t depth)
+{
+    enum feed f = op->u.commit.from_feed;
+    size_t n = op->u.commit.nrecord_ids;
+    for (size_t i = 0; i < n; i++) {
+        int64_t id = op->u.commit.record_ids[i];
+        int64_t before = op->depth_delta[f];
+        if (id <= q->ring[f].claimed)
+            return QUEUE_ERROR;
+        int rc = delete_record(q, op, id, (int)f, now);
+        if (rc != SQLITE_OK)
+            return status_of(rc);
+        if (op->depth_delta[f] == before)
+            return QUEUE_ERROR; /* gone meanwhile (expired) */
+    }
+    return apply_commit(q, op, now, depth - (int64_t)n);
+}
+
 static enum queue_status apply_batches(queue *q, struct op *op, int64_t now)
 {
     enum queue_status st = finish_batches(q, op, op->u.batches.ids, op->u.batches.n, now,
@@ -995,8 +1021,9 @@ static enum queue_status apply(queue *q, struct op *op, int64_t now, int64_t dep
 {
     switch (op->kind) {
     case OP_COMMIT:
-    case OP_REQUEUE:
         return apply_commit(q, op, now, depth);
+    case OP_REQUEUE:
+        return apply_requeue(q, op, now, depth);
     case OP_PERSIST:
     case OP_SPLIT:
         return apply_persist(q, op, now);
@@ -2321,16 +2348,33 @@ enum queue_status queue_commit(queue *q, struct mapping *m, struct commit_result
     return submit(q, &op);
 }
 
-enum queue_status queue_requeue(queue *q, struct mapping *m, const int64_t *ids, size_t n)
+/* m stored without deduplication, in place of dead letters or of records of
+ * feed `from`. */
+static enum queue_status requeue(queue *q, struct mapping *m, const int64_t *dead_ids, size_t ndead,
+                                 enum feed from, const int64_t *record_ids, size_t nrecords)
 {
     struct commit_result res;
     struct op op = {.kind = OP_REQUEUE};
     op.u.commit.m = m;
     op.u.commit.res = &res;
     op.u.commit.dedup = 0;
-    op.u.commit.dead_ids = ids;
-    op.u.commit.ndead_ids = n;
+    op.u.commit.dead_ids = dead_ids;
+    op.u.commit.ndead_ids = ndead;
+    op.u.commit.from_feed = from;
+    op.u.commit.record_ids = record_ids;
+    op.u.commit.nrecord_ids = nrecords;
     return submit(q, &op);
+}
+
+enum queue_status queue_requeue(queue *q, struct mapping *m, const int64_t *ids, size_t n)
+{
+    return requeue(q, m, ids, n, FEED_IOS, NULL, 0);
+}
+
+enum queue_status queue_move(queue *q, struct mapping *m, enum feed from, const int64_t *ids,
+                             size_t n)
+{
+    return requeue(q, m, NULL, 0, from, ids, n);
 }
 
 enum queue_status queue_persist_batches(queue *q, struct queue_batch *b, size_t n)
@@ -2475,6 +2519,7 @@ void queue_reader_free(queue_reader *r)
         return;
     for (int f = 0; f < FEED_COUNT; f++) {
         sqlite3_finalize(r->scan[f]);
+        sqlite3_finalize(r->scan_raw[f]);
         sqlite3_finalize(r->fetch[f]);
     }
     sqlite3_close(r->db);
@@ -2512,16 +2557,16 @@ static long add_item(struct queue_items *out, sqlite3_stmt *s)
     it->batch = col_str(s, 3, &out->mem, &failed);
     it->event = col_str(s, 4, &out->mem, &failed);
     it->event_id = col_str(s, 5, &out->mem, &failed);
+    it->raw = sqlite3_column_count(s) > 6 ? col_str(s, 6, &out->mem, &failed) : STR_NULL;
     if (failed)
         return -1;
     out->n++;
     return (long)(it->batch.n + it->event.n + it->event_id.n);
 }
 
-int queue_scan(queue_reader *r, enum feed f, int64_t after_id, size_t limit, size_t max_bytes,
-               struct queue_items *out)
+static int scan_with(sqlite3_stmt *s, int64_t after_id, size_t limit, size_t max_bytes,
+                     struct queue_items *out)
 {
-    sqlite3_stmt *s = r->scan[f];
     sqlite3_bind_int64(s, 1, after_id);
     sqlite3_bind_int64(s, 2, (sqlite3_int64)limit);
     size_t bytes = 0;
@@ -2538,6 +2583,24 @@ int queue_scan(queue_reader *r, enum feed f, int64_t after_id, size_t limit, siz
     }
     sqlite3_reset(s);
     return rc == SQLITE_ROW || rc == SQLITE_DONE ? 0 : -1;
+}
+
+int queue_scan(queue_reader *r, enum feed f, int64_t after_id, size_t limit, size_t max_bytes,
+               struct queue_items *out)
+{
+    return scan_with(r->scan[f], after_id, limit, max_bytes, out);
+}
+
+int queue_scan_raw(queue_reader *r, enum feed f, int64_t after_id, size_t limit, size_t max_bytes,
+                   struct queue_items *out)
+{
+    if (!r->scan_raw[f] &&
+        prepare_feed(r->db,
+                     "SELECT id, received_ms, user, batch, event, event_id, raw FROM records_%s "
+                     "WHERE id > ?1 ORDER BY id LIMIT ?2",
+                     f, &r->scan_raw[f]) != 0)
+        return -1;
+    return scan_with(r->scan_raw[f], after_id, limit, max_bytes, out);
 }
 
 int queue_fetch(queue_reader *r, enum feed f, const int64_t *ids, size_t n, struct queue_items *out)

@@ -92,6 +92,7 @@ struct queue_item {
     str batch;
     str event;
     str event_id;
+    str raw; /* queue_scan_raw only: the Braze event as received */
 };
 
 /* A run of items read from the queue; strings live in mem. */
@@ -123,6 +124,9 @@ void queue_reader_free(queue_reader *r);
  * sender's cursor, and a scan from below it may return them. */
 int queue_scan(queue_reader *r, enum feed f, int64_t after_id, size_t limit, size_t max_bytes,
                struct queue_items *out) WUR;
+/* queue_scan, with each record's Braze event as received (item.raw). */
+int queue_scan_raw(queue_reader *r, enum feed f, int64_t after_id, size_t limit, size_t max_bytes,
+                   struct queue_items *out) WUR;
 /* Reads the records of feed f with the given ids, in that order (missing ones
  * are skipped). */
 int queue_fetch(queue_reader *r, enum feed f, const int64_t *ids, size_t n,
@@ -224,6 +228,11 @@ int queue_dead_each_between(queue_reader *r, const struct dead_filter *f, int64_
 /* Stores the mapping's records (no dedup: they were seen before) and deletes the
  * dead letters `ids` in one transaction. */
 enum queue_status queue_requeue(queue *q, struct mapping *m, const int64_t *ids, size_t n);
+/* The same for records of feed `from` that no batch holds, mapped again to
+ * another feed: in one transaction the records ids are deleted and those of m
+ * inserted. Refused (QUEUE_ERROR) when one of ids was claimed or is gone. */
+enum queue_status queue_move(queue *q, struct mapping *m, enum feed from, const int64_t *ids,
+                             size_t n);
 /* Deletes dead letters matching the filter; *deleted receives the count. */
 enum queue_status queue_dead_purge(queue *q, const struct dead_filter *f, size_t *deleted);
 

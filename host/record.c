@@ -92,3 +92,20 @@ str mapping_copy(struct mapping *m, const char *p, size_t n, int *failed)
     }
     return (str){c, p ? n : 0};
 }
+
+int mapping_add_copy(struct mapping *m, const struct record *r)
+{
+    int failed = 0;
+    struct record c = *r;
+    c.user = mapping_copy(m, r->user.p, r->user.n, &failed);
+    c.batch = mapping_copy(m, r->batch.p, r->batch.n, &failed);
+    c.event = mapping_copy(m, r->event.p, r->event.n, &failed);
+    c.raw = mapping_copy(m, r->raw.p, r->raw.n, &failed);
+    c.event_id = mapping_copy(m, r->event_id.p, r->event_id.n, &failed);
+    c.event_type = mapping_copy(m, r->event_type.p, r->event_type.n, &failed);
+    struct record *slot = failed ? NULL : mapping_add_record(m);
+    if (!slot)
+        return -1;
+    *slot = c;
+    return 0;
+}

@@ -101,5 +101,7 @@ struct dead_letter *mapping_add_dead(struct mapping *m);
 struct outcome *mapping_add_outcome(struct mapping *m);
 /* Copies bytes into the mapping's arena; STR_NULL on failure with *failed set. */
 str mapping_copy(struct mapping *m, const char *p, size_t n, int *failed);
+/* Appends a copy of r (its strings in m's arena); -1 when out of memory. */
+int mapping_add_copy(struct mapping *m, const struct record *r) WUR;
 
 #endif

@@ -6,6 +6,7 @@
 #include "metrics.h"
 #include "mparticle.h"
 #include "reload.h"
+#include "rules.h"
 
 #include <ctype.h>
 #include <curl/curl.h>
@@ -36,6 +37,8 @@
 #define EXPIRE_EVERY_MS 60000
 /* Held batches are checked against retry.max_age_s this often. */
 #define EXPIRE_HELD_EVERY_MS 1000
+/* Held events mapped again at a time (see reroute). */
+#define REROUTE_RECORDS 500
 /* Persisted batches that could not be restored are tried again this often. */
 #define RESTORE_RETRY_MS 1000
 /* Retry-After from mParticle is honoured within these bounds. */
@@ -106,6 +109,12 @@ struct feed_state {
     int64_t not_before; /* backoff or Retry-After, monotonic ms */
     struct bucket rate; /* the feed's own, lowered on 429s and high usage */
     int64_t next_claim; /* monotonic ms */
+    /* held without credentials: its events are mapped again after each
+     * change of configuration or rules, and those now routed to another feed
+     * move there (reroute) */
+    int rerouting;
+    int64_t reroute_after; /* the last record id looked at */
+    size_t rerouted;       /* events moved since the change */
 };
 
 struct request {
@@ -173,7 +182,9 @@ struct sender {
     int64_t restore_claims_upto; /* claims persisted before the start: rows up to this
                                   * (-1: not read yet); later ones are this run's */
     struct id_list restored;     /* the batches passes restored or removed */
-    size_t restored_sorted;      /* the first restored_sorted of them in order */
+    ruleset *router_rs;          /* the rules reroute maps with, and their engine */
+    rules *router;
+    size_t restored_sorted; /* the first restored_sorted of them in order */
 };
 
 /* ---- small helpers ------------------------------------------------------ */
@@ -1172,10 +1183,11 @@ static void on_delivered(struct sender *s, struct request *r)
  * (a network blip, an outage): counting each would push the backoff ceiling to
  * base * 2^7 after a single blip of 8 requests. So the failure of a request
  * that started before the last counted failure is part of that round and not
- * counted again. Returns 1 when this one was counted. */
+ * counted again, also when its answer comes after a success has ended the
+ * round. Returns 1 when this one was counted. */
 static int count_failure(struct feed_state *f, const struct request *r)
 {
-    if (f->failures > 0 && r->started_ns < f->failed_ns)
+    if (r->started_ns < f->failed_ns)
         return 0;
     f->failures++;
     f->failed_ns = clock_mono_ns();
@@ -1198,7 +1210,9 @@ static int back_off(struct sender *s, struct request *r)
     release(r);
     int counted = count_failure(f, r);
     metrics_retry(f->feed);
-    hold_until(f, clock_mono_ms() + backoff_ms(s, f->failures));
+    /* a late answer of a round a success has ended since holds nothing back */
+    if (counted || f->failures > 0)
+        hold_until(f, clock_mono_ms() + backoff_ms(s, f->failures));
     return counted;
 }
 
@@ -1590,6 +1604,97 @@ fail:
     pbatch_free(b);
 }
 
+/* A feed without credentials holds its events; the rules chose it knowing
+ * which feeds have credentials (a platform feed falls back to unbound when
+ * unbound has them), or a rule routes its events elsewhere. After a change of
+ * configuration or rules, while any feed can send, its held events are mapped
+ * again, and those the rules now route to another feed move there. */
+static void plan_reroute(struct sender *s)
+{
+    int any = 0;
+    for (int i = 0; i < FEED_COUNT; i++)
+        any |= config_feed_ready(s->cfg, (enum feed)i);
+    for (int i = 0; i < FEED_COUNT; i++) {
+        struct feed_state *f = &s->feeds[i];
+        f->rerouting = any && f->pause == PAUSE_NO_CREDENTIALS;
+        f->reroute_after = 0;
+        f->rerouted = 0;
+    }
+}
+
+/* The next REROUTE_RECORDS held events of one feed (a turn of the loop at a
+ * time, so that sending goes on). */
+static void reroute(struct sender *s, ruleset *rs)
+{
+    struct feed_state *f = NULL;
+    for (int i = 0; i < FEED_COUNT && !f; i++) {
+        if (s->feeds[i].rerouting && s->feeds[i].pause != PAUSE_NO_CREDENTIALS)
+            s->feeds[i].rerouting = 0; /* its credentials came: it sends them itself */
+        if (s->feeds[i].rerouting)
+            f = &s->feeds[i];
+    }
+    if (!f)
+        return;
+    char err[ERR_LEN];
+    if (s->router_rs != rs) {
+        rules_free(s->router);
+        ruleset_unref(s->router_rs);
+        s->router = NULL;
+        s->router_rs = NULL;
+        if (rules_new(&s->router, rs, err, sizeof err) != 0) {
+            log_error("cannot map held events again; they stay held", LOG_S("error", err));
+            f->rerouting = 0;
+            return;
+        }
+        s->router_rs = ruleset_ref(rs);
+    }
+    struct queue_items items;
+    queue_items_init(&items);
+    struct mapping moved;
+    mapping_init(&moved);
+    int64_t *ids = NULL;
+    size_t n = 0;
+    int64_t after = f->reroute_after > f->cursor ? f->reroute_after : f->cursor;
+    if (queue_scan_raw(s->reader, f->feed, after, REROUTE_RECORDS, CLAIM_BYTES, &items) != 0 ||
+        (items.n && !(ids = malloc(items.n * sizeof(*ids))))) {
+        log_error("cannot read held events to map them again; they stay held",
+                  LOG_S("feed", FEED_NAMES[f->feed]));
+        f->rerouting = 0;
+        goto done;
+    }
+    for (size_t i = 0; i < items.n; i++) {
+        const struct queue_item *it = &items.items[i];
+        struct mapping one;
+        mapping_init(&one);
+        struct input_error ie;
+        if (rules_map(s->router, it->raw.p, it->raw.n, INPUT_ANY, &one, &ie) == 0 &&
+            one.nrecords == 1 && one.records[0].feed != f->feed &&
+            mapping_add_copy(&moved, &one.records[0]) == 0)
+            ids[n++] = it->id;
+        mapping_free(&one);
+    }
+    if (n && queue_move(s->q, &moved, f->feed, ids, n) != QUEUE_OK) {
+        log_error("cannot move held events to the feed the rules now route them to; they stay "
+                  "held",
+                  LOG_S("feed", FEED_NAMES[f->feed]));
+        f->rerouting = 0;
+        goto done;
+    }
+    f->rerouted += n;
+    if (items.n) {
+        f->reroute_after = items.items[items.n - 1].id;
+    } else {
+        f->rerouting = 0;
+        if (f->rerouted)
+            log_info("held events moved to the feeds the rules now route them to",
+                     LOG_S("from", FEED_NAMES[f->feed]) LOG_I("events", (long long)f->rerouted));
+    }
+done:
+    free(ids);
+    mapping_free(&moved);
+    queue_items_free(&items);
+}
+
 static void sweep_unclaimed(struct sender *s, int64_t now)
 {
     /* often enough that nothing outlives retry.max_age_s by much */
@@ -1705,10 +1810,14 @@ static void *sender_main(void *arg)
                 split_mixed(s, f);
             }
         }
+        if (cfg_changed)
+            plan_reroute(s);
         if (!stopping && s->restore_pending && now >= s->restore_next)
             restore(s, now);
-        if (!stopping && !s->restore_unread)
+        if (!stopping && !s->restore_unread) {
             claim(s, now);
+            reroute(s, snap.rs);
+        }
         /* the feeds take turns at going first: they share the account's rate */
         s->turn = (s->turn + 1) % FEED_COUNT;
         for (int i = 0; i < FEED_COUNT && !stopping; i++) {
@@ -1826,6 +1935,8 @@ void sender_free(sender *s)
     queue_reader_free(s->reader);
     pthread_mutex_destroy(&s->mu);
     id_list_free(&s->restored); /* a restore still pending at the stop */
+    rules_free(s->router);
+    ruleset_unref(s->router_rs);
     free(s);
 }
 

@@ -575,6 +575,43 @@ class Delivery(ServiceTest):
         # a feed without credentials is recorded as paused again at once
         self.assertEqual(stats["ios"]["reason"], "no credentials configured", stats)
 
+    def test_held_platform_events_move_to_unbound_when_only_unbound_gets_credentials(self):
+        d = self.double()
+        s = self.service(env=feed_env(d, feeds={}), config="return {}\n")
+        ios = [event("users.messages.pushnotification.Send", user="h%d" % i, platform="ios")
+               for i in range(3)]
+        email = event("users.messages.email.Send", user="e1")
+        self.assertEqual(s.post(ios + [email]).status, 200)
+        with s.db() as db:
+            self.assertEqual(db.execute("SELECT count(*) FROM records_ios").fetchone()[0], 3)
+        # only unbound gets credentials: rule 4 of the event map now sends the
+        # platform's events there, the held ones too
+        self.assertTrue(s.reload('return { feeds = { unbound = { key = "unbound-key", '
+                                 'secret = "unbound-secret" } } }\n'))
+        self.wait(lambda: len(d.source_message_ids()) == 4, 10, "every event delivered")
+        self.assertEqual(sorted(d.source_message_ids(feed="unbound")),
+                         sorted(e["id"] for e in ios + [email]))
+        for _, batch, _ in d.events("unbound"):
+            self.assertNotIn("platform", batch.get("device_info", {}))
+        self.assertIn("held events moved to the feeds the rules now route them to", s.logs())
+        self.assertIn("from=ios events=3", s.logs())
+        with s.db() as db:
+            self.assertEqual(db.execute("SELECT count(*) FROM records_ios").fetchone()[0], 0)
+        self.assertEqual(s.metrics()['tributary_queue_depth{feed="ios"}'], 0)
+
+    def test_held_events_stay_on_their_feed_when_it_gets_credentials(self):
+        d = self.double()
+        s = self.service(env=feed_env(d, feeds={}), config="return {}\n")
+        ios = [event("users.messages.pushnotification.Send", user="k%d" % i, platform="ios")
+               for i in range(2)]
+        self.assertEqual(s.post(ios).status, 200)
+        self.assertTrue(s.reload('return { feeds = {\n'
+                                 '  ios = { key = "ios-key", secret = "ios-secret" },\n'
+                                 '  unbound = { key = "unbound-key", secret = "unbound-secret" } } }\n'))
+        self.wait(lambda: len(d.source_message_ids()) == 2, 10, "both delivered")
+        self.assertEqual(sorted(d.source_message_ids(feed="ios")), sorted(e["id"] for e in ios))
+        self.assertNotIn("held events moved", s.logs())
+
     def test_events_older_than_30_days_go_to_the_historical_endpoint(self):
         d = self.double()
         s = self.service(env=feed_env(d))

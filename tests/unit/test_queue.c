@@ -523,6 +523,48 @@ START_TEST(test_dedup_remembers_ids_seen_before_a_restart)
 }
 END_TEST
 
+/* ---- moving held records ------------------------------------------------ */
+
+/* Moves ids of ios to unbound as n new records "<prefix>-<i>". */
+static enum queue_status move_to_unbound(queue *q, const char *prefix, const int64_t *ids, size_t n)
+{
+    struct mapping m;
+    mapping_init(&m);
+    add_records(&m, FEED_UNBOUND, prefix, n);
+    enum queue_status st = queue_move(q, &m, FEED_IOS, ids, n);
+    mapping_free(&m);
+    return st;
+}
+
+/* Records no batch holds move to another feed in one transaction; one that a
+ * batch holds, or that is gone, refuses the whole move. */
+START_TEST(test_move_replaces_unclaimed_records_and_refuses_claimed_ones)
+{
+    queue *q = open_queue(NO_LIMIT, 0);
+    int64_t ids[3];
+    commit_ids(q, FEED_IOS, "held", 3, ids);
+
+    ck_assert_int_eq(move_to_unbound(q, "moved", &ids[1], 2), QUEUE_OK);
+    ck_assert_int_eq(depth(q, FEED_IOS), 1);
+    ck_assert_int_eq(depth(q, FEED_UNBOUND), 2);
+    struct queue_items it;
+    scan_all(q, FEED_IOS, &it);
+    ck_assert_uint_eq(it.n, 1);
+    ck_assert_int_eq(it.items[0].id, ids[0]);
+    queue_items_free(&it);
+
+    /* gone: nothing moves */
+    ck_assert_int_eq(move_to_unbound(q, "again", &ids[1], 1), QUEUE_ERROR);
+    /* claimed: nothing moves */
+    struct queue_batch b = make_batch(FEED_IOS, "src-1", &ids[0], 1, 0);
+    ck_assert_int_eq(queue_persist_batches(q, &b, 1), QUEUE_OK);
+    ck_assert_int_eq(move_to_unbound(q, "claimed", &ids[0], 1), QUEUE_ERROR);
+    ck_assert_int_eq(depth(q, FEED_IOS), 1);
+    ck_assert_int_eq(depth(q, FEED_UNBOUND), 2);
+    queue_free(q);
+}
+END_TEST
+
 /* ---- max_depth ---------------------------------------------------------- */
 
 START_TEST(test_commit_beyond_max_depth_is_refused_whole)
@@ -1952,6 +1994,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_dedup_remembers_ids_seen_before_a_restart);
     tcase_add_test(tc, test_commit_beyond_max_depth_is_refused_whole);
     tcase_add_test(tc, test_commit_up_to_max_depth_is_accepted_and_one_more_is_not);
+    tcase_add_test(tc, test_move_replaces_unclaimed_records_and_refuses_claimed_ones);
     tcase_add_test(tc, test_commit_under_the_disk_reserve_is_refused_as_no_space);
     tcase_add_test(tc, test_concurrent_commits_are_all_stored_exactly_once);
     tcase_add_test(tc, test_persisted_batches_come_back_after_a_restart);
