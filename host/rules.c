@@ -249,6 +249,7 @@ struct rules {
     struct sandbox_limits limits;
     size_t memory_cap; /* state memory between requests before a rebuild */
     int testing;       /* running rule tests: tributary.count counts nothing */
+    int uncounted;     /* nor for events mapped again (rules_uncounted) */
     buf scratch;
     buf encoded; /* cjson.encode's text while a rule calls it */
 };
@@ -272,7 +273,7 @@ static int tributary_count(lua_State *L)
     }
     luaL_argcheck(L, by >= 0, 2, "must not be negative");
     const rules *r = lua_touserdata(L, lua_upvalueindex(1));
-    if (!r->testing)
+    if (!r->testing && !r->uncounted)
         metrics_rule_count(name, (uint64_t)by);
     return 0;
 }
@@ -521,6 +522,11 @@ void rules_free(rules *r)
     buf_free(&r->encoded);
     ruleset_unref(r->rs);
     free(r);
+}
+
+void rules_uncounted(rules *r)
+{
+    r->uncounted = 1;
 }
 
 ruleset *rules_ruleset(const rules *r)

@@ -55,6 +55,9 @@ typedef struct rules rules;
  * Errors name the file and line. Takes a reference on rs. */
 int rules_new(rules **out, ruleset *rs, char *err, size_t errlen) WUR;
 void rules_free(rules *r);
+/* From now on tributary.count counts nothing: for events mapped again, which
+ * were counted when they came. */
+void rules_uncounted(rules *r);
 ruleset *rules_ruleset(const rules *r); /* borrowed */
 /* Why the owner should build a fresh engine before the next request (a limit
  * tripped, or the state holds more memory than allowed), or NULL. */

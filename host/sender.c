@@ -1646,6 +1646,7 @@ static void reroute(struct sender *s, ruleset *rs)
             f->rerouting = 0;
             return;
         }
+        rules_uncounted(s->router);
         s->router_rs = ruleset_ref(rs);
     }
     struct queue_items items;

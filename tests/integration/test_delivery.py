@@ -577,7 +577,9 @@ class Delivery(ServiceTest):
 
     def test_held_platform_events_move_to_unbound_when_only_unbound_gets_credentials(self):
         d = self.double()
-        s = self.service(env=feed_env(d, feeds={}), config="return {}\n")
+        counting = self.rules_dir({"20-count.lua": "return function(e, out) "
+                                                   "tributary.count('seen') end\n"})
+        s = self.service(env=feed_env(d, feeds={}), config="return {}\n", rules_dir=counting)
         ios = [event("users.messages.pushnotification.Send", user="h%d" % i, platform="ios")
                for i in range(3)]
         email = event("users.messages.email.Send", user="e1")
@@ -598,6 +600,8 @@ class Delivery(ServiceTest):
         with s.db() as db:
             self.assertEqual(db.execute("SELECT count(*) FROM records_ios").fetchone()[0], 0)
         self.assertEqual(s.metrics()['tributary_queue_depth{feed="ios"}'], 0)
+        # the rules' counters counted each event once, when it came
+        self.assertEqual(s.metrics()['tributary_rule_counts_total{name="seen"}'], 4)
 
     def test_held_events_stay_on_their_feed_when_it_gets_credentials(self):
         d = self.double()
