@@ -378,6 +378,8 @@ const char *queue_status_name(enum queue_status s)
         return "storage error";
     case QUEUE_CLOSED:
         return "closed";
+    case QUEUE_CHANGED:
+        return "changed meanwhile";
     }
     return "?";
 }
@@ -440,7 +442,7 @@ static int insert_record(queue *q, const struct record *r, int64_t now)
         ring->filling = t = next;
     sqlite3_stmt *s = q->rst[r->feed][t][R_INSERT];
     sqlite3_bind_int64(s, 9, ring->next_id);
-    sqlite3_bind_int64(s, 1, now);
+    sqlite3_bind_int64(s, 1, r->received_ms > 0 ? r->received_ms : now);
     bind_str(s, 2, r->event_id);
     bind_str(s, 3, r->event_type);
     sqlite3_bind_text(s, 4, r->rules_version, -1, SQLITE_STATIC);
@@ -551,8 +553,11 @@ static enum queue_status apply_commit(queue *q, struct op *op, int64_t now, int6
         op->depth_delta[r->feed]++;
     }
     /* Checked after dedup, so a retry of stored events is still acknowledged;
-     * the savepoint of this operation is rolled back on a refusal. */
-    if (res->queued > 0 && (depth + (int64_t)res->queued > q->opt.max_depth || q->disk_low)) {
+     * the savepoint of this operation is rolled back on a refusal. A move
+     * changes neither the depth nor what is kept. */
+    int moving = op->kind == OP_REQUEUE && op->u.commit.nrecord_ids > 0;
+    if (res->queued > 0 && !moving &&
+        (depth + (int64_t)res->queued > q->opt.max_depth || q->disk_low)) {
         enum queue_status refusal = q->disk_low ? QUEUE_NO_SPACE : QUEUE_FULL;
         if (refusal == QUEUE_FULL) {
             pthread_mutex_lock(&q->mu);
@@ -905,14 +910,14 @@ static enum queue_status apply_requeue(queue *q, struct op *op, int64_t now, int
         int64_t id = op->u.commit.record_ids[i];
         int64_t before = op->depth_delta[f];
         if (id <= q->ring[f].claimed)
-            return QUEUE_ERROR;
+            return QUEUE_CHANGED;
         int rc = delete_record(q, op, id, (int)f, now);
         if (rc != SQLITE_OK)
             return status_of(rc);
         if (op->depth_delta[f] == before)
-            return QUEUE_ERROR; /* gone meanwhile (expired) */
+            return QUEUE_CHANGED; /* gone meanwhile (expired) */
     }
-    return apply_commit(q, op, now, depth - (int64_t)n);
+    return apply_commit(q, op, now, depth);
 }
 
 static enum queue_status apply_batches(queue *q, struct op *op, int64_t now)
@@ -2557,11 +2562,13 @@ static long add_item(struct queue_items *out, sqlite3_stmt *s)
     it->batch = col_str(s, 3, &out->mem, &failed);
     it->event = col_str(s, 4, &out->mem, &failed);
     it->event_id = col_str(s, 5, &out->mem, &failed);
-    it->raw = sqlite3_column_count(s) > 6 ? col_str(s, 6, &out->mem, &failed) : STR_NULL;
+    int raw = sqlite3_column_count(s) > 7;
+    it->raw = raw ? col_str(s, 6, &out->mem, &failed) : STR_NULL;
+    it->rules_version = raw ? col_str(s, 7, &out->mem, &failed) : STR_NULL;
     if (failed)
         return -1;
     out->n++;
-    return (long)(it->batch.n + it->event.n + it->event_id.n);
+    return (long)(it->batch.n + it->event.n + it->event_id.n + it->raw.n);
 }
 
 static int scan_with(sqlite3_stmt *s, int64_t after_id, size_t limit, size_t max_bytes,
@@ -2596,8 +2603,8 @@ int queue_scan_raw(queue_reader *r, enum feed f, int64_t after_id, size_t limit,
 {
     if (!r->scan_raw[f] &&
         prepare_feed(r->db,
-                     "SELECT id, received_ms, user, batch, event, event_id, raw FROM records_%s "
-                     "WHERE id > ?1 ORDER BY id LIMIT ?2",
+                     "SELECT id, received_ms, user, batch, event, event_id, raw, rules_version "
+                     "FROM records_%s WHERE id > ?1 ORDER BY id LIMIT ?2",
                      f, &r->scan_raw[f]) != 0)
         return -1;
     return scan_with(r->scan_raw[f], after_id, limit, max_bytes, out);

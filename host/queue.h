@@ -61,6 +61,7 @@ enum queue_status {
     QUEUE_NO_SPACE, /* the disk is full, or under queue.min_free_mb: try again later */
     QUEUE_ERROR,    /* storage error */
     QUEUE_CLOSED,   /* shutting down */
+    QUEUE_CHANGED,  /* queue_move: a record was claimed or is gone; nothing done */
 };
 
 const char *queue_status_name(enum queue_status s);
@@ -92,7 +93,8 @@ struct queue_item {
     str batch;
     str event;
     str event_id;
-    str raw; /* queue_scan_raw only: the Braze event as received */
+    str raw;           /* queue_scan_raw only: the Braze event as received, */
+    str rules_version; /* and the rules that mapped it */
 };
 
 /* A run of items read from the queue; strings live in mem. */
@@ -230,7 +232,8 @@ int queue_dead_each_between(queue_reader *r, const struct dead_filter *f, int64_
 enum queue_status queue_requeue(queue *q, struct mapping *m, const int64_t *ids, size_t n);
 /* The same for records of feed `from` that no batch holds, mapped again to
  * another feed: in one transaction the records ids are deleted and those of m
- * inserted. Refused (QUEUE_ERROR) when one of ids was claimed or is gone. */
+ * inserted (received when theirs say, not now). QUEUE_CHANGED when one of ids
+ * was claimed or is gone meanwhile. */
 enum queue_status queue_move(queue *q, struct mapping *m, enum feed from, const int64_t *ids,
                              size_t n);
 /* Deletes dead letters matching the filter; *deleted receives the count. */

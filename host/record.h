@@ -34,6 +34,7 @@ struct record {
     str event_id;
     str event_type;
     const char *rules_version;
+    int64_t received_ms; /* when tributary took the event (0: now, as it is stored) */
 };
 
 /* Why an event went to the dead-letter store. */

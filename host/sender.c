@@ -37,8 +37,9 @@
 #define EXPIRE_EVERY_MS 60000
 /* Held batches are checked against retry.max_age_s this often. */
 #define EXPIRE_HELD_EVERY_MS 1000
-/* Held events mapped again at a time (see reroute). */
+/* Held events read, and time spent mapping them, in a turn (see reroute). */
 #define REROUTE_RECORDS 500
+#define REROUTE_TURN_MS 20
 /* Persisted batches that could not be restored are tried again this often. */
 #define RESTORE_RETRY_MS 1000
 /* Retry-After from mParticle is honoured within these bounds. */
@@ -115,6 +116,9 @@ struct feed_state {
     int rerouting;
     int64_t reroute_after; /* the last record id looked at */
     size_t rerouted;       /* events moved since the change */
+    /* the held events up to this id were mapped with these rules and stayed */
+    int64_t checked_upto;
+    char checked_version[32];
 };
 
 struct request {
@@ -1609,7 +1613,7 @@ fail:
  * unbound has them), or a rule routes its events elsewhere. After a change of
  * configuration or rules, while any feed can send, its held events are mapped
  * again, and those the rules now route to another feed move there. */
-static void plan_reroute(struct sender *s)
+static void plan_reroute(struct sender *s, const ruleset *rs)
 {
     int any = 0;
     for (int i = 0; i < FEED_COUNT; i++)
@@ -1617,13 +1621,44 @@ static void plan_reroute(struct sender *s)
     for (int i = 0; i < FEED_COUNT; i++) {
         struct feed_state *f = &s->feeds[i];
         f->rerouting = any && f->pause == PAUSE_NO_CREDENTIALS;
-        f->reroute_after = 0;
+        /* the same rules as the last pass: only what came since */
+        f->reroute_after =
+            strcmp(f->checked_version, ruleset_version(rs)) == 0 ? f->checked_upto : 0;
         f->rerouted = 0;
     }
 }
 
-/* The next REROUTE_RECORDS held events of one feed (a turn of the loop at a
- * time, so that sending goes on). */
+static void drop_router(struct sender *s)
+{
+    rules_free(s->router);
+    ruleset_unref(s->router_rs);
+    s->router = NULL;
+    s->router_rs = NULL;
+}
+
+/* The engine reroute maps with, for rs: built when the rules change or the
+ * last one asks to be (a rule's state outgrew its limit), as a worker's is. */
+static rules *router_for(struct sender *s, ruleset *rs)
+{
+    if (s->router && (s->router_rs != rs || rules_needs_rebuild(s->router)))
+        drop_router(s);
+    if (!s->router) {
+        char err[ERR_LEN];
+        if (rules_new(&s->router, rs, err, sizeof err) != 0) {
+            log_error("cannot map held events again; they stay held", LOG_S("error", err));
+            return NULL;
+        }
+        rules_uncounted(s->router);
+        s->router_rs = ruleset_ref(rs);
+    }
+    return s->router;
+}
+
+/* The next held events of one feed: at most REROUTE_RECORDS, and mapping for
+ * at most REROUTE_TURN_MS, a turn of the loop at a time, so that sending goes
+ * on. An event the rules in force have mapped already would map the same (the
+ * rules version covers the files, the settings they read and which feeds have
+ * credentials): only the others are mapped again. */
 static void reroute(struct sender *s, ruleset *rs)
 {
     struct feed_state *f = NULL;
@@ -1633,28 +1668,18 @@ static void reroute(struct sender *s, ruleset *rs)
         if (s->feeds[i].rerouting)
             f = &s->feeds[i];
     }
-    if (!f)
+    if (!f) {
+        if (s->router)
+            drop_router(s); /* no reroute until the next change */
         return;
-    char err[ERR_LEN];
-    if (s->router_rs != rs) {
-        rules_free(s->router);
-        ruleset_unref(s->router_rs);
-        s->router = NULL;
-        s->router_rs = NULL;
-        if (rules_new(&s->router, rs, err, sizeof err) != 0) {
-            log_error("cannot map held events again; they stay held", LOG_S("error", err));
-            f->rerouting = 0;
-            return;
-        }
-        rules_uncounted(s->router);
-        s->router_rs = ruleset_ref(rs);
     }
+    const char *version = ruleset_version(rs);
     struct queue_items items;
     queue_items_init(&items);
     struct mapping moved;
     mapping_init(&moved);
     int64_t *ids = NULL;
-    size_t n = 0;
+    size_t n = 0, done = 0;
     int64_t after = f->reroute_after > f->cursor ? f->reroute_after : f->cursor;
     if (queue_scan_raw(s->reader, f->feed, after, REROUTE_RECORDS, CLAIM_BYTES, &items) != 0 ||
         (items.n && !(ids = malloc(items.n * sizeof(*ids))))) {
@@ -1663,29 +1688,42 @@ static void reroute(struct sender *s, ruleset *rs)
         f->rerouting = 0;
         goto done;
     }
-    for (size_t i = 0; i < items.n; i++) {
-        const struct queue_item *it = &items.items[i];
+    int64_t until = clock_mono_ms() + REROUTE_TURN_MS;
+    for (; done < items.n && (done == 0 || clock_mono_ms() < until); done++) {
+        const struct queue_item *it = &items.items[done];
+        if (it->rules_version.p && strcmp(it->rules_version.p, version) == 0)
+            continue;
+        rules *r = router_for(s, rs);
+        if (!r) {
+            f->rerouting = 0;
+            goto done;
+        }
         struct mapping one;
         mapping_init(&one);
         struct input_error ie;
-        if (rules_map(s->router, it->raw.p, it->raw.n, INPUT_ANY, &one, &ie) == 0 &&
-            one.nrecords == 1 && one.records[0].feed != f->feed &&
-            mapping_add_copy(&moved, &one.records[0]) == 0)
-            ids[n++] = it->id;
+        if (rules_map(r, it->raw.p, it->raw.n, INPUT_ANY, &one, &ie) == 0 && one.nrecords == 1 &&
+            one.records[0].feed != f->feed) {
+            one.records[0].received_ms = it->received_ms; /* its max_age counts on */
+            if (mapping_add_copy(&moved, &one.records[0]) == 0)
+                ids[n++] = it->id;
+        }
         mapping_free(&one);
     }
-    if (n && queue_move(s->q, &moved, f->feed, ids, n) != QUEUE_OK) {
+    enum queue_status st = n ? queue_move(s->q, &moved, f->feed, ids, n) : QUEUE_OK;
+    if (st != QUEUE_OK) {
         log_error("cannot move held events to the feed the rules now route them to; they stay "
                   "held",
-                  LOG_S("feed", FEED_NAMES[f->feed]));
+                  LOG_S("feed", FEED_NAMES[f->feed]) LOG_S("error", queue_status_name(st)));
         f->rerouting = 0;
         goto done;
     }
     f->rerouted += n;
-    if (items.n) {
-        f->reroute_after = items.items[items.n - 1].id;
+    if (done) {
+        f->reroute_after = items.items[done - 1].id;
     } else {
         f->rerouting = 0;
+        f->checked_upto = f->reroute_after;
+        str_copy(f->checked_version, sizeof f->checked_version, version);
         if (f->rerouted)
             log_info("held events moved to the feeds the rules now route them to",
                      LOG_S("from", FEED_NAMES[f->feed]) LOG_I("events", (long long)f->rerouted));
@@ -1812,7 +1850,7 @@ static void *sender_main(void *arg)
             }
         }
         if (cfg_changed)
-            plan_reroute(s);
+            plan_reroute(s, snap.rs);
         if (!stopping && s->restore_pending && now >= s->restore_next)
             restore(s, now);
         if (!stopping && !s->restore_unread) {
@@ -1936,8 +1974,7 @@ void sender_free(sender *s)
     queue_reader_free(s->reader);
     pthread_mutex_destroy(&s->mu);
     id_list_free(&s->restored); /* a restore still pending at the stop */
-    rules_free(s->router);
-    ruleset_unref(s->router_rs);
+    drop_router(s);
     free(s);
 }
 

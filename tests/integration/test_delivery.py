@@ -580,28 +580,60 @@ class Delivery(ServiceTest):
         counting = self.rules_dir({"20-count.lua": "return function(e, out) "
                                                    "tributary.count('seen') end\n"})
         s = self.service(env=feed_env(d, feeds={}), config="return {}\n", rules_dir=counting)
+        # more than one turn of the reroute (500)
         ios = [event("users.messages.pushnotification.Send", user="h%d" % i, platform="ios")
-               for i in range(3)]
+               for i in range(600)]
         email = event("users.messages.email.Send", user="e1")
         self.assertEqual(s.post(ios + [email]).status, 200)
         with s.db() as db:
-            self.assertEqual(db.execute("SELECT count(*) FROM records_ios").fetchone()[0], 3)
+            received = dict(db.execute("SELECT event_id, received_ms FROM records_ios"))
+        self.assertEqual(len(received), 600)
         # only unbound gets credentials: rule 4 of the event map now sends the
         # platform's events there, the held ones too
+        d.fail(503)
         self.assertTrue(s.reload('return { feeds = { unbound = { key = "unbound-key", '
                                  'secret = "unbound-secret" } } }\n'))
-        self.wait(lambda: len(d.source_message_ids()) == 4, 10, "every event delivered")
-        self.assertEqual(sorted(d.source_message_ids(feed="unbound")),
+        self.wait(lambda: "held events moved" in s.logs(), 10, "the move")
+        with s.db() as db:
+            moved = dict(db.execute("SELECT event_id, received_ms FROM records_unbound"))
+        # they keep the time they came: retry.max_age_s counts from it
+        self.assertEqual({i: moved[i] for i in received}, received)
+        d.clear_faults()
+        self.wait(lambda: len(set(d.source_message_ids())) == 601, 20, "every event delivered")
+        self.assertEqual(sorted(set(d.source_message_ids(feed="unbound"))),
                          sorted(e["id"] for e in ios + [email]))
         for _, batch, _ in d.events("unbound"):
             self.assertNotIn("platform", batch.get("device_info", {}))
         self.assertIn("held events moved to the feeds the rules now route them to", s.logs())
-        self.assertIn("from=ios events=3", s.logs())
+        self.assertIn("from=ios events=600", s.logs())
         with s.db() as db:
             self.assertEqual(db.execute("SELECT count(*) FROM records_ios").fetchone()[0], 0)
         self.assertEqual(s.metrics()['tributary_queue_depth{feed="ios"}'], 0)
         # the rules' counters counted each event once, when it came
-        self.assertEqual(s.metrics()['tributary_rule_counts_total{name="seen"}'], 4)
+        self.assertEqual(s.metrics()['tributary_rule_counts_total{name="seen"}'], 601)
+
+    def test_held_events_are_mapped_again_only_when_the_rules_or_credentials_change(self):
+        d = self.double()
+        printing = self.rules_dir({"20-print.lua": "return function(e, out) "
+                                                   "print('mapped ' .. e.id) end\n"})
+        # android can send, unbound cannot: ios events stay held on ios
+        s = self.service(env=feed_env(d, feeds={"android": FEEDS["android"]}), rules_dir=printing)
+        ios = event("users.messages.pushnotification.Send", user="p1", platform="ios")
+        self.assertEqual(s.post([ios]).status, 200)
+        line = "mapped " + ios["id"]
+        self.assertEqual(s.logs().count(line), 1)
+        # the same rules and credentials after a restart and a reload: not again
+        s.stop()
+        s.start()
+        self.assertTrue(s.reload())
+        time.sleep(0.5)
+        self.assertEqual(s.logs().count(line), 1)
+        # other rules: mapped again, and held still (nowhere else to go)
+        with open(os.path.join(printing, "30-more.lua"), "w") as f:
+            f.write("return function(e, out) end\n")
+        self.wait(lambda: s.logs().count(line) == 2, 10, "the event mapped again")
+        with s.db() as db:
+            self.assertEqual(db.execute("SELECT count(*) FROM records_ios").fetchone()[0], 1)
 
     def test_held_events_stay_on_their_feed_when_it_gets_credentials(self):
         d = self.double()
