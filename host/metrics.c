@@ -56,6 +56,9 @@ static const char *const COUNTER_HELP[M_COUNTER_COUNT][3] = {
     {"tributary_events_queued_total", "counter", "Events mapped and stored for delivery."},
     {"tributary_events_duplicate_total", "counter",
      "Events acknowledged but not stored again (same id within the dedup window)."},
+    {"tributary_events_moved_total", "counter",
+     "Events held on a feed without credentials, moved to the feed the rules route them to "
+     "after a change of rules or credentials."},
     {"tributary_rule_reloads_total", "counter", "Rule sets loaded and put in force."},
     {"tributary_rule_reload_failures_total", "counter",
      "Rule reloads refused because the new rules failed validation or their tests."},

@@ -18,6 +18,7 @@ enum counter {
     M_EVENTS_RECEIVED,  /* events in accepted (2xx) requests */
     M_EVENTS_QUEUED,    /* stored for delivery */
     M_EVENTS_DUPLICATE, /* seen before within the dedup window */
+    M_EVENTS_MOVED, /* held on a feed without credentials, moved where the rules now send them */
     M_RULE_RELOADS,
     M_RULE_RELOAD_FAILURES,
     M_RULE_STATE_REBUILDS,

@@ -1718,6 +1718,7 @@ static void reroute(struct sender *s, ruleset *rs)
         goto done;
     }
     f->rerouted += n;
+    metrics_add(M_EVENTS_MOVED, n);
     if (done) {
         f->reroute_after = items.items[done - 1].id;
     } else {

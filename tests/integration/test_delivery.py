@@ -609,6 +609,7 @@ class Delivery(ServiceTest):
         with s.db() as db:
             self.assertEqual(db.execute("SELECT count(*) FROM records_ios").fetchone()[0], 0)
         self.assertEqual(s.metrics()['tributary_queue_depth{feed="ios"}'], 0)
+        self.assertEqual(s.metrics()["tributary_events_moved_total"], 600)
         # the rules' counters counted each event once, when it came
         self.assertEqual(s.metrics()['tributary_rule_counts_total{name="seen"}'], 601)
 
