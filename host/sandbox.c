@@ -46,10 +46,20 @@
  * that a loop of costly calls runs out of budget at its second. */
 #define TIMED_CALL_SHARE 8
 
+/* Some VM instructions cost what their operands hold: comparing or joining
+ * two long strings is one instruction, and so is a call to a C function
+ * outside the timed libraries. So a call also has a time limit: what its
+ * instructions take at the measured speed, DEADLINE_FACTOR times over, plus
+ * DEADLINE_SLACK_NS for a thread the host deschedules. The count hook reads
+ * the clock every DEADLINE_EVERY_HOOKS times it fires. */
+#define DEADLINE_FACTOR 10
+#define DEADLINE_SLACK_NS (250 * 1000 * 1000LL)
+#define DEADLINE_EVERY_HOOKS 4
+
 /* print() from scripts goes to the log, at most this many lines per second. */
 #define PRINT_LINES_PER_SECOND 20
 
-enum trip { TRIP_NONE, TRIP_INSTRUCTIONS, TRIP_MEMORY };
+enum trip { TRIP_NONE, TRIP_INSTRUCTIONS, TRIP_MEMORY, TRIP_TIME };
 
 struct sandbox {
     lua_State *L;
@@ -58,7 +68,9 @@ struct sandbox {
     size_t limit; /* SIZE_MAX outside sandbox_call */
     int64_t steps;
     int64_t budget;
-    int cpu_timed; /* library calls timed by the thread's CPU time (see TIMED_CALL_SHARE) */
+    int64_t deadline_ns; /* clock_mono_ns the call must end by (INT64_MAX: none) */
+    unsigned hooks;      /* times the count hook fired in the call */
+    int cpu_timed;       /* library calls timed by the thread's CPU time (see TIMED_CALL_SHARE) */
     enum trip tripped;
     int damaged;
     int base_ref; /* registry reference to the table behind every chunk's globals */
@@ -100,10 +112,16 @@ static void sb_hook(lua_State *L, lua_Debug *ar)
     sb->steps += HOOK_STEP;
     if (sb->tripped == TRIP_NONE && sb->steps > sb->budget)
         sb->tripped = TRIP_INSTRUCTIONS;
+    if (sb->tripped == TRIP_NONE && ++sb->hooks % DEADLINE_EVERY_HOOKS == 0 &&
+        clock_mono_ns() > sb->deadline_ns)
+        sb->tripped = TRIP_TIME;
     if (sb->tripped != TRIP_NONE) {
         /* From now on every instruction raises: handlers cannot keep running. */
         lua_sethook(L, sb_hook, LUA_MASKCOUNT, 1);
-        luaL_error(L, "%s limit exceeded", sb->tripped == TRIP_MEMORY ? "memory" : "instruction");
+        luaL_error(L, "%s limit exceeded",
+                   sb->tripped == TRIP_MEMORY ? "memory"
+                   : sb->tripped == TRIP_TIME ? "time"
+                                              : "instruction");
     }
 }
 
@@ -710,8 +728,14 @@ enum sandbox_rc sandbox_call(sandbox *sb, int nargs, int nresults, const struct 
 
     sb->tripped = TRIP_NONE;
     sb->steps = 0;
+    sb->hooks = 0;
     sb->cpu_timed = 0;
     sb->budget = lim && lim->instructions > 0 ? lim->instructions : INT64_MAX;
+    double allowed = (double)sb->budget * ns_per_instruction * DEADLINE_FACTOR + DEADLINE_SLACK_NS;
+    int64_t started = clock_mono_ns();
+    sb->deadline_ns = sb->budget == INT64_MAX || allowed >= (double)(INT64_MAX - started)
+                          ? INT64_MAX
+                          : started + (int64_t)allowed;
     sb->limit = lim && lim->memory_bytes > 0 ? sb->used + lim->memory_bytes : SIZE_MAX;
     sb->where[0] = '\0';
     lua_sethook(L, sb_hook, LUA_MASKCOUNT, HOOK_STEP);
@@ -740,6 +764,12 @@ enum sandbox_rc sandbox_call(sandbox *sb, int nargs, int nresults, const struct 
         if (tripped == TRIP_MEMORY)
             str_printf(err->msg, sizeof err->msg, "memory limit exceeded (%zu bytes)",
                        lim ? lim->memory_bytes : 0);
+        else if (tripped == TRIP_TIME)
+            str_printf(err->msg, sizeof err->msg,
+                       "time limit exceeded: ran for more than %lld ms, %d times what %lld "
+                       "instructions take (long strings compared or joined, or library calls)",
+                       (long long)((sb->deadline_ns - started) / 1000000), DEADLINE_FACTOR,
+                       (long long)(lim ? lim->instructions : 0));
         else
             str_printf(err->msg, sizeof err->msg, "instruction limit exceeded (%lld instructions)",
                        (long long)(lim ? lim->instructions : 0));

@@ -1145,6 +1145,45 @@ START_TEST(test_top_level_infinite_loop_fails_rules_new_naming_the_file)
 }
 END_TEST
 
+/* Comparing two long strings is one VM instruction that costs what the
+ * strings hold: a loop of them stays within the instruction budget for
+ * minutes, so a call also has a time limit. */
+#define LONG_COMPARE                                                                               \
+    "local a = 'a' for i = 1, 20 do a = a .. a end\n"                                              \
+    "local b = a .. ''\n"
+
+START_TEST(test_a_rule_comparing_long_strings_in_a_loop_meets_the_time_limit)
+{
+    rule("50-compare.lua", LONG_COMPARE "return function(event, out)\n"
+                                        "  local n = 0\n"
+                                        "  while true do if a < b then n = n + 1 end end\n"
+                                        "end\n");
+    build();
+    struct bounded res;
+    map_bounded(ENVELOPE(EV("t-1")), 60000, &res);
+    ck_assert_msg(res.finished, "mapping did not return within 60 s");
+    ck_assert_int_eq(res.rc, 0);
+    ck_assert_uint_eq(res.ndead, 1);
+    ck_assert_str_eq(res.reason, DEAD_RULE_LIMIT);
+    ck_assert_msg(contains(res.detail, "time limit exceeded"), "detail: %s", res.detail);
+    ck_assert_msg(contains(res.detail, "50-compare.lua"), "detail: %s", res.detail);
+}
+END_TEST
+
+START_TEST(test_top_level_code_comparing_long_strings_meets_the_time_limit)
+{
+    rule("30-compare.lua", LONG_COMPARE "while true do if a < b then end end\n"
+                                        "return function() end\n");
+    prepare();
+    struct bounded res;
+    bounded_run(child_rules_new, 60000, &res);
+    ck_assert_msg(res.finished, "rules_new did not return within 60 s");
+    ck_assert_int_eq(res.rc, -1);
+    ck_assert_msg(contains(res.err, "30-compare.lua"), "err: %s", res.err);
+    ck_assert_msg(contains(res.err, "time limit exceeded"), "err: %s", res.err);
+}
+END_TEST
+
 START_TEST(test_syntax_error_fails_rules_new_with_file_and_line)
 {
     rule("30-syntax.lua", "return function(event, out)\n  return {feed = }\nend\n");
@@ -1671,6 +1710,8 @@ static Suite *suite(void)
     tcase_add_test(tc, test_a_loop_of_matches_through_gmatch_hits_the_instruction_limit);
     tcase_add_test(tc, test_a_plain_search_too_large_for_one_call_is_refused);
     tcase_add_test(tc, test_one_slow_library_call_pays_at_most_an_eighth_of_the_budget);
+    tcase_add_test(tc, test_a_rule_comparing_long_strings_in_a_loop_meets_the_time_limit);
+    tcase_add_test(tc, test_top_level_code_comparing_long_strings_meets_the_time_limit);
     tcase_add_test(tc, test_a_second_slow_library_call_pays_its_cpu_time_in_full);
     tcase_add_test(tc, test_table_insert_refuses_a_table_with_a_len_metamethod);
     tcase_add_test(tc, test_one_files_globals_are_invisible_to_another);
