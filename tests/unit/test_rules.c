@@ -222,6 +222,20 @@ static void map_bounded(const char *body, long deadline_ms, struct bounded *res)
     bounded_run(child_map, deadline_ms, res);
 }
 
+/* Builds the engine, maps one event under a deadline and expects it in the
+ * dead-letter store with reason rule_limit; returns its detail. */
+static const char *one_event_hits_a_limit(long deadline_ms, struct bounded *res)
+{
+    build();
+    map_bounded(ENVELOPE(EV("l-1")), deadline_ms, res);
+    ck_assert_msg(res->finished, "rules_map did not return within %ld ms", deadline_ms);
+    ck_assert_int_eq(res->rc, 0);
+    ck_assert_uint_eq(res->nrecords, 0);
+    ck_assert_uint_eq(res->ndead, 1);
+    ck_assert_str_eq(res->reason, DEAD_RULE_LIMIT);
+    return res->detail;
+}
+
 /* ---- probes ------------------------------------------------------------- */
 
 /* Builds an engine whose only rule drops every event with tostring(expr) as the
@@ -830,14 +844,9 @@ START_TEST(test_infinite_loop_hits_the_instruction_limit)
 {
     ck_assert_int_eq(setenv("TRIBUTARY_RULES_INSTRUCTIONS", "100000", 1), 0);
     rule("50-loop.lua", LOOP_RULE);
-    build();
     struct bounded res;
-    map_bounded(ENVELOPE(EV("l-1")), 10000, &res);
-    ck_assert_msg(res.finished, "rules_map did not return within 10 s");
-    ck_assert_int_eq(res.rc, 0);
-    ck_assert_uint_eq(res.ndead, 1);
-    ck_assert_str_eq(res.reason, DEAD_RULE_LIMIT);
-    ck_assert_msg(contains(res.detail, "instruction"), "detail: %s", res.detail);
+    const char *detail = one_event_hits_a_limit(10000, &res);
+    ck_assert_msg(contains(detail, "instruction"), "detail: %s", detail);
 }
 END_TEST
 
@@ -1004,13 +1013,8 @@ START_TEST(test_pcall_cannot_swallow_the_instruction_limit)
                          "  return {feed = \"unbound\", batch = {},\n"
                          "          event = {event_type = \"uninstall\", data = {}}}\n"
                          "end\n");
-    build();
     struct bounded res;
-    map_bounded(ENVELOPE(EV("l-1")), 10000, &res);
-    ck_assert_msg(res.finished, "rules_map did not return within 10 s");
-    ck_assert_uint_eq(res.nrecords, 0);
-    ck_assert_uint_eq(res.ndead, 1);
-    ck_assert_str_eq(res.reason, DEAD_RULE_LIMIT);
+    one_event_hits_a_limit(10000, &res);
 }
 END_TEST
 
@@ -1023,13 +1027,8 @@ START_TEST(test_xpcall_cannot_swallow_the_instruction_limit)
          "  return {feed = \"unbound\", batch = {},\n"
          "          event = {event_type = \"uninstall\", data = {}, ok = ok}}\n"
          "end\n");
-    build();
     struct bounded res;
-    map_bounded(ENVELOPE(EV("l-1")), 10000, &res);
-    ck_assert_msg(res.finished, "rules_map did not return within 10 s");
-    ck_assert_uint_eq(res.nrecords, 0);
-    ck_assert_uint_eq(res.ndead, 1);
-    ck_assert_str_eq(res.reason, DEAD_RULE_LIMIT);
+    one_event_hits_a_limit(10000, &res);
 }
 END_TEST
 
@@ -1158,15 +1157,10 @@ START_TEST(test_a_rule_comparing_long_strings_in_a_loop_meets_the_time_limit)
                                         "  local n = 0\n"
                                         "  while true do if a < b then n = n + 1 end end\n"
                                         "end\n");
-    build();
     struct bounded res;
-    map_bounded(ENVELOPE(EV("t-1")), 60000, &res);
-    ck_assert_msg(res.finished, "mapping did not return within 60 s");
-    ck_assert_int_eq(res.rc, 0);
-    ck_assert_uint_eq(res.ndead, 1);
-    ck_assert_str_eq(res.reason, DEAD_RULE_LIMIT);
-    ck_assert_msg(contains(res.detail, "time limit exceeded"), "detail: %s", res.detail);
-    ck_assert_msg(contains(res.detail, "50-compare.lua"), "detail: %s", res.detail);
+    const char *detail = one_event_hits_a_limit(60000, &res);
+    ck_assert_msg(contains(detail, "time limit exceeded"), "detail: %s", detail);
+    ck_assert_msg(contains(detail, "50-compare.lua"), "detail: %s", detail);
 }
 END_TEST
 
