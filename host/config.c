@@ -41,7 +41,6 @@ static int optional(const struct key *k)
            strncmp(k->path, "tls.", 4) == 0 || strcmp(k->path, "mparticle.ca_bundle") == 0;
 }
 
-static const char *const ENVIRONMENTS[] = {"production", "development", NULL};
 static const char *const SYNC_MODES[] = {"full", "normal", NULL};
 static const char *const LOG_LEVELS[] = {"debug", "info", "warn", "error", NULL};
 static const char *const LOG_FORMATS[] = {"logfmt", "json", NULL};
@@ -61,7 +60,7 @@ static const struct key KEYS[] = {
     {"listen", K_STR, OFF(listen), 0, 0, NULL},
     {"data_dir", K_STR, OFF(data_dir), 0, 0, NULL},
     {"rules_dir", K_STR, OFF(rules_dir), 0, 0, NULL},
-    {"environment", K_ENUM, OFF(environment), 0, 0, ENVIRONMENTS},
+    {"environment", K_ENUM, OFF(environment), 0, 0, MPARTICLE_ENVIRONMENTS},
     {"inbound.tokens", K_SECRET_LIST, OFF(inbound_tokens), 0, 0, NULL},
     {"inbound.hmac_secrets", K_SECRET_LIST, OFF(inbound_hmac_secrets), 0, 0, NULL},
     {"inbound.require", K_ENUM, OFF(inbound_require), 0, 0, REQUIRE_MODES},

@@ -407,8 +407,9 @@ int mparticle_platform_known(const char *s)
     return one_of(platforms, s);
 }
 
+const char *const MPARTICLE_ENVIRONMENTS[] = {"production", "development", NULL};
+
 int mparticle_environment_known(const char *s)
 {
-    static const char *const environments[] = {"production", "development", NULL};
-    return one_of(environments, s);
+    return one_of(MPARTICLE_ENVIRONMENTS, s);
 }

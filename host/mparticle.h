@@ -67,6 +67,8 @@ int mparticle_event_type_known(const char *s);
 int mparticle_custom_event_type_known(const char *s);
 int mparticle_platform_known(const char *s);
 int mparticle_environment_known(const char *s);
+/* The environments, NULL-terminated (the configuration's `environment` too). */
+extern const char *const MPARTICLE_ENVIRONMENTS[];
 
 /* What the sender does with an answer. Only the statuses of the API's contract
  * (mparticle-events-api.md, "Responses") have a meaning; anything else did not

@@ -2373,7 +2373,7 @@ static enum queue_status requeue(queue *q, struct mapping *m, const int64_t *dea
 
 enum queue_status queue_requeue(queue *q, struct mapping *m, const int64_t *ids, size_t n)
 {
-    return requeue(q, m, ids, n, FEED_IOS, NULL, 0);
+    return requeue(q, m, ids, n, FEED_IOS /* no records: unused */, NULL, 0);
 }
 
 enum queue_status queue_move(queue *q, struct mapping *m, enum feed from, const int64_t *ids,

@@ -1055,12 +1055,16 @@ static int check_attributes(lua_State *L, int idx, const char *what, size_t max,
 }
 
 /* A string field of the table at idx that must be one of mParticle's names
- * (required: absent is an error too). */
+ * (required: absent is an error too). *value, when given, receives it (the
+ * table keeps it alive), or NULL. */
 static int check_name(lua_State *L, int idx, const char *field, const char *what, int required,
-                      int (*known)(const char *), char *err, size_t errlen)
+                      int (*known)(const char *), const char **value, char *err, size_t errlen)
 {
     int t = rawfield(L, idx, field);
-    int ok = t == LUA_TNIL ? !required : t == LUA_TSTRING && known(lua_tostring(L, -1));
+    const char *v = t == LUA_TSTRING ? lua_tostring(L, -1) : NULL;
+    if (value)
+        *value = v;
+    int ok = t == LUA_TNIL ? !required : v && known(v);
     if (!ok && t == LUA_TSTRING)
         str_printf(err, errlen, "%s.%s: \"%.64s\" is not one of mParticle's names", what, field,
                    lua_tostring(L, -1));
@@ -1075,12 +1079,11 @@ static int check_name(lua_State *L, int idx, const char *field, const char *what
  * against mParticle's schema; 0, or -1 with the field and the problem in err. */
 static int check_output(lua_State *L, int eventi, int batchi, char *err, size_t errlen)
 {
-    if (check_name(L, eventi, "event_type", "out.event", 1, mparticle_event_type_known, err,
+    const char *type;
+    if (check_name(L, eventi, "event_type", "out.event", 1, mparticle_event_type_known, &type, err,
                    errlen) != 0)
         return -1;
-    rawfield(L, eventi, "event_type");
-    int custom = strcmp(lua_tostring(L, -1), "custom_event") == 0;
-    lua_pop(L, 1);
+    int custom = strcmp(type, "custom_event") == 0;
     int rc = 0;
     int dt = rawfield(L, eventi, "data");
     int data = lua_gettop(L);
@@ -1106,7 +1109,7 @@ static int check_output(lua_State *L, int eventi, int batchi, char *err, size_t 
             lua_pop(L, 1);
             if (rc == 0)
                 rc = check_name(L, data, "custom_event_type", "out.event.data", 1,
-                                mparticle_custom_event_type_known, err, errlen);
+                                mparticle_custom_event_type_known, NULL, err, errlen);
         }
         if (rc == 0) {
             int at = rawfield(L, data, "custom_attributes");
@@ -1125,12 +1128,12 @@ static int check_output(lua_State *L, int eventi, int batchi, char *err, size_t 
     lua_pop(L, 1); /* data */
     if (rc != 0 || lua_type(L, batchi) != LUA_TTABLE)
         return rc;
-    if (check_name(L, batchi, "environment", "out.batch", 0, mparticle_environment_known, err,
+    if (check_name(L, batchi, "environment", "out.batch", 0, mparticle_environment_known, NULL, err,
                    errlen) != 0)
         return -1;
     if (rawfield(L, batchi, "device_info") == LUA_TTABLE)
         rc = check_name(L, lua_gettop(L), "platform", "out.batch.device_info", 0,
-                        mparticle_platform_known, err, errlen);
+                        mparticle_platform_known, NULL, err, errlen);
     lua_pop(L, 1);
     if (rc == 0 && rawfield(L, batchi, "user_attributes") == LUA_TTABLE)
         /* their number is checked with the batch's lines (flatten_batch) */

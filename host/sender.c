@@ -177,18 +177,17 @@ struct sender {
      * once the read that restores the batches is over */
     struct id_list emptied[FEED_COUNT];
     /* restoring the batches persisted before the last stop: */
-    int restore_pending;       /* a pass left batches behind: another follows */
+    int restore_pending;       /* the last pass left batches behind: another follows */
     int restore_unread;        /* the last pass could not read them all: claim nothing */
-    int restore_failed;        /* within a pass */
     int64_t restore_next;      /* monotonic ms of the next pass */
     int64_t restore_logged_ms; /* log_due */
     int restore_passes;
     int64_t restore_claims_upto; /* claims persisted before the start: rows up to this
                                   * (-1: not read yet); later ones are this run's */
     struct id_list restored;     /* the batches passes restored or removed */
+    size_t restored_sorted;      /* the first restored_sorted of them in order */
     ruleset *router_rs;          /* the rules reroute maps with, and their engine */
     rules *router;
-    size_t restored_sorted; /* the first restored_sorted of them in order */
 };
 
 /* ---- small helpers ------------------------------------------------------ */
@@ -1597,7 +1596,7 @@ static void load_batch(void *ctx, struct queue_batch *qb)
 fail:
     /* its records stay, the settled line stops below them, and the next pass
      * tries again */
-    s->restore_failed = 1;
+    s->restore_pending = 1;
     if (log_due(&s->restore_logged_ms))
         log_error("cannot restore a persisted batch; it stays in the queue and is tried again",
                   LOG_S("feed", FEED_NAMES[qb->feed]) LOG_S("batch", qb->source_request_id));
@@ -1769,7 +1768,7 @@ static void restore(struct sender *s, int64_t now)
         before += s->feeds[i].nbatches;
         s->feeds[i].unrestored = 0;
     }
-    s->restore_failed = 0;
+    s->restore_pending = 0;
     int64_t upto;
     if (s->restore_claims_upto < 0 && queue_last_claim(s->reader, &upto) == 0)
         s->restore_claims_upto = upto;
@@ -1780,7 +1779,7 @@ static void restore(struct sender *s, int64_t now)
     s->restored_sorted = s->restored.n;
     remove_emptied(s);
     if (s->restore_unread) {
-        s->restore_failed = 1;
+        s->restore_pending = 1;
         for (int i = 0; i < FEED_COUNT; i++)
             s->feeds[i].unrestored = 1;
         if (log_due(&s->restore_logged_ms))
@@ -1788,7 +1787,6 @@ static void restore(struct sender *s, int64_t now)
                       "read, tried again every second");
     }
     s->restore_passes++;
-    s->restore_pending = s->restore_failed;
     s->restore_next = now + RESTORE_RETRY_MS;
     size_t restored = 0;
     for (int i = 0; i < FEED_COUNT; i++)

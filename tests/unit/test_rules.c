@@ -1132,15 +1132,23 @@ START_TEST(test_memory_kept_from_an_earlier_event_counts_towards_that_event_only
 }
 END_TEST
 
+/* Loads the rules and expects building an engine to fail within deadline_ms;
+ * returns rules_new's message. */
+static const char *rules_new_fails(long deadline_ms, struct bounded *res)
+{
+    prepare();
+    bounded_run(child_rules_new, deadline_ms, res);
+    ck_assert_msg(res->finished, "rules_new did not return within %ld ms", deadline_ms);
+    ck_assert_int_eq(res->rc, -1);
+    return res->err;
+}
+
 START_TEST(test_top_level_infinite_loop_fails_rules_new_naming_the_file)
 {
     rule("30-forever.lua", "while true do end\nreturn function() end\n");
-    prepare();
     struct bounded res;
-    bounded_run(child_rules_new, 30000, &res);
-    ck_assert_msg(res.finished, "rules_new did not return within 30 s");
-    ck_assert_int_eq(res.rc, -1);
-    ck_assert_msg(contains(res.err, "30-forever.lua"), "err: %s", res.err);
+    const char *err = rules_new_fails(30000, &res);
+    ck_assert_msg(contains(err, "30-forever.lua"), "err: %s", err);
 }
 END_TEST
 
@@ -1168,13 +1176,10 @@ START_TEST(test_top_level_code_comparing_long_strings_meets_the_time_limit)
 {
     rule("30-compare.lua", LONG_COMPARE "while true do if a < b then end end\n"
                                         "return function() end\n");
-    prepare();
     struct bounded res;
-    bounded_run(child_rules_new, 60000, &res);
-    ck_assert_msg(res.finished, "rules_new did not return within 60 s");
-    ck_assert_int_eq(res.rc, -1);
-    ck_assert_msg(contains(res.err, "30-compare.lua"), "err: %s", res.err);
-    ck_assert_msg(contains(res.err, "time limit exceeded"), "err: %s", res.err);
+    const char *err = rules_new_fails(60000, &res);
+    ck_assert_msg(contains(err, "30-compare.lua"), "err: %s", err);
+    ck_assert_msg(contains(err, "time limit exceeded"), "err: %s", err);
 }
 END_TEST
 
