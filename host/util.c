@@ -89,49 +89,17 @@ static const char JSON_ESCAPE[256] = {
     [30] = 'u',   [31] = 'u',   ['"'] = '"',  ['\\'] = '\\', [127] = 'u',
 };
 
-/* Whether any of the 8 bytes of w needs an escape: a control byte (under
- * 0x20), '"', '\\' or DEL. The classic zero-byte test, (x - 0x01..) & ~x &
- * 0x80.., is exact about whether there is one; bytes of 0x80 and up (UTF-8)
- * never set it. */
-static int word_needs_escape(uint64_t w)
+/* Whether any of the 8 bytes of w needs a look: a control byte (under 0x20),
+ * '"', '\\', DEL, or a byte of 0x80 and up (UTF-8, checked for well-formed
+ * sequences). The classic zero-byte test, (x - 0x01..) & ~x & 0x80.., is exact
+ * about whether there is one. */
+static int word_needs_look(uint64_t w)
 {
     const uint64_t ones = 0x0101010101010101u, highs = 0x8080808080808080u;
     uint64_t quote = w ^ (ones * '"'), backslash = w ^ (ones * '\\'), del = w ^ (ones * 0x7f);
     uint64_t found = ((w - ones * 0x20) & ~w) | ((quote - ones) & ~quote) |
-                     ((backslash - ones) & ~backslash) | ((del - ones) & ~del);
+                     ((backslash - ones) & ~backslash) | ((del - ones) & ~del) | w;
     return (found & highs) != 0;
-}
-
-int buf_json_str(buf *b, const char *s, size_t n)
-{
-    static const char hex[] = "0123456789abcdef";
-    /* room for the common case, no escapes, at once */
-    if (n > SIZE_MAX - 2 || buf_reserve(b, n + 2) != 0)
-        return -1;
-    b->data[b->len++] = '"';
-    size_t run = 0; /* start of the pending run of bytes that need no escape */
-    for (size_t i = 0; i < n; i++) {
-        /* most text has no byte to escape: pass it 8 bytes at a time */
-        while (n - i >= 8) {
-            uint64_t w;
-            memcpy(&w, s + i, 8);
-            if (word_needs_escape(w))
-                break;
-            i += 8;
-        }
-        if (i == n)
-            break;
-        char e = JSON_ESCAPE[(unsigned char)s[i]];
-        if (!e)
-            continue;
-        char u[6] = {'\\', e, '0', '0', hex[((unsigned char)s[i]) >> 4], hex[s[i] & 15]};
-        if (buf_add(b, s + run, i - run) != 0 || buf_add(b, u, e == 'u' ? 6 : 2) != 0)
-            return -1;
-        run = i + 1;
-    }
-    if (buf_add(b, s + run, n - run) != 0)
-        return -1;
-    return buf_addc(b, '"');
 }
 
 /* The length of the well-formed UTF-8 sequence at p (n bytes left), or 0. */
@@ -161,6 +129,53 @@ static size_t utf8_sequence(const unsigned char *p, size_t n)
             return 0;
     }
     return len;
+}
+
+/* JSON text is UTF-8 (RFC 8259): a byte that does not start a well-formed
+ * sequence is written as U+FFFD, so that no reader refuses the whole text. */
+int buf_json_str(buf *b, const char *s, size_t n)
+{
+    static const char hex[] = "0123456789abcdef";
+    static const char replacement[] = "\xEF\xBF\xBD";
+    /* room for the common case, no escapes, at once */
+    if (n > SIZE_MAX - 2 || buf_reserve(b, n + 2) != 0)
+        return -1;
+    b->data[b->len++] = '"';
+    size_t run = 0; /* start of the pending run of bytes that pass as they are */
+    for (size_t i = 0; i < n; i++) {
+        /* most text is ASCII without a byte to escape: pass it 8 bytes at a time */
+        while (n - i >= 8) {
+            uint64_t w;
+            memcpy(&w, s + i, 8);
+            if (word_needs_look(w))
+                break;
+            i += 8;
+        }
+        if (i == n)
+            break;
+        unsigned char c = (unsigned char)s[i];
+        if (c >= 0x80) {
+            size_t len = utf8_sequence((const unsigned char *)s + i, n - i);
+            if (len > 0) {
+                i += len - 1;
+                continue;
+            }
+            if (buf_add(b, s + run, i - run) != 0 || buf_add(b, replacement, 3) != 0)
+                return -1;
+            run = i + 1;
+            continue;
+        }
+        char e = JSON_ESCAPE[c];
+        if (!e)
+            continue;
+        char u[6] = {'\\', e, '0', '0', hex[c >> 4], hex[c & 15]};
+        if (buf_add(b, s + run, i - run) != 0 || buf_add(b, u, e == 'u' ? 6 : 2) != 0)
+            return -1;
+        run = i + 1;
+    }
+    if (buf_add(b, s + run, n - run) != 0)
+        return -1;
+    return buf_addc(b, '"');
 }
 
 size_t utf8_sanitize(char *s, size_t n, size_t max)

@@ -83,7 +83,8 @@ WUR static inline int buf_addc(buf *b, char c)
 int buf_adds(buf *b, const char *s) WUR;
 int buf_printf(buf *b, const char *fmt, ...) PRINTF(2, 3) WUR;
 int buf_vprintf(buf *b, const char *fmt, va_list ap) WUR;
-/* Appends s as a quoted, escaped JSON string. Invalid UTF-8 is passed through. */
+/* Appends s as a quoted, escaped JSON string. A byte that does not begin a
+ * well-formed UTF-8 sequence is written as U+FFFD. */
 int buf_json_str(buf *b, const char *s, size_t n) WUR;
 /* Makes s[0..n) valid UTF-8 in place: each byte that does not begin a
  * well-formed sequence (RFC 3629) becomes '?'. Returns the length of the

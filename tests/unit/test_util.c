@@ -64,6 +64,34 @@ START_TEST(test_buf_json_str_escapes_every_control_byte_and_delete)
 }
 END_TEST
 
+/* JSON text must be UTF-8: what is not becomes U+FFFD, a byte at a time,
+ * and well-formed sequences of every length pass unchanged. */
+START_TEST(test_buf_json_str_writes_what_is_not_utf8_as_the_replacement_character)
+{
+    static const struct {
+        const char *in, *want;
+    } cases[] = {
+        {"caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80",
+         "\"caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80\""},
+        {"c\xff", "\"c\xef\xbf\xbd\""},                                 /* never UTF-8 */
+        {"b\xc3(", "\"b\xef\xbf\xbd(\""},                               /* a sequence cut short */
+        {"\xed\xa0\x80z", "\"\xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbdz\""}, /* a surrogate */
+        {"\xc0\xaf", "\"\xef\xbf\xbd\xef\xbf\xbd\""},                   /* overlong '/' */
+        {"\xf4\x90\x80\x80",
+         "\"\xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd\""},     /* past U+10FFFF */
+        {"abcdefgh\xe2\x82", "\"abcdefgh\xef\xbf\xbd\xef\xbf\xbd\""}, /* cut at the end */
+        {"\"\x80\n", "\"\\\"\xef\xbf\xbd\\n\""},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        buf b;
+        buf_init(&b, 1024);
+        ck_assert_int_eq(buf_json_str(&b, cases[i].in, strlen(cases[i].in)), 0);
+        ck_assert_msg(strcmp(b.data, cases[i].want) == 0, "case %zu: %s", i, b.data);
+        buf_free(&b);
+    }
+}
+END_TEST
+
 /* Long strings pass 8 bytes at a time: every byte value at every position of
  * a 19-byte string (two words and a tail) must come out as the escape table says. */
 START_TEST(test_buf_json_str_escapes_every_byte_at_every_position_of_a_long_string)
@@ -81,6 +109,8 @@ START_TEST(test_buf_json_str_escapes_every_byte_at_every_position_of_a_long_stri
                                  : 't');
         else if (c < 0x20 || c == 0x7f)
             snprintf(expect_mid, sizeof expect_mid, "\\u%04x", c);
+        else if (c >= 0x80) /* alone, no byte of 0x80 and up is UTF-8: U+FFFD */
+            snprintf(expect_mid, sizeof expect_mid, "\xEF\xBF\xBD");
         else
             snprintf(expect_mid, sizeof expect_mid, "%c", c);
         for (size_t pos = 0; pos < 19; pos++) {
@@ -115,7 +145,9 @@ static void escape_byte(buf *b, unsigned char c)
 }
 
 /* Random strings of bytes that need an escape and bytes that do not, next to
- * each other in every arrangement, against the byte-by-byte reference. */
+ * each other in every arrangement, against the byte-by-byte reference. Of the
+ * bytes of 0x80 and up here, only 0xc3 followed by 0x80 or 0xa9 is UTF-8 (À,
+ * é); every other such byte is written as U+FFFD. */
 START_TEST(test_buf_json_str_matches_a_byte_by_byte_escape_on_random_strings)
 {
     static const unsigned char alphabet[] = {'a',  '"',  '\\', 0,    0x1f, '\n',
@@ -133,8 +165,18 @@ START_TEST(test_buf_json_str_matches_a_byte_by_byte_escape_on_random_strings)
         buf_init(&want, 1024);
         ck_assert_int_eq(buf_json_str(&got, in, n), 0);
         (void)!buf_addc(&want, '"');
-        for (size_t i = 0; i < n; i++)
-            escape_byte(&want, (unsigned char)in[i]);
+        for (size_t i = 0; i < n; i++) {
+            unsigned char c = (unsigned char)in[i];
+            unsigned char next = i + 1 < n ? (unsigned char)in[i + 1] : 0;
+            if (c == 0xc3 && (next == 0x80 || next == 0xa9)) {
+                (void)!buf_add(&want, in + i, 2);
+                i++;
+            } else if (c >= 0x80) {
+                (void)!buf_adds(&want, "\xEF\xBF\xBD");
+            } else {
+                escape_byte(&want, c);
+            }
+        }
         (void)!buf_addc(&want, '"');
         ck_assert_uint_eq(got.len, want.len);
         ck_assert_msg(memcmp(got.data, want.data, want.len) == 0, "round %d: %s against %s", round,
@@ -268,6 +310,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_buf_reserve_takes_the_room_at_once);
     tcase_add_test(tc, test_json_string_escapes_quotes_controls_and_backslashes);
     tcase_add_test(tc, test_buf_json_str_escapes_every_control_byte_and_delete);
+    tcase_add_test(tc, test_buf_json_str_writes_what_is_not_utf8_as_the_replacement_character);
     tcase_add_test(tc, test_buf_json_str_escapes_every_byte_at_every_position_of_a_long_string);
     tcase_add_test(tc, test_buf_json_str_matches_a_byte_by_byte_escape_on_random_strings);
     tcase_add_test(tc, test_utf8_sanitize_replaces_what_is_not_utf8_and_cuts_between_characters);
