@@ -21,13 +21,24 @@
  * of the states; a request waits for a free engine otherwise. An engine built
  * for an older ruleset is rebuilt when borrowed, so a reload reaches every
  * engine between requests and no request is cut in half; one that a limit may
- * have damaged is dropped on return. */
+ * have damaged is dropped on return.
+ *
+ * A ruleset passed its checks when it was loaded, but building an engine runs
+ * its files' top level again, which can fail later (code that reads the time,
+ * a limit met on a busy machine). Then requests are mapped with the newest
+ * ruleset an engine was built for, and the ruleset in force is tried again
+ * every ENGINE_RETRY_MS. */
+#define ENGINE_RETRY_MS 1000
+
 struct ingest_engines {
     pthread_mutex_t mu;
     pthread_cond_t freed;
     rules **idle;
     size_t nidle;
-    size_t size, out; /* capacity; borrowed or being built */
+    size_t size, out;  /* capacity; borrowed or being built */
+    ruleset *good;     /* the newest ruleset an engine was built for, or NULL */
+    ruleset *failed;   /* the newest one that failed to build, or NULL */
+    int64_t failed_at; /* when it was last tried (monotonic ms) */
 };
 
 int ingest_init(struct ingest *in, queue *q, int engines)
@@ -57,6 +68,8 @@ void ingest_fini(struct ingest *in)
     for (size_t i = 0; i < e->nidle; i++)
         rules_free(e->idle[i]);
     free(e->idle);
+    ruleset_unref(e->good);
+    ruleset_unref(e->failed);
     pthread_mutex_destroy(&e->mu);
     pthread_cond_destroy(&e->freed);
     free(e);
@@ -85,31 +98,99 @@ static void give_back(struct ingest_engines *e, rules *r)
     pthread_mutex_unlock(&e->mu);
 }
 
+/* Whether a and b are the same rule files and values (a reload that changed
+ * nothing loads a new ruleset of the same version): a failure is logged once. */
+static int same_rules(const ruleset *a, const ruleset *b)
+{
+    return a == b || (a && b && strcmp(ruleset_version(a), ruleset_version(b)) == 0);
+}
+
+/* [under e->mu] An idle engine built for rs, taken from the pool, or NULL. */
+static rules *take_idle(struct ingest_engines *e, const ruleset *rs)
+{
+    for (size_t i = e->nidle; rs && i-- > 0;) {
+        if (rules_ruleset(e->idle[i]) == rs) {
+            rules *r = e->idle[i];
+            e->idle[i] = e->idle[--e->nidle];
+            return r;
+        }
+    }
+    return NULL;
+}
+
+/* [under e->mu] Makes *slot hold a reference on rs (or NULL). */
+static void set_ruleset(ruleset **slot, ruleset *rs)
+{
+    if (*slot == rs)
+        return;
+    ruleset_unref(*slot);
+    *slot = rs ? ruleset_ref(rs) : NULL;
+}
+
+/* An engine for rs, or, while rs cannot be built, for the newest ruleset that
+ * could (see above). NULL when neither can be built, with the reason in err. */
 static rules *borrow(struct ingest_engines *e, ruleset *rs, char *err, size_t errlen)
 {
+    int64_t now = clock_mono_ms();
     pthread_mutex_lock(&e->mu);
     while (e->nidle == 0 && e->out >= e->size)
         pthread_cond_wait(&e->freed, &e->mu);
-    rules *r = NULL;
-    /* prefer an engine already built for this ruleset */
-    for (size_t i = e->nidle; i-- > 0;) {
-        if (rules_ruleset(e->idle[i]) == rs) {
-            r = e->idle[i];
-            e->idle[i] = e->idle[--e->nidle];
-            break;
+    e->out++;
+    rules *r = take_idle(e, rs);
+    int try_rs = !r && (!same_rules(e->failed, rs) || now - e->failed_at >= ENGINE_RETRY_MS);
+    if (try_rs && same_rules(e->failed, rs))
+        e->failed_at = now; /* one borrower tries again; the others map as before */
+    if (!r && !try_rs)
+        r = take_idle(e, e->good);
+    /* an engine of an older ruleset: replaced, or the fallback if it is the good one */
+    rules *spare = !r && e->nidle ? e->idle[--e->nidle] : NULL;
+    ruleset *good = e->good ? ruleset_ref(e->good) : NULL;
+    pthread_mutex_unlock(&e->mu);
+    if (r) {
+        ruleset_unref(good);
+        return r;
+    }
+
+    if (try_rs) {
+        if (rules_new(&r, rs, err, errlen) == 0) {
+            pthread_mutex_lock(&e->mu);
+            set_ruleset(&e->good, rs);
+            int recovered = same_rules(e->failed, rs);
+            set_ruleset(&e->failed, NULL); /* or one no longer in force */
+            pthread_mutex_unlock(&e->mu);
+            if (recovered)
+                log_info("the rules in force build again",
+                         LOG_S("rules_version", ruleset_version(rs)));
+            rules_free(spare);
+            ruleset_unref(good);
+            return r;
+        }
+        metrics_add(M_RULE_ENGINE_FAILURES, 1);
+        pthread_mutex_lock(&e->mu);
+        int first = !same_rules(e->failed, rs);
+        set_ruleset(&e->failed, rs);
+        e->failed_at = now;
+        pthread_mutex_unlock(&e->mu);
+        if (first)
+            log_error("cannot build an engine for the rules in force; the previous rules map "
+                      "until they build (tried again every second)",
+                      LOG_S("rules_version", ruleset_version(rs)) LOG_S("error", err)
+                          LOG_S("previous_rules_version", good ? ruleset_version(good) : ""));
+    }
+    if (good && good != rs) {
+        if (spare && rules_ruleset(spare) == good) {
+            r = spare;
+            spare = NULL;
+        } else {
+            char fallback_err[ERR_LEN]; /* err keeps why the rules in force failed */
+            if (rules_new(&r, good, fallback_err, sizeof fallback_err) != 0)
+                r = NULL;
         }
     }
-    if (!r && e->nidle)
-        r = e->idle[--e->nidle]; /* an older generation: rebuilt below */
-    e->out++;
-    pthread_mutex_unlock(&e->mu);
-    if (r && rules_ruleset(r) == rs)
-        return r;
-    rules_free(r);
-    if (rules_new(&r, rs, err, errlen) != 0) {
+    rules_free(spare);
+    ruleset_unref(good);
+    if (!r)
         give_back(e, NULL);
-        return NULL;
-    }
     return r;
 }
 
@@ -219,6 +300,7 @@ void ingest_handle(struct ingest *in, const struct ingest_request *req,
     mapping_init(&m);
     char err[ERR_LEN];
 
+    ruleset *mapped_by = NULL;
     rules *r = borrow(in->engines, s.rs, err, sizeof err);
     struct input_error ie;
     if (!r) {
@@ -226,6 +308,8 @@ void ingest_handle(struct ingest *in, const struct ingest_request *req,
         respond_error(resp, 503, RETRY_AFTER_ERROR, "rules unavailable", -1, NULL);
         goto done;
     }
+    /* the ruleset that maps: the fallback's while the one in force cannot */
+    mapped_by = ruleset_ref(rules_ruleset(r));
     struct timespec a, b;
     clock_gettime(CLOCK_MONOTONIC, &a);
     int mapped = rules_map(r, req->body, req->len, INPUT_ENVELOPE, &m, &ie);
@@ -272,7 +356,7 @@ void ingest_handle(struct ingest *in, const struct ingest_request *req,
 
     metrics_add(M_EVENTS_RECEIVED, m.nevents);
     if (m.nevents)
-        metrics_mapped(ruleset_version(s.rs), m.nevents);
+        metrics_mapped(ruleset_version(mapped_by), m.nevents);
     metrics_add(M_EVENTS_QUEUED, res.queued);
     metrics_add(M_EVENTS_DUPLICATE, res.duplicates);
     count_dropped(&m);
@@ -286,11 +370,12 @@ void ingest_handle(struct ingest *in, const struct ingest_request *req,
                    "{\"accepted\":%zu,\"forwarded\":%zu,\"filtered\":%zu,\"skipped\":%zu,"
                    "\"duplicates\":%zu,\"quarantined\":%zu,\"rules_version\":\"%s\"}",
                    m.nevents, res.queued, filtered, m.dropped[DROP_NO_EXTERNAL_ID], res.duplicates,
-                   res.quarantined, ruleset_version(s.rs)) != 0)
+                   res.quarantined, ruleset_version(mapped_by)) != 0)
         buf_reset(&resp->body);
 done:
     if (r)
         give_back(in->engines, r);
     mapping_free(&m);
+    ruleset_unref(mapped_by);
     reload_put(&s);
 }

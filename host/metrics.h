@@ -22,6 +22,7 @@ enum counter {
     M_RULE_RELOADS,
     M_RULE_RELOAD_FAILURES,
     M_RULE_STATE_REBUILDS,
+    M_RULE_ENGINE_FAILURES, /* an engine for the rules in force failed to build */
     M_AUTH_FAILURES,
     M_AUTH_THROTTLED,
     M_COUNTER_COUNT

@@ -1,6 +1,7 @@
 """Hot reload: SIGHUP, /admin/reload, rules_dir changes; the sandbox limits."""
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -120,6 +121,39 @@ class Reload(ServiceTest):
         self.assertEqual(after.json()["rules_version"], before)
         self.assertGreaterEqual(s.metrics()["tributary_rule_reload_failures_total"], 1)
         self.assertIn("reload refused", s.logs())
+
+    def test_rules_whose_engines_stop_building_after_the_reload_map_with_the_previous_ones(self):
+        # The reload builds the new rules once and accepts them; each worker
+        # builds its own engine later, running the files' top level again.
+        # Here that top level fails during a window of time.
+        rules = self.rules_dir()
+        s = self.service(rules_dir=rules, env={"TRIBUTARY_ADMIN_TOKEN": ADMIN})
+        before = s.post([event()]).json()["rules_version"]
+        start = math.ceil(time.time() + 2 * SLOW)
+        end = start + math.ceil(2 * SLOW)
+        with open(os.path.join(rules, "60-window.lua"), "w") as f:
+            f.write("local now = os.time()\n"
+                    "if now >= %d and now < %d then error('campaign paused') end\n"
+                    "return function(e, out) end\n" % (start, end))
+        r = self.admin_reload(s)
+        self.assertEqual(r.status, 200, r)
+        in_force = r.json()["rules_version"]
+        self.assertNotEqual(in_force, before)
+
+        time.sleep(max(0.0, start - time.time()) + 0.2)
+        for _ in range(3):
+            r = s.post([event()])
+            self.assertEqual(r.status, 200, r)
+            self.assertEqual(r.json()["rules_version"], before)
+        self.assertEqual(s.logs().count("cannot build an engine for the rules in force"), 1)
+        self.assertIn("campaign paused", s.logs())
+        self.assertGreaterEqual(s.metrics()["tributary_rule_engine_failures_total"], 1)
+
+        time.sleep(max(0.0, end - time.time()) + 1.2)  # past the window, and a retry due
+        r = s.post([event()])
+        self.assertEqual(r.status, 200, r)
+        self.assertEqual(r.json()["rules_version"], in_force)
+        self.assertIn("the rules in force build again", s.logs())
 
     def test_a_failing_rule_test_refuses_the_reload(self):
         rules = self.rules_dir()
