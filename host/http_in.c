@@ -53,6 +53,11 @@ struct http_in {
     int watchdog_started;
     int stopping;
     pthread_t watchdog;
+    /* Requests that began before the drain at shutdown and are not over yet
+     * (under conns_mu); http_in_drain waits for them. */
+    int in_progress;
+    int draining;
+    pthread_cond_t drained_cv;
     /* The first complaint of libmicrohttpd while the daemon starts (why it
      * could not listen), for the error http_in_start returns. */
     pthread_mutex_t start_mu;
@@ -71,6 +76,7 @@ struct req {
     int no_memory;       /* the body could not be kept: our trouble, 503 */
     int unwanted_body;   /* a body came for a route that takes none (never stored) */
     int unauthenticated; /* counted against UNAUTHENTICATED_BODY_BUDGET */
+    int tracked;         /* counted in in_progress */
     size_t counted;
     struct timespec start;
     buf body;
@@ -80,6 +86,8 @@ struct req {
 
 static _Atomic uint64_t request_seq;
 static _Atomic size_t unauthenticated_bytes;
+/* Set by http_in_drain: every answer closes its connection. */
+static _Atomic int closing_connections;
 
 static double elapsed(const struct timespec *start)
 {
@@ -102,6 +110,8 @@ static enum MHD_Result reply(struct MHD_Connection *c, struct req *r, int status
         snprintf(v, sizeof v, "%d", retry_after);
         MHD_add_response_header(resp, MHD_HTTP_HEADER_RETRY_AFTER, v);
     }
+    if (atomic_load(&closing_connections))
+        MHD_add_response_header(resp, MHD_HTTP_HEADER_CONNECTION, "close");
     if (status == 405)
         MHD_add_response_header(resp, MHD_HTTP_HEADER_ALLOW,
                                 r->route == R_CURRENTS || r->route == R_ADMIN_RELOAD ? "POST"
@@ -527,6 +537,12 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
             return MHD_NO;
         *con_cls = r;
         clock_gettime(CLOCK_MONOTONIC, &r->start);
+        pthread_mutex_lock(&h->conns_mu);
+        if (!h->draining) {
+            h->in_progress++;
+            r->tracked = 1;
+        }
+        pthread_mutex_unlock(&h->conns_mu);
         const char *rid = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "X-Request-Id");
         if (rid && strlen(rid) < sizeof r->id &&
             strspn(rid, "abcdefghijklmnopqrstuvwxyz"
@@ -657,6 +673,12 @@ static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls,
     struct req *r = *con_cls;
     if (!r)
         return;
+    if (r->tracked) {
+        pthread_mutex_lock(&h->conns_mu);
+        if (--h->in_progress == 0)
+            pthread_cond_broadcast(&h->drained_cv);
+        pthread_mutex_unlock(&h->conns_mu);
+    }
     atomic_fetch_sub(&unauthenticated_bytes, r->counted);
     buf_free(&r->body);
     free(r);
@@ -705,6 +727,7 @@ int http_in_start(http_in **out, struct ingest *in, const struct http_in_options
         h->hooks = *hooks;
     pthread_mutex_init(&h->conns_mu, NULL);
     pthread_cond_init(&h->conns_cv, NULL);
+    pthread_cond_init(&h->drained_cv, NULL);
     pthread_mutex_init(&h->start_mu, NULL);
     /* A thread per connection: a request waiting for its commit holds only its
      * own connection, and requests of every connection can share a commit. The
@@ -719,6 +742,7 @@ int http_in_start(http_in **out, struct ingest *in, const struct http_in_options
             freeaddrinfo(ai);
             pthread_mutex_destroy(&h->conns_mu);
             pthread_cond_destroy(&h->conns_cv);
+            pthread_cond_destroy(&h->drained_cv);
             pthread_mutex_destroy(&h->start_mu);
             free(h);
             return -1;
@@ -761,6 +785,7 @@ int http_in_start(http_in **out, struct ingest *in, const struct http_in_options
                    h->start_error[0] ? h->start_error : "address in use or not available");
         pthread_mutex_destroy(&h->conns_mu);
         pthread_cond_destroy(&h->conns_cv);
+        pthread_cond_destroy(&h->drained_cv);
         pthread_mutex_destroy(&h->start_mu);
         free(h);
         return -1;
@@ -778,6 +803,36 @@ int http_in_port(const http_in *h)
     return h->port;
 }
 
+void http_in_drain(http_in *h, int64_t grace_ms)
+{
+    if (!h)
+        return;
+    atomic_store(&closing_connections, 1);
+    int64_t deadline = clock_mono_ms() + grace_ms;
+    pthread_mutex_lock(&h->conns_mu);
+    h->draining = 1;
+    while (h->in_progress > 0) {
+        int64_t left = deadline - clock_mono_ms();
+        if (left <= 0)
+            break;
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_sec += left / 1000;
+        ts.tv_nsec += (left % 1000) * 1000000;
+        if (ts.tv_nsec >= 1000000000) {
+            ts.tv_sec++;
+            ts.tv_nsec -= 1000000000;
+        }
+        pthread_cond_timedwait(&h->drained_cv, &h->conns_mu, &ts);
+    }
+    int left = h->in_progress;
+    pthread_mutex_unlock(&h->conns_mu);
+    if (left > 0)
+        log_warn("stopping with requests still in progress; they are cut off, and Braze sends "
+                 "them again",
+                 LOG_I("requests", left) LOG_I("grace_ms", grace_ms));
+}
+
 void http_in_stop(http_in *h)
 {
     if (!h)
@@ -792,6 +847,7 @@ void http_in_stop(http_in *h)
     MHD_stop_daemon(h->d);
     pthread_mutex_destroy(&h->conns_mu);
     pthread_cond_destroy(&h->conns_cv);
+    pthread_cond_destroy(&h->drained_cv);
     pthread_mutex_destroy(&h->start_mu);
     free(h);
 }

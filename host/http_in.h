@@ -55,7 +55,12 @@ int http_in_start(http_in **out, struct ingest *in, const struct http_in_options
                   const struct http_in_hooks *hooks, char *err, size_t errlen) WUR;
 /* The port actually bound (useful with port 0). */
 int http_in_port(const http_in *h);
-/* Stops accepting, waits for requests in progress, frees. Accepts NULL. */
+/* For shutdown, once new batches are refused (ingest's draining): every answer
+ * now closes its connection, and this waits, for up to grace_ms, until the
+ * requests that began before are answered (one waiting for its commit gets
+ * its 200, one still arriving its 503), so none is cut off mid-way. */
+void http_in_drain(http_in *h, int64_t grace_ms);
+/* Stops the server (open connections are closed) and frees it. Accepts NULL. */
 void http_in_stop(http_in *h);
 
 #endif

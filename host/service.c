@@ -329,10 +329,12 @@ int service_run(const char *config_path)
 
     rc = wait_for_stop(wfd);
 done:
-    /* New batches get 503 while the sender finishes its in-flight requests;
-     * then the server stops (after the requests in progress) and the queue
-     * closes. */
+    /* New batches get 503; the requests in progress are answered, then the
+     * sender finishes its in-flight requests, and then the server stops and
+     * the queue closes. Each wait is at most SHUTDOWN_GRACE_MS, within the
+     * unit's TimeoutStopSec. */
     atomic_store(&s.in.draining, 1);
+    http_in_drain(s.http, SHUTDOWN_GRACE_MS);
     sender_stop(s.sender, SHUTDOWN_GRACE_MS);
     http_in_stop(s.http);
     sender_free(s.sender); /* after the server: /readyz and /metrics ask it */

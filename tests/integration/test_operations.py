@@ -3,11 +3,12 @@
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import time
 
-from harness import BIN, ROOT, SLOW, Service, ServiceTest, event
+from harness import BIN, ROOT, SLOW, TOKEN, Service, ServiceTest, event
 from mparticle_double import MParticleDouble
 
 FEEDS = {"unbound": ("u-key", "u-secret"), "ios": ("i-key", "i-secret")}
@@ -183,6 +184,34 @@ class Listening(ServiceTest):
         client.close()
         s.start()
         self.assertEqual(s.post([event()]).status, 200)
+
+
+class Shutdown(ServiceTest):
+    def test_a_request_still_arriving_at_sigterm_gets_503_instead_of_a_cut_connection(self):
+        s = self.service()
+        body = json.dumps({"events": [event()]}).encode()
+        client = socket.create_connection(("127.0.0.1", s.port))
+        self.addCleanup(client.close)
+        client.sendall(b"POST /currents HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       b"Authorization: Bearer " + TOKEN.encode() + b"\r\n"
+                       b"Content-Length: %d\r\n\r\n" % len(body) + body[:10])
+        time.sleep(0.3 * SLOW)  # the headers are read: the request has begun
+        s.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5 * SLOW)
+        self.assertIsNone(s.proc.poll(), "the service stopped before the request was answered")
+        client.sendall(body[10:])
+        client.settimeout(10 * SLOW)
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.endswith(b"}"):
+            chunk = client.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+        self.assertTrue(answer.startswith(b"HTTP/1.1 503"), answer)
+        self.assertIn(b"shutting down", answer)
+        self.assertIn(b"Connection: close", answer)
+        self.assertIn(b"Retry-After:", answer)
+        self.assertEqual(s.stop(), 0)
 
 
 class Install(ServiceTest):
