@@ -984,6 +984,12 @@ static void check(struct config *c, struct errs *e, int serving)
         if (!fc->key != !fc->secret)
             errs_add(e, "feeds.%s: key and secret must be set together (only the %s is set)",
                      FEED_NAMES[f], fc->key ? "key" : "secret");
+        const char *parts[] = {fc->key, fc->secret}, *names[] = {"key", "secret"};
+        for (int i = 0; i < 2; i++) {
+            if (parts[i] && strlen(parts[i]) > MPARTICLE_MAX_CREDENTIAL_CHARS)
+                errs_add(e, "feeds.%s.%s: longer than %d characters (mParticle's are far shorter)",
+                         FEED_NAMES[f], names[i], MPARTICLE_MAX_CREDENTIAL_CHARS);
+        }
         if (fc->url) {
             char what[64];
             snprintf(what, sizeof what, "feeds.%s.url", FEED_NAMES[f]);

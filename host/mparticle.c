@@ -268,7 +268,7 @@ int64_t mparticle_retry_after(const char *value, int64_t now_s, int64_t min_s, i
     return secs;
 }
 
-void mparticle_basic_auth(const char *key, const char *secret, char *out, size_t outlen)
+int mparticle_basic_auth(const char *key, const char *secret, char *out, size_t outlen)
 {
     size_t kn = strlen(key), sn = strlen(secret);
     size_t n = kn + 1 + sn;
@@ -278,7 +278,7 @@ void mparticle_basic_auth(const char *key, const char *secret, char *out, size_t
         free(plain);
         if (outlen)
             out[0] = '\0';
-        return;
+        return -1;
     }
     memcpy(plain, key, kn);
     plain[kn] = ':';
@@ -288,6 +288,7 @@ void mparticle_basic_auth(const char *key, const char *secret, char *out, size_t
     /* the plain credentials never linger in freed memory */
     explicit_bzero(plain, n);
     free(plain);
+    return 0;
 }
 
 static size_t skip_space(const char *s, size_t i, size_t n)

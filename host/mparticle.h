@@ -92,8 +92,14 @@ const char *mparticle_action_name(enum mp_action a);
  * (UNIX seconds) and clamps it to [min_s, max_s]. -1 when absent or invalid. */
 int64_t mparticle_retry_after(const char *value, int64_t now_s, int64_t min_s, int64_t max_s);
 
-/* "Basic base64(key:secret)" into out (at least 4*((klen+slen+3)/3)+8 bytes). */
-void mparticle_basic_auth(const char *key, const char *secret, char *out, size_t outlen);
+/* Feed keys and secrets are refused above this length (mParticle's are far
+ * shorter), so that an Authorization header always fits MPARTICLE_AUTH_MAX. */
+#define MPARTICLE_MAX_CREDENTIAL_CHARS 256
+#define MPARTICLE_AUTH_MAX (6 + 4 * ((2 * MPARTICLE_MAX_CREDENTIAL_CHARS + 3) / 3) + 1)
+
+/* "Basic base64(key:secret)" into out (at least 4*((klen+slen+3)/3)+8 bytes).
+ * -1, with out empty, when it does not fit or memory runs out. */
+int mparticle_basic_auth(const char *key, const char *secret, char *out, size_t outlen) WUR;
 
 /* The event's data.timestamp_unixtime_ms, read from the event object's JSON
  * (as the rules' output is written); -1 when it has none. */

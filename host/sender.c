@@ -784,7 +784,7 @@ static void claim_feed(struct sender *s, struct feed_state *f, int64_t now, stru
     int64_t waited = wall_to_age_ms(peek.items[0].received_ms);
     queue_items_free(&peek);
     if (waited < 0)
-        waited = 0; /* the clock went back: do not wait for it */
+        waited = INT64_MAX; /* the clock went back: they came before, they are due */
     int64_t linger = s->cfg->batch_linger_ms;
     if (waited < linger) {
         f->next_claim = now + (linger - waited);
@@ -986,9 +986,9 @@ static int start_request(struct sender *s, struct feed_state *f, struct pbatch *
     int historical = class_of(batches[0], clock_wall_ms()) == EP_HISTORICAL;
     snprintf(url, sizeof url, "%.*s%s", (int)bl, base,
              historical ? MPARTICLE_HISTORICAL_PATH : MPARTICLE_BULK_PATH);
-    char auth[1024];
-    mparticle_basic_auth(fc->key, fc->secret, auth, sizeof auth);
-    char header[1100];
+    char auth[MPARTICLE_AUTH_MAX], header[MPARTICLE_AUTH_MAX + 32];
+    if (mparticle_basic_auth(fc->key, fc->secret, auth, sizeof auth) != 0)
+        goto fail; /* credentials over the configuration's limit cannot get here */
     snprintf(header, sizeof header, "Authorization: %s", auth);
     r->headers = curl_slist_append(r->headers, "Content-Type: application/json");
     r->headers = curl_slist_append(r->headers, header);
@@ -1370,11 +1370,11 @@ static void answer_excerpt(const struct config *cfg, const buf *response, char *
         mask(out, n, fc->secret);
         /* the credentials of the Authorization header without the scheme, as
          * sent and JSON-escaped */
-        char auth[1024], escaped[2048];
-        if (!fc->key || !fc->secret)
+        char auth[MPARTICLE_AUTH_MAX], escaped[2 * MPARTICLE_AUTH_MAX];
+        if (!fc->key || !fc->secret ||
+            mparticle_basic_auth(fc->key, fc->secret, auth, sizeof auth) != 0)
             continue;
-        mparticle_basic_auth(fc->key, fc->secret, auth, sizeof auth);
-        const char *b64 = auth[0] ? auth + 6 : "";
+        const char *b64 = auth + 6;
         mask(out, n, b64);
         size_t e = 0;
         for (const char *c = b64; *c; c++) {
@@ -1410,7 +1410,9 @@ static void dead_letter(struct sender *s, struct request *r, int status)
 /* 400 or 413: halve the requests these batches may travel in; a lone batch of
  * several events is split, so that a 400 ends up with the one event mParticle
  * refuses (a user's batch holds that user's events, good ones too); a lone
- * event is dead-lettered. */
+ * event refused with 400 is dead-lettered. A 413 for one event, far below
+ * mParticle's batch limit, says that something in between limits bodies: the
+ * event is kept, as for any unexpected answer. */
 static void on_refused_content(struct sender *s, struct request *r, int status,
                                enum mp_action action)
 {
@@ -1437,7 +1439,10 @@ static void on_refused_content(struct sender *s, struct request *r, int status,
             retry_later(s, r, status, "cannot split the batch");
         return;
     }
-    dead_letter(s, r, status);
+    if (action == MP_REJECTED)
+        dead_letter(s, r, status);
+    else
+        on_unexpected(s, r, status);
 }
 
 static void finish(struct sender *s, CURLMsg *msg)

@@ -441,6 +441,42 @@ class Delivery(ServiceTest):
         self.assertEqual(sum(delivered), 30)
         self.assertLess(max(delivered), 30)
 
+    def test_a_413_for_a_single_event_keeps_it_until_the_body_limit_in_between_is_lifted(self):
+        # An egress proxy with a small body limit answers 413 to every request:
+        # splitting ends at single events, which are far below mParticle's
+        # limit and are not mParticle's to refuse.
+        d = self.double()
+        d.fail(413)
+        s = self.service(env=feed_env(d, TRIBUTARY_BATCH_LINGER_MS=100))
+        events = [event("users.messages.email.Send", user="p%d" % (i % 3)) for i in range(9)]
+        self.assertEqual(s.post(events).status, 200)
+        self.wait(lambda: "unexpected answer from mParticle" in s.logs(),
+                  what="a 413 for a single event")
+        time.sleep(0.3)
+        self.assertEqual(json.loads(s.cli(["dlq", "list", "--json"]).stdout), [])
+        d.clear_faults()
+        self.assertTrue(d.wait_for_events(9, 20 * SLOW))
+        self.assertEqual(sorted(d.source_message_ids()), sorted(e["id"] for e in events))
+
+    def test_events_stored_before_the_clock_stepped_back_are_sent_without_waiting_for_it(self):
+        d = self.double()
+        s = self.service(env=feed_env(d, feeds={}), config="return {}\n")
+        held = [event("users.messages.email.Send", user="c%d" % i) for i in range(3)]
+        self.assertEqual(s.post(held).status, 200)
+        self.assertEqual(s.stop(), 0)
+        # as if the wall clock went back 10 minutes after they were stored
+        with s.db() as db:
+            for table in [t for (t,) in db.execute(
+                    "SELECT name FROM sqlite_master WHERE type = 'table' AND name LIKE 'records_unbound%'")]:
+                db.execute("UPDATE %s SET received_ms = received_ms + 600000" % table)
+        with open(s.config, "w") as f:
+            f.write('return { feeds = { unbound = { key = "unbound-key", '
+                    'secret = "unbound-secret" } } }\n')
+        s.start()
+        later = event("users.messages.email.Send", user="later")
+        self.assertEqual(s.post([later]).status, 200)
+        self.assertTrue(d.wait_for_events(4, 10 * SLOW))
+
     def test_a_large_user_batch_is_split_at_128_kb(self):
         d = self.double()
         s = self.service(env=feed_env(d, TRIBUTARY_BATCH_LINGER_MS=300))

@@ -421,6 +421,27 @@ START_TEST(test_key_without_secret_is_refused_without_echoing_key)
 }
 END_TEST
 
+/* The Authorization header is built in a buffer of fixed size: a longer
+ * credential is refused here instead of being sent as an empty header. */
+START_TEST(test_a_feed_secret_over_256_characters_is_refused_without_echoing_it)
+{
+    char src[1024];
+    snprintf(src, sizeof src, "return { feeds = { ios = { key = \"k\", secret = \"%0257d\" } } }\n",
+             42);
+    const char *path = conf("long-secret.lua", src);
+    struct config *c = NULL;
+    char err[4096] = "";
+    ck_assert_int_eq(config_load(&c, path, err, sizeof err), -1);
+    ck_assert_str_eq(err,
+                     "feeds.ios.secret: longer than 256 characters (mParticle's are far shorter)");
+    snprintf(src, sizeof src, "return { feeds = { ios = { key = \"k\", secret = \"%0256d\" } } }\n",
+             42);
+    path = conf("secret-at-the-limit.lua", src);
+    ck_assert_int_eq(config_load(&c, path, err, sizeof err), 0);
+    config_unref(c);
+}
+END_TEST
+
 START_TEST(test_secret_without_key_from_environment_is_refused_without_echoing_secret)
 {
     ck_assert_int_eq(setenv("TRIBUTARY_FEEDS_WEB_SECRET", "web-secret-do-not-log", 1), 0);
@@ -763,6 +784,7 @@ static Suite *suite(void)
 
     tcase_add_test(tc, test_wrong_type_secret_does_not_echo_key_or_secret);
     tcase_add_test(tc, test_key_without_secret_is_refused_without_echoing_key);
+    tcase_add_test(tc, test_a_feed_secret_over_256_characters_is_refused_without_echoing_it);
     tcase_add_test(tc, test_secret_without_key_from_environment_is_refused_without_echoing_secret);
     tcase_add_test(tc, test_syntax_error_in_unfinished_secret_string_does_not_echo_secret);
 

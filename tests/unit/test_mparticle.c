@@ -16,17 +16,31 @@ static const char SRID[] = "0d3c7f4e-5b1a-5c2d-9e8f-7a6b5c4d3e2f";
 START_TEST(test_basic_auth_matches_documented_test_vector)
 {
     char out[128];
-    mparticle_basic_auth("example-api-key", "example-api-secret", out, sizeof out);
+    ck_assert_int_eq(mparticle_basic_auth("example-api-key", "example-api-secret", out, sizeof out),
+                     0);
     ck_assert_str_eq(out, "Basic ZXhhbXBsZS1hcGkta2V5OmV4YW1wbGUtYXBpLXNlY3JldA==");
 }
 END_TEST
 
-START_TEST(test_basic_auth_into_too_small_buffer_writes_empty_string)
+START_TEST(test_basic_auth_into_too_small_buffer_fails_and_writes_empty_string)
 {
     char out[16];
     memset(out, 'x', sizeof out);
-    mparticle_basic_auth("example-api-key", "example-api-secret", out, sizeof out);
+    ck_assert_int_eq(mparticle_basic_auth("example-api-key", "example-api-secret", out, sizeof out),
+                     -1);
     ck_assert_str_eq(out, "");
+}
+END_TEST
+
+START_TEST(test_basic_auth_of_the_longest_credentials_fits_its_bound)
+{
+    char key[MPARTICLE_MAX_CREDENTIAL_CHARS + 1], secret[MPARTICLE_MAX_CREDENTIAL_CHARS + 1];
+    memset(key, 'k', sizeof key - 1);
+    memset(secret, 's', sizeof secret - 1);
+    key[sizeof key - 1] = secret[sizeof secret - 1] = '\0';
+    char out[MPARTICLE_AUTH_MAX];
+    ck_assert_int_eq(mparticle_basic_auth(key, secret, out, sizeof out), 0);
+    ck_assert_uint_eq(strlen(out), 6 + 4 * ((2 * MPARTICLE_MAX_CREDENTIAL_CHARS + 1 + 2) / 3));
 }
 END_TEST
 
@@ -418,7 +432,8 @@ static Suite *suite(void)
     Suite *s = suite_create("mparticle");
     TCase *tc = tcase_create("mparticle");
     tcase_add_test(tc, test_basic_auth_matches_documented_test_vector);
-    tcase_add_test(tc, test_basic_auth_into_too_small_buffer_writes_empty_string);
+    tcase_add_test(tc, test_basic_auth_into_too_small_buffer_fails_and_writes_empty_string);
+    tcase_add_test(tc, test_basic_auth_of_the_longest_credentials_fits_its_bound);
 
     tcase_add_test(tc, test_source_request_id_is_deterministic_for_same_event_ids);
     tcase_add_test(tc, test_source_request_id_differs_when_an_event_id_differs);
