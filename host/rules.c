@@ -1054,6 +1054,33 @@ static int check_attributes(lua_State *L, int idx, const char *what, size_t max,
     return 0;
 }
 
+/* The fields of the table at idx (`what` in messages): identities are strings
+ * (or null); device fields are scalars (strings, numbers, booleans, null). */
+static int check_fields(lua_State *L, int idx, const char *what, int strings, char *err,
+                        size_t errlen)
+{
+    lua_pushnil(L);
+    while (lua_next(L, idx)) {
+        int t = lua_type(L, -1);
+        int ok = t == LUA_TSTRING || (t == LUA_TLIGHTUSERDATA && lua_touserdata(L, -1) == NULL) ||
+                 (!strings && (t == LUA_TNUMBER || t == LUA_TBOOLEAN));
+        if (!ok) {
+            char tmp[32];
+            size_t n;
+            const char *name = key_text(L, -2, tmp, sizeof tmp, &n);
+            str_printf(err, errlen, "%s.%.64s: %s, not a %s", what, name ? name : "?",
+                       strings ? "a string is required"
+                               : "a value must be a string, number or "
+                                 "boolean",
+                       luaL_typename(L, -1));
+            lua_pop(L, 2);
+            return -1;
+        }
+        lua_pop(L, 1);
+    }
+    return 0;
+}
+
 /* A string field of the table at idx that must be one of mParticle's names
  * (required: absent is an error too). *value, when given, receives it (the
  * table keeps it alive), or NULL. */
@@ -1131,9 +1158,15 @@ static int check_output(lua_State *L, int eventi, int batchi, char *err, size_t 
     if (check_name(L, batchi, "environment", "out.batch", 0, mparticle_environment_known, NULL, err,
                    errlen) != 0)
         return -1;
-    if (rawfield(L, batchi, "device_info") == LUA_TTABLE)
+    if (rawfield(L, batchi, "device_info") == LUA_TTABLE) {
         rc = check_name(L, lua_gettop(L), "platform", "out.batch.device_info", 0,
                         mparticle_platform_known, NULL, err, errlen);
+        if (rc == 0)
+            rc = check_fields(L, lua_gettop(L), "out.batch.device_info", 0, err, errlen);
+    }
+    lua_pop(L, 1);
+    if (rc == 0 && rawfield(L, batchi, "user_identities") == LUA_TTABLE)
+        rc = check_fields(L, lua_gettop(L), "out.batch.user_identities", 1, err, errlen);
     lua_pop(L, 1);
     if (rc == 0 && rawfield(L, batchi, "user_attributes") == LUA_TTABLE)
         /* their number is checked with the batch's lines (flatten_batch) */
@@ -1695,6 +1728,12 @@ static int decode_events(rules *r, lua_State *L, const char *body, size_t len,
     return 0;
 }
 
+/* The latest event time taken: its milliseconds are exact in a double, the
+ * way every JSON reader holds them (2^53 ms, in the year 287396). */
+#define MAX_EVENT_TIME_S 9007199254740
+#define STR_(x) #x
+#define STR(x) STR_(x)
+
 /* A required field: a non-empty string (number for time). */
 static const char *check_event(lua_State *L, int idx)
 {
@@ -1722,6 +1761,8 @@ static const char *check_event(lua_State *L, int idx)
         why = "missing time";
     else if (t != LUA_TNUMBER)
         why = "time must be a number (UNIX seconds)";
+    else if (!(lua_tonumber(L, -1) >= 0 && lua_tonumber(L, -1) <= MAX_EVENT_TIME_S))
+        why = "time must be UNIX seconds from 0 to " STR(MAX_EVENT_TIME_S); /* or NaN */
     lua_pop(L, 1);
     return why;
 }

@@ -115,10 +115,19 @@ local AD_ID_FIELD = {
   roku_ad_id = "roku_advertising_id",
 }
 
--- Properties that land elsewhere (or nowhere) instead of in custom_attributes.
+-- Properties that land elsewhere (or nowhere) instead of in custom_attributes:
+-- CONSUMED[ad][tracking], where ad says whether ad_id_type named one of the
+-- AD_ID_FIELD types (then ad_id and ad_id_type are used) and tracking whether
+-- ad_tracking_enabled was a boolean (then it is used); otherwise they remain.
+local function consumed(ad, tracking)
+  local t = { platform = true, device_model = true, os_version = true, media_urls = true }
+  if ad then t.ad_id, t.ad_id_type = true, true end
+  if tracking then t.ad_tracking_enabled = true end
+  return t
+end
 local CONSUMED = {
-  platform = true, device_model = true, os_version = true, media_urls = true,
-  ad_id = true, ad_id_type = true, ad_tracking_enabled = true,
+  [false] = { [false] = consumed(false, false), [true] = consumed(false, true) },
+  [true] = { [false] = consumed(true, false), [true] = consumed(true, true) },
 }
 
 -- mParticle's limits on custom attributes.
@@ -138,13 +147,26 @@ local function nonempty(v)
   return v
 end
 
+-- A table read as a JSON object: anything else (a list, a string, null) is
+-- read as an empty one.
+local function object(v)
+  if type(v) == "table" and #v == 0 then return v end
+  return nil
+end
+
+-- A number JSON can write (1e400 decodes to infinity).
+local function finite(v)
+  return v - v == 0
+end
+
 -- A scalar as text. cjson decodes every JSON number as a float, which
 -- tostring writes as 12345.0: numbers are written as JSON writes them (whole
--- ones as integers, others in full). Absent values and tables have no text.
+-- ones as integers, others in full). Absent values, tables and numbers JSON
+-- cannot write have no text.
 local function text(v)
   local t = type(v)
   if t == "string" then return v end
-  if t == "number" then return encode(v) end
+  if t == "number" then return finite(v) and encode(v) or nil end
   if v == nil or t == "table" then return nil end
   return tostring(v)
 end
@@ -183,10 +205,17 @@ local function attribute_value(v)
   return encode(v)
 end
 
--- Adds one attribute within mParticle's limits; returns how many cuts it needed.
-local function put(attrs, k, v)
+-- Adds one attribute within mParticle's limits; returns how many cuts it
+-- needed, and 1 when it dropped the attribute instead: a number JSON cannot
+-- write (mParticle would refuse the event), or a content_card_id when the
+-- event has a card_id of its own (the name it would take).
+local function put(attrs, k, v, props)
   local cuts = 0
-  if k == "content_card_id" then k = "card_id" end
+  if type(v) == "number" and not finite(v) then return 0, 1 end
+  if k == "content_card_id" then
+    if present(props.card_id) ~= nil then return 0, 1 end
+    k = "card_id"
+  end
   if #k > MAX_NAME then
     local cut_name
     k, cut_name = cut(k, MAX_NAME)
@@ -199,31 +228,33 @@ local function put(attrs, k, v)
     if cut_value then cuts = cuts + 1 end
   end
   attrs[k] = v
-  return cuts
+  return cuts, 0
 end
 
--- Whether property k goes to custom_attributes; skip1 and skip2 are the
--- properties this event used elsewhere (email identity, $mobile).
-local function kept(k, v, skip1, skip2)
-  return v ~= null and not CONSUMED[k] and k ~= skip1 and k ~= skip2
+-- Whether property k goes to custom_attributes: not null, not in used (see
+-- CONSUMED), and not skip1 or skip2, the properties this event used elsewhere
+-- (email identity, $mobile).
+local function kept(k, v, used, skip1, skip2)
+  return v ~= null and not used[k] and k ~= skip1 and k ~= skip2
 end
 
 -- Every remaining property (plus the user's device_id). Over the limit of 100,
 -- the first 100 in name order are kept, so the choice does not depend on the
 -- order of the JSON.
-local function custom_attributes(props, device_id, skip1, skip2)
-  local attrs, n, cuts = {}, 0, 0
+local function custom_attributes(props, used, device_id, skip1, skip2)
+  local attrs, n, cuts, dropped = {}, 0, 0, 0
   for k, v in pairs(props) do
-    if v ~= null and not CONSUMED[k] and k ~= skip1 and k ~= skip2 then -- kept(), inline
+    if v ~= null and not used[k] and k ~= skip1 and k ~= skip2 then -- kept(), inline
       n = n + 1
       if n <= MAX_ATTRIBUTES then
         -- the common case inline: a short name and a scalar within the limits
         local t = type(v)
         if #k <= MAX_NAME and k ~= "content_card_id" and t ~= "table"
-            and (t ~= "string" or #v <= MAX_VALUE) then
+            and (t ~= "string" or #v <= MAX_VALUE) and (t ~= "number" or v - v == 0) then
           attrs[k] = v
         else
-          cuts = cuts + put(attrs, k, v)
+          local c, d = put(attrs, k, v, props)
+          cuts, dropped = cuts + c, dropped + d
         end
       end
     end
@@ -231,24 +262,28 @@ local function custom_attributes(props, device_id, skip1, skip2)
   local own_device_id = device_id and present(props.device_id) == nil
   if own_device_id then
     n = n + 1
-    if n <= MAX_ATTRIBUTES then cuts = cuts + put(attrs, "device_id", device_id) end
+    if n <= MAX_ATTRIBUTES then
+      local c = put(attrs, "device_id", device_id, props)
+      cuts = cuts + c
+    end
   end
   if n > MAX_ATTRIBUTES then
     local names = {}
     for k, v in pairs(props) do
-      if kept(k, v, skip1, skip2) then names[#names + 1] = k end
+      if kept(k, v, used, skip1, skip2) then names[#names + 1] = k end
     end
     if own_device_id then names[#names + 1] = "device_id" end
     sort(names)
-    attrs, cuts = {}, 0
+    attrs, cuts, dropped = {}, 0, n - MAX_ATTRIBUTES
     for i = 1, MAX_ATTRIBUTES do
       local k = names[i]
       local v = present(props[k])
       if v == nil then v = device_id end
-      cuts = cuts + put(attrs, k, v)
+      local c, d = put(attrs, k, v, props)
+      cuts, dropped = cuts + c, dropped + d
     end
-    tributary.count("attribute_dropped", n - MAX_ATTRIBUTES)
   end
+  if dropped > 0 then tributary.count("attribute_dropped", dropped) end
   if cuts > 0 then tributary.count("attribute_truncated", cuts) end
   return attrs
 end
@@ -287,35 +322,40 @@ local function process(event, out)
   if name == nil then return false, "unsupported_type" end
   if not selected(event_type) then return false, "not_selected" end
 
-  local user = present(event.user) or {}
-  local props = present(event.properties) or {}
+  local user = object(event.user) or {}
+  local props = object(event.properties) or {}
   local customer_id = text(nonempty(user.external_user_id))
   if customer_id == nil then return false, "no_external_id" end
 
   local feed = feed_for(props)
 
-  local email = EMAIL_IDENTITY[event_type] and nonempty(props.email_address) or nil
-  local mobile, mobile_key = nonempty(props.to_phone_number), "to_phone_number"
+  -- identities and device identifiers are text (a table there has none)
+  local email = EMAIL_IDENTITY[event_type] and text(nonempty(props.email_address)) or nil
+  local mobile, mobile_key = text(nonempty(props.to_phone_number)), "to_phone_number"
   if not mobile then
-    mobile, mobile_key = nonempty(props.user_phone_number), "user_phone_number"
+    mobile, mobile_key = text(nonempty(props.user_phone_number)), "user_phone_number"
   end
 
-  local device_id = nonempty(user.device_id)
+  local device_id = text(nonempty(user.device_id))
   local ad_field = AD_ID_FIELD[present(props.ad_id_type)]
   local tracking = present(props.ad_tracking_enabled)
+  local tracking_known = type(tracking) == "boolean"
   local device_info = {
     platform = DEVICE_PLATFORM[feed],
-    device_model = nonempty(props.device_model),
+    device_model = text(nonempty(props.device_model)),
   }
   if feed == "ios" then device_info.ios_idfv = device_id end
   if feed == "android" then device_info.android_uuid = device_id end
-  if ad_field then device_info[ad_field] = nonempty(props.ad_id) end
-  if type(tracking) == "boolean" then device_info.limit_ad_tracking = not tracking end
+  if ad_field then device_info[ad_field] = text(nonempty(props.ad_id)) end
+  if tracking_known then device_info.limit_ad_tracking = not tracking end
+  local ad_known = ad_field ~= nil -- (Lua 5.4.4 miscompiles a comparison used as a key)
+  local used = CONSUMED[ad_known][tracking_known]
 
   local data = {
-    timestamp_unixtime_ms = tointeger(floor(event.time * 1000)),
+    -- the request's time is checked: from 0 to 2^53 ms, which are exact
+    timestamp_unixtime_ms = tointeger(floor(event.time * 1000 + 0.5)),
     source_message_id = event.id,
-    custom_attributes = custom_attributes(props, device_id, email and "email_address",
+    custom_attributes = custom_attributes(props, used, device_id, email and "email_address",
                                           mobile and mobile_key),
     event_name = name or nil,
     custom_event_type = name and "other" or nil,
@@ -429,6 +469,43 @@ local tests = {
               user = { external_user_id = "c", device_id = "dev-1" },
               properties = { device_id = null } },
     expect = { event = { data = { custom_attributes = { device_id = "dev-1" } } } },
+  },
+  {
+    name = "an unknown ad_id_type leaves ad_id, ad_id_type and ad_tracking_enabled as attributes",
+    event = { event_type = "users.messages.pushnotification.Send", id = "ad-1", time = 1,
+              user = { external_user_id = "c" },
+              properties = { platform = "android", ad_id = "amzn-1", ad_id_type = "amazon_ad_id",
+                             ad_tracking_enabled = "yes" } },
+    expect = { batch = { device_info = { limit_ad_tracking = absent } },
+               event = { data = { custom_attributes = {
+                 ad_id = "amzn-1", ad_id_type = "amazon_ad_id", ad_tracking_enabled = "yes",
+                 platform = absent } } } },
+  },
+  {
+    name = "a card_id of its own wins over content_card_id",
+    event = { event_type = "users.messages.contentcard.Click", id = "cc-2", time = 1,
+              user = { external_user_id = "c" },
+              properties = { content_card_id = "renamed", card_id = "own" } },
+    expect = { event = { data = { custom_attributes = { card_id = "own",
+                                                        content_card_id = absent } } } },
+  },
+  {
+    name = "identities and device identifiers are text; a table there is left out",
+    event = { event_type = "users.messages.email.Open", id = "t-1", time = 1082083438.317,
+              user = { external_user_id = 1234, device_id = { "x" } },
+              properties = { email_address = { a = 1 }, device_model = 15 } },
+    expect = {
+      batch = { user_identities = { customer_id = "1234", email = absent },
+                device_info = { device_model = "15" } },
+      event = { data = { timestamp_unixtime_ms = 1082083438317,
+                         custom_attributes = { device_id = absent } } },
+    },
+  },
+  {
+    name = "properties that are not an object are read as empty",
+    event = { event_type = "users.messages.email.Send", id = "n-2", time = 1,
+              user = { external_user_id = "c" }, properties = { "a", "b" } },
+    expect = { event = { data = { custom_attributes = { [1] = absent } } } },
   },
   {
     name = "no external_user_id: skipped",

@@ -316,6 +316,63 @@ START_TEST(test_a_lone_surrogate_escape_becomes_the_replacement_character)
 }
 END_TEST
 
+/* lua-cjson takes bytes that are not UTF-8 as they come; mParticle would
+ * refuse the JSON text that carries them. */
+START_TEST(test_bytes_that_are_not_utf8_reach_the_output_as_the_replacement_character)
+{
+    default_rules();
+    build();
+    ck_assert_msg(map(ENVELOPE(WITH_SUBJECT("u-1", "b\xc3(\xff")), INPUT_ENVELOPE) == 0, "%s",
+                  F.ie.reason);
+    ck_assert_uint_eq(F.m.nrecords, 1);
+    ck_assert_msg(contains(F.m.records[0].event.p, "\"subject\":\"b\xef\xbf\xbd(\xef\xbf\xbd\""),
+                  "%s", F.m.records[0].event.p);
+}
+END_TEST
+
+/* 1e400 decodes to infinity, which JSON cannot write: the attribute is left
+ * out and counted, and the event goes on. */
+START_TEST(test_a_number_json_cannot_write_is_a_dropped_attribute_not_a_dead_event)
+{
+    default_rules();
+    build();
+    ck_assert_msg(
+        map(ENVELOPE(
+                "{\"event_type\":\"users.messages.email.Send\",\"id\":\"n-1\",\"time\":1,"
+                "\"user\":{\"external_user_id\":\"c\"},"
+                "\"properties\":{\"huge\":1e400,\"tiny\":-1e400,\"list\":[1e400,2],\"ok\":3}}"),
+            INPUT_ENVELOPE) == 0,
+        "%s", F.ie.reason);
+    ck_assert_msg(F.m.ndead == 0, "dead letter: %s", F.m.ndead ? F.m.dead[0].detail.p : "");
+    ck_assert_uint_eq(F.m.nrecords, 1);
+    const char *ev = F.m.records[0].event.p;
+    ck_assert_msg(!contains(ev, "huge") && !contains(ev, "tiny"), "%s", ev);
+    ck_assert_msg(contains(ev, "\"list\":\"2\"") && contains(ev, "\"ok\":3"), "%s", ev);
+}
+END_TEST
+
+/* Its milliseconds must be exact in a double: from 0 to 2^53 ms. */
+START_TEST(test_a_time_outside_what_milliseconds_can_hold_is_refused)
+{
+    rule("10-pass.lua", PASS_RULE);
+    build();
+    static const char *const times[] = {"1e300", "-1", "9007199254741", "1e400"};
+    for (size_t i = 0; i < ARRAY_LEN(times); i++) {
+        char body[256];
+        snprintf(body, sizeof body,
+                 "{\"events\":[{\"event_type\":\"x\",\"id\":\"t\",\"time\":%s}]}", times[i]);
+        ck_assert_int_eq(map(body, INPUT_ENVELOPE), -1);
+        ck_assert_int_eq(F.ie.status, 400);
+        ck_assert_msg(contains(F.ie.reason, "time must be UNIX seconds from 0 to 9007199254740"),
+                      "%s: %s", times[i], F.ie.reason);
+    }
+    ck_assert_int_eq(
+        map("{\"events\":[{\"event_type\":\"x\",\"id\":\"t\",\"time\":9007199254740}]}",
+            INPUT_ENVELOPE),
+        0);
+}
+END_TEST
+
 START_TEST(test_malformed_json_with_a_lone_surrogate_is_still_refused)
 {
     rule("10-pass.lua", PASS_RULE);
@@ -807,6 +864,13 @@ static const struct {
     {"o.event.data.custom_attributes = {'a', 'b'}",
      "custom_attributes must be a table of names, not a list"},
     {"o.event.data = {'x'}", "out.event.data must be a table of names, not a list"},
+    {"o.batch.user_identities = {email = {a = 1}}",
+     "out.batch.user_identities.email: a string is required, not a table"},
+    {"o.batch.user_identities = {customer_id = 12}",
+     "out.batch.user_identities.customer_id: a string is required, not a number"},
+    {"o.batch.device_info.device_model = {'m1'}",
+     "out.batch.device_info.device_model: a value must be a string, number or boolean, not a "
+     "table"},
 };
 
 START_TEST(test_an_output_mparticle_would_drop_is_invalid_output_naming_the_field)
@@ -828,6 +892,9 @@ START_TEST(test_outputs_at_mparticles_limits_are_records)
          "  o.event.data.event_name = string.rep('e', 256)\n"
          "  o.batch.user_attributes.list = {'a', 1, true, nil, 'e'}\n"
          "  o.batch.device_info.platform = 'Android'\n"
+         "  o.batch.device_info.limit_ad_tracking = false\n"
+         "  o.batch.device_info.screen_height = 1920\n"
+         "  o.batch.user_identities = {customer_id = 'c', email = 'e@x'}\n"
          "  o.batch.environment = 'development'\n"
          "  if event.id == 'u-2' then o.event = {event_type = 'uninstall', data = {}} end\n"
          "  return o\nend\n");
@@ -1629,6 +1696,9 @@ static Suite *suite(void)
     tcase_add_test(tc, test_malformed_json_is_refused_with_400);
     tcase_add_test(tc, test_a_lone_surrogate_escape_becomes_the_replacement_character);
     tcase_add_test(tc, test_malformed_json_with_a_lone_surrogate_is_still_refused);
+    tcase_add_test(tc, test_bytes_that_are_not_utf8_reach_the_output_as_the_replacement_character);
+    tcase_add_test(tc, test_a_number_json_cannot_write_is_a_dropped_attribute_not_a_dead_event);
+    tcase_add_test(tc, test_a_time_outside_what_milliseconds_can_hold_is_refused);
     tcase_add_test(tc, test_numbers_keep_their_value_and_whole_numbers_stay_integers);
     tcase_add_test(tc, test_a_null_device_id_property_keeps_the_users_device_id);
     tcase_add_test(tc, test_a_json_array_is_not_an_envelope);
