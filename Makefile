@@ -67,7 +67,6 @@ unit: $(UNIT_BINS)
 
 run: setup
 	@$(MAKE) --no-print-directory all
-	@mkdir -p var
 	exec $(BIN) serve --config tributary.conf.lua
 
 test: setup

@@ -20,10 +20,13 @@
 #include "util.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #ifndef TRIBUTARY_VERSION
 #define TRIBUTARY_VERSION "dev"
@@ -307,8 +310,25 @@ done:
     return rc;
 }
 
+/* A closed standard stream would be taken by the next file opened (the lock
+ * file, the queue), and log lines would be written into it. */
+static void open_standard_streams(void)
+{
+    for (int fd = 0; fd <= 2; fd++) {
+        if (fcntl(fd, F_GETFD) == -1 && errno == EBADF) {
+            int n = open("/dev/null", fd == 0 ? O_RDONLY : O_WRONLY);
+            if (n >= 0 && n != fd)
+                close(n); /* not the lowest free number: leave it */
+        }
+    }
+}
+
 int main(int argc, char **argv)
 {
+    open_standard_streams();
+    /* The queue, its WAL and the lock file hold event data (PII): private to
+     * the service's user, whatever umask it was started with. */
+    umask(077);
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
             fputs(USAGE, stdout);

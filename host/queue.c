@@ -2163,6 +2163,14 @@ int queue_open(queue **out, const struct queue_options *o, char *err, size_t err
     if (!o->readonly &&
         (mkdir_p(o->dir, err, errlen) != 0 || (o->exclusive && take_lock(q, err, errlen))))
         goto fail;
+    struct stat dir_st;
+    if (o->exclusive && stat(o->dir, &dir_st) == 0 && (dir_st.st_mode & 077)) {
+        char mode[8];
+        snprintf(mode, sizeof mode, "%04o", (unsigned)(dir_st.st_mode & 07777));
+        log_warn("data_dir can be read by other users, and it holds event data (personal "
+                 "data): chmod 700 it",
+                 LOG_S("data_dir", o->dir) LOG_S("mode", mode));
+    }
     if (open_db(q->path, !o->readonly, &q->db, err, errlen) != 0)
         goto fail;
     int version = stored_version(q->db, q->path, err, errlen);
@@ -2181,6 +2189,19 @@ int queue_open(queue **out, const struct queue_options *o, char *err, size_t err
              PAGE_SIZE, o->sync_full ? "FULL" : "NORMAL");
     if (exec(q->db, pragmas, err, errlen) != 0)
         goto fail;
+    /* Only the service upgrades a queue: a CLI change (dlq purge, requeue)
+     * beside an older service still running on it would break that service. */
+    if (version != atoi(SCHEMA_VERSION) && (o->readonly || o->existing)) {
+        if (version == 0)
+            str_printf(err, errlen, "%s: not a tributary queue yet (has the service run?)",
+                       q->path);
+        else
+            str_printf(err, errlen,
+                       "%s: queue schema version %d is older than this version of tributary "
+                       "reads; `tributary serve` upgrades it",
+                       q->path, version);
+        goto fail;
+    }
     if (!o->readonly) {
         if (migrate(q->db, version, err, errlen) != 0)
             goto fail;
@@ -2196,18 +2217,6 @@ int queue_open(queue **out, const struct queue_options *o, char *err, size_t err
             (void)sqlite3_exec(q->db, "ROLLBACK", NULL, NULL, NULL);
             goto fail;
         }
-    }
-    /* a writer has brought the file to SCHEMA_VERSION; a reader cannot */
-    if (o->readonly && version != atoi(SCHEMA_VERSION)) {
-        if (version == 0)
-            str_printf(err, errlen, "%s: not a tributary queue yet (has the service run?)",
-                       q->path);
-        else
-            str_printf(err, errlen,
-                       "%s: queue schema version %d is older than this version of tributary "
-                       "reads; `tributary serve` upgrades it",
-                       q->path, version);
-        goto fail;
     }
     if (!o->readonly && settle_delivered(q->db, err, errlen) != 0)
         goto fail;

@@ -618,7 +618,13 @@ static void update_credentials(struct sender *s, struct feed_state *f)
         int any = 0;
         for (int i = 0; i < FEED_COUNT; i++)
             any |= config_feed_ready(s->cfg, (enum feed)i);
-        if (f->pause != PAUSE_NO_CREDENTIALS && any)
+        int fallback = f->feed != FEED_UNBOUND && config_feed_ready(s->cfg, FEED_UNBOUND);
+        if (f->pause != PAUSE_NO_CREDENTIALS && any && fallback)
+            log_info("feed has no credentials: the shipped rules send its events to unbound; "
+                     "events rules still route to it are held until feeds.<feed>.key and "
+                     ".secret are set",
+                     LOG_S("feed", FEED_NAMES[f->feed]));
+        else if (f->pause != PAUSE_NO_CREDENTIALS && any)
             log_warn("feed has no credentials: its events are held until feeds.<feed>.key and "
                      ".secret are set",
                      LOG_S("feed", FEED_NAMES[f->feed]));

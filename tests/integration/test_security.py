@@ -19,7 +19,8 @@ import time
 import unittest
 import warnings
 
-from harness import RULES, SLOW, TOKEN, WRAPPER, Service, ServiceTest, event, request, run_cli
+from harness import (BIN, RULES, SLOW, TOKEN, WRAPPER, Service, ServiceTest, clean_env, event,
+                     request, run_cli)
 
 SECRET = "hmac-secret-4f1c9a7e2b"
 OTHER_SECRET = "hmac-secret-rotated-8d3e"
@@ -289,6 +290,39 @@ class Secrecy(ServiceTest):
         for text in texts:
             for secret in secrets:
                 self.assertNotIn(secret, text)
+
+
+class StoredData(ServiceTest):
+    def test_queue_files_are_private_whatever_the_umask_and_an_open_data_dir_is_named(self):
+        s = Service()
+        self.addCleanup(s.cleanup)
+        os.makedirs(s.data_dir, mode=0o755)
+        os.chmod(s.data_dir, 0o755)
+        old = os.umask(0o022)
+        try:
+            s.start()
+        finally:
+            os.umask(old)
+        self.assertEqual(s.post([event()]).status, 200)
+        for name in os.listdir(s.data_dir):
+            mode = os.stat(os.path.join(s.data_dir, name)).st_mode & 0o777
+            self.assertEqual(mode, 0o600, "%s is %o" % (name, mode))
+        self.assertIn("data_dir can be read by other users", s.logs())
+        self.assertIn("mode=0755", s.logs())
+
+    def test_log_lines_never_land_in_the_queue_files_when_stderr_is_closed(self):
+        s = Service()
+        self.addCleanup(s.cleanup)
+        s.log = open(s.log_path, "ab")
+        s.proc = subprocess.Popen(WRAPPER + [BIN, "serve"], env=clean_env(s.env), cwd=s.dir,
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL, close_fds=True,
+                                  preexec_fn=lambda: os.close(2))
+        s.wait_healthy()
+        self.assertEqual(s.post([event()]).status, 200)
+        s.post([event()], token="wrong")  # a warning
+        self.assertEqual(s.stop(), 0)
+        self.assertEqual(os.path.getsize(os.path.join(s.data_dir, "serve.lock")), 0)
 
 
 # ---- throttling of authentication failures ---------------------------------

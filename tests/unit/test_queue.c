@@ -1137,6 +1137,32 @@ START_TEST(test_a_claim_goes_once_each_of_its_batches_is_finished)
 }
 END_TEST
 
+/* A dlq change beside an older service still running on the queue must not
+ * upgrade it under that service: only `serve` upgrades. */
+START_TEST(test_a_cli_change_refuses_an_older_schema_and_leaves_it_as_it_is)
+{
+    char path[320];
+    snprintf(path, sizeof path, "%s/queue.db", data_dir);
+    sqlite3 *db;
+    ck_assert_int_eq(sqlite3_open(path, &db), SQLITE_OK);
+    ck_assert_int_eq(sqlite3_exec(db,
+                                  "CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL) "
+                                  "WITHOUT ROWID; INSERT INTO meta VALUES('schema_version', '3');",
+                                  NULL, NULL, NULL),
+                     SQLITE_OK);
+    sqlite3_close(db);
+    struct queue_options o = {
+        .dir = data_dir, .sync_full = 1, .max_depth = NO_LIMIT, .existing = 1};
+    char err[ERR_LEN] = "";
+    queue *q = NULL;
+    ck_assert_int_eq(queue_open(&q, &o, err, sizeof err), -1);
+    ck_assert_ptr_null(q);
+    ck_assert_msg(strstr(err, "schema version 3 is older") && strstr(err, "`tributary serve`"),
+                  "%s", err);
+    ck_assert_int_eq(count_in_file("SELECT value FROM meta WHERE key = 'schema_version'"), 3);
+}
+END_TEST
+
 START_TEST(test_a_schema_3_queue_keeps_its_records_and_batches)
 {
     char path[320];
@@ -2013,6 +2039,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_a_refused_claim_takes_back_the_other_feeds_claims_of_its_operation);
     tcase_add_test(tc, test_a_claim_encodes_and_parses_back_its_batches);
     tcase_add_test(tc, test_a_claim_goes_once_each_of_its_batches_is_finished);
+    tcase_add_test(tc, test_a_cli_change_refuses_an_older_schema_and_leaves_it_as_it_is);
     tcase_add_test(tc, test_a_schema_3_queue_keeps_its_records_and_batches);
     tcase_add_test(tc, test_a_queue_of_a_newer_schema_is_refused_and_left_unchanged);
     tcase_add_test(tc, test_a_database_of_something_else_is_refused_and_left_unchanged);
