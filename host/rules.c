@@ -155,10 +155,20 @@ int ruleset_load(ruleset **out, struct config *cfg, char *err, size_t errlen)
             goto done;
         }
         snprintf(path, n, "%s/%s", cfg->rules_dir, names[i]);
+        /* a directory named *.lua is not a rule; a rule file that cannot be read
+         * (a dangling link) refuses the set, as leaving it out could forward
+         * what it would have dropped */
         struct stat st;
-        if (stat(path, &st) != 0 || !S_ISREG(st.st_mode)) {
+        int st_rc = stat(path, &st);
+        if (st_rc == 0 && S_ISDIR(st.st_mode)) {
             free(path);
             continue;
+        }
+        if (st_rc != 0 || !S_ISREG(st.st_mode)) {
+            str_printf(err, errlen, "%s: cannot read: %s", path,
+                       st_rc != 0 ? strerror(errno) : "not a regular file");
+            free(path);
+            goto done;
         }
         struct rule_file *f = &rs->files[rs->nfiles];
         f->name = path;

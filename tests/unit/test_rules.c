@@ -1250,6 +1250,28 @@ START_TEST(test_top_level_code_comparing_long_strings_meets_the_time_limit)
 }
 END_TEST
 
+/* Leaving out a rule file that cannot be read (a link whose target is gone)
+ * could forward what it would drop: the set is refused, naming the file. A
+ * directory named *.lua is no rule file and is passed over. */
+START_TEST(test_a_dangling_rule_file_link_refuses_the_set_and_a_directory_is_passed_over)
+{
+    rule("10-pass.lua", PASS_RULE);
+    char path[512];
+    snprintf(path, sizeof path, "%s/20-dir.lua", F.rules_dir);
+    ck_assert_int_eq(mkdir(path, 0700), 0);
+    prepare();
+    ck_assert_uint_eq(ruleset_files(F.rs), 1);
+    ruleset_unref(F.rs);
+    F.rs = NULL;
+    snprintf(path, sizeof path, "%s/50-drop-test-users.lua", F.rules_dir);
+    ck_assert_int_eq(symlink("/nonexistent/shared-rule.lua", path), 0);
+    char err[ERR_LEN] = "";
+    ck_assert_int_eq(ruleset_load(&F.rs, F.cfg, err, sizeof err), -1);
+    ck_assert_msg(contains(err, "50-drop-test-users.lua: cannot read: No such file or directory"),
+                  "%s", err);
+}
+END_TEST
+
 START_TEST(test_syntax_error_fails_rules_new_with_file_and_line)
 {
     rule("30-syntax.lua", "return function(event, out)\n  return {feed = }\nend\n");
@@ -1752,6 +1774,8 @@ static Suite *suite(void)
     tcase_add_test(tc, test_memory_kept_from_an_earlier_event_counts_towards_that_event_only);
     tcase_add_test(tc, test_top_level_infinite_loop_fails_rules_new_naming_the_file);
     tcase_add_test(tc, test_syntax_error_fails_rules_new_with_file_and_line);
+    tcase_add_test(tc,
+                   test_a_dangling_rule_file_link_refuses_the_set_and_a_directory_is_passed_over);
 
     tc = tcase(s, "sandbox");
     tcase_add_test(tc, test_allowed_functions_are_reachable);
