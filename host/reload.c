@@ -22,7 +22,8 @@ static struct {
     int watch_fd;
     int watch_wd;
     char *watched;
-    int watch_warned; /* the watch failed, and it was said */
+    char *watched_real; /* where watched led when the watch was set, or NULL */
+    int watch_warned;   /* the watch failed, and it was said */
 } R = {PTHREAD_MUTEX_INITIALIZER,
        PTHREAD_MUTEX_INITIALIZER,
        NULL,
@@ -32,6 +33,7 @@ static struct {
        0,
        -1,
        -1,
+       NULL,
        NULL,
        0};
 
@@ -247,12 +249,22 @@ done:
 /* Watches the rules_dir in force. Returns 1 when the directory being watched
  * had been lost (replaced, or missing for a while) and is watched again: what
  * it holds now was never loaded. */
+static int same_text(const char *a, const char *b)
+{
+    return a == b || (a && b && strcmp(a, b) == 0);
+}
+
 static int watch_dir(void)
 {
     struct snapshot snap;
     reload_get(&snap);
     const char *dir = snap.cfg ? snap.cfg->rules_dir : NULL;
-    if (dir && R.watched && strcmp(dir, R.watched) == 0 && R.watch_wd >= 0) {
+    /* rules_dir may be a link switched to another directory (`mv -T`): the
+     * watch follows the directory it was set on, so a new target is a new one */
+    char *real = dir ? realpath(dir, NULL) : NULL;
+    if (dir && R.watched && strcmp(dir, R.watched) == 0 && R.watch_wd >= 0 &&
+        same_text(real, R.watched_real)) {
+        free(real);
         reload_put(&snap);
         return 0;
     }
@@ -262,6 +274,8 @@ static int watch_dir(void)
     R.watch_wd = -1;
     free(R.watched);
     R.watched = dir ? strdup(dir) : NULL;
+    free(R.watched_real);
+    R.watched_real = real;
     if (dir) {
         R.watch_wd = inotify_add_watch(R.watch_fd, dir,
                                        IN_CLOSE_WRITE | IN_MOVED_TO | IN_MOVED_FROM | IN_DELETE |
@@ -288,10 +302,13 @@ int reload_watch_start(void)
     return R.watch_fd;
 }
 
+/* A rule file, or `..data`: Kubernetes updates a mounted ConfigMap by
+ * pointing that link at a new directory, which the files are links through. */
 static int is_rule_file(const char *name)
 {
     size_t n = strlen(name);
-    return name[0] != '.' && n > 4 && strcmp(name + n - 4, ".lua") == 0;
+    return (name[0] != '.' && n > 4 && strcmp(name + n - 4, ".lua") == 0) ||
+           strcmp(name, "..data") == 0;
 }
 
 int reload_watch_changed(void)
@@ -339,5 +356,7 @@ void reload_watch_stop(void)
     R.watch_wd = -1;
     free(R.watched);
     R.watched = NULL;
+    free(R.watched_real);
+    R.watched_real = NULL;
     R.watch_warned = 0;
 }

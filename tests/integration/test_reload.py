@@ -8,8 +8,8 @@ import signal
 import threading
 import time
 
-from harness import (RECORDS, SLOW, TOKEN, Service, ServiceTest, event, register_secret, request,
-                     run_cli)
+from harness import (RECORDS, RULES, SLOW, TOKEN, Service, ServiceTest, event, register_secret,
+                     request, run_cli)
 
 ADMIN = "admin-token-5b2f0c9e1d"
 
@@ -195,6 +195,43 @@ class Reload(ServiceTest):
         # fire while the file is still empty, and the reload of the complete
         # file follows. Under valgrind a post can fall between the two.
         self.assertEqual(self.mapped_name_once_reloaded(s, deadline), "Renamed By Rule")
+
+    def test_a_configmap_update_through_its_data_link_is_picked_up(self):
+        # kubelet's atomic writer: the files are links through ..data, and an
+        # update points ..data at a new directory with one rename
+        cm = self.tmpdir()
+        first, second = os.path.join(cm, "..2026_11_01"), os.path.join(cm, "..2026_11_02")
+        for d in (first, second):
+            os.mkdir(d)
+            shutil.copy(os.path.join(RULES, "10-mparticle.lua"), d)
+        with open(os.path.join(second, "60-rename.lua"), "w") as f:
+            f.write(RENAME)
+        os.symlink("..2026_11_01", os.path.join(cm, "..data"))
+        os.symlink(os.path.join("..data", "10-mparticle.lua"), os.path.join(cm, "10-mparticle.lua"))
+        s = self.service(rules_dir=cm)
+        os.symlink(os.path.join("..data", "60-rename.lua"), os.path.join(cm, "60-rename.lua"))
+        time.sleep(0.5)  # the dangling link is refused, and the old rules stay
+        os.symlink("..2026_11_02", os.path.join(cm, "..data_tmp"))
+        os.rename(os.path.join(cm, "..data_tmp"), os.path.join(cm, "..data"))
+        self.assertEqual(self.mapped_name_once_reloaded(s, time.time() + 10 * SLOW),
+                         "Renamed By Rule")
+
+    def test_a_rules_dir_link_switched_to_another_directory_is_followed(self):
+        base = self.tmpdir()
+        old, new = os.path.join(base, "release-1"), os.path.join(base, "release-2")
+        for d in (old, new):
+            os.mkdir(d)
+            shutil.copy(os.path.join(RULES, "10-mparticle.lua"), d)
+        current = os.path.join(base, "current")
+        os.symlink(old, current)
+        s = self.service(rules_dir=current)
+        os.symlink(new, current + ".tmp")
+        os.rename(current + ".tmp", current)  # mv -T
+        time.sleep(1.5)  # the switch is seen; the next change is in the new directory
+        with open(os.path.join(new, "60-rename.lua"), "w") as f:
+            f.write(RENAME)
+        self.assertEqual(self.mapped_name_once_reloaded(s, time.time() + 10 * SLOW),
+                         "Renamed By Rule")
 
     def test_a_rules_dir_replaced_after_a_gap_is_loaded_when_it_comes_back(self):
         rules = self.rules_dir()
