@@ -257,7 +257,8 @@ struct rules {
     int tributary_ref; /* the table behind the read-only `tributary` global */
     int absent_ref;    /* tributary.absent, the "must be missing" marker in tests */
     struct sandbox_limits limits;
-    size_t memory_cap; /* state memory between requests before a rebuild */
+    size_t memory_cap; /* state memory between requests before a rebuild: what the
+                          top levels left, plus rules.memory_mb */
     int testing;       /* running rule tests: tributary.count counts nothing */
     int uncounted;     /* nor for events mapped again (rules_uncounted) */
     buf scratch;
@@ -471,7 +472,6 @@ int rules_new(rules **out, ruleset *rs, char *err, size_t errlen)
     struct config *c = rs->cfg;
     r->limits.memory_bytes = (size_t)c->rules_memory_mb << 20;
     r->limits.instructions = c->rules_instructions;
-    r->memory_cap = r->limits.memory_bytes;
     r->decode_ref = r->tributary_ref = r->absent_ref = LUA_NOREF;
     buf_init(&r->scratch, 1u << 24);
     buf_init(&r->encoded, RULES_MAX_ENCODE_BYTES + 64);
@@ -514,6 +514,9 @@ int rules_new(rules **out, ruleset *rs, char *err, size_t errlen)
             goto fail;
     }
     lua_gc(L, LUA_GCCOLLECT);
+    /* what the files' top levels keep (lookup tables) is the state's own:
+     * rules.memory_mb bounds what requests add to it */
+    r->memory_cap = sandbox_memory(r->sb) + r->limits.memory_bytes;
     *out = r;
     return 0;
 fail:
@@ -549,7 +552,7 @@ const char *rules_needs_rebuild(const rules *r)
     if (sandbox_damaged(r->sb))
         return "a rule hit a limit";
     if (sandbox_memory(r->sb) > r->memory_cap)
-        return "the state holds more than rules.memory_mb";
+        return "the state holds more than rules.memory_mb beyond what its files' top level left";
     return NULL;
 }
 

@@ -1054,7 +1054,29 @@ START_TEST(test_a_state_that_outgrows_its_memory_asks_for_a_rebuild)
     ck_assert_uint_eq(F.m.ndead, 0);
     const char *why = rules_needs_rebuild(F.r);
     ck_assert_ptr_nonnull(why);
-    ck_assert_str_eq(why, "the state holds more than rules.memory_mb");
+    ck_assert_str_eq(
+        why, "the state holds more than rules.memory_mb beyond what its files' top level left");
+}
+END_TEST
+
+/* Lookup tables built at the top level of two files hold more than
+ * rules.memory_mb together, each file within it: they are the state's own,
+ * and a request that adds nothing does not make it be rebuilt. */
+START_TEST(test_top_level_tables_over_the_memory_limit_together_need_no_rebuild)
+{
+    ck_assert_int_eq(setenv("TRIBUTARY_RULES_MEMORY_MB", "2", 1), 0);
+    const char *big = "local T = {}\n"
+                      "for i = 1, 20000 do T[i] = string.format('%08d-padding', i) end\n"
+                      "return function(event, out)\n"
+                      "  return {feed = 'unbound', batch = {}, event = {event_type = 'uninstall',\n"
+                      "          data = {n = #T}}}\n"
+                      "end\n";
+    rule("50-a.lua", big);
+    rule("60-b.lua", big);
+    build();
+    ck_assert_int_eq(map(ENVELOPE(EV("t-1")), INPUT_ENVELOPE), 0);
+    ck_assert_uint_eq(F.m.nrecords, 1);
+    ck_assert_ptr_null(rules_needs_rebuild(F.r));
 }
 END_TEST
 
@@ -1764,6 +1786,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_infinite_loop_hits_the_instruction_limit);
     tcase_add_test(tc, test_instruction_limit_asks_for_a_rebuild);
     tcase_add_test(tc, test_a_state_that_outgrows_its_memory_asks_for_a_rebuild);
+    tcase_add_test(tc, test_top_level_tables_over_the_memory_limit_together_need_no_rebuild);
     tcase_add_test(tc, test_infinite_loop_returns_well_under_a_second);
     tcase_add_test(tc, test_pcall_cannot_swallow_the_instruction_limit);
     tcase_add_test(tc, test_xpcall_cannot_swallow_the_instruction_limit);
