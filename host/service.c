@@ -223,7 +223,10 @@ int service_run(const char *config_path)
     char err[4096];
     struct config *cfg = NULL;
     if (config_load(&cfg, config_path, err, sizeof err) != 0) {
-        fprintf(stderr, "tributary: configuration error:\n%s\n", err);
+        /* one structured line, in the format asked for where it can be read */
+        const char *format = getenv("TRIBUTARY_LOG_FORMAT");
+        log_configure("info", format && strcmp(format, "json") == 0 ? "json" : "logfmt");
+        log_error("configuration error; not started", LOG_S("error", err));
         return 1;
     }
     log_configure(cfg->log_level, cfg->log_format);

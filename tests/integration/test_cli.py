@@ -37,6 +37,17 @@ class Cli(ServiceTest):
         self.assertIn("c.lua:1: attempt to call a string value", p.stderr)
         self.assertNotIn("ios-key-in-the-file", p.stderr + p.stdout)
 
+    def test_serve_with_a_configuration_error_writes_one_line_in_the_log_format_asked_for(self):
+        p = run_cli(["serve"], env={"TRIBUTARY_HTTP_THREADS": "abc",
+                                    "TRIBUTARY_LOG_FORMAT": "json"}, cwd=self.tmpdir())
+        self.assertEqual(p.returncode, 1, p)
+        lines = p.stderr.strip().splitlines()
+        self.assertEqual(len(lines), 1, p.stderr)
+        record = json.loads(lines[0])
+        self.assertEqual(record["level"], "error")
+        self.assertEqual(record["msg"], "configuration error; not started")
+        self.assertIn("TRIBUTARY_HTTP_THREADS: must be an integer", record["error"])
+
     def test_unknown_command_is_a_usage_error(self):
         p = run_cli(["frobnicate"])
         self.assertEqual(p.returncode, 2)
