@@ -2279,6 +2279,14 @@ int queue_open(queue **out, const struct queue_options *o, char *err, size_t err
     *out = q;
     return 0;
 fail:
+    /* SQLite writes queue.db-shm beside a WAL database even to read it */
+    if (o->readonly && access(o->dir, W_OK) != 0 && errno == EROFS) {
+        size_t used = strlen(err);
+        str_printf(err + used, errlen - used,
+                   " (data_dir is on a read-only file system; SQLite needs to write "
+                   "queue.db-shm beside the queue even to read it: copy data_dir elsewhere "
+                   "and point --config or TRIBUTARY_DATA_DIR at the copy)");
+    }
     queue_free(q);
     return -1;
 }

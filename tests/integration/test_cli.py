@@ -4,7 +4,9 @@ dlq requeue and purge over many dead letters and at the limits of their input.""
 import json
 import os
 import re
+import shutil
 import sqlite3
+import subprocess
 import threading
 import time
 import unittest
@@ -47,6 +49,22 @@ class Cli(ServiceTest):
         self.assertEqual(record["level"], "error")
         self.assertEqual(record["msg"], "configuration error; not started")
         self.assertIn("TRIBUTARY_HTTP_THREADS: must be an integer", record["error"])
+
+    def test_queue_stats_on_a_read_only_file_system_says_why_it_cannot_read(self):
+        s = self.service()
+        self.assertEqual(s.post([event()]).status, 200)
+        self.assertEqual(s.stop(), 0)
+        mnt = self.tmpdir()
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", mnt],
+                          capture_output=True).returncode != 0:
+            self.skipTest("cannot mount a file system here")
+        self.addCleanup(subprocess.run, ["umount", mnt], capture_output=True)
+        shutil.copytree(s.data_dir, os.path.join(mnt, "var"))
+        subprocess.run(["mount", "-o", "remount,ro", mnt], check=True)
+        p = run_cli(["queue", "stats"], env={"TRIBUTARY_DATA_DIR": os.path.join(mnt, "var")},
+                    cwd=self.tmpdir())
+        self.assertEqual(p.returncode, 1, p)
+        self.assertIn("data_dir is on a read-only file system", p.stderr)
 
     def test_unknown_command_is_a_usage_error(self):
         p = run_cli(["frobnicate"])
