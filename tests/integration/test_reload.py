@@ -33,6 +33,15 @@ def write_atomically(path, text):
     os.rename(tmp, path)
 
 
+def shipped_rules_in(base, *names):
+    """Directories base/name holding the shipped rules; returns their paths."""
+    dirs = [os.path.join(base, name) for name in names]
+    for d in dirs:
+        os.mkdir(d)
+        shutil.copy(os.path.join(RULES, "10-mparticle.lua"), d)
+    return dirs
+
+
 class Reload(ServiceTest):
     def admin_reload(self, s, token=ADMIN):
         headers = {"Authorization": "Bearer " + token} if token else {}
@@ -200,10 +209,7 @@ class Reload(ServiceTest):
         # kubelet's atomic writer: the files are links through ..data, and an
         # update points ..data at a new directory with one rename
         cm = self.tmpdir()
-        first, second = os.path.join(cm, "..2026_11_01"), os.path.join(cm, "..2026_11_02")
-        for d in (first, second):
-            os.mkdir(d)
-            shutil.copy(os.path.join(RULES, "10-mparticle.lua"), d)
+        _, second = shipped_rules_in(cm, "..2026_11_01", "..2026_11_02")
         with open(os.path.join(second, "60-rename.lua"), "w") as f:
             f.write(RENAME)
         os.symlink("..2026_11_01", os.path.join(cm, "..data"))
@@ -218,10 +224,7 @@ class Reload(ServiceTest):
 
     def test_a_rules_dir_link_switched_to_another_directory_is_followed(self):
         base = self.tmpdir()
-        old, new = os.path.join(base, "release-1"), os.path.join(base, "release-2")
-        for d in (old, new):
-            os.mkdir(d)
-            shutil.copy(os.path.join(RULES, "10-mparticle.lua"), d)
+        old, new = shipped_rules_in(base, "release-1", "release-2")
         current = os.path.join(base, "current")
         os.symlink(old, current)
         s = self.service(rules_dir=current)

@@ -157,6 +157,22 @@ static int64_t count_in_file(const char *sql)
     return v;
 }
 
+/* Runs sql on the queue's file directly (created if need be), beside the
+ * queue's own connections or as another program or an older version wrote it. */
+static void exec_in_file(const char *sql)
+{
+    char path[320];
+    snprintf(path, sizeof path, "%s/queue.db", data_dir);
+    sqlite3 *db;
+    ck_assert_int_eq(sqlite3_open(path, &db), SQLITE_OK);
+    sqlite3_busy_timeout(db, 5000);
+    char *msg = NULL;
+    int rc = sqlite3_exec(db, sql, NULL, NULL, &msg);
+    ck_assert_msg(rc == SQLITE_OK, "%s: %s", sql, msg ? msg : "");
+    sqlite3_free(msg);
+    ck_assert_int_eq(sqlite3_close(db), SQLITE_OK);
+}
+
 static queue_reader *reader(queue *q)
 {
     char err[ERR_LEN] = "";
@@ -1141,16 +1157,8 @@ END_TEST
  * upgrade it under that service: only `serve` upgrades. */
 START_TEST(test_a_cli_change_refuses_an_older_schema_and_leaves_it_as_it_is)
 {
-    char path[320];
-    snprintf(path, sizeof path, "%s/queue.db", data_dir);
-    sqlite3 *db;
-    ck_assert_int_eq(sqlite3_open(path, &db), SQLITE_OK);
-    ck_assert_int_eq(sqlite3_exec(db,
-                                  "CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL) "
-                                  "WITHOUT ROWID; INSERT INTO meta VALUES('schema_version', '3');",
-                                  NULL, NULL, NULL),
-                     SQLITE_OK);
-    sqlite3_close(db);
+    exec_in_file("CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;"
+                 "INSERT INTO meta VALUES('schema_version', '3');");
     struct queue_options o = {
         .dir = data_dir, .sync_full = 1, .max_depth = NO_LIMIT, .existing = 1};
     char err[ERR_LEN] = "";
@@ -1165,10 +1173,6 @@ END_TEST
 
 START_TEST(test_a_schema_3_queue_keeps_its_records_and_batches)
 {
-    char path[320];
-    snprintf(path, sizeof path, "%s/queue.db", data_dir);
-    sqlite3 *db;
-    ck_assert_int_eq(sqlite3_open(path, &db), SQLITE_OK);
     char sql[4096] = "CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;"
                      "INSERT INTO meta VALUES('schema_version', '3');"
                      "CREATE TABLE batches(id INTEGER PRIMARY KEY AUTOINCREMENT, feed INTEGER NOT "
@@ -1189,8 +1193,7 @@ START_TEST(test_a_schema_3_queue_keeps_its_records_and_batches)
     strcat(sql, "INSERT INTO records_ios VALUES(5, 1, 'a', 't', 'v', 'u', '', '{}', '{}');"
                 "INSERT INTO records_ios VALUES(6, 1, 'b', 't', 'v', 'u', '', '{}', '{}');"
                 "INSERT INTO records_ios VALUES(7, 1, 'c', 't', 'v', 'u', '', '{}', '{}');");
-    ck_assert_int_eq(sqlite3_exec(db, sql, NULL, NULL, NULL), SQLITE_OK);
-    sqlite3_close(db);
+    exec_in_file(sql);
 
     queue *q = open_queue(NO_LIMIT, DEDUP_DAY);
     ck_assert_int_eq(depth(q, FEED_IOS), 3);
@@ -1224,12 +1227,9 @@ END_TEST
 /* Writes a database of `sql` as the queue file, and returns its bytes. */
 static char *foreign_queue(const char *sql, size_t *len)
 {
+    exec_in_file(sql);
     char path[320];
     snprintf(path, sizeof path, "%s/queue.db", data_dir);
-    sqlite3 *db;
-    ck_assert_int_eq(sqlite3_open(path, &db), SQLITE_OK);
-    ck_assert_int_eq(sqlite3_exec(db, sql, NULL, NULL, NULL), SQLITE_OK);
-    ck_assert_int_eq(sqlite3_close(db), SQLITE_OK);
     FILE *f = fopen(path, "rb");
     ck_assert_ptr_nonnull(f);
     char *bytes = malloc(1 << 20);
@@ -1320,18 +1320,10 @@ START_TEST(test_after_a_backlog_the_file_gives_its_free_space_back)
     commit_records(q, FEED_IOS, "kept", 3);
     queue_free(q);
     /* a backlog's worth of pages, freed */
-    char path[320];
-    snprintf(path, sizeof path, "%s/queue.db", data_dir);
-    sqlite3 *db;
-    ck_assert_int_eq(sqlite3_open(path, &db), SQLITE_OK);
-    ck_assert_int_eq(sqlite3_exec(db,
-                                  "CREATE TABLE backlog(x BLOB);"
-                                  "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n "
-                                  "WHERE i < 2000) INSERT INTO backlog SELECT randomblob(4000) "
-                                  "FROM n; DROP TABLE backlog; PRAGMA wal_checkpoint(TRUNCATE);",
-                                  NULL, NULL, NULL),
-                     SQLITE_OK);
-    ck_assert_int_eq(sqlite3_close(db), SQLITE_OK);
+    exec_in_file("CREATE TABLE backlog(x BLOB);"
+                 "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n "
+                 "WHERE i < 2000) INSERT INTO backlog SELECT randomblob(4000) "
+                 "FROM n; DROP TABLE backlog; PRAGMA wal_checkpoint(TRUNCATE);");
     int64_t before = file_bytes();
     ck_assert_int_gt(before, 8 << 20);
 
@@ -1395,20 +1387,6 @@ START_TEST(test_the_gauges_follow_what_another_process_committed)
     queue_free(service);
 }
 END_TEST
-
-/* Runs one statement on the queue's file beside the queue's own connections. */
-static void exec_in_file(const char *sql)
-{
-    char path[320];
-    snprintf(path, sizeof path, "%s/queue.db", data_dir);
-    sqlite3 *db;
-    ck_assert_int_eq(sqlite3_open_v2(path, &db, SQLITE_OPEN_READWRITE, NULL), SQLITE_OK);
-    sqlite3_busy_timeout(db, 5000);
-    char *msg = NULL;
-    int rc = sqlite3_exec(db, sql, NULL, NULL, &msg);
-    ck_assert_msg(rc == SQLITE_OK, "%s: %s", sql, msg ? msg : "");
-    sqlite3_close(db);
-}
 
 START_TEST(test_a_failed_reading_of_another_process_changes_keeps_the_ids_apart)
 {
