@@ -141,18 +141,9 @@ local function present(v)
   return v
 end
 
-local function nonempty(v)
-  v = present(v)
-  if v == "" then return nil end
-  return v
-end
-
--- A table read as a JSON object: anything else (a list, a string, null) is
--- read as an empty one.
-local function object(v)
-  if type(v) == "table" and #v == 0 then return v end
-  return nil
-end
+-- What `user` or `properties` is read as when it is not a JSON object (a
+-- list, a string, null): an empty one. Never written to.
+local NO_FIELDS = setmetatable({}, { __newindex = function() error("read only") end })
 
 -- A number JSON can write (1e400 decodes to infinity).
 local function finite(v)
@@ -169,6 +160,17 @@ local function text(v)
   if t == "number" then return finite(v) and encode(v) or nil end
   if v == nil or t == "table" then return nil end
   return tostring(v)
+end
+
+-- An identity or device identifier: a non-empty scalar, as text; absent,
+-- null, "" and tables have none.
+local function identifier(v)
+  if type(v) == "string" then
+    if v == "" then return nil end
+    return v
+  end
+  if v == null then return nil end
+  return text(v)
 end
 
 -- Cut a string to at most `max` characters (bytes when what would be kept is
@@ -322,31 +324,32 @@ local function process(event, out)
   if name == nil then return false, "unsupported_type" end
   if not selected(event_type) then return false, "not_selected" end
 
-  local user = object(event.user) or {}
-  local props = object(event.properties) or {}
-  local customer_id = text(nonempty(user.external_user_id))
+  local user, props = event.user, event.properties
+  if type(user) ~= "table" or #user > 0 then user = NO_FIELDS end
+  if type(props) ~= "table" or #props > 0 then props = NO_FIELDS end
+  local customer_id = identifier(user.external_user_id)
   if customer_id == nil then return false, "no_external_id" end
 
   local feed = feed_for(props)
 
   -- identities and device identifiers are text (a table there has none)
-  local email = EMAIL_IDENTITY[event_type] and text(nonempty(props.email_address)) or nil
-  local mobile, mobile_key = text(nonempty(props.to_phone_number)), "to_phone_number"
+  local email = EMAIL_IDENTITY[event_type] and identifier(props.email_address) or nil
+  local mobile, mobile_key = identifier(props.to_phone_number), "to_phone_number"
   if not mobile then
-    mobile, mobile_key = text(nonempty(props.user_phone_number)), "user_phone_number"
+    mobile, mobile_key = identifier(props.user_phone_number), "user_phone_number"
   end
 
-  local device_id = text(nonempty(user.device_id))
+  local device_id = identifier(user.device_id)
   local ad_field = AD_ID_FIELD[present(props.ad_id_type)]
   local tracking = present(props.ad_tracking_enabled)
   local tracking_known = type(tracking) == "boolean"
   local device_info = {
     platform = DEVICE_PLATFORM[feed],
-    device_model = text(nonempty(props.device_model)),
+    device_model = identifier(props.device_model),
   }
   if feed == "ios" then device_info.ios_idfv = device_id end
   if feed == "android" then device_info.android_uuid = device_id end
-  if ad_field then device_info[ad_field] = text(nonempty(props.ad_id)) end
+  if ad_field then device_info[ad_field] = identifier(props.ad_id) end
   if tracking_known then device_info.limit_ad_tracking = not tracking end
   local ad_known = ad_field ~= nil -- (Lua 5.4.4 miscompiles a comparison used as a key)
   local used = CONSUMED[ad_known][tracking_known]
