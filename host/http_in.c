@@ -727,7 +727,13 @@ int http_in_start(http_in **out, struct ingest *in, const struct http_in_options
         h->hooks = *hooks;
     pthread_mutex_init(&h->conns_mu, NULL);
     pthread_cond_init(&h->conns_cv, NULL);
-    pthread_cond_init(&h->drained_cv, NULL);
+    /* its waits are timed on the monotonic clock: a wall clock stepped back
+     * during a shutdown does not stretch the grace */
+    pthread_condattr_t monotonic;
+    pthread_condattr_init(&monotonic);
+    pthread_condattr_setclock(&monotonic, CLOCK_MONOTONIC);
+    pthread_cond_init(&h->drained_cv, &monotonic);
+    pthread_condattr_destroy(&monotonic);
     pthread_mutex_init(&h->start_mu, NULL);
     /* A thread per connection: a request waiting for its commit holds only its
      * own connection, and requests of every connection can share a commit. The
@@ -816,7 +822,7 @@ void http_in_drain(http_in *h, int64_t grace_ms)
         if (left <= 0)
             break;
         struct timespec ts;
-        clock_gettime(CLOCK_REALTIME, &ts);
+        clock_gettime(CLOCK_MONOTONIC, &ts);
         ts.tv_sec += left / 1000;
         ts.tv_nsec += (left % 1000) * 1000000;
         if (ts.tv_nsec >= 1000000000) {

@@ -25,9 +25,10 @@
  *
  * A ruleset passed its checks when it was loaded, but building an engine runs
  * its files' top level again, which can fail later (code that reads the time,
- * a limit met on a busy machine). Then requests are mapped with the newest
- * ruleset an engine was built for, and the ruleset in force is tried again
- * every ENGINE_RETRY_MS. */
+ * a limit met on a busy machine). Then requests that find no idle engine of
+ * the rules in force are mapped with the rules before them (the newest
+ * ruleset of another version an engine was built for), and the rules in force
+ * are tried again every ENGINE_RETRY_MS. */
 #define ENGINE_RETRY_MS 1000
 
 struct ingest_engines {
@@ -36,9 +37,11 @@ struct ingest_engines {
     rules **idle;
     size_t nidle;
     size_t size, out;  /* capacity; borrowed or being built */
-    ruleset *good;     /* the newest ruleset an engine was built for, or NULL */
+    ruleset *current;  /* the newest ruleset an engine was built for, or NULL */
+    ruleset *previous; /* the newest before it of another version, or NULL */
     ruleset *failed;   /* the newest one that failed to build, or NULL */
     int64_t failed_at; /* when it was last tried (monotonic ms) */
+    char failed_err[ERR_LEN];
 };
 
 int ingest_init(struct ingest *in, queue *q, int engines)
@@ -68,7 +71,8 @@ void ingest_fini(struct ingest *in)
     for (size_t i = 0; i < e->nidle; i++)
         rules_free(e->idle[i]);
     free(e->idle);
-    ruleset_unref(e->good);
+    ruleset_unref(e->current);
+    ruleset_unref(e->previous);
     ruleset_unref(e->failed);
     pthread_mutex_destroy(&e->mu);
     pthread_cond_destroy(&e->freed);
@@ -127,8 +131,14 @@ static void set_ruleset(ruleset **slot, ruleset *rs)
     *slot = rs ? ruleset_ref(rs) : NULL;
 }
 
-/* An engine for rs, or, while rs cannot be built, for the newest ruleset that
- * could (see above). NULL when neither can be built, with the reason in err. */
+/* [under e->mu] What maps while rs cannot be built: the rules before it. */
+static ruleset *fallback_for(const struct ingest_engines *e, const ruleset *rs)
+{
+    return same_rules(e->current, rs) ? e->previous : e->current;
+}
+
+/* An engine for rs, or, while rs cannot be built, for the rules before it (see
+ * above). NULL when neither can be built, with the reason in err. */
 static rules *borrow(struct ingest_engines *e, ruleset *rs, char *err, size_t errlen)
 {
     int64_t now = clock_mono_ms();
@@ -137,24 +147,31 @@ static rules *borrow(struct ingest_engines *e, ruleset *rs, char *err, size_t er
         pthread_cond_wait(&e->freed, &e->mu);
     e->out++;
     rules *r = take_idle(e, rs);
-    int try_rs = !r && (!same_rules(e->failed, rs) || now - e->failed_at >= ENGINE_RETRY_MS);
-    if (try_rs && same_rules(e->failed, rs))
+    int retry = same_rules(e->failed, rs);
+    int try_rs = !r && (!retry || now - e->failed_at >= ENGINE_RETRY_MS);
+    if (try_rs && retry)
         e->failed_at = now; /* one borrower tries again; the others map as before */
-    if (!r && !try_rs)
-        r = take_idle(e, e->good);
-    /* an engine of an older ruleset: replaced, or the fallback if it is the good one */
+    ruleset *fallback = NULL;
+    if (!r && !try_rs) {
+        str_copy(err, errlen, e->failed_err);
+        fallback = fallback_for(e, rs);
+        r = take_idle(e, fallback);
+    }
+    /* an engine of an older ruleset: replaced, or the fallback's */
     rules *spare = !r && e->nidle ? e->idle[--e->nidle] : NULL;
-    ruleset *good = e->good ? ruleset_ref(e->good) : NULL;
+    fallback = fallback ? ruleset_ref(fallback) : NULL;
     pthread_mutex_unlock(&e->mu);
     if (r) {
-        ruleset_unref(good);
+        ruleset_unref(fallback);
         return r;
     }
 
     if (try_rs) {
         if (rules_new(&r, rs, err, errlen) == 0) {
             pthread_mutex_lock(&e->mu);
-            set_ruleset(&e->good, rs);
+            if (!same_rules(e->current, rs))
+                set_ruleset(&e->previous, e->current);
+            set_ruleset(&e->current, rs);
             int recovered = same_rules(e->failed, rs);
             set_ruleset(&e->failed, NULL); /* or one no longer in force */
             pthread_mutex_unlock(&e->mu);
@@ -162,7 +179,6 @@ static rules *borrow(struct ingest_engines *e, ruleset *rs, char *err, size_t er
                 log_info("the rules in force build again",
                          LOG_S("rules_version", ruleset_version(rs)));
             rules_free(spare);
-            ruleset_unref(good);
             return r;
         }
         metrics_add(M_RULE_ENGINE_FAILURES, 1);
@@ -170,25 +186,28 @@ static rules *borrow(struct ingest_engines *e, ruleset *rs, char *err, size_t er
         int first = !same_rules(e->failed, rs);
         set_ruleset(&e->failed, rs);
         e->failed_at = now;
+        str_copy(e->failed_err, sizeof e->failed_err, err);
+        fallback = fallback_for(e, rs) ? ruleset_ref(fallback_for(e, rs)) : NULL;
         pthread_mutex_unlock(&e->mu);
         if (first)
-            log_error("cannot build an engine for the rules in force; the previous rules map "
+            log_error("cannot build an engine for the rules in force; the rules before them map "
                       "until they build (tried again every second)",
                       LOG_S("rules_version", ruleset_version(rs)) LOG_S("error", err)
-                          LOG_S("previous_rules_version", good ? ruleset_version(good) : ""));
+                          LOG_S("previous_rules_version",
+                                fallback ? ruleset_version(fallback) : "(none)"));
     }
-    if (good && good != rs) {
-        if (spare && rules_ruleset(spare) == good) {
+    if (fallback) {
+        if (spare && rules_ruleset(spare) == fallback) {
             r = spare;
             spare = NULL;
         } else {
             char fallback_err[ERR_LEN]; /* err keeps why the rules in force failed */
-            if (rules_new(&r, good, fallback_err, sizeof fallback_err) != 0)
+            if (rules_new(&r, fallback, fallback_err, sizeof fallback_err) != 0)
                 r = NULL;
         }
     }
     rules_free(spare);
-    ruleset_unref(good);
+    ruleset_unref(fallback);
     if (!r)
         give_back(e, NULL);
     return r;
@@ -298,7 +317,7 @@ void ingest_handle(struct ingest *in, const struct ingest_request *req,
     reload_get(&s);
     struct mapping m;
     mapping_init(&m);
-    char err[ERR_LEN];
+    char err[ERR_LEN] = "";
 
     ruleset *mapped_by = NULL;
     rules *r = borrow(in->engines, s.rs, err, sizeof err);

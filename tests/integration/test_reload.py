@@ -133,28 +133,35 @@ class Reload(ServiceTest):
 
     def test_rules_whose_engines_stop_building_after_the_reload_map_with_the_previous_ones(self):
         # The reload builds the new rules once and accepts them; each worker
-        # builds its own engine later, running the files' top level again.
-        # Here that top level fails during a window of time.
+        # builds its own engine when it needs one, running the files' top level
+        # again. Here that top level fails during a window of time, after an
+        # engine of the new rules has mapped, and that engine is then dropped
+        # (its rule hits the instruction limit), so a new one is needed.
         rules = self.rules_dir()
-        s = self.service(rules_dir=rules, env={"TRIBUTARY_ADMIN_TOKEN": ADMIN})
+        s = self.service(rules_dir=rules)
         before = s.post([event()]).json()["rules_version"]
         start = math.ceil(time.time() + 2 * SLOW)
         end = start + math.ceil(2 * SLOW)
-        with open(os.path.join(rules, "60-window.lua"), "w") as f:
-            f.write("local now = os.time()\n"
-                    "if now >= %d and now < %d then error('campaign paused') end\n"
-                    "return function(e, out) end\n" % (start, end))
-        r = self.admin_reload(s)
-        self.assertEqual(r.status, 200, r)
-        in_force = r.json()["rules_version"]
-        self.assertNotEqual(in_force, before)
+        # one rename: one reload, by the watch of rules_dir
+        write_atomically(os.path.join(rules, "60-window.lua"),
+                         "local now = os.time()\n"
+                         "if now >= %d and now < %d then error('campaign paused') end\n"
+                         "return function(e, out)\n"
+                         "  if e.id == 'loop-forever' then while true do end end\n"
+                         "end\n" % (start, end))
+        self.wait(lambda: s.post([event()]).json()["rules_version"] != before,
+                  what="the new rules in force")
+        in_force = s.post([event()]).json()["rules_version"]
 
         time.sleep(max(0.0, start - time.time()) + 0.2)
+        r = s.post([event(id="loop-forever")])
+        self.assertEqual((r.status, r.json()["quarantined"]), (200, 1), r)
         for _ in range(3):
             r = s.post([event()])
             self.assertEqual(r.status, 200, r)
             self.assertEqual(r.json()["rules_version"], before)
         self.assertEqual(s.logs().count("cannot build an engine for the rules in force"), 1)
+        self.assertIn("previous_rules_version=" + before, s.logs())
         self.assertIn("campaign paused", s.logs())
         self.assertGreaterEqual(s.metrics()["tributary_rule_engine_failures_total"], 1)
 
