@@ -89,17 +89,28 @@ static const char JSON_ESCAPE[256] = {
     [30] = 'u',   [31] = 'u',   ['"'] = '"',  ['\\'] = '\\', [127] = 'u',
 };
 
-/* Whether any of the 8 bytes of w needs a look: a control byte (under 0x20),
- * '"', '\\', DEL, or a byte of 0x80 and up (UTF-8, checked for well-formed
- * sequences). The classic zero-byte test, (x - 0x01..) & ~x & 0x80.., is exact
- * about whether there is one. */
-static int word_needs_look(uint64_t w)
+/* The bytes of w that need a look, as the high bit of each: a control byte
+ * (under 0x20), '"', '\\', DEL, or a byte of 0x80 and up (UTF-8, checked for
+ * well-formed sequences). The classic zero-byte test, (x - 0x01..) & ~x &
+ * 0x80.., marks the first such byte exactly; a borrow can mark bytes after it
+ * too, never before. */
+static uint64_t bytes_to_look_at(uint64_t w)
 {
     const uint64_t ones = 0x0101010101010101u, highs = 0x8080808080808080u;
     uint64_t quote = w ^ (ones * '"'), backslash = w ^ (ones * '\\'), del = w ^ (ones * 0x7f);
     uint64_t found = ((w - ones * 0x20) & ~w) | ((quote - ones) & ~quote) |
                      ((backslash - ones) & ~backslash) | ((del - ones) & ~del) | w;
-    return (found & highs) != 0;
+    return found & highs;
+}
+
+/* The position in its word of the first byte marked in mask (not 0). */
+static size_t first_marked(uint64_t mask)
+{
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    return (size_t)__builtin_ctzll(mask) / 8;
+#else
+    return (size_t)__builtin_clzll(mask) / 8;
+#endif
 }
 
 /* The length of the well-formed UTF-8 sequence at p (n bytes left), or 0. */
@@ -141,37 +152,44 @@ int buf_json_str(buf *b, const char *s, size_t n)
     if (n > SIZE_MAX - 2 || buf_reserve(b, n + 2) != 0)
         return -1;
     b->data[b->len++] = '"';
-    size_t run = 0; /* start of the pending run of bytes that pass as they are */
-    for (size_t i = 0; i < n; i++) {
+    size_t i = 0, run = 0; /* run: start of the pending bytes that pass as they are */
+    for (;;) {
         /* most text is ASCII without a byte to escape: pass it 8 bytes at a time */
+        uint64_t marked = 0;
         while (n - i >= 8) {
             uint64_t w;
             memcpy(&w, s + i, 8);
-            if (word_needs_look(w))
+            if ((marked = bytes_to_look_at(w)) != 0)
                 break;
             i += 8;
         }
-        if (i == n)
+        if (marked)
+            i += first_marked(marked);
+        else if (i == n)
             break;
         unsigned char c = (unsigned char)s[i];
         if (c >= 0x80) {
-            size_t len = utf8_sequence((const unsigned char *)s + i, n - i);
-            if (len > 0) {
-                i += len - 1;
-                continue;
-            }
-            if (buf_add(b, s + run, i - run) != 0 || buf_add(b, replacement, 3) != 0)
-                return -1;
-            run = i + 1;
+            /* text in another script: one sequence after the other */
+            do {
+                size_t len = utf8_sequence((const unsigned char *)s + i, n - i);
+                if (len > 0) {
+                    i += len;
+                    continue;
+                }
+                if (buf_add(b, s + run, i - run) != 0 || buf_add(b, replacement, 3) != 0)
+                    return -1;
+                run = ++i;
+            } while (i < n && (unsigned char)s[i] >= 0x80);
             continue;
         }
         char e = JSON_ESCAPE[c];
-        if (!e)
-            continue;
-        char u[6] = {'\\', e, '0', '0', hex[c >> 4], hex[c & 15]};
-        if (buf_add(b, s + run, i - run) != 0 || buf_add(b, u, e == 'u' ? 6 : 2) != 0)
-            return -1;
-        run = i + 1;
+        if (e) {
+            char u[6] = {'\\', e, '0', '0', hex[c >> 4], hex[c & 15]};
+            if (buf_add(b, s + run, i - run) != 0 || buf_add(b, u, e == 'u' ? 6 : 2) != 0)
+                return -1;
+            run = i + 1;
+        }
+        i++;
     }
     if (buf_add(b, s + run, n - run) != 0)
         return -1;
