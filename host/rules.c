@@ -1081,10 +1081,9 @@ static int check_fields(lua_State *L, int idx, const char *what, int strings, ch
             char tmp[32];
             size_t n;
             const char *name = key_text(L, -2, tmp, sizeof tmp, &n);
-            str_printf(err, errlen, "%s.%.64s: %s, not a %s", what, name ? name : "?",
-                       strings ? "a string is required"
-                               : "a value must be a string, number or "
-                                 "boolean",
+            const char *want =
+                strings ? "a string is required" : "a value must be a string, number or boolean";
+            str_printf(err, errlen, "%s.%.64s: %s, not a %s", what, name ? name : "?", want,
                        luaL_typename(L, -1));
             lua_pop(L, 2);
             return -1;
