@@ -133,6 +133,62 @@ static int parse_args(int argc, char **argv, struct args *a)
     return 0;
 }
 
+enum option_bit {
+    O_REASON = 1,
+    O_OLDER_THAN = 2,
+    O_LIMIT = 4,
+    O_TIMESTAMP = 8,
+    O_JSON = 16,
+    O_ALL = 32,
+    O_FORCE = 64
+};
+
+/* The options each command takes: another one given is refused rather than
+ * ignored, as the command line meant something else than what would run. */
+static int options_fit(const struct args *a)
+{
+    static const struct {
+        const char *command, *sub;
+        unsigned takes;
+    } TAKES[] = {
+        {"serve", NULL, 0},
+        {"check", NULL, 0},
+        {"map", NULL, 0},
+        {"sign", NULL, O_TIMESTAMP},
+        {"dlq", "list", O_REASON | O_LIMIT | O_JSON},
+        {"dlq", "show", O_JSON},
+        {"dlq", "requeue", O_REASON | O_ALL | O_FORCE | O_JSON},
+        {"dlq", "purge", O_OLDER_THAN | O_REASON | O_JSON},
+        {"queue", "stats", O_JSON},
+    };
+    static const struct {
+        unsigned bit;
+        const char *name;
+    } NAMES[] = {{O_REASON, "--reason"}, {O_OLDER_THAN, "--older-than"},
+                 {O_LIMIT, "--limit"},   {O_TIMESTAMP, "--timestamp"},
+                 {O_JSON, "--json"},     {O_ALL, "--all"},
+                 {O_FORCE, "--force"}};
+    unsigned given = (a->reason ? O_REASON : 0) | (a->older_than ? O_OLDER_THAN : 0) |
+                     (a->limit ? O_LIMIT : 0) | (a->timestamp ? O_TIMESTAMP : 0) |
+                     (a->json ? O_JSON : 0) | (a->all ? O_ALL : 0) | (a->force ? O_FORCE : 0);
+    const char *sub = a->npositional ? a->positional[0] : NULL;
+    for (size_t i = 0; i < ARRAY_LEN(TAKES); i++) {
+        if (strcmp(TAKES[i].command, a->command) != 0 ||
+            (TAKES[i].sub && (!sub || strcmp(sub, TAKES[i].sub) != 0)))
+            continue;
+        for (size_t j = 0; j < ARRAY_LEN(NAMES); j++) {
+            if (given & ~TAKES[i].takes & NAMES[j].bit) {
+                fprintf(stderr, "tributary: %s does not apply to %s%s%s (see --help)\n",
+                        NAMES[j].name, a->command, TAKES[i].sub ? " " : "",
+                        TAKES[i].sub ? TAKES[i].sub : "");
+                return 0;
+            }
+        }
+        return 1;
+    }
+    return 1; /* an unknown command or subcommand is named where it is dispatched */
+}
+
 static int cmd_check(const struct args *a)
 {
     struct config *c = config_load_for_command(a->config, 1);
@@ -346,6 +402,8 @@ int main(int argc, char **argv)
         fputs(USAGE, stderr);
         return 2;
     }
+    if (!options_fit(&a))
+        return 2;
     signal(SIGPIPE, SIG_IGN);
     if (sender_global_init() != 0) {
         fprintf(stderr, "tributary: cannot initialise the HTTP client library\n");

@@ -66,6 +66,17 @@ class Cli(ServiceTest):
         self.assertEqual(p.returncode, 1, p)
         self.assertIn("data_dir is on a read-only file system", p.stderr)
 
+    def test_an_option_the_command_does_not_take_is_refused_not_ignored(self):
+        for args, option, command in ((["check", "--force"], "--force", "check"),
+                                      (["dlq", "list", "--older-than", "7d"], "--older-than",
+                                       "dlq list"),
+                                      (["dlq", "purge", "--older-than", "7d", "--all"], "--all",
+                                       "dlq purge"),
+                                      (["sign", "--json"], "--json", "sign")):
+            p = run_cli(args, cwd=self.tmpdir())
+            self.assertEqual(p.returncode, 2, p)
+            self.assertIn("%s does not apply to %s" % (option, command), p.stderr)
+
     def test_unknown_command_is_a_usage_error(self):
         p = run_cli(["frobnicate"])
         self.assertEqual(p.returncode, 2)
