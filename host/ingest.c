@@ -25,7 +25,7 @@
  *
  * A ruleset passed its checks when it was loaded, but building an engine runs
  * its files' top level again, which can fail later (code that reads the time,
- * a limit met on a busy machine). Then requests that find no idle engine of
+ * a time limit met on a busy machine). Then requests that find no idle engine of
  * the rules in force are mapped with the rules before them (the newest
  * ruleset of another version an engine was built for), and the rules in force
  * are tried again every ENGINE_RETRY_MS. */
