@@ -307,6 +307,10 @@ struct feed_ring {
 
 struct queue {
     sqlite3 *db; /* the writer's connection */
+    /* The latest time an id was stamped with in the dedup log. Stamps never go
+     * back, so the log stays in time order (prune_dedup relies on it) and the
+     * segments of the set stay in step when the wall clock steps back. */
+    int64_t dedup_clock;
     sqlite3_stmt *st[S_COUNT];
     sqlite3_stmt *fst[FEED_COUNT][F_COUNT];
     sqlite3_stmt *rst[FEED_COUNT][RING][R_COUNT];
@@ -481,6 +485,10 @@ static int insert_dead(queue *q, const struct dead_letter *d, int64_t now)
  * was seen within the window, -1 on error. */
 static int first_sighting(queue *q, struct op *op, str id, int64_t now)
 {
+    if (now < q->dedup_clock)
+        now = q->dedup_clock;
+    else
+        q->dedup_clock = now;
     struct dedup_fp fp;
     dedup_fingerprint(id.p ? id.p : "", id.n, &fp);
     if (dedup_contains(q->seen, &fp, now))
@@ -2080,8 +2088,8 @@ static int load_dedup(queue *q, char *err, size_t errlen)
         return -1;
     }
     sqlite3_bind_int64(s, 1, clock_wall_ms() - q->opt.dedup_window_ms);
-    int rc = 0;
-    while (rc == 0 && sqlite3_step(s) == SQLITE_ROW) {
+    int rc = 0, step;
+    while (rc == 0 && (step = sqlite3_step(s)) == SQLITE_ROW) {
         struct dedup_fp fp = {(uint64_t)sqlite3_column_int64(s, 0),
                               (uint64_t)sqlite3_column_int64(s, 1)};
         if (dedup_add(q->seen, &fp, sqlite3_column_int64(s, 2)) != 0) {
@@ -2089,7 +2097,21 @@ static int load_dedup(queue *q, char *err, size_t errlen)
             rc = -1;
         }
     }
+    /* a set read in part would let duplicates through unseen: the queue does
+     * not open (the service does not start) rather than run with it */
+    if (rc == 0 && step != SQLITE_DONE) {
+        str_printf(err, errlen, "%s: cannot read the dedup ids: %s", q->path,
+                   sqlite3_errmsg(q->db));
+        rc = -1;
+    }
     sqlite3_finalize(s);
+    /* the log's last stamp: later ones never go below it */
+    if (rc == 0 && sqlite3_prepare_v2(q->db, "SELECT at_ms FROM dedup ORDER BY id DESC LIMIT 1", -1,
+                                      &s, NULL) == SQLITE_OK) {
+        if (sqlite3_step(s) == SQLITE_ROW)
+            q->dedup_clock = sqlite3_column_int64(s, 0);
+        sqlite3_finalize(s);
+    }
     return rc;
 }
 

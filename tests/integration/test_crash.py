@@ -82,6 +82,27 @@ def read_errors_shim():
 _SHIM = None
 
 
+class DedupReadErrors(ServiceTest):
+    def test_a_read_error_in_the_dedup_ids_at_start_stops_the_start_instead_of_forgetting_them(self):
+        s = self.service()
+        events = [event("users.messages.email.Send", user="u1") for _ in range(10)]
+        self.assertEqual(s.post(events).status, 200)
+        s.kill9()
+        s.env["LD_PRELOAD"] = read_errors_shim()
+        s.env["ASAN_OPTIONS"] = (os.environ.get("ASAN_OPTIONS", "") +
+                                 ":verify_asan_link_order=0").lstrip(":")
+        s.env["FAIL_DEDUP_AT"] = "4"
+        s.start(wait=False)
+        code = s.proc.wait(timeout=20 * SLOW)
+        self.assertEqual(code, 1, s.logs()[-2000:])
+        self.assertIn("cannot read the dedup ids", s.logs())
+        # the next start reads them all: a re-send is known
+        del s.env["LD_PRELOAD"], s.env["FAIL_DEDUP_AT"]
+        s.start()
+        r = s.post(events)
+        self.assertEqual((r.status, r.json()["duplicates"], r.json()["forwarded"]), (200, 10, 0))
+
+
 class RestoreReadErrors(ServiceTest):
     """Batches in flight at a kill -9 are restored at the next start; a read
     error on the way is tried again, and until then nothing they hold is taken

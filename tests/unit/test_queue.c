@@ -1155,6 +1155,26 @@ END_TEST
 
 /* A dlq change beside an older service still running on the queue must not
  * upgrade it under that service: only `serve` upgrades. */
+/* The id log stays in time order when the wall clock steps back (its rows
+ * are pruned by a search that relies on it): an id is never stamped before
+ * the log's last stamp, here an hour ahead of the clock. */
+START_TEST(test_dedup_stamps_never_go_back_when_the_clock_does)
+{
+    queue *q = open_queue(NO_LIMIT, DEDUP_DAY);
+    commit_records(q, FEED_IOS, "before", 2);
+    queue_free(q);
+    exec_in_file("UPDATE dedup SET at_ms = at_ms + 3600000"); /* as if the clock went back */
+    int64_t ahead = count_in_file("SELECT max(at_ms) FROM dedup");
+    q = open_queue(NO_LIMIT, DEDUP_DAY);
+    commit_records(q, FEED_IOS, "after", 2);
+    queue_free(q);
+    ck_assert_int_eq(count_in_file("SELECT count(*) FROM dedup"), 4);
+    ck_assert_int_eq(count_in_file("SELECT min(at_ms) FROM dedup WHERE id > (SELECT min(id) + 1 "
+                                   "FROM dedup)"),
+                     ahead);
+}
+END_TEST
+
 START_TEST(test_a_cli_change_refuses_an_older_schema_and_leaves_it_as_it_is)
 {
     exec_in_file("CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;"
@@ -2017,6 +2037,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_a_refused_claim_takes_back_the_other_feeds_claims_of_its_operation);
     tcase_add_test(tc, test_a_claim_encodes_and_parses_back_its_batches);
     tcase_add_test(tc, test_a_claim_goes_once_each_of_its_batches_is_finished);
+    tcase_add_test(tc, test_dedup_stamps_never_go_back_when_the_clock_does);
     tcase_add_test(tc, test_a_cli_change_refuses_an_older_schema_and_leaves_it_as_it_is);
     tcase_add_test(tc, test_a_schema_3_queue_keeps_its_records_and_batches);
     tcase_add_test(tc, test_a_queue_of_a_newer_schema_is_refused_and_left_unchanged);

@@ -8,6 +8,8 @@
  *                       claims fails, once
  *   SLOW_ACK_MS=n       the writer takes n ms over each step on the claims'
  *                       bitmaps of finished batches (a busy disk)
+ *   FAIL_DEDUP_AT=n     the n-th row of the read of the dedup ids at start
+ *                       fails, once
  *
  * A failed step answers SQLITE_IOERR, as a disk or memory hiccup would.
  */
@@ -20,7 +22,7 @@
 #include <string.h>
 #include <unistd.h>
 
-static atomic_int fetches, claim_rows;
+static atomic_int fetches, claim_rows, dedup_rows;
 
 static int env_int(const char *name)
 {
@@ -39,6 +41,10 @@ int sqlite3_step(sqlite3_stmt *st)
     if (sql && strcmp(thread, "queue-writer") == 0 && strstr(sql, "claim_done") &&
         env_int("SLOW_ACK_MS") > 0)
         usleep((useconds_t)env_int("SLOW_ACK_MS") * 1000);
+    int dedup_at = env_int("FAIL_DEDUP_AT");
+    if (sql && dedup_at > 0 && strstr(sql, "FROM dedup WHERE at_ms") &&
+        atomic_fetch_add(&dedup_rows, 1) + 1 == dedup_at)
+        return SQLITE_IOERR;
     if (!sql || strcmp(thread, "sender") != 0)
         return real(st);
     int at = env_int("FAIL_CLAIMS_AT");
