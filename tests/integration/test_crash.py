@@ -94,6 +94,7 @@ class DedupReadErrors(ServiceTest):
         s.env["FAIL_DEDUP_AT"] = "4"
         s.start(wait=False)
         code = s.proc.wait(timeout=20 * SLOW)
+        s.log.close()
         self.assertEqual(code, 1, s.logs()[-2000:])
         self.assertIn("cannot read the dedup ids", s.logs())
         # the next start reads them all: a re-send is known
