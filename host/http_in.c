@@ -165,9 +165,7 @@ static enum MHD_Result refuse_encoding(struct MHD_Connection *c, struct req *r, 
 {
     /* a producer that compresses retries every request: said now and then */
     static _Atomic int64_t logged_ms;
-    int64_t now = clock_mono_ms(), last = atomic_load(&logged_ms);
-    if ((last == 0 || now - last >= LOG_REPEAT_MS) &&
-        atomic_compare_exchange_strong(&logged_ms, &last, now)) {
+    if (log_due_shared(&logged_ms)) {
         char shown[33];
         size_t n = strcspn(v, "\r\n");
         snprintf(shown, sizeof shown, "%.*s", (int)(n < 32 ? n : 32), v);

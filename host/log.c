@@ -155,3 +155,11 @@ int log_due(int64_t *last_ms)
     *last_ms = now;
     return 1;
 }
+
+int log_due_shared(_Atomic int64_t *last_ms)
+{
+    int64_t now = clock_mono_ms(), last = atomic_load(last_ms);
+    if (last && now - last < LOG_REPEAT_MS)
+        return 0;
+    return atomic_compare_exchange_strong(last_ms, &last, now);
+}

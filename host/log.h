@@ -11,6 +11,7 @@
 #ifndef TRIBUTARY_LOG_H
 #define TRIBUTARY_LOG_H
 
+#include <stdatomic.h>
 #include <stdint.h>
 
 enum log_level { LOG_DEBUG, LOG_INFO, LOG_WARN, LOG_ERROR };
@@ -50,6 +51,8 @@ void log_set_request(const char *request_id);
  * owner's thread only), which it then updates; 0 to skip the line. */
 #define LOG_REPEAT_MS 10000
 int log_due(int64_t *last_ms);
+/* The same for a line any thread may write: one of them is let through. */
+int log_due_shared(_Atomic int64_t *last_ms);
 
 int log_level_parse(const char *s, enum log_level *out);
 int log_format_parse(const char *s, enum log_format *out);

@@ -599,6 +599,15 @@ static void set_pause(struct sender *s, struct feed_state *f, enum feed_pause p,
         log_warn("cannot record the feed state", LOG_S("feed", FEED_NAMES[f->feed]));
 }
 
+static int any_feed_ready(const struct config *c)
+{
+    for (int i = 0; i < FEED_COUNT; i++) {
+        if (config_feed_ready(c, (enum feed)i))
+            return 1;
+    }
+    return 0;
+}
+
 /* Follows configuration changes: credentials arriving, changing or going. */
 static void update_credentials(struct sender *s, struct feed_state *f)
 {
@@ -615,9 +624,7 @@ static void update_credentials(struct sender *s, struct feed_state *f)
         return;
     if (!ready) {
         /* with no feed configured at all, the service's start-up line says it once */
-        int any = 0;
-        for (int i = 0; i < FEED_COUNT; i++)
-            any |= config_feed_ready(s->cfg, (enum feed)i);
+        int any = any_feed_ready(s->cfg);
         int fallback = f->feed != FEED_UNBOUND && config_feed_ready(s->cfg, FEED_UNBOUND);
         if (f->pause != PAUSE_NO_CREDENTIALS && any && fallback)
             log_info("feed has no credentials: the shipped rules send its events to unbound; "
@@ -1625,9 +1632,7 @@ fail:
  * again, and those the rules now route to another feed move there. */
 static void plan_reroute(struct sender *s, const ruleset *rs)
 {
-    int any = 0;
-    for (int i = 0; i < FEED_COUNT; i++)
-        any |= config_feed_ready(s->cfg, (enum feed)i);
+    int any = any_feed_ready(s->cfg);
     for (int i = 0; i < FEED_COUNT; i++) {
         struct feed_state *f = &s->feeds[i];
         f->rerouting = any && f->pause == PAUSE_NO_CREDENTIALS;

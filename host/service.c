@@ -225,7 +225,7 @@ int service_run(const char *config_path)
     if (config_load(&cfg, config_path, err, sizeof err) != 0) {
         /* one structured line, in the format asked for where it can be read */
         const char *format = getenv("TRIBUTARY_LOG_FORMAT");
-        log_configure("info", format && strcmp(format, "json") == 0 ? "json" : "logfmt");
+        log_configure("info", format ? format : "logfmt");
         log_error("configuration error; not started", LOG_S("error", err));
         return 1;
     }
