@@ -1,5 +1,6 @@
 #include "rules.h"
 
+#include "attributes.h"
 #include "digest.h"
 #include "log.h"
 #include "metrics.h"
@@ -408,7 +409,14 @@ static int setup_state(lua_State *L)
     lua_newtable(L); /* T */
     lua_pushlightuserdata(L, r);
     lua_pushcclosure(L, tributary_count, 1);
-    lua_setfield(L, -2, "count");
+    lua_pushvalue(L, -1);
+    lua_setfield(L, -3, "count"); /* T count */
+    lua_pushlightuserdata(L, r);
+    lua_pushcclosure(L, rules_encode, 1);
+    lua_insert(L, -2); /* T encode count */
+    attributes_push(L);
+    sandbox_timed(L);
+    lua_setfield(L, -2, "custom_attributes");
     lua_newtable(L);
     sandbox_readonly(L);
     lua_pushvalue(L, -1);

@@ -59,6 +59,11 @@ lua_State *sandbox_lua(sandbox *sb);
  * Tables should be made read-only first (sandbox_readonly). */
 void sandbox_expose(sandbox *sb, const char *name);
 
+/* [-1, +1] Replaces the C function on top with one that pays for the time it
+ * takes from the call's instruction budget, as the string and table functions
+ * do: for a host function whose work the count hook cannot see. */
+void sandbox_timed(lua_State *L);
+
 /* [-1, +1] Replaces the table on top with a read-only view of it (pairs, # and
  * indexing work; assignment raises an error). Nested tables are not wrapped. */
 void sandbox_readonly(lua_State *L);

@@ -212,6 +212,17 @@ size_t utf8_sanitize(char *s, size_t n, size_t max)
     return keep;
 }
 
+int utf8_valid(const char *s, size_t n)
+{
+    for (size_t i = 0; i < n;) {
+        size_t len = utf8_sequence((const unsigned char *)s + i, n - i);
+        if (len == 0)
+            return 0;
+        i += len;
+    }
+    return 1;
+}
+
 int buf_int(buf *b, long long v)
 {
     char tmp[24];

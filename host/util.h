@@ -90,6 +90,8 @@ int buf_json_str(buf *b, const char *s, size_t n) WUR;
  * well-formed sequence (RFC 3629) becomes '?'. Returns the length of the
  * longest prefix of at most max bytes that ends between two characters. */
 size_t utf8_sanitize(char *s, size_t n, size_t max);
+/* Whether s[0..n) is well-formed UTF-8 (RFC 3629), as Lua's utf8.len takes it. */
+int utf8_valid(const char *s, size_t n);
 /* Appends v in decimal. */
 int buf_int(buf *b, long long v) WUR;
 /* Detaches the data: the caller frees it with free(); b is left empty. */

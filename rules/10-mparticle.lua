@@ -12,12 +12,12 @@
 
 local null = cjson.null
 -- Locals: a global lookup goes through the sandbox's environment on every use.
-local type, pairs, ipairs, next, tostring = type, pairs, ipairs, next, tostring
-local concat, sort = table.concat, table.sort
+local type, pairs, tostring = type, pairs, tostring
 local encode = cjson.encode
 local tointeger, floor = math.tointeger, math.floor
-local utf8_len, utf8_offset = utf8.len, utf8.offset
-local byte, sub = string.byte, string.sub
+-- Every property not used elsewhere becomes a custom attribute, within
+-- mParticle's limits (see README, "What rules can use").
+local custom_attributes = tributary.custom_attributes
 
 -- Braze event_type -> mParticle event_name (false: an `uninstall` event, no name).
 local NAMES = {
@@ -130,11 +130,6 @@ local CONSUMED = {
   [true] = { [false] = consumed(true, false), [true] = consumed(true, true) },
 }
 
--- mParticle's limits on custom attributes.
-local MAX_ATTRIBUTES <const> = 100
-local MAX_NAME <const> = 256
-local MAX_VALUE <const> = 4096
-
 -- Absent and JSON null are the same.
 local function present(v)
   if v == nil or v == null then return nil end
@@ -145,19 +140,14 @@ end
 -- list, a string, null): an empty one. Never written to.
 local NO_FIELDS = setmetatable({}, { __newindex = function() error("read only") end })
 
--- A number JSON can write (1e400 decodes to infinity).
-local function finite(v)
-  return v - v == 0
-end
-
 -- A scalar as text. cjson decodes every JSON number as a float, which
 -- tostring writes as 12345.0: numbers are written as JSON writes them (whole
 -- ones as integers, others in full). Absent values, tables and numbers JSON
--- cannot write have no text.
+-- cannot write (1e400 decodes to infinity) have no text.
 local function text(v)
   local t = type(v)
   if t == "string" then return v end
-  if t == "number" then return finite(v) and encode(v) or nil end
+  if t == "number" then return v - v == 0 and encode(v) or nil end
   if v == nil or t == "table" then return nil end
   return tostring(v)
 end
@@ -171,123 +161,6 @@ local function identifier(v)
   end
   if v == null then return nil end
   return text(v)
-end
-
--- Cut a string to at most `max` characters (bytes when what would be kept is
--- not UTF-8). Reads about `max` characters, however long the string: a value
--- of megabytes costs no more than one at the limit.
-local function cut(s, max)
-  if #s <= max then return s, false end
-  local first = byte(s, 1)
-  if first >= 0x80 and first < 0xC0 then return sub(s, 1, max), true end -- not UTF-8
-  local stop = utf8_offset(s, max + 1) -- where character max + 1 starts
-  if stop == nil or stop > #s then -- at most max characters
-    if utf8_len(s) == nil then return sub(s, 1, max), true end
-    return s, false
-  end
-  if utf8_len(s, 1, stop - 1) == nil then return sub(s, 1, max), true end
-  return sub(s, 1, stop - 1), true
-end
-
--- A custom attribute value: scalars stay, lists are joined with ",", objects
--- become JSON text.
-local function attribute_value(v)
-  local t = type(v)
-  if t ~= "table" then return v end
-  if #v > 0 or next(v) == nil then
-    local parts = {}
-    for _, item in ipairs(v) do
-      item = present(item)
-      if item ~= nil then
-        parts[#parts + 1] = type(item) == "table" and encode(item) or text(item)
-      end
-    end
-    return concat(parts, ",")
-  end
-  return encode(v)
-end
-
--- Adds one attribute within mParticle's limits; returns how many cuts it
--- needed, and 1 when it dropped the attribute instead: a number JSON cannot
--- write (mParticle would refuse the event), or a content_card_id when the
--- event has a card_id of its own (the name it would take).
-local function put(attrs, k, v, props)
-  local cuts = 0
-  if type(v) == "number" and not finite(v) then return 0, 1 end
-  if k == "content_card_id" then
-    if present(props.card_id) ~= nil then return 0, 1 end
-    k = "card_id"
-  end
-  if #k > MAX_NAME then
-    local cut_name
-    k, cut_name = cut(k, MAX_NAME)
-    if cut_name then cuts = cuts + 1 end
-  end
-  if type(v) == "table" then v = attribute_value(v) end
-  if type(v) == "string" and #v > MAX_VALUE then
-    local cut_value
-    v, cut_value = cut(v, MAX_VALUE)
-    if cut_value then cuts = cuts + 1 end
-  end
-  attrs[k] = v
-  return cuts, 0
-end
-
--- Whether property k goes to custom_attributes: not null, not in used (see
--- CONSUMED), and not skip1 or skip2, the properties this event used elsewhere
--- (email identity, $mobile).
-local function kept(k, v, used, skip1, skip2)
-  return v ~= null and not used[k] and k ~= skip1 and k ~= skip2
-end
-
--- Every remaining property (plus the user's device_id). Over the limit of 100,
--- the first 100 in name order are kept, so the choice does not depend on the
--- order of the JSON.
-local function custom_attributes(props, used, device_id, skip1, skip2)
-  local attrs, n, cuts, dropped = {}, 0, 0, 0
-  for k, v in pairs(props) do
-    if v ~= null and not used[k] and k ~= skip1 and k ~= skip2 then -- kept(), inline
-      n = n + 1
-      if n <= MAX_ATTRIBUTES then
-        -- the common case inline: a short name and a scalar within the limits
-        local t = type(v)
-        if #k <= MAX_NAME and k ~= "content_card_id" and t ~= "table"
-            and (t ~= "string" or #v <= MAX_VALUE) and (t ~= "number" or v - v == 0) then
-          attrs[k] = v
-        else
-          local c, d = put(attrs, k, v, props)
-          cuts, dropped = cuts + c, dropped + d
-        end
-      end
-    end
-  end
-  local own_device_id = device_id and present(props.device_id) == nil
-  if own_device_id then
-    n = n + 1
-    if n <= MAX_ATTRIBUTES then
-      local c = put(attrs, "device_id", device_id, props)
-      cuts = cuts + c
-    end
-  end
-  if n > MAX_ATTRIBUTES then
-    local names = {}
-    for k, v in pairs(props) do
-      if kept(k, v, used, skip1, skip2) then names[#names + 1] = k end
-    end
-    if own_device_id then names[#names + 1] = "device_id" end
-    sort(names)
-    attrs, cuts, dropped = {}, 0, n - MAX_ATTRIBUTES
-    for i = 1, MAX_ATTRIBUTES do
-      local k = names[i]
-      local v = present(props[k])
-      if v == nil then v = device_id end
-      local c, d = put(attrs, k, v, props)
-      cuts, dropped = cuts + c, dropped + d
-    end
-  end
-  if dropped > 0 then tributary.count("attribute_dropped", dropped) end
-  if cuts > 0 then tributary.count("attribute_truncated", cuts) end
-  return attrs
 end
 
 local function feed_for(props)
@@ -354,12 +227,24 @@ local function process(event, out)
   local ad_known = ad_field ~= nil -- (Lua 5.4.4 miscompiles a comparison used as a key)
   local used = CONSUMED[ad_known][tracking_known]
 
+  -- every other property is a custom attribute, and the user's device_id
+  local extra = device_id and { device_id = device_id } or nil
+  local card = present(props.content_card_id)
+  if card ~= nil then -- Braze's content_card_id is mParticle's card_id ...
+    if present(props.card_id) == nil then
+      extra = extra or {}
+      extra.card_id = card
+    else -- ... unless the event has a card_id of its own
+      tributary.count("attribute_dropped")
+    end
+  end
+
   local data = {
     -- the request's time is checked: from 0 to 2^53 ms, which are exact
     timestamp_unixtime_ms = tointeger(floor(event.time * 1000 + 0.5)),
     source_message_id = event.id,
-    custom_attributes = custom_attributes(props, used, device_id, email and "email_address",
-                                          mobile and mobile_key),
+    custom_attributes = custom_attributes(props, extra, used, "content_card_id",
+                                          email and "email_address", mobile and mobile_key),
     event_name = name or nil,
     custom_event_type = name and "other" or nil,
   }

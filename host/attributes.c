@@ -1,0 +1,346 @@
+#include "attributes.h"
+
+#include "mparticle.h"
+#include "util.h"
+
+#include <lauxlib.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* The arguments of custom_attributes; the skip arguments follow. */
+enum { PROPS = 1, EXTRA = 2, FIRST_SKIP = 3 };
+
+/* Upvalues: what writes a value as JSON text, and tributary.count. */
+enum { ENCODE = 1, COUNT = 2 };
+
+/* The skip arguments that can skip something. */
+#define MAX_SKIPS 16
+
+struct job {
+    const char *names[MAX_SKIPS]; /* the names among them */
+    size_t name_lens[MAX_SKIPS];
+    int nnames;
+    int sets[MAX_SKIPS]; /* stack indices of the sets among them */
+    int nsets;
+    int out; /* index of the attributes table */
+    lua_Integer cuts, dropped;
+};
+
+/* A name of a kept attribute, for choosing 100 of more (its string is a key of
+ * props or extra, which the stack holds). */
+struct name {
+    const char *s;
+    size_t len;
+    int extra;
+};
+
+static int is_null(lua_State *L, int idx)
+{
+    return lua_type(L, idx) == LUA_TLIGHTUSERDATA && lua_touserdata(L, idx) == NULL;
+}
+
+static int is_absent(lua_State *L, int idx)
+{
+    return lua_isnil(L, idx) || is_null(L, idx);
+}
+
+static int is_finite_number(lua_State *L, int idx)
+{
+    return lua_isinteger(L, idx) || isfinite((double)lua_tonumber(L, idx));
+}
+
+/* Whether a skip argument leaves out the property named by the string at idx. */
+static int is_skipped(lua_State *L, const struct job *j, int idx)
+{
+    size_t n;
+    const char *s = lua_tolstring(L, idx, &n);
+    for (int i = 0; i < j->nnames; i++) {
+        /* short strings are interned: mostly the same pointer */
+        if (n == j->name_lens[i] && (s == j->names[i] || memcmp(s, j->names[i], n) == 0))
+            return 1;
+    }
+    for (int i = 0; i < j->nsets; i++) {
+        lua_pushvalue(L, idx);
+        lua_rawget(L, j->sets[i]);
+        int hit = lua_toboolean(L, -1);
+        lua_pop(L, 1);
+        if (hit)
+            return 1;
+    }
+    return 0;
+}
+
+/* Takes in the skip arguments, from FIRST_SKIP to the top. */
+static void read_skips(lua_State *L, struct job *j)
+{
+    int top = lua_gettop(L);
+    for (int i = FIRST_SKIP; i <= top; i++) {
+        int t = lua_type(L, i);
+        luaL_argexpected(L,
+                         t == LUA_TSTRING || t == LUA_TTABLE || t == LUA_TNIL ||
+                             (t == LUA_TBOOLEAN && !lua_toboolean(L, i)),
+                         i, "a name, a set of names, nil or false");
+        if (t != LUA_TSTRING && t != LUA_TTABLE)
+            continue;
+        if (j->nnames + j->nsets == MAX_SKIPS)
+            luaL_error(L, "custom_attributes: more than %d names and sets to skip", MAX_SKIPS);
+        if (t == LUA_TSTRING) {
+            j->names[j->nnames] = lua_tolstring(L, i, &j->name_lens[j->nnames]);
+            j->nnames++;
+        } else {
+            j->sets[j->nsets++] = i;
+        }
+    }
+}
+
+/* Whether the entry of extra whose key is at idx is added: props has no value
+ * of its own under that name. Extra's value is on top. */
+static int adds_extra(lua_State *L, int idx)
+{
+    if (is_absent(L, -1))
+        return 0;
+    if (lua_type(L, idx) != LUA_TSTRING)
+        return luaL_error(L, "custom_attributes: the names in extra must be strings, not %s",
+                          luaL_typename(L, idx));
+    lua_pushvalue(L, idx);
+    lua_rawget(L, PROPS);
+    int own = !is_absent(L, -1);
+    lua_pop(L, 1);
+    return !own;
+}
+
+/* Whether the property whose key and value are on top is kept. */
+static int keeps_property(lua_State *L, const struct job *j)
+{
+    int key = lua_gettop(L) - 1;
+    if (is_null(L, -1))
+        return 0;
+    if (lua_type(L, key) != LUA_TSTRING)
+        return luaL_error(L, "custom_attributes: property names must be strings, not %s",
+                          luaL_typename(L, key));
+    return !is_skipped(L, j, key);
+}
+
+/* How many bytes of s[0..n) to keep for at most max characters: n when it has
+ * no more. Where the part kept would not be well-formed UTF-8, or s does not
+ * start at a character, the cut is at byte max. *cut says whether it is cut. */
+static size_t cut_length(const char *s, size_t n, size_t max, int *cut)
+{
+    *cut = n > max;
+    if (!*cut)
+        return n;
+    if (((unsigned char)s[0] & 0xC0) == 0x80)
+        return max;
+    /* where character max + 1 starts, counting the bytes that start one */
+    size_t pos = 0, left = max;
+    while (left > 0 && pos < n) {
+        do
+            pos++;
+        while (pos < n && ((unsigned char)s[pos] & 0xC0) == 0x80);
+        left--;
+    }
+    if (pos >= n) { /* at most max characters */
+        *cut = !utf8_valid(s, n);
+        return *cut ? max : n;
+    }
+    return utf8_valid(s, pos) ? pos : max;
+}
+
+/* [-0, +1] Pushes the JSON text of the value at idx. */
+static void push_json(lua_State *L, int idx)
+{
+    idx = lua_absindex(L, idx);
+    lua_pushvalue(L, lua_upvalueindex(ENCODE));
+    lua_pushvalue(L, idx);
+    lua_call(L, 1, 1);
+}
+
+/* [-0, +1] Pushes the text of the table at idx: a list's items joined with
+ * ",", an object's JSON text. */
+static void push_table_text(lua_State *L, int idx)
+{
+    if (lua_rawlen(L, idx) == 0) {
+        lua_pushnil(L);
+        if (lua_next(L, idx)) {
+            lua_pop(L, 2);
+            push_json(L, idx);
+            return;
+        }
+    }
+    luaL_Buffer b;
+    luaL_buffinit(L, &b);
+    int any = 0;
+    for (lua_Integer i = 1;; i++) {
+        int t = lua_rawgeti(L, idx, i);
+        if (t == LUA_TNIL) {
+            lua_pop(L, 1);
+            break;
+        }
+        if (is_null(L, -1) || (t == LUA_TNUMBER && !is_finite_number(L, -1))) {
+            lua_pop(L, 1);
+            continue;
+        }
+        if (t == LUA_TBOOLEAN) {
+            int v = lua_toboolean(L, -1);
+            lua_pop(L, 1);
+            lua_pushstring(L, v ? "true" : "false");
+        } else if (t != LUA_TSTRING) {
+            push_json(L, -1);
+            lua_remove(L, -2);
+        }
+        luaL_addvalue(&b);
+        luaL_addchar(&b, ',');
+        any = 1;
+    }
+    if (any)
+        luaL_buffsub(&b, 1);
+    luaL_pushresult(&b);
+}
+
+/* [-0, +0] Sets out[name] = value within mParticle's limits (name a string at
+ * index k, the value at v). */
+static void put(lua_State *L, struct job *j, int k, int v)
+{
+    int t = lua_type(L, v);
+    if (t == LUA_TNUMBER && !is_finite_number(L, v)) {
+        j->dropped++;
+        return;
+    }
+    int cut;
+    size_t n;
+    const char *s = lua_tolstring(L, k, &n);
+    size_t keep = cut_length(s, n, MPARTICLE_MAX_NAME_CHARS, &cut);
+    if (cut) {
+        lua_pushlstring(L, s, keep);
+        j->cuts++;
+    } else {
+        lua_pushvalue(L, k);
+    }
+    if (t == LUA_TTABLE)
+        push_table_text(L, v);
+    else
+        lua_pushvalue(L, v);
+    if (lua_type(L, -1) == LUA_TSTRING) {
+        s = lua_tolstring(L, -1, &n);
+        keep = cut_length(s, n, MPARTICLE_MAX_VALUE_CHARS, &cut);
+        if (cut) {
+            lua_pushlstring(L, s, keep);
+            lua_replace(L, -2);
+            j->cuts++;
+        }
+    }
+    lua_rawset(L, j->out);
+}
+
+static int by_name(const void *a, const void *b)
+{
+    const struct name *x = a, *y = b;
+    int c = memcmp(x->s, y->s, x->len < y->len ? x->len : y->len);
+    if (c != 0)
+        return c;
+    return (x->len > y->len) - (x->len < y->len);
+}
+
+/* [-0, +0] With more than the limit (n) kept: makes out the first 100 of them
+ * by name, so that the choice does not depend on the order of the JSON. */
+static void keep_first_by_name(lua_State *L, struct job *j, lua_Integer n)
+{
+    struct name *names = lua_newuserdatauv(L, (size_t)n * sizeof(*names), 0);
+    size_t k = 0;
+    for (int from = PROPS; from <= EXTRA; from++) {
+        if (!lua_istable(L, from))
+            continue;
+        lua_pushnil(L);
+        while (lua_next(L, from)) {
+            int key = lua_gettop(L) - 1;
+            if (k < (size_t)n && (from == PROPS ? keeps_property(L, j) : adds_extra(L, key))) {
+                size_t len;
+                const char *s = lua_tolstring(L, key, &len);
+                names[k++] = (struct name){s, len, from == EXTRA};
+            }
+            lua_pop(L, 1);
+        }
+    }
+    qsort(names, k, sizeof(*names), by_name);
+    lua_createtable(L, 0, MPARTICLE_MAX_CUSTOM_ATTRIBUTES);
+    lua_replace(L, j->out);
+    j->cuts = 0;
+    j->dropped = n - MPARTICLE_MAX_CUSTOM_ATTRIBUTES;
+    for (size_t i = 0; i < MPARTICLE_MAX_CUSTOM_ATTRIBUTES && i < k; i++) {
+        lua_pushlstring(L, names[i].s, names[i].len);
+        lua_pushvalue(L, -1);
+        lua_rawget(L, names[i].extra ? EXTRA : PROPS);
+        put(L, j, lua_gettop(L) - 1, lua_gettop(L));
+        lua_pop(L, 2);
+    }
+    lua_pop(L, 1); /* names */
+}
+
+static void count(lua_State *L, const char *name, lua_Integer by)
+{
+    if (by <= 0)
+        return;
+    lua_pushvalue(L, lua_upvalueindex(COUNT));
+    lua_pushstring(L, name);
+    lua_pushinteger(L, by);
+    lua_call(L, 2, 0);
+}
+
+static int custom_attributes(lua_State *L)
+{
+    luaL_checktype(L, PROPS, LUA_TTABLE);
+    if (!lua_isnoneornil(L, EXTRA))
+        luaL_checktype(L, EXTRA, LUA_TTABLE);
+    if (lua_gettop(L) < EXTRA)
+        lua_settop(L, EXTRA);
+    struct job j = {.nnames = 0};
+    read_skips(L, &j);
+
+    /* sized for every entry of props and extra: growing it on the way would
+     * rebuild it four or five times */
+    int size = 0;
+    for (int from = PROPS; from <= EXTRA; from++) {
+        if (!lua_istable(L, from))
+            continue;
+        lua_pushnil(L);
+        while (size < MPARTICLE_MAX_CUSTOM_ATTRIBUTES && lua_next(L, from)) {
+            size++;
+            lua_pop(L, 1);
+        }
+        if (size == MPARTICLE_MAX_CUSTOM_ATTRIBUTES)
+            lua_pop(L, 1); /* the key lua_next left */
+    }
+    lua_createtable(L, 0, size);
+    j.out = lua_gettop(L);
+
+    lua_Integer n = 0;
+    lua_pushnil(L);
+    while (lua_next(L, PROPS)) {
+        int key = lua_gettop(L) - 1;
+        if (keeps_property(L, &j) && ++n <= MPARTICLE_MAX_CUSTOM_ATTRIBUTES)
+            put(L, &j, key, key + 1);
+        lua_pop(L, 1);
+    }
+    if (lua_istable(L, EXTRA)) {
+        lua_pushnil(L);
+        while (lua_next(L, EXTRA)) {
+            int key = lua_gettop(L) - 1;
+            if (adds_extra(L, key) && ++n <= MPARTICLE_MAX_CUSTOM_ATTRIBUTES)
+                put(L, &j, key, key + 1);
+            lua_pop(L, 1);
+        }
+    }
+    if (n > MPARTICLE_MAX_CUSTOM_ATTRIBUTES)
+        keep_first_by_name(L, &j, n);
+
+    count(L, "attribute_dropped", j.dropped);
+    count(L, "attribute_truncated", j.cuts);
+    lua_pushvalue(L, j.out);
+    return 1;
+}
+
+void attributes_push(lua_State *L)
+{
+    lua_pushcclosure(L, custom_attributes, 2);
+}

@@ -1,0 +1,35 @@
+/*
+ * attributes: tributary.custom_attributes, which rules call to turn an event's
+ * properties into mParticle custom attributes within mParticle's limits.
+ *
+ *   attrs = tributary.custom_attributes(props, extra, skip...)
+ *
+ * Every property of props whose value is not cjson.null becomes an attribute,
+ * but for those a skip argument names: a string names one property, a table is
+ * a set (a property whose name maps to a true value there is left out); nil and
+ * false are passed over. Each entry of extra (may be nil) is added as well,
+ * unless props has a value of its own under that name.
+ *
+ * Within mParticle's limits (mparticle.h): a name over 256 characters and a
+ * text value over 4,096 are cut (at a character boundary when the text is
+ * UTF-8, else at the byte), counted as `attribute_truncated`; a list becomes
+ * its items joined with "," (tables in it as JSON text, nulls and numbers JSON
+ * cannot write left out), an object its JSON text; a number JSON cannot write
+ * (1e400) is left out; past 100 attributes the first 100 by name (byte order)
+ * are kept. What is left out is counted as `attribute_dropped`.
+ *
+ * This is the loop every event of the shipped rules runs over its twenty or so
+ * properties: in C it costs less than half of what it does in Lua (19,000
+ * instead of 49,000 instructions per benchmark event, under callgrind).
+ */
+#ifndef TRIBUTARY_ATTRIBUTES_H
+#define TRIBUTARY_ATTRIBUTES_H
+
+#include <lua.h>
+
+/* [-2, +1] Takes encode (a function writing a value as JSON text, as the
+ * rules' cjson.encode) and count (as tributary.count) from the top of the
+ * stack and pushes tributary.custom_attributes over them. */
+void attributes_push(lua_State *L);
+
+#endif
