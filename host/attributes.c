@@ -11,6 +11,9 @@
 /* The arguments of custom_attributes; the skip arguments follow. */
 enum { PROPS = 1, EXTRA = 2, FIRST_SKIP = 3 };
 
+/* What a number or boolean value takes as text, at most (%.17g). */
+#define NUMBER_BYTES 24
+
 /* Upvalues: what writes a value as JSON text, and tributary.count. */
 enum { ENCODE = 1, COUNT = 2 };
 
@@ -198,39 +201,54 @@ static void push_table_text(lua_State *L, int idx)
     luaL_pushresult(&b);
 }
 
-/* [-0, +0] Sets out[name] = value within mParticle's limits (name a string at
- * index k, the value at v). */
-static void put(lua_State *L, struct job *j, int k, int v)
+/* [-0, +2, or +0 when it returns 0] Pushes the name (a string at index k) and
+ * the value (at v) of an attribute as they go out, within mParticle's limits;
+ * *cuts says how many of the two were cut. Returns their size as JSON text,
+ * about, or 0 for a value left out (counted). */
+static size_t push_attribute(lua_State *L, struct job *j, int k, int v, int *cuts)
 {
     int t = lua_type(L, v);
     if (t == LUA_TNUMBER && !is_finite_number(L, v)) {
         j->dropped++;
-        return;
+        return 0;
     }
     int cut;
     size_t n;
     const char *s = lua_tolstring(L, k, &n);
     size_t keep = cut_length(s, n, MPARTICLE_MAX_NAME_CHARS, &cut);
-    if (cut) {
+    *cuts = cut;
+    if (cut)
         lua_pushlstring(L, s, keep);
-        j->cuts++;
-    } else {
+    else
         lua_pushvalue(L, k);
-    }
+    size_t size = keep + sizeof("\"\":,") - 1;
     if (t == LUA_TTABLE)
         push_table_text(L, v);
     else
         lua_pushvalue(L, v);
-    if (lua_type(L, -1) == LUA_TSTRING) {
-        s = lua_tolstring(L, -1, &n);
-        keep = cut_length(s, n, MPARTICLE_MAX_VALUE_CHARS, &cut);
-        if (cut) {
-            lua_pushlstring(L, s, keep);
-            lua_replace(L, -2);
-            j->cuts++;
-        }
+    if (lua_type(L, -1) != LUA_TSTRING)
+        return size + NUMBER_BYTES;
+    s = lua_tolstring(L, -1, &n);
+    keep = cut_length(s, n, MPARTICLE_MAX_VALUE_CHARS, &cut);
+    if (cut) {
+        lua_pushlstring(L, s, keep);
+        lua_replace(L, -2);
+        *cuts += 1;
     }
-    lua_rawset(L, j->out);
+    return size + keep + 2;
+}
+
+/* [-0, +0] Sets out[name] = value within mParticle's limits (name a string at
+ * index k, the value at v); returns the attribute's size as text. */
+static size_t put(lua_State *L, struct job *j, int k, int v)
+{
+    int cuts;
+    size_t size = push_attribute(L, j, k, v, &cuts);
+    if (size > 0) {
+        lua_rawset(L, j->out);
+        j->cuts += cuts;
+    }
+    return size;
 }
 
 static int by_name(const void *a, const void *b)
@@ -242,8 +260,9 @@ static int by_name(const void *a, const void *b)
     return (x->len > y->len) - (x->len < y->len);
 }
 
-/* [-0, +0] With more than the limit (n) kept: makes out the first 100 of them
- * by name, so that the choice does not depend on the order of the JSON. */
+/* [-0, +0] With more than 100 attributes (n), or more than
+ * ATTRIBUTES_MAX_BYTES of them: makes out those that fit taken in name order,
+ * so that the choice does not depend on the order of the JSON. */
 static void keep_first_by_name(lua_State *L, struct job *j, lua_Integer n)
 {
     struct name *names = lua_newuserdatauv(L, (size_t)n * sizeof(*names), 0);
@@ -265,13 +284,27 @@ static void keep_first_by_name(lua_State *L, struct job *j, lua_Integer n)
     qsort(names, k, sizeof(*names), by_name);
     lua_createtable(L, 0, MPARTICLE_MAX_CUSTOM_ATTRIBUTES);
     lua_replace(L, j->out);
-    j->cuts = 0;
-    j->dropped = n - MPARTICLE_MAX_CUSTOM_ATTRIBUTES;
-    for (size_t i = 0; i < MPARTICLE_MAX_CUSTOM_ATTRIBUTES && i < k; i++) {
+    j->cuts = j->dropped = 0;
+    size_t kept = 0, bytes = 0;
+    for (size_t i = 0; i < k; i++) {
+        if (kept == MPARTICLE_MAX_CUSTOM_ATTRIBUTES) {
+            j->dropped += (lua_Integer)(k - i);
+            break;
+        }
         lua_pushlstring(L, names[i].s, names[i].len);
         lua_pushvalue(L, -1);
         lua_rawget(L, names[i].extra ? EXTRA : PROPS);
-        put(L, j, lua_gettop(L) - 1, lua_gettop(L));
+        int cuts;
+        size_t size = push_attribute(L, j, lua_gettop(L) - 1, lua_gettop(L), &cuts);
+        if (size > 0 && bytes + size > ATTRIBUTES_MAX_BYTES) {
+            lua_pop(L, 2);
+            j->dropped++;
+        } else if (size > 0) {
+            lua_rawset(L, j->out);
+            j->cuts += cuts;
+            kept++;
+            bytes += size;
+        }
         lua_pop(L, 2);
     }
     lua_pop(L, 1); /* names */
@@ -315,11 +348,12 @@ static int custom_attributes(lua_State *L)
     j.out = lua_gettop(L);
 
     lua_Integer n = 0;
+    size_t bytes = 0;
     lua_pushnil(L);
     while (lua_next(L, PROPS)) {
         int key = lua_gettop(L) - 1;
         if (keeps_property(L, &j) && ++n <= MPARTICLE_MAX_CUSTOM_ATTRIBUTES)
-            put(L, &j, key, key + 1);
+            bytes += put(L, &j, key, key + 1);
         lua_pop(L, 1);
     }
     if (lua_istable(L, EXTRA)) {
@@ -327,11 +361,11 @@ static int custom_attributes(lua_State *L)
         while (lua_next(L, EXTRA)) {
             int key = lua_gettop(L) - 1;
             if (adds_extra(L, key) && ++n <= MPARTICLE_MAX_CUSTOM_ATTRIBUTES)
-                put(L, &j, key, key + 1);
+                bytes += put(L, &j, key, key + 1);
             lua_pop(L, 1);
         }
     }
-    if (n > MPARTICLE_MAX_CUSTOM_ATTRIBUTES)
+    if (n > MPARTICLE_MAX_CUSTOM_ATTRIBUTES || bytes > ATTRIBUTES_MAX_BYTES)
         keep_first_by_name(L, &j, n);
 
     count(L, "attribute_dropped", j.dropped);

@@ -15,8 +15,10 @@
  * UTF-8, else at the byte), counted as `attribute_truncated`; a list becomes
  * its items joined with "," (tables in it as JSON text, nulls and numbers JSON
  * cannot write left out), an object its JSON text; a number JSON cannot write
- * (1e400) is left out; past 100 attributes the first 100 by name (byte order)
- * are kept. What is left out is counted as `attribute_dropped`.
+ * (1e400) is left out. Past 100 attributes, or ATTRIBUTES_MAX_BYTES of them
+ * as text, they are taken in name order (byte order), and one that would pass
+ * either limit is left out. What is left out is counted as
+ * `attribute_dropped`.
  *
  * This is the loop every event of the shipped rules runs over its twenty or so
  * properties: in C it costs less than half of what it does in Lua (19,000
@@ -26,6 +28,13 @@
 #define TRIBUTARY_ATTRIBUTES_H
 
 #include <lua.h>
+
+/* The custom attributes of one event together, names and values as JSON text.
+ * mParticle takes a batch of at most 128 KB, and the host writes an event of
+ * at most RULES_MAX_OUTPUT_BYTES (120 KB, or it is invalid_output): 100
+ * attributes within their own limits can reach 1.7 MB. What this leaves is
+ * far more than the rest of an event needs. */
+#define ATTRIBUTES_MAX_BYTES (100 * 1024)
 
 /* [-2, +1] Takes encode (a function writing a value as JSON text, as the
  * rules' cjson.encode) and count (as tributary.count) from the top of the

@@ -10,6 +10,7 @@
  */
 #include "unit.h"
 
+#include "attributes.h"
 #include "config.h"
 #include "metrics.h"
 #include "record.h"
@@ -438,11 +439,47 @@ START_TEST(test_custom_attributes_counts_what_it_cuts_and_leaves_out)
     unsigned long long cut = rule_count("attribute_truncated");
     ck_assert_int_eq(map(ENVELOPE(EV("a-1")), INPUT_ENVELOPE), 0);
     ck_assert_uint_eq(F.m.nrecords, 1);
-    /* the first call keeps inf and k001..k099 by name, leaves out k100..k105,
-     * the long name and v, and drops inf: 9; the second drops -inf, cuts v,
-     * and the long name and its value */
-    ck_assert_uint_eq(rule_count("attribute_dropped") - dropped, 10);
+    /* the first call drops inf, keeps k001..k100 (by name), and leaves out
+     * k101..k105, the long name and v: 8; the second drops -inf, cuts v, and
+     * the long name and its value */
+    ck_assert_uint_eq(rule_count("attribute_dropped") - dropped, 9);
     ck_assert_uint_eq(rule_count("attribute_truncated") - cut, 3);
+}
+END_TEST
+
+/* 31 values of 4,096 two-byte characters are each within mParticle's limits,
+ * and 254 KB together: the event would have been invalid_output (over 120 KB).
+ * Taken in name order, those that fit in ATTRIBUTES_MAX_BYTES go out. */
+START_TEST(test_attributes_over_100_kb_together_keep_those_that_fit_by_name)
+{
+    default_rules();
+    build();
+    char *body = malloc(400 * 1024);
+    ck_assert_ptr_nonnull(body);
+    size_t n = (size_t)sprintf(body, "{\"events\":[{\"event_type\":\"users.messages.email.Send\","
+                                     "\"id\":\"big-1\",\"time\":1,"
+                                     "\"user\":{\"external_user_id\":\"c\"},\"properties\":{");
+    for (int i = 0; i < 31; i++) {
+        n += (size_t)sprintf(body + n, "%s\"a%02d\":\"", i ? "," : "", 30 - i);
+        for (int c = 0; c < 4096; c++) {
+            memcpy(body + n, "\xc3\xa9", 2);
+            n += 2;
+        }
+        body[n++] = '"';
+    }
+    strcpy(body + n, "}}]}");
+    unsigned long long dropped = rule_count("attribute_dropped");
+    ck_assert_int_eq(map(body, INPUT_ENVELOPE), 0);
+    free(body);
+    ck_assert_msg(F.m.ndead == 0, "%s", F.m.ndead ? F.m.dead[0].detail.p : "");
+    ck_assert_uint_eq(F.m.nrecords, 1);
+    const char *ev = F.m.records[0].event.p;
+    ck_assert_msg(strlen(ev) <= ATTRIBUTES_MAX_BYTES + 1024, "%zu bytes", strlen(ev));
+    /* 8,197 bytes each: a00 to a11 fit, a12 would pass 100 KB */
+    ck_assert_msg(contains(ev, "\"a00\"") && contains(ev, "\"a11\"") && !contains(ev, "\"a12\"") &&
+                      !contains(ev, "\"a30\""),
+                  "%.200s", ev);
+    ck_assert_uint_eq(rule_count("attribute_dropped") - dropped, 19);
 }
 END_TEST
 
@@ -1896,6 +1933,7 @@ static Suite *suite(void)
     tc = tcase(s, "custom_attributes");
     tcase_add_test(tc, test_custom_attributes_keeps_skips_adds_and_cuts_as_documented);
     tcase_add_test(tc, test_custom_attributes_counts_what_it_cuts_and_leaves_out);
+    tcase_add_test(tc, test_attributes_over_100_kb_together_keep_those_that_fit_by_name);
     tcase_add_loop_test(tc, test_custom_attributes_misused_is_a_rule_error_that_says_why, 0,
                         (int)ARRAY_LEN(ATTRIBUTE_MISUSES));
 
