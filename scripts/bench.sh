@@ -291,7 +291,7 @@ done
 SINK_PORT=$(cat "$RUN/sink.port")
 
 SVC_PORT=$("$LOADGEN" freeport)
-mkdir -p "$RUN/var"
+mkdir -p -m 700 "$RUN/var"
 svc_env+=("TRIBUTARY_LISTEN=127.0.0.1:$SVC_PORT" "TRIBUTARY_MPARTICLE_URL=http://127.0.0.1:$SINK_PORT")
 # Experiments: BENCH_SERVICE_ENV="TRIBUTARY_QUEUE_SYNC=normal TRIBUTARY_HTTP_THREADS=4" (last wins)
 read -r -a extra_env <<<"${BENCH_SERVICE_ENV:-}"
