@@ -17,7 +17,7 @@ enum { PROPS = 1, EXTRA = 2, FIRST_SKIP = 3 };
 /* Upvalues: what writes a value as JSON text, and tributary.count. */
 enum { ENCODE = 1, COUNT = 2 };
 
-/* The skip arguments that can skip something. */
+/* The skip arguments that can skip something (names and sets), at most. */
 #define MAX_SKIPS 16
 
 struct job {
@@ -26,7 +26,8 @@ struct job {
     int nnames;
     int sets[MAX_SKIPS]; /* stack indices of the sets among them */
     int nsets;
-    int out; /* index of the attributes table */
+    int out;   /* index of the attributes table */
+    int exact; /* sizes measured as JSON text, not bounded from the lengths */
     lua_Integer cuts, dropped;
 };
 
@@ -201,10 +202,29 @@ static void push_table_text(lua_State *L, int idx)
     luaL_pushresult(&b);
 }
 
+/* The size of a string as JSON text: measured, or at most. */
+static size_t text_size(const struct job *j, const char *s, size_t n)
+{
+    return j->exact ? json_str_len(s, n) : n * JSON_MAX_BYTES_PER_BYTE + 2;
+}
+
+/* The size of the attribute on top (name, value) as JSON text, with its colon
+ * and comma: measured, or at most. */
+static size_t attribute_size(lua_State *L, const struct job *j)
+{
+    size_t n;
+    const char *s = lua_tolstring(L, -2, &n);
+    size_t size = text_size(j, s, n) + 2;
+    if (lua_type(L, -1) != LUA_TSTRING)
+        return size + NUMBER_BYTES;
+    s = lua_tolstring(L, -1, &n);
+    return size + text_size(j, s, n);
+}
+
 /* [-0, +2, or +0 when it returns 0] Pushes the name (a string at index k) and
  * the value (at v) of an attribute as they go out, within mParticle's limits;
- * *cuts says how many of the two were cut. Returns their size as JSON text,
- * about, or 0 for a value left out (counted). */
+ * *cuts says how many of the two were cut. Returns their size as JSON text
+ * (see attribute_size), or 0 for a value left out (counted). */
 static size_t push_attribute(lua_State *L, struct job *j, int k, int v, int *cuts)
 {
     int t = lua_type(L, v);
@@ -221,7 +241,7 @@ static size_t push_attribute(lua_State *L, struct job *j, int k, int v, int *cut
         lua_pushlstring(L, s, keep);
     else
         lua_pushvalue(L, k);
-    size_t size = keep + sizeof("\"\":,") - 1;
+    size_t size = text_size(j, s, keep) + 2;
     if (t == LUA_TTABLE)
         push_table_text(L, v);
     else
@@ -235,7 +255,21 @@ static size_t push_attribute(lua_State *L, struct job *j, int k, int v, int *cut
         lua_replace(L, -2);
         *cuts += 1;
     }
-    return size + keep + 2;
+    return size + text_size(j, s, keep);
+}
+
+/* The size of the attributes in out as JSON text, measured. */
+static size_t measure(lua_State *L, const struct job *j)
+{
+    size_t size = 0;
+    lua_pushnil(L);
+    while (lua_next(L, j->out)) {
+        lua_pushvalue(L, -2);
+        lua_insert(L, -2); /* key key value */
+        size += attribute_size(L, j);
+        lua_pop(L, 2);
+    }
+    return size;
 }
 
 /* [-0, +0] Sets out[name] = value within mParticle's limits (name a string at
@@ -365,7 +399,11 @@ static int custom_attributes(lua_State *L)
             lua_pop(L, 1);
         }
     }
-    if (n > MPARTICLE_MAX_CUSTOM_ATTRIBUTES || bytes > ATTRIBUTES_MAX_BYTES)
+    /* the sizes so far are bounds from the lengths, which the usual event is
+     * far within; text full of escapes is measured */
+    j.exact = 1;
+    if (n > MPARTICLE_MAX_CUSTOM_ATTRIBUTES ||
+        (bytes > ATTRIBUTES_MAX_BYTES && measure(L, &j) > ATTRIBUTES_MAX_BYTES))
         keep_first_by_name(L, &j, n);
 
     count(L, "attribute_dropped", j.dropped);

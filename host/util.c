@@ -196,6 +196,24 @@ int buf_json_str(buf *b, const char *s, size_t n)
     return buf_addc(b, '"');
 }
 
+size_t json_str_len(const char *s, size_t n)
+{
+    size_t len = 2;
+    for (size_t i = 0; i < n;) {
+        unsigned char c = (unsigned char)s[i];
+        if (c >= 0x80) {
+            size_t seq = utf8_sequence((const unsigned char *)s + i, n - i);
+            len += seq ? seq : 3; /* U+FFFD */
+            i += seq ? seq : 1;
+            continue;
+        }
+        char e = JSON_ESCAPE[c];
+        len += e == 0 ? 1 : e == 'u' ? 6 : 2;
+        i++;
+    }
+    return len;
+}
+
 size_t utf8_sanitize(char *s, size_t n, size_t max)
 {
     size_t i = 0, keep = 0;

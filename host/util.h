@@ -86,6 +86,10 @@ int buf_vprintf(buf *b, const char *fmt, va_list ap) WUR;
 /* Appends s as a quoted, escaped JSON string. A byte that does not begin a
  * well-formed UTF-8 sequence is written as U+FFFD. */
 int buf_json_str(buf *b, const char *s, size_t n) WUR;
+/* What buf_json_str appends for s[0..n), quotes included. */
+size_t json_str_len(const char *s, size_t n);
+/* A byte takes at most this many in JSON text (\u00XX). */
+#define JSON_MAX_BYTES_PER_BYTE 6
 /* Makes s[0..n) valid UTF-8 in place: each byte that does not begin a
  * well-formed sequence (RFC 3629) becomes '?'. Returns the length of the
  * longest prefix of at most max bytes that ends between two characters. */

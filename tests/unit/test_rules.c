@@ -375,12 +375,15 @@ END_TEST
     "  local n300, e300 = ('n'):rep(300), ('\\u{e9}'):rep(300)\n"                                  \
     "  a = ca({[n300] = 1, [e300] = 2, v = ('x'):rep(5000), u = ('\\u{65e5}'):rep(5000),\n"        \
     "          ok = ('\\u{65e5}'):rep(4096), bad = '\\x80' .. ('y'):rep(5000),\n"                  \
-    "          inner = ('x'):rep(4095) .. '\\xff' .. ('y'):rep(10)})\n"                            \
+    "          inner = ('x'):rep(4095) .. '\\xff' .. ('y'):rep(10),\n"                             \
+    "          after = ('\\u{e9}'):rep(5000) .. '\\xff'})\n"                                       \
     "  eq(a[('n'):rep(256)], 1, 'name cut'); eq(a[('\\u{e9}'):rep(256)], 2, 'name cut by "         \
     "chars')\n"                                                                                    \
     "  eq(a.v, ('x'):rep(4096), 'value cut'); eq(a.u, ('\\u{65e5}'):rep(4096), 'by chars')\n"      \
-    "  eq(a.ok, ('\\u{65e5}'):rep(4096), 'at the limit'); eq(#a.bad, 4096, 'not UTF-8: bytes')\n"  \
-    "  eq(#a.inner, 4096, 'not UTF-8 inside: bytes')\n"                                            \
+    "  eq(a.ok, ('\\u{65e5}'):rep(4096), 'at the limit')\n"                                        \
+    "  eq(a.bad, '\\x80' .. ('y'):rep(4095), 'not UTF-8: bytes')\n"                                \
+    "  eq(a.inner, ('x'):rep(4095) .. '\\xff', 'not UTF-8 inside: bytes')\n"                       \
+    "  eq(a.after, ('\\u{e9}'):rep(4096), 'not UTF-8 past the cut: characters')\n"                 \
     "  a = ca({l = {'a', 1, 1.5, true, null, {k = 1}}, e = {}, o = {k = 'v'},\n"                   \
     "          inf = math.huge, nl = {math.huge, 2}})\n"                                           \
     "  eq(a.l, 'a,1,1.5,true,{\"k\":1}', 'list'); eq(a.e, '', 'empty table')\n"                    \
@@ -422,7 +425,8 @@ static unsigned long long rule_count(const char *name)
     return n;
 }
 
-/* What is cut or left out is counted, once per attribute. */
+/* What is cut or left out is counted: each cut name or value, and each
+ * attribute left out. */
 START_TEST(test_custom_attributes_counts_what_it_cuts_and_leaves_out)
 {
     rule("50-attributes.lua",
@@ -447,13 +451,19 @@ START_TEST(test_custom_attributes_counts_what_it_cuts_and_leaves_out)
 }
 END_TEST
 
-/* 31 values of 4,096 two-byte characters are each within mParticle's limits,
- * and 254 KB together: the event would have been invalid_output (over 120 KB).
- * Taken in name order, those that fit in ATTRIBUTES_MAX_BYTES go out. */
+/* 31 values of 4,096 characters that take two bytes as JSON text (a two-byte
+ * character, and a quote, which is escaped) are each within mParticle's
+ * limits, and 254 KB together: the event would have been invalid_output (over
+ * 120 KB). Taken in name order, those that fit in ATTRIBUTES_MAX_BYTES as JSON
+ * text go out. */
+static const char *const TWO_BYTE_CHARACTERS[] = {"\xc3\xa9", "\\\""};
+
 START_TEST(test_attributes_over_100_kb_together_keep_those_that_fit_by_name)
 {
     default_rules();
     build();
+    const char *ch = TWO_BYTE_CHARACTERS[_i];
+    size_t chlen = strlen(ch);
     char *body = malloc(400 * 1024);
     ck_assert_ptr_nonnull(body);
     size_t n = (size_t)sprintf(body, "{\"events\":[{\"event_type\":\"users.messages.email.Send\","
@@ -462,8 +472,8 @@ START_TEST(test_attributes_over_100_kb_together_keep_those_that_fit_by_name)
     for (int i = 0; i < 31; i++) {
         n += (size_t)sprintf(body + n, "%s\"a%02d\":\"", i ? "," : "", 30 - i);
         for (int c = 0; c < 4096; c++) {
-            memcpy(body + n, "\xc3\xa9", 2);
-            n += 2;
+            memcpy(body + n, ch, chlen);
+            n += chlen;
         }
         body[n++] = '"';
     }
@@ -475,7 +485,7 @@ START_TEST(test_attributes_over_100_kb_together_keep_those_that_fit_by_name)
     ck_assert_uint_eq(F.m.nrecords, 1);
     const char *ev = F.m.records[0].event.p;
     ck_assert_msg(strlen(ev) <= ATTRIBUTES_MAX_BYTES + 1024, "%zu bytes", strlen(ev));
-    /* 8,197 bytes each: a00 to a11 fit, a12 would pass 100 KB */
+    /* "a00":"...", is 8,201 bytes: a00 to a11 fit, a12 would pass 100 KB */
     ck_assert_msg(contains(ev, "\"a00\"") && contains(ev, "\"a11\"") && !contains(ev, "\"a12\"") &&
                       !contains(ev, "\"a30\""),
                   "%.200s", ev);
@@ -1933,7 +1943,8 @@ static Suite *suite(void)
     tc = tcase(s, "custom_attributes");
     tcase_add_test(tc, test_custom_attributes_keeps_skips_adds_and_cuts_as_documented);
     tcase_add_test(tc, test_custom_attributes_counts_what_it_cuts_and_leaves_out);
-    tcase_add_test(tc, test_attributes_over_100_kb_together_keep_those_that_fit_by_name);
+    tcase_add_loop_test(tc, test_attributes_over_100_kb_together_keep_those_that_fit_by_name, 0,
+                        (int)ARRAY_LEN(TWO_BYTE_CHARACTERS));
     tcase_add_loop_test(tc, test_custom_attributes_misused_is_a_rule_error_that_says_why, 0,
                         (int)ARRAY_LEN(ATTRIBUTE_MISUSES));
 

@@ -145,7 +145,8 @@ static void escape_byte(buf *b, unsigned char c)
 }
 
 /* Random strings of bytes that need an escape and bytes that do not, next to
- * each other in every arrangement, against the byte-by-byte reference. Of the
+ * each other in every arrangement, against the byte-by-byte reference (and
+ * json_str_len against the length of what it wrote). Of the
  * bytes of 0x80 and up here, only 0xc3 followed by 0x80 or 0xa9 is UTF-8 (À,
  * é); every other such byte is written as U+FFFD. */
 START_TEST(test_buf_json_str_matches_a_byte_by_byte_escape_on_random_strings)
@@ -181,6 +182,8 @@ START_TEST(test_buf_json_str_matches_a_byte_by_byte_escape_on_random_strings)
         ck_assert_uint_eq(got.len, want.len);
         ck_assert_msg(memcmp(got.data, want.data, want.len) == 0, "round %d: %s against %s", round,
                       got.data, want.data);
+        /* json_str_len tells the length beforehand */
+        ck_assert_uint_eq(json_str_len(in, n), want.len);
         buf_free(&got);
         buf_free(&want);
     }
