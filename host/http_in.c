@@ -141,6 +141,15 @@ static enum MHD_Result reply_json(struct MHD_Connection *c, struct req *r, int s
  * which Braze retries (a 413 would make it split a batch for nothing). */
 #define RETRY_AFTER_NO_MEMORY 10
 
+/* An answer sent before the body is read closes the connection with the body
+ * unread, and the kernel then resets it: a client that writes its whole body
+ * before it reads the answer, as Braze's may, sees a broken connection instead
+ * of the 413, and sends the same batch again instead of splitting it. So the
+ * body of an authenticated request over inbound.max_body_bytes is read and
+ * dropped, up to this size (Braze's largest batch, 100 events of 900 KB, is
+ * some 90 MB), and then answered. */
+#define TOO_LARGE_READ_MAX ((uint64_t)128 << 20)
+
 static enum MHD_Result refuse_too_large(const http_in *h, struct MHD_Connection *c, struct req *r)
 {
     char msg[128];
@@ -580,8 +589,13 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
             r->answered = 1;
             rc = refuse_encoding(c, r, encoding);
         } else if (has_length && (uint64_t)len > h->opt.max_body) {
-            r->answered = 1;
-            rc = refuse_too_large(h, c, r);
+            if (admitted == 1 && (uint64_t)len <= TOO_LARGE_READ_MAX) {
+                /* read and dropped, then answered (see TOO_LARGE_READ_MAX) */
+                r->too_large = 1;
+            } else {
+                r->answered = 1;
+                rc = refuse_too_large(h, c, r);
+            }
         } else if (r->unauthenticated && has_length &&
                    (uint64_t)len + atomic_load(&unauthenticated_bytes) >
                        UNAUTHENTICATED_BODY_BUDGET) {
