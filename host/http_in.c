@@ -198,7 +198,9 @@ static enum MHD_Result last_forwarded_for(void *cls, enum MHD_ValueKind kind, co
 
 /* The client's address. Behind a reverse proxy on the same host (a loopback
  * peer), or one of http.trusted_proxies, it is the last X-Forwarded-For entry,
- * the one the proxy itself added. */
+ * the one the proxy itself added, without the port some proxies add
+ * (203.0.113.5:5678, [2001:db8::1]:5678). An entry that is no address is
+ * "unknown": someone the proxy forwarded, not the proxy's own machine. */
 static void client_address(struct MHD_Connection *c, char *out, size_t len)
 {
     out[0] = '\0';
@@ -225,15 +227,26 @@ static void client_address(struct MHD_Connection *c, char *out, size_t len)
     last = last ? last + 1 : xff;
     while (*last == ' ' || *last == '\t')
         last++;
-    char addr[INET6_ADDRSTRLEN];
+    char addr[INET6_ADDRSTRLEN + 8];
     size_t n = strcspn(last, " \t");
+    str_copy(out, len, "unknown");
     if (n == 0 || n >= sizeof addr)
         return;
     memcpy(addr, last, n);
     addr[n] = '\0';
+    char *a = addr, *colon = strchr(addr, ':');
+    if (a[0] == '[') { /* [v6] or [v6]:port */
+        char *close = strchr(a, ']');
+        if (!close || (close[1] != '\0' && close[1] != ':'))
+            return;
+        *close = '\0';
+        a++;
+    } else if (colon && !strchr(colon + 1, ':')) { /* v4:port */
+        *colon = '\0';
+    }
     unsigned char bin[sizeof(struct in6_addr)];
-    if (inet_pton(AF_INET, addr, bin) == 1 || inet_pton(AF_INET6, addr, bin) == 1)
-        str_copy(out, len, addr);
+    if (inet_pton(AF_INET, a, bin) == 1 || inet_pton(AF_INET6, a, bin) == 1)
+        str_copy(out, len, a);
 }
 
 static struct ingest_request headers_of(struct MHD_Connection *c, const struct req *r)

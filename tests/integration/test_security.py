@@ -733,6 +733,21 @@ class WithoutCredentials(ServiceTest):
         self.assertIn("only clients on this machine", r.json()["error"])
         self.assertEqual(s.queued_ids(), [])
 
+    def test_a_forwarded_entry_with_a_port_or_no_address_is_not_this_machine(self):
+        # it was taken for the proxy's own loopback address, and served
+        s = self.service(tokens=())
+        for xff in ("203.0.113.5:5678", "[2001:db8::1]:443", "unknown", "203.0.113.5, _hidden",
+                    "[::1"):
+            r = s.post([event()], token=None, headers={"X-Forwarded-For": xff})
+            self.assertEqual(r.status, 401, (xff, r))
+        self.assertEqual(s.queued_ids(), [])
+        self.assertIn("client=203.0.113.5 ", s.logs())
+        self.assertIn("client=2001:db8::1 ", s.logs())
+        self.assertIn("client=unknown ", s.logs())
+        # a local one with a port is still local
+        r = s.post([event()], token=None, headers={"X-Forwarded-For": "127.0.0.1:5678"})
+        self.assertEqual(r.status, 200, r)
+
     def test_a_local_client_direct_or_forwarded_is_served(self):
         s = self.service(tokens=())
         self.assertEqual(s.post([event()], token=None).status, 200)
