@@ -76,6 +76,7 @@ struct req {
     int no_memory;       /* the body could not be kept: our trouble, 503 */
     int unwanted_body;   /* a body came for a route that takes none (never stored) */
     int unauthenticated; /* counted against UNAUTHENTICATED_BODY_BUDGET */
+    int authenticated;   /* admitted by its headers (ingest_request.authenticated) */
     int tracked;         /* counted in in_progress */
     size_t counted;
     struct timespec start;
@@ -256,6 +257,7 @@ static struct ingest_request headers_of(struct MHD_Connection *c, const struct r
         MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_AUTHORIZATION);
     q.signature = MHD_lookup_connection_value(c, MHD_HEADER_KIND, AUTH_SIGNATURE_HEADER);
     q.client = r->client;
+    q.authenticated = r->authenticated;
     return q;
 }
 
@@ -592,6 +594,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         struct ingest_request q = headers_of(c, r);
         int admitted = ingest_precheck(h->in, &q, &resp);
         r->unauthenticated = admitted == 2;
+        r->authenticated = admitted == 1;
         int has_length = cl && parse_int64(cl, 0, INT64_MAX, &len) == 0;
         const char *encoding =
             MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_ENCODING);

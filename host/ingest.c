@@ -240,6 +240,8 @@ static int admit(struct ingest *in, const struct ingest_request *req, int have_b
         respond_error(resp, 503, RETRY_AFTER_DRAINING, "shutting down", -1, NULL);
         return 0;
     }
+    if (have_body && req->authenticated)
+        return 1;
     int64_t now = clock_wall_ms() / 1000, wait_s = 0;
     if (auth_throttled(req->client, now, &wait_s)) {
         metrics_add(M_AUTH_THROTTLED, 1);

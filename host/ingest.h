@@ -39,6 +39,10 @@ struct ingest_request {
     const char *client;        /* peer address, for throttling and logs */
     const char *body;
     size_t len;
+    /* ingest_precheck admitted it by its headers (1): the request is not
+     * checked again when its body is in, so that a reload meanwhile (a token
+     * rotated out) does not refuse it */
+    int authenticated;
 };
 
 struct ingest_response {

@@ -722,6 +722,30 @@ class Encodings(ServiceTest):
         self.assertEqual(r.status, 401, r)
 
 
+class TokenReloadedDuringARequest(ServiceTest):
+    def test_a_request_admitted_by_its_token_is_served_though_a_reload_removes_the_token(self):
+        # it was checked again when its body was in, against the new tokens: 401,
+        # which Braze does not retry
+        config = 'return { inbound = { tokens = { "%s" } } }\n'
+        s = self.service(tokens=(), config=config % TOKEN)
+        e = event()
+        body = envelope(e)
+        sock = socket.create_connection(("127.0.0.1", s.port), timeout=30 * SLOW)
+        try:
+            sock.sendall(("POST /currents HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+                          "Content-Length: %d\r\n\r\n" % (TOKEN, len(body))).encode())
+            sock.sendall(body[:10])
+            self.assertTrue(s.reload(config % "the-next-token"), s.logs())
+            sock.sendall(body[10:])
+            reply = sock.recv(4096)
+        finally:
+            sock.close()
+        self.assertTrue(reply.startswith(b"HTTP/1.1 200 "), reply[:300])
+        self.assertEqual(s.queued_ids(), [e["id"]])
+        # a new request with the old token is refused
+        self.assertEqual(s.post([event()]).status, 401)
+
+
 class WithoutCredentials(ServiceTest):
     """No inbound tokens or secrets: only clients on this machine are served,
     also through a reverse proxy on the same host."""
