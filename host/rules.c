@@ -1108,10 +1108,12 @@ static int check_name(lua_State *L, int idx, const char *field, const char *what
                       int (*known)(const char *), const char **value, char *err, size_t errlen)
 {
     int t = rawfield(L, idx, field);
-    const char *v = t == LUA_TSTRING ? lua_tostring(L, -1) : NULL;
+    size_t n = 0;
+    const char *v = t == LUA_TSTRING ? lua_tolstring(L, -1, &n) : NULL;
     if (value)
         *value = v;
-    int ok = t == LUA_TNIL ? !required : v && known(v);
+    /* a NUL inside would pass strcmp: "custom_event\0x" is no name of mParticle's */
+    int ok = t == LUA_TNIL ? !required : v && strlen(v) == n && known(v);
     if (!ok && t == LUA_TSTRING)
         str_printf(err, errlen, "%s.%s: \"%.64s\" is not one of mParticle's names", what, field,
                    lua_tostring(L, -1));

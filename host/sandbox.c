@@ -282,10 +282,27 @@ static int sb_pcall(lua_State *L)
     return lua_gettop(L);
 }
 
+/* xpcall's message handler, guarded: the error of a tripped limit is raised
+ * inside the count hook, where hooks are off, and a handler run from there
+ * would run without any limit. Once a limit tripped, the error goes on as it
+ * is and the rule's handler is not run. */
+static int guarded_msgh(lua_State *L)
+{
+    if (from_lua(L)->tripped != TRIP_NONE)
+        return 1;
+    lua_pushvalue(L, lua_upvalueindex(1));
+    lua_insert(L, 1);
+    lua_call(L, lua_gettop(L) - 1, 1);
+    return 1;
+}
+
 static int sb_xpcall(lua_State *L)
 {
     int n = lua_gettop(L);
     luaL_checktype(L, 2, LUA_TFUNCTION);
+    lua_pushvalue(L, 2);
+    lua_pushcclosure(L, guarded_msgh, 1);
+    lua_replace(L, 2);
     lua_pushboolean(L, 1);
     lua_pushvalue(L, 1);
     lua_rotate(L, 3, 2); /* f msgh true f args... */
@@ -347,14 +364,20 @@ int sandbox_pattern_check(const char *p, size_t plen, size_t n, int global, char
                 quantifiers++;
                 continue;
             }
+            if (k >= '1' && k <= '9') {
+                /* a back-reference compares up to the whole capture at every
+                 * place it is tried: as costly as a quantifier */
+                quantifiers++;
+                continue;
+            }
             if (k == 'f') {
                 /* %f[set]: a frontier, no quantifier applies */
                 if (i < plen && p[i] == '[') {
                     i++;
                     if (i < plen && p[i] == '^')
                         i++;
-                    if (i < plen)
-                        i++;
+                    if (i < plen) /* a ']' first in a set is literal; %x escapes */
+                        i += (p[i] == '%') ? 2 : 1;
                     while (i < plen && p[i] != ']')
                         i += (p[i] == '%') ? 2 : 1;
                     i++;
@@ -364,8 +387,8 @@ int sandbox_pattern_check(const char *p, size_t plen, size_t n, int global, char
         } else if (c == '[') {
             if (i < plen && p[i] == '^')
                 i++;
-            if (i < plen)
-                i++; /* a ']' first in a set is literal */
+            if (i < plen) /* a ']' first in a set is literal; %x escapes */
+                i += (p[i] == '%') ? 2 : 1;
             while (i < plen && p[i] != ']')
                 i += (p[i] == '%') ? 2 : 1;
             i++;

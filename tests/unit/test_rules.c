@@ -1017,6 +1017,8 @@ static const struct {
     {"o.event.data.custom_event_type = 'bogus'",
      "custom_event_type: \"bogus\" is not one of mParticle's names"},
     {"o.event.event_type = 'bogus_type'", "event_type: \"bogus_type\" is not one of"},
+    {"o.event.event_type = 'custom_event\\0x'", "event_type: \"custom_event\" is not one of"},
+    {"o.batch.environment = 'production\\0junk'", "environment: \"production\" is not one of"},
     {"o.event.event_type = nil", "out.event.event_type: a string is required, not nil"},
     {"o.event.data = nil", "out.event.data must be a table, not nil"},
     {"o.batch.device_info.platform = 'Windows'", "platform: \"Windows\" is not one of"},
@@ -1291,6 +1293,20 @@ START_TEST(test_xpcall_cannot_swallow_the_instruction_limit)
          "  local ok = xpcall(function() while true do end end, function(m) return m end)\n"
          "  return {feed = \"unbound\", batch = {},\n"
          "          event = {event_type = \"uninstall\", data = {}, ok = ok}}\n"
+         "end\n");
+    struct bounded res;
+    one_event_hits_a_limit(10000, &res);
+}
+END_TEST
+
+/* The error of a tripped limit is raised in the count hook, where hooks are
+ * off: a message handler run from there looped without any limit. */
+START_TEST(test_an_xpcall_handler_cannot_run_past_a_limit)
+{
+    ck_assert_int_eq(setenv("TRIBUTARY_RULES_INSTRUCTIONS", "100000", 1), 0);
+    rule("50-xpcall.lua",
+         "return function(event, out)\n"
+         "  xpcall(function() while true do end end, function(m) while true do end end)\n"
          "end\n");
     struct bounded res;
     one_event_hits_a_limit(10000, &res);
@@ -1705,6 +1721,23 @@ START_TEST(test_pattern_check_refuses_many_quantifiers_on_long_subjects)
 }
 END_TEST
 
+/* A set whose first character is an escape ([%%]) read as still open hid the
+ * quantifiers after it; a back-reference compares its capture at every try. */
+START_TEST(test_pattern_check_sees_past_escaped_sets_and_counts_back_references)
+{
+    char err[200] = "";
+    const char *hidden = "[%%].-.-.-.-.-.-]";
+    ck_assert_int_eq(sandbox_pattern_check(hidden, strlen(hidden), 400, 0, err, sizeof err), -1);
+    const char *frontier = "%f[%%].-.-.-.-.-.-]";
+    ck_assert_int_eq(sandbox_pattern_check(frontier, strlen(frontier), 400, 0, err, sizeof err),
+                     -1);
+    ck_assert_int_eq(sandbox_pattern_check("(.-)%1b", 7, 30000, 0, err, sizeof err), -1);
+    /* still allowed: a set with an escape, a back-reference on a short subject */
+    ck_assert_int_eq(sandbox_pattern_check("[%%%]]+", 7, 1000, 1, err, sizeof err), 0);
+    ck_assert_int_eq(sandbox_pattern_check("^(%a)%1", 7, 100000, 0, err, sizeof err), 0);
+}
+END_TEST
+
 START_TEST(test_pattern_check_refuses_overlong_patterns)
 {
     char p[600];
@@ -1974,6 +2007,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_infinite_loop_returns_well_under_a_second);
     tcase_add_test(tc, test_pcall_cannot_swallow_the_instruction_limit);
     tcase_add_test(tc, test_xpcall_cannot_swallow_the_instruction_limit);
+    tcase_add_test(tc, test_an_xpcall_handler_cannot_run_past_a_limit);
     tcase_add_test(tc, test_growing_string_hits_the_memory_limit);
     tcase_add_test(tc, test_growing_table_hits_the_memory_limit);
     tcase_add_test(tc, test_one_file_using_60_percent_of_the_memory_limit_is_within_it);
@@ -2022,6 +2056,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_pattern_check_allows_short_plain_patterns);
     tcase_add_test(tc, test_pattern_check_refuses_many_quantifiers_on_long_subjects);
     tcase_add_test(tc, test_pattern_check_refuses_overlong_patterns);
+    tcase_add_test(tc, test_pattern_check_sees_past_escaped_sets_and_counts_back_references);
 
     tc = tcase(s, "uninterruptible_c_functions");
     tcase_add_test(tc, test_pattern_starting_with_a_nul_byte_is_still_checked);
