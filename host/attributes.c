@@ -4,6 +4,7 @@
 #include "util.h"
 
 #include <lauxlib.h>
+#include <limits.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -13,6 +14,11 @@ enum { PROPS = 1, EXTRA = 2, FIRST_SKIP = 3 };
 
 /* What a number or boolean value takes as text, at most (%.17g). */
 #define NUMBER_BYTES 24
+
+/* A joined list longer than this is cut anyway: 4,097 characters take at most
+ * this many bytes, so joining stops here (it would otherwise write every item of
+ * a list of large tables to keep 4,096 characters). */
+#define JOIN_MAX_BYTES ((MPARTICLE_MAX_VALUE_CHARS + 1) * 4)
 
 /* Upvalues: what writes a value as JSON text, and tributary.count. */
 enum { ENCODE = 1, COUNT = 2 };
@@ -31,8 +37,9 @@ struct job {
     lua_Integer cuts, dropped;
 };
 
-/* A name of a kept attribute, for choosing 100 of more (its string is a key of
- * props or extra, which the stack holds). */
+/* A name of a kept attribute, for choosing 100 of more (its string is also in
+ * a table on the stack: props may be a weak table, whose entries the collector
+ * can take meanwhile). */
 struct name {
     const char *s;
     size_t len;
@@ -175,7 +182,7 @@ static void push_table_text(lua_State *L, int idx)
     luaL_Buffer b;
     luaL_buffinit(L, &b);
     int any = 0;
-    for (lua_Integer i = 1;; i++) {
+    for (lua_Integer i = 1; luaL_bufflen(&b) <= JOIN_MAX_BYTES; i++) {
         int t = lua_rawgeti(L, idx, i);
         if (t == LUA_TNIL) {
             lua_pop(L, 1);
@@ -295,11 +302,14 @@ static int by_name(const void *a, const void *b)
 }
 
 /* [-0, +0] With more than 100 attributes (n), or more than
- * ATTRIBUTES_MAX_BYTES of them: makes out those that fit taken in name order,
- * so that the choice does not depend on the order of the JSON. */
+ * ATTRIBUTES_MAX_BYTES of them: makes out the first of them in name order, up
+ * to the first that would pass either limit, so that the choice does not
+ * depend on the order of the JSON. */
 static void keep_first_by_name(lua_State *L, struct job *j, lua_Integer n)
 {
     struct name *names = lua_newuserdatauv(L, (size_t)n * sizeof(*names), 0);
+    lua_createtable(L, (int)(n < INT_MAX ? n : INT_MAX), 0);
+    int anchor = lua_gettop(L);
     size_t k = 0;
     for (int from = PROPS; from <= EXTRA; from++) {
         if (!lua_istable(L, from))
@@ -311,6 +321,8 @@ static void keep_first_by_name(lua_State *L, struct job *j, lua_Integer n)
                 size_t len;
                 const char *s = lua_tolstring(L, key, &len);
                 names[k++] = (struct name){s, len, from == EXTRA};
+                lua_pushvalue(L, key);
+                lua_rawseti(L, anchor, (lua_Integer)k);
             }
             lua_pop(L, 1);
         }
@@ -331,9 +343,11 @@ static void keep_first_by_name(lua_State *L, struct job *j, lua_Integer n)
         int cuts;
         size_t size = push_attribute(L, j, lua_gettop(L) - 1, lua_gettop(L), &cuts);
         if (size > 0 && bytes + size > ATTRIBUTES_MAX_BYTES) {
-            lua_pop(L, 2);
-            j->dropped++;
-        } else if (size > 0) {
+            lua_pop(L, 4);
+            j->dropped += (lua_Integer)(k - i);
+            break;
+        }
+        if (size > 0) {
             lua_rawset(L, j->out);
             j->cuts += cuts;
             kept++;
@@ -341,7 +355,7 @@ static void keep_first_by_name(lua_State *L, struct job *j, lua_Integer n)
         }
         lua_pop(L, 2);
     }
-    lua_pop(L, 1); /* names */
+    lua_pop(L, 2); /* names and their anchor */
 }
 
 static void count(lua_State *L, const char *name, lua_Integer by)

@@ -18,9 +18,10 @@
  * its items joined with "," (tables in it as JSON text, nulls and numbers JSON
  * cannot write left out), an object its JSON text; a number JSON cannot write
  * (1e400) is left out. Past 100 attributes, or ATTRIBUTES_MAX_BYTES of them
- * as JSON text, they are taken in name order (byte order), and one that would
- * pass either limit is left out. What is left out is counted as
- * `attribute_dropped`.
+ * as JSON text, they are taken in name order (byte order) up to the first that
+ * would pass either limit, which is left out with the rest. What is left out
+ * is counted as `attribute_dropped`. A list is joined only as far as its
+ * first 4,097 characters can reach.
  *
  * This is the loop every event of the shipped rules runs over its twenty or so
  * properties: in C it costs less than half of what it does in Lua (19,600

@@ -493,6 +493,56 @@ START_TEST(test_attributes_over_100_kb_together_keep_those_that_fit_by_name)
 }
 END_TEST
 
+/* props may be a weak table: the names of more than 100 attributes are held
+ * while they are sorted, though the collector takes the entries meanwhile
+ * (AddressSanitizer saw a use after free). */
+START_TEST(test_custom_attributes_of_a_weak_table_holds_the_names_it_sorts)
+{
+    rule("50-weak.lua",
+         "return function(event, out)\n"
+         "  local big = {}\n"
+         "  for i = 1, 40000 do big[i] = 'value-value-' .. i end\n"
+         "  local extra = {}\n"
+         "  for i = 1, 6 do extra['\\1first-by-name-' .. i] = {big} end\n"
+         "  local props = setmetatable({}, {__mode = 'v'})\n"
+         "  for i = 1, 150 do props[('n'):rep(290) .. ('%09d'):format(i)] = {} end\n"
+         "  local a = tributary.custom_attributes(props, extra)\n"
+         "  return {feed = 'unbound', batch = {}, event = {event_type = 'uninstall', data = {}}}\n"
+         "end\n");
+    build();
+    ck_assert_int_eq(map(ENVELOPE(EV("w-1")), INPUT_ENVELOPE), 0);
+    ck_assert_msg(F.m.ndead == 0, "%s", F.m.ndead ? F.m.dead[0].detail.p : "");
+    ck_assert_uint_eq(F.m.nrecords, 1);
+}
+END_TEST
+
+/* 3,000 properties, each a list of 100 tables of some 30 KB as JSON: joining
+ * each list whole (3 MB) to keep 4,096 characters, and trying every name
+ * after the 100 KB were full, took 32 s in one call. */
+START_TEST(test_custom_attributes_of_large_lists_stops_at_what_it_keeps)
+{
+    rule("50-lists.lua",
+         "return function(event, out)\n"
+         "  local item = {}\n"
+         "  for i = 1, 2000 do item['k' .. i] = i end\n"
+         "  local list = {}\n"
+         "  for i = 1, 100 do list[i] = item end\n"
+         "  local props = {}\n"
+         "  for i = 1, 3000 do props['p' .. i] = list end\n"
+         "  local a = tributary.custom_attributes(props)\n"
+         "  return {feed = 'unbound', batch = {},\n"
+         "          event = {event_type = 'custom_event', data = {event_name = 'E',\n"
+         "                   custom_event_type = 'other', custom_attributes = a}}}\n"
+         "end\n");
+    build();
+    struct bounded res;
+    map_bounded(ENVELOPE(EV("l-1")), 20000, &res);
+    ck_assert_msg(res.finished, "rules_map did not return within 20 s");
+    ck_assert_uint_eq(res.ndead, 0);
+    ck_assert_uint_eq(res.nrecords, 1);
+}
+END_TEST
+
 /* A misuse is the rule's error: the event is a dead letter that says why. */
 static const struct {
     const char *call, *says;
@@ -1978,6 +2028,8 @@ static Suite *suite(void)
     tcase_add_test(tc, test_custom_attributes_counts_what_it_cuts_and_leaves_out);
     tcase_add_loop_test(tc, test_attributes_over_100_kb_together_keep_those_that_fit_by_name, 0,
                         (int)ARRAY_LEN(TWO_BYTE_CHARACTERS));
+    tcase_add_test(tc, test_custom_attributes_of_a_weak_table_holds_the_names_it_sorts);
+    tcase_add_test(tc, test_custom_attributes_of_large_lists_stops_at_what_it_keeps);
     tcase_add_loop_test(tc, test_custom_attributes_misused_is_a_rule_error_that_says_why, 0,
                         (int)ARRAY_LEN(ATTRIBUTE_MISUSES));
 
