@@ -785,23 +785,10 @@ static int flatten_batch(lua_State *L, int idx, buf *out, char *err, size_t errl
         int object = lua_istable(L, -1) && lua_rawlen(L, -1) == 0;
         if (object) {
             int vi = lua_gettop(L);
-            /* more user attributes than mParticle takes in a batch: the
-             * event could never be delivered */
-            size_t names = 0, max_names = strcmp(k, "user_attributes") == 0
-                                              ? MPARTICLE_MAX_USER_ATTRIBUTES
-                                              : SIZE_MAX;
             lua_pushnil(L);
             while (lua_next(L, vi)) {
                 if (lua_type(L, -2) != LUA_TSTRING) {
                     str_printf(err, errlen, "out.batch.%s keys must be strings", k);
-                    lua_pop(L, 4);
-                    return -1;
-                }
-                if (++names > max_names) {
-                    str_printf(err, errlen,
-                               "out.batch.%s has more than %zu names; an mParticle batch takes "
-                               "at most %zu",
-                               k, max_names, max_names);
                     lua_pop(L, 4);
                     return -1;
                 }
@@ -1191,9 +1178,10 @@ static int check_output(lua_State *L, int eventi, int batchi, char *err, size_t 
         rc = check_fields(L, lua_gettop(L), "out.batch.user_identities", 1, err, errlen);
     lua_pop(L, 1);
     if (rc == 0 && rawfield(L, batchi, "user_attributes") == LUA_TTABLE)
-        /* their number is checked with the batch's lines (flatten_batch) */
-        rc = check_attributes(L, lua_gettop(L), "out.batch.user_attributes", SIZE_MAX, SIZE_MAX, 1,
-                              err, errlen);
+        /* more than mParticle takes in a batch: the event could never be
+         * delivered (counted before each list's items are read) */
+        rc = check_attributes(L, lua_gettop(L), "out.batch.user_attributes",
+                              MPARTICLE_MAX_USER_ATTRIBUTES, SIZE_MAX, 1, err, errlen);
     lua_pop(L, 1);
     return rc;
 }

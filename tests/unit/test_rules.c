@@ -1022,8 +1022,28 @@ START_TEST(test_an_output_with_more_than_100_user_attributes_is_invalid_output)
                   "custom_event_type = 'other'}}}\n"
                   "end\n");
     ck_assert_str_eq(d->reason, DEAD_INVALID_OUTPUT);
-    ck_assert_msg(contains(d->detail.p, "user_attributes has more than 100"), "detail: %s",
+    ck_assert_msg(contains(d->detail.p, "user_attributes: more than 100 attributes"), "detail: %s",
                   d->detail.p);
+}
+END_TEST
+
+/* Their number is checked before each list's items: 20,000 names of one
+ * 20,000-item list took 21 s of checks outside every limit. */
+START_TEST(test_an_output_with_many_user_attribute_lists_is_invalid_output_at_once)
+{
+    rule("50-rule.lua", "return function(event, out)\n"
+                        "  local list, attrs = {}, {}\n"
+                        "  for i = 1, 20000 do list[i] = 'x' end\n"
+                        "  for i = 1, 20000 do attrs['a' .. i] = list end\n"
+                        "  return {feed = 'unbound', batch = {user_attributes = attrs},\n"
+                        "          event = {event_type = 'uninstall', data = {}}}\n"
+                        "end\n");
+    build();
+    struct bounded res;
+    map_bounded(ENVELOPE(EV("u-1")), 10000, &res);
+    ck_assert_msg(res.finished, "rules_map did not return within 10 s");
+    ck_assert_uint_eq(res.ndead, 1);
+    ck_assert_str_eq(res.reason, DEAD_INVALID_OUTPUT);
 }
 END_TEST
 
@@ -2049,6 +2069,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_output_with_an_unknown_feed_is_invalid_output);
     tcase_add_test(tc, test_an_output_with_more_than_100_user_attributes_is_invalid_output);
     tcase_add_test(tc, test_an_output_with_100_user_attributes_is_a_record);
+    tcase_add_test(tc, test_an_output_with_many_user_attribute_lists_is_invalid_output_at_once);
     tcase_add_loop_test(tc, test_an_output_mparticle_would_drop_is_invalid_output_naming_the_field,
                         0, (int)ARRAY_LEN(SCHEMA_CASES));
     tcase_add_test(tc, test_outputs_at_mparticles_limits_are_records);
