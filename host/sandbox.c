@@ -94,10 +94,9 @@ static void *sb_alloc(void *ud, void *ptr, size_t osize, size_t nsize)
         sb->used -= osize;
         return NULL;
     }
-    if (nsize > osize && (nsize - osize > sb->limit || sb->used > sb->limit - (nsize - osize))) {
-        sb->tripped = TRIP_MEMORY;
-        return NULL;
-    }
+    if (nsize > osize && (nsize - osize > sb->limit || sb->used > sb->limit - (nsize - osize)))
+        return NULL; /* Lua collects and asks again; a second no is a memory error
+                        (see trip_on_memory_error) */
     void *p = pool_resize(sb->pool, ptr, osize, nsize);
     if (!p)
         return NULL;
@@ -123,6 +122,19 @@ static void sb_hook(lua_State *L, lua_Debug *ar)
                    : sb->tripped == TRIP_TIME ? "time"
                                               : "instruction");
     }
+}
+
+/* A refused allocation is not yet the memory limit: Lua then runs an
+ * emergency collection and asks again, which may well succeed. Only an
+ * allocation refused after that raises a memory error (LUA_ERRMEM), which trips
+ * the limit wherever a protected call sees it, so that pcall cannot catch it. */
+static void trip_on_memory_error(lua_State *L, int status)
+{
+    sandbox *sb = from_lua(L);
+    if (status != LUA_ERRMEM || sb->tripped != TRIP_NONE)
+        return;
+    sb->tripped = TRIP_MEMORY;
+    lua_sethook(L, sb_hook, LUA_MASKCOUNT, 1);
 }
 
 /* Charges cost instructions to the call's budget; beyond it the instruction
@@ -203,6 +215,7 @@ static int timed(lua_State *L)
     int cpu = sb->cpu_timed;
     int64_t start = cpu ? clock_thread_ns() : clock_mono_ns();
     int status = lua_pcall(L, lua_gettop(L) - 1, LUA_MULTRET, 0);
+    trip_on_memory_error(L, status);
     int64_t took = (cpu ? clock_thread_ns() : clock_mono_ns()) - start;
     int64_t cost = (int64_t)((double)took / ns_per_instruction);
     int64_t most = sb->budget / TIMED_CALL_SHARE > 0 ? sb->budget / TIMED_CALL_SHARE : 1;
@@ -275,6 +288,7 @@ static int sb_pcall(lua_State *L)
 {
     luaL_checkany(L, 1);
     int status = lua_pcall(L, lua_gettop(L) - 1, LUA_MULTRET, 0);
+    trip_on_memory_error(L, status);
     if (from_lua(L)->tripped != TRIP_NONE)
         return luaL_error(L, "limit exceeded");
     lua_pushboolean(L, status == LUA_OK);
@@ -307,6 +321,7 @@ static int sb_xpcall(lua_State *L)
     lua_pushvalue(L, 1);
     lua_rotate(L, 3, 2); /* f msgh true f args... */
     int status = lua_pcall(L, n - 2, LUA_MULTRET, 2);
+    trip_on_memory_error(L, status);
     if (from_lua(L)->tripped != TRIP_NONE)
         return luaL_error(L, "limit exceeded");
     if (status != LUA_OK) {
@@ -769,6 +784,7 @@ enum sandbox_rc sandbox_call(sandbox *sb, int nargs, int nresults, const struct 
     lua_sethook(L, sb_hook, LUA_MASKCOUNT, HOOK_STEP);
 
     int status = lua_pcall(L, nargs, nresults, fn);
+    trip_on_memory_error(L, status);
 
     lua_sethook(L, NULL, 0, 0);
     sb->limit = SIZE_MAX;
