@@ -243,6 +243,17 @@ static const char *one_event_hits_a_limit(long deadline_ms, struct bounded *res)
     return one_event_dead_within(deadline_ms, DEAD_RULE_LIMIT, res);
 }
 
+/* The rule file `name` must end its event at the time limit, within a minute
+ * (valgrind included); returns the detail. */
+static const char *one_event_meets_the_time_limit(const char *name, const char *src)
+{
+    static struct bounded res;
+    rule(name, src);
+    const char *detail = one_event_hits_a_limit(60000, &res);
+    ck_assert_msg(contains(detail, "time limit exceeded"), "detail: %s", detail);
+    return detail;
+}
+
 /* ---- probes ------------------------------------------------------------- */
 
 /* Builds an engine whose only rule drops every event with tostring(expr) as the
@@ -1198,6 +1209,38 @@ START_TEST(test_a_loop_of_custom_attributes_calls_hits_the_instruction_limit)
 }
 END_TEST
 
+/* table.sort compares in C: a thousand references to one 2 MiB string of NUL
+ * bytes (Lua compares strings with strcoll, once per NUL) sorted for minutes.
+ * Each comparison now looks at the deadline. */
+START_TEST(test_a_sort_of_costly_comparisons_stops_at_the_time_limit)
+{
+    one_event_meets_the_time_limit("50-sort.lua",
+                                   "return function(event, out)\n"
+                                   "  local s, t = ('\\0'):rep(2 * 1024 * 1024), {}\n"
+                                   "  for i = 1, 1000 do t[i] = s end\n"
+                                   "  table.sort(t)\n"
+                                   "end\n");
+}
+END_TEST
+
+/* A __len metamethod could make sort and concat go through any length. */
+START_TEST(test_sort_and_concat_refuse_a_table_with_a_length_of_its_own)
+{
+    const char *seen =
+        probe("(function()\n"
+              "  local long = setmetatable({}, {__len = function() return 2^31 end})\n"
+              "  local t, u = {3, 1, 2}, {3, 1, 2}\n"
+              "  table.sort(t)\n"
+              "  table.sort(u, function(a, b) return a > b end)\n"
+              "  return select(2, pcall(table.sort, long)) .. '|' .. select(2, pcall(table.concat, "
+              "long))\n"
+              "    .. '|' .. table.concat(t) .. table.concat(u)\n"
+              "end)()");
+    ck_assert_str_eq(seen, "tables with a __len metamethod are not supported here|tables with a "
+                           "__len metamethod are not supported here|123321");
+}
+END_TEST
+
 START_TEST(test_a_loop_of_large_table_moves_hits_the_instruction_limit)
 {
     assert_library_loop_hits_the_limit("  for i = 1, 100000 do table.move({}, 1, 9999999, 1) end");
@@ -1563,13 +1606,11 @@ END_TEST
 
 START_TEST(test_a_rule_comparing_long_strings_in_a_loop_meets_the_time_limit)
 {
-    rule("50-compare.lua", LONG_COMPARE "return function(event, out)\n"
-                                        "  local n = 0\n"
-                                        "  while true do if a < b then n = n + 1 end end\n"
-                                        "end\n");
-    struct bounded res;
-    const char *detail = one_event_hits_a_limit(60000, &res);
-    ck_assert_msg(contains(detail, "time limit exceeded"), "detail: %s", detail);
+    const char *detail = one_event_meets_the_time_limit(
+        "50-compare.lua", LONG_COMPARE "return function(event, out)\n"
+                                       "  local n = 0\n"
+                                       "  while true do if a < b then n = n + 1 end end\n"
+                                       "end\n");
     ck_assert_msg(contains(detail, "50-compare.lua"), "detail: %s", detail);
 }
 END_TEST
@@ -2155,6 +2196,8 @@ static Suite *suite(void)
     tcase_add_test(tc, test_arithmetic_on_a_non_numeric_string_is_an_error);
     tcase_add_test(tc, test_a_loop_of_costly_pattern_searches_hits_the_instruction_limit);
     tcase_add_test(tc, test_a_loop_of_large_table_moves_hits_the_instruction_limit);
+    tcase_add_test(tc, test_a_sort_of_costly_comparisons_stops_at_the_time_limit);
+    tcase_add_test(tc, test_sort_and_concat_refuse_a_table_with_a_length_of_its_own);
     tcase_add_test(tc, test_a_loop_of_custom_attributes_calls_hits_the_instruction_limit);
     tcase_add_test(tc, test_a_loop_of_matches_through_gmatch_hits_the_instruction_limit);
     tcase_add_test(tc, test_a_plain_search_too_large_for_one_call_is_refused);
