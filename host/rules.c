@@ -394,11 +394,16 @@ static int setup_state(lua_State *L)
     lua_getfield(L, -1, "decode");
     r->decode_ref = luaL_ref(L, LUA_REGISTRYINDEX);
 
-    lua_createtable(L, 0, 3); /* cjson view; its encode is the host's (see write_json) */
+    /* cjson view; its encode is the host's (see write_json). Both pay for
+     * their time, as the string functions do: a loop of them ran for seconds
+     * past the instruction limit. */
+    lua_createtable(L, 0, 3);
     lua_pushlightuserdata(L, r);
     lua_pushcclosure(L, rules_encode, 1);
+    sandbox_timed(L);
     lua_setfield(L, -2, "encode");
     lua_getfield(L, -2, "decode");
+    sandbox_timed(L);
     lua_setfield(L, -2, "decode");
     lua_getfield(L, -2, "null");
     lua_setfield(L, -2, "null");

@@ -1241,6 +1241,16 @@ START_TEST(test_sort_and_concat_refuse_a_table_with_a_length_of_its_own)
 }
 END_TEST
 
+/* cjson's functions work in C too: each call pays for its time. */
+START_TEST(test_a_loop_of_cjson_calls_hits_the_instruction_limit)
+{
+    assert_library_loop_hits_the_limit("  local t = {}\n"
+                                       "  for i = 1, 2000 do t[i] = 'item ' .. i end\n"
+                                       "  local text = cjson.encode(t)\n"
+                                       "  for i = 1, 100000 do cjson.decode(cjson.encode(t)) end");
+}
+END_TEST
+
 START_TEST(test_a_loop_of_large_table_moves_hits_the_instruction_limit)
 {
     assert_library_loop_hits_the_limit("  for i = 1, 100000 do table.move({}, 1, 9999999, 1) end");
@@ -2196,6 +2206,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_arithmetic_on_a_non_numeric_string_is_an_error);
     tcase_add_test(tc, test_a_loop_of_costly_pattern_searches_hits_the_instruction_limit);
     tcase_add_test(tc, test_a_loop_of_large_table_moves_hits_the_instruction_limit);
+    tcase_add_test(tc, test_a_loop_of_cjson_calls_hits_the_instruction_limit);
     tcase_add_test(tc, test_a_sort_of_costly_comparisons_stops_at_the_time_limit);
     tcase_add_test(tc, test_sort_and_concat_refuse_a_table_with_a_length_of_its_own);
     tcase_add_test(tc, test_a_loop_of_custom_attributes_calls_hits_the_instruction_limit);
