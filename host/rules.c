@@ -1304,6 +1304,14 @@ static int map_event(rules *r, lua_State *L, int evi, str raw, struct mapping *m
     s = lua_tolstring(L, -1, &n);
     ids.type = mapping_copy(m, s, n, &failed);
     lua_settop(L, top);
+    if (!ids.raw.p) {
+        /* the event's bytes are not known (the body was read the slow way):
+         * written before the rules run, which may change the table */
+        char err[ERR_LEN];
+        buf_reset(&r->scratch);
+        if (write_json(L, evi, &r->scratch, RULES_MAX_ENCODE_BYTES, err, sizeof err) == 0)
+            ids.raw = mapping_copy(m, r->scratch.data, r->scratch.len, &failed);
+    }
     if (failed)
         return -1;
     struct chain_result res;

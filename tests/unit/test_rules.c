@@ -586,6 +586,29 @@ START_TEST(test_custom_attributes_misused_is_a_rule_error_that_says_why)
 }
 END_TEST
 
+/* When the body's events cannot be found as bytes (an escaped key), each is
+ * written from its table: before the rules run, which may change it, so that
+ * a dead letter keeps the event as received and can be run again. */
+START_TEST(test_a_dead_letter_keeps_the_event_as_received_when_its_bytes_are_not_found)
+{
+    rule("50-rule.lua", "return function(event, out)\n"
+                        "  event.properties = nil\n"
+                        "  error('boom')\n"
+                        "end\n");
+    build();
+    ck_assert_int_eq(map("{\"\\u0065vents\":[{\"event_type\":\"users.messages.email.Send\","
+                         "\"id\":\"k-1\",\"time\":1,\"user\":{\"external_user_id\":\"c\"},"
+                         "\"properties\":{\"keep\":\"me\"}}]}",
+                         INPUT_ENVELOPE),
+                     0);
+    ck_assert_uint_eq(F.m.ndead, 1);
+    const str *raw = &F.m.dead[0].raw;
+    static const char keep[] = "\"keep\":\"me\"";
+    ck_assert_msg(memmem(raw->p, raw->n, keep, sizeof keep - 1) != NULL, "%.*s", (int)raw->n,
+                  raw->p);
+}
+END_TEST
+
 /* Its milliseconds must be exact in a double: from 0 to 2^53 ms. */
 START_TEST(test_a_time_outside_what_milliseconds_can_hold_is_refused)
 {
@@ -2111,6 +2134,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_malformed_json_with_a_lone_surrogate_is_still_refused);
     tcase_add_test(tc, test_bytes_that_are_not_utf8_reach_the_output_as_the_replacement_character);
     tcase_add_test(tc, test_a_number_json_cannot_write_is_a_dropped_attribute_not_a_dead_event);
+    tcase_add_test(tc, test_a_dead_letter_keeps_the_event_as_received_when_its_bytes_are_not_found);
     tcase_add_test(tc, test_a_time_outside_what_milliseconds_can_hold_is_refused);
     tcase_add_test(tc, test_numbers_keep_their_value_and_whole_numbers_stay_integers);
     tcase_add_test(tc, test_a_null_device_id_property_keeps_the_users_device_id);
