@@ -300,6 +300,15 @@ static void maps_to_one_record(const char *body)
     ck_assert_uint_eq(F.m.nrecords, 1);
 }
 
+/* Like dead_from, and the dead letter must have reason and a detail that
+ * says `says`. */
+static void dead_as(const char *src, const char *reason, const char *says)
+{
+    const struct dead_letter *d = dead_from(src);
+    ck_assert_str_eq(d->reason, reason);
+    ck_assert_msg(contains(d->detail.p, says), "for %s: detail: %s", src, d->detail.p);
+}
+
 /* ==== request validation ================================================== */
 
 START_TEST(test_malformed_json_is_refused_with_400)
@@ -579,10 +588,7 @@ START_TEST(test_custom_attributes_misused_is_a_rule_error_that_says_why)
     char src[512];
     snprintf(src, sizeof src, "return function(event, out)\n  %s\nend\n",
              ATTRIBUTE_MISUSES[_i].call);
-    const struct dead_letter *d = dead_from(src);
-    ck_assert_str_eq(d->reason, DEAD_RULE_ERROR);
-    ck_assert_msg(contains(d->detail.p, ATTRIBUTE_MISUSES[_i].says), "%s: %s",
-                  ATTRIBUTE_MISUSES[_i].call, d->detail.p);
+    dead_as(src, DEAD_RULE_ERROR, ATTRIBUTE_MISUSES[_i].says);
 }
 END_TEST
 
@@ -1153,10 +1159,7 @@ START_TEST(test_an_output_mparticle_would_drop_is_invalid_output_naming_the_fiel
 {
     char src[1024];
     snprintf(src, sizeof src, SCHEMA_BASE "  %s\n  return o\nend\n", SCHEMA_CASES[_i].change);
-    const struct dead_letter *d = dead_from(src);
-    ck_assert_str_eq(d->reason, DEAD_INVALID_OUTPUT);
-    ck_assert_msg(contains(d->detail.p, SCHEMA_CASES[_i].detail), "%s: detail: %s",
-                  SCHEMA_CASES[_i].change, d->detail.p);
+    dead_as(src, DEAD_INVALID_OUTPUT, SCHEMA_CASES[_i].detail);
 }
 END_TEST
 
