@@ -73,11 +73,11 @@ struct req {
     int method_ok;
     int answered; /* a response was queued early (401, 404, 405, 413, 415, 429, 503) */
     int too_large;
-    int no_memory;       /* the body could not be kept: our trouble, 503 */
-    int unwanted_body;   /* a body came for a route that takes none (never stored) */
-    int unauthenticated; /* counted against UNAUTHENTICATED_BODY_BUDGET */
-    int authenticated;   /* admitted by its headers (ingest_request.authenticated) */
-    int tracked;         /* counted in in_progress */
+    int no_memory;     /* the body could not be kept: our trouble, 503 */
+    int unwanted_body; /* a body came for a route that takes none (never stored) */
+    int admitted;      /* ingest_precheck: 1 by its headers, 2 only by a signature over
+                          the body (counted against UNAUTHENTICATED_BODY_BUDGET) */
+    int tracked;       /* counted in in_progress */
     size_t counted;
     struct timespec start;
     buf body;
@@ -257,7 +257,7 @@ static struct ingest_request headers_of(struct MHD_Connection *c, const struct r
         MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_AUTHORIZATION);
     q.signature = MHD_lookup_connection_value(c, MHD_HEADER_KIND, AUTH_SIGNATURE_HEADER);
     q.client = r->client;
-    q.authenticated = r->authenticated;
+    q.authenticated = r->admitted == 1;
     return q;
 }
 
@@ -593,8 +593,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         int64_t len = 0;
         struct ingest_request q = headers_of(c, r);
         int admitted = ingest_precheck(h->in, &q, &resp);
-        r->unauthenticated = admitted == 2;
-        r->authenticated = admitted == 1;
+        r->admitted = admitted;
         int has_length = cl && parse_int64(cl, 0, INT64_MAX, &len) == 0;
         const char *encoding =
             MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_ENCODING);
@@ -612,7 +611,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
                 r->answered = 1;
                 rc = refuse_too_large(h, c, r);
             }
-        } else if (r->unauthenticated && has_length &&
+        } else if (admitted == 2 && has_length &&
                    (uint64_t)len + atomic_load(&unauthenticated_bytes) >
                        UNAUTHENTICATED_BODY_BUDGET) {
             r->answered = 1;
@@ -632,7 +631,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
             *upload_size = 0;
             return MHD_YES;
         }
-        if (r->unauthenticated && !r->answered) {
+        if (r->admitted == 2 && !r->answered) {
             r->counted += *upload_size;
             if (atomic_fetch_add(&unauthenticated_bytes, *upload_size) + *upload_size >
                 UNAUTHENTICATED_BODY_BUDGET) {
