@@ -303,6 +303,12 @@ struct feed_ring {
     int filling;        /* the table taking new records */
     int64_t rows[RING]; /* records stored in each table since it was emptied */
     int64_t last[RING]; /* the largest id each table has held */
+    /* Ids from dense_from on were given out by this writer one by one, and
+     * those deleted unclaimed lie within [deleted_lo, deleted_hi] (none when
+     * deleted_hi is 0): how many records a range of them holds is known
+     * without reading the table (stored_between). */
+    int64_t dense_from;
+    int64_t deleted_lo, deleted_hi;
 };
 
 struct queue {
@@ -759,6 +765,26 @@ static int insert_claims(queue *q, struct queue_batch *b, size_t n, int64_t now)
     return SQLITE_OK;
 }
 
+/* How many records of feed f have ids in (after, upto], or -1. Ids are given
+ * out in order, one per record, so a range the writer gave out itself, with
+ * none of its records deleted, holds one record per id; any other range (ids
+ * from before the rings were last read, a requeue or an expiry) is counted in
+ * the table, which reads every page of it. */
+static int64_t stored_between(queue *q, enum feed f, int64_t after, int64_t upto)
+{
+    const struct feed_ring *ring = &q->ring[f];
+    int dense = after >= ring->dense_from - 1 && upto < ring->next_id &&
+                (ring->deleted_hi == 0 || ring->deleted_hi <= after || ring->deleted_lo > upto);
+    if (dense)
+        return upto - after;
+    sqlite3_stmt *s = q->fst[f][F_COUNT_RANGE];
+    sqlite3_bind_int64(s, 1, after);
+    sqlite3_bind_int64(s, 2, upto);
+    int64_t stored = sqlite3_step(s) == SQLITE_ROW ? sqlite3_column_int64(s, 0) : -1;
+    sqlite3_reset(s);
+    return stored;
+}
+
 /* Persists the batches of feed f among b[0..n) as one claim, and raises the
  * feed's claimed id once sure no record up to it is left out. */
 static enum queue_status persist_feed(queue *q, enum feed f, struct queue_batch *b, size_t n,
@@ -796,23 +822,22 @@ static enum queue_status persist_feed(queue *q, enum feed f, struct queue_batch 
     if (claimed <= q->ring[f].claimed)
         return QUEUE_OK;
     /* a record left out here would count as delivered */
-    sqlite3_stmt *s = q->fst[f][F_COUNT_RANGE];
-    sqlite3_bind_int64(s, 1, q->ring[f].claimed);
-    sqlite3_bind_int64(s, 2, claimed);
-    int64_t stored = sqlite3_step(s) == SQLITE_ROW ? sqlite3_column_int64(s, 0) : -1;
-    sqlite3_reset(s);
+    int64_t stored = stored_between(q, f, q->ring[f].claimed, claimed);
     if (stored != fresh) {
         log_error("queue: refused batches that leave out records of their feed",
                   LOG_S("feed", FEED_NAMES[f]) LOG_I("records", stored) LOG_I("in_batches", fresh));
         return QUEUE_ERROR;
     }
-    s = q->st[S_SET_CLAIMED];
+    sqlite3_stmt *s = q->st[S_SET_CLAIMED];
     sqlite3_bind_int(s, 1, (int)f);
     sqlite3_bind_int64(s, 2, claimed);
     rc = step_done(s);
     if (rc != SQLITE_OK)
         return status_of(rc);
-    q->ring[f].claimed = claimed;
+    struct feed_ring *ring = &q->ring[f];
+    ring->claimed = claimed;
+    if (ring->deleted_hi <= claimed)
+        ring->deleted_lo = ring->deleted_hi = 0;
     return QUEUE_OK;
 }
 
@@ -843,6 +868,13 @@ static int delete_record(queue *q, struct op *op, int64_t id, int feed, int64_t 
             return rc;
         if (sqlite3_changes(q->db) > 0) {
             op->depth_delta[feed]--;
+            struct feed_ring *ring = &q->ring[feed];
+            if (id > ring->claimed) {
+                if (ring->deleted_hi == 0 || id < ring->deleted_lo)
+                    ring->deleted_lo = id;
+                if (id > ring->deleted_hi)
+                    ring->deleted_hi = id;
+            }
             break;
         }
     }
@@ -2068,6 +2100,7 @@ static int load_rings(queue *q)
             newest = ring->last[t] > newest ? ring->last[t] : newest;
         }
         ring->next_id = newest + 1;
+        ring->dense_from = ring->next_id;
     }
     memcpy(q->ring, fresh, sizeof fresh);
     return 0;

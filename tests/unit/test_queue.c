@@ -1031,6 +1031,61 @@ START_TEST(test_batches_that_leave_out_a_record_are_refused)
 }
 END_TEST
 
+/* Records taken out unclaimed (moved, expired) leave holes among the ids: a
+ * claim that skips a hole is taken, one that leaves out a record beside a hole
+ * is refused; after a restart, holes made before it count the same. */
+START_TEST(test_a_claim_may_skip_records_moved_or_expired_but_not_leave_one_out)
+{
+    queue *q = open_queue(NO_LIMIT, DEDUP_DAY);
+    int64_t all[5];
+    commit_ids(q, FEED_IOS, "evt", 5, all);
+    ck_assert_int_eq(move_to_unbound(q, "moved", &all[1], 1), QUEUE_OK);
+    int64_t around[2] = {all[0], all[2]};
+    struct queue_batch b = make_batch(FEED_IOS, "src-around", around, 2, 0);
+    ck_assert_int_eq(queue_persist_batches(q, &b, 1), QUEUE_OK);
+    /* evt-3 left out beside the hole, then the rest */
+    b = make_batch(FEED_IOS, "src-gap", &all[4], 1, 0);
+    ck_assert_int_eq(queue_persist_batches(q, &b, 1), QUEUE_ERROR);
+    b = make_batch(FEED_IOS, "src-rest", &all[3], 2, 0);
+    ck_assert_int_eq(queue_persist_batches(q, &b, 1), QUEUE_OK);
+
+    /* expired: the oldest unclaimed records */
+    commit_records(q, FEED_IOS, "old", 2);
+    clock_sleep_ms(20);
+    int64_t cutoff = clock_wall_ms();
+    clock_sleep_ms(5);
+    commit_records(q, FEED_IOS, "new", 2);
+    size_t moved = 0;
+    ck_assert_int_eq(queue_expire(q, cutoff, &moved), QUEUE_OK);
+    ck_assert_uint_eq(moved, 3); /* old-0, old-1 and moved-0 of unbound */
+    struct queue_items it;
+    scan_all(q, FEED_IOS, &it); /* the claimed ones, then new-0 and new-1 */
+    ck_assert_uint_eq(it.n, 6);
+    int64_t young[2] = {it.items[4].id, it.items[5].id};
+    queue_items_free(&it);
+    b = make_batch(FEED_IOS, "src-young", young, 2, 0);
+    ck_assert_int_eq(queue_persist_batches(q, &b, 1), QUEUE_OK);
+
+    /* a hole made before a restart */
+    commit_records(q, FEED_IOS, "later", 3);
+    scan_all(q, FEED_IOS, &it);
+    ck_assert_uint_eq(it.n, 9);
+    int64_t later[3] = {it.items[6].id, it.items[7].id, it.items[8].id};
+    queue_items_free(&it);
+    ck_assert_int_eq(move_to_unbound(q, "moved-later", &later[1], 1), QUEUE_OK);
+    queue_free(q);
+    q = open_queue(NO_LIMIT, DEDUP_DAY);
+    int64_t ends[2] = {later[0], later[2]};
+    b = make_batch(FEED_IOS, "src-ends", ends, 2, 0);
+    ck_assert_int_eq(queue_persist_batches(q, &b, 1), QUEUE_OK);
+    struct batch_list l;
+    load_batches(q, &l);
+    ck_assert_uint_eq(l.n, 4);
+    batch_list_free(&l);
+    queue_free(q);
+}
+END_TEST
+
 /* One operation claims for two feeds and the second claim is refused: the
  * first feed's claim goes too, in memory as on disk, so that claiming it again
  * alone stores its claimed id, and its next claim after a restart is taken. */
@@ -2034,6 +2089,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_expire_leaves_records_of_a_persisted_batch_alone);
     tcase_add_test(tc, test_a_record_delivered_before_an_older_one_no_longer_counts);
     tcase_add_test(tc, test_batches_that_leave_out_a_record_are_refused);
+    tcase_add_test(tc, test_a_claim_may_skip_records_moved_or_expired_but_not_leave_one_out);
     tcase_add_test(tc, test_a_refused_claim_takes_back_the_other_feeds_claims_of_its_operation);
     tcase_add_test(tc, test_a_claim_encodes_and_parses_back_its_batches);
     tcase_add_test(tc, test_a_claim_goes_once_each_of_its_batches_is_finished);
