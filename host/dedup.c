@@ -40,17 +40,31 @@ struct dedup {
     struct segment seg[SEGMENTS];
 };
 
+void dedup_fp_encode(const struct dedup_fp *fp, unsigned char *out)
+{
+    for (int i = 0; i < 8; i++) {
+        out[i] = (unsigned char)(fp->a >> (56 - 8 * i));
+        out[8 + i] = (unsigned char)(fp->b >> (56 - 8 * i));
+    }
+}
+
+void dedup_fp_decode(const unsigned char *in, struct dedup_fp *out)
+{
+    uint64_t a = 0, b = 0;
+    for (int i = 0; i < 8; i++) {
+        a = a << 8 | in[i];
+        b = b << 8 | in[8 + i];
+    }
+    out->a = a;
+    out->b = b;
+}
+
 void dedup_fingerprint(const char *id, size_t n, struct dedup_fp *out)
 {
     unsigned char md[32];
     digest_sha256(id, n, md);
-    uint64_t a = 0, b = 0;
-    for (int i = 0; i < 8; i++) {
-        a = a << 8 | md[i];
-        b = b << 8 | md[8 + i];
-    }
-    out->a = a | 1; /* 0 marks free slots */
-    out->b = b;
+    dedup_fp_decode(md, out);
+    out->a |= 1; /* 0 marks free slots */
 }
 
 /* Tables come straight from the kernel: zeroed lazily, page by page, and given

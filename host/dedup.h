@@ -29,6 +29,11 @@ struct dedup_fp {
 
 void dedup_fingerprint(const char *id, size_t n, struct dedup_fp *out);
 
+/* A fingerprint as the queue stores it: a, then b, each big-endian. */
+#define DEDUP_FP_BYTES 16
+void dedup_fp_encode(const struct dedup_fp *fp, unsigned char *out);
+void dedup_fp_decode(const unsigned char *in, struct dedup_fp *out);
+
 /* window_ms > 0. NULL when out of memory. */
 dedup *dedup_new(int64_t window_ms);
 void dedup_free(dedup *d);

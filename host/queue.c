@@ -6,6 +6,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <pthread.h>
 #include <sqlite3.h>
 #include <stdio.h>
@@ -18,14 +19,17 @@
 
 #define QUEUE_FILE "queue.db"
 #define QUEUE_LOCK_FILE "serve.lock"
-#define SCHEMA_VERSION "4"
+#define SCHEMA_VERSION "5"
 /* Large pages make the WAL writes of ~2 KB rows sequential and cheap: about
  * three times the insert rate of 4 KiB pages with synchronous=FULL. */
 #define PAGE_SIZE 16384
 #define BUSY_TIMEOUT_MS 10000
-/* Dedup ids are pruned in slices so no transaction grows large, often enough
- * to keep up with any ingest rate (up to 200,000 ids a second). */
-#define PRUNE_SLICE 200000
+/* Dedup log rows (one per stored request) are pruned in slices so no
+ * transaction grows large, often enough to keep up with any ingest rate (up
+ * to 10,000 requests a second). */
+#define PRUNE_SLICE 10000
+/* The most ids a migration from schema 4 puts in one row of the dedup log. */
+#define MIGRATE_DEDUP_ROW_IDS 1024
 #define PRUNE_EVERY_MS 1000
 #define GAUGES_EVERY_MS 1000
 /* A background operation (an acknowledgement) that failed is tried again
@@ -84,12 +88,12 @@ static const char *const SCHEMA =
     "  id INTEGER PRIMARY KEY,"
     "  done BLOB NOT NULL);"
     /* fingerprints of the ids seen within the dedup window (see dedup.h), an
-     * append-only log: rowid order is time order */
-    "CREATE TABLE IF NOT EXISTS dedup("
+     * append-only log: rowid order is time order. A row holds the ids a
+     * request stored, DEDUP_FP_BYTES each. */
+    "CREATE TABLE IF NOT EXISTS dedup_log("
     "  id INTEGER PRIMARY KEY,"
-    "  a INTEGER NOT NULL,"
-    "  b INTEGER NOT NULL,"
-    "  at_ms INTEGER NOT NULL);"
+    "  at_ms INTEGER NOT NULL,"
+    "  fingerprints BLOB NOT NULL);"
     "CREATE TABLE IF NOT EXISTS dead("
     "  id INTEGER PRIMARY KEY AUTOINCREMENT,"
     "  at_ms INTEGER NOT NULL,"
@@ -202,7 +206,7 @@ enum stmt_id {
 };
 
 static const char *const STMTS[S_COUNT] = {
-    [S_SEEN] = "INSERT INTO dedup(a, b, at_ms) VALUES(?1, ?2, ?3)",
+    [S_SEEN] = "INSERT INTO dedup_log(at_ms, fingerprints) VALUES(?1, ?2)",
     [S_INSERT_DEAD] = "INSERT INTO dead(at_ms, reason, detail, feed, event_id, event_type, "
                       "rules_version, received_ms, raw, event) "
                       "VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
@@ -487,8 +491,8 @@ static int insert_dead(queue *q, const struct dead_letter *d, int64_t now)
     return step_done(s);
 }
 
-/* 1 when the id is new (and now recorded, in memory and in the log), 0 when it
- * was seen within the window, -1 on error. */
+/* 1 when the id is new (and now recorded in memory, and in the operation's
+ * list for log_sightings), 0 when it was seen within the window, -1 on error. */
 static int first_sighting(queue *q, struct op *op, str id, int64_t now)
 {
     if (now < q->dedup_clock)
@@ -507,15 +511,32 @@ static int first_sighting(queue *q, struct op *op, str id, int64_t now)
         op->added = a;
         op->added_cap = cap;
     }
-    sqlite3_stmt *s = q->st[S_SEEN];
-    sqlite3_bind_int64(s, 1, (sqlite3_int64)fp.a);
-    sqlite3_bind_int64(s, 2, (sqlite3_int64)fp.b);
-    sqlite3_bind_int64(s, 3, now);
-    if (step_done(s) != SQLITE_OK || dedup_add(q->seen, &fp, now) != 0)
+    if (dedup_add(q->seen, &fp, now) != 0)
         return -1;
     op->added[op->nadded++] = fp;
     op->added_ms = now;
     return 1;
+}
+
+/* Writes the ids the operation saw first to the dedup log, as one row. */
+static int log_sightings(queue *q, const struct op *op)
+{
+    if (op->nadded == 0)
+        return SQLITE_OK;
+    if (op->nadded > INT_MAX / DEDUP_FP_BYTES)
+        return SQLITE_TOOBIG;
+    unsigned char *fps = malloc(op->nadded * DEDUP_FP_BYTES);
+    if (!fps)
+        return SQLITE_NOMEM;
+    for (size_t i = 0; i < op->nadded; i++)
+        dedup_fp_encode(&op->added[i], fps + i * DEDUP_FP_BYTES);
+    sqlite3_stmt *s = q->st[S_SEEN];
+    sqlite3_bind_int64(s, 1, op->added_ms);
+    sqlite3_bind_blob(s, 2, fps, (int)(op->nadded * DEDUP_FP_BYTES), SQLITE_STATIC);
+    int rc = step_done(s);
+    sqlite3_clear_bindings(s);
+    free(fps);
+    return rc;
 }
 
 /* Under q->mu. */
@@ -608,7 +629,8 @@ static enum queue_status apply_commit(queue *q, struct op *op, int64_t now, int6
             return status_of(rc);
         op->dead_delta -= sqlite3_changes(q->db);
     }
-    return QUEUE_OK;
+    int rc = log_sightings(q, op);
+    return rc == SQLITE_OK ? QUEUE_OK : status_of(rc);
 }
 
 typedef int (*record_fn)(queue *, struct op *, int64_t id, int feed, int64_t now);
@@ -1087,8 +1109,8 @@ static enum queue_status apply(queue *q, struct op *op, int64_t now, int64_t dep
 
 /* ---- writer: housekeeping ----------------------------------------------- */
 
-/* Deletes dedup ids older than the window, one slice per call. Rowid order is
- * time order (one writer, one clock), so the boundary is found by bisection. */
+/* Deletes the dedup log's rows older than the window, one slice per call.
+ * Rowid order is time order (one writer, one clock), so the boundary is found by bisection. */
 static void prune_dedup(queue *q, int64_t now)
 {
     if (q->opt.dedup_window_ms <= 0)
@@ -1100,9 +1122,9 @@ static void prune_dedup(queue *q, int64_t now)
      * seek, but min() and max() together in one query scan the whole table,
      * millions of rows with an hour's window, every second. */
     if (sqlite3_prepare_v2(q->db,
-                           "SELECT (SELECT id FROM dedup ORDER BY id LIMIT 1),"
-                           " (SELECT at_ms FROM dedup ORDER BY id LIMIT 1),"
-                           " (SELECT max(id) FROM dedup)",
+                           "SELECT (SELECT id FROM dedup_log ORDER BY id LIMIT 1),"
+                           " (SELECT at_ms FROM dedup_log ORDER BY id LIMIT 1),"
+                           " (SELECT max(id) FROM dedup_log)",
                            -1, &s, NULL) != SQLITE_OK)
         return;
     if (sqlite3_step(s) == SQLITE_ROW && sqlite3_column_type(s, 0) != SQLITE_NULL) {
@@ -1113,8 +1135,8 @@ static void prune_dedup(queue *q, int64_t now)
     sqlite3_finalize(s);
     if (hi == 0 || oldest >= cutoff)
         return; /* empty, or nothing older than the window */
-    if (sqlite3_prepare_v2(q->db, "SELECT at_ms FROM dedup WHERE id >= ?1 ORDER BY id LIMIT 1", -1,
-                           &s, NULL) != SQLITE_OK)
+    if (sqlite3_prepare_v2(q->db, "SELECT at_ms FROM dedup_log WHERE id >= ?1 ORDER BY id LIMIT 1",
+                           -1, &s, NULL) != SQLITE_OK)
         return;
     /* first id whose at_ms >= cutoff lies in (lo-1, hi+1] */
     int64_t a = lo, b = hi + 1;
@@ -1137,7 +1159,7 @@ static void prune_dedup(queue *q, int64_t now)
     if (end > lo + PRUNE_SLICE)
         end = lo + PRUNE_SLICE;
     char sql[96], err[ERR_LEN];
-    snprintf(sql, sizeof sql, "DELETE FROM dedup WHERE id < %lld", (long long)end);
+    snprintf(sql, sizeof sql, "DELETE FROM dedup_log WHERE id < %lld", (long long)end);
     if (exec(q->db, sql, err, sizeof err) != 0)
         log_warn("cannot prune dedup ids", LOG_S("error", err));
 }
@@ -1937,6 +1959,73 @@ done:
     return rc;
 }
 
+/* Schema 5 logs the dedup ids a request stored in one row (schema 4 wrote a
+ * row per id: a B-tree insert per event, and an hour's window of millions of
+ * rows to read at every start). The rows of schema 4 that share a stamp, in
+ * order, become one row. */
+static int migrate_to_5(sqlite3 *db, char *err, size_t errlen)
+{
+    sqlite3_stmt *s = NULL, *ins = NULL;
+    unsigned char *fps = malloc(MIGRATE_DEDUP_ROW_IDS * DEDUP_FP_BYTES);
+    int rc = -1;
+    if (!fps) {
+        str_copy(err, errlen, "out of memory");
+        return -1;
+    }
+    if (exec(db,
+             "BEGIN IMMEDIATE; CREATE TABLE IF NOT EXISTS dedup(id INTEGER PRIMARY KEY, "
+             "a INTEGER NOT NULL, b INTEGER NOT NULL, at_ms INTEGER NOT NULL); "
+             "CREATE TABLE IF NOT EXISTS dedup_log(id INTEGER PRIMARY KEY, "
+             "at_ms INTEGER NOT NULL, fingerprints BLOB NOT NULL)",
+             err, errlen) != 0) {
+        free(fps);
+        return -1;
+    }
+    if (sqlite3_prepare_v2(db, "SELECT a, b, at_ms FROM dedup ORDER BY id", -1, &s, NULL) !=
+            SQLITE_OK ||
+        sqlite3_prepare_v2(db, "INSERT INTO dedup_log(at_ms, fingerprints) VALUES(?1, ?2)", -1,
+                           &ins, NULL) != SQLITE_OK)
+        goto failed;
+    size_t n = 0;
+    int64_t at_ms = 0;
+    for (;;) {
+        int step = sqlite3_step(s);
+        if (step != SQLITE_ROW && step != SQLITE_DONE)
+            goto failed;
+        int64_t at = step == SQLITE_ROW ? sqlite3_column_int64(s, 2) : 0;
+        if (n > 0 && (step == SQLITE_DONE || at != at_ms || n == MIGRATE_DEDUP_ROW_IDS)) {
+            sqlite3_bind_int64(ins, 1, at_ms);
+            sqlite3_bind_blob(ins, 2, fps, (int)(n * DEDUP_FP_BYTES), SQLITE_STATIC);
+            if (step_done(ins) != SQLITE_OK)
+                goto failed;
+            n = 0;
+        }
+        if (step == SQLITE_DONE)
+            break;
+        struct dedup_fp fp = {(uint64_t)sqlite3_column_int64(s, 0),
+                              (uint64_t)sqlite3_column_int64(s, 1)};
+        dedup_fp_encode(&fp, fps + n * DEDUP_FP_BYTES);
+        n++;
+        at_ms = at;
+    }
+    if (exec(db,
+             "DROP TABLE dedup; UPDATE meta SET value = '5' WHERE key = 'schema_version'; "
+             "COMMIT",
+             err, errlen) != 0)
+        goto done;
+    rc = 0;
+    goto done;
+failed:
+    str_printf(err, errlen, "migrating the queue: %s", sqlite3_errmsg(db));
+done:
+    sqlite3_finalize(s);
+    sqlite3_finalize(ins);
+    free(fps);
+    if (rc != 0)
+        (void)sqlite3_exec(db, "ROLLBACK", NULL, NULL, NULL);
+    return rc;
+}
+
 /* What the file holds, read before anything writes to it: 0 for an empty
  * database or one whose first start stopped before its end (tributary's
  * tables without a version yet), else the schema version of a tributary
@@ -1999,13 +2088,15 @@ done:
  * each in its own transaction. */
 static int migrate(sqlite3 *db, int version, char *err, size_t errlen)
 {
-    if (version < 1 || version >= 4)
+    if (version < 1 || version >= 5)
         return 0; /* new or current */
     if (version == 1 && migrate_to_2(db, err, errlen) != 0)
         return -1;
     if (version <= 2 && migrate_to_3(db, err, errlen) != 0)
         return -1;
-    return migrate_to_4(db, err, errlen);
+    if (version <= 3 && migrate_to_4(db, err, errlen) != 0)
+        return -1;
+    return migrate_to_5(db, err, errlen);
 }
 
 static int hold_batch(void *ctx, int64_t id, int feed, const struct claim_batch *b)
@@ -2115,19 +2206,29 @@ static int load_dedup(queue *q, char *err, size_t errlen)
         return -1;
     }
     sqlite3_stmt *s;
-    if (sqlite3_prepare_v2(q->db, "SELECT a, b, at_ms FROM dedup WHERE at_ms >= ?1 ORDER BY id", -1,
-                           &s, NULL) != SQLITE_OK) {
+    if (sqlite3_prepare_v2(
+            q->db, "SELECT at_ms, fingerprints FROM dedup_log WHERE at_ms >= ?1 ORDER BY id", -1,
+            &s, NULL) != SQLITE_OK) {
         str_printf(err, errlen, "%s: %s", q->path, sqlite3_errmsg(q->db));
         return -1;
     }
     sqlite3_bind_int64(s, 1, clock_wall_ms() - q->opt.dedup_window_ms);
     int rc = 0, step;
     while (rc == 0 && (step = sqlite3_step(s)) == SQLITE_ROW) {
-        struct dedup_fp fp = {(uint64_t)sqlite3_column_int64(s, 0),
-                              (uint64_t)sqlite3_column_int64(s, 1)};
-        if (dedup_add(q->seen, &fp, sqlite3_column_int64(s, 2)) != 0) {
-            str_copy(err, errlen, "out of memory loading the dedup ids");
+        int64_t at_ms = sqlite3_column_int64(s, 0);
+        const unsigned char *fps = sqlite3_column_blob(s, 1);
+        size_t n = (size_t)sqlite3_column_bytes(s, 1);
+        if (n % DEDUP_FP_BYTES != 0) {
+            str_printf(err, errlen, "%s: a dedup log row of %zu bytes is damaged", q->path, n);
             rc = -1;
+        }
+        for (size_t i = 0; rc == 0 && fps && i < n; i += DEDUP_FP_BYTES) {
+            struct dedup_fp fp;
+            dedup_fp_decode(fps + i, &fp);
+            if (dedup_add(q->seen, &fp, at_ms) != 0) {
+                str_copy(err, errlen, "out of memory loading the dedup ids");
+                rc = -1;
+            }
         }
     }
     /* a set read in part would let duplicates through unseen: the queue does
@@ -2139,8 +2240,8 @@ static int load_dedup(queue *q, char *err, size_t errlen)
     }
     sqlite3_finalize(s);
     /* the log's last stamp: later ones never go below it */
-    if (rc == 0 && sqlite3_prepare_v2(q->db, "SELECT at_ms FROM dedup ORDER BY id DESC LIMIT 1", -1,
-                                      &s, NULL) == SQLITE_OK) {
+    if (rc == 0 && sqlite3_prepare_v2(q->db, "SELECT at_ms FROM dedup_log ORDER BY id DESC LIMIT 1",
+                                      -1, &s, NULL) == SQLITE_OK) {
         if (sqlite3_step(s) == SQLITE_ROW)
             q->dedup_clock = sqlite3_column_int64(s, 0);
         sqlite3_finalize(s);
@@ -2803,7 +2904,9 @@ int queue_stats(queue_reader *r, struct queue_stats *st)
         }
     }
     sqlite3_finalize(s);
-    st->dedup_ids = scalar(r->db, "SELECT count(*) FROM dedup");
+    st->dedup_ids =
+        scalar(r->db, "SELECT coalesce(sum(length(fingerprints)), 0) / 16 FROM dedup_log");
+    _Static_assert(DEDUP_FP_BYTES == 16, "the query above divides by DEDUP_FP_BYTES");
     const char *path = sqlite3_db_filename(r->db, "main");
     if (path) {
         char wal[4200];

@@ -2,6 +2,7 @@
 #include "unit.h"
 
 #include "claim.h"
+#include "dedup.h"
 #include "queue.h"
 #include "record.h"
 
@@ -1218,15 +1219,31 @@ START_TEST(test_dedup_stamps_never_go_back_when_the_clock_does)
     queue *q = open_queue(NO_LIMIT, DEDUP_DAY);
     commit_records(q, FEED_IOS, "before", 2);
     queue_free(q);
-    exec_in_file("UPDATE dedup SET at_ms = at_ms + 3600000"); /* as if the clock went back */
-    int64_t ahead = count_in_file("SELECT max(at_ms) FROM dedup");
+    exec_in_file("UPDATE dedup_log SET at_ms = at_ms + 3600000"); /* as if the clock went back */
+    int64_t ahead = count_in_file("SELECT max(at_ms) FROM dedup_log");
     q = open_queue(NO_LIMIT, DEDUP_DAY);
     commit_records(q, FEED_IOS, "after", 2);
     queue_free(q);
-    ck_assert_int_eq(count_in_file("SELECT count(*) FROM dedup"), 4);
-    ck_assert_int_eq(count_in_file("SELECT min(at_ms) FROM dedup WHERE id > (SELECT min(id) + 1 "
-                                   "FROM dedup)"),
-                     ahead);
+    /* a row per commit, 16 bytes per id */
+    ck_assert_int_eq(count_in_file("SELECT count(*) FROM dedup_log"), 2);
+    ck_assert_int_eq(count_in_file("SELECT sum(length(fingerprints)) FROM dedup_log"), 4 * 16);
+    ck_assert_int_eq(count_in_file("SELECT at_ms FROM dedup_log ORDER BY id DESC LIMIT 1"), ahead);
+}
+END_TEST
+
+/* The writer deletes the dedup log's rows older than the window (once a
+ * second): the row of the first commit goes, the second's stays. */
+START_TEST(test_dedup_log_rows_older_than_the_window_are_pruned)
+{
+    queue *q = open_queue(NO_LIMIT, 2000);
+    commit_records(q, FEED_IOS, "old", 2);
+    clock_sleep_ms(2100);
+    commit_records(q, FEED_IOS, "new", 1);
+    for (int i = 0; i < 30 && count_in_file("SELECT count(*) FROM dedup_log") != 1; i++)
+        clock_sleep_ms(50);
+    ck_assert_int_eq(count_in_file("SELECT count(*) FROM dedup_log"), 1);
+    ck_assert_int_eq(count_in_file("SELECT length(fingerprints) FROM dedup_log"), 16);
+    queue_free(q);
 }
 END_TEST
 
@@ -1293,8 +1310,50 @@ START_TEST(test_a_schema_3_queue_keeps_its_records_and_batches)
     scan_all(q, FEED_IOS, &it);
     ck_assert_int_gt(it.items[it.n - 1].id, 7);
     queue_items_free(&it);
-    ck_assert_int_eq(count_in_file("SELECT value FROM meta WHERE key = 'schema_version'"), 4);
+    ck_assert_int_eq(count_in_file("SELECT value FROM meta WHERE key = 'schema_version'"), 5);
     ck_assert_int_eq(count_in_file("SELECT count(*) FROM sqlite_master WHERE name = 'batches'"), 0);
+    queue_free(q);
+}
+END_TEST
+
+/* Schema 4 logged a row per dedup id: its ids still count as seen, those of
+ * one stamp become one row, and those older than the window are not loaded. */
+START_TEST(test_a_schema_4_queue_keeps_its_dedup_ids)
+{
+    int64_t now = clock_wall_ms();
+    char sql[2048] = "CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;"
+                     "INSERT INTO meta VALUES('schema_version', '4');"
+                     "CREATE TABLE dedup(id INTEGER PRIMARY KEY, a INTEGER NOT NULL, "
+                     "b INTEGER NOT NULL, at_ms INTEGER NOT NULL);";
+    const char *ids[4] = {"old-0", "evt-0", "evt-1", "evt-2"};
+    for (int i = 0; i < 4; i++) {
+        struct dedup_fp fp;
+        dedup_fingerprint(ids[i], strlen(ids[i]), &fp);
+        char row[200];
+        snprintf(row, sizeof row, "INSERT INTO dedup(a, b, at_ms) VALUES(%lld, %lld, %lld);",
+                 (long long)fp.a, (long long)fp.b,
+                 (long long)(i == 0   ? now - 2 * DEDUP_DAY
+                             : i == 3 ? now - 1
+                                      : now - 2));
+        strcat(sql, row);
+    }
+    exec_in_file(sql);
+
+    queue *q = open_queue(NO_LIMIT, DEDUP_DAY);
+    ck_assert_int_eq(count_in_file("SELECT value FROM meta WHERE key = 'schema_version'"), 5);
+    ck_assert_int_eq(count_in_file("SELECT count(*) FROM sqlite_master WHERE name = 'dedup'"), 0);
+    /* old-0, evt-0 and evt-1, evt-2 */
+    ck_assert_int_eq(count_in_file("SELECT count(*) FROM dedup_log"), 3);
+    ck_assert_int_eq(count_in_file("SELECT sum(length(fingerprints)) FROM dedup_log"), 4 * 16);
+    struct mapping m;
+    mapping_init(&m);
+    add_records(&m, FEED_IOS, "evt", 4);
+    add_records(&m, FEED_IOS, "old", 1);
+    struct commit_result res;
+    ck_assert_int_eq(queue_commit(q, &m, &res), QUEUE_OK);
+    ck_assert_uint_eq(res.duplicates, 3);
+    ck_assert_uint_eq(res.queued, 2); /* evt-3, and old-0 from before the window */
+    mapping_free(&m);
     queue_free(q);
 }
 END_TEST
@@ -1345,9 +1404,9 @@ static void assert_refused_unchanged(const char *sql, const char *why)
 START_TEST(test_a_queue_of_a_newer_schema_is_refused_and_left_unchanged)
 {
     assert_refused_unchanged("CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);"
-                             "INSERT INTO meta VALUES('schema_version', '5');"
-                             "CREATE TABLE records_v5(id INTEGER PRIMARY KEY, body BLOB);",
-                             "queue schema version 5 is unknown");
+                             "INSERT INTO meta VALUES('schema_version', '6');"
+                             "CREATE TABLE records_v6(id INTEGER PRIMARY KEY, body BLOB);",
+                             "queue schema version 6 is unknown");
 }
 END_TEST
 
@@ -1374,7 +1433,7 @@ START_TEST(test_a_queue_whose_first_start_stopped_halfway_is_set_up_on_the_next)
     commit_records(q, FEED_IOS, "a", 2);
     ck_assert_int_eq(depth(q, FEED_IOS), 2);
     queue_free(q);
-    ck_assert_int_eq(count_in_file("SELECT value FROM meta WHERE key = 'schema_version'"), 4);
+    ck_assert_int_eq(count_in_file("SELECT value FROM meta WHERE key = 'schema_version'"), 5);
 }
 END_TEST
 
@@ -2094,8 +2153,10 @@ static Suite *suite(void)
     tcase_add_test(tc, test_a_claim_encodes_and_parses_back_its_batches);
     tcase_add_test(tc, test_a_claim_goes_once_each_of_its_batches_is_finished);
     tcase_add_test(tc, test_dedup_stamps_never_go_back_when_the_clock_does);
+    tcase_add_test(tc, test_dedup_log_rows_older_than_the_window_are_pruned);
     tcase_add_test(tc, test_a_cli_change_refuses_an_older_schema_and_leaves_it_as_it_is);
     tcase_add_test(tc, test_a_schema_3_queue_keeps_its_records_and_batches);
+    tcase_add_test(tc, test_a_schema_4_queue_keeps_its_dedup_ids);
     tcase_add_test(tc, test_a_queue_of_a_newer_schema_is_refused_and_left_unchanged);
     tcase_add_test(tc, test_a_database_of_something_else_is_refused_and_left_unchanged);
     tcase_add_test(tc, test_a_queue_whose_first_start_stopped_halfway_is_set_up_on_the_next);

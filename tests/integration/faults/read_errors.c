@@ -42,7 +42,7 @@ int sqlite3_step(sqlite3_stmt *st)
         env_int("SLOW_ACK_MS") > 0)
         usleep((useconds_t)env_int("SLOW_ACK_MS") * 1000);
     int dedup_at = env_int("FAIL_DEDUP_AT");
-    if (sql && dedup_at > 0 && strstr(sql, "FROM dedup WHERE at_ms") &&
+    if (sql && dedup_at > 0 && strstr(sql, "FROM dedup_log WHERE at_ms") &&
         atomic_fetch_add(&dedup_rows, 1) + 1 == dedup_at)
         return SQLITE_IOERR;
     if (!sql || strcmp(thread, "sender") != 0)
