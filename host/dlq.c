@@ -21,7 +21,7 @@ static queue *open_queue(const struct config *c, int write)
         .sync_full = strcmp(c->queue_sync, "full") == 0,
         .max_depth = INT64_MAX,
         /* requeue stores without a dedup check and purge needs none: the
-         * dedup log (a gigabyte for an hour at 10,000 events/s) is not read */
+         * dedup log (hundreds of MB for an hour at 10,000 events/s) is not read */
         .dedup_window_ms = 0,
         .readonly = !write,
         .existing = 1, /* a mistaken data_dir gets no new queue */

@@ -24,12 +24,14 @@
  * three times the insert rate of 4 KiB pages with synchronous=FULL. */
 #define PAGE_SIZE 16384
 #define BUSY_TIMEOUT_MS 10000
-/* Dedup log rows (one per stored request) are pruned in slices so no
- * transaction grows large, often enough to keep up with any ingest rate (up
- * to 10,000 requests a second). */
-#define PRUNE_SLICE 10000
-/* The most ids a migration from schema 4 puts in one row of the dedup log. */
-#define MIGRATE_DEDUP_ROW_IDS 1024
+/* Dedup ids are pruned in slices so no transaction grows large, often enough
+ * to keep up with any ingest rate (up to 200,000 ids a second): a slice takes
+ * the log's rows (one per stored request) up to that many ids, and at least
+ * one row. */
+#define PRUNE_SLICE_IDS 200000
+/* The most ids a migration from schema 4 puts in one row of the dedup log:
+ * a row of 16,320 bytes still fits a page of PAGE_SIZE. */
+#define MIGRATE_DEDUP_ROW_IDS 1020
 #define PRUNE_EVERY_MS 1000
 #define GAUGES_EVERY_MS 1000
 /* A background operation (an acknowledgement) that failed is tried again
@@ -1156,8 +1158,24 @@ static void prune_dedup(queue *q, int64_t now)
     int64_t end = a;
     if (end <= lo)
         return;
-    if (end > lo + PRUNE_SLICE)
-        end = lo + PRUNE_SLICE;
+    /* rows up to PRUNE_SLICE_IDS ids (length() reads no overflow page) */
+    if (sqlite3_prepare_v2(q->db,
+                           "SELECT id, length(fingerprints) FROM dedup_log WHERE id >= ?1 AND "
+                           "id < ?2 ORDER BY id",
+                           -1, &s, NULL) != SQLITE_OK)
+        return;
+    sqlite3_bind_int64(s, 1, lo);
+    sqlite3_bind_int64(s, 2, end);
+    int64_t ids = 0;
+    while (sqlite3_step(s) == SQLITE_ROW) {
+        int64_t id = sqlite3_column_int64(s, 0);
+        if (id > lo && ids >= PRUNE_SLICE_IDS) {
+            end = id;
+            break;
+        }
+        ids += sqlite3_column_int64(s, 1) / DEDUP_FP_BYTES;
+    }
+    sqlite3_finalize(s);
     char sql[96], err[ERR_LEN];
     snprintf(sql, sizeof sql, "DELETE FROM dedup_log WHERE id < %lld", (long long)end);
     if (exec(q->db, sql, err, sizeof err) != 0)
@@ -2207,8 +2225,8 @@ static int load_dedup(queue *q, char *err, size_t errlen)
     }
     sqlite3_stmt *s;
     if (sqlite3_prepare_v2(
-            q->db, "SELECT at_ms, fingerprints FROM dedup_log WHERE at_ms >= ?1 ORDER BY id", -1,
-            &s, NULL) != SQLITE_OK) {
+            q->db, "SELECT at_ms, fingerprints, id FROM dedup_log WHERE at_ms >= ?1 ORDER BY id",
+            -1, &s, NULL) != SQLITE_OK) {
         str_printf(err, errlen, "%s: %s", q->path, sqlite3_errmsg(q->db));
         return -1;
     }
@@ -2218,13 +2236,17 @@ static int load_dedup(queue *q, char *err, size_t errlen)
         int64_t at_ms = sqlite3_column_int64(s, 0);
         const unsigned char *fps = sqlite3_column_blob(s, 1);
         size_t n = (size_t)sqlite3_column_bytes(s, 1);
-        if (n % DEDUP_FP_BYTES != 0) {
-            str_printf(err, errlen, "%s: a dedup log row of %zu bytes is damaged", q->path, n);
+        if (n % DEDUP_FP_BYTES != 0 || (n > 0 && !fps)) {
+            str_printf(err, errlen,
+                       "%s: cannot read the dedup ids: row %lld of dedup_log is damaged (%zu "
+                       "bytes); deleting that row lets the service start without its ids",
+                       q->path, (long long)sqlite3_column_int64(s, 2), n);
             rc = -1;
         }
-        for (size_t i = 0; rc == 0 && fps && i < n; i += DEDUP_FP_BYTES) {
+        for (size_t i = 0; rc == 0 && i < n; i += DEDUP_FP_BYTES) {
             struct dedup_fp fp;
             dedup_fp_decode(fps + i, &fp);
+            fp.a |= 1; /* as dedup_fingerprint made it: 0 marks free slots */
             if (dedup_add(q->seen, &fp, at_ms) != 0) {
                 str_copy(err, errlen, "out of memory loading the dedup ids");
                 rc = -1;
@@ -2361,6 +2383,10 @@ int queue_open(queue **out, const struct queue_options *o, char *err, size_t err
     if (!o->readonly) {
         if (migrate(q->db, version, err, errlen) != 0)
             goto fail;
+        /* an upgrade's one transaction can leave a WAL the size of what it
+         * rewrote (the dedup log: hundreds of MB): the file takes it now */
+        if (version >= 1 && version < atoi(SCHEMA_VERSION))
+            (void)sqlite3_wal_checkpoint_v2(q->db, NULL, SQLITE_CHECKPOINT_TRUNCATE, NULL, NULL);
         /* one transaction: a first start that stops halfway leaves nothing */
         if (exec(q->db, "BEGIN IMMEDIATE", err, errlen) != 0)
             goto fail;

@@ -1247,6 +1247,50 @@ START_TEST(test_dedup_log_rows_older_than_the_window_are_pruned)
 }
 END_TEST
 
+/* A slice of the pruning takes rows up to 200,000 ids, not a number of rows:
+ * rows of 150,000 ids each go two, then one, a second apart. */
+START_TEST(test_dedup_log_pruning_takes_about_200000_ids_at_a_time)
+{
+    queue *q = open_queue(NO_LIMIT, DEDUP_DAY);
+    queue_free(q);
+    exec_in_file("INSERT INTO dedup_log(at_ms, fingerprints) VALUES(1, zeroblob(2400000)), "
+                 "(1, zeroblob(2400000)), (1, zeroblob(2400000))");
+    q = open_queue(NO_LIMIT, DEDUP_DAY);
+    int seen_one = 0;
+    int64_t n = 3;
+    for (int i = 0; i < 80 && n > 0; i++) {
+        n = count_in_file("SELECT count(*) FROM dedup_log");
+        ck_assert_int_ne(n, 2);
+        seen_one |= n == 1;
+        clock_sleep_ms(50);
+    }
+    ck_assert_int_eq(n, 0);
+    ck_assert(seen_one);
+    queue_free(q);
+}
+END_TEST
+
+/* A row of the dedup log that is not whole fingerprints stops the start, and
+ * the error names it. */
+START_TEST(test_a_damaged_dedup_log_row_stops_the_start_and_is_named)
+{
+    queue *q = open_queue(NO_LIMIT, DEDUP_DAY);
+    commit_records(q, FEED_IOS, "evt", 1);
+    queue_free(q);
+    char sql[160];
+    snprintf(sql, sizeof sql,
+             "INSERT INTO dedup_log(id, at_ms, fingerprints) VALUES(7, %lld, x'01020304')",
+             (long long)clock_wall_ms());
+    exec_in_file(sql);
+    struct queue_options o = {
+        .dir = data_dir, .sync_full = 1, .max_depth = NO_LIMIT, .dedup_window_ms = DEDUP_DAY};
+    char err[ERR_LEN] = "";
+    q = NULL;
+    ck_assert_int_eq(queue_open(&q, &o, err, sizeof err), -1);
+    ck_assert_msg(strstr(err, "row 7 of dedup_log is damaged (4 bytes)"), "%s", err);
+}
+END_TEST
+
 START_TEST(test_a_cli_change_refuses_an_older_schema_and_leaves_it_as_it_is)
 {
     exec_in_file("CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;"
@@ -2154,6 +2198,8 @@ static Suite *suite(void)
     tcase_add_test(tc, test_a_claim_goes_once_each_of_its_batches_is_finished);
     tcase_add_test(tc, test_dedup_stamps_never_go_back_when_the_clock_does);
     tcase_add_test(tc, test_dedup_log_rows_older_than_the_window_are_pruned);
+    tcase_add_test(tc, test_dedup_log_pruning_takes_about_200000_ids_at_a_time);
+    tcase_add_test(tc, test_a_damaged_dedup_log_row_stops_the_start_and_is_named);
     tcase_add_test(tc, test_a_cli_change_refuses_an_older_schema_and_leaves_it_as_it_is);
     tcase_add_test(tc, test_a_schema_3_queue_keeps_its_records_and_batches);
     tcase_add_test(tc, test_a_schema_4_queue_keeps_its_dedup_ids);
