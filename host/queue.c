@@ -1951,7 +1951,8 @@ static int migrate_to_2(sqlite3 *db, char *err, size_t errlen)
         str_printf(err, errlen, "migrating the queue: %s", sqlite3_errmsg(db));
         goto done;
     }
-    while (sqlite3_step(s) == SQLITE_ROW) {
+    int step;
+    while ((step = sqlite3_step(s)) == SQLITE_ROW) {
         struct dedup_fp fp;
         const char *id = (const char *)sqlite3_column_text(s, 0);
         dedup_fingerprint(id ? id : "", (size_t)sqlite3_column_bytes(s, 0), &fp);
@@ -1962,6 +1963,10 @@ static int migrate_to_2(sqlite3 *db, char *err, size_t errlen)
             str_printf(err, errlen, "migrating the queue: %s", sqlite3_errmsg(db));
             goto done;
         }
+    }
+    if (step != SQLITE_DONE) { /* a read error: the ids not read yet would be lost */
+        str_printf(err, errlen, "migrating the queue: %s", sqlite3_errmsg(db));
+        goto done;
     }
     if (exec(db,
              "DROP TABLE seen; UPDATE meta SET value = '2' WHERE key = 'schema_version'; "
