@@ -814,17 +814,25 @@ static int64_t stored_between(queue *q, enum feed f, int64_t after, int64_t upto
 static enum queue_status persist_feed(queue *q, enum feed f, struct queue_batch *b, size_t n,
                                       int64_t now)
 {
-    size_t m = 0;
-    for (size_t i = 0; i < n; i++)
+    size_t m = 0, nids = 0;
+    for (size_t i = 0; i < n; i++) {
         m += b[i].feed == f;
+        nids += b[i].feed == f ? b[i].nrecords : 0;
+    }
     if (m == 0)
         return QUEUE_OK;
     struct queue_batch *mine = malloc(m * sizeof(*mine));
-    if (!mine)
+    int64_t *ids = malloc((nids ? nids : 1) * sizeof(*ids));
+    if (!mine || !ids) {
+        free(mine);
+        free(ids);
         return QUEUE_ERROR;
-    /* the largest id claimed now, and how many ids above the previous claim
-     * the batches hold */
+    }
+    /* the largest id claimed now, and how many different ids above the
+     * previous claim the batches hold (an id named twice must not make up
+     * for one left out) */
     int64_t claimed = 0, fresh = 0;
+    size_t above = 0;
     for (size_t i = 0, k = 0; i < n; i++) {
         if (b[i].feed != f)
             continue;
@@ -832,9 +840,14 @@ static enum queue_status persist_feed(queue *q, enum feed f, struct queue_batch 
         for (size_t r = 0; r < b[i].nrecords; r++) {
             int64_t id = b[i].record_ids[r];
             claimed = id > claimed ? id : claimed;
-            fresh += id > q->ring[f].claimed;
+            if (id > q->ring[f].claimed)
+                ids[above++] = id;
         }
     }
+    qsort(ids, above, sizeof(*ids), cmp_i64);
+    for (size_t i = 0; i < above; i++)
+        fresh += i == 0 || ids[i] != ids[i - 1];
+    free(ids);
     int rc = insert_claims(q, mine, m, now);
     for (size_t i = 0, k = 0; i < n && rc == SQLITE_OK; i++) {
         if (b[i].feed == f)

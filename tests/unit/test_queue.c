@@ -1020,6 +1020,13 @@ START_TEST(test_batches_that_leave_out_a_record_are_refused)
     load_batches(q, &l);
     ck_assert_uint_eq(l.n, 0);
     ck_assert_int_eq(depth(q, FEED_IOS), 3);
+    /* evt-0 named twice does not make up for evt-1 */
+    int64_t twice[3] = {all[0], all[0], all[2]};
+    b = make_batch(FEED_IOS, "src-twice", twice, 3, 0);
+    ck_assert_int_eq(queue_persist_batches(q, &b, 1), QUEUE_ERROR);
+    struct queue_batch split[2] = {make_batch(FEED_IOS, "src-x", all, 1, 0),
+                                   make_batch(FEED_IOS, "src-y", twice + 1, 2, 0)};
+    ck_assert_int_eq(queue_persist_batches(q, split, 2), QUEUE_ERROR);
     /* the same records, none left out, in two batches */
     struct queue_batch two[2] = {make_batch(FEED_IOS, "src-a", all, 2, 0),
                                  make_batch(FEED_IOS, "src-b", all + 2, 1, 0)};
