@@ -221,6 +221,7 @@ static struct {
         int64_t window_start;
         int failures;
         int64_t blocked_until;
+        int64_t last_ok; /* when a request from it last authenticated */
     } slot[SLOTS];
 } T = {.mu = PTHREAD_MUTEX_INITIALIZER};
 
@@ -251,6 +252,7 @@ static int slot_of(const char *client, int64_t now_s, int create)
     T.slot[victim].window_start = now_s;
     T.slot[victim].failures = 0;
     T.slot[victim].blocked_until = 0;
+    T.slot[victim].last_ok = 0;
     return victim;
 }
 
@@ -282,7 +284,9 @@ int auth_failed(const char *client, int64_t now_s)
         T.slot[i].failures = 0;
     }
     int started = 0;
-    if (++T.slot[i].failures >= AUTH_THROTTLE_FAILURES && T.slot[i].blocked_until <= now_s) {
+    int shared = T.slot[i].last_ok > 0 && now_s - T.slot[i].last_ok <= AUTH_THROTTLE_WINDOW_S;
+    if (++T.slot[i].failures >= AUTH_THROTTLE_FAILURES && T.slot[i].blocked_until <= now_s &&
+        !shared) {
         T.slot[i].blocked_until = now_s + AUTH_THROTTLE_BLOCK_S;
         T.slot[i].failures = 0;
         T.slot[i].window_start = now_s;
@@ -290,4 +294,16 @@ int auth_failed(const char *client, int64_t now_s)
     }
     pthread_mutex_unlock(&T.mu);
     return started;
+}
+
+void auth_succeeded(const char *client, int64_t now_s)
+{
+    if (!client || !*client)
+        return;
+    pthread_mutex_lock(&T.mu);
+    /* only an address with failures has a slot, and needs the note */
+    int i = slot_of(client, now_s, 0);
+    if (i >= 0)
+        T.slot[i].last_ok = now_s;
+    pthread_mutex_unlock(&T.mu);
 }

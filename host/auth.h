@@ -73,7 +73,13 @@ int auth_sign(const char *secret, int64_t t, const char *body, size_t len, char 
 
 /* 1 when the client is refused for now (*retry_after_s set). */
 int auth_throttled(const char *client, int64_t now_s, int64_t *retry_after_s);
-/* Records a failure; returns 1 when it starts a refusal period. */
+/* Records a failure; returns 1 when it starts a refusal period. An address
+ * from which a request authenticated within AUTH_THROTTLE_WINDOW_S is not
+ * refused: its failures are another sender's behind the same address (Braze's
+ * addresses serve all its customers, a NAT, a proxy), and refusing it would
+ * refuse the real sender too. */
 int auth_failed(const char *client, int64_t now_s);
+/* Notes that a request from client authenticated (see auth_failed). */
+void auth_succeeded(const char *client, int64_t now_s);
 
 #endif

@@ -358,6 +358,7 @@ static int refuse_admin(struct MHD_Connection *c, struct req *r, enum MHD_Result
         *rc = reply_json(c, r, 401, "{\"error\":\"admin token required\"}", 0);
         return 1;
     }
+    auth_succeeded(r->client, now);
     return 0;
 }
 

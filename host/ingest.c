@@ -260,8 +260,10 @@ static int admit(struct ingest *in, const struct ingest_request *req, int have_b
                               .now_s = now};
     enum auth_result a = auth_check(s.cfg, &ar);
     reload_put(&s);
-    if (a == AUTH_OK)
+    if (a == AUTH_OK) {
+        auth_succeeded(req->client, now);
         return 1;
+    }
     if (a == AUTH_PENDING && !have_body)
         return 2;
     if (a == AUTH_ERROR) {

@@ -350,6 +350,21 @@ class Throttling(ServiceTest):
         self.assertEqual(r.status, 429, r)
         self.assertEqual(s.queued_ids(), [])
 
+    def test_failures_from_an_address_that_also_authenticates_do_not_refuse_it(self):
+        # Braze sends every customer's Currents from the same addresses: another
+        # customer's wrong token must not have ours refused
+        s = self.service()
+        xff = {"X-Forwarded-For": "203.0.113.30"}
+        self.assertEqual(s.post([event()], token="wrong-token", headers=xff).status, 401)
+        self.assertEqual(s.post([event()], headers=xff).status, 200)
+        statuses = [s.post([event()], token="wrong-token", headers=xff).status
+                    for _ in range(15)]
+        self.assertEqual(statuses, [401] * 15)
+        e = event()
+        self.assertEqual(s.post([e], headers=xff).status, 200)
+        self.assertIn(e["id"], s.queued_ids())
+        self.assertEqual(s.metrics()["tributary_auth_throttled_total"], 0)
+
     def test_another_client_is_served_while_one_is_throttled(self):
         s = self.service()
         self.fail_ten_times(s, "203.0.113.7")
