@@ -1010,6 +1010,27 @@ static void check(struct config *c, struct errs *e, int serving)
     }
 }
 
+/* Inbound secrets shorter than this are named in a warning at start: one that
+ * short can be guessed, and nothing else stands against guessing from an
+ * address shared with a real sender (see auth_failed). */
+#define SHORT_SECRET_CHARS 16
+
+static void warn_short(buf *warnings, const char *key, const char *what, char *const *items,
+                       size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        size_t len = strlen(items[i]);
+        if (len >= SHORT_SECRET_CHARS)
+            continue;
+        if (warnings->len)
+            (void)!buf_addc(warnings, '\n');
+        (void)!buf_printf(warnings,
+                          "%s: %s %zu has %zu characters; one that short can be guessed (use "
+                          "openssl rand -base64 32)",
+                          key, what, i + 1, len);
+    }
+}
+
 /* ---- public ------------------------------------------------------------- */
 
 static int load(struct config **out, const char *path, const char *src, size_t len, int env,
@@ -1046,6 +1067,14 @@ static int load(struct config **out, const char *path, const char *src, size_t l
         load_env(c, &e, &warnings);
     if (e.count == 0)
         check(c, &e, serving);
+    if (e.count == 0 && serving) {
+        warn_short(&warnings, "inbound.tokens", "token", c->inbound_tokens.items,
+                   c->inbound_tokens.n);
+        warn_short(&warnings, "inbound.hmac_secrets", "secret", c->inbound_hmac_secrets.items,
+                   c->inbound_hmac_secrets.n);
+        if (c->admin_token)
+            warn_short(&warnings, "admin.token", "token", &c->admin_token, 1);
+    }
 
     if (e.count) {
         str_copy(err, errlen, e.b.data ? e.b.data : "invalid configuration");

@@ -365,6 +365,21 @@ class Throttling(ServiceTest):
         self.assertIn(e["id"], s.queued_ids())
         self.assertEqual(s.metrics()["tributary_auth_throttled_total"], 0)
 
+    def test_short_inbound_secrets_are_named_in_a_warning_at_start_but_not_shown(self):
+        s = self.service(tokens=("br4ze-7q", TOKEN),
+                         env={"TRIBUTARY_INBOUND_HMAC_SECRETS": "k9-short," + SECRET,
+                              "TRIBUTARY_ADMIN_TOKEN": "adm1n-x"})
+        logs = s.logs()
+        self.assertIn("inbound.tokens: token 1 has 8 characters; one that short can be guessed",
+                      logs)
+        self.assertIn("inbound.hmac_secrets: secret 1 has 8 characters", logs)
+        self.assertIn("admin.token: token 1 has 7 characters", logs)
+        self.assertNotIn("token 2", logs)
+        self.assertNotIn("secret 2", logs)
+        for secret in ("br4ze-7q", "k9-short", "adm1n-x"):
+            self.assertNotIn(secret, logs)
+        self.assertEqual(s.post([event()], token="br4ze-7q").status, 200)
+
     def test_another_client_is_served_while_one_is_throttled(self):
         s = self.service()
         self.fail_ten_times(s, "203.0.113.7")
