@@ -762,8 +762,12 @@ class TokenReloadedDuringARequest(ServiceTest):
         body = envelope(e)
         sock = socket.create_connection(("127.0.0.1", s.port), timeout=30 * SLOW)
         try:
+            # 100 Continue comes once the headers were checked: the reload comes after
             sock.sendall(("POST /currents HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
-                          "Content-Length: %d\r\n\r\n" % (TOKEN, len(body))).encode())
+                          "Expect: 100-continue\r\nContent-Length: %d\r\n\r\n"
+                          % (TOKEN, len(body))).encode())
+            interim = sock.recv(4096)
+            self.assertTrue(interim.startswith(b"HTTP/1.1 100 "), interim[:300])
             sock.sendall(body[:10])
             self.assertTrue(s.reload(config % "the-next-token"), s.logs())
             sock.sendall(body[10:])
