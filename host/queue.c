@@ -792,8 +792,8 @@ static int insert_claims(queue *q, struct queue_batch *b, size_t n, int64_t now)
 /* How many records of feed f have ids in (after, upto], or -1. Ids are given
  * out in order, one per record, so a range the writer gave out itself, with
  * none of its records deleted, holds one record per id; any other range (ids
- * from before the rings were last read, a requeue or an expiry) is counted in
- * the table, which reads every page of it. */
+ * from before the rings were last read, held records moved to another feed,
+ * expired ones) is counted in the table, which reads every page of it. */
 static int64_t stored_between(queue *q, enum feed f, int64_t after, int64_t upto)
 {
     const struct feed_ring *ring = &q->ring[f];
