@@ -263,6 +263,10 @@ struct op {
             struct mapping *m;
             struct commit_result *res;
             int dedup; /* 0 for requeue */
+            /* with dedup: the fingerprints of the records' event ids, then
+             * of the dead letters', made by the submitting thread so that
+             * the writer, which every request waits for, does not hash */
+            const struct dedup_fp *fps;
             const int64_t *dead_ids;
             size_t ndead_ids;
             /* OP_REQUEUE of records (queue_move): these, of feed from_feed */
@@ -493,17 +497,16 @@ static int insert_dead(queue *q, const struct dead_letter *d, int64_t now)
     return step_done(s);
 }
 
-/* 1 when the id is new (and now recorded in memory, and in the operation's
- * list for log_sightings), 0 when it was seen within the window, -1 on error. */
-static int first_sighting(queue *q, struct op *op, str id, int64_t now)
+/* 1 when the id of fingerprint fp is new (and now recorded in memory, and in
+ * the operation's list for log_sightings), 0 when it was seen within the
+ * window, -1 on error. */
+static int first_sighting(queue *q, struct op *op, const struct dedup_fp *fp, int64_t now)
 {
     if (now < q->dedup_clock)
         now = q->dedup_clock;
     else
         q->dedup_clock = now;
-    struct dedup_fp fp;
-    dedup_fingerprint(id.p ? id.p : "", id.n, &fp);
-    if (dedup_contains(q->seen, &fp, now))
+    if (dedup_contains(q->seen, fp, now))
         return 0;
     if (op->nadded == op->added_cap) {
         size_t cap = op->added_cap ? op->added_cap * 2 : 64;
@@ -513,9 +516,9 @@ static int first_sighting(queue *q, struct op *op, str id, int64_t now)
         op->added = a;
         op->added_cap = cap;
     }
-    if (dedup_add(q->seen, &fp, now) != 0)
+    if (dedup_add(q->seen, fp, now) != 0)
         return -1;
-    op->added[op->nadded++] = fp;
+    op->added[op->nadded++] = *fp;
     op->added_ms = now;
     return 1;
 }
@@ -571,11 +574,12 @@ static enum queue_status apply_commit(queue *q, struct op *op, int64_t now, int6
     struct mapping *m = op->u.commit.m;
     struct commit_result *res = op->u.commit.res;
     memset(res, 0, sizeof(*res));
+    const struct dedup_fp *fps = op->u.commit.fps;
     int check = op->u.commit.dedup && q->seen;
     for (size_t i = 0; i < m->nrecords; i++) {
         const struct record *r = &m->records[i];
         if (check) {
-            int first = first_sighting(q, op, r->event_id, now);
+            int first = first_sighting(q, op, &fps[i], now);
             if (first < 0)
                 return status_of(sqlite3_errcode(q->db));
             if (!first) {
@@ -608,7 +612,7 @@ static enum queue_status apply_commit(queue *q, struct op *op, int64_t now, int6
         struct dead_letter *d = &m->dead[i];
         d->stored = 0;
         if (check) {
-            int first = first_sighting(q, op, d->event_id, now);
+            int first = first_sighting(q, op, &fps[m->nrecords + i], now);
             if (first < 0)
                 return status_of(sqlite3_errcode(q->db));
             if (!first) {
@@ -2567,7 +2571,23 @@ enum queue_status queue_commit(queue *q, struct mapping *m, struct commit_result
     op.u.commit.m = m;
     op.u.commit.res = res;
     op.u.commit.dedup = 1;
-    return submit(q, &op);
+    struct dedup_fp *fps = NULL;
+    size_t n = m->nrecords + m->ndead;
+    if (q->seen && n > 0) {
+        fps = malloc(n * sizeof(*fps));
+        if (!fps) {
+            reset_commit(&op);
+            return QUEUE_ERROR;
+        }
+        for (size_t i = 0; i < n; i++) {
+            str id = i < m->nrecords ? m->records[i].event_id : m->dead[i - m->nrecords].event_id;
+            dedup_fingerprint(id.p ? id.p : "", id.n, &fps[i]);
+        }
+    }
+    op.u.commit.fps = fps;
+    enum queue_status st = submit(q, &op);
+    free(fps);
+    return st;
 }
 
 /* m stored without deduplication, in place of dead letters or of records of
