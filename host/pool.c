@@ -79,6 +79,13 @@ static void *take(pool *p, size_t c, size_t n)
         struct free_block *f = p->free[c];
         UNPOISON(f, sizeof *f);
         p->free[c] = f->next;
+        /* Free blocks were mostly freed by a collection long before they are
+         * taken again, so reading a block's link is a cache miss; fetching the
+         * next block now hides the miss from the next allocation of the class
+         * (`perf` in `make bench`: two thirds of this function's time waited
+         * on the link before). */
+        if (f->next)
+            __builtin_prefetch(f->next, 1);
         b = (unsigned char *)f;
     } else {
         if (p->left < size) {
