@@ -78,6 +78,7 @@ struct req {
     int admitted;      /* ingest_precheck: 1 by its headers, 2 only by a signature over
                           the body (counted against UNAUTHENTICATED_BODY_BUDGET) */
     int tracked;       /* counted in in_progress */
+    int close;         /* the answer closes the connection */
     size_t counted;
     struct timespec start;
     buf body;
@@ -111,7 +112,7 @@ static enum MHD_Result reply(struct MHD_Connection *c, struct req *r, int status
         snprintf(v, sizeof v, "%d", retry_after);
         MHD_add_response_header(resp, MHD_HTTP_HEADER_RETRY_AFTER, v);
     }
-    if (atomic_load(&closing_connections))
+    if (r->close || atomic_load(&closing_connections))
         MHD_add_response_header(resp, MHD_HTTP_HEADER_CONNECTION, "close");
     if (status == 405)
         MHD_add_response_header(resp, MHD_HTTP_HEADER_ALLOW,
@@ -387,6 +388,16 @@ static enum MHD_Result answer_admin_reload(struct MHD_Connection *c, struct req 
     return rc;
 }
 
+/* Content-Length and Transfer-Encoding together: a proxy in front that frames
+ * the body by one and this server by the other would see different requests
+ * on the connection (request smuggling). RFC 9112, 6.1, lets a server refuse
+ * such a request, and requires it to close the connection after answering. */
+static int ambiguous_framing(struct MHD_Connection *c)
+{
+    return MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_TRANSFER_ENCODING) &&
+           MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
+}
+
 /* Whether the request brings a body: HTTP/1.1 has one exactly when it says so
  * with Content-Length (above 0) or Transfer-Encoding. */
 static int has_body(struct MHD_Connection *c)
@@ -577,6 +588,19 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
                      (unsigned long long)(atomic_fetch_add(&request_seq, 1) & 0xffffff));
         r->route = route_of(url);
         client_address(c, r->client, sizeof r->client);
+        if (ambiguous_framing(c)) {
+            static _Atomic int64_t logged_ms;
+            if (log_due_shared(&logged_ms))
+                log_warn("request refused: Content-Length and Transfer-Encoding together; "
+                         "connection closed",
+                         LOG_S("client", r->client));
+            r->answered = 1;
+            r->close = 1;
+            return reply_json(c, r, 400,
+                              "{\"error\":\"Content-Length and Transfer-Encoding together: the "
+                              "body's length is ambiguous\"}",
+                              0);
+        }
         int post = r->route == R_CURRENTS || r->route == R_ADMIN_RELOAD;
         r->method_ok = post ? strcmp(method, MHD_HTTP_METHOD_POST) == 0
                             : (strcmp(method, MHD_HTTP_METHOD_GET) == 0 ||

@@ -724,6 +724,64 @@ class BodyBounds(ServiceTest):
             self.assertIn(" 413 ", line, size)
 
 
+
+class Framing(ServiceTest):
+    """Content-Length and Transfer-Encoding together can disagree: a proxy in
+    front that reads one and a server that reads the other see different
+    requests on one connection (request smuggling). RFC 9112, 6.1: refuse such
+    a request, and close the connection."""
+
+    HEAD = ("POST /currents HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+            "Content-Length: %d\r\nTransfer-Encoding: %s\r\n\r\n")
+
+    def test_a_request_with_both_framings_is_400_and_its_connection_closed(self):
+        s = self.service()
+        for te in ("chunked", "Chunked", "gzip, chunked"):
+            sock = socket.create_connection(("127.0.0.1", s.port), timeout=10 * SLOW)
+            try:
+                reply = probe(sock, (self.HEAD % (TOKEN, 100, te)).encode(), timeout=10)
+                self.assertTrue(reply and reply.startswith(b"HTTP/1.1 400 "), (te, reply))
+                self.assertIn(b"Connection: close", reply, te)
+                self.assertIn(b"Content-Length and Transfer-Encoding", reply, te)
+                self.assertEqual(probe(sock, b"", timeout=10), b"", te)  # closed
+            finally:
+                sock.close()
+        self.assertEqual(s.metrics()['tributary_http_requests_total{code="400"}'], 3)
+        self.assertIn("Content-Length and Transfer-Encoding together", s.logs())
+
+    def test_a_request_hidden_behind_both_framings_is_not_served(self):
+        # a chunked body of an envelope, then bytes that a server reading the
+        # chunks would take for a second request on the same connection
+        s = self.service()
+        body, hidden = envelope(event()), envelope(event())
+        chunked = b"%x\r\n" % len(body) + body + b"\r\n0\r\n\r\n"
+        second = (b"POST /currents HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                  + TOKEN.encode() + b"\r\nContent-Length: %d\r\n\r\n" % len(hidden) + hidden)
+        sock = socket.create_connection(("127.0.0.1", s.port), timeout=10 * SLOW)
+        try:
+            sock.sendall((self.HEAD % (TOKEN, len(chunked), "chunked")).encode() + chunked + second)
+            replies = b""
+            while True:
+                more = probe(sock, b"", timeout=10)
+                if not more:  # closed, or reset for the bytes it left unread
+                    break
+                replies += more
+        finally:
+            sock.close()
+        self.assertNotIn(b"HTTP/1.1 200 ", replies)
+        self.assertEqual(s.queued_ids(), [])
+
+    def test_other_paths_refuse_both_framings_too(self):
+        s = self.service()
+        sock = socket.create_connection(("127.0.0.1", s.port), timeout=10 * SLOW)
+        try:
+            reply = probe(sock, b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n"
+                                b"Transfer-Encoding: chunked\r\n\r\n", timeout=10)
+            self.assertTrue(reply and reply.startswith(b"HTTP/1.1 400 "), reply)
+        finally:
+            sock.close()
+
+
 class Encodings(ServiceTest):
     def test_a_compressed_body_is_415_which_braze_retries_and_nothing_is_stored(self):
         s = self.service()
