@@ -71,7 +71,7 @@ enum route { R_NONE, R_CURRENTS, R_HEALTHZ, R_READYZ, R_METRICS, R_ADMIN_RELOAD 
 struct req {
     enum route route;
     int method_ok;
-    int answered; /* a response was queued early (401, 404, 405, 413, 415, 429, 503) */
+    int answered; /* a response was queued early (400, 401, 404, 405, 413, 415, 429, 501, 503) */
     int too_large;
     int no_memory;     /* the body could not be kept: our trouble, 503 */
     int unwanted_body; /* a body came for a route that takes none (never stored) */
@@ -388,14 +388,70 @@ static enum MHD_Result answer_admin_reload(struct MHD_Connection *c, struct req 
     return rc;
 }
 
-/* Content-Length and Transfer-Encoding together: a proxy in front that frames
- * the body by one and this server by the other would see different requests
- * on the connection (request smuggling). RFC 9112, 6.1, lets a server refuse
- * such a request, and requires it to close the connection after answering. */
-static int ambiguous_framing(struct MHD_Connection *c)
+/* What the headers say of the body's length (see framing_problem). */
+struct framing {
+    int te_lines;   /* Transfer-Encoding header lines */
+    int te_other;   /* one of them is not exactly "chunked" */
+    int cl_lines;   /* Content-Length header lines */
+    int cl_differ;  /* one holds a list, or differs from the first */
+    const char *cl; /* the first Content-Length, without its surrounding blanks */
+    size_t cl_n;
+};
+
+/* s without the spaces and tabs around it: its start, its length in *n. */
+static const char *trim_blanks(const char *s, size_t *n)
 {
-    return MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_TRANSFER_ENCODING) &&
-           MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
+    s += strspn(s, " \t");
+    size_t k = strlen(s);
+    while (k && (s[k - 1] == ' ' || s[k - 1] == '\t'))
+        k--;
+    *n = k;
+    return s;
+}
+
+static enum MHD_Result note_framing(void *cls, enum MHD_ValueKind kind, const char *key,
+                                    const char *value)
+{
+    (void)kind;
+    struct framing *f = cls;
+    if (!key || !value)
+        return MHD_YES;
+    size_t n;
+    const char *v = trim_blanks(value, &n);
+    if (strcasecmp(key, MHD_HTTP_HEADER_TRANSFER_ENCODING) == 0) {
+        f->te_lines++;
+        f->te_other |= !(n == 7 && strncasecmp(v, "chunked", 7) == 0);
+    } else if (strcasecmp(key, MHD_HTTP_HEADER_CONTENT_LENGTH) == 0) {
+        if (f->cl_lines++ == 0) {
+            f->cl = v;
+            f->cl_n = n;
+        }
+        f->cl_differ |= memchr(v, ',', n) != NULL || n != f->cl_n || memcmp(v, f->cl, n) != 0;
+    }
+    return MHD_YES;
+}
+
+/* A body's length must be plain to see: where a proxy in front frames it by
+ * one header and this server by another, the two see different requests on
+ * the connection (request smuggling). So, as RFC 9112 lets a server do (6.1,
+ * 6.3), a request is refused, and its connection closed, when it has both
+ * Content-Length and Transfer-Encoding (400), Content-Length values that differ
+ * or a list of them (400), or a transfer coding other than chunked alone, which
+ * libmicrohttpd cannot read (501; it would read to the end of the connection).
+ * Returns the reason and sets *status, or NULL. */
+static const char *framing_problem(struct MHD_Connection *c, int *status)
+{
+    struct framing f = {0};
+    MHD_get_connection_values(c, MHD_HEADER_KIND, note_framing, &f);
+    *status = 400;
+    if (f.te_lines && f.cl_lines)
+        return "Content-Length and Transfer-Encoding together: the body's length is ambiguous";
+    if (f.cl_differ)
+        return "Content-Length values that differ: the body's length is ambiguous";
+    *status = 501;
+    if (f.te_lines > 1 || f.te_other)
+        return "a Transfer-Encoding other than chunked is not supported";
+    return NULL;
 }
 
 /* Whether the request brings a body: HTTP/1.1 has one exactly when it says so
@@ -588,18 +644,21 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
                      (unsigned long long)(atomic_fetch_add(&request_seq, 1) & 0xffffff));
         r->route = route_of(url);
         client_address(c, r->client, sizeof r->client);
-        if (ambiguous_framing(c)) {
+        int status;
+        const char *why = framing_problem(c, &status);
+        if (why) {
             static _Atomic int64_t logged_ms;
+            log_set_request(r->id);
             if (log_due_shared(&logged_ms))
-                log_warn("request refused: Content-Length and Transfer-Encoding together; "
-                         "connection closed",
-                         LOG_S("client", r->client));
+                log_warn("request refused, connection closed",
+                         LOG_S("reason", why) LOG_S("client", r->client));
             r->answered = 1;
             r->close = 1;
-            return reply_json(c, r, 400,
-                              "{\"error\":\"Content-Length and Transfer-Encoding together: the "
-                              "body's length is ambiguous\"}",
-                              0);
+            char msg[160];
+            snprintf(msg, sizeof msg, "{\"error\":\"%s\"}", why);
+            enum MHD_Result rc = reply_json(c, r, status, msg, 0);
+            log_set_request(NULL);
+            return rc;
         }
         int post = r->route == R_CURRENTS || r->route == R_ADMIN_RELOAD;
         r->method_ok = post ? strcmp(method, MHD_HTTP_METHOD_POST) == 0
