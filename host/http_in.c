@@ -159,13 +159,22 @@ static enum MHD_Result refuse_too_large(const http_in *h, struct MHD_Connection 
     return reply_json(c, r, 413, msg, 0);
 }
 
+/* s without the spaces and tabs around it: its start, its length in *n. */
+static const char *trim_blanks(const char *s, size_t *n)
+{
+    s += strspn(s, " \t");
+    size_t k = strlen(s);
+    while (k && (s[k - 1] == ' ' || s[k - 1] == '\t'))
+        k--;
+    *n = k;
+    return s;
+}
+
 /* Content-Encoding: only none or `identity` is read. */
 static int identity_encoding(const char *v)
 {
-    v += strspn(v, " \t");
-    size_t n = strlen(v);
-    while (n && (v[n - 1] == ' ' || v[n - 1] == '\t'))
-        n--;
+    size_t n;
+    v = trim_blanks(v, &n);
     return n == 0 || (n == 8 && strncasecmp(v, "identity", 8) == 0);
 }
 
@@ -397,17 +406,6 @@ struct framing {
     const char *cl; /* the first Content-Length, without its surrounding blanks */
     size_t cl_n;
 };
-
-/* s without the spaces and tabs around it: its start, its length in *n. */
-static const char *trim_blanks(const char *s, size_t *n)
-{
-    s += strspn(s, " \t");
-    size_t k = strlen(s);
-    while (k && (s[k - 1] == ' ' || s[k - 1] == '\t'))
-        k--;
-    *n = k;
-    return s;
-}
 
 static enum MHD_Result note_framing(void *cls, enum MHD_ValueKind kind, const char *key,
                                     const char *value)
