@@ -190,15 +190,30 @@ struct errs {
     int count;
 };
 
+/* Appends a line to b, after those it holds. */
+static void add_linev(buf *b, const char *fmt, va_list ap)
+{
+    if (b->len)
+        (void)!buf_addc(b, '\n');
+    (void)!buf_vprintf(b, fmt, ap);
+}
+
 static void PRINTF(2, 3) errs_add(struct errs *e, const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
-    if (e->b.len)
-        (void)!buf_addc(&e->b, '\n');
-    (void)!buf_vprintf(&e->b, fmt, ap);
+    add_linev(&e->b, fmt, ap);
     va_end(ap);
     e->count++;
+}
+
+/* Adds a line to the warnings said at start. */
+static void PRINTF(2, 3) warn_add(buf *warnings, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    add_linev(warnings, fmt, ap);
+    va_end(ap);
 }
 
 /* Where the first assignment to `name` ("name =" or ["name"] =) at or after
@@ -701,12 +716,8 @@ static void load_env(struct config *c, struct errs *e, buf *warnings)
             known = strncmp(name, *env, len) == 0 &&
                     (n == len || (n == len + 5 && strncmp(*env + len, "_FILE", 5) == 0));
         }
-        if (!known) {
-            if (warnings->len)
-                (void)!buf_addc(warnings, '\n');
-            (void)!buf_printf(warnings, "unknown environment variable %.*s is ignored", (int)n,
-                              *env);
-        }
+        if (!known)
+            warn_add(warnings, "unknown environment variable %.*s is ignored", (int)n, *env);
     }
 }
 
@@ -1020,14 +1031,11 @@ static void warn_short(buf *warnings, const char *key, const char *what, char *c
 {
     for (size_t i = 0; i < n; i++) {
         size_t len = strlen(items[i]);
-        if (len >= SHORT_SECRET_CHARS)
-            continue;
-        if (warnings->len)
-            (void)!buf_addc(warnings, '\n');
-        (void)!buf_printf(warnings,
-                          "%s: %s %zu has %zu characters; one that short can be guessed (use "
-                          "openssl rand -base64 32)",
-                          key, what, i + 1, len);
+        if (len < SHORT_SECRET_CHARS)
+            warn_add(warnings,
+                     "%s: %s %zu has %zu characters; one that short can be guessed (use openssl "
+                     "rand -base64 32)",
+                     key, what, i + 1, len);
     }
 }
 
