@@ -260,6 +260,8 @@ struct rules {
     struct sandbox_limits limits;
     size_t memory_cap; /* state memory between requests before a rebuild: what the
                           top levels left, plus rules.memory_mb */
+    size_t ceiling;    /* what the state may hold while the events of a request run
+                          (see begin_events) */
     int testing;       /* running rule tests: tributary.count counts nothing */
     int uncounted;     /* nor for events mapped again (rules_uncounted) */
     buf scratch;
@@ -852,6 +854,29 @@ static const char *file_base(const char *path)
     return s ? s + 1 : path;
 }
 
+/* Before the events of a request (their input decoded): memory that rules
+ * keep from one event to the next (in a global or an upvalue) counts towards
+ * the event that allocated it, and all the events of the request together may
+ * not leave the state more than rules.memory_mb larger than this. */
+static void begin_events(rules *r)
+{
+    r->ceiling = sandbox_used(r->sb) + r->limits.memory_bytes;
+}
+
+/* What the rules of an event that began with the state at `base` bytes may
+ * still add to it: rules.memory_mb for the event, within the request's
+ * ceiling (*by_ceiling says whether that is the bound). At least 1: a limit of
+ * 0 would mean none. */
+static size_t memory_left(const rules *r, size_t base, int *by_ceiling)
+{
+    size_t used = sandbox_used(r->sb);
+    size_t held = used > base ? used - base : 0;
+    size_t left = held < r->limits.memory_bytes ? r->limits.memory_bytes - held : 1;
+    size_t room = r->ceiling > used ? r->ceiling - used : 1;
+    *by_ceiling = room < left;
+    return *by_ceiling ? room : left;
+}
+
 /* [-0, +1] Runs files 0..upto on the event at evi. Pushes the final out (or nil). */
 static void run_chain(rules *r, lua_State *L, int evi, size_t upto, struct chain_result *res)
 {
@@ -862,6 +887,8 @@ static void run_chain(rules *r, lua_State *L, int evi, size_t upto, struct chain
     /* one instruction and one memory budget for the event, shared by all its rules */
     struct sandbox_limits lim = r->limits;
     size_t base = sandbox_used(r->sb);
+    int by_ceiling;
+    lim.memory_bytes = memory_left(r, base, &by_ceiling);
     for (size_t k = 0; k <= upto && k < r->n; k++) {
         const char *fname = r->rs->files[k].name;
         lua_rawgeti(L, LUA_REGISTRYINDEX, r->process_refs[k]);
@@ -872,8 +899,12 @@ static void run_chain(rules *r, lua_State *L, int evi, size_t upto, struct chain
         lim.instructions -= sandbox_steps(r->sb);
         if (lim.instructions < 1)
             lim.instructions = 1;
-        size_t held = sandbox_used(r->sb) > base ? sandbox_used(r->sb) - base : 0;
-        lim.memory_bytes = held < r->limits.memory_bytes ? r->limits.memory_bytes - held : 1;
+        if (rc == SANDBOX_LIMIT && by_ceiling && strncmp(serr.msg, "memory", 6) == 0)
+            str_printf(serr.msg, sizeof serr.msg,
+                       "memory limit exceeded: the rules keep from the request's earlier events "
+                       "(in globals or upvalues) all but %zu bytes of rules.memory_mb",
+                       lim.memory_bytes);
+        lim.memory_bytes = memory_left(r, base, &by_ceiling);
         if (rc != SANDBOX_OK) {
             res->kind = CHAIN_DEAD;
             res->dead_reason = rc == SANDBOX_LIMIT ? DEAD_RULE_LIMIT : DEAD_RULE_ERROR;
@@ -1822,6 +1853,7 @@ int rules_map(rules *r, const char *body, size_t len, enum input_shape shape, st
             return input_fail(e, 400, (long)(i - 1), "%s", why);
         }
     }
+    begin_events(r);
     size_t nrec = m->nrecords, ndead = m->ndead, nout = m->noutcomes;
     size_t dropped[DROP_REASON_COUNT];
     memcpy(dropped, m->dropped, sizeof dropped);
@@ -1967,6 +1999,7 @@ static int run_test(rules *r, lua_State *L, size_t k, int ti, long index, buf *r
     }
     int evi = lua_gettop(L);
     struct chain_result res;
+    begin_events(r);
     run_chain(r, L, evi, k, &res);
     int outi = lua_gettop(L);
     int xt = rawfield(L, ti, "expect");

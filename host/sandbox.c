@@ -18,15 +18,20 @@
 /* Pattern matching runs in C where the hook cannot interrupt it. A Lua pattern
  * with q backtracking quantifiers can cost about n^q steps on an n-byte subject
  * (times n more when it may start anywhere), so calls whose bound exceeds
- * PATTERN_COST_MAX are refused. */
+ * PATTERN_COST_MAX are refused: at a few nanoseconds a step, a call that is
+ * let through ends within about the time limit of the default budget. */
 #define PATTERN_MAX_LEN 512
-#define PATTERN_COST_MAX 1e9
+#define PATTERN_COST_MAX 1e8
+
+/* os.date works through its format in C, one conversion at a time. */
+#define DATE_FORMAT_MAX 256
 
 /* C loops the hook cannot interrupt are bounded: string.rep of empty strings,
  * table.move over a range. */
 #define TABLE_MOVE_MAX 10000000
 
-/* The library functions do their work in C, where the count hook cannot see
+/* The library functions (string, table, math, utf8, os, tonumber, and the
+ * arithmetic on strings) do their work in C, where the count hook cannot see
  * it: each call is timed and pays for its time afterwards, as instructions of
  * the same time. What an instruction takes is measured once per process
  * (calibrate): so the charge follows the machine, and a run under valgrind,
@@ -34,7 +39,7 @@
  * loop that calls library functions then runs out of budget as a loop of Lua
  * instructions would; what one call may do is bounded beforehand (patterns
  * and plain searches by PATTERN_COST_MAX, table.move by TABLE_MOVE_MAX,
- * everything by the memory limit). */
+ * os.date's format by DATE_FORMAT_MAX, everything by the memory limit). */
 #define CALIBRATION_LOOPS 50000
 
 /* What a call is charged is its wall-clock time: the thread's own CPU time
@@ -47,14 +52,15 @@
 #define TIMED_CALL_SHARE 8
 
 /* Some VM instructions cost what their operands hold: comparing or joining
- * two long strings is one instruction, and so is a call to a C function
- * outside the timed libraries. So a call also has a time limit: what its
- * instructions take at the measured speed, DEADLINE_FACTOR times over, plus
- * DEADLINE_SLACK_NS for a thread the host deschedules. The count hook reads
- * the clock every DEADLINE_EVERY_HOOKS times it fires. */
+ * two long strings is one instruction. So a call also has a time limit: what
+ * its instructions take at the measured speed, DEADLINE_FACTOR times over,
+ * plus DEADLINE_SLACK_NS for a thread the host deschedules. The count hook
+ * reads the clock each time it fires (a vDSO read, some 20 ns per HOOK_STEP
+ * instructions), and so does every allocation of LARGE_ALLOC bytes or more:
+ * the instructions that cost the most build long strings. */
 #define DEADLINE_FACTOR 10
 #define DEADLINE_SLACK_NS (250 * 1000 * 1000LL)
-#define DEADLINE_EVERY_HOOKS 4
+#define LARGE_ALLOC (64 * 1024)
 
 /* print() from scripts goes to the log, at most this many lines per second. */
 #define PRINT_LINES_PER_SECOND 20
@@ -68,8 +74,8 @@ struct sandbox {
     size_t limit; /* SIZE_MAX outside sandbox_call */
     int64_t steps;
     int64_t budget;
-    int64_t deadline_ns; /* clock_mono_ns the call must end by (INT64_MAX: none) */
-    unsigned hooks;      /* times the count hook fired in the call */
+    int64_t deadline_ns; /* clock_mono_ns the call must end by (INT64_MAX: none, or
+                            outside a call) */
     int cpu_timed;       /* library calls timed by the thread's CPU time (see TIMED_CALL_SHARE) */
     enum trip tripped;
     int damaged;
@@ -84,6 +90,20 @@ static sandbox *from_lua(lua_State *L)
 
 /* ---- limits ------------------------------------------------------------- */
 
+static void sb_hook(lua_State *L, lua_Debug *ar);
+
+/* Trips the time limit once the call's deadline has passed (outside a call
+ * there is none); from then on every instruction raises. Returns whether a
+ * limit has tripped. */
+static int past_deadline(sandbox *sb)
+{
+    if (sb->tripped == TRIP_NONE && clock_mono_ns() > sb->deadline_ns) {
+        sb->tripped = TRIP_TIME;
+        lua_sethook(sb->L, sb_hook, LUA_MASKCOUNT, 1);
+    }
+    return sb->tripped != TRIP_NONE;
+}
+
 static void *sb_alloc(void *ud, void *ptr, size_t osize, size_t nsize)
 {
     sandbox *sb = ud;
@@ -97,6 +117,8 @@ static void *sb_alloc(void *ud, void *ptr, size_t osize, size_t nsize)
     if (nsize > osize && (nsize - osize > sb->limit || sb->used > sb->limit - (nsize - osize)))
         return NULL; /* Lua collects and asks again; a second no is a memory error
                         (see trip_on_memory_error) */
+    if (nsize >= LARGE_ALLOC && nsize > osize && past_deadline(sb))
+        return NULL;
     void *p = pool_resize(sb->pool, ptr, osize, nsize);
     if (!p)
         return NULL;
@@ -111,8 +133,7 @@ static void sb_hook(lua_State *L, lua_Debug *ar)
     sb->steps += HOOK_STEP;
     if (sb->tripped == TRIP_NONE && sb->steps > sb->budget)
         sb->tripped = TRIP_INSTRUCTIONS;
-    if (sb->tripped == TRIP_NONE && ++sb->hooks % DEADLINE_EVERY_HOOKS == 0 &&
-        clock_mono_ns() > sb->deadline_ns)
+    if (sb->tripped == TRIP_NONE && clock_mono_ns() > sb->deadline_ns)
         sb->tripped = TRIP_TIME;
     if (sb->tripped != TRIP_NONE) {
         /* From now on every instruction raises: handlers cannot keep running. */
@@ -496,13 +517,8 @@ static int sb_plain_length(lua_State *L)
  * going for minutes. */
 static int sort_compare(lua_State *L)
 {
-    sandbox *sb = from_lua(L);
-    if (clock_mono_ns() > sb->deadline_ns) {
-        if (sb->tripped == TRIP_NONE)
-            sb->tripped = TRIP_TIME;
-        lua_sethook(L, sb_hook, LUA_MASKCOUNT, 1);
+    if (past_deadline(from_lua(L)))
         return luaL_error(L, "time limit exceeded");
-    }
     if (lua_isnil(L, lua_upvalueindex(1))) {
         lua_pushboolean(L, lua_compare(L, 1, 2, LUA_OPLT));
         return 1;
@@ -525,6 +541,17 @@ static int sb_sort(lua_State *L)
     lua_settop(L, 2);
     lua_pushcclosure(L, sort_compare, 1);
     return call_original(L, 0);
+}
+
+/* os.date: a format longer than DATE_FORMAT_MAX is refused. */
+static int sb_date(lua_State *L)
+{
+    size_t n = 0;
+    if (lua_type(L, 1) == LUA_TSTRING)
+        (void)lua_tolstring(L, 1, &n);
+    if (n > DATE_FORMAT_MAX)
+        return luaL_error(L, "os.date: a format of more than %d bytes", DATE_FORMAT_MAX);
+    return call_original(L, 1);
 }
 
 /* [-0, +0] Replaces lib[name] (lib on top) by a C closure over the original. */
@@ -669,6 +696,8 @@ static int build_env(lua_State *L)
     lua_pushcfunction(L, sb_print);
     lua_setfield(L, -2, "print");
     wrap(L, "setmetatable", sb_setmetatable);
+    /* converting text of any length to a number */
+    wrap(L, "tonumber", timed);
 
     /* string: without dump, with guarded pattern functions, reachable from
      * string values only through a read-only view. The library's metatable for
@@ -695,6 +724,7 @@ static int build_env(lua_State *L)
     lua_setfield(L, -2, "__metatable");
     for (size_t i = 0; i < sizeof STRING_ARITH / sizeof *STRING_ARITH; i++) {
         lua_getfield(L, lib_mt, STRING_ARITH[i]);
+        lua_pushcclosure(L, timed, 1); /* they convert text of any length */
         lua_setfield(L, -2, STRING_ARITH[i]);
     }
     lua_setmetatable(L, -2);
@@ -722,6 +752,8 @@ static int build_env(lua_State *L)
     static const char *const os_names[] = {"time", "date", "clock", NULL};
     static const char *const os_env_names[] = {"time", "date", "clock", "getenv", NULL};
     copy_lib(L, LUA_OSLIBNAME, (flags & SANDBOX_GETENV) ? os_env_names : os_names, NULL);
+    wrap(L, "date", sb_date);
+    time_lib(L);
     sandbox_readonly(L);
     lua_setfield(L, -2, "os");
 
@@ -736,6 +768,7 @@ sandbox *sandbox_new(int flags)
     if (!sb)
         return NULL;
     sb->limit = SIZE_MAX;
+    sb->deadline_ns = INT64_MAX;
     sb->base_ref = LUA_NOREF;
     sb->pool = pool_new();
     sb->L = sb->pool ? lua_newstate(sb_alloc, sb) : NULL;
@@ -811,7 +844,6 @@ enum sandbox_rc sandbox_call(sandbox *sb, int nargs, int nresults, const struct 
 
     sb->tripped = TRIP_NONE;
     sb->steps = 0;
-    sb->hooks = 0;
     sb->cpu_timed = 0;
     sb->budget = lim && lim->instructions > 0 ? lim->instructions : INT64_MAX;
     double allowed = (double)sb->budget * ns_per_instruction * DEADLINE_FACTOR + DEADLINE_SLACK_NS;
@@ -828,6 +860,8 @@ enum sandbox_rc sandbox_call(sandbox *sb, int nargs, int nresults, const struct 
 
     lua_sethook(L, NULL, 0, 0);
     sb->limit = SIZE_MAX;
+    int64_t deadline = sb->deadline_ns;
+    sb->deadline_ns = INT64_MAX;
     enum trip tripped = sb->tripped;
     sb->tripped = TRIP_NONE;
 
@@ -852,7 +886,7 @@ enum sandbox_rc sandbox_call(sandbox *sb, int nargs, int nresults, const struct 
             str_printf(err->msg, sizeof err->msg,
                        "time limit exceeded: ran for more than %lld ms, %d times what %lld "
                        "instructions take (long strings compared or joined, or library calls)",
-                       (long long)((sb->deadline_ns - started) / 1000000), DEADLINE_FACTOR,
+                       (long long)((deadline - started) / 1000000), DEADLINE_FACTOR,
                        (long long)(lim ? lim->instructions : 0));
         else
             str_printf(err->msg, sizeof err->msg, "instruction limit exceeded (%lld instructions)",

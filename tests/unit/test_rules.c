@@ -1595,24 +1595,35 @@ START_TEST(test_two_files_using_60_percent_each_for_one_event_exceed_the_memory_
 }
 END_TEST
 
-START_TEST(test_memory_kept_from_an_earlier_event_counts_towards_that_event_only)
+/* Memory a rule keeps from one event to the next counts towards the event that
+ * allocated it, and all the events of a request together may keep no more than
+ * rules.memory_mb: the state grew by that much per event, without a bound
+ * over a request of thousands. */
+START_TEST(test_memory_kept_from_earlier_events_is_bounded_per_request)
 {
     ck_assert_int_eq(setenv("TRIBUTARY_RULES_MEMORY_MB", "1", 1), 0);
     ck_assert_int_eq(setenv("TRIBUTARY_RULES_INSTRUCTIONS", "100000000", 1), 0);
-    /* each event keeps 60% of rules.memory_mb in a global (README, Limits) */
+    /* each event keeps 40% of rules.memory_mb in a global (README, Limits) */
     rule("10-hoard.lua",
          "kept = {}\n"
          "return function(event, out)\n"
          "  local keep = {}\n"
-         "  for i = 1, 60 do keep[i] = string.rep(\"k\", 10485) end\n"
+         "  for i = 1, 40 do keep[i] = string.rep(\"k\", 10485) end\n"
          "  kept[#kept + 1] = keep\n"
          "  return {feed = \"unbound\", batch = {},\n"
          "          event = {event_type = \"uninstall\", data = {}, id = event.id}}\n"
          "end\n");
     build();
-    ck_assert_int_eq(map(ENVELOPE(EV("k-1") "," EV("k-2")), INPUT_ENVELOPE), 0);
-    ck_assert_uint_eq(F.m.ndead, 0);
+    ck_assert_int_eq(
+        map(ENVELOPE(EV("k-1") "," EV("k-2") "," EV("k-3") "," EV("k-4")), INPUT_ENVELOPE), 0);
     ck_assert_uint_eq(F.m.nrecords, 2);
+    ck_assert_uint_eq(F.m.ndead, 2);
+    for (size_t i = 0; i < F.m.ndead; i++) {
+        ck_assert_str_eq(F.m.dead[i].reason, DEAD_RULE_LIMIT);
+        ck_assert_msg(contains(F.m.dead[i].detail.p, "from the request's earlier events"), "%s",
+                      F.m.dead[i].detail.p);
+    }
+    ck_assert_ptr_nonnull(rules_needs_rebuild(F.r));
 }
 END_TEST
 
@@ -1651,6 +1662,70 @@ START_TEST(test_a_rule_comparing_long_strings_in_a_loop_meets_the_time_limit)
                                        "  while true do if a < b then n = n + 1 end end\n"
                                        "end\n");
     ck_assert_msg(contains(detail, "50-compare.lua"), "detail: %s", detail);
+}
+END_TEST
+
+/* Converting text to a number works through the text in C: each conversion
+ * pays for its time, so that a loop of them on megabytes of digits runs out of
+ * instructions at once instead of running on to the time limit and past it
+ * (the clock is read between instructions). The same for arithmetic on such
+ * text, which converts it. */
+#define LONG_DIGITS "local digits = string.rep('7', 4 * 1024 * 1024)\n"
+
+START_TEST(test_tonumber_on_long_text_pays_for_its_time)
+{
+    rule("50-tonumber.lua", LONG_DIGITS "return function(event, out)\n"
+                                        "  while true do local x = tonumber(digits) end\n"
+                                        "end\n");
+    struct bounded res;
+    const char *detail = one_event_hits_a_limit(60000, &res);
+    ck_assert_msg(contains(detail, "instruction limit exceeded"), "detail: %s", detail);
+}
+END_TEST
+
+START_TEST(test_arithmetic_on_long_text_pays_for_its_time)
+{
+    rule("50-arith.lua", LONG_DIGITS "return function(event, out)\n"
+                                     "  while true do local x = digits + 0 end\n"
+                                     "end\n");
+    struct bounded res;
+    const char *detail = one_event_hits_a_limit(60000, &res);
+    ck_assert_msg(contains(detail, "instruction limit exceeded"), "detail: %s", detail);
+}
+END_TEST
+
+START_TEST(test_os_date_refuses_a_long_format)
+{
+    rule("50-date.lua", "return function(event, out)\n"
+                        "  return false, os.date(string.rep('%Y', 200000), 0)\n"
+                        "end\n");
+    struct bounded res;
+    const char *detail = one_event_dead_within(60000, DEAD_RULE_ERROR, &res);
+    ck_assert_msg(contains(detail, "os.date: a format of more than 256 bytes"), "detail: %s",
+                  detail);
+}
+END_TEST
+
+/* Joining two 16 MiB strings takes milliseconds in one instruction: between
+ * two readings of the clock by the count hook, a loop of them ran for seconds
+ * past the time limit. An allocation that large reads the clock itself. */
+START_TEST(test_building_long_strings_in_a_loop_stops_soon_after_the_time_limit)
+{
+    const char *detail = one_event_meets_the_time_limit(
+        "50-join.lua", "local a = string.rep('a', 16 * 1024 * 1024)\n"
+                       "return function(event, out)\n"
+                       "  while true do local x = a .. a end\n"
+                       "end\n");
+    const char *p = strstr(detail, "ran for more than ");
+    ck_assert_ptr_nonnull(p);
+    long limit_ms = strtol(p + strlen("ran for more than "), NULL, 10);
+    ck_assert_int_gt(limit_ms, 0);
+    struct bounded res;
+    map_bounded(ENVELOPE(EV("l-2")), 60000, &res);
+    ck_assert(res.finished);
+    ck_assert_uint_eq(res.ndead, 1);
+    ck_assert_msg(res.ms < limit_ms + 500 + limit_ms / 2, "took %ld ms, limit %ld ms", res.ms,
+                  limit_ms);
 }
 END_TEST
 
@@ -1911,6 +1986,9 @@ START_TEST(test_pattern_check_refuses_many_quantifiers_on_long_subjects)
     char err[200] = "";
     ck_assert_int_eq(sandbox_pattern_check("a*a*a*a*b", 9, 20000, 0, err, sizeof err), -1);
     ck_assert_msg(contains(err, "too complex"), "err: %s", err);
+    /* two lazy quantifiers, unanchored, on 999 bytes: some 10^9 steps, seconds */
+    ck_assert_int_eq(sandbox_pattern_check("a-a-b", 5, 999, 0, err, sizeof err), -1);
+    ck_assert_int_eq(sandbox_pattern_check("a-a-b", 5, 200, 0, err, sizeof err), 0);
 }
 END_TEST
 
@@ -2207,7 +2285,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_growing_table_hits_the_memory_limit);
     tcase_add_test(tc, test_one_file_using_60_percent_of_the_memory_limit_is_within_it);
     tcase_add_test(tc, test_two_files_using_60_percent_each_for_one_event_exceed_the_memory_limit);
-    tcase_add_test(tc, test_memory_kept_from_an_earlier_event_counts_towards_that_event_only);
+    tcase_add_test(tc, test_memory_kept_from_earlier_events_is_bounded_per_request);
     tcase_add_test(tc, test_top_level_infinite_loop_fails_rules_new_naming_the_file);
     tcase_add_test(tc, test_syntax_error_fails_rules_new_with_file_and_line);
     tcase_add_test(tc,
@@ -2244,6 +2322,10 @@ static Suite *suite(void)
     tcase_add_test(tc, test_a_plain_search_too_large_for_one_call_is_refused);
     tcase_add_test(tc, test_one_slow_library_call_pays_at_most_an_eighth_of_the_budget);
     tcase_add_test(tc, test_a_rule_comparing_long_strings_in_a_loop_meets_the_time_limit);
+    tcase_add_test(tc, test_tonumber_on_long_text_pays_for_its_time);
+    tcase_add_test(tc, test_arithmetic_on_long_text_pays_for_its_time);
+    tcase_add_test(tc, test_os_date_refuses_a_long_format);
+    tcase_add_test(tc, test_building_long_strings_in_a_loop_stops_soon_after_the_time_limit);
     tcase_add_test(tc, test_top_level_code_comparing_long_strings_meets_the_time_limit);
     tcase_add_test(tc, test_a_second_slow_library_call_pays_its_cpu_time_in_full);
     tcase_add_test(tc, test_table_insert_refuses_a_table_with_a_len_metamethod);
