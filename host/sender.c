@@ -51,6 +51,9 @@
 #define REQUEST_TIMEOUT_MS 60000
 /* A rate-limit usage at or above this makes the feed slow down. */
 #define RATE_USAGE_HIGH 90
+/* A batch in this many failed requests is sent alone from then on (see
+ * back_off). */
+#define ISOLATE_AFTER_FAILURES 3
 
 /* A persisted batch, waiting or in flight. */
 struct pbatch {
@@ -63,8 +66,14 @@ struct pbatch {
     int64_t oldest_ms;
     char *body;
     size_t len;
-    int limit; /* most batches it may share a request with (halved on 400/413) */
+    int limit; /* most batches it may share a request with (halved on 400/413; 1 once it
+                  failed ISOLATE_AFTER_FAILURES times) */
     int in_flight;
+    /* requests with it that failed (a 5xx, no answer, an unexpected answer),
+     * and the last of those: its status (0: no answer) and error */
+    int failures;
+    int last_status;
+    const char *last_error; /* static text */
     /* its events' timestamp_unixtime_ms: the smallest and largest (-1: none
      * has one), and how many have none; they choose the endpoint (see class_of) */
     int64_t ev_min_ms, ev_max_ms;
@@ -411,6 +420,9 @@ static int split_in_two(struct sender *s, struct feed_state *f, struct pbatch *b
         if (!parts[i] || build_body(s, parts[i], items, from[i], count[i]) != 0)
             goto fail;
         parts[i]->limit = b->limit;
+        parts[i]->failures = b->failures;
+        parts[i]->last_status = b->last_status;
+        parts[i]->last_error = b->last_error;
         qb[i].feed = f->feed;
         str_copy(qb[i].source_request_id, sizeof qb[i].source_request_id, parts[i]->srid);
         qb[i].record_ids = parts[i]->record_ids;
@@ -765,7 +777,19 @@ static void expire_batches(struct sender *s, struct feed_state *f)
         b = expired_part(s, f, b, cutoff); /* next stays in the list */
         if (!b)
             continue;
-        if (dead_batch(s, f, b, DEAD_MAX_AGE, "not delivered within retry.max_age_s") != 0)
+        char detail[256] = "not delivered within retry.max_age_s";
+        if (b->failures > 0) {
+            size_t used = strlen(detail);
+            if (b->last_status > 0)
+                snprintf(detail + used, sizeof detail - used,
+                         "; %d failed requests, the last answered %d (%s)", b->failures,
+                         b->last_status, b->last_error);
+            else
+                snprintf(detail + used, sizeof detail - used,
+                         "; %d failed requests, the last without an answer (%s)", b->failures,
+                         b->last_error);
+        }
+        if (dead_batch(s, f, b, DEAD_MAX_AGE, detail) != 0)
             break;
         batches++;
         events += b->nrecords;
@@ -1101,13 +1125,16 @@ static void dispatch(struct sender *s, struct feed_state *f, int64_t now)
          * backoff or Retry-After that the last probe earned) */
         if (f->probing || now < f->probe_at || now < f->not_before || now < s->account_not_before)
             return;
-        for (struct pbatch *b = f->head; b; b = b->next) {
-            if (!b->in_flight && class_of(b, wall) != EP_MIXED) {
-                if (start_request(s, f, &b, 1, 1) == 0)
-                    f->probing = 1;
-                return;
-            }
+        /* the batch that failed least: one that fails whatever the
+         * credentials (a 5xx) would keep the feed paused */
+        struct pbatch *probe = NULL;
+        for (struct pbatch *b = f->head; b && !(probe && probe->failures == 0); b = b->next) {
+            if (!b->in_flight && class_of(b, wall) != EP_MIXED &&
+                (!probe || b->failures < probe->failures))
+                probe = b;
         }
+        if (probe && start_request(s, f, &probe, 1, 1) == 0)
+            f->probing = 1;
         return;
     }
     if (now < f->not_before || now < s->account_not_before)
@@ -1219,11 +1246,23 @@ static void hold_until(struct feed_state *f, int64_t at)
 }
 
 /* A failed request: its batches wait out a backoff that grows with the failed
- * rounds. Returns 1 when the failure was counted (the first of its round). */
-static int back_off(struct sender *s, struct request *r)
+ * rounds. A batch that failed ISOLATE_AFTER_FAILURES times goes alone from
+ * then on: one that mParticle keeps failing (a 5xx for its content) then holds
+ * back no other batch, where the same neighbours went with it at every try
+ * until retry.max_age_s. Returns 1 when the failure was counted (the first of
+ * its round). */
+static int back_off(struct sender *s, struct request *r, int status, const char *why)
 {
     struct feed_state *f = r->f;
     release(r);
+    for (size_t i = 0; i < r->n; i++) {
+        struct pbatch *b = r->batches[i];
+        b->failures++;
+        b->last_status = status;
+        b->last_error = why;
+        if (b->failures >= ISOLATE_AFTER_FAILURES)
+            b->limit = 1;
+    }
     int counted = count_failure(f, r);
     metrics_retry(f->feed);
     /* a late answer of a round a success has ended since holds nothing back */
@@ -1235,7 +1274,7 @@ static int back_off(struct sender *s, struct request *r)
 static void retry_later(struct sender *s, struct request *r, int status, const char *why)
 {
     struct feed_state *f = r->f;
-    int counted = back_off(s, r);
+    int counted = back_off(s, r, status, why);
     int64_t wait = f->not_before - clock_mono_ms();
     if (counted && (f->failures == 1 || f->failures % 10 == 0))
         log_warn("mParticle request failed; backing off",
@@ -1252,7 +1291,7 @@ static void retry_later(struct sender *s, struct request *r, int status, const c
 static void on_unexpected(struct sender *s, struct request *r, int status)
 {
     struct feed_state *f = r->f;
-    back_off(s, r);
+    back_off(s, r, status, "unexpected answer");
     int64_t wait = f->not_before - clock_mono_ms();
     f->unexpected++;
     if (f->unexpected == 1 || f->unexpected % 10 == 0)

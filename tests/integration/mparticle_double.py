@@ -442,10 +442,12 @@ class MParticleDouble:
         with self._lock:
             self._faults.append(_Fault("drop", feed, times, after_processing=after_processing))
 
-    def poison(self, marker):
-        """Requests with a batch whose JSON text contains `marker` are answered 400 naming the batch."""
+    def poison(self, marker, status=400):
+        """Requests with a batch whose JSON text contains `marker` are answered 400 naming the
+        batch; with another status (a 5xx), that status, as a server that fails on the content
+        of one batch does, whatever the other batches of the request."""
         with self._lock:
-            self._poison.append(marker)
+            self._poison.append((marker, int(status)))
 
     def clear_faults(self):
         """Removes all fail/slow/drop faults and poison markers."""
@@ -693,7 +695,9 @@ class MParticleDouble:
                 markers = list(self._poison)
             for i, (batch, raw) in enumerate(zip(batches, raws)):
                 canon = json.dumps(batch, ensure_ascii=False)
-                for m in markers:
+                for m, status in markers:
+                    if (m in raw or m in canon) and status != 400:
+                        raise Rejected(status, "internal error")
                     if m in raw or m in canon:
                         raise Rejected(400, "batch[%d] (source_request_id %s) rejected: invalid batch"
                                        % (i, json.dumps(batch.get("source_request_id"))))

@@ -116,6 +116,47 @@ class Delivery(ServiceTest):
         self.assertEqual(sorted(ids), sorted(e["id"] for e in ios + android))
         self.wait(lambda: s.metrics()['tributary_feed_paused{feed="ios",reason="refused"}'] == 0, what="resume")
 
+    def test_a_batch_mparticle_keeps_failing_with_5xx_holds_back_no_other(self):
+        """The batch at the head of the feed went out with the same neighbours at every try:
+        a 5xx for its content kept them from mParticle until retry.max_age_s. After
+        ISOLATE_AFTER_FAILURES failed requests it goes alone; past retry.max_age_s its dead
+        letter says what mParticle answered."""
+        d = self.double()
+        d.poison("POISON-5XX", status=500)
+        s = self.service(env=feed_env(d, TRIBUTARY_RETRY_MAX_AGE_S=20))
+        bad = event("users.messages.email.Open", user="bad-user", campaign_id="POISON-5XX")
+        good = [event("users.messages.email.Open", user="u%d" % i) for i in range(150)]
+        self.assertEqual(s.post([bad] + good).status, 200)
+        self.assertTrue(d.wait_for_events(150, 15 * SLOW), "delivered %d of 150" % d.event_count())
+        self.assertEqual(sorted(d.source_message_ids()), sorted(e["id"] for e in good))
+        failed = [r for r in d.requests if r["status"] == 500]
+        self.assertGreaterEqual(len(failed), 3)
+        self.assertEqual(failed[-1]["batches"], 1)
+        # past retry.max_age_s the batch is a dead letter that says why
+        self.wait(lambda: s.metrics().get('tributary_dead_letters_total{reason="max_age"}', 0) == 1,
+                  timeout=40, what="the failing batch expired")
+        listing = s.cli(["dlq", "list"]).stdout
+        self.assertIn(bad["id"], listing)
+        self.assertRegex(listing, r"failed requests, the last answered 500")
+
+    def test_a_paused_feeds_probe_takes_a_batch_that_has_not_failed(self):
+        """A probe with a batch that fails whatever the credentials (a 5xx) kept the feed
+        paused: the probe takes the batch that failed least."""
+        d = self.double()
+        d.poison("POISON-5XX", status=500)
+        s = self.service(env=feed_env(d))
+        bad = event("users.messages.email.Open", user="bad-user", campaign_id="POISON-5XX")
+        self.assertEqual(s.post([bad]).status, 200)
+        self.wait(lambda: sum(r["status"] == 500 for r in d.requests) >= 2, what="two failures")
+        d.fail(401, times=1)
+        self.wait(lambda: s.metrics()['tributary_feed_paused{feed="unbound",reason="refused"}'] == 1,
+                  what="paused")
+        good = [event("users.messages.email.Open", user="g%d" % i) for i in range(5)]
+        self.assertEqual(s.post(good).status, 200)
+        self.assertTrue(d.wait_for_events(5, 15 * SLOW), "delivered %d of 5" % d.event_count())
+        self.wait(lambda: s.metrics()['tributary_feed_paused{feed="unbound",reason="refused"}'] == 0,
+                  what="resumed")
+
     def test_rotated_credentials_resume_a_paused_feed_on_reload(self):
         d = self.double()
         wrong = dict(FEEDS, web=("web-key", "old-secret"))
