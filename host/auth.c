@@ -240,7 +240,8 @@ static int slot_of(const char *client, int64_t now_s, int create)
         if (T.slot[i].blocked_until > now_s)
             continue;
         if (idle < 0 && (T.slot[i].client[0] == '\0' ||
-                         now_s - T.slot[i].window_start > AUTH_THROTTLE_WINDOW_S))
+                         (now_s - T.slot[i].window_start > AUTH_THROTTLE_WINDOW_S &&
+                          now_s - T.slot[i].last_ok > AUTH_THROTTLE_WINDOW_S)))
             idle = i;
         if (oldest < 0 || T.slot[i].window_start < T.slot[oldest].window_start)
             oldest = i;
@@ -301,8 +302,9 @@ void auth_succeeded(const char *client, int64_t now_s)
     if (!client || !*client)
         return;
     pthread_mutex_lock(&T.mu);
-    /* only an address with failures has a slot, and needs the note */
-    int i = slot_of(client, now_s, 0);
+    /* a slot for the note also before any failure: failures that come after
+     * it must not have the address refused */
+    int i = slot_of(client, now_s, 1);
     if (i >= 0)
         T.slot[i].last_ok = now_s;
     pthread_mutex_unlock(&T.mu);

@@ -365,6 +365,20 @@ class Throttling(ServiceTest):
         self.assertIn(e["id"], s.queued_ids())
         self.assertEqual(s.metrics()["tributary_auth_throttled_total"], 0)
 
+    def test_an_address_that_authenticated_before_any_failure_is_not_refused(self):
+        # only an address with failures kept a note of its successes: one that
+        # authenticated first was refused after ten failures all the same
+        s = self.service()
+        xff = {"X-Forwarded-For": "203.0.113.31"}
+        self.assertEqual(s.post([event()], headers=xff).status, 200)
+        statuses = [s.post([event()], token="wrong-token", headers=xff).status
+                    for _ in range(15)]
+        self.assertEqual(statuses, [401] * 15)
+        e = event()
+        self.assertEqual(s.post([e], headers=xff).status, 200)
+        self.assertIn(e["id"], s.queued_ids())
+        self.assertEqual(s.metrics()["tributary_auth_throttled_total"], 0)
+
     def test_short_inbound_secrets_are_named_in_a_warning_at_start_but_not_shown(self):
         s = self.service(tokens=("br4ze-7q", TOKEN),
                          env={"TRIBUTARY_INBOUND_HMAC_SECRETS": "k9-short," + SECRET,
