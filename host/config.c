@@ -633,6 +633,13 @@ static char *value_from_file(const struct key *k, const char *var, const char *p
     while (len && isspace((unsigned char)v[len - 1]))
         len--;
     v[len] = '\0';
+    if (len == 0) {
+        /* a file caught halfway through a rewrite (truncated, not yet
+         * written): read as empty, it would remove every token */
+        errs_add(e, "%s: %s is empty", var, path);
+        free(v);
+        return NULL;
+    }
     int list = k->type == K_LIST || k->type == K_SECRET_LIST;
     for (size_t i = 0; i < len; i++) {
         if (v[i] == '\0') {

@@ -271,6 +271,15 @@ static int admit(struct ingest *in, const struct ingest_request *req, int have_b
         respond_error(resp, 503, RETRY_AFTER_ERROR, auth_result_text(a), -1, NULL);
         return 0;
     }
+    if (a == AUTH_REMOTE) {
+        /* no credentials are configured: the client's are not wrong, the
+         * configuration is, and a 401 would make Braze stop sending */
+        log_info("refusing a client on another machine: no inbound credentials are configured "
+                 "(inbound.tokens, inbound.hmac_secrets)",
+                 LOG_S("client", req->client));
+        respond_error(resp, 503, RETRY_AFTER_ERROR, auth_result_text(a), -1, NULL);
+        return 0;
+    }
     metrics_add(M_AUTH_FAILURES, 1);
     log_info("authentication failed",
              LOG_S("client", req->client) LOG_S("reason", auth_result_text(a)));

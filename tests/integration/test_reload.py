@@ -389,6 +389,20 @@ class SecretsFromFiles(ServiceTest):
         self.assertEqual(s.post([event()], token=self.OLD).status, 401)
         self.assertNotIn("unknown environment variable", s.logs())
 
+    def test_a_reload_that_finds_the_tokens_file_empty_keeps_the_tokens(self):
+        # a file rewritten in place is empty for a moment: read then, it removed
+        # every token, and a proxied Braze got 401 for everything
+        tokens = os.path.join(self.tmpdir(), "tokens")
+        with open(tokens, "w") as f:
+            f.write(self.OLD + "\n")
+        s = self.service(tokens=(), env={"TRIBUTARY_INBOUND_TOKENS_FILE": tokens})
+        open(tokens, "w").close()
+        self.assertTrue(s.reload(outcome="reload refused"), s.logs())
+        self.assertIn("TRIBUTARY_INBOUND_TOKENS_FILE: %s is empty" % tokens, s.logs())
+        xff = {"X-Forwarded-For": "203.0.113.40"}
+        self.assertEqual(s.post([event()], token=self.OLD, headers=xff).status, 200)
+        self.assertEqual(s.post([event()], token=self.NEW, headers=xff).status, 401)
+
     def test_a_restart_only_setting_is_named_while_it_differs_from_the_running_value(self):
         s = self.service(config="return { http = { threads = 8 } }\n")
         for threads, reloads in ((4, 1), (8, 2)):
@@ -424,6 +438,9 @@ class SecretsFromFiles(ServiceTest):
         two_lines = os.path.join(d, "key")
         with open(two_lines, "w") as f:
             f.write(self.OLD + "\n" + self.NEW + "\n")
+        empty = os.path.join(d, "empty")
+        with open(empty, "w") as f:
+            f.write(" \n")
         cases = [
             ({"TRIBUTARY_ADMIN_TOKEN": self.OLD, "TRIBUTARY_ADMIN_TOKEN_FILE": two_lines},
              "TRIBUTARY_ADMIN_TOKEN and TRIBUTARY_ADMIN_TOKEN_FILE are both set; keep one"),
@@ -432,6 +449,8 @@ class SecretsFromFiles(ServiceTest):
              % os.path.join(d, "missing")),
             ({"TRIBUTARY_ADMIN_TOKEN_FILE": two_lines},
              "TRIBUTARY_ADMIN_TOKEN_FILE: %s holds more than one line" % two_lines),
+            ({"TRIBUTARY_ADMIN_TOKEN_FILE": empty},
+             "TRIBUTARY_ADMIN_TOKEN_FILE: %s is empty" % empty),
         ]
         for env, message in cases:
             p = run_cli(["check"], env=env)

@@ -8,6 +8,7 @@ import hmac
 import http.client
 import json
 import os
+import re
 import select
 import shutil
 import signal
@@ -902,12 +903,17 @@ class WithoutCredentials(ServiceTest):
     """No inbound tokens or secrets: only clients on this machine are served,
     also through a reverse proxy on the same host."""
 
-    def test_a_client_forwarded_from_another_machine_is_401(self):
+    def test_a_client_forwarded_from_another_machine_is_503(self):
+        # the client's credentials are not wrong, the configuration is: a 401
+        # would make Braze stop sending, a 503 has it retry until it is fixed
         s = self.service(tokens=())
         r = s.post([event()], token=None, headers={"X-Forwarded-For": "203.0.113.5"})
-        self.assertEqual(r.status, 401, r)
+        self.assertEqual(r.status, 503, r)
+        self.assertIn("retry-after", r.headers)
         self.assertIn("only clients on this machine", r.json()["error"])
         self.assertEqual(s.queued_ids(), [])
+        self.assertIn("no inbound credentials are configured", s.logs())
+        self.assertEqual(s.metrics()["tributary_auth_failures_total"], 0)
 
     def test_a_forwarded_entry_with_a_port_or_no_address_is_not_this_machine(self):
         # it was taken for the proxy's own loopback address, and served
@@ -915,11 +921,10 @@ class WithoutCredentials(ServiceTest):
         for xff in ("203.0.113.5:5678", "[2001:db8::1]:443", "unknown", "203.0.113.5, _hidden",
                     "[::1"):
             r = s.post([event()], token=None, headers={"X-Forwarded-For": xff})
-            self.assertEqual(r.status, 401, (xff, r))
+            self.assertEqual(r.status, 503, (xff, r))
         self.assertEqual(s.queued_ids(), [])
-        self.assertIn("client=203.0.113.5 ", s.logs())
-        self.assertIn("client=2001:db8::1 ", s.logs())
-        self.assertIn("client=unknown ", s.logs())
+        for client in ("203.0.113.5", "2001:db8::1", "unknown"):
+            self.assertRegex(s.logs(), r"client=%s(\s|$)" % re.escape(client))
         # a local one with a port is still local
         r = s.post([event()], token=None, headers={"X-Forwarded-For": "127.0.0.1:5678"})
         self.assertEqual(r.status, 200, r)
