@@ -444,8 +444,10 @@ static enum MHD_Result note_framing(void *cls, enum MHD_ValueKind kind, const ch
  * (400; libmicrohttpd refuses one that is not a number), a header line folded
  * onto the next (obs-fold, 400, RFC 9112 5.2), or a transfer coding other than
  * chunked alone, which libmicrohttpd cannot read (501; it would read to the end
- * of the connection). Returns the reason and sets *status, or NULL. */
-static const char *framing_problem(struct MHD_Connection *c, int *status)
+ * of the connection). A request that should bring a body (body_expected) and
+ * says nothing of its length gets 411. Returns the reason and sets *status,
+ * or NULL. */
+static const char *framing_problem(struct MHD_Connection *c, int body_expected, int *status)
 {
     struct framing f = {0};
     MHD_get_connection_values(c, MHD_HEADER_KIND, note_framing, &f);
@@ -459,6 +461,11 @@ static const char *framing_problem(struct MHD_Connection *c, int *status)
     *status = 501;
     if (f.te_lines > 1 || f.te_other)
         return "a Transfer-Encoding other than chunked is not supported";
+    /* without either, a request has no body: what an HTTP/1.0 client sends
+     * after the headers would be read as nothing, and answered 200 */
+    *status = 411;
+    if (body_expected && !f.cl_lines && !f.te_lines)
+        return "a POST to /currents needs Content-Length or Transfer-Encoding: chunked";
     return NULL;
 }
 
@@ -653,7 +660,8 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         r->route = route_of(url);
         client_address(c, r->client, sizeof r->client);
         int status;
-        const char *why = framing_problem(c, &status);
+        const char *why = framing_problem(
+            c, r->route == R_CURRENTS && strcmp(method, MHD_HTTP_METHOD_POST) == 0, &status);
         if (why) {
             static _Atomic int64_t logged_ms;
             log_set_request(r->id);

@@ -784,6 +784,24 @@ class Framing(ServiceTest):
         for value in ("2, 70", "5, 5"):
             self.refused(s, self.head("Content-Length: " + value), 400)
 
+    def test_a_post_to_currents_without_a_length_is_411(self):
+        # an HTTP/1.0 body without Content-Length was read as no body: 200,
+        # nothing stored
+        s = self.service()
+        body = envelope(event())
+        sock = socket.create_connection(("127.0.0.1", s.port), timeout=10 * SLOW)
+        try:
+            reply = probe(sock, b"POST /currents HTTP/1.0\r\nHost: x\r\nAuthorization: Bearer "
+                          + TOKEN.encode() + b"\r\n\r\n" + body, timeout=10)
+        finally:
+            sock.close()
+        self.assertTrue(reply and reply.startswith(b"HTTP/1.1 411 "), reply)
+        self.assertIn(b"needs Content-Length or Transfer-Encoding", reply)
+        self.refused(s, self.head(), 411)
+        self.assertEqual(s.queued_ids(), [])
+        # other paths are not concerned, and an empty body with its length is read
+        self.assertEqual(s.post([], token=TOKEN).status, 200)
+
     def test_the_same_content_length_twice_is_read(self):
         s = self.service()
         e = event()
