@@ -1147,6 +1147,35 @@ static int check_name(lua_State *L, int idx, const char *field, const char *what
     return ok ? 0 : -1;
 }
 
+/* The largest whole number of milliseconds every JSON reader holds exactly. */
+#define MAX_EVENT_TIME_MS 9007199254740992.0
+
+/* [-0, +0] data.timestamp_unixtime_ms and data.source_message_id of the event
+ * data at data, when they are there: whole milliseconds from 0 to 2^53, and a
+ * non-empty string. mParticle fails a batch with another kind of value, and
+ * its bulk endpoint answers 202 all the same. */
+static int check_event_ids(lua_State *L, int data, char *err, size_t errlen)
+{
+    int t = rawfield(L, data, "timestamp_unixtime_ms");
+    lua_Number ms = t == LUA_TNUMBER ? lua_tonumber(L, -1) : -1;
+    int ok = t == LUA_TNIL || (ms >= 0 && ms <= MAX_EVENT_TIME_MS && ms == floor(ms));
+    lua_pop(L, 1);
+    if (!ok) {
+        str_copy(err, errlen,
+                 "out.event.data.timestamp_unixtime_ms: whole milliseconds since 1970 are "
+                 "required (a number from 0 to 2^53)");
+        return -1;
+    }
+    t = rawfield(L, data, "source_message_id");
+    ok = t == LUA_TNIL || (t == LUA_TSTRING && lua_rawlen(L, -1) > 0);
+    lua_pop(L, 1);
+    if (!ok) {
+        str_copy(err, errlen, "out.event.data.source_message_id: a non-empty string is required");
+        return -1;
+    }
+    return 0;
+}
+
 /* [-0, +0] The event table at eventi and the batch table at batchi (or nil)
  * against mParticle's schema; 0, or -1 with the field and the problem in err. */
 static int check_output(lua_State *L, int eventi, int batchi, char *err, size_t errlen)
@@ -1183,6 +1212,8 @@ static int check_output(lua_State *L, int eventi, int batchi, char *err, size_t 
                 rc = check_name(L, data, "custom_event_type", "out.event.data", 1,
                                 mparticle_custom_event_type_known, NULL, err, errlen);
         }
+        if (rc == 0)
+            rc = check_event_ids(L, data, err, errlen);
         if (rc == 0) {
             int at = rawfield(L, data, "custom_attributes");
             if (at == LUA_TTABLE) {

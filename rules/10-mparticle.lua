@@ -152,14 +152,16 @@ local function text(v)
   return tostring(v)
 end
 
--- An identity or device identifier: a non-empty scalar, as text; absent,
--- null, "" and tables have none.
+-- An identity or device identifier: a non-empty string, or a number as text;
+-- absent, null, "", booleans and tables have none (true would make every such
+-- user one mParticle customer "true").
 local function identifier(v)
-  if type(v) == "string" then
+  local t = type(v)
+  if t == "string" then
     if v == "" then return nil end
     return v
   end
-  if v == null then return nil end
+  if t ~= "number" then return nil end
   return text(v)
 end
 

@@ -84,8 +84,17 @@ class Users(unittest.TestCase):
         null = event()
         null["user"]["external_user_id"] = None
         empty = event(user="")
-        out = map_events([absent, null, empty])
-        self.assertEqual([o["dropped"] for o in out], ["no_external_id"] * 3)
+        # true was forwarded as the customer id "true", one customer for all
+        boolean = event()
+        boolean["user"]["external_user_id"] = True
+        listed = event()
+        listed["user"]["external_user_id"] = ["c-1"]
+        out = map_events([absent, null, empty, boolean, listed])
+        self.assertEqual([o["dropped"] for o in out], ["no_external_id"] * 5)
+        number = event()
+        number["user"]["external_user_id"] = 12345
+        out = map_events([number])[0]
+        self.assertEqual(out["batch"]["user_identities"]["customer_id"], "12345")
 
     def test_internal_ids_timezone_and_os_version_are_not_forwarded(self):
         e = event("users.messages.pushnotification.Send", platform="android", os_version="14")

@@ -1153,6 +1153,17 @@ static const struct {
     {"o.batch.device_info.device_model = {'m1'}",
      "out.batch.device_info.device_model: a value must be a string, number or boolean, not a "
      "table"},
+    {"o.event.data.timestamp_unixtime_ms = 'yesterday'",
+     "timestamp_unixtime_ms: whole milliseconds since 1970 are required"},
+    {"o.event.data.timestamp_unixtime_ms = 1732800000000.5",
+     "timestamp_unixtime_ms: whole milliseconds since 1970 are required"},
+    {"o.event.data.timestamp_unixtime_ms = -1",
+     "timestamp_unixtime_ms: whole milliseconds since 1970 are required"},
+    {"o.event.data.timestamp_unixtime_ms = 0/0",
+     "timestamp_unixtime_ms: whole milliseconds since 1970 are required"},
+    {"o.event.data.source_message_id = {1, 2}",
+     "source_message_id: a non-empty string is required"},
+    {"o.event.data.source_message_id = ''", "source_message_id: a non-empty string is required"},
 };
 
 START_TEST(test_an_output_mparticle_would_drop_is_invalid_output_naming_the_field)
@@ -1175,6 +1186,8 @@ START_TEST(test_outputs_at_mparticles_limits_are_records)
          "  o.batch.device_info.screen_height = 1920\n"
          "  o.batch.user_identities = {customer_id = 'c', email = 'e@x'}\n"
          "  o.batch.environment = 'development'\n"
+         "  o.event.data.timestamp_unixtime_ms = 9007199254740992.0\n"
+         "  o.event.data.source_message_id = event.id\n"
          "  if event.id == 'u-2' then o.event = {event_type = 'uninstall', data = {}} end\n"
          "  return o\nend\n");
     build();
