@@ -1147,6 +1147,31 @@ static int check_name(lua_State *L, int idx, const char *field, const char *what
     return ok ? 0 : -1;
 }
 
+/* [-0, +0] A fingerprint of the fields of the table at idx (names and scalar
+ * values, as the output check leaves device_info), whatever their order. */
+static uint64_t fields_fingerprint(lua_State *L, int idx)
+{
+    uint64_t sum = 0;
+    lua_pushnil(L);
+    while (lua_next(L, idx)) {
+        size_t kn = 0, vn = 0;
+        const char *k = lua_type(L, -2) == LUA_TSTRING ? lua_tolstring(L, -2, &kn) : "";
+        const char *v;
+        int t = lua_type(L, -1);
+        if (t == LUA_TSTRING || t == LUA_TNUMBER) {
+            v = lua_tolstring(L, -1, &vn); /* the value's copy on the stack */
+        } else {
+            v = t == LUA_TBOOLEAN ? (lua_toboolean(L, -1) ? "true" : "false") : "null";
+            vn = strlen(v);
+        }
+        uint64_t h = digest_fnv64(DIGEST_FNV64_INIT, k, kn);
+        h = digest_fnv64(h, "", 1);
+        sum += digest_fnv64(h, v, vn);
+        lua_pop(L, 1);
+    }
+    return sum;
+}
+
 /* The largest whole number of milliseconds every JSON reader holds exactly. */
 #define MAX_EVENT_TIME_MS 9007199254740992.0
 
@@ -1320,7 +1345,10 @@ static int emit(rules *r, lua_State *L, int evi, const struct event_ids *ids, in
                    tmp.event.n + tmp.batch.n);
         goto done;
     }
-    /* the user: customer_id, else every identity together */
+    /* the user, whose events the sender puts in one batch: customer_id and the
+     * device (its device_info's fingerprint), so that a batch never joins the
+     * events of two devices, which would all take the last one's device_info;
+     * without a customer_id, every batch field together */
     const char *user = NULL;
     size_t ulen = 0;
     if (bt == LUA_TTABLE && rawfield(L, top + 3, "user_identities") == LUA_TTABLE) {
@@ -1329,10 +1357,22 @@ static int emit(rules *r, lua_State *L, int evi, const struct event_ids *ids, in
             user = lua_tolstring(L, -1, &ulen);
         lua_pop(L, 1);
     }
-    if (user)
-        tmp.user = mapping_copy(m, user, ulen, &failed);
-    else
+    if (user) {
+        uint64_t device = 0;
+        if (rawfield(L, top + 3, "device_info") == LUA_TTABLE)
+            device = fields_fingerprint(L, lua_gettop(L));
+        lua_pop(L, 1);
+        buf_reset(&r->scratch);
+        char tail[24];
+        int tn =
+            device ? snprintf(tail, sizeof tail, "\x1f%016llx", (unsigned long long)device) : 0;
+        if (buf_add(&r->scratch, user, ulen) != 0 || buf_add(&r->scratch, tail, (size_t)tn) != 0)
+            failed = 1;
+        else
+            tmp.user = mapping_copy(m, r->scratch.data, r->scratch.len, &failed);
+    } else {
         tmp.user = tmp.batch;
+    }
 
     if (copy_raw(r, L, evi, ids, m, &tmp.raw, &failed, err, errlen) != 0)
         goto done;

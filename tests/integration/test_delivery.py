@@ -139,6 +139,26 @@ class Delivery(ServiceTest):
         self.assertIn(bad["id"], listing)
         self.assertRegex(listing, r"failed requests, the last answered 500")
 
+    def test_a_users_events_from_two_devices_go_in_two_batches(self):
+        """One batch held both: it went out with the last event's device_info, so a push
+        sent to one device was credited to the other."""
+        d = self.double()
+        s = self.service(env=feed_env(d, TRIBUTARY_BATCH_LINGER_MS=1500))
+        evs = []
+        for device in ("DEVICE-A", "DEVICE-B", "DEVICE-A"):
+            e = event("users.messages.pushnotification.Send", user="u1", platform="ios")
+            e["user"]["device_id"] = device
+            evs.append(e)
+        self.assertEqual(s.post(evs).status, 200)
+        self.assertTrue(d.wait_for_events(3, 10 * SLOW))
+        by_device = {}
+        for _, batch, e in d.events():
+            by_device.setdefault(batch["device_info"]["ios_idfv"], []).append(
+                e["data"]["source_message_id"])
+        self.assertEqual(by_device, {"DEVICE-A": [evs[0]["id"], evs[2]["id"]],
+                                     "DEVICE-B": [evs[1]["id"]]})
+        self.assertEqual(len(d.batches), 2)
+
     def test_a_paused_feeds_probe_takes_a_batch_that_has_not_failed(self):
         """A probe with a batch that fails whatever the credentials (a 5xx) kept the feed
         paused: the probe takes the batch that failed least."""
