@@ -951,13 +951,36 @@ START_TEST(test_push_send_batch_carries_the_customer_id)
 }
 END_TEST
 
-START_TEST(test_user_key_is_the_external_user_id)
+/* The key the sender batches by: the external_user_id, and the device when the
+ * batch has device_info (a fingerprint of its fields, in whatever order). */
+START_TEST(test_user_key_is_the_external_user_id_and_the_device)
 {
     default_rules();
     build();
     ck_assert_int_eq(map(PUSH_SEND_IOS, INPUT_ENVELOPE), 0);
     ck_assert_uint_eq(F.m.nrecords, 1);
-    ck_assert_str_eq(F.m.records[0].user.p, "customer-1234");
+    const char *key = F.m.records[0].user.p;
+    ck_assert_msg(strncmp(key, "customer-1234\x1f", 14) == 0 && strlen(key) == 14 + 16, "%s", key);
+    release();
+    mapping_init(&F.m);
+    F.m.keep_outcomes = 1;
+    rule("50-device.lua",
+         "return function(event, out)\n"
+         "  local d = {}\n"
+         "  if event.id == 'd-1' then d.platform = 'iOS' d.ios_idfv = 'A'\n"
+         "  else d.ios_idfv = 'A' d.platform = 'iOS' end\n"
+         "  if event.id == 'd-3' then d.ios_idfv = 'B' end\n"
+         "  if event.id == 'd-4' then d = nil end\n"
+         "  return {feed = 'unbound', batch = {user_identities = {customer_id = 'c'},\n"
+         "          device_info = d}, event = {event_type = 'uninstall', data = {}}}\n"
+         "end\n");
+    build();
+    ck_assert_int_eq(
+        map(ENVELOPE(EV("d-1") "," EV("d-2") "," EV("d-3") "," EV("d-4")), INPUT_ENVELOPE), 0);
+    ck_assert_uint_eq(F.m.nrecords, 4);
+    ck_assert_str_eq(F.m.records[0].user.p, F.m.records[1].user.p);
+    ck_assert_str_ne(F.m.records[0].user.p, F.m.records[2].user.p);
+    ck_assert_str_eq(F.m.records[3].user.p, "c");
 }
 END_TEST
 
@@ -2268,7 +2291,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_ios_push_send_goes_to_the_ios_feed);
     tcase_add_test(tc, test_push_send_event_carries_its_name_and_source_message_id);
     tcase_add_test(tc, test_push_send_batch_carries_the_customer_id);
-    tcase_add_test(tc, test_user_key_is_the_external_user_id);
+    tcase_add_test(tc, test_user_key_is_the_external_user_id_and_the_device);
     tcase_add_test(tc, test_event_without_external_user_id_is_skipped);
     tcase_add_test(tc, test_event_with_null_external_user_id_is_skipped);
     tcase_add_test(tc, test_shipped_rules_pass_their_own_tests);
