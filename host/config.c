@@ -79,6 +79,7 @@ static const struct key KEYS[] = {
     {"retry.base_ms", K_INT, OFF(retry_base_ms), 1, 3600000, NULL},
     {"retry.max_ms", K_INT, OFF(retry_max_ms), 1, 86400000, NULL},
     {"retry.max_age_s", K_INT, OFF(retry_max_age_s), 1, 90 * 86400, NULL},
+    {"retry.failing_s", K_INT, OFF(retry_failing_s), 1, 90 * 86400, NULL},
     {"retry.pause_ms", K_INT, OFF(retry_pause_ms), 100, 86400000, NULL},
     {"queue.sync", K_ENUM, OFF(queue_sync), 0, 0, SYNC_MODES},
     {"queue.max_depth", K_INT, OFF(queue_max_depth), 1, INT64_C(1) << 40, NULL},
@@ -750,6 +751,7 @@ static int set_defaults(struct config *c)
     c->retry_base_ms = 1000;
     c->retry_max_ms = 300000;
     c->retry_max_age_s = 172800;
+    c->retry_failing_s = 3600;
     c->retry_pause_ms = 120000;
     c->queue_sync = strdup("full");
     c->queue_max_depth = 5000000;

@@ -80,6 +80,7 @@ struct config {
     int64_t retry_base_ms;
     int64_t retry_max_ms;
     int64_t retry_max_age_s;
+    int64_t retry_failing_s;
     int64_t retry_pause_ms;
     char *queue_sync;
     int64_t queue_max_depth;

@@ -34,6 +34,7 @@ enum dead_reason_index {
     MD_INVALID_OUTPUT,
     MD_REJECTED,
     MD_MAX_AGE,
+    MD_FAILING,
     MD_COUNT
 };
 

@@ -5,8 +5,9 @@
 
 const char *const FEED_NAMES[FEED_COUNT] = {"ios", "android", "web", "unbound"};
 
-const char *const DEAD_REASONS[DEAD_REASON_COUNT] = {
-    DEAD_RULE_ERROR, DEAD_RULE_LIMIT, DEAD_INVALID_OUTPUT, DEAD_REJECTED, DEAD_MAX_AGE};
+const char *const DEAD_REASONS[DEAD_REASON_COUNT] = {DEAD_RULE_ERROR,     DEAD_RULE_LIMIT,
+                                                     DEAD_INVALID_OUTPUT, DEAD_REJECTED,
+                                                     DEAD_MAX_AGE,        DEAD_FAILING};
 
 const char *const DROP_REASON_NAMES[DROP_REASON_COUNT] = {"unsupported_type", "not_selected",
                                                           "rule_drop", "no_external_id"};

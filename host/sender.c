@@ -73,7 +73,8 @@ struct pbatch {
      * and the last of those: its status (0: no answer) and error */
     int failures;
     int last_status;
-    const char *last_error; /* static text */
+    const char *last_error;                  /* static text */
+    int64_t first_failed_ms, last_failed_ms; /* monotonic */
     /* its events' timestamp_unixtime_ms: the smallest and largest (-1: none
      * has one), and how many have none; they choose the endpoint (see class_of) */
     int64_t ev_min_ms, ev_max_ms;
@@ -112,13 +113,14 @@ struct feed_state {
     unsigned char cred_fp[32]; /* fingerprint of key, secret and url */
     int64_t persist_logged_ms; /* see log_due */
     int has_fp;
-    int failures;       /* consecutive failed rounds (see count_failure) */
-    int64_t failed_ns;  /* when the last failure was counted, clock_mono_ns: whether a
-                         * request started before it must hold within a millisecond */
-    int unexpected;     /* answers outside the API's contract since the last delivery */
-    int64_t not_before; /* backoff or Retry-After, monotonic ms */
-    struct bucket rate; /* the feed's own, lowered on 429s and high usage */
-    int64_t next_claim; /* monotonic ms */
+    int failures;         /* consecutive failed rounds (see count_failure) */
+    int64_t failed_ns;    /* when the last failure was counted, clock_mono_ns: whether a
+                           * request started before it must hold within a millisecond */
+    int unexpected;       /* answers outside the API's contract since the last delivery */
+    int64_t delivered_ms; /* the last delivery, monotonic */
+    int64_t not_before;   /* backoff or Retry-After, monotonic ms */
+    struct bucket rate;   /* the feed's own, lowered on 429s and high usage */
+    int64_t next_claim;   /* monotonic ms */
     /* held without credentials: its events are mapped again after each
      * change of configuration or rules, and those now routed to another feed
      * move there (reroute) */
@@ -423,6 +425,8 @@ static int split_in_two(struct sender *s, struct feed_state *f, struct pbatch *b
         parts[i]->failures = b->failures;
         parts[i]->last_status = b->last_status;
         parts[i]->last_error = b->last_error;
+        parts[i]->first_failed_ms = b->first_failed_ms;
+        parts[i]->last_failed_ms = b->last_failed_ms;
         qb[i].feed = f->feed;
         str_copy(qb[i].source_request_id, sizeof qb[i].source_request_id, parts[i]->srid);
         qb[i].record_ids = parts[i]->record_ids;
@@ -765,30 +769,68 @@ static int dead_batch(struct sender *s, struct feed_state *f, struct pbatch *b, 
     return 0;
 }
 
-/* Moves waiting batches past retry.max_age_s to the dead-letter store. */
+/* Appends to detail (which holds used bytes) what the failed requests of b
+ * were, when there were any. */
+static void note_failures(const struct pbatch *b, char *detail, size_t size)
+{
+    size_t used = strlen(detail);
+    if (b->failures == 0 || used >= size)
+        return;
+    if (b->last_status > 0)
+        snprintf(detail + used, size - used, "; %d failed requests, the last answered %d (%s)",
+                 b->failures, b->last_status, b->last_error);
+    else
+        snprintf(detail + used, size - used,
+                 "; %d failed requests, the last without an answer (%s)", b->failures,
+                 b->last_error);
+}
+
+/* A batch that went alone (see back_off) and failed for retry.failing_s while
+ * mParticle took the feed's other batches since its last failure: mParticle
+ * fails on its content. It would stay until retry.max_age_s, and hold the
+ * feed's settled line, and with it the queue's space of every record after
+ * it, for as long. */
+static int failing(const struct sender *s, const struct feed_state *f, const struct pbatch *b,
+                   int64_t now)
+{
+    return b->failures >= ISOLATE_AFTER_FAILURES &&
+           now - b->first_failed_ms >= s->cfg->retry_failing_s * 1000 &&
+           f->delivered_ms >= b->last_failed_ms; /* answers of one turn share a ms */
+}
+
+/* Moves waiting batches past retry.max_age_s, and those mParticle keeps
+ * failing (see failing), to the dead-letter store. */
 static void expire_batches(struct sender *s, struct feed_state *f)
 {
-    int64_t cutoff = clock_wall_ms() - s->cfg->retry_max_age_s * 1000;
+    int64_t cutoff = clock_wall_ms() - s->cfg->retry_max_age_s * 1000, now = clock_mono_ms();
     size_t batches = 0, events = 0;
     for (struct pbatch *b = f->head, *next; b; b = next) {
         next = b->next;
-        if (b->in_flight || b->oldest_ms >= cutoff)
+        if (b->in_flight)
             continue;
+        if (b->oldest_ms >= cutoff) {
+            if (!failing(s, f, b, now))
+                continue;
+            char detail[256];
+            snprintf(detail, sizeof detail,
+                     "mParticle failed it for retry.failing_s (%llds) while it accepted the "
+                     "feed's other batches",
+                     (long long)s->cfg->retry_failing_s);
+            note_failures(b, detail, sizeof detail);
+            if (dead_batch(s, f, b, DEAD_FAILING, detail) != 0)
+                break;
+            log_error("mParticle keeps failing a batch it sent alone, and accepts the feed's "
+                      "others; moved to the dead-letter store",
+                      LOG_S("feed", FEED_NAMES[f->feed]) LOG_S("batch", b->srid)
+                          LOG_I("events", (long long)b->nrecords) LOG_S("detail", detail));
+            pbatch_free(b);
+            continue;
+        }
         b = expired_part(s, f, b, cutoff); /* next stays in the list */
         if (!b)
             continue;
         char detail[256] = "not delivered within retry.max_age_s";
-        if (b->failures > 0) {
-            size_t used = strlen(detail);
-            if (b->last_status > 0)
-                snprintf(detail + used, sizeof detail - used,
-                         "; %d failed requests, the last answered %d (%s)", b->failures,
-                         b->last_status, b->last_error);
-            else
-                snprintf(detail + used, sizeof detail - used,
-                         "; %d failed requests, the last without an answer (%s)", b->failures,
-                         b->last_error);
-        }
+        note_failures(b, detail, sizeof detail);
         if (dead_batch(s, f, b, DEAD_MAX_AGE, detail) != 0)
             break;
         batches++;
@@ -1202,6 +1244,7 @@ static void on_delivered(struct sender *s, struct request *r)
         log_error("cannot delete delivered batches; they are sent again after a restart",
                   LOG_S("feed", FEED_NAMES[f->feed]));
     metrics_delivered(f->feed, r->events);
+    f->delivered_ms = clock_mono_ms();
     if (f->failures > 0)
         log_info("mParticle accepts again",
                  LOG_S("feed", FEED_NAMES[f->feed]) LOG_I("failures", f->failures));
@@ -1255,9 +1298,12 @@ static int back_off(struct sender *s, struct request *r, int status, const char 
 {
     struct feed_state *f = r->f;
     release(r);
+    int64_t now = clock_mono_ms();
     for (size_t i = 0; i < r->n; i++) {
         struct pbatch *b = r->batches[i];
-        b->failures++;
+        if (b->failures++ == 0)
+            b->first_failed_ms = now;
+        b->last_failed_ms = now;
         b->last_status = status;
         b->last_error = why;
         if (b->failures >= ISOLATE_AFTER_FAILURES)

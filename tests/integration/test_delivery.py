@@ -119,11 +119,12 @@ class Delivery(ServiceTest):
     def test_a_batch_mparticle_keeps_failing_with_5xx_holds_back_no_other(self):
         """The batch at the head of the feed went out with the same neighbours at every try:
         a 5xx for its content kept them from mParticle until retry.max_age_s. After
-        ISOLATE_AFTER_FAILURES failed requests it goes alone; past retry.max_age_s its dead
-        letter says what mParticle answered."""
+        ISOLATE_AFTER_FAILURES failed requests it goes alone; failing for retry.failing_s
+        while the feed's other batches are accepted, it is a dead letter that says why (it
+        held the feed's settled line, and the queue's space, until retry.max_age_s)."""
         d = self.double()
         d.poison("POISON-5XX", status=500)
-        s = self.service(env=feed_env(d, TRIBUTARY_RETRY_MAX_AGE_S=20))
+        s = self.service(env=feed_env(d, TRIBUTARY_RETRY_FAILING_S=4))
         bad = event("users.messages.email.Open", user="bad-user", campaign_id="POISON-5XX")
         good = [event("users.messages.email.Open", user="u%d" % i) for i in range(150)]
         self.assertEqual(s.post([bad] + good).status, 200)
@@ -132,12 +133,36 @@ class Delivery(ServiceTest):
         failed = [r for r in d.requests if r["status"] == 500]
         self.assertGreaterEqual(len(failed), 3)
         self.assertEqual(failed[-1]["batches"], 1)
-        # past retry.max_age_s the batch is a dead letter that says why
+        # the feed goes on working: other events arrive and are delivered after each of
+        # the batch's failures
+        def failing_dead_letter():
+            self.assertEqual(s.post([event("users.messages.email.Open", user="later")]).status, 200)
+            return s.metrics().get('tributary_dead_letters_total{reason="failing"}', 0) == 1
+        self.wait(failing_dead_letter, timeout=30, what="the failing batch")
+        rows = json.loads(s.cli(["dlq", "list", "--reason", "failing", "--json"]).stdout)
+        self.assertEqual([r["event_id"] for r in rows], [bad["id"]])
+        detail = rows[0]["detail"]
+        self.assertRegex(detail, r"^mParticle failed it for retry.failing_s \(4s\) while it "
+                                 r"accepted the feed's other batches; \d+ failed requests, the "
+                                 r"last answered 500 \(server error\)$")
+        self.assertIn("mParticle keeps failing a batch", s.logs())
+        self.wait(lambda: s.metrics()['tributary_queue_depth{feed="unbound"}'] == 0,
+                  what="the queue emptied")
+
+    def test_a_batch_past_max_age_says_what_its_requests_got(self):
+        d = self.double()
+        d.poison("POISON-5XX", status=503)
+        s = self.service(env=feed_env(d, TRIBUTARY_RETRY_MAX_AGE_S=6))
+        bad = event("users.messages.email.Open", user="bad-user", campaign_id="POISON-5XX")
+        self.assertEqual(s.post([bad]).status, 200)
         self.wait(lambda: s.metrics().get('tributary_dead_letters_total{reason="max_age"}', 0) == 1,
-                  timeout=40, what="the failing batch expired")
-        listing = s.cli(["dlq", "list"]).stdout
-        self.assertIn(bad["id"], listing)
-        self.assertRegex(listing, r"failed requests, the last answered 500")
+                  timeout=30, what="the batch expired")
+        listing = s.cli(["dlq", "list", "--reason", "max_age"]).stdout
+        detail = json.loads(s.cli(["dlq", "list", "--json"]).stdout)[0]["detail"]
+        self.assertRegex(detail, r"not delivered within retry.max_age_s; \d+ failed requests, "
+                                 r"the last answered 503 \(server error\)")
+        # nothing else was delivered: no `failing` however long it failed
+        self.assertEqual(s.metrics()['tributary_dead_letters_total{reason="failing"}'], 0)
 
     def test_a_users_events_from_two_devices_go_in_two_batches(self):
         """One batch held both: it went out with the last event's device_info, so a push
