@@ -32,8 +32,9 @@ struct job {
     int nnames;
     int sets[MAX_SKIPS]; /* stack indices of the sets among them */
     int nsets;
-    int out;   /* index of the attributes table */
-    int exact; /* sizes measured as JSON text, not bounded from the lengths */
+    int out;       /* index of the attributes table */
+    int exact;     /* sizes measured as JSON text, not bounded from the lengths */
+    int names_cut; /* a name was cut: two may now be one (see keep_first_by_name) */
     lua_Integer cuts, dropped;
 };
 
@@ -244,6 +245,7 @@ static size_t push_attribute(lua_State *L, struct job *j, int k, int v, int *cut
     const char *s = lua_tolstring(L, k, &n);
     size_t keep = cut_length(s, n, MPARTICLE_MAX_NAME_CHARS, &cut);
     *cuts = cut;
+    j->names_cut |= cut;
     if (cut)
         lua_pushlstring(L, s, keep);
     else
@@ -302,8 +304,9 @@ static int by_name(const void *a, const void *b)
 }
 
 /* [-0, +0] With more than 100 attributes (n), or more than
- * ATTRIBUTES_MAX_BYTES of them: makes out the first of them in name order, up
- * to the first that would pass either limit, so that the choice does not
+ * ATTRIBUTES_MAX_BYTES of them, or names cut to the same one: makes out the
+ * first of them in name order, up to the first that would pass either limit,
+ * and of names that are one once cut the first, so that the choice does not
  * depend on the order of the JSON. */
 static void keep_first_by_name(lua_State *L, struct job *j, lua_Integer n)
 {
@@ -342,6 +345,17 @@ static void keep_first_by_name(lua_State *L, struct job *j, lua_Integer n)
         lua_rawget(L, names[i].extra ? EXTRA : PROPS);
         int cuts;
         size_t size = push_attribute(L, j, lua_gettop(L) - 1, lua_gettop(L), &cuts);
+        if (size > 0 && cuts > 0) {
+            /* a cut name that an earlier one was cut to already */
+            lua_pushvalue(L, -2);
+            int taken = lua_rawget(L, j->out) != LUA_TNIL;
+            lua_pop(L, 1);
+            if (taken) {
+                lua_pop(L, 4);
+                j->dropped++;
+                continue;
+            }
+        }
         if (size > 0 && bytes + size > ATTRIBUTES_MAX_BYTES) {
             lua_pop(L, 4);
             j->dropped += (lua_Integer)(k - i);
@@ -416,7 +430,7 @@ static int custom_attributes(lua_State *L)
     /* the sizes so far are bounds from the lengths, which the usual event is
      * far within; text full of escapes is measured */
     j.exact = 1;
-    if (n > MPARTICLE_MAX_CUSTOM_ATTRIBUTES ||
+    if (n > MPARTICLE_MAX_CUSTOM_ATTRIBUTES || j.names_cut ||
         (bytes > ATTRIBUTES_MAX_BYTES && measure(L, &j) > ATTRIBUTES_MAX_BYTES))
         keep_first_by_name(L, &j, n);
 

@@ -482,6 +482,33 @@ START_TEST(test_custom_attributes_counts_what_it_cuts_and_leaves_out)
 }
 END_TEST
 
+/* Names cut to mParticle's 256 characters can become one: the first of them
+ * by name is kept, the others are left out and counted, whatever the order of
+ * the table (two values were lost uncounted, and which one stayed depended on
+ * the order). */
+START_TEST(test_names_cut_to_the_same_one_keep_the_first_by_name)
+{
+    rule("50-attributes.lua",
+         "return function(event, out)\n"
+         "  local stem = ('\\u{e4}'):rep(256)\n"
+         "  local a = tributary.custom_attributes({[stem .. 'Z'] = 'z', [stem .. 'X'] = 'x',\n"
+         "                                         [stem .. 'Y'] = 'y', short = 's'})\n"
+         "  local n = 0\n"
+         "  for k in pairs(a) do n = n + 1 end\n"
+         "  return false, n .. ' ' .. tostring(a[stem]) .. ' ' .. tostring(a.short)\n"
+         "end\n");
+    build();
+    unsigned long long dropped = rule_count("attribute_dropped");
+    unsigned long long cut = rule_count("attribute_truncated");
+    ck_assert_int_eq(map(ENVELOPE(EV("c-1")), INPUT_ENVELOPE), 0);
+    ck_assert_uint_eq(F.m.nrecords, 0);
+    ck_assert_uint_eq(F.m.noutcomes, 1);
+    ck_assert_str_eq(F.m.outcomes[0].detail.p, "2 x s");
+    ck_assert_uint_eq(rule_count("attribute_dropped") - dropped, 2);
+    ck_assert_uint_eq(rule_count("attribute_truncated") - cut, 1);
+}
+END_TEST
+
 /* 31 values of 4,096 characters that take two bytes as JSON text (a two-byte
  * character, and a quote, which is escaped) are each within mParticle's
  * limits, and 254 KB together: the event would have been invalid_output (over
@@ -2276,6 +2303,7 @@ static Suite *suite(void)
     tc = tcase(s, "custom_attributes");
     tcase_add_test(tc, test_custom_attributes_keeps_skips_adds_and_cuts_as_documented);
     tcase_add_test(tc, test_custom_attributes_counts_what_it_cuts_and_leaves_out);
+    tcase_add_test(tc, test_names_cut_to_the_same_one_keep_the_first_by_name);
     tcase_add_loop_test(tc, test_attributes_over_100_kb_together_keep_those_that_fit_by_name, 0,
                         (int)ARRAY_LEN(TWO_BYTE_CHARACTERS));
     tcase_add_test(tc, test_custom_attributes_of_a_weak_table_holds_the_names_it_sorts);
