@@ -213,6 +213,13 @@ local function process(event, out)
   if not mobile then
     mobile, mobile_key = identifier(props.user_phone_number), "user_phone_number"
   end
+  -- a user attribute's value has at most 4,096 characters: a longer "number"
+  -- is none, and is left out (counted) rather than the event refused
+  local mobile_attribute = mobile
+  if mobile and #mobile > 4096 then
+    mobile_attribute = nil
+    tributary.count("attribute_dropped")
+  end
 
   local device_id = identifier(user.device_id)
   local ad_field = AD_ID_FIELD[present(props.ad_id_type)]
@@ -256,7 +263,7 @@ local function process(event, out)
     batch = {
       environment = tributary.environment,
       user_identities = { customer_id = customer_id, email = email },
-      user_attributes = { ["$mobile"] = mobile or nil },
+      user_attributes = { ["$mobile"] = mobile_attribute },
       device_info = device_info,
     },
     event = { event_type = name and "custom_event" or "uninstall", data = data },
@@ -332,6 +339,14 @@ local tests = {
     event = { event_type = "users.messages.inappmessage.Click", id = "i-1", time = 1,
               user = { external_user_id = "c" }, properties = { platform = "tvos" } },
     expect = { feed = "unbound", batch = { device_info = { platform = absent } } },
+  },
+  {
+    name = "a phone number of more than 4,096 characters is left out",
+    event = { event_type = "users.messages.sms.Delivery", id = "s-0", time = 1,
+              user = { external_user_id = "c" },
+              properties = { to_phone_number = ("1"):rep(4097) } },
+    expect = { batch = { user_attributes = { ["$mobile"] = absent } },
+               event = { data = { custom_attributes = { to_phone_number = absent } } } },
   },
   {
     name = "SMS: $mobile from to_phone_number",
