@@ -225,8 +225,15 @@ static struct {
     } slot[SLOTS];
 } T = {.mu = PTHREAD_MUTEX_INITIALIZER};
 
+/* When a slot's client last failed or authenticated (the window starts with a
+ * failure). Caller holds T.mu. */
+static int64_t last_seen(int i)
+{
+    return T.slot[i].last_ok > T.slot[i].window_start ? T.slot[i].last_ok : T.slot[i].window_start;
+}
+
 /* The slot of a client: its own, else a free or idle one, else the least recently
- * started one that is not refusing anybody: a refusal in force is never evicted,
+ * seen one that is not refusing anybody: a refusal in force is never evicted,
  * so flooding the table from many addresses cannot lift it. -1 when there is no
  * room (the failure goes unrecorded). Caller holds T.mu. */
 static int slot_of(const char *client, int64_t now_s, int create)
@@ -239,11 +246,10 @@ static int slot_of(const char *client, int64_t now_s, int create)
             return i;
         if (T.slot[i].blocked_until > now_s)
             continue;
-        if (idle < 0 && (T.slot[i].client[0] == '\0' ||
-                         (now_s - T.slot[i].window_start > AUTH_THROTTLE_WINDOW_S &&
-                          now_s - T.slot[i].last_ok > AUTH_THROTTLE_WINDOW_S)))
+        if (idle < 0 &&
+            (T.slot[i].client[0] == '\0' || now_s - last_seen(i) > AUTH_THROTTLE_WINDOW_S))
             idle = i;
-        if (oldest < 0 || T.slot[i].window_start < T.slot[oldest].window_start)
+        if (oldest < 0 || last_seen(i) < last_seen(oldest))
             oldest = i;
     }
     int victim = idle >= 0 ? idle : oldest;

@@ -1173,7 +1173,7 @@ static uint64_t fields_fingerprint(lua_State *L, int idx)
 }
 
 /* The largest whole number of milliseconds every JSON reader holds exactly. */
-#define MAX_EVENT_TIME_MS 9007199254740992.0
+#define MAX_EVENT_TIME_MS (INT64_C(1) << 53)
 
 /* [-0, +0] data.timestamp_unixtime_ms and data.source_message_id of the event
  * data at data, when they are there: whole milliseconds from 0 to 2^53, and a
@@ -1182,8 +1182,14 @@ static uint64_t fields_fingerprint(lua_State *L, int idx)
 static int check_event_ids(lua_State *L, int data, char *err, size_t errlen)
 {
     int t = rawfield(L, data, "timestamp_unixtime_ms");
-    lua_Number ms = t == LUA_TNUMBER ? lua_tonumber(L, -1) : -1;
-    int ok = t == LUA_TNIL || (ms >= 0 && ms <= MAX_EVENT_TIME_MS && ms == floor(ms));
+    int ok = t == LUA_TNIL;
+    if (t == LUA_TNUMBER && lua_isinteger(L, -1)) {
+        lua_Integer ms = lua_tointeger(L, -1);
+        ok = ms >= 0 && ms <= MAX_EVENT_TIME_MS;
+    } else if (t == LUA_TNUMBER) {
+        lua_Number ms = lua_tonumber(L, -1);
+        ok = ms >= 0 && ms <= (lua_Number)MAX_EVENT_TIME_MS && ms == floor(ms);
+    }
     lua_pop(L, 1);
     if (!ok) {
         str_copy(err, errlen,
@@ -1351,12 +1357,11 @@ static int emit(rules *r, lua_State *L, int evi, const struct event_ids *ids, in
      * without a customer_id, every batch field together */
     const char *user = NULL;
     size_t ulen = 0;
-    if (bt == LUA_TTABLE && rawfield(L, top + 3, "user_identities") == LUA_TTABLE) {
-        int ct = rawfield(L, -1, "customer_id");
-        if (ct == LUA_TSTRING || ct == LUA_TNUMBER)
-            user = lua_tolstring(L, -1, &ulen);
-        lua_pop(L, 1);
-    }
+    /* the customer_id stays on the stack while user points into it (the
+     * output check leaves identities strings) */
+    if (bt == LUA_TTABLE && rawfield(L, top + 3, "user_identities") == LUA_TTABLE &&
+        rawfield(L, -1, "customer_id") == LUA_TSTRING)
+        user = lua_tolstring(L, -1, &ulen);
     if (user) {
         uint64_t device = 0;
         if (rawfield(L, top + 3, "device_info") == LUA_TTABLE)

@@ -51,9 +51,9 @@
 #define REQUEST_TIMEOUT_MS 60000
 /* A rate-limit usage at or above this makes the feed slow down. */
 #define RATE_USAGE_HIGH 90
-/* A batch in this many failed requests is sent alone from then on (see
- * back_off). */
-#define ISOLATE_AFTER_FAILURES 3
+/* A feed that delivered nothing for this long is down (an outage): the
+ * failures of a batch then say nothing of its content (see note_failures). */
+#define FEED_STALLED_MS 60000
 
 /* A persisted batch, waiting or in flight. */
 struct pbatch {
@@ -66,15 +66,18 @@ struct pbatch {
     int64_t oldest_ms;
     char *body;
     size_t len;
-    int limit; /* most batches it may share a request with (halved on 400/413; 1 once it
-                  failed ISOLATE_AFTER_FAILURES times) */
+    int limit; /* most batches it may share a request with (halved on 400/413, and on a
+                  failure while the feed works: see note_failures) */
     int in_flight;
-    /* requests with it that failed (a 5xx, no answer, an unexpected answer),
-     * and the last of those: its status (0: no answer) and error */
+    /* requests with it that mParticle failed (a 5xx, no answer, an unexpected
+     * answer), and the last of those: when (monotonic ms), its status (0: no
+     * answer) and error; and since when each of its failures came while the
+     * feed worked (0: the last one did not) */
     int failures;
+    int64_t last_failed_ms;
     int last_status;
-    const char *last_error;                  /* static text */
-    int64_t first_failed_ms, last_failed_ms; /* monotonic */
+    const char *last_error; /* static text */
+    int64_t failing_since_ms;
     /* its events' timestamp_unixtime_ms: the smallest and largest (-1: none
      * has one), and how many have none; they choose the endpoint (see class_of) */
     int64_t ev_min_ms, ev_max_ms;
@@ -425,8 +428,8 @@ static int split_in_two(struct sender *s, struct feed_state *f, struct pbatch *b
         parts[i]->failures = b->failures;
         parts[i]->last_status = b->last_status;
         parts[i]->last_error = b->last_error;
-        parts[i]->first_failed_ms = b->first_failed_ms;
         parts[i]->last_failed_ms = b->last_failed_ms;
+        parts[i]->failing_since_ms = b->failing_since_ms;
         qb[i].feed = f->feed;
         str_copy(qb[i].source_request_id, sizeof qb[i].source_request_id, parts[i]->srid);
         qb[i].record_ids = parts[i]->record_ids;
@@ -769,9 +772,9 @@ static int dead_batch(struct sender *s, struct feed_state *f, struct pbatch *b, 
     return 0;
 }
 
-/* Appends to detail (which holds used bytes) what the failed requests of b
- * were, when there were any. */
-static void note_failures(const struct pbatch *b, char *detail, size_t size)
+/* Appends to the text in detail what the failed requests of b were, when there
+ * were any. */
+static void describe_failures(const struct pbatch *b, char *detail, size_t size)
 {
     size_t used = strlen(detail);
     if (b->failures == 0 || used >= size)
@@ -785,17 +788,15 @@ static void note_failures(const struct pbatch *b, char *detail, size_t size)
                  b->last_error);
 }
 
-/* A batch that went alone (see back_off) and failed for retry.failing_s while
- * mParticle took the feed's other batches since its last failure: mParticle
- * fails on its content. It would stay until retry.max_age_s, and hold the
- * feed's settled line, and with it the queue's space of every record after
- * it, for as long. */
-static int failing(const struct sender *s, const struct feed_state *f, const struct pbatch *b,
-                   int64_t now)
+/* A batch that goes alone (see note_failures) and that mParticle failed, each
+ * time while it accepted the feed's other batches, for retry.failing_s:
+ * mParticle fails on its content. It would stay until retry.max_age_s, and
+ * hold the feed's settled line, and with it the queue's space of every record
+ * after it, for as long. */
+static int failing(const struct sender *s, const struct pbatch *b, int64_t now)
 {
-    return b->failures >= ISOLATE_AFTER_FAILURES &&
-           now - b->first_failed_ms >= s->cfg->retry_failing_s * 1000 &&
-           f->delivered_ms >= b->last_failed_ms; /* answers of one turn share a ms */
+    return b->limit == 1 && b->failing_since_ms > 0 &&
+           now - b->failing_since_ms >= s->cfg->retry_failing_s * 1000;
 }
 
 /* Moves waiting batches past retry.max_age_s, and those mParticle keeps
@@ -803,26 +804,26 @@ static int failing(const struct sender *s, const struct feed_state *f, const str
 static void expire_batches(struct sender *s, struct feed_state *f)
 {
     int64_t cutoff = clock_wall_ms() - s->cfg->retry_max_age_s * 1000, now = clock_mono_ms();
-    size_t batches = 0, events = 0;
+    size_t batches = 0, events = 0, failing_batches = 0, failing_events = 0;
+    char failing_detail[256] = "";
     for (struct pbatch *b = f->head, *next; b; b = next) {
         next = b->next;
         if (b->in_flight)
             continue;
         if (b->oldest_ms >= cutoff) {
-            if (!failing(s, f, b, now))
+            if (!failing(s, b, now))
                 continue;
             char detail[256];
             snprintf(detail, sizeof detail,
                      "mParticle failed it for retry.failing_s (%llds) while it accepted the "
                      "feed's other batches",
                      (long long)s->cfg->retry_failing_s);
-            note_failures(b, detail, sizeof detail);
+            describe_failures(b, detail, sizeof detail);
             if (dead_batch(s, f, b, DEAD_FAILING, detail) != 0)
                 break;
-            log_error("mParticle keeps failing a batch it sent alone, and accepts the feed's "
-                      "others; moved to the dead-letter store",
-                      LOG_S("feed", FEED_NAMES[f->feed]) LOG_S("batch", b->srid)
-                          LOG_I("events", (long long)b->nrecords) LOG_S("detail", detail));
+            if (failing_batches++ == 0)
+                str_copy(failing_detail, sizeof failing_detail, detail);
+            failing_events += b->nrecords;
             pbatch_free(b);
             continue;
         }
@@ -830,7 +831,7 @@ static void expire_batches(struct sender *s, struct feed_state *f)
         if (!b)
             continue;
         char detail[256] = "not delivered within retry.max_age_s";
-        note_failures(b, detail, sizeof detail);
+        describe_failures(b, detail, sizeof detail);
         if (dead_batch(s, f, b, DEAD_MAX_AGE, detail) != 0)
             break;
         batches++;
@@ -842,6 +843,11 @@ static void expire_batches(struct sender *s, struct feed_state *f)
         log_warn("batches older than retry.max_age_s moved to the dead-letter store",
                  LOG_S("feed", FEED_NAMES[f->feed]) LOG_I("batches", (long long)batches)
                      LOG_I("events", (long long)events));
+    if (failing_batches)
+        log_error("mParticle keeps failing batches sent alone while it accepts the feed's "
+                  "others; moved to the dead-letter store",
+                  LOG_S("feed", FEED_NAMES[f->feed]) LOG_I("batches", (long long)failing_batches)
+                      LOG_I("events", (long long)failing_events) LOG_S("first", failing_detail));
 }
 
 /* Reads feed f's next window of records when it is due, into c. */
@@ -1288,27 +1294,42 @@ static void hold_until(struct feed_state *f, int64_t at)
         f->not_before = at;
 }
 
-/* A failed request: its batches wait out a backoff that grows with the failed
- * rounds. A batch that failed ISOLATE_AFTER_FAILURES times goes alone from
- * then on: one that mParticle keeps failing (a 5xx for its content) then holds
- * back no other batch, where the same neighbours went with it at every try
- * until retry.max_age_s. Returns 1 when the failure was counted (the first of
- * its round). */
-static int back_off(struct sender *s, struct request *r, int status, const char *why)
+/* mParticle failed request r (status 0: no answer). A failure that came while
+ * the feed works (mParticle accepted a batch of it since the batch's previous
+ * failure, or since the request started) may be for the batch's content: the
+ * batches of the request go on in halves, as after a 400, so that one that
+ * mParticle keeps failing ends up alone and holds back no other (the same
+ * neighbours went with it at every try until retry.max_age_s); alone, failing
+ * on for retry.failing_s, it is a dead letter (see failing). A failure while
+ * nothing gets through (an outage) splits nothing, and once the feed delivered
+ * nothing for FEED_STALLED_MS, the batch's time of failing starts over. */
+static void note_failures(struct feed_state *f, struct request *r, int status, const char *why)
 {
-    struct feed_state *f = r->f;
-    release(r);
-    int64_t now = clock_mono_ms();
+    int64_t now = clock_mono_ms(), started = r->started_ns / 1000000;
     for (size_t i = 0; i < r->n; i++) {
         struct pbatch *b = r->batches[i];
-        if (b->failures++ == 0)
-            b->first_failed_ms = now;
+        int64_t since = b->last_failed_ms > 0 ? b->last_failed_ms : started;
+        if (f->delivered_ms >= since) { /* answers of one turn can share a millisecond */
+            if (b->failing_since_ms == 0)
+                b->failing_since_ms = now;
+            if (r->n > 1 && b->limit > (int)(r->n / 2))
+                b->limit = (int)(r->n / 2);
+        } else if (now - f->delivered_ms > FEED_STALLED_MS) {
+            b->failing_since_ms = 0;
+        }
+        b->failures++;
         b->last_failed_ms = now;
         b->last_status = status;
         b->last_error = why;
-        if (b->failures >= ISOLATE_AFTER_FAILURES)
-            b->limit = 1;
     }
+}
+
+/* A failed request: its batches wait out a backoff that grows with the failed
+ * rounds. Returns 1 when the failure was counted (the first of its round). */
+static int back_off(struct sender *s, struct request *r)
+{
+    struct feed_state *f = r->f;
+    release(r);
     int counted = count_failure(f, r);
     metrics_retry(f->feed);
     /* a late answer of a round a success has ended since holds nothing back */
@@ -1320,7 +1341,7 @@ static int back_off(struct sender *s, struct request *r, int status, const char 
 static void retry_later(struct sender *s, struct request *r, int status, const char *why)
 {
     struct feed_state *f = r->f;
-    int counted = back_off(s, r, status, why);
+    int counted = back_off(s, r);
     int64_t wait = f->not_before - clock_mono_ms();
     if (counted && (f->failures == 1 || f->failures % 10 == 0))
         log_warn("mParticle request failed; backing off",
@@ -1337,7 +1358,8 @@ static void retry_later(struct sender *s, struct request *r, int status, const c
 static void on_unexpected(struct sender *s, struct request *r, int status)
 {
     struct feed_state *f = r->f;
-    back_off(s, r, status, "unexpected answer");
+    note_failures(f, r, status, "unexpected answer");
+    back_off(s, r);
     int64_t wait = f->not_before - clock_mono_ms();
     f->unexpected++;
     if (f->unexpected == 1 || f->unexpected % 10 == 0)
@@ -1571,11 +1593,13 @@ static void finish(struct sender *s, CURLMsg *msg)
     case MP_DELIVERED:
         on_delivered(s, r);
         break;
-    case MP_RETRY:
-        retry_later(s, r, (int)status,
-                    msg->data.result != CURLE_OK ? curl_easy_strerror(msg->data.result)
-                                                 : "server error");
+    case MP_RETRY: {
+        const char *why =
+            msg->data.result != CURLE_OK ? curl_easy_strerror(msg->data.result) : "server error";
+        note_failures(f, r, (int)status, why);
+        retry_later(s, r, (int)status, why);
         break;
+    }
     case MP_RATE_LIMITED:
         on_rate_limited(s, r);
         break;

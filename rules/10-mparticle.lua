@@ -216,7 +216,7 @@ local function process(event, out)
   -- a user attribute's value has at most 4,096 characters: a longer "number"
   -- is none, and is left out (counted) rather than the event refused
   local mobile_attribute = mobile
-  if mobile and #mobile > 4096 then
+  if mobile and (utf8.len(mobile) or #mobile) > 4096 then
     mobile_attribute = nil
     tributary.count("attribute_dropped")
   end
@@ -339,6 +339,13 @@ local tests = {
     event = { event_type = "users.messages.inappmessage.Click", id = "i-1", time = 1,
               user = { external_user_id = "c" }, properties = { platform = "tvos" } },
     expect = { feed = "unbound", batch = { device_info = { platform = absent } } },
+  },
+  {
+    name = "a phone number of 4,096 characters is $mobile",
+    event = { event_type = "users.messages.sms.Delivery", id = "s-00", time = 1,
+              user = { external_user_id = "c" },
+              properties = { to_phone_number = ("\u{e9}"):rep(4096) } },
+    expect = { batch = { user_attributes = { ["$mobile"] = ("\u{e9}"):rep(4096) } } },
   },
   {
     name = "a phone number of more than 4,096 characters is left out",

@@ -118,10 +118,10 @@ class Delivery(ServiceTest):
 
     def test_a_batch_mparticle_keeps_failing_with_5xx_holds_back_no_other(self):
         """The batch at the head of the feed went out with the same neighbours at every try:
-        a 5xx for its content kept them from mParticle until retry.max_age_s. After
-        ISOLATE_AFTER_FAILURES failed requests it goes alone; failing for retry.failing_s
-        while the feed's other batches are accepted, it is a dead letter that says why (it
-        held the feed's settled line, and the queue's space, until retry.max_age_s)."""
+        a 5xx for its content kept them from mParticle until retry.max_age_s. Failing while
+        the feed's other batches are accepted, its request goes on in halves until it is
+        alone; failing so for retry.failing_s, it is a dead letter that says why (it held
+        the feed's settled line, and the queue's space, until retry.max_age_s)."""
         d = self.double()
         d.poison("POISON-5XX", status=500)
         s = self.service(env=feed_env(d, TRIBUTARY_RETRY_FAILING_S=4))
@@ -130,9 +130,9 @@ class Delivery(ServiceTest):
         self.assertEqual(s.post([bad] + good).status, 200)
         self.assertTrue(d.wait_for_events(150, 15 * SLOW), "delivered %d of 150" % d.event_count())
         self.assertEqual(sorted(d.source_message_ids()), sorted(e["id"] for e in good))
-        failed = [r for r in d.requests if r["status"] == 500]
-        self.assertGreaterEqual(len(failed), 3)
-        self.assertEqual(failed[-1]["batches"], 1)
+        # the failing batch goes alone in the end
+        self.wait(lambda: any(r["status"] == 500 and r["batches"] == 1 for r in d.requests),
+                  what="the failing batch alone")
         # the feed goes on working: other events arrive and are delivered after each of
         # the batch's failures
         def failing_dead_letter():
@@ -145,9 +145,27 @@ class Delivery(ServiceTest):
         self.assertRegex(detail, r"^mParticle failed it for retry.failing_s \(4s\) while it "
                                  r"accepted the feed's other batches; \d+ failed requests, the "
                                  r"last answered 500 \(server error\)$")
-        self.assertIn("mParticle keeps failing a batch", s.logs())
+        self.assertIn("mParticle keeps failing batches sent alone", s.logs())
         self.wait(lambda: s.metrics()['tributary_queue_depth{feed="unbound"}'] == 0,
                   what="the queue emptied")
+
+    def test_an_outage_splits_nothing_and_makes_no_failing_dead_letters(self):
+        # every batch of a request that failed three times went alone and, once
+        # mParticle was back, the first 202 made them all `failing` dead letters
+        d = self.double()
+        d.fail(500)
+        s = self.service(env=feed_env(d, TRIBUTARY_RETRY_FAILING_S=1))
+        evs = [event("users.messages.email.Open", user="u%d" % i) for i in range(150)]
+        self.assertEqual(s.post(evs).status, 200)
+        self.wait(lambda: sum(r["status"] == 500 for r in d.requests) >= 8, what="failures")
+        time.sleep(1.5)
+        d.clear_faults()
+        d.slow(0.3)  # a round trip, so that answers and sweeps interleave
+        self.assertTrue(d.wait_for_events(150, 20 * SLOW), "delivered %d of 150" % d.event_count())
+        self.assertEqual(s.metrics()['tributary_dead_letters_total{reason="failing"}'], 0)
+        # nothing was split: the batches went out as before the outage
+        per_request = collections.Counter(b["request_id"] for b in d.batches)
+        self.assertGreater(max(per_request.values()), 50)
 
     def test_a_batch_past_max_age_says_what_its_requests_got(self):
         d = self.double()
@@ -157,7 +175,6 @@ class Delivery(ServiceTest):
         self.assertEqual(s.post([bad]).status, 200)
         self.wait(lambda: s.metrics().get('tributary_dead_letters_total{reason="max_age"}', 0) == 1,
                   timeout=30, what="the batch expired")
-        listing = s.cli(["dlq", "list", "--reason", "max_age"]).stdout
         detail = json.loads(s.cli(["dlq", "list", "--json"]).stdout)[0]["detail"]
         self.assertRegex(detail, r"not delivered within retry.max_age_s; \d+ failed requests, "
                                  r"the last answered 503 \(server error\)")

@@ -369,6 +369,28 @@ START_TEST(test_integer_at_its_upper_bound_is_accepted)
 }
 END_TEST
 
+/* retry.failing_s: at least a second (0 would make every batch that fails while
+ * others are delivered a dead letter at once), 3,600 by default. */
+START_TEST(test_retry_failing_s_is_bounded_and_defaults_to_an_hour)
+{
+    struct config *c = NULL;
+    char err[4096] = "", want[256];
+    const char *path = conf("failing.lua", "return { retry = { failing_s = 0 } }\n");
+    ck_assert_int_eq(config_load(&c, path, err, sizeof err), -1);
+    snprintf(want, sizeof want, "%s:1: 'retry.failing_s' must be between 1 and 7776000, not 0",
+             path);
+    ck_assert_str_eq(err, want);
+    path = conf("failing1.lua", "return { retry = { failing_s = 1 } }\n");
+    ck_assert_msg(config_load(&c, path, err, sizeof err) == 0, "%s", err);
+    ck_assert_int_eq(c->retry_failing_s, 1);
+    config_unref(c);
+    path = conf("default.lua", "return {}\n");
+    ck_assert_msg(config_load(&c, path, err, sizeof err) == 0, "%s", err);
+    ck_assert_int_eq(c->retry_failing_s, 3600);
+    config_unref(c);
+}
+END_TEST
+
 START_TEST(test_bad_enum_value_is_refused_with_the_choices)
 {
     const char *path = conf("enum.lua", "return { environment = \"staging\" }\n");
@@ -779,6 +801,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_wrong_type_names_line_of_its_own_section_not_an_earlier_same_name);
     tcase_add_test(tc, test_out_of_range_integer_is_refused_with_its_bounds);
     tcase_add_test(tc, test_integer_at_its_upper_bound_is_accepted);
+    tcase_add_test(tc, test_retry_failing_s_is_bounded_and_defaults_to_an_hour);
     tcase_add_test(tc, test_bad_enum_value_is_refused_with_the_choices);
     tcase_add_test(tc, test_retry_base_above_max_is_refused);
 
