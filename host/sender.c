@@ -1312,8 +1312,9 @@ static void note_failures(struct feed_state *f, struct request *r, int status, c
         if (f->delivered_ms >= since) { /* answers of one turn can share a millisecond */
             if (b->failing_since_ms == 0)
                 b->failing_since_ms = now;
-            if (r->n > 1 && b->limit > (int)(r->n / 2))
-                b->limit = (int)(r->n / 2);
+            int half = r->n > 1 ? (int)(r->n / 2) : 1; /* a lone batch stays alone */
+            if (b->limit > half)
+                b->limit = half;
         } else if (now - f->delivered_ms > FEED_STALLED_MS) {
             b->failing_since_ms = 0;
         }

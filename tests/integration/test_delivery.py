@@ -149,6 +149,22 @@ class Delivery(ServiceTest):
         self.wait(lambda: s.metrics()['tributary_queue_depth{feed="unbound"}'] == 0,
                   what="the queue emptied")
 
+    def test_a_batch_that_fails_alone_from_the_start_is_failing_too(self):
+        # sent alone from its first try, with the feed's other batches delivered beside it
+        d = self.double()
+        d.poison("POISON-5XX", status=502)
+        s = self.service(env=feed_env(d, TRIBUTARY_RETRY_FAILING_S=2))
+        bad = event("users.messages.email.Open", user="bad-user", campaign_id="POISON-5XX")
+        self.assertEqual(s.post([bad]).status, 200)
+        self.wait(lambda: any(r["status"] == 502 for r in d.requests), what="a failure")
+
+        def failing_dead_letter():
+            self.assertEqual(s.post([event("users.messages.email.Open", user="later")]).status, 200)
+            return s.metrics().get('tributary_dead_letters_total{reason="failing"}', 0) == 1
+        self.wait(failing_dead_letter, timeout=30, what="the failing batch")
+        rows = json.loads(s.cli(["dlq", "list", "--reason", "failing", "--json"]).stdout)
+        self.assertEqual([r["event_id"] for r in rows], [bad["id"]])
+
     def test_an_outage_splits_nothing_and_makes_no_failing_dead_letters(self):
         # every batch of a request that failed three times went alone and, once
         # mParticle was back, the first 202 made them all `failing` dead letters
