@@ -294,6 +294,13 @@ class DeadLetterCommands(ServiceTest):
                               "TRIBUTARY_MPARTICLE_URL": "http://127.0.0.1:9"})
         ios = event("users.messages.pushnotification.Send", user="r1", platform="ios")
         self.assertEqual(s.post([ios]).status, 200)
+
+        def feeds_without_credentials():
+            with s.db() as db:
+                return db.execute("SELECT count(*) FROM feed_state WHERE reason = ?",
+                                  ("no credentials configured",)).fetchone()[0]
+        # the service records them shortly after its start (slowly under valgrind)
+        self.wait(lambda: feeds_without_credentials() == 3, what="the feeds without credentials")
         s.stop()
         env = {k: v for k, v in s.env.items() if not k.startswith("TRIBUTARY_FEEDS_")}
         env["TRIBUTARY_RULES_DIR"] = RULES
