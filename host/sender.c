@@ -1294,29 +1294,32 @@ static void hold_until(struct feed_state *f, int64_t at)
         f->not_before = at;
 }
 
-/* mParticle failed request r (status 0: no answer). A failure that came while
- * the feed works (mParticle accepted a batch of it since the batch's previous
- * failure, or since the request started) may be for the batch's content: the
- * batches of the request go on in halves, as after a 400, so that one that
- * mParticle keeps failing ends up alone and holds back no other (the same
- * neighbours went with it at every try until retry.max_age_s); alone, failing
- * on for retry.failing_s, it is a dead letter (see failing). A failure while
- * nothing gets through (an outage) splits nothing, and once the feed delivered
- * nothing for FEED_STALLED_MS, the batch's time of failing starts over. */
+/* mParticle failed request r (status 0: no answer). Its batches go on in
+ * halves, as after a 400, once they failed twice or while the feed works
+ * (mParticle accepted a batch of it since the batch's previous failure, or
+ * since the request started): a batch that mParticle fails for its content
+ * ends up alone and holds back no other. The same neighbours went with it at
+ * every try until retry.max_age_s, and with the feed held back after each
+ * failure, so did every new batch of a quiet feed. In an outage this only
+ * makes requests smaller for a while. A batch alone that mParticle fails, each
+ * time while the feed works, for retry.failing_s is a dead letter (see
+ * failing); once the feed delivered nothing for FEED_STALLED_MS, its time of
+ * failing starts over. */
 static void note_failures(struct feed_state *f, struct request *r, int status, const char *why)
 {
     int64_t now = clock_mono_ms(), started = r->started_ns / 1000000;
     for (size_t i = 0; i < r->n; i++) {
         struct pbatch *b = r->batches[i];
         int64_t since = b->last_failed_ms > 0 ? b->last_failed_ms : started;
-        if (f->delivered_ms >= since) { /* answers of one turn can share a millisecond */
-            if (b->failing_since_ms == 0)
-                b->failing_since_ms = now;
+        int works = f->delivered_ms >= since; /* answers of one turn can share a ms */
+        if (works && b->failing_since_ms == 0)
+            b->failing_since_ms = now;
+        else if (!works && now - f->delivered_ms > FEED_STALLED_MS)
+            b->failing_since_ms = 0;
+        if (works || b->failures >= 1) {
             int half = r->n > 1 ? (int)(r->n / 2) : 1; /* a lone batch stays alone */
             if (b->limit > half)
                 b->limit = half;
-        } else if (now - f->delivered_ms > FEED_STALLED_MS) {
-            b->failing_since_ms = 0;
         }
         b->failures++;
         b->last_failed_ms = now;
