@@ -57,8 +57,10 @@
  * its instructions take at the measured speed, DEADLINE_FACTOR times over,
  * plus DEADLINE_SLACK_NS for a thread the host deschedules. The count hook
  * reads the clock each time it fires (a vDSO read, some 20 ns per HOOK_STEP
- * instructions), and so does every allocation of LARGE_ALLOC bytes or more:
- * the instructions that cost the most build long strings. */
+ * instructions), and so does every allocation of LARGE_ALLOC bytes or more
+ * outside a timed library call: the instructions that cost the most build long
+ * strings. (A library call pays for its time afterwards, at most an eighth of
+ * the budget when the host descheduled it: a slow one must not lose its event.) */
 #define DEADLINE_FACTOR 10
 #define DEADLINE_SLACK_NS (250 * 1000 * 1000LL)
 #define LARGE_ALLOC (64 * 1024)
@@ -78,6 +80,7 @@ struct sandbox {
     int64_t deadline_ns; /* clock_mono_ns the call must end by (INT64_MAX: none, or
                             outside a call) */
     int cpu_timed;       /* library calls timed by the thread's CPU time (see TIMED_CALL_SHARE) */
+    int in_timed;        /* timed library calls under way: they pay for their time after */
     enum trip tripped;
     int damaged;
     int base_ref; /* registry reference to the table behind every chunk's globals */
@@ -118,7 +121,7 @@ static void *sb_alloc(void *ud, void *ptr, size_t osize, size_t nsize)
     if (nsize > osize && (nsize - osize > sb->limit || sb->used > sb->limit - (nsize - osize)))
         return NULL; /* Lua collects and asks again; a second no is a memory error
                         (see trip_on_memory_error) */
-    if (nsize >= LARGE_ALLOC && nsize > osize && past_deadline(sb))
+    if (nsize >= LARGE_ALLOC && nsize > osize && sb->in_timed == 0 && past_deadline(sb))
         return NULL;
     void *p = pool_resize(sb->pool, ptr, osize, nsize);
     if (!p)
@@ -236,7 +239,9 @@ static int timed(lua_State *L)
     sandbox *sb = from_lua(L);
     int cpu = sb->cpu_timed;
     int64_t start = cpu ? clock_thread_ns() : clock_mono_ns();
+    sb->in_timed++;
     int status = lua_pcall(L, lua_gettop(L) - 1, LUA_MULTRET, 0);
+    sb->in_timed--;
     trip_on_memory_error(L, status);
     int64_t took = (cpu ? clock_thread_ns() : clock_mono_ns()) - start;
     int64_t cost = (int64_t)((double)took / ns_per_instruction);
@@ -846,6 +851,7 @@ enum sandbox_rc sandbox_call(sandbox *sb, int nargs, int nresults, const struct 
     sb->tripped = TRIP_NONE;
     sb->steps = 0;
     sb->cpu_timed = 0;
+    sb->in_timed = 0;
     sb->budget = lim && lim->instructions > 0 ? lim->instructions : INT64_MAX;
     double allowed = (double)sb->budget * ns_per_instruction * DEADLINE_FACTOR + DEADLINE_SLACK_NS;
     int64_t started = clock_mono_ns();
