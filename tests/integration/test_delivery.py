@@ -116,6 +116,18 @@ class Delivery(ServiceTest):
         self.assertEqual(sorted(ids), sorted(e["id"] for e in ios + android))
         self.wait(lambda: s.metrics()['tributary_feed_paused{feed="ios",reason="refused"}'] == 0, what="resume")
 
+    def failing_dead_letter(self, s, bad):
+        """While the feed goes on working (other events arrive and are delivered after each
+        failure of the bad event's batch), waits for that batch to be the one dead letter
+        `failing`; returns its row."""
+        def dead():
+            self.assertEqual(s.post([event("users.messages.email.Open", user="later")]).status, 200)
+            return s.metrics().get('tributary_dead_letters_total{reason="failing"}', 0) == 1
+        self.wait(dead, timeout=30, what="the failing batch")
+        rows = json.loads(s.cli(["dlq", "list", "--reason", "failing", "--json"]).stdout)
+        self.assertEqual([r["event_id"] for r in rows], [bad["id"]])
+        return rows[0]
+
     def test_a_batch_mparticle_keeps_failing_with_5xx_holds_back_no_other(self):
         """The batch at the head of the feed went out with the same neighbours at every try:
         a 5xx for its content kept them from mParticle until retry.max_age_s. Failing while
@@ -133,15 +145,7 @@ class Delivery(ServiceTest):
         # the failing batch goes alone in the end
         self.wait(lambda: any(r["status"] == 500 and r["batches"] == 1 for r in d.requests),
                   what="the failing batch alone")
-        # the feed goes on working: other events arrive and are delivered after each of
-        # the batch's failures
-        def failing_dead_letter():
-            self.assertEqual(s.post([event("users.messages.email.Open", user="later")]).status, 200)
-            return s.metrics().get('tributary_dead_letters_total{reason="failing"}', 0) == 1
-        self.wait(failing_dead_letter, timeout=30, what="the failing batch")
-        rows = json.loads(s.cli(["dlq", "list", "--reason", "failing", "--json"]).stdout)
-        self.assertEqual([r["event_id"] for r in rows], [bad["id"]])
-        detail = rows[0]["detail"]
+        detail = self.failing_dead_letter(s, bad)["detail"]
         self.assertRegex(detail, r"^mParticle failed it for retry.failing_s \(4s\) while it "
                                  r"accepted the feed's other batches; \d+ failed requests, the "
                                  r"last answered 500 \(server error\)$")
@@ -158,13 +162,7 @@ class Delivery(ServiceTest):
         bad = event("users.messages.email.Open", user="bad-user", campaign_id="POISON-5XX")
         self.assertEqual(s.post([bad]).status, 200)
         self.wait(lambda: any(r["status"] == 502 for r in d.requests), what="a failure")
-
-        def failing_dead_letter():
-            self.assertEqual(s.post([event("users.messages.email.Open", user="later")]).status, 200)
-            return s.metrics().get('tributary_dead_letters_total{reason="failing"}', 0) == 1
-        self.wait(failing_dead_letter, timeout=30, what="the failing batch")
-        rows = json.loads(s.cli(["dlq", "list", "--reason", "failing", "--json"]).stdout)
-        self.assertEqual([r["event_id"] for r in rows], [bad["id"]])
+        self.failing_dead_letter(s, bad)
 
     def test_an_outage_makes_no_failing_dead_letters(self):
         # every batch of a request that failed three times went alone and, once
