@@ -43,8 +43,7 @@ struct record {
 #define DEAD_INVALID_OUTPUT "invalid_output" /* a rule returned an output that is not valid */
 #define DEAD_REJECTED "rejected"             /* mParticle answered 400 for its batch */
 #define DEAD_MAX_AGE "max_age"               /* older than retry.max_age_s, never delivered */
-#define DEAD_FAILING                                                                               \
-    "failing" /* mParticle kept failing its batch while it took the feed's others */
+#define DEAD_FAILING "failing"               /* mParticle kept failing it, took others */
 #define DEAD_REASON_COUNT 6
 extern const char *const DEAD_REASONS[DEAD_REASON_COUNT]; /* the six above, in that order */
 

@@ -66,18 +66,21 @@ struct pbatch {
     int64_t oldest_ms;
     char *body;
     size_t len;
-    int limit; /* most batches it may share a request with (halved on 400/413, and on a
-                  failure while the feed works: see note_failures) */
+    int limit; /* most batches it may share a request with (see halve_limit: on 400/413,
+                  and on a failure again or while the feed works, see note_failures) */
     int in_flight;
     /* requests with it that mParticle failed (a 5xx, no answer, an unexpected
      * answer), and the last of those: when (monotonic ms), its status (0: no
      * answer) and error; and since when each of its failures came while the
-     * feed worked (0: the last one did not) */
-    int failures;
-    int64_t last_failed_ms;
-    int last_status;
-    const char *last_error; /* static text */
-    int64_t failing_since_ms;
+     * feed worked (0: the last one did not). Its parts after a split inherit
+     * them. */
+    struct {
+        int count;
+        int64_t last_ms;
+        int last_status;
+        const char *last_error; /* static text */
+        int64_t since_ms;
+    } failed;
     /* its events' timestamp_unixtime_ms: the smallest and largest (-1: none
      * has one), and how many have none; they choose the endpoint (see class_of) */
     int64_t ev_min_ms, ev_max_ms;
@@ -425,11 +428,7 @@ static int split_in_two(struct sender *s, struct feed_state *f, struct pbatch *b
         if (!parts[i] || build_body(s, parts[i], items, from[i], count[i]) != 0)
             goto fail;
         parts[i]->limit = b->limit;
-        parts[i]->failures = b->failures;
-        parts[i]->last_status = b->last_status;
-        parts[i]->last_error = b->last_error;
-        parts[i]->last_failed_ms = b->last_failed_ms;
-        parts[i]->failing_since_ms = b->failing_since_ms;
+        parts[i]->failed = b->failed;
         qb[i].feed = f->feed;
         str_copy(qb[i].source_request_id, sizeof qb[i].source_request_id, parts[i]->srid);
         qb[i].record_ids = parts[i]->record_ids;
@@ -777,15 +776,15 @@ static int dead_batch(struct sender *s, struct feed_state *f, struct pbatch *b, 
 static void describe_failures(const struct pbatch *b, char *detail, size_t size)
 {
     size_t used = strlen(detail);
-    if (b->failures == 0 || used >= size)
+    if (b->failed.count == 0 || used >= size)
         return;
-    if (b->last_status > 0)
+    if (b->failed.last_status > 0)
         snprintf(detail + used, size - used, "; %d failed requests, the last answered %d (%s)",
-                 b->failures, b->last_status, b->last_error);
+                 b->failed.count, b->failed.last_status, b->failed.last_error);
     else
         snprintf(detail + used, size - used,
-                 "; %d failed requests, the last without an answer (%s)", b->failures,
-                 b->last_error);
+                 "; %d failed requests, the last without an answer (%s)", b->failed.count,
+                 b->failed.last_error);
 }
 
 /* A batch that goes alone (see note_failures) and that mParticle failed, each
@@ -795,8 +794,8 @@ static void describe_failures(const struct pbatch *b, char *detail, size_t size)
  * after it, for as long. */
 static int failing(const struct sender *s, const struct pbatch *b, int64_t now)
 {
-    return b->limit == 1 && b->failing_since_ms > 0 &&
-           now - b->failing_since_ms >= s->cfg->retry_failing_s * 1000;
+    return b->limit == 1 && b->failed.since_ms > 0 &&
+           now - b->failed.since_ms >= s->cfg->retry_failing_s * 1000;
 }
 
 /* Moves waiting batches past retry.max_age_s, and those mParticle keeps
@@ -1176,9 +1175,9 @@ static void dispatch(struct sender *s, struct feed_state *f, int64_t now)
         /* the batch that failed least: one that fails whatever the
          * credentials (a 5xx) would keep the feed paused */
         struct pbatch *probe = NULL;
-        for (struct pbatch *b = f->head; b && !(probe && probe->failures == 0); b = b->next) {
+        for (struct pbatch *b = f->head; b && !(probe && probe->failed.count == 0); b = b->next) {
             if (!b->in_flight && class_of(b, wall) != EP_MIXED &&
-                (!probe || b->failures < probe->failures))
+                (!probe || b->failed.count < probe->failed.count))
                 probe = b;
         }
         if (probe && start_request(s, f, &probe, 1, 1) == 0)
@@ -1294,6 +1293,16 @@ static void hold_until(struct feed_state *f, int64_t at)
         f->not_before = at;
 }
 
+/* Batch b, refused or failed in a request of n batches, goes on in requests of
+ * at most half as many, so that repeated halving leaves a bad batch alone (one
+ * that went alone stays alone). */
+static void halve_limit(struct pbatch *b, size_t n)
+{
+    int half = n > 1 ? (int)(n / 2) : 1;
+    if (b->limit > half)
+        b->limit = half;
+}
+
 /* mParticle failed request r (status 0: no answer). Its batches go on in
  * halves, as after a 400, once they failed twice or while the feed works
  * (mParticle accepted a batch of it since the batch's previous failure, or
@@ -1310,21 +1319,18 @@ static void note_failures(struct feed_state *f, struct request *r, int status, c
     int64_t now = clock_mono_ms(), started = r->started_ns / 1000000;
     for (size_t i = 0; i < r->n; i++) {
         struct pbatch *b = r->batches[i];
-        int64_t since = b->last_failed_ms > 0 ? b->last_failed_ms : started;
+        int64_t since = b->failed.last_ms > 0 ? b->failed.last_ms : started;
         int works = f->delivered_ms >= since; /* answers of one turn can share a ms */
-        if (works && b->failing_since_ms == 0)
-            b->failing_since_ms = now;
+        if (works && b->failed.since_ms == 0)
+            b->failed.since_ms = now;
         else if (!works && now - f->delivered_ms > FEED_STALLED_MS)
-            b->failing_since_ms = 0;
-        if (works || b->failures >= 1) {
-            int half = r->n > 1 ? (int)(r->n / 2) : 1; /* a lone batch stays alone */
-            if (b->limit > half)
-                b->limit = half;
-        }
-        b->failures++;
-        b->last_failed_ms = now;
-        b->last_status = status;
-        b->last_error = why;
+            b->failed.since_ms = 0;
+        if (works || b->failed.count >= 1)
+            halve_limit(b, r->n);
+        b->failed.count++;
+        b->failed.last_ms = now;
+        b->failed.last_status = status;
+        b->failed.last_error = why;
     }
 }
 
@@ -1531,9 +1537,9 @@ static void dead_letter(struct sender *s, struct request *r, int status)
     pbatch_free(b);
 }
 
-/* 400 or 413: halve the requests these batches may travel in; a lone batch of
- * several events is split, so that a 400 ends up with the one event mParticle
- * refuses (a user's batch holds that user's events, good ones too); a lone
+/* 400 or 413: halve the requests these batches may travel in (halve_limit); a
+ * lone batch of several events is split, so that a 400 ends up with the one
+ * event mParticle refuses (a user's batch holds that user's events, good ones too); a lone
  * event refused with 400 is dead-lettered. A 413 for one event, within
  * mParticle's batch limit, says that something in between limits bodies: the
  * event is kept, as for any unexpected answer. */
@@ -1542,9 +1548,8 @@ static void on_refused_content(struct sender *s, struct request *r, int status,
 {
     struct feed_state *f = r->f;
     if (r->n > 1) {
-        int limit = (int)(r->n / 2);
         for (size_t i = 0; i < r->n; i++) {
-            r->batches[i]->limit = limit;
+            halve_limit(r->batches[i], r->n);
             r->batches[i]->in_flight = 0;
         }
         log_info("mParticle refused a bulk request; splitting it",

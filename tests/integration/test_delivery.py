@@ -116,6 +116,14 @@ class Delivery(ServiceTest):
         self.assertEqual(sorted(ids), sorted(e["id"] for e in ios + android))
         self.wait(lambda: s.metrics()['tributary_feed_paused{feed="ios",reason="refused"}'] == 0, what="resume")
 
+    def failing_feed(self, status, **env):
+        """A double that answers `status` to any request with the event `bad` in it, and a
+        service sending to it: (double, service, bad), bad not posted yet."""
+        d = self.double()
+        d.poison("POISON-5XX", status=status)
+        s = self.service(env=feed_env(d, **env))
+        return d, s, event("users.messages.email.Open", user="bad-user", campaign_id="POISON-5XX")
+
     def failing_dead_letter(self, s, bad):
         """While the feed goes on working (other events arrive and are delivered after each
         failure of the bad event's batch), waits for that batch to be the one dead letter
@@ -134,10 +142,7 @@ class Delivery(ServiceTest):
         the feed's other batches are accepted, its request goes on in halves until it is
         alone; failing so for retry.failing_s, it is a dead letter that says why (it held
         the feed's settled line, and the queue's space, until retry.max_age_s)."""
-        d = self.double()
-        d.poison("POISON-5XX", status=500)
-        s = self.service(env=feed_env(d, TRIBUTARY_RETRY_FAILING_S=4))
-        bad = event("users.messages.email.Open", user="bad-user", campaign_id="POISON-5XX")
+        d, s, bad = self.failing_feed(500, TRIBUTARY_RETRY_FAILING_S=4)
         good = [event("users.messages.email.Open", user="u%d" % i) for i in range(150)]
         self.assertEqual(s.post([bad] + good).status, 200)
         self.assertTrue(d.wait_for_events(150, 15 * SLOW), "delivered %d of 150" % d.event_count())
@@ -156,10 +161,7 @@ class Delivery(ServiceTest):
     def test_a_batch_that_fails_alone_from_the_start_is_failing_too(self):
         # a quiet feed: each new batch waited out the backoff of the failing one
         # and went with it, so that nothing got through, as in an outage
-        d = self.double()
-        d.poison("POISON-5XX", status=502)
-        s = self.service(env=feed_env(d, TRIBUTARY_RETRY_FAILING_S=2))
-        bad = event("users.messages.email.Open", user="bad-user", campaign_id="POISON-5XX")
+        d, s, bad = self.failing_feed(502, TRIBUTARY_RETRY_FAILING_S=2)
         self.assertEqual(s.post([bad]).status, 200)
         self.wait(lambda: any(r["status"] == 502 for r in d.requests), what="a failure")
         self.failing_dead_letter(s, bad)
@@ -182,10 +184,7 @@ class Delivery(ServiceTest):
         self.assertEqual(sorted(d.source_message_ids()), sorted(e["id"] for e in evs))
 
     def test_a_batch_past_max_age_says_what_its_requests_got(self):
-        d = self.double()
-        d.poison("POISON-5XX", status=503)
-        s = self.service(env=feed_env(d, TRIBUTARY_RETRY_MAX_AGE_S=6))
-        bad = event("users.messages.email.Open", user="bad-user", campaign_id="POISON-5XX")
+        _, s, bad = self.failing_feed(503, TRIBUTARY_RETRY_MAX_AGE_S=6)
         self.assertEqual(s.post([bad]).status, 200)
         self.wait(lambda: s.metrics().get('tributary_dead_letters_total{reason="max_age"}', 0) == 1,
                   timeout=30, what="the batch expired")
@@ -218,10 +217,7 @@ class Delivery(ServiceTest):
     def test_a_paused_feeds_probe_takes_a_batch_that_has_not_failed(self):
         """A probe with a batch that fails whatever the credentials (a 5xx) kept the feed
         paused: the probe takes the batch that failed least."""
-        d = self.double()
-        d.poison("POISON-5XX", status=500)
-        s = self.service(env=feed_env(d))
-        bad = event("users.messages.email.Open", user="bad-user", campaign_id="POISON-5XX")
+        d, s, bad = self.failing_feed(500)
         self.assertEqual(s.post([bad]).status, 200)
         self.wait(lambda: sum(r["status"] == 500 for r in d.requests) >= 2, what="two failures")
         d.fail(401, times=1)
