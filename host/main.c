@@ -189,8 +189,22 @@ static int options_fit(const struct args *a)
     return 1; /* an unknown command or subcommand is named where it is dispatched */
 }
 
+/* Refuses positional arguments a command does not take: an operator who wrote
+ * `check FILE` for `check --config FILE` must not read "ok" for the wrong file. */
+static int too_many_arguments(const struct args *a, int max, const char *what)
+{
+    if (a->npositional <= max)
+        return 0;
+    fprintf(stderr,
+            "tributary: %s takes %s; '%s' is not one (the configuration is --config FILE)\n",
+            a->command, what, a->positional[max]);
+    return 1;
+}
+
 static int cmd_check(const struct args *a)
 {
+    if (too_many_arguments(a, 0, "no arguments"))
+        return 2;
     struct config *c = config_load_for_command(a->config, 1);
     if (!c)
         return 1;
@@ -272,10 +286,8 @@ static int print_outcome(const struct mapping *m, size_t i, const char *environm
 
 static int cmd_map(const struct args *a)
 {
-    if (a->npositional > 1) {
-        fprintf(stderr, "tributary: map takes at most one input file\n");
+    if (too_many_arguments(a, 1, "at most one input file"))
         return 2;
-    }
     struct config *c = config_load_for_command(a->config, 0);
     if (!c)
         return 1;
@@ -329,10 +341,8 @@ done:
  * of inbound.hmac_secrets, so producers can test their setup. */
 static int cmd_sign(const struct args *a)
 {
-    if (a->npositional > 1) {
-        fprintf(stderr, "tributary: sign takes at most one input file\n");
+    if (too_many_arguments(a, 1, "at most one input file"))
         return 2;
-    }
     struct config *c = config_load_for_command(a->config, 0);
     if (!c)
         return 1;
@@ -410,10 +420,8 @@ int main(int argc, char **argv)
         return 1;
     }
     if (strcmp(a.command, "serve") == 0) {
-        if (a.npositional) {
-            fprintf(stderr, "tributary: serve takes no arguments\n");
+        if (too_many_arguments(&a, 0, "no arguments"))
             return 2;
-        }
         /* Signals are taken synchronously by the main thread (sigtimedwait), so
          * every thread started afterwards must have them blocked. */
         sigset_t set;

@@ -288,7 +288,6 @@ local tests = {
     expect = {
       feed = "ios",
       batch = {
-        environment = "production",
         user_identities = { customer_id = "customer-1234", email = absent },
         device_info = { platform = "iOS", device_model = "iPhone15,2",
                         ios_idfv = "2E3C1F4A-77B2-4C8E-9A01-6F2D3B4C5D6E",
@@ -322,6 +321,13 @@ local tests = {
       event = { data = { event_name = "Email Opens",
                          custom_attributes = { campaign_id = "c-1", email_address = absent } } },
     },
+  },
+  {
+    name = "the configured environment is the batch's",
+    config = { environment = "development" },
+    event = { event_type = "users.messages.email.Send", id = "env-1", time = 1,
+              user = { external_user_id = "c" } },
+    expect = { batch = { environment = "development" } },
   },
   {
     name = "uninstall reaches its platform through the apps table",

@@ -77,6 +77,16 @@ class Cli(ServiceTest):
             self.assertEqual(p.returncode, 2, p)
             self.assertIn("%s does not apply to %s" % (option, command), p.stderr)
 
+    def test_an_argument_the_command_does_not_take_is_refused_not_ignored(self):
+        for args, what in ((["check", "tributary.conf.lua"], "check takes no arguments"),
+                           (["serve", "tributary.conf.lua"], "serve takes no arguments"),
+                           (["map", "a.json", "b.json"], "map takes at most one input file"),
+                           (["sign", "a.json", "b.json"], "sign takes at most one input file")):
+            p = run_cli(args)
+            self.assertEqual(p.returncode, 2, p)
+            self.assertIn(what, p.stderr)
+            self.assertEqual(p.stdout, "")
+
     def test_unknown_command_is_a_usage_error(self):
         p = run_cli(["frobnicate"])
         self.assertEqual(p.returncode, 2)

@@ -74,6 +74,15 @@ class Delivery(ServiceTest):
         m = s.metrics()
         self.assertEqual(sum(m['tributary_events_delivered_total{feed="%s"}' % f] for f in FEEDS), 54)
 
+    def test_a_development_environment_starts_with_the_shipped_rules_and_is_sent(self):
+        d = self.double()
+        s = self.service(env=feed_env(d, TRIBUTARY_ENVIRONMENT="development"))
+        self.assertEqual(s.post([event("users.messages.email.Open", user="dev-user")]).status, 200)
+        self.assertTrue(d.wait_for_events(1, 10 * SLOW))
+        self.assertEqual(d.batches[0]["batch"]["environment"], "development")
+        r = run_cli(["check"], env={"TRIBUTARY_ENVIRONMENT": "development"})
+        self.assertEqual(r.returncode, 0, r.stderr)
+
     def test_events_of_one_user_within_linger_share_a_batch(self):
         d = self.double()
         s = self.service(env=feed_env(d, TRIBUTARY_BATCH_LINGER_MS=1500))
