@@ -128,6 +128,14 @@ install: all
 	sed 's|@BINDIR@|$(PREFIX)/bin|g' scripts/tributary.service \
 		> $(DESTDIR)$(PREFIX)/lib/systemd/system/tributary.service
 	chmod 0644 $(DESTDIR)$(PREFIX)/lib/systemd/system/tributary.service
+	install -d $(DESTDIR)$(PREFIX)/lib/sysusers.d
+	echo 'u tributary - "tributary service" /var/lib/tributary /usr/sbin/nologin' \
+		> $(DESTDIR)$(PREFIX)/lib/sysusers.d/tributary.conf
+	chmod 0644 $(DESTDIR)$(PREFIX)/lib/sysusers.d/tributary.conf
+	@# the unit's user, on this machine (a package build with DESTDIR leaves it to sysusers.d)
+	if [ -z "$(DESTDIR)" ] && ! getent passwd tributary > /dev/null; then \
+		useradd --system --user-group --home-dir /var/lib/tributary --no-create-home \
+			--shell /usr/sbin/nologin tributary; fi
 
 FORMATTED = host/*.c host/*.h tests/unit/*.c tests/unit/*.h tests/bench/*.c tests/fuzz/*.c \
 	tests/fuzz/*.h tests/integration/faults/*.c

@@ -685,7 +685,11 @@ static uint64_t fingerprint(struct config *c, const struct key *k)
     return h;
 }
 
-static void load_env(struct config *c, struct errs *e, buf *warnings)
+/* Sets what the environment gives. `defaults` holds each key's fingerprint
+ * before the file was read: a key the file changed from its default and the
+ * environment sets to another value is named in a warning, as an edit of the
+ * file would otherwise have no effect without a word. */
+static void load_env(struct config *c, const uint64_t *defaults, struct errs *e, buf *warnings)
 {
     char name[128], file_var[140];
     for (size_t i = 0; i < ARRAY_LEN(KEYS); i++) {
@@ -708,6 +712,9 @@ static void load_env(struct config *c, struct errs *e, buf *warnings)
             free(from_file);
         }
         c->from_env[i] = v || path;
+        if (c->from_env[i] && c->file && c->file_value[i] != defaults[i] &&
+            fingerprint(c, &KEYS[i]) != c->file_value[i])
+            warn_add(warnings, "%s overrides %s of %s", v ? name : file_var, KEYS[i].path, c->file);
     }
     /* A mistyped variable would silently leave a default in force: say so. */
     for (char **env = environ; env && *env; env++) {
@@ -1068,6 +1075,9 @@ static int load(struct config **out, const char *path, const char *src, size_t l
         return -1;
     }
     atomic_store(&c->refs, 1);
+    uint64_t defaults[ARRAY_LEN(KEYS)];
+    for (size_t i = 0; i < ARRAY_LEN(KEYS); i++)
+        defaults[i] = fingerprint(c, &KEYS[i]);
 
     if (src) {
         load_source(c, path, src, len, &e);
@@ -1081,7 +1091,7 @@ static int load(struct config **out, const char *path, const char *src, size_t l
         }
     }
     if (e.count == 0 && env)
-        load_env(c, &e, &warnings);
+        load_env(c, defaults, &e, &warnings);
     if (e.count == 0)
         check(c, &e, serving);
     if (e.count == 0 && serving) {

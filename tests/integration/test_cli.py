@@ -280,6 +280,28 @@ class Cli(ServiceTest):
         self.assertEqual(p.returncode, 1)
         self.assertIn("TRIBUTARY_BATCH_LINGER_MS", p.stderr)
 
+    def test_the_environment_overriding_a_value_the_file_changed_is_named_not_silent(self):
+        d = self.tmpdir()
+        conf = os.path.join(d, "tributary.conf.lua")
+        with open(conf, "w") as f:
+            f.write('return { data_dir = "%s/from-file", batch = { linger_ms = 900 },\n'
+                    '         inbound = { tokens = { "file-token-0123456789abcdef" } } }\n' % d)
+        token_file = os.path.join(d, "token")
+        with open(token_file, "w") as f:
+            f.write("env-token-0123456789abcdef\n")
+        p = run_cli(["check", "--config", conf],
+                    env={"TRIBUTARY_DATA_DIR": d + "/from-env",
+                         "TRIBUTARY_INBOUND_TOKENS_FILE": token_file,
+                         "TRIBUTARY_BATCH_LINGER_MS": "900",      # the file's own value
+                         "TRIBUTARY_HTTP_THREADS": "2"})          # the file leaves it default
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertIn("TRIBUTARY_DATA_DIR overrides data_dir of %s" % conf, p.stderr)
+        self.assertIn("TRIBUTARY_INBOUND_TOKENS_FILE overrides inbound.tokens of %s" % conf,
+                      p.stderr)
+        self.assertNotIn("linger_ms", p.stderr)
+        self.assertNotIn("http.threads", p.stderr)
+        self.assertNotIn("token-0123456789abcdef", p.stderr)
+
 
 class DeadLetterCommands(ServiceTest):
     FAILING_RULE = {"20-fail.lua": "return function(e) error('nope') end\n"}

@@ -218,31 +218,36 @@ class Install(ServiceTest):
     def test_make_install_places_binary_rules_config_and_unit(self):
         if os.path.abspath(BIN) != os.path.join(ROOT, "host", "tributary"):
             self.skipTest("installs the release build only")
-        prefix = self.tmpdir()
-        p = subprocess.run(["make", "-s", "install", "PREFIX=" + prefix], cwd=ROOT,
-                           capture_output=True, text=True, timeout=300)
+        # as a package build does: into DESTDIR, which creates no user on this machine
+        destdir = self.tmpdir()
+        p = subprocess.run(["make", "-s", "install", "DESTDIR=" + destdir, "PREFIX=/opt/trib"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)
         self.assertEqual(p.returncode, 0, p.stderr)
+        prefix = destdir + "/opt/trib"
         for path in ("bin/tributary", "share/tributary/rules/10-mparticle.lua",
                      "share/tributary/rules/examples/50-route-feed.lua",
                      "share/tributary/tributary.conf.lua.example",
                      "share/tributary/prometheus-alerts.yml",
-                     "lib/systemd/system/tributary.service"):
+                     "lib/systemd/system/tributary.service", "lib/sysusers.d/tributary.conf"):
             self.assertTrue(os.path.exists(os.path.join(prefix, path)), path)
         with open(os.path.join(prefix, "lib/systemd/system/tributary.service")) as f:
             unit = f.read()
-        self.assertIn("ExecStart=%s/bin/tributary serve" % prefix, unit)
-        # the example names the unit's directories, so that commands given
-        # the service's file find its queue and rules
+        self.assertIn("ExecStart=/opt/trib/bin/tributary serve", unit)
+        # the example names the unit's directories, and the unit leaves them to
+        # it, so that the service and every command given its file agree
         with open(os.path.join(prefix, "share/tributary/tributary.conf.lua.example")) as f:
             example = f.read()
-        self.assertIn("TRIBUTARY_DATA_DIR=/var/lib/tributary", unit)
         self.assertIn('data_dir = "/var/lib/tributary"', example)
-        self.assertIn("TRIBUTARY_RULES_DIR=/etc/tributary/rules", unit)
         self.assertIn('rules_dir = "/etc/tributary/rules"', example)
+        self.assertNotIn("Environment=", unit)
         self.assertIn("file changes nothing else until you edit it", example)
+        # a static user, so that files the service reads itself can be its own
         for option in ("ExecReload=/bin/kill -HUP $MAINPID", "NoNewPrivileges=yes",
-                       "ProtectSystem=strict", "DynamicUser=yes", "StateDirectory=tributary"):
+                       "ProtectSystem=strict", "User=tributary", "StateDirectory=tributary"):
             self.assertIn(option, unit)
+        self.assertNotIn("DynamicUser=yes", unit)
+        with open(os.path.join(prefix, "lib/sysusers.d/tributary.conf")) as f:
+            self.assertRegex(f.read(), r"^u tributary - .* /var/lib/tributary ")
         v = subprocess.run([os.path.join(prefix, "bin/tributary"), "--version"],
                            capture_output=True, text=True)
         self.assertEqual(v.returncode, 0)
