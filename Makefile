@@ -13,7 +13,7 @@
 VERSION := 0.1.0
 REVISION := $(shell git rev-parse --short HEAD 2>/dev/null || echo unknown)
 
-PKGS := lua5.4 lua5.4-cjson libmicrohttpd libcurl sqlite3 libcrypto
+PKGS := lua5.4 lua5.4-cjson libmicrohttpd gnutls libcurl sqlite3 libcrypto
 CC ?= cc
 CFLAGS ?= -O2 -g
 WARN := -Wall -Wextra -Wshadow -Wstrict-prototypes -Wmissing-prototypes -Werror

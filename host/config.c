@@ -3,6 +3,7 @@
 #include "digest.h"
 #include "mparticle.h"
 #include "sandbox.h"
+#include "tls.h"
 
 #include <arpa/inet.h>
 #include <ctype.h>
@@ -991,6 +992,7 @@ static void check(struct config *c, struct errs *e, int serving)
                            c->tls_cert,
                            "tls.key",
                            c->tls_key};
+    int unreadable = 0;
     for (size_t i = 0; serving && i < ARRAY_LEN(files); i += 2) {
         int fd = files[i + 1] && *files[i + 1] ? open(files[i + 1], O_RDONLY | O_CLOEXEC) : -2;
         struct stat st;
@@ -999,12 +1001,22 @@ static void check(struct config *c, struct errs *e, int serving)
         else if (fd >= 0 && files[i + 1] == c->tls_key && fstat(fd, &st) == 0 && (st.st_mode & 077))
             errs_add(e, "tls.key: %s must not be readable by group or others (chmod 600)",
                      files[i + 1]);
+        unreadable |= fd == -1;
         if (fd >= 0)
             close(fd);
     }
     if (!c->tls_cert != !c->tls_key)
         errs_add(e, "tls: cert and key must be set together (only the %s is set)",
                  c->tls_cert ? "cert" : "key");
+    /* what they hold, as the listener and curl will read it: a certificate
+     * and its key, trusted certificates */
+    char pem_err[512];
+    if (serving && !unreadable && c->tls_cert && c->tls_key &&
+        tls_check_pair(c->tls_cert, c->tls_key, pem_err, sizeof pem_err) != 0)
+        errs_add(e, "%s", pem_err);
+    if (serving && !unreadable && c->mparticle_ca_bundle && *c->mparticle_ca_bundle &&
+        tls_check_ca_bundle(c->mparticle_ca_bundle, pem_err, sizeof pem_err) != 0)
+        errs_add(e, "%s", pem_err);
     check_url("mparticle.url", c->mparticle_url, e);
     for (int f = 0; f < FEED_COUNT; f++) {
         struct feed_config *fc = &c->feeds[f];

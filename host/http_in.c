@@ -4,6 +4,7 @@
 #include "digest.h"
 #include "log.h"
 #include "reload.h"
+#include "tls.h"
 
 #include <arpa/inet.h>
 #include <microhttpd.h>
@@ -869,8 +870,9 @@ int http_in_start(http_in **out, struct ingest *in, const struct http_in_options
                          MHD_USE_POLL | MHD_USE_ERROR_LOG;
     if (ai->ai_family == AF_INET6)
         flags |= MHD_USE_IPv6;
-    if (o->tls_cert_pem) {
-        if (MHD_is_feature_supported(MHD_FEATURE_TLS) != MHD_YES) {
+    if (o->tls) {
+        if (MHD_is_feature_supported(MHD_FEATURE_TLS) != MHD_YES ||
+            MHD_is_feature_supported(MHD_FEATURE_HTTPS_CERT_CALLBACK) != MHD_YES) {
             str_copy(err, errlen, "this libmicrohttpd has no TLS support");
             freeaddrinfo(ai);
             pthread_mutex_destroy(&h->conns_mu);
@@ -897,9 +899,9 @@ int http_in_start(http_in **out, struct ingest *in, const struct http_in_options
          * in TIME_WAIT, while a second process on the same address fails to
          * start. With it (SO_REUSEPORT) a second `tributary serve` would start
          * and the kernel would split the requests between the two. */
-        /* without TLS the list ends here */
-        {o->tls_cert_pem ? MHD_OPTION_HTTPS_MEM_CERT : MHD_OPTION_END, 0, (void *)o->tls_cert_pem},
-        {MHD_OPTION_HTTPS_MEM_KEY, 0, (void *)o->tls_key_pem},
+        /* without TLS the list ends here; with it, each handshake asks tls for
+         * the certificate, which a reload can replace */
+        {o->tls ? MHD_OPTION_HTTPS_CERT_CALLBACK : MHD_OPTION_END, 0, (void *)tls_retrieve},
         {MHD_OPTION_HTTPS_PRIORITIES, 0, (void *)TLS_PRIORITIES},
         {MHD_OPTION_END, 0, NULL},
     };

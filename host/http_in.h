@@ -39,8 +39,7 @@ struct http_in_options {
      * connection from the end of the previous request plus timeout_s */
     int request_timeout_s;
     size_t max_body;
-    const char *tls_cert_pem; /* NULL: plain HTTP */
-    const char *tls_key_pem;
+    int tls; /* HTTPS with tls's certificate and key (see tls.h), else plain HTTP */
 };
 
 /* What the server asks of the running service. */

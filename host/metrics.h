@@ -74,6 +74,7 @@ struct metrics_gauges {
     int64_t dedup_ids;
     int64_t dedup_bytes;
     int ready;
+    int64_t tls_not_after; /* UNIX seconds; 0 without TLS */
     const char *rules_version;
 };
 

@@ -2,6 +2,7 @@
 
 #include "log.h"
 #include "metrics.h"
+#include "tls.h"
 
 #include <errno.h>
 #include <pthread.h>
@@ -136,9 +137,7 @@ static void warn_restart_only(const struct config *old, const struct config *neu
         size_t off;
     } strs[] = {{"listen", offsetof(struct config, listen)},
                 {"data_dir", offsetof(struct config, data_dir)},
-                {"queue.sync", offsetof(struct config, queue_sync)},
-                {"tls.cert", offsetof(struct config, tls_cert)},
-                {"tls.key", offsetof(struct config, tls_key)}};
+                {"queue.sync", offsetof(struct config, queue_sync)}};
     static const struct {
         const char *key;
         size_t off;
@@ -159,6 +158,10 @@ static void warn_restart_only(const struct config *old, const struct config *neu
             log_warn("setting changed but takes effect only after a restart",
                      LOG_S("key", strs[i].key));
     }
+    /* the listener speaks HTTPS or not from its start; a new certificate is
+     * taken on reload */
+    if (!old->tls_cert != !neu->tls_cert)
+        log_warn("setting changed but takes effect only after a restart", LOG_S("key", "tls"));
     for (size_t i = 0; i < ARRAY_LEN(ints); i++) {
         int64_t a = *(const int64_t *)((const char *)old + ints[i].off);
         int64_t b = *(const int64_t *)((const char *)neu + ints[i].off);
@@ -198,6 +201,10 @@ int reload_now(const char *trigger, char *err, size_t errlen)
     }
     if (started)
         warn_restart_only(started, cfg);
+    /* a renewed certificate: the next handshakes get it */
+    if (started && started->tls_cert && cfg->tls_cert &&
+        tls_use(cfg->tls_cert, cfg->tls_key, err, errlen) < 0)
+        goto done;
     if (old) {
         char keys[512];
         if (config_shadowed_changes(old, cfg, keys, sizeof keys))
@@ -218,6 +225,8 @@ int reload_now(const char *trigger, char *err, size_t errlen)
     R.rs = rs;
     R.generation++;
     uint64_t gen = R.generation;
+    char version[32];
+    str_copy(version, sizeof version, ruleset_version(rs));
     pthread_mutex_unlock(&R.mu);
     cfg = NULL;
     rs = NULL;
@@ -226,7 +235,7 @@ int reload_now(const char *trigger, char *err, size_t errlen)
     metrics_add(M_RULE_RELOADS, 1);
     log_info("configuration and rules reloaded",
              LOG_S("trigger", trigger) LOG_I("generation", (long long)gen)
-                 LOG_I("rule_tests", ntests));
+                 LOG_S("rules_version", version) LOG_I("rule_tests", ntests));
     rc = 0;
 done:
     if (rc != 0) {

@@ -9,6 +9,7 @@
 #include "reload.h"
 #include "rules.h"
 #include "sender.h"
+#include "tls.h"
 
 #include <errno.h>
 #include <malloc.h>
@@ -170,6 +171,7 @@ static void hook_gauges(void *ctx, struct metrics_gauges *g)
     buf_init(&ignored, 1024);
     g->ready = hook_ready(ctx, &ignored);
     buf_free(&ignored);
+    g->tls_not_after = tls_not_after();
 }
 
 static void log_feeds(const struct config *c, char *names, size_t len)
@@ -185,32 +187,6 @@ static void log_feeds(const struct config *c, char *names, size_t len)
     }
     if (!used)
         str_copy(names, len, "none");
-}
-
-/* Reads a PEM file for the TLS listener (the configuration's checks refused a
- * key readable by group or others). */
-static int read_pem(const char *path, char **out)
-{
-    FILE *f = fopen(path, "rb");
-    if (!f) {
-        log_error("cannot open a TLS file", LOG_S("path", path) LOG_S("error", strerror(errno)));
-        return -1;
-    }
-    buf b;
-    buf_init(&b, 1 << 20);
-    char chunk[4096];
-    size_t n;
-    int rc = 0;
-    while ((n = fread(chunk, 1, sizeof chunk, f)) > 0)
-        rc |= buf_add(&b, chunk, n);
-    fclose(f);
-    if (rc != 0 || b.len == 0) {
-        log_error("cannot read a TLS file", LOG_S("path", path));
-        buf_free(&b);
-        return -1;
-    }
-    *out = buf_take(&b);
-    return 0;
 }
 
 /* The main thread's loop: signals (taken through a signalfd; main() blocked them
@@ -310,7 +286,6 @@ int service_run(const char *config_path)
 
     struct service s = {0};
     int rc = 1;
-    char *cert = NULL, *key = NULL;
     struct queue_options qo = {
         .dir = cfg->data_dir,
         .sync_full = strcmp(cfg->queue_sync, "full") == 0,
@@ -341,8 +316,10 @@ int service_run(const char *config_path)
     if (cfg->inbound_tokens.n == 0 && cfg->inbound_hmac_secrets.n == 0)
         log_warn("no inbound.tokens or inbound.hmac_secrets configured: requests are accepted "
                  "without authentication (allowed on a loopback address only)");
-    if (cfg->tls_cert && (read_pem(cfg->tls_cert, &cert) != 0 || read_pem(cfg->tls_key, &key) != 0))
+    if (cfg->tls_cert && tls_use(cfg->tls_cert, cfg->tls_key, err, sizeof err) < 0) {
+        log_error("cannot use the TLS certificate", LOG_S("error", err));
         goto done;
+    }
     struct http_in_options ho = {
         .host = host,
         .port = port,
@@ -351,8 +328,7 @@ int service_run(const char *config_path)
         .timeout_s = (int)cfg->http_timeout_s,
         .request_timeout_s = (int)cfg->http_request_timeout_s,
         .max_body = (size_t)cfg->inbound_max_body_bytes,
-        .tls_cert_pem = cert,
-        .tls_key_pem = key,
+        .tls = cfg->tls_cert != NULL,
     };
     /* Watched before the first request can be answered: a rule written as soon
      * as the service is up is not missed. */
@@ -371,7 +347,7 @@ int service_run(const char *config_path)
     for (int f = 0; f < FEED_COUNT; f++)
         depth += qg.depth[f];
     char listen[300];
-    snprintf(listen, sizeof listen, "%s://%s:%d", cert ? "https" : "http", host,
+    snprintf(listen, sizeof listen, "%s://%s:%d", cfg->tls_cert ? "https" : "http", host,
              http_in_port(s.http));
     log_info("tributary started",
              LOG_S("version", TRIBUTARY_VERSION) LOG_S("listen", listen)
@@ -397,10 +373,7 @@ done:
     ingest_fini(&s.in);
     queue_free(s.q);
     reload_shutdown();
-    if (key)
-        explicit_bzero(key, strlen(key));
-    free(key);
-    free(cert);
+    tls_shutdown(); /* after the server: a handshake may hold a certificate */
     config_unref(cfg);
     if (rc == 0)
         log_info("stopped");

@@ -8,7 +8,7 @@
 set -eu
 
 PACKAGES="gcc make pkg-config ca-certificates curl openssl python3 python3-minimal
-liblua5.4-dev lua-cjson-dev libcurl4-openssl-dev libmicrohttpd-dev
+liblua5.4-dev lua-cjson-dev libcurl4-openssl-dev libmicrohttpd-dev libgnutls28-dev
 libsqlite3-dev libssl-dev check time $*"
 
 missing=""

@@ -29,7 +29,7 @@
 TARGETS ?= fuzz_request fuzz_map fuzz_retry_after fuzz_signature fuzz_config
 FUZZ_SECONDS ?= 60
 
-PKGS := lua5.4 lua5.4-cjson libmicrohttpd libcurl sqlite3 libcrypto
+PKGS := lua5.4 lua5.4-cjson libmicrohttpd gnutls libcurl sqlite3 libcrypto
 # Recursive (=) so that pkg-config runs only when a recipe needs it.
 PKG_CFLAGS = $(shell pkg-config --cflags $(PKGS))
 PKG_LIBS = $(shell pkg-config --libs $(PKGS))

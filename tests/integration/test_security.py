@@ -635,6 +635,117 @@ class TLS(ServiceTest):
         self.assertIn("tls.key: %s must not be readable by group or others (chmod 600)" % loose,
                       p.stderr)
 
+    def pair(self, cn, days=1):
+        """A new self-signed certificate for localhost and its key, in a
+        directory of their own: (cert, key)."""
+        d = self.tmpdir()
+        cert, key = os.path.join(d, "cert.pem"), os.path.join(d, "key.pem")
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                        "ec_paramgen_curve:P-256", "-nodes", "-keyout", key, "-out", cert,
+                        "-days", str(days), "-subj", "/CN=" + cn,
+                        "-addext", "subjectAltName=DNS:localhost"],
+                       check=True, capture_output=True)
+        os.chmod(key, 0o600)
+        return cert, key
+
+    def served_certificate(self, port):
+        """The DER of the certificate the listener presents to a new connection."""
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        with tls_connect(port, ctx) as t:
+            return t.getpeercert(binary_form=True)
+
+    @staticmethod
+    def der(cert):
+        with open(cert) as f:
+            return ssl.PEM_cert_to_DER_cert(f.read())
+
+    def test_a_reload_serves_a_renewed_certificate_to_new_connections(self):
+        old_cert, old_key = self.pair("old.example", days=5)
+        d = self.tmpdir()
+        cert, key = os.path.join(d, "cert.pem"), os.path.join(d, "key.pem")
+        shutil.copy(old_cert, cert)
+        shutil.copy(old_key, key)
+        s = TLSService(cert, key)
+        self.addCleanup(s.cleanup)
+        s.cert = old_cert
+        s.start()
+        self.assertEqual(self.served_certificate(s.port), self.der(old_cert))
+        self.assertIn("the TLS certificate expires soon", s.logs())
+        # a connection kept from before the renewal goes on working
+        ctx = ssl.create_default_context(cafile=old_cert)
+        kept = http.client.HTTPSConnection("localhost", s.port, timeout=10 * SLOW)
+        kept.sock = tls_connect(s.port, ctx)
+        self.addCleanup(kept.close)
+        new_cert, new_key = self.pair("new.example", days=90)
+        shutil.copy(new_cert, cert)
+        shutil.copy(new_key, key)
+        self.assertTrue(s.reload(), s.logs())
+        self.assertEqual(self.served_certificate(s.port), self.der(new_cert))
+        self.assertIn('msg="TLS certificate replaced; new connections get it" '
+                      'subject="CN=new.example"', s.logs())
+        kept.request("GET", "/healthz")
+        self.assertEqual(kept.getresponse().status, 200)
+        status, body, _ = https_request(s.port, new_cert, "GET", "/metrics")
+        self.assertEqual(status, 200)
+        expiry = float(re.search(r"^tributary_tls_certificate_expiry_timestamp_seconds (\S+)$",
+                                 body, re.M).group(1))
+        self.assertAlmostEqual(expiry, time.time() + 90 * 86400, delta=2 * 86400)
+        # the same files again change nothing
+        self.assertTrue(s.reload(), s.logs())
+        self.assertEqual(s.logs().count("TLS certificate replaced"), 1)
+
+    def test_a_reload_with_a_key_of_another_certificate_keeps_the_one_in_use(self):
+        d = self.tmpdir()
+        cert, key = os.path.join(d, "cert.pem"), os.path.join(d, "key.pem")
+        shutil.copy(self.cert, cert)
+        shutil.copy(self.key, key)
+        s = TLSService(cert, key)
+        self.addCleanup(s.cleanup)
+        s.start()
+        other_cert, _ = self.pair("other.example")
+        shutil.copy(other_cert, cert)  # renewed halfway: the key is still the old one
+        self.assertTrue(s.reload(outcome="reload refused"), s.logs())
+        self.assertIn("tls.key: %s is not the key of the certificate in %s" % (key, cert), s.logs())
+        self.assertEqual(self.served_certificate(s.port), self.der(self.cert))
+        self.assertEqual(https_request(s.port, self.cert, "GET", "/healthz")[0], 200)
+
+    def test_check_refuses_tls_and_ca_files_that_cannot_be_used(self):
+        d = self.tmpdir()
+        garbage = os.path.join(d, "garbage.pem")
+        with open(garbage, "w") as f:
+            f.write("-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n")
+        os.chmod(garbage, 0o600)
+        encrypted = os.path.join(d, "encrypted.pem")
+        subprocess.run(["openssl", "pkey", "-in", self.key, "-aes256", "-passout", "pass:pw",
+                        "-out", encrypted], check=True, capture_output=True)
+        os.chmod(encrypted, 0o600)
+        _, other_key = self.pair("other.example")
+        cases = (
+            ({"TRIBUTARY_TLS_CERT": garbage, "TRIBUTARY_TLS_KEY": self.key},
+             "tls.cert: %s holds no PEM certificate that can be read" % garbage),
+            ({"TRIBUTARY_TLS_CERT": self.cert, "TRIBUTARY_TLS_KEY": garbage},
+             "tls.key: %s is not a PEM private key that can be read" % garbage),
+            ({"TRIBUTARY_TLS_CERT": self.cert, "TRIBUTARY_TLS_KEY": encrypted},
+             "(an encrypted key is not supported)"),
+            ({"TRIBUTARY_TLS_CERT": self.cert, "TRIBUTARY_TLS_KEY": other_key},
+             "tls.key: %s is not the key of the certificate in %s" % (other_key, self.cert)),
+            ({"TRIBUTARY_MPARTICLE_CA_BUNDLE": garbage},
+             "mparticle.ca_bundle: %s holds no PEM certificate that can be read" % garbage),
+        )
+        for env, message in cases:
+            with self.subTest(message=message):
+                env["TRIBUTARY_RULES_DIR"] = RULES
+                p = run_cli(["check"], cwd=self.tmpdir(), env=env)
+                self.assertEqual(p.returncode, 1, p.stdout + p.stderr)
+                self.assertIn(message, p.stderr)
+                self.assertNotIn("PRIVATE KEY", p.stderr)
+        # and a good CA bundle passes
+        p = run_cli(["check"], cwd=self.tmpdir(), env={"TRIBUTARY_RULES_DIR": RULES,
+                                                       "TRIBUTARY_MPARTICLE_CA_BUNDLE": self.cert})
+        self.assertEqual(p.returncode, 0, p.stderr)
+
     def test_tls_cert_without_key_is_a_config_error(self):
         p = run_cli(["check"], cwd=self.tmpdir(), env={
             "TRIBUTARY_RULES_DIR": RULES, "TRIBUTARY_TLS_CERT": self.cert})

@@ -638,8 +638,14 @@ START_TEST(test_a_ca_bundle_that_cannot_be_read_is_refused)
     ck_assert_int_eq(config_load(&c, path, err, sizeof err), -1);
     ck_assert_str_eq(
         err, "mparticle.ca_bundle: cannot read /nonexistent/ca.pem: No such file or directory");
-    /* a readable one is taken */
-    path = conf("ca-ok.lua", "return { mparticle = { ca_bundle = \"/dev/null\" } }\n");
+    /* one that holds no certificate, as curl would find at the first send */
+    path = conf("ca-empty.lua", "return { mparticle = { ca_bundle = \"/dev/null\" } }\n");
+    ck_assert_int_eq(config_load(&c, path, err, sizeof err), -1);
+    ck_assert_str_eq(err,
+                     "mparticle.ca_bundle: /dev/null holds no PEM certificate that can be read");
+    /* the system's bundle (package ca-certificates) is taken */
+    path = conf("ca-ok.lua", "return { mparticle = { ca_bundle = "
+                             "\"/etc/ssl/certs/ca-certificates.crt\" } }\n");
     ck_assert_msg(config_load(&c, path, err, sizeof err) == 0, "%s", err);
     config_unref(c);
 }

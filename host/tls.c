@@ -1,0 +1,279 @@
+#include "tls.h"
+
+#include "digest.h"
+#include "log.h"
+
+#include <errno.h>
+#include <gnutls/gnutls.h>
+#include <gnutls/x509.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+/* A PEM file larger than this is not a certificate chain or a key. */
+#define PEM_FILE_MAX (1u << 20)
+/* A certificate that expires within this many seconds is named in a warning. */
+#define EXPIRY_WARN_S (14 * 86400)
+
+struct pair {
+    struct pair *older;
+    gnutls_pcert_st *certs;
+    unsigned int ncerts;
+    gnutls_privkey_t key;
+    uint64_t fingerprint; /* of both files' bytes: a reload of the same files changes nothing */
+    int64_t not_after;
+};
+
+static _Atomic(struct pair *) current;
+static pthread_mutex_t use_mu = PTHREAD_MUTEX_INITIALIZER; /* tls_use, tls_shutdown */
+static struct pair *loaded;                                /* every pair, newest first */
+
+/* What a pair is parsed from, before it becomes one. */
+struct parsed {
+    gnutls_x509_crt_t *crts;
+    unsigned int ncrts;
+    gnutls_privkey_t key;
+    uint64_t fingerprint;
+};
+
+static int read_pem(const char *what, const char *path, gnutls_datum_t *d, char *err, size_t errlen)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        str_printf(err, errlen, "%s: cannot read %s: %s", what, path, strerror(errno));
+        return -1;
+    }
+    size_t len = 0;
+    char *p = read_stream(f, PEM_FILE_MAX, &len);
+    int failure = errno;
+    fclose(f);
+    if (!p) {
+        str_printf(err, errlen, "%s: cannot read %s: %s", what, path,
+                   failure == EFBIG ? "larger than 1 MiB" : strerror(failure));
+        return -1;
+    }
+    d->data = (unsigned char *)p;
+    d->size = (unsigned int)len;
+    return 0;
+}
+
+/* The bytes of a key file are a secret: wiped before they are freed. */
+static void free_pem(gnutls_datum_t *d)
+{
+    if (d->data) {
+        explicit_bzero(d->data, d->size);
+        free(d->data);
+    }
+    d->data = NULL;
+}
+
+static void free_crts(gnutls_x509_crt_t *crts, unsigned int n)
+{
+    for (unsigned int i = 0; i < n; i++)
+        gnutls_x509_crt_deinit(crts[i]);
+    gnutls_free(crts);
+}
+
+static void parsed_free(struct parsed *p)
+{
+    free_crts(p->crts, p->ncrts);
+    if (p->key)
+        gnutls_privkey_deinit(p->key);
+    memset(p, 0, sizeof *p);
+}
+
+/* 0 when crt's public key is key's. */
+static int key_matches(gnutls_x509_crt_t crt, gnutls_privkey_t key)
+{
+    gnutls_pubkey_t a = NULL, b = NULL;
+    unsigned char ida[64], idb[64];
+    size_t la = sizeof ida, lb = sizeof idb;
+    int rc = -1;
+    if (gnutls_pubkey_init(&a) == 0 && gnutls_pubkey_init(&b) == 0 &&
+        gnutls_pubkey_import_x509(a, crt, 0) == 0 &&
+        gnutls_pubkey_import_privkey(b, key, 0, 0) == 0 &&
+        gnutls_pubkey_get_key_id(a, GNUTLS_KEYID_USE_SHA256, ida, &la) == 0 &&
+        gnutls_pubkey_get_key_id(b, GNUTLS_KEYID_USE_SHA256, idb, &lb) == 0 && la == lb &&
+        memcmp(ida, idb, la) == 0)
+        rc = 0;
+    if (a)
+        gnutls_pubkey_deinit(a);
+    if (b)
+        gnutls_pubkey_deinit(b);
+    return rc;
+}
+
+static int parse_pair(const char *cert, const char *key, struct parsed *p, char *err, size_t errlen)
+{
+    memset(p, 0, sizeof *p);
+    gnutls_datum_t c = {0}, k = {0};
+    int rc = -1;
+    if (read_pem("tls.cert", cert, &c, err, errlen) != 0 ||
+        read_pem("tls.key", key, &k, err, errlen) != 0)
+        goto done;
+    p->fingerprint = digest_fnv64(digest_fnv64(DIGEST_FNV64_INIT, c.data, c.size), k.data, k.size);
+    if (gnutls_x509_crt_list_import2(&p->crts, &p->ncrts, &c, GNUTLS_X509_FMT_PEM, 0) < 0 ||
+        p->ncrts == 0) {
+        p->crts = NULL;
+        p->ncrts = 0;
+        str_printf(err, errlen, "tls.cert: %s holds no PEM certificate that can be read", cert);
+        goto done;
+    }
+    if (gnutls_privkey_init(&p->key) != 0) {
+        str_copy(err, errlen, "tls.key: out of memory");
+        goto done;
+    }
+    if (gnutls_privkey_import_x509_raw(p->key, &k, GNUTLS_X509_FMT_PEM, NULL, 0) != 0) {
+        str_printf(err, errlen,
+                   "tls.key: %s is not a PEM private key that can be read (an encrypted key "
+                   "is not supported)",
+                   key);
+        goto done;
+    }
+    if (key_matches(p->crts[0], p->key) != 0) {
+        str_printf(err, errlen, "tls.key: %s is not the key of the certificate in %s", key, cert);
+        goto done;
+    }
+    rc = 0;
+done:
+    if (rc != 0)
+        parsed_free(p);
+    free_pem(&c);
+    free_pem(&k);
+    return rc;
+}
+
+int tls_check_pair(const char *cert, const char *key, char *err, size_t errlen)
+{
+    struct parsed p;
+    if (parse_pair(cert, key, &p, err, errlen) != 0)
+        return -1;
+    parsed_free(&p);
+    return 0;
+}
+
+int tls_check_ca_bundle(const char *path, char *err, size_t errlen)
+{
+    gnutls_datum_t d = {0};
+    if (read_pem("mparticle.ca_bundle", path, &d, err, errlen) != 0)
+        return -1;
+    gnutls_x509_crt_t *crts = NULL;
+    unsigned int n = 0;
+    int rc = gnutls_x509_crt_list_import2(&crts, &n, &d, GNUTLS_X509_FMT_PEM, 0);
+    free_pem(&d);
+    if (rc < 0 || n == 0) {
+        str_printf(err, errlen, "mparticle.ca_bundle: %s holds no PEM certificate that can be read",
+                   path);
+        return -1;
+    }
+    free_crts(crts, n);
+    return 0;
+}
+
+static void log_certificate(gnutls_x509_crt_t crt, int64_t not_after, int replaced)
+{
+    gnutls_datum_t dn = {0};
+    int have_dn = gnutls_x509_crt_get_dn3(crt, &dn, 0) == 0;
+    char expires[32] = "unknown";
+    time_t t = (time_t)not_after;
+    struct tm tm;
+    if (not_after > 0 && gmtime_r(&t, &tm))
+        strftime(expires, sizeof expires, "%Y-%m-%dT%H:%M:%SZ", &tm);
+    const char *subject = have_dn ? (const char *)dn.data : "unknown";
+    int64_t left = not_after - clock_wall_ms() / 1000;
+    log_info(replaced ? "TLS certificate replaced; new connections get it"
+                      : "TLS certificate in use",
+             LOG_S("subject", subject) LOG_S("expires", expires));
+    if (not_after > 0 && left < 0)
+        log_error("ALERT: the TLS certificate has expired; Braze cannot connect",
+                  LOG_S("subject", subject) LOG_S("expires", expires));
+    else if (not_after > 0 && left < EXPIRY_WARN_S)
+        log_warn("the TLS certificate expires soon; renew it and reload",
+                 LOG_S("subject", subject) LOG_S("expires", expires)
+                     LOG_I("days_left", (long long)(left / 86400)));
+    if (have_dn)
+        gnutls_free(dn.data);
+}
+
+int tls_use(const char *cert, const char *key, char *err, size_t errlen)
+{
+    struct parsed p;
+    if (parse_pair(cert, key, &p, err, errlen) != 0)
+        return -1;
+    pthread_mutex_lock(&use_mu);
+    struct pair *now = atomic_load(&current);
+    if (now && now->fingerprint == p.fingerprint) {
+        pthread_mutex_unlock(&use_mu);
+        parsed_free(&p);
+        return 0;
+    }
+    struct pair *n = calloc(1, sizeof *n);
+    gnutls_pcert_st *certs = calloc(p.ncrts, sizeof *certs);
+    unsigned int ncerts = p.ncrts;
+    if (!n || !certs || gnutls_pcert_import_x509_list(certs, p.crts, &ncerts, 0) != 0) {
+        pthread_mutex_unlock(&use_mu);
+        str_copy(err, errlen, "tls: cannot prepare the certificate chain");
+        free(n);
+        free(certs);
+        parsed_free(&p);
+        return -1;
+    }
+    n->certs = certs;
+    n->ncerts = ncerts;
+    n->key = p.key;
+    p.key = NULL;
+    n->fingerprint = p.fingerprint;
+    time_t expires = gnutls_x509_crt_get_expiration_time(p.crts[0]);
+    n->not_after = expires == (time_t)-1 ? 0 : (int64_t)expires;
+    n->older = loaded;
+    loaded = n;
+    atomic_store(&current, n);
+    pthread_mutex_unlock(&use_mu);
+    log_certificate(p.crts[0], n->not_after, now != NULL);
+    parsed_free(&p);
+    return 1;
+}
+
+int64_t tls_not_after(void)
+{
+    struct pair *p = atomic_load(&current);
+    return p ? p->not_after : 0;
+}
+
+int tls_retrieve(gnutls_session_t session, const gnutls_datum_t *req_ca_dn, int nreqs,
+                 const gnutls_pk_algorithm_t *pk_algos, int pk_algos_length,
+                 gnutls_pcert_st **pcert, unsigned int *pcert_length, gnutls_privkey_t *pkey)
+{
+    (void)session;
+    (void)req_ca_dn;
+    (void)nreqs;
+    (void)pk_algos;
+    (void)pk_algos_length;
+    struct pair *p = atomic_load(&current);
+    if (!p)
+        return -1;
+    /* gnutls neither frees nor changes what it is given here */
+    *pcert = p->certs;
+    *pcert_length = p->ncerts;
+    *pkey = p->key;
+    return 0;
+}
+
+void tls_shutdown(void)
+{
+    pthread_mutex_lock(&use_mu);
+    atomic_store(&current, NULL);
+    while (loaded) {
+        struct pair *p = loaded;
+        loaded = p->older;
+        for (unsigned int i = 0; i < p->ncerts; i++)
+            gnutls_pcert_deinit(&p->certs[i]);
+        free(p->certs);
+        gnutls_privkey_deinit(p->key);
+        free(p);
+    }
+    pthread_mutex_unlock(&use_mu);
+}

@@ -1,0 +1,45 @@
+/*
+ * tls: the listener's certificate and key, and checks of the PEM files the
+ * service is given (tls.cert, tls.key, mparticle.ca_bundle).
+ *
+ * libmicrohttpd asks tls_retrieve for the pair at every handshake, so that a
+ * reload can replace it (a renewed certificate) without a restart: tls_use
+ * parses the files and makes them the pair of the next handshakes when their
+ * content changed. A pair once used stays allocated until tls_shutdown, as a
+ * handshake in progress may hold it; there is one per certificate change.
+ *
+ * The project's only use of GnuTLS, libmicrohttpd's TLS library. Errors name
+ * the file, never its content.
+ */
+#ifndef TRIBUTARY_TLS_H
+#define TRIBUTARY_TLS_H
+
+#include "util.h"
+
+#include <gnutls/abstract.h>
+#include <stdint.h>
+
+/* 0 when cert holds a PEM certificate chain and key the PEM private key of
+ * its first certificate, not encrypted. */
+int tls_check_pair(const char *cert, const char *key, char *err, size_t errlen) WUR;
+
+/* 0 when path holds at least one PEM certificate. */
+int tls_check_ca_bundle(const char *path, char *err, size_t errlen) WUR;
+
+/* Makes the files the pair of the next handshakes, when their content differs
+ * from the pair in use (and logs the certificate's subject and expiry): 1 when
+ * it changed, 0 when it is the same, -1 with err set when a file is not usable. */
+int tls_use(const char *cert, const char *key, char *err, size_t errlen) WUR;
+
+/* When the certificate in use expires (UNIX seconds), 0 without one. */
+int64_t tls_not_after(void);
+
+/* libmicrohttpd's MHD_OPTION_HTTPS_CERT_CALLBACK. */
+int tls_retrieve(gnutls_session_t session, const gnutls_datum_t *req_ca_dn, int nreqs,
+                 const gnutls_pk_algorithm_t *pk_algos, int pk_algos_length,
+                 gnutls_pcert_st **pcert, unsigned int *pcert_length, gnutls_privkey_t *pkey);
+
+/* Frees every pair; after the listener has stopped. */
+void tls_shutdown(void);
+
+#endif
