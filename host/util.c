@@ -271,6 +271,7 @@ char *read_stream(FILE *f, size_t max, size_t *len)
     buf_init(&b, max);
     char chunk[16384];
     size_t n;
+    errno = 0;
     while ((n = fread(chunk, 1, sizeof chunk, f)) > 0) {
         if (buf_add(&b, chunk, n) != 0) {
             int too_big = b.len + n > max;
@@ -280,8 +281,9 @@ char *read_stream(FILE *f, size_t max, size_t *len)
         }
     }
     if (ferror(f)) {
+        int failure = errno; /* such as EISDIR: a directory opens, and fails its read */
         buf_free(&b);
-        errno = EIO;
+        errno = failure ? failure : EIO;
         return NULL;
     }
     *len = b.len;

@@ -162,6 +162,12 @@ class Cli(ServiceTest):
         self.assertEqual(p.returncode, 1)
         self.assertIn("20-broken.lua:2:", p.stderr)
 
+    def test_a_configuration_path_that_is_a_directory_says_so(self):
+        d = self.tmpdir()
+        p = run_cli(["check", "--config", d])
+        self.assertEqual(p.returncode, 1, p)
+        self.assertIn("%s: cannot read: Is a directory" % d, p.stderr)
+
     def test_check_names_file_and_line_of_an_unknown_config_key(self):
         d = self.tmpdir()
         conf = os.path.join(d, "c.lua")

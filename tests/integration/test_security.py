@@ -901,6 +901,7 @@ class Framing(ServiceTest):
         self.assertIn(b"needs Content-Length or Transfer-Encoding", reply)
         self.refused(s, self.head(), 411)
         self.assertEqual(s.queued_ids(), [])
+        self.assertEqual(s.metrics()['tributary_http_requests_total{code="411"}'], 2)
         # other paths are not concerned, and an empty body with its length is read
         self.assertEqual(s.post([], token=TOKEN).status, 200)
 
@@ -936,6 +937,7 @@ class Framing(ServiceTest):
             reply = self.refused(s, self.head(*te), 501)
             self.assertIn(b"Transfer-Encoding other than chunked", reply, te)
         self.assertEqual(s.queued_ids(), [])
+        self.assertEqual(s.metrics()['tributary_http_requests_total{code="501"}'], 3)
 
     def test_a_request_hidden_behind_both_framings_is_not_served(self):
         # a chunked body of an envelope, then bytes that a server reading the
