@@ -323,10 +323,14 @@ struct feed_ring {
 
 struct queue {
     sqlite3 *db; /* the writer's connection */
-    /* The latest time an id was stamped with in the dedup log. Stamps never go
-     * back, so the log stays in time order (prune_dedup relies on it) and the
-     * segments of the set stay in step when the wall clock steps back. */
-    int64_t dedup_clock;
+    /* The dedup window's clock (dedup_now): wall-clock milliseconds that
+     * advance with the monotonic clock from the queue's opening, so that a step
+     * of the wall clock (a virtual machine resumed, a clock set at boot or by
+     * hand) neither expires the window's ids at once nor keeps them. Anchored
+     * at the wall clock, or at the log's last stamp when that is later, so that
+     * stamps never go back: the log stays in time order (prune_dedup relies on
+     * it), and the segments of the set stay in step. */
+    int64_t dedup_anchor_wall, dedup_anchor_mono;
     sqlite3_stmt *st[S_COUNT];
     sqlite3_stmt *fst[FEED_COUNT][F_COUNT];
     sqlite3_stmt *rst[FEED_COUNT][RING][R_COUNT];
@@ -497,15 +501,17 @@ static int insert_dead(queue *q, const struct dead_letter *d, int64_t now)
     return step_done(s);
 }
 
+static int64_t dedup_now(const queue *q)
+{
+    return q->dedup_anchor_wall + (clock_mono_ms() - q->dedup_anchor_mono);
+}
+
 /* 1 when the id of fingerprint fp is new (and now recorded in memory, and in
  * the operation's list for log_sightings), 0 when it was seen within the
  * window, -1 on error. */
-static int first_sighting(queue *q, struct op *op, const struct dedup_fp *fp, int64_t now)
+static int first_sighting(queue *q, struct op *op, const struct dedup_fp *fp)
 {
-    if (now < q->dedup_clock)
-        now = q->dedup_clock;
-    else
-        q->dedup_clock = now;
+    int64_t now = dedup_now(q);
     if (dedup_contains(q->seen, fp, now))
         return 0;
     if (op->nadded == op->added_cap) {
@@ -579,7 +585,7 @@ static enum queue_status apply_commit(queue *q, struct op *op, int64_t now, int6
     for (size_t i = 0; i < m->nrecords; i++) {
         const struct record *r = &m->records[i];
         if (check) {
-            int first = first_sighting(q, op, &fps[i], now);
+            int first = first_sighting(q, op, &fps[i]);
             if (first < 0)
                 return status_of(sqlite3_errcode(q->db));
             if (!first) {
@@ -612,7 +618,7 @@ static enum queue_status apply_commit(queue *q, struct op *op, int64_t now, int6
         struct dead_letter *d = &m->dead[i];
         d->stored = 0;
         if (check) {
-            int first = first_sighting(q, op, &fps[m->nrecords + i], now);
+            int first = first_sighting(q, op, &fps[m->nrecords + i]);
             if (first < 0)
                 return status_of(sqlite3_errcode(q->db));
             if (!first) {
@@ -1712,7 +1718,7 @@ static void *writer_main(void *arg)
             char err[ERR_LEN];
             int64_t t0 = clock_mono_ms();
             if (exec(q->db, "BEGIN IMMEDIATE", err, sizeof err) == 0) {
-                prune_dedup(q, clock_wall_ms());
+                prune_dedup(q, dedup_now(q));
                 if (exec(q->db, "COMMIT", err, sizeof err) != 0)
                     (void)exec(q->db, "ROLLBACK", err, sizeof err);
             }
@@ -2246,13 +2252,22 @@ static int load_dedup(queue *q, char *err, size_t errlen)
         return -1;
     }
     sqlite3_stmt *s;
+    /* the log's last stamp: later ones never go below it */
+    if (sqlite3_prepare_v2(q->db, "SELECT at_ms FROM dedup_log ORDER BY id DESC LIMIT 1", -1, &s,
+                           NULL) != SQLITE_OK) {
+        str_printf(err, errlen, "%s: %s", q->path, sqlite3_errmsg(q->db));
+        return -1;
+    }
+    if (sqlite3_step(s) == SQLITE_ROW && sqlite3_column_int64(s, 0) > q->dedup_anchor_wall)
+        q->dedup_anchor_wall = sqlite3_column_int64(s, 0);
+    sqlite3_finalize(s);
     if (sqlite3_prepare_v2(
             q->db, "SELECT at_ms, fingerprints, id FROM dedup_log WHERE at_ms >= ?1 ORDER BY id",
             -1, &s, NULL) != SQLITE_OK) {
         str_printf(err, errlen, "%s: %s", q->path, sqlite3_errmsg(q->db));
         return -1;
     }
-    sqlite3_bind_int64(s, 1, clock_wall_ms() - q->opt.dedup_window_ms);
+    sqlite3_bind_int64(s, 1, dedup_now(q) - q->opt.dedup_window_ms);
     int rc = 0, step;
     while (rc == 0 && (step = sqlite3_step(s)) == SQLITE_ROW) {
         int64_t at_ms = sqlite3_column_int64(s, 0);
@@ -2283,13 +2298,6 @@ static int load_dedup(queue *q, char *err, size_t errlen)
         rc = -1;
     }
     sqlite3_finalize(s);
-    /* the log's last stamp: later ones never go below it */
-    if (rc == 0 && sqlite3_prepare_v2(q->db, "SELECT at_ms FROM dedup_log ORDER BY id DESC LIMIT 1",
-                                      -1, &s, NULL) == SQLITE_OK) {
-        if (sqlite3_step(s) == SQLITE_ROW)
-            q->dedup_clock = sqlite3_column_int64(s, 0);
-        sqlite3_finalize(s);
-    }
     return rc;
 }
 
@@ -2459,6 +2467,8 @@ int queue_open(queue **out, const struct queue_options *o, char *err, size_t err
         goto fail;
     }
     refresh_oldest(q);
+    q->dedup_anchor_wall = clock_wall_ms();
+    q->dedup_anchor_mono = clock_mono_ms();
     if (!o->readonly && o->dedup_window_ms > 0 && load_dedup(q, err, errlen) != 0)
         goto fail;
     dedup_gauges(q);

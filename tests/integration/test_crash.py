@@ -8,7 +8,7 @@ import tempfile
 import threading
 import time
 
-from harness import SLOW, ServiceTest, claim_batches, claim_blob, event
+from harness import SLOW, Service, ServiceTest, claim_batches, claim_blob, event
 from mparticle_double import MParticleDouble
 from test_delivery import FEEDS, feed_env
 
@@ -68,18 +68,54 @@ class Crash(ServiceTest):
         self.assertEqual(again.json()["duplicates"], 1)
 
 
-def read_errors_shim():
-    """Builds tests/integration/faults/read_errors.c once per run; its path."""
-    global _SHIM
-    if _SHIM is None:
-        src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "faults", "read_errors.c")
-        _SHIM = os.path.join(tempfile.mkdtemp(prefix="tributary-shim-"), "read_errors.so")
-        subprocess.run(["cc", "-shared", "-fPIC", "-O1", "-o", _SHIM, src, "-ldl", "-lpthread"],
+def fault_shim(name):
+    """Builds tests/integration/faults/<name>.c once per run; the path of the
+    library, for LD_PRELOAD."""
+    if name not in _SHIMS:
+        src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "faults", name + ".c")
+        path = os.path.join(tempfile.mkdtemp(prefix="tributary-shim-"), name + ".so")
+        subprocess.run(["cc", "-shared", "-fPIC", "-O1", "-o", path, src, "-ldl", "-lpthread"],
                        check=True)
-    return _SHIM
+        _SHIMS[name] = path
+    return _SHIMS[name]
 
 
-_SHIM = None
+_SHIMS = {}
+
+
+def preload(s, name):
+    """Preloads the fault shim <name> into the next start of s."""
+    s.env["LD_PRELOAD"] = fault_shim(name)
+    # a sanitizer build wants its runtime first; the shim only wraps a call
+    s.env["ASAN_OPTIONS"] = (os.environ.get("ASAN_OPTIONS", "") +
+                             ":verify_asan_link_order=0").lstrip(":")
+
+
+class WallClockSteps(ServiceTest):
+    def test_a_step_of_the_wall_clock_neither_expires_nor_forgets_the_dedup_window(self):
+        offset = os.path.join(self.tmpdir(), "offset")
+        with open(offset, "w") as f:
+            f.write("0")
+        s = Service(env={"TRIBUTARY_DEDUP_WINDOW_S": "60", "WALL_CLOCK_OFFSET_FILE": offset})
+        self.addCleanup(s.cleanup)
+        preload(s, "wall_clock")
+        s.start()
+        x = event("users.messages.email.Send", user="u1")
+        self.assertEqual(s.post([x]).json()["forwarded"], 1)
+        # the clock jumps two minutes ahead (a virtual machine resumed) for long
+        # enough for the housekeeping to run, and a request comes meanwhile
+        with open(offset, "w") as f:
+            f.write("120")
+        time.sleep(2.5)
+        self.assertEqual(s.post([event("users.messages.email.Send", user="u2")]).status, 200)
+        with open(offset, "w") as f:
+            f.write("0")
+        time.sleep(0.1)
+        # a second ago in real time: still within the window
+        self.assertEqual(s.post([x]).json()["duplicates"], 1)
+        self.assertEqual(s.stop(), 0)
+        s.start()
+        self.assertEqual(s.post([x]).json()["duplicates"], 1)
 
 
 class DedupReadErrors(ServiceTest):
@@ -89,9 +125,7 @@ class DedupReadErrors(ServiceTest):
         for e in events:  # a row of the dedup log each
             self.assertEqual(s.post([e]).status, 200)
         s.kill9()
-        s.env["LD_PRELOAD"] = read_errors_shim()
-        s.env["ASAN_OPTIONS"] = (os.environ.get("ASAN_OPTIONS", "") +
-                                 ":verify_asan_link_order=0").lstrip(":")
+        preload(s, "read_errors")
         s.env["FAIL_DEDUP_AT"] = "4"
         s.start(wait=False)
         code = s.proc.wait(timeout=20 * SLOW)
@@ -122,10 +156,7 @@ class RestoreReadErrors(ServiceTest):
         return s, d
 
     def restart_with_faults(self, s, **faults):
-        s.env["LD_PRELOAD"] = read_errors_shim()
-        # a sanitizer build wants its runtime first; the shim only wraps a call
-        s.env["ASAN_OPTIONS"] = (os.environ.get("ASAN_OPTIONS", "") +
-                                 ":verify_asan_link_order=0").lstrip(":")
+        preload(s, "read_errors")
         s.env.update({k: str(v) for k, v in faults.items()})
         s.start()
 

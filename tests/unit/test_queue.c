@@ -1216,11 +1216,10 @@ START_TEST(test_a_claim_goes_once_each_of_its_batches_is_finished)
 }
 END_TEST
 
-/* A dlq change beside an older service still running on the queue must not
- * upgrade it under that service: only `serve` upgrades. */
 /* The id log stays in time order when the wall clock steps back (its rows
  * are pruned by a search that relies on it): an id is never stamped before
- * the log's last stamp, here an hour ahead of the clock. */
+ * the log's last stamp, here an hour ahead of the clock; the stamps go on
+ * from it as time passes. */
 START_TEST(test_dedup_stamps_never_go_back_when_the_clock_does)
 {
     queue *q = open_queue(NO_LIMIT, DEDUP_DAY);
@@ -1234,7 +1233,9 @@ START_TEST(test_dedup_stamps_never_go_back_when_the_clock_does)
     /* a row per commit, 16 bytes per id */
     ck_assert_int_eq(count_in_file("SELECT count(*) FROM dedup_log"), 2);
     ck_assert_int_eq(count_in_file("SELECT sum(length(fingerprints)) FROM dedup_log"), 4 * 16);
-    ck_assert_int_eq(count_in_file("SELECT at_ms FROM dedup_log ORDER BY id DESC LIMIT 1"), ahead);
+    int64_t last = count_in_file("SELECT at_ms FROM dedup_log ORDER BY id DESC LIMIT 1");
+    ck_assert_int_ge(last, ahead);
+    ck_assert_int_lt(last, ahead + 60000);
 }
 END_TEST
 
