@@ -224,6 +224,8 @@ static int cmd_show(const struct cli_options *o, const struct config *c)
  * many the store holds (millions after a feed was paused past retry.max_age_s),
  * and a page committed stays committed should a later one fail. */
 #define REQUEUE_PAGE 500
+/* Pages read again because another command took some of their dead letters. */
+#define REQUEUE_CHANGED_MAX 100
 #define REQUEUE_PAGE_BYTES (8u << 20)
 
 /* One page: the ids and Braze events of its dead letters, copied (a row's
@@ -266,7 +268,9 @@ struct requeue_counts {
 
 /* Maps a page with the rules and commits it: its records stored and its dead
  * letters deleted in one transaction. A dead letter the rules cannot take as
- * input is kept (and counted as skipped). */
+ * input is kept (and counted as skipped). 1, with nothing done, when another
+ * command requeued or purged dead letters of the page since it was read: the
+ * page is read again without them. */
 static int requeue_page(rules *engine, queue *q, const struct page *p, struct requeue_counts *n)
 {
     struct mapping m;
@@ -283,8 +287,12 @@ static int requeue_page(rules *engine, queue *q, const struct page *p, struct re
         }
         ids[nids++] = p->ids[i];
     }
-    n->skipped += skipped;
     enum queue_status st = queue_requeue(q, &m, ids, nids);
+    if (st == QUEUE_CHANGED) {
+        mapping_free(&m);
+        return 1;
+    }
+    n->skipped += skipped;
     if (st != QUEUE_OK) {
         fprintf(stderr, "tributary: cannot store requeued events: %s\n", queue_status_name(st));
         mapping_free(&m);
@@ -396,7 +404,7 @@ static int cmd_requeue(const struct cli_options *o, struct config *c)
     if (!o->force && same_feeds_as_service(c, reader) != 0)
         goto done;
     int64_t after = 0;
-    int pages = 0;
+    int pages = 0, changed = 0;
     rc = 0;
     for (;;) {
         if (queue_dead_each_between(reader, &f, after, through, page_row, page) != 0 ||
@@ -408,11 +416,19 @@ static int cmd_requeue(const struct cli_options *o, struct config *c)
         if (page->n == 0)
             break;
         pages++;
-        after = page->ids[page->n - 1];
-        if (requeue_page(engine, q, page, &n) != 0) {
+        int taken = requeue_page(engine, q, page, &n);
+        if (taken > 0 && ++changed <= REQUEUE_CHANGED_MAX) {
+            page_free(page);
+            continue; /* the same range again, without what the other command took */
+        }
+        if (taken != 0) {
+            if (taken > 0)
+                fprintf(stderr, "tributary: another command keeps requeuing or purging the same "
+                                "dead letters\n");
             rc = 1;
             break;
         }
+        after = page->ids[page->n - 1];
         page_free(page);
         /* as the service does after a request: a state a rule left damaged
          * or grown too large is not used for the next page */

@@ -639,7 +639,11 @@ static enum queue_status apply_commit(queue *q, struct op *op, int64_t now, int6
         int rc = step_done(s);
         if (rc != SQLITE_OK)
             return status_of(rc);
-        op->dead_delta -= sqlite3_changes(q->db);
+        /* requeued or purged by another command since this one read it: its
+         * events are queued already, or meant to be gone */
+        if (sqlite3_changes(q->db) == 0)
+            return QUEUE_CHANGED;
+        op->dead_delta--;
     }
     int rc = log_sightings(q, op);
     return rc == SQLITE_OK ? QUEUE_OK : status_of(rc);

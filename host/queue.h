@@ -61,7 +61,7 @@ enum queue_status {
     QUEUE_NO_SPACE, /* the disk is full, or under queue.min_free_mb: try again later */
     QUEUE_ERROR,    /* storage error */
     QUEUE_CLOSED,   /* shutting down */
-    QUEUE_CHANGED,  /* queue_move: a record was claimed or is gone; nothing done */
+    QUEUE_CHANGED,  /* queue_move, queue_requeue: what it read changed; nothing done */
 };
 
 const char *queue_status_name(enum queue_status s);
@@ -228,7 +228,8 @@ int queue_dead_each_between(queue_reader *r, const struct dead_filter *f, int64_
                             int64_t through_id, int (*fn)(void *ctx, const struct dead_row *row),
                             void *ctx) WUR;
 /* Stores the mapping's records (no dedup: they were seen before) and deletes the
- * dead letters `ids` in one transaction. */
+ * dead letters `ids` in one transaction. QUEUE_CHANGED, with nothing done, when
+ * one of ids is gone meanwhile (another requeue or a purge took it). */
 enum queue_status queue_requeue(queue *q, struct mapping *m, const int64_t *ids, size_t n);
 /* The same for records of feed `from` that no batch holds, mapped again to
  * another feed: in one transaction the records ids are deleted and those of m

@@ -369,6 +369,28 @@ class DeadLetterCommands(ServiceTest):
         self.assertEqual(sorted(s.queued_ids()), sorted(ids))
         self.assertEqual(json.loads(s.cli(["dlq", "list", "--json"]).stdout), [])
 
+    def test_two_requeues_at_once_queue_each_dead_letter_exactly_once(self):
+        # each read a page before the other deleted it, and queued it again
+        count = 6 * REQUEUE_PAGE
+        s, ids = self.dead_letters(count)
+        s.env["TRIBUTARY_RULES_DIR"] = RULES
+        results = [None, None]
+
+        def requeue(i):
+            results[i] = s.cli(["dlq", "requeue", "--all", "--json"], timeout=120)
+        threads = [threading.Thread(target=requeue, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for p in results:
+            self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertEqual(sum(json.loads(p.stdout)["forwarded"] for p in results), count)
+        queued = s.queued_ids()
+        self.assertEqual(len(queued), count)
+        self.assertEqual(sorted(queued), sorted(ids))
+        self.assertEqual(json.loads(s.cli(["dlq", "list", "--json"]).stdout), [])
+
     def test_requeue_of_dead_letters_larger_than_a_page_in_bytes_queues_each_exactly_once(self):
         blob_bytes = 1536 * 1024
         count = REQUEUE_PAGE_BYTES // blob_bytes + 2  # 7 events, 10.5 MiB
