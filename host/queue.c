@@ -509,9 +509,8 @@ static int64_t dedup_now(const queue *q)
 /* 1 when the id of fingerprint fp is new (and now recorded in memory, and in
  * the operation's list for log_sightings), 0 when it was seen within the
  * window, -1 on error. */
-static int first_sighting(queue *q, struct op *op, const struct dedup_fp *fp)
+static int first_sighting(queue *q, struct op *op, const struct dedup_fp *fp, int64_t now)
 {
-    int64_t now = dedup_now(q);
     if (dedup_contains(q->seen, fp, now))
         return 0;
     if (op->nadded == op->added_cap) {
@@ -582,10 +581,11 @@ static enum queue_status apply_commit(queue *q, struct op *op, int64_t now, int6
     memset(res, 0, sizeof(*res));
     const struct dedup_fp *fps = op->u.commit.fps;
     int check = op->u.commit.dedup && q->seen;
+    int64_t seen_at = check ? dedup_now(q) : 0;
     for (size_t i = 0; i < m->nrecords; i++) {
         const struct record *r = &m->records[i];
         if (check) {
-            int first = first_sighting(q, op, &fps[i]);
+            int first = first_sighting(q, op, &fps[i], seen_at);
             if (first < 0)
                 return status_of(sqlite3_errcode(q->db));
             if (!first) {
@@ -618,7 +618,7 @@ static enum queue_status apply_commit(queue *q, struct op *op, int64_t now, int6
         struct dead_letter *d = &m->dead[i];
         d->stored = 0;
         if (check) {
-            int first = first_sighting(q, op, &fps[m->nrecords + i]);
+            int first = first_sighting(q, op, &fps[m->nrecords + i], seen_at);
             if (first < 0)
                 return status_of(sqlite3_errcode(q->db));
             if (!first) {
