@@ -21,6 +21,14 @@ REQUEUE_PAGE_BYTES = 8 << 20
 
 
 class Cli(ServiceTest):
+    def write_file(self, name, text):
+        """Writes text to a new file name in a directory of its own; (dir, path)."""
+        d = self.tmpdir()
+        path = os.path.join(d, name)
+        with open(path, "w") as f:
+            f.write(text)
+        return d, path
+
     def test_version_and_help(self):
         p = run_cli(["--version"])
         self.assertEqual(p.returncode, 0)
@@ -169,19 +177,14 @@ class Cli(ServiceTest):
         self.assertIn("%s: cannot read: Is a directory" % d, p.stderr)
 
     def test_check_names_file_and_line_of_an_unknown_config_key(self):
-        d = self.tmpdir()
-        conf = os.path.join(d, "c.lua")
-        with open(conf, "w") as f:
-            f.write("return {\n  batch = {\n    lingr_ms = 5,\n  },\n}\n")
+        _, conf = self.write_file("c.lua", "return {\n  batch = {\n    lingr_ms = 5,\n  },\n}\n")
         p = run_cli(["check", "--config", conf])
         self.assertEqual(p.returncode, 1)
         self.assertIn("c.lua:3: unknown key 'batch.lingr_ms'", p.stderr)
 
     def test_check_reports_a_wrong_type_without_echoing_secrets(self):
-        d = self.tmpdir()
-        conf = os.path.join(d, "c.lua")
-        with open(conf, "w") as f:
-            f.write('return { feeds = { ios = { key = "super-secret-key-value" } } }\n')
+        _, conf = self.write_file(
+            "c.lua", 'return { feeds = { ios = { key = "super-secret-key-value" } } }\n')
         p = run_cli(["check", "--config", conf])
         self.assertEqual(p.returncode, 1)
         self.assertIn("feeds.ios", p.stderr)
@@ -287,14 +290,11 @@ class Cli(ServiceTest):
         self.assertIn("TRIBUTARY_BATCH_LINGER_MS", p.stderr)
 
     def test_the_environment_overriding_a_value_the_file_changed_is_named_not_silent(self):
-        d = self.tmpdir()
-        conf = os.path.join(d, "tributary.conf.lua")
-        with open(conf, "w") as f:
-            f.write('return { data_dir = "%s/from-file", batch = { linger_ms = 900 },\n'
-                    '         inbound = { tokens = { "file-token-0123456789abcdef" } } }\n' % d)
-        token_file = os.path.join(d, "token")
-        with open(token_file, "w") as f:
-            f.write("env-token-0123456789abcdef\n")
+        d, conf = self.write_file(
+            "tributary.conf.lua",
+            'return { data_dir = "/srv/from-file", batch = { linger_ms = 900 },\n'
+            '         inbound = { tokens = { "file-token-0123456789abcdef" } } }\n')
+        _, token_file = self.write_file("token", "env-token-0123456789abcdef\n")
         p = run_cli(["check", "--config", conf],
                     env={"TRIBUTARY_DATA_DIR": d + "/from-env",
                          "TRIBUTARY_INBOUND_TOKENS_FILE": token_file,
