@@ -118,10 +118,11 @@ install: all
 	install -m 0755 $(BIN) $(DESTDIR)$(PREFIX)/bin/tributary
 	install -m 0644 rules/*.lua $(DESTDIR)$(PREFIX)/share/tributary/rules/
 	install -m 0644 rules/examples/*.lua $(DESTDIR)$(PREFIX)/share/tributary/rules/examples/
-	sed -e 's|^-- tributary configuration\. Every value below is the built-in default, so this$$|-- tributary configuration, installed: data_dir and rules_dir are where the\n-- systemd unit keeps them, so that commands given this file find them. Every\n-- other value below is the built-in default, so this|' \
+	sed -e 's|^-- tributary configuration\. Every value below is the built-in default, so this$$|-- tributary configuration, installed: data_dir and rules_dir are where the\n-- systemd unit keeps them, so that commands given this file find them, and\n-- the log is JSON lines for the journal. Every other value below is the\n-- built-in default, so this|' \
 		-e 's|^-- file changes nothing until you edit it\.|-- file changes nothing else until you edit it.|' \
 		-e 's|data_dir = "./var", |data_dir = "/var/lib/tributary",|' \
 		-e 's|rules_dir = "./rules", |rules_dir = "/etc/tributary/rules",|' \
+		-e 's|log = { level = "info", format = "logfmt" },        -- or format = "json"|log = { level = "info", format = "json" },            -- or format = "logfmt"|' \
 		tributary.conf.lua > $(DESTDIR)$(PREFIX)/share/tributary/tributary.conf.lua.example
 	chmod 0644 $(DESTDIR)$(PREFIX)/share/tributary/tributary.conf.lua.example
 	install -m 0644 docs/prometheus-alerts.yml $(DESTDIR)$(PREFIX)/share/tributary/
@@ -133,9 +134,11 @@ install: all
 		> $(DESTDIR)$(PREFIX)/lib/sysusers.d/tributary.conf
 	chmod 0644 $(DESTDIR)$(PREFIX)/lib/sysusers.d/tributary.conf
 	@# the unit's user, on this machine (a package build with DESTDIR leaves it to sysusers.d)
-	if [ -z "$(DESTDIR)" ] && ! getent passwd tributary > /dev/null; then \
+	@if [ -n "$(DESTDIR)" ] || getent passwd tributary > /dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
 		useradd --system --user-group --home-dir /var/lib/tributary --no-create-home \
-			--shell /usr/sbin/nologin tributary; fi
+			--shell /usr/sbin/nologin tributary; \
+	else echo "make install: the systemd unit runs as the user tributary; as root: systemd-sysusers $(PREFIX)/lib/sysusers.d/tributary.conf"; fi
 
 FORMATTED = host/*.c host/*.h tests/unit/*.c tests/unit/*.h tests/bench/*.c tests/fuzz/*.c \
 	tests/fuzz/*.h tests/integration/faults/*.c

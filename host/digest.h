@@ -1,6 +1,6 @@
 /*
- * digest: hashes, MACs and constant-time comparison, the project's only use of
- * OpenSSL's libcrypto.
+ * digest: hashes, MACs and constant-time comparison, with OpenSSL's libcrypto
+ * (which tls also uses, to read the CA bundle as libcurl does).
  */
 #ifndef TRIBUTARY_DIGEST_H
 #define TRIBUTARY_DIGEST_H

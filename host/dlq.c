@@ -224,7 +224,8 @@ static int cmd_show(const struct cli_options *o, const struct config *c)
  * many the store holds (millions after a feed was paused past retry.max_age_s),
  * and a page committed stays committed should a later one fail. */
 #define REQUEUE_PAGE 500
-/* Pages read again because another command took some of their dead letters. */
+/* Times in a row a page is read again because another command took some of
+ * its dead letters. */
 #define REQUEUE_CHANGED_MAX 100
 #define REQUEUE_PAGE_BYTES (8u << 20)
 
@@ -277,17 +278,22 @@ static int requeue_page(rules *engine, queue *q, const struct page *p, struct re
     mapping_init(&m);
     int64_t ids[REQUEUE_PAGE];
     size_t nids = 0, skipped = 0;
+    buf kept; /* what is said of the dead letters kept, once the page is done */
+    buf_init(&kept, 1 << 20);
     for (size_t i = 0; i < p->n; i++) {
         struct input_error ie;
         if (rules_map(engine, p->raws[i], strlen(p->raws[i]), INPUT_ANY, &m, &ie) != 0) {
-            fprintf(stderr, "tributary: dead letter %lld cannot be requeued (kept): %s\n",
-                    (long long)p->ids[i], ie.reason);
+            (void)!buf_printf(&kept, "tributary: dead letter %lld cannot be requeued (kept): %s\n",
+                              (long long)p->ids[i], ie.reason);
             skipped++;
             continue;
         }
         ids[nids++] = p->ids[i];
     }
     enum queue_status st = queue_requeue(q, &m, ids, nids);
+    if (st != QUEUE_CHANGED && kept.len)
+        fwrite(kept.data, 1, kept.len, stderr);
+    buf_free(&kept);
     if (st == QUEUE_CHANGED) {
         mapping_free(&m);
         return 1;
@@ -404,7 +410,7 @@ static int cmd_requeue(const struct cli_options *o, struct config *c)
     if (!o->force && same_feeds_as_service(c, reader) != 0)
         goto done;
     int64_t after = 0;
-    int pages = 0, changed = 0;
+    int pages = 0, changed = 0, raced = 0;
     rc = 0;
     for (;;) {
         if (queue_dead_each_between(reader, &f, after, through, page_row, page) != 0 ||
@@ -417,18 +423,21 @@ static int cmd_requeue(const struct cli_options *o, struct config *c)
             break;
         pages++;
         int taken = requeue_page(engine, q, page, &n);
-        if (taken > 0 && ++changed <= REQUEUE_CHANGED_MAX) {
-            page_free(page);
-            continue; /* the same range again, without what the other command took */
-        }
-        if (taken != 0) {
-            if (taken > 0)
-                fprintf(stderr, "tributary: another command keeps requeuing or purging the same "
-                                "dead letters\n");
+        raced |= taken > 0;
+        if (taken > 0 && ++changed > REQUEUE_CHANGED_MAX)
+            fprintf(stderr,
+                    "tributary: requeue stopped: another command keeps requeuing or "
+                    "purging the same dead letters; the %zu requeued so far are "
+                    "committed, run the command again once it is done\n",
+                    n.done);
+        if (taken < 0 || changed > REQUEUE_CHANGED_MAX) {
             rc = 1;
             break;
         }
-        after = page->ids[page->n - 1];
+        if (taken == 0) {
+            after = page->ids[page->n - 1];
+            changed = 0;
+        } /* else the same range again, without what the other command took */
         page_free(page);
         /* as the service does after a request: a state a rule left damaged
          * or grown too large is not used for the next page */
@@ -449,12 +458,21 @@ static int cmd_requeue(const struct cli_options *o, struct config *c)
         }
         goto done;
     }
+    if (rc == 0 && f.id && n.done == 0 && raced) {
+        fprintf(stderr,
+                "tributary: dead letter %lld was requeued or purged by another command "
+                "meanwhile\n",
+                (long long)f.id);
+        rc = 1;
+        goto done;
+    }
     if (pages == 0)
         fprintf(stderr, "tributary: no matching dead letters\n"); /* and a summary of none */
-    if (rc != 0 && n.done_id == 0)
+    int crowded = changed > REQUEUE_CHANGED_MAX;                  /* said where it stopped */
+    if (rc != 0 && !crowded && n.done_id == 0)
         fprintf(stderr, "tributary: requeue stopped: nothing was requeued, the dead letters are "
                         "still in the store\n");
-    else if (rc != 0)
+    else if (rc != 0 && !crowded)
         fprintf(stderr,
                 "tributary: requeue stopped after dead letter %lld: the %zu requeued up to there "
                 "are committed, the rest are still in the store: run the command again\n",

@@ -349,11 +349,15 @@ int service_run(const char *config_path)
     char listen[300];
     snprintf(listen, sizeof listen, "%s://%s:%d", cfg->tls_cert ? "https" : "http", host,
              http_in_port(s.http));
+    /* as a path from /: a relative one depends on the working directory */
+    char *data_dir = realpath(cfg->data_dir, NULL);
     log_info("tributary started",
              LOG_S("version", TRIBUTARY_VERSION) LOG_S("listen", listen)
                  LOG_S("rules_version", ruleset_version(rs))
                      LOG_I("rule_files", (long long)ruleset_files(rs)) LOG_S("feeds", feeds)
-                         LOG_I("queue_depth", depth) LOG_S("data_dir", cfg->data_dir));
+                         LOG_I("queue_depth", depth)
+                             LOG_S("data_dir", data_dir ? data_dir : cfg->data_dir));
+    free(data_dir);
     if (strcmp(feeds, "none") == 0)
         log_warn("no mParticle credentials configured: events are accepted, queued and held "
                  "until feeds.<name>.key and .secret are set");

@@ -6,6 +6,8 @@
 #include <errno.h>
 #include <gnutls/gnutls.h>
 #include <gnutls/x509.h>
+#include <openssl/err.h>
+#include <openssl/x509_vfy.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -46,6 +48,7 @@ static int read_pem(const char *what, const char *path, gnutls_datum_t *d, char 
         str_printf(err, errlen, "%s: cannot read %s: %s", what, path, strerror(errno));
         return -1;
     }
+    setvbuf(f, NULL, _IONBF, 0); /* no copy of a key in stdio's buffer */
     size_t len = 0;
     char *p = read_stream(f, PEM_FILE_MAX, &len);
     int failure = errno;
@@ -60,7 +63,9 @@ static int read_pem(const char *what, const char *path, gnutls_datum_t *d, char 
     return 0;
 }
 
-/* The bytes of a key file are a secret: wiped before they are freed. */
+/* The bytes of a key file are a secret: wiped before they are freed, as
+ * read_stream wipes its chunk (a file over its 16 KiB chunk may leave copies
+ * where the buffer grew; keys are a few KiB). */
 static void free_pem(gnutls_datum_t *d)
 {
     if (d->data) {
@@ -126,7 +131,9 @@ static int parse_pair(const char *cert, const char *key, struct parsed *p, char 
         str_copy(err, errlen, "tls.key: out of memory");
         goto done;
     }
-    if (gnutls_privkey_import_x509_raw(p->key, &k, GNUTLS_X509_FMT_PEM, NULL, 0) != 0) {
+    /* plain keys only: no password, and no callback asked for one */
+    if (gnutls_privkey_import_x509_raw(p->key, &k, GNUTLS_X509_FMT_PEM, NULL, GNUTLS_PKCS_PLAIN) !=
+        0) {
         str_printf(err, errlen,
                    "tls.key: %s is not a PEM private key that can be read (an encrypted key "
                    "is not supported)",
@@ -155,21 +162,20 @@ int tls_check_pair(const char *cert, const char *key, char *err, size_t errlen)
     return 0;
 }
 
+/* Read as libcurl's OpenSSL reads it (CURLOPT_CAINFO): what it refuses, every
+ * send would fail on. */
 int tls_check_ca_bundle(const char *path, char *err, size_t errlen)
 {
-    gnutls_datum_t d = {0};
-    if (read_pem("mparticle.ca_bundle", path, &d, err, errlen) != 0)
-        return -1;
-    gnutls_x509_crt_t *crts = NULL;
-    unsigned int n = 0;
-    int rc = gnutls_x509_crt_list_import2(&crts, &n, &d, GNUTLS_X509_FMT_PEM, 0);
-    free_pem(&d);
-    if (rc < 0 || n == 0) {
+    X509_STORE *store = X509_STORE_new();
+    int ok = store && X509_STORE_load_file(store, path) == 1 &&
+             sk_X509_OBJECT_num(X509_STORE_get0_objects(store)) > 0;
+    X509_STORE_free(store);
+    ERR_clear_error();
+    if (!ok) {
         str_printf(err, errlen, "mparticle.ca_bundle: %s holds no PEM certificate that can be read",
                    path);
         return -1;
     }
-    free_crts(crts, n);
     return 0;
 }
 

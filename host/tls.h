@@ -8,8 +8,9 @@
  * content changed. A pair once used stays allocated until tls_shutdown, as a
  * handshake in progress may hold it; there is one per certificate change.
  *
- * The project's only use of GnuTLS, libmicrohttpd's TLS library. Errors name
- * the file, never its content.
+ * The listener's side is GnuTLS, libmicrohttpd's TLS library (the project's
+ * only use of it); the CA bundle is read with OpenSSL, as libcurl reads it.
+ * Errors name the file, never its content.
  */
 #ifndef TRIBUTARY_TLS_H
 #define TRIBUTARY_TLS_H

@@ -280,6 +280,7 @@ char *read_stream(FILE *f, size_t max, size_t *len)
             return NULL;
         }
     }
+    explicit_bzero(chunk, sizeof chunk); /* it may have held a key */
     if (ferror(f)) {
         int failure = errno; /* such as EISDIR: a directory opens, and fails its read */
         buf_free(&b);

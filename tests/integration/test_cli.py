@@ -391,6 +391,26 @@ class DeadLetterCommands(ServiceTest):
         self.assertEqual(sorted(queued), sorted(ids))
         self.assertEqual(json.loads(s.cli(["dlq", "list", "--json"]).stdout), [])
 
+    def test_two_requeues_of_one_dead_letter_at_once_queue_it_once_and_one_says_so(self):
+        s, ids = self.dead_letters(5)
+        s.env["TRIBUTARY_RULES_DIR"] = RULES
+        for letter in json.loads(s.cli(["dlq", "list", "--json"]).stdout):
+            results = [None, None]
+
+            def requeue(i):
+                results[i] = s.cli(["dlq", "requeue", str(letter["id"])])
+            threads = [threading.Thread(target=requeue, args=(i,)) for i in range(2)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            self.assertEqual(sorted(p.returncode for p in results), [0, 1], results)
+            loser = [p for p in results if p.returncode == 1][0]
+            # gone when it looked, or taken between its read and its commit
+            self.assertRegex(loser.stderr, r"no matching dead letters|dead letter %d was "
+                             r"requeued or purged by another command meanwhile" % letter["id"])
+        self.assertEqual(sorted(s.queued_ids()), sorted(ids))
+
     def test_requeue_of_dead_letters_larger_than_a_page_in_bytes_queues_each_exactly_once(self):
         blob_bytes = 1536 * 1024
         count = REQUEUE_PAGE_BYTES // blob_bytes + 2  # 7 events, 10.5 MiB

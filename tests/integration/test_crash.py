@@ -96,16 +96,16 @@ class WallClockSteps(ServiceTest):
         offset = os.path.join(self.tmpdir(), "offset")
         with open(offset, "w") as f:
             f.write("0")
-        s = Service(env={"TRIBUTARY_DEDUP_WINDOW_S": "60", "WALL_CLOCK_OFFSET_FILE": offset})
+        s = Service(env={"TRIBUTARY_DEDUP_WINDOW_S": "3600", "WALL_CLOCK_OFFSET_FILE": offset})
         self.addCleanup(s.cleanup)
         preload(s, "wall_clock")
         s.start()
         x = event("users.messages.email.Send", user="u1")
         self.assertEqual(s.post([x]).json()["forwarded"], 1)
-        # the clock jumps two minutes ahead (a virtual machine resumed) for long
+        # the clock jumps two hours ahead (a virtual machine resumed) for long
         # enough for the housekeeping to run, and a request comes meanwhile
         with open(offset, "w") as f:
-            f.write("120")
+            f.write("7200")
         time.sleep(2.5)
         self.assertEqual(s.post([event("users.messages.email.Send", user="u2")]).status, 200)
         with open(offset, "w") as f:

@@ -667,7 +667,8 @@ class TLS(ServiceTest):
         cert, key = os.path.join(d, "cert.pem"), os.path.join(d, "key.pem")
         shutil.copy(old_cert, cert)
         shutil.copy(old_key, key)
-        s = TLSService(cert, key)
+        # the kept connection below stays idle through the renewal
+        s = TLSService(cert, key, env={"TRIBUTARY_HTTP_TIMEOUT_S": "600"})
         self.addCleanup(s.cleanup)
         s.cert = old_cert
         s.start()
