@@ -621,6 +621,7 @@ static char *value_from_file(const struct key *k, const char *var, const char *p
         errs_add(e, "%s: cannot open %s: %s", var, path, strerror(errno));
         return NULL;
     }
+    setvbuf(f, NULL, _IONBF, 0); /* no copy of a secret in stdio's buffer */
     size_t len = 0;
     char *v = read_stream(f, VALUE_FILE_MAX, &len);
     int failure = errno;
@@ -646,11 +647,13 @@ static char *value_from_file(const struct key *k, const char *var, const char *p
     for (size_t i = 0; i < len; i++) {
         if (v[i] == '\0') {
             errs_add(e, "%s: %s is not text", var, path);
+            explicit_bzero(v, len);
             free(v);
             return NULL;
         }
         if ((v[i] == '\n' || v[i] == '\r') && !list) {
             errs_add(e, "%s: %s holds more than one line", var, path);
+            explicit_bzero(v, len);
             free(v);
             return NULL;
         }

@@ -167,8 +167,13 @@ int tls_check_pair(const char *cert, const char *key, char *err, size_t errlen)
 int tls_check_ca_bundle(const char *path, char *err, size_t errlen)
 {
     X509_STORE *store = X509_STORE_new();
-    int ok = store && X509_STORE_load_file(store, path) == 1 &&
-             sk_X509_OBJECT_num(X509_STORE_get0_objects(store)) > 0;
+    int ok = 0;
+    if (store && X509_STORE_load_file(store, path) == 1) {
+        /* certificates, not only revocation lists */
+        STACK_OF(X509_OBJECT) *objects = X509_STORE_get0_objects(store);
+        for (int i = 0; i < sk_X509_OBJECT_num(objects) && !ok; i++)
+            ok = X509_OBJECT_get_type(sk_X509_OBJECT_value(objects, i)) == X509_LU_X509;
+    }
     X509_STORE_free(store);
     ERR_clear_error();
     if (!ok) {

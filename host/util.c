@@ -265,6 +265,15 @@ char *buf_take(buf *b)
     return p;
 }
 
+/* What read_stream read and will not return: wiped, as it may be a key. */
+static void read_stream_drop(buf *b, char *chunk, size_t n)
+{
+    explicit_bzero(chunk, n);
+    if (b->data)
+        explicit_bzero(b->data, b->len);
+    buf_free(b);
+}
+
 char *read_stream(FILE *f, size_t max, size_t *len)
 {
     buf b;
@@ -275,18 +284,18 @@ char *read_stream(FILE *f, size_t max, size_t *len)
     while ((n = fread(chunk, 1, sizeof chunk, f)) > 0) {
         if (buf_add(&b, chunk, n) != 0) {
             int too_big = b.len + n > max;
-            buf_free(&b);
+            read_stream_drop(&b, chunk, sizeof chunk);
             errno = too_big ? EFBIG : ENOMEM;
             return NULL;
         }
     }
-    explicit_bzero(chunk, sizeof chunk); /* it may have held a key */
     if (ferror(f)) {
         int failure = errno; /* such as EISDIR: a directory opens, and fails its read */
-        buf_free(&b);
+        read_stream_drop(&b, chunk, sizeof chunk);
         errno = failure ? failure : EIO;
         return NULL;
     }
+    explicit_bzero(chunk, sizeof chunk); /* it may have held a key */
     *len = b.len;
     char *p = buf_take(&b);
     if (!p)

@@ -238,7 +238,8 @@ class Install(ServiceTest):
         with open(os.path.join(prefix, "share/tributary/tributary.conf.lua.example")) as f:
             example = f.read()
         self.assertIn('data_dir = "/var/lib/tributary"', example)
-        self.assertIn('format = "json"', example)  # the journal's lines, as before
+        # the journal's lines, as before
+        self.assertRegex(example, r'log = \{ level = "info", format = "json" \}')
         self.assertIn('rules_dir = "/etc/tributary/rules"', example)
         self.assertNotIn("Environment=", unit)
         self.assertIn("file changes nothing else until you edit it", example)

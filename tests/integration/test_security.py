@@ -723,6 +723,15 @@ class TLS(ServiceTest):
                         "-out", encrypted], check=True, capture_output=True)
         os.chmod(encrypted, 0o600)
         _, other_key = self.pair("other.example")
+        # a revocation list alone: curl loads it, and then trusts no server
+        with open(os.path.join(d, "ca.cnf"), "w") as f:
+            f.write("[ca]\ndefault_ca = d\n[d]\ndatabase = %s/index.txt\ndefault_md = sha256\n"
+                    "default_crl_days = 1\n" % d)
+        open(os.path.join(d, "index.txt"), "w").close()
+        crl = os.path.join(d, "crl.pem")
+        subprocess.run(["openssl", "ca", "-gencrl", "-keyfile", self.key, "-cert", self.cert,
+                        "-out", crl, "-config", os.path.join(d, "ca.cnf")],
+                       check=True, capture_output=True)
         cases = (
             ({"TRIBUTARY_TLS_CERT": garbage, "TRIBUTARY_TLS_KEY": self.key},
              "tls.cert: %s holds no PEM certificate that can be read" % garbage),
@@ -734,6 +743,8 @@ class TLS(ServiceTest):
              "tls.key: %s is not the key of the certificate in %s" % (other_key, self.cert)),
             ({"TRIBUTARY_MPARTICLE_CA_BUNDLE": garbage},
              "mparticle.ca_bundle: %s holds no PEM certificate that can be read" % garbage),
+            ({"TRIBUTARY_MPARTICLE_CA_BUNDLE": crl},
+             "mparticle.ca_bundle: %s holds no PEM certificate that can be read" % crl),
         )
         for env, message in cases:
             with self.subTest(message=message):
