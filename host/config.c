@@ -487,17 +487,14 @@ static void walk(struct loader *ld, lua_State *L, const char *prefix)
 
 static char *read_file(const char *path, size_t *len, struct errs *e)
 {
-    FILE *f = fopen(path, "rb");
-    if (!f) {
+    int opened;
+    char *src = read_path(path, CONFIG_FILE_MAX, len, &opened);
+    if (!src && !opened)
         errs_add(e, "%s: cannot open: %s", path, strerror(errno));
-        return NULL;
-    }
-    char *src = read_stream(f, CONFIG_FILE_MAX, len);
-    if (!src && errno == EFBIG)
+    else if (!src && errno == EFBIG)
         errs_add(e, "%s: file larger than %u MiB", path, CONFIG_FILE_MAX >> 20);
     else if (!src)
         errs_add(e, "%s: cannot read: %s", path, strerror(errno));
-    fclose(f);
     return src;
 }
 
@@ -616,21 +613,16 @@ static void set_from_env(struct config *c, const struct key *k, const char *name
  * variable and the file, never the content. */
 static char *value_from_file(const struct key *k, const char *var, const char *path, struct errs *e)
 {
-    FILE *f = fopen(path, "rb");
-    if (!f) {
-        errs_add(e, "%s: cannot open %s: %s", var, path, strerror(errno));
-        return NULL;
-    }
-    setvbuf(f, NULL, _IONBF, 0); /* no copy of a secret in stdio's buffer */
     size_t len = 0;
-    char *v = read_stream(f, VALUE_FILE_MAX, &len);
-    int failure = errno;
-    fclose(f);
+    int opened;
+    char *v = read_path(path, VALUE_FILE_MAX, &len, &opened);
     if (!v) {
-        if (failure == EFBIG)
+        if (!opened)
+            errs_add(e, "%s: cannot open %s: %s", var, path, strerror(errno));
+        else if (errno == EFBIG)
             errs_add(e, "%s: %s is larger than %u KiB", var, path, VALUE_FILE_MAX >> 10);
         else
-            errs_add(e, "%s: cannot read %s: %s", var, path, strerror(failure));
+            errs_add(e, "%s: cannot read %s: %s", var, path, strerror(errno));
         return NULL;
     }
     while (len && isspace((unsigned char)v[len - 1]))

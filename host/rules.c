@@ -53,17 +53,14 @@ static int has_suffix(const char *s, const char *suffix)
 
 static char *slurp(const char *path, size_t max, size_t *len, char *err, size_t errlen)
 {
-    FILE *f = fopen(path, "rb");
-    if (!f) {
+    int opened;
+    char *src = read_path(path, max, len, &opened);
+    if (!src && !opened)
         str_printf(err, errlen, "%s: cannot open: %s", path, strerror(errno));
-        return NULL;
-    }
-    char *src = read_stream(f, max, len);
-    if (!src && errno == EFBIG)
+    else if (!src && errno == EFBIG)
         str_printf(err, errlen, "%s: file larger than %zu KiB", path, max >> 10);
     else if (!src)
         str_printf(err, errlen, "%s: cannot read: %s", path, strerror(errno));
-    fclose(f);
     return src;
 }
 

@@ -137,9 +137,7 @@ static void sb_hook(lua_State *L, lua_Debug *ar)
     sb->steps += HOOK_STEP;
     if (sb->tripped == TRIP_NONE && sb->steps > sb->budget)
         sb->tripped = TRIP_INSTRUCTIONS;
-    if (sb->tripped == TRIP_NONE && clock_mono_ns() > sb->deadline_ns)
-        sb->tripped = TRIP_TIME;
-    if (sb->tripped != TRIP_NONE) {
+    if (past_deadline(sb)) {
         /* From now on every instruction raises: handlers cannot keep running. */
         lua_sethook(L, sb_hook, LUA_MASKCOUNT, 1);
         luaL_error(L, "%s limit exceeded",

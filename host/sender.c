@@ -1539,8 +1539,8 @@ static void dead_letter(struct sender *s, struct request *r, int status)
 
 /* 400 or 413: halve the requests these batches may travel in (halve_limit); a
  * lone batch of several events is split, so that a 400 ends up with the one
- * event mParticle refuses (a user's batch holds that user's events, good ones too); a lone
- * event refused with 400 is dead-lettered. A 413 for one event, within
+ * event mParticle refuses (a user's batch holds that user's events, good ones
+ * too); a lone event refused with 400 is dead-lettered. A 413 for one event, within
  * mParticle's batch limit, says that something in between limits bodies: the
  * event is kept, as for any unexpected answer. */
 static void on_refused_content(struct sender *s, struct request *r, int status,

@@ -10,7 +10,6 @@
 #include <openssl/x509_vfy.h>
 #include <pthread.h>
 #include <stdatomic.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -43,19 +42,12 @@ struct parsed {
 
 static int read_pem(const char *what, const char *path, gnutls_datum_t *d, char *err, size_t errlen)
 {
-    FILE *f = fopen(path, "rb");
-    if (!f) {
-        str_printf(err, errlen, "%s: cannot read %s: %s", what, path, strerror(errno));
-        return -1;
-    }
-    setvbuf(f, NULL, _IONBF, 0); /* no copy of a key in stdio's buffer */
     size_t len = 0;
-    char *p = read_stream(f, PEM_FILE_MAX, &len);
-    int failure = errno;
-    fclose(f);
+    int opened;
+    char *p = read_path(path, PEM_FILE_MAX, &len, &opened);
     if (!p) {
         str_printf(err, errlen, "%s: cannot read %s: %s", what, path,
-                   failure == EFBIG ? "larger than 1 MiB" : strerror(failure));
+                   errno == EFBIG ? "larger than 1 MiB" : strerror(errno));
         return -1;
     }
     d->data = (unsigned char *)p;

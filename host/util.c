@@ -303,6 +303,20 @@ char *read_stream(FILE *f, size_t max, size_t *len)
     return p;
 }
 
+char *read_path(const char *path, size_t max, size_t *len, int *opened)
+{
+    FILE *f = fopen(path, "rb");
+    *opened = f != NULL;
+    if (!f)
+        return NULL;
+    setvbuf(f, NULL, _IONBF, 0);
+    char *p = read_stream(f, max, len);
+    int failure = errno;
+    fclose(f);
+    errno = failure;
+    return p;
+}
+
 /* ---- arena -------------------------------------------------------------- */
 
 struct arena_chunk {

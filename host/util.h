@@ -103,6 +103,10 @@ char *buf_take(buf *b);
 /* Reads the rest of f into a new NUL-terminated string of at most max bytes, its length in *len.
  * Returns NULL with errno EFBIG (longer than max), EIO (read error) or ENOMEM. */
 char *read_stream(FILE *f, size_t max, size_t *len);
+/* The same for the file at path, read unbuffered (no copy of what it holds, a
+ * key say, stays behind in stdio's buffer). NULL with errno set, and *opened
+ * 0 when the file could not be opened, 1 when it could but not be read whole. */
+char *read_path(const char *path, size_t max, size_t *len, int *opened);
 
 /* ---- arena -------------------------------------------------------------- */
 

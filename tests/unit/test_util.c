@@ -292,6 +292,26 @@ START_TEST(test_read_stream_reads_whole_files_and_refuses_longer_ones)
 }
 END_TEST
 
+/* read_path says which step failed, with its cause: the messages of its
+ * callers name it ("cannot open", "cannot read: Is a directory"). */
+START_TEST(test_read_path_tells_a_failed_open_from_a_failed_read)
+{
+    size_t len = 0;
+    int opened = -1;
+    char *text = read_path("/proc/self/comm", 4096, &len, &opened);
+    ck_assert_ptr_nonnull(text);
+    ck_assert_int_eq(opened, 1);
+    ck_assert_uint_eq(len, strlen(text));
+    free(text);
+    ck_assert_ptr_null(read_path("/nonexistent/file", 4096, &len, &opened));
+    ck_assert_int_eq(opened, 0);
+    ck_assert_int_eq(errno, ENOENT);
+    ck_assert_ptr_null(read_path("/", 4096, &len, &opened));
+    ck_assert_int_eq(opened, 1);
+    ck_assert_int_eq(errno, EISDIR);
+}
+END_TEST
+
 START_TEST(test_arena_keeps_addresses_stable)
 {
     arena a;
@@ -323,6 +343,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_parse_duration_units);
     tcase_add_test(tc, test_arena_keeps_addresses_stable);
     tcase_add_test(tc, test_read_stream_reads_whole_files_and_refuses_longer_ones);
+    tcase_add_test(tc, test_read_path_tells_a_failed_open_from_a_failed_read);
     suite_add_tcase(s, tc);
     return s;
 }
