@@ -68,6 +68,7 @@ static const struct key KEYS[] = {
     {"inbound.replay_window_s", K_INT, OFF(inbound_replay_window_s), 1, 86400, NULL},
     {"inbound.max_body_bytes", K_INT, OFF(inbound_max_body_bytes), 1024, 1LL << 30, NULL},
     {"inbound.max_events", K_INT, OFF(inbound_max_events), 1, 1000000, NULL},
+    {"inbound.workspaces", K_LIST, OFF(inbound_workspaces), 0, 0, NULL},
     {"mparticle.url", K_STR, OFF(mparticle_url), 0, 0, NULL},
     {"mparticle.rate_limit", K_INT, OFF(mparticle_rate_limit), 1, 100000, NULL},
     FEED_KEYS("ios", FEED_IOS),
@@ -930,6 +931,31 @@ static void check_url(const char *what, const char *url, struct errs *e)
     errs_add(e, "%s: must be an https:// URL", what);
 }
 
+static int workspace_name_ok(const char *name)
+{
+    size_t n = 0;
+    for (const unsigned char *p = (const unsigned char *)name; *p; p++, n++) {
+        if (*p < 0x20 || *p == 0x7f)
+            return 0;
+    }
+    return n > 0 && n <= CONFIG_WORKSPACE_MAX;
+}
+
+const char *config_workspace_problem(const struct config *c, const char *name)
+{
+    if (!name || !*name)
+        return NULL;
+    if (!workspace_name_ok(name))
+        return "not a workspace name (at most 128 bytes, no control characters)";
+    if (c->inbound_workspaces.n == 0)
+        return NULL;
+    for (size_t i = 0; i < c->inbound_workspaces.n; i++) {
+        if (strcmp(c->inbound_workspaces.items[i], name) == 0)
+            return NULL;
+    }
+    return "not one of inbound.workspaces";
+}
+
 /* serving: also what only `serve` needs (how requests are authenticated for
  * the address it listens on); the other commands read data_dir and rules_dir
  * with the service's file, where the inbound secrets may come from an
@@ -1033,6 +1059,14 @@ static void check(struct config *c, struct errs *e, int serving)
     if (c->retry_base_ms > c->retry_max_ms)
         errs_add(e, "retry.base_ms (%lld) must not exceed retry.max_ms (%lld)",
                  (long long)c->retry_base_ms, (long long)c->retry_max_ms);
+    for (size_t i = 0; i < c->inbound_workspaces.n; i++) {
+        const char *w = c->inbound_workspaces.items[i];
+        if (!workspace_name_ok(w))
+            errs_add(e,
+                     "inbound.workspaces: \"%.40s\" is not a workspace name (1 to %d bytes, "
+                     "no control characters)",
+                     w, CONFIG_WORKSPACE_MAX);
+    }
     for (size_t i = 0; i < c->inbound_tokens.n; i++) {
         for (const char *p = c->inbound_tokens.items[i]; *p; p++) {
             if ((unsigned char)*p <= ' ' || (unsigned char)*p >= 0x7f) {

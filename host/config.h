@@ -70,6 +70,8 @@ struct config {
     int64_t inbound_replay_window_s;
     int64_t inbound_max_body_bytes;
     int64_t inbound_max_events;
+    /* names the `?workspace=` of a request may give; n == 0: any */
+    struct string_list inbound_workspaces;
     char *mparticle_url;
     int64_t mparticle_rate_limit; /* batches per second, all feeds together (the account) */
     struct feed_config feeds[FEED_COUNT];
@@ -138,6 +140,12 @@ const char *config_feed_url(const struct config *c, enum feed f);
 /* Splits `listen` into host and port; 0 or -1. */
 int config_listen_addr(const struct config *c, char *host, size_t hostlen, int *port) WUR;
 int config_host_is_loopback(const char *host);
+/* Why a request's `?workspace=` (NULL or "": none) is not taken, or NULL when
+ * it is: at most CONFIG_WORKSPACE_MAX bytes without control characters, and
+ * one of inbound.workspaces when those are set. */
+#define CONFIG_WORKSPACE_MAX 128
+const char *config_workspace_problem(const struct config *c, const char *name);
+
 /* Whether the peer address (text) may name the client in X-Forwarded-For: a
  * loopback address or one of http.trusted_proxies. */
 int config_proxy_trusted(const struct config *c, const char *peer);

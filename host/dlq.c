@@ -76,6 +76,11 @@ static void print_row_json(const struct dead_row *r, int full)
     print_json_str(r->event_type);
     printf(",\"rules_version\":");
     print_json_str(r->rules_version);
+    printf(",\"workspace\":");
+    if (r->workspace)
+        print_json_str(r->workspace);
+    else
+        printf("null");
     if (full) {
         /* raw and event are JSON texts themselves */
         printf(",\"raw\":%s", r->raw && *r->raw ? r->raw : "null");
@@ -179,6 +184,8 @@ static int show_row(void *ctx, const struct dead_row *r)
     printf("event id:      %s\n", r->event_id);
     printf("event type:    %s\n", r->event_type);
     printf("rules version: %s\n", r->rules_version);
+    if (r->workspace)
+        printf("workspace:     %s\n", r->workspace);
     printf("braze event:   %s\n", r->raw);
     if (r->event && *r->event)
         printf("mapped event:  %s\n", r->event);
@@ -229,11 +236,12 @@ static int cmd_show(const struct cli_options *o, const struct config *c)
 #define REQUEUE_CHANGED_MAX 100
 #define REQUEUE_PAGE_BYTES (8u << 20)
 
-/* One page: the ids and Braze events of its dead letters, copied (a row's
- * strings live only during the callback). */
+/* One page: the ids, Braze events and workspaces of its dead letters, copied
+ * (a row's strings live only during the callback). */
 struct page {
     int64_t ids[REQUEUE_PAGE];
     char *raws[REQUEUE_PAGE];
+    char *workspaces[REQUEUE_PAGE]; /* NULL: none */
     size_t n;
     size_t bytes;
     int failed;
@@ -244,7 +252,10 @@ static int page_row(void *ctx, const struct dead_row *r)
     struct page *p = ctx;
     const char *raw = r->raw ? r->raw : "";
     p->raws[p->n] = strdup(raw);
-    if (!p->raws[p->n]) {
+    p->workspaces[p->n] = r->workspace ? strdup(r->workspace) : NULL;
+    if (!p->raws[p->n] || (r->workspace && !p->workspaces[p->n])) {
+        free(p->raws[p->n]);
+        free(p->workspaces[p->n]);
         p->failed = 1;
         return 1;
     }
@@ -255,8 +266,10 @@ static int page_row(void *ctx, const struct dead_row *r)
 
 static void page_free(struct page *p)
 {
-    for (size_t i = 0; i < p->n; i++)
+    for (size_t i = 0; i < p->n; i++) {
         free(p->raws[i]);
+        free(p->workspaces[i]);
+    }
     p->n = 0;
     p->bytes = 0;
 }
@@ -282,7 +295,9 @@ static int requeue_page(rules *engine, queue *q, const struct page *p, struct re
     buf_init(&kept, 1 << 20);
     for (size_t i = 0; i < p->n; i++) {
         struct input_error ie;
-        if (rules_map(engine, p->raws[i], strlen(p->raws[i]), INPUT_ANY, &m, &ie) != 0) {
+        const char *ws = p->workspaces[i];
+        if (rules_map(engine, p->raws[i], strlen(p->raws[i]), INPUT_ANY,
+                      ws ? (str){ws, strlen(ws)} : STR_NULL, &m, &ie) != 0) {
             (void)!buf_printf(&kept, "tributary: dead letter %lld cannot be requeued (kept): %s\n",
                               (long long)p->ids[i], ie.reason);
             skipped++;

@@ -290,10 +290,37 @@ static int admit(struct ingest *in, const struct ingest_request *req, int have_b
     return 0;
 }
 
+/* Whether the request's workspace is one this service takes (see
+ * config_workspace_problem); 0: refused with 404, resp filled. The URL names
+ * a workspace, so a wrong one is a wrong URL: Braze treats 404 as a
+ * configuration error, which the customer must fix. */
+static int workspace_taken(const struct config *c, const struct ingest_request *req,
+                           struct ingest_response *resp)
+{
+    static _Atomic int64_t logged_ms;
+    const char *why = req->workspace_repeated ? "given more than once"
+                                              : config_workspace_problem(c, req->workspace);
+    if (!why)
+        return 1;
+    if (log_due_shared(&logged_ms))
+        log_warn("request for a workspace this service does not take; answered 404",
+                 LOG_S("workspace", req->workspace) LOG_S("reason", why)
+                     LOG_S("client", req->client));
+    respond_error(resp, 404, 0, "unknown workspace", -1, why);
+    return 0;
+}
+
 int ingest_precheck(struct ingest *in, const struct ingest_request *req,
                     struct ingest_response *resp)
 {
-    return admit(in, req, 0, resp);
+    int admitted = admit(in, req, 0, resp);
+    if (admitted != 1)
+        return admitted;
+    struct snapshot s;
+    reload_get(&s);
+    int taken = workspace_taken(s.cfg, req, resp);
+    reload_put(&s);
+    return taken;
 }
 
 static void count_dropped(const struct mapping *m)
@@ -331,9 +358,12 @@ void ingest_handle(struct ingest *in, const struct ingest_request *req,
     struct mapping m;
     mapping_init(&m);
     char err[ERR_LEN] = "";
-
     ruleset *mapped_by = NULL;
-    rules *r = borrow(in->engines, s.rs, err, sizeof err);
+    rules *r = NULL;
+    if (!workspace_taken(s.cfg, req, resp))
+        goto done;
+
+    r = borrow(in->engines, s.rs, err, sizeof err);
     struct input_error ie;
     if (!r) {
         log_error("cannot build the rules engine", LOG_S("error", err));
@@ -344,7 +374,10 @@ void ingest_handle(struct ingest *in, const struct ingest_request *req,
     mapped_by = ruleset_ref(rules_ruleset(r));
     struct timespec a, b;
     clock_gettime(CLOCK_MONOTONIC, &a);
-    int mapped = rules_map(r, req->body, req->len, INPUT_ENVELOPE, &m, &ie);
+    str workspace = req->workspace && *req->workspace
+                        ? (str){req->workspace, strlen(req->workspace)}
+                        : STR_NULL;
+    int mapped = rules_map(r, req->body, req->len, INPUT_ENVELOPE, workspace, &m, &ie);
     clock_gettime(CLOCK_MONOTONIC, &b);
     metrics_rules_time((double)(b.tv_sec - a.tv_sec) + (double)(b.tv_nsec - a.tv_nsec) / 1e9);
     if (mapped != 0) {

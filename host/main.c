@@ -3,7 +3,7 @@
  *
  *   tributary serve [--config FILE]
  *   tributary check [--config FILE]
- *   tributary map   [--config FILE] [FILE|-]
+ *   tributary map   [--config FILE] [--workspace NAME] [FILE|-]
  *   tributary dlq ..., tributary queue stats   (see dlq.h)
  *   tributary sign  [--config FILE] [--timestamp T] [FILE|-]
  *   tributary --help | --version
@@ -44,8 +44,9 @@ static const char USAGE[] =
     "commands:\n"
     "  serve             run the service (SIGTERM stops, SIGHUP reloads)\n"
     "  check             validate the configuration and the rules, run the rule tests\n"
-    "  map [FILE|-]      dry run: print what the rules make of Currents JSON (an\n"
-    "                    envelope, a JSON array, one event, or NDJSON); sends nothing\n"
+    "  map [FILE|-] [--workspace NAME]   dry run: print what the rules make of\n"
+    "                    Currents JSON (an envelope, a JSON array, one event, or\n"
+    "                    NDJSON), as sent with ?workspace=NAME; sends nothing\n"
     "  dlq list [--reason R] [--limit N]      dead letters, oldest first\n"
     "  dlq show ID                            one dead letter, with its Braze event\n"
     "  dlq requeue ID | --reason R | --all    run dead letters through the current rules\n"
@@ -76,6 +77,7 @@ struct args {
     const char *older_than;
     const char *limit;
     const char *timestamp;
+    const char *workspace;
 };
 
 /* Options that take a value: --name VALUE or --name=VALUE. */
@@ -109,7 +111,8 @@ static int parse_args(int argc, char **argv, struct args *a)
             (v = value_option(argc, argv, &i, "--reason", &a->reason)) != 0 ||
             (v = value_option(argc, argv, &i, "--older-than", &a->older_than)) != 0 ||
             (v = value_option(argc, argv, &i, "--limit", &a->limit)) != 0 ||
-            (v = value_option(argc, argv, &i, "--timestamp", &a->timestamp)) != 0) {
+            (v = value_option(argc, argv, &i, "--timestamp", &a->timestamp)) != 0 ||
+            (v = value_option(argc, argv, &i, "--workspace", &a->workspace)) != 0) {
             if (v < 0)
                 return -1;
         } else if (strcmp(s, "--json") == 0) {
@@ -140,7 +143,8 @@ enum option_bit {
     O_TIMESTAMP = 8,
     O_JSON = 16,
     O_ALL = 32,
-    O_FORCE = 64
+    O_FORCE = 64,
+    O_WORKSPACE = 128
 };
 
 /* The options each command takes: another one given is refused rather than
@@ -153,7 +157,7 @@ static int options_fit(const struct args *a)
     } TAKES[] = {
         {"serve", NULL, 0},
         {"check", NULL, 0},
-        {"map", NULL, 0},
+        {"map", NULL, O_WORKSPACE},
         {"sign", NULL, O_TIMESTAMP},
         {"dlq", "list", O_REASON | O_LIMIT | O_JSON},
         {"dlq", "show", O_JSON},
@@ -167,10 +171,11 @@ static int options_fit(const struct args *a)
     } NAMES[] = {{O_REASON, "--reason"}, {O_OLDER_THAN, "--older-than"},
                  {O_LIMIT, "--limit"},   {O_TIMESTAMP, "--timestamp"},
                  {O_JSON, "--json"},     {O_ALL, "--all"},
-                 {O_FORCE, "--force"}};
+                 {O_FORCE, "--force"},   {O_WORKSPACE, "--workspace"}};
     unsigned given = (a->reason ? O_REASON : 0) | (a->older_than ? O_OLDER_THAN : 0) |
                      (a->limit ? O_LIMIT : 0) | (a->timestamp ? O_TIMESTAMP : 0) |
-                     (a->json ? O_JSON : 0) | (a->all ? O_ALL : 0) | (a->force ? O_FORCE : 0);
+                     (a->json ? O_JSON : 0) | (a->all ? O_ALL : 0) | (a->force ? O_FORCE : 0) |
+                     (a->workspace ? O_WORKSPACE : 0);
     const char *sub = a->npositional ? a->positional[0] : NULL;
     for (size_t i = 0; i < ARRAY_LEN(TAKES); i++) {
         if (strcmp(TAKES[i].command, a->command) != 0 ||
@@ -291,6 +296,12 @@ static int cmd_map(const struct args *a)
     struct config *c = config_load_for_command(a->config, 0);
     if (!c)
         return 1;
+    const char *why = config_workspace_problem(c, a->workspace);
+    if (why) {
+        fprintf(stderr, "tributary: --workspace: %s\n", why);
+        config_unref(c);
+        return 2;
+    }
     int rc = 1;
     char err[ERR_LEN];
     ruleset *rs = NULL;
@@ -308,7 +319,9 @@ static int cmd_map(const struct args *a)
     if (!input)
         goto done;
     struct input_error ie;
-    if (rules_map(r, input, len, INPUT_ANY, &m, &ie) != 0) {
+    str workspace =
+        a->workspace && *a->workspace ? (str){a->workspace, strlen(a->workspace)} : STR_NULL;
+    if (rules_map(r, input, len, INPUT_ANY, workspace, &m, &ie) != 0) {
         if (ie.index >= 0)
             fprintf(stderr, "tributary: event %ld: %s\n", ie.index, ie.reason);
         else

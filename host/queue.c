@@ -19,7 +19,7 @@
 
 #define QUEUE_FILE "queue.db"
 #define QUEUE_LOCK_FILE "serve.lock"
-#define SCHEMA_VERSION "5"
+#define SCHEMA_VERSION "6"
 /* Large pages make the WAL writes of ~2 KB rows sequential and cheap: about
  * three times the insert rate of 4 KiB pages with synchronous=FULL. */
 #define PAGE_SIZE 16384
@@ -107,7 +107,8 @@ static const char *const SCHEMA =
     "  rules_version TEXT NOT NULL,"
     "  received_ms INTEGER,"
     "  raw TEXT NOT NULL,"
-    "  event TEXT);"
+    "  event TEXT,"
+    "  workspace TEXT);"
     "CREATE INDEX IF NOT EXISTS dead_reason ON dead(reason, id);"
     /* per feed: `below`, the line under which every record is delivered or
      * dead (see queue_ack), and `claimed`, the largest id put in a batch. A
@@ -142,7 +143,8 @@ static const char *const RECORDS_TABLE = "CREATE TABLE IF NOT EXISTS records_%1$
                                          "  user TEXT NOT NULL,"
                                          "  batch TEXT NOT NULL,"
                                          "  event TEXT NOT NULL,"
-                                         "  raw TEXT NOT NULL)";
+                                         "  raw TEXT NOT NULL,"
+                                         "  workspace TEXT)";
 
 /* Statements on a feed's view of its records: %1$s is the feed's name, %2$d
  * its number. */
@@ -150,9 +152,9 @@ enum feed_stmt_id { F_TO_DEAD, F_OLDEST, F_COUNT_RANGE, F_COUNT };
 
 static const char *const FEED_STMTS[F_COUNT] = {
     [F_TO_DEAD] = "INSERT INTO dead(at_ms, reason, detail, feed, event_id, event_type, "
-                  "rules_version, received_ms, raw, event) "
+                  "rules_version, received_ms, raw, event, workspace) "
                   "SELECT ?2, ?3, ?4, ?5, event_id, event_type, rules_version, received_ms, "
-                  "raw, event FROM records_%1$s WHERE id = ?1",
+                  "raw, event, workspace FROM records_%1$s WHERE id = ?1",
     /* ?1: the feed's settled line. id is selected too: SQLite merges the
      * tables in id order only when the ORDER BY term is in the result
      * (otherwise it sorts every row) */
@@ -167,8 +169,8 @@ enum ring_stmt_id { R_INSERT, R_DELETE, R_CLEAR, R_COUNT };
 
 static const char *const RING_STMTS[R_COUNT] = {
     [R_INSERT] = "INSERT INTO records_%1$s_%2$d(id, received_ms, event_id, event_type, "
-                 "rules_version, user, batch, event, raw) "
-                 "VALUES(?9, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                 "rules_version, user, batch, event, raw, workspace) "
+                 "VALUES(?9, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?10)",
     [R_DELETE] = "DELETE FROM records_%1$s_%2$d WHERE id = ?1",
     [R_CLEAR] = "DELETE FROM records_%1$s_%2$d",
 };
@@ -210,8 +212,8 @@ enum stmt_id {
 static const char *const STMTS[S_COUNT] = {
     [S_SEEN] = "INSERT INTO dedup_log(at_ms, fingerprints) VALUES(?1, ?2)",
     [S_INSERT_DEAD] = "INSERT INTO dead(at_ms, reason, detail, feed, event_id, event_type, "
-                      "rules_version, received_ms, raw, event) "
-                      "VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                      "rules_version, received_ms, raw, event, workspace) "
+                      "VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
     [S_INSERT_CLAIM] = "INSERT INTO claims(feed, created_ms, batches) VALUES(?1, ?2, ?3)",
     [S_GET_CLAIM] = "SELECT c.feed, c.batches, d.done FROM claims AS c "
                     "LEFT JOIN claim_done AS d ON d.id = c.id WHERE c.id = ?1",
@@ -440,6 +442,15 @@ static void bind_str(sqlite3_stmt *s, int i, str v)
     sqlite3_bind_text(s, i, v.p ? v.p : "", (int)v.n, SQLITE_STATIC);
 }
 
+/* A text that may be absent: NULL then. */
+static void bind_opt_str(sqlite3_stmt *s, int i, str v)
+{
+    if (v.p)
+        sqlite3_bind_text(s, i, v.p, (int)v.n, SQLITE_STATIC);
+    else
+        sqlite3_bind_null(s, i);
+}
+
 static int open_db(const char *path, int create, sqlite3 **out, char *err, size_t errlen)
 {
     int flags = SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX | (create ? SQLITE_OPEN_CREATE : 0);
@@ -474,6 +485,7 @@ static int insert_record(queue *q, const struct record *r, int64_t now)
     bind_str(s, 6, r->batch);
     bind_str(s, 7, r->event);
     bind_str(s, 8, r->raw);
+    bind_opt_str(s, 10, r->workspace);
     int rc = step_done(s);
     if (rc == SQLITE_OK) {
         ring->rows[t]++;
@@ -498,6 +510,7 @@ static int insert_dead(queue *q, const struct dead_letter *d, int64_t now)
     sqlite3_bind_int64(s, 8, now);
     bind_str(s, 9, d->raw);
     sqlite3_bind_null(s, 10);
+    bind_opt_str(s, 11, d->workspace);
     return step_done(s);
 }
 
@@ -2076,6 +2089,50 @@ done:
     return rc;
 }
 
+/* Whether table has a column of that name. */
+static int has_column(sqlite3 *db, const char *table, const char *column)
+{
+    char sql[160];
+    snprintf(sql, sizeof sql, "SELECT 1 FROM pragma_table_info('%s') WHERE name = ?1", table);
+    sqlite3_stmt *s;
+    int found = 0;
+    if (sqlite3_prepare_v2(db, sql, -1, &s, NULL) == SQLITE_OK) {
+        sqlite3_bind_text(s, 1, column, -1, SQLITE_STATIC);
+        found = sqlite3_step(s) == SQLITE_ROW;
+        sqlite3_finalize(s);
+    }
+    return found;
+}
+
+/* Schema 6 keeps the `?workspace=` of each event's request with its record
+ * and its dead letter (NULL for those stored before). A table that a migration
+ * from before schema 4 created has it already. */
+static int migrate_to_6(sqlite3 *db, char *err, size_t errlen)
+{
+    if (exec(db, "BEGIN IMMEDIATE", err, errlen) != 0)
+        return -1;
+    char table[64], sql[160];
+    for (int i = 0; i <= FEED_COUNT * RING; i++) {
+        if (i == FEED_COUNT * RING)
+            str_copy(table, sizeof table, "dead");
+        else
+            snprintf(table, sizeof table, "records_%s_%d", FEED_NAMES[i / RING], i % RING);
+        if (!table_exists(db, table) || has_column(db, table, "workspace"))
+            continue; /* created with it, by this start's set-up or an earlier step */
+        snprintf(sql, sizeof sql, "ALTER TABLE %s ADD COLUMN workspace TEXT", table);
+        if (exec(db, sql, err, errlen) != 0) {
+            (void)sqlite3_exec(db, "ROLLBACK", NULL, NULL, NULL);
+            return -1;
+        }
+    }
+    if (exec(db, "UPDATE meta SET value = '6' WHERE key = 'schema_version'; COMMIT", err, errlen) !=
+        0) {
+        (void)sqlite3_exec(db, "ROLLBACK", NULL, NULL, NULL);
+        return -1;
+    }
+    return 0;
+}
+
 /* What the file holds, read before anything writes to it: 0 for an empty
  * database or one whose first start stopped before its end (tributary's
  * tables without a version yet), else the schema version of a tributary
@@ -2138,7 +2195,7 @@ done:
  * each in its own transaction. */
 static int migrate(sqlite3 *db, int version, char *err, size_t errlen)
 {
-    if (version < 1 || version >= 5)
+    if (version < 1 || version >= 6)
         return 0; /* new or current */
     if (version == 1 && migrate_to_2(db, err, errlen) != 0)
         return -1;
@@ -2146,7 +2203,9 @@ static int migrate(sqlite3 *db, int version, char *err, size_t errlen)
         return -1;
     if (version <= 3 && migrate_to_4(db, err, errlen) != 0)
         return -1;
-    return migrate_to_5(db, err, errlen);
+    if (version <= 4 && migrate_to_5(db, err, errlen) != 0)
+        return -1;
+    return migrate_to_6(db, err, errlen);
 }
 
 static int hold_batch(void *ctx, int64_t id, int feed, const struct claim_batch *b)
@@ -2813,9 +2872,12 @@ static long add_item(struct queue_items *out, sqlite3_stmt *s)
     it->batch = col_str(s, 3, &out->mem, &failed);
     it->event = col_str(s, 4, &out->mem, &failed);
     it->event_id = col_str(s, 5, &out->mem, &failed);
-    int raw = sqlite3_column_count(s) > 7;
+    int raw = sqlite3_column_count(s) > 8;
     it->raw = raw ? col_str(s, 6, &out->mem, &failed) : STR_NULL;
     it->rules_version = raw ? col_str(s, 7, &out->mem, &failed) : STR_NULL;
+    it->workspace = raw && sqlite3_column_type(s, 8) != SQLITE_NULL
+                        ? col_str(s, 8, &out->mem, &failed)
+                        : STR_NULL;
     if (failed)
         return -1;
     out->n++;
@@ -2854,8 +2916,8 @@ int queue_scan_raw(queue_reader *r, enum feed f, int64_t after_id, size_t limit,
 {
     if (!r->scan_raw[f] &&
         prepare_feed(r->db,
-                     "SELECT id, received_ms, user, batch, event, event_id, raw, rules_version "
-                     "FROM records_%s WHERE id > ?1 ORDER BY id LIMIT ?2",
+                     "SELECT id, received_ms, user, batch, event, event_id, raw, rules_version, "
+                     "workspace FROM records_%s WHERE id > ?1 ORDER BY id LIMIT ?2",
                      f, &r->scan_raw[f]) != 0)
         return -1;
     return scan_with(r->scan_raw[f], after_id, limit, max_bytes, out);
@@ -3027,7 +3089,7 @@ int queue_dead_each_between(queue_reader *r, const struct dead_filter *f, int64_
     sqlite3_stmt *s;
     if (sqlite3_prepare_v2(r->db,
                            "SELECT id, at_ms, reason, detail, feed, event_id, event_type, "
-                           "rules_version, raw, event FROM dead " DEAD_WHERE
+                           "rules_version, raw, event, workspace FROM dead " DEAD_WHERE
                            " AND id > ?5 AND id <= ?6 ORDER BY id LIMIT ?4",
                            -1, &s, NULL) != SQLITE_OK)
         return -1;
@@ -3048,6 +3110,7 @@ int queue_dead_each_between(queue_reader *r, const struct dead_filter *f, int64_
         row.rules_version = (const char *)sqlite3_column_text(s, 7);
         row.raw = (const char *)sqlite3_column_text(s, 8);
         row.event = (const char *)sqlite3_column_text(s, 9);
+        row.workspace = (const char *)sqlite3_column_text(s, 10);
         if (fn(ctx, &row) != 0) {
             rc = SQLITE_DONE;
             break;

@@ -94,7 +94,8 @@ struct queue_item {
     str event;
     str event_id;
     str raw;           /* queue_scan_raw only: the Braze event as received, */
-    str rules_version; /* and the rules that mapped it */
+    str rules_version; /* the rules that mapped it, */
+    str workspace;     /* and its workspace (STR_NULL: none) */
 };
 
 /* A run of items read from the queue; strings live in mem. */
@@ -205,7 +206,8 @@ struct dead_row {
     const char *event_type;
     const char *rules_version;
     const char *raw;
-    const char *event; /* mapped form, or NULL */
+    const char *event;     /* mapped form, or NULL */
+    const char *workspace; /* or NULL */
 };
 
 struct dead_filter {

@@ -102,6 +102,8 @@ int mapping_add_copy(struct mapping *m, const struct record *r)
     c.batch = mapping_copy(m, r->batch.p, r->batch.n, &failed);
     c.event = mapping_copy(m, r->event.p, r->event.n, &failed);
     c.raw = mapping_copy(m, r->raw.p, r->raw.n, &failed);
+    if (r->workspace.p)
+        c.workspace = mapping_copy(m, r->workspace.p, r->workspace.n, &failed);
     c.event_id = mapping_copy(m, r->event_id.p, r->event_id.n, &failed);
     c.event_type = mapping_copy(m, r->event_type.p, r->event_type.n, &failed);
     struct record *slot = failed ? NULL : mapping_add_record(m);

@@ -10,6 +10,8 @@
  *             merge line by line, later records winning, without a JSON parser.
  *   event     the mParticle event object, JSON
  *   raw       the Braze event, JSON, so a dead letter can run through the rules again
+ *   workspace the request's `?workspace=` (which Braze workspace sent it), or
+ *             none, so that the rules see it again when they map it again
  */
 #ifndef TRIBUTARY_RECORD_H
 #define TRIBUTARY_RECORD_H
@@ -31,6 +33,7 @@ struct record {
     str batch;
     str event;
     str raw;
+    str workspace; /* STR_NULL: none */
     str event_id;
     str event_type;
     const char *rules_version;
@@ -52,6 +55,7 @@ struct dead_letter {
     str detail;         /* what went wrong, with rule file and line when known */
     int feed;           /* enum feed, or -1 when not mapped */
     str raw;
+    str workspace; /* STR_NULL: none */
     str event_id;
     str event_type;
     const char *rules_version;

@@ -874,8 +874,10 @@ static size_t memory_left(const rules *r, size_t base, int *by_ceiling)
     return *by_ceiling ? room : left;
 }
 
-/* [-0, +1] Runs files 0..upto on the event at evi. Pushes the final out (or nil). */
-static void run_chain(rules *r, lua_State *L, int evi, size_t upto, struct chain_result *res)
+/* [-0, +1] Runs files 0..upto on the event at evi, with the workspace at wsi
+ * (a string, or nil). Pushes the final out (or nil). */
+static void run_chain(rules *r, lua_State *L, int evi, int wsi, size_t upto,
+                      struct chain_result *res)
 {
     lua_pushnil(L);
     int outi = lua_gettop(L);
@@ -891,8 +893,9 @@ static void run_chain(rules *r, lua_State *L, int evi, size_t upto, struct chain
         lua_rawgeti(L, LUA_REGISTRYINDEX, r->process_refs[k]);
         lua_pushvalue(L, evi);
         lua_pushvalue(L, outi);
+        lua_pushvalue(L, wsi);
         struct sandbox_error serr;
-        enum sandbox_rc rc = sandbox_call(r->sb, 2, 2, &lim, &serr);
+        enum sandbox_rc rc = sandbox_call(r->sb, 3, 2, &lim, &serr);
         lim.instructions -= sandbox_steps(r->sb);
         if (lim.instructions < 1)
             lim.instructions = 1;
@@ -948,12 +951,13 @@ static void run_chain(rules *r, lua_State *L, int evi, size_t upto, struct chain
     }
 }
 
-/* The identity of the event being mapped, captured before any rule runs, and
- * its bytes as received when known. */
+/* The identity of the event being mapped, captured before any rule runs, its
+ * bytes as received when known, and the workspace of its request. */
 struct event_ids {
     str id;
     str type;
     str raw;
+    str workspace;
 };
 
 /* Copies the event's bytes into m for its record or dead letter: as received
@@ -989,6 +993,7 @@ static int add_dead(rules *r, lua_State *L, int evi, const struct event_ids *ids
     d->detail = mapping_copy(m, detail, strlen(detail), &failed);
     d->event_id = ids->id;
     d->event_type = ids->type;
+    d->workspace = ids->workspace;
     return failed ? -1 : 0;
 }
 
@@ -1380,6 +1385,7 @@ static int emit(rules *r, lua_State *L, int evi, const struct event_ids *ids, in
         goto done;
     tmp.event_id = ids->id;
     tmp.event_type = ids->type;
+    tmp.workspace = ids->workspace;
 
     struct record *rec = failed ? NULL : mapping_add_record(m);
     if (!rec) {
@@ -1393,13 +1399,16 @@ done:
     return rc;
 }
 
-/* [-0, +0] Maps the event at evi into m. -1 only when out of memory. */
-static int map_event(rules *r, lua_State *L, int evi, str raw, struct mapping *m)
+/* [-0, +0] Maps the event at evi, of the workspace at wsi (its text in
+ * workspace, in m), into m. -1 only when out of memory. */
+static int map_event(rules *r, lua_State *L, int evi, int wsi, str raw, str workspace,
+                     struct mapping *m)
 {
     int top = lua_gettop(L);
     int failed = 0;
     struct event_ids ids;
     ids.raw = raw;
+    ids.workspace = workspace;
     size_t n;
     rawfield(L, evi, "id");
     const char *s = lua_tolstring(L, -1, &n);
@@ -1419,7 +1428,7 @@ static int map_event(rules *r, lua_State *L, int evi, str raw, struct mapping *m
     if (failed)
         return -1;
     struct chain_result res;
-    run_chain(r, L, evi, r->n - 1, &res);
+    run_chain(r, L, evi, wsi, r->n - 1, &res);
     struct outcome *o = m->keep_outcomes ? mapping_add_outcome(m) : NULL;
     if (m->keep_outcomes && !o)
         return -1;
@@ -1894,8 +1903,16 @@ static const char *check_event(lua_State *L, int idx)
     return why;
 }
 
-int rules_map(rules *r, const char *body, size_t len, enum input_shape shape, struct mapping *m,
-              struct input_error *e)
+/* Under lua_pcall, as decoding: pushes a copy of the text. */
+static int protected_push(lua_State *L)
+{
+    const str *s = lua_touserdata(L, 1);
+    lua_pushlstring(L, s->p, s->n);
+    return 1;
+}
+
+int rules_map(rules *r, const char *body, size_t len, enum input_shape shape, str workspace,
+              struct mapping *m, struct input_error *e)
 {
     e->status = 0;
     e->index = -1;
@@ -1926,6 +1943,20 @@ int rules_map(rules *r, const char *body, size_t len, enum input_shape shape, st
             return input_fail(e, 400, (long)(i - 1), "%s", why);
         }
     }
+    /* the rules' third argument, and the text each record and dead letter keeps */
+    int failed = 0;
+    str ws = workspace.p ? mapping_copy(m, workspace.p, workspace.n, &failed) : STR_NULL;
+    if (!workspace.p) {
+        lua_pushnil(L);
+    } else {
+        lua_pushcfunction(L, protected_push);
+        lua_pushlightuserdata(L, &workspace);
+        if (failed || lua_pcall(L, 1, 1, 0) != LUA_OK) {
+            lua_settop(L, top);
+            return input_fail(e, 503, -1, "out of memory while mapping");
+        }
+    }
+    int wsi = lua_gettop(L);
     begin_events(r);
     size_t nrec = m->nrecords, ndead = m->ndead, nout = m->noutcomes;
     size_t dropped[DROP_REASON_COUNT];
@@ -1938,7 +1969,7 @@ int rules_map(rules *r, const char *body, size_t len, enum input_shape shape, st
     }
     for (lua_Integer i = 1; i <= n; i++) {
         lua_rawgeti(L, evs, i);
-        int rc = map_event(r, L, lua_gettop(L), raws ? raws[i - 1] : STR_NULL, m);
+        int rc = map_event(r, L, lua_gettop(L), wsi, raws ? raws[i - 1] : STR_NULL, ws, m);
         lua_pop(L, 1);
         if (rc != 0) {
             free(raws);
@@ -2071,9 +2102,15 @@ static int run_test(rules *r, lua_State *L, size_t k, int ti, long index, buf *r
         goto done;
     }
     int evi = lua_gettop(L);
+    int wst = rawfield(L, ti, "workspace");
+    if (wst != LUA_TNIL && wst != LUA_TSTRING) {
+        str_copy(diff, sizeof diff, "the test's `workspace` must be a string");
+        goto done;
+    }
+    int wsi = lua_gettop(L);
     struct chain_result res;
     begin_events(r);
-    run_chain(r, L, evi, k, &res);
+    run_chain(r, L, evi, wsi, k, &res);
     int outi = lua_gettop(L);
     int xt = rawfield(L, ti, "expect");
     int dt = rawfield(L, ti, "expect_drop");
@@ -2110,7 +2147,7 @@ static int run_test(rules *r, lua_State *L, size_t k, int ti, long index, buf *r
     struct mapping scratch;
     mapping_init(&scratch);
     char err[ERR_LEN];
-    struct event_ids ids = {{"test", 4}, {"test", 4}, STR_NULL};
+    struct event_ids ids = {{"test", 4}, {"test", 4}, STR_NULL, STR_NULL};
     int e = emit(r, L, evi, &ids, outi, &scratch, err, sizeof err);
     mapping_free(&scratch);
     if (e != 0) {

@@ -77,10 +77,12 @@ struct input_error {
 };
 
 /* Decodes and validates a request body, then runs every event through the rules
- * into m. On invalid input returns -1 with e filled and nothing added to m.
- * On an internal failure (out of memory) returns -1 with e->status 503. */
-int rules_map(rules *r, const char *body, size_t len, enum input_shape shape, struct mapping *m,
-              struct input_error *e) WUR;
+ * into m. workspace: the request's `?workspace=` (STR_NULL: none), the rules'
+ * third argument, kept with every record and dead letter. On invalid input
+ * returns -1 with e filled and nothing added to m. On an internal failure (out
+ * of memory) returns -1 with e->status 503. */
+int rules_map(rules *r, const char *body, size_t len, enum input_shape shape, str workspace,
+              struct mapping *m, struct input_error *e) WUR;
 
 /* Runs the examples that rule files carry in their `tests` tables. Appends one
  * report per failure to report (with a readable difference). Returns the

@@ -223,7 +223,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     mapping_init(&m);
     m.keep_outcomes = 1;
     struct input_error e;
-    int rc = rules_map(fuzz_engine(), (const char *)data, size, INPUT_ANY, &m, &e);
+    int rc = rules_map(fuzz_engine(), (const char *)data, size, INPUT_ANY, STR_NULL, &m, &e);
     CHECK(rc == 0 || rc == -1);
     if (rc != 0) {
         CHECK(e.status == 400 || e.status == 413 || e.status == 503);

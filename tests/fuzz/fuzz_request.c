@@ -36,7 +36,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     struct mapping m;
     mapping_init(&m);
     struct input_error e;
-    int rc = rules_map(fuzz_engine(), (const char *)data, size, INPUT_ENVELOPE, &m, &e);
+    int rc = rules_map(fuzz_engine(), (const char *)data, size, INPUT_ENVELOPE, STR_NULL, &m, &e);
     CHECK(rc == 0 || rc == -1);
     if (rc != 0) {
         CHECK(e.status == 400 || e.status == 413 || e.status == 503);

@@ -85,6 +85,27 @@ class Cli(ServiceTest):
             self.assertEqual(p.returncode, 2, p)
             self.assertIn("%s does not apply to %s" % (option, command), p.stderr)
 
+    def test_map_runs_the_rules_as_for_a_requests_workspace(self):
+        rules = self.rules_dir({"20-workspace.lua": (
+            "return function(event, out, workspace)\n"
+            "  out.event.data.custom_attributes.braze_workspace = workspace or 'none'\n"
+            "end\n")})
+        env = {"TRIBUTARY_RULES_DIR": rules}
+        stdin = json.dumps(event(platform="web"))
+        for args, want in ((["--workspace", "brand-a"], "brand-a"), ([], "none")):
+            p = run_cli(["map", "-"] + args, env=env, stdin=stdin, cwd=self.tmpdir())
+            self.assertEqual(p.returncode, 0, p.stderr)
+            out = json.loads(p.stdout)
+            self.assertEqual(
+                out["batch"]["events"][0]["data"]["custom_attributes"]["braze_workspace"], want)
+        env["TRIBUTARY_INBOUND_WORKSPACES"] = "brand-a"
+        p = run_cli(["map", "-", "--workspace=brand-b"], env=env, stdin=stdin, cwd=self.tmpdir())
+        self.assertEqual(p.returncode, 2, p)
+        self.assertIn("--workspace: not one of inbound.workspaces", p.stderr)
+        p = run_cli(["check", "--workspace", "brand-a"], env=env, cwd=self.tmpdir())
+        self.assertEqual(p.returncode, 2, p)
+        self.assertIn("--workspace does not apply to check", p.stderr)
+
     def test_an_argument_the_command_does_not_take_is_refused_not_ignored(self):
         for args, what in ((["check", "tributary.conf.lua"], "check takes no arguments"),
                            (["serve", "tributary.conf.lua"], "serve takes no arguments"),

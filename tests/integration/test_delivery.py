@@ -735,14 +735,15 @@ class Delivery(ServiceTest):
 
     def test_held_platform_events_move_to_unbound_when_only_unbound_gets_credentials(self):
         d = self.double()
-        counting = self.rules_dir({"20-count.lua": "return function(e, out) "
-                                                   "tributary.count('seen') end\n"})
+        counting = self.rules_dir({"20-count.lua": (
+            "return function(e, out, workspace) tributary.count('seen')\n"
+            "  out.event.data.custom_attributes.ws = workspace end\n")})
         s = self.service(env=feed_env(d, feeds={}), config="return {}\n", rules_dir=counting)
         # more than one turn of the reroute (500)
         ios = [event("users.messages.pushnotification.Send", user="h%d" % i, platform="ios")
                for i in range(600)]
         email = event("users.messages.email.Send", user="e1")
-        self.assertEqual(s.post(ios + [email]).status, 200)
+        self.assertEqual(s.post(ios + [email], path="/currents?workspace=brand-a").status, 200)
         with s.db() as db:
             received = dict(db.execute("SELECT event_id, received_ms FROM records_ios"))
         self.assertEqual(len(received), 600)
@@ -760,8 +761,10 @@ class Delivery(ServiceTest):
         self.wait(lambda: len(set(d.source_message_ids())) == 601, 20, "every event delivered")
         self.assertEqual(sorted(set(d.source_message_ids(feed="unbound"))),
                          sorted(e["id"] for e in ios + [email]))
-        for _, batch, _ in d.events("unbound"):
+        for _, batch, ev in d.events("unbound"):
             self.assertNotIn("platform", batch.get("device_info", {}))
+            # mapped again as its request was
+            self.assertEqual(ev["data"]["custom_attributes"]["ws"], "brand-a")
         self.assertIn("held events moved to the feeds the rules now route them to", s.logs())
         self.assertIn("from=ios events=600", s.logs())
         with s.db() as db:

@@ -2,6 +2,7 @@
 
 import http.client
 import json
+import os
 import socket
 import threading
 import time
@@ -413,3 +414,91 @@ class Probes(ServiceTest):
         s = self.service()
         r = s.post([event()], path="/currents?workspace=brand-a")
         self.assertEqual(r.status, 200)
+
+
+# Tags every mapped event with its request's workspace; fails events that ask
+# for it, until the file is replaced.
+WORKSPACE_RULE = (
+    "return function(event, out, workspace)\n"
+    "  if event.properties.explode then error('cannot handle this one') end\n"
+    "  out.event.data.custom_attributes.braze_workspace = workspace or 'none'\n"
+    "end\n")
+
+
+class Workspaces(ServiceTest):
+    """`?workspace=` tells apart the Braze workspaces that share one endpoint
+    (currents-http.md): the rules get it, and so does every later mapping."""
+
+    def test_rules_see_the_workspace_and_a_requeue_maps_with_it_again(self):
+        rules = self.rules_dir({"20-workspace.lua": WORKSPACE_RULE})
+        s = self.service(rules_dir=rules)
+        good, bad = event(platform="ios"), event(platform="ios", explode=True)
+        plain = event(platform="ios")
+        r = s.post([good, bad], path="/currents?workspace=brand-a&other=1")
+        self.assertEqual(r.status, 200, r)
+        self.assertEqual(r.json()["quarantined"], 1)
+        self.assertEqual(s.post([plain]).status, 200)
+        with s.db() as db:
+            rows = dict((e, (w, json.loads(m))) for e, w, m in db.execute(
+                "SELECT event_id, workspace, event FROM records_ios"))
+            dead = db.execute("SELECT id, workspace FROM dead").fetchall()
+        self.assertEqual(rows[good["id"]][0], "brand-a")
+        self.assertEqual(rows[good["id"]][1]["data"]["custom_attributes"]["braze_workspace"],
+                         "brand-a")
+        self.assertIsNone(rows[plain["id"]][0])
+        self.assertEqual(rows[plain["id"]][1]["data"]["custom_attributes"]["braze_workspace"],
+                         "none")
+        self.assertEqual([w for _, w in dead], ["brand-a"])
+
+        p = s.cli(["dlq", "show", str(dead[0][0]), "--json"])
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertEqual(json.loads(p.stdout)["workspace"], "brand-a")
+        p = s.cli(["dlq", "show", str(dead[0][0])])
+        self.assertIn("workspace:     brand-a", p.stdout)
+
+        # the rule fixed, the requeued event is mapped as its request was
+        with open(os.path.join(rules, "20-workspace.lua"), "w") as f:
+            f.write(WORKSPACE_RULE.replace("if event.properties.explode", "if false"))
+        p = s.cli(["dlq", "requeue", "--all"])
+        self.assertEqual(p.returncode, 0, p.stderr)
+        with s.db() as db:
+            w, m = db.execute("SELECT workspace, event FROM records_ios WHERE event_id = ?",
+                              (bad["id"],)).fetchone()
+        self.assertEqual(w, "brand-a")
+        self.assertEqual(json.loads(m)["data"]["custom_attributes"]["braze_workspace"], "brand-a")
+
+    def test_a_workspace_not_listed_is_404_and_stores_nothing(self):
+        s = self.service(env={"TRIBUTARY_INBOUND_WORKSPACES": "brand-a,brand-b"})
+        refused = [
+            ("/currents?workspace=brand-c", "not one of inbound.workspaces"),
+            ("/currents?workspace=brand-a&workspace=brand-b", "given more than once"),
+            ("/currents?workspace=brand%0Aa", "not a workspace name"),
+            ("/currents?workspace=" + "w" * 129, "not a workspace name"),
+        ]
+        for path, why in refused:
+            r = s.post([event()], path=path)
+            self.assertEqual(r.status, 404, (path, r))
+            self.assertEqual(r.json()["error"], "unknown workspace")
+            self.assertTrue(r.json()["reason"].startswith(why), r)
+        # credentials are checked first: a wrong token gets 401 whatever the workspace
+        self.assertEqual(s.post([event()], token="wrong-token-123456",
+                                path="/currents?workspace=brand-c").status, 401)
+        for path in ("/currents?workspace=brand-b", "/currents?workspace=brand-a&workspace=brand-a",
+                     "/currents?workspace=", "/currents"):
+            self.assertEqual(s.post([event()], path=path).status, 200, path)
+        with s.db() as db:
+            self.assertEqual(db.execute("SELECT count(*) FROM records_unbound").fetchone()[0] +
+                             db.execute("SELECT count(*) FROM records_web").fetchone()[0] +
+                             db.execute("SELECT count(*) FROM records_ios").fetchone()[0] +
+                             db.execute("SELECT count(*) FROM records_android").fetchone()[0], 4)
+        self.assertEqual(s.metrics()['tributary_http_requests_total{code="404"}'], 4)
+        self.assertIn("request for a workspace this service does not take", s.logs())
+        self.assertIn("brand-c", s.logs())
+
+    def test_a_workspace_added_by_a_reload_is_taken(self):
+        s = Service(config='return { inbound = { workspaces = { "brand-a" } } }\n')
+        self.addCleanup(s.cleanup)
+        s.start()
+        self.assertEqual(s.post([event()], path="/currents?workspace=brand-b").status, 404)
+        self.assertTrue(s.reload('return { inbound = { workspaces = { "brand-a", "brand-b" } } }\n'))
+        self.assertEqual(s.post([event()], path="/currents?workspace=brand-b").status, 200)

@@ -191,6 +191,43 @@ START_TEST(test_file_lists_are_read_in_order)
 }
 END_TEST
 
+/* Without inbound.workspaces any workspace name is taken; with them, only
+ * theirs. A name with a control character or over 128 bytes never is. */
+START_TEST(test_workspaces_take_the_listed_names_or_any_name)
+{
+    struct config *c = NULL;
+    char err[4096] = "";
+    ck_assert_msg(config_load(&c, NULL, err, sizeof err) == 0, "%s", err);
+    ck_assert_ptr_null(config_workspace_problem(c, NULL));
+    ck_assert_ptr_null(config_workspace_problem(c, ""));
+    ck_assert_ptr_null(config_workspace_problem(c, "Brand A"));
+    ck_assert_ptr_nonnull(config_workspace_problem(c, "brand\tb"));
+    char longest[CONFIG_WORKSPACE_MAX + 2];
+    memset(longest, 'w', sizeof longest - 1);
+    longest[sizeof longest - 1] = '\0';
+    ck_assert_ptr_nonnull(config_workspace_problem(c, longest));
+    longest[CONFIG_WORKSPACE_MAX] = '\0';
+    ck_assert_ptr_null(config_workspace_problem(c, longest));
+    config_unref(c);
+
+    ck_assert_int_eq(setenv("TRIBUTARY_INBOUND_WORKSPACES", "brand-a, brand-b", 1), 0);
+    ck_assert_msg(config_load(&c, NULL, err, sizeof err) == 0, "%s", err);
+    ck_assert_uint_eq(c->inbound_workspaces.n, 2);
+    ck_assert_ptr_null(config_workspace_problem(c, "brand-b"));
+    ck_assert_ptr_null(config_workspace_problem(c, NULL));
+    const char *why = config_workspace_problem(c, "brand-c");
+    ck_assert_msg(why && strstr(why, "inbound.workspaces"), "%s", why ? why : "(taken)");
+    config_unref(c);
+    unsetenv("TRIBUTARY_INBOUND_WORKSPACES");
+
+    const char *path =
+        conf("ws.lua", "return { inbound = { workspaces = { \"ok\", \"bad\\n\" } } }\n");
+    ck_assert_int_eq(config_load(&c, path, err, sizeof err), -1);
+    ck_assert_msg(strstr(err, "inbound.workspaces") && strstr(err, "not a workspace name"), "%s",
+                  err);
+}
+END_TEST
+
 START_TEST(test_file_apps_table_maps_app_id_to_feed)
 {
     const char *path =
@@ -793,6 +830,7 @@ static Suite *suite(void)
 
     tcase_add_test(tc, test_file_values_are_read_from_nested_sections);
     tcase_add_test(tc, test_file_lists_are_read_in_order);
+    tcase_add_test(tc, test_workspaces_take_the_listed_names_or_any_name);
     tcase_add_test(tc, test_file_apps_table_maps_app_id_to_feed);
     tcase_add_test(tc, test_os_getenv_is_available_in_config_file);
 

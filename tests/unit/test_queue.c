@@ -208,8 +208,9 @@ struct dead_copy {
     int64_t id, at_ms;
     int feed;
     int has_event;
+    int has_workspace;
     char reason[64], detail[256], event_id[64], event_type[64], rules_version[64];
-    char raw[256], event[256];
+    char raw[256], event[256], workspace[64];
 };
 
 struct dead_list {
@@ -233,6 +234,8 @@ static int collect_dead(void *ctx, const struct dead_row *row)
     str_copy(c->raw, sizeof c->raw, row->raw);
     c->has_event = row->event != NULL;
     str_copy(c->event, sizeof c->event, row->event ? row->event : "");
+    c->has_workspace = row->workspace != NULL;
+    str_copy(c->workspace, sizeof c->workspace, row->workspace ? row->workspace : "");
     return 0;
 }
 
@@ -1362,7 +1365,7 @@ START_TEST(test_a_schema_3_queue_keeps_its_records_and_batches)
     scan_all(q, FEED_IOS, &it);
     ck_assert_int_gt(it.items[it.n - 1].id, 7);
     queue_items_free(&it);
-    ck_assert_int_eq(count_in_file("SELECT value FROM meta WHERE key = 'schema_version'"), 5);
+    ck_assert_int_eq(count_in_file("SELECT value FROM meta WHERE key = 'schema_version'"), 6);
     ck_assert_int_eq(count_in_file("SELECT count(*) FROM sqlite_master WHERE name = 'batches'"), 0);
     queue_free(q);
 }
@@ -1392,7 +1395,7 @@ START_TEST(test_a_schema_4_queue_keeps_its_dedup_ids)
     exec_in_file(sql);
 
     queue *q = open_queue(NO_LIMIT, DEDUP_DAY);
-    ck_assert_int_eq(count_in_file("SELECT value FROM meta WHERE key = 'schema_version'"), 5);
+    ck_assert_int_eq(count_in_file("SELECT value FROM meta WHERE key = 'schema_version'"), 6);
     ck_assert_int_eq(count_in_file("SELECT count(*) FROM sqlite_master WHERE name = 'dedup'"), 0);
     /* old-0, evt-0 and evt-1, evt-2 */
     ck_assert_int_eq(count_in_file("SELECT count(*) FROM dedup_log"), 3);
@@ -1406,6 +1409,112 @@ START_TEST(test_a_schema_4_queue_keeps_its_dedup_ids)
     ck_assert_uint_eq(res.duplicates, 3);
     ck_assert_uint_eq(res.queued, 2); /* evt-3, and old-0 from before the window */
     mapping_free(&m);
+    queue_free(q);
+}
+END_TEST
+
+/* Every record of feed f with its Braze event and workspace, in id order. */
+static void scan_all_raw(queue *q, enum feed f, struct queue_items *items)
+{
+    queue_reader *r = reader(q);
+    queue_items_init(items);
+    ck_assert_int_eq(queue_scan_raw(r, f, 0, NO_LIMIT, SIZE_MAX, items), 0);
+    queue_reader_free(r);
+}
+
+/* A record and a dead letter keep the workspace of their request; a record's
+ * goes with it to the dead-letter store; none stays none. */
+START_TEST(test_records_and_dead_letters_keep_their_workspace)
+{
+    queue *q = open_queue(NO_LIMIT, DEDUP_DAY);
+    struct mapping m;
+    mapping_init(&m);
+    add_records(&m, FEED_IOS, "brand", 1);
+    m.records[0].workspace = copy(&m, "brand-a");
+    add_records(&m, FEED_IOS, "plain", 1);
+    add_dead(&m, -1, "dead-1", DEAD_RULE_ERROR, "boom", "{\"id\":\"dead-1\"}")->workspace =
+        copy(&m, "brand-b");
+    add_dead(&m, -1, "dead-2", DEAD_RULE_ERROR, "boom", "{\"id\":\"dead-2\"}");
+    struct commit_result res;
+    ck_assert_int_eq(queue_commit(q, &m, &res), QUEUE_OK);
+    mapping_free(&m);
+
+    struct queue_items it;
+    scan_all_raw(q, FEED_IOS, &it);
+    ck_assert_uint_eq(it.n, 2);
+    ck_assert(str_eq(it.items[0].workspace, "brand-a"));
+    ck_assert_ptr_null(it.items[1].workspace.p);
+    queue_items_free(&it);
+
+    size_t moved = 0;
+    ck_assert_int_eq(queue_expire(q, clock_wall_ms() + 60000, &moved), QUEUE_OK);
+    ck_assert_uint_eq(moved, 2);
+    struct dead_filter f = {0};
+    struct dead_list l;
+    list_dead(q, &f, &l);
+    ck_assert_uint_eq(l.n, 4);
+    const char *want[4][2] = {
+        {"dead-1", "brand-b"}, {"dead-2", NULL}, {"brand-0", "brand-a"}, {"plain-0", NULL}};
+    for (size_t i = 0; i < 4; i++) {
+        ck_assert_str_eq(l.rows[i].event_id, want[i][0]);
+        ck_assert_int_eq(l.rows[i].has_workspace, want[i][1] != NULL);
+        if (want[i][1])
+            ck_assert_str_eq(l.rows[i].workspace, want[i][1]);
+    }
+    queue_free(q);
+}
+END_TEST
+
+/* Schema 5 had no workspaces: its records and dead letters stay, without
+ * one, and new ones keep theirs. */
+START_TEST(test_a_schema_5_queue_keeps_its_records_and_dead_letters)
+{
+    char sql[8192] = "CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;"
+                     "INSERT INTO meta VALUES('schema_version', '5');"
+                     "CREATE TABLE dead(id INTEGER PRIMARY KEY AUTOINCREMENT, at_ms INTEGER NOT "
+                     "NULL, reason TEXT NOT NULL, detail TEXT NOT NULL, feed INTEGER, event_id "
+                     "TEXT NOT NULL, event_type TEXT NOT NULL, rules_version TEXT NOT NULL, "
+                     "received_ms INTEGER, raw TEXT NOT NULL, event TEXT);"
+                     "INSERT INTO dead VALUES(3, 1, 'rule_error', 'boom', NULL, 'd-1', 't', 'v', "
+                     "1, '{}', NULL);";
+    for (int f = 0; f < FEED_COUNT; f++) {
+        for (int t = 0; t < 2; t++) {
+            char table[400];
+            snprintf(table, sizeof table,
+                     "CREATE TABLE records_%s_%d(id INTEGER PRIMARY KEY, received_ms INTEGER NOT "
+                     "NULL, event_id TEXT NOT NULL, event_type TEXT NOT NULL, rules_version TEXT "
+                     "NOT NULL, user TEXT NOT NULL, batch TEXT NOT NULL, event TEXT NOT NULL, raw "
+                     "TEXT NOT NULL);",
+                     FEED_NAMES[f], t);
+            strcat(sql, table);
+        }
+    }
+    strcat(sql, "INSERT INTO records_ios_0 VALUES(5, 1, 'old', 't', 'v', 'u', '', '{}', '{}');");
+    exec_in_file(sql);
+
+    queue *q = open_queue(NO_LIMIT, DEDUP_DAY);
+    ck_assert_int_eq(count_in_file("SELECT value FROM meta WHERE key = 'schema_version'"), 6);
+    struct mapping m;
+    mapping_init(&m);
+    add_records(&m, FEED_IOS, "new", 1);
+    m.records[0].workspace = copy(&m, "brand-a");
+    struct commit_result res;
+    ck_assert_int_eq(queue_commit(q, &m, &res), QUEUE_OK);
+    mapping_free(&m);
+    struct queue_items it;
+    scan_all_raw(q, FEED_IOS, &it);
+    ck_assert_uint_eq(it.n, 2);
+    ck_assert_int_eq(it.items[0].id, 5);
+    ck_assert(str_eq(it.items[0].event_id, "old"));
+    ck_assert_ptr_null(it.items[0].workspace.p);
+    ck_assert(str_eq(it.items[1].workspace, "brand-a"));
+    queue_items_free(&it);
+    struct dead_filter f = {0};
+    struct dead_list l;
+    list_dead(q, &f, &l);
+    ck_assert_uint_eq(l.n, 1);
+    ck_assert_str_eq(l.rows[0].event_id, "d-1");
+    ck_assert_int_eq(l.rows[0].has_workspace, 0);
     queue_free(q);
 }
 END_TEST
@@ -1456,9 +1565,9 @@ static void assert_refused_unchanged(const char *sql, const char *why)
 START_TEST(test_a_queue_of_a_newer_schema_is_refused_and_left_unchanged)
 {
     assert_refused_unchanged("CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);"
-                             "INSERT INTO meta VALUES('schema_version', '6');"
-                             "CREATE TABLE records_v6(id INTEGER PRIMARY KEY, body BLOB);",
-                             "queue schema version 6 is unknown");
+                             "INSERT INTO meta VALUES('schema_version', '7');"
+                             "CREATE TABLE records_v7(id INTEGER PRIMARY KEY, body BLOB);",
+                             "queue schema version 7 is unknown");
 }
 END_TEST
 
@@ -1485,7 +1594,7 @@ START_TEST(test_a_queue_whose_first_start_stopped_halfway_is_set_up_on_the_next)
     commit_records(q, FEED_IOS, "a", 2);
     ck_assert_int_eq(depth(q, FEED_IOS), 2);
     queue_free(q);
-    ck_assert_int_eq(count_in_file("SELECT value FROM meta WHERE key = 'schema_version'"), 5);
+    ck_assert_int_eq(count_in_file("SELECT value FROM meta WHERE key = 'schema_version'"), 6);
 }
 END_TEST
 
@@ -2211,6 +2320,8 @@ static Suite *suite(void)
     tcase_add_test(tc, test_a_cli_change_refuses_an_older_schema_and_leaves_it_as_it_is);
     tcase_add_test(tc, test_a_schema_3_queue_keeps_its_records_and_batches);
     tcase_add_test(tc, test_a_schema_4_queue_keeps_its_dedup_ids);
+    tcase_add_test(tc, test_a_schema_5_queue_keeps_its_records_and_dead_letters);
+    tcase_add_test(tc, test_records_and_dead_letters_keep_their_workspace);
     tcase_add_test(tc, test_a_queue_of_a_newer_schema_is_refused_and_left_unchanged);
     tcase_add_test(tc, test_a_database_of_something_else_is_refused_and_left_unchanged);
     tcase_add_test(tc, test_a_queue_whose_first_start_stopped_halfway_is_set_up_on_the_next);

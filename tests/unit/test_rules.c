@@ -106,7 +106,7 @@ static void build(void)
 
 static int map(const char *body, enum input_shape shape)
 {
-    return rules_map(F.r, body, strlen(body), shape, &F.m, &F.ie);
+    return rules_map(F.r, body, strlen(body), shape, STR_NULL, &F.m, &F.ie);
 }
 
 static int contains(const char *hay, const char *needle)
@@ -824,7 +824,7 @@ START_TEST(test_empty_body_is_a_no_op)
 {
     rule("10-pass.lua", PASS_RULE);
     build();
-    ck_assert_int_eq(rules_map(F.r, "", 0, INPUT_ENVELOPE, &F.m, &F.ie), 0);
+    ck_assert_int_eq(rules_map(F.r, "", 0, INPUT_ENVELOPE, STR_NULL, &F.m, &F.ie), 0);
     ck_assert_uint_eq(F.m.nevents, 0);
     ck_assert_uint_eq(F.m.nrecords, 0);
     ck_assert_int_eq(F.ie.status, 0);
@@ -2221,6 +2221,96 @@ START_TEST(test_wrong_drop_reason_is_reported)
 }
 END_TEST
 
+/* ---- the workspace ------------------------------------------------------ */
+
+/* Maps every event to the unbound feed with its workspace as an attribute;
+ * drops those of workspace "muted". */
+#define WORKSPACE_RULE                                                                             \
+    "return { process = function(event, out, workspace)\n"                                         \
+    "  if workspace == 'muted' then return false, 'muted workspace' end\n"                         \
+    "  return {feed = 'unbound', batch = {}, event = {event_type = 'custom_event',\n"              \
+    "    data = {event_name = 'e', custom_event_type = 'other',\n"                                 \
+    "            custom_attributes = {workspace = workspace or 'none'}}}}\n"                       \
+    "end,\n"                                                                                       \
+    "tests = {\n"                                                                                  \
+    "  { name = 'tagged', workspace = 'brand-a', event = {event_type = 't', id = 'a', time = "     \
+    "1},\n"                                                                                        \
+    "    expect = {event = {data = {custom_attributes = {workspace = 'brand-a'}}}} },\n"           \
+    "  { name = 'untagged', event = {event_type = 't', id = 'b', time = 1},\n"                     \
+    "    expect = {event = {data = {custom_attributes = {workspace = 'none'}}}} },\n"              \
+    "  { name = 'muted', workspace = 'muted', event = {event_type = 't', id = 'c', time = 1},\n"   \
+    "    expect_drop = 'muted workspace' },\n"                                                     \
+    "} }\n"
+
+static int map_in(const char *workspace, const char *body)
+{
+    str ws = workspace ? (str){workspace, strlen(workspace)} : STR_NULL;
+    return rules_map(F.r, body, strlen(body), INPUT_ENVELOPE, ws, &F.m, &F.ie);
+}
+
+START_TEST(test_rules_get_the_workspace_and_records_keep_it)
+{
+    rule("20-workspace.lua", WORKSPACE_RULE);
+    build();
+    ck_assert_int_eq(map_in("brand-a", ENVELOPE(EV("e-1"))), 0);
+    ck_assert_int_eq(map_in(NULL, ENVELOPE(EV("e-2"))), 0);
+    ck_assert_int_eq(map_in("muted", ENVELOPE(EV("e-3"))), 0);
+    ck_assert_uint_eq(F.m.nrecords, 2);
+    ck_assert(str_eq(F.m.records[0].workspace, "brand-a"));
+    ck_assert_msg(contains(F.m.records[0].event.p, "\"workspace\":\"brand-a\""), "%s",
+                  F.m.records[0].event.p);
+    ck_assert_ptr_null(F.m.records[1].workspace.p);
+    ck_assert_msg(contains(F.m.records[1].event.p, "\"workspace\":\"none\""), "%s",
+                  F.m.records[1].event.p);
+    ck_assert_uint_eq(F.m.dropped[DROP_RULE], 1);
+}
+END_TEST
+
+START_TEST(test_a_dead_letter_keeps_the_workspace)
+{
+    rule("50-bad.lua", BAD_RULE_LINE_3);
+    build();
+    ck_assert_int_eq(map_in("brand-b", ENVELOPE(EV("e-2"))), 0);
+    ck_assert_uint_eq(F.m.ndead, 1);
+    ck_assert(str_eq(F.m.dead[0].workspace, "brand-b"));
+}
+END_TEST
+
+START_TEST(test_rule_tests_can_give_a_workspace)
+{
+    rule("20-workspace.lua", WORKSPACE_RULE);
+    build();
+    buf report;
+    buf_init(&report, 1 << 16);
+    int ntests = 0;
+    int failures = rules_self_test(F.r, &report, &ntests);
+    ck_assert_int_eq(ntests, 3);
+    ck_assert_msg(failures == 0, "report: %s", report.data ? report.data : "");
+    buf_free(&report);
+    release();
+    /* and a test that expects another workspace's output fails */
+    rule("20-workspace.lua",
+         "return { process = function(event, out, workspace)\n"
+         "  return {feed = 'unbound', batch = {}, event = {event_type = 'custom_event',\n"
+         "    data = {event_name = workspace or 'none', custom_event_type = 'other'}}}\n"
+         "end,\n"
+         "tests = { { name = 'named', workspace = 'brand-b',\n"
+         "            event = {event_type = 't', id = 'a', time = 1},\n"
+         "            expect = {event = {data = {event_name = 'brand-a'}}} },\n"
+         "          { name = 'not text', workspace = 7,\n"
+         "            event = {event_type = 't', id = 'a', time = 1},\n"
+         "            expect = {event = {data = {event_name = '7'}}} } } }\n");
+    build();
+    buf_init(&report, 1 << 16);
+    failures = rules_self_test(F.r, &report, &ntests);
+    const char *text = report.data ? report.data : "";
+    ck_assert_int_eq(failures, 2);
+    ck_assert_msg(contains(text, "expected \"brand-a\", got \"brand-b\""), "report: %s", text);
+    ck_assert_msg(contains(text, "`workspace` must be a string"), "report: %s", text);
+    buf_free(&report);
+}
+END_TEST
+
 /* ---- suite -------------------------------------------------------------- */
 
 static char *read_file(const char *path)
@@ -2422,6 +2512,9 @@ static Suite *suite(void)
     tcase_add_test(tc, test_wrong_expectation_is_reported_with_file_field_and_values);
     tcase_add_test(tc, test_expected_drop_of_a_mapped_event_is_reported);
     tcase_add_test(tc, test_wrong_drop_reason_is_reported);
+    tcase_add_test(tc, test_rules_get_the_workspace_and_records_keep_it);
+    tcase_add_test(tc, test_a_dead_letter_keeps_the_workspace);
+    tcase_add_test(tc, test_rule_tests_can_give_a_workspace);
     return s;
 }
 
