@@ -22,6 +22,9 @@ return {
     replay_window_s = 300,
     max_body_bytes = 16 * 1024 * 1024,
     max_events = 10000,       -- events in one request; beyond: 413, Braze splits
+    -- Braze workspaces sharing this endpoint, each posting to /currents?workspace=NAME;
+    -- a request naming another gets 404 (empty: any name), e.g.
+    -- workspaces = { "brand-a", "brand-b" },
   },
 
   -- admin = { token = os.getenv("TRIBUTARY_ADMIN_TOKEN") },  -- enables POST /admin/reload

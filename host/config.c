@@ -1060,12 +1060,11 @@ static void check(struct config *c, struct errs *e, int serving)
         errs_add(e, "retry.base_ms (%lld) must not exceed retry.max_ms (%lld)",
                  (long long)c->retry_base_ms, (long long)c->retry_max_ms);
     for (size_t i = 0; i < c->inbound_workspaces.n; i++) {
-        const char *w = c->inbound_workspaces.items[i];
-        if (!workspace_name_ok(w))
+        if (!workspace_name_ok(c->inbound_workspaces.items[i]))
             errs_add(e,
-                     "inbound.workspaces: \"%.40s\" is not a workspace name (1 to %d bytes, "
-                     "no control characters)",
-                     w, CONFIG_WORKSPACE_MAX);
+                     "inbound.workspaces: item %zu is not a workspace name (1 to %d bytes, no "
+                     "control characters)",
+                     i + 1, CONFIG_WORKSPACE_MAX);
     }
     for (size_t i = 0; i < c->inbound_tokens.n; i++) {
         for (const char *p = c->inbound_tokens.items[i]; *p; p++) {

@@ -1,7 +1,8 @@
 /*
  * http_in: the inbound HTTP server (libmicrohttpd).
  *
- *   POST /currents       Braze Currents batches -> ingest
+ *   POST /currents       Braze Currents batches -> ingest (?workspace=NAME: which
+ *                        Braze workspace sent them)
  *   GET  /healthz        the process serves
  *   GET  /readyz         rules loaded and storage healthy (200), else 503
  *   GET  /metrics        Prometheus text

@@ -314,7 +314,7 @@ int ingest_precheck(struct ingest *in, const struct ingest_request *req,
                     struct ingest_response *resp)
 {
     int admitted = admit(in, req, 0, resp);
-    if (admitted != 1)
+    if (admitted != 1 || !req->workspace)
         return admitted;
     struct snapshot s;
     reload_get(&s);

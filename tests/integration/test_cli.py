@@ -242,7 +242,7 @@ class Cli(ServiceTest):
             readme = f.read()
         section = readme.split("### Worked examples", 1)[1].split("\n## ", 1)[0]
         blocks = re.findall(r"\(`(50-[a-z-]+\.lua)`.*?```lua\n(.*?)```", section, re.S)
-        self.assertEqual(len(blocks), 5)
+        self.assertEqual(len(blocks), 6)
         events = [event("users.messages.email.Delivery", user="u1"),
                   event("users.messages.email.Open", user="u2", dispatch_id="d", send_id="s"),
                   event("users.messages.inappmessage.Click", user="u3", platform="web"),
@@ -259,11 +259,14 @@ class Cli(ServiceTest):
                     rules = self.rules_dir({name: source})
                     self.assertEqual(run_cli(["check"], env={"TRIBUTARY_RULES_DIR": rules})
                                      .returncode, 0, source)
-                    p = run_cli(["map", "-"], stdin=stdin, env={"TRIBUTARY_RULES_DIR": rules})
-                    self.assertEqual(p.returncode, 0, p.stderr)
-                    outputs.append([{k: v for k, v in json.loads(line).items()
-                                     if k != "rules_version"} for line in p.stdout.splitlines()])
-                self.assertEqual(outputs[0], outputs[1])
+                    for workspace in ([], ["--workspace", "brand-a"]):
+                        p = run_cli(["map", "-"] + workspace, stdin=stdin,
+                                    env={"TRIBUTARY_RULES_DIR": rules})
+                        self.assertEqual(p.returncode, 0, p.stderr)
+                        outputs.append([{k: v for k, v in json.loads(line).items()
+                                         if k != "rules_version"}
+                                        for line in p.stdout.splitlines()])
+                self.assertEqual(outputs[:2], outputs[2:])
 
     def test_a_rule_test_with_bad_data_fails_cleanly_instead_of_crashing(self):
         tests = {
