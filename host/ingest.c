@@ -374,10 +374,8 @@ void ingest_handle(struct ingest *in, const struct ingest_request *req,
     mapped_by = ruleset_ref(rules_ruleset(r));
     struct timespec a, b;
     clock_gettime(CLOCK_MONOTONIC, &a);
-    str workspace = req->workspace && *req->workspace
-                        ? (str){req->workspace, strlen(req->workspace)}
-                        : STR_NULL;
-    int mapped = rules_map(r, req->body, req->len, INPUT_ENVELOPE, workspace, &m, &ie);
+    int mapped =
+        rules_map(r, req->body, req->len, INPUT_ENVELOPE, str_opt(req->workspace), &m, &ie);
     clock_gettime(CLOCK_MONOTONIC, &b);
     metrics_rules_time((double)(b.tv_sec - a.tv_sec) + (double)(b.tv_nsec - a.tv_nsec) / 1e9);
     if (mapped != 0) {

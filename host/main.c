@@ -319,9 +319,7 @@ static int cmd_map(const struct args *a)
     if (!input)
         goto done;
     struct input_error ie;
-    str workspace =
-        a->workspace && *a->workspace ? (str){a->workspace, strlen(a->workspace)} : STR_NULL;
-    if (rules_map(r, input, len, INPUT_ANY, workspace, &m, &ie) != 0) {
+    if (rules_map(r, input, len, INPUT_ANY, str_opt(a->workspace), &m, &ie) != 0) {
         if (ie.index >= 0)
             fprintf(stderr, "tributary: event %ld: %s\n", ie.index, ie.reason);
         else

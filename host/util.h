@@ -34,6 +34,12 @@ typedef struct str {
 
 #define STR_NULL ((str){NULL, 0})
 
+/* A C string as a str; NULL and "" as STR_NULL (an optional text left out). */
+static inline str str_opt(const char *s)
+{
+    return s && *s ? (str){s, strlen(s)} : STR_NULL;
+}
+
 /* ---- buf ---------------------------------------------------------------- */
 
 typedef struct buf {

@@ -2244,8 +2244,7 @@ END_TEST
 
 static int map_in(const char *workspace, const char *body)
 {
-    str ws = workspace ? (str){workspace, strlen(workspace)} : STR_NULL;
-    return rules_map(F.r, body, strlen(body), INPUT_ENVELOPE, ws, &F.m, &F.ie);
+    return rules_map(F.r, body, strlen(body), INPUT_ENVELOPE, str_opt(workspace), &F.m, &F.ie);
 }
 
 START_TEST(test_rules_get_the_workspace_and_records_keep_it)
