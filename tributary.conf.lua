@@ -23,7 +23,7 @@ return {
     max_body_bytes = 16 * 1024 * 1024,
     max_events = 10000,       -- events in one request; beyond: 413, Braze splits
     -- Braze workspaces sharing this endpoint, each posting to /currents?workspace=NAME;
-    -- a request naming another gets 404 (empty: any name), e.g.
+    -- a request naming another, or none, gets 503 and Braze retries (empty: any), e.g.
     -- workspaces = { "brand-a", "brand-b" },
   },
 

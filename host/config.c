@@ -931,27 +931,29 @@ static void check_url(const char *what, const char *url, struct errs *e)
     errs_add(e, "%s: must be an https:// URL", what);
 }
 
-static int workspace_name_ok(const char *name)
+/* n bytes of name (a NUL among them is a control character) */
+static int workspace_name_ok(const char *name, size_t n)
 {
-    size_t n = 0;
-    for (const unsigned char *p = (const unsigned char *)name; *p; p++, n++) {
-        if (*p < 0x20 || *p == 0x7f)
+    for (size_t i = 0; i < n; i++) {
+        unsigned char b = (unsigned char)name[i];
+        if (b < 0x20 || b == 0x7f)
             return 0;
     }
     return n > 0 && n <= CONFIG_WORKSPACE_MAX;
 }
 
-const char *config_workspace_problem(const struct config *c, const char *name)
+const char *config_workspace_problem(const struct config *c, const char *name, size_t len)
 {
-    if (!name || !*name)
-        return NULL;
-    if (!workspace_name_ok(name))
+    if (!name || len == 0)
+        return c->inbound_workspaces.n ? "none given, and inbound.workspaces lists the names taken"
+                                       : NULL;
+    if (!workspace_name_ok(name, len))
         return "not a workspace name (at most 128 bytes, no control characters)";
     if (c->inbound_workspaces.n == 0)
         return NULL;
     for (size_t i = 0; i < c->inbound_workspaces.n; i++) {
         if (strcmp(c->inbound_workspaces.items[i], name) == 0)
-            return NULL;
+            return NULL; /* (len is strlen(name): it has no NUL) */
     }
     return "not one of inbound.workspaces";
 }
@@ -1060,7 +1062,8 @@ static void check(struct config *c, struct errs *e, int serving)
         errs_add(e, "retry.base_ms (%lld) must not exceed retry.max_ms (%lld)",
                  (long long)c->retry_base_ms, (long long)c->retry_max_ms);
     for (size_t i = 0; i < c->inbound_workspaces.n; i++) {
-        if (!workspace_name_ok(c->inbound_workspaces.items[i]))
+        const char *w = c->inbound_workspaces.items[i];
+        if (!workspace_name_ok(w, strlen(w)))
             errs_add(e,
                      "inbound.workspaces: item %zu is not a workspace name (1 to %d bytes, no "
                      "control characters)",

@@ -140,11 +140,12 @@ const char *config_feed_url(const struct config *c, enum feed f);
 /* Splits `listen` into host and port; 0 or -1. */
 int config_listen_addr(const struct config *c, char *host, size_t hostlen, int *port) WUR;
 int config_host_is_loopback(const char *host);
-/* Why a request's `?workspace=` (NULL or "": none) is not taken, or NULL when
- * it is: at most CONFIG_WORKSPACE_MAX bytes without control characters, and
- * one of inbound.workspaces when those are set. */
+/* Why a request's `?workspace=`, len bytes at name (NULL or 0: none), is not
+ * taken, or NULL when it is: none, or at most CONFIG_WORKSPACE_MAX bytes
+ * without control characters (NUL included); when inbound.workspaces is set,
+ * one of them. */
 #define CONFIG_WORKSPACE_MAX 128
-const char *config_workspace_problem(const struct config *c, const char *name);
+const char *config_workspace_problem(const struct config *c, const char *name, size_t len);
 
 /* Whether the peer address (text) may name the client in X-Forwarded-For: a
  * loopback address or one of http.trusted_proxies. */

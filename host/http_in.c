@@ -261,25 +261,31 @@ static void client_address(struct MHD_Connection *c, char *out, size_t len)
         str_copy(out, len, a);
 }
 
-/* The URL's `workspace` parameter: the first, and whether another differs. */
+/* The URL's `workspace` parameter: the first, with its length (decoded, it
+ * may hold a NUL), and whether another differs. */
 static enum MHD_Result workspace_arg(void *cls, enum MHD_ValueKind kind, const char *key,
-                                     const char *value)
+                                     size_t key_size, const char *value, size_t value_size)
 {
     (void)kind;
     struct ingest_request *q = cls;
-    if (strcmp(key, "workspace") != 0)
+    if (key_size != 9 || memcmp(key, "workspace", 9) != 0)
         return MHD_YES;
-    if (!q->workspace)
+    if (!value)
+        value_size = 0;
+    if (!q->workspace) {
         q->workspace = value ? value : "";
-    else if (strcmp(q->workspace, value ? value : "") != 0)
+        q->workspace_len = value_size;
+    } else if (q->workspace_len != value_size ||
+               memcmp(q->workspace, value ? value : "", value_size) != 0) {
         q->workspace_repeated = 1;
+    }
     return MHD_YES;
 }
 
 static struct ingest_request headers_of(struct MHD_Connection *c, const struct req *r)
 {
     struct ingest_request q = {0};
-    MHD_get_connection_values(c, MHD_GET_ARGUMENT_KIND, workspace_arg, &q);
+    MHD_get_connection_values_n(c, MHD_GET_ARGUMENT_KIND, workspace_arg, &q);
     q.authorization =
         MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_AUTHORIZATION);
     q.signature = MHD_lookup_connection_value(c, MHD_HEADER_KIND, AUTH_SIGNATURE_HEADER);

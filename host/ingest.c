@@ -15,6 +15,7 @@
 #define RETRY_AFTER_DRAINING 5
 #define RETRY_AFTER_FULL 30
 #define RETRY_AFTER_ERROR 10
+#define RETRY_AFTER_WORKSPACE 60
 
 /* A pool of rules engines (Lua states): a request borrows one for its mapping.
  * At most `size` exist, which bounds the requests mapped at once and the memory
@@ -291,22 +292,31 @@ static int admit(struct ingest *in, const struct ingest_request *req, int have_b
 }
 
 /* Whether the request's workspace is one this service takes (see
- * config_workspace_problem); 0: refused with 404, resp filled. The URL names
- * a workspace, so a wrong one is a wrong URL: Braze treats 404 as a
- * configuration error, which the customer must fix. */
+ * config_workspace_problem); 0: refused with 503, resp filled. A connector's
+ * URL with a wrong name and a name missing from inbound.workspaces look the
+ * same from here, and the second is ours to fix: Braze keeps the events and
+ * retries, where a 404 would make it disable the connector. */
 static int workspace_taken(const struct config *c, const struct ingest_request *req,
                            struct ingest_response *resp)
 {
     static _Atomic int64_t logged_ms;
-    const char *why = req->workspace_repeated ? "given more than once"
-                                              : config_workspace_problem(c, req->workspace);
+    const char *why = req->workspace_repeated
+                          ? "given more than once"
+                          : config_workspace_problem(c, req->workspace, req->workspace_len);
     if (!why)
         return 1;
-    if (log_due_shared(&logged_ms))
-        log_warn("request for a workspace this service does not take; answered 404",
-                 LOG_S("workspace", req->workspace) LOG_S("reason", why)
-                     LOG_S("client", req->client));
-    respond_error(resp, 404, 0, "unknown workspace", -1, why);
+    metrics_add(M_WORKSPACE_REFUSED, 1);
+    if (log_due_shared(&logged_ms)) {
+        char name[CONFIG_WORKSPACE_MAX + 4] = "";
+        if (req->workspace && strlen(req->workspace) > CONFIG_WORKSPACE_MAX)
+            snprintf(name, sizeof name, "%.*s...", CONFIG_WORKSPACE_MAX, req->workspace);
+        else if (req->workspace)
+            str_copy(name, sizeof name, req->workspace);
+        log_warn("request for a workspace this service does not take; answered 503 (Braze "
+                 "retries)",
+                 LOG_S("workspace", name) LOG_S("reason", why) LOG_S("client", req->client));
+    }
+    respond_error(resp, 503, RETRY_AFTER_WORKSPACE, "unknown workspace", -1, why);
     return 0;
 }
 
@@ -314,7 +324,7 @@ int ingest_precheck(struct ingest *in, const struct ingest_request *req,
                     struct ingest_response *resp)
 {
     int admitted = admit(in, req, 0, resp);
-    if (admitted != 1 || !req->workspace)
+    if (admitted != 1)
         return admitted;
     struct snapshot s;
     reload_get(&s);

@@ -4,10 +4,10 @@
  *   authenticate -> map with this thread's rules engine -> commit to the queue
  *   -> 200 with a summary, or the code Braze reacts to correctly:
  *      401 missing/wrong credentials (Braze stops; the customer must fix them)
- *      404 a `?workspace=` this service does not take (a configuration error)
  *      400 malformed input (Braze splits the batch and drops what stays bad)
  *      413 too large (Braze splits the batch)
- *      503 + Retry-After for our own trouble (Braze retries later)
+ *      503 + Retry-After for our own trouble (Braze retries later), and for a
+ *          `?workspace=` this service does not take
  * Nothing is answered 2xx before it is durable, and no failure of ours is
  * answered 4xx.
  *
@@ -38,7 +38,8 @@ struct ingest_request {
     const char *authorization; /* Authorization header or NULL */
     const char *signature;     /* Tributary-Signature header or NULL */
     const char *client;        /* peer address, for throttling and logs */
-    const char *workspace;     /* the URL's `workspace` parameter, or NULL */
+    const char *workspace;     /* the URL's `workspace` parameter, or NULL, */
+    size_t workspace_len;      /* of this many bytes (a NUL among them: %00) */
     int workspace_repeated;    /* the URL gives `workspace` more than once, differently */
     const char *body;
     size_t len;

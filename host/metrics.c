@@ -70,6 +70,9 @@ static const char *const COUNTER_HELP[M_COUNTER_COUNT][3] = {
     {"tributary_auth_failures_total", "counter", "Inbound requests refused for authentication."},
     {"tributary_auth_throttled_total", "counter",
      "Inbound requests refused (429) because their address failed authentication repeatedly."},
+    {"tributary_workspace_refused_total", "counter",
+     "Inbound requests refused (503) because their ?workspace= is not one inbound.workspaces "
+     "takes."},
 };
 
 void metrics_add(enum counter c, uint64_t n)

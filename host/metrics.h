@@ -25,6 +25,7 @@ enum counter {
     M_RULE_ENGINE_FAILURES, /* an engine for the rules in force failed to build */
     M_AUTH_FAILURES,
     M_AUTH_THROTTLED,
+    M_WORKSPACE_REFUSED, /* a `?workspace=` not taken (see config_workspace_problem) */
     M_COUNTER_COUNT
 };
 

@@ -134,17 +134,22 @@ static const char *const SCHEMA =
 #define RING 2
 #define SEGMENT_RECORDS 8192 /* queue_options.segment_records */
 
-static const char *const RECORDS_TABLE = "CREATE TABLE IF NOT EXISTS records_%1$s_%2$d("
-                                         "  id INTEGER PRIMARY KEY,"
-                                         "  received_ms INTEGER NOT NULL,"
-                                         "  event_id TEXT NOT NULL,"
-                                         "  event_type TEXT NOT NULL,"
-                                         "  rules_version TEXT NOT NULL,"
-                                         "  user TEXT NOT NULL,"
-                                         "  batch TEXT NOT NULL,"
-                                         "  event TEXT NOT NULL,"
-                                         "  raw TEXT NOT NULL,"
-                                         "  workspace TEXT)";
+#define RECORDS_COLUMNS_4                                                                          \
+    "CREATE TABLE IF NOT EXISTS records_%1$s_%2$d("                                                \
+    "  id INTEGER PRIMARY KEY,"                                                                    \
+    "  received_ms INTEGER NOT NULL,"                                                              \
+    "  event_id TEXT NOT NULL,"                                                                    \
+    "  event_type TEXT NOT NULL,"                                                                  \
+    "  rules_version TEXT NOT NULL,"                                                               \
+    "  user TEXT NOT NULL,"                                                                        \
+    "  batch TEXT NOT NULL,"                                                                       \
+    "  event TEXT NOT NULL,"                                                                       \
+    "  raw TEXT NOT NULL"
+static const char *const RECORDS_TABLE = RECORDS_COLUMNS_4 ", workspace TEXT)";
+/* The same as schema 4 and 5 had them: what the step to schema 4 creates, so
+ * that a queue whose upgrade stops between two steps is one that the version
+ * of that step reads (the view over the ring needs its tables alike). */
+static const char *const RECORDS_TABLE_4 = RECORDS_COLUMNS_4 ")";
 
 /* Statements on a feed's view of its records: %1$s is the feed's name, %2$d
  * its number. */
@@ -1802,8 +1807,8 @@ static int mkdir_p(const char *dir, char *err, size_t errlen)
     return 0;
 }
 
-/* Each feed's ring of tables and the view over them. */
-static int create_records_tables(sqlite3 *db, char *err, size_t errlen)
+/* Each feed's ring of tables, of the template `table`, and the view over them. */
+static int create_records_tables(sqlite3 *db, const char *table, char *err, size_t errlen)
 {
     for (int f = 0; f < FEED_COUNT; f++) {
         char sql[512];
@@ -1813,7 +1818,8 @@ static int create_records_tables(sqlite3 *db, char *err, size_t errlen)
         if (rc != 0)
             str_copy(err, errlen, "out of memory");
         for (int t = 0; t < RING && rc == 0; t++) {
-            snprintf(sql, sizeof sql, RECORDS_TABLE, FEED_NAMES[f], t);
+            /* cppcheck-suppress wrongPrintfScanfArgNum */
+            snprintf(sql, sizeof sql, table, FEED_NAMES[f], t);
             rc = exec(db, sql, err, errlen);
             if (rc == 0 && buf_printf(&view, "%sSELECT * FROM records_%s_%d",
                                       t ? " UNION ALL " : "", FEED_NAMES[f], t) != 0) {
@@ -1899,7 +1905,8 @@ static int migrate_to_4(sqlite3 *db, char *err, size_t errlen)
         if (exec(db, sql, err, errlen) != 0)
             goto fail;
     }
-    if (create_records_tables(db, err, errlen) != 0 || exec(db, SCHEMA, err, errlen) != 0)
+    if (create_records_tables(db, RECORDS_TABLE_4, err, errlen) != 0 ||
+        exec(db, SCHEMA, err, errlen) != 0)
         goto fail;
     /* (a queue from before schema 2 has no batches yet) */
     if (table_exists(db, "batches") &&
@@ -2484,7 +2491,7 @@ int queue_open(queue **out, const struct queue_options *o, char *err, size_t err
         if (exec(q->db, "BEGIN IMMEDIATE", err, errlen) != 0)
             goto fail;
         if (exec(q->db, SCHEMA, err, errlen) != 0 ||
-            create_records_tables(q->db, err, errlen) != 0 ||
+            create_records_tables(q->db, RECORDS_TABLE, err, errlen) != 0 ||
             exec(q->db,
                  "INSERT INTO meta(key, value) VALUES('schema_version', '" SCHEMA_VERSION "') "
                  "ON CONFLICT(key) DO NOTHING; COMMIT",

@@ -1281,7 +1281,8 @@ static int check_output(lua_State *L, int eventi, int batchi, char *err, size_t 
         /* more than mParticle takes in a batch: the event could never be
          * delivered (counted before each list's items are read) */
         rc = check_attributes(L, lua_gettop(L), "out.batch.user_attributes",
-                              MPARTICLE_MAX_USER_ATTRIBUTES, SIZE_MAX, 1, err, errlen);
+                              MPARTICLE_MAX_USER_ATTRIBUTES, MPARTICLE_MAX_NAME_CHARS, 1, err,
+                              errlen);
     lua_pop(L, 1);
     return rc;
 }
@@ -1675,22 +1676,41 @@ static int is_blank(const char *s, size_t n)
 
 #define DECODE_NO_MEMORY (-2)
 
-/* [-0, +1 on success] */
-struct decode_arg {
+struct text_arg {
     rules *r;
     const char *s;
     size_t n;
+    int decode; /* push it decoded from JSON */
 };
 
 /* Under lua_pcall: the text is copied into Lua there too, so that running out
  * of memory is an error, not a panic. */
-static int protected_decode(lua_State *L)
+static int protected_text(lua_State *L)
 {
-    const struct decode_arg *a = lua_touserdata(L, 1);
-    lua_rawgeti(L, LUA_REGISTRYINDEX, a->r->decode_ref);
+    const struct text_arg *a = lua_touserdata(L, 1);
+    if (a->decode)
+        lua_rawgeti(L, LUA_REGISTRYINDEX, a->r->decode_ref);
     lua_pushlstring(L, a->s, a->n);
-    lua_call(L, 1, 1);
+    if (a->decode)
+        lua_call(L, 1, 1);
     return 1;
+}
+
+/* [-0, +1 on success] Pushes the n bytes at s as a Lua string, or the value
+ * they decode to as JSON (decode). On failure pushes nothing and returns the
+ * lua_pcall status, the error message in err. */
+static int push_text(rules *r, lua_State *L, const char *s, size_t n, int decode, char *err,
+                     size_t errlen)
+{
+    struct text_arg a = {r, s, n, decode};
+    lua_pushcfunction(L, protected_text);
+    lua_pushlightuserdata(L, &a);
+    int rc = lua_pcall(L, 1, 1, 0);
+    if (rc != LUA_OK) {
+        str_copy(err, errlen, lua_isstring(L, -1) ? lua_tostring(L, -1) : "invalid JSON");
+        lua_pop(L, 1);
+    }
+    return rc;
 }
 
 static int hex4(const char *p, unsigned *v)
@@ -1736,15 +1756,9 @@ static size_t repair_lone_surrogates(char *s, size_t n)
 
 static int decode_text(rules *r, lua_State *L, const char *s, size_t n, char *err, size_t errlen)
 {
-    struct decode_arg a = {r, s, n};
-    lua_pushcfunction(L, protected_decode);
-    lua_pushlightuserdata(L, &a);
-    int rc = lua_pcall(L, 1, 1, 0);
-    if (rc != LUA_OK) {
-        str_copy(err, errlen, lua_isstring(L, -1) ? lua_tostring(L, -1) : "invalid JSON");
-        lua_pop(L, 1);
+    int rc = push_text(r, L, s, n, 1, err, errlen);
+    if (rc != LUA_OK)
         return rc == LUA_ERRMEM ? DECODE_NO_MEMORY : -1;
-    }
     return 0;
 }
 
@@ -1903,14 +1917,6 @@ static const char *check_event(lua_State *L, int idx)
     return why;
 }
 
-/* Under lua_pcall, as decoding: pushes a copy of the text. */
-static int protected_push(lua_State *L)
-{
-    const str *s = lua_touserdata(L, 1);
-    lua_pushlstring(L, s->p, s->n);
-    return 1;
-}
-
 int rules_map(rules *r, const char *body, size_t len, enum input_shape shape, str workspace,
               struct mapping *m, struct input_error *e)
 {
@@ -1921,7 +1927,7 @@ int rules_map(rules *r, const char *body, size_t len, enum input_shape shape, st
         return 0;
     lua_State *L = sandbox_lua(r->sb);
     int top = lua_gettop(L);
-    enum body_form form;
+    enum body_form form = FORM_ENVELOPE; /* set by decode_events */
     if (decode_events(r, L, body, len, shape, &form, e) != 0) {
         lua_settop(L, top);
         return -1;
@@ -1946,15 +1952,12 @@ int rules_map(rules *r, const char *body, size_t len, enum input_shape shape, st
     /* the rules' third argument, and the text each record and dead letter keeps */
     int failed = 0;
     str ws = workspace.p ? mapping_copy(m, workspace.p, workspace.n, &failed) : STR_NULL;
+    char err[ERR_LEN];
     if (!workspace.p) {
         lua_pushnil(L);
-    } else {
-        lua_pushcfunction(L, protected_push);
-        lua_pushlightuserdata(L, &workspace);
-        if (failed || lua_pcall(L, 1, 1, 0) != LUA_OK) {
-            lua_settop(L, top);
-            return input_fail(e, 503, -1, "out of memory while mapping");
-        }
+    } else if (failed || push_text(r, L, workspace.p, workspace.n, 0, err, sizeof err) != LUA_OK) {
+        lua_settop(L, top);
+        return input_fail(e, 503, -1, "out of memory while mapping");
     }
     int wsi = lua_gettop(L);
     begin_events(r);

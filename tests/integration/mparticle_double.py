@@ -652,6 +652,11 @@ class MParticleDouble:
     def _process(self, body, path, feed, rec):
         """Validates and records; returns (status, body, extra headers)."""
         try:
+            # the API takes JSON and says so ("Send Content-Type: application/json")
+            ctype = rec["headers"].get("content-type", "").partition(";")[0].strip().lower()
+            if ctype != "application/json":
+                raise Rejected(415, "Content-Type must be application/json, not %s"
+                               % json.dumps(rec["headers"].get("content-type")))
             if len(body) >= MAX_REQUEST_BYTES:
                 raise Rejected(413, "request body of %d bytes, must be under %d" % (len(body), MAX_REQUEST_BYTES))
             try:

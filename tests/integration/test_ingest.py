@@ -1,5 +1,7 @@
 """Inbound HTTP: Currents batches in, Braze's status codes out (currents-http.md)."""
 
+import hashlib
+import hmac
 import http.client
 import json
 import os
@@ -467,38 +469,61 @@ class Workspaces(ServiceTest):
         self.assertEqual(w, "brand-a")
         self.assertEqual(json.loads(m)["data"]["custom_attributes"]["braze_workspace"], "brand-a")
 
-    def test_a_workspace_not_listed_is_404_and_stores_nothing(self):
-        s = self.service(env={"TRIBUTARY_INBOUND_WORKSPACES": "brand-a,brand-b"})
+    def test_a_workspace_not_taken_is_503_and_stores_nothing(self):
+        s = self.service(env={"TRIBUTARY_INBOUND_WORKSPACES": "brand-a,brand-b",
+                              "TRIBUTARY_INBOUND_HMAC_SECRETS": "hmac-secret-ws-5b1e9c"})
         refused = [
             ("/currents?workspace=brand-c", "not one of inbound.workspaces"),
+            ("/currents", "none given"),
+            ("/currents?Workspace=brand-a", "none given"),
+            ("/currents?workspace=", "none given"),
             ("/currents?workspace=brand-a&workspace=brand-b", "given more than once"),
             ("/currents?workspace=brand%0Aa", "not a workspace name"),
+            ("/currents?workspace=brand-a%00x", "not a workspace name"),
             ("/currents?workspace=" + "w" * 129, "not a workspace name"),
         ]
         for path, why in refused:
             r = s.post([event()], path=path)
-            self.assertEqual(r.status, 404, (path, r))
+            # Braze keeps the events and retries: the list or the URL can be fixed
+            self.assertEqual(r.status, 503, (path, r))
+            self.assertEqual(r.headers.get("retry-after"), "60", path)
             self.assertEqual(r.json()["error"], "unknown workspace")
-            self.assertTrue(r.json()["reason"].startswith(why), r)
+            self.assertTrue(r.json()["reason"].startswith(why), (path, r))
         # credentials are checked first: a wrong token gets 401 whatever the workspace
         self.assertEqual(s.post([event()], token="wrong-token-123456",
                                 path="/currents?workspace=brand-c").status, 401)
-        for path in ("/currents?workspace=brand-b", "/currents?workspace=brand-a&workspace=brand-a",
-                     "/currents?workspace=", "/currents"):
+        # a request a signature admits, once its body is in, is checked the same
+        body = json.dumps({"events": [event()]})
+        t = int(time.time())
+        mac = hmac.new(b"hmac-secret-ws-5b1e9c", b"%d." % t + body.encode(),
+                       hashlib.sha256).hexdigest()
+        signed = {"Tributary-Signature": "t=%d,v1=%s" % (t, mac)}
+        r = s.post(body=body, token=None, headers=signed, path="/currents?workspace=brand-c")
+        self.assertEqual((r.status, r.json()["error"]), (503, "unknown workspace"), r)
+        r = s.post(body=body, token=None, headers=signed, path="/currents?workspace=brand-b")
+        self.assertEqual(r.status, 200, r)
+        for path in ("/currents?workspace=brand-b", "/currents?workspace=brand-a&workspace=brand-a"):
             self.assertEqual(s.post([event()], path=path).status, 200, path)
         with s.db() as db:
-            self.assertEqual(db.execute("SELECT count(*) FROM records_unbound").fetchone()[0] +
-                             db.execute("SELECT count(*) FROM records_web").fetchone()[0] +
-                             db.execute("SELECT count(*) FROM records_ios").fetchone()[0] +
-                             db.execute("SELECT count(*) FROM records_android").fetchone()[0], 4)
-        self.assertEqual(s.metrics()['tributary_http_requests_total{code="404"}'], 4)
+            stored = db.execute("SELECT workspace, count(*) FROM (SELECT workspace FROM "
+                                "records_unbound UNION ALL SELECT workspace FROM records_ios "
+                                "UNION ALL SELECT workspace FROM records_android UNION ALL "
+                                "SELECT workspace FROM records_web) GROUP BY workspace").fetchall()
+        self.assertEqual(dict(stored), {"brand-a": 1, "brand-b": 2})
+        self.assertEqual(s.metrics()["tributary_workspace_refused_total"], len(refused) + 1)
         self.assertIn("request for a workspace this service does not take", s.logs())
         self.assertIn("brand-c", s.logs())
+
+    def test_without_a_list_any_workspace_or_none_is_taken(self):
+        s = self.service()
+        for path in ("/currents?workspace=Brand%20A", "/currents?workspace=", "/currents"):
+            self.assertEqual(s.post([event()], path=path).status, 200, path)
+        self.assertEqual(s.post([event()], path="/currents?workspace=a%01b").status, 503)
 
     def test_a_workspace_added_by_a_reload_is_taken(self):
         s = Service(config='return { inbound = { workspaces = { "brand-a" } } }\n')
         self.addCleanup(s.cleanup)
         s.start()
-        self.assertEqual(s.post([event()], path="/currents?workspace=brand-b").status, 404)
+        self.assertEqual(s.post([event()], path="/currents?workspace=brand-b").status, 503)
         self.assertTrue(s.reload('return { inbound = { workspaces = { "brand-a", "brand-b" } } }\n'))
         self.assertEqual(s.post([event()], path="/currents?workspace=brand-b").status, 200)

@@ -175,7 +175,8 @@ class DoubleTest(unittest.TestCase):
         conn = http.client.HTTPConnection("127.0.0.1", self.d.port, timeout=5)
         self.addCleanup(conn.close)
         conn.request("POST", "/v2/bulkevents", body=iter([body[:10], body[10:]]), encode_chunked=True,
-                     headers={"Authorization": basic_auth(*FEEDS["ios"]), "Transfer-Encoding": "chunked"})
+                     headers={"Authorization": basic_auth(*FEEDS["ios"]), "Transfer-Encoding": "chunked",
+                              "Content-Type": "application/json"})
         r = conn.getresponse()
         r.read()
         self.assertEqual(r.status, 202)
@@ -184,7 +185,8 @@ class DoubleTest(unittest.TestCase):
     def test_context_manager_starts_and_stops(self):
         with MParticleDouble(feeds={"f": ("k", "s")}) as d:
             conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=5)
-            conn.request("POST", "/v2/events", body=json.dumps(batch()), headers={"Authorization": basic_auth("k", "s")})
+            conn.request("POST", "/v2/events", body=json.dumps(batch()),
+                         headers={"Authorization": basic_auth("k", "s"), "Content-Type": "application/json"})
             self.assertEqual(conn.getresponse().status, 202)
             conn.close()
             self.assertTrue(d.url.startswith("http://127.0.0.1:"))
@@ -241,6 +243,14 @@ class DoubleTest(unittest.TestCase):
         self.assertEqual(self.post([batch()])[0], 403)
 
     # ---- validation ----------------------------------------------------------------------
+
+    def test_a_body_not_declared_as_json_is_415(self):
+        for ctype in ("text/plain", "application/x-www-form-urlencoded", ""):
+            self.assertError(self.post([batch()], headers={"Content-Type": ctype}), 415,
+                             "Content-Type must be application/json")
+        self.assertNothingStored()
+        self.assertEqual(self.post([batch()], headers={"Content-Type": "application/json; charset=utf-8"})[0],
+                         202)
 
     def test_malformed_json_is_400_with_documented_body(self):
         self.assertError(self.post(b'[{"environment": "production",'), 400)

@@ -193,29 +193,41 @@ END_TEST
 
 /* Without inbound.workspaces any workspace name is taken; with them, only
  * theirs. A name with a control character or over 128 bytes never is. */
+static const char *ws_problem(const struct config *c, const char *name)
+{
+    return config_workspace_problem(c, name, strlen(name));
+}
+
+/* Without inbound.workspaces any workspace name, or none, is taken; with
+ * them, only theirs. A name with a control character (a NUL too) or over 128
+ * bytes never is. */
 START_TEST(test_workspaces_take_the_listed_names_or_any_name)
 {
     struct config *c = NULL;
     char err[4096] = "";
     ck_assert_msg(config_load(&c, NULL, err, sizeof err) == 0, "%s", err);
-    ck_assert_ptr_null(config_workspace_problem(c, NULL));
-    ck_assert_ptr_null(config_workspace_problem(c, ""));
-    ck_assert_ptr_null(config_workspace_problem(c, "Brand A"));
-    ck_assert_ptr_nonnull(config_workspace_problem(c, "brand\tb"));
+    ck_assert_ptr_null(config_workspace_problem(c, NULL, 0));
+    ck_assert_ptr_null(ws_problem(c, ""));
+    ck_assert_ptr_nonnull(config_workspace_problem(c, "a\0b", 3));
+    ck_assert_ptr_null(ws_problem(c, "Brand A"));
+    ck_assert_ptr_nonnull(ws_problem(c, "brand\tb"));
     char longest[CONFIG_WORKSPACE_MAX + 2];
     memset(longest, 'w', sizeof longest - 1);
     longest[sizeof longest - 1] = '\0';
-    ck_assert_ptr_nonnull(config_workspace_problem(c, longest));
+    ck_assert_ptr_nonnull(ws_problem(c, longest));
     longest[CONFIG_WORKSPACE_MAX] = '\0';
-    ck_assert_ptr_null(config_workspace_problem(c, longest));
+    ck_assert_ptr_null(ws_problem(c, longest));
     config_unref(c);
 
     ck_assert_int_eq(setenv("TRIBUTARY_INBOUND_WORKSPACES", "brand-a, brand-b", 1), 0);
     ck_assert_msg(config_load(&c, NULL, err, sizeof err) == 0, "%s", err);
     ck_assert_uint_eq(c->inbound_workspaces.n, 2);
-    ck_assert_ptr_null(config_workspace_problem(c, "brand-b"));
-    ck_assert_ptr_null(config_workspace_problem(c, NULL));
-    const char *why = config_workspace_problem(c, "brand-c");
+    ck_assert_ptr_null(ws_problem(c, "brand-b"));
+    const char *why = config_workspace_problem(c, NULL, 0);
+    ck_assert_msg(why && strstr(why, "none given"), "%s", why ? why : "(taken)");
+    ck_assert_ptr_nonnull(
+        config_workspace_problem(c, "brand-b\0x", 9)); /* ?workspace=brand-b%00x */
+    why = ws_problem(c, "brand-c");
     ck_assert_msg(why && strstr(why, "inbound.workspaces"), "%s", why ? why : "(taken)");
     config_unref(c);
     unsetenv("TRIBUTARY_INBOUND_WORKSPACES");

@@ -1413,6 +1413,39 @@ START_TEST(test_a_schema_4_queue_keeps_its_dedup_ids)
 }
 END_TEST
 
+/* An upgrade that stops after the step to schema 4 (here the step to 5 fails
+ * on a dedup_log of another shape) leaves a queue that version reads: the
+ * tables of each ring alike, so that the view over them works. */
+START_TEST(test_an_upgrade_stopped_between_steps_leaves_a_queue_its_step_reads)
+{
+    char sql[4096] = "CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;"
+                     "INSERT INTO meta VALUES('schema_version', '3');"
+                     "CREATE TABLE dedup_log(id INTEGER PRIMARY KEY, other BLOB);";
+    for (int f = 0; f < FEED_COUNT; f++) {
+        char t[400];
+        snprintf(t, sizeof t,
+                 "CREATE TABLE records_%s(id INTEGER PRIMARY KEY AUTOINCREMENT, received_ms "
+                 "INTEGER NOT NULL, event_id TEXT NOT NULL, event_type TEXT NOT NULL, "
+                 "rules_version TEXT NOT NULL, user TEXT NOT NULL, batch TEXT NOT NULL, "
+                 "event TEXT NOT NULL, raw TEXT NOT NULL);",
+                 FEED_NAMES[f]);
+        strcat(sql, t);
+    }
+    strcat(sql, "INSERT INTO records_ios VALUES(5, 1, 'a', 't', 'v', 'u', '', '{}', '{}');");
+    exec_in_file(sql);
+    struct queue_options o = {.dir = data_dir, .sync_full = 1, .max_depth = NO_LIMIT};
+    char err[ERR_LEN] = "";
+    queue *q = NULL;
+    ck_assert_int_eq(queue_open(&q, &o, err, sizeof err), -1);
+    ck_assert_msg(strstr(err, "migrating the queue"), "%s", err);
+    ck_assert_int_eq(count_in_file("SELECT value FROM meta WHERE key = 'schema_version'"), 4);
+    ck_assert_int_eq(count_in_file("SELECT count(*) FROM records_ios"), 1);
+    ck_assert_int_eq(count_in_file("SELECT count(*) FROM pragma_table_info('records_ios_1') "
+                                   "WHERE name = 'workspace'"),
+                     0);
+}
+END_TEST
+
 /* Every record of feed f with its Braze event and workspace, in id order. */
 static void scan_all_raw(queue *q, enum feed f, struct queue_items *items)
 {
@@ -2321,6 +2354,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_a_schema_3_queue_keeps_its_records_and_batches);
     tcase_add_test(tc, test_a_schema_4_queue_keeps_its_dedup_ids);
     tcase_add_test(tc, test_a_schema_5_queue_keeps_its_records_and_dead_letters);
+    tcase_add_test(tc, test_an_upgrade_stopped_between_steps_leaves_a_queue_its_step_reads);
     tcase_add_test(tc, test_records_and_dead_letters_keep_their_workspace);
     tcase_add_test(tc, test_a_queue_of_a_newer_schema_is_refused_and_left_unchanged);
     tcase_add_test(tc, test_a_database_of_something_else_is_refused_and_left_unchanged);

@@ -1199,6 +1199,8 @@ static const struct {
     {"o.batch.device_info.platform = 'Windows'", "platform: \"Windows\" is not one of"},
     {"o.batch.environment = 'staging'", "environment: \"staging\" is not one of"},
     {"o.batch.user_attributes.u = {x = 1}", "user_attributes.u: a value must be a string"},
+    {"o.batch.user_attributes[string.rep('n', 257)] = 1",
+     "user_attributes: a name of more than 256 characters"},
     {"o.batch.user_attributes.l = {'a', {}}", "user_attributes.l: a value must be a string"},
     {"o.batch.user_attributes.l = {1, 2, x = 3}", "user_attributes.l: a value must be a string"},
     {"o.batch.user_attributes = {'a', 'b'}",
@@ -1243,6 +1245,7 @@ START_TEST(test_outputs_at_mparticles_limits_are_records)
          "  a[string.rep('n', 256)] = string.rep('\\u{e9}', 4096)\n" /* 8192 bytes */
          "  o.event.data.event_name = string.rep('e', 256)\n"
          "  o.batch.user_attributes.list = {'a', 1, true, nil, 'e'}\n"
+         "  o.batch.user_attributes[string.rep('u', 256)] = 1\n"
          "  o.batch.device_info.platform = 'Android'\n"
          "  o.batch.device_info.limit_ad_tracking = false\n"
          "  o.batch.device_info.screen_height = 1920\n"
