@@ -232,10 +232,11 @@ static void respond_error(struct ingest_response *resp, int status, int retry_af
     (void)rc;
 }
 
-/* Shutdown, throttling and authentication. have_body: the signature can be
- * verified. 1: go on; 0: refused, resp filled. */
-static int admit(struct ingest *in, const struct ingest_request *req, int have_body,
-                 struct ingest_response *resp)
+/* Shutdown, throttling and authentication, with the configuration cfg.
+ * have_body: the signature can be verified. 1: go on; 0: refused, resp
+ * filled. */
+static int admit(struct ingest *in, const struct config *cfg, const struct ingest_request *req,
+                 int have_body, struct ingest_response *resp)
 {
     if (atomic_load(&in->draining)) {
         respond_error(resp, 503, RETRY_AFTER_DRAINING, "shutting down", -1, NULL);
@@ -250,8 +251,6 @@ static int admit(struct ingest *in, const struct ingest_request *req, int have_b
                       -1, NULL);
         return 0;
     }
-    struct snapshot s;
-    reload_get(&s);
     struct auth_request ar = {.authorization = req->authorization,
                               .signature = req->signature,
                               .body = req->body,
@@ -259,8 +258,7 @@ static int admit(struct ingest *in, const struct ingest_request *req, int have_b
                               .have_body = have_body,
                               .client_local = config_host_is_loopback(req->client),
                               .now_s = now};
-    enum auth_result a = auth_check(s.cfg, &ar);
-    reload_put(&s);
+    enum auth_result a = auth_check(cfg, &ar);
     if (a == AUTH_OK) {
         auth_succeeded(req->client, now);
         return 1;
@@ -323,14 +321,13 @@ static int workspace_taken(const struct config *c, const struct ingest_request *
 int ingest_precheck(struct ingest *in, const struct ingest_request *req,
                     struct ingest_response *resp)
 {
-    int admitted = admit(in, req, 0, resp);
-    if (admitted != 1)
-        return admitted;
     struct snapshot s;
     reload_get(&s);
-    int taken = workspace_taken(s.cfg, req, resp);
+    int admitted = admit(in, s.cfg, req, 0, resp);
+    if (admitted == 1)
+        admitted = workspace_taken(s.cfg, req, resp);
     reload_put(&s);
-    return taken;
+    return admitted;
 }
 
 static void count_dropped(const struct mapping *m)
@@ -360,9 +357,6 @@ void ingest_handle(struct ingest *in, const struct ingest_request *req,
 {
     resp->status = 500;
     resp->retry_after_s = 0;
-    if (!admit(in, req, 1, resp))
-        return;
-
     struct snapshot s;
     reload_get(&s);
     struct mapping m;
@@ -370,7 +364,7 @@ void ingest_handle(struct ingest *in, const struct ingest_request *req,
     char err[ERR_LEN] = "";
     ruleset *mapped_by = NULL;
     rules *r = NULL;
-    if (!workspace_taken(s.cfg, req, resp))
+    if (!admit(in, s.cfg, req, 1, resp) || !workspace_taken(s.cfg, req, resp))
         goto done;
 
     r = borrow(in->engines, s.rs, err, sizeof err);
