@@ -1836,13 +1836,16 @@ static int create_records_tables(sqlite3 *db, const char *table, char *err, size
     return 0;
 }
 
-static int table_exists(sqlite3 *db, const char *name)
+/* Whether table exists (column NULL), or has that column. */
+static int has_column(sqlite3 *db, const char *table, const char *column)
 {
     sqlite3_stmt *s;
     int found = 0;
-    if (sqlite3_prepare_v2(db, "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1", -1,
-                           &s, NULL) == SQLITE_OK) {
-        sqlite3_bind_text(s, 1, name, -1, SQLITE_STATIC);
+    if (sqlite3_prepare_v2(db, "SELECT 1 FROM pragma_table_info(?1) WHERE ?2 IS NULL OR name = ?2",
+                           -1, &s, NULL) == SQLITE_OK) {
+        sqlite3_bind_text(s, 1, table, -1, SQLITE_STATIC);
+        if (column)
+            sqlite3_bind_text(s, 2, column, -1, SQLITE_STATIC);
         found = sqlite3_step(s) == SQLITE_ROW;
         sqlite3_finalize(s);
     }
@@ -1866,7 +1869,7 @@ static int migrate_to_3(sqlite3 *db, char *err, size_t errlen)
         if (exec(db, sql, err, errlen) != 0)
             goto fail;
     }
-    int had_records = table_exists(db, "records");
+    int had_records = has_column(db, "records", NULL);
     for (int f = 0; f < FEED_COUNT && had_records; f++) {
         char sql[512];
         snprintf(sql, sizeof sql,
@@ -1909,7 +1912,7 @@ static int migrate_to_4(sqlite3 *db, char *err, size_t errlen)
         exec(db, SCHEMA, err, errlen) != 0)
         goto fail;
     /* (a queue from before schema 2 has no batches yet) */
-    if (table_exists(db, "batches") &&
+    if (has_column(db, "batches", NULL) &&
         (sqlite3_prepare_v2(db,
                             "SELECT feed, source_request_id, created_ms, oldest_ms, record_ids "
                             "FROM batches ORDER BY id",
@@ -2096,21 +2099,6 @@ done:
     return rc;
 }
 
-/* Whether table has a column of that name. */
-static int has_column(sqlite3 *db, const char *table, const char *column)
-{
-    char sql[160];
-    snprintf(sql, sizeof sql, "SELECT 1 FROM pragma_table_info('%s') WHERE name = ?1", table);
-    sqlite3_stmt *s;
-    int found = 0;
-    if (sqlite3_prepare_v2(db, sql, -1, &s, NULL) == SQLITE_OK) {
-        sqlite3_bind_text(s, 1, column, -1, SQLITE_STATIC);
-        found = sqlite3_step(s) == SQLITE_ROW;
-        sqlite3_finalize(s);
-    }
-    return found;
-}
-
 /* Schema 6 keeps the `?workspace=` of each event's request with its record
  * and its dead letter (NULL for those stored before). A table that a migration
  * from before schema 4 created has it already. */
@@ -2124,7 +2112,7 @@ static int migrate_to_6(sqlite3 *db, char *err, size_t errlen)
             str_copy(table, sizeof table, "dead");
         else
             snprintf(table, sizeof table, "records_%s_%d", FEED_NAMES[i / RING], i % RING);
-        if (!table_exists(db, table) || has_column(db, table, "workspace"))
+        if (!has_column(db, table, NULL) || has_column(db, table, "workspace"))
             continue; /* created with it, by this start's set-up or an earlier step */
         snprintf(sql, sizeof sql, "ALTER TABLE %s ADD COLUMN workspace TEXT", table);
         if (exec(db, sql, err, errlen) != 0) {

@@ -1318,15 +1318,9 @@ START_TEST(test_a_cli_change_refuses_an_older_schema_and_leaves_it_as_it_is)
 }
 END_TEST
 
-START_TEST(test_a_schema_3_queue_keeps_its_records_and_batches)
+/* Appends to sql the records tables of schema 3, one per feed. */
+static void add_schema_3_records(char *sql)
 {
-    char sql[4096] = "CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;"
-                     "INSERT INTO meta VALUES('schema_version', '3');"
-                     "CREATE TABLE batches(id INTEGER PRIMARY KEY AUTOINCREMENT, feed INTEGER NOT "
-                     "NULL, source_request_id TEXT NOT NULL, created_ms INTEGER NOT NULL, "
-                     "oldest_ms INTEGER NOT NULL, record_ids BLOB NOT NULL);"
-                     "INSERT INTO batches VALUES(4, 0, 'src-old', 1, 2, "
-                     "x'05000000000000000600000000000000');";
     for (int f = 0; f < FEED_COUNT; f++) {
         char t[400];
         snprintf(t, sizeof t,
@@ -1337,6 +1331,18 @@ START_TEST(test_a_schema_3_queue_keeps_its_records_and_batches)
                  FEED_NAMES[f]);
         strcat(sql, t);
     }
+}
+
+START_TEST(test_a_schema_3_queue_keeps_its_records_and_batches)
+{
+    char sql[4096] = "CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;"
+                     "INSERT INTO meta VALUES('schema_version', '3');"
+                     "CREATE TABLE batches(id INTEGER PRIMARY KEY AUTOINCREMENT, feed INTEGER NOT "
+                     "NULL, source_request_id TEXT NOT NULL, created_ms INTEGER NOT NULL, "
+                     "oldest_ms INTEGER NOT NULL, record_ids BLOB NOT NULL);"
+                     "INSERT INTO batches VALUES(4, 0, 'src-old', 1, 2, "
+                     "x'05000000000000000600000000000000');";
+    add_schema_3_records(sql);
     strcat(sql, "INSERT INTO records_ios VALUES(5, 1, 'a', 't', 'v', 'u', '', '{}', '{}');"
                 "INSERT INTO records_ios VALUES(6, 1, 'b', 't', 'v', 'u', '', '{}', '{}');"
                 "INSERT INTO records_ios VALUES(7, 1, 'c', 't', 'v', 'u', '', '{}', '{}');");
@@ -1421,16 +1427,7 @@ START_TEST(test_an_upgrade_stopped_between_steps_leaves_a_queue_its_step_reads)
     char sql[4096] = "CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;"
                      "INSERT INTO meta VALUES('schema_version', '3');"
                      "CREATE TABLE dedup_log(id INTEGER PRIMARY KEY, other BLOB);";
-    for (int f = 0; f < FEED_COUNT; f++) {
-        char t[400];
-        snprintf(t, sizeof t,
-                 "CREATE TABLE records_%s(id INTEGER PRIMARY KEY AUTOINCREMENT, received_ms "
-                 "INTEGER NOT NULL, event_id TEXT NOT NULL, event_type TEXT NOT NULL, "
-                 "rules_version TEXT NOT NULL, user TEXT NOT NULL, batch TEXT NOT NULL, "
-                 "event TEXT NOT NULL, raw TEXT NOT NULL);",
-                 FEED_NAMES[f]);
-        strcat(sql, t);
-    }
+    add_schema_3_records(sql);
     strcat(sql, "INSERT INTO records_ios VALUES(5, 1, 'a', 't', 'v', 'u', '', '{}', '{}');");
     exec_in_file(sql);
     struct queue_options o = {.dir = data_dir, .sync_full = 1, .max_depth = NO_LIMIT};

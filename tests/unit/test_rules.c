@@ -37,6 +37,8 @@ static struct {
     rules *r;
     struct mapping m;
     struct input_error ie;
+    buf report; /* of self_test */
+    int ntests;
 } F;
 
 static void setup(void)
@@ -63,6 +65,7 @@ static void release(void)
     ruleset_unref(F.rs);
     config_unref(F.cfg);
     mapping_free(&F.m);
+    buf_free(&F.report);
     F.r = NULL;
     F.rs = NULL;
     F.cfg = NULL;
@@ -112,6 +115,19 @@ static int map(const char *body, enum input_shape shape)
 static int contains(const char *hay, const char *needle)
 {
     return hay != NULL && strstr(hay, needle) != NULL;
+}
+
+/* Runs the rule files' own tests: the failures, with the tests run in
+ * F.ntests and the report in F.report ("" when there is none). */
+static int self_test(void)
+{
+    buf_free(&F.report);
+    buf_init(&F.report, 1 << 16);
+    F.ntests = 0;
+    int failures = rules_self_test(F.r, &F.report, &F.ntests);
+    if (!F.report.data)
+        ck_assert_int_eq(buf_adds(&F.report, ""), 0);
+    return failures;
 }
 
 /* A rule that maps every event to the unbound feed. */
@@ -1051,13 +1067,9 @@ START_TEST(test_shipped_rules_pass_their_own_tests)
 {
     default_rules();
     build();
-    buf report;
-    buf_init(&report, 1 << 16);
-    int ntests = 0;
-    int failures = rules_self_test(F.r, &report, &ntests);
-    ck_assert_msg(failures == 0, "%d failures:\n%s", failures, report.data ? report.data : "");
-    ck_assert_int_gt(ntests, 0);
-    buf_free(&report);
+    int failures = self_test();
+    ck_assert_msg(failures == 0, "%d failures:\n%s", failures, F.report.data);
+    ck_assert_int_gt(F.ntests, 0);
 }
 END_TEST
 
@@ -2170,19 +2182,15 @@ START_TEST(test_wrong_expectation_is_reported_with_file_field_and_values)
          "    expect = {event = {name = \"Seen z\"}} },\n"
          "} }\n");
     build();
-    buf report;
-    buf_init(&report, 1 << 16);
-    int ntests = 0;
-    int failures = rules_self_test(F.r, &report, &ntests);
-    const char *text = report.data ? report.data : "";
-    ck_assert_int_eq(ntests, 2);
+    int failures = self_test();
+    const char *text = F.report.data;
+    ck_assert_int_eq(F.ntests, 2);
     ck_assert_int_eq(failures, 1);
     ck_assert_msg(contains(text, "20-tested.lua"), "report: %s", text);
     ck_assert_msg(contains(text, "'wrong'"), "report: %s", text);
     ck_assert_msg(!contains(text, "'right'"), "report: %s", text);
     ck_assert_msg(contains(text, "out.event.name"), "report: %s", text);
     ck_assert_msg(contains(text, "expected \"Seen z\", got \"Seen b\""), "report: %s", text);
-    buf_free(&report);
 }
 END_TEST
 
@@ -2193,15 +2201,11 @@ START_TEST(test_expected_drop_of_a_mapped_event_is_reported)
          "    expect_drop = \"no_external_id\" },\n"
          "} }\n");
     build();
-    buf report;
-    buf_init(&report, 1 << 16);
-    int ntests = 0;
-    int failures = rules_self_test(F.r, &report, &ntests);
-    const char *text = report.data ? report.data : "";
+    int failures = self_test();
+    const char *text = F.report.data;
     ck_assert_int_eq(failures, 1);
     ck_assert_msg(contains(text, "'should drop'"), "report: %s", text);
     ck_assert_msg(contains(text, "expected a drop (no_external_id)"), "report: %s", text);
-    buf_free(&report);
 }
 END_TEST
 
@@ -2212,15 +2216,11 @@ START_TEST(test_wrong_drop_reason_is_reported)
          "    expect_drop = \"no_external_id\" },\n"
          "} }\n");
     build();
-    buf report;
-    buf_init(&report, 1 << 16);
-    int ntests = 0;
-    int failures = rules_self_test(F.r, &report, &ntests);
-    const char *text = report.data ? report.data : "";
+    int failures = self_test();
+    const char *text = F.report.data;
     ck_assert_int_eq(failures, 1);
     ck_assert_msg(contains(text, "expected drop reason \"no_external_id\", got \"too_old\""),
                   "report: %s", text);
-    buf_free(&report);
 }
 END_TEST
 
@@ -2282,13 +2282,9 @@ START_TEST(test_rule_tests_can_give_a_workspace)
 {
     rule("20-workspace.lua", WORKSPACE_RULE);
     build();
-    buf report;
-    buf_init(&report, 1 << 16);
-    int ntests = 0;
-    int failures = rules_self_test(F.r, &report, &ntests);
-    ck_assert_int_eq(ntests, 3);
-    ck_assert_msg(failures == 0, "report: %s", report.data ? report.data : "");
-    buf_free(&report);
+    int failures = self_test();
+    ck_assert_int_eq(F.ntests, 3);
+    ck_assert_msg(failures == 0, "report: %s", F.report.data);
     release();
     /* and a test that expects another workspace's output fails */
     rule("20-workspace.lua",
@@ -2303,13 +2299,11 @@ START_TEST(test_rule_tests_can_give_a_workspace)
          "            event = {event_type = 't', id = 'a', time = 1},\n"
          "            expect = {event = {data = {event_name = '7'}}} } } }\n");
     build();
-    buf_init(&report, 1 << 16);
-    failures = rules_self_test(F.r, &report, &ntests);
-    const char *text = report.data ? report.data : "";
+    failures = self_test();
+    const char *text = F.report.data;
     ck_assert_int_eq(failures, 2);
     ck_assert_msg(contains(text, "expected \"brand-a\", got \"brand-b\""), "report: %s", text);
     ck_assert_msg(contains(text, "`workspace` must be a string"), "report: %s", text);
-    buf_free(&report);
 }
 END_TEST
 
