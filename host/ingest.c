@@ -422,6 +422,8 @@ void ingest_handle(struct ingest *in, const struct ingest_request *req,
     }
 
     metrics_add(M_EVENTS_RECEIVED, m.nevents);
+    if (req->workspace_len)
+        metrics_workspace_events(req->workspace, m.nevents);
     if (m.nevents)
         metrics_mapped(ruleset_version(mapped_by), m.nevents);
     metrics_add(M_EVENTS_QUEUED, res.queued);

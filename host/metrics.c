@@ -29,6 +29,14 @@ struct histogram {
 
 _Static_assert(MD_COUNT == DEAD_REASON_COUNT, "one counter per dead-letter reason");
 
+/* Counters by names that come as the service runs (see METRICS_NAMES). */
+struct named {
+    _Atomic uint64_t counts[METRICS_NAMES + 1]; /* the last: "other" */
+    char names[METRICS_NAMES][METRICS_NAME_MAX + 1];
+    _Atomic int used;
+    _Atomic int lock;
+};
+
 static struct {
     _Atomic uint64_t counters[M_COUNTER_COUNT];
     _Atomic uint64_t dropped[DROP_REASON_COUNT];
@@ -40,9 +48,8 @@ static struct {
     _Atomic uint64_t out_batches[FEED_COUNT][NOUTBOUND];
     _Atomic uint64_t delivered[FEED_COUNT];
     _Atomic uint64_t retries[FEED_COUNT];
-    _Atomic uint64_t rule_counts[METRICS_RULE_COUNTERS + 1];
-    char rule_names[METRICS_RULE_COUNTERS][33];
-    _Atomic int rule_names_used;
+    struct named rule_counts;
+    struct named workspace_events;
     pthread_mutex_t versions_mu;
     struct {
         char version[24];
@@ -150,32 +157,41 @@ void metrics_retry(enum feed f)
     atomic_fetch_add_explicit(&M.retries[f], 1, memory_order_relaxed);
 }
 
-void metrics_rule_count(const char *name, uint64_t n)
+static void named_add(struct named *set, const char *name, uint64_t n)
 {
-    int used = atomic_load(&M.rule_names_used);
+    int used = atomic_load(&set->used);
     for (int i = 0; i < used; i++) {
-        if (strcmp(M.rule_names[i], name) == 0) {
-            atomic_fetch_add_explicit(&M.rule_counts[i], n, memory_order_relaxed);
+        if (strcmp(set->names[i], name) == 0) {
+            atomic_fetch_add_explicit(&set->counts[i], n, memory_order_relaxed);
             return;
         }
     }
-    /* New names are rare: claim a slot under a simple spin on the counter. */
-    static _Atomic int lock;
-    while (atomic_exchange(&lock, 1))
+    /* New names are rare: claim a slot under a simple spin on the set. */
+    while (atomic_exchange(&set->lock, 1))
         ;
-    used = atomic_load(&M.rule_names_used);
-    int slot = METRICS_RULE_COUNTERS;
+    used = atomic_load(&set->used);
+    int slot = METRICS_NAMES;
     for (int i = 0; i < used; i++) {
-        if (strcmp(M.rule_names[i], name) == 0)
+        if (strcmp(set->names[i], name) == 0)
             slot = i;
     }
-    if (slot == METRICS_RULE_COUNTERS && used < METRICS_RULE_COUNTERS) {
-        str_copy(M.rule_names[used], sizeof M.rule_names[used], name);
+    if (slot == METRICS_NAMES && used < METRICS_NAMES && strlen(name) <= METRICS_NAME_MAX) {
+        str_copy(set->names[used], sizeof set->names[used], name);
         slot = used;
-        atomic_store(&M.rule_names_used, used + 1);
+        atomic_store(&set->used, used + 1);
     }
-    atomic_store(&lock, 0);
-    atomic_fetch_add_explicit(&M.rule_counts[slot], n, memory_order_relaxed);
+    atomic_store(&set->lock, 0);
+    atomic_fetch_add_explicit(&set->counts[slot], n, memory_order_relaxed);
+}
+
+void metrics_rule_count(const char *name, uint64_t n)
+{
+    named_add(&M.rule_counts, name, n);
+}
+
+void metrics_workspace_events(const char *workspace, uint64_t n)
+{
+    named_add(&M.workspace_events, workspace, n);
 }
 
 void metrics_mapped(const char *version, uint64_t events)
@@ -221,6 +237,35 @@ uint64_t metrics_get_dead(const char *reason)
 static int header(buf *b, const char *name, const char *type, const char *help)
 {
     return buf_printf(b, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
+}
+
+/* A label's value, escaped as the text format asks (\\, \", \n). */
+static int label_value(buf *b, const char *v)
+{
+    int rc = buf_addc(b, '"');
+    for (; *v && rc == 0; v++) {
+        if (*v == '\\' || *v == '"')
+            rc = buf_addc(b, '\\') | buf_addc(b, *v);
+        else if (*v == '\n')
+            rc = buf_adds(b, "\\n");
+        else
+            rc = buf_addc(b, *v);
+    }
+    return rc | buf_addc(b, '"');
+}
+
+static int render_named(buf *b, const char *metric, const char *label, struct named *set)
+{
+    int rc = 0, used = atomic_load(&set->used);
+    for (int i = 0; i <= used; i++) {
+        uint64_t v = atomic_load(&set->counts[i == used ? METRICS_NAMES : i]);
+        if (i == used && v == 0)
+            break;
+        rc |= buf_printf(b, "%s{%s=", metric, label);
+        rc |= label_value(b, i == used ? "other" : set->names[i]);
+        rc |= buf_printf(b, "} %llu\n", (unsigned long long)v);
+    }
+    return rc;
 }
 
 static int render_histogram(buf *b, const char *name, const char *help, struct histogram *h)
@@ -333,15 +378,12 @@ int metrics_render(buf *b, const struct metrics_gauges *g)
     }
     pthread_mutex_unlock(&M.versions_mu);
 
-    int used = atomic_load(&M.rule_names_used);
     rc |= header(b, "tributary_rule_counts_total", "counter",
                  "Counters incremented by rules with tributary.count(name).");
-    for (int i = 0; i < used; i++)
-        rc |= buf_printf(b, "tributary_rule_counts_total{name=\"%s\"} %llu\n", M.rule_names[i],
-                         (unsigned long long)atomic_load(&M.rule_counts[i]));
-    if (atomic_load(&M.rule_counts[METRICS_RULE_COUNTERS]))
-        rc |= buf_printf(b, "tributary_rule_counts_total{name=\"other\"} %llu\n",
-                         (unsigned long long)atomic_load(&M.rule_counts[METRICS_RULE_COUNTERS]));
+    rc |= render_named(b, "tributary_rule_counts_total", "name", &M.rule_counts);
+    rc |= header(b, "tributary_workspace_events_total", "counter",
+                 "Events in accepted inbound requests, by the workspace they named (?workspace=).");
+    rc |= render_named(b, "tributary_workspace_events_total", "workspace", &M.workspace_events);
 
     if (g) {
         rc |= header(b, "tributary_queue_depth", "gauge", "Events waiting for delivery, by feed.");

@@ -51,10 +51,14 @@ void metrics_rules_time(double seconds);
 void metrics_outbound(enum feed f, int status, uint64_t batches, uint64_t events);
 void metrics_delivered(enum feed f, uint64_t events);
 void metrics_retry(enum feed f);
-/* A named counter a rule increments with tributary.count(name, n). At most
- * METRICS_RULE_COUNTERS names; later names count under "other". */
-#define METRICS_RULE_COUNTERS 32
+/* Counters by a name known only as it comes: at most METRICS_NAMES names
+ * each (of at most METRICS_NAME_MAX bytes); later names count under "other". */
+#define METRICS_NAMES 32
+#define METRICS_NAME_MAX 128
+/* A named counter a rule increments with tributary.count(name, n). */
 void metrics_rule_count(const char *name, uint64_t n);
+/* Events in an accepted request that named this workspace (?workspace=). */
+void metrics_workspace_events(const char *workspace, uint64_t n);
 
 /* Events mapped by a rule version (the most recent METRICS_VERSIONS versions). */
 #define METRICS_VERSIONS 8

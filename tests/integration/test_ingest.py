@@ -514,6 +514,32 @@ class Workspaces(ServiceTest):
         self.assertIn("request for a workspace this service does not take", s.logs())
         self.assertIn("brand-c", s.logs())
 
+    def test_events_are_counted_by_the_workspace_that_sent_them(self):
+        s = self.service()
+        self.assertEqual(s.post([event(), event()], path="/currents?workspace=brand-a").status, 200)
+        self.assertEqual(s.post([event()], path="/currents?workspace=brand-b").status, 200)
+        self.assertEqual(s.post([], path="/currents?workspace=brand-b").status, 200)  # a probe
+        self.assertEqual(s.post([event()], path='/currents?workspace=say%20%22hi%22%5C').status, 200)
+        self.assertEqual(s.post([event()]).status, 200)
+        m = s.metrics()
+        self.assertEqual(m['tributary_workspace_events_total{workspace="brand-a"}'], 2)
+        self.assertEqual(m['tributary_workspace_events_total{workspace="brand-b"}'], 1)
+        # the text format's escapes in a label
+        self.assertEqual(m['tributary_workspace_events_total{workspace="say \\"hi\\"\\\\"}'], 1)
+        self.assertEqual(sum(v for k, v in m.items()
+                             if k.startswith("tributary_workspace_events_total")), 4)
+        self.assertEqual(m["tributary_events_received_total"], 5)
+
+    def test_past_32_workspaces_the_others_are_counted_together(self):
+        s = self.service()
+        for i in range(34):
+            self.assertEqual(s.post([event()], path="/currents?workspace=w%02d" % i).status, 200)
+        m = s.metrics()
+        named = {k: v for k, v in m.items() if k.startswith("tributary_workspace_events_total")}
+        self.assertEqual(len(named), 33)
+        self.assertEqual(named['tributary_workspace_events_total{workspace="w31"}'], 1)
+        self.assertEqual(named['tributary_workspace_events_total{workspace="other"}'], 2)
+
     def test_without_a_list_any_workspace_or_none_is_taken(self):
         s = self.service()
         for path in ("/currents?workspace=Brand%20A", "/currents?workspace=", "/currents"):
