@@ -36,7 +36,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     struct mapping m;
     mapping_init(&m);
     struct input_error e;
-    int rc = rules_map(fuzz_engine(), (const char *)data, size, INPUT_ENVELOPE, STR_NULL, &m, &e);
+    /* every other input as a workspace's request (?workspace=brand-a) */
+    str workspace = size % 2 ? (str){"brand-a", 7} : STR_NULL;
+    int rc = rules_map(fuzz_engine(), (const char *)data, size, INPUT_ENVELOPE, workspace, &m, &e);
     CHECK(rc == 0 || rc == -1);
     if (rc != 0) {
         CHECK(e.status == 400 || e.status == 413 || e.status == 503);
@@ -57,7 +59,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             CHECK((int)r->feed >= 0 && (int)r->feed < FEED_COUNT);
             CHECK(r->event.p != NULL && r->event.n > 0);
             CHECK(r->event_id.n > 0 && r->event_type.n > 0);
+            CHECK(workspace.p ? str_eq(r->workspace, "brand-a") : r->workspace.p == NULL);
         }
+        for (size_t i = 0; i < m.ndead; i++)
+            CHECK(workspace.p ? str_eq(m.dead[i].workspace, "brand-a") : !m.dead[i].workspace.p);
     }
     mapping_free(&m);
     return 0;
