@@ -362,6 +362,10 @@ static void set_list_from_lua(struct loader *ld, lua_State *L, const struct key 
         /* "a,b,c" as in the environment */
         size_t n;
         const char *s = lua_tolstring(L, -1, &n);
+        if (memchr(s, '\0', n)) {
+            file_err(ld, path, "'%s' must not hold a NUL byte", path);
+            return;
+        }
         const char *p = s;
         while (p <= s + n) {
             const char *comma = memchr(p, ',', (size_t)(s + n - p));
@@ -391,6 +395,8 @@ static void set_list_from_lua(struct loader *ld, lua_State *L, const struct key 
         const char *s = lua_type(L, -1) == LUA_TSTRING ? lua_tolstring(L, -1, &n) : NULL;
         if (!s || n == 0)
             file_err(ld, path, "'%s' item %lld must be a non-empty string", path, (long long)i);
+        else if (memchr(s, '\0', n))
+            file_err(ld, path, "'%s' item %lld must not hold a NUL byte", path, (long long)i);
         else if (list_add(l, s, n) != 0)
             errs_add(ld->e, "out of memory");
         lua_pop(L, 1);
@@ -418,7 +424,13 @@ static void set_from_lua(struct loader *ld, lua_State *L, const struct key *k, c
             file_err(ld, path, "'%s' must be a string, not %s", path, luaL_typename(L, -1));
             return;
         }
-        const char *v = lua_tostring(L, -1);
+        size_t n;
+        const char *v = lua_tolstring(L, -1, &n);
+        if (memchr(v, '\0', n)) {
+            /* read as C text it would be cut there: another value */
+            file_err(ld, path, "'%s' must not hold a NUL byte", path);
+            return;
+        }
         if (k->type == K_ENUM && !choice_ok(k, v)) {
             char choices[200];
             choices_text(k, choices, sizeof choices);
@@ -931,7 +943,8 @@ static void check_url(const char *what, const char *url, struct errs *e)
     errs_add(e, "%s: must be an https:// URL", what);
 }
 
-/* n bytes of name (a NUL among them is a control character) */
+/* n bytes of name: UTF-8 (it is a label value in /metrics, which must be)
+ * without control characters (a NUL among them is one) */
 static int workspace_name_ok(const char *name, size_t n)
 {
     for (size_t i = 0; i < n; i++) {
@@ -939,7 +952,7 @@ static int workspace_name_ok(const char *name, size_t n)
         if (b < 0x20 || b == 0x7f)
             return 0;
     }
-    return n > 0 && n <= CONFIG_WORKSPACE_MAX;
+    return n > 0 && n <= CONFIG_WORKSPACE_MAX && utf8_valid(name, n);
 }
 
 const char *config_workspace_problem(const struct config *c, const char *name, size_t len)
@@ -948,7 +961,7 @@ const char *config_workspace_problem(const struct config *c, const char *name, s
         return c->inbound_workspaces.n ? "none given, and inbound.workspaces lists the names taken"
                                        : NULL;
     if (!workspace_name_ok(name, len))
-        return "not a workspace name (at most 128 bytes, no control characters)";
+        return "not a workspace name (UTF-8, at most 128 bytes, no control characters)";
     if (c->inbound_workspaces.n == 0)
         return NULL;
     for (size_t i = 0; i < c->inbound_workspaces.n; i++) {
@@ -1065,8 +1078,8 @@ static void check(struct config *c, struct errs *e, int serving)
         const char *w = c->inbound_workspaces.items[i];
         if (!workspace_name_ok(w, strlen(w)))
             errs_add(e,
-                     "inbound.workspaces: item %zu is not a workspace name (1 to %d bytes, no "
-                     "control characters)",
+                     "inbound.workspaces: item %zu is not a workspace name (UTF-8, 1 to %d "
+                     "bytes, no control characters)",
                      i + 1, CONFIG_WORKSPACE_MAX);
     }
     for (size_t i = 0; i < c->inbound_tokens.n; i++) {

@@ -141,9 +141,9 @@ const char *config_feed_url(const struct config *c, enum feed f);
 int config_listen_addr(const struct config *c, char *host, size_t hostlen, int *port) WUR;
 int config_host_is_loopback(const char *host);
 /* Why a request's `?workspace=`, len bytes at name (NULL or 0: none), is not
- * taken, or NULL when it is: none, or at most CONFIG_WORKSPACE_MAX bytes
- * without control characters (NUL included); when inbound.workspaces is set,
- * one of them. */
+ * taken, or NULL when it is: none, or UTF-8 of at most CONFIG_WORKSPACE_MAX
+ * bytes without control characters (NUL included); when inbound.workspaces
+ * is set, one of them. */
 #define CONFIG_WORKSPACE_MAX 128
 const char *config_workspace_problem(const struct config *c, const char *name, size_t len);
 

@@ -305,11 +305,14 @@ static int workspace_taken(const struct config *c, const struct ingest_request *
         return 1;
     metrics_add(M_WORKSPACE_REFUSED, 1);
     if (log_due_shared(&logged_ms)) {
-        char name[CONFIG_WORKSPACE_MAX + 4] = "";
-        if (req->workspace && strlen(req->workspace) > CONFIG_WORKSPACE_MAX)
-            snprintf(name, sizeof name, "%.*s...", CONFIG_WORKSPACE_MAX, req->workspace);
-        else if (req->workspace)
-            str_copy(name, sizeof name, req->workspace);
+        /* the name as it came, control characters (a NUL too) as '?', cut
+         * past what a name may hold */
+        char name[CONFIG_WORKSPACE_MAX + 4];
+        size_t n =
+            req->workspace_len < CONFIG_WORKSPACE_MAX ? req->workspace_len : CONFIG_WORKSPACE_MAX;
+        for (size_t i = 0; i < n; i++)
+            name[i] = (unsigned char)req->workspace[i] < 0x20 ? '?' : req->workspace[i];
+        str_copy(name + n, sizeof name - n, req->workspace_len > n ? "..." : "");
         log_warn("request for a workspace this service does not take; answered 503 (Braze "
                  "retries)",
                  LOG_S("workspace", name) LOG_S("reason", why) LOG_S("client", req->client));

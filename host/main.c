@@ -296,8 +296,10 @@ static int cmd_map(const struct args *a)
     struct config *c = config_load_for_command(a->config, 0);
     if (!c)
         return 1;
-    const char *why =
-        config_workspace_problem(c, a->workspace, a->workspace ? strlen(a->workspace) : 0);
+    /* without --workspace: as a request without one, whatever the list */
+    const char *why = a->workspace && *a->workspace
+                          ? config_workspace_problem(c, a->workspace, strlen(a->workspace))
+                          : NULL;
     if (why) {
         fprintf(stderr, "tributary: --workspace: %s\n", why);
         config_unref(c);

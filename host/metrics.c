@@ -78,8 +78,8 @@ static const char *const COUNTER_HELP[M_COUNTER_COUNT][3] = {
     {"tributary_auth_throttled_total", "counter",
      "Inbound requests refused (429) because their address failed authentication repeatedly."},
     {"tributary_workspace_refused_total", "counter",
-     "Inbound requests refused (503) because their ?workspace= is not one inbound.workspaces "
-     "takes."},
+     "Inbound requests refused (503) for their ?workspace=: not one of inbound.workspaces, none "
+     "while that list is set, malformed, or given twice."},
 };
 
 void metrics_add(enum counter c, uint64_t n)
@@ -261,8 +261,10 @@ static int render_named(buf *b, const char *metric, const char *label, struct na
         uint64_t v = atomic_load(&set->counts[i == used ? METRICS_NAMES : i]);
         if (i == used && v == 0)
             break;
+        /* past METRICS_NAMES names, the rest together under an empty value,
+         * which no name has */
         rc |= buf_printf(b, "%s{%s=", metric, label);
-        rc |= label_value(b, i == used ? "other" : set->names[i]);
+        rc |= label_value(b, i == used ? "" : set->names[i]);
         rc |= buf_printf(b, "} %llu\n", (unsigned long long)v);
     }
     return rc;

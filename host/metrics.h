@@ -52,7 +52,8 @@ void metrics_outbound(enum feed f, int status, uint64_t batches, uint64_t events
 void metrics_delivered(enum feed f, uint64_t events);
 void metrics_retry(enum feed f);
 /* Counters by a name known only as it comes: at most METRICS_NAMES names
- * each (of at most METRICS_NAME_MAX bytes); later names count under "other". */
+ * each (of at most METRICS_NAME_MAX bytes); later names count together under
+ * the empty name. */
 #define METRICS_NAMES 32
 #define METRICS_NAME_MAX 128
 /* A named counter a rule increments with tributary.count(name, n). */

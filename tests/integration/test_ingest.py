@@ -538,13 +538,18 @@ class Workspaces(ServiceTest):
         named = {k: v for k, v in m.items() if k.startswith("tributary_workspace_events_total")}
         self.assertEqual(len(named), 33)
         self.assertEqual(named['tributary_workspace_events_total{workspace="w31"}'], 1)
-        self.assertEqual(named['tributary_workspace_events_total{workspace="other"}'], 2)
+        # the rest together, under a value no name has
+        self.assertEqual(named['tributary_workspace_events_total{workspace=""}'], 2)
 
     def test_without_a_list_any_workspace_or_none_is_taken(self):
         s = self.service()
         for path in ("/currents?workspace=Brand%20A", "/currents?workspace=", "/currents"):
             self.assertEqual(s.post([event()], path=path).status, 200, path)
         self.assertEqual(s.post([event()], path="/currents?workspace=a%01b").status, 503)
+        # not UTF-8: it could not be a label value in /metrics
+        self.assertEqual(s.post([event()], path="/currents?workspace=%FF%FE").status, 503)
+        self.assertEqual(s.get("/metrics").status, 200)
+        self.assertNotIn("\ufffd", s.get("/metrics").body)
 
     def test_a_workspace_added_by_a_reload_is_taken(self):
         s = Service(config='return { inbound = { workspaces = { "brand-a" } } }\n')

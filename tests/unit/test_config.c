@@ -211,6 +211,8 @@ START_TEST(test_workspaces_take_the_listed_names_or_any_name)
     ck_assert_ptr_nonnull(config_workspace_problem(c, "a\0b", 3));
     ck_assert_ptr_null(ws_problem(c, "Brand A"));
     ck_assert_ptr_nonnull(ws_problem(c, "brand\tb"));
+    ck_assert_ptr_nonnull(ws_problem(c, "\xff\xfe")); /* not UTF-8 */
+    ck_assert_ptr_null(ws_problem(c, "Marke \xc3\xa9t\xc3\xa9"));
     char longest[CONFIG_WORKSPACE_MAX + 2];
     memset(longest, 'w', sizeof longest - 1);
     longest[sizeof longest - 1] = '\0';
@@ -237,6 +239,25 @@ START_TEST(test_workspaces_take_the_listed_names_or_any_name)
     ck_assert_int_eq(config_load(&c, path, err, sizeof err), -1);
     ck_assert_msg(strstr(err, "inbound.workspaces") && strstr(err, "not a workspace name"), "%s",
                   err);
+}
+END_TEST
+
+/* Read as C text, a value would be cut at a NUL byte: another value than the
+ * file's. */
+START_TEST(test_a_string_value_with_a_nul_byte_is_refused)
+{
+    const char *cases[] = {
+        "return { listen = \"127.0.0.1:8080\\0junk\" }\n",
+        "return { inbound = { workspaces = { \"brand-a\\0x\" } } }\n",
+        "return { inbound = { tokens = \"tok-one-0123456789\\0,x\" } }\n",
+    };
+    for (size_t i = 0; i < ARRAY_LEN(cases); i++) {
+        struct config *c = NULL;
+        char err[4096] = "";
+        ck_assert_int_eq(config_load(&c, conf("nul.lua", cases[i]), err, sizeof err), -1);
+        ck_assert_msg(strstr(err, "must not hold a NUL byte"), "%s", err);
+        ck_assert_ptr_null(strstr(err, "junk"));
+    }
 }
 END_TEST
 
@@ -843,6 +864,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_file_values_are_read_from_nested_sections);
     tcase_add_test(tc, test_file_lists_are_read_in_order);
     tcase_add_test(tc, test_workspaces_take_the_listed_names_or_any_name);
+    tcase_add_test(tc, test_a_string_value_with_a_nul_byte_is_refused);
     tcase_add_test(tc, test_file_apps_table_maps_app_id_to_feed);
     tcase_add_test(tc, test_os_getenv_is_available_in_config_file);
 
