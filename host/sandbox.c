@@ -494,9 +494,27 @@ static int sb_rep(lua_State *L)
     return call_original(L, 1);
 }
 
+/* The table functions read and write elements in C, where the count hook
+ * cannot stop them: a __len metamethod could claim any length (and another at
+ * the next call), and an __index or __newindex chain of tables makes every
+ * element walk it (2,000 tables deep: minutes for one table.move). Tables
+ * with any of them are refused; idx is an argument, which may be absent. */
+static void plain_table(lua_State *L, int idx)
+{
+    static const char *const FIELDS[] = {"__len", "__index", "__newindex"};
+    if (lua_type(L, idx) != LUA_TTABLE)
+        return;
+    for (size_t i = 0; i < sizeof FIELDS / sizeof *FIELDS; i++) {
+        if (luaL_getmetafield(L, idx, FIELDS[i]) != LUA_TNIL)
+            luaL_error(L, "tables with a %s metamethod are not supported here", FIELDS[i]);
+    }
+}
+
 /* table.move(a1, f, e, t [, a2]) copies element by element in C: bounded. */
 static int sb_move(lua_State *L)
 {
+    plain_table(L, 1);
+    plain_table(L, 5);
     lua_Integer f = luaL_checkinteger(L, 2);
     lua_Integer e = luaL_checkinteger(L, 3);
     if (e >= f && (e - f >= TABLE_MOVE_MAX || e - f < 0))
@@ -504,13 +522,11 @@ static int sb_move(lua_State *L)
     return call_original(L, LUA_MULTRET);
 }
 
-/* table.insert, table.remove and table.concat go through elements up to the
- * length in C; a __len metamethod could claim any length (and another one at
- * the next call), so such tables are refused. */
-static int sb_plain_length(lua_State *L)
+/* table.insert, table.remove, table.concat and table.unpack: on a plain
+ * table only (see plain_table). */
+static int sb_plain_table(lua_State *L)
 {
-    if (luaL_getmetafield(L, 1, "__len") != LUA_TNIL)
-        return luaL_error(L, "tables with a __len metamethod are not supported here");
+    plain_table(L, 1);
     return call_original(L, LUA_MULTRET);
 }
 
@@ -533,15 +549,14 @@ static int sort_compare(lua_State *L)
     return 1;
 }
 
-/* table.sort(t [, comp]): a table with a __len metamethod is refused (see
- * sb_plain_length), and every comparison goes through sort_compare. */
+/* table.sort(t [, comp]): on a plain table only (see plain_table), and every
+ * comparison goes through sort_compare. */
 static int sb_sort(lua_State *L)
 {
     luaL_checktype(L, 1, LUA_TTABLE);
     if (!lua_isnoneornil(L, 2))
         luaL_checktype(L, 2, LUA_TFUNCTION);
-    if (luaL_getmetafield(L, 1, "__len") != LUA_TNIL)
-        return luaL_error(L, "tables with a __len metamethod are not supported here");
+    plain_table(L, 1);
     lua_settop(L, 2);
     lua_pushcclosure(L, sort_compare, 1);
     return call_original(L, 0);
@@ -738,9 +753,10 @@ static int build_env(lua_State *L)
 
     copy_lib(L, LUA_TABLIBNAME, NULL, NULL);
     wrap(L, "move", sb_move);
-    wrap(L, "insert", sb_plain_length);
-    wrap(L, "remove", sb_plain_length);
-    wrap(L, "concat", sb_plain_length);
+    wrap(L, "insert", sb_plain_table);
+    wrap(L, "remove", sb_plain_table);
+    wrap(L, "concat", sb_plain_table);
+    wrap(L, "unpack", sb_plain_table);
     wrap(L, "sort", sb_sort);
     time_lib(L);
     sandbox_readonly(L);

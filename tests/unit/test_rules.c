@@ -1357,6 +1357,31 @@ START_TEST(test_sort_and_concat_refuse_a_table_with_a_length_of_its_own)
 }
 END_TEST
 
+/* An __index (or __newindex) chain of tables makes every element the table
+ * functions read in C walk it, where the count hook cannot stop them:
+ * table.move over such a table took minutes. They refuse it at once. */
+START_TEST(test_table_functions_refuse_a_table_that_reads_through_a_chain)
+{
+    const char *seen = probe(
+        "(function()\n"
+        "  local src = {} for i = 1, 2000 do src = setmetatable({}, {__index = src}) end\n"
+        "  local dst = setmetatable({}, {__newindex = function() end})\n"
+        "  local out = {}\n"
+        "  for _, call in ipairs({\n"
+        "      function() return table.move(src, 1, 9999999, 1, {}) end,\n"
+        "      function() return table.move({1, 2}, 1, 2, 1, dst) end,\n"
+        "      function() return select('#', table.unpack(src, 1, 900000)) end,\n"
+        "      function() return table.concat(src, ',', 1, 100000) end,\n"
+        "      function() return table.insert(src, 1) end,\n"
+        "      function() return table.sort(src) end}) do\n"
+        "    out[#out + 1] = select(2, pcall(call)):match('a (__%a+) metamethod') or '?'\n"
+        "  end\n"
+        "  return table.concat(out, ',') .. '|' .. table.concat(table.move({1, 2}, 1, 2, 1, {}))\n"
+        "end)()");
+    ck_assert_str_eq(seen, "__index,__newindex,__index,__index,__index,__index|12");
+}
+END_TEST
+
 /* cjson's functions work in C too: each call pays for its time. */
 START_TEST(test_a_loop_of_cjson_calls_hits_the_instruction_limit)
 {
@@ -2476,6 +2501,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_a_loop_of_cjson_calls_hits_the_instruction_limit);
     tcase_add_test(tc, test_a_sort_of_costly_comparisons_stops_at_the_time_limit);
     tcase_add_test(tc, test_sort_and_concat_refuse_a_table_with_a_length_of_its_own);
+    tcase_add_test(tc, test_table_functions_refuse_a_table_that_reads_through_a_chain);
     tcase_add_test(tc, test_a_loop_of_custom_attributes_calls_hits_the_instruction_limit);
     tcase_add_test(tc, test_a_loop_of_matches_through_gmatch_hits_the_instruction_limit);
     tcase_add_test(tc, test_a_plain_search_too_large_for_one_call_is_refused);
