@@ -31,7 +31,7 @@ _Static_assert(MD_COUNT == DEAD_REASON_COUNT, "one counter per dead-letter reaso
 
 /* Counters by names that come as the service runs (see METRICS_NAMES). */
 struct named {
-    _Atomic uint64_t counts[METRICS_NAMES + 1]; /* the last: "other" */
+    _Atomic uint64_t counts[METRICS_NAMES + 1]; /* the last: names past the first ones */
     char names[METRICS_NAMES][METRICS_NAME_MAX + 1];
     _Atomic int used;
     _Atomic int lock;
@@ -254,19 +254,24 @@ static int label_value(buf *b, const char *v)
     return rc | buf_addc(b, '"');
 }
 
+static int render_sample(buf *b, const char *metric, const char *label, const char *value,
+                         uint64_t v)
+{
+    int rc = buf_printf(b, "%s{%s=", metric, label);
+    rc |= label_value(b, value);
+    return rc | buf_printf(b, "} %llu\n", (unsigned long long)v);
+}
+
 static int render_named(buf *b, const char *metric, const char *label, struct named *set)
 {
     int rc = 0, used = atomic_load(&set->used);
-    for (int i = 0; i <= used; i++) {
-        uint64_t v = atomic_load(&set->counts[i == used ? METRICS_NAMES : i]);
-        if (i == used && v == 0)
-            break;
-        /* past METRICS_NAMES names, the rest together under an empty value,
-         * which no name has */
-        rc |= buf_printf(b, "%s{%s=", metric, label);
-        rc |= label_value(b, i == used ? "" : set->names[i]);
-        rc |= buf_printf(b, "} %llu\n", (unsigned long long)v);
-    }
+    for (int i = 0; i < used; i++)
+        rc |= render_sample(b, metric, label, set->names[i], atomic_load(&set->counts[i]));
+    /* the names past METRICS_NAMES together, under an empty value, which no
+     * name has */
+    uint64_t rest = atomic_load(&set->counts[METRICS_NAMES]);
+    if (rest)
+        rc |= render_sample(b, metric, label, "", rest);
     return rc;
 }
 

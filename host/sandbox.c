@@ -504,7 +504,7 @@ static void plain_table(lua_State *L, int idx)
     static const char *const FIELDS[] = {"__len", "__index", "__newindex"};
     if (lua_type(L, idx) != LUA_TTABLE)
         return;
-    for (size_t i = 0; i < sizeof FIELDS / sizeof *FIELDS; i++) {
+    for (size_t i = 0; i < ARRAY_LEN(FIELDS); i++) {
         if (luaL_getmetafield(L, idx, FIELDS[i]) != LUA_TNIL)
             luaL_error(L, "tables with a %s metamethod are not supported here", FIELDS[i]);
     }

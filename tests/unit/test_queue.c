@@ -1452,6 +1452,22 @@ static void scan_all_raw(queue *q, enum feed f, struct queue_items *items)
     queue_reader_free(r);
 }
 
+/* One record of feed ios "<prefix>-0" (see add_records), of that workspace. */
+static void add_workspace_record(struct mapping *m, const char *prefix, const char *workspace)
+{
+    add_records(m, FEED_IOS, prefix, 1);
+    m->records[m->nrecords - 1].workspace = copy(m, workspace);
+}
+
+/* Commits m, whose records and dead letters are all new, and frees it. */
+static void commit_mapping(queue *q, struct mapping *m)
+{
+    struct commit_result res;
+    ck_assert_int_eq(queue_commit(q, m, &res), QUEUE_OK);
+    ck_assert_uint_eq(res.duplicates, 0);
+    mapping_free(m);
+}
+
 /* A record and a dead letter keep the workspace of their request; a record's
  * goes with it to the dead-letter store; none stays none. */
 START_TEST(test_records_and_dead_letters_keep_their_workspace)
@@ -1459,15 +1475,12 @@ START_TEST(test_records_and_dead_letters_keep_their_workspace)
     queue *q = open_queue(NO_LIMIT, DEDUP_DAY);
     struct mapping m;
     mapping_init(&m);
-    add_records(&m, FEED_IOS, "brand", 1);
-    m.records[0].workspace = copy(&m, "brand-a");
+    add_workspace_record(&m, "brand", "brand-a");
     add_records(&m, FEED_IOS, "plain", 1);
     add_dead(&m, -1, "dead-1", DEAD_RULE_ERROR, "boom", "{\"id\":\"dead-1\"}")->workspace =
         copy(&m, "brand-b");
     add_dead(&m, -1, "dead-2", DEAD_RULE_ERROR, "boom", "{\"id\":\"dead-2\"}");
-    struct commit_result res;
-    ck_assert_int_eq(queue_commit(q, &m, &res), QUEUE_OK);
-    mapping_free(&m);
+    commit_mapping(q, &m);
 
     struct queue_items it;
     scan_all_raw(q, FEED_IOS, &it);
@@ -1526,11 +1539,8 @@ START_TEST(test_a_schema_5_queue_keeps_its_records_and_dead_letters)
     ck_assert_int_eq(count_in_file("SELECT value FROM meta WHERE key = 'schema_version'"), 6);
     struct mapping m;
     mapping_init(&m);
-    add_records(&m, FEED_IOS, "new", 1);
-    m.records[0].workspace = copy(&m, "brand-a");
-    struct commit_result res;
-    ck_assert_int_eq(queue_commit(q, &m, &res), QUEUE_OK);
-    mapping_free(&m);
+    add_workspace_record(&m, "new", "brand-a");
+    commit_mapping(q, &m);
     struct queue_items it;
     scan_all_raw(q, FEED_IOS, &it);
     ck_assert_uint_eq(it.n, 2);
