@@ -3,6 +3,7 @@
 #include "log.h"
 #include "pool.h"
 
+#include <ctype.h>
 #include <lauxlib.h>
 #include <lualib.h>
 #include <pthread.h>
@@ -15,14 +16,25 @@
  * fire on every instruction. */
 #define HOOK_STEP 1000
 
-/* Pattern matching runs in C where the hook cannot interrupt it. A Lua pattern
- * with q backtracking quantifiers can cost about n^q steps on an n-byte subject
- * (times n more when it may start anywhere), so calls whose bound exceeds
- * PATTERN_COST_MAX are refused. The bound is far above what such a pattern
- * usually costs: the common trim, ^%s*(.-)%s*$, is let through on 999 bytes,
- * and what a call took is charged afterwards (see timed). */
+/* Pattern matching runs in C where the hook cannot interrupt it, and Lua's
+ * matcher backtracks: an item quantified with *, + or - is tried with each
+ * length of the run of subject bytes it matches from where it stands, one with
+ * ? twice, and the rest of the pattern is matched again after each try; %b and
+ * a back-reference compare up to the whole subject. So a call costs at most the
+ * product, over those items, of the longest run in the subject of bytes the
+ * item matches, plus one (2 for ?, n + 1 for %b and back-references), times the
+ * places it starts from: n + 1 when the pattern is not anchored, of which only
+ * those where an unquantified first item matches go further. Calls whose bound
+ * exceeds PATTERN_COST_MAX are refused (a step takes 5 - 15 ns: a second or two
+ * at most); what a call took is charged afterwards (see timed). The runs make
+ * the bound follow the subject: the common trim, ^%s*(.-)%s*$, is bounded by n
+ * steps on text without long runs of spaces, whatever its length, and by
+ * (n + 1)^3 on n spaces, refused from 464 of them. A run is measured only while
+ * the bound from the subject's length alone is too high, over at most
+ * PATTERN_SCAN_MAX bytes of subject per call. */
 #define PATTERN_MAX_LEN 512
-#define PATTERN_COST_MAX 1e9
+#define PATTERN_COST_MAX 1e8
+#define PATTERN_SCAN_MAX (64 * 1024 * 1024)
 
 /* os.date works through its format in C, one conversion at a time. */
 #define DATE_FORMAT_MAX 256
@@ -382,74 +394,212 @@ static int sb_print(lua_State *L)
 
 /* ---- pattern guard ------------------------------------------------------ */
 
-int sandbox_pattern_check(const char *p, size_t plen, size_t n, int global, char *err,
-                          size_t errlen)
+/* Where the single-byte item at p ends, as Lua's matcher reads it: '.', %x, a
+ * [set] or a literal byte. NULL when the pattern is malformed there; the
+ * matcher raises its own error the first time it gets there. */
+static const char *item_end(const char *p, const char *end)
+{
+    char c = *p++;
+    if (c == '%')
+        return p < end ? p + 1 : NULL;
+    if (c == '[') {
+        if (p < end && *p == '^')
+            p++;
+        do { /* a ']' first in a set is literal; %x escapes */
+            if (p >= end)
+                return NULL;
+            if (*p++ == '%' && p < end)
+                p++;
+        } while (p >= end || *p != ']');
+        return p + 1;
+    }
+    return p;
+}
+
+/* Whether byte c is in class %cl (%a, %d, ...; upper case is the complement;
+ * any other character stands for itself), as in Lua's lstrlib. */
+static int class_matches(int c, int cl)
+{
+    int res;
+    switch (tolower(cl)) {
+    case 'a':
+        res = isalpha(c);
+        break;
+    case 'c':
+        res = iscntrl(c);
+        break;
+    case 'd':
+        res = isdigit(c);
+        break;
+    case 'g':
+        res = isgraph(c);
+        break;
+    case 'l':
+        res = islower(c);
+        break;
+    case 'p':
+        res = ispunct(c);
+        break;
+    case 's':
+        res = isspace(c);
+        break;
+    case 'u':
+        res = isupper(c);
+        break;
+    case 'w':
+        res = isalnum(c);
+        break;
+    case 'x':
+        res = isxdigit(c);
+        break;
+    case 'z': /* Lua's deprecated class of the NUL byte */
+        res = c == 0;
+        break;
+    default:
+        return cl == c;
+    }
+    return isupper(cl) ? !res : res != 0;
+}
+
+/* Whether byte c is in the set from p ('[') to ec (its ']'). */
+static int set_matches(int c, const char *p, const char *ec)
+{
+    int in = 1;
+    if (p[1] == '^') {
+        in = 0;
+        p++;
+    }
+    while (++p < ec) {
+        if (*p == '%') {
+            p++;
+            if (class_matches(c, (unsigned char)*p))
+                return in;
+        } else if (p[1] == '-' && p + 2 < ec) {
+            p += 2;
+            if ((unsigned char)p[-2] <= c && c <= (unsigned char)*p)
+                return in;
+        } else if ((unsigned char)*p == c) {
+            return in;
+        }
+    }
+    return !in;
+}
+
+/* Whether byte c matches the single-byte item from p to ep. */
+static int item_matches(int c, const char *p, const char *ep)
+{
+    switch (*p) {
+    case '.':
+        return 1;
+    case '%':
+        return class_matches(c, (unsigned char)p[1]);
+    case '[':
+        return set_matches(c, p, ep - 1);
+    default:
+        return (unsigned char)*p == c;
+    }
+}
+
+/* What a part of a pattern multiplies its cost by: the places an unanchored
+ * match gets past its first item (t[0]), or the tries a backtracking item
+ * takes at one place. The item from p to ep (NULL: '.' and the rest, which may
+ * take the whole subject) is measured on the subject when the bound needs it. */
+struct tries {
+    const char *p, *ep;
+    int places;   /* counts the bytes the item matches, not its longest run */
+    double count; /* n + 1 until measured */
+};
+
+/* The steps a match may take: `fails` places where it ends at once, and the
+ * product of the parts' tries. */
+static double pattern_cost(const struct tries *t, int nt, double fails)
+{
+    double cost = 1;
+    for (int k = 0; k < nt; k++)
+        cost *= t[k].count;
+    return fails + cost;
+}
+
+static void measure(struct tries *t, const char *s, size_t n)
+{
+    unsigned char in[256];
+    for (int c = 0; c < 256; c++)
+        in[c] = (unsigned char)item_matches(c, t->p, t->ep);
+    size_t best = 0, run = 0, places = 0;
+    for (size_t i = 0; i < n; i++) {
+        run = in[(unsigned char)s[i]] ? run + 1 : 0;
+        places += run > 0;
+        best = run > best ? run : best;
+    }
+    t->count = t->places ? (double)places : (double)best + 1;
+}
+
+int sandbox_pattern_check(const char *p, size_t plen, const char *s, size_t n, int global,
+                          char *err, size_t errlen)
 {
     if (plen > PATTERN_MAX_LEN) {
         str_printf(err, errlen, "pattern longer than %d bytes", PATTERN_MAX_LEN);
         return -1;
     }
-    int quantifiers = 0;
-    size_t i = 0;
+    struct tries t[PATTERN_MAX_LEN / 2 + 1]; /* an item takes two bytes at least */
+    const char *end = p + plen;
     int anchored = !global && plen > 0 && p[0] == '^';
-    if (anchored)
-        i = 1;
-    while (i < plen) {
-        char c = p[i++];
-        if (c == '%' && i < plen) {
-            char k = p[i++];
-            if (k == 'b') {
-                /* %bxy scans ahead for the balance: as costly as a quantifier */
-                i += 2;
-                quantifiers++;
-                continue;
-            }
-            if (k >= '1' && k <= '9') {
-                /* a back-reference compares up to the whole capture at every
-                 * place it is tried: as costly as a quantifier */
-                quantifiers++;
-                continue;
-            }
-            if (k == 'f') {
-                /* %f[set]: a frontier, no quantifier applies */
-                if (i < plen && p[i] == '[') {
-                    i++;
-                    if (i < plen && p[i] == '^')
-                        i++;
-                    if (i < plen) /* a ']' first in a set is literal; %x escapes */
-                        i += (p[i] == '%') ? 2 : 1;
-                    while (i < plen && p[i] != ']')
-                        i += (p[i] == '%') ? 2 : 1;
-                    i++;
-                }
-                continue;
-            }
-        } else if (c == '[') {
-            if (i < plen && p[i] == '^')
-                i++;
-            if (i < plen) /* a ']' first in a set is literal; %x escapes */
-                i += (p[i] == '%') ? 2 : 1;
-            while (i < plen && p[i] != ']')
-                i += (p[i] == '%') ? 2 : 1;
-            i++;
-        } else if (c == '(' || c == ')') {
+    double whole = (double)n + 1;
+    t[0] = (struct tries){NULL, NULL, 1, anchored ? 1 : whole};
+    int nt = 1, first = !anchored;
+    for (const char *q = anchored ? p + 1 : p; q < end;) {
+        if (*q == '(' || *q == ')') {
+            q++;
             continue;
         }
-        /* '?' backtracks too: k optional items try 2^k combinations */
-        if (i < plen && (p[i] == '*' || p[i] == '+' || p[i] == '-' || p[i] == '?')) {
-            quantifiers++;
-            i++;
+        int at_first = first;
+        first = 0;
+        if (*q == '$' && q + 1 == end) {
+            q++;
+        } else if (*q == '%' && q + 1 < end && q[1] == 'b') {
+            /* %bxy scans ahead for the balance */
+            if (end - q < 4)
+                break;
+            t[nt++] = (struct tries){NULL, NULL, 0, whole};
+            q += 4;
+        } else if (*q == '%' && q + 1 < end && isdigit((unsigned char)q[1])) {
+            /* a back-reference compares up to the whole capture */
+            t[nt++] = (struct tries){NULL, NULL, 0, whole};
+            q += 2;
+        } else if (*q == '%' && q + 1 < end && q[1] == 'f') {
+            /* %f[set]: a frontier, tried once */
+            if (q + 2 >= end || q[2] != '[' || !(q = item_end(q + 2, end)))
+                break;
+        } else {
+            const char *ep = item_end(q, end);
+            if (!ep)
+                break;
+            if (ep < end && *ep == '?') {
+                t[nt++] = (struct tries){NULL, NULL, 0, 2};
+                ep++;
+            } else if (ep < end && (*ep == '*' || *ep == '+' || *ep == '-')) {
+                t[nt++] = (struct tries){*q == '.' ? NULL : q, ep, 0, whole};
+                ep++;
+            } else if (at_first && *q != '.') {
+                /* from a place this item fails, the match ends at once */
+                t[0].p = q;
+                t[0].ep = ep;
+            }
+            q = ep;
         }
     }
-    int exponent = quantifiers + (anchored ? 0 : 1);
-    double cost = 1;
-    for (int k = 0; k < exponent; k++)
-        cost *= (double)(n + 1);
-    if (cost > PATTERN_COST_MAX) {
-        str_printf(err, errlen,
-                   "pattern too complex for a %zu-byte subject (%d backtracking quantifiers%s)", n,
-                   quantifiers, anchored ? "" : ", unanchored");
-        return -1;
+    size_t scanned = 0;
+    for (int k = 0; pattern_cost(t, nt, anchored ? 0 : whole) > PATTERN_COST_MAX; k++) {
+        while (k < nt && !t[k].p)
+            k++;
+        if (k == nt || n > PATTERN_SCAN_MAX - scanned) {
+            str_printf(err, errlen,
+                       "pattern too complex for a %zu-byte subject (%d backtracking items%s)", n,
+                       nt - 1, anchored ? "" : ", unanchored");
+            return -1;
+        }
+        measure(&t[k], s, n);
+        scanned += n;
     }
     return 0;
 }
@@ -462,7 +612,6 @@ static int sb_pattern_fn(lua_State *L)
     size_t n, plen;
     const char *s = luaL_checklstring(L, 1, &n);
     const char *p = luaL_checklstring(L, 2, &plen);
-    (void)s;
     int global = lua_toboolean(L, lua_upvalueindex(2));
     /* string.find(s, p, init, plain): a plain search compares the needle at
      * every place it could start */
@@ -472,7 +621,7 @@ static int sb_pattern_fn(lua_State *L)
                           (lua_Integer)plen, (lua_Integer)n);
     if (!plain) {
         char err[200];
-        if (sandbox_pattern_check(p, plen, n, global, err, sizeof err) != 0)
+        if (sandbox_pattern_check(p, plen, s, n, global, err, sizeof err) != 0)
             return luaL_error(L, "%s", err);
     }
     return call_original(L, LUA_MULTRET);

@@ -91,9 +91,10 @@ size_t sandbox_memory(const sandbox *sb);
  * their globals may be inconsistent, so the owner should rebuild it. */
 int sandbox_damaged(const sandbox *sb);
 
-/* Pattern guard, exposed for tests: 0 when matching `pattern` against a subject of
- * `subject_len` bytes is within the complexity bound, else -1 with a reason. */
-int sandbox_pattern_check(const char *pattern, size_t plen, size_t subject_len, int global,
-                          char *err, size_t errlen);
+/* Pattern guard, exposed for tests: 0 when matching `pattern` against `subject`
+ * is within the complexity bound, else -1 with a reason. global: the pattern is
+ * tried from every place (gmatch, gsub), '^' included. */
+int sandbox_pattern_check(const char *pattern, size_t plen, const char *subject, size_t subject_len,
+                          int global, char *err, size_t errlen);
 
 #endif

@@ -18,6 +18,8 @@
 #include "sandbox.h"
 
 #include <errno.h>
+#include <lauxlib.h>
+#include <lualib.h>
 #include <limits.h>
 #include <poll.h>
 #include <signal.h>
@@ -283,6 +285,9 @@ static const char *probe(const char *expr)
              expr);
     rule("50-probe.lua", src);
     build();
+    mapping_free(&F.m); /* what an earlier probe of the test mapped */
+    mapping_init(&F.m);
+    F.m.keep_outcomes = 1;
     ck_assert_int_eq(map(ENVELOPE(EV("p-1")), INPUT_ENVELOPE), 0);
     ck_assert_uint_eq(F.m.noutcomes, 1);
     const struct outcome *o = &F.m.outcomes[0];
@@ -2083,24 +2088,110 @@ START_TEST(test_pathological_pattern_is_refused_as_a_string_method)
 }
 END_TEST
 
+/* n bytes of c, for the pattern guard's subjects (at most 100,000). */
+static const char *bytes_of(int c, size_t n)
+{
+    static char subject[100000];
+    ck_assert_uint_le(n, sizeof subject);
+    memset(subject, c, n);
+    return subject;
+}
+
+static int pattern_check(const char *pattern, int c, size_t n, int global, char *err, size_t errlen)
+{
+    return sandbox_pattern_check(pattern, strlen(pattern), bytes_of(c, n), n, global, err, errlen);
+}
+
 START_TEST(test_pattern_check_allows_short_plain_patterns)
 {
     char err[200] = "";
-    ck_assert_int_eq(sandbox_pattern_check("abc", 3, 100000, 0, err, sizeof err), 0);
-    ck_assert_int_eq(sandbox_pattern_check("^users%.messages%.", 18, 100000, 0, err, sizeof err),
-                     0);
-    ck_assert_int_eq(sandbox_pattern_check("%d+", 3, 1000, 1, err, sizeof err), 0);
+    ck_assert_int_eq(pattern_check("abc", 'a', 100000, 0, err, sizeof err), 0);
+    ck_assert_int_eq(pattern_check("^users%.messages%.", 'u', 100000, 0, err, sizeof err), 0);
+    ck_assert_int_eq(pattern_check("%d+", '7', 1000, 1, err, sizeof err), 0);
 }
 END_TEST
 
 START_TEST(test_pattern_check_refuses_many_quantifiers_on_long_subjects)
 {
     char err[200] = "";
-    ck_assert_int_eq(sandbox_pattern_check("a*a*a*a*b", 9, 20000, 0, err, sizeof err), -1);
+    ck_assert_int_eq(pattern_check("a*a*a*a*b", 'a', 20000, 0, err, sizeof err), -1);
     ck_assert_msg(contains(err, "too complex"), "err: %s", err);
-    /* at the bound: (n + 1)^3 of 10^9 steps is let through, one byte more is not */
-    ck_assert_int_eq(sandbox_pattern_check("^%s*(.-)%s*$", 12, 999, 0, err, sizeof err), 0);
-    ck_assert_int_eq(sandbox_pattern_check("^%s*(.-)%s*$", 12, 1000, 0, err, sizeof err), -1);
+    /* at the bound: (n + 1)^3 of 10^8 steps is let through, one byte more is not */
+    ck_assert_int_eq(pattern_check("^%s*(.-)%s*$", ' ', 463, 0, err, sizeof err), 0);
+    ck_assert_int_eq(pattern_check("^%s*(.-)%s*$", ' ', 464, 0, err, sizeof err), -1);
+}
+END_TEST
+
+/* Each quantified item may only take as many tries as the longest run of
+ * subject bytes it matches: the same patterns on text they hardly match cost
+ * n steps, whatever its length. */
+START_TEST(test_pattern_check_bounds_each_item_by_its_runs_in_the_subject)
+{
+    char err[200] = "";
+    ck_assert_int_eq(pattern_check("a*a*a*a*b", 'x', 100000, 0, err, sizeof err), 0);
+    ck_assert_int_eq(pattern_check("^%s*(.-)%s*$", 'x', 100000, 0, err, sizeof err), 0);
+    ck_assert_int_eq(pattern_check("%s+", 'x', 100000, 1, err, sizeof err), 0);
+    ck_assert_int_eq(pattern_check("([^,]*),([^,]*)", ',', 100000, 0, err, sizeof err), 0);
+    /* words with single spaces: runs of one space, of four letters */
+    char text[100000];
+    for (size_t i = 0; i < sizeof text; i++)
+        text[i] = i % 5 == 4 ? ' ' : "word"[i % 5];
+    const char *trim = "^%s*(.-)%s*$", *words = "(%a+)%s+(%a+)%s+(%a+)";
+    ck_assert_int_eq(
+        sandbox_pattern_check(trim, strlen(trim), text, sizeof text, 0, err, sizeof err), 0);
+    ck_assert_int_eq(
+        sandbox_pattern_check(words, strlen(words), text, sizeof text, 1, err, sizeof err), 0);
+    /* unanchored, a match goes on only from the places its first item matches */
+    ck_assert_int_eq(pattern_check("id=(.-);", 'x', 100000, 0, err, sizeof err), 0);
+    ck_assert_int_eq(pattern_check("i(.-)(.-);", 'x', 100000, 0, err, sizeof err), 0);
+    ck_assert_int_eq(pattern_check("i(.-)(.-);", 'i', 1000, 0, err, sizeof err), -1);
+    /* what matches anything is bounded by the whole subject, whatever it holds */
+    ck_assert_int_eq(pattern_check("(.-)x(.-)y", 'q', 2000, 0, err, sizeof err), -1);
+    ck_assert_int_eq(pattern_check("^(.*)(.*)(.*)$", 'q', 1000, 0, err, sizeof err), -1);
+}
+END_TEST
+
+/* Which bytes an item matches decides its runs: for every byte, the guard
+ * must see a run where Lua's own matcher finds a match, for every kind of
+ * item (classes, their complements, escapes, sets with ranges, classes and a
+ * leading ']' or '^'). A class read as matching less than Lua's would let a
+ * costly pattern through. */
+START_TEST(test_pattern_check_reads_items_as_lua_matches_them)
+{
+    static const char *const items[] = {
+        ".",     "a",      "%a",     "%A",     "%c",     "%C",          "%d",    "%D",
+        "%g",    "%G",     "%l",     "%L",     "%p",     "%P",          "%s",    "%S",
+        "%u",    "%U",     "%w",     "%W",     "%x",     "%X",          "%%",    "%.",
+        "%]",    "%z",     "[abc]",  "[^abc]", "[a-f]",  "[^a-f%d]",    "[%a_]", "[]]",
+        "[^]]",  "[%]x]",  "[a-]",   "[-a]",   "[%w%-]", "[\x80-\xff]", "[z-a]", "[%^]",
+        "[^%s]", "[%%a-]", "[a%-z]", "[.]",    "[%.]",   "[^-]",        "$",
+    };
+    lua_State *L = luaL_newstate();
+    ck_assert_ptr_nonnull(L);
+    luaL_openlibs(L);
+    char err[200];
+    for (size_t i = 0; i < ARRAY_LEN(items); i++) {
+        char pattern[64], anchored[64];
+        /* 3 quantifiers: (n + 1)^4 over the bound when the item matches a
+         * 1,000-byte run, n + 1 when it matches none */
+        snprintf(pattern, sizeof pattern, "%s*%s*%s*", items[i], items[i], items[i]);
+        snprintf(anchored, sizeof anchored, "^%s$", items[i]);
+        for (int c = 0; c < 256; c++) {
+            char one = (char)c;
+            lua_getglobal(L, "string");
+            lua_getfield(L, -1, "find");
+            lua_pushlstring(L, &one, 1);
+            lua_pushstring(L, anchored);
+            ck_assert_int_eq(lua_pcall(L, 2, 1, 0), LUA_OK);
+            int lua_match = !lua_isnil(L, -1);
+            lua_pop(L, 2);
+            int refused = pattern_check(pattern, c, 1000, 0, err, sizeof err) != 0;
+            ck_assert_msg(refused == lua_match, "item %s, byte %d: Lua %s, guard %s", items[i], c,
+                          lua_match ? "matches" : "does not match",
+                          refused ? "sees a run" : "sees none");
+        }
+    }
+    lua_close(L);
 }
 END_TEST
 
@@ -2109,15 +2200,25 @@ END_TEST
 START_TEST(test_pattern_check_sees_past_escaped_sets_and_counts_back_references)
 {
     char err[200] = "";
-    const char *hidden = "[%%].-.-.-.-.-.-]";
-    ck_assert_int_eq(sandbox_pattern_check(hidden, strlen(hidden), 400, 0, err, sizeof err), -1);
-    const char *frontier = "%f[%%].-.-.-.-.-.-]";
-    ck_assert_int_eq(sandbox_pattern_check(frontier, strlen(frontier), 400, 0, err, sizeof err),
-                     -1);
-    ck_assert_int_eq(sandbox_pattern_check("(.-)%1b", 7, 30000, 0, err, sizeof err), -1);
+    ck_assert_int_eq(pattern_check("[%%].-.-.-.-.-.-]", '%', 400, 0, err, sizeof err), -1);
+    ck_assert_int_eq(pattern_check("%f[%%].-.-.-.-.-.-]", 'a', 400, 0, err, sizeof err), -1);
+    ck_assert_int_eq(pattern_check("(.-)%1b", 'a', 30000, 0, err, sizeof err), -1);
     /* still allowed: a set with an escape, a back-reference on a short subject */
-    ck_assert_int_eq(sandbox_pattern_check("[%%%]]+", 7, 1000, 1, err, sizeof err), 0);
-    ck_assert_int_eq(sandbox_pattern_check("^(%a)%1", 7, 100000, 0, err, sizeof err), 0);
+    ck_assert_int_eq(pattern_check("[%%%]]+", '%', 1000, 1, err, sizeof err), 0);
+    ck_assert_int_eq(pattern_check("^(%a)%1", 'a', 100000, 0, err, sizeof err), 0);
+}
+END_TEST
+
+/* A rule that trims a long text, or collapses its spaces, gets its answer:
+ * these patterns were refused on text of 1,000 bytes or more (a rule_error
+ * dead letter), although they cost a step per byte on it. */
+START_TEST(test_rules_trim_long_text)
+{
+    ck_assert_str_eq(probe("#((\" x\"):rep(5000) .. \"  \"):match(\"^%s*(.-)%s*$\")"), "9999");
+    ck_assert_str_eq(probe("#select(1, (\"a  b \"):rep(20000):gsub(\"%s+\", \" \"))"), "80000");
+    /* on as many spaces the same pattern may backtrack (n + 1)^3 times */
+    ck_assert_msg(contains(probe("(\" \"):rep(5000):match(\"^%s*(.-)%s*$\")"), "too complex"),
+                  "a trim of 5,000 spaces was not refused");
 }
 END_TEST
 
@@ -2127,7 +2228,7 @@ START_TEST(test_pattern_check_refuses_overlong_patterns)
     memset(p, 'a', sizeof p - 1);
     p[sizeof p - 1] = '\0';
     char err[200] = "";
-    ck_assert_int_eq(sandbox_pattern_check(p, strlen(p), 10, 0, err, sizeof err), -1);
+    ck_assert_int_eq(sandbox_pattern_check(p, strlen(p), "abc", 3, 0, err, sizeof err), -1);
 }
 END_TEST
 
@@ -2522,6 +2623,9 @@ static Suite *suite(void)
     tcase_add_test(tc, test_pattern_check_refuses_many_quantifiers_on_long_subjects);
     tcase_add_test(tc, test_pattern_check_refuses_overlong_patterns);
     tcase_add_test(tc, test_pattern_check_sees_past_escaped_sets_and_counts_back_references);
+    tcase_add_test(tc, test_pattern_check_bounds_each_item_by_its_runs_in_the_subject);
+    tcase_add_test(tc, test_pattern_check_reads_items_as_lua_matches_them);
+    tcase_add_test(tc, test_rules_trim_long_text);
 
     tc = tcase(s, "uninterruptible_c_functions");
     tcase_add_test(tc, test_pattern_starting_with_a_nul_byte_is_still_checked);
