@@ -19,21 +19,23 @@
 /* Pattern matching runs in C where the hook cannot interrupt it, and Lua's
  * matcher backtracks: an item quantified with *, + or - is tried with each
  * length of the run of subject bytes it matches from where it stands, one with
- * ? twice, and the rest of the pattern is matched again after each try; %b and
- * a back-reference compare up to the whole subject. So a call costs at most the
- * product, over those items, of the longest run in the subject of bytes the
- * item matches, plus one (2 for ?, n + 1 for %b and back-references), times the
- * places it starts from: n + 1 when the pattern is not anchored, of which only
- * those where an unquantified first item matches go further. Calls whose bound
- * exceeds PATTERN_COST_MAX are refused (a step takes 5 - 15 ns: a second or two
- * at most); what a call took is charged afterwards (see timed). The runs make
- * the bound follow the subject: the common trim, ^%s*(.-)%s*$, is bounded by n
+ * ? twice, and the rest of the pattern (up to its whole length) is walked again
+ * after each try; %b and a back-reference compare up to the whole subject. So
+ * a call costs at most: the pattern's length, times the product over those
+ * items of the longest run in the subject of bytes the item matches, plus one
+ * (2 for ?, n + 1 for %b and back-references), times the places it starts
+ * from. Anchored with ^, that is one; otherwise n + 1, of which only those
+ * where an unquantified first item matches go further. gsub adds its
+ * replacement's length for each place. Calls whose bound exceeds
+ * PATTERN_COST_MAX are refused (a step takes 1 - 2 ns: a second or two at
+ * most); what a call took is charged afterwards (see timed). The runs make the
+ * bound follow the subject: the common trim, ^%s*(.-)%s*$, is bounded by 12 n
  * steps on text without long runs of spaces, whatever its length, and by
- * (n + 1)^3 on n spaces, refused from 464 of them. A run is measured only while
- * the bound from the subject's length alone is too high, over at most
+ * 12 (n + 1)^3 on n spaces, refused from 436 of them. A run is measured only
+ * while the bound from the subject's length alone is too high, over at most
  * PATTERN_SCAN_MAX bytes of subject per call. */
 #define PATTERN_MAX_LEN 512
-#define PATTERN_COST_MAX 1e8
+#define PATTERN_COST_MAX 1e9
 #define PATTERN_SCAN_MAX (64 * 1024 * 1024)
 
 /* os.date works through its format in C, one conversion at a time. */
@@ -500,71 +502,76 @@ static int item_matches(int c, const char *p, const char *ep)
     }
 }
 
-/* What a part of a pattern multiplies its cost by: the places an unanchored
- * match gets past its first item (t[0]), or the tries a backtracking item
- * takes at one place. The item from p to ep (NULL: '.' and the rest, which may
- * take the whole subject) is measured on the subject when the bound needs it. */
-struct tries {
+/* A backtracking item and the tries it may take at one place: n + 1 until the
+ * run of the item from p to ep is measured (p is NULL for those that may take
+ * the whole subject whatever it holds: '.', %b, back-references). */
+struct backtrack {
     const char *p, *ep;
-    int places;   /* counts the bytes the item matches, not its longest run */
-    double count; /* n + 1 until measured */
+    double tries;
 };
 
-/* The steps a match may take: `fails` places where it ends at once, and the
- * product of the parts' tries. */
-static double pattern_cost(const struct tries *t, int nt, double fails)
-{
-    double cost = 1;
-    for (int k = 0; k < nt; k++)
-        cost *= t[k].count;
-    return fails + cost;
-}
-
-static void measure(struct tries *t, const char *s, size_t n)
+/* Scans s for the bytes that match the item from p to ep: returns how many
+ * there are, and their longest run in *longest. */
+static size_t matching_bytes(const char *p, const char *ep, const char *s, size_t n,
+                             size_t *longest)
 {
     unsigned char in[256];
     for (int c = 0; c < 256; c++)
-        in[c] = (unsigned char)item_matches(c, t->p, t->ep);
-    size_t best = 0, run = 0, places = 0;
+        in[c] = (unsigned char)item_matches(c, p, ep);
+    size_t count = 0, run = 0;
+    *longest = 0;
     for (size_t i = 0; i < n; i++) {
         run = in[(unsigned char)s[i]] ? run + 1 : 0;
-        places += run > 0;
-        best = run > best ? run : best;
+        count += run > 0;
+        *longest = run > *longest ? run : *longest;
     }
-    t->count = t->places ? (double)places : (double)best + 1;
+    return count;
 }
 
-int sandbox_pattern_check(const char *p, size_t plen, const char *s, size_t n, int global,
-                          char *err, size_t errlen)
+/* The bound of the call (see PATTERN_COST_MAX): `fails` places where the match
+ * ends at once, and `places` where it may go on, each with its tries, a walk
+ * of the pattern for each, and `per_place` more (gsub's replacement). */
+static double pattern_cost(const struct backtrack *b, int nb, double fails, double places,
+                           double walk, double per_place)
+{
+    double tries = 1;
+    for (int k = 0; k < nb; k++)
+        tries *= b[k].tries;
+    return fails + places * (tries * walk + per_place);
+}
+
+int sandbox_pattern_check(const char *p, size_t plen, const char *s, size_t n, int gmatch,
+                          size_t replacement, char *err, size_t errlen)
 {
     if (plen > PATTERN_MAX_LEN) {
         str_printf(err, errlen, "pattern longer than %d bytes", PATTERN_MAX_LEN);
         return -1;
     }
-    struct tries t[PATTERN_MAX_LEN / 2 + 1]; /* an item takes two bytes at least */
+    struct backtrack b[PATTERN_MAX_LEN / 2]; /* an item takes two bytes at least */
+    int nb = 0;
     const char *end = p + plen;
-    int anchored = !global && plen > 0 && p[0] == '^';
+    int anchored = !gmatch && plen > 0 && p[0] == '^';
     double whole = (double)n + 1;
-    t[0] = (struct tries){NULL, NULL, 1, anchored ? 1 : whole};
-    int nt = 1, first = !anchored;
+    const char *first = NULL, *first_end = NULL; /* an unquantified first item */
+    int at_first = !anchored;
     for (const char *q = anchored ? p + 1 : p; q < end;) {
         if (*q == '(' || *q == ')') {
             q++;
             continue;
         }
-        int at_first = first;
-        first = 0;
+        int is_first = at_first;
+        at_first = 0;
         if (*q == '$' && q + 1 == end) {
             q++;
         } else if (*q == '%' && q + 1 < end && q[1] == 'b') {
             /* %bxy scans ahead for the balance */
             if (end - q < 4)
                 break;
-            t[nt++] = (struct tries){NULL, NULL, 0, whole};
+            b[nb++] = (struct backtrack){NULL, NULL, whole};
             q += 4;
         } else if (*q == '%' && q + 1 < end && isdigit((unsigned char)q[1])) {
             /* a back-reference compares up to the whole capture */
-            t[nt++] = (struct tries){NULL, NULL, 0, whole};
+            b[nb++] = (struct backtrack){NULL, NULL, whole};
             q += 2;
         } else if (*q == '%' && q + 1 < end && q[1] == 'f') {
             /* %f[set]: a frontier, tried once */
@@ -575,53 +582,71 @@ int sandbox_pattern_check(const char *p, size_t plen, const char *s, size_t n, i
             if (!ep)
                 break;
             if (ep < end && *ep == '?') {
-                t[nt++] = (struct tries){NULL, NULL, 0, 2};
+                b[nb++] = (struct backtrack){NULL, NULL, 2};
                 ep++;
             } else if (ep < end && (*ep == '*' || *ep == '+' || *ep == '-')) {
-                t[nt++] = (struct tries){*q == '.' ? NULL : q, ep, 0, whole};
+                b[nb++] = (struct backtrack){*q == '.' ? NULL : q, ep, whole};
                 ep++;
-            } else if (at_first && *q != '.') {
+            } else if (is_first && *q != '.') {
                 /* from a place this item fails, the match ends at once */
-                t[0].p = q;
-                t[0].ep = ep;
+                first = q;
+                first_end = ep;
             }
             q = ep;
         }
     }
-    size_t scanned = 0;
-    for (int k = 0; pattern_cost(t, nt, anchored ? 0 : whole) > PATTERN_COST_MAX; k++) {
-        while (k < nt && !t[k].p)
+    double fails = anchored ? 0 : whole, places = anchored ? 1 : whole;
+    double walk = plen > 0 ? (double)plen : 1;
+    size_t scanned = 0, longest;
+    for (int k = 0;
+         pattern_cost(b, nb, fails, places, walk, (double)replacement) > PATTERN_COST_MAX;) {
+        if (first && n <= PATTERN_SCAN_MAX - scanned) {
+            places = (double)matching_bytes(first, first_end, s, n, &longest);
+            first = NULL;
+            scanned += n;
+            continue;
+        }
+        while (k < nb && !b[k].p)
             k++;
-        if (k == nt || n > PATTERN_SCAN_MAX - scanned) {
+        if (k == nb || n > PATTERN_SCAN_MAX - scanned) {
+            char with[64] = "";
+            if (replacement)
+                str_printf(with, sizeof with, " and a %zu-byte replacement", replacement);
             str_printf(err, errlen,
-                       "pattern too complex for a %zu-byte subject (%d backtracking items%s)", n,
-                       nt - 1, anchored ? "" : ", unanchored");
+                       "pattern too complex for a %zu-byte subject%s (%d backtracking items%s)", n,
+                       with, nb, anchored ? "" : ", unanchored");
             return -1;
         }
-        measure(&t[k], s, n);
+        (void)matching_bytes(b[k].p, b[k].ep, s, n, &longest);
+        b[k].tries = (double)longest + 1;
         scanned += n;
+        k++;
     }
     return 0;
 }
 
 /* Wraps string.find/match/gmatch/gsub: checks the bound, then calls the original
- * (upvalue 1). Upvalue 2 says whether the function iterates over the subject,
- * upvalue 3 whether it is find, whose fourth argument asks for a plain search. */
+ * (upvalue 1). Upvalue 2 is the function's name: gmatch reads a leading '^' as
+ * itself, find's fourth argument asks for a plain search, and gsub's third may
+ * be a replacement text, walked for each match. */
 static int sb_pattern_fn(lua_State *L)
 {
-    size_t n, plen;
+    size_t n, plen, replacement = 0;
     const char *s = luaL_checklstring(L, 1, &n);
     const char *p = luaL_checklstring(L, 2, &plen);
-    int global = lua_toboolean(L, lua_upvalueindex(2));
+    const char *name = lua_tostring(L, lua_upvalueindex(2));
     /* string.find(s, p, init, plain): a plain search compares the needle at
      * every place it could start */
-    int plain = lua_toboolean(L, lua_upvalueindex(3)) && lua_toboolean(L, 4);
+    int plain = strcmp(name, "find") == 0 && lua_toboolean(L, 4);
     if (plain && (double)n * (double)plen > PATTERN_COST_MAX)
         return luaL_error(L, "plain search of a %I-byte needle in a %I-byte subject is too large",
                           (lua_Integer)plen, (lua_Integer)n);
+    if (strcmp(name, "gsub") == 0 && lua_type(L, 3) == LUA_TSTRING)
+        lua_tolstring(L, 3, &replacement);
     if (!plain) {
         char err[200];
-        if (sandbox_pattern_check(p, plen, s, n, global, err, sizeof err) != 0)
+        if (sandbox_pattern_check(p, plen, s, n, strcmp(name, "gmatch") == 0, replacement, err,
+                                  sizeof err) != 0)
             return luaL_error(L, "%s", err);
     }
     return call_original(L, LUA_MULTRET);
@@ -825,13 +850,12 @@ static void copy_lib(lua_State *L, const char *lib, const char *const *names, co
     lua_remove(L, -2); /* copy */
 }
 
-static void guard_pattern(lua_State *L, const char *name, int global)
+static void guard_pattern(lua_State *L, const char *name)
 {
     /* string-copy */
     lua_getfield(L, -1, name);
-    lua_pushboolean(L, global);
-    lua_pushboolean(L, strcmp(name, "find") == 0);
-    lua_pushcclosure(L, sb_pattern_fn, 3);
+    lua_pushstring(L, name);
+    lua_pushcclosure(L, sb_pattern_fn, 2);
     lua_setfield(L, -2, name);
 }
 
@@ -877,10 +901,10 @@ static int build_env(lua_State *L)
     lua_remove(L, -2);
     int lib_mt = lua_gettop(L);
     copy_lib(L, LUA_STRLIBNAME, NULL, "dump"); /* base lib-mt string */
-    guard_pattern(L, "find", 0);
-    guard_pattern(L, "match", 0);
-    guard_pattern(L, "gmatch", 1);
-    guard_pattern(L, "gsub", 1);
+    guard_pattern(L, "find");
+    guard_pattern(L, "match");
+    guard_pattern(L, "gmatch");
+    guard_pattern(L, "gsub");
     wrap(L, "rep", sb_rep);
     time_lib(L);
     sandbox_readonly(L); /* base lib-mt string-ro */

@@ -92,9 +92,10 @@ size_t sandbox_memory(const sandbox *sb);
 int sandbox_damaged(const sandbox *sb);
 
 /* Pattern guard, exposed for tests: 0 when matching `pattern` against `subject`
- * is within the complexity bound, else -1 with a reason. global: the pattern is
- * tried from every place (gmatch, gsub), '^' included. */
+ * is within the complexity bound, else -1 with a reason. gmatch: a leading '^'
+ * is the byte itself, not an anchor; replacement: the length of gsub's
+ * replacement text (0 otherwise). */
 int sandbox_pattern_check(const char *pattern, size_t plen, const char *subject, size_t subject_len,
-                          int global, char *err, size_t errlen);
+                          int gmatch, size_t replacement, char *err, size_t errlen);
 
 #endif

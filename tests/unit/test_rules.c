@@ -283,11 +283,11 @@ static const char *probe(const char *expr)
     char src[1024];
     snprintf(src, sizeof src, "return function(event, out)\n  return false, tostring(%s)\nend\n",
              expr);
-    rule("50-probe.lua", src);
-    build();
-    mapping_free(&F.m); /* what an earlier probe of the test mapped */
+    release(); /* what an earlier probe of the test built and mapped */
     mapping_init(&F.m);
     F.m.keep_outcomes = 1;
+    rule("50-probe.lua", src);
+    build();
     ck_assert_int_eq(map(ENVELOPE(EV("p-1")), INPUT_ENVELOPE), 0);
     ck_assert_uint_eq(F.m.noutcomes, 1);
     const struct outcome *o = &F.m.outcomes[0];
@@ -2097,9 +2097,11 @@ static const char *bytes_of(int c, size_t n)
     return subject;
 }
 
-static int pattern_check(const char *pattern, int c, size_t n, int global, char *err, size_t errlen)
+/* The guard on n bytes of c; gmatch: as gmatch sees the pattern. */
+static int pattern_check(const char *pattern, int c, size_t n, int gmatch, char *err, size_t errlen)
 {
-    return sandbox_pattern_check(pattern, strlen(pattern), bytes_of(c, n), n, global, err, errlen);
+    return sandbox_pattern_check(pattern, strlen(pattern), bytes_of(c, n), n, gmatch, 0, err,
+                                 errlen);
 }
 
 START_TEST(test_pattern_check_allows_short_plain_patterns)
@@ -2116,9 +2118,9 @@ START_TEST(test_pattern_check_refuses_many_quantifiers_on_long_subjects)
     char err[200] = "";
     ck_assert_int_eq(pattern_check("a*a*a*a*b", 'a', 20000, 0, err, sizeof err), -1);
     ck_assert_msg(contains(err, "too complex"), "err: %s", err);
-    /* at the bound: (n + 1)^3 of 10^8 steps is let through, one byte more is not */
-    ck_assert_int_eq(pattern_check("^%s*(.-)%s*$", ' ', 463, 0, err, sizeof err), 0);
-    ck_assert_int_eq(pattern_check("^%s*(.-)%s*$", ' ', 464, 0, err, sizeof err), -1);
+    /* at the bound: 12 (n + 1)^3 of 10^9 steps is let through, one byte more is not */
+    ck_assert_int_eq(pattern_check("^%s*(.-)%s*$", ' ', 435, 0, err, sizeof err), 0);
+    ck_assert_int_eq(pattern_check("^%s*(.-)%s*$", ' ', 436, 0, err, sizeof err), -1);
 }
 END_TEST
 
@@ -2133,18 +2135,35 @@ START_TEST(test_pattern_check_bounds_each_item_by_its_runs_in_the_subject)
     ck_assert_int_eq(pattern_check("%s+", 'x', 100000, 1, err, sizeof err), 0);
     ck_assert_int_eq(pattern_check("([^,]*),([^,]*)", ',', 100000, 0, err, sizeof err), 0);
     /* words with single spaces: runs of one space, of four letters */
-    char text[100000];
+    char text[20000];
     for (size_t i = 0; i < sizeof text; i++)
         text[i] = i % 5 == 4 ? ' ' : "word"[i % 5];
     const char *trim = "^%s*(.-)%s*$", *words = "(%a+)%s+(%a+)%s+(%a+)";
     ck_assert_int_eq(
-        sandbox_pattern_check(trim, strlen(trim), text, sizeof text, 0, err, sizeof err), 0);
+        sandbox_pattern_check(trim, strlen(trim), text, sizeof text, 0, 0, err, sizeof err), 0);
     ck_assert_int_eq(
-        sandbox_pattern_check(words, strlen(words), text, sizeof text, 1, err, sizeof err), 0);
+        sandbox_pattern_check(words, strlen(words), text, sizeof text, 1, 0, err, sizeof err), 0);
     /* unanchored, a match goes on only from the places its first item matches */
     ck_assert_int_eq(pattern_check("id=(.-);", 'x', 100000, 0, err, sizeof err), 0);
     ck_assert_int_eq(pattern_check("i(.-)(.-);", 'x', 100000, 0, err, sizeof err), 0);
     ck_assert_int_eq(pattern_check("i(.-)(.-);", 'i', 1000, 0, err, sizeof err), -1);
+    /* each try walks the rest of the pattern: a long tail counts */
+    char tail[600] = ".-";
+    memset(tail + 2, 'a', 500);
+    strcpy(tail + 502, "b");
+    ck_assert_int_eq(pattern_check(tail, 'a', 3000, 0, err, sizeof err), -1);
+    ck_assert_int_eq(pattern_check(tail + 2, 'a', 3000, 0, err, sizeof err), 0);
+    /* a leading '^' anchors find, match and gsub; gmatch reads it as the byte */
+    ck_assert_int_eq(pattern_check("^%s*%s*%s*x", ' ', 3000, 0, err, sizeof err), -1);
+    ck_assert_int_eq(pattern_check("^%s*%s*%s*x", ' ', 3000, 1, err, sizeof err), 0);
+    /* gsub walks its replacement text for each match */
+    const char *empty = "";
+    ck_assert_int_eq(
+        sandbox_pattern_check(empty, 0, bytes_of('x', 20000), 20000, 0, 100000, err, sizeof err),
+        -1);
+    ck_assert_msg(contains(err, "100000-byte replacement"), "err: %s", err);
+    ck_assert_int_eq(
+        sandbox_pattern_check(empty, 0, bytes_of('x', 20000), 20000, 0, 100, err, sizeof err), 0);
     /* what matches anything is bounded by the whole subject, whatever it holds */
     ck_assert_int_eq(pattern_check("(.-)x(.-)y", 'q', 2000, 0, err, sizeof err), -1);
     ck_assert_int_eq(pattern_check("^(.*)(.*)(.*)$", 'q', 1000, 0, err, sizeof err), -1);
@@ -2172,8 +2191,8 @@ START_TEST(test_pattern_check_reads_items_as_lua_matches_them)
     char err[200];
     for (size_t i = 0; i < ARRAY_LEN(items); i++) {
         char pattern[64], anchored[64];
-        /* 3 quantifiers: (n + 1)^4 over the bound when the item matches a
-         * 1,000-byte run, n + 1 when it matches none */
+        /* 3 quantifiers: over (n + 1)^4 steps when the item matches a
+         * 1,000-byte run, about 10 n when it matches none */
         snprintf(pattern, sizeof pattern, "%s*%s*%s*", items[i], items[i], items[i]);
         snprintf(anchored, sizeof anchored, "^%s$", items[i]);
         for (int c = 0; c < 256; c++) {
@@ -2216,6 +2235,12 @@ START_TEST(test_rules_trim_long_text)
 {
     ck_assert_str_eq(probe("#((\" x\"):rep(5000) .. \"  \"):match(\"^%s*(.-)%s*$\")"), "9999");
     ck_assert_str_eq(probe("#select(1, (\"a  b \"):rep(20000):gsub(\"%s+\", \" \"))"), "80000");
+    /* gsub anchors at a leading '^', and walks its replacement for each match */
+    ck_assert_msg(contains(probe("(\" \"):rep(3000):gsub(\"^%s*%s*%s*x\", \"\")"), "too complex"),
+                  "an anchored gsub that may backtrack 3000^3 times was not refused");
+    ck_assert_msg(contains(probe("(\"x\"):rep(20000):gsub(\"\", (\"%0\"):rep(50000))"),
+                           "100000-byte replacement"),
+                  "a replacement walked 20,000 times was not refused");
     /* on as many spaces the same pattern may backtrack (n + 1)^3 times */
     ck_assert_msg(contains(probe("(\" \"):rep(5000):match(\"^%s*(.-)%s*$\")"), "too complex"),
                   "a trim of 5,000 spaces was not refused");
@@ -2228,7 +2253,7 @@ START_TEST(test_pattern_check_refuses_overlong_patterns)
     memset(p, 'a', sizeof p - 1);
     p[sizeof p - 1] = '\0';
     char err[200] = "";
-    ck_assert_int_eq(sandbox_pattern_check(p, strlen(p), "abc", 3, 0, err, sizeof err), -1);
+    ck_assert_int_eq(sandbox_pattern_check(p, strlen(p), "abc", 3, 0, 0, err, sizeof err), -1);
 }
 END_TEST
 
