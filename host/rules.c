@@ -372,6 +372,32 @@ static void set_context(rules *r, lua_State *L, int over)
 
 static int rules_encode(lua_State *L);
 
+/* cjson.decode as rules see it. lua-cjson keeps a copy of the text outside
+ * Lua while it decodes, and a memory error (the rule's memory limit) unwinds
+ * past its free: each such call lost the text's size for good. So a text is
+ * decoded only when the rule has the memory its values can take at most (see
+ * RULES_DECODE_BYTES_PER_BYTE). */
+static int rules_decode(lua_State *L)
+{
+    size_t n = lua_type(L, 1) == LUA_TSTRING ? lua_rawlen(L, 1) : 0;
+    size_t need = n > (SIZE_MAX - RULES_DECODE_BYTES_FIXED) / RULES_DECODE_BYTES_PER_BYTE
+                      ? SIZE_MAX
+                      : n * RULES_DECODE_BYTES_PER_BYTE + RULES_DECODE_BYTES_FIXED;
+    if (sandbox_memory_left(L) < need) {
+        lua_gc(L, LUA_GCCOLLECT); /* garbage counts until it is collected */
+        if (sandbox_memory_left(L) < need)
+            return luaL_error(L,
+                              "cjson.decode: a text of %I bytes may take up to %I bytes "
+                              "decoded, more than the rule has left of rules.memory_mb",
+                              (lua_Integer)n,
+                              (lua_Integer)(need > LUA_MAXINTEGER ? LUA_MAXINTEGER : need));
+    }
+    lua_pushvalue(L, lua_upvalueindex(1));
+    lua_insert(L, 1);
+    lua_call(L, lua_gettop(L) - 1, LUA_MULTRET);
+    return lua_gettop(L);
+}
+
 /* Runs inside lua_pcall: opens cjson and builds the `tributary` global. */
 static int setup_state(lua_State *L)
 {
@@ -402,6 +428,7 @@ static int setup_state(lua_State *L)
     sandbox_timed(L);
     lua_setfield(L, -2, "encode");
     lua_getfield(L, -2, "decode");
+    lua_pushcclosure(L, rules_decode, 1);
     sandbox_timed(L);
     lua_setfield(L, -2, "decode");
     lua_getfield(L, -2, "null");
@@ -583,11 +610,20 @@ const char *rules_needs_rebuild(const rules *r)
 
 struct json_out {
     buf *out;
-    size_t limit; /* out->len may not pass it */
-    size_t max;   /* the bytes this text may take */
+    size_t limit;        /* out->len may not pass it */
+    size_t max;          /* the bytes this text may take */
+    int64_t deadline_ns; /* clock_mono_ns the text must be written by (INT64_MAX: none) */
+    unsigned tables;     /* tables written so far */
     char *err;
     size_t errlen;
 };
+
+/* The clock is read at the first table and every JSON_CLOCK_TABLES tables
+ * after it. A table's walk costs what
+ * it was ever sized for, not what it holds: a table of a million emptied
+ * slots is written as {} in two bytes, so the byte limit does not bound the
+ * work when rules put it in many places. */
+#define JSON_CLOCK_TABLES 8
 
 #define JSON_SPARSE_RATIO 2
 #define JSON_SPARSE_SAFE 10
@@ -655,6 +691,13 @@ static int json_value(struct json_out *j, lua_State *L, int idx, int depth);
 
 static int json_table(struct json_out *j, lua_State *L, int idx, int depth)
 {
+    if (j->tables++ % JSON_CLOCK_TABLES == 0 && j->deadline_ns != INT64_MAX &&
+        clock_mono_ns() > j->deadline_ns) {
+        str_copy(j->err, j->errlen,
+                 "writing it as JSON took longer than the time limit (tables that were large once "
+                 "walked again and again)");
+        return -1;
+    }
     if (depth > RULES_MAX_JSON_DEPTH) {
         str_printf(j->err, j->errlen, "tables nested deeper than %d levels", RULES_MAX_JSON_DEPTH);
         return -1;
@@ -733,14 +776,24 @@ static int json_value(struct json_out *j, lua_State *L, int idx, int depth)
 }
 
 /* [-0, +0] Appends the value at idx to out as JSON text of at most limit
- * bytes. On failure returns -1 with the reason in err; out then holds a part. */
-static int write_json(lua_State *L, int idx, buf *out, size_t limit, char *err, size_t errlen)
+ * bytes, written by deadline_ns (clock_mono_ns; INT64_MAX: no time limit). On
+ * failure returns -1 with the reason in err; out then holds a part. */
+static int write_json(lua_State *L, int idx, buf *out, size_t limit, int64_t deadline_ns, char *err,
+                      size_t errlen)
 {
-    struct json_out j = {out, out->len + limit, limit, err, errlen};
+    struct json_out j = {out, out->len + limit, limit, deadline_ns, 0, err, errlen};
     err[0] = '\0';
     if (json_value(&j, L, lua_absindex(L, idx), 0) != 0 || json_room(&j) != 0)
         return json_fail(&j, "the JSON text is too large");
     return 0;
+}
+
+/* The deadline of host work on what the rules of an event made (writing
+ * their output), starting now: what a call of the event's instruction budget
+ * would have. */
+static int64_t host_deadline(const rules *r)
+{
+    return sandbox_deadline_for(clock_mono_ns(), r->limits.instructions);
 }
 
 /* cjson.encode as rules see it: the same text, through write_json. */
@@ -750,7 +803,8 @@ static int rules_encode(lua_State *L)
     luaL_checkany(L, 1);
     char err[ERR_LEN];
     buf_reset(&r->encoded);
-    if (write_json(L, 1, &r->encoded, RULES_MAX_ENCODE_BYTES, err, sizeof err) != 0) {
+    if (write_json(L, 1, &r->encoded, RULES_MAX_ENCODE_BYTES, sandbox_deadline(L), err,
+                   sizeof err) != 0) {
         buf_reset(&r->encoded);
         return luaL_error(L, "cjson.encode: %s", err);
     }
@@ -770,7 +824,8 @@ static int is_host_key(const char *k)
 }
 
 /* [-0, +0] Writes the batch table at idx as record lines (see record.h). */
-static int flatten_batch(lua_State *L, int idx, buf *out, char *err, size_t errlen)
+static int flatten_batch(lua_State *L, int idx, buf *out, int64_t deadline_ns, char *err,
+                         size_t errlen)
 {
     lua_pushnil(L);
     while (lua_next(L, idx)) {
@@ -800,7 +855,8 @@ static int flatten_batch(lua_State *L, int idx, buf *out, char *err, size_t errl
                 const char *sk = lua_tolstring(L, -2, &sn);
                 if (buf_json_str(out, k, kn) || buf_addc(out, '\t') || buf_json_str(out, sk, sn) ||
                     buf_addc(out, '\t') ||
-                    write_json(L, lua_gettop(L), out, RULES_MAX_OUTPUT_BYTES, err, errlen) ||
+                    write_json(L, lua_gettop(L), out, RULES_MAX_OUTPUT_BYTES, deadline_ns, err,
+                               errlen) ||
                     buf_addc(out, '\n')) {
                     if (!err[0])
                         str_copy(err, errlen, "batch too large");
@@ -811,7 +867,8 @@ static int flatten_batch(lua_State *L, int idx, buf *out, char *err, size_t errl
             }
         } else {
             if (buf_json_str(out, k, kn) || buf_adds(out, "\t\t") ||
-                write_json(L, lua_gettop(L), out, RULES_MAX_OUTPUT_BYTES, err, errlen) ||
+                write_json(L, lua_gettop(L), out, RULES_MAX_OUTPUT_BYTES, deadline_ns, err,
+                           errlen) ||
                 buf_addc(out, '\n')) {
                 if (!err[0])
                     str_copy(err, errlen, "batch too large");
@@ -971,7 +1028,7 @@ static int copy_raw(rules *r, lua_State *L, int evi, const struct event_ids *ids
         return 0;
     }
     buf_reset(&r->scratch);
-    if (write_json(L, evi, &r->scratch, RULES_MAX_ENCODE_BYTES, err, errlen) != 0)
+    if (write_json(L, evi, &r->scratch, RULES_MAX_ENCODE_BYTES, host_deadline(r), err, errlen) != 0)
         return -1;
     *out = mapping_copy(m, r->scratch.data, r->scratch.len, failed);
     return 0;
@@ -1004,15 +1061,11 @@ static int add_dead(rules *r, lua_State *L, int evi, const struct event_ids *ids
  * counted as delivered and lost. These checks make it a dead letter
  * (invalid_output) naming the field instead. */
 
-/* Characters (UTF-8 code points) in s[0..n) exceed max. */
+/* The characters s[0..n) takes in the JSON text, where each byte that is not
+ * UTF-8 is one (U+FFFD), exceed max. */
 static int too_long(const char *s, size_t n, size_t max)
 {
-    if (n <= max)
-        return 0;
-    size_t chars = 0;
-    for (size_t i = 0; i < n; i++)
-        chars += ((unsigned char)s[i] & 0xC0) != 0x80;
-    return chars > max;
+    return n > max && json_str_chars(s, n) > max;
 }
 
 /* A scalar as mParticle takes it: a string of at most max characters, a
@@ -1100,15 +1153,44 @@ static int check_attributes(lua_State *L, int idx, const char *what, size_t max,
     return 0;
 }
 
+/* [-0, +1] Pushes the field of the batch at batchi that mParticle takes as an
+ * object (device_info, user_identities, user_attributes) and returns its type:
+ * absent, or a table of names. Anything else (a string, a list, null) makes
+ * mParticle drop the whole batch, the user's other events with it: -1 with the
+ * problem in err. */
+static int object_field(lua_State *L, int batchi, const char *field, char *err, size_t errlen)
+{
+    int t = rawfield(L, batchi, field);
+    if (t == LUA_TNIL || (t == LUA_TTABLE && lua_rawlen(L, -1) == 0))
+        return t;
+    int null = t == LUA_TLIGHTUSERDATA && lua_touserdata(L, -1) == NULL;
+    str_printf(err, errlen, "out.batch.%s must be a table of names, not %s", field,
+               t == LUA_TTABLE ? "a list"
+               : null          ? "null"
+                               : luaL_typename(L, -1));
+    return -1;
+}
+
+/* The identity mParticle requires as text when it is there: null is refused. */
+static int is_customer_id(lua_State *L, int key)
+{
+    if (lua_type(L, key) != LUA_TSTRING)
+        return 0;
+    const char *k = lua_tostring(L, key);
+    return strcmp(k, "customer_id") == 0 || strcmp(k, "customerid") == 0;
+}
+
 /* The fields of the table at idx (`what` in messages): identities are strings
- * (or null); device fields are scalars (strings, numbers, booleans, null). */
+ * (or null, but for the customer id); device fields are scalars (strings,
+ * numbers, booleans, null). */
 static int check_fields(lua_State *L, int idx, const char *what, int strings, char *err,
                         size_t errlen)
 {
     lua_pushnil(L);
     while (lua_next(L, idx)) {
         int t = lua_type(L, -1);
-        int ok = t == LUA_TSTRING || (t == LUA_TLIGHTUSERDATA && lua_touserdata(L, -1) == NULL) ||
+        int null = t == LUA_TLIGHTUSERDATA && lua_touserdata(L, -1) == NULL;
+        int ok = t == LUA_TSTRING || (null && !(strings && is_customer_id(L, -2))) ||
                  (!strings && (t == LUA_TNUMBER || t == LUA_TBOOLEAN));
         if (!ok) {
             char tmp[32];
@@ -1116,8 +1198,8 @@ static int check_fields(lua_State *L, int idx, const char *what, int strings, ch
             const char *name = key_text(L, -2, tmp, sizeof tmp, &n);
             const char *want =
                 strings ? "a string is required" : "a value must be a string, number or boolean";
-            str_printf(err, errlen, "%s.%.64s: %s, not a %s", what, name ? name : "?", want,
-                       luaL_typename(L, -1));
+            str_printf(err, errlen, "%s.%.64s: %s, not %s%s", what, name ? name : "?", want,
+                       null ? "" : "a ", null ? "null" : luaL_typename(L, -1));
             lua_pop(L, 2);
             return -1;
         }
@@ -1267,24 +1349,31 @@ static int check_output(lua_State *L, int eventi, int batchi, char *err, size_t 
     if (check_name(L, batchi, "environment", "out.batch", 0, mparticle_environment_known, NULL, err,
                    errlen) != 0)
         return -1;
-    if (rawfield(L, batchi, "device_info") == LUA_TTABLE) {
+    int t = object_field(L, batchi, "device_info", err, errlen);
+    if (t == LUA_TTABLE) {
         rc = check_name(L, lua_gettop(L), "platform", "out.batch.device_info", 0,
                         mparticle_platform_known, NULL, err, errlen);
         if (rc == 0)
             rc = check_fields(L, lua_gettop(L), "out.batch.device_info", 0, err, errlen);
     }
     lua_pop(L, 1);
-    if (rc == 0 && rawfield(L, batchi, "user_identities") == LUA_TTABLE)
+    if (t < 0 || rc != 0)
+        return -1;
+    t = object_field(L, batchi, "user_identities", err, errlen);
+    if (t == LUA_TTABLE)
         rc = check_fields(L, lua_gettop(L), "out.batch.user_identities", 1, err, errlen);
     lua_pop(L, 1);
-    if (rc == 0 && rawfield(L, batchi, "user_attributes") == LUA_TTABLE)
+    if (t < 0 || rc != 0)
+        return -1;
+    t = object_field(L, batchi, "user_attributes", err, errlen);
+    if (t == LUA_TTABLE)
         /* more than mParticle takes in a batch: the event could never be
          * delivered (counted before each list's items are read) */
         rc = check_attributes(L, lua_gettop(L), "out.batch.user_attributes",
                               MPARTICLE_MAX_USER_ATTRIBUTES, MPARTICLE_MAX_NAME_CHARS, 1, err,
                               errlen);
     lua_pop(L, 1);
-    return rc;
+    return t < 0 ? -1 : rc;
 }
 
 /* [-0, +0] Turns the out table at outi into a record. Returns 0, 1 when the
@@ -1322,7 +1411,8 @@ static int emit(rules *r, lua_State *L, int evi, const struct event_ids *ids, in
     tmp.rules_version = ruleset_version(r->rs);
 
     buf_reset(&r->scratch);
-    if (write_json(L, top + 2, &r->scratch, RULES_MAX_OUTPUT_BYTES, err, errlen) != 0) {
+    int64_t deadline = host_deadline(r);
+    if (write_json(L, top + 2, &r->scratch, RULES_MAX_OUTPUT_BYTES, deadline, err, errlen) != 0) {
         char why[ERR_LEN];
         str_copy(why, sizeof why, err);
         if (r->scratch.len > RULES_MAX_OUTPUT_BYTES)
@@ -1337,12 +1427,16 @@ static int emit(rules *r, lua_State *L, int evi, const struct event_ids *ids, in
     tmp.event = mapping_copy(m, r->scratch.data, r->scratch.len, &failed);
 
     buf_reset(&r->scratch);
-    if (bt == LUA_TTABLE && flatten_batch(L, top + 3, &r->scratch, err, errlen) != 0) {
+    if (bt == LUA_TTABLE && flatten_batch(L, top + 3, &r->scratch, deadline, err, errlen) != 0) {
+        char why[ERR_LEN];
+        str_copy(why, sizeof why, err);
         if (r->scratch.len > RULES_MAX_OUTPUT_BYTES)
             str_printf(err, errlen,
                        "out.batch takes more than %u bytes as JSON; an mParticle batch holds at "
                        "most 128 KB",
                        (unsigned)RULES_MAX_OUTPUT_BYTES);
+        else if (strncmp(why, "out.batch", 9) != 0)
+            str_printf(err, errlen, "out.batch: %s", why);
         goto done;
     }
     tmp.batch = mapping_copy(m, r->scratch.data, r->scratch.len, &failed);
@@ -1423,7 +1517,8 @@ static int map_event(rules *r, lua_State *L, int evi, int wsi, str raw, str work
          * written before the rules run, which may change the table */
         char err[ERR_LEN];
         buf_reset(&r->scratch);
-        if (write_json(L, evi, &r->scratch, RULES_MAX_ENCODE_BYTES, err, sizeof err) == 0)
+        if (write_json(L, evi, &r->scratch, RULES_MAX_ENCODE_BYTES, host_deadline(r), err,
+                       sizeof err) == 0)
             ids.raw = mapping_copy(m, r->scratch.data, r->scratch.len, &failed);
     }
     if (failed)

@@ -36,6 +36,12 @@
 #define RULES_MAX_OUTPUT_BYTES (120 * 1024)
 /* cjson.encode called by a rule refuses to make a longer text. */
 #define RULES_MAX_ENCODE_BYTES (1u << 20)
+/* cjson.decode called by a rule refuses a text of n bytes unless the rule has
+ * n * RULES_DECODE_BYTES_PER_BYTE + RULES_DECODE_BYTES_FIXED bytes of memory
+ * left: the most the decoded values can take (36 per byte measured, for lists
+ * of empty lists nested deep). */
+#define RULES_DECODE_BYTES_PER_BYTE 48
+#define RULES_DECODE_BYTES_FIXED 4096
 
 typedef struct ruleset ruleset;
 

@@ -1040,11 +1040,8 @@ enum sandbox_rc sandbox_call(sandbox *sb, int nargs, int nresults, const struct 
     sb->cpu_timed = 0;
     sb->in_timed = 0;
     sb->budget = lim && lim->instructions > 0 ? lim->instructions : INT64_MAX;
-    double allowed = (double)sb->budget * ns_per_instruction * DEADLINE_FACTOR + DEADLINE_SLACK_NS;
     int64_t started = clock_mono_ns();
-    sb->deadline_ns = sb->budget == INT64_MAX || allowed >= (double)(INT64_MAX - started)
-                          ? INT64_MAX
-                          : started + (int64_t)allowed;
+    sb->deadline_ns = sandbox_deadline_for(started, sb->budget);
     sb->limit = lim && lim->memory_bytes > 0 ? sb->used + lim->memory_bytes : SIZE_MAX;
     sb->where[0] = '\0';
     lua_sethook(L, sb_hook, LUA_MASKCOUNT, HOOK_STEP);
@@ -1087,6 +1084,29 @@ enum sandbox_rc sandbox_call(sandbox *sb, int nargs, int nresults, const struct 
                        (long long)(lim ? lim->instructions : 0));
     }
     return SANDBOX_LIMIT;
+}
+
+int64_t sandbox_deadline_for(int64_t start_ns, int64_t instructions)
+{
+    pthread_once(&calibrated, calibrate);
+    double allowed =
+        (double)instructions * ns_per_instruction * DEADLINE_FACTOR + DEADLINE_SLACK_NS;
+    if (instructions <= 0 || instructions == INT64_MAX || allowed >= (double)(INT64_MAX - start_ns))
+        return INT64_MAX;
+    return start_ns + (int64_t)allowed;
+}
+
+size_t sandbox_memory_left(lua_State *L)
+{
+    const sandbox *sb = from_lua(L);
+    if (sb->limit == SIZE_MAX)
+        return SIZE_MAX;
+    return sb->used < sb->limit ? sb->limit - sb->used : 0;
+}
+
+int64_t sandbox_deadline(lua_State *L)
+{
+    return from_lua(L)->deadline_ns;
 }
 
 int64_t sandbox_steps(const sandbox *sb)

@@ -78,6 +78,18 @@ int sandbox_load(sandbox *sb, const char *chunkname, const char *src, size_t len
 enum sandbox_rc sandbox_call(sandbox *sb, int nargs, int nresults, const struct sandbox_limits *lim,
                              struct sandbox_error *err);
 
+/* The clock_mono_ns by which a call of `instructions` started at start_ns
+ * must end (its time limit; INT64_MAX for none): for host work on what rules
+ * made, outside the call, that should end as a call would. */
+int64_t sandbox_deadline_for(int64_t start_ns, int64_t instructions);
+/* The running call's deadline, INT64_MAX outside a call: host functions that
+ * loop in C, where the count hook cannot stop them, raise an error past it. */
+int64_t sandbox_deadline(lua_State *L);
+
+/* What the running call may still allocate before its memory limit (SIZE_MAX
+ * outside a call): for host functions whose allocations must not fail. */
+size_t sandbox_memory_left(lua_State *L);
+
 /* Instructions the last sandbox_call ran (in steps of the hook's granularity). */
 int64_t sandbox_steps(const sandbox *sb);
 

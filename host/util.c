@@ -196,6 +196,16 @@ int buf_json_str(buf *b, const char *s, size_t n)
     return buf_addc(b, '"');
 }
 
+size_t json_str_chars(const char *s, size_t n)
+{
+    size_t chars = 0;
+    for (size_t i = 0; i < n; chars++) {
+        size_t seq = utf8_sequence((const unsigned char *)s + i, n - i);
+        i += seq ? seq : 1; /* U+FFFD for the byte */
+    }
+    return chars;
+}
+
 size_t json_str_len(const char *s, size_t n)
 {
     size_t len = 2;

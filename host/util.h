@@ -92,6 +92,9 @@ int buf_vprintf(buf *b, const char *fmt, va_list ap) WUR;
 /* Appends s as a quoted, escaped JSON string. A byte that does not begin a
  * well-formed UTF-8 sequence is written as U+FFFD. */
 int buf_json_str(buf *b, const char *s, size_t n) WUR;
+/* The characters buf_json_str writes for s[0..n): one per well-formed UTF-8
+ * sequence, and one (U+FFFD) per byte that begins none. */
+size_t json_str_chars(const char *s, size_t n);
 /* What buf_json_str appends for s[0..n), quotes included. */
 size_t json_str_len(const char *s, size_t n);
 /* A byte takes at most this many in JSON text (\u00XX). */

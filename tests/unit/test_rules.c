@@ -19,6 +19,7 @@
 
 #include <errno.h>
 #include <lauxlib.h>
+#include <lua-cjson.h>
 #include <lualib.h>
 #include <limits.h>
 #include <poll.h>
@@ -1203,6 +1204,11 @@ static const struct {
     {"for i = 1, 101 do a['a' .. i] = i end", "custom_attributes: more than 100 attributes"},
     {"a[string.rep('n', 257)] = 1", "custom_attributes: a name of more than 256 characters"},
     {"a.v = string.rep('v', 4097)", "custom_attributes.v: a value of more than 4096 characters"},
+    /* each byte that is not UTF-8 is a character of its own (U+FFFD) */
+    {"a.v = string.rep('\\x80', 4097)",
+     "custom_attributes.v: a value of more than 4096 characters"},
+    {"o.batch.user_attributes.v = 'x' .. string.rep('\\xe9', 4096)",
+     "user_attributes.v: a value of more than 4096 characters"},
     {"o.event.data.custom_attributes = 'text'", "custom_attributes must be a table, not string"},
     {"o.event.data.event_name = string.rep('e', 257)", "event_name: more than 256 characters"},
     {"o.event.data.event_name = nil", "event_name: a custom event needs a name"},
@@ -1229,6 +1235,24 @@ static const struct {
      "out.batch.user_identities.email: a string is required, not a table"},
     {"o.batch.user_identities = {customer_id = 12}",
      "out.batch.user_identities.customer_id: a string is required, not a number"},
+    {"o.batch.user_identities = {customer_id = cjson.null}",
+     "out.batch.user_identities.customer_id: a string is required, not null"},
+    {"o.batch.user_identities = {customerid = cjson.null}",
+     "out.batch.user_identities.customerid: a string is required, not null"},
+    /* mParticle drops a batch whose object fields are not objects, and with
+     * it the same user's other events the sender put into that batch */
+    {"o.batch.device_info = 'iOS'", "out.batch.device_info must be a table of names, not string"},
+    {"o.batch.device_info = cjson.null",
+     "out.batch.device_info must be a table of names, not null"},
+    {"o.batch.device_info = {'iOS'}", "out.batch.device_info must be a table of names, not a list"},
+    {"o.batch.user_identities = 'x'",
+     "out.batch.user_identities must be a table of names, not string"},
+    {"o.batch.user_identities = {'c-1'}",
+     "out.batch.user_identities must be a table of names, not a list"},
+    {"o.batch.user_attributes = 7",
+     "out.batch.user_attributes must be a table of names, not number"},
+    {"o.batch.user_attributes = true",
+     "out.batch.user_attributes must be a table of names, not boolean"},
     {"o.batch.device_info.device_model = {'m1'}",
      "out.batch.device_info.device_model: a value must be a string, number or boolean, not a "
      "table"},
@@ -1263,10 +1287,11 @@ START_TEST(test_outputs_at_mparticles_limits_are_records)
          "  o.event.data.event_name = string.rep('e', 256)\n"
          "  o.batch.user_attributes.list = {'a', 1, true, nil, 'e'}\n"
          "  o.batch.user_attributes[string.rep('u', 256)] = 1\n"
+         "  o.batch.user_attributes.bytes = string.rep('\\x80', 4096)\n"
          "  o.batch.device_info.platform = 'Android'\n"
          "  o.batch.device_info.limit_ad_tracking = false\n"
          "  o.batch.device_info.screen_height = 1920\n"
-         "  o.batch.user_identities = {customer_id = 'c', email = 'e@x'}\n"
+         "  o.batch.user_identities = {customer_id = 'c', email = 'e@x', other = cjson.null}\n"
          "  o.batch.environment = 'development'\n"
          "  o.event.data.timestamp_unixtime_ms = 9007199254740992\n"
          "  o.event.data.source_message_id = event.id\n"
@@ -1341,6 +1366,104 @@ START_TEST(test_a_sort_of_costly_comparisons_stops_at_the_time_limit)
                                    "  for i = 1, 1000 do t[i] = s end\n"
                                    "  table.sort(t)\n"
                                    "end\n");
+}
+END_TEST
+
+/* A table's walk costs what it was once sized for: a million emptied slots
+ * are written as {} in two bytes, so the output's byte limit let 38,000
+ * references to such a table run for 30 s, in the host's writing of the
+ * output and in cjson.encode. The writer now looks at the clock. */
+#define HOLLOW_REFS(into)                                                                          \
+    "  local hollow, refs = {table.unpack({}, 1, 999000)}, {}\n"                                   \
+    "  for i = 1, 38000 do refs['k' .. i] = hollow end\n"                                          \
+    "  " into " = refs\n"
+
+static const char *const HOLLOW_OUTPUTS[] = {"o.event.data.hollow", "o.batch.hollow"};
+
+START_TEST(test_an_output_walking_an_emptied_table_in_many_places_ends_at_the_time_limit)
+{
+    char src[1024], body[512];
+    snprintf(body, sizeof body, HOLLOW_REFS("%s"), HOLLOW_OUTPUTS[_i]);
+    snprintf(src, sizeof src,
+             "return function(event, out)\n"
+             "  local o = {feed = 'unbound', batch = {}, event = {event_type = 'uninstall', "
+             "data = {}}}\n%s  return o\nend\n",
+             body);
+    rule("50-hollow.lua", src);
+    static struct bounded res;
+    const char *detail = one_event_dead_within(60000, DEAD_INVALID_OUTPUT, &res);
+    ck_assert_msg(contains(detail, "took longer than the time limit"), "detail: %s", detail);
+}
+END_TEST
+
+START_TEST(test_cjson_encode_of_an_emptied_table_in_many_places_ends_at_the_time_limit)
+{
+    rule("50-hollow.lua",
+         "return function(event, out)\n" HOLLOW_REFS("local _") "  cjson.encode(refs)\n"
+                                                                "end\n");
+    static struct bounded res;
+    const char *detail = one_event_hits_a_limit(60000, &res);
+    ck_assert_msg(contains(detail, "limit exceeded"), "detail: %s", detail);
+}
+END_TEST
+
+/* lua-cjson's copy of the text outside Lua was lost at each memory error in a
+ * rule's cjson.decode: a text the memory left cannot take is refused first,
+ * with an error the rule can catch. */
+START_TEST(test_cjson_decode_refuses_a_text_larger_than_the_memory_left_can_take)
+{
+    ck_assert_int_eq(setenv("TRIBUTARY_RULES_MEMORY_MB", "16", 1), 0);
+    for (int i = 0; i < 3; i++) {
+        const char *seen =
+            probe("select(2, pcall(cjson.decode, '[' .. ('1,'):rep(1500000) .. '1]'))");
+        ck_assert_msg(contains(seen, "cjson.decode: a text of 3000003 bytes may take up to "
+                                     "144004240 bytes decoded, more than the rule has left"),
+                      "seen: %s", seen);
+    }
+    /* a text within the memory left decodes */
+    ck_assert_str_eq(probe("#cjson.decode('[' .. ('1,'):rep(100000) .. '1]')"), "100001");
+}
+END_TEST
+
+/* What RULES_DECODE_BYTES_PER_BYTE promises: the texts that decode into the
+ * most memory per byte decode within it, so the refusal above leaves none to
+ * fail half-way. */
+static const char *const DECODE_SHAPES[] = {
+    "[]",      "{}",
+    "[[]]",    "[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]",
+    "[{}]",    "1",
+    "\"\"",    "null",
+    "[[],[]]", "{\"k\":[]}",
+    "[1,1]",
+};
+
+START_TEST(test_cjson_decode_takes_at_most_the_memory_the_refusal_counts)
+{
+    const char *shape = DECODE_SHAPES[_i];
+    static const int counts[] = {1, 2, 16385, 32769};
+    for (size_t c = 0; c < ARRAY_LEN(counts); c++) {
+        buf text;
+        buf_init(&text, 1 << 20);
+        ck_assert_int_eq(buf_addc(&text, '['), 0);
+        for (int k = 0; k < counts[c]; k++)
+            ck_assert_int_eq(buf_adds(&text, k ? "," : "") || buf_adds(&text, shape), 0);
+        ck_assert_int_eq(buf_addc(&text, ']'), 0);
+        sandbox *sb = sandbox_new(0);
+        ck_assert_ptr_nonnull(sb);
+        lua_State *L = sandbox_lua(sb);
+        luaL_requiref(L, "cjson", luaopen_cjson, 0);
+        lua_getfield(L, -1, "decode");
+        lua_pushlstring(L, text.data, text.len);
+        lua_gc(L, LUA_GCCOLLECT);
+        struct sandbox_limits lim = {
+            text.len * RULES_DECODE_BYTES_PER_BYTE + RULES_DECODE_BYTES_FIXED, 10000000};
+        struct sandbox_error serr;
+        ck_assert_msg(sandbox_call(sb, 1, 1, &lim, &serr) == SANDBOX_OK,
+                      "%d times %s (%zu bytes) in %zu bytes: %s", counts[c], shape, text.len,
+                      lim.memory_bytes, serr.msg);
+        sandbox_free(sb);
+        buf_free(&text);
+    }
 }
 END_TEST
 
@@ -2581,6 +2704,13 @@ static Suite *suite(void)
     tcase_add_loop_test(tc, test_an_output_mparticle_would_drop_is_invalid_output_naming_the_field,
                         0, (int)ARRAY_LEN(SCHEMA_CASES));
     tcase_add_test(tc, test_outputs_at_mparticles_limits_are_records);
+    tcase_add_loop_test(
+        tc, test_an_output_walking_an_emptied_table_in_many_places_ends_at_the_time_limit, 0,
+        (int)ARRAY_LEN(HOLLOW_OUTPUTS));
+    tcase_add_test(tc, test_cjson_encode_of_an_emptied_table_in_many_places_ends_at_the_time_limit);
+    tcase_add_test(tc, test_cjson_decode_refuses_a_text_larger_than_the_memory_left_can_take);
+    tcase_add_loop_test(tc, test_cjson_decode_takes_at_most_the_memory_the_refusal_counts, 0,
+                        (int)ARRAY_LEN(DECODE_SHAPES));
     tcase_add_test(tc, test_infinite_loop_hits_the_instruction_limit);
     tcase_add_test(tc, test_instruction_limit_asks_for_a_rebuild);
     tcase_add_test(tc, test_a_state_that_outgrows_its_memory_asks_for_a_rebuild);

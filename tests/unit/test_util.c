@@ -146,7 +146,8 @@ static void escape_byte(buf *b, unsigned char c)
 
 /* Random strings of bytes that need an escape and bytes that do not, next to
  * each other in every arrangement, against the byte-by-byte reference (and
- * json_str_len against the length of what it wrote). Of the
+ * json_str_len against the length of what it wrote, json_str_chars against
+ * the characters it holds). Of the
  * bytes of 0x80 and up here, only 0xc3 followed by 0x80 or 0xa9 is UTF-8 (À,
  * é); every other such byte is written as U+FFFD. */
 START_TEST(test_buf_json_str_matches_a_byte_by_byte_escape_on_random_strings)
@@ -166,7 +167,8 @@ START_TEST(test_buf_json_str_matches_a_byte_by_byte_escape_on_random_strings)
         buf_init(&want, 1024);
         ck_assert_int_eq(buf_json_str(&got, in, n), 0);
         (void)!buf_addc(&want, '"');
-        for (size_t i = 0; i < n; i++) {
+        size_t chars = 0; /* of the string the text holds */
+        for (size_t i = 0; i < n; i++, chars++) {
             unsigned char c = (unsigned char)in[i];
             unsigned char next = i + 1 < n ? (unsigned char)in[i + 1] : 0;
             if (c == 0xc3 && (next == 0x80 || next == 0xa9)) {
@@ -184,6 +186,8 @@ START_TEST(test_buf_json_str_matches_a_byte_by_byte_escape_on_random_strings)
                       got.data, want.data);
         /* json_str_len tells the length beforehand */
         ck_assert_uint_eq(json_str_len(in, n), want.len);
+        /* and json_str_chars the characters a reader of the text counts */
+        ck_assert_uint_eq(json_str_chars(in, n), chars);
         buf_free(&got);
         buf_free(&want);
     }
