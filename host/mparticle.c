@@ -1,5 +1,6 @@
 #include "mparticle.h"
 
+#include <ctype.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -413,4 +414,108 @@ const char *const MPARTICLE_ENVIRONMENTS[] = {"production", "development", NULL}
 int mparticle_environment_known(const char *s)
 {
     return one_of(MPARTICLE_ENVIRONMENTS, s);
+}
+
+/* ---- credentials in answers -------------------------------------------- */
+
+/* An answer as its reader would take it: percent-escapes (%XX) and JSON's
+ * escapes (\/, \", \\, \uXXXX of ASCII) decoded, each byte remembering
+ * the bytes of the answer it came from, so that a credential echoed in any
+ * spelling, or in a mix of them, is masked where it stands. */
+struct unescaped {
+    char text[MPARTICLE_MASK_MAX];
+    unsigned short from[MPARTICLE_MASK_MAX], to[MPARTICLE_MASK_MAX]; /* answer[from, to) */
+    size_t n;
+};
+
+static void unescape(const char *s, size_t n, struct unescaped *u)
+{
+    u->n = 0;
+    for (size_t i = 0; i < n;) {
+        unsigned char c = (unsigned char)s[i];
+        size_t len = 1;
+        int hi, lo;
+        if (c == '%' && i + 2 < n && (hi = hex_digit(s[i + 1])) >= 0 &&
+            (lo = hex_digit(s[i + 2])) >= 0) {
+            c = (unsigned char)(hi << 4 | lo);
+            len = 3;
+        } else if (c == '\\' && i + 1 < n &&
+                   (s[i + 1] == '/' || s[i + 1] == '"' || s[i + 1] == '\\')) {
+            c = (unsigned char)s[i + 1];
+            len = 2;
+        } else if (c == '\\' && i + 5 < n && s[i + 1] == 'u' && s[i + 2] == '0' &&
+                   s[i + 3] == '0' && (hi = hex_digit(s[i + 4])) >= 0 && hi < 8 &&
+                   (lo = hex_digit(s[i + 5])) >= 0) {
+            c = (unsigned char)(hi << 4 | lo);
+            len = 6;
+        }
+        u->text[u->n] = (char)c;
+        u->from[u->n] = (unsigned short)i;
+        u->to[u->n] = (unsigned short)(i + len);
+        u->n++;
+        i += len;
+    }
+}
+
+/* Overwrites with '*' the answer's bytes behind u's text[a, b). */
+static void mask_span(char *answer, const struct unescaped *u, size_t a, size_t b)
+{
+    if (b > a)
+        memset(answer + u->from[a], '*', u->to[b - 1] - u->from[a]);
+}
+
+/* Masks every occurrence of secret, as sent or escaped (see unescape). */
+static void mask(char *answer, size_t n, const struct unescaped *u, const char *secret)
+{
+    size_t k = secret ? strlen(secret) : 0;
+    if (k == 0)
+        return;
+    for (char *p = answer; (p = memmem(p, n - (size_t)(p - answer), secret, k)) != NULL; p += k)
+        memset(p, '*', k); /* as sent: a secret can hold what reads as an escape */
+    for (const char *t = u->text; (t = memmem(t, u->n - (size_t)(t - u->text), secret, k)) != NULL;
+         t += k)
+        mask_span(answer, u, (size_t)(t - u->text), (size_t)(t - u->text) + k);
+}
+
+/* "Basic <credentials>", any case, after spaces or tabs (or a form's '+'):
+ * masked up to the first byte that cannot be part of them. */
+static void mask_basic(char *answer, const struct unescaped *u)
+{
+    const char *t = u->text;
+    for (size_t i = 0; i + 5 < u->n; i++) {
+        if (strncasecmp(t + i, "basic", 5) != 0 || (i > 0 && isalnum((unsigned char)t[i - 1])))
+            continue;
+        size_t j = i + 5;
+        if (t[j] != ' ' && t[j] != '\t' && t[j] != '+')
+            continue;
+        while (j < u->n && (t[j] == ' ' || t[j] == '\t' || t[j] == '+'))
+            j++;
+        size_t from = j;
+        while (j < u->n && t[j] && (isalnum((unsigned char)t[j]) || strchr("+/=\\%-_", t[j])))
+            j++;
+        mask_span(answer, u, from, j);
+        i = j;
+    }
+}
+
+void mparticle_mask_credentials(char *s, size_t n, const struct mparticle_credentials *creds,
+                                size_t ncreds)
+{
+    if (n > MPARTICLE_MASK_MAX)
+        n = MPARTICLE_MASK_MAX;
+    struct unescaped u;
+    unescape(s, n, &u);
+    mask_basic(s, &u);
+    for (size_t i = 0; i < ncreds; i++) {
+        mask(s, n, &u, creds[i].key);
+        mask(s, n, &u, creds[i].secret);
+        /* the credentials of the Authorization header without the scheme */
+        char auth[MPARTICLE_AUTH_MAX];
+        if (!creds[i].key || !creds[i].secret ||
+            mparticle_basic_auth(creds[i].key, creds[i].secret, auth, sizeof auth) != 0)
+            continue;
+        mask(s, n, &u, auth + 6);
+        explicit_bzero(auth, sizeof auth);
+    }
+    explicit_bzero(&u, sizeof u);
 }

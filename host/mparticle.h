@@ -101,6 +101,22 @@ int64_t mparticle_retry_after(const char *value, int64_t now_s, int64_t min_s, i
  * -1, with out empty, when it does not fit or memory runs out. */
 int mparticle_basic_auth(const char *key, const char *secret, char *out, size_t outlen) WUR;
 
+/* A feed's credentials (either NULL when it has none). */
+struct mparticle_credentials {
+    const char *key, *secret;
+};
+
+/* The first bytes of an answer mparticle_mask_credentials looks at. */
+#define MPARTICLE_MASK_MAX 4096
+
+/* Overwrites with '*' whatever in the answer s[0..n) (its first
+ * MPARTICLE_MASK_MAX bytes) could be a credential, so that it can be logged
+ * and kept: "Basic <credentials>" in any case, and each key, secret and base64
+ * of "key:secret", as sent, percent-escaped or JSON-escaped, or in a mix of
+ * these spellings (a proxy or server echoing the request). */
+void mparticle_mask_credentials(char *s, size_t n, const struct mparticle_credentials *creds,
+                                size_t ncreds);
+
 /* The event's data.timestamp_unixtime_ms, read from the event object's JSON
  * (as the rules' output is written); -1 when it has none. */
 int64_t mparticle_event_time_ms(const char *event, size_t n);

@@ -1459,19 +1459,9 @@ static int split_batch(struct sender *s, struct feed_state *f, struct pbatch *b)
     return rc;
 }
 
-/* Overwrites every occurrence of secret in s[0..n) with '*'. */
-static void mask(char *s, size_t n, const char *secret)
-{
-    size_t k = secret ? strlen(secret) : 0;
-    if (k == 0)
-        return;
-    for (char *p = s; (p = memmem(p, n - (size_t)(p - s), secret, k)) != NULL; p += k)
-        memset(p, '*', k);
-}
-
 /* What mParticle answered, fit for a log line and a dead letter: whatever
- * could be a credential masked (an echoed Authorization header, any feed's key
- * or secret), bytes that are not UTF-8 replaced, at most ANSWER_EXCERPT bytes. */
+ * could be a credential masked (mparticle_mask_credentials, with every feed's),
+ * bytes that are not UTF-8 replaced, at most ANSWER_EXCERPT bytes. */
 #define ANSWER_EXCERPT 900
 static void answer_excerpt(const struct config *cfg, const buf *response, char *out, size_t outlen)
 {
@@ -1480,43 +1470,12 @@ static void answer_excerpt(const struct config *cfg, const buf *response, char *
         n = outlen - 1;
     if (n)
         memcpy(out, response->data, n);
-    /* "Basic <credentials>", any case, the credentials also JSON- or
-     * URL-escaped: masked up to the first byte that cannot be part of them */
-    for (size_t i = 0; i + 5 < n; i++) {
-        if (strncasecmp(out + i, "basic", 5) != 0 || (i > 0 && isalnum((unsigned char)out[i - 1])))
-            continue;
-        size_t j = i + 5;
-        if (out[j] != ' ' && out[j] != '\t')
-            continue;
-        while (j < n && (out[j] == ' ' || out[j] == '\t'))
-            j++;
-        for (; j < n && (isalnum((unsigned char)out[j]) || strchr("+/=\\%-_", out[j])); j++)
-            out[j] = '*';
-        i = j;
-    }
+    struct mparticle_credentials creds[FEED_COUNT];
     for (int i = 0; i < FEED_COUNT; i++) {
-        const struct feed_config *fc = &cfg->feeds[i];
-        mask(out, n, fc->key);
-        mask(out, n, fc->secret);
-        /* the credentials of the Authorization header without the scheme, as
-         * sent and JSON-escaped */
-        char auth[MPARTICLE_AUTH_MAX], escaped[2 * MPARTICLE_AUTH_MAX];
-        if (!fc->key || !fc->secret ||
-            mparticle_basic_auth(fc->key, fc->secret, auth, sizeof auth) != 0)
-            continue;
-        const char *b64 = auth + 6;
-        mask(out, n, b64);
-        size_t e = 0;
-        for (const char *c = b64; *c; c++) {
-            if (*c == '/')
-                escaped[e++] = '\\';
-            escaped[e++] = *c;
-        }
-        escaped[e] = '\0';
-        mask(out, n, escaped);
-        explicit_bzero(auth, sizeof auth);
-        explicit_bzero(escaped, sizeof escaped);
+        creds[i].key = cfg->feeds[i].key;
+        creds[i].secret = cfg->feeds[i].secret;
     }
+    mparticle_mask_credentials(out, n, creds, FEED_COUNT);
     out[utf8_sanitize(out, n, ANSWER_EXCERPT)] = '\0';
 }
 
@@ -1542,7 +1501,8 @@ static void dead_letter(struct sender *s, struct request *r, int status)
  * event mParticle refuses (a user's batch holds that user's events, good ones
  * too); a lone event refused with 400 is dead-lettered. A 413 for one event, within
  * mParticle's batch limit, says that something in between limits bodies: the
- * event is kept, as for any unexpected answer. */
+ * event is kept, as for any unexpected answer (and failing so alone while the
+ * feed's other batches get through, it becomes a dead letter: see failing). */
 static void on_refused_content(struct sender *s, struct request *r, int status,
                                enum mp_action action)
 {

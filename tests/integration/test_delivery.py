@@ -547,6 +547,42 @@ class Delivery(ServiceTest):
         for part in (b64, b64.split("/")[-1], b64[:12]):
             self.assertNotIn(part, shown)
 
+    def test_credentials_echoed_url_encoded_are_masked(self):
+        # A proxy or server that echoes the request URL-encoded (a query
+        # string, a form): the base64 of "key:secret" and the key and secret
+        # themselves, in each spelling and in a mix of them (JSON's escapes:
+        # see the unit tests of mparticle_mask_credentials).
+        key, secret = "echo-key/+=", "echo-secret>>>???zz"
+        d = self.double(feeds={"unbound": (key, secret)})
+        b64 = base64.b64encode(("%s:%s" % (key, secret)).encode()).decode()
+        self.assertTrue(set("+/=") & set(b64), b64)
+
+        def quote_all(text, upper=True):
+            return "".join(c if c.isalnum() else ("%%%02X" if upper else "%%%02x") % ord(c)
+                           for c in text)
+
+        half = len(b64) // 2
+        spellings = {
+            "url": "Authorization=Basic%20" + quote_all(b64),
+            "form": "authorization=basic+" + quote_all(b64, upper=False),
+            "bare url": "auth " + quote_all(b64),
+            "mixed": "creds " + b64[:half] + quote_all(b64[half:]),
+            "key url": "k=" + quote_all(key),
+            "secret url": "s=" + quote_all(secret),
+        }
+        d.fail(400, times=1, message=" | ".join(spellings.values()))
+        s = self.service(env=feed_env(d, feeds={"unbound": (key, secret)}))
+        self.assertEqual(s.post([event("users.messages.email.Send", user="a")]).status, 200)
+        self.wait(lambda: s.metrics()['tributary_dead_letters_total{reason="rejected"}'] == 1,
+                  what="the dead letter")
+        shown = s.logs() + s.cli(["dlq", "list", "--json"]).stdout
+        self.assertIn("Authorization=Basic%20****", shown)
+        self.assertIn("auth ****", shown)
+        for name, spelling in spellings.items():
+            value = spelling.split("=", 1)[-1].split(" ", 1)[-1].split("+", 1)[-1]
+            self.assertNotIn(value, shown, name)
+            self.assertNotIn(value[len(value) // 2:], shown, name)
+
     def test_413_splits_the_request_and_delivers_everything(self):
         d = self.double()
         d.fail(413, times=2)

@@ -44,6 +44,43 @@ START_TEST(test_basic_auth_of_the_longest_credentials_fits_its_bound)
 }
 END_TEST
 
+/* ---- credentials in answers --------------------------------------------- */
+
+/* Two feeds' credentials: the base64 of the first pair holds '+' and '=', the
+ * second pair a '/' (JSON may write it "\/") and a "%41" that is no escape. */
+static const struct mparticle_credentials MASK_CREDS[] = {
+    {"key-ab?", "sec>>?zz"}, /* base64 a2V5LWFiPzpzZWM+Pj96eg== */
+    {"mask-key/+=", "s3cr>t&x%41"},
+};
+
+static const struct {
+    const char *answer, *shown;
+} MASK_CASES[] = {
+    {"auth: Basic a2V5LWFiPzpzZWM+Pj96eg== end", "auth: Basic ************************ end"},
+    /* URL-encoded, as a query string or a form */
+    {"Basic%20a2V5LWFiPzpzZWM%2BPj96eg%3D%3D end", "Basic%20****************************** end"},
+    {"basic+a2V5LWFiPzpzZWM%2bPj96eg%3d%3d end", "basic+****************************** end"},
+    {"token a2V5LWFiPzpzZWM%2BPj96eg%3D%3D end", "token ****************************** end"},
+    {"mixed a2V5LWFiPzpzZWM+Pj96eg%3D= end", "mixed ************************** end"},
+    {"k=key-ab%3F end", "k=********* end"},
+    /* JSON escapes of ASCII (an encoder that escapes <, >, & and /) */
+    {"{\"s\":\"sec\\u003e\\u003E?zz\"}", "{\"s\":\"******************\"}"},
+    {"{\"k\":\"mask-key\\/+=\"}", "{\"k\":\"************\"}"},
+    /* as sent, though it reads as an escape */
+    {"x s3cr>t&x%41 y", "x *********** y"},
+    /* nothing to mask */
+    {"Basically fine %2F \\/ \\u0041 basic", "Basically fine %2F \\/ \\u0041 basic"},
+};
+
+START_TEST(test_credentials_in_an_answer_are_masked_in_every_spelling)
+{
+    char text[256];
+    str_copy(text, sizeof text, MASK_CASES[_i].answer);
+    mparticle_mask_credentials(text, strlen(text), MASK_CREDS, ARRAY_LEN(MASK_CREDS));
+    ck_assert_str_eq(text, MASK_CASES[_i].shown);
+}
+END_TEST
+
 /* ---- source_request_id --------------------------------------------------- */
 
 START_TEST(test_source_request_id_is_deterministic_for_same_event_ids)
@@ -434,6 +471,8 @@ static Suite *suite(void)
     tcase_add_test(tc, test_basic_auth_matches_documented_test_vector);
     tcase_add_test(tc, test_basic_auth_into_too_small_buffer_fails_and_writes_empty_string);
     tcase_add_test(tc, test_basic_auth_of_the_longest_credentials_fits_its_bound);
+    tcase_add_loop_test(tc, test_credentials_in_an_answer_are_masked_in_every_spelling, 0,
+                        (int)ARRAY_LEN(MASK_CASES));
 
     tcase_add_test(tc, test_source_request_id_is_deterministic_for_same_event_ids);
     tcase_add_test(tc, test_source_request_id_differs_when_an_event_id_differs);
