@@ -153,7 +153,7 @@ static const char *const RECORDS_TABLE_4 = RECORDS_COLUMNS_4 ")";
 
 /* Statements on a feed's view of its records: %1$s is the feed's name, %2$d
  * its number. */
-enum feed_stmt_id { F_TO_DEAD, F_OLDEST, F_COUNT_RANGE, F_COUNT };
+enum feed_stmt_id { F_TO_DEAD, F_OLDEST, F_COUNT_RANGE, F_IDS_RANGE, F_COUNT };
 
 static const char *const FEED_STMTS[F_COUNT] = {
     [F_TO_DEAD] = "INSERT INTO dead(at_ms, reason, detail, feed, event_id, event_type, "
@@ -166,6 +166,7 @@ static const char *const FEED_STMTS[F_COUNT] = {
     [F_OLDEST] = "SELECT received_ms, id FROM records_%1$s WHERE id >= ?1 ORDER BY id LIMIT 1",
     [F_COUNT_RANGE] = "SELECT count(*) FROM (SELECT id FROM records_%1$s WHERE id > ?1 AND "
                       "id <= ?2)",
+    [F_IDS_RANGE] = "SELECT id FROM records_%1$s WHERE id > ?1 AND id <= ?2 ORDER BY id",
 };
 
 /* Statements on one table of the ring: %1$s is the feed's name, %2$d the
@@ -821,24 +822,37 @@ static int insert_claims(queue *q, struct queue_batch *b, size_t n, int64_t now)
     return SQLITE_OK;
 }
 
-/* How many records of feed f have ids in (after, upto], or -1. Ids are given
- * out in order, one per record, so a range the writer gave out itself, with
- * none of its records deleted, holds one record per id; any other range (ids
- * from before the rings were last read, held records moved to another feed,
- * expired ones) is counted in the table, which reads every page of it. */
-static int64_t stored_between(queue *q, enum feed f, int64_t after, int64_t upto)
+/* Whether the records of feed f with ids in (after, upto] are ids[0..n)
+ * (sorted, distinct, all in that range): 1 or 0, with how many there are in
+ * *stored, or -1 on a storage error. Ids are given out in order, one per
+ * record, so a range the writer gave out itself, with none of its records
+ * deleted, holds one record per id; any other range (ids from before the rings
+ * were last read, held records moved to another feed, expired ones) is read
+ * from the table, every page of it. */
+static int records_are(queue *q, enum feed f, int64_t after, int64_t upto, const int64_t *ids,
+                       size_t n, int64_t *stored)
 {
     const struct feed_ring *ring = &q->ring[f];
     int dense = after >= ring->dense_from - 1 && upto < ring->next_id &&
                 (ring->deleted_hi == 0 || ring->deleted_hi <= after || ring->deleted_lo > upto);
-    if (dense)
-        return upto - after;
-    sqlite3_stmt *s = q->fst[f][F_COUNT_RANGE];
+    if (dense) {
+        *stored = upto - after;
+        return *stored == (int64_t)n;
+    }
+    sqlite3_stmt *s = q->fst[f][F_IDS_RANGE];
     sqlite3_bind_int64(s, 1, after);
     sqlite3_bind_int64(s, 2, upto);
-    int64_t stored = sqlite3_step(s) == SQLITE_ROW ? sqlite3_column_int64(s, 0) : -1;
+    int same = 1, rc;
+    *stored = 0;
+    while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
+        /* both in id order: the same set is the same sequence */
+        size_t at = (size_t)(*stored)++;
+        same = same && at < n && ids[at] == sqlite3_column_int64(s, 0);
+    }
     sqlite3_reset(s);
-    return stored;
+    if (rc != SQLITE_DONE)
+        return -1;
+    return same && *stored == (int64_t)n;
 }
 
 /* Persists the batches of feed f among b[0..n) as one claim, and raises the
@@ -877,24 +891,30 @@ static enum queue_status persist_feed(queue *q, enum feed f, struct queue_batch 
         }
     }
     qsort(ids, above, sizeof(*ids), cmp_i64);
-    for (size_t i = 0; i < above; i++)
-        fresh += i == 0 || ids[i] != ids[i - 1];
-    free(ids);
+    for (size_t i = 0; i < above; i++) {
+        if (i == 0 || ids[i] != ids[i - 1])
+            ids[fresh++] = ids[i];
+    }
     int rc = insert_claims(q, mine, m, now);
     for (size_t i = 0, k = 0; i < n && rc == SQLITE_OK; i++) {
         if (b[i].feed == f)
             b[i].id = mine[k++].id;
     }
     free(mine);
-    if (rc != SQLITE_OK)
-        return status_of(rc);
-    if (claimed <= q->ring[f].claimed)
-        return QUEUE_OK;
+    if (rc != SQLITE_OK || claimed <= q->ring[f].claimed) {
+        free(ids);
+        return rc == SQLITE_OK ? QUEUE_OK : status_of(rc);
+    }
     /* a record left out here would count as delivered */
-    int64_t stored = stored_between(q, f, q->ring[f].claimed, claimed);
-    if (stored != fresh) {
-        log_error("queue: refused batches that leave out records of their feed",
-                  LOG_S("feed", FEED_NAMES[f]) LOG_I("records", stored) LOG_I("in_batches", fresh));
+    int64_t stored;
+    int same = records_are(q, f, q->ring[f].claimed, claimed, ids, (size_t)fresh, &stored);
+    free(ids);
+    if (same != 1) {
+        if (same == 0)
+            log_error("queue: refused batches that leave out records of their feed, or name "
+                      "others",
+                      LOG_S("feed", FEED_NAMES[f]) LOG_I("records", stored)
+                          LOG_I("in_batches", fresh));
         return QUEUE_ERROR;
     }
     sqlite3_stmt *s = q->st[S_SET_CLAIMED];

@@ -1045,6 +1045,25 @@ END_TEST
 /* Records taken out unclaimed (moved, expired) leave holes among the ids: a
  * claim that skips a hole is taken, one that leaves out a record beside a hole
  * is refused; after a restart, holes made before it count the same. */
+/* Counting is not enough: a claim that names a record no longer there (moved)
+ * in place of one it leaves out has the right count, and the one left out
+ * would count as delivered at the next start. */
+START_TEST(test_a_claim_naming_a_moved_record_in_place_of_a_stored_one_is_refused)
+{
+    queue *q = open_queue(NO_LIMIT, DEDUP_DAY);
+    int64_t all[4];
+    commit_ids(q, FEED_IOS, "evt", 4, all);
+    ck_assert_int_eq(move_to_unbound(q, "moved", &all[1], 1), QUEUE_OK);
+    int64_t swapped[3] = {all[0], all[1], all[3]};
+    struct queue_batch b = make_batch(FEED_IOS, "src-swapped", swapped, 3, 0);
+    ck_assert_int_eq(queue_persist_batches(q, &b, 1), QUEUE_ERROR);
+    int64_t named[3] = {all[0], all[2], all[3]};
+    b = make_batch(FEED_IOS, "src-named", named, 3, 0);
+    ck_assert_int_eq(queue_persist_batches(q, &b, 1), QUEUE_OK);
+    queue_free(q);
+}
+END_TEST
+
 START_TEST(test_a_claim_may_skip_records_moved_or_expired_but_not_leave_one_out)
 {
     queue *q = open_queue(NO_LIMIT, DEDUP_DAY);
@@ -2350,6 +2369,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_a_record_delivered_before_an_older_one_no_longer_counts);
     tcase_add_test(tc, test_batches_that_leave_out_a_record_are_refused);
     tcase_add_test(tc, test_a_claim_may_skip_records_moved_or_expired_but_not_leave_one_out);
+    tcase_add_test(tc, test_a_claim_naming_a_moved_record_in_place_of_a_stored_one_is_refused);
     tcase_add_test(tc, test_a_refused_claim_takes_back_the_other_feeds_claims_of_its_operation);
     tcase_add_test(tc, test_a_claim_encodes_and_parses_back_its_batches);
     tcase_add_test(tc, test_a_claim_goes_once_each_of_its_batches_is_finished);
