@@ -295,8 +295,8 @@ static int requeue_page(rules *engine, queue *q, const struct page *p, struct re
     buf_init(&kept, 1 << 20);
     for (size_t i = 0; i < p->n; i++) {
         struct input_error ie;
-        if (rules_map(engine, p->raws[i], strlen(p->raws[i]), INPUT_ANY, str_opt(p->workspaces[i]),
-                      &m, &ie) != 0) {
+        if (rules_map(engine, p->raws[i], strlen(p->raws[i]), INPUT_EVENT,
+                      str_opt(p->workspaces[i]), &m, &ie) != 0) {
             (void)!buf_printf(&kept, "tributary: dead letter %lld cannot be requeued (kept): %s\n",
                               (long long)p->ids[i], ie.reason);
             skipped++;

@@ -52,6 +52,27 @@ int reload_validate(ruleset *rs, buf *report, int *ntests)
     return failures == 0 ? 0 : -1;
 }
 
+void reload_report_excerpt(const buf *report, char *out, size_t outlen)
+{
+    static const char more[] = "\n... and more: `tributary check` lists every failure";
+    size_t n = report->data ? report->len : 0;
+    while (n > 0 && report->data[n - 1] == '\n')
+        n--;
+    if (n == 0) {
+        str_copy(out, outlen, "the rules failed validation");
+        return;
+    }
+    if (n < outlen || outlen <= sizeof more) {
+        str_printf(out, outlen, "%.*s", (int)n, report->data);
+        return;
+    }
+    size_t keep = outlen - sizeof more;
+    const char *nl = memrchr(report->data, '\n', keep);
+    if (nl)
+        keep = (size_t)(nl - report->data);
+    str_printf(out, outlen, "%.*s%s", (int)keep, report->data, more);
+}
+
 void reload_init(const char *config_path, struct config *cfg, ruleset *rs)
 {
     pthread_mutex_lock(&R.mu);
@@ -193,10 +214,7 @@ int reload_now(const char *trigger, char *err, size_t errlen)
     if (check_against_started(started, cfg, err, errlen) != 0)
         goto done;
     if (reload_validate(rs, &report, &ntests) != 0) {
-        /* drop the trailing newline */
-        if (report.len && report.data[report.len - 1] == '\n')
-            report.data[--report.len] = '\0';
-        str_copy(err, errlen, report.data ? report.data : "rules failed validation");
+        reload_report_excerpt(&report, err, errlen);
         goto done;
     }
     if (started)

@@ -26,6 +26,9 @@ struct snapshot {
 /* Validates a ruleset: builds an engine and runs the rule tests. Appends the
  * reasons to report; returns 0 when good. *ntests receives the number of tests. */
 int reload_validate(ruleset *rs, buf *report, int *ntests) WUR;
+/* The start of such a report that fits out (whole lines, and a note when
+ * failures are left out), for a log line or an error message. */
+void reload_report_excerpt(const buf *report, char *out, size_t outlen);
 
 /* Installs the first pair (takes both references). config_path may be NULL. */
 void reload_init(const char *config_path, struct config *cfg, ruleset *rs);

@@ -1905,7 +1905,7 @@ static int decode_events(rules *r, lua_State *L, const char *body, size_t len,
     if (rc == DECODE_NO_MEMORY)
         return input_fail(e, 503, -1, "out of memory while decoding");
     if (rc != 0) {
-        if (shape == INPUT_ENVELOPE)
+        if (shape != INPUT_ANY)
             return input_fail(e, 400, -1, "malformed JSON: %s", err);
         /* NDJSON: one event per line */
         *form = FORM_LINES;
@@ -1934,7 +1934,16 @@ static int decode_events(rules *r, lua_State *L, const char *body, size_t len,
     int top = lua_gettop(L);
     if (!lua_istable(L, top)) {
         lua_pop(L, 1);
-        return input_fail(e, 400, -1, "expected a JSON object {\"events\": [...]}");
+        return input_fail(e, 400, -1,
+                          shape == INPUT_EVENT ? "expected an event (a JSON object)"
+                                               : "expected a JSON object {\"events\": [...]}");
+    }
+    if (shape == INPUT_EVENT) {
+        *form = FORM_EVENT;
+        lua_createtable(L, 1, 0);
+        lua_insert(L, top);
+        lua_rawseti(L, top, 1);
+        return 0;
     }
     int t = rawfield(L, top, "events");
     if (t == LUA_TTABLE) {

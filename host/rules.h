@@ -72,7 +72,9 @@ const char *rules_needs_rebuild(const rules *r);
 /* What a request body may hold. */
 enum input_shape {
     INPUT_ENVELOPE, /* {"events": [...]}: what Braze sends */
-    INPUT_ANY,      /* envelope, JSON array, a single event, or NDJSON (map, dlq) */
+    INPUT_ANY,      /* envelope, JSON array, a single event, or NDJSON (map) */
+    INPUT_EVENT,    /* one event as Braze sent it (a dead letter's, a held record's):
+                       an "events" field of its own is one of its fields */
 };
 
 /* Why a request was refused; status is the HTTP answer (400 or 413). */

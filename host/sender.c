@@ -1794,7 +1794,7 @@ static void reroute(struct sender *s, ruleset *rs)
         struct mapping one;
         mapping_init(&one);
         struct input_error ie;
-        if (rules_map(r, it->raw.p, it->raw.n, INPUT_ANY, it->workspace, &one, &ie) == 0 &&
+        if (rules_map(r, it->raw.p, it->raw.n, INPUT_EVENT, it->workspace, &one, &ie) == 0 &&
             one.nrecords == 1 && one.records[0].feed != f->feed) {
             one.records[0].received_ms = it->received_ms; /* its max_age counts on */
             if (mapping_add_copy(&moved, &one.records[0]) == 0)

@@ -275,7 +275,9 @@ int service_run(const char *config_path)
     buf_init(&report, 64 * 1024);
     int ntests = 0;
     if (reload_validate(rs, &report, &ntests) != 0) {
-        log_error("the rules failed validation", LOG_S("error", report.data ? report.data : ""));
+        char why[4096];
+        reload_report_excerpt(&report, why, sizeof why);
+        log_error("the rules failed validation", LOG_S("error", why));
         buf_free(&report);
         ruleset_unref(rs);
         config_unref(cfg);

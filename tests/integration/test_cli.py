@@ -384,6 +384,23 @@ class DeadLetterCommands(ServiceTest):
         self.assertEqual(run_cli(["dlq", "requeue", "--all", "--force"], env=env,
                                  cwd=s.dir).returncode, 0)
 
+    def test_requeue_queues_an_event_with_an_events_field_of_its_own_as_itself(self):
+        # Braze's fields beyond the documented ones are accepted and kept: an
+        # "events" field must not make the stored event read as an envelope
+        s = self.service(rules_dir=self.rules_dir(self.FAILING_RULE))
+        inner = event("users.messages.email.Send", user="someone-else")
+        own = [event("users.messages.email.Send", user="own-%d" % i) for i in range(3)]
+        for e, value in zip(own, [[], "x", [inner]]):
+            e["events"] = value
+        self.assertEqual(s.post(own).status, 200)
+        self.assertEqual(len(json.loads(s.cli(["dlq", "list", "--json"]).stdout)), 3)
+        s.env["TRIBUTARY_RULES_DIR"] = RULES  # the rule is fixed
+        p = s.cli(["dlq", "requeue", "--all"])
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertIn("3 queued for delivery", p.stdout)
+        self.assertEqual(sorted(s.queued_ids()), sorted(e["id"] for e in own))
+        self.assertEqual(json.loads(s.cli(["dlq", "list", "--json"]).stdout), [])
+
     def test_requeue_of_more_dead_letters_than_a_page_queues_each_exactly_once(self):
         count = 2 * REQUEUE_PAGE + REQUEUE_PAGE // 2
         s, ids = self.dead_letters(count)

@@ -172,6 +172,26 @@ class Listening(ServiceTest):
             self.assertEqual(first.post([e]).status, 200)
         self.assertEqual(first.queued_ids(), [e["id"] for e in events])
 
+    def test_a_start_refused_for_many_failing_rule_tests_logs_the_first_of_them(self):
+        # 800 failures make a report of some 90 KB, past what one log line holds
+        failing = ("local tests = {}\n"
+                   "for i = 1, 800 do tests[i] = {name = 'always fails, number ' .. i .. '"
+                   + "x" * 40 + "',\n"
+                   "  event = {event_type = 'users.messages.email.Send', id = 'f', time = 1,\n"
+                   "           user = {external_user_id = 'c'}}, expect_drop = 'never'} end\n"
+                   "return {process = function(e, out) return out end, tests = tests}\n")
+        s = Service(rules_dir=self.rules_dir({"90-failing.lua": failing}))
+        self.addCleanup(s.cleanup)
+        s.start(wait=False)
+        code = s.proc.wait(timeout=30 * SLOW)
+        s.expected_exit = code
+        self.assertEqual(code, 1)
+        logs = s.logs()
+        self.assertIn("the rules failed validation", logs)
+        self.assertIn("90-failing.lua: test 'always fails, number 1x", logs)
+        self.assertIn("`tributary check` lists every failure", logs)
+        self.assertNotIn("log line too long", logs)
+
     def test_a_restart_right_after_closing_connections_listens_on_the_same_port(self):
         s = self.service()
         # A connection the service closes itself (on SIGTERM) lingers in

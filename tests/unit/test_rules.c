@@ -962,6 +962,46 @@ START_TEST(test_any_input_accepts_a_single_event)
 }
 END_TEST
 
+/* A dead letter's or a held record's event is one event as Braze sent it:
+ * an "events" field of its own (fields Braze adds are accepted) once made it
+ * read as an envelope, and requeue lost the event or queued another. */
+#define OWN_EVENTS(events)                                                                         \
+    "{\"event_type\":\"users.messages.email.Send\",\"id\":\"own-1\",\"time\":1732800000,"          \
+    "\"user\":{\"external_user_id\":\"c-1\"},\"events\":" events "}"
+
+static const char *const OWN_EVENTS_BODIES[] = {
+    OWN_EVENTS("[]"),
+    OWN_EVENTS("\"x\""),
+    OWN_EVENTS("[" EV("inner") "]"),
+};
+
+START_TEST(test_one_event_input_is_the_event_whatever_fields_it_has)
+{
+    rule("10-pass.lua", PASS_RULE);
+    build();
+    const char *body = OWN_EVENTS_BODIES[_i];
+    ck_assert_int_eq(map(body, INPUT_EVENT), 0);
+    ck_assert_uint_eq(F.m.nevents, 1);
+    ck_assert_uint_eq(F.m.nrecords, 1);
+    ck_assert_str_eq(F.m.records[0].event_id.p, "own-1");
+    ck_assert_uint_eq(F.m.records[0].raw.n, strlen(body));
+}
+END_TEST
+
+START_TEST(test_one_event_input_refuses_anything_but_one_event)
+{
+    rule("10-pass.lua", PASS_RULE);
+    build();
+    static const char *const bodies[] = {"[" EV("a") "," EV("b") "]", EV("a") "\n" EV("b"),
+                                         "\"text\""};
+    for (size_t i = 0; i < ARRAY_LEN(bodies); i++) {
+        ck_assert_int_ne(map(bodies[i], INPUT_EVENT), 0);
+        ck_assert_int_eq(F.ie.status, 400);
+        ck_assert_uint_eq(F.m.nrecords, 0);
+    }
+}
+END_TEST
+
 START_TEST(test_any_input_accepts_ndjson)
 {
     rule("10-pass.lua", PASS_RULE);
@@ -2672,6 +2712,9 @@ static Suite *suite(void)
     tcase_add_test(tc, test_any_input_accepts_a_json_array);
     tcase_add_test(tc, test_any_input_accepts_a_single_event);
     tcase_add_test(tc, test_any_input_accepts_ndjson);
+    tcase_add_loop_test(tc, test_one_event_input_is_the_event_whatever_fields_it_has, 0,
+                        (int)ARRAY_LEN(OWN_EVENTS_BODIES));
+    tcase_add_test(tc, test_one_event_input_refuses_anything_but_one_event);
 
     tc = tcase(s, "custom_attributes");
     tcase_add_test(tc, test_custom_attributes_keeps_skips_adds_and_cuts_as_documented);
