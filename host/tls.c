@@ -103,6 +103,48 @@ static int key_matches(gnutls_x509_crt_t crt, gnutls_privkey_t key)
     return rc;
 }
 
+/* A UTC time as text for a message. */
+static void utc_text(time_t t, char *out, size_t outlen)
+{
+    struct tm tm;
+    if (!gmtime_r(&t, &tm) || strftime(out, outlen, "%Y-%m-%dT%H:%M:%SZ", &tm) == 0)
+        str_copy(out, outlen, "unknown");
+}
+
+/* What no handshake could use: a certificate outside its validity, or a key
+ * of a kind the listener's key exchanges (ECDHE signed with RSA, ECDSA or
+ * EdDSA, see TLS_PRIORITIES in http_in.c) cannot sign with. */
+static int check_usable(const struct parsed *p, const char *cert, const char *key, char *err,
+                        size_t errlen)
+{
+    time_t now = (time_t)(clock_wall_ms() / 1000);
+    time_t from = gnutls_x509_crt_get_activation_time(p->crts[0]);
+    time_t until = gnutls_x509_crt_get_expiration_time(p->crts[0]);
+    char when[32];
+    if (until != (time_t)-1 && until < now) {
+        utc_text(until, when, sizeof when);
+        str_printf(err, errlen, "tls.cert: the certificate in %s expired at %s", cert, when);
+        return -1;
+    }
+    if (from != (time_t)-1 && from > now) {
+        utc_text(from, when, sizeof when);
+        str_printf(err, errlen, "tls.cert: the certificate in %s is not valid before %s", cert,
+                   when);
+        return -1;
+    }
+    int pk = gnutls_privkey_get_pk_algorithm(p->key, NULL);
+    if (pk != GNUTLS_PK_RSA && pk != GNUTLS_PK_RSA_PSS && pk != GNUTLS_PK_ECDSA &&
+        pk != GNUTLS_PK_EDDSA_ED25519 && pk != GNUTLS_PK_EDDSA_ED448) {
+        const char *name = gnutls_pk_get_name((gnutls_pk_algorithm_t)pk);
+        str_printf(err, errlen,
+                   "tls.key: %s is a%s %s key; the listener signs its key exchange with an RSA, "
+                   "ECDSA or EdDSA key only",
+                   key, name && strchr("AEIOU", name[0]) ? "n" : "", name ? name : "unknown");
+        return -1;
+    }
+    return 0;
+}
+
 static int parse_pair(const char *cert, const char *key, struct parsed *p, char *err, size_t errlen)
 {
     memset(p, 0, sizeof *p);
@@ -136,6 +178,8 @@ static int parse_pair(const char *cert, const char *key, struct parsed *p, char 
         str_printf(err, errlen, "tls.key: %s is not the key of the certificate in %s", key, cert);
         goto done;
     }
+    if (check_usable(p, cert, key, err, errlen) != 0)
+        goto done;
     rc = 0;
 done:
     if (rc != 0)
@@ -181,10 +225,8 @@ static void log_certificate(gnutls_x509_crt_t crt, int64_t not_after, int replac
     gnutls_datum_t dn = {0};
     int have_dn = gnutls_x509_crt_get_dn3(crt, &dn, 0) == 0;
     char expires[32] = "unknown";
-    time_t t = (time_t)not_after;
-    struct tm tm;
-    if (not_after > 0 && gmtime_r(&t, &tm))
-        strftime(expires, sizeof expires, "%Y-%m-%dT%H:%M:%SZ", &tm);
+    if (not_after > 0)
+        utc_text((time_t)not_after, expires, sizeof expires);
     const char *subject = have_dn ? (const char *)dn.data : "unknown";
     int64_t left = not_after - clock_wall_ms() / 1000;
     log_info(replaced ? "TLS certificate replaced; new connections get it"

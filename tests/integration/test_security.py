@@ -648,6 +648,37 @@ class TLS(ServiceTest):
         os.chmod(key, 0o600)
         return cert, key
 
+    def dated_pair(self, cn, start, end):
+        """A self-signed certificate valid from start to end (YYYYMMDDHHMMSSZ)
+        and its key: (cert, key)."""
+        d = self.tmpdir()
+        cert, key, csr = (os.path.join(d, n) for n in ("cert.pem", "key.pem", "csr.pem"))
+        subprocess.run(["openssl", "req", "-new", "-newkey", "ec", "-pkeyopt",
+                        "ec_paramgen_curve:P-256", "-nodes", "-keyout", key, "-out", csr,
+                        "-subj", "/CN=" + cn], check=True, capture_output=True)
+        with open(os.path.join(d, "ca.cnf"), "w") as f:
+            f.write("[ca]\ndefault_ca = d\n[d]\ndatabase = %s/index.txt\nnew_certs_dir = %s\n"
+                    "serial = %s/serial\ndefault_md = sha256\npolicy = p\n[p]\n"
+                    "commonName = supplied\n" % (d, d, d))
+        open(os.path.join(d, "index.txt"), "w").close()
+        with open(os.path.join(d, "serial"), "w") as f:
+            f.write("01\n")
+        subprocess.run(["openssl", "ca", "-batch", "-selfsign", "-keyfile", key, "-in", csr,
+                        "-out", cert, "-startdate", start, "-enddate", end,
+                        "-config", os.path.join(d, "ca.cnf")], check=True, capture_output=True)
+        os.chmod(key, 0o600)
+        return cert, key
+
+    def dsa_pair(self):
+        d = self.tmpdir()
+        cert, key = os.path.join(d, "cert.pem"), os.path.join(d, "key.pem")
+        subprocess.run(["openssl", "dsaparam", "-genkey", "-out", key, "2048"], check=True,
+                       capture_output=True)
+        subprocess.run(["openssl", "req", "-x509", "-key", key, "-subj", "/CN=dsa", "-days", "2",
+                        "-out", cert], check=True, capture_output=True)
+        os.chmod(key, 0o600)
+        return cert, key
+
     def served_certificate(self, port):
         """The DER of the certificate the listener presents to a new connection."""
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -712,6 +743,29 @@ class TLS(ServiceTest):
         self.assertEqual(self.served_certificate(s.port), self.der(self.cert))
         self.assertEqual(https_request(s.port, self.cert, "GET", "/healthz")[0], 200)
 
+    def test_a_reload_with_a_certificate_no_handshake_can_use_keeps_the_one_in_use(self):
+        d = self.tmpdir()
+        cert, key = os.path.join(d, "cert.pem"), os.path.join(d, "key.pem")
+        shutil.copy(self.cert, cert)
+        shutil.copy(self.key, key)
+        s = TLSService(cert, key)
+        self.addCleanup(s.cleanup)
+        s.start()
+        for (new_cert, new_key), says in (
+                (self.dated_pair("expired", "20200101000000Z", "20200201000000Z"),
+                 "expired at 2020-02-01T00:00:00Z"),
+                (self.dated_pair("later", "20990101000000Z", "20990201000000Z"),
+                 "is not valid before 2099-01-01T00:00:00Z"),
+                (self.dsa_pair(), "is a DSA key")):
+            with self.subTest(says=says):
+                shutil.copy(new_cert, cert)
+                shutil.copy(new_key, key)
+                self.assertTrue(s.reload(outcome="reload refused"), s.logs())
+                self.assertIn(says, s.logs())
+                self.assertEqual(self.served_certificate(s.port), self.der(self.cert))
+                self.assertEqual(https_request(s.port, self.cert, "GET", "/healthz")[0], 200)
+        self.assertNotIn("TLS certificate replaced", s.logs())
+
     def test_check_refuses_tls_and_ca_files_that_cannot_be_used(self):
         d = self.tmpdir()
         garbage = os.path.join(d, "garbage.pem")
@@ -741,6 +795,11 @@ class TLS(ServiceTest):
              "(an encrypted key is not supported)"),
             ({"TRIBUTARY_TLS_CERT": self.cert, "TRIBUTARY_TLS_KEY": other_key},
              "tls.key: %s is not the key of the certificate in %s" % (other_key, self.cert)),
+            (dict(zip(("TRIBUTARY_TLS_CERT", "TRIBUTARY_TLS_KEY"),
+                      self.dated_pair("expired", "20200101000000Z", "20200201000000Z"))),
+             "the certificate in %s expired at 2020-02-01T00:00:00Z"),
+            (dict(zip(("TRIBUTARY_TLS_CERT", "TRIBUTARY_TLS_KEY"), self.dsa_pair())),
+             "is a DSA key; the listener signs its key exchange with an RSA, ECDSA or EdDSA key"),
             ({"TRIBUTARY_MPARTICLE_CA_BUNDLE": garbage},
              "mparticle.ca_bundle: %s holds no PEM certificate that can be read" % garbage),
             ({"TRIBUTARY_MPARTICLE_CA_BUNDLE": crl},
@@ -748,6 +807,8 @@ class TLS(ServiceTest):
         )
         for env, message in cases:
             with self.subTest(message=message):
+                if "%s" in message:
+                    message = message % env["TRIBUTARY_TLS_CERT"]
                 env["TRIBUTARY_RULES_DIR"] = RULES
                 p = run_cli(["check"], cwd=self.tmpdir(), env=env)
                 self.assertEqual(p.returncode, 1, p.stdout + p.stderr)
