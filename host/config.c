@@ -441,6 +441,12 @@ static void set_from_lua(struct loader *ld, lua_State *L, const struct key *k, c
             file_err(ld, path, "'%s' must not be empty", path);
             return;
         }
+        if (*v == '\0' && optional(k)) {
+            /* an empty path or URL would be used as one (an empty CA
+             * bundle failed every send): unset is leaving it out */
+            file_err(ld, path, "'%s' must not be empty (leave it out to use none)", path);
+            return;
+        }
         char **f = str_field(ld->c, k);
         free(*f);
         *f = strdup(v);
@@ -905,6 +911,16 @@ static const char *api_path_of(const char *url)
 /* A base URL such as https://s2s.mparticle.com. http:// is allowed only towards
  * loopback (test doubles, local proxies). The URL itself is not echoed: it may
  * hold a user name and password. */
+/* Whether a token is printable ASCII without spaces. */
+static int token_text(const char *t)
+{
+    for (const char *p = t; *p; p++) {
+        if ((unsigned char)*p <= ' ' || (unsigned char)*p >= 0x7f)
+            return 0;
+    }
+    return 1;
+}
+
 static void check_url(const char *what, const char *url, struct errs *e)
 {
     const char *api = api_path_of(url);
@@ -1082,15 +1098,14 @@ static void check(struct config *c, struct errs *e, int serving)
                      "bytes, no control characters)",
                      i + 1, CONFIG_WORKSPACE_MAX);
     }
+    /* a bearer token is read without the spaces around it: one with a space
+     * or a control character in it could never be presented */
     for (size_t i = 0; i < c->inbound_tokens.n; i++) {
-        for (const char *p = c->inbound_tokens.items[i]; *p; p++) {
-            if ((unsigned char)*p <= ' ' || (unsigned char)*p >= 0x7f) {
-                errs_add(e, "inbound.tokens: token %zu contains a space or control character",
-                         i + 1);
-                break;
-            }
-        }
+        if (!token_text(c->inbound_tokens.items[i]))
+            errs_add(e, "inbound.tokens: token %zu contains a space or control character", i + 1);
     }
+    if (c->admin_token && !token_text(c->admin_token))
+        errs_add(e, "admin.token contains a space or control character");
 }
 
 /* Inbound secrets shorter than this are named in a warning at start: one that

@@ -388,6 +388,27 @@ START_TEST(test_unknown_key_names_file_and_line)
 }
 END_TEST
 
+/* An empty path or URL in the file was kept and used as one: every send
+ * failed on an empty CA bundle. Leaving the key out unsets it. */
+static const char *const EMPTY_OPTIONAL_KEYS[] = {"mparticle = { ca_bundle = \"\" }",
+                                                  "tls = { cert = \"\", key = \"\" }",
+                                                  "feeds = { web = { url = \"\" } }"};
+
+START_TEST(test_an_empty_optional_path_or_url_in_the_file_is_refused)
+{
+    char src[256];
+    snprintf(src, sizeof src, "return {\n  %s,\n}\n", EMPTY_OPTIONAL_KEYS[_i]);
+    const char *path = conf("empty.lua", src);
+    struct config *c = NULL;
+    char err[4096] = "";
+    ck_assert_int_eq(config_load(&c, path, err, sizeof err), -1);
+    ck_assert_ptr_null(c);
+    ck_assert_msg(strstr(err, ":2: '") &&
+                      strstr(err, "' must not be empty (leave it out to use none)"),
+                  "%s", err);
+}
+END_TEST
+
 START_TEST(test_wrong_type_names_key_and_line)
 {
     const char *path = conf("type.lua", "return {\n"
@@ -639,6 +660,32 @@ START_TEST(test_non_loopback_listen_with_a_token_is_accepted)
 }
 END_TEST
 
+/* A bearer token is read without the spaces around it: a configured token
+ * with a space or control character could never match, and every admin
+ * request was refused. The message does not show the token. */
+START_TEST(test_tokens_with_a_space_or_control_character_are_refused)
+{
+    static const struct {
+        const char *src, *says;
+    } cases[] = {
+        {"return { admin = { token = \"abcdefghijklmnopqrstu \" } }\n",
+         "admin.token contains a space or control character"},
+        {"return { admin = { token = \"abcdefghij\\tklmnopqrstu\" } }\n",
+         "admin.token contains a space or control character"},
+        {"return { inbound = { tokens = { \"good-token\", \" abcdefghijklmnopqrstu\" } } }\n",
+         "inbound.tokens: token 2 contains a space or control character"},
+    };
+    for (size_t i = 0; i < ARRAY_LEN(cases); i++) {
+        const char *path = conf("tokens.lua", cases[i].src);
+        struct config *c = NULL;
+        char err[4096] = "";
+        ck_assert_int_eq(config_load(&c, path, err, sizeof err), -1);
+        ck_assert_msg(strstr(err, cases[i].says) != NULL, "%s", err);
+        ck_assert_msg(strstr(err, "abcdefghij") == NULL, "%s", err);
+    }
+}
+END_TEST
+
 START_TEST(test_listen_addr_parses_bracketed_ipv6)
 {
     struct config c = {0};
@@ -875,6 +922,8 @@ static Suite *suite(void)
     tcase_add_test(tc, test_empty_environment_data_dir_is_an_error_not_a_crash);
 
     tcase_add_test(tc, test_unknown_key_names_file_and_line);
+    tcase_add_loop_test(tc, test_an_empty_optional_path_or_url_in_the_file_is_refused, 0,
+                        (int)ARRAY_LEN(EMPTY_OPTIONAL_KEYS));
     tcase_add_test(tc, test_wrong_type_names_key_and_line);
     tcase_add_test(tc, test_wrong_type_names_line_of_its_own_section_not_an_earlier_same_name);
     tcase_add_test(tc, test_out_of_range_integer_is_refused_with_its_bounds);
@@ -896,6 +945,7 @@ static Suite *suite(void)
 
     tcase_add_test(tc, test_non_loopback_listen_without_tokens_is_refused);
     tcase_add_test(tc, test_non_loopback_listen_with_a_token_is_accepted);
+    tcase_add_test(tc, test_tokens_with_a_space_or_control_character_are_refused);
     tcase_add_test(tc, test_listen_addr_parses_bracketed_ipv6);
     tcase_add_test(tc, test_listen_addr_parses_ipv4);
     tcase_add_test(tc, test_listen_addr_rejects_host_without_port);
