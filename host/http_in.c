@@ -345,6 +345,8 @@ static enum MHD_Result answer_metrics(http_in *h, struct MHD_Connection *c, stru
     g.rules_version = s.rs ? ruleset_version(s.rs) : "";
     if (h->hooks.gauges)
         h->hooks.gauges(h->hooks.ctx, &g);
+    if (atomic_load(&h->in->draining))
+        g.ready = 0; /* as /readyz says: "shutting down" */
     buf out;
     buf_init(&out, 1 << 20);
     enum MHD_Result rc;

@@ -1027,17 +1027,22 @@ class Delivery(ServiceTest):
         s.post([event("users.messages.email.Send")])
         self.wait(lambda: len(d.requests) >= 1, what="a request in flight")
         s.proc.send_signal(signal.SIGTERM)
-        answered = 0
+        answered, gauges = 0, []
         deadline = time.time() + 5 * SLOW
         while s.proc.poll() is None and time.time() < deadline:
             try:
-                s.get("/readyz")
-                s.get("/metrics")
+                stopping = s.get("/readyz").status == 503
+                ready = s.metrics()["tributary_ready"]
                 answered += 1
+                if stopping:
+                    # the gauge says what /readyz says ("shutting down")
+                    gauges.append(ready)
             except OSError:
                 pass
         self.assertEqual(s.proc.wait(timeout=20 * SLOW), 0)
         self.assertGreater(answered, 0)
+        self.assertGreater(len(gauges), 0)
+        self.assertEqual(set(gauges), {0.0})
 
     def test_rate_limit_spaces_batches_per_feed(self):
         d = self.double()
