@@ -59,6 +59,19 @@ static void print_json_str(const char *s)
     buf_free(&b);
 }
 
+/* A stored JSON text (a Braze event as received, a mapped event) as JSON any
+ * reader takes, or null; not a terminal's control sequence either. */
+static void print_json_text(const char *s)
+{
+    buf b;
+    buf_init(&b, 64u << 20);
+    if (s && *s && buf_json_strict(&b, s, strlen(s)) == 0)
+        fwrite(b.data, 1, b.len, stdout);
+    else
+        fputs("null", stdout);
+    buf_free(&b);
+}
+
 static void print_row_json(const struct dead_row *r, int full)
 {
     printf("{\"id\":%lld,\"at_ms\":%lld,\"reason\":", (long long)r->id, (long long)r->at_ms);
@@ -83,8 +96,10 @@ static void print_row_json(const struct dead_row *r, int full)
         printf("null");
     if (full) {
         /* raw and event are JSON texts themselves */
-        printf(",\"raw\":%s", r->raw && *r->raw ? r->raw : "null");
-        printf(",\"event\":%s", r->event && *r->event ? r->event : "null");
+        printf(",\"raw\":");
+        print_json_text(r->raw);
+        printf(",\"event\":");
+        print_json_text(r->event);
     }
     printf("}");
 }
@@ -186,9 +201,13 @@ static int show_row(void *ctx, const struct dead_row *r)
     printf("rules version: %s\n", r->rules_version);
     if (r->workspace)
         printf("workspace:     %s\n", r->workspace);
-    printf("braze event:   %s\n", r->raw);
-    if (r->event && *r->event)
-        printf("mapped event:  %s\n", r->event);
+    printf("braze event:   ");
+    print_json_text(r->raw);
+    if (r->event && *r->event) {
+        printf("\nmapped event:  ");
+        print_json_text(r->event);
+    }
+    printf("\n");
     return 1;
 }
 

@@ -196,6 +196,43 @@ int buf_json_str(buf *b, const char *s, size_t n)
     return buf_addc(b, '"');
 }
 
+int buf_json_strict(buf *b, const char *s, size_t n)
+{
+    static const char hex[] = "0123456789abcdef";
+    static const char replacement[] = "\xEF\xBF\xBD";
+    int in_string = 0;
+    size_t run = 0; /* start of the bytes that pass as they are */
+    for (size_t i = 0; i < n;) {
+        unsigned char c = (unsigned char)s[i];
+        if (!in_string) {
+            in_string = c == '"';
+            i++;
+        } else if (c == '\\') {
+            i += i + 1 < n ? 2 : 1; /* an escape: its byte is not the string's end */
+        } else if (c == '"') {
+            in_string = 0;
+            i++;
+        } else if (c < 0x20) {
+            char u[6] = {'\\', 'u', '0', '0', hex[c >> 4], hex[c & 15]};
+            if (buf_add(b, s + run, i - run) != 0 || buf_add(b, u, 6) != 0)
+                return -1;
+            run = ++i;
+        } else if (c >= 0x80) {
+            size_t len = utf8_sequence((const unsigned char *)s + i, n - i);
+            if (len == 0) {
+                if (buf_add(b, s + run, i - run) != 0 || buf_add(b, replacement, 3) != 0)
+                    return -1;
+                run = ++i;
+            } else {
+                i += len;
+            }
+        } else {
+            i++;
+        }
+    }
+    return buf_add(b, s + run, n - run);
+}
+
 size_t json_str_chars(const char *s, size_t n)
 {
     size_t chars = 0;

@@ -384,6 +384,23 @@ class DeadLetterCommands(ServiceTest):
         self.assertEqual(run_cli(["dlq", "requeue", "--all", "--force"], env=env,
                                  cwd=s.dir).returncode, 0)
 
+    def test_show_writes_an_event_with_raw_control_bytes_as_json_any_reader_takes(self):
+        # lua-cjson accepts a raw TAB, ESC or a byte that is not UTF-8 inside a
+        # string; the event is kept as received, and shown as valid JSON
+        s = self.service(rules_dir=self.rules_dir(self.FAILING_RULE))
+        e = event("users.messages.email.Send", user="raw-bytes", note="PLACEHOLDER")
+        body = json.dumps({"events": [e]}).encode().replace(
+            b"PLACEHOLDER", b"tab\there \x1b[2J and \xff")
+        self.assertEqual(s.post(body=body).status, 200)
+        [row] = json.loads(s.cli(["dlq", "list", "--json"]).stdout)
+        p = s.cli(["dlq", "show", str(row["id"]), "--json"])
+        self.assertEqual(p.returncode, 0, p.stderr)
+        shown = json.loads(p.stdout)
+        self.assertEqual(shown["raw"]["properties"]["note"], "tab\there \x1b[2J and \ufffd")
+        text = s.cli(["dlq", "show", str(row["id"])]).stdout
+        self.assertNotIn("\x1b", text)
+        self.assertIn("\\u001b[2J", text)
+
     def test_requeue_queues_an_event_with_an_events_field_of_its_own_as_itself(self):
         # Braze's fields beyond the documented ones are accepted and kept: an
         # "events" field must not make the stored event read as an envelope

@@ -194,6 +194,32 @@ START_TEST(test_buf_json_str_matches_a_byte_by_byte_escape_on_random_strings)
 }
 END_TEST
 
+/* A stored event is JSON as lua-cjson took it: control characters and bytes
+ * that are not UTF-8 inside its strings are made JSON any reader takes; the
+ * whitespace between values, escapes and UTF-8 stay as they are. */
+START_TEST(test_buf_json_strict_escapes_what_only_a_lenient_reader_takes)
+{
+    static const struct {
+        const char *in, *out;
+    } cases[] = {
+        {"{\"a\":\"x\ty\",\"b\":1}", "{\"a\":\"x\\u0009y\",\"b\":1}"},
+        {"{\n\t\"a\": [1, \"\x1b[2J\"]\r\n}", "{\n\t\"a\": [1, \"\\u001b[2J\"]\r\n}"},
+        {"{\"a\":\"\xff\xc3\xa9\"}", "{\"a\":\"\xef\xbf\xbd\xc3\xa9\"}"},
+        {"{\"a\":\"q\\\"\x01\"}", "{\"a\":\"q\\\"\\u0001\"}"},
+        {"{\"a\":\"b\\\\\",\"c\":\"\x02\"}", "{\"a\":\"b\\\\\",\"c\":\"\\u0002\"}"},
+        {"{\"ok\":\"\\u00e9 \xe2\x82\xac\"}", "{\"ok\":\"\\u00e9 \xe2\x82\xac\"}"},
+    };
+    for (size_t i = 0; i < ARRAY_LEN(cases); i++) {
+        buf b;
+        buf_init(&b, 1024);
+        ck_assert_int_eq(buf_json_strict(&b, cases[i].in, strlen(cases[i].in)), 0);
+        ck_assert_int_eq(buf_addc(&b, '\0'), 0);
+        ck_assert_msg(strcmp(b.data, cases[i].out) == 0, "case %zu: %s", i, b.data);
+        buf_free(&b);
+    }
+}
+END_TEST
+
 START_TEST(test_utf8_sanitize_replaces_what_is_not_utf8_and_cuts_between_characters)
 {
     /* é, then an overlong '/', a surrogate, a code point past U+10FFFF, a lone
@@ -340,6 +366,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_buf_json_str_writes_what_is_not_utf8_as_the_replacement_character);
     tcase_add_test(tc, test_buf_json_str_escapes_every_byte_at_every_position_of_a_long_string);
     tcase_add_test(tc, test_buf_json_str_matches_a_byte_by_byte_escape_on_random_strings);
+    tcase_add_test(tc, test_buf_json_strict_escapes_what_only_a_lenient_reader_takes);
     tcase_add_test(tc, test_utf8_sanitize_replaces_what_is_not_utf8_and_cuts_between_characters);
     tcase_add_test(tc, test_log_due_lets_one_line_through_per_period);
     tcase_add_test(tc, test_buf_int_writes_the_whole_range);
