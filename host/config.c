@@ -549,7 +549,13 @@ static void load_source(struct config *c, const char *path, const char *src, siz
         char *constant = strstr(serr.msg, " (constant ");
         if (constant)
             *constant = '\0';
-        errs_add(e, "%s", serr.msg);
+        /* an error a library function raised has no position of its own:
+         * the file's line that called it */
+        size_t wn = strlen(serr.where);
+        if (wn && strncmp(serr.msg, serr.where, wn) != 0)
+            errs_add(e, "%s: %s", serr.where, serr.msg);
+        else
+            errs_add(e, "%s", serr.msg);
         goto done;
     }
     if (!lua_istable(L, -1)) {

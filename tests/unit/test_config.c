@@ -409,6 +409,30 @@ START_TEST(test_an_empty_optional_path_or_url_in_the_file_is_refused)
 }
 END_TEST
 
+/* Errors raised inside a library function (string.format, arithmetic on a
+ * string) carry no position of their own: the file's line is added. */
+START_TEST(test_a_runtime_error_in_a_library_function_names_file_and_line)
+{
+    static const struct {
+        const char *expr, *says;
+    } cases[] = {
+        {"string.format('%d', 'x')", "bad argument #2 to"},
+        {"('x') + 0", "attempt to"},
+    };
+    for (size_t i = 0; i < ARRAY_LEN(cases); i++) {
+        char src[256];
+        snprintf(src, sizeof src, "return {\n  admin = { token = %s },\n}\n", cases[i].expr);
+        const char *path = conf("runtime.lua", src);
+        struct config *c = NULL;
+        char err[4096] = "", want[512];
+        ck_assert_int_eq(config_load(&c, path, err, sizeof err), -1);
+        snprintf(want, sizeof want, "%s:2: ", path);
+        ck_assert_msg(strncmp(err, want, strlen(want)) == 0, "%s", err);
+        ck_assert_msg(strstr(err, cases[i].says) != NULL, "%s", err);
+    }
+}
+END_TEST
+
 START_TEST(test_wrong_type_names_key_and_line)
 {
     const char *path = conf("type.lua", "return {\n"
@@ -922,6 +946,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_empty_environment_data_dir_is_an_error_not_a_crash);
 
     tcase_add_test(tc, test_unknown_key_names_file_and_line);
+    tcase_add_test(tc, test_a_runtime_error_in_a_library_function_names_file_and_line);
     tcase_add_loop_test(tc, test_an_empty_optional_path_or_url_in_the_file_is_refused, 0,
                         (int)ARRAY_LEN(EMPTY_OPTIONAL_KEYS));
     tcase_add_test(tc, test_wrong_type_names_key_and_line);
