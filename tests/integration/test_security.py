@@ -728,7 +728,9 @@ class TLS(ServiceTest):
         self.assertTrue(s.reload(), s.logs())
         self.assertEqual(s.logs().count("TLS certificate replaced"), 1)
 
-    def test_a_reload_with_a_key_of_another_certificate_keeps_the_one_in_use(self):
+    def serving_copies(self):
+        """A started service whose certificate and key are copies of the
+        class's pair, for a reload to replace: (service, cert, key)."""
         d = self.tmpdir()
         cert, key = os.path.join(d, "cert.pem"), os.path.join(d, "key.pem")
         shutil.copy(self.cert, cert)
@@ -736,6 +738,10 @@ class TLS(ServiceTest):
         s = TLSService(cert, key)
         self.addCleanup(s.cleanup)
         s.start()
+        return s, cert, key
+
+    def test_a_reload_with_a_key_of_another_certificate_keeps_the_one_in_use(self):
+        s, cert, key = self.serving_copies()
         other_cert, _ = self.pair("other.example")
         shutil.copy(other_cert, cert)  # renewed halfway: the key is still the old one
         self.assertTrue(s.reload(outcome="reload refused"), s.logs())
@@ -744,13 +750,7 @@ class TLS(ServiceTest):
         self.assertEqual(https_request(s.port, self.cert, "GET", "/healthz")[0], 200)
 
     def test_a_reload_with_a_certificate_no_handshake_can_use_keeps_the_one_in_use(self):
-        d = self.tmpdir()
-        cert, key = os.path.join(d, "cert.pem"), os.path.join(d, "key.pem")
-        shutil.copy(self.cert, cert)
-        shutil.copy(self.key, key)
-        s = TLSService(cert, key)
-        self.addCleanup(s.cleanup)
-        s.start()
+        s, cert, key = self.serving_copies()
         for (new_cert, new_key), says in (
                 (self.dated_pair("expired", "20200101000000Z", "20200201000000Z"),
                  "expired at 2020-02-01T00:00:00Z"),
