@@ -914,9 +914,6 @@ static const char *api_path_of(const char *url)
     return NULL;
 }
 
-/* A base URL such as https://s2s.mparticle.com. http:// is allowed only towards
- * loopback (test doubles, local proxies). The URL itself is not echoed: it may
- * hold a user name and password. */
 /* Whether a token is printable ASCII without spaces. */
 static int token_text(const char *t)
 {
@@ -927,6 +924,9 @@ static int token_text(const char *t)
     return 1;
 }
 
+/* A base URL such as https://s2s.mparticle.com. http:// is allowed only towards
+ * loopback (test doubles, local proxies). The URL itself is not echoed: it may
+ * hold a user name and password. */
 static void check_url(const char *what, const char *url, struct errs *e)
 {
     const char *api = api_path_of(url);
@@ -1070,7 +1070,7 @@ static void check(struct config *c, struct errs *e, int serving)
      * and its key, trusted certificates */
     char pem_err[512];
     if (serving && !unreadable && c->tls_cert && c->tls_key &&
-        tls_check_pair(c->tls_cert, c->tls_key, pem_err, sizeof pem_err) != 0)
+        tls_check_pair(c->tls_cert, c->tls_key, 0, pem_err, sizeof pem_err) != 0)
         errs_add(e, "%s", pem_err);
     if (serving && !unreadable && c->mparticle_ca_bundle && *c->mparticle_ca_bundle &&
         tls_check_ca_bundle(c->mparticle_ca_bundle, pem_err, sizeof pem_err) != 0)

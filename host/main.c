@@ -17,6 +17,7 @@
 #include "rules.h"
 #include "sender.h"
 #include "service.h"
+#include "tls.h"
 #include "util.h"
 
 #include <errno.h>
@@ -214,6 +215,13 @@ static int cmd_check(const struct args *a)
     if (!c)
         return 1;
     char err[ERR_LEN];
+    /* a start serves a certificate outside its dates (and raises an alarm);
+     * a reload keeps the one in use instead: either way, say so now */
+    if (c->tls_cert && c->tls_key && tls_check_pair(c->tls_cert, c->tls_key, 1, err, sizeof err)) {
+        fprintf(stderr, "%s\n", err);
+        config_unref(c);
+        return 1;
+    }
     ruleset *rs = NULL;
     if (ruleset_load(&rs, c, err, sizeof err) != 0) {
         fprintf(stderr, "%s\n", err);

@@ -909,12 +909,14 @@ static enum queue_status persist_feed(queue *q, enum feed f, struct queue_batch 
     int64_t stored;
     int same = records_are(q, f, q->ring[f].claimed, claimed, ids, (size_t)fresh, &stored);
     free(ids);
-    if (same != 1) {
-        if (same == 0)
-            log_error("queue: refused batches that leave out records of their feed, or name "
-                      "others",
-                      LOG_S("feed", FEED_NAMES[f]) LOG_I("records", stored)
-                          LOG_I("in_batches", fresh));
+    if (same < 0) {
+        log_error("queue: cannot read the records a claim covers",
+                  LOG_S("feed", FEED_NAMES[f]) LOG_S("error", sqlite3_errmsg(q->db)));
+        return QUEUE_ERROR;
+    }
+    if (same == 0) {
+        log_error("queue: refused batches that leave out records of their feed, or name others",
+                  LOG_S("feed", FEED_NAMES[f]) LOG_I("records", stored) LOG_I("in_batches", fresh));
         return QUEUE_ERROR;
     }
     sqlite3_stmt *s = q->st[S_SET_CLAIMED];

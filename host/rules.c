@@ -608,22 +608,39 @@ const char *rules_needs_rebuild(const rules *r)
  * object with string or number keys, an empty table {}, cjson.null null.
  * Integers are written whole, other numbers with 14 significant digits. */
 
+/* The time the writer may take over one or more texts (an event's output and
+ * its batch fields). A table's walk costs what it was ever sized for, not what
+ * it holds: a table of a million emptied slots is written as {} in two bytes,
+ * so the byte limit does not bound the work when rules put it in many places.
+ * The clock is read every JSON_CLOCK_TABLES tables, so an output of a few
+ * tables, the usual one, never reads it. */
+struct json_clock {
+    int64_t deadline_ns;  /* clock_mono_ns to be done by; 0: from the first reading */
+    int64_t instructions; /* whose time it is, when deadline_ns is 0 */
+    unsigned tables;      /* tables written so far */
+};
+
+#define JSON_CLOCK_TABLES 8
+
+/* Whether the writer is past its time (read every JSON_CLOCK_TABLES tables). */
+static int json_clock_passed(struct json_clock *c)
+{
+    if (++c->tables % JSON_CLOCK_TABLES != 0)
+        return 0;
+    int64_t now = clock_mono_ns();
+    if (c->deadline_ns == 0)
+        c->deadline_ns = sandbox_deadline_for(now, c->instructions);
+    return now > c->deadline_ns;
+}
+
 struct json_out {
     buf *out;
-    size_t limit;        /* out->len may not pass it */
-    size_t max;          /* the bytes this text may take */
-    int64_t deadline_ns; /* clock_mono_ns the text must be written by (INT64_MAX: none) */
-    unsigned tables;     /* tables written so far */
+    size_t limit; /* out->len may not pass it */
+    size_t max;   /* the bytes this text may take */
+    struct json_clock *clock;
     char *err;
     size_t errlen;
 };
-
-/* The clock is read at the first table and every JSON_CLOCK_TABLES tables
- * after it. A table's walk costs what
- * it was ever sized for, not what it holds: a table of a million emptied
- * slots is written as {} in two bytes, so the byte limit does not bound the
- * work when rules put it in many places. */
-#define JSON_CLOCK_TABLES 8
 
 #define JSON_SPARSE_RATIO 2
 #define JSON_SPARSE_SAFE 10
@@ -691,8 +708,7 @@ static int json_value(struct json_out *j, lua_State *L, int idx, int depth);
 
 static int json_table(struct json_out *j, lua_State *L, int idx, int depth)
 {
-    if (j->tables++ % JSON_CLOCK_TABLES == 0 && j->deadline_ns != INT64_MAX &&
-        clock_mono_ns() > j->deadline_ns) {
+    if (json_clock_passed(j->clock)) {
         str_copy(j->err, j->errlen,
                  "writing it as JSON took longer than the time limit (tables that were large once "
                  "walked again and again)");
@@ -776,24 +792,23 @@ static int json_value(struct json_out *j, lua_State *L, int idx, int depth)
 }
 
 /* [-0, +0] Appends the value at idx to out as JSON text of at most limit
- * bytes, written by deadline_ns (clock_mono_ns; INT64_MAX: no time limit). On
- * failure returns -1 with the reason in err; out then holds a part. */
-static int write_json(lua_State *L, int idx, buf *out, size_t limit, int64_t deadline_ns, char *err,
-                      size_t errlen)
+ * bytes, within the time of clock. On failure returns -1 with the reason in
+ * err; out then holds a part. */
+static int write_json(lua_State *L, int idx, buf *out, size_t limit, struct json_clock *clock,
+                      char *err, size_t errlen)
 {
-    struct json_out j = {out, out->len + limit, limit, deadline_ns, 0, err, errlen};
+    struct json_out j = {out, out->len + limit, limit, clock, err, errlen};
     err[0] = '\0';
     if (json_value(&j, L, lua_absindex(L, idx), 0) != 0 || json_room(&j) != 0)
         return json_fail(&j, "the JSON text is too large");
     return 0;
 }
 
-/* The deadline of host work on what the rules of an event made (writing
- * their output), starting now: what a call of the event's instruction budget
- * would have. */
-static int64_t host_deadline(const rules *r)
+/* The clock of host work on what the rules of an event made (writing their
+ * output): the time a call of the event's instruction budget has. */
+static struct json_clock host_clock(const rules *r)
 {
-    return sandbox_deadline_for(clock_mono_ns(), r->limits.instructions);
+    return (struct json_clock){0, r->limits.instructions, 0};
 }
 
 /* cjson.encode as rules see it: the same text, through write_json. */
@@ -803,9 +818,11 @@ static int rules_encode(lua_State *L)
     luaL_checkany(L, 1);
     char err[ERR_LEN];
     buf_reset(&r->encoded);
-    if (write_json(L, 1, &r->encoded, RULES_MAX_ENCODE_BYTES, sandbox_deadline(L), err,
-                   sizeof err) != 0) {
+    struct json_clock clock = {sandbox_deadline(L), 0, 0};
+    if (write_json(L, 1, &r->encoded, RULES_MAX_ENCODE_BYTES, &clock, err, sizeof err) != 0) {
         buf_reset(&r->encoded);
+        if (sandbox_overdue(L)) /* the event's time is up: it ends as rule_limit */
+            return luaL_error(L, "cjson.encode: time limit exceeded");
         return luaL_error(L, "cjson.encode: %s", err);
     }
     lua_pushlstring(L, r->encoded.data ? r->encoded.data : "", r->encoded.len);
@@ -824,7 +841,7 @@ static int is_host_key(const char *k)
 }
 
 /* [-0, +0] Writes the batch table at idx as record lines (see record.h). */
-static int flatten_batch(lua_State *L, int idx, buf *out, int64_t deadline_ns, char *err,
+static int flatten_batch(lua_State *L, int idx, buf *out, struct json_clock *clock, char *err,
                          size_t errlen)
 {
     lua_pushnil(L);
@@ -855,8 +872,7 @@ static int flatten_batch(lua_State *L, int idx, buf *out, int64_t deadline_ns, c
                 const char *sk = lua_tolstring(L, -2, &sn);
                 if (buf_json_str(out, k, kn) || buf_addc(out, '\t') || buf_json_str(out, sk, sn) ||
                     buf_addc(out, '\t') ||
-                    write_json(L, lua_gettop(L), out, RULES_MAX_OUTPUT_BYTES, deadline_ns, err,
-                               errlen) ||
+                    write_json(L, lua_gettop(L), out, RULES_MAX_OUTPUT_BYTES, clock, err, errlen) ||
                     buf_addc(out, '\n')) {
                     if (!err[0])
                         str_copy(err, errlen, "batch too large");
@@ -867,8 +883,7 @@ static int flatten_batch(lua_State *L, int idx, buf *out, int64_t deadline_ns, c
             }
         } else {
             if (buf_json_str(out, k, kn) || buf_adds(out, "\t\t") ||
-                write_json(L, lua_gettop(L), out, RULES_MAX_OUTPUT_BYTES, deadline_ns, err,
-                           errlen) ||
+                write_json(L, lua_gettop(L), out, RULES_MAX_OUTPUT_BYTES, clock, err, errlen) ||
                 buf_addc(out, '\n')) {
                 if (!err[0])
                     str_copy(err, errlen, "batch too large");
@@ -1028,7 +1043,8 @@ static int copy_raw(rules *r, lua_State *L, int evi, const struct event_ids *ids
         return 0;
     }
     buf_reset(&r->scratch);
-    if (write_json(L, evi, &r->scratch, RULES_MAX_ENCODE_BYTES, host_deadline(r), err, errlen) != 0)
+    struct json_clock clock = host_clock(r);
+    if (write_json(L, evi, &r->scratch, RULES_MAX_ENCODE_BYTES, &clock, err, errlen) != 0)
         return -1;
     *out = mapping_copy(m, r->scratch.data, r->scratch.len, failed);
     return 0;
@@ -1411,8 +1427,8 @@ static int emit(rules *r, lua_State *L, int evi, const struct event_ids *ids, in
     tmp.rules_version = ruleset_version(r->rs);
 
     buf_reset(&r->scratch);
-    int64_t deadline = host_deadline(r);
-    if (write_json(L, top + 2, &r->scratch, RULES_MAX_OUTPUT_BYTES, deadline, err, errlen) != 0) {
+    struct json_clock clock = host_clock(r); /* for the event and its batch fields */
+    if (write_json(L, top + 2, &r->scratch, RULES_MAX_OUTPUT_BYTES, &clock, err, errlen) != 0) {
         char why[ERR_LEN];
         str_copy(why, sizeof why, err);
         if (r->scratch.len > RULES_MAX_OUTPUT_BYTES)
@@ -1427,7 +1443,7 @@ static int emit(rules *r, lua_State *L, int evi, const struct event_ids *ids, in
     tmp.event = mapping_copy(m, r->scratch.data, r->scratch.len, &failed);
 
     buf_reset(&r->scratch);
-    if (bt == LUA_TTABLE && flatten_batch(L, top + 3, &r->scratch, deadline, err, errlen) != 0) {
+    if (bt == LUA_TTABLE && flatten_batch(L, top + 3, &r->scratch, &clock, err, errlen) != 0) {
         char why[ERR_LEN];
         str_copy(why, sizeof why, err);
         if (r->scratch.len > RULES_MAX_OUTPUT_BYTES)
@@ -1517,8 +1533,8 @@ static int map_event(rules *r, lua_State *L, int evi, int wsi, str raw, str work
          * written before the rules run, which may change the table */
         char err[ERR_LEN];
         buf_reset(&r->scratch);
-        if (write_json(L, evi, &r->scratch, RULES_MAX_ENCODE_BYTES, host_deadline(r), err,
-                       sizeof err) == 0)
+        struct json_clock clock = host_clock(r);
+        if (write_json(L, evi, &r->scratch, RULES_MAX_ENCODE_BYTES, &clock, err, sizeof err) == 0)
             ids.raw = mapping_copy(m, r->scratch.data, r->scratch.len, &failed);
     }
     if (failed)

@@ -1109,6 +1109,11 @@ int64_t sandbox_deadline(lua_State *L)
     return from_lua(L)->deadline_ns;
 }
 
+int sandbox_overdue(lua_State *L)
+{
+    return past_deadline(from_lua(L));
+}
+
 int64_t sandbox_steps(const sandbox *sb)
 {
     return sb->steps;

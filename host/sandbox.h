@@ -85,6 +85,10 @@ int64_t sandbox_deadline_for(int64_t start_ns, int64_t instructions);
 /* The running call's deadline, INT64_MAX outside a call: host functions that
  * loop in C, where the count hook cannot stop them, raise an error past it. */
 int64_t sandbox_deadline(lua_State *L);
+/* Whether the running call has tripped a limit, its time limit checked now:
+ * once it has, every further instruction raises and the call ends as a
+ * limit, whatever pcall catches. */
+int sandbox_overdue(lua_State *L);
 
 /* What the running call may still allocate before its memory limit (SIZE_MAX
  * outside a call): for host functions whose allocations must not fail. */

@@ -111,15 +111,13 @@ static void utc_text(time_t t, char *out, size_t outlen)
         str_copy(out, outlen, "unknown");
 }
 
-/* What no handshake could use: a certificate outside its validity, or a key
- * of a kind the listener's key exchanges (ECDHE signed with RSA, ECDSA or
- * EdDSA, see TLS_PRIORITIES in http_in.c) cannot sign with. */
-static int check_usable(const struct parsed *p, const char *cert, const char *key, char *err,
-                        size_t errlen)
+/* The certificate crt (read from cert) outside its validity dates: -1 with
+ * why in err. */
+static int check_dates(gnutls_x509_crt_t crt, const char *cert, char *err, size_t errlen)
 {
     time_t now = (time_t)(clock_wall_ms() / 1000);
-    time_t from = gnutls_x509_crt_get_activation_time(p->crts[0]);
-    time_t until = gnutls_x509_crt_get_expiration_time(p->crts[0]);
+    time_t from = gnutls_x509_crt_get_activation_time(crt);
+    time_t until = gnutls_x509_crt_get_expiration_time(crt);
     char when[32];
     if (until != (time_t)-1 && until < now) {
         utc_text(until, when, sizeof when);
@@ -132,17 +130,24 @@ static int check_usable(const struct parsed *p, const char *cert, const char *ke
                    when);
         return -1;
     }
-    int pk = gnutls_privkey_get_pk_algorithm(p->key, NULL);
-    if (pk != GNUTLS_PK_RSA && pk != GNUTLS_PK_RSA_PSS && pk != GNUTLS_PK_ECDSA &&
-        pk != GNUTLS_PK_EDDSA_ED25519 && pk != GNUTLS_PK_EDDSA_ED448) {
-        const char *name = gnutls_pk_get_name((gnutls_pk_algorithm_t)pk);
-        str_printf(err, errlen,
-                   "tls.key: %s is a%s %s key; the listener signs its key exchange with an RSA, "
-                   "ECDSA or EdDSA key only",
-                   key, name && strchr("AEIOU", name[0]) ? "n" : "", name ? name : "unknown");
-        return -1;
-    }
     return 0;
+}
+
+/* A key of a kind the listener's key exchanges (ECDHE signed with RSA, ECDSA
+ * or EdDSA, see TLS_PRIORITIES in http_in.c) cannot sign with: no handshake
+ * could use it. */
+static int check_key_kind(gnutls_privkey_t k, const char *key, char *err, size_t errlen)
+{
+    int pk = gnutls_privkey_get_pk_algorithm(k, NULL);
+    if (pk == GNUTLS_PK_RSA || pk == GNUTLS_PK_RSA_PSS || pk == GNUTLS_PK_ECDSA ||
+        pk == GNUTLS_PK_EDDSA_ED25519 || pk == GNUTLS_PK_EDDSA_ED448)
+        return 0;
+    const char *name = gnutls_pk_get_name((gnutls_pk_algorithm_t)pk);
+    str_printf(err, errlen,
+               "tls.key: %s is a%s %s key; the listener signs its key exchange with an RSA, "
+               "ECDSA or EdDSA key only",
+               key, name && strchr("AEIOU", name[0]) ? "n" : "", name ? name : "unknown");
+    return -1;
 }
 
 static int parse_pair(const char *cert, const char *key, struct parsed *p, char *err, size_t errlen)
@@ -178,7 +183,7 @@ static int parse_pair(const char *cert, const char *key, struct parsed *p, char 
         str_printf(err, errlen, "tls.key: %s is not the key of the certificate in %s", key, cert);
         goto done;
     }
-    if (check_usable(p, cert, key, err, errlen) != 0)
+    if (check_key_kind(p->key, key, err, errlen) != 0)
         goto done;
     rc = 0;
 done:
@@ -189,13 +194,14 @@ done:
     return rc;
 }
 
-int tls_check_pair(const char *cert, const char *key, char *err, size_t errlen)
+int tls_check_pair(const char *cert, const char *key, int dates, char *err, size_t errlen)
 {
     struct parsed p;
     if (parse_pair(cert, key, &p, err, errlen) != 0)
         return -1;
+    int rc = dates ? check_dates(p.crts[0], cert, err, errlen) : 0;
     parsed_free(&p);
-    return 0;
+    return rc;
 }
 
 /* Read as libcurl's OpenSSL reads it (CURLOPT_CAINFO): what it refuses, every
@@ -222,6 +228,7 @@ int tls_check_ca_bundle(const char *path, char *err, size_t errlen)
 
 static void log_certificate(gnutls_x509_crt_t crt, int64_t not_after, int replaced)
 {
+    time_t from = gnutls_x509_crt_get_activation_time(crt);
     gnutls_datum_t dn = {0};
     int have_dn = gnutls_x509_crt_get_dn3(crt, &dn, 0) == 0;
     char expires[32] = "unknown";
@@ -235,7 +242,12 @@ static void log_certificate(gnutls_x509_crt_t crt, int64_t not_after, int replac
     if (not_after > 0 && left < 0)
         log_error("ALERT: the TLS certificate has expired; Braze cannot connect",
                   LOG_S("subject", subject) LOG_S("expires", expires));
-    else if (not_after > 0 && left < EXPIRY_WARN_S)
+    else if (from != (time_t)-1 && from > clock_wall_ms() / 1000) {
+        char valid_from[32];
+        utc_text(from, valid_from, sizeof valid_from);
+        log_error("ALERT: the TLS certificate is not valid yet; Braze cannot connect",
+                  LOG_S("subject", subject) LOG_S("valid_from", valid_from));
+    } else if (not_after > 0 && left < EXPIRY_WARN_S)
         log_warn("the TLS certificate expires soon; renew it and reload",
                  LOG_S("subject", subject) LOG_S("expires", expires)
                      LOG_I("days_left", (long long)(left / 86400)));
@@ -254,6 +266,14 @@ int tls_use(const char *cert, const char *key, char *err, size_t errlen)
         pthread_mutex_unlock(&use_mu);
         parsed_free(&p);
         return 0;
+    }
+    /* a replacement outside its dates would turn away every connection the
+     * one in use serves; at a start there is none to keep (log_certificate
+     * raises the alarm), and what is queued is delivered all the same */
+    if (now && check_dates(p.crts[0], cert, err, errlen) != 0) {
+        pthread_mutex_unlock(&use_mu);
+        parsed_free(&p);
+        return -1;
     }
     struct pair *n = calloc(1, sizeof *n);
     gnutls_pcert_st *certs = calloc(p.ncrts, sizeof *certs);

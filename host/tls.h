@@ -21,15 +21,17 @@
 #include <stdint.h>
 
 /* 0 when cert holds a PEM certificate chain and key the PEM private key of
- * its first certificate, not encrypted. */
-int tls_check_pair(const char *cert, const char *key, char *err, size_t errlen) WUR;
+ * its first certificate, not encrypted, of a kind the listener can use; and,
+ * with dates, the certificate valid now. */
+int tls_check_pair(const char *cert, const char *key, int dates, char *err, size_t errlen) WUR;
 
 /* 0 when path holds at least one PEM certificate. */
 int tls_check_ca_bundle(const char *path, char *err, size_t errlen) WUR;
 
 /* Makes the files the pair of the next handshakes, when their content differs
  * from the pair in use (and logs the certificate's subject and expiry): 1 when
- * it changed, 0 when it is the same, -1 with err set when a file is not usable. */
+ * it changed, 0 when it is the same, -1 with err set when a file is not usable,
+ * or when a certificate outside its validity dates would replace one in use. */
 int tls_use(const char *cert, const char *key, char *err, size_t errlen) WUR;
 
 /* When the certificate in use expires (UNIX seconds), 0 without one. */

@@ -1042,9 +1042,6 @@ START_TEST(test_batches_that_leave_out_a_record_are_refused)
 }
 END_TEST
 
-/* Records taken out unclaimed (moved, expired) leave holes among the ids: a
- * claim that skips a hole is taken, one that leaves out a record beside a hole
- * is refused; after a restart, holes made before it count the same. */
 /* Counting is not enough: a claim that names a record no longer there (moved)
  * in place of one it leaves out has the right count, and the one left out
  * would count as delivered at the next start. */
@@ -1064,6 +1061,9 @@ START_TEST(test_a_claim_naming_a_moved_record_in_place_of_a_stored_one_is_refuse
 }
 END_TEST
 
+/* Records taken out unclaimed (moved, expired) leave holes among the ids: a
+ * claim that skips a hole is taken, one that leaves out a record beside a hole
+ * is refused; after a restart, holes made before it count the same. */
 START_TEST(test_a_claim_may_skip_records_moved_or_expired_but_not_leave_one_out)
 {
     queue *q = open_queue(NO_LIMIT, DEDUP_DAY);
