@@ -146,7 +146,7 @@ static int check_key_kind(gnutls_privkey_t k, const char *key, char *err, size_t
     str_printf(err, errlen,
                "tls.key: %s is a%s %s key; the listener signs its key exchange with an RSA, "
                "ECDSA or EdDSA key only",
-               key, name && strchr("AEIOU", name[0]) ? "n" : "", name ? name : "unknown");
+               key, !name || strchr("AEIOU", name[0]) ? "n" : "", name ? name : "unknown");
     return -1;
 }
 
