@@ -1170,7 +1170,8 @@ static void dispatch(struct sender *s, struct feed_state *f, int64_t now)
     if (f->pause == PAUSE_AUTH) {
         /* one batch, alone, to learn whether the credentials work again (after any
          * backoff or Retry-After that the last probe earned) */
-        if (f->probing || now < f->probe_at || now < f->not_before || now < s->account_not_before)
+        if (f->probing || now < f->probe_at || now < f->not_before || now < s->account_not_before ||
+            available(&f->rate, now) < 1 || available(&s->account, now) < 1)
             return;
         /* the batch that failed least: one that fails whatever the
          * credentials (a 5xx) would keep the feed paused */
@@ -1180,8 +1181,11 @@ static void dispatch(struct sender *s, struct feed_state *f, int64_t now)
                 (!probe || b->failed.count < probe->failed.count))
                 probe = b;
         }
-        if (probe && start_request(s, f, &probe, 1, 1) == 0)
+        if (probe && start_request(s, f, &probe, 1, 1) == 0) {
             f->probing = 1;
+            spend(&f->rate, 1); /* a probe is a batch sent like any */
+            spend(&s->account, 1);
+        }
         return;
     }
     if (now < f->not_before || now < s->account_not_before)
@@ -1950,18 +1954,22 @@ static void *sender_main(void *arg)
             claim(s, now);
             reroute(s, snap.rs);
         }
+        if (!stopping)
+            sweep_unclaimed(s, now);
+        /* the rate windows count a request at the time it goes out: the clock
+         * read again after the steps above, which wait for commits (a slow
+         * disk: hundreds of ms), and curl starts the requests right after */
+        int64_t at = clock_mono_ms();
         /* the feeds take turns at going first: they share the account's rate */
         s->turn = (s->turn + 1) % FEED_COUNT;
         for (int i = 0; i < FEED_COUNT && !stopping; i++) {
             struct feed_state *f = &s->feeds[(s->turn + i) % FEED_COUNT];
-            dispatch(s, f, now);
-            if (f->not_before > now && f->not_before < wake)
+            dispatch(s, f, at);
+            if (f->not_before > at && f->not_before < wake)
                 wake = f->not_before;
-            if (s->account_not_before > now && s->account_not_before < wake)
+            if (s->account_not_before > at && s->account_not_before < wake)
                 wake = s->account_not_before;
         }
-        if (!stopping)
-            sweep_unclaimed(s, now);
         int running = 0;
         curl_multi_perform(s->multi, &running);
         CURLMsg *msg;

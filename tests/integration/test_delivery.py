@@ -1119,6 +1119,27 @@ class Delivery(ServiceTest):
         probes = [r["time"] for r in d.requests if r["feed"] == "ios" and r["status"] != 401]
         self.assertGreaterEqual(min(probes) - refused_at, 4 * SLOW - 0.1)
 
+    def test_the_probe_of_a_paused_feed_counts_against_the_account_rate_limit(self):
+        # a probe is a batch sent like any other: it waits for room in the
+        # account's window that another feed's batches just filled
+        d = self.double()
+        d.fail(401, feed="ios", times=1)
+        s = self.service(env=feed_env(d, TRIBUTARY_MPARTICLE_RATE_LIMIT=5,
+                                      TRIBUTARY_RETRY_PAUSE_MS=300, TRIBUTARY_BATCH_LINGER_MS=50))
+        s.post([event("users.messages.pushnotification.Send", platform="ios", user="a")])
+        self.wait(lambda: any(r["status"] == 401 for r in d.requests), what="the 401")
+        paused_at = next(r["time"] for r in d.requests if r["status"] == 401)
+        s.post([event("users.messages.email.Send", user="u%d" % i) for i in range(5)])
+        self.assertTrue(d.wait_for_events(6, 20 * SLOW))
+        # the 401 itself counts: it was a batch sent (the double, refusing it,
+        # did not read it)
+        sent = sorted((r["time"], r["batches"] or 1) for r in d.requests
+                      if r["time"] >= paused_at)
+        for start, _ in sent:
+            in_window = sum(n for t, n in sent if start <= t < start + 1.0)
+            self.assertLessEqual(in_window, 5, "%d batches within a second of %.2f: %s"
+                                 % (in_window, start, sent))
+
     def test_high_rate_limit_usage_slows_the_feed(self):
         d = self.double()
         d.rate_limit_percentage = 97

@@ -8,6 +8,8 @@
  *                       claims fails, once
  *   SLOW_ACK_MS=n       the writer takes n ms over each step on the claims'
  *                       bitmaps of finished batches (a busy disk)
+ *   SLOW_CLAIM_MS=n     the writer takes n ms over each claim of batches it
+ *                       stores (the sender waits for that commit)
  *   FAIL_DEDUP_AT=n     the n-th row of the read of the dedup ids at start
  *                       fails, once
  *
@@ -41,6 +43,9 @@ int sqlite3_step(sqlite3_stmt *st)
     if (sql && strcmp(thread, "queue-writer") == 0 && strstr(sql, "claim_done") &&
         env_int("SLOW_ACK_MS") > 0)
         usleep((useconds_t)env_int("SLOW_ACK_MS") * 1000);
+    if (sql && strcmp(thread, "queue-writer") == 0 && strstr(sql, "INSERT INTO claims") &&
+        env_int("SLOW_CLAIM_MS") > 0)
+        usleep((useconds_t)env_int("SLOW_CLAIM_MS") * 1000);
     int dedup_at = env_int("FAIL_DEDUP_AT");
     if (sql && dedup_at > 0 && strstr(sql, "FROM dedup_log WHERE at_ms") &&
         atomic_fetch_add(&dedup_rows, 1) + 1 == dedup_at)
