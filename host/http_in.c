@@ -756,7 +756,8 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
             *upload_size = 0;
             return MHD_YES;
         }
-        if (r->admitted == 2 && !r->answered) {
+        int keep = !r->answered && !r->too_large && !r->no_memory;
+        if (keep && r->admitted == 2) {
             r->counted += *upload_size;
             if (atomic_fetch_add(&unauthenticated_bytes, *upload_size) + *upload_size >
                 UNAUTHENTICATED_BODY_BUDGET) {
@@ -764,13 +765,17 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
                 return MHD_NO;
             }
         }
-        if (!r->answered && !r->too_large && !r->no_memory &&
-            buf_add(&r->body, upload, *upload_size) != 0) {
+        if (keep && buf_add(&r->body, upload, *upload_size) != 0) {
             if (*upload_size > h->opt.max_body - r->body.len)
                 r->too_large = 1;
             else
                 r->no_memory = 1;
             buf_free(&r->body);
+            /* the rest is read and dropped: what is not kept leaves the
+             * budget of unauthenticated bodies (a chunked body over
+             * max_body held it to the end) */
+            atomic_fetch_sub(&unauthenticated_bytes, r->counted);
+            r->counted = 0;
         }
         *upload_size = 0;
         return MHD_YES;

@@ -932,6 +932,33 @@ class BodyBounds(ServiceTest):
             self.assertIn(" 413 ", line, size)
 
 
+    def test_a_dropped_chunked_body_leaves_the_budget_of_unauthenticated_bodies(self):
+        # Bodies awaiting their signature check share a 64 MiB budget. The
+        # bytes of a chunked body read on past max_body bytes were still
+        # charged to it: two such bodies of 36 MiB, never authenticated, got
+        # the second one's connection closed for the budget. Each gets its 413.
+        s = self.service(tokens=(), env={"TRIBUTARY_INBOUND_HMAC_SECRETS": SECRET})
+        socks = []
+        try:
+            for _ in range(2):
+                sock = socket.create_connection(("127.0.0.1", s.port), timeout=30 * SLOW)
+                socks.append(sock)
+                sock.sendall(("POST /currents HTTP/1.1\r\nHost: x\r\n"
+                              "Tributary-Signature: t=%d,v1=%s\r\n"
+                              "Transfer-Encoding: chunked\r\n\r\n"
+                              % (int(time.time()), "0" * 64)).encode())
+                chunk = b"%x\r\n" % (1 << 20) + b"x" * (1 << 20) + b"\r\n"
+                for _ in range(36):
+                    sock.sendall(chunk)
+            for sock in socks:
+                sock.sendall(b"0\r\n\r\n")
+                line = sock.recv(4096).decode(errors="replace").split("\r\n")[0]
+                self.assertIn(" 413 ", line)
+        finally:
+            for sock in socks:
+                sock.close()
+        self.assertNotIn("too many unauthenticated request bodies", s.logs())
+
 
 class Framing(ServiceTest):
     """A body's length must be plain to see: where a proxy in front reads one
