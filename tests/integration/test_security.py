@@ -1260,8 +1260,9 @@ class BodiesOutsideCurrents(ServiceTest):
     def assert_answered_unread(self, early, growth, status):
         self.assertIsNotNone(early, "no answer before the body was sent")
         self.assertTrue(early.startswith(b"HTTP/1.1 %d" % status), early)
-        # under valgrind the tool's own bookkeeping for a connection takes a few MB
-        self.assertLess(growth, self.BODY // (2 if WRAPPER else 8),
+        # under valgrind the tool's own bookkeeping for a connection takes a few
+        # MB (8.6 seen); a body that was read would take all of its 16 MiB
+        self.assertLess(growth, self.BODY * 3 // 4 if WRAPPER else self.BODY // 8,
                         "peak RSS grew by %d bytes" % growth)
 
     def test_a_large_body_to_an_unknown_path_is_404_before_it_is_read(self):
