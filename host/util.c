@@ -142,12 +142,32 @@ static size_t utf8_sequence(const unsigned char *p, size_t n)
     return len;
 }
 
+/* U+FFFD, written for a byte that begins no UTF-8 sequence. */
+static const char REPLACEMENT[] = "\xEF\xBF\xBD";
+
+/* Appends s[*run..i) as it is, then `with` in place of the byte at i; the
+ * bytes that pass as they are start again after it. */
+static int replace_byte(buf *b, const char *s, size_t *run, size_t i, const char *with, size_t len)
+{
+    if (buf_add(b, s + *run, i - *run) != 0 || buf_add(b, with, len) != 0)
+        return -1;
+    *run = i + 1;
+    return 0;
+}
+
+/* replace_byte with the JSON escape of the byte at i: \e, or \u00XX for 'u'. */
+static int escape_byte(buf *b, const char *s, size_t *run, size_t i, char e)
+{
+    static const char hex[] = "0123456789abcdef";
+    unsigned char c = (unsigned char)s[i];
+    char u[6] = {'\\', e, '0', '0', hex[c >> 4], hex[c & 15]};
+    return replace_byte(b, s, run, i, u, e == 'u' ? 6 : 2);
+}
+
 /* JSON text is UTF-8 (RFC 8259): a byte that does not start a well-formed
  * sequence is written as U+FFFD, so that no reader refuses the whole text. */
 int buf_json_str(buf *b, const char *s, size_t n)
 {
-    static const char hex[] = "0123456789abcdef";
-    static const char replacement[] = "\xEF\xBF\xBD";
     /* room for the common case, no escapes, at once */
     if (n > SIZE_MAX - 2 || buf_reserve(b, n + 2) != 0)
         return -1;
@@ -176,19 +196,14 @@ int buf_json_str(buf *b, const char *s, size_t n)
                     i += len;
                     continue;
                 }
-                if (buf_add(b, s + run, i - run) != 0 || buf_add(b, replacement, 3) != 0)
+                if (replace_byte(b, s, &run, i++, REPLACEMENT, 3) != 0)
                     return -1;
-                run = ++i;
             } while (i < n && (unsigned char)s[i] >= 0x80);
             continue;
         }
         char e = JSON_ESCAPE[c];
-        if (e) {
-            char u[6] = {'\\', e, '0', '0', hex[c >> 4], hex[c & 15]};
-            if (buf_add(b, s + run, i - run) != 0 || buf_add(b, u, e == 'u' ? 6 : 2) != 0)
-                return -1;
-            run = i + 1;
-        }
+        if (e && escape_byte(b, s, &run, i, e) != 0)
+            return -1;
         i++;
     }
     if (buf_add(b, s + run, n - run) != 0)
@@ -198,8 +213,6 @@ int buf_json_str(buf *b, const char *s, size_t n)
 
 int buf_json_strict(buf *b, const char *s, size_t n)
 {
-    static const char hex[] = "0123456789abcdef";
-    static const char replacement[] = "\xEF\xBF\xBD";
     int in_string = 0;
     size_t run = 0; /* start of the bytes that pass as they are */
     for (size_t i = 0; i < n;) {
@@ -213,19 +226,13 @@ int buf_json_strict(buf *b, const char *s, size_t n)
             in_string = 0;
             i++;
         } else if (c < 0x20) {
-            char u[6] = {'\\', 'u', '0', '0', hex[c >> 4], hex[c & 15]};
-            if (buf_add(b, s + run, i - run) != 0 || buf_add(b, u, 6) != 0)
+            if (escape_byte(b, s, &run, i++, 'u') != 0)
                 return -1;
-            run = ++i;
         } else if (c >= 0x80) {
             size_t len = utf8_sequence((const unsigned char *)s + i, n - i);
-            if (len == 0) {
-                if (buf_add(b, s + run, i - run) != 0 || buf_add(b, replacement, 3) != 0)
-                    return -1;
-                run = ++i;
-            } else {
-                i += len;
-            }
+            if (len == 0 && replace_byte(b, s, &run, i, REPLACEMENT, 3) != 0)
+                return -1;
+            i += len ? len : 1;
         } else {
             i++;
         }

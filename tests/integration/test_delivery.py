@@ -535,18 +535,25 @@ class Delivery(ServiceTest):
         self.assertEqual(m['tributary_dead_letters_total{reason="invalid_output"}'], 1)
         self.assertEqual(m['tributary_events_delivered_total{feed="unbound"}'], 1)
 
-    def test_an_echoed_authorization_header_is_masked_in_every_spelling(self):
-        key, secret = "echo-key-abcdef", "echo-secret>>>???zz"
+    def echoed(self, key, secret, message):
+        """An event the unbound feed (key, secret) gets a 400 for, whose
+        message echoes what the test gives: what the log and the dead-letter
+        store then show."""
         d = self.double(feeds={"unbound": (key, secret)})
-        b64 = base64.b64encode(("%s:%s" % (key, secret)).encode()).decode()
-        self.assertIn("/", b64)  # so that its JSON-escaped spelling differs
-        d.fail(400, times=1, message="bad request; headers: authorization: basic %s | "
-               "Authorization: Basic %s | token %s" % (b64, b64.replace("/", "\\/"), b64))
+        d.fail(400, times=1, message=message)
         s = self.service(env=feed_env(d, feeds={"unbound": (key, secret)}))
         self.assertEqual(s.post([event("users.messages.email.Send", user="a")]).status, 200)
         self.wait(lambda: s.metrics()['tributary_dead_letters_total{reason="rejected"}'] == 1,
                   what="the dead letter")
-        shown = s.logs() + s.cli(["dlq", "list", "--json"]).stdout
+        return s.logs() + s.cli(["dlq", "list", "--json"]).stdout
+
+    def test_an_echoed_authorization_header_is_masked_in_every_spelling(self):
+        key, secret = "echo-key-abcdef", "echo-secret>>>???zz"
+        b64 = base64.b64encode(("%s:%s" % (key, secret)).encode()).decode()
+        self.assertIn("/", b64)  # so that its JSON-escaped spelling differs
+        shown = self.echoed(key, secret, "bad request; headers: authorization: basic %s | "
+                            "Authorization: Basic %s | token %s"
+                            % (b64, b64.replace("/", "\\/"), b64))
         self.assertIn("headers: authorization: basic ****", shown)
         for part in (b64, b64.split("/")[-1], b64[:12]):
             self.assertNotIn(part, shown)
@@ -557,7 +564,6 @@ class Delivery(ServiceTest):
         # themselves, in each spelling and in a mix of them (JSON's escapes:
         # see the unit tests of mparticle_mask_credentials).
         key, secret = "echo-key/+=", "echo-secret>>>???zz"
-        d = self.double(feeds={"unbound": (key, secret)})
         b64 = base64.b64encode(("%s:%s" % (key, secret)).encode()).decode()
         self.assertTrue(set("+/=") & set(b64), b64)
 
@@ -574,12 +580,7 @@ class Delivery(ServiceTest):
             "key url": "k=" + quote_all(key),
             "secret url": "s=" + quote_all(secret),
         }
-        d.fail(400, times=1, message=" | ".join(spellings.values()))
-        s = self.service(env=feed_env(d, feeds={"unbound": (key, secret)}))
-        self.assertEqual(s.post([event("users.messages.email.Send", user="a")]).status, 200)
-        self.wait(lambda: s.metrics()['tributary_dead_letters_total{reason="rejected"}'] == 1,
-                  what="the dead letter")
-        shown = s.logs() + s.cli(["dlq", "list", "--json"]).stdout
+        shown = self.echoed(key, secret, " | ".join(spellings.values()))
         self.assertIn("Authorization=Basic%20****", shown)
         self.assertIn("auth ****", shown)
         for name, spelling in spellings.items():

@@ -766,23 +766,28 @@ class TLS(ServiceTest):
                 self.assertEqual(https_request(s.port, self.cert, "GET", "/healthz")[0], 200)
         self.assertNotIn("TLS certificate replaced", s.logs())
 
-    def test_a_start_with_an_expired_certificate_serves_it_and_raises_the_alarm(self):
+    def test_a_start_with_a_certificate_outside_its_dates_serves_it_and_raises_the_alarm(self):
         # Braze cannot connect, but what is queued still goes to mParticle
-        cert, key = self.dated_pair("expired", "20200101000000Z", "20200201000000Z")
-        s = TLSService(cert, key)
-        self.addCleanup(s.cleanup)
-        s.start(wait=False)  # a client that verifies it cannot say it is healthy
-        self.wait(lambda: "ALERT: the TLS certificate has expired; Braze cannot connect"
-                  in s.logs(), what="the alert")
-        served = None
-        deadline = time.time() + 10 * SLOW
-        while served is None and time.time() < deadline:
-            try:
-                served = self.served_certificate(s.port)
-            except OSError:
-                time.sleep(0.05)
-        self.assertEqual(served, self.der(cert))
-        self.assertIsNone(s.proc.poll())
+        for (start, end), alert in (
+                (("20200101000000Z", "20200201000000Z"),
+                 "ALERT: the TLS certificate has expired; Braze cannot connect"),
+                (("20990101000000Z", "20990201000000Z"),
+                 "ALERT: the TLS certificate is not valid yet; Braze cannot connect")):
+            with self.subTest(alert=alert):
+                cert, key = self.dated_pair("dated", start, end)
+                s = TLSService(cert, key)
+                self.addCleanup(s.cleanup)
+                s.start(wait=False)  # a client that verifies it cannot say it is healthy
+                self.wait(lambda: alert in s.logs(), what="the alert")
+                served = None
+                deadline = time.time() + 10 * SLOW
+                while served is None and time.time() < deadline:
+                    try:
+                        served = self.served_certificate(s.port)
+                    except OSError:
+                        time.sleep(0.05)
+                self.assertEqual(served, self.der(cert))
+                self.assertIsNone(s.proc.poll())
 
     def test_check_refuses_tls_and_ca_files_that_cannot_be_used(self):
         d = self.tmpdir()
