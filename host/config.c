@@ -68,6 +68,7 @@ static const struct key KEYS[] = {
     {"inbound.replay_window_s", K_INT, OFF(inbound_replay_window_s), 1, 86400, NULL},
     {"inbound.max_body_bytes", K_INT, OFF(inbound_max_body_bytes), 1024, 1LL << 30, NULL},
     {"inbound.max_events", K_INT, OFF(inbound_max_events), 1, 1000000, NULL},
+    {"inbound.body_memory_mb", K_INT, OFF(inbound_body_memory_mb), 1, 1 << 20, NULL},
     {"inbound.workspaces", K_LIST, OFF(inbound_workspaces), 0, 0, NULL},
     {"mparticle.url", K_STR, OFF(mparticle_url), 0, 0, NULL},
     {"mparticle.rate_limit", K_INT, OFF(mparticle_rate_limit), 1, 100000, NULL},
@@ -767,6 +768,7 @@ static int set_defaults(struct config *c)
     c->environment = strdup("production");
     c->inbound_max_body_bytes = 16 << 20;
     c->inbound_max_events = 10000;
+    c->inbound_body_memory_mb = 256;
     c->inbound_require = strdup("either");
     c->inbound_replay_window_s = 300;
     c->http_request_timeout_s = 120;
@@ -1030,6 +1032,12 @@ static void check(struct config *c, struct errs *e, int serving)
                  "queue.max_depth (%lld) must be at least inbound.max_events (%lld): a request "
                  "that large could never be queued",
                  (long long)c->queue_max_depth, (long long)c->inbound_max_events);
+    /* or a request Braze could not split (a 503 it retries as it is) */
+    if ((c->inbound_body_memory_mb << 20) < c->inbound_max_body_bytes)
+        errs_add(e,
+                 "inbound.body_memory_mb (%lld) must hold a body of inbound.max_body_bytes "
+                 "(%lld): a request that large could never be read",
+                 (long long)c->inbound_body_memory_mb, (long long)c->inbound_max_body_bytes);
     free(c->trusted_nets);
     c->ntrusted_nets = 0;
     c->trusted_nets = calloc(c->http_trusted_proxies.n + 1, sizeof(*c->trusted_nets));

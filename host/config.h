@@ -69,6 +69,7 @@ struct config {
     char *inbound_require; /* token, signature, either, both */
     int64_t inbound_replay_window_s;
     int64_t inbound_max_body_bytes;
+    int64_t inbound_body_memory_mb; /* request bodies held at once, all requests together */
     int64_t inbound_max_events;
     /* names the `?workspace=` of a request may give; n == 0: any */
     struct string_list inbound_workspaces;

@@ -75,12 +75,13 @@ struct req {
     int answered; /* a response was queued early (400, 401, 404, 405, 413, 415, 429, 501, 503) */
     int too_large;
     int no_memory;     /* the body could not be kept: our trouble, 503 */
+    int busy;          /* the body would pass body_memory: read, dropped, then 503 */
     int unwanted_body; /* a body came for a route that takes none (never stored) */
     int admitted;      /* ingest_precheck: 1 by its headers, 2 only by a signature over
-                          the body (counted against UNAUTHENTICATED_BODY_BUDGET) */
+                          the body (also counted against UNAUTHENTICATED_BODY_BUDGET) */
     int tracked;       /* counted in in_progress */
     int close;         /* the answer closes the connection */
-    size_t counted;
+    size_t counted;    /* of the body, bytes held in body_bytes */
     struct timespec start;
     buf body;
     char id[40];
@@ -88,9 +89,25 @@ struct req {
 };
 
 static _Atomic uint64_t request_seq;
+/* The bytes of the request bodies held, all requests together (bounded by the
+ * option body_memory), and of those awaiting a signature check. */
+static _Atomic size_t body_bytes;
 static _Atomic size_t unauthenticated_bytes;
 /* Set by http_in_drain: every answer closes its connection. */
 static _Atomic int closing_connections;
+
+/* The body r held leaves the budgets: it was dropped, or r is over. */
+static void release_body(struct req *r)
+{
+    atomic_fetch_sub(&body_bytes, r->counted);
+    if (r->admitted == 2)
+        atomic_fetch_sub(&unauthenticated_bytes, r->counted);
+    r->counted = 0;
+    buf_free(&r->body);
+}
+
+/* Retry-After of a request refused for the bodies held by others. */
+#define RETRY_AFTER_BUSY 5
 
 static double elapsed(const struct timespec *start)
 {
@@ -152,6 +169,15 @@ static enum MHD_Result reply_json(struct MHD_Connection *c, struct req *r, int s
  * dropped, up to this size (Braze's largest batch, 100 events of 900 KB, is
  * some 90 MB), and then answered. */
 #define TOO_LARGE_READ_MAX ((uint64_t)128 << 20)
+
+static enum MHD_Result refuse_busy(struct MHD_Connection *c, struct req *r)
+{
+    static _Atomic int64_t logged_ms;
+    if (log_due_shared(&logged_ms))
+        log_warn("request bodies held in memory reached inbound.body_memory_mb; answered 503",
+                 LOG_S("client", r->client));
+    return reply_json(c, r, 503, "{\"error\":\"busy\"}", RETRY_AFTER_BUSY);
+}
 
 static enum MHD_Result refuse_too_large(const http_in *h, struct MHD_Connection *c, struct req *r)
 {
@@ -347,6 +373,7 @@ static enum MHD_Result answer_metrics(http_in *h, struct MHD_Connection *c, stru
         h->hooks.gauges(h->hooks.ctx, &g);
     if (atomic_load(&h->in->draining))
         g.ready = 0; /* as /readyz says: "shutting down" */
+    g.request_body_bytes = (int64_t)atomic_load(&body_bytes);
     buf out;
     buf_init(&out, 1 << 20);
     enum MHD_Result rc;
@@ -741,7 +768,12 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
                        UNAUTHENTICATED_BODY_BUDGET) {
             r->answered = 1;
             log_warn("too many unauthenticated request bodies in flight; refused");
-            rc = reply_json(c, r, 503, "{\"error\":\"busy\"}", 5);
+            rc = reply_json(c, r, 503, "{\"error\":\"busy\"}", RETRY_AFTER_BUSY);
+        } else if (has_length && (uint64_t)len + atomic_load(&body_bytes) > h->opt.body_memory) {
+            /* answered before the body is read: Braze retries a 503 and a
+             * broken connection alike */
+            r->answered = 1;
+            rc = refuse_busy(c, r);
         }
         buf_free(&resp.body);
         log_set_request(NULL);
@@ -756,28 +788,31 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
             *upload_size = 0;
             return MHD_YES;
         }
-        int keep = !r->answered && !r->too_large && !r->no_memory;
-        if (keep && r->admitted == 2) {
-            r->counted += *upload_size;
-            if (atomic_fetch_add(&unauthenticated_bytes, *upload_size) + *upload_size >
-                UNAUTHENTICATED_BODY_BUDGET) {
+        size_t n = *upload_size;
+        *upload_size = 0;
+        if (r->answered || r->too_large || r->no_memory || r->busy)
+            return MHD_YES; /* read and dropped */
+        if (n > h->opt.max_body - r->body.len) {
+            r->too_large = 1; /* 413 before busy: Braze splits it */
+        } else {
+            r->counted += n;
+            size_t all = atomic_fetch_add(&body_bytes, n) + n;
+            size_t unauthenticated =
+                r->admitted == 2 ? atomic_fetch_add(&unauthenticated_bytes, n) + n : 0;
+            if (r->admitted == 2 &&
+                (all > h->opt.body_memory || unauthenticated > UNAUTHENTICATED_BODY_BUDGET)) {
                 log_warn("too many unauthenticated request bodies in flight; connection closed");
                 return MHD_NO;
             }
-        }
-        if (keep && buf_add(&r->body, upload, *upload_size) != 0) {
-            if (*upload_size > h->opt.max_body - r->body.len)
-                r->too_large = 1;
-            else
+            if (all > h->opt.body_memory)
+                r->busy = 1;
+            else if (buf_add(&r->body, upload, n) != 0)
                 r->no_memory = 1;
-            buf_free(&r->body);
-            /* the rest is read and dropped: what is not kept leaves the
-             * budget of unauthenticated bodies (a chunked body over
-             * max_body held it to the end) */
-            atomic_fetch_sub(&unauthenticated_bytes, r->counted);
-            r->counted = 0;
         }
-        *upload_size = 0;
+        /* the rest is read and dropped: what is not kept leaves the budgets
+         * at once (a chunked body over max_body held them to its end) */
+        if (r->busy || r->too_large || r->no_memory)
+            release_body(r);
         return MHD_YES;
     }
     if (r->answered)
@@ -798,6 +833,8 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         rc = answer_admin_reload(c, r);
     } else if (r->too_large) {
         rc = refuse_too_large(h, c, r);
+    } else if (r->busy) {
+        rc = refuse_busy(c, r);
     } else if (r->no_memory) {
         log_error("out of memory for a request body; answered 503");
         rc = reply_json(c, r, 503, "{\"error\":\"out of memory\"}", RETRY_AFTER_NO_MEMORY);
@@ -836,8 +873,7 @@ static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls,
             pthread_cond_broadcast(&h->drained_cv);
         pthread_mutex_unlock(&h->conns_mu);
     }
-    atomic_fetch_sub(&unauthenticated_bytes, r->counted);
-    buf_free(&r->body);
+    release_body(r);
     free(r);
     *con_cls = NULL;
 }

@@ -40,7 +40,8 @@ struct http_in_options {
      * connection from the end of the previous request plus timeout_s */
     int request_timeout_s;
     size_t max_body;
-    int tls; /* HTTPS with tls's certificate and key (see tls.h), else plain HTTP */
+    size_t body_memory; /* the bodies held at once, all requests together */
+    int tls;            /* HTTPS with tls's certificate and key (see tls.h), else plain HTTP */
 };
 
 /* What the server asks of the running service. */

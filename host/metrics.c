@@ -428,6 +428,10 @@ int metrics_render(buf *b, const struct metrics_gauges *g)
         rc |= buf_printf(b, "tributary_dead_letters %lld\n", (long long)g->dead_letters);
         rc |= header(b, "tributary_ready", "gauge", "1 when the service is ready.");
         rc |= buf_printf(b, "tributary_ready %d\n", g->ready);
+        rc |= header(b, "tributary_http_request_body_bytes", "gauge",
+                     "Request bodies held in memory (at most inbound.body_memory_mb).");
+        rc |= buf_printf(b, "tributary_http_request_body_bytes %lld\n",
+                         (long long)g->request_body_bytes);
         rc |= header(b, "tributary_tls_certificate_expiry_timestamp_seconds", "gauge",
                      "When the listener's TLS certificate expires (UNIX seconds; 0 without TLS).");
         rc |= buf_printf(b, "tributary_tls_certificate_expiry_timestamp_seconds %lld\n",

@@ -81,6 +81,7 @@ struct metrics_gauges {
     int64_t dedup_bytes;
     int ready;
     int64_t tls_not_after; /* UNIX seconds; 0 without TLS */
+    int64_t request_body_bytes;
     const char *rules_version;
 };
 

@@ -169,6 +169,7 @@ static void warn_restart_only(const struct config *old, const struct config *neu
         {"http.timeout_s", offsetof(struct config, http_timeout_s)},
         {"http.request_timeout_s", offsetof(struct config, http_request_timeout_s)},
         {"inbound.max_body_bytes", offsetof(struct config, inbound_max_body_bytes)},
+        {"inbound.body_memory_mb", offsetof(struct config, inbound_body_memory_mb)},
         {"queue.max_depth", offsetof(struct config, queue_max_depth)},
         {"queue.min_free_mb", offsetof(struct config, queue_min_free_mb)},
         {"dedup.window_s", offsetof(struct config, dedup_window_s)}};

@@ -330,6 +330,7 @@ int service_run(const char *config_path)
         .timeout_s = (int)cfg->http_timeout_s,
         .request_timeout_s = (int)cfg->http_request_timeout_s,
         .max_body = (size_t)cfg->inbound_max_body_bytes,
+        .body_memory = (size_t)cfg->inbound_body_memory_mb << 20,
         .tls = cfg->tls_cert != NULL,
     };
     /* Watched before the first request can be answered: a rule written as soon

@@ -1,7 +1,8 @@
 return {
   listen = "127.0.0.1:9090", data_dir = "./var", rules_dir = "./rules", environment = "development",
   inbound = { tokens = { "t-one", "t-two" }, hmac_secrets = "s1, s2", require = "either",
-              replay_window_s = 300, max_body_bytes = 1048576, max_events = 500 },
+              replay_window_s = 300, max_body_bytes = 1048576, max_events = 500,
+              body_memory_mb = 64 },
   mparticle = { url = "http://127.0.0.1:8081", ca_bundle = "/etc/ssl/certs/ca-certificates.crt" },
   feeds = {
     ios = { key = "k", secret = "s", url = "https://s2s.eu1.mparticle.com", rate_limit = 100 },
