@@ -120,7 +120,7 @@ local AD_ID_FIELD = {
 -- AD_ID_FIELD types (then ad_id and ad_id_type are used) and tracking whether
 -- ad_tracking_enabled was a boolean (then it is used); otherwise they remain.
 local function consumed(ad, tracking)
-  local t = { platform = true, device_model = true, os_version = true, media_urls = true }
+  local t = { device_model = true, os_version = true, media_urls = true }
   if ad then t.ad_id, t.ad_id_type = true, true end
   if tracking then t.ad_tracking_enabled = true end
   return t
@@ -301,8 +301,8 @@ local tests = {
           source_message_id = "a1b2c3d4-0000-4000-8000-000000000001",
           custom_attributes = { app_id = "app-1", campaign_name = "Winter sale",
                                 device_id = "2E3C1F4A-77B2-4C8E-9A01-6F2D3B4C5D6E",
-                                os_version = absent, platform = absent, user_id = absent,
-                                timezone = absent },
+                                platform = "ios", os_version = absent, device_model = absent,
+                                user_id = absent, timezone = absent },
         },
       },
     },
@@ -397,7 +397,16 @@ local tests = {
     expect = { batch = { device_info = { limit_ad_tracking = absent } },
                event = { data = { custom_attributes = {
                  ad_id = "amzn-1", ad_id_type = "amazon_ad_id", ad_tracking_enabled = "yes",
-                 platform = absent } } } },
+                 platform = "android" } } } },
+  },
+  {
+    name = "a platform without a feed of its own stays an attribute on unbound",
+    event = { event_type = "users.messages.inappmessage.Click", id = "roku-1", time = 1,
+              user = { external_user_id = "c" },
+              properties = { platform = "roku", ad_id = "r-1", ad_id_type = "roku_ad_id" } },
+    expect = { feed = "unbound",
+               batch = { device_info = { platform = absent, roku_advertising_id = "r-1" } },
+               event = { data = { custom_attributes = { platform = "roku", ad_id = absent } } } },
   },
   {
     name = "a card_id of its own wins over content_card_id",
