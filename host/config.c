@@ -1032,11 +1032,12 @@ static void check(struct config *c, struct errs *e, int serving)
                  "queue.max_depth (%lld) must be at least inbound.max_events (%lld): a request "
                  "that large could never be queued",
                  (long long)c->queue_max_depth, (long long)c->inbound_max_events);
-    /* or a request Braze could not split (a 503 it retries as it is) */
-    if ((c->inbound_body_memory_mb << 20) < c->inbound_max_body_bytes)
+    /* room for the largest body besides one awaiting its signature check,
+     * which never takes that room (a 503 busy is retried as it is, unsplit) */
+    if ((c->inbound_body_memory_mb << 20) / 2 < c->inbound_max_body_bytes)
         errs_add(e,
-                 "inbound.body_memory_mb (%lld) must hold a body of inbound.max_body_bytes "
-                 "(%lld): a request that large could never be read",
+                 "inbound.body_memory_mb (%lld) must hold two bodies of inbound.max_body_bytes "
+                 "(%lld): the largest request, and as much besides for the others",
                  (long long)c->inbound_body_memory_mb, (long long)c->inbound_max_body_bytes);
     free(c->trusted_nets);
     c->ntrusted_nets = 0;

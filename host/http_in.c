@@ -20,9 +20,10 @@
 #include <time.h>
 
 /* Bodies of requests that only a signature over the body can admit are read
- * before anybody is authenticated: all of them together get this much memory,
- * beyond which they are refused (503) or cut off. */
-#define UNAUTHENTICATED_BODY_BUDGET (64u << 20)
+ * before anybody is authenticated: all of them together get this much of the
+ * option body_memory, and never the room of the largest body that is left
+ * for the others (see unauthenticated_budget). */
+#define UNAUTHENTICATED_BODY_BUDGET ((size_t)64 << 20)
 
 /* Headers and the read buffer of one connection: larger headers get 431. */
 #define CONNECTION_MEMORY (64 * 1024)
@@ -45,6 +46,10 @@ struct http_in {
     struct http_in_options opt;
     struct http_in_hooks hooks;
     int port;
+    /* UNAUTHENTICATED_BODY_BUDGET, or less so that bodies awaiting their
+     * signature check always leave room in body_memory for a body of
+     * max_body: authenticated requests are never locked out by them */
+    size_t unauthenticated_budget;
     /* Requests that trickle in (request line, headers or body) are cut off by
      * shutting their socket down from a watchdog, which checks every second.
      * libmicrohttpd's idle timeout cannot do it: every byte resets it. */
@@ -75,13 +80,14 @@ struct req {
     int answered; /* a response was queued early (400, 401, 404, 405, 413, 415, 429, 501, 503) */
     int too_large;
     int no_memory;     /* the body could not be kept: our trouble, 503 */
-    int busy;          /* the body would pass body_memory: read, dropped, then 503 */
+    int busy;          /* the body would pass a budget (enum budget): read, dropped, then 503 */
     int unwanted_body; /* a body came for a route that takes none (never stored) */
     int admitted;      /* ingest_precheck: 1 by its headers, 2 only by a signature over
-                          the body (also counted against UNAUTHENTICATED_BODY_BUDGET) */
+                          the body (also counted in unauthenticated_bytes) */
     int tracked;       /* counted in in_progress */
     int close;         /* the answer closes the connection */
-    size_t counted;    /* of the body, bytes held in body_bytes */
+    size_t counted;    /* bytes taken from the budgets for the body (take_body) */
+    int taken;         /* the whole body's bytes were taken at its headers */
     struct timespec start;
     buf body;
     char id[40];
@@ -89,12 +95,41 @@ struct req {
 };
 
 static _Atomic uint64_t request_seq;
-/* The bytes of the request bodies held, all requests together (bounded by the
- * option body_memory), and of those awaiting a signature check. */
+/* The bytes taken for request bodies, all requests together (bounded by the
+ * option body_memory), and for those awaiting a signature check. */
 static _Atomic size_t body_bytes;
 static _Atomic size_t unauthenticated_bytes;
 /* Set by http_in_drain: every answer closes its connection. */
 static _Atomic int closing_connections;
+
+/* What a body is refused for. */
+enum budget { B_FITS, B_ALL, B_UNAUTHENTICATED };
+
+/* Adds n to *used unless the sum would pass limit; 1 when added. */
+static int reserve(_Atomic size_t *used, size_t n, size_t limit)
+{
+    size_t cur = atomic_load(used);
+    do {
+        if (n > limit || cur > limit - n)
+            return 0;
+    } while (!atomic_compare_exchange_weak(used, &cur, cur + n));
+    return 1;
+}
+
+/* Takes n bytes for r's body from the budgets, all or nothing: a request
+ * whose length is known takes its whole body before reading it, a chunked
+ * one each piece as it comes. */
+static enum budget take_body(const http_in *h, struct req *r, size_t n)
+{
+    if (!reserve(&body_bytes, n, h->opt.body_memory))
+        return B_ALL;
+    if (r->admitted == 2 && !reserve(&unauthenticated_bytes, n, h->unauthenticated_budget)) {
+        atomic_fetch_sub(&body_bytes, n);
+        return B_UNAUTHENTICATED;
+    }
+    r->counted += n;
+    return B_FITS;
+}
 
 /* The body r held leaves the budgets: it was dropped, or r is over. */
 static void release_body(struct req *r)
@@ -172,9 +207,12 @@ static enum MHD_Result reply_json(struct MHD_Connection *c, struct req *r, int s
 
 static enum MHD_Result refuse_busy(struct MHD_Connection *c, struct req *r)
 {
-    static _Atomic int64_t logged_ms;
-    if (log_due_shared(&logged_ms))
+    static _Atomic int64_t logged_ms[2];
+    if (r->busy == B_ALL && log_due_shared(&logged_ms[0]))
         log_warn("request bodies held in memory reached inbound.body_memory_mb; answered 503",
+                 LOG_S("client", r->client));
+    else if (r->busy == B_UNAUTHENTICATED && log_due_shared(&logged_ms[1]))
+        log_warn("too many request bodies awaiting their signature check; answered 503",
                  LOG_S("client", r->client));
     return reply_json(c, r, 503, "{\"error\":\"busy\"}", RETRY_AFTER_BUSY);
 }
@@ -763,17 +801,15 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
                 r->answered = 1;
                 rc = refuse_too_large(h, c, r);
             }
-        } else if (admitted == 2 && has_length &&
-                   (uint64_t)len + atomic_load(&unauthenticated_bytes) >
-                       UNAUTHENTICATED_BODY_BUDGET) {
-            r->answered = 1;
-            log_warn("too many unauthenticated request bodies in flight; refused");
-            rc = reply_json(c, r, 503, "{\"error\":\"busy\"}", RETRY_AFTER_BUSY);
-        } else if (has_length && (uint64_t)len + atomic_load(&body_bytes) > h->opt.body_memory) {
-            /* answered before the body is read: Braze retries a 503 and a
-             * broken connection alike */
-            r->answered = 1;
-            rc = refuse_busy(c, r);
+        } else if (has_length) {
+            /* the whole body, taken before it is read; refused before it is
+             * read: Braze retries a 503 and a broken connection alike */
+            r->busy = take_body(h, r, (size_t)len);
+            r->taken = r->busy == B_FITS;
+            if (!r->taken) {
+                r->answered = 1;
+                rc = refuse_busy(c, r);
+            }
         }
         buf_free(&resp.body);
         log_set_request(NULL);
@@ -792,23 +828,12 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         *upload_size = 0;
         if (r->answered || r->too_large || r->no_memory || r->busy)
             return MHD_YES; /* read and dropped */
-        if (n > h->opt.max_body - r->body.len) {
+        if (n > h->opt.max_body - r->body.len)
             r->too_large = 1; /* 413 before busy: Braze splits it */
-        } else {
-            r->counted += n;
-            size_t all = atomic_fetch_add(&body_bytes, n) + n;
-            size_t unauthenticated =
-                r->admitted == 2 ? atomic_fetch_add(&unauthenticated_bytes, n) + n : 0;
-            if (r->admitted == 2 &&
-                (all > h->opt.body_memory || unauthenticated > UNAUTHENTICATED_BODY_BUDGET)) {
-                log_warn("too many unauthenticated request bodies in flight; connection closed");
-                return MHD_NO;
-            }
-            if (all > h->opt.body_memory)
-                r->busy = 1;
-            else if (buf_add(&r->body, upload, n) != 0)
-                r->no_memory = 1;
-        }
+        else if (!r->taken)
+            r->busy = take_body(h, r, n); /* a chunked body takes its room as it comes */
+        if (!r->too_large && !r->busy && buf_add(&r->body, upload, n) != 0)
+            r->no_memory = 1;
         /* the rest is read and dropped: what is not kept leaves the budgets
          * at once (a chunked body over max_body held them to its end) */
         if (r->busy || r->too_large || r->no_memory)
@@ -916,6 +941,9 @@ int http_in_start(http_in **out, struct ingest *in, const struct http_in_options
     }
     h->in = in;
     h->opt = *o;
+    size_t spare = o->body_memory > o->max_body ? o->body_memory - o->max_body : 0;
+    h->unauthenticated_budget =
+        spare < UNAUTHENTICATED_BODY_BUDGET ? spare : UNAUTHENTICATED_BODY_BUDGET;
     if (hooks)
         h->hooks = *hooks;
     pthread_mutex_init(&h->conns_mu, NULL);

@@ -429,7 +429,7 @@ int metrics_render(buf *b, const struct metrics_gauges *g)
         rc |= header(b, "tributary_ready", "gauge", "1 when the service is ready.");
         rc |= buf_printf(b, "tributary_ready %d\n", g->ready);
         rc |= header(b, "tributary_http_request_body_bytes", "gauge",
-                     "Request bodies held in memory (at most inbound.body_memory_mb).");
+                     "Memory taken for request bodies (at most inbound.body_memory_mb).");
         rc |= buf_printf(b, "tributary_http_request_body_bytes %lld\n",
                          (long long)g->request_body_bytes);
         rc |= header(b, "tributary_tls_certificate_expiry_timestamp_seconds", "gauge",

@@ -966,17 +966,24 @@ class BodyBounds(ServiceTest):
 
     # The bodies held at once, all requests together, share inbound.body_memory_mb.
     MEMORY = {"TRIBUTARY_INBOUND_MAX_BODY_BYTES": str(1 << 20),
-              "TRIBUTARY_INBOUND_BODY_MEMORY_MB": "1"}
+              "TRIBUTARY_INBOUND_BODY_MEMORY_MB": "2"}
 
     @staticmethod
-    def head(length=None):
+    def head(length=None, signature=None):
         framing = ("Content-Length: %d" % length) if length is not None else \
             "Transfer-Encoding: chunked"
-        return ("POST /currents HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
-                "Content-Type: application/json\r\n%s\r\n\r\n" % (TOKEN, framing)).encode()
+        auth = ("Tributary-Signature: t=%d,v1=%s" % (int(time.time()), "0" * 64) if signature
+                else "Authorization: Bearer " + TOKEN)
+        return ("POST /currents HTTP/1.1\r\nHost: x\r\n%s\r\n"
+                "Content-Type: application/json\r\n%s\r\n\r\n" % (auth, framing)).encode()
+
+    def connect(self, s):
+        sock = socket.create_connection(("127.0.0.1", s.port), timeout=30 * SLOW)
+        self.addCleanup(sock.close)
+        return sock
 
     def held_bytes(self, s, want):
-        """Waits until the service holds `want` bytes of request bodies."""
+        """Waits until the service has taken `want` bytes for request bodies."""
         deadline = time.time() + 10 * SLOW
         while time.time() < deadline:
             held = s.metrics()["tributary_http_request_body_bytes"]
@@ -985,39 +992,60 @@ class BodyBounds(ServiceTest):
             time.sleep(0.05)
         self.fail("request bodies held: %d bytes, not %d" % (held, want))
 
-    def test_bodies_held_at_once_share_inbound_body_memory_mb(self):
-        s = self.service(env=self.MEMORY)
-        body, e = envelope_of_size(700000)
-        a = socket.create_connection(("127.0.0.1", s.port), timeout=30 * SLOW)
-        self.addCleanup(a.close)
-        a.sendall(self.head(len(body)) + body[:600000])
-        self.held_bytes(s, 600000)
-        # 500,000 more would pass the 1 MiB: answered at once, before the body
-        b = socket.create_connection(("127.0.0.1", s.port), timeout=30 * SLOW)
-        self.addCleanup(b.close)
-        answer = probe(b, self.head(500000), timeout=10)
+    def busy(self, answer):
         self.assertTrue(answer and answer.startswith(b"HTTP/1.1 503 "), answer)
         self.assertIn(b"Retry-After: 5\r\n", answer)
         self.assertIn(b'{"error":"busy"}', answer)
+
+    def test_bodies_held_at_once_share_inbound_body_memory_mb(self):
+        s = self.service(env=self.MEMORY)
+        # a length known takes its room at the headers: two of 1,000,000 take
+        # all but 97,152 bytes of the 2 MiB, one of them half sent
+        body, e = envelope_of_size(1000000)
+        a = self.connect(s)
+        a.sendall(self.head(len(body)) + body[:600000])
+        other, e2 = envelope_of_size(1000000)
+        a2 = self.connect(s)
+        a2.sendall(self.head(len(other)))
+        self.held_bytes(s, 2000000)
+        # 200,000 more would pass it: answered at once, before the body
+        self.busy(probe(self.connect(s), self.head(200000), timeout=10))
         # without a length it is known only as it comes: read, dropped, then answered
-        status, text = post_chunked(s.port, envelope_of_size(500000)[0], chunk=1 << 16)
+        status, text = post_chunked(s.port, envelope_of_size(200000)[0], chunk=1 << 16)
         self.assertEqual((status, json.loads(text)), (503, {"error": "busy"}))
-        self.held_bytes(s, 600000)  # the dropped body left at once
-        # what fits still comes in, and the held request completes
+        self.held_bytes(s, 2000000)  # the dropped body left at once
+        # what fits still comes in, and the held requests complete
         small = event()
         self.assertEqual(s.post([small]).status, 200)
-        answer = probe(a, body[600000:], timeout=10)
-        self.assertTrue(answer and answer.startswith(b"HTTP/1.1 200 "), answer)
+        for sock, rest in ((a, body[600000:]), (a2, other)):
+            answer = probe(sock, rest, timeout=10)
+            self.assertTrue(answer and answer.startswith(b"HTTP/1.1 200 "), answer)
         self.held_bytes(s, 0)
-        self.assertEqual(sorted(s.queued_ids()), sorted([e["id"], small["id"]]))
+        self.assertEqual(sorted(s.queued_ids()), sorted([e["id"], e2["id"], small["id"]]))
         self.assertEqual(s.metrics()['tributary_http_requests_total{code="503"}'], 2)
         self.assertIn("request bodies held in memory reached inbound.body_memory_mb", s.logs())
 
-    def test_a_body_memory_smaller_than_one_body_is_a_configuration_error(self):
-        p = run_cli(["check"], env={"TRIBUTARY_INBOUND_BODY_MEMORY_MB": "8"})
+    def test_bodies_awaiting_their_signature_check_leave_room_for_the_largest_body(self):
+        # 2 MiB for bodies, 1 MiB at most: those awaiting a signature check
+        # may take 1 MiB of it, never the room of a largest authenticated body
+        s = self.service(env=dict(self.MEMORY, TRIBUTARY_INBOUND_HMAC_SECRETS=SECRET))
+        unsigned = self.connect(s)
+        unsigned.sendall(self.head(1000000, signature=True) + b"x" * 500000)
+        self.held_bytes(s, 1000000)
+        self.busy(probe(self.connect(s), self.head(100000, signature=True), timeout=10))
+        body, e = envelope_of_size(1 << 20)
+        r = s.post(body=body)
+        self.assertEqual(r.status, 200, r)
+        self.assertEqual(s.queued_ids(), [e["id"]])
+        self.assertIn("too many request bodies awaiting their signature check", s.logs())
+
+    def test_a_body_memory_smaller_than_two_bodies_is_a_configuration_error(self):
+        p = run_cli(["check"], env={"TRIBUTARY_INBOUND_BODY_MEMORY_MB": "31"})
         self.assertEqual(p.returncode, 1, p)
-        self.assertIn("inbound.body_memory_mb (8) must hold a body of inbound.max_body_bytes "
-                      "(16777216)", p.stderr)
+        self.assertIn("inbound.body_memory_mb (31) must hold two bodies of "
+                      "inbound.max_body_bytes (16777216)", p.stderr)
+        p = run_cli(["check"], env={"TRIBUTARY_INBOUND_BODY_MEMORY_MB": "32"})
+        self.assertEqual(p.returncode, 0, p)
 
 
 class Framing(ServiceTest):
