@@ -1247,8 +1247,9 @@ static int check_name(lua_State *L, int idx, const char *field, const char *what
     return ok ? 0 : -1;
 }
 
-/* [-0, +0] A fingerprint of the fields of the table at idx (names and scalar
- * values, as the output check leaves device_info), whatever their order. */
+/* [-0, +0] A fingerprint of the fields of the table at idx that hold no
+ * table (names and scalar values: all of device_info, as the output check
+ * leaves it), whatever their order. */
 static uint64_t fields_fingerprint(lua_State *L, int idx)
 {
     uint64_t sum = 0;
@@ -1258,6 +1259,10 @@ static uint64_t fields_fingerprint(lua_State *L, int idx)
         const char *k = lua_type(L, -2) == LUA_TSTRING ? lua_tolstring(L, -2, &kn) : "";
         const char *v;
         int t = lua_type(L, -1);
+        if (t == LUA_TTABLE) {
+            lua_pop(L, 1);
+            continue;
+        }
         if (t == LUA_TSTRING || t == LUA_TNUMBER) {
             v = lua_tolstring(L, -1, &vn); /* the value's copy on the stack */
         } else {
@@ -1464,10 +1469,11 @@ static int emit(rules *r, lua_State *L, int evi, const struct event_ids *ids, in
                    tmp.event.n + tmp.batch.n);
         goto done;
     }
-    /* the user, whose events the sender puts in one batch: customer_id and the
-     * device (its device_info's fingerprint), so that a batch never joins the
-     * events of two devices, which would all take the last one's device_info;
-     * without a customer_id, every batch field together */
+    /* the user, whose events the sender puts in one batch: customer_id, the
+     * device (its device_info's fingerprint) and the batch's own scalars
+     * (environment, ...), so that a batch never joins the events of two
+     * devices or environments, which would all take the last one's; without a
+     * customer_id, every batch field together */
     const char *user = NULL;
     size_t ulen = 0;
     /* the customer_id stays on the stack while user points into it (the
@@ -1480,6 +1486,8 @@ static int emit(rules *r, lua_State *L, int evi, const struct event_ids *ids, in
         if (rawfield(L, top + 3, "device_info") == LUA_TTABLE)
             device = fields_fingerprint(L, lua_gettop(L));
         lua_pop(L, 1);
+        /* told apart from the same fields in device_info */
+        device ^= fields_fingerprint(L, top + 3) * UINT64_C(0x9e3779b97f4a7c15);
         buf_reset(&r->scratch);
         char tail[24];
         int tn =

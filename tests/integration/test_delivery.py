@@ -223,6 +223,28 @@ class Delivery(ServiceTest):
                                      "DEVICE-B": [evs[1]["id"]]})
         self.assertEqual(len(d.batches), 2)
 
+    def test_a_users_events_for_two_environments_go_in_two_batches(self):
+        """One batch held both: it went out in the last event's environment, so a rule's
+        test events reached production, or production events development."""
+        rules = self.rules_dir({"50-qa.lua": (
+            "return function(e, out)\n"
+            "  if out and e.properties.qa then out.batch.environment = 'development' end\n"
+            "end\n")})
+        d = self.double()
+        s = self.service(rules_dir=rules, env=feed_env(d, TRIBUTARY_BATCH_LINGER_MS=1500))
+        evs = [event("users.messages.email.Send", user="u1"),
+               event("users.messages.email.Send", user="u1", qa=True),
+               event("users.messages.email.Send", user="u1")]
+        self.assertEqual(s.post(evs).status, 200)
+        self.assertTrue(d.wait_for_events(3, 10 * SLOW))
+        by_environment = {}
+        for _, batch, e in d.events():
+            by_environment.setdefault(batch["environment"], []).append(
+                e["data"]["source_message_id"])
+        self.assertEqual(by_environment, {"production": [evs[0]["id"], evs[2]["id"]],
+                                          "development": [evs[1]["id"]]})
+        self.assertEqual(len(d.batches), 2)
+
     def test_a_paused_feeds_probe_takes_a_batch_that_has_not_failed(self):
         """A probe with a batch that fails whatever the credentials (a 5xx) kept the feed
         paused: the probe takes the batch that failed least."""

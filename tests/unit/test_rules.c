@@ -729,7 +729,7 @@ START_TEST(test_numbers_keep_their_value_and_whole_numbers_stay_integers)
         ck_assert_msg(contains(ev, want[i]), "%s not in %s", want[i], ev);
     ck_assert_msg(contains(F.m.records[0].batch.p, "\"customer_id\"\t\"12345\""), "%s",
                   F.m.records[0].batch.p);
-    ck_assert_str_eq(F.m.records[0].user.p, "12345");
+    ck_assert_msg(strncmp(F.m.records[0].user.p, "12345\x1f", 6) == 0, "%s", F.m.records[0].user.p);
 }
 END_TEST
 
@@ -1050,8 +1050,9 @@ START_TEST(test_push_send_batch_carries_the_customer_id)
 }
 END_TEST
 
-/* The key the sender batches by: the external_user_id, and the device when the
- * batch has device_info (a fingerprint of its fields, in whatever order). */
+/* The key the sender batches by: the external_user_id, the device when the
+ * batch has device_info (a fingerprint of its fields, in whatever order), and
+ * the batch's own scalar fields (environment). */
 START_TEST(test_user_key_is_the_external_user_id_and_the_device)
 {
     default_rules();
@@ -1070,16 +1071,24 @@ START_TEST(test_user_key_is_the_external_user_id_and_the_device)
          "  else d.ios_idfv = 'A' d.platform = 'iOS' end\n"
          "  if event.id == 'd-3' then d.ios_idfv = 'B' end\n"
          "  if event.id == 'd-4' then d = nil end\n"
+         "  local env = event.id == 'd-5' and 'development' or nil\n"
+         "  if event.id == 'd-6' then d = {environment = 'production'} end\n"
          "  return {feed = 'unbound', batch = {user_identities = {customer_id = 'c'},\n"
-         "          device_info = d}, event = {event_type = 'uninstall', data = {}}}\n"
+         "          device_info = d, environment = env},\n"
+         "          event = {event_type = 'uninstall', data = {}}}\n"
          "end\n");
     build();
-    ck_assert_int_eq(
-        map(ENVELOPE(EV("d-1") "," EV("d-2") "," EV("d-3") "," EV("d-4")), INPUT_ENVELOPE), 0);
-    ck_assert_uint_eq(F.m.nrecords, 4);
+    ck_assert_int_eq(map(ENVELOPE(EV("d-1") "," EV("d-2") "," EV("d-3") "," EV("d-4") "," EV(
+                             "d-5") "," EV("d-6")),
+                         INPUT_ENVELOPE),
+                     0);
+    ck_assert_uint_eq(F.m.nrecords, 6);
     ck_assert_str_eq(F.m.records[0].user.p, F.m.records[1].user.p);
-    ck_assert_str_ne(F.m.records[0].user.p, F.m.records[2].user.p);
-    ck_assert_str_eq(F.m.records[3].user.p, "c");
+    ck_assert_str_eq(F.m.records[3].user.p, "c"); /* no device, no scalars */
+    for (size_t i = 2; i < 6; i++) {
+        for (size_t j = 0; j < i; j++)
+            ck_assert_str_ne(F.m.records[i].user.p, F.m.records[j].user.p);
+    }
 }
 END_TEST
 
