@@ -1431,9 +1431,28 @@ static int emit(rules *r, lua_State *L, int evi, const struct event_ids *ids, in
     tmp.feed = (enum feed)feed;
     tmp.rules_version = ruleset_version(r->rs);
 
+    /* mParticle recognises an event sent twice by its source_message_id: an
+     * output without one (a rule made its own) is written with the Braze id,
+     * which leaves the table as it was (a rule may return the same one for
+     * every event) */
+    rawfield(L, top + 2, "data"); /* a table, as checked */
+    int data = lua_gettop(L);
+    int filled = rawfield(L, data, "source_message_id") == LUA_TNIL && ids->id.n > 0;
+    lua_pop(L, 1);
+    if (filled) {
+        lua_pushliteral(L, "source_message_id");
+        lua_pushlstring(L, ids->id.p, ids->id.n);
+        lua_rawset(L, data);
+    }
     buf_reset(&r->scratch);
     struct json_clock clock = host_clock(r); /* for the event and its batch fields */
-    if (write_json(L, top + 2, &r->scratch, RULES_MAX_OUTPUT_BYTES, &clock, err, errlen) != 0) {
+    int written = write_json(L, top + 2, &r->scratch, RULES_MAX_OUTPUT_BYTES, &clock, err, errlen);
+    if (filled) {
+        lua_pushliteral(L, "source_message_id");
+        lua_pushnil(L);
+        lua_rawset(L, data);
+    }
+    if (written != 0) {
         char why[ERR_LEN];
         str_copy(why, sizeof why, err);
         if (r->scratch.len > RULES_MAX_OUTPUT_BYTES)

@@ -1092,6 +1092,29 @@ START_TEST(test_user_key_is_the_external_user_id_and_the_device)
 }
 END_TEST
 
+/* An output without source_message_id goes out with the Braze id (mParticle
+ * recognises a repeat by it), and the rule's table is left as it was: here one
+ * table serves every event. */
+START_TEST(test_an_output_without_source_message_id_takes_the_event_id)
+{
+    rule("50-shared.lua",
+         "local shared = {feed = 'unbound', batch = {user_identities = {customer_id = 'c'}},\n"
+         "                event = {event_type = 'uninstall', data = {}}}\n"
+         "return function(event, out)\n"
+         "  assert(shared.event.data.source_message_id == nil, 'the table was changed')\n"
+         "  return shared\n"
+         "end\n");
+    build();
+    ck_assert_int_eq(map(ENVELOPE(EV("s-1") "," EV("s-2")), INPUT_ENVELOPE), 0);
+    ck_assert_uint_eq(F.m.nrecords, 2);
+    ck_assert_uint_eq(F.m.ndead, 0);
+    ck_assert_msg(contains(F.m.records[0].event.p, "\"source_message_id\":\"s-1\""), "%s",
+                  F.m.records[0].event.p);
+    ck_assert_msg(contains(F.m.records[1].event.p, "\"source_message_id\":\"s-2\""), "%s",
+                  F.m.records[1].event.p);
+}
+END_TEST
+
 START_TEST(test_event_without_external_user_id_is_skipped)
 {
     default_rules();
@@ -2742,6 +2765,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_push_send_event_carries_its_name_and_source_message_id);
     tcase_add_test(tc, test_push_send_batch_carries_the_customer_id);
     tcase_add_test(tc, test_user_key_is_the_external_user_id_and_the_device);
+    tcase_add_test(tc, test_an_output_without_source_message_id_takes_the_event_id);
     tcase_add_test(tc, test_event_without_external_user_id_is_skipped);
     tcase_add_test(tc, test_event_with_null_external_user_id_is_skipped);
     tcase_add_test(tc, test_shipped_rules_pass_their_own_tests);
