@@ -1391,11 +1391,13 @@ static void on_rate_limited(struct sender *s, struct request *r)
     struct feed_state *f = r->f;
     release(r);
     metrics_retry(f->feed);
-    /* a limit of the whole account (or beyond it) holds every feed back */
-    static const char *const shared[] = {"account", "org", "workspace"};
-    int account = 0;
-    for (size_t i = 0; i < ARRAY_LEN(shared); i++)
-        account |= strcasecmp(r->rate_exceeded, shared[i]) == 0;
+    /* a limit of the feed's own key (`feed`, `app`) holds that feed back; any
+     * other, or none named, every feed: mParticle's documented limit is the
+     * account's, and a feed that went on would only be refused as well */
+    static const char *const own[] = {"feed", "app"};
+    int account = 1;
+    for (size_t i = 0; i < ARRAY_LEN(own); i++)
+        account &= strcasecmp(r->rate_exceeded, own[i]) != 0;
     struct bucket *b = account ? &s->account : &f->rate;
     slow_down(b, 0.5);
     spend(b, available(b, clock_mono_ms())); /* nothing more this second */

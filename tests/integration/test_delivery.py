@@ -1115,18 +1115,37 @@ class Delivery(ServiceTest):
         self.assertGreaterEqual(elapsed, 1.6)
         self.assertEqual({r["feed"] for r in d.requests if r["status"] == 202}, {"unbound", "ios"})
 
-    def test_a_429_for_the_account_holds_back_every_feed(self):
+    def ios_after_a_429_on_unbound(self, scope):
+        """Seconds from a 429 (Retry-After 2 s) answered to the unbound feed, with
+        X-mp-rate-limit-exceeded: scope (None: without), to the ios feed's first
+        request, posted right after the 429; and the service."""
         d = self.double()
-        d.fail(429, feed="unbound", times=1, retry_after=2, rate_limit_exceeded="account")
+        d.fail(429, feed="unbound", times=1, retry_after=2, rate_limit_exceeded=scope)
         s = self.service(env=feed_env(d, TRIBUTARY_BATCH_LINGER_MS=50))
         s.post([event("users.messages.email.Send", user="a")])
         self.wait(lambda: any(r["status"] == 429 for r in d.requests), what="the 429")
         refused_at = next(r["time"] for r in d.requests if r["status"] == 429)
         s.post([event("users.messages.pushnotification.Send", platform="ios", user="b")])
         self.assertTrue(d.wait_for_events(2, 20 * SLOW))
-        ios = [r["time"] for r in d.requests if r["feed"] == "ios"]
-        self.assertGreaterEqual(min(ios) - refused_at, 1.9)
+        return min(r["time"] for r in d.requests if r["feed"] == "ios") - refused_at, s
+
+    def test_a_429_for_the_account_holds_back_every_feed(self):
+        waited, s = self.ios_after_a_429_on_unbound("account")
+        self.assertGreaterEqual(waited, 1.9)
         self.assertIn('limit=account', s.logs())
+
+    def test_a_429_that_names_no_limit_or_another_holds_back_every_feed(self):
+        # mParticle documents its limit per account: a feed that went on
+        # would be refused as well
+        for scope in (None, "acceleration"):
+            with self.subTest(scope=scope):
+                waited, _ = self.ios_after_a_429_on_unbound(scope)
+                self.assertGreaterEqual(waited, 1.9)
+
+    def test_a_429_for_the_feed_holds_back_that_feed_alone(self):
+        waited, s = self.ios_after_a_429_on_unbound("feed")
+        self.assertLess(waited, 1.5)
+        self.assertIn('limit=feed', s.logs())
 
     def test_a_429_for_the_account_holds_back_the_probe_of_a_paused_feed(self):
         d = self.double()
