@@ -22,6 +22,9 @@ when some batches inside failed: those are dropped, and kept in
 `rejected` for the tests. stop() fails (AssertionError) while any batch was rejected, so
 that a test whose service sent one cannot pass unnoticed; a test that means to send one
 reads and clears them with take_rejected().
+Deduplication: a batch whose source_request_id the same API key sent before is answered 202
+and not stored again, as mParticle does; it is kept in `repeats`, and stop() fails while one
+differs from the batch first sent with its id (mParticle would have dropped its events).
 A fail fault may hold its answers until the test sets an event (fail(..., hold=event)).
 
 Everything is thread-safe and may be changed while the server runs. The Authorization header
@@ -321,6 +324,9 @@ class MParticleDouble:
         self._requests = []
         self._batches = []
         self._rejected = []
+        # (API key, source_request_id) -> the batch first accepted with them
+        self._seen = {}
+        self._repeats = []
         self._event_count = 0
         self._done_requests = 0
         self._connections = set()
@@ -373,8 +379,12 @@ class MParticleDouble:
         with self._cond:
             self._cond.notify_all()
             rejected = list(self._rejected)
+            changed = [r for r in self._repeats if not r["same"]]
         if rejected:
             raise AssertionError("mParticle would have dropped batches the service sent: %r" % rejected)
+        if changed:
+            raise AssertionError("batches re-used a source_request_id with other content, which "
+                                 "mParticle drops as repeats: %r" % changed)
 
     def __enter__(self):
         return self.start()
@@ -476,9 +486,17 @@ class MParticleDouble:
 
     @property
     def batches(self):
-        """Accepted batches: [{"feed", "batch", "request_id"}]."""
+        """Accepted batches, each source_request_id once per API key:
+        [{"feed", "batch", "request_id"}]."""
         with self._lock:
             return [dict(b) for b in self._batches]
+
+    @property
+    def repeats(self):
+        """Batches answered 202 but not stored, as their source_request_id was seen before:
+        [{"feed", "batch", "request_id", "same"}], same: the first one's content."""
+        with self._lock:
+            return [dict(b) for b in self._repeats]
 
     def take_rejected(self):
         """Batches a bulk request carried that the API would have dropped despite its 202:
@@ -498,9 +516,11 @@ class MParticleDouble:
         return [e.get("data", {}).get("source_message_id") for _, _, e in self.events(feed)]
 
     def source_request_ids(self, feed=None):
-        """collections.Counter of accepted batches' source_request_id (counts > 1: resent)."""
+        """collections.Counter of the source_request_id of batches answered 202, repeats
+        included (counts > 1: resent)."""
         with self._lock:
-            return collections.Counter(b["batch"].get("source_request_id") for b in self._batches
+            return collections.Counter(b["batch"].get("source_request_id")
+                                       for b in self._batches + self._repeats
                                        if feed is None or b["feed"] == feed)
 
     def event_count(self):
@@ -522,6 +542,7 @@ class MParticleDouble:
         with self._cond:
             self._requests = []
             self._batches = []
+            self._repeats = []
             self._event_count = 0
             self._done_requests = 0
 
@@ -715,8 +736,17 @@ class MParticleDouble:
                 ("Retry-After", "1"), ("X-mp-rate-limit-exceeded", "account")]
         with self._cond:
             self._rejected.extend(dropped)
+            key = self._feeds.get(feed, (feed,))[0]
             for b in batches:
-                self._batches.append({"feed": feed, "batch": b, "request_id": rec["request_id"]})
+                entry = {"feed": feed, "batch": b, "request_id": rec["request_id"]}
+                srid = b.get("source_request_id")
+                first = self._seen.get((key, srid)) if srid is not None else None
+                if first is not None:
+                    self._repeats.append(dict(entry, same=b == first))
+                    continue
+                if srid is not None:
+                    self._seen[(key, srid)] = b
+                self._batches.append(entry)
                 self._event_count += len(b["events"])
             self._cond.notify_all()
         extra = []

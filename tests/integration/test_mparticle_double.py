@@ -354,7 +354,7 @@ class DoubleTest(unittest.TestCase):
     def test_a_bad_batch_in_a_bulk_request_is_dropped_behind_a_202(self):
         # "202 ... For /bulkevents also when some batches inside failed"
         good, bad = batch(), batch(batch_id=1)
-        self.assertEqual(self.post([good, good, bad])[0], 202)
+        self.assertEqual(self.post([good, batch(), bad])[0], 202)
         self.assertEqual(len(self.d.batches), 2)
         rejected = self.d.take_rejected()
         self.assertEqual([(r["index"], r["source_request_id"]) for r in rejected],
@@ -561,7 +561,7 @@ class DoubleTest(unittest.TestCase):
         self.assertIn("batch[1]", msg)
         self.assertIn(bad["source_request_id"], msg)
         self.assertNothingStored()
-        self.assertEqual(self.post([good, good])[0], 202)
+        self.assertEqual(self.post([good, batch()])[0], 202)
         self.assertEqual(len(self.d.batches), 2)
 
     def test_clear_faults_removes_all_faults(self):
@@ -602,6 +602,31 @@ class DoubleTest(unittest.TestCase):
         ids = self.d.source_request_ids()
         self.assertEqual(ids[b["source_request_id"]], 2)
         self.assertEqual(sum(ids.values()), 3)
+
+    def test_a_repeated_source_request_id_is_answered_202_and_not_stored_again(self):
+        # mParticle deduplicates requests by source_request_id per API key
+        b = batch()
+        self.assertEqual(self.post([b])[0], 202)
+        self.assertEqual(self.post([b])[0], 202)
+        self.assertEqual([x["batch"] for x in self.d.batches], [b])
+        self.assertEqual(self.d.event_count(), 1)
+        self.assertEqual([(r["batch"], r["same"]) for r in self.d.repeats], [(b, True)])
+        # another key's batch with the same id is its own
+        self.assertEqual(self.post([b], feed="android")[0], 202)
+        self.assertEqual([x["feed"] for x in self.d.batches], ["ios", "android"])
+        self.assertEqual(self.d.event_count(), 2)
+
+    def test_stop_fails_on_a_source_request_id_re_used_for_other_events(self):
+        # mParticle would drop the second batch's events as a repeat: lost
+        b = batch()
+        self.post([b])
+        other = dict(b, events=[custom_event(), custom_event()])
+        self.assertEqual(self.post([other])[0], 202)
+        self.assertEqual(self.d.event_count(), 1)
+        self.assertFalse(self.d.repeats[0]["same"])
+        with self.assertRaisesRegex(AssertionError, "re-used a source_request_id"):
+            self.d.stop()
+        self.d._repeats = []  # the cleanup stops it again
 
     def test_wait_for_events_returns_true_when_events_arrive(self):
         t = threading.Timer(0.1, self.post, args=([batch(events=[custom_event(), custom_event()])],))
