@@ -1141,6 +1141,60 @@ static void warn_short(buf *warnings, const char *key, const char *what, char *c
     }
 }
 
+/* The data pod of an mParticle key ("us2-..."), or of an mParticle S2S URL
+ * (https://s2s.mparticle.com is US1's; its host in *host, *hostlen),
+ * lower-case in pod; 0 when it names none. */
+static int key_pod(const char *key, char pod[4])
+{
+    if (!isalpha((unsigned char)key[0]) || !isalpha((unsigned char)key[1]) ||
+        !isdigit((unsigned char)key[2]) || key[3] != '-')
+        return 0;
+    for (int i = 0; i < 3; i++)
+        pod[i] = (char)tolower((unsigned char)key[i]);
+    pod[3] = '\0';
+    return 1;
+}
+
+static int url_pod(const char *url, char pod[4], const char **hostp, int *hostlen)
+{
+    const char *host = strstr(url, "://");
+    host = host ? host + 3 : url;
+    size_t n = strcspn(host, ":/?#");
+    *hostp = host;
+    *hostlen = (int)n;
+    static const char S2S[] = "s2s.", DOMAIN[] = ".mparticle.com";
+    if (n == strlen("s2s.mparticle.com") && strncasecmp(host, "s2s.mparticle.com", n) == 0) {
+        memcpy(pod, "us1", 4);
+        return 1;
+    }
+    if (n != strlen(S2S) + 3 + strlen(DOMAIN) || strncasecmp(host, S2S, strlen(S2S)) != 0 ||
+        strncasecmp(host + strlen(S2S) + 3, DOMAIN, strlen(DOMAIN)) != 0)
+        return 0;
+    for (int i = 0; i < 3; i++)
+        pod[i] = (char)tolower((unsigned char)host[strlen(S2S) + (size_t)i]);
+    pod[3] = '\0';
+    return 1;
+}
+
+/* A feed whose key names a data pod that its URL is not of: mParticle refuses
+ * the key there (401/403, and the feed pauses). Said without the key. */
+static void warn_pods(buf *warnings, const struct config *c)
+{
+    for (int f = 0; f < FEED_COUNT; f++) {
+        const char *key = c->feeds[f].key;
+        const char *url = config_feed_url(c, (enum feed)f);
+        char kp[4], up[4];
+        const char *host;
+        int hn;
+        if (key && url && key_pod(key, kp) && url_pod(url, up, &host, &hn) && strcmp(kp, up) != 0)
+            warn_add(warnings,
+                     "feeds.%s.key is a key of mParticle's %s data pod, but the feed sends to "
+                     "%.*s (%s), which will refuse it: set feeds.%s.url or mparticle.url to "
+                     "https://s2s.%s.mparticle.com",
+                     FEED_NAMES[f], kp, hn, host, up, FEED_NAMES[f], kp);
+    }
+}
+
 /* ---- public ------------------------------------------------------------- */
 
 static int load(struct config **out, const char *path, const char *src, size_t len, int env,
@@ -1180,6 +1234,8 @@ static int load(struct config **out, const char *path, const char *src, size_t l
         load_env(c, defaults, &e, &warnings);
     if (e.count == 0)
         check(c, &e, serving);
+    if (e.count == 0)
+        warn_pods(&warnings, c);
     if (e.count == 0 && serving) {
         warn_short(&warnings, "inbound.tokens", "token", c->inbound_tokens.items,
                    c->inbound_tokens.n);

@@ -214,6 +214,21 @@ class Cli(ServiceTest):
         self.assertIn("feeds.ios", p.stderr)
         self.assertNotIn("super-secret-key-value", p.stderr + p.stdout)
 
+    def test_check_warns_of_a_key_of_another_data_pod_than_its_url(self):
+        # newer mParticle keys begin with their pod; another pod's URL refuses them
+        key = "us2-0123456789abcdef0123456789abcdef"
+        creds = {"TRIBUTARY_FEEDS_ANDROID_KEY": key, "TRIBUTARY_FEEDS_ANDROID_SECRET": "s-123456"}
+        p = run_cli(["check"], env=creds)
+        self.assertEqual(p.returncode, 0, p)
+        self.assertIn("feeds.android.key is a key of mParticle's us2 data pod, but the feed sends "
+                      "to s2s.mparticle.com (us1), which will refuse it: set feeds.android.url or "
+                      "mparticle.url to https://s2s.us2.mparticle.com", p.stderr)
+        self.assertNotIn(key, p.stderr + p.stdout)
+        for url in ("https://s2s.us2.mparticle.com", "http://127.0.0.1:9"):
+            p = run_cli(["check"], env=dict(creds, TRIBUTARY_FEEDS_ANDROID_URL=url))
+            self.assertEqual(p.returncode, 0, p)
+            self.assertNotIn("data pod", p.stderr, url)
+
     def test_check_fails_when_a_rule_test_fails(self):
         rules = self.rules_dir({"20-rename.lua": (
             "return {\n"
