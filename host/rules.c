@@ -640,6 +640,7 @@ struct json_out {
     struct json_clock *clock;
     char *err;
     size_t errlen;
+    int sorted; /* objects with names only are written in their order */
 };
 
 #define JSON_SPARSE_RATIO 2
@@ -706,6 +707,61 @@ static lua_Integer json_array_length(lua_State *L, int idx)
 
 static int json_value(struct json_out *j, lua_State *L, int idx, int depth);
 
+struct json_name {
+    const char *s;
+    size_t n;
+};
+
+static int json_name_order(const void *a, const void *b)
+{
+    const struct json_name *x = a, *y = b;
+    int c = memcmp(x->s, y->s, x->n < y->n ? x->n : y->n);
+    return c ? c : (x->n > y->n) - (x->n < y->n);
+}
+
+/* The object at idx with its names in byte order, so that the same table is
+ * always the same text (a table's own order changes from one Lua state to the
+ * next). 1 when it has a name that is not a string (then written unsorted),
+ * 0 when written, -1 on failure. Raises a Lua error when out of memory: only
+ * where a rule calls it. */
+static int json_object_sorted(struct json_out *j, lua_State *L, int idx, int depth)
+{
+    size_t count = 0;
+    lua_pushnil(L);
+    while (lua_next(L, idx)) {
+        lua_pop(L, 1);
+        if (lua_type(L, -1) != LUA_TSTRING) {
+            lua_pop(L, 1);
+            return 1;
+        }
+        count++;
+    }
+    /* each name takes 4 bytes at least ("":0): more cannot fit */
+    if (count > j->max / 4)
+        return json_fail(j, "the JSON text is too large");
+    struct json_name *names = lua_newuserdatauv(L, count * sizeof(*names) + 1, 0);
+    int anchor = lua_gettop(L);
+    size_t k = 0;
+    lua_pushnil(L);
+    while (lua_next(L, idx)) {
+        lua_pop(L, 1);
+        names[k].s = lua_tolstring(L, -1, &names[k].n); /* anchored by the table */
+        k++;
+    }
+    qsort(names, count, sizeof(*names), json_name_order);
+    int rc = buf_addc(j->out, '{');
+    for (size_t i = 0; i < count && rc == 0; i++) {
+        rc = (i ? buf_addc(j->out, ',') : 0) || buf_json_str(j->out, names[i].s, names[i].n) ||
+             buf_addc(j->out, ':');
+        lua_pushlstring(L, names[i].s, names[i].n);
+        lua_rawget(L, idx);
+        rc = rc || json_value(j, L, lua_gettop(L), depth + 1) || json_room(j);
+        lua_pop(L, 1);
+    }
+    lua_remove(L, anchor);
+    return rc ? -1 : buf_addc(j->out, '}');
+}
+
 static int json_table(struct json_out *j, lua_State *L, int idx, int depth)
 {
     if (json_clock_passed(j->clock)) {
@@ -737,6 +793,11 @@ static int json_table(struct json_out *j, lua_State *L, int idx, int depth)
                 return -1;
         }
         return buf_addc(j->out, ']');
+    }
+    if (j->sorted) {
+        int rc = json_object_sorted(j, L, idx, depth);
+        if (rc <= 0)
+            return rc;
     }
     if (buf_addc(j->out, '{'))
         return -1;
@@ -792,16 +853,25 @@ static int json_value(struct json_out *j, lua_State *L, int idx, int depth)
 }
 
 /* [-0, +0] Appends the value at idx to out as JSON text of at most limit
- * bytes, within the time of clock. On failure returns -1 with the reason in
- * err; out then holds a part. */
-static int write_json(lua_State *L, int idx, buf *out, size_t limit, struct json_clock *clock,
-                      char *err, size_t errlen)
+ * bytes, within the time of clock; sorted: objects with their names in order
+ * (see json_object_sorted). On failure returns -1 with the reason in err; out
+ * then holds a part. */
+static int write_json_as(lua_State *L, int idx, buf *out, size_t limit, struct json_clock *clock,
+                         int sorted, char *err, size_t errlen)
 {
-    struct json_out j = {out, out->len + limit, limit, clock, err, errlen};
+    struct json_out j = {out, out->len + limit, limit, clock, err, errlen, sorted};
     err[0] = '\0';
     if (json_value(&j, L, lua_absindex(L, idx), 0) != 0 || json_room(&j) != 0)
         return json_fail(&j, "the JSON text is too large");
     return 0;
+}
+
+/* The same, objects in the table's own order: the host's writing of outputs
+ * and events, where the order does not matter and costs nothing. */
+static int write_json(lua_State *L, int idx, buf *out, size_t limit, struct json_clock *clock,
+                      char *err, size_t errlen)
+{
+    return write_json_as(L, idx, out, limit, clock, 0, err, errlen);
 }
 
 /* The clock of host work on what the rules of an event made (writing their
@@ -811,7 +881,9 @@ static struct json_clock host_clock(const rules *r)
     return (struct json_clock){0, r->limits.instructions, 0};
 }
 
-/* cjson.encode as rules see it: the same text, through write_json. */
+/* cjson.encode as rules see it, through write_json_as: an object's names in
+ * order, so that the same table is always the same text (an attribute made of
+ * a nested object, a text a rule compares or hashes). */
 static int rules_encode(lua_State *L)
 {
     rules *r = lua_touserdata(L, lua_upvalueindex(1));
@@ -819,7 +891,7 @@ static int rules_encode(lua_State *L)
     char err[ERR_LEN];
     buf_reset(&r->encoded);
     struct json_clock clock = {sandbox_deadline(L), 0, 0};
-    if (write_json(L, 1, &r->encoded, RULES_MAX_ENCODE_BYTES, &clock, err, sizeof err) != 0) {
+    if (write_json_as(L, 1, &r->encoded, RULES_MAX_ENCODE_BYTES, &clock, 1, err, sizeof err) != 0) {
         buf_reset(&r->encoded);
         if (sandbox_overdue(L)) /* the event's time is up: it ends as rule_limit */
             return luaL_error(L, "cjson.encode: time limit exceeded");

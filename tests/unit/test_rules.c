@@ -1583,6 +1583,28 @@ START_TEST(test_table_functions_refuse_a_table_that_reads_through_a_chain)
 }
 END_TEST
 
+/* cjson.encode writes an object's names in order: the same table is the same
+ * text in every Lua state (an attribute made of a nested object kept changing
+ * its text); a table with other keys than names keeps its own order. */
+START_TEST(test_cjson_encode_writes_names_in_order)
+{
+    const char *seen = probe("(function()\n"
+                             "  local t = {}\n"
+                             "  for _, k in ipairs({'zeta', 'b', 'a', 'ab', 'Z', ''}) do\n"
+                             "    t[k] = {y = 1, x = {2, {d = 1, c = 2}}}\n"
+                             "  end\n"
+                             "  local mixed = cjson.decode(cjson.encode({[1] = 'a', k = 'b'}))\n"
+                             "  return cjson.encode(t) .. '|' .. cjson.encode({}) .. '|' .. "
+                             "tostring(mixed.k)\n"
+                             "end)()");
+    const char *one = "{\"x\":[2,{\"c\":2,\"d\":1}],\"y\":1}";
+    char want[512];
+    snprintf(want, sizeof want, "{\"\":%s,\"Z\":%s,\"a\":%s,\"ab\":%s,\"b\":%s,\"zeta\":%s}|{}|b",
+             one, one, one, one, one, one);
+    ck_assert_str_eq(seen, want);
+}
+END_TEST
+
 /* cjson's functions work in C too: each call pays for its time. */
 START_TEST(test_a_loop_of_cjson_calls_hits_the_instruction_limit)
 {
@@ -2785,6 +2807,7 @@ static Suite *suite(void)
         tc, test_an_output_walking_an_emptied_table_in_many_places_ends_at_the_time_limit, 0,
         (int)ARRAY_LEN(HOLLOW_OUTPUTS));
     tcase_add_test(tc, test_cjson_encode_of_an_emptied_table_in_many_places_ends_at_the_time_limit);
+    tcase_add_test(tc, test_cjson_encode_writes_names_in_order);
     tcase_add_test(tc, test_cjson_decode_refuses_a_text_larger_than_the_memory_left_can_take);
     tcase_add_loop_test(tc, test_cjson_decode_takes_at_most_the_memory_the_refusal_counts, 0,
                         (int)ARRAY_LEN(DECODE_SHAPES));
