@@ -719,13 +719,28 @@ static int json_name_order(const void *a, const void *b)
     return c ? c : (x->n > y->n) - (x->n < y->n);
 }
 
+/* Whether the table at idx is weak (__mode): the collector may take its
+ * entries, and with them their names, at any allocation. */
+static int is_weak(lua_State *L, int idx)
+{
+    if (!lua_getmetatable(L, idx))
+        return 0;
+    lua_pushliteral(L, "__mode");
+    int weak = lua_rawget(L, -2) != LUA_TNIL;
+    lua_pop(L, 2);
+    return weak;
+}
+
 /* The object at idx with its names in byte order, so that the same table is
  * always the same text (a table's own order changes from one Lua state to the
- * next). 1 when it has a name that is not a string (then written unsorted),
- * 0 when written, -1 on failure. Raises a Lua error when out of memory: only
- * where a rule calls it. */
+ * next). 1 when it has a name that is not a string, or is weak (then written
+ * in its own order), 0 when written, -1 on failure. Raises a Lua error when
+ * out of memory: only where a rule calls it. */
 static int json_object_sorted(struct json_out *j, lua_State *L, int idx, int depth)
 {
+    /* names are held by the table while it is written: not by a weak one */
+    if (is_weak(L, idx))
+        return 1;
     size_t count = 0;
     lua_pushnil(L);
     while (lua_next(L, idx)) {

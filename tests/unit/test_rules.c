@@ -1595,13 +1595,31 @@ START_TEST(test_cjson_encode_writes_names_in_order)
                              "  end\n"
                              "  local mixed = cjson.decode(cjson.encode({[1] = 'a', k = 'b'}))\n"
                              "  return cjson.encode(t) .. '|' .. cjson.encode({}) .. '|' .. "
-                             "tostring(mixed.k)\n"
+                             "tostring(mixed['1']) .. tostring(mixed.k)\n"
                              "end)()");
     const char *one = "{\"x\":[2,{\"c\":2,\"d\":1}],\"y\":1}";
     char want[512];
-    snprintf(want, sizeof want, "{\"\":%s,\"Z\":%s,\"a\":%s,\"ab\":%s,\"b\":%s,\"zeta\":%s}|{}|b",
+    snprintf(want, sizeof want, "{\"\":%s,\"Z\":%s,\"a\":%s,\"ab\":%s,\"b\":%s,\"zeta\":%s}|{}|ab",
              one, one, one, one, one, one);
     ck_assert_str_eq(seen, want);
+    /* a weak table's entries, and their names, may go at any allocation: it
+     * is written in its own order (sorting it read names already freed) */
+    ck_assert_int_eq(setenv("TRIBUTARY_RULES_INSTRUCTIONS", "100000000", 1), 0);
+    seen = probe("(function()\n"
+                 "  local keep = {}\n"
+                 "  for round = 1, 100 do\n"
+                 "    local t = setmetatable({}, {__mode = 'v'})\n"
+                 "    for i = 1, 1000 do\n"
+                 "      local v = {i}\n"
+                 "      t['k' .. i] = v\n"
+                 "      if i % 2 == 0 then keep[#keep + 1] = v end\n"
+                 "    end\n"
+                 "    local back = cjson.decode(cjson.encode(t))\n"
+                 "    if back.k1000[1] ~= 1000 then return 'lost k1000' end\n"
+                 "  end\n"
+                 "  return 'written'\n"
+                 "end)()");
+    ck_assert_str_eq(seen, "written");
 }
 END_TEST
 
