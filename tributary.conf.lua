@@ -22,7 +22,8 @@ return {
     replay_window_s = 300,
     max_body_bytes = 16 * 1024 * 1024,
     max_events = 10000,       -- events in one request; beyond: 413, Braze splits
-    body_memory_mb = 256,     -- request bodies held at once; beyond: 503, Braze retries
+    -- body_memory_mb = 256,  -- request bodies held at once (unset: 256, or twice
+                              -- max_body_bytes if more); beyond: 503, Braze retries
     -- Braze workspaces sharing this endpoint, each posting to /currents?workspace=NAME;
     -- a request naming another, or none, gets 503 and Braze retries (empty: any), e.g.
     -- workspaces = { "brand-a", "brand-b" },

@@ -768,7 +768,7 @@ static int set_defaults(struct config *c)
     c->environment = strdup("production");
     c->inbound_max_body_bytes = 16 << 20;
     c->inbound_max_events = 10000;
-    c->inbound_body_memory_mb = 256;
+    c->inbound_body_memory_mb = 0; /* see check */
     c->inbound_require = strdup("either");
     c->inbound_replay_window_s = 300;
     c->http_request_timeout_s = 120;
@@ -1033,7 +1033,11 @@ static void check(struct config *c, struct errs *e, int serving)
                  "that large could never be queued",
                  (long long)c->queue_max_depth, (long long)c->inbound_max_events);
     /* room for the largest body besides one awaiting its signature check,
-     * which never takes that room (a 503 busy is retried as it is, unsplit) */
+     * which never takes that room (a 503 busy is retried as it is, unsplit);
+     * unset, 256 MiB or two such bodies */
+    int64_t two_bodies_mb = ((c->inbound_max_body_bytes * 2) + (1 << 20) - 1) >> 20;
+    if (c->inbound_body_memory_mb == 0)
+        c->inbound_body_memory_mb = two_bodies_mb > 256 ? two_bodies_mb : 256;
     if ((c->inbound_body_memory_mb << 20) / 2 < c->inbound_max_body_bytes)
         errs_add(e,
                  "inbound.body_memory_mb (%lld) must hold two bodies of inbound.max_body_bytes "

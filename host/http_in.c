@@ -131,6 +131,16 @@ static enum budget take_body(const http_in *h, struct req *r, size_t n)
     return B_FITS;
 }
 
+/* The largest body r may have: one that only its signature can admit must
+ * fit in the room of those (a 503 for it would be retried as it is, never
+ * split). */
+static size_t body_limit(const http_in *h, const struct req *r)
+{
+    if (r->admitted == 2 && h->unauthenticated_budget < h->opt.max_body)
+        return h->unauthenticated_budget;
+    return h->opt.max_body;
+}
+
 /* The body r held leaves the budgets: it was dropped, or r is over. */
 static void release_body(struct req *r)
 {
@@ -220,7 +230,7 @@ static enum MHD_Result refuse_busy(struct MHD_Connection *c, struct req *r)
 static enum MHD_Result refuse_too_large(const http_in *h, struct MHD_Connection *c, struct req *r)
 {
     char msg[128];
-    snprintf(msg, sizeof msg, "{\"error\":\"body larger than %zu bytes\"}", h->opt.max_body);
+    snprintf(msg, sizeof msg, "{\"error\":\"body larger than %zu bytes\"}", body_limit(h, r));
     return reply_json(c, r, 413, msg, 0);
 }
 
@@ -793,7 +803,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         } else if (encoding && !identity_encoding(encoding)) {
             r->answered = 1;
             rc = refuse_encoding(c, r, encoding);
-        } else if (has_length && (uint64_t)len > h->opt.max_body) {
+        } else if (has_length && (uint64_t)len > body_limit(h, r)) {
             if (admitted == 1 && (uint64_t)len <= TOO_LARGE_READ_MAX) {
                 /* read and dropped, then answered (see TOO_LARGE_READ_MAX) */
                 r->too_large = 1;
@@ -802,13 +812,19 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
                 rc = refuse_too_large(h, c, r);
             }
         } else if (has_length) {
-            /* the whole body, taken before it is read; refused before it is
-             * read: Braze retries a 503 and a broken connection alike */
+            /* refused before it is read when there is no room for it:
+             * Braze retries a 503 and a broken connection alike. The room
+             * is taken now for the whole body, but for a request only its
+             * signature can admit: it takes the room of the bytes it sends,
+             * or headers alone would hold the room of signed requests. */
             r->busy = take_body(h, r, (size_t)len);
             r->taken = r->busy == B_FITS;
             if (!r->taken) {
                 r->answered = 1;
                 rc = refuse_busy(c, r);
+            } else if (admitted == 2) {
+                release_body(r);
+                r->taken = 0;
             }
         }
         buf_free(&resp.body);
@@ -828,7 +844,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         *upload_size = 0;
         if (r->answered || r->too_large || r->no_memory || r->busy)
             return MHD_YES; /* read and dropped */
-        if (n > h->opt.max_body - r->body.len)
+        if (n > body_limit(h, r) - r->body.len)
             r->too_large = 1; /* 413 before busy: Braze splits it */
         else if (!r->taken)
             r->busy = take_body(h, r, n); /* a chunked body takes its room as it comes */

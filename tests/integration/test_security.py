@@ -962,7 +962,7 @@ class BodyBounds(ServiceTest):
         finally:
             for sock in socks:
                 sock.close()
-        self.assertNotIn("too many unauthenticated request bodies", s.logs())
+        self.assertNotIn("too many request bodies awaiting their signature check", s.logs())
 
     # The bodies held at once, all requests together, share inbound.body_memory_mb.
     MEMORY = {"TRIBUTARY_INBOUND_MAX_BODY_BYTES": str(1 << 20),
@@ -1030,8 +1030,8 @@ class BodyBounds(ServiceTest):
         # may take 1 MiB of it, never the room of a largest authenticated body
         s = self.service(env=dict(self.MEMORY, TRIBUTARY_INBOUND_HMAC_SECRETS=SECRET))
         unsigned = self.connect(s)
-        unsigned.sendall(self.head(1000000, signature=True) + b"x" * 500000)
-        self.held_bytes(s, 1000000)
+        unsigned.sendall(self.head(1000000, signature=True) + b"x" * 999999)
+        self.held_bytes(s, 999999)
         self.busy(probe(self.connect(s), self.head(100000, signature=True), timeout=10))
         body, e = envelope_of_size(1 << 20)
         r = s.post(body=body)
@@ -1039,12 +1039,35 @@ class BodyBounds(ServiceTest):
         self.assertEqual(s.queued_ids(), [e["id"]])
         self.assertIn("too many request bodies awaiting their signature check", s.logs())
 
+    def test_headers_alone_take_no_room_from_signed_requests(self):
+        # a request only its signature can admit takes the room of the bytes
+        # it sends: four that send 16 MiB headers and nothing more held the
+        # whole 64 MiB of such requests
+        s = self.service(tokens=(), env={"TRIBUTARY_INBOUND_HMAC_SECRETS": SECRET})
+        for _ in range(4):
+            self.connect(s).sendall(self.head(16 << 20, signature=True))
+        time.sleep(0.3)
+        self.held_bytes(s, 0)
+        body = envelope(event())
+        self.assertEqual(signed_post(s, body).status, 200)
+
+    def test_a_signed_body_larger_than_the_room_of_signed_requests_is_413(self):
+        # max_body_bytes over their 64 MiB: a 503 would be retried unsplit for ever
+        s = self.service(tokens=(), env={"TRIBUTARY_INBOUND_HMAC_SECRETS": SECRET,
+                                         "TRIBUTARY_INBOUND_MAX_BODY_BYTES": str(70 << 20)})
+        answer = probe(self.connect(s), self.head((64 << 20) + 1, signature=True), timeout=10)
+        self.assertTrue(answer and answer.startswith(b"HTTP/1.1 413 "), answer)
+        self.assertIn(b"body larger than %d bytes" % (64 << 20), answer)
+
     def test_a_body_memory_smaller_than_two_bodies_is_a_configuration_error(self):
         p = run_cli(["check"], env={"TRIBUTARY_INBOUND_BODY_MEMORY_MB": "31"})
         self.assertEqual(p.returncode, 1, p)
         self.assertIn("inbound.body_memory_mb (31) must hold two bodies of "
                       "inbound.max_body_bytes (16777216)", p.stderr)
         p = run_cli(["check"], env={"TRIBUTARY_INBOUND_BODY_MEMORY_MB": "32"})
+        self.assertEqual(p.returncode, 0, p)
+        # unset, it holds two of the largest bodies when 256 MiB would not
+        p = run_cli(["check"], env={"TRIBUTARY_INBOUND_MAX_BODY_BYTES": str(200 << 20)})
         self.assertEqual(p.returncode, 0, p)
 
 
