@@ -1336,8 +1336,9 @@ static int check_name(lua_State *L, int idx, const char *field, const char *what
 
 /* [-0, +0] A fingerprint of the fields of the table at idx that hold no
  * table (names and scalar values: all of device_info, as the output check
- * leaves it), whatever their order. */
-static uint64_t fields_fingerprint(lua_State *L, int idx)
+ * leaves it), whatever their order; of a batch (batch), but those the sender
+ * owns and drops. */
+static uint64_t fields_fingerprint(lua_State *L, int idx, int batch)
 {
     uint64_t sum = 0;
     lua_pushnil(L);
@@ -1346,7 +1347,7 @@ static uint64_t fields_fingerprint(lua_State *L, int idx)
         const char *k = lua_type(L, -2) == LUA_TSTRING ? lua_tolstring(L, -2, &kn) : "";
         const char *v;
         int t = lua_type(L, -1);
-        if (t == LUA_TTABLE) {
+        if (t == LUA_TTABLE || (batch && kn && is_host_key(k))) {
             lua_pop(L, 1);
             continue;
         }
@@ -1590,10 +1591,10 @@ static int emit(rules *r, lua_State *L, int evi, const struct event_ids *ids, in
     if (user) {
         uint64_t device = 0;
         if (rawfield(L, top + 3, "device_info") == LUA_TTABLE)
-            device = fields_fingerprint(L, lua_gettop(L));
+            device = fields_fingerprint(L, lua_gettop(L), 0);
         lua_pop(L, 1);
         /* told apart from the same fields in device_info */
-        device ^= fields_fingerprint(L, top + 3) * UINT64_C(0x9e3779b97f4a7c15);
+        device ^= fields_fingerprint(L, top + 3, 1) * UINT64_C(0x9e3779b97f4a7c15);
         buf_reset(&r->scratch);
         char tail[24];
         int tn =

@@ -969,8 +969,12 @@ static size_t on_header(char *p, size_t size, size_t n, void *ud)
         str_copy(r->retry_after, sizeof r->retry_after, line + 12);
     else if (strncasecmp(line, "X-mp-rate-limit-percentage-used:", 32) == 0)
         r->rate_usage = atoi(line + 32);
-    else if (strncasecmp(line, "X-mp-rate-limit-exceeded:", 25) == 0)
+    else if (strncasecmp(line, "X-mp-rate-limit-exceeded:", 25) == 0) {
         str_copy(r->rate_exceeded, sizeof r->rate_exceeded, line + 25 + strspn(line + 25, " \t"));
+        size_t k = strlen(r->rate_exceeded);
+        while (k && (r->rate_exceeded[k - 1] == ' ' || r->rate_exceeded[k - 1] == '\t'))
+            r->rate_exceeded[--k] = '\0';
+    }
     return len;
 }
 

@@ -1140,9 +1140,11 @@ class Delivery(ServiceTest):
                 self.assertGreaterEqual(waited, 1.9)
 
     def test_a_429_for_the_feed_holds_back_that_feed_alone(self):
-        waited, s = self.ios_after_a_429_on_unbound("feed")
-        self.assertLess(waited, 1.5)
-        self.assertIn('limit=feed', s.logs())
+        for scope in ("feed", "\tfeed "):
+            with self.subTest(scope=scope):
+                waited, s = self.ios_after_a_429_on_unbound(scope)
+                self.assertLess(waited, 1.5)
+                self.assertIn('limit=feed ', s.logs())
 
     def test_a_429_for_the_account_holds_back_the_probe_of_a_paused_feed(self):
         d = self.double()

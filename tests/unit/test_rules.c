@@ -1073,17 +1073,20 @@ START_TEST(test_user_key_is_the_external_user_id_and_the_device)
          "  if event.id == 'd-4' then d = nil end\n"
          "  local env = event.id == 'd-5' and 'development' or nil\n"
          "  if event.id == 'd-6' then d = {environment = 'production'} end\n"
+         "  local own = event.id == 'd-7' and 'dropped by the sender' or nil\n"
          "  return {feed = 'unbound', batch = {user_identities = {customer_id = 'c'},\n"
-         "          device_info = d, environment = env},\n"
+         "          device_info = d, environment = env, source_request_id = own},\n"
          "          event = {event_type = 'uninstall', data = {}}}\n"
          "end\n");
     build();
     ck_assert_int_eq(map(ENVELOPE(EV("d-1") "," EV("d-2") "," EV("d-3") "," EV("d-4") "," EV(
-                             "d-5") "," EV("d-6")),
+                             "d-5") "," EV("d-6") "," EV("d-7")),
                          INPUT_ENVELOPE),
                      0);
-    ck_assert_uint_eq(F.m.nrecords, 6);
+    ck_assert_uint_eq(F.m.nrecords, 7);
     ck_assert_str_eq(F.m.records[0].user.p, F.m.records[1].user.p);
+    /* a field the sender owns, and drops, tells no batch apart */
+    ck_assert_str_eq(F.m.records[0].user.p, F.m.records[6].user.p);
     ck_assert_str_eq(F.m.records[3].user.p, "c"); /* no device, no scalars */
     for (size_t i = 2; i < 6; i++) {
         for (size_t j = 0; j < i; j++)
