@@ -117,8 +117,8 @@ static int reserve(_Atomic size_t *used, size_t n, size_t limit)
 }
 
 /* Takes n bytes for r's body from the budgets, all or nothing: a request
- * whose length is known takes its whole body before reading it, a chunked
- * one each piece as it comes. */
+ * whose length is known takes its whole body before reading it, a chunked one
+ * or one only its signature can admit each piece as it comes. */
 static enum budget take_body(const http_in *h, struct req *r, size_t n)
 {
     if (!reserve(&body_bytes, n, h->opt.body_memory))
@@ -847,7 +847,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         if (n > body_limit(h, r) - r->body.len)
             r->too_large = 1; /* 413 before busy: Braze splits it */
         else if (!r->taken)
-            r->busy = take_body(h, r, n); /* a chunked body takes its room as it comes */
+            r->busy = take_body(h, r, n); /* not taken at its headers: piece by piece */
         if (!r->too_large && !r->busy && buf_add(&r->body, upload, n) != 0)
             r->no_memory = 1;
         /* the rest is read and dropped: what is not kept leaves the budgets
