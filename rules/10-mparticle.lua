@@ -14,6 +14,7 @@ local null = cjson.null
 -- Locals: a global lookup goes through the sandbox's environment on every use.
 local type, pairs, tostring = type, pairs, tostring
 local encode = cjson.encode
+local find = string.find
 local tointeger, floor = math.tointeger, math.floor
 -- Every property not used elsewhere becomes a custom attribute, within
 -- mParticle's limits (see README, "What rules can use").
@@ -153,12 +154,12 @@ local function text(v)
 end
 
 -- An identity or device identifier: a non-empty string, or a number as text;
--- absent, null, "", booleans and tables have none (true would make every such
--- user one mParticle customer "true").
+-- absent, null, "" or blanks only, booleans and tables have none (true, or
+-- " ", would make every such user one mParticle customer).
 local function identifier(v)
   local t = type(v)
   if t == "string" then
-    if v == "" then return nil end
+    if not find(v, "%S") then return nil end
     return v
   end
   if t ~= "number" then return nil end
@@ -438,6 +439,12 @@ local tests = {
     name = "no external_user_id: skipped",
     event = { event_type = "users.messages.email.Send", id = "x-1", time = 1,
               user = { user_id = "5f8a" }, properties = {} },
+    expect_drop = "no_external_id",
+  },
+  {
+    name = "an external_user_id of blanks only is none",
+    event = { event_type = "users.messages.email.Send", id = "x-3", time = 1,
+              user = { external_user_id = " \t " }, properties = {} },
     expect_drop = "no_external_id",
   },
   {
