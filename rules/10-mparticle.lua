@@ -159,8 +159,10 @@ end
 local function identifier(v)
   local t = type(v)
   if t == "string" then
-    if not find(v, "%S") then return nil end
-    return v
+    -- one that begins with a visible character needs no search (a string
+    -- comparison is a Lua instruction, a search a library call)
+    if v >= "!" or find(v, "%S") then return v end
+    return nil
   end
   if t ~= "number" then return nil end
   return text(v)
@@ -446,6 +448,12 @@ local tests = {
     event = { event_type = "users.messages.email.Send", id = "x-3", time = 1,
               user = { external_user_id = " \t " }, properties = {} },
     expect_drop = "no_external_id",
+  },
+  {
+    name = "an external_user_id that begins with blanks is kept as it is",
+    event = { event_type = "users.messages.email.Send", id = "x-4", time = 1,
+              user = { external_user_id = " \tc-1" }, properties = {} },
+    expect = { batch = { user_identities = { customer_id = " \tc-1" } } },
   },
   {
     name = "an event type outside the mapping is filtered",
