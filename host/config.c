@@ -1146,7 +1146,7 @@ static void warn_short(buf *warnings, const char *key, const char *what, char *c
 }
 
 /* The data pod of an mParticle key ("us2-..."), or of an mParticle S2S URL
- * (https://s2s.mparticle.com is US1's; its host in *host, *hostlen),
+ * (https://s2s.mparticle.com is US1's; its host in *hostp, *hostlen),
  * lower-case in pod; 0 when it names none. */
 static int key_pod(const char *key, char pod[4])
 {
