@@ -234,22 +234,11 @@ static enum MHD_Result refuse_too_large(const http_in *h, struct MHD_Connection 
     return reply_json(c, r, 413, msg, 0);
 }
 
-/* s without the spaces and tabs around it: its start, its length in *n. */
-static const char *trim_blanks(const char *s, size_t *n)
-{
-    s += strspn(s, " \t");
-    size_t k = strlen(s);
-    while (k && (s[k - 1] == ' ' || s[k - 1] == '\t'))
-        k--;
-    *n = k;
-    return s;
-}
-
 /* Content-Encoding: only none or `identity` is read. */
 static int identity_encoding(const char *v)
 {
     size_t n;
-    v = trim_blanks(v, &n);
+    v = str_trim_blanks(v, &n);
     return n == 0 || (n == 8 && strncasecmp(v, "identity", 8) == 0);
 }
 
@@ -522,7 +511,7 @@ static enum MHD_Result note_framing(void *cls, enum MHD_ValueKind kind, const ch
                  (strncasecmp(key, "Content-Length", 14) == 0 && key[14]) ||
                  (strncasecmp(key, "Transfer-Encoding", 17) == 0 && key[17]);
     size_t n;
-    const char *v = trim_blanks(value, &n);
+    const char *v = str_trim_blanks(value, &n);
     if (strcasecmp(key, MHD_HTTP_HEADER_TRANSFER_ENCODING) == 0) {
         f->te_lines++;
         f->te_other |= !(n == 7 && strncasecmp(v, "chunked", 7) == 0);
@@ -818,13 +807,13 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
              * signature can admit: it takes the room of the bytes it sends,
              * or headers alone would hold the room of signed requests. */
             r->busy = take_body(h, r, (size_t)len);
-            r->taken = r->busy == B_FITS;
-            if (!r->taken) {
+            if (r->busy != B_FITS) {
                 r->answered = 1;
                 rc = refuse_busy(c, r);
             } else if (admitted == 2) {
-                release_body(r);
-                r->taken = 0;
+                release_body(r); /* there is room now; taken as it comes */
+            } else {
+                r->taken = 1;
             }
         }
         buf_free(&resp.body);

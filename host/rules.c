@@ -927,9 +927,11 @@ static int is_host_key(const char *k)
     return 0;
 }
 
-/* [-0, +0] Writes the batch table at idx as record lines (see record.h). */
-static int flatten_batch(lua_State *L, int idx, buf *out, struct json_clock *clock, char *err,
-                         size_t errlen)
+/* [-0, +0] Writes the batch table at idx as record lines (see record.h).
+ * Adds to *whole a fingerprint of each line of a field written whole (not a
+ * table of names: environment, ...), of which a batch holds one value. */
+static int flatten_batch(lua_State *L, int idx, buf *out, struct json_clock *clock, uint64_t *whole,
+                         char *err, size_t errlen)
 {
     lua_pushnil(L);
     while (lua_next(L, idx)) {
@@ -969,6 +971,7 @@ static int flatten_batch(lua_State *L, int idx, buf *out, struct json_clock *clo
                 lua_pop(L, 1);
             }
         } else {
+            size_t at = out->len;
             if (buf_json_str(out, k, kn) || buf_adds(out, "\t\t") ||
                 write_json(L, lua_gettop(L), out, RULES_MAX_OUTPUT_BYTES, clock, err, errlen) ||
                 buf_addc(out, '\n')) {
@@ -977,6 +980,7 @@ static int flatten_batch(lua_State *L, int idx, buf *out, struct json_clock *clo
                 lua_pop(L, 2);
                 return -1;
             }
+            *whole += digest_fnv64(DIGEST_FNV64_INIT, out->data + at, out->len - at);
         }
         lua_pop(L, 1);
     }
@@ -1334,11 +1338,9 @@ static int check_name(lua_State *L, int idx, const char *field, const char *what
     return ok ? 0 : -1;
 }
 
-/* [-0, +0] A fingerprint of the fields of the table at idx that hold no
- * table (names and scalar values: all of device_info, as the output check
- * leaves it), whatever their order; of a batch (batch), but those the sender
- * owns and drops. */
-static uint64_t fields_fingerprint(lua_State *L, int idx, int batch)
+/* [-0, +0] A fingerprint of the fields of the table at idx (names and scalar
+ * values, as the output check leaves device_info), whatever their order. */
+static uint64_t fields_fingerprint(lua_State *L, int idx)
 {
     uint64_t sum = 0;
     lua_pushnil(L);
@@ -1347,10 +1349,6 @@ static uint64_t fields_fingerprint(lua_State *L, int idx, int batch)
         const char *k = lua_type(L, -2) == LUA_TSTRING ? lua_tolstring(L, -2, &kn) : "";
         const char *v;
         int t = lua_type(L, -1);
-        if (t == LUA_TTABLE || (batch && kn && is_host_key(k))) {
-            lua_pop(L, 1);
-            continue;
-        }
         if (t == LUA_TSTRING || t == LUA_TNUMBER) {
             v = lua_tolstring(L, -1, &vn); /* the value's copy on the stack */
         } else {
@@ -1371,8 +1369,8 @@ static uint64_t fields_fingerprint(lua_State *L, int idx, int batch)
 /* [-0, +0] data.timestamp_unixtime_ms and data.source_message_id of the event
  * data at data, when they are there: whole milliseconds from 0 to 2^53, and a
  * non-empty string. mParticle fails a batch with another kind of value, and
- * its bulk endpoint answers 202 all the same. */
-static int check_event_ids(lua_State *L, int data, char *err, size_t errlen)
+ * its bulk endpoint answers 202 all the same. *no_message_id: it is not there. */
+static int check_event_ids(lua_State *L, int data, int *no_message_id, char *err, size_t errlen)
 {
     int t = rawfield(L, data, "timestamp_unixtime_ms");
     int ok = t == LUA_TNIL;
@@ -1391,6 +1389,7 @@ static int check_event_ids(lua_State *L, int data, char *err, size_t errlen)
         return -1;
     }
     t = rawfield(L, data, "source_message_id");
+    *no_message_id = t == LUA_TNIL;
     ok = t == LUA_TNIL || (t == LUA_TSTRING && lua_rawlen(L, -1) > 0);
     lua_pop(L, 1);
     if (!ok) {
@@ -1401,8 +1400,10 @@ static int check_event_ids(lua_State *L, int data, char *err, size_t errlen)
 }
 
 /* [-0, +0] The event table at eventi and the batch table at batchi (or nil)
- * against mParticle's schema; 0, or -1 with the field and the problem in err. */
-static int check_output(lua_State *L, int eventi, int batchi, char *err, size_t errlen)
+ * against mParticle's schema; 0, or -1 with the field and the problem in err.
+ * *no_message_id: the event data has no source_message_id. */
+static int check_output(lua_State *L, int eventi, int batchi, int *no_message_id, char *err,
+                        size_t errlen)
 {
     const char *type;
     if (check_name(L, eventi, "event_type", "out.event", 1, mparticle_event_type_known, &type, err,
@@ -1437,7 +1438,7 @@ static int check_output(lua_State *L, int eventi, int batchi, char *err, size_t 
                                 mparticle_custom_event_type_known, NULL, err, errlen);
         }
         if (rc == 0)
-            rc = check_event_ids(L, data, err, errlen);
+            rc = check_event_ids(L, data, no_message_id, err, errlen);
         if (rc == 0) {
             int at = rawfield(L, data, "custom_attributes");
             if (at == LUA_TTABLE) {
@@ -1513,7 +1514,8 @@ static int emit(rules *r, lua_State *L, int evi, const struct event_ids *ids, in
         goto done;
     }
     /* stack: feed event batch */
-    if (check_output(L, top + 2, top + 3, err, errlen) != 0)
+    int no_message_id = 0;
+    if (check_output(L, top + 2, top + 3, &no_message_id, err, errlen) != 0)
         goto done;
     struct record tmp = {0};
     tmp.feed = (enum feed)feed;
@@ -1523,11 +1525,10 @@ static int emit(rules *r, lua_State *L, int evi, const struct event_ids *ids, in
      * output without one (a rule made its own) is written with the Braze id,
      * which leaves the table as it was (a rule may return the same one for
      * every event) */
-    rawfield(L, top + 2, "data"); /* a table, as checked */
-    int data = lua_gettop(L);
-    int filled = rawfield(L, data, "source_message_id") == LUA_TNIL && ids->id.n > 0;
-    lua_pop(L, 1);
+    int filled = no_message_id && ids->id.n > 0, data = 0;
     if (filled) {
+        rawfield(L, top + 2, "data"); /* a table, as checked */
+        data = lua_gettop(L);
         lua_pushliteral(L, "source_message_id");
         lua_pushlstring(L, ids->id.p, ids->id.n);
         lua_rawset(L, data);
@@ -1555,7 +1556,9 @@ static int emit(rules *r, lua_State *L, int evi, const struct event_ids *ids, in
     tmp.event = mapping_copy(m, r->scratch.data, r->scratch.len, &failed);
 
     buf_reset(&r->scratch);
-    if (bt == LUA_TTABLE && flatten_batch(L, top + 3, &r->scratch, &clock, err, errlen) != 0) {
+    uint64_t whole = 0; /* the batch's fields of one value: environment, ... */
+    if (bt == LUA_TTABLE &&
+        flatten_batch(L, top + 3, &r->scratch, &clock, &whole, err, errlen) != 0) {
         char why[ERR_LEN];
         str_copy(why, sizeof why, err);
         if (r->scratch.len > RULES_MAX_OUTPUT_BYTES)
@@ -1577,8 +1580,8 @@ static int emit(rules *r, lua_State *L, int evi, const struct event_ids *ids, in
         goto done;
     }
     /* the user, whose events the sender puts in one batch: customer_id, the
-     * device (its device_info's fingerprint) and the batch's own scalars
-     * (environment, ...), so that a batch never joins the events of two
+     * device (its device_info's fingerprint) and the batch's fields of one
+     * value (environment, ...), so that a batch never joins the events of two
      * devices or environments, which would all take the last one's; without a
      * customer_id, every batch field together */
     const char *user = NULL;
@@ -1591,10 +1594,10 @@ static int emit(rules *r, lua_State *L, int evi, const struct event_ids *ids, in
     if (user) {
         uint64_t device = 0;
         if (rawfield(L, top + 3, "device_info") == LUA_TTABLE)
-            device = fields_fingerprint(L, lua_gettop(L), 0);
+            device = fields_fingerprint(L, lua_gettop(L));
         lua_pop(L, 1);
-        /* told apart from the same fields in device_info */
-        device ^= fields_fingerprint(L, top + 3, 1) * UINT64_C(0x9e3779b97f4a7c15);
+        /* mixed, so that the two sums cannot cancel out */
+        device ^= whole * UINT64_C(0x9e3779b97f4a7c15);
         buf_reset(&r->scratch);
         char tail[24];
         int tn =

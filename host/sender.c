@@ -970,10 +970,9 @@ static size_t on_header(char *p, size_t size, size_t n, void *ud)
     else if (strncasecmp(line, "X-mp-rate-limit-percentage-used:", 32) == 0)
         r->rate_usage = atoi(line + 32);
     else if (strncasecmp(line, "X-mp-rate-limit-exceeded:", 25) == 0) {
-        str_copy(r->rate_exceeded, sizeof r->rate_exceeded, line + 25 + strspn(line + 25, " \t"));
-        size_t k = strlen(r->rate_exceeded);
-        while (k && (r->rate_exceeded[k - 1] == ' ' || r->rate_exceeded[k - 1] == '\t'))
-            r->rate_exceeded[--k] = '\0';
+        size_t k;
+        const char *v = str_trim_blanks(line + 25, &k);
+        str_printf(r->rate_exceeded, sizeof r->rate_exceeded, "%.*s", (int)k, v);
     }
     return len;
 }

@@ -528,6 +528,16 @@ int parse_duration_s(const char *s, int64_t *out)
     return 0;
 }
 
+const char *str_trim_blanks(const char *s, size_t *n)
+{
+    s += strspn(s, " \t");
+    size_t k = strlen(s);
+    while (k && (s[k - 1] == ' ' || s[k - 1] == '\t'))
+        k--;
+    *n = k;
+    return s;
+}
+
 void str_copy(char *dst, size_t dstlen, const char *src)
 {
     if (!dstlen)

@@ -151,6 +151,9 @@ int parse_duration_s(const char *s, int64_t *out) WUR;
 /* The value of a hexadecimal digit, either case; -1 for any other character. */
 int hex_digit(char c);
 
+/* s without the spaces and tabs around it (a header's value): its start, its
+ * length in *n. */
+const char *str_trim_blanks(const char *s, size_t *n);
 /* Copies a string into a fixed buffer, always terminating it (truncates). */
 void str_copy(char *dst, size_t dstlen, const char *src);
 /* snprintf into a fixed buffer; never fails, truncates. */

@@ -626,7 +626,7 @@ class DoubleTest(unittest.TestCase):
         self.assertFalse(self.d.repeats[0]["same"])
         with self.assertRaisesRegex(AssertionError, "re-used a source_request_id"):
             self.d.stop()
-        self.d._repeats = []  # the cleanup stops it again
+        self.d.clear_records()  # the cleanup stops it again
 
     def test_wait_for_events_returns_true_when_events_arrive(self):
         t = threading.Timer(0.1, self.post, args=([batch(events=[custom_event(), custom_event()])],))
