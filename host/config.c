@@ -435,7 +435,7 @@ static void set_from_lua(struct loader *ld, lua_State *L, const struct key *k, c
         if (k->type == K_ENUM && !choice_ok(k, v)) {
             char choices[200];
             choices_text(k, choices, sizeof choices);
-            file_err(ld, path, "'%s' must be one of %s, not \"%s\"", path, choices, v);
+            file_err(ld, path, "'%s' must be one of %s", path, choices);
             return;
         }
         if (*v == '\0' && secret) {
@@ -590,7 +590,7 @@ static void set_from_env(struct config *c, const struct key *k, const char *name
         if (k->type == K_ENUM && !choice_ok(k, v)) {
             char choices[200];
             choices_text(k, choices, sizeof choices);
-            errs_add(e, "%s: must be one of %s, not \"%s\"", name, choices, v);
+            errs_add(e, "%s: must be one of %s", name, choices);
             return;
         }
         char **f = str_field(c, k);
@@ -601,8 +601,8 @@ static void set_from_env(struct config *c, const struct key *k, const char *name
     case K_INT: {
         int64_t n;
         if (parse_int64(v, k->min, k->max, &n) != 0) {
-            errs_add(e, "%s: must be an integer between %lld and %lld, not \"%s\"", name,
-                     (long long)k->min, (long long)k->max, v);
+            errs_add(e, "%s: must be an integer between %lld and %lld", name, (long long)k->min,
+                     (long long)k->max);
             return;
         }
         *int_field(c, k) = n;
@@ -1011,7 +1011,7 @@ static void check(struct config *c, struct errs *e, int serving)
     char host[256];
     int port;
     if (config_listen_addr(c, host, sizeof host, &port) != 0)
-        errs_add(e, "listen: \"%s\" is not HOST:PORT", c->listen);
+        errs_add(e, "listen: must be HOST:PORT (127.0.0.1:8080, [::1]:8080)");
     else if (serving && !config_host_is_loopback(host) && c->inbound_tokens.n == 0 &&
              c->inbound_hmac_secrets.n == 0)
         errs_add(e,
@@ -1053,7 +1053,8 @@ static void check(struct config *c, struct errs *e, int serving)
         if (parse_ip_net(a, &c->trusted_nets[c->ntrusted_nets]) == 0)
             c->ntrusted_nets++;
         else
-            errs_add(e, "http.trusted_proxies: \"%s\" is not an IP address or CIDR network", a);
+            errs_add(e, "http.trusted_proxies: item %zu is not an IP address or CIDR network",
+                     i + 1);
     }
     /* files the service reads later, found missing now rather than at the first
      * TLS handshake */
@@ -1096,9 +1097,22 @@ static void check(struct config *c, struct errs *e, int serving)
                      FEED_NAMES[f], fc->key ? "key" : "secret");
         const char *parts[] = {fc->key, fc->secret}, *names[] = {"key", "secret"};
         for (int i = 0; i < 2; i++) {
-            if (parts[i] && strlen(parts[i]) > MPARTICLE_MAX_CREDENTIAL_CHARS)
+            if (!parts[i])
+                continue;
+            if (strlen(parts[i]) > MPARTICLE_MAX_CREDENTIAL_CHARS)
                 errs_add(e, "feeds.%s.%s: longer than %d characters (mParticle's are far shorter)",
                          FEED_NAMES[f], names[i], MPARTICLE_MAX_CREDENTIAL_CHARS);
+            /* sent as they are in Basic auth: a line end copied with one
+             * would make mParticle refuse the feed at its first send */
+            if (!token_text(parts[i]))
+                errs_add(e,
+                         "feeds.%s.%s contains a space or control character (mParticle's have "
+                         "none)",
+                         FEED_NAMES[f], names[i]);
+            else if (i == 0 && strchr(parts[i], ':'))
+                errs_add(e,
+                         "feeds.%s.key contains ':', which Basic auth cannot carry in a user name",
+                         FEED_NAMES[f]);
         }
         if (fc->url) {
             char what[64];

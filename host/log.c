@@ -147,6 +147,16 @@ void log_emit(enum log_level level, const char *msg, const struct log_field *fie
     buf_free(&b);
 }
 
+void log_warn_lines(const char *text)
+{
+    for (const char *w = text, *nl; w && *w; w = nl ? nl + 1 : NULL) {
+        nl = strchr(w, '\n');
+        char line[1024];
+        snprintf(line, sizeof line, "%.*s", nl ? (int)(nl - w) : (int)strlen(w), w);
+        log_warn(line);
+    }
+}
+
 int log_due(int64_t *last_ms)
 {
     int64_t now = clock_mono_ms();

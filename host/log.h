@@ -46,6 +46,9 @@ void log_set_request(const char *request_id);
 #define log_warn(msg, ...) log_emit(LOG_WARN, (msg), LOG_FIELDS(__VA_ARGS__))
 #define log_error(msg, ...) log_emit(LOG_ERROR, (msg), LOG_FIELDS(__VA_ARGS__))
 
+/* A warning per line of text (NULL: none). */
+void log_warn_lines(const char *text);
+
 /* For lines that a lasting failure repeats (a full disk): 1 when at least
  * LOG_REPEAT_MS passed since *last_ms (the caller's own, 0 at first; its
  * owner's thread only), which it then updates; 0 to skip the line. */

@@ -237,6 +237,7 @@ int reload_now(const char *trigger, char *err, size_t errlen)
                      "clients on this machine only");
     }
     log_configure(cfg->log_level, cfg->log_format); /* before the line saying it is done */
+    log_warn_lines(cfg->warnings); /* a key of another pod, a short token: as at start */
     pthread_mutex_lock(&R.mu);
     struct config *prev_cfg = R.cfg;
     ruleset *prev_rs = R.rs;

@@ -258,12 +258,7 @@ int service_run(const char *config_path)
         return 1;
     }
     log_configure(cfg->log_level, cfg->log_format);
-    for (char *w = cfg->warnings, *nl; w && *w; w = nl ? nl + 1 : NULL) {
-        nl = strchr(w, '\n');
-        char line[512];
-        snprintf(line, sizeof line, "%.*s", nl ? (int)(nl - w) : (int)strlen(w), w);
-        log_warn(line);
-    }
+    log_warn_lines(cfg->warnings);
 
     ruleset *rs = NULL;
     if (ruleset_load(&rs, cfg, err, sizeof err) != 0) {

@@ -425,6 +425,20 @@ class SecretsFromFiles(ServiceTest):
                       "until it restarts (5)", s.logs())
         self.assertEqual(s.post([event() for _ in range(10)]).status, 413)  # still 5 per request
 
+    def test_a_reload_warns_of_what_a_start_would_warn_of(self):
+        # a key rotated to another pod's: refused at the first send; said at the reload
+        key = "us2-0f1e2d3c4b5a69788796a5b4c3d2e1f0"
+        register_secret(key)
+        s = self.service(tokens=(), config='return { inbound = { tokens = { "%s" } } }\n' % self.OLD)
+        s.reload('return { inbound = { tokens = { "%s", "shrt" } },\n'
+                 '  feeds = { ios = { key = "%s", secret = "ios-secret-1b2c" } } }\n' % (self.OLD, key))
+        self.assertEqual(s.logs().count("configuration and rules reloaded"), 1, s.logs())
+        self.assertRegex(s.logs(), r"level=warn msg=\"feeds.ios.key is a key of mParticle's us2 "
+                                   r"data pod, but the feed sends to s2s.mparticle.com \(us1\)")
+        self.assertRegex(s.logs(), r"level=warn msg=\"inbound.tokens: token 2 has 4 characters")
+        self.assertNotIn(key, s.logs())
+        self.assertNotIn("ios-secret-1b2c", s.logs())
+
     def test_a_file_change_the_environment_overrides_is_named_in_a_warning(self):
         s = self.service(tokens=(self.OLD,),
                          config='return { inbound = { tokens = { "%s" } } }\n' % self.OLD)
