@@ -72,6 +72,54 @@ static void print_json_text(const char *s)
     buf_free(&b);
 }
 
+/* Stored text (from Braze, mParticle or a rule's error) as a terminal shows it,
+ * on one line: a blank for a line end or tab, '?' for another control character
+ * (C0, DEL, C1: a terminal would act on them) and for a byte that is not
+ * UTF-8; at most max bytes, cut between two characters. The caller frees it;
+ * NULL when out of memory. */
+static char *terminal_text(const char *s, size_t max)
+{
+    size_t n = s ? strlen(s) : 0;
+    char *t = malloc(n + 1);
+    if (!t)
+        return NULL;
+    memcpy(t, s ? s : "", n);
+    size_t keep = utf8_sanitize(t, n, max);
+    t[keep] = '\0';
+    for (size_t i = 0; i < keep; i++) {
+        unsigned char c = (unsigned char)t[i];
+        if (c == '\n' || c == '\r' || c == '\t')
+            t[i] = ' ';
+        else if (c < 0x20 || c == 0x7f)
+            t[i] = '?';
+        else if (c == 0xc2 && (unsigned char)t[i + 1] >= 0x80 && (unsigned char)t[i + 1] <= 0x9f)
+            t[i] = t[i + 1] = '?'; /* U+0080 - U+009F */
+    }
+    return t;
+}
+
+/* The fields of a dead letter that hold text from outside, for a terminal. */
+struct row_text {
+    char *detail, *event_id, *event_type, *workspace;
+};
+
+static int row_text(const struct dead_row *r, size_t max, struct row_text *t)
+{
+    t->detail = terminal_text(r->detail, max);
+    t->event_id = terminal_text(r->event_id, max);
+    t->event_type = terminal_text(r->event_type, max);
+    t->workspace = r->workspace ? terminal_text(r->workspace, max) : NULL;
+    return t->detail && t->event_id && t->event_type && (!r->workspace || t->workspace) ? 0 : -1;
+}
+
+static void row_text_free(struct row_text *t)
+{
+    free(t->detail);
+    free(t->event_id);
+    free(t->event_type);
+    free(t->workspace);
+}
+
 static void print_row_json(const struct dead_row *r, int full)
 {
     printf("{\"id\":%lld,\"at_ms\":%lld,\"reason\":", (long long)r->id, (long long)r->at_ms);
@@ -122,15 +170,16 @@ static int list_row(void *ctx, const struct dead_row *r)
                    "EVENT TYPE", "EVENT ID", "DETAIL");
         char age[16];
         age_text(l->now - r->at_ms, age, sizeof age);
-        char detail[81];
-        str_copy(detail, sizeof detail, r->detail ? r->detail : "");
-        for (char *p = detail; *p; p++) {
-            if (*p == '\n' || *p == '\t')
-                *p = ' ';
+        struct row_text t;
+        if (row_text(r, 80, &t) != 0) {
+            row_text_free(&t);
+            fprintf(stderr, "tributary: out of memory\n");
+            return 1;
         }
         printf("%-8lld %-6s %-15s %-8s %-42s %-38s %s\n", (long long)r->id, age, r->reason,
-               r->feed >= 0 && r->feed < FEED_COUNT ? FEED_NAMES[r->feed] : "-", r->event_type,
-               r->event_id, detail);
+               r->feed >= 0 && r->feed < FEED_COUNT ? FEED_NAMES[r->feed] : "-", t.event_type,
+               t.event_id, t.detail);
+        row_text_free(&t);
     }
     l->count++;
     return 0;
@@ -191,16 +240,23 @@ static int show_row(void *ctx, const struct dead_row *r)
     struct tm tm;
     gmtime_r(&t, &tm);
     strftime(when, sizeof when, "%Y-%m-%dT%H:%M:%SZ", &tm);
+    struct row_text text;
+    if (row_text(r, SIZE_MAX, &text) != 0) {
+        row_text_free(&text);
+        fprintf(stderr, "tributary: out of memory\n");
+        return 1;
+    }
     printf("id:            %lld\n", (long long)r->id);
     printf("dead-lettered: %s\n", when);
     printf("reason:        %s\n", r->reason);
-    printf("detail:        %s\n", r->detail);
+    printf("detail:        %s\n", text.detail);
     printf("feed:          %s\n", r->feed >= 0 && r->feed < FEED_COUNT ? FEED_NAMES[r->feed] : "-");
-    printf("event id:      %s\n", r->event_id);
-    printf("event type:    %s\n", r->event_type);
+    printf("event id:      %s\n", text.event_id);
+    printf("event type:    %s\n", text.event_type);
     printf("rules version: %s\n", r->rules_version);
-    if (r->workspace)
-        printf("workspace:     %s\n", r->workspace);
+    if (text.workspace)
+        printf("workspace:     %s\n", text.workspace);
+    row_text_free(&text);
     printf("braze event:   ");
     print_json_text(r->raw);
     if (r->event && *r->event) {
@@ -565,7 +621,8 @@ static int cmd_purge(const struct cli_options *o, const struct config *c)
     enum queue_status st = queue_dead_purge(q, &f, &deleted);
     queue_free(q);
     if (st != QUEUE_OK) {
-        fprintf(stderr, "tributary: cannot purge: %s\n", queue_status_name(st));
+        fprintf(stderr, "tributary: cannot purge: %s (%zu dead letters purged before it)\n",
+                queue_status_name(st), deleted);
         return 1;
     }
     if (o->json)

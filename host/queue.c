@@ -305,6 +305,7 @@ struct op {
         } feed_state;
         struct {
             const struct dead_filter *f;
+            int64_t *after; /* the page's ids are larger; moved past them */
             size_t *deleted;
         } purge;
     } u;
@@ -1138,17 +1139,43 @@ static void dead_bind(sqlite3_stmt *s, const struct dead_filter *f)
     sqlite3_bind_int64(s, 3, f->before_ms);
 }
 
+/* One page of a purge: the next PURGE_PAGE matching dead letters after
+ * op->u.purge.after, which moves past them. */
 static enum queue_status apply_purge(queue *q, struct op *op)
 {
+    int64_t after = *op->u.purge.after, through = 0;
     sqlite3_stmt *s;
-    if (sqlite3_prepare_v2(q->db, "DELETE FROM dead " DEAD_WHERE, -1, &s, NULL) != SQLITE_OK)
+    if (sqlite3_prepare_v2(q->db,
+                           "SELECT max(id) FROM (SELECT id FROM dead " DEAD_WHERE
+                           " AND id > ?4 ORDER BY id LIMIT ?5)",
+                           -1, &s, NULL) != SQLITE_OK)
         return QUEUE_ERROR;
     dead_bind(s, op->u.purge.f);
+    sqlite3_bind_int64(s, 4, after);
+    sqlite3_bind_int(s, 5, PURGE_PAGE);
     int rc = sqlite3_step(s);
+    if (rc == SQLITE_ROW)
+        through = sqlite3_column_int64(s, 0); /* NULL: none left, 0 */
+    sqlite3_finalize(s);
+    if (rc != SQLITE_ROW)
+        return status_of(rc);
+    *op->u.purge.deleted = 0;
+    if (through == 0) {
+        *op->u.purge.after = INT64_MAX;
+        return QUEUE_OK;
+    }
+    if (sqlite3_prepare_v2(q->db, "DELETE FROM dead " DEAD_WHERE " AND id > ?4 AND id <= ?5", -1,
+                           &s, NULL) != SQLITE_OK)
+        return QUEUE_ERROR;
+    dead_bind(s, op->u.purge.f);
+    sqlite3_bind_int64(s, 4, after);
+    sqlite3_bind_int64(s, 5, through);
+    rc = sqlite3_step(s);
     sqlite3_finalize(s);
     if (rc != SQLITE_DONE)
         return status_of(rc);
     *op->u.purge.deleted = (size_t)sqlite3_changes(q->db);
+    *op->u.purge.after = through;
     op->dead_delta -= sqlite3_changes(q->db);
     return QUEUE_OK;
 }
@@ -2573,6 +2600,13 @@ int queue_open(queue **out, const struct queue_options *o, char *err, size_t err
     *out = q;
     return 0;
 fail:
+    /* SQLite's own messages ("attempt to write a readonly database") name no file */
+    if (q->path && !strstr(err, q->path)) {
+        char *msg = strdup(err);
+        if (msg)
+            str_printf(err, errlen, "%s: %s", q->path, msg);
+        free(msg);
+    }
     /* SQLite writes queue.db-shm beside a WAL database even to read it */
     if (o->readonly && access(o->dir, W_OK) != 0 && errno == EROFS) {
         size_t used = strlen(err);
@@ -2796,10 +2830,19 @@ enum queue_status queue_set_feed_state(queue *q, enum feed f, const char *reason
 enum queue_status queue_dead_purge(queue *q, const struct dead_filter *f, size_t *deleted)
 {
     *deleted = 0;
-    struct op op = {.kind = OP_PURGE};
-    op.u.purge.f = f;
-    op.u.purge.deleted = deleted;
-    return submit(q, &op);
+    int64_t after = 0;
+    while (after != INT64_MAX) {
+        size_t page = 0;
+        struct op op = {.kind = OP_PURGE};
+        op.u.purge.f = f;
+        op.u.purge.after = &after;
+        op.u.purge.deleted = &page;
+        enum queue_status st = submit(q, &op);
+        if (st != QUEUE_OK)
+            return st;
+        *deleted += page;
+    }
+    return QUEUE_OK;
 }
 
 /* ---- readers ------------------------------------------------------------ */

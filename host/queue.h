@@ -239,7 +239,11 @@ enum queue_status queue_requeue(queue *q, struct mapping *m, const int64_t *ids,
  * was claimed or is gone meanwhile. */
 enum queue_status queue_move(queue *q, struct mapping *m, enum feed from, const int64_t *ids,
                              size_t n);
-/* Deletes dead letters matching the filter; *deleted receives the count. */
+/* Deletes dead letters matching the filter, oldest first, PURGE_PAGE to a
+ * transaction: the service beside it waits for one page at most, and the WAL
+ * stays within its bound. *deleted receives the count, also of the pages
+ * deleted before an error. */
+#define PURGE_PAGE 2000
 enum queue_status queue_dead_purge(queue *q, const struct dead_filter *f, size_t *deleted);
 
 struct queue_stats {

@@ -164,6 +164,27 @@ static int escape_byte(buf *b, const char *s, size_t *run, size_t i, char e)
     return replace_byte(b, s, run, i, u, e == 'u' ? 6 : 2);
 }
 
+/* Whether the UTF-8 sequence of len bytes at s is a C1 control character
+ * (U+0080 - U+009F): JSON may hold it as it is, but a terminal showing the
+ * text acts on it (U+009B begins a control sequence). */
+static int is_c1(const char *s, size_t len)
+{
+    return len == 2 && (unsigned char)s[0] == 0xc2 && (unsigned char)s[1] <= 0x9f;
+}
+
+/* Appends s[*run..i), then \u00XX for the C1 character at i (two bytes, the
+ * second its code point); the bytes that pass as they are start after it. */
+static int escape_c1(buf *b, const char *s, size_t *run, size_t i)
+{
+    static const char hex[] = "0123456789abcdef";
+    unsigned char c = (unsigned char)s[i + 1];
+    char u[6] = {'\\', 'u', '0', '0', hex[c >> 4], hex[c & 15]};
+    if (buf_add(b, s + *run, i - *run) != 0 || buf_add(b, u, sizeof u) != 0)
+        return -1;
+    *run = i + 2;
+    return 0;
+}
+
 /* JSON text is UTF-8 (RFC 8259): a byte that does not start a well-formed
  * sequence is written as U+FFFD, so that no reader refuses the whole text. */
 int buf_json_str(buf *b, const char *s, size_t n)
@@ -231,6 +252,8 @@ int buf_json_strict(buf *b, const char *s, size_t n)
         } else if (c >= 0x80) {
             size_t len = utf8_sequence((const unsigned char *)s + i, n - i);
             if (len == 0 && replace_byte(b, s, &run, i, REPLACEMENT, 3) != 0)
+                return -1;
+            if (len > 0 && is_c1(s + i, len) && escape_c1(b, s, &run, i) != 0)
                 return -1;
             i += len ? len : 1;
         } else {

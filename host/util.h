@@ -94,8 +94,9 @@ int buf_vprintf(buf *b, const char *fmt, va_list ap) WUR;
 int buf_json_str(buf *b, const char *s, size_t n) WUR;
 /* Appends the JSON text s[0..n), which a lenient reader took (lua-cjson
  * takes control characters and bytes that are not UTF-8 inside strings as
- * they are), as JSON any reader takes: in strings, control characters
- * escaped (\u00XX) and each byte that begins no UTF-8 sequence as U+FFFD. */
+ * they are), as JSON any reader takes and a terminal can show: in strings,
+ * control characters (C0 and C1) escaped (\u00XX) and each byte that begins
+ * no UTF-8 sequence as U+FFFD. */
 int buf_json_strict(buf *b, const char *s, size_t n) WUR;
 /* The characters buf_json_str writes for s[0..n): one per well-formed UTF-8
  * sequence, and one (U+FFFD) per byte that begins none. */

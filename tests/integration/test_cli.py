@@ -18,6 +18,8 @@ from harness import (RULES, SANITIZED, SLOW, TIME, WRAPPER, ServiceTest, event, 
 # when their Braze events reach REQUEUE_PAGE_BYTES (host/dlq.c).
 REQUEUE_PAGE = 500
 REQUEUE_PAGE_BYTES = 8 << 20
+# dlq purge deletes this many dead letters per transaction (host/queue.h).
+PURGE_PAGE = 2000
 
 
 class Cli(ServiceTest):
@@ -416,6 +418,28 @@ class DeadLetterCommands(ServiceTest):
         self.assertNotIn("\x1b", text)
         self.assertIn("\\u001b[2J", text)
 
+    def test_list_and_show_write_no_control_sequence_from_stored_text_to_a_terminal(self):
+        # whoever can post an event (or answer for mParticle) chooses these bytes
+        rule = {"20-fail.lua": "return function(e) error(e.properties.note, 0) end\n"}
+        s = self.service(rules_dir=self.rules_dir(rule))
+        e = event("users.messages.email.Send", user="terminal", note="PLACEHOLDER")
+        e["id"] = "ID-PLACEHOLDER"
+        body = json.dumps({"events": [e]}).encode().replace(
+            b"ID-PLACEHOLDER", b"id\x1b]0;title\x07-1").replace(
+            b"PLACEHOLDER", b"line\nend \x1b[2J csi \xc2\x9b31m bad \xff done")
+        self.assertEqual(s.post(body=body).status, 200)
+        [row] = json.loads(s.cli(["dlq", "list", "--json"]).stdout)
+        listed = s.cli(["dlq", "list"]).stdout
+        shown = s.cli(["dlq", "show", str(row["id"])]).stdout
+        for text in (listed, shown):
+            self.assertIsNone(re.search("[\x00-\x09\x0b-\x1f\x7f-\x9f]", text), repr(text))
+            self.assertIn("id?]0;title?-1", text)
+            self.assertIn("line end ?[2J csi ??31m bad ? done", text)
+        self.assertEqual(len(listed.splitlines()), 2, listed)
+        self.assertIn('"note": "line\\u000aend \\u001b[2J csi \\u009b31m bad \ufffd done"', shown)
+        # --json keeps what was stored, escaped
+        self.assertEqual(row["event_id"], "id\x1b]0;title\x07-1")
+
     def test_requeue_queues_an_event_with_an_events_field_of_its_own_as_itself(self):
         # Braze's fields beyond the documented ones are accepted and kept: an
         # "events" field must not make the stored event read as an envelope
@@ -551,6 +575,32 @@ class DeadLetterCommands(ServiceTest):
         while s.metrics()["tributary_dead_letters"] != 0 and time.time() < deadline:
             time.sleep(0.1)
         self.assertEqual(s.metrics()["tributary_dead_letters"], 0)
+
+    def test_purge_over_several_pages_deletes_exactly_the_matching_dead_letters(self):
+        s, ids = self.dead_letters(1)
+        s.stop()
+        now_ms = int(time.time() * 1000)
+        db = sqlite3.connect(os.path.join(s.data_dir, "queue.db"))
+        rows = []
+        for i in range(2 * PURGE_PAGE + 700):
+            reason = ("max_age", "rule_error", "max_age")[i % 3]
+            at_ms = now_ms - (3 if i % 7 else 0) * 86400 * 1000   # every 7th is recent
+            rows.append((at_ms, reason, "detail", "e-%d" % i, "users.messages.email.Send", "v1",
+                         "{}"))
+        db.executemany("INSERT INTO dead(at_ms, reason, detail, event_id, event_type, "
+                       "rules_version, raw) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+        db.commit()
+        before = db.execute("SELECT id, reason, at_ms FROM dead").fetchall()
+        db.close()
+        cutoff = now_ms - 86400 * 1000
+        kept = sorted(i for i, reason, at in before if reason != "max_age" or at >= cutoff)
+        p = run_cli(["dlq", "purge", "--older-than", "1d", "--reason", "max_age"], env=s.env,
+                    cwd=s.dir)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertIn("purged %d dead letters" % (len(before) - len(kept)), p.stdout)
+        db = sqlite3.connect(os.path.join(s.data_dir, "queue.db"))
+        self.addCleanup(db.close)
+        self.assertEqual(sorted(r[0] for r in db.execute("SELECT id FROM dead")), kept)
 
     def test_purge_older_than_a_duration_beyond_the_epoch_purges_nothing(self):
         s, ids = self.dead_letters(1)
