@@ -357,8 +357,22 @@ static struct ingest_request headers_of(struct MHD_Connection *c, const struct r
     return q;
 }
 
-static enum route route_of(const char *url)
+/* The path of a request target: an absolute-form target (RFC 9112 3.2.2,
+ * "http://host/currents", which a proxy may pass on) is taken as its path. */
+static const char *target_path(const char *url)
 {
+    size_t scheme = strncasecmp(url, "http://", 7) == 0    ? 7
+                    : strncasecmp(url, "https://", 8) == 0 ? 8
+                                                           : 0;
+    if (!scheme)
+        return url;
+    const char *path = strchr(url + scheme, '/');
+    return path ? path : "/";
+}
+
+static enum route route_of(const char *target)
+{
+    const char *url = target_path(target);
     if (strcmp(url, "/currents") == 0 || strcmp(url, "/currents/") == 0)
         return R_CURRENTS;
     if (strcmp(url, "/healthz") == 0)
@@ -908,6 +922,27 @@ static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls,
     *con_cls = NULL;
 }
 
+/* libmicrohttpd says what it refused only in its log: requests it answered
+ * itself, which never reach on_request (Braze retries each as it is, so one
+ * that never fits fails until Braze gives up), and connections past
+ * http.max_connections. Counted, and said at warn level. */
+static int server_refusal(const char *msg)
+{
+    static _Atomic int64_t logged_ms[2];
+    int answered = strstr(msg, "HTTP response code is ") != NULL;
+    int full = strncmp(msg, "Server reached connection limit", 31) == 0;
+    if (!answered && !full)
+        return 0;
+    metrics_add(answered ? M_HTTP_SERVER_REFUSED : M_HTTP_CONNECTIONS_REFUSED, 1);
+    if (log_due_shared(&logged_ms[answered]))
+        log_warn(answered ? "the HTTP server refused a request before reading it (see "
+                            "tributary_http_server_refused_total)"
+                          : "connection refused: http.max_connections are open (see "
+                            "tributary_http_connections_refused_total)",
+                 LOG_S("detail", msg));
+    return 1;
+}
+
 static void mhd_log(void *cls, const char *fmt, va_list ap)
 {
     http_in *h = cls;
@@ -916,7 +951,8 @@ static void mhd_log(void *cls, const char *fmt, va_list ap)
     size_t n = strlen(msg);
     while (n && (msg[n - 1] == '\n' || msg[n - 1] == '\r'))
         msg[--n] = '\0';
-    log_debug("http server", LOG_S("detail", msg));
+    if (!server_refusal(msg))
+        log_debug("http server", LOG_S("detail", msg));
     pthread_mutex_lock(&h->start_mu);
     if (h->starting && !h->start_error[0])
         str_copy(h->start_error, sizeof h->start_error, msg);

@@ -80,6 +80,11 @@ static const char *const COUNTER_HELP[M_COUNTER_COUNT][3] = {
     {"tributary_workspace_refused_total", "counter",
      "Inbound requests refused (503) for their ?workspace=: not one of inbound.workspaces, none "
      "while that list is set, malformed, or given twice."},
+    {"tributary_http_server_refused_total", "counter",
+     "Requests the HTTP server answered with an error itself, before tributary read them: a "
+     "request line or headers too large (414, 431) or malformed (400, 505)."},
+    {"tributary_http_connections_refused_total", "counter",
+     "Connections closed as they came because http.max_connections were open."},
 };
 
 void metrics_add(enum counter c, uint64_t n)

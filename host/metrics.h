@@ -25,7 +25,9 @@ enum counter {
     M_RULE_ENGINE_FAILURES, /* an engine for the rules in force failed to build */
     M_AUTH_FAILURES,
     M_AUTH_THROTTLED,
-    M_WORKSPACE_REFUSED, /* a `?workspace=` not taken (see config_workspace_problem) */
+    M_WORKSPACE_REFUSED,        /* a `?workspace=` not taken (see config_workspace_problem) */
+    M_HTTP_SERVER_REFUSED,      /* answered by libmicrohttpd itself (431, 414, ...) */
+    M_HTTP_CONNECTIONS_REFUSED, /* closed at http.max_connections */
     M_COUNTER_COUNT
 };
 

@@ -39,6 +39,19 @@ class Ingest(ServiceTest):
         self.assertEqual(r.json()["forwarded"], 100)
         self.assertEqual(s.queued_ids(), [e["id"] for e in events])
 
+    def test_a_request_target_in_absolute_form_is_served_as_its_path(self):
+        # RFC 9112 3.2.2: a server takes "POST http://host/currents"; a proxy
+        # may pass it on, and a 404 would make Braze disable the connector
+        s = self.service()
+        events = [event("users.messages.email.Send", user="u-%d" % i) for i in range(2)]
+        for e, target in zip(events, ("http://127.0.0.1:%d/currents" % s.port,
+                                      "HTTPS://tributary.example/currents?workspace=a")):
+            r = s.post([e], path=target)
+            self.assertEqual(r.status, 200, (target, r))
+        self.assertEqual(s.queued_ids(), [e["id"] for e in events])
+        self.assertEqual(s.post([event()], path="http://127.0.0.1:%d/other" % s.port).status, 404)
+        self.assertEqual(s.get("http://127.0.0.1:%d" % s.port).status, 404)
+
     def test_duplicate_ids_are_acknowledged_and_stored_once(self):
         s = self.service()
         e = event("users.messages.email.Send")

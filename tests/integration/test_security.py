@@ -1328,6 +1328,20 @@ class HeaderBounds(ServiceTest):
         self.assertIn(status, (431, None))
         self.assertEqual(s.queued_ids(), [])
         self.assertEqual(s.get("/healthz").status, 200)
+        # answered by libmicrohttpd, not by tributary: counted and said all the same
+        self.assertEqual(s.metrics()["tributary_http_server_refused_total"], 1)
+        self.assertRegex(s.logs(), r"level=warn msg=\"the HTTP server refused a request before "
+                                   r"reading it.*HTTP response code is 431")
+
+    def test_a_request_line_too_long_is_refused_counted_and_logged(self):
+        s = self.service()
+        sock = socket.create_connection(("127.0.0.1", s.port))
+        self.addCleanup(sock.close)
+        answer = probe(sock, b"POST /currents?workspace=" + b"w" * (80 * 1024) +
+                       b" HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 414"), answer[:100])
+        self.assertEqual(s.metrics()["tributary_http_server_refused_total"], 1)
+        self.assertIn("HTTP response code is 414", s.logs())
 
 
 def peak_rss_kib(pid):
@@ -1442,6 +1456,8 @@ class ConnectionBounds(ServiceTest):
             sock.close()
         time.sleep(0.2)
         self.assertEqual(request(s.port, "GET", "/healthz", timeout=5).status, 200)
+        self.assertEqual(s.metrics()["tributary_http_connections_refused_total"], 1)
+        self.assertIn("connection refused: http.max_connections are open", s.logs())
 
     def test_sigterm_stops_the_service_with_max_connections_below_threads(self):
         s = self.service(env={"TRIBUTARY_HTTP_MAX_CONNECTIONS": "4"})  # http.threads = 8
