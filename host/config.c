@@ -518,8 +518,25 @@ static char *read_file(const char *path, size_t *len, struct errs *e)
     return src;
 }
 
+/* Adds to read the names of the environment variables the file read (os.getenv). */
+static void collect_env_read(lua_State *L, struct string_list *read, struct errs *e)
+{
+    if (lua_getfield(L, LUA_REGISTRYINDEX, SANDBOX_ENV_READ) == LUA_TTABLE) {
+        lua_pushnil(L);
+        while (lua_next(L, -2)) {
+            size_t n;
+            const char *name = lua_tolstring(L, -2, &n);
+            if (list_add(read, name, n) != 0)
+                errs_add(e, "out of memory");
+            lua_pop(L, 1);
+        }
+    }
+    lua_pop(L, 1);
+}
+
+/* read: receives the names of the environment variables the file read. */
 static void load_source(struct config *c, const char *path, const char *src, size_t len,
-                        struct errs *e)
+                        struct errs *e, struct string_list *read)
 {
     struct loader ld = {c, e, path, src};
     sandbox *sb = sandbox_new(SANDBOX_GETENV);
@@ -564,17 +581,18 @@ static void load_source(struct config *c, const char *path, const char *src, siz
         goto done;
     }
     walk(&ld, L, "");
+    collect_env_read(L, read, e);
 done:
     sandbox_free(sb);
 }
 
-static void load_file(struct config *c, const char *path, struct errs *e)
+static void load_file(struct config *c, const char *path, struct errs *e, struct string_list *read)
 {
     size_t len = 0;
     char *src = read_file(path, &len, e);
     if (!src)
         return;
-    load_source(c, path, src, len, e);
+    load_source(c, path, src, len, e, read);
     free(src);
 }
 
@@ -711,7 +729,36 @@ static uint64_t fingerprint(struct config *c, const struct key *k)
  * before the file was read: a key the file changed from its default and the
  * environment sets to another value is named in a warning, as an edit of the
  * file would otherwise have no effect without a word. */
-static void load_env(struct config *c, const uint64_t *defaults, struct errs *e, buf *warnings)
+/* The Levenshtein distance between a[0..n) and b, for names of up to 63 bytes
+ * (longer ones are far from every name: SIZE_MAX). */
+static size_t edit_distance(const char *a, size_t n, const char *b)
+{
+    size_t m = strlen(b);
+    if (n > 63 || m > 63)
+        return n == m && memcmp(a, b, n) == 0 ? 0 : SIZE_MAX;
+    size_t row[64];
+    for (size_t j = 0; j <= m; j++)
+        row[j] = j;
+    for (size_t i = 1; i <= n; i++) {
+        size_t diagonal = row[0];
+        row[0] = i;
+        for (size_t j = 1; j <= m; j++) {
+            size_t above = row[j];
+            size_t best = diagonal + (a[i - 1] != b[j - 1]);
+            if (above + 1 < best)
+                best = above + 1;
+            if (row[j - 1] + 1 < best)
+                best = row[j - 1] + 1;
+            row[j] = best;
+            diagonal = above;
+        }
+    }
+    return row[m];
+}
+
+/* read: the environment variables the configuration file read itself. */
+static void load_env(struct config *c, const uint64_t *defaults, struct errs *e, buf *warnings,
+                     const struct string_list *read)
 {
     char name[128], file_var[140];
     for (size_t i = 0; i < ARRAY_LEN(KEYS); i++) {
@@ -738,23 +785,44 @@ static void load_env(struct config *c, const uint64_t *defaults, struct errs *e,
             fingerprint(c, &KEYS[i]) != c->file_value[i])
             warn_add(warnings, "%s overrides %s of %s", v ? name : file_var, KEYS[i].path, c->file);
     }
-    /* A mistyped variable would silently leave a default in force: say so. */
+    /* A mistyped variable would silently leave a default in force (with
+     * TRIBUTARY_INBOUND_TOKEN, no authentication): an error, as an unknown key
+     * in the file is, unless the file reads it itself (os.getenv). */
     for (char **env = environ; env && *env; env++) {
         if (strncmp(*env, "TRIBUTARY_", 10) != 0)
             continue;
         const char *eq = strchr(*env, '=');
         size_t n = eq ? (size_t)(eq - *env) : strlen(*env);
         int known = 0;
+        size_t best = SIZE_MAX;
+        char nearest[140] = "";
         for (size_t i = 0; i < ARRAY_LEN(KEYS) && !known; i++) {
             if (KEYS[i].type == K_APPS)
                 continue;
             env_name(KEYS[i].path, name, sizeof name);
-            size_t len = strlen(name);
-            known = strncmp(name, *env, len) == 0 &&
-                    (n == len || (n == len + 5 && strncmp(*env + len, "_FILE", 5) == 0));
+            snprintf(file_var, sizeof file_var, "%s_FILE", name);
+            const char *forms[] = {name, file_var};
+            for (int f = 0; f < 2 && !known; f++) {
+                size_t d = edit_distance(*env, n, forms[f]);
+                known = d == 0;
+                if (d < best) {
+                    best = d;
+                    str_copy(nearest, sizeof nearest, forms[f]);
+                }
+            }
         }
-        if (!known)
-            warn_add(warnings, "unknown environment variable %.*s is ignored", (int)n, *env);
+        for (size_t i = 0; i < read->n && !known; i++)
+            known = strlen(read->items[i]) == n && strncmp(read->items[i], *env, n) == 0;
+        if (known)
+            continue;
+        if (best <= 3)
+            errs_add(e, "unknown environment variable %.*s (did you mean %s?)", (int)n, *env,
+                     nearest);
+        else
+            errs_add(e,
+                     "unknown environment variable %.*s: it names no key (see the README, "
+                     "Configuration), and the configuration file does not read it",
+                     (int)n, *env);
     }
 }
 
@@ -1237,19 +1305,21 @@ static int load(struct config **out, const char *path, const char *src, size_t l
     for (size_t i = 0; i < ARRAY_LEN(KEYS); i++)
         defaults[i] = fingerprint(c, &KEYS[i]);
 
+    struct string_list env_read = {0};
     if (src) {
-        load_source(c, path, src, len, &e);
+        load_source(c, path, src, len, &e, &env_read);
     } else {
         struct stat st;
         if (!path && stat(CONFIG_DEFAULT_FILE, &st) == 0)
             path = CONFIG_DEFAULT_FILE;
         if (path) {
             c->file = strdup(path);
-            load_file(c, path, &e);
+            load_file(c, path, &e, &env_read);
         }
     }
     if (e.count == 0 && env)
-        load_env(c, defaults, &e, &warnings);
+        load_env(c, defaults, &e, &warnings, &env_read);
+    list_free(&env_read);
     if (e.count == 0)
         check(c, &e, serving);
     if (e.count == 0)

@@ -436,22 +436,27 @@ int main(int argc, char **argv)
     }
     if (!options_fit(&a))
         return 2;
-    signal(SIGPIPE, SIG_IGN);
-    if (sender_global_init() != 0) {
-        fprintf(stderr, "tributary: cannot initialise the HTTP client library\n");
-        return 1;
-    }
-    if (strcmp(a.command, "serve") == 0) {
-        if (too_many_arguments(&a, 0, "no arguments"))
-            return 2;
-        /* Signals are taken synchronously by the main thread (sigtimedwait), so
-         * every thread started afterwards must have them blocked. */
+    int serve = strcmp(a.command, "serve") == 0;
+    if (serve) {
+        /* Signals are taken synchronously by the main thread (a signalfd), so
+         * every thread started afterwards must have them blocked; from the
+         * start, so that a SIGHUP sent as the service starts is a reload, not
+         * the default action's exit (which systemd counts as a clean stop). */
         sigset_t set;
         sigemptyset(&set);
         sigaddset(&set, SIGTERM);
         sigaddset(&set, SIGINT);
         sigaddset(&set, SIGHUP);
         pthread_sigmask(SIG_BLOCK, &set, NULL);
+    }
+    signal(SIGPIPE, SIG_IGN);
+    if (sender_global_init() != 0) {
+        fprintf(stderr, "tributary: cannot initialise the HTTP client library\n");
+        return 1;
+    }
+    if (serve) {
+        if (too_many_arguments(&a, 0, "no arguments"))
+            return 2;
         return service_run(a.config);
     }
     if (strcmp(a.command, "check") == 0)

@@ -747,6 +747,24 @@ static int sb_date(lua_State *L)
     return call_original(L, 1);
 }
 
+/* os.getenv, which keeps the names it is asked for (SANDBOX_ENV_READ). */
+static int sb_getenv(lua_State *L)
+{
+    if (lua_type(L, 1) == LUA_TSTRING) {
+        if (lua_getfield(L, LUA_REGISTRYINDEX, SANDBOX_ENV_READ) != LUA_TTABLE) {
+            lua_pop(L, 1);
+            lua_newtable(L);
+            lua_pushvalue(L, -1);
+            lua_setfield(L, LUA_REGISTRYINDEX, SANDBOX_ENV_READ);
+        }
+        lua_pushvalue(L, 1);
+        lua_pushboolean(L, 1);
+        lua_rawset(L, -3);
+        lua_pop(L, 1);
+    }
+    return call_original(L, 1);
+}
+
 /* [-0, +0] Replaces lib[name] (lib on top) by a C closure over the original. */
 static void wrap(lua_State *L, const char *name, lua_CFunction fn)
 {
@@ -946,6 +964,8 @@ static int build_env(lua_State *L)
     static const char *const os_env_names[] = {"time", "date", "clock", "getenv", NULL};
     copy_lib(L, LUA_OSLIBNAME, (flags & SANDBOX_GETENV) ? os_env_names : os_names, NULL);
     wrap(L, "date", sb_date);
+    if (flags & SANDBOX_GETENV)
+        wrap(L, "getenv", sb_getenv);
     time_lib(L);
     sandbox_readonly(L);
     lua_setfield(L, -2, "os");

@@ -34,6 +34,10 @@ enum sandbox_flags {
     SANDBOX_GETENV = 1, /* expose os.getenv (configuration files only) */
 };
 
+/* With SANDBOX_GETENV, the registry's table of this name holds each name
+ * os.getenv was asked for (name = true). */
+#define SANDBOX_ENV_READ "sandbox.env_read"
+
 /* What one call may use. Calls share a budget when the caller lowers it from one
  * call to the next: `instructions` by sandbox_steps, `memory_bytes` by what
  * sandbox_used grew since the budget began. */

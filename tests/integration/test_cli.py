@@ -333,6 +333,20 @@ class Cli(ServiceTest):
         self.assertEqual(p.returncode, 1)
         self.assertIn("TRIBUTARY_BATCH_LINGER_MS", p.stderr)
 
+    def test_a_misspelt_environment_variable_stops_check_and_serve(self):
+        # TRIBUTARY_INBOUND_TOKEN left the service without authentication
+        env = {"TRIBUTARY_INBOUND_TOKEN": "token-0123456789abcdef"}
+        want = ("unknown environment variable TRIBUTARY_INBOUND_TOKEN (did you mean "
+                "TRIBUTARY_INBOUND_TOKENS?)")
+        p = run_cli(["check"], env=env)
+        self.assertEqual(p.returncode, 1, p)
+        self.assertIn(want, p.stderr)
+        d, _ = self.write_file("unused", "")
+        p = run_cli(["serve"], env=dict(env, TRIBUTARY_DATA_DIR=d + "/var"), timeout=30)
+        self.assertEqual(p.returncode, 1, p)
+        self.assertIn(want, p.stderr)
+        self.assertNotIn("token-0123456789abcdef", p.stderr + p.stdout)
+
     def test_the_environment_overriding_a_value_the_file_changed_is_named_not_silent(self):
         d, conf = self.write_file(
             "tributary.conf.lua",

@@ -344,15 +344,47 @@ START_TEST(test_environment_feed_credentials_override_file)
 }
 END_TEST
 
-START_TEST(test_unknown_environment_variable_is_a_warning_not_an_error)
+START_TEST(test_an_unknown_environment_variable_is_an_error_naming_the_nearest_key)
 {
-    ck_assert_int_eq(setenv("TRIBUTARY_BATCH_LINGER", "100", 1), 0);
+    struct {
+        const char *name, *want;
+    } cases[] = {
+        {"TRIBUTARY_BATCH_LINGER",
+         "unknown environment variable TRIBUTARY_BATCH_LINGER (did you mean "
+         "TRIBUTARY_BATCH_LINGER_MS?)"},
+        {"TRIBUTARY_INBOUND_TOKEN",
+         "unknown environment variable TRIBUTARY_INBOUND_TOKEN (did you mean "
+         "TRIBUTARY_INBOUND_TOKENS?)"},
+        {"TRIBUTARY_ADMIN_TOKEN_FIEL",
+         "unknown environment variable TRIBUTARY_ADMIN_TOKEN_FIEL (did you mean "
+         "TRIBUTARY_ADMIN_TOKEN_FILE?)"},
+        {"TRIBUTARY_SOMETHING_ELSE_ENTIRELY",
+         "unknown environment variable TRIBUTARY_SOMETHING_ELSE_ENTIRELY: it names no key (see "
+         "the README, Configuration), and the configuration file does not read it"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+        ck_assert_int_eq(setenv(cases[i].name, "value-5c1d", 1), 0);
+        struct config *c = NULL;
+        char err[4096] = "";
+        ck_assert_int_eq(config_load(&c, NULL, err, sizeof err), -1);
+        ck_assert_str_eq(err, cases[i].want);
+        ck_assert_int_eq(unsetenv(cases[i].name), 0);
+    }
+}
+END_TEST
+
+START_TEST(test_an_environment_variable_the_file_reads_is_not_unknown)
+{
+    ck_assert_int_eq(setenv("TRIBUTARY_HMAC_SECRET", "hmac-secret-0123456789", 1), 0);
+    ck_assert_int_eq(setenv("TRIBUTARY_UNSET_FALLBACK", "x", 1), 0);
+    const char *path = conf("reads.lua", "local s = os.getenv(\"TRIBUTARY_HMAC_SECRET\")\n"
+                                         "local f = os.getenv(\"TRIBUTARY_UNSET_FALLBACK\")\n"
+                                         "return { inbound = { hmac_secrets = { s } } }\n");
     struct config *c = NULL;
     char err[4096] = "";
-    ck_assert_msg(config_load(&c, NULL, err, sizeof err) == 0, "%s", err);
-    ck_assert_ptr_nonnull(c->warnings);
-    ck_assert_str_eq(c->warnings, "unknown environment variable TRIBUTARY_BATCH_LINGER is ignored");
-    ck_assert_int_eq(c->batch_linger_ms, 500);
+    ck_assert_msg(config_load(&c, path, err, sizeof err) == 0, "%s", err);
+    ck_assert_str_eq(c->inbound_hmac_secrets.items[0], "hmac-secret-0123456789");
+    ck_assert_ptr_null(c->warnings);
     config_unref(c);
 }
 END_TEST
@@ -973,7 +1005,8 @@ static Suite *suite(void)
     tcase_add_test(tc, test_environment_integer_overrides_file);
     tcase_add_test(tc, test_environment_token_list_is_split_on_commas_and_trimmed);
     tcase_add_test(tc, test_environment_feed_credentials_override_file);
-    tcase_add_test(tc, test_unknown_environment_variable_is_a_warning_not_an_error);
+    tcase_add_test(tc, test_an_unknown_environment_variable_is_an_error_naming_the_nearest_key);
+    tcase_add_test(tc, test_an_environment_variable_the_file_reads_is_not_unknown);
     tcase_add_test(tc, test_empty_environment_data_dir_is_an_error_not_a_crash);
 
     tcase_add_test(tc, test_unknown_key_names_file_and_line);
