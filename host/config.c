@@ -518,6 +518,246 @@ static char *read_file(const char *path, size_t *len, struct errs *e)
     return src;
 }
 
+/* ---- keys given twice --------------------------------------------------- */
+
+/* Lua keeps the last of two values given to one key in a table constructor,
+ * silently: a section written twice (`inbound = {...}` near the top and again
+ * below) loses the first, tokens and all. The file's text is scanned for it,
+ * token by token (strings and comments skipped); the keys are those of the
+ * fields of each constructor (`name =`, `["name"] =`), not assignments inside
+ * a function's body or brackets. */
+
+#define SCAN_DEPTH 32 /* constructors nested deeper are not looked into */
+#define SCAN_KEYS 64  /* keys remembered per constructor */
+
+enum token_kind { TK_END, TK_NAME, TK_STRING, TK_NUMBER, TK_PUNCT, TK_OTHER };
+
+struct token {
+    enum token_kind kind;
+    const char *s; /* a name; a string's text when it is plain (no escape) */
+    size_t n;
+    int plain;
+    char c; /* TK_PUNCT */
+    int line;
+};
+
+struct scan_key {
+    const char *s;
+    size_t n;
+    int line;
+};
+
+/* An open table constructor. */
+struct scan_table {
+    struct scan_key keys[SCAN_KEYS];
+    int nkeys;
+    int nesting; /* open brackets and blocks (function ... end) inside it */
+    int field_start;
+    const char *name; /* the key it is the value of ("?": none) */
+    size_t name_len;
+};
+
+/* The level of a long bracket at p ("[[" 0, "[==[" 2), or -1. */
+static int long_bracket(const char *p)
+{
+    if (*p != '[')
+        return -1;
+    int level = 0;
+    while (p[1 + level] == '=')
+        level++;
+    return p[1 + level] == '[' ? level : -1;
+}
+
+/* Past the long string or comment whose opening bracket of `level` is at p. */
+static const char *skip_long(const char *p, int level, int *line)
+{
+    for (p += level + 2; *p; p++) {
+        if (*p == '\n')
+            (*line)++;
+        else if (*p == ']' && p[1 + level] == ']') {
+            int i = 0;
+            while (i < level && p[1 + i] == '=')
+                i++;
+            if (i == level)
+                return p + level + 2;
+        }
+    }
+    return p;
+}
+
+static int is_word(const struct token *t, const char *w)
+{
+    return t->kind == TK_NAME && t->n == strlen(w) && memcmp(t->s, w, t->n) == 0;
+}
+
+/* The next token at or after *p. */
+static void next_token(const char **pp, int *line, struct token *t)
+{
+    const char *p = *pp;
+    for (;;) {
+        if (*p == '\n')
+            (*line)++;
+        if (isspace((unsigned char)*p)) {
+            p++;
+        } else if (p[0] == '-' && p[1] == '-') {
+            int level = long_bracket(p + 2);
+            if (level >= 0)
+                p = skip_long(p + 2, level, line);
+            else
+                while (*p && *p != '\n')
+                    p++;
+        } else {
+            break;
+        }
+    }
+    *t = (struct token){.kind = TK_OTHER, .line = *line};
+    int level = long_bracket(p);
+    if (!*p) {
+        t->kind = TK_END;
+    } else if (level >= 0) {
+        t->kind = TK_STRING;
+        p = skip_long(p, level, line);
+    } else if (*p == '"' || *p == '\'') {
+        char quote = *p++;
+        t->kind = TK_STRING;
+        t->s = p;
+        t->plain = 1;
+        for (; *p && *p != quote && *p != '\n'; p++) {
+            if (*p == '\\' && p[1]) {
+                t->plain = 0;
+                if (*++p == '\n')
+                    (*line)++;
+            }
+        }
+        t->n = (size_t)(p - t->s);
+        if (*p == quote)
+            p++;
+    } else if (isalpha((unsigned char)*p) || *p == '_') {
+        t->kind = TK_NAME;
+        t->s = p;
+        while (isalnum((unsigned char)*p) || *p == '_')
+            p++;
+        t->n = (size_t)(p - t->s);
+    } else if (isdigit((unsigned char)*p) || (*p == '.' && isdigit((unsigned char)p[1]))) {
+        t->kind = TK_NUMBER;
+        for (p++; isalnum((unsigned char)*p) || *p == '.' ||
+                  ((*p == '+' || *p == '-') && strchr("eEpP", p[-1]));
+             p++)
+            ;
+    } else if (strchr("=<>~", *p) && p[1] == '=') {
+        p += 2; /* ==, <=, >=, ~= */
+    } else {
+        t->kind = TK_PUNCT;
+        t->c = *p++;
+    }
+    *pp = p;
+}
+
+static void key_given_twice(const char *file, struct scan_table *stack, int depth,
+                            const struct scan_key *k, const struct scan_key *first, struct errs *e)
+{
+    char path[256] = "";
+    for (int i = 1; i <= depth; i++) {
+        size_t used = strlen(path);
+        snprintf(path + used, sizeof path - used, "%.*s.", (int)stack[i].name_len, stack[i].name);
+    }
+    errs_add(e,
+             "%s:%d: '%s%.*s' is given twice in one table (first on line %d); Lua keeps "
+             "only the last",
+             file, k->line, path, (int)k->n, k->s, first->line);
+}
+
+static void find_keys_given_twice(const char *file, const char *src, struct errs *e)
+{
+    struct scan_table *stack = calloc(SCAN_DEPTH, sizeof(*stack));
+    if (!stack)
+        return;
+    int depth = -1, line = 1;
+    const char *p = src;
+    /* a field's key as it is read: 1 a name, 2 "[", 3 "[" string, 4 "[" string "]" */
+    struct scan_key key = {0};
+    int key_state = 0;
+    struct scan_key value_of = {0}; /* the key of the value that begins now */
+    struct token t;
+    do {
+        next_token(&p, &line, &t);
+        struct scan_table *top = depth >= 0 && depth < SCAN_DEPTH ? &stack[depth] : NULL;
+        int at_field = top && top->nesting == 0 && top->field_start;
+        struct scan_key named = value_of;
+        value_of.s = NULL;
+        if (top)
+            top->field_start = 0;
+        int state = key_state;
+        key_state = 0;
+        if (t.kind == TK_NAME && at_field) {
+            key = (struct scan_key){t.s, t.n, t.line};
+            key_state = 1;
+        } else if (t.kind == TK_STRING && state == 2 && t.plain) {
+            key = (struct scan_key){t.s, t.n, t.line};
+            key_state = 3;
+        }
+        if (!top) { /* outside every constructor, or deeper than SCAN_DEPTH */
+            if (t.kind == TK_PUNCT && t.c == '{' && ++depth < SCAN_DEPTH)
+                stack[depth] = (struct scan_table){.field_start = 1, .name = "?", .name_len = 1};
+            else if (t.kind == TK_PUNCT && t.c == '}' && depth >= 0)
+                depth--;
+            continue;
+        }
+        if (is_word(&t, "function") || is_word(&t, "if") || is_word(&t, "do") ||
+            is_word(&t, "repeat"))
+            top->nesting++;
+        else if (is_word(&t, "end") || is_word(&t, "until"))
+            top->nesting--;
+        if (t.kind != TK_PUNCT)
+            continue;
+        switch (t.c) {
+        case '=':
+            if (top->nesting == 0 && (state == 1 || state == 4)) {
+                for (int i = 0; i < top->nkeys; i++) {
+                    if (top->keys[i].n == key.n && memcmp(top->keys[i].s, key.s, key.n) == 0) {
+                        key_given_twice(file, stack, depth, &key, &top->keys[i], e);
+                        break;
+                    }
+                }
+                if (top->nkeys < SCAN_KEYS)
+                    top->keys[top->nkeys++] = key;
+                value_of = key;
+            }
+            break;
+        case '{':
+            if (++depth < SCAN_DEPTH)
+                stack[depth] = (struct scan_table){.field_start = 1,
+                                                   .name = named.s ? named.s : "?",
+                                                   .name_len = named.s ? named.n : 1};
+            break;
+        case '}':
+            depth--;
+            break;
+        case '[':
+            key_state = at_field ? 2 : 0;
+            top->nesting++;
+            break;
+        case '(':
+            top->nesting++;
+            break;
+        case ']':
+            key_state = state == 3 ? 4 : 0;
+            top->nesting--;
+            break;
+        case ')':
+            top->nesting--;
+            break;
+        case ',':
+        case ';':
+            top->field_start = top->nesting == 0;
+            break;
+        default:
+            break;
+        }
+    } while (t.kind != TK_END);
+    free(stack);
+}
+
 /* Adds to read the names of the environment variables the file read (os.getenv). */
 static void collect_env_read(lua_State *L, struct string_list *read, struct errs *e)
 {
@@ -582,6 +822,7 @@ static void load_source(struct config *c, const char *path, const char *src, siz
     }
     walk(&ld, L, "");
     collect_env_read(L, read, e);
+    find_keys_given_twice(path, src, e);
 done:
     sandbox_free(sb);
 }

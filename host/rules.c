@@ -2166,8 +2166,17 @@ int rules_map(rules *r, const char *body, size_t len, enum input_shape shape, st
     lua_State *L = sandbox_lua(r->sb);
     int top = lua_gettop(L);
     enum body_form form = FORM_ENVELOPE; /* set by decode_events */
-    if (decode_events(r, L, body, len, shape, &form, e) != 0) {
+    sandbox_bound(r->sb, (size_t)RULES_DECODE_MEMORY_MB << 20);
+    int decoded = decode_events(r, L, body, len, shape, &form, e) == 0;
+    int over = !decoded && sandbox_bound_hit(r->sb);
+    sandbox_bound(r->sb, 0);
+    if (!decoded) {
         lua_settop(L, top);
+        if (over)
+            return input_fail(e, 413, -1,
+                              "the request's events take more than %d MiB decoded; send fewer "
+                              "at a time",
+                              RULES_DECODE_MEMORY_MB);
         return -1;
     }
     int evs = lua_gettop(L);

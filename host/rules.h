@@ -29,6 +29,11 @@
 
 #define RULES_MAX_FILES 256
 #define RULES_MAX_FILE_BYTES (1u << 20)
+/* The decoded events of one request may take this much of their Lua state,
+ * at most (2 to 25 times their JSON text): a larger request is 413,
+ * which Braze answers by sending its events in smaller ones. http.threads
+ * requests are decoded at once, at most. */
+#define RULES_DECODE_MEMORY_MB 128
 /* JSON nesting accepted in requests and produced by rules. */
 #define RULES_MAX_JSON_DEPTH 64
 /* A mapped event with its batch-level fields must fit an mParticle batch

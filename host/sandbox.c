@@ -88,7 +88,8 @@ struct sandbox {
     lua_State *L;
     pool *pool;   /* the state's small objects */
     size_t used;  /* bytes held by the state */
-    size_t limit; /* SIZE_MAX outside sandbox_call */
+    size_t limit; /* SIZE_MAX outside sandbox_call, but for sandbox_bound */
+    int refused;  /* an allocation was refused for the limit (sandbox_bound_hit) */
     int64_t steps;
     int64_t budget;
     int64_t deadline_ns; /* clock_mono_ns the call must end by (INT64_MAX: none, or
@@ -132,9 +133,11 @@ static void *sb_alloc(void *ud, void *ptr, size_t osize, size_t nsize)
         sb->used -= osize;
         return NULL;
     }
-    if (nsize > osize && (nsize - osize > sb->limit || sb->used > sb->limit - (nsize - osize)))
+    if (nsize > osize && (nsize - osize > sb->limit || sb->used > sb->limit - (nsize - osize))) {
+        sb->refused = 1;
         return NULL; /* Lua collects and asks again; a second no is a memory error
                         (see trip_on_memory_error) */
+    }
     if (nsize >= LARGE_ALLOC && nsize > osize && sb->in_timed == 0 && past_deadline(sb))
         return NULL;
     void *p = pool_resize(sb->pool, ptr, osize, nsize);
@@ -999,6 +1002,17 @@ sandbox *sandbox_new(int flags)
         return NULL;
     }
     return sb;
+}
+
+void sandbox_bound(sandbox *sb, size_t bytes)
+{
+    sb->limit = bytes ? (sb->used < SIZE_MAX - bytes ? sb->used + bytes : SIZE_MAX) : SIZE_MAX;
+    sb->refused = 0;
+}
+
+int sandbox_bound_hit(const sandbox *sb)
+{
+    return sb->refused;
 }
 
 void sandbox_free(sandbox *sb)

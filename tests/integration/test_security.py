@@ -892,6 +892,24 @@ def post_chunked(port, body, chunk=512):
 class BodyBounds(ServiceTest):
     LIMIT = {"TRIBUTARY_INBOUND_MAX_BODY_BYTES": "2048"}
 
+    def test_a_request_whose_events_take_more_than_128_mib_decoded_is_413(self):
+        # 6 MB of empty objects: 2 million Lua tables, about 150 MB; eight
+        # requests of 16 MiB (http.threads) decoded at once took gigabytes
+        s = self.service()
+        events = [event("users.messages.email.Send", user="u-%d" % i, tables="PLACEHOLDER")
+                  for i in range(8)]
+        body = json.dumps({"events": events}).replace(
+            '"PLACEHOLDER"', "[" + ",".join(["{}"] * 250000) + "]").encode()
+        r = s.post(body=body)
+        self.assertEqual(r.status, 413, r)   # Braze sends the events again, fewer at a time
+        self.assertIn("take more than 128 MiB decoded", r.body)
+        self.assertEqual(s.queued_ids(), [])
+        # fewer at a time, as Braze splits them, pass
+        pair = json.dumps({"events": events[:2]}).replace(
+            '"PLACEHOLDER"', "[" + ",".join(["{}"] * 250000) + "]").encode()
+        self.assertEqual(s.post(body=pair).status, 200)
+        self.assertEqual(sorted(s.queued_ids()), sorted(e["id"] for e in events[:2]))
+
     def test_a_body_of_exactly_max_body_bytes_is_accepted(self):
         s = self.service(env=self.LIMIT)
         body, e = envelope_of_size(2048)

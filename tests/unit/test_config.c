@@ -344,6 +344,53 @@ START_TEST(test_environment_feed_credentials_override_file)
 }
 END_TEST
 
+/* Lua keeps the last value of a key given twice in one constructor: the
+ * first section, and the tokens in it, would be lost without a word. */
+START_TEST(test_a_key_given_twice_in_one_table_is_an_error_naming_both_lines)
+{
+    const char *path = conf("twice.lua", "return {\n"
+                                         "  inbound = { tokens = { \"tok-0123456789abcdef\" } },\n"
+                                         "  feeds = { ios = { key = \"k\", secret = \"s\",\n"
+                                         "                    [\"key\"] = \"k2\" } },\n"
+                                         "  inbound = { max_events = 5000 },\n"
+                                         "}\n");
+    struct config *c = NULL;
+    char err[4096] = "", want[1024];
+    ck_assert_int_eq(config_load(&c, path, err, sizeof err), -1);
+    snprintf(want, sizeof want,
+             "%s:4: 'feeds.ios.key' is given twice in one table (first on line 3); Lua keeps "
+             "only the last\n"
+             "%s:5: 'inbound' is given twice in one table (first on line 2); Lua keeps only the "
+             "last",
+             path, path);
+    ck_assert_str_eq(err, want);
+}
+END_TEST
+
+START_TEST(test_names_in_comments_strings_functions_and_other_tables_are_not_keys_given_twice)
+{
+    const char *path = conf(
+        "once.lua",
+        "-- inbound = {}, inbound = {}\n"
+        "--[==[ http = 1, http = 2 ]==]\n"
+        "local s = [[ log = 1, log = 2 ]] .. \"batch = 1, batch = 2\"\n"
+        "local function f(x) local a = 1; a = 2; if x then a = 3 end return { a = a } end\n"
+        "return {\n"
+        "  http = { threads = 2, timeout_s = (function() local t = 5; t = 6; return t end)() },\n"
+        "  retry = { base_ms = 100, max_ms = 1 <= 2 and 60000 or 1 },\n"
+        "  log = { level = \"info\"; format = \"logfmt\" },\n"
+        "  feeds = { ios = { key = \"k\", secret = \"s\" }, web = { key = \"k\", secret = \"s\" } "
+        "},\n"
+        "  inbound = { tokens = { \"a-token-0123456789\", \"b-token-0123456789\" } },\n"
+        "}\n");
+    struct config *c = NULL;
+    char err[4096] = "";
+    ck_assert_msg(config_load(&c, path, err, sizeof err) == 0, "%s", err);
+    ck_assert_int_eq(c->http_timeout_s, 6);
+    config_unref(c);
+}
+END_TEST
+
 START_TEST(test_an_unknown_environment_variable_is_an_error_naming_the_nearest_key)
 {
     struct {
@@ -1005,6 +1052,9 @@ static Suite *suite(void)
     tcase_add_test(tc, test_environment_integer_overrides_file);
     tcase_add_test(tc, test_environment_token_list_is_split_on_commas_and_trimmed);
     tcase_add_test(tc, test_environment_feed_credentials_override_file);
+    tcase_add_test(tc, test_a_key_given_twice_in_one_table_is_an_error_naming_both_lines);
+    tcase_add_test(
+        tc, test_names_in_comments_strings_functions_and_other_tables_are_not_keys_given_twice);
     tcase_add_test(tc, test_an_unknown_environment_variable_is_an_error_naming_the_nearest_key);
     tcase_add_test(tc, test_an_environment_variable_the_file_reads_is_not_unknown);
     tcase_add_test(tc, test_empty_environment_data_dir_is_an_error_not_a_crash);
