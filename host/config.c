@@ -966,10 +966,6 @@ static uint64_t fingerprint(struct config *c, const struct key *k)
     return h;
 }
 
-/* Sets what the environment gives. `defaults` holds each key's fingerprint
- * before the file was read: a key the file changed from its default and the
- * environment sets to another value is named in a warning, as an edit of the
- * file would otherwise have no effect without a word. */
 /* The Levenshtein distance between a[0..n) and b, for names of up to 63 bytes
  * (longer ones are far from every name: SIZE_MAX). */
 static size_t edit_distance(const char *a, size_t n, const char *b)
@@ -997,7 +993,11 @@ static size_t edit_distance(const char *a, size_t n, const char *b)
     return row[m];
 }
 
-/* read: the environment variables the configuration file read itself. */
+/* Sets what the environment gives. `defaults` holds each key's fingerprint
+ * before the file was read: a key the file changed from its default and the
+ * environment sets to another value is named in a warning, as an edit of the
+ * file would otherwise have no effect without a word. read: the environment
+ * variables the configuration file read itself (os.getenv). */
 static void load_env(struct config *c, const uint64_t *defaults, struct errs *e, buf *warnings,
                      const struct string_list *read)
 {
@@ -1035,27 +1035,34 @@ static void load_env(struct config *c, const uint64_t *defaults, struct errs *e,
         const char *eq = strchr(*env, '=');
         size_t n = eq ? (size_t)(eq - *env) : strlen(*env);
         int known = 0;
+        for (size_t i = 0; i < ARRAY_LEN(KEYS) && !known; i++) {
+            if (KEYS[i].type == K_APPS)
+                continue;
+            env_name(KEYS[i].path, name, sizeof name);
+            size_t len = strlen(name);
+            known = strncmp(name, *env, len) == 0 &&
+                    (n == len || (n == len + 5 && strncmp(*env + len, "_FILE", 5) == 0));
+        }
+        for (size_t i = 0; i < read->n && !known; i++)
+            known = strlen(read->items[i]) == n && strncmp(read->items[i], *env, n) == 0;
+        if (known)
+            continue;
         size_t best = SIZE_MAX;
         char nearest[140] = "";
-        for (size_t i = 0; i < ARRAY_LEN(KEYS) && !known; i++) {
+        for (size_t i = 0; i < ARRAY_LEN(KEYS); i++) {
             if (KEYS[i].type == K_APPS)
                 continue;
             env_name(KEYS[i].path, name, sizeof name);
             snprintf(file_var, sizeof file_var, "%s_FILE", name);
             const char *forms[] = {name, file_var};
-            for (int f = 0; f < 2 && !known; f++) {
+            for (int f = 0; f < 2; f++) {
                 size_t d = edit_distance(*env, n, forms[f]);
-                known = d == 0;
                 if (d < best) {
                     best = d;
                     str_copy(nearest, sizeof nearest, forms[f]);
                 }
             }
         }
-        for (size_t i = 0; i < read->n && !known; i++)
-            known = strlen(read->items[i]) == n && strncmp(read->items[i], *env, n) == 0;
-        if (known)
-            continue;
         if (best <= 3)
             errs_add(e, "unknown environment variable %.*s (did you mean %s?)", (int)n, *env,
                      nearest);
