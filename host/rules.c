@@ -643,6 +643,9 @@ struct json_out {
     int sorted; /* objects with names only are written in their order */
 };
 
+/* Why a text was not written when it would take more than its room. */
+static const char JSON_TOO_LARGE[] = "the JSON text is too large";
+
 #define JSON_SPARSE_RATIO 2
 #define JSON_SPARSE_SAFE 10
 
@@ -684,14 +687,27 @@ static int json_number(struct json_out *j, lua_State *L, int idx)
     return buf_adds(j->out, text);
 }
 
+/* A table of more items than this cannot be written within room bytes: each
+ * takes two at least (a value and a comma). */
+#define JSON_MAX_ITEMS(room) ((lua_Integer)((room) / 2 + 1))
+/* The most items of a table an output (RULES_MAX_OUTPUT_BYTES) can hold. */
+#define OUTPUT_MAX_ITEMS JSON_MAX_ITEMS(RULES_MAX_OUTPUT_BYTES)
+#define JSON_TOO_MANY_ITEMS (-2)
+
 /* The length of the table at idx as a JSON array, 0 when it is empty or an
- * object, -1 when it is an array too sparse to write. */
-static lua_Integer json_array_length(lua_State *L, int idx)
+ * object, -1 when it is an array too sparse to write, JSON_TOO_MANY_ITEMS when
+ * it has more than max_items items (a rule's table of millions is not walked
+ * to its end, nor written). */
+static lua_Integer json_array_length(lua_State *L, int idx, lua_Integer max_items)
 {
     lua_Integer max = 0, items = 0;
     lua_pushnil(L);
     while (lua_next(L, idx)) {
         lua_pop(L, 1);
+        if (items == max_items) {
+            lua_pop(L, 1);
+            return JSON_TOO_MANY_ITEMS;
+        }
         if (!lua_isinteger(L, -1) || lua_tointeger(L, -1) < 1) {
             lua_pop(L, 1);
             return 0;
@@ -753,7 +769,7 @@ static int json_object_sorted(struct json_out *j, lua_State *L, int idx, int dep
     }
     /* each name takes 4 bytes at least ("":0): more cannot fit */
     if (count > j->max / 4)
-        return json_fail(j, "the JSON text is too large");
+        return json_fail(j, JSON_TOO_LARGE);
     struct json_name *names = lua_newuserdatauv(L, count * sizeof(*names) + 1, 0);
     int anchor = lua_gettop(L);
     size_t k = 0;
@@ -791,7 +807,9 @@ static int json_table(struct json_out *j, lua_State *L, int idx, int depth)
     }
     if (!lua_checkstack(L, 3))
         return json_fail(j, "out of Lua stack");
-    lua_Integer n = json_array_length(L, idx);
+    lua_Integer n = json_array_length(L, idx, JSON_MAX_ITEMS(j->limit - j->out->len));
+    if (n == JSON_TOO_MANY_ITEMS)
+        return json_fail(j, JSON_TOO_LARGE);
     if (n < 0)
         return json_fail(j, "a table is too sparse an array to write as JSON");
     if (n > 0) {
@@ -877,7 +895,7 @@ static int write_json_as(lua_State *L, int idx, buf *out, size_t limit, struct j
     struct json_out j = {out, out->len + limit, limit, clock, err, errlen, sorted};
     err[0] = '\0';
     if (json_value(&j, L, lua_absindex(L, idx), 0) != 0 || json_room(&j) != 0)
-        return json_fail(&j, "the JSON text is too large");
+        return json_fail(&j, JSON_TOO_LARGE);
     return 0;
 }
 
@@ -1220,7 +1238,12 @@ static int check_attributes(lua_State *L, int idx, const char *what, size_t max,
 {
     /* written as JSON the way write_json decides: a table of items 1..n is a
      * list, which mParticle does not take here */
-    if (json_array_length(L, idx) != 0) {
+    lua_Integer shape = json_array_length(L, idx, OUTPUT_MAX_ITEMS);
+    if (shape == JSON_TOO_MANY_ITEMS) {
+        str_printf(err, errlen, "%s: more items than an output can hold", what);
+        return -1;
+    }
+    if (shape != 0) {
         str_printf(err, errlen, "%s must be a table of names, not a list", what);
         return -1;
     }
@@ -1231,6 +1254,7 @@ static int check_attributes(lua_State *L, int idx, const char *what, size_t max,
         size_t n;
         const char *name = key_text(L, -2, tmp, sizeof tmp, &n);
         int bad = 0;
+        lua_Integer items = 0;
         if (++count > max) {
             str_printf(err, errlen, "%s: more than %zu attributes", what, max);
             bad = 1;
@@ -1238,10 +1262,14 @@ static int check_attributes(lua_State *L, int idx, const char *what, size_t max,
             str_printf(err, errlen, "%s: a name of more than %zu characters (%.64s...)", what,
                        max_name, name);
             bad = 1;
-        } else if (name && lists && lua_istable(L, -1) && json_array_length(L, lua_gettop(L)) > 0) {
+        } else if (name && lists && lua_istable(L, -1) &&
+                   (items = json_array_length(L, lua_gettop(L), OUTPUT_MAX_ITEMS)) ==
+                       JSON_TOO_MANY_ITEMS) {
+            str_printf(err, errlen, "%s.%.64s: more items than an output can hold", what, name);
+            bad = 1;
+        } else if (name && lists && items > 0) {
             /* a list: only items 1..n, as write_json writes it (holes are null) */
             int list = lua_gettop(L);
-            lua_Integer items = json_array_length(L, list);
             for (lua_Integer i = 1; !bad && i <= items; i++) {
                 lua_rawgeti(L, list, i);
                 bad = !lua_isnil(L, -1) &&
@@ -1293,8 +1321,14 @@ static int is_customer_id(lua_State *L, int key)
 static int check_fields(lua_State *L, int idx, const char *what, int strings, char *err,
                         size_t errlen)
 {
+    lua_Integer items = 0;
     lua_pushnil(L);
     while (lua_next(L, idx)) {
+        if (++items > OUTPUT_MAX_ITEMS) {
+            str_printf(err, errlen, "%s: more items than an output can hold", what);
+            lua_pop(L, 2);
+            return -1;
+        }
         int t = lua_type(L, -1);
         int null = t == LUA_TLIGHTUSERDATA && lua_touserdata(L, -1) == NULL;
         int ok = t == LUA_TSTRING || (null && !(strings && is_customer_id(L, -2))) ||
@@ -1416,7 +1450,7 @@ static int check_output(lua_State *L, int eventi, int batchi, int *no_message_id
     if (dt != LUA_TTABLE) {
         str_printf(err, errlen, "out.event.data must be a table, not %s", luaL_typename(L, data));
         rc = -1;
-    } else if (json_array_length(L, data) != 0) {
+    } else if (json_array_length(L, data, OUTPUT_MAX_ITEMS) != 0) {
         str_copy(err, errlen, "out.event.data must be a table of names, not a list");
         rc = -1;
     } else {
@@ -1544,7 +1578,7 @@ static int emit(rules *r, lua_State *L, int evi, const struct event_ids *ids, in
     if (written != 0) {
         char why[ERR_LEN];
         str_copy(why, sizeof why, err);
-        if (r->scratch.len > RULES_MAX_OUTPUT_BYTES)
+        if (r->scratch.len > RULES_MAX_OUTPUT_BYTES || strcmp(why, JSON_TOO_LARGE) == 0)
             str_printf(err, errlen,
                        "out.event takes more than %u bytes as JSON; an mParticle batch holds at "
                        "most 128 KB",
@@ -1561,7 +1595,7 @@ static int emit(rules *r, lua_State *L, int evi, const struct event_ids *ids, in
         flatten_batch(L, top + 3, &r->scratch, &clock, &whole, err, errlen) != 0) {
         char why[ERR_LEN];
         str_copy(why, sizeof why, err);
-        if (r->scratch.len > RULES_MAX_OUTPUT_BYTES)
+        if (r->scratch.len > RULES_MAX_OUTPUT_BYTES || strcmp(why, JSON_TOO_LARGE) == 0)
             str_printf(err, errlen,
                        "out.batch takes more than %u bytes as JSON; an mParticle batch holds at "
                        "most 128 KB",
@@ -2435,6 +2469,25 @@ static int protected_context(lua_State *L)
     return 0;
 }
 
+/* Each rule test may take an event's time limit: together they are bounded,
+ * so that `check` and a reload end. Says in the report why test #i of file is
+ * not run, and returns 1; 0 when it may run. */
+static int tests_stop(buf *report, const char *file, lua_Integer i, int ntests, int64_t deadline)
+{
+    if (ntests == RULES_MAX_TESTS)
+        (void)!buf_printf(report,
+                          "%s: test #%lld not run: more rule tests than %d; make them fewer\n",
+                          file, (long long)i, RULES_MAX_TESTS);
+    else if (clock_mono_ms() > deadline)
+        (void)!buf_printf(report,
+                          "%s: test #%lld not run: the rule tests took more than %d s together; "
+                          "make them fewer or quicker\n",
+                          file, (long long)i, RULES_TESTS_TIME_S);
+    else
+        return 0;
+    return 1;
+}
+
 int rules_self_test(rules *r, buf *report, int *ntests)
 {
     lua_State *L = sandbox_lua(r->sb);
@@ -2442,13 +2495,20 @@ int rules_self_test(rules *r, buf *report, int *ntests)
     int failures = 0;
     *ntests = 0;
     r->testing = 1;
-    for (size_t k = 0; k < r->n; k++) {
+    int64_t deadline = clock_mono_ms() + RULES_TESTS_TIME_S * 1000;
+    int stopped = 0;
+    for (size_t k = 0; k < r->n && !stopped; k++) {
         if (r->tests_refs[k] == LUA_NOREF)
             continue;
         lua_rawgeti(L, LUA_REGISTRYINDEX, r->tests_refs[k]);
         int tt = lua_gettop(L);
         lua_Integer n = (lua_Integer)lua_rawlen(L, tt);
         for (lua_Integer i = 1; i <= n; i++) {
+            if (tests_stop(report, r->rs->files[k].name, i, *ntests, deadline)) {
+                failures++;
+                stopped = 1;
+                break;
+            }
             lua_rawgeti(L, tt, i);
             (*ntests)++;
             if (!lua_istable(L, -1)) {

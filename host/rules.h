@@ -34,6 +34,10 @@
  * which Braze answers by sending its events in smaller ones. http.threads
  * requests are decoded at once, at most. */
 #define RULES_DECODE_MEMORY_MB 128
+/* Rule tests run by `check`, a reload and `dlq requeue`: at most this many,
+ * for at most this long together (each may take an event's time limit). */
+#define RULES_MAX_TESTS 1000
+#define RULES_TESTS_TIME_S 60
 /* JSON nesting accepted in requests and produced by rules. */
 #define RULES_MAX_JSON_DEPTH 64
 /* A mapped event with its batch-level fields must fit an mParticle batch

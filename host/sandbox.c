@@ -90,6 +90,11 @@ struct sandbox {
     size_t used;  /* bytes held by the state */
     size_t limit; /* SIZE_MAX outside sandbox_call, but for sandbox_bound */
     int refused;  /* an allocation was refused for the limit (sandbox_bound_hit) */
+    int in_call;  /* inside sandbox_call */
+    struct {
+        void *ptr;
+        size_t osize, nsize;
+    } last_refused; /* the last allocation refused for the limit */
     int64_t steps;
     int64_t budget;
     int64_t deadline_ns; /* clock_mono_ns the call must end by (INT64_MAX: none, or
@@ -134,9 +139,21 @@ static void *sb_alloc(void *ud, void *ptr, size_t osize, size_t nsize)
         return NULL;
     }
     if (nsize > osize && (nsize - osize > sb->limit || sb->used > sb->limit - (nsize - osize))) {
+        /* Lua collects and asks again for the same block, with nothing
+         * allocated in between; a second no is a memory error, and the limit
+         * trips here (see trip_on_memory_error): a __close handler that raises
+         * an error of its own while the stack unwinds would otherwise turn it
+         * into one that pcall catches */
+        if (sb->in_call && sb->tripped == TRIP_NONE && sb->last_refused.ptr == ptr &&
+            sb->last_refused.osize == osize && sb->last_refused.nsize == nsize) {
+            sb->tripped = TRIP_MEMORY;
+            lua_sethook(sb->L, sb_hook, LUA_MASKCOUNT, 1);
+        }
+        sb->last_refused.ptr = ptr;
+        sb->last_refused.osize = osize;
+        sb->last_refused.nsize = nsize;
         sb->refused = 1;
-        return NULL; /* Lua collects and asks again; a second no is a memory error
-                        (see trip_on_memory_error) */
+        return NULL;
     }
     if (nsize >= LARGE_ALLOC && nsize > osize && sb->in_timed == 0 && past_deadline(sb))
         return NULL;
@@ -144,6 +161,7 @@ static void *sb_alloc(void *ud, void *ptr, size_t osize, size_t nsize)
     if (!p)
         return NULL;
     sb->used = sb->used - osize + nsize;
+    sb->last_refused.nsize = 0; /* no allocation asks for 0 bytes */
     return p;
 }
 
@@ -1079,9 +1097,12 @@ enum sandbox_rc sandbox_call(sandbox *sb, int nargs, int nresults, const struct 
     sb->limit = lim && lim->memory_bytes > 0 ? sb->used + lim->memory_bytes : SIZE_MAX;
     sb->where[0] = '\0';
     lua_sethook(L, sb_hook, LUA_MASKCOUNT, HOOK_STEP);
+    sb->last_refused.nsize = 0; /* no allocation asks for 0 bytes */
+    sb->in_call = 1;
 
     int status = lua_pcall(L, nargs, nresults, fn);
     trip_on_memory_error(L, status);
+    sb->in_call = 0;
 
     lua_sethook(L, NULL, 0, 0);
     sb->limit = SIZE_MAX;

@@ -1245,6 +1245,38 @@ START_TEST(test_an_output_with_many_user_attribute_lists_is_invalid_output_at_on
 }
 END_TEST
 
+/* A table too large for any output is refused without walking it whole: 100
+ * names of one list of 500,000 items took 11 s of checks per event, outside
+ * every limit. */
+START_TEST(test_an_output_table_larger_than_any_output_is_invalid_at_its_first_items)
+{
+    static const char *const outputs[][2] = {
+        {"batch = {user_attributes = UA}", "out.batch.user_attributes.a"},
+        {"batch = {device_info = NAMES}", "out.batch.device_info: more items"},
+        {"batch = {user_identities = NAMES}", "out.batch.user_identities: more items"},
+    };
+    for (size_t i = 0; i < sizeof outputs / sizeof *outputs; i++) {
+        char src[1024];
+        snprintf(src, sizeof src,
+                 "local BIG, NAMES, UA = {}, {}, {}\n"
+                 "for i = 1, 500000 do BIG[i] = i end\n"
+                 "for i = 1, 100000 do NAMES['n' .. i] = 'v' end\n"
+                 "for i = 1, 100 do UA['a' .. i] = BIG end\n"
+                 "return function(event, out)\n"
+                 "  return {feed = 'unbound', %s,\n"
+                 "          event = {event_type = 'uninstall', data = {}}}\n"
+                 "end\n",
+                 outputs[i][0]);
+        dead_as(src, DEAD_INVALID_OUTPUT, outputs[i][1]);
+        ck_assert_msg(contains(F.m.dead[0].detail.p, "more items than an output can hold"),
+                      "detail: %s", F.m.dead[0].detail.p);
+        release();
+        mapping_init(&F.m);
+        F.m.keep_outcomes = 1;
+    }
+}
+END_TEST
+
 START_TEST(test_an_output_with_100_user_attributes_is_a_record)
 {
     rule("50-rule.lua", "return function(event, out)\n"
@@ -1827,10 +1859,16 @@ START_TEST(test_pcall_and_xpcall_cannot_swallow_the_memory_limit)
      * that a loaded machine (a sanitizer build beside other work) cannot
      * spend in the rep calls up to the memory limit */
     ck_assert_int_eq(setenv("TRIBUTARY_RULES_INSTRUCTIONS", "10000000000", 1), 0);
-    static const char *const calls[] = {"pcall(grow)", "xpcall(grow, function(m) return m end)",
-                                        "pcall(string.rep, 'x', 2^28)"};
+    static const char *const calls[] = {
+        "pcall(grow)", "xpcall(grow, function(m) return m end)", "pcall(string.rep, 'x', 2^28)",
+        /* an error of its own as the stack unwinds replaced the memory error */
+        "pcall(function()\n"
+        "    local c <close> = setmetatable({}, {__close = function() error('mine') end})\n"
+        "    local a = ('x'):rep(16)\n"
+        "    while true do a = a .. a end\n"
+        "  end)"};
     for (size_t i = 0; i < ARRAY_LEN(calls); i++) {
-        char src[512];
+        char src[1024];
         snprintf(src, sizeof src,
                  "local function grow()\n"
                  "  local t = {}\n"
@@ -2614,6 +2652,28 @@ START_TEST(test_wrong_drop_reason_is_reported)
 }
 END_TEST
 
+/* Each test may take an event's time limit: their number is bounded, or a
+ * file of a million slow tests held `check` and a reload for days. */
+START_TEST(test_more_rule_tests_than_the_bound_fail_without_running_the_rest)
+{
+    rule("20-many.lua",
+         "local T = { name = 'drop', event = {event_type = 't', id = 'skip', time = 1},\n"
+         "            expect_drop = 'too_old' }\n"
+         "local tests = {}\n"
+         "for i = 1, 1000000 do tests[i] = T end\n"
+         "return { process = function(event, out)\n"
+         "  if event.id == 'skip' then return false, 'too_old' end\n"
+         "end, tests = tests }\n");
+    build();
+    int failures = self_test();
+    const char *text = F.report.data;
+    ck_assert_int_eq(failures, 1);
+    ck_assert_int_eq(F.ntests, RULES_MAX_TESTS);
+    ck_assert_msg(contains(text, "20-many.lua: test #1001 not run: more rule tests than 1000"),
+                  "report: %s", text);
+}
+END_TEST
+
 /* ---- the workspace ------------------------------------------------------ */
 
 /* Maps every event to the unbound feed with its workspace as an attribute;
@@ -2821,6 +2881,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_an_output_with_more_than_100_user_attributes_is_invalid_output);
     tcase_add_test(tc, test_an_output_with_100_user_attributes_is_a_record);
     tcase_add_test(tc, test_an_output_with_many_user_attribute_lists_is_invalid_output_at_once);
+    tcase_add_test(tc, test_an_output_table_larger_than_any_output_is_invalid_at_its_first_items);
     tcase_add_loop_test(tc, test_an_output_mparticle_would_drop_is_invalid_output_naming_the_field,
                         0, (int)ARRAY_LEN(SCHEMA_CASES));
     tcase_add_test(tc, test_outputs_at_mparticles_limits_are_records);
@@ -2914,6 +2975,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_wrong_expectation_is_reported_with_file_field_and_values);
     tcase_add_test(tc, test_expected_drop_of_a_mapped_event_is_reported);
     tcase_add_test(tc, test_wrong_drop_reason_is_reported);
+    tcase_add_test(tc, test_more_rule_tests_than_the_bound_fail_without_running_the_rest);
     tcase_add_test(tc, test_rules_get_the_workspace_and_records_keep_it);
     tcase_add_test(tc, test_a_dead_letter_keeps_the_workspace);
     tcase_add_test(tc, test_rule_tests_can_give_a_workspace);
