@@ -88,6 +88,12 @@ struct req {
     int close;         /* the answer closes the connection */
     size_t counted;    /* bytes taken from the budgets for the body (take_body) */
     int taken;         /* the whole body's bytes were taken at its headers */
+    struct {
+        int status; /* 0: none */
+        int retry_after;
+        char json[256];
+    } after_body; /* an answer decided at the headers, sent once the body is read
+                     and dropped (see answer_after_body) */
     struct timespec start;
     buf body;
     char id[40];
@@ -215,6 +221,27 @@ static enum MHD_Result reply_json(struct MHD_Connection *c, struct req *r, int s
  * some 90 MB), and then answered. */
 #define TOO_LARGE_READ_MAX ((uint64_t)128 << 20)
 
+/* 401 and 415 tell Braze to stop (the token is wrong) or what to change (send
+ * plain JSON); sent before the body is read, they reach a client that writes
+ * its whole body first as a broken connection, which it only retries (see
+ * TOO_LARGE_READ_MAX). So such an answer to a request of a known length is
+ * sent after its body is read and dropped: up to inbound.max_body_bytes for a
+ * request that did not authenticate, up to TOO_LARGE_READ_MAX for one that
+ * did. Returns 1 when the answer is kept for then. */
+static int answer_after_body(const http_in *h, struct req *r, int status, const char *json,
+                             size_t json_len, int retry_after, int64_t len)
+{
+    uint64_t most = r->admitted ? TOO_LARGE_READ_MAX : (uint64_t)h->opt.max_body;
+    if ((status != 401 && status != 415) || len <= 0 || (uint64_t)len > most ||
+        json_len >= sizeof r->after_body.json)
+        return 0;
+    r->after_body.status = status;
+    r->after_body.retry_after = retry_after;
+    memcpy(r->after_body.json, json, json_len);
+    r->after_body.json[json_len] = '\0';
+    return 1;
+}
+
 static enum MHD_Result refuse_busy(struct MHD_Connection *c, struct req *r)
 {
     static _Atomic int64_t logged_ms[2];
@@ -245,7 +272,10 @@ static int identity_encoding(const char *v)
 /* A compressed body would reach the JSON decoder as garbage and be answered
  * 400, after which Braze drops its events; a 415 is retried, until the
  * producer that compresses is set to send plain JSON. */
-static enum MHD_Result refuse_encoding(struct MHD_Connection *c, struct req *r, const char *v)
+static const char UNSUPPORTED_ENCODING[] =
+    "{\"error\":\"unsupported Content-Encoding: send uncompressed JSON\"}";
+
+static void log_unsupported_encoding(const char *v)
 {
     /* a producer that compresses retries every request: said now and then */
     static _Atomic int64_t logged_ms;
@@ -256,8 +286,6 @@ static enum MHD_Result refuse_encoding(struct MHD_Connection *c, struct req *r, 
         log_warn("request refused: Content-Encoding not supported (send uncompressed JSON)",
                  LOG_S("content_encoding", shown));
     }
-    return reply_json(c, r, 415,
-                      "{\"error\":\"unsupported Content-Encoding: send uncompressed JSON\"}", 0);
 }
 
 /* Keeps the last X-Forwarded-For header line: a proxy that adds its own line
@@ -800,12 +828,21 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         int has_length = cl && parse_int64(cl, 0, INT64_MAX, &len) == 0;
         const char *encoding =
             MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_ENCODING);
+        int64_t known = has_length ? len : -1;
         if (!admitted) {
-            r->answered = 1;
-            rc = answer_ingest(h, c, r, &resp);
+            const char *json = resp.body.data ? resp.body.data : "{}";
+            size_t json_len = resp.body.data ? resp.body.len : 2;
+            if (!answer_after_body(h, r, resp.status, json, json_len, resp.retry_after_s, known)) {
+                r->answered = 1;
+                rc = answer_ingest(h, c, r, &resp);
+            }
         } else if (encoding && !identity_encoding(encoding)) {
-            r->answered = 1;
-            rc = refuse_encoding(c, r, encoding);
+            log_unsupported_encoding(encoding);
+            if (!answer_after_body(h, r, 415, UNSUPPORTED_ENCODING, strlen(UNSUPPORTED_ENCODING), 0,
+                                   known)) {
+                r->answered = 1;
+                rc = reply_json(c, r, 415, UNSUPPORTED_ENCODING, 0);
+            }
         } else if (has_length && (uint64_t)len > body_limit(h, r)) {
             if (admitted == 1 && (uint64_t)len <= TOO_LARGE_READ_MAX) {
                 /* read and dropped, then answered (see TOO_LARGE_READ_MAX) */
@@ -845,7 +882,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         }
         size_t n = *upload_size;
         *upload_size = 0;
-        if (r->answered || r->too_large || r->no_memory || r->busy)
+        if (r->answered || r->after_body.status || r->too_large || r->no_memory || r->busy)
             return MHD_YES; /* read and dropped */
         if (n > body_limit(h, r) - r->body.len)
             r->too_large = 1; /* 413 before busy: Braze splits it */
@@ -875,6 +912,8 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         rc = answer_metrics(h, c, r);
     } else if (r->route == R_ADMIN_RELOAD) {
         rc = answer_admin_reload(c, r);
+    } else if (r->after_body.status) {
+        rc = reply_json(c, r, r->after_body.status, r->after_body.json, r->after_body.retry_after);
     } else if (r->too_large) {
         rc = refuse_too_large(h, c, r);
     } else if (r->busy) {

@@ -1776,7 +1776,9 @@ static void *writer_main(void *arg)
             char err[ERR_LEN];
             if (exec(q->db, "BEGIN", err, sizeof err) == 0) {
                 (void)follow_other_writers(q);
-                (void)exec(q->db, "COMMIT", err, sizeof err);
+                /* left open, the next group's BEGIN would fail */
+                if (exec(q->db, "COMMIT", err, sizeof err) != 0)
+                    (void)exec(q->db, "ROLLBACK", err, sizeof err);
             }
             refresh_oldest(q);
             pthread_mutex_lock(&q->mu);

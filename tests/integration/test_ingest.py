@@ -303,6 +303,39 @@ class MalformedInput(ServiceTest):
         self.assertTrue(reply.startswith(b"HTTP/1.1 413 "), reply[:200])
         self.assertEqual(s.queued_ids(), [])
 
+    def send_whole_then_read(self, s, headers, body):
+        """Writes the request with its whole body before reading; the status line."""
+        sock = socket.create_connection(("127.0.0.1", s.port), timeout=30)
+        try:
+            sock.sendall(("POST /currents HTTP/1.1\r\nHost: x\r\n%sContent-Length: %d\r\n\r\n"
+                          % (headers, len(body))).encode() + body)
+            reply = b""
+            while b"\r\n" not in reply:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                reply += chunk
+        except ConnectionResetError:
+            reply = b"reset"
+        finally:
+            sock.close()
+        return reply.split(b"\r\n")[0]
+
+    def test_a_401_or_415_reaches_a_client_that_writes_its_whole_body_first(self):
+        # sent before the body was read, it met a reset: Braze saw a broken
+        # connection and retried, instead of stopping on a wrong token
+        s = self.service()
+        body = json.dumps({"events": [event(padding="x" * 1000) for _ in range(3000)]}).encode()
+        self.assertEqual(self.send_whole_then_read(s, "Authorization: Bearer wrong-token\r\n", body),
+                         b"HTTP/1.1 401 Unauthorized")
+        self.assertEqual(self.send_whole_then_read(
+            s, "Authorization: Bearer %s\r\nContent-Encoding: gzip\r\n" % TOKEN, body),
+            b"HTTP/1.1 415 Unsupported Media Type")
+        self.assertEqual(s.queued_ids(), [])
+        m = s.metrics()
+        self.assertEqual(m['tributary_http_requests_total{code="401"}'], 1)
+        self.assertEqual(m['tributary_http_requests_total{code="415"}'], 1)
+
     def test_chunked_body_over_the_limit_is_413(self):
         s = self.service(env={"TRIBUTARY_INBOUND_MAX_BODY_BYTES": "4096"})
         body = json.dumps({"events": [event(padding="x" * 1000) for _ in range(10)]}).encode()
