@@ -518,7 +518,7 @@ static char *read_file(const char *path, size_t *len, struct errs *e)
     return src;
 }
 
-/* ---- keys given twice --------------------------------------------------- */
+/* ---- scanning the file's text -------------------------------------------- */
 
 /* Lua keeps the last of two values given to one key in a table constructor,
  * silently: a section written twice (`inbound = {...}` near the top and again
@@ -623,10 +623,17 @@ static void next_token(const char **pp, int *line, struct token *t)
         t->s = p;
         t->plain = 1;
         for (; *p && *p != quote && *p != '\n'; p++) {
-            if (*p == '\\' && p[1]) {
-                t->plain = 0;
-                if (*++p == '\n')
-                    (*line)++;
+            if (*p != '\\' || !p[1])
+                continue;
+            t->plain = 0;
+            p++;
+            if (*p == 'z') { /* skips the blanks that follow, line ends too */
+                for (; isspace((unsigned char)p[1]); p++)
+                    *line += p[1] == '\n';
+            } else if (*p == '\r' || *p == '\n') { /* \r\n and \n\r are one line end */
+                if ((p[1] == '\r' || p[1] == '\n') && p[1] != *p)
+                    p++;
+                (*line)++;
             }
         }
         t->n = (size_t)(p - t->s);
@@ -667,7 +674,25 @@ static void key_given_twice(const char *file, struct scan_table *stack, int dept
              file, k->line, path, (int)k->n, k->s, first->line);
 }
 
-static void find_keys_given_twice(const char *file, const char *src, struct errs *e)
+/* The state of a call os.getenv("NAME") as its tokens come: 1 after os, 2
+ * after the dot, 3 after getenv, 4 after its parenthesis. */
+static int getenv_call(int state, const struct token *t)
+{
+    if (is_word(t, "os"))
+        return 1;
+    if (state == 1 && t->kind == TK_PUNCT && t->c == '.')
+        return 2;
+    if (state == 2 && is_word(t, "getenv"))
+        return 3;
+    if (state == 3 && t->kind == TK_PUNCT && t->c == '(')
+        return 4;
+    return 0;
+}
+
+/* Scans the file for keys given twice (errors in e) and adds to read the
+ * names the file passes to os.getenv as text: a variable it reads, whether or
+ * not this load ran the call (`os.getenv("A") or os.getenv("B")`). */
+static void scan_source(const char *file, const char *src, struct errs *e, struct string_list *read)
 {
     struct scan_table *stack = calloc(SCAN_DEPTH, sizeof(*stack));
     if (!stack)
@@ -678,9 +703,13 @@ static void find_keys_given_twice(const char *file, const char *src, struct errs
     struct scan_key key = {0};
     int key_state = 0;
     struct scan_key value_of = {0}; /* the key of the value that begins now */
+    int getenv_state = 0;
     struct token t;
     do {
         next_token(&p, &line, &t);
+        if (t.kind == TK_STRING && t.plain && getenv_state >= 3 && list_add(read, t.s, t.n) != 0)
+            errs_add(e, "out of memory");
+        getenv_state = getenv_call(getenv_state, &t);
         struct scan_table *top = depth >= 0 && depth < SCAN_DEPTH ? &stack[depth] : NULL;
         int at_field = top && top->nesting == 0 && top->field_start;
         struct scan_key named = value_of;
@@ -822,7 +851,7 @@ static void load_source(struct config *c, const char *path, const char *src, siz
     }
     walk(&ld, L, "");
     collect_env_read(L, read, e);
-    find_keys_given_twice(path, src, e);
+    scan_source(path, src, e, read);
 done:
     sandbox_free(sb);
 }
@@ -1422,8 +1451,8 @@ static void check(struct config *c, struct errs *e, int serving)
              * would make mParticle refuse the feed at its first send */
             if (!token_text(parts[i]))
                 errs_add(e,
-                         "feeds.%s.%s contains a space or control character (mParticle's have "
-                         "none)",
+                         "feeds.%s.%s contains a space, a control character or a byte that is "
+                         "not ASCII (mParticle's have none)",
                          FEED_NAMES[f], names[i]);
             else if (i == 0 && strchr(parts[i], ':'))
                 errs_add(e,

@@ -92,8 +92,8 @@ static char *terminal_text(const char *s, size_t max)
             t[i] = ' ';
         else if (c < 0x20 || c == 0x7f)
             t[i] = '?';
-        else if (c == 0xc2 && (unsigned char)t[i + 1] >= 0x80 && (unsigned char)t[i + 1] <= 0x9f)
-            t[i] = t[i + 1] = '?'; /* U+0080 - U+009F */
+        else if (utf8_is_c1(t + i, keep - i))
+            t[i] = t[i + 1] = '?';
     }
     return t;
 }

@@ -225,15 +225,18 @@ static enum MHD_Result reply_json(struct MHD_Connection *c, struct req *r, int s
  * plain JSON); sent before the body is read, they reach a client that writes
  * its whole body first as a broken connection, which it only retries (see
  * TOO_LARGE_READ_MAX). So such an answer to a request of a known length is
- * sent after its body is read and dropped: up to inbound.max_body_bytes for a
- * request that did not authenticate, up to TOO_LARGE_READ_MAX for one that
- * did. Returns 1 when the answer is kept for then. */
-static int answer_after_body(const http_in *h, struct req *r, int status, const char *json,
-                             size_t json_len, int retry_after, int64_t len)
+ * sent after its body is read and dropped: up to TOO_LARGE_READ_MAX for a
+ * request its headers authenticated, up to what body_limit lets it send for
+ * one they did not. A client that asked to send its body only once the
+ * headers are accepted (Expect: 100-continue) gets it at once. Returns 1 when
+ * the answer is kept for then. */
+static int answer_after_body(const http_in *h, struct MHD_Connection *c, struct req *r, int status,
+                             const char *json, size_t json_len, int retry_after, int64_t len)
 {
-    uint64_t most = r->admitted ? TOO_LARGE_READ_MAX : (uint64_t)h->opt.max_body;
+    uint64_t most = r->admitted == 1 ? TOO_LARGE_READ_MAX : (uint64_t)body_limit(h, r);
     if ((status != 401 && status != 415) || len <= 0 || (uint64_t)len > most ||
-        json_len >= sizeof r->after_body.json)
+        json_len >= sizeof r->after_body.json ||
+        MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_EXPECT))
         return 0;
     r->after_body.status = status;
     r->after_body.retry_after = retry_after;
@@ -832,14 +835,15 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         if (!admitted) {
             const char *json = resp.body.data ? resp.body.data : "{}";
             size_t json_len = resp.body.data ? resp.body.len : 2;
-            if (!answer_after_body(h, r, resp.status, json, json_len, resp.retry_after_s, known)) {
+            if (!answer_after_body(h, c, r, resp.status, json, json_len, resp.retry_after_s,
+                                   known)) {
                 r->answered = 1;
                 rc = answer_ingest(h, c, r, &resp);
             }
         } else if (encoding && !identity_encoding(encoding)) {
             log_unsupported_encoding(encoding);
-            if (!answer_after_body(h, r, 415, UNSUPPORTED_ENCODING, strlen(UNSUPPORTED_ENCODING), 0,
-                                   known)) {
+            if (!answer_after_body(h, c, r, 415, UNSUPPORTED_ENCODING, strlen(UNSUPPORTED_ENCODING),
+                                   0, known)) {
                 r->answered = 1;
                 rc = reply_json(c, r, 415, UNSUPPORTED_ENCODING, 0);
             }

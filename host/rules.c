@@ -807,7 +807,8 @@ static int json_table(struct json_out *j, lua_State *L, int idx, int depth)
     }
     if (!lua_checkstack(L, 3))
         return json_fail(j, "out of Lua stack");
-    lua_Integer n = json_array_length(L, idx, JSON_MAX_ITEMS(j->limit - j->out->len));
+    size_t room = j->out->len < j->limit ? j->limit - j->out->len : 0;
+    lua_Integer n = json_array_length(L, idx, JSON_MAX_ITEMS(room));
     if (n == JSON_TOO_MANY_ITEMS)
         return json_fail(j, JSON_TOO_LARGE);
     if (n < 0)
@@ -2049,6 +2050,56 @@ static int decode(rules *r, lua_State *L, const char *s, size_t n, char *err, si
     return rc;
 }
 
+/* The memory a JSON text takes decoded into Lua values, at most: every value
+ * a slot of its table (a hash node, with the table's growth to the next power
+ * of two and the copy while it grows), every table its header, every string
+ * its bytes and header. The values are counted from what comes before them
+ * outside strings ('[', ',' and ':', and the first), an overcount. `{}` in a
+ * list, the most per byte, takes 160 bytes for its 3 ("{},"); Braze events of
+ * about 1 KB 8 times their text (they take 2 or 3). Decoding is not cut short
+ * instead: lua-cjson keeps a copy of the text outside Lua, which a memory
+ * error in the middle leaks. */
+#define DECODED_SLOT_BYTES 96
+#define DECODED_TABLE_BYTES 64
+#define DECODED_STRING_BYTES 64
+#define DECODED_MAX_BYTES ((size_t)RULES_DECODE_MEMORY_MB << 20)
+/* A text of up to this many bytes cannot take more than DECODED_MAX_BYTES
+ * (64 bytes a byte, above the 160 for 3 of "{},"): not scanned. */
+#define DECODED_BOUND_FREE_BYTES (DECODED_MAX_BYTES / 64)
+
+static size_t decoded_bound(const char *s, size_t n)
+{
+    size_t slots = 1, tables = 0, strings = 0, string_bytes = 0;
+    for (size_t i = 0; i < n; i++) {
+        switch (s[i]) {
+        case '"': {
+            size_t j = i + 1;
+            while (j < n && s[j] != '"')
+                j += s[j] == '\\' ? 2 : 1;
+            strings++;
+            string_bytes += j - i;
+            i = j;
+            break;
+        }
+        case '[':
+            slots++;
+            tables++;
+            break;
+        case '{':
+            tables++;
+            break;
+        case ',':
+        case ':':
+            slots++;
+            break;
+        default:
+            break;
+        }
+    }
+    return slots * DECODED_SLOT_BYTES + tables * DECODED_TABLE_BYTES +
+           strings * DECODED_STRING_BYTES + string_bytes;
+}
+
 /* True when the table at idx has only the keys 1..#t. */
 static int is_list(lua_State *L, int idx)
 {
@@ -2200,17 +2251,13 @@ int rules_map(rules *r, const char *body, size_t len, enum input_shape shape, st
     lua_State *L = sandbox_lua(r->sb);
     int top = lua_gettop(L);
     enum body_form form = FORM_ENVELOPE; /* set by decode_events */
-    sandbox_bound(r->sb, (size_t)RULES_DECODE_MEMORY_MB << 20);
-    int decoded = decode_events(r, L, body, len, shape, &form, e) == 0;
-    int over = !decoded && sandbox_bound_hit(r->sb);
-    sandbox_bound(r->sb, 0);
-    if (!decoded) {
+    if (len > DECODED_BOUND_FREE_BYTES && decoded_bound(body, len) > DECODED_MAX_BYTES)
+        return input_fail(e, 413, -1,
+                          "the request's events may take more than %d MiB decoded; send fewer "
+                          "at a time",
+                          RULES_DECODE_MEMORY_MB);
+    if (decode_events(r, L, body, len, shape, &form, e) != 0) {
         lua_settop(L, top);
-        if (over)
-            return input_fail(e, 413, -1,
-                              "the request's events take more than %d MiB decoded; send fewer "
-                              "at a time",
-                              RULES_DECODE_MEMORY_MB);
         return -1;
     }
     int evs = lua_gettop(L);

@@ -30,9 +30,9 @@
 #define RULES_MAX_FILES 256
 #define RULES_MAX_FILE_BYTES (1u << 20)
 /* The decoded events of one request may take this much of their Lua state,
- * at most (2 to 25 times their JSON text): a larger request is 413,
- * which Braze answers by sending its events in smaller ones. http.threads
- * requests are decoded at once, at most. */
+ * at most, as judged from their JSON text before it is decoded (see
+ * decoded_bound): a larger request is 413, which Braze answers by sending its
+ * events in smaller ones. http.threads requests are decoded at once, at most. */
 #define RULES_DECODE_MEMORY_MB 128
 /* Rule tests run by `check`, a reload and `dlq requeue`: at most this many,
  * for at most this long together (each may take an event's time limit). */

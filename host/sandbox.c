@@ -88,13 +88,12 @@ struct sandbox {
     lua_State *L;
     pool *pool;   /* the state's small objects */
     size_t used;  /* bytes held by the state */
-    size_t limit; /* SIZE_MAX outside sandbox_call, but for sandbox_bound */
-    int refused;  /* an allocation was refused for the limit (sandbox_bound_hit) */
-    int in_call;  /* inside sandbox_call */
+    size_t limit; /* SIZE_MAX outside sandbox_call */
     struct {
         void *ptr;
-        size_t osize, nsize;
-    } last_refused; /* the last allocation refused for the limit */
+        size_t osize, nsize; /* 0: an allocation succeeded since */
+    } refused;               /* the last allocation refused for the limit */
+    int refused_twice;       /* one was asked again and refused again (see trip_on_memory_error) */
     int64_t steps;
     int64_t budget;
     int64_t deadline_ns; /* clock_mono_ns the call must end by (INT64_MAX: none, or
@@ -139,20 +138,13 @@ static void *sb_alloc(void *ud, void *ptr, size_t osize, size_t nsize)
         return NULL;
     }
     if (nsize > osize && (nsize - osize > sb->limit || sb->used > sb->limit - (nsize - osize))) {
-        /* Lua collects and asks again for the same block, with nothing
-         * allocated in between; a second no is a memory error, and the limit
-         * trips here (see trip_on_memory_error): a __close handler that raises
-         * an error of its own while the stack unwinds would otherwise turn it
-         * into one that pcall catches */
-        if (sb->in_call && sb->tripped == TRIP_NONE && sb->last_refused.ptr == ptr &&
-            sb->last_refused.osize == osize && sb->last_refused.nsize == nsize) {
-            sb->tripped = TRIP_MEMORY;
-            lua_sethook(sb->L, sb_hook, LUA_MASKCOUNT, 1);
-        }
-        sb->last_refused.ptr = ptr;
-        sb->last_refused.osize = osize;
-        sb->last_refused.nsize = nsize;
-        sb->refused = 1;
+        /* Lua collects and asks again; a second no is a memory error (see
+         * trip_on_memory_error) */
+        if (sb->refused.ptr == ptr && sb->refused.osize == osize && sb->refused.nsize == nsize)
+            sb->refused_twice = 1;
+        sb->refused.ptr = ptr;
+        sb->refused.osize = osize;
+        sb->refused.nsize = nsize;
         return NULL;
     }
     if (nsize >= LARGE_ALLOC && nsize > osize && sb->in_timed == 0 && past_deadline(sb))
@@ -161,7 +153,7 @@ static void *sb_alloc(void *ud, void *ptr, size_t osize, size_t nsize)
     if (!p)
         return NULL;
     sb->used = sb->used - osize + nsize;
-    sb->last_refused.nsize = 0; /* no allocation asks for 0 bytes */
+    sb->refused.nsize = 0;
     return p;
 }
 
@@ -185,11 +177,17 @@ static void sb_hook(lua_State *L, lua_Debug *ar)
 /* A refused allocation is not yet the memory limit: Lua then runs an
  * emergency collection and asks again, which may well succeed. Only an
  * allocation refused after that raises a memory error (LUA_ERRMEM), which trips
- * the limit wherever a protected call sees it, so that pcall cannot catch it. */
+ * the limit wherever a protected call sees it, so that pcall cannot catch it.
+ * A __close handler that raises an error of its own as the stack unwinds
+ * replaces the memory error with its own: a protected call that fails after an
+ * allocation was refused twice in the call trips the limit too. (Lua leaves
+ * its string table as it is when its growth is refused twice: a rule that
+ * comes that close to its limit and then fails in a pcall meets it.) */
 static void trip_on_memory_error(lua_State *L, int status)
 {
     sandbox *sb = from_lua(L);
-    if (status != LUA_ERRMEM || sb->tripped != TRIP_NONE)
+    if (status == LUA_OK || sb->tripped != TRIP_NONE ||
+        (status != LUA_ERRMEM && !sb->refused_twice))
         return;
     sb->tripped = TRIP_MEMORY;
     lua_sethook(L, sb_hook, LUA_MASKCOUNT, 1);
@@ -1022,17 +1020,6 @@ sandbox *sandbox_new(int flags)
     return sb;
 }
 
-void sandbox_bound(sandbox *sb, size_t bytes)
-{
-    sb->limit = bytes ? (sb->used < SIZE_MAX - bytes ? sb->used + bytes : SIZE_MAX) : SIZE_MAX;
-    sb->refused = 0;
-}
-
-int sandbox_bound_hit(const sandbox *sb)
-{
-    return sb->refused;
-}
-
 void sandbox_free(sandbox *sb)
 {
     if (!sb)
@@ -1088,6 +1075,8 @@ enum sandbox_rc sandbox_call(sandbox *sb, int nargs, int nresults, const struct 
     lua_insert(L, fn); /* msgh fn args */
 
     sb->tripped = TRIP_NONE;
+    sb->refused.nsize = 0;
+    sb->refused_twice = 0;
     sb->steps = 0;
     sb->cpu_timed = 0;
     sb->in_timed = 0;
@@ -1097,12 +1086,9 @@ enum sandbox_rc sandbox_call(sandbox *sb, int nargs, int nresults, const struct 
     sb->limit = lim && lim->memory_bytes > 0 ? sb->used + lim->memory_bytes : SIZE_MAX;
     sb->where[0] = '\0';
     lua_sethook(L, sb_hook, LUA_MASKCOUNT, HOOK_STEP);
-    sb->last_refused.nsize = 0; /* no allocation asks for 0 bytes */
-    sb->in_call = 1;
 
     int status = lua_pcall(L, nargs, nresults, fn);
     trip_on_memory_error(L, status);
-    sb->in_call = 0;
 
     lua_sethook(L, NULL, 0, 0);
     sb->limit = SIZE_MAX;

@@ -98,15 +98,6 @@ int sandbox_overdue(lua_State *L);
  * outside a call): for host functions whose allocations must not fail. */
 size_t sandbox_memory_left(lua_State *L);
 
-/* Outside sandbox_call, for what the host itself builds in the state (a
- * request's decoded events): allocations that would take the state more than
- * `bytes` over what it holds now are refused, a memory error for the host's
- * protected call. 0 lifts the bound; a sandbox_call sets its own limit and
- * lifts it when it returns. */
-void sandbox_bound(sandbox *sb, size_t bytes);
-/* Whether an allocation was refused for the bound since sandbox_bound set it. */
-int sandbox_bound_hit(const sandbox *sb);
-
 /* Instructions the last sandbox_call ran (in steps of the hook's granularity). */
 int64_t sandbox_steps(const sandbox *sb);
 

@@ -164,12 +164,10 @@ static int escape_byte(buf *b, const char *s, size_t *run, size_t i, char e)
     return replace_byte(b, s, run, i, u, e == 'u' ? 6 : 2);
 }
 
-/* Whether the UTF-8 sequence of len bytes at s is a C1 control character
- * (U+0080 - U+009F): JSON may hold it as it is, but a terminal showing the
- * text acts on it (U+009B begins a control sequence). */
-static int is_c1(const char *s, size_t len)
+int utf8_is_c1(const char *s, size_t n)
 {
-    return len == 2 && (unsigned char)s[0] == 0xc2 && (unsigned char)s[1] <= 0x9f;
+    return n >= 2 && (unsigned char)s[0] == 0xc2 && (unsigned char)s[1] >= 0x80 &&
+           (unsigned char)s[1] <= 0x9f;
 }
 
 /* Appends s[*run..i), then \u00XX for the C1 character at i (two bytes, the
@@ -186,7 +184,8 @@ static int escape_c1(buf *b, const char *s, size_t *run, size_t i)
 }
 
 /* JSON text is UTF-8 (RFC 8259): a byte that does not start a well-formed
- * sequence is written as U+FFFD, so that no reader refuses the whole text. */
+ * sequence is written as U+FFFD, so that no reader refuses the whole text; a C1
+ * control character is escaped, as C0 ones are. */
 int buf_json_str(buf *b, const char *s, size_t n)
 {
     /* room for the common case, no escapes, at once */
@@ -213,6 +212,12 @@ int buf_json_str(buf *b, const char *s, size_t n)
             /* text in another script: one sequence after the other */
             do {
                 size_t len = utf8_sequence((const unsigned char *)s + i, n - i);
+                if (len == 2 && utf8_is_c1(s + i, len)) {
+                    if (escape_c1(b, s, &run, i) != 0)
+                        return -1;
+                    i += len;
+                    continue;
+                }
                 if (len > 0) {
                     i += len;
                     continue;
@@ -253,7 +258,7 @@ int buf_json_strict(buf *b, const char *s, size_t n)
             size_t len = utf8_sequence((const unsigned char *)s + i, n - i);
             if (len == 0 && replace_byte(b, s, &run, i, REPLACEMENT, 3) != 0)
                 return -1;
-            if (len > 0 && is_c1(s + i, len) && escape_c1(b, s, &run, i) != 0)
+            if (len == 2 && utf8_is_c1(s + i, len) && escape_c1(b, s, &run, i) != 0)
                 return -1;
             i += len ? len : 1;
         } else {
@@ -280,7 +285,9 @@ size_t json_str_len(const char *s, size_t n)
         unsigned char c = (unsigned char)s[i];
         if (c >= 0x80) {
             size_t seq = utf8_sequence((const unsigned char *)s + i, n - i);
-            len += seq ? seq : 3; /* U+FFFD */
+            len += !seq                                 ? 3 /* U+FFFD */
+                   : seq == 2 && utf8_is_c1(s + i, seq) ? 6 /* \u00XX */
+                                                        : seq;
             i += seq ? seq : 1;
             continue;
         }

@@ -90,7 +90,8 @@ int buf_adds(buf *b, const char *s) WUR;
 int buf_printf(buf *b, const char *fmt, ...) PRINTF(2, 3) WUR;
 int buf_vprintf(buf *b, const char *fmt, va_list ap) WUR;
 /* Appends s as a quoted, escaped JSON string. A byte that does not begin a
- * well-formed UTF-8 sequence is written as U+FFFD. */
+ * well-formed UTF-8 sequence is written as U+FFFD; control characters, C0 and
+ * C1, are escaped (\u00XX). */
 int buf_json_str(buf *b, const char *s, size_t n) WUR;
 /* Appends the JSON text s[0..n), which a lenient reader took (lua-cjson
  * takes control characters and bytes that are not UTF-8 inside strings as
@@ -109,6 +110,10 @@ size_t json_str_len(const char *s, size_t n);
  * well-formed sequence (RFC 3629) becomes '?'. Returns the length of the
  * longest prefix of at most max bytes that ends between two characters. */
 size_t utf8_sanitize(char *s, size_t n, size_t max);
+/* Whether s[0..n) begins with a C1 control character (U+0080 - U+009F, two
+ * bytes): JSON may hold it as it is, but a terminal showing the text acts on
+ * it (U+009B begins a control sequence). */
+int utf8_is_c1(const char *s, size_t n);
 /* Whether s[0..n) is well-formed UTF-8 (RFC 3629), as Lua's utf8.len takes it. */
 int utf8_valid(const char *s, size_t n);
 /* Appends v in decimal. */

@@ -335,6 +335,14 @@ class MalformedInput(ServiceTest):
         m = s.metrics()
         self.assertEqual(m['tributary_http_requests_total{code="401"}'], 1)
         self.assertEqual(m['tributary_http_requests_total{code="415"}'], 1)
+        # a client that waits to be told to send its body is told no at once
+        sock = socket.create_connection(("127.0.0.1", s.port), timeout=10)
+        try:
+            sock.sendall(b"POST /currents HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong\r\n"
+                         b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body))
+            self.assertTrue(sock.recv(4096).startswith(b"HTTP/1.1 401 "))
+        finally:
+            sock.close()
 
     def test_chunked_body_over_the_limit_is_413(self):
         s = self.service(env={"TRIBUTARY_INBOUND_MAX_BODY_BYTES": "4096"})

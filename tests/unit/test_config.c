@@ -374,6 +374,10 @@ START_TEST(test_names_in_comments_strings_functions_and_other_tables_are_not_key
         "-- inbound = {}, inbound = {}\n"
         "--[==[ http = 1, http = 2 ]==]\n"
         "local s = [[ log = 1, log = 2 ]] .. \"batch = 1, batch = 2\"\n"
+        "local z = { a = \"x\\z\n   y\" }\n"
+        "local q, a = 1, 2\n"
+        "local w = { b = \"c\\\r\nd\" }\r\n"
+        "local r, b = 1, 2\n"
         "local function f(x) local a = 1; a = 2; if x then a = 3 end return { a = a } end\n"
         "return {\n"
         "  http = { threads = 2, timeout_s = (function() local t = 5; t = 6; return t end)() },\n"
@@ -432,6 +436,17 @@ START_TEST(test_an_environment_variable_the_file_reads_is_not_unknown)
     ck_assert_msg(config_load(&c, path, err, sizeof err) == 0, "%s", err);
     ck_assert_str_eq(c->inbound_hmac_secrets.items[0], "hmac-secret-0123456789");
     ck_assert_ptr_null(c->warnings);
+    config_unref(c);
+    /* named in the file, read or not in this load: a rotation's old token */
+    ck_assert_int_eq(unsetenv("TRIBUTARY_HMAC_SECRET"), 0);
+    ck_assert_int_eq(unsetenv("TRIBUTARY_UNSET_FALLBACK"), 0);
+    ck_assert_int_eq(setenv("TRIBUTARY_TOKEN_NEW", "token-new-0123456789", 1), 0);
+    ck_assert_int_eq(setenv("TRIBUTARY_TOKEN_OLD", "token-old-0123456789", 1), 0);
+    path = conf("either.lua",
+                "return { inbound = { tokens = {\n"
+                "  os.getenv(\"TRIBUTARY_TOKEN_NEW\") or os.getenv 'TRIBUTARY_TOKEN_OLD' } } }\n");
+    ck_assert_msg(config_load(&c, path, err, sizeof err) == 0, "%s", err);
+    ck_assert_str_eq(c->inbound_tokens.items[0], "token-new-0123456789");
     config_unref(c);
 }
 END_TEST
@@ -664,8 +679,8 @@ START_TEST(test_a_feed_credential_with_a_blank_or_a_colon_in_the_key_is_refused)
     struct {
         const char *key, *secret, *want;
     } cases[] = {
-        {"ios-key-5e1f\r", "s", "feeds.ios.key contains a space or control character"},
-        {"ios-key-5e1f", "secret 9d2a", "feeds.ios.secret contains a space or control character"},
+        {"ios-key-5e1f\r", "s", "feeds.ios.key contains a space, a control character"},
+        {"ios-key-5e1f", "secret 9d2a", "feeds.ios.secret contains a space, a control character"},
         {"ios:key-5e1f", "s", "feeds.ios.key contains ':', which Basic auth cannot carry"},
     };
     for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {

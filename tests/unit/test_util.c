@@ -148,12 +148,14 @@ static void escape_byte(buf *b, unsigned char c)
  * each other in every arrangement, against the byte-by-byte reference (and
  * json_str_len against the length of what it wrote, json_str_chars against
  * the characters it holds). Of the
- * bytes of 0x80 and up here, only 0xc3 followed by 0x80 or 0xa9 is UTF-8 (À,
- * é); every other such byte is written as U+FFFD. */
+ * bytes of 0x80 and up here, 0xc2 or 0xc3 followed by 0x80, 0x9b, 0xa0 or
+ * 0xa9 is UTF-8 (U+0080 - U+00FF), of which 0xc2 followed by 0x80 or 0x9b is
+ * a C1 control character, escaped; every other such byte is written as
+ * U+FFFD. */
 START_TEST(test_buf_json_str_matches_a_byte_by_byte_escape_on_random_strings)
 {
-    static const unsigned char alphabet[] = {'a',  '"',  '\\', 0,    0x1f, '\n',
-                                             0x7f, 0x80, 0xc3, 0xa9, ' ',  '~'};
+    static const unsigned char alphabet[] = {'a',  '"',  '\\', 0,   0x1f, '\n', 0x7f, 0x80,
+                                             0xc3, 0xa9, ' ',  '~', 0xc2, 0x9b, 0xa0};
     unsigned seed = 12345;
     for (int round = 0; round < 5000; round++) {
         char in[48];
@@ -171,7 +173,11 @@ START_TEST(test_buf_json_str_matches_a_byte_by_byte_escape_on_random_strings)
         for (size_t i = 0; i < n; i++, chars++) {
             unsigned char c = (unsigned char)in[i];
             unsigned char next = i + 1 < n ? (unsigned char)in[i + 1] : 0;
-            if (c == 0xc3 && (next == 0x80 || next == 0xa9)) {
+            int two = (c == 0xc2 || c == 0xc3) && next >= 0x80 && next <= 0xbf;
+            if (two && c == 0xc2 && next <= 0x9f) {
+                (void)!buf_printf(&want, "\\u%04x", next);
+                i++;
+            } else if (two) {
                 (void)!buf_add(&want, in + i, 2);
                 i++;
             } else if (c >= 0x80) {
@@ -208,6 +214,9 @@ START_TEST(test_buf_json_strict_escapes_what_only_a_lenient_reader_takes)
         {"{\"a\":\"q\\\"\x01\"}", "{\"a\":\"q\\\"\\u0001\"}"},
         {"{\"a\":\"b\\\\\",\"c\":\"\x02\"}", "{\"a\":\"b\\\\\",\"c\":\"\\u0002\"}"},
         {"{\"ok\":\"\\u00e9 \xe2\x82\xac\"}", "{\"ok\":\"\\u00e9 \xe2\x82\xac\"}"},
+        {"{\"c1\":\"\xc2\x9b"
+         "31m\xc2\xa0\"}",
+         "{\"c1\":\"\\u009b31m\xc2\xa0\"}"},
     };
     for (size_t i = 0; i < ARRAY_LEN(cases); i++) {
         buf b;
