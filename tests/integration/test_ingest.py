@@ -288,18 +288,7 @@ class MalformedInput(ServiceTest):
         # answered before it was read, the body met a reset, and the 413 with it
         s = self.service(env={"TRIBUTARY_INBOUND_MAX_BODY_BYTES": "4096"})
         body = json.dumps({"events": [event(padding="x" * 1000) for _ in range(8000)]}).encode()
-        sock = socket.create_connection(("127.0.0.1", s.port), timeout=30)
-        try:
-            sock.sendall(("POST /currents HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
-                          "Content-Length: %d\r\n\r\n" % (TOKEN, len(body))).encode() + body)
-            reply = b""
-            while b"\r\n" not in reply:
-                chunk = sock.recv(4096)
-                if not chunk:
-                    break
-                reply += chunk
-        finally:
-            sock.close()
+        reply = self.send_whole_then_read(s, "Authorization: Bearer %s\r\n" % TOKEN, body)
         self.assertTrue(reply.startswith(b"HTTP/1.1 413 "), reply[:200])
         self.assertEqual(s.queued_ids(), [])
 
