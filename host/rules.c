@@ -2073,9 +2073,17 @@ static size_t decoded_bound(const char *s, size_t n)
     for (size_t i = 0; i < n; i++) {
         switch (s[i]) {
         case '"': {
-            size_t j = i + 1;
-            while (j < n && s[j] != '"')
-                j += s[j] == '\\' ? 2 : 1;
+            /* its end: the next quote after an even run of backslashes */
+            const char *q = s + i + 1, *end = s + n;
+            while ((q = memchr(q, '"', (size_t)(end - q))) != NULL) {
+                size_t backslashes = 0;
+                while (q - backslashes > s + i + 1 && q[-1 - (ptrdiff_t)backslashes] == '\\')
+                    backslashes++;
+                if (backslashes % 2 == 0)
+                    break;
+                q++;
+            }
+            size_t j = q ? (size_t)(q - s) : n;
             strings++;
             string_bytes += j - i;
             i = j;

@@ -917,6 +917,10 @@ class BodyBounds(ServiceTest):
                  for i in range(4000)]
         self.assertEqual(s.post(large).status, 200)
         self.assertEqual(len(s.queued_ids()), 2 + len(large))
+        # text is text: empty objects written inside a string (escaped quotes
+        # and backslashes too) are its bytes, not 2 million tables
+        text = event("users.messages.email.Send", user="t-1", note='\\"' + "{}," * 1000000 + '\\')
+        self.assertEqual(s.post([text]).status, 200)
 
     def test_a_body_of_exactly_max_body_bytes_is_accepted(self):
         s = self.service(env=self.LIMIT)
