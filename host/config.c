@@ -995,6 +995,10 @@ static uint64_t fingerprint(struct config *c, const struct key *k)
     return h;
 }
 
+/* How a load takes the environment: not at all (a text in memory), as a start
+ * or command does, or as a reload does. */
+enum env_use { ENV_NONE, ENV_FIRST, ENV_AGAIN };
+
 /* The Levenshtein distance between a[0..n) and b, for names of up to 63 bytes
  * (longer ones are far from every name: SIZE_MAX). */
 static size_t edit_distance(const char *a, size_t n, const char *b)
@@ -1026,9 +1030,9 @@ static size_t edit_distance(const char *a, size_t n, const char *b)
  * before the file was read: a key the file changed from its default and the
  * environment sets to another value is named in a warning, as an edit of the
  * file would otherwise have no effect without a word. read: the environment
- * variables the configuration file read itself (os.getenv). */
+ * variables the configuration file reads itself (os.getenv). */
 static void load_env(struct config *c, const uint64_t *defaults, struct errs *e, buf *warnings,
-                     const struct string_list *read)
+                     const struct string_list *read, enum env_use use)
 {
     char name[128], file_var[140];
     for (size_t i = 0; i < ARRAY_LEN(KEYS); i++) {
@@ -1092,14 +1096,21 @@ static void load_env(struct config *c, const uint64_t *defaults, struct errs *e,
                 }
             }
         }
+        char msg[512];
         if (best <= 3)
-            errs_add(e, "unknown environment variable %.*s (did you mean %s?)", (int)n, *env,
-                     nearest);
+            snprintf(msg, sizeof msg, "unknown environment variable %.*s (did you mean %s?)",
+                     (int)n, *env, nearest);
         else
-            errs_add(e,
+            snprintf(msg, sizeof msg,
                      "unknown environment variable %.*s: it names no key (see the README, "
                      "Configuration), and the configuration file does not read it",
                      (int)n, *env);
+        /* at a reload the environment is the one checked at start: a file that
+         * stopped naming a variable could otherwise never be reloaded again */
+        if (use == ENV_AGAIN)
+            warn_add(warnings, "%s", msg);
+        else
+            errs_add(e, "%s", msg);
     }
 }
 
@@ -1560,8 +1571,8 @@ static void warn_pods(buf *warnings, const struct config *c)
 
 /* ---- public ------------------------------------------------------------- */
 
-static int load(struct config **out, const char *path, const char *src, size_t len, int env,
-                int serving, char *err, size_t errlen)
+static int load(struct config **out, const char *path, const char *src, size_t len,
+                enum env_use env, int serving, char *err, size_t errlen)
 {
     *out = NULL;
     struct errs e = {0};
@@ -1595,7 +1606,7 @@ static int load(struct config **out, const char *path, const char *src, size_t l
         }
     }
     if (e.count == 0 && env)
-        load_env(c, defaults, &e, &warnings, &env_read);
+        load_env(c, defaults, &e, &warnings, &env_read, env);
     list_free(&env_read);
     if (e.count == 0)
         check(c, &e, serving);
@@ -1626,14 +1637,19 @@ static int load(struct config **out, const char *path, const char *src, size_t l
 
 int config_load(struct config **out, const char *path, char *err, size_t errlen)
 {
-    return load(out, path, NULL, 0, 1, 1, err, errlen);
+    return load(out, path, NULL, 0, ENV_FIRST, 1, err, errlen);
+}
+
+int config_load_again(struct config **out, const char *path, char *err, size_t errlen)
+{
+    return load(out, path, NULL, 0, ENV_AGAIN, 1, err, errlen);
 }
 
 struct config *config_load_for_command(const char *path, int serving)
 {
     char err[4096];
     struct config *c = NULL;
-    if (load(&c, path, NULL, 0, 1, serving, err, sizeof err) != 0) {
+    if (load(&c, path, NULL, 0, ENV_FIRST, serving, err, sizeof err) != 0) {
         fprintf(stderr, "%s\n", err);
         return NULL;
     }
@@ -1654,7 +1670,7 @@ int config_load_source(struct config **out, const char *name, const char *src, s
     }
     memcpy(copy, src, len);
     copy[len] = '\0';
-    int rc = load(out, name, copy, len, 0, 1, err, errlen);
+    int rc = load(out, name, copy, len, ENV_NONE, 1, err, errlen);
     free(copy);
     return rc;
 }

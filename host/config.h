@@ -113,6 +113,10 @@ struct config {
  * else the defaults; then applies the environment. On error returns -1 and
  * writes one message per line into err. Caller releases with config_unref. */
 int config_load(struct config **out, const char *path, char *err, size_t errlen) WUR;
+/* config_load for a reload: the environment is the one the service started
+ * with, checked then, so a TRIBUTARY_* variable the file no longer names is a
+ * warning, not an error that no reload could mend. */
+int config_load_again(struct config **out, const char *path, char *err, size_t errlen) WUR;
 
 /* config_load for a one-shot command: errors and warnings go to stderr. NULL on
  * error. Without serving, what only `serve` needs is not checked (inbound

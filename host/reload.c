@@ -208,7 +208,7 @@ int reload_now(const char *trigger, char *err, size_t errlen)
     buf report;
     buf_init(&report, 64 * 1024);
     int ntests = 0;
-    if (config_load(&cfg, path, err, errlen) != 0)
+    if (config_load_again(&cfg, path, err, errlen) != 0)
         goto done;
     if (ruleset_load(&rs, cfg, err, errlen) != 0)
         goto done;

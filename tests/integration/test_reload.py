@@ -439,6 +439,22 @@ class SecretsFromFiles(ServiceTest):
         self.assertNotIn(key, s.logs())
         self.assertNotIn("ios-secret-1b2c", s.logs())
 
+    def test_a_variable_the_file_stops_reading_is_a_warning_at_a_reload(self):
+        # the environment is fixed at start: an error would refuse every reload
+        conf = 'return { inbound = { tokens = { os.getenv("TRIBUTARY_CURRENTS_TOKEN") } } }\n'
+        s = self.service(tokens=(), config=conf, env={"TRIBUTARY_CURRENTS_TOKEN": self.OLD})
+        self.assertEqual(s.post([event()], token=self.OLD).status, 200)
+        s.reload('return { inbound = { tokens = { "%s" } } }\n' % self.NEW)
+        self.assertEqual(s.logs().count("configuration and rules reloaded"), 1, s.logs())
+        self.assertRegex(s.logs(), r"level=warn msg=\"unknown environment variable "
+                                   r"TRIBUTARY_CURRENTS_TOKEN: it names no key")
+        self.assertEqual(s.post([event()], token=self.NEW).status, 200)
+        # a start is stricter
+        p = run_cli(["check", "--config", s.config],
+                    env={"TRIBUTARY_CURRENTS_TOKEN": self.OLD})
+        self.assertEqual(p.returncode, 1, p)
+        self.assertIn("unknown environment variable TRIBUTARY_CURRENTS_TOKEN", p.stderr)
+
     def test_a_file_change_the_environment_overrides_is_named_in_a_warning(self):
         s = self.service(tokens=(self.OLD,),
                          config='return { inbound = { tokens = { "%s" } } }\n' % self.OLD)
