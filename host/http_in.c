@@ -221,6 +221,14 @@ static enum MHD_Result reply_json(struct MHD_Connection *c, struct req *r, int s
  * some 90 MB), and then answered. */
 #define TOO_LARGE_READ_MAX ((uint64_t)128 << 20)
 
+/* Whether the client sends its body only once told to (Expect:
+ * 100-continue): an answer at the headers reaches it whole, and saves it the
+ * upload. */
+static int waits_to_send(struct MHD_Connection *c)
+{
+    return MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_EXPECT) != NULL;
+}
+
 /* 401 and 415 tell Braze to stop (the token is wrong) or what to change (send
  * plain JSON); sent before the body is read, they reach a client that writes
  * its whole body first as a broken connection, which it only retries (see
@@ -235,8 +243,7 @@ static int answer_after_body(const http_in *h, struct MHD_Connection *c, struct 
 {
     uint64_t most = r->admitted == 1 ? TOO_LARGE_READ_MAX : (uint64_t)body_limit(h, r);
     if ((status != 401 && status != 415) || len <= 0 || (uint64_t)len > most ||
-        json_len >= sizeof r->after_body.json ||
-        MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_EXPECT))
+        json_len >= sizeof r->after_body.json || waits_to_send(c))
         return 0;
     r->after_body.status = status;
     r->after_body.retry_after = retry_after;
@@ -848,7 +855,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
                 rc = reply_json(c, r, 415, UNSUPPORTED_ENCODING, 0);
             }
         } else if (has_length && (uint64_t)len > body_limit(h, r)) {
-            if (admitted == 1 && (uint64_t)len <= TOO_LARGE_READ_MAX) {
+            if (admitted == 1 && (uint64_t)len <= TOO_LARGE_READ_MAX && !waits_to_send(c)) {
                 /* read and dropped, then answered (see TOO_LARGE_READ_MAX) */
                 r->too_large = 1;
             } else {

@@ -2054,17 +2054,19 @@ static int decode(rules *r, lua_State *L, const char *s, size_t n, char *err, si
  * a slot of its table (a hash node, with the table's growth to the next power
  * of two and the copy while it grows), every table its header, every string
  * its bytes and header. The values are counted from what comes before them
- * outside strings ('[', ',' and ':', and the first), an overcount. `{}` in a
- * list, the most per byte, takes 160 bytes for its 3 ("{},"); Braze events of
- * about 1 KB 8 times their text (they take 2 or 3). Decoding is not cut short
- * instead: lua-cjson keeps a copy of the text outside Lua, which a memory
- * error in the middle leaks. */
+ * outside strings ('[', ',', ':' and a line end, and the first), an
+ * overcount; and the text, which the decoding holds as a Lua string. `{}` in
+ * a list, the most per byte, takes 163 bytes for its 3 ("{},"); Braze events
+ * of about 1 KB 9 times their text (they take 2 or 3). Decoding is not cut
+ * short instead: lua-cjson keeps a copy of the text outside Lua, which a
+ * memory error in the middle leaks. */
 #define DECODED_SLOT_BYTES 96
 #define DECODED_TABLE_BYTES 64
 #define DECODED_STRING_BYTES 64
 #define DECODED_MAX_BYTES ((size_t)RULES_DECODE_MEMORY_MB << 20)
 /* A text of up to this many bytes cannot take more than DECODED_MAX_BYTES
- * (64 bytes a byte, above the 160 for 3 of "{},"): not scanned. */
+ * (64 bytes a byte, above the 163 for 3 of "{},"; measured, at most 40): not
+ * scanned. */
 #define DECODED_BOUND_FREE_BYTES (DECODED_MAX_BYTES / 64)
 
 static size_t decoded_bound(const char *s, size_t n)
@@ -2098,14 +2100,16 @@ static size_t decoded_bound(const char *s, size_t n)
             break;
         case ',':
         case ':':
+        case '\n': /* a line of NDJSON is an item of the list it is decoded into */
             slots++;
             break;
         default:
             break;
         }
     }
+    /* and the text itself, held as a Lua string while it is decoded */
     return slots * DECODED_SLOT_BYTES + tables * DECODED_TABLE_BYTES +
-           strings * DECODED_STRING_BYTES + string_bytes;
+           strings * DECODED_STRING_BYTES + string_bytes + n;
 }
 
 /* True when the table at idx has only the keys 1..#t. */

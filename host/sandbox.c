@@ -180,9 +180,9 @@ static void sb_hook(lua_State *L, lua_Debug *ar)
  * the limit wherever a protected call sees it, so that pcall cannot catch it.
  * A __close handler that raises an error of its own as the stack unwinds
  * replaces the memory error with its own: a protected call that fails after an
- * allocation was refused twice in the call trips the limit too. (Lua leaves
- * its string table as it is when its growth is refused twice: a rule that
- * comes that close to its limit and then fails in a pcall meets it.) */
+ * allocation was refused twice inside it trips the limit too. (Lua leaves its
+ * string table as it is when its growth is refused twice: a rule that comes
+ * that close to its limit and fails in the same protected call meets it.) */
 static void trip_on_memory_error(lua_State *L, int status)
 {
     sandbox *sb = from_lua(L);
@@ -191,6 +191,21 @@ static void trip_on_memory_error(lua_State *L, int status)
         return;
     sb->tripped = TRIP_MEMORY;
     lua_sethook(L, sb_hook, LUA_MASKCOUNT, 1);
+}
+
+/* lua_pcall for the sandbox's own protected calls (pcall, xpcall, a timed
+ * library call): an allocation refused twice counts for the call it happened
+ * in (see trip_on_memory_error), not for a later one that fails for another
+ * reason. */
+static int protected_call(lua_State *L, int nargs, int nresults, int msgh)
+{
+    sandbox *sb = from_lua(L);
+    int outer = sb->refused_twice;
+    sb->refused_twice = 0;
+    int status = lua_pcall(L, nargs, nresults, msgh);
+    trip_on_memory_error(L, status);
+    sb->refused_twice |= outer;
+    return status;
 }
 
 /* Charges cost instructions to the call's budget; beyond it the instruction
@@ -271,9 +286,8 @@ static int timed(lua_State *L)
     int cpu = sb->cpu_timed;
     int64_t start = cpu ? clock_thread_ns() : clock_mono_ns();
     sb->in_timed++;
-    int status = lua_pcall(L, lua_gettop(L) - 1, LUA_MULTRET, 0);
+    int status = protected_call(L, lua_gettop(L) - 1, LUA_MULTRET, 0);
     sb->in_timed--;
-    trip_on_memory_error(L, status);
     int64_t took = (cpu ? clock_thread_ns() : clock_mono_ns()) - start;
     int64_t cost = (int64_t)((double)took / ns_per_instruction);
     int64_t most = sb->budget / TIMED_CALL_SHARE > 0 ? sb->budget / TIMED_CALL_SHARE : 1;
@@ -345,8 +359,7 @@ static int sb_msgh(lua_State *L)
 static int sb_pcall(lua_State *L)
 {
     luaL_checkany(L, 1);
-    int status = lua_pcall(L, lua_gettop(L) - 1, LUA_MULTRET, 0);
-    trip_on_memory_error(L, status);
+    int status = protected_call(L, lua_gettop(L) - 1, LUA_MULTRET, 0);
     if (from_lua(L)->tripped != TRIP_NONE)
         return luaL_error(L, "limit exceeded");
     lua_pushboolean(L, status == LUA_OK);
@@ -378,8 +391,7 @@ static int sb_xpcall(lua_State *L)
     lua_pushboolean(L, 1);
     lua_pushvalue(L, 1);
     lua_rotate(L, 3, 2); /* f msgh true f args... */
-    int status = lua_pcall(L, n - 2, LUA_MULTRET, 2);
-    trip_on_memory_error(L, status);
+    int status = protected_call(L, n - 2, LUA_MULTRET, 2);
     if (from_lua(L)->tripped != TRIP_NONE)
         return luaL_error(L, "limit exceeded");
     if (status != LUA_OK) {

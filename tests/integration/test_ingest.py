@@ -291,6 +291,15 @@ class MalformedInput(ServiceTest):
         reply = self.send_whole_then_read(s, "Authorization: Bearer %s\r\n" % TOKEN, body)
         self.assertTrue(reply.startswith(b"HTTP/1.1 413 "), reply[:200])
         self.assertEqual(s.queued_ids(), [])
+        # a client that waits to be told to send its body is told no at once
+        sock = socket.create_connection(("127.0.0.1", s.port), timeout=10)
+        try:
+            sock.sendall(("POST /currents HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+                          "Expect: 100-continue\r\nContent-Length: %d\r\n\r\n"
+                          % (TOKEN, len(body))).encode())
+            self.assertTrue(sock.recv(4096).startswith(b"HTTP/1.1 413 "))
+        finally:
+            sock.close()
 
     def send_whole_then_read(self, s, headers, body):
         """Writes the request with its whole body before reading; the status line."""
