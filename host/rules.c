@@ -2055,18 +2055,17 @@ static int decode(rules *r, lua_State *L, const char *s, size_t n, char *err, si
  * of two and the copy while it grows), every table its header, every string
  * its bytes and header. The values are counted from what comes before them
  * outside strings ('[', ',', ':' and a line end, and the first), an
- * overcount; and the text, which the decoding holds as a Lua string. `{}` in
- * a list, the most per byte, takes 163 bytes for its 3 ("{},"); Braze events
- * of about 1 KB 9 times their text (they take 2 or 3). Decoding is not cut
- * short instead: lua-cjson keeps a copy of the text outside Lua, which a
- * memory error in the middle leaks. */
+ * overcount; and the text, which the decoding holds as a Lua string. `[]` in
+ * a list, the most per byte, counts 259 bytes for its 3 ("[],"; it takes
+ * about 40); Braze events of about 1 KB 9 times their text (they take 2 or
+ * 3). Decoding is not cut short instead: lua-cjson keeps a copy of the text
+ * outside Lua, which a memory error in the middle leaks. */
 #define DECODED_SLOT_BYTES 96
 #define DECODED_TABLE_BYTES 64
 #define DECODED_STRING_BYTES 64
 #define DECODED_MAX_BYTES ((size_t)RULES_DECODE_MEMORY_MB << 20)
 /* A text of up to this many bytes cannot take more than DECODED_MAX_BYTES
- * (64 bytes a byte, above the 163 for 3 of "{},"; measured, at most 40): not
- * scanned. */
+ * (64 bytes a byte; measured, at most 40): not scanned. */
 #define DECODED_BOUND_FREE_BYTES (DECODED_MAX_BYTES / 64)
 
 static size_t decoded_bound(const char *s, size_t n)

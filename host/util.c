@@ -170,17 +170,14 @@ int utf8_is_c1(const char *s, size_t n)
            (unsigned char)s[1] <= 0x9f;
 }
 
-/* Appends s[*run..i), then \u00XX for the C1 character at i (two bytes, the
- * second its code point); the bytes that pass as they are start after it. */
+/* Appends s[*run..i), then \u00XX for the C1 character at i: the escape of
+ * its second byte, its code point, in place of both. */
 static int escape_c1(buf *b, const char *s, size_t *run, size_t i)
 {
-    static const char hex[] = "0123456789abcdef";
-    unsigned char c = (unsigned char)s[i + 1];
-    char u[6] = {'\\', 'u', '0', '0', hex[c >> 4], hex[c & 15]};
-    if (buf_add(b, s + *run, i - *run) != 0 || buf_add(b, u, sizeof u) != 0)
+    if (buf_add(b, s + *run, i - *run) != 0)
         return -1;
-    *run = i + 2;
-    return 0;
+    *run = i + 1;
+    return escape_byte(b, s, run, i + 1, 'u');
 }
 
 /* JSON text is UTF-8 (RFC 8259): a byte that does not start a well-formed

@@ -2089,6 +2089,37 @@ START_TEST(test_dead_purge_before_a_time_deletes_only_older_rows)
 }
 END_TEST
 
+/* A purge takes PURGE_PAGE dead letters to a transaction: one transaction for
+ * millions held the service's writer past its busy timeout (a 503) and grew
+ * the WAL by the store's size. */
+START_TEST(test_dead_purge_commits_a_page_at_a_time)
+{
+    queue *q = open_queue(NO_LIMIT, DEDUP_DAY);
+    struct mapping m;
+    mapping_init(&m);
+    size_t n = 2 * PURGE_PAGE + 1;
+    for (size_t i = 0; i < n; i++) {
+        char id[32];
+        snprintf(id, sizeof id, "d-%zu", i);
+        add_dead(&m, FEED_IOS, id, DEAD_RULE_ERROR, "x", "{}");
+    }
+    struct commit_result res;
+    ck_assert_int_eq(queue_commit(q, &m, &res), QUEUE_OK);
+    mapping_free(&m);
+    struct queue_gauges before, after;
+    queue_gauges(q, &before);
+
+    struct dead_filter any = {0};
+    size_t deleted = 0;
+    ck_assert_int_eq(queue_dead_purge(q, &any, &deleted), QUEUE_OK);
+    ck_assert_uint_eq(deleted, n);
+    queue_gauges(q, &after);
+    ck_assert_int_eq(after.dead, 0);
+    ck_assert_int_ge(after.commits - before.commits, 3); /* ceil(n / PURGE_PAGE) pages */
+    queue_free(q);
+}
+END_TEST
+
 /* ---- stats -------------------------------------------------------------- */
 
 START_TEST(test_stats_report_depth_oldest_and_in_flight_batches)
@@ -2398,6 +2429,7 @@ static Suite *suite(void)
                    test_dead_each_between_reads_matching_ids_after_one_through_another_in_order);
     tcase_add_test(tc, test_dead_purge_by_reason_deletes_only_that_reason);
     tcase_add_test(tc, test_dead_purge_before_a_time_deletes_only_older_rows);
+    tcase_add_test(tc, test_dead_purge_commits_a_page_at_a_time);
     tcase_add_test(tc, test_stats_report_depth_oldest_and_in_flight_batches);
     tcase_add_test(tc, test_stats_report_a_paused_feed_until_it_resumes);
     tcase_add_test(tc, test_readonly_open_of_a_missing_directory_fails_with_a_clear_message);
