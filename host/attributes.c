@@ -15,13 +15,9 @@ enum { PROPS = 1, EXTRA = 2, FIRST_SKIP = 3 };
 /* What a number or boolean value takes as text, at most (%.17g). */
 #define NUMBER_BYTES 24
 
-/* A joined list longer than this is cut anyway: 4,097 characters take at most
- * this many bytes, so joining stops here (it would otherwise write every item of
- * a list of large tables to keep 4,096 characters). */
-#define JOIN_MAX_BYTES ((MPARTICLE_MAX_VALUE_CHARS + 1) * 4)
-
-/* Upvalues: what writes a value as JSON text, and tributary.count. */
-enum { ENCODE = 1, COUNT = 2 };
+/* Upvalues: what writes a table as an attribute's JSON text, and
+ * tributary.count. */
+enum { TEXT = 1, COUNT = 2 };
 
 /* The skip arguments that can skip something (names and sets), at most. */
 #define MAX_SKIPS 16
@@ -159,31 +155,38 @@ static size_t cut_length(const char *s, size_t n, size_t max, int *cut)
     return utf8_valid(s, pos) ? pos : max;
 }
 
-/* [-0, +1] Pushes the JSON text of the value at idx. */
-static void push_json(lua_State *L, int idx)
+/* [-0, +1] Pushes the JSON text of the table at idx, as far as an attribute
+ * keeps it; returns whether it stopped short. */
+static int push_json(lua_State *L, int idx)
 {
     idx = lua_absindex(L, idx);
-    lua_pushvalue(L, lua_upvalueindex(ENCODE));
+    lua_pushvalue(L, lua_upvalueindex(TEXT));
     lua_pushvalue(L, idx);
-    lua_call(L, 1, 1);
+    lua_call(L, 1, 2);
+    int stopped = lua_toboolean(L, -1);
+    lua_pop(L, 1);
+    return stopped;
 }
 
 /* [-0, +1] Pushes the text of the table at idx: a list's items joined with
- * ",", an object's JSON text. */
-static void push_table_text(lua_State *L, int idx)
+ * ",", an object's JSON text; returns whether it stopped short of the whole
+ * (when the text has fewer characters than an attribute keeps: a text longer
+ * than that is cut anyway). Joining stops at ATTRIBUTE_TEXT_BYTES, which would
+ * otherwise write every item of a list of large tables to keep 4,096
+ * characters. */
+static int push_table_text(lua_State *L, int idx)
 {
     if (lua_rawlen(L, idx) == 0) {
         lua_pushnil(L);
         if (lua_next(L, idx)) {
             lua_pop(L, 2);
-            push_json(L, idx);
-            return;
+            return push_json(L, idx);
         }
     }
     luaL_Buffer b;
     luaL_buffinit(L, &b);
-    int any = 0;
-    for (lua_Integer i = 1; luaL_bufflen(&b) <= JOIN_MAX_BYTES; i++) {
+    int any = 0, stopped = 0;
+    for (lua_Integer i = 1; !stopped && luaL_bufflen(&b) <= ATTRIBUTE_TEXT_BYTES; i++) {
         int t = lua_rawgeti(L, idx, i);
         if (t == LUA_TNIL) {
             lua_pop(L, 1);
@@ -198,7 +201,7 @@ static void push_table_text(lua_State *L, int idx)
             lua_pop(L, 1);
             lua_pushstring(L, v ? "true" : "false");
         } else if (t != LUA_TSTRING) {
-            push_json(L, -1);
+            stopped = push_json(L, -1);
             lua_remove(L, -2);
         }
         luaL_addvalue(&b);
@@ -208,6 +211,7 @@ static void push_table_text(lua_State *L, int idx)
     if (any)
         luaL_buffsub(&b, 1);
     luaL_pushresult(&b);
+    return stopped;
 }
 
 /* The size of a string as JSON text: measured, or at most. */
@@ -251,8 +255,9 @@ static size_t push_attribute(lua_State *L, struct job *j, int k, int v, int *cut
     else
         lua_pushvalue(L, k);
     size_t size = text_size(j, s, keep) + 2;
+    int stopped = 0;
     if (t == LUA_TTABLE)
-        push_table_text(L, v);
+        stopped = push_table_text(L, v);
     else
         lua_pushvalue(L, v);
     if (lua_type(L, -1) != LUA_TSTRING)
@@ -262,8 +267,8 @@ static size_t push_attribute(lua_State *L, struct job *j, int k, int v, int *cut
     if (cut) {
         lua_pushlstring(L, s, keep);
         lua_replace(L, -2);
-        *cuts += 1;
     }
+    *cuts += cut || stopped;
     return size + text_size(j, s, keep);
 }
 

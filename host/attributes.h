@@ -16,12 +16,13 @@
  * text value over 4,096 are cut (at a character boundary when the text is
  * UTF-8, else at the byte), counted as `attribute_truncated`; a list becomes
  * its items joined with "," (tables in it as JSON text, nulls and numbers JSON
- * cannot write left out), an object its JSON text; a number JSON cannot write
- * (1e400) is left out. Past 100 attributes, or ATTRIBUTES_MAX_BYTES of them
- * as JSON text, they are taken in name order (byte order) up to the first that
- * would pass either limit, which is left out with the rest. What is left out
- * is counted as `attribute_dropped`. A list is joined only as far as its
- * first 4,097 characters can reach.
+ * cannot write left out), an object its JSON text (a number JSON cannot write
+ * in it null); a number JSON cannot write (1e400) is left out. Past 100
+ * attributes, or ATTRIBUTES_MAX_BYTES of them as JSON text, they are taken in
+ * name order (byte order) up to the first that would pass either limit, which
+ * is left out with the rest. What is left out is counted as
+ * `attribute_dropped`. A list is joined, and an object written, only as far as
+ * its first 4,097 characters can reach.
  *
  * This is the loop every event of the shipped rules runs over its twenty or so
  * properties: in C it costs less than half of what it does in Lua (19,600
@@ -29,6 +30,8 @@
  */
 #ifndef TRIBUTARY_ATTRIBUTES_H
 #define TRIBUTARY_ATTRIBUTES_H
+
+#include "mparticle.h"
 
 #include <lua.h>
 
@@ -40,9 +43,15 @@
  * rules' event takes. */
 #define ATTRIBUTES_MAX_BYTES (100 * 1024)
 
-/* [-2, +1] Takes encode (a function writing a value as JSON text, as the
- * rules' cjson.encode) and count (as tributary.count) from the top of the
- * stack and pushes tributary.custom_attributes over them. */
+/* An attribute's text is cut at MPARTICLE_MAX_VALUE_CHARS characters: a text
+ * of more bytes than this has more characters than that (a character takes 4
+ * at most), so what makes an attribute's text stops here. */
+#define ATTRIBUTE_TEXT_BYTES ((MPARTICLE_MAX_VALUE_CHARS + 1) * 4)
+
+/* [-2, +1] Takes text (a function writing a table as an attribute's JSON text,
+ * as cjson.encode would but within ATTRIBUTE_TEXT_BYTES; it returns the text
+ * and whether it stopped short) and count (as tributary.count) from the top of
+ * the stack and pushes tributary.custom_attributes over them. */
 void attributes_push(lua_State *L);
 
 #endif

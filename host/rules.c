@@ -371,6 +371,7 @@ static void set_context(rules *r, lua_State *L, int over)
 }
 
 static int rules_encode(lua_State *L);
+static int rules_attribute_text(lua_State *L);
 
 /* cjson.decode as rules see it. lua-cjson keeps a copy of the text outside
  * Lua while it decodes, and a memory error (the rule's memory limit) unwinds
@@ -443,8 +444,8 @@ static int setup_state(lua_State *L)
     lua_pushvalue(L, -1);
     lua_setfield(L, -3, "count"); /* T count */
     lua_pushlightuserdata(L, r);
-    lua_pushcclosure(L, rules_encode, 1);
-    lua_insert(L, -2); /* T encode count */
+    lua_pushcclosure(L, rules_attribute_text, 1);
+    lua_insert(L, -2); /* T text count */
     attributes_push(L);
     sandbox_timed(L);
     lua_setfield(L, -2, "custom_attributes");
@@ -640,7 +641,14 @@ struct json_out {
     struct json_clock *clock;
     char *err;
     size_t errlen;
-    int sorted; /* objects with names only are written in their order */
+    unsigned mode; /* JSON_SORTED, JSON_ATTRIBUTE */
+    int too_large; /* it stopped for want of room */
+};
+
+/* How write_json_as writes. */
+enum {
+    JSON_SORTED = 1,    /* objects with names only in their order (json_object_sorted) */
+    JSON_ATTRIBUTE = 2, /* the text of an attribute (rules_attribute_text) */
 };
 
 /* Why a text was not written when it would take more than its room. */
@@ -656,9 +664,16 @@ static int json_fail(struct json_out *j, const char *what)
     return -1;
 }
 
+static int json_too_large(struct json_out *j)
+{
+    j->too_large = 1;
+    return json_fail(j, JSON_TOO_LARGE);
+}
+
 static int json_room(struct json_out *j)
 {
     if (j->out->len > j->limit) {
+        j->too_large = 1;
         str_printf(j->err, j->errlen, "the JSON text is larger than %zu bytes", j->max);
         return -1;
     }
@@ -674,6 +689,8 @@ static int json_number(struct json_out *j, lua_State *L, int idx)
     if (lua_isinteger(L, idx))
         return buf_int(j->out, (long long)lua_tointeger(L, idx));
     double v = lua_tonumber(L, idx);
+    if (!isfinite(v) && (j->mode & JSON_ATTRIBUTE))
+        return buf_adds(j->out, "null");
     if (!isfinite(v))
         return json_fail(j, "numbers must be finite");
     if (v == floor(v) && fabs(v) < 0x1p63)
@@ -693,6 +710,16 @@ static int json_number(struct json_out *j, lua_State *L, int idx)
 /* The most items of a table an output (RULES_MAX_OUTPUT_BYTES) can hold. */
 #define OUTPUT_MAX_ITEMS JSON_MAX_ITEMS(RULES_MAX_OUTPUT_BYTES)
 #define JSON_TOO_MANY_ITEMS (-2)
+
+/* A string as JSON text; in an attribute's text, a string of more than
+ * ATTRIBUTE_TEXT_BYTES only as far as that, which holds more characters than
+ * the attribute keeps. */
+static int json_string(struct json_out *j, const char *s, size_t n)
+{
+    if ((j->mode & JSON_ATTRIBUTE) && n > ATTRIBUTE_TEXT_BYTES)
+        n = ATTRIBUTE_TEXT_BYTES;
+    return buf_json_str(j->out, s, n);
+}
 
 /* The length of the table at idx as a JSON array, 0 when it is empty or an
  * object, -1 when it is an array too sparse to write, JSON_TOO_MANY_ITEMS when
@@ -767,9 +794,11 @@ static int json_object_sorted(struct json_out *j, lua_State *L, int idx, int dep
         }
         count++;
     }
-    /* each name takes 4 bytes at least ("":0): more cannot fit */
+    /* each name takes 4 bytes at least ("":0): more cannot fit, but for an
+     * attribute's text, which stops at its room (its names in the table's
+     * order, then: not sorted to be cut) */
     if (count > j->max / 4)
-        return json_fail(j, JSON_TOO_LARGE);
+        return (j->mode & JSON_ATTRIBUTE) ? 1 : json_too_large(j);
     struct json_name *names = lua_newuserdatauv(L, count * sizeof(*names) + 1, 0);
     int anchor = lua_gettop(L);
     size_t k = 0;
@@ -782,7 +811,7 @@ static int json_object_sorted(struct json_out *j, lua_State *L, int idx, int dep
     qsort(names, count, sizeof(*names), json_name_order);
     int rc = buf_addc(j->out, '{');
     for (size_t i = 0; i < count && rc == 0; i++) {
-        rc = (i ? buf_addc(j->out, ',') : 0) || buf_json_str(j->out, names[i].s, names[i].n) ||
+        rc = (i ? buf_addc(j->out, ',') : 0) || json_string(j, names[i].s, names[i].n) ||
              buf_addc(j->out, ':');
         lua_pushlstring(L, names[i].s, names[i].n);
         lua_rawget(L, idx);
@@ -809,8 +838,10 @@ static int json_table(struct json_out *j, lua_State *L, int idx, int depth)
         return json_fail(j, "out of Lua stack");
     size_t room = j->out->len < j->limit ? j->limit - j->out->len : 0;
     lua_Integer n = json_array_length(L, idx, JSON_MAX_ITEMS(room));
+    if (n == JSON_TOO_MANY_ITEMS && (j->mode & JSON_ATTRIBUTE))
+        n = (lua_Integer)lua_rawlen(L, idx); /* its first items, as far as the room goes */
     if (n == JSON_TOO_MANY_ITEMS)
-        return json_fail(j, JSON_TOO_LARGE);
+        return json_too_large(j);
     if (n < 0)
         return json_fail(j, "a table is too sparse an array to write as JSON");
     if (n > 0) {
@@ -828,7 +859,7 @@ static int json_table(struct json_out *j, lua_State *L, int idx, int depth)
         }
         return buf_addc(j->out, ']');
     }
-    if (j->sorted) {
+    if (j->mode & JSON_SORTED) {
         int rc = json_object_sorted(j, L, idx, depth);
         if (rc <= 0)
             return rc;
@@ -844,7 +875,7 @@ static int json_table(struct json_out *j, lua_State *L, int idx, int depth)
         if (rc == 0 && lua_type(L, -2) == LUA_TSTRING) {
             size_t kn;
             const char *k = lua_tolstring(L, -2, &kn);
-            rc = buf_json_str(j->out, k, kn);
+            rc = json_string(j, k, kn);
         } else if (rc == 0 && lua_type(L, -2) == LUA_TNUMBER) {
             rc = buf_addc(j->out, '"') || json_number(j, L, -2) || buf_addc(j->out, '"');
         } else if (rc == 0) {
@@ -867,7 +898,7 @@ static int json_value(struct json_out *j, lua_State *L, int idx, int depth)
     case LUA_TSTRING: {
         size_t n;
         const char *s = lua_tolstring(L, idx, &n);
-        return buf_json_str(j->out, s, n);
+        return json_string(j, s, n);
     }
     case LUA_TNUMBER:
         return json_number(j, L, idx);
@@ -886,18 +917,22 @@ static int json_value(struct json_out *j, lua_State *L, int idx, int depth)
     return -1;
 }
 
+/* What write_json_as returns for a text that would take more than its room. */
+#define JSON_WRITE_TOO_LARGE (-2)
+
 /* [-0, +0] Appends the value at idx to out as JSON text of at most limit
- * bytes, within the time of clock; sorted: objects with their names in order
- * (see json_object_sorted). On failure returns -1 with the reason in err; out
- * then holds a part. */
+ * bytes, within the time of clock, written as mode says. On failure returns -1,
+ * or JSON_WRITE_TOO_LARGE, with the reason in err; out then holds a part. */
 static int write_json_as(lua_State *L, int idx, buf *out, size_t limit, struct json_clock *clock,
-                         int sorted, char *err, size_t errlen)
+                         unsigned mode, char *err, size_t errlen)
 {
-    struct json_out j = {out, out->len + limit, limit, clock, err, errlen, sorted};
+    struct json_out j = {out, out->len + limit, limit, clock, err, errlen, mode, 0};
     err[0] = '\0';
-    if (json_value(&j, L, lua_absindex(L, idx), 0) != 0 || json_room(&j) != 0)
-        return json_fail(&j, JSON_TOO_LARGE);
-    return 0;
+    if (json_value(&j, L, lua_absindex(L, idx), 0) == 0 && json_room(&j) == 0)
+        return 0;
+    if (!err[0]) /* an append found no room in out */
+        json_too_large(&j);
+    return j.too_large ? JSON_WRITE_TOO_LARGE : -1;
 }
 
 /* The same, objects in the table's own order: the host's writing of outputs
@@ -925,7 +960,8 @@ static int rules_encode(lua_State *L)
     char err[ERR_LEN];
     buf_reset(&r->encoded);
     struct json_clock clock = {sandbox_deadline(L), 0, 0};
-    if (write_json_as(L, 1, &r->encoded, RULES_MAX_ENCODE_BYTES, &clock, 1, err, sizeof err) != 0) {
+    if (write_json_as(L, 1, &r->encoded, RULES_MAX_ENCODE_BYTES, &clock, JSON_SORTED, err,
+                      sizeof err) != 0) {
         buf_reset(&r->encoded);
         if (sandbox_overdue(L)) /* the event's time is up: it ends as rule_limit */
             return luaL_error(L, "cjson.encode: time limit exceeded");
@@ -935,6 +971,31 @@ static int rules_encode(lua_State *L)
     if (r->encoded.cap > RULES_MAX_OUTPUT_BYTES)
         buf_free(&r->encoded); /* a rare large text does not stay */
     return 1;
+}
+
+/* The text of an attribute made of a table (tributary.custom_attributes): its
+ * JSON text as cjson.encode writes it, but that a number JSON cannot write
+ * (1e400) is null, and that the text stops once it holds more than an
+ * attribute keeps (ATTRIBUTE_TEXT_BYTES), to be cut as any long text is: an
+ * event's own data makes an attribute, never a dead letter. Returns the text
+ * and whether it stopped short. */
+static int rules_attribute_text(lua_State *L)
+{
+    rules *r = lua_touserdata(L, lua_upvalueindex(1));
+    char err[ERR_LEN];
+    buf_reset(&r->encoded);
+    struct json_clock clock = {sandbox_deadline(L), 0, 0};
+    int rc = write_json_as(L, 1, &r->encoded, ATTRIBUTE_TEXT_BYTES, &clock,
+                           JSON_SORTED | JSON_ATTRIBUTE, err, sizeof err);
+    if (rc != 0 && rc != JSON_WRITE_TOO_LARGE) {
+        buf_reset(&r->encoded);
+        if (sandbox_overdue(L))
+            return luaL_error(L, "tributary.custom_attributes: time limit exceeded");
+        return luaL_error(L, "tributary.custom_attributes: %s", err);
+    }
+    lua_pushlstring(L, r->encoded.data ? r->encoded.data : "", r->encoded.len);
+    lua_pushboolean(L, rc != 0);
+    return 2;
 }
 
 static int is_host_key(const char *k)

@@ -583,6 +583,71 @@ START_TEST(test_attributes_over_100_kb_together_keep_those_that_fit_by_name)
 }
 END_TEST
 
+/* A property that is an object becomes its JSON text, which an event's own
+ * data can keep from being written whole: a number JSON cannot write inside
+ * it, or a text that grows past what the writer takes (a C1 character takes 6
+ * bytes escaped, and DEL 6 for 1). It is written as far as an attribute keeps
+ * (that number as null), and the event goes on: it was a dead letter that a
+ * requeue could not mend. */
+START_TEST(test_an_object_json_cannot_write_whole_is_an_attribute_not_a_dead_event)
+{
+    default_rules();
+    build();
+    static const char head[] = "{\"events\":[{\"event_type\":\"users.messages.email.Send\","
+                               "\"id\":\"o-1\",\"time\":1,\"user\":{\"external_user_id\":\"c\"},"
+                               "\"properties\":{\"extras\":{\"score\":1e400,\"k\":\"v\"},"
+                               "\"big\":{\"body\":\"";
+    enum { C1 = 180000, DEL = 200000 };
+    char *body = malloc(sizeof head + C1 * 6 + DEL + 64);
+    ck_assert_ptr_nonnull(body);
+    size_t n = strlen(strcpy(body, head));
+    for (int i = 0; i < C1; i++)
+        n += (size_t)sprintf(body + n, "\\u0092");
+    n += (size_t)sprintf(body + n, "\"},\"list\":[{\"a\":\"");
+    memset(body + n, 0x7f, DEL);
+    strcpy(body + n + DEL, "\"}]}}]}");
+    unsigned long long cut = rule_count("attribute_truncated");
+    maps_to_one_record(body);
+    free(body);
+    const char *ev = F.m.records[0].event.p;
+    ck_assert_msg(contains(ev, "\"extras\":\"{\\\"k\\\":\\\"v\\\",\\\"score\\\":null}\""), "%.300s",
+                  ev);
+    ck_assert_msg(contains(ev, "\"big\":\"{\\\"body\\\":\\\"\\\\u0092"), "%.300s", ev);
+    ck_assert_msg(contains(ev, "\"list\":\"{\\\"a\\\":\\\"\\\\u007f"), "%.300s", ev);
+    ck_assert_uint_eq(rule_count("attribute_truncated") - cut, 2);
+}
+END_TEST
+
+/* Such texts are cut where any long text is, at 4,096 characters, whatever
+ * the table holds: a string too long to write whole, a list of too many items
+ * (written from its first), an object of too many names (not sorted to be
+ * cut), characters of four bytes. */
+START_TEST(test_an_object_too_large_to_write_is_cut_at_4096_characters)
+{
+    rule("50-objects.lua",
+         "return function(event, out)\n"
+         "  local long, many, names = ('\\u{92}'):rep(200000), {}, {}\n"
+         "  for i = 1, 20000 do many[i] = i; names['k' .. i] = i end\n"
+         "  local a = tributary.custom_attributes({\n"
+         "    long = {s = long}, list = {x = many}, names = names,\n"
+         "    wide = {e = ('\\u{1F600}'):rep(5000)}, joined = {{s = long}, 'after'}})\n"
+         "  local got = {}\n"
+         "  for _, k in ipairs({'joined', 'list', 'long', 'names', 'wide'}) do\n"
+         "    got[#got + 1] = k .. '=' .. utf8.len(a[k]) .. ':' .. a[k]:sub(1, 3)\n"
+         "  end\n"
+         "  return false, table.concat(got, ' ')\n"
+         "end\n");
+    build();
+    unsigned long long cut = rule_count("attribute_truncated");
+    ck_assert_int_eq(map(ENVELOPE(EV("o-2")), INPUT_ENVELOPE), 0);
+    ck_assert_uint_eq(F.m.noutcomes, 1);
+    ck_assert_str_eq(F.m.outcomes[0].detail.p,
+                     "joined=4096:{\"s list=4096:{\"x long=4096:{\"s names=4096:{\"k "
+                     "wide=4096:{\"e");
+    ck_assert_uint_eq(rule_count("attribute_truncated") - cut, 5);
+}
+END_TEST
+
 /* props may be a weak table: the names of more than 100 attributes are held
  * while they are sorted, though the collector takes the entries meanwhile
  * (AddressSanitizer saw a use after free). */
@@ -2826,6 +2891,8 @@ static Suite *suite(void)
     tcase_add_test(tc, test_malformed_json_with_a_lone_surrogate_is_still_refused);
     tcase_add_test(tc, test_bytes_that_are_not_utf8_reach_the_output_as_the_replacement_character);
     tcase_add_test(tc, test_a_number_json_cannot_write_is_a_dropped_attribute_not_a_dead_event);
+    tcase_add_test(tc, test_an_object_json_cannot_write_whole_is_an_attribute_not_a_dead_event);
+    tcase_add_test(tc, test_an_object_too_large_to_write_is_cut_at_4096_characters);
     tcase_add_test(tc, test_a_dead_letter_keeps_the_event_as_received_when_its_bytes_are_not_found);
     tcase_add_test(tc, test_a_time_outside_what_milliseconds_can_hold_is_refused);
     tcase_add_test(tc, test_numbers_keep_their_value_and_whole_numbers_stay_integers);
