@@ -158,6 +158,12 @@ struct request {
     int probe;
     int64_t started_ns;        /* clock_mono_ns */
     unsigned char cred_fp[32]; /* the feed's cred_fp when it was sent */
+    /* the key and secret it was sent with: masked in its answer also when a
+     * reload has replaced them since (wiped when it is freed) */
+    struct {
+        char key[MPARTICLE_MAX_CREDENTIAL_CHARS + 1];
+        char secret[MPARTICLE_MAX_CREDENTIAL_CHARS + 1];
+    } sent_with;
 };
 
 /* A growing list of batch ids. */
@@ -1037,6 +1043,7 @@ static void request_free(struct request *r)
     curl_slist_free_all(r->headers);
     buf_free(&r->response);
     free(r->batches);
+    explicit_bzero(&r->sent_with, sizeof r->sent_with);
     free(r);
 }
 
@@ -1076,6 +1083,8 @@ static int start_request(struct sender *s, struct feed_state *f, struct pbatch *
     char auth[MPARTICLE_AUTH_MAX], header[MPARTICLE_AUTH_MAX + 32];
     if (mparticle_basic_auth(fc->key, fc->secret, auth, sizeof auth) != 0)
         goto fail; /* credentials over the configuration's limit cannot get here */
+    str_copy(r->sent_with.key, sizeof r->sent_with.key, fc->key ? fc->key : "");
+    str_copy(r->sent_with.secret, sizeof r->sent_with.secret, fc->secret ? fc->secret : "");
     snprintf(header, sizeof header, "Authorization: %s", auth);
     r->headers = curl_slist_append(r->headers, "Content-Type: application/json");
     r->headers = curl_slist_append(r->headers, header);
@@ -1468,23 +1477,27 @@ static int split_batch(struct sender *s, struct feed_state *f, struct pbatch *b)
     return rc;
 }
 
-/* What mParticle answered, fit for a log line and a dead letter: whatever
- * could be a credential masked (mparticle_mask_credentials, with every feed's),
- * bytes that are not UTF-8 replaced, at most ANSWER_EXCERPT bytes. */
+/* What mParticle answered r, fit for a log line and a dead letter: whatever
+ * could be a credential masked (mparticle_mask_credentials, with every feed's
+ * and those r was sent with), bytes that are not UTF-8 replaced, at most
+ * ANSWER_EXCERPT bytes. */
 #define ANSWER_EXCERPT 900
-static void answer_excerpt(const struct config *cfg, const buf *response, char *out, size_t outlen)
+static void answer_excerpt(const struct config *cfg, const struct request *r, char *out,
+                           size_t outlen)
 {
-    size_t n = response->data ? response->len : 0;
+    size_t n = r->response.data ? r->response.len : 0;
     if (n > outlen - 1)
         n = outlen - 1;
     if (n)
-        memcpy(out, response->data, n);
-    struct mparticle_credentials creds[FEED_COUNT];
+        memcpy(out, r->response.data, n);
+    struct mparticle_credentials creds[FEED_COUNT + 1];
     for (int i = 0; i < FEED_COUNT; i++) {
         creds[i].key = cfg->feeds[i].key;
         creds[i].secret = cfg->feeds[i].secret;
     }
-    mparticle_mask_credentials(out, n, creds, FEED_COUNT);
+    creds[FEED_COUNT].key = r->sent_with.key;
+    creds[FEED_COUNT].secret = r->sent_with.secret;
+    mparticle_mask_credentials(out, n, creds, FEED_COUNT + 1);
     out[utf8_sanitize(out, n, ANSWER_EXCERPT)] = '\0';
 }
 
@@ -1493,7 +1506,7 @@ static void dead_letter(struct sender *s, struct request *r, int status)
     struct feed_state *f = r->f;
     struct pbatch *b = r->batches[0];
     char msg[4096], detail[1024];
-    answer_excerpt(s->cfg, &r->response, msg, sizeof msg);
+    answer_excerpt(s->cfg, r, msg, sizeof msg);
     snprintf(detail, sizeof detail, "mParticle answered %d: %.*s", status, ANSWER_EXCERPT, msg);
     if (dead_batch(s, f, b, DEAD_REJECTED, detail) != 0) {
         retry_later(s, r, status, "cannot move the rejected batch to the dead-letter store");

@@ -308,6 +308,32 @@ class Delivery(ServiceTest):
         self.assertNotIn("old-secret", s.logs())
         self.assertNotIn(FEEDS["web"][1], s.logs())
 
+    def test_credentials_a_reload_replaced_are_masked_in_the_answer_to_a_request_sent_with_them(self):
+        # The README's rotation: reload with the new key, then revoke the old
+        # one. An answer that echoes the old key and secret, to a request sent
+        # before the reload, is masked with the credentials it was sent with.
+        old_key, old_secret = "old-key-rotated-away", "old-secret-rotated-away"
+        d = self.double(feeds={"unbound": (old_key, old_secret)})
+        released = threading.Event()
+        self.addCleanup(released.set)
+        d.fail(400, times=1, hold=released,
+               message="credentials %s / %s may not send this" % (old_key, old_secret))
+        conf = 'return { feeds = { unbound = { key = "%s", secret = "%s" } } }\n'
+        s = self.service(env=feed_env(d, feeds={}), config=conf % (old_key, old_secret))
+        self.assertEqual(s.post([event("users.messages.email.Send", user="a")]).status, 200)
+        self.wait(lambda: len(d.requests) >= 1, what="the request with the old credentials")
+        with open(s.config, "w") as f:
+            f.write(conf % ("new-key-in-force", "new-secret-in-force"))
+        s.proc.send_signal(signal.SIGHUP)
+        self.wait(lambda: "configuration and rules reloaded" in s.logs(), what="the reload")
+        released.set()
+        self.wait(lambda: s.metrics()['tributary_dead_letters_total{reason="rejected"}'] == 1,
+                  what="the dead letter")
+        shown = s.logs() + s.cli(["dlq", "list", "--json"]).stdout
+        self.assertIn("may not send this", shown)
+        for secret in (old_key, old_secret, "new-key-in-force", "new-secret-in-force"):
+            self.assertNotIn(secret, shown)
+
     def test_retry_after_is_honoured(self):
         d = self.double()
         d.fail(429, times=1, retry_after=2)
