@@ -100,6 +100,7 @@ struct pbatch {
 #define RATE_SLOTS 23
 struct bucket {
     double rate;               /* batches a second */
+    int64_t next_cut;          /* monotonic ms: the rate drops again from then (see slow_down) */
     int64_t slot;              /* the newest slot: monotonic ms / RATE_SLOT_MS */
     uint32_t sent[RATE_SLOTS]; /* batches sent in each of the last slots, a ring */
 };
@@ -1138,10 +1139,22 @@ fail:
     return -1;
 }
 
-/* A 429 or a high usage: the rate drops (to 1 batch/s at the least). */
-static void slow_down(struct bucket *b, double factor)
+/* A 429 or a high usage: the rate drops by factor, once in RATE_CUT_MS, to
+ * RATE_FLOOR of its limit at the least. The answers to the requests in flight
+ * together (8 per feed) tell of the same moment of the account: each cutting
+ * the rate took it to 1 batch/s within a second of usage at 90%, where it
+ * stayed for as long as mParticle's usage did, with that of every other
+ * source of the account. */
+#define RATE_CUT_MS 1000
+#define RATE_FLOOR 0.1
+static int slow_down(struct bucket *b, double factor, double limit, int64_t now)
 {
-    b->rate = b->rate * factor > 1 ? b->rate * factor : 1;
+    double floor = limit * RATE_FLOOR > 1 ? limit * RATE_FLOOR : 1;
+    if (now < b->next_cut || b->rate <= floor)
+        return 0;
+    b->next_cut = now + RATE_CUT_MS;
+    b->rate = b->rate * factor > floor ? b->rate * factor : floor;
+    return 1;
 }
 
 /* A delivery: the rate recovers gently towards its limit. */
@@ -1277,10 +1290,10 @@ static void on_delivered(struct sender *s, struct request *r)
     }
     recover(&s->account, (double)s->cfg->mparticle_rate_limit);
     if (r->rate_usage >= RATE_USAGE_HIGH) {
-        slow_down(&f->rate, 0.8);
-        log_info("mParticle rate limit usage high; slowing down",
-                 LOG_S("feed", FEED_NAMES[f->feed]) LOG_I("usage_percent", r->rate_usage)
-                     LOG_I("batches_per_s", (long long)f->rate.rate));
+        if (slow_down(&f->rate, 0.8, (double)s->cfg->feeds[f->feed].rate_limit, clock_mono_ms()))
+            log_info("mParticle rate limit usage high; slowing down",
+                     LOG_S("feed", FEED_NAMES[f->feed]) LOG_I("usage_percent", r->rate_usage)
+                         LOG_I("batches_per_s", (long long)f->rate.rate));
     } else {
         recover(&f->rate, (double)s->cfg->feeds[f->feed].rate_limit);
     }
@@ -1411,8 +1424,11 @@ static void on_rate_limited(struct sender *s, struct request *r)
     for (size_t i = 0; i < ARRAY_LEN(own); i++)
         account &= strcasecmp(r->rate_exceeded, own[i]) != 0;
     struct bucket *b = account ? &s->account : &f->rate;
-    slow_down(b, 0.5);
-    spend(b, available(b, clock_mono_ms())); /* nothing more this second */
+    int64_t now = clock_mono_ms();
+    (void)slow_down(
+        b, 0.5,
+        (double)(account ? s->cfg->mparticle_rate_limit : s->cfg->feeds[f->feed].rate_limit), now);
+    spend(b, available(b, now)); /* nothing more this second */
     int64_t wait_s =
         mparticle_retry_after(r->retry_after[0] ? r->retry_after : NULL, clock_wall_ms() / 1000,
                               RETRY_AFTER_MIN_S, RETRY_AFTER_MAX_S);
@@ -1423,7 +1439,6 @@ static void on_rate_limited(struct sender *s, struct request *r)
         count_failure(f, r);
         delay = backoff_ms(s, f->failures);
     }
-    int64_t now = clock_mono_ms();
     hold_until(f, now + delay);
     if (account && now + delay > s->account_not_before)
         s->account_not_before = now + delay;

@@ -1215,6 +1215,28 @@ class Delivery(ServiceTest):
         self.assertTrue(d.wait_for_events(1, 10 * SLOW))
         self.wait(lambda: "slowing down" in s.logs(), what="slow down log")
 
+    def test_high_usage_slows_the_feed_once_a_second_not_per_answer(self):
+        # Usage of 90% or more on every answer, as when the account's other
+        # sources keep it there: each answer cut the rate by a fifth, and 40
+        # answers within two seconds left 1 batch/s for as long as it lasted.
+        d = self.double()
+        d.rate_limit_percentage = 95
+        s = self.service(env=feed_env(d, TRIBUTARY_BATCH_LINGER_MS=10,
+                                      TRIBUTARY_FEEDS_UNBOUND_RATE_LIMIT=100))
+        started = time.monotonic()
+        for i in range(40):
+            s.post([event("users.messages.email.Send", user="w%d" % i)])
+            time.sleep(0.05)
+        self.assertTrue(d.wait_for_events(40, 10 * SLOW))
+        s.post([event("users.messages.email.Send", user="u%d" % i) for i in range(100)])
+        self.assertTrue(d.wait_for_events(140, 10 * SLOW),
+                        "delivered %d of 140" % d.event_count())
+        elapsed = time.monotonic() - started
+        rates = [int(m) for m in re.findall(r"slowing down.*batches_per_s=(\d+)", s.logs())]
+        self.assertTrue(rates, "never slowed down")
+        self.assertLessEqual(len(rates), elapsed + 1, rates)
+        self.assertGreaterEqual(min(rates), 10, rates)  # a tenth of the limit at the least
+
     def test_dlq_show_purge_and_json_forms(self):
         rules = self.rules_dir({"20-fail.lua": "return function(e) error('nope') end\n"})
         s = self.service(rules_dir=rules)
