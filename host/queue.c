@@ -208,6 +208,7 @@ enum stmt_id {
     S_DELETE_DONE,
     S_FEED_STATE_SET,
     S_FEED_STATE_CLEAR,
+    S_FEED_STATE_GET,
     S_DELETE_DEAD,
     S_SET_LINE,
     S_SET_CLAIMED,
@@ -232,6 +233,7 @@ static const char *const STMTS[S_COUNT] = {
                          "since_ms = CASE WHEN feed_state.reason = excluded.reason "
                          "THEN feed_state.since_ms ELSE excluded.since_ms END",
     [S_FEED_STATE_CLEAR] = "DELETE FROM feed_state WHERE feed = ?1",
+    [S_FEED_STATE_GET] = "SELECT reason FROM feed_state WHERE feed = ?1",
     [S_DELETE_DEAD] = "DELETE FROM dead WHERE id = ?1",
     [S_SET_LINE] = "INSERT INTO settled(feed, below, claimed) VALUES(?1, ?2, 0) "
                    "ON CONFLICT(feed) DO UPDATE SET below = max(below, excluded.below)",
@@ -1063,6 +1065,21 @@ static enum queue_status apply_batches(queue *q, struct op *op, int64_t now)
     return QUEUE_OK;
 }
 
+/* The detail of feed f's events that expired unclaimed: why, when the feed is
+ * paused (no credentials, or refused ones). */
+static void expired_detail(queue *q, int f, char *out, size_t size)
+{
+    str_copy(out, size, "not delivered within retry.max_age_s");
+    sqlite3_stmt *s = q->st[S_FEED_STATE_GET];
+    sqlite3_bind_int(s, 1, f);
+    if (sqlite3_step(s) == SQLITE_ROW && sqlite3_column_text(s, 0)) {
+        size_t n = strlen(out);
+        snprintf(out + n, size - n, "; the feed is paused: %s",
+                 (const char *)sqlite3_column_text(s, 0));
+    }
+    sqlite3_reset(s);
+}
+
 static enum queue_status apply_expire(queue *q, struct op *op, int64_t now)
 {
     /* only unclaimed records: those in batches belong to the sender, and the
@@ -1073,9 +1090,11 @@ static enum queue_status apply_expire(queue *q, struct op *op, int64_t now)
     if (!ids)
         goto done;
     op->u.batches.reason = DEAD_MAX_AGE;
-    op->u.batches.detail = "not delivered within retry.max_age_s";
+    char detail[256];
+    op->u.batches.detail = detail;
     size_t moved = 0;
     for (int f = 0; f < FEED_COUNT && moved < EXPIRE_SLICE; f++) {
+        expired_detail(q, f, detail, sizeof detail);
         /* Records are stamped when stored and ids ascend, so the expired ones
          * come first: the scan stops at the first one young enough (a WHERE on
          * received_ms would read a whole backlog when none has expired). */
@@ -1104,6 +1123,7 @@ static enum queue_status apply_expire(queue *q, struct op *op, int64_t now)
     *op->u.expire.moved = moved;
     st = QUEUE_OK;
 done:
+    op->u.batches.detail = NULL; /* detail is this function's */
     sqlite3_finalize(s);
     free(ids);
     return st;

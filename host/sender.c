@@ -1332,6 +1332,26 @@ static void halve_limit(struct pbatch *b, size_t n)
         b->limit = half;
 }
 
+/* A request with b that mParticle did not accept (status 0: no answer), for
+ * the detail of its dead letter (see describe_failures). */
+static void count_answer(struct pbatch *b, int status, const char *why, int64_t now)
+{
+    b->failed.count++;
+    b->failed.last_ms = now;
+    b->failed.last_status = status;
+    b->failed.last_error = why;
+}
+
+/* The same for every batch of r: an answer about the feed (401, 403, 429),
+ * not about its batches, counted all the same, so that the dead letters of a
+ * feed refused until retry.max_age_s say why. */
+static void count_answers(struct request *r, int status, const char *why)
+{
+    int64_t now = clock_mono_ms();
+    for (size_t i = 0; i < r->n; i++)
+        count_answer(r->batches[i], status, why, now);
+}
+
 /* mParticle failed request r (status 0: no answer). Its batches go on in
  * halves, as after a 400, once they failed twice or while the feed works
  * (mParticle accepted a batch of it since the batch's previous failure, or
@@ -1356,10 +1376,7 @@ static void note_failures(struct feed_state *f, struct request *r, int status, c
             b->failed.since_ms = 0;
         if (works || b->failed.count >= 1)
             halve_limit(b, r->n);
-        b->failed.count++;
-        b->failed.last_ms = now;
-        b->failed.last_status = status;
-        b->failed.last_error = why;
+        count_answer(b, status, why, now);
     }
 }
 
@@ -1414,6 +1431,7 @@ static void on_unexpected(struct sender *s, struct request *r, int status)
 static void on_rate_limited(struct sender *s, struct request *r)
 {
     struct feed_state *f = r->f;
+    count_answers(r, 429, "rate limited");
     release(r);
     metrics_retry(f->feed);
     /* a limit of the feed's own key (`feed`, `app`) holds that feed back; any
@@ -1464,6 +1482,7 @@ static void on_auth_refused(struct sender *s, struct request *r, int status)
                  LOG_S("feed", FEED_NAMES[f->feed]) LOG_I("status", status));
         return;
     }
+    count_answers(r, status, "credentials refused");
     f->probe_at = clock_mono_ms() + s->cfg->retry_pause_ms;
     char reason[128];
     snprintf(reason, sizeof reason, "mParticle answered %d: credentials missing or invalid",

@@ -203,6 +203,23 @@ class Delivery(ServiceTest):
         # nothing else was delivered: no `failing` however long it failed
         self.assertEqual(s.metrics()['tributary_dead_letters_total{reason="failing"}'], 0)
 
+    def test_a_batch_past_max_age_says_its_feed_was_refused_or_rate_limited(self):
+        # the usual way to max_age: a feed paused by 401 or 403 for days
+        for status, says, extra in ((401, "credentials refused", {}),
+                                    (429, "rate limited", {"retry_after": 1})):
+            with self.subTest(status=status):
+                d = self.double()
+                d.fail(status, feed="unbound", **extra)
+                s = self.service(env=feed_env(d, TRIBUTARY_RETRY_MAX_AGE_S=4))
+                self.assertEqual(s.post([event("users.messages.email.Send", user="a")]).status,
+                                 200)
+                self.wait(lambda: s.metrics().get(
+                    'tributary_dead_letters_total{reason="max_age"}', 0) == 1,
+                    timeout=30, what="the batch expired")
+                detail = json.loads(s.cli(["dlq", "list", "--json"]).stdout)[0]["detail"]
+                self.assertRegex(detail, r"not delivered within retry.max_age_s; \d+ failed "
+                                         r"requests, the last answered %d \(%s\)" % (status, says))
+
     def test_a_users_events_from_two_devices_go_in_two_batches(self):
         """One batch held both: it went out with the last event's device_info, so a push
         sent to one device was credited to the other."""
@@ -752,6 +769,9 @@ class Delivery(ServiceTest):
                   what="max_age dead letters")
         self.assertEqual(s.queued_ids(), [])
         self.assertEqual(d.event_count(), 0)
+        details = {x["detail"] for x in json.loads(s.cli(["dlq", "list", "--json"]).stdout)}
+        self.assertEqual(details, {"not delivered within retry.max_age_s; the feed is paused: "
+                                   "no credentials configured"})
         s.stop()
         # credentials arrive; the operator requeues the expired events
         s2 = self.service(env=feed_env(d, TRIBUTARY_RETRY_MAX_AGE_S=3600), workdir=s.dir)
