@@ -51,8 +51,9 @@
 #define REQUEST_TIMEOUT_MS 60000
 /* A rate-limit usage at or above this makes the feed slow down. */
 #define RATE_USAGE_HIGH 90
-/* A feed that delivered nothing for this long is down (an outage): the
- * failures of a batch then say nothing of its content (see note_failures). */
+/* A feed whose endpoint delivered nothing for this long is down there (an
+ * outage): the failures of a batch then say nothing of its content (see
+ * note_failures). */
 #define FEED_STALLED_MS 60000
 
 /* A persisted batch, waiting or in flight. */
@@ -98,6 +99,25 @@ struct pbatch {
  * after a quiet spell. */
 #define RATE_SLOT_MS 50
 #define RATE_SLOTS 23
+/* Which of mParticle's endpoints a batch goes to (see class_of); EP_MIXED: a
+ * batch of both, split before it is sent. */
+enum endpoint { EP_REALTIME, EP_HISTORICAL, EP_MIXED };
+/* The endpoints a request goes to, and their names in the log. */
+#define EP_ENDPOINTS 2
+static const char *const ENDPOINT_NAMES[EP_ENDPOINTS] = {"realtime", "historical"};
+
+/* How one endpoint has answered a feed lately. Each has its own: an outage of
+ * the historical one, while the other accepts, neither holds back the feed's
+ * recent events nor makes its old ones fail "while the feed works" (see
+ * note_failures), and its backoff grows as any outage's. */
+struct endpoint_state {
+    int failures;         /* consecutive failed rounds (see count_failure) */
+    int64_t failed_ns;    /* when the last failure was counted, clock_mono_ns: whether a
+                           * request started before it must hold within a millisecond */
+    int64_t delivered_ms; /* the last delivery, monotonic */
+    int64_t not_before;   /* backoff or Retry-After, monotonic ms */
+};
+
 struct bucket {
     double rate;               /* batches a second */
     int64_t next_cut;          /* monotonic ms: the rate drops again from then (see slow_down) */
@@ -120,14 +140,10 @@ struct feed_state {
     unsigned char cred_fp[32]; /* fingerprint of key, secret and url */
     int64_t persist_logged_ms; /* see log_due */
     int has_fp;
-    int failures;         /* consecutive failed rounds (see count_failure) */
-    int64_t failed_ns;    /* when the last failure was counted, clock_mono_ns: whether a
-                           * request started before it must hold within a millisecond */
-    int unexpected;       /* answers outside the API's contract since the last delivery */
-    int64_t delivered_ms; /* the last delivery, monotonic */
-    int64_t not_before;   /* backoff or Retry-After, monotonic ms */
-    struct bucket rate;   /* the feed's own, lowered on 429s and high usage */
-    int64_t next_claim;   /* monotonic ms */
+    struct endpoint_state ep[EP_ENDPOINTS];
+    int unexpected;     /* answers outside the API's contract since the last delivery */
+    struct bucket rate; /* the feed's own, lowered on 429s and high usage */
+    int64_t next_claim; /* monotonic ms */
     /* held without credentials: its events are mapped again after each
      * change of configuration or rules, and those now routed to another feed
      * move there (reroute) */
@@ -157,6 +173,7 @@ struct request {
     char rate_exceeded[32]; /* X-mp-rate-limit-exceeded: which limit a 429 is for */
     int rate_usage;
     int probe;
+    enum endpoint ep;
     int64_t started_ns;        /* clock_mono_ns */
     unsigned char cred_fp[32]; /* the feed's cred_fp when it was sent */
     /* the key and secret it was sent with: masked in its answer also when a
@@ -350,7 +367,6 @@ static int64_t smallest_id(const int64_t *ids, size_t n)
  * that one waiting in a batch (retries, a pause) or a clock a little off does
  * not carry it past the line on the real-time endpoint. */
 #define HISTORICAL_AFTER_MS (MPARTICLE_HISTORICAL_AGE_MS - 86400LL * 1000)
-enum endpoint { EP_REALTIME, EP_HISTORICAL, EP_MIXED };
 
 static int event_historical(int64_t t, int64_t now_ms)
 {
@@ -1078,9 +1094,9 @@ static int start_request(struct sender *s, struct feed_state *f, struct pbatch *
     size_t bl = strlen(base);
     while (bl && base[bl - 1] == '/')
         bl--;
-    int historical = class_of(batches[0], clock_wall_ms()) == EP_HISTORICAL;
+    r->ep = class_of(batches[0], clock_wall_ms());
     snprintf(url, sizeof url, "%.*s%s", (int)bl, base,
-             historical ? MPARTICLE_HISTORICAL_PATH : MPARTICLE_BULK_PATH);
+             r->ep == EP_HISTORICAL ? MPARTICLE_HISTORICAL_PATH : MPARTICLE_BULK_PATH);
     char auth[MPARTICLE_AUTH_MAX], header[MPARTICLE_AUTH_MAX + 32];
     if (mparticle_basic_auth(fc->key, fc->secret, auth, sizeof auth) != 0)
         goto fail; /* credentials over the configuration's limit cannot get here */
@@ -1195,14 +1211,15 @@ static void dispatch(struct sender *s, struct feed_state *f, int64_t now)
     if (f->pause == PAUSE_AUTH) {
         /* one batch, alone, to learn whether the credentials work again (after any
          * backoff or Retry-After that the last probe earned) */
-        if (f->probing || now < f->probe_at || now < f->not_before || now < s->account_not_before ||
+        if (f->probing || now < f->probe_at || now < s->account_not_before ||
             available(&f->rate, now) < 1 || available(&s->account, now) < 1)
             return;
         /* the batch that failed least: one that fails whatever the
          * credentials (a 5xx) would keep the feed paused */
         struct pbatch *probe = NULL;
         for (struct pbatch *b = f->head; b && !(probe && probe->failed.count == 0); b = b->next) {
-            if (!b->in_flight && class_of(b, wall) != EP_MIXED &&
+            enum endpoint ep = class_of(b, wall);
+            if (!b->in_flight && ep != EP_MIXED && now >= f->ep[ep].not_before &&
                 (!probe || b->failed.count < probe->failed.count))
                 probe = b;
         }
@@ -1213,7 +1230,7 @@ static void dispatch(struct sender *s, struct feed_state *f, int64_t now)
         }
         return;
     }
-    if (now < f->not_before || now < s->account_not_before)
+    if (now < s->account_not_before)
         return;
     struct pbatch *pick[MPARTICLE_MAX_BATCHES_PER_REQUEST];
     for (;;) {
@@ -1232,7 +1249,8 @@ static void dispatch(struct sender *s, struct feed_state *f, int64_t now)
         for (struct pbatch *b = f->head; b; b = b->next) {
             /* one endpoint per request; a batch for both waits to be split */
             enum endpoint ep = class_of(b, wall);
-            if (b->in_flight || ep == EP_MIXED || (n > 0 && ep != first))
+            if (b->in_flight || ep == EP_MIXED || (n > 0 && ep != first) ||
+                now < f->ep[ep].not_before)
                 continue;
             first = ep;
             size_t c = cap < (size_t)b->limit ? cap : (size_t)b->limit;
@@ -1278,11 +1296,13 @@ static void on_delivered(struct sender *s, struct request *r)
         log_error("cannot delete delivered batches; they are sent again after a restart",
                   LOG_S("feed", FEED_NAMES[f->feed]));
     metrics_delivered(f->feed, r->events);
-    f->delivered_ms = clock_mono_ms();
-    if (f->failures > 0)
+    struct endpoint_state *e = &f->ep[r->ep];
+    e->delivered_ms = clock_mono_ms();
+    if (e->failures > 0)
         log_info("mParticle accepts again",
-                 LOG_S("feed", FEED_NAMES[f->feed]) LOG_I("failures", f->failures));
-    f->failures = 0;
+                 LOG_S("feed", FEED_NAMES[f->feed]) LOG_S("endpoint", ENDPOINT_NAMES[r->ep])
+                     LOG_I("failures", e->failures));
+    e->failures = 0;
     f->unexpected = 0;
     if (r->probe) {
         log_info("feed credentials accepted; feed resumed", LOG_S("feed", FEED_NAMES[f->feed]));
@@ -1305,21 +1325,21 @@ static void on_delivered(struct sender *s, struct request *r)
  * that started before the last counted failure is part of that round and not
  * counted again, also when its answer comes after a success has ended the
  * round. Returns 1 when this one was counted. */
-static int count_failure(struct feed_state *f, const struct request *r)
+static int count_failure(struct endpoint_state *e, const struct request *r)
 {
-    if (r->started_ns < f->failed_ns)
+    if (r->started_ns < e->failed_ns)
         return 0;
-    f->failures++;
-    f->failed_ns = clock_mono_ns();
+    e->failures++;
+    e->failed_ns = clock_mono_ns();
     return 1;
 }
 
-/* Holds the feed until at least `at` (monotonic ms): a wait already set, such
- * as a 429's Retry-After, is never cut short by a shorter one. */
-static void hold_until(struct feed_state *f, int64_t at)
+/* Holds the endpoint until at least `at` (monotonic ms): a wait already set,
+ * such as a 429's Retry-After, is never cut short by a shorter one. */
+static void hold_until(struct endpoint_state *e, int64_t at)
 {
-    if (at > f->not_before)
-        f->not_before = at;
+    if (at > e->not_before)
+        e->not_before = at;
 }
 
 /* Batch b, refused or failed in a request of n batches, goes on in requests of
@@ -1354,25 +1374,26 @@ static void count_answers(struct request *r, int status, const char *why)
 
 /* mParticle failed request r (status 0: no answer). Its batches go on in
  * halves, as after a 400, once they failed twice or while the feed works
- * (mParticle accepted a batch of it since the batch's previous failure, or
- * since the request started): a batch that mParticle fails for its content
+ * (mParticle accepted a batch of it at the same endpoint since the batch's
+ * previous failure, or since the request started): a batch that mParticle fails for its content
  * ends up alone and holds back no other. The same neighbours went with it at
  * every try until retry.max_age_s, and with the feed held back after each
  * failure, so did every new batch of a quiet feed. In an outage this only
  * makes requests smaller for a while. A batch alone that mParticle fails, each
  * time while the feed works, for retry.failing_s is a dead letter (see
- * failing); once the feed delivered nothing for FEED_STALLED_MS, its time of
- * failing starts over. */
+ * failing); once the feed delivered nothing at that endpoint for
+ * FEED_STALLED_MS, its time of failing starts over. */
 static void note_failures(struct feed_state *f, struct request *r, int status, const char *why)
 {
     int64_t now = clock_mono_ms(), started = r->started_ns / 1000000;
+    const struct endpoint_state *e = &f->ep[r->ep];
     for (size_t i = 0; i < r->n; i++) {
         struct pbatch *b = r->batches[i];
         int64_t since = b->failed.last_ms > 0 ? b->failed.last_ms : started;
-        int works = f->delivered_ms >= since; /* answers of one turn can share a ms */
+        int works = e->delivered_ms >= since; /* answers of one turn can share a ms */
         if (works && b->failed.since_ms == 0)
             b->failed.since_ms = now;
-        else if (!works && now - f->delivered_ms > FEED_STALLED_MS)
+        else if (!works && now - e->delivered_ms > FEED_STALLED_MS)
             b->failed.since_ms = 0;
         if (works || b->failed.count >= 1)
             halve_limit(b, r->n);
@@ -1385,24 +1406,27 @@ static void note_failures(struct feed_state *f, struct request *r, int status, c
 static int back_off(struct sender *s, struct request *r)
 {
     struct feed_state *f = r->f;
+    struct endpoint_state *e = &f->ep[r->ep];
     release(r);
-    int counted = count_failure(f, r);
+    int counted = count_failure(e, r);
     metrics_retry(f->feed);
     /* a late answer of a round a success has ended since holds nothing back */
-    if (counted || f->failures > 0)
-        hold_until(f, clock_mono_ms() + backoff_ms(s, f->failures));
+    if (counted || e->failures > 0)
+        hold_until(e, clock_mono_ms() + backoff_ms(s, e->failures));
     return counted;
 }
 
 static void retry_later(struct sender *s, struct request *r, int status, const char *why)
 {
     struct feed_state *f = r->f;
+    const struct endpoint_state *e = &f->ep[r->ep];
     int counted = back_off(s, r);
-    int64_t wait = f->not_before - clock_mono_ms();
-    if (counted && (f->failures == 1 || f->failures % 10 == 0))
+    int64_t wait = e->not_before - clock_mono_ms();
+    if (counted && (e->failures == 1 || e->failures % 10 == 0))
         log_warn("mParticle request failed; backing off",
-                 LOG_S("feed", FEED_NAMES[f->feed]) LOG_I("status", status) LOG_S("error", why)
-                     LOG_I("failures", f->failures) LOG_I("retry_in_ms", wait));
+                 LOG_S("feed", FEED_NAMES[f->feed]) LOG_S("endpoint", ENDPOINT_NAMES[r->ep])
+                     LOG_I("status", status) LOG_S("error", why) LOG_I("failures", e->failures)
+                         LOG_I("retry_in_ms", wait));
 }
 
 /* A status outside the API's contract did not come from mParticle's Events API
@@ -1416,7 +1440,7 @@ static void on_unexpected(struct sender *s, struct request *r, int status)
     struct feed_state *f = r->f;
     note_failures(f, r, status, "unexpected answer");
     back_off(s, r);
-    int64_t wait = f->not_before - clock_mono_ms();
+    int64_t wait = f->ep[r->ep].not_before - clock_mono_ms();
     f->unexpected++;
     if (f->unexpected == 1 || f->unexpected % 10 == 0)
         log_error("unexpected answer from mParticle; the batches are kept and sent again after "
@@ -1454,16 +1478,18 @@ static void on_rate_limited(struct sender *s, struct request *r)
     if (wait_s >= 0) {
         delay = wait_s * 1000;
     } else {
-        count_failure(f, r);
-        delay = backoff_ms(s, f->failures);
+        count_failure(&f->ep[r->ep], r);
+        delay = backoff_ms(s, f->ep[r->ep].failures);
     }
-    hold_until(f, now + delay);
+    /* the rate is the feed's (or the account's), whichever endpoint */
+    for (int i = 0; i < EP_ENDPOINTS; i++)
+        hold_until(&f->ep[i], now + delay);
     if (account && now + delay > s->account_not_before)
         s->account_not_before = now + delay;
     log_warn("mParticle rate limit reached (429); waiting",
              LOG_S("feed", FEED_NAMES[f->feed])
                  LOG_S("limit", r->rate_exceeded[0] ? r->rate_exceeded : "unknown")
-                     LOG_I("retry_in_ms", f->not_before - now)
+                     LOG_I("retry_in_ms", f->ep[r->ep].not_before - now)
                          LOG_I("batches_per_s", (long long)b->rate));
 }
 
@@ -2017,8 +2043,10 @@ static void *sender_main(void *arg)
         for (int i = 0; i < FEED_COUNT && !stopping; i++) {
             struct feed_state *f = &s->feeds[(s->turn + i) % FEED_COUNT];
             dispatch(s, f, at);
-            if (f->not_before > at && f->not_before < wake)
-                wake = f->not_before;
+            for (int e = 0; e < EP_ENDPOINTS; e++) {
+                if (f->ep[e].not_before > at && f->ep[e].not_before < wake)
+                    wake = f->ep[e].not_before;
+            }
             if (s->account_not_before > at && s->account_not_before < wake)
                 wake = s->account_not_before;
         }

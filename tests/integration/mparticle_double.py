@@ -421,8 +421,9 @@ class MParticleDouble:
     # ---- fault injection -------------------------------------------------------------------
 
     def fail(self, status, feed=None, times=None, retry_after=None, rate_limit_exceeded=None, message=None,
-             hold=None):
-        """The next `times` requests (None: until cleared) of `feed` (None: any) get `status`.
+             hold=None, path=None):
+        """The next `times` requests (None: until cleared) of `feed` (None: any) to `path` (None:
+        either endpoint) get `status`.
 
         401/403 replace the auth result (they also hit requests without valid credentials when
         feed is None); other statuses are consumed only by requests that passed auth. For 429,
@@ -435,7 +436,7 @@ class MParticleDouble:
         with self._lock:
             self._faults.append(_Fault("fail", feed, times, status=int(status), retry_after=retry_after,
                                        rate_limit_exceeded=rate_limit_exceeded, message=message,
-                                       hold=hold))
+                                       hold=hold, path=path))
 
     def slow(self, seconds, times=None, feed=None):
         """Delays the answers of the next `times` authenticated requests by `seconds` (the
@@ -621,7 +622,8 @@ class MParticleDouble:
         feed, auth_status = self._authenticate(h.headers)
         rec["feed"] = feed
         with self._lock:
-            auth_fault = self._take_fault(("fail",), feed, lambda f: f.params["status"] in (401, 403))
+            auth_fault = self._take_fault(("fail",), feed, lambda f: f.params["status"] in (401, 403)
+                                          and f.params["path"] in (None, path))
         if auth_fault is not None:
             self._hold(auth_fault)
             st = auth_fault.params["status"]
@@ -640,7 +642,8 @@ class MParticleDouble:
             slow = self._take_fault(("slow",), feed)
             drop = self._take_fault(("drop",), feed)
             fail = None if drop is not None else self._take_fault(
-                ("fail",), feed, lambda f: f.params["status"] not in (401, 403))
+                ("fail",), feed, lambda f: f.params["status"] not in (401, 403)
+                and f.params["path"] in (None, path))
         delay = slow.params["seconds"] if slow is not None else 0.0
 
         if drop is not None and not drop.params["after_processing"]:

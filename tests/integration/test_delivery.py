@@ -940,6 +940,38 @@ class Delivery(ServiceTest):
                                  recent[0]["id"]: "/v2/bulkevents",
                                  recent[1]["id"]: "/v2/bulkevents"})
 
+    def test_an_outage_of_the_historical_endpoint_alone_is_an_outage_not_failing_batches(self):
+        # Old events (requeued dead letters, say) meet a historical endpoint
+        # that answers 503 while the real-time one accepts the feed's recent
+        # events: that endpoint is down, and its batches are not "failing
+        # while the feed works" (they became dead letters after
+        # retry.failing_s), nor are recent events held back by its backoff.
+        d = self.double()
+        d.fail(503, path="/v2/bulkevents/historical")
+        s = self.service(env=feed_env(d, TRIBUTARY_RETRY_FAILING_S=2,
+                                      TRIBUTARY_RETRY_MAX_MS=1000))
+        now = int(time.time())
+        old = [event("users.messages.email.Send", user="h%d" % i, time_s=now - 40 * 86400)
+               for i in range(4)]
+        self.assertEqual(s.post(old).status, 200)
+        recent = []
+        for k in range(16):
+            recent.append(event("users.messages.email.Send", user="r%d" % k))
+            self.assertEqual(s.post(recent[-1:]).status, 200)
+            self.assertTrue(d.wait_for_events(len(recent), 2 * SLOW),
+                            "recent event %d held back" % k)
+            time.sleep(0.25)
+        self.assertEqual(s.metrics()['tributary_dead_letters_total{reason="failing"}'], 0)
+        historical = [r for r in d.requests if r["path"].endswith("/historical")]
+        self.assertTrue(historical)
+        # its backoff grew as in any outage (1 s at most here), not reset by
+        # the real-time endpoint's 202s to retry.base_ms (50 ms)
+        gaps = [b["time"] - a["time"] for a, b in zip(historical, historical[1:])]
+        self.assertGreater(max(gaps), 0.3, gaps)
+        d.clear_faults()
+        self.assertTrue(d.wait_for_events(20, 10 * SLOW), "delivered %d of 20" % d.event_count())
+        self.assertEqual(sorted(d.source_message_ids()), sorted(e["id"] for e in old + recent))
+
     def test_a_batch_whose_event_turns_historical_while_it_waits_is_split(self):
         d = self.double()
         d.fail(503)
