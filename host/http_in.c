@@ -264,10 +264,27 @@ static enum MHD_Result refuse_busy(struct MHD_Connection *c, struct req *r)
     return reply_json(c, r, 503, "{\"error\":\"busy\"}", RETRY_AFTER_BUSY);
 }
 
+/* A 413 makes Braze split the batch and send it again: said now and then, so
+ * that a producer that keeps sending bodies too large for the limit shows in
+ * the log, with the length it declared (Content-Length; none when chunked). */
 static enum MHD_Result refuse_too_large(const http_in *h, struct MHD_Connection *c, struct req *r)
 {
+    static _Atomic int64_t logged_ms;
+    size_t limit = body_limit(h, r);
+    if (log_due_shared(&logged_ms)) {
+        const char *cl =
+            MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
+        int64_t len = 0;
+        if (cl && parse_int64(cl, 0, INT64_MAX, &len) == 0)
+            log_warn("request refused: body too large; answered 413",
+                     LOG_S("client", r->client) LOG_I("limit_bytes", limit)
+                         LOG_I("content_length", len));
+        else
+            log_warn("request refused: body too large; answered 413",
+                     LOG_S("client", r->client) LOG_I("limit_bytes", limit));
+    }
     char msg[128];
-    snprintf(msg, sizeof msg, "{\"error\":\"body larger than %zu bytes\"}", body_limit(h, r));
+    snprintf(msg, sizeof msg, "{\"error\":\"body larger than %zu bytes\"}", limit);
     return reply_json(c, r, 413, msg, 0);
 }
 

@@ -937,6 +937,26 @@ class BodyBounds(ServiceTest):
         self.assertIn("2048", r.json()["error"])
         self.assertEqual(s.queued_ids(), [])
 
+    def test_a_body_over_max_body_bytes_is_a_warning_naming_client_limit_and_length(self):
+        s = self.service(env=self.LIMIT)
+        body, _ = envelope_of_size(2049)
+        self.assertEqual(s.post(body=body).status, 413)
+        lines = [l for l in s.logs().splitlines() if "body too large" in l]
+        self.assertEqual(len(lines), 1, s.logs()[-2000:])
+        self.assertRegex(lines[0], r'level=warn msg="request refused: body too large; answered '
+                                   r'413" request_id=\S+ client=127\.0\.0\.1 limit_bytes=2048 '
+                                   r'content_length=2049$')
+        self.assertNotIn(TOKEN, lines[0])
+
+    def test_a_chunked_body_over_max_body_bytes_is_a_warning_without_a_length(self):
+        s = self.service(env=self.LIMIT)
+        body, _ = envelope_of_size(2049)
+        self.assertEqual(post_chunked(s.port, body)[0], 413)
+        lines = [l for l in s.logs().splitlines() if "body too large" in l]
+        self.assertEqual(len(lines), 1, s.logs()[-2000:])
+        self.assertRegex(lines[0], r'level=warn msg="request refused: body too large; answered '
+                                   r'413" request_id=\S+ client=127\.0\.0\.1 limit_bytes=2048$')
+
     def test_a_chunked_body_of_exactly_max_body_bytes_is_accepted(self):
         s = self.service(env=self.LIMIT)
         body, e = envelope_of_size(2048)
