@@ -32,12 +32,20 @@
     "SECURE128:-VERS-ALL:+VERS-TLS1.3:+VERS-TLS1.2:-CIPHER-ALL:+AES-128-GCM:+AES-256-GCM:"         \
     "+CHACHA20-POLY1305:-KX-ALL:+ECDHE-ECDSA:+ECDHE-RSA:%SERVER_PRECEDENCE"
 
-/* One TCP connection, for the request-time watchdog. */
+/* One TCP connection, for the request-time watchdog. What it knows of the
+ * current request is for the line it writes when it cuts one off. */
 struct conn {
     struct conn *next, *prev;
     int fd;           /* a dup() of the socket: ours until the connection closes */
     int64_t deadline; /* monotonic ms by which the current request must have arrived; 0: none */
     int cut;          /* shut down by the watchdog */
+    char peer[INET6_ADDRSTRLEN];
+    /* the current request's, under conns_mu: its client (the peer until its
+     * headers name another, see client_address), its path once its request
+     * line came (NULL before), its id once its headers came ("" before) */
+    char client[INET6_ADDRSTRLEN];
+    const char *path;
+    char id[40];
 };
 
 struct http_in {
@@ -72,6 +80,12 @@ struct http_in {
 };
 
 enum route { R_NONE, R_CURRENTS, R_HEALTHZ, R_READYZ, R_METRICS, R_ADMIN_RELOAD };
+
+/* How the log names a route: only paths the service serves, never the text a
+ * client sent. */
+static const char *const ROUTE_PATHS[] = {
+    [R_NONE] = "other",     [R_CURRENTS] = "/currents", [R_HEALTHZ] = "/healthz",
+    [R_READYZ] = "/readyz", [R_METRICS] = "/metrics",   [R_ADMIN_RELOAD] = "/admin/reload"};
 
 /* One request in progress. */
 struct req {
@@ -192,13 +206,10 @@ static enum MHD_Result reply(struct MHD_Connection *c, struct req *r, int status
     if (r->route == R_CURRENTS)
         metrics_inbound(status, elapsed(&r->start));
     /* a 503 from /readyz is a state a probe polls, said in its body */
-    static const char *const paths[] = {
-        [R_NONE] = "other",     [R_CURRENTS] = "/currents", [R_HEALTHZ] = "/healthz",
-        [R_READYZ] = "/readyz", [R_METRICS] = "/metrics",   [R_ADMIN_RELOAD] = "/admin/reload"};
     if (status >= 500 && r->route != R_READYZ)
-        log_warn("answered", LOG_I("status", status) LOG_S("path", paths[r->route]));
+        log_warn("answered", LOG_I("status", status) LOG_S("path", ROUTE_PATHS[r->route]));
     else
-        log_debug("answered", LOG_I("status", status) LOG_S("path", paths[r->route]));
+        log_debug("answered", LOG_I("status", status) LOG_S("path", ROUTE_PATHS[r->route]));
     return rc;
 }
 
@@ -326,6 +337,22 @@ static enum MHD_Result last_forwarded_for(void *cls, enum MHD_ValueKind kind, co
     return MHD_YES;
 }
 
+/* The address of the connection's peer; -1 when libmicrohttpd has none. */
+static int peer_address(struct MHD_Connection *c, char *out, size_t len)
+{
+    out[0] = '\0';
+    const union MHD_ConnectionInfo *info =
+        MHD_get_connection_info(c, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
+    if (!info || !info->client_addr)
+        return -1;
+    const struct sockaddr *sa = info->client_addr;
+    if (sa->sa_family == AF_INET)
+        inet_ntop(AF_INET, &((const struct sockaddr_in *)sa)->sin_addr, out, (socklen_t)len);
+    else if (sa->sa_family == AF_INET6)
+        inet_ntop(AF_INET6, &((const struct sockaddr_in6 *)sa)->sin6_addr, out, (socklen_t)len);
+    return 0;
+}
+
 /* The client's address. Behind a reverse proxy on the same host (a loopback
  * peer), or one of http.trusted_proxies, it is the last X-Forwarded-For entry,
  * the one the proxy itself added, without the port some proxies add
@@ -333,16 +360,8 @@ static enum MHD_Result last_forwarded_for(void *cls, enum MHD_ValueKind kind, co
  * "unknown": someone the proxy forwarded, not the proxy's own machine. */
 static void client_address(struct MHD_Connection *c, char *out, size_t len)
 {
-    out[0] = '\0';
-    const union MHD_ConnectionInfo *info =
-        MHD_get_connection_info(c, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
-    if (!info || !info->client_addr)
+    if (peer_address(c, out, len) != 0)
         return;
-    const struct sockaddr *sa = info->client_addr;
-    if (sa->sa_family == AF_INET)
-        inet_ntop(AF_INET, &((const struct sockaddr_in *)sa)->sin_addr, out, (socklen_t)len);
-    else if (sa->sa_family == AF_INET6)
-        inet_ntop(AF_INET6, &((const struct sockaddr_in6 *)sa)->sin6_addr, out, (socklen_t)len);
     struct snapshot s;
     reload_get(&s);
     int trusted = config_proxy_trusted(s.cfg, out);
@@ -722,6 +741,8 @@ static void on_connection(void *cls, struct MHD_Connection *c, void **socket_con
             return;
         k->fd = info ? dup(info->connect_fd) : -1;
         k->deadline = clock_mono_ms() + (int64_t)h->opt.request_timeout_s * 1000;
+        (void)peer_address(c, k->peer, sizeof k->peer);
+        str_copy(k->client, sizeof k->client, k->peer);
         pthread_mutex_lock(&h->conns_mu);
         k->next = h->conns;
         if (h->conns)
@@ -749,15 +770,59 @@ static void on_connection(void *cls, struct MHD_Connection *c, void **socket_con
 }
 
 /* Called when a request line has arrived, before the headers: the request has
- * begun by now. */
+ * begun by now. Its path is taken from the target as it came (the headers,
+ * once there, say it for sure: see watch_request); a target too long to look
+ * at here (an absolute-form one with a long host) waits for them. */
 static void *on_request_line(void *cls, const char *uri, struct MHD_Connection *c)
 {
-    (void)uri;
     http_in *h = cls;
     struct conn *k = conn_of(c);
-    if (k)
-        watch_until(h, k, clock_mono_ms() + (int64_t)h->opt.request_timeout_s * 1000, 1);
+    if (!k)
+        return NULL;
+    watch_until(h, k, clock_mono_ms() + (int64_t)h->opt.request_timeout_s * 1000, 1);
+    char target[256];
+    size_t n = strcspn(uri, "?");
+    if (n >= sizeof target)
+        return NULL;
+    memcpy(target, uri, n);
+    target[n] = '\0';
+    pthread_mutex_lock(&h->conns_mu);
+    k->path = ROUTE_PATHS[route_of(target)];
+    pthread_mutex_unlock(&h->conns_mu);
     return NULL;
+}
+
+/* The request's headers have come: the watchdog's line names its client, path
+ * and id. */
+static void watch_request(http_in *h, struct MHD_Connection *c, const struct req *r)
+{
+    struct conn *k = conn_of(c);
+    if (!k)
+        return;
+    pthread_mutex_lock(&h->conns_mu);
+    str_copy(k->client, sizeof k->client, r->client);
+    str_copy(k->id, sizeof k->id, r->id);
+    k->path = ROUTE_PATHS[r->route];
+    pthread_mutex_unlock(&h->conns_mu);
+}
+
+/* A request cut off: counted always, said now and then (a client that
+ * trickles may open connection after connection). Under conns_mu. */
+static void log_cut(const http_in *h, const struct conn *k)
+{
+    static _Atomic int64_t logged_ms;
+    metrics_add(M_HTTP_REQUESTS_TIMED_OUT, 1);
+    if (!log_due_shared(&logged_ms))
+        return;
+    static const char msg[] = "request took too long to arrive; connection closed (see "
+                              "tributary_http_requests_timed_out_total)";
+    log_set_request(k->id[0] ? k->id : NULL);
+    if (k->path)
+        log_warn(msg, LOG_S("client", k->client) LOG_S("path", k->path)
+                          LOG_I("limit_s", h->opt.request_timeout_s));
+    else
+        log_warn(msg, LOG_S("client", k->client) LOG_I("limit_s", h->opt.request_timeout_s));
+    log_set_request(NULL);
 }
 
 static void *watchdog_main(void *arg)
@@ -769,8 +834,7 @@ static void *watchdog_main(void *arg)
         int64_t now = clock_mono_ms();
         for (struct conn *k = h->conns; k; k = k->next) {
             if (k->deadline && now > k->deadline && k->fd >= 0) {
-                log_info("request took too long to arrive; connection closed",
-                         LOG_I("limit_s", h->opt.request_timeout_s));
+                log_cut(h, k);
                 /* the socket is shut down, not closed: its number stays ours until
                  * libmicrohttpd reports the connection closed */
                 shutdown(k->fd, SHUT_RDWR);
@@ -817,6 +881,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
                      (unsigned long long)(atomic_fetch_add(&request_seq, 1) & 0xffffff));
         r->route = route_of(url);
         client_address(c, r->client, sizeof r->client);
+        watch_request(h, c, r);
         int status;
         const char *why = framing_problem(
             c, r->route == R_CURRENTS && strcmp(method, MHD_HTTP_METHOD_POST) == 0, &status);
@@ -971,10 +1036,17 @@ static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls,
     http_in *h = cls;
     (void)toe;
     struct conn *k = conn_of(c);
-    if (k)
+    if (k) {
         watch_until(h, k,
                     clock_mono_ms() + ((int64_t)h->opt.timeout_s + h->opt.request_timeout_s) * 1000,
                     0);
+        /* the next request on the connection is not known yet */
+        pthread_mutex_lock(&h->conns_mu);
+        str_copy(k->client, sizeof k->client, k->peer);
+        k->path = NULL;
+        k->id[0] = '\0';
+        pthread_mutex_unlock(&h->conns_mu);
+    }
     struct req *r = *con_cls;
     if (!r)
         return;

@@ -85,6 +85,9 @@ static const char *const COUNTER_HELP[M_COUNTER_COUNT][3] = {
      "request line or headers too large (414, 431) or malformed (400, 505)."},
     {"tributary_http_connections_refused_total", "counter",
      "Connections closed as they came because http.max_connections were open."},
+    {"tributary_http_requests_timed_out_total", "counter",
+     "Requests cut off, their connection closed, because they had not arrived whole within "
+     "http.request_timeout_s."},
 };
 
 void metrics_add(enum counter c, uint64_t n)

@@ -1621,6 +1621,39 @@ class ConnectionBounds(ServiceTest):
         self.assertIn("request took too long", s.logs())
         self.assertEqual(s.get("/healthz").status, 200)
 
+    CUT = {"TRIBUTARY_HTTP_REQUEST_TIMEOUT_S": "1", "TRIBUTARY_HTTP_TIMEOUT_S": "30"}
+    CUT_LINE = (r'level=warn msg="request took too long to arrive; connection closed \(see '
+                r'tributary_http_requests_timed_out_total\)" ')
+
+    def test_a_body_cut_off_at_request_timeout_s_is_counted_and_names_client_path_and_id(self):
+        s = self.service(env=self.CUT)
+        body = envelope(event())
+        sock = socket.create_connection(("127.0.0.1", s.port))
+        self.addCleanup(sock.close)
+        answer = probe(sock, b"POST /currents HTTP/1.1\r\nHost: localhost\r\n"
+                             b"Authorization: Bearer " + TOKEN.encode() + b"\r\n"
+                             b"X-Request-Id: slow-body-1\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\n\r\n" % len(body) + body[:10], timeout=5.0)
+        self.assertEqual(answer, b"", "connection still open after 5 s")
+        self.assertEqual(s.metrics()["tributary_http_requests_timed_out_total"], 1)
+        lines = [l for l in s.logs().splitlines() if "took too long" in l]
+        self.assertEqual(len(lines), 1, s.logs()[-2000:])
+        self.assertRegex(lines[0], self.CUT_LINE + r"request_id=slow-body-1 client=127\.0\.0\.1 "
+                                                   r"path=/currents limit_s=1$")
+        self.assertNotIn(TOKEN, lines[0])
+
+    def test_headers_cut_off_at_request_timeout_s_are_logged_with_the_path_of_the_request_line(self):
+        s = self.service(env=self.CUT)
+        sock = socket.create_connection(("127.0.0.1", s.port))
+        self.addCleanup(sock.close)
+        answer = probe(sock, b"GET /metrics?x=1 HTTP/1.1\r\nHost: localhost\r\nX-Slow: ",
+                       timeout=5.0)
+        self.assertEqual(answer, b"", "connection still open after 5 s")
+        self.assertEqual(s.metrics()["tributary_http_requests_timed_out_total"], 1)
+        lines = [l for l in s.logs().splitlines() if "took too long" in l]
+        self.assertEqual(len(lines), 1, s.logs()[-2000:])
+        self.assertRegex(lines[0], self.CUT_LINE + r"client=127\.0\.0\.1 path=/metrics limit_s=1$")
+
     def test_a_kept_alive_client_pausing_less_than_timeout_s_between_requests_is_served(self):
         # Pauses longer than http.request_timeout_s but shorter than the idle
         # timeout (http.timeout_s) are the idle wait between requests, not part
