@@ -436,6 +436,15 @@ int metrics_render(buf *b, const struct metrics_gauges *g)
         rc |= buf_printf(b, "tributary_dead_letters %lld\n", (long long)g->dead_letters);
         rc |= header(b, "tributary_ready", "gauge", "1 when the service is ready.");
         rc |= buf_printf(b, "tributary_ready %d\n", g->ready);
+        rc |= header(b, "tributary_reload_last_successful", "gauge",
+                     "1 after the start and a reload that put its configuration and rules in "
+                     "force, 0 after a reload refused (the files would refuse a restart too).");
+        rc |= buf_printf(b, "tributary_reload_last_successful %d\n", g->reload_ok);
+        rc |= header(b, "tributary_reload_last_success_timestamp_seconds", "gauge",
+                     "When the configuration and rules in force were loaded, at the start or the "
+                     "last successful reload (UNIX seconds).");
+        rc |= buf_printf(b, "tributary_reload_last_success_timestamp_seconds %.3f\n",
+                         (double)g->reload_loaded_ms / 1000.0);
         rc |= header(b, "tributary_http_request_body_bytes", "gauge",
                      "Memory taken for request bodies (at most inbound.body_memory_mb).");
         rc |= buf_printf(b, "tributary_http_request_body_bytes %lld\n",

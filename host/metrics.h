@@ -85,6 +85,8 @@ struct metrics_gauges {
     int ready;
     int64_t tls_not_after; /* UNIX seconds; 0 without TLS */
     int64_t request_body_bytes;
+    int reload_ok;            /* see reload_status */
+    int64_t reload_loaded_ms; /* UNIX milliseconds */
     const char *rules_version;
 };
 

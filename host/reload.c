@@ -25,6 +25,11 @@ static struct {
     char *watched;
     char *watched_real; /* where watched led when the watch was set, or NULL */
     int watch_warned;   /* the watch failed, and it was said */
+    /* the last reload put its pair in force (or none came since the start),
+     * and when the pair in force was loaded: what /metrics says, since a
+     * refused reload leaves on disk files a restart would refuse too */
+    int last_ok;
+    int64_t loaded_ms;
 } R = {PTHREAD_MUTEX_INITIALIZER,
        PTHREAD_MUTEX_INITIALIZER,
        NULL,
@@ -36,6 +41,8 @@ static struct {
        -1,
        NULL,
        NULL,
+       0,
+       0,
        0};
 
 int reload_validate(ruleset *rs, buf *report, int *ntests)
@@ -83,6 +90,8 @@ void reload_init(const char *config_path, struct config *cfg, ruleset *rs)
     R.started = config_ref(cfg);
     R.rs = rs;
     R.generation = 1;
+    R.last_ok = 1;
+    R.loaded_ms = clock_wall_ms();
     pthread_mutex_unlock(&R.mu);
 }
 
@@ -106,6 +115,14 @@ void reload_get(struct snapshot *s)
     s->cfg = config_ref(R.cfg);
     s->rs = ruleset_ref(R.rs);
     s->generation = R.generation;
+    pthread_mutex_unlock(&R.mu);
+}
+
+void reload_status(int *last_ok, int64_t *loaded_ms)
+{
+    pthread_mutex_lock(&R.mu);
+    *last_ok = R.last_ok;
+    *loaded_ms = R.loaded_ms;
     pthread_mutex_unlock(&R.mu);
 }
 
@@ -244,6 +261,8 @@ int reload_now(const char *trigger, char *err, size_t errlen)
     R.cfg = cfg;
     R.rs = rs;
     R.generation++;
+    R.last_ok = 1;
+    R.loaded_ms = clock_wall_ms();
     uint64_t gen = R.generation;
     char version[32];
     str_copy(version, sizeof version, ruleset_version(rs));
@@ -259,6 +278,9 @@ int reload_now(const char *trigger, char *err, size_t errlen)
     rc = 0;
 done:
     if (rc != 0) {
+        pthread_mutex_lock(&R.mu);
+        R.last_ok = 0;
+        pthread_mutex_unlock(&R.mu);
         metrics_add(M_RULE_RELOAD_FAILURES, 1);
         log_error("reload refused; the previous rules stay in force",
                   LOG_S("trigger", trigger) LOG_S("error", err));

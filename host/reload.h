@@ -37,6 +37,11 @@ void reload_shutdown(void);
 /* Takes references on the pair in force; release with reload_put. */
 void reload_get(struct snapshot *s);
 void reload_put(struct snapshot *s);
+/* *last_ok: 1 when the last reload succeeded, or none was tried since the
+ * start, 0 when it was refused (the files on disk would refuse a restart
+ * too); *loaded_ms: when the pair in force was loaded, at the start or that
+ * reload (milliseconds since the UNIX epoch). */
+void reload_status(int *last_ok, int64_t *loaded_ms);
 
 /* Loads, validates and installs the configuration and rules. On failure the old
  * ones stay in force and err says why (file and line). `trigger` is logged. */

@@ -136,6 +136,29 @@ class Reload(ServiceTest):
         self.assertGreaterEqual(s.metrics()["tributary_rule_reload_failures_total"], 1)
         self.assertIn("reload refused", s.logs())
 
+    def test_reload_last_successful_is_0_from_a_refused_reload_until_one_succeeds(self):
+        # the broken file stays on disk, and a restart would refuse it: the
+        # gauge says so for as long as it lasts, not for some minutes
+        rules = self.rules_dir()
+        s = self.service(rules_dir=rules, env={"TRIBUTARY_ADMIN_TOKEN": ADMIN})
+        m = s.metrics()
+        self.assertEqual(m["tributary_reload_last_successful"], 1)
+        started = m["tributary_reload_last_success_timestamp_seconds"]
+        self.assertLessEqual(started, time.time())
+        self.assertGreater(started, time.time() - 60 * SLOW)
+        broken = os.path.join(rules, "40-broken.lua")
+        with open(broken, "w") as f:
+            f.write("return function(e, out)\n  local x = \nend\n")
+        self.assertEqual(self.admin_reload(s).status, 422)
+        m = s.metrics()
+        self.assertEqual(m["tributary_reload_last_successful"], 0)
+        self.assertEqual(m["tributary_reload_last_success_timestamp_seconds"], started)
+        os.remove(broken)
+        self.assertEqual(self.admin_reload(s).status, 200)
+        m = s.metrics()
+        self.assertEqual(m["tributary_reload_last_successful"], 1)
+        self.assertGreater(m["tributary_reload_last_success_timestamp_seconds"], started)
+
     def test_rules_whose_engines_stop_building_after_the_reload_map_with_the_previous_ones(self):
         # The reload builds the new rules once and accepts them; each worker
         # builds its own engine when it needs one, running the files' top level
