@@ -1894,11 +1894,17 @@ static const char *split_list(const char *p, const char *end, str *slices, size_
     return i == n ? p + 1 : NULL;
 }
 
-/* Fills slices (n of them, the length of the decoded list) or returns -1. */
+/* What event_slices returns for an envelope that gives "events" twice: cjson
+ * keeps the last list, and the events of the others would be answered 200 and
+ * lost. */
+#define SLICES_EVENTS_TWICE (-2)
+
+/* Fills slices (n of them, the length of the decoded list) or returns -1, or
+ * SLICES_EVENTS_TWICE. */
 static int event_slices(const char *body, size_t len, str *slices, size_t n)
 {
     const char *p = body, *end = body + len;
-    int found = 0;
+    int found = 0, seen = 0;
     p = skip_ws(p, end);
     if (p >= end || *p != '{')
         return -1;
@@ -1917,9 +1923,11 @@ static int event_slices(const char *body, size_t len, str *slices, size_t n)
             return -1;
         p = skip_ws(p + 1, end);
         if (key_end - key - 1 == 6 && memcmp(key, "events", 6) == 0) {
-            /* a repeated key: the last one wins, as in cjson */
-            p = split_list(p, end, slices, n);
-            found = p != NULL;
+            if (seen++)
+                return SLICES_EVENTS_TWICE;
+            const char *list_end = split_list(p, end, slices, n);
+            found = list_end != NULL;
+            p = found ? list_end : skip_value(p, end); /* on, to a second "events" */
         } else {
             p = skip_value(p, end);
         }
@@ -1942,7 +1950,8 @@ static int event_slices(const char *body, size_t len, str *slices, size_t n)
 /* The byte range of every event of a body decoded as form, so that each is
  * kept as it came (a dead letter stored again by `dlq requeue` stays the
  * event Braze sent, not its re-encoding after the rules ran). -1 when they
- * cannot be told apart; the events are then encoded from their tables. */
+ * cannot be told apart; the events are then encoded from their tables.
+ * SLICES_EVENTS_TWICE for an envelope that gives "events" twice. */
 static int body_slices(const char *body, size_t len, enum body_form form, str *slices, size_t n)
 {
     const char *p = skip_ws(body, body + len), *end = body + len;
@@ -2366,7 +2375,13 @@ int rules_map(rules *r, const char *body, size_t len, enum input_shape shape, st
     memcpy(dropped, m->dropped, sizeof dropped);
     /* the events' own bytes, when the scanner can follow the body */
     str *raws = n > 0 ? calloc((size_t)n, sizeof(*raws)) : NULL;
-    if (raws && body_slices(body, len, form, raws, (size_t)n) != 0) {
+    int sliced = raws || n == 0 ? body_slices(body, len, form, raws, (size_t)n) : -1;
+    if (sliced == SLICES_EVENTS_TWICE) {
+        free(raws);
+        lua_settop(L, top);
+        return input_fail(e, 400, -1, "\"events\" is given more than once");
+    }
+    if (sliced != 0) {
         free(raws);
         raws = NULL;
     }

@@ -238,6 +238,17 @@ class MalformedInput(ServiceTest):
         self.assert_400(s, '{"events": {"a": 1}}', reason="list")
         self.assert_400(s, '{"events": 7}', reason="list")
 
+    def test_events_given_twice_is_400_and_queues_nothing(self):
+        # cjson keeps the last list: the events of the first were answered
+        # 200 and lost; an empty last list lost them all
+        s = self.service()
+        first, last = json.dumps([event()]), json.dumps([event()])
+        for body in ('{"events": %s, "events": %s}' % (first, last),
+                     '{"events": %s, "other": 1, "events": []}' % first):
+            with self.subTest(body=body[:40]):
+                self.assert_400(s, body, reason='"events" is given more than once')
+        self.assertEqual(s.queued_ids(), [])
+
     def test_event_without_id_is_400_naming_its_index(self):
         s = self.service()
         e = event()

@@ -843,6 +843,27 @@ START_TEST(test_events_that_is_an_object_is_refused)
 }
 END_TEST
 
+/* cjson keeps the last "events" list: the events of the others would be
+ * answered 200 and lost. Also when the lists differ in length, or the last is
+ * empty. */
+START_TEST(test_events_given_twice_is_refused)
+{
+    rule("10-pass.lua", PASS_RULE);
+    build();
+    static const char *const bodies[] = {
+        "{\"events\":[" EV("a-1") "],\"events\":[" EV("a-2") "]}",
+        "{\"events\":[" EV("a-1") "," EV("a-3") "],\"n\":1,\"events\":[" EV("a-2") "]}",
+        "{\"events\":[" EV("a-1") "],\"events\":[]}",
+    };
+    for (size_t i = 0; i < ARRAY_LEN(bodies); i++) {
+        ck_assert_int_eq(map(bodies[i], INPUT_ENVELOPE), -1);
+        ck_assert_int_eq(F.ie.status, 400);
+        ck_assert_str_eq(F.ie.reason, "\"events\" is given more than once");
+        ck_assert_uint_eq(F.m.nrecords, 0);
+    }
+}
+END_TEST
+
 START_TEST(test_events_that_is_a_number_is_refused)
 {
     rule("10-pass.lua", PASS_RULE);
@@ -2900,6 +2921,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_a_json_array_is_not_an_envelope);
     tcase_add_test(tc, test_an_object_without_events_is_not_an_envelope);
     tcase_add_test(tc, test_events_that_is_an_object_is_refused);
+    tcase_add_test(tc, test_events_given_twice_is_refused);
     tcase_add_test(tc, test_events_that_is_a_number_is_refused);
     tcase_add_test(tc, test_event_without_event_type_is_refused_naming_its_index);
     tcase_add_test(tc, test_event_without_id_is_refused_naming_its_index);
