@@ -438,7 +438,7 @@ int metrics_render(buf *b, const struct metrics_gauges *g)
         rc |= buf_printf(b, "tributary_ready %d\n", g->ready);
         rc |= header(b, "tributary_reload_last_successful", "gauge",
                      "1 after the start and a reload that put its configuration and rules in "
-                     "force, 0 after a reload refused (the files would refuse a restart too).");
+                     "force, 0 after a reload refused (the files may refuse a restart too).");
         rc |= buf_printf(b, "tributary_reload_last_successful %d\n", g->reload_ok);
         rc |= header(b, "tributary_reload_last_success_timestamp_seconds", "gauge",
                      "When the configuration and rules in force were loaded, at the start or the "

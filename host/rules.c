@@ -1894,6 +1894,41 @@ static const char *split_list(const char *p, const char *end, str *slices, size_
     return i == n ? p + 1 : NULL;
 }
 
+/* Whether the JSON string key[0..n) (between its quotes, as it came, escapes
+ * and all) is "events". A key spelt with escapes ("event\u0073") is one too:
+ * cjson reads it so. */
+static int key_is_events(const char *key, size_t n)
+{
+    static const char want[] = "events";
+    size_t k = 0;
+    for (size_t i = 0; i < n; k++) {
+        unsigned c = (unsigned char)key[i++];
+        if (c == '\\' && i < n) {
+            char e = key[i++];
+            if (e == 'u' && n - i >= 4) {
+                c = 0;
+                for (int d = 0; d < 4; d++) {
+                    char h = key[i++];
+                    unsigned v = h >= '0' && h <= '9'   ? (unsigned)(h - '0')
+                                 : h >= 'a' && h <= 'f' ? (unsigned)(h - 'a' + 10)
+                                 : h >= 'A' && h <= 'F' ? (unsigned)(h - 'A' + 10)
+                                                        : 16;
+                    if (v == 16)
+                        return 0;
+                    c = c * 16 + v;
+                }
+            } else if (e == '"' || e == '\\' || e == '/') {
+                c = (unsigned char)e;
+            } else {
+                return 0; /* \b \f \n \r \t: not a letter */
+            }
+        }
+        if (k >= sizeof want - 1 || c != (unsigned char)want[k])
+            return 0;
+    }
+    return k == sizeof want - 1;
+}
+
 /* What event_slices returns for an envelope that gives "events" twice: cjson
  * keeps the last list, and the events of the others would be answered 200 and
  * lost. */
@@ -1916,13 +1951,13 @@ static int event_slices(const char *body, size_t len, str *slices, size_t n)
         if (p >= end || *p != '"')
             return -1;
         const char *key = p + 1, *key_end = skip_string(p, end);
-        if (!key_end || memchr(key, '\\', (size_t)(key_end - key)))
-            return -1; /* an escaped key might spell "events": leave it to cjson */
+        if (!key_end)
+            return -1;
         p = skip_ws(key_end, end);
         if (p >= end || *p != ':')
             return -1;
         p = skip_ws(p + 1, end);
-        if (key_end - key - 1 == 6 && memcmp(key, "events", 6) == 0) {
+        if (key_is_events(key, (size_t)(key_end - key - 1))) {
             if (seen++)
                 return SLICES_EVENTS_TWICE;
             const char *list_end = split_list(p, end, slices, n);

@@ -71,16 +71,19 @@ struct pbatch {
                   and on a failure again or while the feed works, see note_failures) */
     int in_flight;
     /* requests with it that mParticle failed (a 5xx, no answer, an unexpected
-     * answer), and the last of those: when (monotonic ms), its status (0: no
-     * answer) and error; and since when each of its failures came while the
-     * feed worked (0: the last one did not). Its parts after a split inherit
-     * them. */
+     * answer), and when the last of those was (monotonic ms); since when each
+     * of its failures came while the feed worked (0: the last one did not);
+     * and for the detail of its dead letter, the requests not accepted, those
+     * refused for the feed's sake (401, 403, 429) too, and what the last of
+     * them got: its status (0: no answer) and error. Its parts after a split
+     * inherit them. */
     struct {
         int count;
         int64_t last_ms;
+        int64_t since_ms;
+        int answers;
         int last_status;
         const char *last_error; /* static text */
-        int64_t since_ms;
     } failed;
     /* its events' timestamp_unixtime_ms: the smallest and largest (-1: none
      * has one), and how many have none; they choose the endpoint (see class_of) */
@@ -799,14 +802,14 @@ static int dead_batch(struct sender *s, struct feed_state *f, struct pbatch *b, 
 static void describe_failures(const struct pbatch *b, char *detail, size_t size)
 {
     size_t used = strlen(detail);
-    if (b->failed.count == 0 || used >= size)
+    if (b->failed.answers == 0 || used >= size)
         return;
     if (b->failed.last_status > 0)
         snprintf(detail + used, size - used, "; %d failed requests, the last answered %d (%s)",
-                 b->failed.count, b->failed.last_status, b->failed.last_error);
+                 b->failed.answers, b->failed.last_status, b->failed.last_error);
     else
         snprintf(detail + used, size - used,
-                 "; %d failed requests, the last without an answer (%s)", b->failed.count,
+                 "; %d failed requests, the last without an answer (%s)", b->failed.answers,
                  b->failed.last_error);
 }
 
@@ -1064,8 +1067,10 @@ static void request_free(struct request *r)
     free(r);
 }
 
+/* Sends batches[0..n) to endpoint ep, the one dispatch found them for (read
+ * again, the clock could have moved a batch over the line since: EP_MIXED). */
 static int start_request(struct sender *s, struct feed_state *f, struct pbatch **batches, size_t n,
-                         int probe)
+                         enum endpoint ep, int probe)
 {
     struct request *r = n > 0 ? calloc(1, sizeof(*r)) : NULL;
     if (!r)
@@ -1094,7 +1099,7 @@ static int start_request(struct sender *s, struct feed_state *f, struct pbatch *
     size_t bl = strlen(base);
     while (bl && base[bl - 1] == '/')
         bl--;
-    r->ep = class_of(batches[0], clock_wall_ms());
+    r->ep = ep;
     snprintf(url, sizeof url, "%.*s%s", (int)bl, base,
              r->ep == EP_HISTORICAL ? MPARTICLE_HISTORICAL_PATH : MPARTICLE_BULK_PATH);
     char auth[MPARTICLE_AUTH_MAX], header[MPARTICLE_AUTH_MAX + 32];
@@ -1217,13 +1222,16 @@ static void dispatch(struct sender *s, struct feed_state *f, int64_t now)
         /* the batch that failed least: one that fails whatever the
          * credentials (a 5xx) would keep the feed paused */
         struct pbatch *probe = NULL;
+        enum endpoint probe_ep = EP_MIXED;
         for (struct pbatch *b = f->head; b && !(probe && probe->failed.count == 0); b = b->next) {
             enum endpoint ep = class_of(b, wall);
             if (!b->in_flight && ep != EP_MIXED && now >= f->ep[ep].not_before &&
-                (!probe || b->failed.count < probe->failed.count))
+                (!probe || b->failed.count < probe->failed.count)) {
                 probe = b;
+                probe_ep = ep;
+            }
         }
-        if (probe && start_request(s, f, &probe, 1, 1) == 0) {
+        if (probe && start_request(s, f, &probe, 1, probe_ep, 1) == 0) {
             f->probing = 1;
             spend(&f->rate, 1); /* a probe is a batch sent like any */
             spend(&s->account, 1);
@@ -1264,7 +1272,7 @@ static void dispatch(struct sender *s, struct feed_state *f, int64_t now)
         }
         if (n == 0)
             return;
-        if (start_request(s, f, pick, n, 0) != 0)
+        if (start_request(s, f, pick, n, first, 0) != 0)
             return;
         spend(&f->rate, (double)n);
         spend(&s->account, (double)n);
@@ -1354,22 +1362,20 @@ static void halve_limit(struct pbatch *b, size_t n)
 
 /* A request with b that mParticle did not accept (status 0: no answer), for
  * the detail of its dead letter (see describe_failures). */
-static void count_answer(struct pbatch *b, int status, const char *why, int64_t now)
+static void count_answer(struct pbatch *b, int status, const char *why)
 {
-    b->failed.count++;
-    b->failed.last_ms = now;
+    b->failed.answers++;
     b->failed.last_status = status;
     b->failed.last_error = why;
 }
 
-/* The same for every batch of r: an answer about the feed (401, 403, 429),
- * not about its batches, counted all the same, so that the dead letters of a
- * feed refused until retry.max_age_s say why. */
+/* The same for every batch of r, for an answer about the feed (401, 403,
+ * 429), not about its batches: not a failure of theirs (see note_failures),
+ * but the dead letters of a feed refused until retry.max_age_s say why. */
 static void count_answers(struct request *r, int status, const char *why)
 {
-    int64_t now = clock_mono_ms();
     for (size_t i = 0; i < r->n; i++)
-        count_answer(r->batches[i], status, why, now);
+        count_answer(r->batches[i], status, why);
 }
 
 /* mParticle failed request r (status 0: no answer). Its batches go on in
@@ -1397,7 +1403,9 @@ static void note_failures(struct feed_state *f, struct request *r, int status, c
             b->failed.since_ms = 0;
         if (works || b->failed.count >= 1)
             halve_limit(b, r->n);
-        count_answer(b, status, why, now);
+        b->failed.count++;
+        b->failed.last_ms = now;
+        count_answer(b, status, why);
     }
 }
 

@@ -203,6 +203,19 @@ class Delivery(ServiceTest):
         # nothing else was delivered: no `failing` however long it failed
         self.assertEqual(s.metrics()['tributary_dead_letters_total{reason="failing"}'], 0)
 
+    def test_a_429_is_not_a_failure_of_the_batches(self):
+        # a 429 says nothing of the batches: after it, one 5xx (an outage's
+        # first) leaves them together, as a first failure does
+        d = self.double()
+        d.fail(429, times=1, retry_after=1)
+        s = self.service(env=feed_env(d, TRIBUTARY_BATCH_LINGER_MS=300))
+        s.post([event("users.messages.email.Send", user="u%d" % i) for i in range(10)])
+        self.wait(lambda: any(r["status"] == 429 for r in d.requests), what="the 429")
+        d.fail(503, times=1)
+        self.assertTrue(d.wait_for_events(10, 20 * SLOW))
+        self.assertEqual([(r["status"], r["batches"]) for r in d.requests if r["status"] == 202],
+                         [(202, 10)])
+
     def test_a_batch_past_max_age_says_its_feed_was_refused_or_rate_limited(self):
         # the usual way to max_age: a feed paused by 401 or 403 for days
         for status, says, extra in ((401, "credentials refused", {}),

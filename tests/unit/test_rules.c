@@ -854,6 +854,9 @@ START_TEST(test_events_given_twice_is_refused)
         "{\"events\":[" EV("a-1") "],\"events\":[" EV("a-2") "]}",
         "{\"events\":[" EV("a-1") "," EV("a-3") "],\"n\":1,\"events\":[" EV("a-2") "]}",
         "{\"events\":[" EV("a-1") "],\"events\":[]}",
+        /* escapes spell the same key for cjson, and one elsewhere changes nothing */
+        "{\"events\":[" EV("a-1") "],\"event\\u0073\":[" EV("a-2") "]}",
+        "{\"x\\n\":1,\"events\":[" EV("a-1") "],\"events\":[" EV("a-2") "]}",
     };
     for (size_t i = 0; i < ARRAY_LEN(bodies); i++) {
         ck_assert_int_eq(map(bodies[i], INPUT_ENVELOPE), -1);
@@ -861,6 +864,11 @@ START_TEST(test_events_given_twice_is_refused)
         ck_assert_str_eq(F.ie.reason, "\"events\" is given more than once");
         ck_assert_uint_eq(F.m.nrecords, 0);
     }
+    /* keys that only look like it: "eve<LF>ts", "Events" */
+    ck_assert_int_eq(map("{\"eve\\nts\":[" EV("a-1") "],\"Events\":[],\"events\":[" EV("a-2") "]}",
+                         INPUT_ENVELOPE),
+                     0);
+    ck_assert_uint_eq(F.m.nrecords, 1);
 }
 END_TEST
 
