@@ -2,6 +2,7 @@
 
 #include "digest.h"
 
+#include <arpa/inet.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -217,13 +218,34 @@ const char *auth_result_text(enum auth_result r)
 static struct {
     pthread_mutex_t mu;
     struct {
-        char client[48];
+        char client[INET6_ADDRSTRLEN + 8]; /* an address, or an IPv6 /64 */
         int64_t window_start;
         int failures;
         int64_t blocked_until;
         int64_t last_ok; /* when a request from it last authenticated */
     } slot[SLOTS];
 } T = {.mu = PTHREAD_MUTEX_INITIALIZER};
+
+/* The name of client's slot: the address, or for an IPv6 one its /64. */
+static const char *throttle_key(const char *client, char *out, size_t outlen)
+{
+    unsigned char a[16];
+    if (!strchr(client, ':') || inet_pton(AF_INET6, client, a) != 1)
+        return client;
+    memset(a + 8, 0, 8);
+    char text[INET6_ADDRSTRLEN];
+    if (!inet_ntop(AF_INET6, a, text, sizeof text))
+        return client;
+    snprintf(out, outlen, "%s/64", text);
+    return out;
+}
+
+/* Whether a request from the slot's client authenticated within
+ * AUTH_TRUSTED_S. Caller holds T.mu. */
+static int trusted(int i, int64_t now_s)
+{
+    return T.slot[i].last_ok > 0 && now_s - T.slot[i].last_ok <= AUTH_TRUSTED_S;
+}
 
 /* When a slot's client last failed or authenticated (the window starts with a
  * failure). Caller holds T.mu. */
@@ -232,12 +254,15 @@ static int64_t last_seen(int i)
     return T.slot[i].last_ok > T.slot[i].window_start ? T.slot[i].last_ok : T.slot[i].window_start;
 }
 
-/* The slot of a client: its own, else a free or idle one, else the least recently
- * seen one that is not refusing anybody: a refusal in force is never evicted,
- * so flooding the table from many addresses cannot lift it. -1 when there is no
- * room (the failure goes unrecorded). Caller holds T.mu. */
-static int slot_of(const char *client, int64_t now_s, int create)
+/* The slot of a client: its own, else a free or idle one (neither seen
+ * within the window nor trusted), else the least recently seen one that is not
+ * refusing anybody: a refusal in force is never evicted, so flooding the table
+ * from many addresses cannot lift it. -1 when there is no room (the failure
+ * goes unrecorded). Caller holds T.mu. */
+static int slot_of(const char *address, int64_t now_s, int create)
 {
+    char key[sizeof T.slot[0].client];
+    const char *client = throttle_key(address, key, sizeof key);
     uint64_t h = digest_fnv64(DIGEST_FNV64_INIT, client, strlen(client));
     int idle = -1, oldest = -1;
     for (int probe = 0; probe < 16; probe++) {
@@ -246,8 +271,8 @@ static int slot_of(const char *client, int64_t now_s, int create)
             return i;
         if (T.slot[i].blocked_until > now_s)
             continue;
-        if (idle < 0 &&
-            (T.slot[i].client[0] == '\0' || now_s - last_seen(i) > AUTH_THROTTLE_WINDOW_S))
+        if (idle < 0 && (T.slot[i].client[0] == '\0' ||
+                         (now_s - last_seen(i) > AUTH_THROTTLE_WINDOW_S && !trusted(i, now_s))))
             idle = i;
         if (oldest < 0 || last_seen(i) < last_seen(oldest))
             oldest = i;
@@ -291,9 +316,8 @@ int auth_failed(const char *client, int64_t now_s)
         T.slot[i].failures = 0;
     }
     int started = 0;
-    int shared = T.slot[i].last_ok > 0 && now_s - T.slot[i].last_ok <= AUTH_THROTTLE_WINDOW_S;
     if (++T.slot[i].failures >= AUTH_THROTTLE_FAILURES && T.slot[i].blocked_until <= now_s &&
-        !shared) {
+        !trusted(i, now_s)) {
         T.slot[i].blocked_until = now_s + AUTH_THROTTLE_BLOCK_S;
         T.slot[i].failures = 0;
         T.slot[i].window_start = now_s;

@@ -31,6 +31,9 @@
 #define AUTH_THROTTLE_FAILURES 10
 #define AUTH_THROTTLE_WINDOW_S 60
 #define AUTH_THROTTLE_BLOCK_S 60
+/* An address from which a request authenticated within this long is not
+ * refused (see auth_failed): a connector may be quiet for hours. */
+#define AUTH_TRUSTED_S 86400
 
 enum auth_result {
     AUTH_OK,
@@ -71,13 +74,16 @@ int auth_parse_signature(const char *header, struct auth_signature *out) WUR;
 int auth_sign(const char *secret, int64_t t, const char *body, size_t len, char *out,
               size_t outlen) WUR;
 
-/* 1 when the client is refused for now (*retry_after_s set). */
+/* The throttle counts per client address, and an IPv6 one per /64, which one
+ * host or site holds whole (it could change address at every guess).
+ *
+ * 1 when the client is refused for now (*retry_after_s set). */
 int auth_throttled(const char *client, int64_t now_s, int64_t *retry_after_s);
 /* Records a failure; returns 1 when it starts a refusal period. An address
- * from which a request authenticated within AUTH_THROTTLE_WINDOW_S is not
- * refused: its failures are another sender's behind the same address (Braze's
+ * from which a request authenticated within AUTH_TRUSTED_S is not refused:
+ * its failures are another sender's behind the same address (Braze's
  * addresses serve all its customers, a NAT, a proxy), and refusing it would
- * refuse the real sender too. */
+ * refuse the real sender too, whose requests, refused, could not lift it. */
 int auth_failed(const char *client, int64_t now_s);
 /* Notes that a request from client authenticated (see auth_failed). */
 void auth_succeeded(const char *client, int64_t now_s);

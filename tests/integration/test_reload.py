@@ -120,6 +120,8 @@ class Reload(ServiceTest):
     def test_admin_endpoints_are_disabled_without_an_admin_token(self):
         s = self.service()
         self.assertEqual(self.admin_reload(s, token="anything").status, 404)
+        # there is no such path, whatever the method (it was 405 for a GET)
+        self.assertEqual(request(s.port, "GET", "/admin/reload").status, 404)
 
     def test_broken_rules_are_refused_and_the_old_ones_stay_in_force(self):
         rules = self.rules_dir()

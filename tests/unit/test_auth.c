@@ -1,0 +1,82 @@
+/* auth: the throttle of authentication failures, on a clock the tests give. */
+#include "unit.h"
+
+#include "auth.h"
+
+/* Fails client n times at now_s; how many of the failures started a refusal. */
+static int fail_times(const char *client, int n, int64_t now_s)
+{
+    int started = 0;
+    for (int i = 0; i < n; i++)
+        started += auth_failed(client, now_s);
+    return started;
+}
+
+static int refused(const char *client, int64_t now_s)
+{
+    int64_t wait = 0;
+    return auth_throttled(client, now_s, &wait);
+}
+
+#define T0 1800000000
+
+START_TEST(test_an_address_is_refused_at_its_tenth_failure_within_a_minute)
+{
+    const char *client = "198.51.100.1";
+    ck_assert_int_eq(fail_times(client, AUTH_THROTTLE_FAILURES - 1, T0), 0);
+    ck_assert(!refused(client, T0));
+    ck_assert_int_eq(fail_times(client, 1, T0), 1);
+    ck_assert(refused(client, T0));
+    ck_assert(!refused(client, T0 + AUTH_THROTTLE_BLOCK_S + 1));
+}
+END_TEST
+
+/* The failures of another sender behind the address of one that
+ * authenticated (Braze's addresses serve all its customers) do not have it
+ * refused, also when the real sender was quiet for hours: refused, its own
+ * requests could not lift the refusal. */
+START_TEST(test_an_address_that_authenticated_within_a_day_is_not_refused)
+{
+    const char *client = "198.51.100.2";
+    auth_succeeded(client, T0);
+    ck_assert_int_eq(fail_times(client, 3 * AUTH_THROTTLE_FAILURES, T0 + 3600), 0);
+    ck_assert(!refused(client, T0 + 3600));
+    ck_assert_int_eq(fail_times(client, 3 * AUTH_THROTTLE_FAILURES, T0 + AUTH_TRUSTED_S - 1), 0);
+    ck_assert(!refused(client, T0 + AUTH_TRUSTED_S - 1));
+    /* a day later, it is an address like any */
+    int64_t later = T0 + AUTH_TRUSTED_S + AUTH_THROTTLE_WINDOW_S + 1;
+    ck_assert_int_eq(fail_times(client, AUTH_THROTTLE_FAILURES, later), 1);
+    ck_assert(refused(client, later));
+}
+END_TEST
+
+/* Whoever holds a /64 could take a new address for every guess. */
+START_TEST(test_the_addresses_of_one_ipv6_64_count_together)
+{
+    char client[64];
+    for (int i = 0; i < AUTH_THROTTLE_FAILURES; i++) {
+        snprintf(client, sizeof client, "2001:db8:0:7::%x", i + 1);
+        ck_assert_int_eq(auth_failed(client, T0), i == AUTH_THROTTLE_FAILURES - 1);
+    }
+    ck_assert(refused("2001:db8:0:7:ffff:1:2:3", T0));
+    ck_assert(!refused("2001:db8:0:8::1", T0));
+    /* text that is no IPv6 address is a name of its own */
+    ck_assert(!refused("unknown", T0));
+}
+END_TEST
+
+static Suite *suite(void)
+{
+    Suite *s = suite_create("auth");
+    TCase *tc = tcase_create("throttle");
+    tcase_add_test(tc, test_an_address_is_refused_at_its_tenth_failure_within_a_minute);
+    tcase_add_test(tc, test_an_address_that_authenticated_within_a_day_is_not_refused);
+    tcase_add_test(tc, test_the_addresses_of_one_ipv6_64_count_together);
+    suite_add_tcase(s, tc);
+    return s;
+}
+
+int main(void)
+{
+    return unit_run(suite());
+}
