@@ -1619,6 +1619,13 @@ static int load(struct config **out, const char *path, const char *src, size_t l
                    c->inbound_hmac_secrets.n);
         if (c->admin_token)
             warn_short(&warnings, "admin.token", "token", &c->admin_token, 1);
+        /* a signed request is good for the replay window, and only the dedup
+         * window keeps a replay of it from being delivered again */
+        if (c->inbound_hmac_secrets.n > 0 && c->dedup_window_s < c->inbound_replay_window_s)
+            warn_add(&warnings,
+                     "dedup.window_s (%lld) is shorter than inbound.replay_window_s (%lld): a "
+                     "signed request replayed between the two is delivered again",
+                     (long long)c->dedup_window_s, (long long)c->inbound_replay_window_s);
     }
 
     if (e.count) {

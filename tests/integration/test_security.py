@@ -386,6 +386,16 @@ class Throttling(ServiceTest):
             self.assertNotIn(secret, logs)
         self.assertEqual(s.post([event()], token="br4ze-7q").status, 200)
 
+    def test_a_dedup_window_shorter_than_the_replay_window_is_a_warning(self):
+        # only the dedup window keeps a signed request, good for the replay
+        # window, from being delivered again when replayed
+        s = self.service(env={"TRIBUTARY_INBOUND_HMAC_SECRETS": SECRET,
+                              "TRIBUTARY_DEDUP_WINDOW_S": "60"})
+        self.assertIn("dedup.window_s (60) is shorter than inbound.replay_window_s (300)",
+                      s.logs())
+        s2 = self.service(env={"TRIBUTARY_INBOUND_HMAC_SECRETS": SECRET})
+        self.assertNotIn("is shorter than inbound.replay_window_s", s2.logs())
+
     def test_another_client_is_served_while_one_is_throttled(self):
         s = self.service()
         self.fail_ten_times(s, "203.0.113.7")
