@@ -21,7 +21,10 @@ that is not an array of objects. Otherwise /v2/bulkevents, as the real API, answ
 when some batches inside failed: those are dropped, and kept in
 `rejected` for the tests. stop() fails (AssertionError) while any batch was rejected, so
 that a test whose service sent one cannot pass unnoticed; a test that means to send one
-reads and clears them with take_rejected().
+reads and clears them with take_rejected(). A request over the API's limits (256 KB, 100
+batches, a batch over 128 KB) is answered 413 or 400, as mParticle may, and kept in `rejected`
+too: mParticle does not document its answer, which may as well be a 202 that drops the batch,
+so a service that counts on splitting after such an answer would lose events there.
 Deduplication: a batch whose source_request_id the same API key sent before is answered 202
 and not stored again, as mParticle does; it is kept in `repeats`, and stop() fails while one
 differs from the batch first sent with its id (mParticle would have dropped its events).
@@ -673,6 +676,12 @@ class MParticleDouble:
             return
         self._answer(h, rec, status, body, extra)
 
+    def _over_limit(self, feed, status, message):
+        """The Rejected to raise for a request over the API's limits, kept in `rejected`."""
+        with self._cond:
+            self._rejected.append({"feed": feed, "limit": True, "message": message})
+        return Rejected(status, message)
+
     def _process(self, body, path, feed, rec):
         """Validates and records; returns (status, body, extra headers)."""
         try:
@@ -682,7 +691,8 @@ class MParticleDouble:
                 raise Rejected(415, "Content-Type must be application/json, not %s"
                                % json.dumps(rec["headers"].get("content-type")))
             if len(body) >= MAX_REQUEST_BYTES:
-                raise Rejected(413, "request body of %d bytes, must be under %d" % (len(body), MAX_REQUEST_BYTES))
+                raise self._over_limit(feed, 413, "request body of %d bytes, must be under %d"
+                                       % (len(body), MAX_REQUEST_BYTES))
             try:
                 text = body.decode("utf-8")
                 value = _loads(text)
@@ -694,8 +704,8 @@ class MParticleDouble:
                 batches, raws = value, _array_items(text)
                 rec["batches"] = len(batches)
                 if len(batches) > MAX_BATCHES:
-                    raise Rejected(400, "too many batches in one request: %d, at most %d"
-                                   % (len(batches), MAX_BATCHES))
+                    raise self._over_limit(feed, 400, "too many batches in one request: %d, at most %d"
+                                           % (len(batches), MAX_BATCHES))
             else:
                 if not isinstance(value, dict):
                     raise Rejected(400, "/v2/events expects one batch object")
@@ -704,7 +714,8 @@ class MParticleDouble:
             for i, raw in enumerate(raws):
                 size = len(raw.encode("utf-8"))
                 if size > MAX_BATCH_BYTES:
-                    raise Rejected(413, "batch %d is %d bytes, at most %d" % (i, size, MAX_BATCH_BYTES))
+                    raise self._over_limit(feed, 413, "batch %d is %d bytes, at most %d"
+                                           % (i, size, MAX_BATCH_BYTES))
             dropped = []
             for i, batch in enumerate(batches):
                 try:

@@ -51,6 +51,14 @@ class DoubleTest(unittest.TestCase):
         self.d = MParticleDouble(feeds=FEEDS).start()
         self.addCleanup(self.d.stop)
 
+    def assertOverLimit(self, says):
+        """The request went over a limit of the API: kept in `rejected` (and cleared), so that
+        a service that sent it fails its test."""
+        rejected = self.d.take_rejected()
+        self.assertEqual(len(rejected), 1, rejected)
+        self.assertTrue(rejected[0]["limit"])
+        self.assertIn(says, rejected[0]["message"])
+
     def post(self, body, feed="ios", path="/v2/bulkevents", auth=None, headers=None, conn=None, timeout=5):
         """POSTs body (a JSON-able value, str or bytes); returns (status, headers, body bytes)."""
         if not isinstance(body, (str, bytes)):
@@ -381,6 +389,7 @@ class DoubleTest(unittest.TestCase):
         self.assertGreaterEqual(len(body), 256 * 1024)
         self.assertError(self.post(body), 413)
         self.assertNothingStored()
+        self.assertOverLimit("request body")
 
     def test_request_just_under_256_kb_is_accepted(self):
         b = batch(events=[custom_event(**{"a%d" % i: "x" * 4000 for i in range(20)})])
@@ -398,6 +407,7 @@ class DoubleTest(unittest.TestCase):
         self.assertLess(size, 256 * 1024)
         self.assertError(self.post([batch(), big]), 413)
         self.assertNothingStored()
+        self.assertOverLimit("batch 1 is")
 
     def test_rate_limit_answers_429_with_retry_after_over_the_last_second(self):
         self.d.rate_limit = 3
@@ -412,6 +422,7 @@ class DoubleTest(unittest.TestCase):
 
     def test_more_than_100_batches_is_400(self):
         self.assertError(self.post([batch() for _ in range(101)]), 400, "batches")
+        self.assertOverLimit("too many batches")
         self.assertNothingStored()
         self.assertEqual(self.d.requests[0]["batches"], 101)
 
