@@ -932,6 +932,19 @@ class Delivery(ServiceTest):
         self.assertEqual(sorted(d.source_message_ids(feed="ios")), sorted(e["id"] for e in ios))
         self.assertNotIn("held events moved", s.logs())
 
+    def test_a_feed_with_a_url_of_its_own_is_sent_there(self):
+        # feeds.<feed>.url: an app whose workspace is in another data pod
+        d, pod = self.double(), self.double()
+        s = self.service(env=feed_env(d, TRIBUTARY_FEEDS_IOS_URL=pod.url))
+        ios = [event("users.messages.pushnotification.Send", platform="ios", user="i%d" % i)
+               for i in range(3)]
+        other = [event("users.messages.email.Send", user="u%d" % i) for i in range(3)]
+        self.assertEqual(s.post(ios + other).status, 200)
+        self.assertTrue(pod.wait_for_events(3, 10 * SLOW))
+        self.assertTrue(d.wait_for_events(3, 10 * SLOW))
+        self.assertEqual(sorted(pod.source_message_ids()), sorted(e["id"] for e in ios))
+        self.assertEqual(sorted(d.source_message_ids()), sorted(e["id"] for e in other))
+
     def test_events_older_than_30_days_go_to_the_historical_endpoint(self):
         d = self.double()
         s = self.service(env=feed_env(d))
@@ -1221,6 +1234,8 @@ class Delivery(ServiceTest):
         waited, s = self.ios_after_a_429_on_unbound("account")
         self.assertGreaterEqual(waited, 1.9)
         self.assertIn('limit=account', s.logs())
+        # the account's rate (mparticle.rate_limit, 270 by default) is halved
+        self.assertIn("batches_per_s=135", s.logs())
 
     def test_a_429_that_names_no_limit_or_another_holds_back_every_feed(self):
         # mParticle documents its limit per account: a feed that went on
@@ -1231,11 +1246,13 @@ class Delivery(ServiceTest):
                 self.assertGreaterEqual(waited, 1.9)
 
     def test_a_429_for_the_feed_holds_back_that_feed_alone(self):
-        for scope in ("feed", "\tfeed "):
+        for scope in ("feed", "\tfeed ", "app"):
             with self.subTest(scope=scope):
                 waited, s = self.ios_after_a_429_on_unbound(scope)
                 self.assertLess(waited, 1.5)
-                self.assertIn('limit=feed ', s.logs())
+                self.assertIn('limit=%s ' % scope.strip(), s.logs())
+                # the feed's rate (270 by default) is halved
+                self.assertIn("batches_per_s=135", s.logs())
 
     def test_a_429_for_the_account_holds_back_the_probe_of_a_paused_feed(self):
         d = self.double()

@@ -97,6 +97,16 @@ START_TEST(test_defaults_without_file_or_environment)
     ck_assert_str_eq(c->queue_sync, "full");
     ck_assert_int_eq(c->dedup_window_s, 3600);
     ck_assert_int_eq(c->inbound_max_body_bytes, 16 * 1024 * 1024);
+    ck_assert_int_eq(c->inbound_max_events, 10000);
+    ck_assert_int_eq(c->http_request_timeout_s, 120);
+    ck_assert_int_eq(c->http_threads, 8);
+    ck_assert_int_eq(c->retry_failing_s, 3600);
+    ck_assert_int_eq(c->queue_max_depth, 5000000);
+    ck_assert_int_eq(c->queue_min_free_mb, 256);
+    /* mParticle's documented throughput per account */
+    ck_assert_int_eq(c->mparticle_rate_limit, 270);
+    for (int f = 0; f < FEED_COUNT; f++)
+        ck_assert_int_eq(c->feeds[f].rate_limit, 270);
     ck_assert_uint_eq(c->inbound_tokens.n, 0);
     ck_assert_uint_eq(c->events.n, 0);
     ck_assert_uint_eq(c->napps, 0);
