@@ -1069,7 +1069,7 @@ static enum queue_status apply_batches(queue *q, struct op *op, int64_t now)
  * paused (no credentials, or refused ones). */
 static void expired_detail(queue *q, int f, char *out, size_t size)
 {
-    str_copy(out, size, "not delivered within retry.max_age_s");
+    str_copy(out, size, QUEUE_MAX_AGE_DETAIL);
     sqlite3_stmt *s = q->st[S_FEED_STATE_GET];
     sqlite3_bind_int(s, 1, f);
     if (sqlite3_step(s) == SQLITE_ROW && sqlite3_column_text(s, 0)) {

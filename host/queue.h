@@ -178,6 +178,8 @@ enum queue_status queue_expire(queue *q, int64_t cutoff_ms, size_t *moved);
 enum queue_status queue_set_feed_state(queue *q, enum feed f, const char *reason);
 /* The reason of a feed paused because it has no credentials. */
 #define QUEUE_PAUSED_NO_CREDENTIALS "no credentials configured"
+/* The detail of a max_age dead letter, to which what is known of why is added. */
+#define QUEUE_MAX_AGE_DETAIL "not delivered within retry.max_age_s"
 
 /* In-memory figures kept by the writer (cheap, for /metrics and /readyz). */
 struct queue_gauges {

@@ -27,7 +27,7 @@ static struct {
     int watch_warned;   /* the watch failed, and it was said */
     /* the last reload put its pair in force (or none came since the start),
      * and when the pair in force was loaded: what /metrics says, since a
-     * refused reload leaves on disk files a restart would refuse too */
+     * refused reload leaves on disk files a restart may refuse too */
     int last_ok;
     int64_t loaded_ms;
 } R = {PTHREAD_MUTEX_INITIALIZER,

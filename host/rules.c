@@ -1894,6 +1894,18 @@ static const char *split_list(const char *p, const char *end, str *slices, size_
     return i == n ? p + 1 : NULL;
 }
 
+static int hex4(const char *p, unsigned *v)
+{
+    *v = 0;
+    for (int i = 0; i < 4; i++) {
+        int d = hex_digit(p[i]);
+        if (d < 0)
+            return -1;
+        *v = *v << 4 | (unsigned)d;
+    }
+    return 0;
+}
+
 /* Whether the JSON string key[0..n) (between its quotes, as it came, escapes
  * and all) is "events". A key spelt with escapes ("event\u0073") is one too:
  * cjson reads it so. */
@@ -1906,17 +1918,9 @@ static int key_is_events(const char *key, size_t n)
         if (c == '\\' && i < n) {
             char e = key[i++];
             if (e == 'u' && n - i >= 4) {
-                c = 0;
-                for (int d = 0; d < 4; d++) {
-                    char h = key[i++];
-                    unsigned v = h >= '0' && h <= '9'   ? (unsigned)(h - '0')
-                                 : h >= 'a' && h <= 'f' ? (unsigned)(h - 'a' + 10)
-                                 : h >= 'A' && h <= 'F' ? (unsigned)(h - 'A' + 10)
-                                                        : 16;
-                    if (v == 16)
-                        return 0;
-                    c = c * 16 + v;
-                }
+                if (hex4(key + i, &c) != 0)
+                    return 0;
+                i += 4;
             } else if (e == '"' || e == '\\' || e == '/') {
                 c = (unsigned char)e;
             } else {
@@ -2082,18 +2086,6 @@ static int push_text(rules *r, lua_State *L, const char *s, size_t n, int decode
     return rc;
 }
 
-static int hex4(const char *p, unsigned *v)
-{
-    *v = 0;
-    for (int i = 0; i < 4; i++) {
-        int d = hex_digit(p[i]);
-        if (d < 0)
-            return -1;
-        *v = *v << 4 | (unsigned)d;
-    }
-    return 0;
-}
-
 /* Replaces every \u escape of a UTF-16 surrogate that is not one half of a
  * pair by \ufffd, the replacement character, in place (both are six bytes, so
  * each event keeps its place in the body); returns how many. The JSON grammar
@@ -2179,17 +2171,8 @@ static size_t decoded_bound(const char *s, size_t n)
     for (size_t i = 0; i < n; i++) {
         switch (s[i]) {
         case '"': {
-            /* its end: the next quote after an even run of backslashes */
-            const char *q = s + i + 1, *end = s + n;
-            while ((q = memchr(q, '"', (size_t)(end - q))) != NULL) {
-                size_t backslashes = 0;
-                while (q - backslashes > s + i + 1 && q[-1 - (ptrdiff_t)backslashes] == '\\')
-                    backslashes++;
-                if (backslashes % 2 == 0)
-                    break;
-                q++;
-            }
-            size_t j = q ? (size_t)(q - s) : n;
+            const char *after = skip_string(s + i, s + n);
+            size_t j = after ? (size_t)(after - s) - 1 : n; /* its closing quote */
             strings++;
             string_bytes += j - i;
             i = j;

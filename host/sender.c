@@ -855,7 +855,7 @@ static void expire_batches(struct sender *s, struct feed_state *f)
         b = expired_part(s, f, b, cutoff); /* next stays in the list */
         if (!b)
             continue;
-        char detail[256] = "not delivered within retry.max_age_s";
+        char detail[256] = QUEUE_MAX_AGE_DETAIL;
         describe_failures(b, detail, sizeof detail);
         if (dead_batch(s, f, b, DEAD_MAX_AGE, detail) != 0)
             break;
