@@ -1689,22 +1689,29 @@ static void enqueue(queue *q, struct op *op)
 /* Free space is read every DISK_CHECK_EVERY_MS between commits (statvfs, a
  * microsecond: at 250 MB/s of writes, 12 MB pass between two reads); while it is under
  * opt.min_free_bytes, commits of new events are refused, so that what drains
- * the queue (persisting claims, acknowledgements, checkpoints) still has room. */
+ * the queue (persisting claims, acknowledgements, checkpoints) still has room.
+ * The file's own free pages count as free: a drained backlog leaves most of the
+ * file free (given back only past compact_min_free_bytes), and new events
+ * take those pages first. */
 static void check_disk(queue *q)
 {
     struct statvfs fs;
     if (q->opt.min_free_bytes <= 0 || statvfs(q->path, &fs) != 0)
         return;
-    int64_t free_bytes = (int64_t)fs.f_bavail * (int64_t)fs.f_frsize;
-    int low = free_bytes < q->opt.min_free_bytes;
+    int64_t free_bytes = (int64_t)fs.f_bavail * (int64_t)fs.f_frsize, file_free = 0;
+    if (free_bytes < q->opt.min_free_bytes)
+        file_free = pragma_value(q->db, "PRAGMA freelist_count") * PAGE_SIZE;
+    int low = free_bytes + file_free < q->opt.min_free_bytes;
     if (low && log_due(&q->disk_logged_ms))
         log_warn("queue: refusing new events: the disk of data_dir is nearly full; sending "
                  "goes on",
                  LOG_I("free_mib", (long long)(free_bytes >> 20))
-                     LOG_I("min_free_mib", (long long)(q->opt.min_free_bytes >> 20)));
+                     LOG_I("file_free_mib", (long long)(file_free >> 20))
+                         LOG_I("min_free_mib", (long long)(q->opt.min_free_bytes >> 20)));
     else if (!low && q->disk_low)
         log_info("queue: the disk of data_dir has room again; taking new events",
-                 LOG_I("free_mib", (long long)(free_bytes >> 20)));
+                 LOG_I("free_mib", (long long)(free_bytes >> 20))
+                     LOG_I("file_free_mib", (long long)(file_free >> 20)));
     q->disk_low = low;
     pthread_mutex_lock(&q->mu);
     q->gauges.disk_low = low;

@@ -323,3 +323,12 @@ class FullDisk(ServiceTest):
         # mParticle recovers; the disk keeps its filler
         d.clear_faults()
         self.assert_all_delivered(s, d, acknowledged)
+        # the delivered events' pages are free in the file, and new events take
+        # them: the disk counts as having room again
+        batch = [event("users.messages.email.Send", user="after", id="after-%d" % k) for k in range(10)]
+        deadline = time.time() + 10 * SLOW
+        while s.post(batch).status != 200 and time.time() < deadline:
+            time.sleep(0.2)
+        self.assertEqual(s.post(batch).status, 200, s.logs()[-2000:])
+        self.assertTrue(d.wait_for_events(len(acknowledged) + 10, 30 * SLOW))
+        self.assertIn("the disk of data_dir has room again", s.logs())
