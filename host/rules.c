@@ -463,6 +463,19 @@ static int setup_state(lua_State *L)
 
 /* [-1, +0] Takes the value a file returned and records its process function and
  * tests. */
+/* An error raised by a rule file's code, as a dead letter or a refusal says
+ * it: with the line it was raised at when the message lacks it, else the file. */
+static void describe_error(char *out, size_t len, const char *fname, enum sandbox_rc rc,
+                           const struct sandbox_error *serr)
+{
+    if (serr->where[0] && !strstr(serr->msg, serr->where))
+        str_printf(out, len, "%s (at %s)", serr->msg, serr->where);
+    else if (rc == SANDBOX_LIMIT || !serr->where[0])
+        str_printf(out, len, "%s: %s", fname, serr->msg);
+    else
+        str_copy(out, len, serr->msg);
+}
+
 static int register_file(rules *r, lua_State *L, size_t i, const char *name, char *err,
                          size_t errlen)
 {
@@ -543,11 +556,7 @@ int rules_new(rules **out, ruleset *rs, char *err, size_t errlen)
         struct sandbox_error serr;
         enum sandbox_rc rc = sandbox_call(r->sb, 0, 1, &load, &serr);
         if (rc != SANDBOX_OK) {
-            if (rc == SANDBOX_LIMIT)
-                str_printf(err, errlen, "%s: while loading: %s%s%s", f->name, serr.msg,
-                           serr.where[0] ? " at " : "", serr.where);
-            else
-                str_copy(err, errlen, serr.msg);
+            describe_error(err, errlen, f->name, rc, &serr);
             goto fail;
         }
         if (register_file(r, L, i, f->name, err, errlen) != 0)
@@ -1094,6 +1103,10 @@ static const char *file_base(const char *path)
     return s ? s + 1 : path;
 }
 
+/* A memory limit met by an event is said to be the earlier events' when they
+ * took at least 1/MEMORY_BLAME_SHARE of rules.memory_mb. */
+#define MEMORY_BLAME_SHARE 8
+
 /* Before the events of a request (their input decoded): memory that rules
  * keep from one event to the next (in a global or an upvalue) counts towards
  * the event that allocated it, and all the events of the request together may
@@ -1142,21 +1155,26 @@ static void run_chain(rules *r, lua_State *L, int evi, int wsi, size_t upto,
         lim.instructions -= sandbox_steps(r->sb);
         if (lim.instructions < 1)
             lim.instructions = 1;
-        if (rc == SANDBOX_LIMIT && by_ceiling && strncmp(serr.msg, "memory", 6) == 0)
-            str_printf(serr.msg, sizeof serr.msg,
-                       "memory limit exceeded: the rules keep from the request's earlier events "
-                       "(in globals or upvalues) all but %zu bytes of rules.memory_mb",
-                       lim.memory_bytes);
+        if (rc == SANDBOX_LIMIT && strncmp(serr.msg, "memory", 6) == 0) {
+            /* named by the request's earlier events only when they took a
+             * good part of it: an event's garbage stays until a collection */
+            size_t whole = r->limits.memory_bytes, start = r->ceiling - whole;
+            size_t before = base > start ? base - start : 0;
+            if (by_ceiling && before >= whole / MEMORY_BLAME_SHARE)
+                str_printf(serr.msg, sizeof serr.msg,
+                           "memory limit exceeded: %zu bytes of rules.memory_mb (%zu) were taken "
+                           "by what the rules keep from the request's earlier events (in globals "
+                           "or upvalues) or had not collected yet",
+                           before, whole);
+            else
+                str_printf(serr.msg, sizeof serr.msg,
+                           "memory limit exceeded (rules.memory_mb: %zu bytes)", whole);
+        }
         lim.memory_bytes = memory_left(r, base, &by_ceiling);
         if (rc != SANDBOX_OK) {
             res->kind = CHAIN_DEAD;
             res->dead_reason = rc == SANDBOX_LIMIT ? DEAD_RULE_LIMIT : DEAD_RULE_ERROR;
-            if (serr.where[0] && !strstr(serr.msg, serr.where))
-                str_printf(res->detail, sizeof res->detail, "%s (at %s)", serr.msg, serr.where);
-            else if (rc == SANDBOX_LIMIT || !serr.where[0])
-                str_printf(res->detail, sizeof res->detail, "%s: %s", fname, serr.msg);
-            else
-                str_copy(res->detail, sizeof res->detail, serr.msg);
+            describe_error(res->detail, sizeof res->detail, fname, rc, &serr);
             lua_pushnil(L);
             lua_replace(L, outi);
             return;

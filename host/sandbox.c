@@ -4,13 +4,16 @@
 #include "pool.h"
 
 #include <ctype.h>
+#include <errno.h>
 #include <lauxlib.h>
 #include <lualib.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 /* The count hook fires every HOOK_STEP instructions; a tripped limit makes it
  * fire on every instruction. */
@@ -79,8 +82,22 @@
 #define DEADLINE_SLACK_NS (250 * 1000 * 1000LL)
 #define LARGE_ALLOC (64 * 1024)
 
-/* print() from scripts goes to the log, at most this many lines per second. */
+/* Yet one instruction can take a second (comparing two long strings of NUL
+ * bytes: strcoll once per NUL), and a thousand of them pass between two count
+ * hooks. So a watchdog thread looks at every call under way each WATCH_MS and
+ * signals the thread of one past its deadline (WATCH_SIGNAL, ignored by
+ * default); the handler sets the count hook to fire at the next instruction,
+ * as lua.c does for SIGINT. A call then ends within WATCH_MS and one
+ * instruction of its deadline. The time of a library call is not the time
+ * limit's: the call pays for it in instructions (see timed), and the deadline
+ * moves on by as much. */
+#define WATCH_MS 20
+#define WATCH_SIGNAL SIGURG
+
+/* print() from scripts goes to the log, at most this many lines per second,
+ * of at most PRINT_MAX_BYTES of text each. */
 #define PRINT_LINES_PER_SECOND 20
+#define PRINT_MAX_BYTES 8192
 
 enum trip { TRIP_NONE, TRIP_INSTRUCTIONS, TRIP_MEMORY, TRIP_TIME };
 
@@ -96,14 +113,20 @@ struct sandbox {
     int refused_twice;       /* one was asked again and refused again (see trip_on_memory_error) */
     int64_t steps;
     int64_t budget;
-    int64_t deadline_ns; /* clock_mono_ns the call must end by (INT64_MAX: none, or
-                            outside a call) */
-    int cpu_timed;       /* library calls timed by the thread's CPU time (see TIMED_CALL_SHARE) */
-    int in_timed;        /* timed library calls under way: they pay for their time after */
+    _Atomic int64_t deadline_ns; /* clock_mono_ns the call must end by (INT64_MAX: none,
+                                    or outside a call); the watchdog reads it */
+    int cpu_timed; /* library calls timed by the thread's CPU time (see TIMED_CALL_SHARE) */
+    int in_timed;  /* timed library calls under way: they pay for their time after */
     enum trip tripped;
     int damaged;
     int base_ref; /* registry reference to the table behind every chunk's globals */
     char where[256];
+    /* the call under way, as the watchdog sees it (under call_lock) */
+    pthread_mutex_t call_lock;
+    pthread_t caller;
+    int calling;
+    volatile sig_atomic_t armed;      /* the count hook set to fire at once by the signal */
+    sandbox *watch_prev, *watch_next; /* every sandbox (under watch.lock) */
 };
 
 static sandbox *from_lua(lua_State *L)
@@ -118,9 +141,19 @@ static void sb_hook(lua_State *L, lua_Debug *ar);
 /* Trips the time limit once the call's deadline has passed (outside a call
  * there is none); from then on every instruction raises. Returns whether a
  * limit has tripped. */
+static int64_t deadline_of(const sandbox *sb)
+{
+    return atomic_load_explicit(&sb->deadline_ns, memory_order_relaxed);
+}
+
+static void set_deadline(sandbox *sb, int64_t ns)
+{
+    atomic_store_explicit(&sb->deadline_ns, ns, memory_order_relaxed);
+}
+
 static int past_deadline(sandbox *sb)
 {
-    if (sb->tripped == TRIP_NONE && clock_mono_ns() > sb->deadline_ns) {
+    if (sb->tripped == TRIP_NONE && clock_mono_ns() > deadline_of(sb)) {
         sb->tripped = TRIP_TIME;
         lua_sethook(sb->L, sb_hook, LUA_MASKCOUNT, 1);
     }
@@ -161,7 +194,11 @@ static void sb_hook(lua_State *L, lua_Debug *ar)
 {
     (void)ar;
     sandbox *sb = from_lua(L);
-    sb->steps += HOOK_STEP;
+    int armed = sb->armed; /* by the watchdog's signal, not HOOK_STEP instructions on */
+    if (armed)
+        sb->armed = 0;
+    else
+        sb->steps += HOOK_STEP;
     if (sb->tripped == TRIP_NONE && sb->steps > sb->budget)
         sb->tripped = TRIP_INSTRUCTIONS;
     if (past_deadline(sb)) {
@@ -172,6 +209,200 @@ static void sb_hook(lua_State *L, lua_Debug *ar)
                    : sb->tripped == TRIP_TIME ? "time"
                                               : "instruction");
     }
+    if (armed) /* the deadline moved on during a library call */
+        lua_sethook(L, sb_hook, LUA_MASKCOUNT, HOOK_STEP);
+}
+
+/* ---- the watchdog (see WATCH_MS) ----------------------------------------- */
+
+static struct {
+    pthread_mutex_t lock;
+    pthread_cond_t wake;
+    sandbox *head;      /* every sandbox */
+    atomic_int running; /* a thread watches them (set under lock) */
+    unsigned gen;       /* the running thread's; changed, it stops */
+    unsigned started;   /* the gen of the last thread that reached its loop */
+    pthread_t thread;
+} watch = {.lock = PTHREAD_MUTEX_INITIALIZER};
+static pthread_once_t watch_once = PTHREAD_ONCE_INIT;
+static int watch_ready; /* the handler and the condition are in place */
+
+/* The sandbox whose call this thread runs, for the signal handler. */
+static _Thread_local sandbox *volatile calling_here;
+
+static void on_watch_signal(int signo)
+{
+    (void)signo;
+    int saved = errno;
+    sandbox *sb = calling_here;
+    if (sb && clock_mono_ns() > deadline_of(sb)) {
+        sb->armed = 1;
+        lua_sethook(sb->L, sb_hook, LUA_MASKCOUNT, 1);
+    }
+    errno = saved;
+}
+
+static void *watch_main(void *arg)
+{
+    unsigned gen = (unsigned)(uintptr_t)arg;
+    pthread_setname_np(pthread_self(), "rules-watch");
+    pthread_mutex_lock(&watch.lock);
+    watch.started = gen;
+    pthread_cond_broadcast(&watch.wake);
+    while (watch.gen == gen) {
+        int64_t now = clock_mono_ns();
+        for (sandbox *sb = watch.head; sb; sb = sb->watch_next) {
+            pthread_mutex_lock(&sb->call_lock);
+            /* again each time: a library call may move the deadline on */
+            if (sb->calling && now > deadline_of(sb))
+                pthread_kill(sb->caller, WATCH_SIGNAL);
+            pthread_mutex_unlock(&sb->call_lock);
+        }
+        struct timespec until;
+        clock_gettime(CLOCK_MONOTONIC, &until);
+        until.tv_nsec += WATCH_MS * 1000000L;
+        if (until.tv_nsec >= 1000000000L) {
+            until.tv_sec++;
+            until.tv_nsec -= 1000000000L;
+        }
+        (void)pthread_cond_timedwait(&watch.wake, &watch.lock, &until);
+    }
+    pthread_mutex_unlock(&watch.lock);
+    return NULL;
+}
+
+static int watch_cond_init(void)
+{
+    pthread_condattr_t attr;
+    if (pthread_condattr_init(&attr) != 0)
+        return -1;
+    int rc = pthread_condattr_setclock(&attr, CLOCK_MONOTONIC) == 0 &&
+                     pthread_cond_init(&watch.wake, &attr) == 0
+                 ? 0
+                 : -1;
+    pthread_condattr_destroy(&attr);
+    return rc;
+}
+
+/* The child of a fork has none of its parent's threads: its first call
+ * starts a watchdog of its own. */
+static void watch_before_fork(void)
+{
+    pthread_mutex_lock(&watch.lock);
+}
+
+static void watch_after_fork(void)
+{
+    pthread_mutex_unlock(&watch.lock);
+}
+
+static void watch_in_child(void)
+{
+    pthread_mutex_unlock(&watch.lock);
+    if (watch_cond_init() != 0)
+        watch_ready = 0;
+    atomic_store(&watch.running, 0);
+    watch.gen++;
+}
+
+static void watch_init(void)
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_watch_signal;
+    sa.sa_flags = SA_RESTART;
+    sigemptyset(&sa.sa_mask);
+    watch_ready = watch_cond_init() == 0 && sigaction(WATCH_SIGNAL, &sa, NULL) == 0 &&
+                  pthread_atfork(watch_before_fork, watch_after_fork, watch_in_child) == 0;
+}
+
+/* Starts the watchdog unless one runs; under watch.lock. Returns once the
+ * thread is in its loop, so that no fork finds it starting (a sanitizer's
+ * locks of a thread's start would stay taken in the child). */
+static int watch_start_locked(void)
+{
+    if (atomic_load(&watch.running))
+        return 0;
+    unsigned gen = ++watch.gen;
+    if (!watch_ready ||
+        pthread_create(&watch.thread, NULL, watch_main, (void *)(uintptr_t)gen) != 0)
+        return -1;
+    atomic_store(&watch.running, 1);
+    while (watch.started != gen)
+        pthread_cond_wait(&watch.wake, &watch.lock);
+    return 0;
+}
+
+static int watch_add(sandbox *sb)
+{
+    pthread_once(&watch_once, watch_init);
+    if (pthread_mutex_init(&sb->call_lock, NULL) != 0)
+        return -1;
+    pthread_mutex_lock(&watch.lock);
+    int rc = watch_start_locked();
+    if (rc == 0) {
+        sb->watch_next = watch.head;
+        if (watch.head)
+            watch.head->watch_prev = sb;
+        watch.head = sb;
+    }
+    pthread_mutex_unlock(&watch.lock);
+    if (rc != 0)
+        pthread_mutex_destroy(&sb->call_lock);
+    return rc;
+}
+
+/* The last sandbox gone, the watchdog stops. */
+static void watch_remove(sandbox *sb)
+{
+    pthread_t stopped;
+    int stop = 0;
+    pthread_mutex_lock(&watch.lock);
+    if (sb->watch_prev)
+        sb->watch_prev->watch_next = sb->watch_next;
+    else
+        watch.head = sb->watch_next;
+    if (sb->watch_next)
+        sb->watch_next->watch_prev = sb->watch_prev;
+    if (!watch.head && atomic_load(&watch.running)) {
+        watch.gen++;
+        atomic_store(&watch.running, 0);
+        stopped = watch.thread;
+        stop = 1;
+        pthread_cond_broadcast(&watch.wake);
+    }
+    pthread_mutex_unlock(&watch.lock);
+    if (stop)
+        pthread_join(stopped, NULL);
+    pthread_mutex_destroy(&sb->call_lock);
+}
+
+/* A call begins: the watchdog may signal this thread once it is past its
+ * deadline (set before). Returns the call it runs within, if any. */
+static sandbox *watch_begin(sandbox *sb)
+{
+    if (!atomic_load_explicit(&watch.running, memory_order_relaxed)) {
+        pthread_mutex_lock(&watch.lock); /* in the child of a fork */
+        (void)watch_start_locked();      /* without it, the count hook's checks remain */
+        pthread_mutex_unlock(&watch.lock);
+    }
+    pthread_mutex_lock(&sb->call_lock);
+    sb->caller = pthread_self();
+    sb->calling = 1;
+    pthread_mutex_unlock(&sb->call_lock);
+    atomic_signal_fence(memory_order_seq_cst); /* the deadline before the handler's view */
+    sandbox *outer = calling_here;
+    calling_here = sb;
+    return outer;
+}
+
+static void watch_end(sandbox *sb, sandbox *outer)
+{
+    calling_here = outer;
+    atomic_signal_fence(memory_order_seq_cst);
+    pthread_mutex_lock(&sb->call_lock);
+    sb->calling = 0;
+    pthread_mutex_unlock(&sb->call_lock);
 }
 
 /* A refused allocation is not yet the memory limit: Lua then runs an
@@ -284,11 +515,17 @@ static int timed(lua_State *L)
     lua_insert(L, 1);
     sandbox *sb = from_lua(L);
     int cpu = sb->cpu_timed;
-    int64_t start = cpu ? clock_thread_ns() : clock_mono_ns();
+    int64_t began = clock_mono_ns();
+    int64_t start = cpu ? clock_thread_ns() : began;
     sb->in_timed++;
     int status = protected_call(L, lua_gettop(L) - 1, LUA_MULTRET, 0);
     sb->in_timed--;
-    int64_t took = (cpu ? clock_thread_ns() : clock_mono_ns()) - start;
+    int64_t ended = clock_mono_ns();
+    int64_t took = (cpu ? clock_thread_ns() : ended) - start;
+    /* it pays in instructions, not in the time limit's time (see WATCH_MS) */
+    int64_t deadline = deadline_of(sb);
+    if (sb->in_timed == 0 && deadline != INT64_MAX && ended - began < INT64_MAX - deadline)
+        set_deadline(sb, deadline + (ended - began));
     int64_t cost = (int64_t)((double)took / ns_per_instruction);
     int64_t most = sb->budget / TIMED_CALL_SHARE > 0 ? sb->budget / TIMED_CALL_SHARE : 1;
     if (!cpu && cost > most) {
@@ -421,7 +658,17 @@ static int sb_print(lua_State *L)
         luaL_addvalue(&b);
     }
     luaL_pushresult(&b);
-    log_info("script print", LOG_S("text", lua_tostring(L, -1)));
+    size_t len;
+    const char *text = lua_tolstring(L, -1, &len);
+    if (len <= PRINT_MAX_BYTES) {
+        log_info("script print", LOG_S("text", text));
+        return 0;
+    }
+    /* the start of it, between two characters; the log line has a cap */
+    char start[PRINT_MAX_BYTES + 1];
+    memcpy(start, text, PRINT_MAX_BYTES);
+    start[utf8_sanitize(start, PRINT_MAX_BYTES, PRINT_MAX_BYTES)] = '\0';
+    log_info("script print, cut", LOG_S("text", start) LOG_I("bytes", (long long)len));
     return 0;
 }
 
@@ -1012,11 +1259,17 @@ sandbox *sandbox_new(int flags)
     if (!sb)
         return NULL;
     sb->limit = SIZE_MAX;
-    sb->deadline_ns = INT64_MAX;
+    set_deadline(sb, INT64_MAX);
     sb->base_ref = LUA_NOREF;
     sb->pool = pool_new();
     sb->L = sb->pool ? lua_newstate(sb_alloc, sb) : NULL;
     if (!sb->L) {
+        pool_free(sb->pool);
+        free(sb);
+        return NULL;
+    }
+    if (watch_add(sb) != 0) {
+        lua_close(sb->L);
         pool_free(sb->pool);
         free(sb);
         return NULL;
@@ -1036,8 +1289,8 @@ void sandbox_free(sandbox *sb)
 {
     if (!sb)
         return;
-    if (sb->L)
-        lua_close(sb->L);
+    watch_remove(sb);
+    lua_close(sb->L);
     pool_free(sb->pool);
     free(sb);
 }
@@ -1060,8 +1313,24 @@ int sandbox_load(sandbox *sb, const char *chunkname, const char *src, size_t len
                  size_t errlen)
 {
     lua_State *L = sb->L;
-    if (luaL_loadbufferx(L, src, len, chunkname, "t") != LUA_OK) {
-        str_copy(err, errlen, lua_isstring(L, -1) ? lua_tostring(L, -1) : "cannot load");
+    const char *name = chunkname[0] == '@' || chunkname[0] == '=' ? chunkname + 1 : chunkname;
+    if (len >= strlen(LUA_SIGNATURE) && memcmp(src, LUA_SIGNATURE, strlen(LUA_SIGNATURE)) == 0) {
+        str_printf(err, errlen, "%s: a compiled (binary) chunk; only Lua source text is loaded",
+                   name);
+        return -1;
+    }
+    /* a UTF-8 byte-order mark, as some editors write: lua5.4 skips it in a file */
+    if (len >= 3 && memcmp(src, "\xEF\xBB\xBF", 3) == 0) {
+        src += 3;
+        len -= 3;
+    }
+    int rc = luaL_loadbufferx(L, src, len, chunkname, "t");
+    if (rc != LUA_OK) {
+        const char *msg = lua_isstring(L, -1) ? lua_tostring(L, -1) : "cannot load";
+        if (rc == LUA_ERRSYNTAX) /* "file:line: ..." */
+            str_copy(err, errlen, msg);
+        else
+            str_printf(err, errlen, "%s: %s", name, msg);
         lua_pop(L, 1);
         return -1;
     }
@@ -1093,19 +1362,22 @@ enum sandbox_rc sandbox_call(sandbox *sb, int nargs, int nresults, const struct 
     sb->cpu_timed = 0;
     sb->in_timed = 0;
     sb->budget = lim && lim->instructions > 0 ? lim->instructions : INT64_MAX;
+    sb->armed = 0;
     int64_t started = clock_mono_ns();
-    sb->deadline_ns = sandbox_deadline_for(started, sb->budget);
+    int64_t time_limit = sandbox_deadline_for(started, sb->budget);
+    set_deadline(sb, time_limit);
     sb->limit = lim && lim->memory_bytes > 0 ? sb->used + lim->memory_bytes : SIZE_MAX;
     sb->where[0] = '\0';
     lua_sethook(L, sb_hook, LUA_MASKCOUNT, HOOK_STEP);
+    sandbox *outer = watch_begin(sb);
 
     int status = lua_pcall(L, nargs, nresults, fn);
     trip_on_memory_error(L, status);
 
+    watch_end(sb, outer);
     lua_sethook(L, NULL, 0, 0);
     sb->limit = SIZE_MAX;
-    int64_t deadline = sb->deadline_ns;
-    sb->deadline_ns = INT64_MAX;
+    set_deadline(sb, INT64_MAX);
     enum trip tripped = sb->tripped;
     sb->tripped = TRIP_NONE;
 
@@ -1130,7 +1402,7 @@ enum sandbox_rc sandbox_call(sandbox *sb, int nargs, int nresults, const struct 
             str_printf(err->msg, sizeof err->msg,
                        "time limit exceeded: ran for more than %lld ms, %d times what %lld "
                        "instructions take (long strings compared or joined, or library calls)",
-                       (long long)((deadline - started) / 1000000), DEADLINE_FACTOR,
+                       (long long)((time_limit - started) / 1000000), DEADLINE_FACTOR,
                        (long long)(lim ? lim->instructions : 0));
         else
             str_printf(err->msg, sizeof err->msg, "instruction limit exceeded (%lld instructions)",
@@ -1159,7 +1431,7 @@ size_t sandbox_memory_left(lua_State *L)
 
 int64_t sandbox_deadline(lua_State *L)
 {
-    return from_lua(L)->deadline_ns;
+    return deadline_of(from_lua(L));
 }
 
 int sandbox_overdue(lua_State *L)

@@ -10,6 +10,9 @@
  *     share one budget between calls, see struct sandbox_limits);
  *   - instructions: a count hook ends a call after its budget; once a limit
  *     trips, every further instruction raises again, so `pcall` cannot swallow it;
+ *   - time: a deadline from the budget, for single instructions that cost what
+ *     their operands hold; a watchdog thread (running while any sandbox exists)
+ *     signals a call past it with SIGURG, whose handler is the sandbox's;
  *   - C functions the hook cannot interrupt (pattern matching, plain find,
  *     table.move, table.insert/remove) refuse inputs whose worst-case cost is
  *     beyond a bound, and every function of string, table, utf8 and math pays

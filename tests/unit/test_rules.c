@@ -2118,6 +2118,28 @@ START_TEST(test_memory_kept_from_earlier_events_is_bounded_per_request)
 }
 END_TEST
 
+/* An event that meets the memory limit by itself is not said to meet it for
+ * what earlier events kept: their garbage, not yet collected, is no reason. */
+START_TEST(test_memory_an_event_takes_by_itself_is_not_blamed_on_earlier_events)
+{
+    rule("10-grow.lua", "return function(event, out)\n"
+                        "  local s = 'x'\n"
+                        "  if event.id == 'g-2' then for i = 1, 27 do s = s .. s end end\n"
+                        "  for i = 1, 20 do s = s .. i end\n"
+                        "  return {feed = 'unbound', batch = {},\n"
+                        "          event = {event_type = 'uninstall', data = {}, id = event.id}}\n"
+                        "end\n");
+    build();
+    ck_assert_int_eq(map(ENVELOPE(EV("g-1") "," EV("g-2")), INPUT_ENVELOPE), 0);
+    ck_assert_uint_eq(F.m.nrecords, 1);
+    ck_assert_uint_eq(F.m.ndead, 1);
+    ck_assert_str_eq(F.m.dead[0].reason, DEAD_RULE_LIMIT);
+    ck_assert_msg(contains(F.m.dead[0].detail.p, "memory limit exceeded (rules.memory_mb: 67108864 "
+                                                 "bytes)"),
+                  "detail: %s", F.m.dead[0].detail.p);
+}
+END_TEST
+
 /* Loads the rules and expects building an engine to fail within deadline_ms;
  * returns rules_new's message. */
 static const char *rules_new_fails(long deadline_ms, struct bounded *res)
@@ -2217,6 +2239,31 @@ START_TEST(test_building_long_strings_in_a_loop_stops_soon_after_the_time_limit)
 }
 END_TEST
 
+/* Comparing a string of NUL bytes is one instruction that takes what it holds
+ * (Lua compares with strcoll, once per NUL): 16 ms for 2 MiB, and a thousand
+ * instructions pass between two readings of the clock by the count hook, so
+ * the loop ran for seconds past its time limit (a minute with 32 MiB). The
+ * watchdog ends it at its next instruction. */
+START_TEST(test_a_loop_of_costly_comparisons_stops_soon_after_the_time_limit)
+{
+    const char *detail = one_event_meets_the_time_limit(
+        "50-nul.lua", "local s = string.rep('\\0', 2 * 1024 * 1024)\n"
+                      "return function(event, out)\n"
+                      "  while true do if s < s then end end\n"
+                      "end\n");
+    const char *p = strstr(detail, "ran for more than ");
+    ck_assert_ptr_nonnull(p);
+    long limit_ms = strtol(p + strlen("ran for more than "), NULL, 10);
+    ck_assert_int_gt(limit_ms, 0);
+    struct bounded res;
+    map_bounded(ENVELOPE(EV("l-2")), 60000, &res);
+    ck_assert(res.finished);
+    ck_assert_uint_eq(res.ndead, 1);
+    ck_assert_msg(res.ms < limit_ms + 500 + limit_ms / 2, "took %ld ms, limit %ld ms", res.ms,
+                  limit_ms);
+}
+END_TEST
+
 START_TEST(test_top_level_code_comparing_long_strings_meets_the_time_limit)
 {
     rule("30-compare.lua", LONG_COMPARE "while true do if a < b then end end\n"
@@ -2258,6 +2305,43 @@ START_TEST(test_syntax_error_fails_rules_new_with_file_and_line)
     ck_assert_int_eq(rules_new(&F.r, F.rs, err, sizeof err), -1);
     ck_assert_ptr_null(F.r);
     ck_assert_msg(contains(err, "30-syntax.lua:2:"), "err: %s", err);
+}
+END_TEST
+
+/* An error raised by a file's top level names the file and line, whatever the
+ * error object: check, a reload's refusal and the start say where to look. */
+static const char *const TOP_LEVEL_ERRORS[] = {"error({code = 1})", "error('bad setting', 0)",
+                                               "local x = os.date(string.rep('%c', 300))"};
+
+START_TEST(test_a_top_level_error_fails_rules_new_with_file_and_line)
+{
+    char src[256];
+    snprintf(src, sizeof src, "local n = 1\n%s\nreturn function() end\n", TOP_LEVEL_ERRORS[_i]);
+    rule("30-top.lua", src);
+    prepare();
+    char err[ERR_LEN] = "";
+    ck_assert_int_eq(rules_new(&F.r, F.rs, err, sizeof err), -1);
+    ck_assert_msg(contains(err, "30-top.lua:2"), "%s: %s", TOP_LEVEL_ERRORS[_i], err);
+}
+END_TEST
+
+/* Lua's own loader of files skips a UTF-8 byte-order mark, as some editors write. */
+START_TEST(test_a_rule_file_with_a_byte_order_mark_loads)
+{
+    rule("30-bom.lua", "\xEF\xBB\xBF" PASS_RULE);
+    prepare();
+    char err[ERR_LEN] = "";
+    ck_assert_msg(rules_new(&F.r, F.rs, err, sizeof err) == 0, "%s", err);
+}
+END_TEST
+
+START_TEST(test_a_compiled_chunk_fails_rules_new_naming_the_file)
+{
+    rule("30-compiled.lua", "\x1bLua\x54");
+    prepare();
+    char err[ERR_LEN] = "";
+    ck_assert_int_eq(rules_new(&F.r, F.rs, err, sizeof err), -1);
+    ck_assert_msg(contains(err, "30-compiled.lua: a compiled (binary) chunk"), "%s", err);
 }
 END_TEST
 
@@ -3005,8 +3089,13 @@ static Suite *suite(void)
     tcase_add_test(tc, test_one_file_using_60_percent_of_the_memory_limit_is_within_it);
     tcase_add_test(tc, test_two_files_using_60_percent_each_for_one_event_exceed_the_memory_limit);
     tcase_add_test(tc, test_memory_kept_from_earlier_events_is_bounded_per_request);
+    tcase_add_test(tc, test_memory_an_event_takes_by_itself_is_not_blamed_on_earlier_events);
     tcase_add_test(tc, test_top_level_infinite_loop_fails_rules_new_naming_the_file);
     tcase_add_test(tc, test_syntax_error_fails_rules_new_with_file_and_line);
+    tcase_add_loop_test(tc, test_a_top_level_error_fails_rules_new_with_file_and_line, 0,
+                        (int)ARRAY_LEN(TOP_LEVEL_ERRORS));
+    tcase_add_test(tc, test_a_rule_file_with_a_byte_order_mark_loads);
+    tcase_add_test(tc, test_a_compiled_chunk_fails_rules_new_naming_the_file);
     tcase_add_test(tc,
                    test_a_dangling_rule_file_link_refuses_the_set_and_a_directory_is_passed_over);
 
@@ -3035,6 +3124,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_a_loop_of_large_table_moves_hits_the_instruction_limit);
     tcase_add_test(tc, test_a_loop_of_cjson_calls_hits_the_instruction_limit);
     tcase_add_test(tc, test_a_sort_of_costly_comparisons_stops_at_the_time_limit);
+    tcase_add_test(tc, test_a_loop_of_costly_comparisons_stops_soon_after_the_time_limit);
     tcase_add_test(tc, test_sort_and_concat_refuse_a_table_with_a_length_of_its_own);
     tcase_add_test(tc, test_table_functions_refuse_a_table_that_reads_through_a_chain);
     tcase_add_test(tc, test_a_loop_of_custom_attributes_calls_hits_the_instruction_limit);
