@@ -2,6 +2,7 @@
 
 #include "digest.h"
 #include "mparticle.h"
+#include "queue.h"
 #include "sandbox.h"
 #include "tls.h"
 
@@ -24,6 +25,8 @@ extern char **environ;
 #define CONFIG_MEMORY (64u << 20)
 #define CONFIG_INSTRUCTIONS 10000000
 #define CONFIG_FILE_MAX (4u << 20)
+/* queue.min_free_mb that leaves room for the WAL to reach its limit (a warning under it) */
+#define MIN_FREE_SAFE_MB ((int)(QUEUE_WAL_MAX_BYTES >> 20) + 16)
 
 enum ktype { K_STR, K_SECRET, K_INT, K_LIST, K_SECRET_LIST, K_ENUM, K_APPS };
 
@@ -1626,6 +1629,15 @@ static int load(struct config **out, const char *path, const char *src, size_t l
                      "dedup.window_s (%lld) is shorter than inbound.replay_window_s (%lld): a "
                      "signed request replayed between the two is delivered again",
                      (long long)c->dedup_window_s, (long long)c->inbound_replay_window_s);
+        /* sending and acknowledging fill the WAL up to its limit before a
+         * checkpoint copies it back, and a full disk stops that copy */
+        if (c->queue_min_free_mb > 0 && c->queue_min_free_mb < MIN_FREE_SAFE_MB)
+            warn_add(&warnings,
+                     "queue.min_free_mb (%lld) leaves the queue little room to drain on a nearly "
+                     "full disk: its WAL grows to %lld MiB before it is copied into queue.db; %d "
+                     "or more is safe",
+                     (long long)c->queue_min_free_mb, (long long)(QUEUE_WAL_MAX_BYTES >> 20),
+                     MIN_FREE_SAFE_MB);
     }
 
     if (e.count) {

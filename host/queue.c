@@ -2576,7 +2576,13 @@ int queue_open(queue **out, const struct queue_options *o, char *err, size_t err
         }
     }
     if (!o->readonly) {
-        if (exec(q->db, "PRAGMA wal_autocheckpoint=0", err, errlen) != 0)
+        /* a WAL that grew past twice its limit (a long read held it) is cut
+         * back when it starts over, so that a disk gets that space back */
+        char limit[64];
+        snprintf(limit, sizeof limit, "PRAGMA journal_size_limit=%lld",
+                 2LL * q->wal_limit_pages * PAGE_SIZE);
+        if (exec(q->db, "PRAGMA wal_autocheckpoint=0", err, errlen) != 0 ||
+            exec(q->db, limit, err, errlen) != 0)
             goto fail;
         sqlite3_wal_hook(q->db, on_wal_commit, q);
     }

@@ -118,6 +118,30 @@ START_TEST(test_defaults_without_file_or_environment)
 }
 END_TEST
 
+/* A queue.min_free_mb under what the WAL takes before it is copied back leaves
+ * a nearly full disk no room to drain: a warning at start; 0 (off) is none. */
+START_TEST(test_a_min_free_mb_under_the_wals_room_is_a_warning)
+{
+    static const struct {
+        const char *src;
+        int warned;
+    } cases[] = {{"return { queue = { min_free_mb = 24 } }\n", 1},
+                 {"return { queue = { min_free_mb = 64 } }\n", 0},
+                 {"return { queue = { min_free_mb = 0 } }\n", 0}};
+    for (size_t i = 0; i < ARRAY_LEN(cases); i++) {
+        struct config *c = NULL;
+        char err[4096] = "";
+        ck_assert_msg(config_load(&c, conf("min_free.lua", cases[i].src), err, sizeof err) == 0,
+                      "%s", err);
+        const char *w = c->warnings ? c->warnings : "";
+        ck_assert_msg((strstr(w, "queue.min_free_mb (24) leaves the queue little room to drain") !=
+                       NULL) == cases[i].warned,
+                      "%s: %s", cases[i].src, w);
+        config_unref(c);
+    }
+}
+END_TEST
+
 START_TEST(test_null_path_reads_tributary_conf_lua_in_current_directory)
 {
     char sub[128];
@@ -1066,6 +1090,7 @@ static Suite *suite(void)
 
     tcase_add_test(tc, test_defaults_without_file_or_environment);
     tcase_add_test(tc, test_null_path_reads_tributary_conf_lua_in_current_directory);
+    tcase_add_test(tc, test_a_min_free_mb_under_the_wals_room_is_a_warning);
 
     tcase_add_test(tc, test_file_values_are_read_from_nested_sections);
     tcase_add_test(tc, test_file_lists_are_read_in_order);

@@ -2344,6 +2344,10 @@ START_TEST(test_a_long_read_does_not_hold_up_commits)
     for (int c = 0; c < 3 * WAL_LIMIT / COMMIT_WAL; c++)
         commit_big(q, 5000 + c);
     ck_assert_int_le(wal_size(), after + 2 * COMMIT_WAL);
+    /* and as it started over past twice its limit, it was cut back to that:
+     * a disk gets the space of a long read's WAL back */
+    ck_assert_int_gt(p.wal_during, 2LL * WAL_LIMIT + 4LL * COMMIT_WAL);
+    ck_assert_int_le(wal_size(), 2LL * WAL_LIMIT + 2LL * COMMIT_WAL);
     queue_free(q);
 }
 END_TEST
