@@ -38,9 +38,10 @@ FEEDS = ("ios", "android", "web", "unbound")
 # tables per feed).
 RECORDS = "(%s)" % " UNION ALL ".join(
     "SELECT %d AS feed, * FROM records_%s" % (i, f) for i, f in enumerate(FEEDS))
-# What AddressSanitizer, UndefinedBehaviorSanitizer, LeakSanitizer and valgrind
-# print when they find something.
+# What AddressSanitizer, UndefinedBehaviorSanitizer, LeakSanitizer, ThreadSanitizer and
+# valgrind print when they find something.
 TOOL_ERRORS = ("ERROR: AddressSanitizer", "ERROR: LeakSanitizer", "runtime error:",
+               "WARNING: ThreadSanitizer",
                "== Invalid ", "== Conditional jump", "definitely lost in", "== Mismatched free",
                "== Syscall param")
 
