@@ -2,6 +2,7 @@
 
 #include "util.h"
 
+#include <errno.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <string.h>
@@ -142,8 +143,15 @@ void log_emit(enum log_level level, const char *msg, const struct log_field *fie
         (void)!write(STDERR_FILENO, stack, strlen(stack));
         return;
     }
-    /* One write per line, so lines from several threads never interleave. */
-    (void)!write(STDERR_FILENO, b.data, b.len);
+    /* One write per line, so lines from several threads never interleave; the
+     * rest of one a signal cut short (a pipe's reader behind) follows it. */
+    for (size_t off = 0; off < b.len;) {
+        ssize_t wrote = write(STDERR_FILENO, b.data + off, b.len - off);
+        if (wrote > 0)
+            off += (size_t)wrote;
+        else if (wrote == 0 || errno != EINTR)
+            break;
+    }
     buf_free(&b);
 }
 

@@ -1690,24 +1690,35 @@ static void enqueue(queue *q, struct op *op)
  * microsecond: at 250 MB/s of writes, 12 MB pass between two reads); while it is under
  * opt.min_free_bytes, commits of new events are refused, so that what drains
  * the queue (persisting claims, acknowledgements, checkpoints) still has room.
- * The file's own free pages count as free: a drained backlog leaves most of the
- * file free (given back only past compact_min_free_bytes), and new events
- * take those pages first. */
+ * The file's own free pages count as free (a drained backlog leaves most of
+ * the file free, given back only past compact_min_free_bytes), once the disk
+ * has room for the WAL to reach its limit: new events reach those pages
+ * through the WAL. */
 static void check_disk(queue *q)
 {
     struct statvfs fs;
     if (q->opt.min_free_bytes <= 0 || statvfs(q->path, &fs) != 0)
         return;
     int64_t free_bytes = (int64_t)fs.f_bavail * (int64_t)fs.f_frsize, file_free = 0;
-    if (free_bytes < q->opt.min_free_bytes)
+    int64_t wal_room = 0;
+    if (free_bytes < q->opt.min_free_bytes) {
         file_free = pragma_value(q->db, "PRAGMA freelist_count") * PAGE_SIZE;
-    int low = free_bytes + file_free < q->opt.min_free_bytes;
+        char wal[4096];
+        struct stat st;
+        int64_t wal_bytes = 0;
+        if (snprintf(wal, sizeof wal, "%s-wal", q->path) < (int)sizeof wal && stat(wal, &st) == 0)
+            wal_bytes = (int64_t)st.st_size;
+        int64_t most = ((int64_t)q->wal_limit_pages + CHECKPOINT_PAGES / 8) * PAGE_SIZE;
+        wal_room = most > wal_bytes ? most - wal_bytes : 0;
+    }
+    int low = free_bytes < wal_room || free_bytes + file_free < q->opt.min_free_bytes;
     if (low && log_due(&q->disk_logged_ms))
         log_warn("queue: refusing new events: the disk of data_dir is nearly full; sending "
                  "goes on",
                  LOG_I("free_mib", (long long)(free_bytes >> 20))
                      LOG_I("file_free_mib", (long long)(file_free >> 20))
-                         LOG_I("min_free_mib", (long long)(q->opt.min_free_bytes >> 20)));
+                         LOG_I("wal_room_mib", (long long)(wal_room >> 20))
+                             LOG_I("min_free_mib", (long long)(q->opt.min_free_bytes >> 20)));
     else if (!low && q->disk_low)
         log_info("queue: the disk of data_dir has room again; taking new events",
                  LOG_I("free_mib", (long long)(free_bytes >> 20))

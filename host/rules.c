@@ -461,8 +461,6 @@ static int setup_state(lua_State *L)
     return 0;
 }
 
-/* [-1, +0] Takes the value a file returned and records its process function and
- * tests. */
 /* An error raised by a rule file's code, as a dead letter or a refusal says
  * it: with the line it was raised at when the message lacks it, else the file. */
 static void describe_error(char *out, size_t len, const char *fname, enum sandbox_rc rc,
@@ -476,6 +474,8 @@ static void describe_error(char *out, size_t len, const char *fname, enum sandbo
         str_copy(out, len, serr->msg);
 }
 
+/* [-1, +0] Takes the value a file returned and records its process function and
+ * tests. */
 static int register_file(rules *r, lua_State *L, size_t i, const char *name, char *err,
                          size_t errlen)
 {
@@ -1162,13 +1162,13 @@ static void run_chain(rules *r, lua_State *L, int evi, int wsi, size_t upto,
             size_t before = base > start ? base - start : 0;
             if (by_ceiling && before >= whole / MEMORY_BLAME_SHARE)
                 str_printf(serr.msg, sizeof serr.msg,
-                           "memory limit exceeded: %zu bytes of rules.memory_mb (%zu) were taken "
-                           "by what the rules keep from the request's earlier events (in globals "
-                           "or upvalues) or had not collected yet",
-                           before, whole);
+                           "memory limit exceeded: %zu bytes of rules.memory_mb (%zu MiB) were "
+                           "taken by what the rules keep from the request's earlier events (in "
+                           "globals or upvalues) or by their garbage not collected yet",
+                           before, whole >> 20);
             else
                 str_printf(serr.msg, sizeof serr.msg,
-                           "memory limit exceeded (rules.memory_mb: %zu bytes)", whole);
+                           "memory limit exceeded (rules.memory_mb: %zu MiB)", whole >> 20);
         }
         lim.memory_bytes = memory_left(r, base, &by_ceiling);
         if (rc != SANDBOX_OK) {

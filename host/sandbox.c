@@ -8,6 +8,7 @@
 #include <lauxlib.h>
 #include <lualib.h>
 #include <pthread.h>
+#include <semaphore.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -215,20 +216,24 @@ static void sb_hook(lua_State *L, lua_Debug *ar)
 
 /* ---- the watchdog (see WATCH_MS) ----------------------------------------- */
 
+/* The handler reads the deadline with a plain load. */
+_Static_assert(ATOMIC_LLONG_LOCK_FREE == 2 && ATOMIC_LONG_LOCK_FREE == 2,
+               "the signal handler needs lock-free 64-bit atomics");
+
+/* One thread for the process, started with its first sandbox and running until
+ * it exits; the child of a fork starts its own at its first call. */
 static struct {
     pthread_mutex_t lock;
-    pthread_cond_t wake;
-    sandbox *head;      /* every sandbox */
-    atomic_int running; /* a thread watches them (set under lock) */
-    unsigned gen;       /* the running thread's; changed, it stops */
-    unsigned started;   /* the gen of the last thread that reached its loop */
-    pthread_t thread;
+    sandbox *head;      /* every sandbox, under lock */
+    atomic_int running; /* the thread was started (set under lock) */
+    sem_t ready;        /* posted once it is in its loop */
 } watch = {.lock = PTHREAD_MUTEX_INITIALIZER};
 static pthread_once_t watch_once = PTHREAD_ONCE_INIT;
-static int watch_ready; /* the handler and the condition are in place */
+static int watch_ready; /* the handler and the fork handlers are in place */
 
-/* The sandbox whose call this thread runs, for the signal handler. */
-static _Thread_local sandbox *volatile calling_here;
+/* The sandbox whose call this thread runs, for the signal handler (static TLS:
+ * a plain load there). */
+static _Thread_local __attribute__((tls_model("initial-exec"))) sandbox *volatile calling_here;
 
 static void on_watch_signal(int signo)
 {
@@ -244,12 +249,11 @@ static void on_watch_signal(int signo)
 
 static void *watch_main(void *arg)
 {
-    unsigned gen = (unsigned)(uintptr_t)arg;
+    (void)arg;
     pthread_setname_np(pthread_self(), "rules-watch");
-    pthread_mutex_lock(&watch.lock);
-    watch.started = gen;
-    pthread_cond_broadcast(&watch.wake);
-    while (watch.gen == gen) {
+    sem_post(&watch.ready);
+    for (;;) {
+        pthread_mutex_lock(&watch.lock);
         int64_t now = clock_mono_ns();
         for (sandbox *sb = watch.head; sb; sb = sb->watch_next) {
             pthread_mutex_lock(&sb->call_lock);
@@ -258,34 +262,13 @@ static void *watch_main(void *arg)
                 pthread_kill(sb->caller, WATCH_SIGNAL);
             pthread_mutex_unlock(&sb->call_lock);
         }
-        struct timespec until;
-        clock_gettime(CLOCK_MONOTONIC, &until);
-        until.tv_nsec += WATCH_MS * 1000000L;
-        if (until.tv_nsec >= 1000000000L) {
-            until.tv_sec++;
-            until.tv_nsec -= 1000000000L;
-        }
-        (void)pthread_cond_timedwait(&watch.wake, &watch.lock, &until);
+        pthread_mutex_unlock(&watch.lock);
+        struct timespec pause = {0, WATCH_MS * 1000000L};
+        nanosleep(&pause, NULL);
     }
-    pthread_mutex_unlock(&watch.lock);
     return NULL;
 }
 
-static int watch_cond_init(void)
-{
-    pthread_condattr_t attr;
-    if (pthread_condattr_init(&attr) != 0)
-        return -1;
-    int rc = pthread_condattr_setclock(&attr, CLOCK_MONOTONIC) == 0 &&
-                     pthread_cond_init(&watch.wake, &attr) == 0
-                 ? 0
-                 : -1;
-    pthread_condattr_destroy(&attr);
-    return rc;
-}
-
-/* The child of a fork has none of its parent's threads: its first call
- * starts a watchdog of its own. */
 static void watch_before_fork(void)
 {
     pthread_mutex_lock(&watch.lock);
@@ -299,10 +282,10 @@ static void watch_after_fork(void)
 static void watch_in_child(void)
 {
     pthread_mutex_unlock(&watch.lock);
-    if (watch_cond_init() != 0)
+    sem_destroy(&watch.ready);
+    if (sem_init(&watch.ready, 0, 0) != 0)
         watch_ready = 0;
     atomic_store(&watch.running, 0);
-    watch.gen++;
 }
 
 static void watch_init(void)
@@ -312,25 +295,31 @@ static void watch_init(void)
     sa.sa_handler = on_watch_signal;
     sa.sa_flags = SA_RESTART;
     sigemptyset(&sa.sa_mask);
-    watch_ready = watch_cond_init() == 0 && sigaction(WATCH_SIGNAL, &sa, NULL) == 0 &&
+    watch_ready = sem_init(&watch.ready, 0, 0) == 0 && sigaction(WATCH_SIGNAL, &sa, NULL) == 0 &&
                   pthread_atfork(watch_before_fork, watch_after_fork, watch_in_child) == 0;
 }
 
-/* Starts the watchdog unless one runs; under watch.lock. Returns once the
- * thread is in its loop, so that no fork finds it starting (a sanitizer's
- * locks of a thread's start would stay taken in the child). */
-static int watch_start_locked(void)
+/* Starts the thread unless it was; returns once it is in its loop, so that no
+ * fork finds it starting (a sanitizer's locks of a starting thread would stay
+ * taken in the child). Without it, the count hook's checks remain. */
+static void watch_start(void)
 {
-    if (atomic_load(&watch.running))
-        return 0;
-    unsigned gen = ++watch.gen;
-    if (!watch_ready ||
-        pthread_create(&watch.thread, NULL, watch_main, (void *)(uintptr_t)gen) != 0)
-        return -1;
-    atomic_store(&watch.running, 1);
-    while (watch.started != gen)
-        pthread_cond_wait(&watch.wake, &watch.lock);
-    return 0;
+    pthread_mutex_lock(&watch.lock);
+    int start = !atomic_load(&watch.running);
+    if (start)
+        atomic_store(&watch.running, 1);
+    pthread_mutex_unlock(&watch.lock);
+    if (!start)
+        return;
+    pthread_t t;
+    if (!watch_ready || pthread_create(&t, NULL, watch_main, NULL) != 0) {
+        log_warn("cannot start the rules' watchdog thread; a rule's time limit is checked every "
+                 "1,000 instructions only");
+        return;
+    }
+    pthread_detach(t);
+    while (sem_wait(&watch.ready) != 0 && errno == EINTR)
+        ;
 }
 
 static int watch_add(sandbox *sb)
@@ -338,25 +327,18 @@ static int watch_add(sandbox *sb)
     pthread_once(&watch_once, watch_init);
     if (pthread_mutex_init(&sb->call_lock, NULL) != 0)
         return -1;
+    watch_start();
     pthread_mutex_lock(&watch.lock);
-    int rc = watch_start_locked();
-    if (rc == 0) {
-        sb->watch_next = watch.head;
-        if (watch.head)
-            watch.head->watch_prev = sb;
-        watch.head = sb;
-    }
+    sb->watch_next = watch.head;
+    if (watch.head)
+        watch.head->watch_prev = sb;
+    watch.head = sb;
     pthread_mutex_unlock(&watch.lock);
-    if (rc != 0)
-        pthread_mutex_destroy(&sb->call_lock);
-    return rc;
+    return 0;
 }
 
-/* The last sandbox gone, the watchdog stops. */
 static void watch_remove(sandbox *sb)
 {
-    pthread_t stopped;
-    int stop = 0;
     pthread_mutex_lock(&watch.lock);
     if (sb->watch_prev)
         sb->watch_prev->watch_next = sb->watch_next;
@@ -364,16 +346,7 @@ static void watch_remove(sandbox *sb)
         watch.head = sb->watch_next;
     if (sb->watch_next)
         sb->watch_next->watch_prev = sb->watch_prev;
-    if (!watch.head && atomic_load(&watch.running)) {
-        watch.gen++;
-        atomic_store(&watch.running, 0);
-        stopped = watch.thread;
-        stop = 1;
-        pthread_cond_broadcast(&watch.wake);
-    }
     pthread_mutex_unlock(&watch.lock);
-    if (stop)
-        pthread_join(stopped, NULL);
     pthread_mutex_destroy(&sb->call_lock);
 }
 
@@ -381,11 +354,8 @@ static void watch_remove(sandbox *sb)
  * deadline (set before). Returns the call it runs within, if any. */
 static sandbox *watch_begin(sandbox *sb)
 {
-    if (!atomic_load_explicit(&watch.running, memory_order_relaxed)) {
-        pthread_mutex_lock(&watch.lock); /* in the child of a fork */
-        (void)watch_start_locked();      /* without it, the count hook's checks remain */
-        pthread_mutex_unlock(&watch.lock);
-    }
+    if (!atomic_load_explicit(&watch.running, memory_order_relaxed))
+        watch_start(); /* in the child of a fork */
     pthread_mutex_lock(&sb->call_lock);
     sb->caller = pthread_self();
     sb->calling = 1;
@@ -664,10 +634,11 @@ static int sb_print(lua_State *L)
         log_info("script print", LOG_S("text", text));
         return 0;
     }
-    /* the start of it, between two characters; the log line has a cap */
-    char start[PRINT_MAX_BYTES + 1];
-    memcpy(start, text, PRINT_MAX_BYTES);
-    start[utf8_sanitize(start, PRINT_MAX_BYTES, PRINT_MAX_BYTES)] = '\0';
+    /* the start of it, between two characters (the character across the cut
+     * is read whole to find its end); the log line has a cap */
+    char start[PRINT_MAX_BYTES + 4];
+    memcpy(start, text, sizeof start - 1);
+    start[utf8_sanitize(start, sizeof start - 1, PRINT_MAX_BYTES)] = '\0';
     log_info("script print, cut", LOG_S("text", start) LOG_I("bytes", (long long)len));
     return 0;
 }
@@ -1314,15 +1285,15 @@ int sandbox_load(sandbox *sb, const char *chunkname, const char *src, size_t len
 {
     lua_State *L = sb->L;
     const char *name = chunkname[0] == '@' || chunkname[0] == '=' ? chunkname + 1 : chunkname;
-    if (len >= strlen(LUA_SIGNATURE) && memcmp(src, LUA_SIGNATURE, strlen(LUA_SIGNATURE)) == 0) {
-        str_printf(err, errlen, "%s: a compiled (binary) chunk; only Lua source text is loaded",
-                   name);
-        return -1;
-    }
     /* a UTF-8 byte-order mark, as some editors write: lua5.4 skips it in a file */
     if (len >= 3 && memcmp(src, "\xEF\xBB\xBF", 3) == 0) {
         src += 3;
         len -= 3;
+    }
+    if (len >= strlen(LUA_SIGNATURE) && memcmp(src, LUA_SIGNATURE, strlen(LUA_SIGNATURE)) == 0) {
+        str_printf(err, errlen, "%s: a compiled (binary) chunk; only Lua source text is loaded",
+                   name);
+        return -1;
     }
     int rc = luaL_loadbufferx(L, src, len, chunkname, "t");
     if (rc != LUA_OK) {
@@ -1401,7 +1372,7 @@ enum sandbox_rc sandbox_call(sandbox *sb, int nargs, int nresults, const struct 
         else if (tripped == TRIP_TIME)
             str_printf(err->msg, sizeof err->msg,
                        "time limit exceeded: ran for more than %lld ms, %d times what %lld "
-                       "instructions take (long strings compared or joined, or library calls)",
+                       "instructions take (long strings compared or joined)",
                        (long long)((time_limit - started) / 1000000), DEADLINE_FACTOR,
                        (long long)(lim ? lim->instructions : 0));
         else

@@ -2134,8 +2134,7 @@ START_TEST(test_memory_an_event_takes_by_itself_is_not_blamed_on_earlier_events)
     ck_assert_uint_eq(F.m.nrecords, 1);
     ck_assert_uint_eq(F.m.ndead, 1);
     ck_assert_str_eq(F.m.dead[0].reason, DEAD_RULE_LIMIT);
-    ck_assert_msg(contains(F.m.dead[0].detail.p, "memory limit exceeded (rules.memory_mb: 67108864 "
-                                                 "bytes)"),
+    ck_assert_msg(contains(F.m.dead[0].detail.p, "memory limit exceeded (rules.memory_mb: 64 MiB)"),
                   "detail: %s", F.m.dead[0].detail.p);
 }
 END_TEST
