@@ -139,9 +139,6 @@ static sandbox *from_lua(lua_State *L)
 
 static void sb_hook(lua_State *L, lua_Debug *ar);
 
-/* Trips the time limit once the call's deadline has passed (outside a call
- * there is none); from then on every instruction raises. Returns whether a
- * limit has tripped. */
 static int64_t deadline_of(const sandbox *sb)
 {
     return atomic_load_explicit(&sb->deadline_ns, memory_order_relaxed);
@@ -151,6 +148,10 @@ static void set_deadline(sandbox *sb, int64_t ns)
 {
     atomic_store_explicit(&sb->deadline_ns, ns, memory_order_relaxed);
 }
+
+/* Trips the time limit once the call's deadline has passed (outside a call
+ * there is none); from then on every instruction raises. Returns whether a
+ * limit has tripped. */
 
 static int past_deadline(sandbox *sb)
 {
@@ -637,8 +638,9 @@ static int sb_print(lua_State *L)
     /* the start of it, between two characters (the character across the cut
      * is read whole to find its end); the log line has a cap */
     char start[PRINT_MAX_BYTES + 4];
-    memcpy(start, text, sizeof start - 1);
-    start[utf8_sanitize(start, sizeof start - 1, PRINT_MAX_BYTES)] = '\0';
+    size_t head = len < sizeof start - 1 ? len : sizeof start - 1;
+    memcpy(start, text, head);
+    start[utf8_sanitize(start, head, PRINT_MAX_BYTES)] = '\0';
     log_info("script print, cut", LOG_S("text", start) LOG_I("bytes", (long long)len));
     return 0;
 }

@@ -138,6 +138,7 @@ class Ingest(ServiceTest):
         rules = self.rules_dir({"20-print.lua": (
             "return function(event, out)\n"
             "  print('a' .. ('\\u{e9}'):rep(5000))\n"
+            "  print(('x'):rep(8193))\n"
             "end\n")})
         s = self.service(rules_dir=rules)
         self.assertEqual(s.post([event("users.messages.email.Open")]).status, 200)
@@ -145,6 +146,7 @@ class Ingest(ServiceTest):
         self.assertIn('msg="script print, cut"', line)
         # 8,191 bytes: the character across the cut is left out whole
         self.assertIn("text=a%s bytes=10001" % ("\u00e9" * 4095), line)
+        self.assertIn("text=%s bytes=8193" % ("x" * 8192), s.logs())
 
     def test_concurrent_requests_are_all_committed(self):
         s = self.service()
