@@ -221,13 +221,16 @@ static void sb_hook(lua_State *L, lua_Debug *ar)
 _Static_assert(ATOMIC_LLONG_LOCK_FREE == 2 && ATOMIC_LONG_LOCK_FREE == 2,
                "the signal handler needs lock-free 64-bit atomics");
 
-/* One thread for the process, started with its first sandbox and running until
- * it exits; the child of a fork starts its own at its first call. */
+/* One thread for the process, started with its first sandbox and stopped at
+ * exit; the child of a fork starts its own at its first call. */
 static struct {
     pthread_mutex_t lock;
     sandbox *head;      /* every sandbox, under lock */
     atomic_int running; /* the thread was started (set under lock) */
-    sem_t ready;        /* posted once it is in its loop */
+    int started;        /* and thread is it (under lock) */
+    int stop;           /* at exit (under lock) */
+    pthread_t thread;
+    sem_t ready; /* posted once it is in its loop */
 } watch = {.lock = PTHREAD_MUTEX_INITIALIZER};
 static pthread_once_t watch_once = PTHREAD_ONCE_INIT;
 static int watch_ready; /* the handler and the fork handlers are in place */
@@ -255,6 +258,10 @@ static void *watch_main(void *arg)
     sem_post(&watch.ready);
     for (;;) {
         pthread_mutex_lock(&watch.lock);
+        if (watch.stop) {
+            pthread_mutex_unlock(&watch.lock);
+            return NULL;
+        }
         int64_t now = clock_mono_ns();
         for (sandbox *sb = watch.head; sb; sb = sb->watch_next) {
             pthread_mutex_lock(&sb->call_lock);
@@ -267,7 +274,17 @@ static void *watch_main(void *arg)
         struct timespec pause = {0, WATCH_MS * 1000000L};
         nanosleep(&pause, NULL);
     }
-    return NULL;
+}
+
+static void watch_stop_at_exit(void)
+{
+    pthread_mutex_lock(&watch.lock);
+    int started = watch.started;
+    watch.started = 0;
+    watch.stop = 1;
+    pthread_mutex_unlock(&watch.lock);
+    if (started)
+        pthread_join(watch.thread, NULL);
 }
 
 static void watch_before_fork(void)
@@ -287,6 +304,7 @@ static void watch_in_child(void)
     if (sem_init(&watch.ready, 0, 0) != 0)
         watch_ready = 0;
     atomic_store(&watch.running, 0);
+    watch.started = 0;
 }
 
 static void watch_init(void)
@@ -297,7 +315,8 @@ static void watch_init(void)
     sa.sa_flags = SA_RESTART;
     sigemptyset(&sa.sa_mask);
     watch_ready = sem_init(&watch.ready, 0, 0) == 0 && sigaction(WATCH_SIGNAL, &sa, NULL) == 0 &&
-                  pthread_atfork(watch_before_fork, watch_after_fork, watch_in_child) == 0;
+                  pthread_atfork(watch_before_fork, watch_after_fork, watch_in_child) == 0 &&
+                  atexit(watch_stop_at_exit) == 0;
 }
 
 /* Starts the thread unless it was; returns once it is in its loop, so that no
@@ -306,19 +325,20 @@ static void watch_init(void)
 static void watch_start(void)
 {
     pthread_mutex_lock(&watch.lock);
-    int start = !atomic_load(&watch.running);
-    if (start)
+    int start = !atomic_load(&watch.running) && !watch.stop;
+    if (start) {
         atomic_store(&watch.running, 1);
+        watch.started = watch_ready && pthread_create(&watch.thread, NULL, watch_main, NULL) == 0;
+    }
+    int started = watch.started;
     pthread_mutex_unlock(&watch.lock);
     if (!start)
         return;
-    pthread_t t;
-    if (!watch_ready || pthread_create(&t, NULL, watch_main, NULL) != 0) {
+    if (!started) {
         log_warn("cannot start the rules' watchdog thread; a rule's time limit is checked every "
                  "1,000 instructions only");
         return;
     }
-    pthread_detach(t);
     while (sem_wait(&watch.ready) != 0 && errno == EINTR)
         ;
 }
