@@ -1686,6 +1686,12 @@ static void enqueue(queue *q, struct op *op)
     q->pending_tail = op;
 }
 
+static int64_t file_size(const char *path)
+{
+    struct stat st;
+    return stat(path, &st) == 0 ? (int64_t)st.st_size : 0;
+}
+
 /* Free space is read every DISK_CHECK_EVERY_MS between commits (statvfs, a
  * microsecond: at 250 MB/s of writes, 12 MB pass between two reads); while it is under
  * opt.min_free_bytes, commits of new events are refused, so that what drains
@@ -1703,11 +1709,9 @@ static void check_disk(queue *q)
     int64_t wal_room = 0;
     if (free_bytes < q->opt.min_free_bytes) {
         file_free = pragma_value(q->db, "PRAGMA freelist_count") * PAGE_SIZE;
-        char wal[4096];
-        struct stat st;
-        int64_t wal_bytes = 0;
-        if (snprintf(wal, sizeof wal, "%s-wal", q->path) < (int)sizeof wal && stat(wal, &st) == 0)
-            wal_bytes = (int64_t)st.st_size;
+        char wal[4200];
+        snprintf(wal, sizeof wal, "%s-wal", q->path);
+        int64_t wal_bytes = file_size(wal);
         int64_t most = ((int64_t)q->wal_limit_pages + CHECKPOINT_PAGES / 8) * PAGE_SIZE;
         wal_room = most > wal_bytes ? most - wal_bytes : 0;
     }
@@ -3108,12 +3112,6 @@ static int64_t scalar(sqlite3 *db, const char *sql)
         v = sqlite3_column_int64(s, 0);
     sqlite3_finalize(s);
     return v;
-}
-
-static int64_t file_size(const char *path)
-{
-    struct stat st;
-    return stat(path, &st) == 0 ? (int64_t)st.st_size : 0;
 }
 
 static int count_batch(void *ctx, int64_t id, int feed, const struct claim_batch *b)

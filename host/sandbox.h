@@ -11,8 +11,9 @@
  *   - instructions: a count hook ends a call after its budget; once a limit
  *     trips, every further instruction raises again, so `pcall` cannot swallow it;
  *   - time: a deadline from the budget, for single instructions that cost what
- *     their operands hold; a watchdog thread (running while any sandbox exists)
- *     signals a call past it with SIGURG, whose handler is the sandbox's;
+ *     their operands hold; a watchdog thread (started with the first sandbox,
+ *     stopped at exit) signals a call past it with SIGURG, whose handler is the
+ *     sandbox's;
  *   - C functions the hook cannot interrupt (pattern matching, plain find,
  *     table.move, table.insert/remove) refuse inputs whose worst-case cost is
  *     beyond a bound, and every function of string, table, utf8 and math pays

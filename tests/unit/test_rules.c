@@ -2297,13 +2297,22 @@ START_TEST(test_a_dangling_rule_file_link_refuses_the_set_and_a_directory_is_pas
 }
 END_TEST
 
-START_TEST(test_syntax_error_fails_rules_new_with_file_and_line)
+/* Loads the rule file name and expects rules_new to refuse it; returns why. */
+static const char *rules_new_refuses(const char *name, const char *src)
 {
-    rule("30-syntax.lua", "return function(event, out)\n  return {feed = }\nend\n");
+    static char err[ERR_LEN];
+    rule(name, src);
     prepare();
-    char err[ERR_LEN] = "";
+    err[0] = '\0';
     ck_assert_int_eq(rules_new(&F.r, F.rs, err, sizeof err), -1);
     ck_assert_ptr_null(F.r);
+    return err;
+}
+
+START_TEST(test_syntax_error_fails_rules_new_with_file_and_line)
+{
+    const char *err = rules_new_refuses("30-syntax.lua",
+                                        "return function(event, out)\n  return {feed = }\nend\n");
     ck_assert_msg(contains(err, "30-syntax.lua:2:"), "err: %s", err);
 }
 END_TEST
@@ -2317,10 +2326,7 @@ START_TEST(test_a_top_level_error_fails_rules_new_with_file_and_line)
 {
     char src[256];
     snprintf(src, sizeof src, "local n = 1\n%s\nreturn function() end\n", TOP_LEVEL_ERRORS[_i]);
-    rule("30-top.lua", src);
-    prepare();
-    char err[ERR_LEN] = "";
-    ck_assert_int_eq(rules_new(&F.r, F.rs, err, sizeof err), -1);
+    const char *err = rules_new_refuses("30-top.lua", src);
     ck_assert_msg(contains(err, "30-top.lua:2"), "%s: %s", TOP_LEVEL_ERRORS[_i], err);
 }
 END_TEST
@@ -2337,10 +2343,7 @@ END_TEST
 
 START_TEST(test_a_compiled_chunk_fails_rules_new_naming_the_file)
 {
-    rule("30-compiled.lua", "\x1bLua\x54");
-    prepare();
-    char err[ERR_LEN] = "";
-    ck_assert_int_eq(rules_new(&F.r, F.rs, err, sizeof err), -1);
+    const char *err = rules_new_refuses("30-compiled.lua", "\x1bLua\x54");
     ck_assert_msg(contains(err, "30-compiled.lua: a compiled (binary) chunk"), "%s", err);
 }
 END_TEST
