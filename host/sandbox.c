@@ -1036,11 +1036,27 @@ static int sb_getenv(lua_State *L)
     return call_original(L, 1);
 }
 
-/* [-0, +0] Replaces lib[name] (lib on top) by a C closure over the original. */
-static void wrap(lua_State *L, const char *name, lua_CFunction fn)
+/* [-0, +0] Names the function on top "lib.name" in the registry's table of
+ * loaded libraries, where lauxlib looks for the name of a function called from C
+ * when it raises an argument error. A wrapper is called from C (by timed), and
+ * its errors would otherwise say "bad argument #1 to '?'"; the originals are
+ * found under their library there already. */
+static void name_for_errors(lua_State *L, const char *lib, const char *name)
+{
+    luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
+    lua_pushfstring(L, "%s.%s", lib, name);
+    lua_pushvalue(L, -3);
+    lua_rawset(L, -3);
+    lua_pop(L, 1);
+}
+
+/* [-0, +0] Replaces lib[name] (lib on top, called lib_name) by a C closure over
+ * the original. */
+static void wrap(lua_State *L, const char *lib_name, const char *name, lua_CFunction fn)
 {
     lua_getfield(L, -1, name);
     lua_pushcclosure(L, fn, 1);
+    name_for_errors(L, lib_name, name);
     lua_setfield(L, -2, name);
 }
 
@@ -1145,6 +1161,7 @@ static void guard_pattern(lua_State *L, const char *name)
     lua_getfield(L, -1, name);
     lua_pushstring(L, name);
     lua_pushcclosure(L, sb_pattern_fn, 2);
+    name_for_errors(L, LUA_STRLIBNAME, name);
     lua_setfield(L, -2, name);
 }
 
@@ -1176,9 +1193,9 @@ static int build_env(lua_State *L)
     lua_setfield(L, -2, "xpcall");
     lua_pushcfunction(L, sb_print);
     lua_setfield(L, -2, "print");
-    wrap(L, "setmetatable", sb_setmetatable);
+    wrap(L, LUA_GNAME, "setmetatable", sb_setmetatable);
     /* converting text of any length to a number */
-    wrap(L, "tonumber", timed);
+    wrap(L, LUA_GNAME, "tonumber", timed);
 
     /* string: without dump, with guarded pattern functions, reachable from
      * string values only through a read-only view. The library's metatable for
@@ -1194,7 +1211,7 @@ static int build_env(lua_State *L)
     guard_pattern(L, "match");
     guard_pattern(L, "gmatch");
     guard_pattern(L, "gsub");
-    wrap(L, "rep", sb_rep);
+    wrap(L, LUA_STRLIBNAME, "rep", sb_rep);
     time_lib(L);
     sandbox_readonly(L); /* base lib-mt string-ro */
     lua_pushliteral(L, "");
@@ -1214,12 +1231,12 @@ static int build_env(lua_State *L)
     lua_pop(L, 1);
 
     copy_lib(L, LUA_TABLIBNAME, NULL, NULL);
-    wrap(L, "move", sb_move);
-    wrap(L, "insert", sb_plain_table);
-    wrap(L, "remove", sb_plain_table);
-    wrap(L, "concat", sb_plain_table);
-    wrap(L, "unpack", sb_plain_table);
-    wrap(L, "sort", sb_sort);
+    wrap(L, LUA_TABLIBNAME, "move", sb_move);
+    wrap(L, LUA_TABLIBNAME, "insert", sb_plain_table);
+    wrap(L, LUA_TABLIBNAME, "remove", sb_plain_table);
+    wrap(L, LUA_TABLIBNAME, "concat", sb_plain_table);
+    wrap(L, LUA_TABLIBNAME, "unpack", sb_plain_table);
+    wrap(L, LUA_TABLIBNAME, "sort", sb_sort);
     time_lib(L);
     sandbox_readonly(L);
     lua_setfield(L, -2, "table");
@@ -1234,9 +1251,9 @@ static int build_env(lua_State *L)
     static const char *const os_names[] = {"time", "date", "clock", NULL};
     static const char *const os_env_names[] = {"time", "date", "clock", "getenv", NULL};
     copy_lib(L, LUA_OSLIBNAME, (flags & SANDBOX_GETENV) ? os_env_names : os_names, NULL);
-    wrap(L, "date", sb_date);
+    wrap(L, LUA_OSLIBNAME, "date", sb_date);
     if (flags & SANDBOX_GETENV)
-        wrap(L, "getenv", sb_getenv);
+        wrap(L, LUA_OSLIBNAME, "getenv", sb_getenv);
     time_lib(L);
     sandbox_readonly(L);
     lua_setfield(L, -2, "os");

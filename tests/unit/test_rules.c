@@ -1272,6 +1272,34 @@ START_TEST(test_rule_error_dead_letters_the_event_with_file_and_line)
 }
 END_TEST
 
+/* A library function the sandbox wraps is called from C, where Lua finds no
+ * name for it: its argument errors must still name it, as Lua's own do. */
+START_TEST(test_an_argument_error_names_the_library_function)
+{
+    static const struct {
+        const char *expr, *says;
+    } cases[] = {
+        {"string.rep(nil, 3)", "bad argument #1 to 'string.rep' (string expected, got nil)"},
+        {"('x'):rep({})", "bad argument #2 to 'string.rep' (number expected, got table)"},
+        {"string.find(nil, 'x')", "bad argument #1 to 'string.find' (string expected, got nil)"},
+        {"string.gsub('x', {}, '')", "bad argument #2 to 'string.gsub'"},
+        {"table.sort(1)", "bad argument #1 to 'table.sort' (table expected, got number)"},
+        {"table.move({}, 'a', 1, 1)", "bad argument #2 to 'table.move'"},
+        {"table.concat(nil)", "bad argument #1 to 'table.concat'"},
+        {"os.date({})", "bad argument #1 to 'os.date'"},
+        {"setmetatable(1, {})", "bad argument #1 to 'setmetatable'"},
+        {"string.format(nil)", "bad argument #1 to 'string.format'"},
+        /* called from C by pcall: the same name */
+        {"select(2, pcall(string.rep, nil))", "bad argument #1 to 'string.rep'"},
+    };
+    for (size_t i = 0; i < ARRAY_LEN(cases); i++) {
+        const char *seen = probe(cases[i].expr);
+        ck_assert_msg(contains(seen, cases[i].says) && !contains(seen, "'?'"), "%s: %s",
+                      cases[i].expr, seen);
+    }
+}
+END_TEST
+
 START_TEST(test_rule_error_leaves_the_other_events_mapped)
 {
     rule("50-bad.lua", BAD_RULE_LINE_3);
@@ -3059,6 +3087,7 @@ static Suite *suite(void)
 
     tc = tcase(s, "errors_and_limits");
     tcase_add_test(tc, test_rule_error_dead_letters_the_event_with_file_and_line);
+    tcase_add_test(tc, test_an_argument_error_names_the_library_function);
     tcase_add_test(tc, test_rule_error_leaves_the_other_events_mapped);
     tcase_add_test(tc, test_rule_returning_a_number_is_invalid_output);
     tcase_add_test(tc, test_output_with_an_unknown_feed_is_invalid_output);
