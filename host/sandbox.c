@@ -87,9 +87,10 @@
  * bytes: strcoll once per NUL), and a thousand of them pass between two count
  * hooks. So a watchdog thread looks at every call under way each WATCH_MS and
  * signals the thread of one past its deadline (WATCH_SIGNAL, ignored by
- * default); the handler sets the count hook to fire at the next instruction,
- * as lua.c does for SIGINT. A call then ends within WATCH_MS and one
- * instruction of its deadline. The time of a library call is not the time
+ * default); while no call is under way, it sleeps until one begins. The
+ * handler sets the count hook to fire at the next instruction, as lua.c does
+ * for SIGINT. A call then ends within WATCH_MS and one instruction of its
+ * deadline. The time of a library call is not the time
  * limit's: the call pays for it in instructions (see timed), and the deadline
  * moves on by as much. */
 #define WATCH_MS 20
@@ -222,7 +223,8 @@ _Static_assert(ATOMIC_LLONG_LOCK_FREE == 2 && ATOMIC_LONG_LOCK_FREE == 2,
                "the signal handler needs lock-free 64-bit atomics");
 
 /* One thread for the process, started with its first sandbox and stopped at
- * exit; the child of a fork starts its own at its first call. */
+ * exit; the child of a fork starts its own at its first call. While no call is
+ * under way it sleeps until one begins. */
 static struct {
     pthread_mutex_t lock;
     sandbox *head;      /* every sandbox, under lock */
@@ -230,8 +232,10 @@ static struct {
     int started;        /* and thread is it (under lock) */
     int stop;           /* at exit (under lock) */
     pthread_t thread;
-    sem_t ready; /* posted once it is in its loop */
-} watch = {.lock = PTHREAD_MUTEX_INITIALIZER};
+    sem_t ready;         /* posted once it is in its loop */
+    pthread_cond_t wake; /* a call began, or stop */
+    atomic_int asleep;   /* waiting for wake (set under lock) */
+} watch = {.lock = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER};
 static pthread_once_t watch_once = PTHREAD_ONCE_INIT;
 static int watch_ready; /* the handler and the fork handlers are in place */
 
@@ -262,14 +266,22 @@ static void *watch_main(void *arg)
             pthread_mutex_unlock(&watch.lock);
             return NULL;
         }
+        /* asleep before the look: a call that begins after it sees asleep
+         * (the call_lock orders the two) and wakes the thread */
+        atomic_store(&watch.asleep, 1);
         int64_t now = clock_mono_ns();
+        int calls = 0;
         for (sandbox *sb = watch.head; sb; sb = sb->watch_next) {
             pthread_mutex_lock(&sb->call_lock);
+            calls += sb->calling;
             /* again each time: a library call may move the deadline on */
             if (sb->calling && now > deadline_of(sb))
                 pthread_kill(sb->caller, WATCH_SIGNAL);
             pthread_mutex_unlock(&sb->call_lock);
         }
+        while (calls == 0 && atomic_load(&watch.asleep) && !watch.stop)
+            pthread_cond_wait(&watch.wake, &watch.lock);
+        atomic_store(&watch.asleep, 0);
         pthread_mutex_unlock(&watch.lock);
         struct timespec pause = {0, WATCH_MS * 1000000L};
         nanosleep(&pause, NULL);
@@ -282,6 +294,7 @@ static void watch_stop_at_exit(void)
     int started = watch.started;
     watch.started = 0;
     watch.stop = 1;
+    pthread_cond_signal(&watch.wake);
     pthread_mutex_unlock(&watch.lock);
     if (started)
         pthread_join(watch.thread, NULL);
@@ -303,7 +316,12 @@ static void watch_in_child(void)
     sem_destroy(&watch.ready);
     if (sem_init(&watch.ready, 0, 0) != 0)
         watch_ready = 0;
+    /* the parent's thread may have been waiting on it, and is not here to
+     * leave it (pthread_cond_destroy would wait for it) */
+    pthread_cond_t fresh = PTHREAD_COND_INITIALIZER;
+    watch.wake = fresh;
     atomic_store(&watch.running, 0);
+    atomic_store(&watch.asleep, 0);
     watch.started = 0;
 }
 
@@ -381,6 +399,12 @@ static sandbox *watch_begin(sandbox *sb)
     sb->caller = pthread_self();
     sb->calling = 1;
     pthread_mutex_unlock(&sb->call_lock);
+    if (atomic_load(&watch.asleep)) {
+        pthread_mutex_lock(&watch.lock);
+        atomic_store(&watch.asleep, 0);
+        pthread_cond_signal(&watch.wake);
+        pthread_mutex_unlock(&watch.lock);
+    }
     atomic_signal_fence(memory_order_seq_cst); /* the deadline before the handler's view */
     sandbox *outer = calling_here;
     calling_here = sb;

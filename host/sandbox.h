@@ -12,8 +12,8 @@
  *     trips, every further instruction raises again, so `pcall` cannot swallow it;
  *   - time: a deadline from the budget, for single instructions that cost what
  *     their operands hold; a watchdog thread (started with the first sandbox,
- *     stopped at exit) signals a call past it with SIGURG, whose handler is the
- *     sandbox's;
+ *     stopped at exit, asleep while no call is under way) signals a call past
+ *     it with SIGURG, whose handler is the sandbox's;
  *   - C functions the hook cannot interrupt (pattern matching, plain find,
  *     table.move, table.insert/remove) refuse inputs whose worst-case cost is
  *     beyond a bound, and every function of string, table, utf8 and math pays

@@ -17,6 +17,7 @@
 #include "rules.h"
 #include "sandbox.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <lauxlib.h>
 #include <lua-cjson.h>
@@ -2292,6 +2293,67 @@ START_TEST(test_a_loop_of_costly_comparisons_stops_soon_after_the_time_limit)
 }
 END_TEST
 
+/* The context switches of this process's thread called name, or -1 when none
+ * is. */
+static long thread_switches(const char *name)
+{
+    DIR *tasks = opendir("/proc/self/task");
+    ck_assert_ptr_nonnull(tasks);
+    long switches = -1;
+    for (struct dirent *e; switches < 0 && (e = readdir(tasks)) != NULL;) {
+        if (e->d_name[0] == '.')
+            continue;
+        char path[300], comm[64] = "";
+        snprintf(path, sizeof path, "/proc/self/task/%s/comm", e->d_name);
+        FILE *f = fopen(path, "r");
+        if (!f)
+            continue;
+        int named = fgets(comm, sizeof comm, f) != NULL;
+        comm[strcspn(comm, "\n")] = '\0';
+        named = named && strcmp(comm, name) == 0;
+        fclose(f);
+        snprintf(path, sizeof path, "/proc/self/task/%s/status", e->d_name);
+        if (!named || !(f = fopen(path, "r")))
+            continue;
+        char line[256];
+        long n;
+        switches = 0;
+        while (fgets(line, sizeof line, f))
+            if (sscanf(line, "voluntary_ctxt_switches: %ld", &n) == 1 ||
+                sscanf(line, "nonvoluntary_ctxt_switches: %ld", &n) == 1)
+                switches += n;
+        fclose(f);
+    }
+    closedir(tasks);
+    return switches;
+}
+
+/* The watchdog looks at the calls under way every 20 ms; with none, it sleeps
+ * until one begins, instead of waking 50 times a second. */
+START_TEST(test_the_watchdog_sleeps_while_no_rule_runs)
+{
+    rule("50-pass.lua", "return function(event, out) return out end\n");
+    build();
+    ck_assert_int_eq(map(ENVELOPE(EV("w-1")), INPUT_ENVELOPE), 0);
+    ck_assert_uint_eq(F.m.noutcomes, 1);
+    usleep(200 * 1000); /* its look after that call */
+    long before = thread_switches("rules-watch");
+    ck_assert_int_ge(before, 0);
+    usleep(600 * 1000);
+    long after = thread_switches("rules-watch");
+    ck_assert_msg(after - before <= 1, "the watchdog woke %ld times in 0.6 s", after - before);
+    /* and it still watches: a rule past its time limit ends there */
+    release();
+    mapping_init(&F.m);
+    F.m.keep_outcomes = 1;
+    assert_stops_soon_after_the_time_limit("50-nul.lua",
+                                           "local s = string.rep('\\0', 2 * 1024 * 1024)\n"
+                                           "return function(event, out)\n"
+                                           "  while true do if s < s then end end\n"
+                                           "end\n");
+}
+END_TEST
+
 START_TEST(test_top_level_code_comparing_long_strings_meets_the_time_limit)
 {
     rule("30-compare.lua", LONG_COMPARE "while true do if a < b then end end\n"
@@ -3157,6 +3219,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_a_loop_of_cjson_calls_hits_the_instruction_limit);
     tcase_add_test(tc, test_a_sort_of_costly_comparisons_stops_at_the_time_limit);
     tcase_add_test(tc, test_a_loop_of_costly_comparisons_stops_soon_after_the_time_limit);
+    tcase_add_test(tc, test_the_watchdog_sleeps_while_no_rule_runs);
     tcase_add_test(tc, test_sort_and_concat_refuse_a_table_with_a_length_of_its_own);
     tcase_add_test(tc, test_table_functions_refuse_a_table_that_reads_through_a_chain);
     tcase_add_test(tc, test_a_loop_of_custom_attributes_calls_hits_the_instruction_limit);
