@@ -43,6 +43,7 @@ struct ingest_engines {
     ruleset *failed;   /* the newest one that failed to build, or NULL */
     int64_t failed_at; /* when it was last tried (monotonic ms) */
     char failed_err[ERR_LEN];
+    int unavailable; /* the last borrow found no engine: its request got 503 */
 };
 
 int ingest_init(struct ingest *in, queue *q, int engines)
@@ -161,6 +162,8 @@ static rules *borrow(struct ingest_engines *e, ruleset *rs, char *err, size_t er
     /* an engine of an older ruleset: replaced, or the fallback's */
     rules *spare = !r && e->nidle ? e->idle[--e->nidle] : NULL;
     fallback = fallback ? ruleset_ref(fallback) : NULL;
+    if (r)
+        e->unavailable = 0;
     pthread_mutex_unlock(&e->mu);
     if (r) {
         ruleset_unref(fallback);
@@ -175,6 +178,7 @@ static rules *borrow(struct ingest_engines *e, ruleset *rs, char *err, size_t er
             set_ruleset(&e->current, rs);
             int recovered = same_rules(e->failed, rs);
             set_ruleset(&e->failed, NULL); /* or one no longer in force */
+            e->unavailable = 0;
             pthread_mutex_unlock(&e->mu);
             if (recovered)
                 log_info("the rules in force build again",
@@ -209,9 +213,30 @@ static rules *borrow(struct ingest_engines *e, ruleset *rs, char *err, size_t er
     }
     rules_free(spare);
     ruleset_unref(fallback);
+    pthread_mutex_lock(&e->mu);
+    e->unavailable = r == NULL;
+    pthread_mutex_unlock(&e->mu);
     if (!r)
         give_back(e, NULL);
     return r;
+}
+
+int ingest_rules_available(struct ingest *in)
+{
+    struct ingest_engines *e = in->engines;
+    pthread_mutex_lock(&e->mu);
+    int unavailable = e->unavailable;
+    pthread_mutex_unlock(&e->mu);
+    if (!unavailable)
+        return 1;
+    struct snapshot s;
+    reload_get(&s);
+    char err[ERR_LEN];
+    rules *r = s.rs ? borrow(e, s.rs, err, sizeof err) : NULL;
+    reload_put(&s);
+    if (r)
+        give_back(e, r);
+    return r != NULL;
 }
 
 static void respond_error(struct ingest_response *resp, int status, int retry_after,

@@ -101,50 +101,44 @@ struct service {
     http_in *http;
 };
 
+/* Adds one reason (a JSON string) to the list of why the service is not ready. */
+static void not_ready(int *ready, buf *reasons, const char *reason)
+{
+    if (!*ready)
+        (void)!buf_addc(reasons, ',');
+    *ready = 0;
+    (void)!buf_adds(reasons, reason);
+}
+
 static int hook_ready(void *ctx, buf *reasons)
 {
     struct service *s = ctx;
     int ready = 1;
     struct snapshot snap;
     reload_get(&snap);
-    if (!snap.rs) {
-        ready = 0;
-        (void)!buf_adds(reasons, "\"rules not loaded\"");
-    }
+    if (!snap.rs)
+        not_ready(&ready, reasons, "\"rules not loaded\"");
+    else if (!ingest_rules_available(&s->in))
+        not_ready(&ready, reasons, "\"no rules engine builds (see the log): new events get 503\"");
     reload_put(&snap);
-    if (!queue_healthy(s->q)) {
-        if (!ready)
-            (void)!buf_addc(reasons, ',');
-        ready = 0;
-        (void)!buf_adds(reasons, "\"storage failing\"");
-    }
+    if (!queue_healthy(s->q))
+        not_ready(&ready, reasons, "\"storage failing\"");
     /* New events are refused (503): a load balancer sends them elsewhere. */
     struct queue_gauges qg;
     queue_gauges(s->q, &qg);
-    const char *refusing[] = {
-        qg.disk_low ? "\"disk nearly full (queue.min_free_mb): new events get 503\"" : NULL,
-        qg.full ? "\"queue full (queue.max_depth): new events get 503\"" : NULL};
-    for (size_t i = 0; i < ARRAY_LEN(refusing); i++) {
-        if (!refusing[i])
-            continue;
-        if (!ready)
-            (void)!buf_addc(reasons, ',');
-        ready = 0;
-        (void)!buf_adds(reasons, refusing[i]);
-    }
+    if (qg.disk_low)
+        not_ready(&ready, reasons, "\"disk nearly full (queue.min_free_mb): new events get 503\"");
+    if (qg.full)
+        not_ready(&ready, reasons, "\"queue full (queue.max_depth): new events get 503\"");
     /* Nothing can leave: better that Braze keeps its events than that they pile up here. */
     enum feed_pause paused[FEED_COUNT];
     sender_paused(s->sender, paused);
     int all = 1;
     for (int f = 0; f < FEED_COUNT; f++)
         all &= paused[f] != PAUSE_NONE;
-    if (all) {
-        if (!ready)
-            (void)!buf_addc(reasons, ',');
-        ready = 0;
-        (void)!buf_adds(reasons,
-                        "\"every feed is paused (no credentials, or refused by mParticle)\"");
-    }
+    if (all)
+        not_ready(&ready, reasons,
+                  "\"every feed is paused (no credentials, or refused by mParticle)\"");
     return ready;
 }
 

@@ -201,6 +201,36 @@ class Reload(ServiceTest):
         self.assertEqual(r.json()["rules_version"], in_force)
         self.assertIn("the rules in force build again", s.logs())
 
+    def test_rules_that_build_no_engine_and_have_none_before_them_make_the_service_unready(self):
+        # The rules pass their checks at the start; from `start` on, their top
+        # level fails, and no rules were built before them to map instead:
+        # requests get 503 "rules unavailable", and /readyz must say so, then
+        # come back by itself (without requests) once the rules build again.
+        rules = self.rules_dir()
+        start = math.ceil(time.time() + 2 * SLOW)
+        end = start + math.ceil(2 * SLOW)
+        with open(os.path.join(rules, "60-window.lua"), "w") as f:
+            f.write("local now = os.time()\n"
+                    "if now >= %d and now < %d then error('campaign paused') end\n"
+                    "return function(e, out) end\n" % (start, end))
+        s = self.service(rules_dir=rules, env={"TRIBUTARY_FEEDS_UNBOUND_KEY": "k-123456",
+                                               "TRIBUTARY_FEEDS_UNBOUND_SECRET": "s-123456",
+                                               "TRIBUTARY_MPARTICLE_URL": "http://127.0.0.1:9"})
+        self.assertEqual(s.get("/readyz").status, 200)
+        time.sleep(max(0.0, start - time.time()) + 0.2)
+        r = s.post([event()])
+        self.assertEqual(r.status, 503, r)
+        self.assertEqual(r.json()["error"], "rules unavailable")
+        r = s.get("/readyz")
+        self.assertEqual(r.status, 503, r)
+        self.assertIn("no rules engine builds", r.json()["reasons"][0])
+        self.assertEqual(s.metrics()["tributary_ready"], 0)
+        self.assertIn("campaign paused", s.logs())
+        # past the window: the readiness check itself builds an engine again
+        time.sleep(max(0.0, end - time.time()) + 1.2)
+        self.wait(lambda: s.get("/readyz").status == 200, what="ready again")
+        self.assertEqual(s.post([event()]).status, 200)
+
     def test_a_failing_rule_test_refuses_the_reload(self):
         rules = self.rules_dir()
         s = self.service(rules_dir=rules, env={"TRIBUTARY_ADMIN_TOKEN": ADMIN})
