@@ -362,6 +362,17 @@ static enum MHD_Result last_forwarded_for(void *cls, enum MHD_ValueKind kind, co
     return MHD_YES;
 }
 
+/* The text of an IPv6 address; an IPv4-mapped one (an IPv4 client of a
+ * listener on "[::]") as the IPv4 address it is, so that it is that client
+ * for the loopback check, the trusted proxies and the throttling. */
+static void ipv6_text(const struct in6_addr *a, char *out, size_t len)
+{
+    if (IN6_IS_ADDR_V4MAPPED(a))
+        inet_ntop(AF_INET, &a->s6_addr[12], out, (socklen_t)len);
+    else
+        inet_ntop(AF_INET6, a, out, (socklen_t)len);
+}
+
 /* The address of the connection's peer; -1 when libmicrohttpd has none. */
 static int peer_address(struct MHD_Connection *c, char *out, size_t len)
 {
@@ -374,7 +385,7 @@ static int peer_address(struct MHD_Connection *c, char *out, size_t len)
     if (sa->sa_family == AF_INET)
         inet_ntop(AF_INET, &((const struct sockaddr_in *)sa)->sin_addr, out, (socklen_t)len);
     else if (sa->sa_family == AF_INET6)
-        inet_ntop(AF_INET6, &((const struct sockaddr_in6 *)sa)->sin6_addr, out, (socklen_t)len);
+        ipv6_text(&((const struct sockaddr_in6 *)sa)->sin6_addr, out, len);
     return 0;
 }
 
@@ -418,9 +429,12 @@ static void client_address(struct MHD_Connection *c, char *out, size_t len)
     } else if (colon && !strchr(colon + 1, ':')) { /* v4:port */
         *colon = '\0';
     }
-    unsigned char bin[sizeof(struct in6_addr)];
-    if (inet_pton(AF_INET, a, bin) == 1 || inet_pton(AF_INET6, a, bin) == 1)
+    struct in_addr v4;
+    struct in6_addr v6;
+    if (inet_pton(AF_INET, a, &v4) == 1)
         str_copy(out, len, a);
+    else if (inet_pton(AF_INET6, a, &v6) == 1)
+        ipv6_text(&v6, out, len);
 }
 
 /* The URL's `workspace` parameter: the first, with its length (decoded, it
@@ -1176,8 +1190,12 @@ int http_in_start(http_in **out, struct ingest *in, const struct http_in_options
      * Lua work is bounded separately by the engine pool (ingest). */
     unsigned int flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_THREAD_PER_CONNECTION |
                          MHD_USE_POLL | MHD_USE_ERROR_LOG;
+    /* "[::]" is every address, IPv4 ones too (IPv4-mapped), as most servers
+     * take it on Linux; any other IPv6 address is itself alone */
     if (ai->ai_family == AF_INET6)
-        flags |= MHD_USE_IPv6;
+        flags |= IN6_IS_ADDR_UNSPECIFIED(&((const struct sockaddr_in6 *)ai->ai_addr)->sin6_addr)
+                     ? MHD_USE_DUAL_STACK
+                     : MHD_USE_IPv6;
     if (o->tls) {
         if (MHD_is_feature_supported(MHD_FEATURE_TLS) != MHD_YES ||
             MHD_is_feature_supported(MHD_FEATURE_HTTPS_CERT_CALLBACK) != MHD_YES) {

@@ -339,8 +339,9 @@ int service_run(const char *config_path)
     for (int f = 0; f < FEED_COUNT; f++)
         depth += qg.depth[f];
     char listen[300];
-    snprintf(listen, sizeof listen, "%s://%s:%d", cfg->tls_cert ? "https" : "http", host,
-             http_in_port(s.http));
+    int bracket = strchr(host, ':') != NULL; /* an IPv6 address */
+    snprintf(listen, sizeof listen, "%s://%s%s%s:%d", cfg->tls_cert ? "https" : "http",
+             bracket ? "[" : "", host, bracket ? "]" : "", http_in_port(s.http));
     /* as a path from /: a relative one depends on the working directory */
     char *data_dir = realpath(cfg->data_dir, NULL);
     log_info("tributary started",

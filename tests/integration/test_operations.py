@@ -1,5 +1,6 @@
 """Operating tributary: metrics against a scenario, logs, install, alert rules."""
 
+import http.client
 import json
 import os
 import re
@@ -171,6 +172,28 @@ class Listening(ServiceTest):
         for e in events:
             self.assertEqual(first.post([e]).status, 200)
         self.assertEqual(first.queued_ids(), [e["id"] for e in events])
+
+    def test_listening_on_every_ipv6_address_takes_ipv4_clients_as_themselves(self):
+        # "[::]" listens on IPv4 too; an IPv4 client is its IPv4 address (not
+        # ::ffff:127.0.0.1), so it is still a loopback peer whose proxy header
+        # is taken
+        s = Service()
+        s.env["TRIBUTARY_LISTEN"] = "[::]:%d" % s.port
+        self.addCleanup(s.cleanup)
+        s.start()
+        self.assertIn("listen=http://[::]:%d" % s.port, s.logs())
+        self.assertEqual(s.post([event()]).status, 200)  # over IPv4
+        conn = http.client.HTTPConnection("::1", s.port, timeout=10 * SLOW)
+        try:
+            conn.request("GET", "/healthz")
+            self.assertEqual(conn.getresponse().status, 200)
+        finally:
+            conn.close()
+        r = s.post([event()], token="wrong-token-0123456789",
+                   headers={"X-Forwarded-For": "203.0.113.9"})
+        self.assertEqual(r.status, 401)
+        self.assertIn("client=203.0.113.9", s.logs())
+        self.assertNotIn("::ffff:", s.logs())
 
     def test_a_start_refused_for_many_failing_rule_tests_logs_the_first_of_them(self):
         # 800 failures make a report of some 90 KB, past what one log line holds
