@@ -721,12 +721,20 @@ static enum MHD_Result refuse_body(struct MHD_Connection *c, struct req *r)
  * admin request and a request that brings a body (413) are answered at once;
  * libmicrohttpd then reads none of the body and closes the connection after
  * the answer. The rest is answered once the (empty) request is complete. */
-static enum MHD_Result begin_other(struct MHD_Connection *c, struct req *r)
+static enum MHD_Result begin_other(struct MHD_Connection *c, struct req *r, int post)
 {
     enum MHD_Result rc = MHD_YES;
     log_set_request(r->id);
     r->answered = 1;
     if (r->route == R_NONE) {
+        /* Braze takes a 404 for a configuration error and stops: a POST there
+         * is most likely a connector set up with a wrong URL */
+        static _Atomic int64_t logged_ms;
+        metrics_add(M_HTTP_UNKNOWN_PATH, 1);
+        if (post && log_due_shared(&logged_ms))
+            log_warn("POST to a path not served (404); Braze's Currents connector posts to "
+                     "/currents (see tributary_http_unknown_path_total)",
+                     LOG_S("client", r->client));
         rc = reply_json(c, r, 404, "{\"error\":\"not found\"}", 0);
     } else if (!r->method_ok) {
         rc = reply_json(c, r, 405, "{\"error\":\"method not allowed\"}", 0);
@@ -856,22 +864,21 @@ static void watch_request(http_in *h, struct MHD_Connection *c, const struct req
     pthread_mutex_unlock(&h->conns_mu);
 }
 
-/* A request cut off: counted always, said now and then (a client that
- * trickles may open connection after connection). Under conns_mu. */
-static void log_cut(const http_in *h, const struct conn *k)
+/* A request cut off, because it had not arrived whole within limit_s
+ * (http.request_timeout_s) or its client sent nothing for limit_s
+ * (http.timeout_s): counted always, said now and then (a client that trickles
+ * may open connection after connection). Under conns_mu. */
+static void log_cut(const struct conn *k, const char *msg, int limit_s)
 {
     static _Atomic int64_t logged_ms;
     metrics_add(M_HTTP_REQUESTS_TIMED_OUT, 1);
     if (!log_due_shared(&logged_ms))
         return;
-    static const char msg[] = "request took too long to arrive; connection closed (see "
-                              "tributary_http_requests_timed_out_total)";
     log_set_request(k->id[0] ? k->id : NULL);
     if (k->path)
-        log_warn(msg, LOG_S("client", k->client) LOG_S("path", k->path)
-                          LOG_I("limit_s", h->opt.request_timeout_s));
+        log_warn(msg, LOG_S("client", k->client) LOG_S("path", k->path) LOG_I("limit_s", limit_s));
     else
-        log_warn(msg, LOG_S("client", k->client) LOG_I("limit_s", h->opt.request_timeout_s));
+        log_warn(msg, LOG_S("client", k->client) LOG_I("limit_s", limit_s));
     log_set_request(NULL);
 }
 
@@ -884,7 +891,10 @@ static void *watchdog_main(void *arg)
         int64_t now = clock_mono_ms();
         for (struct conn *k = h->conns; k; k = k->next) {
             if (k->deadline && now > k->deadline && k->fd >= 0) {
-                log_cut(h, k);
+                log_cut(k,
+                        "request took too long to arrive; connection closed (see "
+                        "tributary_http_requests_timed_out_total)",
+                        h->opt.request_timeout_s);
                 /* the socket is shut down, not closed: its number stays ours until
                  * libmicrohttpd reports the connection closed */
                 shutdown(k->fd, SHUT_RDWR);
@@ -955,7 +965,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
                                strcmp(method, MHD_HTTP_METHOD_HEAD) == 0);
         buf_init(&r->body, h->opt.max_body);
         if (r->route != R_CURRENTS || !r->method_ok)
-            return begin_other(c, r);
+            return begin_other(c, r, strcmp(method, MHD_HTTP_METHOD_POST) == 0);
         log_set_request(r->id);
         /* Answer before reading a body that will be refused anyway. */
         struct ingest_response resp = {0};
@@ -1083,8 +1093,15 @@ static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls,
                          enum MHD_RequestTerminationCode toe)
 {
     http_in *h = cls;
-    (void)toe;
     struct conn *k = conn_of(c);
+    if (k && toe == MHD_REQUEST_TERMINATED_TIMEOUT_REACHED) {
+        pthread_mutex_lock(&h->conns_mu);
+        log_cut(k,
+                "client sent nothing for http.timeout_s in the middle of a request; connection "
+                "closed (see tributary_http_requests_timed_out_total)",
+                h->opt.timeout_s);
+        pthread_mutex_unlock(&h->conns_mu);
+    }
     if (k) {
         watch_until(h, k,
                     clock_mono_ms() + ((int64_t)h->opt.timeout_s + h->opt.request_timeout_s) * 1000,

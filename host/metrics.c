@@ -87,7 +87,10 @@ static const char *const COUNTER_HELP[M_COUNTER_COUNT][3] = {
      "Connections closed as they came because http.max_connections were open."},
     {"tributary_http_requests_timed_out_total", "counter",
      "Requests cut off, their connection closed, because they had not arrived whole within "
-     "http.request_timeout_s."},
+     "http.request_timeout_s, or their client sent nothing for http.timeout_s."},
+    {"tributary_http_unknown_path_total", "counter",
+     "Requests for a path tributary does not serve, answered 404 (Braze's connector posts to "
+     "/currents)."},
 };
 
 void metrics_add(enum counter c, uint64_t n)

@@ -1687,6 +1687,42 @@ class ConnectionBounds(ServiceTest):
                                                    r"path=/currents limit_s=1$")
         self.assertNotIn(TOKEN, lines[0])
 
+    def test_a_body_whose_client_goes_silent_is_cut_off_at_timeout_s_and_counted(self):
+        s = self.service(env={"TRIBUTARY_HTTP_REQUEST_TIMEOUT_S": "30",
+                              "TRIBUTARY_HTTP_TIMEOUT_S": "1"})
+        body = envelope(event())
+        sock = socket.create_connection(("127.0.0.1", s.port))
+        self.addCleanup(sock.close)
+        answer = probe(sock, b"POST /currents HTTP/1.1\r\nHost: localhost\r\n"
+                             b"Authorization: Bearer " + TOKEN.encode() + b"\r\n"
+                             b"X-Request-Id: silent-body-1\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\n\r\n" % len(body) + body[:10], timeout=5.0)
+        self.assertEqual(answer, b"", "connection still open after 5 s")
+        self.wait(lambda: s.metrics()["tributary_http_requests_timed_out_total"] == 1,
+                  what="the cut counted")
+        lines = [l for l in s.logs().splitlines() if "sent nothing" in l]
+        self.assertEqual(len(lines), 1, s.logs()[-2000:])
+        self.assertRegex(lines[0], r'level=warn msg="client sent nothing for http.timeout_s in the '
+                                   r'middle of a request; connection closed \(see '
+                                   r'tributary_http_requests_timed_out_total\)" '
+                                   r"request_id=silent-body-1 client=127\.0\.0\.1 "
+                                   r"path=/currents limit_s=1$")
+        self.assertEqual(s.queued_ids(), [])
+
+    def test_a_post_to_a_path_not_served_is_counted_and_said(self):
+        s = self.service()
+        for path in ("/currents/v1", "/Currents", "/"):
+            self.assertEqual(s.post([event()], path=path).status, 404)
+        self.assertEqual(s.get("/favicon.ico").status, 404)
+        self.assertEqual(s.metrics()["tributary_http_unknown_path_total"], 4)
+        lines = [l for l in s.logs().splitlines() if "path not served" in l]
+        # one line per 10 s at most, and only for a POST
+        self.assertEqual(len(lines), 1, s.logs()[-2000:])
+        self.assertIn("level=warn", lines[0])
+        self.assertIn("client=127.0.0.1", lines[0])
+        self.assertNotIn("/currents/v1", lines[0])
+        self.assertEqual(s.queued_ids(), [])
+
     def test_headers_cut_off_at_request_timeout_s_are_logged_with_the_path_of_the_request_line(self):
         s = self.service(env=self.CUT)
         sock = socket.create_connection(("127.0.0.1", s.port))
