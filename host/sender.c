@@ -1103,8 +1103,10 @@ static int start_request(struct sender *s, struct feed_state *f, struct pbatch *
     snprintf(url, sizeof url, "%.*s%s", (int)bl, base,
              r->ep == EP_HISTORICAL ? MPARTICLE_HISTORICAL_PATH : MPARTICLE_BULK_PATH);
     char auth[MPARTICLE_AUTH_MAX], header[MPARTICLE_AUTH_MAX + 32];
-    if (mparticle_basic_auth(fc->key, fc->secret, auth, sizeof auth) != 0)
-        goto fail; /* credentials over the configuration's limit cannot get here */
+    /* a feed without credentials is paused, and credentials over the
+     * configuration's limit cannot get here */
+    if (!fc->key || !fc->secret || mparticle_basic_auth(fc->key, fc->secret, auth, sizeof auth) != 0)
+        goto fail;
     str_copy(r->sent_with.key, sizeof r->sent_with.key, fc->key ? fc->key : "");
     str_copy(r->sent_with.secret, sizeof r->sent_with.secret, fc->secret ? fc->secret : "");
     snprintf(header, sizeof header, "Authorization: %s", auth);
@@ -1312,7 +1314,11 @@ static void on_delivered(struct sender *s, struct request *r)
                      LOG_I("failures", e->failures));
     e->failures = 0;
     f->unexpected = 0;
-    if (r->probe) {
+    /* A probe resumes a feed paused for refused credentials, if they are still
+     * the feed's: a reload may have taken them away (the feed is then paused
+     * for having none) or replaced them (their own probe is due) meanwhile. */
+    if (r->probe && f->pause == PAUSE_AUTH &&
+        memcmp(r->cred_fp, f->cred_fp, sizeof r->cred_fp) == 0) {
         log_info("feed credentials accepted; feed resumed", LOG_S("feed", FEED_NAMES[f->feed]));
         set_pause(s, f, PAUSE_NONE, NULL);
     }

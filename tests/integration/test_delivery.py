@@ -125,6 +125,39 @@ class Delivery(ServiceTest):
         self.assertEqual(sorted(ids), sorted(e["id"] for e in ios + android))
         self.wait(lambda: s.metrics()['tributary_feed_paused{feed="ios",reason="refused"}'] == 0, what="resume")
 
+    def test_a_probe_accepted_after_a_reload_took_the_feeds_credentials_leaves_it_paused(self):
+        # The probe of a feed paused for refused credentials is in flight when
+        # a reload takes the credentials away; its 202 must not resume a feed
+        # that has none (the service used to send with no key and crash).
+        d = self.double()
+        both = ('return { feeds = { ios = { key = "ios-key", secret = "ios-secret" },\n'
+                '  unbound = { key = "unbound-key", secret = "unbound-secret" } } }\n')
+        only_unbound = 'return { feeds = { unbound = { key = "unbound-key", secret = "unbound-secret" } } }\n'
+        s = self.service(env=feed_env(d, feeds={}, TRIBUTARY_RETRY_PAUSE_MS="500"), config=both)
+        answer_probe = threading.Event()
+        self.addCleanup(answer_probe.set)
+        d.fail(401, feed="ios", times=1)
+        d.fail(202, feed="ios", times=1, hold=answer_probe)
+        ios = [event("users.messages.pushnotification.Send", platform="ios", user="i%d" % i)
+               for i in range(5)]
+        self.assertEqual(s.post(ios).status, 200)
+        self.wait(lambda: len([r for r in d.requests if r["feed"] == "ios"]) >= 2, what="the probe")
+        self.assertTrue(s.reload(only_unbound))
+        answer_probe.set()
+        self.wait(lambda: s.metrics()['tributary_feed_paused{feed="ios",reason="no_credentials"}'] == 1,
+                  what="ios paused for its missing credentials")
+        time.sleep(1)
+        self.assertIsNone(s.proc.poll(), s.logs()[-2000:])
+        self.assertEqual(s.metrics()['tributary_feed_paused{feed="ios",reason="no_credentials"}'], 1)
+        self.assertNotIn("feed credentials accepted; feed resumed", s.logs())
+        # events posted now go to unbound, and ios sends nothing more
+        sent_to_ios = len([r for r in d.requests if r["feed"] == "ios"])
+        later = event("users.messages.pushnotification.Send", platform="ios", user="later")
+        self.assertEqual(s.post([later]).status, 200)
+        self.assertTrue(d.wait_for_events(1, 10 * SLOW))
+        self.assertIn(later["id"], d.source_message_ids())
+        self.assertEqual(len([r for r in d.requests if r["feed"] == "ios"]), sent_to_ios)
+
     def failing_feed(self, status, **env):
         """A double that answers `status` to any request with the event `bad` in it, and a
         service sending to it: (double, service, bad), bad not posted yet."""
