@@ -682,6 +682,15 @@ static void update_credentials(struct sender *s, struct feed_state *f)
         set_pause(s, f, PAUSE_NO_CREDENTIALS, QUEUE_PAUSED_NO_CREDENTIALS);
         return;
     }
+    /* the failures so far were those of the old key, secret or URL (a wrong
+     * URL is fixed this way): the new ones are tried at once */
+    for (int ep = 0; ep < EP_ENDPOINTS; ep++) {
+        if (f->ep[ep].failures > 0)
+            log_info("feed credentials or URL changed; sending now",
+                     LOG_S("feed", FEED_NAMES[f->feed]) LOG_S("endpoint", ENDPOINT_NAMES[ep]));
+        f->ep[ep].failures = 0;
+        f->ep[ep].not_before = 0;
+    }
     if (f->pause == PAUSE_NO_CREDENTIALS) {
         log_info("feed credentials configured; sending", LOG_S("feed", FEED_NAMES[f->feed]));
         set_pause(s, f, PAUSE_NONE, NULL);
@@ -1105,7 +1114,8 @@ static int start_request(struct sender *s, struct feed_state *f, struct pbatch *
     char auth[MPARTICLE_AUTH_MAX], header[MPARTICLE_AUTH_MAX + 32];
     /* a feed without credentials is paused, and credentials over the
      * configuration's limit cannot get here */
-    if (!fc->key || !fc->secret || mparticle_basic_auth(fc->key, fc->secret, auth, sizeof auth) != 0)
+    if (!fc->key || !fc->secret ||
+        mparticle_basic_auth(fc->key, fc->secret, auth, sizeof auth) != 0)
         goto fail;
     str_copy(r->sent_with.key, sizeof r->sent_with.key, fc->key ? fc->key : "");
     str_copy(r->sent_with.secret, sizeof r->sent_with.secret, fc->secret ? fc->secret : "");

@@ -158,6 +158,23 @@ class Delivery(ServiceTest):
         self.assertIn(later["id"], d.source_message_ids())
         self.assertEqual(len([r for r in d.requests if r["feed"] == "ios"]), sent_to_ios)
 
+    def test_a_url_fixed_by_a_reload_is_tried_at_once_not_after_the_old_backoff(self):
+        d = self.double()
+        env = feed_env(d, TRIBUTARY_RETRY_BASE_MS="1000", TRIBUTARY_RETRY_MAX_MS="60000")
+        del env["TRIBUTARY_MPARTICLE_URL"]
+        conf = 'return { mparticle = { url = "%s" } }\n'
+        s = self.service(env=env, config=conf % (d.url + "/wrong"))
+        e = event("users.messages.email.Open", user="u1")
+        self.assertEqual(s.post([e]).status, 200)
+        # the wrong URL answers 404: four failed rounds, the next one up to 16 s away
+        self.wait(lambda: len(d.requests) >= 4, timeout=30, what="four failures")
+        self.assertTrue(s.reload(conf % d.url))
+        fixed = time.time()
+        self.assertTrue(d.wait_for_events(1, 10 * SLOW))
+        self.assertLess(time.time() - fixed, 2 * SLOW)
+        self.assertEqual(d.source_message_ids(), [e["id"]])
+        self.assertIn("feed credentials or URL changed; sending now", s.logs())
+
     def failing_feed(self, status, **env):
         """A double that answers `status` to any request with the event `bad` in it, and a
         service sending to it: (double, service, bad), bad not posted yet."""
