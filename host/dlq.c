@@ -445,13 +445,13 @@ static int same_feeds_as_service(const struct config *c, queue_reader *reader)
 static int cmd_requeue(const struct cli_options *o, struct config *c)
 {
     struct dead_filter f = {0};
-    if (o->nargs == 1) {
-        if (parse_id(o, &f.id) != 0)
-            return 2;
-    } else if (o->nargs > 1 || (!o->reason && !o->all)) {
-        fprintf(stderr, "tributary: dlq requeue needs an ID, --reason REASON or --all\n");
+    int selectors = (o->nargs > 0) + (o->reason != NULL) + (o->all != 0);
+    if (o->nargs > 1 || selectors != 1) {
+        fprintf(stderr, "tributary: dlq requeue needs one of an ID, --reason REASON or --all\n");
         return 2;
     }
+    if (o->nargs == 1 && parse_id(o, &f.id) != 0)
+        return 2;
     f.reason = o->reason;
     f.limit = REQUEUE_PAGE;
     char err[ERR_LEN];
@@ -718,7 +718,7 @@ int queue_main(const struct cli_options *o)
             printf("},\"dead_letters\":%lld,\"dedup_ids\":%lld,\"bytes\":%lld}\n",
                    (long long)st.dead, (long long)st.dedup_ids, (long long)st.bytes);
         } else {
-            printf("%-8s %10s %10s %10s  %s\n", "FEED", "DEPTH", "OLDEST", "IN FLIGHT", "STATE");
+            printf("%-8s %10s %10s %10s  %s\n", "FEED", "DEPTH", "OLDEST", "BATCHES", "STATE");
             for (int f = 0; f < FEED_COUNT; f++) {
                 char age[16] = "-";
                 if (st.oldest_ms[f])

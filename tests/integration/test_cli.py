@@ -155,6 +155,11 @@ class Cli(ServiceTest):
             (["dlq", "list", "--reason", "rule-error"], "unknown --reason 'rule-error' (rule_error,"),
             (["dlq", "requeue", "--reason", "maxage"], "unknown --reason"),
             (["dlq", "list", "extra"], "takes no argument"),
+            # an ID, --reason and --all are each the whole selection
+            (["dlq", "requeue", "1", "--all"], "needs one of an ID, --reason REASON or --all"),
+            (["dlq", "requeue", "1", "--reason", "max_age"], "needs one of an ID"),
+            (["dlq", "requeue", "--reason", "max_age", "--all"], "needs one of an ID"),
+            (["dlq", "requeue"], "needs one of an ID"),
         ]
         for args, message in cases:
             with self.subTest(args=args):
