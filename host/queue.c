@@ -1550,6 +1550,17 @@ static enum queue_status follow_other_writers(queue *q)
     return QUEUE_OK;
 }
 
+/* Whether storage works, as the last commit found (/readyz reports it). */
+static void set_healthy(queue *q, int healthy)
+{
+    pthread_mutex_lock(&q->mu);
+    int was = q->healthy;
+    q->healthy = healthy;
+    pthread_mutex_unlock(&q->mu);
+    if (healthy && !was)
+        log_info("queue: storage works again");
+}
+
 static void run_group(queue *q, struct op *ops)
 {
     char err[ERR_LEN];
@@ -1610,8 +1621,8 @@ static void run_group(queue *q, struct op *ops)
     int healthy = group == QUEUE_OK;
     for (struct op *op = ops; op && healthy; op = op->next)
         healthy = op->status != QUEUE_ERROR;
+    set_healthy(q, healthy);
     pthread_mutex_lock(&q->mu);
-    q->healthy = healthy;
     if (group == QUEUE_OK) {
         q->gauges.commits++;
         for (struct op *op = ops; op; op = op->next)
@@ -1700,6 +1711,25 @@ static int64_t file_size(const char *path)
  * the file free, given back only past compact_min_free_bytes), once the disk
  * has room for the WAL to reach its limit: new events reach those pages
  * through the WAL. */
+/* Storage that failed a commit is tried with a write of a row as it is (one
+ * page of meta written again, through the WAL): its health, which /readyz
+ * reports, comes back once the disk has room or works again, without waiting
+ * for a request or the sender's next commit. */
+static void probe_storage(queue *q)
+{
+    char err[ERR_LEN];
+    int ok = exec(q->db,
+                  "BEGIN IMMEDIATE; UPDATE meta SET value = value WHERE key = 'schema_version'; "
+                  "COMMIT",
+                  err, sizeof err) == 0;
+    if (!ok) {
+        if (!sqlite3_get_autocommit(q->db))
+            (void)exec(q->db, "ROLLBACK", err, sizeof err);
+        return;
+    }
+    set_healthy(q, 1);
+}
+
 static void check_disk(queue *q)
 {
     struct statvfs fs;
@@ -1814,6 +1844,11 @@ static void *writer_main(void *arg)
         }
         if (now - q->last_gauges_ms >= GAUGES_EVERY_MS) {
             q->last_gauges_ms = now;
+            pthread_mutex_lock(&q->mu);
+            int healthy = q->healthy;
+            pthread_mutex_unlock(&q->mu);
+            if (!healthy)
+                probe_storage(q);
             /* a command's changes show in the gauges while no request comes */
             char err[ERR_LEN];
             if (exec(q->db, "BEGIN", err, sizeof err) == 0) {

@@ -316,6 +316,30 @@ class FullDisk(ServiceTest):
         os.unlink(os.path.join(disk, "filler"))
         self.assert_all_delivered(s, d, acknowledged)
 
+    def test_storage_reported_failing_recovers_within_seconds_of_space_freed_without_requests(self):
+        # no feed has credentials: nothing is sent, so nothing but requests
+        # would commit and find the disk has room again
+        disk = self.mount_small_disk("32m")
+        with open(os.path.join(disk, "filler"), "wb") as f:
+            f.write(b"\0" * (12 << 20))
+        s = self.service(env={"TRIBUTARY_DATA_DIR": os.path.join(disk, "var"),
+                              "TRIBUTARY_QUEUE_MIN_FREE_MB": "0"})
+        n = 0
+        while s.post([event("users.messages.email.Send", id="fill-%d-%d" % (n, k), blob="x" * 400)
+                      for k in range(100)]).status == 200:
+            n += 1
+            self.assertLess(n, 2000, "the disk never filled up")
+
+        def storage_failing():
+            return "storage failing" in s.get("/readyz").json()["reasons"]
+        self.assertTrue(storage_failing())
+        os.unlink(os.path.join(disk, "filler"))
+        freed = time.time()
+        self.wait(lambda: not storage_failing(), timeout=5, what="storage working again")
+        self.assertLess(time.time() - freed, 5 * SLOW)
+        self.assertIn("queue: storage works again", s.logs())
+        self.assertEqual(s.post([event()]).status, 200)
+
     def post_until(self, s, user, status):
         """Posts batches of new events until one is answered status; returns the
         ids answered 200."""
