@@ -223,57 +223,7 @@ static void PRINTF(2, 3) warn_add(buf *warnings, const char *fmt, ...)
     va_end(ap);
 }
 
-/* Where the first assignment to `name` ("name =" or ["name"] =) at or after
- * `from` starts, or NULL. */
-static const char *find_assignment(const char *src, const char *from, const char *name, size_t n)
-{
-    for (const char *p = from; *p; p++) {
-        if (strncmp(p, name, n) != 0)
-            continue;
-        char before = p == src ? ' ' : p[-1];
-        if (isalnum((unsigned char)before) || before == '_')
-            continue;
-        const char *q = p + n;
-        if (before == '"' || before == '\'') {
-            if (*q != before)
-                continue;
-            q++;
-            if (*q != ']')
-                continue;
-            q++;
-        } else if (isalnum((unsigned char)*q) || *q == '_') {
-            continue;
-        }
-        while (*q == ' ' || *q == '\t')
-            q++;
-        if (*q == '=' && q[1] != '=')
-            return p;
-    }
-    return NULL;
-}
-
-/* The line where a key path is assigned: each component is looked for after
- * the previous one, so feeds.web.key is found inside `web = {...}`. 0 when not
- * found. */
-static int find_line(const char *src, const char *path)
-{
-    if (!src)
-        return 0;
-    const char *at = src;
-    for (const char *c = path; *c;) {
-        const char *dot = strchr(c, '.');
-        size_t n = dot ? (size_t)(dot - c) : strlen(c);
-        const char *found = find_assignment(src, at, c, n);
-        if (!found)
-            return 0;
-        at = found;
-        c += n + (dot ? 1 : 0);
-    }
-    int line = 1;
-    for (const char *p = src; p < at; p++)
-        line += *p == '\n';
-    return line;
-}
+static int find_line(const char *src, const char *path);
 
 struct loader {
     struct config *c;
@@ -661,6 +611,47 @@ static void next_token(const char **pp, int *line, struct token *t)
         t->c = *p++;
     }
     *pp = p;
+}
+
+/* The line of the first assignment to `name` (name = or ["name"] =) at or
+ * after *p, with *p moved past it; 0 when there is none. Comments and strings
+ * are passed over as tokens: a commented-out example of a key is not it. */
+static int find_assignment(const char **p, int *line, const char *name, size_t n)
+{
+    struct token t[4] = {{0}}; /* the last four tokens, the newest last */
+    for (;;) {
+        memmove(&t[0], &t[1], 3 * sizeof t[0]);
+        next_token(p, line, &t[3]);
+        if (t[3].kind == TK_END)
+            return 0;
+        if (t[3].kind != TK_PUNCT || t[3].c != '=')
+            continue;
+        if (t[2].kind == TK_NAME && t[2].n == n && memcmp(t[2].s, name, n) == 0)
+            return t[2].line;
+        if (t[2].kind == TK_PUNCT && t[2].c == ']' && t[1].kind == TK_STRING && t[1].plain &&
+            t[1].n == n && memcmp(t[1].s, name, n) == 0 && t[0].kind == TK_PUNCT && t[0].c == '[')
+            return t[0].line;
+    }
+}
+
+/* The line where a key path is assigned: each component is looked for after
+ * the previous one, so feeds.web.key is found inside `web = {...}`. 0 when not
+ * found. */
+static int find_line(const char *src, const char *path)
+{
+    if (!src)
+        return 0;
+    const char *p = src;
+    int line = 1, found = 0;
+    for (const char *c = path; *c;) {
+        const char *dot = strchr(c, '.');
+        size_t n = dot ? (size_t)(dot - c) : strlen(c);
+        found = find_assignment(&p, &line, c, n);
+        if (!found)
+            return 0;
+        c += n + (dot ? 1 : 0);
+    }
+    return found;
 }
 
 static void key_given_twice(const char *file, struct scan_table *stack, int depth,

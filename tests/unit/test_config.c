@@ -589,6 +589,25 @@ START_TEST(test_wrong_type_names_line_of_its_own_section_not_an_earlier_same_nam
 }
 END_TEST
 
+/* The shipped file holds commented-out examples of keys, and a string may hold
+ * "name = ": neither is where the key is given. */
+START_TEST(test_wrong_type_names_its_line_not_a_comment_or_string_that_looks_like_it)
+{
+    const char *path =
+        conf("commented.lua", "return {\n"
+                              "  -- admin = { token = os.getenv(\"T\") },\n"
+                              "  --[[ admin = { token = 1 } ]]\n"
+                              "  log = { level = \"info\", format = \"admin = 1\" },\n"
+                              "  admin = { [\"token\"] = true },\n"
+                              "}\n");
+    struct config *c = NULL;
+    char err[4096] = "", want[256];
+    ck_assert_int_eq(config_load(&c, path, err, sizeof err), -1);
+    snprintf(want, sizeof want, "%s:5: 'admin.token' must be a string, not boolean", path);
+    ck_assert_msg(strstr(err, want) != NULL, "%s", err);
+}
+END_TEST
+
 START_TEST(test_out_of_range_integer_is_refused_with_its_bounds)
 {
     const char *path = conf("range.lua", "return { batch = { linger_ms = 60001 } }\n");
@@ -1115,6 +1134,7 @@ static Suite *suite(void)
                         (int)ARRAY_LEN(EMPTY_OPTIONAL_KEYS));
     tcase_add_test(tc, test_wrong_type_names_key_and_line);
     tcase_add_test(tc, test_wrong_type_names_line_of_its_own_section_not_an_earlier_same_name);
+    tcase_add_test(tc, test_wrong_type_names_its_line_not_a_comment_or_string_that_looks_like_it);
     tcase_add_test(tc, test_out_of_range_integer_is_refused_with_its_bounds);
     tcase_add_test(tc, test_integer_at_its_upper_bound_is_accepted);
     tcase_add_test(tc, test_retry_failing_s_is_bounded_and_defaults_to_an_hour);
