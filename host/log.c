@@ -5,6 +5,7 @@
 #include <errno.h>
 #include <stdatomic.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
@@ -62,6 +63,13 @@ int log_format_parse(const char *s, enum log_format *out)
     return 0;
 }
 
+/* The most bytes of one line, and of one string field in it (see log_emit):
+ * a long value (an event id a client made up, a rule's message) is cut, so
+ * that it costs the line none of its other fields. */
+#define LOG_LINE_MAX (64 * 1024)
+#define LOG_VALUE_MAX 8192
+#define LOG_VALUE_SHORT 256
+
 /* logfmt values are bare when they are simple words, quoted otherwise. */
 static int logfmt_value(buf *b, const char *s)
 {
@@ -78,26 +86,70 @@ static int logfmt_value(buf *b, const char *s)
     return buf_json_str(b, s, strlen(s));
 }
 
-/* A field: the string s, or the number i when s is NULL. */
-static int add_field(buf *b, int json, const char *key, const char *s, long long i)
+/* A string value longer than the line's cap (see log_emit) is cut to its
+ * first `cap` bytes, between two characters, and says how long it was. */
+static int add_value(buf *b, int json, const char *s, size_t cap)
+{
+    size_t n = strlen(s);
+    char *cut = NULL;
+    if (n > cap) {
+        size_t keep = cap;
+        while (keep > 0 && ((unsigned char)s[keep] & 0xC0) == 0x80)
+            keep--; /* s[keep] continues a character: cut before it */
+        cut = malloc(keep + 48);
+        if (!cut)
+            return -1;
+        snprintf(cut, keep + 48, "%.*s... (cut, %zu bytes)", (int)keep, s, n);
+        s = cut;
+    }
+    int rc = json ? buf_json_str(b, s, strlen(s)) : logfmt_value(b, s);
+    free(cut);
+    return rc;
+}
+
+/* A field: the string s (cut to cap bytes), or the number i when s is NULL. */
+static int add_field(buf *b, int json, const char *key, const char *s, long long i, size_t cap)
 {
     int rc = 0;
     if (json) {
         rc |= buf_addc(b, ',');
         rc |= buf_json_str(b, key, strlen(key));
         rc |= buf_addc(b, ':');
-        if (s)
-            rc |= buf_json_str(b, s, strlen(s));
-        else
-            rc |= buf_printf(b, "%lld", i);
     } else {
         rc |= buf_printf(b, " %s=", key);
-        if (s)
-            rc |= logfmt_value(b, s);
-        else
-            rc |= buf_printf(b, "%lld", i);
     }
+    if (s)
+        rc |= add_value(b, json, s, cap);
+    else
+        rc |= buf_printf(b, "%lld", i);
     return rc;
+}
+
+/* One line into b, each string field cut to cap bytes; -1 when it does not fit
+ * the line's cap. */
+static int format_line(buf *b, int json, const char *ts, enum log_level level, const char *msg,
+                       const struct log_field *fields, size_t cap)
+{
+    int rc = 0;
+    if (json) {
+        rc |= buf_printf(b, "{\"ts\":\"%s\",\"level\":\"%s\",\"msg\":", ts, LEVEL_NAMES[level]);
+        rc |= buf_json_str(b, msg, strlen(msg));
+    } else {
+        rc |= buf_printf(b, "ts=%s level=%s msg=", ts, LEVEL_NAMES[level]);
+        rc |= buf_json_str(b, msg, strlen(msg));
+    }
+    if (t_request)
+        rc |= add_field(b, json, "request_id", t_request, 0, cap);
+    for (const struct log_field *f = fields; f && f->kind != LOG_FIELD_END; f++) {
+        if (f->kind == LOG_FIELD_STR)
+            rc |= add_field(b, json, f->key, f->s ? f->s : "", 0, cap);
+        else
+            rc |= add_field(b, json, f->key, NULL, f->i, cap);
+    }
+    if (json)
+        rc |= buf_addc(b, '}');
+    rc |= buf_addc(b, '\n');
+    return rc ? -1 : 0;
 }
 
 void log_emit(enum log_level level, const char *msg, const struct log_field *fields)
@@ -114,30 +166,19 @@ void log_emit(enum log_level level, const char *msg, const struct log_field *fie
     size_t n = strftime(ts, sizeof ts, "%Y-%m-%dT%H:%M:%S", &tm);
     snprintf(ts + n, sizeof ts - n, ".%03ldZ", now.tv_nsec / 1000000);
 
-    char stack[1024];
+    /* A line holds at most LOG_LINE_MAX bytes: each string field is cut to
+     * LOG_VALUE_MAX bytes, and, should the line still not fit (many long
+     * fields, or text escaped to several times its length), to
+     * LOG_VALUE_SHORT; a line is never written in part. */
     buf b;
-    buf_init(&b, 64 * 1024);
-    int rc = 0;
-    if (json) {
-        rc |= buf_printf(&b, "{\"ts\":\"%s\",\"level\":\"%s\",\"msg\":", ts, LEVEL_NAMES[level]);
-        rc |= buf_json_str(&b, msg, strlen(msg));
-    } else {
-        rc |= buf_printf(&b, "ts=%s level=%s msg=", ts, LEVEL_NAMES[level]);
-        rc |= buf_json_str(&b, msg, strlen(msg));
-    }
-    if (t_request)
-        rc |= add_field(&b, json, "request_id", t_request, 0);
-    for (const struct log_field *f = fields; f && f->kind != LOG_FIELD_END; f++) {
-        if (f->kind == LOG_FIELD_STR)
-            rc |= add_field(&b, json, f->key, f->s ? f->s : "", 0);
-        else
-            rc |= add_field(&b, json, f->key, NULL, f->i);
-    }
-    if (json)
-        rc |= buf_addc(&b, '}');
-    rc |= buf_addc(&b, '\n');
+    buf_init(&b, LOG_LINE_MAX);
+    int rc = format_line(&b, json, ts, level, msg, fields, LOG_VALUE_MAX);
     if (rc != 0) {
-        /* The line hit the cap: say so rather than write half a line. */
+        buf_reset(&b);
+        rc = format_line(&b, json, ts, level, msg, fields, LOG_VALUE_SHORT);
+    }
+    if (rc != 0) {
+        char stack[1024];
         snprintf(stack, sizeof stack, "ts=%s level=error msg=\"log line too long\"\n", ts);
         buf_free(&b);
         (void)!write(STDERR_FILENO, stack, strlen(stack));

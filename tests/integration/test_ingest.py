@@ -101,6 +101,28 @@ class Ingest(ServiceTest):
         self.assertEqual(json.loads(raw)["id"], bad["id"])
         self.assertEqual(s.metrics()['tributary_dead_letters_total{reason="rule_error"}'], 1)
 
+    def test_a_dead_letter_with_a_very_long_id_is_logged_with_its_reason_and_the_ids_start(self):
+        # the log line's cap: the id is cut (between characters), the line keeps
+        # its other fields
+        rules = self.rules_dir({"20-explode.lua": (
+            "return function(event, out)\n"
+            "  error('cannot handle this one')\n"
+            "end\n")})
+        s = self.service(rules_dir=rules)
+        long_id = "\u00e9" + "i" * 69999
+        r = s.post([event("users.messages.email.Open", id=long_id)])
+        self.assertEqual(r.status, 200, r)
+        self.assertEqual(r.json()["quarantined"], 1)
+        lines = [l for l in s.logs().splitlines() if 'msg="event quarantined"' in l]
+        self.assertEqual(len(lines), 1, s.logs()[-3000:])
+        self.assertIn("reason=rule_error", lines[0])
+        self.assertIn("cannot handle this one", lines[0])
+        self.assertIn("event_type=users.messages.email.Open", lines[0])
+        self.assertIn('event_id="\u00e9' + "i" * 100, lines[0])
+        self.assertIn("... (cut, 70001 bytes)", lines[0])
+        self.assertLess(len(lines[0]), 10000)
+        self.assertNotIn("log line too long", s.logs())
+
     def test_a_requeued_event_dead_lettered_again_keeps_the_bytes_braze_sent(self):
         # the rule changes the event before it fails; numbers JSON cannot round
         # through a double and an empty list must come back as they were sent
