@@ -449,28 +449,40 @@ int main(int argc, char **argv)
         sigaddset(&set, SIGHUP);
         pthread_sigmask(SIG_BLOCK, &set, NULL);
     }
-    signal(SIGPIPE, SIG_IGN);
-    if (sender_global_init() != 0) {
-        fprintf(stderr, "tributary: cannot initialise the HTTP client library\n");
-        return 1;
-    }
     if (serve) {
+        /* a client or mParticle that closes its connection is an error of
+         * that call, not the end of the service */
+        signal(SIGPIPE, SIG_IGN);
+        if (sender_global_init() != 0) {
+            fprintf(stderr, "tributary: cannot initialise the HTTP client library\n");
+            return 1;
+        }
         if (too_many_arguments(&a, 0, "no arguments"))
             return 2;
         return service_run(a.config);
     }
-    if (strcmp(a.command, "check") == 0)
-        return cmd_check(&a);
-    if (strcmp(a.command, "map") == 0)
-        return cmd_map(&a);
-    if (strcmp(a.command, "sign") == 0)
-        return cmd_sign(&a);
+    /* A command's output read by `head` ends it, as any filter's (SIGPIPE);
+     * output that cannot be written otherwise (a full disk) is its failure. */
+    int rc;
     struct cli_options o = {a.config, a.positional, a.npositional, a.reason, a.older_than,
                             a.limit,  a.all,        a.json,        a.force};
-    if (strcmp(a.command, "dlq") == 0)
-        return dlq_main(&o);
-    if (strcmp(a.command, "queue") == 0)
-        return queue_main(&o);
-    fprintf(stderr, "tributary: unknown command '%s' (see --help)\n", a.command);
-    return 2;
+    if (strcmp(a.command, "check") == 0) {
+        rc = cmd_check(&a);
+    } else if (strcmp(a.command, "map") == 0) {
+        rc = cmd_map(&a);
+    } else if (strcmp(a.command, "sign") == 0) {
+        rc = cmd_sign(&a);
+    } else if (strcmp(a.command, "dlq") == 0) {
+        rc = dlq_main(&o);
+    } else if (strcmp(a.command, "queue") == 0) {
+        rc = queue_main(&o);
+    } else {
+        fprintf(stderr, "tributary: unknown command '%s' (see --help)\n", a.command);
+        return 2;
+    }
+    if (fflush(stdout) != 0 || ferror(stdout)) {
+        fprintf(stderr, "tributary: cannot write the output: %s\n", strerror(errno));
+        return rc ? rc : 1;
+    }
+    return rc;
 }

@@ -11,8 +11,8 @@ import threading
 import time
 import unittest
 
-from harness import (RULES, SANITIZED, SLOW, TIME, WRAPPER, ServiceTest, event, run_cli,
-                     run_cli_peak_rss)
+from harness import (BIN, ROOT, RULES, SANITIZED, SLOW, TIME, WRAPPER, ServiceTest, clean_env,
+                     event, run_cli, run_cli_peak_rss, tool_errors)
 
 # dlq requeue reads, maps and commits this many dead letters at a time, fewer
 # when their Braze events reach REQUEUE_PAGE_BYTES (host/dlq.c).
@@ -170,6 +170,19 @@ class Cli(ServiceTest):
         p = s.cli(["dlq", "requeue", "--all", "--json"])
         self.assertEqual(p.returncode, 0, p.stderr)
         self.assertEqual(json.loads(p.stdout)["requeued"], 0)
+
+    def test_output_that_cannot_be_written_fails_the_command(self):
+        s = self.service()
+        self.assertEqual(s.post([event()]).status, 200)
+        sample = os.path.join(ROOT, "docs", "sample-currents-batch.json")
+        for args in (["queue", "stats"], ["dlq", "list", "--json"], ["map", sample]):
+            with self.subTest(args=args), open("/dev/full", "w") as full:
+                p = subprocess.run(WRAPPER + [BIN] + args, stdout=full, stderr=subprocess.PIPE,
+                                   text=True, env=clean_env(s.env), cwd=s.dir, timeout=60 * SLOW)
+                self.assertEqual(tool_errors(p.stderr), [])
+                self.assertEqual(p.returncode, 1, p.stderr)
+                self.assertIn("tributary: cannot write the output: No space left on device",
+                              p.stderr)
 
     def test_dlq_changes_never_create_a_queue_in_a_mistaken_data_dir(self):
         d = self.tmpdir()
