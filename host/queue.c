@@ -299,7 +299,7 @@ struct op {
         } batches;
         struct {
             int64_t cutoff_ms;
-            size_t *moved;
+            size_t *moved; /* FEED_COUNT of them */
         } expire;
         struct {
             enum feed feed;
@@ -1092,7 +1092,7 @@ static enum queue_status apply_expire(queue *q, struct op *op, int64_t now)
     op->u.batches.reason = DEAD_MAX_AGE;
     char detail[256];
     op->u.batches.detail = detail;
-    size_t moved = 0;
+    size_t moved = 0, by_feed[FEED_COUNT] = {0};
     for (int f = 0; f < FEED_COUNT && moved < EXPIRE_SLICE; f++) {
         expired_detail(q, f, detail, sizeof detail);
         /* Records are stamped when stored and ids ascend, so the expired ones
@@ -1119,8 +1119,9 @@ static enum queue_status apply_expire(queue *q, struct op *op, int64_t now)
             }
         }
         moved += n;
+        by_feed[f] = n;
     }
-    *op->u.expire.moved = moved;
+    memcpy(op->u.expire.moved, by_feed, sizeof by_feed);
     st = QUEUE_OK;
 done:
     op->u.batches.detail = NULL; /* detail is this function's */
@@ -2895,9 +2896,9 @@ enum queue_status queue_dead_batch(queue *q, int64_t batch_id, enum feed f, int6
     return submit(q, &op);
 }
 
-enum queue_status queue_expire(queue *q, int64_t cutoff_ms, size_t *moved)
+enum queue_status queue_expire(queue *q, int64_t cutoff_ms, size_t moved[FEED_COUNT])
 {
-    *moved = 0;
+    memset(moved, 0, FEED_COUNT * sizeof(*moved));
     struct op op = {.kind = OP_EXPIRE};
     op.u.expire.cutoff_ms = cutoff_ms;
     op.u.expire.moved = moved;

@@ -171,9 +171,9 @@ enum queue_status queue_dead_batch(queue *q, int64_t batch_id, enum feed f, int6
 enum queue_status queue_split_batch(queue *q, int64_t batch_id, struct queue_batch *parts,
                                     size_t n);
 /* Moves records received before cutoff_ms that are not part of a persisted
- * batch to the dead-letter store (max_age); *moved receives the count. The
- * sender expires its own batches with queue_dead_batch. */
-enum queue_status queue_expire(queue *q, int64_t cutoff_ms, size_t *moved);
+ * batch to the dead-letter store (max_age); moved receives the count of each
+ * feed. The sender expires its own batches with queue_dead_batch. */
+enum queue_status queue_expire(queue *q, int64_t cutoff_ms, size_t moved[FEED_COUNT]);
 /* Records a feed's pause (reason NULL: resumed) for `queue stats`. */
 enum queue_status queue_set_feed_state(queue *q, enum feed f, const char *reason);
 /* The reason of a feed paused because it has no credentials. */

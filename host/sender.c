@@ -1945,12 +1945,16 @@ static void sweep_unclaimed(struct sender *s, int64_t now)
     if (now - s->last_expire < every)
         return;
     s->last_expire = now;
-    size_t moved = 0;
+    size_t moved[FEED_COUNT];
     int64_t cutoff = clock_wall_ms() - s->cfg->retry_max_age_s * 1000;
-    if (queue_expire(s->q, cutoff, &moved) == QUEUE_OK && moved > 0) {
-        metrics_add_dead(DEAD_MAX_AGE, moved);
+    if (queue_expire(s->q, cutoff, moved) != QUEUE_OK)
+        return;
+    for (int f = 0; f < FEED_COUNT; f++) {
+        if (moved[f] == 0)
+            continue;
+        metrics_add_dead(DEAD_MAX_AGE, moved[f]);
         log_warn("events older than retry.max_age_s moved to the dead-letter store",
-                 LOG_I("events", (long long)moved));
+                 LOG_S("feed", FEED_NAMES[f]) LOG_I("events", (long long)moved[f]));
         s->last_expire = 0; /* more may be waiting: sweep again next round */
     }
 }

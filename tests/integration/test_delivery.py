@@ -835,6 +835,10 @@ class Delivery(ServiceTest):
         details = {x["detail"] for x in json.loads(s.cli(["dlq", "list", "--json"]).stdout)}
         self.assertEqual(details, {"not delivered within retry.max_age_s; the feed is paused: "
                                    "no credentials configured"})
+        moved = re.findall(r'msg="events older than retry.max_age_s moved to the dead-letter '
+                           r'store" feed=(\w+) events=(\d+)', s.logs())
+        self.assertEqual({f for f, _ in moved}, {"ios"})
+        self.assertEqual(sum(int(n) for _, n in moved), 5)
         s.stop()
         # credentials arrive; the operator requeues the expired events
         s2 = self.service(env=feed_env(d, TRIBUTARY_RETRY_MAX_AGE_S=3600), workdir=s.dir)

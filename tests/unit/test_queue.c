@@ -135,6 +135,16 @@ static int64_t depth(queue *q, enum feed f)
     return g.depth[f];
 }
 
+/* queue_expire: the records of every feed it moved. */
+static size_t expire(queue *q, int64_t cutoff_ms)
+{
+    size_t moved[FEED_COUNT], all = 0;
+    ck_assert_int_eq(queue_expire(q, cutoff_ms, moved), QUEUE_OK);
+    for (int f = 0; f < FEED_COUNT; f++)
+        all += moved[f];
+    return all;
+}
+
 static int64_t dead_gauge(queue *q)
 {
     struct queue_gauges g;
@@ -899,9 +909,7 @@ START_TEST(test_a_record_delivered_before_an_older_one_no_longer_counts)
     ck_assert_int_eq(count_in_file("SELECT count(*) FROM settled WHERE feed = 0 AND "
                                    "claimed = (SELECT max(id) FROM records_ios) - 1"),
                      1);
-    size_t moved = 0;
-    ck_assert_int_eq(queue_expire(q, clock_wall_ms() + 60000, &moved), QUEUE_OK);
-    ck_assert_uint_eq(moved, 1);
+    ck_assert_uint_eq(expire(q, clock_wall_ms() + 60000), 1);
     ck_assert_int_eq(depth(q, FEED_IOS), 1);
 
     /* evt-0 delivered: the line passes every claimed record, but the table
@@ -1085,9 +1093,12 @@ START_TEST(test_a_claim_may_skip_records_moved_or_expired_but_not_leave_one_out)
     int64_t cutoff = clock_wall_ms();
     clock_sleep_ms(5);
     commit_records(q, FEED_IOS, "new", 2);
-    size_t moved = 0;
-    ck_assert_int_eq(queue_expire(q, cutoff, &moved), QUEUE_OK);
-    ck_assert_uint_eq(moved, 3); /* old-0, old-1 and moved-0 of unbound */
+    size_t moved[FEED_COUNT];
+    ck_assert_int_eq(queue_expire(q, cutoff, moved), QUEUE_OK);
+    /* old-0, old-1 and moved-0 of unbound */
+    ck_assert_uint_eq(moved[FEED_IOS], 2);
+    ck_assert_uint_eq(moved[FEED_UNBOUND], 1);
+    ck_assert_uint_eq(moved[FEED_ANDROID] + moved[FEED_WEB], 0);
     struct queue_items it;
     scan_all(q, FEED_IOS, &it); /* the claimed ones, then new-0 and new-1 */
     ck_assert_uint_eq(it.n, 6);
@@ -1508,9 +1519,7 @@ START_TEST(test_records_and_dead_letters_keep_their_workspace)
     ck_assert_ptr_null(it.items[1].workspace.p);
     queue_items_free(&it);
 
-    size_t moved = 0;
-    ck_assert_int_eq(queue_expire(q, clock_wall_ms() + 60000, &moved), QUEUE_OK);
-    ck_assert_uint_eq(moved, 2);
+    ck_assert_uint_eq(expire(q, clock_wall_ms() + 60000), 2);
     struct dead_filter f = {0};
     struct dead_list l;
     list_dead(q, &f, &l);
@@ -1888,9 +1897,7 @@ START_TEST(test_expire_moves_records_older_than_the_cutoff_to_max_age)
     clock_sleep_ms(5);
     commit_records(q, FEED_IOS, "new", 1);
 
-    size_t moved = 99;
-    ck_assert_int_eq(queue_expire(q, cutoff, &moved), QUEUE_OK);
-    ck_assert_uint_eq(moved, 2);
+    ck_assert_uint_eq(expire(q, cutoff), 2);
     ck_assert_int_eq(depth(q, FEED_IOS), 1);
     ck_assert_int_eq(dead_gauge(q), 2);
 
@@ -1924,9 +1931,7 @@ START_TEST(test_expire_leaves_records_of_a_persisted_batch_alone)
     ck_assert_int_eq(queue_persist_batches(q, &b, 1), QUEUE_OK);
     queue_items_free(&it);
 
-    size_t moved = 0;
-    ck_assert_int_eq(queue_expire(q, clock_wall_ms() + 60000, &moved), QUEUE_OK);
-    ck_assert_uint_eq(moved, 2);
+    ck_assert_uint_eq(expire(q, clock_wall_ms() + 60000), 2);
     ck_assert_int_eq(depth(q, FEED_IOS), 2);
 
     scan_all(q, FEED_IOS, &it);
