@@ -254,12 +254,17 @@ static int64_t last_seen(int i)
     return T.slot[i].last_ok > T.slot[i].window_start ? T.slot[i].last_ok : T.slot[i].window_start;
 }
 
+/* What slot_of does when the client has no slot. */
+enum slot_create { SLOT_FIND, SLOT_FOR_FAILURE, SLOT_FOR_SUCCESS };
+
 /* The slot of a client: its own, else a free or idle one (neither seen
  * within the window nor trusted), else the least recently seen one that is not
  * refusing anybody: a refusal in force is never evicted, so flooding the table
- * from many addresses cannot lift it. -1 when there is no room (the failure
- * goes unrecorded). Caller holds T.mu. */
-static int slot_of(const char *address, int64_t now_s, int create)
+ * from many addresses cannot lift it; nor, for a failure, is a trusted client
+ * (one that authenticated within AUTH_TRUSTED_S), so failures from many
+ * addresses cannot make it one to refuse. -1 when there is no room (the
+ * failure goes unrecorded). Caller holds T.mu. */
+static int slot_of(const char *address, int64_t now_s, enum slot_create create)
 {
     char key[sizeof T.slot[0].client];
     const char *client = throttle_key(address, key, sizeof key);
@@ -274,11 +279,13 @@ static int slot_of(const char *address, int64_t now_s, int create)
         if (idle < 0 && (T.slot[i].client[0] == '\0' ||
                          (now_s - last_seen(i) > AUTH_THROTTLE_WINDOW_S && !trusted(i, now_s))))
             idle = i;
+        if (create == SLOT_FOR_FAILURE && trusted(i, now_s))
+            continue;
         if (oldest < 0 || last_seen(i) < last_seen(oldest))
             oldest = i;
     }
     int victim = idle >= 0 ? idle : oldest;
-    if (!create || victim < 0)
+    if (create == SLOT_FIND || victim < 0)
         return -1;
     str_copy(T.slot[victim].client, sizeof T.slot[victim].client, client);
     T.slot[victim].window_start = now_s;
@@ -293,7 +300,7 @@ int auth_throttled(const char *client, int64_t now_s, int64_t *retry_after_s)
     if (!client || !*client)
         return 0;
     pthread_mutex_lock(&T.mu);
-    int i = slot_of(client, now_s, 0);
+    int i = slot_of(client, now_s, SLOT_FIND);
     int blocked = i >= 0 && T.slot[i].blocked_until > now_s;
     if (blocked)
         *retry_after_s = T.slot[i].blocked_until - now_s;
@@ -306,7 +313,7 @@ int auth_failed(const char *client, int64_t now_s)
     if (!client || !*client)
         return 0;
     pthread_mutex_lock(&T.mu);
-    int i = slot_of(client, now_s, 1);
+    int i = slot_of(client, now_s, SLOT_FOR_FAILURE);
     if (i < 0) {
         pthread_mutex_unlock(&T.mu);
         return 0;
@@ -334,7 +341,7 @@ void auth_succeeded(const char *client, int64_t now_s)
     pthread_mutex_lock(&T.mu);
     /* a slot for the note also before any failure: failures that come after
      * it must not have the address refused */
-    int i = slot_of(client, now_s, 1);
+    int i = slot_of(client, now_s, SLOT_FOR_SUCCESS);
     if (i >= 0)
         T.slot[i].last_ok = now_s;
     pthread_mutex_unlock(&T.mu);

@@ -65,6 +65,22 @@ START_TEST(test_the_addresses_of_one_ipv6_64_count_together)
 }
 END_TEST
 
+/* The table of addresses is bounded: failures from thousands of others must
+ * not push out the note that an address authenticated. */
+START_TEST(test_failures_from_many_addresses_do_not_evict_a_trusted_one)
+{
+    const char *client = "198.51.100.3";
+    auth_succeeded(client, T0);
+    char other[64];
+    for (int i = 0; i < 4000; i++) {
+        snprintf(other, sizeof other, "203.0.%d.%d", i / 250, i % 250 + 1);
+        auth_failed(other, T0 + 2);
+    }
+    ck_assert_int_eq(fail_times(client, 3 * AUTH_THROTTLE_FAILURES, T0 + 3), 0);
+    ck_assert(!refused(client, T0 + 3));
+}
+END_TEST
+
 static Suite *suite(void)
 {
     Suite *s = suite_create("auth");
@@ -72,6 +88,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_an_address_is_refused_at_its_tenth_failure_within_a_minute);
     tcase_add_test(tc, test_an_address_that_authenticated_within_a_day_is_not_refused);
     tcase_add_test(tc, test_the_addresses_of_one_ipv6_64_count_together);
+    tcase_add_test(tc, test_failures_from_many_addresses_do_not_evict_a_trusted_one);
     suite_add_tcase(s, tc);
     return s;
 }
