@@ -1023,6 +1023,26 @@ START_TEST(test_records_keep_each_event_exactly_as_received)
 }
 END_TEST
 
+/* A 400 would have Braze split the batch and drop each event, which would
+ * start with the same mark. */
+START_TEST(test_a_body_that_starts_with_a_byte_order_mark_is_mapped)
+{
+    rule("10-pass.lua", PASS_RULE);
+    build();
+    ck_assert_int_eq(map("\xEF\xBB\xBF" ENVELOPE(EV("bom-1") "," EV("bom-2")), INPUT_ENVELOPE), 0);
+    ck_assert_uint_eq(F.m.nrecords, 2);
+    ck_assert_uint_eq(F.m.records[1].raw.n, strlen(EV("bom-2")));
+    ck_assert(memcmp(F.m.records[1].raw.p, EV("bom-2"), strlen(EV("bom-2"))) == 0);
+    mapping_free(&F.m);
+    mapping_init(&F.m);
+    ck_assert_int_eq(map("\xEF\xBB\xBF", INPUT_ENVELOPE), 0); /* blank */
+    ck_assert_uint_eq(F.m.nevents, 0);
+    /* a mark anywhere else is no JSON */
+    ck_assert_int_eq(map(" \xEF\xBB\xBF" ENVELOPE(EV("bom-3")), INPUT_ENVELOPE), -1);
+    ck_assert_int_eq(F.ie.status, 400);
+}
+END_TEST
+
 START_TEST(test_unknown_event_type_is_counted_as_unsupported_not_refused)
 {
     default_rules();
@@ -3118,6 +3138,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_one_event_over_max_events_is_413);
     tcase_add_test(tc, test_unknown_fields_are_accepted);
     tcase_add_test(tc, test_records_keep_each_event_exactly_as_received);
+    tcase_add_test(tc, test_a_body_that_starts_with_a_byte_order_mark_is_mapped);
     tcase_add_test(tc, test_unknown_event_type_is_counted_as_unsupported_not_refused);
     tcase_add_test(tc, test_any_input_accepts_a_json_array);
     tcase_add_test(tc, test_any_input_accepts_a_single_event);
