@@ -631,6 +631,7 @@ struct framing {
     int cl_lines;   /* Content-Length header lines */
     int cl_differ;  /* one differs from the first */
     int folded;     /* a line folded under a header (obs-fold) */
+    int spaced;     /* blanks between a header's name and its colon */
     const char *cl; /* the first Content-Length, without its surrounding blanks */
     size_t cl_n;
 };
@@ -645,9 +646,12 @@ static enum MHD_Result note_framing(void *cls, enum MHD_ValueKind kind, const ch
     /* libmicrohttpd joins a line folded under a header to the header's name:
      * "Content-Length: 100" then " Content-Length: 100" is a header named
      * "Content-LengthContent-Length: 100", and the request one without a body */
-    f->folded |= strpbrk(key, ": \t") != NULL ||
-                 (strncasecmp(key, "Content-Length", 14) == 0 && key[14]) ||
-                 (strncasecmp(key, "Transfer-Encoding", 17) == 0 && key[17]);
+    size_t kn = strlen(key);
+    int spaced = kn && (key[kn - 1] == ' ' || key[kn - 1] == '\t') && !strchr(key, ':');
+    f->spaced |= spaced;
+    f->folded |= !spaced && (strpbrk(key, ": \t") != NULL ||
+                             (strncasecmp(key, "Content-Length", 14) == 0 && key[14]) ||
+                             (strncasecmp(key, "Transfer-Encoding", 17) == 0 && key[17]));
     size_t n;
     const char *v = str_trim_blanks(value, &n);
     if (strcasecmp(key, MHD_HTTP_HEADER_TRANSFER_ENCODING) == 0) {
@@ -669,7 +673,9 @@ static enum MHD_Result note_framing(void *cls, enum MHD_ValueKind kind, const ch
  * 6.3), a request is refused, and its connection closed, when it has both
  * Content-Length and Transfer-Encoding (400), Content-Length values that differ
  * (400; libmicrohttpd refuses one that is not a number), a header line folded
- * onto the next (obs-fold, 400, RFC 9112 5.2), or a transfer coding other than
+ * onto the next (obs-fold, 400, RFC 9112 5.2), blanks before a header's colon
+ * (400, RFC 9112 5.1: "Content-Length : 5" may be the length to one reader and
+ * an unknown header to another), or a transfer coding other than
  * chunked alone, which libmicrohttpd cannot read (501; it would read to the end
  * of the connection). A request that should bring a body (body_expected) and
  * says nothing of its length gets 411. Returns the reason and sets *status,
@@ -681,6 +687,8 @@ static const char *framing_problem(struct MHD_Connection *c, int body_expected, 
     *status = 400;
     if (f.folded)
         return "a header line folded onto the next (obs-fold): the body's length is ambiguous";
+    if (f.spaced)
+        return "blanks between a header's name and its colon, which HTTP forbids (RFC 9112 5.1)";
     if (f.te_lines && f.cl_lines)
         return "Content-Length and Transfer-Encoding together: the body's length is ambiguous";
     if (f.cl_differ)

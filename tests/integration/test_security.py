@@ -1234,6 +1234,13 @@ class Framing(ServiceTest):
             self.assertIn(b"obs-fold", reply, lines)
         self.assertEqual(s.queued_ids(), [])
 
+    def test_blanks_before_a_headers_colon_are_400_saying_so(self):
+        s = self.service()
+        for lines in (("X-Note : a",), ("Content-Length\t: 100",)):
+            reply = self.refused(s, self.head(*lines), 400)
+            self.assertIn(b"blanks between a header's name and its colon", reply, lines)
+        self.assertEqual(s.queued_ids(), [])
+
     def test_a_transfer_coding_other_than_chunked_is_501_at_once(self):
         # libmicrohttpd would read such a body to the end of the connection
         s = self.service()
