@@ -358,11 +358,22 @@ int ingest_precheck(struct ingest *in, const struct ingest_request *req,
     return admitted;
 }
 
+/* Counts the events filtered or skipped; at debug, says each with its reason
+ * (a rule's own, when it gave one). */
 static void count_dropped(const struct mapping *m)
 {
     for (int r = 0; r < DROP_REASON_COUNT; r++) {
         if (m->dropped[r])
             metrics_add_dropped((enum drop_reason)r, m->dropped[r]);
+    }
+    for (size_t i = 0; m->keep_outcomes && i < m->noutcomes; i++) {
+        const struct outcome *o = &m->outcomes[i];
+        if (o->kind == OUTCOME_DROPPED)
+            log_debug("event not forwarded",
+                      LOG_S("reason", DROP_REASON_NAMES[o->reason])
+                          LOG_S("detail", o->detail.p ? o->detail.p : "")
+                              LOG_S("event_id", o->event_id.p ? o->event_id.p : "")
+                                  LOG_S("event_type", o->event_type.p ? o->event_type.p : ""));
     }
 }
 
@@ -389,6 +400,7 @@ void ingest_handle(struct ingest *in, const struct ingest_request *req,
     reload_get(&s);
     struct mapping m;
     mapping_init(&m);
+    m.keep_outcomes = log_enabled(LOG_DEBUG); /* for count_dropped's lines */
     char err[ERR_LEN] = "";
     ruleset *mapped_by = NULL;
     rules *r = NULL;

@@ -5,6 +5,7 @@ import hmac
 import http.client
 import json
 import os
+import re
 import socket
 import threading
 import time
@@ -122,6 +123,33 @@ class Ingest(ServiceTest):
         self.assertIn("... (cut, 70001 bytes)", lines[0])
         self.assertLess(len(lines[0]), 10000)
         self.assertNotIn("log line too long", s.logs())
+
+    def test_at_debug_each_event_not_forwarded_is_said_with_its_reason(self):
+        rules = self.rules_dir({"20-drop.lua": (
+            "return function(event, out)\n"
+            "  if event.properties and event.properties.drop then\n"
+            "    return false, 'campaign excluded by ops'\n"
+            "  end\n"
+            "end\n")})
+        s = self.service(rules_dir=rules)  # the harness logs at debug
+        dropped = event("users.messages.email.Open", drop=True)
+        anonymous = event("users.messages.email.Open")
+        del anonymous["user"]["external_user_id"]
+        unknown = event("users.behaviors.BrandNewThing")
+        r = s.post([dropped, anonymous, unknown, event("users.messages.email.Open")])
+        self.assertEqual((r.json()["filtered"], r.json()["skipped"], r.json()["forwarded"]),
+                         (2, 1, 1), r)
+        lines = {re.search(r"event_id=(\S+)", l).group(1): l
+                 for l in s.logs().splitlines() if 'msg="event not forwarded"' in l}
+        self.assertEqual(set(lines), {dropped["id"], anonymous["id"], unknown["id"]})
+        self.assertIn('reason=rule_drop detail="campaign excluded by ops"', lines[dropped["id"]])
+        self.assertIn("reason=no_external_id", lines[anonymous["id"]])
+        self.assertIn("reason=unsupported_type", lines[unknown["id"]])
+        self.assertIn("level=debug", lines[unknown["id"]])
+        # at info: no line per event
+        quiet = self.service(rules_dir=rules, env={"TRIBUTARY_LOG_LEVEL": "info"})
+        self.assertEqual(quiet.post([dropped]).status, 200)
+        self.assertNotIn("event not forwarded", quiet.logs())
 
     def test_a_requeued_event_dead_lettered_again_keeps_the_bytes_braze_sent(self):
         # the rule changes the event before it fails; numbers JSON cannot round
