@@ -12,8 +12,10 @@
 #include "tls.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <malloc.h>
 #include <poll.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -183,10 +185,9 @@ static void log_feeds(const struct config *c, char *names, size_t len)
         str_copy(names, len, "none");
 }
 
-/* The main thread's loop: signals (taken through a signalfd; main() blocked them
- * in every thread), changes in rules_dir, watched through wfd (-1: not
- * watched), and memory to give back (trim_memory). Returns when told to stop. */
-static int wait_for_stop(int wfd)
+/* The signals the service takes, through a signalfd (main() blocked them in
+ * every thread); -1 when it cannot. */
+static int take_signals(void)
 {
     sigset_t set;
     sigemptyset(&set);
@@ -194,10 +195,18 @@ static int wait_for_stop(int wfd)
     sigaddset(&set, SIGINT);
     sigaddset(&set, SIGHUP);
     int sfd = signalfd(-1, &set, SFD_CLOEXEC);
-    if (sfd < 0) {
+    if (sfd < 0)
         log_error("cannot take signals", LOG_S("error", strerror(errno)));
+    return sfd;
+}
+
+/* The main thread's loop: signals (sfd), changes in rules_dir, watched through
+ * wfd (-1: not watched), and memory to give back (trim_memory). Returns when
+ * told to stop. */
+static int wait_for_stop(int sfd, int wfd)
+{
+    if (sfd < 0)
         return 1;
-    }
     int64_t reload_at = 0; /* a rules_dir change waits to settle */
     struct trim trim = {clock_mono_ms() + TRIM_EVERY_MS, -1};
     char rerr[4096];
@@ -235,8 +244,72 @@ static int wait_for_stop(int wfd)
         }
         trim_memory(&trim);
     }
-    close(sfd);
     return 0;
+}
+
+/* During the shutdown, a second SIGTERM or SIGINT ends the process at once,
+ * by that signal: nothing accepted is lost (each 200 was answered once its
+ * events were committed; batches in flight to mParticle are sent again after
+ * a restart, under the same ids), and Braze sends again a request left
+ * unanswered. */
+struct second_signal {
+    int sfd;
+    int stop[2]; /* a pipe, written when the shutdown is over */
+    pthread_t thread;
+    int started;
+};
+
+static void *second_signal_main(void *arg)
+{
+    struct second_signal *w = arg;
+    pthread_setname_np(pthread_self(), "stop-watch");
+    for (;;) {
+        struct pollfd fds[2] = {{w->sfd, POLLIN, 0}, {w->stop[0], POLLIN, 0}};
+        if (poll(fds, 2, -1) < 0) {
+            if (errno == EINTR)
+                continue;
+            return NULL;
+        }
+        if (fds[1].revents)
+            return NULL;
+        struct signalfd_siginfo si;
+        if (!(fds[0].revents & POLLIN) || read(w->sfd, &si, sizeof si) != (ssize_t)sizeof si ||
+            si.ssi_signo == SIGHUP)
+            continue;
+        int signo = (int)si.ssi_signo;
+        log_warn("stopping at once on a second signal; unanswered requests are sent again by "
+                 "Braze, batches in flight to mParticle after the restart",
+                 LOG_S("signal", signo == SIGTERM ? "SIGTERM" : "SIGINT"));
+        signal(signo, SIG_DFL);
+        sigset_t set;
+        sigemptyset(&set);
+        sigaddset(&set, signo);
+        pthread_sigmask(SIG_UNBLOCK, &set, NULL);
+        raise(signo);
+        _exit(128 + signo); /* not reached */
+    }
+}
+
+static void second_signal_start(struct second_signal *w, int sfd)
+{
+    w->sfd = sfd;
+    w->started = sfd >= 0 && pipe2(w->stop, O_CLOEXEC) == 0;
+    if (w->started && pthread_create(&w->thread, NULL, second_signal_main, w) != 0) {
+        close(w->stop[0]);
+        close(w->stop[1]);
+        w->started = 0;
+    }
+}
+
+static void second_signal_stop(struct second_signal *w)
+{
+    if (!w->started)
+        return;
+    (void)!write(w->stop[1], "x", 1);
+    pthread_join(w->thread, NULL);
+    close(w->stop[0]);
+    close(w->stop[1]);
+    w->started = 0;
 }
 
 int service_run(const char *config_path)
@@ -276,7 +349,8 @@ int service_run(const char *config_path)
     reload_init(config_path ? config_path : cfg->file, config_ref(cfg), rs);
 
     struct service s = {0};
-    int rc = 1;
+    int rc = 1, sfd = -1;
+    struct second_signal stop_watch = {0};
     struct queue_options qo = {
         .dir = cfg->data_dir,
         .sync_full = strcmp(cfg->queue_sync, "full") == 0,
@@ -355,8 +429,10 @@ int service_run(const char *config_path)
         log_warn("no mParticle credentials configured: events are accepted, queued and held "
                  "until feeds.<name>.key and .secret are set");
 
-    rc = wait_for_stop(wfd);
+    sfd = take_signals();
+    rc = wait_for_stop(sfd, wfd);
 done:
+    second_signal_start(&stop_watch, sfd);
     /* New batches get 503; the requests in progress are answered, then the
      * sender finishes its in-flight requests, and then the server stops and
      * the queue closes. Each wait is at most SHUTDOWN_GRACE_MS, within the
@@ -372,6 +448,9 @@ done:
     reload_shutdown();
     tls_shutdown(); /* after the server: a handshake may hold a certificate */
     config_unref(cfg);
+    second_signal_stop(&stop_watch);
+    if (sfd >= 0)
+        close(sfd);
     if (rc == 0)
         log_info("stopped");
     return rc;

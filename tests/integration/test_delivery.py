@@ -1172,6 +1172,34 @@ class Delivery(ServiceTest):
         time.sleep(1)
         self.assertEqual(len(d.requests), 1)
 
+    def test_a_second_sigterm_stops_at_once_and_the_batch_in_flight_is_sent_after_restart(self):
+        d = self.double()
+        answer = threading.Event()
+        self.addCleanup(answer.set)
+        d.fail(503, times=1, hold=answer)  # no answer until the test says
+        s = self.service(env=feed_env(d))
+        e = event("users.messages.email.Send", user="t1")
+        self.assertEqual(s.post([e]).status, 200)
+        self.wait(lambda: len(d.requests) >= 1, what="the request in flight")
+        s.proc.send_signal(signal.SIGTERM)
+        self.wait(lambda: "stopping" in s.logs(), what="the shutdown begun")
+        time.sleep(0.5)
+        self.assertIsNone(s.proc.poll(), "stopped before its grace")  # it waits for mParticle
+        s.proc.send_signal(signal.SIGTERM)
+        start = time.time()
+        code = s.proc.wait(timeout=5 * SLOW)
+        s.expected_exit = code
+        self.assertEqual(code, -signal.SIGTERM)
+        self.assertLess(time.time() - start, 2 * SLOW)
+        self.assertIn("stopping at once on a second signal", s.logs())
+        answer.set()
+        s.log.close()
+        s.start()
+        self.assertTrue(d.wait_for_events(1, 10 * SLOW))
+        self.assertEqual(d.source_message_ids(), [e["id"]])
+        # the same request again, as persisted before it was first sent
+        self.assertEqual([r["body_size"] for r in d.requests], [d.requests[0]["body_size"]] * 2)
+
     def test_an_oversized_mapped_event_is_dead_lettered_and_its_feed_keeps_flowing(self):
         d = self.double()
         s = self.service(env=feed_env(d))
