@@ -247,8 +247,9 @@ static int wait_for_stop(int sfd, int wfd)
     return 0;
 }
 
-/* During the shutdown, a second SIGTERM or SIGINT ends the process at once,
- * by that signal: nothing accepted is lost (each 200 was answered once its
+/* During the shutdown, a SIGINT (Ctrl-C again) ends the process at once, by
+ * that signal; a SIGTERM a supervisor sends again does not. Nothing accepted
+ * is lost (each 200 was answered once its
  * events were committed; batches in flight to mParticle are sent again after
  * a restart, under the same ids), and Braze sends again a request left
  * unanswered. */
@@ -274,12 +275,11 @@ static void *second_signal_main(void *arg)
             return NULL;
         struct signalfd_siginfo si;
         if (!(fds[0].revents & POLLIN) || read(w->sfd, &si, sizeof si) != (ssize_t)sizeof si ||
-            si.ssi_signo == SIGHUP)
+            si.ssi_signo != SIGINT)
             continue;
         int signo = (int)si.ssi_signo;
-        log_warn("stopping at once on a second signal; unanswered requests are sent again by "
-                 "Braze, batches in flight to mParticle after the restart",
-                 LOG_S("signal", signo == SIGTERM ? "SIGTERM" : "SIGINT"));
+        log_warn("stopping at once on SIGINT during the shutdown; unanswered requests are sent "
+                 "again by Braze, batches in flight to mParticle after the restart");
         signal(signo, SIG_DFL);
         sigset_t set;
         sigemptyset(&set);
