@@ -169,8 +169,11 @@ local function identifier(v)
 end
 
 local function feed_for(props)
-  local feed = PLATFORM_FEED[present(props.platform)]
-  if not feed then
+  local platform, feed = present(props.platform), nil
+  if platform then
+    -- a platform without a feed of its own (roku) is unbound, whatever its app
+    feed = PLATFORM_FEED[platform] or "unbound"
+  else
     local app_id = present(props.app_id)
     feed = app_id and tributary.apps[app_id] or "unbound"
   end
@@ -454,6 +457,14 @@ local tests = {
     expect = { feed = "unbound",
                batch = { device_info = { platform = absent, roku_advertising_id = "r-1" } },
                event = { data = { custom_attributes = { platform = "roku", ad_id = absent } } } },
+  },
+  {
+    name = "a platform without a feed of its own is unbound also when the apps table names its app",
+    config = { apps = { ["roku-app"] = "ios" } },
+    event = { event_type = "users.messages.inappmessage.Click", id = "roku-2", time = 1,
+              user = { external_user_id = "c", device_id = "roku-dev" },
+              properties = { platform = "roku", app_id = "roku-app" } },
+    expect = { feed = "unbound", batch = { device_info = { platform = absent, ios_idfv = absent } } },
   },
   {
     name = "a card_id of its own wins over content_card_id",
