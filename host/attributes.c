@@ -362,9 +362,10 @@ static void keep_first_by_name(lua_State *L, struct job *j, lua_Integer n)
             }
         }
         if (size > 0 && bytes + size > ATTRIBUTES_MAX_BYTES) {
+            /* left out; a smaller one after it may still fit */
             lua_pop(L, 4);
-            j->dropped += (lua_Integer)(k - i);
-            break;
+            j->dropped++;
+            continue;
         }
         if (size > 0) {
             lua_rawset(L, j->out);

@@ -568,7 +568,8 @@ START_TEST(test_attributes_over_100_kb_together_keep_those_that_fit_by_name)
         }
         body[n++] = '"';
     }
-    strcpy(body + n, "}}]}");
+    /* small ones after them by name still fit */
+    strcpy(body + n, ",\"campaign_id\":\"c-1\",\"send_id\":\"s-1\"}}]}");
     unsigned long long dropped = rule_count("attribute_dropped");
     ck_assert_int_eq(map(body, INPUT_ENVELOPE), 0);
     free(body);
@@ -576,10 +577,13 @@ START_TEST(test_attributes_over_100_kb_together_keep_those_that_fit_by_name)
     ck_assert_uint_eq(F.m.nrecords, 1);
     const char *ev = F.m.records[0].event.p;
     ck_assert_msg(strlen(ev) <= ATTRIBUTES_MAX_BYTES + 1024, "%zu bytes", strlen(ev));
-    /* "a00":"...", is 8,201 bytes: a00 to a11 fit, a12 would pass 100 KB */
+    /* "a00":"...", is 8,201 bytes: a00 to a11 fit, a12 would pass 100 KB, and
+     * so would each after it but the two small ones */
     ck_assert_msg(contains(ev, "\"a00\"") && contains(ev, "\"a11\"") && !contains(ev, "\"a12\"") &&
                       !contains(ev, "\"a30\""),
                   "%.200s", ev);
+    ck_assert_msg(contains(ev, "\"campaign_id\":\"c-1\"") && contains(ev, "\"send_id\":\"s-1\""),
+                  "%s", ev + strlen(ev) - 200);
     ck_assert_uint_eq(rule_count("attribute_dropped") - dropped, 19);
 }
 END_TEST
