@@ -199,6 +199,20 @@ for event_type in pairs(NAMES) do
   end
 end
 
+-- Event types with the user's phone number, and the property that holds it:
+-- to_phone_number of SMS and WhatsApp messages sent, user_phone_number of those
+-- received and of short-link clicks (there to_phone_number, if any, is not the
+-- user's). Other events keep such properties as attributes.
+local PHONE_IDENTITY = {}
+for event_type in pairs(NAMES) do
+  if event_type:find("users.messages.sms.", 1, true) == 1
+      or event_type:find("users.messages.whatsapp.", 1, true) == 1 then
+    local from_user = event_type:find("InboundReceive", 1, true)
+      or event_type:find("ShortLinkClick", 1, true)
+    PHONE_IDENTITY[event_type] = from_user and "user_phone_number" or "to_phone_number"
+  end
+end
+
 local function process(event, out)
   local event_type = event.event_type
   local name = NAMES[event_type]
@@ -215,10 +229,8 @@ local function process(event, out)
 
   -- identities and device identifiers are text (a table there has none)
   local email = EMAIL_IDENTITY[event_type] and identifier(props.email_address) or nil
-  local mobile, mobile_key = identifier(props.to_phone_number), "to_phone_number"
-  if not mobile then
-    mobile, mobile_key = identifier(props.user_phone_number), "user_phone_number"
-  end
+  local mobile_key = PHONE_IDENTITY[event_type]
+  local mobile = mobile_key and identifier(props[mobile_key]) or nil
   -- a user attribute's value has at most 4,096 characters: a longer "number"
   -- is none, and is left out (counted) rather than the event refused
   local mobile_attribute = mobile
@@ -410,6 +422,22 @@ local tests = {
               properties = { to_phone_number = ("1"):rep(4097) } },
     expect = { batch = { user_attributes = { ["$mobile"] = absent } },
                event = { data = { custom_attributes = { to_phone_number = absent } } } },
+  },
+  {
+    name = "a phone number is $mobile on SMS and WhatsApp events only, from the user's side",
+    event = { event_type = "users.canvas.Entry", id = "p-1", time = 1,
+              user = { external_user_id = "c" }, properties = { to_phone_number = "+4915100000001" } },
+    expect = { batch = { user_attributes = { ["$mobile"] = absent } },
+               event = { data = { custom_attributes = { to_phone_number = "+4915100000001" } } } },
+  },
+  {
+    name = "inbound WhatsApp: $mobile is the user's number, not the one it was sent to",
+    event = { event_type = "users.messages.whatsapp.InboundReceive", id = "p-2", time = 1,
+              user = { external_user_id = "c" },
+              properties = { user_phone_number = "+4915100000002", to_phone_number = "+1555" } },
+    expect = { batch = { user_attributes = { ["$mobile"] = "+4915100000002" } },
+               event = { data = { custom_attributes = { to_phone_number = "+1555",
+                                                        user_phone_number = absent } } } },
   },
   {
     name = "SMS: $mobile from to_phone_number",
