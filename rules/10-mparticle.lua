@@ -169,8 +169,8 @@ local function identifier(v)
 end
 
 local function feed_for(props)
-  local platform, feed = present(props.platform), nil
-  if platform then
+  local platform, feed = props.platform, nil
+  if type(platform) == "string" and platform ~= "" then
     -- a platform without a feed of its own (roku) is unbound, whatever its app
     feed = PLATFORM_FEED[platform] or "unbound"
   else
@@ -493,6 +493,13 @@ local tests = {
               user = { external_user_id = "c", device_id = "roku-dev" },
               properties = { platform = "roku", app_id = "roku-app" } },
     expect = { feed = "unbound", batch = { device_info = { platform = absent, ios_idfv = absent } } },
+  },
+  {
+    name = "an empty platform is none: the apps table routes it",
+    config = { apps = { ["android-app"] = "android" } },
+    event = { event_type = "users.messages.inappmessage.Click", id = "p-3", time = 1,
+              user = { external_user_id = "c" }, properties = { platform = "", app_id = "android-app" } },
+    expect = { feed = "android" },
   },
   {
     name = "a card_id of its own wins over content_card_id",
