@@ -114,11 +114,12 @@ static const char *const ENDPOINT_NAMES[EP_ENDPOINTS] = {"realtime", "historical
  * recent events nor makes its old ones fail "while the feed works" (see
  * note_failures), and its backoff grows as any outage's. */
 struct endpoint_state {
-    int failures;         /* consecutive failed rounds (see count_failure) */
-    int64_t failed_ns;    /* when the last failure was counted, clock_mono_ns: whether a
-                           * request started before it must hold within a millisecond */
-    int64_t delivered_ms; /* the last delivery, monotonic */
-    int64_t not_before;   /* backoff or Retry-After, monotonic ms */
+    int failures;            /* consecutive failed rounds (see count_failure) */
+    int64_t failed_ns;       /* when the last failure was counted, clock_mono_ns: whether a
+                              * request started before it must hold within a millisecond */
+    int64_t delivered_ms;    /* the last delivery, monotonic */
+    int64_t not_before;      /* backoff or Retry-After, monotonic ms */
+    int64_t rate_limited_to; /* the part of not_before a 429 asked for */
 };
 
 struct bucket {
@@ -683,13 +684,16 @@ static void update_credentials(struct sender *s, struct feed_state *f)
         return;
     }
     /* the failures so far were those of the old key, secret or URL (a wrong
-     * URL is fixed this way): the new ones are tried at once */
+     * URL is fixed this way): the new ones are tried at once, but for what a
+     * 429 asked to wait (the limit may be the key's, or the account's) */
+    int64_t now = clock_mono_ms();
     for (int ep = 0; ep < EP_ENDPOINTS; ep++) {
-        if (f->ep[ep].failures > 0)
+        struct endpoint_state *e = &f->ep[ep];
+        if (e->failures > 0)
             log_info("feed credentials or URL changed; sending now",
                      LOG_S("feed", FEED_NAMES[f->feed]) LOG_S("endpoint", ENDPOINT_NAMES[ep]));
-        f->ep[ep].failures = 0;
-        f->ep[ep].not_before = 0;
+        e->failures = 0;
+        e->not_before = e->rate_limited_to > now ? e->rate_limited_to : 0;
     }
     if (f->pause == PAUSE_NO_CREDENTIALS) {
         log_info("feed credentials configured; sending", LOG_S("feed", FEED_NAMES[f->feed]));
@@ -1506,8 +1510,11 @@ static void on_rate_limited(struct sender *s, struct request *r)
         delay = backoff_ms(s, f->ep[r->ep].failures);
     }
     /* the rate is the feed's (or the account's), whichever endpoint */
-    for (int i = 0; i < EP_ENDPOINTS; i++)
+    for (int i = 0; i < EP_ENDPOINTS; i++) {
         hold_until(&f->ep[i], now + delay);
+        if (now + delay > f->ep[i].rate_limited_to)
+            f->ep[i].rate_limited_to = now + delay;
+    }
     if (account && now + delay > s->account_not_before)
         s->account_not_before = now + delay;
     log_warn("mParticle rate limit reached (429); waiting",

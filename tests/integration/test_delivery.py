@@ -175,6 +175,20 @@ class Delivery(ServiceTest):
         self.assertEqual(d.source_message_ids(), [e["id"]])
         self.assertIn("feed credentials or URL changed; sending now", s.logs())
 
+    def test_a_reload_that_changes_a_feeds_url_keeps_a_429s_retry_after(self):
+        d = self.double()
+        d.fail(429, times=1, retry_after=3, rate_limit_exceeded="feed")
+        env = feed_env(d)
+        del env["TRIBUTARY_MPARTICLE_URL"]
+        conf = 'return { mparticle = { url = "%s" } }\n'
+        s = self.service(env=env, config=conf % d.url)
+        self.assertEqual(s.post([event("users.messages.email.Open", user="u1")]).status, 200)
+        self.wait(lambda: len(d.requests) >= 1, what="the 429")
+        refused_at = d.requests[0]["time"]
+        self.assertTrue(s.reload(conf % (d.url + "/")))  # another URL text: a change
+        self.assertTrue(d.wait_for_events(1, 10 * SLOW))
+        self.assertGreaterEqual(d.requests[1]["time"] - refused_at, 3 - 0.1)
+
     def failing_feed(self, status, **env):
         """A double that answers `status` to any request with the event `bad` in it, and a
         service sending to it: (double, service, bad), bad not posted yet."""
