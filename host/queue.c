@@ -379,6 +379,7 @@ struct queue {
     dedup *seen; /* NULL when the dedup window is 0 */
     int64_t last_prune_ms;
     int64_t last_gauges_ms;
+    int64_t last_group_ms; /* when the writer last ran a group commit (writer only) */
     int64_t next_compact_ms;
     int64_t compact_min_free_bytes;
     int wal_pages; /* set by the WAL hook after each commit */
@@ -1712,10 +1713,12 @@ static int64_t file_size(const char *path)
  * the file free, given back only past compact_min_free_bytes), once the disk
  * has room for the WAL to reach its limit: new events reach those pages
  * through the WAL. */
-/* Storage that failed a commit is tried with a write of a row as it is (one
- * page of meta written again, through the WAL): its health, which /readyz
- * reports, comes back once the disk has room or works again, without waiting
- * for a request or the sender's next commit. */
+/* Storage that failed a commit is tried, while no commit runs, with a write
+ * of a row as it is (one page of meta written again, through the WAL): its
+ * health, which /readyz reports, comes back once the disk has room or works
+ * again, without waiting for a request or the sender's next commit. While
+ * commits run, theirs is the word (a disk with a few KB free takes this write
+ * and not a request's). */
 static void probe_storage(queue *q)
 {
     char err[ERR_LEN];
@@ -1786,6 +1789,7 @@ static void *writer_main(void *arg)
         if (ops) {
             int64_t t0 = clock_mono_ms();
             run_group(q, ops);
+            q->last_group_ms = clock_mono_ms();
             note_step(q, "commit", t0);
             struct op *finished = NULL;
             pthread_mutex_lock(&q->mu);
@@ -1848,7 +1852,7 @@ static void *writer_main(void *arg)
             pthread_mutex_lock(&q->mu);
             int healthy = q->healthy;
             pthread_mutex_unlock(&q->mu);
-            if (!healthy)
+            if (!healthy && now - q->last_group_ms >= GAUGES_EVERY_MS)
                 probe_storage(q);
             /* a command's changes show in the gauges while no request comes */
             char err[ERR_LEN];
