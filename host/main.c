@@ -411,6 +411,18 @@ static void open_standard_streams(void)
     }
 }
 
+/* rc, or 1 when the command's output could not be written whole (a full
+ * disk): a truncated file must not look like a command that succeeded. */
+static int output_written(int rc)
+{
+    int flushed = fflush(stdout) == 0;
+    if (flushed && !ferror(stdout))
+        return rc;
+    fprintf(stderr, "tributary: cannot write the output: %s\n",
+            flushed ? "a write failed" : strerror(errno));
+    return rc ? rc : 1;
+}
+
 int main(int argc, char **argv)
 {
     open_standard_streams();
@@ -420,11 +432,11 @@ int main(int argc, char **argv)
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
             fputs(USAGE, stdout);
-            return 0;
+            return output_written(0);
         }
         if (strcmp(argv[i], "--version") == 0) {
             printf("tributary %s\n", TRIBUTARY_VERSION);
-            return 0;
+            return output_written(0);
         }
     }
     struct args a;
@@ -480,9 +492,5 @@ int main(int argc, char **argv)
         fprintf(stderr, "tributary: unknown command '%s' (see --help)\n", a.command);
         return 2;
     }
-    if (fflush(stdout) != 0 || ferror(stdout)) {
-        fprintf(stderr, "tributary: cannot write the output: %s\n", strerror(errno));
-        return rc ? rc : 1;
-    }
-    return rc;
+    return output_written(rc);
 }

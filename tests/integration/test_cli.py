@@ -175,7 +175,7 @@ class Cli(ServiceTest):
         s = self.service()
         self.assertEqual(s.post([event()]).status, 200)
         sample = os.path.join(ROOT, "docs", "sample-currents-batch.json")
-        for args in (["queue", "stats"], ["dlq", "list", "--json"], ["map", sample]):
+        for args in (["queue", "stats"], ["dlq", "list", "--json"], ["map", sample], ["--version"]):
             with self.subTest(args=args), open("/dev/full", "w") as full:
                 p = subprocess.run(WRAPPER + [BIN] + args, stdout=full, stderr=subprocess.PIPE,
                                    text=True, env=clean_env(s.env), cwd=s.dir, timeout=60 * SLOW)
