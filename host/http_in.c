@@ -96,6 +96,7 @@ struct req {
     enum route route;
     int method_ok;
     int answered; /* a response was queued early (400, 401, 404, 405, 413, 415, 429, 501, 503) */
+    int replied;  /* a response was queued, early or not */
     int too_large;
     int no_memory;     /* the body could not be kept: our trouble, 503 */
     int busy;          /* the body would pass a budget (enum budget): read, dropped, then 503 */
@@ -207,6 +208,7 @@ static enum MHD_Result reply(struct MHD_Connection *c, struct req *r, int status
                                                                                      : "GET");
     enum MHD_Result rc = MHD_queue_response(c, (unsigned int)status, resp);
     MHD_destroy_response(resp);
+    r->replied = rc == MHD_YES;
     if (r->route == R_CURRENTS)
         metrics_inbound(status, elapsed(&r->start));
     /* a 503 from /readyz is a state a probe polls, said in its body */
@@ -574,7 +576,8 @@ static int refuse_admin(struct MHD_Connection *c, struct req *r, enum MHD_Result
                                               c, MHD_HEADER_KIND, MHD_HTTP_HEADER_AUTHORIZATION))
                 : AUTH_INVALID;
     reload_put(&s);
-    if (!enabled) {
+    if (!enabled) { /* a reload took admin.token away since route_of */
+        metrics_add(M_HTTP_UNKNOWN_PATH, 1);
         *rc = reply_json(c, r, 404, "{\"error\":\"not found\"}", 0);
         return 1;
     }
@@ -1102,12 +1105,16 @@ static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls,
 {
     http_in *h = cls;
     struct conn *k = conn_of(c);
-    if (k && toe == MHD_REQUEST_TERMINATED_TIMEOUT_REACHED) {
+    struct req *r = *con_cls;
+    /* a request, not its answer, that its client stopped sending (the
+     * watchdog's own cut, k->cut, is counted where it is made) */
+    if (k && toe == MHD_REQUEST_TERMINATED_TIMEOUT_REACHED && !(r && r->replied)) {
         pthread_mutex_lock(&h->conns_mu);
-        log_cut(k,
-                "client sent nothing for http.timeout_s in the middle of a request; connection "
-                "closed (see tributary_http_requests_timed_out_total)",
-                h->opt.timeout_s);
+        if (!k->cut)
+            log_cut(k,
+                    "client sent nothing for http.timeout_s in the middle of a request; "
+                    "connection closed (see tributary_http_requests_timed_out_total)",
+                    h->opt.timeout_s);
         pthread_mutex_unlock(&h->conns_mu);
     }
     if (k) {
@@ -1121,7 +1128,6 @@ static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls,
         k->id[0] = '\0';
         pthread_mutex_unlock(&h->conns_mu);
     }
-    struct req *r = *con_cls;
     if (!r)
         return;
     if (r->tracked) {
