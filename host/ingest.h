@@ -34,11 +34,11 @@ struct ingest {
 int ingest_init(struct ingest *in, queue *q, int engines) WUR;
 void ingest_fini(struct ingest *in);
 
-/* Whether requests are mapped: 0 while they get 503 "rules unavailable", that
- * is, while neither the rules in force nor the rules before them build an
- * engine. Then it tries to build one, as a request would (at most once a
- * second for the same rules), so that the answer comes back to 1 without
- * traffic once they build. */
+/* Whether requests are mapped: 0 from a request that got 503 "rules
+ * unavailable" (neither the rules in force nor the rules before them built an
+ * engine) until an engine builds. While 0, it tries to build one, as a request
+ * would (the rules in force at most once a second), so that the answer comes
+ * back to 1 without traffic once they build. */
 int ingest_rules_available(struct ingest *in);
 
 struct ingest_request {
