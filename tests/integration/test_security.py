@@ -1677,16 +1677,22 @@ class ConnectionBounds(ServiceTest):
     CUT_LINE = (r'level=warn msg="request took too long to arrive; connection closed \(see '
                 r'tributary_http_requests_timed_out_total\)" ')
 
-    def test_a_body_cut_off_at_request_timeout_s_is_counted_and_names_client_path_and_id(self):
-        s = self.service(env=self.CUT)
+    def stall_a_body(self, s, request_id):
+        """Sends a POST's headers and the first 10 bytes of its body, then nothing; the
+        connection must be closed without an answer within 5 s."""
         body = envelope(event())
         sock = socket.create_connection(("127.0.0.1", s.port))
         self.addCleanup(sock.close)
         answer = probe(sock, b"POST /currents HTTP/1.1\r\nHost: localhost\r\n"
                              b"Authorization: Bearer " + TOKEN.encode() + b"\r\n"
-                             b"X-Request-Id: slow-body-1\r\nContent-Type: application/json\r\n"
+                             b"X-Request-Id: " + request_id.encode() + b"\r\n"
+                             b"Content-Type: application/json\r\n"
                              b"Content-Length: %d\r\n\r\n" % len(body) + body[:10], timeout=5.0)
         self.assertEqual(answer, b"", "connection still open after 5 s")
+
+    def test_a_body_cut_off_at_request_timeout_s_is_counted_and_names_client_path_and_id(self):
+        s = self.service(env=self.CUT)
+        self.stall_a_body(s, "slow-body-1")
         self.assertEqual(s.metrics()["tributary_http_requests_timed_out_total"], 1)
         lines = [l for l in s.logs().splitlines() if "took too long" in l]
         self.assertEqual(len(lines), 1, s.logs()[-2000:])
@@ -1697,14 +1703,7 @@ class ConnectionBounds(ServiceTest):
     def test_a_body_whose_client_goes_silent_is_cut_off_at_timeout_s_and_counted(self):
         s = self.service(env={"TRIBUTARY_HTTP_REQUEST_TIMEOUT_S": "30",
                               "TRIBUTARY_HTTP_TIMEOUT_S": "1"})
-        body = envelope(event())
-        sock = socket.create_connection(("127.0.0.1", s.port))
-        self.addCleanup(sock.close)
-        answer = probe(sock, b"POST /currents HTTP/1.1\r\nHost: localhost\r\n"
-                             b"Authorization: Bearer " + TOKEN.encode() + b"\r\n"
-                             b"X-Request-Id: silent-body-1\r\nContent-Type: application/json\r\n"
-                             b"Content-Length: %d\r\n\r\n" % len(body) + body[:10], timeout=5.0)
-        self.assertEqual(answer, b"", "connection still open after 5 s")
+        self.stall_a_body(s, "silent-body-1")
         self.wait(lambda: s.metrics()["tributary_http_requests_timed_out_total"] == 1,
                   what="the cut counted")
         lines = [l for l in s.logs().splitlines() if "sent nothing" in l]
