@@ -1705,14 +1705,6 @@ static int64_t file_size(const char *path)
     return stat(path, &st) == 0 ? (int64_t)st.st_size : 0;
 }
 
-/* Free space is read every DISK_CHECK_EVERY_MS between commits (statvfs, a
- * microsecond: at 250 MB/s of writes, 12 MB pass between two reads); while it is under
- * opt.min_free_bytes, commits of new events are refused, so that what drains
- * the queue (persisting claims, acknowledgements, checkpoints) still has room.
- * The file's own free pages count as free (a drained backlog leaves most of
- * the file free, given back only past compact_min_free_bytes), once the disk
- * has room for the WAL to reach its limit: new events reach those pages
- * through the WAL. */
 /* Storage that failed a commit is tried, while no commit runs, with a write
  * of a row as it is (one page of meta written again, through the WAL): its
  * health, which /readyz reports, comes back once the disk has room or works
@@ -1734,6 +1726,14 @@ static void probe_storage(queue *q)
     set_healthy(q, 1);
 }
 
+/* Free space is read every DISK_CHECK_EVERY_MS between commits (statvfs, a
+ * microsecond: at 250 MB/s of writes, 12 MB pass between two reads); while it is under
+ * opt.min_free_bytes, commits of new events are refused, so that what drains
+ * the queue (persisting claims, acknowledgements, checkpoints) still has room.
+ * The file's own free pages count as free (a drained backlog leaves most of
+ * the file free, given back only past compact_min_free_bytes), once the disk
+ * has room for the WAL to reach its limit: new events reach those pages
+ * through the WAL. */
 static void check_disk(queue *q)
 {
     struct statvfs fs;

@@ -90,9 +90,8 @@
  * default); while no call is under way, it sleeps until one begins. The
  * handler sets the count hook to fire at the next instruction, as lua.c does
  * for SIGINT. A call then ends within WATCH_MS and one instruction of its
- * deadline. The time of a library call is not the time
- * limit's: the call pays for it in instructions (see timed), and the deadline
- * moves on by as much. */
+ * deadline. The time of a library call is not the time limit's: the call pays
+ * for it in instructions (see timed), and the deadline moves on by as much. */
 #define WATCH_MS 20
 #define WATCH_SIGNAL SIGURG
 
