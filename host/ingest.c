@@ -226,9 +226,14 @@ int ingest_rules_available(struct ingest *in)
     struct ingest_engines *e = in->engines;
     pthread_mutex_lock(&e->mu);
     int unavailable = e->unavailable;
+    /* a build was tried within the second: its answer stands (probes may
+     * come often, and the rules before them would be built at each) */
+    int tried = clock_mono_ms() - e->failed_at < ENGINE_RETRY_MS;
     pthread_mutex_unlock(&e->mu);
     if (!unavailable)
         return 1;
+    if (tried)
+        return 0;
     struct snapshot s;
     reload_get(&s);
     char err[ERR_LEN];

@@ -37,8 +37,8 @@ void ingest_fini(struct ingest *in);
 /* Whether requests are mapped: 0 from a request that got 503 "rules
  * unavailable" (neither the rules in force nor the rules before them built an
  * engine) until an engine builds. While 0, it tries to build one, as a request
- * would (the rules in force at most once a second), so that the answer comes
- * back to 1 without traffic once they build. */
+ * would (at most once a second), so that the answer comes back to 1 without
+ * traffic once they build. */
 int ingest_rules_available(struct ingest *in);
 
 struct ingest_request {
