@@ -339,9 +339,12 @@ static void keep_first_by_name(lua_State *L, struct job *j, lua_Integer n)
     lua_createtable(L, 0, MPARTICLE_MAX_CUSTOM_ATTRIBUTES);
     lua_replace(L, j->out);
     j->cuts = j->dropped = 0;
-    size_t kept = 0, bytes = 0;
+    size_t kept = 0, bytes = 0, too_large = 0;
     for (size_t i = 0; i < k; i++) {
-        if (kept == MPARTICLE_MAX_CUSTOM_ATTRIBUTES) {
+        /* past 100 KB, a hundred more are tried (each costs the making of its
+         * text, and an event may have thousands) */
+        if (kept == MPARTICLE_MAX_CUSTOM_ATTRIBUTES ||
+            too_large > MPARTICLE_MAX_CUSTOM_ATTRIBUTES) {
             j->dropped += (lua_Integer)(k - i);
             break;
         }
@@ -365,6 +368,7 @@ static void keep_first_by_name(lua_State *L, struct job *j, lua_Integer n)
             /* left out; a smaller one after it may still fit */
             lua_pop(L, 4);
             j->dropped++;
+            too_large++;
             continue;
         }
         if (size > 0) {
