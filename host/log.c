@@ -93,13 +93,14 @@ static int add_value(buf *b, int json, const char *s, size_t cap)
     size_t n = strlen(s);
     char *cut = NULL;
     if (n > cap) {
-        size_t keep = cap;
-        while (keep > 0 && ((unsigned char)s[keep] & 0xC0) == 0x80)
-            keep--; /* s[keep] continues a character: cut before it */
-        cut = malloc(keep + 48);
+        /* the character across the cut is read whole, to find its end */
+        size_t head = n < cap + 4 ? n : cap + 4;
+        cut = malloc(head + 48);
         if (!cut)
             return -1;
-        snprintf(cut, keep + 48, "%.*s... (cut, %zu bytes)", (int)keep, s, n);
+        memcpy(cut, s, head);
+        size_t keep = utf8_sanitize(cut, head, cap);
+        snprintf(cut + keep, 48, "... (cut, %zu bytes)", n);
         s = cut;
     }
     int rc = json ? buf_json_str(b, s, strlen(s)) : logfmt_value(b, s);

@@ -2363,12 +2363,11 @@ int rules_map(rules *r, const char *body, size_t len, enum input_shape shape, st
     e->status = 0;
     e->index = -1;
     e->reason[0] = '\0';
-    /* a byte-order mark some writers put before JSON text, which RFC 8259
-     * lets a parser ignore: refused, each event would be refused alone too */
-    if (len >= 3 && memcmp(body, "\xEF\xBB\xBF", 3) == 0) {
-        body += 3;
-        len -= 3;
-    }
+    /* RFC 8259 lets a parser ignore a byte-order mark: refused, each event
+     * would be refused alone too */
+    size_t bom = utf8_bom_len(body, len);
+    body += bom;
+    len -= bom;
     if (is_blank(body, len))
         return 0;
     lua_State *L = sandbox_lua(r->sb);

@@ -1347,11 +1347,10 @@ int sandbox_load(sandbox *sb, const char *chunkname, const char *src, size_t len
 {
     lua_State *L = sb->L;
     const char *name = chunkname[0] == '@' || chunkname[0] == '=' ? chunkname + 1 : chunkname;
-    /* a UTF-8 byte-order mark, as some editors write: lua5.4 skips it in a file */
-    if (len >= 3 && memcmp(src, "\xEF\xBB\xBF", 3) == 0) {
-        src += 3;
-        len -= 3;
-    }
+    /* lua5.4 skips a byte-order mark in a file */
+    size_t bom = utf8_bom_len(src, len);
+    src += bom;
+    len -= bom;
     if (len >= strlen(LUA_SIGNATURE) && memcmp(src, LUA_SIGNATURE, strlen(LUA_SIGNATURE)) == 0) {
         str_printf(err, errlen, "%s: a compiled (binary) chunk; only Lua source text is loaded",
                    name);

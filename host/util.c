@@ -311,6 +311,11 @@ size_t utf8_sanitize(char *s, size_t n, size_t max)
     return keep;
 }
 
+size_t utf8_bom_len(const char *s, size_t n)
+{
+    return n >= 3 && memcmp(s, "\xEF\xBB\xBF", 3) == 0 ? 3 : 0;
+}
+
 int utf8_valid(const char *s, size_t n)
 {
     for (size_t i = 0; i < n;) {

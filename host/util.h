@@ -116,6 +116,9 @@ size_t utf8_sanitize(char *s, size_t n, size_t max);
 int utf8_is_c1(const char *s, size_t n);
 /* Whether s[0..n) is well-formed UTF-8 (RFC 3629), as Lua's utf8.len takes it. */
 int utf8_valid(const char *s, size_t n);
+/* The length of the UTF-8 byte-order mark s[0..n) starts with (3), or 0: some
+ * editors and writers put one before text that is otherwise plain. */
+size_t utf8_bom_len(const char *s, size_t n);
 /* Appends v in decimal. */
 int buf_int(buf *b, long long v) WUR;
 /* Detaches the data: the caller frees it with free(); b is left empty. */

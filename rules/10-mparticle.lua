@@ -169,7 +169,7 @@ local function identifier(v)
 end
 
 local function feed_for(props)
-  local platform, feed = props.platform, nil
+  local platform, feed = props.platform
   if type(platform) == "string" and platform ~= "" then
     -- a platform without a feed of its own (roku) is unbound, whatever its app
     feed = PLATFORM_FEED[platform] or "unbound"
