@@ -19,7 +19,10 @@ static queue *open_queue(const struct config *c, int write)
     struct queue_options qo = {
         .dir = c->data_dir,
         .sync_full = strcmp(c->queue_sync, "full") == 0,
-        .max_depth = INT64_MAX,
+        /* a requeue keeps the service's bounds: the reserve is for sending
+         * and acknowledging, and a full queue for the events waiting */
+        .max_depth = c->queue_max_depth,
+        .min_free_bytes = c->queue_min_free_mb << 20,
         /* requeue stores without a dedup check and purge needs none: the
          * dedup log (hundreds of MB for an hour at 10,000 events/s) is not read */
         .dedup_window_ms = 0,
@@ -360,7 +363,8 @@ struct requeue_counts {
  * input is kept (and counted as skipped). 1, with nothing done, when another
  * command requeued or purged dead letters of the page since it was read: the
  * page is read again without them. */
-static int requeue_page(rules *engine, queue *q, const struct page *p, struct requeue_counts *n)
+static int requeue_page(const struct config *c, rules *engine, queue *q, const struct page *p,
+                        struct requeue_counts *n)
 {
     struct mapping m;
     mapping_init(&m);
@@ -388,8 +392,19 @@ static int requeue_page(rules *engine, queue *q, const struct page *p, struct re
         return 1;
     }
     n->skipped += skipped;
-    if (st != QUEUE_OK) {
+    if (st == QUEUE_FULL)
+        fprintf(stderr,
+                "tributary: cannot store requeued events: the queue would hold more than "
+                "queue.max_depth (%lld) events waiting for delivery\n",
+                (long long)c->queue_max_depth);
+    else if (st == QUEUE_NO_SPACE)
+        fprintf(stderr,
+                "tributary: cannot store requeued events: the disk of data_dir has less free than "
+                "queue.min_free_mb (%lld MiB), kept for sending and acknowledging\n",
+                (long long)c->queue_min_free_mb);
+    else if (st != QUEUE_OK)
         fprintf(stderr, "tributary: cannot store requeued events: %s\n", queue_status_name(st));
+    if (st != QUEUE_OK) {
         mapping_free(&m);
         return -1;
     }
@@ -511,7 +526,7 @@ static int cmd_requeue(const struct cli_options *o, struct config *c)
         if (page->n == 0)
             break;
         pages++;
-        int taken = requeue_page(engine, q, page, &n);
+        int taken = requeue_page(c, engine, q, page, &n);
         raced |= taken > 0;
         if (taken > 0 && ++changed > REQUEUE_CHANGED_MAX)
             fprintf(stderr,

@@ -626,16 +626,12 @@ static enum queue_status apply_commit(queue *q, struct op *op, int64_t now, int6
      * the savepoint of this operation is rolled back on a refusal. A move
      * changes neither the depth nor what is kept. */
     int moving = op->kind == OP_REQUEUE && op->u.commit.nrecord_ids > 0;
-    if (res->queued > 0 && !moving &&
-        (depth + (int64_t)res->queued > q->opt.max_depth || q->disk_low)) {
-        enum queue_status refusal = q->disk_low ? QUEUE_NO_SPACE : QUEUE_FULL;
-        if (refusal == QUEUE_FULL) {
-            pthread_mutex_lock(&q->mu);
-            q->refused_need = (int64_t)res->queued;
-            pthread_mutex_unlock(&q->mu);
-        }
+    if (res->queued > 0 && !moving && depth + (int64_t)res->queued > q->opt.max_depth) {
+        pthread_mutex_lock(&q->mu);
+        q->refused_need = (int64_t)res->queued;
+        pthread_mutex_unlock(&q->mu);
         memset(res, 0, sizeof(*res));
-        return refusal;
+        return QUEUE_FULL;
     }
     for (size_t i = 0; i < m->ndead; i++) {
         struct dead_letter *d = &m->dead[i];
@@ -655,6 +651,12 @@ static enum queue_status apply_commit(queue *q, struct op *op, int64_t now, int6
         res->quarantined++;
         op->dead_delta++;
         d->stored = 1;
+    }
+    /* the reserve is kept for sending and acknowledging: rules that make
+     * every event a dead letter must not fill the disk either */
+    if (((res->queued > 0 && !moving) || res->quarantined > 0) && q->disk_low) {
+        memset(res, 0, sizeof(*res));
+        return QUEUE_NO_SPACE;
     }
     for (size_t i = 0; i < op->u.commit.ndead_ids; i++) {
         sqlite3_stmt *s = q->st[S_DELETE_DEAD];
@@ -2670,6 +2672,9 @@ int queue_open(queue **out, const struct queue_options *o, char *err, size_t err
         goto fail;
     dedup_gauges(q);
     if (!o->readonly) {
+        /* before the first commit, not at the writer's first turn */
+        check_disk(q);
+        q->last_disk_check_ms = clock_mono_ms();
         if (open_db(q->path, 0, &q->checkpoint_db, err, errlen) != 0)
             goto fail;
         char sync[64];

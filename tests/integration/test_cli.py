@@ -569,6 +569,29 @@ class DeadLetterCommands(ServiceTest):
         dead = json.loads(s.cli(["dlq", "list", "--json"]).stdout)
         self.assertEqual(sorted(d["event_id"] for d in dead), sorted(ids))
 
+    def test_requeue_keeps_the_queue_bounds_of_the_service(self):
+        s, ids = self.dead_letters(2 * REQUEUE_PAGE + 100)
+        s.env["TRIBUTARY_RULES_DIR"] = RULES  # the rule is fixed
+        # the reserve of the disk: nothing is requeued
+        s.env["TRIBUTARY_QUEUE_MIN_FREE_MB"] = str(1 << 29)
+        p = s.cli(["dlq", "requeue", "--all"])
+        del s.env["TRIBUTARY_QUEUE_MIN_FREE_MB"]
+        self.assertEqual(p.returncode, 1, p)
+        self.assertIn("the disk of data_dir has less free than queue.min_free_mb", p.stderr)
+        self.assertIn("nothing was requeued, the dead letters are still in the store", p.stderr)
+        self.assertEqual(s.queued_ids(), [])
+        # queue.max_depth: the pages that fit are requeued, the rest stay
+        s.env.update(TRIBUTARY_INBOUND_MAX_EVENTS="100",
+                     TRIBUTARY_QUEUE_MAX_DEPTH=str(REQUEUE_PAGE + 100))
+        p = s.cli(["dlq", "requeue", "--all"])
+        self.assertEqual(p.returncode, 1, p)
+        self.assertIn("the queue would hold more than queue.max_depth (%d)" % (REQUEUE_PAGE + 100),
+                      p.stderr)
+        self.assertIn("the %d requeued up to there are committed" % REQUEUE_PAGE, p.stderr)
+        self.assertEqual(sorted(s.queued_ids()), sorted(ids[:REQUEUE_PAGE]))
+        dead = json.loads(s.cli(["dlq", "list", "--json"]).stdout)
+        self.assertEqual(sorted(d["event_id"] for d in dead), sorted(ids[REQUEUE_PAGE:]))
+
     def test_requeue_ends_when_the_rules_dead_letter_every_event_again(self):
         count = 2 * REQUEUE_PAGE + REQUEUE_PAGE // 2
         s, ids = self.dead_letters(count)

@@ -480,6 +480,19 @@ class OwnTrouble(ServiceTest):
         self.assertIn("disk nearly full (queue.min_free_mb)", r.json()["reasons"][0])
         self.assertEqual(s.post([event()]).status, 503)
 
+    def test_a_disk_nearly_full_refuses_dead_letters_too(self):
+        # rules that make every event a dead letter would otherwise fill the
+        # reserve kept for sending and acknowledging
+        s = self.service(rules_dir=self.rules_dir({"20-fail.lua":
+                                                   "return function(e) error('nope') end\n"}),
+                         env={"TRIBUTARY_QUEUE_MIN_FREE_MB": str(1 << 29)})
+        r = s.post([event(), event()])
+        self.assertEqual(r.status, 503, r)
+        self.assertEqual(r.json()["error"], "disk full")
+        with s.db() as db:
+            self.assertEqual(db.execute("SELECT count(*) FROM dead").fetchone()[0], 0)
+        self.assertEqual(s.metrics()['tributary_dead_letters_total{reason="rule_error"}'], 0)
+
     def test_a_queue_smaller_than_a_request_is_a_configuration_error(self):
         # Braze does not split a batch answered 503: it would be retried for days
         p = run_cli(["check"], env={"TRIBUTARY_QUEUE_MAX_DEPTH": "3"})
