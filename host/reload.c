@@ -45,6 +45,15 @@ static struct {
        0,
        0};
 
+/* Rule files written to and not closed since (IN_MODIFY without its
+ * IN_CLOSE_WRITE yet): an upload that stalls halfway (see
+ * RELOAD_WRITING_MAX_MS). More at once than this do not hold a reload. */
+#define WRITING_MAX 16
+static struct {
+    char names[WRITING_MAX][NAME_MAX + 1];
+    int n;
+} writing;
+
 int reload_validate(ruleset *rs, buf *report, int *ntests)
 {
     char err[ERR_LEN];
@@ -323,14 +332,15 @@ static int watch_dir(void)
     if (R.watch_wd >= 0)
         inotify_rm_watch(R.watch_fd, R.watch_wd);
     R.watch_wd = -1;
+    writing.n = 0; /* names of the directory watched before */
     free(R.watched);
     R.watched = dir ? strdup(dir) : NULL;
     free(R.watched_real);
     R.watched_real = real;
     if (dir) {
         R.watch_wd = inotify_add_watch(R.watch_fd, dir,
-                                       IN_CLOSE_WRITE | IN_MOVED_TO | IN_MOVED_FROM | IN_DELETE |
-                                           IN_CREATE | IN_DELETE_SELF | IN_MOVE_SELF);
+                                       IN_CLOSE_WRITE | IN_MODIFY | IN_MOVED_TO | IN_MOVED_FROM |
+                                           IN_DELETE | IN_CREATE | IN_DELETE_SELF | IN_MOVE_SELF);
         /* once while it stays away: the main loop tries again every second */
         if (R.watch_wd < 0 && !R.watch_warned)
             log_warn("cannot watch rules_dir; reload with SIGHUP or /admin/reload",
@@ -362,6 +372,24 @@ static int is_rule_file(const char *name)
            strcmp(name, "..data") == 0;
 }
 
+/* Follows which rule files are being written, by the event `mask` on `name`. */
+static void note_writing(const char *name, uint32_t mask)
+{
+    int at = -1;
+    for (int i = 0; i < writing.n && at < 0; i++)
+        at = strcmp(writing.names[i], name) == 0 ? i : -1;
+    if ((mask & IN_MODIFY) && at < 0 && writing.n < WRITING_MAX &&
+        strlen(name) < sizeof writing.names[0])
+        strcpy(writing.names[writing.n++], name);
+    else if ((mask & (IN_CLOSE_WRITE | IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO)) && at >= 0)
+        memcpy(writing.names[at], writing.names[--writing.n], sizeof writing.names[0]);
+}
+
+int reload_watch_writing(void)
+{
+    return writing.n > 0;
+}
+
 int reload_watch_changed(void)
 {
     if (R.watch_fd < 0)
@@ -386,6 +414,7 @@ int reload_watch_changed(void)
                 relevant = 1;
             } else if (ev->len && is_rule_file(ev->name)) {
                 relevant = 1;
+                note_writing(ev->name, ev->mask);
             }
         }
     }

@@ -49,13 +49,18 @@ int reload_now(const char *trigger, char *err, size_t errlen) WUR;
 
 /* Watching rules_dir (inotify): a file written, renamed, created or removed
  * there asks for a reload. Editors write in several steps, so the caller waits
- * RELOAD_SETTLE_MS after the last change before reloading. */
+ * RELOAD_SETTLE_MS after the last change before reloading, and while a rule
+ * file written to is not closed yet (an upload that stalls), up to
+ * RELOAD_WRITING_MAX_MS after the first change. */
 #define RELOAD_SETTLE_MS 200
+#define RELOAD_WRITING_MAX_MS 10000
 
 /* Starts watching the rules_dir in force; returns a file descriptor to poll, or -1. */
 int reload_watch_start(void);
 /* Reads the pending notifications; 1 when one of them concerns a rule file. */
 int reload_watch_changed(void);
+/* 1 while a rule file was written to and not closed since. */
+int reload_watch_writing(void);
 /* Follows a rules_dir changed by a reload, and watches again one that was
  * replaced or missing: 1 then, as its rules need loading. */
 int reload_watch_refresh(void);

@@ -200,6 +200,16 @@ static int take_signals(void)
     return sfd;
 }
 
+/* A change in rules_dir: the reload waits for RELOAD_SETTLE_MS of quiet;
+ * *changed_at is the first change it waits for. */
+static void settle(int64_t *reload_at, int64_t *changed_at)
+{
+    int64_t now = clock_mono_ms();
+    if (!*reload_at)
+        *changed_at = now;
+    *reload_at = now + RELOAD_SETTLE_MS;
+}
+
 /* The main thread's loop: signals (sfd), changes in rules_dir, watched through
  * wfd (-1: not watched), and memory to give back (trim_memory). Returns when
  * told to stop. */
@@ -207,7 +217,8 @@ static int wait_for_stop(int sfd, int wfd)
 {
     if (sfd < 0)
         return 1;
-    int64_t reload_at = 0; /* a rules_dir change waits to settle */
+    int64_t reload_at = 0;  /* a rules_dir change waits to settle */
+    int64_t changed_at = 0; /* the first change since the last such reload */
     struct trim trim = {clock_mono_ms() + TRIM_EVERY_MS, -1};
     char rerr[4096];
     for (;;) {
@@ -215,7 +226,7 @@ static int wait_for_stop(int sfd, int wfd)
         /* follow a rules_dir changed by any reload (also /admin/reload), and
          * one that comes back after it was replaced or removed */
         if (reload_watch_refresh())
-            reload_at = clock_mono_ms() + RELOAD_SETTLE_MS;
+            settle(&reload_at, &changed_at);
         int timeout = 1000;
         if (reload_at) {
             int64_t left = reload_at - clock_mono_ms();
@@ -237,8 +248,12 @@ static int wait_for_stop(int sfd, int wfd)
             }
         }
         if (n > 0 && wfd >= 0 && (fds[1].revents & POLLIN) && reload_watch_changed())
-            reload_at = clock_mono_ms() + RELOAD_SETTLE_MS;
-        if (reload_at && clock_mono_ms() >= reload_at) {
+            settle(&reload_at, &changed_at);
+        int64_t now = clock_mono_ms();
+        if (reload_at && now >= reload_at && reload_watch_writing() &&
+            now - changed_at < RELOAD_WRITING_MAX_MS) {
+            reload_at = now + RELOAD_SETTLE_MS; /* a file half written is not loaded */
+        } else if (reload_at && now >= reload_at) {
             reload_at = 0;
             (void)!reload_now("rules_dir changed", rerr, sizeof rerr);
         }

@@ -272,6 +272,32 @@ class Reload(ServiceTest):
         # file follows. Under valgrind a post can fall between the two.
         self.assertEqual(self.mapped_name_once_reloaded(s, deadline), "Renamed By Rule")
 
+    def test_a_rule_file_written_with_a_pause_is_loaded_once_closed(self):
+        # an upload (scp, sftp) that stalls halfway: the half is not loaded
+        rules = self.rules_dir()
+        s = self.service(rules_dir=rules)
+        with open(os.path.join(rules, "60-rename.lua"), "w") as f:
+            f.write(RENAME[:len(RENAME) // 2])
+            f.flush()
+            time.sleep(1)
+            f.write(RENAME[len(RENAME) // 2:])
+        deadline = time.time() + 10 * SLOW
+        self.assertEqual(self.mapped_name_once_reloaded(s, deadline), "Renamed By Rule")
+        self.assertNotIn("reload refused", s.logs())
+        self.assertEqual(s.metrics()["tributary_rule_reload_failures_total"], 0)
+
+    def test_a_rule_file_left_open_holds_the_reload_for_ten_seconds_at_most(self):
+        rules = self.rules_dir()
+        s = self.service(rules_dir=rules)
+        with open(os.path.join(rules, "60-rename.lua"), "w") as f:
+            f.write(RENAME)
+            f.flush()
+            written = time.time()
+            self.assertNotEqual(self.mapped_name_once_reloaded(s, written + 2), "Renamed By Rule")
+            deadline = written + 10 + 5 * SLOW
+            self.assertEqual(self.mapped_name_once_reloaded(s, deadline), "Renamed By Rule")
+            self.assertGreater(time.time() - written, 9)
+
     def test_a_configmap_update_through_its_data_link_is_picked_up(self):
         # kubelet's atomic writer: the files are links through ..data, and an
         # update points ..data at a new directory with one rename
