@@ -75,7 +75,9 @@ int auth_sign(const char *secret, int64_t t, const char *body, size_t len, char 
               size_t outlen) WUR;
 
 /* The throttle counts per client address, and an IPv6 one per /64, which one
- * host or site holds whole (it could change address at every guess).
+ * host or site holds whole (it could change address at every guess). Its
+ * now_s is the monotonic clock's (clock_mono_ms() / 1000), not the wall
+ * clock's, which steps.
  *
  * 1 when the client is refused for now (*retry_after_s set). */
 int auth_throttled(const char *client, int64_t now_s, int64_t *retry_after_s);

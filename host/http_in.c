@@ -581,7 +581,7 @@ static int refuse_admin(struct MHD_Connection *c, struct req *r, enum MHD_Result
         *rc = reply_json(c, r, 404, "{\"error\":\"not found\"}", 0);
         return 1;
     }
-    int64_t now = clock_wall_ms() / 1000, wait_s = 0;
+    int64_t now = clock_mono_ms() / 1000, wait_s = 0; /* as ingest's throttle */
     if (auth_throttled(r->client, now, &wait_s)) {
         metrics_add(M_AUTH_THROTTLED, 1);
         *rc = reply_json(c, r, 429, "{\"error\":\"too many authentication failures\"}",

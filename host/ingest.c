@@ -274,7 +274,9 @@ static int admit(struct ingest *in, const struct config *cfg, const struct inges
     }
     if (have_body && req->authenticated)
         return 1;
-    int64_t now = clock_wall_ms() / 1000, wait_s = 0;
+    /* the throttle's time is the monotonic clock's: a step of the wall clock
+     * neither lengthens a refusal nor forgets a trusted address */
+    int64_t now = clock_mono_ms() / 1000, wait_s = 0;
     if (auth_throttled(req->client, now, &wait_s)) {
         metrics_add(M_AUTH_THROTTLED, 1);
         respond_error(resp, 429, (int)(wait_s > 0 ? wait_s : 1), "too many authentication failures",
@@ -287,7 +289,7 @@ static int admit(struct ingest *in, const struct config *cfg, const struct inges
                               .len = req->len,
                               .have_body = have_body,
                               .client_local = config_host_is_loopback(req->client),
-                              .now_s = now};
+                              .now_s = clock_wall_ms() / 1000};
     enum auth_result a = auth_check(cfg, &ar);
     if (a == AUTH_OK) {
         auth_succeeded(req->client, now);

@@ -149,6 +149,36 @@ class WallClockSteps(ServiceTest):
         s.start()
         self.assertEqual(s.post([x]).json()["duplicates"], 1)
 
+    def test_a_step_of_the_wall_clock_neither_lengthens_a_refusal_nor_forgets_trust(self):
+        offset = os.path.join(self.tmpdir(), "offset")
+        with open(offset, "w") as f:
+            f.write("0")
+        s = Service(env={"WALL_CLOCK_OFFSET_FILE": offset})
+        self.addCleanup(s.cleanup)
+        preload(s, "wall_clock")
+        s.start()
+        braze = {"X-Forwarded-For": "203.0.113.8"}
+        guesser = {"X-Forwarded-For": "203.0.113.7"}
+        self.assertEqual(s.post([event()], headers=braze).status, 200)
+        statuses = [s.post([event()], token="wrong-token", headers=guesser).status
+                    for _ in range(10)]
+        self.assertEqual(statuses, [401] * 10)
+        # set back an hour, the clock does not make the refusal last an hour more
+        with open(offset, "w") as f:
+            f.write("-3600")
+        time.sleep(0.1)
+        r = s.post([event()], headers=guesser)
+        self.assertEqual(r.status, 429, r)
+        self.assertLessEqual(int(r.headers["retry-after"]), 60, r.headers)
+        # two days ahead, it does not forget the address that authenticated
+        with open(offset, "w") as f:
+            f.write("172800")
+        time.sleep(0.1)
+        statuses = [s.post([event()], token="wrong-token", headers=braze).status
+                    for _ in range(11)]
+        self.assertEqual(statuses, [401] * 11)
+        self.assertEqual(s.post([event()], headers=braze).status, 200)
+
 
 class DedupReadErrors(ServiceTest):
     def test_a_read_error_in_the_dedup_ids_at_start_stops_the_start_instead_of_forgetting_them(self):
