@@ -1162,6 +1162,28 @@ static int server_refusal(const char *msg)
     return 1;
 }
 
+/* A TLS handshake that failed: libmicrohttpd says no more of it, nor of the
+ * client (its message is the same whatever the cause). A load balancer's TCP
+ * health check fails one every few seconds, so the log says how many failed,
+ * at most once a minute. Returns whether msg says so. */
+#define HANDSHAKE_LOG_EVERY_MS 60000
+
+static int handshake_failure(const char *msg)
+{
+    static _Atomic int64_t logged_ms;
+    static atomic_llong unsaid;
+    if (!strstr(msg, "handshake"))
+        return 0;
+    metrics_add(M_TLS_HANDSHAKE_FAILURES, 1);
+    atomic_fetch_add(&unsaid, 1);
+    if (log_due_shared_every(&logged_ms, HANDSHAKE_LOG_EVERY_MS))
+        log_info("TLS handshakes failed: a client that does not trust the certificate (one "
+                 "renewed without its intermediate certificates?), plain HTTP sent to the HTTPS "
+                 "port, or a TCP health check (see tributary_tls_handshake_failures_total)",
+                 LOG_I("failures", (long long)atomic_exchange(&unsaid, 0)) LOG_S("detail", msg));
+    return 1;
+}
+
 static void mhd_log(void *cls, const char *fmt, va_list ap)
 {
     http_in *h = cls;
@@ -1170,7 +1192,7 @@ static void mhd_log(void *cls, const char *fmt, va_list ap)
     size_t n = strlen(msg);
     while (n && (msg[n - 1] == '\n' || msg[n - 1] == '\r'))
         msg[--n] = '\0';
-    if (!server_refusal(msg))
+    if (!server_refusal(msg) && !handshake_failure(msg))
         log_debug("http server", LOG_S("detail", msg));
     pthread_mutex_lock(&h->start_mu);
     if (h->starting && !h->start_error[0])

@@ -218,8 +218,13 @@ int log_due(int64_t *last_ms)
 
 int log_due_shared(_Atomic int64_t *last_ms)
 {
+    return log_due_shared_every(last_ms, LOG_REPEAT_MS);
+}
+
+int log_due_shared_every(_Atomic int64_t *last_ms, int64_t every_ms)
+{
     int64_t now = clock_mono_ms(), last = atomic_load(last_ms);
-    if (last && now - last < LOG_REPEAT_MS)
+    if (last && now - last < every_ms)
         return 0;
     return atomic_compare_exchange_strong(last_ms, &last, now);
 }

@@ -56,6 +56,8 @@ void log_warn_lines(const char *text);
 int log_due(int64_t *last_ms);
 /* The same for a line any thread may write: one of them is let through. */
 int log_due_shared(_Atomic int64_t *last_ms);
+/* The same, once per every_ms. */
+int log_due_shared_every(_Atomic int64_t *last_ms, int64_t every_ms);
 
 int log_level_parse(const char *s, enum log_level *out);
 int log_format_parse(const char *s, enum log_format *out);

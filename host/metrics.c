@@ -91,6 +91,10 @@ static const char *const COUNTER_HELP[M_COUNTER_COUNT][3] = {
     {"tributary_http_unknown_path_total", "counter",
      "Requests for a path tributary does not serve, answered 404 (Braze's connector posts to "
      "/currents)."},
+    {"tributary_tls_handshake_failures_total", "counter",
+     "Connections closed in their TLS handshake: a client that does not trust the certificate, "
+     "plain HTTP sent to the HTTPS port, or a TCP connection closed before any (a health "
+     "check)."},
 };
 
 void metrics_add(enum counter c, uint64_t n)

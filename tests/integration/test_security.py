@@ -599,6 +599,27 @@ class TLS(ServiceTest):
         self.assertEqual(s.queued_ids(), [e["id"]])
         self.assertIn("listen=https://", s.logs())
 
+    def test_failed_handshakes_are_counted_and_said_once_a_minute(self):
+        # what an operator sees when Braze cannot connect: a certificate
+        # renewed without its intermediates, or an http:// connector URL
+        s = self.tls_service().start()
+        with self.assertRaises(ssl.SSLCertVerificationError):
+            https_request(s.port, None, "GET", "/healthz", context=ssl.create_default_context())
+        with self.assertRaises((ConnectionError, http.client.HTTPException)):
+            request(s.port, "POST", "/currents", envelope(event()),
+                    {"Authorization": "Bearer " + TOKEN})
+
+        def failures():
+            _, body, _ = https_request(s.port, self.cert, "GET", "/metrics")
+            return int(float(re.search(r"^tributary_tls_handshake_failures_total (\S+)$", body,
+                                       re.M).group(1)))
+
+        self.wait(lambda: failures() == 2, what="two handshake failures counted")
+        said = [line for line in s.logs().splitlines() if "TLS handshakes failed" in line]
+        self.assertEqual(len(said), 1, said)
+        self.assertIn("level=info", said[0])
+        self.assertIn("failures=1", said[0])
+
     def test_tls_1_2_is_accepted(self):
         s = self.tls_service().start()
         ctx = ssl.create_default_context(cafile=self.cert)
