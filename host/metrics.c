@@ -93,7 +93,7 @@ static const char *const COUNTER_HELP[M_COUNTER_COUNT][3] = {
      "/currents)."},
     {"tributary_tls_handshake_failures_total", "counter",
      "Connections closed in their TLS handshake: a client that does not trust the certificate, "
-     "plain HTTP sent to the HTTPS port, or a TCP connection closed before any (a health "
+     "plain HTTP sent to the HTTPS port, or a TCP connection closed without one (a health "
      "check)."},
 };
 
