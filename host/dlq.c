@@ -12,21 +12,25 @@
 #include <string.h>
 #include <time.h>
 
-static queue *open_queue(const struct config *c, int write)
+/* How a command uses the queue: reads it, deletes from it, or adds to it
+ * (within the bounds the service keeps: the disk's reserve is for sending and
+ * acknowledging, and a full queue for the events waiting). */
+enum queue_use { USE_READ, USE_PURGE, USE_REQUEUE };
+
+static queue *open_queue(const struct config *c, enum queue_use use)
 {
     char err[ERR_LEN];
     queue *q = NULL;
+    int adds = use == USE_REQUEUE;
     struct queue_options qo = {
         .dir = c->data_dir,
         .sync_full = strcmp(c->queue_sync, "full") == 0,
-        /* a requeue keeps the service's bounds: the reserve is for sending
-         * and acknowledging, and a full queue for the events waiting */
-        .max_depth = c->queue_max_depth,
-        .min_free_bytes = c->queue_min_free_mb << 20,
+        .max_depth = adds ? c->queue_max_depth : INT64_MAX,
+        .min_free_bytes = adds ? c->queue_min_free_mb << 20 : 0,
         /* requeue stores without a dedup check and purge needs none: the
          * dedup log (hundreds of MB for an hour at 10,000 events/s) is not read */
         .dedup_window_ms = 0,
-        .readonly = !write,
+        .readonly = use == USE_READ,
         .existing = 1, /* a mistaken data_dir gets no new queue */
     };
     if (queue_open(&q, &qo, err, sizeof err) != 0) {
@@ -203,7 +207,7 @@ static int cmd_list(const struct cli_options *o, const struct config *c)
         return 2;
     }
     f.limit = (size_t)limit;
-    queue *q = open_queue(c, 0);
+    queue *q = open_queue(c, USE_READ);
     if (!q)
         return 1;
     char err[ERR_LEN];
@@ -285,7 +289,7 @@ static int cmd_show(const struct cli_options *o, const struct config *c)
     if (parse_id(o, &f.id) != 0)
         return 2;
     f.limit = 1;
-    queue *q = open_queue(c, 0);
+    queue *q = open_queue(c, USE_READ);
     if (!q)
         return 1;
     char err[ERR_LEN];
@@ -321,6 +325,7 @@ struct page {
     char *raws[REQUEUE_PAGE];
     char *workspaces[REQUEUE_PAGE]; /* NULL: none */
     size_t n;
+    size_t most; /* REQUEUE_PAGE, fewer once the queue had no room for a page */
     size_t bytes;
     int failed;
 };
@@ -339,7 +344,7 @@ static int page_row(void *ctx, const struct dead_row *r)
     }
     p->ids[p->n++] = r->id;
     p->bytes += strlen(raw);
-    return p->n == REQUEUE_PAGE || p->bytes >= REQUEUE_PAGE_BYTES;
+    return p->n == p->most || p->bytes >= REQUEUE_PAGE_BYTES;
 }
 
 static void page_free(struct page *p)
@@ -358,11 +363,17 @@ struct requeue_counts {
     int64_t done_id; /* the last id of the last page committed, 0: none */
 };
 
+/* What requeue_page returns, but for 0 (committed) and -1 (stopped, said). */
+enum {
+    PAGE_CHANGED = 1, /* another command requeued or purged some of it meanwhile */
+    PAGE_TOO_MANY = 2 /* more than queue.max_depth has room for */
+};
+
 /* Maps a page with the rules and commits it: its records stored and its dead
  * letters deleted in one transaction. A dead letter the rules cannot take as
- * input is kept (and counted as skipped). 1, with nothing done, when another
- * command requeued or purged dead letters of the page since it was read: the
- * page is read again without them. */
+ * input is kept (and counted as skipped). Nothing is done when the page
+ * returns PAGE_CHANGED (it is read again without the dead letters taken) or
+ * PAGE_TOO_MANY (read again as a smaller page). */
 static int requeue_page(const struct config *c, rules *engine, queue *q, const struct page *p,
                         struct requeue_counts *n)
 {
@@ -384,12 +395,15 @@ static int requeue_page(const struct config *c, rules *engine, queue *q, const s
         ids[nids++] = p->ids[i];
     }
     enum queue_status st = queue_requeue(q, &m, ids, nids);
-    if (st != QUEUE_CHANGED && kept.len)
+    int again = st == QUEUE_CHANGED            ? PAGE_CHANGED
+                : st == QUEUE_FULL && p->n > 1 ? PAGE_TOO_MANY
+                                               : 0;
+    if (!again && kept.len)
         fwrite(kept.data, 1, kept.len, stderr);
     buf_free(&kept);
-    if (st == QUEUE_CHANGED) {
+    if (again) {
         mapping_free(&m);
-        return 1;
+        return again;
     }
     n->skipped += skipped;
     if (st == QUEUE_FULL)
@@ -399,8 +413,9 @@ static int requeue_page(const struct config *c, rules *engine, queue *q, const s
                 (long long)c->queue_max_depth);
     else if (st == QUEUE_NO_SPACE)
         fprintf(stderr,
-                "tributary: cannot store requeued events: the disk of data_dir has less free than "
-                "queue.min_free_mb (%lld MiB), kept for sending and acknowledging\n",
+                "tributary: cannot store requeued events: the disk of data_dir is full, or has "
+                "less free than queue.min_free_mb (%lld MiB), kept for sending and "
+                "acknowledging\n",
                 (long long)c->queue_min_free_mb);
     else if (st != QUEUE_OK)
         fprintf(stderr, "tributary: cannot store requeued events: %s\n", queue_status_name(st));
@@ -482,6 +497,7 @@ static int cmd_requeue(const struct cli_options *o, struct config *c)
         fprintf(stderr, "tributary: out of memory\n");
         goto done;
     }
+    page->most = REQUEUE_PAGE;
     if (ruleset_load(&rs, c, err, sizeof err) != 0) {
         fprintf(stderr, "%s\n", err);
         goto done;
@@ -503,7 +519,7 @@ static int cmd_requeue(const struct cli_options *o, struct config *c)
         fprintf(stderr, "%s\n", err);
         goto done;
     }
-    q = open_queue(c, 1);
+    q = open_queue(c, USE_REQUEUE);
     if (!q)
         goto done;
     reader = queue_reader_new(q, err, sizeof err);
@@ -527,8 +543,10 @@ static int cmd_requeue(const struct cli_options *o, struct config *c)
             break;
         pages++;
         int taken = requeue_page(c, engine, q, page, &n);
-        raced |= taken > 0;
-        if (taken > 0 && ++changed > REQUEUE_CHANGED_MAX)
+        if (taken == PAGE_TOO_MANY)
+            page->most = page->n / 2; /* the same range again, as fewer */
+        raced |= taken == PAGE_CHANGED;
+        if (taken == PAGE_CHANGED && ++changed > REQUEUE_CHANGED_MAX)
             fprintf(stderr,
                     "tributary: requeue stopped: another command keeps requeuing or "
                     "purging the same dead letters; the %zu requeued so far are "
@@ -541,7 +559,7 @@ static int cmd_requeue(const struct cli_options *o, struct config *c)
         if (taken == 0) {
             after = page->ids[page->n - 1];
             changed = 0;
-        } /* else the same range again, without what the other command took */
+        } /* else the same range again, without what another command took */
         page_free(page);
         /* as the service does after a request: a state a rule left damaged
          * or grown too large is not used for the next page */
@@ -629,7 +647,7 @@ static int cmd_purge(const struct cli_options *o, const struct config *c)
     struct dead_filter f = {0};
     f.reason = o->reason;
     f.before_ms = purge_cutoff_ms(clock_wall_ms(), seconds);
-    queue *q = open_queue(c, 1);
+    queue *q = open_queue(c, USE_PURGE);
     if (!q)
         return 1;
     size_t deleted = 0;
@@ -703,7 +721,7 @@ int queue_main(const struct cli_options *o)
     struct config *c = config_load_for_command(o->config, 0);
     if (!c)
         return 1;
-    queue *q = open_queue(c, 0);
+    queue *q = open_queue(c, USE_READ);
     if (!q) {
         config_unref(c);
         return 1;

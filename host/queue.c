@@ -1736,7 +1736,7 @@ static void probe_storage(queue *q)
  * the file free, given back only past compact_min_free_bytes), once the disk
  * has room for the WAL to reach its limit: new events reach those pages
  * through the WAL. */
-static void check_disk(queue *q)
+static void check_disk(queue *q, int say)
 {
     struct statvfs fs;
     if (q->opt.min_free_bytes <= 0 || statvfs(q->path, &fs) != 0)
@@ -1752,14 +1752,14 @@ static void check_disk(queue *q)
         wal_room = most > wal_bytes ? most - wal_bytes : 0;
     }
     int low = free_bytes < wal_room || free_bytes + file_free < q->opt.min_free_bytes;
-    if (low && log_due(&q->disk_logged_ms))
+    if (low && say && log_due(&q->disk_logged_ms))
         log_warn("queue: refusing new events: the disk of data_dir is nearly full; sending "
                  "goes on",
                  LOG_I("free_mib", (long long)(free_bytes >> 20))
                      LOG_I("file_free_mib", (long long)(file_free >> 20))
                          LOG_I("wal_room_mib", (long long)(wal_room >> 20))
                              LOG_I("min_free_mib", (long long)(q->opt.min_free_bytes >> 20)));
-    else if (!low && q->disk_low)
+    else if (!low && q->disk_low && say)
         log_info("queue: the disk of data_dir has room again; taking new events",
                  LOG_I("free_mib", (long long)(free_bytes >> 20))
                      LOG_I("file_free_mib", (long long)(file_free >> 20)));
@@ -1833,7 +1833,7 @@ static void *writer_main(void *arg)
         int64_t now = clock_mono_ms();
         if (now - q->last_disk_check_ms >= DISK_CHECK_EVERY_MS) {
             q->last_disk_check_ms = now;
-            check_disk(q);
+            check_disk(q, 1);
         }
         if (q->retry && (now >= q->retry_at_ms || stopping)) {
             struct op *retry = q->retry;
@@ -2672,8 +2672,9 @@ int queue_open(queue **out, const struct queue_options *o, char *err, size_t err
         goto fail;
     dedup_gauges(q);
     if (!o->readonly) {
-        /* before the first commit, not at the writer's first turn */
-        check_disk(q);
+        /* before the first commit, not at the writer's first turn; said by
+         * that turn (a command opening the queue has its own words) */
+        check_disk(q, 0);
         q->last_disk_check_ms = clock_mono_ms();
         if (open_db(q->path, 0, &q->checkpoint_db, err, errlen) != 0)
             goto fail;

@@ -5,10 +5,13 @@
 #include "tls.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/inotify.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 static struct {
@@ -45,12 +48,17 @@ static struct {
        0,
        0};
 
-/* Rule files written to and not closed since (IN_MODIFY without its
- * IN_CLOSE_WRITE yet): an upload that stalls halfway (see
- * RELOAD_WRITING_MAX_MS). More at once than this do not hold a reload. */
+/* Rule files being written: created empty or written to, and not closed
+ * since (no IN_CLOSE_WRITE yet), as an upload that stalls halfway (see
+ * RELOAD_WRITING_MAX_MS). One whose last write is older than that does not
+ * count (a truncate(2), a close the queue lost). More at once than WRITING_MAX
+ * do not hold a reload. */
 #define WRITING_MAX 16
 static struct {
-    char names[WRITING_MAX][NAME_MAX + 1];
+    struct {
+        char name[NAME_MAX + 1];
+        int64_t at_ms; /* its last change, clock_mono_ms */
+    } file[WRITING_MAX];
     int n;
 } writing;
 
@@ -332,7 +340,7 @@ static int watch_dir(void)
     if (R.watch_wd >= 0)
         inotify_rm_watch(R.watch_fd, R.watch_wd);
     R.watch_wd = -1;
-    writing.n = 0; /* names of the directory watched before */
+    writing.n = 0; /* names in the directory watched before */
     free(R.watched);
     R.watched = dir ? strdup(dir) : NULL;
     free(R.watched_real);
@@ -372,21 +380,49 @@ static int is_rule_file(const char *name)
            strcmp(name, "..data") == 0;
 }
 
+static void writing_drop(int i)
+{
+    writing.file[i] = writing.file[--writing.n];
+}
+
+/* A file just created is being written when it is a regular file and empty:
+ * not a link, nor a hard link to a file written before. */
+static int created_empty(const char *name)
+{
+    char path[PATH_MAX];
+    struct stat st;
+    return R.watched && snprintf(path, sizeof path, "%s/%s", R.watched, name) < (int)sizeof path &&
+           lstat(path, &st) == 0 && S_ISREG(st.st_mode) && st.st_size == 0;
+}
+
 /* Follows which rule files are being written, by the event `mask` on `name`. */
 static void note_writing(const char *name, uint32_t mask)
 {
     int at = -1;
     for (int i = 0; i < writing.n && at < 0; i++)
-        at = strcmp(writing.names[i], name) == 0 ? i : -1;
-    if ((mask & IN_MODIFY) && at < 0 && writing.n < WRITING_MAX &&
-        strlen(name) < sizeof writing.names[0])
-        strcpy(writing.names[writing.n++], name);
-    else if ((mask & (IN_CLOSE_WRITE | IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO)) && at >= 0)
-        memcpy(writing.names[at], writing.names[--writing.n], sizeof writing.names[0]);
+        at = strcmp(writing.file[i].name, name) == 0 ? i : -1;
+    if (mask & (IN_CLOSE_WRITE | IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO)) {
+        if (at >= 0)
+            writing_drop(at);
+        return;
+    }
+    if (!(mask & IN_MODIFY) && !((mask & IN_CREATE) && created_empty(name)))
+        return;
+    if (at < 0 && writing.n < WRITING_MAX && strlen(name) < sizeof writing.file[0].name) {
+        at = writing.n++;
+        strcpy(writing.file[at].name, name);
+    }
+    if (at >= 0)
+        writing.file[at].at_ms = clock_mono_ms();
 }
 
 int reload_watch_writing(void)
 {
+    int64_t now = clock_mono_ms();
+    for (int i = writing.n - 1; i >= 0; i--) {
+        if (now - writing.file[i].at_ms >= RELOAD_WRITING_MAX_MS)
+            writing_drop(i);
+    }
     return writing.n > 0;
 }
 
@@ -403,6 +439,12 @@ int reload_watch_changed(void)
         for (char *p = events; p < events + n;) {
             const struct inotify_event *ev = (const struct inotify_event *)p;
             p += sizeof(*ev) + ev->len;
+            if (ev->mask & IN_Q_OVERFLOW) {
+                /* events were lost, a change or a close among them */
+                writing.n = 0;
+                relevant = 1;
+                continue;
+            }
             if (ev->wd != R.watch_wd || R.watch_wd < 0)
                 continue; /* a directory watched before, since moved away or removed */
             if (ev->mask & (IN_DELETE_SELF | IN_MOVE_SELF | IN_IGNORED)) {
@@ -413,7 +455,9 @@ int reload_watch_changed(void)
                 R.watch_wd = -1;
                 relevant = 1;
             } else if (ev->len && is_rule_file(ev->name)) {
-                relevant = 1;
+                /* a write alone does not move the reload on: its close does,
+                 * and a file still being written holds it (see wait_for_stop) */
+                relevant |= (ev->mask & ~IN_MODIFY) != 0;
                 note_writing(ev->name, ev->mask);
             }
         }

@@ -59,7 +59,8 @@ int reload_now(const char *trigger, char *err, size_t errlen) WUR;
 int reload_watch_start(void);
 /* Reads the pending notifications; 1 when one of them concerns a rule file. */
 int reload_watch_changed(void);
-/* 1 while a rule file was written to and not closed since. */
+/* 1 while a rule file is being written: created empty or written to, not
+ * closed since, and written to within RELOAD_WRITING_MAX_MS. */
 int reload_watch_writing(void);
 /* Follows a rules_dir changed by a reload, and watches again one that was
  * replaced or missing: 1 then, as its rules need loading. */

@@ -575,22 +575,26 @@ class DeadLetterCommands(ServiceTest):
         # the reserve of the disk: nothing is requeued
         s.env["TRIBUTARY_QUEUE_MIN_FREE_MB"] = str(1 << 29)
         p = s.cli(["dlq", "requeue", "--all"])
-        del s.env["TRIBUTARY_QUEUE_MIN_FREE_MB"]
         self.assertEqual(p.returncode, 1, p)
-        self.assertIn("the disk of data_dir has less free than queue.min_free_mb", p.stderr)
+        self.assertIn("the disk of data_dir is full, or has less free than queue.min_free_mb",
+                      p.stderr)
         self.assertIn("nothing was requeued, the dead letters are still in the store", p.stderr)
+        self.assertNotIn("refusing new events", p.stderr)  # the service's words
         self.assertEqual(s.queued_ids(), [])
-        # queue.max_depth: the pages that fit are requeued, the rest stay
-        s.env.update(TRIBUTARY_INBOUND_MAX_EVENTS="100",
-                     TRIBUTARY_QUEUE_MAX_DEPTH=str(REQUEUE_PAGE + 100))
+        # purge frees the disk: the reserve neither stops it nor is said
+        p = s.cli(["dlq", "purge", "--older-than", "7d", "--reason", "max_age"])
+        self.assertEqual((p.returncode, p.stderr), (0, ""), p)
+        del s.env["TRIBUTARY_QUEUE_MIN_FREE_MB"]
+        # queue.max_depth: as many as it has room for are requeued, the rest stay
+        depth = REQUEUE_PAGE + 100
+        s.env.update(TRIBUTARY_INBOUND_MAX_EVENTS="100", TRIBUTARY_QUEUE_MAX_DEPTH=str(depth))
         p = s.cli(["dlq", "requeue", "--all"])
         self.assertEqual(p.returncode, 1, p)
-        self.assertIn("the queue would hold more than queue.max_depth (%d)" % (REQUEUE_PAGE + 100),
-                      p.stderr)
-        self.assertIn("the %d requeued up to there are committed" % REQUEUE_PAGE, p.stderr)
-        self.assertEqual(sorted(s.queued_ids()), sorted(ids[:REQUEUE_PAGE]))
+        self.assertIn("the queue would hold more than queue.max_depth (%d)" % depth, p.stderr)
+        self.assertIn("the %d requeued up to there are committed" % depth, p.stderr)
+        self.assertEqual(sorted(s.queued_ids()), sorted(ids[:depth]))
         dead = json.loads(s.cli(["dlq", "list", "--json"]).stdout)
-        self.assertEqual(sorted(d["event_id"] for d in dead), sorted(ids[REQUEUE_PAGE:]))
+        self.assertEqual(sorted(d["event_id"] for d in dead), sorted(ids[depth:]))
 
     def test_requeue_ends_when_the_rules_dead_letter_every_event_again(self):
         count = 2 * REQUEUE_PAGE + REQUEUE_PAGE // 2
