@@ -1833,7 +1833,7 @@ static void *writer_main(void *arg)
         int64_t now = clock_mono_ms();
         if (now - q->last_disk_check_ms >= DISK_CHECK_EVERY_MS) {
             q->last_disk_check_ms = now;
-            check_disk(q, 1);
+            check_disk(q, q->opt.exclusive); /* the service's words, not a command's */
         }
         if (q->retry && (now >= q->retry_at_ms || stopping)) {
             struct op *retry = q->retry;
@@ -2672,8 +2672,8 @@ int queue_open(queue **out, const struct queue_options *o, char *err, size_t err
         goto fail;
     dedup_gauges(q);
     if (!o->readonly) {
-        /* before the first commit, not at the writer's first turn; said by
-         * that turn (a command opening the queue has its own words) */
+        /* before the first commit, not at the writer's next turn, which
+         * says it */
         check_disk(q, 0);
         q->last_disk_check_ms = clock_mono_ms();
         if (open_db(q->path, 0, &q->checkpoint_db, err, errlen) != 0)
