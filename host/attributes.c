@@ -21,6 +21,10 @@ enum { TEXT = 1, COUNT = 2 };
 
 /* The skip arguments that can skip something (names and sets), at most. */
 #define MAX_SKIPS 16
+/* Attributes left out for want of room that are tried before the rest are
+ * left out too: each costs the making of its text, and an event may have
+ * thousands. */
+#define MAX_TOO_LARGE 100
 
 struct job {
     const char *names[MAX_SKIPS]; /* the names among them */
@@ -341,10 +345,7 @@ static void keep_first_by_name(lua_State *L, struct job *j, lua_Integer n)
     j->cuts = j->dropped = 0;
     size_t kept = 0, bytes = 0, too_large = 0;
     for (size_t i = 0; i < k; i++) {
-        /* past 100 KB, a hundred more are tried (each costs the making of its
-         * text, and an event may have thousands) */
-        if (kept == MPARTICLE_MAX_CUSTOM_ATTRIBUTES ||
-            too_large > MPARTICLE_MAX_CUSTOM_ATTRIBUTES) {
+        if (kept == MPARTICLE_MAX_CUSTOM_ATTRIBUTES || too_large > MAX_TOO_LARGE) {
             j->dropped += (lua_Integer)(k - i);
             break;
         }

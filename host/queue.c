@@ -1736,8 +1736,9 @@ static void probe_storage(queue *q)
  * the file free, given back only past compact_min_free_bytes), once the disk
  * has room for the WAL to reach its limit: new events reach those pages
  * through the WAL. */
-static void check_disk(queue *q, int say)
+static void check_disk(queue *q)
 {
+    int say = q->opt.exclusive; /* the service's words, not a command's */
     struct statvfs fs;
     if (q->opt.min_free_bytes <= 0 || statvfs(q->path, &fs) != 0)
         return;
@@ -1833,7 +1834,7 @@ static void *writer_main(void *arg)
         int64_t now = clock_mono_ms();
         if (now - q->last_disk_check_ms >= DISK_CHECK_EVERY_MS) {
             q->last_disk_check_ms = now;
-            check_disk(q, q->opt.exclusive); /* the service's words, not a command's */
+            check_disk(q);
         }
         if (q->retry && (now >= q->retry_at_ms || stopping)) {
             struct op *retry = q->retry;
@@ -2672,9 +2673,8 @@ int queue_open(queue **out, const struct queue_options *o, char *err, size_t err
         goto fail;
     dedup_gauges(q);
     if (!o->readonly) {
-        /* before the first commit, not at the writer's next turn, which
-         * says it */
-        check_disk(q, 0);
+        /* before the first commit, not at the writer's next turn */
+        check_disk(q);
         q->last_disk_check_ms = clock_mono_ms();
         if (open_db(q->path, 0, &q->checkpoint_db, err, errlen) != 0)
             goto fail;
