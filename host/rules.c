@@ -9,6 +9,7 @@
 
 #include <dirent.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <lauxlib.h>
 #include <lua-cjson.h>
 #include <math.h>
@@ -16,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 /* A file's top level may set up tables, but a loop without end must fail fast. */
 #define RULES_LOAD_INSTRUCTIONS 20000000
@@ -51,10 +53,12 @@ static int has_suffix(const char *s, const char *suffix)
     return n > m && strcmp(s + n - m, suffix) == 0;
 }
 
-static char *slurp(const char *path, size_t max, size_t *len, char *err, size_t errlen)
+/* name in the directory open as dirfd; path is how messages show it. */
+static char *slurp(int dirfd, const char *name, const char *path, size_t max, size_t *len,
+                   char *err, size_t errlen)
 {
     int opened;
-    char *src = read_path(path, max, len, &opened);
+    char *src = read_at(dirfd, name, max, len, &opened);
     if (!src && !opened)
         str_printf(err, errlen, "%s: cannot open: %s", path, strerror(errno));
     else if (!src && errno == EFBIG)
@@ -100,6 +104,7 @@ int ruleset_load(ruleset **out, struct config *cfg, char *err, size_t errlen)
     int rc = -1;
     char **names = NULL;
     size_t nnames = 0;
+    int dirfd = -1;
     ruleset *rs = calloc(1, sizeof(*rs));
     if (!rs) {
         str_copy(err, errlen, "out of memory");
@@ -108,9 +113,17 @@ int ruleset_load(ruleset **out, struct config *cfg, char *err, size_t errlen)
     atomic_store(&rs->refs, 1);
     rs->cfg = config_ref(cfg);
 
-    DIR *d = opendir(cfg->rules_dir);
+    /* Every file is read through one descriptor of the directory: a rules_dir
+     * that is a link switched to a new version's directory meanwhile (as the
+     * README advises for a change to several files) gives the files of one
+     * version or of the other, never some of each. */
+    dirfd = open(cfg->rules_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    int listfd = dirfd >= 0 ? dup(dirfd) : -1;
+    DIR *d = listfd >= 0 ? fdopendir(listfd) : NULL;
     if (!d) {
         str_printf(err, errlen, "rules_dir %s: %s", cfg->rules_dir, strerror(errno));
+        if (listfd >= 0)
+            close(listfd);
         goto done;
     }
     struct dirent *de;
@@ -157,7 +170,7 @@ int ruleset_load(ruleset **out, struct config *cfg, char *err, size_t errlen)
          * (a dangling link) refuses the set, as leaving it out could forward
          * what it would have dropped */
         struct stat st;
-        int st_rc = stat(path, &st);
+        int st_rc = fstatat(dirfd, names[i], &st, 0);
         if (st_rc == 0 && S_ISDIR(st.st_mode)) {
             free(path);
             continue;
@@ -170,7 +183,7 @@ int ruleset_load(ruleset **out, struct config *cfg, char *err, size_t errlen)
         }
         struct rule_file *f = &rs->files[rs->nfiles];
         f->name = path;
-        f->src = slurp(path, RULES_MAX_FILE_BYTES, &f->len, err, errlen);
+        f->src = slurp(dirfd, names[i], path, RULES_MAX_FILE_BYTES, &f->len, err, errlen);
         if (!f->src) {
             free(path);
             f->name = NULL;
@@ -187,6 +200,8 @@ int ruleset_load(ruleset **out, struct config *cfg, char *err, size_t errlen)
     rs = NULL;
     rc = 0;
 done:
+    if (dirfd >= 0)
+        close(dirfd);
     for (size_t i = 0; i < nnames; i++)
         free(names[i]);
     free(names);

@@ -1,11 +1,13 @@
 #include "util.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 /* ---- buf ---------------------------------------------------------------- */
 
@@ -391,10 +393,21 @@ char *read_stream(FILE *f, size_t max, size_t *len)
 
 char *read_path(const char *path, size_t max, size_t *len, int *opened)
 {
-    FILE *f = fopen(path, "rb");
+    return read_at(AT_FDCWD, path, max, len, opened);
+}
+
+char *read_at(int dirfd, const char *name, size_t max, size_t *len, int *opened)
+{
+    int fd = openat(dirfd, name, O_RDONLY | O_CLOEXEC);
+    FILE *f = fd >= 0 ? fdopen(fd, "rb") : NULL;
     *opened = f != NULL;
-    if (!f)
+    if (!f) {
+        int failure = errno;
+        if (fd >= 0)
+            close(fd);
+        errno = failure;
         return NULL;
+    }
     setvbuf(f, NULL, _IONBF, 0);
     char *p = read_stream(f, max, len);
     int failure = errno;

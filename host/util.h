@@ -130,6 +130,10 @@ char *read_stream(FILE *f, size_t max, size_t *len);
  * key say, stays behind in stdio's buffer). NULL with errno set, and *opened
  * 0 when the file could not be opened, 1 when it could but not be read whole. */
 char *read_path(const char *path, size_t max, size_t *len, int *opened);
+/* read_path of name in the directory open as dirfd (AT_FDCWD: the working
+ * directory), so that every file read through one dirfd comes from the same
+ * directory even when a link to it is switched meanwhile. */
+char *read_at(int dirfd, const char *name, size_t max, size_t *len, int *opened);
 
 /* ---- arena -------------------------------------------------------------- */
 

@@ -24,7 +24,9 @@
 #include <lualib.h>
 #include <limits.h>
 #include <poll.h>
+#include <pthread.h>
 #include <signal.h>
+#include <stdatomic.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 
@@ -2417,6 +2419,79 @@ START_TEST(test_a_dangling_rule_file_link_refuses_the_set_and_a_directory_is_pas
 }
 END_TEST
 
+/* Switches the link F.root/current between F.root/v1 and F.root/v2 until
+ * told to stop. */
+static _Atomic int switching;
+
+static void *switch_link(void *arg)
+{
+    (void)arg;
+    char link[160], tmp[160];
+    snprintf(link, sizeof link, "%s/current", F.root);
+    snprintf(tmp, sizeof tmp, "%s/current.tmp", F.root);
+    for (int i = 0; atomic_load(&switching); i++) {
+        if (symlink(i % 2 ? "v1" : "v2", tmp) != 0 || rename(tmp, link) != 0)
+            return (void *)1;
+    }
+    return NULL;
+}
+
+/* The version of the rules in F.root/current (config and ruleset loaded). */
+static void current_version(char *out, size_t len)
+{
+    release();
+    prepare();
+    str_copy(out, len, ruleset_version(F.rs));
+}
+
+/* The README's way to change several files at once: a new directory, switched
+ * in through a link. A reload while the link switches loads the files of one
+ * directory or of the other, never some of each (each file was read through
+ * the link before, which could change between two files). */
+START_TEST(test_rules_dir_switched_through_a_link_while_loading_gives_one_version_or_the_other)
+{
+    char dir[160], link[160], path[192];
+    const char *const versions[] = {"v1", "v2"};
+    char want[2][32];
+    snprintf(link, sizeof link, "%s/current", F.root);
+    for (int v = 0; v < 2; v++) {
+        snprintf(dir, sizeof dir, "%s/%s", F.root, versions[v]);
+        ck_assert_int_eq(mkdir(dir, 0700), 0);
+        for (int k = 0; k < 8; k++) {
+            char src[128];
+            snprintf(path, sizeof path, "%s/%d0-stamp.lua", dir, k);
+            snprintf(src, sizeof src, "return function(e, out) e.stamp_%d = '%s' end\n", k,
+                     versions[v]);
+            unit_write(path, src);
+        }
+        unlink(link);
+        ck_assert_int_eq(symlink(versions[v], link), 0);
+        ck_assert_int_eq(setenv("TRIBUTARY_RULES_DIR", link, 1), 0);
+        current_version(want[v], sizeof want[v]);
+    }
+    ck_assert_str_ne(want[0], want[1]);
+
+    atomic_store(&switching, 1);
+    pthread_t t;
+    ck_assert_int_eq(pthread_create(&t, NULL, switch_link, NULL), 0);
+    int mixed = 0, loads = 0;
+    char got[32] = "";
+    for (; loads < 2000 && !mixed; loads++) {
+        char err[ERR_LEN] = "";
+        ruleset_unref(F.rs);
+        F.rs = NULL;
+        ck_assert_msg(ruleset_load(&F.rs, F.cfg, err, sizeof err) == 0, "%s", err);
+        str_copy(got, sizeof got, ruleset_version(F.rs));
+        mixed = strcmp(got, want[0]) != 0 && strcmp(got, want[1]) != 0;
+    }
+    atomic_store(&switching, 0);
+    void *failed;
+    ck_assert_int_eq(pthread_join(t, &failed), 0);
+    ck_assert_ptr_null(failed);
+    ck_assert_msg(!mixed, "load %d: version %s is neither %s nor %s", loads, got, want[0], want[1]);
+}
+END_TEST
+
 /* Loads the rule file name and expects rules_new to refuse it; returns why. */
 static const char *rules_new_refuses(const char *name, const char *src)
 {
@@ -3223,6 +3298,8 @@ static Suite *suite(void)
     tcase_add_test(tc, test_a_compiled_chunk_fails_rules_new_naming_the_file);
     tcase_add_test(tc,
                    test_a_dangling_rule_file_link_refuses_the_set_and_a_directory_is_passed_over);
+    tcase_add_test(
+        tc, test_rules_dir_switched_through_a_link_while_loading_gives_one_version_or_the_other);
 
     tc = tcase(s, "sandbox");
     tcase_add_test(tc, test_allowed_functions_are_reachable);
