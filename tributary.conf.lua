@@ -8,7 +8,7 @@
 -- Keep secrets out of this file: pass them as environment variables or files,
 -- or read them here with os.getenv("NAME").
 return {
-  listen = "127.0.0.1:8080",  -- a non-loopback address requires inbound.tokens
+  listen = "127.0.0.1:8080",  -- a non-loopback address requires inbound.tokens or hmac_secrets
   data_dir = "./var",         -- the SQLite queue and dead-letter store
   rules_dir = "./rules",      -- *.lua files, run in name order
   environment = "production", -- or "development": sent with every batch
@@ -60,6 +60,7 @@ return {
     base_ms = 1000, max_ms = 300000, -- exponential backoff with full jitter
     max_age_s = 172800,              -- then the dead-letter store (48 hours)
     pause_ms = 120000,               -- probe a feed paused by 401/403 this often
+    failing_s = 3600,                -- a batch failing alone this long: dead letter "failing"
   },
   queue = {
     sync = "full",            -- "normal" trades the last commits on power loss for speed
