@@ -72,8 +72,10 @@
  * SLOW_LOG_EVERY_MS, with the number of such steps since the last line. */
 #define SLOW_STEP_MS 250
 #define SLOW_LOG_EVERY_MS 10000
-/* Expiry moves at most this many records per transaction. */
+/* Expiry moves at most this many records per transaction, and looks at most
+ * at this many moves' records (see moved) per feed. */
 #define EXPIRE_SLICE 10000
+#define MOVED_PER_SWEEP 64
 
 static const char *const SCHEMA =
     "CREATE TABLE IF NOT EXISTS meta("
@@ -120,7 +122,17 @@ static const char *const SCHEMA =
     "CREATE TABLE IF NOT EXISTS feed_state("
     "  feed INTEGER PRIMARY KEY,"
     "  reason TEXT NOT NULL,"
-    "  since_ms INTEGER NOT NULL);";
+    "  since_ms INTEGER NOT NULL);"
+    /* Records that queue_move stored on a feed keep the time they first came,
+     * so they are out of the time order of the feed's ids, which expiry and
+     * the oldest-age gauge read: each move is a row here, its ids lo..hi of
+     * the feed and the oldest received_ms among those not claimed yet. */
+    "CREATE TABLE IF NOT EXISTS moved("
+    "  feed INTEGER NOT NULL,"
+    "  lo INTEGER NOT NULL,"
+    "  hi INTEGER NOT NULL,"
+    "  oldest_ms INTEGER NOT NULL,"
+    "  PRIMARY KEY(feed, lo)) WITHOUT ROWID;";
 
 /* Each feed keeps its records in RING tables, records_<feed>_0 .. _<RING-1>,
  * read together through the view records_<feed>: one mapped event per row, id
@@ -198,6 +210,9 @@ static int prepare_feed(sqlite3 *db, const char *tmpl, enum feed f, sqlite3_stmt
     return prepare_table(db, tmpl, f, (int)f, out);
 }
 
+/* ?1 feed, ?2 its settled line: the oldest moved record above it (see moved). */
+#define MOVED_OLDEST_SQL "SELECT min(oldest_ms) FROM moved WHERE feed = ?1 AND hi > ?2"
+
 enum stmt_id {
     S_SEEN,
     S_INSERT_DEAD,
@@ -213,6 +228,8 @@ enum stmt_id {
     S_SET_LINE,
     S_SET_CLAIMED,
     S_DATA_VERSION,
+    S_MOVED_ADD,
+    S_MOVED_OLDEST,
     S_COUNT
 };
 
@@ -240,6 +257,8 @@ static const char *const STMTS[S_COUNT] = {
     [S_DATA_VERSION] = "PRAGMA data_version",
     [S_SET_CLAIMED] = "INSERT INTO settled(feed, below, claimed) VALUES(?1, 0, ?2) "
                       "ON CONFLICT(feed) DO UPDATE SET claimed = max(claimed, excluded.claimed)",
+    [S_MOVED_ADD] = "INSERT INTO moved(feed, lo, hi, oldest_ms) VALUES(?1, ?2, ?3, ?4)",
+    [S_MOVED_OLDEST] = MOVED_OLDEST_SQL,
 };
 
 enum op_kind {
@@ -605,6 +624,12 @@ static enum queue_status apply_commit(queue *q, struct op *op, int64_t now, int6
     const struct dedup_fp *fps = op->u.commit.fps;
     int check = op->u.commit.dedup && q->seen;
     int64_t seen_at = check ? dedup_now(q) : 0;
+    /* A move changes neither the depth nor what is kept; its records are
+     * noted in `moved` */
+    int moving = op->kind == OP_REQUEUE && op->u.commit.nrecord_ids > 0;
+    struct {
+        int64_t lo, hi, oldest_ms;
+    } span[FEED_COUNT] = {{0}};
     for (size_t i = 0; i < m->nrecords; i++) {
         const struct record *r = &m->records[i];
         if (check) {
@@ -621,11 +646,32 @@ static enum queue_status apply_commit(queue *q, struct op *op, int64_t now, int6
             return status_of(rc);
         res->queued++;
         op->depth_delta[r->feed]++;
+        if (moving) {
+            int64_t id = q->ring[r->feed].next_id - 1;
+            int64_t at = r->received_ms > 0 ? r->received_ms : now;
+            if (!span[r->feed].lo) {
+                span[r->feed].lo = id;
+                span[r->feed].oldest_ms = at;
+            }
+            span[r->feed].hi = id;
+            if (at < span[r->feed].oldest_ms)
+                span[r->feed].oldest_ms = at;
+        }
+    }
+    for (int f = 0; f < FEED_COUNT; f++) {
+        if (!span[f].lo)
+            continue;
+        sqlite3_stmt *s = q->st[S_MOVED_ADD];
+        sqlite3_bind_int(s, 1, f);
+        sqlite3_bind_int64(s, 2, span[f].lo);
+        sqlite3_bind_int64(s, 3, span[f].hi);
+        sqlite3_bind_int64(s, 4, span[f].oldest_ms);
+        int rc = step_done(s);
+        if (rc != SQLITE_OK)
+            return status_of(rc);
     }
     /* Checked after dedup, so a retry of stored events is still acknowledged;
-     * the savepoint of this operation is rolled back on a refusal. A move
-     * changes neither the depth nor what is kept. */
-    int moving = op->kind == OP_REQUEUE && op->u.commit.nrecord_ids > 0;
+     * the savepoint of this operation is rolled back on a refusal. */
     if (res->queued > 0 && !moving && depth + (int64_t)res->queued > q->opt.max_depth) {
         pthread_mutex_lock(&q->mu);
         q->refused_need = (int64_t)res->queued;
@@ -1083,6 +1129,76 @@ static void expired_detail(queue *q, int f, char *out, size_t size)
     sqlite3_reset(s);
 }
 
+/* The ids of feed f's moved records (see moved) older than cutoff and not
+ * claimed yet, at most room of them, into ids; each move's row then says the
+ * oldest of its records left, or goes once none is. -1 on a storage error. */
+static int moved_expired(queue *q, int f, int64_t cutoff, int64_t *ids, size_t room, size_t *n)
+{
+    *n = 0;
+    int64_t claimed = q->ring[f].claimed;
+    char sql[200];
+    /* the moves claimed whole are the sender's */
+    snprintf(sql, sizeof sql, "DELETE FROM moved WHERE feed = %d AND hi <= %lld", f,
+             (long long)claimed);
+    if (sqlite3_exec(q->db, sql, NULL, NULL, NULL) != SQLITE_OK)
+        return -1;
+    /* the moves with records to expire, and the one the claimed line is in
+     * (the oldest of its records may be claimed since): the rows are read
+     * first, as they change below */
+    int64_t spans[MOVED_PER_SWEEP][2];
+    size_t nspans = 0;
+    sqlite3_stmt *s = NULL;
+    snprintf(sql, sizeof sql,
+             "SELECT lo, hi FROM moved WHERE feed = %d AND (oldest_ms < %lld OR lo <= %lld) "
+             "ORDER BY lo LIMIT %d",
+             f, (long long)cutoff, (long long)claimed, MOVED_PER_SWEEP);
+    if (sqlite3_prepare_v2(q->db, sql, -1, &s, NULL) != SQLITE_OK)
+        return -1;
+    int rc;
+    while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
+        spans[nspans][0] = sqlite3_column_int64(s, 0);
+        spans[nspans++][1] = sqlite3_column_int64(s, 1);
+    }
+    sqlite3_finalize(s);
+    if (rc != SQLITE_DONE)
+        return -1;
+    snprintf(sql, sizeof sql,
+             "SELECT id, received_ms FROM records_%s WHERE id > ?1 AND id <= ?2 ORDER BY id",
+             FEED_NAMES[f]);
+    if (sqlite3_prepare_v2(q->db, sql, -1, &s, NULL) != SQLITE_OK)
+        return -1;
+    for (size_t k = 0; k < nspans && *n < room; k++) {
+        sqlite3_bind_int64(s, 1, spans[k][0] - 1 > claimed ? spans[k][0] - 1 : claimed);
+        sqlite3_bind_int64(s, 2, spans[k][1]);
+        int64_t oldest = INT64_MAX; /* of the records that stay */
+        while (*n < room && (rc = sqlite3_step(s)) == SQLITE_ROW) {
+            int64_t at = sqlite3_column_int64(s, 1);
+            if (at < cutoff)
+                ids[(*n)++] = sqlite3_column_int64(s, 0);
+            else if (at < oldest)
+                oldest = at;
+        }
+        sqlite3_reset(s);
+        if (rc != SQLITE_DONE && rc != SQLITE_ROW)
+            break;
+        if (rc == SQLITE_ROW)
+            break; /* room is full: the next sweep goes on */
+        if (oldest == INT64_MAX)
+            snprintf(sql, sizeof sql, "DELETE FROM moved WHERE feed = %d AND lo = %lld", f,
+                     (long long)spans[k][0]);
+        else
+            snprintf(sql, sizeof sql,
+                     "UPDATE moved SET oldest_ms = %lld WHERE feed = %d AND lo = %lld",
+                     (long long)oldest, f, (long long)spans[k][0]);
+        if (sqlite3_exec(q->db, sql, NULL, NULL, NULL) != SQLITE_OK) {
+            rc = SQLITE_ERROR;
+            break;
+        }
+    }
+    sqlite3_finalize(s);
+    return rc == SQLITE_DONE || rc == SQLITE_ROW ? 0 : -1;
+}
+
 static enum queue_status apply_expire(queue *q, struct op *op, int64_t now)
 {
     /* only unclaimed records: those in batches belong to the sender, and the
@@ -1123,6 +1239,21 @@ static enum queue_status apply_expire(queue *q, struct op *op, int64_t now)
         }
         moved += n;
         by_feed[f] = n;
+        /* then the records moved in from another feed, which the scan above
+         * meets only once every record before them has gone */
+        if (moved_expired(q, f, op->u.expire.cutoff_ms, ids, EXPIRE_SLICE - moved, &n) != 0) {
+            st = status_of(sqlite3_errcode(q->db));
+            goto done;
+        }
+        for (size_t i = 0; i < n; i++) {
+            int rc = record_to_dead(q, op, ids[i], f, now);
+            if (rc != SQLITE_OK) {
+                st = status_of(rc);
+                goto done;
+            }
+        }
+        moved += n;
+        by_feed[f] += n;
     }
     memcpy(op->u.expire.moved, by_feed, sizeof by_feed);
     st = QUEUE_OK;
@@ -1382,15 +1513,34 @@ static int read_settled(sqlite3 *db, enum feed f, int64_t *below, int64_t *claim
     return 0;
 }
 
+/* When the oldest record of feed f above its settled line came: the first in
+ * id order (first: F_OLDEST), or one moved in from another feed (moved:
+ * MOVED_OLDEST_SQL; NULL for a queue opened read-only that has no such table
+ * yet); 0 for none. */
+static int64_t oldest_of(sqlite3_stmt *first, sqlite3_stmt *moved, enum feed f, int64_t line)
+{
+    sqlite3_bind_int64(first, 1, line);
+    int64_t v = sqlite3_step(first) == SQLITE_ROW ? sqlite3_column_int64(first, 0) : 0;
+    sqlite3_reset(first);
+    if (moved) {
+        sqlite3_bind_int(moved, 1, (int)f);
+        sqlite3_bind_int64(moved, 2, line);
+        if (sqlite3_step(moved) == SQLITE_ROW && sqlite3_column_type(moved, 0) != SQLITE_NULL) {
+            int64_t m = sqlite3_column_int64(moved, 0);
+            if (!v || m < v)
+                v = m;
+        }
+        sqlite3_reset(moved);
+    }
+    return v;
+}
+
 static void refresh_oldest(queue *q)
 {
     int64_t oldest[FEED_COUNT];
-    for (int f = 0; f < FEED_COUNT; f++) {
-        sqlite3_stmt *s = q->fst[f][F_OLDEST];
-        sqlite3_bind_int64(s, 1, q->ring[f].line);
-        oldest[f] = sqlite3_step(s) == SQLITE_ROW ? sqlite3_column_int64(s, 0) : 0;
-        sqlite3_reset(s);
-    }
+    for (int f = 0; f < FEED_COUNT; f++)
+        oldest[f] =
+            oldest_of(q->fst[f][F_OLDEST], q->st[S_MOVED_OLDEST], (enum feed)f, q->ring[f].line);
     pthread_mutex_lock(&q->mu);
     memcpy(q->gauges.oldest_ms, oldest, sizeof oldest);
     pthread_mutex_unlock(&q->mu);
@@ -3129,15 +3279,15 @@ int queue_load_batches(queue_reader *r, void (*fn)(void *ctx, struct queue_batch
 
 int64_t queue_oldest_ms(queue_reader *r, enum feed f)
 {
-    sqlite3_stmt *s;
-    int64_t v = 0;
+    sqlite3_stmt *s, *moved = NULL;
     int64_t line;
     if (read_settled(r->db, f, &line, NULL) != 0 ||
         prepare_feed(r->db, FEED_STMTS[F_OLDEST], f, &s) != 0)
         return 0;
-    sqlite3_bind_int64(s, 1, line);
-    if (sqlite3_step(s) == SQLITE_ROW)
-        v = sqlite3_column_int64(s, 0);
+    if (sqlite3_prepare_v2(r->db, MOVED_OLDEST_SQL, -1, &moved, NULL) != SQLITE_OK)
+        moved = NULL;
+    int64_t v = oldest_of(s, moved, f, line);
+    sqlite3_finalize(moved);
     sqlite3_finalize(s);
     return v;
 }

@@ -1072,6 +1072,74 @@ END_TEST
 /* Records taken out unclaimed (moved, expired) leave holes among the ids: a
  * claim that skips a hole is taken, one that leaves out a record beside a hole
  * is refused; after a restart, holes made before it count the same. */
+/* Commits one record "<prefix>-0" of feed f that came at received_ms. */
+static void commit_one_at(queue *q, enum feed f, const char *prefix, int64_t received_ms)
+{
+    struct mapping m;
+    mapping_init(&m);
+    add_records(&m, f, prefix, 1);
+    m.records[0].received_ms = received_ms;
+    struct commit_result res;
+    ck_assert_int_eq(queue_commit(q, &m, &res), QUEUE_OK);
+    ck_assert_uint_eq(res.queued, 1);
+    mapping_free(&m);
+}
+
+/* A record moved to another feed keeps the time it came, behind younger
+ * records of that feed: expiry, which reads a feed in id order and stops at
+ * the first young record, and the oldest-age gauge, which read its first
+ * record, passed it over. */
+START_TEST(test_a_record_moved_with_its_old_time_expires_and_counts_in_the_oldest_age)
+{
+    const int64_t day = 86400000, now = clock_wall_ms(), old = now - 3 * day;
+    queue *q = open_queue(NO_LIMIT, 0);
+    int64_t held;
+    commit_one_at(q, FEED_IOS, "held", old);
+    struct queue_items it;
+    scan_all(q, FEED_IOS, &it);
+    held = it.items[0].id;
+    queue_items_free(&it);
+    commit_one_at(q, FEED_UNBOUND, "fresh", now);
+    struct mapping m;
+    mapping_init(&m);
+    add_records(&m, FEED_UNBOUND, "moved", 1);
+    m.records[0].received_ms = old;
+    ck_assert_int_eq(queue_move(q, &m, FEED_IOS, &held, 1), QUEUE_OK);
+    mapping_free(&m);
+
+    /* the oldest age counts it, in the service's gauges (here after a
+     * restart) and in `queue stats` */
+    queue_free(q);
+    q = open_queue(NO_LIMIT, 0);
+    struct queue_gauges g;
+    queue_gauges(q, &g);
+    ck_assert_int_eq(g.oldest_ms[FEED_UNBOUND], old);
+    queue_reader *r = reader(q);
+    struct queue_stats st;
+    ck_assert_int_eq(queue_stats(r, &st), 0);
+    ck_assert_int_eq(st.oldest_ms[FEED_UNBOUND], old);
+
+    /* past two days it is a dead letter; the younger record before it stays */
+    size_t moved[FEED_COUNT];
+    ck_assert_int_eq(queue_expire(q, now - 2 * day, moved), QUEUE_OK);
+    ck_assert_uint_eq(moved[FEED_UNBOUND], 1);
+    ck_assert_uint_eq(moved[FEED_IOS] + moved[FEED_ANDROID] + moved[FEED_WEB], 0);
+    scan_all(q, FEED_UNBOUND, &it);
+    ck_assert_uint_eq(it.n, 1);
+    ck_assert_str_eq(it.items[0].event_id.p, "fresh-0");
+    queue_items_free(&it);
+    ck_assert_int_eq(
+        count_in_file(
+            "SELECT count(*) FROM dead WHERE reason = 'max_age' AND event_id = 'moved-0'"),
+        1);
+    ck_assert_int_eq(count_in_file("SELECT count(*) FROM moved"), 0);
+    ck_assert_int_eq(queue_stats(r, &st), 0);
+    ck_assert_int_eq(st.oldest_ms[FEED_UNBOUND], now);
+    queue_reader_free(r);
+    queue_free(q);
+}
+END_TEST
+
 START_TEST(test_a_claim_may_skip_records_moved_or_expired_but_not_leave_one_out)
 {
     queue *q = open_queue(NO_LIMIT, DEDUP_DAY);
@@ -2397,6 +2465,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_commit_beyond_max_depth_is_refused_whole);
     tcase_add_test(tc, test_commit_up_to_max_depth_is_accepted_and_one_more_is_not);
     tcase_add_test(tc, test_move_replaces_unclaimed_records_and_refuses_claimed_ones);
+    tcase_add_test(tc, test_a_record_moved_with_its_old_time_expires_and_counts_in_the_oldest_age);
     tcase_add_test(tc, test_commit_under_the_disk_reserve_is_refused_as_no_space);
     tcase_add_test(tc, test_concurrent_commits_are_all_stored_exactly_once);
     tcase_add_test(tc, test_persisted_batches_come_back_after_a_restart);
