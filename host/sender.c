@@ -92,16 +92,22 @@ struct pbatch {
     struct pbatch *next, *prev;
 };
 
-/* At most `rate` batches in any second: a send may go while the batches sent
- * in the last RATE_SLOTS slots of RATE_SLOT_MS stay under the rate. A batch
- * leaves the count once it is more than 1,100 ms old (a second and three
- * slots: every one-second window lies within them, with a margin for requests
- * that take different times to arrive, such as one that opens a connection
- * and its TLS session first). mParticle counts batches per second; a
- * token bucket with a second of burst let twice the rate through in the second
- * after a quiet spell. */
+/* At most `rate` batches in any second as mParticle counts them, when they
+ * arrive: a send may go while the batches in flight and those that arrived in
+ * the last RATE_SLOTS slots of RATE_SLOT_MS stay under the rate. A batch
+ * arrives between its send and its answer: it is taken to have arrived at its
+ * answer, or ARRIVAL_MAX_MS after its send when it is not answered by then (a
+ * slow answer is mostly the server's work, and the others must not wait for
+ * it). So a batch counts until a second after its answer, and one that took
+ * long on its way (a connection and TLS session opened first, a slow network)
+ * cannot share a second with the batches sent after it; counted from its send,
+ * it could. The slots cover a second and one slot: a batch that arrived in the
+ * oldest is at least 1,001 ms old when it leaves the count. A token bucket with
+ * a second of burst let twice the rate through in the second after a quiet
+ * spell. */
 #define RATE_SLOT_MS 50
-#define RATE_SLOTS 23
+#define RATE_SLOTS 21
+#define ARRIVAL_MAX_MS 500
 /* Which of mParticle's endpoints a batch goes to (see class_of); EP_MIXED: a
  * batch of both, split before it is sent. */
 enum endpoint { EP_REALTIME, EP_HISTORICAL, EP_MIXED };
@@ -123,10 +129,11 @@ struct endpoint_state {
 };
 
 struct bucket {
-    double rate;               /* batches a second */
-    int64_t next_cut;          /* monotonic ms: the rate drops again from then (see slow_down) */
-    int64_t slot;              /* the newest slot: monotonic ms / RATE_SLOT_MS */
-    uint32_t sent[RATE_SLOTS]; /* batches sent in each of the last slots, a ring */
+    double rate;                  /* batches a second */
+    int64_t next_cut;             /* monotonic ms: the rate drops again from then (see slow_down) */
+    int64_t slot;                 /* the newest slot: monotonic ms / RATE_SLOT_MS */
+    uint32_t arrived[RATE_SLOTS]; /* batches that arrived in each of the last slots, a ring */
+    uint32_t in_flight;           /* batches sent, not taken to have arrived yet */
 };
 
 struct feed_state {
@@ -177,6 +184,7 @@ struct request {
     char rate_exceeded[32]; /* X-mp-rate-limit-exceeded: which limit a 429 is for */
     int rate_usage;
     int probe;
+    int arrived; /* its batches count as arrived in the rate windows (see arrive) */
     enum endpoint ep;
     int64_t started_ns;        /* clock_mono_ns */
     unsigned char cred_fp[32]; /* the feed's cred_fp when it was sent */
@@ -1206,22 +1214,57 @@ static double available(struct bucket *b, int64_t now)
 {
     int64_t k = now / RATE_SLOT_MS;
     if (k - b->slot >= RATE_SLOTS)
-        memset(b->sent, 0, sizeof b->sent);
+        memset(b->arrived, 0, sizeof b->arrived);
     else
         for (int64_t i = b->slot + 1; i <= k; i++)
-            b->sent[i % RATE_SLOTS] = 0;
+            b->arrived[i % RATE_SLOTS] = 0;
     if (k > b->slot)
         b->slot = k;
-    double used = 0;
+    double used = b->in_flight;
     for (int i = 0; i < RATE_SLOTS; i++)
-        used += b->sent[i];
+        used += b->arrived[i];
     return b->rate - used;
 }
 
-static void spend(struct bucket *b, double n)
+static void spend(struct bucket *b, size_t n)
 {
-    if (n >= 1)
-        b->sent[b->slot % RATE_SLOTS] += (uint32_t)n;
+    b->in_flight += (uint32_t)n;
+}
+
+/* n batches of b in flight taken to have arrived now. */
+static void arrive(struct bucket *b, size_t n, int64_t now)
+{
+    (void)available(b, now); /* the ring up to now */
+    b->in_flight -= (uint32_t)n;
+    b->arrived[b->slot % RATE_SLOTS] += (uint32_t)n;
+}
+
+/* Nothing more goes in the second to come (a 429). */
+static void use_up(struct bucket *b, int64_t now)
+{
+    double room = available(b, now);
+    if (room >= 1)
+        b->arrived[b->slot % RATE_SLOTS] += (uint32_t)room;
+}
+
+/* r's batches taken to have arrived now, in the windows of its feed and of the
+ * account, unless they were already. */
+static void arrived(struct sender *s, struct request *r, int64_t now)
+{
+    if (r->arrived)
+        return;
+    r->arrived = 1;
+    arrive(&r->f->rate, r->n, now);
+    arrive(&s->account, r->n, now);
+}
+
+/* The requests on their way for ARRIVAL_MAX_MS are taken to have arrived. */
+static void arrived_late(struct sender *s, int64_t now)
+{
+    for (struct request *r = s->requests; r; r = r->next) {
+        if (now - r->started_ns / 1000000 >= ARRIVAL_MAX_MS)
+            arrived(s, r, now);
+    }
 }
 
 static void dispatch(struct sender *s, struct feed_state *f, int64_t now)
@@ -1290,8 +1333,8 @@ static void dispatch(struct sender *s, struct feed_state *f, int64_t now)
             return;
         if (start_request(s, f, pick, n, first, 0) != 0)
             return;
-        spend(&f->rate, (double)n);
-        spend(&s->account, (double)n);
+        spend(&f->rate, n);
+        spend(&s->account, n);
     }
 }
 
@@ -1498,7 +1541,7 @@ static void on_rate_limited(struct sender *s, struct request *r)
     (void)slow_down(
         b, 0.5,
         (double)(account ? s->cfg->mparticle_rate_limit : s->cfg->feeds[f->feed].rate_limit), now);
-    spend(b, available(b, now)); /* nothing more this second */
+    use_up(b, now);
     int64_t wait_s =
         mparticle_retry_after(r->retry_after[0] ? r->retry_after : NULL, clock_wall_ms() / 1000,
                               RETRY_AFTER_MIN_S, RETRY_AFTER_MAX_S);
@@ -1664,6 +1707,7 @@ static void finish(struct sender *s, CURLMsg *msg)
     }
     f->in_flight--;
     s->in_flight--;
+    arrived(s, r, clock_mono_ms());
     if (r->probe)
         f->probing = 0;
     metrics_outbound(f->feed, (int)status, r->n, r->events);
@@ -2069,10 +2113,11 @@ static void *sender_main(void *arg)
         }
         if (!stopping)
             sweep_unclaimed(s, now);
-        /* the rate windows count a request at the time it goes out: the clock
-         * read again after the steps above, which wait for commits (a slow
-         * disk: hundreds of ms), and curl starts the requests right after */
+        /* the rate windows are read when the requests go out: the clock read
+         * again after the steps above, which wait for commits (a slow disk:
+         * hundreds of ms), and curl starts the requests right after */
         int64_t at = clock_mono_ms();
+        arrived_late(s, at);
         /* the feeds take turns at going first: they share the account's rate */
         s->turn = (s->turn + 1) % FEED_COUNT;
         for (int i = 0; i < FEED_COUNT && !stopping; i++) {

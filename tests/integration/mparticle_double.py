@@ -447,6 +447,13 @@ class MParticleDouble:
         with self._lock:
             self._faults.append(_Fault("slow", feed, times, seconds=float(seconds)))
 
+    def late(self, seconds, times=None):
+        """The next `times` requests, of any feed, arrive `seconds` late: the double waits
+        before it takes their arrival time and handles them, as when a request's way is slow
+        (a new connection and TLS session, a congested network)."""
+        with self._lock:
+            self._faults.append(_Fault("late", None, times, seconds=float(seconds)))
+
     def drop_connections(self, times=None, feed=None, after_processing=False):
         """Closes the connection without any response after reading the request.
 
@@ -464,7 +471,7 @@ class MParticleDouble:
             self._poison.append((marker, int(status)))
 
     def clear_faults(self):
-        """Removes all fail/slow/drop faults and poison markers."""
+        """Removes all fail/slow/late/drop faults and poison markers."""
         with self._lock:
             self._faults = []
             self._poison = []
@@ -595,6 +602,10 @@ class MParticleDouble:
         return body
 
     def _handle(self, h):
+        with self._lock:
+            late = self._take_fault(("late",), None)
+        if late is not None:
+            self._delay(late.params["seconds"])
         arrived = time.monotonic()
         if self.idle_timeout is not None:
             h.connection.settimeout(self.idle_timeout)

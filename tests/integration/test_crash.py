@@ -100,8 +100,7 @@ class SlowClaims(ServiceTest):
         d = MParticleDouble(feeds=dict(FEEDS)).start()
         self.addCleanup(d.stop)
         d.rate_limit = 10
-        window = 1.0 if SLOW == 1 else 0.8  # arrivals wander more under valgrind
-        d.rate_window_s = window
+        window = 1.0
         s = Service(env=feed_env(d, TRIBUTARY_MPARTICLE_RATE_LIMIT=10,
                                  TRIBUTARY_BATCH_LINGER_MS=50, SLOW_CLAIM_MS=400))
         self.addCleanup(s.cleanup)

@@ -539,6 +539,15 @@ class DoubleTest(unittest.TestCase):
         self.assertEqual(self.post([batch()])[0], 202)
         self.assertLess(time.monotonic() - t, 0.3)
 
+    def test_late_moves_the_arrival_of_the_next_requests(self):
+        self.d.late(0.4, times=1)
+        t = time.monotonic()
+        self.assertEqual(self.post([batch()])[0], 202)
+        self.assertGreaterEqual(self.d.requests[0]["time"] - t, 0.4)
+        t = time.monotonic()
+        self.assertEqual(self.post([batch()])[0], 202)
+        self.assertLess(self.d.requests[1]["time"] - t, 0.3)
+
     def test_slow_answer_times_out_the_client_but_batch_is_recorded(self):
         self.d.slow(1.0, times=1)
         with self.assertRaises(TimeoutError):
