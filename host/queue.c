@@ -72,10 +72,10 @@
  * SLOW_LOG_EVERY_MS, with the number of such steps since the last line. */
 #define SLOW_STEP_MS 250
 #define SLOW_LOG_EVERY_MS 10000
-/* Expiry moves at most this many records per transaction, and looks at most
- * at this many moves' records (see moved) per feed. */
+/* Expiry moves at most this many records per transaction. */
 #define EXPIRE_SLICE 10000
-#define MOVED_PER_SWEEP 64
+/* The rows of moves (see moved) read at a time. */
+#define MOVED_PAGE 64
 
 static const char *const SCHEMA =
     "CREATE TABLE IF NOT EXISTS meta("
@@ -210,8 +210,9 @@ static int prepare_feed(sqlite3 *db, const char *tmpl, enum feed f, sqlite3_stmt
     return prepare_table(db, tmpl, f, (int)f, out);
 }
 
-/* ?1 feed, ?2 its settled line: the oldest moved record above it (see moved). */
-#define MOVED_OLDEST_SQL "SELECT min(oldest_ms) FROM moved WHERE feed = ?1 AND hi > ?2"
+/* ?1 feed, ?2 its settled line: the oldest moved record at or above it (see
+ * moved). */
+#define MOVED_OLDEST_SQL "SELECT min(oldest_ms) FROM moved WHERE feed = ?1 AND hi >= ?2"
 
 enum stmt_id {
     S_SEEN,
@@ -1082,6 +1083,93 @@ static int record_to_dead(queue *q, struct op *op, int64_t id, int feed, int64_t
     return delete_record(q, op, id, feed, now);
 }
 
+/* Brings feed f's moves (see moved) that meet the ids from..to up to date:
+ * each one's oldest_ms becomes the oldest of its records still queued (at or
+ * above the feed's settled line), and a move with none left goes. With ids,
+ * only the moves that may hold records older than cutoff are read, and the
+ * one the claimed line is in; their unclaimed records older than cutoff go
+ * into ids (at most room, *n of them), for the caller to expire, and are left
+ * out of oldest_ms. -1 on a storage error. */
+static int moved_update(queue *q, int f, int64_t from, int64_t to, int64_t cutoff, int64_t *ids,
+                        size_t room, size_t *n)
+{
+    *n = 0;
+    int64_t line = q->ring[f].line, claimed = q->ring[f].claimed;
+    char sql[256];
+    /* the moves delivered whole are done with */
+    snprintf(sql, sizeof sql, "DELETE FROM moved WHERE feed = %d AND hi < %lld", f,
+             (long long)line);
+    if (sqlite3_exec(q->db, sql, NULL, NULL, NULL) != SQLITE_OK)
+        return -1;
+    char only[96] = "";
+    if (ids)
+        snprintf(only, sizeof only, " AND (oldest_ms < %lld OR lo <= %lld)", (long long)cutoff,
+                 (long long)claimed);
+    sqlite3_stmt *rows = NULL, *s = NULL;
+    snprintf(sql, sizeof sql,
+             "SELECT lo, hi FROM moved WHERE feed = %d AND hi >= ?1 AND lo <= %lld%s "
+             "ORDER BY lo LIMIT %d",
+             f, (long long)to, only, MOVED_PAGE);
+    int rc = sqlite3_prepare_v2(q->db, sql, -1, &rows, NULL);
+    snprintf(sql, sizeof sql,
+             "SELECT id, received_ms FROM records_%s WHERE id >= ?1 AND id <= ?2 ORDER BY id",
+             FEED_NAMES[f]);
+    if (rc != SQLITE_OK || sqlite3_prepare_v2(q->db, sql, -1, &s, NULL) != SQLITE_OK)
+        goto fail;
+    /* a page of rows at a time, read before they change */
+    int64_t spans[MOVED_PAGE][2], next = from;
+    size_t nspans;
+    do {
+        nspans = 0;
+        sqlite3_bind_int64(rows, 1, next);
+        while ((rc = sqlite3_step(rows)) == SQLITE_ROW) {
+            spans[nspans][0] = sqlite3_column_int64(rows, 0);
+            spans[nspans++][1] = sqlite3_column_int64(rows, 1);
+        }
+        sqlite3_reset(rows);
+        if (rc != SQLITE_DONE)
+            goto fail;
+        for (size_t k = 0; k < nspans; k++) {
+            sqlite3_bind_int64(s, 1, spans[k][0] > line ? spans[k][0] : line);
+            sqlite3_bind_int64(s, 2, spans[k][1]);
+            int64_t oldest = INT64_MAX; /* of the records that stay */
+            while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
+                int64_t id = sqlite3_column_int64(s, 0), at = sqlite3_column_int64(s, 1);
+                if (ids && id > claimed && at < cutoff) {
+                    if (*n == room)
+                        break; /* the next sweep goes on */
+                    ids[(*n)++] = id;
+                } else if (at < oldest) {
+                    oldest = at;
+                }
+            }
+            sqlite3_reset(s);
+            if (rc == SQLITE_ROW)
+                goto done;
+            if (rc != SQLITE_DONE)
+                goto fail;
+            if (oldest == INT64_MAX)
+                snprintf(sql, sizeof sql, "DELETE FROM moved WHERE feed = %d AND lo = %lld", f,
+                         (long long)spans[k][0]);
+            else
+                snprintf(sql, sizeof sql,
+                         "UPDATE moved SET oldest_ms = %lld WHERE feed = %d AND lo = %lld",
+                         (long long)oldest, f, (long long)spans[k][0]);
+            if (sqlite3_exec(q->db, sql, NULL, NULL, NULL) != SQLITE_OK)
+                goto fail;
+            next = spans[k][1] + 1;
+        }
+    } while (nspans == MOVED_PAGE);
+done:
+    sqlite3_finalize(s);
+    sqlite3_finalize(rows);
+    return 0;
+fail:
+    sqlite3_finalize(s);
+    sqlite3_finalize(rows);
+    return -1;
+}
+
 /* Dead letters or records mapped again: the records (queue_move) are deleted
  * first, each still there and in no batch, else nothing happens; then the
  * mapping is stored and the dead letters deleted as for a commit. */
@@ -1089,6 +1177,7 @@ static enum queue_status apply_requeue(queue *q, struct op *op, int64_t now, int
 {
     enum feed f = op->u.commit.from_feed;
     size_t n = op->u.commit.nrecord_ids;
+    int64_t lo = INT64_MAX, hi = 0;
     for (size_t i = 0; i < n; i++) {
         int64_t id = op->u.commit.record_ids[i];
         int64_t before = op->depth_delta[f];
@@ -1099,7 +1188,13 @@ static enum queue_status apply_requeue(queue *q, struct op *op, int64_t now, int
             return status_of(rc);
         if (op->depth_delta[f] == before)
             return QUEUE_CHANGED; /* gone meanwhile (expired) */
+        lo = id < lo ? id : lo;
+        hi = id > hi ? id : hi;
     }
+    /* records moved here before, and now on again, leave their moves */
+    size_t none;
+    if (n && moved_update(q, (int)f, lo, hi, 0, NULL, 0, &none) != 0)
+        return status_of(sqlite3_errcode(q->db));
     return apply_commit(q, op, now, depth);
 }
 
@@ -1127,76 +1222,6 @@ static void expired_detail(queue *q, int f, char *out, size_t size)
                  (const char *)sqlite3_column_text(s, 0));
     }
     sqlite3_reset(s);
-}
-
-/* The ids of feed f's moved records (see moved) older than cutoff and not
- * claimed yet, at most room of them, into ids; each move's row then says the
- * oldest of its records left, or goes once none is. -1 on a storage error. */
-static int moved_expired(queue *q, int f, int64_t cutoff, int64_t *ids, size_t room, size_t *n)
-{
-    *n = 0;
-    int64_t claimed = q->ring[f].claimed;
-    char sql[200];
-    /* the moves claimed whole are the sender's */
-    snprintf(sql, sizeof sql, "DELETE FROM moved WHERE feed = %d AND hi <= %lld", f,
-             (long long)claimed);
-    if (sqlite3_exec(q->db, sql, NULL, NULL, NULL) != SQLITE_OK)
-        return -1;
-    /* the moves with records to expire, and the one the claimed line is in
-     * (the oldest of its records may be claimed since): the rows are read
-     * first, as they change below */
-    int64_t spans[MOVED_PER_SWEEP][2];
-    size_t nspans = 0;
-    sqlite3_stmt *s = NULL;
-    snprintf(sql, sizeof sql,
-             "SELECT lo, hi FROM moved WHERE feed = %d AND (oldest_ms < %lld OR lo <= %lld) "
-             "ORDER BY lo LIMIT %d",
-             f, (long long)cutoff, (long long)claimed, MOVED_PER_SWEEP);
-    if (sqlite3_prepare_v2(q->db, sql, -1, &s, NULL) != SQLITE_OK)
-        return -1;
-    int rc;
-    while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
-        spans[nspans][0] = sqlite3_column_int64(s, 0);
-        spans[nspans++][1] = sqlite3_column_int64(s, 1);
-    }
-    sqlite3_finalize(s);
-    if (rc != SQLITE_DONE)
-        return -1;
-    snprintf(sql, sizeof sql,
-             "SELECT id, received_ms FROM records_%s WHERE id > ?1 AND id <= ?2 ORDER BY id",
-             FEED_NAMES[f]);
-    if (sqlite3_prepare_v2(q->db, sql, -1, &s, NULL) != SQLITE_OK)
-        return -1;
-    for (size_t k = 0; k < nspans && *n < room; k++) {
-        sqlite3_bind_int64(s, 1, spans[k][0] - 1 > claimed ? spans[k][0] - 1 : claimed);
-        sqlite3_bind_int64(s, 2, spans[k][1]);
-        int64_t oldest = INT64_MAX; /* of the records that stay */
-        while (*n < room && (rc = sqlite3_step(s)) == SQLITE_ROW) {
-            int64_t at = sqlite3_column_int64(s, 1);
-            if (at < cutoff)
-                ids[(*n)++] = sqlite3_column_int64(s, 0);
-            else if (at < oldest)
-                oldest = at;
-        }
-        sqlite3_reset(s);
-        if (rc != SQLITE_DONE && rc != SQLITE_ROW)
-            break;
-        if (rc == SQLITE_ROW)
-            break; /* room is full: the next sweep goes on */
-        if (oldest == INT64_MAX)
-            snprintf(sql, sizeof sql, "DELETE FROM moved WHERE feed = %d AND lo = %lld", f,
-                     (long long)spans[k][0]);
-        else
-            snprintf(sql, sizeof sql,
-                     "UPDATE moved SET oldest_ms = %lld WHERE feed = %d AND lo = %lld",
-                     (long long)oldest, f, (long long)spans[k][0]);
-        if (sqlite3_exec(q->db, sql, NULL, NULL, NULL) != SQLITE_OK) {
-            rc = SQLITE_ERROR;
-            break;
-        }
-    }
-    sqlite3_finalize(s);
-    return rc == SQLITE_DONE || rc == SQLITE_ROW ? 0 : -1;
 }
 
 static enum queue_status apply_expire(queue *q, struct op *op, int64_t now)
@@ -1241,7 +1266,8 @@ static enum queue_status apply_expire(queue *q, struct op *op, int64_t now)
         by_feed[f] = n;
         /* then the records moved in from another feed, which the scan above
          * meets only once every record before them has gone */
-        if (moved_expired(q, f, op->u.expire.cutoff_ms, ids, EXPIRE_SLICE - moved, &n) != 0) {
+        if (moved_update(q, f, 0, INT64_MAX, op->u.expire.cutoff_ms, ids, EXPIRE_SLICE - moved,
+                         &n) != 0) {
             st = status_of(sqlite3_errcode(q->db));
             goto done;
         }
@@ -2547,8 +2573,24 @@ fail:
     return -1;
 }
 
+/* Whether the queue has the table of moves (see moved): one that no service
+ * of this version has opened yet has not. */
+static int has_moved_table(sqlite3 *db)
+{
+    sqlite3_stmt *s;
+    if (sqlite3_prepare_v2(db,
+                           "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'moved'",
+                           -1, &s, NULL) != SQLITE_OK)
+        return 1; /* then the error is the caller's to report */
+    int found = sqlite3_step(s) == SQLITE_ROW;
+    sqlite3_finalize(s);
+    return found;
+}
+
 /* Reads where each feed's ring stands: the writer goes on filling the table
- * that holds the newest records, with ids above every id stored or settled.
+ * that holds the newest records, with ids above every id stored, settled or
+ * noted in a move (see moved: a move's row outlives records it names that
+ * expired or moved on only until its next update, and must not name new ones).
  * The rings change only when all of them were read: on an error they stay as
  * they were and -1 is returned. */
 static int load_rings(queue *q)
@@ -2579,6 +2621,19 @@ static int load_rings(queue *q)
             if (ring->rows[t] > 0 && ring->last[t] > ring->last[ring->filling])
                 ring->filling = t;
             newest = ring->last[t] > newest ? ring->last[t] : newest;
+        }
+        if (has_moved_table(q->db)) {
+            char sql[96];
+            sqlite3_stmt *s;
+            snprintf(sql, sizeof sql, "SELECT coalesce(max(hi), 0) FROM moved WHERE feed = %d", f);
+            if (sqlite3_prepare_v2(q->db, sql, -1, &s, NULL) != SQLITE_OK)
+                return -1;
+            int rc = sqlite3_step(s);
+            int64_t hi = rc == SQLITE_ROW ? sqlite3_column_int64(s, 0) : 0;
+            sqlite3_finalize(s);
+            if (rc != SQLITE_ROW)
+                return -1;
+            newest = hi > newest ? hi : newest;
         }
         ring->next_id = newest + 1;
         ring->dense_from = ring->next_id;
@@ -2777,11 +2832,17 @@ int queue_open(queue **out, const struct queue_options *o, char *err, size_t err
     if (!o->readonly && settle_delivered(q->db, err, errlen) != 0)
         goto fail;
     for (int i = 0; i < S_COUNT; i++) {
-        if (sqlite3_prepare_v3(q->db, STMTS[i], -1, SQLITE_PREPARE_PERSISTENT, &q->st[i], NULL) !=
-            SQLITE_OK) {
-            str_printf(err, errlen, "%s: %s", q->path, sqlite3_errmsg(q->db));
-            goto fail;
+        if (sqlite3_prepare_v3(q->db, STMTS[i], -1, SQLITE_PREPARE_PERSISTENT, &q->st[i], NULL) ==
+            SQLITE_OK)
+            continue;
+        /* a command reads a queue that no service of this version has opened
+         * yet: it has no moves (see moved) */
+        if (o->readonly && (i == S_MOVED_ADD || i == S_MOVED_OLDEST) && !has_moved_table(q->db)) {
+            q->st[i] = NULL;
+            continue;
         }
+        str_printf(err, errlen, "%s: %s", q->path, sqlite3_errmsg(q->db));
+        goto fail;
     }
     if (!o->readonly) {
         /* a WAL that grew past twice its limit (a long read held it) is cut

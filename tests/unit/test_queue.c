@@ -1140,6 +1140,119 @@ START_TEST(test_a_record_moved_with_its_old_time_expires_and_counts_in_the_oldes
 }
 END_TEST
 
+/* Moves the one record of feed from to feed to as "<prefix>-0", keeping the
+ * time it came (received_ms). */
+static enum queue_status move_one(queue *q, enum feed from, enum feed to, const char *prefix,
+                                  int64_t received_ms)
+{
+    struct queue_items it;
+    scan_all(q, from, &it);
+    ck_assert_uint_eq(it.n, 1);
+    int64_t id = it.items[0].id;
+    queue_items_free(&it);
+    struct mapping m;
+    mapping_init(&m);
+    add_records(&m, to, prefix, 1);
+    m.records[0].received_ms = received_ms;
+    enum queue_status st = queue_move(q, &m, from, &id, 1);
+    mapping_free(&m);
+    return st;
+}
+
+static int64_t oldest_in_stats(queue *q, enum feed f)
+{
+    queue_reader *r = reader(q);
+    struct queue_stats st;
+    ck_assert_int_eq(queue_stats(r, &st), 0);
+    queue_reader_free(r);
+    return st.oldest_ms[f];
+}
+
+/* A record moved in and then on to a third feed leaves nothing behind: the
+ * oldest age of the feed it left is its own records', and after a restart the
+ * feed's next move (whose ids may be those the record had) is stored. */
+START_TEST(test_a_record_moved_on_again_leaves_nothing_of_its_move_behind)
+{
+    const int64_t day = 86400000, now = clock_wall_ms(), old = now - 3 * day;
+    queue *q = open_queue(NO_LIMIT, 0);
+    commit_one_at(q, FEED_IOS, "held", old);
+    commit_one_at(q, FEED_WEB, "fresh", now);
+    ck_assert_int_eq(move_one(q, FEED_IOS, FEED_WEB, "moved", old), QUEUE_OK);
+    ck_assert_int_eq(oldest_in_stats(q, FEED_WEB), old);
+
+    /* web's records: fresh-0, then moved-0, which moves on to android */
+    struct queue_items it;
+    scan_all(q, FEED_WEB, &it);
+    ck_assert_uint_eq(it.n, 2);
+    int64_t id = it.items[1].id;
+    queue_items_free(&it);
+    struct mapping m;
+    mapping_init(&m);
+    add_records(&m, FEED_ANDROID, "again", 1);
+    m.records[0].received_ms = old;
+    ck_assert_int_eq(queue_move(q, &m, FEED_WEB, &id, 1), QUEUE_OK);
+    mapping_free(&m);
+    ck_assert_int_eq(count_in_file("SELECT count(*) FROM moved WHERE feed = 2"), 0);
+    ck_assert_int_eq(oldest_in_stats(q, FEED_WEB), now);
+    ck_assert_int_eq(oldest_in_stats(q, FEED_ANDROID), old);
+
+    queue_free(q);
+    q = open_queue(NO_LIMIT, 0);
+    commit_one_at(q, FEED_IOS, "held-2", old);
+    ck_assert_int_eq(move_one(q, FEED_IOS, FEED_WEB, "moved-2", old), QUEUE_OK);
+    ck_assert_int_eq(depth(q, FEED_WEB), 2);
+    ck_assert_int_eq(oldest_in_stats(q, FEED_WEB), old);
+    queue_free(q);
+}
+END_TEST
+
+/* A moved record in a batch waiting to be sent is still in the queue: it
+ * counts in the oldest age until it is delivered. */
+START_TEST(test_a_moved_record_claimed_counts_in_the_oldest_age_until_delivered)
+{
+    const int64_t day = 86400000, now = clock_wall_ms(), old = now - day;
+    queue *q = open_queue(NO_LIMIT, 0);
+    commit_one_at(q, FEED_IOS, "held", old);
+    commit_one_at(q, FEED_UNBOUND, "fresh", now);
+    ck_assert_int_eq(move_one(q, FEED_IOS, FEED_UNBOUND, "moved", old), QUEUE_OK);
+    struct queue_items it;
+    scan_all(q, FEED_UNBOUND, &it);
+    ck_assert_uint_eq(it.n, 2);
+    int64_t ids[2] = {it.items[0].id, it.items[1].id};
+    queue_items_free(&it);
+    struct queue_batch b = make_batch(FEED_UNBOUND, "src-both", ids, 2, old);
+    ck_assert_int_eq(queue_persist_batches(q, &b, 1), QUEUE_OK);
+    size_t moved[FEED_COUNT];
+    ck_assert_int_eq(queue_expire(q, now - 2 * day, moved), QUEUE_OK);
+    ck_assert_int_eq(oldest_in_stats(q, FEED_UNBOUND), old);
+
+    ck_assert_int_eq(queue_ack(q, &b.id, 1, FEED_UNBOUND, ids[1] + 1), QUEUE_OK);
+    ck_assert_int_eq(queue_expire(q, now - 2 * day, moved), QUEUE_OK);
+    ck_assert_int_eq(oldest_in_stats(q, FEED_UNBOUND), 0);
+    ck_assert_int_eq(count_in_file("SELECT count(*) FROM moved"), 0);
+    queue_free(q);
+}
+END_TEST
+
+/* `queue stats` and `dlq` read a queue file as a service of the version
+ * before wrote it, without the table of moves, until a service of this one
+ * opens it. */
+START_TEST(test_a_command_reads_a_queue_written_before_moves_were_noted)
+{
+    queue *q = open_queue(NO_LIMIT, 0);
+    commit_one_at(q, FEED_IOS, "evt", 1000);
+    queue_free(q);
+    exec_in_file("DROP TABLE moved");
+
+    struct queue_options o = {.dir = data_dir, .max_depth = NO_LIMIT, .readonly = 1};
+    char err[ERR_LEN] = "";
+    ck_assert_msg(queue_open(&q, &o, err, sizeof err) == 0, "%s", err);
+    ck_assert_int_eq(depth(q, FEED_IOS), 1);
+    ck_assert_int_eq(oldest_in_stats(q, FEED_IOS), 1000);
+    queue_free(q);
+}
+END_TEST
+
 START_TEST(test_a_claim_may_skip_records_moved_or_expired_but_not_leave_one_out)
 {
     queue *q = open_queue(NO_LIMIT, DEDUP_DAY);
@@ -2466,6 +2579,9 @@ static Suite *suite(void)
     tcase_add_test(tc, test_commit_up_to_max_depth_is_accepted_and_one_more_is_not);
     tcase_add_test(tc, test_move_replaces_unclaimed_records_and_refuses_claimed_ones);
     tcase_add_test(tc, test_a_record_moved_with_its_old_time_expires_and_counts_in_the_oldest_age);
+    tcase_add_test(tc, test_a_record_moved_on_again_leaves_nothing_of_its_move_behind);
+    tcase_add_test(tc, test_a_moved_record_claimed_counts_in_the_oldest_age_until_delivered);
+    tcase_add_test(tc, test_a_command_reads_a_queue_written_before_moves_were_noted);
     tcase_add_test(tc, test_commit_under_the_disk_reserve_is_refused_as_no_space);
     tcase_add_test(tc, test_concurrent_commits_are_all_stored_exactly_once);
     tcase_add_test(tc, test_persisted_batches_come_back_after_a_restart);
