@@ -126,7 +126,8 @@ static const char *const SCHEMA =
     /* Records that queue_move stored on a feed keep the time they first came,
      * so they are out of the time order of the feed's ids, which expiry and
      * the oldest-age gauge read: each move is a row here, its ids lo..hi of
-     * the feed and the oldest received_ms among those not claimed yet. */
+     * the feed and the oldest received_ms among those not claimed yet
+     * (MOVED_NONE: all are), until the feed's settled line passes hi. */
     "CREATE TABLE IF NOT EXISTS moved("
     "  feed INTEGER NOT NULL,"
     "  lo INTEGER NOT NULL,"
@@ -210,9 +211,13 @@ static int prepare_feed(sqlite3 *db, const char *tmpl, enum feed f, sqlite3_stmt
     return prepare_table(db, tmpl, f, (int)f, out);
 }
 
-/* ?1 feed, ?2 its settled line: the oldest moved record at or above it (see
- * moved). */
-#define MOVED_OLDEST_SQL "SELECT min(oldest_ms) FROM moved WHERE feed = ?1 AND hi >= ?2"
+/* A move's oldest_ms when all of its records are claimed (see moved). */
+#define MOVED_NONE INT64_MAX
+/* ?1 feed, ?2 its settled line, ?3 its claimed line: the oldest moved record
+ * not claimed yet (see moved), and whether some moved record above the
+ * settled line is claimed. */
+#define MOVED_OLDEST_SQL                                                                           \
+    "SELECT min(oldest_ms), coalesce(max(lo <= ?3), 0) FROM moved WHERE feed = ?1 AND hi >= ?2"
 
 enum stmt_id {
     S_SEEN,
@@ -1084,30 +1089,30 @@ static int record_to_dead(queue *q, struct op *op, int64_t id, int feed, int64_t
 }
 
 /* Brings feed f's moves (see moved) that meet the ids from..to up to date:
- * each one's oldest_ms becomes the oldest of its records still queued (at or
- * above the feed's settled line), and a move with none left goes. With ids,
- * only the moves that may hold records older than cutoff are read, and the
- * one the claimed line is in; their unclaimed records older than cutoff go
- * into ids (at most room, *n of them), for the caller to expire, and are left
- * out of oldest_ms. -1 on a storage error. */
+ * each one's oldest_ms becomes the oldest of its records not claimed yet, and
+ * a move with no record left at or above the settled line goes. With ids,
+ * only the moves that may hold records older than cutoff are read, and those
+ * whose records were claimed since; their unclaimed records older than cutoff
+ * go into ids (at most room, *n of them), for the caller to expire, and are
+ * left out of oldest_ms. -1 on a storage error. */
 static int moved_update(queue *q, int f, int64_t from, int64_t to, int64_t cutoff, int64_t *ids,
                         size_t room, size_t *n)
 {
     *n = 0;
     int64_t line = q->ring[f].line, claimed = q->ring[f].claimed;
     char sql[256];
-    /* the moves delivered whole are done with */
+    /* the moves settled whole are done with */
     snprintf(sql, sizeof sql, "DELETE FROM moved WHERE feed = %d AND hi < %lld", f,
              (long long)line);
     if (sqlite3_exec(q->db, sql, NULL, NULL, NULL) != SQLITE_OK)
         return -1;
-    char only[96] = "";
+    char only[128] = "";
     if (ids)
-        snprintf(only, sizeof only, " AND (oldest_ms < %lld OR lo <= %lld)", (long long)cutoff,
-                 (long long)claimed);
+        snprintf(only, sizeof only, " AND (oldest_ms < %lld OR (lo <= %lld AND oldest_ms < %lld))",
+                 (long long)cutoff, (long long)claimed, (long long)MOVED_NONE);
     sqlite3_stmt *rows = NULL, *s = NULL;
     snprintf(sql, sizeof sql,
-             "SELECT lo, hi FROM moved WHERE feed = %d AND hi >= ?1 AND lo <= %lld%s "
+             "SELECT lo, hi FROM moved WHERE feed = %d AND lo >= ?1 AND lo <= %lld%s "
              "ORDER BY lo LIMIT %d",
              f, (long long)to, only, MOVED_PAGE);
     int rc = sqlite3_prepare_v2(q->db, sql, -1, &rows, NULL);
@@ -1116,8 +1121,22 @@ static int moved_update(queue *q, int f, int64_t from, int64_t to, int64_t cutof
              FEED_NAMES[f]);
     if (rc != SQLITE_OK || sqlite3_prepare_v2(q->db, sql, -1, &s, NULL) != SQLITE_OK)
         goto fail;
-    /* a page of rows at a time, read before they change */
-    int64_t spans[MOVED_PAGE][2], next = from;
+    /* the move that holds from, if any, then the later ones, a page of rows
+     * at a time, read before they change (spans do not overlap) */
+    int64_t first = 0;
+    snprintf(sql, sizeof sql,
+             "SELECT coalesce(max(lo), 0) FROM moved WHERE feed = %d AND lo <= %lld", f,
+             (long long)from);
+    sqlite3_stmt *at = NULL;
+    if (sqlite3_prepare_v2(q->db, sql, -1, &at, NULL) != SQLITE_OK)
+        goto fail;
+    rc = sqlite3_step(at);
+    if (rc == SQLITE_ROW)
+        first = sqlite3_column_int64(at, 0);
+    sqlite3_finalize(at);
+    if (rc != SQLITE_ROW)
+        goto fail;
+    int64_t spans[MOVED_PAGE][2], next = first;
     size_t nspans;
     do {
         nspans = 0;
@@ -1130,25 +1149,31 @@ static int moved_update(queue *q, int f, int64_t from, int64_t to, int64_t cutof
         if (rc != SQLITE_DONE)
             goto fail;
         for (size_t k = 0; k < nspans; k++) {
+            next = spans[k][0] + 1;
+            if (spans[k][1] < from)
+                continue; /* the one before from, ending before it */
             sqlite3_bind_int64(s, 1, spans[k][0] > line ? spans[k][0] : line);
             sqlite3_bind_int64(s, 2, spans[k][1]);
-            int64_t oldest = INT64_MAX; /* of the records that stay */
+            int64_t oldest = MOVED_NONE; /* of the unclaimed records that stay */
+            int kept = 0;                /* records that stay, claimed or not */
             while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
-                int64_t id = sqlite3_column_int64(s, 0), at = sqlite3_column_int64(s, 1);
-                if (ids && id > claimed && at < cutoff) {
+                int64_t id = sqlite3_column_int64(s, 0), t = sqlite3_column_int64(s, 1);
+                if (ids && id > claimed && t < cutoff) {
                     if (*n == room)
                         break; /* the next sweep goes on */
                     ids[(*n)++] = id;
-                } else if (at < oldest) {
-                    oldest = at;
+                    continue;
                 }
+                kept = 1;
+                if (id > claimed && t < oldest)
+                    oldest = t;
             }
             sqlite3_reset(s);
             if (rc == SQLITE_ROW)
                 goto done;
             if (rc != SQLITE_DONE)
                 goto fail;
-            if (oldest == INT64_MAX)
+            if (!kept)
                 snprintf(sql, sizeof sql, "DELETE FROM moved WHERE feed = %d AND lo = %lld", f,
                          (long long)spans[k][0]);
             else
@@ -1157,7 +1182,6 @@ static int moved_update(queue *q, int f, int64_t from, int64_t to, int64_t cutof
                          (long long)oldest, f, (long long)spans[k][0]);
             if (sqlite3_exec(q->db, sql, NULL, NULL, NULL) != SQLITE_OK)
                 goto fail;
-            next = spans[k][1] + 1;
         }
     } while (nspans == MOVED_PAGE);
 done:
@@ -1539,34 +1563,74 @@ static int read_settled(sqlite3 *db, enum feed f, int64_t *below, int64_t *claim
     return 0;
 }
 
-/* When the oldest record of feed f above its settled line came: the first in
- * id order (first: F_OLDEST), or one moved in from another feed (moved:
- * MOVED_OLDEST_SQL; NULL for a queue opened read-only that has no such table
- * yet); 0 for none. */
-static int64_t oldest_of(sqlite3_stmt *first, sqlite3_stmt *moved, enum feed f, int64_t line)
+/* When the oldest record of feed f at or above its settled line came, but for
+ * moved records in batches: the first in id order (first: F_OLDEST), or one
+ * moved in from another feed and not claimed yet (moved: MOVED_OLDEST_SQL;
+ * NULL for a queue opened read-only that has no such table yet); 0 for none.
+ * *claimed_moved: whether moved records above the settled line are claimed,
+ * which the first in id order may not be the oldest of either (see
+ * batches_oldest). */
+static int64_t oldest_of(sqlite3_stmt *first, sqlite3_stmt *moved, enum feed f, int64_t line,
+                         int64_t claimed, int *claimed_moved)
 {
+    *claimed_moved = 0;
     sqlite3_bind_int64(first, 1, line);
     int64_t v = sqlite3_step(first) == SQLITE_ROW ? sqlite3_column_int64(first, 0) : 0;
     sqlite3_reset(first);
     if (moved) {
         sqlite3_bind_int(moved, 1, (int)f);
         sqlite3_bind_int64(moved, 2, line);
-        if (sqlite3_step(moved) == SQLITE_ROW && sqlite3_column_type(moved, 0) != SQLITE_NULL) {
-            int64_t m = sqlite3_column_int64(moved, 0);
-            if (!v || m < v)
+        sqlite3_bind_int64(moved, 3, claimed);
+        if (sqlite3_step(moved) == SQLITE_ROW) {
+            int64_t m = sqlite3_column_type(moved, 0) == SQLITE_NULL
+                            ? MOVED_NONE
+                            : sqlite3_column_int64(moved, 0);
+            if (m != MOVED_NONE && (!v || m < v))
                 v = m;
+            *claimed_moved = sqlite3_column_int(moved, 1);
         }
         sqlite3_reset(moved);
     }
     return v;
 }
 
+static int oldest_batch(void *ctx, int64_t id, int feed, const struct claim_batch *b)
+{
+    (void)id;
+    int64_t *oldest = ctx;
+    if (feed >= 0 && feed < FEED_COUNT && b->oldest_ms > 0 &&
+        (!oldest[feed] || b->oldest_ms < oldest[feed]))
+        oldest[feed] = b->oldest_ms;
+    return 0;
+}
+
+/* Lowers oldest[f] of each feed with claimed_moved[f] to the oldest record of
+ * the feed's batches waiting to be sent (their records are claimed: a moved
+ * one among them may be older than the feed's first record). The batches are
+ * read only then: while records that moved wait in batches. */
+static void batches_oldest(sqlite3 *db, int64_t oldest[FEED_COUNT],
+                           const int claimed_moved[FEED_COUNT])
+{
+    int any = 0;
+    for (int f = 0; f < FEED_COUNT; f++)
+        any |= claimed_moved[f];
+    int64_t in_batches[FEED_COUNT] = {0};
+    if (!any || each_live_batch(db, oldest_batch, in_batches) != 0)
+        return;
+    for (int f = 0; f < FEED_COUNT; f++) {
+        if (claimed_moved[f] && in_batches[f] && (!oldest[f] || in_batches[f] < oldest[f]))
+            oldest[f] = in_batches[f];
+    }
+}
+
 static void refresh_oldest(queue *q)
 {
     int64_t oldest[FEED_COUNT];
+    int claimed_moved[FEED_COUNT];
     for (int f = 0; f < FEED_COUNT; f++)
-        oldest[f] =
-            oldest_of(q->fst[f][F_OLDEST], q->st[S_MOVED_OLDEST], (enum feed)f, q->ring[f].line);
+        oldest[f] = oldest_of(q->fst[f][F_OLDEST], q->st[S_MOVED_OLDEST], (enum feed)f,
+                              q->ring[f].line, q->ring[f].claimed, &claimed_moved[f]);
+    batches_oldest(q->db, oldest, claimed_moved);
     pthread_mutex_lock(&q->mu);
     memcpy(q->gauges.oldest_ms, oldest, sizeof oldest);
     pthread_mutex_unlock(&q->mu);
@@ -3341,16 +3405,19 @@ int queue_load_batches(queue_reader *r, void (*fn)(void *ctx, struct queue_batch
 int64_t queue_oldest_ms(queue_reader *r, enum feed f)
 {
     sqlite3_stmt *s, *moved = NULL;
-    int64_t line;
-    if (read_settled(r->db, f, &line, NULL) != 0 ||
+    int64_t line, claimed;
+    if (read_settled(r->db, f, &line, &claimed) != 0 ||
         prepare_feed(r->db, FEED_STMTS[F_OLDEST], f, &s) != 0)
         return 0;
     if (sqlite3_prepare_v2(r->db, MOVED_OLDEST_SQL, -1, &moved, NULL) != SQLITE_OK)
         moved = NULL;
-    int64_t v = oldest_of(s, moved, f, line);
+    int64_t oldest[FEED_COUNT] = {0};
+    int claimed_moved[FEED_COUNT] = {0};
+    oldest[f] = oldest_of(s, moved, f, line, claimed, &claimed_moved[f]);
     sqlite3_finalize(moved);
     sqlite3_finalize(s);
-    return v;
+    batches_oldest(r->db, oldest, claimed_moved);
+    return oldest[f];
 }
 
 int queue_dead_each(queue_reader *r, const struct dead_filter *f,

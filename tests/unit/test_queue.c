@@ -1234,6 +1234,98 @@ START_TEST(test_a_moved_record_claimed_counts_in_the_oldest_age_until_delivered)
 }
 END_TEST
 
+/* A moved record delivered while an earlier batch still holds the settled
+ * line is no longer waiting: the oldest age is the waiting record's, in the
+ * service's gauges and in `queue stats`. */
+START_TEST(test_a_moved_record_delivered_out_of_order_leaves_the_oldest_age)
+{
+    const int64_t day = 86400000, now = clock_wall_ms(), old = now - 3 * day;
+    queue *q = open_queue(NO_LIMIT, 0);
+    commit_one_at(q, FEED_IOS, "held", old);
+    commit_one_at(q, FEED_WEB, "fresh", now);
+    ck_assert_int_eq(move_one(q, FEED_IOS, FEED_WEB, "moved", old), QUEUE_OK);
+    struct queue_items it;
+    scan_all(q, FEED_WEB, &it);
+    ck_assert_uint_eq(it.n, 2);
+    int64_t ids[2] = {it.items[0].id, it.items[1].id};
+    queue_items_free(&it);
+    struct queue_batch b[2] = {make_batch(FEED_WEB, "src-fresh", &ids[0], 1, now),
+                               make_batch(FEED_WEB, "src-moved", &ids[1], 1, old)};
+    ck_assert_int_eq(queue_persist_batches(q, b, 2), QUEUE_OK);
+    ck_assert_int_eq(oldest_in_stats(q, FEED_WEB), old);
+
+    ck_assert_int_eq(queue_ack(q, &b[1].id, 1, FEED_WEB, ids[0]), QUEUE_OK);
+    size_t moved[FEED_COUNT];
+    ck_assert_int_eq(queue_expire(q, now - 2 * day, moved), QUEUE_OK);
+    ck_assert_int_eq(oldest_in_stats(q, FEED_WEB), now);
+    queue_free(q);
+    q = open_queue(NO_LIMIT, 0);
+    struct queue_gauges g;
+    queue_gauges(q, &g);
+    ck_assert_int_eq(g.oldest_ms[FEED_WEB], now);
+    queue_free(q);
+}
+END_TEST
+
+/* More moves than are read at a time: expiry reads them all, and records
+ * moved on leave all of theirs. */
+START_TEST(test_many_moves_expire_and_move_on_whole)
+{
+    const int64_t day = 86400000, now = clock_wall_ms(), old = now - 3 * day;
+    queue *q = open_queue(NO_LIMIT, 0);
+    commit_one_at(q, FEED_WEB, "fresh", now);
+    for (int i = 0; i < 150; i++) {
+        char held[32], moved_as[32];
+        snprintf(held, sizeof held, "held-%d", i);
+        snprintf(moved_as, sizeof moved_as, "moved-%d", i);
+        commit_one_at(q, FEED_IOS, held, i % 2 ? old : now);
+        ck_assert_int_eq(move_one(q, FEED_IOS, FEED_WEB, moved_as, i % 2 ? old : now), QUEUE_OK);
+    }
+    ck_assert_int_eq(count_in_file("SELECT count(*) FROM moved WHERE feed = 2"), 150);
+    size_t moved[FEED_COUNT];
+    ck_assert_int_eq(queue_expire(q, now - 2 * day, moved), QUEUE_OK);
+    ck_assert_uint_eq(moved[FEED_WEB], 75);
+    ck_assert_int_eq(count_in_file("SELECT count(*) FROM moved WHERE feed = 2"), 75);
+    ck_assert_int_eq(oldest_in_stats(q, FEED_WEB), now);
+
+    struct queue_items it;
+    scan_all(q, FEED_WEB, &it);
+    ck_assert_uint_eq(it.n, 76);
+    int64_t ids[76];
+    struct mapping m;
+    mapping_init(&m);
+    add_records(&m, FEED_ANDROID, "again", it.n);
+    for (size_t i = 0; i < it.n; i++) {
+        ids[i] = it.items[i].id;
+        m.records[i].received_ms = now;
+    }
+    ck_assert_int_eq(queue_move(q, &m, FEED_WEB, ids, it.n), QUEUE_OK);
+    mapping_free(&m);
+    queue_items_free(&it);
+    ck_assert_int_eq(count_in_file("SELECT count(*) FROM moved WHERE feed = 2"), 0);
+    ck_assert_int_eq(depth(q, FEED_ANDROID), 76);
+    queue_free(q);
+}
+END_TEST
+
+/* New ids are above every move's: a move's row names no record stored after
+ * it (here one whose records are gone, as another program may leave it). */
+START_TEST(test_new_ids_are_above_every_move)
+{
+    queue *q = open_queue(NO_LIMIT, 0);
+    queue_free(q);
+    exec_in_file("INSERT INTO moved(feed, lo, hi, oldest_ms) VALUES(2, 100, 120, 5)");
+    q = open_queue(NO_LIMIT, 0);
+    commit_one_at(q, FEED_WEB, "evt", 1000);
+    struct queue_items it;
+    scan_all(q, FEED_WEB, &it);
+    ck_assert_uint_eq(it.n, 1);
+    ck_assert_int_gt(it.items[0].id, 120);
+    queue_items_free(&it);
+    queue_free(q);
+}
+END_TEST
+
 /* `queue stats` and `dlq` read a queue file as a service of the version
  * before wrote it, without the table of moves, until a service of this one
  * opens it. */
@@ -2581,6 +2673,9 @@ static Suite *suite(void)
     tcase_add_test(tc, test_a_record_moved_with_its_old_time_expires_and_counts_in_the_oldest_age);
     tcase_add_test(tc, test_a_record_moved_on_again_leaves_nothing_of_its_move_behind);
     tcase_add_test(tc, test_a_moved_record_claimed_counts_in_the_oldest_age_until_delivered);
+    tcase_add_test(tc, test_a_moved_record_delivered_out_of_order_leaves_the_oldest_age);
+    tcase_add_test(tc, test_many_moves_expire_and_move_on_whole);
+    tcase_add_test(tc, test_new_ids_are_above_every_move);
     tcase_add_test(tc, test_a_command_reads_a_queue_written_before_moves_were_noted);
     tcase_add_test(tc, test_commit_under_the_disk_reserve_is_refused_as_no_space);
     tcase_add_test(tc, test_concurrent_commits_are_all_stored_exactly_once);
