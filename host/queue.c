@@ -217,7 +217,8 @@ static int prepare_feed(sqlite3 *db, const char *tmpl, enum feed f, sqlite3_stmt
  * not claimed yet (see moved), and whether some moved record above the
  * settled line is claimed. */
 #define MOVED_OLDEST_SQL                                                                           \
-    "SELECT min(oldest_ms), coalesce(max(lo <= ?3), 0) FROM moved WHERE feed = ?1 AND hi >= ?2"
+    "SELECT min(oldest_ms), coalesce(max(lo <= ?3 AND ?2 <= ?3), 0) FROM moved "                   \
+    "WHERE feed = ?1 AND hi >= ?2"
 
 enum stmt_id {
     S_SEEN,
@@ -346,6 +347,7 @@ struct feed_ring {
     int64_t next_id;
     int64_t line;       /* settled line: every record below it is delivered or dead */
     int64_t claimed;    /* the largest id put in a batch */
+    int64_t moved_hi;   /* the largest id of a move (see moved), or less */
     int filling;        /* the table taking new records */
     int64_t rows[RING]; /* records stored in each table since it was emptied */
     int64_t last[RING]; /* the largest id each table has held */
@@ -675,6 +677,7 @@ static enum queue_status apply_commit(queue *q, struct op *op, int64_t now, int6
         int rc = step_done(s);
         if (rc != SQLITE_OK)
             return status_of(rc);
+        q->ring[f].moved_hi = span[f].hi;
     }
     /* Checked after dedup, so a retry of stored events is still acknowledged;
      * the savepoint of this operation is rolled back on a refusal. */
@@ -915,6 +918,9 @@ static int records_are(queue *q, enum feed f, int64_t after, int64_t upto, const
 
 /* Persists the batches of feed f among b[0..n) as one claim, and raises the
  * feed's claimed id once sure no record up to it is left out. */
+static int moved_update(queue *q, int f, int64_t from, int64_t to, int64_t cutoff, int64_t *ids,
+                        size_t room, size_t *n);
+
 static enum queue_status persist_feed(queue *q, enum feed f, struct queue_batch *b, size_t n,
                                       int64_t now)
 {
@@ -984,9 +990,14 @@ static enum queue_status persist_feed(queue *q, enum feed f, struct queue_batch 
     if (rc != SQLITE_OK)
         return status_of(rc);
     struct feed_ring *ring = &q->ring[f];
+    int64_t was = ring->claimed;
     ring->claimed = claimed;
     if (ring->deleted_hi <= claimed)
         ring->deleted_lo = ring->deleted_hi = 0;
+    /* moved records claimed now leave their moves' oldest times */
+    size_t none;
+    if (ring->moved_hi > was && moved_update(q, (int)f, was + 1, claimed, 0, NULL, 0, &none) != 0)
+        return status_of(sqlite3_errcode(q->db));
     return QUEUE_OK;
 }
 
@@ -1101,9 +1112,12 @@ static int moved_update(queue *q, int f, int64_t from, int64_t to, int64_t cutof
     *n = 0;
     int64_t line = q->ring[f].line, claimed = q->ring[f].claimed;
     char sql[256];
-    /* the moves settled whole are done with */
-    snprintf(sql, sizeof sql, "DELETE FROM moved WHERE feed = %d AND hi < %lld", f,
-             (long long)line);
+    /* the moves settled whole are done with, and those with no record left
+     * above the claimed line once it is settled */
+    snprintf(sql, sizeof sql,
+             "DELETE FROM moved WHERE feed = %d AND (hi < %lld OR (oldest_ms = %lld AND %lld < "
+             "%lld))",
+             f, (long long)line, (long long)MOVED_NONE, (long long)claimed, (long long)line);
     if (sqlite3_exec(q->db, sql, NULL, NULL, NULL) != SQLITE_OK)
         return -1;
     char only[128] = "";
@@ -2698,6 +2712,7 @@ static int load_rings(queue *q)
             if (rc != SQLITE_ROW)
                 return -1;
             newest = hi > newest ? hi : newest;
+            ring->moved_hi = hi;
         }
         ring->next_id = newest + 1;
         ring->dense_from = ring->next_id;

@@ -1255,6 +1255,7 @@ START_TEST(test_a_moved_record_delivered_out_of_order_leaves_the_oldest_age)
     ck_assert_int_eq(oldest_in_stats(q, FEED_WEB), old);
 
     ck_assert_int_eq(queue_ack(q, &b[1].id, 1, FEED_WEB, ids[0]), QUEUE_OK);
+    ck_assert_int_eq(oldest_in_stats(q, FEED_WEB), now);
     size_t moved[FEED_COUNT];
     ck_assert_int_eq(queue_expire(q, now - 2 * day, moved), QUEUE_OK);
     ck_assert_int_eq(oldest_in_stats(q, FEED_WEB), now);
@@ -1322,6 +1323,40 @@ START_TEST(test_new_ids_are_above_every_move)
     ck_assert_uint_eq(it.n, 1);
     ck_assert_int_gt(it.items[0].id, 120);
     queue_items_free(&it);
+    queue_free(q);
+}
+END_TEST
+
+/* A move whose claimed part is delivered and the rest expired is done with. */
+START_TEST(test_a_move_delivered_in_part_and_expired_in_part_is_done_with)
+{
+    const int64_t day = 86400000, now = clock_wall_ms(), old = now - 3 * day;
+    queue *q = open_queue(NO_LIMIT, 0);
+    commit_one_at(q, FEED_IOS, "held-0", old);
+    commit_one_at(q, FEED_IOS, "held-1", old);
+    struct queue_items it;
+    scan_all(q, FEED_IOS, &it);
+    int64_t held[2] = {it.items[0].id, it.items[1].id};
+    queue_items_free(&it);
+    struct mapping m;
+    mapping_init(&m);
+    add_records(&m, FEED_WEB, "moved", 2);
+    m.records[0].received_ms = m.records[1].received_ms = old;
+    ck_assert_int_eq(queue_move(q, &m, FEED_IOS, held, 2), QUEUE_OK);
+    mapping_free(&m);
+    scan_all(q, FEED_WEB, &it);
+    int64_t first = it.items[0].id;
+    queue_items_free(&it);
+
+    struct queue_batch b = make_batch(FEED_WEB, "src-first", &first, 1, old);
+    ck_assert_int_eq(queue_persist_batches(q, &b, 1), QUEUE_OK);
+    size_t moved[FEED_COUNT];
+    ck_assert_int_eq(queue_expire(q, now - 2 * day, moved), QUEUE_OK);
+    ck_assert_uint_eq(moved[FEED_WEB], 1);
+    ck_assert_int_eq(queue_ack(q, &b.id, 1, FEED_WEB, first + 1), QUEUE_OK);
+    ck_assert_int_eq(queue_expire(q, now - 2 * day, moved), QUEUE_OK);
+    ck_assert_int_eq(count_in_file("SELECT count(*) FROM moved"), 0);
+    ck_assert_int_eq(oldest_in_stats(q, FEED_WEB), 0);
     queue_free(q);
 }
 END_TEST
@@ -2676,6 +2711,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_a_moved_record_delivered_out_of_order_leaves_the_oldest_age);
     tcase_add_test(tc, test_many_moves_expire_and_move_on_whole);
     tcase_add_test(tc, test_new_ids_are_above_every_move);
+    tcase_add_test(tc, test_a_move_delivered_in_part_and_expired_in_part_is_done_with);
     tcase_add_test(tc, test_a_command_reads_a_queue_written_before_moves_were_noted);
     tcase_add_test(tc, test_commit_under_the_disk_reserve_is_refused_as_no_space);
     tcase_add_test(tc, test_concurrent_commits_are_all_stored_exactly_once);
