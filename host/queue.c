@@ -1262,6 +1262,17 @@ static void expired_detail(queue *q, int f, char *out, size_t size)
     sqlite3_reset(s);
 }
 
+static enum queue_status records_to_dead(queue *q, struct op *op, const int64_t *ids, size_t n,
+                                         int f, int64_t now)
+{
+    for (size_t i = 0; i < n; i++) {
+        int rc = record_to_dead(q, op, ids[i], f, now);
+        if (rc != SQLITE_OK)
+            return status_of(rc);
+    }
+    return QUEUE_OK;
+}
+
 static enum queue_status apply_expire(queue *q, struct op *op, int64_t now)
 {
     /* only unclaimed records: those in batches belong to the sender, and the
@@ -1293,12 +1304,10 @@ static enum queue_status apply_expire(queue *q, struct op *op, int64_t now)
             ids[n++] = sqlite3_column_int64(s, 0);
         sqlite3_finalize(s);
         s = NULL;
-        for (size_t i = 0; i < n; i++) {
-            int rc = record_to_dead(q, op, ids[i], f, now);
-            if (rc != SQLITE_OK) {
-                st = status_of(rc);
-                goto done;
-            }
+        enum queue_status dead = records_to_dead(q, op, ids, n, f, now);
+        if (dead != QUEUE_OK) {
+            st = dead;
+            goto done;
         }
         moved += n;
         by_feed[f] = n;
@@ -1309,12 +1318,10 @@ static enum queue_status apply_expire(queue *q, struct op *op, int64_t now)
             st = status_of(sqlite3_errcode(q->db));
             goto done;
         }
-        for (size_t i = 0; i < n; i++) {
-            int rc = record_to_dead(q, op, ids[i], f, now);
-            if (rc != SQLITE_OK) {
-                st = status_of(rc);
-                goto done;
-            }
+        dead = records_to_dead(q, op, ids, n, f, now);
+        if (dead != QUEUE_OK) {
+            st = dead;
+            goto done;
         }
         moved += n;
         by_feed[f] += n;

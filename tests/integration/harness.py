@@ -398,6 +398,13 @@ def event(event_type="users.messages.email.Open", user="customer-1", id=None, ti
     return e
 
 
+def busiest_second(sent):
+    """The most batches that arrived within one second: sent is a list of
+    (arrival time, batches), as mParticle counts them against its rate limit."""
+    return max((sum(n for t, n in sent if start <= t < start + 1.0) for start, _ in sent),
+               default=0)
+
+
 def load_event_map():
     """[(braze_type, mparticle_name, mparticle_event_type)] from tests/data/event-map.tsv."""
     rows = []

@@ -1159,6 +1159,21 @@ static enum queue_status move_one(queue *q, enum feed from, enum feed to, const 
     return st;
 }
 
+/* Feed f holds "fresh-0", which came at now, then "moved-0", moved in from ios
+ * where it came at old; ids receives their ids. */
+static void moved_behind_fresh(queue *q, enum feed f, int64_t old, int64_t now, int64_t ids[2])
+{
+    commit_one_at(q, FEED_IOS, "held", old);
+    commit_one_at(q, f, "fresh", now);
+    ck_assert_int_eq(move_one(q, FEED_IOS, f, "moved", old), QUEUE_OK);
+    struct queue_items it;
+    scan_all(q, f, &it);
+    ck_assert_uint_eq(it.n, 2);
+    ids[0] = it.items[0].id;
+    ids[1] = it.items[1].id;
+    queue_items_free(&it);
+}
+
 static int64_t oldest_in_stats(queue *q, enum feed f)
 {
     queue_reader *r = reader(q);
@@ -1175,17 +1190,12 @@ START_TEST(test_a_record_moved_on_again_leaves_nothing_of_its_move_behind)
 {
     const int64_t day = 86400000, now = clock_wall_ms(), old = now - 3 * day;
     queue *q = open_queue(NO_LIMIT, 0);
-    commit_one_at(q, FEED_IOS, "held", old);
-    commit_one_at(q, FEED_WEB, "fresh", now);
-    ck_assert_int_eq(move_one(q, FEED_IOS, FEED_WEB, "moved", old), QUEUE_OK);
+    int64_t ids[2];
+    moved_behind_fresh(q, FEED_WEB, old, now, ids);
     ck_assert_int_eq(oldest_in_stats(q, FEED_WEB), old);
 
-    /* web's records: fresh-0, then moved-0, which moves on to android */
-    struct queue_items it;
-    scan_all(q, FEED_WEB, &it);
-    ck_assert_uint_eq(it.n, 2);
-    int64_t id = it.items[1].id;
-    queue_items_free(&it);
+    /* moved-0 moves on to android */
+    int64_t id = ids[1];
     struct mapping m;
     mapping_init(&m);
     add_records(&m, FEED_ANDROID, "again", 1);
@@ -1212,14 +1222,8 @@ START_TEST(test_a_moved_record_claimed_counts_in_the_oldest_age_until_delivered)
 {
     const int64_t day = 86400000, now = clock_wall_ms(), old = now - day;
     queue *q = open_queue(NO_LIMIT, 0);
-    commit_one_at(q, FEED_IOS, "held", old);
-    commit_one_at(q, FEED_UNBOUND, "fresh", now);
-    ck_assert_int_eq(move_one(q, FEED_IOS, FEED_UNBOUND, "moved", old), QUEUE_OK);
-    struct queue_items it;
-    scan_all(q, FEED_UNBOUND, &it);
-    ck_assert_uint_eq(it.n, 2);
-    int64_t ids[2] = {it.items[0].id, it.items[1].id};
-    queue_items_free(&it);
+    int64_t ids[2];
+    moved_behind_fresh(q, FEED_UNBOUND, old, now, ids);
     struct queue_batch b = make_batch(FEED_UNBOUND, "src-both", ids, 2, old);
     ck_assert_int_eq(queue_persist_batches(q, &b, 1), QUEUE_OK);
     size_t moved[FEED_COUNT];
@@ -1241,14 +1245,8 @@ START_TEST(test_a_moved_record_delivered_out_of_order_leaves_the_oldest_age)
 {
     const int64_t day = 86400000, now = clock_wall_ms(), old = now - 3 * day;
     queue *q = open_queue(NO_LIMIT, 0);
-    commit_one_at(q, FEED_IOS, "held", old);
-    commit_one_at(q, FEED_WEB, "fresh", now);
-    ck_assert_int_eq(move_one(q, FEED_IOS, FEED_WEB, "moved", old), QUEUE_OK);
-    struct queue_items it;
-    scan_all(q, FEED_WEB, &it);
-    ck_assert_uint_eq(it.n, 2);
-    int64_t ids[2] = {it.items[0].id, it.items[1].id};
-    queue_items_free(&it);
+    int64_t ids[2];
+    moved_behind_fresh(q, FEED_WEB, old, now, ids);
     struct queue_batch b[2] = {make_batch(FEED_WEB, "src-fresh", &ids[0], 1, now),
                                make_batch(FEED_WEB, "src-moved", &ids[1], 1, old)};
     ck_assert_int_eq(queue_persist_batches(q, b, 2), QUEUE_OK);
