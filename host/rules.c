@@ -19,9 +19,6 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-/* A file's top level may set up tables, but a loop without end must fail fast. */
-#define RULES_LOAD_INSTRUCTIONS 20000000
-
 /* Batch keys the sender owns; rules cannot set them. */
 static const char *const HOST_BATCH_KEYS[] = {"events", "source_request_id", "schema_version",
                                               "batch_id"};

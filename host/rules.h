@@ -29,6 +29,9 @@
 
 #define RULES_MAX_FILES 256
 #define RULES_MAX_FILE_BYTES (1u << 20)
+/* The instruction budget of a file's top level: it may set up tables, but a
+ * loop without end must fail fast. */
+#define RULES_LOAD_INSTRUCTIONS 20000000
 /* The decoded events of one request may take this much of their Lua state,
  * at most, as judged from their JSON text before it is decoded (see
  * decoded_bound): a larger request is 413, which Braze answers by sending its
