@@ -74,6 +74,8 @@ static const char *const COUNTER_HELP[M_COUNTER_COUNT][3] = {
      "Worker Lua states rebuilt after a rule hit a limit or a state outgrew rules.memory_mb."},
     {"tributary_rule_engine_failures_total", "counter",
      "Engines for the rules in force that failed to build: the previous rules map meanwhile."},
+    {"tributary_rule_prints_dropped_total", "counter",
+     "Lines rules wrote with print() that were left out of the log: over 20 a second."},
     {"tributary_auth_failures_total", "counter", "Inbound requests refused for authentication."},
     {"tributary_auth_throttled_total", "counter",
      "Inbound requests refused (429) because their address failed authentication repeatedly."},

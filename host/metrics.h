@@ -23,6 +23,7 @@ enum counter {
     M_RULE_RELOAD_FAILURES,
     M_RULE_STATE_REBUILDS,
     M_RULE_ENGINE_FAILURES, /* an engine for the rules in force failed to build */
+    M_RULE_PRINTS_DROPPED,  /* print() lines of rules over the log's limit */
     M_AUTH_FAILURES,
     M_AUTH_THROTTLED,
     M_WORKSPACE_REFUSED,        /* a `?workspace=` not taken (see config_workspace_problem) */

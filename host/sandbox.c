@@ -1,6 +1,7 @@
 #include "sandbox.h"
 
 #include "log.h"
+#include "metrics.h"
 #include "pool.h"
 
 #include <ctype.h>
@@ -660,8 +661,15 @@ static int sb_print(lua_State *L)
     int64_t now = clock_mono_ms() / 1000;
     if (atomic_exchange(&window, now) != now)
         atomic_store(&lines, 0);
-    if (atomic_fetch_add(&lines, 1) >= PRINT_LINES_PER_SECOND)
+    int line = atomic_fetch_add(&lines, 1);
+    if (line >= PRINT_LINES_PER_SECOND) {
+        metrics_add(M_RULE_PRINTS_DROPPED, 1);
+        if (line == PRINT_LINES_PER_SECOND)
+            log_warn("script print: more lines this second than the log takes; the rest of "
+                     "them are left out (see tributary_rule_prints_dropped_total)",
+                     LOG_I("limit_per_second", PRINT_LINES_PER_SECOND));
         return 0;
+    }
     int n = lua_gettop(L); /* before luaL_buffinit, which pushes a placeholder */
     luaL_Buffer b;
     luaL_buffinit(L, &b);

@@ -198,6 +198,23 @@ class Ingest(ServiceTest):
         self.assertIn("text=a%s bytes=10001" % ("\u00e9" * 4095), line)
         self.assertIn("text=%s bytes=8193" % ("x" * 8192), s.logs())
 
+    def test_print_lines_over_the_limit_are_counted_and_said_once_a_second(self):
+        rules = self.rules_dir({"20-print.lua": (
+            "return function(event, out)\n"
+            "  for i = 1, 50 do print('line', i) end\n"
+            "end\n")})
+        s = self.service(rules_dir=rules)
+        self.assertEqual(s.post([event("users.messages.email.Open")]).status, 200)
+        logs = s.logs().splitlines()
+        printed = [l for l in logs if 'msg="script print"' in l]
+        dropped = s.metrics()["tributary_rule_prints_dropped_total"]
+        self.assertEqual(len(printed) + dropped, 50)
+        # 20 a second: the 50 lines span two seconds at most, even on a slow host
+        self.assertGreaterEqual(dropped, 10)
+        said = [l for l in logs if "script print: more lines this second" in l]
+        self.assertIn(len(said), (1, 2))
+        self.assertIn("limit_per_second=20", said[0])
+
     def test_concurrent_requests_are_all_committed(self):
         s = self.service()
         results, ids = [], []
