@@ -3470,9 +3470,8 @@ static int count_batch(void *ctx, int64_t id, int feed, const struct claim_batch
     return 0;
 }
 
-int queue_stats(queue_reader *r, struct queue_stats *st)
+static int stats_read(queue_reader *r, struct queue_stats *st)
 {
-    memset(st, 0, sizeof(*st));
     struct queue_gauges g;
     if (count_rows(r->db, &g) != 0)
         return -1;
@@ -3497,6 +3496,23 @@ int queue_stats(queue_reader *r, struct queue_stats *st)
     st->dedup_ids =
         scalar(r->db, "SELECT coalesce(sum(length(fingerprints)), 0) / 16 FROM dedup_log");
     _Static_assert(DEDUP_FP_BYTES == 16, "the query above divides by DEDUP_FP_BYTES");
+    return 0;
+}
+
+/* One read transaction for every figure, so that they all show the same
+ * moment: a commit between two of them would count its records in one and
+ * not the other. */
+int queue_stats(queue_reader *r, struct queue_stats *st)
+{
+    memset(st, 0, sizeof(*st));
+    int own = sqlite3_get_autocommit(r->db);
+    if (own && sqlite3_exec(r->db, "BEGIN", NULL, NULL, NULL) != SQLITE_OK)
+        return -1;
+    int rc = stats_read(r, st);
+    if (own)
+        sqlite3_exec(r->db, "COMMIT", NULL, NULL, NULL); /* a read: nothing to lose */
+    if (rc != 0)
+        return -1;
     const char *path = sqlite3_db_filename(r->db, "main");
     if (path) {
         char wal[4200];

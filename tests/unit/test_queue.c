@@ -2465,6 +2465,57 @@ START_TEST(test_stats_report_depth_oldest_and_in_flight_batches)
 }
 END_TEST
 
+struct steady_committer {
+    queue *q;
+    atomic_int stop;
+    atomic_int failures;
+    atomic_int commits;
+};
+
+/* Commits one record of ios at a time until told to stop. */
+static void *commit_until_stopped(void *arg)
+{
+    struct steady_committer *c = arg;
+    for (int i = 0; !atomic_load(&c->stop); i++) {
+        char prefix[32];
+        snprintf(prefix, sizeof prefix, "loop-%d", i);
+        struct mapping m;
+        mapping_init(&m);
+        add_records(&m, FEED_IOS, prefix, 1);
+        struct commit_result res;
+        if (queue_commit(c->q, &m, &res) != QUEUE_OK || res.queued != 1)
+            atomic_fetch_add(&c->failures, 1);
+        atomic_fetch_add(&c->commits, 1);
+        mapping_free(&m);
+    }
+    return NULL;
+}
+
+/* Every figure of the stats is of one moment: each record committed adds one
+ * to the depth and one to the ids the dedup log holds, in one transaction, and
+ * the stats read them in one too, whatever commits in between. */
+START_TEST(test_stats_are_one_snapshot_while_commits_go_on)
+{
+    struct steady_committer c = {.q = open_queue(NO_LIMIT, DEDUP_DAY)};
+    pthread_t t;
+    ck_assert_int_eq(pthread_create(&t, NULL, commit_until_stopped, &c), 0);
+    queue_reader *r = reader(c.q);
+    int mismatched = 0, reads = 0;
+    while (reads < 300 || atomic_load(&c.commits) < 50) {
+        struct queue_stats st;
+        ck_assert_int_eq(queue_stats(r, &st), 0);
+        mismatched += st.depth[FEED_IOS] != st.dedup_ids;
+        reads++;
+    }
+    atomic_store(&c.stop, 1);
+    pthread_join(t, NULL);
+    queue_reader_free(r);
+    ck_assert_int_eq(atomic_load(&c.failures), 0);
+    ck_assert_msg(mismatched == 0, "%d of %d reads mixed two moments", mismatched, reads);
+    queue_free(c.q);
+}
+END_TEST
+
 START_TEST(test_stats_report_a_paused_feed_until_it_resumes)
 {
     queue *q = open_queue(NO_LIMIT, DEDUP_DAY);
@@ -2755,6 +2806,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_dead_purge_commits_a_page_at_a_time);
     tcase_add_test(tc, test_stats_report_depth_oldest_and_in_flight_batches);
     tcase_add_test(tc, test_stats_report_a_paused_feed_until_it_resumes);
+    tcase_add_test(tc, test_stats_are_one_snapshot_while_commits_go_on);
     tcase_add_test(tc, test_readonly_open_of_a_missing_directory_fails_with_a_clear_message);
     tcase_add_test(tc, test_readonly_queue_answers_writes_with_closed);
     tcase_add_test(tc, test_the_wal_stays_bounded_under_commits_and_scans);
