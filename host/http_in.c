@@ -658,8 +658,11 @@ static enum MHD_Result note_framing(void *cls, enum MHD_ValueKind kind, const ch
     size_t n;
     const char *v = str_trim_blanks(value, &n);
     if (strcasecmp(key, MHD_HTTP_HEADER_TRANSFER_ENCODING) == 0) {
+        /* read as libmicrohttpd reads it, which skips the blanks before a
+         * value but not those after: "chunked " is not chunked to it, and it
+         * would read such a body to the end of the connection */
         f->te_lines++;
-        f->te_other |= !(n == 7 && strncasecmp(v, "chunked", 7) == 0);
+        f->te_other |= strcasecmp(value + strspn(value, " \t"), "chunked") != 0;
     } else if (strcasecmp(key, MHD_HTTP_HEADER_CONTENT_LENGTH) == 0) {
         if (f->cl_lines++ == 0) {
             f->cl = v;
