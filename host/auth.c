@@ -11,14 +11,18 @@
 
 /* ---- tokens ------------------------------------------------------------- */
 
+/* 1 when presented is one of accepted, 0 when not, -1 when the hash failed:
+ * then nothing is known of the token, and it must not count as wrong. */
 static int secret_matches(const struct string_list *accepted, const char *presented, size_t n)
 {
     unsigned char want[32], got[32];
-    digest_sha256(presented, n, got);
+    if (digest_sha256(presented, n, got) != 0)
+        return -1;
     int match = 0;
     /* Compare against every entry, so the time does not tell which one matched. */
     for (size_t i = 0; i < accepted->n; i++) {
-        digest_sha256(accepted->items[i], strlen(accepted->items[i]), want);
+        if (digest_sha256(accepted->items[i], strlen(accepted->items[i]), want) != 0)
+            return -1;
         match |= digest_equal(want, sizeof want, got, sizeof got);
     }
     return match;
@@ -52,7 +56,8 @@ static enum auth_result check_token(const struct string_list *accepted, const ch
         return AUTH_INVALID;
     if (n == 0)
         return AUTH_MISSING;
-    return secret_matches(accepted, token, n) ? AUTH_OK : AUTH_INVALID;
+    int match = secret_matches(accepted, token, n);
+    return match < 0 ? AUTH_ERROR : match ? AUTH_OK : AUTH_INVALID;
 }
 
 enum auth_result auth_check_admin(const struct config *c, const char *authorization)
@@ -183,7 +188,7 @@ enum auth_result auth_check(const struct config *c, const struct auth_request *r
     /* either */
     if (tok == AUTH_OK || sig == AUTH_OK)
         return AUTH_OK;
-    if (sig == AUTH_ERROR)
+    if (tok == AUTH_ERROR || sig == AUTH_ERROR)
         return AUTH_ERROR;
     if (sig == AUTH_PENDING)
         return AUTH_PENDING;

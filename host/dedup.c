@@ -59,12 +59,14 @@ void dedup_fp_decode(const unsigned char *in, struct dedup_fp *out)
     out->b = b;
 }
 
-void dedup_fingerprint(const char *id, size_t n, struct dedup_fp *out)
+int dedup_fingerprint(const char *id, size_t n, struct dedup_fp *out)
 {
     unsigned char md[32];
-    digest_sha256(id, n, md);
+    if (digest_sha256(id, n, md) != 0)
+        return -1;
     dedup_fp_decode(md, out);
     out->a |= 1; /* 0 marks free slots */
+    return 0;
 }
 
 /* Tables come straight from the kernel: zeroed lazily, page by page, and given

@@ -27,7 +27,8 @@ struct dedup_fp {
     uint64_t b;
 };
 
-void dedup_fingerprint(const char *id, size_t n, struct dedup_fp *out);
+/* -1 when the hash failed (see digest_sha256): out is then no fingerprint. */
+int dedup_fingerprint(const char *id, size_t n, struct dedup_fp *out) WUR;
 
 /* A fingerprint as the queue stores it: a, then b, each big-endian. */
 #define DEDUP_FP_BYTES 16

@@ -38,6 +38,7 @@ static const unsigned char NAMESPACE[16] = {0x6f, 0x2b, 0x1c, 0x5e, 0x3a, 0x47, 
 
 struct uuid5 {
     EVP_MD_CTX *ctx;
+    int failed;
 };
 
 uuid5 *uuid5_new(void)
@@ -46,27 +47,31 @@ uuid5 *uuid5_new(void)
     if (!u)
         return NULL;
     u->ctx = EVP_MD_CTX_new();
+    u->failed = 0;
     if (!u->ctx || EVP_DigestInit_ex(u->ctx, sha1(), NULL) != 1) {
         EVP_MD_CTX_free(u->ctx);
         free(u);
         return NULL;
     }
-    EVP_DigestUpdate(u->ctx, NAMESPACE, sizeof NAMESPACE);
+    uuid5_add(u, NAMESPACE, sizeof NAMESPACE);
     return u;
 }
 
 void uuid5_add(uuid5 *u, const void *p, size_t n)
 {
-    EVP_DigestUpdate(u->ctx, p, n);
+    u->failed |= EVP_DigestUpdate(u->ctx, p, n) != 1;
 }
 
-void uuid5_finish(uuid5 *u, char out[UUID_STR_LEN])
+int uuid5_finish(uuid5 *u, char out[UUID_STR_LEN])
 {
     unsigned char md[EVP_MAX_MD_SIZE];
     unsigned int mdlen = 0;
-    EVP_DigestFinal_ex(u->ctx, md, &mdlen);
+    int failed = u->failed || EVP_DigestFinal_ex(u->ctx, md, &mdlen) != 1 || mdlen < 16;
     EVP_MD_CTX_free(u->ctx);
     free(u);
+    out[0] = '\0';
+    if (failed)
+        return -1;
     md[6] = (unsigned char)((md[6] & 0x0f) | 0x50); /* version 5 */
     md[8] = (unsigned char)((md[8] & 0x3f) | 0x80); /* RFC 4122 variant */
     static const char hex[] = "0123456789abcdef";
@@ -78,12 +83,16 @@ void uuid5_finish(uuid5 *u, char out[UUID_STR_LEN])
         out[j++] = hex[md[i] & 15];
     }
     out[j] = '\0';
+    return 0;
 }
 
-void digest_sha256(const void *p, size_t n, unsigned char out[32])
+int digest_sha256(const void *p, size_t n, unsigned char out[32])
 {
     unsigned int len = 0;
-    EVP_Digest(p, n, out, &len, sha256(), NULL);
+    if (EVP_Digest(p, n, out, &len, sha256(), NULL) == 1 && len == 32)
+        return 0;
+    memset(out, 0, 32);
+    return -1;
 }
 
 int digest_hmac_sha256_2(const void *key, size_t keylen, const void *a, size_t alen, const void *b,

@@ -15,11 +15,13 @@
 typedef struct uuid5 uuid5;
 uuid5 *uuid5_new(void);
 void uuid5_add(uuid5 *u, const void *p, size_t n);
-/* Writes the UUID ("xxxxxxxx-xxxx-5xxx-yxxx-xxxxxxxxxxxx") and frees u. */
-void uuid5_finish(uuid5 *u, char out[UUID_STR_LEN]);
+/* Writes the UUID ("xxxxxxxx-xxxx-5xxx-yxxx-xxxxxxxxxxxx") and frees u; -1
+ * (out empty) when the library failed at any step since uuid5_new. */
+int uuid5_finish(uuid5 *u, char out[UUID_STR_LEN]) WUR;
 
-/* SHA-256 of the input; out receives 32 bytes. */
-void digest_sha256(const void *p, size_t n, unsigned char out[32]);
+/* SHA-256 of the input; out receives 32 bytes. -1 when the library failed
+ * (out zeroed; it cannot allocate, for one): never take out for a hash then. */
+int digest_sha256(const void *p, size_t n, unsigned char out[32]) WUR;
 
 /* HMAC-SHA256 of msg under key; out receives 32 bytes. */
 int digest_hmac_sha256(const void *key, size_t keylen, const void *msg, size_t msglen,

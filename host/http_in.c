@@ -588,6 +588,11 @@ static int refuse_admin(struct MHD_Connection *c, struct req *r, enum MHD_Result
                          (int)(wait_s > 0 ? wait_s : 1));
         return 1;
     }
+    if (a == AUTH_ERROR) {
+        log_error("cannot check a request's credentials: the cryptography library failed");
+        *rc = reply_json(c, r, 503, "{\"error\":\"temporarily unable to authenticate\"}", 1);
+        return 1;
+    }
     if (a != AUTH_OK) {
         metrics_add(M_AUTH_FAILURES, 1);
         log_warn("admin request refused",

@@ -298,7 +298,7 @@ static int admit(struct ingest *in, const struct config *cfg, const struct inges
     if (a == AUTH_PENDING && !have_body)
         return 2;
     if (a == AUTH_ERROR) {
-        log_error("cannot check a request's signature");
+        log_error("cannot check a request's credentials: the cryptography library failed");
         respond_error(resp, 503, RETRY_AFTER_ERROR, auth_result_text(a), -1, NULL);
         return 0;
     }

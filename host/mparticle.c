@@ -16,8 +16,7 @@ int mparticle_source_request_id(const struct batch_part *parts, size_t n, char o
         uuid5_add(u, parts[i].event_id.p, parts[i].event_id.n);
         uuid5_add(u, "\n", 1);
     }
-    uuid5_finish(u, out);
-    return 0;
+    return uuid5_finish(u, out);
 }
 
 /* One merged batch-level value. */

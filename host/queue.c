@@ -2402,7 +2402,10 @@ static int migrate_to_2(sqlite3 *db, char *err, size_t errlen)
     while ((step = sqlite3_step(s)) == SQLITE_ROW) {
         struct dedup_fp fp;
         const char *id = (const char *)sqlite3_column_text(s, 0);
-        dedup_fingerprint(id ? id : "", (size_t)sqlite3_column_bytes(s, 0), &fp);
+        if (dedup_fingerprint(id ? id : "", (size_t)sqlite3_column_bytes(s, 0), &fp) != 0) {
+            str_printf(err, errlen, "migrating the queue: cannot hash an event id");
+            goto done;
+        }
         sqlite3_bind_int64(ins, 1, (sqlite3_int64)fp.a);
         sqlite3_bind_int64(ins, 2, (sqlite3_int64)fp.b);
         sqlite3_bind_int64(ins, 3, sqlite3_column_int64(s, 1));
@@ -3098,7 +3101,14 @@ enum queue_status queue_commit(queue *q, struct mapping *m, struct commit_result
         }
         for (size_t i = 0; i < n; i++) {
             str id = i < m->nrecords ? m->records[i].event_id : m->dead[i - m->nrecords].event_id;
-            dedup_fingerprint(id.p ? id.p : "", id.n, &fps[i]);
+            if (dedup_fingerprint(id.p ? id.p : "", id.n, &fps[i]) != 0) {
+                /* a fingerprint left as it was would match another id */
+                log_error("cannot fingerprint event ids for deduplication: the cryptography "
+                          "library failed; the request is not stored");
+                free(fps);
+                reset_commit(&op);
+                return QUEUE_ERROR;
+            }
         }
     }
     op.u.commit.fps = fps;

@@ -320,17 +320,19 @@ static void publish_pause(struct sender *s, struct feed_state *f)
     pthread_mutex_unlock(&s->mu);
 }
 
-static void credential_fingerprint(const struct config *c, enum feed f, unsigned char out[32])
+/* -1 when the hash failed: the credentials are then taken for changed. */
+static int credential_fingerprint(const struct config *c, enum feed f, unsigned char out[32])
 {
     buf b;
     buf_init(&b, 64 * 1024);
     const struct feed_config *fc = &c->feeds[f];
     (void)!buf_printf(&b, "%s\n%s\n%s", fc->key ? fc->key : "", fc->secret ? fc->secret : "",
                       config_feed_url(c, f));
-    digest_sha256(b.data ? b.data : "", b.len, out);
+    int rc = digest_sha256(b.data ? b.data : "", b.len, out);
     if (b.data)
         explicit_bzero(b.data, b.len);
     buf_free(&b);
+    return rc;
 }
 
 /* ---- building batches --------------------------------------------------- */
@@ -666,10 +668,10 @@ static void update_credentials(struct sender *s, struct feed_state *f)
 {
     int ready = config_feed_ready(s->cfg, f->feed);
     unsigned char fp[32];
-    credential_fingerprint(s->cfg, f->feed, fp);
-    int changed = !f->has_fp || memcmp(fp, f->cred_fp, sizeof fp) != 0;
+    int known = credential_fingerprint(s->cfg, f->feed, fp) == 0;
+    int changed = !known || !f->has_fp || memcmp(fp, f->cred_fp, sizeof fp) != 0;
     memcpy(f->cred_fp, fp, sizeof fp);
-    f->has_fp = 1;
+    f->has_fp = known;
     double limit = (double)s->cfg->feeds[f->feed].rate_limit;
     if (f->rate.rate <= 0 || f->rate.rate > limit)
         f->rate.rate = limit;

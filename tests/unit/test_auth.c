@@ -1,7 +1,9 @@
 /* auth: the throttle of authentication failures, on a clock the tests give. */
+#define UNIT_DIGEST_FAULTS
 #include "unit.h"
 
 #include "auth.h"
+#include "config.h"
 
 /* Fails client n times at now_s; how many of the failures started a refusal. */
 static int fail_times(const char *client, int n, int64_t now_s)
@@ -81,6 +83,58 @@ START_TEST(test_failures_from_many_addresses_do_not_evict_a_trusted_one)
 }
 END_TEST
 
+static struct config *config_of(const char *src)
+{
+    struct config *c = NULL;
+    char err[ERR_LEN] = "";
+    int rc = config_load_source(&c, "auth.lua", src, strlen(src), err, sizeof err);
+    ck_assert_msg(rc == 0, "config: %s", err);
+    return c;
+}
+
+#define TOKEN "tok-0123456789abcdef0123"
+
+/* A token that cannot be checked is neither right nor wrong: the request gets
+ * 503 (Braze retries) instead of 401 (Braze stops the connector), and the
+ * client's address collects no failure. */
+START_TEST(test_a_failing_hash_makes_credentials_unknown_not_wrong)
+{
+    struct config *c =
+        config_of("return { inbound = { tokens = { \"" TOKEN "\" }, require = \"token\" },\n"
+                  "  admin = { token = \"" TOKEN "\" } }\n");
+    struct auth_request r = {.authorization = "Bearer " TOKEN, .have_body = 1, .now_s = T0};
+    ck_assert_int_eq(auth_check(c, &r), AUTH_OK);
+    ck_assert_int_eq(auth_check_admin(c, "Bearer " TOKEN), AUTH_OK);
+    atomic_store(&unit_digest_fails, 1);
+    ck_assert_int_eq(auth_check(c, &r), AUTH_ERROR);
+    r.authorization = "Bearer wrong-token";
+    ck_assert_int_eq(auth_check(c, &r), AUTH_ERROR);
+    ck_assert_int_eq(auth_check_admin(c, "Bearer " TOKEN), AUTH_ERROR);
+    atomic_store(&unit_digest_fails, 0);
+    ck_assert_int_eq(auth_check(c, &r), AUTH_INVALID);
+    config_unref(c);
+
+    /* either credential: a wrong signature does not decide while the token is
+     * unknown */
+    c = config_of(
+        "return { inbound = { tokens = { \"" TOKEN "\" },\n"
+        "  hmac_secrets = { \"secret-0123456789abcdef0123\" }, require = \"either\" } }\n");
+    char sig[128];
+    snprintf(sig, sizeof sig, "t=%d,v1=%064d", T0, 0);
+    struct auth_request e = {.authorization = "Bearer " TOKEN,
+                             .signature = sig,
+                             .body = "{}",
+                             .len = 2,
+                             .have_body = 1,
+                             .now_s = T0};
+    atomic_store(&unit_digest_fails, 1);
+    ck_assert_int_eq(auth_check(c, &e), AUTH_ERROR);
+    atomic_store(&unit_digest_fails, 0);
+    ck_assert_int_eq(auth_check(c, &e), AUTH_OK);
+    config_unref(c);
+}
+END_TEST
+
 static Suite *suite(void)
 {
     Suite *s = suite_create("auth");
@@ -89,6 +143,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_an_address_that_authenticated_within_a_day_is_not_refused);
     tcase_add_test(tc, test_the_addresses_of_one_ipv6_64_count_together);
     tcase_add_test(tc, test_failures_from_many_addresses_do_not_evict_a_trusted_one);
+    tcase_add_test(tc, test_a_failing_hash_makes_credentials_unknown_not_wrong);
     suite_add_tcase(s, tc);
     return s;
 }

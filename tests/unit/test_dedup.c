@@ -10,7 +10,7 @@
 static struct dedup_fp fp_of(const char *id)
 {
     struct dedup_fp fp;
-    dedup_fingerprint(id, strlen(id), &fp);
+    ck_assert_int_eq(dedup_fingerprint(id, strlen(id), &fp), 0);
     return fp;
 }
 

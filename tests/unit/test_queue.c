@@ -1,4 +1,5 @@
 /* queue: durable records, dedup, dead letters, batches in flight, group commit. */
+#define UNIT_DIGEST_FAULTS
 #include "unit.h"
 
 #include "claim.h"
@@ -1725,7 +1726,7 @@ START_TEST(test_a_schema_4_queue_keeps_its_dedup_ids)
     const char *ids[4] = {"old-0", "evt-0", "evt-1", "evt-2"};
     for (int i = 0; i < 4; i++) {
         struct dedup_fp fp;
-        dedup_fingerprint(ids[i], strlen(ids[i]), &fp);
+        ck_assert_int_eq(dedup_fingerprint(ids[i], strlen(ids[i]), &fp), 0);
         char row[200];
         snprintf(row, sizeof row, "INSERT INTO dedup(a, b, at_ms) VALUES(%lld, %lld, %lld);",
                  (long long)fp.a, (long long)fp.b,
@@ -2465,6 +2466,31 @@ START_TEST(test_stats_report_depth_oldest_and_in_flight_batches)
 }
 END_TEST
 
+/* Event ids that cannot be fingerprinted (the hash failed) leave the request
+ * unstored: a fingerprint made of whatever the buffer held would match
+ * another id, and the event would be acknowledged as a duplicate and lost. */
+START_TEST(test_ids_that_cannot_be_fingerprinted_leave_the_request_unstored)
+{
+    queue *q = open_queue(NO_LIMIT, DEDUP_DAY);
+    struct mapping m;
+    mapping_init(&m);
+    add_records(&m, FEED_IOS, "evt", 3);
+    struct commit_result res = {0};
+    atomic_store(&unit_digest_fails, 1);
+    ck_assert_int_eq(queue_commit(q, &m, &res), QUEUE_ERROR);
+    atomic_store(&unit_digest_fails, 0);
+    ck_assert_int_eq(depth(q, FEED_IOS), 0);
+    /* the request again (Braze retries the 503): every event is stored */
+    memset(&res, 0, sizeof res);
+    ck_assert_int_eq(queue_commit(q, &m, &res), QUEUE_OK);
+    ck_assert_uint_eq(res.queued, 3);
+    ck_assert_uint_eq(res.duplicates, 0);
+    mapping_free(&m);
+    ck_assert_int_eq(depth(q, FEED_IOS), 3);
+    queue_free(q);
+}
+END_TEST
+
 struct steady_committer {
     queue *q;
     atomic_int stop;
@@ -2807,6 +2833,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_stats_report_depth_oldest_and_in_flight_batches);
     tcase_add_test(tc, test_stats_report_a_paused_feed_until_it_resumes);
     tcase_add_test(tc, test_stats_are_one_snapshot_while_commits_go_on);
+    tcase_add_test(tc, test_ids_that_cannot_be_fingerprinted_leave_the_request_unstored);
     tcase_add_test(tc, test_readonly_open_of_a_missing_directory_fails_with_a_clear_message);
     tcase_add_test(tc, test_readonly_queue_answers_writes_with_closed);
     tcase_add_test(tc, test_the_wal_stays_bounded_under_commits_and_scans);
