@@ -27,6 +27,10 @@
 
 /* Headers and the read buffer of one connection: larger headers get 431. */
 #define CONNECTION_MEMORY (64 * 1024)
+/* The answer's headers are made in the same memory: a request whose own take
+ * more than this gets 431 from tributary, while there is room to say so
+ * (libmicrohttpd would close the connection without an answer). */
+#define HEADERS_MAX (CONNECTION_MEMORY - 4 * 1024)
 /* TLS 1.2 and 1.3 with forward-secret AEAD ciphers only (GnuTLS priorities),
  * and elliptic-curve key exchange only: TLS 1.3 took SECURE128's finite-field
  * groups too, and a client that offers only ffdhe8192 costs the server about
@@ -632,8 +636,9 @@ static enum MHD_Result answer_admin_reload(struct MHD_Connection *c, struct req 
     return rc;
 }
 
-/* What the headers say of the body's length (see framing_problem). */
+/* What the headers say of the body's length (see head_problem). */
 struct framing {
+    size_t bytes;   /* the header lines' length, about */
     int te_lines;   /* Transfer-Encoding header lines */
     int te_other;   /* one of them is not exactly "chunked" */
     int cl_lines;   /* Content-Length header lines */
@@ -651,6 +656,7 @@ static enum MHD_Result note_framing(void *cls, enum MHD_ValueKind kind, const ch
     struct framing *f = cls;
     if (!key || !value)
         return MHD_YES;
+    f->bytes += strlen(key) + strlen(value) + 4; /* ": " and CRLF */
     /* libmicrohttpd joins a line folded under a header to the header's name:
      * "Content-Length: 100" then " Content-Length: 100" is a header named
      * "Content-LengthContent-Length: 100", and the request one without a body */
@@ -678,10 +684,12 @@ static enum MHD_Result note_framing(void *cls, enum MHD_ValueKind kind, const ch
     return MHD_YES;
 }
 
-/* A body's length must be plain to see: where a proxy in front frames it by
- * one header and this server by another, the two see different requests on
- * the connection (request smuggling). So, as RFC 9112 lets a server do (6.1,
- * 6.3), a request is refused, and its connection closed, when it has both
+/* What is wrong with a request's head, if anything: headers over HEADERS_MAX
+ * (431), or a body whose length is not plain to see. Where a proxy in front
+ * frames a body by one header and this server by another, the two see
+ * different requests on the connection (request smuggling). So, as RFC 9112
+ * lets a server do (6.1, 6.3), a request is refused, and its connection
+ * closed, when it has both
  * Content-Length and Transfer-Encoding (400), Content-Length values that differ
  * (400; libmicrohttpd refuses one that is not a number), a header line folded
  * onto the next (obs-fold, 400, RFC 9112 5.2), blanks before a header's colon
@@ -691,10 +699,15 @@ static enum MHD_Result note_framing(void *cls, enum MHD_ValueKind kind, const ch
  * of the connection). A request that should bring a body (body_expected) and
  * says nothing of its length gets 411. Returns the reason and sets *status,
  * or NULL. */
-static const char *framing_problem(struct MHD_Connection *c, int body_expected, int *status)
+static const char *head_problem(struct MHD_Connection *c, const char *url, int body_expected,
+                                int *status)
 {
     struct framing f = {0};
     MHD_get_connection_values(c, MHD_HEADER_KIND, note_framing, &f);
+    *status = 431;
+    if (f.bytes + strlen(url) > HEADERS_MAX)
+        return "request headers over 60 KiB";
+    _Static_assert(HEADERS_MAX == 60 * 1024, "the message above says 60 KiB");
     *status = 400;
     if (f.folded)
         return "a header line folded onto the next (obs-fold): the body's length is ambiguous";
@@ -962,8 +975,8 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         client_address(c, r->client, sizeof r->client);
         watch_request(h, c, r);
         int status;
-        const char *why = framing_problem(
-            c, r->route == R_CURRENTS && strcmp(method, MHD_HTTP_METHOD_POST) == 0, &status);
+        const char *why = head_problem(
+            c, url, r->route == R_CURRENTS && strcmp(method, MHD_HTTP_METHOD_POST) == 0, &status);
         if (why) {
             static _Atomic int64_t logged_ms;
             log_set_request(r->id);

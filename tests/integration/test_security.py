@@ -1474,6 +1474,31 @@ class HeaderBounds(ServiceTest):
         self.assertRegex(s.logs(), r"level=warn msg=\"the HTTP server refused a request before "
                                    r"reading it.*HTTP response code is 431")
 
+    def test_headers_over_60_kb_are_refused_before_anything_is_stored(self):
+        # the answer's headers take room in the connection's 64 KiB too: a
+        # request must be refused while there is room to say so, and one too
+        # close to the limit for any answer must not be stored unanswered
+        s = self.service()
+        answers = {}
+        for size in [59 * 1024, 62 * 1024] + list(range(64600, 65300, 25)):
+            body = envelope(event())
+            head = ("POST /currents HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+                    "Content-Type: application/json\r\nX-Padding: %s\r\n"
+                    "Content-Length: %d\r\n\r\n" % (TOKEN, "p" * size, len(body))).encode()
+            sock = socket.create_connection(("127.0.0.1", s.port), timeout=10 * SLOW)
+            try:
+                answers[size] = probe(sock, head + body, timeout=10) or b""
+            finally:
+                sock.close()
+        self.assertTrue(answers[59 * 1024].startswith(b"HTTP/1.1 200 "), answers[59 * 1024][:200])
+        self.assertTrue(answers[62 * 1024].startswith(b"HTTP/1.1 431 "), answers[62 * 1024][:200])
+        self.assertIn(b"request headers over 60 KiB", answers[62 * 1024])
+        for size, answer in answers.items():
+            if size > 59 * 1024:
+                self.assertTrue(answer == b"" or answer.startswith(b"HTTP/1.1 431 "),
+                                (size, answer[:200]))
+        self.assertEqual(len(s.queued_ids()), 1)
+
     def test_a_request_line_too_long_is_refused_counted_and_logged(self):
         s = self.service()
         sock = socket.create_connection(("127.0.0.1", s.port))
