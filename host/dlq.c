@@ -66,16 +66,54 @@ static void print_json_str(const char *s)
     buf_free(&b);
 }
 
+/* Appends the JSON text s[0..n) with a 0 added beside each decimal point
+ * outside strings that has no digit on one side: lua-cjson reads numbers with
+ * strtod, which takes "1.", "1.e3" and "-.5", where RFC 8259 wants a digit on
+ * both sides ("1.0", "1.0e3", "-0.5": the same values). Every other byte is
+ * appended as it is. */
+static int json_numbers_strict(buf *b, const char *s, size_t n)
+{
+    int in_string = 0;
+    size_t run = 0; /* start of the bytes that pass as they are */
+    for (size_t i = 0; i < n; i++) {
+        char c = s[i];
+        if (in_string) {
+            if (c == '\\')
+                i++; /* an escape: its byte is not the string's end */
+            else if (c == '"')
+                in_string = 0;
+            continue;
+        }
+        if (c == '"')
+            in_string = 1;
+        if (c != '.')
+            continue;
+        int before = i > 0 && s[i - 1] >= '0' && s[i - 1] <= '9';
+        int after = i + 1 < n && s[i + 1] >= '0' && s[i + 1] <= '9';
+        if (before == after)
+            continue; /* "1.5", or no number at all */
+        size_t at = before ? i + 1 : i;
+        if (buf_add(b, s + run, at - run) != 0 || buf_addc(b, '0') != 0)
+            return -1;
+        run = at;
+    }
+    return buf_add(b, s + run, n - run);
+}
+
 /* A stored JSON text (a Braze event as received, a mapped event) as JSON any
- * reader takes, or null; not a terminal's control sequence either. */
+ * reader takes, or null; not a terminal's control sequence either. What is
+ * stored stays as it was (requeue reads it again). */
 static void print_json_text(const char *s)
 {
-    buf b;
+    buf numbers, b;
+    buf_init(&numbers, 64u << 20);
     buf_init(&b, 64u << 20);
-    if (s && *s && buf_json_strict(&b, s, strlen(s)) == 0)
+    if (s && *s && json_numbers_strict(&numbers, s, strlen(s)) == 0 &&
+        buf_json_strict(&b, numbers.data, numbers.len) == 0)
         fwrite(b.data, 1, b.len, stdout);
     else
         fputs("null", stdout);
+    buf_free(&numbers);
     buf_free(&b);
 }
 

@@ -450,6 +450,37 @@ class DeadLetterCommands(ServiceTest):
         self.assertNotIn("\x1b", text)
         self.assertIn("\\u001b[2J", text)
 
+    def test_show_writes_numbers_only_a_lenient_reader_takes_as_json_any_reader_takes(self):
+        # lua-cjson reads numbers with strtod, which takes a decimal point with
+        # no digit on one side; the event is kept as received, and shown as
+        # valid JSON with the same values
+        s = self.service(rules_dir=self.rules_dir(self.FAILING_RULE))
+        lenient = {"a": "1.", "b": "-.5", "c": "1.e3", "d": "-2.E-1", "e": "0.e0", "f": "-.0"}
+        e = event("users.messages.email.Send", user="numbers", note='a "1." and -.5 in a string',
+                  valid=[1.5, -0.25, 7, 1e3], **{k: "N-" + k for k in lenient})
+        body = json.dumps({"events": [e]})
+        for k, number in lenient.items():
+            body = body.replace('"N-%s"' % k, number)
+        self.assertEqual(s.post(body=body.encode()).status, 200)
+        [row] = json.loads(s.cli(["dlq", "list", "--json"]).stdout)
+        p = s.cli(["dlq", "show", str(row["id"]), "--json"])
+        self.assertEqual(p.returncode, 0, p.stderr)
+        properties = json.loads(p.stdout)["raw"]["properties"]
+        for k, number in lenient.items():
+            self.assertEqual(properties[k], float(number), k)
+        self.assertEqual(properties["note"], 'a "1." and -.5 in a string')
+        # valid numbers are written as they came
+        self.assertIn('"valid": [1.5, -0.25, 7, 1000.0]', p.stdout)
+        text = s.cli(["dlq", "show", str(row["id"])]).stdout
+        [shown] = [line for line in text.splitlines() if line.startswith("braze event:")]
+        self.assertEqual(json.loads(shown[len("braze event:"):])["properties"], properties)
+        self.assertIn('"a": 1.0, "b": -0.5, "c": 1.0e3, "d": -2.0E-1, "e": 0.0e0, "f": -0.0',
+                      text)
+        # the store keeps the event as received, for requeue to read again
+        with s.db() as db:
+            [raw] = db.execute("SELECT raw FROM dead").fetchone()
+        self.assertIn('"a": 1., "b": -.5, "c": 1.e3', raw)
+
     def test_list_and_show_write_no_control_sequence_from_stored_text_to_a_terminal(self):
         # whoever can post an event (or answer for mParticle) chooses these bytes
         rule = {"20-fail.lua": "return function(e) error(e.properties.note, 0) end\n"}
