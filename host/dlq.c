@@ -40,6 +40,16 @@ static queue *open_queue(const struct config *c, enum queue_use use)
     return q;
 }
 
+/* Says that what (the queue, the dead-letter store) cannot be read, with the
+ * cause when one was given: a reader that could not open says why in err. */
+static void say_unreadable(const char *what, const char *cause)
+{
+    if (cause && *cause)
+        fprintf(stderr, "tributary: cannot read %s: %s\n", what, cause);
+    else
+        fprintf(stderr, "tributary: cannot read %s\n", what);
+}
+
 static void age_text(int64_t ms, char *out, size_t len)
 {
     int64_t s = ms / 1000;
@@ -248,7 +258,7 @@ static int cmd_list(const struct cli_options *o, const struct config *c)
     queue *q = open_queue(c, USE_READ);
     if (!q)
         return 1;
-    char err[ERR_LEN];
+    char err[ERR_LEN] = "";
     queue_reader *r = queue_reader_new(q, err, sizeof err);
     int rc = 1;
     struct list_ctx l = {o->json, 0, clock_wall_ms()};
@@ -259,7 +269,7 @@ static int cmd_list(const struct cli_options *o, const struct config *c)
         else if (l.count == 0)
             printf("the dead-letter store is empty%s\n", o->reason ? " for this reason" : "");
     } else {
-        fprintf(stderr, "tributary: cannot read the dead-letter store\n");
+        say_unreadable("the dead-letter store", err);
     }
     queue_reader_free(r);
     queue_free(q);
@@ -330,12 +340,12 @@ static int cmd_show(const struct cli_options *o, const struct config *c)
     queue *q = open_queue(c, USE_READ);
     if (!q)
         return 1;
-    char err[ERR_LEN];
+    char err[ERR_LEN] = "";
     queue_reader *r = queue_reader_new(q, err, sizeof err);
     struct show_ctx sc = {o->json, 0};
     int rc = 1;
     if (!r || queue_dead_each(r, &f, show_row, &sc) != 0)
-        fprintf(stderr, "tributary: cannot read the dead-letter store\n");
+        say_unreadable("the dead-letter store", err);
     else if (!sc.found)
         fprintf(stderr, "tributary: no dead letter %lld\n", (long long)f.id);
     else
@@ -560,9 +570,10 @@ static int cmd_requeue(const struct cli_options *o, struct config *c)
     q = open_queue(c, USE_REQUEUE);
     if (!q)
         goto done;
+    err[0] = '\0';
     reader = queue_reader_new(q, err, sizeof err);
     if (!reader || queue_dead_last_id(reader, &through) != 0) {
-        fprintf(stderr, "tributary: cannot read the dead-letter store\n");
+        say_unreadable("the dead-letter store", err);
         goto done;
     }
     if (!o->force && same_feeds_as_service(c, reader) != 0)
@@ -573,7 +584,7 @@ static int cmd_requeue(const struct cli_options *o, struct config *c)
     for (;;) {
         if (queue_dead_each_between(reader, &f, after, through, page_row, page) != 0 ||
             page->failed) {
-            fprintf(stderr, "tributary: cannot read the dead-letter store\n");
+            say_unreadable("the dead-letter store", page->failed ? "out of memory" : NULL);
             rc = 1;
             break;
         }
@@ -764,7 +775,7 @@ int queue_main(const struct cli_options *o)
         config_unref(c);
         return 1;
     }
-    char err[ERR_LEN];
+    char err[ERR_LEN] = "";
     queue_reader *r = queue_reader_new(q, err, sizeof err);
     struct queue_stats st;
     int rc = 1;
@@ -809,7 +820,7 @@ int queue_main(const struct cli_options *o)
                    (long long)st.dead, (long long)st.dedup_ids, (double)st.bytes / 1048576.0);
         }
     } else {
-        fprintf(stderr, "tributary: cannot read the queue\n");
+        say_unreadable("the queue", err);
     }
     queue_reader_free(r);
     queue_free(q);

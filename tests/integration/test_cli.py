@@ -4,6 +4,7 @@ dlq requeue and purge over many dead letters and at the limits of their input.""
 import json
 import os
 import re
+import resource
 import shutil
 import sqlite3
 import subprocess
@@ -480,6 +481,34 @@ class DeadLetterCommands(ServiceTest):
         with s.db() as db:
             [raw] = db.execute("SELECT raw FROM dead").fetchone()
         self.assertIn('"a": 1., "b": -.5, "c": 1.e3', raw)
+
+    def test_a_read_that_fails_after_the_queue_opened_names_its_cause(self):
+        # short of descriptors, a command opens the queue and then fails to
+        # open the reader it reads with, at each open-file limit up to the one
+        # it runs with
+        if WRAPPER or SANITIZED:
+            self.skipTest("the tool around the binary needs descriptors of its own")
+        s, _ = self.dead_letters(1)
+        self.assertEqual(s.stop(), 0)
+        [row] = json.loads(s.cli(["dlq", "list", "--json"]).stdout)
+        unread = []
+        for args in (["queue", "stats"], ["dlq", "list"], ["dlq", "show", str(row["id"])],
+                     ["dlq", "requeue", "--all"]):
+            for limit in range(3, 64):
+                p = subprocess.run(
+                    [BIN] + args, env=clean_env(s.env), cwd=s.dir, capture_output=True, text=True,
+                    preexec_fn=lambda n=limit: resource.setrlimit(resource.RLIMIT_NOFILE, (n, n)))
+                if p.returncode == 0:
+                    break
+                unread += [(args, limit, line) for line in p.stderr.splitlines()
+                           if line.startswith("tributary: cannot read the ")]
+            self.assertEqual(p.returncode, 0, p)
+        self.assertEqual({tuple(args) for args, _, _ in unread},
+                         {("queue", "stats"), ("dlq", "list"), ("dlq", "show", str(row["id"])),
+                          ("dlq", "requeue", "--all")})
+        for args, limit, line in unread:
+            self.assertRegex(line, r"^tributary: cannot read the (queue|dead-letter store): "
+                             r"(.*/queue\.db: )?unable to open database file$", (args, limit))
 
     def test_list_and_show_write_no_control_sequence_from_stored_text_to_a_terminal(self):
         # whoever can post an event (or answer for mParticle) chooses these bytes
