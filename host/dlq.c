@@ -269,7 +269,7 @@ static int cmd_list(const struct cli_options *o, const struct config *c)
         else if (l.count == 0)
             printf("the dead-letter store is empty%s\n", o->reason ? " for this reason" : "");
     } else {
-        say_unreadable("the dead-letter store", err);
+        say_unreadable("the dead-letter store", r ? queue_reader_error(r) : err);
     }
     queue_reader_free(r);
     queue_free(q);
@@ -345,7 +345,7 @@ static int cmd_show(const struct cli_options *o, const struct config *c)
     struct show_ctx sc = {o->json, 0};
     int rc = 1;
     if (!r || queue_dead_each(r, &f, show_row, &sc) != 0)
-        say_unreadable("the dead-letter store", err);
+        say_unreadable("the dead-letter store", r ? queue_reader_error(r) : err);
     else if (!sc.found)
         fprintf(stderr, "tributary: no dead letter %lld\n", (long long)f.id);
     else
@@ -573,7 +573,7 @@ static int cmd_requeue(const struct cli_options *o, struct config *c)
     err[0] = '\0';
     reader = queue_reader_new(q, err, sizeof err);
     if (!reader || queue_dead_last_id(reader, &through) != 0) {
-        say_unreadable("the dead-letter store", err);
+        say_unreadable("the dead-letter store", reader ? queue_reader_error(reader) : err);
         goto done;
     }
     if (!o->force && same_feeds_as_service(c, reader) != 0)
@@ -584,7 +584,8 @@ static int cmd_requeue(const struct cli_options *o, struct config *c)
     for (;;) {
         if (queue_dead_each_between(reader, &f, after, through, page_row, page) != 0 ||
             page->failed) {
-            say_unreadable("the dead-letter store", page->failed ? "out of memory" : NULL);
+            say_unreadable("the dead-letter store",
+                           page->failed ? "out of memory" : queue_reader_error(reader));
             rc = 1;
             break;
         }
@@ -820,7 +821,7 @@ int queue_main(const struct cli_options *o)
                    (long long)st.dead, (long long)st.dedup_ids, (double)st.bytes / 1048576.0);
         }
     } else {
-        say_unreadable("the queue", err);
+        say_unreadable("the queue", r ? queue_reader_error(r) : err);
     }
     queue_reader_free(r);
     queue_free(q);

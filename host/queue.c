@@ -426,6 +426,7 @@ struct queue_reader {
     sqlite3_stmt *scan[FEED_COUNT];
     sqlite3_stmt *scan_raw[FEED_COUNT]; /* prepared when first used */
     sqlite3_stmt *fetch[FEED_COUNT];
+    char error[ERR_LEN]; /* why the last read failed, "" when none did */
 };
 
 const char *queue_status_name(enum queue_status s)
@@ -3452,6 +3453,18 @@ int64_t queue_oldest_ms(queue_reader *r, enum feed f)
     return oldest[f];
 }
 
+/* Keeps why a read of r failed for queue_reader_error; -1. */
+static int reader_failed(queue_reader *r)
+{
+    str_copy(r->error, sizeof r->error, sqlite3_errmsg(r->db));
+    return -1;
+}
+
+const char *queue_reader_error(const queue_reader *r)
+{
+    return r->error;
+}
+
 int queue_dead_each(queue_reader *r, const struct dead_filter *f,
                     int (*fn)(void *ctx, const struct dead_row *row), void *ctx)
 {
@@ -3517,8 +3530,10 @@ int queue_stats(queue_reader *r, struct queue_stats *st)
     memset(st, 0, sizeof(*st));
     int own = sqlite3_get_autocommit(r->db);
     if (own && sqlite3_exec(r->db, "BEGIN", NULL, NULL, NULL) != SQLITE_OK)
-        return -1;
+        return reader_failed(r);
     int rc = stats_read(r, st);
+    if (rc != 0)
+        reader_failed(r); /* before the COMMIT replaces SQLite's message */
     if (own)
         sqlite3_exec(r->db, "COMMIT", NULL, NULL, NULL); /* a read: nothing to lose */
     if (rc != 0)
@@ -3550,7 +3565,7 @@ static int last_id(queue_reader *r, const char *sql, int64_t *last)
 
 int queue_dead_last_id(queue_reader *r, int64_t *last)
 {
-    return last_id(r, "SELECT max(id) FROM dead", last);
+    return last_id(r, "SELECT max(id) FROM dead", last) == 0 ? 0 : reader_failed(r);
 }
 
 int queue_last_claim(queue_reader *r, int64_t *last)
@@ -3568,7 +3583,7 @@ int queue_dead_each_between(queue_reader *r, const struct dead_filter *f, int64_
                            "rules_version, raw, event, workspace FROM dead " DEAD_WHERE
                            " AND id > ?5 AND id <= ?6 ORDER BY id LIMIT ?4",
                            -1, &s, NULL) != SQLITE_OK)
-        return -1;
+        return reader_failed(r);
     dead_bind(s, f);
     sqlite3_bind_int64(s, 4, f->limit ? (sqlite3_int64)f->limit : -1);
     sqlite3_bind_int64(s, 5, after_id);
@@ -3592,6 +3607,8 @@ int queue_dead_each_between(queue_reader *r, const struct dead_filter *f, int64_
             break;
         }
     }
+    if (rc != SQLITE_DONE)
+        reader_failed(r);
     sqlite3_finalize(s);
     return rc == SQLITE_DONE ? 0 : -1;
 }

@@ -120,6 +120,10 @@ struct queue_batch {
 
 queue_reader *queue_reader_new(queue *q, char *err, size_t errlen);
 void queue_reader_free(queue_reader *r);
+/* Why the last of queue_dead_each, queue_dead_each_between, queue_dead_last_id
+ * and queue_stats that failed on r did (SQLite's message); "" when none did.
+ * Borrowed: lives as long as r. */
+const char *queue_reader_error(const queue_reader *r);
 
 /* Reads up to `limit` records of feed f with id > after_id, in id order, that
  * are at most max_bytes in total (at least one). Delivered records stay on disk

@@ -510,6 +510,24 @@ class DeadLetterCommands(ServiceTest):
             self.assertRegex(line, r"^tributary: cannot read the (queue|dead-letter store): "
                              r"(.*/queue\.db: )?unable to open database file$", (args, limit))
 
+    def test_a_damaged_dead_letter_store_is_named_as_the_cause_of_a_failed_read(self):
+        s, _ = self.dead_letters(1, blob_bytes=50000)
+        self.assertEqual(s.stop(), 0)
+        with s.db() as db:
+            [[page_size]] = db.execute("PRAGMA page_size").fetchall()
+            # the pages that hold the rest of the dead letter's Braze event
+            pages = [p for [p] in db.execute("SELECT pageno FROM dbstat "
+                                             "WHERE name = 'dead' AND pagetype = 'overflow'")]
+        self.assertTrue(pages)
+        with open(os.path.join(s.data_dir, "queue.db"), "r+b") as f:
+            f.seek((pages[0] - 1) * page_size)
+            f.write(b"\xff" * page_size)
+        for args in (["dlq", "list"], ["dlq", "show", "1"], ["dlq", "requeue", "--all"]):
+            p = s.cli(args)
+            self.assertEqual(p.returncode, 1, p)
+            self.assertIn("tributary: cannot read the dead-letter store: database disk image is "
+                          "malformed", p.stderr)
+
     def test_list_and_show_write_no_control_sequence_from_stored_text_to_a_terminal(self):
         # whoever can post an event (or answer for mParticle) chooses these bytes
         rule = {"20-fail.lua": "return function(e) error(e.properties.note, 0) end\n"}
