@@ -361,7 +361,12 @@ int service_run(const char *config_path)
         return 1;
     }
     buf_free(&report);
+    /* for the start-up line: once the server is up, a reload may free rs */
+    char rules_version[64];
+    str_copy(rules_version, sizeof rules_version, ruleset_version(rs));
+    long long rule_files = (long long)ruleset_files(rs);
     reload_init(config_path ? config_path : cfg->file, config_ref(cfg), rs);
+    rs = NULL;
 
     struct service s = {0};
     int rc = 1, sfd = -1;
@@ -435,10 +440,9 @@ int service_run(const char *config_path)
     char *data_dir = realpath(cfg->data_dir, NULL);
     log_info("tributary started",
              LOG_S("version", TRIBUTARY_VERSION) LOG_S("listen", listen)
-                 LOG_S("rules_version", ruleset_version(rs))
-                     LOG_I("rule_files", (long long)ruleset_files(rs)) LOG_S("feeds", feeds)
-                         LOG_I("queue_depth", depth)
-                             LOG_S("data_dir", data_dir ? data_dir : cfg->data_dir));
+                 LOG_S("rules_version", rules_version) LOG_I("rule_files", rule_files)
+                     LOG_S("feeds", feeds) LOG_I("queue_depth", depth)
+                         LOG_S("data_dir", data_dir ? data_dir : cfg->data_dir));
     free(data_dir);
     if (strcmp(feeds, "none") == 0)
         log_warn("no mParticle credentials configured: events are accepted, queued and held "
