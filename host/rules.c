@@ -1967,9 +1967,11 @@ static int key_is_events(const char *key, size_t n)
  * keeps the last list, and the events of the others would be answered 200 and
  * lost. */
 #define SLICES_EVENTS_TWICE (-2)
+/* And for "events": {}, which cjson decodes as it decodes an empty list. */
+#define SLICES_NOT_A_LIST (-3)
 
-/* Fills slices (n of them, the length of the decoded list) or returns -1, or
- * SLICES_EVENTS_TWICE. */
+/* Fills slices (n of them, the length of the decoded list) or returns -1,
+ * SLICES_EVENTS_TWICE or SLICES_NOT_A_LIST. */
 static int event_slices(const char *body, size_t len, str *slices, size_t n)
 {
     const char *p = body, *end = body + len;
@@ -1994,6 +1996,8 @@ static int event_slices(const char *body, size_t len, str *slices, size_t n)
         if (key_is_events(key, (size_t)(key_end - key - 1))) {
             if (seen++)
                 return SLICES_EVENTS_TWICE;
+            if (p < end && *p == '{')
+                return SLICES_NOT_A_LIST;
             const char *list_end = split_list(p, end, slices, n);
             found = list_end != NULL;
             p = found ? list_end : skip_value(p, end); /* on, to a second "events" */
@@ -2020,7 +2024,8 @@ static int event_slices(const char *body, size_t len, str *slices, size_t n)
  * kept as it came (a dead letter stored again by `dlq requeue` stays the
  * event Braze sent, not its re-encoding after the rules ran). -1 when they
  * cannot be told apart; the events are then encoded from their tables.
- * SLICES_EVENTS_TWICE for an envelope that gives "events" twice. */
+ * SLICES_EVENTS_TWICE for an envelope that gives "events" twice,
+ * SLICES_NOT_A_LIST for one whose "events" is an empty object. */
 static int body_slices(const char *body, size_t len, enum body_form form, str *slices, size_t n)
 {
     const char *p = skip_ws(body, body + len), *end = body + len;
@@ -2433,6 +2438,11 @@ int rules_map(rules *r, const char *body, size_t len, enum input_shape shape, st
         free(raws);
         lua_settop(L, top);
         return input_fail(e, 400, -1, "\"events\" is given more than once");
+    }
+    if (sliced == SLICES_NOT_A_LIST) {
+        free(raws);
+        lua_settop(L, top);
+        return input_fail(e, 400, -1, "\"events\" must be a list");
     }
     if (sliced != 0) {
         free(raws);

@@ -850,6 +850,11 @@ START_TEST(test_events_that_is_an_object_is_refused)
     ck_assert_int_eq(map("{\"events\":{\"a\":" EV("a-1") "}}", INPUT_ENVELOPE), -1);
     ck_assert_int_eq(F.ie.status, 400);
     ck_assert_msg(contains(F.ie.reason, "\"events\" must be a list"), "reason: %s", F.ie.reason);
+    /* an empty object too, which cjson decodes as it decodes [] */
+    ck_assert_int_eq(map("{\"events\": {} }", INPUT_ENVELOPE), -1);
+    ck_assert_int_eq(F.ie.status, 400);
+    ck_assert_msg(contains(F.ie.reason, "\"events\" must be a list"), "reason: %s", F.ie.reason);
+    ck_assert_int_eq(map("{\"events\": [ ] }", INPUT_ENVELOPE), 0);
 }
 END_TEST
 
