@@ -3,6 +3,7 @@
 #include "util.h"
 
 #include <errno.h>
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -13,6 +14,9 @@
 static _Atomic int g_level = LOG_INFO;
 static _Atomic int g_format = LOG_LOGFMT;
 static _Thread_local const char *t_request;
+
+/* Held across the writes of one line (see write_line). */
+static pthread_mutex_t g_write_lock = PTHREAD_MUTEX_INITIALIZER;
 
 static const char *const LEVEL_NAMES[] = {"debug", "info", "warn", "error"};
 
@@ -153,6 +157,25 @@ static int format_line(buf *b, int json, const char *ts, enum log_level level, c
     return rc ? -1 : 0;
 }
 
+/* Writes one line to stderr whole, the rest of it after a write cut short (a
+ * pipe's reader behind, a signal). A pipe takes a write of up to PIPE_BUF
+ * (4 KiB) in one piece only, a longer one in as many as its reader makes room
+ * for: the lock keeps every other line, short ones too, from landing between
+ * them. log_emit is never called from a signal handler, so a thread never
+ * waits here for itself. */
+static void write_line(const char *line, size_t len)
+{
+    pthread_mutex_lock(&g_write_lock);
+    for (size_t off = 0; off < len;) {
+        ssize_t wrote = write(STDERR_FILENO, line + off, len - off);
+        if (wrote > 0)
+            off += (size_t)wrote;
+        else if (wrote == 0 || errno != EINTR)
+            break;
+    }
+    pthread_mutex_unlock(&g_write_lock);
+}
+
 void log_emit(enum log_level level, const char *msg, const struct log_field *fields)
 {
     if (!log_enabled(level))
@@ -182,18 +205,12 @@ void log_emit(enum log_level level, const char *msg, const struct log_field *fie
         char stack[1024];
         snprintf(stack, sizeof stack, "ts=%s level=error msg=\"log line too long\"\n", ts);
         buf_free(&b);
-        (void)!write(STDERR_FILENO, stack, strlen(stack));
+        write_line(stack, strlen(stack));
         return;
     }
-    /* One write per line, so lines from several threads never interleave; the
-     * rest of one a signal cut short (a pipe's reader behind) follows it. */
-    for (size_t off = 0; off < b.len;) {
-        ssize_t wrote = write(STDERR_FILENO, b.data + off, b.len - off);
-        if (wrote > 0)
-            off += (size_t)wrote;
-        else if (wrote == 0 || errno != EINTR)
-            break;
-    }
+    /* Lines from several threads never interleave: each is written whole
+     * under one lock (see write_line). */
+    write_line(b.data, b.len);
     buf_free(&b);
 }
 

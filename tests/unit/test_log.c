@@ -1,0 +1,167 @@
+/* log: the lines written to stderr. */
+#include "unit.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <time.h>
+
+#define WRITERS 4
+#define LINES 40
+#define VALUE_BASE 6000 /* past PIPE_BUF (4 KiB), under the log's 8 KiB cut */
+
+/* The value of writer w's line i: "w<w>-l<i>-" and a letter of its own up to
+ * its length, a different one for each line. */
+static size_t value_len(int w, int i)
+{
+    return VALUE_BASE + (size_t)w * 300 + (size_t)i * 7;
+}
+
+static char value_fill(int w, int i)
+{
+    return (char)('a' + (w * LINES + i) % 26);
+}
+
+static void value_of(char *out, int w, int i)
+{
+    size_t len = value_len(w, i);
+    int head = snprintf(out, len + 1, "w%d-l%d-", w, i);
+    memset(out + head, value_fill(w, i), len - (size_t)head);
+    out[len] = '\0';
+}
+
+static void *write_lines(void *arg)
+{
+    int w = (int)(intptr_t)arg;
+    char *value = malloc(value_len(w, LINES) + 1);
+    if (!value)
+        return NULL;
+    for (int i = 0; i < LINES; i++) {
+        value_of(value, w, i);
+        log_error("long line", LOG_S("v", value) LOG_I("w", w) LOG_I("i", i));
+    }
+    free(value);
+    return NULL;
+}
+
+/* Reads the pipe to its end a little at a time, so that the writers find it
+ * full and their lines go in several pieces. */
+struct slow_reader {
+    int fd;
+    buf got;
+    int failed;
+};
+
+static void *read_slowly(void *arg)
+{
+    struct slow_reader *r = arg;
+    char chunk[512];
+    for (;;) {
+        ssize_t n = read(r->fd, chunk, sizeof chunk);
+        if (n == 0)
+            return NULL;
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            r->failed = 1;
+            return NULL;
+        }
+        if (buf_add(&r->got, chunk, (size_t)n) != 0)
+            r->failed = 1;
+        struct timespec pause = {0, 20000};
+        nanosleep(&pause, NULL);
+    }
+}
+
+/* 1 when line (without its newline) is one of the lines write_lines writes,
+ * whole: "ts=<24 characters>", the level, the message and its fields, nothing
+ * else; it is then marked seen. */
+static int line_is_whole(const char *line, size_t len, int seen[WRITERS][LINES])
+{
+    static const char head[] = " level=error msg=\"long line\" v=";
+    const size_t at = 3 + 24;
+    int w = -1, i = -1;
+    if (len < at + sizeof head - 1 || memcmp(line, "ts=", 3) != 0 ||
+        memcmp(line + at, head, sizeof head - 1) != 0)
+        return 0;
+    const char *v = line + at + sizeof head - 1;
+    if (sscanf(v, "w%d-l%d-", &w, &i) != 2 || w < 0 || w >= WRITERS || i < 0 || i >= LINES)
+        return 0;
+    char *want = malloc(value_len(w, i) + 64);
+    ck_assert_ptr_nonnull(want);
+    value_of(want, w, i);
+    size_t n = strlen(want);
+    snprintf(want + n, 64, " w=%d i=%d", w, i);
+    n = strlen(want);
+    int whole = (size_t)(line + len - v) == n && memcmp(v, want, n) == 0;
+    free(want);
+    seen[w][i] += whole;
+    return whole;
+}
+
+/* Lines longer than a pipe takes at once, from several threads, reach a pipe
+ * whose reader is behind each whole, none inside another. */
+START_TEST(test_long_lines_from_several_threads_reach_a_pipe_whole)
+{
+    int fds[2];
+    ck_assert_int_eq(pipe(fds), 0);
+    (void)fcntl(fds[1], F_SETPIPE_SZ, 4096); /* the smallest: every line goes in pieces */
+    fflush(stderr);
+    int saved = dup(STDERR_FILENO);
+    ck_assert_int_ge(saved, 0);
+    ck_assert_int_ge(dup2(fds[1], STDERR_FILENO), 0);
+    close(fds[1]);
+
+    struct slow_reader r = {.fd = fds[0]};
+    buf_init(&r.got, (size_t)64 << 20);
+    pthread_t reader, writers[WRITERS];
+    int reading = pthread_create(&reader, NULL, read_slowly, &r) == 0, started = 0;
+    for (; reading && started < WRITERS; started++)
+        if (pthread_create(&writers[started], NULL, write_lines, (void *)(intptr_t)started) != 0)
+            break;
+    for (int w = 0; w < started; w++)
+        pthread_join(writers[w], NULL);
+    /* stderr back before any assertion: the reader then sees the pipe's end */
+    dup2(saved, STDERR_FILENO);
+    close(saved);
+    if (reading)
+        pthread_join(reader, NULL);
+    close(fds[0]);
+    ck_assert(reading);
+    ck_assert_int_eq(started, WRITERS);
+    ck_assert_int_eq(r.failed, 0);
+
+    static int seen[WRITERS][LINES];
+    memset(seen, 0, sizeof seen);
+    size_t lines = 0, broken = 0;
+    for (const char *p = r.got.data, *end = p + r.got.len, *nl; p < end; p = nl + 1) {
+        nl = memchr(p, '\n', (size_t)(end - p));
+        if (!nl)
+            nl = end;
+        lines++;
+        if (!line_is_whole(p, (size_t)(nl - p), seen))
+            broken++;
+    }
+    buf_free(&r.got);
+    ck_assert_msg(broken == 0, "%zu of %zu lines were not whole", broken, lines);
+    ck_assert_uint_eq(lines, WRITERS * LINES);
+    for (int w = 0; w < WRITERS; w++)
+        for (int i = 0; i < LINES; i++)
+            ck_assert_int_eq(seen[w][i], 1);
+}
+END_TEST
+
+static Suite *suite(void)
+{
+    Suite *s = suite_create("log");
+    TCase *tc = tcase_create("log");
+    tcase_add_test(tc, test_long_lines_from_several_threads_reach_a_pipe_whole);
+    suite_add_tcase(s, tc);
+    return s;
+}
+
+int main(void)
+{
+    return unit_run(suite());
+}
