@@ -67,6 +67,12 @@
 #define RESTART_WAIT_MS 20
 #define RESTART_RETRY_MS 1000
 #define RESTART_LOG_EVERY_MS 60000
+/* The service's last checkpoint, as it stops, empties the WAL, and for that
+ * waits for every read of the queue; another process's read (a paged `dlq
+ * list`) can last for as long as its user likes, and the stop waits for it
+ * this long only: the WAL, all of it committed, then stays for the next start
+ * to read. */
+#define CLOSE_CHECKPOINT_WAIT_MS 100
 /* A writer step (a group commit, a checkpoint, housekeeping) that takes longer
  * than this holds up every request behind it: it is logged, at most once per
  * SLOW_LOG_EVERY_MS, with the number of such steps since the last line. */
@@ -3041,14 +3047,18 @@ void queue_free(queue *q)
         }
     }
     if (q->db) {
-        /* The service leaves an empty WAL behind. A command beside it only
-         * copies what no one reads: TRUNCATE would take the write lock and
-         * wait for the service's readers while the service's writes wait. */
-        if (!q->opt.readonly)
+        /* The service leaves an empty WAL behind, unless another process
+         * still reads the queue after CLOSE_CHECKPOINT_WAIT_MS. A command
+         * beside it only copies what no one reads: TRUNCATE would take the
+         * write lock and wait for the service's readers while the service's
+         * writes wait. */
+        if (!q->opt.readonly) {
+            sqlite3_busy_timeout(q->db, CLOSE_CHECKPOINT_WAIT_MS);
             sqlite3_exec(q->db,
                          q->opt.exclusive ? "PRAGMA wal_checkpoint(TRUNCATE)"
                                           : "PRAGMA wal_checkpoint(PASSIVE)",
                          NULL, NULL, NULL);
+        }
         sqlite3_close(q->db);
     }
     pthread_cond_destroy(&q->work);
