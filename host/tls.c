@@ -133,21 +133,47 @@ static int check_dates(gnutls_x509_crt_t crt, const char *cert, char *err, size_
     return 0;
 }
 
-/* A key of a kind the listener's key exchanges (ECDHE signed with RSA, ECDSA
- * or EdDSA, see TLS_PRIORITIES in http_in.c) cannot sign with: no handshake
- * could use it. */
-static int check_key_kind(gnutls_privkey_t k, const char *key, char *err, size_t errlen)
+/* RSA keys shorter than this are refused: clients at today's default security
+ * levels (OpenSSL's level 2, Debian's default) refuse them, and one of 512
+ * bits cannot make the signatures TLS 1.2 and 1.3 ask for at all. */
+#define RSA_MIN_BITS 2048
+
+/* A key or certificate the listener's key exchanges (ECDHE signed with RSA,
+ * ECDSA or EdDSA, see TLS_PRIORITIES in http_in.c) cannot sign with: no
+ * handshake could use it, and every one would fail. */
+static int check_key_use(gnutls_x509_crt_t crt, gnutls_privkey_t k, const char *cert,
+                         const char *key, char *err, size_t errlen)
 {
-    int pk = gnutls_privkey_get_pk_algorithm(k, NULL);
-    if (pk == GNUTLS_PK_RSA || pk == GNUTLS_PK_RSA_PSS || pk == GNUTLS_PK_ECDSA ||
-        pk == GNUTLS_PK_EDDSA_ED25519 || pk == GNUTLS_PK_EDDSA_ED448)
-        return 0;
-    const char *name = gnutls_pk_get_name((gnutls_pk_algorithm_t)pk);
-    str_printf(err, errlen,
-               "tls.key: %s is a%s %s key; the listener signs its key exchange with an RSA, "
-               "ECDSA or EdDSA key only",
-               key, !name || strchr("AEIOU", name[0]) ? "n" : "", name ? name : "unknown");
-    return -1;
+    unsigned bits = 0;
+    int pk = gnutls_privkey_get_pk_algorithm(k, &bits);
+    if (pk != GNUTLS_PK_RSA && pk != GNUTLS_PK_RSA_PSS && pk != GNUTLS_PK_ECDSA &&
+        pk != GNUTLS_PK_EDDSA_ED25519 && pk != GNUTLS_PK_EDDSA_ED448) {
+        const char *name = gnutls_pk_get_name((gnutls_pk_algorithm_t)pk);
+        str_printf(err, errlen,
+                   "tls.key: %s is a%s %s key; the listener signs its key exchange with an RSA, "
+                   "ECDSA or EdDSA key only",
+                   key, !name || strchr("AEIOU", name[0]) ? "n" : "", name ? name : "unknown");
+        return -1;
+    }
+    if ((pk == GNUTLS_PK_RSA || pk == GNUTLS_PK_RSA_PSS) && bits < RSA_MIN_BITS) {
+        str_printf(err, errlen,
+                   "tls.key: %s is an RSA key of %u bits; the listener takes %d or more, as "
+                   "clients refuse shorter ones",
+                   key, bits, RSA_MIN_BITS);
+        return -1;
+    }
+    /* without the extension a certificate may serve any use */
+    unsigned usage = 0, critical = 0;
+    if (gnutls_x509_crt_get_key_usage(crt, &usage, &critical) >= 0 &&
+        !(usage & GNUTLS_KEY_DIGITAL_SIGNATURE)) {
+        str_printf(err, errlen,
+                   "tls.cert: the certificate in %s may not sign (its key usage lacks "
+                   "digitalSignature), and every key exchange the listener offers is signed: "
+                   "ask its issuer for one with digitalSignature",
+                   cert);
+        return -1;
+    }
+    return 0;
 }
 
 static int parse_pair(const char *cert, const char *key, struct parsed *p, char *err, size_t errlen)
@@ -171,19 +197,20 @@ static int parse_pair(const char *cert, const char *key, struct parsed *p, char 
         goto done;
     }
     /* plain keys only: no password, and no callback asked for one */
-    if (gnutls_privkey_import_x509_raw(p->key, &k, GNUTLS_X509_FMT_PEM, NULL, GNUTLS_PKCS_PLAIN) !=
-        0) {
+    int imported =
+        gnutls_privkey_import_x509_raw(p->key, &k, GNUTLS_X509_FMT_PEM, NULL, GNUTLS_PKCS_PLAIN);
+    if (imported != 0) {
         str_printf(err, errlen,
                    "tls.key: %s is not a PEM private key that can be read (an encrypted key "
-                   "is not supported)",
-                   key);
+                   "is not supported): %s",
+                   key, gnutls_strerror(imported));
         goto done;
     }
     if (key_matches(p->crts[0], p->key) != 0) {
         str_printf(err, errlen, "tls.key: %s is not the key of the certificate in %s", key, cert);
         goto done;
     }
-    if (check_key_kind(p->key, key, err, errlen) != 0)
+    if (check_key_use(p->crts[0], p->key, cert, key, err, errlen) != 0)
         goto done;
     rc = 0;
 done:

@@ -727,6 +727,19 @@ class TLS(ServiceTest):
         os.chmod(key, 0o600)
         return cert, key
 
+    def rsa_pair(self, bits, *ext):
+        """A self-signed RSA certificate of `bits` for localhost, with more
+        extensions (-addext values), and its key: (cert, key)."""
+        d = self.tmpdir()
+        cert, key = os.path.join(d, "cert.pem"), os.path.join(d, "key.pem")
+        extra = [a for e in ext for a in ("-addext", e)]
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:%d" % bits, "-nodes",
+                        "-keyout", key, "-out", cert, "-days", "2", "-subj", "/CN=localhost",
+                        "-addext", "subjectAltName=DNS:localhost"] + extra,
+                       check=True, capture_output=True)
+        os.chmod(key, 0o600)
+        return cert, key
+
     def served_certificate(self, port):
         """The DER of the certificate the listener presents to a new connection."""
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -804,7 +817,11 @@ class TLS(ServiceTest):
                  "expired at 2020-02-01T00:00:00Z"),
                 (self.dated_pair("later", "20990101000000Z", "20990201000000Z"),
                  "is not valid before 2099-01-01T00:00:00Z"),
-                (self.dsa_pair(), "is a DSA key")):
+                (self.dsa_pair(), "is a DSA key"),
+                # signs nothing: every handshake would fail
+                (self.rsa_pair(2048, "keyUsage=critical,keyEncipherment"),
+                 "its key usage lacks digitalSignature"),
+                (self.rsa_pair(1024), "is an RSA key of 1024 bits; the listener takes 2048")):
             with self.subTest(says=says):
                 shutil.copy(new_cert, cert)
                 shutil.copy(new_key, key)
