@@ -144,9 +144,11 @@ FORMATTED = host/*.c host/*.h tests/unit/*.c tests/unit/*.h tests/bench/*.c test
 	tests/fuzz/*.h tests/integration/faults/*.c
 
 fmt:
+	@scripts/setup.sh clang-format
 	clang-format -i $(FORMATTED)
 
 lint:
+	@scripts/setup.sh clang-format cppcheck
 	clang-format --dry-run --Werror $(FORMATTED)
 	cppcheck --quiet --error-exitcode=1 --enable=warning,performance,portability \
 		--std=c11 --inline-suppr -D_GNU_SOURCE -I host host tests/unit

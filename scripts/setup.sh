@@ -15,7 +15,7 @@ missing=""
 for p in $PACKAGES; do
     status=$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)
     case "$status" in
-        *"install ok installed"*) ;;
+        *" ok installed"*) ;; # "install", or "hold" (kept at its version)
         *) missing="$missing $p" ;;
     esac
 done
