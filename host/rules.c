@@ -1525,12 +1525,19 @@ static int check_event_ids(lua_State *L, int data, int *no_message_id, char *err
     return 0;
 }
 
-/* [-0, +0] The event table at eventi and the batch table at batchi (or nil)
+/* [-0, +k] The event table at eventi and the batch table at batchi (or nil)
  * against mParticle's schema; 0, or -1 with the field and the problem in err.
- * *no_message_id: the event data has no source_message_id. */
+ * *no_message_id: the event data has no source_message_id. The tables it
+ * checks stay on the stack, for the caller to pop once they are written: a
+ * rule may hold them only in a weak table (__mode), and a collection between
+ * the check and the writing would take them out of the output. */
 static int check_output(lua_State *L, int eventi, int batchi, int *no_message_id, char *err,
                         size_t errlen)
 {
+    if (!lua_checkstack(L, 16)) {
+        str_copy(err, errlen, "out of memory while checking the output");
+        return -1;
+    }
     const char *type;
     if (check_name(L, eventi, "event_type", "out.event", 1, mparticle_event_type_known, &type, err,
                    errlen) != 0)
@@ -1576,10 +1583,8 @@ static int check_output(lua_State *L, int eventi, int batchi, int *no_message_id
                            luaL_typename(L, -1));
                 rc = -1;
             }
-            lua_pop(L, 1);
         }
     }
-    lua_pop(L, 1); /* data */
     if (rc != 0 || lua_type(L, batchi) != LUA_TTABLE)
         return rc;
     if (check_name(L, batchi, "environment", "out.batch", 0, mparticle_environment_known, NULL, err,
@@ -1592,13 +1597,11 @@ static int check_output(lua_State *L, int eventi, int batchi, int *no_message_id
         if (rc == 0)
             rc = check_fields(L, lua_gettop(L), "out.batch.device_info", 0, err, errlen);
     }
-    lua_pop(L, 1);
     if (t < 0 || rc != 0)
         return -1;
     t = object_field(L, batchi, "user_identities", err, errlen);
     if (t == LUA_TTABLE)
         rc = check_fields(L, lua_gettop(L), "out.batch.user_identities", 1, err, errlen);
-    lua_pop(L, 1);
     if (t < 0 || rc != 0)
         return -1;
     t = object_field(L, batchi, "user_attributes", err, errlen);
@@ -1608,7 +1611,6 @@ static int check_output(lua_State *L, int eventi, int batchi, int *no_message_id
         rc = check_attributes(L, lua_gettop(L), "out.batch.user_attributes",
                               MPARTICLE_MAX_USER_ATTRIBUTES, MPARTICLE_MAX_NAME_CHARS, 1, err,
                               errlen);
-    lua_pop(L, 1);
     return t < 0 ? -1 : rc;
 }
 
@@ -1639,7 +1641,8 @@ static int emit(rules *r, lua_State *L, int evi, const struct event_ids *ids, in
         str_copy(err, errlen, "out.batch must be a table");
         goto done;
     }
-    /* stack: feed event batch */
+    /* stack: feed event batch, then the tables the check read, kept there
+     * until the output is written */
     int no_message_id = 0;
     if (check_output(L, top + 2, top + 3, &no_message_id, err, errlen) != 0)
         goto done;
@@ -1653,7 +1656,11 @@ static int emit(rules *r, lua_State *L, int evi, const struct event_ids *ids, in
      * every event) */
     int filled = no_message_id && ids->id.n > 0, data = 0;
     if (filled) {
-        rawfield(L, top + 2, "data"); /* a table, as checked */
+        /* a table, as checked, and held on the stack since */
+        if (rawfield(L, top + 2, "data") != LUA_TTABLE) {
+            str_copy(err, errlen, "out.event.data must be a table");
+            goto done;
+        }
         data = lua_gettop(L);
         lua_pushliteral(L, "source_message_id");
         lua_pushlstring(L, ids->id.p, ids->id.n);

@@ -843,6 +843,62 @@ START_TEST(test_an_object_without_events_is_not_an_envelope)
 }
 END_TEST
 
+/* A rule whose output holds its event data only through a weak table: the
+ * data the check saw is what is written, whenever the collector runs (each
+ * event waits for a collection, then allocates up to just before the next, so
+ * that one falls between the check and the writing). Once with the Braze id
+ * written in by the host, once with the rule's own. */
+#define WEAK_OUTPUT_RULE(message_id)                                                               \
+    "local sentinel\n"                                                                             \
+    "local function arm() sentinel = setmetatable({}, {__mode = 'v'}); sentinel[1] = {} end\n"     \
+    "arm()\n"                                                                                      \
+    "local seed = 0\n"                                                                             \
+    "return function(event, out)\n"                                                                \
+    "  while sentinel[1] ~= nil do local t = {} end\n"                                             \
+    "  arm()\n"                                                                                    \
+    "  local m = 0\n"                                                                              \
+    "  while sentinel[1] ~= nil do local t = {} m = m + 1 end\n"                                   \
+    "  arm()\n"                                                                                    \
+    "  seed = (seed * 1103515245 + 12345) % 2147483648\n"                                          \
+    "  for i = 1, m - (4 + seed % 12) do local t = {} end\n"                                       \
+    "  local ev = setmetatable({event_type = 'custom_event'}, {__mode = 'v'})\n"                   \
+    "  ev.data = {event_name = 'x', custom_event_type = 'other'" message_id "}\n"                  \
+    "  return {feed = 'web', event = ev, batch = {}}\n"                                            \
+    "end\n"
+
+START_TEST(test_an_output_held_in_a_weak_table_is_written_as_it_was_checked)
+{
+    static const char *const rules_src[] = {WEAK_OUTPUT_RULE(""),
+                                            WEAK_OUTPUT_RULE(", source_message_id = 'm'")};
+    rule("10-weak.lua", rules_src[_i]);
+    build();
+    enum { EVENTS = 150 };
+    buf body;
+    buf_init(&body, 1 << 20);
+    ck_assert_int_eq(buf_printf(&body, "{\"events\":["), 0);
+    for (int i = 0; i < EVENTS; i++)
+        ck_assert_int_eq(buf_printf(&body,
+                                    "%s{\"event_type\":\"users.messages.email.Send\",\"id\":"
+                                    "\"w-%d\",\"time\":1732800000}",
+                                    i ? "," : "", i),
+                         0);
+    ck_assert_int_eq(buf_printf(&body, "]}"), 0);
+    ck_assert_int_eq(rules_map(F.r, body.data, body.len, INPUT_ENVELOPE, STR_NULL, &F.m, &F.ie), 0);
+    buf_free(&body);
+    /* gone before the check: a dead letter, as any output without data */
+    ck_assert_uint_eq(F.m.nrecords + F.m.ndead, EVENTS);
+    ck_assert_uint_gt(F.m.nrecords, 0);
+    for (size_t i = 0; i < F.m.ndead; i++)
+        ck_assert_msg(strcmp(F.m.dead[i].reason, DEAD_INVALID_OUTPUT) == 0 &&
+                          contains(F.m.dead[i].detail.p, "out.event.data must be a table"),
+                      "%s: %s", F.m.dead[i].reason, F.m.dead[i].detail.p);
+    for (size_t i = 0; i < F.m.nrecords; i++)
+        ck_assert_msg(contains(F.m.records[i].event.p, "\"data\":{") &&
+                          contains(F.m.records[i].event.p, "\"event_name\":\"x\""),
+                      "event %zu: %s", i, F.m.records[i].event.p);
+}
+END_TEST
+
 START_TEST(test_events_that_is_an_object_is_refused)
 {
     rule("10-pass.lua", PASS_RULE);
@@ -3221,6 +3277,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_a_json_array_is_not_an_envelope);
     tcase_add_test(tc, test_an_object_without_events_is_not_an_envelope);
     tcase_add_test(tc, test_events_that_is_an_object_is_refused);
+    tcase_add_loop_test(tc, test_an_output_held_in_a_weak_table_is_written_as_it_was_checked, 0, 2);
     tcase_add_test(tc, test_events_given_twice_is_refused);
     tcase_add_test(tc, test_events_that_is_a_number_is_refused);
     tcase_add_test(tc, test_event_without_event_type_is_refused_naming_its_index);
