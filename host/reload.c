@@ -455,9 +455,10 @@ int reload_watch_changed(void)
                 R.watch_wd = -1;
                 relevant = 1;
             } else if (ev->len && is_rule_file(ev->name)) {
-                /* a write alone does not move the reload on: its close does,
-                 * and a file still being written holds it (see wait_for_stop) */
-                relevant |= (ev->mask & ~IN_MODIFY) != 0;
+                /* a write too: a file changed in place and left open, or cut
+                 * by truncate(2), is never closed; a file still being written
+                 * holds the reload for a while (see wait_for_stop) */
+                relevant = 1;
                 note_writing(ev->name, ev->mask);
             }
         }

@@ -304,6 +304,18 @@ class Reload(ServiceTest):
             self.assertEqual(name, "Renamed By Rule")
             self.assertGreater(time.time() - written, 9)
 
+    def test_a_rule_file_changed_in_place_and_left_open_is_loaded_within_ten_seconds(self):
+        # no create and no close: only its writes say it changed
+        noop = "return function(e, out) end\n"
+        rules = self.rules_dir({"60-rename.lua": noop + "-" * (len(RENAME) - len(noop) - 1) + "\n"})
+        s = self.service(rules_dir=rules)
+        with open(os.path.join(rules, "60-rename.lua"), "r+") as f:
+            f.write(RENAME)
+            f.flush()
+            written = time.time()
+            self.assertEqual(self.mapped_name_once_reloaded(s, written + 10 + 5 * SLOW),
+                             "Renamed By Rule")
+
     def test_a_file_written_to_long_ago_and_never_closed_holds_no_reload(self):
         # truncate(2) changes a file without opening it: no close follows
         rules = self.rules_dir({"70-other.lua": "return function(e, out) end\n-- cut\n"})
