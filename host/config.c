@@ -1020,6 +1020,150 @@ static size_t edit_distance(const char *a, size_t n, const char *b)
     return row[m];
 }
 
+/* Kubernetes gives every container of a pod variables for each Service of its
+ * namespace ("service links", on unless the pod sets enableServiceLinks:
+ * false), named after the Service in capitals with '_' for '-'. A Service
+ * named tributary, or tributary-<more>, gives variables in TRIBUTARY_ that
+ * name no key of ours: no key's variable has SERVICE or PORT in it. They are
+ * left alone, as their names and values have these shapes exactly (so that
+ * TRIBUTARY_PORT=9000, meant for listen, is still refused):
+ *
+ *   TRIBUTARY_SERVICE_HOST=10.96.0.12            the Service's address
+ *   TRIBUTARY_SERVICE_PORT=8080                  its first port
+ *   TRIBUTARY_SERVICE_PORT_<PORT NAME>=8080      each named port
+ *   TRIBUTARY_PORT=tcp://10.96.0.12:8080         the first port, Docker's way
+ *   TRIBUTARY_PORT_8080_TCP=tcp://10.96.0.12:8080, and with _PROTO=tcp,
+ *   _PORT=8080 and _ADDR=10.96.0.12: each port (TCP, UDP or SCTP)
+ *
+ * An IPv6 address is in brackets in a URL (tcp://[fd00::c]:8080). */
+static const char *const LINK_PROTOCOLS[] = {"tcp", "udp", "sctp"};
+
+/* A port number, 1 to 65535, in s[0..n) as Kubernetes writes it. */
+static int link_port(const char *s, size_t n)
+{
+    long port = 0;
+    for (size_t i = 0; i < n && i < 5; i++) {
+        if (!isdigit((unsigned char)s[i]))
+            return 0;
+        port = port * 10 + (s[i] - '0');
+    }
+    return n > 0 && n <= 5 && *s != '0' && port <= 65535;
+}
+
+/* An address of family (AF_INET, AF_INET6, or 0 for either) in s[0..n). */
+static int link_addr(const char *s, size_t n, int family)
+{
+    char text[INET6_ADDRSTRLEN];
+    unsigned char addr[16];
+    if (n == 0 || n >= sizeof text)
+        return 0;
+    memcpy(text, s, n);
+    text[n] = '\0';
+    return (family != AF_INET6 && inet_pton(AF_INET, text, addr) == 1) ||
+           (family != AF_INET && inet_pton(AF_INET6, text, addr) == 1);
+}
+
+/* The protocol s[0..n) names, in capitals or not as upper says: its index in
+ * LINK_PROTOCOLS, or -1. */
+static int link_protocol(const char *s, size_t n, int upper)
+{
+    for (size_t i = 0; i < ARRAY_LEN(LINK_PROTOCOLS); i++) {
+        const char *p = LINK_PROTOCOLS[i];
+        if (strlen(p) != n)
+            continue;
+        size_t j = 0;
+        while (j < n && s[j] == (upper ? (char)toupper((unsigned char)p[j]) : p[j]))
+            j++;
+        if (j == n)
+            return (int)i;
+    }
+    return -1;
+}
+
+/* v is <protocol>://<address>:<port> (an IPv6 address in brackets), of the
+ * protocol of index proto when proto >= 0 and of the port s[0..n) when n > 0. */
+static int link_url(const char *v, int proto, const char *port, size_t n)
+{
+    const char *sep = strstr(v, "://");
+    int q = sep ? link_protocol(v, (size_t)(sep - v), 0) : -1;
+    if (q < 0 || (proto >= 0 && q != proto))
+        return 0;
+    const char *host = sep + 3, *colon = strrchr(host, ':');
+    if (!colon || !link_port(colon + 1, strlen(colon + 1)) ||
+        (n && (strlen(colon + 1) != n || memcmp(colon + 1, port, n) != 0)))
+        return 0;
+    size_t hn = (size_t)(colon - host);
+    if (*host == '[')
+        return hn >= 2 && colon[-1] == ']' && link_addr(host + 1, hn - 2, AF_INET6);
+    return link_addr(host, hn, AF_INET);
+}
+
+/* Whether rest, what follows a Service's name in a variable's name (from
+ * its '_'), and the value v are those of a service link. */
+static int link_variable(const char *rest, const char *v)
+{
+    size_t vn = strlen(v);
+    if (strcmp(rest, "_SERVICE_HOST") == 0)
+        return link_addr(v, vn, 0);
+    if (strcmp(rest, "_SERVICE_PORT") == 0)
+        return link_port(v, vn);
+    if (strncmp(rest, "_SERVICE_PORT_", 14) == 0)
+        return rest[14] &&
+               strspn(rest + 14, "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_") == strlen(rest + 14) &&
+               link_port(v, vn);
+    if (strcmp(rest, "_PORT") == 0)
+        return link_url(v, -1, NULL, 0);
+    if (strncmp(rest, "_PORT_", 6) != 0)
+        return 0;
+    /* _PORT_<port>_<PROTOCOL>, then nothing, _PROTO, _PORT or _ADDR */
+    const char *port = rest + 6;
+    size_t pn = strspn(port, "0123456789");
+    if (!link_port(port, pn) || port[pn] != '_')
+        return 0;
+    const char *proto = port + pn + 1;
+    size_t qn = strcspn(proto, "_");
+    int p = link_protocol(proto, qn, 1);
+    if (p < 0)
+        return 0;
+    const char *what = proto + qn;
+    if (*what == '\0')
+        return link_url(v, p, port, pn);
+    if (strcmp(what, "_PROTO") == 0)
+        return strcmp(v, LINK_PROTOCOLS[p]) == 0;
+    if (strcmp(what, "_PORT") == 0)
+        return vn == pn && memcmp(v, port, pn) == 0;
+    if (strcmp(what, "_ADDR") == 0)
+        return link_addr(v, vn, 0);
+    return 0;
+}
+
+/* Whether the environment entry env (NAME=value) is a Kubernetes service link
+ * of a Service named tributary or tributary-<more>. */
+static int service_link(const char *env)
+{
+    const char *eq = strchr(env, '=');
+    if (!eq || strncmp(env, "TRIBUTARY", 9) != 0)
+        return 0;
+    char name[256];
+    size_t n = (size_t)(eq - env);
+    if (n >= sizeof name)
+        return 0;
+    memcpy(name, env, n);
+    name[n] = '\0';
+    /* the Service's name ends at some '_': tributary, or tributary-<more>
+     * (letters, digits and '-', the last not a '-') */
+    for (size_t i = 9; i < n; i++) {
+        if (name[i] != '_')
+            continue;
+        int service =
+            i == 9 || (i > 10 && name[i - 1] != '_' &&
+                       strspn(name + 10, "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_") >= i - 10);
+        if (service && link_variable(name + i, eq + 1))
+            return 1;
+    }
+    return 0;
+}
+
 /* Sets what the environment gives. `defaults` holds each key's fingerprint
  * before the file was read: a key the file changed from its default and the
  * environment sets to another value is named in a warning, as an edit of the
@@ -1055,7 +1199,8 @@ static void load_env(struct config *c, const uint64_t *defaults, struct errs *e,
     }
     /* A mistyped variable would silently leave a default in force (with
      * TRIBUTARY_INBOUND_TOKEN, no authentication): an error, as an unknown key
-     * in the file is, unless the file reads it itself (os.getenv). */
+     * in the file is, unless the file reads it itself (os.getenv) or it is a
+     * Kubernetes service link. */
     for (char **env = environ; env && *env; env++) {
         if (strncmp(*env, "TRIBUTARY_", 10) != 0)
             continue;
@@ -1072,7 +1217,7 @@ static void load_env(struct config *c, const uint64_t *defaults, struct errs *e,
         }
         for (size_t i = 0; i < read->n && !known; i++)
             known = strlen(read->items[i]) == n && strncmp(read->items[i], *env, n) == 0;
-        if (known)
+        if (known || service_link(*env))
             continue;
         size_t best = SIZE_MAX;
         char nearest[140] = "";

@@ -366,6 +366,22 @@ class Cli(ServiceTest):
         self.assertIn(want, p.stderr)
         self.assertNotIn("token-0123456789abcdef", p.stderr + p.stdout)
 
+    def test_kubernetes_service_links_do_not_stop_check(self):
+        # what Kubernetes gives every pod of a namespace with a Service named tributary
+        links = {"TRIBUTARY_SERVICE_HOST": "10.96.0.12", "TRIBUTARY_SERVICE_PORT": "8080",
+                 "TRIBUTARY_SERVICE_PORT_HTTP": "8080",
+                 "TRIBUTARY_PORT": "tcp://10.96.0.12:8080",
+                 "TRIBUTARY_PORT_8080_TCP": "tcp://10.96.0.12:8080",
+                 "TRIBUTARY_PORT_8080_TCP_PROTO": "tcp", "TRIBUTARY_PORT_8080_TCP_PORT": "8080",
+                 "TRIBUTARY_PORT_8080_TCP_ADDR": "10.96.0.12"}
+        p = run_cli(["check"], env=links)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertEqual(p.stderr, "")
+        p = run_cli(["check"], env=dict(links, TRIBUTARY_LISTNE="0.0.0.0:8080"))
+        self.assertEqual(p.returncode, 1, p)
+        self.assertEqual(p.stderr.strip(), "unknown environment variable TRIBUTARY_LISTNE (did you "
+                                           "mean TRIBUTARY_LISTEN?)")
+
     def test_the_environment_overriding_a_value_the_file_changed_is_named_not_silent(self):
         d, conf = self.write_file(
             "tributary.conf.lua",

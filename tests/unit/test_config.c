@@ -485,6 +485,63 @@ START_TEST(test_an_environment_variable_the_file_reads_is_not_unknown)
 }
 END_TEST
 
+/* Kubernetes gives every pod variables for each Service of its namespace: a
+ * Service named tributary (or tributary-<more>) gives TRIBUTARY_* names that
+ * name no key. Left alone, they no longer stop the service; the same names
+ * with values Kubernetes does not write, and mistyped keys, are still refused. */
+START_TEST(test_kubernetes_service_links_are_not_unknown_variables)
+{
+    static const char *const links[][2] = {
+        {"TRIBUTARY_SERVICE_HOST", "10.96.0.12"},
+        {"TRIBUTARY_SERVICE_PORT", "8080"},
+        {"TRIBUTARY_SERVICE_PORT_HTTP", "8080"},
+        {"TRIBUTARY_SERVICE_PORT_STATSD_UDP", "8125"},
+        {"TRIBUTARY_PORT", "tcp://10.96.0.12:8080"},
+        {"TRIBUTARY_PORT_8080_TCP", "tcp://10.96.0.12:8080"},
+        {"TRIBUTARY_PORT_8080_TCP_PROTO", "tcp"},
+        {"TRIBUTARY_PORT_8080_TCP_PORT", "8080"},
+        {"TRIBUTARY_PORT_8080_TCP_ADDR", "10.96.0.12"},
+        {"TRIBUTARY_PORT_8125_UDP", "udp://10.96.0.12:8125"},
+        {"TRIBUTARY_PORT_8125_UDP_PROTO", "udp"},
+        {"TRIBUTARY_PORT_9000_SCTP_PROTO", "sctp"},
+        {"TRIBUTARY_METRICS_SERVICE_HOST", "fd00::c"},
+        {"TRIBUTARY_METRICS_PORT", "tcp://[fd00::c]:9090"},
+        {"TRIBUTARY_METRICS_PORT_9090_TCP", "tcp://[fd00::c]:9090"},
+        {"TRIBUTARY_METRICS_PORT_9090_TCP_ADDR", "fd00::c"},
+    };
+    for (size_t i = 0; i < ARRAY_LEN(links); i++)
+        ck_assert_int_eq(setenv(links[i][0], links[i][1], 1), 0);
+    struct config *c = NULL;
+    char err[4096] = "";
+    ck_assert_msg(config_load(&c, NULL, err, sizeof err) == 0, "%s", err);
+    ck_assert_ptr_null(c->warnings);
+    ck_assert_str_eq(c->listen, "127.0.0.1:8080");
+    config_unref(c);
+
+    static const char *const refused[][2] = {
+        {"TRIBUTARY_PORT", "9000"},
+        {"TRIBUTARY_SERVICE_HOST", "tributary.example"},
+        {"TRIBUTARY_SERVICE_PORT", "80a"},
+        {"TRIBUTARY_PORT_8080_TCP", "tcp://10.96.0.12:8081"},
+        {"TRIBUTARY_PORT_8080_TCP_PROTO", "udp"},
+        {"TRIBUTARY_PORT_8080_HTTP", "http://10.96.0.12:8080"},
+        {"TRIBUTARY_METRICS_PORT", "tcp://fd00::c:9090"},
+        {"TRIBUTARY_LISTNE", "0.0.0.0:8080"},
+    };
+    for (size_t i = 0; i < ARRAY_LEN(refused); i++) {
+        ck_assert_int_eq(setenv(refused[i][0], refused[i][1], 1), 0);
+        char want[256];
+        snprintf(want, sizeof want, "unknown environment variable %s", refused[i][0]);
+        ck_assert_int_eq(config_load(&c, NULL, err, sizeof err), -1);
+        ck_assert_msg(strncmp(err, want, strlen(want)) == 0 && !strchr(err, '\n'), "%s=%s: %s",
+                      refused[i][0], refused[i][1], err);
+        ck_assert_int_eq(unsetenv(refused[i][0]), 0);
+        for (size_t j = 0; j < ARRAY_LEN(links); j++) /* one may have replaced a link */
+            ck_assert_int_eq(setenv(links[j][0], links[j][1], 1), 0);
+    }
+}
+END_TEST
+
 START_TEST(test_empty_environment_data_dir_is_an_error_not_a_crash)
 {
     /* data_dir = "" in the file is refused with "data_dir must not be empty";
@@ -1126,6 +1183,7 @@ static Suite *suite(void)
         tc, test_names_in_comments_strings_functions_and_other_tables_are_not_keys_given_twice);
     tcase_add_test(tc, test_an_unknown_environment_variable_is_an_error_naming_the_nearest_key);
     tcase_add_test(tc, test_an_environment_variable_the_file_reads_is_not_unknown);
+    tcase_add_test(tc, test_kubernetes_service_links_are_not_unknown_variables);
     tcase_add_test(tc, test_empty_environment_data_dir_is_an_error_not_a_crash);
 
     tcase_add_test(tc, test_unknown_key_names_file_and_line);
