@@ -224,6 +224,7 @@ static void PRINTF(2, 3) warn_add(buf *warnings, const char *fmt, ...)
 }
 
 static int find_line(const char *src, const char *path);
+static int find_line_in(const char *src, const char *sections, const char *name, size_t n);
 
 struct loader {
     struct config *c;
@@ -267,6 +268,30 @@ static void choices_text(const struct key *k, char *out, size_t outlen)
     }
 }
 
+/* s[0..n) for a message: printable ASCII as it is, '\\' and the other bytes
+ * (a NUL among them) as Lua writes them in a string (\\, \x00); cut short
+ * with "..." to fit outlen (at least 4). */
+static void printable(const char *s, size_t n, char *out, size_t outlen)
+{
+    size_t j = 0;
+    out[0] = '\0';
+    for (size_t i = 0; i < n; i++) {
+        unsigned char b = (unsigned char)s[i];
+        char c[8] = {(char)b, '\0'};
+        if (b == '\\')
+            str_copy(c, sizeof c, "\\\\");
+        else if (b < 0x20 || b >= 0x7f)
+            snprintf(c, sizeof c, "\\x%02X", b);
+        size_t m = strlen(c);
+        if (j + m + 4 > outlen) { /* no room for it and "..." */
+            str_copy(out + j, outlen - j, "...");
+            return;
+        }
+        memcpy(out + j, c, m + 1);
+        j += m;
+    }
+}
+
 /* ---- values from the Lua file ------------------------------------------- */
 
 static void set_from_lua(struct loader *ld, lua_State *L, const struct key *k, const char *path);
@@ -285,6 +310,12 @@ static void set_apps_from_lua(struct loader *ld, lua_State *L)
         /* ... apps app_id platform */
         if (lua_type(L, -2) != LUA_TSTRING) {
             file_err(ld, "apps", "'apps' keys must be app_id strings");
+        } else if (memchr(lua_tostring(L, -2), '\0', lua_rawlen(L, -2))) {
+            /* read as C text, it would be another app_id */
+            char shown[128];
+            printable(lua_tostring(L, -2), lua_rawlen(L, -2), shown, sizeof shown);
+            file_err(ld, "apps", "'apps' keys must be app_ids without a NUL byte, found '%s'",
+                     shown);
         } else if (lua_type(L, -1) != LUA_TSTRING ||
                    feed_from_name(lua_tostring(L, -1), lua_rawlen(L, -1)) < 0) {
             file_err(ld, lua_tostring(L, -2),
@@ -443,8 +474,36 @@ static void walk(struct loader *ld, lua_State *L, const char *prefix)
             lua_pop(L, 1);
             continue;
         }
+        /* a '.' would name a key of a section ("http.threads") beside the
+         * section's table, one of the two taken as hashing orders them, and
+         * past the check of keys given twice; read as C text, a name is cut
+         * at a NUL byte: "listen\0x" would be taken as listen */
+        size_t n;
+        const char *name = lua_tolstring(L, -2, &n);
+        int nul = memchr(name, '\0', n) != NULL;
+        if (nul || memchr(name, '.', n)) {
+            char shown[128];
+            printable(name, n, shown, sizeof shown);
+            const char *table = *prefix ? prefix : "the configuration table";
+            int line = nul ? 0 : find_line_in(ld->src, prefix, name, n);
+            char where[300];
+            if (line)
+                snprintf(where, sizeof where, "%s:%d", ld->file, line);
+            else
+                str_copy(where, sizeof where, ld->file);
+            if (nul)
+                errs_add(ld->e, "%s: keys in %s must be names without a NUL byte, found '%s'",
+                         where, table, shown);
+            else
+                errs_add(ld->e,
+                         "%s: keys in %s must be names without '.' (sections are nested tables: "
+                         "http = { threads = 8 }), found '%s'",
+                         where, table, shown);
+            lua_pop(L, 1);
+            continue;
+        }
         char path[256];
-        snprintf(path, sizeof path, "%s%s%s", prefix, *prefix ? "." : "", lua_tostring(L, -2));
+        snprintf(path, sizeof path, "%s%s%s", prefix, *prefix ? "." : "", name);
         const struct key *k = find_key(path);
         if (k)
             set_from_lua(ld, L, k, path);
@@ -634,24 +693,38 @@ static int find_assignment(const char **p, int *line, const char *name, size_t n
     }
 }
 
-/* The line where a key path is assigned: each component is looked for after
- * the previous one, so feeds.web.key is found inside `web = {...}`. 0 when not
+/* The line where name[0..n) is assigned, taken whole, within the section
+ * `sections` ("" for the top; each of its components is looked for after the
+ * previous one, so feeds.web's key is found inside `web = {...}`). 0 when not
  * found. */
-static int find_line(const char *src, const char *path)
+static int find_line_in(const char *src, const char *sections, const char *name, size_t n)
 {
     if (!src)
         return 0;
     const char *p = src;
-    int line = 1, found = 0;
-    for (const char *c = path; *c;) {
+    int line = 1;
+    for (const char *c = sections; *c;) {
         const char *dot = strchr(c, '.');
-        size_t n = dot ? (size_t)(dot - c) : strlen(c);
-        found = find_assignment(&p, &line, c, n);
-        if (!found)
+        size_t m = dot ? (size_t)(dot - c) : strlen(c);
+        if (!find_assignment(&p, &line, c, m))
             return 0;
-        c += n + (dot ? 1 : 0);
+        c += m + (dot ? 1 : 0);
     }
-    return found;
+    return find_assignment(&p, &line, name, n);
+}
+
+/* The line where a key path is assigned (feeds.web.key inside `web = {...}`
+ * inside `feeds = {...}`); 0 when not found. */
+static int find_line(const char *src, const char *path)
+{
+    const char *last = strrchr(path, '.');
+    char sections[256] = "";
+    if (last && (size_t)(last - path) >= sizeof sections)
+        return 0;
+    if (last)
+        memcpy(sections, path, (size_t)(last - path));
+    const char *name = last ? last + 1 : path;
+    return find_line_in(src, sections, name, strlen(name));
 }
 
 static void key_given_twice(const char *file, struct scan_table *stack, int depth,

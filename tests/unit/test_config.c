@@ -401,6 +401,45 @@ START_TEST(test_a_key_given_twice_in_one_table_is_an_error_naming_both_lines)
 }
 END_TEST
 
+/* A '.' in a key's name named a key of a section beside the section's own
+ * table, past the check of keys given twice, and which of the two was taken
+ * hung on the order of Lua's hashing; a name read as C text was cut at a NUL
+ * byte and taken for another key. */
+START_TEST(test_a_key_name_with_a_dot_or_a_nul_byte_is_refused_naming_it)
+{
+    static const struct {
+        const char *src, *want;
+    } cases[] = {
+        {"return {\n  http = { threads = 8 },\n  [\"http.threads\"] = 2,\n}\n",
+         "%s:3: keys in the configuration table must be names without '.' (sections are nested "
+         "tables: http = { threads = 8 }), found 'http.threads'"},
+        {"return { inbound = { tokens = { \"a-token-0123456789\" } },\n"
+         "  [\"inbound.tokens\"] = { \"b-token-0123456789\" } }\n",
+         "%s:2: keys in the configuration table must be names without '.' (sections are nested "
+         "tables: http = { threads = 8 }), found 'inbound.tokens'"},
+        {"return { feeds = {\n  [\"ios.key\"] = \"k\", ios = { secret = \"s\" } } }\n",
+         "%s:2: keys in feeds must be names without '.' (sections are nested tables: http = { "
+         "threads = 8 }), found 'ios.key'"},
+        {"return { [\"listen\\0x\"] = \"0.0.0.0:8080\" }\n",
+         "%s: keys in the configuration table must be names without a NUL byte, found "
+         "'listen\\x00x'"},
+        {"return { log = { [\"level\\0\\\\\\n\"] = \"debug\" } }\n",
+         "%s: keys in log must be names without a NUL byte, found 'level\\x00\\\\\\x0A'"},
+        {"return {\n  apps = { [\"app\\0x\"] = \"ios\" } }\n",
+         "%s:2: 'apps' keys must be app_ids without a NUL byte, found 'app\\x00x'"},
+    };
+    for (size_t i = 0; i < ARRAY_LEN(cases); i++) {
+        const char *path = conf("key-name.lua", cases[i].src);
+        struct config *c = NULL;
+        char err[4096] = "", want[512];
+        ck_assert_msg(config_load(&c, path, err, sizeof err) == -1, "accepted: %s", cases[i].src);
+        snprintf(want, sizeof want, cases[i].want, path);
+        ck_assert_str_eq(err, want);
+        ck_assert_ptr_null(strstr(err, "token-0123456789"));
+    }
+}
+END_TEST
+
 START_TEST(test_names_in_comments_strings_functions_and_other_tables_are_not_keys_given_twice)
 {
     const char *path = conf(
@@ -1181,6 +1220,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_a_key_given_twice_in_one_table_is_an_error_naming_both_lines);
     tcase_add_test(
         tc, test_names_in_comments_strings_functions_and_other_tables_are_not_keys_given_twice);
+    tcase_add_test(tc, test_a_key_name_with_a_dot_or_a_nul_byte_is_refused_naming_it);
     tcase_add_test(tc, test_an_unknown_environment_variable_is_an_error_naming_the_nearest_key);
     tcase_add_test(tc, test_an_environment_variable_the_file_reads_is_not_unknown);
     tcase_add_test(tc, test_kubernetes_service_links_are_not_unknown_variables);
