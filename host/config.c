@@ -935,8 +935,9 @@ static void load_file(struct config *c, const char *path, struct errs *e, struct
 
 /* ---- values from the environment ---------------------------------------- */
 
+/* from_file: v is the content of the file the variable name names. */
 static void set_from_env(struct config *c, const struct key *k, const char *name, const char *v,
-                         struct errs *e)
+                         int from_file, struct errs *e)
 {
     switch (k->type) {
     case K_STR:
@@ -954,10 +955,35 @@ static void set_from_env(struct config *c, const struct key *k, const char *name
         return;
     }
     case K_INT: {
+        /* blanks around the number are not part of it, at either end (an env
+         * file or `docker -e` may leave one after it, or a "\r"); a '+' is
+         * refused, as in the file (Lua has no unary plus) */
+        const char *a = v, *b = v + strlen(v);
+        while (a < b && isspace((unsigned char)*a))
+            a++;
+        while (b > a && isspace((unsigned char)b[-1]))
+            b--;
+        size_t len = (size_t)(b - a), sign = len && *a == '-';
+        char text[64];
         int64_t n;
-        if (parse_int64(v, k->min, k->max, &n) != 0) {
+        int ok = len > sign && len < sizeof text && strspn(a + sign, "0123456789") >= len - sign;
+        if (ok) {
+            memcpy(text, a, len);
+            text[len] = '\0';
+            ok = parse_int64(text, k->min, k->max, &n) == 0;
+        }
+        if (!ok && from_file) {
+            /* a file named by a variable holds a secret, as a rule: one named
+             * here by mistake stays out of the message */
             errs_add(e, "%s: must be an integer between %lld and %lld", name, (long long)k->min,
                      (long long)k->max);
+            return;
+        }
+        if (!ok) {
+            char shown[128];
+            printable(v, strlen(v), shown, sizeof shown);
+            errs_add(e, "%s: must be an integer between %lld and %lld, not \"%s\"", name,
+                     (long long)k->min, (long long)k->max, shown);
             return;
         }
         *int_field(c, k) = n;
@@ -1256,11 +1282,11 @@ static void load_env(struct config *c, const uint64_t *defaults, struct errs *e,
         if (v && path) {
             errs_add(e, "%s and %s are both set; keep one", name, file_var);
         } else if (v) {
-            set_from_env(c, &KEYS[i], name, v, e);
+            set_from_env(c, &KEYS[i], name, v, 0, e);
         } else if (path) {
             char *from_file = value_from_file(&KEYS[i], file_var, path, e);
             if (from_file) {
-                set_from_env(c, &KEYS[i], file_var, from_file, e);
+                set_from_env(c, &KEYS[i], file_var, from_file, 1, e);
                 explicit_bzero(from_file, strlen(from_file)); /* a secret, as a rule */
             }
             free(from_file);

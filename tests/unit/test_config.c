@@ -347,6 +347,56 @@ START_TEST(test_environment_integer_overrides_file)
 }
 END_TEST
 
+/* An env file or `docker -e` may leave a blank or a "\r" after a value: an
+ * integer is read without the blanks around it, at either end alike (" 500"
+ * was taken, "500 " refused); a '+', which Lua does not take in the file, is
+ * refused; a refused value is shown, escaped, unless a file held it. */
+START_TEST(test_environment_integers_are_read_without_blanks_and_a_refused_one_is_shown)
+{
+    static const char *const taken[] = {" 500", "500 ", "\t500\r\n", " 500 "};
+    for (size_t i = 0; i < ARRAY_LEN(taken); i++) {
+        ck_assert_int_eq(setenv("TRIBUTARY_BATCH_LINGER_MS", taken[i], 1), 0);
+        struct config *c = NULL;
+        char err[4096] = "";
+        ck_assert_msg(config_load(&c, NULL, err, sizeof err) == 0, "'%s': %s", taken[i], err);
+        ck_assert_int_eq(c->batch_linger_ms, 500);
+        config_unref(c);
+    }
+    static const struct {
+        const char *value, *want;
+    } refused[] = {
+        {"+5", "TRIBUTARY_BATCH_LINGER_MS: must be an integer between 0 and 60000, not \"+5\""},
+        {"5 00", "TRIBUTARY_BATCH_LINGER_MS: must be an integer between 0 and 60000, not \"5 00\""},
+        {"500ms\r",
+         "TRIBUTARY_BATCH_LINGER_MS: must be an integer between 0 and 60000, not \"500ms\\x0D\""},
+        {" 60001 ",
+         "TRIBUTARY_BATCH_LINGER_MS: must be an integer between 0 and 60000, not \" 60001 \""},
+        {"", "TRIBUTARY_BATCH_LINGER_MS: must be an integer between 0 and 60000, not \"\""},
+    };
+    for (size_t i = 0; i < ARRAY_LEN(refused); i++) {
+        ck_assert_int_eq(setenv("TRIBUTARY_BATCH_LINGER_MS", refused[i].value, 1), 0);
+        struct config *c = NULL;
+        char err[4096] = "";
+        ck_assert_int_eq(config_load(&c, NULL, err, sizeof err), -1);
+        ck_assert_str_eq(err, refused[i].want);
+    }
+    ck_assert_int_eq(unsetenv("TRIBUTARY_BATCH_LINGER_MS"), 0);
+    /* from a file: the same rule, and what it holds is not shown */
+    char path[128];
+    snprintf(path, sizeof path, "%s/linger", root);
+    unit_write(path, " 250 \n");
+    ck_assert_int_eq(setenv("TRIBUTARY_BATCH_LINGER_MS_FILE", path, 1), 0);
+    struct config *c = NULL;
+    char err[4096] = "";
+    ck_assert_msg(config_load(&c, NULL, err, sizeof err) == 0, "%s", err);
+    ck_assert_int_eq(c->batch_linger_ms, 250);
+    config_unref(c);
+    unit_write(path, "secret-5d2e\n");
+    ck_assert_int_eq(config_load(&c, NULL, err, sizeof err), -1);
+    ck_assert_str_eq(err, "TRIBUTARY_BATCH_LINGER_MS_FILE: must be an integer between 0 and 60000");
+}
+END_TEST
+
 START_TEST(test_environment_token_list_is_split_on_commas_and_trimmed)
 {
     const char *path = conf("tokens.lua", "return { inbound = { tokens = { \"from-file\" } } }\n");
@@ -1215,6 +1265,8 @@ static Suite *suite(void)
     tcase_add_test(tc, test_os_getenv_is_available_in_config_file);
 
     tcase_add_test(tc, test_environment_integer_overrides_file);
+    tcase_add_test(tc,
+                   test_environment_integers_are_read_without_blanks_and_a_refused_one_is_shown);
     tcase_add_test(tc, test_environment_token_list_is_split_on_commas_and_trimmed);
     tcase_add_test(tc, test_environment_feed_credentials_override_file);
     tcase_add_test(tc, test_a_key_given_twice_in_one_table_is_an_error_naming_both_lines);
