@@ -229,8 +229,12 @@ static int find_line_in(const char *src, const char *sections, const char *name,
 struct loader {
     struct config *c;
     struct errs *e;
-    const char *file;
-    const char *src;
+    const char *file; /* NULL: none */
+    const char *src;  /* its text, NULL when not at hand */
+    /* for the checks after loading: each key's default fingerprint, and
+     * the line that sets it once looked for (0: not yet, -1: none found) */
+    const uint64_t *defaults;
+    int lines[CONFIG_KEYS_MAX];
 };
 
 static void PRINTF(3, 4) file_err(struct loader *ld, const char *path, const char *fmt, ...)
@@ -874,7 +878,7 @@ static void collect_env_read(lua_State *L, struct string_list *read, struct errs
 static void load_source(struct config *c, const char *path, const char *src, size_t len,
                         struct errs *e, struct string_list *read)
 {
-    struct loader ld = {c, e, path, src};
+    struct loader ld = {.c = c, .e = e, .file = path, .src = src};
     sandbox *sb = sandbox_new(SANDBOX_GETENV);
     if (!sb) {
         errs_add(e, "out of memory");
@@ -921,16 +925,6 @@ static void load_source(struct config *c, const char *path, const char *src, siz
     scan_source(path, src, e, read);
 done:
     sandbox_free(sb);
-}
-
-static void load_file(struct config *c, const char *path, struct errs *e, struct string_list *read)
-{
-    size_t len = 0;
-    char *src = read_file(path, &len, e);
-    if (!src)
-        return;
-    load_source(c, path, src, len, e, read);
-    free(src);
 }
 
 /* ---- values from the environment ---------------------------------------- */
@@ -1263,8 +1257,9 @@ static int service_link(const char *env)
     return 0;
 }
 
-/* Sets what the environment gives. `defaults` holds each key's fingerprint
- * before the file was read: a key the file changed from its default and the
+/* Sets what the environment gives, and which keys it set in c->from_env.
+ * `defaults` holds each key's fingerprint before the file was read, and
+ * c->file_value after: a key the file changed from its default and the
  * environment sets to another value is named in a warning, as an edit of the
  * file would otherwise have no effect without a word. read: the environment
  * variables the configuration file reads itself (os.getenv). */
@@ -1273,7 +1268,6 @@ static void load_env(struct config *c, const uint64_t *defaults, struct errs *e,
 {
     char name[128], file_var[140];
     for (size_t i = 0; i < ARRAY_LEN(KEYS); i++) {
-        c->file_value[i] = fingerprint(c, &KEYS[i]);
         if (KEYS[i].type == K_APPS)
             continue;
         env_name(KEYS[i].path, name, sizeof name);
@@ -1291,7 +1285,7 @@ static void load_env(struct config *c, const uint64_t *defaults, struct errs *e,
             }
             free(from_file);
         }
-        c->from_env[i] = v || path;
+        c->from_env[i] = v ? 1 : path ? 2 : 0;
         if (c->from_env[i] && c->file && c->file_value[i] != defaults[i] &&
             fingerprint(c, &KEYS[i]) != c->file_value[i])
             warn_add(warnings, "%s overrides %s of %s", v ? name : file_var, KEYS[i].path, c->file);
@@ -1520,17 +1514,63 @@ static int token_text(const char *t)
     return 1;
 }
 
+/* An error found in values that passed one by one, after where the keys
+ * involved (key, and other unless NULL) got them: the TRIBUTARY_* variable
+ * that set one, the file (and the line that sets one, when it is found) that
+ * did; a key at its default adds nothing. Values are never shown here. */
+static void PRINTF(4, 5)
+    check_err(struct loader *ld, const char *key, const char *other, const char *fmt, ...)
+{
+    char msg[ERR_LEN], where[400] = "";
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    const char *keys[] = {key, other};
+    int file_named = 0;
+    for (size_t i = 0; i < ARRAY_LEN(keys); i++) {
+        const struct key *k = keys[i] ? find_key(keys[i]) : NULL;
+        if (!k)
+            continue;
+        size_t at = strlen(where), j = (size_t)(k - KEYS);
+        const char *sep = at ? ", " : "";
+        if (ld->c->from_env[j]) {
+            char name[128];
+            env_name(k->path, name, sizeof name);
+            snprintf(where + at, sizeof where - at, "%s%s%s", sep, name,
+                     ld->c->from_env[j] == 2 ? "_FILE" : "");
+            continue;
+        }
+        if (!ld->file || file_named)
+            continue;
+        if (!ld->lines[j]) {
+            int found = find_line(ld->src, k->path);
+            ld->lines[j] = found ? found : -1;
+        }
+        int line = ld->lines[j];
+        if (line > 0)
+            snprintf(where + at, sizeof where - at, "%s%s:%d", sep, ld->file, line);
+        else if (ld->c->file_value[j] != ld->defaults[j])
+            snprintf(where + at, sizeof where - at, "%s%s", sep, ld->file);
+        file_named = strlen(where) > at;
+    }
+    if (*where)
+        errs_add(ld->e, "%s: %s", where, msg);
+    else
+        errs_add(ld->e, "%s", msg);
+}
+
 /* A base URL such as https://s2s.mparticle.com. http:// is allowed only towards
  * loopback (test doubles, local proxies). The URL itself is not echoed: it may
  * hold a user name and password. */
-static void check_url(const char *what, const char *url, struct errs *e)
+static void check_url(struct loader *ld, const char *what, const char *url)
 {
     const char *api = api_path_of(url);
     if (api)
-        errs_add(e,
-                 "%s: ends in %s, but it is the base URL (such as https://s2s.mparticle.com): "
-                 "tributary appends " MPARTICLE_BULK_PATH " itself",
-                 what, api);
+        check_err(ld, what, NULL,
+                  "%s: ends in %s, but it is the base URL (such as https://s2s.mparticle.com): "
+                  "tributary appends " MPARTICLE_BULK_PATH " itself",
+                  what, api);
     if (strncmp(url, "https://", 8) == 0 && url[8])
         return;
     if (strncmp(url, "http://", 7) == 0) {
@@ -1555,10 +1595,11 @@ static void check_url(const char *what, const char *url, struct errs *e)
             if (config_host_is_loopback(host))
                 return;
         }
-        errs_add(e, "%s: plain http:// is only allowed to a loopback address; use https://", what);
+        check_err(ld, what, NULL,
+                  "%s: plain http:// is only allowed to a loopback address; use https://", what);
         return;
     }
-    errs_add(e, "%s: must be an https:// URL", what);
+    check_err(ld, what, NULL, "%s: must be an https:// URL", what);
 }
 
 /* n bytes of name: UTF-8 (it is a label value in /metrics, which must be)
@@ -1593,39 +1634,43 @@ const char *config_workspace_problem(const struct config *c, const char *name, s
  * the address it listens on); the other commands read data_dir and rules_dir
  * with the service's file, where the inbound secrets may come from an
  * environment they do not have. */
-static void check(struct config *c, struct errs *e, int serving)
+static void check(struct loader *ld, int serving)
 {
+    struct config *c = ld->c;
+    struct errs *e = ld->e;
     for (size_t i = 0; i < ARRAY_LEN(KEYS); i++) {
         const struct key *k = &KEYS[i];
         if ((k->type == K_STR || k->type == K_ENUM) && !optional(k) && !**str_field(c, k))
-            errs_add(e, "%s must not be empty", k->path);
+            check_err(ld, k->path, NULL, "%s must not be empty", k->path);
     }
     if (e->count)
         return;
     char host[256];
     int port;
     if (config_listen_addr(c, host, sizeof host, &port) != 0)
-        errs_add(e, "listen: must be HOST:PORT (127.0.0.1:8080, [::1]:8080)");
+        check_err(ld, "listen", NULL, "listen: must be HOST:PORT (127.0.0.1:8080, [::1]:8080)");
     else if (serving && !config_host_is_loopback(host) && c->inbound_tokens.n == 0 &&
              c->inbound_hmac_secrets.n == 0)
-        errs_add(e,
-                 "listen: refusing to listen on non-loopback address %s without "
-                 "inbound.tokens (TRIBUTARY_INBOUND_TOKENS) or inbound.hmac_secrets",
-                 host);
+        check_err(ld, "listen", NULL,
+                  "listen: refusing to listen on non-loopback address %s without "
+                  "inbound.tokens (TRIBUTARY_INBOUND_TOKENS) or inbound.hmac_secrets",
+                  host);
     const char *req = c->inbound_require;
     if (serving && (strcmp(req, "token") == 0 || strcmp(req, "both") == 0) &&
         c->inbound_tokens.n == 0)
-        errs_add(e, "inbound.require = \"%s\" needs inbound.tokens", req);
+        check_err(ld, "inbound.require", NULL, "inbound.require = \"%s\" needs inbound.tokens",
+                  req);
     if (serving && (strcmp(req, "signature") == 0 || strcmp(req, "both") == 0) &&
         c->inbound_hmac_secrets.n == 0)
-        errs_add(e, "inbound.require = \"%s\" needs inbound.hmac_secrets", req);
+        check_err(ld, "inbound.require", NULL,
+                  "inbound.require = \"%s\" needs inbound.hmac_secrets", req);
     /* Braze does not split a batch answered 503: one that could never fit
      * would be retried for days */
     if (c->queue_max_depth < c->inbound_max_events)
-        errs_add(e,
-                 "queue.max_depth (%lld) must be at least inbound.max_events (%lld): a request "
-                 "that large could never be queued",
-                 (long long)c->queue_max_depth, (long long)c->inbound_max_events);
+        check_err(ld, "queue.max_depth", "inbound.max_events",
+                  "queue.max_depth (%lld) must be at least inbound.max_events (%lld): a request "
+                  "that large could never be queued",
+                  (long long)c->queue_max_depth, (long long)c->inbound_max_events);
     /* room for the largest body besides one awaiting its signature check,
      * which never takes that room (a 503 busy is retried as it is, unsplit);
      * unset, 256 MiB or two such bodies */
@@ -1633,10 +1678,10 @@ static void check(struct config *c, struct errs *e, int serving)
     if (c->inbound_body_memory_mb == 0)
         c->inbound_body_memory_mb = two_bodies_mb > 256 ? two_bodies_mb : 256;
     if ((c->inbound_body_memory_mb << 20) / 2 < c->inbound_max_body_bytes)
-        errs_add(e,
-                 "inbound.body_memory_mb (%lld) must hold two bodies of inbound.max_body_bytes "
-                 "(%lld): the largest request, and as much besides for the others",
-                 (long long)c->inbound_body_memory_mb, (long long)c->inbound_max_body_bytes);
+        check_err(ld, "inbound.body_memory_mb", "inbound.max_body_bytes",
+                  "inbound.body_memory_mb (%lld) must hold two bodies of inbound.max_body_bytes "
+                  "(%lld): the largest request, and as much besides for the others",
+                  (long long)c->inbound_body_memory_mb, (long long)c->inbound_max_body_bytes);
     free(c->trusted_nets);
     c->ntrusted_nets = 0;
     c->trusted_nets = calloc(c->http_trusted_proxies.n + 1, sizeof(*c->trusted_nets));
@@ -1647,8 +1692,8 @@ static void check(struct config *c, struct errs *e, int serving)
         if (parse_ip_net(a, &c->trusted_nets[c->ntrusted_nets]) == 0)
             c->ntrusted_nets++;
         else
-            errs_add(e, "http.trusted_proxies: item %zu is not an IP address or CIDR network",
-                     i + 1);
+            check_err(ld, "http.trusted_proxies", NULL,
+                      "http.trusted_proxies: item %zu is not an IP address or CIDR network", i + 1);
     }
     /* files the service reads later, found missing now rather than at the first
      * TLS handshake */
@@ -1663,76 +1708,87 @@ static void check(struct config *c, struct errs *e, int serving)
         int fd = files[i + 1] && *files[i + 1] ? open(files[i + 1], O_RDONLY | O_CLOEXEC) : -2;
         struct stat st;
         if (fd == -1)
-            errs_add(e, "%s: cannot read %s: %s", files[i], files[i + 1], strerror(errno));
+            check_err(ld, files[i], NULL, "%s: cannot read %s: %s", files[i], files[i + 1],
+                      strerror(errno));
         else if (fd >= 0 && files[i + 1] == c->tls_key && fstat(fd, &st) == 0 && (st.st_mode & 077))
-            errs_add(e, "tls.key: %s must not be readable by group or others (chmod 600)",
-                     files[i + 1]);
+            check_err(ld, "tls.key", NULL,
+                      "tls.key: %s must not be readable by group or others (chmod 600)",
+                      files[i + 1]);
         unreadable |= fd == -1;
         if (fd >= 0)
             close(fd);
     }
     if (!c->tls_cert != !c->tls_key)
-        errs_add(e, "tls: cert and key must be set together (only the %s is set)",
-                 c->tls_cert ? "cert" : "key");
+        check_err(ld, c->tls_cert ? "tls.cert" : "tls.key", NULL,
+                  "tls: cert and key must be set together (only the %s is set)",
+                  c->tls_cert ? "cert" : "key");
     /* what they hold, as the listener and curl will read it: a certificate
      * and its key, trusted certificates */
     char pem_err[512];
     if (serving && !unreadable && c->tls_cert && c->tls_key &&
         tls_check_pair(c->tls_cert, c->tls_key, 0, pem_err, sizeof pem_err) != 0)
-        errs_add(e, "%s", pem_err);
+        check_err(ld, "tls.cert", "tls.key", "%s", pem_err);
     if (serving && !unreadable && c->mparticle_ca_bundle && *c->mparticle_ca_bundle &&
         tls_check_ca_bundle(c->mparticle_ca_bundle, pem_err, sizeof pem_err) != 0)
-        errs_add(e, "%s", pem_err);
-    check_url("mparticle.url", c->mparticle_url, e);
+        check_err(ld, "mparticle.ca_bundle", NULL, "%s", pem_err);
+    check_url(ld, "mparticle.url", c->mparticle_url);
     for (int f = 0; f < FEED_COUNT; f++) {
         struct feed_config *fc = &c->feeds[f];
+        char key[64], secret[64];
+        snprintf(key, sizeof key, "feeds.%s.key", FEED_NAMES[f]);
+        snprintf(secret, sizeof secret, "feeds.%s.secret", FEED_NAMES[f]);
         if (!fc->key != !fc->secret)
-            errs_add(e, "feeds.%s: key and secret must be set together (only the %s is set)",
-                     FEED_NAMES[f], fc->key ? "key" : "secret");
+            check_err(ld, fc->key ? key : secret, NULL,
+                      "feeds.%s: key and secret must be set together (only the %s is set)",
+                      FEED_NAMES[f], fc->key ? "key" : "secret");
         const char *parts[] = {fc->key, fc->secret}, *names[] = {"key", "secret"};
+        const char *paths[] = {key, secret};
         for (int i = 0; i < 2; i++) {
             if (!parts[i])
                 continue;
             if (strlen(parts[i]) > MPARTICLE_MAX_CREDENTIAL_CHARS)
-                errs_add(e, "feeds.%s.%s: longer than %d characters (mParticle's are far shorter)",
-                         FEED_NAMES[f], names[i], MPARTICLE_MAX_CREDENTIAL_CHARS);
+                check_err(ld, paths[i], NULL,
+                          "feeds.%s.%s: longer than %d characters (mParticle's are far shorter)",
+                          FEED_NAMES[f], names[i], MPARTICLE_MAX_CREDENTIAL_CHARS);
             /* sent as they are in Basic auth: a line end copied with one
              * would make mParticle refuse the feed at its first send */
             if (!token_text(parts[i]))
-                errs_add(e,
-                         "feeds.%s.%s contains a space, a control character or a byte that is "
-                         "not ASCII (mParticle's have none)",
-                         FEED_NAMES[f], names[i]);
+                check_err(ld, paths[i], NULL,
+                          "feeds.%s.%s contains a space, a control character or a byte that is "
+                          "not ASCII (mParticle's have none)",
+                          FEED_NAMES[f], names[i]);
             else if (i == 0 && strchr(parts[i], ':'))
-                errs_add(e,
-                         "feeds.%s.key contains ':', which Basic auth cannot carry in a user name",
-                         FEED_NAMES[f]);
+                check_err(ld, paths[i], NULL,
+                          "feeds.%s.key contains ':', which Basic auth cannot carry in a user name",
+                          FEED_NAMES[f]);
         }
         if (fc->url) {
             char what[64];
             snprintf(what, sizeof what, "feeds.%s.url", FEED_NAMES[f]);
-            check_url(what, fc->url, e);
+            check_url(ld, what, fc->url);
         }
     }
     if (c->retry_base_ms > c->retry_max_ms)
-        errs_add(e, "retry.base_ms (%lld) must not exceed retry.max_ms (%lld)",
-                 (long long)c->retry_base_ms, (long long)c->retry_max_ms);
+        check_err(ld, "retry.base_ms", "retry.max_ms",
+                  "retry.base_ms (%lld) must not exceed retry.max_ms (%lld)",
+                  (long long)c->retry_base_ms, (long long)c->retry_max_ms);
     for (size_t i = 0; i < c->inbound_workspaces.n; i++) {
         const char *w = c->inbound_workspaces.items[i];
         if (!workspace_name_ok(w, strlen(w)))
-            errs_add(e,
-                     "inbound.workspaces: item %zu is not a workspace name (UTF-8, 1 to %d "
-                     "bytes, no control characters)",
-                     i + 1, CONFIG_WORKSPACE_MAX);
+            check_err(ld, "inbound.workspaces", NULL,
+                      "inbound.workspaces: item %zu is not a workspace name (UTF-8, 1 to %d "
+                      "bytes, no control characters)",
+                      i + 1, CONFIG_WORKSPACE_MAX);
     }
     /* a bearer token is read without the spaces around it: one with a space
      * or a control character in it could never be presented */
     for (size_t i = 0; i < c->inbound_tokens.n; i++) {
         if (!token_text(c->inbound_tokens.items[i]))
-            errs_add(e, "inbound.tokens: token %zu contains a space or control character", i + 1);
+            check_err(ld, "inbound.tokens", NULL,
+                      "inbound.tokens: token %zu contains a space or control character", i + 1);
     }
     if (c->admin_token && !token_text(c->admin_token))
-        errs_add(e, "admin.token contains a space or control character");
+        check_err(ld, "admin.token", NULL, "admin.token contains a space or control character");
 }
 
 /* Inbound secrets shorter than this are named in a warning at start: one that
@@ -1832,6 +1888,7 @@ static int load(struct config **out, const char *path, const char *src, size_t l
         defaults[i] = fingerprint(c, &KEYS[i]);
 
     struct string_list env_read = {0};
+    char *text = NULL; /* the file's, kept for the lines the checks name */
     if (src) {
         load_source(c, path, src, len, &e, &env_read);
     } else {
@@ -1840,14 +1897,20 @@ static int load(struct config **out, const char *path, const char *src, size_t l
             path = CONFIG_DEFAULT_FILE;
         if (path) {
             c->file = strdup(path);
-            load_file(c, path, &e, &env_read);
+            text = read_file(path, &len, &e);
+            if (text)
+                load_source(c, path, text, len, &e, &env_read);
+            src = text;
         }
     }
+    for (size_t i = 0; i < ARRAY_LEN(KEYS); i++)
+        c->file_value[i] = fingerprint(c, &KEYS[i]);
     if (e.count == 0 && env)
         load_env(c, defaults, &e, &warnings, &env_read, env);
     list_free(&env_read);
+    struct loader ld = {.c = c, .e = &e, .file = path, .src = src, .defaults = defaults};
     if (e.count == 0)
-        check(c, &e, serving);
+        check(&ld, serving);
     if (e.count == 0)
         warn_pods(&warnings, c);
     if (e.count == 0 && serving) {
@@ -1875,6 +1938,7 @@ static int load(struct config **out, const char *path, const char *src, size_t l
                      MIN_FREE_SAFE_MB);
     }
 
+    free(text);
     if (e.count) {
         str_copy(err, errlen, e.b.data ? e.b.data : "invalid configuration");
         buf_free(&e.b);

@@ -7,8 +7,9 @@
  * load: a secret replaced in that file takes effect on a reload, where the
  * process's own environment cannot change.
  *
- * Unknown keys and wrong types are errors naming the file and line. Values of
- * secret keys (tokens, keys, secrets) never appear in messages.
+ * Unknown keys and wrong types are errors naming the file and line; values
+ * found wrong once all are read name it too, or the variable that gave them.
+ * Values of secret keys (tokens, keys, secrets) never appear in messages.
  *
  * A loaded config is immutable and reference counted, so a reload can swap it
  * while requests still hold the old one.
@@ -56,7 +57,8 @@ struct config {
     char *file;     /* the file read, NULL when running on defaults */
     char *warnings; /* newline-separated notes for the log, or NULL */
     /* per key: a fingerprint of the value the file gave (or the default), and
-     * whether the environment set it instead (see config_shadowed_changes) */
+     * whether the environment set it instead (see config_shadowed_changes):
+     * 1 its variable, 2 its TRIBUTARY_<KEY>_FILE */
     uint64_t file_value[CONFIG_KEYS_MAX];
     unsigned char from_env[CONFIG_KEYS_MAX];
 

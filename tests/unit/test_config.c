@@ -66,6 +66,14 @@ static const char *conf(const char *name, const char *lua)
     return path;
 }
 
+/* err is msg after the file and line that gave the values it is about. */
+#define ck_assert_err_at(err, path, line, msg)                                                     \
+    do {                                                                                           \
+        char want_[1024];                                                                          \
+        snprintf(want_, sizeof want_, "%s:%d: %s", (path), (line), (msg));                         \
+        ck_assert_str_eq((err), want_);                                                            \
+    } while (0)
+
 static int has_app(const struct config *c, const char *app_id, enum feed f)
 {
     for (size_t i = 0; i < c->napps; i++) {
@@ -816,7 +824,67 @@ START_TEST(test_retry_base_above_max_is_refused)
     struct config *c = NULL;
     char err[4096] = "";
     ck_assert_int_eq(config_load(&c, path, err, sizeof err), -1);
-    ck_assert_str_eq(err, "retry.base_ms (5000) must not exceed retry.max_ms (4000)");
+    ck_assert_err_at(err, path, 1, "retry.base_ms (5000) must not exceed retry.max_ms (4000)");
+}
+END_TEST
+
+/* An error in values that passed one by one names where they came from: the
+ * file and the line that sets them, or the variable; a key at its default
+ * adds nothing. */
+START_TEST(test_errors_after_loading_name_the_file_and_line_or_the_variable_of_the_values)
+{
+    const char *path = conf("checked.lua", "return {\n"
+                                           "  retry = {\n"
+                                           "    base_ms = 5000,\n"
+                                           "    max_ms = 4000,\n"
+                                           "  },\n"
+                                           "  listen = \"localhost\",\n"
+                                           "  feeds = { web = {\n"
+                                           "    secret = \"web-secret-5f3a\" } },\n"
+                                           "}\n");
+    struct config *c = NULL;
+    char err[4096] = "", want[1024];
+    ck_assert_int_eq(config_load(&c, path, err, sizeof err), -1);
+    snprintf(want, sizeof want,
+             "%s:6: listen: must be HOST:PORT (127.0.0.1:8080, [::1]:8080)\n"
+             "%s:8: feeds.web: key and secret must be set together (only the secret is set)\n"
+             "%s:3: retry.base_ms (5000) must not exceed retry.max_ms (4000)",
+             path, path, path);
+    ck_assert_str_eq(err, want);
+
+    /* the environment, alone or beside the file */
+    path = conf("max.lua", "return {\n  retry = { max_ms = 4000 } }\n");
+    ck_assert_int_eq(setenv("TRIBUTARY_RETRY_BASE_MS", "5000", 1), 0);
+    ck_assert_int_eq(setenv("TRIBUTARY_LISTEN", "localhost", 1), 0);
+    ck_assert_int_eq(config_load(&c, path, err, sizeof err), -1);
+    snprintf(want, sizeof want,
+             "TRIBUTARY_LISTEN: listen: must be HOST:PORT (127.0.0.1:8080, [::1]:8080)\n"
+             "TRIBUTARY_RETRY_BASE_MS, %s:2: retry.base_ms (5000) must not exceed retry.max_ms "
+             "(4000)",
+             path);
+    ck_assert_str_eq(err, want);
+    ck_assert_int_eq(unsetenv("TRIBUTARY_LISTEN"), 0);
+    ck_assert_int_eq(unsetenv("TRIBUTARY_RETRY_BASE_MS"), 0);
+    ck_assert_int_eq(setenv("TRIBUTARY_RETRY_MAX_MS", "500", 1), 0);
+    ck_assert_int_eq(config_load(&c, NULL, err, sizeof err), -1);
+    ck_assert_str_eq(err, "TRIBUTARY_RETRY_MAX_MS: retry.base_ms (1000) must not exceed "
+                          "retry.max_ms (500)");
+    ck_assert_int_eq(unsetenv("TRIBUTARY_RETRY_MAX_MS"), 0);
+    char depth[128];
+    snprintf(depth, sizeof depth, "%s/depth", root);
+    unit_write(depth, "3\n");
+    ck_assert_int_eq(setenv("TRIBUTARY_QUEUE_MAX_DEPTH_FILE", depth, 1), 0);
+    ck_assert_int_eq(config_load(&c, NULL, err, sizeof err), -1);
+    ck_assert_str_eq(err, "TRIBUTARY_QUEUE_MAX_DEPTH_FILE: queue.max_depth (3) must be at least "
+                          "inbound.max_events (10000): a request that large could never be "
+                          "queued");
+    ck_assert_int_eq(unsetenv("TRIBUTARY_QUEUE_MAX_DEPTH_FILE"), 0);
+
+    /* a value the file gives where no line says it: the file alone */
+    path = conf("computed.lua", "local t = {}\nt[\"list\" .. \"en\"] = \"localhost\"\nreturn t\n");
+    ck_assert_int_eq(config_load(&c, path, err, sizeof err), -1);
+    snprintf(want, sizeof want, "%s: listen: must be HOST:PORT (127.0.0.1:8080, [::1]:8080)", path);
+    ck_assert_str_eq(err, want);
 }
 END_TEST
 
@@ -844,7 +912,7 @@ START_TEST(test_key_without_secret_is_refused_without_echoing_key)
     struct config *c = NULL;
     char err[4096] = "";
     ck_assert_int_eq(config_load(&c, path, err, sizeof err), -1);
-    ck_assert_str_eq(err,
+    ck_assert_err_at(err, path, 1,
                      "feeds.android: key and secret must be set together (only the key is set)");
     ck_assert_ptr_null(strstr(err, "android-key-do-not-log"));
 }
@@ -861,7 +929,7 @@ START_TEST(test_a_feed_secret_over_256_characters_is_refused_without_echoing_it)
     struct config *c = NULL;
     char err[4096] = "";
     ck_assert_int_eq(config_load(&c, path, err, sizeof err), -1);
-    ck_assert_str_eq(err,
+    ck_assert_err_at(err, path, 1,
                      "feeds.ios.secret: longer than 256 characters (mParticle's are far shorter)");
     snprintf(src, sizeof src, "return { feeds = { ios = { key = \"k\", secret = \"%0256d\" } } }\n",
              42);
@@ -910,8 +978,8 @@ START_TEST(test_secret_without_key_from_environment_is_refused_without_echoing_s
     struct config *c = NULL;
     char err[4096] = "";
     ck_assert_int_eq(config_load(&c, NULL, err, sizeof err), -1);
-    ck_assert_str_eq(err,
-                     "feeds.web: key and secret must be set together (only the secret is set)");
+    ck_assert_str_eq(err, "TRIBUTARY_FEEDS_WEB_SECRET: feeds.web: key and secret must be set "
+                          "together (only the secret is set)");
     ck_assert_ptr_null(strstr(err, "web-secret-do-not-log"));
 }
 END_TEST
@@ -990,8 +1058,9 @@ START_TEST(test_non_loopback_listen_without_tokens_is_refused)
     struct config *c = NULL;
     char err[4096] = "";
     ck_assert_int_eq(config_load(&c, path, err, sizeof err), -1);
-    ck_assert_str_eq(err, "listen: refusing to listen on non-loopback address 0.0.0.0 without "
-                          "inbound.tokens (TRIBUTARY_INBOUND_TOKENS) or inbound.hmac_secrets");
+    ck_assert_err_at(err, path, 1,
+                     "listen: refusing to listen on non-loopback address 0.0.0.0 without "
+                     "inbound.tokens (TRIBUTARY_INBOUND_TOKENS) or inbound.hmac_secrets");
 }
 END_TEST
 
@@ -1102,12 +1171,13 @@ START_TEST(test_a_ca_bundle_that_cannot_be_read_is_refused)
     struct config *c = NULL;
     char err[4096] = "";
     ck_assert_int_eq(config_load(&c, path, err, sizeof err), -1);
-    ck_assert_str_eq(
-        err, "mparticle.ca_bundle: cannot read /nonexistent/ca.pem: No such file or directory");
+    ck_assert_err_at(
+        err, path, 1,
+        "mparticle.ca_bundle: cannot read /nonexistent/ca.pem: No such file or directory");
     /* one that holds no certificate, as curl would find at the first send */
     path = conf("ca-empty.lua", "return { mparticle = { ca_bundle = \"/dev/null\" } }\n");
     ck_assert_int_eq(config_load(&c, path, err, sizeof err), -1);
-    ck_assert_str_eq(err,
+    ck_assert_err_at(err, path, 1,
                      "mparticle.ca_bundle: /dev/null holds no PEM certificate that can be read");
     /* the system's bundle (package ca-certificates) is taken */
     path = conf("ca-ok.lua", "return { mparticle = { ca_bundle = "
@@ -1125,7 +1195,8 @@ START_TEST(test_trusted_proxies_must_be_ip_addresses_or_networks)
     struct config *c = NULL;
     char err[4096] = "";
     ck_assert_int_eq(config_load(&c, path, err, sizeof err), -1);
-    ck_assert_str_eq(err, "http.trusted_proxies: item 2 is not an IP address or CIDR network");
+    ck_assert_err_at(err, path, 1,
+                     "http.trusted_proxies: item 2 is not an IP address or CIDR network");
     path =
         conf("proxies-cidr.lua", "return { http = { trusted_proxies = { \"10.0.0.0/33\" } } }\n");
     ck_assert_int_eq(config_load(&c, path, err, sizeof err), -1);
@@ -1151,8 +1222,9 @@ START_TEST(test_plain_http_to_remote_host_is_refused)
     struct config *c = NULL;
     char err[4096] = "";
     ck_assert_int_eq(config_load(&c, path, err, sizeof err), -1);
-    ck_assert_str_eq(err, "mparticle.url: plain http:// is only allowed to a loopback address; "
-                          "use https://");
+    ck_assert_err_at(err, path, 1,
+                     "mparticle.url: plain http:// is only allowed to a loopback address; "
+                     "use https://");
 }
 END_TEST
 
@@ -1164,8 +1236,9 @@ START_TEST(test_plain_http_to_dns_name_starting_with_127_is_refused)
     struct config *c = NULL;
     char err[4096] = "";
     ck_assert_int_eq(config_load(&c, path, err, sizeof err), -1);
-    ck_assert_str_eq(err, "mparticle.url: plain http:// is only allowed to a loopback address; "
-                          "use https://");
+    ck_assert_err_at(err, path, 1,
+                     "mparticle.url: plain http:// is only allowed to a loopback address; "
+                     "use https://");
 }
 END_TEST
 
@@ -1177,8 +1250,9 @@ START_TEST(test_plain_http_with_loopback_userinfo_is_refused)
     struct config *c = NULL;
     char err[4096] = "";
     ck_assert_int_eq(config_load(&c, path, err, sizeof err), -1);
-    ck_assert_str_eq(err, "mparticle.url: plain http:// is only allowed to a loopback address; "
-                          "use https://");
+    ck_assert_err_at(err, path, 1,
+                     "mparticle.url: plain http:// is only allowed to a loopback address; "
+                     "use https://");
 }
 END_TEST
 
@@ -1189,8 +1263,9 @@ START_TEST(test_plain_http_feed_url_to_remote_host_is_refused)
     struct config *c = NULL;
     char err[4096] = "";
     ck_assert_int_eq(config_load(&c, path, err, sizeof err), -1);
-    ck_assert_str_eq(err, "feeds.web.url: plain http:// is only allowed to a loopback address; "
-                          "use https://");
+    ck_assert_err_at(err, path, 1,
+                     "feeds.web.url: plain http:// is only allowed to a loopback address; "
+                     "use https://");
 }
 END_TEST
 
@@ -1202,8 +1277,9 @@ START_TEST(test_mparticle_url_ending_in_the_bulk_path_is_refused_as_not_a_base_u
     struct config *c = NULL;
     char err[4096] = "";
     ck_assert_int_eq(config_load(&c, path, err, sizeof err), -1);
-    ck_assert_str_eq(err, "mparticle.url: ends in /v2/bulkevents, but it is the base URL (such as "
-                          "https://s2s.mparticle.com): tributary appends /v2/bulkevents itself");
+    ck_assert_err_at(err, path, 1,
+                     "mparticle.url: ends in /v2/bulkevents, but it is the base URL (such as "
+                     "https://s2s.mparticle.com): tributary appends /v2/bulkevents itself");
 }
 END_TEST
 
@@ -1215,8 +1291,9 @@ START_TEST(test_feed_url_ending_in_the_events_path_and_a_slash_is_refused_as_not
     struct config *c = NULL;
     char err[4096] = "";
     ck_assert_int_eq(config_load(&c, path, err, sizeof err), -1);
-    ck_assert_str_eq(err, "feeds.ios.url: ends in /v2/events, but it is the base URL (such as "
-                          "https://s2s.mparticle.com): tributary appends /v2/bulkevents itself");
+    ck_assert_err_at(err, path, 1,
+                     "feeds.ios.url: ends in /v2/events, but it is the base URL (such as "
+                     "https://s2s.mparticle.com): tributary appends /v2/bulkevents itself");
 }
 END_TEST
 
@@ -1228,8 +1305,9 @@ START_TEST(test_loopback_url_ending_in_the_bulk_path_and_a_slash_is_refused)
     struct config *c = NULL;
     char err[4096] = "";
     ck_assert_int_eq(config_load(&c, path, err, sizeof err), -1);
-    ck_assert_str_eq(err, "mparticle.url: ends in /v2/bulkevents, but it is the base URL (such as "
-                          "https://s2s.mparticle.com): tributary appends /v2/bulkevents itself");
+    ck_assert_err_at(err, path, 1,
+                     "mparticle.url: ends in /v2/bulkevents, but it is the base URL (such as "
+                     "https://s2s.mparticle.com): tributary appends /v2/bulkevents itself");
 }
 END_TEST
 
@@ -1290,6 +1368,8 @@ static Suite *suite(void)
     tcase_add_test(tc, test_retry_failing_s_is_bounded_and_defaults_to_an_hour);
     tcase_add_test(tc, test_bad_enum_value_is_refused_with_the_choices);
     tcase_add_test(tc, test_retry_base_above_max_is_refused);
+    tcase_add_test(tc,
+                   test_errors_after_loading_name_the_file_and_line_or_the_variable_of_the_values);
 
     tcase_add_test(tc, test_wrong_type_secret_does_not_echo_key_or_secret);
     tcase_add_test(tc, test_key_without_secret_is_refused_without_echoing_key);
