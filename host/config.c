@@ -1257,6 +1257,16 @@ static int service_link(const char *env)
     return 0;
 }
 
+/* Whether env[0..n) is the variable of the key path, or its _FILE. */
+static int key_variable(const char *env, size_t n, const char *path)
+{
+    char name[128];
+    env_name(path, name, sizeof name);
+    size_t len = strlen(name);
+    return n >= len && strncmp(name, env, len) == 0 &&
+           (n == len || (n == len + 5 && strncmp(env + len, "_FILE", 5) == 0));
+}
+
 /* Sets what the environment gives, and which keys it set in c->from_env.
  * `defaults` holds each key's fingerprint before the file was read, and
  * c->file_value after: a key the file changed from its default and the
@@ -1300,13 +1310,12 @@ static void load_env(struct config *c, const uint64_t *defaults, struct errs *e,
         const char *eq = strchr(*env, '=');
         size_t n = eq ? (size_t)(eq - *env) : strlen(*env);
         int known = 0;
+        const char *file_only = NULL; /* the key it would name, which has no variable */
         for (size_t i = 0; i < ARRAY_LEN(KEYS) && !known; i++) {
-            if (KEYS[i].type == K_APPS)
+            if (!key_variable(*env, n, KEYS[i].path))
                 continue;
-            env_name(KEYS[i].path, name, sizeof name);
-            size_t len = strlen(name);
-            known = strncmp(name, *env, len) == 0 &&
-                    (n == len || (n == len + 5 && strncmp(*env + len, "_FILE", 5) == 0));
+            known = KEYS[i].type != K_APPS;
+            file_only = KEYS[i].path;
         }
         for (size_t i = 0; i < read->n && !known; i++)
             known = strlen(read->items[i]) == n && strncmp(read->items[i], *env, n) == 0;
@@ -1329,7 +1338,12 @@ static void load_env(struct config *c, const uint64_t *defaults, struct errs *e,
             }
         }
         char msg[512];
-        if (best <= 3)
+        if (file_only)
+            snprintf(msg, sizeof msg,
+                     "environment variable %.*s: %s can be set only in the configuration file "
+                     "(apps = { [\"<app_id>\"] = \"ios\" }), not from the environment",
+                     (int)n, *env, file_only);
+        else if (best <= 3)
             snprintf(msg, sizeof msg, "unknown environment variable %.*s (did you mean %s?)",
                      (int)n, *env, nearest);
         else

@@ -555,6 +555,26 @@ START_TEST(test_an_unknown_environment_variable_is_an_error_naming_the_nearest_k
 }
 END_TEST
 
+/* apps, a table, has no variable: TRIBUTARY_APPS names a key all the same, and
+ * the message says where it is set instead of that it names none. */
+START_TEST(test_tributary_apps_is_refused_as_a_key_set_only_in_the_file)
+{
+    static const char *const names[] = {"TRIBUTARY_APPS", "TRIBUTARY_APPS_FILE"};
+    for (size_t i = 0; i < ARRAY_LEN(names); i++) {
+        ck_assert_int_eq(setenv(names[i], "web-app=web", 1), 0);
+        struct config *c = NULL;
+        char err[4096] = "", want[512];
+        ck_assert_int_eq(config_load(&c, NULL, err, sizeof err), -1);
+        snprintf(want, sizeof want,
+                 "environment variable %s: apps can be set only in the configuration file (apps = "
+                 "{ [\"<app_id>\"] = \"ios\" }), not from the environment",
+                 names[i]);
+        ck_assert_str_eq(err, want);
+        ck_assert_int_eq(unsetenv(names[i]), 0);
+    }
+}
+END_TEST
+
 START_TEST(test_an_environment_variable_the_file_reads_is_not_unknown)
 {
     ck_assert_int_eq(setenv("TRIBUTARY_HMAC_SECRET", "hmac-secret-0123456789", 1), 0);
@@ -1352,6 +1372,7 @@ static Suite *suite(void)
         tc, test_names_in_comments_strings_functions_and_other_tables_are_not_keys_given_twice);
     tcase_add_test(tc, test_a_key_name_with_a_dot_or_a_nul_byte_is_refused_naming_it);
     tcase_add_test(tc, test_an_unknown_environment_variable_is_an_error_naming_the_nearest_key);
+    tcase_add_test(tc, test_tributary_apps_is_refused_as_a_key_set_only_in_the_file);
     tcase_add_test(tc, test_an_environment_variable_the_file_reads_is_not_unknown);
     tcase_add_test(tc, test_kubernetes_service_links_are_not_unknown_variables);
     tcase_add_test(tc, test_empty_environment_data_dir_is_an_error_not_a_crash);
