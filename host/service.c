@@ -201,13 +201,16 @@ static int take_signals(void)
 }
 
 /* A change in rules_dir: the reload waits for RELOAD_SETTLE_MS of quiet;
- * *changed_at is the first change it waits for. */
+ * *changed_at is the first change it waits for. Changes that go on and on (a
+ * file written to without a pause) hold it no longer than a file being
+ * written may: RELOAD_WRITING_MAX_MS. */
 static void settle(int64_t *reload_at, int64_t *changed_at)
 {
     int64_t now = clock_mono_ms();
     if (!*reload_at)
         *changed_at = now;
-    *reload_at = now + RELOAD_SETTLE_MS;
+    int64_t quiet = now + RELOAD_SETTLE_MS, latest = *changed_at + RELOAD_WRITING_MAX_MS;
+    *reload_at = quiet < latest ? quiet : latest;
 }
 
 /* The main thread's loop: signals (sfd), changes in rules_dir, watched through
