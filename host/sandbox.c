@@ -927,10 +927,61 @@ int sandbox_pattern_check(const char *p, size_t plen, const char *s, size_t n, i
     return 0;
 }
 
+/* gsub's replacement when it is a function (upvalue 1), called for each
+ * match with its captures: a look at the time limit, then the function. gsub
+ * calls a C function (pcall) from C, where the count hook cannot stop it. */
+static int gsub_call(lua_State *L)
+{
+    if (past_deadline(from_lua(L)))
+        return luaL_error(L, "time limit exceeded");
+    lua_pushvalue(L, lua_upvalueindex(1));
+    lua_insert(L, 1);
+    lua_call(L, lua_gettop(L) - 1, 1);
+    return 1;
+}
+
+/* The __index of an empty stand-in for gsub's replacement table (upvalue 1),
+ * looked up by gsub for each match with its first capture, as the table
+ * would be: a look at the time limit, then the table's value, through its
+ * __index as gsub reads it. gsub looks a table up from C, where the count
+ * hook cannot stop it: through a chain of some 2,000 tables linked by
+ * __index, one gsub over a megabyte took 22 s. */
+static int gsub_index(lua_State *L)
+{
+    if (past_deadline(from_lua(L)))
+        return luaL_error(L, "time limit exceeded");
+    lua_settop(L, 2);
+    lua_gettable(L, lua_upvalueindex(1));
+    return 1;
+}
+
+/* [-0, +0] Puts gsub's replacement (argument 3), when it is a function or a
+ * table, behind one that looks at the time limit before each match (see
+ * gsub_call and gsub_index): what gsub does with it is the same. */
+static void gsub_timed_replacement(lua_State *L)
+{
+    int type = lua_type(L, 3);
+    if (type == LUA_TFUNCTION) {
+        lua_pushvalue(L, 3);
+        lua_pushcclosure(L, gsub_call, 1);
+    } else if (type == LUA_TTABLE) {
+        lua_createtable(L, 0, 0); /* the stand-in */
+        lua_createtable(L, 0, 1); /* its metatable */
+        lua_pushvalue(L, 3);
+        lua_pushcclosure(L, gsub_index, 1);
+        lua_setfield(L, -2, "__index");
+        lua_setmetatable(L, -2);
+    } else {
+        return;
+    }
+    lua_replace(L, 3);
+}
+
 /* Wraps string.find/match/gmatch/gsub: checks the bound, then calls the original
  * (upvalue 1). Upvalue 2 is the function's name: gmatch reads a leading '^' as
  * itself, find's fourth argument asks for a plain search, and gsub's third may
- * be a replacement text, walked for each match. */
+ * be a replacement text, walked for each match, or a table or a function,
+ * looked up or called for each match behind a look at the time limit. */
 static int sb_pattern_fn(lua_State *L)
 {
     size_t n, plen, replacement = 0;
@@ -943,7 +994,9 @@ static int sb_pattern_fn(lua_State *L)
     if (plain && (double)n * (double)plen > PATTERN_COST_MAX)
         return luaL_error(L, "plain search of a %I-byte needle in a %I-byte subject is too large",
                           (lua_Integer)plen, (lua_Integer)n);
-    if (strcmp(name, "gsub") == 0 && lua_type(L, 3) == LUA_TSTRING)
+    int gsub = strcmp(name, "gsub") == 0;
+    /* a number is its text (lua_tolstring makes it that text in place) */
+    if (gsub && (lua_type(L, 3) == LUA_TSTRING || lua_type(L, 3) == LUA_TNUMBER))
         lua_tolstring(L, 3, &replacement);
     if (!plain) {
         char err[200];
@@ -951,6 +1004,8 @@ static int sb_pattern_fn(lua_State *L)
                                   sizeof err) != 0)
             return luaL_error(L, "%s", err);
     }
+    if (gsub)
+        gsub_timed_replacement(L);
     return call_original(L, LUA_MULTRET);
 }
 

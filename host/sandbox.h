@@ -16,10 +16,12 @@
  *     it with SIGURG, whose handler is the sandbox's;
  *   - C functions the hook cannot interrupt (pattern matching, plain find,
  *     table.move, table.insert/remove) refuse inputs whose worst-case cost is
- *     beyond a bound, and every function of string, table, utf8 and math pays
- *     its budget for the time it took, in instructions of that time (by the
- *     wall clock at most an eighth of the budget; after such a call, the rest
- *     of the sandbox_call pays the thread's CPU time in full).
+ *     beyond a bound; table.sort's comparisons, and gsub's replacements by a
+ *     table or a function, look at the time limit each time; and every
+ *     function of string, table, utf8 and math pays its budget for the time
+ *     it took, in instructions of that time (by the wall clock at most an
+ *     eighth of the budget; after such a call, the rest of the sandbox_call
+ *     pays the thread's CPU time in full).
  *
  * Used by rules (the rule scripts) and config (the configuration file). Besides
  * those two, no module includes Lua headers.

@@ -2391,6 +2391,59 @@ START_TEST(test_a_loop_of_costly_comparisons_stops_soon_after_the_time_limit)
 }
 END_TEST
 
+/* gsub looks its replacement table up, or calls its replacement function, in
+ * C for each match, where the count hook cannot stop it: through a chain of
+ * 1,990 tables linked by __index, a gsub over a megabyte ran for 22 s; with
+ * pcall for replacement, one over 8 MB for 3 s; and the event went on within
+ * every limit. Each match now looks at the time limit. */
+static const char *const SLOW_REPLACEMENTS[] = {
+    "local s, chain = string.rep('a', 1000000), {}\n"
+    "for i = 1, 1990 do chain = setmetatable({}, {__index = chain}) end\n"
+    "return function(event, out)\n"
+    "  string.gsub(s, '.', chain)\n"
+    "  return false, 'done'\n"
+    "end\n",
+    "local s = string.rep('a', 8000000)\n"
+    "return function(event, out)\n"
+    "  string.gsub(s, '.', pcall)\n"
+    "  return false, 'done'\n"
+    "end\n",
+};
+
+START_TEST(test_a_gsub_whose_replacement_works_in_c_stops_soon_after_the_time_limit)
+{
+    assert_stops_soon_after_the_time_limit("50-gsub.lua", SLOW_REPLACEMENTS[_i]);
+}
+END_TEST
+
+/* The replacement behind the look at the time limit is what gsub makes of it:
+ * a table looked up with the first capture (or the match, or its position),
+ * through __index; a function called with every capture; false or nil keeps
+ * the match; anything else is an error. */
+START_TEST(test_gsub_with_a_table_or_a_function_replaces_as_lua_does)
+{
+    const char *seen =
+        probe("(function()\n"
+              "  local upper = setmetatable({}, {__index = function(t, k) return k:upper() end})\n"
+              "  local parts = {\n"
+              "    ('abc'):gsub('%a', upper),\n"
+              "    ('abc'):gsub('%a', {a = '1', b = 2, c = false}),\n"
+              "    ('k=v, x=y'):gsub('(%w)=(%w)', {k = 'K'}),\n"
+              "    ('ab'):gsub('()', {[1] = '<', [3] = '>'}),\n"
+              "    ('a b'):gsub('%a', string.upper),\n"
+              "    ('k=v'):gsub('(%w)=(%w)', function(k, v) return v .. '=' .. k end),\n"
+              "    ('aaa'):gsub('a', function() end, 2),\n"
+              "    ('ab'):gsub('a', 1.5),\n"
+              "    select(2, pcall(string.gsub, 'a', 'a', {a = {}})),\n"
+              "    select(2, pcall(string.gsub, 'a', 'a', function() return {} end)),\n"
+              "  }\n"
+              "  return table.concat(parts, '|')\n"
+              "end)()");
+    ck_assert_str_eq(seen, "ABC|12c|K, x=y|<ab>|A B|v=k|aaa|1.5b|invalid replacement value (a "
+                           "table)|invalid replacement value (a table)");
+}
+END_TEST
+
 /* The context switches of this process's thread called name, or -1 when none
  * is. */
 static long thread_switches(const char *name)
@@ -3393,6 +3446,10 @@ static Suite *suite(void)
     tcase_add_test(tc, test_a_loop_of_large_table_moves_hits_the_instruction_limit);
     tcase_add_test(tc, test_a_loop_of_cjson_calls_hits_the_instruction_limit);
     tcase_add_test(tc, test_a_sort_of_costly_comparisons_stops_at_the_time_limit);
+    tcase_add_loop_test(tc,
+                        test_a_gsub_whose_replacement_works_in_c_stops_soon_after_the_time_limit, 0,
+                        ARRAY_LEN(SLOW_REPLACEMENTS));
+    tcase_add_test(tc, test_gsub_with_a_table_or_a_function_replaces_as_lua_does);
     tcase_add_test(tc, test_a_loop_of_costly_comparisons_stops_soon_after_the_time_limit);
     tcase_add_test(tc, test_the_watchdog_sleeps_while_no_rule_runs);
     tcase_add_test(tc, test_sort_and_concat_refuse_a_table_with_a_length_of_its_own);
