@@ -2942,6 +2942,41 @@ START_TEST(test_pattern_check_bounds_each_item_by_its_runs_in_the_subject)
 }
 END_TEST
 
+/* Where an unquantified first item fails, the match ends, but Lua has read the
+ * item through: a set of 500 bytes on 25 MB that holds none of them was let
+ * through as 25 million steps, and took 27 s. Each such place costs the
+ * item's length. */
+START_TEST(test_pattern_check_counts_a_failed_first_set_at_its_length)
+{
+    size_t n = 1992031; /* 502 (n + 1) is just over 10^9 */
+    char *subject = malloc(n);
+    ck_assert_ptr_nonnull(subject);
+    memset(subject, 'a', n);
+    char set[503] = "[";
+    memset(set + 1, 'b', 500);
+    strcpy(set + 501, "]");
+    char err[200] = "";
+    ck_assert_int_eq(sandbox_pattern_check(set, strlen(set), subject, n, 0, 0, err, sizeof err),
+                     -1);
+    ck_assert_msg(contains(err, "too complex"), "err: %s", err);
+    ck_assert_int_eq(sandbox_pattern_check(set, strlen(set), subject, n - 1, 0, 0, err, sizeof err),
+                     0);
+    /* a short set on the same subject, and the long one where it matches */
+    ck_assert_int_eq(sandbox_pattern_check("[bc]", 4, subject, n, 0, 0, err, sizeof err), 0);
+    memset(subject, 'b', n);
+    ck_assert_int_eq(sandbox_pattern_check(set, strlen(set), subject, n - 1, 0, 0, err, sizeof err),
+                     0);
+    free(subject);
+    /* refused before any work: the budget only keeps the rest from counting,
+     * however slow (the guard's look at the subject pays for its time) */
+    ck_assert_int_eq(setenv("TRIBUTARY_RULES_INSTRUCTIONS", "1000000000", 1), 0);
+    ck_assert_msg(contains(probe("select(2, pcall(string.find, ('a'):rep(4000000), "
+                                 "'[' .. ('b'):rep(500) .. ']'))"),
+                           "too complex"),
+                  "a set of 500 bytes read through at 4 million places was not refused");
+}
+END_TEST
+
 /* Which bytes an item matches decides its runs: for every byte, the guard
  * must see a run where Lua's own matcher finds a match, for every kind of
  * item (classes, their complements, escapes, sets with ranges, classes and a
@@ -3475,6 +3510,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_pattern_check_refuses_overlong_patterns);
     tcase_add_test(tc, test_pattern_check_sees_past_escaped_sets_and_counts_back_references);
     tcase_add_test(tc, test_pattern_check_bounds_each_item_by_its_runs_in_the_subject);
+    tcase_add_test(tc, test_pattern_check_counts_a_failed_first_set_at_its_length);
     tcase_add_test(tc, test_pattern_check_reads_items_as_lua_matches_them);
     tcase_add_test(tc, test_rules_trim_long_text);
 
