@@ -1151,8 +1151,10 @@ static void run_chain(rules *r, lua_State *L, int evi, int wsi, size_t upto,
     int outi = lua_gettop(L);
     res->kind = CHAIN_OUT;
     res->detail[0] = '\0';
-    /* one instruction and one memory budget for the event, shared by all its rules */
+    /* one instruction budget, one time limit and one memory budget for the
+     * event, shared by all its rules */
     struct sandbox_limits lim = r->limits;
+    struct sandbox_share share = {0, 0, 0};
     size_t base = sandbox_used(r->sb);
     int by_ceiling;
     lim.memory_bytes = memory_left(r, base, &by_ceiling);
@@ -1163,10 +1165,7 @@ static void run_chain(rules *r, lua_State *L, int evi, int wsi, size_t upto,
         lua_pushvalue(L, outi);
         lua_pushvalue(L, wsi);
         struct sandbox_error serr;
-        enum sandbox_rc rc = sandbox_call(r->sb, 3, 2, &lim, &serr);
-        lim.instructions -= sandbox_steps(r->sb);
-        if (lim.instructions < 1)
-            lim.instructions = 1;
+        enum sandbox_rc rc = sandbox_call_shared(r->sb, 3, 2, &lim, &share, &serr);
         if (rc == SANDBOX_LIMIT && strncmp(serr.msg, "memory", 6) == 0) {
             /* named by the request's earlier events only when they took a
              * good part of it: an event's garbage stays until a collection */

@@ -69,19 +69,23 @@
  * cost). So that a thread the host deschedules during a call (a busy machine:
  * tens of milliseconds) is not charged for other threads' time, a call pays at
  * most 1/TIMED_CALL_SHARE of the budget by the wall clock; after such a call
- * the rest of the sandbox_call is timed by the thread's CPU time, exactly, so
- * that a loop of costly calls runs out of budget at its second. */
+ * the rest of the sandbox_call, and of the calls that share its budget (see
+ * struct sandbox_share), is timed by the thread's CPU time, exactly, so that a
+ * loop of costly calls runs out of budget at its second, and so do the rule
+ * files of one event that make one costly call each. */
 #define TIMED_CALL_SHARE 8
 
 /* Some VM instructions cost what their operands hold: comparing or joining
  * two long strings is one instruction. So a call also has a time limit: what
  * its instructions take at the measured speed, DEADLINE_FACTOR times over,
- * plus DEADLINE_SLACK_NS for a thread the host deschedules. The count hook
- * reads the clock each time it fires (a vDSO read, some 20 ns per HOOK_STEP
- * instructions), and so does every allocation of LARGE_ALLOC bytes or more
- * outside a timed library call: the instructions that cost the most build long
- * strings. (A library call pays for its time afterwards, at most an eighth of
- * the budget when the host descheduled it: a slow one must not lose its event.) */
+ * plus DEADLINE_SLACK_NS for a thread the host deschedules. Calls that share
+ * a budget share one, from the start of the first: each rule file of an event
+ * had its own, and the event ran for as many. The count hook reads the clock
+ * each time it fires (a vDSO read, some 20 ns per HOOK_STEP instructions),
+ * and so does every allocation of LARGE_ALLOC bytes or more outside a timed
+ * library call: the instructions that cost the most build long strings. (A
+ * library call pays for its time afterwards, at most an eighth of the budget
+ * when the host descheduled it: a slow one must not lose its event.) */
 #define DEADLINE_FACTOR 10
 #define DEADLINE_SLACK_NS (250 * 1000 * 1000LL)
 #define LARGE_ALLOC (64 * 1024)
@@ -115,8 +119,9 @@ struct sandbox {
         size_t osize, nsize; /* 0: an allocation succeeded since */
     } refused;               /* the last allocation refused for the limit */
     int refused_twice;       /* one was asked again and refused again (see trip_on_memory_error) */
-    int64_t steps;
-    int64_t budget;
+    int64_t steps;           /* run by the call, and by the calls before it that share its budget */
+    int64_t call_steps;      /* steps when the call began */
+    int64_t budget;          /* of the call, or of all the calls that share it */
     _Atomic int64_t deadline_ns; /* clock_mono_ns the call must end by (INT64_MAX: none,
                                     or outside a call); the watchdog reads it */
     int cpu_timed; /* library calls timed by the thread's CPU time (see TIMED_CALL_SHARE) */
@@ -1452,6 +1457,16 @@ int sandbox_load(sandbox *sb, const char *chunkname, const char *src, size_t len
 enum sandbox_rc sandbox_call(sandbox *sb, int nargs, int nresults, const struct sandbox_limits *lim,
                              struct sandbox_error *err)
 {
+    return sandbox_call_shared(sb, nargs, nresults, lim, NULL, err);
+}
+
+enum sandbox_rc sandbox_call_shared(sandbox *sb, int nargs, int nresults,
+                                    const struct sandbox_limits *lim, struct sandbox_share *share,
+                                    struct sandbox_error *err)
+{
+    struct sandbox_share own = {0, 0, 0};
+    if (!share)
+        share = &own;
     lua_State *L = sb->L;
     int fn = lua_gettop(L) - nargs;
     lua_pushcfunction(L, sb_msgh);
@@ -1460,17 +1475,23 @@ enum sandbox_rc sandbox_call(sandbox *sb, int nargs, int nresults, const struct 
     sb->tripped = TRIP_NONE;
     sb->refused.nsize = 0;
     sb->refused_twice = 0;
-    sb->steps = 0;
-    sb->cpu_timed = 0;
+    sb->steps = share->steps;
+    sb->call_steps = share->steps;
+    sb->cpu_timed = share->cpu_timed;
     sb->in_timed = 0;
     sb->budget = lim && lim->instructions > 0 ? lim->instructions : INT64_MAX;
     sb->armed = 0;
     int64_t started = clock_mono_ns();
-    int64_t time_limit = sandbox_deadline_for(started, sb->budget);
-    set_deadline(sb, time_limit);
+    if (share->deadline_ns == 0)
+        share->deadline_ns = sandbox_deadline_for(started, sb->budget);
+    set_deadline(sb, share->deadline_ns);
     sb->limit = lim && lim->memory_bytes > 0 ? sb->used + lim->memory_bytes : SIZE_MAX;
     sb->where[0] = '\0';
-    lua_sethook(L, sb_hook, LUA_MASKCOUNT, HOOK_STEP);
+    /* a call that begins past the time limit of the calls before it ends at
+     * its first instruction */
+    if (started > share->deadline_ns)
+        sb->tripped = TRIP_TIME;
+    lua_sethook(L, sb_hook, LUA_MASKCOUNT, sb->tripped == TRIP_NONE ? HOOK_STEP : 1);
     sandbox *outer = watch_begin(sb);
 
     int status = lua_pcall(L, nargs, nresults, fn);
@@ -1478,6 +1499,9 @@ enum sandbox_rc sandbox_call(sandbox *sb, int nargs, int nresults, const struct 
 
     watch_end(sb, outer);
     lua_sethook(L, NULL, 0, 0);
+    share->steps = sb->steps;
+    share->cpu_timed = sb->cpu_timed;
+    share->deadline_ns = deadline_of(sb); /* as library calls moved it on */
     sb->limit = SIZE_MAX;
     set_deadline(sb, INT64_MAX);
     enum trip tripped = sb->tripped;
@@ -1504,7 +1528,7 @@ enum sandbox_rc sandbox_call(sandbox *sb, int nargs, int nresults, const struct 
             str_printf(err->msg, sizeof err->msg,
                        "time limit exceeded: ran for more than %lld ms, %d times what %lld "
                        "instructions take (long strings compared or joined)",
-                       (long long)((time_limit - started) / 1000000), DEADLINE_FACTOR,
+                       (long long)(sandbox_deadline_for(0, sb->budget) / 1000000), DEADLINE_FACTOR,
                        (long long)(lim ? lim->instructions : 0));
         else
             str_printf(err->msg, sizeof err->msg, "instruction limit exceeded (%lld instructions)",
@@ -1543,7 +1567,7 @@ int sandbox_overdue(lua_State *L)
 
 int64_t sandbox_steps(const sandbox *sb)
 {
-    return sb->steps;
+    return sb->steps - sb->call_steps;
 }
 
 size_t sandbox_used(const sandbox *sb)

@@ -20,8 +20,9 @@
  *     table or a function, look at the time limit each time; and every
  *     function of string, table, utf8 and math pays its budget for the time
  *     it took, in instructions of that time (by the wall clock at most an
- *     eighth of the budget; after such a call, the rest of the sandbox_call
- *     pays the thread's CPU time in full).
+ *     eighth of the budget; after such a call, the rest of the sandbox_call,
+ *     and of the calls that share its budget, pays the thread's CPU time in
+ *     full).
  *
  * Used by rules (the rule scripts) and config (the configuration file). Besides
  * those two, no module includes Lua headers.
@@ -44,12 +45,25 @@ enum sandbox_flags {
  * os.getenv was asked for (name = true). */
 #define SANDBOX_ENV_READ "sandbox.env_read"
 
-/* What one call may use. Calls share a budget when the caller lowers it from one
- * call to the next: `instructions` by sandbox_steps, `memory_bytes` by what
- * sandbox_used grew since the budget began. */
+/* What one call may use. Calls share a memory budget when the caller lowers
+ * `memory_bytes` from one call to the next by what sandbox_used grew since the
+ * budget began; they share instructions and a time limit through
+ * sandbox_call_shared. */
 struct sandbox_limits {
     size_t memory_bytes;  /* the most the state may grow by during the call */
-    int64_t instructions; /* Lua VM instructions per call */
+    int64_t instructions; /* Lua VM instructions per call (per shared budget) */
+};
+
+/* What the calls that share a budget (the rules of one event, a call per rule
+ * file) have used of it, carried from each to the next: the instructions they
+ * ran, their time limit, which began with the first and which the time of
+ * library calls moved on, and whether a library call has paid its most by the
+ * wall clock, after which the library calls of all of them pay the thread's
+ * CPU time (see sandbox_timed). All zero before the first call. */
+struct sandbox_share {
+    int64_t steps;
+    int64_t deadline_ns; /* clock_mono_ns; 0 before the first call */
+    int cpu_timed;
 };
 
 enum sandbox_rc { SANDBOX_OK, SANDBOX_ERROR, SANDBOX_LIMIT };
@@ -87,6 +101,13 @@ int sandbox_load(sandbox *sb, const char *chunkname, const char *src, size_t len
  * On failure the stack is left as it was before the function was pushed. */
 enum sandbox_rc sandbox_call(sandbox *sb, int nargs, int nresults, const struct sandbox_limits *lim,
                              struct sandbox_error *err);
+/* sandbox_call for one of calls that share a budget (see struct sandbox_share;
+ * borrowed, updated by the call): lim->instructions, its time limit and the
+ * eighth of it that a library call pays at most by the wall clock are for all
+ * of them together; a call that begins past that time limit ends at once. */
+enum sandbox_rc sandbox_call_shared(sandbox *sb, int nargs, int nresults,
+                                    const struct sandbox_limits *lim, struct sandbox_share *share,
+                                    struct sandbox_error *err);
 
 /* The clock_mono_ns by which a call of `instructions` started at start_ns
  * must end (its time limit; INT64_MAX for none): for host work on what rules
@@ -104,7 +125,8 @@ int sandbox_overdue(lua_State *L);
  * outside a call): for host functions whose allocations must not fail. */
 size_t sandbox_memory_left(lua_State *L);
 
-/* Instructions the last sandbox_call ran (in steps of the hook's granularity). */
+/* Instructions the last call ran (in steps of the hook's granularity), not
+ * counting those of the calls before it that share its budget. */
 int64_t sandbox_steps(const sandbox *sb);
 
 /* Bytes in the state's objects, live or garbage not yet collected: what the

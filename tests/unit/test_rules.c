@@ -1929,6 +1929,64 @@ START_TEST(test_a_second_slow_library_call_pays_its_cpu_time_in_full)
 }
 END_TEST
 
+/* A rule file that makes a slow library call, 8 MiB of string.rep, and
+ * returns what it was given. */
+#define SLOW_CALL_RULE                                                                             \
+    "return function(event, out)\n"                                                                \
+    "  local s = ('x'):rep(8 * 1024 * 1024)\n"                                                     \
+    "  return out\n"                                                                               \
+    "end\n"
+
+/* The budget is the event's, for all its rules together: after one slow call
+ * paid its eighth by the wall clock, the next, in another file, pays its CPU
+ * time in full. Each file began afresh, and eight files with one slow call each
+ * (1.1 s apiece) mapped an event in 10 s. */
+START_TEST(test_a_slow_library_call_in_the_next_file_pays_its_cpu_time_in_full)
+{
+    ck_assert_int_eq(setenv("TRIBUTARY_RULES_INSTRUCTIONS", "20000", 1), 0);
+    rule("10-slow.lua", SLOW_CALL_RULE);
+    rule("20-slow.lua", SLOW_CALL_RULE);
+    rule("30-pass.lua", PASS_RULE);
+    build();
+    ck_assert_int_eq(map(ENVELOPE(EV("s-1")), INPUT_ENVELOPE), 0);
+    ck_assert_uint_eq(F.m.nrecords, 0);
+    ck_assert_uint_eq(F.m.ndead, 1);
+    ck_assert_str_eq(F.m.dead[0].reason, DEAD_RULE_LIMIT);
+    ck_assert_msg(contains(F.m.dead[0].detail.p, "instruction limit exceeded") &&
+                      contains(F.m.dead[0].detail.p, "20-slow.lua"),
+                  "detail: %s", F.m.dead[0].detail.p);
+}
+END_TEST
+
+/* A slow call pays at most an eighth of the event's budget, not of what the
+ * files before it left: that share shrank with what was left, so that the
+ * budget was never used up by such calls. Here the first file runs 96% of
+ * the budget, and the slow call of the second takes it past. */
+START_TEST(test_a_slow_library_call_pays_an_eighth_of_the_events_budget_after_other_files)
+{
+    ck_assert_int_eq(setenv("TRIBUTARY_RULES_INSTRUCTIONS", "100000", 1), 0);
+    rule("10-loop.lua", "return function(event, out)\n"
+                        "  for i = 1, 96000 do end\n"
+                        "end\n");
+    rule("20-slow.lua", SLOW_CALL_RULE);
+    rule("30-pass.lua", PASS_RULE);
+    build();
+    ck_assert_int_eq(map(ENVELOPE(EV("s-1")), INPUT_ENVELOPE), 0);
+    ck_assert_uint_eq(F.m.ndead, 1);
+    ck_assert_str_eq(F.m.dead[0].reason, DEAD_RULE_LIMIT);
+    ck_assert_msg(contains(F.m.dead[0].detail.p, "20-slow.lua"), "detail: %s",
+                  F.m.dead[0].detail.p);
+    /* the loop alone is within the budget */
+    release();
+    mapping_init(&F.m);
+    char path[256];
+    snprintf(path, sizeof path, "%s/20-slow.lua", F.rules_dir);
+    ck_assert_int_eq(unlink(path), 0);
+    build();
+    maps_to_one_record(ENVELOPE(EV("s-2")));
+}
+END_TEST
+
 START_TEST(test_a_plain_search_too_large_for_one_call_is_refused)
 {
     /* refused before any work: the budget only keeps building the strings from
@@ -2441,6 +2499,31 @@ START_TEST(test_gsub_with_a_table_or_a_function_replaces_as_lua_does)
               "end)()");
     ck_assert_str_eq(seen, "ABC|12c|K, x=y|<ab>|A B|v=k|aaa|1.5b|invalid replacement value (a "
                            "table)|invalid replacement value (a table)");
+}
+END_TEST
+
+/* The time limit is the event's too, from the start of its first rule: each
+ * file had one of its own, so that files comparing long strings for most of
+ * it each ran an event for as many times the limit. Here each of two files
+ * compares for 60% of it (by os.clock, the time the process ran). */
+START_TEST(test_the_rule_files_of_an_event_share_one_time_limit)
+{
+    ck_assert_int_eq(setenv("TRIBUTARY_RULES_INSTRUCTIONS", "1000000", 1), 0);
+    double limit_s = (double)sandbox_deadline_for(0, 1000000) / 1e9;
+    char src[512];
+    snprintf(src, sizeof src,
+             "local s = ('\\0'):rep(256 * 1024)\n"
+             "return function(event, out)\n"
+             "  local start = os.clock()\n"
+             "  while os.clock() - start < %.3f do if s < s then end end\n"
+             "end\n",
+             0.6 * limit_s);
+    rule("10-compare.lua", src);
+    rule("20-compare.lua", src);
+    rule("30-pass.lua", PASS_RULE);
+    struct bounded res;
+    const char *detail = one_event_hits_a_limit(60000, &res);
+    ck_assert_msg(contains(detail, "time limit exceeded"), "detail: %s", detail);
 }
 END_TEST
 
@@ -3500,6 +3583,10 @@ static Suite *suite(void)
     tcase_add_test(tc, test_building_long_strings_in_a_loop_stops_soon_after_the_time_limit);
     tcase_add_test(tc, test_top_level_code_comparing_long_strings_meets_the_time_limit);
     tcase_add_test(tc, test_a_second_slow_library_call_pays_its_cpu_time_in_full);
+    tcase_add_test(tc, test_a_slow_library_call_in_the_next_file_pays_its_cpu_time_in_full);
+    tcase_add_test(tc,
+                   test_a_slow_library_call_pays_an_eighth_of_the_events_budget_after_other_files);
+    tcase_add_test(tc, test_the_rule_files_of_an_event_share_one_time_limit);
     tcase_add_test(tc, test_table_insert_refuses_a_table_with_a_len_metamethod);
     tcase_add_test(tc, test_one_files_globals_are_invisible_to_another);
     tcase_add_test(tc, test_one_file_cannot_change_another_files_globals);
