@@ -17,9 +17,11 @@
 #include "record.h"
 #include "util.h"
 
-/* mParticle's limits. */
-#define MPARTICLE_MAX_BATCH_BYTES (128 * 1024)
-#define MPARTICLE_MAX_REQUEST_BYTES (256 * 1024 - 1)
+/* mParticle's limits. Its "128 KB" and "256 KB" are read as thousands of
+ * bytes, the smaller of the two readings: a batch over the limit may be
+ * answered 202 and dropped. */
+#define MPARTICLE_MAX_BATCH_BYTES 128000
+#define MPARTICLE_MAX_REQUEST_BYTES (256000 - 1)
 #define MPARTICLE_MAX_BATCHES_PER_REQUEST 100
 #define MPARTICLE_MAX_USER_ATTRIBUTES 100   /* per batch */
 #define MPARTICLE_MAX_CUSTOM_ATTRIBUTES 100 /* per event */

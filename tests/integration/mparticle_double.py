@@ -47,8 +47,9 @@ import threading
 import time
 import urllib.parse
 
-MAX_REQUEST_BYTES = 256 * 1024  # a request must be *under* 256 KB
-MAX_BATCH_BYTES = 128 * 1024  # a batch at most 128 KB
+# "KB" read as thousands of bytes, the stricter reading of the documentation
+MAX_REQUEST_BYTES = 256000  # a request must be *under* 256 KB
+MAX_BATCH_BYTES = 128000  # a batch at most 128 KB
 MAX_BATCHES = 100
 MAX_ATTRIBUTES = 100
 MAX_NAME_CHARS = 256

@@ -783,6 +783,18 @@ class Delivery(ServiceTest):
         self.assertEqual(s.post([later]).status, 200)
         self.assertTrue(d.wait_for_events(4, 10 * SLOW))
 
+    def test_two_events_of_a_user_over_128000_bytes_together_go_in_two_batches(self):
+        # "128 KB" read as 128,000 bytes: 130 KB in one batch may be dropped
+        d = self.double()
+        s = self.service(env=feed_env(d, TRIBUTARY_BATCH_LINGER_MS=500))
+        props = {"b%02d" % i: "x" * 4000 for i in range(15)}
+        props.update(pad="y" * 3800, pad2="z" * 1000)
+        self.assertEqual(s.post([event("users.messages.email.Send", user="big", **props)
+                                 for _ in range(2)]).status, 200)
+        self.assertTrue(d.wait_for_events(2, 20 * SLOW))
+        self.assertEqual([len(b["batch"]["events"]) for b in d.batches], [1, 1])
+        self.assertEqual([r["status"] for r in d.requests], [202] * len(d.requests))
+
     def test_a_large_user_batch_is_split_at_128_kb(self):
         d = self.double()
         s = self.service(env=feed_env(d, TRIBUTARY_BATCH_LINGER_MS=300))
@@ -791,9 +803,11 @@ class Delivery(ServiceTest):
         s.post(events)
         self.assertTrue(d.wait_for_events(100, 20 * SLOW))
         for b in d.batches:
-            self.assertLessEqual(len(json.dumps(b["batch"])), 128 * 1024)
+            self.assertLessEqual(len(json.dumps(b["batch"])), 128000)
         self.assertGreater(len(d.batches), 2)
-        self.assertTrue(all(r["body_size"] < 256 * 1024 for r in d.requests))
+        self.assertTrue(all(r["body_size"] < 256000 for r in d.requests))
+        # split by the sender itself, not after a 413 from mParticle
+        self.assertEqual([r["status"] for r in d.requests if r["status"] != 202], [])
 
     def with_60_user_attributes(self, name, value):
         """A service whose rules give every event 60 user attributes, named
