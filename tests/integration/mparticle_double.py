@@ -743,6 +743,12 @@ class MParticleDouble:
                 keep = set(range(len(batches))) - {d["index"] for d in dropped}
                 batches = [b for i, b in enumerate(batches) if i in keep]
                 raws = [r for i, r in enumerate(raws) if i in keep]
+            if ENDPOINTS[path] == "historical":
+                # "empty batches are ignored": neither stored nor remembered
+                # by their source_request_id
+                kept = [i for i, b in enumerate(batches) if b.get("events")]
+                batches = [batches[i] for i in kept]
+                raws = [raws[i] for i in kept]
             with self._lock:
                 markers = list(self._poison)
             for i, (batch, raw) in enumerate(zip(batches, raws)):

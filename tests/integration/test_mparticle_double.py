@@ -154,6 +154,13 @@ class DoubleTest(unittest.TestCase):
         self.assertEqual(self.post([batch()], path="/v2/bulkevents/historical")[0], 202)
         self.assertIn("72 hours", self.d.take_rejected()[0]["message"])
         self.assertEqual(len(self.d.batches), 1)
+        # an empty batch is ignored there: not stored, its id not remembered
+        empty = batch(events=[])
+        self.assertEqual(self.post([empty], path="/v2/bulkevents/historical")[0], 202)
+        self.assertEqual(len(self.d.batches), 1)
+        empty["events"] = [old]
+        self.assertEqual(self.post([empty], path="/v2/bulkevents/historical")[0], 202)
+        self.assertEqual(len(self.d.batches), 2)
 
     def test_get_is_404(self):
         conn = http.client.HTTPConnection("127.0.0.1", self.d.port, timeout=5)
