@@ -1527,7 +1527,8 @@ enum sandbox_rc sandbox_call_shared(sandbox *sb, int nargs, int nresults,
         else if (tripped == TRIP_TIME)
             str_printf(err->msg, sizeof err->msg,
                        "time limit exceeded: ran for more than %lld ms, %d times what %lld "
-                       "instructions take (long strings compared or joined)",
+                       "instructions take (steps the count does not see: long strings compared "
+                       "or joined, the calls back of string.gsub or table.sort)",
                        (long long)(sandbox_deadline_for(0, sb->budget) / 1000000), DEADLINE_FACTOR,
                        (long long)(lim ? lim->instructions : 0));
         else
