@@ -521,7 +521,10 @@ void clock_sleep_ms(int64_t ms)
 
 int parse_int64(const char *s, int64_t min, int64_t max, int64_t *out)
 {
-    if (!s || !*s)
+    /* digits alone, after a '-' at most: strtoll would take blanks before
+     * them and a '+' too ("127.0.0.1: +80") */
+    size_t sign = s && *s == '-';
+    if (!s || !s[sign] || strspn(s + sign, "0123456789") != strlen(s + sign))
         return -1;
     char *end;
     errno = 0;

@@ -156,7 +156,8 @@ int64_t clock_mono_ns(void);   /* monotonic nanoseconds, to time or order short 
 int64_t clock_thread_ns(void); /* CPU time of the calling thread (a system call: ~0.5 us) */
 void clock_sleep_ms(int64_t ms);
 
-/* Parses a whole decimal integer within [min, max]; 0 or -1. */
+/* Parses a whole decimal integer within [min, max], its digits alone (after a
+ * '-' at most: no blanks, no '+'); 0 or -1. */
 int parse_int64(const char *s, int64_t min, int64_t max, int64_t *out) WUR;
 /* Parses a duration such as "90s", "15m", "12h", "7d" or "2w": the unit is
  * required (a bare number is too easily meant as days). */

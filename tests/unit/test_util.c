@@ -290,6 +290,12 @@ START_TEST(test_parse_int64_is_strict)
     ck_assert_int_eq(parse_int64("", 0, 100, &v), -1);
     ck_assert_int_eq(parse_int64("101", 0, 100, &v), -1);
     ck_assert_int_eq(parse_int64("-1", 0, 100, &v), -1);
+    ck_assert_int_eq(parse_int64("-1", -5, 100, &v), 0);
+    ck_assert_int_eq(v, -1);
+    /* digits alone: strtoll would take the blanks before them and a '+' */
+    static const char *const refused[] = {" 42", "+42", "42 ", "\t42", "-", "- 1", "0x2a", "4 2"};
+    for (size_t i = 0; i < ARRAY_LEN(refused); i++)
+        ck_assert_msg(parse_int64(refused[i], -100, 100, &v) == -1, "took \"%s\"", refused[i]);
 }
 END_TEST
 
