@@ -929,19 +929,47 @@ done:
 
 /* ---- values from the environment ---------------------------------------- */
 
+/* A number or a word of the environment, without the blanks around it, at
+ * either end (an env file or `docker -e` may leave one after it, or a "\r"),
+ * in out; 0 when it does not fit. */
+static int env_word(const char *v, char *out, size_t outlen)
+{
+    const char *a = v, *b = v + strlen(v);
+    while (a < b && isspace((unsigned char)*a))
+        a++;
+    while (b > a && isspace((unsigned char)b[-1]))
+        b--;
+    size_t len = (size_t)(b - a);
+    if (len >= outlen)
+        return 0;
+    memcpy(out, a, len);
+    out[len] = '\0';
+    return 1;
+}
+
 /* from_file: v is the content of the file the variable name names. */
 static void set_from_env(struct config *c, const struct key *k, const char *name, const char *v,
                          int from_file, struct errs *e)
 {
+    char word[64];
     switch (k->type) {
     case K_STR:
     case K_SECRET:
     case K_ENUM: {
-        if (k->type == K_ENUM && !choice_ok(k, v)) {
+        if (k->type == K_ENUM) {
             char choices[200];
             choices_text(k, choices, sizeof choices);
-            errs_add(e, "%s: must be one of %s", name, choices);
-            return;
+            if (!env_word(v, word, sizeof word) || !choice_ok(k, word)) {
+                char shown[128];
+                printable(v, strlen(v), shown, sizeof shown);
+                /* a file named by a variable holds a secret, as a rule */
+                if (from_file)
+                    errs_add(e, "%s: must be one of %s", name, choices);
+                else
+                    errs_add(e, "%s: must be one of %s, not \"%s\"", name, choices, shown);
+                return;
+            }
+            v = word;
         }
         char **f = str_field(c, k);
         free(*f);
@@ -949,23 +977,10 @@ static void set_from_env(struct config *c, const struct key *k, const char *name
         return;
     }
     case K_INT: {
-        /* blanks around the number are not part of it, at either end (an env
-         * file or `docker -e` may leave one after it, or a "\r"); a '+' is
-         * refused, as in the file (Lua has no unary plus) */
-        const char *a = v, *b = v + strlen(v);
-        while (a < b && isspace((unsigned char)*a))
-            a++;
-        while (b > a && isspace((unsigned char)b[-1]))
-            b--;
-        size_t len = (size_t)(b - a), sign = len && *a == '-';
-        char text[64];
+        /* blanks around the number are not part of it; a '+' is refused, as in
+         * the file (Lua has no unary plus) */
         int64_t n;
-        int ok = len > sign && len < sizeof text && strspn(a + sign, "0123456789") >= len - sign;
-        if (ok) {
-            memcpy(text, a, len);
-            text[len] = '\0';
-            ok = parse_int64(text, k->min, k->max, &n) == 0;
-        }
+        int ok = env_word(v, word, sizeof word) && parse_int64(word, k->min, k->max, &n) == 0;
         if (!ok && from_file) {
             /* a file named by a variable holds a secret, as a rule: one named
              * here by mistake stays out of the message */

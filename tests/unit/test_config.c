@@ -405,6 +405,23 @@ START_TEST(test_environment_integers_are_read_without_blanks_and_a_refused_one_i
 }
 END_TEST
 
+/* A word such as log.format the same way: its blanks left out, and a refused
+ * one shown. */
+START_TEST(test_environment_words_are_read_without_blanks_and_a_refused_one_is_shown)
+{
+    ck_assert_int_eq(setenv("TRIBUTARY_LOG_FORMAT", "json \r\n", 1), 0);
+    struct config *c = NULL;
+    char err[4096] = "";
+    ck_assert_msg(config_load(&c, NULL, err, sizeof err) == 0, "%s", err);
+    ck_assert_str_eq(c->log_format, "json");
+    config_unref(c);
+    ck_assert_int_eq(setenv("TRIBUTARY_LOG_FORMAT", "jsn", 1), 0);
+    ck_assert_int_eq(config_load(&c, NULL, err, sizeof err), -1);
+    ck_assert_str_eq(err, "TRIBUTARY_LOG_FORMAT: must be one of logfmt, json, not \"jsn\"");
+    ck_assert_int_eq(unsetenv("TRIBUTARY_LOG_FORMAT"), 0);
+}
+END_TEST
+
 START_TEST(test_environment_token_list_is_split_on_commas_and_trimmed)
 {
     const char *path = conf("tokens.lua", "return { inbound = { tokens = { \"from-file\" } } }\n");
@@ -1365,6 +1382,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_environment_integer_overrides_file);
     tcase_add_test(tc,
                    test_environment_integers_are_read_without_blanks_and_a_refused_one_is_shown);
+    tcase_add_test(tc, test_environment_words_are_read_without_blanks_and_a_refused_one_is_shown);
     tcase_add_test(tc, test_environment_token_list_is_split_on_commas_and_trimmed);
     tcase_add_test(tc, test_environment_feed_credentials_override_file);
     tcase_add_test(tc, test_a_key_given_twice_in_one_table_is_an_error_naming_both_lines);
