@@ -648,6 +648,10 @@ static void set_pause(struct sender *s, struct feed_state *f, enum feed_pause p,
     if (f->pause == p)
         return;
     f->pause = p;
+    /* a paused feed sends nothing: its batches' time of failing (see
+     * failing) starts over once it sends again */
+    for (struct pbatch *b = f->head; b && p != PAUSE_NONE; b = b->next)
+        b->failed.since_ms = 0;
     publish_pause(s, f);
     enum queue_status st = queue_set_feed_state(s->q, f->feed, p == PAUSE_NONE ? NULL : reason);
     if (st != QUEUE_OK)
@@ -1436,11 +1440,14 @@ static void count_answer(struct pbatch *b, int status, const char *why)
 
 /* The same for every batch of r, for an answer about the feed (401, 403,
  * 429), not about its batches: not a failure of theirs (see note_failures),
- * but the dead letters of a feed refused until retry.max_age_s say why. */
+ * but the dead letters of a feed refused until retry.max_age_s say why. Their
+ * time of failing (see failing) starts over: mParticle did not fail them. */
 static void count_answers(struct request *r, int status, const char *why)
 {
-    for (size_t i = 0; i < r->n; i++)
+    for (size_t i = 0; i < r->n; i++) {
         count_answer(r->batches[i], status, why);
+        r->batches[i]->failed.since_ms = 0;
+    }
 }
 
 /* mParticle failed request r (status 0: no answer). Its batches go on in

@@ -240,6 +240,25 @@ class Delivery(ServiceTest):
         self.wait(lambda: any(r["status"] == 502 for r in d.requests), what="a failure")
         self.failing_dead_letter(s, bad)
 
+    def test_a_failing_batch_of_a_feed_paused_for_its_credentials_is_kept(self):
+        # its time of failing began while the feed worked; the feed's pause for
+        # a 401 is no failure of the batch, and a paused feed sends nothing
+        d, s, bad = self.failing_feed(503, TRIBUTARY_RETRY_FAILING_S=3,
+                                      TRIBUTARY_RETRY_PAUSE_MS=60000)
+        good = event("users.messages.email.Open", user="good-user")
+        self.assertEqual(s.post([bad, good]).status, 200)
+        self.assertTrue(d.wait_for_events(1, 10 * SLOW))
+        delivered = max(r["answered"] for r in d.requests if r["status"] == 202)
+        self.wait(lambda: any(r["status"] == 503 and r["batches"] == 1 and r["time"] > delivered
+                              for r in d.requests), what="the bad batch failing alone")
+        d.clear_faults()
+        d.fail(401, feed="unbound")
+        self.wait(lambda: s.metrics()['tributary_feed_paused{feed="unbound",reason="refused"}']
+                  == 1, what="the feed paused")
+        time.sleep(3 + 2)  # past retry.failing_s, and a sweep of the batches' ages
+        self.assertEqual(s.metrics().get('tributary_dead_letters_total{reason="failing"}', 0), 0)
+        self.assertEqual(json.loads(s.cli(["dlq", "list", "--json"]).stdout), [])
+
     def test_an_outage_makes_no_failing_dead_letters(self):
         # every batch of a request that failed three times went alone and, once
         # mParticle was back, the first 202 made them all `failing` dead letters:
