@@ -636,7 +636,7 @@ static enum MHD_Result answer_admin_reload(struct MHD_Connection *c, struct req 
     return rc;
 }
 
-/* What the headers say of the body's length (see head_problem). */
+/* What the headers say of the body's length, and their size (see head_problem). */
 struct framing {
     size_t bytes;   /* the header lines' length, about */
     int te_lines;   /* Transfer-Encoding header lines */

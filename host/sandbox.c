@@ -120,7 +120,6 @@ struct sandbox {
     } refused;               /* the last allocation refused for the limit */
     int refused_twice;       /* one was asked again and refused again (see trip_on_memory_error) */
     int64_t steps;           /* run by the call, and by the calls before it that share its budget */
-    int64_t call_steps;      /* steps when the call began */
     int64_t budget;          /* of the call, or of all the calls that share it */
     _Atomic int64_t deadline_ns; /* clock_mono_ns the call must end by (INT64_MAX: none,
                                     or outside a call); the watchdog reads it */
@@ -1476,7 +1475,6 @@ enum sandbox_rc sandbox_call_shared(sandbox *sb, int nargs, int nresults,
     sb->refused.nsize = 0;
     sb->refused_twice = 0;
     sb->steps = share->steps;
-    sb->call_steps = share->steps;
     sb->cpu_timed = share->cpu_timed;
     sb->in_timed = 0;
     sb->budget = lim && lim->instructions > 0 ? lim->instructions : INT64_MAX;
@@ -1564,11 +1562,6 @@ int64_t sandbox_deadline(lua_State *L)
 int sandbox_overdue(lua_State *L)
 {
     return past_deadline(from_lua(L));
-}
-
-int64_t sandbox_steps(const sandbox *sb)
-{
-    return sb->steps - sb->call_steps;
 }
 
 size_t sandbox_used(const sandbox *sb)

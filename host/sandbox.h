@@ -125,10 +125,6 @@ int sandbox_overdue(lua_State *L);
  * outside a call): for host functions whose allocations must not fail. */
 size_t sandbox_memory_left(lua_State *L);
 
-/* Instructions the last call ran (in steps of the hook's granularity), not
- * counting those of the calls before it that share its budget. */
-int64_t sandbox_steps(const sandbox *sb);
-
 /* Bytes in the state's objects, live or garbage not yet collected: what the
  * memory limit counts. */
 size_t sandbox_used(const sandbox *sb);
