@@ -35,11 +35,12 @@ return {
   mparticle = {
     url = "https://s2s.mparticle.com", -- or https://s2s.us2|eu1|au1.mparticle.com
     rate_limit = 270,                   -- batches/s, all feeds together (the account's limit)
+    -- ca_bundle = "/etc/tributary/egress-ca.pem", -- PEM CAs to verify mParticle (unset: system store)
   },
 
   -- One mParticle input per feed, each with its own server-to-server key and
-  -- secret (and optionally its own pod url). A feed without credentials holds
-  -- its events until they are configured.
+  -- secret (and optionally its own pod url, and rate_limit: batches/s, 270 by
+  -- default). A feed without credentials holds its events until they are configured.
   feeds = {
     -- ios     = { key = os.getenv("MP_IOS_KEY"),     secret = os.getenv("MP_IOS_SECRET") },
     -- android = { key = os.getenv("MP_ANDROID_KEY"), secret = os.getenv("MP_ANDROID_SECRET") },
