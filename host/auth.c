@@ -1,6 +1,7 @@
 #include "auth.h"
 
 #include "digest.h"
+#include "log.h"
 
 #include <arpa/inet.h>
 #include <pthread.h>
@@ -214,6 +215,15 @@ const char *auth_result_text(enum auth_result r)
         return "no inbound credentials configured: only clients on this machine are accepted";
     }
     return "?";
+}
+
+void auth_log_error(void)
+{
+    static struct log_repeat logged;
+    uint64_t times = log_repeat_due(&logged);
+    if (times)
+        log_error("cannot check a request's credentials: the cryptography library failed",
+                  LOG_I("times", (long long)times));
 }
 
 /* ---- throttling --------------------------------------------------------- */

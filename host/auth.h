@@ -60,6 +60,9 @@ enum auth_result auth_check(const struct config *c, const struct auth_request *r
  * endpoints disabled" before calling this. */
 enum auth_result auth_check_admin(const struct config *c, const char *authorization);
 const char *auth_result_text(enum auth_result r);
+/* Logs that AUTH_ERROR was answered: at most a line per 10 s, with how many
+ * requests met it meanwhile. */
+void auth_log_error(void);
 
 /* A parsed Tributary-Signature header. */
 struct auth_signature {

@@ -215,9 +215,13 @@ static enum MHD_Result reply(struct MHD_Connection *c, struct req *r, int status
     r->replied = rc == MHD_YES;
     if (r->route == R_CURRENTS)
         metrics_inbound(status, elapsed(&r->start));
-    /* a 503 from /readyz is a state a probe polls, said in its body */
-    if (status >= 500 && r->route != R_READYZ)
-        log_warn("answered", LOG_I("status", status) LOG_S("path", ROUTE_PATHS[r->route]));
+    /* a 503 from /readyz is a state a probe polls, said in its body; other
+     * answers of 500 and more come with a line that says why */
+    static struct log_repeat failed;
+    uint64_t times;
+    if (status >= 500 && r->route != R_READYZ && (times = log_repeat_due(&failed)) != 0)
+        log_warn("answered", LOG_I("status", status) LOG_S("path", ROUTE_PATHS[r->route])
+                                 LOG_I("times", (long long)times));
     else
         log_debug("answered", LOG_I("status", status) LOG_S("path", ROUTE_PATHS[r->route]));
     return rc;
@@ -593,7 +597,7 @@ static int refuse_admin(struct MHD_Connection *c, struct req *r, enum MHD_Result
         return 1;
     }
     if (a == AUTH_ERROR) {
-        log_error("cannot check a request's credentials: the cryptography library failed");
+        auth_log_error();
         *rc = reply_json(c, r, 503, "{\"error\":\"temporarily unable to authenticate\"}", 1);
         return 1;
     }
@@ -1103,7 +1107,11 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
     } else if (r->busy) {
         rc = refuse_busy(c, r);
     } else if (r->no_memory) {
-        log_error("out of memory for a request body; answered 503");
+        static struct log_repeat logged;
+        uint64_t times = log_repeat_due(&logged);
+        if (times)
+            log_error("out of memory for a request body; answered 503",
+                      LOG_I("times", (long long)times));
         rc = reply_json(c, r, 503, "{\"error\":\"out of memory\"}", RETRY_AFTER_NO_MEMORY);
     } else {
         struct ingest_request req = headers_of(c, r);

@@ -298,7 +298,7 @@ static int admit(struct ingest *in, const struct config *cfg, const struct inges
     if (a == AUTH_PENDING && !have_body)
         return 2;
     if (a == AUTH_ERROR) {
-        log_error("cannot check a request's credentials: the cryptography library failed");
+        auth_log_error();
         respond_error(resp, 503, RETRY_AFTER_ERROR, auth_result_text(a), -1, NULL);
         return 0;
     }
@@ -417,7 +417,11 @@ void ingest_handle(struct ingest *in, const struct ingest_request *req,
     r = borrow(in->engines, s.rs, err, sizeof err);
     struct input_error ie;
     if (!r) {
-        log_error("cannot build the rules engine", LOG_S("error", err));
+        static struct log_repeat logged;
+        uint64_t times = log_repeat_due(&logged);
+        if (times)
+            log_error("cannot build the rules engine",
+                      LOG_S("error", err) LOG_I("times", (long long)times));
         respond_error(resp, 503, RETRY_AFTER_ERROR, "rules unavailable", -1, NULL);
         goto done;
     }
@@ -431,7 +435,11 @@ void ingest_handle(struct ingest *in, const struct ingest_request *req,
     metrics_rules_time((double)(b.tv_sec - a.tv_sec) + (double)(b.tv_nsec - a.tv_nsec) / 1e9);
     if (mapped != 0) {
         if (ie.status == 503) {
-            log_error("cannot map a request", LOG_S("error", ie.reason));
+            static struct log_repeat logged;
+            uint64_t times = log_repeat_due(&logged);
+            if (times)
+                log_error("cannot map a request",
+                          LOG_S("error", ie.reason) LOG_I("times", (long long)times));
             respond_error(resp, 503, RETRY_AFTER_ERROR, "temporarily unable to map", -1, NULL);
         } else {
             log_info("request refused", LOG_I("status", ie.status) LOG_S("reason", ie.reason)
@@ -457,8 +465,12 @@ void ingest_handle(struct ingest *in, const struct ingest_request *req,
         int retry = full                 ? RETRY_AFTER_FULL
                     : qs == QUEUE_CLOSED ? RETRY_AFTER_DRAINING
                                          : RETRY_AFTER_ERROR;
-        log_warn("request not stored; Braze will retry",
-                 LOG_S("queue", queue_status_name(qs)) LOG_I("events", (long long)m.nevents));
+        static struct log_repeat logged;
+        uint64_t times = log_repeat_due(&logged);
+        if (times)
+            log_warn("request not stored; Braze will retry",
+                     LOG_S("queue", queue_status_name(qs)) LOG_I("events", (long long)m.nevents)
+                         LOG_I("times", (long long)times));
         respond_error(resp, 503, retry,
                       qs == QUEUE_FULL       ? "queue full"
                       : qs == QUEUE_NO_SPACE ? "disk full"

@@ -245,3 +245,12 @@ int log_due_shared_every(_Atomic int64_t *last_ms, int64_t every_ms)
         return 0;
     return atomic_compare_exchange_strong(last_ms, &last, now);
 }
+
+uint64_t log_repeat_due(struct log_repeat *r)
+{
+    atomic_fetch_add(&r->times, 1);
+    if (!log_due_shared(&r->last_ms))
+        return 0;
+    /* one thread per period gets here, after its own count */
+    return atomic_exchange(&r->times, 0);
+}

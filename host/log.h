@@ -59,6 +59,17 @@ int log_due_shared(_Atomic int64_t *last_ms);
 /* The same, once per every_ms. */
 int log_due_shared_every(_Atomic int64_t *last_ms, int64_t every_ms);
 
+/* For a line every request repeats while a failure lasts (a full disk, rules
+ * that do not build): at most one line per LOG_REPEAT_MS, from any thread,
+ * which says how many times it happened meanwhile. Zero-initialised. */
+struct log_repeat {
+    _Atomic int64_t last_ms;
+    _Atomic uint64_t times;
+};
+/* Counts one more time. 0: skip the line; else write it, with this many
+ * times since the last line written (this one included). */
+uint64_t log_repeat_due(struct log_repeat *r);
+
 int log_level_parse(const char *s, enum log_level *out);
 int log_format_parse(const char *s, enum log_format *out);
 

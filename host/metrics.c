@@ -11,7 +11,7 @@
 /* Status codes tracked one by one; the rest count under their class ("4xx"),
  * and anything outside 100-599 under "other". */
 static const int INBOUND_CODES[] = {200, 400, 401, 403, 404, 405, 411,
-                                    413, 415, 429, 500, 501, 503};
+                                    431, 413, 415, 429, 500, 501, 503};
 static const int OUTBOUND_CODES[] = {0, 202, 400, 401, 403, 413, 429, 500, 502, 503, 504};
 static const char *const CODE_CLASSES[] = {"1xx", "2xx", "3xx", "4xx", "5xx", "other"};
 #define NINBOUND (ARRAY_LEN(INBOUND_CODES) + ARRAY_LEN(CODE_CLASSES))

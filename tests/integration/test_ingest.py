@@ -466,6 +466,27 @@ class OwnTrouble(ServiceTest):
         self.assertGreater(int(r.headers["retry-after"]), 0)
         self.assertEqual(len(s.queued_ids()), 2)
 
+    def test_a_lasting_refusal_is_logged_once_per_10_s_with_how_many_it_refused(self):
+        # Braze retries every refused request: a line for each would flood the log
+        s = self.service(env={"TRIBUTARY_QUEUE_MAX_DEPTH": "3", "TRIBUTARY_INBOUND_MAX_EVENTS": "3"})
+        self.assertEqual(s.post([event(), event(), event()]).status, 200)
+        for _ in range(20):
+            self.assertEqual(s.post([event()]).status, 503)
+        logs = s.logs()
+        self.assertEqual(logs.count("msg=\"request not stored; Braze will retry\""), 1, logs)
+        self.assertEqual(logs.count('level=warn msg="answered"'), 1, logs)
+        self.assertIn("times=1", logs)
+        self.assertEqual(s.metrics()['tributary_http_requests_total{code="503"}'], 20)
+        # the next line, 10 s after the first, counts the requests refused meanwhile
+        time.sleep(10.2)
+        self.assertEqual(s.post([event()]).status, 503)
+        logs = s.logs()
+        self.assertEqual(logs.count("msg=\"request not stored; Braze will retry\""), 2, logs)
+        self.assertRegex(logs, r'msg="request not stored; Braze will retry" request_id=\S+ '
+                               r'queue=full events=1 times=20')
+        self.assertRegex(logs, r'level=warn msg="answered" request_id=\S+ status=503 '
+                               r'path=/currents times=20')
+
     def test_a_service_refusing_new_events_is_not_ready(self):
         s = self.service(env={"TRIBUTARY_QUEUE_MAX_DEPTH": "5", "TRIBUTARY_INBOUND_MAX_EVENTS": "3",
                               "TRIBUTARY_FEEDS_UNBOUND_KEY": "k-123456",
@@ -482,7 +503,8 @@ class OwnTrouble(ServiceTest):
         # polling a service that is not ready says nothing in the log
         for _ in range(3):
             s.get("/readyz")
-        self.assertNotIn("level=warn msg=answered", s.logs())
+        self.assertNotRegex(s.logs(), r'level=warn msg="answered" .*path=/readyz')
+        self.assertRegex(s.logs(), r'level=debug msg="answered" .*status=503 path=/readyz')
 
     def test_a_disk_nearly_full_is_not_ready(self):
         s = self.service(env={"TRIBUTARY_QUEUE_MIN_FREE_MB": str(1 << 29),

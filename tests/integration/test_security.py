@@ -1515,6 +1515,10 @@ class HeaderBounds(ServiceTest):
                 self.assertTrue(answer == b"" or answer.startswith(b"HTTP/1.1 431 "),
                                 (size, answer[:200]))
         self.assertEqual(len(s.queued_ids()), 1)
+        # each 431 is counted under its own code, as "What Braze gets back" lists it
+        ours = sum(1 for a in answers.values() if a.startswith(b"HTTP/1.1 431 "))
+        self.assertGreater(ours, 0)
+        self.assertEqual(s.metrics().get('tributary_http_requests_total{code="431"}'), ours)
 
     def test_a_request_line_too_long_is_refused_counted_and_logged(self):
         s = self.service()
