@@ -384,13 +384,26 @@ static void count_dropped(const struct mapping *m)
     }
 }
 
+/* Says each event put in the dead-letter store, up to QUARANTINE_LINES_PER_SECOND
+ * lines a second for the whole service: a rule that fails for every event would
+ * otherwise write a line per event. The store and the metric keep them all. */
+#define QUARANTINE_LINES_PER_SECOND 20
 static void log_dead_letters(const struct mapping *m)
 {
+    static struct log_budget logged;
     for (size_t i = 0; i < m->ndead; i++) {
         const struct dead_letter *d = &m->dead[i];
         if (!d->stored)
             continue;
         metrics_add_dead(d->reason, 1);
+        int line = log_budget_take(&logged);
+        if (line == QUARANTINE_LINES_PER_SECOND)
+            log_warn("events quarantined: more this second than the log takes; the rest of them "
+                     "are left out of it (tributary_dead_letters_total counts them, the "
+                     "dead-letter store keeps them)",
+                     LOG_I("limit_per_second", QUARANTINE_LINES_PER_SECOND));
+        if (line >= QUARANTINE_LINES_PER_SECOND)
+            continue;
         log_warn("event quarantined",
                  LOG_S("reason", d->reason) LOG_S("event_id", d->event_id.p)
                      LOG_S("event_type", d->event_type.p) LOG_S("detail", d->detail.p)

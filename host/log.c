@@ -254,3 +254,11 @@ uint64_t log_repeat_due(struct log_repeat *r)
     /* one thread per period gets here, after its own count */
     return atomic_exchange(&r->times, 0);
 }
+
+int log_budget_take(struct log_budget *b)
+{
+    int64_t now = clock_mono_ms() / 1000;
+    if (atomic_exchange(&b->second, now) != now)
+        atomic_store(&b->lines, 0);
+    return atomic_fetch_add(&b->lines, 1);
+}

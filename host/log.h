@@ -70,6 +70,17 @@ struct log_repeat {
  * times since the last line written (this one included). */
 uint64_t log_repeat_due(struct log_repeat *r);
 
+/* For lines a flood could write one per event (a rule failing for every
+ * event): a count of the lines of the current second, from any thread.
+ * Zero-initialised. */
+struct log_budget {
+    _Atomic int64_t second;
+    _Atomic int lines;
+};
+/* How many lines this second came before this one: under the caller's limit,
+ * write it; at the limit, say that the rest of the second's are left out. */
+int log_budget_take(struct log_budget *b);
+
 int log_level_parse(const char *s, enum log_level *out);
 int log_format_parse(const char *s, enum log_format *out);
 

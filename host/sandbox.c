@@ -662,12 +662,8 @@ static int sb_xpcall(lua_State *L)
 
 static int sb_print(lua_State *L)
 {
-    static _Atomic int64_t window;
-    static _Atomic int lines;
-    int64_t now = clock_mono_ms() / 1000;
-    if (atomic_exchange(&window, now) != now)
-        atomic_store(&lines, 0);
-    int line = atomic_fetch_add(&lines, 1);
+    static struct log_budget printed;
+    int line = log_budget_take(&printed);
     if (line >= PRINT_LINES_PER_SECOND) {
         metrics_add(M_RULE_PRINTS_DROPPED, 1);
         if (line == PRINT_LINES_PER_SECOND)

@@ -124,6 +124,28 @@ class Ingest(ServiceTest):
         self.assertLess(len(lines[0]), 10000)
         self.assertNotIn("log line too long", s.logs())
 
+    def test_a_rule_failing_for_every_event_writes_at_most_20_quarantine_lines_a_second(self):
+        rules = self.rules_dir({"20-explode.lua": (
+            "return function(event, out)\n"
+            "  error('cannot handle this one')\n"
+            "end\n")})
+        s = self.service(rules_dir=rules)
+        started = time.time()
+        r = s.post([event("users.messages.email.Open") for _ in range(100)])
+        seconds = int(time.time()) - int(started) + 1  # the clock seconds the mapping may span
+        self.assertEqual(r.status, 200, r)
+        self.assertEqual(r.json()["quarantined"], 100)
+        logs = s.logs()
+        lines = logs.count('msg="event quarantined"')
+        self.assertGreaterEqual(lines, 20, logs[-3000:])
+        self.assertLessEqual(lines, 20 * seconds, logs[-3000:])
+        self.assertIn('msg="events quarantined: more this second than the log takes; the rest of '
+                      'them are left out of it', logs)
+        # every one of them is kept and counted all the same
+        self.assertEqual(s.metrics()['tributary_dead_letters_total{reason="rule_error"}'], 100)
+        with s.db() as db:
+            self.assertEqual(db.execute("SELECT count(*) FROM dead").fetchone()[0], 100)
+
     def test_at_debug_each_event_not_forwarded_is_said_with_its_reason(self):
         rules = self.rules_dir({"20-drop.lua": (
             "return function(event, out)\n"
