@@ -40,6 +40,9 @@
 /* Held events read, and time spent mapping them, in a turn (see reroute). */
 #define REROUTE_RECORDS 500
 #define REROUTE_TURN_MS 20
+/* A feed's held events stored since its last pass are looked at this often,
+ * and a pass that failed is tried again as soon. */
+#define REROUTE_EVERY_MS 1000
 /* Persisted batches that could not be restored are tried again this often. */
 #define RESTORE_RETRY_MS 1000
 /* Retry-After from mParticle is honoured within these bounds. */
@@ -155,12 +158,13 @@ struct feed_state {
     int unexpected;     /* answers outside the API's contract since the last delivery */
     struct bucket rate; /* the feed's own, lowered on 429s and high usage */
     int64_t next_claim; /* monotonic ms */
-    /* held without credentials: its events are mapped again after each
-     * change of configuration or rules, and those now routed to another feed
-     * move there (reroute) */
-    int rerouting;
-    int64_t reroute_after; /* the last record id looked at */
-    size_t rerouted;       /* events moved since the change */
+    /* held without credentials: its events are mapped again, and those now
+     * routed to another feed move there (see reroute) */
+    int rerouting;         /* a pass is under way */
+    int64_t reroute_at;    /* monotonic ms: the next pass is due (0: now) */
+    int64_t reroute_after; /* the last record id this pass looked at */
+    size_t rerouted;       /* events this pass moved */
+    char pass_version[32]; /* the rules this pass maps with */
     /* the held events up to this id were mapped with these rules and stayed */
     int64_t checked_upto;
     char checked_version[32];
@@ -229,11 +233,16 @@ struct sender {
     /* at start: persisted batches whose records were all delivered, removed
      * once the read that restores the batches is over */
     struct id_list emptied[FEED_COUNT];
+    /* at start: persisted batches that could not be restored and are past
+     * retry.max_age_s, moved to the dead-letter store once the read is over;
+     * with the events of each */
+    struct id_list past_age[FEED_COUNT], past_age_events[FEED_COUNT];
     /* restoring the batches persisted before the last stop: */
     int restore_pending;       /* the last pass left batches behind: another follows */
     int restore_unread;        /* the last pass could not read them all: claim nothing */
     int64_t restore_next;      /* monotonic ms of the next pass */
     int64_t restore_logged_ms; /* log_due */
+    int64_t reroute_logged_ms; /* log_due */
     int restore_passes;
     int64_t restore_claims_upto; /* claims persisted before the start: rows up to this
                                   * (-1: not read yet); later ones are this run's */
@@ -1788,6 +1797,34 @@ static void remove_emptied(struct sender *s)
     }
 }
 
+/* The batches load_batch could not restore and found past retry.max_age_s
+ * go to the dead-letter store, one operation each; should one fail, the next
+ * pass finds it again. */
+static void expire_unrestored(struct sender *s)
+{
+    for (int i = 0; i < FEED_COUNT; i++) {
+        size_t batches = 0, events = 0;
+        for (size_t k = 0; k < s->past_age[i].n; k++) {
+            if (queue_dead_batch(s->q, s->past_age[i].ids[k], (enum feed)i, 0, DEAD_MAX_AGE,
+                                 QUEUE_MAX_AGE_DETAIL
+                                 "; it could not be read to be sent again after a restart") !=
+                QUEUE_OK)
+                continue;
+            batches++;
+            events += (size_t)s->past_age_events[i].ids[k];
+        }
+        if (batches) {
+            metrics_add_dead(DEAD_MAX_AGE, events);
+            log_warn("persisted batches that could not be read, older than retry.max_age_s, "
+                     "moved to the dead-letter store",
+                     LOG_S("feed", FEED_NAMES[i]) LOG_I("batches", (long long)batches)
+                         LOG_I("events", (long long)events));
+        }
+        id_list_free(&s->past_age[i]);
+        id_list_free(&s->past_age_events[i]);
+    }
+}
+
 static int compare_ids(const void *a, const void *b)
 {
     int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
@@ -1857,7 +1894,12 @@ static void load_batch(void *ctx, struct queue_batch *qb)
     return;
 fail:
     /* its records stay, the settled line stops below them, and the next pass
-     * tries again */
+     * tries again; past retry.max_age_s, as any other batch, it is a dead
+     * letter (the writer reads its records itself: see expire_unrestored) */
+    if (qb->oldest_ms < clock_wall_ms() - s->cfg->retry_max_age_s * 1000 &&
+        id_list_add(&s->past_age[qb->feed], qb->id) == 0 &&
+        id_list_add(&s->past_age_events[qb->feed], (int64_t)qb->nrecords) != 0)
+        s->past_age[qb->feed].n--;
     s->restore_pending = 1;
     if (log_due(&s->restore_logged_ms))
         log_error("cannot restore a persisted batch; it stays in the queue and is tried again",
@@ -1871,19 +1913,17 @@ fail:
 
 /* A feed without credentials holds its events; the rules chose it knowing
  * which feeds have credentials (a platform feed falls back to unbound when
- * unbound has them), or a rule routes its events elsewhere. After a change of
- * configuration or rules, while any feed can send, its held events are mapped
- * again, and those the rules now route to another feed move there. */
-static void plan_reroute(struct sender *s, const ruleset *rs)
+ * unbound has them), or a rule routes its events elsewhere. While any feed can
+ * send, its held events are mapped again, and those the rules now route to
+ * another feed move there: all of them after a change of configuration or
+ * rules, and every REROUTE_EVERY_MS those stored since the last pass (a
+ * request mapped with the rules of before a change can be stored after the
+ * pass that followed it). After a change, a pass starts over. */
+static void plan_reroute(struct sender *s)
 {
-    int any = any_feed_ready(s->cfg);
     for (int i = 0; i < FEED_COUNT; i++) {
-        struct feed_state *f = &s->feeds[i];
-        f->rerouting = any && f->pause == PAUSE_NO_CREDENTIALS;
-        /* the same rules as the last pass: only what came since */
-        f->reroute_after =
-            strcmp(f->checked_version, ruleset_version(rs)) == 0 ? f->checked_upto : 0;
-        f->rerouted = 0;
+        s->feeds[i].rerouting = 0;
+        s->feeds[i].reroute_at = 0;
     }
 }
 
@@ -1897,42 +1937,63 @@ static void drop_router(struct sender *s)
 
 /* The engine reroute maps with, for rs: built when the rules change or the
  * last one asks to be (a rule's state outgrew its limit), as a worker's is. */
-static rules *router_for(struct sender *s, ruleset *rs)
+static rules *router_for(struct sender *s, ruleset *rs, char *err, size_t errlen)
 {
     if (s->router && (s->router_rs != rs || rules_needs_rebuild(s->router)))
         drop_router(s);
     if (!s->router) {
-        char err[ERR_LEN];
-        if (rules_new(&s->router, rs, err, sizeof err) != 0) {
-            log_error("cannot map held events again; they stay held", LOG_S("error", err));
+        if (rules_new(&s->router, rs, err, errlen) != 0)
             return NULL;
-        }
         rules_uncounted(s->router);
         s->router_rs = ruleset_ref(rs);
     }
     return s->router;
 }
 
-/* The next held events of one feed: at most REROUTE_RECORDS, and mapping for
- * at most REROUTE_TURN_MS, a turn of the loop at a time, so that sending goes
- * on. An event the rules in force have mapped already would map the same (the
- * rules version covers the files, the settings they read and which feeds have
- * credentials): only the others are mapped again. */
-static void reroute(struct sender *s, ruleset *rs)
+/* A pass that failed: tried again after REROUTE_EVERY_MS, from where the
+ * last whole pass ended. */
+static void reroute_failed(struct sender *s, struct feed_state *f, const char *msg,
+                           const char *error)
 {
+    f->rerouting = 0;
+    f->reroute_at = clock_mono_ms() + REROUTE_EVERY_MS;
+    if (log_due(&s->reroute_logged_ms))
+        log_error(msg, LOG_S("feed", FEED_NAMES[f->feed]) LOG_S("error", error));
+}
+
+/* The next held events of one feed (see plan_reroute): at most
+ * REROUTE_RECORDS, and mapping for at most REROUTE_TURN_MS, a turn of the loop
+ * at a time, so that sending goes on. An event the rules in force have mapped
+ * already would map the same (the rules version covers the files, the
+ * settings they read and which feeds have credentials): only the others are
+ * mapped again. */
+static void reroute(struct sender *s, ruleset *rs, int64_t now)
+{
+    const char *version = ruleset_version(rs);
+    int any = any_feed_ready(s->cfg);
     struct feed_state *f = NULL;
     for (int i = 0; i < FEED_COUNT && !f; i++) {
-        if (s->feeds[i].rerouting && s->feeds[i].pause != PAUSE_NO_CREDENTIALS)
-            s->feeds[i].rerouting = 0; /* its credentials came: it sends them itself */
-        if (s->feeds[i].rerouting)
-            f = &s->feeds[i];
+        struct feed_state *g = &s->feeds[i];
+        if (!any || g->pause != PAUSE_NO_CREDENTIALS) {
+            g->rerouting = 0; /* nowhere to go, or its credentials came: it sends them itself */
+            continue;
+        }
+        if (g->rerouting && strcmp(g->pass_version, version) != 0)
+            g->rerouting = 0; /* the rules changed under the pass: a new one */
+        if (!g->rerouting && now >= g->reroute_at) {
+            g->rerouting = 1;
+            g->reroute_after = strcmp(g->checked_version, version) == 0 ? g->checked_upto : 0;
+            g->rerouted = 0;
+            str_copy(g->pass_version, sizeof g->pass_version, version);
+        }
+        if (g->rerouting)
+            f = g;
     }
     if (!f) {
         if (s->router)
-            drop_router(s); /* no reroute until the next change */
+            drop_router(s); /* built again when a held event needs it */
         return;
     }
-    const char *version = ruleset_version(rs);
     struct queue_items items;
     queue_items_init(&items);
     struct mapping moved;
@@ -1942,9 +2003,8 @@ static void reroute(struct sender *s, ruleset *rs)
     int64_t after = f->reroute_after > f->cursor ? f->reroute_after : f->cursor;
     if (queue_scan_raw(s->reader, f->feed, after, REROUTE_RECORDS, CLAIM_BYTES, &items) != 0 ||
         (items.n && !(ids = malloc(items.n * sizeof(*ids))))) {
-        log_error("cannot read held events to map them again; they stay held",
-                  LOG_S("feed", FEED_NAMES[f->feed]));
-        f->rerouting = 0;
+        reroute_failed(s, f, "cannot read held events to map them again; tried again in a second",
+                       items.n ? "out of memory" : queue_reader_error(s->reader));
         goto done;
     }
     int64_t until = clock_mono_ms() + REROUTE_TURN_MS;
@@ -1952,9 +2012,10 @@ static void reroute(struct sender *s, ruleset *rs)
         const struct queue_item *it = &items.items[done];
         if (it->rules_version.p && strcmp(it->rules_version.p, version) == 0)
             continue;
-        rules *r = router_for(s, rs);
+        char err[ERR_LEN];
+        rules *r = router_for(s, rs, err, sizeof err);
         if (!r) {
-            f->rerouting = 0;
+            reroute_failed(s, f, "cannot map held events again; tried again in a second", err);
             goto done;
         }
         struct mapping one;
@@ -1970,10 +2031,10 @@ static void reroute(struct sender *s, ruleset *rs)
     }
     enum queue_status st = n ? queue_move(s->q, &moved, f->feed, ids, n) : QUEUE_OK;
     if (st != QUEUE_OK) {
-        log_error("cannot move held events to the feed the rules now route them to; they stay "
-                  "held",
-                  LOG_S("feed", FEED_NAMES[f->feed]) LOG_S("error", queue_status_name(st)));
-        f->rerouting = 0;
+        reroute_failed(s, f,
+                       "cannot move held events to the feed the rules now route them to; tried "
+                       "again in a second",
+                       queue_status_name(st));
         goto done;
     }
     f->rerouted += n;
@@ -1982,6 +2043,7 @@ static void reroute(struct sender *s, ruleset *rs)
         f->reroute_after = items.items[done - 1].id;
     } else {
         f->rerouting = 0;
+        f->reroute_at = now + REROUTE_EVERY_MS;
         f->checked_upto = f->reroute_after;
         str_copy(f->checked_version, sizeof f->checked_version, version);
         if (f->rerouted)
@@ -2042,6 +2104,7 @@ static void restore(struct sender *s, int64_t now)
         qsort(s->restored.ids, s->restored.n, sizeof(int64_t), compare_ids);
     s->restored_sorted = s->restored.n;
     remove_emptied(s);
+    expire_unrestored(s);
     if (s->restore_unread) {
         s->restore_pending = 1;
         for (int i = 0; i < FEED_COUNT; i++)
@@ -2113,12 +2176,12 @@ static void *sender_main(void *arg)
             }
         }
         if (cfg_changed)
-            plan_reroute(s, snap.rs);
+            plan_reroute(s);
         if (!stopping && s->restore_pending && now >= s->restore_next)
             restore(s, now);
         if (!stopping && !s->restore_unread) {
             claim(s, now);
-            reroute(s, snap.rs);
+            reroute(s, snap.rs, now);
         }
         if (!stopping)
             sweep_unclaimed(s, now);

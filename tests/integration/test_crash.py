@@ -2,6 +2,7 @@
 read errors while the batches in flight are restored lose nothing; a full disk."""
 
 import collections
+import json
 import os
 import subprocess
 import tempfile
@@ -252,6 +253,32 @@ class RestoreReadErrors(ServiceTest):
         counts = collections.Counter(d.source_message_ids())
         self.assertEqual(sorted(counts.values()), [1] * len(events), counts)
 
+    def test_a_batch_that_can_never_be_restored_is_dead_lettered_past_max_age(self):
+        # Every other event waits at most retry.max_age_s: a batch in memory
+        # (expire_batches) and a record not claimed (queue_expire) alike. A
+        # persisted batch whose records cannot be read at start is neither:
+        # it is tried again every second, for ever, and holds its feed's
+        # settled line (and the disk of every record after it) meanwhile.
+        events = [event("users.messages.email.Send", user="never") for _ in range(3)]
+        s, d = self.in_flight_at_kill(events)
+        s.env["TRIBUTARY_RETRY_MAX_AGE_S"] = "2"
+        self.restart_with_faults(s, FAIL_FETCH=1000000000)
+        self.wait(lambda: "cannot restore a persisted batch" in s.logs(), 10, "the failed restore")
+        ids = sorted(e["id"] for e in events)
+
+        def settled():
+            dead = json.loads(s.cli(["dlq", "list", "--json"]).stdout)
+            return sorted([x["event_id"] for x in dead] + list(set(d.source_message_ids()))) == ids
+        self.wait(settled, 20, "the batch dead-lettered (max_age) or delivered")
+        dead = json.loads(s.cli(["dlq", "list", "--json"]).stdout)
+        self.assertEqual(sorted(x["event_id"] for x in dead), ids)
+        self.assertEqual({x["reason"] for x in dead}, {"max_age"})
+        self.assertIn("persisted batches that could not be read, older than retry.max_age_s, "
+                      "moved to the dead-letter store", s.logs())
+        self.assertEqual(s.metrics()['tributary_dead_letters_total{reason="max_age"}'], 3)
+        # and the feed's records after it are no longer held back: the restore is over
+        self.wait(lambda: "every persisted batch is restored" in s.logs(), 10, "the restore done")
+
     def test_a_failed_read_of_the_persisted_batches_loses_none_of_them(self):
         events = [event("users.messages.email.Send", user="x") for _ in range(20)]
         s, d = self.in_flight_at_kill(events)
@@ -280,6 +307,29 @@ class RestoreReadErrors(ServiceTest):
         with s.db() as db:
             self.assertEqual(db.execute("SELECT count(*) FROM records_unbound").fetchone()[0], 0)
             self.assertEqual(db.execute("SELECT count(*) FROM dead").fetchone()[0], 0)
+
+
+class RerouteErrors(ServiceTest):
+    def test_held_events_move_once_a_failed_move_can_be_made(self):
+        # iOS events held while no feed has credentials; a reload gives unbound
+        # credentials, and the first move of the held events to unbound fails
+        # (a storage error, a CLI holding the write lock beyond the busy
+        # timeout): they are moved at a later try, not left on ios until
+        # retry.max_age_s
+        d = MParticleDouble(feeds=dict(FEEDS)).start()
+        self.addCleanup(d.stop)
+        s = Service(env=feed_env(d, feeds={}, FAIL_DELETE=1), config="return {}\n")
+        self.addCleanup(s.cleanup)
+        preload(s, "read_errors")
+        s.start()
+        ios = [event("users.messages.pushnotification.Send", user="m%d" % i, platform="ios")
+               for i in range(3)]
+        self.assertEqual(s.post(ios).status, 200)
+        self.assertTrue(s.reload('return { feeds = { unbound = { key = "unbound-key", '
+                                 'secret = "unbound-secret" } } }\n'))
+        self.wait(lambda: "cannot move held events" in s.logs(), 10, "the failed move")
+        self.wait(lambda: sorted(set(d.source_message_ids())) == sorted(e["id"] for e in ios),
+                  15, "the held events delivered on unbound")
 
 
 class FullDisk(ServiceTest):

@@ -1020,6 +1020,9 @@ class Delivery(ServiceTest):
         self.wait(lambda: s.logs().count(line) == 2, 10, "the event mapped again")
         with s.db() as db:
             self.assertEqual(db.execute("SELECT count(*) FROM records_ios").fetchone()[0], 1)
+        # the look every second at the events stored since does not map it a third time
+        time.sleep(2.5)
+        self.assertEqual(s.logs().count(line), 2)
 
     def test_held_events_stay_on_their_feed_when_it_gets_credentials(self):
         d = self.double()
@@ -1033,6 +1036,40 @@ class Delivery(ServiceTest):
         self.wait(lambda: len(d.source_message_ids()) == 2, 10, "both delivered")
         self.assertEqual(sorted(d.source_message_ids(feed="ios")), sorted(e["id"] for e in ios))
         self.assertNotIn("held events moved", s.logs())
+
+    def test_events_mapped_before_a_reload_and_stored_after_its_reroute_move_too(self):
+        # A request mapped with the rules of before a reload (no feed had
+        # credentials: its iOS events are held on ios) and stored after the
+        # reroute that followed the reload was over: once only unbound has
+        # credentials, these held events go out on unbound as well.
+        d = self.double()
+        slow = self.rules_dir({"20-slow.lua": (
+            "return function(e, out)\n"
+            "  if e.properties.slow then local x = 0 for i = 1, 300000000 do x = x + i end end\n"
+            "end\n")})
+        s = self.service(env=feed_env(d, feeds={}, TRIBUTARY_RULES_INSTRUCTIONS=4000000000),
+                         config="return {}\n", rules_dir=slow)
+        held = event("users.messages.pushnotification.Send", user="h0", platform="ios")
+        self.assertEqual(s.post([held]).status, 200)
+        late = [event("users.messages.pushnotification.Send", user="h1", platform="ios"),
+                event("users.messages.pushnotification.Send", user="h2", platform="ios",
+                      slow=True)]
+        answer = {}
+        t = threading.Thread(target=lambda: answer.setdefault("r", s.post(late)))
+        t.start()
+        time.sleep(0.3)  # the request is being mapped, by the rules in force until the reload
+        self.assertTrue(s.reload('return { feeds = { unbound = { key = "unbound-key", '
+                                 'secret = "unbound-secret" } } }\n'))
+        self.wait(lambda: "held events moved" in s.logs(), 10, "the reroute of the held event")
+        self.assertTrue(t.is_alive(), "the slow request was stored before the reroute")
+        t.join(60 * SLOW)
+        self.assertEqual(answer["r"].status, 200, answer)
+        self.assertEqual(answer["r"].json()["forwarded"], 2)
+        want = sorted(e["id"] for e in [held] + late)
+        # the two events the slow request stored wait on ios, which has no credentials, for
+        # retry.max_age_s (then dead letters), though the rules in force route them to unbound
+        self.wait(lambda: sorted(set(d.source_message_ids())) == want, 15,
+                  "every held event delivered on unbound")
 
     def test_a_feed_with_a_url_of_its_own_is_sent_there(self):
         # feeds.<feed>.url: an app whose workspace is in another data pod

@@ -12,6 +12,8 @@
  *                       stores (the sender waits for that commit)
  *   FAIL_DEDUP_AT=n     the n-th row of the read of the dedup ids at start
  *                       fails, once
+ *   FAIL_DELETE=n       the first n deletions of a record by id in the writer
+ *                       (a move, an expiry, a dead-lettered batch) fail
  *
  * A failed step answers SQLITE_IOERR, as a disk or memory hiccup would.
  */
@@ -24,7 +26,7 @@
 #include <string.h>
 #include <unistd.h>
 
-static atomic_int fetches, claim_rows, dedup_rows;
+static atomic_int fetches, claim_rows, dedup_rows, deletes;
 
 static int env_int(const char *name)
 {
@@ -46,6 +48,10 @@ int sqlite3_step(sqlite3_stmt *st)
     if (sql && strcmp(thread, "queue-writer") == 0 && strstr(sql, "INSERT INTO claims") &&
         env_int("SLOW_CLAIM_MS") > 0)
         usleep((useconds_t)env_int("SLOW_CLAIM_MS") * 1000);
+    if (sql && strcmp(thread, "queue-writer") == 0 &&
+        strncmp(sql, "DELETE FROM records_", 20) == 0 && strstr(sql, "WHERE id = ?1") &&
+        atomic_fetch_add(&deletes, 1) < env_int("FAIL_DELETE"))
+        return SQLITE_IOERR;
     int dedup_at = env_int("FAIL_DEDUP_AT");
     if (sql && dedup_at > 0 && strstr(sql, "FROM dedup_log WHERE at_ms") &&
         atomic_fetch_add(&dedup_rows, 1) + 1 == dedup_at)
