@@ -255,10 +255,21 @@ uint64_t log_repeat_due(struct log_repeat *r)
     return atomic_exchange(&r->times, 0);
 }
 
+#define BUDGET_LINES_MASK 0xffffffu
 int log_budget_take(struct log_budget *b)
 {
-    int64_t now = clock_mono_ms() / 1000;
-    if (atomic_exchange(&b->second, now) != now)
-        atomic_store(&b->lines, 0);
-    return atomic_fetch_add(&b->lines, 1);
+    uint64_t now = (uint64_t)clock_mono_ms() / 1000, old = atomic_load(&b->state), next;
+    uint64_t lines;
+    /* the second and its count change together; a thread whose clock read is
+     * older than the second another one started counts in that one */
+    do {
+        if (old >> 24 < now) {
+            lines = 0;
+            next = now << 24 | 1;
+        } else {
+            lines = old & BUDGET_LINES_MASK;
+            next = lines < BUDGET_LINES_MASK ? old + 1 : old;
+        }
+    } while (!atomic_compare_exchange_weak(&b->state, &old, next));
+    return (int)lines;
 }

@@ -74,8 +74,7 @@ uint64_t log_repeat_due(struct log_repeat *r);
  * event): a count of the lines of the current second, from any thread.
  * Zero-initialised. */
 struct log_budget {
-    _Atomic int64_t second;
-    _Atomic int lines;
+    _Atomic uint64_t state; /* the second << 24 | the lines counted in it */
 };
 /* How many lines this second came before this one: under the caller's limit,
  * write it; at the limit, say that the rest of the second's are left out. */

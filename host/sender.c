@@ -233,9 +233,12 @@ struct sender {
     /* at start: persisted batches whose records were all delivered, removed
      * once the read that restores the batches is over */
     struct id_list emptied[FEED_COUNT];
-    /* at start: persisted batches that could not be restored and are past
-     * retry.max_age_s, moved to the dead-letter store once the read is over;
-     * with the events of each */
+    /* at start: persisted batches that could not be restored, and since when
+     * (monotonic ms) each pass failed to */
+    struct id_list unreadable, unreadable_since;
+    /* those of them past retry.max_age_s that failed for retry.failing_s,
+     * moved to the dead-letter store once the read is over; with the events
+     * of each */
     struct id_list past_age[FEED_COUNT], past_age_events[FEED_COUNT];
     /* restoring the batches persisted before the last stop: */
     int restore_pending;       /* the last pass left batches behind: another follows */
@@ -1797,26 +1800,31 @@ static void remove_emptied(struct sender *s)
     }
 }
 
-/* The batches load_batch could not restore and found past retry.max_age_s
- * go to the dead-letter store, one operation each; should one fail, the next
- * pass finds it again. */
+/* The batches load_batch gave up (see given_up) go to the dead-letter store,
+ * one operation each; should one fail, the next pass finds it again. */
 static void expire_unrestored(struct sender *s)
 {
     for (int i = 0; i < FEED_COUNT; i++) {
         size_t batches = 0, events = 0;
         for (size_t k = 0; k < s->past_age[i].n; k++) {
-            if (queue_dead_batch(s->q, s->past_age[i].ids[k], (enum feed)i, 0, DEAD_MAX_AGE,
-                                 QUEUE_MAX_AGE_DETAIL
-                                 "; it could not be read to be sent again after a restart") !=
-                QUEUE_OK)
+            enum queue_status st = queue_dead_batch(
+                s->q, s->past_age[i].ids[k], (enum feed)i, 0, DEAD_MAX_AGE,
+                QUEUE_MAX_AGE_DETAIL "; after a restart, its records could not be read to be "
+                                     "sent again for retry.failing_s");
+            if (st != QUEUE_OK) {
+                if (log_due(&s->restore_logged_ms))
+                    log_error("cannot move a persisted batch that cannot be read to the "
+                              "dead-letter store; tried again in a second",
+                              LOG_S("feed", FEED_NAMES[i]) LOG_S("error", queue_status_name(st)));
                 continue;
+            }
             batches++;
             events += (size_t)s->past_age_events[i].ids[k];
         }
         if (batches) {
             metrics_add_dead(DEAD_MAX_AGE, events);
-            log_warn("persisted batches that could not be read, older than retry.max_age_s, "
-                     "moved to the dead-letter store",
+            log_warn("persisted batches that could not be read for retry.failing_s, older than "
+                     "retry.max_age_s, moved to the dead-letter store",
                      LOG_S("feed", FEED_NAMES[i]) LOG_I("batches", (long long)batches)
                          LOG_I("events", (long long)events));
         }
@@ -1829,6 +1837,30 @@ static int compare_ids(const void *a, const void *b)
 {
     int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
     return (x > y) - (x < y);
+}
+
+/* Whether a persisted batch that could not be restored now is given up: one
+ * whose every pass failed for retry.failing_s (a damaged page, not a hiccup),
+ * its oldest record past retry.max_age_s, goes to the dead-letter store whole
+ * (the writer reads its records itself: see expire_unrestored); else it would
+ * hold its feed's settled line, and the disk of every record after it, for as
+ * long as the service runs. */
+static int given_up(struct sender *s, const struct queue_batch *qb)
+{
+    int64_t now = clock_mono_ms(), since = now;
+    size_t k = 0;
+    while (k < s->unreadable.n && s->unreadable.ids[k] != qb->id)
+        k++;
+    if (k < s->unreadable.n)
+        since = s->unreadable_since.ids[k];
+    else if (id_list_add(&s->unreadable, qb->id) != 0)
+        return 0;
+    else if (id_list_add(&s->unreadable_since, now) != 0) {
+        s->unreadable.n--;
+        return 0;
+    }
+    return now - since >= s->cfg->retry_failing_s * 1000 &&
+           qb->oldest_ms < clock_wall_ms() - s->cfg->retry_max_age_s * 1000;
 }
 
 static void load_batch(void *ctx, struct queue_batch *qb)
@@ -1894,10 +1926,8 @@ static void load_batch(void *ctx, struct queue_batch *qb)
     return;
 fail:
     /* its records stay, the settled line stops below them, and the next pass
-     * tries again; past retry.max_age_s, as any other batch, it is a dead
-     * letter (the writer reads its records itself: see expire_unrestored) */
-    if (qb->oldest_ms < clock_wall_ms() - s->cfg->retry_max_age_s * 1000 &&
-        id_list_add(&s->past_age[qb->feed], qb->id) == 0 &&
+     * tries again */
+    if (given_up(s, qb) && id_list_add(&s->past_age[qb->feed], qb->id) == 0 &&
         id_list_add(&s->past_age_events[qb->feed], (int64_t)qb->nrecords) != 0)
         s->past_age[qb->feed].n--;
     s->restore_pending = 1;
@@ -2126,6 +2156,8 @@ static void restore(struct sender *s, int64_t now)
             log_info("every persisted batch is restored",
                      LOG_I("attempts", (long long)s->restore_passes));
         id_list_free(&s->restored);
+        id_list_free(&s->unreadable);
+        id_list_free(&s->unreadable_since);
         s->restored_sorted = 0;
     }
 }
@@ -2307,6 +2339,8 @@ void sender_free(sender *s)
     queue_reader_free(s->reader);
     pthread_mutex_destroy(&s->mu);
     id_list_free(&s->restored); /* a restore still pending at the stop */
+    id_list_free(&s->unreadable);
+    id_list_free(&s->unreadable_since);
     drop_router(s);
     free(s);
 }

@@ -257,11 +257,13 @@ class RestoreReadErrors(ServiceTest):
         # Every other event waits at most retry.max_age_s: a batch in memory
         # (expire_batches) and a record not claimed (queue_expire) alike. A
         # persisted batch whose records cannot be read at start is neither:
-        # it is tried again every second, for ever, and holds its feed's
+        # it would be tried again every second, for ever, holding its feed's
         # settled line (and the disk of every record after it) meanwhile.
+        # Once every read failed for retry.failing_s, it is given up.
         events = [event("users.messages.email.Send", user="never") for _ in range(3)]
         s, d = self.in_flight_at_kill(events)
         s.env["TRIBUTARY_RETRY_MAX_AGE_S"] = "2"
+        s.env["TRIBUTARY_RETRY_FAILING_S"] = "3"  # a batch whose every read fails this long
         self.restart_with_faults(s, FAIL_FETCH=1000000000)
         self.wait(lambda: "cannot restore a persisted batch" in s.logs(), 10, "the failed restore")
         ids = sorted(e["id"] for e in events)
@@ -273,11 +275,49 @@ class RestoreReadErrors(ServiceTest):
         dead = json.loads(s.cli(["dlq", "list", "--json"]).stdout)
         self.assertEqual(sorted(x["event_id"] for x in dead), ids)
         self.assertEqual({x["reason"] for x in dead}, {"max_age"})
-        self.assertIn("persisted batches that could not be read, older than retry.max_age_s, "
-                      "moved to the dead-letter store", s.logs())
+        self.assertIn("persisted batches that could not be read for retry.failing_s, older than "
+                      "retry.max_age_s, moved to the dead-letter store", s.logs())
         self.assertEqual(s.metrics()['tributary_dead_letters_total{reason="max_age"}'], 3)
         # and the feed's records after it are no longer held back: the restore is over
         self.wait(lambda: "every persisted batch is restored" in s.logs(), 10, "the restore done")
+
+    def test_a_read_hiccup_at_start_does_not_dead_letter_events_younger_than_max_age(self):
+        # One user's events held on a feed without credentials, received 8 s
+        # apart, go in one batch once credentials come; the batch is in flight
+        # at a kill -9. At the next start (retry.max_age_s 6: the older event
+        # is past it, the younger one a few seconds old) the first read of the
+        # batch fails once. A batch restored in memory is split by age
+        # (expired_part): only the older event may be a dead letter. The
+        # younger one, readable a second later, is sent; it must not go to
+        # the dead-letter store with reason max_age seconds after it came.
+        d = MParticleDouble(feeds=dict(FEEDS)).start()
+        self.addCleanup(d.stop)
+        d.fail(503)
+        s = self.service(env=feed_env(d, feeds={}), config="return {}\n")
+        old = event("users.messages.email.Send", user="mixed")
+        self.assertEqual(s.post([old]).status, 200)
+        time.sleep(8)
+        young = event("users.messages.email.Send", user="mixed")
+        self.assertEqual(s.post([young]).status, 200)
+        self.assertTrue(s.reload('return { feeds = { unbound = { key = "unbound-key", '
+                                 'secret = "unbound-secret" } } }\n'))
+        self.wait(lambda: len(d.requests) >= 1, 20, "a first (failed) send")
+        s.kill9()
+        with s.db() as db:
+            made = [b for (blob,) in db.execute("SELECT batches FROM claims")
+                    for b in claim_batches(blob)]
+        self.assertEqual([len(b) for b in made], [2], "both events in one batch")
+        d.clear_faults()
+        s.env["TRIBUTARY_RETRY_MAX_AGE_S"] = "6"
+        self.restart_with_faults(s, FAIL_FETCH=1)
+        self.wait(lambda: "cannot restore a persisted batch" in s.logs(), 10, "the failed restore")
+
+        def dead_ids():
+            return [x["event_id"] for x in json.loads(s.cli(["dlq", "list", "--json"]).stdout)]
+        self.wait(lambda: young["id"] in d.source_message_ids() or young["id"] in dead_ids(),
+                  10, "the young event delivered or dead-lettered")
+        self.assertNotIn(young["id"], dead_ids(), "an event 2 s old dead-lettered as max_age")
+        self.assertIn(young["id"], d.source_message_ids())
 
     def test_a_failed_read_of_the_persisted_batches_loses_none_of_them(self):
         events = [event("users.messages.email.Send", user="x") for _ in range(20)]

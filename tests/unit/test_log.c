@@ -152,11 +152,80 @@ START_TEST(test_long_lines_from_several_threads_reach_a_pipe_whole)
 }
 END_TEST
 
+#define TAKERS 4
+#define TAKES 2000
+static struct log_budget budget;
+static int taken[TAKERS][TAKES];
+
+static void *take_lines(void *arg)
+{
+    int t = (int)(intptr_t)arg;
+    for (int i = 0; i < TAKES; i++)
+        taken[t][i] = log_budget_take(&budget);
+    return NULL;
+}
+
+/* Within one second, the lines counted by threads at once are numbered 0, 1,
+ * 2, ... each once; the next second starts again at 0. */
+START_TEST(test_a_line_budget_counts_each_line_of_a_second_once)
+{
+    int tries = 0, counted = 0;
+    for (; tries < 5 && !counted; tries++) {
+        /* a run that straddles two seconds says nothing: try again */
+        int64_t start = clock_mono_ms() / 1000;
+        memset(&budget, 0, sizeof budget);
+        pthread_t th[TAKERS];
+        for (int t = 0; t < TAKERS; t++)
+            ck_assert_int_eq(pthread_create(&th[t], NULL, take_lines, (void *)(intptr_t)t), 0);
+        for (int t = 0; t < TAKERS; t++)
+            pthread_join(th[t], NULL);
+        if (clock_mono_ms() / 1000 != start)
+            continue;
+        static unsigned char seen[TAKERS * TAKES];
+        memset(seen, 0, sizeof seen);
+        for (int t = 0; t < TAKERS; t++)
+            for (int i = 0; i < TAKES; i++) {
+                ck_assert_int_ge(taken[t][i], 0);
+                ck_assert_int_lt(taken[t][i], TAKERS * TAKES);
+                seen[taken[t][i]]++;
+            }
+        for (int k = 0; k < TAKERS * TAKES; k++)
+            ck_assert_int_eq(seen[k], 1);
+        counted = 1;
+    }
+    ck_assert(counted);
+    /* the next second */
+    int64_t second = clock_mono_ms() / 1000;
+    while (clock_mono_ms() / 1000 == second)
+        usleep(10000);
+    ck_assert_int_eq(log_budget_take(&budget), 0);
+    ck_assert_int_eq(log_budget_take(&budget), 1);
+}
+END_TEST
+
+/* A repeated line: the first is written and counts itself; the others of the
+ * next 10 s are counted for the next one. */
+START_TEST(test_a_repeated_line_is_written_once_and_counts_the_rest)
+{
+    struct log_repeat r;
+    memset(&r, 0, sizeof r);
+    ck_assert_uint_eq(log_repeat_due(&r), 1);
+    for (int i = 0; i < 5; i++)
+        ck_assert_uint_eq(log_repeat_due(&r), 0);
+    /* as if LOG_REPEAT_MS had passed since the line */
+    atomic_store(&r.last_ms, clock_mono_ms() - LOG_REPEAT_MS - 1);
+    ck_assert_uint_eq(log_repeat_due(&r), 6);
+    ck_assert_uint_eq(log_repeat_due(&r), 0);
+}
+END_TEST
+
 static Suite *suite(void)
 {
     Suite *s = suite_create("log");
     TCase *tc = tcase_create("log");
     tcase_add_test(tc, test_long_lines_from_several_threads_reach_a_pipe_whole);
+    tcase_add_test(tc, test_a_line_budget_counts_each_line_of_a_second_once);
+    tcase_add_test(tc, test_a_repeated_line_is_written_once_and_counts_the_rest);
     suite_add_tcase(s, tc);
     return s;
 }
