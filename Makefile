@@ -3,6 +3,8 @@
 #   make run        install what is missing, build, start on the embedded defaults
 #   make test       install what is missing, build, run every test
 #   make asan       the test suite under AddressSanitizer + UndefinedBehaviorSanitizer
+#   make chaos      kills, reloads and mParticle failures at random (CHAOS_SECONDS, CHAOS_SEED);
+#                   make chaos-asan against the sanitizer build
 #   make valgrind   the test suite under valgrind (memcheck)
 #   make bench      the benchmark (figures as "name value unit" lines)
 #   make bench-instructions   instructions per event by thread (callgrind)
@@ -37,7 +39,7 @@ PREFIX ?= /usr/local
 DESTDIR ?=
 
 .PHONY: all setup run test check-suite unit asan valgrind bench bench-instructions soak fuzz install \
-	fmt lint clean
+	chaos chaos-asan fmt lint clean
 
 all: $(BIN)
 
@@ -76,15 +78,34 @@ test: setup
 check-suite: $(BIN) $(UNIT_BINS)
 	@TEST_WRAPPER="$(TEST_WRAPPER)" CFLAGS="$(CFLAGS)" LDFLAGS="$(LDFLAGS)" scripts/test.sh $(BUILD) $(BIN)
 
+ASAN_CFLAGS := -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
+ASAN_LDFLAGS := -fsanitize=address,undefined
+
 asan: setup
 	@$(MAKE) --no-print-directory check-suite BUILD=build/asan BIN=build/asan/tributary \
-		CFLAGS="-O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer" \
-		LDFLAGS="-fsanitize=address,undefined"
+		CFLAGS="$(ASAN_CFLAGS)" LDFLAGS="$(ASAN_LDFLAGS)"
 
 valgrind: setup
 	@scripts/setup.sh valgrind
 	@$(MAKE) --no-print-directory check-suite BUILD=build/valgrind BIN=build/valgrind/tributary \
 		CFLAGS="-O1 -g" TEST_WRAPPER="valgrind --quiet --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite --track-fds=no"
+
+# Rounds of random kills (-9), stops, reloads and mParticle failures against the
+# double, for CHAOS_SECONDS (default 300); each round checks that every event
+# acknowledged to Braze was delivered or dead-lettered. It prints each round's
+# seed: CHAOS_SEED=<seed> CHAOS_SECONDS=1 runs that round again. Not part of
+# `make test`. `make chaos-asan` runs it against the sanitizer build.
+CHAOS_SECONDS ?= 300
+CHAOS_SEED ?=
+
+chaos: setup
+	@$(MAKE) --no-print-directory $(BIN)
+	@TEST_TRIBUTARY_BIN="$(BIN)" CFLAGS="$(CFLAGS)" CHAOS_SECONDS="$(CHAOS_SECONDS)" \
+		CHAOS_SEED="$(CHAOS_SEED)" python3 tests/chaos/chaos.py
+
+chaos-asan: setup
+	@$(MAKE) --no-print-directory chaos BUILD=build/asan BIN=build/asan/tributary \
+		CFLAGS="$(ASAN_CFLAGS)" LDFLAGS="$(ASAN_LDFLAGS)"
 
 # The benchmark: throughput, then latency at a fixed rate (figures as
 # "name value unit" lines; see scripts/bench.sh). It never fails the build.
