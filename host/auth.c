@@ -219,11 +219,8 @@ const char *auth_result_text(enum auth_result r)
 
 void auth_log_error(void)
 {
-    static struct log_repeat logged;
-    uint64_t times = log_repeat_due(&logged);
-    if (times)
-        log_error("cannot check a request's credentials: the cryptography library failed",
-                  LOG_I("times", (long long)times));
+    log_repeated(LOG_ERROR,
+                 "cannot check a request's credentials: the cryptography library failed");
 }
 
 /* ---- throttling --------------------------------------------------------- */

@@ -296,6 +296,15 @@ static void printable(const char *s, size_t n, char *out, size_t outlen)
     }
 }
 
+/* [*a, *b) without the white space at either end. */
+static void trim_space(const char **a, const char **b)
+{
+    while (*a < *b && isspace((unsigned char)**a))
+        (*a)++;
+    while (*b > *a && isspace((unsigned char)(*b)[-1]))
+        (*b)--;
+}
+
 /* ---- values from the Lua file ------------------------------------------- */
 
 static void set_from_lua(struct loader *ld, lua_State *L, const struct key *k, const char *path);
@@ -359,12 +368,8 @@ static void set_list_from_lua(struct loader *ld, lua_State *L, const struct key 
         while (p <= s + n) {
             const char *comma = memchr(p, ',', (size_t)(s + n - p));
             const char *end = comma ? comma : s + n;
-            const char *a = p;
-            while (a < end && isspace((unsigned char)*a))
-                a++;
-            const char *b = end;
-            while (b > a && isspace((unsigned char)b[-1]))
-                b--;
+            const char *a = p, *b = end;
+            trim_space(&a, &b);
             if (b > a && list_add(l, a, (size_t)(b - a)) != 0)
                 errs_add(ld->e, "out of memory");
             if (!comma)
@@ -935,10 +940,7 @@ done:
 static int env_word(const char *v, char *out, size_t outlen)
 {
     const char *a = v, *b = v + strlen(v);
-    while (a < b && isspace((unsigned char)*a))
-        a++;
-    while (b > a && isspace((unsigned char)b[-1]))
-        b--;
+    trim_space(&a, &b);
     size_t len = (size_t)(b - a);
     if (len >= outlen)
         return 0;
@@ -1007,10 +1009,7 @@ static void set_from_env(struct config *c, const struct key *k, const char *name
             const char *comma = strchr(p, ',');
             const char *end = comma ? comma : p + strlen(p);
             const char *a = p, *b = end;
-            while (a < b && isspace((unsigned char)*a))
-                a++;
-            while (b > a && isspace((unsigned char)b[-1]))
-                b--;
+            trim_space(&a, &b);
             if (b > a && list_add(l, a, (size_t)(b - a)) != 0)
                 errs_add(e, "out of memory");
             if (!comma)

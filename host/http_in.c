@@ -1107,11 +1107,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
     } else if (r->busy) {
         rc = refuse_busy(c, r);
     } else if (r->no_memory) {
-        static struct log_repeat logged;
-        uint64_t times = log_repeat_due(&logged);
-        if (times)
-            log_error("out of memory for a request body; answered 503",
-                      LOG_I("times", (long long)times));
+        log_repeated(LOG_ERROR, "out of memory for a request body; answered 503");
         rc = reply_json(c, r, 503, "{\"error\":\"out of memory\"}", RETRY_AFTER_NO_MEMORY);
     } else {
         struct ingest_request req = headers_of(c, r);

@@ -430,11 +430,7 @@ void ingest_handle(struct ingest *in, const struct ingest_request *req,
     r = borrow(in->engines, s.rs, err, sizeof err);
     struct input_error ie;
     if (!r) {
-        static struct log_repeat logged;
-        uint64_t times = log_repeat_due(&logged);
-        if (times)
-            log_error("cannot build the rules engine",
-                      LOG_S("error", err) LOG_I("times", (long long)times));
+        log_repeated(LOG_ERROR, "cannot build the rules engine", LOG_S("error", err));
         respond_error(resp, 503, RETRY_AFTER_ERROR, "rules unavailable", -1, NULL);
         goto done;
     }
@@ -448,11 +444,7 @@ void ingest_handle(struct ingest *in, const struct ingest_request *req,
     metrics_rules_time((double)(b.tv_sec - a.tv_sec) + (double)(b.tv_nsec - a.tv_nsec) / 1e9);
     if (mapped != 0) {
         if (ie.status == 503) {
-            static struct log_repeat logged;
-            uint64_t times = log_repeat_due(&logged);
-            if (times)
-                log_error("cannot map a request",
-                          LOG_S("error", ie.reason) LOG_I("times", (long long)times));
+            log_repeated(LOG_ERROR, "cannot map a request", LOG_S("error", ie.reason));
             respond_error(resp, 503, RETRY_AFTER_ERROR, "temporarily unable to map", -1, NULL);
         } else {
             log_info("request refused", LOG_I("status", ie.status) LOG_S("reason", ie.reason)
@@ -478,12 +470,8 @@ void ingest_handle(struct ingest *in, const struct ingest_request *req,
         int retry = full                 ? RETRY_AFTER_FULL
                     : qs == QUEUE_CLOSED ? RETRY_AFTER_DRAINING
                                          : RETRY_AFTER_ERROR;
-        static struct log_repeat logged;
-        uint64_t times = log_repeat_due(&logged);
-        if (times)
-            log_warn("request not stored; Braze will retry",
-                     LOG_S("queue", queue_status_name(qs)) LOG_I("events", (long long)m.nevents)
-                         LOG_I("times", (long long)times));
+        log_repeated(LOG_WARN, "request not stored; Braze will retry",
+                     LOG_S("queue", queue_status_name(qs)) LOG_I("events", (long long)m.nevents));
         respond_error(resp, 503, retry,
                       qs == QUEUE_FULL       ? "queue full"
                       : qs == QUEUE_NO_SPACE ? "disk full"

@@ -69,6 +69,16 @@ struct log_repeat {
 /* Counts one more time. 0: skip the line; else write it, with this many
  * times since the last line written (this one included). */
 uint64_t log_repeat_due(struct log_repeat *r);
+/* Such a line, at level, with its fields and `times`: one counter per place
+ * the macro is written. */
+#define log_repeated(level, msg, ...)                                                              \
+    do {                                                                                           \
+        static struct log_repeat log_repeat_here_;                                                 \
+        uint64_t log_times_ = log_repeat_due(&log_repeat_here_);                                   \
+        if (log_times_)                                                                            \
+            log_emit((level), (msg),                                                               \
+                     LOG_FIELDS(__VA_ARGS__ LOG_I("times", (long long)log_times_)));               \
+    } while (0)
 
 /* For lines a flood could write one per event (a rule failing for every
  * event): a count of the lines of the current second, from any thread.
