@@ -35,6 +35,7 @@ return {
   mparticle = {
     url = "https://s2s.mparticle.com", -- or https://s2s.us2|eu1|au1.mparticle.com
     rate_limit = 270,                   -- batches/s, all feeds together (the account's limit)
+    -- event_names_limit = 1000,        -- the workspace's unique event names, warned of at 90%
     -- ca_bundle = "/etc/tributary/egress-ca.pem", -- PEM CAs to verify mParticle (unset: system store)
   },
 

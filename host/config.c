@@ -75,6 +75,7 @@ static const struct key KEYS[] = {
     {"inbound.workspaces", K_LIST, OFF(inbound_workspaces), 0, 0, NULL},
     {"mparticle.url", K_STR, OFF(mparticle_url), 0, 0, NULL},
     {"mparticle.rate_limit", K_INT, OFF(mparticle_rate_limit), 1, 100000, NULL},
+    {"mparticle.event_names_limit", K_INT, OFF(mparticle_event_names_limit), 1, 100000, NULL},
     FEED_KEYS("ios", FEED_IOS),
     FEED_KEYS("android", FEED_ANDROID),
     FEED_KEYS("web", FEED_WEB),
@@ -1391,6 +1392,7 @@ static int set_defaults(struct config *c)
     c->http_max_connections_per_ip = 0;
     c->mparticle_url = strdup("https://s2s.mparticle.com");
     c->mparticle_rate_limit = 270;
+    c->mparticle_event_names_limit = 1000;
     for (int f = 0; f < FEED_COUNT; f++)
         c->feeds[f].rate_limit = 270;
     c->batch_linger_ms = 500;

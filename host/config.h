@@ -77,6 +77,8 @@ struct config {
     struct string_list inbound_workspaces;
     char *mparticle_url;
     int64_t mparticle_rate_limit; /* batches per second, all feeds together (the account) */
+    /* mParticle's unique event names per workspace (see event_names.h) */
+    int64_t mparticle_event_names_limit;
     struct feed_config feeds[FEED_COUNT];
     struct string_list events; /* n == 0: every type the rules map */
     struct app_entry *apps;

@@ -762,10 +762,75 @@ int dlq_main(const struct cli_options *o)
     return rc;
 }
 
+struct names_ctx {
+    int json;
+    int64_t count;
+    buf quoted;
+};
+
+static int name_row(void *ctx, const char *name, size_t n, int64_t first_ms)
+{
+    struct names_ctx *nc = ctx;
+    /* kept as the JSON writer wrote it between its quotes */
+    nc->quoted.len = 0;
+    if (buf_addc(&nc->quoted, '"') != 0 || buf_add(&nc->quoted, name, n) != 0 ||
+        buf_add(&nc->quoted, "\"", 2) != 0) {
+        fprintf(stderr, "tributary: out of memory\n");
+        return 1;
+    }
+    char when[64];
+    time_t t = (time_t)(first_ms / 1000);
+    struct tm tm;
+    gmtime_r(&t, &tm);
+    strftime(when, sizeof when, "%Y-%m-%dT%H:%M:%SZ", &tm);
+    if (nc->json) {
+        printf("%s{\"name\":", nc->count ? ",\n " : "");
+        print_json_text(nc->quoted.data);
+        printf(",\"first_sent_ms\":%lld}", (long long)first_ms);
+    } else {
+        if (nc->count == 0)
+            printf("%-20s  %s\n", "FIRST SENT", "EVENT NAME");
+        char *shown = terminal_text(name, SIZE_MAX);
+        if (!shown) {
+            fprintf(stderr, "tributary: out of memory\n");
+            return 1;
+        }
+        printf("%-20s  %s\n", when, shown);
+        free(shown);
+    }
+    nc->count++;
+    return 0;
+}
+
+/* The event names sent to mParticle (see event_names.h), oldest first. */
+static int print_names(queue_reader *r, const struct config *c, int json)
+{
+    struct names_ctx nc = {.json = json};
+    buf_init(&nc.quoted, 1 << 20);
+    if (json)
+        printf("{\"limit\":%lld,\"names\":[", (long long)c->mparticle_event_names_limit);
+    int rc = queue_event_names(r, name_row, &nc);
+    buf_free(&nc.quoted);
+    if (rc != 0) {
+        if (json)
+            printf("]}\n");
+        say_unreadable("the event names", queue_reader_error(r));
+        return 1;
+    }
+    if (json)
+        printf("]}\n");
+    else
+        printf("%s%lld event name%s sent; mParticle keeps %lld per workspace "
+               "(mparticle.event_names_limit)\n",
+               nc.count ? "\n" : "", (long long)nc.count, nc.count == 1 ? "" : "s",
+               (long long)c->mparticle_event_names_limit);
+    return 0;
+}
+
 int queue_main(const struct cli_options *o)
 {
-    if (o->nargs != 1 || strcmp(o->args[0], "stats") != 0) {
-        fprintf(stderr, "usage: tributary queue stats [--json]\n");
+    if (o->nargs != 1 || (strcmp(o->args[0], "stats") != 0 && strcmp(o->args[0], "names") != 0)) {
+        fprintf(stderr, "usage: tributary queue stats|names [--json]\n");
         return 2;
     }
     struct config *c = config_load_for_command(o->config, 0);
@@ -780,7 +845,9 @@ int queue_main(const struct cli_options *o)
     queue_reader *r = queue_reader_new(q, err, sizeof err);
     struct queue_stats st;
     int rc = 1;
-    if (r && queue_stats(r, &st) == 0) {
+    if (r && strcmp(o->args[0], "names") == 0) {
+        rc = print_names(r, c, o->json);
+    } else if (r && queue_stats(r, &st) == 0) {
         rc = 0;
         int64_t now = clock_wall_ms();
         if (o->json) {
@@ -798,8 +865,10 @@ int queue_main(const struct cli_options *o)
                 }
                 printf("}");
             }
-            printf("},\"dead_letters\":%lld,\"dedup_ids\":%lld,\"bytes\":%lld}\n",
-                   (long long)st.dead, (long long)st.dedup_ids, (long long)st.bytes);
+            printf("},\"dead_letters\":%lld,\"dedup_ids\":%lld,\"event_names\":%lld,"
+                   "\"bytes\":%lld}\n",
+                   (long long)st.dead, (long long)st.dedup_ids, (long long)st.event_names,
+                   (long long)st.bytes);
         } else {
             printf("%-8s %10s %10s %10s  %s\n", "FEED", "DEPTH", "OLDEST", "BATCHES", "STATE");
             for (int f = 0; f < FEED_COUNT; f++) {
@@ -817,8 +886,10 @@ int queue_main(const struct cli_options *o)
                 printf("%-8s %10lld %10s %10lld  %s\n", FEED_NAMES[f], (long long)st.depth[f], age,
                        (long long)st.in_flight_batches[f], state);
             }
-            printf("\ndead letters: %lld\ndedup ids:    %lld\non disk:      %.1f MiB\n",
-                   (long long)st.dead, (long long)st.dedup_ids, (double)st.bytes / 1048576.0);
+            printf("\ndead letters: %lld\ndedup ids:    %lld\nevent names:  %lld of mParticle's "
+                   "%lld (tributary queue names)\non disk:      %.1f MiB\n",
+                   (long long)st.dead, (long long)st.dedup_ids, (long long)st.event_names,
+                   (long long)c->mparticle_event_names_limit, (double)st.bytes / 1048576.0);
         }
     } else {
         say_unreadable("the queue", r ? queue_reader_error(r) : err);

@@ -553,6 +553,7 @@ static enum MHD_Result answer_metrics(http_in *h, struct MHD_Connection *c, stru
     struct snapshot s;
     reload_get(&s);
     g.rules_version = s.rs ? ruleset_version(s.rs) : "";
+    g.event_names_limit = s.cfg ? s.cfg->mparticle_event_names_limit : 0;
     reload_status(&g.reload_ok, &g.reload_loaded_ms);
     if (h->hooks.gauges)
         h->hooks.gauges(h->hooks.ctx, &g);

@@ -4,7 +4,7 @@
  *   tributary serve [--config FILE]
  *   tributary check [--config FILE]
  *   tributary map   [--config FILE] [--workspace NAME] [FILE|-]
- *   tributary dlq ..., tributary queue stats   (see dlq.h)
+ *   tributary dlq ..., tributary queue stats|names   (see dlq.h)
  *   tributary sign  [--config FILE] [--timestamp T] [FILE|-]
  *   tributary --help | --version
  */
@@ -58,6 +58,8 @@ static const char USAGE[] =
     "                                         (DURATION: a number and s, m, h, d or w: 7d)\n"
     "  queue stats       depth per feed, oldest event, batches not yet delivered,\n"
     "                    paused feeds and why\n"
+    "  queue names       the event names sent to mParticle, oldest first (mParticle\n"
+    "                    drops the events of new names past mparticle.event_names_limit)\n"
     "  sign [FILE|-] [--timestamp T]   print the Tributary-Signature header for a body,\n"
     "                    signed with the first of inbound.hmac_secrets at T (UNIX\n"
     "                    seconds; default now)\n"
@@ -169,6 +171,7 @@ static int options_fit(const struct args *a)
         {"dlq", "requeue", O_REASON | O_ALL | O_FORCE | O_JSON},
         {"dlq", "purge", O_OLDER_THAN | O_REASON | O_JSON},
         {"queue", "stats", O_JSON},
+        {"queue", "names", O_JSON},
     };
     static const struct {
         unsigned bit;

@@ -441,6 +441,14 @@ int metrics_render(buf *b, const struct metrics_gauges *g)
         rc |= header(b, "tributary_dedup_memory_bytes", "gauge",
                      "Memory the remembered event ids take.");
         rc |= buf_printf(b, "tributary_dedup_memory_bytes %lld\n", (long long)g->dedup_bytes);
+        rc |= header(b, "tributary_event_names", "gauge",
+                     "Unique event names sent to mParticle (kept in queue.db, at most twice the "
+                     "limit); mParticle drops the events of new names past its limit.");
+        rc |= buf_printf(b, "tributary_event_names %lld\n", (long long)g->event_names);
+        rc |= header(b, "tributary_event_names_limit", "gauge",
+                     "mParticle's limit of unique event names per workspace "
+                     "(mparticle.event_names_limit).");
+        rc |= buf_printf(b, "tributary_event_names_limit %lld\n", (long long)g->event_names_limit);
         rc |= header(b, "tributary_dead_letters", "gauge", "Events in the dead-letter store.");
         rc |= buf_printf(b, "tributary_dead_letters %lld\n", (long long)g->dead_letters);
         rc |= header(b, "tributary_ready", "gauge", "1 when the service is ready.");

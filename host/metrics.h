@@ -85,6 +85,8 @@ struct metrics_gauges {
     int64_t queue_operations;
     int64_t dedup_ids;
     int64_t dedup_bytes;
+    int64_t event_names;       /* see event_names.h */
+    int64_t event_names_limit; /* mparticle.event_names_limit */
     int ready;
     int64_t tls_not_after; /* UNIX seconds; 0 without TLS */
     int64_t request_body_bytes;

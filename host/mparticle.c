@@ -298,48 +298,78 @@ static size_t skip_space(const char *s, size_t i, size_t n)
     return i;
 }
 
-int64_t mparticle_event_time_ms(const char *s, size_t n)
+/* The closing quote of the JSON string whose text starts at s[start]: the
+ * first quote not preceded by an odd number of backslashes; n when none. */
+static size_t string_end(const char *s, size_t start, size_t n)
 {
-    static const char key[] = "timestamp_unixtime_ms";
-    int depth = 0, data_depth = -1, data_next = 0;
-    for (size_t i = 0; i < n; i++) {
+    for (size_t i = start; i < n;) {
+        const char *q = memchr(s + i, '"', n - i);
+        if (!q)
+            return n;
+        i = (size_t)(q - s);
+        size_t slashes = 0;
+        while (i - slashes > start && s[i - slashes - 1] == '\\')
+            slashes++;
+        if (slashes % 2 == 0)
+            return i;
+        i++;
+    }
+    return n;
+}
+
+/* The number at s[v..n) as the host writes a time; -1 when it is not one. */
+static int64_t time_value(const char *s, size_t v, size_t n)
+{
+    char num[32];
+    size_t k = 0;
+    while (v + k < n && s[v + k] && strchr("+-0123456789.eE", s[v + k])) {
+        if (++k == sizeof num)
+            return -1; /* longer than any time the host writes */
+    }
+    if (v + k >= n)
+        return -1; /* cut off */
+    memcpy(num, s + v, k);
+    num[k] = '\0';
+    char *end;
+    double t = strtod(num, &end);
+    return k > 0 && *end == '\0' && t >= 0 && t < 9e18 ? (int64_t)t : -1;
+}
+
+/* The fields of an event; with want_name 0, its time only (a shorter walk). */
+static void scan_event(const char *s, size_t n, int want_name, struct mparticle_event_fields *out)
+{
+    static const char time_key[] = "timestamp_unixtime_ms", name_key[] = "event_name";
+    out->time_ms = -1;
+    out->name = STR_NULL;
+    int depth = 0, data_depth = -1, data_next = 0, have_time = 0, have_name = !want_name;
+    for (size_t i = 0; i < n && !(have_time && have_name); i++) {
         char c = s[i];
         if (c == '"') {
-            /* to the closing quote: one not preceded by an odd number of backslashes */
-            size_t start = ++i;
-            for (;;) {
-                const char *q = memchr(s + i, '"', n - i);
-                if (!q)
-                    return -1;
-                i = (size_t)(q - s);
-                size_t slashes = 0;
-                while (i - slashes > start && s[i - slashes - 1] == '\\')
-                    slashes++;
-                if (slashes % 2 == 0)
-                    break;
-                i++;
-            }
+            size_t start = i + 1;
+            i = string_end(s, start, n);
+            if (i == n)
+                return;
             size_t len = i - start, colon = skip_space(s, i + 1, n);
             if (colon >= n || s[colon] != ':')
                 continue; /* a value, not a key */
             if (depth == 1 && len == 4 && memcmp(s + start, "data", 4) == 0) {
                 data_next = 1;
-            } else if (depth == data_depth && len == sizeof key - 1 &&
-                       memcmp(s + start, key, len) == 0) {
+            } else if (depth == data_depth && !have_time && len == sizeof time_key - 1 &&
+                       memcmp(s + start, time_key, len) == 0) {
+                have_time = 1;
+                out->time_ms = time_value(s, skip_space(s, colon + 1, n), n);
+            } else if (depth == data_depth && !have_name && len == sizeof name_key - 1 &&
+                       memcmp(s + start, name_key, len) == 0) {
+                have_name = 1;
+                /* the string's text as written, escapes and all */
                 size_t v = skip_space(s, colon + 1, n);
-                char num[32];
-                size_t k = 0;
-                while (v + k < n && s[v + k] && strchr("+-0123456789.eE", s[v + k])) {
-                    if (++k == sizeof num)
-                        return -1; /* longer than any time the host writes */
-                }
-                if (v + k >= n)
-                    return -1; /* cut off */
-                memcpy(num, s + v, k);
-                num[k] = '\0';
-                char *end;
-                double t = strtod(num, &end);
-                return k > 0 && *end == '\0' && t >= 0 && t < 9e18 ? (int64_t)t : -1;
+                if (v >= n || s[v] != '"')
+                    continue;
+                size_t from = v + 1, to = string_end(s, from, n);
+                if (to == n)
+                    return;
+                out->name = (str){s + from, to - from};
+                i = to;
             }
         } else if (c == '{' || c == '[') {
             depth++;
@@ -354,7 +384,18 @@ int64_t mparticle_event_time_ms(const char *s, size_t n)
             data_next = 0;
         }
     }
-    return -1;
+}
+
+void mparticle_event_fields(const char *s, size_t n, struct mparticle_event_fields *out)
+{
+    scan_event(s, n, 1, out);
+}
+
+int64_t mparticle_event_time_ms(const char *s, size_t n)
+{
+    struct mparticle_event_fields f;
+    scan_event(s, n, 0, &f);
+    return f.time_ms;
 }
 
 /* ---- names mParticle takes ---------------------------------------------- */

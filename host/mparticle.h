@@ -119,8 +119,16 @@ struct mparticle_credentials {
 void mparticle_mask_credentials(char *s, size_t n, const struct mparticle_credentials *creds,
                                 size_t ncreds);
 
-/* The event's data.timestamp_unixtime_ms, read from the event object's JSON
- * (as the rules' output is written); -1 when it has none. */
+/* What the sender reads of an event object's JSON (as the rules' output is
+ * written), without a parser. */
+struct mparticle_event_fields {
+    int64_t time_ms; /* data.timestamp_unixtime_ms; -1 when it has none */
+    str name;        /* data.event_name, the text between its quotes as
+                      * written (escapes and all); STR_NULL when none */
+};
+void mparticle_event_fields(const char *event, size_t n, struct mparticle_event_fields *out);
+
+/* The event's data.timestamp_unixtime_ms; -1 when it has none. */
 int64_t mparticle_event_time_ms(const char *event, size_t n);
 
 #endif

@@ -139,7 +139,11 @@ static const char *const SCHEMA =
     "  lo INTEGER NOT NULL,"
     "  hi INTEGER NOT NULL,"
     "  oldest_ms INTEGER NOT NULL,"
-    "  PRIMARY KEY(feed, lo)) WITHOUT ROWID;";
+    "  PRIMARY KEY(feed, lo)) WITHOUT ROWID;"
+    /* event names sent for the first time (see event_names.h) */
+    "CREATE TABLE IF NOT EXISTS event_names("
+    "  name TEXT PRIMARY KEY,"
+    "  first_ms INTEGER NOT NULL) WITHOUT ROWID;";
 
 /* Each feed keeps its records in RING tables, records_<feed>_0 .. _<RING-1>,
  * read together through the view records_<feed>: one mapped event per row, id
@@ -243,6 +247,7 @@ enum stmt_id {
     S_DATA_VERSION,
     S_MOVED_ADD,
     S_MOVED_OLDEST,
+    S_EVENT_NAME_ADD,
     S_COUNT
 };
 
@@ -272,6 +277,8 @@ static const char *const STMTS[S_COUNT] = {
                       "ON CONFLICT(feed) DO UPDATE SET claimed = max(claimed, excluded.claimed)",
     [S_MOVED_ADD] = "INSERT INTO moved(feed, lo, hi, oldest_ms) VALUES(?1, ?2, ?3, ?4)",
     [S_MOVED_OLDEST] = MOVED_OLDEST_SQL,
+    [S_EVENT_NAME_ADD] = "INSERT INTO event_names(name, first_ms) VALUES(?1, ?2) "
+                         "ON CONFLICT(name) DO NOTHING",
 };
 
 enum op_kind {
@@ -282,6 +289,7 @@ enum op_kind {
     OP_SPLIT,
     OP_EXPIRE,
     OP_FEED_STATE,
+    OP_EVENT_NAMES,
     OP_REQUEUE,
     OP_PURGE,
 };
@@ -337,6 +345,10 @@ struct op {
             enum feed feed;
             const char *reason;
         } feed_state;
+        struct {
+            const str *names;
+            size_t n;
+        } event_names;
         struct {
             const struct dead_filter *f;
             int64_t *after; /* the page's ids are larger; moved past them */
@@ -1358,6 +1370,20 @@ static enum queue_status apply_feed_state(queue *q, struct op *op, int64_t now)
     return rc == SQLITE_OK ? QUEUE_OK : status_of(rc);
 }
 
+static enum queue_status apply_event_names(queue *q, struct op *op, int64_t now)
+{
+    sqlite3_stmt *s = q->st[S_EVENT_NAME_ADD];
+    for (size_t i = 0; i < op->u.event_names.n; i++) {
+        str name = op->u.event_names.names[i];
+        sqlite3_bind_text(s, 1, name.p ? name.p : "", (int)name.n, SQLITE_STATIC);
+        sqlite3_bind_int64(s, 2, now);
+        int rc = step_done(s);
+        if (rc != SQLITE_OK)
+            return status_of(rc);
+    }
+    return QUEUE_OK;
+}
+
 /* The WHERE clause of a dead-letter filter, bound by dead_bind. */
 #define DEAD_WHERE                                                                                 \
     "WHERE (?1 = 0 OR id = ?1) AND (?2 IS NULL OR reason = ?2) AND (?3 = 0 OR at_ms < ?3)"
@@ -1430,6 +1456,8 @@ static enum queue_status apply(queue *q, struct op *op, int64_t now, int64_t dep
         return apply_expire(q, op, now);
     case OP_FEED_STATE:
         return apply_feed_state(q, op, now);
+    case OP_EVENT_NAMES:
+        return apply_event_names(q, op, now);
     case OP_PURGE:
         return apply_purge(q, op);
     }
@@ -2668,15 +2696,15 @@ fail:
     return -1;
 }
 
-/* Whether the queue has the table of moves (see moved): one that no service
- * of this version has opened yet has not. */
-static int has_moved_table(sqlite3 *db)
+/* Whether the queue has a table: one that no service of this version has
+ * opened yet has not the newer ones (moved, event_names). */
+static int has_table(sqlite3 *db, const char *name)
 {
     sqlite3_stmt *s;
-    if (sqlite3_prepare_v2(db,
-                           "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'moved'",
-                           -1, &s, NULL) != SQLITE_OK)
+    if (sqlite3_prepare_v2(db, "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1", -1,
+                           &s, NULL) != SQLITE_OK)
         return 1; /* then the error is the caller's to report */
+    sqlite3_bind_text(s, 1, name, -1, SQLITE_STATIC);
     int found = sqlite3_step(s) == SQLITE_ROW;
     sqlite3_finalize(s);
     return found;
@@ -2717,7 +2745,7 @@ static int load_rings(queue *q)
                 ring->filling = t;
             newest = ring->last[t] > newest ? ring->last[t] : newest;
         }
-        if (has_moved_table(q->db)) {
+        if (has_table(q->db, "moved")) {
             char sql[96];
             sqlite3_stmt *s;
             snprintf(sql, sizeof sql, "SELECT coalesce(max(hi), 0) FROM moved WHERE feed = %d", f);
@@ -2932,8 +2960,10 @@ int queue_open(queue **out, const struct queue_options *o, char *err, size_t err
             SQLITE_OK)
             continue;
         /* a command reads a queue that no service of this version has opened
-         * yet: it has no moves (see moved) */
-        if (o->readonly && (i == S_MOVED_ADD || i == S_MOVED_OLDEST) && !has_moved_table(q->db)) {
+         * yet: it has no moves (see moved), no event names */
+        if (o->readonly &&
+            (((i == S_MOVED_ADD || i == S_MOVED_OLDEST) && !has_table(q->db, "moved")) ||
+             (i == S_EVENT_NAME_ADD && !has_table(q->db, "event_names")))) {
             q->st[i] = NULL;
             continue;
         }
@@ -3241,6 +3271,16 @@ enum queue_status queue_set_feed_state(queue *q, enum feed f, const char *reason
     return submit(q, &op);
 }
 
+enum queue_status queue_add_event_names(queue *q, const str *names, size_t n)
+{
+    if (n == 0)
+        return QUEUE_OK;
+    struct op op = {.kind = OP_EVENT_NAMES};
+    op.u.event_names.names = names;
+    op.u.event_names.n = n;
+    return submit(q, &op);
+}
+
 enum queue_status queue_dead_purge(queue *q, const struct dead_filter *f, size_t *deleted)
 {
     *deleted = 0;
@@ -3529,6 +3569,8 @@ static int stats_read(queue_reader *r, struct queue_stats *st)
     st->dedup_ids =
         scalar(r->db, "SELECT coalesce(sum(length(fingerprints)), 0) / 16 FROM dedup_log");
     _Static_assert(DEDUP_FP_BYTES == 16, "the query above divides by DEDUP_FP_BYTES");
+    if (has_table(r->db, "event_names"))
+        st->event_names = scalar(r->db, "SELECT count(*) FROM event_names");
     return 0;
 }
 
@@ -3576,6 +3618,30 @@ static int last_id(queue_reader *r, const char *sql, int64_t *last)
 int queue_dead_last_id(queue_reader *r, int64_t *last)
 {
     return last_id(r, "SELECT max(id) FROM dead", last) == 0 ? 0 : reader_failed(r);
+}
+
+int queue_event_names(queue_reader *r,
+                      int (*fn)(void *ctx, const char *name, size_t n, int64_t first_ms), void *ctx)
+{
+    if (!has_table(r->db, "event_names"))
+        return 0;
+    sqlite3_stmt *s;
+    if (sqlite3_prepare_v2(r->db, "SELECT name, first_ms FROM event_names ORDER BY first_ms, name",
+                           -1, &s, NULL) != SQLITE_OK)
+        return reader_failed(r);
+    int rc;
+    while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
+        const char *name = (const char *)sqlite3_column_text(s, 0);
+        size_t n = (size_t)sqlite3_column_bytes(s, 0);
+        if (fn(ctx, name ? name : "", n, sqlite3_column_int64(s, 1)) != 0) {
+            rc = SQLITE_DONE;
+            break;
+        }
+    }
+    if (rc != SQLITE_DONE)
+        reader_failed(r);
+    sqlite3_finalize(s);
+    return rc == SQLITE_DONE ? 0 : -1;
 }
 
 int queue_last_claim(queue_reader *r, int64_t *last)

@@ -180,6 +180,14 @@ enum queue_status queue_split_batch(queue *q, int64_t batch_id, struct queue_bat
 enum queue_status queue_expire(queue *q, int64_t cutoff_ms, size_t moved[FEED_COUNT]);
 /* Records a feed's pause (reason NULL: resumed) for `queue stats`. */
 enum queue_status queue_set_feed_state(queue *q, enum feed f, const char *reason);
+/* Keeps event names sent for the first time (see event_names.h), each with
+ * the time it was first stored; a name kept already is left as it is. */
+enum queue_status queue_add_event_names(queue *q, const str *names, size_t n);
+/* Calls fn for each kept event name, oldest first; fn returns non-zero to
+ * stop. A queue that no service of this version has opened has none. */
+int queue_event_names(queue_reader *r,
+                      int (*fn)(void *ctx, const char *name, size_t n, int64_t first_ms),
+                      void *ctx) WUR;
 /* The reason of a feed paused because it has no credentials. */
 #define QUEUE_PAUSED_NO_CREDENTIALS "no credentials configured"
 /* The detail of a max_age dead letter, to which what is known of why is added. */
@@ -260,7 +268,8 @@ struct queue_stats {
     int64_t paused_since_ms[FEED_COUNT];
     int64_t dead;
     int64_t dedup_ids;
-    int64_t bytes; /* database file and WAL */
+    int64_t event_names; /* see queue_add_event_names */
+    int64_t bytes;       /* database file and WAL */
 };
 int queue_stats(queue_reader *r, struct queue_stats *s) WUR;
 

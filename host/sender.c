@@ -2,6 +2,7 @@
 
 #include "claim.h"
 #include "digest.h"
+#include "event_names.h"
 #include "log.h"
 #include "metrics.h"
 #include "mparticle.h"
@@ -253,6 +254,10 @@ struct sender {
     size_t restored_sorted;      /* the first restored_sorted of them in order */
     ruleset *router_rs;          /* the rules reroute maps with, and their engine */
     rules *router;
+    event_names *names;      /* the event names sent (see event_names.h) */
+    int names_loaded;        /* those stored before are read */
+    int64_t names_next;      /* monotonic ms of the next try to read or store them */
+    int64_t names_logged_ms; /* log_due */
 };
 
 /* ---- small helpers ------------------------------------------------------ */
@@ -584,8 +589,12 @@ static int build_claim(struct sender *s, struct feed_state *f, struct queue_item
         goto done;
     for (size_t i = 0; i < n; i++) {
         const struct queue_item *it = &items->items[i];
-        times[i] = mparticle_event_time_ms(it->event.p, it->event.n);
+        struct mparticle_event_fields ev;
+        mparticle_event_fields(it->event.p, it->event.n, &ev);
+        times[i] = ev.time_ms;
         old_event[i] = (unsigned char)event_historical(times[i], now_ms);
+        if (ev.name.p)
+            (void)event_names_note(s->names, ev.name, s->cfg->mparticle_event_names_limit);
     }
     for (size_t i = 0; i < n; i++)
         order[i] = i;
@@ -651,6 +660,54 @@ done:
     if (rc != 0)
         claim_part_free(c);
     return rc;
+}
+
+/* ---- event names -------------------------------------------------------- */
+
+struct name_load {
+    event_names *into;
+    int failed; /* out of memory */
+};
+
+static int load_name(void *ctx, const char *name, size_t n, int64_t first_ms)
+{
+    (void)first_ms;
+    struct name_load *l = ctx;
+    l->failed = event_names_load(l->into, (str){name, n}) != 0;
+    return l->failed;
+}
+
+/* Reads the event names stored before (until that works, a second apart),
+ * and stores the new ones: a failed store is tried again a second later. */
+static void keep_names(struct sender *s, int64_t now)
+{
+    if (now < s->names_next)
+        return;
+    if (!s->names_loaded) {
+        struct name_load l = {s->names, 0};
+        if (queue_event_names(s->reader, load_name, &l) != 0 || l.failed) {
+            if (log_due(&s->names_logged_ms))
+                log_error(
+                    "cannot read the event names sent before; counted from now on, tried "
+                    "again every second",
+                    LOG_S("error", l.failed ? "out of memory" : queue_reader_error(s->reader)));
+            s->names_next = now + 1000;
+            return;
+        }
+        s->names_loaded = 1;
+        event_names_check(s->names, s->cfg->mparticle_event_names_limit);
+    }
+    size_t n;
+    const str *names = event_names_unstored(s->names, &n);
+    enum queue_status st = queue_add_event_names(s->q, names, n);
+    if (st == QUEUE_OK) {
+        event_names_stored(s->names);
+    } else {
+        if (log_due(&s->names_logged_ms))
+            log_error("cannot store new event names; tried again every second",
+                      LOG_I("names", (long long)n) LOG_S("queue", queue_status_name(st)));
+        s->names_next = now + 1000;
+    }
 }
 
 /* ---- feeds -------------------------------------------------------------- */
@@ -2176,6 +2233,7 @@ static void *sender_main(void *arg)
             log_warn("cannot record the feed state", LOG_S("feed", FEED_NAMES[i]));
     }
     restore(s, clock_mono_ms());
+    keep_names(s, clock_mono_ms());
     reload_put(&snap);
 
     for (;;) {
@@ -2215,6 +2273,9 @@ static void *sender_main(void *arg)
             claim(s, now);
             reroute(s, snap.rs, now);
         }
+        if (cfg_changed)
+            event_names_check(s->names, s->cfg->mparticle_event_names_limit);
+        keep_names(s, now);
         if (!stopping)
             sweep_unclaimed(s, now);
         /* the rate windows are read when the requests go out: the clock read
@@ -2287,6 +2348,11 @@ int sender_start(sender **out, queue *q, char *err, size_t errlen)
     s->reader = queue_reader_new(q, err, errlen);
     if (!s->reader)
         goto fail;
+    s->names = event_names_new();
+    if (!s->names) {
+        str_copy(err, errlen, "out of memory");
+        goto fail;
+    }
     s->multi = curl_multi_init();
     if (!s->multi) {
         str_copy(err, errlen, "cannot create the HTTP client");
@@ -2306,6 +2372,7 @@ int sender_start(sender **out, queue *q, char *err, size_t errlen)
 fail:
     if (s->multi)
         curl_multi_cleanup(s->multi);
+    event_names_free(s->names);
     queue_reader_free(s->reader);
     pthread_mutex_destroy(&s->mu);
     free(s);
@@ -2342,7 +2409,13 @@ void sender_free(sender *s)
     id_list_free(&s->unreadable);
     id_list_free(&s->unreadable_since);
     drop_router(s);
+    event_names_free(s->names);
     free(s);
+}
+
+int64_t sender_event_names(sender *s)
+{
+    return event_names_count(s->names);
 }
 
 void sender_paused(sender *s, enum feed_pause paused[FEED_COUNT])

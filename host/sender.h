@@ -50,5 +50,7 @@ void sender_stop(sender *s, int64_t grace_ms);
 void sender_free(sender *s);
 /* Current pause state of every feed. */
 void sender_paused(sender *s, enum feed_pause paused[FEED_COUNT]);
+/* How many event names the sender has seen (see event_names.h); any thread. */
+int64_t sender_event_names(sender *s);
 
 #endif

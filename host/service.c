@@ -159,6 +159,7 @@ static void hook_gauges(void *ctx, struct metrics_gauges *g)
     g->queue_operations = qg.operations;
     g->dedup_ids = qg.dedup_ids;
     g->dedup_bytes = qg.dedup_bytes;
+    g->event_names = sender_event_names(s->sender);
     enum feed_pause paused[FEED_COUNT];
     sender_paused(s->sender, paused);
     for (int f = 0; f < FEED_COUNT; f++)

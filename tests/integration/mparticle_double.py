@@ -29,6 +29,11 @@ Deduplication: a batch whose source_request_id the same API key sent before is a
 and not stored again, as mParticle does; it is kept in `repeats`, and stop() fails while one
 differs from the batch first sent with its id (mParticle would have dropped its events).
 A fail fault may hold its answers until the test sets an event (fail(..., hold=event)).
+Limits of the account: rate_limit batches per second (270 by default, mParticle's default; a
+request over it is 429), and event_names_limit unique event names (data.event_name) over all
+feeds (1000 by default): as mParticle, the double answers 202 and drops an event whose name is
+new past it; such events are kept in `name_dropped`, and stop() fails while any is, unless the
+test read them with take_name_dropped().
 
 Everything is thread-safe and may be changed while the server runs. The Authorization header
 and the secrets are never logged nor recorded (request headers are stored redacted).
@@ -55,6 +60,8 @@ MAX_ATTRIBUTES = 100
 MAX_NAME_CHARS = 256
 MAX_VALUE_CHARS = 4096
 HOLD_MAX_S = 30  # longest a held answer waits for its event
+RATE_LIMIT = 270  # batches per second per account, by default
+EVENT_NAMES_LIMIT = 1000  # unique event names per workspace
 
 ENVIRONMENTS = ("production", "development")
 
@@ -305,9 +312,10 @@ class MParticleDouble:
 
     feeds: {name: (key, secret)}; default one feed "default" with the documented test vector.
     Attributes: url, port, rate_limit_percentage (None or int, sent on 202s), idle_timeout,
-    rate_limit (None or batches per second for the whole account: a request that would take
-    the last rate_window_s (1.0) seconds over it is 429 with Retry-After: 1, as mParticle's
-    provisioned rate).
+    rate_limit (batches per second for the whole account, 270 by default, None for none: a
+    request that would take the last rate_window_s (1.0) seconds over it is 429 with
+    Retry-After: 1, as mParticle's provisioned rate), event_names_limit (unique event names
+    of the workspace, 1000 by default: the events of new names past it are dropped).
     """
 
     def __init__(self, feeds=None, idle_timeout=None):
@@ -319,8 +327,11 @@ class MParticleDouble:
         for name, (key, secret) in feeds.items():
             self._feeds[name] = (key, secret)
         self.rate_limit_percentage = None
-        self.rate_limit = None
+        self.rate_limit = RATE_LIMIT
         self.rate_window_s = 1.0
+        self.event_names_limit = EVENT_NAMES_LIMIT
+        self._event_names = set()  # of the workspace: every feed's
+        self._name_dropped = []
         self._accepted_at = []  # (time, batches) of the last second, for rate_limit
         self.idle_timeout = idle_timeout
         self._faults = []
@@ -384,6 +395,10 @@ class MParticleDouble:
             self._cond.notify_all()
             rejected = list(self._rejected)
             changed = [r for r in self._repeats if not r["same"]]
+            name_dropped = list(self._name_dropped)
+        if name_dropped:
+            raise AssertionError("mParticle dropped events for their name, new past its limit "
+                                 "of %d event names: %r" % (self.event_names_limit, name_dropped))
         if rejected:
             raise AssertionError("mParticle would have dropped batches the service sent: %r" % rejected)
         if changed:
@@ -516,6 +531,19 @@ class MParticleDouble:
         with self._lock:
             rejected, self._rejected = self._rejected, []
             return rejected
+
+    def take_name_dropped(self):
+        """Events answered 202 and dropped, as their name was new past event_names_limit:
+        [{"feed", "name", "source_message_id"}]; forgets them."""
+        with self._lock:
+            dropped, self._name_dropped = self._name_dropped, []
+            return dropped
+
+    @property
+    def event_names(self):
+        """The event names the workspace knows."""
+        with self._lock:
+            return set(self._event_names)
 
     def events(self, feed=None):
         """[(feed, batch, event)] of all accepted events, in order."""
@@ -778,14 +806,33 @@ class MParticleDouble:
                     continue
                 if srid is not None:
                     self._seen[(key, srid)] = b
+                kept = self._keep_named(feed, b["events"])
+                if len(kept) != len(b["events"]):
+                    entry["batch"] = dict(b, events=kept)
                 self._batches.append(entry)
-                self._event_count += len(b["events"])
+                self._event_count += len(kept)
             self._cond.notify_all()
         extra = []
         pct = self.rate_limit_percentage
         if pct is not None:
             extra.append(("X-mp-rate-limit-percentage-used", str(int(pct))))
         return 202, b"", extra
+
+    def _keep_named(self, feed, events):
+        """The events mParticle keeps: those whose data.event_name is known, or new within
+        event_names_limit (which it then knows). Under the lock."""
+        kept = []
+        for e in events:
+            name = e.get("data", {}).get("event_name")
+            if isinstance(name, str) and name not in self._event_names:
+                if len(self._event_names) >= self.event_names_limit:
+                    self._name_dropped.append({"feed": feed, "name": name,
+                                               "source_message_id":
+                                                   e["data"].get("source_message_id")})
+                    continue
+                self._event_names.add(name)
+            kept.append(e)
+        return kept
 
     def _over_rate(self, n):
         """True when n more batches would take the last second over rate_limit; else

@@ -1342,6 +1342,74 @@ class Delivery(ServiceTest):
         self.assertGreater(len(gauges), 0)
         self.assertEqual(set(gauges), {0.0})
 
+    def test_event_names_count_against_mparticles_limit_and_the_count_outlives_a_restart(self):
+        d = self.double()
+        d.event_names_limit = 5
+        # a rule that puts the campaign in the event name: a name per campaign
+        rules = self.rules_dir({"50-campaign-name.lua": (
+            "return function(event, out)\n"
+            "  if out and event.properties.campaign_name then\n"
+            "    out.event.data.event_name = 'Open ' .. event.properties.campaign_name\n"
+            "  end\n"
+            "end\n")})
+        s = Service(env=feed_env(d, TRIBUTARY_MPARTICLE_EVENT_NAMES_LIMIT=5), rules_dir=rules)
+        self.addCleanup(s.cleanup)
+        s.start()
+        m = s.metrics()
+        self.assertEqual((m["tributary_event_names"], m["tributary_event_names_limit"]), (0, 5))
+
+        near = "event names near mParticle's limit"
+        past = "new event name past mParticle's limit of unique event names"
+        # 4 names (4 events of c1): under 90% of the limit, nothing said but at debug
+        self.assertEqual(s.post([event(campaign_name=c) for c in
+                                 ("c1", "c2", "c1", "c3", "c4", "c1")]).status, 200)
+        self.assertTrue(d.wait_for_events(6, 20))
+        self.wait(lambda: s.metrics()["tributary_event_names"] == 4, what="4 names")
+        self.assertEqual(s.logs().count("new event name sent to mParticle"), 4)
+        self.assertNotIn(near, s.logs())
+        # the fifth: 90% of the limit (and all of it), said once
+        self.assertEqual(s.post([event(campaign_name=c) for c in ("c5", "c2")]).status, 200)
+        self.assertTrue(d.wait_for_events(8, 20))
+        self.wait(lambda: near in s.logs(), what="the warning")
+        self.assertRegex(s.logs(), re.escape(near) + r'.* names=5 limit=5')
+        self.assertNotIn(past, s.logs())
+        # two more: past it, an error line (at most one per 10 s), and mParticle drops them
+        self.assertEqual(s.post([event(campaign_name=c) for c in ("c6", "c7", "c3")]).status, 200)
+        self.assertTrue(d.wait_for_events(9, 20))
+        self.wait(lambda: s.metrics()["tributary_event_names"] == 7, what="7 names")
+        self.wait(lambda: past in s.logs(), what="the error")
+        self.assertRegex(s.logs(), re.escape(past) + r'.* name="Open c6" names=6 limit=5 times=1')
+        self.assertEqual(s.logs().count(past), 1)
+        self.assertEqual(s.logs().count(near), 1)
+
+        out = s.cli(["queue", "names", "--json"])
+        self.assertEqual(out.returncode, 0, out.stderr)
+        listed = json.loads(out.stdout)
+        self.assertEqual(listed["limit"], 5)
+        self.assertEqual([n["name"] for n in listed["names"]], ["Open c%d" % i for i in range(1, 8)])
+        stats = json.loads(s.cli(["queue", "stats", "--json"]).stdout)
+        self.assertEqual(stats["event_names"], 7)
+        table = s.cli(["queue", "names"]).stdout
+        self.assertIn("Open c7", table)
+        self.assertIn("7 event names sent; mParticle keeps 5 per workspace", table)
+
+        # a restart reads them back: known names are not new, the count goes on from 7
+        self.assertEqual(s.stop(), 0)
+        s.start()
+        self.wait(lambda: s.metrics()["tributary_event_names"] == 7, what="7 names read back")
+        self.assertEqual(s.post([event(campaign_name=c) for c in ("c1", "c7", "c8")]).status, 200)
+        self.wait(lambda: s.metrics()["tributary_event_names"] == 8, what="8 names")
+        self.assertTrue(d.wait_for_events(10, 20))
+        self.assertEqual(s.logs().count("new event name sent to mParticle"), 5)
+        self.wait(lambda: s.logs().count(past) == 2, what="the error after the restart")
+        self.assertRegex(s.logs(), re.escape(past) + r'.* name="Open c8" names=8 limit=5 times=1')
+        self.assertEqual(s.logs().count(near), 2)  # once per start
+        # the events of a request (one user) came in one batch: the double, which knows 5
+        # names, dropped c7 again
+        self.assertEqual(sorted(x["name"] for x in d.take_name_dropped()),
+                         ["Open c6", "Open c7", "Open c7", "Open c8"])
+        self.assertEqual(d.event_names, {"Open c%d" % i for i in range(1, 6)})
+
     def test_rate_limit_spaces_batches_per_feed(self):
         d = self.double()
         s = self.service(env=feed_env(d, TRIBUTARY_FEEDS_UNBOUND_RATE_LIMIT=5,

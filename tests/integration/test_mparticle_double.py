@@ -427,6 +427,48 @@ class DoubleTest(unittest.TestCase):
         self.assertEqual(self.post([batch(), batch(), batch()])[0], 202)
         self.assertEqual(len(self.d.batches), 6)
 
+    def test_the_account_takes_270_batches_a_second_by_default(self):
+        self.assertEqual(self.d.rate_limit, 270)
+        self.assertEqual(self.post([batch() for _ in range(100)])[0], 202)
+        self.assertEqual(self.post([batch() for _ in range(100)])[0], 202)
+        self.assertEqual(self.post([batch() for _ in range(70)])[0], 202)
+        st, headers, _ = self.post([batch()])
+        self.assertEqual((st, headers["retry-after"]), (429, "1"))
+        self.assertEqual(len(self.d.batches), 270)
+
+    def test_events_of_new_names_past_the_limit_are_answered_202_and_dropped(self):
+        self.assertEqual(self.d.event_names_limit, 1000)
+        self.d.event_names_limit = 2
+        self.assertEqual(self.post([batch(events=[custom_event("A"), custom_event("B")])])[0], 202)
+        # a third name is dropped on every feed (the workspace's limit), known ones still pass
+        c = custom_event("C")
+        st, _, _ = self.post([batch(events=[custom_event("A"), c, custom_event("B")])],
+                             feed="android")
+        self.assertEqual(st, 202)
+        self.assertEqual([e["data"]["event_name"] for _, _, e in self.d.events()], ["A", "B", "A", "B"])
+        self.assertEqual(self.d.event_count(), 4)
+        self.assertEqual(self.d.event_names, {"A", "B"})
+        # an event without a name is not limited
+        self.assertEqual(self.post([batch(events=[{"event_type": "uninstall", "data": {
+            "source_message_id": "u-1", "timestamp_unixtime_ms": int(time.time() * 1000)}}])])[0],
+            202)
+        self.assertEqual(self.d.event_count(), 5)
+        self.assertEqual(self.d.take_name_dropped(),
+                         [{"feed": "android", "name": "C",
+                           "source_message_id": c["data"]["source_message_id"]}])
+        self.assertEqual(self.d.take_name_dropped(), [])
+
+    def test_stop_fails_while_an_event_was_dropped_for_its_name(self):
+        d = MParticleDouble(feeds=FEEDS).start()
+        d.event_names_limit = 1
+        try:
+            self.assertEqual(self.post([batch(events=[custom_event("A"), custom_event("B")])],
+                                       conn=http.client.HTTPConnection("127.0.0.1", d.port,
+                                                                       timeout=5))[0], 202)
+        finally:
+            with self.assertRaisesRegex(AssertionError, "limit of 1 event names"):
+                d.stop()
+
     def test_more_than_100_batches_is_400(self):
         self.assertError(self.post([batch() for _ in range(101)]), 400, "batches")
         self.assertOverLimit("too many batches")

@@ -443,6 +443,39 @@ START_TEST(test_event_time_is_read_from_data_only)
 }
 END_TEST
 
+START_TEST(test_event_name_is_read_from_data_as_written_with_the_time)
+{
+    const char *ev[] = {
+        "{\"event_type\":\"custom_event\",\"data\":{\"event_name\":\"Email Opens\","
+        "\"timestamp_unixtime_ms\":1732800000000}}",
+        /* the time first, and a name inside the attributes is not the event's */
+        "{\"data\":{\"timestamp_unixtime_ms\":5,\"custom_attributes\":{\"event_name\":\"no\"},"
+        "\"event_name\" : \"Say \\\"hi\\\" \\\\\"}}",
+        "{\"event_name\":\"top\",\"data\":{\"custom_attributes\":{\"event_name\":\"no\"}}}",
+        "{\"data\":{\"event_name\":7}}",
+        "{\"data\":{\"event_name\":\"\"}}",
+        "{\"data\":{\"event_name\":\"cut",
+    };
+    const char *want_name[] = {"Email Opens", "Say \\\"hi\\\" \\\\", NULL, NULL, "", NULL};
+    const int64_t want_time[] = {1732800000000, 5, -1, -1, -1, -1};
+    for (size_t i = 0; i < ARRAY_LEN(ev); i++) {
+        struct mparticle_event_fields f;
+        mparticle_event_fields(ev[i], strlen(ev[i]), &f);
+        ck_assert_msg(f.time_ms == want_time[i], "%s", ev[i]);
+        if (!want_name[i]) {
+            ck_assert_msg(f.name.p == NULL, "%s", ev[i]);
+            continue;
+        }
+        ck_assert_msg(f.name.p != NULL, "%s", ev[i]);
+        ck_assert_msg(f.name.n == strlen(want_name[i]) &&
+                          memcmp(f.name.p, want_name[i], f.name.n) == 0,
+                      "%s: %.*s", ev[i], (int)f.name.n, f.name.p);
+        /* the time alone is read the same */
+        ck_assert_int_eq(mparticle_event_time_ms(ev[i], strlen(ev[i])), want_time[i]);
+    }
+}
+END_TEST
+
 START_TEST(test_retry_after_date_in_the_past_is_raised_to_min)
 {
     ck_assert_int_eq(
@@ -507,6 +540,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_retry_after_garbage_is_invalid);
     tcase_add_test(tc, test_retry_after_absent_is_invalid);
     tcase_add_test(tc, test_event_time_is_read_from_data_only);
+    tcase_add_test(tc, test_event_name_is_read_from_data_as_written_with_the_time);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -2566,6 +2566,75 @@ START_TEST(test_stats_report_a_paused_feed_until_it_resumes)
 }
 END_TEST
 
+struct name_list {
+    char names[8][64];
+    int64_t first_ms[8];
+    size_t n;
+};
+
+static int collect_name(void *ctx, const char *name, size_t n, int64_t first_ms)
+{
+    struct name_list *l = ctx;
+    ck_assert_uint_lt(l->n, 8);
+    ck_assert_uint_eq(strlen(name), n);
+    str_copy(l->names[l->n], sizeof l->names[l->n], name);
+    l->first_ms[l->n++] = first_ms;
+    return 0;
+}
+
+START_TEST(test_event_names_are_kept_once_each_with_when_they_came_first)
+{
+    queue *q = open_queue(NO_LIMIT, DEDUP_DAY);
+    int64_t before = clock_wall_ms();
+    str first[] = {{"Email Opens", 11}, {"Push \\\"Sends\\\"", 14}};
+    ck_assert_int_eq(queue_add_event_names(q, first, 2), QUEUE_OK);
+    clock_sleep_ms(5);
+    int64_t middle = clock_wall_ms();
+    /* a name kept already keeps its time */
+    str again[] = {{"SMS Sends", 9}, {"Email Opens", 11}};
+    ck_assert_int_eq(queue_add_event_names(q, again, 2), QUEUE_OK);
+    ck_assert_int_eq(queue_add_event_names(q, NULL, 0), QUEUE_OK);
+
+    queue_reader *r = reader(q);
+    struct name_list l = {.n = 0};
+    ck_assert_int_eq(queue_event_names(r, collect_name, &l), 0);
+    ck_assert_uint_eq(l.n, 3);
+    ck_assert_str_eq(l.names[0], "Email Opens");
+    ck_assert_str_eq(l.names[1], "Push \\\"Sends\\\"");
+    ck_assert_str_eq(l.names[2], "SMS Sends");
+    ck_assert_int_ge(l.first_ms[0], before);
+    ck_assert_int_lt(l.first_ms[0], middle);
+    ck_assert_int_ge(l.first_ms[2], middle);
+    struct queue_stats st;
+    ck_assert_int_eq(queue_stats(r, &st), 0);
+    ck_assert_int_eq(st.event_names, 3);
+    queue_reader_free(r);
+    queue_free(q);
+
+    /* a command reads them; and a queue whose service has not made the table
+     * yet has none */
+    struct queue_options o = {.dir = data_dir, .max_depth = NO_LIMIT, .readonly = 1};
+    char err[ERR_LEN] = "";
+    ck_assert_msg(queue_open(&q, &o, err, sizeof err) == 0, "%s", err);
+    r = reader(q);
+    l.n = 0;
+    ck_assert_int_eq(queue_event_names(r, collect_name, &l), 0);
+    ck_assert_uint_eq(l.n, 3);
+    queue_reader_free(r);
+    queue_free(q);
+    exec_in_file("DROP TABLE event_names");
+    ck_assert_msg(queue_open(&q, &o, err, sizeof err) == 0, "%s", err);
+    r = reader(q);
+    l.n = 0;
+    ck_assert_int_eq(queue_event_names(r, collect_name, &l), 0);
+    ck_assert_uint_eq(l.n, 0);
+    ck_assert_int_eq(queue_stats(r, &st), 0);
+    ck_assert_int_eq(st.event_names, 0);
+    queue_reader_free(r);
+    queue_free(q);
+}
+END_TEST
+
 /* ---- read-only ---------------------------------------------------------- */
 
 START_TEST(test_readonly_open_of_a_missing_directory_fails_with_a_clear_message)
@@ -2832,6 +2901,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_dead_purge_commits_a_page_at_a_time);
     tcase_add_test(tc, test_stats_report_depth_oldest_and_in_flight_batches);
     tcase_add_test(tc, test_stats_report_a_paused_feed_until_it_resumes);
+    tcase_add_test(tc, test_event_names_are_kept_once_each_with_when_they_came_first);
     tcase_add_test(tc, test_stats_are_one_snapshot_while_commits_go_on);
     tcase_add_test(tc, test_ids_that_cannot_be_fingerprinted_leave_the_request_unstored);
     tcase_add_test(tc, test_readonly_open_of_a_missing_directory_fails_with_a_clear_message);
