@@ -6,8 +6,8 @@
  * a campaign, a product or a user in event_name lose events there silently.
  *
  * The sender notes the name of each event it puts in a batch. A name seen for
- * the first time is kept, in memory and (through the queue) in queue.db, so
- * that the count outlives a restart, and logged:
+ * the first time is kept, in memory as a fingerprint and (through the queue)
+ * in queue.db, so that the count outlives a restart, and logged:
  *   - at debug, each new name while under 90% of the limit;
  *   - a warning once the count reaches 90% of the limit;
  *   - an error for new names past the limit (at most one line per 10 s, with
@@ -47,7 +47,8 @@ void event_names_check(event_names *s, int64_t limit);
  * limit kept already). */
 int event_names_note(event_names *s, str name, int64_t limit);
 
-/* The new names not in queue.db yet; event_names_stored once they are. */
+/* The new names not in queue.db yet (NUL-terminated copies); event_names_stored
+ * once they are, which frees them. */
 const str *event_names_unstored(const event_names *s, size_t *n);
 void event_names_stored(event_names *s);
 

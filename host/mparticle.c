@@ -349,6 +349,8 @@ static void scan_event(const char *s, size_t n, int want_name, struct mparticle_
             i = string_end(s, start, n);
             if (i == n)
                 return;
+            if (depth != 1 && depth != data_depth)
+                continue; /* no key of those looked for: deeper (custom_attributes) */
             size_t len = i - start, colon = skip_space(s, i + 1, n);
             if (colon >= n || s[colon] != ':')
                 continue; /* a value, not a key */
