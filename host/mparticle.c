@@ -300,7 +300,7 @@ static size_t skip_space(const char *s, size_t i, size_t n)
 
 /* The closing quote of the JSON string whose text starts at s[start]: the
  * first quote not preceded by an odd number of backslashes; n when none. */
-static size_t string_end(const char *s, size_t start, size_t n)
+static inline size_t string_end(const char *s, size_t start, size_t n)
 {
     for (size_t i = start; i < n;) {
         const char *q = memchr(s + i, '"', n - i);
@@ -335,6 +335,23 @@ static int64_t time_value(const char *s, size_t v, size_t n)
     return k > 0 && *end == '\0' && t >= 0 && t < 9e18 ? (int64_t)t : -1;
 }
 
+/* The closing bracket of the object or array that opens at s[i]; n when the
+ * text is cut off first. */
+static size_t skip_container(const char *s, size_t i, size_t n)
+{
+    int depth = 0;
+    for (; i < n; i++) {
+        char c = s[i];
+        if (c == '"')
+            i = string_end(s, i + 1, n);
+        else if (c == '{' || c == '[')
+            depth++;
+        else if ((c == '}' || c == ']') && --depth == 0)
+            return i;
+    }
+    return n;
+}
+
 /* The fields of an event; with want_name 0, its time only (a shorter walk). */
 static void scan_event(const char *s, size_t n, int want_name, struct mparticle_event_fields *out)
 {
@@ -349,8 +366,6 @@ static void scan_event(const char *s, size_t n, int want_name, struct mparticle_
             i = string_end(s, start, n);
             if (i == n)
                 return;
-            if (depth != 1 && depth != data_depth)
-                continue; /* no key of those looked for: deeper (custom_attributes) */
             size_t len = i - start, colon = skip_space(s, i + 1, n);
             if (colon >= n || s[colon] != ':')
                 continue; /* a value, not a key */
@@ -374,9 +389,13 @@ static void scan_event(const char *s, size_t n, int want_name, struct mparticle_
                 i = to;
             }
         } else if (c == '{' || c == '[') {
-            depth++;
-            if (data_next && c == '{' && depth == 2)
-                data_depth = 2;
+            if (depth == 0 || (depth == 1 && data_next && c == '{')) {
+                depth++;
+                data_depth = depth == 2 ? 2 : data_depth;
+            } else {
+                /* no key looked for is in it (custom_attributes): over it */
+                i = skip_container(s, i, n);
+            }
             data_next = 0;
         } else if (c == '}' || c == ']') {
             if (depth == data_depth)

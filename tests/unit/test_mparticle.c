@@ -455,9 +455,15 @@ START_TEST(test_event_name_is_read_from_data_as_written_with_the_time)
         "{\"data\":{\"event_name\":7}}",
         "{\"data\":{\"event_name\":\"\"}}",
         "{\"data\":{\"event_name\":\"cut",
+        /* brackets in strings and nested containers are gone over whole */
+        "{\"x\":[{\"data\":{\"event_name\":\"no\"}}],\"data\":{\"custom_attributes\":{\"a\":"
+        "\"}]{[\\\"\",\"b\":[[1],{\"event_name\":\"no\"}]},\"event_name\":\"yes\","
+        "\"timestamp_unixtime_ms\":6}}",
+        "{\"data\":{\"custom_attributes\":{\"a\":[1,2",
     };
-    const char *want_name[] = {"Email Opens", "Say \\\"hi\\\" \\\\", NULL, NULL, "", NULL};
-    const int64_t want_time[] = {1732800000000, 5, -1, -1, -1, -1};
+    const char *want_name[] = {"Email Opens", "Say \\\"hi\\\" \\\\", NULL, NULL, "", NULL, "yes",
+                               NULL};
+    const int64_t want_time[] = {1732800000000, 5, -1, -1, -1, -1, 6, -1};
     for (size_t i = 0; i < ARRAY_LEN(ev); i++) {
         struct mparticle_event_fields f;
         mparticle_event_fields(ev[i], strlen(ev[i]), &f);
