@@ -17,6 +17,10 @@
  * acknowledging, and a full queue for the events waiting). */
 enum queue_use { USE_READ, USE_PURGE, USE_REQUEUE };
 
+/* The most an event name's text takes as stored: 256 characters, each
+ * written as at most a 6-byte escape, and its quotes. */
+#define NAME_TEXT_MAX (256 * 6 + 2)
+
 static queue *open_queue(const struct config *c, enum queue_use use)
 {
     char err[ERR_LEN];
@@ -764,7 +768,8 @@ int dlq_main(const struct cli_options *o)
 
 struct names_ctx {
     int json;
-    int64_t count;
+    int failed;
+    int64_t count, limit;
     buf quoted;
 };
 
@@ -775,67 +780,162 @@ static int name_row(void *ctx, const char *name, size_t n, int64_t first_ms)
     nc->quoted.len = 0;
     if (buf_addc(&nc->quoted, '"') != 0 || buf_add(&nc->quoted, name, n) != 0 ||
         buf_add(&nc->quoted, "\"", 2) != 0) {
-        fprintf(stderr, "tributary: out of memory\n");
+        nc->failed = 1;
         return 1;
+    }
+    nc->count++;
+    /* mParticle took the first `limit` (of this service's: it may have
+     * others), and dropped the events of the later ones */
+    int past = nc->count > nc->limit;
+    if (nc->json) {
+        printf("%s{\"name\":", nc->count > 1 ? ",\n " : "");
+        print_json_text(nc->quoted.data);
+        printf(",\"first_sent_ms\":%lld,\"past_limit\":%s}", (long long)first_ms,
+               past ? "true" : "false");
+        return 0;
     }
     char when[64];
     time_t t = (time_t)(first_ms / 1000);
     struct tm tm;
     gmtime_r(&t, &tm);
     strftime(when, sizeof when, "%Y-%m-%dT%H:%M:%SZ", &tm);
-    if (nc->json) {
-        printf("%s{\"name\":", nc->count ? ",\n " : "");
-        print_json_text(nc->quoted.data);
-        printf(",\"first_sent_ms\":%lld}", (long long)first_ms);
-    } else {
-        if (nc->count == 0)
-            printf("%-20s  %s\n", "FIRST SENT", "EVENT NAME");
-        char *shown = terminal_text(name, SIZE_MAX);
-        if (!shown) {
-            fprintf(stderr, "tributary: out of memory\n");
-            return 1;
-        }
-        printf("%-20s  %s\n", when, shown);
-        free(shown);
+    char *shown = terminal_text(name, SIZE_MAX);
+    if (!shown) {
+        nc->failed = 1;
+        return 1;
     }
-    nc->count++;
+    if (nc->count == 1)
+        printf("%-6s %-20s  %-10s  %s\n", "#", "FIRST SENT", "LIMIT", "EVENT NAME");
+    printf("%-6lld %-20s  %-10s  %s\n", (long long)nc->count, when, past ? "past it" : "within",
+           shown);
+    free(shown);
     return 0;
 }
 
-/* The event names sent to mParticle (see event_names.h), oldest first. */
+/* The event names sent to mParticle (see event_names.h), in the order they
+ * first were. */
 static int print_names(queue_reader *r, const struct config *c, int json)
 {
-    struct names_ctx nc = {.json = json};
-    buf_init(&nc.quoted, 1 << 20);
+    struct names_ctx nc = {.json = json, .limit = c->mparticle_event_names_limit};
+    buf_init(&nc.quoted, NAME_TEXT_MAX);
     if (json)
-        printf("{\"limit\":%lld,\"names\":[", (long long)c->mparticle_event_names_limit);
+        printf("{\"limit\":%lld,\"names\":[", (long long)nc.limit);
     int rc = queue_event_names(r, name_row, &nc);
     buf_free(&nc.quoted);
-    if (rc != 0) {
-        if (json)
-            printf("]}\n");
-        say_unreadable("the event names", queue_reader_error(r));
-        return 1;
-    }
     if (json)
         printf("]}\n");
-    else
+    if (rc != 0 || nc.failed) {
+        say_unreadable("the event names", nc.failed ? "out of memory" : queue_reader_error(r));
+        return 1;
+    }
+    if (!json)
         printf("%s%lld event name%s sent; mParticle keeps %lld per workspace "
                "(mparticle.event_names_limit)\n",
                nc.count ? "\n" : "", (long long)nc.count, nc.count == 1 ? "" : "s",
-               (long long)c->mparticle_event_names_limit);
+               (long long)nc.limit);
+    return 0;
+}
+
+static void print_stats(const struct queue_stats *st, const struct config *c, int json)
+{
+    int64_t now = clock_wall_ms();
+    if (json) {
+        printf("{\"feeds\":{");
+        for (int f = 0; f < FEED_COUNT; f++) {
+            printf("%s\"%s\":{\"depth\":%lld,\"oldest_age_s\":%lld,\"in_flight_batches\":%lld,"
+                   "\"paused\":%s",
+                   f ? "," : "", FEED_NAMES[f], (long long)st->depth[f],
+                   st->oldest_ms[f] ? (long long)((now - st->oldest_ms[f]) / 1000) : 0LL,
+                   (long long)st->in_flight_batches[f], st->paused[f][0] ? "true" : "false");
+            if (st->paused[f][0]) {
+                printf(",\"reason\":");
+                print_json_str(st->paused[f]);
+                printf(",\"paused_since_ms\":%lld", (long long)st->paused_since_ms[f]);
+            }
+            printf("}");
+        }
+        printf("},\"dead_letters\":%lld,\"dedup_ids\":%lld,\"event_names\":%lld,"
+               "\"bytes\":%lld}\n",
+               (long long)st->dead, (long long)st->dedup_ids, (long long)st->event_names,
+               (long long)st->bytes);
+        return;
+    }
+    printf("%-8s %10s %10s %10s  %s\n", "FEED", "DEPTH", "OLDEST", "BATCHES", "STATE");
+    for (int f = 0; f < FEED_COUNT; f++) {
+        char age[16] = "-";
+        if (st->oldest_ms[f])
+            age_text(now - st->oldest_ms[f], age, sizeof age);
+        char state[200];
+        if (st->paused[f][0]) {
+            char since[16];
+            age_text(now - st->paused_since_ms[f], since, sizeof since);
+            snprintf(state, sizeof state, "paused %s: %s", since, st->paused[f]);
+        } else {
+            str_copy(state, sizeof state, "sending");
+        }
+        printf("%-8s %10lld %10s %10lld  %s\n", FEED_NAMES[f], (long long)st->depth[f], age,
+               (long long)st->in_flight_batches[f], state);
+    }
+    printf("\ndead letters: %lld\ndedup ids:    %lld\nevent names:  %lld of mParticle's "
+           "%lld (tributary queue names)\non disk:      %.1f MiB\n",
+           (long long)st->dead, (long long)st->dedup_ids, (long long)st->event_names,
+           (long long)c->mparticle_event_names_limit, (double)st->bytes / 1048576.0);
+}
+
+/* Forgets event names (after they were cleaned up in mParticle): the service
+ * reads the names again at its next reload or start. */
+static int forget_names(const struct cli_options *o, const struct config *c)
+{
+    if (o->all == (o->nargs > 0)) {
+        fprintf(stderr, "usage: tributary queue forget-names NAME... | --all\n");
+        return 2;
+    }
+    queue *q = open_queue(c, USE_PURGE);
+    if (!q)
+        return 1;
+    size_t forgotten = 0;
+    enum queue_status st =
+        queue_forget_event_names(q, o->all ? NULL : o->args, (size_t)o->nargs, &forgotten);
+    queue_free(q);
+    if (st != QUEUE_OK) {
+        fprintf(stderr, "tributary: cannot forget event names: %s\n", queue_status_name(st));
+        return 1;
+    }
+    if (o->json)
+        printf("{\"forgotten\":%zu}\n", forgotten);
+    else
+        printf("forgot %zu event name%s; a running service reads the names again at its next "
+               "reload\n",
+               forgotten, forgotten == 1 ? "" : "s");
     return 0;
 }
 
 int queue_main(const struct cli_options *o)
 {
-    if (o->nargs != 1 || (strcmp(o->args[0], "stats") != 0 && strcmp(o->args[0], "names") != 0)) {
-        fprintf(stderr, "usage: tributary queue stats|names [--json]\n");
+    const char *sub = o->nargs ? o->args[0] : "";
+    int stats = strcmp(sub, "stats") == 0, names = strcmp(sub, "names") == 0,
+        forget = strcmp(sub, "forget-names") == 0;
+    if (!stats && !names && !forget) {
+        fprintf(stderr, "usage: tributary queue stats|names [--json], "
+                        "tributary queue forget-names NAME... | --all\n");
+        return 2;
+    }
+    if (!forget && o->nargs > 1) {
+        fprintf(stderr, "tributary: queue %s takes no argument ('%s')\n", sub, o->args[1]);
         return 2;
     }
     struct config *c = config_load_for_command(o->config, 0);
     if (!c)
         return 1;
+    int rc = 1;
+    if (forget) {
+        struct cli_options rest = *o;
+        rest.args = o->args + 1;
+        rest.nargs = o->nargs - 1;
+        rc = forget_names(&rest, c);
+        config_unref(c);
+        return rc;
+    }
     queue *q = open_queue(c, USE_READ);
     if (!q) {
         config_unref(c);
@@ -844,53 +944,11 @@ int queue_main(const struct cli_options *o)
     char err[ERR_LEN] = "";
     queue_reader *r = queue_reader_new(q, err, sizeof err);
     struct queue_stats st;
-    int rc = 1;
-    if (r && strcmp(o->args[0], "names") == 0) {
+    if (r && names) {
         rc = print_names(r, c, o->json);
     } else if (r && queue_stats(r, &st) == 0) {
+        print_stats(&st, c, o->json);
         rc = 0;
-        int64_t now = clock_wall_ms();
-        if (o->json) {
-            printf("{\"feeds\":{");
-            for (int f = 0; f < FEED_COUNT; f++) {
-                printf("%s\"%s\":{\"depth\":%lld,\"oldest_age_s\":%lld,\"in_flight_batches\":%lld,"
-                       "\"paused\":%s",
-                       f ? "," : "", FEED_NAMES[f], (long long)st.depth[f],
-                       st.oldest_ms[f] ? (long long)((now - st.oldest_ms[f]) / 1000) : 0LL,
-                       (long long)st.in_flight_batches[f], st.paused[f][0] ? "true" : "false");
-                if (st.paused[f][0]) {
-                    printf(",\"reason\":");
-                    print_json_str(st.paused[f]);
-                    printf(",\"paused_since_ms\":%lld", (long long)st.paused_since_ms[f]);
-                }
-                printf("}");
-            }
-            printf("},\"dead_letters\":%lld,\"dedup_ids\":%lld,\"event_names\":%lld,"
-                   "\"bytes\":%lld}\n",
-                   (long long)st.dead, (long long)st.dedup_ids, (long long)st.event_names,
-                   (long long)st.bytes);
-        } else {
-            printf("%-8s %10s %10s %10s  %s\n", "FEED", "DEPTH", "OLDEST", "BATCHES", "STATE");
-            for (int f = 0; f < FEED_COUNT; f++) {
-                char age[16] = "-";
-                if (st.oldest_ms[f])
-                    age_text(now - st.oldest_ms[f], age, sizeof age);
-                char state[200];
-                if (st.paused[f][0]) {
-                    char since[16];
-                    age_text(now - st.paused_since_ms[f], since, sizeof since);
-                    snprintf(state, sizeof state, "paused %s: %s", since, st.paused[f]);
-                } else {
-                    str_copy(state, sizeof state, "sending");
-                }
-                printf("%-8s %10lld %10s %10lld  %s\n", FEED_NAMES[f], (long long)st.depth[f], age,
-                       (long long)st.in_flight_batches[f], state);
-            }
-            printf("\ndead letters: %lld\ndedup ids:    %lld\nevent names:  %lld of mParticle's "
-                   "%lld (tributary queue names)\non disk:      %.1f MiB\n",
-                   (long long)st.dead, (long long)st.dedup_ids, (long long)st.event_names,
-                   (long long)c->mparticle_event_names_limit, (double)st.bytes / 1048576.0);
-        }
     } else {
         say_unreadable("the queue", r ? queue_reader_error(r) : err);
     }

@@ -8,6 +8,7 @@
  *   tributary dlq purge --older-than DURATION [--reason R]
  *   tributary queue stats [--json]
  *   tributary queue names [--json]       the event names sent to mParticle
+ *   tributary queue forget-names NAME... | --all
  *
  * requeue runs each dead letter's Braze event through the rules in force now
  * (a fixed rule or renewed credentials recover it) and stores the result in

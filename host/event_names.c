@@ -7,7 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* Past this share of the limit (in tenths), a warning. */
+/* At this share of the limit (in tenths) and past it, a warning. */
 #define NEAR_TENTHS 9
 
 /* The set holds a 64-bit fingerprint of each name, not the name: its memory
@@ -16,13 +16,13 @@
  * one). A new name's text is kept only until it is stored. */
 struct event_names {
     uint64_t *slots; /* 0: empty */
-    size_t cap;      /* a power of two, at least twice the names kept */
+    size_t cap;      /* a power of two, at least twice the names counted */
     size_t n;
-    _Atomic int64_t count; /* n, for other threads */
-    str *unstored;         /* copies, freed once stored */
+    _Atomic int64_t count;       /* n, for other threads */
+    struct event_name *unstored; /* their text: copies, freed once stored */
     size_t nunstored, unstored_cap;
-    int warned_near; /* the warning of 90% is written */
-    int warned_full; /* the line that the count stops is written */
+    int64_t warned_limit; /* the limit the count is warned of (0: not at 90% of one) */
+    int warned_full;      /* the line that the count stops is written */
 };
 
 event_names *event_names_new(void)
@@ -33,7 +33,7 @@ event_names *event_names_new(void)
 void event_names_stored(event_names *s)
 {
     for (size_t i = 0; i < s->nunstored; i++)
-        free((char *)s->unstored[i].p);
+        free((char *)s->unstored[i].name.p);
     s->nunstored = 0;
 }
 
@@ -102,22 +102,70 @@ int event_names_load(event_names *s, str name)
     return holds(s, h) ? 0 : add(s, h);
 }
 
-void event_names_check(event_names *s, int64_t limit)
+void event_names_reset(event_names *s)
 {
-    if (s->warned_near || (int64_t)s->n * 10 < limit * NEAR_TENTHS)
-        return;
-    s->warned_near = 1;
-    log_warn("event names near mParticle's limit: it drops the events of new names past it "
-             "(tributary queue names lists them)",
-             LOG_I("names", (long long)s->n) LOG_I("limit", (long long)limit));
+    if (s->cap)
+        memset(s->slots, 0, s->cap * sizeof(*s->slots));
+    s->n = 0;
+    for (size_t i = 0; i < s->nunstored; i++) {
+        /* the set had room for them before: no allocation */
+        uint64_t h = hash_of(s->unstored[i].name);
+        if (!holds(s, h))
+            (void)add(s, h);
+    }
+    atomic_store(&s->count, (int64_t)s->n);
+    s->warned_full = 0;
 }
 
-int event_names_note(event_names *s, str name, int64_t limit)
+void event_names_check(event_names *s, int64_t limit)
+{
+    if ((int64_t)s->n * 10 < limit * NEAR_TENTHS) {
+        s->warned_limit = 0; /* under it (again): the next time at it is said */
+        return;
+    }
+    if (s->warned_limit == limit)
+        return;
+    s->warned_limit = limit;
+    if ((int64_t)s->n > limit)
+        log_error("event names past mParticle's limit: it drops the events of names new past it "
+                  "(tributary queue names lists them)",
+                  LOG_I("names", (long long)s->n) LOG_I("limit", (long long)limit));
+    else
+        log_warn("event names near mParticle's limit: it drops the events of new names past it "
+                 "(tributary queue names lists them)",
+                 LOG_I("names", (long long)s->n) LOG_I("limit", (long long)limit));
+}
+
+/* Keeps the text of a new name until it is stored; -1 when out of memory. */
+static int keep_unstored(event_names *s, str name, int64_t now_ms)
+{
+    if (s->nunstored == s->unstored_cap) {
+        size_t cap = s->unstored_cap ? s->unstored_cap * 2 : 16;
+        struct event_name *grown = realloc(s->unstored, cap * sizeof(*grown));
+        if (!grown)
+            return -1;
+        s->unstored = grown;
+        s->unstored_cap = cap;
+    }
+    struct event_name *e = &s->unstored[s->nunstored];
+    e->name.p = malloc(name.n + 1);
+    if (!e->name.p)
+        return -1;
+    if (name.n)
+        memcpy((char *)e->name.p, name.p, name.n);
+    ((char *)e->name.p)[name.n] = '\0';
+    e->name.n = name.n;
+    e->first_ms = now_ms;
+    s->nunstored++;
+    return 0;
+}
+
+int event_names_note(event_names *s, str name, int64_t limit, int64_t now_ms)
 {
     uint64_t h = hash_of(name);
     if (holds(s, h))
         return 0;
-    if ((int64_t)s->n >= 2 * limit) {
+    if ((int64_t)s->n >= EVENT_NAMES_COUNTED_PER_LIMIT * limit) {
         if (!s->warned_full) {
             s->warned_full = 1;
             log_error("more new event names than tributary counts (twice the limit); the count "
@@ -126,37 +174,28 @@ int event_names_note(event_names *s, str name, int64_t limit)
         }
         return 0;
     }
-    if (s->nunstored == s->unstored_cap) {
-        size_t cap = s->unstored_cap ? s->unstored_cap * 2 : 16;
-        str *grown = realloc(s->unstored, cap * sizeof(*grown));
-        if (!grown)
-            return 0;
-        s->unstored = grown;
-        s->unstored_cap = cap;
-    }
-    char *copy = malloc(name.n + 1);
-    if (!copy || add(s, h) != 0) {
-        free(copy);
+    int kept_text = keep_unstored(s, name, now_ms) == 0;
+    if (!kept_text || add(s, h) != 0) {
+        if (kept_text)
+            free((char *)s->unstored[--s->nunstored].name.p);
+        log_repeated(LOG_ERROR, "out of memory for a new event name; it is not counted");
         return 0;
     }
-    if (name.n)
-        memcpy(copy, name.p, name.n);
-    copy[name.n] = '\0';
-    s->unstored[s->nunstored++] = (str){copy, name.n};
+    const char *kept = s->unstored[s->nunstored - 1].name.p;
     if ((int64_t)s->n > limit)
         log_repeated(LOG_ERROR,
                      "new event name past mParticle's limit of unique event names: mParticle "
                      "drops its events",
-                     LOG_S("name", copy) LOG_I("names", (long long)s->n)
+                     LOG_S("name", kept) LOG_I("names", (long long)s->n)
                          LOG_I("limit", (long long)limit));
     else
         log_debug("new event name sent to mParticle",
-                  LOG_S("name", copy) LOG_I("names", (long long)s->n));
+                  LOG_S("name", kept) LOG_I("names", (long long)s->n));
     event_names_check(s, limit);
     return 1;
 }
 
-const str *event_names_unstored(const event_names *s, size_t *n)
+const struct event_name *event_names_unstored(const event_names *s, size_t *n)
 {
     *n = s->nunstored;
     return s->unstored;

@@ -58,8 +58,11 @@ static const char USAGE[] =
     "                                         (DURATION: a number and s, m, h, d or w: 7d)\n"
     "  queue stats       depth per feed, oldest event, batches not yet delivered,\n"
     "                    paused feeds and why\n"
-    "  queue names       the event names sent to mParticle, oldest first (mParticle\n"
-    "                    drops the events of new names past mparticle.event_names_limit)\n"
+    "  queue names       the custom event names sent to mParticle, in the order they\n"
+    "                    first were (mParticle drops the events of new names past\n"
+    "                    mparticle.event_names_limit)\n"
+    "  queue forget-names NAME... | --all   forget names cleaned up in mParticle (the\n"
+    "                    service reads them again at its next reload)\n"
     "  sign [FILE|-] [--timestamp T]   print the Tributary-Signature header for a body,\n"
     "                    signed with the first of inbound.hmac_secrets at T (UNIX\n"
     "                    seconds; default now)\n"
@@ -172,6 +175,7 @@ static int options_fit(const struct args *a)
         {"dlq", "purge", O_OLDER_THAN | O_REASON | O_JSON},
         {"queue", "stats", O_JSON},
         {"queue", "names", O_JSON},
+        {"queue", "forget-names", O_ALL | O_JSON},
     };
     static const struct {
         unsigned bit;

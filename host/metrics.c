@@ -442,8 +442,9 @@ int metrics_render(buf *b, const struct metrics_gauges *g)
                      "Memory the remembered event ids take.");
         rc |= buf_printf(b, "tributary_dedup_memory_bytes %lld\n", (long long)g->dedup_bytes);
         rc |= header(b, "tributary_event_names", "gauge",
-                     "Unique event names sent to mParticle (kept in queue.db, at most twice the "
-                     "limit); mParticle drops the events of new names past its limit.");
+                     "Unique custom event names put in batches for mParticle, all feeds "
+                     "together (new ones counted up to twice the limit); mParticle drops the "
+                     "events of new names past its limit.");
         rc |= buf_printf(b, "tributary_event_names %lld\n", (long long)g->event_names);
         rc |= header(b, "tributary_event_names_limit", "gauge",
                      "mParticle's limit of unique event names per workspace "

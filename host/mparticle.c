@@ -352,59 +352,73 @@ static size_t skip_container(const char *s, size_t i, size_t n)
     return n;
 }
 
-/* The fields of an event; with want_name 0, its time only (a shorter walk). */
+/* The fields of an event; with want_name 0, its time only (a shorter walk).
+ * Keys count at the depth they belong: the event's own (1, event_type) and
+ * those of its data object (2); a nested object or array is gone over whole. */
 static void scan_event(const char *s, size_t n, int want_name, struct mparticle_event_fields *out)
 {
-    static const char time_key[] = "timestamp_unixtime_ms", name_key[] = "event_name";
+    static const char time_key[] = "timestamp_unixtime_ms", name_key[] = "event_name",
+                      type_key[] = "event_type", custom[] = "\"custom_event\"";
     out->time_ms = -1;
     out->name = STR_NULL;
-    int depth = 0, data_depth = -1, data_next = 0, have_time = 0, have_name = !want_name;
-    for (size_t i = 0; i < n && !(have_time && have_name); i++) {
+    str name = STR_NULL;
+    int depth = 0, in_data = 0, data_next = 0, have_time = 0;
+    /* custom_type -1: event_type not read yet (the time alone needs none) */
+    int have_name = !want_name, custom_type = want_name ? -1 : 0;
+    for (size_t i = 0; i < n && !(have_time && have_name && custom_type >= 0); i++) {
         char c = s[i];
         if (c == '"') {
             size_t start = i + 1;
             i = string_end(s, start, n);
             if (i == n)
-                return;
+                break;
             size_t len = i - start, colon = skip_space(s, i + 1, n);
             if (colon >= n || s[colon] != ':')
                 continue; /* a value, not a key */
-            if (depth == 1 && len == 4 && memcmp(s + start, "data", 4) == 0) {
+            size_t v = skip_space(s, colon + 1, n);
+            const char *key = s + start;
+            if (depth == 1 && !in_data && len == 4 && memcmp(key, "data", 4) == 0) {
                 data_next = 1;
-            } else if (depth == data_depth && !have_time && len == sizeof time_key - 1 &&
-                       memcmp(s + start, time_key, len) == 0) {
+            } else if (depth == 1 && custom_type < 0 && len == sizeof type_key - 1 &&
+                       memcmp(key, type_key, len) == 0) {
+                custom_type =
+                    n - v >= sizeof custom - 1 && memcmp(s + v, custom, sizeof custom - 1) == 0;
+                have_name |= !custom_type;
+            } else if (in_data && depth == 2 && !have_time && len == sizeof time_key - 1 &&
+                       memcmp(key, time_key, len) == 0) {
                 have_time = 1;
-                out->time_ms = time_value(s, skip_space(s, colon + 1, n), n);
-            } else if (depth == data_depth && !have_name && len == sizeof name_key - 1 &&
-                       memcmp(s + start, name_key, len) == 0) {
-                have_name = 1;
+                out->time_ms = time_value(s, v, n);
+            } else if (in_data && depth == 2 && !have_name && len == sizeof name_key - 1 &&
+                       memcmp(key, name_key, len) == 0) {
                 /* the string's text as written, escapes and all */
-                size_t v = skip_space(s, colon + 1, n);
+                have_name = 1;
                 if (v >= n || s[v] != '"')
                     continue;
-                size_t from = v + 1, to = string_end(s, from, n);
+                size_t to = string_end(s, v + 1, n);
                 if (to == n)
-                    return;
-                out->name = (str){s + from, to - from};
+                    break;
+                name = (str){s + v + 1, to - v - 1};
                 i = to;
             }
         } else if (c == '{' || c == '[') {
             if (depth == 0 || (depth == 1 && data_next && c == '{')) {
+                in_data = depth == 1;
                 depth++;
-                data_depth = depth == 2 ? 2 : data_depth;
             } else {
                 /* no key looked for is in it (custom_attributes): over it */
                 i = skip_container(s, i, n);
             }
             data_next = 0;
         } else if (c == '}' || c == ']') {
-            if (depth == data_depth)
-                data_depth = -1;
-            depth--;
+            in_data = 0;
+            if (--depth <= 0)
+                break; /* the event's end */
         } else if (c == ',') {
             data_next = 0;
         }
     }
+    if (custom_type == 1)
+        out->name = name;
 }
 
 void mparticle_event_fields(const char *s, size_t n, struct mparticle_event_fields *out)

@@ -123,8 +123,9 @@ void mparticle_mask_credentials(char *s, size_t n, const struct mparticle_creden
  * written), without a parser. */
 struct mparticle_event_fields {
     int64_t time_ms; /* data.timestamp_unixtime_ms; -1 when it has none */
-    str name;        /* data.event_name, the text between its quotes as
-                      * written (escapes and all); STR_NULL when none */
+    str name;        /* a custom_event's data.event_name, the text between its
+                      * quotes as written (escapes and all), borrowed from the
+                      * event's text; STR_NULL when none */
 };
 void mparticle_event_fields(const char *event, size_t n, struct mparticle_event_fields *out);
 

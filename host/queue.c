@@ -140,10 +140,12 @@ static const char *const SCHEMA =
     "  hi INTEGER NOT NULL,"
     "  oldest_ms INTEGER NOT NULL,"
     "  PRIMARY KEY(feed, lo)) WITHOUT ROWID;"
-    /* event names sent for the first time (see event_names.h) */
+    /* custom event names sent, in the order they first were (see
+     * event_names.h) */
     "CREATE TABLE IF NOT EXISTS event_names("
-    "  name TEXT PRIMARY KEY,"
-    "  first_ms INTEGER NOT NULL) WITHOUT ROWID;";
+    "  id INTEGER PRIMARY KEY,"
+    "  name TEXT NOT NULL UNIQUE,"
+    "  first_ms INTEGER NOT NULL);";
 
 /* Each feed keeps its records in RING tables, records_<feed>_0 .. _<RING-1>,
  * read together through the view records_<feed>: one mapped event per row, id
@@ -248,6 +250,7 @@ enum stmt_id {
     S_MOVED_ADD,
     S_MOVED_OLDEST,
     S_EVENT_NAME_ADD,
+    S_EVENT_NAME_FORGET,
     S_COUNT
 };
 
@@ -279,6 +282,7 @@ static const char *const STMTS[S_COUNT] = {
     [S_MOVED_OLDEST] = MOVED_OLDEST_SQL,
     [S_EVENT_NAME_ADD] = "INSERT INTO event_names(name, first_ms) VALUES(?1, ?2) "
                          "ON CONFLICT(name) DO NOTHING",
+    [S_EVENT_NAME_FORGET] = "DELETE FROM event_names WHERE name = ?1",
 };
 
 enum op_kind {
@@ -290,6 +294,7 @@ enum op_kind {
     OP_EXPIRE,
     OP_FEED_STATE,
     OP_EVENT_NAMES,
+    OP_FORGET_NAMES,
     OP_REQUEUE,
     OP_PURGE,
 };
@@ -328,6 +333,11 @@ struct op {
             struct queue_batch *b;
             size_t n;
             int64_t replaces; /* OP_SPLIT: the batch they replace */
+            /* OP_PERSIST: event names to keep in the same commit, if
+             * they can be: a failure leaves the batches persisted */
+            const struct event_name *names;
+            size_t nnames;
+            int *names_stored;
         } persist;
         struct {
             const int64_t *ids;
@@ -346,8 +356,10 @@ struct op {
             const char *reason;
         } feed_state;
         struct {
-            const str *names;
+            const struct event_name *names; /* OP_EVENT_NAMES */
+            const char *const *forget;      /* OP_FORGET_NAMES (NULL: all) */
             size_t n;
+            size_t *forgotten;
         } event_names;
         struct {
             const struct dead_filter *f;
@@ -1020,6 +1032,21 @@ static enum queue_status persist_feed(queue *q, enum feed f, struct queue_batch 
     return QUEUE_OK;
 }
 
+/* Keeps event names sent for the first time (see queue_add_event_names). */
+static enum queue_status add_event_names(queue *q, const struct event_name *names, size_t n)
+{
+    sqlite3_stmt *s = q->st[S_EVENT_NAME_ADD];
+    for (size_t i = 0; i < n; i++) {
+        str name = names[i].name;
+        sqlite3_bind_text(s, 1, name.p ? name.p : "", (int)name.n, SQLITE_STATIC);
+        sqlite3_bind_int64(s, 2, names[i].first_ms);
+        int rc = step_done(s);
+        if (rc != SQLITE_OK)
+            return status_of(rc);
+    }
+    return QUEUE_OK;
+}
+
 static enum queue_status apply_persist(queue *q, struct op *op, int64_t now)
 {
     enum queue_status st = QUEUE_OK;
@@ -1031,6 +1058,9 @@ static enum queue_status apply_persist(queue *q, struct op *op, int64_t now)
     }
     for (int f = 0; f < FEED_COUNT && st == QUEUE_OK; f++)
         st = persist_feed(q, (enum feed)f, op->u.persist.b, op->u.persist.n, now);
+    if (st == QUEUE_OK && op->u.persist.nnames)
+        *op->u.persist.names_stored =
+            add_event_names(q, op->u.persist.names, op->u.persist.nnames) == QUEUE_OK;
     return st;
 }
 
@@ -1370,16 +1400,23 @@ static enum queue_status apply_feed_state(queue *q, struct op *op, int64_t now)
     return rc == SQLITE_OK ? QUEUE_OK : status_of(rc);
 }
 
-static enum queue_status apply_event_names(queue *q, struct op *op, int64_t now)
+static enum queue_status forget_event_names(queue *q, struct op *op)
 {
-    sqlite3_stmt *s = q->st[S_EVENT_NAME_ADD];
+    *op->u.event_names.forgotten = 0;
+    if (!op->u.event_names.forget) {
+        int rc = sqlite3_exec(q->db, "DELETE FROM event_names", NULL, NULL, NULL);
+        if (rc != SQLITE_OK)
+            return status_of(rc);
+        *op->u.event_names.forgotten = (size_t)sqlite3_changes(q->db);
+        return QUEUE_OK;
+    }
+    sqlite3_stmt *s = q->st[S_EVENT_NAME_FORGET];
     for (size_t i = 0; i < op->u.event_names.n; i++) {
-        str name = op->u.event_names.names[i];
-        sqlite3_bind_text(s, 1, name.p ? name.p : "", (int)name.n, SQLITE_STATIC);
-        sqlite3_bind_int64(s, 2, now);
+        sqlite3_bind_text(s, 1, op->u.event_names.forget[i], -1, SQLITE_STATIC);
         int rc = step_done(s);
         if (rc != SQLITE_OK)
             return status_of(rc);
+        *op->u.event_names.forgotten += (size_t)sqlite3_changes(q->db);
     }
     return QUEUE_OK;
 }
@@ -1457,7 +1494,9 @@ static enum queue_status apply(queue *q, struct op *op, int64_t now, int64_t dep
     case OP_FEED_STATE:
         return apply_feed_state(q, op, now);
     case OP_EVENT_NAMES:
-        return apply_event_names(q, op, now);
+        return add_event_names(q, op->u.event_names.names, op->u.event_names.n);
+    case OP_FORGET_NAMES:
+        return forget_event_names(q, op);
     case OP_PURGE:
         return apply_purge(q, op);
     }
@@ -2963,7 +3002,8 @@ int queue_open(queue **out, const struct queue_options *o, char *err, size_t err
          * yet: it has no moves (see moved), no event names */
         if (o->readonly &&
             (((i == S_MOVED_ADD || i == S_MOVED_OLDEST) && !has_table(q->db, "moved")) ||
-             (i == S_EVENT_NAME_ADD && !has_table(q->db, "event_names")))) {
+             ((i == S_EVENT_NAME_ADD || i == S_EVENT_NAME_FORGET) &&
+              !has_table(q->db, "event_names")))) {
             q->st[i] = NULL;
             continue;
         }
@@ -3187,12 +3227,21 @@ enum queue_status queue_move(queue *q, struct mapping *m, enum feed from, const 
     return requeue(q, m, NULL, 0, from, ids, n);
 }
 
-enum queue_status queue_persist_batches(queue *q, struct queue_batch *b, size_t n)
+enum queue_status queue_persist_batches(queue *q, struct queue_batch *b, size_t n,
+                                        const struct event_name *names, size_t nnames,
+                                        int *names_stored)
 {
+    int stored = 0;
     struct op op = {.kind = OP_PERSIST};
     op.u.persist.b = b;
     op.u.persist.n = n;
-    return submit(q, &op);
+    op.u.persist.names = names;
+    op.u.persist.nnames = nnames;
+    op.u.persist.names_stored = &stored;
+    enum queue_status st = submit(q, &op);
+    if (names_stored)
+        *names_stored = st == QUEUE_OK && stored;
+    return st;
 }
 
 enum queue_status queue_split_batch(queue *q, int64_t batch_id, struct queue_batch *parts, size_t n)
@@ -3271,13 +3320,23 @@ enum queue_status queue_set_feed_state(queue *q, enum feed f, const char *reason
     return submit(q, &op);
 }
 
-enum queue_status queue_add_event_names(queue *q, const str *names, size_t n)
+enum queue_status queue_add_event_names(queue *q, const struct event_name *names, size_t n)
 {
     if (n == 0)
         return QUEUE_OK;
     struct op op = {.kind = OP_EVENT_NAMES};
     op.u.event_names.names = names;
     op.u.event_names.n = n;
+    return submit(q, &op);
+}
+
+enum queue_status queue_forget_event_names(queue *q, const char *const *names, size_t n,
+                                           size_t *forgotten)
+{
+    struct op op = {.kind = OP_FORGET_NAMES};
+    op.u.event_names.forget = names;
+    op.u.event_names.n = n;
+    op.u.event_names.forgotten = forgotten;
     return submit(q, &op);
 }
 
@@ -3626,8 +3685,8 @@ int queue_event_names(queue_reader *r,
     if (!has_table(r->db, "event_names"))
         return 0;
     sqlite3_stmt *s;
-    if (sqlite3_prepare_v2(r->db, "SELECT name, first_ms FROM event_names ORDER BY first_ms, name",
-                           -1, &s, NULL) != SQLITE_OK)
+    if (sqlite3_prepare_v2(r->db, "SELECT name, first_ms FROM event_names ORDER BY id", -1, &s,
+                           NULL) != SQLITE_OK)
         return reader_failed(r);
     int rc;
     while ((rc = sqlite3_step(s)) == SQLITE_ROW) {

@@ -151,8 +151,13 @@ int64_t queue_oldest_ms(queue_reader *r, enum feed f);
  * ids. Claiming is in id order and leaves nothing out: once a batch holds a
  * record, every earlier record of its feed is in a batch (this call's or an
  * earlier one's) or delivered. Batches that would leave a record out are
- * refused (QUEUE_ERROR). */
-enum queue_status queue_persist_batches(queue *q, struct queue_batch *b, size_t n);
+ * refused (QUEUE_ERROR). The event names new in them (names[0..nnames), borrowed
+ * for the call) are kept in the same commit, as queue_add_event_names does,
+ * when they can be: *names_stored (may be NULL) says whether they were; the
+ * batches do not wait for them. */
+enum queue_status queue_persist_batches(queue *q, struct queue_batch *b, size_t n,
+                                        const struct event_name *names, size_t nnames,
+                                        int *names_stored);
 /* Delivered: removes the batches (all of feed f). Their records stay on disk
  * but no longer count: a record at or under the largest id ever persisted in
  * a batch that no batch holds is delivered (or dead), and is deleted with the
@@ -180,11 +185,18 @@ enum queue_status queue_split_batch(queue *q, int64_t batch_id, struct queue_bat
 enum queue_status queue_expire(queue *q, int64_t cutoff_ms, size_t moved[FEED_COUNT]);
 /* Records a feed's pause (reason NULL: resumed) for `queue stats`. */
 enum queue_status queue_set_feed_state(queue *q, enum feed f, const char *reason);
-/* Keeps event names sent for the first time (see event_names.h), each with
- * the time it was first stored; a name kept already is left as it is. */
-enum queue_status queue_add_event_names(queue *q, const str *names, size_t n);
-/* Calls fn for each kept event name, oldest first; fn returns non-zero to
- * stop. A queue that no service of this version has opened has none. */
+/* Keeps event names sent for the first time (see event_names.h), in order,
+ * with their first_ms; a name kept already keeps its place and time. names is
+ * borrowed for the call. */
+enum queue_status queue_add_event_names(queue *q, const struct event_name *names, size_t n);
+/* Forgets the event names names[0..n) (NUL-terminated, as queue_event_names
+ * gives them), or all of them when names is NULL; *forgotten receives how many
+ * were kept. */
+enum queue_status queue_forget_event_names(queue *q, const char *const *names, size_t n,
+                                           size_t *forgotten);
+/* Calls fn for each kept event name (NUL-terminated, n bytes), in the order
+ * they were first sent; fn returns non-zero to stop. A queue that no service
+ * of this version has opened has none. */
 int queue_event_names(queue_reader *r,
                       int (*fn)(void *ctx, const char *name, size_t n, int64_t first_ms),
                       void *ctx) WUR;

@@ -62,6 +62,13 @@ struct dead_letter {
     int stored; /* set by queue_commit: 0 when it was a duplicate */
 };
 
+/* A custom event name sent for the first time (see event_names.h), on its way
+ * to the queue: the text between its quotes as the JSON writer wrote it. */
+struct event_name {
+    str name;
+    int64_t first_ms; /* UNIX milliseconds */
+};
+
 /* Why an event was not forwarded, when that is by design rather than an error. */
 enum drop_reason {
     DROP_UNSUPPORTED_TYPE, /* not one of the mapped event types */

@@ -46,6 +46,9 @@
 #define REROUTE_EVERY_MS 1000
 /* Persisted batches that could not be restored are tried again this often. */
 #define RESTORE_RETRY_MS 1000
+/* The event names stored before are read, and new ones that a claim's commit
+ * did not take are stored, again this long after a failure. */
+#define NAMES_RETRY_MS 1000
 /* Retry-After from mParticle is honoured within these bounds. */
 #define RETRY_AFTER_MIN_S 1
 #define RETRY_AFTER_MAX_S 600
@@ -254,8 +257,9 @@ struct sender {
     size_t restored_sorted;      /* the first restored_sorted of them in order */
     ruleset *router_rs;          /* the rules reroute maps with, and their engine */
     rules *router;
-    event_names *names;      /* the event names sent (see event_names.h) */
+    event_names *names;      /* the custom event names sent (see event_names.h) */
     int names_loaded;        /* those stored before are read */
+    int names_failing;       /* the last read or store of them failed */
     int64_t names_next;      /* monotonic ms of the next try to read or store them */
     int64_t names_logged_ms; /* log_due */
 };
@@ -583,6 +587,7 @@ static int build_claim(struct sender *s, struct feed_state *f, struct queue_item
         goto done;
     /* each record's endpoint, read once */
     int64_t now_ms = clock_wall_ms();
+    int64_t names_limit = s->cfg->mparticle_event_names_limit;
     old_event = malloc(n ? n : 1);
     times = malloc((n ? n : 1) * sizeof(*times));
     if (!old_event || !times)
@@ -594,7 +599,7 @@ static int build_claim(struct sender *s, struct feed_state *f, struct queue_item
         times[i] = ev.time_ms;
         old_event[i] = (unsigned char)event_historical(times[i], now_ms);
         if (ev.name.p)
-            (void)event_names_note(s->names, ev.name, s->cfg->mparticle_event_names_limit);
+            (void)event_names_note(s->names, ev.name, names_limit, now_ms);
     }
     for (size_t i = 0; i < n; i++)
         order[i] = i;
@@ -677,8 +682,18 @@ static int load_name(void *ctx, const char *name, size_t n, int64_t first_ms)
     return l->failed;
 }
 
-/* Reads the event names stored before (until that works, a second apart),
- * and stores the new ones: a failed store is tried again a second later. */
+/* After a read or store of the event names failed: tried again later. */
+static void names_failed(struct sender *s, int64_t now, const char *msg, const char *error)
+{
+    if (log_due(&s->names_logged_ms))
+        log_error(msg, LOG_S("error", error));
+    s->names_failing = 1;
+    s->names_next = now + NAMES_RETRY_MS;
+}
+
+/* Reads the event names stored before (at the start, and at a reload: a
+ * `tributary queue forget-names` is then seen), and stores the new ones that
+ * a claim's commit did not take (it failed). */
 static void keep_names(struct sender *s, int64_t now)
 {
     if (now < s->names_next)
@@ -686,27 +701,27 @@ static void keep_names(struct sender *s, int64_t now)
     if (!s->names_loaded) {
         struct name_load l = {s->names, 0};
         if (queue_event_names(s->reader, load_name, &l) != 0 || l.failed) {
-            if (log_due(&s->names_logged_ms))
-                log_error(
-                    "cannot read the event names sent before; counted from now on, tried "
-                    "again every second",
-                    LOG_S("error", l.failed ? "out of memory" : queue_reader_error(s->reader)));
-            s->names_next = now + 1000;
+            names_failed(s, now,
+                         "cannot read the event names sent before; new ones are counted "
+                         "meanwhile, tried again every second",
+                         l.failed ? "out of memory" : queue_reader_error(s->reader));
             return;
         }
         s->names_loaded = 1;
         event_names_check(s->names, s->cfg->mparticle_event_names_limit);
     }
     size_t n;
-    const str *names = event_names_unstored(s->names, &n);
+    const struct event_name *names = event_names_unstored(s->names, &n);
     enum queue_status st = queue_add_event_names(s->q, names, n);
-    if (st == QUEUE_OK) {
-        event_names_stored(s->names);
-    } else {
-        if (log_due(&s->names_logged_ms))
-            log_error("cannot store new event names; tried again every second",
-                      LOG_I("names", (long long)n) LOG_S("queue", queue_status_name(st)));
-        s->names_next = now + 1000;
+    if (st != QUEUE_OK) {
+        names_failed(s, now, "cannot store new event names; tried again every second",
+                     queue_status_name(st));
+        return;
+    }
+    event_names_stored(s->names);
+    if (s->names_failing) {
+        s->names_failing = 0;
+        log_info("event names read and stored again");
     }
 }
 
@@ -1038,7 +1053,12 @@ static void claim(struct sender *s, int64_t now)
                 out->oldest_ms = b->oldest_ms;
             }
         }
-        all = queue_persist_batches(s->q, qb, total);
+        size_t nnames;
+        const struct event_name *names = event_names_unstored(s->names, &nnames);
+        int stored = 0;
+        all = queue_persist_batches(s->q, qb, total, names, nnames, &stored);
+        if (stored)
+            event_names_stored(s->names);
     }
     for (int i = 0; i < FEED_COUNT; i++) {
         struct feed_state *f = &s->feeds[i];
@@ -1046,7 +1066,7 @@ static void claim(struct sender *s, int64_t now)
             continue;
         enum queue_status st = all;
         if (st != QUEUE_OK && qb && feeds > 1)
-            st = queue_persist_batches(s->q, qb + from[i], parts[i].n);
+            st = queue_persist_batches(s->q, qb + from[i], parts[i].n, NULL, 0, NULL);
         if (st != QUEUE_OK) {
             if (log_due(&f->persist_logged_ms))
                 log_error("cannot persist batches; will try again",
@@ -2273,8 +2293,12 @@ static void *sender_main(void *arg)
             claim(s, now);
             reroute(s, snap.rs, now);
         }
-        if (cfg_changed)
-            event_names_check(s->names, s->cfg->mparticle_event_names_limit);
+        if (cfg_changed && s->cfg_generation > 1) {
+            /* a reload: read them again (some may be forgotten) */
+            event_names_reset(s->names);
+            s->names_loaded = 0;
+            s->names_next = 0;
+        }
         keep_names(s, now);
         if (!stopping)
             sweep_unclaimed(s, now);

@@ -372,6 +372,47 @@ class RerouteErrors(ServiceTest):
                   15, "the held events delivered on unbound")
 
 
+class EventNamesStorage(ServiceTest):
+    """The event names are kept beside delivery: a failure to read or store
+    them holds up no batch, and is tried again until it works."""
+
+    def start(self, **faults):
+        d = MParticleDouble(feeds=dict(FEEDS)).start()
+        self.addCleanup(d.stop)
+        s = Service(env=feed_env(d))
+        self.addCleanup(s.cleanup)
+        preload(s, "read_errors")
+        s.env.update({k: str(v) for k, v in faults.items()})
+        return s.start(), d
+
+    def test_names_that_cannot_be_stored_are_stored_once_they_can_be(self):
+        s, d = self.start(FAIL_NAMES_STORE=3)
+        self.assertEqual(s.post([event("users.messages.email.Open"),
+                                 event("users.messages.email.Send")]).status, 200)
+        # delivery does not wait for them
+        self.assertTrue(d.wait_for_events(2, 10 * SLOW))
+        self.wait(lambda: "event names read and stored again" in s.logs(), 20, "the store")
+        self.assertIn("cannot store new event names; tried again every second", s.logs())
+        self.assertNotIn("cannot persist batches", s.logs())
+        self.assertEqual(s.metrics()["tributary_event_names"], 2)
+        names = json.loads(s.cli(["queue", "names", "--json"]).stdout)["names"]
+        self.assertEqual(sorted(n["name"] for n in names), ["Email Opens", "Email Sends"])
+
+    def test_names_that_cannot_be_read_at_start_are_read_once_they_can_be(self):
+        s, d = self.start()
+        self.assertEqual(s.post([event("users.messages.email.Open")]).status, 200)
+        self.assertTrue(d.wait_for_events(1, 10 * SLOW))
+        self.wait(lambda: s.metrics()["tributary_event_names"] == 1, what="1 name")
+        self.assertEqual(s.stop(), 0)
+        s.env["FAIL_NAMES_LOAD"] = "2"
+        s.start()
+        self.assertEqual(s.post([event("users.messages.email.Send")]).status, 200)
+        self.assertTrue(d.wait_for_events(2, 10 * SLOW))
+        self.wait(lambda: "event names read and stored again" in s.logs(), 20, "the read")
+        self.assertIn("cannot read the event names sent before", s.logs())
+        self.wait(lambda: s.metrics()["tributary_event_names"] == 2, what="2 names")
+
+
 class FullDisk(ServiceTest):
     """data_dir on a small tmpfs that fills up (needs root; skipped where mount is refused)."""
 

@@ -1342,73 +1342,127 @@ class Delivery(ServiceTest):
         self.assertGreater(len(gauges), 0)
         self.assertEqual(set(gauges), {0.0})
 
-    def test_event_names_count_against_mparticles_limit_and_the_count_outlives_a_restart(self):
-        d = self.double()
-        d.event_names_limit = 5
-        # a rule that puts the campaign in the event name: a name per campaign
-        rules = self.rules_dir({"50-campaign-name.lua": (
-            "return function(event, out)\n"
-            "  if out and event.properties.campaign_name then\n"
-            "    out.event.data.event_name = 'Open ' .. event.properties.campaign_name\n"
-            "  end\n"
-            "end\n")})
-        s = Service(env=feed_env(d, TRIBUTARY_MPARTICLE_EVENT_NAMES_LIMIT=5), rules_dir=rules)
+    # a rule that puts the campaign in the event name: a name per campaign
+    CAMPAIGN_NAMES = {"50-campaign-name.lua": (
+        "return function(event, out)\n"
+        "  if out and event.properties.campaign_name then\n"
+        "    out.event.data.event_name = 'Open ' .. event.properties.campaign_name\n"
+        "  end\n"
+        "end\n")}
+    NEAR = "event names near mParticle's limit"
+    PAST = "new event name past mParticle's limit of unique event names"
+
+    def named_service(self, d, limit, **env):
+        """A service with the campaign rule, mparticle.event_names_limit `limit` as the double's."""
+        d.event_names_limit = limit
+        s = Service(env=feed_env(d, TRIBUTARY_MPARTICLE_EVENT_NAMES_LIMIT=limit, **env),
+                    rules_dir=self.rules_dir(self.CAMPAIGN_NAMES))
         self.addCleanup(s.cleanup)
-        s.start()
+        return s.start()
+
+    def send_campaigns(self, s, d, *campaigns):
+        """Posts an event per campaign (one user: one batch); waits for the double to have it."""
+        before = d.event_count() + sum(1 for r in d.requests if r["status"] == 202)
+        self.assertEqual(s.post([event(campaign_name=c) for c in campaigns]).status, 200)
+        self.wait(lambda: d.event_count() + sum(1 for r in d.requests if r["status"] == 202) >
+                  before, what="the batch of %s" % (campaigns,))
+
+    def test_event_names_past_mparticles_limit_are_counted_warned_of_and_listed(self):
+        d = self.double()
+        s = self.named_service(d, 5)
         m = s.metrics()
         self.assertEqual((m["tributary_event_names"], m["tributary_event_names_limit"]), (0, 5))
-
-        near = "event names near mParticle's limit"
-        past = "new event name past mParticle's limit of unique event names"
-        # 4 names (4 events of c1): under 90% of the limit, nothing said but at debug
-        self.assertEqual(s.post([event(campaign_name=c) for c in
-                                 ("c1", "c2", "c1", "c3", "c4", "c1")]).status, 200)
-        self.assertTrue(d.wait_for_events(6, 20))
+        # 4 names: under 90% of the limit, said at debug only
+        self.send_campaigns(s, d, "c1", "c2", "c1", "c3", "c4", "c1")
         self.wait(lambda: s.metrics()["tributary_event_names"] == 4, what="4 names")
         self.assertEqual(s.logs().count("new event name sent to mParticle"), 4)
-        self.assertNotIn(near, s.logs())
-        # the fifth: 90% of the limit (and all of it), said once
-        self.assertEqual(s.post([event(campaign_name=c) for c in ("c5", "c2")]).status, 200)
-        self.assertTrue(d.wait_for_events(8, 20))
-        self.wait(lambda: near in s.logs(), what="the warning")
-        self.assertRegex(s.logs(), re.escape(near) + r'.* names=5 limit=5')
-        self.assertNotIn(past, s.logs())
-        # two more: past it, an error line (at most one per 10 s), and mParticle drops them
-        self.assertEqual(s.post([event(campaign_name=c) for c in ("c6", "c7", "c3")]).status, 200)
-        self.assertTrue(d.wait_for_events(9, 20))
+        self.assertNotIn(self.NEAR, s.logs())
+        # the fifth: 90% of the limit, said once
+        self.send_campaigns(s, d, "c5", "c2")
+        self.wait(lambda: self.NEAR in s.logs(), what="the warning")
+        self.assertRegex(s.logs(), re.escape(self.NEAR) + r'.* names=5 limit=5')
+        self.assertNotIn(self.PAST, s.logs())
+        # two more: past it, one error line (at most one per 10 s), and mParticle drops them
+        self.send_campaigns(s, d, "c6", "c7", "c3")
         self.wait(lambda: s.metrics()["tributary_event_names"] == 7, what="7 names")
-        self.wait(lambda: past in s.logs(), what="the error")
-        self.assertRegex(s.logs(), re.escape(past) + r'.* name="Open c6" names=6 limit=5 times=1')
-        self.assertEqual(s.logs().count(past), 1)
-        self.assertEqual(s.logs().count(near), 1)
+        self.assertRegex(s.logs(), re.escape(self.PAST) + r'.* name="Open c6" names=6 limit=5 times=1')
+        self.assertEqual((s.logs().count(self.PAST), s.logs().count(self.NEAR)), (1, 1))
+        self.assertEqual(sorted(x["name"] for x in d.take_name_dropped()), ["Open c6", "Open c7"])
+        self.assertEqual(d.event_count(), 9)
 
         out = s.cli(["queue", "names", "--json"])
         self.assertEqual(out.returncode, 0, out.stderr)
         listed = json.loads(out.stdout)
         self.assertEqual(listed["limit"], 5)
-        self.assertEqual([n["name"] for n in listed["names"]], ["Open c%d" % i for i in range(1, 8)])
-        stats = json.loads(s.cli(["queue", "stats", "--json"]).stdout)
-        self.assertEqual(stats["event_names"], 7)
+        self.assertEqual([(n["name"], n["past_limit"]) for n in listed["names"]],
+                         [("Open c%d" % i, i > 5) for i in range(1, 8)])
         table = s.cli(["queue", "names"]).stdout
-        self.assertIn("Open c7", table)
+        self.assertRegex(table, r"\n5 +\S+ +within +Open c5\n6 +\S+ +past it +Open c6\n")
         self.assertIn("7 event names sent; mParticle keeps 5 per workspace", table)
+        self.assertEqual(json.loads(s.cli(["queue", "stats", "--json"]).stdout)["event_names"], 7)
 
-        # a restart reads them back: known names are not new, the count goes on from 7
+    def test_only_custom_events_names_count(self):
+        d = self.double()
+        rules = self.rules_dir({"50-screen.lua": (
+            "return function(event, out)\n"
+            "  if out and event.properties.screen then\n"
+            "    out.event.event_type = 'screen_view'\n"
+            "    out.event.data.custom_event_type = nil\n"
+            "    out.event.data.event_name = event.properties.screen\n"
+            "  end\n"
+            "end\n")})
+        s = self.service(env=feed_env(d), rules_dir=rules)
+        self.assertEqual(s.post([event(screen="Home"), event(screen="Cart"), event()]).status, 200)
+        self.assertTrue(d.wait_for_events(3, 20))
+        self.wait(lambda: s.metrics()["tributary_event_names"] == 1, what="1 name")
+        self.assertEqual([n["name"] for n in json.loads(
+            s.cli(["queue", "names", "--json"]).stdout)["names"]], ["Email Opens"])
+
+    def test_the_event_names_count_outlives_a_restart(self):
+        d = self.double()
+        s = self.named_service(d, 3)
+        self.send_campaigns(s, d, "c1", "c2", "c3")
+        self.wait(lambda: s.metrics()["tributary_event_names"] == 3, what="3 names")
         self.assertEqual(s.stop(), 0)
         s.start()
-        self.wait(lambda: s.metrics()["tributary_event_names"] == 7, what="7 names read back")
-        self.assertEqual(s.post([event(campaign_name=c) for c in ("c1", "c7", "c8")]).status, 200)
-        self.wait(lambda: s.metrics()["tributary_event_names"] == 8, what="8 names")
-        self.assertTrue(d.wait_for_events(10, 20))
-        self.assertEqual(s.logs().count("new event name sent to mParticle"), 5)
-        self.wait(lambda: s.logs().count(past) == 2, what="the error after the restart")
-        self.assertRegex(s.logs(), re.escape(past) + r'.* name="Open c8" names=8 limit=5 times=1')
-        self.assertEqual(s.logs().count(near), 2)  # once per start
-        # the events of a request (one user) came in one batch: the double, which knows 5
-        # names, dropped c7 again
-        self.assertEqual(sorted(x["name"] for x in d.take_name_dropped()),
-                         ["Open c6", "Open c7", "Open c7", "Open c8"])
-        self.assertEqual(d.event_names, {"Open c%d" % i for i in range(1, 6)})
+        # read back: said again at the start, known names are not new
+        self.wait(lambda: s.metrics()["tributary_event_names"] == 3, what="3 names read back")
+        self.wait(lambda: s.logs().count(self.NEAR) == 2, what="the warning of the start")
+        self.send_campaigns(s, d, "c1", "c3", "c4")
+        self.wait(lambda: s.metrics()["tributary_event_names"] == 4, what="4 names")
+        self.assertEqual(s.logs().count("new event name sent to mParticle"), 3)
+        self.assertRegex(s.logs(), re.escape(self.PAST) + r'.* name="Open c4" names=4 limit=3')
+        self.assertEqual([x["name"] for x in d.take_name_dropped()], ["Open c4"])
+        self.assertEqual([n["name"] for n in json.loads(
+            s.cli(["queue", "names", "--json"]).stdout)["names"]],
+            ["Open c1", "Open c2", "Open c3", "Open c4"])
+
+    def test_forgotten_event_names_are_counted_again_after_a_reload(self):
+        d = self.double()
+        d.event_names_limit = 1000  # mParticle's names were cleaned up: it takes them again
+        s = Service(env=feed_env(d, TRIBUTARY_MPARTICLE_EVENT_NAMES_LIMIT=4),
+                    rules_dir=self.rules_dir(self.CAMPAIGN_NAMES), config="return {}\n")
+        self.addCleanup(s.cleanup)
+        s.start()
+        self.send_campaigns(s, d, "c1", "c2", "c3", "c4")
+        self.wait(lambda: s.metrics()["tributary_event_names"] == 4, what="4 names")
+        out = s.cli(["queue", "forget-names", "Open c2", "Open c9"])
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertIn("forgot 1 event name;", out.stdout)
+        self.assertEqual(s.metrics()["tributary_event_names"], 4)  # until a reload
+        self.assertTrue(s.reload())
+        self.wait(lambda: s.metrics()["tributary_event_names"] == 3, what="3 names")
+        out = s.cli(["queue", "forget-names", "--all", "--json"])
+        self.assertEqual(json.loads(out.stdout), {"forgotten": 3})
+        self.assertTrue(s.reload())
+        self.wait(lambda: s.metrics()["tributary_event_names"] == 0, what="no name")
+        # under 90% again: reaching it is said again
+        self.assertEqual(s.logs().count(self.NEAR), 1)
+        self.send_campaigns(s, d, "c1", "c2", "c3", "c4")
+        self.wait(lambda: s.metrics()["tributary_event_names"] == 4, what="4 names again")
+        self.wait(lambda: s.logs().count(self.NEAR) == 2, what="the warning again")
+        self.assertEqual(s.cli(["queue", "forget-names"]).returncode, 2)
+        self.assertEqual(s.cli(["queue", "forget-names", "x", "--all"]).returncode, 2)
 
     def test_rate_limit_spaces_batches_per_feed(self):
         d = self.double()

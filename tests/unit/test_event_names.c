@@ -1,9 +1,11 @@
-/* event_names: the event names sent to mParticle, against its limit. */
+/* event_names: the custom event names sent to mParticle, against its limit. */
 #include "unit.h"
 
 #include "event_names.h"
 
 #include <fcntl.h>
+
+#define T0 1796000000000LL /* a time to note names at */
 
 static str name_of(char *out, size_t len, int i)
 {
@@ -11,8 +13,21 @@ static str name_of(char *out, size_t len, int i)
     return (str){out, strlen(out)};
 }
 
-/* The log lines written while fn runs, in a buffer the caller frees. */
-static char *logged(void (*fn)(event_names *), event_names *s)
+static int note(event_names *s, int i, int64_t limit)
+{
+    char a[32];
+    return event_names_note(s, name_of(a, sizeof a, i), limit, T0 + i);
+}
+
+static void load(event_names *s, int from, int to)
+{
+    char a[32];
+    for (int i = from; i < to; i++)
+        ck_assert_int_eq(event_names_load(s, name_of(a, sizeof a, i)), 0);
+}
+
+/* The log lines written while fn(s, limit) runs, in a buffer the caller frees. */
+static char *logged(void (*fn)(event_names *, int64_t), event_names *s, int64_t limit)
 {
     char path[] = "/tmp/tributary-unit-log-XXXXXX";
     int fd = mkstemp(path);
@@ -22,7 +37,7 @@ static char *logged(void (*fn)(event_names *), event_names *s)
     int saved = dup(STDERR_FILENO);
     ck_assert_int_ge(dup2(fd, STDERR_FILENO), 0);
     log_setup(LOG_DEBUG, LOG_LOGFMT);
-    fn(s);
+    fn(s, limit);
     fflush(stderr);
     log_setup(LOG_ERROR, LOG_LOGFMT);
     dup2(saved, STDERR_FILENO);
@@ -43,27 +58,33 @@ static size_t count(const char *text, const char *what)
     return n;
 }
 
-START_TEST(test_a_name_is_new_once_and_waits_to_be_stored)
+#define NEAR "level=warn msg=\"event names near mParticle's limit"
+#define PAST_AT_CHECK "level=error msg=\"event names past mParticle's limit"
+#define PAST_NEW "level=error msg=\"new event name past mParticle's limit"
+
+START_TEST(test_a_name_is_new_once_and_waits_to_be_stored_with_when_it_came)
 {
     event_names *s = event_names_new();
     ck_assert_ptr_nonnull(s);
     char a[32], b[32];
-    ck_assert_int_eq(event_names_note(s, name_of(a, sizeof a, 1), 1000), 1);
-    ck_assert_int_eq(event_names_note(s, name_of(b, sizeof b, 1), 1000), 0);
-    ck_assert_int_eq(event_names_note(s, name_of(b, sizeof b, 2), 1000), 1);
+    ck_assert_int_eq(event_names_note(s, name_of(a, sizeof a, 1), 1000, T0), 1);
+    ck_assert_int_eq(event_names_note(s, name_of(b, sizeof b, 1), 1000, T0 + 5), 0);
+    ck_assert_int_eq(event_names_note(s, name_of(b, sizeof b, 2), 1000, T0 + 7), 1);
     ck_assert_int_eq(event_names_count(s), 2);
-    /* the unstored names are the set's copies, not the caller's text */
+    /* the unstored names are copies, not the caller's text */
     memset(a, 'x', sizeof a);
     memset(b, 'x', sizeof b);
     size_t n;
-    const str *unstored = event_names_unstored(s, &n);
+    const struct event_name *unstored = event_names_unstored(s, &n);
     ck_assert_uint_eq(n, 2);
-    ck_assert(str_eq(unstored[0], "Campaign 1"));
-    ck_assert(str_eq(unstored[1], "Campaign 2"));
+    ck_assert(str_eq(unstored[0].name, "Campaign 1"));
+    ck_assert_int_eq(unstored[0].first_ms, T0);
+    ck_assert(str_eq(unstored[1].name, "Campaign 2"));
+    ck_assert_int_eq(unstored[1].first_ms, T0 + 7);
     event_names_stored(s);
     event_names_unstored(s, &n);
     ck_assert_uint_eq(n, 0);
-    ck_assert_int_eq(event_names_note(s, name_of(a, sizeof a, 2), 1000), 0);
+    ck_assert_int_eq(note(s, 2, 1000), 0);
     event_names_unstored(s, &n);
     ck_assert_uint_eq(n, 0);
     event_names_free(s);
@@ -73,75 +94,159 @@ END_TEST
 START_TEST(test_names_stored_before_are_known_and_not_stored_again)
 {
     event_names *s = event_names_new();
-    char a[32];
-    for (int i = 0; i < 3000; i++)
-        ck_assert_int_eq(event_names_load(s, name_of(a, sizeof a, i)), 0);
-    ck_assert_int_eq(event_names_load(s, name_of(a, sizeof a, 7)), 0);
+    load(s, 0, 3000);
+    load(s, 7, 8);
     ck_assert_int_eq(event_names_count(s), 3000);
     size_t n;
     event_names_unstored(s, &n);
     ck_assert_uint_eq(n, 0);
     for (int i = 0; i < 3000; i++)
-        ck_assert_int_eq(event_names_note(s, name_of(a, sizeof a, i), 100000), 0);
-    ck_assert_int_eq(event_names_note(s, name_of(a, sizeof a, 3000), 100000), 1);
+        ck_assert_int_eq(note(s, i, 100000), 0);
+    ck_assert_int_eq(note(s, 3000, 100000), 1);
     ck_assert_int_eq(event_names_count(s), 3001);
     /* the empty name is a name */
-    ck_assert_int_eq(event_names_note(s, (str){"", 0}, 100000), 1);
-    ck_assert_int_eq(event_names_note(s, (str){"", 0}, 100000), 0);
+    ck_assert_int_eq(event_names_note(s, (str){"", 0}, 100000, T0), 1);
+    ck_assert_int_eq(event_names_note(s, (str){"", 0}, 100000, T0), 0);
     event_names_free(s);
 }
 END_TEST
 
-static void note_twelve_of_limit_5(event_names *s)
+static void note_1_to_4(event_names *s, int64_t limit)
 {
-    char a[32];
-    for (int i = 1; i <= 12; i++)
-        event_names_note(s, name_of(a, sizeof a, i), 5);
-    for (int i = 1; i <= 12; i++)
-        event_names_note(s, name_of(a, sizeof a, i), 5);
+    for (int i = 1; i <= 4; i++)
+        note(s, i, limit);
 }
 
-START_TEST(test_the_limit_is_warned_of_at_90_percent_and_past_it_each_10_s)
+static void note_5_to_7(event_names *s, int64_t limit)
+{
+    for (int i = 5; i <= 7; i++)
+        note(s, i, limit);
+}
+
+START_TEST(test_new_names_under_90_percent_of_the_limit_are_said_at_debug_only)
 {
     event_names *s = event_names_new();
-    char *text = logged(note_twelve_of_limit_5, s);
-    /* under 90% of 5: at debug only */
-    ck_assert_uint_eq(count(text, "msg=\"new event name sent to mParticle\""), 5);
-    ck_assert_uint_eq(count(text, "level=warn msg=\"event names near mParticle's limit"), 1);
-    ck_assert_ptr_nonnull(strstr(text, "names=5 limit=5"));
-    /* past it: one error line (then at most one per 10 s, counted) */
-    ck_assert_uint_eq(count(text, "level=error msg=\"new event name past mParticle's limit"), 1);
+    char *text = logged(note_1_to_4, s, 5);
+    ck_assert_uint_eq(count(text, "level=debug msg=\"new event name sent to mParticle\""), 4);
+    ck_assert_ptr_nonnull(strstr(text, "name=\"Campaign 4\" names=4"));
+    ck_assert_uint_eq(count(text, "level=warn"), 0);
+    ck_assert_uint_eq(count(text, "level=error"), 0);
+    free(text);
+    event_names_free(s);
+}
+END_TEST
+
+static void note_8_to_10(event_names *s, int64_t limit)
+{
+    for (int i = 8; i <= 10; i++)
+        note(s, i, limit);
+}
+
+START_TEST(test_90_percent_of_the_limit_is_warned_of_once)
+{
+    event_names *s = event_names_new();
+    load(s, 1, 8); /* 7 names; the 8th is 80% of 10, the 9th 90% */
+    char *text = logged(note_8_to_10, s, 10);
+    ck_assert_uint_eq(count(text, NEAR), 1);
+    ck_assert_ptr_nonnull(strstr(text, "names=9 limit=10"));
+    ck_assert_uint_eq(count(text, "level=error"), 0);
+    free(text);
+    event_names_free(s);
+}
+END_TEST
+
+START_TEST(test_each_new_name_past_the_limit_is_an_error_at_most_every_10_s)
+{
+    event_names *s = event_names_new();
+    load(s, 1, 5);
+    /* the 5th reaches the limit (a warning), the 6th and 7th pass it: one
+     * line for both within 10 s, the count of the next line says so */
+    char *text = logged(note_5_to_7, s, 5);
+    ck_assert_uint_eq(count(text, NEAR), 1);
+    ck_assert_uint_eq(count(text, PAST_NEW), 1);
     ck_assert_ptr_nonnull(strstr(text, "name=\"Campaign 6\" names=6 limit=5 times=1"));
-    /* twice the limit kept: the 11th and 12th are not, said once */
+    ck_assert_int_eq(event_names_count(s), 7);
+    free(text);
+    event_names_free(s);
+}
+END_TEST
+
+static void note_up_to_12(event_names *s, int64_t limit)
+{
+    for (int i = 1; i <= 12; i++)
+        note(s, i, limit);
+}
+
+START_TEST(test_names_are_counted_up_to_twice_the_limit_said_once)
+{
+    event_names *s = event_names_new();
+    char *text = logged(note_up_to_12, s, 5);
     ck_assert_int_eq(event_names_count(s), 10);
     ck_assert_uint_eq(count(text, "msg=\"more new event names than tributary counts"), 1);
     size_t n;
     event_names_unstored(s, &n);
     ck_assert_uint_eq(n, 10);
+    /* the 11th stays unknown, not stored */
+    ck_assert_int_eq(note(s, 11, 5), 0);
     free(text);
     event_names_free(s);
 }
 END_TEST
 
-static void check_limit_5(event_names *s)
+static void check(event_names *s, int64_t limit)
 {
-    event_names_check(s, 5);
-    event_names_check(s, 5);
+    event_names_check(s, limit);
+    event_names_check(s, limit);
 }
 
-START_TEST(test_names_read_back_at_90_percent_are_warned_of_once)
+START_TEST(test_a_count_read_back_is_said_once_per_limit_and_again_after_falling_under)
 {
     event_names *s = event_names_new();
-    char a[32];
-    for (int i = 0; i < 4; i++)
-        ck_assert_int_eq(event_names_load(s, name_of(a, sizeof a, i)), 0);
-    char *text = logged(check_limit_5, s);
-    ck_assert_uint_eq(count(text, "event names near mParticle's limit"), 0);
+    load(s, 0, 4);
+    char *text = logged(check, s, 5);
+    ck_assert_uint_eq(count(text, "event names"), 0);
     free(text);
-    ck_assert_int_eq(event_names_load(s, name_of(a, sizeof a, 4)), 0);
-    text = logged(check_limit_5, s);
-    ck_assert_uint_eq(count(text, "event names near mParticle's limit"), 1);
+    load(s, 4, 6); /* 6 of 5: past it */
+    text = logged(check, s, 5);
+    ck_assert_uint_eq(count(text, PAST_AT_CHECK), 1);
+    ck_assert_ptr_nonnull(strstr(text, "names=6 limit=5"));
     free(text);
+    text = logged(check, s, 6); /* another limit: said again, as near */
+    ck_assert_uint_eq(count(text, NEAR), 1);
+    free(text);
+    text = logged(check, s, 6);
+    ck_assert_uint_eq(count(text, "event names"), 0);
+    free(text);
+    /* names forgotten (a reread after a reset), then at 90% again */
+    event_names_reset(s);
+    ck_assert_int_eq(event_names_count(s), 0);
+    text = logged(check, s, 6);
+    ck_assert_uint_eq(count(text, "event names"), 0);
+    free(text);
+    load(s, 0, 6);
+    text = logged(check, s, 6);
+    ck_assert_uint_eq(count(text, NEAR), 1);
+    free(text);
+    event_names_free(s);
+}
+END_TEST
+
+START_TEST(test_a_reset_keeps_the_names_not_stored_yet)
+{
+    event_names *s = event_names_new();
+    load(s, 0, 3);
+    ck_assert_int_eq(note(s, 3, 100), 1);
+    event_names_reset(s);
+    ck_assert_int_eq(event_names_count(s), 1);
+    size_t n;
+    const struct event_name *unstored = event_names_unstored(s, &n);
+    ck_assert_uint_eq(n, 1);
+    ck_assert(str_eq(unstored[0].name, "Campaign 3"));
+    ck_assert_int_eq(note(s, 3, 100), 0);
+    /* read back after the reset, the stored ones are known again */
+    load(s, 0, 3);
+    ck_assert_int_eq(event_names_count(s), 4);
+    ck_assert_int_eq(note(s, 1, 100), 0);
     event_names_free(s);
 }
 END_TEST
@@ -150,10 +255,14 @@ static Suite *suite(void)
 {
     Suite *s = suite_create("event_names");
     TCase *tc = tcase_create("event_names");
-    tcase_add_test(tc, test_a_name_is_new_once_and_waits_to_be_stored);
+    tcase_add_test(tc, test_a_name_is_new_once_and_waits_to_be_stored_with_when_it_came);
     tcase_add_test(tc, test_names_stored_before_are_known_and_not_stored_again);
-    tcase_add_test(tc, test_the_limit_is_warned_of_at_90_percent_and_past_it_each_10_s);
-    tcase_add_test(tc, test_names_read_back_at_90_percent_are_warned_of_once);
+    tcase_add_test(tc, test_new_names_under_90_percent_of_the_limit_are_said_at_debug_only);
+    tcase_add_test(tc, test_90_percent_of_the_limit_is_warned_of_once);
+    tcase_add_test(tc, test_each_new_name_past_the_limit_is_an_error_at_most_every_10_s);
+    tcase_add_test(tc, test_names_are_counted_up_to_twice_the_limit_said_once);
+    tcase_add_test(tc, test_a_count_read_back_is_said_once_per_limit_and_again_after_falling_under);
+    tcase_add_test(tc, test_a_reset_keeps_the_names_not_stored_yet);
     suite_add_tcase(s, tc);
     return s;
 }

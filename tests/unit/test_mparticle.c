@@ -443,31 +443,56 @@ START_TEST(test_event_time_is_read_from_data_only)
 }
 END_TEST
 
-START_TEST(test_event_name_is_read_from_data_as_written_with_the_time)
+START_TEST(test_a_custom_events_name_is_read_from_data_as_written_with_the_time)
 {
+#define CUSTOM "{\"event_type\":\"custom_event\","
     const char *ev[] = {
-        "{\"event_type\":\"custom_event\",\"data\":{\"event_name\":\"Email Opens\","
-        "\"timestamp_unixtime_ms\":1732800000000}}",
-        /* the time first, and a name inside the attributes is not the event's */
+        CUSTOM "\"data\":{\"event_name\":\"Email Opens\",\"timestamp_unixtime_ms\":1732800000000}}",
+        /* the type after data; a name inside the attributes is not the event's */
         "{\"data\":{\"timestamp_unixtime_ms\":5,\"custom_attributes\":{\"event_name\":\"no\"},"
-        "\"event_name\" : \"Say \\\"hi\\\" \\\\\"}}",
-        "{\"event_name\":\"top\",\"data\":{\"custom_attributes\":{\"event_name\":\"no\"}}}",
-        "{\"data\":{\"event_name\":7}}",
-        "{\"data\":{\"event_name\":\"\"}}",
-        "{\"data\":{\"event_name\":\"cut",
+        "\"event_name\" : \"Say \\\"hi\\\" \\\\\"},\"event_type\":\"custom_event\"}",
+        /* only a custom event's name is one */
+        "{\"event_type\":\"screen_view\",\"data\":{\"event_name\":\"Home\","
+        "\"timestamp_unixtime_ms\":7}}",
+        "{\"data\":{\"event_name\":\"no type\"}}",
+        CUSTOM "\"event_name\":\"top\",\"data\":{\"custom_attributes\":{\"event_name\":\"no\"}}}",
+        CUSTOM "\"data\":{\"event_name\":7}}",
+        CUSTOM "\"data\":{\"event_name\":\"\"}}",
+        CUSTOM "\"data\":{\"event_name\":\"cut",
         /* brackets in strings and nested containers are gone over whole */
-        "{\"x\":[{\"data\":{\"event_name\":\"no\"}}],\"data\":{\"custom_attributes\":{\"a\":"
-        "\"}]{[\\\"\",\"b\":[[1],{\"event_name\":\"no\"}]},\"event_name\":\"yes\","
-        "\"timestamp_unixtime_ms\":6}}",
-        "{\"data\":{\"custom_attributes\":{\"a\":[1,2",
+        CUSTOM "\"x\":[{\"data\":{\"event_name\":\"no\"}}],\"data\":{\"custom_attributes\":"
+               "{\"a\":\"}]{[\\\"\",\"b\":[[1],{\"event_name\":\"no\"}]},\"event_name\":\"yes\","
+               "\"timestamp_unixtime_ms\":6}}",
+        CUSTOM "\"data\":{\"custom_attributes\":{\"a\":[1,2",
+        /* past the event's end, nothing counts */
+        CUSTOM "\"data\":{}}}\"event_name\":\"no\",\"timestamp_unixtime_ms\":8",
+        "{}}\"event_type\":\"custom_event\",\"data\":{\"event_name\":\"no\"}",
+        /* data that is not an object */
+        CUSTOM "\"data\":[{\"event_name\":\"no\",\"timestamp_unixtime_ms\":9}]}",
     };
-    const char *want_name[] = {"Email Opens", "Say \\\"hi\\\" \\\\", NULL, NULL, "", NULL, "yes",
+#undef CUSTOM
+    const char *want_name[] = {"Email Opens",
+                               "Say \\\"hi\\\" \\\\",
+                               NULL,
+                               NULL,
+                               NULL,
+                               NULL,
+                               "",
+                               NULL,
+                               "yes",
+                               NULL,
+                               NULL,
+                               NULL,
                                NULL};
-    const int64_t want_time[] = {1732800000000, 5, -1, -1, -1, -1, 6, -1};
+    const int64_t want_time[] = {1732800000000, 5, 7, -1, -1, -1, -1, -1, 6, -1, -1, -1, -1};
+    _Static_assert(ARRAY_LEN(want_name) == ARRAY_LEN(ev), "a name for each event");
+    _Static_assert(ARRAY_LEN(want_time) == ARRAY_LEN(ev), "a time for each event");
     for (size_t i = 0; i < ARRAY_LEN(ev); i++) {
         struct mparticle_event_fields f;
         mparticle_event_fields(ev[i], strlen(ev[i]), &f);
         ck_assert_msg(f.time_ms == want_time[i], "%s", ev[i]);
+        /* the time alone is read the same */
+        ck_assert_msg(mparticle_event_time_ms(ev[i], strlen(ev[i])) == want_time[i], "%s", ev[i]);
         if (!want_name[i]) {
             ck_assert_msg(f.name.p == NULL, "%s", ev[i]);
             continue;
@@ -476,8 +501,6 @@ START_TEST(test_event_name_is_read_from_data_as_written_with_the_time)
         ck_assert_msg(f.name.n == strlen(want_name[i]) &&
                           memcmp(f.name.p, want_name[i], f.name.n) == 0,
                       "%s: %.*s", ev[i], (int)f.name.n, f.name.p);
-        /* the time alone is read the same */
-        ck_assert_int_eq(mparticle_event_time_ms(ev[i], strlen(ev[i])), want_time[i]);
     }
 }
 END_TEST
@@ -546,7 +569,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_retry_after_garbage_is_invalid);
     tcase_add_test(tc, test_retry_after_absent_is_invalid);
     tcase_add_test(tc, test_event_time_is_read_from_data_only);
-    tcase_add_test(tc, test_event_name_is_read_from_data_as_written_with_the_time);
+    tcase_add_test(tc, test_a_custom_events_name_is_read_from_data_as_written_with_the_time);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -592,7 +592,7 @@ START_TEST(test_move_replaces_unclaimed_records_and_refuses_claimed_ones)
     ck_assert_int_eq(depth(q, FEED_UNBOUND), 2);
     /* claimed: nothing moves */
     struct queue_batch b = make_batch(FEED_IOS, "src-1", &ids[0], 1, 0);
-    ck_assert_int_eq(queue_persist_batches(q, &b, 1), QUEUE_OK);
+    ck_assert_int_eq(queue_persist_batches(q, &b, 1, NULL, 0, NULL), QUEUE_OK);
     ck_assert_int_eq(move_to_unbound(q, "claimed", &ids[0], 1), QUEUE_CHANGED);
     ck_assert_int_eq(depth(q, FEED_IOS), 1);
     ck_assert_int_eq(depth(q, FEED_UNBOUND), 2);
@@ -779,7 +779,7 @@ START_TEST(test_persisted_batches_come_back_after_a_restart)
         make_batch(FEED_WEB, "a0b1c2d3-e4f5-4a6b-8c7d-0e1f2a3b4c5d", web_ids, 1,
                    web.items[0].received_ms),
     };
-    ck_assert_int_eq(queue_persist_batches(q, b, 2), QUEUE_OK);
+    ck_assert_int_eq(queue_persist_batches(q, b, 2, NULL, 0, NULL), QUEUE_OK);
     ck_assert_int_gt(b[0].id, 0);
     ck_assert_int_gt(b[1].id, 0);
     ck_assert_int_ne(b[0].id, b[1].id);
@@ -816,7 +816,7 @@ START_TEST(test_ack_removes_the_batch_and_its_records)
     commit_ids(q, FEED_IOS, "evt", 3, ids);
     int64_t waiting = ids[2];
     struct queue_batch b = make_batch(FEED_IOS, "src-1", ids, 2, 0);
-    ck_assert_int_eq(queue_persist_batches(q, &b, 1), QUEUE_OK);
+    ck_assert_int_eq(queue_persist_batches(q, &b, 1, NULL, 0, NULL), QUEUE_OK);
     struct queue_items it;
 
     /* everything below the unclaimed third record is settled: the two records
@@ -853,7 +853,7 @@ START_TEST(test_a_repeated_ack_does_not_touch_a_later_batch)
     int64_t first_ids[1] = {it.items[0].id};
     queue_items_free(&it);
     struct queue_batch first = make_batch(FEED_IOS, "src-first", first_ids, 1, 0);
-    ck_assert_int_eq(queue_persist_batches(q, &first, 1), QUEUE_OK);
+    ck_assert_int_eq(queue_persist_batches(q, &first, 1, NULL, 0, NULL), QUEUE_OK);
     ck_assert_int_eq(queue_ack(q, &first.id, 1, FEED_IOS, first_ids[0] + 1), QUEUE_OK);
 
     commit_records(q, FEED_IOS, "second", 1);
@@ -861,7 +861,7 @@ START_TEST(test_a_repeated_ack_does_not_touch_a_later_batch)
     int64_t second_ids[1] = {it.items[0].id};
     queue_items_free(&it);
     struct queue_batch second = make_batch(FEED_IOS, "src-second", second_ids, 1, 0);
-    ck_assert_int_eq(queue_persist_batches(q, &second, 1), QUEUE_OK);
+    ck_assert_int_eq(queue_persist_batches(q, &second, 1, NULL, 0, NULL), QUEUE_OK);
 
     /* the first batch is gone: acking it again is accepted and changes nothing */
     ck_assert_int_eq(queue_ack(q, &first.id, 1, FEED_IOS, second_ids[0]), QUEUE_OK);
@@ -885,7 +885,7 @@ static void two_batches(queue *q, int64_t ids[3], struct queue_batch b[2])
     commit_ids(q, FEED_IOS, "evt", 3, ids);
     b[0] = make_batch(FEED_IOS, "src-0", &ids[0], 1, 0);
     b[1] = make_batch(FEED_IOS, "src-1", &ids[1], 1, 0);
-    ck_assert_int_eq(queue_persist_batches(q, b, 2), QUEUE_OK);
+    ck_assert_int_eq(queue_persist_batches(q, b, 2, NULL, 0, NULL), QUEUE_OK);
 }
 
 START_TEST(test_a_record_delivered_before_an_older_one_no_longer_counts)
@@ -957,7 +957,7 @@ START_TEST(test_a_table_of_the_ring_is_emptied_once_the_line_passes_it)
     queue_items_free(&it);
 
     struct queue_batch b = make_batch(FEED_WEB, "src-0", first, 2, 0);
-    ck_assert_int_eq(queue_persist_batches(q, &b, 1), QUEUE_OK);
+    ck_assert_int_eq(queue_persist_batches(q, &b, 1, NULL, 0, NULL), QUEUE_OK);
     /* a line short of the table's last record leaves it alone */
     ck_assert_int_eq(queue_ack(q, &b.id, 1, FEED_WEB, first[1]), QUEUE_OK);
     ck_assert_int_eq(count_in_file("SELECT count(*) FROM records_web_0"), 2);
@@ -1027,7 +1027,7 @@ START_TEST(test_batches_that_leave_out_a_record_are_refused)
     /* evt-1 left out: once evt-2 is claimed it would count as delivered */
     int64_t gap[2] = {all[0], all[2]};
     struct queue_batch b = make_batch(FEED_IOS, "src-gap", gap, 2, 0);
-    ck_assert_int_eq(queue_persist_batches(q, &b, 1), QUEUE_ERROR);
+    ck_assert_int_eq(queue_persist_batches(q, &b, 1, NULL, 0, NULL), QUEUE_ERROR);
     struct batch_list l;
     load_batches(q, &l);
     ck_assert_uint_eq(l.n, 0);
@@ -1035,14 +1035,14 @@ START_TEST(test_batches_that_leave_out_a_record_are_refused)
     /* evt-0 named twice does not make up for evt-1 */
     int64_t twice[3] = {all[0], all[0], all[2]};
     b = make_batch(FEED_IOS, "src-twice", twice, 3, 0);
-    ck_assert_int_eq(queue_persist_batches(q, &b, 1), QUEUE_ERROR);
+    ck_assert_int_eq(queue_persist_batches(q, &b, 1, NULL, 0, NULL), QUEUE_ERROR);
     struct queue_batch split[2] = {make_batch(FEED_IOS, "src-x", all, 1, 0),
                                    make_batch(FEED_IOS, "src-y", twice + 1, 2, 0)};
-    ck_assert_int_eq(queue_persist_batches(q, split, 2), QUEUE_ERROR);
+    ck_assert_int_eq(queue_persist_batches(q, split, 2, NULL, 0, NULL), QUEUE_ERROR);
     /* the same records, none left out, in two batches */
     struct queue_batch two[2] = {make_batch(FEED_IOS, "src-a", all, 2, 0),
                                  make_batch(FEED_IOS, "src-b", all + 2, 1, 0)};
-    ck_assert_int_eq(queue_persist_batches(q, two, 2), QUEUE_OK);
+    ck_assert_int_eq(queue_persist_batches(q, two, 2, NULL, 0, NULL), QUEUE_OK);
     load_batches(q, &l);
     ck_assert_uint_eq(l.n, 2);
     batch_list_free(&l);
@@ -1062,10 +1062,10 @@ START_TEST(test_a_claim_naming_a_moved_record_in_place_of_a_stored_one_is_refuse
     ck_assert_int_eq(move_to_unbound(q, "moved", &all[1], 1), QUEUE_OK);
     int64_t swapped[3] = {all[0], all[1], all[3]};
     struct queue_batch b = make_batch(FEED_IOS, "src-swapped", swapped, 3, 0);
-    ck_assert_int_eq(queue_persist_batches(q, &b, 1), QUEUE_ERROR);
+    ck_assert_int_eq(queue_persist_batches(q, &b, 1, NULL, 0, NULL), QUEUE_ERROR);
     int64_t named[3] = {all[0], all[2], all[3]};
     b = make_batch(FEED_IOS, "src-named", named, 3, 0);
-    ck_assert_int_eq(queue_persist_batches(q, &b, 1), QUEUE_OK);
+    ck_assert_int_eq(queue_persist_batches(q, &b, 1, NULL, 0, NULL), QUEUE_OK);
     queue_free(q);
 }
 END_TEST
@@ -1226,7 +1226,7 @@ START_TEST(test_a_moved_record_claimed_counts_in_the_oldest_age_until_delivered)
     int64_t ids[2];
     moved_behind_fresh(q, FEED_UNBOUND, old, now, ids);
     struct queue_batch b = make_batch(FEED_UNBOUND, "src-both", ids, 2, old);
-    ck_assert_int_eq(queue_persist_batches(q, &b, 1), QUEUE_OK);
+    ck_assert_int_eq(queue_persist_batches(q, &b, 1, NULL, 0, NULL), QUEUE_OK);
     size_t moved[FEED_COUNT];
     ck_assert_int_eq(queue_expire(q, now - 2 * day, moved), QUEUE_OK);
     ck_assert_int_eq(oldest_in_stats(q, FEED_UNBOUND), old);
@@ -1250,7 +1250,7 @@ START_TEST(test_a_moved_record_delivered_out_of_order_leaves_the_oldest_age)
     moved_behind_fresh(q, FEED_WEB, old, now, ids);
     struct queue_batch b[2] = {make_batch(FEED_WEB, "src-fresh", &ids[0], 1, now),
                                make_batch(FEED_WEB, "src-moved", &ids[1], 1, old)};
-    ck_assert_int_eq(queue_persist_batches(q, b, 2), QUEUE_OK);
+    ck_assert_int_eq(queue_persist_batches(q, b, 2, NULL, 0, NULL), QUEUE_OK);
     ck_assert_int_eq(oldest_in_stats(q, FEED_WEB), old);
 
     ck_assert_int_eq(queue_ack(q, &b[1].id, 1, FEED_WEB, ids[0]), QUEUE_OK);
@@ -1348,7 +1348,7 @@ START_TEST(test_a_move_delivered_in_part_and_expired_in_part_is_done_with)
     queue_items_free(&it);
 
     struct queue_batch b = make_batch(FEED_WEB, "src-first", &first, 1, old);
-    ck_assert_int_eq(queue_persist_batches(q, &b, 1), QUEUE_OK);
+    ck_assert_int_eq(queue_persist_batches(q, &b, 1, NULL, 0, NULL), QUEUE_OK);
     size_t moved[FEED_COUNT];
     ck_assert_int_eq(queue_expire(q, now - 2 * day, moved), QUEUE_OK);
     ck_assert_uint_eq(moved[FEED_WEB], 1);
@@ -1387,12 +1387,12 @@ START_TEST(test_a_claim_may_skip_records_moved_or_expired_but_not_leave_one_out)
     ck_assert_int_eq(move_to_unbound(q, "moved", &all[1], 1), QUEUE_OK);
     int64_t around[2] = {all[0], all[2]};
     struct queue_batch b = make_batch(FEED_IOS, "src-around", around, 2, 0);
-    ck_assert_int_eq(queue_persist_batches(q, &b, 1), QUEUE_OK);
+    ck_assert_int_eq(queue_persist_batches(q, &b, 1, NULL, 0, NULL), QUEUE_OK);
     /* evt-3 left out beside the hole, then the rest */
     b = make_batch(FEED_IOS, "src-gap", &all[4], 1, 0);
-    ck_assert_int_eq(queue_persist_batches(q, &b, 1), QUEUE_ERROR);
+    ck_assert_int_eq(queue_persist_batches(q, &b, 1, NULL, 0, NULL), QUEUE_ERROR);
     b = make_batch(FEED_IOS, "src-rest", &all[3], 2, 0);
-    ck_assert_int_eq(queue_persist_batches(q, &b, 1), QUEUE_OK);
+    ck_assert_int_eq(queue_persist_batches(q, &b, 1, NULL, 0, NULL), QUEUE_OK);
 
     /* expired: the oldest unclaimed records */
     commit_records(q, FEED_IOS, "old", 2);
@@ -1412,7 +1412,7 @@ START_TEST(test_a_claim_may_skip_records_moved_or_expired_but_not_leave_one_out)
     int64_t young[2] = {it.items[4].id, it.items[5].id};
     queue_items_free(&it);
     b = make_batch(FEED_IOS, "src-young", young, 2, 0);
-    ck_assert_int_eq(queue_persist_batches(q, &b, 1), QUEUE_OK);
+    ck_assert_int_eq(queue_persist_batches(q, &b, 1, NULL, 0, NULL), QUEUE_OK);
 
     /* a hole made before a restart */
     commit_records(q, FEED_IOS, "later", 3);
@@ -1425,7 +1425,7 @@ START_TEST(test_a_claim_may_skip_records_moved_or_expired_but_not_leave_one_out)
     q = open_queue(NO_LIMIT, DEDUP_DAY);
     int64_t ends[2] = {later[0], later[2]};
     b = make_batch(FEED_IOS, "src-ends", ends, 2, 0);
-    ck_assert_int_eq(queue_persist_batches(q, &b, 1), QUEUE_OK);
+    ck_assert_int_eq(queue_persist_batches(q, &b, 1, NULL, 0, NULL), QUEUE_OK);
     struct batch_list l;
     load_batches(q, &l);
     ck_assert_uint_eq(l.n, 4);
@@ -1446,12 +1446,12 @@ START_TEST(test_a_refused_claim_takes_back_the_other_feeds_claims_of_its_operati
     int64_t gap[2] = {web[0], web[2]}; /* web-1 left out */
     struct queue_batch both[2] = {make_batch(FEED_IOS, "src-ios", ios, 2, 0),
                                   make_batch(FEED_WEB, "src-gap", gap, 2, 0)};
-    ck_assert_int_eq(queue_persist_batches(q, both, 2), QUEUE_ERROR);
+    ck_assert_int_eq(queue_persist_batches(q, both, 2, NULL, 0, NULL), QUEUE_ERROR);
     struct batch_list l;
     load_batches(q, &l);
     ck_assert_uint_eq(l.n, 0);
     struct queue_batch alone = make_batch(FEED_IOS, "src-ios", ios, 2, 0);
-    ck_assert_int_eq(queue_persist_batches(q, &alone, 1), QUEUE_OK);
+    ck_assert_int_eq(queue_persist_batches(q, &alone, 1, NULL, 0, NULL), QUEUE_OK);
     queue_free(q);
 
     q = open_queue(NO_LIMIT, DEDUP_DAY);
@@ -1462,7 +1462,7 @@ START_TEST(test_a_refused_claim_takes_back_the_other_feeds_claims_of_its_operati
     int64_t more[2] = {it.items[2].id, it.items[3].id};
     queue_items_free(&it);
     struct queue_batch next = make_batch(FEED_IOS, "src-more", more, 2, 0);
-    ck_assert_int_eq(queue_persist_batches(q, &next, 1), QUEUE_OK);
+    ck_assert_int_eq(queue_persist_batches(q, &next, 1, NULL, 0, NULL), QUEUE_OK);
     load_batches(q, &l);
     ck_assert_uint_eq(l.n, 2);
     batch_list_free(&l);
@@ -1524,7 +1524,7 @@ START_TEST(test_a_claim_goes_once_each_of_its_batches_is_finished)
     struct queue_batch b[3] = {make_batch(FEED_IOS, "src-0", &ids[0], 1, 0),
                                make_batch(FEED_IOS, "src-1", &ids[1], 1, 0),
                                make_batch(FEED_IOS, "src-2", &ids[2], 1, 0)};
-    ck_assert_int_eq(queue_persist_batches(q, b, 3), QUEUE_OK);
+    ck_assert_int_eq(queue_persist_batches(q, b, 3, NULL, 0, NULL), QUEUE_OK);
     ck_assert_int_eq(count_in_file("SELECT count(*) FROM claims"), 1);
     ck_assert_int_eq(claim_row_of(b[0].id), claim_row_of(b[2].id));
 
@@ -1700,7 +1700,7 @@ START_TEST(test_a_schema_3_queue_keeps_its_records_and_batches)
     /* the unbatched record is claimed next, and new records follow it */
     int64_t seven = 7;
     struct queue_batch b = make_batch(FEED_IOS, "src-new", &seven, 1, 0);
-    ck_assert_int_eq(queue_persist_batches(q, &b, 1), QUEUE_OK);
+    ck_assert_int_eq(queue_persist_batches(q, &b, 1, NULL, 0, NULL), QUEUE_OK);
     ck_assert_int_eq(queue_ack(q, &old, 1, FEED_IOS, 7), QUEUE_OK);
     ck_assert_int_eq(depth(q, FEED_IOS), 1);
     commit_records(q, FEED_IOS, "new", 1);
@@ -2117,7 +2117,7 @@ START_TEST(test_dead_batch_moves_its_records_to_dead_letters)
     scan_all(q, FEED_IOS, &it);
     int64_t ids[2] = {it.items[0].id, it.items[1].id};
     struct queue_batch b = make_batch(FEED_IOS, "src-1", ids, 2, it.items[0].received_ms);
-    ck_assert_int_eq(queue_persist_batches(q, &b, 1), QUEUE_OK);
+    ck_assert_int_eq(queue_persist_batches(q, &b, 1, NULL, 0, NULL), QUEUE_OK);
     queue_items_free(&it);
 
     ck_assert_int_eq(
@@ -2164,7 +2164,7 @@ START_TEST(test_split_batch_replaces_one_batch_by_two)
     int64_t oldest = it.items[0].received_ms;
     queue_items_free(&it);
     struct queue_batch whole = make_batch(FEED_ANDROID, "src-whole", all, 4, oldest);
-    ck_assert_int_eq(queue_persist_batches(q, &whole, 1), QUEUE_OK);
+    ck_assert_int_eq(queue_persist_batches(q, &whole, 1, NULL, 0, NULL), QUEUE_OK);
 
     struct queue_batch parts[2] = {
         make_batch(FEED_ANDROID, "src-part-1", all, 2, oldest),
@@ -2235,7 +2235,7 @@ START_TEST(test_expire_leaves_records_of_a_persisted_batch_alone)
     scan_all(q, FEED_IOS, &it);
     int64_t held[2] = {it.items[0].id, it.items[1].id};
     struct queue_batch b = make_batch(FEED_IOS, "src-1", held, 2, it.items[0].received_ms);
-    ck_assert_int_eq(queue_persist_batches(q, &b, 1), QUEUE_OK);
+    ck_assert_int_eq(queue_persist_batches(q, &b, 1, NULL, 0, NULL), QUEUE_OK);
     queue_items_free(&it);
 
     ck_assert_uint_eq(expire(q, clock_wall_ms() + 60000), 2);
@@ -2444,7 +2444,7 @@ START_TEST(test_stats_report_depth_oldest_and_in_flight_batches)
     int64_t ids[1] = {it.items[0].id};
     int64_t oldest = it.items[0].received_ms;
     struct queue_batch b = make_batch(FEED_IOS, "src-1", ids, 1, oldest);
-    ck_assert_int_eq(queue_persist_batches(q, &b, 1), QUEUE_OK);
+    ck_assert_int_eq(queue_persist_batches(q, &b, 1, NULL, 0, NULL), QUEUE_OK);
     queue_items_free(&it);
 
     queue_reader *r = reader(q);
@@ -2582,16 +2582,13 @@ static int collect_name(void *ctx, const char *name, size_t n, int64_t first_ms)
     return 0;
 }
 
-START_TEST(test_event_names_are_kept_once_each_with_when_they_came_first)
+START_TEST(test_event_names_are_kept_once_each_in_the_order_they_came)
 {
     queue *q = open_queue(NO_LIMIT, DEDUP_DAY);
-    int64_t before = clock_wall_ms();
-    str first[] = {{"Email Opens", 11}, {"Push \\\"Sends\\\"", 14}};
+    struct event_name first[] = {{{"Zebra", 5}, 2000}, {{"Push \\\"Sends\\\"", 14}, 2000}};
     ck_assert_int_eq(queue_add_event_names(q, first, 2), QUEUE_OK);
-    clock_sleep_ms(5);
-    int64_t middle = clock_wall_ms();
-    /* a name kept already keeps its time */
-    str again[] = {{"SMS Sends", 9}, {"Email Opens", 11}};
+    /* a name kept already keeps its place and time */
+    struct event_name again[] = {{{"Apple", 5}, 1000}, {{"Zebra", 5}, 3000}};
     ck_assert_int_eq(queue_add_event_names(q, again, 2), QUEUE_OK);
     ck_assert_int_eq(queue_add_event_names(q, NULL, 0), QUEUE_OK);
 
@@ -2599,35 +2596,107 @@ START_TEST(test_event_names_are_kept_once_each_with_when_they_came_first)
     struct name_list l = {.n = 0};
     ck_assert_int_eq(queue_event_names(r, collect_name, &l), 0);
     ck_assert_uint_eq(l.n, 3);
-    ck_assert_str_eq(l.names[0], "Email Opens");
+    ck_assert_str_eq(l.names[0], "Zebra");
+    ck_assert_int_eq(l.first_ms[0], 2000);
     ck_assert_str_eq(l.names[1], "Push \\\"Sends\\\"");
-    ck_assert_str_eq(l.names[2], "SMS Sends");
-    ck_assert_int_ge(l.first_ms[0], before);
-    ck_assert_int_lt(l.first_ms[0], middle);
-    ck_assert_int_ge(l.first_ms[2], middle);
+    ck_assert_str_eq(l.names[2], "Apple");
+    ck_assert_int_eq(l.first_ms[2], 1000);
     struct queue_stats st;
     ck_assert_int_eq(queue_stats(r, &st), 0);
     ck_assert_int_eq(st.event_names, 3);
     queue_reader_free(r);
     queue_free(q);
+}
+END_TEST
 
-    /* a command reads them; and a queue whose service has not made the table
-     * yet has none */
+START_TEST(test_event_names_are_kept_in_the_commit_of_the_batches_they_came_in)
+{
+    queue *q = open_queue(NO_LIMIT, DEDUP_DAY);
+    int64_t ids[3];
+    commit_ids(q, FEED_IOS, "evt", 3, ids);
+    struct queue_batch b = make_batch(FEED_IOS, "srid-1", ids, 1, 0);
+    struct event_name names[] = {{{"Email Opens", 11}, 5}};
+    int stored = 0;
+    ck_assert_int_eq(queue_persist_batches(q, &b, 1, names, 1, &stored), QUEUE_OK);
+    ck_assert_int_eq(stored, 1);
+    /* refused batches (a record left out) keep no name either */
+    struct queue_batch gap = make_batch(FEED_IOS, "srid-2", ids + 2, 1, 0);
+    struct event_name other[] = {{{"SMS Sends", 9}, 6}};
+    ck_assert_int_eq(queue_persist_batches(q, &gap, 1, other, 1, &stored), QUEUE_ERROR);
+    ck_assert_int_eq(stored, 0);
+    /* names that cannot be kept leave the batches persisted */
+    exec_in_file("CREATE TRIGGER no_names BEFORE INSERT ON event_names "
+                 "BEGIN SELECT RAISE(ABORT, 'no room'); END");
+    struct queue_batch next = make_batch(FEED_IOS, "srid-3", ids + 1, 1, 0);
+    ck_assert_int_eq(queue_persist_batches(q, &next, 1, other, 1, &stored), QUEUE_OK);
+    ck_assert_int_eq(stored, 0);
+    struct batch_list bl;
+    load_batches(q, &bl);
+    ck_assert_uint_eq(bl.n, 2);
+    batch_list_free(&bl);
+    queue_reader *r = reader(q);
+    struct name_list l = {.n = 0};
+    ck_assert_int_eq(queue_event_names(r, collect_name, &l), 0);
+    ck_assert_uint_eq(l.n, 1);
+    ck_assert_str_eq(l.names[0], "Email Opens");
+    queue_reader_free(r);
+    queue_free(q);
+}
+END_TEST
+
+START_TEST(test_event_names_can_be_forgotten_one_by_one_or_all)
+{
+    queue *q = open_queue(NO_LIMIT, DEDUP_DAY);
+    struct event_name names[] = {{{"A", 1}, 1}, {{"B", 1}, 2}, {{"C", 1}, 3}};
+    ck_assert_int_eq(queue_add_event_names(q, names, 3), QUEUE_OK);
+    size_t forgotten = 99;
+    ck_assert_int_eq(queue_forget_event_names(q, (const char *const[]){"B", "nope"}, 2, &forgotten),
+                     QUEUE_OK);
+    ck_assert_uint_eq(forgotten, 1);
+    queue_reader *r = reader(q);
+    struct name_list l = {.n = 0};
+    ck_assert_int_eq(queue_event_names(r, collect_name, &l), 0);
+    ck_assert_uint_eq(l.n, 2);
+    ck_assert_str_eq(l.names[0], "A");
+    ck_assert_str_eq(l.names[1], "C");
+    /* a forgotten name sent again comes last */
+    ck_assert_int_eq(queue_add_event_names(q, &names[1], 1), QUEUE_OK);
+    l.n = 0;
+    ck_assert_int_eq(queue_event_names(r, collect_name, &l), 0);
+    ck_assert_str_eq(l.names[2], "B");
+    ck_assert_int_eq(queue_forget_event_names(q, NULL, 0, &forgotten), QUEUE_OK);
+    ck_assert_uint_eq(forgotten, 3);
+    l.n = 0;
+    ck_assert_int_eq(queue_event_names(r, collect_name, &l), 0);
+    ck_assert_uint_eq(l.n, 0);
+    queue_reader_free(r);
+    queue_free(q);
+}
+END_TEST
+
+START_TEST(test_a_command_reads_event_names_and_none_from_a_queue_without_them)
+{
+    queue *q = open_queue(NO_LIMIT, DEDUP_DAY);
+    struct event_name names[] = {{{"A", 1}, 1}};
+    ck_assert_int_eq(queue_add_event_names(q, names, 1), QUEUE_OK);
+    queue_free(q);
     struct queue_options o = {.dir = data_dir, .max_depth = NO_LIMIT, .readonly = 1};
     char err[ERR_LEN] = "";
     ck_assert_msg(queue_open(&q, &o, err, sizeof err) == 0, "%s", err);
-    r = reader(q);
-    l.n = 0;
+    queue_reader *r = reader(q);
+    struct name_list l = {.n = 0};
     ck_assert_int_eq(queue_event_names(r, collect_name, &l), 0);
-    ck_assert_uint_eq(l.n, 3);
+    ck_assert_uint_eq(l.n, 1);
     queue_reader_free(r);
     queue_free(q);
+    /* as a service of an earlier version left it */
     exec_in_file("DROP TABLE event_names");
     ck_assert_msg(queue_open(&q, &o, err, sizeof err) == 0, "%s", err);
     r = reader(q);
     l.n = 0;
     ck_assert_int_eq(queue_event_names(r, collect_name, &l), 0);
     ck_assert_uint_eq(l.n, 0);
+    struct queue_stats st;
     ck_assert_int_eq(queue_stats(r, &st), 0);
     ck_assert_int_eq(st.event_names, 0);
     queue_reader_free(r);
@@ -2901,7 +2970,10 @@ static Suite *suite(void)
     tcase_add_test(tc, test_dead_purge_commits_a_page_at_a_time);
     tcase_add_test(tc, test_stats_report_depth_oldest_and_in_flight_batches);
     tcase_add_test(tc, test_stats_report_a_paused_feed_until_it_resumes);
-    tcase_add_test(tc, test_event_names_are_kept_once_each_with_when_they_came_first);
+    tcase_add_test(tc, test_event_names_are_kept_once_each_in_the_order_they_came);
+    tcase_add_test(tc, test_event_names_are_kept_in_the_commit_of_the_batches_they_came_in);
+    tcase_add_test(tc, test_event_names_can_be_forgotten_one_by_one_or_all);
+    tcase_add_test(tc, test_a_command_reads_event_names_and_none_from_a_queue_without_them);
     tcase_add_test(tc, test_stats_are_one_snapshot_while_commits_go_on);
     tcase_add_test(tc, test_ids_that_cannot_be_fingerprinted_leave_the_request_unstored);
     tcase_add_test(tc, test_readonly_open_of_a_missing_directory_fails_with_a_clear_message);

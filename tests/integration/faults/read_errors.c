@@ -14,6 +14,9 @@
  *                       fails, once
  *   FAIL_DELETE=n       the first n deletions of a record by id in the writer
  *                       (a move, an expiry, a dead-lettered batch) fail
+ *   FAIL_NAMES_LOAD=n   the first n reads of the stored event names by the
+ *                       sender fail
+ *   FAIL_NAMES_STORE=n  the first n inserts of an event name by the writer fail
  *
  * A failed step answers SQLITE_IOERR, as a disk or memory hiccup would.
  */
@@ -26,7 +29,7 @@
 #include <string.h>
 #include <unistd.h>
 
-static atomic_int fetches, claim_rows, dedup_rows, deletes;
+static atomic_int fetches, claim_rows, dedup_rows, deletes, names_loads, names_stores;
 
 static int env_int(const char *name)
 {
@@ -52,6 +55,9 @@ int sqlite3_step(sqlite3_stmt *st)
         strncmp(sql, "DELETE FROM records_", 20) == 0 && strstr(sql, "WHERE id = ?1") &&
         atomic_fetch_add(&deletes, 1) < env_int("FAIL_DELETE"))
         return SQLITE_IOERR;
+    if (sql && strcmp(thread, "queue-writer") == 0 && strstr(sql, "INSERT INTO event_names") &&
+        atomic_fetch_add(&names_stores, 1) < env_int("FAIL_NAMES_STORE"))
+        return SQLITE_IOERR;
     int dedup_at = env_int("FAIL_DEDUP_AT");
     if (sql && dedup_at > 0 && strstr(sql, "FROM dedup_log WHERE at_ms") &&
         atomic_fetch_add(&dedup_rows, 1) + 1 == dedup_at)
@@ -60,6 +66,9 @@ int sqlite3_step(sqlite3_stmt *st)
         return real(st);
     int at = env_int("FAIL_CLAIMS_AT");
     if (at > 0 && strstr(sql, "FROM claims") && atomic_fetch_add(&claim_rows, 1) + 1 == at)
+        return SQLITE_IOERR;
+    if (strstr(sql, "FROM event_names ORDER BY") &&
+        atomic_fetch_add(&names_loads, 1) < env_int("FAIL_NAMES_LOAD"))
         return SQLITE_IOERR;
     if (strstr(sql, "WHERE id = ?1") && atomic_fetch_add(&fetches, 1) < env_int("FAIL_FETCH"))
         return SQLITE_IOERR;
