@@ -181,16 +181,14 @@ int event_names_note(event_names *s, str name, int64_t limit, int64_t now_ms)
         log_repeated(LOG_ERROR, "out of memory for a new event name; it is not counted");
         return 0;
     }
-    const char *kept = s->unstored[s->nunstored - 1].name.p;
+    /* the name itself only at debug: a rule may have put a user in it */
+    log_debug("new event name sent to mParticle",
+              LOG_S("name", s->unstored[s->nunstored - 1].name.p) LOG_I("names", (long long)s->n));
     if ((int64_t)s->n > limit)
         log_repeated(LOG_ERROR,
                      "new event name past mParticle's limit of unique event names: mParticle "
-                     "drops its events",
-                     LOG_S("name", kept) LOG_I("names", (long long)s->n)
-                         LOG_I("limit", (long long)limit));
-    else
-        log_debug("new event name sent to mParticle",
-                  LOG_S("name", kept) LOG_I("names", (long long)s->n));
+                     "drops its events (tributary queue names lists it)",
+                     LOG_I("names", (long long)s->n) LOG_I("limit", (long long)limit));
     event_names_check(s, limit);
     return 1;
 }

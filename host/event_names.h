@@ -8,12 +8,13 @@
  * The sender notes the name of each custom event it puts in a batch. A name
  * seen for the first time is kept, in memory as a fingerprint and (through the
  * queue) in queue.db, so that the count outlives a restart, and logged:
- *   - at debug, each new name up to the limit;
+ *   - at debug, each new name, with its text (only at debug: a rule may have
+ *     put a user in it);
  *   - a warning when the count reaches 90% of the limit (an error when it is
  *     past it), once, and again after a start, a change of the limit, or a
  *     count that fell under 90% (names forgotten);
- *   - an error for new names past the limit (at most one line per 10 s, with
- *     how many): mParticle drops their events.
+ *   - an error for new names past the limit, without the name (at most one
+ *     line per 10 s, with how many): mParticle drops their events.
  * At most twice the limit are counted; past that the count stops, said once.
  *
  * The count is of the names this service put in batches, on all feeds
