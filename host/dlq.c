@@ -18,8 +18,8 @@
 enum queue_use { USE_READ, USE_PURGE, USE_REQUEUE };
 
 /* The most an event name's text takes as stored: 256 characters, each
- * written as at most a 6-byte escape, and its quotes. */
-#define NAME_TEXT_MAX (256 * 6 + 2)
+ * written as at most a 6-byte escape, its quotes and a NUL. */
+#define NAME_TEXT_MAX (256 * 6 + 3)
 
 static queue *open_queue(const struct config *c, enum queue_use use)
 {
@@ -788,8 +788,11 @@ static int name_row(void *ctx, const char *name, size_t n, int64_t first_ms)
      * others), and dropped the events of the later ones */
     int past = nc->count > nc->limit;
     if (nc->json) {
+        /* name: the name; text: as stored, what forget-names takes */
         printf("%s{\"name\":", nc->count > 1 ? ",\n " : "");
         print_json_text(nc->quoted.data);
+        printf(",\"text\":");
+        print_json_str(name);
         printf(",\"first_sent_ms\":%lld,\"past_limit\":%s}", (long long)first_ms,
                past ? "true" : "false");
         return 0;
@@ -887,7 +890,7 @@ static void print_stats(const struct queue_stats *st, const struct config *c, in
 static int forget_names(const struct cli_options *o, const struct config *c)
 {
     if (o->all == (o->nargs > 0)) {
-        fprintf(stderr, "usage: tributary queue forget-names NAME... | --all\n");
+        fprintf(stderr, "usage: tributary queue forget-names [--] NAME... | --all\n");
         return 2;
     }
     queue *q = open_queue(c, USE_PURGE);

@@ -102,19 +102,23 @@ int event_names_load(event_names *s, str name)
     return holds(s, h) ? 0 : add(s, h);
 }
 
-void event_names_reset(event_names *s)
+int event_names_replace(event_names *s, event_names *read)
 {
-    if (s->cap)
-        memset(s->slots, 0, s->cap * sizeof(*s->slots));
-    s->n = 0;
     for (size_t i = 0; i < s->nunstored; i++) {
-        /* the set had room for them before: no allocation */
         uint64_t h = hash_of(s->unstored[i].name);
-        if (!holds(s, h))
-            (void)add(s, h);
+        if (!holds(read, h) && add(read, h) != 0)
+            return -1;
     }
+    free(s->slots);
+    s->slots = read->slots;
+    s->cap = read->cap;
+    s->n = read->n;
     atomic_store(&s->count, (int64_t)s->n);
     s->warned_full = 0;
+    read->slots = NULL;
+    read->cap = read->n = 0;
+    atomic_store(&read->count, 0);
+    return 0;
 }
 
 void event_names_check(event_names *s, int64_t limit)

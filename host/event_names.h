@@ -46,9 +46,11 @@ void event_names_free(event_names *s);
  * is borrowed for the call. 0, or -1 when out of memory. */
 int event_names_load(event_names *s, str name) WUR;
 
-/* Forgets the names loaded or noted, but for the unstored ones: before the
- * stored names are read again (a reload, after `tributary queue forget-names`). */
-void event_names_reset(event_names *s);
+/* Takes the names of `read` (a set the stored names were read into, at a
+ * start or a reload: some may have been forgotten with `tributary queue
+ * forget-names`) in place of its own, with its unstored ones. `read` is left
+ * empty (the caller frees it). 0, or -1 when out of memory (s unchanged). */
+int event_names_replace(event_names *s, event_names *read) WUR;
 
 /* The warning (90% of limit) or error (past it) of the count, as above:
  * after each new name, after the stored names are read, and after a reload. */

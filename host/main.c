@@ -61,8 +61,9 @@ static const char USAGE[] =
     "  queue names       the custom event names sent to mParticle, in the order they\n"
     "                    first were (mParticle drops the events of new names past\n"
     "                    mparticle.event_names_limit)\n"
-    "  queue forget-names NAME... | --all   forget names cleaned up in mParticle (the\n"
-    "                    service reads them again at its next reload)\n"
+    "  queue forget-names [--] NAME... | --all   forget names cleaned up in mParticle,\n"
+    "                    as `queue names` shows them (the service reads them again\n"
+    "                    at its next reload)\n"
     "  sign [FILE|-] [--timestamp T]   print the Tributary-Signature header for a body,\n"
     "                    signed with the first of inbound.hmac_secrets at T (UNIX\n"
     "                    seconds; default now)\n"
@@ -78,7 +79,7 @@ static const char USAGE[] =
 struct args {
     const char *command;
     const char *config;
-    const char *positional[8];
+    const char *positional[64]; /* queue forget-names takes many */
     int npositional;
     int json;
     int all;
@@ -111,11 +112,35 @@ static int value_option(int argc, char **argv, int *i, const char *name, const c
     return 1;
 }
 
+/* A word that is not an option: the command, then its arguments. */
+static int add_argument(struct args *a, const char *s)
+{
+    if (!a->command) {
+        a->command = s;
+    } else if (a->npositional < (int)ARRAY_LEN(a->positional)) {
+        a->positional[a->npositional++] = s;
+    } else {
+        fprintf(stderr, "tributary: too many arguments\n");
+        return -1;
+    }
+    return 0;
+}
+
 static int parse_args(int argc, char **argv, struct args *a)
 {
     memset(a, 0, sizeof(*a));
+    int options = 1; /* until "--": what follows it is an argument, "-x" too */
     for (int i = 1; i < argc; i++) {
         const char *s = argv[i];
+        if (options && strcmp(s, "--") == 0) {
+            options = 0;
+            continue;
+        }
+        if (!options) {
+            if (add_argument(a, s) != 0)
+                return -1;
+            continue;
+        }
         int v;
         if ((v = value_option(argc, argv, &i, "--config", &a->config)) != 0 ||
             (v = value_option(argc, argv, &i, "--reason", &a->reason)) != 0 ||
@@ -132,14 +157,9 @@ static int parse_args(int argc, char **argv, struct args *a)
         } else if (strcmp(s, "--force") == 0) {
             a->force = 1;
         } else if (s[0] == '-' && s[1] != '\0') {
-            fprintf(stderr, "tributary: unknown option %s (see --help)\n", s);
+            fprintf(stderr, "tributary: unknown option %s (see --help; -- ends the options)\n", s);
             return -1;
-        } else if (!a->command) {
-            a->command = s;
-        } else if (a->npositional < (int)ARRAY_LEN(a->positional)) {
-            a->positional[a->npositional++] = s;
-        } else {
-            fprintf(stderr, "tributary: too many arguments\n");
+        } else if (add_argument(a, s) != 0) {
             return -1;
         }
     }

@@ -1047,6 +1047,26 @@ static enum queue_status add_event_names(queue *q, const struct event_name *name
     return QUEUE_OK;
 }
 
+/* A claim's new event names, in a savepoint of their own: names that cannot
+ * be kept leave the batches persisted (the sender stores them later). But a
+ * failure that ended the transaction (SQLite rolls it all back on a full disk
+ * or an I/O error) fails the operation, for its group to be rolled back. */
+static enum queue_status persist_names(queue *q, struct op *op)
+{
+    char err[ERR_LEN];
+    if (exec(q->db, "SAVEPOINT names", err, sizeof err) != 0)
+        return status_of(sqlite3_errcode(q->db));
+    enum queue_status st = add_event_names(q, op->u.persist.names, op->u.persist.nnames);
+    if (sqlite3_get_autocommit(q->db))
+        return st == QUEUE_OK ? QUEUE_ERROR : st;
+    if (st != QUEUE_OK)
+        (void)exec(q->db, "ROLLBACK TO names", err, sizeof err);
+    if (exec(q->db, "RELEASE names", err, sizeof err) != 0)
+        return status_of(sqlite3_errcode(q->db));
+    *op->u.persist.names_stored = st == QUEUE_OK;
+    return QUEUE_OK;
+}
+
 static enum queue_status apply_persist(queue *q, struct op *op, int64_t now)
 {
     enum queue_status st = QUEUE_OK;
@@ -1059,8 +1079,7 @@ static enum queue_status apply_persist(queue *q, struct op *op, int64_t now)
     for (int f = 0; f < FEED_COUNT && st == QUEUE_OK; f++)
         st = persist_feed(q, (enum feed)f, op->u.persist.b, op->u.persist.n, now);
     if (st == QUEUE_OK && op->u.persist.nnames)
-        *op->u.persist.names_stored =
-            add_event_names(q, op->u.persist.names, op->u.persist.nnames) == QUEUE_OK;
+        st = persist_names(q, op);
     return st;
 }
 
@@ -1928,7 +1947,12 @@ static void run_group(queue *q, struct op *ops)
         if (op->status == QUEUE_OK) {
             for (int f = 0; f < FEED_COUNT; f++)
                 depth += op->depth_delta[f];
-            (void)exec(q->db, "RELEASE op", err, sizeof err);
+            if (exec(q->db, "RELEASE op", err, sizeof err) != 0) {
+                /* the transaction is gone: nothing of this group may commit */
+                group = status_of(sqlite3_errcode(q->db));
+                group = group == QUEUE_OK ? QUEUE_ERROR : group;
+                break;
+            }
         } else {
             if (op->status == QUEUE_ERROR && sqlite3_errcode(q->db) != SQLITE_OK)
                 log_error("queue: operation failed",

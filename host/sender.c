@@ -699,12 +699,16 @@ static void keep_names(struct sender *s, int64_t now)
     if (now < s->names_next)
         return;
     if (!s->names_loaded) {
-        struct name_load l = {s->names, 0};
-        if (queue_event_names(s->reader, load_name, &l) != 0 || l.failed) {
+        /* read into a set of their own: the count stays whole until it worked */
+        struct name_load l = {event_names_new(), 0};
+        int read = l.into && queue_event_names(s->reader, load_name, &l) == 0;
+        int oom = !l.into || l.failed || (read && event_names_replace(s->names, l.into) != 0);
+        event_names_free(l.into);
+        if (!read || oom) {
             names_failed(s, now,
                          "cannot read the event names sent before; new ones are counted "
                          "meanwhile, tried again every second",
-                         l.failed ? "out of memory" : queue_reader_error(s->reader));
+                         oom ? "out of memory" : queue_reader_error(s->reader));
             return;
         }
         s->names_loaded = 1;
@@ -2294,8 +2298,7 @@ static void *sender_main(void *arg)
             reroute(s, snap.rs, now);
         }
         if (cfg_changed && s->cfg_generation > 1) {
-            /* a reload: read them again (some may be forgotten) */
-            event_names_reset(s->names);
+            /* a reload: read them again (some may have been forgotten) */
             s->names_loaded = 0;
             s->names_next = 0;
         }

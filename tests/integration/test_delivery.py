@@ -1468,6 +1468,16 @@ class Delivery(ServiceTest):
         self.wait(lambda: s.logs().count(self.NEAR) == 2, what="the warning again")
         self.assertEqual(s.cli(["queue", "forget-names"]).returncode, 2)
         self.assertEqual(s.cli(["queue", "forget-names", "x", "--all"]).returncode, 2)
+        # a name with a quote: `text` is the form forget-names takes, after -- as it may
+        # begin with "-"
+        self.send_campaigns(s, d, 'say "hi"')
+        self.wait(lambda: s.metrics()["tributary_event_names"] == 5, what="5 names")
+        names = json.loads(s.cli(["queue", "names", "--json"]).stdout)["names"]
+        self.assertEqual((names[-1]["name"], names[-1]["text"]),
+                         ('Open say "hi"', 'Open say \\"hi\\"'))
+        self.assertIn('Open say \\"hi\\"', s.cli(["queue", "names"]).stdout)
+        out = s.cli(["queue", "forget-names", "--json", "--", names[-1]["text"], "-x"])
+        self.assertEqual((out.returncode, json.loads(out.stdout)), (0, {"forgotten": 1}), out.stderr)
 
     def test_rate_limit_spaces_batches_per_feed(self):
         d = self.double()

@@ -2644,6 +2644,77 @@ START_TEST(test_event_names_are_kept_in_the_commit_of_the_batches_they_came_in)
 }
 END_TEST
 
+/* Three operations that the writer takes in one group: a feed state, a claim
+ * whose names end the transaction, another feed state. */
+struct group_of_three {
+    queue *q;
+    struct queue_batch b;
+    enum queue_status st[3];
+};
+
+static void *first_state(void *arg)
+{
+    struct group_of_three *g = arg;
+    g->st[0] = queue_set_feed_state(g->q, FEED_WEB, "first");
+    return NULL;
+}
+
+static void *claim_with_a_name(void *arg)
+{
+    struct group_of_three *g = arg;
+    struct event_name name[] = {{{"X", 1}, 1}};
+    int stored = 0;
+    g->st[1] = queue_persist_batches(g->q, &g->b, 1, name, 1, &stored);
+    ck_assert_int_eq(stored, 0);
+    return NULL;
+}
+
+static void *later_state(void *arg)
+{
+    struct group_of_three *g = arg;
+    g->st[2] = queue_set_feed_state(g->q, FEED_IOS, "later");
+    return NULL;
+}
+
+START_TEST(test_names_that_end_the_transaction_fail_their_group_whole)
+{
+    struct group_of_three g = {.q = open_queue(NO_LIMIT, DEDUP_DAY)};
+    int64_t ids[1];
+    commit_ids(g.q, FEED_IOS, "evt", 1, ids);
+    g.b = make_batch(FEED_IOS, "srid-1", ids, 1, 0);
+    /* what a full disk or an I/O error does to a transaction: all of it rolled back */
+    exec_in_file("CREATE TRIGGER no_names BEFORE INSERT ON event_names "
+                 "BEGIN SELECT RAISE(ROLLBACK, 'disk full'); END");
+    /* another writer holds the file while the three operations queue up */
+    char path[320];
+    snprintf(path, sizeof path, "%s/queue.db", data_dir);
+    sqlite3 *db;
+    ck_assert_int_eq(sqlite3_open(path, &db), SQLITE_OK);
+    ck_assert_int_eq(sqlite3_exec(db, "BEGIN IMMEDIATE", NULL, NULL, NULL), SQLITE_OK);
+    pthread_t t[3];
+    void *(*fn[3])(void *) = {first_state, claim_with_a_name, later_state};
+    for (int i = 0; i < 3; i++) {
+        ck_assert_int_eq(pthread_create(&t[i], NULL, fn[i], &g), 0);
+        clock_sleep_ms(150);
+    }
+    ck_assert_int_eq(sqlite3_exec(db, "COMMIT", NULL, NULL, NULL), SQLITE_OK);
+    ck_assert_int_eq(sqlite3_close(db), SQLITE_OK);
+    for (int i = 0; i < 3; i++)
+        pthread_join(t[i], NULL);
+    /* the claim failed; whatever was answered is what the file holds */
+    ck_assert_int_ne(g.st[1], QUEUE_OK);
+    ck_assert_int_eq(count_in_file("SELECT count(*) FROM claims"), 0);
+    ck_assert_int_eq(count_in_file("SELECT count(*) FROM feed_state WHERE reason = 'first'"),
+                     g.st[0] == QUEUE_OK);
+    ck_assert_int_eq(count_in_file("SELECT count(*) FROM feed_state WHERE reason = 'later'"),
+                     g.st[2] == QUEUE_OK);
+    /* and the queue goes on */
+    exec_in_file("DROP TRIGGER no_names");
+    ck_assert_int_eq(queue_persist_batches(g.q, &g.b, 1, NULL, 0, NULL), QUEUE_OK);
+    queue_free(g.q);
+}
+END_TEST
+
 START_TEST(test_event_names_can_be_forgotten_one_by_one_or_all)
 {
     queue *q = open_queue(NO_LIMIT, DEDUP_DAY);
@@ -2973,6 +3044,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_event_names_are_kept_once_each_in_the_order_they_came);
     tcase_add_test(tc, test_event_names_are_kept_in_the_commit_of_the_batches_they_came_in);
     tcase_add_test(tc, test_event_names_can_be_forgotten_one_by_one_or_all);
+    tcase_add_test(tc, test_names_that_end_the_transaction_fail_their_group_whole);
     tcase_add_test(tc, test_a_command_reads_event_names_and_none_from_a_queue_without_them);
     tcase_add_test(tc, test_stats_are_one_snapshot_while_commits_go_on);
     tcase_add_test(tc, test_ids_that_cannot_be_fingerprinted_leave_the_request_unstored);
