@@ -3703,6 +3703,17 @@ int queue_dead_last_id(queue_reader *r, int64_t *last)
     return last_id(r, "SELECT max(id) FROM dead", last) == 0 ? 0 : reader_failed(r);
 }
 
+/* The end of a walk over the rows of s, whose last step answered rc
+ * (SQLITE_DONE, also when the walk stopped early): 0, or -1 with the reader's
+ * error. Finalizes s. */
+static int rows_done(queue_reader *r, sqlite3_stmt *s, int rc)
+{
+    if (rc != SQLITE_DONE)
+        reader_failed(r);
+    sqlite3_finalize(s);
+    return rc == SQLITE_DONE ? 0 : -1;
+}
+
 int queue_event_names(queue_reader *r,
                       int (*fn)(void *ctx, const char *name, size_t n, int64_t first_ms), void *ctx)
 {
@@ -3721,10 +3732,7 @@ int queue_event_names(queue_reader *r,
             break;
         }
     }
-    if (rc != SQLITE_DONE)
-        reader_failed(r);
-    sqlite3_finalize(s);
-    return rc == SQLITE_DONE ? 0 : -1;
+    return rows_done(r, s, rc);
 }
 
 int queue_last_claim(queue_reader *r, int64_t *last)
@@ -3766,8 +3774,5 @@ int queue_dead_each_between(queue_reader *r, const struct dead_filter *f, int64_
             break;
         }
     }
-    if (rc != SQLITE_DONE)
-        reader_failed(r);
-    sqlite3_finalize(s);
-    return rc == SQLITE_DONE ? 0 : -1;
+    return rows_done(r, s, rc);
 }
