@@ -44,6 +44,15 @@ static queue *open_queue(const struct config *c, enum queue_use use)
     return q;
 }
 
+/* UNIX milliseconds as an ISO 8601 time in UTC, to the second. */
+static void utc_text(int64_t ms, char *out, size_t len)
+{
+    time_t t = (time_t)(ms / 1000);
+    struct tm tm;
+    gmtime_r(&t, &tm);
+    strftime(out, len, "%Y-%m-%dT%H:%M:%SZ", &tm);
+}
+
 /* Says that what (the queue, the dead-letter store) cannot be read, with the
  * cause when one was given: a reader that could not open says why in err. */
 static void say_unreadable(const char *what, const char *cause)
@@ -294,11 +303,8 @@ static int show_row(void *ctx, const struct dead_row *r)
         printf("\n");
         return 1;
     }
-    char when[64];
-    time_t t = (time_t)(r->at_ms / 1000);
-    struct tm tm;
-    gmtime_r(&t, &tm);
-    strftime(when, sizeof when, "%Y-%m-%dT%H:%M:%SZ", &tm);
+    char when[32];
+    utc_text(r->at_ms, when, sizeof when);
     struct row_text text;
     if (row_text(r, SIZE_MAX, &text) != 0) {
         row_text_free(&text);
@@ -797,11 +803,8 @@ static int name_row(void *ctx, const char *name, size_t n, int64_t first_ms)
                past ? "true" : "false");
         return 0;
     }
-    char when[64];
-    time_t t = (time_t)(first_ms / 1000);
-    struct tm tm;
-    gmtime_r(&t, &tm);
-    strftime(when, sizeof when, "%Y-%m-%dT%H:%M:%SZ", &tm);
+    char when[32];
+    utc_text(first_ms, when, sizeof when);
     char *shown = terminal_text(name, SIZE_MAX);
     if (!shown) {
         nc->failed = 1;

@@ -291,65 +291,22 @@ int mparticle_basic_auth(const char *key, const char *secret, char *out, size_t 
     return 0;
 }
 
-static size_t skip_space(const char *s, size_t i, size_t n)
-{
-    while (i < n && (s[i] == ' ' || s[i] == '\t' || s[i] == '\n' || s[i] == '\r'))
-        i++;
-    return i;
-}
-
-/* The closing quote of the JSON string whose text starts at s[start]: the
- * first quote not preceded by an odd number of backslashes; n when none. */
-static inline size_t string_end(const char *s, size_t start, size_t n)
-{
-    for (size_t i = start; i < n;) {
-        const char *q = memchr(s + i, '"', n - i);
-        if (!q)
-            return n;
-        i = (size_t)(q - s);
-        size_t slashes = 0;
-        while (i - slashes > start && s[i - slashes - 1] == '\\')
-            slashes++;
-        if (slashes % 2 == 0)
-            return i;
-        i++;
-    }
-    return n;
-}
-
-/* The number at s[v..n) as the host writes a time; -1 when it is not one. */
-static int64_t time_value(const char *s, size_t v, size_t n)
+/* The number at p as the host writes a time; -1 when it is not one. */
+static int64_t time_value(const char *p, const char *end)
 {
     char num[32];
     size_t k = 0;
-    while (v + k < n && s[v + k] && strchr("+-0123456789.eE", s[v + k])) {
+    while (p + k < end && p[k] && strchr("+-0123456789.eE", p[k])) {
         if (++k == sizeof num)
             return -1; /* longer than any time the host writes */
     }
-    if (v + k >= n)
+    if (p + k >= end)
         return -1; /* cut off */
-    memcpy(num, s + v, k);
+    memcpy(num, p, k);
     num[k] = '\0';
-    char *end;
-    double t = strtod(num, &end);
-    return k > 0 && *end == '\0' && t >= 0 && t < 9e18 ? (int64_t)t : -1;
-}
-
-/* The closing bracket of the object or array that opens at s[i]; n when the
- * text is cut off first. */
-static size_t skip_container(const char *s, size_t i, size_t n)
-{
-    int depth = 0;
-    for (; i < n; i++) {
-        char c = s[i];
-        if (c == '"')
-            i = string_end(s, i + 1, n);
-        else if (c == '{' || c == '[')
-            depth++;
-        else if ((c == '}' || c == ']') && --depth == 0)
-            return i;
-    }
-    return n;
+    char *stop;
+    double t = strtod(num, &stop);
+    return k > 0 && *stop == '\0' && t >= 0 && t < 9e18 ? (int64_t)t : -1;
 }
 
 /* The fields of an event; with want_name 0, its time only (a shorter walk).
@@ -359,56 +316,61 @@ static void scan_event(const char *s, size_t n, int want_name, struct mparticle_
 {
     static const char time_key[] = "timestamp_unixtime_ms", name_key[] = "event_name",
                       type_key[] = "event_type", custom[] = "\"custom_event\"";
+    const char *end = s + n;
     out->time_ms = -1;
     out->name = STR_NULL;
     str name = STR_NULL;
     int depth = 0, in_data = 0, data_next = 0, have_time = 0;
     /* custom_type -1: event_type not read yet (the time alone needs none) */
     int have_name = !want_name, custom_type = want_name ? -1 : 0;
-    for (size_t i = 0; i < n && !(have_time && have_name && custom_type >= 0); i++) {
-        char c = s[i];
+    for (const char *p = s; p < end && !(have_time && have_name && custom_type >= 0);) {
+        char c = *p;
         if (c == '"') {
-            size_t start = i + 1;
-            i = string_end(s, start, n);
-            if (i == n)
+            const char *key = p + 1;
+            p = json_skip_string(p, end);
+            if (!p)
                 break;
-            size_t len = i - start, colon = skip_space(s, i + 1, n);
-            if (colon >= n || s[colon] != ':')
+            size_t len = (size_t)(p - 1 - key);
+            const char *colon = json_skip_ws(p, end);
+            if (colon == end || *colon != ':')
                 continue; /* a value, not a key */
-            size_t v = skip_space(s, colon + 1, n);
-            const char *key = s + start;
+            const char *v = json_skip_ws(colon + 1, end);
             if (depth == 1 && !in_data && len == 4 && memcmp(key, "data", 4) == 0) {
                 data_next = 1;
             } else if (depth == 1 && custom_type < 0 && len == sizeof type_key - 1 &&
                        memcmp(key, type_key, len) == 0) {
-                custom_type =
-                    n - v >= sizeof custom - 1 && memcmp(s + v, custom, sizeof custom - 1) == 0;
+                custom_type = (size_t)(end - v) >= sizeof custom - 1 &&
+                              memcmp(v, custom, sizeof custom - 1) == 0;
                 have_name |= !custom_type;
             } else if (in_data && depth == 2 && !have_time && len == sizeof time_key - 1 &&
                        memcmp(key, time_key, len) == 0) {
                 have_time = 1;
-                out->time_ms = time_value(s, v, n);
+                out->time_ms = time_value(v, end);
             } else if (in_data && depth == 2 && !have_name && len == sizeof name_key - 1 &&
                        memcmp(key, name_key, len) == 0) {
                 /* the string's text as written, escapes and all */
                 have_name = 1;
-                if (v >= n || s[v] != '"')
+                if (v == end || *v != '"')
                     continue;
-                size_t to = string_end(s, v + 1, n);
-                if (to == n)
+                p = json_skip_string(v, end);
+                if (!p)
                     break;
-                name = (str){s + v + 1, to - v - 1};
-                i = to;
+                name = (str){v + 1, (size_t)(p - 1 - (v + 1))};
             }
-        } else if (c == '{' || c == '[') {
-            if (depth == 0 || (depth == 1 && data_next && c == '{')) {
-                in_data = depth == 1;
-                depth++;
-            } else {
-                /* no key looked for is in it (custom_attributes): over it */
-                i = skip_container(s, i, n);
-            }
+            continue;
+        }
+        if (c == '{' || c == '[') {
+            int enter = depth == 0 || (depth == 1 && data_next && c == '{');
             data_next = 0;
+            if (!enter) {
+                /* no key looked for is in it (custom_attributes): over it */
+                p = json_skip_value(p, end);
+                if (!p)
+                    break;
+                continue;
+            }
+            in_data = depth == 1;
+            depth++;
         } else if (c == '}' || c == ']') {
             in_data = 0;
             if (--depth <= 0)
@@ -416,6 +378,7 @@ static void scan_event(const char *s, size_t n, int want_name, struct mparticle_
         } else if (c == ',') {
             data_next = 0;
         }
+        p++;
     }
     if (custom_type == 1)
         out->name = name;

@@ -1847,59 +1847,6 @@ enum body_form { FORM_ENVELOPE, FORM_LIST, FORM_EVENT, FORM_LINES };
  * Braze sent it without encoding it again. Structural only: it trusts cjson for
  * validity and gives up (-1) on anything unexpected, and the caller then falls
  * back to encoding. */
-static const char *skip_ws(const char *p, const char *end)
-{
-    while (p < end && (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r'))
-        p++;
-    return p;
-}
-
-/* Most of a body is strings: memchr finds each quote, and a quote ends the
- * string unless an odd number of backslashes precedes it. */
-static const char *skip_string(const char *p, const char *end)
-{
-    const char *open = p;
-    for (p++; p < end; p++) {
-        p = memchr(p, '"', (size_t)(end - p));
-        if (!p)
-            return NULL;
-        size_t slashes = 0;
-        for (const char *b = p - 1; b > open && *b == '\\'; b--)
-            slashes++;
-        if (slashes % 2 == 0)
-            return p + 1;
-    }
-    return NULL;
-}
-
-static const char *skip_value(const char *p, const char *end)
-{
-    if (p >= end)
-        return NULL;
-    if (*p == '"')
-        return skip_string(p, end);
-    if (*p != '{' && *p != '[') {
-        while (p < end && *p != ',' && *p != '}' && *p != ']' && *p != ' ' && *p != '\n' &&
-               *p != '\t' && *p != '\r')
-            p++;
-        return p;
-    }
-    int depth = 0;
-    while (p < end) {
-        if (*p == '"') {
-            p = skip_string(p, end);
-            if (!p)
-                return NULL;
-            continue;
-        }
-        if (*p == '{' || *p == '[')
-            depth++;
-        else if ((*p == '}' || *p == ']') && --depth == 0)
-            return p + 1;
-        p++;
-    }
-    return NULL;
-}
 
 /* Splits the list at p into its elements; returns the end of the list, or NULL
  * when it is not a list of exactly n elements. */
@@ -1910,15 +1857,15 @@ static const char *split_list(const char *p, const char *end, str *slices, size_
     p++;
     size_t i = 0;
     for (;;) {
-        p = skip_ws(p, end);
+        p = json_skip_ws(p, end);
         if (p < end && *p == ']')
             break;
         const char *v = p;
-        p = skip_value(p, end);
+        p = json_skip_value(p, end);
         if (!p || i == n)
             return NULL;
         slices[i++] = (str){v, (size_t)(p - v)};
-        p = skip_ws(p, end);
+        p = json_skip_ws(p, end);
         if (p < end && *p == ',') {
             p++;
             continue;
@@ -1982,23 +1929,23 @@ static int event_slices(const char *body, size_t len, str *slices, size_t n)
 {
     const char *p = body, *end = body + len;
     int found = 0, seen = 0;
-    p = skip_ws(p, end);
+    p = json_skip_ws(p, end);
     if (p >= end || *p != '{')
         return -1;
     p++;
     for (;;) {
-        p = skip_ws(p, end);
+        p = json_skip_ws(p, end);
         if (p < end && *p == '}')
             break;
         if (p >= end || *p != '"')
             return -1;
-        const char *key = p + 1, *key_end = skip_string(p, end);
+        const char *key = p + 1, *key_end = json_skip_string(p, end);
         if (!key_end)
             return -1;
-        p = skip_ws(key_end, end);
+        p = json_skip_ws(key_end, end);
         if (p >= end || *p != ':')
             return -1;
-        p = skip_ws(p + 1, end);
+        p = json_skip_ws(p + 1, end);
         if (key_is_events(key, (size_t)(key_end - key - 1))) {
             if (seen++)
                 return SLICES_EVENTS_TWICE;
@@ -2006,13 +1953,13 @@ static int event_slices(const char *body, size_t len, str *slices, size_t n)
                 return SLICES_NOT_A_LIST;
             const char *list_end = split_list(p, end, slices, n);
             found = list_end != NULL;
-            p = found ? list_end : skip_value(p, end); /* on, to a second "events" */
+            p = found ? list_end : json_skip_value(p, end); /* on, to a second "events" */
         } else {
-            p = skip_value(p, end);
+            p = json_skip_value(p, end);
         }
         if (!p)
             return -1;
-        p = skip_ws(p, end);
+        p = json_skip_ws(p, end);
         if (p < end && *p == ',') {
             p++;
             continue;
@@ -2034,16 +1981,16 @@ static int event_slices(const char *body, size_t len, str *slices, size_t n)
  * SLICES_NOT_A_LIST for one whose "events" is an empty object. */
 static int body_slices(const char *body, size_t len, enum body_form form, str *slices, size_t n)
 {
-    const char *p = skip_ws(body, body + len), *end = body + len;
+    const char *p = json_skip_ws(body, body + len), *end = body + len;
     switch (form) {
     case FORM_ENVELOPE:
         return event_slices(body, len, slices, n);
     case FORM_LIST:
         p = split_list(p, end, slices, n);
-        return p && skip_ws(p, end) == end ? 0 : -1;
+        return p && json_skip_ws(p, end) == end ? 0 : -1;
     case FORM_EVENT: {
-        const char *v = skip_value(p, end);
-        if (n != 1 || !v || skip_ws(v, end) != end)
+        const char *v = json_skip_value(p, end);
+        if (n != 1 || !v || json_skip_ws(v, end) != end)
             return -1;
         slices[0] = (str){p, (size_t)(v - p)};
         return 0;
@@ -2055,10 +2002,10 @@ static int body_slices(const char *body, size_t len, enum body_form form, str *s
     while (p < end) {
         const char *nl = memchr(p, '\n', (size_t)(end - p));
         const char *le = nl ? nl : end;
-        const char *v = skip_ws(p, le);
+        const char *v = json_skip_ws(p, le);
         if (v < le) {
-            const char *ve = skip_value(v, le);
-            if (i == n || !ve || skip_ws(ve, le) != le)
+            const char *ve = json_skip_value(v, le);
+            if (i == n || !ve || json_skip_ws(ve, le) != le)
                 return -1;
             slices[i++] = (str){v, (size_t)(ve - v)};
         }
@@ -2212,7 +2159,7 @@ static size_t decoded_bound(const char *s, size_t n)
     for (size_t i = 0; i < n; i++) {
         switch (s[i]) {
         case '"': {
-            const char *after = skip_string(s + i, s + n);
+            const char *after = json_skip_string(s + i, s + n);
             size_t j = after ? (size_t)(after - s) - 1 : n; /* its closing quote */
             strings++;
             string_bytes += j - i;

@@ -104,6 +104,38 @@ int buf_json_strict(buf *b, const char *s, size_t n) WUR;
 size_t json_str_chars(const char *s, size_t n);
 /* What buf_json_str appends for s[0..n), quotes included. */
 size_t json_str_len(const char *s, size_t n);
+/* Walking JSON text without a parser (slicing a body, reading a field of a
+ * written event): each takes p within [p, end) and returns where the thing
+ * at p ends, or NULL when the text is cut off first.
+ * json_skip_ws: past blanks (never NULL). json_skip_string: p at a string's
+ * opening quote, past its closing one (a quote ends it unless an odd number of
+ * backslashes precedes it). json_skip_value: past the value at p, a string,
+ * an object or array whole, or a scalar's text. */
+static inline const char *json_skip_ws(const char *p, const char *end)
+{
+    while (p < end && (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r'))
+        p++;
+    return p;
+}
+
+/* Inline, as most of a text is strings: memchr finds each quote. */
+static inline const char *json_skip_string(const char *p, const char *end)
+{
+    const char *open = p;
+    for (p++; p < end; p++) {
+        p = memchr(p, '"', (size_t)(end - p));
+        if (!p)
+            return NULL;
+        size_t slashes = 0;
+        for (const char *b = p - 1; b > open && *b == '\\'; b--)
+            slashes++;
+        if (slashes % 2 == 0)
+            return p + 1;
+    }
+    return NULL;
+}
+
+const char *json_skip_value(const char *p, const char *end);
 /* A byte takes at most this many in JSON text (\u00XX). */
 #define JSON_MAX_BYTES_PER_BYTE 6
 /* Makes s[0..n) valid UTF-8 in place: each byte that does not begin a
