@@ -15,7 +15,7 @@ local null = cjson.null
 local type, pairs, tostring = type, pairs, tostring
 local encode = cjson.encode
 local find = string.find
-local tointeger, floor = math.tointeger, math.floor
+local tointeger, floor, abs = math.tointeger, math.floor, math.abs
 -- Every property not used elsewhere becomes a custom attribute, within
 -- mParticle's limits (see README, "What rules can use").
 local custom_attributes = tributary.custom_attributes
@@ -117,19 +117,21 @@ local AD_ID_FIELD = {
 }
 
 -- Properties that land elsewhere (or nowhere) instead of in custom_attributes:
--- CONSUMED[ad][tracking], where ad says whether ad_id_type named one of the
--- AD_ID_FIELD types (then ad_id and ad_id_type are used) and tracking whether
--- ad_tracking_enabled was a boolean (then it is used); otherwise they remain.
-local function consumed(ad, tracking)
-  local t = { device_model = true, os_version = true, media_urls = true }
-  if ad then t.ad_id, t.ad_id_type = true, true end
-  if tracking then t.ad_tracking_enabled = true end
-  return t
+-- os_version and media_urls always; device_model when it went to device_info,
+-- ad_id and ad_id_type when ad_id_type named one of the AD_ID_FIELD types and
+-- ad_id went there, ad_tracking_enabled when it was a boolean. A property
+-- that did not go to device_info (a table, a type of ad id mParticle has no
+-- field for) stays a custom attribute. CONSUMED[MODEL + AD + TRACKING], for
+-- those used.
+local MODEL, AD, TRACKING = 1, 2, 4
+local CONSUMED = {}
+for used = 0, MODEL + AD + TRACKING do
+  local t = { os_version = true, media_urls = true }
+  if used & MODEL ~= 0 then t.device_model = true end
+  if used & AD ~= 0 then t.ad_id, t.ad_id_type = true, true end
+  if used & TRACKING ~= 0 then t.ad_tracking_enabled = true end
+  CONSUMED[used] = t
 end
-local CONSUMED = {
-  [false] = { [false] = consumed(false, false), [true] = consumed(false, true) },
-  [true] = { [false] = consumed(true, false), [true] = consumed(true, true) },
-}
 
 -- Absent and JSON null are the same.
 local function present(v)
@@ -222,7 +224,14 @@ local function process(event, out)
   local user, props = event.user, event.properties
   if type(user) ~= "table" or #user > 0 then user = NO_FIELDS end
   if type(props) ~= "table" or #props > 0 then props = NO_FIELDS end
-  local customer_id = identifier(user.external_user_id)
+  local external = user.external_user_id
+  if type(external) == "number" and not (floor(external) == external and abs(external) < 2 ^ 53) then
+    -- a JSON number is read as a float: with a fraction or past 2^53 its text
+    -- is not the id sent, and may be another user's (a dead letter keeps it)
+    error("external_user_id is a number that has no exact text (a fraction, or beyond 2^53); "
+          .. "ids are strings in Currents")
+  end
+  local customer_id = identifier(external)
   if customer_id == nil then return false, "no_external_id" end
 
   local feed = feed_for(props)
@@ -240,19 +249,24 @@ local function process(event, out)
   end
 
   local device_id = identifier(user.device_id)
+  local model = identifier(props.device_model)
   local ad_field = AD_ID_FIELD[present(props.ad_id_type)]
+  local ad_id = ad_field and identifier(props.ad_id)
   local tracking = present(props.ad_tracking_enabled)
-  local tracking_known = type(tracking) == "boolean"
-  local device_info = {
-    platform = DEVICE_PLATFORM[feed],
-    device_model = identifier(props.device_model),
-  }
+  local device_info = { platform = DEVICE_PLATFORM[feed], device_model = model }
   if feed == "ios" then device_info.ios_idfv = device_id end
   if feed == "android" then device_info.android_uuid = device_id end
-  if ad_field then device_info[ad_field] = identifier(props.ad_id) end
-  if tracking_known then device_info.limit_ad_tracking = not tracking end
-  local ad_known = ad_field ~= nil -- (Lua 5.4.4 miscompiles a comparison used as a key)
-  local used = CONSUMED[ad_known][tracking_known]
+  local used = 0
+  if model then used = MODEL end
+  if ad_id then
+    device_info[ad_field] = ad_id
+    used = used + AD
+  end
+  if type(tracking) == "boolean" then
+    device_info.limit_ad_tracking = not tracking
+    used = used + TRACKING
+  end
+  used = CONSUMED[used]
 
   -- every other property is a custom attribute, and the user's device_id
   local extra = device_id and { device_id = device_id } or nil
@@ -520,6 +534,26 @@ local tests = {
       event = { data = { timestamp_unixtime_ms = 1082083438317,
                          custom_attributes = { device_id = absent } } },
     },
+  },
+  {
+    name = "a device_model or ad_id that is not text stays an attribute, with its ad_id_type",
+    event = { event_type = "users.messages.pushnotification.Send", id = "t-2", time = 1,
+              user = { external_user_id = "c" },
+              properties = { platform = "ios", device_model = { name = "iPhone15,2" },
+                             ad_id = { "idfa-1" }, ad_id_type = "ios_idfa" } },
+    expect = {
+      batch = { device_info = { device_model = absent, ios_advertising_id = absent } },
+      event = { data = { custom_attributes = { device_model = '{"name":"iPhone15,2"}',
+                                               ad_id = "idfa-1", ad_id_type = "ios_idfa" } } },
+    },
+  },
+  {
+    name = "an ad_id_type without an ad_id stays an attribute",
+    event = { event_type = "users.messages.pushnotification.Send", id = "t-3", time = 1,
+              user = { external_user_id = "c" },
+              properties = { platform = "ios", ad_id = null, ad_id_type = "ios_idfa" } },
+    expect = { batch = { device_info = { ios_advertising_id = absent } },
+               event = { data = { custom_attributes = { ad_id = absent, ad_id_type = "ios_idfa" } } } },
   },
   {
     name = "properties that are not an object are read as empty",

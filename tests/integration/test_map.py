@@ -96,6 +96,22 @@ class Users(unittest.TestCase):
         out = map_events([number])[0]
         self.assertEqual(out["batch"]["user_identities"]["customer_id"], "12345")
 
+    def test_a_numeric_external_id_without_exact_text_is_a_dead_letter(self):
+        # read as a float, 9007199254740993 would be written 9007199254740992:
+        # another user's id
+        events = []
+        for value in (9007199254740993, 12345678901234567890, 12.5, -9007199254740992):
+            e = event()
+            e["user"]["external_user_id"] = value
+            events.append(e)
+        exact = event()
+        exact["user"]["external_user_id"] = 9007199254740991
+        out = map_events(events + [exact])
+        for line in out[:-1]:
+            self.assertEqual(line.get("dead_letter"), "rule_error", line)
+            self.assertIn("external_user_id is a number that has no exact text", line["detail"])
+        self.assertEqual(out[-1]["batch"]["user_identities"]["customer_id"], "9007199254740991")
+
     def test_internal_ids_timezone_and_os_version_are_not_forwarded(self):
         e = event("users.messages.pushnotification.Send", platform="android", os_version="14")
         out = map_events([e])[0]
