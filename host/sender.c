@@ -138,6 +138,7 @@ struct endpoint_state {
 struct bucket {
     double rate;                  /* batches a second */
     int64_t next_cut;             /* monotonic ms: the rate drops again from then (see slow_down) */
+    int64_t recovered;            /* monotonic ms: the last cut or recovery (see recover) */
     int64_t slot;                 /* the newest slot: monotonic ms / RATE_SLOT_MS */
     uint32_t arrived[RATE_SLOTS]; /* batches that arrived in each of the last slots, a ring */
     uint32_t in_flight;           /* batches sent, not taken to have arrived yet */
@@ -1297,15 +1298,27 @@ static int slow_down(struct bucket *b, double factor, double limit, int64_t now)
     if (now < b->next_cut || b->rate <= floor)
         return 0;
     b->next_cut = now + RATE_CUT_MS;
+    b->recovered = now;
     b->rate = b->rate * factor > floor ? b->rate * factor : floor;
     return 1;
 }
 
-/* A delivery: the rate recovers gently towards its limit. */
-static void recover(struct bucket *b, double limit)
+/* A delivery: the rate recovers towards its limit by RATE_RECOVERY of the
+ * limit for each second in which batches are delivered, a second at most per
+ * delivery: time without any (a 429's wait) does not count. Recovering per
+ * answer, ten answers undid a halving within the second after a 429, and an
+ * account provisioned under the limit met a 429 in nearly every second. */
+#define RATE_RECOVERY 0.05
+static void recover(struct bucket *b, double limit, int64_t now)
 {
-    if (b->rate < limit)
-        b->rate = b->rate + limit * 0.05 < limit ? b->rate + limit * 0.05 : limit;
+    int64_t since = now - b->recovered;
+    b->recovered = now;
+    if (b->rate >= limit)
+        return;
+    if (since > 1000)
+        since = 1000;
+    double up = limit * RATE_RECOVERY * (double)since / 1000.0;
+    b->rate = b->rate + up < limit ? b->rate + up : limit;
 }
 
 /* How many batches may go now. */
@@ -1463,7 +1476,8 @@ static void on_delivered(struct sender *s, struct request *r)
                   LOG_S("feed", FEED_NAMES[f->feed]));
     metrics_delivered(f->feed, r->events);
     struct endpoint_state *e = &f->ep[r->ep];
-    e->delivered_ms = clock_mono_ms();
+    int64_t now = clock_mono_ms();
+    e->delivered_ms = now;
     if (e->failures > 0)
         log_info("mParticle accepts again",
                  LOG_S("feed", FEED_NAMES[f->feed]) LOG_S("endpoint", ENDPOINT_NAMES[r->ep])
@@ -1478,14 +1492,14 @@ static void on_delivered(struct sender *s, struct request *r)
         log_info("feed credentials accepted; feed resumed", LOG_S("feed", FEED_NAMES[f->feed]));
         set_pause(s, f, PAUSE_NONE, NULL);
     }
-    recover(&s->account, (double)s->cfg->mparticle_rate_limit);
+    recover(&s->account, (double)s->cfg->mparticle_rate_limit, now);
     if (r->rate_usage >= RATE_USAGE_HIGH) {
-        if (slow_down(&f->rate, 0.8, (double)s->cfg->feeds[f->feed].rate_limit, clock_mono_ms()))
+        if (slow_down(&f->rate, 0.8, (double)s->cfg->feeds[f->feed].rate_limit, now))
             log_info("mParticle rate limit usage high; slowing down",
                      LOG_S("feed", FEED_NAMES[f->feed]) LOG_I("usage_percent", r->rate_usage)
                          LOG_I("batches_per_s", (long long)f->rate.rate));
     } else {
-        recover(&f->rate, (double)s->cfg->feeds[f->feed].rate_limit);
+        recover(&f->rate, (double)s->cfg->feeds[f->feed].rate_limit, now);
     }
 }
 

@@ -1555,6 +1555,27 @@ class Delivery(ServiceTest):
         # the account's rate (mparticle.rate_limit, 270 by default) is halved
         self.assertIn("batches_per_s=135", s.logs())
 
+    def test_after_a_429_the_rate_recovers_by_the_second_not_by_the_answer(self):
+        # Recovering a twentieth of the limit per answer, ten answers undid the
+        # halving within a second: an account provisioned under
+        # mparticle.rate_limit met a 429 in nearly every second.
+        d = self.double()
+        d.rate_limit = None
+        d.fail(429, times=1, retry_after=1, rate_limit_exceeded="account")
+        s = self.service(env=feed_env(d, TRIBUTARY_MPARTICLE_RATE_LIMIT=40,
+                                      TRIBUTARY_BATCH_LINGER_MS=10))
+        s.post([event("users.messages.email.Send", user="r%d" % i) for i in range(150)])
+        self.assertTrue(d.wait_for_events(150, 30 * SLOW))
+        refused_at = next(r["time"] for r in d.requests if r["status"] == 429)
+        after = sorted((r["time"], r["batches"]) for r in d.requests
+                       if r["status"] == 202 and r["time"] > refused_at)
+        # halved to 20 batches/s, then 2 (5% of 40) more for each second of
+        # deliveries: within 3 s of the wait, at most 26 a second
+        soon = [(t, n) for t, n in after if t < refused_at + 4]
+        self.assertGreater(len(soon), 3, after)
+        self.assertLessEqual(busiest_second(soon), 27, after)
+        self.assertIn("batches_per_s=20", s.logs())
+
     def test_a_429_that_names_no_limit_or_another_holds_back_every_feed(self):
         # mParticle documents its limit per account: a feed that went on
         # would be refused as well
