@@ -110,6 +110,7 @@ struct req {
     int tracked;       /* counted in in_progress */
     int close;         /* the answer closes the connection */
     size_t counted;    /* bytes taken from the budgets for the body (take_body) */
+    uint64_t dropped;  /* bytes of the body read and dropped (see drop) */
     int taken;         /* the whole body's bytes were taken at its headers */
     struct {
         int status; /* 0: none */
@@ -254,21 +255,43 @@ static int waits_to_send(struct MHD_Connection *c)
     return MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_EXPECT) != NULL;
 }
 
+/* The most of a body that is read and dropped before its answer: up to
+ * TOO_LARGE_READ_MAX for a request its headers authenticated, up to what
+ * body_limit lets it send for one they did not. */
+static uint64_t drop_most(const http_in *h, const struct req *r)
+{
+    return r->admitted == 1 ? TOO_LARGE_READ_MAX : (uint64_t)body_limit(h, r);
+}
+
+/* n more bytes of a body read and dropped. A body of unknown length (chunked)
+ * that goes on past drop_most has its connection closed, unanswered. */
+static enum MHD_Result drop(const http_in *h, struct req *r, size_t n)
+{
+    static _Atomic int64_t logged_ms;
+    r->dropped += n;
+    if (r->dropped <= drop_most(h, r))
+        return MHD_YES;
+    if (log_due_shared(&logged_ms))
+        log_warn("a refused request's body went on past what is read before its answer; "
+                 "connection closed",
+                 LOG_S("client", r->client) LOG_I("bytes", (long long)r->dropped));
+    return MHD_NO;
+}
+
 /* 401 and 415 tell Braze to stop (the token is wrong) or what to change (send
  * plain JSON); sent before the body is read, they reach a client that writes
  * its whole body first as a broken connection, which it only retries (see
- * TOO_LARGE_READ_MAX). So such an answer to a request of a known length is
- * sent after its body is read and dropped: up to TOO_LARGE_READ_MAX for a
- * request its headers authenticated, up to what body_limit lets it send for
- * one they did not. A client that asked to send its body only once the
- * headers are accepted (Expect: 100-continue) gets it at once. Returns 1 when
- * the answer is kept for then. */
+ * TOO_LARGE_READ_MAX). So such an answer is sent after the body is read and
+ * dropped, when its length (len, -1 when chunked) is within drop_most (a
+ * chunked body, once it goes past it, is cut: see drop). A client that asked
+ * to send its body only once the headers are accepted (Expect: 100-continue)
+ * gets it at once. Returns 1 when the answer is kept for then. */
 static int answer_after_body(const http_in *h, struct MHD_Connection *c, struct req *r, int status,
                              const char *json, size_t json_len, int retry_after, int64_t len)
 {
-    uint64_t most = r->admitted == 1 ? TOO_LARGE_READ_MAX : (uint64_t)body_limit(h, r);
-    if ((status != 401 && status != 415) || len <= 0 || (uint64_t)len > most ||
-        json_len >= sizeof r->after_body.json || waits_to_send(c))
+    if ((status != 401 && status != 415) || len == 0 ||
+        (len > 0 && (uint64_t)len > drop_most(h, r)) || json_len >= sizeof r->after_body.json ||
+        waits_to_send(c))
         return 0;
     r->after_body.status = status;
     r->after_body.retry_after = retry_after;
@@ -1072,7 +1095,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         size_t n = *upload_size;
         *upload_size = 0;
         if (r->answered || r->after_body.status || r->too_large || r->no_memory || r->busy)
-            return MHD_YES; /* read and dropped */
+            return drop(h, r, n);
         if (n > body_limit(h, r) - r->body.len)
             r->too_large = 1; /* 413 before busy: Braze splits it */
         else if (!r->taken)

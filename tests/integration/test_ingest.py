@@ -415,19 +415,26 @@ class MalformedInput(ServiceTest):
         finally:
             sock.close()
 
-    def send_whole_then_read(self, s, headers, body):
-        """Writes the request with its whole body before reading; the status line."""
+    def send_whole_then_read(self, s, headers, body, chunked=False):
+        """Writes the request with its whole body (chunked: in chunks of 64 KiB)
+        before reading; the status line."""
+        if chunked:
+            framing = "Transfer-Encoding: chunked"
+            body = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + 65536]), body[i:i + 65536])
+                            for i in range(0, len(body), 65536)) + b"0\r\n\r\n"
+        else:
+            framing = "Content-Length: %d" % len(body)
         sock = socket.create_connection(("127.0.0.1", s.port), timeout=30)
         try:
-            sock.sendall(("POST /currents HTTP/1.1\r\nHost: x\r\n%sContent-Length: %d\r\n\r\n"
-                          % (headers, len(body))).encode() + body)
+            sock.sendall(("POST /currents HTTP/1.1\r\nHost: x\r\n%s%s\r\n\r\n"
+                          % (headers, framing)).encode() + body)
             reply = b""
             while b"\r\n" not in reply:
                 chunk = sock.recv(4096)
                 if not chunk:
                     break
                 reply += chunk
-        except ConnectionResetError:
+        except (ConnectionResetError, BrokenPipeError):
             reply = b"reset"
         finally:
             sock.close()
@@ -455,6 +462,32 @@ class MalformedInput(ServiceTest):
             self.assertTrue(sock.recv(4096).startswith(b"HTTP/1.1 401 "))
         finally:
             sock.close()
+
+    def test_a_401_or_415_reaches_a_client_that_writes_a_chunked_body_whole_first(self):
+        # answered at the headers, a body of megabytes met a broken pipe
+        s = self.service()
+        body = json.dumps({"events": [event(padding="x" * 1000) for _ in range(5000)]}).encode()
+        self.assertEqual(self.send_whole_then_read(s, "Authorization: Bearer wrong-token\r\n",
+                                                   body, chunked=True),
+                         b"HTTP/1.1 401 Unauthorized")
+        self.assertEqual(self.send_whole_then_read(
+            s, "Authorization: Bearer %s\r\nContent-Encoding: gzip\r\n" % TOKEN, body,
+            chunked=True), b"HTTP/1.1 415 Unsupported Media Type")
+        self.assertEqual(s.queued_ids(), [])
+
+    def test_a_refused_chunked_body_is_read_no_further_than_a_body_may_be_long(self):
+        # unbounded by any header, it was read and dropped for as long as it came
+        s = self.service(env={"TRIBUTARY_INBOUND_MAX_BODY_BYTES": "4096"})
+        body = b"x" * (8 << 20)
+        self.assertNotEqual(self.send_whole_then_read(s, "Authorization: Bearer wrong-token\r\n",
+                                                      body, chunked=True),
+                            b"HTTP/1.1 401 Unauthorized")
+        self.wait(lambda: "read before its answer; connection closed" in s.logs(),
+                  what="the log line")
+        # one within it is answered
+        self.assertEqual(self.send_whole_then_read(s, "Authorization: Bearer wrong-token\r\n",
+                                                   b"x" * 3000, chunked=True),
+                         b"HTTP/1.1 401 Unauthorized")
 
     def test_chunked_body_over_the_limit_is_413(self):
         s = self.service(env={"TRIBUTARY_INBOUND_MAX_BODY_BYTES": "4096"})
