@@ -125,6 +125,17 @@ static const char *const SCHEMA =
     "  feed INTEGER PRIMARY KEY,"
     "  below INTEGER NOT NULL,"
     "  claimed INTEGER NOT NULL);"
+    /* what each group a command (`tributary dlq requeue`, `purge`) committed
+     * beside the service changed in the depth of each feed and the dead
+     * letters, for the service to add to its counts (see
+     * follow_other_writers); it deletes the rows it added */
+    "CREATE TABLE IF NOT EXISTS count_deltas("
+    "  id INTEGER PRIMARY KEY,"
+    "  ios INTEGER NOT NULL,"
+    "  android INTEGER NOT NULL,"
+    "  web INTEGER NOT NULL,"
+    "  unbound INTEGER NOT NULL,"
+    "  dead INTEGER NOT NULL);"
     "CREATE TABLE IF NOT EXISTS feed_state("
     "  feed INTEGER PRIMARY KEY,"
     "  reason TEXT NOT NULL,"
@@ -446,6 +457,7 @@ struct queue {
     int checkpoint_pages;
     int64_t segment_records;
     int64_t data_version; /* PRAGMA data_version when the rings were last read */
+    int64_t deltas_added; /* the service: the last row of count_deltas in its counts */
     int64_t restart_logged_ms;
     int64_t restart_busy_ms; /* when a restart last waited in vain */
     struct feed_ring ring[FEED_COUNT];
@@ -1454,20 +1466,21 @@ static void dead_bind(sqlite3_stmt *s, const struct dead_filter *f)
     sqlite3_bind_int64(s, 3, f->before_ms);
 }
 
-/* One page of a purge: the next PURGE_PAGE matching dead letters after
- * op->u.purge.after, which moves past them. */
+/* One page of a purge: the matching dead letters among the next PURGE_PAGE
+ * after op->u.purge.after, which moves past them. A page of PURGE_PAGE
+ * matches read on through every dead letter that did not match (a table of
+ * millions, none of them old enough) while the service's commits waited. */
 static enum queue_status apply_purge(queue *q, struct op *op)
 {
     int64_t after = *op->u.purge.after, through = 0;
     sqlite3_stmt *s;
     if (sqlite3_prepare_v2(q->db,
-                           "SELECT max(id) FROM (SELECT id FROM dead " DEAD_WHERE
-                           " AND id > ?4 ORDER BY id LIMIT ?5)",
+                           "SELECT max(id) FROM (SELECT id FROM dead WHERE id > ?1 ORDER BY id "
+                           "LIMIT ?2)",
                            -1, &s, NULL) != SQLITE_OK)
         return QUEUE_ERROR;
-    dead_bind(s, op->u.purge.f);
-    sqlite3_bind_int64(s, 4, after);
-    sqlite3_bind_int(s, 5, PURGE_PAGE);
+    sqlite3_bind_int64(s, 1, after);
+    sqlite3_bind_int(s, 2, PURGE_PAGE);
     int rc = sqlite3_step(s);
     if (rc == SQLITE_ROW)
         through = sqlite3_column_int64(s, 0); /* NULL: none left, 0 */
@@ -1879,12 +1892,90 @@ static void reset_commit(struct op *op)
 
 static int load_rings(queue *q);
 
-/* Inside a write transaction. When another process (`tributary dlq requeue`
- * or `purge` beside the service) committed since the last look, where the
- * rings stand is read again, so that ids are not reused, and so are the depth
- * and dead-letter gauges. On an error nothing changes and the next look reads
- * them again. */
-static enum queue_status follow_other_writers(queue *q)
+/* The columns of count_deltas follow enum feed. */
+_Static_assert(FEED_IOS == 0 && FEED_ANDROID == 1 && FEED_WEB == 2 && FEED_UNBOUND == 3 &&
+                   FEED_COUNT == 4,
+               "count_deltas has a column per feed, in this order");
+
+/* A command's group, about to commit: what its operations changed in the
+ * counts, for the service beside it (see add_deltas). */
+static int note_deltas(queue *q, const struct op *ops)
+{
+    int64_t depth[FEED_COUNT] = {0}, dead = 0;
+    int any = 0;
+    for (const struct op *op = ops; op; op = op->next) {
+        if (op->status != QUEUE_OK)
+            continue;
+        for (int f = 0; f < FEED_COUNT; f++)
+            depth[f] += op->depth_delta[f];
+        dead += op->dead_delta;
+    }
+    for (int f = 0; f < FEED_COUNT; f++)
+        any |= depth[f] != 0;
+    if (!any && dead == 0)
+        return 0;
+    sqlite3_stmt *s;
+    if (sqlite3_prepare_v2(q->db,
+                           "INSERT INTO count_deltas(ios, android, web, unbound, dead) "
+                           "VALUES(?1, ?2, ?3, ?4, ?5)",
+                           -1, &s, NULL) != SQLITE_OK)
+        return -1;
+    for (int f = 0; f < FEED_COUNT; f++)
+        sqlite3_bind_int64(s, f + 1, depth[f]);
+    sqlite3_bind_int64(s, FEED_COUNT + 1, dead);
+    int rc = step_done(s);
+    sqlite3_finalize(s);
+    return rc == SQLITE_OK ? 0 : -1;
+}
+
+/* The service: the rows commands added to count_deltas since it last looked,
+ * added to its counts; in a write transaction (writing), those rows are
+ * deleted. Counting the rows again instead read every record waiting, in the
+ * writer, after each command's page: with millions waiting, requests waited
+ * seconds for each page of a `dlq requeue`. */
+static int add_deltas(queue *q, int writing)
+{
+    sqlite3_stmt *s;
+    if (sqlite3_prepare_v2(q->db,
+                           "SELECT id, ios, android, web, unbound, dead FROM count_deltas "
+                           "WHERE id > ?1 ORDER BY id",
+                           -1, &s, NULL) != SQLITE_OK)
+        return -1;
+    sqlite3_bind_int64(s, 1, q->deltas_added);
+    int64_t depth[FEED_COUNT] = {0}, dead = 0, last = q->deltas_added;
+    int rc;
+    while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
+        last = sqlite3_column_int64(s, 0);
+        for (int f = 0; f < FEED_COUNT; f++)
+            depth[f] += sqlite3_column_int64(s, f + 1);
+        dead += sqlite3_column_int64(s, FEED_COUNT + 1);
+    }
+    sqlite3_finalize(s);
+    if (rc != SQLITE_DONE)
+        return -1;
+    if (writing && last > 0) {
+        /* should the transaction not commit, they are deleted with a later one */
+        char sql[80];
+        snprintf(sql, sizeof sql, "DELETE FROM count_deltas WHERE id <= %lld", (long long)last);
+        if (sqlite3_exec(q->db, sql, NULL, NULL, NULL) != SQLITE_OK)
+            return -1;
+    }
+    q->deltas_added = last;
+    pthread_mutex_lock(&q->mu);
+    for (int f = 0; f < FEED_COUNT; f++)
+        q->gauges.depth[f] += depth[f];
+    q->gauges.dead += dead;
+    pthread_mutex_unlock(&q->mu);
+    return 0;
+}
+
+/* Inside a transaction (a write transaction: writing). When another process
+ * (`tributary dlq requeue` or `purge` beside the service) committed since the
+ * last look, where the rings stand is read again, so that ids are not reused,
+ * and the service adds what it changed to its depth and dead-letter counts (a
+ * command keeps the counts it read at its start, with its own changes). On an
+ * error nothing changes and the next look reads them again. */
+static enum queue_status follow_other_writers(queue *q, int writing)
 {
     sqlite3_stmt *s = q->st[S_DATA_VERSION];
     int rc = sqlite3_step(s);
@@ -1894,17 +1985,12 @@ static enum queue_status follow_other_writers(queue *q)
         return status_of(sqlite3_errcode(q->db));
     if (version == q->data_version)
         return QUEUE_OK;
-    struct queue_gauges counted;
-    if (load_rings(q) != 0 || count_rows(q->db, &counted) != 0) {
+    if (load_rings(q) != 0 || (!q->opt.existing && add_deltas(q, writing) != 0)) {
         log_error("queue: cannot read what another process changed",
                   LOG_S("error", sqlite3_errmsg(q->db)));
         return status_of(sqlite3_errcode(q->db));
     }
     q->data_version = version;
-    pthread_mutex_lock(&q->mu);
-    memcpy(q->gauges.depth, counted.depth, sizeof counted.depth);
-    q->gauges.dead = counted.dead;
-    pthread_mutex_unlock(&q->mu);
     return QUEUE_OK;
 }
 
@@ -1928,7 +2014,7 @@ static void run_group(queue *q, struct op *ops)
         log_error("queue: cannot begin a transaction", LOG_S("error", err));
         group = status_of(sqlite3_errcode(q->db));
     } else {
-        group = follow_other_writers(q);
+        group = follow_other_writers(q, 1);
     }
     /* the rings as the group found them, and as each operation found them */
     struct feed_ring group_rings[FEED_COUNT], op_rings[FEED_COUNT];
@@ -1969,6 +2055,11 @@ static void run_group(queue *q, struct op *ops)
             (void)exec(q->db, "ROLLBACK TO op", err, sizeof err);
             (void)exec(q->db, "RELEASE op", err, sizeof err);
         }
+    }
+    if (group == QUEUE_OK && q->opt.existing && note_deltas(q, ops) != 0) {
+        log_error("queue: cannot note the counts changed", LOG_S("error", sqlite3_errmsg(q->db)));
+        group = status_of(sqlite3_errcode(q->db));
+        group = group == QUEUE_OK ? QUEUE_ERROR : group;
     }
     if (group == QUEUE_OK && exec(q->db, "COMMIT", err, sizeof err) != 0) {
         if (log_due(&q->commit_logged_ms))
@@ -2219,7 +2310,7 @@ static void *writer_main(void *arg)
             /* a command's changes show in the gauges while no request comes */
             char err[ERR_LEN];
             if (exec(q->db, "BEGIN", err, sizeof err) == 0) {
-                (void)follow_other_writers(q);
+                (void)follow_other_writers(q, 0);
                 /* left open, the next group's BEGIN would fail */
                 if (exec(q->db, "COMMIT", err, sizeof err) != 0)
                     (void)exec(q->db, "ROLLBACK", err, sizeof err);
@@ -2714,9 +2805,9 @@ static int hold_batch(void *ctx, int64_t id, int feed, const struct claim_batch 
     return 0;
 }
 
-/* Records delivered before the last stop are deleted now, while nothing else
- * runs: each feed's records below its settled line, and those at or under its
- * claimed id that no batch holds. */
+/* Records delivered before the last stop are deleted now, at the service's
+ * start, while nothing else runs: each feed's records below its settled line,
+ * and those at or under its claimed id that no batch holds. */
 static int settle_delivered(sqlite3 *db, char *err, size_t errlen)
 {
     if (exec(db,
@@ -3016,7 +3107,9 @@ int queue_open(queue **out, const struct queue_options *o, char *err, size_t err
             goto fail;
         }
     }
-    if (!o->readonly && settle_delivered(q->db, err, errlen) != 0)
+    /* a command leaves them to the service's next start: beside a running
+     * service, deleting them row by row held its writer for minutes */
+    if (!o->readonly && !o->existing && settle_delivered(q->db, err, errlen) != 0)
         goto fail;
     for (int i = 0; i < S_COUNT; i++) {
         if (sqlite3_prepare_v3(q->db, STMTS[i], -1, SQLITE_PREPARE_PERSISTENT, &q->st[i], NULL) ==
@@ -3063,8 +3156,21 @@ int queue_open(queue **out, const struct queue_options *o, char *err, size_t err
         goto fail;
     }
     q->data_version = pragma_value(q->db, "PRAGMA data_version");
-    if (count_rows(q->db, &q->gauges) != 0) {
+    /* the service's counts and the last row of count_deltas they include, in
+     * one read */
+    int service = !o->readonly && !o->existing;
+    if (service && exec(q->db, "BEGIN", err, errlen) != 0)
+        goto fail;
+    int counted = count_rows(q->db, &q->gauges);
+    if (service) {
+        q->deltas_added = pragma_value(q->db, "SELECT max(id) FROM count_deltas");
+        if (exec(q->db, "COMMIT", err, errlen) != 0)
+            counted = -1;
+    }
+    if (counted != 0) {
         str_printf(err, errlen, "%s: %s", q->path, sqlite3_errmsg(q->db));
+        if (!sqlite3_get_autocommit(q->db))
+            (void)sqlite3_exec(q->db, "ROLLBACK", NULL, NULL, NULL);
         goto fail;
     }
     refresh_oldest(q);

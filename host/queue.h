@@ -45,7 +45,9 @@ struct queue_options {
     int64_t max_depth; /* records; a commit beyond it is refused (QUEUE_FULL) */
     int64_t dedup_window_ms;
     int readonly;                   /* CLI listings: no writer thread, no schema changes */
-    int existing;                   /* CLI changes: open data_dir's queue, never create one */
+    int existing;                   /* CLI changes: open data_dir's queue, never create one,
+                                     * and leave the delivered records on disk to the
+                                     * service's next start */
     int64_t wal_max_bytes;          /* 0: QUEUE_WAL_MAX_BYTES */
     int64_t segment_records;        /* records per table of a feed's ring; 0: 8192 */
     int exclusive;                  /* the service: refuse when another holds data_dir */
@@ -265,10 +267,10 @@ enum queue_status queue_requeue(queue *q, struct mapping *m, const int64_t *ids,
  * was claimed or is gone meanwhile. */
 enum queue_status queue_move(queue *q, struct mapping *m, enum feed from, const int64_t *ids,
                              size_t n);
-/* Deletes dead letters matching the filter, oldest first, PURGE_PAGE to a
- * transaction: the service beside it waits for one page at most, and the WAL
- * stays within its bound. *deleted receives the count, also of the pages
- * deleted before an error. */
+/* Deletes dead letters matching the filter, oldest first, looking at
+ * PURGE_PAGE of them in a transaction: the service beside it waits for one
+ * page at most, and the WAL stays within its bound. *deleted receives the
+ * count, also of the pages deleted before an error. */
 #define PURGE_PAGE 2000
 enum queue_status queue_dead_purge(queue *q, const struct dead_filter *f, size_t *deleted);
 

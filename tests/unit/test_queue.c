@@ -1019,6 +1019,30 @@ START_TEST(test_delivered_records_left_on_disk_are_deleted_at_the_next_start)
 }
 END_TEST
 
+START_TEST(test_a_cli_change_leaves_delivered_records_to_the_service_start)
+{
+    /* deleted row by row beside a running service, millions of them held its
+     * writer for minutes */
+    queue *q = open_queue(NO_LIMIT, DEDUP_DAY);
+    int64_t ids[3];
+    struct queue_batch b[2];
+    two_batches(q, ids, b);
+    ck_assert_int_eq(queue_ack(q, &b[1].id, 1, FEED_IOS, ids[0]), QUEUE_OK);
+    queue_free(q);
+
+    struct queue_options o = {
+        .dir = data_dir, .sync_full = 1, .max_depth = NO_LIMIT, .existing = 1};
+    char err[ERR_LEN] = "";
+    ck_assert_int_eq(queue_open(&q, &o, err, sizeof err), 0);
+    queue_free(q);
+    ck_assert_int_eq(count_in_file("SELECT count(*) FROM records_ios"), 3);
+
+    q = open_queue(NO_LIMIT, DEDUP_DAY);
+    queue_free(q);
+    ck_assert_int_eq(count_in_file("SELECT count(*) FROM records_ios"), 2);
+}
+END_TEST
+
 START_TEST(test_batches_that_leave_out_a_record_are_refused)
 {
     queue *q = open_queue(NO_LIMIT, DEDUP_DAY);
@@ -2036,11 +2060,22 @@ START_TEST(test_two_processes_writing_one_queue_never_reuse_an_id)
 }
 END_TEST
 
+/* A command beside the service, as `tributary dlq` opens the queue. */
+static queue *open_command(void)
+{
+    struct queue_options o = {
+        .dir = data_dir, .sync_full = 1, .max_depth = NO_LIMIT, .existing = 1};
+    char err[ERR_LEN] = "";
+    queue *q = NULL;
+    ck_assert_msg(queue_open(&q, &o, err, sizeof err) == 0, "%s", err);
+    return q;
+}
+
 START_TEST(test_the_gauges_follow_what_another_process_committed)
 {
     queue *service = open_queue(NO_LIMIT, DEDUP_DAY);
     commit_records(service, FEED_IOS, "a", 3);
-    queue *cli = open_queue(NO_LIMIT, 0);
+    queue *cli = open_command();
     commit_records(cli, FEED_IOS, "b", 2);
     struct mapping m;
     mapping_init(&m);
@@ -2050,10 +2085,22 @@ START_TEST(test_the_gauges_follow_what_another_process_committed)
     mapping_free(&m);
     queue_free(cli);
 
-    /* the service's next commit finds the other process's changes */
+    /* the service's next commit finds the other process's changes, added
+     * from what the command noted (counting every record waiting again, in
+     * the writer, held requests for seconds with millions waiting) */
+    ck_assert_int_eq(count_in_file("SELECT count(*) FROM count_deltas"), 2);
     commit_records(service, FEED_IOS, "c", 1);
     ck_assert_int_eq(depth(service, FEED_IOS), 6);
     ck_assert_int_eq(dead_gauge(service), 1);
+    ck_assert_int_eq(count_in_file("SELECT count(*) FROM count_deltas"), 0);
+    /* and at its next start, it counts what it finds */
+    cli = open_command();
+    commit_records(cli, FEED_IOS, "d", 1);
+    queue_free(cli);
+    queue_free(service);
+    service = open_queue(NO_LIMIT, DEDUP_DAY);
+    commit_records(service, FEED_IOS, "e", 1);
+    ck_assert_int_eq(depth(service, FEED_IOS), 8);
     queue_free(service);
 }
 END_TEST
@@ -2428,6 +2475,37 @@ START_TEST(test_dead_purge_commits_a_page_at_a_time)
     queue_gauges(q, &after);
     ck_assert_int_eq(after.dead, 0);
     ck_assert_int_ge(after.commits - before.commits, 3); /* ceil(n / PURGE_PAGE) pages */
+    queue_free(q);
+}
+END_TEST
+
+/* A page is PURGE_PAGE dead letters looked at, not matched: one of PURGE_PAGE
+ * matches read on through a store of millions that did not match while the
+ * service's commits waited. */
+START_TEST(test_dead_purge_pages_look_at_page_rows_matched_or_not)
+{
+    queue *q = open_queue(NO_LIMIT, DEDUP_DAY);
+    struct mapping m;
+    mapping_init(&m);
+    size_t n = 2 * PURGE_PAGE;
+    for (size_t i = 0; i <= n; i++) {
+        char id[32];
+        snprintf(id, sizeof id, "d-%zu", i);
+        add_dead(&m, FEED_IOS, id, i == n ? DEAD_INVALID_OUTPUT : DEAD_RULE_ERROR, "x", "{}");
+    }
+    struct commit_result res;
+    ck_assert_int_eq(queue_commit(q, &m, &res), QUEUE_OK);
+    mapping_free(&m);
+    struct queue_gauges before, after;
+    queue_gauges(q, &before);
+
+    struct dead_filter last = {.reason = "invalid_output"};
+    size_t deleted = 0;
+    ck_assert_int_eq(queue_dead_purge(q, &last, &deleted), QUEUE_OK);
+    ck_assert_uint_eq(deleted, 1);
+    queue_gauges(q, &after);
+    ck_assert_int_eq(after.dead, (int64_t)n);
+    ck_assert_int_ge(after.commits - before.commits, 3); /* n + 1 looked at, a page at a time */
     queue_free(q);
 }
 END_TEST
@@ -3032,12 +3110,14 @@ static Suite *suite(void)
     tcase_add_test(tc, test_a_second_service_on_one_data_dir_is_refused_until_the_first_stops);
     tcase_add_test(tc, test_a_failed_reading_of_another_process_changes_keeps_the_ids_apart);
     tcase_add_test(tc, test_delivered_records_left_on_disk_are_deleted_at_the_next_start);
+    tcase_add_test(tc, test_a_cli_change_leaves_delivered_records_to_the_service_start);
     tcase_add_test(tc, test_a_table_of_the_ring_is_emptied_once_the_line_passes_it);
     tcase_add_test(tc, test_requeue_stores_records_without_dedup_and_deletes_the_dead_letters);
     tcase_add_test(tc,
                    test_dead_each_between_reads_matching_ids_after_one_through_another_in_order);
     tcase_add_test(tc, test_dead_purge_by_reason_deletes_only_that_reason);
     tcase_add_test(tc, test_dead_purge_before_a_time_deletes_only_older_rows);
+    tcase_add_test(tc, test_dead_purge_pages_look_at_page_rows_matched_or_not);
     tcase_add_test(tc, test_dead_purge_commits_a_page_at_a_time);
     tcase_add_test(tc, test_stats_report_depth_oldest_and_in_flight_batches);
     tcase_add_test(tc, test_stats_report_a_paused_feed_until_it_resumes);
