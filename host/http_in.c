@@ -255,17 +255,24 @@ static int waits_to_send(struct MHD_Connection *c)
     return MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_EXPECT) != NULL;
 }
 
-/* n more bytes of a body read and dropped before its answer. One of a known
- * length was let this far by its headers (see answer_after_body and the 413s);
- * one of unknown length (chunked) is read up to TOO_LARGE_READ_MAX when its
- * headers authenticated it or its signature may yet (as Braze's, it then gets
- * its 413 and splits the batch), up to what body_limit lets it send when they
- * refused it: past that, its connection is closed, unanswered. */
+/* The most of a body that is read and dropped before its answer: up to
+ * TOO_LARGE_READ_MAX when its headers authenticated it or its signature may
+ * yet (as Braze's, it gets its answer and acts on it), up to what body_limit
+ * lets it send when they refused it. (With a Content-Length over body_limit, a
+ * body only a signature can admit is answered 413 at once: see on_request.) */
+static uint64_t drop_most(const http_in *h, const struct req *r)
+{
+    return r->admitted ? TOO_LARGE_READ_MAX : (uint64_t)body_limit(h, r);
+}
+
+/* n more bytes of a body read and dropped before its answer. A body of
+ * unknown length (chunked) that goes on past drop_most has its connection
+ * closed, unanswered. */
 static enum MHD_Result drop(const http_in *h, struct req *r, size_t n)
 {
     static _Atomic int64_t logged_ms;
     r->dropped += n;
-    if (r->dropped <= (r->admitted ? TOO_LARGE_READ_MAX : (uint64_t)body_limit(h, r)))
+    if (r->dropped <= drop_most(h, r))
         return MHD_YES;
     if (log_due_shared(&logged_ms))
         log_warn("a refused request's body went on past what is read before its answer; "
@@ -278,17 +285,16 @@ static enum MHD_Result drop(const http_in *h, struct req *r, size_t n)
  * plain JSON); sent before the body is read, they reach a client that writes
  * its whole body first as a broken connection, which it only retries (see
  * TOO_LARGE_READ_MAX). So such an answer is sent after the body (of length
- * len, -1 when chunked) is read and dropped: up to TOO_LARGE_READ_MAX for a
- * request its headers authenticated, up to what body_limit lets it send for
- * one they did not (a chunked body: see drop). A client that
- * asked to send its body only once the headers are accepted (Expect:
- * 100-continue) gets it at once. Returns 1 when the answer is kept for then. */
+ * len, -1 when chunked) is read and dropped, when it is within drop_most (a
+ * chunked body: see drop). A client that asked to send its body only once the
+ * headers are accepted (Expect: 100-continue) gets it at once. Returns 1 when
+ * the answer is kept for then. */
 static int answer_after_body(const http_in *h, struct MHD_Connection *c, struct req *r, int status,
                              const char *json, size_t json_len, int retry_after, int64_t len)
 {
-    uint64_t most = r->admitted == 1 ? TOO_LARGE_READ_MAX : (uint64_t)body_limit(h, r);
-    if ((status != 401 && status != 415) || len == 0 || (len > 0 && (uint64_t)len > most) ||
-        json_len >= sizeof r->after_body.json || waits_to_send(c))
+    if ((status != 401 && status != 415) || len == 0 ||
+        (len > 0 && (uint64_t)len > drop_most(h, r)) || json_len >= sizeof r->after_body.json ||
+        waits_to_send(c))
         return 0;
     r->after_body.status = status;
     r->after_body.retry_after = retry_after;

@@ -19,7 +19,7 @@
 
 #define QUEUE_FILE "queue.db"
 #define QUEUE_LOCK_FILE "serve.lock"
-#define SCHEMA_VERSION "6"
+#define SCHEMA_VERSION "7"
 /* Large pages make the WAL writes of ~2 KB rows sequential and cheap: about
  * three times the insert rate of 4 KiB pages with synchronous=FULL. */
 #define PAGE_SIZE 16384
@@ -83,6 +83,20 @@
 /* The rows of moves (see moved) read at a time. */
 #define MOVED_PAGE 64
 
+/* What each group a command (`tributary dlq requeue`, `purge`) committed
+ * beside the service changed in the depth of each feed and in the dead
+ * letters, for the service to add to its counts (see add_deltas), which
+ * deletes the rows it added. AUTOINCREMENT: the ids of deleted rows are never
+ * given again, or the service would take a new row for one it added. */
+#define COUNT_DELTAS_TABLE                                                                         \
+    "CREATE TABLE IF NOT EXISTS count_deltas("                                                     \
+    "  id INTEGER PRIMARY KEY AUTOINCREMENT,"                                                      \
+    "  ios INTEGER NOT NULL,"                                                                      \
+    "  android INTEGER NOT NULL,"                                                                  \
+    "  web INTEGER NOT NULL,"                                                                      \
+    "  unbound INTEGER NOT NULL,"                                                                  \
+    "  dead INTEGER NOT NULL);"
+
 static const char *const SCHEMA =
     "CREATE TABLE IF NOT EXISTS meta("
     "  key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;"
@@ -124,19 +138,7 @@ static const char *const SCHEMA =
     "CREATE TABLE IF NOT EXISTS settled("
     "  feed INTEGER PRIMARY KEY,"
     "  below INTEGER NOT NULL,"
-    "  claimed INTEGER NOT NULL);"
-    /* what each group a command (`tributary dlq requeue`, `purge`) committed
-     * beside the service changed in the depth of each feed and the dead
-     * letters, for the service to add to its counts (see
-     * follow_other_writers); it deletes the rows it added */
-    "CREATE TABLE IF NOT EXISTS count_deltas("
-    "  id INTEGER PRIMARY KEY,"
-    "  ios INTEGER NOT NULL,"
-    "  android INTEGER NOT NULL,"
-    "  web INTEGER NOT NULL,"
-    "  unbound INTEGER NOT NULL,"
-    "  dead INTEGER NOT NULL);"
-    "CREATE TABLE IF NOT EXISTS feed_state("
+    "  claimed INTEGER NOT NULL);" COUNT_DELTAS_TABLE "CREATE TABLE IF NOT EXISTS feed_state("
     "  feed INTEGER PRIMARY KEY,"
     "  reason TEXT NOT NULL,"
     "  since_ms INTEGER NOT NULL);"
@@ -458,6 +460,7 @@ struct queue {
     int64_t segment_records;
     int64_t data_version; /* PRAGMA data_version when the rings were last read */
     int64_t deltas_added; /* the service: the last row of count_deltas in its counts */
+    int64_t counted_ms;   /* a command: when it last counted the records (see recount) */
     int64_t restart_logged_ms;
     int64_t restart_busy_ms; /* when a restart last waited in vain */
     struct feed_ring ring[FEED_COUNT];
@@ -1955,9 +1958,13 @@ static int add_deltas(queue *q, int writing)
         return -1;
     if (writing && last > 0) {
         /* should the transaction not commit, they are deleted with a later one */
-        char sql[80];
-        snprintf(sql, sizeof sql, "DELETE FROM count_deltas WHERE id <= %lld", (long long)last);
-        if (sqlite3_exec(q->db, sql, NULL, NULL, NULL) != SQLITE_OK)
+        if (sqlite3_prepare_v2(q->db, "DELETE FROM count_deltas WHERE id <= ?1", -1, &s, NULL) !=
+            SQLITE_OK)
+            return -1;
+        sqlite3_bind_int64(s, 1, last);
+        rc = step_done(s);
+        sqlite3_finalize(s);
+        if (rc != SQLITE_OK)
             return -1;
     }
     q->deltas_added = last;
@@ -1973,8 +1980,8 @@ static int add_deltas(queue *q, int writing)
  * (`tributary dlq requeue` or `purge` beside the service) committed since the
  * last look, where the rings stand is read again, so that ids are not reused,
  * and the service adds what it changed to its depth and dead-letter counts (a
- * command keeps the counts it read at its start, with its own changes). On an
- * error nothing changes and the next look reads them again. */
+ * command counts again now and then: see recount). On an error nothing
+ * changes and the next look reads them again. */
 static enum queue_status follow_other_writers(queue *q, int writing)
 {
     sqlite3_stmt *s = q->st[S_DATA_VERSION];
@@ -2005,11 +2012,39 @@ static void set_healthy(queue *q, int healthy)
         log_info("queue: storage works again");
 }
 
+/* A command's counts, which the service beside it changes, are read again
+ * this often, before a group and outside its write transaction, in which the
+ * service would wait for the count (seconds, with millions waiting). A
+ * command's queue.max_depth is so as of then. */
+#define COMMAND_RECOUNT_MS 10000
+
+static void recount(queue *q)
+{
+    int64_t now = clock_mono_ms();
+    if (now - q->counted_ms < COMMAND_RECOUNT_MS)
+        return;
+    struct queue_gauges counted;
+    char err[ERR_LEN];
+    if (exec(q->db, "BEGIN", err, sizeof err) != 0)
+        return;
+    int rc = count_rows(q->db, &counted);
+    (void)exec(q->db, rc == 0 ? "COMMIT" : "ROLLBACK", err, sizeof err);
+    if (rc != 0)
+        return; /* the counts of before, and the next group tries again */
+    q->counted_ms = now;
+    pthread_mutex_lock(&q->mu);
+    memcpy(q->gauges.depth, counted.depth, sizeof counted.depth);
+    q->gauges.dead = counted.dead;
+    pthread_mutex_unlock(&q->mu);
+}
+
 static void run_group(queue *q, struct op *ops)
 {
     char err[ERR_LEN];
     int64_t now = clock_wall_ms();
     enum queue_status group = QUEUE_OK;
+    if (q->opt.existing)
+        recount(q);
     if (exec(q->db, "BEGIN IMMEDIATE", err, sizeof err) != 0) {
         log_error("queue: cannot begin a transaction", LOG_S("error", err));
         group = status_of(sqlite3_errcode(q->db));
@@ -2717,6 +2752,20 @@ static int migrate_to_6(sqlite3 *db, char *err, size_t errlen)
     return 0;
 }
 
+/* count_deltas: a service of version 6 counted every record again after a
+ * command's change, and its commands noted nothing. */
+static int migrate_to_7(sqlite3 *db, char *err, size_t errlen)
+{
+    if (exec(db,
+             "BEGIN IMMEDIATE; " COUNT_DELTAS_TABLE
+             " UPDATE meta SET value = '7' WHERE key = 'schema_version'; COMMIT",
+             err, errlen) != 0) {
+        (void)sqlite3_exec(db, "ROLLBACK", NULL, NULL, NULL);
+        return -1;
+    }
+    return 0;
+}
+
 /* What the file holds, read before anything writes to it: 0 for an empty
  * database or one whose first start stopped before its end (tributary's
  * tables without a version yet), else the schema version of a tributary
@@ -2779,7 +2828,7 @@ done:
  * each in its own transaction. */
 static int migrate(sqlite3 *db, int version, char *err, size_t errlen)
 {
-    if (version < 1 || version >= 6)
+    if (version < 1 || version >= 7)
         return 0; /* new or current */
     if (version == 1 && migrate_to_2(db, err, errlen) != 0)
         return -1;
@@ -2789,7 +2838,9 @@ static int migrate(sqlite3 *db, int version, char *err, size_t errlen)
         return -1;
     if (version <= 4 && migrate_to_5(db, err, errlen) != 0)
         return -1;
-    return migrate_to_6(db, err, errlen);
+    if (version <= 5 && migrate_to_6(db, err, errlen) != 0)
+        return -1;
+    return migrate_to_7(db, err, errlen);
 }
 
 static int hold_batch(void *ctx, int64_t id, int feed, const struct claim_batch *b)
@@ -3156,17 +3207,26 @@ int queue_open(queue **out, const struct queue_options *o, char *err, size_t err
         goto fail;
     }
     q->data_version = pragma_value(q->db, "PRAGMA data_version");
-    /* the service's counts and the last row of count_deltas they include, in
-     * one read */
+    /* the counts in one read, and for the service, the last row of
+     * count_deltas they include */
     int service = !o->readonly && !o->existing;
-    if (service && exec(q->db, "BEGIN", err, errlen) != 0)
+    if (exec(q->db, "BEGIN", err, errlen) != 0)
         goto fail;
     int counted = count_rows(q->db, &q->gauges);
+    q->counted_ms = clock_mono_ms();
     if (service) {
-        q->deltas_added = pragma_value(q->db, "SELECT max(id) FROM count_deltas");
-        if (exec(q->db, "COMMIT", err, errlen) != 0)
+        sqlite3_stmt *s = NULL;
+        if (counted != 0 ||
+            sqlite3_prepare_v2(q->db, "SELECT coalesce(max(id), 0) FROM count_deltas", -1, &s,
+                               NULL) != SQLITE_OK ||
+            sqlite3_step(s) != SQLITE_ROW)
             counted = -1;
+        else
+            q->deltas_added = sqlite3_column_int64(s, 0);
+        sqlite3_finalize(s);
     }
+    if (counted == 0 && exec(q->db, "COMMIT", err, errlen) != 0)
+        counted = -1;
     if (counted != 0) {
         str_printf(err, errlen, "%s: %s", q->path, sqlite3_errmsg(q->db));
         if (!sqlite3_get_autocommit(q->db))

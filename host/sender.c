@@ -1304,8 +1304,8 @@ static int slow_down(struct bucket *b, double factor, double limit, int64_t now)
 }
 
 /* A delivery: the rate recovers towards its limit by RATE_RECOVERY of the
- * limit for each second in which batches are delivered, a second at most per
- * delivery: time without any (a 429's wait) does not count. Recovering per
+ * limit for each second since the last delivery or cut, a second at most: a
+ * long spell without deliveries (a 429's wait) counts as one. Recovering per
  * answer, ten answers undid a halving within the second after a 429, and an
  * account provisioned under the limit met a 429 in nearly every second. */
 #define RATE_RECOVERY 0.05

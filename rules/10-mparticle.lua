@@ -225,7 +225,8 @@ local function process(event, out)
   if type(user) ~= "table" or #user > 0 then user = NO_FIELDS end
   if type(props) ~= "table" or #props > 0 then props = NO_FIELDS end
   local external = user.external_user_id
-  if type(external) == "number" and not (floor(external) == external and abs(external) < 2 ^ 53) then
+  if type(external) == "number"
+      and not (floor(external) == external and abs(external) < 2 ^ 53) then
     -- a JSON number is read as a float: with a fraction or past 2^53 its text
     -- is not the id sent, and may be another user's (a dead letter keeps it)
     error("external_user_id is a number that has no exact text (a fraction, or beyond 2^53); "
@@ -553,7 +554,8 @@ local tests = {
               user = { external_user_id = "c" },
               properties = { platform = "ios", ad_id = null, ad_id_type = "ios_idfa" } },
     expect = { batch = { device_info = { ios_advertising_id = absent } },
-               event = { data = { custom_attributes = { ad_id = absent, ad_id_type = "ios_idfa" } } } },
+               event = { data = { custom_attributes = { ad_id = absent,
+                                                        ad_id_type = "ios_idfa" } } } },
   },
   {
     name = "properties that are not an object are read as empty",

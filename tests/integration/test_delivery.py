@@ -1569,11 +1569,12 @@ class Delivery(ServiceTest):
         refused_at = next(r["time"] for r in d.requests if r["status"] == 429)
         after = sorted((r["time"], r["batches"]) for r in d.requests
                        if r["status"] == 202 and r["time"] > refused_at)
-        # halved to 20 batches/s, then 2 (5% of 40) more for each second of
-        # deliveries: within 3 s of the wait, at most 26 a second
+        # halved to 20 batches/s, then 2 (5% of 40) more for each second (the
+        # wait counting as one): under 30 a second within 4 s of the 429,
+        # where recovering per answer was back at 40 within a second
         soon = [(t, n) for t, n in after if t < refused_at + 4]
         self.assertGreater(len(soon), 3, after)
-        self.assertLessEqual(busiest_second(soon), 27, after)
+        self.assertLess(busiest_second(soon), 30, after)
         self.assertIn("batches_per_s=20", s.logs())
 
     def test_a_429_that_names_no_limit_or_another_holds_back_every_feed(self):

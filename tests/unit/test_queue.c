@@ -1732,7 +1732,7 @@ START_TEST(test_a_schema_3_queue_keeps_its_records_and_batches)
     scan_all(q, FEED_IOS, &it);
     ck_assert_int_gt(it.items[it.n - 1].id, 7);
     queue_items_free(&it);
-    ck_assert_int_eq(count_in_file("SELECT value FROM meta WHERE key = 'schema_version'"), 6);
+    ck_assert_int_eq(count_in_file("SELECT value FROM meta WHERE key = 'schema_version'"), 7);
     ck_assert_int_eq(count_in_file("SELECT count(*) FROM sqlite_master WHERE name = 'batches'"), 0);
     queue_free(q);
 }
@@ -1762,7 +1762,7 @@ START_TEST(test_a_schema_4_queue_keeps_its_dedup_ids)
     exec_in_file(sql);
 
     queue *q = open_queue(NO_LIMIT, DEDUP_DAY);
-    ck_assert_int_eq(count_in_file("SELECT value FROM meta WHERE key = 'schema_version'"), 6);
+    ck_assert_int_eq(count_in_file("SELECT value FROM meta WHERE key = 'schema_version'"), 7);
     ck_assert_int_eq(count_in_file("SELECT count(*) FROM sqlite_master WHERE name = 'dedup'"), 0);
     /* old-0, evt-0 and evt-1, evt-2 */
     ck_assert_int_eq(count_in_file("SELECT count(*) FROM dedup_log"), 3);
@@ -1895,7 +1895,7 @@ START_TEST(test_a_schema_5_queue_keeps_its_records_and_dead_letters)
     exec_in_file(sql);
 
     queue *q = open_queue(NO_LIMIT, DEDUP_DAY);
-    ck_assert_int_eq(count_in_file("SELECT value FROM meta WHERE key = 'schema_version'"), 6);
+    ck_assert_int_eq(count_in_file("SELECT value FROM meta WHERE key = 'schema_version'"), 7);
     struct mapping m;
     mapping_init(&m);
     add_workspace_record(&m, "new", "brand-a");
@@ -1964,9 +1964,9 @@ static void assert_refused_unchanged(const char *sql, const char *why)
 START_TEST(test_a_queue_of_a_newer_schema_is_refused_and_left_unchanged)
 {
     assert_refused_unchanged("CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);"
-                             "INSERT INTO meta VALUES('schema_version', '7');"
-                             "CREATE TABLE records_v7(id INTEGER PRIMARY KEY, body BLOB);",
-                             "queue schema version 7 is unknown");
+                             "INSERT INTO meta VALUES('schema_version', '8');"
+                             "CREATE TABLE records_v8(id INTEGER PRIMARY KEY, body BLOB);",
+                             "queue schema version 8 is unknown");
 }
 END_TEST
 
@@ -1993,7 +1993,7 @@ START_TEST(test_a_queue_whose_first_start_stopped_halfway_is_set_up_on_the_next)
     commit_records(q, FEED_IOS, "a", 2);
     ck_assert_int_eq(depth(q, FEED_IOS), 2);
     queue_free(q);
-    ck_assert_int_eq(count_in_file("SELECT value FROM meta WHERE key = 'schema_version'"), 6);
+    ck_assert_int_eq(count_in_file("SELECT value FROM meta WHERE key = 'schema_version'"), 7);
 }
 END_TEST
 
@@ -2093,15 +2093,53 @@ START_TEST(test_the_gauges_follow_what_another_process_committed)
     ck_assert_int_eq(depth(service, FEED_IOS), 6);
     ck_assert_int_eq(dead_gauge(service), 1);
     ck_assert_int_eq(count_in_file("SELECT count(*) FROM count_deltas"), 0);
-    /* and at its next start, it counts what it finds */
+    /* a command after the rows were deleted: its row has an id of its own */
     cli = open_command();
     commit_records(cli, FEED_IOS, "d", 1);
     queue_free(cli);
-    queue_free(service);
-    service = open_queue(NO_LIMIT, DEDUP_DAY);
     commit_records(service, FEED_IOS, "e", 1);
     ck_assert_int_eq(depth(service, FEED_IOS), 8);
     queue_free(service);
+}
+END_TEST
+
+START_TEST(test_a_service_start_counts_what_commands_noted_once)
+{
+    queue *service = open_queue(NO_LIMIT, DEDUP_DAY);
+    commit_records(service, FEED_IOS, "a", 3);
+    queue_free(service);
+    queue *cli = open_command();
+    commit_records(cli, FEED_IOS, "b", 2);
+    queue_free(cli);
+    /* the start counts the records, the command's among them: its row is
+     * not added again */
+    service = open_queue(NO_LIMIT, DEDUP_DAY);
+    ck_assert_int_eq(depth(service, FEED_IOS), 5);
+    commit_records(service, FEED_IOS, "c", 1);
+    ck_assert_int_eq(depth(service, FEED_IOS), 6);
+    queue_free(service);
+}
+END_TEST
+
+START_TEST(test_a_queue_of_schema_6_gets_the_table_of_count_changes)
+{
+    queue *q = open_queue(NO_LIMIT, DEDUP_DAY);
+    commit_records(q, FEED_IOS, "a", 2);
+    queue_free(q);
+    exec_in_file("DROP TABLE count_deltas; "
+                 "UPDATE meta SET value = '6' WHERE key = 'schema_version'");
+    /* a command of this version leaves it to the service to upgrade */
+    struct queue_options o = {
+        .dir = data_dir, .sync_full = 1, .max_depth = NO_LIMIT, .existing = 1};
+    char err[ERR_LEN] = "";
+    q = NULL;
+    ck_assert_int_eq(queue_open(&q, &o, err, sizeof err), -1);
+    ck_assert_msg(strstr(err, "schema version 6 is older"), "%s", err);
+    q = open_queue(NO_LIMIT, DEDUP_DAY);
+    ck_assert_int_eq(depth(q, FEED_IOS), 2);
+    queue_free(q);
+    ck_assert_int_eq(count_in_file("SELECT value FROM meta WHERE key = 'schema_version'"), 7);
+    ck_assert_int_eq(count_in_file("SELECT count(*) FROM count_deltas"), 0);
 }
 END_TEST
 
@@ -3107,6 +3145,8 @@ static Suite *suite(void)
     tcase_add_test(tc, test_after_a_backlog_the_file_gives_its_free_space_back);
     tcase_add_test(tc, test_two_processes_writing_one_queue_never_reuse_an_id);
     tcase_add_test(tc, test_the_gauges_follow_what_another_process_committed);
+    tcase_add_test(tc, test_a_service_start_counts_what_commands_noted_once);
+    tcase_add_test(tc, test_a_queue_of_schema_6_gets_the_table_of_count_changes);
     tcase_add_test(tc, test_a_second_service_on_one_data_dir_is_refused_until_the_first_stops);
     tcase_add_test(tc, test_a_failed_reading_of_another_process_changes_keeps_the_ids_apart);
     tcase_add_test(tc, test_delivered_records_left_on_disk_are_deleted_at_the_next_start);
