@@ -138,7 +138,9 @@ static const char *const SCHEMA =
     "CREATE TABLE IF NOT EXISTS settled("
     "  feed INTEGER PRIMARY KEY,"
     "  below INTEGER NOT NULL,"
-    "  claimed INTEGER NOT NULL);" COUNT_DELTAS_TABLE "CREATE TABLE IF NOT EXISTS feed_state("
+    "  claimed INTEGER NOT NULL);"
+    /* the changes a command noted: see COUNT_DELTAS_TABLE */
+    COUNT_DELTAS_TABLE "CREATE TABLE IF NOT EXISTS feed_state("
     "  feed INTEGER PRIMARY KEY,"
     "  reason TEXT NOT NULL,"
     "  since_ms INTEGER NOT NULL);"
