@@ -257,17 +257,16 @@ local function process(event, out)
   local device_info = { platform = DEVICE_PLATFORM[feed], device_model = model }
   if feed == "ios" then device_info.ios_idfv = device_id end
   if feed == "android" then device_info.android_uuid = device_id end
-  local used = 0
-  if model then used = MODEL end
+  local went = model and MODEL or 0
   if ad_id then
     device_info[ad_field] = ad_id
-    used = used + AD
+    went = went + AD
   end
   if type(tracking) == "boolean" then
     device_info.limit_ad_tracking = not tracking
-    used = used + TRACKING
+    went = went + TRACKING
   end
-  used = CONSUMED[used]
+  local used = CONSUMED[went]
 
   -- every other property is a custom attribute, and the user's device_id
   local extra = device_id and { device_id = device_id } or nil
