@@ -1217,8 +1217,13 @@ static void run_chain(rules *r, lua_State *L, int evi, int wsi, size_t upto,
         lua_pop(L, 2);
     }
     if (lua_isnil(L, outi)) {
-        res->kind = CHAIN_DROP;
-        str_printf(res->detail, sizeof res->detail, "no rule produced an output (last: %s)",
+        /* a rule that forgot its return, never a drop of its own: only
+         * `return false, reason` drops an event */
+        res->kind = CHAIN_DEAD;
+        res->dead_reason = DEAD_INVALID_OUTPUT;
+        str_printf(res->detail, sizeof res->detail,
+                   "no rule produced an output (last: %s); return a table, or false and a "
+                   "reason to drop the event",
                    file_base(r->rs->files[r->n - 1].name));
     }
 }
@@ -2552,6 +2557,17 @@ static int run_test(rules *r, lua_State *L, size_t k, int ti, long index, buf *r
         str_copy(diff, sizeof diff, "the test has neither `expect` nor `expect_drop`");
         goto done;
     }
+    if (xt != LUA_TNIL && dt != LUA_TNIL) {
+        str_copy(diff, sizeof diff, "the test has both `expect` and `expect_drop`; give one");
+        goto done;
+    }
+    if (dt != LUA_TNIL && dt != LUA_TSTRING) {
+        /* `expect_drop = false` passed for any drop: it reads as "kept" */
+        str_printf(diff, sizeof diff,
+                   "`expect_drop` must be the reason of the drop (a string), not %s",
+                   lua_typename(L, dt));
+        goto done;
+    }
     if (res.kind == CHAIN_DEAD) {
         str_printf(diff, sizeof diff, "the event went to the dead-letter store (%s): %s",
                    res.dead_reason, res.detail);
@@ -2560,9 +2576,8 @@ static int run_test(rules *r, lua_State *L, size_t k, int ti, long index, buf *r
     if (dt != LUA_TNIL) {
         const char *want = lua_tostring(L, -1);
         if (res.kind != CHAIN_DROP)
-            str_printf(diff, sizeof diff, "expected a drop (%s), but the event was mapped",
-                       want ? want : "?");
-        else if (want && strcmp(want, res.detail) != 0)
+            str_printf(diff, sizeof diff, "expected a drop (%s), but the event was mapped", want);
+        else if (strcmp(want, res.detail) != 0)
             str_printf(diff, sizeof diff, "expected drop reason \"%s\", got \"%s\"", want,
                        res.detail);
         else

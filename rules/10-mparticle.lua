@@ -610,3 +610,4 @@ local tests = {
 }
 
 return { process = process, tests = tests }
+-- c

@@ -1412,6 +1412,21 @@ START_TEST(test_rule_returning_a_number_is_invalid_output)
 }
 END_TEST
 
+/* Only `return false, reason` drops an event: a chain that ends without an
+ * output (a rule that forgot its return) was counted as filtered, and the
+ * event was gone. */
+START_TEST(test_no_output_from_any_rule_is_invalid_output)
+{
+    const struct dead_letter *d =
+        dead_from("return function(event, out)\n"
+                  "  if event.event_type == 'never' then return {feed = 'unbound'} end\n"
+                  "end\n");
+    ck_assert_str_eq(d->reason, DEAD_INVALID_OUTPUT);
+    ck_assert_msg(contains(d->detail.p, "no rule produced an output (last: 50-rule.lua)"),
+                  "detail: %s", d->detail.p);
+}
+END_TEST
+
 START_TEST(test_output_with_an_unknown_feed_is_invalid_output)
 {
     const struct dead_letter *d =
@@ -3265,6 +3280,38 @@ START_TEST(test_wrong_drop_reason_is_reported)
 }
 END_TEST
 
+/* `expect_drop = false` reads as "not dropped", yet passed for any drop. */
+START_TEST(test_expect_drop_that_is_not_a_reason_is_reported)
+{
+    rule("20-tested.lua", TESTED_RULE_HEAD
+         "  { name = \"kept\", event = {event_type = \"t\", id = \"skip\", time = 1},\n"
+         "    expect_drop = false },\n"
+         "} }\n");
+    build();
+    int failures = self_test();
+    const char *text = F.report.data;
+    ck_assert_int_eq(failures, 1);
+    ck_assert_msg(contains(text, "`expect_drop` must be the reason of the drop (a string), not "
+                                 "boolean"),
+                  "report: %s", text);
+}
+END_TEST
+
+START_TEST(test_a_test_with_both_expect_and_expect_drop_is_reported)
+{
+    rule("20-tested.lua", TESTED_RULE_HEAD
+         "  { name = \"both\", event = {event_type = \"t\", id = \"skip\", time = 1},\n"
+         "    expect = {event = {name = \"Seen skip\"}}, expect_drop = \"too_old\" },\n"
+         "} }\n");
+    build();
+    int failures = self_test();
+    const char *text = F.report.data;
+    ck_assert_int_eq(failures, 1);
+    ck_assert_msg(contains(text, "the test has both `expect` and `expect_drop`"), "report: %s",
+                  text);
+}
+END_TEST
+
 /* Each test may take an event's time limit: their number is bounded, or a
  * file of a million slow tests held `check` and a reload for days. */
 START_TEST(test_more_rule_tests_than_the_bound_fail_without_running_the_rest)
@@ -3496,6 +3543,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_an_argument_error_names_the_library_function);
     tcase_add_test(tc, test_rule_error_leaves_the_other_events_mapped);
     tcase_add_test(tc, test_rule_returning_a_number_is_invalid_output);
+    tcase_add_test(tc, test_no_output_from_any_rule_is_invalid_output);
     tcase_add_test(tc, test_output_with_an_unknown_feed_is_invalid_output);
     tcase_add_test(tc, test_an_output_with_more_than_100_user_attributes_is_invalid_output);
     tcase_add_test(tc, test_an_output_with_100_user_attributes_is_a_record);
@@ -3612,6 +3660,8 @@ static Suite *suite(void)
     tcase_add_test(tc, test_wrong_expectation_is_reported_with_file_field_and_values);
     tcase_add_test(tc, test_expected_drop_of_a_mapped_event_is_reported);
     tcase_add_test(tc, test_wrong_drop_reason_is_reported);
+    tcase_add_test(tc, test_expect_drop_that_is_not_a_reason_is_reported);
+    tcase_add_test(tc, test_a_test_with_both_expect_and_expect_drop_is_reported);
     tcase_add_test(tc, test_more_rule_tests_than_the_bound_fail_without_running_the_rest);
     tcase_add_test(tc, test_rules_get_the_workspace_and_records_keep_it);
     tcase_add_test(tc, test_a_dead_letter_keeps_the_workspace);
