@@ -538,6 +538,7 @@ static int timed(lua_State *L)
     int cpu = sb->cpu_timed;
     int64_t began = clock_mono_ns();
     int64_t start = cpu ? clock_thread_ns() : began;
+    int64_t steps = sb->steps;
     sb->in_timed++;
     int status = protected_call(L, lua_gettop(L) - 1, LUA_MULTRET, 0);
     sb->in_timed--;
@@ -547,7 +548,12 @@ static int timed(lua_State *L)
     int64_t deadline = deadline_of(sb);
     if (sb->in_timed == 0 && deadline != INT64_MAX && ended - began < INT64_MAX - deadline)
         set_deadline(sb, deadline + (ended - began));
-    int64_t cost = (int64_t)((double)took / ns_per_instruction);
+    /* Lua that the call ran (a gsub replacement function, a sort comparator)
+     * was counted by the hook, and the calls timed within it charged: the call
+     * pays for the rest of its time, or it paid them twice */
+    int64_t cost = (int64_t)((double)took / ns_per_instruction) - (sb->steps - steps);
+    if (cost < 0)
+        cost = 0;
     int64_t most = sb->budget / TIMED_CALL_SHARE > 0 ? sb->budget / TIMED_CALL_SHARE : 1;
     if (!cpu && cost > most) {
         cost = most;

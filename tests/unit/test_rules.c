@@ -1929,6 +1929,30 @@ START_TEST(test_one_slow_library_call_pays_at_most_an_eighth_of_the_budget)
 }
 END_TEST
 
+/* Lua that a library call runs (a gsub replacement function, a sort
+ * comparator) is counted by the count hook; the call's time took it in again,
+ * and such rules met the limit at about half their budget. Six gsubs whose
+ * function runs 900,000 instructions in all fit a budget of 1,500,000. */
+START_TEST(test_lua_run_inside_a_library_call_is_charged_once)
+{
+    ck_assert_int_eq(setenv("TRIBUTARY_RULES_INSTRUCTIONS", "1500000", 1), 0);
+    rule("50-rule.lua", "local function cb(c)\n"
+                        "  local n = 0\n"
+                        "  for i = 1, 400 do n = n + i end\n"
+                        "  return c\n"
+                        "end\n"
+                        "return function(event, out)\n"
+                        "  local s = ('x'):rep(188)\n"
+                        "  for i = 1, 6 do s = s:gsub('.', cb) end\n"
+                        "  return {feed = 'unbound', batch = {},\n"
+                        "          event = {event_type = 'custom_event', data = {event_name = 'E', "
+                        "custom_event_type = 'other', n = #s}}}\n"
+                        "end\n");
+    build();
+    maps_to_one_record(ENVELOPE(EV("e-1")));
+}
+END_TEST
+
 /* After a call that took longer than its share, the event's next calls are
  * timed by the thread's CPU time and pay it in full: a second slow call ends
  * the event. */
@@ -3624,6 +3648,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_a_loop_of_matches_through_gmatch_hits_the_instruction_limit);
     tcase_add_test(tc, test_a_plain_search_too_large_for_one_call_is_refused);
     tcase_add_test(tc, test_one_slow_library_call_pays_at_most_an_eighth_of_the_budget);
+    tcase_add_test(tc, test_lua_run_inside_a_library_call_is_charged_once);
     tcase_add_test(tc, test_a_rule_comparing_long_strings_in_a_loop_meets_the_time_limit);
     tcase_add_loop_test(tc, test_converting_long_text_to_a_number_pays_for_its_time, 0,
                         ARRAY_LEN(LONG_TEXT_CONVERSIONS));
