@@ -460,7 +460,9 @@ int main(int argc, char **argv)
     /* The queue, its WAL and the lock file hold event data (PII): private to
      * the service's user, whatever umask it was started with. */
     umask(077);
-    for (int i = 1; i < argc; i++) {
+    /* anywhere among the options, but not after "--": a name or file there
+     * may be spelt so */
+    for (int i = 1; i < argc && strcmp(argv[i], "--") != 0; i++) {
         if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
             fputs(USAGE, stdout);
             return output_written(0);

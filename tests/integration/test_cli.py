@@ -41,6 +41,19 @@ class Cli(ServiceTest):
         for command in ("serve", "check", "map"):
             self.assertIn(command, p.stdout)
 
+    def test_help_and_version_after_double_dash_are_arguments(self):
+        # `map -- -h` printed the usage instead of mapping the file -h
+        d, _ = self.write_file("-h", json.dumps({"events": [event(user="dash")]}))
+        env = {"TRIBUTARY_RULES_DIR": RULES}
+        p = run_cli(["map", "--", "-h"], env=env, cwd=d)
+        self.assertEqual(p.returncode, 0, p)
+        self.assertEqual(json.loads(p.stdout.splitlines()[0])["batch"]["user_identities"]
+                         ["customer_id"], "dash")
+        # no such file: an error, not the version
+        p = run_cli(["map", "--", "--version"], env=env, cwd=d)
+        self.assertEqual(p.returncode, 1, p)
+        self.assertNotIn("tributary 0.", p.stdout)
+
     def test_a_runtime_error_in_the_configuration_never_shows_the_value_involved(self):
         path = os.path.join(self.tmpdir(), "c.lua")
         with open(path, "w") as f:
