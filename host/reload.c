@@ -6,6 +6,7 @@
 
 #include <errno.h>
 #include <limits.h>
+#include <stdatomic.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -62,6 +63,15 @@ static struct {
     int n;
 } writing;
 
+/* Set by reload_cancel at a stop: a reload under way ends without taking
+ * effect. */
+static atomic_int cancelled;
+
+void reload_cancel(void)
+{
+    atomic_store(&cancelled, 1);
+}
+
 int reload_validate(ruleset *rs, buf *report, int *ntests)
 {
     char err[ERR_LEN];
@@ -71,6 +81,7 @@ int reload_validate(ruleset *rs, buf *report, int *ntests)
         (void)!buf_printf(report, "%s\n", err);
         return -1;
     }
+    rules_tests_cancelled_by(r, &cancelled);
     int failures = rules_self_test(r, report, ntests);
     rules_free(r);
     return failures == 0 ? 0 : -1;
@@ -227,6 +238,15 @@ static void warn_restart_only(const struct config *old, const struct config *neu
     }
 }
 
+/* 1, with err saying so, once the service is stopping. */
+static int stopping(char *err, size_t errlen)
+{
+    if (!atomic_load(&cancelled))
+        return 0;
+    str_copy(err, errlen, "the service is stopping");
+    return 1;
+}
+
 int reload_now(const char *trigger, char *err, size_t errlen)
 {
     pthread_mutex_lock(&R.reloading);
@@ -242,7 +262,7 @@ int reload_now(const char *trigger, char *err, size_t errlen)
     buf report;
     buf_init(&report, 64 * 1024);
     int ntests = 0;
-    if (config_load_again(&cfg, path, err, errlen) != 0)
+    if (stopping(err, errlen) || config_load_again(&cfg, path, err, errlen) != 0)
         goto done;
     if (ruleset_load(&rs, cfg, err, errlen) != 0)
         goto done;
@@ -252,6 +272,8 @@ int reload_now(const char *trigger, char *err, size_t errlen)
         reload_report_excerpt(&report, err, errlen);
         goto done;
     }
+    if (stopping(err, errlen))
+        goto done;
     if (started)
         warn_restart_only(started, cfg);
     /* a renewed certificate: the next handshakes get it */
@@ -294,7 +316,9 @@ int reload_now(const char *trigger, char *err, size_t errlen)
                  LOG_S("rules_version", version) LOG_I("rule_tests", ntests));
     rc = 0;
 done:
-    if (rc != 0) {
+    if (rc != 0 && atomic_load(&cancelled)) {
+        log_info("reload left unfinished: the service is stopping", LOG_S("trigger", trigger));
+    } else if (rc != 0) {
         pthread_mutex_lock(&R.mu);
         R.last_ok = 0;
         pthread_mutex_unlock(&R.mu);

@@ -46,6 +46,9 @@ void reload_status(int *last_ok, int64_t *loaded_ms);
 /* Loads, validates and installs the configuration and rules. On failure the old
  * ones stay in force and err says why (file and line). `trigger` is logged. */
 int reload_now(const char *trigger, char *err, size_t errlen) WUR;
+/* At a stop: a reload under way ends at its next rule test without taking
+ * effect, and any later one is refused. */
+void reload_cancel(void);
 
 /* Watching rules_dir (inotify): a file written, renamed, created or removed
  * there asks for a reload. Editors write in several steps, so the caller waits

@@ -267,12 +267,13 @@ struct rules {
     int tributary_ref; /* the table behind the read-only `tributary` global */
     int absent_ref;    /* tributary.absent, the "must be missing" marker in tests */
     struct sandbox_limits limits;
-    size_t memory_cap; /* state memory between requests before a rebuild: what the
-                          top levels left, plus rules.memory_mb */
-    size_t ceiling;    /* what the state may hold while the events of a request run
-                          (see begin_events) */
-    int testing;       /* running rule tests: tributary.count counts nothing */
-    int uncounted;     /* nor for events mapped again (rules_uncounted) */
+    size_t memory_cap;        /* state memory between requests before a rebuild: what the
+                                 top levels left, plus rules.memory_mb */
+    size_t ceiling;           /* what the state may hold while the events of a request run
+                                 (see begin_events) */
+    int testing;              /* running rule tests: tributary.count counts nothing */
+    const atomic_int *cancel; /* see rules_tests_cancelled_by */
+    int uncounted;            /* nor for events mapped again (rules_uncounted) */
     buf scratch;
     buf encoded; /* cjson.encode's text while a rule calls it */
 };
@@ -2637,9 +2638,13 @@ static int protected_context(lua_State *L)
 /* Each rule test may take an event's time limit: together they are bounded,
  * so that `check` and a reload end. Says in the report why test #i of file is
  * not run, and returns 1; 0 when it may run. */
-static int tests_stop(buf *report, const char *file, lua_Integer i, int ntests, int64_t deadline)
+static int tests_stop(const rules *r, buf *report, const char *file, lua_Integer i, int ntests,
+                      int64_t deadline)
 {
-    if (ntests == RULES_MAX_TESTS)
+    if (r->cancel && atomic_load(r->cancel))
+        (void)!buf_printf(report, "%s: test #%lld not run: the service is stopping\n", file,
+                          (long long)i);
+    else if (ntests == RULES_MAX_TESTS)
         (void)!buf_printf(report,
                           "%s: test #%lld not run: more rule tests than %d; make them fewer\n",
                           file, (long long)i, RULES_MAX_TESTS);
@@ -2651,6 +2656,11 @@ static int tests_stop(buf *report, const char *file, lua_Integer i, int ntests, 
     else
         return 0;
     return 1;
+}
+
+void rules_tests_cancelled_by(rules *r, const atomic_int *cancel)
+{
+    r->cancel = cancel;
 }
 
 int rules_self_test(rules *r, buf *report, int *ntests)
@@ -2669,7 +2679,7 @@ int rules_self_test(rules *r, buf *report, int *ntests)
         int tt = lua_gettop(L);
         lua_Integer n = (lua_Integer)lua_rawlen(L, tt);
         for (lua_Integer i = 1; i <= n; i++) {
-            if (tests_stop(report, r->rs->files[k].name, i, *ntests, deadline)) {
+            if (tests_stop(r, report, r->rs->files[k].name, i, *ntests, deadline)) {
                 failures++;
                 stopped = 1;
                 break;

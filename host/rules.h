@@ -27,6 +27,8 @@
 #include "record.h"
 #include "util.h"
 
+#include <stdatomic.h>
+
 #define RULES_MAX_FILES 256
 #define RULES_MAX_FILE_BYTES (1u << 20)
 /* The instruction budget of a file's top level: it may set up tables, but a
@@ -108,5 +110,8 @@ int rules_map(rules *r, const char *body, size_t len, enum input_shape shape, st
  * report per failure to report (with a readable difference). Returns the
  * number of failures, or -1 on an internal error. */
 int rules_self_test(rules *r, buf *report, int *ntests);
+/* While *cancel (NULL: never) is set, rules_self_test runs no further test and
+ * fails, saying why. */
+void rules_tests_cancelled_by(rules *r, const atomic_int *cancel);
 
 #endif

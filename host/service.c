@@ -214,17 +214,89 @@ static void settle(int64_t *reload_at, int64_t *changed_at)
     *reload_at = quiet < latest ? quiet : latest;
 }
 
+/* Reloads run on a thread of their own: their rule tests may take up to a
+ * minute, and the main thread must stay free to read a SIGTERM (a stop that
+ * waited for a reload answered batches 200 meanwhile, and its shutdown could
+ * outlast the unit's TimeoutStopSec). Asks made during a reload make one more
+ * after it. */
+struct reloader {
+    pthread_mutex_t mu;
+    pthread_cond_t wake;
+    const char *trigger; /* a reload asked for and not begun (a literal); NULL: none */
+    int stop;
+    int started;
+    pthread_t thread;
+};
+
+static void *reloader_main(void *arg)
+{
+    struct reloader *w = arg;
+    pthread_setname_np(pthread_self(), "reload");
+    char err[4096];
+    pthread_mutex_lock(&w->mu);
+    for (;;) {
+        while (!w->trigger && !w->stop)
+            pthread_cond_wait(&w->wake, &w->mu);
+        if (w->stop)
+            break;
+        const char *trigger = w->trigger;
+        w->trigger = NULL;
+        pthread_mutex_unlock(&w->mu);
+        (void)!reload_now(trigger, err, sizeof err);
+        pthread_mutex_lock(&w->mu);
+    }
+    pthread_mutex_unlock(&w->mu);
+    return NULL;
+}
+
+/* Started once signals are taken: the thread inherits their mask. */
+static void reloader_start(struct reloader *w)
+{
+    pthread_mutex_init(&w->mu, NULL);
+    pthread_cond_init(&w->wake, NULL);
+    w->started = pthread_create(&w->thread, NULL, reloader_main, w) == 0;
+    if (!w->started)
+        log_warn("cannot start the reload thread; reloads run on the main thread");
+}
+
+static void reloader_ask(struct reloader *w, const char *trigger)
+{
+    if (!w->started) {
+        char err[4096];
+        (void)!reload_now(trigger, err, sizeof err);
+        return;
+    }
+    pthread_mutex_lock(&w->mu);
+    w->trigger = trigger;
+    pthread_cond_signal(&w->wake);
+    pthread_mutex_unlock(&w->mu);
+}
+
+/* After reload_cancel: a reload under way ends at its next rule test. */
+static void reloader_stop(struct reloader *w)
+{
+    if (!w->started)
+        return;
+    pthread_mutex_lock(&w->mu);
+    w->stop = 1;
+    pthread_cond_signal(&w->wake);
+    pthread_mutex_unlock(&w->mu);
+    pthread_join(w->thread, NULL);
+    pthread_cond_destroy(&w->wake);
+    pthread_mutex_destroy(&w->mu);
+    w->started = 0;
+}
+
 /* The main thread's loop: signals (sfd), changes in rules_dir, watched through
- * wfd (-1: not watched), and memory to give back (trim_memory). Returns when
- * told to stop. */
-static int wait_for_stop(int sfd, int wfd)
+ * wfd (-1: not watched), and memory to give back (trim_memory); reloads go to
+ * the reloader. Returns when told to stop. */
+static int wait_for_stop(int sfd, int wfd, struct reloader *reloader)
 {
     if (sfd < 0)
         return 1;
     int64_t reload_at = 0;  /* a rules_dir change waits to settle */
     int64_t changed_at = 0; /* the first change since the last such reload */
     struct trim trim = {clock_mono_ms() + TRIM_EVERY_MS, -1};
-    char rerr[4096];
     for (;;) {
         struct pollfd fds[2] = {{sfd, POLLIN, 0}, {wfd, POLLIN, 0}};
         /* follow a rules_dir changed by any reload (also /admin/reload), and
@@ -243,7 +315,7 @@ static int wait_for_stop(int sfd, int wfd)
             struct signalfd_siginfo si;
             if (read(sfd, &si, sizeof si) == (ssize_t)sizeof si) {
                 if (si.ssi_signo == SIGHUP) {
-                    (void)!reload_now("SIGHUP", rerr, sizeof rerr);
+                    reloader_ask(reloader, "SIGHUP");
                 } else {
                     log_info("stopping",
                              LOG_S("signal", si.ssi_signo == SIGTERM ? "SIGTERM" : "SIGINT"));
@@ -259,7 +331,7 @@ static int wait_for_stop(int sfd, int wfd)
             reload_at = now + RELOAD_SETTLE_MS; /* a file half written is not loaded */
         } else if (reload_at && now >= reload_at) {
             reload_at = 0;
-            (void)!reload_now("rules_dir changed", rerr, sizeof rerr);
+            reloader_ask(reloader, "rules_dir changed");
         }
         trim_memory(&trim);
     }
@@ -375,6 +447,7 @@ int service_run(const char *config_path)
     struct service s = {0};
     int rc = 1, sfd = -1;
     struct second_signal stop_watch = {0};
+    struct reloader reloader = {0};
     struct queue_options qo = {
         .dir = cfg->data_dir,
         .sync_full = strcmp(cfg->queue_sync, "full") == 0,
@@ -453,8 +526,10 @@ int service_run(const char *config_path)
                  "until feeds.<name>.key and .secret are set");
 
     sfd = take_signals();
-    rc = wait_for_stop(sfd, wfd);
+    reloader_start(&reloader);
+    rc = wait_for_stop(sfd, wfd, &reloader);
 done:
+    reload_cancel();
     second_signal_start(&stop_watch, sfd);
     /* New batches get 503; the requests in progress are answered, then the
      * sender finishes its in-flight requests, and then the server stops and
@@ -465,6 +540,7 @@ done:
     sender_stop(s.sender, SHUTDOWN_GRACE_MS);
     http_in_stop(s.http);
     sender_free(s.sender); /* after the server: /readyz and /metrics ask it */
+    reloader_stop(&reloader);
     reload_watch_stop();
     ingest_fini(&s.in);
     queue_free(s.q);

@@ -370,6 +370,37 @@ class Reload(ServiceTest):
                          "Renamed By Rule")
         self.assertEqual(s.logs().count("cannot watch rules_dir"), 1)
 
+    def test_a_stop_during_a_reload_does_not_wait_for_it(self):
+        # The reload ran on the main thread, which reads the signals: a SIGTERM
+        # during rule tests of seconds was read only once they were done, and
+        # batches got 200 meanwhile.
+        rules = self.rules_dir()
+        s = self.service(rules_dir=rules, env={"TRIBUTARY_RULES_INSTRUCTIONS": "1000000000"})
+        slow = ("  { name = 'slow %d', event = { event_type = 'users.messages.email.Open',\n"
+                "    id = '%d', time = 1, user = { external_user_id = 'c' } },\n"
+                "    expect_drop = 'slow' },\n")
+        with open(os.path.join(rules, "05-slow.lua"), "w") as f:
+            f.write("return { process = function(e, out)\n"
+                    "  local n = 0\n"
+                    "  for i = 1, 3e7 do n = n + i end\n"
+                    "  return false, 'slow'\n"
+                    "end, tests = {\n" + "".join(slow % (i, i) for i in range(20)) + "} }\n")
+        s.proc.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        self.assertNotIn("configuration and rules reloaded", s.logs())
+        stopped_at = time.monotonic()
+        s.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3 * SLOW)
+        try:
+            status = s.post([event()]).status
+        except OSError:
+            status = None  # already gone
+        self.assertIn(status, (503, None))
+        self.assertEqual(s.proc.wait(timeout=30 * SLOW), 0)
+        self.assertLess(time.monotonic() - stopped_at, 5 * SLOW)
+        self.assertIn("reload left unfinished: the service is stopping", s.logs())
+        self.assertNotIn("reload refused", s.logs())
+
     def test_sighup_reloads_inbound_tokens_for_rotation(self):
         d = self.tmpdir()
         conf = 'return { inbound = { tokens = { "%s" } } }\n'
