@@ -267,15 +267,16 @@ struct rules {
     int tributary_ref; /* the table behind the read-only `tributary` global */
     int absent_ref;    /* tributary.absent, the "must be missing" marker in tests */
     struct sandbox_limits limits;
-    size_t memory_cap;        /* state memory between requests before a rebuild: what the
-                                 top levels left, plus rules.memory_mb */
-    size_t ceiling;           /* what the state may hold while the events of a request run
-                                 (see begin_events) */
-    int testing;              /* running rule tests: tributary.count counts nothing */
-    const atomic_int *cancel; /* see rules_tests_cancelled_by */
-    int uncounted;            /* nor for events mapped again (rules_uncounted) */
+    size_t memory_cap; /* state memory between requests before a rebuild: what the
+                          top levels left, plus rules.memory_mb */
+    size_t ceiling;    /* what the state may hold while the events of a request run
+                          (see begin_events) */
+    int testing;       /* running rule tests: tributary.count counts nothing */
+    int uncounted;     /* nor for events mapped again (rules_uncounted) */
     buf scratch;
     buf encoded; /* cjson.encode's text while a rule calls it */
+    /* see rules_tests_cancelled_by */
+    const atomic_int *cancel;
 };
 
 /* The view of the configuration that rules read through `tributary`. */

@@ -249,7 +249,8 @@ static void *reloader_main(void *arg)
     return NULL;
 }
 
-/* Started once signals are taken: the thread inherits their mask. */
+/* Its signals are blocked, as every thread's (see main): the main thread
+ * reads them. */
 static void reloader_start(struct reloader *w)
 {
     pthread_mutex_init(&w->mu, NULL);
