@@ -2071,6 +2071,14 @@ static queue *open_command(void)
     return q;
 }
 
+/* A command opens the queue, commits n records of iOS, and ends. */
+static void command_commits_records(const char *prefix, int n)
+{
+    queue *cli = open_command();
+    commit_records(cli, FEED_IOS, prefix, n);
+    queue_free(cli);
+}
+
 START_TEST(test_the_gauges_follow_what_another_process_committed)
 {
     queue *service = open_queue(NO_LIMIT, DEDUP_DAY);
@@ -2094,9 +2102,7 @@ START_TEST(test_the_gauges_follow_what_another_process_committed)
     ck_assert_int_eq(dead_gauge(service), 1);
     ck_assert_int_eq(count_in_file("SELECT count(*) FROM count_deltas"), 0);
     /* a command after the rows were deleted: its row has an id of its own */
-    cli = open_command();
-    commit_records(cli, FEED_IOS, "d", 1);
-    queue_free(cli);
+    command_commits_records("d", 1);
     commit_records(service, FEED_IOS, "e", 1);
     ck_assert_int_eq(depth(service, FEED_IOS), 8);
     queue_free(service);
@@ -2108,9 +2114,7 @@ START_TEST(test_a_service_start_counts_what_commands_noted_once)
     queue *service = open_queue(NO_LIMIT, DEDUP_DAY);
     commit_records(service, FEED_IOS, "a", 3);
     queue_free(service);
-    queue *cli = open_command();
-    commit_records(cli, FEED_IOS, "b", 2);
-    queue_free(cli);
+    command_commits_records("b", 2);
     /* the start counts the records, the command's among them: its row is
      * not added again */
     service = open_queue(NO_LIMIT, DEDUP_DAY);

@@ -1911,6 +1911,12 @@ START_TEST(test_a_loop_of_matches_through_gmatch_hits_the_instruction_limit)
 }
 END_TEST
 
+/* The end of a rule that returns one event, carrying the length of its string s. */
+#define RETURN_AN_EVENT_OF_S                                                                       \
+    "  return {feed = 'unbound', batch = {},\n"                                                    \
+    "          event = {event_type = 'custom_event', data = {event_name = 'E', "                   \
+    "custom_event_type = 'other', n = #s}}}\n"
+
 /* Library calls are charged their wall-clock time; a thread descheduled during
  * one (a busy host) must not lose its event for it. One call, however long,
  * pays at most an eighth of the budget: here a string.rep of 8 MiB, over a
@@ -1919,11 +1925,7 @@ START_TEST(test_one_slow_library_call_pays_at_most_an_eighth_of_the_budget)
 {
     ck_assert_int_eq(setenv("TRIBUTARY_RULES_INSTRUCTIONS", "20000", 1), 0);
     rule("50-rule.lua", "return function(event, out)\n"
-                        "  local s = ('x'):rep(8 * 1024 * 1024)\n"
-                        "  return {feed = 'unbound', batch = {},\n"
-                        "          event = {event_type = 'custom_event', data = {event_name = 'E', "
-                        "custom_event_type = 'other', n = #s}}}\n"
-                        "end\n");
+                        "  local s = ('x'):rep(8 * 1024 * 1024)\n" RETURN_AN_EVENT_OF_S "end\n");
     build();
     maps_to_one_record(ENVELOPE(EV("e-1")));
 }
@@ -1947,11 +1949,7 @@ START_TEST(test_lua_run_inside_a_library_call_is_charged_once)
                         "end\n"
                         "return function(event, out)\n"
                         "  local s = ('x'):rep(188)\n"
-                        "  for i = 1, 6 do s = s:gsub('.', cb) end\n"
-                        "  return {feed = 'unbound', batch = {},\n"
-                        "          event = {event_type = 'custom_event', data = {event_name = 'E', "
-                        "custom_event_type = 'other', n = #s}}}\n"
-                        "end\n");
+                        "  for i = 1, 6 do s = s:gsub('.', cb) end\n" RETURN_AN_EVENT_OF_S "end\n");
     build();
     maps_to_one_record(ENVELOPE(EV("e-1")));
 }
@@ -3278,16 +3276,24 @@ START_TEST(test_wrong_expectation_is_reported_with_file_field_and_values)
 }
 END_TEST
 
+/* Builds a rule file of TESTED_RULE_HEAD with the one test `test` (a table
+ * constructor and its comma), runs it, which must fail; the report. */
+static const char *one_failing_test(const char *test)
+{
+    char src[2048];
+    snprintf(src, sizeof src, "%s%s} }\n", TESTED_RULE_HEAD, test);
+    rule("20-tested.lua", src);
+    build();
+    ck_assert_int_eq(self_test(), 1);
+    return F.report.data;
+}
+
 START_TEST(test_expected_drop_of_a_mapped_event_is_reported)
 {
-    rule("20-tested.lua", TESTED_RULE_HEAD
-         "  { name = \"should drop\", event = {event_type = \"t\", id = \"a\", time = 1},\n"
-         "    expect_drop = \"no_external_id\" },\n"
-         "} }\n");
-    build();
-    int failures = self_test();
-    const char *text = F.report.data;
-    ck_assert_int_eq(failures, 1);
+    const char *text =
+        one_failing_test("  { name = \"should drop\", event = {event_type = \"t\", id = \"a\", "
+                         "time = 1},\n"
+                         "    expect_drop = \"no_external_id\" },\n");
     ck_assert_msg(contains(text, "'should drop'"), "report: %s", text);
     ck_assert_msg(contains(text, "expected a drop (no_external_id)"), "report: %s", text);
 }
@@ -3295,14 +3301,10 @@ END_TEST
 
 START_TEST(test_wrong_drop_reason_is_reported)
 {
-    rule("20-tested.lua", TESTED_RULE_HEAD
-         "  { name = \"drop reason\", event = {event_type = \"t\", id = \"skip\", time = 1},\n"
-         "    expect_drop = \"no_external_id\" },\n"
-         "} }\n");
-    build();
-    int failures = self_test();
-    const char *text = F.report.data;
-    ck_assert_int_eq(failures, 1);
+    const char *text =
+        one_failing_test("  { name = \"drop reason\", event = {event_type = \"t\", id = \"skip\", "
+                         "time = 1},\n"
+                         "    expect_drop = \"no_external_id\" },\n");
     ck_assert_msg(contains(text, "expected drop reason \"no_external_id\", got \"too_old\""),
                   "report: %s", text);
 }
@@ -3311,14 +3313,9 @@ END_TEST
 /* `expect_drop = false` reads as "not dropped", yet passed for any drop. */
 START_TEST(test_expect_drop_that_is_not_a_reason_is_reported)
 {
-    rule("20-tested.lua", TESTED_RULE_HEAD
-         "  { name = \"kept\", event = {event_type = \"t\", id = \"skip\", time = 1},\n"
-         "    expect_drop = false },\n"
-         "} }\n");
-    build();
-    int failures = self_test();
-    const char *text = F.report.data;
-    ck_assert_int_eq(failures, 1);
+    const char *text = one_failing_test(
+        "  { name = \"kept\", event = {event_type = \"t\", id = \"skip\", time = 1},\n"
+        "    expect_drop = false },\n");
     ck_assert_msg(contains(text, "`expect_drop` must be the reason of the drop (a string), not "
                                  "boolean"),
                   "report: %s", text);
@@ -3327,14 +3324,9 @@ END_TEST
 
 START_TEST(test_a_test_with_both_expect_and_expect_drop_is_reported)
 {
-    rule("20-tested.lua", TESTED_RULE_HEAD
-         "  { name = \"both\", event = {event_type = \"t\", id = \"skip\", time = 1},\n"
-         "    expect = {event = {name = \"Seen skip\"}}, expect_drop = \"too_old\" },\n"
-         "} }\n");
-    build();
-    int failures = self_test();
-    const char *text = F.report.data;
-    ck_assert_int_eq(failures, 1);
+    const char *text = one_failing_test(
+        "  { name = \"both\", event = {event_type = \"t\", id = \"skip\", time = 1},\n"
+        "    expect = {event = {name = \"Seen skip\"}}, expect_drop = \"too_old\" },\n");
     ck_assert_msg(contains(text, "the test has both `expect` and `expect_drop`"), "report: %s",
                   text);
 }
