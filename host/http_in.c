@@ -649,8 +649,8 @@ static enum MHD_Result answer_admin_reload(struct MHD_Connection *c, struct req 
     char err[4096];
     buf out;
     buf_init(&out, 16384);
-    int status;
-    if (reload_now("admin request", err, sizeof err) == 0) {
+    int status, reloaded = reload_now("admin request", err, sizeof err);
+    if (reloaded == 0) {
         reload_get(&s);
         (void)!buf_printf(&out, "{\"reloaded\":true,\"rules_version\":\"%s\",\"generation\":%llu}",
                           ruleset_version(s.rs), (unsigned long long)s.generation);
@@ -660,7 +660,7 @@ static enum MHD_Result answer_admin_reload(struct MHD_Connection *c, struct req 
         (void)!buf_adds(&out, "{\"reloaded\":false,\"error\":");
         (void)!buf_json_str(&out, err, strlen(err));
         (void)!buf_addc(&out, '}');
-        status = 422;
+        status = reloaded == RELOAD_STOPPING ? 503 : 422; /* a stop is our state, not the files' */
     }
     enum MHD_Result rc = reply_json(c, r, status, out.data ? out.data : "{}", 0);
     buf_free(&out);

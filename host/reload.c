@@ -318,6 +318,8 @@ int reload_now(const char *trigger, char *err, size_t errlen)
 done:
     if (rc != 0 && atomic_load(&cancelled)) {
         log_info("reload left unfinished: the service is stopping", LOG_S("trigger", trigger));
+        (void)stopping(err, errlen); /* not the rule test it did not run */
+        rc = RELOAD_STOPPING;
     } else if (rc != 0) {
         pthread_mutex_lock(&R.mu);
         R.last_ok = 0;

@@ -44,7 +44,9 @@ void reload_put(struct snapshot *s);
 void reload_status(int *last_ok, int64_t *loaded_ms);
 
 /* Loads, validates and installs the configuration and rules. On failure the old
- * ones stay in force and err says why (file and line). `trigger` is logged. */
+ * ones stay in force and err says why (file and line): -1, or RELOAD_STOPPING
+ * when the service is stopping (see reload_cancel). `trigger` is logged. */
+#define RELOAD_STOPPING (-2)
 int reload_now(const char *trigger, char *err, size_t errlen) WUR;
 /* At a stop: a reload under way ends at its next rule test without taking
  * effect, and any later one is refused. */

@@ -370,12 +370,12 @@ class Reload(ServiceTest):
                          "Renamed By Rule")
         self.assertEqual(s.logs().count("cannot watch rules_dir"), 1)
 
-    def test_a_stop_during_a_reload_does_not_wait_for_it(self):
-        # The reload ran on the main thread, which reads the signals: a SIGTERM
-        # during rule tests of seconds was read only once they were done, and
-        # batches got 200 meanwhile.
+    def service_with_slow_rule_tests_to_load(self, env=None):
+        """A service whose rules_dir then gets a file of 20 rule tests of some
+        0.2 s each, which its next reload runs."""
         rules = self.rules_dir()
-        s = self.service(rules_dir=rules, env={"TRIBUTARY_RULES_INSTRUCTIONS": "1000000000"})
+        s = self.service(rules_dir=rules,
+                         env=dict(env or {}, TRIBUTARY_RULES_INSTRUCTIONS="1000000000"))
         slow = ("  { name = 'slow %d', event = { event_type = 'users.messages.email.Open',\n"
                 "    id = '%d', time = 1, user = { external_user_id = 'c' } },\n"
                 "    expect_drop = 'slow' },\n")
@@ -385,6 +385,13 @@ class Reload(ServiceTest):
                     "  for i = 1, 3e7 do n = n + i end\n"
                     "  return false, 'slow'\n"
                     "end, tests = {\n" + "".join(slow % (i, i) for i in range(20)) + "} }\n")
+        return s
+
+    def test_a_stop_during_a_reload_does_not_wait_for_it(self):
+        # The reload ran on the main thread, which reads the signals: a SIGTERM
+        # during rule tests of seconds was read only once they were done, and
+        # batches got 200 meanwhile.
+        s = self.service_with_slow_rule_tests_to_load()
         s.proc.send_signal(signal.SIGHUP)
         time.sleep(0.5)
         self.assertNotIn("configuration and rules reloaded", s.logs())
@@ -400,6 +407,18 @@ class Reload(ServiceTest):
         self.assertLess(time.monotonic() - stopped_at, 5 * SLOW)
         self.assertIn("reload left unfinished: the service is stopping", s.logs())
         self.assertNotIn("reload refused", s.logs())
+
+    def test_an_admin_reload_under_way_at_a_stop_is_answered_503(self):
+        s = self.service_with_slow_rule_tests_to_load(env={"TRIBUTARY_ADMIN_TOKEN": ADMIN})
+        answer = {}
+        caller = threading.Thread(target=lambda: answer.update(r=self.admin_reload(s)))
+        caller.start()
+        time.sleep(0.5)
+        s.proc.send_signal(signal.SIGTERM)
+        caller.join(30 * SLOW)
+        self.assertEqual(answer["r"].status, 503)
+        self.assertEqual(answer["r"].json()["error"], "the service is stopping")
+        self.assertEqual(s.proc.wait(timeout=30 * SLOW), 0)
 
     def test_sighup_reloads_inbound_tokens_for_rotation(self):
         d = self.tmpdir()
