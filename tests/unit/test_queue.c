@@ -992,16 +992,34 @@ START_TEST(test_a_table_of_the_ring_is_emptied_once_the_line_passes_it)
 }
 END_TEST
 
-START_TEST(test_delivered_records_left_on_disk_are_deleted_at_the_next_start)
+/* Two batches of iOS records (ids, b), the second delivered, and the queue
+ * closed: its record stays on disk until the next start settles it. */
+static void leave_a_delivered_record_on_disk(int64_t ids[3], struct queue_batch b[2])
 {
     queue *q = open_queue(NO_LIMIT, DEDUP_DAY);
-    int64_t ids[3];
-    struct queue_batch b[2];
     two_batches(q, ids, b);
     ck_assert_int_eq(queue_ack(q, &b[1].id, 1, FEED_IOS, ids[0]), QUEUE_OK);
     queue_free(q);
+}
 
-    q = open_queue(NO_LIMIT, DEDUP_DAY);
+/* A command beside the service, as `tributary dlq` opens the queue. */
+static queue *open_command(void)
+{
+    struct queue_options o = {
+        .dir = data_dir, .sync_full = 1, .max_depth = NO_LIMIT, .existing = 1};
+    char err[ERR_LEN] = "";
+    queue *q = NULL;
+    ck_assert_msg(queue_open(&q, &o, err, sizeof err) == 0, "%s", err);
+    return q;
+}
+
+START_TEST(test_delivered_records_left_on_disk_are_deleted_at_the_next_start)
+{
+    int64_t ids[3];
+    struct queue_batch b[2];
+    leave_a_delivered_record_on_disk(ids, b);
+
+    queue *q = open_queue(NO_LIMIT, DEDUP_DAY);
     ck_assert_int_eq(depth(q, FEED_IOS), 2);
     ck_assert_int_eq(count_in_file("SELECT count(*) FROM records_ios"), 2);
     struct queue_items it;
@@ -1023,22 +1041,14 @@ START_TEST(test_a_cli_change_leaves_delivered_records_to_the_service_start)
 {
     /* deleted row by row beside a running service, millions of them held its
      * writer for minutes */
-    queue *q = open_queue(NO_LIMIT, DEDUP_DAY);
     int64_t ids[3];
     struct queue_batch b[2];
-    two_batches(q, ids, b);
-    ck_assert_int_eq(queue_ack(q, &b[1].id, 1, FEED_IOS, ids[0]), QUEUE_OK);
-    queue_free(q);
+    leave_a_delivered_record_on_disk(ids, b);
 
-    struct queue_options o = {
-        .dir = data_dir, .sync_full = 1, .max_depth = NO_LIMIT, .existing = 1};
-    char err[ERR_LEN] = "";
-    ck_assert_int_eq(queue_open(&q, &o, err, sizeof err), 0);
-    queue_free(q);
+    queue_free(open_command());
     ck_assert_int_eq(count_in_file("SELECT count(*) FROM records_ios"), 3);
 
-    q = open_queue(NO_LIMIT, DEDUP_DAY);
-    queue_free(q);
+    queue_free(open_queue(NO_LIMIT, DEDUP_DAY));
     ck_assert_int_eq(count_in_file("SELECT count(*) FROM records_ios"), 2);
 }
 END_TEST
@@ -2059,17 +2069,6 @@ START_TEST(test_two_processes_writing_one_queue_never_reuse_an_id)
     queue_free(service);
 }
 END_TEST
-
-/* A command beside the service, as `tributary dlq` opens the queue. */
-static queue *open_command(void)
-{
-    struct queue_options o = {
-        .dir = data_dir, .sync_full = 1, .max_depth = NO_LIMIT, .existing = 1};
-    char err[ERR_LEN] = "";
-    queue *q = NULL;
-    ck_assert_msg(queue_open(&q, &o, err, sizeof err) == 0, "%s", err);
-    return q;
-}
 
 /* A command opens the queue, commits n records of iOS, and ends. */
 static void command_commits_records(const char *prefix, int n)
