@@ -32,9 +32,10 @@ struct job {
     int nnames;
     int sets[MAX_SKIPS]; /* stack indices of the sets among them */
     int nsets;
-    int out;       /* index of the attributes table */
-    int exact;     /* sizes measured as JSON text, not bounded from the lengths */
-    int names_cut; /* a name was cut: two may now be one (see keep_first_by_name) */
+    int out;           /* index of the attributes table */
+    int exact;         /* sizes measured as JSON text, not bounded from the lengths */
+    int names_changed; /* a name was cut, or had bytes that are not UTF-8: two may
+                          now be one (see keep_first_by_name) */
     lua_Integer cuts, dropped;
 };
 
@@ -134,29 +135,29 @@ static int keeps_property(lua_State *L, const struct job *j)
     return !is_skipped(L, j, key);
 }
 
-/* How many bytes of s[0..n) to keep for at most max characters: n when it has
- * no more. Where the part kept would not be well-formed UTF-8, or s does not
- * start at a character, the cut is at byte max. *cut says whether it is cut. */
+/* How many bytes of s[0..n) to keep for at most max characters, counted as
+ * the JSON writer writes them (a byte that begins no UTF-8 sequence is one,
+ * U+FFFD); *cut says whether that is fewer than n. */
 static size_t cut_length(const char *s, size_t n, size_t max, int *cut)
 {
-    *cut = n > max;
-    if (!*cut)
-        return n;
-    if (((unsigned char)s[0] & 0xC0) == 0x80)
-        return max;
-    /* where character max + 1 starts, counting the bytes that start one */
-    size_t pos = 0, left = max;
-    while (left > 0 && pos < n) {
-        do
-            pos++;
-        while (pos < n && ((unsigned char)s[pos] & 0xC0) == 0x80);
-        left--;
+    size_t keep = n > max ? json_str_prefix(s, n, max) : n;
+    *cut = keep < n;
+    return keep;
+}
+
+void attributes_push_as_written(lua_State *L, const char *s, size_t n)
+{
+    luaL_Buffer b;
+    luaL_buffinit(L, &b);
+    for (size_t i = 0; i < n;) {
+        size_t len = utf8_sequence((const unsigned char *)s + i, n - i);
+        if (len > 0)
+            luaL_addlstring(&b, s + i, len);
+        else
+            luaL_addlstring(&b, "\xEF\xBF\xBD", 3);
+        i += len > 0 ? len : 1;
     }
-    if (pos >= n) { /* at most max characters */
-        *cut = !utf8_valid(s, n);
-        return *cut ? max : n;
-    }
-    return utf8_valid(s, pos) ? pos : max;
+    luaL_pushresult(&b);
 }
 
 /* [-0, +1] Pushes the JSON text of the table at idx, as far as an attribute
@@ -252,9 +253,12 @@ static size_t push_attribute(lua_State *L, struct job *j, int k, int v, int *cut
     size_t n;
     const char *s = lua_tolstring(L, k, &n);
     size_t keep = cut_length(s, n, MPARTICLE_MAX_NAME_CHARS, &cut);
+    int replaced = !utf8_valid(s, keep);
     *cuts = cut;
-    j->names_cut |= cut;
-    if (cut)
+    j->names_changed |= cut || replaced;
+    if (replaced)
+        attributes_push_as_written(L, s, keep);
+    else if (cut)
         lua_pushlstring(L, s, keep);
     else
         lua_pushvalue(L, k);
@@ -313,9 +317,10 @@ static int by_name(const void *a, const void *b)
 }
 
 /* [-0, +0] With more than 100 attributes (n), or more than
- * ATTRIBUTES_MAX_BYTES of them, or names cut to the same one: makes out the
+ * ATTRIBUTES_MAX_BYTES of them, or names that may be one as written (cut to
+ * 256 characters, or with U+FFFD for bytes that are not UTF-8): makes out the
  * first of them in name order, up to the first that would pass either limit,
- * and of names that are one once cut the first, so that the choice does not
+ * and of names that are one as written the first, so that the choice does not
  * depend on the order of the JSON. */
 static void keep_first_by_name(lua_State *L, struct job *j, lua_Integer n)
 {
@@ -354,8 +359,10 @@ static void keep_first_by_name(lua_State *L, struct job *j, lua_Integer n)
         lua_rawget(L, names[i].extra ? EXTRA : PROPS);
         int cuts;
         size_t size = push_attribute(L, j, lua_gettop(L) - 1, lua_gettop(L), &cuts);
-        if (size > 0 && cuts > 0) {
-            /* a cut name that an earlier one was cut to already */
+        if (size > 0) {
+            /* a name as written that an earlier one became already: cut, or
+             * with U+FFFD for bytes that are not UTF-8 (an earlier name by
+             * its bytes can be a later one as written) */
             lua_pushvalue(L, -2);
             int taken = lua_rawget(L, j->out) != LUA_TNIL;
             lua_pop(L, 1);
@@ -441,7 +448,7 @@ static int custom_attributes(lua_State *L)
     /* the sizes so far are bounds from the lengths, which the usual event is
      * far within; text full of escapes is measured */
     j.exact = 1;
-    if (n > MPARTICLE_MAX_CUSTOM_ATTRIBUTES || j.names_cut ||
+    if (n > MPARTICLE_MAX_CUSTOM_ATTRIBUTES || j.names_changed ||
         (bytes > ATTRIBUTES_MAX_BYTES && measure(L, &j) > ATTRIBUTES_MAX_BYTES))
         keep_first_by_name(L, &j, n);
 

@@ -13,8 +13,12 @@
  * lua_rawget): their metatables are not consulted.
  *
  * Within mParticle's limits (mparticle.h): a name over 256 characters and a
- * text value over 4,096 are cut (at a character boundary when the text is
- * UTF-8, else at the byte), counted as `attribute_truncated`; a list becomes
+ * text value over 4,096 are cut after that many, counted as
+ * `attribute_truncated` (characters as the JSON writer writes them: a byte
+ * that begins no UTF-8 sequence is one, U+FFFD); a name is returned as
+ * written, with U+FFFD for such bytes, and of names that are one so (or once
+ * cut) the first by name is kept, the others counted as `attribute_dropped`;
+ * a list becomes
  * its items joined with "," (tables in it as JSON text, nulls and numbers JSON
  * cannot write left out), an object its JSON text (a number JSON cannot write
  * in it null); a number JSON cannot write (1e400) is left out. Past 100
@@ -53,5 +57,9 @@
  * and whether it stopped short) and count (as tributary.count) from the top of
  * the stack and pushes tributary.custom_attributes over them. */
 void attributes_push(lua_State *L);
+
+/* [-0, +1] Pushes s[0..n) as the JSON writer writes its characters: each byte
+ * that begins no UTF-8 sequence as U+FFFD. */
+void attributes_push_as_written(lua_State *L, const char *s, size_t n);
 
 #endif

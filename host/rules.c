@@ -1328,9 +1328,32 @@ static const char *key_text(lua_State *L, int idx, char *tmp, size_t tmplen, siz
     return NULL; /* write_json refuses it */
 }
 
+/* Whether the name s[0..n) of the table at idx, which is not UTF-8, is as
+ * written (U+FFFD for each byte that is not) a name of the table, or one that
+ * another such name was written as (the set at seen, nil until the first). */
+static int one_as_written(lua_State *L, int idx, const char *s, size_t n, int seen)
+{
+    attributes_push_as_written(L, s, n);
+    lua_pushvalue(L, -1);
+    int taken = lua_rawget(L, idx) != LUA_TNIL;
+    lua_pop(L, 1);
+    if (!taken && lua_istable(L, seen)) {
+        lua_pushvalue(L, -1);
+        taken = lua_rawget(L, seen) != LUA_TNIL;
+        lua_pop(L, 1);
+    }
+    if (!lua_istable(L, seen)) {
+        lua_newtable(L);
+        lua_replace(L, seen);
+    }
+    lua_pushboolean(L, 1);
+    lua_rawset(L, seen);
+    return taken;
+}
+
 /* The attributes table at idx (`what` in messages): at most max names of at
- * most max_name characters, values scalars of at most 4096 characters, or with
- * lists, lists of them. */
+ * most max_name characters, no two of them one as written, values scalars of
+ * at most 4096 characters, or with lists, lists of them. */
 static int check_attributes(lua_State *L, int idx, const char *what, size_t max, size_t max_name,
                             int lists, char *err, size_t errlen)
 {
@@ -1346,6 +1369,8 @@ static int check_attributes(lua_State *L, int idx, const char *what, size_t max,
         return -1;
     }
     size_t count = 0;
+    lua_pushnil(L); /* the names written with U+FFFD, when there are */
+    int seen = lua_gettop(L);
     lua_pushnil(L);
     while (lua_next(L, idx)) {
         char tmp[32];
@@ -1359,6 +1384,14 @@ static int check_attributes(lua_State *L, int idx, const char *what, size_t max,
         } else if (name && too_long(name, n, max_name)) {
             str_printf(err, errlen, "%s: a name of more than %zu characters (%.64s...)", what,
                        max_name, name);
+            bad = 1;
+        } else if (name && !utf8_valid(name, n) && one_as_written(L, idx, name, n, seen)) {
+            /* duplicate names in a JSON object: which one mParticle keeps
+             * is not said */
+            str_printf(err, errlen,
+                       "%s: two names are one as written (each byte that is not UTF-8 is "
+                       "U+FFFD)",
+                       what);
             bad = 1;
         } else if (name && lists && lua_istable(L, -1) &&
                    (items = json_array_length(L, lua_gettop(L), OUTPUT_MAX_ITEMS)) ==
@@ -1379,10 +1412,11 @@ static int check_attributes(lua_State *L, int idx, const char *what, size_t max,
         }
         lua_pop(L, 1);
         if (bad) {
-            lua_pop(L, 1);
+            lua_pop(L, 2);
             return -1;
         }
     }
+    lua_pop(L, 1);
     return 0;
 }
 
@@ -1402,6 +1436,20 @@ static int object_field(lua_State *L, int batchi, const char *field, char *err, 
                : null          ? "null"
                                : luaL_typename(L, -1));
     return -1;
+}
+
+/* An identifier written with U+FFFD for a byte that is not UTF-8 could be
+ * another's: two users (or two events) would become one. */
+#define NOT_UTF8_ID                                                                                \
+    "not UTF-8 text (each byte that is not would be written as U+FFFD, and another "               \
+    "identifier could be written the same)"
+
+/* Whether the string at idx is well-formed UTF-8. */
+static int is_utf8(lua_State *L, int idx)
+{
+    size_t n;
+    const char *s = lua_tolstring(L, idx, &n);
+    return utf8_valid(s, n);
 }
 
 /* The identity mParticle requires as text when it is there: null is refused. */
@@ -1431,6 +1479,14 @@ static int check_fields(lua_State *L, int idx, const char *what, int strings, ch
         int null = t == LUA_TLIGHTUSERDATA && lua_touserdata(L, -1) == NULL;
         int ok = t == LUA_TSTRING || (null && !(strings && is_customer_id(L, -2))) ||
                  (!strings && (t == LUA_TNUMBER || t == LUA_TBOOLEAN));
+        if (ok && strings && t == LUA_TSTRING && !is_utf8(L, -1)) {
+            char tmp[32];
+            size_t n;
+            const char *name = key_text(L, -2, tmp, sizeof tmp, &n);
+            str_printf(err, errlen, "%s.%.64s: %s", what, name ? name : "?", NOT_UTF8_ID);
+            lua_pop(L, 2);
+            return -1;
+        }
         if (!ok) {
             char tmp[32];
             size_t n;
@@ -1523,9 +1579,14 @@ static int check_event_ids(lua_State *L, int data, int *no_message_id, char *err
     t = rawfield(L, data, "source_message_id");
     *no_message_id = t == LUA_TNIL;
     ok = t == LUA_TNIL || (t == LUA_TSTRING && lua_rawlen(L, -1) > 0);
+    int utf8 = t != LUA_TSTRING || is_utf8(L, -1);
     lua_pop(L, 1);
     if (!ok) {
         str_copy(err, errlen, "out.event.data.source_message_id: a non-empty string is required");
+        return -1;
+    }
+    if (!utf8) {
+        str_copy(err, errlen, "out.event.data.source_message_id: " NOT_UTF8_ID);
         return -1;
     }
     return 0;
@@ -1661,6 +1722,10 @@ static int emit(rules *r, lua_State *L, int evi, const struct event_ids *ids, in
      * which leaves the table as it was (a rule may return the same one for
      * every event) */
     int filled = no_message_id && ids->id.n > 0, data = 0;
+    if (filled && !utf8_valid(ids->id.p, ids->id.n)) {
+        str_copy(err, errlen, "the event's id, its source_message_id: " NOT_UTF8_ID);
+        goto done;
+    }
     if (filled) {
         /* a table, as checked, and held on the stack since */
         if (rawfield(L, top + 2, "data") != LUA_TTABLE) {

@@ -115,8 +115,7 @@ static size_t first_marked(uint64_t mask)
 #endif
 }
 
-/* The length of the well-formed UTF-8 sequence at p (n bytes left), or 0. */
-static size_t utf8_sequence(const unsigned char *p, size_t n)
+size_t utf8_sequence(const unsigned char *p, size_t n)
 {
     unsigned c = p[0], lo = 0x80, hi = 0xBF;
     size_t len;
@@ -277,6 +276,16 @@ size_t json_str_chars(const char *s, size_t n)
     return chars;
 }
 
+size_t json_str_prefix(const char *s, size_t n, size_t max)
+{
+    size_t i = 0;
+    for (size_t chars = 0; i < n && chars < max; chars++) {
+        size_t seq = utf8_sequence((const unsigned char *)s + i, n - i);
+        i += seq ? seq : 1;
+    }
+    return i;
+}
+
 const char *json_skip_value(const char *p, const char *end)
 {
     if (p >= end)
@@ -350,10 +359,18 @@ size_t utf8_bom_len(const char *s, size_t n)
 int utf8_valid(const char *s, size_t n)
 {
     for (size_t i = 0; i < n;) {
-        size_t len = utf8_sequence((const unsigned char *)s + i, n - i);
-        if (len == 0)
-            return 0;
-        i += len;
+        /* most text is ASCII: 8 bytes at a time while none has its high bit */
+        uint64_t w;
+        if (n - i >= 8 && (memcpy(&w, s + i, 8), (w & UINT64_C(0x8080808080808080)) == 0)) {
+            i += 8;
+        } else if ((unsigned char)s[i] < 0x80) {
+            i++;
+        } else {
+            size_t len = utf8_sequence((const unsigned char *)s + i, n - i);
+            if (len == 0)
+                return 0;
+            i += len;
+        }
     }
     return 1;
 }

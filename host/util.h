@@ -102,6 +102,9 @@ int buf_json_strict(buf *b, const char *s, size_t n) WUR;
 /* The characters buf_json_str writes for s[0..n): one per well-formed UTF-8
  * sequence, and one (U+FFFD) per byte that begins none. */
 size_t json_str_chars(const char *s, size_t n);
+/* The bytes of s[0..n) that hold its first max characters, counted as
+ * json_str_chars counts them: n when it has no more. */
+size_t json_str_prefix(const char *s, size_t n, size_t max);
 /* What buf_json_str appends for s[0..n), quotes included. */
 size_t json_str_len(const char *s, size_t n);
 /* Walking JSON text without a parser (slicing a body, reading a field of a
@@ -146,6 +149,9 @@ size_t utf8_sanitize(char *s, size_t n, size_t max);
  * bytes): JSON may hold it as it is, but a terminal showing the text acts on
  * it (U+009B begins a control sequence). */
 int utf8_is_c1(const char *s, size_t n);
+/* The length of the well-formed UTF-8 sequence (RFC 3629) at p, n > 0 bytes
+ * left, or 0 when the byte at p begins none. */
+size_t utf8_sequence(const unsigned char *p, size_t n);
 /* Whether s[0..n) is well-formed UTF-8 (RFC 3629), as Lua's utf8.len takes it. */
 int utf8_valid(const char *s, size_t n);
 /* The length of the UTF-8 byte-order mark s[0..n) starts with (3), or 0: some

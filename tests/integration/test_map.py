@@ -112,6 +112,40 @@ class Users(unittest.TestCase):
             self.assertIn("external_user_id is a number that has no exact text", line["detail"])
         self.assertEqual(out[-1]["batch"]["user_identities"]["customer_id"], "9007199254740991")
 
+    def test_text_that_is_not_utf8_never_makes_two_users_or_two_names_one(self):
+        # a byte that is not UTF-8 is written as U+FFFD: "u\xff" and "u\xfe"
+        # would both be the customer "u\ufffd", and the names "a\xff" and
+        # "a\xfe" one name twice in the same JSON object
+        def raw(user, props):
+            e = event(user="placeholder")
+            del e["properties"]
+            text = json.dumps(e).replace('"placeholder"', '"@USER@"')
+            text = text[:-1] + ', "properties": @PROPS@}'
+            return text.encode().replace(b"@USER@", user).replace(b"@PROPS@", props)
+
+        body = b"\n".join([
+            raw(b"u\xff", b"{}"),
+            raw(b"u-1", b'{"a\xff": 1, "a\xfe": 2, "a\xef\xbf\xbd": 3, "b": 4}'),
+        ]) + b"\n"
+        with tempfile.NamedTemporaryFile(suffix=".json") as f:
+            f.write(body)
+            f.flush()
+            p = run_cli(["map", f.name])
+        self.assertEqual(p.returncode, 0, p.stderr)
+
+        def unique(pairs):
+            names = [k for k, _ in pairs]
+            self.assertEqual(len(names), len(set(names)), names)
+            return dict(pairs)
+
+        out = [json.loads(line, object_pairs_hook=unique) for line in p.stdout.splitlines()]
+        self.assertEqual(out[0].get("dead_letter"), "invalid_output", out[0])
+        self.assertIn("user_identities.customer_id: not UTF-8 text", out[0]["detail"])
+        attrs = out[1]["batch"]["events"][0]["data"]["custom_attributes"]
+        # the first by its bytes: "a\xef\xbf\xbd" is before "a\xfe" and "a\xff"
+        self.assertEqual(attrs["a\ufffd"], 3)
+        self.assertEqual(attrs["b"], 4)
+
     def test_internal_ids_timezone_and_os_version_are_not_forwarded(self):
         e = event("users.messages.pushnotification.Send", platform="android", os_version="14")
         out = map_events([e])[0]

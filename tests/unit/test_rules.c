@@ -544,6 +544,59 @@ START_TEST(test_names_cut_to_the_same_one_keep_the_first_by_name)
 }
 END_TEST
 
+/* A byte that is not UTF-8 is written as U+FFFD, so names that differ only
+ * there are one as written: the first of them by their bytes is kept (here
+ * one not UTF-8 before the one that is), the others are left out and counted.
+ * They went out as the same name up to four times in one JSON object. */
+START_TEST(test_names_one_as_written_keep_the_first_by_name)
+{
+    unsigned long long dropped, cut;
+    map_counting_attributes(
+        "return function(event, out)\n"
+        "  local a = tributary.custom_attributes({['a\\xff'] = 'ff', ['a\\xfe'] = 'fe',\n"
+        "                                         ['a\\xef\\xbf\\xbd'] = 'valid',\n"
+        "                                         ['a\\xc0'] = 'c0', short = 's'})\n"
+        "  local n = 0\n"
+        "  for k in pairs(a) do n = n + 1 end\n"
+        "  return false, n .. ' ' .. tostring(a['a\\u{fffd}']) .. ' ' .. tostring(a.short)\n"
+        "end\n",
+        &dropped, &cut);
+    ck_assert_uint_eq(F.m.noutcomes, 1);
+    ck_assert_str_eq(F.m.outcomes[0].detail.p, "2 c0 s");
+    ck_assert_uint_eq(dropped, 3);
+    ck_assert_uint_eq(cut, 0);
+}
+END_TEST
+
+/* Names and values are cut after 256 and 4,096 characters as the JSON
+ * writer writes them, each byte that is not UTF-8 one: a stray byte made the
+ * cut count bytes, and cut a value of 3,001 characters to 2,049, and a
+ * character in two. */
+START_TEST(test_text_with_bytes_not_utf8_is_cut_by_its_characters)
+{
+    unsigned long long dropped, cut;
+    map_counting_attributes("return function(event, out)\n"
+                            "  local e, r = '\\u{e9}', '\\u{fffd}'\n"
+                            "  local a = tributary.custom_attributes({\n"
+                            "    within = '\\xff' .. e:rep(3000), at = '\\xff' .. e:rep(4095),\n"
+                            "    over = 'a' .. ('\\x80'):rep(10) .. e:rep(4090),\n"
+                            "    ['\\xff' .. e:rep(255)] = 'name of 256'})\n"
+                            "  local got = {}\n"
+                            "  got[1] = a.within == '\\xff' .. e:rep(3000)\n"
+                            "  got[2] = a.at == '\\xff' .. e:rep(4095)\n"
+                            "  got[3] = a.over == 'a' .. ('\\x80'):rep(10) .. e:rep(4085)\n"
+                            "  got[4] = a[r .. e:rep(255)] == 'name of 256'\n"
+                            "  for i = 1, 4 do got[i] = tostring(got[i]) end\n"
+                            "  return false, table.concat(got, ' ')\n"
+                            "end\n",
+                            &dropped, &cut);
+    ck_assert_uint_eq(F.m.noutcomes, 1);
+    ck_assert_str_eq(F.m.outcomes[0].detail.p, "true true true true");
+    ck_assert_uint_eq(dropped, 0);
+    ck_assert_uint_eq(cut, 1);
+}
+END_TEST
+
 /* 31 values of 4,096 characters that take two bytes as JSON text (a two-byte
  * character, and a quote, which is escaped) are each within mParticle's
  * limits, and 254 KB together: the event would have been invalid_output (over
@@ -1282,7 +1335,8 @@ END_TEST
 
 /* An output without source_message_id goes out with the Braze id (mParticle
  * recognises a repeat by it), and the rule's table is left as it was: here one
- * table serves every event. */
+ * table serves every event. An id that is not UTF-8, written with U+FFFD,
+ * could be another event's: that one is a dead letter. */
 START_TEST(test_an_output_without_source_message_id_takes_the_event_id)
 {
     rule("50-shared.lua",
@@ -1293,9 +1347,12 @@ START_TEST(test_an_output_without_source_message_id_takes_the_event_id)
          "  return shared\n"
          "end\n");
     build();
-    ck_assert_int_eq(map(ENVELOPE(EV("s-1") "," EV("s-2")), INPUT_ENVELOPE), 0);
+    ck_assert_int_eq(map(ENVELOPE(EV("s-1") "," EV("s-\xff") "," EV("s-2")), INPUT_ENVELOPE), 0);
     ck_assert_uint_eq(F.m.nrecords, 2);
-    ck_assert_uint_eq(F.m.ndead, 0);
+    ck_assert_uint_eq(F.m.ndead, 1);
+    ck_assert_str_eq(F.m.dead[0].reason, DEAD_INVALID_OUTPUT);
+    ck_assert_msg(contains(F.m.dead[0].detail.p, "source_message_id: not UTF-8 text"), "%s",
+                  F.m.dead[0].detail.p);
     ck_assert_msg(contains(F.m.records[0].event.p, "\"source_message_id\":\"s-1\""), "%s",
                   F.m.records[0].event.p);
     ck_assert_msg(contains(F.m.records[1].event.p, "\"source_message_id\":\"s-2\""), "%s",
@@ -1604,6 +1661,19 @@ static const struct {
     {"o.event.data.source_message_id = {1, 2}",
      "source_message_id: a non-empty string is required"},
     {"o.event.data.source_message_id = ''", "source_message_id: a non-empty string is required"},
+    /* written with U+FFFD, identifiers that differ only in bytes that are
+     * not UTF-8 would be one: two users, or two events mParticle takes for
+     * a repeat */
+    {"o.batch.user_identities = {customer_id = 'c\\xff'}",
+     "out.batch.user_identities.customer_id: not UTF-8 text"},
+    {"o.batch.user_identities = {customer_id = 'c', email = 'e\\xc3@x'}",
+     "out.batch.user_identities.email: not UTF-8 text"},
+    {"o.event.data.source_message_id = 'm-\\xed\\xa0\\x80'", "source_message_id: not UTF-8 text"},
+    /* names that are one as written would be the same name twice in a JSON
+     * object, of which mParticle keeps one it does not say */
+    {"a['n\\xff'] = 1; a['n\\xfe'] = 2", "custom_attributes: two names are one as written"},
+    {"o.batch.user_attributes['n\\xef\\xbf\\xbd'] = 1; o.batch.user_attributes['n\\x80'] = 2",
+     "user_attributes: two names are one as written"},
 };
 
 START_TEST(test_an_output_mparticle_would_drop_is_invalid_output_naming_the_field)
@@ -1623,6 +1693,7 @@ START_TEST(test_outputs_at_mparticles_limits_are_records)
          "  o.batch.user_attributes.list = {'a', 1, true, nil, 'e'}\n"
          "  o.batch.user_attributes[string.rep('u', 256)] = 1\n"
          "  o.batch.user_attributes.bytes = string.rep('\\x80', 4096)\n"
+         "  o.batch.user_attributes['name\\xff'] = 'a name not UTF-8, one of its kind'\n"
          "  o.batch.device_info.platform = 'Android'\n"
          "  o.batch.device_info.limit_ad_tracking = false\n"
          "  o.batch.device_info.screen_height = 1920\n"
@@ -3541,6 +3612,8 @@ static Suite *suite(void)
     tcase_add_test(tc, test_custom_attributes_keeps_skips_adds_and_cuts_as_documented);
     tcase_add_test(tc, test_custom_attributes_counts_what_it_cuts_and_leaves_out);
     tcase_add_test(tc, test_names_cut_to_the_same_one_keep_the_first_by_name);
+    tcase_add_test(tc, test_names_one_as_written_keep_the_first_by_name);
+    tcase_add_test(tc, test_text_with_bytes_not_utf8_is_cut_by_its_characters);
     tcase_add_loop_test(tc, test_attributes_over_100_kb_together_keep_those_that_fit_by_name, 0,
                         (int)ARRAY_LEN(TWO_BYTE_CHARACTERS));
     tcase_add_test(tc, test_custom_attributes_of_a_weak_table_holds_the_names_it_sorts);

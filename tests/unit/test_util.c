@@ -147,7 +147,8 @@ static void escape_byte(buf *b, unsigned char c)
 /* Random strings of bytes that need an escape and bytes that do not, next to
  * each other in every arrangement, against the byte-by-byte reference (and
  * json_str_len against the length of what it wrote, json_str_chars against
- * the characters it holds). Of the
+ * the characters it holds, json_str_prefix against where each ends, and
+ * utf8_valid against whether it wrote U+FFFD). Of the
  * bytes of 0x80 and up here, 0xc2 or 0xc3 followed by 0x80, 0x9b, 0xa0 or
  * 0xa9 is UTF-8 (U+0080 - U+00FF), of which 0xc2 followed by 0x80 or 0x9b is
  * a C1 control character, escaped; every other such byte is written as
@@ -169,7 +170,9 @@ START_TEST(test_buf_json_str_matches_a_byte_by_byte_escape_on_random_strings)
         buf_init(&want, 1024);
         ck_assert_int_eq(buf_json_str(&got, in, n), 0);
         (void)!buf_addc(&want, '"');
-        size_t chars = 0; /* of the string the text holds */
+        size_t chars = 0;   /* of the string the text holds */
+        size_t ends[48];    /* where each of them ends in `in` */
+        int valid_utf8 = 1; /* no U+FFFD written */
         for (size_t i = 0; i < n; i++, chars++) {
             unsigned char c = (unsigned char)in[i];
             unsigned char next = i + 1 < n ? (unsigned char)in[i + 1] : 0;
@@ -182,9 +185,11 @@ START_TEST(test_buf_json_str_matches_a_byte_by_byte_escape_on_random_strings)
                 i++;
             } else if (c >= 0x80) {
                 (void)!buf_adds(&want, "\xEF\xBF\xBD");
+                valid_utf8 = 0;
             } else {
                 escape_byte(&want, c);
             }
+            ends[chars] = i + 1;
         }
         (void)!buf_addc(&want, '"');
         ck_assert_uint_eq(got.len, want.len);
@@ -194,6 +199,12 @@ START_TEST(test_buf_json_str_matches_a_byte_by_byte_escape_on_random_strings)
         ck_assert_uint_eq(json_str_len(in, n), want.len);
         /* and json_str_chars the characters a reader of the text counts */
         ck_assert_uint_eq(json_str_chars(in, n), chars);
+        /* json_str_prefix where the first so many of them end */
+        for (size_t max = 0; max <= chars + 1; max++)
+            ck_assert_uint_eq(json_str_prefix(in, n, max), max == 0      ? 0
+                                                           : max > chars ? n
+                                                                         : ends[max - 1]);
+        ck_assert_int_eq(utf8_valid(in, n), valid_utf8);
         buf_free(&got);
         buf_free(&want);
     }
