@@ -238,6 +238,25 @@ static void warn_restart_only(const struct config *old, const struct config *neu
     }
 }
 
+/* A key the configuration file changed while the environment sets it: the
+ * environment wins, and a reload cannot change it, so the change would have
+ * no effect, while the reload said it succeeded (a token added for a
+ * rotation would still get 401). -1 with the keys in err. */
+static int refuse_shadowed_changes(const struct config *old, const struct config *neu, char *err,
+                                   size_t errlen)
+{
+    char keys[512];
+    if (config_shadowed_changes(old, neu, keys, sizeof keys) == 0)
+        return 0;
+    str_printf(err, errlen,
+               "changed in the configuration file, but the environment sets these keys and wins, "
+               "so the change would have no effect: %s. A reload does not change the "
+               "environment: set each key in one place, the file or TRIBUTARY_<KEY>_FILE (read "
+               "again at every reload), or change the environment and restart",
+               keys);
+    return -1;
+}
+
 /* 1, with err saying so, once the service is stopping. */
 static int stopping(char *err, size_t errlen)
 {
@@ -264,6 +283,8 @@ int reload_now(const char *trigger, char *err, size_t errlen)
     int ntests = 0;
     if (stopping(err, errlen) || config_load_again(&cfg, path, err, errlen) != 0)
         goto done;
+    if (old && refuse_shadowed_changes(old, cfg, err, errlen) != 0)
+        goto done;
     if (ruleset_load(&rs, cfg, err, errlen) != 0)
         goto done;
     if (check_against_started(started, cfg, err, errlen) != 0)
@@ -281,12 +302,6 @@ int reload_now(const char *trigger, char *err, size_t errlen)
         tls_use(cfg->tls_cert, cfg->tls_key, err, errlen) < 0)
         goto done;
     if (old) {
-        char keys[512];
-        if (config_shadowed_changes(old, cfg, keys, sizeof keys))
-            log_warn("changed in the configuration file, but the environment sets these keys "
-                     "and wins: the change has no effect (a reload does not change the "
-                     "environment; TRIBUTARY_<KEY>_FILE is read again)",
-                     LOG_S("keys", keys));
         if (old->inbound_tokens.n + old->inbound_hmac_secrets.n > 0 &&
             cfg->inbound_tokens.n + cfg->inbound_hmac_secrets.n == 0)
             log_warn("inbound credentials removed: requests are accepted without them, from "

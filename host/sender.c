@@ -768,6 +768,13 @@ static void update_credentials(struct sender *s, struct feed_state *f)
     double limit = (double)s->cfg->feeds[f->feed].rate_limit;
     if (f->rate.rate <= 0 || f->rate.rate > limit)
         f->rate.rate = limit;
+    if (!changed && ready && f->pause == PAUSE_AUTH && f->probe_at > 0) {
+        /* the same credentials, which mParticle may take again (enabled
+         * again in its UI): a reload is how an operator says so */
+        log_info("reloaded; probing the feed whose credentials mParticle refused now",
+                 LOG_S("feed", FEED_NAMES[f->feed]));
+        f->probe_at = 0;
+    }
     if (!changed)
         return;
     if (!ready) {

@@ -393,6 +393,28 @@ class Delivery(ServiceTest):
         self.assertNotIn("old-secret", s.logs())
         self.assertNotIn(FEEDS["web"][1], s.logs())
 
+    def test_a_reload_probes_a_refused_feed_at_once_with_the_same_credentials(self):
+        # the credential was disabled in mParticle, and is enabled again: the
+        # runbook's reload resumes the feed then, not after retry.pause_ms
+        d = self.double()
+        d.fail(401, times=1)
+        s = self.service(env=feed_env(d, TRIBUTARY_RETRY_PAUSE_MS=600000))
+        sent = [event("users.messages.email.Open", user="r%d" % i) for i in range(5)]
+        self.assertEqual(s.post(sent).status, 200)
+        self.wait(lambda: s.metrics()['tributary_feed_paused{feed="unbound",reason="refused"}'] == 1,
+                  what="unbound paused")
+        time.sleep(0.5)
+        self.assertEqual(d.event_count(), 0)
+        self.assertTrue(s.reload(outcome="probing the feed whose credentials mParticle refused"),
+                        s.logs()[-2000:])
+        self.assertTrue(d.wait_for_events(5, 10 * SLOW), "not resumed after the reload")
+        self.assertEqual(sorted(d.source_message_ids()), sorted(e["id"] for e in sent))
+        self.wait(lambda: s.metrics()['tributary_feed_paused{feed="unbound",reason="refused"}'] == 0,
+                  what="resumed")
+        # a reload with no feed refused probes nothing
+        self.assertTrue(s.reload(), s.logs()[-2000:])
+        self.assertEqual(s.logs().count("probing the feed whose credentials"), 1)
+
     def test_a_401_for_credentials_a_reload_replaced_neither_pauses_the_feed_nor_alerts(self):
         d = self.double(feeds=dict(FEEDS, web=("web-key", "old-secret")))
         released = threading.Event()

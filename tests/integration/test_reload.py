@@ -617,18 +617,30 @@ class SecretsFromFiles(ServiceTest):
         self.assertEqual(p.returncode, 1, p)
         self.assertIn("unknown environment variable TRIBUTARY_CURRENTS_TOKEN", p.stderr)
 
-    def test_a_file_change_the_environment_overrides_is_named_in_a_warning(self):
-        s = self.service(tokens=(self.OLD,),
+    def test_a_file_change_the_environment_overrides_refuses_the_reload(self):
+        # a reload that said it succeeded while the token added for a rotation
+        # still got 401: the operator would switch Braze to it, and Braze
+        # stops a connector that gets 401
+        s = self.service(tokens=(self.OLD,), env={"TRIBUTARY_ADMIN_TOKEN": ADMIN},
                          config='return { inbound = { tokens = { "%s" } } }\n' % self.OLD)
         with open(s.config, "w") as f:
             f.write('return { inbound = { tokens = { "%s", "%s" } } }\n' % (self.OLD, self.NEW))
+        self.assertTrue(s.reload(outcome="reload refused"), s.logs()[-2000:])
+        self.assertRegex(s.logs(), r"changed in the configuration file, but the environment sets "
+                                   r"these keys and wins, so the change would have no effect: "
+                                   r"inbound.tokens\.")
+        answer = request(s.port, "POST", "/admin/reload", b"",
+                         {"Authorization": "Bearer " + ADMIN})
+        self.assertEqual(answer.status, 422, answer.body)
+        self.assertIn("inbound.tokens", answer.body)
+        metrics = s.get("/metrics").body
+        self.assertIn("tributary_reload_last_successful 0", metrics)
+        self.assertEqual(s.post([event()], token=self.OLD).status, 200)
+        self.assertNotIn(self.NEW, s.logs())
+        # the file as the environment has it again: reloads go through
+        with open(s.config, "w") as f:
+            f.write('return { inbound = { tokens = { "%s" } } }\n' % self.OLD)
         self.reloaded(s, 1)
-        self.assertRegex(s.logs(), r"level=warn msg=\"changed in the configuration file, but the "
-                                   r"environment sets these keys and wins.*keys=inbound.tokens")
-        self.assertEqual(s.post([event()], token=self.NEW).status, 401)
-        # an unchanged file says nothing
-        self.reloaded(s, 2)
-        self.assertEqual(s.logs().count("environment sets these keys"), 1)
 
     def test_file_errors_name_the_variable_and_the_file_never_its_content(self):
         d = self.tmpdir()
