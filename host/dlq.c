@@ -845,8 +845,14 @@ static int print_names(queue_reader *r, const struct config *c, int json)
 static void print_stats(const struct queue_stats *st, const struct config *c, int json)
 {
     int64_t now = clock_wall_ms();
+    /* the feeds' states are as the service left them: say whether it runs */
+    int pid;
+    int running = queue_service_running(c->data_dir, &pid);
     if (json) {
-        printf("{\"feeds\":{");
+        printf("{\"service_running\":%s,", running > 0 ? "true" : running == 0 ? "false" : "null");
+        if (running > 0 && pid > 0)
+            printf("\"service_pid\":%d,", pid);
+        printf("\"feeds\":{");
         for (int f = 0; f < FEED_COUNT; f++) {
             printf("%s\"%s\":{\"depth\":%lld,\"oldest_age_s\":%lld,\"in_flight_batches\":%lld,"
                    "\"paused\":%s",
@@ -866,6 +872,14 @@ static void print_stats(const struct queue_stats *st, const struct config *c, in
                (long long)st->bytes);
         return;
     }
+    if (running > 0 && pid > 0)
+        printf("service: running (pid %d)\n\n", pid);
+    else if (running > 0)
+        printf("service: running\n\n");
+    else if (running == 0)
+        printf("service: not running; feeds show the state it left them in\n\n");
+    else
+        printf("service: unknown (/proc/locks cannot be read)\n\n");
     printf("%-8s %10s %10s %10s  %s\n", "FEED", "DEPTH", "OLDEST", "BATCHES", "STATE");
     for (int f = 0; f < FEED_COUNT; f++) {
         char age[16] = "-";
@@ -877,7 +891,7 @@ static void print_stats(const struct queue_stats *st, const struct config *c, in
             age_text(now - st->paused_since_ms[f], since, sizeof since);
             snprintf(state, sizeof state, "paused %s: %s", since, st->paused[f]);
         } else {
-            str_copy(state, sizeof state, "sending");
+            str_copy(state, sizeof state, running == 0 ? "stopped" : "sending");
         }
         printf("%-8s %10lld %10s %10lld  %s\n", FEED_NAMES[f], (long long)st->depth[f], age,
                (long long)st->in_flight_batches[f], state);

@@ -15,6 +15,7 @@
 #include <sys/file.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
+#include <sys/sysmacros.h>
 #include <unistd.h>
 
 #define QUEUE_FILE "queue.db"
@@ -3052,6 +3053,39 @@ static int take_lock(queue *q, char *err, size_t errlen)
         return -1;
     }
     return 0;
+}
+
+int queue_service_running(const char *dir, int *pid)
+{
+    *pid = 0;
+    char path[4096];
+    snprintf(path, sizeof path, "%s/%s", dir, QUEUE_LOCK_FILE);
+    struct stat st;
+    if (stat(path, &st) != 0)
+        return errno == ENOENT ? 0 : -1; /* never started there */
+    FILE *f = fopen("/proc/locks", "re");
+    if (!f)
+        return -1;
+    /* "1: FLOCK  ADVISORY  WRITE 1234 fe:00:5678 0 EOF"; a waiter's line has
+     * "->" after its number */
+    char line[256];
+    int running = 0;
+    while (!running && fgets(line, sizeof line, f)) {
+        char kind[16];
+        int owner;
+        unsigned maj, min;
+        unsigned long ino;
+        if (!strstr(line, "->") &&
+            sscanf(line, "%*d: %15s %*s %*s %d %x:%x:%lu", kind, &owner, &maj, &min, &ino) == 5 &&
+            strcmp(kind, "FLOCK") == 0 && maj == major(st.st_dev) && min == minor(st.st_dev) &&
+            ino == st.st_ino) {
+            running = 1;
+            *pid = owner > 0 ? owner : 0;
+        }
+    }
+    int failed = ferror(f);
+    fclose(f);
+    return running ? 1 : failed ? -1 : 0;
 }
 
 int queue_open(queue **out, const struct queue_options *o, char *err, size_t errlen)

@@ -41,6 +41,27 @@ class Cli(ServiceTest):
         for command in ("serve", "check", "map"):
             self.assertIn(command, p.stdout)
 
+    def test_queue_stats_says_whether_the_service_runs(self):
+        # feeds showed "sending" with the service stopped
+        s = self.service(env={"TRIBUTARY_FEEDS_UNBOUND_KEY": "unbound-key-7c1d",
+                              "TRIBUTARY_FEEDS_UNBOUND_SECRET": "unbound-secret-4e9a",
+                              "TRIBUTARY_MPARTICLE_URL": "http://127.0.0.1:9"})
+        self.assertEqual(s.post([event()]).status, 200)
+        stats = json.loads(s.cli(["queue", "stats", "--json"]).stdout)
+        self.assertIs(stats["service_running"], True)
+        self.assertEqual(stats["service_pid"], s.proc.pid)
+        text = s.cli(["queue", "stats"]).stdout
+        self.assertIn("service: running (pid %d)" % s.proc.pid, text)
+        self.assertRegex(text, r"unbound +\d+ +\S+ +\d+  sending")
+        self.assertEqual(s.stop(), 0)
+        stats = json.loads(s.cli(["queue", "stats", "--json"]).stdout)
+        self.assertIs(stats["service_running"], False)
+        self.assertNotIn("service_pid", stats)
+        text = s.cli(["queue", "stats"]).stdout
+        self.assertIn("service: not running", text)
+        self.assertRegex(text, r"unbound +\d+ +\S+ +\d+  stopped")
+        self.assertNotIn("sending", text)
+
     def test_help_and_version_after_double_dash_are_arguments(self):
         # `map -- -h` printed the usage instead of mapping the file -h
         d, _ = self.write_file("-h", json.dumps({"events": [event(user="dash")]}))
