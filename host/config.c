@@ -1839,6 +1839,60 @@ static void warn_short(buf *warnings, const char *key, const char *what, char *c
     }
 }
 
+/* Whether the file (its text) holds the value of secret key k itself, not
+ * read from the environment (os.getenv). */
+static int file_holds_secret(struct config *c, const struct key *k, const char *text)
+{
+    if (k->type == K_SECRET) {
+        const char *v = *str_field(c, k);
+        return v && *v && strstr(text, v);
+    }
+    const struct string_list *l = list_field(c, k);
+    for (size_t i = 0; i < l->n; i++) {
+        if (*l->items[i] && strstr(text, l->items[i]))
+            return 1;
+    }
+    return 0;
+}
+
+/* Secrets in a file that every user of this machine can read: the
+ * configuration file (text is its content) holding them, or a
+ * TRIBUTARY_<KEY>_FILE. A warning, not an error as for the TLS key: a volume
+ * of secrets mounted 0644 (Kubernetes' default) is read only inside its
+ * container. */
+static void warn_readable_secrets(buf *warnings, struct config *c, const char *text)
+{
+    char in_file[256] = "";
+    size_t at = 0;
+    for (size_t i = 0; i < ARRAY_LEN(KEYS); i++) {
+        const struct key *k = &KEYS[i];
+        if (k->type != K_SECRET && k->type != K_SECRET_LIST)
+            continue;
+        if (c->from_env[i] == 2) {
+            char name[128], file_var[140];
+            env_name(k->path, name, sizeof name);
+            snprintf(file_var, sizeof file_var, "%s_FILE", name);
+            const char *path = getenv(file_var);
+            struct stat st;
+            if (path && stat(path, &st) == 0 && (st.st_mode & S_IROTH))
+                warn_add(warnings,
+                         "%s names %s, which every user of this machine can read (mode %04o): "
+                         "chmod 600 it, or 640 with the service's group",
+                         file_var, path, (unsigned)(st.st_mode & 07777));
+        } else if (!c->from_env[i] && text && file_holds_secret(c, k, text)) {
+            int w = snprintf(in_file + at, sizeof in_file - at, "%s%s", at ? ", " : "", k->path);
+            if (w > 0 && (size_t)w < sizeof in_file - at)
+                at += (size_t)w;
+        }
+    }
+    struct stat st;
+    if (at > 0 && stat(c->file, &st) == 0 && (st.st_mode & S_IROTH))
+        warn_add(warnings,
+                 "%s holds secrets (%s) and every user of this machine can read it (mode %04o): "
+                 "chmod 600 it, or 640 with the service's group, or give them in the environment",
+                 c->file, in_file, (unsigned)(st.st_mode & 07777));
+}
+
 /* The data pod of an mParticle key ("us2-..."), or of an mParticle S2S URL
  * (https://s2s.mparticle.com is US1's; its host in *hostp, *hostlen),
  * lower-case in pod; 0 when it names none. */
@@ -1950,6 +2004,7 @@ static int load(struct config **out, const char *path, const char *src, size_t l
                    c->inbound_hmac_secrets.n);
         if (c->admin_token)
             warn_short(&warnings, "admin.token", "token", &c->admin_token, 1);
+        warn_readable_secrets(&warnings, c, src);
         /* a signed request is good for the replay window, and only the dedup
          * window keeps a replay of it from being delivered again */
         if (c->inbound_hmac_secrets.n > 0 && c->dedup_window_s < c->inbound_replay_window_s)

@@ -3055,6 +3055,35 @@ static int take_lock(queue *q, char *err, size_t errlen)
     return 0;
 }
 
+/* Run as root on a data_dir that another user owns (a service started by
+ * hand to look into something), the files the service creates would be
+ * root's, and the service run as that user could not open them at its next
+ * start: they are handed to the directory's owner, as SQLite hands a WAL it
+ * creates to the owner of its database. Opened without following a link: the
+ * directory's owner could put one there. */
+static void hand_to_dir_owner(const queue *q)
+{
+    struct stat d;
+    if (geteuid() != 0 || stat(q->opt.dir, &d) != 0 || d.st_uid == 0)
+        return;
+    static const char *const names[] = {QUEUE_LOCK_FILE, QUEUE_FILE, QUEUE_FILE "-wal",
+                                        QUEUE_FILE "-shm"};
+    for (size_t i = 0; i < ARRAY_LEN(names); i++) {
+        char path[4096];
+        snprintf(path, sizeof path, "%s/%s", q->opt.dir, names[i]);
+        int fd = open(path, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
+        if (fd < 0)
+            continue;
+        struct stat f;
+        if (fstat(fd, &f) == 0 && S_ISREG(f.st_mode) && f.st_uid == 0 &&
+            fchown(fd, d.st_uid, d.st_gid) != 0)
+            log_warn("cannot hand a file of data_dir to the directory's owner; the service run "
+                     "as that user cannot open it",
+                     LOG_S("file", path) LOG_S("error", strerror(errno)));
+        close(fd);
+    }
+}
+
 int queue_service_running(const char *dir, int *pid)
 {
     *pid = 0;
@@ -3296,6 +3325,8 @@ int queue_open(queue **out, const struct queue_options *o, char *err, size_t err
         }
         q->writer_started = 1;
     }
+    if (o->exclusive)
+        hand_to_dir_owner(q);
     *out = q;
     return 0;
 fail:

@@ -62,6 +62,54 @@ class Cli(ServiceTest):
         self.assertRegex(text, r"unbound +\d+ +\S+ +\d+  stopped")
         self.assertNotIn("sending", text)
 
+    @unittest.skipUnless(os.geteuid() == 0, "needs root")
+    def test_serve_run_as_root_leaves_data_dir_to_its_owner(self):
+        # started by hand as root on the service user's data_dir, it left
+        # serve.lock and the queue root's: the service could not start after it
+        d = self.tmpdir()
+        data_dir = os.path.join(d, "var")
+        os.mkdir(data_dir, 0o700)
+        os.chown(data_dir, 65534, 65534)
+        s = self.service(env={"TRIBUTARY_DATA_DIR": data_dir})
+        self.assertEqual(s.post([event()]).status, 200)
+        names = sorted(os.listdir(data_dir))
+        self.assertIn("serve.lock", names)
+        self.assertIn("queue.db", names)
+        for name in names:
+            st = os.stat(os.path.join(data_dir, name))
+            self.assertEqual((st.st_uid, st.st_gid), (65534, 65534), name)
+        self.assertEqual(s.stop(), 0)
+        for name in os.listdir(data_dir):
+            self.assertEqual(os.stat(os.path.join(data_dir, name)).st_uid, 65534, name)
+
+    def test_secrets_in_files_every_user_can_read_are_named_in_a_warning(self):
+        d = self.tmpdir()
+        conf = os.path.join(d, "tributary.conf.lua")
+        with open(conf, "w") as f:
+            f.write('return { inbound = { tokens = { "token-in-the-file-5d2e9a" } },\n'
+                    '  feeds = { ios = { key = "ios-key-in-the-file", secret = os.getenv("S") } } }\n')
+        admin = os.path.join(d, "admin-token")
+        with open(admin, "w") as f:
+            f.write("admin-token-in-a-file-8c3b\n")
+        env = {"S": "ios-secret-from-the-environment", "TRIBUTARY_ADMIN_TOKEN_FILE": admin,
+               "TRIBUTARY_RULES_DIR": RULES}
+        for path in (conf, admin):
+            os.chmod(path, 0o644)
+        p = run_cli(["check", "--config", conf], env=env)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertIn("%s holds secrets (inbound.tokens, feeds.ios.key) and every user of this "
+                      "machine can read it (mode 0644)" % conf, p.stderr)
+        self.assertIn("TRIBUTARY_ADMIN_TOKEN_FILE names %s, which every user of this machine can "
+                      "read (mode 0644)" % admin, p.stderr)
+        for secret in ("token-in-the-file", "ios-key-in-the-file", "ios-secret-from", "admin-token-in"):
+            self.assertNotIn(secret, p.stdout + p.stderr)
+        # the service's own, or its group's: nothing to say
+        for path in (conf, admin):
+            os.chmod(path, 0o640)
+        p = run_cli(["check", "--config", conf], env=env)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertNotIn("every user of this machine", p.stderr)
+
     def test_help_and_version_after_double_dash_are_arguments(self):
         # `map -- -h` printed the usage instead of mapping the file -h
         d, _ = self.write_file("-h", json.dumps({"events": [event(user="dash")]}))
