@@ -132,7 +132,8 @@ fuzz: setup
 	@$(MAKE) --no-print-directory -f tests/fuzz/fuzz.mk run
 
 # Installs the binary, the default rules (and examples), the example
-# configuration and the systemd unit. See docs/operations.md for the rest.
+# configuration, the systemd unit, the alerts and the documents an operator
+# reads (share/doc/tributary). See docs/operations.md for the rest.
 install: all
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/share/tributary/rules/examples \
 		$(DESTDIR)$(PREFIX)/lib/systemd/system
@@ -147,6 +148,9 @@ install: all
 		tributary.conf.lua > $(DESTDIR)$(PREFIX)/share/tributary/tributary.conf.lua.example
 	chmod 0644 $(DESTDIR)$(PREFIX)/share/tributary/tributary.conf.lua.example
 	install -m 0644 docs/prometheus-alerts.yml $(DESTDIR)$(PREFIX)/share/tributary/
+	install -d $(DESTDIR)$(PREFIX)/share/doc/tributary
+	install -m 0644 README.md docs/operations.md docs/sample-currents-batch.json \
+		$(DESTDIR)$(PREFIX)/share/doc/tributary/
 	sed 's|@BINDIR@|$(PREFIX)/bin|g' scripts/tributary.service \
 		> $(DESTDIR)$(PREFIX)/lib/systemd/system/tributary.service
 	chmod 0644 $(DESTDIR)$(PREFIX)/lib/systemd/system/tributary.service

@@ -293,6 +293,8 @@ class Install(ServiceTest):
                      "share/tributary/rules/examples/50-route-feed.lua",
                      "share/tributary/tributary.conf.lua.example",
                      "share/tributary/prometheus-alerts.yml",
+                     "share/doc/tributary/operations.md", "share/doc/tributary/README.md",
+                     "share/doc/tributary/sample-currents-batch.json",
                      "lib/systemd/system/tributary.service", "lib/sysusers.d/tributary.conf"):
             self.assertTrue(os.path.exists(os.path.join(prefix, path)), path)
         with open(os.path.join(prefix, "lib/systemd/system/tributary.service")) as f:
