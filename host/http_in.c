@@ -965,10 +965,7 @@ static void *watchdog_main(void *arg)
                 k->cut = 1;
             }
         }
-        struct timespec ts;
-        clock_gettime(CLOCK_REALTIME, &ts);
-        ts.tv_sec += 1;
-        pthread_cond_timedwait(&h->conns_cv, &h->conns_mu, &ts);
+        cond_wait_ms(&h->conns_cv, &h->conns_mu, 1000);
     }
     pthread_mutex_unlock(&h->conns_mu);
     return NULL;
@@ -1281,14 +1278,11 @@ int http_in_start(http_in **out, struct ingest *in, const struct http_in_options
     if (hooks)
         h->hooks = *hooks;
     pthread_mutex_init(&h->conns_mu, NULL);
-    pthread_cond_init(&h->conns_cv, NULL);
-    /* its waits are timed on the monotonic clock: a wall clock stepped back
-     * during a shutdown does not stretch the grace */
-    pthread_condattr_t monotonic;
-    pthread_condattr_init(&monotonic);
-    pthread_condattr_setclock(&monotonic, CLOCK_MONOTONIC);
-    pthread_cond_init(&h->drained_cv, &monotonic);
-    pthread_condattr_destroy(&monotonic);
+    /* timed on the monotonic clock: a wall clock stepped back would hold
+     * off the cut of requests past http.request_timeout_s, and stretch the
+     * grace of a shutdown */
+    cond_init_monotonic(&h->conns_cv);
+    cond_init_monotonic(&h->drained_cv);
     pthread_mutex_init(&h->start_mu, NULL);
     /* A thread per connection: a request waiting for its commit holds only its
      * own connection, and requests of every connection can share a commit. The
@@ -1381,15 +1375,7 @@ void http_in_drain(http_in *h, int64_t grace_ms)
         int64_t left = deadline - clock_mono_ms();
         if (left <= 0)
             break;
-        struct timespec ts;
-        clock_gettime(CLOCK_MONOTONIC, &ts);
-        ts.tv_sec += left / 1000;
-        ts.tv_nsec += (left % 1000) * 1000000;
-        if (ts.tv_nsec >= 1000000000) {
-            ts.tv_sec++;
-            ts.tv_nsec -= 1000000000;
-        }
-        pthread_cond_timedwait(&h->drained_cv, &h->conns_mu, &ts);
+        cond_wait_ms(&h->drained_cv, &h->conns_mu, left);
     }
     int left = h->in_progress;
     pthread_mutex_unlock(&h->conns_mu);

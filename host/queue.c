@@ -2265,10 +2265,7 @@ static void *writer_main(void *arg)
     for (;;) {
         pthread_mutex_lock(&q->mu);
         while (!q->pending && !q->stopping) {
-            struct timespec ts;
-            clock_gettime(CLOCK_REALTIME, &ts);
-            ts.tv_sec += 1;
-            pthread_cond_timedwait(&q->work, &q->mu, &ts);
+            cond_wait_ms(&q->work, &q->mu, 1000);
             if (!q->pending)
                 break; /* time for housekeeping */
         }
@@ -3138,7 +3135,7 @@ int queue_open(queue **out, const struct queue_options *o, char *err, size_t err
     q->checkpoint_pages =
         q->wal_limit_pages / 3 < CHECKPOINT_PAGES ? q->wal_limit_pages / 3 : CHECKPOINT_PAGES;
     pthread_mutex_init(&q->mu, NULL);
-    pthread_cond_init(&q->work, NULL);
+    cond_init_monotonic(&q->work); /* the writer's wait of a second for housekeeping */
     pthread_cond_init(&q->done, NULL);
     pthread_cond_init(&q->checkpoint_wanted, NULL);
     pthread_cond_init(&q->checkpoint_idle, NULL);

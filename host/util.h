@@ -13,6 +13,7 @@
 #ifndef TRIBUTARY_UTIL_H
 #define TRIBUTARY_UTIL_H
 
+#include <pthread.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -193,6 +194,11 @@ int64_t clock_mono_ms(void);   /* monotonic milliseconds, for timeouts */
 int64_t clock_mono_ns(void);   /* monotonic nanoseconds, to time or order short steps */
 int64_t clock_thread_ns(void); /* CPU time of the calling thread (a system call: ~0.5 us) */
 void clock_sleep_ms(int64_t ms);
+/* A condition variable whose timed waits run on the monotonic clock: a wall
+ * clock stepped back does not stretch them (a wait on CLOCK_REALTIME for 1 s
+ * lasts as long as the step). cond_wait_ms waits at most ms for c, mu held. */
+void cond_init_monotonic(pthread_cond_t *c);
+void cond_wait_ms(pthread_cond_t *c, pthread_mutex_t *mu, int64_t ms);
 
 /* Parses a whole decimal integer within [min, max], its digits alone (after a
  * '-' at most: no blanks, no '+'); 0 or -1. */

@@ -264,6 +264,24 @@ START_TEST(test_utf8_sanitize_replaces_what_is_not_utf8_and_cuts_between_charact
 }
 END_TEST
 
+/* A timed wait on the monotonic clock: it returns after its time, counted
+ * from the monotonic clock it reads (one on CLOCK_REALTIME lasted as long as
+ * a step of the wall clock back). */
+START_TEST(test_cond_wait_ms_waits_its_time_on_the_monotonic_clock)
+{
+    pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+    pthread_cond_t c;
+    cond_init_monotonic(&c);
+    pthread_mutex_lock(&mu);
+    int64_t start = clock_mono_ms();
+    cond_wait_ms(&c, &mu, 1200); /* over a second: the nanoseconds carry */
+    int64_t waited = clock_mono_ms() - start;
+    pthread_mutex_unlock(&mu);
+    ck_assert_msg(waited >= 1199 && waited < 60000, "waited %lld ms", (long long)waited);
+    pthread_cond_destroy(&c);
+}
+END_TEST
+
 START_TEST(test_log_due_lets_one_line_through_per_period)
 {
     int64_t last = 0;
@@ -394,6 +412,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_buf_json_str_matches_a_byte_by_byte_escape_on_random_strings);
     tcase_add_test(tc, test_buf_json_strict_escapes_what_only_a_lenient_reader_takes);
     tcase_add_test(tc, test_utf8_sanitize_replaces_what_is_not_utf8_and_cuts_between_characters);
+    tcase_add_test(tc, test_cond_wait_ms_waits_its_time_on_the_monotonic_clock);
     tcase_add_test(tc, test_log_due_lets_one_line_through_per_period);
     tcase_add_test(tc, test_buf_int_writes_the_whole_range);
     tcase_add_test(tc, test_parse_int64_is_strict);
