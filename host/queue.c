@@ -3056,8 +3056,9 @@ static int take_lock(queue *q, char *err, size_t errlen)
  * hand to look into something), the files the service creates would be
  * root's, and the service run as that user could not open them at its next
  * start: they are handed to the directory's owner, as SQLite hands a WAL it
- * creates to the owner of its database. Opened without following a link: the
- * directory's owner could put one there. */
+ * creates to the owner of its database. Opened without following a symbolic
+ * link, and left alone with more than one name: the directory's owner could
+ * put either there, for another of root's files. */
 static void hand_to_dir_owner(const queue *q)
 {
     struct stat d;
@@ -3072,7 +3073,7 @@ static void hand_to_dir_owner(const queue *q)
         if (fd < 0)
             continue;
         struct stat f;
-        if (fstat(fd, &f) == 0 && S_ISREG(f.st_mode) && f.st_uid == 0 &&
+        if (fstat(fd, &f) == 0 && S_ISREG(f.st_mode) && f.st_nlink == 1 && f.st_uid == 0 &&
             fchown(fd, d.st_uid, d.st_gid) != 0)
             log_warn("cannot hand a file of data_dir to the directory's owner; the service run "
                      "as that user cannot open it",
