@@ -1311,8 +1311,9 @@ static void load_env(struct config *c, const uint64_t *defaults, struct errs *e,
             free(from_file);
         }
         c->from_env[i] = v ? 1 : path ? 2 : 0;
-        if (c->from_env[i] && c->file && c->file_value[i] != defaults[i] &&
-            fingerprint(c, &KEYS[i]) != c->file_value[i])
+        c->overridden[i] = c->from_env[i] && c->file && c->file_value[i] != defaults[i] &&
+                           fingerprint(c, &KEYS[i]) != c->file_value[i];
+        if (c->overridden[i])
             warn_add(warnings, "%s overrides %s of %s", v ? name : file_var, KEYS[i].path, c->file);
     }
     /* A mistyped variable would silently leave a default in force (with
@@ -1862,7 +1863,7 @@ static int file_holds_secret(struct config *c, const struct key *k, const char *
  * container. */
 static void warn_readable_secrets(buf *warnings, struct config *c, const char *text)
 {
-    char in_file[256] = "";
+    char in_file[512] = ""; /* room for every secret key's name */
     size_t at = 0;
     for (size_t i = 0; i < ARRAY_LEN(KEYS); i++) {
         const struct key *k = &KEYS[i];
@@ -1879,14 +1880,16 @@ static void warn_readable_secrets(buf *warnings, struct config *c, const char *t
                          "%s names %s, which every user of this machine can read (mode %04o): "
                          "chmod 600 it, or 640 with the service's group",
                          file_var, path, (unsigned)(st.st_mode & 07777));
-        } else if (!c->from_env[i] && text && file_holds_secret(c, k, text)) {
+        }
+        /* in the file: the secret in force, or one the environment overrides */
+        if (c->overridden[i] || (!c->from_env[i] && text && file_holds_secret(c, k, text))) {
             int w = snprintf(in_file + at, sizeof in_file - at, "%s%s", at ? ", " : "", k->path);
             if (w > 0 && (size_t)w < sizeof in_file - at)
                 at += (size_t)w;
         }
     }
     struct stat st;
-    if (at > 0 && stat(c->file, &st) == 0 && (st.st_mode & S_IROTH))
+    if (at > 0 && c->file && stat(c->file, &st) == 0 && (st.st_mode & S_IROTH))
         warn_add(warnings,
                  "%s holds secrets (%s) and every user of this machine can read it (mode %04o): "
                  "chmod 600 it, or 640 with the service's group, or give them in the environment",
@@ -2085,7 +2088,7 @@ size_t config_shadowed_changes(const struct config *old, const struct config *ne
     if (outlen)
         out[0] = '\0';
     for (size_t i = 0; i < ARRAY_LEN(KEYS); i++) {
-        if (!neu->from_env[i] || old->file_value[i] == neu->file_value[i])
+        if (!neu->overridden[i] || old->file_value[i] == neu->file_value[i])
             continue;
         int w = snprintf(out + at, outlen - at, "%s%s", n ? "," : "", KEYS[i].path);
         if (w > 0 && (size_t)w < outlen - at)

@@ -56,11 +56,13 @@ struct config {
     _Atomic int refs;
     char *file;     /* the file read, NULL when running on defaults */
     char *warnings; /* newline-separated notes for the log, or NULL */
-    /* per key: a fingerprint of the value the file gave (or the default), and
-     * whether the environment set it instead (see config_shadowed_changes):
-     * 1 its variable, 2 its TRIBUTARY_<KEY>_FILE */
+    /* per key: a fingerprint of the value the file gave (or the default),
+     * whether the environment set it instead (1 its variable, 2 its
+     * TRIBUTARY_<KEY>_FILE), and whether the file gave it a value of its own
+     * that the environment's overrides (see config_shadowed_changes) */
     uint64_t file_value[CONFIG_KEYS_MAX];
     unsigned char from_env[CONFIG_KEYS_MAX];
+    unsigned char overridden[CONFIG_KEYS_MAX];
 
     char *listen;
     char *data_dir;
@@ -133,9 +135,11 @@ struct config *config_load_for_command(const char *path, int serving);
 int config_load_source(struct config **out, const char *name, const char *src, size_t len,
                        char *err, size_t errlen) WUR;
 
-/* The keys whose value in the configuration file changed from old to neu while
- * the environment sets them in neu, so the change has no effect: their names,
- * comma-separated, in out (truncated to fit). Returns how many. */
+/* The keys whose value in the configuration file changed from old to neu, to
+ * a value of the file's own (not the default, not the environment's) that the
+ * environment overrides in neu, so the change has no effect: their names,
+ * comma-separated, in out (truncated to fit). Returns how many. Taking a key
+ * out of the file, or giving it the environment's value, is no such change. */
 size_t config_shadowed_changes(const struct config *old, const struct config *neu, char *out,
                                size_t outlen);
 

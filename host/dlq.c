@@ -875,11 +875,11 @@ static void print_stats(const struct queue_stats *st, const struct config *c, in
     if (running > 0 && pid > 0)
         printf("service: running (pid %d)\n\n", pid);
     else if (running > 0)
-        printf("service: running\n\n");
+        printf("service: running (in another pid namespace)\n\n");
     else if (running == 0)
         printf("service: not running; feeds show the state it left them in\n\n");
     else
-        printf("service: unknown (/proc/locks cannot be read)\n\n");
+        printf("service: unknown (its lock, serve.lock in data_dir, cannot be read)\n\n");
     printf("%-8s %10s %10s %10s  %s\n", "FEED", "DEPTH", "OLDEST", "BATCHES", "STATE");
     for (int f = 0; f < FEED_COUNT; f++) {
         char age[16] = "-";

@@ -20,6 +20,9 @@
 
 #define QUEUE_FILE "queue.db"
 #define QUEUE_LOCK_FILE "serve.lock"
+/* Tries of the lock, 10 ms apart, before data_dir is taken for another
+ * service's */
+#define LOCK_TRIES 20
 #define SCHEMA_VERSION "7"
 /* Large pages make the WAL writes of ~2 KB rows sequential and cheap: about
  * three times the insert rate of 4 KiB pages with synchronous=FULL. */
@@ -3042,7 +3045,14 @@ static int take_lock(queue *q, char *err, size_t errlen)
         str_printf(err, errlen, "%s: %s", path, strerror(errno));
         return -1;
     }
-    if (flock(q->lock_fd, LOCK_EX | LOCK_NB) != 0) {
+    /* a command's look at the lock (queue_service_running) holds it for
+     * microseconds: tried again for a while before another service is blamed */
+    int rc;
+    for (int tries = 0; (rc = flock(q->lock_fd, LOCK_EX | LOCK_NB)) != 0 && errno == EWOULDBLOCK &&
+                        tries < LOCK_TRIES;
+         tries++)
+        clock_sleep_ms(10);
+    if (rc != 0) {
         if (errno == EWOULDBLOCK)
             str_printf(err, errlen, "another tributary serve is using data_dir %s", q->opt.dir);
         else
@@ -3064,12 +3074,13 @@ static void hand_to_dir_owner(const queue *q)
     struct stat d;
     if (geteuid() != 0 || stat(q->opt.dir, &d) != 0 || d.st_uid == 0)
         return;
+    /* the lock's own descriptor; the others' SQLite keeps to itself */
     static const char *const names[] = {QUEUE_LOCK_FILE, QUEUE_FILE, QUEUE_FILE "-wal",
                                         QUEUE_FILE "-shm"};
     for (size_t i = 0; i < ARRAY_LEN(names); i++) {
         char path[4096];
         snprintf(path, sizeof path, "%s/%s", q->opt.dir, names[i]);
-        int fd = open(path, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
+        int fd = i == 0 ? q->lock_fd : open(path, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
         if (fd < 0)
             continue;
         struct stat f;
@@ -3078,7 +3089,8 @@ static void hand_to_dir_owner(const queue *q)
             log_warn("cannot hand a file of data_dir to the directory's owner; the service run "
                      "as that user cannot open it",
                      LOG_S("file", path) LOG_S("error", strerror(errno)));
-        close(fd);
+        if (fd != q->lock_fd)
+            close(fd);
     }
 }
 
@@ -3087,17 +3099,27 @@ int queue_service_running(const char *dir, int *pid)
     *pid = 0;
     char path[4096];
     snprintf(path, sizeof path, "%s/%s", dir, QUEUE_LOCK_FILE);
-    struct stat st;
-    if (stat(path, &st) != 0)
+    int fd = open(path, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0)
         return errno == ENOENT ? 0 : -1; /* never started there */
-    FILE *f = fopen("/proc/locks", "re");
+    /* a shared lock, let go at once: a service that starts meanwhile tries
+     * its own again for a while (take_lock) */
+    int running = -1;
+    if (flock(fd, LOCK_SH | LOCK_NB) == 0)
+        running = 0;
+    else if (errno == EWOULDBLOCK)
+        running = 1;
+    struct stat st;
+    int known = fstat(fd, &st) == 0;
+    close(fd);
+    FILE *f = running == 1 && known ? fopen("/proc/locks", "re") : NULL;
     if (!f)
-        return -1;
-    /* "1: FLOCK  ADVISORY  WRITE 1234 fe:00:5678 0 EOF"; a waiter's line has
-     * "->" after its number */
+        return running;
+    /* its pid, where this process sees it: "1: FLOCK  ADVISORY  WRITE 1234
+     * fe:00:5678 0 EOF" (a waiter's line has "->" after its number; a lock
+     * of another pid namespace is not listed) */
     char line[256];
-    int running = 0;
-    while (!running && fgets(line, sizeof line, f)) {
+    while (*pid == 0 && fgets(line, sizeof line, f)) {
         char kind[16];
         int owner;
         unsigned maj, min;
@@ -3105,14 +3127,11 @@ int queue_service_running(const char *dir, int *pid)
         if (!strstr(line, "->") &&
             sscanf(line, "%*d: %15s %*s %*s %d %x:%x:%lu", kind, &owner, &maj, &min, &ino) == 5 &&
             strcmp(kind, "FLOCK") == 0 && maj == major(st.st_dev) && min == minor(st.st_dev) &&
-            ino == st.st_ino) {
-            running = 1;
-            *pid = owner > 0 ? owner : 0;
-        }
+            ino == st.st_ino && owner > 0)
+            *pid = owner;
     }
-    int failed = ferror(f);
     fclose(f);
-    return running ? 1 : failed ? -1 : 0;
+    return running;
 }
 
 int queue_open(queue **out, const struct queue_options *o, char *err, size_t errlen)

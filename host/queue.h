@@ -287,10 +287,9 @@ struct queue_stats {
 };
 int queue_stats(queue_reader *r, struct queue_stats *s) WUR;
 
-/* Whether a tributary serve holds the lock of data_dir dir: 1 (*pid its pid,
- * or 0 when it runs where this process cannot see it), 0, or -1 when it
- * cannot be told. Read from /proc/locks: taking the lock to learn it could
- * make a service starting that moment fail. */
+/* Whether a tributary serve holds the lock of data_dir dir: 1 (*pid its pid
+ * from /proc/locks, or 0 when it runs in another pid namespace), 0, or -1
+ * when it cannot be told (the lock file cannot be read). */
 int queue_service_running(const char *dir, int *pid);
 
 #endif

@@ -266,24 +266,30 @@ int buf_json_strict(buf *b, const char *s, size_t n)
     return buf_add(b, s + run, n - run);
 }
 
-size_t json_str_chars(const char *s, size_t n)
+/* Walks the first max characters of s[0..n) as buf_json_str writes them;
+ * returns the bytes they take, and their count in *chars. */
+static size_t json_str_walk(const char *s, size_t n, size_t max, size_t *chars)
 {
-    size_t chars = 0;
-    for (size_t i = 0; i < n; chars++) {
+    size_t i = 0, c = 0;
+    for (; i < n && c < max; c++) {
         size_t seq = utf8_sequence((const unsigned char *)s + i, n - i);
         i += seq ? seq : 1; /* U+FFFD for the byte */
     }
+    *chars = c;
+    return i;
+}
+
+size_t json_str_chars(const char *s, size_t n)
+{
+    size_t chars;
+    json_str_walk(s, n, SIZE_MAX, &chars);
     return chars;
 }
 
 size_t json_str_prefix(const char *s, size_t n, size_t max)
 {
-    size_t i = 0;
-    for (size_t chars = 0; i < n && chars < max; chars++) {
-        size_t seq = utf8_sequence((const unsigned char *)s + i, n - i);
-        i += seq ? seq : 1;
-    }
-    return i;
+    size_t chars;
+    return json_str_walk(s, n, max, &chars);
 }
 
 const char *json_skip_value(const char *p, const char *end)

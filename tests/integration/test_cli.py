@@ -53,6 +53,16 @@ class Cli(ServiceTest):
         text = s.cli(["queue", "stats"]).stdout
         self.assertIn("service: running (pid %d)" % s.proc.pid, text)
         self.assertRegex(text, r"unbound +\d+ +\S+ +\d+  sending")
+        if os.geteuid() == 0 and shutil.which("unshare"):
+            # from another pid namespace (a debug container on the same
+            # volume) /proc/locks lists no lock of the service's
+            p = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", BIN, "queue",
+                                "stats", "--json"], env=clean_env(s.env), cwd=s.dir,
+                               capture_output=True, text=True, timeout=60)
+            self.assertEqual(p.returncode, 0, p.stderr)
+            stats = json.loads(p.stdout)
+            self.assertIs(stats["service_running"], True)
+            self.assertNotIn("service_pid", stats)
         self.assertEqual(s.stop(), 0)
         stats = json.loads(s.cli(["queue", "stats", "--json"]).stdout)
         self.assertIs(stats["service_running"], False)
@@ -87,21 +97,27 @@ class Cli(ServiceTest):
         conf = os.path.join(d, "tributary.conf.lua")
         with open(conf, "w") as f:
             f.write('return { inbound = { tokens = { "token-in-the-file-5d2e9a" } },\n'
-                    '  feeds = { ios = { key = "ios-key-in-the-file", secret = os.getenv("S") } } }\n')
+                    '  feeds = { ios = { key = "ios-key-in-the-file", secret = os.getenv("S") },\n'
+                    '            android = { key = "android-key-in-the-file",\n'
+                    '                        secret = "android-secret-in-the-file" } } }\n')
         admin = os.path.join(d, "admin-token")
         with open(admin, "w") as f:
             f.write("admin-token-in-a-file-8c3b\n")
+        # the environment's secret is in force, but the file's is in the file
         env = {"S": "ios-secret-from-the-environment", "TRIBUTARY_ADMIN_TOKEN_FILE": admin,
+               "TRIBUTARY_FEEDS_ANDROID_SECRET": "android-secret-from-the-environment",
                "TRIBUTARY_RULES_DIR": RULES}
         for path in (conf, admin):
             os.chmod(path, 0o644)
         p = run_cli(["check", "--config", conf], env=env)
         self.assertEqual(p.returncode, 0, p.stderr)
-        self.assertIn("%s holds secrets (inbound.tokens, feeds.ios.key) and every user of this "
-                      "machine can read it (mode 0644)" % conf, p.stderr)
+        self.assertIn("%s holds secrets (inbound.tokens, feeds.ios.key, feeds.android.key, "
+                      "feeds.android.secret) and every user of this machine can read it "
+                      "(mode 0644)" % conf, p.stderr)
         self.assertIn("TRIBUTARY_ADMIN_TOKEN_FILE names %s, which every user of this machine can "
                       "read (mode 0644)" % admin, p.stderr)
-        for secret in ("token-in-the-file", "ios-key-in-the-file", "ios-secret-from", "admin-token-in"):
+        for secret in ("token-in-the-file", "key-in-the-file", "secret-in-the-file",
+                       "secret-from-the-environment", "admin-token-in"):
             self.assertNotIn(secret, p.stdout + p.stderr)
         # the service's own, or its group's: nothing to say
         for path in (conf, admin):

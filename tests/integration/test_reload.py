@@ -641,6 +641,11 @@ class SecretsFromFiles(ServiceTest):
         with open(s.config, "w") as f:
             f.write('return { inbound = { tokens = { "%s" } } }\n' % self.OLD)
         self.reloaded(s, 1)
+        # and so does the key taken out of the file, as the refusal advises
+        with open(s.config, "w") as f:
+            f.write('return { }\n')
+        self.reloaded(s, 2)
+        self.assertEqual(s.post([event()], token=self.OLD).status, 200)
 
     def test_file_errors_name_the_variable_and_the_file_never_its_content(self):
         d = self.tmpdir()
