@@ -10,13 +10,19 @@
 /* At this share of the limit (in tenths) and past it, a warning. */
 #define NEAR_TENTHS 9
 
-/* The set holds a 64-bit fingerprint of each name, not the name: its memory
- * stays 16 bytes a name however long the names a rule makes (two names of one
- * fingerprint, about one chance in a billion at 200,000 names, would count as
- * one). A new name's text is kept only until it is stored. */
+/* The set holds a 64-bit fingerprint of each name, not the name, with its
+ * place in the order names were first sent: its memory stays 32 bytes a name
+ * however long the names a rule makes (two names of one fingerprint, about
+ * one chance in a billion at 200,000 names, would count as one). A new name's
+ * text is kept only until it is stored. */
+struct slot {
+    uint64_t h;    /* 0: empty */
+    uint64_t rank; /* 1 for the first name sent */
+};
+
 struct event_names {
-    uint64_t *slots; /* 0: empty */
-    size_t cap;      /* a power of two, at least twice the names counted */
+    struct slot *slots;
+    size_t cap; /* a power of two, at least twice the names counted */
     size_t n;
     _Atomic int64_t count;       /* n, for other threads */
     struct event_name *unstored; /* their text: copies, freed once stored */
@@ -54,11 +60,11 @@ static uint64_t hash_of(str name)
 }
 
 /* The slot of fingerprint h: the one holding it, or the empty one it would take. */
-static uint64_t *find(const event_names *s, uint64_t h)
+static struct slot *find(const event_names *s, uint64_t h)
 {
     size_t mask = s->cap - 1;
     for (size_t i = (size_t)h & mask;; i = (i + 1) & mask) {
-        if (s->slots[i] == 0 || s->slots[i] == h)
+        if (s->slots[i].h == 0 || s->slots[i].h == h)
             return &s->slots[i];
     }
 }
@@ -66,32 +72,34 @@ static uint64_t *find(const event_names *s, uint64_t h)
 static int grow(event_names *s)
 {
     size_t cap = s->cap ? s->cap * 2 : 256;
-    uint64_t *old = s->slots, *slots = calloc(cap, sizeof(*slots));
+    struct slot *old = s->slots, *slots = calloc(cap, sizeof(*slots));
     if (!slots)
         return -1;
     size_t old_cap = s->cap;
     s->slots = slots;
     s->cap = cap;
     for (size_t i = 0; i < old_cap; i++) {
-        if (old[i])
-            *find(s, old[i]) = old[i];
+        if (old[i].h)
+            *find(s, old[i].h) = old[i];
     }
     free(old);
     return 0;
 }
 
-static int holds(const event_names *s, uint64_t h)
+/* The place of fingerprint h in the order of names sent, 0 when not held. */
+static uint64_t rank_of(const event_names *s, uint64_t h)
 {
-    return s->cap && *find(s, h) != 0;
+    return s->cap ? find(s, h)->rank : 0;
 }
 
-/* Adds a fingerprint the set does not hold; -1 when out of memory. */
+/* Adds a fingerprint the set does not hold, after the others; -1 when out of
+ * memory. */
 static int add(event_names *s, uint64_t h)
 {
     if ((s->n + 1) * 2 > s->cap && grow(s) != 0)
         return -1;
-    *find(s, h) = h;
     s->n++;
+    *find(s, h) = (struct slot){h, s->n};
     atomic_store(&s->count, (int64_t)s->n);
     return 0;
 }
@@ -99,14 +107,14 @@ static int add(event_names *s, uint64_t h)
 int event_names_load(event_names *s, str name)
 {
     uint64_t h = hash_of(name);
-    return holds(s, h) ? 0 : add(s, h);
+    return rank_of(s, h) ? 0 : add(s, h);
 }
 
 int event_names_replace(event_names *s, event_names *read)
 {
     for (size_t i = 0; i < s->nunstored; i++) {
         uint64_t h = hash_of(s->unstored[i].name);
-        if (!holds(read, h) && add(read, h) != 0)
+        if (!rank_of(read, h) && add(read, h) != 0)
             return -1;
     }
     free(s->slots);
@@ -164,11 +172,14 @@ static int keep_unstored(event_names *s, str name, int64_t now_ms)
     return 0;
 }
 
-int event_names_note(event_names *s, str name, int64_t limit, int64_t now_ms)
+int event_names_note(event_names *s, str name, int64_t limit, int64_t now_ms, int *past)
 {
     uint64_t h = hash_of(name);
-    if (holds(s, h))
+    uint64_t rank = rank_of(s, h);
+    *past = rank > (uint64_t)limit;
+    if (rank)
         return 0;
+    *past = (int64_t)s->n >= limit; /* as a new name, at n + 1 */
     if ((int64_t)s->n >= EVENT_NAMES_COUNTED_PER_LIMIT * limit) {
         if (!s->warned_full) {
             s->warned_full = 1;

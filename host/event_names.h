@@ -59,8 +59,9 @@ void event_names_check(event_names *s, int64_t limit);
 /* Notes the name of a batched custom event at now_ms (UNIX ms): 1 when it is
  * new (then counted, and among the unstored names, copied), 0 when known or
  * not counted (twice the limit counted already, or out of memory: logged).
- * name is borrowed for the call. */
-int event_names_note(event_names *s, str name, int64_t limit, int64_t now_ms);
+ * *past: whether the name came past the limit, so that mParticle drops the
+ * event. name is borrowed for the call. */
+int event_names_note(event_names *s, str name, int64_t limit, int64_t now_ms, int *past);
 
 /* The new names not in queue.db yet, NUL-terminated. Borrowed: valid until
  * the next event_names_note or event_names_stored, which frees them once

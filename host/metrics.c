@@ -47,6 +47,7 @@ static struct {
     _Atomic uint64_t out_requests[FEED_COUNT][NOUTBOUND];
     _Atomic uint64_t out_batches[FEED_COUNT][NOUTBOUND];
     _Atomic uint64_t delivered[FEED_COUNT];
+    _Atomic uint64_t past_name_limit[FEED_COUNT];
     _Atomic uint64_t retries[FEED_COUNT];
     struct named rule_counts;
     struct named workspace_events;
@@ -167,6 +168,11 @@ void metrics_outbound(enum feed f, int status, uint64_t batches, uint64_t events
 void metrics_delivered(enum feed f, uint64_t events)
 {
     atomic_fetch_add_explicit(&M.delivered[f], events, memory_order_relaxed);
+}
+
+void metrics_past_name_limit(enum feed f, uint64_t events)
+{
+    atomic_fetch_add_explicit(&M.past_name_limit[f], events, memory_order_relaxed);
 }
 
 void metrics_retry(enum feed f)
@@ -386,6 +392,13 @@ int metrics_render(buf *b, const struct metrics_gauges *g)
     for (int f = 0; f < FEED_COUNT; f++)
         rc |= buf_printf(b, "tributary_events_delivered_total{feed=\"%s\"} %llu\n", FEED_NAMES[f],
                          (unsigned long long)atomic_load(&M.delivered[f]));
+    rc |= header(b, "tributary_events_past_name_limit_total", "counter",
+                 "Events put in batches whose event name came past mParticle's limit of unique "
+                 "names (mparticle.event_names_limit): mParticle accepts and drops them, so they "
+                 "count as delivered too.");
+    for (int f = 0; f < FEED_COUNT; f++)
+        rc |= buf_printf(b, "tributary_events_past_name_limit_total{feed=\"%s\"} %llu\n",
+                         FEED_NAMES[f], (unsigned long long)atomic_load(&M.past_name_limit[f]));
     rc |= header(b, "tributary_mparticle_retries_total", "counter",
                  "Requests to mParticle sent again after a failure, by feed.");
     for (int f = 0; f < FEED_COUNT; f++)

@@ -56,6 +56,9 @@ void metrics_rules_time(double seconds);
  * carrying `batches` batches and `events` events. */
 void metrics_outbound(enum feed f, int status, uint64_t batches, uint64_t events);
 void metrics_delivered(enum feed f, uint64_t events);
+/* Events put in batches whose custom event name came past mParticle's limit
+ * of unique names: accepted (202) and dropped by mParticle. */
+void metrics_past_name_limit(enum feed f, uint64_t events);
 void metrics_retry(enum feed f);
 /* Counters by a name known only as it comes: at most METRICS_NAMES names
  * each (of at most METRICS_NAME_MAX bytes); later names count together under

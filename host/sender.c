@@ -593,15 +593,20 @@ static int build_claim(struct sender *s, struct feed_state *f, struct queue_item
     times = malloc((n ? n : 1) * sizeof(*times));
     if (!old_event || !times)
         goto done;
+    uint64_t past_limit = 0; /* events of names mParticle drops */
     for (size_t i = 0; i < n; i++) {
         const struct queue_item *it = &items->items[i];
         struct mparticle_event_fields ev;
         mparticle_event_fields(it->event.p, it->event.n, &ev);
         times[i] = ev.time_ms;
         old_event[i] = (unsigned char)event_historical(times[i], now_ms);
+        int past = 0;
         if (ev.name.p)
-            (void)event_names_note(s->names, ev.name, names_limit, now_ms);
+            (void)event_names_note(s->names, ev.name, names_limit, now_ms, &past);
+        past_limit += (uint64_t)past;
     }
+    if (past_limit > 0)
+        metrics_past_name_limit(f->feed, past_limit);
     for (size_t i = 0; i < n; i++)
         order[i] = i;
     sort_items = items;

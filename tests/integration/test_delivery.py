@@ -1416,6 +1416,12 @@ class Delivery(ServiceTest):
         self.assertEqual((s.logs().count(self.PAST), s.logs().count(self.NEAR)), (1, 1))
         self.assertEqual(sorted(x["name"] for x in d.take_name_dropped()), ["Open c6", "Open c7"])
         self.assertEqual(d.event_count(), 9)
+        # counted as delivered (202), and as past the limit: every event of such a name
+        past = 'tributary_events_past_name_limit_total{feed="unbound"}'
+        self.assertEqual(s.metrics()[past], 2)
+        self.send_campaigns(s, d, "c6", "c1")
+        self.wait(lambda: s.metrics()[past] == 3, what="the third event past the limit")
+        self.assertEqual([x["name"] for x in d.take_name_dropped()], ["Open c6"])
 
         out = s.cli(["queue", "names", "--json"])
         self.assertEqual(out.returncode, 0, out.stderr)

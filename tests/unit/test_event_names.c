@@ -16,7 +16,8 @@ static str name_of(char *out, size_t len, int i)
 static int note(event_names *s, int i, int64_t limit)
 {
     char a[32];
-    return event_names_note(s, name_of(a, sizeof a, i), limit, T0 + i);
+    int past;
+    return event_names_note(s, name_of(a, sizeof a, i), limit, T0 + i, &past);
 }
 
 static void load(event_names *s, int from, int to)
@@ -67,9 +68,10 @@ START_TEST(test_a_name_is_new_once_and_waits_to_be_stored_with_when_it_came)
     event_names *s = event_names_new();
     ck_assert_ptr_nonnull(s);
     char a[32], b[32];
-    ck_assert_int_eq(event_names_note(s, name_of(a, sizeof a, 1), 1000, T0), 1);
-    ck_assert_int_eq(event_names_note(s, name_of(b, sizeof b, 1), 1000, T0 + 5), 0);
-    ck_assert_int_eq(event_names_note(s, name_of(b, sizeof b, 2), 1000, T0 + 7), 1);
+    int past;
+    ck_assert_int_eq(event_names_note(s, name_of(a, sizeof a, 1), 1000, T0, &past), 1);
+    ck_assert_int_eq(event_names_note(s, name_of(b, sizeof b, 1), 1000, T0 + 5, &past), 0);
+    ck_assert_int_eq(event_names_note(s, name_of(b, sizeof b, 2), 1000, T0 + 7, &past), 1);
     ck_assert_int_eq(event_names_count(s), 2);
     /* the unstored names are copies, not the caller's text */
     memset(a, 'x', sizeof a);
@@ -105,8 +107,39 @@ START_TEST(test_names_stored_before_are_known_and_not_stored_again)
     ck_assert_int_eq(note(s, 3000, 100000), 1);
     ck_assert_int_eq(event_names_count(s), 3001);
     /* the empty name is a name */
-    ck_assert_int_eq(event_names_note(s, (str){"", 0}, 100000, T0), 1);
-    ck_assert_int_eq(event_names_note(s, (str){"", 0}, 100000, T0), 0);
+    int past;
+    ck_assert_int_eq(event_names_note(s, (str){"", 0}, 100000, T0, &past), 1);
+    ck_assert_int_eq(event_names_note(s, (str){"", 0}, 100000, T0, &past), 0);
+    event_names_free(s);
+}
+END_TEST
+
+/* Whether an event's name came past the limit, in the order names were
+ * first sent (stored ones first, in their order): mParticle drops the events
+ * of those names, again at every event, and counted them as delivered. */
+START_TEST(test_events_of_names_past_the_limit_are_told_every_time)
+{
+    event_names *s = event_names_new();
+    load(s, 0, 3); /* Campaign 0, 1, 2 stored before: the first three */
+    char a[32];
+    int past = -1;
+    ck_assert_int_eq(event_names_note(s, name_of(a, sizeof a, 1), 3, T0, &past), 0);
+    ck_assert_int_eq(past, 0);
+    ck_assert_int_eq(event_names_note(s, name_of(a, sizeof a, 3), 3, T0, &past), 1);
+    ck_assert_int_eq(past, 1); /* the fourth */
+    ck_assert_int_eq(event_names_note(s, name_of(a, sizeof a, 3), 3, T0, &past), 0);
+    ck_assert_int_eq(past, 1); /* and again */
+    ck_assert_int_eq(event_names_note(s, name_of(a, sizeof a, 2), 3, T0, &past), 0);
+    ck_assert_int_eq(past, 0);
+    /* a higher limit takes the fourth in */
+    ck_assert_int_eq(event_names_note(s, name_of(a, sizeof a, 3), 4, T0, &past), 0);
+    ck_assert_int_eq(past, 0);
+    /* past twice the limit a new name is not counted, and past it all the same */
+    for (int i = 4; i < 6; i++)
+        ck_assert_int_eq(note(s, i, 3), 1);
+    ck_assert_int_eq(event_names_note(s, name_of(a, sizeof a, 6), 3, T0, &past), 0);
+    ck_assert_int_eq(past, 1);
+    ck_assert_int_eq(event_names_count(s), 6);
     event_names_free(s);
 }
 END_TEST
@@ -270,6 +303,7 @@ static Suite *suite(void)
     TCase *tc = tcase_create("event_names");
     tcase_add_test(tc, test_a_name_is_new_once_and_waits_to_be_stored_with_when_it_came);
     tcase_add_test(tc, test_names_stored_before_are_known_and_not_stored_again);
+    tcase_add_test(tc, test_events_of_names_past_the_limit_are_told_every_time);
     tcase_add_test(tc, test_new_names_under_90_percent_of_the_limit_are_said_at_debug_only);
     tcase_add_test(tc, test_90_percent_of_the_limit_is_warned_of_once);
     tcase_add_test(tc, test_each_new_name_past_the_limit_is_an_error_at_most_every_10_s);
