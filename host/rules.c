@@ -1194,9 +1194,23 @@ static void run_chain(rules *r, lua_State *L, int evi, int wsi, size_t upto,
         }
         int t = lua_type(L, -2);
         if (t == LUA_TBOOLEAN && !lua_toboolean(L, -2)) {
-            res->kind = CHAIN_DROP;
-            const char *why = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : "rule_drop";
-            str_copy(res->detail, sizeof res->detail, why);
+            /* a drop says why; `false` alone is most likely `cond and out`
+             * of a rule that meant to keep the event: a dead letter, which a
+             * requeue can mend */
+            size_t whylen = 0;
+            const char *why =
+                lua_type(L, -1) == LUA_TSTRING ? lua_tolstring(L, -1, &whylen) : NULL;
+            if (whylen > 0) {
+                res->kind = CHAIN_DROP;
+                str_copy(res->detail, sizeof res->detail, why);
+            } else {
+                res->kind = CHAIN_DEAD;
+                res->dead_reason = DEAD_INVALID_OUTPUT;
+                str_printf(res->detail, sizeof res->detail,
+                           "%s: process returned false without a reason; return false and a "
+                           "reason (a non-empty string) to drop the event",
+                           fname);
+            }
             lua_pop(L, 2);
             lua_pushnil(L);
             lua_replace(L, outi);

@@ -1360,6 +1360,19 @@ START_TEST(test_an_output_without_source_message_id_takes_the_event_id)
 }
 END_TEST
 
+/* A drop says why: `false` alone (or with an empty or non-string reason),
+ * as a rule's `return cond and out` gives, was a silent drop; it is a dead
+ * letter, which a requeue can mend. */
+START_TEST(test_false_without_a_reason_is_a_dead_letter_not_a_drop)
+{
+    static const char *const returns[] = {"false", "false, ''", "false, 42", "false, nil"};
+    char src[256];
+    snprintf(src, sizeof src, "return function(event, out) return %s end\n", returns[_i]);
+    dead_as(src, DEAD_INVALID_OUTPUT,
+            "50-rule.lua: process returned false without a reason; return false and a reason");
+}
+END_TEST
+
 START_TEST(test_event_without_external_user_id_is_skipped)
 {
     default_rules();
@@ -3628,6 +3641,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_user_key_is_the_external_user_id_and_the_device);
     tcase_add_test(tc, test_an_output_without_source_message_id_takes_the_event_id);
     tcase_add_test(tc, test_event_without_external_user_id_is_skipped);
+    tcase_add_loop_test(tc, test_false_without_a_reason_is_a_dead_letter_not_a_drop, 0, 4);
     tcase_add_test(tc, test_event_with_null_external_user_id_is_skipped);
     tcase_add_test(tc, test_shipped_rules_pass_their_own_tests);
 
