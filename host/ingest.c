@@ -488,6 +488,10 @@ void ingest_handle(struct ingest *in, const struct ingest_request *req,
         metrics_mapped(ruleset_version(mapped_by), m.nevents);
     metrics_add(M_EVENTS_QUEUED, res.queued);
     metrics_add(M_EVENTS_DUPLICATE, res.duplicates);
+    if (res.duplicates)
+        log_debug("events not forwarded: already stored within the dedup window",
+                  LOG_I("duplicates", (long long)res.duplicates)
+                      LOG_I("events", (long long)m.nevents));
     count_dropped(&m);
     log_dead_letters(&m);
 

@@ -63,6 +63,9 @@ class Ingest(ServiceTest):
         self.assertEqual(again.json()["forwarded"], 0)
         self.assertEqual(s.queued_ids(), [e["id"]])
         self.assertEqual(s.metrics()["tributary_events_duplicate_total"], 2)
+        # the log says so too, at debug (the harness's level)
+        self.assertRegex(s.logs(), r'level=debug msg="events not forwarded: already stored '
+                                   r'within the dedup window" duplicates=2 events=2')
 
     def test_unknown_fields_and_unknown_event_types_are_accepted(self):
         s = self.service()
