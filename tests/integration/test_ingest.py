@@ -65,7 +65,7 @@ class Ingest(ServiceTest):
         self.assertEqual(s.metrics()["tributary_events_duplicate_total"], 2)
         # the log says so too, at debug (the harness's level)
         self.assertRegex(s.logs(), r'level=debug msg="events not forwarded: already stored '
-                                   r'within the dedup window" duplicates=2 events=2')
+                                   r'within the dedup window" request_id=\S+ duplicates=2 events=2')
 
     def test_unknown_fields_and_unknown_event_types_are_accepted(self):
         s = self.service()
