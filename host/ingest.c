@@ -411,6 +411,28 @@ static void log_dead_letters(const struct mapping *m)
     }
 }
 
+/* Says a request refused as invalid (400, 413), up to
+ * QUARANTINE_LINES_PER_SECOND lines a second: Braze sends the events of a 400
+ * again one by one, and drops one refused again for good, so each may be a
+ * loss (see currents-http.md); a producer sending nothing but such requests
+ * would otherwise write a line each. tributary_http_requests_total counts
+ * them all. */
+static void log_refused(const struct input_error *ie)
+{
+    static struct log_budget logged;
+    int line = log_budget_take(&logged);
+    if (line == QUARANTINE_LINES_PER_SECOND)
+        log_warn("requests refused: more this second than the log takes; the rest of them are "
+                 "left out of it (tributary_http_requests_total counts them)",
+                 LOG_I("limit_per_second", QUARANTINE_LINES_PER_SECOND));
+    if (line >= QUARANTINE_LINES_PER_SECOND)
+        return;
+    log_warn(ie->status == 400 ? "request refused as invalid; Braze sends its events again one "
+                                 "by one, and drops one that is refused again"
+                               : "request refused; Braze sends its events again, fewer at a time",
+             LOG_I("status", ie->status) LOG_S("reason", ie->reason) LOG_I("index", ie->index));
+}
+
 void ingest_handle(struct ingest *in, const struct ingest_request *req,
                    struct ingest_response *resp)
 {
@@ -447,8 +469,7 @@ void ingest_handle(struct ingest *in, const struct ingest_request *req,
             log_repeated(LOG_ERROR, "cannot map a request", LOG_S("error", ie.reason));
             respond_error(resp, 503, RETRY_AFTER_ERROR, "temporarily unable to map", -1, NULL);
         } else {
-            log_info("request refused", LOG_I("status", ie.status) LOG_S("reason", ie.reason)
-                                            LOG_I("index", ie.index));
+            log_refused(&ie);
             respond_error(resp, ie.status, 0,
                           ie.status == 413 ? "too many events" : "invalid request", ie.index,
                           ie.reason);

@@ -360,6 +360,23 @@ class MalformedInput(ServiceTest):
         e = event()
         del e["id"]
         self.assert_400(s, json.dumps({"events": [event(), e]}), index=1, reason="missing id")
+        # Braze drops an event refused again: a warning, which names the event at fault
+        self.assertRegex(s.logs(), r'level=warn msg="request refused as invalid; Braze sends its '
+                                   r'events again one by one, and drops one that is refused '
+                                   r'again" .*status=400 reason="missing id" '
+                                   r'index=1')
+
+    def test_refused_requests_are_logged_up_to_20_a_second(self):
+        s = self.service()
+        for _ in range(25):
+            self.assertEqual(s.post(body='{"events": [').status, 400)
+        logs = s.logs()
+        # (the 25 may straddle two seconds: at most 20 in each)
+        lines = logs.count('msg="request refused as invalid')
+        self.assertGreaterEqual(lines, 20)
+        if lines < 25:
+            self.assertIn("requests refused: more this second than the log takes", logs)
+        self.assertEqual(s.metrics()['tributary_http_requests_total{code="400"}'], 25)
 
     def test_event_without_event_type_is_400(self):
         s = self.service()
