@@ -1157,6 +1157,21 @@ static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls,
     struct req *r = *con_cls;
     /* a request, not its answer, that its client stopped sending (the
      * watchdog's own cut, k->cut, is counted where it is made) */
+    /* one whose client went away first (not one the watchdog cut): a load
+     * balancer or proxy in between that closes connections shows here */
+    int cut = 0;
+    if (k) {
+        pthread_mutex_lock(&h->conns_mu);
+        cut = k->cut;
+        pthread_mutex_unlock(&h->conns_mu);
+    }
+    if (r && !r->replied && !cut &&
+        (toe == MHD_REQUEST_TERMINATED_CLIENT_ABORT || toe == MHD_REQUEST_TERMINATED_READ_ERROR)) {
+        metrics_add(M_HTTP_REQUESTS_ABANDONED, 1);
+        log_debug("request abandoned: its client closed the connection before the answer",
+                  LOG_S("client", r->client)
+                      LOG_I("body_bytes", (long long)(r->body.len + r->dropped)));
+    }
     if (k && toe == MHD_REQUEST_TERMINATED_TIMEOUT_REACHED && !(r && r->replied)) {
         pthread_mutex_lock(&h->conns_mu);
         if (!k->cut)

@@ -91,6 +91,9 @@ static const char *const COUNTER_HELP[M_COUNTER_COUNT][3] = {
     {"tributary_http_requests_timed_out_total", "counter",
      "Requests cut off, their connection closed, because they had not arrived whole within "
      "http.request_timeout_s, or their client sent nothing for http.timeout_s."},
+    {"tributary_http_requests_abandoned_total", "counter",
+     "Requests whose client closed the connection before their answer, most of them in the "
+     "middle of the body: nothing of them was stored, and Braze sends them again."},
     {"tributary_http_unknown_path_total", "counter",
      "Requests for a path tributary does not serve, answered 404 (Braze's connector posts to "
      "/currents)."},

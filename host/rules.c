@@ -1198,8 +1198,7 @@ static void run_chain(rules *r, lua_State *L, int evi, int wsi, size_t upto,
              * of a rule that meant to keep the event: a dead letter, which a
              * requeue can mend */
             size_t whylen = 0;
-            const char *why =
-                lua_type(L, -1) == LUA_TSTRING ? lua_tolstring(L, -1, &whylen) : NULL;
+            const char *why = lua_type(L, -1) == LUA_TSTRING ? lua_tolstring(L, -1, &whylen) : NULL;
             if (whylen > 0) {
                 res->kind = CHAIN_DROP;
                 str_copy(res->detail, sizeof res->detail, why);

@@ -435,6 +435,25 @@ class MalformedInput(ServiceTest):
         finally:
             sock.close()
 
+    def test_a_request_its_client_abandons_mid_body_is_counted(self):
+        # a load balancer that closes connections left no trace: nothing is
+        # lost (Braze got no answer and sends it again), but it was unseen
+        s = self.service()
+        body = json.dumps({"events": [event()]}).encode()
+        sock = socket.create_connection(("127.0.0.1", s.port), timeout=10)
+        sock.sendall(("POST /currents HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+                      "Content-Length: %d\r\n\r\n" % (TOKEN, len(body))).encode() + body[:20])
+        time.sleep(0.2)
+        sock.close()
+        self.wait(lambda: s.metrics()["tributary_http_requests_abandoned_total"] == 1,
+                  what="the abandoned request counted")
+        self.assertRegex(s.logs(), r'level=debug msg="request abandoned: its client closed the '
+                                   r'connection before the answer" .*body_bytes=20')
+        self.assertEqual(s.queued_ids(), [])
+        # an answered request is not counted, nor a health check
+        self.assertEqual(s.post([event()]).status, 200)
+        self.assertEqual(s.metrics()["tributary_http_requests_abandoned_total"], 1)
+
     def send_whole_then_read(self, s, headers, body, chunked=False):
         """Writes the request with its whole body (chunked: in chunks of 64 KiB)
         before reading; the status line."""

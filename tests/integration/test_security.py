@@ -1779,6 +1779,8 @@ class ConnectionBounds(ServiceTest):
         s = self.service(env=self.CUT)
         self.stall_a_body(s, "slow-body-1")
         self.assertEqual(s.metrics()["tributary_http_requests_timed_out_total"], 1)
+        # cut by tributary, not abandoned by its client
+        self.assertEqual(s.metrics()["tributary_http_requests_abandoned_total"], 0)
         lines = [l for l in s.logs().splitlines() if "took too long" in l]
         self.assertEqual(len(lines), 1, s.logs()[-2000:])
         self.assertRegex(lines[0], self.CUT_LINE + r"request_id=slow-body-1 client=127\.0\.0\.1 "
