@@ -255,6 +255,39 @@ uint64_t log_repeat_due(struct log_repeat *r)
     return atomic_exchange(&r->times, 0);
 }
 
+/* The places of log_repeated that have had a line, for log_repeats_flush. */
+static pthread_mutex_t g_repeats_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct log_repeat *g_repeats;
+
+uint64_t log_repeat_due_line(struct log_repeat *r, enum log_level level, const char *msg)
+{
+    if (!atomic_load(&r->listed)) {
+        pthread_mutex_lock(&g_repeats_lock);
+        if (!atomic_load(&r->listed)) {
+            r->level = level;
+            r->msg = msg;
+            r->next = g_repeats;
+            g_repeats = r;
+            atomic_store(&r->listed, 1);
+        }
+        pthread_mutex_unlock(&g_repeats_lock);
+    }
+    return log_repeat_due(r);
+}
+
+void log_repeats_flush(int all)
+{
+    pthread_mutex_lock(&g_repeats_lock);
+    for (struct log_repeat *r = g_repeats; r; r = r->next) {
+        if (atomic_load(&r->times) == 0 || !(all || log_due_shared(&r->last_ms)))
+            continue;
+        uint64_t times = atomic_exchange(&r->times, 0);
+        if (times)
+            log_emit(r->level, r->msg, LOG_FIELDS(LOG_I("times", (long long)times)));
+    }
+    pthread_mutex_unlock(&g_repeats_lock);
+}
+
 #define BUDGET_LINES_MASK 0xffffffu
 int log_budget_take(struct log_budget *b)
 {

@@ -65,16 +65,29 @@ int log_due_shared_every(_Atomic int64_t *last_ms, int64_t every_ms);
 struct log_repeat {
     _Atomic int64_t last_ms;
     _Atomic uint64_t times;
+    /* for log_repeats_flush (log_repeat_due_line): the line, and the list of
+     * the places that have one */
+    _Atomic int listed;
+    enum log_level level;
+    const char *msg;
+    struct log_repeat *next;
 };
 /* Counts one more time. 0: skip the line; else write it, with this many
  * times since the last line written (this one included). */
 uint64_t log_repeat_due(struct log_repeat *r);
+/* The same for a line log_repeats_flush can write: level and msg, a literal. */
+uint64_t log_repeat_due_line(struct log_repeat *r, enum log_level level, const char *msg);
+/* Writes, for each place of log_repeated whose times after its last line are
+ * untold LOG_REPEAT_MS on (or, with all, at once: at a stop), its line with
+ * `times` alone: a burst after a line would otherwise wait for the next
+ * time, which may never come. The service calls it about once a second. */
+void log_repeats_flush(int all);
 /* Such a line, at level, with its fields and `times`: one counter per place
  * the macro is written. */
 #define log_repeated(level, msg, ...)                                                              \
     do {                                                                                           \
         static struct log_repeat log_repeat_here_;                                                 \
-        uint64_t log_times_ = log_repeat_due(&log_repeat_here_);                                   \
+        uint64_t log_times_ = log_repeat_due_line(&log_repeat_here_, (level), (msg));              \
         if (log_times_)                                                                            \
             log_emit((level), (msg),                                                               \
                      LOG_FIELDS(__VA_ARGS__ LOG_I("times", (long long)log_times_)));               \

@@ -335,6 +335,7 @@ static int wait_for_stop(int sfd, int wfd, struct reloader *reloader)
             reloader_ask(reloader, "rules_dir changed");
         }
         trim_memory(&trim);
+        log_repeats_flush(0);
     }
     return 0;
 }
@@ -551,6 +552,7 @@ done:
     second_signal_stop(&stop_watch);
     if (sfd >= 0)
         close(sfd);
+    log_repeats_flush(1); /* what the limited lines have not told yet */
     if (rc == 0)
         log_info("stopped");
     return rc;

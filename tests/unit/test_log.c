@@ -219,6 +219,82 @@ START_TEST(test_a_repeated_line_is_written_once_and_counts_the_rest)
 }
 END_TEST
 
+/* The place of a repeated line, for the test below. */
+static struct log_repeat *repeat_place;
+
+static void repeat_line(void)
+{
+    static struct log_repeat here;
+    repeat_place = &here;
+    uint64_t times = log_repeat_due_line(&here, LOG_ERROR, "a burst");
+    if (times)
+        log_error("a burst", LOG_S("field", "f") LOG_I("times", (long long)times));
+}
+
+/* What stderr gets while fn runs, in a buffer the caller frees. */
+static char *stderr_of(void (*fn)(void))
+{
+    char path[] = "/tmp/tributary-unit-log-XXXXXX";
+    int fd = mkstemp(path);
+    ck_assert_int_ge(fd, 0);
+    unlink(path);
+    fflush(stderr);
+    int saved = dup(STDERR_FILENO);
+    ck_assert_int_ge(dup2(fd, STDERR_FILENO), 0);
+    fn();
+    fflush(stderr);
+    dup2(saved, STDERR_FILENO);
+    close(saved);
+    off_t size = lseek(fd, 0, SEEK_END);
+    char *text = calloc(1, (size_t)size + 1);
+    ck_assert_ptr_nonnull(text);
+    ck_assert_int_eq(pread(fd, text, (size_t)size, 0), size);
+    close(fd);
+    return text;
+}
+
+static void burst(void)
+{
+    for (int i = 0; i < 3; i++)
+        repeat_line();
+    log_repeats_flush(0); /* within LOG_REPEAT_MS: nothing */
+}
+
+static void flush_due(void)
+{
+    /* as if LOG_REPEAT_MS had passed since the line */
+    atomic_store(&repeat_place->last_ms, clock_mono_ms() - LOG_REPEAT_MS - 1);
+    log_repeats_flush(0);
+    log_repeats_flush(0); /* told once */
+}
+
+static void flush_all(void)
+{
+    repeat_line(); /* counted for the next line */
+    log_repeats_flush(1);
+}
+
+/* The times of a burst after the last line were told only by the next
+ * occurrence, which may never come: a flush tells them, 10 s on or at a
+ * stop, with `times` alone. */
+START_TEST(test_a_flush_tells_the_times_a_repeated_line_has_not_told)
+{
+    log_setup(LOG_DEBUG, LOG_LOGFMT);
+    char *text = stderr_of(burst);
+    ck_assert_msg(strstr(text, "msg=\"a burst\" field=f times=1\n") != NULL, "%s", text);
+    ck_assert_msg(strstr(text, "times=2") == NULL, "%s", text);
+    free(text);
+    text = stderr_of(flush_due);
+    ck_assert_msg(strstr(text, "level=error msg=\"a burst\" times=2\n") != NULL, "%s", text);
+    ck_assert_msg(strstr(strstr(text, "times=2") + 1, "a burst") == NULL, "%s", text);
+    free(text);
+    text = stderr_of(flush_all);
+    ck_assert_msg(strstr(text, "level=error msg=\"a burst\" times=1\n") != NULL, "%s", text);
+    free(text);
+    log_setup(LOG_ERROR, LOG_LOGFMT);
+}
+END_TEST
+
 static Suite *suite(void)
 {
     Suite *s = suite_create("log");
@@ -226,6 +302,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_long_lines_from_several_threads_reach_a_pipe_whole);
     tcase_add_test(tc, test_a_line_budget_counts_each_line_of_a_second_once);
     tcase_add_test(tc, test_a_repeated_line_is_written_once_and_counts_the_rest);
+    tcase_add_test(tc, test_a_flush_tells_the_times_a_repeated_line_has_not_told);
     suite_add_tcase(s, tc);
     return s;
 }
