@@ -220,7 +220,8 @@ static enum MHD_Result reply(struct MHD_Connection *c, struct req *r, int status
      * answers of 500 and more come with a line that says why */
     static struct log_repeat failed;
     uint64_t times;
-    if (status >= 500 && r->route != R_READYZ && (times = log_repeat_due(&failed)) != 0)
+    if (status >= 500 && r->route != R_READYZ &&
+        (times = log_repeat_due_line(&failed, LOG_WARN, "answered")) != 0)
         log_warn("answered", LOG_I("status", status) LOG_S("path", ROUTE_PATHS[r->route])
                                  LOG_I("times", (long long)times));
     else
@@ -1158,14 +1159,18 @@ static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls,
     /* a request, not its answer, that its client stopped sending (the
      * watchdog's own cut, k->cut, is counted where it is made) */
     /* one whose client went away first (not one the watchdog cut): a load
-     * balancer or proxy in between that closes connections shows here */
+     * balancer or proxy in between that closes connections shows here. Only
+     * a request admitted by its headers (a token), and not already refused:
+     * anyone can send a signature, checked once the body is whole, or a
+     * wrong token, and then go */
     int cut = 0;
     if (k) {
         pthread_mutex_lock(&h->conns_mu);
         cut = k->cut;
         pthread_mutex_unlock(&h->conns_mu);
     }
-    if (r && !r->replied && !cut &&
+    if (r && !r->replied && !cut && r->admitted == 1 && !r->after_body.status && !r->too_large &&
+        !r->busy && !r->no_memory &&
         (toe == MHD_REQUEST_TERMINATED_CLIENT_ABORT || toe == MHD_REQUEST_TERMINATED_READ_ERROR)) {
         metrics_add(M_HTTP_REQUESTS_ABANDONED, 1);
         log_debug("request abandoned: its client closed the connection before the answer",

@@ -248,6 +248,7 @@ int log_due_shared_every(_Atomic int64_t *last_ms, int64_t every_ms)
 
 uint64_t log_repeat_due(struct log_repeat *r)
 {
+    atomic_store(&r->seen_ms, clock_mono_ms());
     atomic_fetch_add(&r->times, 1);
     if (!log_due_shared(&r->last_ms))
         return 0;
@@ -277,9 +278,14 @@ uint64_t log_repeat_due_line(struct log_repeat *r, enum log_level level, const c
 
 void log_repeats_flush(int all)
 {
+    int64_t now = clock_mono_ms();
     pthread_mutex_lock(&g_repeats_lock);
     for (struct log_repeat *r = g_repeats; r; r = r->next) {
-        if (atomic_load(&r->times) == 0 || !(all || log_due_shared(&r->last_ms)))
+        /* after a line of its own (whose fields say what happened), and
+         * quiet since: a place still happening tells its times itself */
+        if (atomic_load(&r->times) == 0 || atomic_load(&r->last_ms) == 0 ||
+            !(all ||
+              (now - atomic_load(&r->seen_ms) >= LOG_REPEAT_MS && log_due_shared(&r->last_ms))))
             continue;
         uint64_t times = atomic_exchange(&r->times, 0);
         if (times)

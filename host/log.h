@@ -65,6 +65,7 @@ int log_due_shared_every(_Atomic int64_t *last_ms, int64_t every_ms);
 struct log_repeat {
     _Atomic int64_t last_ms;
     _Atomic uint64_t times;
+    _Atomic int64_t seen_ms; /* the last time it happened */
     /* for log_repeats_flush (log_repeat_due_line): the line, and the list of
      * the places that have one */
     _Atomic int listed;
@@ -78,9 +79,11 @@ uint64_t log_repeat_due(struct log_repeat *r);
 /* The same for a line log_repeats_flush can write: level and msg, a literal. */
 uint64_t log_repeat_due_line(struct log_repeat *r, enum log_level level, const char *msg);
 /* Writes, for each place of log_repeated whose times after its last line are
- * untold LOG_REPEAT_MS on (or, with all, at once: at a stop), its line with
- * `times` alone: a burst after a line would otherwise wait for the next
- * time, which may never come. The service calls it about once a second. */
+ * untold and that has not happened for LOG_REPEAT_MS (or, with all, at once:
+ * at a stop), its line with `times` alone: the end of a burst would otherwise
+ * wait for the next time, which may never come. While it goes on happening,
+ * its own lines, with their fields, tell the times. The service calls it
+ * about once a second. */
 void log_repeats_flush(int all);
 /* Such a line, at level, with its fields and `times`: one counter per place
  * the macro is written. */

@@ -397,8 +397,8 @@ int metrics_render(buf *b, const struct metrics_gauges *g)
                          (unsigned long long)atomic_load(&M.delivered[f]));
     rc |= header(b, "tributary_events_past_name_limit_total", "counter",
                  "Events put in batches whose event name came past mParticle's limit of unique "
-                 "names (mparticle.event_names_limit): mParticle accepts and drops them, so they "
-                 "count as delivered too.");
+                 "names (mparticle.event_names_limit): mParticle answers 202 for them and drops "
+                 "them, so once sent they count as delivered too.");
     for (int f = 0; f < FEED_COUNT; f++)
         rc |= buf_printf(b, "tributary_events_past_name_limit_total{feed=\"%s\"} %llu\n",
                          FEED_NAMES[f], (unsigned long long)atomic_load(&M.past_name_limit[f]));

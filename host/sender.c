@@ -561,7 +561,8 @@ static int cmp_first_id(const void *a, const void *b)
 struct claim_part {
     struct pbatch **made;
     size_t n;
-    int64_t cursor; /* the last record the claim covers */
+    int64_t cursor;      /* the last record the claim covers */
+    uint64_t past_limit; /* its events of names past mParticle's limit */
 };
 
 static void claim_part_free(struct claim_part *c)
@@ -593,7 +594,7 @@ static int build_claim(struct sender *s, struct feed_state *f, struct queue_item
     times = malloc((n ? n : 1) * sizeof(*times));
     if (!old_event || !times)
         goto done;
-    uint64_t past_limit = 0; /* events of names mParticle drops */
+    c->past_limit = 0; /* counted once the claim is persisted */
     for (size_t i = 0; i < n; i++) {
         const struct queue_item *it = &items->items[i];
         struct mparticle_event_fields ev;
@@ -603,10 +604,8 @@ static int build_claim(struct sender *s, struct feed_state *f, struct queue_item
         int past = 0;
         if (ev.name.p)
             (void)event_names_note(s->names, ev.name, names_limit, now_ms, &past);
-        past_limit += (uint64_t)past;
+        c->past_limit += (uint64_t)past;
     }
-    if (past_limit > 0)
-        metrics_past_name_limit(f->feed, past_limit);
     for (size_t i = 0; i < n; i++)
         order[i] = i;
     sort_items = items;
@@ -1098,6 +1097,8 @@ static void claim(struct sender *s, int64_t now)
             parts[i].made[j] = NULL;
         }
         f->cursor = parts[i].cursor;
+        if (parts[i].past_limit > 0)
+            metrics_past_name_limit(f->feed, parts[i].past_limit);
         claim_part_free(&parts[i]);
     }
     free(qb);

@@ -398,6 +398,18 @@ class EventNamesStorage(ServiceTest):
         names = json.loads(s.cli(["queue", "names", "--json"]).stdout)["names"]
         self.assertEqual(sorted(n["name"] for n in names), ["Email Opens", "Email Sends"])
 
+    def test_events_past_the_names_limit_are_counted_once_when_a_claim_is_tried_again(self):
+        # counted as the claim was built, its events counted again at each
+        # try after a failed commit
+        s, d = self.start(FAIL_CLAIMS_STORE=2, TRIBUTARY_MPARTICLE_EVENT_NAMES_LIMIT=1)
+        d.event_names_limit = 1
+        self.assertEqual(s.post([event("users.messages.email.Open", user="a"),
+                                 event("users.messages.email.Send", user="b")]).status, 200)
+        self.assertTrue(d.wait_for_events(1, 20 * SLOW))
+        self.wait(lambda: len(d.take_name_dropped()) == 1, what="the event mParticle drops")
+        self.assertIn("cannot persist batches; will try again", s.logs())
+        self.assertEqual(s.metrics()['tributary_events_past_name_limit_total{feed="unbound"}'], 1)
+
     def test_names_that_cannot_be_read_at_start_are_read_once_they_can_be(self):
         s, d = self.start()
         self.assertEqual(s.post([event("users.messages.email.Open")]).status, 200)

@@ -17,6 +17,7 @@
  *   FAIL_NAMES_LOAD=n   the first n reads of the stored event names by the
  *                       sender fail
  *   FAIL_NAMES_STORE=n  the first n inserts of an event name by the writer fail
+ *   FAIL_CLAIMS_STORE=n the first n inserts of a claim by the writer fail
  *
  * A failed step answers SQLITE_IOERR, as a disk or memory hiccup would.
  */
@@ -29,7 +30,7 @@
 #include <string.h>
 #include <unistd.h>
 
-static atomic_int fetches, claim_rows, dedup_rows, deletes, names_loads, names_stores;
+static atomic_int fetches, claim_rows, dedup_rows, deletes, names_loads, names_stores, claim_stores;
 
 static int env_int(const char *name)
 {
@@ -57,6 +58,9 @@ int sqlite3_step(sqlite3_stmt *st)
         return SQLITE_IOERR;
     if (sql && strcmp(thread, "queue-writer") == 0 && strstr(sql, "INSERT INTO event_names") &&
         atomic_fetch_add(&names_stores, 1) < env_int("FAIL_NAMES_STORE"))
+        return SQLITE_IOERR;
+    if (sql && strcmp(thread, "queue-writer") == 0 && strstr(sql, "INSERT INTO claims") &&
+        atomic_fetch_add(&claim_stores, 1) < env_int("FAIL_CLAIMS_STORE"))
         return SQLITE_IOERR;
     int dedup_at = env_int("FAIL_DEDUP_AT");
     if (sql && dedup_at > 0 && strstr(sql, "FROM dedup_log WHERE at_ms") &&
