@@ -3,8 +3,6 @@
 
 #include "event_names.h"
 
-#include <fcntl.h>
-
 #define T0 1796000000000LL /* a time to note names at */
 
 static str name_of(char *out, size_t len, int i)
@@ -27,28 +25,25 @@ static void load(event_names *s, int from, int to)
         ck_assert_int_eq(event_names_load(s, name_of(a, sizeof a, i)), 0);
 }
 
+struct logged_call {
+    void (*fn)(event_names *, int64_t);
+    event_names *s;
+    int64_t limit;
+};
+
+static void run_logged(void *arg)
+{
+    const struct logged_call *c = arg;
+    log_setup(LOG_DEBUG, LOG_LOGFMT);
+    c->fn(c->s, c->limit);
+    log_setup(LOG_ERROR, LOG_LOGFMT);
+}
+
 /* The log lines written while fn(s, limit) runs, in a buffer the caller frees. */
 static char *logged(void (*fn)(event_names *, int64_t), event_names *s, int64_t limit)
 {
-    char path[] = "/tmp/tributary-unit-log-XXXXXX";
-    int fd = mkstemp(path);
-    ck_assert_int_ge(fd, 0);
-    unlink(path);
-    fflush(stderr);
-    int saved = dup(STDERR_FILENO);
-    ck_assert_int_ge(dup2(fd, STDERR_FILENO), 0);
-    log_setup(LOG_DEBUG, LOG_LOGFMT);
-    fn(s, limit);
-    fflush(stderr);
-    log_setup(LOG_ERROR, LOG_LOGFMT);
-    dup2(saved, STDERR_FILENO);
-    close(saved);
-    off_t size = lseek(fd, 0, SEEK_END);
-    char *text = calloc(1, (size_t)size + 1);
-    ck_assert_ptr_nonnull(text);
-    ck_assert_int_eq(pread(fd, text, (size_t)size, 0), size);
-    close(fd);
-    return text;
+    struct logged_call c = {fn, s, limit};
+    return unit_stderr_of(run_logged, &c);
 }
 
 static size_t count(const char *text, const char *what)

@@ -231,53 +231,35 @@ static void repeat_line(void)
         log_error("a burst", LOG_S("field", "f") LOG_I("times", (long long)times));
 }
 
-/* What stderr gets while fn runs, in a buffer the caller frees. */
-static char *stderr_of(void (*fn)(void))
+static void burst(void *unused)
 {
-    char path[] = "/tmp/tributary-unit-log-XXXXXX";
-    int fd = mkstemp(path);
-    ck_assert_int_ge(fd, 0);
-    unlink(path);
-    fflush(stderr);
-    int saved = dup(STDERR_FILENO);
-    ck_assert_int_ge(dup2(fd, STDERR_FILENO), 0);
-    fn();
-    fflush(stderr);
-    dup2(saved, STDERR_FILENO);
-    close(saved);
-    off_t size = lseek(fd, 0, SEEK_END);
-    char *text = calloc(1, (size_t)size + 1);
-    ck_assert_ptr_nonnull(text);
-    ck_assert_int_eq(pread(fd, text, (size_t)size, 0), size);
-    close(fd);
-    return text;
-}
-
-static void burst(void)
-{
+    (void)unused;
     for (int i = 0; i < 3; i++)
         repeat_line();
     log_repeats_flush(0); /* within LOG_REPEAT_MS: nothing */
 }
 
-static void flush_busy(void)
+static void flush_busy(void *unused)
 {
+    (void)unused;
     /* as if LOG_REPEAT_MS had passed since the line, but not since the
      * last time: still happening, it tells its times itself, fields and all */
     atomic_store(&repeat_place->last_ms, clock_mono_ms() - LOG_REPEAT_MS - 1);
     log_repeats_flush(0);
 }
 
-static void flush_quiet(void)
+static void flush_quiet(void *unused)
 {
+    (void)unused;
     /* and quiet since */
     atomic_store(&repeat_place->seen_ms, clock_mono_ms() - LOG_REPEAT_MS - 1);
     log_repeats_flush(0);
     log_repeats_flush(0); /* told once */
 }
 
-static void flush_all(void)
+static void flush_all(void *unused)
 {
+    (void)unused;
     repeat_line(); /* counted for the next line */
     log_repeats_flush(1);
 }
@@ -288,18 +270,18 @@ static void flush_all(void)
 START_TEST(test_a_flush_tells_the_times_a_repeated_line_has_not_told)
 {
     log_setup(LOG_DEBUG, LOG_LOGFMT);
-    char *text = stderr_of(burst);
+    char *text = unit_stderr_of(burst, NULL);
     ck_assert_msg(strstr(text, "msg=\"a burst\" field=f times=1\n") != NULL, "%s", text);
     ck_assert_msg(strstr(text, "times=2") == NULL, "%s", text);
     free(text);
-    text = stderr_of(flush_busy);
+    text = unit_stderr_of(flush_busy, NULL);
     ck_assert_str_eq(text, "");
     free(text);
-    text = stderr_of(flush_quiet);
+    text = unit_stderr_of(flush_quiet, NULL);
     ck_assert_msg(strstr(text, "level=error msg=\"a burst\" times=2\n") != NULL, "%s", text);
     ck_assert_msg(strstr(strstr(text, "times=2") + 1, "a burst") == NULL, "%s", text);
     free(text);
-    text = stderr_of(flush_all);
+    text = unit_stderr_of(flush_all, NULL);
     ck_assert_msg(strstr(text, "level=error msg=\"a burst\" times=1\n") != NULL, "%s", text);
     free(text);
     log_setup(LOG_ERROR, LOG_LOGFMT);

@@ -37,6 +37,29 @@ static inline void unit_write(const char *path, const char *text)
     ck_assert_int_eq(fclose(f), 0);
 }
 
+/* What stderr gets while fn(arg) runs (log lines), in a buffer the caller
+ * frees. */
+static inline char *unit_stderr_of(void (*fn)(void *), void *arg)
+{
+    char path[] = "/tmp/tributary-unit-log-XXXXXX";
+    int fd = mkstemp(path);
+    ck_assert_int_ge(fd, 0);
+    unlink(path);
+    fflush(stderr);
+    int saved = dup(STDERR_FILENO);
+    ck_assert_int_ge(dup2(fd, STDERR_FILENO), 0);
+    fn(arg);
+    fflush(stderr);
+    dup2(saved, STDERR_FILENO);
+    close(saved);
+    off_t size = lseek(fd, 0, SEEK_END);
+    char *text = calloc(1, (size_t)size + 1);
+    ck_assert_ptr_nonnull(text);
+    ck_assert_int_eq(pread(fd, text, (size_t)size, 0), size);
+    close(fd);
+    return text;
+}
+
 /* Runs a suite; the test binary's exit code. */
 static inline int unit_run(Suite *s)
 {
