@@ -1156,8 +1156,6 @@ static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls,
     http_in *h = cls;
     struct conn *k = conn_of(c);
     struct req *r = *con_cls;
-    /* a request, not its answer, that its client stopped sending (the
-     * watchdog's own cut, k->cut, is counted where it is made) */
     /* one whose client went away first (not one the watchdog cut): a load
      * balancer or proxy in between that closes connections shows here. Only
      * a request admitted by its headers (a token), and not already refused:
@@ -1177,6 +1175,8 @@ static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls,
                   LOG_S("client", r->client)
                       LOG_I("body_bytes", (long long)(r->body.len + r->dropped)));
     }
+    /* a request, not its answer, that its client stopped sending (the
+     * watchdog's own cut, k->cut, is counted where it is made) */
     if (k && toe == MHD_REQUEST_TERMINATED_TIMEOUT_REACHED && !(r && r->replied)) {
         pthread_mutex_lock(&h->conns_mu);
         if (!k->cut)
