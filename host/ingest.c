@@ -396,13 +396,10 @@ static void log_dead_letters(const struct mapping *m)
         if (!d->stored)
             continue;
         metrics_add_dead(d->reason, 1);
-        int line = log_budget_take(&logged);
-        if (line == QUARANTINE_LINES_PER_SECOND)
-            log_warn("events quarantined: more this second than the log takes; the rest of them "
-                     "are left out of it (tributary_dead_letters_total counts them, the "
-                     "dead-letter store keeps them)",
-                     LOG_I("limit_per_second", QUARANTINE_LINES_PER_SECOND));
-        if (line >= QUARANTINE_LINES_PER_SECOND)
+        if (!log_budget_allows(&logged, QUARANTINE_LINES_PER_SECOND,
+                               "events quarantined: more this second than the log takes; the rest "
+                               "of them are left out of it (tributary_dead_letters_total counts "
+                               "them, the dead-letter store keeps them)"))
             continue;
         log_warn("event quarantined",
                  LOG_S("reason", d->reason) LOG_S("event_id", d->event_id.p)
@@ -420,12 +417,9 @@ static void log_dead_letters(const struct mapping *m)
 static void log_refused(const struct input_error *ie)
 {
     static struct log_budget logged;
-    int line = log_budget_take(&logged);
-    if (line == QUARANTINE_LINES_PER_SECOND)
-        log_warn("requests refused: more this second than the log takes; the rest of them are "
-                 "left out of it (tributary_http_requests_total counts them)",
-                 LOG_I("limit_per_second", QUARANTINE_LINES_PER_SECOND));
-    if (line >= QUARANTINE_LINES_PER_SECOND)
+    if (!log_budget_allows(&logged, QUARANTINE_LINES_PER_SECOND,
+                           "requests refused: more this second than the log takes; the rest of "
+                           "them are left out of it (tributary_http_requests_total counts them)"))
         return;
     log_warn(ie->status == 400 ? "request refused as invalid; Braze sends its events again one "
                                  "by one, and drops one that is refused again"

@@ -312,3 +312,11 @@ int log_budget_take(struct log_budget *b)
     } while (!atomic_compare_exchange_weak(&b->state, &old, next));
     return (int)lines;
 }
+
+int log_budget_allows(struct log_budget *b, int limit, const char *more)
+{
+    int line = log_budget_take(b);
+    if (line == limit)
+        log_warn(more, LOG_I("limit_per_second", limit));
+    return line < limit;
+}

@@ -105,6 +105,10 @@ struct log_budget {
 /* How many lines this second came before this one: under the caller's limit,
  * write it; at the limit, say that the rest of the second's are left out. */
 int log_budget_take(struct log_budget *b);
+/* The same for lines of at most limit a second: 1 to write this one; the
+ * first past the limit writes `more` instead, a warning (with
+ * limit_per_second) that says the rest of the second's are left out. */
+int log_budget_allows(struct log_budget *b, int limit, const char *more);
 
 int log_level_parse(const char *s, enum log_level *out);
 int log_format_parse(const char *s, enum log_format *out);

@@ -1492,22 +1492,17 @@ static int check_fields(lua_State *L, int idx, const char *what, int strings, ch
         int null = t == LUA_TLIGHTUSERDATA && lua_touserdata(L, -1) == NULL;
         int ok = t == LUA_TSTRING || (null && !(strings && is_customer_id(L, -2))) ||
                  (!strings && (t == LUA_TNUMBER || t == LUA_TBOOLEAN));
-        if (ok && strings && t == LUA_TSTRING && !is_utf8(L, -1)) {
-            char tmp[32];
-            size_t n;
-            const char *name = key_text(L, -2, tmp, sizeof tmp, &n);
-            str_printf(err, errlen, "%s.%.64s: %s", what, name ? name : "?", NOT_UTF8_ID);
-            lua_pop(L, 2);
-            return -1;
-        }
-        if (!ok) {
+        if (!ok || (strings && t == LUA_TSTRING && !is_utf8(L, -1))) {
             char tmp[32];
             size_t n;
             const char *name = key_text(L, -2, tmp, sizeof tmp, &n);
             const char *want =
                 strings ? "a string is required" : "a value must be a string, number or boolean";
-            str_printf(err, errlen, "%s.%.64s: %s, not %s%s", what, name ? name : "?", want,
-                       null ? "" : "a ", null ? "null" : luaL_typename(L, -1));
+            if (ok)
+                str_printf(err, errlen, "%s.%.64s: %s", what, name ? name : "?", NOT_UTF8_ID);
+            else
+                str_printf(err, errlen, "%s.%.64s: %s, not %s%s", what, name ? name : "?", want,
+                           null ? "" : "a ", null ? "null" : luaL_typename(L, -1));
             lua_pop(L, 2);
             return -1;
         }

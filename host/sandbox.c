@@ -669,13 +669,10 @@ static int sb_xpcall(lua_State *L)
 static int sb_print(lua_State *L)
 {
     static struct log_budget printed;
-    int line = log_budget_take(&printed);
-    if (line >= PRINT_LINES_PER_SECOND) {
+    if (!log_budget_allows(&printed, PRINT_LINES_PER_SECOND,
+                           "script print: more lines this second than the log takes; the rest of "
+                           "them are left out (see tributary_rule_prints_dropped_total)")) {
         metrics_add(M_RULE_PRINTS_DROPPED, 1);
-        if (line == PRINT_LINES_PER_SECOND)
-            log_warn("script print: more lines this second than the log takes; the rest of "
-                     "them are left out (see tributary_rule_prints_dropped_total)",
-                     LOG_I("limit_per_second", PRINT_LINES_PER_SECOND));
         return 0;
     }
     int n = lua_gettop(L); /* before luaL_buffinit, which pushes a placeholder */

@@ -519,28 +519,41 @@ START_TEST(test_custom_attributes_counts_what_it_cuts_and_leaves_out)
 }
 END_TEST
 
+/* Maps one event with the rule file src, which returns false and a reason:
+ * that reason must be detail, and what it added to the counts
+ * attribute_dropped and attribute_truncated dropped and cut. */
+static void attributes_outcome_is(const char *src, const char *detail, unsigned long long dropped,
+                                  unsigned long long cut)
+{
+    unsigned long long got_dropped, got_cut;
+    map_counting_attributes(src, &got_dropped, &got_cut);
+    ck_assert_uint_eq(F.m.nrecords, 0);
+    ck_assert_uint_eq(F.m.noutcomes, 1);
+    ck_assert_str_eq(F.m.outcomes[0].detail.p, detail);
+    ck_assert_uint_eq(got_dropped, dropped);
+    ck_assert_uint_eq(got_cut, cut);
+}
+
+/* A rule that makes attributes of props (after setup) and says how many it
+ * got, the value under name and that of `short`. */
+#define KEPT_ONCE_RULE(setup, props, name)                                                         \
+    "return function(event, out)\n" setup "  local a = tributary.custom_attributes(" props ")\n"   \
+    "  local n = 0\n"                                                                              \
+    "  for k in pairs(a) do n = n + 1 end\n"                                                       \
+    "  return false, n .. ' ' .. tostring(a[" name "]) .. ' ' .. tostring(a.short)\n"              \
+    "end\n"
+
 /* Names cut to mParticle's 256 characters can become one: the first of them
  * by name is kept, the others are left out and counted, whatever the order of
  * the table (two values were lost uncounted, and which one stayed depended on
  * the order). */
 START_TEST(test_names_cut_to_the_same_one_keep_the_first_by_name)
 {
-    unsigned long long dropped, cut;
-    map_counting_attributes(
-        "return function(event, out)\n"
-        "  local stem = ('\\u{e4}'):rep(256)\n"
-        "  local a = tributary.custom_attributes({[stem .. 'Z'] = 'z', [stem .. 'X'] = 'x',\n"
-        "                                         [stem .. 'Y'] = 'y', short = 's'})\n"
-        "  local n = 0\n"
-        "  for k in pairs(a) do n = n + 1 end\n"
-        "  return false, n .. ' ' .. tostring(a[stem]) .. ' ' .. tostring(a.short)\n"
-        "end\n",
-        &dropped, &cut);
-    ck_assert_uint_eq(F.m.nrecords, 0);
-    ck_assert_uint_eq(F.m.noutcomes, 1);
-    ck_assert_str_eq(F.m.outcomes[0].detail.p, "2 x s");
-    ck_assert_uint_eq(dropped, 2);
-    ck_assert_uint_eq(cut, 1);
+    attributes_outcome_is(
+        KEPT_ONCE_RULE(
+            "  local stem = ('\\u{e4}'):rep(256)\n",
+            "{[stem .. 'Z'] = 'z', [stem .. 'X'] = 'x', [stem .. 'Y'] = 'y', short = 's'}", "stem"),
+        "2 x s", 2, 1);
 }
 END_TEST
 
@@ -550,21 +563,12 @@ END_TEST
  * They went out as the same name up to four times in one JSON object. */
 START_TEST(test_names_one_as_written_keep_the_first_by_name)
 {
-    unsigned long long dropped, cut;
-    map_counting_attributes(
-        "return function(event, out)\n"
-        "  local a = tributary.custom_attributes({['a\\xff'] = 'ff', ['a\\xfe'] = 'fe',\n"
-        "                                         ['a\\xef\\xbf\\xbd'] = 'valid',\n"
-        "                                         ['a\\xc0'] = 'c0', short = 's'})\n"
-        "  local n = 0\n"
-        "  for k in pairs(a) do n = n + 1 end\n"
-        "  return false, n .. ' ' .. tostring(a['a\\u{fffd}']) .. ' ' .. tostring(a.short)\n"
-        "end\n",
-        &dropped, &cut);
-    ck_assert_uint_eq(F.m.noutcomes, 1);
-    ck_assert_str_eq(F.m.outcomes[0].detail.p, "2 c0 s");
-    ck_assert_uint_eq(dropped, 3);
-    ck_assert_uint_eq(cut, 0);
+    attributes_outcome_is(
+        KEPT_ONCE_RULE("",
+                       "{['a\\xff'] = 'ff', ['a\\xfe'] = 'fe', ['a\\xef\\xbf\\xbd'] = 'valid', "
+                       "['a\\xc0'] = 'c0', short = 's'}",
+                       "'a\\u{fffd}'"),
+        "2 c0 s", 3, 0);
 }
 END_TEST
 
@@ -574,26 +578,21 @@ END_TEST
  * character in two. */
 START_TEST(test_text_with_bytes_not_utf8_is_cut_by_its_characters)
 {
-    unsigned long long dropped, cut;
-    map_counting_attributes("return function(event, out)\n"
-                            "  local e, r = '\\u{e9}', '\\u{fffd}'\n"
-                            "  local a = tributary.custom_attributes({\n"
-                            "    within = '\\xff' .. e:rep(3000), at = '\\xff' .. e:rep(4095),\n"
-                            "    over = 'a' .. ('\\x80'):rep(10) .. e:rep(4090),\n"
-                            "    ['\\xff' .. e:rep(255)] = 'name of 256'})\n"
-                            "  local got = {}\n"
-                            "  got[1] = a.within == '\\xff' .. e:rep(3000)\n"
-                            "  got[2] = a.at == '\\xff' .. e:rep(4095)\n"
-                            "  got[3] = a.over == 'a' .. ('\\x80'):rep(10) .. e:rep(4085)\n"
-                            "  got[4] = a[r .. e:rep(255)] == 'name of 256'\n"
-                            "  for i = 1, 4 do got[i] = tostring(got[i]) end\n"
-                            "  return false, table.concat(got, ' ')\n"
-                            "end\n",
-                            &dropped, &cut);
-    ck_assert_uint_eq(F.m.noutcomes, 1);
-    ck_assert_str_eq(F.m.outcomes[0].detail.p, "true true true true");
-    ck_assert_uint_eq(dropped, 0);
-    ck_assert_uint_eq(cut, 1);
+    attributes_outcome_is("return function(event, out)\n"
+                          "  local e, r = '\\u{e9}', '\\u{fffd}'\n"
+                          "  local a = tributary.custom_attributes({\n"
+                          "    within = '\\xff' .. e:rep(3000), at = '\\xff' .. e:rep(4095),\n"
+                          "    over = 'a' .. ('\\x80'):rep(10) .. e:rep(4090),\n"
+                          "    ['\\xff' .. e:rep(255)] = 'name of 256'})\n"
+                          "  local got = {}\n"
+                          "  got[1] = a.within == '\\xff' .. e:rep(3000)\n"
+                          "  got[2] = a.at == '\\xff' .. e:rep(4095)\n"
+                          "  got[3] = a.over == 'a' .. ('\\x80'):rep(10) .. e:rep(4085)\n"
+                          "  got[4] = a[r .. e:rep(255)] == 'name of 256'\n"
+                          "  for i = 1, 4 do got[i] = tostring(got[i]) end\n"
+                          "  return false, table.concat(got, ' ')\n"
+                          "end\n",
+                          "true true true true", 0, 1);
 }
 END_TEST
 
