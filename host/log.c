@@ -295,14 +295,15 @@ void log_repeats_flush(int all)
 }
 
 #define BUDGET_LINES_MASK 0xffffffu
-int log_budget_take(struct log_budget *b)
+int log_budget_take_in(struct log_budget *b, uint64_t now)
 {
-    uint64_t now = (uint64_t)clock_mono_ms() / 1000, old = atomic_load(&b->state), next;
-    uint64_t lines;
+    uint64_t old = atomic_load(&b->state), next, lines;
     /* the second and its count change together; a thread whose clock read is
-     * older than the second another one started counts in that one */
+     * one second older than the second another one started counts in that
+     * one; a clock set back further starts a second of its own */
     do {
-        if (old >> 24 < now) {
+        uint64_t second = old >> 24;
+        if (second < now || second > now + 1) {
             lines = 0;
             next = now << 24 | 1;
         } else {
@@ -311,6 +312,13 @@ int log_budget_take(struct log_budget *b)
         }
     } while (!atomic_compare_exchange_weak(&b->state, &old, next));
     return (int)lines;
+}
+
+int log_budget_take(struct log_budget *b)
+{
+    /* the second of the lines' own stamps, so that a reader counting the
+     * lines of a second finds the limit there */
+    return log_budget_take_in(b, (uint64_t)clock_wall_ms() / 1000);
 }
 
 int log_budget_allows(struct log_budget *b, int limit, const char *more)

@@ -105,6 +105,8 @@ struct log_budget {
 /* How many lines this second came before this one: under the caller's limit,
  * write it; at the limit, say that the rest of the second's are left out. */
 int log_budget_take(struct log_budget *b);
+/* log_budget_take in the given second of the wall clock */
+int log_budget_take_in(struct log_budget *b, uint64_t second);
 /* The same for lines of at most limit a second: 1 to write this one; the
  * first past the limit writes `more` instead, a warning (with
  * limit_per_second) that says the rest of the second's are left out. */

@@ -172,14 +172,14 @@ START_TEST(test_a_line_budget_counts_each_line_of_a_second_once)
     int tries = 0, counted = 0;
     for (; tries < 5 && !counted; tries++) {
         /* a run that straddles two seconds says nothing: try again */
-        int64_t start = clock_mono_ms() / 1000;
+        int64_t start = clock_wall_ms() / 1000;
         memset(&budget, 0, sizeof budget);
         pthread_t th[TAKERS];
         for (int t = 0; t < TAKERS; t++)
             ck_assert_int_eq(pthread_create(&th[t], NULL, take_lines, (void *)(intptr_t)t), 0);
         for (int t = 0; t < TAKERS; t++)
             pthread_join(th[t], NULL);
-        if (clock_mono_ms() / 1000 != start)
+        if (clock_wall_ms() / 1000 != start)
             continue;
         static unsigned char seen[TAKERS * TAKES];
         memset(seen, 0, sizeof seen);
@@ -195,11 +195,30 @@ START_TEST(test_a_line_budget_counts_each_line_of_a_second_once)
     }
     ck_assert(counted);
     /* the next second */
-    int64_t second = clock_mono_ms() / 1000;
-    while (clock_mono_ms() / 1000 == second)
+    int64_t second = clock_wall_ms() / 1000;
+    while (clock_wall_ms() / 1000 == second)
         usleep(10000);
     ck_assert_int_eq(log_budget_take(&budget), 0);
     ck_assert_int_eq(log_budget_take(&budget), 1);
+}
+END_TEST
+
+/* The lines are counted in the second of their stamps; a thread that read
+ * the clock just before another started a second counts in that one, and a
+ * clock set back starts a second of its own. */
+START_TEST(test_a_line_budget_counts_in_the_wall_clock_second)
+{
+    struct log_budget b;
+    memset(&b, 0, sizeof b);
+    uint64_t now = (uint64_t)clock_wall_ms() / 1000;
+    ck_assert_int_eq(log_budget_take_in(&b, now), 0);
+    ck_assert_int_eq(log_budget_take_in(&b, now), 1);
+    ck_assert_int_eq(log_budget_take_in(&b, now - 1), 2);
+    ck_assert_int_eq(log_budget_take_in(&b, now + 1), 0);
+    ck_assert_int_eq(log_budget_take_in(&b, now + 1), 1);
+    ck_assert_int_eq(log_budget_take_in(&b, now - 5), 0);
+    ck_assert_int_eq(log_budget_take_in(&b, now - 5), 1);
+    ck_assert_int_eq(log_budget_take(&b), 0);
 }
 END_TEST
 
@@ -294,6 +313,7 @@ static Suite *suite(void)
     TCase *tc = tcase_create("log");
     tcase_add_test(tc, test_long_lines_from_several_threads_reach_a_pipe_whole);
     tcase_add_test(tc, test_a_line_budget_counts_each_line_of_a_second_once);
+    tcase_add_test(tc, test_a_line_budget_counts_in_the_wall_clock_second);
     tcase_add_test(tc, test_a_repeated_line_is_written_once_and_counts_the_rest);
     tcase_add_test(tc, test_a_flush_tells_the_times_a_repeated_line_has_not_told);
     suite_add_tcase(s, tc);
