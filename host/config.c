@@ -1101,33 +1101,6 @@ static uint64_t fingerprint(struct config *c, const struct key *k)
  * or command does, or as a reload does. */
 enum env_use { ENV_NONE, ENV_FIRST, ENV_AGAIN };
 
-/* The Levenshtein distance between a[0..n) and b, for names of up to 63 bytes
- * (longer ones are far from every name: SIZE_MAX). */
-static size_t edit_distance(const char *a, size_t n, const char *b)
-{
-    size_t m = strlen(b);
-    if (n > 63 || m > 63)
-        return n == m && memcmp(a, b, n) == 0 ? 0 : SIZE_MAX;
-    size_t row[64];
-    for (size_t j = 0; j <= m; j++)
-        row[j] = j;
-    for (size_t i = 1; i <= n; i++) {
-        size_t diagonal = row[0];
-        row[0] = i;
-        for (size_t j = 1; j <= m; j++) {
-            size_t above = row[j];
-            size_t best = diagonal + (a[i - 1] != b[j - 1]);
-            if (above + 1 < best)
-                best = above + 1;
-            if (row[j - 1] + 1 < best)
-                best = row[j - 1] + 1;
-            row[j] = best;
-            diagonal = above;
-        }
-    }
-    return row[m];
-}
-
 /* Kubernetes gives every container of a pod variables for each Service of its
  * namespace ("service links", on unless the pod sets enableServiceLinks:
  * false), named after the Service in capitals with '_' for '-'. A Service

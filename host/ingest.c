@@ -379,8 +379,9 @@ static void count_dropped(const struct mapping *m)
             log_debug("event not forwarded",
                       LOG_S("reason", DROP_REASON_NAMES[o->reason])
                           LOG_S("detail", o->detail.p ? o->detail.p : "")
-                              LOG_S("event_id", o->event_id.p ? o->event_id.p : "")
-                                  LOG_S("event_type", o->event_type.p ? o->event_type.p : ""));
+                              LOG_S("rule", o->dropped_by.p ? o->dropped_by.p : "")
+                                  LOG_S("event_id", o->event_id.p ? o->event_id.p : "")
+                                      LOG_S("event_type", o->event_type.p ? o->event_type.p : ""));
     }
 }
 

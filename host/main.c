@@ -319,6 +319,8 @@ static int print_outcome(const struct mapping *m, size_t i, const char *environm
     } else if (o->kind == OUTCOME_DROPPED) {
         rc |= buf_printf(line, "\"dropped\":\"%s\",\"detail\":", DROP_REASON_NAMES[o->reason]);
         rc |= buf_json_str(line, o->detail.p, o->detail.n);
+        rc |= buf_adds(line, ",\"rule\":");
+        rc |= buf_json_str(line, o->dropped_by.p, o->dropped_by.n);
     } else {
         const struct dead_letter *d = &m->dead[o->index];
         rc |= buf_printf(line, "\"dead_letter\":\"%s\",\"detail\":", d->reason);

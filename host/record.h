@@ -88,6 +88,7 @@ struct outcome {
     size_t index;            /* into records or dead */
     enum drop_reason reason; /* OUTCOME_DROPPED */
     str detail;              /* OUTCOME_DROPPED: the rule's explanation, if any */
+    str dropped_by;          /* OUTCOME_DROPPED: the name of the rule file that dropped it */
     str event_id;
     str event_type;
 };

@@ -488,6 +488,75 @@ static void describe_error(char *out, size_t len, const char *fname, enum sandbo
         str_copy(out, len, serr->msg);
 }
 
+/* [-0, +0] 0 when every key of the table at idx is one of names; otherwise
+ * says in err which key is not (and the nearest name, when one is near), after
+ * `what`, and returns -1: a misspelt key would be passed over in silence, and
+ * with it a test, or what a test sets. */
+static int known_keys(lua_State *L, int idx, const char *const *names, size_t count,
+                      const char *what, char *err, size_t errlen)
+{
+    idx = lua_absindex(L, idx);
+    lua_pushnil(L);
+    while (lua_next(L, idx)) {
+        lua_pop(L, 1);
+        size_t n = 0;
+        const char *k = lua_type(L, -1) == LUA_TSTRING ? lua_tolstring(L, -1, &n) : NULL;
+        int known = 0;
+        for (size_t i = 0; k && i < count && !known; i++)
+            known = strlen(names[i]) == n && memcmp(names[i], k, n) == 0;
+        if (known)
+            continue;
+        char list[200] = "";
+        for (size_t i = 0; i < count; i++)
+            snprintf(list + strlen(list), sizeof list - strlen(list), "%s`%s`",
+                     i == 0           ? ""
+                     : i + 1 == count ? " or "
+                                      : ", ",
+                     names[i]);
+        const char *near = k ? nearest_name(k, n, names, count, 3) : NULL;
+        if (!k)
+            str_printf(err, errlen, "%s has a key that is a %s; its keys are %s", what,
+                       luaL_typename(L, -1), list);
+        else if (near)
+            str_printf(err, errlen, "%s has an unknown key `%.*s` (did you mean `%s`?)", what,
+                       (int)(n > 64 ? 64 : n), k, near);
+        else
+            str_printf(err, errlen, "%s has an unknown key `%.*s`; its keys are %s", what,
+                       (int)(n > 64 ? 64 : n), k, list);
+        lua_pop(L, 1);
+        return -1;
+    }
+    return 0;
+}
+
+/* [-0, +0] 0 when the table at idx is a list (keys 1 to its length), else -1
+ * with the first other key in err. */
+static int must_be_list(lua_State *L, int idx, const char *what, char *err, size_t errlen)
+{
+    idx = lua_absindex(L, idx);
+    lua_Integer len = (lua_Integer)lua_rawlen(L, idx);
+    lua_pushnil(L);
+    while (lua_next(L, idx)) {
+        lua_pop(L, 1);
+        if (lua_isinteger(L, -1) && lua_tointeger(L, -1) >= 1 && lua_tointeger(L, -1) <= len)
+            continue;
+        if (lua_type(L, -1) == LUA_TSTRING)
+            str_printf(err, errlen, "%s must be a list of tables, and has a key `%.64s`%s", what,
+                       lua_tostring(L, -1),
+                       len == 0 ? " (one test? put it in a list: tests = { { ... } })" : "");
+        else
+            str_printf(err, errlen, "%s must be a list of tables, without gaps", what);
+        lua_pop(L, 1);
+        return -1;
+    }
+    return 0;
+}
+
+static const char *const FILE_KEYS[] = {"process", "tests"};
+static const char *const TEST_KEYS[] = {"name",        "event",     "expect",
+                                        "expect_drop", "workspace", "config"};
+static const char *const TEST_CONFIG_KEYS[] = {"apps", "feeds", "events", "environment"};
+
 /* [-1, +0] Takes the value a file returned and records its process function and
  * tests. */
 static int register_file(rules *r, lua_State *L, size_t i, const char *name, char *err,
@@ -505,6 +574,10 @@ static int register_file(rules *r, lua_State *L, size_t i, const char *name, cha
                    name, luaL_typename(L, -1));
         goto done;
     }
+    char what[300];
+    snprintf(what, sizeof what, "%s: the returned table", name);
+    if (known_keys(L, -1, FILE_KEYS, ARRAY_LEN(FILE_KEYS), what, err, errlen) != 0)
+        goto done;
     if (rawfield(L, -1, "process") != LUA_TFUNCTION) {
         str_printf(err, errlen, "%s: the returned table has no `process` function", name);
         lua_pop(L, 1);
@@ -512,6 +585,11 @@ static int register_file(rules *r, lua_State *L, size_t i, const char *name, cha
     }
     r->process_refs[i] = luaL_ref(L, LUA_REGISTRYINDEX);
     int t = rawfield(L, -1, "tests");
+    snprintf(what, sizeof what, "%s: `tests`", name);
+    if (t == LUA_TTABLE && must_be_list(L, -1, what, err, errlen) != 0) {
+        lua_pop(L, 1);
+        goto done;
+    }
     if (t == LUA_TTABLE) {
         r->tests_refs[i] = luaL_ref(L, LUA_REGISTRYINDEX);
     } else {
@@ -1097,6 +1175,7 @@ enum chain_kind { CHAIN_OUT, CHAIN_DROP, CHAIN_DEAD };
 struct chain_result {
     enum chain_kind kind;
     const char *dead_reason;
+    const char *dropped_by; /* CHAIN_DROP: the file that dropped the event */
     char detail[ERR_LEN];
 };
 
@@ -1201,6 +1280,7 @@ static void run_chain(rules *r, lua_State *L, int evi, int wsi, size_t upto,
             const char *why = lua_type(L, -1) == LUA_TSTRING ? lua_tolstring(L, -1, &whylen) : NULL;
             if (whylen > 0) {
                 res->kind = CHAIN_DROP;
+                res->dropped_by = file_base(fname);
                 str_copy(res->detail, sizeof res->detail, why);
             } else {
                 res->kind = CHAIN_DEAD;
@@ -1900,6 +1980,7 @@ static int map_event(rules *r, lua_State *L, int evi, int wsi, str raw, str work
             o->kind = OUTCOME_DROPPED;
             o->reason = why;
             o->detail = mapping_copy(m, res.detail, strlen(res.detail), &failed);
+            o->dropped_by = mapping_copy(m, res.dropped_by, strlen(res.dropped_by), &failed);
         }
     } else if (res.kind == CHAIN_DEAD) {
         int feed = -1;
@@ -2590,6 +2671,68 @@ static int matches(rules *r, lua_State *L, int a, int x, char *path, size_t path
     return 0;
 }
 
+/* lua-cjson's depth for decoding, which a test's event may reach too */
+#define TEST_EVENT_MAX_DEPTH 1000
+
+/* [-0, +1] Pushes a copy of the value at idx as cjson.decode gives it from its
+ * JSON text: numbers as floats (a decoded 3 is 3.0, and "step-" .. 3.0 is
+ * "step-3.0"), so that a rule meets in its tests the values it meets in
+ * service. Returns 0, or -1 (with nothing pushed) and in err the path (in
+ * `path`) of a value JSON cannot carry. */
+static int push_as_decoded(lua_State *L, int idx, char *path, size_t pathlen, char *err,
+                           size_t errlen, int depth)
+{
+    idx = lua_absindex(L, idx);
+    switch (lua_type(L, idx)) {
+    case LUA_TNUMBER:
+        lua_pushnumber(L, lua_tonumber(L, idx));
+        return 0;
+    case LUA_TSTRING:
+    case LUA_TBOOLEAN:
+        lua_pushvalue(L, idx);
+        return 0;
+    case LUA_TLIGHTUSERDATA:
+        if (lua_touserdata(L, idx) == NULL) { /* cjson.null */
+            lua_pushvalue(L, idx);
+            return 0;
+        }
+        break;
+    case LUA_TTABLE:
+        if (depth >= TEST_EVENT_MAX_DEPTH) {
+            str_printf(err, errlen, "%s is nested more than %d levels deep", path,
+                       TEST_EVENT_MAX_DEPTH);
+            return -1;
+        }
+        luaL_checkstack(L, 6, "a test's event");
+        lua_newtable(L);
+        size_t plen = strlen(path);
+        lua_pushnil(L);
+        while (lua_next(L, idx)) {
+            if (lua_type(L, -2) == LUA_TSTRING)
+                snprintf(path + plen, pathlen - plen, ".%s", lua_tostring(L, -2));
+            else if (lua_isinteger(L, -2))
+                snprintf(path + plen, pathlen - plen, "[%lld]", (long long)lua_tointeger(L, -2));
+            else
+                snprintf(path + plen, pathlen - plen, "[%s]", luaL_typename(L, -2));
+            if (push_as_decoded(L, -1, path, pathlen, err, errlen, depth + 1) != 0) {
+                lua_pop(L, 3);
+                return -1;
+            }
+            path[plen] = '\0';
+            lua_pushvalue(L, -3);
+            lua_insert(L, -2); /* t key value key copy */
+            lua_rawset(L, -5); /* t key value */
+            lua_pop(L, 1);
+        }
+        return 0;
+    default:
+        break;
+    }
+    str_printf(err, errlen, "%s is a %s, which JSON cannot carry: an event comes as JSON", path,
+               luaL_typename(L, idx));
+    return -1;
+}
+
 /* [-0, +0] Runs one test (table at ti) of file k. Returns 1 passed, 0 failed. */
 static int run_test(rules *r, lua_State *L, size_t k, int ti, long index, buf *report)
 {
@@ -2604,17 +2747,36 @@ static int run_test(rules *r, lua_State *L, size_t k, int ti, long index, buf *r
 
     char diff[ERR_LEN];
     int ok = 0;
+    if (known_keys(L, ti, TEST_KEYS, ARRAY_LEN(TEST_KEYS), "the test", diff, sizeof diff) != 0)
+        goto done;
     /* Tests see every feed configured and no event selection, unless their
      * `config` says otherwise. */
-    if (rawfield(L, ti, "config") != LUA_TTABLE) {
+    int ct = rawfield(L, ti, "config");
+    if (ct == LUA_TTABLE) {
+        if (known_keys(L, -1, TEST_CONFIG_KEYS, ARRAY_LEN(TEST_CONFIG_KEYS), "the test's `config`",
+                       diff, sizeof diff) != 0)
+            goto done;
+        if (rawfield(L, -1, "feeds") == LUA_TTABLE &&
+            known_keys(L, -1, FEED_NAMES, FEED_COUNT, "the test's `config.feeds`", diff,
+                       sizeof diff) != 0)
+            goto done;
+        lua_pop(L, 1);
+    } else if (ct == LUA_TNIL) {
         lua_pop(L, 1);
         lua_newtable(L);
+    } else {
+        str_printf(diff, sizeof diff, "the test's `config` must be a table, not %s",
+                   lua_typename(L, ct));
+        goto done;
     }
     set_context(r, L, lua_gettop(L));
     if (rawfield(L, ti, "event") != LUA_TTABLE) {
         str_copy(diff, sizeof diff, "the test has no `event` table");
         goto done;
     }
+    char where[256] = "event";
+    if (push_as_decoded(L, -1, where, sizeof where, diff, sizeof diff, 0) != 0)
+        goto done;
     int evi = lua_gettop(L);
     int wst = rawfield(L, ti, "workspace");
     if (wst != LUA_TNIL && wst != LUA_TSTRING) {
@@ -2653,15 +2815,17 @@ static int run_test(rules *r, lua_State *L, size_t k, int ti, long index, buf *r
         if (res.kind != CHAIN_DROP)
             str_printf(diff, sizeof diff, "expected a drop (%s), but the event was mapped", want);
         else if (strcmp(want, res.detail) != 0)
-            str_printf(diff, sizeof diff, "expected drop reason \"%s\", got \"%s\"", want,
-                       res.detail);
+            str_printf(diff, sizeof diff, "expected drop reason \"%s\", got \"%s\" (from %s)", want,
+                       res.detail, res.dropped_by);
         else
             ok = 1;
         goto done;
     }
     if (res.kind == CHAIN_DROP) {
-        str_printf(diff, sizeof diff, "expected an output, but the event was dropped (%s)",
-                   res.detail);
+        str_printf(diff, sizeof diff,
+                   "expected an output, but %s dropped the event (%s); a drop ends the chain, "
+                   "later files do not see the event",
+                   res.dropped_by, res.detail);
         goto done;
     }
     char path[256] = "out";

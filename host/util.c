@@ -686,3 +686,43 @@ int str_eq(str a, const char *b)
     size_t n = strlen(b);
     return a.n == n && (n == 0 || memcmp(a.p, b, n) == 0);
 }
+
+size_t edit_distance(const char *a, size_t n, const char *b)
+{
+    size_t m = strlen(b);
+    if (n > 63 || m > 63)
+        return n == m && memcmp(a, b, n) == 0 ? 0 : SIZE_MAX;
+    size_t row[64];
+    for (size_t j = 0; j <= m; j++)
+        row[j] = j;
+    for (size_t i = 1; i <= n; i++) {
+        size_t diagonal = row[0];
+        row[0] = i;
+        for (size_t j = 1; j <= m; j++) {
+            size_t above = row[j];
+            size_t best = diagonal + (a[i - 1] != b[j - 1]);
+            if (above + 1 < best)
+                best = above + 1;
+            if (row[j - 1] + 1 < best)
+                best = row[j - 1] + 1;
+            row[j] = best;
+            diagonal = above;
+        }
+    }
+    return row[m];
+}
+
+const char *nearest_name(const char *name, size_t n, const char *const *names, size_t count,
+                         size_t within)
+{
+    const char *best = NULL;
+    size_t best_d = within + 1;
+    for (size_t i = 0; i < count; i++) {
+        size_t d = edit_distance(name, n, names[i]);
+        if (d < best_d) {
+            best_d = d;
+            best = names[i];
+        }
+    }
+    return best;
+}

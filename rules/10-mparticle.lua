@@ -610,4 +610,3 @@ local tests = {
 }
 
 return { process = process, tests = tests }
--- c

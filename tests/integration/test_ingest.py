@@ -168,9 +168,11 @@ class Ingest(ServiceTest):
         lines = {re.search(r"event_id=(\S+)", l).group(1): l
                  for l in s.logs().splitlines() if 'msg="event not forwarded"' in l}
         self.assertEqual(set(lines), {dropped["id"], anonymous["id"], unknown["id"]})
-        self.assertIn('reason=rule_drop detail="campaign excluded by ops"', lines[dropped["id"]])
+        self.assertIn('reason=rule_drop detail="campaign excluded by ops" rule=20-drop.lua',
+                      lines[dropped["id"]])
         self.assertIn("reason=no_external_id", lines[anonymous["id"]])
         self.assertIn("reason=unsupported_type", lines[unknown["id"]])
+        self.assertIn("rule=10-mparticle.lua", lines[unknown["id"]])
         self.assertIn("level=debug", lines[unknown["id"]])
         # at info: no line per event
         quiet = self.service(rules_dir=rules, env={"TRIBUTARY_LOG_LEVEL": "info"})

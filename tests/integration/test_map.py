@@ -68,6 +68,8 @@ class EventTypes(unittest.TestCase):
         out = map_events([event("users.behaviors.CustomEvent"), event("users.behaviors.Purchase"),
                           event("users.messages.email.Deferral"), event("users.future.Thing")])
         self.assertEqual([o["dropped"] for o in out], ["unsupported_type"] * 4)
+        # the file that dropped each: a drop ends the chain, later files do not see it
+        self.assertEqual([o["rule"] for o in out], ["10-mparticle.lua"] * 4)
 
     def test_braze_doc_spellings_select_the_abort_events(self):
         env = {"TRIBUTARY_EVENTS": "users_campaigns_abort,users_canvas_abort"}

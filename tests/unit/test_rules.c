@@ -3391,8 +3391,118 @@ START_TEST(test_wrong_drop_reason_is_reported)
         one_failing_test("  { name = \"drop reason\", event = {event_type = \"t\", id = \"skip\", "
                          "time = 1},\n"
                          "    expect_drop = \"no_external_id\" },\n");
-    ck_assert_msg(contains(text, "expected drop reason \"no_external_id\", got \"too_old\""),
+    ck_assert_msg(contains(text, "expected drop reason \"no_external_id\", got \"too_old\" "
+                                 "(from 20-tested.lua)"),
                   "report: %s", text);
+}
+END_TEST
+
+/* A drop ends the chain: the test of a later file that expects an output is
+ * told which file dropped the event. */
+START_TEST(test_an_output_expected_of_a_dropped_event_names_the_file_that_dropped_it)
+{
+    rule("30-later.lua", "return { process = function(event, out) return out end, tests = {\n"
+                         "  { name = 'kept', event = {event_type = 't', id = 'skip', time = 1},\n"
+                         "    expect = {event = {name = 'Seen skip'}} } } }\n");
+    rule("20-tested.lua", TESTED_RULE_HEAD "} }\n");
+    build();
+    ck_assert_int_eq(self_test(), 1);
+    const char *text = F.report.data;
+    ck_assert_msg(contains(text, "30-later.lua: test 'kept' failed: expected an output, but "
+                                 "20-tested.lua dropped the event (too_old); a drop ends the "
+                                 "chain"),
+                  "report: %s", text);
+}
+END_TEST
+
+/* Test events are what cjson.decode makes of JSON: numbers are floats, as in
+ * service, so that "step-" .. 3 is "step-3.0" in the test as it is live. */
+START_TEST(test_a_test_event_has_numbers_as_decoded_json_has_them)
+{
+    rule("20-step.lua",
+         "return { process = function(event, out)\n"
+         "  return {feed = 'unbound', batch = {}, event = {event_type = 'uninstall', data = {},\n"
+         "    name = 'step-' .. event.properties.step, kind = math.type(event.time),\n"
+         "    first = math.type(event.properties.list[1]), null = event.properties.none}}\n"
+         "end, tests = {\n"
+         "  { name = 'floats', event = {event_type = 't', id = 'a', time = 1,\n"
+         "      properties = {step = 3, list = {7, 'x'}, none = cjson.null}},\n"
+         "    expect = {event = {name = 'step-3.0', kind = 'float', first = 'float',\n"
+         "                       null = cjson.null}} },\n"
+         "  { name = 'as written', event = {event_type = 't', id = 'b', time = 1,\n"
+         "      properties = {step = 3, list = {}}},\n"
+         "    expect = {event = {name = 'step-3'}} } } }\n");
+    build();
+    ck_assert_int_eq(self_test(), 1);
+    const char *text = F.report.data;
+    ck_assert_msg(!contains(text, "'floats'"), "report: %s", text);
+    ck_assert_msg(contains(text, "test 'as written' failed: out.event.name: expected \"step-3\", "
+                                 "got \"step-3.0\""),
+                  "report: %s", text);
+}
+END_TEST
+
+START_TEST(test_a_test_event_holding_what_json_cannot_carry_is_reported)
+{
+    const char *text =
+        one_failing_test("  { name = 'fn', event = {event_type = 't', id = 'a', time = 1,\n"
+                         "      properties = {list = {1, print}}},\n"
+                         "    expect = {event = {name = 'Seen a'}} },\n");
+    ck_assert_msg(contains(text, "test 'fn' failed: event.properties.list[2] is a function, which "
+                                 "JSON cannot carry"),
+                  "report: %s", text);
+}
+END_TEST
+
+/* A misspelt key was passed over: the test ran with defaults, or not at all,
+ * and `check` said ok. */
+START_TEST(test_a_misspelt_key_of_a_test_or_its_config_is_reported)
+{
+    static const struct {
+        const char *test, *report;
+    } cases[] = {
+        {"  { name = 'k', event = {event_type = 't', id = 'a', time = 1}, confg = {},\n"
+         "    expect = {event = {name = 'Seen a'}} },\n",
+         "test 'k' failed: the test has an unknown key `confg` (did you mean `config`?)"},
+        {"  { name = 'k', event = {event_type = 't', id = 'a', time = 1},\n"
+         "    config = {environmnet = 'development'}, expect = {event = {name = 'Seen a'}} },\n",
+         "test 'k' failed: the test's `config` has an unknown key `environmnet` (did you mean "
+         "`environment`?)"},
+        {"  { name = 'k', event = {event_type = 't', id = 'a', time = 1},\n"
+         "    config = {feeds = {iso = false}}, expect = {event = {name = 'Seen a'}} },\n",
+         "test 'k' failed: the test's `config.feeds` has an unknown key `iso` (did you mean "
+         "`ios`?)"},
+        {"  { name = 'k', event = {event_type = 't', id = 'a', time = 1}, [1] = 2,\n"
+         "    expect = {event = {name = 'Seen a'}} },\n",
+         "test 'k' failed: the test has a key that is a number; its keys are `name`, `event`, "
+         "`expect`, `expect_drop`, `workspace` or `config`"},
+        {"  { name = 'k', event = {event_type = 't', id = 'a', time = 1}, config = 'dev',\n"
+         "    expect = {event = {name = 'Seen a'}} },\n",
+         "test 'k' failed: the test's `config` must be a table, not string"},
+    };
+    for (size_t i = 0; i < ARRAY_LEN(cases); i++) {
+        const char *text = one_failing_test(cases[i].test);
+        ck_assert_msg(contains(text, cases[i].report), "case %zu, report: %s", i, text);
+        release();
+    }
+}
+END_TEST
+
+START_TEST(test_a_misspelt_key_of_a_rule_file_fails_its_load)
+{
+    const char *err = rules_new_refuses(
+        "20-keys.lua", "return { process = function(event, out) end, test = {} }\n");
+    ck_assert_msg(contains(err, "20-keys.lua: the returned table has an unknown key `test` (did "
+                                "you mean `tests`?)"),
+                  "err: %s", err);
+    release();
+    err = rules_new_refuses("20-keys.lua",
+                            "return { process = function(event, out) end,\n"
+                            "  tests = { name = 'one', event = {event_type = 't', id = 'a'},\n"
+                            "            expect_drop = 'x' } }\n");
+    ck_assert_msg(contains(err, "20-keys.lua: `tests` must be a list of tables, and has a key `") &&
+                      contains(err, "(one test? put it in a list: tests = { { ... } })"),
+                  "err: %s", err);
 }
 END_TEST
 
@@ -3771,6 +3881,11 @@ static Suite *suite(void)
     tcase_add_test(tc, test_expected_drop_of_a_mapped_event_is_reported);
     tcase_add_test(tc, test_wrong_drop_reason_is_reported);
     tcase_add_test(tc, test_expect_drop_that_is_not_a_reason_is_reported);
+    tcase_add_test(tc, test_an_output_expected_of_a_dropped_event_names_the_file_that_dropped_it);
+    tcase_add_test(tc, test_a_test_event_has_numbers_as_decoded_json_has_them);
+    tcase_add_test(tc, test_a_test_event_holding_what_json_cannot_carry_is_reported);
+    tcase_add_test(tc, test_a_misspelt_key_of_a_test_or_its_config_is_reported);
+    tcase_add_test(tc, test_a_misspelt_key_of_a_rule_file_fails_its_load);
     tcase_add_test(tc, test_a_test_with_both_expect_and_expect_drop_is_reported);
     tcase_add_test(tc, test_more_rule_tests_than_the_bound_fail_without_running_the_rest);
     tcase_add_test(tc, test_rules_get_the_workspace_and_records_keep_it);
