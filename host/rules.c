@@ -440,11 +440,11 @@ static int setup_state(lua_State *L)
     lua_createtable(L, 0, 3);
     lua_pushlightuserdata(L, r);
     lua_pushcclosure(L, rules_encode, 1);
-    sandbox_timed(L);
+    sandbox_timed(L, "cjson", "encode");
     lua_setfield(L, -2, "encode");
     lua_getfield(L, -2, "decode");
     lua_pushcclosure(L, rules_decode, 1);
-    sandbox_timed(L);
+    sandbox_timed(L, "cjson", "decode");
     lua_setfield(L, -2, "decode");
     lua_getfield(L, -2, "null");
     lua_setfield(L, -2, "null");
@@ -461,7 +461,7 @@ static int setup_state(lua_State *L)
     lua_pushcclosure(L, rules_attribute_text, 1);
     lua_insert(L, -2); /* T text count */
     attributes_push(L);
-    sandbox_timed(L);
+    sandbox_timed(L, "tributary", "custom_attributes");
     lua_setfield(L, -2, "custom_attributes");
     lua_newtable(L);
     sandbox_readonly(L);
@@ -1285,10 +1285,14 @@ static void run_chain(rules *r, lua_State *L, int evi, int wsi, size_t upto,
             } else {
                 res->kind = CHAIN_DEAD;
                 res->dead_reason = DEAD_INVALID_OUTPUT;
+                int why_type = lua_type(L, -1);
                 str_printf(res->detail, sizeof res->detail,
-                           "%s: process returned false without a reason; return false and a "
-                           "reason (a non-empty string) to drop the event",
-                           fname);
+                           "%s: process returned false %s; return false and a reason (a "
+                           "non-empty string) to drop the event",
+                           fname,
+                           why_type == LUA_TNIL      ? "without a reason"
+                           : why_type == LUA_TSTRING ? "with an empty reason"
+                                                     : "with a reason that is not a string");
             }
             lua_pop(L, 2);
             lua_pushnil(L);

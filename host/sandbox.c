@@ -565,8 +565,11 @@ static int timed(lua_State *L)
     return lua_gettop(L);
 }
 
-void sandbox_timed(lua_State *L)
+static void name_for_errors(lua_State *L, const char *lib, const char *name);
+
+void sandbox_timed(lua_State *L, const char *lib, const char *name)
 {
+    name_for_errors(L, lib, name);
     lua_pushcclosure(L, timed, 1);
 }
 

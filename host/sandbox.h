@@ -85,8 +85,9 @@ void sandbox_expose(sandbox *sb, const char *name);
 
 /* [-1, +1] Replaces the C function on top with one that pays for the time it
  * takes from the call's instruction budget, as the string and table functions
- * do: for a host function whose work the count hook cannot see. */
-void sandbox_timed(lua_State *L);
+ * do: for a host function whose work the count hook cannot see. Its argument
+ * errors name it lib.name. */
+void sandbox_timed(lua_State *L, const char *lib, const char *name);
 
 /* [-1, +1] Replaces the table on top with a read-only view of it (pairs, # and
  * indexing work; assignment raises an error). Nested tables are not wrapped. */

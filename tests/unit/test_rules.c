@@ -1364,11 +1364,35 @@ END_TEST
  * letter, which a requeue can mend. */
 START_TEST(test_false_without_a_reason_is_a_dead_letter_not_a_drop)
 {
-    static const char *const returns[] = {"false", "false, ''", "false, 42", "false, nil"};
+    static const char *const returns[][2] = {
+        {"false", "without a reason"},
+        {"false, ''", "with an empty reason"},
+        {"false, 42", "with a reason that is not a string"},
+        {"false, nil", "without a reason"},
+    };
+    char src[256], detail[256];
+    snprintf(src, sizeof src, "return function(event, out) return %s end\n", returns[_i][0]);
+    snprintf(detail, sizeof detail,
+             "50-rule.lua: process returned false %s; return false and a reason (a non-empty "
+             "string) to drop the event",
+             returns[_i][1]);
+    dead_as(src, DEAD_INVALID_OUTPUT, detail);
+}
+END_TEST
+
+/* The host's functions are called through their timing, from C: an argument
+ * error said "bad argument #1 to '?'". */
+START_TEST(test_an_argument_error_of_a_host_function_names_it)
+{
+    static const char *const calls[][2] = {
+        {"tributary.custom_attributes(nil)", "bad argument #1 to 'tributary.custom_attributes' "
+                                             "(table expected, got nil)"},
+        {"cjson.decode({})", "bad argument #1 to 'cjson.decode'"},
+        {"string.rep()", "bad argument #1 to 'string.rep'"},
+    };
     char src[256];
-    snprintf(src, sizeof src, "return function(event, out) return %s end\n", returns[_i]);
-    dead_as(src, DEAD_INVALID_OUTPUT,
-            "50-rule.lua: process returned false without a reason; return false and a reason");
+    snprintf(src, sizeof src, "return function(event, out) local x = %s end\n", calls[_i][0]);
+    dead_as(src, DEAD_RULE_ERROR, calls[_i][1]);
 }
 END_TEST
 
@@ -3754,6 +3778,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_an_output_without_source_message_id_takes_the_event_id);
     tcase_add_test(tc, test_event_without_external_user_id_is_skipped);
     tcase_add_loop_test(tc, test_false_without_a_reason_is_a_dead_letter_not_a_drop, 0, 4);
+    tcase_add_loop_test(tc, test_an_argument_error_of_a_host_function_names_it, 0, 3);
     tcase_add_test(tc, test_event_with_null_external_user_id_is_skipped);
     tcase_add_test(tc, test_shipped_rules_pass_their_own_tests);
 
