@@ -669,15 +669,28 @@ static int sb_xpcall(lua_State *L)
     return lua_gettop(L) - 2;
 }
 
+static atomic_int g_prints_unlimited;
+
+void sandbox_prints_unlimited(void)
+{
+    atomic_store(&g_prints_unlimited, 1);
+}
+
 static int sb_print(lua_State *L)
 {
     static struct log_budget printed;
-    if (!log_budget_allows(&printed, PRINT_LINES_PER_SECOND,
+    if (!atomic_load(&g_prints_unlimited) &&
+        !log_budget_allows(&printed, PRINT_LINES_PER_SECOND,
                            "script print: more lines this second than the log takes; the rest of "
                            "them are left out (see tributary_rule_prints_dropped_total)")) {
         metrics_add(M_RULE_PRINTS_DROPPED, 1);
         return 0;
     }
+    /* where the rule called it: the file and line (none through pcall) */
+    char at[300] = "";
+    lua_Debug ar;
+    if (lua_getstack(L, 1, &ar) && lua_getinfo(L, "Sl", &ar) && ar.currentline > 0)
+        snprintf(at, sizeof at, "%s:%d", ar.short_src, ar.currentline);
     int n = lua_gettop(L); /* before luaL_buffinit, which pushes a placeholder */
     luaL_Buffer b;
     luaL_buffinit(L, &b);
@@ -691,7 +704,7 @@ static int sb_print(lua_State *L)
     size_t len;
     const char *text = lua_tolstring(L, -1, &len);
     if (len <= PRINT_MAX_BYTES) {
-        log_info("script print", LOG_S("text", text));
+        log_info("script print", LOG_S("text", text) LOG_S("at", at));
         return 0;
     }
     /* the start of it, between two characters (the character across the cut
@@ -700,7 +713,8 @@ static int sb_print(lua_State *L)
     size_t head = len < sizeof start - 1 ? len : sizeof start - 1;
     memcpy(start, text, head);
     start[utf8_sanitize(start, head, PRINT_MAX_BYTES)] = '\0';
-    log_info("script print, cut", LOG_S("text", start) LOG_I("bytes", (long long)len));
+    log_info("script print, cut",
+             LOG_S("text", start) LOG_I("bytes", (long long)len) LOG_S("at", at));
     return 0;
 }
 

@@ -242,6 +242,7 @@ class Ingest(ServiceTest):
         said = [l for l in logs if "script print: more lines this second" in l]
         self.assertIn(len(said), (1, 2))
         self.assertIn("limit_per_second=20", said[0])
+        self.assertRegex(printed[0], r'text="line\\t1" at=\S*/20-print\.lua:2$')
 
     def test_concurrent_requests_are_all_committed(self):
         s = self.service()

@@ -358,6 +358,20 @@ class RuleOutput(unittest.TestCase):
         self.assertEqual(out["dead_letter"], "rule_error")
         self.assertIn("cjson.encode: the JSON text is larger than 1048576 bytes", out["detail"])
 
+    def test_map_writes_every_print_with_where_it_was_called(self):
+        # the service writes 20 a second; map is run by hand, to see them all
+        with open(os.path.join(self.rules, "30-print.lua"), "w") as f:
+            f.write("return function(event, out)\n"
+                    "  for i = 1, 50 do print('line', i) end\n"
+                    "end\n")
+        p = run_cli(["map", "-"], stdin=json.dumps(event("users.messages.email.Send")),
+                    env={"TRIBUTARY_RULES_DIR": self.rules})
+        self.assertEqual(p.returncode, 0, p.stderr)
+        printed = [l for l in p.stderr.splitlines() if 'msg="script print"' in l]
+        self.assertEqual(len(printed), 50, p.stderr[-2000:])
+        self.assertIn('text="line\\t50" at=%s/30-print.lua:2' % self.rules, printed[-1])
+        self.assertNotIn("more lines this second", p.stderr)
+
     def test_cjson_encode_in_a_rule_writes_what_cjson_writes(self):
         out = self.map_one("small")
         text = out["batch"]["events"][0]["data"]["custom_attributes"]["small"]
