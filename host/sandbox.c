@@ -1221,6 +1221,25 @@ static int ro_len(lua_State *L)
     return 1;
 }
 
+/* next, through a read-only view to the table it shows: `next(tributary.apps)
+ * == nil`, the usual test of emptiness, read the view, always empty. */
+static int sb_next(lua_State *L)
+{
+    if (lua_type(L, 1) == LUA_TTABLE && lua_getmetatable(L, 1)) {
+        lua_pushliteral(L, "__newindex");
+        lua_rawget(L, -2);
+        int view = lua_tocfunction(L, -1) == ro_newindex;
+        lua_pop(L, 1);
+        if (view) {
+            lua_pushliteral(L, "__index");
+            lua_rawget(L, -2);
+            lua_replace(L, 1);
+        }
+        lua_pop(L, 1);
+    }
+    return call_original(L, LUA_MULTRET);
+}
+
 void sandbox_readonly(lua_State *L)
 {
     /* t */
@@ -1307,6 +1326,7 @@ static int build_env(lua_State *L)
     lua_pushcfunction(L, sb_print);
     lua_setfield(L, -2, "print");
     wrap(L, LUA_GNAME, "setmetatable", sb_setmetatable);
+    wrap(L, LUA_GNAME, "next", sb_next);
     /* converting text of any length to a number */
     wrap(L, LUA_GNAME, "tonumber", timed);
 

@@ -2992,6 +2992,30 @@ START_TEST(test_string_metatable_is_hidden)
 }
 END_TEST
 
+/* A shared table is a read-only view: `next` reads what it shows, as `pairs`
+ * does (`next(tributary.feeds) == nil`, a test of emptiness, was always
+ * true), and it still cannot be changed. */
+START_TEST(test_next_reads_a_shared_table_through_its_view)
+{
+    rule("10-next.lua",
+         "return function(event, out)\n"
+         "  local n = 0\n"
+         "  for _ in next, tributary.feeds do n = n + 1 end\n"
+         "  local changed = pcall(function() tributary.feeds.ios = true end)\n"
+         "  return {feed = 'unbound', batch = {}, event = {event_type = 'uninstall', data = {},\n"
+         "    first = type(next(tributary.feeds)), n = n, changed = changed,\n"
+         "    own = next({}) == nil}}\n"
+         "end\n");
+    build();
+    ck_assert_int_eq(map(ENVELOPE(EV("a")), INPUT_ENVELOPE), 0);
+    ck_assert_uint_eq(F.m.nrecords, 1);
+    const char *ev = F.m.records[0].event.p;
+    ck_assert_msg(contains(ev, "\"first\":\"string\"") && contains(ev, "\"n\":4") &&
+                      contains(ev, "\"changed\":false") && contains(ev, "\"own\":true"),
+                  "%s", ev);
+}
+END_TEST
+
 START_TEST(test_string_library_is_read_only)
 {
     const struct dead_letter *d = dead_from("return function(event, out)\n"
@@ -3847,6 +3871,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_string_dump_is_not_reachable);
     tcase_add_test(tc, test_string_dump_is_not_reachable_through_a_string_value);
     tcase_add_test(tc, test_string_metatable_is_hidden);
+    tcase_add_test(tc, test_next_reads_a_shared_table_through_its_view);
     tcase_add_test(tc, test_string_library_is_read_only);
     tcase_add_test(tc, test_string_values_keep_their_methods_after_an_attempt_to_replace_them);
     tcase_add_test(tc, test_a_numeric_string_plus_a_number_is_that_sum);
