@@ -2061,7 +2061,19 @@ START_TEST(test_lua_run_inside_a_library_call_is_charged_once)
                         "  local s = ('x'):rep(188)\n"
                         "  for i = 1, 6 do s = s:gsub('.', cb) end\n" RETURN_AN_EVENT_OF_S "end\n");
     build();
-    maps_to_one_record(ENVELOPE(EV("e-1")));
+    /* a call's time says more than its instructions on a busy host (another
+     * process takes the core mid-call): up to three tries, where charging the
+     * Lua twice fails every one */
+    for (int tries = 1;; tries++) {
+        ck_assert_int_eq(map(ENVELOPE(EV("e-1")), INPUT_ENVELOPE), 0);
+        if (F.m.ndead == 0 || tries == 3)
+            break;
+        mapping_free(&F.m);
+        mapping_init(&F.m);
+        F.m.keep_outcomes = 1;
+    }
+    ck_assert_msg(F.m.ndead == 0, "dead letter: %s", F.m.ndead ? F.m.dead[0].detail.p : "");
+    ck_assert_uint_eq(F.m.nrecords, 1);
 }
 END_TEST
 
