@@ -299,11 +299,15 @@ int log_budget_take_in(struct log_budget *b, uint64_t now)
 {
     uint64_t old = atomic_load(&b->state), next, lines;
     /* the second and its count change together; a thread whose clock read is
-     * one second older than the second another one started counts in that
-     * one; a clock set back further starts a second of its own */
+     * older than the second another one started counts in that one (by a
+     * second, or more when it was held up since: the clock read again says
+     * so); a clock set back starts a second of its own */
+    int set_back = -1;
     do {
         uint64_t second = old >> 24;
-        if (second < now || second > now + 1) {
+        if (second > now + 1 && set_back < 0)
+            set_back = (uint64_t)clock_wall_ms() / 1000 < second;
+        if (second < now || (second > now + 1 && set_back == 1)) {
             lines = 0;
             next = now << 24 | 1;
         } else {

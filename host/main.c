@@ -15,7 +15,6 @@
 #include "mparticle.h"
 #include "reload.h"
 #include "rules.h"
-#include "sandbox.h"
 #include "sender.h"
 #include "service.h"
 #include "tls.h"
@@ -243,7 +242,7 @@ static int cmd_check(const struct args *a)
 {
     if (too_many_arguments(a, 0, "no arguments"))
         return 2;
-    sandbox_prints_unlimited();
+    rules_prints_unlimited();
     struct config *c = config_load_for_command(a->config, 1);
     if (!c)
         return 1;
@@ -336,7 +335,7 @@ static int cmd_map(const struct args *a)
 {
     if (too_many_arguments(a, 1, "at most one input file"))
         return 2;
-    sandbox_prints_unlimited();
+    rules_prints_unlimited();
     struct config *c = config_load_for_command(a->config, 0);
     if (!c)
         return 1;

@@ -491,8 +491,10 @@ static void describe_error(char *out, size_t len, const char *fname, enum sandbo
 /* [-0, +0] 0 when every key of the table at idx is one of names; otherwise
  * says in err which key is not (and the nearest name, when one is near), after
  * `what`, and returns -1: a misspelt key would be passed over in silence, and
- * with it a test, or what a test sets. */
-static int known_keys(lua_State *L, int idx, const char *const *names, size_t count,
+ * with it a test, or what a test sets. With only_near, the table may hold
+ * other keys, but none a few edits from one of names (`test` for `tests`). */
+#define NEAR_EDITS 2
+static int known_keys(lua_State *L, int idx, const char *const *names, size_t count, int only_near,
                       const char *what, char *err, size_t errlen)
 {
     idx = lua_absindex(L, idx);
@@ -504,7 +506,7 @@ static int known_keys(lua_State *L, int idx, const char *const *names, size_t co
         int known = 0;
         for (size_t i = 0; k && i < count && !known; i++)
             known = strlen(names[i]) == n && memcmp(names[i], k, n) == 0;
-        if (known)
+        if (known || (only_near && !(k && nearest_name(k, n, names, count, NEAR_EDITS))))
             continue;
         char list[200] = "";
         for (size_t i = 0; i < count; i++)
@@ -513,7 +515,7 @@ static int known_keys(lua_State *L, int idx, const char *const *names, size_t co
                      : i + 1 == count ? " or "
                                       : ", ",
                      names[i]);
-        const char *near = k ? nearest_name(k, n, names, count, 3) : NULL;
+        const char *near = k ? nearest_name(k, n, names, count, NEAR_EDITS + 1) : NULL;
         if (!k)
             str_printf(err, errlen, "%s has a key that is a %s; its keys are %s", what,
                        luaL_typename(L, -1), list);
@@ -576,7 +578,7 @@ static int register_file(rules *r, lua_State *L, size_t i, const char *name, cha
     }
     char what[300];
     snprintf(what, sizeof what, "%s: the returned table", name);
-    if (known_keys(L, -1, FILE_KEYS, ARRAY_LEN(FILE_KEYS), what, err, errlen) != 0)
+    if (known_keys(L, -1, FILE_KEYS, ARRAY_LEN(FILE_KEYS), 1, what, err, errlen) != 0)
         goto done;
     if (rawfield(L, -1, "process") != LUA_TFUNCTION) {
         str_printf(err, errlen, "%s: the returned table has no `process` function", name);
@@ -2675,22 +2677,56 @@ static int matches(rules *r, lua_State *L, int a, int x, char *path, size_t path
     return 0;
 }
 
-/* lua-cjson's depth for decoding, which a test's event may reach too */
-#define TEST_EVENT_MAX_DEPTH 1000
+#define TEST_EVENT_MAX_DEPTH (RULES_MAX_JSON_DEPTH - 2)
+
+/* [-0, +0] 0 when the table at idx has a shape JSON gives: a list (keys 1 to
+ * its length, no gaps: a JSON null in a list is cjson.null) or an object (text
+ * keys); -1 with err naming the path otherwise. */
+static int json_shaped(lua_State *L, int idx, const char *path, char *err, size_t errlen)
+{
+    lua_Integer len = (lua_Integer)lua_rawlen(L, idx), items = 0;
+    int texts = 0, others = 0;
+    lua_pushnil(L);
+    while (lua_next(L, idx)) {
+        lua_pop(L, 1);
+        if (lua_type(L, -1) == LUA_TSTRING)
+            texts = 1;
+        else if (lua_isinteger(L, -1) && lua_tointeger(L, -1) >= 1 && lua_tointeger(L, -1) <= len)
+            items++;
+        else
+            others = 1;
+        if (others || (texts && items)) {
+            lua_pop(L, 1);
+            break;
+        }
+    }
+    /* a border of a list with a gap counts the items past the gap too */
+    if (!others && !(texts && items) && items == (texts ? 0 : len))
+        return 0;
+    str_printf(err, errlen,
+               "%s is neither a list (keys 1 to n, no gaps: a JSON null in a list is cjson.null) "
+               "nor an object (text keys), which is all JSON gives",
+               path);
+    return -1;
+}
 
 /* [-0, +1] Pushes a copy of the value at idx as cjson.decode gives it from its
  * JSON text: numbers as floats (a decoded 3 is 3.0, and "step-" .. 3.0 is
  * "step-3.0"), so that a rule meets in its tests the values it meets in
  * service. Returns 0, or -1 (with nothing pushed) and in err the path (in
- * `path`) of a value JSON cannot carry. */
+ * `path`) of a value JSON cannot carry. The event is at depth 0. */
 static int push_as_decoded(lua_State *L, int idx, char *path, size_t pathlen, char *err,
                            size_t errlen, int depth)
 {
     idx = lua_absindex(L, idx);
     switch (lua_type(L, idx)) {
-    case LUA_TNUMBER:
-        lua_pushnumber(L, lua_tonumber(L, idx));
+    case LUA_TNUMBER: {
+        lua_Number v = lua_tonumber(L, idx);
+        if (v != v)
+            break; /* NaN: no JSON number reads as one */
+        lua_pushnumber(L, v);
         return 0;
+    }
     case LUA_TSTRING:
     case LUA_TBOOLEAN:
         lua_pushvalue(L, idx);
@@ -2702,12 +2738,18 @@ static int push_as_decoded(lua_State *L, int idx, char *path, size_t pathlen, ch
         }
         break;
     case LUA_TTABLE:
+        /* the depth to which the service decodes a Currents request, whose
+         * object and list of events take two levels */
         if (depth >= TEST_EVENT_MAX_DEPTH) {
-            str_printf(err, errlen, "%s is nested more than %d levels deep", path,
-                       TEST_EVENT_MAX_DEPTH);
+            str_printf(err, errlen,
+                       "%s is nested more than %d levels deep, as no event of a Currents request "
+                       "is",
+                       path, TEST_EVENT_MAX_DEPTH);
             return -1;
         }
         luaL_checkstack(L, 6, "a test's event");
+        if (json_shaped(L, idx, path, err, errlen) != 0)
+            return -1;
         lua_newtable(L);
         size_t plen = strlen(path);
         lua_pushnil(L);
@@ -2733,7 +2775,7 @@ static int push_as_decoded(lua_State *L, int idx, char *path, size_t pathlen, ch
         break;
     }
     str_printf(err, errlen, "%s is a %s, which JSON cannot carry: an event comes as JSON", path,
-               luaL_typename(L, idx));
+               lua_type(L, idx) == LUA_TNUMBER ? "NaN" : luaL_typename(L, idx));
     return -1;
 }
 
@@ -2751,17 +2793,27 @@ static int run_test(rules *r, lua_State *L, size_t k, int ti, long index, buf *r
 
     char diff[ERR_LEN];
     int ok = 0;
-    if (known_keys(L, ti, TEST_KEYS, ARRAY_LEN(TEST_KEYS), "the test", diff, sizeof diff) != 0)
+    if (known_keys(L, ti, TEST_KEYS, ARRAY_LEN(TEST_KEYS), 0, "the test", diff, sizeof diff) != 0)
         goto done;
     /* Tests see every feed configured and no event selection, unless their
      * `config` says otherwise. */
     int ct = rawfield(L, ti, "config");
     if (ct == LUA_TTABLE) {
-        if (known_keys(L, -1, TEST_CONFIG_KEYS, ARRAY_LEN(TEST_CONFIG_KEYS), "the test's `config`",
-                       diff, sizeof diff) != 0)
+        if (known_keys(L, -1, TEST_CONFIG_KEYS, ARRAY_LEN(TEST_CONFIG_KEYS), 0,
+                       "the test's `config`", diff, sizeof diff) != 0)
             goto done;
+        for (size_t i = 0; i < ARRAY_LEN(TEST_CONFIG_KEYS); i++) {
+            int want = strcmp(TEST_CONFIG_KEYS[i], "environment") == 0 ? LUA_TSTRING : LUA_TTABLE;
+            int got = rawfield(L, -1, TEST_CONFIG_KEYS[i]);
+            lua_pop(L, 1);
+            if (got != LUA_TNIL && got != want) {
+                str_printf(diff, sizeof diff, "the test's `config.%s` must be a %s, not %s",
+                           TEST_CONFIG_KEYS[i], lua_typename(L, want), lua_typename(L, got));
+                goto done;
+            }
+        }
         if (rawfield(L, -1, "feeds") == LUA_TTABLE &&
-            known_keys(L, -1, FEED_NAMES, FEED_COUNT, "the test's `config.feeds`", diff,
+            known_keys(L, -1, FEED_NAMES, FEED_COUNT, 0, "the test's `config.feeds`", diff,
                        sizeof diff) != 0)
             goto done;
         lua_pop(L, 1);
@@ -2903,6 +2955,11 @@ static int tests_stop(const rules *r, buf *report, const char *file, lua_Integer
 void rules_tests_cancelled_by(rules *r, const atomic_int *cancel)
 {
     r->cancel = cancel;
+}
+
+void rules_prints_unlimited(void)
+{
+    sandbox_prints_unlimited();
 }
 
 int rules_self_test(rules *r, buf *report, int *ntests)

@@ -114,4 +114,9 @@ int rules_self_test(rules *r, buf *report, int *ntests);
  * fails, saying why. */
 void rules_tests_cancelled_by(rules *r, const atomic_int *cancel);
 
+/* From now on, every print of a rule is written, none left out by the limit
+ * of lines a second: for the commands run by hand (map, check), whose output
+ * is their reader's. */
+void rules_prints_unlimited(void);
+
 #endif

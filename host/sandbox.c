@@ -7,6 +7,7 @@
 #include <ctype.h>
 #include <errno.h>
 #include <lauxlib.h>
+#include <limits.h>
 #include <lualib.h>
 #include <pthread.h>
 #include <semaphore.h>
@@ -686,11 +687,14 @@ static int sb_print(lua_State *L)
         metrics_add(M_RULE_PRINTS_DROPPED, 1);
         return 0;
     }
-    /* where the rule called it: the file and line (none through pcall) */
-    char at[300] = "";
+    /* where the rule called it: the file, whole (short_src cuts a long path),
+     * and the line; none through pcall, a C function */
+    char at[PATH_MAX + 24] = "";
     lua_Debug ar;
     if (lua_getstack(L, 1, &ar) && lua_getinfo(L, "Sl", &ar) && ar.currentline > 0)
-        snprintf(at, sizeof at, "%s:%d", ar.short_src, ar.currentline);
+        snprintf(at, sizeof at, "%s:%d",
+                 ar.source[0] == '@' || ar.source[0] == '=' ? ar.source + 1 : ar.source,
+                 ar.currentline);
     int n = lua_gettop(L); /* before luaL_buffinit, which pushes a placeholder */
     luaL_Buffer b;
     luaL_buffinit(L, &b);
@@ -704,7 +708,10 @@ static int sb_print(lua_State *L)
     size_t len;
     const char *text = lua_tolstring(L, -1, &len);
     if (len <= PRINT_MAX_BYTES) {
-        log_info("script print", LOG_S("text", text) LOG_S("at", at));
+        if (at[0])
+            log_info("script print", LOG_S("text", text) LOG_S("at", at));
+        else
+            log_info("script print", LOG_S("text", text));
         return 0;
     }
     /* the start of it, between two characters (the character across the cut
@@ -713,8 +720,11 @@ static int sb_print(lua_State *L)
     size_t head = len < sizeof start - 1 ? len : sizeof start - 1;
     memcpy(start, text, head);
     start[utf8_sanitize(start, head, PRINT_MAX_BYTES)] = '\0';
-    log_info("script print, cut",
-             LOG_S("text", start) LOG_I("bytes", (long long)len) LOG_S("at", at));
+    if (at[0])
+        log_info("script print, cut",
+                 LOG_S("text", start) LOG_I("bytes", (long long)len) LOG_S("at", at));
+    else
+        log_info("script print, cut", LOG_S("text", start) LOG_I("bytes", (long long)len));
     return 0;
 }
 

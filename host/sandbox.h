@@ -79,8 +79,7 @@ sandbox *sandbox_new(int flags);
 void sandbox_free(sandbox *sb);
 lua_State *sandbox_lua(sandbox *sb);
 
-/* From now on, every print of a rule is written, none counted as dropped: for
- * the commands run by hand (map, check), whose output is the reader's. */
+/* From now on, every print of a rule is written (see rules_prints_unlimited). */
 void sandbox_prints_unlimited(void);
 
 /* [-1, +0] Makes the value on top a global of every chunk loaded afterwards.

@@ -212,7 +212,6 @@ int hex_digit(char c);
 /* s without the spaces and tabs around it (a header's value): its start, its
  * length in *n. */
 const char *str_trim_blanks(const char *s, size_t *n);
-/* Copies a string into a fixed buffer, always terminating it (truncates). */
 /* The Levenshtein distance between a[0..n) and b, for names of up to 63 bytes
  * (longer ones are far from every name: SIZE_MAX). */
 size_t edit_distance(const char *a, size_t n, const char *b);
@@ -220,6 +219,7 @@ size_t edit_distance(const char *a, size_t n, const char *b);
  * first of those as near), or NULL: for "did you mean" in errors. */
 const char *nearest_name(const char *name, size_t n, const char *const *names, size_t count,
                          size_t within);
+/* Copies a string into a fixed buffer, always terminating it (truncates). */
 void str_copy(char *dst, size_t dstlen, const char *src);
 /* snprintf into a fixed buffer; never fails, truncates. */
 void str_printf(char *dst, size_t dstlen, const char *fmt, ...) PRINTF(3, 4);

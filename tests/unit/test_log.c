@@ -204,21 +204,28 @@ START_TEST(test_a_line_budget_counts_each_line_of_a_second_once)
 END_TEST
 
 /* The lines are counted in the second of their stamps; a thread that read
- * the clock just before another started a second counts in that one, and a
- * clock set back starts a second of its own. */
+ * the clock before another started a second counts in that one, and a clock
+ * set back starts a second of its own. */
 START_TEST(test_a_line_budget_counts_in_the_wall_clock_second)
 {
     struct log_budget b;
     memset(&b, 0, sizeof b);
-    uint64_t now = (uint64_t)clock_wall_ms() / 1000;
-    ck_assert_int_eq(log_budget_take_in(&b, now), 0);
-    ck_assert_int_eq(log_budget_take_in(&b, now), 1);
-    ck_assert_int_eq(log_budget_take_in(&b, now - 1), 2);
-    ck_assert_int_eq(log_budget_take_in(&b, now + 1), 0);
-    ck_assert_int_eq(log_budget_take_in(&b, now + 1), 1);
-    ck_assert_int_eq(log_budget_take_in(&b, now - 5), 0);
-    ck_assert_int_eq(log_budget_take_in(&b, now - 5), 1);
+    /* seconds ahead of the clock, which is then behind all of them: as after
+     * the clock was set back by a minute */
+    uint64_t now = (uint64_t)clock_wall_ms() / 1000, ahead = now + 60;
+    ck_assert_int_eq(log_budget_take_in(&b, ahead), 0);
+    ck_assert_int_eq(log_budget_take_in(&b, ahead), 1);
+    ck_assert_int_eq(log_budget_take_in(&b, ahead - 1), 2);
+    ck_assert_int_eq(log_budget_take_in(&b, ahead + 1), 0);
+    ck_assert_int_eq(log_budget_take_in(&b, ahead + 1), 1);
+    ck_assert_int_eq(log_budget_take_in(&b, ahead - 5), 0);
+    ck_assert_int_eq(log_budget_take_in(&b, ahead - 5), 1);
     ck_assert_int_eq(log_budget_take(&b), 0);
+    /* a thread held up seconds between its clock read and its count: the
+     * clock is where the budget's second is, so it counts there */
+    memset(&b, 0, sizeof b);
+    ck_assert_int_eq(log_budget_take_in(&b, now), 0);
+    ck_assert_int_eq(log_budget_take_in(&b, now - 3), 1);
 }
 END_TEST
 
