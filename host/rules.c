@@ -531,24 +531,39 @@ static int known_keys(lua_State *L, int idx, const char *const *names, size_t co
     return 0;
 }
 
-/* [-0, +0] 0 when the table at idx is a list (keys 1 to its length), else -1
- * with the first other key in err. */
-static int must_be_list(lua_State *L, int idx, const char *what, char *err, size_t errlen)
+/* [-0, +0] 0 when the table at idx is a list (keys 1 to its length) of
+ * values of type `of`, else -1 with the first other key or item in err, and
+ * `hint` when its keys are all text (a table meant as one item, or a set). */
+static int must_be_list(lua_State *L, int idx, const char *what, int of, const char *hint,
+                        char *err, size_t errlen)
 {
     idx = lua_absindex(L, idx);
-    lua_Integer len = (lua_Integer)lua_rawlen(L, idx);
+    lua_Integer len = (lua_Integer)lua_rawlen(L, idx), items = 0;
     lua_pushnil(L);
     while (lua_next(L, idx)) {
+        int t = lua_type(L, -1);
         lua_pop(L, 1);
-        if (lua_isinteger(L, -1) && lua_tointeger(L, -1) >= 1 && lua_tointeger(L, -1) <= len)
+        if (lua_isinteger(L, -1) && lua_tointeger(L, -1) >= 1 && lua_tointeger(L, -1) <= len &&
+            t == of) {
+            items++;
             continue;
-        if (lua_type(L, -1) == LUA_TSTRING)
-            str_printf(err, errlen, "%s must be a list of tables, and has a key `%.64s`%s", what,
-                       lua_tostring(L, -1),
-                       len == 0 ? " (one test? put it in a list: tests = { { ... } })" : "");
+        }
+        if (lua_isinteger(L, -1) && lua_tointeger(L, -1) >= 1 && lua_tointeger(L, -1) <= len)
+            str_printf(err, errlen, "%s must be a list of %ss, and item %lld is a %s", what,
+                       lua_typename(L, of), (long long)lua_tointeger(L, -1), lua_typename(L, t));
+        else if (lua_type(L, -1) == LUA_TSTRING)
+            str_printf(err, errlen, "%s must be a list of %ss, and has a key `%.64s`%s", what,
+                       lua_typename(L, of), lua_tostring(L, -1), len == 0 ? hint : "");
         else
-            str_printf(err, errlen, "%s must be a list of tables, without gaps", what);
+            str_printf(err, errlen, "%s must be a list of %ss, without gaps", what,
+                       lua_typename(L, of));
         lua_pop(L, 1);
+        return -1;
+    }
+    /* a border of a list with a gap counts the items past the gap too */
+    if (items != len) {
+        str_printf(err, errlen, "%s must be a list of %ss, without gaps", what,
+                   lua_typename(L, of));
         return -1;
     }
     return 0;
@@ -588,7 +603,9 @@ static int register_file(rules *r, lua_State *L, size_t i, const char *name, cha
     r->process_refs[i] = luaL_ref(L, LUA_REGISTRYINDEX);
     int t = rawfield(L, -1, "tests");
     snprintf(what, sizeof what, "%s: `tests`", name);
-    if (t == LUA_TTABLE && must_be_list(L, -1, what, err, errlen) != 0) {
+    if (t == LUA_TTABLE &&
+        must_be_list(L, -1, what, LUA_TTABLE, " (one test? put it in a list: tests = { { ... } })",
+                     err, errlen) != 0) {
         lua_pop(L, 1);
         goto done;
     }
@@ -2815,6 +2832,13 @@ static int run_test(rules *r, lua_State *L, size_t k, int ti, long index, buf *r
         if (rawfield(L, -1, "feeds") == LUA_TTABLE &&
             known_keys(L, -1, FEED_NAMES, FEED_COUNT, 0, "the test's `config.feeds`", diff,
                        sizeof diff) != 0)
+            goto done;
+        lua_pop(L, 1);
+        /* a list of names: a set of them selected nothing */
+        if (rawfield(L, -1, "events") == LUA_TTABLE &&
+            must_be_list(L, -1, "the test's `config.events`", LUA_TSTRING,
+                         " (a set? list the names: events = { \"users.messages.email.Open\" })",
+                         diff, sizeof diff) != 0)
             goto done;
         lua_pop(L, 1);
     } else if (ct == LUA_TNIL) {

@@ -407,10 +407,12 @@ class Cli(ServiceTest):
 
     def test_a_rule_test_with_bad_data_fails_cleanly_instead_of_crashing(self):
         tests = {
-            "nil key in config.events": "config = { events = { 'a', nil, 'b' } },",
-            "NaN key in config.events": "config = { events = { 0/0 } },",
+            "nil key in config.events": ("config = { events = { 'a', nil, 'b' } },",
+                                         "must be a list of strings, without gaps"),
+            "NaN key in config.events": ("config = { events = { 0/0 } },",
+                                         "must be a list of strings, and item 1 is a number"),
         }
-        for name, config in tests.items():
+        for name, (config, why) in tests.items():
             with self.subTest(case=name):
                 rules = self.rules_dir({"20-t.lua": (
                     "return { process = function(e, out) end, tests = { {\n"
@@ -420,7 +422,8 @@ class Cli(ServiceTest):
                     "  expect = { feed = 'unbound' } } } }\n")})
                 p = run_cli(["check"], env={"TRIBUTARY_RULES_DIR": rules})
                 self.assertEqual(p.returncode, 1, p.stderr)
-                self.assertIn("20-t.lua: test #1 cannot run", p.stderr)
+                self.assertIn("20-t.lua: test #1 failed: the test's `config.events` " + why,
+                              p.stderr)
 
     def test_a_deeply_nested_or_cyclic_expectation_fails_cleanly(self):
         rules = self.rules_dir({"20-t.lua": (

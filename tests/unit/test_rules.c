@@ -3589,6 +3589,14 @@ START_TEST(test_a_misspelt_key_of_a_test_or_its_config_is_reported)
         {"  { name = 'k', event = {event_type = 't', id = 'a', time = 1},\n"
          "    config = {environment = {}}, expect = {event = {name = 'Seen a'}} },\n",
          "test 'k' failed: the test's `config.environment` must be a string, not table"},
+        {"  { name = 'k', event = {event_type = 't', id = 'a', time = 1},\n"
+         "    config = {events = {t = true}}, expect = {event = {name = 'Seen a'}} },\n",
+         "test 'k' failed: the test's `config.events` must be a list of strings, and has a key "
+         "`t` (a set? list the names"},
+        {"  { name = 'k', event = {event_type = 't', id = 'a', time = 1},\n"
+         "    config = {events = {'t', 7}}, expect = {event = {name = 'Seen a'}} },\n",
+         "test 'k' failed: the test's `config.events` must be a list of strings, and item 2 is a "
+         "number"},
     };
     for (size_t i = 0; i < ARRAY_LEN(cases); i++) {
         const char *text = one_failing_test(cases[i].test);
@@ -3612,6 +3620,12 @@ START_TEST(test_a_misspelt_key_of_a_rule_file_fails_its_load)
                             "            expect_drop = 'x' } }\n");
     ck_assert_msg(contains(err, "20-keys.lua: `tests` must be a list of tables, and has a key `") &&
                       contains(err, "(one test? put it in a list: tests = { { ... } })"),
+                  "err: %s", err);
+    release();
+    err = rules_new_refuses("20-keys.lua",
+                            "return { process = function(event, out) end, tests = { 'one' } }\n");
+    ck_assert_msg(contains(err, "20-keys.lua: `tests` must be a list of tables, and item 1 is a "
+                                "string"),
                   "err: %s", err);
     release();
     /* other keys, far from `process` and `tests`, are the file's own */
