@@ -531,40 +531,65 @@ static int known_keys(lua_State *L, int idx, const char *const *names, size_t co
     return 0;
 }
 
-/* [-0, +0] 0 when the table at idx is a list (keys 1 to its length) of
- * values of type `of`, else -1 with the first other key or item in err, and
- * `hint` when its keys are all text (a table meant as one item, or a set). */
+/* How the table at idx is shaped, read raw: a list (keys 1 to its length,
+ * without a gap; an empty table too), an object (text keys only) or neither. */
+enum table_shape { SHAPE_LIST, SHAPE_OBJECT, SHAPE_OTHER };
+
+static enum table_shape table_shape(lua_State *L, int idx)
+{
+    idx = lua_absindex(L, idx);
+    lua_Integer len = (lua_Integer)lua_rawlen(L, idx), items = 0;
+    int texts = 0;
+    lua_pushnil(L);
+    while (lua_next(L, idx)) {
+        lua_pop(L, 1);
+        if (lua_type(L, -1) == LUA_TSTRING)
+            texts = 1;
+        else if (lua_isinteger(L, -1) && lua_tointeger(L, -1) >= 1 && lua_tointeger(L, -1) <= len)
+            items++;
+        else
+            items = -1; /* a key of neither */
+        if (items < 0 || (texts && items)) {
+            lua_pop(L, 1);
+            return SHAPE_OTHER;
+        }
+    }
+    if (texts)
+        return SHAPE_OBJECT;
+    /* a border of a list with a gap counts the items past the gap too */
+    return items == len ? SHAPE_LIST : SHAPE_OTHER;
+}
+
+/* [-0, +0] 0 when the table at idx is a list of values of type `of`, else -1
+ * with the first text key or other item in err, and `hint` when its keys are
+ * all text (a table meant as one item, or a set). */
 static int must_be_list(lua_State *L, int idx, const char *what, int of, const char *hint,
                         char *err, size_t errlen)
 {
     idx = lua_absindex(L, idx);
-    lua_Integer len = (lua_Integer)lua_rawlen(L, idx), items = 0;
-    lua_pushnil(L);
-    while (lua_next(L, idx)) {
-        int t = lua_type(L, -1);
-        lua_pop(L, 1);
-        if (lua_isinteger(L, -1) && lua_tointeger(L, -1) >= 1 && lua_tointeger(L, -1) <= len &&
-            t == of) {
-            items++;
-            continue;
-        }
-        if (lua_isinteger(L, -1) && lua_tointeger(L, -1) >= 1 && lua_tointeger(L, -1) <= len)
-            str_printf(err, errlen, "%s must be a list of %ss, and item %lld is a %s", what,
-                       lua_typename(L, of), (long long)lua_tointeger(L, -1), lua_typename(L, t));
-        else if (lua_type(L, -1) == LUA_TSTRING)
-            str_printf(err, errlen, "%s must be a list of %ss, and has a key `%.64s`%s", what,
-                       lua_typename(L, of), lua_tostring(L, -1), len == 0 ? hint : "");
-        else
-            str_printf(err, errlen, "%s must be a list of %ss, without gaps", what,
-                       lua_typename(L, of));
-        lua_pop(L, 1);
+    enum table_shape shape = table_shape(L, idx);
+    if (shape == SHAPE_OBJECT) {
+        lua_pushnil(L);
+        lua_next(L, idx);
+        str_printf(err, errlen, "%s must be a list of %ss, and has a key `%.64s`%s", what,
+                   lua_typename(L, of), lua_tostring(L, -2), hint);
+        lua_pop(L, 2);
         return -1;
     }
-    /* a border of a list with a gap counts the items past the gap too */
-    if (items != len) {
-        str_printf(err, errlen, "%s must be a list of %ss, without gaps", what,
+    if (shape == SHAPE_OTHER) {
+        str_printf(err, errlen, "%s must be a list of %ss, without gaps or other keys", what,
                    lua_typename(L, of));
         return -1;
+    }
+    lua_Integer len = (lua_Integer)lua_rawlen(L, idx);
+    for (lua_Integer i = 1; i <= len; i++) {
+        int t = lua_rawgeti(L, idx, i);
+        lua_pop(L, 1);
+        if (t != of) {
+            str_printf(err, errlen, "%s must be a list of %ss, and item %lld is a %s", what,
+                       lua_typename(L, of), (long long)i, lua_typename(L, t));
+            return -1;
+        }
     }
     return 0;
 }
@@ -2371,21 +2396,6 @@ static size_t decoded_bound(const char *s, size_t n)
            strings * DECODED_STRING_BYTES + string_bytes + n;
 }
 
-/* True when the table at idx has only the keys 1..#t. */
-static int is_list(lua_State *L, int idx)
-{
-    lua_Integer len = (lua_Integer)lua_rawlen(L, idx), count = 0;
-    lua_pushnil(L);
-    while (lua_next(L, idx)) {
-        lua_pop(L, 1);
-        if (++count > len || !lua_isinteger(L, -1)) {
-            lua_pop(L, 1);
-            return 0;
-        }
-    }
-    return 1;
-}
-
 /* [-0, +1 on success] Pushes the list of events in the body. */
 static int decode_events(rules *r, lua_State *L, const char *body, size_t len,
                          enum input_shape shape, enum body_form *form, struct input_error *e)
@@ -2439,7 +2449,7 @@ static int decode_events(rules *r, lua_State *L, const char *body, size_t len,
     if (t == LUA_TTABLE) {
         *form = FORM_ENVELOPE;
         lua_remove(L, top);
-        if (!is_list(L, top)) {
+        if (table_shape(L, top) != SHAPE_LIST) {
             lua_pop(L, 1);
             return input_fail(e, 400, -1, "\"events\" must be a list");
         }
@@ -2464,7 +2474,7 @@ static int decode_events(rules *r, lua_State *L, const char *body, size_t len,
         return 0;
     }
     lua_pop(L, 1);
-    if (!is_list(L, top)) {
+    if (table_shape(L, top) != SHAPE_LIST) {
         lua_pop(L, 1);
         return input_fail(e, 400, -1, "expected events: an envelope, a list, an event or NDJSON");
     }
@@ -2696,37 +2706,6 @@ static int matches(rules *r, lua_State *L, int a, int x, char *path, size_t path
 
 #define TEST_EVENT_MAX_DEPTH (RULES_MAX_JSON_DEPTH - 2)
 
-/* [-0, +0] 0 when the table at idx has a shape JSON gives: a list (keys 1 to
- * its length, no gaps: a JSON null in a list is cjson.null) or an object (text
- * keys); -1 with err naming the path otherwise. */
-static int json_shaped(lua_State *L, int idx, const char *path, char *err, size_t errlen)
-{
-    lua_Integer len = (lua_Integer)lua_rawlen(L, idx), items = 0;
-    int texts = 0, others = 0;
-    lua_pushnil(L);
-    while (lua_next(L, idx)) {
-        lua_pop(L, 1);
-        if (lua_type(L, -1) == LUA_TSTRING)
-            texts = 1;
-        else if (lua_isinteger(L, -1) && lua_tointeger(L, -1) >= 1 && lua_tointeger(L, -1) <= len)
-            items++;
-        else
-            others = 1;
-        if (others || (texts && items)) {
-            lua_pop(L, 1);
-            break;
-        }
-    }
-    /* a border of a list with a gap counts the items past the gap too */
-    if (!others && !(texts && items) && items == (texts ? 0 : len))
-        return 0;
-    str_printf(err, errlen,
-               "%s is neither a list (keys 1 to n, no gaps: a JSON null in a list is cjson.null) "
-               "nor an object (text keys), which is all JSON gives",
-               path);
-    return -1;
-}
-
 /* [-0, +1] Pushes a copy of the value at idx as cjson.decode gives it from its
  * JSON text: numbers as floats (a decoded 3 is 3.0, and "step-" .. 3.0 is
  * "step-3.0"), so that a rule meets in its tests the values it meets in
@@ -2765,8 +2744,13 @@ static int push_as_decoded(lua_State *L, int idx, char *path, size_t pathlen, ch
             return -1;
         }
         luaL_checkstack(L, 6, "a test's event");
-        if (json_shaped(L, idx, path, err, errlen) != 0)
+        if (table_shape(L, idx) == SHAPE_OTHER) {
+            str_printf(err, errlen,
+                       "%s is neither a list (keys 1 to n, no gaps: a JSON null in a list is "
+                       "cjson.null) nor an object (text keys), which is all JSON gives",
+                       path);
             return -1;
+        }
         lua_newtable(L);
         size_t plen = strlen(path);
         lua_pushnil(L);
