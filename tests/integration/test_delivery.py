@@ -658,6 +658,40 @@ class Delivery(ServiceTest):
         self.assertIn("BAD_REQUEST", listing[0]["detail"])
         self.assertEqual(s.queued_ids(), [])
 
+    def test_refused_batches_are_logged_up_to_20_lines_a_second(self):
+        """Something in between that answers 400 to everything: each event is
+        split out and dead-lettered, and says so in at most 20 lines a second."""
+        d = self.double()
+        d.fail(400)
+        s = self.service(env=feed_env(d, TRIBUTARY_LOG_LEVEL="debug", TRIBUTARY_BATCH_LINGER_MS=300))
+        events = [event("users.messages.email.Send", user="r%d" % i) for i in range(150)]
+        self.assertEqual(s.post(events).status, 200)
+        self.wait(lambda: s.metrics()['tributary_dead_letters_total{reason="rejected"}'] == 150,
+                  30 * SLOW, "every event dead-lettered")
+        self.assertEqual(d.event_count(), 0)
+        answers, lines = collections.Counter(), collections.Counter()
+        for line in s.logs().splitlines():
+            second = line[3:22]
+            if 'msg="answered"' in line and "action=rejected" in line:
+                answers[second] += 1
+            elif 'msg="mParticle rejected a batch' in line or 'msg="mParticle refused a' in line:
+                lines[second] += 1
+        self.assertGreaterEqual(sum(answers.values()), 150)
+        for second in set(answers) | set(lines):
+            self.assertLessEqual(lines[second], 20, (second, answers, lines))
+        # a request refused is a line (a split, or a dead letter) while the
+        # second's budget lasts: with one line of leeway, as a line and its
+        # answer are stamped apart
+        for second in answers:
+            self.assertGreaterEqual(lines[second] + 1, min(answers[second], 20),
+                                    (second, answers, lines))
+        if not any(n > 21 for n in answers.values()):
+            self.skipTest("the refusals were spread over many seconds (%s)" % answers)
+        self.assertIn("mParticle refused batches: more lines this second than the log takes",
+                      s.logs())
+        self.assertEqual(len(json.loads(s.cli(["dlq", "list", "--json", "--limit", "1000"]).stdout)),
+                         150)
+
     def test_a_400_for_a_users_batch_dead_letters_only_the_event_it_refuses(self):
         d = self.double()
         d.poison("POISON-PILL")
