@@ -4,6 +4,7 @@ import http.client
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import sqlite3
@@ -117,6 +118,18 @@ class Metrics(ServiceTest):
         for alert in re.findall(r"alert: (\w+)", rules):
             with open(os.path.join(ROOT, "docs", "operations.md")) as f:
                 self.assertIn("### " + alert, f.read())
+
+    def test_alert_rules_fire_as_their_runbooks_say(self):
+        """promtool's unit tests of the alerts: a start after a long downtime
+        that dead-letters at once, a feed held without credentials, no target."""
+        promtool = shutil.which("promtool")
+        if not promtool:
+            self.skipTest("promtool is not installed (Debian package prometheus)")
+        rules = os.path.join(ROOT, "docs", "prometheus-alerts.yml")
+        tests = os.path.join(ROOT, "tests", "data", "prometheus-alerts-test.yml")
+        for args in (["check", "rules", rules], ["test", "rules", tests]):
+            run = subprocess.run([promtool] + args, capture_output=True, text=True, timeout=60)
+            self.assertEqual(run.returncode, 0, run.stdout + run.stderr)
 
 
 class Logs(ServiceTest):
