@@ -371,7 +371,7 @@ int metrics_render(buf *b, const struct metrics_gauges *g)
         rc |= buf_printf(b, "tributary_dead_letters_total{reason=\"%s\"} %llu\n", DEAD_REASONS[r],
                          (unsigned long long)atomic_load(&M.dead[r]));
     rc |= header(b, "tributary_http_requests_total", "counter",
-                 "Inbound Currents requests (POST /currents) by status.");
+                 "Answers on the path /currents (any method) by status.");
     for (size_t i = 0; i < NINBOUND; i++) {
         char code[16];
         code_label(INBOUND_CODES, ARRAY_LEN(INBOUND_CODES), i, code, sizeof code);
