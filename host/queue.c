@@ -1973,6 +1973,13 @@ static int add_deltas(queue *q, int writing)
         if (rc != SQLITE_OK)
             return -1;
     }
+    if (last > q->deltas_added)
+        log_info("counts changed by a command beside the service (tributary dlq requeue or "
+                 "purge)",
+                 LOG_I("dead_letters", (long long)dead) LOG_I("ios", (long long)depth[FEED_IOS])
+                     LOG_I("android", (long long)depth[FEED_ANDROID])
+                         LOG_I("web", (long long)depth[FEED_WEB])
+                             LOG_I("unbound", (long long)depth[FEED_UNBOUND]));
     q->deltas_added = last;
     pthread_mutex_lock(&q->mu);
     for (int f = 0; f < FEED_COUNT; f++)

@@ -829,6 +829,11 @@ class DeadLetterCommands(ServiceTest):
         while s.metrics()["tributary_dead_letters"] != 0 and time.time() < deadline:
             time.sleep(0.1)
         self.assertEqual(s.metrics()["tributary_dead_letters"], 0)
+        # and the service's log says what the command changed
+        lines = [l for l in s.logs().splitlines() if "counts changed by a command beside" in l]
+        self.assertEqual(len(lines), 1, s.logs()[-2000:])
+        self.assertIn("dead_letters=-3", lines[0])
+        self.assertIn("unbound=0", lines[0])
 
     def test_purge_over_several_pages_deletes_exactly_the_matching_dead_letters(self):
         s, ids = self.dead_letters(1)
