@@ -10,6 +10,7 @@
 #include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <grp.h>
 #include <lauxlib.h>
 #include <stddef.h>
 #include <stdio.h>
@@ -1834,6 +1835,30 @@ static int file_holds_secret(struct config *c, const struct key *k, const char *
  * TRIBUTARY_<KEY>_FILE. A warning, not an error as for the TLS key: a volume
  * of secrets mounted 0644 (Kubernetes' default) is read only inside its
  * container. */
+/* What makes a file of secrets (st) that every user can read the service's
+ * alone, without locking the service out: chmod 600 only for the file of its
+ * own user; a file of another owner (root's, most often) goes to the service's
+ * group, mode 640. */
+static void private_file_advice(const struct stat *st, char *out, size_t n)
+{
+    if (st->st_uid == geteuid()) {
+        snprintf(out, n, "chmod 600 it");
+        return;
+    }
+    char group[64], room[1024];
+    struct group g, *found = NULL;
+    if (getgrgid_r(getegid(), &g, room, sizeof room, &found) == 0 && found &&
+        strlen(found->gr_name) < sizeof group)
+        snprintf(group, sizeof group, "%s", found->gr_name);
+    else
+        snprintf(group, sizeof group, "%u", (unsigned)getegid());
+    snprintf(out, n,
+             "chgrp %s it and chmod 640 it (it belongs to uid %u, not to the service's user, uid "
+             "%u: with 600 the service could not read it), or chown it to the service's user and "
+             "chmod 600 it",
+             group, (unsigned)st->st_uid, (unsigned)geteuid());
+}
+
 static void warn_readable_secrets(buf *warnings, struct config *c, const char *text)
 {
     char in_file[512] = ""; /* room for every secret key's name */
@@ -1848,11 +1873,13 @@ static void warn_readable_secrets(buf *warnings, struct config *c, const char *t
             snprintf(file_var, sizeof file_var, "%s_FILE", name);
             const char *path = getenv(file_var);
             struct stat st;
-            if (path && stat(path, &st) == 0 && (st.st_mode & S_IROTH))
+            if (path && stat(path, &st) == 0 && (st.st_mode & S_IROTH)) {
+                char advice[300];
+                private_file_advice(&st, advice, sizeof advice);
                 warn_add(warnings,
-                         "%s names %s, which every user of this machine can read (mode %04o): "
-                         "chmod 600 it, or 640 with the service's group",
-                         file_var, path, (unsigned)(st.st_mode & 07777));
+                         "%s names %s, which every user of this machine can read (mode %04o): %s",
+                         file_var, path, (unsigned)(st.st_mode & 07777), advice);
+            }
         }
         /* in the file: the secret in force, or one the environment overrides */
         if (c->overridden[i] || (!c->from_env[i] && text && file_holds_secret(c, k, text))) {
@@ -1862,11 +1889,14 @@ static void warn_readable_secrets(buf *warnings, struct config *c, const char *t
         }
     }
     struct stat st;
-    if (at > 0 && c->file && stat(c->file, &st) == 0 && (st.st_mode & S_IROTH))
+    if (at > 0 && c->file && stat(c->file, &st) == 0 && (st.st_mode & S_IROTH)) {
+        char advice[300];
+        private_file_advice(&st, advice, sizeof advice);
         warn_add(warnings,
                  "%s holds secrets (%s) and every user of this machine can read it (mode %04o): "
-                 "chmod 600 it, or 640 with the service's group, or give them in the environment",
-                 c->file, in_file, (unsigned)(st.st_mode & 07777));
+                 "%s; or give them in the environment",
+                 c->file, in_file, (unsigned)(st.st_mode & 07777), advice);
+    }
 }
 
 /* The data pod of an mParticle key ("us2-..."), or of an mParticle S2S URL

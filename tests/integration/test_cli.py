@@ -119,6 +119,20 @@ class Cli(ServiceTest):
         for secret in ("token-in-the-file", "key-in-the-file", "secret-in-the-file",
                        "secret-from-the-environment", "admin-token-in"):
             self.assertNotIn(secret, p.stdout + p.stderr)
+        # the files of the service's own user: 600 is the fix
+        self.assertIn("(mode 0644): chmod 600 it; or give them in the environment", p.stderr)
+        self.assertIn("read (mode 0644): chmod 600 it\n", p.stderr)
+        if os.geteuid() == 0:
+            # a file of another owner (root's, beside a service of its own
+            # user): 600 would lock the service out of it
+            for path in (conf, admin):
+                os.chown(path, 65534, -1)
+            p = run_cli(["check", "--config", conf], env=env)
+            self.assertEqual(p.returncode, 0, p.stderr)
+            self.assertNotIn("(mode 0644): chmod 600 it", p.stderr)
+            self.assertEqual(p.stderr.count(
+                "chgrp root it and chmod 640 it (it belongs to uid 65534, not to the service's "
+                "user, uid 0: with 600 the service could not read it)"), 2, p.stderr)
         # the service's own, or its group's: nothing to say
         for path in (conf, admin):
             os.chmod(path, 0o640)
