@@ -119,6 +119,36 @@ class SlowClaims(ServiceTest):
         self.assertEqual([r for r in d.requests if r["status"] == 429], [])
 
 
+class SlowDns(ServiceTest):
+    def test_a_name_server_that_does_not_answer_holds_a_stop_no_longer_than_its_grace(self):
+        # libcurl waited for its resolver thread when a request timed out:
+        # with name servers that do not answer, a stop took as long as
+        # glibc's tries (30 s with three servers), past systemd's
+        # TimeoutStopSec, and the sender stood still as long in service
+        s = Service(env=dict(feed_env(MParticleDouble(feeds=dict(FEEDS))),
+                             TRIBUTARY_MPARTICLE_URL="https://mparticle.slow-dns.test",
+                             TRIBUTARY_LOG_LEVEL="debug",
+                             SLOW_DNS_HOST="mparticle.slow-dns.test", SLOW_DNS_MS="120000"))
+        self.addCleanup(s.cleanup)
+        preload(s, "slow_dns")
+        s.start()
+        self.assertEqual(s.post([event("users.messages.email.Send", user="dns")]).status, 200)
+        self.wait(lambda: 'msg="sending"' in s.logs(), what="the request resolving its name")
+        time.sleep(0.5)
+        started = time.monotonic()
+        s.proc.terminate()
+        # requests in flight get 10 s at a stop
+        s.proc.wait(timeout=10 + 20 * SLOW)
+        took = time.monotonic() - started
+        self.assertLess(took, 10 + 5 * SLOW, s.logs()[-2000:])
+        # the request failed at its connect timeout (10 s), not when the
+        # resolver gave up
+        self.assertIn('error="Timeout was reached"', s.logs())
+        # the event was not delivered: it waits for the next start
+        with s.db() as db:
+            self.assertEqual(db.execute("SELECT count(*) FROM records_unbound").fetchone()[0], 1)
+
+
 class WallClockSteps(ServiceTest):
     def test_a_step_of_the_wall_clock_neither_expires_nor_forgets_the_dedup_window(self):
         offset = os.path.join(self.tmpdir(), "offset")
