@@ -20,6 +20,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/signalfd.h>
 #include <unistd.h>
 
@@ -405,6 +406,46 @@ static void second_signal_stop(struct second_signal *w)
     w->started = 0;
 }
 
+/* Open files the service takes besides its connections: the queue's (three
+ * SQLite connections with their WAL and shared memory), the sender's
+ * connections to mParticle (8 a feed in flight, twice that kept), the log,
+ * signals, the rules' watch, with room to spare. */
+#define FILES_RESERVED 128
+/* The fewest connections worth starting with. */
+#define MIN_CONNECTIONS 16
+
+/* Every connection takes an open file: the soft limit of open files is
+ * raised to the hard one, and http.max_connections kept within it, less
+ * FILES_RESERVED (past the limit, the server could accept no connection, nor
+ * the queue open a file, and said nothing). Returns the connections to take,
+ * or -1 when the limit leaves too few. */
+static int connection_limit(int wanted)
+{
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) != 0)
+        return wanted;
+    if (rl.rlim_cur != RLIM_INFINITY && rl.rlim_cur < rl.rlim_max) {
+        struct rlimit raised = {rl.rlim_max, rl.rlim_max};
+        if (setrlimit(RLIMIT_NOFILE, &raised) == 0)
+            rl.rlim_cur = rl.rlim_max;
+    }
+    if (rl.rlim_cur == RLIM_INFINITY || rl.rlim_cur >= (rlim_t)wanted + FILES_RESERVED)
+        return wanted;
+    long long room = (long long)rl.rlim_cur - FILES_RESERVED;
+    if (room < MIN_CONNECTIONS) {
+        log_error("the open files this process may have leave no room for connections: raise "
+                  "the limit (LimitNOFILE= of the unit, or ulimit -n)",
+                  LOG_I("open_files_limit", (long long)rl.rlim_cur)
+                      LOG_I("reserved", FILES_RESERVED) LOG_I("min_connections", MIN_CONNECTIONS));
+        return -1;
+    }
+    log_warn("http.max_connections is more than the open files this process may have allow; "
+             "fewer connections are taken (raise LimitNOFILE= of the unit, or ulimit -n)",
+             LOG_I("max_connections", wanted) LOG_I("open_files_limit", (long long)rl.rlim_cur)
+                 LOG_I("connections", room));
+    return (int)room;
+}
+
 int service_run(const char *config_path)
 {
     limit_malloc_arenas();
@@ -484,10 +525,13 @@ int service_run(const char *config_path)
         log_error("cannot use the TLS certificate", LOG_S("error", err));
         goto done;
     }
+    int max_connections = connection_limit((int)cfg->http_max_connections);
+    if (max_connections < 0)
+        goto done;
     struct http_in_options ho = {
         .host = host,
         .port = port,
-        .max_connections = (int)cfg->http_max_connections,
+        .max_connections = max_connections,
         .max_connections_per_ip = (int)cfg->http_max_connections_per_ip,
         .timeout_s = (int)cfg->http_timeout_s,
         .request_timeout_s = (int)cfg->http_request_timeout_s,

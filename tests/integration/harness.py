@@ -208,6 +208,7 @@ class Service:
         self.proc = None
         self.killed = False
         self.expected_exit = 0
+        self.preexec = None  # run in the child before the binary (resource limits)
 
     def start(self, wait=True):
         self.killed = False
@@ -216,7 +217,8 @@ class Service:
             args += ["--config", self.config]
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            args, env=clean_env(self.env), cwd=self.dir, stdout=self.log, stderr=subprocess.STDOUT
+            args, env=clean_env(self.env), cwd=self.dir, stdout=self.log, stderr=subprocess.STDOUT,
+            preexec_fn=self.preexec
         )
         if wait:
             self.wait_healthy()

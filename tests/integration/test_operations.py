@@ -4,6 +4,7 @@ import http.client
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -130,6 +131,73 @@ class Metrics(ServiceTest):
         for args in (["check", "rules", rules], ["test", "rules", tests]):
             run = subprocess.run([promtool] + args, capture_output=True, text=True, timeout=60)
             self.assertEqual(run.returncode, 0, run.stdout + run.stderr)
+
+
+def open_files_limit(soft, hard):
+    """A preexec for Service: the child's limit of open files."""
+    return lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+class OpenFiles(ServiceTest):
+    def limits(self, s):
+        with open("/proc/%d/limits" % s.proc.pid) as f:
+            line = [l for l in f if l.startswith("Max open files")][0]
+        return tuple(int(x) for x in line.split()[3:5])
+
+    def test_the_soft_limit_of_open_files_is_raised_to_the_hard_one(self):
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        if hard == resource.RLIM_INFINITY or hard <= 1200:
+            self.skipTest("the hard limit of open files is %s" % hard)
+        s = Service()
+        self.addCleanup(s.cleanup)
+        s.preexec = open_files_limit(256, hard)
+        s.start()
+        self.assertEqual(self.limits(s), (hard, hard))
+        self.assertNotIn("http.max_connections is more than", s.logs())
+
+    def test_connections_are_kept_within_the_open_files_allowed(self):
+        # 1,024 connections by default, and 200 open files: without the
+        # bound, the server took connections until it had no file left, and
+        # spun on accept() without a word
+        s = Service()
+        self.addCleanup(s.cleanup)
+        s.preexec = open_files_limit(200, 200)
+        s.start()
+        # (a tool running the binary, valgrind, keeps a few files of the limit)
+        m = re.search(r"http\.max_connections is more than the open files this process may have "
+                      r"allow.* max_connections=1024 open_files_limit=(\d+) connections=(\d+)",
+                      s.logs())
+        self.assertTrue(m, s.logs())
+        limit, connections = int(m.group(1)), int(m.group(2))
+        self.assertLessEqual(limit, 200)
+        self.assertEqual(connections, limit - 128)
+        held = []
+        try:
+            for _ in range(connections):
+                held.append(socket.create_connection(("127.0.0.1", s.port), timeout=5 * SLOW))
+            # past them: accepted and closed at once, counted
+            for _ in range(5):
+                extra = socket.create_connection(("127.0.0.1", s.port), timeout=5 * SLOW)
+                extra.settimeout(5 * SLOW)
+                self.assertEqual(extra.recv(1), b"")
+                extra.close()
+        finally:
+            for c in held:
+                c.close()
+        self.wait(lambda: s.metrics()["tributary_http_connections_refused_total"] >= 5,
+                  10 * SLOW, "the refused connections counted")
+        self.assertEqual(s.post([event()]).status, 200)
+        self.assertIn("connection refused: http.max_connections are open", s.logs())
+
+    def test_too_few_open_files_for_connections_stops_the_start(self):
+        s = Service()
+        self.addCleanup(s.cleanup)
+        s.preexec = open_files_limit(100, 100)
+        s.expected_exit = 1
+        s.start(wait=False)
+        self.assertEqual(s.proc.wait(timeout=15 * SLOW), 1, s.logs())
+        self.assertIn("the open files this process may have leave no room for connections",
+                      s.logs())
 
 
 class Logs(ServiceTest):
