@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -19,11 +20,29 @@ static _Thread_local const char *t_request;
 static pthread_mutex_t g_write_lock = PTHREAD_MUTEX_INITIALIZER;
 
 static const char *const LEVEL_NAMES[] = {"debug", "info", "warn", "error"};
+/* syslog's priorities of the levels: debug, info, warning, err */
+static const char *const LEVEL_PRIORITIES[] = {"<7>", "<6>", "<4>", "<3>"};
+
+/* Whether stderr is journald's stream (systemd names it in JOURNAL_STREAM,
+ * "device:inode"): each line then starts with its syslog priority, which
+ * journald takes off and keeps, so that `journalctl -p err` finds errors. */
+static _Atomic int g_journal;
+
+static int stderr_is_journal(void)
+{
+    const char *stream = getenv("JOURNAL_STREAM");
+    unsigned long long dev, ino;
+    struct stat st;
+    if (!stream || sscanf(stream, "%llu:%llu", &dev, &ino) != 2 || fstat(STDERR_FILENO, &st) != 0)
+        return 0;
+    return (unsigned long long)st.st_dev == dev && (unsigned long long)st.st_ino == ino;
+}
 
 void log_setup(enum log_level level, enum log_format format)
 {
     atomic_store(&g_level, (int)level);
     atomic_store(&g_format, (int)format);
+    atomic_store(&g_journal, stderr_is_journal());
 }
 
 void log_configure(const char *level, const char *format)
@@ -194,16 +213,22 @@ void log_emit(enum log_level level, const char *msg, const struct log_field *fie
      * LOG_VALUE_MAX bytes, and, should the line still not fit (many long
      * fields, or text escaped to several times its length), to
      * LOG_VALUE_SHORT; a line is never written in part. */
+    const char *priority = atomic_load(&g_journal) ? LEVEL_PRIORITIES[level] : "";
     buf b;
     buf_init(&b, LOG_LINE_MAX);
-    int rc = format_line(&b, json, ts, level, msg, fields, LOG_VALUE_MAX);
+    int rc = buf_add(&b, priority, strlen(priority)) |
+             format_line(&b, json, ts, level, msg, fields, LOG_VALUE_MAX);
     if (rc != 0) {
         buf_reset(&b);
-        rc = format_line(&b, json, ts, level, msg, fields, LOG_VALUE_SHORT);
+        rc = buf_add(&b, priority, strlen(priority)) |
+             format_line(&b, json, ts, level, msg, fields, LOG_VALUE_SHORT);
     }
     if (rc != 0) {
         char stack[1024];
-        snprintf(stack, sizeof stack, "ts=%s level=error msg=\"log line too long\"\n", ts);
+        snprintf(stack, sizeof stack,
+                 json ? "%s{\"ts\":\"%s\",\"level\":\"error\",\"msg\":\"log line too long\"}\n"
+                      : "%sts=%s level=error msg=\"log line too long\"\n",
+                 atomic_load(&g_journal) ? LEVEL_PRIORITIES[LOG_ERROR] : "", ts);
         buf_free(&b);
         write_line(stack, strlen(stack));
         return;

@@ -5,6 +5,7 @@
 #include <fcntl.h>
 #include <pthread.h>
 #include <stdint.h>
+#include <sys/stat.h>
 #include <time.h>
 
 #define WRITERS 4
@@ -167,6 +168,59 @@ static void *take_lines(void *arg)
 
 /* Within one second, the lines counted by threads at once are numbered 0, 1,
  * 2, ... each once; the next second starts again at 0. */
+/* Lines at each level as journald would get them: JOURNAL_STREAM names
+ * stderr, then a stream that is not stderr, then none. */
+static void journal_lines(void *unused)
+{
+    (void)unused;
+    struct stat st;
+    ck_assert_int_eq(fstat(STDERR_FILENO, &st), 0);
+    char stream[64];
+    snprintf(stream, sizeof stream, "%llu:%llu", (unsigned long long)st.st_dev,
+             (unsigned long long)st.st_ino);
+    setenv("JOURNAL_STREAM", stream, 1);
+    log_setup(LOG_DEBUG, LOG_LOGFMT);
+    log_debug("d");
+    log_info("i");
+    log_warn("w");
+    log_error("e");
+    log_setup(LOG_DEBUG, LOG_JSON);
+    log_error("json");
+    snprintf(stream, sizeof stream, "%llu:%llu", (unsigned long long)st.st_dev,
+             (unsigned long long)st.st_ino + 1);
+    setenv("JOURNAL_STREAM", stream, 1);
+    log_setup(LOG_DEBUG, LOG_LOGFMT);
+    log_error("another stream");
+    unsetenv("JOURNAL_STREAM");
+    log_setup(LOG_DEBUG, LOG_LOGFMT);
+    log_error("none");
+}
+
+/* Under systemd, journald kept every line at priority info: `journalctl -p
+ * err` showed no error. A line to journald's stream starts with its syslog
+ * priority, which journald takes off. */
+START_TEST(test_lines_to_journald_carry_their_syslog_priority)
+{
+    char *text = unit_stderr_of(journal_lines, NULL);
+    log_setup(LOG_ERROR, LOG_LOGFMT);
+    const char *want[] = {"<7>ts=",
+                          " msg=\"d\"\n<6>ts=",
+                          " msg=\"i\"\n<4>ts=",
+                          " msg=\"w\"\n<3>ts=",
+                          " msg=\"e\"\n<3>{\"ts\":",
+                          "\"msg\":\"json\"}\nts=",
+                          " msg=\"another stream\"\nts=",
+                          " msg=\"none\"\n"};
+    const char *at = text;
+    for (size_t i = 0; i < ARRAY_LEN(want); i++) {
+        const char *found = strstr(at, want[i]);
+        ck_assert_msg(found != NULL, "%s not in order in:\n%s", want[i], text);
+        at = found + strlen(want[i]);
+    }
+    free(text);
+}
+END_TEST
+
 START_TEST(test_a_line_budget_counts_each_line_of_a_second_once)
 {
     int tries = 0, counted = 0;
@@ -319,6 +373,7 @@ static Suite *suite(void)
     Suite *s = suite_create("log");
     TCase *tc = tcase_create("log");
     tcase_add_test(tc, test_long_lines_from_several_threads_reach_a_pipe_whole);
+    tcase_add_test(tc, test_lines_to_journald_carry_their_syslog_priority);
     tcase_add_test(tc, test_a_line_budget_counts_each_line_of_a_second_once);
     tcase_add_test(tc, test_a_line_budget_counts_in_the_wall_clock_second);
     tcase_add_test(tc, test_a_repeated_line_is_written_once_and_counts_the_rest);
