@@ -17,11 +17,15 @@
 #include <poll.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
 #include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <sysexits.h>
 #include <unistd.h>
 
 #ifndef TRIBUTARY_VERSION
@@ -406,6 +410,30 @@ static void second_signal_stop(struct second_signal *w)
     w->started = 0;
 }
 
+/* Tells systemd (a unit of Type=notify) how the service stands: READY=1 once
+ * it listens and takes signals, STOPPING=1 as it stops. The protocol is a
+ * datagram to the socket NOTIFY_SOCKET names, a path, or an abstract name
+ * after '@'; without it, nothing. */
+static void systemd_notify(const char *state)
+{
+    const char *path = getenv("NOTIFY_SOCKET");
+    struct sockaddr_un sa = {.sun_family = AF_UNIX};
+    size_t len = path ? strlen(path) : 0;
+    if (len < 2 || len >= sizeof sa.sun_path || (path[0] != '/' && path[0] != '@'))
+        return;
+    memcpy(sa.sun_path, path, len);
+    if (sa.sun_path[0] == '@')
+        sa.sun_path[0] = '\0';
+    int fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return;
+    if (sendto(fd, state, strlen(state), MSG_NOSIGNAL, (const struct sockaddr *)&sa,
+               (socklen_t)(offsetof(struct sockaddr_un, sun_path) + len)) < 0)
+        log_warn("cannot tell systemd how the service stands",
+                 LOG_S("state", state) LOG_S("error", strerror(errno)));
+    close(fd);
+}
+
 /* Open files the service takes besides its connections: the queue's (three
  * SQLite connections with their WAL and shared memory), the sender's
  * connections to mParticle (8 a feed in flight, twice that kept), the log,
@@ -456,7 +484,7 @@ int service_run(const char *config_path)
         const char *format = getenv("TRIBUTARY_LOG_FORMAT");
         log_configure("info", format ? format : "logfmt");
         log_error("configuration error; not started", LOG_S("error", err));
-        return 1;
+        return EX_CONFIG;
     }
     log_configure(cfg->log_level, cfg->log_format);
     log_warn_lines(cfg->warnings);
@@ -465,7 +493,7 @@ int service_run(const char *config_path)
     if (ruleset_load(&rs, cfg, err, sizeof err) != 0) {
         log_error("cannot load the rules", LOG_S("error", err));
         config_unref(cfg);
-        return 1;
+        return EX_CONFIG;
     }
     buf report;
     buf_init(&report, 64 * 1024);
@@ -477,7 +505,7 @@ int service_run(const char *config_path)
         buf_free(&report);
         ruleset_unref(rs);
         config_unref(cfg);
-        return 1;
+        return EX_CONFIG;
     }
     buf_free(&report);
     /* for the start-up line: once the server is up, a reload may free rs */
@@ -516,6 +544,7 @@ int service_run(const char *config_path)
     int port = 0;
     if (config_listen_addr(cfg, host, sizeof host, &port) != 0) {
         log_error("invalid listen address", LOG_S("listen", cfg->listen));
+        rc = EX_CONFIG;
         goto done;
     }
     if (cfg->inbound_tokens.n == 0 && cfg->inbound_hmac_secrets.n == 0)
@@ -523,11 +552,14 @@ int service_run(const char *config_path)
                  "without authentication (allowed on a loopback address only)");
     if (cfg->tls_cert && tls_use(cfg->tls_cert, cfg->tls_key, err, sizeof err) < 0) {
         log_error("cannot use the TLS certificate", LOG_S("error", err));
+        rc = EX_CONFIG;
         goto done;
     }
     int max_connections = connection_limit((int)cfg->http_max_connections);
-    if (max_connections < 0)
+    if (max_connections < 0) {
+        rc = EX_CONFIG;
         goto done;
+    }
     struct http_in_options ho = {
         .host = host,
         .port = port,
@@ -573,7 +605,9 @@ int service_run(const char *config_path)
 
     sfd = take_signals();
     reloader_start(&reloader);
+    systemd_notify("READY=1");
     rc = wait_for_stop(sfd, wfd, &reloader);
+    systemd_notify("STOPPING=1");
 done:
     reload_cancel();
     second_signal_start(&stop_watch, sfd);

@@ -165,7 +165,7 @@ class Cli(ServiceTest):
     def test_serve_with_a_configuration_error_writes_one_line_in_the_log_format_asked_for(self):
         p = run_cli(["serve"], env={"TRIBUTARY_HTTP_THREADS": "abc",
                                     "TRIBUTARY_LOG_FORMAT": "json"}, cwd=self.tmpdir())
-        self.assertEqual(p.returncode, 1, p)
+        self.assertEqual(p.returncode, 78, p)  # EX_CONFIG
         lines = p.stderr.strip().splitlines()
         self.assertEqual(len(lines), 1, p.stderr)
         record = json.loads(lines[0])
@@ -477,7 +477,7 @@ class Cli(ServiceTest):
         self.assertIn(want, p.stderr)
         d, _ = self.write_file("unused", "")
         p = run_cli(["serve"], env=dict(env, TRIBUTARY_DATA_DIR=d + "/var"), timeout=30)
-        self.assertEqual(p.returncode, 1, p)
+        self.assertEqual(p.returncode, 78, p)
         self.assertIn(want, p.stderr)
         self.assertNotIn("token-0123456789abcdef", p.stderr + p.stdout)
 

@@ -314,10 +314,10 @@ class Auth(ServiceTest):
 
     def test_non_loopback_listen_without_token_refuses_to_start(self):
         s = Service(tokens=(), env={"TRIBUTARY_LISTEN": "0.0.0.0:0"})
-        s.expected_exit = 1
+        s.expected_exit = 78  # EX_CONFIG: a configuration error
         self.addCleanup(s.cleanup)
         s.start(wait=False)
-        self.assertEqual(s.proc.wait(timeout=30), 1)
+        self.assertEqual(s.proc.wait(timeout=30), 78)
         self.assertIn("without inbound.tokens", s.logs())
 
 

@@ -670,13 +670,13 @@ class TLS(ServiceTest):
         shutil.copy(self.key, loose)
         os.chmod(loose, 0o644)
         s = self.tls_service(key=loose)
-        s.expected_exit = 1
+        s.expected_exit = 78  # EX_CONFIG
         s.start(wait=False)
         try:
             code = s.proc.wait(timeout=15 * SLOW)
         except subprocess.TimeoutExpired:
             self.fail("service started with a world-readable key:\n" + s.logs())
-        self.assertEqual(code, 1, s.logs())
+        self.assertEqual(code, 78, s.logs())
         self.assertIn("chmod 600", s.logs())
         # and `check` says so before a start is tried
         p = run_cli(["check"], env={"TRIBUTARY_TLS_CERT": self.cert, "TRIBUTARY_TLS_KEY": loose,
