@@ -546,7 +546,21 @@ static int open_db(const char *path, int create, sqlite3 **out, char *err, size_
     sqlite3 *db = NULL;
     int rc = sqlite3_open_v2(path, &db, flags, NULL);
     if (rc != SQLITE_OK) {
-        str_printf(err, errlen, "%s: %s", path, db ? sqlite3_errmsg(db) : sqlite3_errstr(rc));
+        /* SQLite's "unable to open database file" says neither why nor
+         * what to do: a queue.db restored by root, the service's own user
+         * kept out, is the usual case */
+        int sys = db ? sqlite3_system_errno(db) : 0;
+        struct stat st;
+        if (sys == EACCES && stat(path, &st) == 0 && st.st_uid != geteuid())
+            str_printf(err, errlen,
+                       "%s: %s (%s: it belongs to uid %u, mode %04o, and the service runs as uid "
+                       "%u: chown it and its -wal and -shm files to the service's user)",
+                       path, sqlite3_errmsg(db), strerror(sys), (unsigned)st.st_uid,
+                       (unsigned)(st.st_mode & 07777), (unsigned)geteuid());
+        else if (sys != 0)
+            str_printf(err, errlen, "%s: %s (%s)", path, sqlite3_errmsg(db), strerror(sys));
+        else
+            str_printf(err, errlen, "%s: %s", path, db ? sqlite3_errmsg(db) : sqlite3_errstr(rc));
         sqlite3_close(db);
         return -1;
     }

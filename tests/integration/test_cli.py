@@ -189,6 +189,38 @@ class Cli(ServiceTest):
         self.assertEqual(p.returncode, 1, p)
         self.assertIn("data_dir is on a read-only file system", p.stderr)
 
+    def test_a_queue_of_another_owner_is_named_with_its_owner(self):
+        # a queue.db restored by root, beside a service of its own user:
+        # SQLite said only "unable to open database file"
+        if os.geteuid() != 0:
+            self.skipTest("needs root to make a file of another user's")
+        s = self.service()
+        self.assertEqual(s.post([event()]).status, 200)
+        self.assertEqual(s.stop(), 0)
+        top = self.tmpdir()
+        os.chmod(top, 0o755)
+        data = os.path.join(top, "var")
+        os.mkdir(data, 0o700)
+        os.chown(data, 65534, 65534)
+        shutil.copy(os.path.join(s.data_dir, "queue.db"), data)  # root's, 0600
+        os.chmod(os.path.join(data, "queue.db"), 0o600)
+
+        def as_nobody():
+            os.setgid(65534)
+            os.setuid(65534)
+        try:
+            p = subprocess.run(WRAPPER + [BIN, "queue", "stats"], capture_output=True, text=True,
+                               env=clean_env({"TRIBUTARY_DATA_DIR": data}), cwd=top, timeout=60,
+                               preexec_fn=as_nobody)
+        except PermissionError:
+            self.skipTest("the binary is not reachable by another user here")
+        if p.returncode == 126 or "Permission denied" in p.stderr and "queue.db" not in p.stderr:
+            self.skipTest("the binary is not reachable by another user here: %s" % p.stderr)
+        self.assertEqual(p.returncode, 1, p)
+        self.assertIn("queue.db: unable to open database file (Permission denied: it belongs to "
+                      "uid 0, mode 0600, and the service runs as uid 65534: chown it and its -wal "
+                      "and -shm files to the service's user)", p.stderr)
+
     def test_an_option_the_command_does_not_take_is_refused_not_ignored(self):
         for args, option, command in ((["check", "--force"], "--force", "check"),
                                       (["dlq", "list", "--older-than", "7d"], "--older-than",
