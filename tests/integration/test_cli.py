@@ -671,7 +671,8 @@ class DeadLetterCommands(ServiceTest):
                           ("dlq", "requeue", "--all")})
         for args, limit, line in unread:
             self.assertRegex(line, r"^tributary: cannot read the (queue|dead-letter store): "
-                             r"(.*/queue\.db: )?unable to open database file$", (args, limit))
+                             r"(.*/queue\.db: )?unable to open database file"
+                             r"( \(Too many open files\))?$", (args, limit))
 
     def test_a_damaged_dead_letter_store_is_named_as_the_cause_of_a_failed_read(self):
         s, _ = self.dead_letters(1, blob_bytes=50000)
