@@ -1830,11 +1830,6 @@ static int file_holds_secret(struct config *c, const struct key *k, const char *
     return 0;
 }
 
-/* Secrets in a file that every user of this machine can read: the
- * configuration file (text is its content) holding them, or a
- * TRIBUTARY_<KEY>_FILE. A warning, not an error as for the TLS key: a volume
- * of secrets mounted 0644 (Kubernetes' default) is read only inside its
- * container. */
 /* What makes a file of secrets (st) that every user can read the service's
  * alone, without locking the service out: chmod 600 only for the file of its
  * own user; a file of another owner (root's, most often) goes to the service's
@@ -1842,7 +1837,12 @@ static int file_holds_secret(struct config *c, const struct key *k, const char *
 static void private_file_advice(const struct stat *st, char *out, size_t n)
 {
     if (st->st_uid == geteuid()) {
-        snprintf(out, n, "chmod 600 it");
+        /* root may be checking for a service of its own user */
+        snprintf(out, n, "%s",
+                 st->st_uid == 0
+                     ? "chmod 600 it if the service runs as root; for a service of "
+                       "its own user, give it that user's group (chgrp) and chmod 640 it"
+                     : "chmod 600 it");
         return;
     }
     char group[64], room[1024];
@@ -1859,6 +1859,11 @@ static void private_file_advice(const struct stat *st, char *out, size_t n)
              group, (unsigned)st->st_uid, (unsigned)geteuid());
 }
 
+/* Secrets in a file that every user of this machine can read: the
+ * configuration file (text is its content) holding them, or a
+ * TRIBUTARY_<KEY>_FILE. A warning, not an error as for the TLS key: a volume
+ * of secrets mounted 0644 (Kubernetes' default) is read only inside its
+ * container. */
 static void warn_readable_secrets(buf *warnings, struct config *c, const char *text)
 {
     char in_file[512] = ""; /* room for every secret key's name */
