@@ -44,9 +44,10 @@
  * current request is for the line it writes when it cuts one off. */
 struct conn {
     struct conn *next, *prev;
-    int fd;           /* a dup() of the socket: ours until the connection closes */
-    int64_t deadline; /* monotonic ms by which the current request must have arrived; 0: none */
-    int cut;          /* shut down by the watchdog */
+    int fd;              /* a dup() of the socket: ours until the connection closes */
+    int64_t deadline;    /* monotonic ms by which the current request must have arrived; 0: none */
+    int cut;             /* shut down by the watchdog */
+    int64_t accepted_ms; /* monotonic, before its TLS handshake (see tls_release_retired) */
     char peer[INET6_ADDRSTRLEN];
     /* the current request's, under conns_mu: its client (the peer until its
      * headers name another, see client_address), its path once its request
@@ -72,6 +73,7 @@ struct http_in {
     pthread_mutex_t conns_mu;
     pthread_cond_t conns_cv;
     struct conn *conns;
+    int untracked; /* connections without a struct conn (out of memory) */
     int watchdog_started;
     int stopping;
     pthread_t watchdog;
@@ -859,10 +861,17 @@ static void on_connection(void *cls, struct MHD_Connection *c, void **socket_con
         const union MHD_ConnectionInfo *info =
             MHD_get_connection_info(c, MHD_CONNECTION_INFO_CONNECTION_FD);
         struct conn *k = calloc(1, sizeof(*k));
-        if (!k)
+        if (!k) {
+            /* its TLS handshake cannot be followed: no replaced pair is
+             * released while it is open */
+            pthread_mutex_lock(&h->conns_mu);
+            h->untracked++;
+            pthread_mutex_unlock(&h->conns_mu);
             return;
+        }
         k->fd = info ? dup(info->connect_fd) : -1;
-        k->deadline = clock_mono_ms() + (int64_t)h->opt.request_timeout_s * 1000;
+        k->accepted_ms = clock_mono_ms();
+        k->deadline = k->accepted_ms + (int64_t)h->opt.request_timeout_s * 1000;
         (void)peer_address(c, k->peer, sizeof k->peer);
         str_copy(k->client, sizeof k->client, k->peer);
         pthread_mutex_lock(&h->conns_mu);
@@ -875,9 +884,12 @@ static void on_connection(void *cls, struct MHD_Connection *c, void **socket_con
         return;
     }
     struct conn *k = *socket_context;
-    if (!k)
-        return;
     pthread_mutex_lock(&h->conns_mu);
+    if (!k) {
+        h->untracked--;
+        pthread_mutex_unlock(&h->conns_mu);
+        return;
+    }
     if (k->prev)
         k->prev->next = k->next;
     else
@@ -953,7 +965,12 @@ static void *watchdog_main(void *arg)
     pthread_mutex_lock(&h->conns_mu);
     while (!h->stopping) {
         int64_t now = clock_mono_ms();
+        /* read under conns_mu: a connection accepted later is accepted at now
+         * or after */
+        int64_t oldest = now;
         for (struct conn *k = h->conns; k; k = k->next) {
+            if (k->accepted_ms < oldest)
+                oldest = k->accepted_ms;
             if (k->deadline && now > k->deadline && k->fd >= 0) {
                 log_cut(k,
                         "request took too long to arrive; connection closed (see "
@@ -965,6 +982,13 @@ static void *watchdog_main(void *arg)
                 k->deadline = 0;
                 k->cut = 1;
             }
+        }
+        if (h->opt.tls && h->untracked == 0) {
+            pthread_mutex_unlock(&h->conns_mu);
+            tls_release_retired(oldest);
+            pthread_mutex_lock(&h->conns_mu);
+            if (h->stopping)
+                break;
         }
         cond_wait_ms(&h->conns_cv, &h->conns_mu, 1000);
     }

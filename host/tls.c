@@ -26,6 +26,7 @@ struct pair {
     gnutls_privkey_t key;
     uint64_t fingerprint; /* of both files' bytes: a reload of the same files changes nothing */
     int64_t not_after;
+    int64_t retired_ms; /* monotonic ms when another pair replaced it; 0 while in use */
 };
 
 static _Atomic(struct pair *) current;
@@ -323,6 +324,8 @@ int tls_use(const char *cert, const char *key, char *err, size_t errlen)
     n->older = loaded;
     loaded = n;
     atomic_store(&current, n);
+    if (now)
+        now->retired_ms = clock_mono_ms();
     pthread_mutex_unlock(&use_mu);
     log_certificate(p.crts[0], n->not_after, now != NULL);
     parsed_free(&p);
@@ -354,6 +357,35 @@ int tls_retrieve(gnutls_session_t session, const gnutls_datum_t *req_ca_dn, int 
     return 0;
 }
 
+static void pair_free(struct pair *p)
+{
+    for (unsigned int i = 0; i < p->ncerts; i++)
+        gnutls_pcert_deinit(&p->certs[i]);
+    free(p->certs);
+    gnutls_privkey_deinit(p->key);
+    free(p);
+}
+
+void tls_release_retired(int64_t oldest_open_ms)
+{
+    long long released = 0;
+    pthread_mutex_lock(&use_mu);
+    for (struct pair **pp = &loaded; *pp;) {
+        struct pair *p = *pp;
+        if (p->retired_ms > 0 && p->retired_ms < oldest_open_ms) {
+            *pp = p->older;
+            pair_free(p);
+            released++;
+        } else {
+            pp = &p->older;
+        }
+    }
+    pthread_mutex_unlock(&use_mu);
+    if (released > 0)
+        log_debug("replaced TLS certificates released: no connection may hold them any more",
+                  LOG_I("pairs", released));
+}
+
 void tls_shutdown(void)
 {
     pthread_mutex_lock(&use_mu);
@@ -361,11 +393,7 @@ void tls_shutdown(void)
     while (loaded) {
         struct pair *p = loaded;
         loaded = p->older;
-        for (unsigned int i = 0; i < p->ncerts; i++)
-            gnutls_pcert_deinit(&p->certs[i]);
-        free(p->certs);
-        gnutls_privkey_deinit(p->key);
-        free(p);
+        pair_free(p);
     }
     pthread_mutex_unlock(&use_mu);
 }

@@ -5,8 +5,9 @@
  * libmicrohttpd asks tls_retrieve for the pair at every handshake, so that a
  * reload can replace it (a renewed certificate) without a restart: tls_use
  * parses the files and makes them the pair of the next handshakes when their
- * content changed. A pair once used stays allocated until tls_shutdown, as a
- * handshake in progress may hold it; there is one per certificate change.
+ * content changed. A pair replaced stays allocated while a handshake may
+ * still hold it: until every connection accepted before its replacement has
+ * closed (tls_release_retired, which the listener calls), or tls_shutdown.
  *
  * The listener's side is GnuTLS, libmicrohttpd's TLS library (the project's
  * only use of it); the CA bundle is read with OpenSSL, as libcurl reads it.
@@ -41,6 +42,13 @@ int64_t tls_not_after(void);
 int tls_retrieve(gnutls_session_t session, const gnutls_datum_t *req_ca_dn, int nreqs,
                  const gnutls_pk_algorithm_t *pk_algos, int pk_algos_length,
                  gnutls_pcert_st **pcert, unsigned int *pcert_length, gnutls_privkey_t *pkey);
+
+/* Frees the pairs replaced before oldest_open_ms (monotonic ms): the time the
+ * oldest open connection was accepted, or, with none open, a time read before
+ * any connection still to come is accepted. A connection takes its pair in
+ * its handshake, after it was accepted: one accepted after a pair was replaced
+ * never holds it. */
+void tls_release_retired(int64_t oldest_open_ms);
 
 /* Frees every pair; after the listener has stopped. */
 void tls_shutdown(void);

@@ -791,6 +791,48 @@ class TLS(ServiceTest):
         self.assertTrue(s.reload(), s.logs())
         self.assertEqual(s.logs().count("TLS certificate replaced"), 1)
 
+    def test_a_replaced_certificate_is_released_once_no_connection_may_hold_it(self):
+        # every replaced pair, its private key too, stayed in memory until the
+        # service stopped: 8 KiB a renewal, and every key it ever served
+        first_cert, first_key = self.pair("first.example")
+        d = self.tmpdir()
+        cert, key = os.path.join(d, "cert.pem"), os.path.join(d, "key.pem")
+        shutil.copy(first_cert, cert)
+        shutil.copy(first_key, key)
+        s = TLSService(cert, key, env={"TRIBUTARY_HTTP_TIMEOUT_S": "600",
+                                       "TRIBUTARY_LOG_LEVEL": "debug"})
+        self.addCleanup(s.cleanup)
+        s.cert = first_cert
+        s.start()
+        released = "replaced TLS certificates released"
+        # a connection accepted before the renewal may still be in its handshake
+        kept = http.client.HTTPSConnection("localhost", s.port, timeout=10 * SLOW)
+        kept.sock = tls_connect(s.port, ssl.create_default_context(cafile=first_cert))
+        self.addCleanup(kept.close)
+        for name in ("second.example", "third.example"):
+            new_cert, new_key = self.pair(name)
+            shutil.copy(new_cert, cert)
+            shutil.copy(new_key, key)
+            self.assertTrue(s.reload(), s.logs())
+            self.assertEqual(self.served_certificate(s.port), self.der(new_cert))
+        time.sleep(2.5)  # two turns of the watchdog
+        self.assertNotIn(released, s.logs())
+        kept.request("GET", "/healthz")
+        self.assertEqual(kept.getresponse().status, 200)
+        kept.close()
+        # both replaced pairs go once it has closed
+        self.wait(lambda: released in s.logs(), 10, "the replaced pairs released")
+        self.assertIn('msg="%s: no connection may hold them any more" pairs=2' % released,
+                      s.logs())
+        # with no connection open, the next one goes within a turn or two
+        shutil.copy(first_cert, cert)
+        shutil.copy(first_key, key)
+        self.assertTrue(s.reload(), s.logs())
+        self.wait(lambda: s.logs().count(released) == 2, 10, "the third pair released")
+        self.assertIn("%s: no connection may hold them any more\" pairs=1" % released, s.logs())
+        status, _, _ = https_request(s.port, first_cert, "GET", "/healthz")
+        self.assertEqual(status, 200)
+
     def serving_copies(self):
         """A started service whose certificate and key are copies of the
         class's pair, for a reload to replace: (service, cert, key)."""
