@@ -342,6 +342,13 @@ static int render_by_feed_and_code(buf *b, const char *name, const char *help,
     return rc;
 }
 
+static _Atomic int64_t start_ms;
+
+void metrics_set_start_time(int64_t unix_ms)
+{
+    atomic_store(&start_ms, unix_ms);
+}
+
 int metrics_render(buf *b, const struct metrics_gauges *g)
 {
     int rc = 0;
@@ -468,6 +475,10 @@ int metrics_render(buf *b, const struct metrics_gauges *g)
         rc |= buf_printf(b, "tributary_event_names_limit %lld\n", (long long)g->event_names_limit);
         rc |= header(b, "tributary_dead_letters", "gauge", "Events in the dead-letter store.");
         rc |= buf_printf(b, "tributary_dead_letters %lld\n", (long long)g->dead_letters);
+        rc |= header(b, "tributary_start_time_seconds", "gauge",
+                     "When the service started (UNIX seconds).");
+        rc |= buf_printf(b, "tributary_start_time_seconds %.3f\n",
+                         (double)atomic_load(&start_ms) / 1000.0);
         rc |= header(b, "tributary_ready", "gauge", "1 when the service is ready.");
         rc |= buf_printf(b, "tributary_ready %d\n", g->ready);
         rc |= header(b, "tributary_reload_last_successful", "gauge",

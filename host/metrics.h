@@ -99,6 +99,9 @@ struct metrics_gauges {
     const char *rules_version;
 };
 
+/* When the service started (UNIX milliseconds), for tributary_start_time_seconds. */
+void metrics_set_start_time(int64_t unix_ms);
+
 /* Appends the exposition text. */
 int metrics_render(buf *out, const struct metrics_gauges *g) WUR;
 

@@ -476,6 +476,7 @@ static int connection_limit(int wanted)
 
 int service_run(const char *config_path)
 {
+    metrics_set_start_time(clock_wall_ms());
     limit_malloc_arenas();
     char err[4096];
     struct config *cfg = NULL;

@@ -108,6 +108,15 @@ class Metrics(ServiceTest):
                 self.assertTrue(name.endswith("_seconds"), name)
         self.assertIn("# HELP tributary_queue_depth", text)
 
+    def test_the_start_time_is_when_the_service_started(self):
+        before = time.time()
+        s = self.service()
+        started = s.metrics()["tributary_start_time_seconds"]
+        self.assertGreaterEqual(started, before - 1)
+        self.assertLessEqual(started, time.time())
+        time.sleep(1.1)
+        self.assertEqual(s.metrics()["tributary_start_time_seconds"], started)
+
     def test_alert_rules_use_only_exported_metrics(self):
         s = self.service()
         exported = set(re.findall(r"^# TYPE (\S+) ", s.get("/metrics").body, re.M))
