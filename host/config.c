@@ -1833,16 +1833,26 @@ static int file_holds_secret(struct config *c, const struct key *k, const char *
 /* What makes a file of secrets (st) that every user can read the service's
  * alone, without locking the service out: chmod 600 only for the file of its
  * own user; a file of another owner (root's, most often) goes to the service's
- * group, mode 640. */
+ * group, mode 640. Root, who may be checking for a service of its own user,
+ * is given both. */
 static void private_file_advice(const struct stat *st, char *out, size_t n)
 {
+    if (geteuid() == 0) {
+        /* root checking (`tributary check`) for a service that may run as
+         * a user of its own */
+        if (st->st_uid == 0)
+            snprintf(out, n,
+                     "chmod 600 it if the service runs as root; for a service of its own "
+                     "user, give it that user's group (chgrp) and chmod 640 it");
+        else
+            snprintf(out, n,
+                     "chmod 600 it if uid %u is the service's user; else give it the service's "
+                     "group (chgrp) and chmod 640 it",
+                     (unsigned)st->st_uid);
+        return;
+    }
     if (st->st_uid == geteuid()) {
-        /* root may be checking for a service of its own user */
-        snprintf(out, n, "%s",
-                 st->st_uid == 0
-                     ? "chmod 600 it if the service runs as root; for a service of "
-                       "its own user, give it that user's group (chgrp) and chmod 640 it"
-                     : "chmod 600 it");
+        snprintf(out, n, "chmod 600 it");
         return;
     }
     char group[64], room[1024];

@@ -216,12 +216,12 @@ void log_emit(enum log_level level, const char *msg, const struct log_field *fie
     const char *priority = atomic_load(&g_journal) ? LEVEL_PRIORITIES[level] : "";
     buf b;
     buf_init(&b, LOG_LINE_MAX);
-    int rc = buf_add(&b, priority, strlen(priority)) |
-             format_line(&b, json, ts, level, msg, fields, LOG_VALUE_MAX);
+    int rc = buf_add(&b, priority, strlen(priority));
+    rc |= format_line(&b, json, ts, level, msg, fields, LOG_VALUE_MAX);
     if (rc != 0) {
         buf_reset(&b);
-        rc = buf_add(&b, priority, strlen(priority)) |
-             format_line(&b, json, ts, level, msg, fields, LOG_VALUE_SHORT);
+        rc = buf_add(&b, priority, strlen(priority));
+        rc |= format_line(&b, json, ts, level, msg, fields, LOG_VALUE_SHORT);
     }
     if (rc != 0) {
         char stack[1024];

@@ -1768,16 +1768,18 @@ static void answer_excerpt(const struct config *cfg, const struct request *r, ch
     out[utf8_sanitize(out, n, ANSWER_EXCERPT)] = '\0';
 }
 
-/* The lines of refused batches (each split, each event dead-lettered), at most
- * REFUSED_LINES_PER_SECOND a second for the whole sender: something in between
- * that answers 400 to everything would otherwise write two lines per event.
- * tributary_dead_letters_total and the dead-letter store keep them all. */
+/* The lines of refused batches, at most REFUSED_LINES_PER_SECOND a second for
+ * the whole sender, each kind its own: something in between that answers 400
+ * to everything would otherwise write two lines per event (a split, then a
+ * dead letter). tributary_dead_letters_total and the dead-letter store keep
+ * them all. A line the log level leaves out takes nothing. */
 #define REFUSED_LINES_PER_SECOND 20
-static struct log_budget refused_lines;
+static struct log_budget split_lines, rejected_lines;
 
-static int refused_line_allowed(void)
+static int refused_line_allowed(struct log_budget *b, enum log_level level)
 {
-    return log_budget_allows(&refused_lines, REFUSED_LINES_PER_SECOND,
+    return log_enabled(level) &&
+           log_budget_allows(b, REFUSED_LINES_PER_SECOND,
                              "mParticle refused batches: more lines this second than the log "
                              "takes; the rest of them are left out of it "
                              "(tributary_dead_letters_total counts the events dead-lettered, the "
@@ -1795,7 +1797,7 @@ static void dead_letter(struct sender *s, struct request *r, int status)
         retry_later(s, r, status, "cannot move the rejected batch to the dead-letter store");
         return;
     }
-    if (refused_line_allowed())
+    if (refused_line_allowed(&rejected_lines, LOG_ERROR))
         log_error("mParticle rejected a batch; moved to the dead-letter store",
                   LOG_S("feed", FEED_NAMES[f->feed]) LOG_S("batch", b->srid) LOG_I("status", status)
                       LOG_I("events", (long long)b->nrecords) LOG_S("detail", msg));
@@ -1818,7 +1820,7 @@ static void on_refused_content(struct sender *s, struct request *r, int status,
             halve_limit(r->batches[i], r->n);
             r->batches[i]->in_flight = 0;
         }
-        if (refused_line_allowed())
+        if (refused_line_allowed(&split_lines, LOG_INFO))
             log_info("mParticle refused a bulk request; splitting it",
                      LOG_S("feed", FEED_NAMES[f->feed]) LOG_I("status", status)
                          LOG_I("batches", (long long)r->n));
@@ -1827,7 +1829,7 @@ static void on_refused_content(struct sender *s, struct request *r, int status,
     struct pbatch *b = r->batches[0];
     b->in_flight = 0;
     if (b->nrecords > 1) {
-        if (action == MP_REJECTED && refused_line_allowed())
+        if (action == MP_REJECTED && refused_line_allowed(&split_lines, LOG_INFO))
             log_info("mParticle refused a batch; splitting it to find the events it refused",
                      LOG_S("feed", FEED_NAMES[f->feed]) LOG_S("batch", b->srid)
                          LOG_I("events", (long long)b->nrecords));

@@ -126,16 +126,35 @@ class Cli(ServiceTest):
         self.assertIn("(mode 0644): %s; or give them in the environment" % mine, p.stderr)
         self.assertIn("read (mode 0644): %s\n" % mine, p.stderr)
         if os.geteuid() == 0:
-            # a file of another owner (root's, beside a service of its own
-            # user): 600 would lock the service out of it
+            # root checks a file of another user's: it may be the service's
             for path in (conf, admin):
                 os.chown(path, 65534, -1)
             p = run_cli(["check", "--config", conf], env=env)
             self.assertEqual(p.returncode, 0, p.stderr)
-            self.assertNotIn("(mode 0644): chmod 600 it", p.stderr)
             self.assertEqual(p.stderr.count(
-                "chgrp root it and chmod 640 it (it belongs to uid 65534, not to the service's "
-                "user, uid 0: with 600 the service could not read it)"), 2, p.stderr)
+                "(mode 0644): chmod 600 it if uid 65534 is the service's user; else give it the "
+                "service's group (chgrp) and chmod 640 it"), 2, p.stderr)
+            # the service's own user, uid 65534 here, reads a file of root's:
+            # 600 would lock it out
+            for path in (conf, admin):
+                os.chown(path, 0, -1)
+
+            def as_nobody():
+                os.setgid(65534)
+                os.setuid(65534)
+            os.chmod(os.path.dirname(conf), 0o755)
+            try:
+                p = subprocess.run(WRAPPER + [BIN, "check", "--config", conf], capture_output=True,
+                                   text=True, env=clean_env(env), cwd=d, timeout=60,
+                                   preexec_fn=as_nobody)
+            except PermissionError:
+                p = None
+            if p is not None and p.returncode != 126:  # 126: the binary out of its reach
+                self.assertEqual(p.returncode, 0, p.stderr)
+                self.assertNotIn("(mode 0644): chmod 600 it", p.stderr)
+                self.assertEqual(p.stderr.count(
+                    "it and chmod 640 it (it belongs to uid 0, not to the service's user, uid "
+                    "65534: with 600 the service could not read it)"), 2, p.stderr)
         # the service's own, or its group's: nothing to say
         for path in (conf, admin):
             os.chmod(path, 0o640)

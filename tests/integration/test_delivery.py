@@ -660,7 +660,8 @@ class Delivery(ServiceTest):
 
     def test_refused_batches_are_logged_up_to_20_lines_a_second(self):
         """Something in between that answers 400 to everything: each event is
-        split out and dead-lettered, and says so in at most 20 lines a second."""
+        split out and dead-lettered, and says so in at most 20 lines a second
+        of each kind."""
         d = self.double()
         d.fail(400)
         s = self.service(env=feed_env(d, TRIBUTARY_LOG_LEVEL="debug", TRIBUTARY_BATCH_LINGER_MS=300))
@@ -669,28 +670,55 @@ class Delivery(ServiceTest):
         self.wait(lambda: s.metrics()['tributary_dead_letters_total{reason="rejected"}'] == 150,
                   30 * SLOW, "every event dead-lettered")
         self.assertEqual(d.event_count(), 0)
-        answers, lines = collections.Counter(), collections.Counter()
+        answers, splits, rejected = (collections.Counter() for _ in range(3))
         for line in s.logs().splitlines():
             second = line[3:22]
             if 'msg="answered"' in line and "action=rejected" in line:
                 answers[second] += 1
-            elif 'msg="mParticle rejected a batch' in line or 'msg="mParticle refused a' in line:
-                lines[second] += 1
+            elif 'msg="mParticle refused a' in line:
+                splits[second] += 1
+            elif 'msg="mParticle rejected a batch' in line:
+                rejected[second] += 1
         self.assertGreaterEqual(sum(answers.values()), 150)
-        for second in set(answers) | set(lines):
-            self.assertLessEqual(lines[second], 20, (second, answers, lines))
+        # a line is stamped after its second's budget was counted: one of leeway
+        for second in set(answers) | set(splits) | set(rejected):
+            self.assertLessEqual(splits[second], 21, (second, answers, splits, rejected))
+            self.assertLessEqual(rejected[second], 21, (second, answers, splits, rejected))
         # a request refused is a line (a split, or a dead letter) while the
-        # second's budget lasts: with one line of leeway, as a line and its
-        # answer are stamped apart
+        # second's budgets last
         for second in answers:
-            self.assertGreaterEqual(lines[second] + 1, min(answers[second], 20),
-                                    (second, answers, lines))
-        if not any(n > 21 for n in answers.values()):
+            self.assertGreaterEqual(splits[second] + rejected[second] + 1,
+                                    min(answers[second], 20), (second, answers, splits, rejected))
+        if not any(n > 42 for n in answers.values()):
             self.skipTest("the refusals were spread over many seconds (%s)" % answers)
         self.assertIn("mParticle refused batches: more lines this second than the log takes",
                       s.logs())
         self.assertEqual(len(json.loads(s.cli(["dlq", "list", "--json", "--limit", "1000"]).stdout)),
                          150)
+
+    def test_refused_batches_left_out_by_the_log_level_take_none_of_its_lines(self):
+        # at warn, the splits (info) used up the budget of the dead letters'
+        # lines (error) without being written
+        d = self.double()
+        d.fail(400)
+        s = self.service(env=feed_env(d, TRIBUTARY_LOG_LEVEL="warn", TRIBUTARY_BATCH_LINGER_MS=300))
+        events = [event("users.messages.email.Send", user="w%d" % i) for i in range(60)]
+        self.assertEqual(s.post(events).status, 200)
+        self.wait(lambda: s.metrics()['tributary_dead_letters_total{reason="rejected"}'] == 60,
+                  30 * SLOW, "every event dead-lettered")
+        rejected, more = collections.Counter(), collections.Counter()
+        for line in s.logs().splitlines():
+            if 'msg="mParticle rejected a batch' in line:
+                rejected[line[3:22]] += 1
+            elif "mParticle refused batches: more lines this second" in line:
+                more[line[3:22]] += 1
+        self.assertNotIn("splitting it", s.logs())
+        # the log left a dead letter out only past 20 of them in its second
+        for second in more:
+            self.assertGreaterEqual(rejected[second], 19, (second, rejected, more))
+        self.assertGreaterEqual(sum(rejected.values()), 20, rejected)
+        if not more:
+            self.assertEqual(sum(rejected.values()), 60, rejected)
 
     def test_a_400_for_a_users_batch_dead_letters_only_the_event_it_refuses(self):
         d = self.double()
