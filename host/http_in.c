@@ -1236,8 +1236,9 @@ static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls,
 
 /* libmicrohttpd says what it refused only in its log: requests it answered
  * itself, which never reach on_request (Braze retries each as it is, so one
- * that never fits fails until Braze gives up), and connections past
- * http.max_connections. Counted, and said at warn level. */
+ * that never fits fails until Braze gives up), connections past
+ * http.max_connections, and accepting put off for want of open files (once
+ * each time, not per connection). Counted, and said at warn level. */
 static int server_refusal(const char *msg)
 {
     static _Atomic int64_t logged_ms[3];

@@ -90,6 +90,9 @@ int log_format_parse(const char *s, enum log_format *out)
  * a long value (an event id a client made up, a rule's message) is cut, so
  * that it costs the line none of its other fields. */
 #define LOG_LINE_MAX (64 * 1024)
+/* journald splits a longer line (LineMax=, 48K by default), and files the
+ * rest without its priority */
+#define JOURNAL_LINE_MAX (48 * 1024 - 1)
 #define LOG_VALUE_MAX 8192
 #define LOG_VALUE_SHORT 256
 
@@ -213,9 +216,10 @@ void log_emit(enum log_level level, const char *msg, const struct log_field *fie
      * LOG_VALUE_MAX bytes, and, should the line still not fit (many long
      * fields, or text escaped to several times its length), to
      * LOG_VALUE_SHORT; a line is never written in part. */
-    const char *priority = atomic_load(&g_journal) ? LEVEL_PRIORITIES[level] : "";
+    int journal = atomic_load(&g_journal);
+    const char *priority = journal ? LEVEL_PRIORITIES[level] : "";
     buf b;
-    buf_init(&b, LOG_LINE_MAX);
+    buf_init(&b, journal ? JOURNAL_LINE_MAX : LOG_LINE_MAX);
     int rc = buf_add(&b, priority, strlen(priority));
     rc |= format_line(&b, json, ts, level, msg, fields, LOG_VALUE_MAX);
     if (rc != 0) {
@@ -228,7 +232,7 @@ void log_emit(enum log_level level, const char *msg, const struct log_field *fie
         snprintf(stack, sizeof stack,
                  json ? "%s{\"ts\":\"%s\",\"level\":\"error\",\"msg\":\"log line too long\"}\n"
                       : "%sts=%s level=error msg=\"log line too long\"\n",
-                 atomic_load(&g_journal) ? LEVEL_PRIORITIES[LOG_ERROR] : "", ts);
+                 journal ? LEVEL_PRIORITIES[LOG_ERROR] : "", ts);
         buf_free(&b);
         write_line(stack, strlen(stack));
         return;

@@ -553,7 +553,7 @@ static int open_db(const char *path, int create, sqlite3 **out, char *err, size_
         struct stat st;
         if (sys == EACCES && stat(path, &st) == 0 && st.st_uid != geteuid())
             str_printf(err, errlen,
-                       "%s: %s (%s: it belongs to uid %u, mode %04o, and the service runs as uid "
+                       "%s: %s (%s: it belongs to uid %u, mode %04o, and this process runs as uid "
                        "%u: chown it and its -wal and -shm files to the service's user)",
                        path, sqlite3_errmsg(db), strerror(sys), (unsigned)st.st_uid,
                        (unsigned)(st.st_mode & 07777), (unsigned)geteuid());

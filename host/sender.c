@@ -1276,7 +1276,9 @@ static int start_request(struct sender *s, struct feed_state *f, struct pbatch *
     curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
     /* a name not resolved within the connect timeout: its resolver thread is
      * left to end by itself instead of waited for (name servers that do not
-     * answer held the sender, and a stop, for glibc's 10 s a server) */
+     * answer held the sender, every feed, and a stop, for glibc's 10 s a
+     * server). Such a thread keeps a socket pair until glibc gives up; the
+     * feed's backoff bounds how many lookups are left so at once. */
     curl_easy_setopt(e, CURLOPT_QUICK_EXIT, 1L);
     curl_easy_setopt(e, CURLOPT_TCP_KEEPALIVE, 1L);
     curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "http,https");

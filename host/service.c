@@ -436,8 +436,9 @@ static void systemd_notify(const char *state)
 
 /* Open files the service takes besides its connections: the queue's (three
  * SQLite connections with their WAL and shared memory), the sender's
- * connections to mParticle (8 a feed in flight, twice that kept), the log,
- * signals, the rules' watch, with room to spare. */
+ * connections to mParticle (8 a feed in flight, twice that kept), libcurl's
+ * resolver threads left to finish a lookup that timed out (a socket pair
+ * each), the log, signals, the rules' watch, with room to spare. */
 #define FILES_RESERVED 128
 /* The fewest connections worth starting with. */
 #define MIN_CONNECTIONS 16
@@ -606,7 +607,8 @@ int service_run(const char *config_path)
 
     sfd = take_signals();
     reloader_start(&reloader);
-    systemd_notify("READY=1");
+    if (sfd >= 0)
+        systemd_notify("READY=1");
     rc = wait_for_stop(sfd, wfd, &reloader);
     systemd_notify("STOPPING=1");
 done:

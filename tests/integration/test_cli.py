@@ -240,7 +240,7 @@ class Cli(ServiceTest):
             self.skipTest("the binary is not reachable by another user here: %s" % p.stderr)
         self.assertEqual(p.returncode, 1, p)
         self.assertIn("queue.db: unable to open database file (Permission denied: it belongs to "
-                      "uid 0, mode 0600, and the service runs as uid 65534: chown it and its -wal "
+                      "uid 0, mode 0600, and this process runs as uid 65534: chown it and its -wal "
                       "and -shm files to the service's user)", p.stderr)
 
     def test_an_option_the_command_does_not_take_is_refused_not_ignored(self):

@@ -166,8 +166,6 @@ static void *take_lines(void *arg)
     return NULL;
 }
 
-/* Within one second, the lines counted by threads at once are numbered 0, 1,
- * 2, ... each once; the next second starts again at 0. */
 /* Lines at each level as journald would get them: JOURNAL_STREAM names
  * stderr, then a stream that is not stderr, then none. */
 static void journal_lines(void *unused)
@@ -221,6 +219,8 @@ START_TEST(test_lines_to_journald_carry_their_syslog_priority)
 }
 END_TEST
 
+/* Within one second, the lines counted by threads at once are numbered 0, 1,
+ * 2, ... each once; the next second starts again at 0. */
 START_TEST(test_a_line_budget_counts_each_line_of_a_second_once)
 {
     int tries = 0, counted = 0;
