@@ -5,6 +5,7 @@ The binary comes from TEST_TRIBUTARY_BIN (default host/tributary); TEST_WRAPPER
 (e.g. valgrind) is put in front of it.
 """
 
+import collections
 import http.client
 import json
 import os
@@ -398,6 +399,19 @@ def event(event_type="users.messages.email.Open", user="customer-1", id=None, ti
     if platform is not None:
         e["properties"]["platform"] = platform
     return e
+
+
+def lines_per_second(logs, **kinds):
+    """Per second of the log's stamps, the lines of each kind: kinds maps a
+    name to the texts a line must all hold; a line counts for the first kind
+    it fits. Returns {name: Counter(second -> lines)}."""
+    counts = {name: collections.Counter() for name in kinds}
+    for line in logs.splitlines():
+        for name, texts in kinds.items():
+            if all(t in line for t in texts):
+                counts[name][line[3:22]] += 1
+                break
+    return counts
 
 
 def busiest_second(sent):

@@ -9,8 +9,8 @@ import signal
 import threading
 import time
 
-from harness import (SLOW, Service, ServiceTest, busiest_second, claim_blob, event, load_event_map,
-                     run_cli)
+from harness import (SLOW, Service, ServiceTest, busiest_second, claim_blob, event,
+                     lines_per_second, load_event_map, run_cli)
 from mparticle_double import MParticleDouble
 
 FEEDS = {
@@ -658,27 +658,28 @@ class Delivery(ServiceTest):
         self.assertIn("BAD_REQUEST", listing[0]["detail"])
         self.assertEqual(s.queued_ids(), [])
 
-    def test_refused_batches_are_logged_up_to_20_lines_a_second(self):
-        """Something in between that answers 400 to everything: each event is
-        split out and dead-lettered, and says so in at most 20 lines a second
-        of each kind."""
+    def refused_everything(self, level, count):
+        """A service whose every batch something in between answers with 400,
+        logging at level, once count events of as many users are all dead
+        letters."""
         d = self.double()
         d.fail(400)
-        s = self.service(env=feed_env(d, TRIBUTARY_LOG_LEVEL="debug", TRIBUTARY_BATCH_LINGER_MS=300))
-        events = [event("users.messages.email.Send", user="r%d" % i) for i in range(150)]
+        s = self.service(env=feed_env(d, TRIBUTARY_LOG_LEVEL=level, TRIBUTARY_BATCH_LINGER_MS=300))
+        events = [event("users.messages.email.Send", user="r%d" % i) for i in range(count)]
         self.assertEqual(s.post(events).status, 200)
-        self.wait(lambda: s.metrics()['tributary_dead_letters_total{reason="rejected"}'] == 150,
+        self.wait(lambda: s.metrics()['tributary_dead_letters_total{reason="rejected"}'] == count,
                   30 * SLOW, "every event dead-lettered")
         self.assertEqual(d.event_count(), 0)
-        answers, splits, rejected = (collections.Counter() for _ in range(3))
-        for line in s.logs().splitlines():
-            second = line[3:22]
-            if 'msg="answered"' in line and "action=rejected" in line:
-                answers[second] += 1
-            elif 'msg="mParticle refused a' in line:
-                splits[second] += 1
-            elif 'msg="mParticle rejected a batch' in line:
-                rejected[second] += 1
+        return s
+
+    def test_refused_batches_are_logged_up_to_20_lines_a_second(self):
+        """Each event is split out and dead-lettered, and says so in at most 20
+        lines a second of each kind."""
+        s = self.refused_everything("debug", 150)
+        counts = lines_per_second(s.logs(), answers=('msg="answered"', "action=rejected"),
+                                  splits=('msg="mParticle refused a',),
+                                  rejected=('msg="mParticle rejected a batch',))
+        answers, splits, rejected = counts["answers"], counts["splits"], counts["rejected"]
         self.assertGreaterEqual(sum(answers.values()), 150)
         # a line is stamped after its second's budget was counted: one of leeway
         for second in set(answers) | set(splits) | set(rejected):
@@ -699,19 +700,10 @@ class Delivery(ServiceTest):
     def test_refused_batches_left_out_by_the_log_level_take_none_of_its_lines(self):
         # at warn, the splits (info) used up the budget of the dead letters'
         # lines (error) without being written
-        d = self.double()
-        d.fail(400)
-        s = self.service(env=feed_env(d, TRIBUTARY_LOG_LEVEL="warn", TRIBUTARY_BATCH_LINGER_MS=300))
-        events = [event("users.messages.email.Send", user="w%d" % i) for i in range(60)]
-        self.assertEqual(s.post(events).status, 200)
-        self.wait(lambda: s.metrics()['tributary_dead_letters_total{reason="rejected"}'] == 60,
-                  30 * SLOW, "every event dead-lettered")
-        rejected, more = collections.Counter(), collections.Counter()
-        for line in s.logs().splitlines():
-            if 'msg="mParticle rejected a batch' in line:
-                rejected[line[3:22]] += 1
-            elif "mParticle refused batches: more lines this second" in line:
-                more[line[3:22]] += 1
+        s = self.refused_everything("warn", 60)
+        counts = lines_per_second(s.logs(), rejected=('msg="mParticle rejected a batch',),
+                                  more=("mParticle refused batches: more lines this second",))
+        rejected, more = counts["rejected"], counts["more"]
         self.assertNotIn("splitting it", s.logs())
         # the log left a dead letter out only past 20 of them in its second
         for second in more:

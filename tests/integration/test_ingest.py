@@ -1,6 +1,5 @@
 """Inbound HTTP: Currents batches in, Braze's status codes out (currents-http.md)."""
 
-import collections
 import hashlib
 import hmac
 import http.client
@@ -11,7 +10,8 @@ import socket
 import threading
 import time
 
-from harness import SLOW, TOKEN, Service, ServiceTest, event, request, run_cli
+from harness import (SLOW, TOKEN, Service, ServiceTest, event, lines_per_second, request,
+                     run_cli)
 
 
 class Ingest(ServiceTest):
@@ -380,13 +380,9 @@ class MalformedInput(ServiceTest):
         # line and its answer are stamped apart, so either may fall in the
         # next second: the counts are compared with one line of leeway, the
         # limit exactly
-        answers, lines = collections.Counter(), collections.Counter()
-        for line in s.logs().splitlines():
-            second = line[3:22]
-            if 'msg="answered"' in line and "status=400" in line:
-                answers[second] += 1
-            elif 'msg="request refused as invalid' in line:
-                lines[second] += 1
+        counts = lines_per_second(s.logs(), answers=('msg="answered"', "status=400"),
+                                  lines=('msg="request refused as invalid',))
+        answers, lines = counts["answers"], counts["lines"]
         self.assertEqual(sum(answers.values()), 45)
         seconds = sorted(set(answers) | set(lines))
         for second in seconds:
