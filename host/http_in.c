@@ -1241,25 +1241,27 @@ static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls,
  * each time, not per connection). Counted, and said at warn level. */
 static int server_refusal(const char *msg)
 {
-    static _Atomic int64_t logged_ms[3];
-    static const char *const lines[3] = {
-        "connection refused: http.max_connections are open (see "
-        "tributary_http_connections_refused_total)",
-        "the HTTP server refused a request before reading it (see "
-        "tributary_http_server_refused_total)",
-        "connections not accepted for a while: the process has no open file left (raise "
-        "LimitNOFILE= of the unit, or ulimit -n; see tributary_http_connections_refused_total)",
+    enum { FULL, ANSWERED, NO_FILES, KINDS };
+    static _Atomic int64_t logged_ms[KINDS];
+    static const char *const lines[KINDS] = {
+        [FULL] = "connection refused: http.max_connections are open (see "
+                 "tributary_http_connections_refused_total)",
+        [ANSWERED] = "the HTTP server refused a request before reading it (see "
+                     "tributary_http_server_refused_total)",
+        [NO_FILES] = "connections not accepted for a while: the process has no open file left "
+                     "(raise LimitNOFILE= of the unit, or ulimit -n; see "
+                     "tributary_http_connections_refused_total)",
     };
     int kind;
     if (strstr(msg, "HTTP response code is ") != NULL)
-        kind = 1;
+        kind = ANSWERED;
     else if (strncmp(msg, "Server reached connection limit", 31) == 0)
-        kind = 0;
+        kind = FULL;
     else if (strncmp(msg, "Hit process or system resource limit", 36) == 0)
-        kind = 2;
+        kind = NO_FILES;
     else
         return 0;
-    metrics_add(kind == 1 ? M_HTTP_SERVER_REFUSED : M_HTTP_CONNECTIONS_REFUSED, 1);
+    metrics_add(kind == ANSWERED ? M_HTTP_SERVER_REFUSED : M_HTTP_CONNECTIONS_REFUSED, 1);
     if (log_due_shared(&logged_ms[kind]))
         log_warn(lines[kind], LOG_S("detail", msg));
     return 1;

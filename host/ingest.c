@@ -397,7 +397,7 @@ static void log_dead_letters(const struct mapping *m)
         if (!d->stored)
             continue;
         metrics_add_dead(d->reason, 1);
-        if (!log_budget_allows(&logged, QUARANTINE_LINES_PER_SECOND,
+        if (!log_budget_allows(&logged, LOG_WARN, QUARANTINE_LINES_PER_SECOND,
                                "events quarantined: more this second than the log takes; the rest "
                                "of them are left out of it (tributary_dead_letters_total counts "
                                "them, the dead-letter store keeps them)"))
@@ -418,7 +418,7 @@ static void log_dead_letters(const struct mapping *m)
 static void log_refused(const struct input_error *ie)
 {
     static struct log_budget logged;
-    if (!log_budget_allows(&logged, QUARANTINE_LINES_PER_SECOND,
+    if (!log_budget_allows(&logged, LOG_WARN, QUARANTINE_LINES_PER_SECOND,
                            "requests refused: more this second than the log takes; the rest of "
                            "them are left out of it (tributary_http_requests_total counts them)"))
         return;

@@ -354,8 +354,10 @@ int log_budget_take(struct log_budget *b)
     return log_budget_take_in(b, (uint64_t)clock_wall_ms() / 1000);
 }
 
-int log_budget_allows(struct log_budget *b, int limit, const char *more)
+int log_budget_allows(struct log_budget *b, enum log_level level, int limit, const char *more)
 {
+    if (!log_enabled(level))
+        return 0;
     int line = log_budget_take(b);
     if (line == limit)
         log_warn(more, LOG_I("limit_per_second", limit));

@@ -107,10 +107,12 @@ struct log_budget {
 int log_budget_take(struct log_budget *b);
 /* log_budget_take in the given second of the wall clock */
 int log_budget_take_in(struct log_budget *b, uint64_t second);
-/* The same for lines of at most limit a second: 1 to write this one; the
- * first past the limit writes `more` instead, a warning (with
- * limit_per_second) that says the rest of the second's are left out. */
-int log_budget_allows(struct log_budget *b, int limit, const char *more);
+/* The same for lines of `level`, at most limit a second: 1 to write this one;
+ * the first past the limit writes `more` instead, a warning (with
+ * limit_per_second) that says the rest of the second's are left out. 0, with
+ * nothing counted, when the log leaves that level out: a line not written
+ * takes none of the budget, nor says that others were left out. */
+int log_budget_allows(struct log_budget *b, enum log_level level, int limit, const char *more);
 
 int log_level_parse(const char *s, enum log_level *out);
 int log_format_parse(const char *s, enum log_format *out);

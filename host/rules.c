@@ -505,7 +505,7 @@ static int known_keys(lua_State *L, int idx, const char *const *names, size_t co
         const char *k = lua_type(L, -1) == LUA_TSTRING ? lua_tolstring(L, -1, &n) : NULL;
         int known = 0;
         for (size_t i = 0; k && i < count && !known; i++)
-            known = strlen(names[i]) == n && memcmp(names[i], k, n) == 0;
+            known = str_eq((str){k, n}, names[i]);
         if (known || (only_near && !(k && nearest_name(k, n, names, count, NEAR_EDITS))))
             continue;
         char list[200] = "";

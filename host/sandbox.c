@@ -680,8 +680,10 @@ void sandbox_prints_unlimited(void)
 static int sb_print(lua_State *L)
 {
     static struct log_budget printed;
+    if (!log_enabled(LOG_INFO))
+        return 0; /* its line would not be written */
     if (!atomic_load(&g_prints_unlimited) &&
-        !log_budget_allows(&printed, PRINT_LINES_PER_SECOND,
+        !log_budget_allows(&printed, LOG_INFO, PRINT_LINES_PER_SECOND,
                            "script print: more lines this second than the log takes; the rest of "
                            "them are left out (see tributary_rule_prints_dropped_total)")) {
         metrics_add(M_RULE_PRINTS_DROPPED, 1);

@@ -1774,14 +1774,13 @@ static void answer_excerpt(const struct config *cfg, const struct request *r, ch
  * the whole sender, each kind its own: something in between that answers 400
  * to everything would otherwise write two lines per event (a split, then a
  * dead letter). tributary_dead_letters_total and the dead-letter store keep
- * them all. A line the log level leaves out takes nothing. */
+ * them all. */
 #define REFUSED_LINES_PER_SECOND 20
 static struct log_budget split_lines, rejected_lines;
 
 static int refused_line_allowed(struct log_budget *b, enum log_level level)
 {
-    return log_enabled(level) &&
-           log_budget_allows(b, REFUSED_LINES_PER_SECOND,
+    return log_budget_allows(b, level, REFUSED_LINES_PER_SECOND,
                              "mParticle refused batches: more lines this second than the log "
                              "takes; the rest of them are left out of it "
                              "(tributary_dead_letters_total counts the events dead-lettered, the "

@@ -23,6 +23,20 @@ REQUEUE_PAGE_BYTES = 8 << 20
 PURGE_PAGE = 2000
 
 
+def run_cli_as_nobody(args, env, cwd):
+    """Runs the binary once as uid and gid 65534 (from root); None when the
+    binary is out of that user's reach here."""
+    def as_nobody():
+        os.setgid(65534)
+        os.setuid(65534)
+    try:
+        p = subprocess.run(WRAPPER + [BIN] + args, capture_output=True, text=True,
+                           env=clean_env(env), cwd=cwd, timeout=60, preexec_fn=as_nobody)
+    except PermissionError:
+        return None
+    return None if p.returncode == 126 else p
+
+
 class Cli(ServiceTest):
     def write_file(self, name, text):
         """Writes text to a new file name in a directory of its own; (dir, path)."""
@@ -138,18 +152,9 @@ class Cli(ServiceTest):
             # 600 would lock it out
             for path in (conf, admin):
                 os.chown(path, 0, -1)
-
-            def as_nobody():
-                os.setgid(65534)
-                os.setuid(65534)
             os.chmod(os.path.dirname(conf), 0o755)
-            try:
-                p = subprocess.run(WRAPPER + [BIN, "check", "--config", conf], capture_output=True,
-                                   text=True, env=clean_env(env), cwd=d, timeout=60,
-                                   preexec_fn=as_nobody)
-            except PermissionError:
-                p = None
-            if p is not None and p.returncode != 126:  # 126: the binary out of its reach
+            p = run_cli_as_nobody(["check", "--config", conf], env, d)
+            if p is not None:
                 self.assertEqual(p.returncode, 0, p.stderr)
                 self.assertNotIn("(mode 0644): chmod 600 it", p.stderr)
                 self.assertEqual(p.stderr.count(
@@ -226,17 +231,10 @@ class Cli(ServiceTest):
         os.chown(data, 65534, 65534)
         shutil.copy(os.path.join(s.data_dir, "queue.db"), data)  # root's, 0600
         os.chmod(os.path.join(data, "queue.db"), 0o600)
-
-        def as_nobody():
-            os.setgid(65534)
-            os.setuid(65534)
-        try:
-            p = subprocess.run(WRAPPER + [BIN, "queue", "stats"], capture_output=True, text=True,
-                               env=clean_env({"TRIBUTARY_DATA_DIR": data}), cwd=top, timeout=60,
-                               preexec_fn=as_nobody)
-        except PermissionError:
+        p = run_cli_as_nobody(["queue", "stats"], {"TRIBUTARY_DATA_DIR": data}, top)
+        if p is None:
             self.skipTest("the binary is not reachable by another user here")
-        if p.returncode == 126 or "Permission denied" in p.stderr and "queue.db" not in p.stderr:
+        if "Permission denied" in p.stderr and "queue.db" not in p.stderr:
             self.skipTest("the binary is not reachable by another user here: %s" % p.stderr)
         self.assertEqual(p.returncode, 1, p)
         self.assertIn("queue.db: unable to open database file (Permission denied: it belongs to "

@@ -8,6 +8,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import types
 
 from harness import SLOW, Service, ServiceTest, busiest_second, claim_batches, claim_blob, event
 from mparticle_double import MParticleDouble
@@ -125,10 +126,9 @@ class SlowDns(ServiceTest):
         # with name servers that do not answer, a stop took as long as
         # glibc's tries (30 s with three servers), past systemd's
         # TimeoutStopSec, and the sender stood still as long in service
-        s = Service(env=dict(feed_env(MParticleDouble(feeds=dict(FEEDS))),
-                             TRIBUTARY_MPARTICLE_URL="https://mparticle.slow-dns.test",
-                             TRIBUTARY_LOG_LEVEL="debug",
-                             SLOW_DNS_HOST="mparticle.slow-dns.test", SLOW_DNS_MS="120000"))
+        mparticle = types.SimpleNamespace(url="https://mparticle.slow-dns.test")  # no double
+        s = Service(env=feed_env(mparticle, TRIBUTARY_LOG_LEVEL="debug",
+                                 SLOW_DNS_HOST="mparticle.slow-dns.test", SLOW_DNS_MS="120000"))
         self.addCleanup(s.cleanup)
         preload(s, "slow_dns")
         s.start()

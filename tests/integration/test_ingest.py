@@ -14,6 +14,12 @@ from harness import (SLOW, TOKEN, Service, ServiceTest, event, lines_per_second,
                      run_cli)
 
 
+# a rule that prints 50 lines for each event
+PRINT_50_LINES = ("return function(event, out)\n"
+                  "  for i = 1, 50 do print('line', i) end\n"
+                  "end\n")
+
+
 class Ingest(ServiceTest):
     def test_valid_batch_is_committed_and_summarised(self):
         s = self.service()
@@ -226,11 +232,17 @@ class Ingest(ServiceTest):
         self.assertIn("text=a%s bytes=10001" % ("\u00e9" * 4095), line)
         self.assertIn("text=%s bytes=8193" % ("x" * 8192), s.logs())
 
+    def test_prints_above_the_log_level_are_neither_written_nor_counted(self):
+        # at warn, prints never written were counted past 20 a second as
+        # left out, and a warning said so
+        rules = self.rules_dir({"20-print.lua": PRINT_50_LINES})
+        s = self.service(rules_dir=rules, env={"TRIBUTARY_LOG_LEVEL": "warn"})
+        self.assertEqual(s.post([event("users.messages.email.Open")]).status, 200)
+        self.assertEqual(s.metrics()["tributary_rule_prints_dropped_total"], 0)
+        self.assertNotIn("script print", s.logs())
+
     def test_print_lines_over_the_limit_are_counted_and_said_once_a_second(self):
-        rules = self.rules_dir({"20-print.lua": (
-            "return function(event, out)\n"
-            "  for i = 1, 50 do print('line', i) end\n"
-            "end\n")})
+        rules = self.rules_dir({"20-print.lua": PRINT_50_LINES})
         s = self.service(rules_dir=rules)
         self.assertEqual(s.post([event("users.messages.email.Open")]).status, 200)
         logs = s.logs().splitlines()
