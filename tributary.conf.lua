@@ -30,6 +30,7 @@ return {
   },
 
   -- admin = { token = os.getenv("TRIBUTARY_ADMIN_TOKEN") },  -- enables POST /admin/reload
+  -- metrics = { token = os.getenv("TRIBUTARY_METRICS_TOKEN") },  -- GET /metrics needs it
   -- tls = { cert = "/etc/tributary/tls/fullchain.pem", key = "/etc/tributary/tls/privkey.pem" },
 
   mparticle = {

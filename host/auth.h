@@ -56,9 +56,9 @@ struct auth_request {
 };
 
 enum auth_result auth_check(const struct config *c, const struct auth_request *r);
-/* The admin token (admin.token). Callers treat a missing admin.token as "admin
- * endpoints disabled" before calling this. */
-enum auth_result auth_check_admin(const struct config *c, const char *authorization);
+/* One configured token, such as admin.token or metrics.token (NULL: none is
+ * accepted), against an Authorization header. */
+enum auth_result auth_check_bearer(const char *token, const char *authorization);
 const char *auth_result_text(enum auth_result r);
 /* Logs that AUTH_ERROR was answered: at most a line per 10 s, with how many
  * requests met it meanwhile. */

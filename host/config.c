@@ -107,6 +107,7 @@ static const struct key KEYS[] = {
     {"log.level", K_ENUM, OFF(log_level), 0, 0, LOG_LEVELS},
     {"log.format", K_ENUM, OFF(log_format), 0, 0, LOG_FORMATS},
     {"admin.token", K_SECRET, OFF(admin_token), 0, 0, NULL},
+    {"metrics.token", K_SECRET, OFF(metrics_token), 0, 0, NULL},
 };
 
 _Static_assert(ARRAY_LEN(KEYS) <= CONFIG_KEYS_MAX, "room for every key's sources");
@@ -1794,6 +1795,8 @@ static void check(struct loader *ld, int serving)
     }
     if (c->admin_token && !token_text(c->admin_token))
         check_err(ld, "admin.token", NULL, "admin.token contains a space or control character");
+    if (c->metrics_token && !token_text(c->metrics_token))
+        check_err(ld, "metrics.token", NULL, "metrics.token contains a space or control character");
 }
 
 /* Inbound secrets shorter than this are named in a warning at start: one that
@@ -1812,6 +1815,22 @@ static void warn_short(buf *warnings, const char *key, const char *what, char *c
                      "rand -base64 32)",
                      key, what, i + 1, len);
     }
+}
+
+/* Serving TLS itself on an address others reach, the service has no proxy in
+ * front to keep /metrics internal: it answers whoever reaches the port. */
+static void warn_open_metrics(buf *warnings, const struct config *c)
+{
+    char host[256];
+    int port;
+    if (c->metrics_token || !c->tls_cert || config_listen_addr(c, host, sizeof host, &port) != 0 ||
+        config_host_is_loopback(host))
+        return;
+    warn_add(warnings,
+             "GET /metrics answers anyone who reaches %s: with TLS served here, no proxy "
+             "keeps it internal; set metrics.token (TRIBUTARY_METRICS_TOKEN) or limit "
+             "the port to your network",
+             c->listen);
 }
 
 /* Whether the file (its text) holds the value of secret key k itself, not
@@ -2025,6 +2044,9 @@ static int load(struct config **out, const char *path, const char *src, size_t l
                    c->inbound_hmac_secrets.n);
         if (c->admin_token)
             warn_short(&warnings, "admin.token", "token", &c->admin_token, 1);
+        if (c->metrics_token)
+            warn_short(&warnings, "metrics.token", "token", &c->metrics_token, 1);
+        warn_open_metrics(&warnings, c);
         warn_readable_secrets(&warnings, c, src);
         /* a signed request is good for the replay window, and only the dedup
          * window keeps a replay of it from being delivered again */

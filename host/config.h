@@ -103,7 +103,8 @@ struct config {
     char *log_level;
     char *log_format;
     char *admin_token;
-    char *tls_cert; /* PEM file paths; both or neither */
+    char *metrics_token; /* GET /metrics needs it when set */
+    char *tls_cert;      /* PEM file paths; both or neither */
     char *tls_key;
     char *mparticle_ca_bundle;
     int64_t http_request_timeout_s;

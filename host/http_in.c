@@ -601,20 +601,26 @@ static enum MHD_Result answer_metrics(http_in *h, struct MHD_Connection *c, stru
     return rc;
 }
 
-/* POST /admin/reload, as soon as its headers are known: 1 with the request
- * answered (404 without admin.token, 429 for a throttled client, 401 without
- * the admin token), 0 when the token is right. Nothing of a body has been read. */
-static int refuse_admin(struct MHD_Connection *c, struct req *r, enum MHD_Result *rc)
+/* A route other than /currents, as soon as its headers are known: 1 with the
+ * request answered (404 for /admin/reload without admin.token, 429 for a
+ * throttled client, 401 without the route's token), 0 when it may go on:
+ * /admin/reload with admin.token, /metrics with metrics.token when one is set,
+ * and the health checks. Nothing of a body has been read. */
+static int refuse_without_token(struct MHD_Connection *c, struct req *r, enum MHD_Result *rc)
 {
+    if (r->route != R_ADMIN_RELOAD && r->route != R_METRICS)
+        return 0;
     struct snapshot s;
     reload_get(&s);
-    int enabled = s.cfg->admin_token != NULL;
+    const char *token = r->route == R_ADMIN_RELOAD ? s.cfg->admin_token : s.cfg->metrics_token;
     enum auth_result a =
-        enabled ? auth_check_admin(s.cfg, MHD_lookup_connection_value(
-                                              c, MHD_HEADER_KIND, MHD_HTTP_HEADER_AUTHORIZATION))
-                : AUTH_INVALID;
+        token ? auth_check_bearer(token, MHD_lookup_connection_value(c, MHD_HEADER_KIND,
+                                                                     MHD_HTTP_HEADER_AUTHORIZATION))
+              : AUTH_INVALID;
     reload_put(&s);
-    if (!enabled) { /* a reload took admin.token away since route_of */
+    if (!token && r->route == R_METRICS)
+        return 0;
+    if (!token) { /* a reload took admin.token away since route_of */
         metrics_add(M_HTTP_UNKNOWN_PATH, 1);
         *rc = reply_json(c, r, 404, "{\"error\":\"not found\"}", 0);
         return 1;
@@ -633,19 +639,23 @@ static int refuse_admin(struct MHD_Connection *c, struct req *r, enum MHD_Result
     }
     if (a != AUTH_OK) {
         metrics_add(M_AUTH_FAILURES, 1);
-        log_warn("admin request refused",
-                 LOG_S("client", r->client) LOG_S("reason", auth_result_text(a)));
+        log_warn("request refused: no valid token",
+                 LOG_S("path", ROUTE_PATHS[r->route]) LOG_S("client", r->client)
+                     LOG_S("reason", auth_result_text(a)));
         if (auth_failed(r->client, now))
             log_warn("refusing a client for a while after repeated authentication failures",
                      LOG_S("client", r->client) LOG_I("seconds", AUTH_THROTTLE_BLOCK_S));
-        *rc = reply_json(c, r, 401, "{\"error\":\"admin token required\"}", 0);
+        *rc = reply_json(c, r, 401,
+                         r->route == R_ADMIN_RELOAD ? "{\"error\":\"admin token required\"}"
+                                                    : "{\"error\":\"metrics token required\"}",
+                         0);
         return 1;
     }
     auth_succeeded(r->client, now);
     return 0;
 }
 
-/* POST /admin/reload once the request is complete; refuse_admin let it in. */
+/* POST /admin/reload once the request is complete; refuse_without_token let it in. */
 static enum MHD_Result answer_admin_reload(struct MHD_Connection *c, struct req *r)
 {
     struct snapshot s;
@@ -783,8 +793,9 @@ static enum MHD_Result refuse_body(struct MHD_Connection *c, struct req *r)
  * /currents reads a body: everything else is decided on the headers, so no
  * body is ever held for a route that has no use for it (bodies read before
  * authentication are bounded by UNAUTHENTICATED_BODY_BUDGET, and only
- * /currents has them). An unknown path (404), a wrong method (405), a refused
- * admin request and a request that brings a body (413) are answered at once;
+ * /currents has them). An unknown path (404), a wrong method (405), a request
+ * without the token its route needs and a request that brings a body (413)
+ * are answered at once;
  * libmicrohttpd then reads none of the body and closes the connection after
  * the answer. The rest is answered once the (empty) request is complete. */
 static enum MHD_Result begin_other(struct MHD_Connection *c, struct req *r, int post)
@@ -804,7 +815,7 @@ static enum MHD_Result begin_other(struct MHD_Connection *c, struct req *r, int 
         rc = reply_json(c, r, 404, "{\"error\":\"not found\"}", 0);
     } else if (!r->method_ok) {
         rc = reply_json(c, r, 405, "{\"error\":\"method not allowed\"}", 0);
-    } else if (r->route != R_ADMIN_RELOAD || !refuse_admin(c, r, &rc)) {
+    } else if (!refuse_without_token(c, r, &rc)) {
         if (has_body(c))
             rc = refuse_body(c, r);
         else

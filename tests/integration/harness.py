@@ -52,7 +52,7 @@ TOOL_ERRORS = ("ERROR: AddressSanitizer", "ERROR: LeakSanitizer", "runtime error
 ARTIFACTS = []
 SECRETS = set()
 # The variables that hold secrets (paths such as TRIBUTARY_TLS_KEY do not).
-_SECRET_ENV = re.compile(r"^TRIBUTARY_(INBOUND_TOKENS|INBOUND_HMAC_SECRETS|ADMIN_TOKEN|"
+_SECRET_ENV = re.compile(r"^TRIBUTARY_(INBOUND_TOKENS|INBOUND_HMAC_SECRETS|ADMIN_TOKEN|METRICS_TOKEN|"
                          r"FEEDS_[A-Z]+_(KEY|SECRET))$")
 
 
@@ -307,7 +307,9 @@ class Service:
         return request(self.port, "POST", path, body, h)
 
     def get(self, path):
-        return request(self.port, "GET", path)
+        token = self.env.get("TRIBUTARY_METRICS_TOKEN")
+        headers = {"Authorization": "Bearer " + token} if token and path == "/metrics" else None
+        return request(self.port, "GET", path, headers=headers)
 
     def metrics(self):
         """Prometheus text -> {'name{labels}': value}."""

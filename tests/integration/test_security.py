@@ -26,6 +26,7 @@ from harness import (BIN, RULES, SLOW, TOKEN, WRAPPER, Service, ServiceTest, cle
 SECRET = "hmac-secret-4f1c9a7e2b"
 OTHER_SECRET = "hmac-secret-rotated-8d3e"
 ADMIN = "admin-token-security-6a1f"
+METRICS = "metrics-token-security-3c8e"
 
 
 def sign(secret, body, t):
@@ -518,6 +519,53 @@ class Admin(ServiceTest):
         self.assertNotIn(ADMIN, s.logs())
 
 
+class MetricsToken(ServiceTest):
+    def scrape(self, s, token, xff="203.0.113.60"):
+        headers = {"X-Forwarded-For": xff}
+        if token:
+            headers["Authorization"] = "Bearer " + token
+        return request(s.port, "GET", "/metrics", headers=headers)
+
+    def test_metrics_answer_only_the_metrics_token_once_one_is_set(self):
+        s = self.service(env={"TRIBUTARY_METRICS_TOKEN": METRICS, "TRIBUTARY_ADMIN_TOKEN": ADMIN})
+        for token in (None, "wrong-metrics-5e1d", TOKEN, ADMIN):
+            r = self.scrape(s, token)
+            self.assertEqual(r.status, 401, (token, r))
+            self.assertEqual(r.json(), {"error": "metrics token required"})
+            self.assertNotIn("tributary_", r.body)
+        r = self.scrape(s, METRICS)
+        self.assertEqual(r.status, 200, r)
+        self.assertIn("tributary_auth_failures_total 4", r.body)
+        # the health checks of load balancers and orchestrators need nothing
+        self.assertEqual(s.get("/healthz").status, 200)
+        self.assertIn(s.get("/readyz").status, (200, 503))
+        # nor does the metrics token open anything else
+        self.assertEqual(s.post([event()], token=METRICS).status, 401)
+        refused = [line for line in s.logs().splitlines()
+                   if "request refused: no valid token" in line]
+        self.assertEqual(len(refused), 4, refused)
+        self.assertTrue(all("path=/metrics" in line for line in refused), refused)
+        self.assertNotIn("wrong-metrics-5e1d", s.logs())
+        self.assertNotIn(METRICS, s.logs())
+
+    def test_metrics_failures_are_throttled_as_other_authentication_failures(self):
+        s = self.service(env={"TRIBUTARY_METRICS_TOKEN": METRICS})
+        self.assertEqual([self.scrape(s, "wrong-%d" % i).status for i in range(10)], [401] * 10)
+        r = self.scrape(s, METRICS)
+        self.assertEqual(r.status, 429, r)
+        self.assertTrue(1 <= int(r.headers["retry-after"]) <= 60, r.headers)
+        self.assertEqual(self.scrape(s, METRICS, xff="203.0.113.61").status, 200)
+
+    def test_a_reload_sets_and_takes_away_the_metrics_token(self):
+        s = self.service(config="return {}\n")
+        self.assertEqual(self.scrape(s, None).status, 200)
+        self.assertTrue(s.reload('return { metrics = { token = "%s" } }\n' % METRICS))
+        self.assertEqual(self.scrape(s, None).status, 401)
+        self.assertEqual(self.scrape(s, METRICS).status, 200)
+        self.assertTrue(s.reload("return {}\n"))
+        self.assertEqual(self.scrape(s, None).status, 200)
+
+
 # ---- the TLS listener ------------------------------------------------------
 
 
@@ -563,8 +611,9 @@ def https_request(port, cafile, method, path, body=None, headers=None, context=N
     conn.sock = tls_connect(port, context, timeout)
     try:
         conn.request(method, path, body=body, headers=headers or {})
+        version = conn.sock.version()  # gone once an answer that closes is read
         r = conn.getresponse()
-        return r.status, r.read().decode(), conn.sock.version()
+        return r.status, r.read().decode(), version
     finally:
         conn.close()
 
@@ -622,6 +671,26 @@ class TLS(ServiceTest):
         self.assertIn("level=info", said[0])
         # the second may come before the first is said
         self.assertRegex(said[0], r" failures=[12] ")
+
+    def test_open_metrics_on_an_address_others_reach_are_named_in_a_warning(self):
+        said = "GET /metrics answers anyone who reaches 0.0.0.0:"
+        s = self.tls_service()
+        s.env["TRIBUTARY_LISTEN"] = "0.0.0.0:%d" % s.port
+        s.start()
+        self.assertIn(said, s.logs())
+        self.assertIn("set metrics.token (TRIBUTARY_METRICS_TOKEN)", s.logs())
+        status, _, _ = https_request(s.port, self.cert, "GET", "/metrics")
+        self.assertEqual(status, 200)
+        s.stop()
+        guarded = self.tls_service(env={"TRIBUTARY_METRICS_TOKEN": METRICS})
+        guarded.env["TRIBUTARY_LISTEN"] = "0.0.0.0:%d" % guarded.port
+        guarded.start()
+        self.assertNotIn(said, guarded.logs())
+        status, body, _ = https_request(guarded.port, self.cert, "GET", "/metrics")
+        self.assertEqual((status, json.loads(body)), (401, {"error": "metrics token required"}))
+        status, _, _ = https_request(guarded.port, self.cert, "GET", "/metrics",
+                                     headers={"Authorization": "Bearer " + METRICS})
+        self.assertEqual(status, 200)
 
     def test_tls_1_2_is_accepted(self):
         s = self.tls_service().start()

@@ -3,7 +3,8 @@
 Runs last (modules run in name order): it checks everything the service said
 during the whole integration suite against every secret configured anywhere in
 it, after a scenario of its own that touches every secret: inbound tokens, HMAC
-secrets, the admin token and mParticle keys and secrets, with failures of each.
+secrets, the admin and metrics tokens and mParticle keys and secrets, with
+failures of each.
 """
 
 import base64
@@ -18,6 +19,7 @@ from mparticle_double import MParticleDouble
 INBOUND = "inbound-token-7c1e9a5d3b"
 HMAC = "hmac-secret-4f8a2c6e0d"
 ADMIN = "admin-token-9d3b7f1a5c"
+METRICS = "metrics-token-1e7c5a3f9b"
 KEY, SECRET = "mp-key-2b6d0f4a8e", "mp-secret-6a0e4c8b2f"
 
 
@@ -28,6 +30,7 @@ class Secrets(ServiceTest):
         d.fail(401, times=1)
         s = self.service(tokens=(INBOUND,), env={
             "TRIBUTARY_INBOUND_HMAC_SECRETS": HMAC, "TRIBUTARY_ADMIN_TOKEN": ADMIN,
+            "TRIBUTARY_METRICS_TOKEN": METRICS,
             "TRIBUTARY_MPARTICLE_URL": d.url, "TRIBUTARY_FEEDS_UNBOUND_KEY": KEY,
             "TRIBUTARY_FEEDS_UNBOUND_SECRET": SECRET, "TRIBUTARY_RETRY_PAUSE_MS": "300",
             "TRIBUTARY_BATCH_LINGER_MS": "10", "TRIBUTARY_LOG_LEVEL": "debug"})
@@ -35,6 +38,7 @@ class Secrets(ServiceTest):
         s.post([event()], token=INBOUND[:-1] + "x")
         s.post([event()], token=None, headers={"Tributary-Signature": "t=1,v1=" + "0" * 64})
         request(s.port, "POST", "/admin/reload", b"", {"Authorization": "Bearer " + ADMIN + "x"})
+        request(s.port, "GET", "/metrics", None, {"Authorization": "Bearer " + METRICS + "x"})
         self.assertEqual(request(s.port, "POST", "/admin/reload", b"",
                                  {"Authorization": "Bearer " + ADMIN}).status, 200)
         self.assertEqual(s.post([event("users.messages.email.Send")], token=INBOUND).status, 200)
@@ -60,7 +64,7 @@ class Secrets(ServiceTest):
         harness.collect("dlq list", s.cli(["dlq", "list"]).stdout)
         s.cleanup()
 
-        secrets = set(harness.SECRETS) | {INBOUND, HMAC, ADMIN, KEY, SECRET}
+        secrets = set(harness.SECRETS) | {INBOUND, HMAC, ADMIN, METRICS, KEY, SECRET}
         # the Basic credentials as they travel to mParticle
         secrets.add(base64.b64encode(("%s:%s" % (KEY, SECRET)).encode()).decode())
         self.assertGreater(len(harness.ARTIFACTS), 5)

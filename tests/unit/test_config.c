@@ -1127,6 +1127,8 @@ START_TEST(test_tokens_with_a_space_or_control_character_are_refused)
          "admin.token contains a space or control character"},
         {"return { admin = { token = \"abcdefghij\\tklmnopqrstu\" } }\n",
          "admin.token contains a space or control character"},
+        {"return { metrics = { token = \"abcdefghij klmnopqrstu\" } }\n",
+         "metrics.token contains a space or control character"},
         {"return { inbound = { tokens = { \"good-token\", \" abcdefghijklmnopqrstu\" } } }\n",
          "inbound.tokens: token 2 contains a space or control character"},
     };
