@@ -11,6 +11,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <lauxlib.h>
+#include <limits.h>
 #include <lua-cjson.h>
 #include <math.h>
 #include <stdio.h>
@@ -118,7 +119,13 @@ int ruleset_load(ruleset **out, struct config *cfg, char *err, size_t errlen)
     int listfd = dirfd >= 0 ? dup(dirfd) : -1;
     DIR *d = listfd >= 0 ? fdopendir(listfd) : NULL;
     if (!d) {
-        str_printf(err, errlen, "rules_dir %s: %s", cfg->rules_dir, strerror(errno));
+        int e = errno;
+        char cwd[PATH_MAX];
+        /* the default, ./rules, is found from where the command runs */
+        if (cfg->rules_dir[0] != '/' && getcwd(cwd, sizeof cwd))
+            str_printf(err, errlen, "rules_dir %s (in %s): %s", cfg->rules_dir, cwd, strerror(e));
+        else
+            str_printf(err, errlen, "rules_dir %s: %s", cfg->rules_dir, strerror(e));
         if (listfd >= 0)
             close(listfd);
         goto done;

@@ -291,6 +291,15 @@ class Cli(ServiceTest):
         self.assertEqual(p.returncode, 2)
         self.assertIn("unknown command", p.stderr)
 
+    def test_a_relative_rules_dir_not_found_says_where_it_was_looked_for(self):
+        # the default, ./rules, is read from where the command runs
+        d = self.tmpdir()
+        for command in (["check"], ["map", "-"]):
+            p = run_cli(command, cwd=d, stdin="[]")
+            self.assertEqual(p.returncode, 1, p)
+            self.assertIn("rules_dir ./rules (in %s): No such file or directory"
+                          % os.path.realpath(d), p.stderr)
+
     def test_check_passes_on_the_shipped_configuration_and_rules(self):
         p = run_cli(["check", "--config", "tributary.conf.lua"])
         self.assertEqual(p.returncode, 0, p.stderr)
