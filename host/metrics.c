@@ -82,7 +82,7 @@ static const char *const COUNTER_HELP[M_COUNTER_COUNT][3] = {
      "Inbound requests refused (429) because their address failed authentication repeatedly."},
     {"tributary_workspace_refused_total", "counter",
      "Inbound requests refused (503) for their ?workspace=: not one of inbound.workspaces, none "
-     "while that list is set, malformed, or given twice."},
+     "while that list is set, malformed, or given twice with different names."},
     {"tributary_http_server_refused_total", "counter",
      "Requests the HTTP server answered with an error itself, before tributary read them: a "
      "request line or headers too large (414, 431) or malformed (400, 505)."},

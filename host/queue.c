@@ -2793,8 +2793,9 @@ static int migrate_to_7(sqlite3 *db, char *err, size_t errlen)
 /* What the file holds, read before anything writes to it: 0 for an empty
  * database or one whose first start stopped before its end (tributary's
  * tables without a version yet), else the schema version of a tributary
- * queue. -1 (err) for a database of something else, or of a newer tributary:
- * opening such a file must leave it as it is. */
+ * queue. QUEUE_OPEN_REFUSED (err) for a database of something else, or of a
+ * newer tributary: opening such a file must leave it as it is. -1 (err) when
+ * it could not be read. */
 static int stored_version(sqlite3 *db, const char *path, char *err, size_t errlen)
 {
     sqlite3_stmt *s = NULL;
@@ -2816,6 +2817,7 @@ static int stored_version(sqlite3 *db, const char *path, char *err, size_t errle
                    "%s: not a tributary queue (the database holds other tables); choose "
                    "another data_dir",
                    path);
+        version = QUEUE_OPEN_REFUSED;
         goto done;
     }
     sqlite3_finalize(s);
@@ -2840,6 +2842,7 @@ static int stored_version(sqlite3 *db, const char *path, char *err, size_t errle
                    "%s: queue schema version %s is unknown to this version of tributary, which "
                    "reads versions 1 to " SCHEMA_VERSION "; the file was left unchanged",
                    path, text ? text : "(none)");
+        version = QUEUE_OPEN_REFUSED;
         goto done;
     }
     version = (int)v;
@@ -3158,6 +3161,7 @@ int queue_service_running(const char *dir, int *pid)
 int queue_open(queue **out, const struct queue_options *o, char *err, size_t errlen)
 {
     *out = NULL;
+    int refused = 0;
     queue *q = calloc(1, sizeof(*q));
     if (!q) {
         str_copy(err, errlen, "out of memory");
@@ -3213,8 +3217,10 @@ int queue_open(queue **out, const struct queue_options *o, char *err, size_t err
     if (open_db(q->path, !o->readonly, &q->db, err, errlen) != 0)
         goto fail;
     int version = stored_version(q->db, q->path, err, errlen);
-    if (version < 0)
+    if (version < 0) {
+        refused = version == QUEUE_OPEN_REFUSED;
         goto fail;
+    }
     /* A cache of 16 MiB holds what the writer touches (the ends of each records
      * table and of the id log); 32 MiB measured slower and 15 MiB bigger.
      * secure_delete=FAST: deleted rows are zeroed in the pages a change writes
@@ -3384,7 +3390,7 @@ fail:
                    "and point --config or TRIBUTARY_DATA_DIR at the copy)");
     }
     queue_free(q);
-    return -1;
+    return refused ? QUEUE_OPEN_REFUSED : -1;
 }
 
 void queue_free(queue *q)

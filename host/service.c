@@ -529,8 +529,11 @@ int service_run(const char *config_path)
         .exclusive = 1,
         .min_free_bytes = cfg->queue_min_free_mb << 20,
     };
-    if (queue_open(&s.q, &qo, err, sizeof err) != 0) {
+    int opened = queue_open(&s.q, &qo, err, sizeof err);
+    if (opened != 0) {
         log_error("cannot open the queue", LOG_S("error", err));
+        if (opened == QUEUE_OPEN_REFUSED)
+            rc = EX_CONFIG; /* a restart would meet the same file */
         goto done;
     }
     if (ingest_init(&s.in, s.q, (int)cfg->http_threads) != 0) {

@@ -185,6 +185,32 @@ class Systemd(ServiceTest):
         self.assertIn("\nRestartPreventExitStatus=78\n", unit)
         self.assertIn("\nType=notify\n", unit)
 
+    def test_a_queue_this_version_must_not_open_exits_78_and_is_left_as_it_is(self):
+        # a newer tributary's queue (a binary rolled back) or another program's
+        # database: every restart would meet the same file
+        for sql, says in (
+                ("CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+                 "INSERT INTO meta VALUES('schema_version', '99');",
+                 "queue schema version 99 is unknown to this version of tributary"),
+                ("CREATE TABLE invoices(id INTEGER PRIMARY KEY, total REAL);",
+                 "not a tributary queue")):
+            with self.subTest(says=says):
+                s = Service()
+                self.addCleanup(s.cleanup)
+                os.makedirs(s.data_dir, mode=0o700)
+                path = os.path.join(s.data_dir, "queue.db")
+                db = sqlite3.connect(path)
+                db.executescript(sql)
+                db.close()
+                with open(path, "rb") as f:
+                    before = f.read()
+                s.expected_exit = 78
+                s.start(wait=False)
+                self.assertEqual(s.proc.wait(timeout=15 * SLOW), 78, s.logs())
+                self.assertIn(says, s.logs())
+                with open(path, "rb") as f:
+                    self.assertEqual(f.read(), before)
+
 
 def open_files_limit(soft, hard):
     """A preexec for Service: the child's limit of open files."""

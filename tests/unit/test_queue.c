@@ -1952,7 +1952,7 @@ static void assert_refused_unchanged(const char *sql, const char *why)
     struct queue_options o = {.dir = data_dir, .sync_full = 1, .max_depth = NO_LIMIT};
     char err[ERR_LEN] = "";
     queue *q = NULL;
-    ck_assert_int_eq(queue_open(&q, &o, err, sizeof err), -1);
+    ck_assert_int_eq(queue_open(&q, &o, err, sizeof err), QUEUE_OPEN_REFUSED);
     ck_assert_ptr_null(q);
     ck_assert_msg(strstr(err, why) != NULL, "error: %s", err);
     char path[320];
