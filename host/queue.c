@@ -2072,6 +2072,10 @@ static void run_group(queue *q, struct op *ops)
     enum queue_status group = QUEUE_OK;
     if (q->opt.existing)
         recount(q);
+    /* a transaction an earlier group could not roll back (out of memory to
+     * parse the statement) must not take this group's writes along */
+    if (!sqlite3_get_autocommit(q->db) && exec(q->db, "ROLLBACK", err, sizeof err) != 0)
+        log_error("queue: cannot roll back a failed transaction", LOG_S("error", err));
     if (exec(q->db, "BEGIN IMMEDIATE", err, sizeof err) != 0) {
         log_error("queue: cannot begin a transaction", LOG_S("error", err));
         group = status_of(sqlite3_errcode(q->db));
@@ -2114,8 +2118,15 @@ static void run_group(queue *q, struct op *ops)
                 group = op->status;
                 break;
             }
-            (void)exec(q->db, "ROLLBACK TO op", err, sizeof err);
-            (void)exec(q->db, "RELEASE op", err, sizeof err);
+            /* the operation's rows must go: a savepoint that cannot be
+             * undone leaves them in the transaction, which must not commit */
+            if (exec(q->db, "ROLLBACK TO op", err, sizeof err) != 0 ||
+                exec(q->db, "RELEASE op", err, sizeof err) != 0) {
+                log_error("queue: cannot undo a failed operation; its group fails",
+                          LOG_S("error", err));
+                group = QUEUE_ERROR;
+                break;
+            }
         }
     }
     if (group == QUEUE_OK && q->opt.existing && note_deltas(q, ops) != 0) {
@@ -2128,8 +2139,10 @@ static void run_group(queue *q, struct op *ops)
             log_error("queue: commit failed", LOG_S("error", err));
         group = status_of(sqlite3_errcode(q->db));
     }
-    if (group != QUEUE_OK && !sqlite3_get_autocommit(q->db))
-        (void)exec(q->db, "ROLLBACK", err, sizeof err);
+    if (group != QUEUE_OK && !sqlite3_get_autocommit(q->db) &&
+        exec(q->db, "ROLLBACK", err, sizeof err) != 0)
+        log_error("queue: cannot roll back a failed transaction; the next one tries again",
+                  LOG_S("error", err));
     if (group != QUEUE_OK)
         memcpy(q->ring, group_rings, sizeof group_rings);
 

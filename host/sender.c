@@ -1245,19 +1245,32 @@ static int start_request(struct sender *s, struct feed_state *f, struct pbatch *
     str_copy(r->sent_with.key, sizeof r->sent_with.key, fc->key ? fc->key : "");
     str_copy(r->sent_with.secret, sizeof r->sent_with.secret, fc->secret ? fc->secret : "");
     snprintf(header, sizeof header, "Authorization: %s", auth);
-    r->headers = curl_slist_append(r->headers, "Content-Type: application/json");
-    r->headers = curl_slist_append(r->headers, header);
-    r->headers = curl_slist_append(r->headers, "Expect:");
+    /* each header or none: a request sent without its Authorization (out of
+     * memory for one item) would be answered 401, and pause the feed */
+    const char *const headers[] = {"Content-Type: application/json", header, "Expect:"};
+    int appended = 1;
+    for (size_t i = 0; i < ARRAY_LEN(headers) && appended; i++) {
+        struct curl_slist *h = curl_slist_append(r->headers, headers[i]);
+        appended = h != NULL;
+        r->headers = h ? h : r->headers;
+    }
     explicit_bzero(auth, sizeof auth);
     explicit_bzero(header, sizeof header);
-    if (!r->headers)
+    if (!appended)
         goto fail;
 
     r->easy = curl_easy_init();
     if (!r->easy)
         goto fail;
     CURL *e = r->easy;
-    curl_easy_setopt(e, CURLOPT_URL, url);
+    /* the options libcurl copies can fail (out of memory); without the CA
+     * bundle's, libcurl would verify against the system's store instead */
+    if (curl_easy_setopt(e, CURLOPT_URL, url) != CURLE_OK ||
+        curl_easy_setopt(e, CURLOPT_USERAGENT, "tributary/" TRIBUTARY_VERSION) != CURLE_OK ||
+        curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "http,https") != CURLE_OK ||
+        (s->cfg->mparticle_ca_bundle &&
+         curl_easy_setopt(e, CURLOPT_CAINFO, s->cfg->mparticle_ca_bundle) != CURLE_OK))
+        goto fail;
     curl_easy_setopt(e, CURLOPT_POST, 1L);
     curl_easy_setopt(e, CURLOPT_READFUNCTION, read_body);
     curl_easy_setopt(e, CURLOPT_READDATA, r);
@@ -1265,7 +1278,6 @@ static int start_request(struct sender *s, struct feed_state *f, struct pbatch *
     curl_easy_setopt(e, CURLOPT_SEEKDATA, r);
     curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)r->len);
     curl_easy_setopt(e, CURLOPT_HTTPHEADER, r->headers);
-    curl_easy_setopt(e, CURLOPT_USERAGENT, "tributary/" TRIBUTARY_VERSION);
     curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, on_body);
     curl_easy_setopt(e, CURLOPT_WRITEDATA, r);
     curl_easy_setopt(e, CURLOPT_HEADERFUNCTION, on_header);
@@ -1281,11 +1293,8 @@ static int start_request(struct sender *s, struct feed_state *f, struct pbatch *
      * feed's backoff bounds how many lookups are left so at once. */
     curl_easy_setopt(e, CURLOPT_QUICK_EXIT, 1L);
     curl_easy_setopt(e, CURLOPT_TCP_KEEPALIVE, 1L);
-    curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "http,https");
     curl_easy_setopt(e, CURLOPT_SSL_VERIFYPEER, 1L);
     curl_easy_setopt(e, CURLOPT_SSL_VERIFYHOST, 2L);
-    if (s->cfg->mparticle_ca_bundle)
-        curl_easy_setopt(e, CURLOPT_CAINFO, s->cfg->mparticle_ca_bundle);
     if (curl_multi_add_handle(s->multi, e) != CURLM_OK)
         goto fail;
     for (size_t i = 0; i < n; i++)

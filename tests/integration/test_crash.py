@@ -149,6 +149,24 @@ class SlowDns(ServiceTest):
             self.assertEqual(db.execute("SELECT count(*) FROM records_unbound").fetchone()[0], 1)
 
 
+class HeadersOutOfMemory(ServiceTest):
+    def test_a_request_whose_headers_cannot_all_be_made_is_not_sent_without_them(self):
+        # the first request's Authorization header cannot be allocated: it went
+        # without it (and without its Content-Type), was answered 401, and the
+        # feed was paused with an ALERT about its credentials
+        d = MParticleDouble(feeds=dict(FEEDS)).start()
+        self.addCleanup(d.stop)
+        s = Service(env=feed_env(d, FAIL_HEADER_AT=2))
+        self.addCleanup(s.cleanup)
+        preload(s, "curl_errors")
+        s.start()
+        e = event("users.messages.email.Send", user="headers")
+        self.assertEqual(s.post([e]).status, 200)
+        self.wait(lambda: e["id"] in d.source_message_ids(), 20, "the event delivered")
+        self.assertEqual([r["status"] for r in d.requests], [202])
+        self.assertNotIn("refused this feed's credentials", s.logs())
+
+
 class WallClockSteps(ServiceTest):
     def test_a_step_of_the_wall_clock_neither_expires_nor_forgets_the_dedup_window(self):
         offset = os.path.join(self.tmpdir(), "offset")
@@ -400,6 +418,37 @@ class RerouteErrors(ServiceTest):
         self.wait(lambda: "cannot move held events" in s.logs(), 10, "the failed move")
         self.wait(lambda: sorted(set(d.source_message_ids())) == sorted(e["id"] for e in ios),
                   15, "the held events delivered on unbound")
+
+
+class UndoFailure(ServiceTest):
+    def test_a_failed_request_whose_records_cannot_be_undone_fails_its_group_and_loses_nothing(self):
+        # A request's third record fails, and so does undoing its first two
+        # (out of memory to parse "ROLLBACK TO op"). They stayed in the
+        # transaction and were committed with the group, while the writer took
+        # each feed's next id back: later requests met UNIQUE errors, and some
+        # answered 200 were never delivered.
+        d = MParticleDouble(feeds=dict(FEEDS)).start()
+        self.addCleanup(d.stop)
+        s = Service(env=feed_env(d, FAIL_RECORD_AT=3, FAIL_UNDO=1, TRIBUTARY_BATCH_LINGER_MS=10))
+        self.addCleanup(s.cleanup)
+        preload(s, "read_errors")
+        s.start()
+        acknowledged, statuses = [], []
+        for i in range(20):
+            events = [event("users.messages.email.Send", user="u%d-%d" % (i, j)) for j in range(5)]
+            for _ in range(3):  # Braze sends a 5xx again
+                r = s.post(events)
+                statuses.append(r.status)
+                if r.status == 200:
+                    break
+            self.assertEqual(r.status, 200, r)
+            acknowledged += [e["id"] for e in events]
+        self.assertEqual(statuses.count(503), 1, statuses)
+        self.wait(lambda: set(acknowledged) <= set(d.source_message_ids()), 20,
+                  "every acknowledged event delivered")
+        self.assertEqual(sorted(d.source_message_ids()), sorted(acknowledged))
+        self.assertIn("cannot undo a failed operation; its group fails", s.logs())
+        self.assertNotIn("UNIQUE", s.logs())
 
 
 class EventNamesStorage(ServiceTest):

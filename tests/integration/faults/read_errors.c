@@ -18,6 +18,10 @@
  *                       sender fail
  *   FAIL_NAMES_STORE=n  the first n inserts of an event name by the writer fail
  *   FAIL_CLAIMS_STORE=n the first n inserts of a claim by the writer fail
+ *   FAIL_RECORD_AT=n    the n-th insert of a record by the writer fails, once
+ *   FAIL_UNDO=1         and the writer's next "ROLLBACK TO op", which undoes
+ *                       that request's records, fails too (SQLITE_NOMEM, as a
+ *                       failed allocation to parse it does)
  *
  * A failed step answers SQLITE_IOERR, as a disk or memory hiccup would.
  */
@@ -30,7 +34,8 @@
 #include <string.h>
 #include <unistd.h>
 
-static atomic_int fetches, claim_rows, dedup_rows, deletes, names_loads, names_stores, claim_stores;
+static atomic_int fetches, claim_rows, dedup_rows, deletes, names_loads, names_stores, claim_stores,
+    record_inserts, undo_armed;
 
 static int env_int(const char *name)
 {
@@ -62,6 +67,12 @@ int sqlite3_step(sqlite3_stmt *st)
     if (sql && strcmp(thread, "queue-writer") == 0 && strstr(sql, "INSERT INTO claims") &&
         atomic_fetch_add(&claim_stores, 1) < env_int("FAIL_CLAIMS_STORE"))
         return SQLITE_IOERR;
+    if (sql && strcmp(thread, "queue-writer") == 0 &&
+        strncmp(sql, "INSERT INTO records_", 20) == 0 && env_int("FAIL_RECORD_AT") > 0 &&
+        atomic_fetch_add(&record_inserts, 1) + 1 == env_int("FAIL_RECORD_AT")) {
+        atomic_store(&undo_armed, env_int("FAIL_UNDO"));
+        return SQLITE_IOERR;
+    }
     int dedup_at = env_int("FAIL_DEDUP_AT");
     if (sql && dedup_at > 0 && strstr(sql, "FROM dedup_log WHERE at_ms") &&
         atomic_fetch_add(&dedup_rows, 1) + 1 == dedup_at)
@@ -77,4 +88,20 @@ int sqlite3_step(sqlite3_stmt *st)
     if (strstr(sql, "WHERE id = ?1") && atomic_fetch_add(&fetches, 1) < env_int("FAIL_FETCH"))
         return SQLITE_IOERR;
     return real(st);
+}
+
+int sqlite3_exec(sqlite3 *db, const char *sql, int (*callback)(void *, int, char **, char **),
+                 void *arg, char **errmsg)
+{
+    static int (*real)(sqlite3 *, const char *, int (*)(void *, int, char **, char **), void *,
+                       char **);
+    if (!real)
+        real = (int (*)(sqlite3 *, const char *, int (*)(void *, int, char **, char **), void *,
+                        char **))dlsym(RTLD_NEXT, "sqlite3_exec");
+    if (strcmp(sql, "ROLLBACK TO op") == 0 && atomic_exchange(&undo_armed, 0)) {
+        if (errmsg)
+            *errmsg = NULL;
+        return SQLITE_NOMEM;
+    }
+    return real(db, sql, callback, arg, errmsg);
 }
