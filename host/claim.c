@@ -63,6 +63,12 @@ unsigned char *claim_encode(const struct queue_batch *b, size_t n, size_t *len)
     return out;
 }
 
+const char *claim_parse_failure(long rc)
+{
+    return rc == CLAIM_NO_MEMORY ? "queue: out of memory to read a persisted claim of batches"
+                                 : "queue: a persisted claim of batches is unreadable";
+}
+
 long claim_parse(const unsigned char *p, size_t len, struct claim_batch **out)
 {
     *out = NULL;
@@ -73,7 +79,7 @@ long claim_parse(const unsigned char *p, size_t len, struct claim_batch **out)
         return -1;
     struct claim_batch *b = calloc(n ? n : 1, sizeof(*b));
     if (!b)
-        return -1;
+        return CLAIM_NO_MEMORY;
     for (size_t i = 0; i < n; i++) {
         if (len - at < 1 || len - at - 1 < (size_t)p[at] + 12)
             goto bad;

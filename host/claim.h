@@ -36,8 +36,11 @@ struct claim_batch {
 unsigned char *claim_encode(const struct queue_batch *b, size_t n, size_t *len);
 
 /* Parses an encoded claim into a malloc'd array (*out, free it). Returns the
- * number of batches, or -1 when the bytes are malformed or memory runs out. */
+ * number of batches, -1 when the bytes are malformed, or CLAIM_NO_MEMORY. */
+#define CLAIM_NO_MEMORY (-2)
 long claim_parse(const unsigned char *p, size_t len, struct claim_batch **out);
+/* How the log says why claim_parse failed (rc < 0). */
+const char *claim_parse_failure(long rc);
 
 /* Record i of a parsed batch. */
 int64_t claim_record(const struct claim_batch *b, size_t i);

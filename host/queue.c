@@ -843,7 +843,7 @@ static enum queue_status read_claim(queue *q, int64_t row, struct claim_row *c)
             c->n = claim_parse(c->blob, len, &c->b);
             st = QUEUE_OK;
             if (c->n < 0) {
-                log_error("queue: a persisted claim of batches is unreadable",
+                log_error(claim_parse_failure(c->n),
                           LOG_I("claim", row) LOG_I("bytes", (long long)len));
                 c->n = 0;
                 st = QUEUE_ERROR;
@@ -1662,7 +1662,7 @@ static int each_live_batch(sqlite3 *db,
         struct claim_batch *b;
         long nb = claim_parse(sqlite3_column_blob(s, 2), (size_t)sqlite3_column_bytes(s, 2), &b);
         if (nb < 0) {
-            log_error("queue: a persisted claim of batches is unreadable", LOG_I("claim", row));
+            log_error(claim_parse_failure(nb), LOG_I("claim", row));
             out = -1;
             break;
         }

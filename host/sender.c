@@ -77,6 +77,7 @@ struct pbatch {
     int limit; /* most batches it may share a request with (see halve_limit: on 400/413,
                   and on a failure again or while the feed works, see note_failures) */
     int in_flight;
+    int delivered; /* its deletion could not be queued: in flight until it is (ack_again) */
     /* requests with it that mParticle failed (a 5xx, no answer, an unexpected
      * answer), and when the last of those was (monotonic ms); since when each
      * of its failures came while the feed worked (0: the last one did not);
@@ -152,6 +153,7 @@ struct feed_state {
     int64_t unrestored;
     struct pbatch *head, *tail;
     size_t nbatches, bytes;
+    size_t delivered; /* batches whose deletion is still to be queued */
     int in_flight;
     enum feed_pause pause;
     int64_t probe_at;
@@ -228,6 +230,7 @@ struct sender {
     uint64_t rng;
     int64_t last_expire;
     int64_t expiry_logged_ms; /* log_due of failed reads at expiry */
+    int64_t ack_logged_ms;    /* log_due of deletions that could not be queued */
     int64_t last_expire_held;
     uint64_t cfg_generation; /* of the configuration the feeds follow (0: none yet) */
     /* mParticle's limit is per account: all feeds together stay within
@@ -1486,22 +1489,61 @@ static void release(struct request *r)
         r->batches[i]->in_flight = 0;
 }
 
-/* Delivered: the batches leave the queue (without waiting for the commit: were
- * it lost, they would be sent again unchanged after a restart, and mParticle
- * recognises them by source_request_id) and memory. */
+/* Delivered batches leave the queue (without waiting for the commit: were it
+ * lost, they would be sent again unchanged after a restart, and mParticle
+ * recognises them by source_request_id) and memory. When their deletion cannot
+ * be queued (out of memory), they stay in the feed, marked delivered and in
+ * flight (never sent again), holding the settled line, and ack_again tries
+ * again at the next turn. 0, or -1 when they stay. */
+static int acknowledge(struct sender *s, struct feed_state *f, struct pbatch **done, size_t n)
+{
+    int64_t ids[MPARTICLE_MAX_BATCHES_PER_REQUEST];
+    for (size_t i = 0; i < n; i++) {
+        ids[i] = done[i]->id;
+        feed_remove(f, done[i]);
+    }
+    if (queue_ack_async(s->q, ids, n, f->feed, settled_below(f)) != QUEUE_OK) {
+        for (size_t i = 0; i < n; i++) {
+            f->delivered += !done[i]->delivered;
+            done[i]->delivered = 1;
+            done[i]->in_flight = 1;
+            feed_insert(f, done[i]);
+        }
+        if (log_due(&s->ack_logged_ms))
+            log_error("cannot queue the deletion of delivered batches; tried again at the next "
+                      "turn",
+                      LOG_S("feed", FEED_NAMES[f->feed]) LOG_I("batches", (long long)f->delivered));
+        return -1;
+    }
+    for (size_t i = 0; i < n; i++) {
+        f->delivered -= done[i]->delivered;
+        pbatch_free(done[i]);
+    }
+    return 0;
+}
+
+/* The delivered batches acknowledge could not delete, a request's worth at a
+ * time. */
+static void ack_again(struct sender *s, struct feed_state *f)
+{
+    while (f->delivered > 0) {
+        struct pbatch *done[MPARTICLE_MAX_BATCHES_PER_REQUEST];
+        size_t n = 0;
+        for (struct pbatch *b = f->head; b && n < ARRAY_LEN(done); b = b->next) {
+            if (b->delivered)
+                done[n++] = b;
+        }
+        if (n == 0 || acknowledge(s, f, done, n) != 0)
+            return;
+    }
+}
+
 static void on_delivered(struct sender *s, struct request *r)
 {
     struct feed_state *f = r->f;
-    int64_t ids[MPARTICLE_MAX_BATCHES_PER_REQUEST];
-    for (size_t i = 0; i < r->n; i++) {
-        ids[i] = r->batches[i]->id;
-        feed_remove(f, r->batches[i]);
-        pbatch_free(r->batches[i]);
+    (void)acknowledge(s, f, r->batches, r->n);
+    for (size_t i = 0; i < r->n; i++)
         r->batches[i] = NULL;
-    }
-    if (queue_ack_async(s->q, ids, r->n, f->feed, settled_below(f)) != QUEUE_OK)
-        log_error("cannot delete delivered batches; they are sent again after a restart",
-                  LOG_S("feed", FEED_NAMES[f->feed]));
     metrics_delivered(f->feed, r->events);
     struct endpoint_state *e = &f->ep[r->ep];
     int64_t now = clock_mono_ms();
@@ -2343,6 +2385,7 @@ static void *sender_main(void *arg)
             struct feed_state *f = &s->feeds[i];
             if (cfg_changed)
                 update_credentials(s, f);
+            ack_again(s, f);
             if (stopping)
                 continue;
             if (expire_held) {
@@ -2399,6 +2442,10 @@ static void *sender_main(void *arg)
         s->cfg = NULL;
     }
 
+    /* deletions that could not be queued get a last try: otherwise their
+     * batches go again after a restart */
+    for (int i = 0; i < FEED_COUNT; i++)
+        ack_again(s, &s->feeds[i]);
     /* What is still in flight is abandoned: persisted, re-sent after restart. */
     for (struct request *r = s->requests, *next; r; r = next) {
         next = r->next;

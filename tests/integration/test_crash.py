@@ -9,8 +9,10 @@ import tempfile
 import threading
 import time
 import types
+import unittest
 
-from harness import SLOW, Service, ServiceTest, busiest_second, claim_batches, claim_blob, event
+from harness import (BIN, SANITIZED, SLOW, WRAPPER, Service, ServiceTest, busiest_second,
+                     claim_batches, claim_blob, event)
 from mparticle_double import MParticleDouble
 from test_delivery import FEEDS, feed_env
 
@@ -165,6 +167,53 @@ class HeadersOutOfMemory(ServiceTest):
         self.wait(lambda: e["id"] in d.source_message_ids(), 20, "the event delivered")
         self.assertEqual([r["status"] for r in d.requests], [202])
         self.assertNotIn("refused this feed's credentials", s.logs())
+
+
+def function_range(name):
+    """'lo-hi' (hex offsets) of a function of the binary, from nm -S; None when
+    nm or the symbol is missing."""
+    try:
+        out = subprocess.run(["nm", "-S", BIN], capture_output=True, text=True).stdout
+    except OSError:
+        return None
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 4 and parts[3] == name:
+            lo, size = int(parts[0], 16), int(parts[1], 16)
+            return "%x-%x" % (lo, lo + size)
+    return None
+
+
+class AcknowledgementsOutOfMemory(ServiceTest):
+    @unittest.skipIf(SANITIZED or WRAPPER, "the shim replaces calloc, which a sanitizer or "
+                     "valgrind owns")
+    def test_delivered_batches_whose_deletion_cannot_be_queued_are_deleted_at_a_later_turn(self):
+        # out of memory to queue their deletion: they left the sender's memory
+        # but stayed in the queue, in flight and counted in its depth, until a
+        # restart sent them again
+        span = function_range("queue_ack_async")
+        if not span:
+            self.skipTest("nm finds no queue_ack_async in %s" % BIN)
+        d = MParticleDouble(feeds=dict(FEEDS)).start()
+        self.addCleanup(d.stop)
+        s = Service(env=feed_env(d, FAIL_CALLOC_FROM=span, FAIL_CALLOC_TIMES=5))
+        self.addCleanup(s.cleanup)
+        preload(s, "alloc_errors")
+        s.start()
+        events = [event("users.messages.email.Send", user="ack%d" % i) for i in range(10)]
+        self.assertEqual(s.post(events).status, 200)
+        self.assertTrue(d.wait_for_events(10, 20 * SLOW))
+        self.wait(lambda: "delivered batches" in s.logs(), 10, "the failed deletion")
+
+        def left():
+            stats = json.loads(s.cli(["queue", "stats", "--json"]).stdout)["feeds"]["unbound"]
+            return stats["depth"], stats["in_flight_batches"]
+
+        self.wait(lambda: left() == (0, 0), 10, "the batches deleted")
+        self.assertEqual(s.stop(), 0)
+        s.start()
+        time.sleep(1)
+        self.assertEqual(len(d.source_message_ids()), 10)
 
 
 class WallClockSteps(ServiceTest):
