@@ -25,6 +25,10 @@
 
 /* Requests in flight per feed. */
 #define MAX_IN_FLIGHT 8
+/* Of them, requests of a batch that failed and goes alone (see suspect): the
+ * rest stay for the feed's other batches, which eight such batches at the
+ * head of the feed kept from going at all. */
+#define MAX_SUSPECTS_IN_FLIGHT (MAX_IN_FLIGHT / 2)
 /* Batches held in memory per feed (waiting or in flight) before claiming more. */
 #define MAX_HELD_BATCHES 2000
 #define MAX_HELD_BYTES (32u << 20)
@@ -77,7 +81,8 @@ struct pbatch {
     int limit; /* most batches it may share a request with (see halve_limit: on 400/413,
                   and on a failure again or while the feed works, see note_failures) */
     int in_flight;
-    int delivered; /* its deletion could not be queued: in flight until it is (ack_again) */
+    int delivered;    /* its deletion could not be queued: in flight until it is (ack_again) */
+    int64_t retry_at; /* monotonic ms: failing alone while the feed works, it waits by itself */
     /* requests with it that mParticle failed (a 5xx, no answer, an unexpected
      * answer), and when the last of those was (monotonic ms); since when each
      * of its failures came while the feed worked (0: the last one did not);
@@ -155,6 +160,7 @@ struct feed_state {
     size_t nbatches, bytes;
     size_t delivered; /* batches whose deletion is still to be queued */
     int in_flight;
+    int suspects_in_flight; /* of in_flight, requests of one suspect batch */
     enum feed_pause pause;
     int64_t probe_at;
     int probing;
@@ -195,7 +201,9 @@ struct request {
     char rate_exceeded[32]; /* X-mp-rate-limit-exceeded: which limit a 429 is for */
     int rate_usage;
     int probe;
-    int arrived; /* its batches count as arrived in the rate windows (see arrive) */
+    int suspect;       /* one batch, a suspect one (see suspect) */
+    int alone_failing; /* failed alone while mParticle accepts the feed's others */
+    int arrived;       /* its batches count as arrived in the rate windows (see arrive) */
     enum endpoint ep;
     int64_t started_ns;        /* clock_mono_ns */
     unsigned char cred_fp[32]; /* the feed's cred_fp when it was sent */
@@ -231,6 +239,7 @@ struct sender {
     int64_t last_expire;
     int64_t expiry_logged_ms; /* log_due of failed reads at expiry */
     int64_t ack_logged_ms;    /* log_due of deletions that could not be queued */
+    int64_t alone_logged_ms;  /* log_due of batches failing alone */
     int64_t last_expire_held;
     uint64_t cfg_generation; /* of the configuration the feeds follow (0: none yet) */
     /* mParticle's limit is per account: all feeds together stay within
@@ -289,6 +298,13 @@ static int64_t backoff_ms(struct sender *s, int failures)
     if (ceiling > cap)
         ceiling = cap;
     return (int64_t)(next_random(s) % (uint64_t)(ceiling + 1));
+}
+
+/* A batch that mParticle failed and that goes alone (see note_failures):
+ * mParticle may fail it for its content. */
+static int suspect(const struct pbatch *b)
+{
+    return b->limit == 1 && b->failed.count > 0;
 }
 
 static void pbatch_free(struct pbatch *b)
@@ -1215,6 +1231,7 @@ static int start_request(struct sender *s, struct feed_state *f, struct pbatch *
     r->s = s;
     r->f = f;
     r->probe = probe;
+    r->suspect = n == 1 && suspect(batches[0]);
     r->rate_usage = -1;
     r->started_ns = clock_mono_ns();
     memcpy(r->cred_fp, f->cred_fp, sizeof r->cred_fp);
@@ -1303,6 +1320,7 @@ static int start_request(struct sender *s, struct feed_state *f, struct pbatch *
     for (size_t i = 0; i < n; i++)
         batches[i]->in_flight = 1;
     f->in_flight++;
+    f->suspects_in_flight += r->suspect;
     s->in_flight++;
     r->next = s->requests;
     s->requests = r;
@@ -1460,7 +1478,8 @@ static void dispatch(struct sender *s, struct feed_state *f, int64_t now)
             /* one endpoint per request; a batch for both waits to be split */
             enum endpoint ep = class_of(b, wall);
             if (b->in_flight || ep == EP_MIXED || (n > 0 && ep != first) ||
-                now < f->ep[ep].not_before)
+                now < f->ep[ep].not_before || now < b->retry_at ||
+                (suspect(b) && f->suspects_in_flight >= MAX_SUSPECTS_IN_FLIGHT))
                 continue;
             first = ep;
             size_t c = cap < (size_t)b->limit ? cap : (size_t)b->limit;
@@ -1652,6 +1671,7 @@ static void note_failures(struct feed_state *f, struct request *r, int status, c
             b->failed.since_ms = 0;
         if (works || b->failed.count >= 1)
             halve_limit(b, r->n);
+        r->alone_failing = r->n == 1 && works;
         b->failed.count++;
         b->failed.last_ms = now;
         count_answer(b, status, why);
@@ -1659,14 +1679,22 @@ static void note_failures(struct feed_state *f, struct request *r, int status, c
 }
 
 /* A failed request: its batches wait out a backoff that grows with the failed
- * rounds. Returns 1 when the failure was counted (the first of its round). */
+ * rounds. Returns 1 when the failure was counted (the first of its round). A
+ * batch that failed alone while mParticle accepts the feed's other batches
+ * waits by itself, with a backoff of its own failures, and holds back no
+ * other: the feed's backoff after each of its failures held every batch. */
 static int back_off(struct sender *s, struct request *r)
 {
     struct feed_state *f = r->f;
     struct endpoint_state *e = &f->ep[r->ep];
     release(r);
-    int counted = count_failure(e, r);
     metrics_retry(f->feed);
+    if (r->alone_failing) {
+        struct pbatch *b = r->batches[0];
+        b->retry_at = clock_mono_ms() + backoff_ms(s, b->failed.count);
+        return 0;
+    }
+    int counted = count_failure(e, r);
     /* a late answer of a round a success has ended since holds nothing back */
     if (counted || e->failures > 0)
         hold_until(e, clock_mono_ms() + backoff_ms(s, e->failures));
@@ -1679,6 +1707,15 @@ static void retry_later(struct sender *s, struct request *r, int status, const c
     const struct endpoint_state *e = &f->ep[r->ep];
     int counted = back_off(s, r);
     int64_t wait = e->not_before - clock_mono_ms();
+    if (r->alone_failing && log_due(&s->alone_logged_ms)) {
+        const struct pbatch *b = r->batches[0];
+        log_warn("mParticle fails a batch sent alone while it accepts the feed's others; it "
+                 "waits by itself, and goes to the dead-letter store after retry.failing_s",
+                 LOG_S("feed", FEED_NAMES[f->feed]) LOG_S("endpoint", ENDPOINT_NAMES[r->ep])
+                     LOG_S("batch", b->srid) LOG_I("status", status) LOG_S("error", why)
+                         LOG_I("failures", b->failed.count)
+                             LOG_I("retry_in_ms", b->retry_at - clock_mono_ms()));
+    }
     if (counted && (e->failures == 1 || e->failures % 10 == 0))
         log_warn("mParticle request failed; backing off",
                  LOG_S("feed", FEED_NAMES[f->feed]) LOG_S("endpoint", ENDPOINT_NAMES[r->ep])
@@ -1911,6 +1948,7 @@ static void finish(struct sender *s, CURLMsg *msg)
         }
     }
     f->in_flight--;
+    f->suspects_in_flight -= r->suspect;
     s->in_flight--;
     arrived(s, r, clock_mono_ms());
     if (r->probe)

@@ -232,6 +232,32 @@ class Delivery(ServiceTest):
         self.wait(lambda: s.metrics()['tributary_queue_depth{feed="unbound"}'] == 0,
                   what="the queue emptied")
 
+    def test_many_batches_mparticle_keeps_failing_hold_back_none_of_the_others(self):
+        # Eight batches failing alone took every request a feed may have in
+        # flight, and each failure held the whole feed for its backoff: no
+        # other batch went, the feed seemed stalled, the failing ones' time
+        # of failing started over each minute, and all waited for
+        # retry.max_age_s (48 hours).
+        d, s, _ = self.failing_feed(500, TRIBUTARY_RETRY_FAILING_S=3600,
+                                    TRIBUTARY_RETRY_MAX_MS=2000)
+        bad = [event("users.messages.email.Open", user="bad-%d" % i, campaign_id="POISON-5XX")
+               for i in range(12)]
+        self.assertEqual(s.post(bad).status, 200)
+        self.wait(lambda: sum(1 for r in d.requests if r["status"] == 500 and r["batches"] == 1)
+                  >= 12, timeout=30, what="every bad batch failing alone")
+        for round in range(5):
+            good = [event("users.messages.email.Open", user="g%d-%d" % (round, i))
+                    for i in range(20)]
+            self.assertEqual(s.post(good).status, 200)
+            ids = {e["id"] for e in good}
+            self.wait(lambda: ids <= set(d.source_message_ids()), timeout=5,
+                      what="round %d delivered while the bad batches fail" % round)
+        self.assertIn("mParticle fails a batch sent alone while it accepts the feed's others",
+                      s.logs())
+        # the bad ones wait on, each by itself, until retry.failing_s
+        self.assertEqual(s.metrics()['tributary_queue_depth{feed="unbound"}'], 12)
+        self.assertEqual(s.metrics().get('tributary_dead_letters_total{reason="failing"}', 0), 0)
+
     def test_a_batch_that_fails_alone_from_the_start_is_failing_too(self):
         # a quiet feed: each new batch waited out the backoff of the failing one
         # and went with it, so that nothing got through, as in an outage
