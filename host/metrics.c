@@ -451,6 +451,30 @@ int metrics_render(buf *b, const struct metrics_gauges *g)
             rc |= buf_printf(b, "tributary_feed_paused{feed=\"%s\",reason=\"refused\"} %d\n",
                              FEED_NAMES[f], g->paused[f] == 2);
         }
+        rc |= header(b, "tributary_mparticle_failures", "gauge",
+                     "Failed rounds of requests in a row to mParticle, by feed (5xx, no answer, "
+                     "an answer outside the API); 0 once a request is accepted.");
+        for (int f = 0; f < FEED_COUNT; f++)
+            rc |= buf_printf(b, "tributary_mparticle_failures{feed=\"%s\"} %d\n", FEED_NAMES[f],
+                             g->send_failures[f]);
+        rc |= header(b, "tributary_mparticle_retry_in_seconds", "gauge",
+                     "Seconds until a feed sends again after a backoff or a 429's Retry-After, "
+                     "by feed; 0 when it is not waiting.");
+        for (int f = 0; f < FEED_COUNT; f++)
+            rc |= buf_printf(b, "tributary_mparticle_retry_in_seconds{feed=\"%s\"} %.3f\n",
+                             FEED_NAMES[f], g->resume_in_s[f]);
+        rc |= header(b, "tributary_mparticle_rate_limit_batches_per_second", "gauge",
+                     "Batches a second a feed allows itself now (feeds.<feed>.rate_limit, lowered "
+                     "after a 429 or a high usage, then recovering towards it).");
+        for (int f = 0; f < FEED_COUNT; f++)
+            rc |= buf_printf(
+                b, "tributary_mparticle_rate_limit_batches_per_second{feed=\"%s\"} %.1f\n",
+                FEED_NAMES[f], g->send_rate[f]);
+        rc |= header(b, "tributary_mparticle_account_rate_limit_batches_per_second", "gauge",
+                     "Batches a second all feeds together allow themselves now "
+                     "(mparticle.rate_limit, lowered after a 429 for the account).");
+        rc |= buf_printf(b, "tributary_mparticle_account_rate_limit_batches_per_second %.1f\n",
+                         g->account_rate);
         rc |= header(b, "tributary_queue_commits_total", "counter",
                      "Queue transactions committed; concurrent requests share them.");
         rc |= buf_printf(b, "tributary_queue_commits_total %lld\n", (long long)g->queue_commits);

@@ -83,7 +83,11 @@ uint64_t metrics_get_dead(const char *reason);
 struct metrics_gauges {
     int64_t queue_depth[FEED_COUNT];
     double oldest_age_s[FEED_COUNT];
-    int paused[FEED_COUNT]; /* 0 sending, 1 no credentials, 2 refused by mParticle */
+    int paused[FEED_COUNT];         /* 0 sending, 1 no credentials, 2 refused by mParticle */
+    int send_failures[FEED_COUNT];  /* failed rounds in a row (see sender_status) */
+    double resume_in_s[FEED_COUNT]; /* until a feed waiting out a backoff or a 429 sends */
+    double send_rate[FEED_COUNT];   /* batches a second a feed allows itself */
+    double account_rate;            /* the same for all feeds together */
     int64_t dead_letters;
     int64_t queue_commits;
     int64_t queue_operations;

@@ -139,6 +139,8 @@ struct endpoint_state {
     int64_t delivered_ms;    /* the last delivery, monotonic */
     int64_t not_before;      /* backoff or Retry-After, monotonic ms */
     int64_t rate_limited_to; /* the part of not_before a 429 asked for */
+    int last_status;         /* of the last failed round (0: no answer) */
+    const char *last_error;  /* and its error (a static text) */
 };
 
 struct bucket {
@@ -230,7 +232,7 @@ struct sender {
     _Atomic int stopping;
     _Atomic int64_t grace_until;
     struct feed_state feeds[FEED_COUNT];
-    enum feed_pause paused[FEED_COUNT]; /* copy for other threads, under mu */
+    struct feed_status status[FEED_COUNT]; /* copy for other threads, under mu */
     int in_flight;
     struct request *requests; /* in flight */
     int joined;
@@ -357,7 +359,28 @@ static void feed_remove(struct feed_state *f, struct pbatch *b)
 static void publish_pause(struct sender *s, struct feed_state *f)
 {
     pthread_mutex_lock(&s->mu);
-    s->paused[f->feed] = f->pause;
+    s->status[f->feed].pause = f->pause;
+    pthread_mutex_unlock(&s->mu);
+}
+
+/* What each feed's failures and waits are, for sender_status: once a turn. */
+static void publish_status(struct sender *s)
+{
+    pthread_mutex_lock(&s->mu);
+    for (int i = 0; i < FEED_COUNT; i++) {
+        const struct feed_state *f = &s->feeds[i];
+        struct feed_status *st = &s->status[i];
+        st->failures = 0;
+        st->resume_ms = s->account_not_before;
+        for (int e = 0; e < EP_ENDPOINTS; e++) {
+            if (f->ep[e].failures > st->failures)
+                st->failures = f->ep[e].failures;
+            if (f->ep[e].not_before > st->resume_ms)
+                st->resume_ms = f->ep[e].not_before;
+        }
+        st->rate = f->rate.rate;
+        st->account_rate = s->account.rate;
+    }
     pthread_mutex_unlock(&s->mu);
 }
 
@@ -1704,7 +1727,7 @@ static int back_off(struct sender *s, struct request *r)
 static void retry_later(struct sender *s, struct request *r, int status, const char *why)
 {
     struct feed_state *f = r->f;
-    const struct endpoint_state *e = &f->ep[r->ep];
+    struct endpoint_state *e = &f->ep[r->ep];
     int counted = back_off(s, r);
     int64_t wait = e->not_before - clock_mono_ms();
     if (r->alone_failing && log_due(&s->alone_logged_ms)) {
@@ -1716,7 +1739,16 @@ static void retry_later(struct sender *s, struct request *r, int status, const c
                          LOG_I("failures", b->failed.count)
                              LOG_I("retry_in_ms", b->retry_at - clock_mono_ms()));
     }
-    if (counted && (e->failures == 1 || e->failures % 10 == 0))
+    /* the first failure of a streak, every 10th, and a change of what fails
+     * (a 503 that becomes a refused connection) */
+    int changed =
+        counted && e->failures > 1 &&
+        (status != e->last_status || (why && e->last_error && strcmp(why, e->last_error)));
+    if (counted) {
+        e->last_status = status;
+        e->last_error = why;
+    }
+    if (counted && (e->failures == 1 || e->failures % 10 == 0 || changed))
         log_warn("mParticle request failed; backing off",
                  LOG_S("feed", FEED_NAMES[f->feed]) LOG_S("endpoint", ENDPOINT_NAMES[r->ep])
                      LOG_I("status", status) LOG_S("error", why) LOG_I("failures", e->failures)
@@ -2472,6 +2504,7 @@ static void *sender_main(void *arg)
             if (msg->msg == CURLMSG_DONE)
                 finish(s, msg);
         }
+        publish_status(s);
         int timeout = (int)(wake - clock_mono_ms());
         if (timeout < 1)
             timeout = 1;
@@ -2516,7 +2549,7 @@ int sender_start(sender **out, queue *q, char *err, size_t errlen)
     pthread_mutex_init(&s->mu, NULL);
     for (int i = 0; i < FEED_COUNT; i++) {
         s->feeds[i].feed = (enum feed)i;
-        s->paused[i] = PAUSE_NONE;
+        s->status[i].pause = PAUSE_NONE;
     }
     s->reader = queue_reader_new(q, err, errlen);
     if (!s->reader)
@@ -2591,9 +2624,9 @@ int64_t sender_event_names(sender *s)
     return event_names_count(s->names);
 }
 
-void sender_paused(sender *s, enum feed_pause paused[FEED_COUNT])
+void sender_status(sender *s, struct feed_status out[FEED_COUNT])
 {
     pthread_mutex_lock(&s->mu);
-    memcpy(paused, s->paused, sizeof s->paused);
+    memcpy(out, s->status, sizeof s->status);
     pthread_mutex_unlock(&s->mu);
 }

@@ -44,12 +44,20 @@ int sender_global_init(void) WUR;
 /* Starts the sender thread (after sender_global_init). */
 int sender_start(sender **out, queue *q, char *err, size_t errlen) WUR;
 /* Stops claiming, lets in-flight requests finish for up to grace_ms, stops the
- * thread. What is not acknowledged stays queued. sender_paused keeps working
+ * thread. What is not acknowledged stays queued. sender_status keeps working
  * until sender_free. Accepts NULL. */
 void sender_stop(sender *s, int64_t grace_ms);
 void sender_free(sender *s);
-/* Current pause state of every feed. */
-void sender_paused(sender *s, enum feed_pause paused[FEED_COUNT]);
+/* What a feed is doing, as the sender's last turn left it. */
+struct feed_status {
+    enum feed_pause pause;
+    int failures;        /* failed rounds in a row, the more of its two endpoints' */
+    int64_t resume_ms;   /* monotonic ms: it waits (a backoff, a 429's) until then */
+    double rate;         /* batches a second it allows itself (lowered after 429s) */
+    double account_rate; /* the same for all feeds together */
+};
+/* Every feed's status; any thread. */
+void sender_status(sender *s, struct feed_status out[FEED_COUNT]);
 /* How many event names the sender has seen (see event_names.h); any thread. */
 int64_t sender_event_names(sender *s);
 

@@ -138,11 +138,11 @@ static int hook_ready(void *ctx, buf *reasons)
     if (qg.full)
         not_ready(&ready, reasons, "\"queue full (queue.max_depth): new events get 503\"");
     /* Nothing can leave: better that Braze keeps its events than that they pile up here. */
-    enum feed_pause paused[FEED_COUNT];
-    sender_paused(s->sender, paused);
+    struct feed_status st[FEED_COUNT];
+    sender_status(s->sender, st);
     int all = 1;
     for (int f = 0; f < FEED_COUNT; f++)
-        all &= paused[f] != PAUSE_NONE;
+        all &= st[f].pause != PAUSE_NONE;
     if (all)
         not_ready(&ready, reasons,
                   "\"every feed is paused (no credentials, or refused by mParticle)\"");
@@ -165,10 +165,16 @@ static void hook_gauges(void *ctx, struct metrics_gauges *g)
     g->dedup_ids = qg.dedup_ids;
     g->dedup_bytes = qg.dedup_bytes;
     g->event_names = sender_event_names(s->sender);
-    enum feed_pause paused[FEED_COUNT];
-    sender_paused(s->sender, paused);
-    for (int f = 0; f < FEED_COUNT; f++)
-        g->paused[f] = paused[f] == PAUSE_NO_CREDENTIALS ? 1 : paused[f] == PAUSE_AUTH ? 2 : 0;
+    struct feed_status st[FEED_COUNT];
+    sender_status(s->sender, st);
+    int64_t mono = clock_mono_ms();
+    for (int f = 0; f < FEED_COUNT; f++) {
+        g->paused[f] = st[f].pause == PAUSE_NO_CREDENTIALS ? 1 : st[f].pause == PAUSE_AUTH ? 2 : 0;
+        g->send_failures[f] = st[f].failures;
+        g->resume_in_s[f] = st[f].resume_ms > mono ? (double)(st[f].resume_ms - mono) / 1000.0 : 0;
+        g->send_rate[f] = st[f].rate;
+    }
+    g->account_rate = st[0].account_rate;
     buf ignored;
     buf_init(&ignored, 1024);
     g->ready = hook_ready(ctx, &ignored);

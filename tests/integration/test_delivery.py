@@ -159,6 +159,47 @@ class Delivery(ServiceTest):
         self.assertIn(later["id"], d.source_message_ids())
         self.assertEqual(len([r for r in d.requests if r["feed"] == "ios"]), sent_to_ios)
 
+    def test_a_backoff_and_what_fails_are_in_the_metrics_and_the_log(self):
+        # during an outage the log said one line and /metrics nothing of the
+        # feed waiting; a refused connection that became a 503 went unsaid
+        d = self.double()
+        s = self.service(env=feed_env(d, TRIBUTARY_RETRY_BASE_MS=2000,
+                                      TRIBUTARY_RETRY_MAX_MS=2000))
+        d.fail(503, times=2)
+        d.drop_connections(times=1)
+        e = event("users.messages.email.Open", user="outage")
+        self.assertEqual(s.post([e]).status, 200)
+        self.wait(lambda: s.metrics()['tributary_mparticle_failures{feed="unbound"}'] >= 1,
+                  what="the failure counted")
+        m = s.metrics()
+        self.assertGreater(m['tributary_mparticle_retry_in_seconds{feed="unbound"}'], 0)
+        self.assertLessEqual(m['tributary_mparticle_retry_in_seconds{feed="unbound"}'], 2)
+        self.assertEqual(m['tributary_mparticle_failures{feed="ios"}'], 0)
+        self.assertTrue(d.wait_for_events(1, 20 * SLOW))
+        self.wait(lambda: s.metrics()['tributary_mparticle_failures{feed="unbound"}'] == 0,
+                  what="the failures ended")
+        self.assertEqual(s.metrics()['tributary_mparticle_retry_in_seconds{feed="unbound"}'], 0)
+        lines = [l for l in s.logs().splitlines() if "backing off" in l]
+        # the double drops before it fails: no answer, then 503 twice
+        self.assertEqual(len(lines), 2, lines)
+        self.assertIn("status=0", lines[0])
+        self.assertIn("status=503", lines[1])
+
+    def test_a_429_lowers_the_rates_in_the_metrics(self):
+        d = self.double()
+        s = self.service(env=feed_env(d))
+        m = s.metrics()
+        self.assertEqual(m['tributary_mparticle_rate_limit_batches_per_second{feed="web"}'], 270)
+        self.assertEqual(m["tributary_mparticle_account_rate_limit_batches_per_second"], 270)
+        d.fail(429, times=1, retry_after=4, rate_limit_exceeded="account")
+        self.assertEqual(s.post([event("users.messages.email.Open", user="u429")]).status, 200)
+        self.wait(lambda: any(r["status"] == 429 for r in d.requests), what="the 429")
+        m = s.metrics()
+        self.assertLess(m["tributary_mparticle_account_rate_limit_batches_per_second"], 270)
+        # a 429 for the account holds every feed
+        self.assertGreater(m['tributary_mparticle_retry_in_seconds{feed="ios"}'], 1)
+        self.assertTrue(d.wait_for_events(1, 20 * SLOW))
+
     def test_a_url_fixed_by_a_reload_is_tried_at_once_not_after_the_old_backoff(self):
         d = self.double()
         env = feed_env(d, TRIBUTARY_RETRY_BASE_MS="1000", TRIBUTARY_RETRY_MAX_MS="60000")
