@@ -81,8 +81,9 @@ struct pbatch {
     int limit; /* most batches it may share a request with (see halve_limit: on 400/413,
                   and on a failure again or while the feed works, see note_failures) */
     int in_flight;
-    int delivered;    /* its deletion could not be queued: in flight until it is (ack_again) */
-    int64_t retry_at; /* monotonic ms: failing alone while the feed works, it waits by itself */
+    int delivered;     /* its deletion could not be queued: in flight until it is (ack_again) */
+    int64_t retry_at;  /* monotonic ms: failing alone while the feed works, it waits by itself */
+    int sent_realtime; /* sent to the real-time endpoint at least once (see class_of) */
     /* requests with it that mParticle failed (a 5xx, no answer, an unexpected
      * answer), and when the last of those was (monotonic ms); since when each
      * of its failures came while the feed worked (0: the last one did not);
@@ -451,12 +452,20 @@ static int event_historical(int64_t t, int64_t now_ms)
     return t >= 0 && now_ms - t > HISTORICAL_AFTER_MS;
 }
 
+/* A batch sent to the real-time endpoint stays whole there, with its
+ * source_request_id, until its oldest event is this old: mParticle may have
+ * taken it already (a request whose answer was lost, a 5xx after the batch
+ * was stored), and would not know its parts for the batch it has. */
+#define SENT_REALTIME_UNTIL_MS (MPARTICLE_HISTORICAL_AGE_MS - 3600LL * 1000)
+
 /* The endpoint of a batch now, from its events' times: EP_MIXED when some of
  * its events belong on each (a batch that waited while some crossed the line,
  * or one persisted before batches were made per endpoint): it is split first. */
 static enum endpoint class_of(const struct pbatch *b, int64_t now_ms)
 {
     if (b->untimed == b->nrecords || !event_historical(b->ev_min_ms, now_ms))
+        return EP_REALTIME;
+    if (b->sent_realtime && now_ms - b->ev_min_ms < SENT_REALTIME_UNTIL_MS)
         return EP_REALTIME;
     return b->untimed == 0 && event_historical(b->ev_max_ms, now_ms) ? EP_HISTORICAL : EP_MIXED;
 }
@@ -1340,8 +1349,10 @@ static int start_request(struct sender *s, struct feed_state *f, struct pbatch *
     curl_easy_setopt(e, CURLOPT_SSL_VERIFYHOST, 2L);
     if (curl_multi_add_handle(s->multi, e) != CURLM_OK)
         goto fail;
-    for (size_t i = 0; i < n; i++)
+    for (size_t i = 0; i < n; i++) {
         batches[i]->in_flight = 1;
+        batches[i]->sent_realtime |= r->ep == EP_REALTIME;
+    }
     f->in_flight++;
     f->suspects_in_flight += r->suspect;
     s->in_flight++;

@@ -117,6 +117,29 @@ def run_cli(args, env=None, stdin=None, cwd=None, timeout=60):
 TIME = "/usr/bin/time"
 
 
+def fault_shim(name):
+    """Builds tests/integration/faults/<name>.c once per run; the path of the
+    library, for LD_PRELOAD."""
+    if name not in _SHIMS:
+        src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "faults", name + ".c")
+        path = os.path.join(tempfile.mkdtemp(prefix="tributary-shim-"), name + ".so")
+        subprocess.run(["cc", "-shared", "-fPIC", "-O1", "-o", path, src, "-ldl", "-lpthread"],
+                       check=True)
+        _SHIMS[name] = path
+    return _SHIMS[name]
+
+
+_SHIMS = {}
+
+
+def preload(s, name):
+    """Preloads the fault shim <name> into the next start of s."""
+    s.env["LD_PRELOAD"] = fault_shim(name)
+    # a sanitizer build wants its runtime first; the shim only wraps a call
+    s.env["ASAN_OPTIONS"] = (os.environ.get("ASAN_OPTIONS", "") +
+                             ":verify_asan_link_order=0").lstrip(":")
+
+
 def run_cli_peak_rss(args, env=None, cwd=None, timeout=60):
     """Runs the binary once under GNU time, without TEST_WRAPPER (whose memory
     is not the binary's); returns (CompletedProcess, peak resident memory in

@@ -5,14 +5,13 @@ import collections
 import json
 import os
 import subprocess
-import tempfile
 import threading
 import time
 import types
 import unittest
 
 from harness import (BIN, SANITIZED, SLOW, WRAPPER, Service, ServiceTest, busiest_second,
-                     claim_batches, claim_blob, event)
+                     claim_batches, claim_blob, event, preload)
 from mparticle_double import MParticleDouble
 from test_delivery import FEEDS, feed_env
 
@@ -70,29 +69,6 @@ class Crash(ServiceTest):
         again = s.post([{"event_type": "users.messages.email.Send", "id": acknowledged[0],
                          "time": 1, "user": {"external_user_id": "u0"}}])
         self.assertEqual(again.json()["duplicates"], 1)
-
-
-def fault_shim(name):
-    """Builds tests/integration/faults/<name>.c once per run; the path of the
-    library, for LD_PRELOAD."""
-    if name not in _SHIMS:
-        src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "faults", name + ".c")
-        path = os.path.join(tempfile.mkdtemp(prefix="tributary-shim-"), name + ".so")
-        subprocess.run(["cc", "-shared", "-fPIC", "-O1", "-o", path, src, "-ldl", "-lpthread"],
-                       check=True)
-        _SHIMS[name] = path
-    return _SHIMS[name]
-
-
-_SHIMS = {}
-
-
-def preload(s, name):
-    """Preloads the fault shim <name> into the next start of s."""
-    s.env["LD_PRELOAD"] = fault_shim(name)
-    # a sanitizer build wants its runtime first; the shim only wraps a call
-    s.env["ASAN_OPTIONS"] = (os.environ.get("ASAN_OPTIONS", "") +
-                             ":verify_asan_link_order=0").lstrip(":")
 
 
 class SlowClaims(ServiceTest):

@@ -10,7 +10,7 @@ import threading
 import time
 
 from harness import (SLOW, Service, ServiceTest, busiest_second, claim_blob, event,
-                     lines_per_second, load_event_map, run_cli)
+                     lines_per_second, load_event_map, preload, run_cli)
 from mparticle_double import MParticleDouble
 
 FEEDS = {
@@ -1285,17 +1285,32 @@ class Delivery(ServiceTest):
         self.assertEqual(sorted(d.source_message_ids()), sorted(e["id"] for e in old + recent))
 
     def test_a_batch_whose_event_turns_historical_while_it_waits_is_split(self):
+        # A batch sent once stays whole on the real-time endpoint, with its
+        # source_request_id, until its oldest event is 30 days old less an
+        # hour: mParticle may have taken it already (a 5xx after it stored the
+        # batch, an answer lost), and would not know its parts for it.
+        offset = os.path.join(self.tmpdir(), "offset")
+        with open(offset, "w") as f:
+            f.write("0")
         d = self.double()
         d.fail(503)
-        s = self.service(env=feed_env(d))
+        s = Service(env=feed_env(d, WALL_CLOCK_OFFSET_FILE=offset))
+        self.addCleanup(s.cleanup)
+        preload(s, "wall_clock")
+        s.start()
         now = int(time.time())
-        # a day short of 30 days (where the service switches) in three seconds; its user's
-        # other event is recent: their batch must become two
+        # a day short of 30 days (where the service switches an unsent batch)
+        # in three seconds; its user's other event is recent
         crossing = event("users.messages.email.Send", user="u", time_s=now - 29 * 86400 + 3)
         recent = event("users.messages.email.Send", user="u", time_s=now - 3600)
         self.assertEqual(s.post([crossing, recent]).status, 200)
         self.wait(lambda: any(r["status"] == 503 for r in d.requests), what="a refused request")
         time.sleep(5)
+        self.assertEqual({r["path"] for r in d.requests}, {"/v2/bulkevents"})
+        # a day later by the wall clock, past the hour before 30 days: two batches
+        with open(offset, "w") as f:
+            f.write(str(86400))
+        time.sleep(2)
         d.clear_faults()
         self.assertTrue(d.wait_for_events(2, 20 * SLOW))
         paths = {e["data"]["source_message_id"]: r["path"]
@@ -1303,6 +1318,22 @@ class Delivery(ServiceTest):
                  for e in b["batch"]["events"]}
         self.assertEqual(paths, {crossing["id"]: "/v2/bulkevents/historical",
                                  recent["id"]: "/v2/bulkevents"})
+
+    def test_a_batch_sent_once_keeps_its_endpoint_and_id_as_its_event_turns_historical(self):
+        d = self.double()
+        d.fail(503)
+        s = self.service(env=feed_env(d))
+        now = int(time.time())
+        crossing = event("users.messages.email.Send", user="u", time_s=now - 29 * 86400 + 3)
+        recent = event("users.messages.email.Send", user="u", time_s=now - 3600)
+        self.assertEqual(s.post([crossing, recent]).status, 200)
+        self.wait(lambda: any(r["status"] == 503 for r in d.requests), what="a refused request")
+        time.sleep(5)
+        d.clear_faults()
+        self.assertTrue(d.wait_for_events(2, 20 * SLOW))
+        # one batch, sent again as it was: mParticle knows it by its id
+        self.assertEqual({r["path"] for r in d.requests}, {"/v2/bulkevents"})
+        self.assertEqual(len(d.source_request_ids()), 1, d.source_request_ids())
 
     def test_slow_answers_on_two_feeds_do_not_hold_up_a_third(self):
         d = self.double()

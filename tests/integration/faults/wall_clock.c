@@ -1,6 +1,6 @@
 /*
  * wall_clock.so: a wall clock that steps, LD_PRELOADed into `tributary serve`
- * by tests/integration/test_crash.py.
+ * by tests/integration/test_crash.py and test_delivery.py.
  *
  *   WALL_CLOCK_OFFSET_FILE=path   CLOCK_REALTIME is moved by the number of
  *                                 seconds the file holds (may be negative),
