@@ -268,11 +268,19 @@ int buf_json_strict(buf *b, const char *s, size_t n)
 
 /* Walks the first max characters of s[0..n) as buf_json_str writes them;
  * returns the bytes they take, and their count in *chars. */
+/* Walks s as far as max characters, counted in UTF-16 code units, as Java and
+ * JavaScript count a string's length: a character beyond U+FFFF (most emoji)
+ * counts two. mParticle's limits say "characters" without saying which: this
+ * is the stricter reading. */
 static size_t json_str_walk(const char *s, size_t n, size_t max, size_t *chars)
 {
     size_t i = 0, c = 0;
-    for (; i < n && c < max; c++) {
+    while (i < n) {
         size_t seq = utf8_sequence((const unsigned char *)s + i, n - i);
+        size_t units = seq == 4 ? 2 : 1;
+        if (c + units > max)
+            break;
+        c += units;
         i += seq ? seq : 1; /* U+FFFD for the byte */
     }
     *chars = c;

@@ -100,11 +100,13 @@ int buf_json_str(buf *b, const char *s, size_t n) WUR;
  * control characters (C0 and C1) escaped (\u00XX) and each byte that begins
  * no UTF-8 sequence as U+FFFD. */
 int buf_json_strict(buf *b, const char *s, size_t n) WUR;
-/* The characters buf_json_str writes for s[0..n): one per well-formed UTF-8
- * sequence, and one (U+FFFD) per byte that begins none. */
+/* The characters buf_json_str writes for s[0..n), in UTF-16 code units, as
+ * mParticle's limits are read: one per well-formed UTF-8 sequence (two for one
+ * of four bytes, beyond U+FFFF), and one (U+FFFD) per byte that begins none. */
 size_t json_str_chars(const char *s, size_t n);
 /* The bytes of s[0..n) that hold its first max characters, counted as
- * json_str_chars counts them: n when it has no more. */
+ * json_str_chars counts them (a character of two units that would pass max is
+ * left out): n when it has no more. */
 size_t json_str_prefix(const char *s, size_t n, size_t max);
 /* What buf_json_str appends for s[0..n), quotes included. */
 size_t json_str_len(const char *s, size_t n);

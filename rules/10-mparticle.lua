@@ -15,6 +15,7 @@ local null = cjson.null
 local type, pairs, tostring = type, pairs, tostring
 local encode = cjson.encode
 local find = string.find
+local gsub = string.gsub
 local tointeger, floor, abs = math.tointeger, math.floor, math.abs
 -- Every property not used elsewhere becomes a custom attribute, within
 -- mParticle's limits (see README, "What rules can use").
@@ -155,6 +156,14 @@ local function text(v)
   return tostring(v)
 end
 
+-- The characters of a string as mParticle's limits are read (and the host
+-- cuts to): UTF-16 units, a character beyond U+FFFF (most emoji) counting two;
+-- a byte that is no UTF-8 is one (U+FFFD).
+local function chars(s)
+  local _, astral = gsub(s, "[\240-\244][\128-\191][\128-\191][\128-\191]", "")
+  return (utf8.len(s) or #s) + astral
+end
+
 -- An identity or device identifier: a non-empty string, or a number as text;
 -- absent, null, "" or blanks only, booleans and tables have none (true, or
 -- " ", would make every such user one mParticle customer).
@@ -244,7 +253,7 @@ local function process(event, out)
   -- a user attribute's value has at most 4,096 characters: a longer "number"
   -- is none, and is left out (counted) rather than the event refused
   local mobile_attribute = mobile
-  if mobile and (utf8.len(mobile) or #mobile) > 4096 then
+  if mobile and chars(mobile) > 4096 then
     mobile_attribute = nil
     tributary.count("attribute_dropped")
   end
@@ -428,6 +437,13 @@ local tests = {
               user = { external_user_id = "c" },
               properties = { to_phone_number = ("\u{e9}"):rep(4096) } },
     expect = { batch = { user_attributes = { ["$mobile"] = ("\u{e9}"):rep(4096) } } },
+  },
+  {
+    name = "a phone number's characters are UTF-16 units: an emoji counts two",
+    event = { event_type = "users.messages.sms.Delivery", id = "s-01", time = 1,
+              user = { external_user_id = "c" },
+              properties = { to_phone_number = ("\u{1F389}"):rep(2049) } },
+    expect = { batch = { user_attributes = { ["$mobile"] = absent } } },
   },
   {
     name = "a phone number of more than 4,096 characters is left out",

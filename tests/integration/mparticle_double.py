@@ -168,6 +168,13 @@ def _array_items(text):
         i = _WS.match(text, i + 1).end()  # past ','
 
 
+def _chars(s):
+    """A string's length as mParticle's limits are read here: UTF-16 code units, as Java
+    and JavaScript count them (a character beyond U+FFFF, most emoji, counts two), the
+    stricter reading of "characters"."""
+    return len(s.encode("utf-16-le", "surrogatepass")) // 2
+
+
 def _is_scalar(v):
     return v is None or isinstance(v, (str, int, float, bool))
 
@@ -180,7 +187,7 @@ def _check_attributes(attrs, where, allow_arrays):
     if len(attrs) > MAX_ATTRIBUTES:
         raise Rejected(400, "%s has %d attributes, at most %d are allowed" % (where, len(attrs), MAX_ATTRIBUTES))
     for name, value in attrs.items():
-        if len(name) > MAX_NAME_CHARS:
+        if _chars(name) > MAX_NAME_CHARS:
             raise Rejected(400, "%s: attribute name longer than %d characters" % (where, MAX_NAME_CHARS))
         values = [value]
         if allow_arrays and isinstance(value, list):
@@ -189,7 +196,7 @@ def _check_attributes(attrs, where, allow_arrays):
             if not _is_scalar(v):
                 raise Rejected(400, "%s.%s: value must be a string, number, boolean or null, not %s"
                                % (where, name, "an array" if isinstance(v, list) else "an object"))
-            if isinstance(v, str) and len(v) > MAX_VALUE_CHARS:
+            if isinstance(v, str) and _chars(v) > MAX_VALUE_CHARS:
                 raise Rejected(400, "%s.%s: value longer than %d characters" % (where, name, MAX_VALUE_CHARS))
 
 
@@ -239,7 +246,7 @@ def validate_batch(batch, where="batch"):
             name = data.get("event_name")
             if not isinstance(name, str) or not name:
                 raise Rejected(400, 'Required event field "event_name" is missing or empty (%s)' % w)
-            if len(name) > MAX_NAME_CHARS:
+            if _chars(name) > MAX_NAME_CHARS:
                 raise Rejected(400, "%s.data.event_name longer than %d characters" % (w, MAX_NAME_CHARS))
             if data.get("custom_event_type") not in CUSTOM_EVENT_TYPES:
                 raise Rejected(400, "%s.data.custom_event_type: invalid value %s"

@@ -265,12 +265,16 @@ class Fields(unittest.TestCase):
         self.assertNotIn("attr_149", attrs)
 
     def test_a_value_of_megabytes_is_cut_within_the_rules_budget(self):
-        e = event("users.messages.email.Send", huge="x" * 2000000, accented="é" * 5000)
+        e = event("users.messages.email.Send", huge="x" * 2000000, accented="é" * 5000,
+                  party="\U0001F389" * 5000, **{"\U0001F389" * 200: "name"})
         out = map_events([e])[0]
         self.assertNotIn("dead_letter", out)
         attrs = out["batch"]["events"][0]["data"]["custom_attributes"]
         self.assertEqual(attrs["huge"], "x" * 4096)
         self.assertEqual(attrs["accented"], "é" * 4096)  # characters, not bytes
+        # UTF-16 units, as Java or JavaScript count a string: an emoji counts two
+        self.assertEqual(attrs["party"], "\U0001F389" * 2048)
+        self.assertEqual(attrs["\U0001F389" * 128], "name")
 
 
 class Inputs(unittest.TestCase):

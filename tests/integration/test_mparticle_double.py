@@ -346,6 +346,11 @@ class DoubleTest(unittest.TestCase):
     def test_custom_attribute_value_over_4096_chars_is_400(self):
         self.assertError(self.post_one(batch(events=[custom_event(v="x" * 4097)])), 400)
 
+    def test_characters_are_counted_in_utf16_units(self):
+        # the stricter reading of "characters": an emoji counts two
+        self.assertEqual(self.post_one(batch(events=[custom_event(v="\U0001F389" * 2048)]))[0], 202)
+        self.assertError(self.post_one(batch(events=[custom_event(v="\U0001F389" * 2049)])), 400)
+
     def test_user_attribute_arrays_are_accepted(self):
         self.assertEqual(self.post_one(batch(user_attributes={"$mobile": "+49151", "tags": ["a", 1]}))[0], 202)
 

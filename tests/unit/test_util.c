@@ -211,6 +211,24 @@ START_TEST(test_buf_json_str_matches_a_byte_by_byte_escape_on_random_strings)
 }
 END_TEST
 
+/* mParticle's "characters" read as UTF-16 code units, the stricter reading: a
+ * character beyond U+FFFF (an emoji) counts two, so 4,096 of them cut to
+ * 4,096 characters were 8,192 units, and the batch was refused. */
+START_TEST(test_characters_beyond_the_basic_plane_count_two)
+{
+    static const char grin[] = "\xF0\x9F\x98\x80"; /* U+1F600 */
+    char s[64];
+    snprintf(s, sizeof s, "a%s\xC3\xA9%s", grin, grin); /* a, U+1F600, U+00E9, U+1F600 */
+    size_t n = strlen(s);
+    ck_assert_uint_eq(json_str_chars(s, n), 6);
+    ck_assert_uint_eq(json_str_chars(grin, 4), 2);
+    /* a prefix never ends within a character, and never holds half of one */
+    static const size_t ends[] = {0, 1, 1, 5, 7, 7, 11, 11};
+    for (size_t max = 0; max < ARRAY_LEN(ends); max++)
+        ck_assert_uint_eq(json_str_prefix(s, n, max), ends[max]);
+}
+END_TEST
+
 /* A stored event is JSON as lua-cjson took it: control characters and bytes
  * that are not UTF-8 inside its strings are made JSON any reader takes; the
  * whitespace between values, escapes and UTF-8 stay as they are. */
@@ -410,6 +428,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_buf_json_str_writes_what_is_not_utf8_as_the_replacement_character);
     tcase_add_test(tc, test_buf_json_str_escapes_every_byte_at_every_position_of_a_long_string);
     tcase_add_test(tc, test_buf_json_str_matches_a_byte_by_byte_escape_on_random_strings);
+    tcase_add_test(tc, test_characters_beyond_the_basic_plane_count_two);
     tcase_add_test(tc, test_buf_json_strict_escapes_what_only_a_lenient_reader_takes);
     tcase_add_test(tc, test_utf8_sanitize_replaces_what_is_not_utf8_and_cuts_between_characters);
     tcase_add_test(tc, test_cond_wait_ms_waits_its_time_on_the_monotonic_clock);
