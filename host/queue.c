@@ -451,6 +451,7 @@ struct queue {
 
     /* writer-side bookkeeping, also read under mu */
     int healthy;
+    int unclean_stop; /* the service's last run ended without a clean stop (see mark_running) */
     struct queue_gauges gauges;
     dedup *seen; /* NULL when the dedup window is 0 */
     int64_t last_prune_ms;
@@ -2864,6 +2865,28 @@ done:
     return version;
 }
 
+/* The service marks the queue as in use until its clean stop (queue_free): a
+ * mark found at its start tells that the last run ended without one (killed,
+ * crashed, the machine down). */
+static int mark_running(queue *q, char *err, size_t errlen)
+{
+    sqlite3_stmt *s = NULL;
+    int rc =
+        sqlite3_prepare_v2(q->db, "SELECT value FROM meta WHERE key = 'running'", -1, &s, NULL);
+    if (rc == SQLITE_OK)
+        rc = sqlite3_step(s);
+    q->unclean_stop = rc == SQLITE_ROW && sqlite3_column_int(s, 0) == 1;
+    sqlite3_finalize(s);
+    if (rc != SQLITE_ROW && rc != SQLITE_DONE) {
+        str_printf(err, errlen, "%s: %s", q->path, sqlite3_errmsg(q->db));
+        return -1;
+    }
+    return exec(q->db,
+                "INSERT INTO meta(key, value) VALUES('running', '1') "
+                "ON CONFLICT(key) DO UPDATE SET value = '1'",
+                err, errlen);
+}
+
 /* Brings a queue of schema `version` up to SCHEMA_VERSION, one step at a time,
  * each in its own transaction. */
 static int migrate(sqlite3 *db, int version, char *err, size_t errlen)
@@ -3280,6 +3303,8 @@ int queue_open(queue **out, const struct queue_options *o, char *err, size_t err
             goto fail;
         }
     }
+    if (o->exclusive && mark_running(q, err, errlen) != 0)
+        goto fail;
     /* a command leaves them to the service's next start: beside a running
      * service, deleting them row by row held its writer for minutes */
     if (!o->readonly && !o->existing && settle_delivered(q->db, err, errlen) != 0)
@@ -3438,6 +3463,9 @@ void queue_free(queue *q)
          * writes wait. */
         if (!q->opt.readonly) {
             sqlite3_busy_timeout(q->db, CLOSE_CHECKPOINT_WAIT_MS);
+            if (q->opt.exclusive)
+                sqlite3_exec(q->db, "UPDATE meta SET value = '0' WHERE key = 'running'", NULL, NULL,
+                             NULL);
             sqlite3_exec(q->db,
                          q->opt.exclusive ? "PRAGMA wal_checkpoint(TRUNCATE)"
                                           : "PRAGMA wal_checkpoint(PASSIVE)",
@@ -3455,6 +3483,11 @@ void queue_free(queue *q)
         close(q->lock_fd);
     free(q->path);
     free(q);
+}
+
+int queue_unclean_stop(queue *q)
+{
+    return q->unclean_stop;
 }
 
 int queue_healthy(queue *q)

@@ -77,6 +77,8 @@ int queue_open(queue **out, const struct queue_options *o, char *err, size_t err
 /* Stops the writer after the pending operations and closes. Accepts NULL. */
 void queue_free(queue *q);
 int queue_healthy(queue *q); /* 0 after a storage error until the next good commit */
+/* Whether the service's last run on this queue ended without a clean stop. */
+int queue_unclean_stop(queue *q);
 
 /* ---- ingestion ---------------------------------------------------------- */
 

@@ -2414,7 +2414,7 @@ static void restore(struct sender *s, int64_t now)
     for (int i = 0; i < FEED_COUNT; i++)
         restored += s->feeds[i].nbatches;
     if (restored > before)
-        log_info("re-sending batches persisted before the last stop",
+        log_info("re-sending the batches the last run made and did not see delivered",
                  LOG_I("batches", (long long)(restored - before)));
     if (!s->restore_pending) {
         if (s->restore_passes > 1)

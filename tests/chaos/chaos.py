@@ -85,7 +85,7 @@ EXPECTED_ERRORS = ("ALERT: mParticle refused this feed's credentials",
 LOG_ERROR = re.compile(r'level=error msg="([^"]*)"')
 # What the service said it did, counted for each round: which paths the faults took.
 SEEN = {
-    "restored": "re-sending batches persisted before the last stop",
+    "restored": "re-sending the batches the last run made and did not see delivered",
     "restored_empty": "a persisted batch had no records left",
     "held_moved": "held events moved to the feeds the rules now route them to",
     "split_400_413": "mParticle refused a bulk request; splitting it",

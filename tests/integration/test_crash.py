@@ -71,6 +71,22 @@ class Crash(ServiceTest):
         self.assertEqual(again.json()["duplicates"], 1)
 
 
+class LastStop(ServiceTest):
+    def test_a_start_after_a_kill_says_the_last_run_ended_without_a_clean_stop(self):
+        said = "the last run ended without a clean stop"
+        s = self.service()
+        self.assertEqual(s.post([event()]).status, 200)
+        self.assertEqual(s.stop(), 0)
+        s.start()
+        self.assertNotIn(said, s.logs())
+        s.kill9()
+        s.start()
+        self.assertEqual(s.logs().count(said), 1)
+        self.assertEqual(s.stop(), 0)
+        s.start()
+        self.assertEqual(s.logs().count(said), 1)
+
+
 class SlowClaims(ServiceTest):
     def test_no_second_carries_more_batches_than_the_rate_limit_when_claims_are_slow(self):
         # Each claim of batches waits for its commit (400 ms here, a slow
