@@ -864,7 +864,10 @@ static void update_credentials(struct sender *s, struct feed_state *f)
         log_info("feed credentials configured; sending", LOG_S("feed", FEED_NAMES[f->feed]));
         set_pause(s, f, PAUSE_NONE, NULL);
     } else if (f->pause == PAUSE_AUTH) {
-        log_info("feed credentials changed; probing now", LOG_S("feed", FEED_NAMES[f->feed]));
+        /* a probe is one of the feed's batches: without any, the next event's */
+        log_info(f->head ? "feed credentials changed; probing now"
+                         : "feed credentials changed; probing with the feed's next event",
+                 LOG_S("feed", FEED_NAMES[f->feed]));
         f->probe_at = 0;
     }
 }

@@ -457,6 +457,7 @@ class Delivery(ServiceTest):
             f.write(d_conf % FEEDS["web"][1])
         s.proc.send_signal(signal.SIGHUP)
         self.assertTrue(d.wait_for_events(5, 10 * SLOW), "not resumed after the reload")
+        self.assertIn('msg="feed credentials changed; probing now" feed=web', s.logs())
         self.assertNotIn("old-secret", s.logs())
         self.assertNotIn(FEEDS["web"][1], s.logs())
 
