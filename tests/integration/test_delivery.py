@@ -1285,14 +1285,11 @@ class Delivery(ServiceTest):
         self.assertTrue(d.wait_for_events(20, 10 * SLOW), "delivered %d of 20" % d.event_count())
         self.assertEqual(sorted(d.source_message_ids()), sorted(e["id"] for e in old + recent))
 
-    def test_a_batch_whose_event_turns_historical_while_it_waits_is_split(self):
-        # A batch sent once stays whole on the real-time endpoint, with its
-        # source_request_id, until its oldest event is 30 days old less an
-        # hour: mParticle may have taken it already (a 5xx after it stored the
-        # batch, an answer lost), and would not know its parts for it.
-        offset = os.path.join(self.tmpdir(), "offset")
-        with open(offset, "w") as f:
-            f.write("0")
+    def waited_past_29_days(self, offset):
+        """A batch of two events of one user, one crossing 29 days (where the service
+        switches a batch never sent to the historical endpoint) while mParticle answers
+        503, the other recent: (double, crossing, recent), once the crossing one is past
+        29 days. offset: a file that moves the service's wall clock."""
         d = self.double()
         d.fail(503)
         s = Service(env=feed_env(d, WALL_CLOCK_OFFSET_FILE=offset))
@@ -1300,15 +1297,32 @@ class Delivery(ServiceTest):
         preload(s, "wall_clock")
         s.start()
         now = int(time.time())
-        # a day short of 30 days (where the service switches an unsent batch)
-        # in three seconds; its user's other event is recent
         crossing = event("users.messages.email.Send", user="u", time_s=now - 29 * 86400 + 3)
         recent = event("users.messages.email.Send", user="u", time_s=now - 3600)
         self.assertEqual(s.post([crossing, recent]).status, 200)
         self.wait(lambda: any(r["status"] == 503 for r in d.requests), what="a refused request")
         time.sleep(5)
+        return d, crossing, recent
+
+    def test_a_batch_sent_once_keeps_its_endpoint_and_id_as_its_event_turns_historical(self):
+        # mParticle may have taken it already (a 5xx after it stored the batch,
+        # an answer lost), and would not know its parts for it: it went twice
+        offset = os.path.join(self.tmpdir(), "offset")
+        with open(offset, "w") as f:
+            f.write("0")
+        d, _, _ = self.waited_past_29_days(offset)
+        d.clear_faults()
+        self.assertTrue(d.wait_for_events(2, 20 * SLOW))
         self.assertEqual({r["path"] for r in d.requests}, {"/v2/bulkevents"})
-        # a day later by the wall clock, past the hour before 30 days: two batches
+        self.assertEqual(len(d.source_request_ids()), 1, d.source_request_ids())
+
+    def test_a_batch_whose_event_turns_historical_while_it_waits_is_split(self):
+        # past 30 days less an hour, even a batch sent once is split
+        offset = os.path.join(self.tmpdir(), "offset")
+        with open(offset, "w") as f:
+            f.write("0")
+        d, crossing, recent = self.waited_past_29_days(offset)
+        self.assertEqual({r["path"] for r in d.requests}, {"/v2/bulkevents"})
         with open(offset, "w") as f:
             f.write(str(86400))
         time.sleep(2)
@@ -1319,22 +1333,6 @@ class Delivery(ServiceTest):
                  for e in b["batch"]["events"]}
         self.assertEqual(paths, {crossing["id"]: "/v2/bulkevents/historical",
                                  recent["id"]: "/v2/bulkevents"})
-
-    def test_a_batch_sent_once_keeps_its_endpoint_and_id_as_its_event_turns_historical(self):
-        d = self.double()
-        d.fail(503)
-        s = self.service(env=feed_env(d))
-        now = int(time.time())
-        crossing = event("users.messages.email.Send", user="u", time_s=now - 29 * 86400 + 3)
-        recent = event("users.messages.email.Send", user="u", time_s=now - 3600)
-        self.assertEqual(s.post([crossing, recent]).status, 200)
-        self.wait(lambda: any(r["status"] == 503 for r in d.requests), what="a refused request")
-        time.sleep(5)
-        d.clear_faults()
-        self.assertTrue(d.wait_for_events(2, 20 * SLOW))
-        # one batch, sent again as it was: mParticle knows it by its id
-        self.assertEqual({r["path"] for r in d.requests}, {"/v2/bulkevents"})
-        self.assertEqual(len(d.source_request_ids()), 1, d.source_request_ids())
 
     def test_slow_answers_on_two_feeds_do_not_hold_up_a_third(self):
         d = self.double()
