@@ -3405,7 +3405,9 @@ int queue_open(queue **out, const struct queue_options *o, char *err, size_t err
             str_copy(err, errlen, "cannot start the queue writer thread");
             goto fail;
         }
+        pthread_mutex_lock(&q->mu); /* submit reads it under mu */
         q->writer_started = 1;
+        pthread_mutex_unlock(&q->mu);
     }
     if (o->exclusive)
         hand_to_dir_owner(q);
