@@ -452,6 +452,7 @@ struct queue {
     /* writer-side bookkeeping, also read under mu */
     int healthy;
     int unclean_stop; /* the service's last run ended without a clean stop (see mark_running) */
+    int marked_running; /* this run's mark, taken away at its clean stop */
     struct queue_gauges gauges;
     dedup *seen; /* NULL when the dedup window is 0 */
     int64_t last_prune_ms;
@@ -2881,10 +2882,13 @@ static int mark_running(queue *q, char *err, size_t errlen)
         str_printf(err, errlen, "%s: %s", q->path, sqlite3_errmsg(q->db));
         return -1;
     }
-    return exec(q->db,
-                "INSERT INTO meta(key, value) VALUES('running', '1') "
-                "ON CONFLICT(key) DO UPDATE SET value = '1'",
-                err, errlen);
+    if (exec(q->db,
+             "INSERT INTO meta(key, value) VALUES('running', '1') "
+             "ON CONFLICT(key) DO UPDATE SET value = '1'",
+             err, errlen) != 0)
+        return -1;
+    q->marked_running = 1;
+    return 0;
 }
 
 /* Brings a queue of schema `version` up to SCHEMA_VERSION, one step at a time,
@@ -3465,7 +3469,7 @@ void queue_free(queue *q)
          * writes wait. */
         if (!q->opt.readonly) {
             sqlite3_busy_timeout(q->db, CLOSE_CHECKPOINT_WAIT_MS);
-            if (q->opt.exclusive)
+            if (q->marked_running) /* not a file this version refused to change */
                 sqlite3_exec(q->db, "UPDATE meta SET value = '0' WHERE key = 'running'", NULL, NULL,
                              NULL);
             sqlite3_exec(q->db,

@@ -190,7 +190,8 @@ class Systemd(ServiceTest):
         # database: every restart would meet the same file
         for sql, says in (
                 ("CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);"
-                 "INSERT INTO meta VALUES('schema_version', '99');",
+                 "INSERT INTO meta VALUES('schema_version', '99');"
+                 "INSERT INTO meta VALUES('running', '1');",
                  "queue schema version 99 is unknown to this version of tributary"),
                 ("CREATE TABLE invoices(id INTEGER PRIMARY KEY, total REAL);",
                  "not a tributary queue")):
