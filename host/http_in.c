@@ -638,7 +638,9 @@ static int refuse_without_token(struct MHD_Connection *c, struct req *r, enum MH
         return 1;
     }
     if (a != AUTH_OK) {
-        metrics_add(M_AUTH_FAILURES, 1);
+        /* not Braze's: TributaryInboundAuthFailing reads M_AUTH_FAILURES */
+        metrics_add(r->route == R_ADMIN_RELOAD ? M_ADMIN_AUTH_FAILURES : M_METRICS_AUTH_FAILURES,
+                    1);
         log_warn("request refused: no valid token",
                  LOG_S("path", ROUTE_PATHS[r->route]) LOG_S("client", r->client)
                      LOG_S("reason", auth_result_text(a)));
@@ -651,7 +653,8 @@ static int refuse_without_token(struct MHD_Connection *c, struct req *r, enum MH
                          0);
         return 1;
     }
-    auth_succeeded(r->client, now);
+    /* no auth_succeeded: an address earns the throttle's trust on /currents
+     * alone, or a scraper's token would let it guess inbound tokens freely */
     return 0;
 }
 

@@ -77,9 +77,14 @@ static const char *const COUNTER_HELP[M_COUNTER_COUNT][3] = {
      "Engines for the rules in force that failed to build: the previous rules map meanwhile."},
     {"tributary_rule_prints_dropped_total", "counter",
      "Lines rules wrote with print() that were left out of the log: over 20 a second."},
-    {"tributary_auth_failures_total", "counter", "Inbound requests refused for authentication."},
+    {"tributary_auth_failures_total", "counter",
+     "Inbound requests (POST /currents) refused for authentication."},
     {"tributary_auth_throttled_total", "counter",
-     "Inbound requests refused (429) because their address failed authentication repeatedly."},
+     "Requests refused (429) because their address failed authentication repeatedly."},
+    {"tributary_admin_auth_failures_total", "counter",
+     "POST /admin/reload refused (401) for want of the admin token."},
+    {"tributary_metrics_auth_failures_total", "counter",
+     "GET /metrics refused (401) for want of the metrics token."},
     {"tributary_workspace_refused_total", "counter",
      "Inbound requests refused (503) for their ?workspace=: not one of inbound.workspaces, none "
      "while that list is set, malformed, or given twice with different names."},
@@ -453,7 +458,8 @@ int metrics_render(buf *b, const struct metrics_gauges *g)
         }
         rc |= header(b, "tributary_mparticle_failures", "gauge",
                      "Failed rounds of requests in a row to mParticle, by feed (5xx, no answer, "
-                     "an answer outside the API); 0 once a request is accepted.");
+                     "an answer outside the API, a 429 without Retry-After); 0 once a request "
+                     "is accepted.");
         for (int f = 0; f < FEED_COUNT; f++)
             rc |= buf_printf(b, "tributary_mparticle_failures{feed=\"%s\"} %d\n", FEED_NAMES[f],
                              g->send_failures[f]);

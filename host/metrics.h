@@ -24,8 +24,10 @@ enum counter {
     M_RULE_STATE_REBUILDS,
     M_RULE_ENGINE_FAILURES, /* an engine for the rules in force failed to build */
     M_RULE_PRINTS_DROPPED,  /* print() lines of rules over the log's limit */
-    M_AUTH_FAILURES,
+    M_AUTH_FAILURES,        /* POST /currents */
     M_AUTH_THROTTLED,
+    M_ADMIN_AUTH_FAILURES,      /* POST /admin/reload without admin.token */
+    M_METRICS_AUTH_FAILURES,    /* GET /metrics without metrics.token */
     M_WORKSPACE_REFUSED,        /* a `?workspace=` not taken (see config_workspace_problem) */
     M_HTTP_SERVER_REFUSED,      /* answered by libmicrohttpd itself (431, 414, ...) */
     M_HTTP_CONNECTIONS_REFUSED, /* closed at http.max_connections */

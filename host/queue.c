@@ -451,7 +451,7 @@ struct queue {
 
     /* writer-side bookkeeping, also read under mu */
     int healthy;
-    int unclean_stop; /* the service's last run ended without a clean stop (see mark_running) */
+    int unclean_stop;   /* the service's last run ended without a clean stop (see mark_running) */
     int marked_running; /* this run's mark, taken away at its clean stop */
     struct queue_gauges gauges;
     dedup *seen; /* NULL when the dedup window is 0 */
@@ -1096,9 +1096,10 @@ static enum queue_status persist_names(queue *q, struct op *op)
     enum queue_status st = add_event_names(q, op->u.persist.names, op->u.persist.nnames);
     if (sqlite3_get_autocommit(q->db))
         return st == QUEUE_OK ? QUEUE_ERROR : st;
-    if (st != QUEUE_OK)
-        (void)exec(q->db, "ROLLBACK TO names", err, sizeof err);
-    if (exec(q->db, "RELEASE names", err, sizeof err) != 0)
+    /* names that cannot be undone must not commit with the claim: the
+     * operation fails, and its savepoint in run_group undoes them */
+    if ((st != QUEUE_OK && exec(q->db, "ROLLBACK TO names", err, sizeof err) != 0) ||
+        exec(q->db, "RELEASE names", err, sizeof err) != 0)
         return status_of(sqlite3_errcode(q->db));
     *op->u.persist.names_stored = st == QUEUE_OK;
     return QUEUE_OK;

@@ -83,7 +83,7 @@ struct pbatch {
     int in_flight;
     int delivered;     /* its deletion could not be queued: in flight until it is (ack_again) */
     int64_t retry_at;  /* monotonic ms: failing alone while the feed works, it waits by itself */
-    int sent_realtime; /* sent to the real-time endpoint at least once (see class_of) */
+    int sent_realtime; /* may have been sent to the real-time endpoint (see class_of) */
     /* requests with it that mParticle failed (a 5xx, no answer, an unexpected
      * answer), and when the last of those was (monotonic ms); since when each
      * of its failures came while the feed worked (0: the last one did not);
@@ -243,6 +243,7 @@ struct sender {
     int64_t expiry_logged_ms; /* log_due of failed reads at expiry */
     int64_t ack_logged_ms;    /* log_due of deletions that could not be queued */
     int64_t alone_logged_ms;  /* log_due of batches failing alone */
+    int64_t start_logged_ms;  /* log_due of requests that could not be started */
     int64_t last_expire_held;
     uint64_t cfg_generation; /* of the configuration the feeds follow (0: none yet) */
     /* mParticle's limit is per account: all feeds together stay within
@@ -452,10 +453,11 @@ static int event_historical(int64_t t, int64_t now_ms)
     return t >= 0 && now_ms - t > HISTORICAL_AFTER_MS;
 }
 
-/* A batch sent to the real-time endpoint stays whole there, with its
- * source_request_id, until its oldest event is this old: mParticle may have
- * taken it already (a request whose answer was lost, a 5xx after the batch
- * was stored), and would not know its parts for the batch it has. */
+/* A batch sent to the real-time endpoint (or restored from the last run, which
+ * may have sent it) stays whole there, with its source_request_id, until its
+ * oldest event is this old: mParticle may have taken it already (a request
+ * whose answer was lost, a 5xx after the batch was stored), and would not
+ * know its parts for the batch it has. */
 #define SENT_REALTIME_UNTIL_MS (MPARTICLE_HISTORICAL_AGE_MS - 3600LL * 1000)
 
 /* The endpoint of a batch now, from its events' times: EP_MIXED when some of
@@ -860,6 +862,8 @@ static void update_credentials(struct sender *s, struct feed_state *f)
         e->failures = 0;
         e->not_before = e->rate_limited_to > now ? e->rate_limited_to : 0;
     }
+    for (struct pbatch *b = f->head; b; b = b->next)
+        b->retry_at = 0; /* a batch failing alone too: the fix may be for it */
     if (f->pause == PAUSE_NO_CREDENTIALS) {
         log_info("feed credentials configured; sending", LOG_S("feed", FEED_NAMES[f->feed]));
         set_pause(s, f, PAUSE_NONE, NULL);
@@ -1262,7 +1266,7 @@ static int start_request(struct sender *s, struct feed_state *f, struct pbatch *
 {
     struct request *r = n > 0 ? calloc(1, sizeof(*r)) : NULL;
     if (!r)
-        return -1;
+        goto fail;
     r->s = s;
     r->f = f;
     r->probe = probe;
@@ -1366,6 +1370,11 @@ static int start_request(struct sender *s, struct feed_state *f, struct pbatch *
                                  LOG_S("batch", batches[0]->srid));
     return 0;
 fail:
+    /* its batches wait for the next turn */
+    if (log_due(&s->start_logged_ms))
+        log_error("cannot start a request to mParticle (out of memory, or libcurl refused an "
+                  "option); tried again at the next turn",
+                  LOG_S("feed", FEED_NAMES[f->feed]));
     request_free(r);
     return -1;
 }
@@ -2189,6 +2198,10 @@ static void load_batch(void *ctx, struct queue_batch *qb)
         goto fail;
     }
     note_event_times(b, &items, NULL, items.n, NULL);
+    /* the last run may have sent it (a request cut off at its stop, or by a
+     * crash): unless all its events are historical, it keeps the real-time
+     * endpoint and its id as one sent here would */
+    b->sent_realtime = class_of(b, clock_wall_ms()) != EP_HISTORICAL;
     feed_insert(f, b);
     queue_items_free(&items);
     return;

@@ -544,8 +544,9 @@ int service_run(const char *config_path)
     }
     if (queue_unclean_stop(s.q))
         log_warn("the last run ended without a clean stop (killed, crashed, or the machine went "
-                 "down); every event it acknowledged is in the queue, and batches it had sent are "
-                 "sent again with the same source_request_id");
+                 "down); what it acknowledged is in the queue (with queue.sync=normal, but for its "
+                 "last commits before a power loss), and batches it had sent are sent again with "
+                 "the same source_request_id");
     if (ingest_init(&s.in, s.q, (int)cfg->http_threads) != 0) {
         log_error("out of memory");
         goto done;

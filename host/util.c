@@ -266,12 +266,11 @@ int buf_json_strict(buf *b, const char *s, size_t n)
     return buf_add(b, s + run, n - run);
 }
 
-/* Walks the first max characters of s[0..n) as buf_json_str writes them;
- * returns the bytes they take, and their count in *chars. */
-/* Walks s as far as max characters, counted in UTF-16 code units, as Java and
- * JavaScript count a string's length: a character beyond U+FFFF (most emoji)
- * counts two. mParticle's limits say "characters" without saying which: this
- * is the stricter reading. */
+/* Walks the first max characters of s[0..n) as buf_json_str writes them,
+ * counted in UTF-16 code units, as Java and JavaScript count a string's
+ * length: a character beyond U+FFFF (most emoji) counts two. mParticle's
+ * limits say "characters" without saying which: this is the stricter reading.
+ * Returns the bytes they take, and their count in *chars. */
 static size_t json_str_walk(const char *s, size_t n, size_t max, size_t *chars)
 {
     size_t i = 0, c = 0;

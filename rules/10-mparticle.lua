@@ -158,7 +158,8 @@ end
 
 -- The characters of a string as mParticle's limits are read (and the host
 -- cuts to): UTF-16 units, a character beyond U+FFFF (most emoji) counting two;
--- a byte that is no UTF-8 is one (U+FFFD).
+-- text that is not UTF-8 counts each of its bytes (more than the host, which
+-- writes U+FFFD for each byte that begins no character: never fewer).
 local function chars(s)
   local _, astral = gsub(s, "[\240-\244][\128-\191][\128-\191][\128-\191]", "")
   return (utf8.len(s) or #s) + astral

@@ -535,7 +535,9 @@ class MetricsToken(ServiceTest):
             self.assertNotIn("tributary_", r.body)
         r = self.scrape(s, METRICS)
         self.assertEqual(r.status, 200, r)
-        self.assertIn("tributary_auth_failures_total 4", r.body)
+        # counted apart from Braze's refusals, which TributaryInboundAuthFailing reads
+        self.assertIn("tributary_metrics_auth_failures_total 4", r.body)
+        self.assertIn("tributary_auth_failures_total 0", r.body)
         # the health checks of load balancers and orchestrators need nothing
         self.assertEqual(s.get("/healthz").status, 200)
         self.assertIn(s.get("/readyz").status, (200, 503))
@@ -555,6 +557,16 @@ class MetricsToken(ServiceTest):
         self.assertEqual(r.status, 429, r)
         self.assertTrue(1 <= int(r.headers["retry-after"]) <= 60, r.headers)
         self.assertEqual(self.scrape(s, METRICS, xff="203.0.113.61").status, 200)
+
+    def test_a_good_scrape_does_not_make_its_address_trusted_by_the_throttle(self):
+        # an address that authenticated on /currents is never throttled (Braze
+        # shares its addresses); a scraper's token must not buy that
+        s = self.service(env={"TRIBUTARY_METRICS_TOKEN": METRICS})
+        self.assertEqual(self.scrape(s, METRICS, xff="203.0.113.62").status, 200)
+        xff = {"X-Forwarded-For": "203.0.113.62"}
+        statuses = [s.post([event()], token="wrong-token-%02d-abcdef" % i, headers=xff).status
+                    for i in range(11)]
+        self.assertEqual(statuses, [401] * 10 + [429])
 
     def test_a_reload_sets_and_takes_away_the_metrics_token(self):
         s = self.service(config="return {}\n")
