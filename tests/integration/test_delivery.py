@@ -1292,11 +1292,15 @@ class Delivery(ServiceTest):
         self.assertTrue(d.wait_for_events(20, 10 * SLOW), "delivered %d of 20" % d.event_count())
         self.assertEqual(sorted(d.source_message_ids()), sorted(e["id"] for e in old + recent))
 
-    def waited_past_29_days(self, offset):
+    def waited_past_29_days(self):
         """A batch of two events of one user, one crossing 29 days (where the service
         switches a batch never sent to the historical endpoint) while mParticle answers
-        503, the other recent: (double, service, crossing, recent), once the crossing one
-        is past 29 days. offset: a file that moves the service's wall clock."""
+        503, the other recent: (double, service, offset, crossing, recent), once the
+        crossing one is past 29 days; offset is a file that moves the service's wall
+        clock by the seconds it holds."""
+        offset = os.path.join(self.tmpdir(), "offset")
+        with open(offset, "w") as f:
+            f.write("0")
         d = self.double()
         d.fail(503)
         s = Service(env=feed_env(d, WALL_CLOCK_OFFSET_FILE=offset))
@@ -1309,39 +1313,30 @@ class Delivery(ServiceTest):
         self.assertEqual(s.post([crossing, recent]).status, 200)
         self.wait(lambda: any(r["status"] == 503 for r in d.requests), what="a refused request")
         time.sleep(5)
-        return d, s, crossing, recent
+        return d, s, offset, crossing, recent
+
+    def assert_delivered_whole_in_real_time(self, d):
+        d.clear_faults()
+        self.assertTrue(d.wait_for_events(2, 20 * SLOW))
+        self.assertEqual({r["path"] for r in d.requests}, {"/v2/bulkevents"})
+        self.assertEqual(len(d.source_request_ids()), 1, d.source_request_ids())
 
     def test_a_batch_sent_once_keeps_its_endpoint_and_id_as_its_event_turns_historical(self):
         # mParticle may have taken it already (a 5xx after it stored the batch,
         # an answer lost), and would not know its parts for it: it went twice
-        offset = os.path.join(self.tmpdir(), "offset")
-        with open(offset, "w") as f:
-            f.write("0")
-        d, _, _, _ = self.waited_past_29_days(offset)
-        d.clear_faults()
-        self.assertTrue(d.wait_for_events(2, 20 * SLOW))
-        self.assertEqual({r["path"] for r in d.requests}, {"/v2/bulkevents"})
-        self.assertEqual(len(d.source_request_ids()), 1, d.source_request_ids())
+        d, _, _, _, _ = self.waited_past_29_days()
+        self.assert_delivered_whole_in_real_time(d)
 
     def test_a_batch_restored_after_a_stop_keeps_its_endpoint_and_id_too(self):
         # the last run may have sent it: a request cut off at its stop
-        offset = os.path.join(self.tmpdir(), "offset")
-        with open(offset, "w") as f:
-            f.write("0")
-        d, s, _, _ = self.waited_past_29_days(offset)
+        d, s, _, _, _ = self.waited_past_29_days()
         self.assertEqual(s.stop(), 0)
         s.start()
-        d.clear_faults()
-        self.assertTrue(d.wait_for_events(2, 20 * SLOW))
-        self.assertEqual({r["path"] for r in d.requests}, {"/v2/bulkevents"})
-        self.assertEqual(len(d.source_request_ids()), 1, d.source_request_ids())
+        self.assert_delivered_whole_in_real_time(d)
 
     def test_a_batch_whose_event_turns_historical_while_it_waits_is_split(self):
         # past 30 days less an hour, even a batch sent once is split
-        offset = os.path.join(self.tmpdir(), "offset")
-        with open(offset, "w") as f:
-            f.write("0")
-        d, _, crossing, recent = self.waited_past_29_days(offset)
+        d, _, offset, crossing, recent = self.waited_past_29_days()
         self.assertEqual({r["path"] for r in d.requests}, {"/v2/bulkevents"})
         with open(offset, "w") as f:
             f.write(str(86400))
