@@ -306,6 +306,24 @@ class Delivery(ServiceTest):
         self.assertEqual(s.metrics()['tributary_queue_depth{feed="unbound"}'], 12)
         self.assertEqual(s.metrics().get('tributary_dead_letters_total{reason="failing"}', 0), 0)
 
+    def test_batches_failing_alone_take_at_most_half_of_a_feeds_requests_in_flight(self):
+        # every answer half a second late, so that the lone requests overlap
+        d, s, _ = self.failing_feed(500, TRIBUTARY_RETRY_MAX_MS=200)
+        d.slow(0.5)
+        bad = [event("users.messages.email.Open", user="bad-%d" % i, campaign_id="POISON-5XX")
+               for i in range(12)]
+        self.assertEqual(s.post(bad).status, 200)
+
+        def lone():
+            return [(r["time"], r["answered"]) for r in d.requests
+                    if r["status"] == 500 and r["batches"] == 1 and r["answered"]]
+        self.wait(lambda: len(lone()) >= 30, timeout=60, what="30 lone failures")
+        spans = lone()
+        most = max(sum(1 for start, end in spans if start <= at < end) for at, _ in spans)
+        # of the 8 a feed may have in flight; more than one, or nothing was tested
+        self.assertLessEqual(most, 4, spans)
+        self.assertGreater(most, 1, spans)
+
     def test_a_batch_that_fails_alone_from_the_start_is_failing_too(self):
         # a quiet feed: each new batch waited out the backoff of the failing one
         # and went with it, so that nothing got through, as in an outage
