@@ -2574,10 +2574,18 @@ int sender_start(sender **out, queue *q, char *err, size_t errlen)
     s->restore_claims_upto = -1;
     s->rng = (uint64_t)clock_wall_ms() ^ ((uint64_t)(uintptr_t)s << 16) ^ 0x9E3779B97F4A7C15ULL;
     pthread_mutex_init(&s->mu, NULL);
+    /* the rates the configuration allows, in the metrics from the start (the
+     * first turn of the sender comes after the restore, which takes a while) */
+    struct snapshot snap;
+    reload_get(&snap);
+    s->account.rate = (double)snap.cfg->mparticle_rate_limit;
     for (int i = 0; i < FEED_COUNT; i++) {
         s->feeds[i].feed = (enum feed)i;
+        s->feeds[i].rate.rate = (double)snap.cfg->feeds[i].rate_limit;
         s->status[i].pause = PAUSE_NONE;
     }
+    reload_put(&snap);
+    publish_status(s);
     s->reader = queue_reader_new(q, err, errlen);
     if (!s->reader)
         goto fail;

@@ -194,6 +194,7 @@ class Delivery(ServiceTest):
     def test_a_429_lowers_the_rates_in_the_metrics(self):
         d = self.double()
         s = self.service(env=feed_env(d))
+        # the configured rates from the start, before the sender's first turn
         m = s.metrics()
         self.assertEqual(m['tributary_mparticle_rate_limit_batches_per_second{feed="web"}'], 270)
         self.assertEqual(m["tributary_mparticle_account_rate_limit_batches_per_second"], 270)
