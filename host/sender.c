@@ -358,20 +358,14 @@ static void feed_remove(struct feed_state *f, struct pbatch *b)
     f->bytes -= b->len;
 }
 
-static void publish_pause(struct sender *s, struct feed_state *f)
-{
-    pthread_mutex_lock(&s->mu);
-    s->status[f->feed].pause = f->pause;
-    pthread_mutex_unlock(&s->mu);
-}
-
-/* What each feed's failures and waits are, for sender_status: once a turn. */
+/* Each feed's pause, failures and waits, for sender_status: once a turn. */
 static void publish_status(struct sender *s)
 {
     pthread_mutex_lock(&s->mu);
     for (int i = 0; i < FEED_COUNT; i++) {
         const struct feed_state *f = &s->feeds[i];
         struct feed_status *st = &s->status[i];
+        st->pause = f->pause;
         st->failures = 0;
         st->resume_ms = s->account_not_before;
         for (int e = 0; e < EP_ENDPOINTS; e++) {
@@ -798,7 +792,6 @@ static void set_pause(struct sender *s, struct feed_state *f, enum feed_pause p,
      * failing) starts over once it sends again */
     for (struct pbatch *b = f->head; b && p != PAUSE_NONE; b = b->next)
         b->failed.since_ms = 0;
-    publish_pause(s, f);
     enum queue_status st = queue_set_feed_state(s->q, f->feed, p == PAUSE_NONE ? NULL : reason);
     if (st != QUEUE_OK)
         log_warn("cannot record the feed state", LOG_S("feed", FEED_NAMES[f->feed]));
@@ -2582,7 +2575,6 @@ int sender_start(sender **out, queue *q, char *err, size_t errlen)
     for (int i = 0; i < FEED_COUNT; i++) {
         s->feeds[i].feed = (enum feed)i;
         s->feeds[i].rate.rate = (double)snap.cfg->feeds[i].rate_limit;
-        s->status[i].pause = PAUSE_NONE;
     }
     reload_put(&snap);
     publish_status(s);
