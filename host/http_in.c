@@ -74,6 +74,7 @@ struct http_in {
     pthread_cond_t conns_cv;
     struct conn *conns;
     int untracked; /* connections without a struct conn (out of memory) */
+    int open;      /* connections open: those in conns and the untracked */
     int watchdog_started;
     int stopping;
     pthread_t watchdog;
@@ -880,6 +881,7 @@ static void on_connection(void *cls, struct MHD_Connection *c, void **socket_con
              * released while it is open */
             pthread_mutex_lock(&h->conns_mu);
             h->untracked++;
+            h->open++;
             pthread_mutex_unlock(&h->conns_mu);
             return;
         }
@@ -893,12 +895,14 @@ static void on_connection(void *cls, struct MHD_Connection *c, void **socket_con
         if (h->conns)
             h->conns->prev = k;
         h->conns = k;
+        h->open++;
         pthread_mutex_unlock(&h->conns_mu);
         *socket_context = k;
         return;
     }
     struct conn *k = *socket_context;
     pthread_mutex_lock(&h->conns_mu);
+    h->open--;
     if (!k) {
         h->untracked--;
         pthread_mutex_unlock(&h->conns_mu);
@@ -1251,15 +1255,19 @@ static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls,
 /* libmicrohttpd says what it refused only in its log: requests it answered
  * itself, which never reach on_request (Braze retries each as it is, so one
  * that never fits fails until Braze gives up), connections past
- * http.max_connections, and accepting put off for want of open files (once
- * each time, not per connection). Counted, and said at warn level. */
-static int server_refusal(const char *msg)
+ * http.max_connections or http.max_connections_per_ip (one message for both:
+ * with fewer than http.max_connections open, it was the address's limit), and
+ * accepting put off for want of open files (once each time, not per
+ * connection). Counted, and said at warn level. */
+static int server_refusal(http_in *h, const char *msg)
 {
-    enum { FULL, ANSWERED, NO_FILES, KINDS };
+    enum { FULL, PER_IP, ANSWERED, NO_FILES, KINDS };
     static _Atomic int64_t logged_ms[KINDS];
     static const char *const lines[KINDS] = {
         [FULL] = "connection refused: http.max_connections are open (see "
                  "tributary_http_connections_refused_total)",
+        [PER_IP] = "connection refused: http.max_connections_per_ip are open from its address "
+                   "(see tributary_http_connections_refused_per_ip_total)",
         [ANSWERED] = "the HTTP server refused a request before reading it (see "
                      "tributary_http_server_refused_total)",
         [NO_FILES] = "connections not accepted for a while: the process has no open file left "
@@ -1275,7 +1283,19 @@ static int server_refusal(const char *msg)
         kind = NO_FILES;
     else
         return 0;
-    metrics_add(kind == ANSWERED ? M_HTTP_SERVER_REFUSED : M_HTTP_CONNECTIONS_REFUSED, 1);
+    if (kind == FULL && h->opt.max_connections_per_ip > 0) {
+        pthread_mutex_lock(&h->conns_mu);
+        if (h->open < h->opt.max_connections)
+            kind = PER_IP;
+        pthread_mutex_unlock(&h->conns_mu);
+    }
+    static const enum counter counters[KINDS] = {
+        [FULL] = M_HTTP_CONNECTIONS_REFUSED,
+        [PER_IP] = M_HTTP_CONNECTIONS_REFUSED_PER_IP,
+        [ANSWERED] = M_HTTP_SERVER_REFUSED,
+        [NO_FILES] = M_HTTP_CONNECTIONS_REFUSED,
+    };
+    metrics_add(counters[kind], 1);
     if (log_due_shared(&logged_ms[kind]))
         log_warn(lines[kind], LOG_S("detail", msg));
     return 1;
@@ -1311,7 +1331,7 @@ static void mhd_log(void *cls, const char *fmt, va_list ap)
     size_t n = strlen(msg);
     while (n && (msg[n - 1] == '\n' || msg[n - 1] == '\r'))
         msg[--n] = '\0';
-    if (!server_refusal(msg) && !handshake_failure(msg))
+    if (!server_refusal(h, msg) && !handshake_failure(msg))
         log_debug("http server", LOG_S("detail", msg));
     pthread_mutex_lock(&h->start_mu);
     if (h->starting && !h->start_error[0])

@@ -93,6 +93,9 @@ static const char *const COUNTER_HELP[M_COUNTER_COUNT][3] = {
      "request line or headers too large (414, 431) or malformed (400, 505)."},
     {"tributary_http_connections_refused_total", "counter",
      "Connections closed as they came because http.max_connections were open."},
+    {"tributary_http_connections_refused_per_ip_total", "counter",
+     "Connections closed as they came because http.max_connections_per_ip were open from their "
+     "address."},
     {"tributary_http_requests_timed_out_total", "counter",
      "Requests cut off, their connection closed, because they had not arrived whole within "
      "http.request_timeout_s, or their client sent nothing for http.timeout_s."},

@@ -129,6 +129,16 @@ class Metrics(ServiceTest):
             with open(os.path.join(ROOT, "docs", "operations.md")) as f:
                 self.assertIn("### " + alert, f.read())
 
+    def test_every_exported_metric_is_documented(self):
+        s = self.service()
+        exported = set(re.findall(r"^# TYPE (\S+) ", s.get("/metrics").body, re.M))
+        self.assertGreaterEqual(len(exported), 50)
+        documented = set()
+        with open(os.path.join(ROOT, "docs", "operations.md")) as f:
+            for first_cell in re.findall(r"^\| (`tributary_[^|]*)\|", f.read(), re.M):
+                documented.update(re.findall(r"`(tributary_[a-z_]+)[`{]", first_cell))
+        self.assertEqual(exported - documented, set())
+
     def test_alert_rules_fire_as_their_runbooks_say(self):
         """promtool's unit tests of the alerts: a start after a long downtime
         that dead-letters at once, a feed held without credentials, no target."""

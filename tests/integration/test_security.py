@@ -1769,7 +1769,24 @@ class ConnectionBounds(ServiceTest):
         time.sleep(0.2)
         self.assertEqual(request(s.port, "GET", "/healthz", timeout=5).status, 200)
         self.assertEqual(s.metrics()["tributary_http_connections_refused_total"], 1)
+        self.assertEqual(s.metrics()["tributary_http_connections_refused_per_ip_total"], 0)
         self.assertIn("connection refused: http.max_connections are open", s.logs())
+
+    def test_the_fifth_connection_from_one_address_is_counted_at_the_total_limit_when_both_are_set(self):
+        s = self.service(env={"TRIBUTARY_HTTP_MAX_CONNECTIONS": "4",
+                              "TRIBUTARY_HTTP_MAX_CONNECTIONS_PER_IP": "6",
+                              "TRIBUTARY_HTTP_THREADS": "2"})
+        time.sleep(0.2)
+        socks = self.open_idle(s.port, 5)
+        for sock in socks[:4]:
+            self.assertTrue(probe(sock, HEALTHZ).startswith(b"HTTP/1.1 200"))
+        self.assertIn(probe(socks[4], HEALTHZ, timeout=1.0), (None, b""))
+        for sock in socks:
+            sock.close()
+        time.sleep(0.2)
+        m = s.metrics()
+        self.assertEqual(m["tributary_http_connections_refused_total"], 1)
+        self.assertEqual(m["tributary_http_connections_refused_per_ip_total"], 0)
 
     def test_sigterm_stops_the_service_with_max_connections_below_threads(self):
         s = self.service(env={"TRIBUTARY_HTTP_MAX_CONNECTIONS": "4"})  # http.threads = 8
@@ -1794,6 +1811,12 @@ class ConnectionBounds(ServiceTest):
             sock.close()
         time.sleep(0.2)
         self.assertEqual(request(s.port, "GET", "/healthz", timeout=5).status, 200)
+        m = s.metrics()
+        self.assertEqual(m["tributary_http_connections_refused_per_ip_total"], 1)
+        self.assertEqual(m["tributary_http_connections_refused_total"], 0)
+        self.assertIn("connection refused: http.max_connections_per_ip are open from its address",
+                      s.logs())
+        self.assertNotIn("http.max_connections are open", s.logs())
 
     def test_a_half_sent_request_line_is_closed_after_timeout_s(self):
         s = self.service(env={"TRIBUTARY_HTTP_TIMEOUT_S": "1"})
