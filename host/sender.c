@@ -81,9 +81,14 @@ struct pbatch {
     int limit; /* most batches it may share a request with (see halve_limit: on 400/413,
                   and on a failure again or while the feed works, see note_failures) */
     int in_flight;
-    int delivered;     /* its deletion could not be queued: in flight until it is (ack_again) */
-    int64_t retry_at;  /* monotonic ms: failing alone while the feed works, it waits by itself */
-    int sent_realtime; /* may have been sent to the real-time endpoint (see class_of) */
+    int delivered;    /* its deletion could not be queued: in flight until it is (ack_again) */
+    int64_t retry_at; /* monotonic ms: failing alone while the feed works, it waits by itself */
+    /* the endpoints a request may have carried it to under its srid, one bit
+     * each (1 << enum endpoint; restored batches too, see load_batch):
+     * mParticle may hold it already (an answer lost, a 5xx after it stored
+     * the batch), and would not know its parts for the batch it has, so such
+     * a batch is not split by age (see class_of, expire_batches) */
+    unsigned sent;
     /* requests with it that mParticle failed (a 5xx, no answer, an unexpected
      * answer), and when the last of those was (monotonic ms); since when each
      * of its failures came while the feed worked (0: the last one did not);
@@ -449,19 +454,22 @@ static int event_historical(int64_t t, int64_t now_ms)
 
 /* A batch sent to the real-time endpoint (or restored from the last run, which
  * may have sent it) stays whole there, with its source_request_id, until its
- * oldest event is this old: mParticle may have taken it already (a request
- * whose answer was lost, a 5xx after the batch was stored), and would not
- * know its parts for the batch it has. */
+ * oldest event is this old (see pbatch.sent). */
 #define SENT_REALTIME_UNTIL_MS (MPARTICLE_HISTORICAL_AGE_MS - 3600LL * 1000)
+#define SENT_TO(ep) (1u << (ep))
 
 /* The endpoint of a batch now, from its events' times: EP_MIXED when some of
  * its events belong on each (a batch that waited while some crossed the line,
- * or one persisted before batches were made per endpoint): it is split first. */
+ * or one persisted before batches were made per endpoint): it is split first.
+ * One sent to the historical endpoint stays there: its events were past the
+ * line by an earlier reading of the clock, which has gone back since. */
 static enum endpoint class_of(const struct pbatch *b, int64_t now_ms)
 {
+    if (b->sent & SENT_TO(EP_HISTORICAL))
+        return EP_HISTORICAL;
     if (b->untimed == b->nrecords || !event_historical(b->ev_min_ms, now_ms))
         return EP_REALTIME;
-    if (b->sent_realtime && now_ms - b->ev_min_ms < SENT_REALTIME_UNTIL_MS)
+    if ((b->sent & SENT_TO(EP_REALTIME)) && now_ms - b->ev_min_ms < SENT_REALTIME_UNTIL_MS)
         return EP_REALTIME;
     return b->untimed == 0 && event_historical(b->ev_max_ms, now_ms) ? EP_HISTORICAL : EP_MIXED;
 }
@@ -921,12 +929,16 @@ static int received_before(const struct queue_item *it, int64_t cutoff)
 
 /* The part of batch b (past retry.max_age_s) to dead-letter: b itself when
  * all its records were received before cutoff (or they cannot be read to be
- * told apart); when some came later, b is split in two and the older part is
- * returned, so that a young event does not go with an old one of its user.
- * NULL: nothing now (the split failed; b stays whole until the next sweep). */
+ * told apart), or when it may have been sent (see pbatch.sent: its parts would
+ * carry its events to mParticle again under other ids); when some came later,
+ * b is split in two and the older part is returned, so that a young event
+ * does not go with an old one of its user. NULL: nothing now (the split
+ * failed; b stays whole until the next sweep). */
 static struct pbatch *expired_part(struct sender *s, struct feed_state *f, struct pbatch *b,
                                    int64_t cutoff)
 {
+    if (b->sent)
+        return b;
     struct pbatch *parts[2];
     long old = split_by(s, f, b, received_before, cutoff, parts);
     if (old == SPLIT_FAILED) {
@@ -1033,7 +1045,9 @@ static void expire_batches(struct sender *s, struct feed_state *f)
         b = expired_part(s, f, b, cutoff); /* next stays in the list */
         if (!b)
             continue;
-        char detail[256] = QUEUE_MAX_AGE_DETAIL;
+        char detail[256];
+        str_printf(detail, sizeof detail, "%s%s", QUEUE_MAX_AGE_DETAIL,
+                   b->sent ? ", sent before (mParticle may hold it)" : "");
         describe_failures(b, detail, sizeof detail);
         if (dead_batch(s, f, b, DEAD_MAX_AGE, detail) != 0)
             break;
@@ -1351,7 +1365,7 @@ static int start_request(struct sender *s, struct feed_state *f, struct pbatch *
         goto fail;
     for (size_t i = 0; i < n; i++) {
         batches[i]->in_flight = 1;
-        batches[i]->sent_realtime |= r->ep == EP_REALTIME;
+        batches[i]->sent |= SENT_TO(r->ep);
     }
     f->in_flight++;
     f->suspects_in_flight += r->suspect;
@@ -2192,9 +2206,9 @@ static void load_batch(void *ctx, struct queue_batch *qb)
     }
     note_event_times(b, &items, NULL, items.n, NULL);
     /* the last run may have sent it (a request cut off at its stop, or by a
-     * crash): unless all its events are historical, it keeps the real-time
-     * endpoint and its id as one sent here would */
-    b->sent_realtime = class_of(b, clock_wall_ms()) != EP_HISTORICAL;
+     * crash): it keeps its endpoint (the real-time one unless all its events
+     * are historical) and its id as one sent here would */
+    b->sent = SENT_TO(class_of(b, clock_wall_ms()) == EP_HISTORICAL ? EP_HISTORICAL : EP_REALTIME);
     feed_insert(f, b);
     queue_items_free(&items);
     return;

@@ -375,7 +375,8 @@ class Delivery(ServiceTest):
         self.wait(lambda: s.metrics().get('tributary_dead_letters_total{reason="max_age"}', 0) == 1,
                   timeout=30, what="the batch expired")
         detail = json.loads(s.cli(["dlq", "list", "--json"]).stdout)[0]["detail"]
-        self.assertRegex(detail, r"not delivered within retry.max_age_s; \d+ failed requests, "
+        self.assertRegex(detail, r"not delivered within retry.max_age_s, sent before \(mParticle "
+                                 r"may hold it\); \d+ failed requests, "
                                  r"the last answered 503 \(server error\)")
         # nothing else was delivered: no `failing` however long it failed
         self.assertEqual(s.metrics()['tributary_dead_letters_total{reason="failing"}'], 0)
@@ -407,7 +408,8 @@ class Delivery(ServiceTest):
                     'tributary_dead_letters_total{reason="max_age"}', 0) == 1,
                     timeout=30, what="the batch expired")
                 detail = json.loads(s.cli(["dlq", "list", "--json"]).stdout)[0]["detail"]
-                self.assertRegex(detail, r"not delivered within retry.max_age_s; \d+ failed "
+                self.assertRegex(detail, r"not delivered within retry.max_age_s, sent before "
+                                         r"\(mParticle may hold it\); \d+ failed "
                                          r"requests, the last answered %d \(%s\)" % (status, says))
 
     def test_a_users_events_from_two_devices_go_in_two_batches(self):
@@ -1367,6 +1369,61 @@ class Delivery(ServiceTest):
                  for e in b["batch"]["events"]}
         self.assertEqual(paths, {crossing["id"]: "/v2/bulkevents/historical",
                                  recent["id"]: "/v2/bulkevents"})
+
+    def test_a_batch_sent_to_the_historical_endpoint_stays_whole_there_when_the_clock_goes_back(self):
+        # mParticle stored the batch and its answer was lost; then the host's
+        # clock stepped back a minute (NTP), and one event seemed under 29 days
+        offset = os.path.join(self.tmpdir(), "offset")
+        with open(offset, "w") as f:
+            f.write("0")
+        d = self.double()
+        d.drop_connections(times=1, after_processing=True)
+        d.fail(503)
+        s = Service(env=feed_env(d, WALL_CLOCK_OFFSET_FILE=offset))
+        self.addCleanup(s.cleanup)
+        preload(s, "wall_clock")
+        s.start()
+        now = int(time.time())
+        near = event("users.messages.email.Send", user="u", time_s=now - 29 * 86400 - 15)
+        far = event("users.messages.email.Send", user="u", time_s=now - 29 * 86400 - 36000)
+        self.assertEqual(s.post([near, far]).status, 200)
+        self.wait(lambda: any(r["status"] == 503 for r in d.requests), what="a refused request")
+        with open(offset, "w") as f:
+            f.write("-60")
+        time.sleep(3)
+        d.clear_faults()
+        self.wait(lambda: d.repeats, timeout=20, what="the batch sent again")
+        self.assertEqual(len(d.source_request_ids()), 1, d.source_request_ids())
+        self.assertEqual({r["path"] for r in d.requests}, {"/v2/bulkevents/historical"})
+        self.assertEqual(sorted(set(d.source_message_ids())), sorted([near["id"], far["id"]]))
+
+    def test_a_batch_sent_before_goes_whole_to_the_dead_letters_at_max_age(self):
+        # its old event and a young one of the same user share the batch, which
+        # mParticle stored (its answer lost), then failed: split at max_age, its
+        # young part went again under another source_request_id
+        d = self.double()
+        d.drop_connections(times=1, after_processing=True)
+        d.fail(503)
+        s = self.service(env=feed_env(d, feeds={}, TRIBUTARY_RETRY_MAX_AGE_S=4 * SLOW),
+                         config="return {}\n")
+        old = event("users.messages.email.Send", user="same")
+        self.assertEqual(s.post([old]).status, 200)
+        time.sleep(2.5 * SLOW)
+        young = event("users.messages.email.Send", user="same")
+        self.assertEqual(s.post([young]).status, 200)
+        self.assertTrue(s.reload('return { feeds = { unbound = { key = "unbound-key", '
+                                 'secret = "unbound-secret" } } }\n'))
+        self.wait(lambda: any(r["status"] == 503 for r in d.requests), what="a refused request")
+        self.wait(lambda: s.metrics().get('tributary_dead_letters_total{reason="max_age"}'),
+                  timeout=20, what="a dead letter max_age")
+        d.clear_faults()
+        time.sleep(2)
+        self.assertEqual(s.metrics()['tributary_dead_letters_total{reason="max_age"}'], 2)
+        self.assertEqual(len(d.source_request_ids()), 1, d.source_request_ids())
+        self.assertEqual(sorted(d.source_message_ids()), sorted([old["id"], young["id"]]))
+        dead = json.loads(s.cli(["dlq", "list", "--json"]).stdout)
+        self.assertEqual(sorted(x["event_id"] for x in dead), sorted([old["id"], young["id"]]))
+        self.assertIn("sent before (mParticle may hold it)", dead[0]["detail"])
 
     def test_slow_answers_on_two_feeds_do_not_hold_up_a_third(self):
         d = self.double()
