@@ -29,9 +29,18 @@
  * rest stay for the feed's other batches, which eight such batches at the
  * head of the feed kept from going at all. */
 #define MAX_SUSPECTS_IN_FLIGHT (MAX_IN_FLIGHT / 2)
-/* Batches held in memory per feed (waiting or in flight) before claiming more. */
+/* Batches held in memory per feed (waiting or in flight) with their bodies
+ * before claiming more. Beyond them, those that cannot go for a while (their
+ * endpoint backing off, a batch failing alone) are parked: their bodies are
+ * dropped, and built again from their records when they may go. So a feed
+ * whose historical endpoint is down, or that holds many batches mParticle
+ * fails for their content, goes on claiming and sending its other events,
+ * up to MAX_HELD_ALL batches (about 200 bytes each parked, and 8 a record). */
 #define MAX_HELD_BATCHES 2000
 #define MAX_HELD_BYTES (32u << 20)
+#define MAX_HELD_ALL 20000
+/* A batch is parked when it cannot go for at least this long. */
+#define PARK_MIN_MS 1000
 /* One claim reads at most this many records. */
 #define CLAIM_RECORDS 5000
 #define CLAIM_BYTES (8u << 20)
@@ -76,8 +85,9 @@ struct pbatch {
     size_t nrecords;
     int64_t first_id; /* the smallest of record_ids */
     int64_t oldest_ms;
-    char *body;
+    char *body; /* NULL while parked (see park) */
     size_t len;
+    int parked;
     int limit; /* most batches it may share a request with (see halve_limit: on 400/413,
                   and on a failure again or while the feed works, see note_failures) */
     int in_flight;
@@ -166,7 +176,9 @@ struct feed_state {
     int64_t unrestored;
     struct pbatch *head, *tail;
     size_t nbatches, bytes;
-    size_t delivered; /* batches whose deletion is still to be queued */
+    size_t parked; /* of nbatches, those without their bodies (see park) */
+    int64_t park_logged_ms, unpark_logged_ms; /* see log_due */
+    size_t delivered;                         /* batches whose deletion is still to be queued */
     int in_flight;
     int suspects_in_flight; /* of in_flight, requests of one suspect batch */
     enum feed_pause pause;
@@ -346,6 +358,7 @@ static void feed_insert(struct feed_state *f, struct pbatch *b)
         f->head = b;
     f->nbatches++;
     f->bytes += b->len;
+    f->parked += (size_t)b->parked;
 }
 
 static void feed_remove(struct feed_state *f, struct pbatch *b)
@@ -361,6 +374,7 @@ static void feed_remove(struct feed_state *f, struct pbatch *b)
     b->next = b->prev = NULL;
     f->nbatches--;
     f->bytes -= b->len;
+    f->parked -= (size_t)b->parked;
 }
 
 /* Each feed's pause, failures and waits, for sender_status: once a turn. */
@@ -1067,12 +1081,84 @@ static void expire_batches(struct sender *s, struct feed_state *f)
                       LOG_I("events", (long long)failing_events) LOG_S("first", failing_detail));
 }
 
+/* ---- parked batches ----------------------------------------------------- */
+
+static int held_full(const struct feed_state *f)
+{
+    return f->nbatches - f->parked >= MAX_HELD_BATCHES || f->bytes >= MAX_HELD_BYTES;
+}
+
+/* Whether batch b cannot go for PARK_MIN_MS or more while the feed's other
+ * batches can: it fails alone and waits by itself, or its endpoint backs off
+ * while the other does not (a whole feed's wait, a pause or a 429, parks
+ * nothing: claiming more would not send more). */
+static int waits_alone(const struct feed_state *f, const struct pbatch *b, int64_t now,
+                       int64_t wall)
+{
+    if (b->retry_at - now >= PARK_MIN_MS)
+        return 1;
+    enum endpoint ep = class_of(b, wall);
+    return ep != EP_MIXED && f->ep[ep].not_before - now >= PARK_MIN_MS &&
+           f->ep[ep == EP_REALTIME ? EP_HISTORICAL : EP_REALTIME].not_before <= now;
+}
+
+/* Drops the bodies of the feed's batches that wait alone, oldest first, until
+ * those with bodies are within MAX_HELD_BATCHES and MAX_HELD_BYTES (see there). */
+static void park(struct feed_state *f, int64_t now)
+{
+    if (f->pause != PAUSE_NONE)
+        return;
+    int64_t wall = clock_wall_ms();
+    size_t parked = 0;
+    for (struct pbatch *b = f->head; b && held_full(f); b = b->next) {
+        if (b->parked || b->in_flight || !waits_alone(f, b, now, wall))
+            continue;
+        f->bytes -= b->len;
+        free(b->body);
+        b->body = NULL;
+        b->len = 0;
+        b->parked = 1;
+        f->parked++;
+        parked++;
+    }
+    if (parked && log_due(&f->park_logged_ms))
+        log_info("batches that cannot go for now parked, their bodies built again when they can; "
+                 "the feed's other events go on",
+                 LOG_S("feed", FEED_NAMES[f->feed]) LOG_I("parked", (long long)f->parked)
+                     LOG_I("held", (long long)f->nbatches));
+}
+
+/* Builds the body of batch b again when it is parked, from its records, as it
+ * was (its srid and its records' order kept); 0 when b has its body. */
+static int unpark(struct sender *s, struct feed_state *f, struct pbatch *b)
+{
+    if (!b->parked)
+        return 0;
+    struct queue_items items;
+    queue_items_init(&items);
+    int rc = -1;
+    if (queue_fetch(s->reader, f->feed, b->record_ids, b->nrecords, &items) == 0 &&
+        items.n == b->nrecords && build_body(s, b, &items, 0, items.n) == 0) {
+        b->parked = 0;
+        f->parked--;
+        f->bytes += b->len;
+        rc = 0;
+    } else if (log_due(&f->unpark_logged_ms)) {
+        log_error("cannot read the records of a parked batch to send it; tried again in a moment",
+                  LOG_S("feed", FEED_NAMES[f->feed]) LOG_S("batch", b->srid));
+    }
+    queue_items_free(&items);
+    return rc;
+}
+
 /* Reads feed f's next window of records when it is due, into c. */
 static void claim_feed(struct sender *s, struct feed_state *f, int64_t now, struct claim_part *c)
 {
     if (f->pause == PAUSE_NO_CREDENTIALS || now < f->next_claim)
         return;
-    if (f->nbatches >= MAX_HELD_BATCHES || f->bytes >= MAX_HELD_BYTES) {
+    if (held_full(f))
+        park(f, now);
+    if (held_full(f) || f->nbatches >= MAX_HELD_ALL) {
         f->next_claim = now + IDLE_POLL_MS;
         return;
     }
@@ -1504,7 +1590,7 @@ static void dispatch(struct sender *s, struct feed_state *f, int64_t now)
                 probe_ep = ep;
             }
         }
-        if (probe && start_request(s, f, &probe, 1, probe_ep, 1) == 0) {
+        if (probe && unpark(s, f, probe) == 0 && start_request(s, f, &probe, 1, probe_ep, 1) == 0) {
             f->probing = 1;
             spend(&f->rate, 1); /* a probe is a batch sent like any */
             spend(&s->account, 1);
@@ -1538,6 +1624,8 @@ static void dispatch(struct sender *s, struct feed_state *f, int64_t now)
             size_t c = cap < (size_t)b->limit ? cap : (size_t)b->limit;
             if (n + 1 > c)
                 break;
+            if (unpark(s, f, b) != 0)
+                continue;
             if (n > 0 && bytes + b->len + 1 > MPARTICLE_MAX_REQUEST_BYTES)
                 break;
             pick[n++] = b;

@@ -1313,6 +1313,31 @@ class Delivery(ServiceTest):
         self.assertTrue(d.wait_for_events(20, 10 * SLOW), "delivered %d of 20" % d.event_count())
         self.assertEqual(sorted(d.source_message_ids()), sorted(e["id"] for e in old + recent))
 
+    def test_more_batches_than_a_feed_holds_waiting_on_the_historical_endpoint_hold_back_nothing(self):
+        # 2,100 users' old events (dead letters requeued, say) while the
+        # historical endpoint fails: the feed held 2,000 batches at most, all
+        # of them waiting, and claimed nothing more until they went
+        d = self.double()
+        d.fail(503, path="/v2/bulkevents/historical")
+        s = self.service(env=feed_env(d, TRIBUTARY_RETRY_MAX_MS=5000))
+        now = int(time.time())
+        old = [event("users.messages.email.Send", user="h%d" % i, time_s=now - 40 * 86400)
+               for i in range(2100)]
+        for k in range(0, len(old), 700):
+            self.assertEqual(s.post(old[k:k + 700]).status, 200)
+        self.wait(lambda: json.loads(s.cli(["queue", "stats", "--json"]).stdout)["feeds"]
+                  ["unbound"]["in_flight_batches"] >= 2000, timeout=30, what="2,000 batches held")
+        recent = [event("users.messages.email.Send", user="r%d" % k) for k in range(5)]
+        self.assertEqual(s.post(recent).status, 200)
+        self.assertTrue(d.wait_for_events(5, 10 * SLOW), "recent events held back")
+        self.assertIn("batches that cannot go for now parked", s.logs())
+        d.clear_faults()
+        self.assertTrue(d.wait_for_events(2105, 60 * SLOW),
+                        "delivered %d of 2105" % d.event_count())
+        time.sleep(1)
+        self.assertEqual(sorted(d.source_message_ids()), sorted(e["id"] for e in old + recent))
+        self.assertEqual(len(d.source_request_ids()), 2105)
+
     def waited_past_29_days(self):
         """A batch of two events of one user, one crossing 29 days (where the service
         switches a batch never sent to the historical endpoint) while mParticle answers
