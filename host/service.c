@@ -157,7 +157,10 @@ static void hook_gauges(void *ctx, struct metrics_gauges *g)
     int64_t now = clock_wall_ms();
     for (int f = 0; f < FEED_COUNT; f++) {
         g->queue_depth[f] = qg.depth[f];
-        g->oldest_age_s[f] = qg.oldest_ms[f] ? (double)(now - qg.oldest_ms[f]) / 1000.0 : 0;
+        /* a record stamped before the wall clock went back seems to come
+         * from the future: none is younger than now */
+        g->oldest_age_s[f] =
+            qg.oldest_ms[f] && now > qg.oldest_ms[f] ? (double)(now - qg.oldest_ms[f]) / 1000.0 : 0;
     }
     g->dead_letters = qg.dead;
     g->queue_commits = qg.commits;

@@ -236,6 +236,24 @@ class WallClockSteps(ServiceTest):
         s.start()
         self.assertEqual(s.post([x]).json()["duplicates"], 1)
 
+    def test_the_oldest_event_seems_no_younger_than_now_after_the_clock_went_back(self):
+        offset = os.path.join(self.tmpdir(), "offset")
+        with open(offset, "w") as f:
+            f.write("3600")
+        s = Service(env={"WALL_CLOCK_OFFSET_FILE": offset})  # no feed: the events stay
+        self.addCleanup(s.cleanup)
+        preload(s, "wall_clock")
+        s.start()
+        self.assertEqual(s.post([event("users.messages.email.Send", user="u1")]).status, 200)
+        with open(offset, "w") as f:
+            f.write("0")  # an hour back
+        time.sleep(1.5)
+        self.assertEqual(s.metrics()['tributary_queue_oldest_age_seconds{feed="unbound"}'], 0)
+        with open(offset, "w") as f:
+            f.write("3610")
+        self.wait(lambda: s.metrics()['tributary_queue_oldest_age_seconds{feed="unbound"}'] >= 9,
+                  timeout=5, what="the age counted again")
+
     def test_a_step_of_the_wall_clock_neither_lengthens_a_refusal_nor_forgets_trust(self):
         offset = os.path.join(self.tmpdir(), "offset")
         with open(offset, "w") as f:
