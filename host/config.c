@@ -1257,6 +1257,16 @@ static int key_variable(const char *env, size_t n, const char *path)
            (n == len || (n == len + 5 && strncmp(env + len, "_FILE", 5) == 0));
 }
 
+/* Whether a variable's value holds nothing: blanks and commas only. */
+static int no_items(const char *v)
+{
+    for (; *v; v++) {
+        if (*v != ',' && !isspace((unsigned char)*v))
+            return 0;
+    }
+    return 1;
+}
+
 /* Sets what the environment gives, and which keys it set in c->from_env.
  * `defaults` holds each key's fingerprint before the file was read, and
  * c->file_value after: a key the file changed from its default and the
@@ -1288,7 +1298,15 @@ static void load_env(struct config *c, const uint64_t *defaults, struct errs *e,
         c->from_env[i] = v ? 1 : path ? 2 : 0;
         c->overridden[i] = c->from_env[i] && c->file && c->file_value[i] != defaults[i] &&
                            fingerprint(c, &KEYS[i]) != c->file_value[i];
-        if (c->overridden[i])
+        if (c->overridden[i] && v && no_items(v) &&
+            (KEYS[i].type == K_SECRET || KEYS[i].type == K_SECRET_LIST))
+            /* a variable left empty (a template's NAME=) would remove the
+             * file's tokens or credentials, with a warning only */
+            errs_add(e,
+                     "%s is empty, and would remove %s of %s: unset it, or remove the key "
+                     "from the file",
+                     name, KEYS[i].path, c->file);
+        else if (c->overridden[i])
             warn_add(warnings, "%s overrides %s of %s", v ? name : file_var, KEYS[i].path, c->file);
     }
     /* A mistyped variable would silently leave a default in force (with

@@ -92,23 +92,26 @@ struct args {
 };
 
 /* Options that take a value: --name VALUE or --name=VALUE. */
+/* The configuration `make install` and its systemd unit use. */
+#define INSTALLED_CONFIG "/etc/tributary/tributary.conf.lua"
+
 static int value_option(int argc, char **argv, int *i, const char *name, const char **out)
 {
     size_t n = strlen(name);
     const char *s = argv[*i];
-    if (strncmp(s, name, n) != 0)
+    if (strncmp(s, name, n) != 0 || (s[n] != '=' && s[n] != '\0'))
         return 0;
-    if (s[n] == '=') {
-        *out = s + n + 1;
-        return 1;
+    /* the second of two would win unseen: `--config A --config B` */
+    if (*out) {
+        fprintf(stderr, "tributary: %s given twice\n", name);
+        return -1;
     }
-    if (s[n] != '\0')
-        return 0;
-    if (*i + 1 >= argc) {
+    const char *v = s[n] == '=' ? s + n + 1 : *i + 1 < argc ? argv[++*i] : NULL;
+    if (!v || !*v) {
         fprintf(stderr, "tributary: %s needs a value\n", name);
         return -1;
     }
-    *out = argv[++*i];
+    *out = v;
     return 1;
 }
 
@@ -529,5 +532,11 @@ int main(int argc, char **argv)
         fprintf(stderr, "tributary: unknown command '%s' (see --help)\n", a.command);
         return 2;
     }
+    if (rc != 0 && !a.config && access(CONFIG_DEFAULT_FILE, F_OK) != 0 &&
+        access(INSTALLED_CONFIG, F_OK) == 0)
+        fprintf(stderr,
+                "tributary: no --config given, and no ./%s here: the installed service's is "
+                "--config %s\n",
+                CONFIG_DEFAULT_FILE, INSTALLED_CONFIG);
     return output_written(rc);
 }

@@ -286,6 +286,22 @@ class Cli(ServiceTest):
             self.assertIn(what, p.stderr)
             self.assertEqual(p.stdout, "")
 
+    def test_an_option_given_twice_or_empty_is_refused(self):
+        # the second --config won unseen: `check` said ok of another file
+        d = self.tmpdir()
+        conf = os.path.join(d, "c.lua")
+        with open(conf, "w") as f:
+            f.write("return {}\n")
+        for args, what in ((["check", "--config", "/nonexistent.lua", "--config", conf],
+                            "--config given twice"),
+                           (["check", "--config=" + conf, "--config=" + conf],
+                            "--config given twice"),
+                           (["check", "--config="], "--config needs a value"),
+                           (["dlq", "list", "--reason", ""], "--reason needs a value")):
+            p = run_cli(args, cwd=d)
+            self.assertEqual(p.returncode, 2, p)
+            self.assertIn(what, p.stderr)
+
     def test_unknown_command_is_a_usage_error(self):
         p = run_cli(["frobnicate"])
         self.assertEqual(p.returncode, 2)
@@ -579,6 +595,26 @@ class Cli(ServiceTest):
         self.assertNotIn("linger_ms", p.stderr)
         self.assertNotIn("http.threads", p.stderr)
         self.assertNotIn("token-0123456789abcdef", p.stderr)
+
+    def test_an_empty_variable_does_not_remove_the_files_secrets(self):
+        # a template's TRIBUTARY_INBOUND_TOKENS= left the service without its
+        # tokens, with a warning only
+        d, conf = self.write_file(
+            "tributary.conf.lua",
+            'return { inbound = { tokens = { "file-token-0123456789abcdef" } },\n'
+            '         feeds = { ios = { key = "ios-key", secret = "ios-secret" } } }\n')
+        os.chmod(conf, 0o600)
+        for var, key in (("TRIBUTARY_INBOUND_TOKENS", "inbound.tokens"),
+                         ("TRIBUTARY_FEEDS_IOS_KEY", "feeds.ios.key")):
+            for value in ("", " , "):
+                p = run_cli(["check", "--config", conf], env={var: value})
+                self.assertEqual(p.returncode, 1, p)
+                self.assertIn("%s is empty, and would remove %s of %s" % (var, key, conf),
+                              p.stderr)
+        # without the file's value, an empty variable changes nothing
+        _, bare = self.write_file("bare.conf.lua", "return {}\n")
+        p = run_cli(["check", "--config", bare], env={"TRIBUTARY_INBOUND_TOKENS": ""})
+        self.assertEqual(p.returncode, 0, p.stderr)
 
 
 class DeadLetterCommands(ServiceTest):

@@ -487,6 +487,10 @@ class Install(ServiceTest):
                        "ProtectSystem=strict", "User=tributary", "StateDirectory=tributary"):
             self.assertIn(option, unit)
         self.assertNotIn("DynamicUser=yes", unit)
+        # a reload the files would refuse fails `systemctl reload` itself
+        self.assertIn("ExecReload=/opt/trib/bin/tributary check --config "
+                      "/etc/tributary/tributary.conf.lua\nExecReload=/bin/kill -HUP $MAINPID\n",
+                      unit)
         with open(os.path.join(prefix, "lib/sysusers.d/tributary.conf")) as f:
             self.assertRegex(f.read(), r"^u tributary - .* /var/lib/tributary ")
         v = subprocess.run([os.path.join(prefix, "bin/tributary"), "--version"],
