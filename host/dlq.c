@@ -519,9 +519,10 @@ static int same_feeds_as_service(const struct config *c, queue_reader *reader)
     fprintf(stderr,
             "tributary: the rules route events by which feeds have credentials, and this command "
             "sees other ones than the service: the service has credentials for %s, this command "
-            "for %s. Run it with the service's environment (with the systemd unit: set -a; . "
-            "/etc/tributary/env; set +a), or add --force to route with what this command sees. "
-            "Nothing requeued.\n",
+            "for %s. Run it with the service's environment (with the systemd unit, in a subshell "
+            "that keeps the secrets out of yours: (set -a; . /etc/tributary/env; exec tributary "
+            "dlq requeue ...)), or add --force to route with what this command sees. Nothing "
+            "requeued.\n",
             service[0] ? service : "none", here[0] ? here : "none");
     return -1;
 }
