@@ -83,9 +83,9 @@ struct pbatch {
     char srid[40];
     int64_t *record_ids;
     size_t nrecords;
-    int64_t first_id; /* the smallest of record_ids */
-    int64_t oldest_ms;
-    char *body; /* NULL while parked (see park) */
+    int64_t first_id;             /* the smallest of record_ids */
+    int64_t oldest_ms, newest_ms; /* when its records were received, wall ms */
+    char *body;                   /* NULL while parked (see park) */
     size_t len;
     int parked;
     int limit; /* most batches it may share a request with (see halve_limit: on 400/413,
@@ -97,7 +97,8 @@ struct pbatch {
      * each (1 << enum endpoint; restored batches too, see load_batch):
      * mParticle may hold it already (an answer lost, a 5xx after it stored
      * the batch), and would not know its parts for the batch it has, so such
-     * a batch is not split by age (see class_of, expire_batches) */
+     * a batch is not split by age (see class_of, expire_batches): it stays
+     * whole until its newest record is past retry.max_age_s */
     unsigned sent;
     /* requests with it that mParticle failed (a 5xx, no answer, an unexpected
      * answer), and when the last of those was (monotonic ms); since when each
@@ -524,11 +525,14 @@ static struct pbatch *new_batch(enum feed f, const struct queue_items *items, co
     }
     b->nrecords = n;
     b->oldest_ms = INT64_MAX;
+    b->newest_ms = INT64_MIN;
     for (size_t i = 0; i < n; i++) {
         const struct queue_item *it = &items->items[idx[i]];
         b->record_ids[i] = it->id;
         if (it->received_ms < b->oldest_ms)
             b->oldest_ms = it->received_ms;
+        if (it->received_ms > b->newest_ms)
+            b->newest_ms = it->received_ms;
     }
     b->first_id = smallest_id(b->record_ids, n);
     note_event_times(b, items, idx, n, times);
@@ -943,16 +947,14 @@ static int received_before(const struct queue_item *it, int64_t cutoff)
 
 /* The part of batch b (past retry.max_age_s) to dead-letter: b itself when
  * all its records were received before cutoff (or they cannot be read to be
- * told apart), or when it may have been sent (see pbatch.sent: its parts would
- * carry its events to mParticle again under other ids); when some came later,
- * b is split in two and the older part is returned, so that a young event
- * does not go with an old one of its user. NULL: nothing now (the split
- * failed; b stays whole until the next sweep). */
+ * told apart); when some came later, b is split in two and the older part is
+ * returned, so that a young event does not go with an old one of its user.
+ * NULL: nothing now (the split failed; b stays whole until the next sweep).
+ * Not for a batch that may have been sent (see pbatch.sent): its parts would
+ * carry its events to mParticle again under other ids. */
 static struct pbatch *expired_part(struct sender *s, struct feed_state *f, struct pbatch *b,
                                    int64_t cutoff)
 {
-    if (b->sent)
-        return b;
     struct pbatch *parts[2];
     long old = split_by(s, f, b, received_before, cutoff, parts);
     if (old == SPLIT_FAILED) {
@@ -1039,7 +1041,8 @@ static void expire_batches(struct sender *s, struct feed_state *f)
         next = b->next;
         if (b->in_flight)
             continue;
-        if (b->oldest_ms >= cutoff) {
+        /* one that may have been sent goes whole, once all of it is past */
+        if ((b->sent ? b->newest_ms : b->oldest_ms) >= cutoff) {
             if (!failing(s, b, now))
                 continue;
             char detail[256];
@@ -1056,8 +1059,7 @@ static void expire_batches(struct sender *s, struct feed_state *f)
             pbatch_free(b);
             continue;
         }
-        b = expired_part(s, f, b, cutoff); /* next stays in the list */
-        if (!b)
+        if (!b->sent && !(b = expired_part(s, f, b, cutoff))) /* next stays in the list */
             continue;
         char detail[256];
         str_printf(detail, sizeof detail, "%s%s", QUEUE_MAX_AGE_DETAIL,
@@ -2266,6 +2268,7 @@ static void load_batch(void *ctx, struct queue_batch *qb)
     b->nrecords = qb->nrecords;
     b->first_id = first;
     b->oldest_ms = qb->oldest_ms;
+    b->newest_ms = qb->oldest_ms; /* and the records' own, once read */
     qb->record_ids = NULL;
     if (queue_fetch(s->reader, b->feed, b->record_ids, b->nrecords, &items) != 0)
         goto fail;
@@ -2293,6 +2296,10 @@ static void load_batch(void *ctx, struct queue_batch *qb)
         goto fail;
     }
     note_event_times(b, &items, NULL, items.n, NULL);
+    for (size_t i = 0; i < items.n; i++) {
+        if (items.items[i].received_ms > b->newest_ms)
+            b->newest_ms = items.items[i].received_ms;
+    }
     /* the last run may have sent it (a request cut off at its stop, or by a
      * crash): it keeps its endpoint (the real-time one unless all its events
      * are historical) and its id as one sent here would */

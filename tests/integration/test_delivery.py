@@ -1070,28 +1070,28 @@ class Delivery(ServiceTest):
         self.assertEqual(json.loads(s2.cli(["dlq", "list", "--json"]).stdout), [])
 
     def test_past_max_age_only_the_old_events_of_a_users_batch_are_dead_lettered(self):
+        # a batch never sent: ten users' batches go first, at one a second
         d = self.double()
-        d.fail(503)
         s = self.service(env=feed_env(d, feeds={}, TRIBUTARY_RETRY_MAX_AGE_S=4 * SLOW),
                          config="return {}\n")
+        ahead = [event("users.messages.email.Send", user="ahead%d" % i) for i in range(10)]
         old = event("users.messages.email.Send", user="same")
-        s.post([old])
+        s.post(ahead + [old])
         time.sleep(2.5 * SLOW)
         young = event("users.messages.email.Send", user="same")
         s.post([young])
         # credentials arrive: both events go into one batch for their user
-        with open(s.config, "w") as f:
-            f.write('return { feeds = { unbound = { key = "unbound-key", '
-                    'secret = "unbound-secret" } } }\n')
-        s.proc.send_signal(signal.SIGHUP)
-        self.wait(lambda: any(r["status"] == 503 for r in d.requests), what="the batch refused")
-        self.wait(lambda: s.metrics().get('tributary_dead_letters_total{reason="max_age"}') == 1,
-                  what="the old event dead-lettered")
-        d.clear_faults()
-        self.assertTrue(d.wait_for_events(1, 10 * SLOW))
-        self.assertEqual(d.source_message_ids(), [young["id"]])
-        dead = json.loads(s.cli(["dlq", "list", "--json"]).stdout)
-        self.assertEqual([x["event_id"] for x in dead], [old["id"]])
+        self.assertTrue(s.reload('return { feeds = { unbound = { key = "unbound-key", '
+                                 'secret = "unbound-secret", rate_limit = 1 } } }\n'))
+        # those of the ten not sent by then expire with the old event
+        self.wait(lambda: young["id"] in d.source_message_ids(), timeout=30,
+                  what="the young event delivered")
+        dead = {x["event_id"]: x["detail"]
+                for x in json.loads(s.cli(["dlq", "list", "--json"]).stdout)}
+        self.assertEqual(dead.get(old["id"]), "not delivered within retry.max_age_s")
+        delivered = d.source_message_ids()
+        self.assertEqual(sorted(delivered + list(dead)),
+                         sorted(e["id"] for e in ahead + [old, young]))
 
     def test_feed_without_credentials_holds_its_events_until_they_arrive(self):
         d = self.double()
@@ -1422,33 +1422,50 @@ class Delivery(ServiceTest):
         self.assertEqual({r["path"] for r in d.requests}, {"/v2/bulkevents/historical"})
         self.assertEqual(sorted(set(d.source_message_ids())), sorted([near["id"], far["id"]]))
 
-    def test_a_batch_sent_before_goes_whole_to_the_dead_letters_at_max_age(self):
+    def test_a_batch_sent_before_stays_whole_past_max_age_until_its_newest_event_is(self):
         # its old event and a young one of the same user share the batch, which
         # mParticle stored (its answer lost), then failed: split at max_age, its
         # young part went again under another source_request_id
         d = self.double()
         d.drop_connections(times=1, after_processing=True)
         d.fail(503)
-        s = self.service(env=feed_env(d, feeds={}, TRIBUTARY_RETRY_MAX_AGE_S=4 * SLOW),
+        s = self.service(env=feed_env(d, feeds={}, TRIBUTARY_RETRY_MAX_AGE_S=6 * SLOW),
                          config="return {}\n")
         old = event("users.messages.email.Send", user="same")
         self.assertEqual(s.post([old]).status, 200)
-        time.sleep(2.5 * SLOW)
+        time.sleep(4 * SLOW)
         young = event("users.messages.email.Send", user="same")
         self.assertEqual(s.post([young]).status, 200)
         self.assertTrue(s.reload('return { feeds = { unbound = { key = "unbound-key", '
                                  'secret = "unbound-secret" } } }\n'))
         self.wait(lambda: any(r["status"] == 503 for r in d.requests), what="a refused request")
+        time.sleep(3 * SLOW)  # the old event is past retry.max_age_s, the young one is not
+        self.assertEqual(s.metrics()['tributary_dead_letters_total{reason="max_age"}'], 0)
+        d.clear_faults()
+        self.wait(lambda: d.repeats, timeout=20, what="the batch sent again")
+        self.assertEqual(len(d.source_request_ids()), 1, d.source_request_ids())
+        self.assertEqual(sorted(set(d.source_message_ids())), sorted([old["id"], young["id"]]))
+        self.assertEqual(json.loads(s.cli(["dlq", "list", "--json"]).stdout), [])
+
+    def test_a_batch_sent_before_goes_whole_to_the_dead_letters_once_all_of_it_is_past_max_age(self):
+        d = self.double()
+        d.fail(503)
+        s = self.service(env=feed_env(d, feeds={}, TRIBUTARY_RETRY_MAX_AGE_S=4 * SLOW),
+                         config="return {}\n")
+        old = event("users.messages.email.Send", user="same")
+        self.assertEqual(s.post([old]).status, 200)
+        time.sleep(2 * SLOW)
+        young = event("users.messages.email.Send", user="same")
+        self.assertEqual(s.post([young]).status, 200)
+        self.assertTrue(s.reload('return { feeds = { unbound = { key = "unbound-key", '
+                                 'secret = "unbound-secret" } } }\n'))
         self.wait(lambda: s.metrics().get('tributary_dead_letters_total{reason="max_age"}'),
                   timeout=20, what="a dead letter max_age")
-        d.clear_faults()
-        time.sleep(2)
         self.assertEqual(s.metrics()['tributary_dead_letters_total{reason="max_age"}'], 2)
-        self.assertEqual(len(d.source_request_ids()), 1, d.source_request_ids())
-        self.assertEqual(sorted(d.source_message_ids()), sorted([old["id"], young["id"]]))
         dead = json.loads(s.cli(["dlq", "list", "--json"]).stdout)
         self.assertEqual(sorted(x["event_id"] for x in dead), sorted([old["id"], young["id"]]))
-        self.assertIn("sent before (mParticle may hold it)", dead[0]["detail"])
+        self.assertRegex(dead[0]["detail"], r"^not delivered within retry.max_age_s, sent before "
+                                            r"\(mParticle may hold it\); \d+ failed requests")
 
     def test_slow_answers_on_two_feeds_do_not_hold_up_a_third(self):
         d = self.double()
