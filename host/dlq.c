@@ -142,7 +142,8 @@ static void print_json_text(const char *s)
 
 /* Stored text (from Braze, mParticle or a rule's error) as a terminal shows it,
  * on one line: a blank for a line end or tab, '?' for another control character
- * (C0, DEL, C1: a terminal would act on them) and for a byte that is not
+ * (C0, DEL, C1: a terminal would act on them), for each byte of a bidirectional
+ * formatting character (it would reorder the line) and for a byte that is not
  * UTF-8; at most max bytes, cut between two characters. The caller frees it;
  * NULL when out of memory. */
 static char *terminal_text(const char *s, size_t max)
@@ -162,6 +163,11 @@ static char *terminal_text(const char *s, size_t max)
             t[i] = '?';
         else if (utf8_is_c1(t + i, keep - i))
             t[i] = t[i + 1] = '?';
+        else if (utf8_bidi_control(t + i, keep - i)) {
+            size_t len = c == 0xd8 ? 2 : 3;
+            memset(t + i, '?', len);
+            i += len - 1;
+        }
     }
     return t;
 }

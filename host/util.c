@@ -171,6 +171,21 @@ int utf8_is_c1(const char *s, size_t n)
            (unsigned char)s[1] <= 0x9f;
 }
 
+unsigned utf8_bidi_control(const char *s, size_t n)
+{
+    const unsigned char *p = (const unsigned char *)s;
+    if (n >= 2 && p[0] == 0xd8 && p[1] == 0x9c)
+        return 0x061c;
+    if (n < 3 || p[0] != 0xe2)
+        return 0;
+    unsigned cp = 0x2000u | ((p[1] & 0x3fu) << 6) | (p[2] & 0x3fu);
+    if ((p[1] == 0x80 || p[1] == 0x81) && (p[2] & 0xc0) == 0x80 &&
+        (cp == 0x200e || cp == 0x200f || (cp >= 0x202a && cp <= 0x202e) ||
+         (cp >= 0x2066 && cp <= 0x2069)))
+        return cp;
+    return 0;
+}
+
 /* Appends s[*run..i), then \u00XX for the C1 character at i: the escape of
  * its second byte, its code point, in place of both. */
 static int escape_c1(buf *b, const char *s, size_t *run, size_t i)
@@ -258,6 +273,15 @@ int buf_json_strict(buf *b, const char *s, size_t n)
                 return -1;
             if (len == 2 && utf8_is_c1(s + i, len) && escape_c1(b, s, &run, i) != 0)
                 return -1;
+            unsigned bidi = len >= 2 ? utf8_bidi_control(s + i, len) : 0;
+            if (bidi) {
+                /* the same text, escaped: a terminal shows it in order */
+                char u[12];
+                snprintf(u, sizeof u, "\\u%04x", bidi);
+                if (buf_add(b, s + run, i - run) != 0 || buf_add(b, u, 6) != 0)
+                    return -1;
+                run = i + len;
+            }
             i += len ? len : 1;
         } else {
             i++;

@@ -152,6 +152,11 @@ size_t utf8_sanitize(char *s, size_t n, size_t max);
  * bytes): JSON may hold it as it is, but a terminal showing the text acts on
  * it (U+009B begins a control sequence). */
 int utf8_is_c1(const char *s, size_t n);
+/* The code point of the bidirectional formatting character s[0..n) begins
+ * with (U+061C, U+200E, U+200F, U+202A - U+202E, U+2066 - U+2069), or 0: a
+ * terminal showing text with one reorders what follows it, so that an id can
+ * show as another. */
+unsigned utf8_bidi_control(const char *s, size_t n);
 /* The length of the well-formed UTF-8 sequence (RFC 3629) at p, n > 0 bytes
  * left, or 0 when the byte at p begins none. */
 size_t utf8_sequence(const unsigned char *p, size_t n);

@@ -768,7 +768,7 @@ class DeadLetterCommands(ServiceTest):
         e["id"] = "ID-PLACEHOLDER"
         body = json.dumps({"events": [e]}).encode().replace(
             b"ID-PLACEHOLDER", b"id\x1b]0;title\x07-1").replace(
-            b"PLACEHOLDER", b"line\nend \x1b[2J csi \xc2\x9b31m bad \xff done")
+            b"PLACEHOLDER", b"line\nend \x1b[2J csi \xc2\x9b31m bad \xff rtl \xe2\x80\xae done")
         self.assertEqual(s.post(body=body).status, 200)
         [row] = json.loads(s.cli(["dlq", "list", "--json"]).stdout)
         listed = s.cli(["dlq", "list"]).stdout
@@ -776,9 +776,12 @@ class DeadLetterCommands(ServiceTest):
         for text in (listed, shown):
             self.assertIsNone(re.search("[\x00-\x09\x0b-\x1f\x7f-\x9f]", text), repr(text))
             self.assertIn("id?]0;title?-1", text)
-            self.assertIn("line end ?[2J csi ??31m bad ? done", text)
+            self.assertNotIn("\u202e", text)
+        self.assertIn("line end ?[2J csi ??31m bad ? rtl ??? done", listed)
+        self.assertIn("line end ?[2J csi ??31m bad ? rtl ??? done", shown)
         self.assertEqual(len(listed.splitlines()), 2, listed)
-        self.assertIn('"note": "line\\u000aend \\u001b[2J csi \\u009b31m bad \ufffd done"', shown)
+        self.assertIn('"note": "line\\u000aend \\u001b[2J csi \\u009b31m bad \ufffd rtl \\u202e done"',
+                      shown)
         # --json keeps what was stored, escaped
         self.assertEqual(row["event_id"], "id\x1b]0;title\x07-1")
 

@@ -246,6 +246,10 @@ START_TEST(test_buf_json_strict_escapes_what_only_a_lenient_reader_takes)
         {"{\"c1\":\"\xc2\x9b"
          "31m\xc2\xa0\"}",
          "{\"c1\":\"\\u009b31m\xc2\xa0\"}"},
+        /* bidirectional formatting characters, which reorder a terminal's line;
+         * U+2010 and U+2030 beside them stay */
+        {"{\"id\":\"a\xe2\x80\xaexe.txt\xe2\x81\xa9\xd8\x9c\xe2\x80\x90\xe2\x80\xb0\"}",
+         "{\"id\":\"a\\u202exe.txt\\u2069\\u061c\xe2\x80\x90\xe2\x80\xb0\"}"},
     };
     for (size_t i = 0; i < ARRAY_LEN(cases); i++) {
         buf b;
