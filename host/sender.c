@@ -1091,9 +1091,12 @@ static int held_full(const struct feed_state *f)
 }
 
 /* Whether batch b cannot go for PARK_MIN_MS or more while the feed's other
- * batches can: it fails alone and waits by itself, or its endpoint backs off
- * while the other does not (a whole feed's wait, a pause or a 429, parks
- * nothing: claiming more would not send more). */
+ * batches may: it fails alone and waits by itself (see back_off), or its
+ * endpoint backs off while the other does not. The other endpoint need not
+ * have delivered: its events may be the ones waiting behind the parked (an
+ * outage of one endpoint so parks that endpoint's batches until MAX_HELD_ALL).
+ * A whole feed's wait, a pause or a 429, parks nothing: claiming more would
+ * not send more. */
 static int waits_alone(const struct feed_state *f, const struct pbatch *b, int64_t now,
                        int64_t wall)
 {
