@@ -917,23 +917,48 @@ static int forget_names(const struct cli_options *o, const struct config *c)
         fprintf(stderr, "usage: tributary queue forget-names [--] NAME... | --all\n");
         return 2;
     }
-    queue *q = open_queue(c, USE_PURGE);
-    if (!q)
+    unsigned char *found = o->all ? NULL : calloc((size_t)o->nargs, 1);
+    if (!o->all && !found) {
+        fprintf(stderr, "tributary: out of memory\n");
         return 1;
+    }
+    queue *q = open_queue(c, USE_PURGE);
+    if (!q) {
+        free(found);
+        return 1;
+    }
     size_t forgotten = 0;
     enum queue_status st =
-        queue_forget_event_names(q, o->all ? NULL : o->args, (size_t)o->nargs, &forgotten);
+        queue_forget_event_names(q, o->all ? NULL : o->args, (size_t)o->nargs, &forgotten, found);
     queue_free(q);
     if (st != QUEUE_OK) {
         fprintf(stderr, "tributary: cannot forget event names: %s\n", queue_status_name(st));
+        free(found);
         return 1;
     }
-    if (o->json)
-        printf("{\"forgotten\":%zu}\n", forgotten);
-    else
+    /* a name mistyped, or forgotten already: said, not passed over */
+    if (o->json) {
+        printf("{\"forgotten\":%zu", forgotten);
+        int unknown = 0;
+        for (int i = 0; found && i < o->nargs; i++) {
+            if (!found[i]) {
+                fputs(unknown++ ? "," : ",\"unknown\":[", stdout);
+                print_json_str(o->args[i]);
+            }
+        }
+        puts(unknown ? "]}" : "}");
+    } else {
         printf("forgot %zu event name%s; a running service reads the names again at its next "
                "reload\n",
                forgotten, forgotten == 1 ? "" : "s");
+        for (int i = 0; found && i < o->nargs; i++) {
+            char *shown = found[i] ? NULL : terminal_text(o->args[i], SIZE_MAX);
+            if (shown)
+                printf("not among the names sent (see tributary queue names): %s\n", shown);
+            free(shown);
+        }
+    }
+    free(found);
     return 0;
 }
 

@@ -91,10 +91,10 @@ struct args {
     const char *workspace;
 };
 
-/* Options that take a value: --name VALUE or --name=VALUE. */
 /* The configuration `make install` and its systemd unit use. */
 #define INSTALLED_CONFIG "/etc/tributary/tributary.conf.lua"
 
+/* Options that take a value: --name VALUE or --name=VALUE. */
 static int value_option(int argc, char **argv, int *i, const char *name, const char **out)
 {
     size_t n = strlen(name);
@@ -532,7 +532,7 @@ int main(int argc, char **argv)
         fprintf(stderr, "tributary: unknown command '%s' (see --help)\n", a.command);
         return 2;
     }
-    if (rc != 0 && !a.config && access(CONFIG_DEFAULT_FILE, F_OK) != 0 &&
+    if (rc == 1 && !a.config && access(CONFIG_DEFAULT_FILE, F_OK) != 0 &&
         access(INSTALLED_CONFIG, F_OK) == 0)
         fprintf(stderr,
                 "tributary: no --config given, and no ./%s here: the installed service's is "

@@ -379,6 +379,7 @@ struct op {
             const char *const *forget;      /* OP_FORGET_NAMES (NULL: all) */
             size_t n;
             size_t *forgotten;
+            unsigned char *found; /* may be NULL */
         } event_names;
         struct {
             const struct dead_filter *f;
@@ -1473,7 +1474,10 @@ static enum queue_status forget_event_names(queue *q, struct op *op)
         int rc = step_done(s);
         if (rc != SQLITE_OK)
             return status_of(rc);
-        *op->u.event_names.forgotten += (size_t)sqlite3_changes(q->db);
+        int changes = sqlite3_changes(q->db);
+        *op->u.event_names.forgotten += (size_t)changes;
+        if (op->u.event_names.found)
+            op->u.event_names.found[i] = changes > 0;
     }
     return QUEUE_OK;
 }
@@ -3685,12 +3689,13 @@ enum queue_status queue_add_event_names(queue *q, const struct event_name *names
 }
 
 enum queue_status queue_forget_event_names(queue *q, const char *const *names, size_t n,
-                                           size_t *forgotten)
+                                           size_t *forgotten, unsigned char *found)
 {
     struct op op = {.kind = OP_FORGET_NAMES};
     op.u.event_names.forget = names;
     op.u.event_names.n = n;
     op.u.event_names.forgotten = forgotten;
+    op.u.event_names.found = found;
     return submit(q, &op);
 }
 

@@ -199,9 +199,9 @@ enum queue_status queue_set_feed_state(queue *q, enum feed f, const char *reason
 enum queue_status queue_add_event_names(queue *q, const struct event_name *names, size_t n);
 /* Forgets the event names names[0..n) (NUL-terminated, as queue_event_names
  * gives them), or all of them when names is NULL; *forgotten receives how many
- * were kept. */
+ * were kept, and found[i], when found is not NULL, whether names[i] was. */
 enum queue_status queue_forget_event_names(queue *q, const char *const *names, size_t n,
-                                           size_t *forgotten);
+                                           size_t *forgotten, unsigned char *found);
 /* Calls fn for each kept event name (NUL-terminated, n bytes), in the order
  * they were first sent; fn returns non-zero to stop. A queue that no service
  * of this version has opened has none. */

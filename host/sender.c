@@ -88,6 +88,10 @@ struct pbatch {
     char *body;                   /* NULL while parked (see park) */
     size_t len;
     int parked;
+    /* the environment its body was first built with (one of
+     * MPARTICLE_ENVIRONMENTS), kept when a reload changes it: a body built
+     * again (see unpark) is the same bytes under the same srid */
+    const char *environment;
     int limit; /* most batches it may share a request with (see halve_limit: on 400/413,
                   and on a failure again or while the feed works, see note_failures) */
     int in_flight;
@@ -178,6 +182,9 @@ struct feed_state {
     struct pbatch *head, *tail;
     size_t nbatches, bytes;
     size_t parked; /* of nbatches, those without their bodies (see park) */
+    /* monotonic ms: the next look for batches to park, and after a parked
+     * batch's records could not be read, the next try of any */
+    int64_t park_at, unpark_at;
     int64_t park_logged_ms, unpark_logged_ms; /* see log_due */
     size_t delivered;                         /* batches whose deletion is still to be queued */
     int in_flight;
@@ -432,11 +439,16 @@ static int build_body(struct sender *s, struct pbatch *b, const struct queue_ite
         free(parts);
         return -1;
     }
+    for (size_t i = 0; !b->environment && MPARTICLE_ENVIRONMENTS[i]; i++) {
+        if (strcmp(MPARTICLE_ENVIRONMENTS[i], s->cfg->environment) == 0)
+            b->environment = MPARTICLE_ENVIRONMENTS[i];
+    }
     buf body;
     buf_init(&body, MPARTICLE_MAX_REQUEST_BYTES * 4);
     /* room for the whole body at once (a hint: building checks every append) */
     (void)!buf_reserve(&body, mparticle_batch_size_bound(parts, n));
-    int rc = mparticle_build_batch(&body, s->cfg->environment, b->srid, parts, n);
+    int rc = mparticle_build_batch(&body, b->environment ? b->environment : s->cfg->environment,
+                                   b->srid, parts, n);
     free(parts);
     if (rc != 0) {
         buf_free(&body);
@@ -1134,11 +1146,15 @@ static void park(struct feed_state *f, int64_t now)
 }
 
 /* Builds the body of batch b again when it is parked, from its records, as it
- * was (its srid and its records' order kept); 0 when b has its body. */
-static int unpark(struct sender *s, struct feed_state *f, struct pbatch *b)
+ * was (its srid, environment and records' order kept); 0 when b has its body.
+ * A failure to read them holds every parked batch of the feed for a second:
+ * a sick database is not asked again for each at every turn. */
+static int unpark(struct sender *s, struct feed_state *f, struct pbatch *b, int64_t now)
 {
     if (!b->parked)
         return 0;
+    if (now < f->unpark_at)
+        return -1;
     struct queue_items items;
     queue_items_init(&items);
     int rc = -1;
@@ -1148,9 +1164,12 @@ static int unpark(struct sender *s, struct feed_state *f, struct pbatch *b)
         f->parked--;
         f->bytes += b->len;
         rc = 0;
-    } else if (log_due(&f->unpark_logged_ms)) {
-        log_error("cannot read the records of a parked batch to send it; tried again in a moment",
-                  LOG_S("feed", FEED_NAMES[f->feed]) LOG_S("batch", b->srid));
+    } else {
+        f->unpark_at = now + 1000;
+        if (log_due(&f->unpark_logged_ms))
+            log_error("cannot read the records of a parked batch to send it; tried again in a "
+                      "second",
+                      LOG_S("feed", FEED_NAMES[f->feed]) LOG_S("batch", b->srid));
     }
     queue_items_free(&items);
     return rc;
@@ -1161,8 +1180,10 @@ static void claim_feed(struct sender *s, struct feed_state *f, int64_t now, stru
 {
     if (f->pause == PAUSE_NO_CREDENTIALS || now < f->next_claim)
         return;
-    if (held_full(f))
-        park(f, now);
+    if (held_full(f) && now >= f->park_at) {
+        park(f, now); /* what waits a second or more: looked for once a second */
+        f->park_at = now + PARK_MIN_MS;
+    }
     if (held_full(f) || f->nbatches >= MAX_HELD_ALL) {
         f->next_claim = now + IDLE_POLL_MS;
         return;
@@ -1595,7 +1616,8 @@ static void dispatch(struct sender *s, struct feed_state *f, int64_t now)
                 probe_ep = ep;
             }
         }
-        if (probe && unpark(s, f, probe) == 0 && start_request(s, f, &probe, 1, probe_ep, 1) == 0) {
+        if (probe && unpark(s, f, probe, now) == 0 &&
+            start_request(s, f, &probe, 1, probe_ep, 1) == 0) {
             f->probing = 1;
             spend(&f->rate, 1); /* a probe is a batch sent like any */
             spend(&s->account, 1);
@@ -1629,7 +1651,7 @@ static void dispatch(struct sender *s, struct feed_state *f, int64_t now)
             size_t c = cap < (size_t)b->limit ? cap : (size_t)b->limit;
             if (n + 1 > c)
                 break;
-            if (unpark(s, f, b) != 0)
+            if (unpark(s, f, b, now) != 0)
                 continue;
             if (n > 0 && bytes + b->len + 1 > MPARTICLE_MAX_REQUEST_BYTES)
                 break;

@@ -1070,14 +1070,16 @@ class Delivery(ServiceTest):
         self.assertEqual(json.loads(s2.cli(["dlq", "list", "--json"]).stdout), [])
 
     def test_past_max_age_only_the_old_events_of_a_users_batch_are_dead_lettered(self):
-        # a batch never sent: ten users' batches go first, at one a second
+        # a batch never sent: other users' batches go first, at one a second,
+        # for longer than the old event has left (whatever SLOW makes its age)
         d = self.double()
-        s = self.service(env=feed_env(d, feeds={}, TRIBUTARY_RETRY_MAX_AGE_S=4 * SLOW),
+        s = self.service(env=feed_env(d, feeds={}, TRIBUTARY_RETRY_MAX_AGE_S=5 * SLOW),
                          config="return {}\n")
-        ahead = [event("users.messages.email.Send", user="ahead%d" % i) for i in range(10)]
+        ahead = [event("users.messages.email.Send", user="ahead%d" % i)
+                 for i in range(int(2 * SLOW) + 2)]
         old = event("users.messages.email.Send", user="same")
         s.post(ahead + [old])
-        time.sleep(2.5 * SLOW)
+        time.sleep(3 * SLOW)
         young = event("users.messages.email.Send", user="same")
         s.post([young])
         # credentials arrive: both events go into one batch for their user
@@ -1317,9 +1319,16 @@ class Delivery(ServiceTest):
         # 2,100 users' old events (dead letters requeued, say) while the
         # historical endpoint fails: the feed held 2,000 batches at most, all
         # of them waiting, and claimed nothing more until they went
+        # mParticle stored the first request and its answer was lost: the
+        # parked batches are built again, byte for byte, under their ids,
+        # though a reload changed the environment a rule leaves to the host
         d = self.double()
+        d.drop_connections(times=1, after_processing=True)
         d.fail(503, path="/v2/bulkevents/historical")
-        s = self.service(env=feed_env(d, TRIBUTARY_RETRY_MAX_MS=5000))
+        rules = self.rules_dir({"20-no-environment.lua":
+                                "return function(event, out) out.batch.environment = nil end\n"})
+        s = self.service(env=feed_env(d, TRIBUTARY_RETRY_MAX_MS=5000), rules_dir=rules,
+                         config='return { environment = "production" }\n')
         now = int(time.time())
         old = [event("users.messages.email.Send", user="h%d" % i, time_s=now - 40 * 86400)
                for i in range(2100)]
@@ -1329,14 +1338,19 @@ class Delivery(ServiceTest):
                   ["unbound"]["in_flight_batches"] >= 2000, timeout=30, what="2,000 batches held")
         recent = [event("users.messages.email.Send", user="r%d" % k) for k in range(5)]
         self.assertEqual(s.post(recent).status, 200)
-        self.assertTrue(d.wait_for_events(5, 10 * SLOW), "recent events held back")
+        self.wait(lambda: {e["id"] for e in recent} <= set(d.source_message_ids()), timeout=10,
+                  what="the recent events, held back")
         self.assertIn("batches that cannot go for now parked", s.logs())
+        self.assertTrue(s.reload('return { environment = "development" }\n'))
         d.clear_faults()
         self.assertTrue(d.wait_for_events(2105, 60 * SLOW),
                         "delivered %d of 2105" % d.event_count())
         time.sleep(1)
         self.assertEqual(sorted(d.source_message_ids()), sorted(e["id"] for e in old + recent))
         self.assertEqual(len(d.source_request_ids()), 2105)
+        self.assertTrue(d.repeats)
+        self.assertEqual([r for r in d.repeats if not r["same"]], [])
+        self.assertEqual({b["batch"]["environment"] for b in d.batches}, {"production"})
 
     def waited_past_29_days(self):
         """A batch of two events of one user, one crossing 29 days (where the service
@@ -1770,6 +1784,9 @@ class Delivery(ServiceTest):
         out = s.cli(["queue", "forget-names", "Open c2", "Open c9"])
         self.assertEqual(out.returncode, 0, out.stderr)
         self.assertIn("forgot 1 event name;", out.stdout)
+        self.assertIn("not among the names sent (see tributary queue names): Open c9\n",
+                      out.stdout)
+        self.assertNotIn("Open c2", out.stdout)
         self.assertEqual(s.metrics()["tributary_event_names"], 4)  # until a reload
         self.assertTrue(s.reload())
         self.wait(lambda: s.metrics()["tributary_event_names"] == 3, what="3 names")
@@ -1793,7 +1810,8 @@ class Delivery(ServiceTest):
                          ('Open say "hi"', 'Open say \\"hi\\"'))
         self.assertIn('Open say \\"hi\\"', s.cli(["queue", "names"]).stdout)
         out = s.cli(["queue", "forget-names", "--json", "--", names[-1]["text"], "-x"])
-        self.assertEqual((out.returncode, json.loads(out.stdout)), (0, {"forgotten": 1}), out.stderr)
+        self.assertEqual((out.returncode, json.loads(out.stdout)),
+                         (0, {"forgotten": 1, "unknown": ["-x"]}), out.stderr)
 
     def test_rate_limit_spaces_batches_per_feed(self):
         d = self.double()

@@ -2840,9 +2840,13 @@ START_TEST(test_event_names_can_be_forgotten_one_by_one_or_all)
     struct event_name names[] = {{{"A", 1}, 1}, {{"B", 1}, 2}, {{"C", 1}, 3}};
     ck_assert_int_eq(queue_add_event_names(q, names, 3), QUEUE_OK);
     size_t forgotten = 99;
-    ck_assert_int_eq(queue_forget_event_names(q, (const char *const[]){"B", "nope"}, 2, &forgotten),
-                     QUEUE_OK);
+    unsigned char found[2] = {9, 9};
+    ck_assert_int_eq(
+        queue_forget_event_names(q, (const char *const[]){"B", "nope"}, 2, &forgotten, found),
+        QUEUE_OK);
     ck_assert_uint_eq(forgotten, 1);
+    ck_assert_int_eq(found[0], 1);
+    ck_assert_int_eq(found[1], 0);
     queue_reader *r = reader(q);
     struct name_list l = {.n = 0};
     ck_assert_int_eq(queue_event_names(r, collect_name, &l), 0);
@@ -2854,7 +2858,7 @@ START_TEST(test_event_names_can_be_forgotten_one_by_one_or_all)
     l.n = 0;
     ck_assert_int_eq(queue_event_names(r, collect_name, &l), 0);
     ck_assert_str_eq(l.names[2], "B");
-    ck_assert_int_eq(queue_forget_event_names(q, NULL, 0, &forgotten), QUEUE_OK);
+    ck_assert_int_eq(queue_forget_event_names(q, NULL, 0, &forgotten, NULL), QUEUE_OK);
     ck_assert_uint_eq(forgotten, 3);
     l.n = 0;
     ck_assert_int_eq(queue_event_names(r, collect_name, &l), 0);
