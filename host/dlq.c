@@ -1,6 +1,7 @@
 #include "dlq.h"
 
 #include "config.h"
+#include "log.h"
 #include "metrics.h"
 #include "queue.h"
 #include "reload.h"
@@ -568,10 +569,13 @@ static int cmd_requeue(const struct cli_options *o, struct config *c)
         goto done;
     }
     /* rules that the service would refuse (their tests fail) map nothing */
-    buf report;
+    buf report, warnings;
     buf_init(&report, 1 << 20);
+    buf_init(&warnings, 1 << 20);
     int ntests = 0;
-    int invalid = reload_validate(rs, &report, &ntests);
+    int invalid = reload_validate(rs, &report, &warnings, &ntests);
+    print_warnings(warnings.data);
+    buf_free(&warnings);
     if (invalid)
         fprintf(stderr,
                 "tributary: the rules in %s fail their tests, as a reload would find; nothing "

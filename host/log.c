@@ -243,6 +243,14 @@ void log_emit(enum log_level level, const char *msg, const struct log_field *fie
     buf_free(&b);
 }
 
+void print_warnings(const char *text)
+{
+    for (const char *w = text, *nl; w && *w; w = nl ? nl + 1 : NULL) {
+        nl = strchr(w, '\n');
+        fprintf(stderr, "warning: %.*s\n", nl ? (int)(nl - w) : (int)strlen(w), w);
+    }
+}
+
 void log_warn_lines(const char *text)
 {
     for (const char *w = text, *nl; w && *w; w = nl ? nl + 1 : NULL) {

@@ -263,10 +263,13 @@ static int cmd_check(const struct args *a)
         config_unref(c);
         return 1;
     }
-    buf report;
+    buf report, warnings;
     buf_init(&report, 1 << 20);
+    buf_init(&warnings, 1 << 20);
     int ntests = 0;
-    int rc = reload_validate(rs, &report, &ntests);
+    int rc = reload_validate(rs, &report, &warnings, &ntests);
+    print_warnings(warnings.data);
+    buf_free(&warnings);
     if (rc != 0) {
         fputs(report.data ? report.data : "rules failed validation\n", stderr);
     } else {

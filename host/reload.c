@@ -72,7 +72,7 @@ void reload_cancel(void)
     atomic_store(&cancelled, 1);
 }
 
-int reload_validate(ruleset *rs, buf *report, int *ntests)
+int reload_validate(ruleset *rs, buf *report, buf *warnings, int *ntests)
 {
     char err[ERR_LEN];
     rules *r = NULL;
@@ -82,7 +82,7 @@ int reload_validate(ruleset *rs, buf *report, int *ntests)
         return -1;
     }
     rules_tests_cancelled_by(r, &cancelled);
-    int failures = rules_self_test(r, report, ntests);
+    int failures = rules_self_test(r, report, warnings, ntests);
     rules_free(r);
     return failures == 0 ? 0 : -1;
 }
@@ -278,8 +278,9 @@ int reload_now(const char *trigger, char *err, size_t errlen)
     int rc = -1;
     struct config *cfg = NULL;
     ruleset *rs = NULL;
-    buf report;
+    buf report, warnings;
     buf_init(&report, 64 * 1024);
+    buf_init(&warnings, 64 * 1024);
     int ntests = 0;
     if (stopping(err, errlen) || config_load_again(&cfg, path, err, errlen) != 0)
         goto done;
@@ -289,7 +290,7 @@ int reload_now(const char *trigger, char *err, size_t errlen)
         goto done;
     if (check_against_started(started, cfg, err, errlen) != 0)
         goto done;
-    if (reload_validate(rs, &report, &ntests) != 0) {
+    if (reload_validate(rs, &report, &warnings, &ntests) != 0) {
         reload_report_excerpt(&report, err, errlen);
         goto done;
     }
@@ -309,6 +310,7 @@ int reload_now(const char *trigger, char *err, size_t errlen)
     }
     log_configure(cfg->log_level, cfg->log_format); /* before the line saying it is done */
     log_warn_lines(cfg->warnings); /* a key of another pod, a short token: as at start */
+    log_warn_lines(warnings.data);
     pthread_mutex_lock(&R.mu);
     struct config *prev_cfg = R.cfg;
     ruleset *prev_rs = R.rs;
@@ -344,6 +346,7 @@ done:
                   LOG_S("trigger", trigger) LOG_S("error", err));
     }
     buf_free(&report);
+    buf_free(&warnings);
     ruleset_unref(rs);
     config_unref(cfg);
     config_unref(old);

@@ -24,8 +24,9 @@ struct snapshot {
 };
 
 /* Validates a ruleset: builds an engine and runs the rule tests. Appends the
- * reasons to report; returns 0 when good. *ntests receives the number of tests. */
-int reload_validate(ruleset *rs, buf *report, int *ntests) WUR;
+ * reasons to report, and what is worth a warning to warnings (a line each);
+ * returns 0 when good. *ntests receives the number of tests. */
+int reload_validate(ruleset *rs, buf *report, buf *warnings, int *ntests) WUR;
 /* The start of such a report that fits out (whole lines, and a note when
  * failures are left out), for a log line or an error message. */
 void reload_report_excerpt(const buf *report, char *out, size_t outlen);

@@ -279,7 +279,15 @@ struct rules {
     size_t ceiling;    /* what the state may hold while the events of a request run
                           (see begin_events) */
     int testing;       /* running rule tests: tributary.count counts nothing */
-    int uncounted;     /* nor for events mapped again (rules_uncounted) */
+    /* tests whose events the files after theirs send to the dead-letter
+     * store (see after_files_keep), and the first of them */
+    int dead_after;
+    char dead_after_first[ERR_LEN];
+    /* tests whose events the service would refuse (see check_event), and the
+     * first of them */
+    int refused;
+    char refused_first[ERR_LEN];
+    int uncounted; /* nor for events mapped again (rules_uncounted) */
     buf scratch;
     buf encoded; /* cjson.encode's text while a rule calls it */
     /* see rules_tests_cancelled_by */
@@ -1353,6 +1361,19 @@ static void run_chain(rules *r, lua_State *L, int evi, int wsi, size_t upto,
         if (t == LUA_TTABLE) {
             lua_pushvalue(L, -2);
             lua_replace(L, outi);
+        } else if (t == LUA_TNIL && lua_type(L, -1) != LUA_TNIL) {
+            /* Lua's `return nil, err`: meant as a drop, it would keep the
+             * event without a word */
+            res->kind = CHAIN_DEAD;
+            res->dead_reason = DEAD_INVALID_OUTPUT;
+            str_printf(res->detail, sizeof res->detail,
+                       "%s: process returned nil and a %s; return false and a reason (a "
+                       "non-empty string) to drop the event, or nothing to keep it",
+                       fname, lua_typename(L, lua_type(L, -1)));
+            lua_pop(L, 2);
+            lua_pushnil(L);
+            lua_replace(L, outi);
+            return;
         } else if (t != LUA_TNIL) {
             res->kind = CHAIN_DEAD;
             res->dead_reason = DEAD_INVALID_OUTPUT;
@@ -2787,6 +2808,48 @@ static int push_as_decoded(lua_State *L, int idx, char *path, size_t pathlen, ch
     return -1;
 }
 
+/* Whether the event of the test at ti, run through every rule file, comes out
+ * as anything but a dead letter (a drop or an output the host can store);
+ * else diff says why. */
+static int after_files_keep(rules *r, lua_State *L, int ti, int wsi, char *diff, size_t difflen)
+{
+    int top = lua_gettop(L);
+    char where[256] = "event", err[ERR_LEN];
+    int kept = 0;
+    rawfield(L, ti, "event");
+    if (push_as_decoded(L, -1, where, sizeof where, diff, difflen, 0) != 0)
+        goto done;
+    int evi = lua_gettop(L);
+    struct chain_result res;
+    begin_events(r);
+    run_chain(r, L, evi, wsi, r->n - 1, &res);
+    if (res.kind == CHAIN_DEAD) {
+        str_printf(diff, difflen,
+                   "the event passes this file, and then goes to the dead-letter store in the "
+                   "files after it (%s): %s",
+                   res.dead_reason, res.detail);
+        goto done;
+    }
+    if (res.kind == CHAIN_OUT) {
+        struct mapping scratch;
+        mapping_init(&scratch);
+        struct event_ids ids = {{"test", 4}, {"test", 4}, STR_NULL, STR_NULL};
+        int e = emit(r, L, evi, &ids, lua_gettop(L), &scratch, err, sizeof err);
+        mapping_free(&scratch);
+        if (e != 0) {
+            str_printf(diff, difflen,
+                       "the event passes this file, and then the output of the files after it "
+                       "is not valid: %s",
+                       e > 0 ? err : "out of memory");
+            goto done;
+        }
+    }
+    kept = 1;
+done:
+    lua_settop(L, top);
+    return kept;
+}
+
 /* [-0, +0] Runs one test (table at ti) of file k. Returns 1 passed, 0 failed. */
 static int run_test(rules *r, lua_State *L, size_t k, int ti, long index, buf *report)
 {
@@ -2801,6 +2864,7 @@ static int run_test(rules *r, lua_State *L, size_t k, int ti, long index, buf *r
 
     char diff[ERR_LEN];
     int ok = 0;
+    const char *refused = NULL; /* what the service would answer 400 for */
     if (known_keys(L, ti, TEST_KEYS, ARRAY_LEN(TEST_KEYS), 0, "the test", diff, sizeof diff) != 0)
         goto done;
     /* Tests see every feed configured and no event selection, unless their
@@ -2849,6 +2913,8 @@ static int run_test(rules *r, lua_State *L, size_t k, int ti, long index, buf *r
     if (push_as_decoded(L, -1, where, sizeof where, diff, sizeof diff, 0) != 0)
         goto done;
     int evi = lua_gettop(L);
+    /* a static text: checked before any rule can change the event */
+    refused = check_event(L, evi);
     int wst = rawfield(L, ti, "workspace");
     if (wst != LUA_TNIL && wst != LUA_TSTRING) {
         str_copy(diff, sizeof diff, "the test's `workspace` must be a string");
@@ -2914,9 +2980,24 @@ static int run_test(rules *r, lua_State *L, size_t k, int ti, long index, buf *r
         goto done;
     }
     ok = 1;
+    /* and through the files after this one, which see such events too: one
+     * that fails on them (a field it takes for granted) would send each to
+     * the dead-letter store, with no test of its own to say so. A warning:
+     * rules that passed before are not refused for it at a start. */
+    if (k + 1 < r->n && !after_files_keep(r, L, ti, wsi, diff, sizeof diff) && r->dead_after++ == 0)
+        str_printf(r->dead_after_first, sizeof r->dead_after_first, "%s: test %s: %s", fname, name,
+                   diff);
 done:
-    if (!ok)
+    if (!ok && refused)
+        (void)!buf_printf(report,
+                          "%s: test %s failed: %s (and its event is one the service "
+                          "refuses: %s)\n",
+                          fname, name, diff, refused);
+    else if (!ok)
         (void)!buf_printf(report, "%s: test %s failed: %s\n", fname, name, diff);
+    else if (refused && r->refused++ == 0)
+        str_printf(r->refused_first, sizeof r->refused_first, "%s: test %s: %s", fname, name,
+                   refused);
     lua_settop(L, top);
     return ok;
 }
@@ -2977,13 +3058,15 @@ void rules_prints_unlimited(void)
     sandbox_prints_unlimited();
 }
 
-int rules_self_test(rules *r, buf *report, int *ntests)
+int rules_self_test(rules *r, buf *report, buf *warnings, int *ntests)
 {
     lua_State *L = sandbox_lua(r->sb);
     int top = lua_gettop(L);
     int failures = 0;
     *ntests = 0;
     r->testing = 1;
+    r->dead_after = 0;
+    r->refused = 0;
     int64_t deadline = clock_mono_ms() + RULES_TESTS_TIME_S * 1000;
     int stopped = 0;
     for (size_t k = 0; k < r->n && !stopped; k++) {
@@ -3024,6 +3107,17 @@ int rules_self_test(rules *r, buf *report, int *ntests)
         lua_settop(L, top);
     }
     r->testing = 0;
+    if (r->refused)
+        (void)!buf_printf(warnings,
+                          "the events of %d rule test%s are ones the service refuses (400), which "
+                          "the rules never see: give them what Braze sends; the first: %s\n",
+                          r->refused, r->refused == 1 ? "" : "s", r->refused_first);
+    if (r->dead_after)
+        (void)!buf_printf(warnings,
+                          "the events of %d rule test%s pass their own file and go to the "
+                          "dead-letter store in the files after it: such events would be dead "
+                          "letters; the first: %s\n",
+                          r->dead_after, r->dead_after == 1 ? "" : "s", r->dead_after_first);
     lua_pushcfunction(L, protected_context);
     lua_pushlightuserdata(L, r);
     if (lua_pcall(L, 1, 0, 0) != LUA_OK) {

@@ -107,9 +107,11 @@ int rules_map(rules *r, const char *body, size_t len, enum input_shape shape, st
               struct mapping *m, struct input_error *e) WUR;
 
 /* Runs the examples that rule files carry in their `tests` tables. Appends one
- * report per failure to report (with a readable difference). Returns the
- * number of failures, or -1 on an internal error. */
-int rules_self_test(rules *r, buf *report, int *ntests);
+ * report per failure to report (with a readable difference), and to warnings
+ * a line when the events of tests that pass go to the dead-letter store in the
+ * files after theirs. Returns the number of failures, or -1 on an internal
+ * error. */
+int rules_self_test(rules *r, buf *report, buf *warnings, int *ntests);
 /* While *cancel (NULL: never) is set, rules_self_test runs no further test and
  * fails, saying why. */
 void rules_tests_cancelled_by(rules *r, const atomic_int *cancel);

@@ -506,19 +506,23 @@ int service_run(const char *config_path)
         config_unref(cfg);
         return EX_CONFIG;
     }
-    buf report;
+    buf report, warnings;
     buf_init(&report, 64 * 1024);
+    buf_init(&warnings, 64 * 1024);
     int ntests = 0;
-    if (reload_validate(rs, &report, &ntests) != 0) {
+    if (reload_validate(rs, &report, &warnings, &ntests) != 0) {
         char why[4096];
         reload_report_excerpt(&report, why, sizeof why);
         log_error("the rules failed validation", LOG_S("error", why));
         buf_free(&report);
+        buf_free(&warnings);
         ruleset_unref(rs);
         config_unref(cfg);
         return EX_CONFIG;
     }
+    log_warn_lines(warnings.data);
     buf_free(&report);
+    buf_free(&warnings);
     /* for the start-up line: once the server is up, a reload may free rs */
     char rules_version[64];
     str_copy(rules_version, sizeof rules_version, ruleset_version(rs));

@@ -404,6 +404,22 @@ class Cli(ServiceTest):
         self.assertEqual(p.returncode, 1)
         self.assertIn("20-broken.lua:2:", p.stderr)
 
+    def test_check_warns_of_a_later_rule_file_that_fails_on_the_tests_events(self):
+        # no tests of its own: check said ok, and every event without the
+        # property became a dead letter
+        lower = ("return function(event, out)\n"
+                 "  out.event.data.custom_attributes.campaign_name = "
+                 "event.properties.campaign_name:lower()\n"
+                 "end\n")
+        rules = self.rules_dir({"50-lower.lua": lower})
+        p = run_cli(["check"], env={"TRIBUTARY_RULES_DIR": rules})
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertRegex(p.stderr, r"^warning: the events of \d+ rule tests pass their own file "
+                                   r"and go to the dead-letter store in the files after it")
+        self.assertIn("50-lower.lua:2: attempt to index a nil value", p.stderr)
+        s = self.service(rules_dir=rules)
+        self.assertIn("rule tests pass their own file and go to the dead-letter store", s.logs())
+
     def test_a_configuration_path_that_is_a_directory_says_so(self):
         d = self.tmpdir()
         p = run_cli(["check", "--config", d])

@@ -43,7 +43,8 @@ static struct {
     rules *r;
     struct mapping m;
     struct input_error ie;
-    buf report; /* of self_test */
+    buf report;   /* of self_test */
+    buf warnings; /* of self_test */
     int ntests;
 } F;
 
@@ -72,6 +73,7 @@ static void release(void)
     config_unref(F.cfg);
     mapping_free(&F.m);
     buf_free(&F.report);
+    buf_free(&F.warnings);
     F.r = NULL;
     F.rs = NULL;
     F.cfg = NULL;
@@ -124,15 +126,20 @@ static int contains(const char *hay, const char *needle)
 }
 
 /* Runs the rule files' own tests: the failures, with the tests run in
- * F.ntests and the report in F.report ("" when there is none). */
+ * F.ntests, the report in F.report and the warnings in F.warnings ("" when
+ * there is none). */
 static int self_test(void)
 {
     buf_free(&F.report);
     buf_init(&F.report, 1 << 16);
+    buf_free(&F.warnings);
+    buf_init(&F.warnings, 1 << 16);
     F.ntests = 0;
-    int failures = rules_self_test(F.r, &F.report, &F.ntests);
+    int failures = rules_self_test(F.r, &F.report, &F.warnings, &F.ntests);
     if (!F.report.data)
         ck_assert_int_eq(buf_adds(&F.report, ""), 0);
+    if (!F.warnings.data)
+        ck_assert_int_eq(buf_adds(&F.warnings, ""), 0);
     return failures;
 }
 
@@ -1387,6 +1394,23 @@ START_TEST(test_false_without_a_reason_is_a_dead_letter_not_a_drop)
 }
 END_TEST
 
+/* Lua's `return nil, err`, meant as a drop, kept the event without a word. */
+START_TEST(test_nil_and_a_reason_is_a_dead_letter_not_a_kept_event)
+{
+    static const char *const returns[][2] = {
+        {"nil, 'test user'", "string"},
+        {"nil, false", "boolean"},
+    };
+    char src[256], detail[256];
+    snprintf(src, sizeof src, "return function(event, out) return %s end\n", returns[_i][0]);
+    snprintf(detail, sizeof detail,
+             "50-rule.lua: process returned nil and a %s; return false and a reason (a "
+             "non-empty string) to drop the event, or nothing to keep it",
+             returns[_i][1]);
+    dead_as(src, DEAD_INVALID_OUTPUT, detail);
+}
+END_TEST
+
 /* The host's functions are called through their timing, from C: an argument
  * error said "bad argument #1 to '?'". */
 START_TEST(test_an_argument_error_of_a_host_function_names_it)
@@ -1435,6 +1459,68 @@ START_TEST(test_shipped_rules_pass_their_own_tests)
     int failures = self_test();
     ck_assert_msg(failures == 0, "%d failures:\n%s", failures, F.report.data);
     ck_assert_int_gt(F.ntests, 0);
+}
+END_TEST
+
+/* A later file without tests that fails on events it takes for granted was
+ * accepted by `check` and a reload without a word; every such event became a
+ * dead letter. Its failure on the shipped tests' events is a warning (rules
+ * that passed before are not refused at a start for it). */
+START_TEST(test_a_later_file_failing_on_earlier_tests_events_is_a_warning)
+{
+    default_rules();
+    rule("50-lower.lua", "return function(event, out)\n"
+                         "  out.event.data.custom_attributes.campaign = "
+                         "event.properties.campaign_name:lower()\n"
+                         "end\n");
+    build();
+    int failures = self_test();
+    ck_assert_msg(failures == 0, "%d failures:\n%s", failures, F.report.data);
+    ck_assert_msg(contains(F.warnings.data, "rule tests pass their own file and go to the "
+                                            "dead-letter store in the files after it"),
+                  "%s", F.warnings.data);
+    ck_assert_msg(contains(F.warnings.data, "50-lower.lua:2: attempt to index a nil value"), "%s",
+                  F.warnings.data);
+    ck_assert_msg(contains(F.warnings.data, "10-mparticle.lua: test '"), "%s", F.warnings.data);
+}
+END_TEST
+
+/* A test's event the service refuses (400) passed, or failed in the rules
+ * with an error that blamed them. */
+START_TEST(test_a_tests_event_the_service_refuses_is_said)
+{
+    default_rules();
+    rule("20-t.lua",
+         "return { process = function(event, out) end, tests = {\n"
+         "  { name = 'no id', event = { event_type = 'users.messages.email.Open', time = 1,\n"
+         "    user = { external_user_id = 'u' } }, expect = {} },\n"
+         "  { name = 'no time', event = { event_type = 'users.messages.email.Open', id = 'x',\n"
+         "    user = { external_user_id = 'u' } }, expect = {} },\n"
+         "} }\n");
+    build();
+    ck_assert_int_eq(self_test(), 1);
+    ck_assert_msg(contains(F.report.data, "20-t.lua: test 'no time' failed: ") &&
+                      contains(F.report.data, "(and its event is one the service refuses: "
+                                              "missing time)"),
+                  "%s", F.report.data);
+    ck_assert_msg(contains(F.warnings.data, "the events of 1 rule test are ones the service "
+                                            "refuses (400)") &&
+                      contains(F.warnings.data, "20-t.lua: test 'no id': missing id"),
+                  "%s", F.warnings.data);
+}
+END_TEST
+
+START_TEST(test_a_later_file_that_keeps_earlier_tests_events_warns_of_nothing)
+{
+    default_rules();
+    rule("50-tag.lua", "return function(event, out)\n"
+                       "  local p = event.properties\n"
+                       "  if type(p) == 'table' and p.campaign_name == 'x' then return false, "
+                       "'tagged' end\n"
+                       "end\n");
+    build();
+    ck_assert_int_eq(self_test(), 0);
+    ck_assert_str_eq(F.warnings.data, "");
 }
 END_TEST
 
@@ -3897,8 +3983,12 @@ static Suite *suite(void)
     tcase_add_test(tc, test_event_without_external_user_id_is_skipped);
     tcase_add_loop_test(tc, test_false_without_a_reason_is_a_dead_letter_not_a_drop, 0, 4);
     tcase_add_loop_test(tc, test_an_argument_error_of_a_host_function_names_it, 0, 2);
+    tcase_add_loop_test(tc, test_nil_and_a_reason_is_a_dead_letter_not_a_kept_event, 0, 2);
     tcase_add_test(tc, test_event_with_null_external_user_id_is_skipped);
     tcase_add_test(tc, test_shipped_rules_pass_their_own_tests);
+    tcase_add_test(tc, test_a_later_file_failing_on_earlier_tests_events_is_a_warning);
+    tcase_add_test(tc, test_a_later_file_that_keeps_earlier_tests_events_warns_of_nothing);
+    tcase_add_test(tc, test_a_tests_event_the_service_refuses_is_said);
 
     tc = tcase(s, "errors_and_limits");
     tcase_add_test(tc, test_rule_error_dead_letters_the_event_with_file_and_line);
