@@ -1938,6 +1938,22 @@ static int emit(rules *r, lua_State *L, int evi, const struct event_ids *ids, in
             str_printf(err, errlen, "out.batch: %s", why);
         goto done;
     }
+    /* the configured environment, for a batch that names none, stored with
+     * the event as the rules' own would be: a reload or a restart that changes
+     * it sends a batch built again (after a restart, or parked) as it was,
+     * under its source_request_id, and keeps it from events mapped since */
+    int env_type = bt == LUA_TTABLE ? rawfield(L, top + 3, "environment") : LUA_TNIL;
+    if (bt == LUA_TTABLE)
+        lua_pop(L, 1);
+    if (env_type == LUA_TNIL) {
+        size_t at = r->scratch.len;
+        const char *env = r->rs->cfg->environment;
+        if (buf_adds(&r->scratch, "\"environment\"\t\t") != 0 ||
+            buf_json_str(&r->scratch, env, strlen(env)) != 0 || buf_addc(&r->scratch, '\n') != 0)
+            failed = 1;
+        else
+            whole += digest_fnv64(DIGEST_FNV64_INIT, r->scratch.data + at, r->scratch.len - at);
+    }
     tmp.batch = mapping_copy(m, r->scratch.data, r->scratch.len, &failed);
 
     if (tmp.event.n + tmp.batch.n > RULES_MAX_OUTPUT_BYTES) {
@@ -2822,7 +2838,9 @@ static int after_files_keep(rules *r, lua_State *L, int ti, int wsi, char *diff,
     int evi = lua_gettop(L);
     struct chain_result res;
     begin_events(r);
+    sandbox_quiet(r->sb, 1); /* a file that prints would say each event a second time */
     run_chain(r, L, evi, wsi, r->n - 1, &res);
+    sandbox_quiet(r->sb, 0);
     if (res.kind == CHAIN_DEAD) {
         str_printf(diff, difflen,
                    "the event passes this file, and then goes to the dead-letter store in the "

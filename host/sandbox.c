@@ -128,6 +128,7 @@ struct sandbox {
     int in_timed;  /* timed library calls under way: they pay for their time after */
     enum trip tripped;
     int damaged;
+    int quiet;    /* see sandbox_quiet */
     int base_ref; /* registry reference to the table behind every chunk's globals */
     char where[256];
     /* the call under way, as the watchdog sees it (under call_lock) */
@@ -677,10 +678,15 @@ void sandbox_prints_unlimited(void)
     atomic_store(&g_prints_unlimited, 1);
 }
 
+void sandbox_quiet(sandbox *sb, int on)
+{
+    sb->quiet = on;
+}
+
 static int sb_print(lua_State *L)
 {
     static struct log_budget printed;
-    if (!log_enabled(LOG_INFO))
+    if (!log_enabled(LOG_INFO) || from_lua(L)->quiet)
         return 0; /* its line would not be written */
     if (!atomic_load(&g_prints_unlimited) &&
         !log_budget_allows(&printed, LOG_INFO, PRINT_LINES_PER_SECOND,

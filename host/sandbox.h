@@ -81,6 +81,9 @@ lua_State *sandbox_lua(sandbox *sb);
 
 /* From now on, every print of a rule is written (see rules_prints_unlimited). */
 void sandbox_prints_unlimited(void);
+/* While on, the rules' print writes nothing (a run that only looks for
+ * errors). */
+void sandbox_quiet(sandbox *sb, int on);
 
 /* [-1, +0] Makes the value on top a global of every chunk loaded afterwards.
  * Tables should be made read-only first (sandbox_readonly). */

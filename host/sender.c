@@ -88,10 +88,6 @@ struct pbatch {
     char *body;                   /* NULL while parked (see park) */
     size_t len;
     int parked;
-    /* the environment its body was first built with (one of
-     * MPARTICLE_ENVIRONMENTS), kept when a reload changes it: a body built
-     * again (see unpark) is the same bytes under the same srid */
-    const char *environment;
     int limit; /* most batches it may share a request with (see halve_limit: on 400/413,
                   and on a failure again or while the feed works, see note_failures) */
     int in_flight;
@@ -439,16 +435,13 @@ static int build_body(struct sender *s, struct pbatch *b, const struct queue_ite
         free(parts);
         return -1;
     }
-    for (size_t i = 0; !b->environment && MPARTICLE_ENVIRONMENTS[i]; i++) {
-        if (strcmp(MPARTICLE_ENVIRONMENTS[i], s->cfg->environment) == 0)
-            b->environment = MPARTICLE_ENVIRONMENTS[i];
-    }
     buf body;
     buf_init(&body, MPARTICLE_MAX_REQUEST_BYTES * 4);
     /* room for the whole body at once (a hint: building checks every append) */
     (void)!buf_reserve(&body, mparticle_batch_size_bound(parts, n));
-    int rc = mparticle_build_batch(&body, b->environment ? b->environment : s->cfg->environment,
-                                   b->srid, parts, n);
+    /* the configured environment only for records stored before they carried
+     * theirs (see emit) */
+    int rc = mparticle_build_batch(&body, s->cfg->environment, b->srid, parts, n);
     free(parts);
     if (rc != 0) {
         buf_free(&body);
@@ -1146,7 +1139,8 @@ static void park(struct feed_state *f, int64_t now)
 }
 
 /* Builds the body of batch b again when it is parked, from its records, as it
- * was (its srid, environment and records' order kept); 0 when b has its body.
+ * was (its srid and its records' order kept, and their environment); 0 when b
+ * has its body.
  * A failure to read them holds every parked batch of the feed for a second:
  * a sick database is not asked again for each at every turn. */
 static int unpark(struct sender *s, struct feed_state *f, struct pbatch *b, int64_t now)

@@ -366,7 +366,11 @@ class Service:
 
     def cli(self, args, **kw):
         env = dict(self.env)
-        return run_cli(args + (["--config", self.config] if self.config else []), env=env, cwd=self.dir, **kw)
+        if self.config:
+            # before a "--", after which it would be an argument
+            at = args.index("--") if "--" in args else len(args)
+            args = args[:at] + ["--config", self.config] + args[at:]
+        return run_cli(args, env=env, cwd=self.dir, **kw)
 
 
 class ServiceTest(unittest.TestCase):

@@ -303,8 +303,10 @@ class Delivery(ServiceTest):
                       what="round %d delivered while the bad batches fail" % round)
         self.assertIn("mParticle fails a batch sent alone while it accepts the feed's others",
                       s.logs())
-        # the bad ones wait on, each by itself, until retry.failing_s
-        self.assertEqual(s.metrics()['tributary_queue_depth{feed="unbound"}'], 12)
+        # the bad ones wait on, each by itself, until retry.failing_s (the last
+        # round's deletion may still be on its way to the disk)
+        self.wait(lambda: s.metrics()['tributary_queue_depth{feed="unbound"}'] == 12, timeout=5,
+                  what="the good events deleted, the 12 bad ones left")
         self.assertEqual(s.metrics().get('tributary_dead_letters_total{reason="failing"}', 0), 0)
 
     def test_batches_failing_alone_take_at_most_half_of_a_feeds_requests_in_flight(self):
@@ -1393,6 +1395,32 @@ class Delivery(ServiceTest):
         self.assertEqual(s.stop(), 0)
         s.start()
         self.assert_delivered_whole_in_real_time(d)
+
+    def test_a_batch_restored_after_a_change_of_environment_is_sent_again_as_it_was(self):
+        # rules that leave the environment to the host: the restored batch went
+        # again under its source_request_id with the new environment, which
+        # mParticle would drop as a repeat of the one it stored
+        d = self.double()
+        rules = self.rules_dir({"20-no-environment.lua":
+                                "return function(event, out) out.batch.environment = nil end\n"})
+        conf = 'return { environment = "%s" }\n'
+        s = self.service(env=feed_env(d), rules_dir=rules, config=conf % "production")
+        d.drop_connections(after_processing=True)  # stored, its answers lost
+        self.assertEqual(s.post([event("users.messages.email.Send", user="u1")]).status, 200)
+        self.assertTrue(d.wait_for_events(1, 10 * SLOW))
+        with open(s.config, "w") as f:
+            f.write(conf % "development")
+        s.kill9()
+        d.clear_faults()
+        s.start()
+        self.wait(lambda: d.repeats, what="the batch sent again")
+        self.assertEqual([(r["batch"]["environment"], r["same"]) for r in d.repeats],
+                         [("production", True)])
+        # events mapped since take the new one
+        self.assertEqual(s.post([event("users.messages.email.Send", user="u2")]).status, 200)
+        self.assertTrue(d.wait_for_events(2, 10 * SLOW))
+        self.assertEqual({b["batch"]["user_identities"]["customer_id"]: b["batch"]["environment"]
+                          for b in d.batches}, {"u1": "production", "u2": "development"})
 
     def test_a_batch_whose_event_turns_historical_while_it_waits_is_split(self):
         # past 30 days less an hour, even a batch sent once is split

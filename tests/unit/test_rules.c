@@ -1338,7 +1338,16 @@ START_TEST(test_user_key_is_the_external_user_id_and_the_device)
     ck_assert_str_eq(F.m.records[0].user.p, F.m.records[1].user.p);
     /* a field the sender owns, and drops, tells no batch apart */
     ck_assert_str_eq(F.m.records[0].user.p, F.m.records[6].user.p);
-    ck_assert_str_eq(F.m.records[3].user.p, "c"); /* no device, no scalars */
+    /* no device, and the configured environment, which the host stores with
+     * an event whose rules name none */
+    ck_assert_msg(strncmp(F.m.records[3].user.p, "c\x1f", 2) == 0 &&
+                      strlen(F.m.records[3].user.p) == 2 + 16,
+                  "%s", F.m.records[3].user.p);
+    ck_assert_msg(contains(F.m.records[3].batch.p, "\"environment\"\t\t\"production\"\n"), "%s",
+                  F.m.records[3].batch.p);
+    ck_assert_msg(contains(F.m.records[4].batch.p, "\"environment\"\t\t\"development\"\n") &&
+                      !contains(F.m.records[4].batch.p, "production"),
+                  "%s", F.m.records[4].batch.p);
     for (size_t i = 2; i < 6; i++) {
         for (size_t j = 0; j < i; j++)
             ck_assert_str_ne(F.m.records[i].user.p, F.m.records[j].user.p);
