@@ -102,7 +102,8 @@ struct pbatch {
     unsigned sent;
     /* requests with it that mParticle failed (a 5xx, no answer, an unexpected
      * answer), and when the last of those was (monotonic ms); since when each
-     * of its failures came while the feed worked (0: the last one did not);
+     * of its failures came while the feed worked, from the first it met alone
+     * (0: none yet, or the last one did not);
      * and for the detail of its dead letter, the requests not accepted, those
      * refused for the feed's sake (401, 403, 429) too, and what the last of
      * them got: its status (0: no answer) and error. Its parts after a split
@@ -1816,9 +1817,9 @@ static void count_answers(struct request *r, int status, const char *why)
  * every try until retry.max_age_s, and with the feed held back after each
  * failure, so did every new batch of a quiet feed. In an outage this only
  * makes requests smaller for a while. A batch alone that mParticle fails, each
- * time while the feed works, for retry.failing_s is a dead letter (see
- * failing); once the feed delivered nothing at that endpoint for
- * FEED_STALLED_MS, its time of failing starts over. */
+ * time while the feed works, for retry.failing_s from its first failure alone
+ * is a dead letter (see failing); once the feed delivered nothing at that
+ * endpoint for FEED_STALLED_MS, its time of failing starts over. */
 static void note_failures(struct feed_state *f, struct request *r, int status, const char *why)
 {
     int64_t now = clock_mono_ms(), started = r->started_ns / 1000000;
@@ -1827,7 +1828,10 @@ static void note_failures(struct feed_state *f, struct request *r, int status, c
         struct pbatch *b = r->batches[i];
         int64_t since = b->failed.last_ms > 0 ? b->failed.last_ms : started;
         int works = e->delivered_ms >= since; /* answers of one turn can share a ms */
-        if (works && b->failed.since_ms == 0)
+        /* failing counts from its first failure alone: one that fails only
+         * beside others (which may be the ones at fault), and then waits for
+         * a request of its own behind them, is not judged on that wait */
+        if (works && r->n == 1 && b->failed.since_ms == 0)
             b->failed.since_ms = now;
         else if (!works && now - e->delivered_ms > FEED_STALLED_MS)
             b->failed.since_ms = 0;

@@ -309,6 +309,24 @@ class Delivery(ServiceTest):
                   what="the good events deleted, the 12 bad ones left")
         self.assertEqual(s.metrics().get('tributary_dead_letters_total{reason="failing"}', 0), 0)
 
+    def test_good_batches_that_failed_beside_bad_ones_are_not_dead_letters_failing(self):
+        # each good batch failed once in a request with bad ones, went on
+        # alone, and waited its turn behind the bad ones for the few requests
+        # of batches failing alone: judged on that wait, it became a dead
+        # letter `failing` without a failure of its own
+        d, s, _ = self.failing_feed(503, TRIBUTARY_RETRY_FAILING_S=3,
+                                    TRIBUTARY_RETRY_MAX_MS=1000)
+        bad = [event("users.messages.email.Open", user="bad-%d" % i, campaign_id="POISON-5XX")
+               for i in range(60)]
+        good = [event("users.messages.email.Open", user="good-%d" % i) for i in range(60)]
+        self.assertEqual(s.post([x for pair in zip(bad, good) for x in pair]).status, 200)
+        self.wait(lambda: s.metrics()['tributary_queue_depth{feed="unbound"}'] == 0,
+                  timeout=90, what="every event delivered or a dead letter")
+        dead = {r["event_id"]: r["reason"]
+                for r in json.loads(s.cli(["dlq", "list", "--json"]).stdout)}
+        self.assertEqual(dead, {e["id"]: "failing" for e in bad})
+        self.assertEqual(sorted(set(d.source_message_ids())), sorted(e["id"] for e in good))
+
     def test_batches_failing_alone_take_at_most_half_of_a_feeds_requests_in_flight(self):
         # every answer half a second late, so that the lone requests overlap
         d, s, _ = self.failing_feed(500, TRIBUTARY_RETRY_MAX_MS=200)
