@@ -574,7 +574,7 @@ static int cmd_requeue(const struct cli_options *o, struct config *c)
     buf_init(&warnings, 1 << 20);
     int ntests = 0;
     int invalid = reload_validate(rs, &report, &warnings, &ntests);
-    print_warnings(warnings.data);
+    log_print_warnings(warnings.data);
     buf_free(&warnings);
     if (invalid)
         fprintf(stderr,
@@ -913,6 +913,16 @@ static void print_stats(const struct queue_stats *st, const struct config *c, in
            (long long)c->mparticle_event_names_limit, (double)st->bytes / 1048576.0);
 }
 
+/* Whether argument i repeats an earlier one (forgotten by it, if known). */
+static int given_before(const struct cli_options *o, int i)
+{
+    for (int j = 0; j < i; j++) {
+        if (strcmp(o->args[j], o->args[i]) == 0)
+            return 1;
+    }
+    return 0;
+}
+
 /* Forgets event names (after they were cleaned up in mParticle): the service
  * reads the names again at its next reload or start. */
 static int forget_names(const struct cli_options *o, const struct config *c)
@@ -945,7 +955,7 @@ static int forget_names(const struct cli_options *o, const struct config *c)
         printf("{\"forgotten\":%zu", forgotten);
         int unknown = 0;
         for (int i = 0; found && i < o->nargs; i++) {
-            if (!found[i]) {
+            if (!found[i] && !given_before(o, i)) {
                 fputs(unknown++ ? "," : ",\"unknown\":[", stdout);
                 print_json_str(o->args[i]);
             }
@@ -956,7 +966,8 @@ static int forget_names(const struct cli_options *o, const struct config *c)
                "reload\n",
                forgotten, forgotten == 1 ? "" : "s");
         for (int i = 0; found && i < o->nargs; i++) {
-            char *shown = found[i] ? NULL : terminal_text(o->args[i], SIZE_MAX);
+            char *shown =
+                found[i] || given_before(o, i) ? NULL : terminal_text(o->args[i], SIZE_MAX);
             if (shown)
                 printf("not among the names sent (see tributary queue names): %s\n", shown);
             free(shown);

@@ -243,7 +243,7 @@ void log_emit(enum log_level level, const char *msg, const struct log_field *fie
     buf_free(&b);
 }
 
-void print_warnings(const char *text)
+void log_print_warnings(const char *text)
 {
     for (const char *w = text, *nl; w && *w; w = nl ? nl + 1 : NULL) {
         nl = strchr(w, '\n');

@@ -50,7 +50,7 @@ void log_set_request(const char *request_id);
 void log_warn_lines(const char *text);
 /* The same for a command: each line of text (NULL: none) on stderr, after
  * "warning: ". */
-void print_warnings(const char *text);
+void log_print_warnings(const char *text);
 
 /* For lines that a lasting failure repeats (a full disk): 1 when at least
  * LOG_REPEAT_MS passed since *last_ms (the caller's own, 0 at first; its

@@ -268,7 +268,7 @@ static int cmd_check(const struct args *a)
     buf_init(&warnings, 1 << 20);
     int ntests = 0;
     int rc = reload_validate(rs, &report, &warnings, &ntests);
-    print_warnings(warnings.data);
+    log_print_warnings(warnings.data);
     buf_free(&warnings);
     if (rc != 0) {
         fputs(report.data ? report.data : "rules failed validation\n", stderr);

@@ -1945,8 +1945,8 @@ static int emit(rules *r, lua_State *L, int evi, const struct event_ids *ids, in
     int env_type = bt == LUA_TTABLE ? rawfield(L, top + 3, "environment") : LUA_TNIL;
     if (bt == LUA_TTABLE)
         lua_pop(L, 1);
+    size_t at = r->scratch.len; /* the rule's own, which its limit is about */
     if (env_type == LUA_TNIL) {
-        size_t at = r->scratch.len;
         const char *env = r->rs->cfg->environment;
         if (buf_adds(&r->scratch, "\"environment\"\t\t") != 0 ||
             buf_json_str(&r->scratch, env, strlen(env)) != 0 || buf_addc(&r->scratch, '\n') != 0)
@@ -1956,11 +1956,11 @@ static int emit(rules *r, lua_State *L, int evi, const struct event_ids *ids, in
     }
     tmp.batch = mapping_copy(m, r->scratch.data, r->scratch.len, &failed);
 
-    if (tmp.event.n + tmp.batch.n > RULES_MAX_OUTPUT_BYTES) {
+    if (tmp.event.n + at > RULES_MAX_OUTPUT_BYTES) {
         str_printf(err, errlen,
                    "the mapped event and its batch fields take %zu bytes; an mParticle batch "
                    "holds at most 128 KB",
-                   tmp.event.n + tmp.batch.n);
+                   tmp.event.n + at);
         goto done;
     }
     /* the user, whose events the sender puts in one batch: customer_id, the
@@ -2868,8 +2868,10 @@ done:
     return kept;
 }
 
-/* [-0, +0] Runs one test (table at ti) of file k. Returns 1 passed, 0 failed. */
-static int run_test(rules *r, lua_State *L, size_t k, int ti, long index, buf *report)
+/* [-0, +0] Runs one test (table at ti) of file k. Returns 1 passed, 0 failed.
+ * after: the test passed, and its event goes through every file instead (see
+ * rules_self_test): 1, and a warning noted when it becomes a dead letter. */
+static int run_test(rules *r, lua_State *L, size_t k, int ti, long index, buf *report, int after)
 {
     const char *fname = r->rs->files[k].name;
     int top = lua_gettop(L);
@@ -2939,6 +2941,13 @@ static int run_test(rules *r, lua_State *L, size_t k, int ti, long index, buf *r
         goto done;
     }
     int wsi = lua_gettop(L);
+    if (after) {
+        if (!after_files_keep(r, L, ti, wsi, diff, sizeof diff) && r->dead_after++ == 0)
+            str_printf(r->dead_after_first, sizeof r->dead_after_first, "%s: test %s: %s", fname,
+                       name, diff);
+        lua_settop(L, top);
+        return 1;
+    }
     struct chain_result res;
     begin_events(r);
     run_chain(r, L, evi, wsi, k, &res);
@@ -2998,15 +3007,10 @@ static int run_test(rules *r, lua_State *L, size_t k, int ti, long index, buf *r
         goto done;
     }
     ok = 1;
-    /* and through the files after this one, which see such events too: one
-     * that fails on them (a field it takes for granted) would send each to
-     * the dead-letter store, with no test of its own to say so. A warning:
-     * rules that passed before are not refused for it at a start. */
-    if (k + 1 < r->n && !after_files_keep(r, L, ti, wsi, diff, sizeof diff) && r->dead_after++ == 0)
-        str_printf(r->dead_after_first, sizeof r->dead_after_first, "%s: test %s: %s", fname, name,
-                   diff);
 done:
-    if (!ok && refused)
+    if (!report) /* after: it passed before, and fails nothing now */
+        ok = 1;
+    else if (!ok && refused)
         (void)!buf_printf(report,
                           "%s: test %s failed: %s (and its event is one the service "
                           "refuses: %s)\n",
@@ -3025,6 +3029,7 @@ struct test_call {
     size_t k;
     long index;
     buf *report;
+    int after; /* see run_test */
     int ok;
 };
 
@@ -3033,7 +3038,7 @@ struct test_call {
 static int protected_test(lua_State *L)
 {
     struct test_call *t = lua_touserdata(L, 1);
-    t->ok = run_test(t->r, L, t->k, 2, t->index, t->report);
+    t->ok = run_test(t->r, L, t->k, 2, t->index, t->report, t->after);
     return 0;
 }
 
@@ -3076,6 +3081,61 @@ void rules_prints_unlimited(void)
     sandbox_prints_unlimited();
 }
 
+/* Runs test i of file k (the table on top) under lua_pcall; whether it passed
+ * (see run_test for after). */
+static int call_test(rules *r, lua_State *L, size_t k, lua_Integer i, buf *report, int after)
+{
+    struct test_call t = {r, k, (long)i, report, after, 0};
+    lua_pushcfunction(L, protected_test);
+    lua_pushlightuserdata(L, &t);
+    lua_pushvalue(L, -3);
+    if (lua_pcall(L, 2, 0, 0) != LUA_OK) {
+        if (!after)
+            (void)!buf_printf(report, "%s: test #%lld cannot run: %s\n", r->rs->files[k].name,
+                              (long long)i, lua_isstring(L, -1) ? lua_tostring(L, -1) : "error");
+        lua_pop(L, 1);
+        return 0;
+    }
+    return t.ok;
+}
+
+/* Once every test passed, runs the event of each test through the files after
+ * its own too, which see such events in service: one that fails on them (a
+ * field it takes for granted) would make each a dead letter, with no test of
+ * its own to say so. Only warnings (rules that passed before still start),
+ * after all the tests (the files' state, such as a set kept in a global, was
+ * theirs to see first), within RULES_AFTER_TIME_S. */
+#define RULES_AFTER_TIME_S 10
+
+static void run_tests_after(rules *r, lua_State *L, buf *warnings)
+{
+    int top = lua_gettop(L);
+    int64_t deadline = clock_mono_ms() + RULES_AFTER_TIME_S * 1000;
+    int left = 0;
+    for (size_t k = 0; k + 1 < r->n; k++) {
+        if (r->tests_refs[k] == LUA_NOREF)
+            continue;
+        lua_rawgeti(L, LUA_REGISTRYINDEX, r->tests_refs[k]);
+        int tt = lua_gettop(L);
+        lua_Integer n = (lua_Integer)lua_rawlen(L, tt);
+        for (lua_Integer i = 1; i <= n; i++) {
+            if (clock_mono_ms() > deadline || (r->cancel && atomic_load(r->cancel))) {
+                left++;
+                continue;
+            }
+            lua_rawgeti(L, tt, i);
+            (void)call_test(r, L, k, i, NULL, 1);
+            lua_pop(L, 1);
+        }
+        lua_settop(L, top);
+    }
+    if (left)
+        (void)!buf_printf(warnings,
+                          "the events of %d rule test%s were not run through the files after "
+                          "theirs: that took more than %d s\n",
+                          left, left == 1 ? "" : "s", RULES_AFTER_TIME_S);
+}
+
 int rules_self_test(rules *r, buf *report, buf *warnings, int *ntests)
 {
     lua_State *L = sandbox_lua(r->sb);
@@ -3105,25 +3165,15 @@ int rules_self_test(rules *r, buf *report, buf *warnings, int *ntests)
                 (void)!buf_printf(report, "%s: test #%lld is not a table\n", r->rs->files[k].name,
                                   (long long)i);
                 failures++;
-            } else {
-                struct test_call t = {r, k, (long)i, report, 0};
-                lua_pushcfunction(L, protected_test);
-                lua_pushlightuserdata(L, &t);
-                lua_pushvalue(L, -3);
-                if (lua_pcall(L, 2, 0, 0) != LUA_OK) {
-                    (void)!buf_printf(report, "%s: test #%lld cannot run: %s\n",
-                                      r->rs->files[k].name, (long long)i,
-                                      lua_isstring(L, -1) ? lua_tostring(L, -1) : "error");
-                    lua_pop(L, 1);
-                    t.ok = 0;
-                }
-                if (!t.ok)
-                    failures++;
+            } else if (!call_test(r, L, k, i, report, 0)) {
+                failures++;
             }
             lua_pop(L, 1);
         }
         lua_settop(L, top);
     }
+    if (failures == 0 && !stopped)
+        run_tests_after(r, L, warnings);
     r->testing = 0;
     if (r->refused)
         (void)!buf_printf(warnings,

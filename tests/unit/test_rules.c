@@ -1519,6 +1519,33 @@ START_TEST(test_a_tests_event_the_service_refuses_is_said)
 }
 END_TEST
 
+/* The run through later files comes after every test: a file that keeps a
+ * set in a global saw the shipped tests' users first, and its own test of the
+ * first event of a user failed, refusing rules that had passed. */
+START_TEST(test_the_run_through_later_files_comes_after_every_test)
+{
+    default_rules();
+    rule("50-first-only.lua",
+         "local seen = {}\n"
+         "return { process = function(event, out)\n"
+         "  local id = event.user and event.user.external_user_id\n"
+         "  if id and not seen[id] then\n"
+         "    seen[id] = true\n"
+         "    out.event.data.custom_attributes.first_seen_here = true\n"
+         "  end\n"
+         "end, tests = {\n"
+         "  { name = 'first event of a user is marked',\n"
+         "    event = { event_type = 'users.messages.email.Open', id = 'f-1', time = 1,\n"
+         "              user = { external_user_id = 'customer-1234' } },\n"
+         "    expect = { event = { data = { custom_attributes = { first_seen_here = true } } } } "
+         "},\n"
+         "} }\n");
+    build();
+    ck_assert_msg(self_test() == 0, "%s", F.report.data);
+    ck_assert_str_eq(F.warnings.data, "");
+}
+END_TEST
+
 START_TEST(test_a_later_file_that_keeps_earlier_tests_events_warns_of_nothing)
 {
     default_rules();
@@ -3997,6 +4024,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_shipped_rules_pass_their_own_tests);
     tcase_add_test(tc, test_a_later_file_failing_on_earlier_tests_events_is_a_warning);
     tcase_add_test(tc, test_a_later_file_that_keeps_earlier_tests_events_warns_of_nothing);
+    tcase_add_test(tc, test_the_run_through_later_files_comes_after_every_test);
     tcase_add_test(tc, test_a_tests_event_the_service_refuses_is_said);
 
     tc = tcase(s, "errors_and_limits");
