@@ -1,6 +1,7 @@
 #include "config.h"
 
 #include "digest.h"
+#include "log.h"
 #include "mparticle.h"
 #include "queue.h"
 #include "sandbox.h"
@@ -2117,8 +2118,7 @@ struct config *config_load_for_command(const char *path, int serving)
         fprintf(stderr, "%s\n", err);
         return NULL;
     }
-    if (c->warnings)
-        fprintf(stderr, "warning: %s\n", c->warnings);
+    log_print_warnings(c->warnings);
     return c;
 }
 

@@ -165,7 +165,7 @@ static char *terminal_text(const char *s, size_t max)
         else if (utf8_is_c1(t + i, keep - i))
             t[i] = t[i + 1] = '?';
         else if (utf8_bidi_control(t + i, keep - i)) {
-            size_t len = c == 0xd8 ? 2 : 3;
+            size_t len = utf8_sequence((const unsigned char *)t + i, keep - i);
             memset(t + i, '?', len);
             i += len - 1;
         }

@@ -74,7 +74,6 @@ struct http_in {
     pthread_cond_t conns_cv;
     struct conn *conns;
     int untracked; /* connections without a struct conn (out of memory) */
-    int open;      /* connections open: those in conns and the untracked */
     int watchdog_started;
     int stopping;
     pthread_t watchdog;
@@ -881,7 +880,6 @@ static void on_connection(void *cls, struct MHD_Connection *c, void **socket_con
              * released while it is open */
             pthread_mutex_lock(&h->conns_mu);
             h->untracked++;
-            h->open++;
             pthread_mutex_unlock(&h->conns_mu);
             return;
         }
@@ -895,14 +893,12 @@ static void on_connection(void *cls, struct MHD_Connection *c, void **socket_con
         if (h->conns)
             h->conns->prev = k;
         h->conns = k;
-        h->open++;
         pthread_mutex_unlock(&h->conns_mu);
         *socket_context = k;
         return;
     }
     struct conn *k = *socket_context;
     pthread_mutex_lock(&h->conns_mu);
-    h->open--;
     if (!k) {
         h->untracked--;
         pthread_mutex_unlock(&h->conns_mu);
@@ -1285,7 +1281,10 @@ static int server_refusal(http_in *h, const char *msg)
         return 0;
     if (kind == FULL && h->opt.max_connections_per_ip > 0) {
         pthread_mutex_lock(&h->conns_mu);
-        if (h->open < h->opt.max_connections)
+        int open = h->untracked;
+        for (const struct conn *k = h->conns; k && open < h->opt.max_connections; k = k->next)
+            open++;
+        if (open < h->opt.max_connections)
             kind = PER_IP;
         pthread_mutex_unlock(&h->conns_mu);
     }

@@ -1089,22 +1089,30 @@ class Delivery(ServiceTest):
         self.assertEqual(sorted(d.source_message_ids()), sorted(e["id"] for e in events))
         self.assertEqual(json.loads(s2.cli(["dlq", "list", "--json"]).stdout), [])
 
+    def old_and_young_in_one_batch(self, d, max_age_s, gap_s, ahead=(), unbound=""):
+        """A service without credentials (retry.max_age_s max_age_s) that holds the events
+        `ahead`, an old event of user "same" and, gap_s later, a young one; then credentials
+        for `unbound` (and its settings in `unbound`) arrive, and the two go into one batch:
+        (service, old, young)."""
+        s = self.service(env=feed_env(d, feeds={}, TRIBUTARY_RETRY_MAX_AGE_S=max_age_s),
+                         config="return {}\n")
+        old = event("users.messages.email.Send", user="same")
+        self.assertEqual(s.post(list(ahead) + [old]).status, 200)
+        time.sleep(gap_s)
+        young = event("users.messages.email.Send", user="same")
+        self.assertEqual(s.post([young]).status, 200)
+        self.assertTrue(s.reload('return { feeds = { unbound = { key = "unbound-key", '
+                                 'secret = "unbound-secret"%s } } }\n' % unbound))
+        return s, old, young
+
     def test_past_max_age_only_the_old_events_of_a_users_batch_are_dead_lettered(self):
         # a batch never sent: other users' batches go first, at one a second,
         # for longer than the old event has left (whatever SLOW makes its age)
         d = self.double()
-        s = self.service(env=feed_env(d, feeds={}, TRIBUTARY_RETRY_MAX_AGE_S=5 * SLOW),
-                         config="return {}\n")
         ahead = [event("users.messages.email.Send", user="ahead%d" % i)
                  for i in range(int(2 * SLOW) + 2)]
-        old = event("users.messages.email.Send", user="same")
-        s.post(ahead + [old])
-        time.sleep(3 * SLOW)
-        young = event("users.messages.email.Send", user="same")
-        s.post([young])
-        # credentials arrive: both events go into one batch for their user
-        self.assertTrue(s.reload('return { feeds = { unbound = { key = "unbound-key", '
-                                 'secret = "unbound-secret", rate_limit = 1 } } }\n'))
+        s, old, young = self.old_and_young_in_one_batch(d, 5 * SLOW, 3 * SLOW, ahead,
+                                                        ", rate_limit = 1")
         # those of the ten not sent by then expire with the old event
         self.wait(lambda: young["id"] in d.source_message_ids(), timeout=30,
                   what="the young event delivered")
@@ -1490,15 +1498,7 @@ class Delivery(ServiceTest):
         d = self.double()
         d.drop_connections(times=1, after_processing=True)
         d.fail(503)
-        s = self.service(env=feed_env(d, feeds={}, TRIBUTARY_RETRY_MAX_AGE_S=6 * SLOW),
-                         config="return {}\n")
-        old = event("users.messages.email.Send", user="same")
-        self.assertEqual(s.post([old]).status, 200)
-        time.sleep(4 * SLOW)
-        young = event("users.messages.email.Send", user="same")
-        self.assertEqual(s.post([young]).status, 200)
-        self.assertTrue(s.reload('return { feeds = { unbound = { key = "unbound-key", '
-                                 'secret = "unbound-secret" } } }\n'))
+        s, old, young = self.old_and_young_in_one_batch(d, 6 * SLOW, 4 * SLOW)
         self.wait(lambda: any(r["status"] == 503 for r in d.requests), what="a refused request")
         time.sleep(3 * SLOW)  # the old event is past retry.max_age_s, the young one is not
         self.assertEqual(s.metrics()['tributary_dead_letters_total{reason="max_age"}'], 0)
@@ -1511,15 +1511,7 @@ class Delivery(ServiceTest):
     def test_a_batch_sent_before_goes_whole_to_the_dead_letters_once_all_of_it_is_past_max_age(self):
         d = self.double()
         d.fail(503)
-        s = self.service(env=feed_env(d, feeds={}, TRIBUTARY_RETRY_MAX_AGE_S=4 * SLOW),
-                         config="return {}\n")
-        old = event("users.messages.email.Send", user="same")
-        self.assertEqual(s.post([old]).status, 200)
-        time.sleep(2 * SLOW)
-        young = event("users.messages.email.Send", user="same")
-        self.assertEqual(s.post([young]).status, 200)
-        self.assertTrue(s.reload('return { feeds = { unbound = { key = "unbound-key", '
-                                 'secret = "unbound-secret" } } }\n'))
+        s, old, young = self.old_and_young_in_one_batch(d, 4 * SLOW, 2 * SLOW)
         self.wait(lambda: s.metrics().get('tributary_dead_letters_total{reason="max_age"}'),
                   timeout=20, what="a dead letter max_age")
         self.assertEqual(s.metrics()['tributary_dead_letters_total{reason="max_age"}'], 2)

@@ -1383,39 +1383,25 @@ START_TEST(test_an_output_without_source_message_id_takes_the_event_id)
 END_TEST
 
 /* A drop says why: `false` alone (or with an empty or non-string reason),
- * as a rule's `return cond and out` gives, was a silent drop; it is a dead
- * letter, which a requeue can mend. */
-START_TEST(test_false_without_a_reason_is_a_dead_letter_not_a_drop)
-{
-    static const char *const returns[][2] = {
-        {"false", "without a reason"},
-        {"false, ''", "with an empty reason"},
-        {"false, 42", "with a reason that is not a string"},
-        {"false, nil", "without a reason"},
-    };
-    char src[256], detail[256];
-    snprintf(src, sizeof src, "return function(event, out) return %s end\n", returns[_i][0]);
-    snprintf(detail, sizeof detail,
-             "50-rule.lua: process returned false %s; return false and a reason (a non-empty "
-             "string) to drop the event",
-             returns[_i][1]);
-    dead_as(src, DEAD_INVALID_OUTPUT, detail);
-}
-END_TEST
+ * as a rule's `return cond and out` gives, was a silent drop; and Lua's
+ * `return nil, err`, meant as a drop, kept the event without a word. Each is
+ * a dead letter, which a requeue can mend. */
+#define DROP_HOW "return false and a reason (a non-empty string) to drop the event"
+static const char *const UNCLEAR_RETURNS[][2] = {
+    {"false", "process returned false without a reason; " DROP_HOW},
+    {"false, ''", "process returned false with an empty reason; " DROP_HOW},
+    {"false, 42", "process returned false with a reason that is not a string; " DROP_HOW},
+    {"false, nil", "process returned false without a reason; " DROP_HOW},
+    {"nil, 'test user'", "process returned nil and a string; " DROP_HOW ", or nothing to keep it"},
+    {"nil, false", "process returned nil and a boolean; " DROP_HOW ", or nothing to keep it"},
+};
 
-/* Lua's `return nil, err`, meant as a drop, kept the event without a word. */
-START_TEST(test_nil_and_a_reason_is_a_dead_letter_not_a_kept_event)
+START_TEST(test_a_return_neither_an_output_nor_a_drop_is_a_dead_letter)
 {
-    static const char *const returns[][2] = {
-        {"nil, 'test user'", "string"},
-        {"nil, false", "boolean"},
-    };
     char src[256], detail[256];
-    snprintf(src, sizeof src, "return function(event, out) return %s end\n", returns[_i][0]);
-    snprintf(detail, sizeof detail,
-             "50-rule.lua: process returned nil and a %s; return false and a reason (a "
-             "non-empty string) to drop the event, or nothing to keep it",
-             returns[_i][1]);
+    snprintf(src, sizeof src, "return function(event, out) return %s end\n",
+             UNCLEAR_RETURNS[_i][0]);
+    snprintf(detail, sizeof detail, "50-rule.lua: %s", UNCLEAR_RETURNS[_i][1]);
     dead_as(src, DEAD_INVALID_OUTPUT, detail);
 }
 END_TEST
@@ -4017,9 +4003,9 @@ static Suite *suite(void)
     tcase_add_test(tc, test_user_key_is_the_external_user_id_and_the_device);
     tcase_add_test(tc, test_an_output_without_source_message_id_takes_the_event_id);
     tcase_add_test(tc, test_event_without_external_user_id_is_skipped);
-    tcase_add_loop_test(tc, test_false_without_a_reason_is_a_dead_letter_not_a_drop, 0, 4);
+    tcase_add_loop_test(tc, test_a_return_neither_an_output_nor_a_drop_is_a_dead_letter, 0,
+                        (int)ARRAY_LEN(UNCLEAR_RETURNS));
     tcase_add_loop_test(tc, test_an_argument_error_of_a_host_function_names_it, 0, 2);
-    tcase_add_loop_test(tc, test_nil_and_a_reason_is_a_dead_letter_not_a_kept_event, 0, 2);
     tcase_add_test(tc, test_event_with_null_external_user_id_is_skipped);
     tcase_add_test(tc, test_shipped_rules_pass_their_own_tests);
     tcase_add_test(tc, test_a_later_file_failing_on_earlier_tests_events_is_a_warning);
