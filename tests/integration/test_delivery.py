@@ -1380,21 +1380,27 @@ class Delivery(ServiceTest):
         self.assertEqual([r for r in d.repeats if not r["same"]], [])
         self.assertEqual({b["batch"]["environment"] for b in d.batches}, {"production"})
 
+    def service_with_wall_clock(self, d):
+        """A started service sending to d whose wall clock moves by the seconds in a
+        file: (service, the file's path), the file holding 0."""
+        offset = os.path.join(self.tmpdir(), "offset")
+        with open(offset, "w") as f:
+            f.write("0")
+        s = Service(env=feed_env(d, WALL_CLOCK_OFFSET_FILE=offset))
+        self.addCleanup(s.cleanup)
+        preload(s, "wall_clock")
+        s.start()
+        return s, offset
+
     def waited_past_29_days(self):
         """A batch of two events of one user, one crossing 29 days (where the service
         switches a batch never sent to the historical endpoint) while mParticle answers
         503, the other recent: (double, service, offset, crossing, recent), once the
         crossing one is past 29 days; offset is a file that moves the service's wall
         clock by the seconds it holds."""
-        offset = os.path.join(self.tmpdir(), "offset")
-        with open(offset, "w") as f:
-            f.write("0")
         d = self.double()
         d.fail(503)
-        s = Service(env=feed_env(d, WALL_CLOCK_OFFSET_FILE=offset))
-        self.addCleanup(s.cleanup)
-        preload(s, "wall_clock")
-        s.start()
+        s, offset = self.service_with_wall_clock(d)
         now = int(time.time())
         crossing = event("users.messages.email.Send", user="u", time_s=now - 29 * 86400 + 3)
         recent = event("users.messages.email.Send", user="u", time_s=now - 3600)
@@ -1467,16 +1473,10 @@ class Delivery(ServiceTest):
     def test_a_batch_sent_to_the_historical_endpoint_stays_whole_there_when_the_clock_goes_back(self):
         # mParticle stored the batch and its answer was lost; then the host's
         # clock stepped back a minute (NTP), and one event seemed under 29 days
-        offset = os.path.join(self.tmpdir(), "offset")
-        with open(offset, "w") as f:
-            f.write("0")
         d = self.double()
         d.drop_connections(times=1, after_processing=True)
         d.fail(503)
-        s = Service(env=feed_env(d, WALL_CLOCK_OFFSET_FILE=offset))
-        self.addCleanup(s.cleanup)
-        preload(s, "wall_clock")
-        s.start()
+        s, offset = self.service_with_wall_clock(d)
         now = int(time.time())
         near = event("users.messages.email.Send", user="u", time_s=now - 29 * 86400 - 15)
         far = event("users.messages.email.Send", user="u", time_s=now - 29 * 86400 - 36000)
