@@ -1338,6 +1338,16 @@ static void mhd_log(void *cls, const char *fmt, va_list ap)
     pthread_mutex_unlock(&h->start_mu);
 }
 
+/* Frees h and what http_in_start made for it, but the daemon and threads. */
+static void free_listener(http_in *h)
+{
+    pthread_mutex_destroy(&h->conns_mu);
+    pthread_cond_destroy(&h->conns_cv);
+    pthread_cond_destroy(&h->drained_cv);
+    pthread_mutex_destroy(&h->start_mu);
+    free(h);
+}
+
 int http_in_start(http_in **out, struct ingest *in, const struct http_in_options *o,
                   const struct http_in_hooks *hooks, char *err, size_t errlen)
 {
@@ -1389,11 +1399,7 @@ int http_in_start(http_in **out, struct ingest *in, const struct http_in_options
             MHD_is_feature_supported(MHD_FEATURE_HTTPS_CERT_CALLBACK) != MHD_YES) {
             str_copy(err, errlen, "this libmicrohttpd has no TLS support");
             freeaddrinfo(ai);
-            pthread_mutex_destroy(&h->conns_mu);
-            pthread_cond_destroy(&h->conns_cv);
-            pthread_cond_destroy(&h->drained_cv);
-            pthread_mutex_destroy(&h->start_mu);
-            free(h);
+            free_listener(h);
             return -1;
         }
         flags |= MHD_USE_TLS;
@@ -1432,11 +1438,7 @@ int http_in_start(http_in **out, struct ingest *in, const struct http_in_options
         /* e.g. "Failed to bind to port 8080: Address already in use" */
         str_printf(err, errlen, "cannot listen on %s:%d: %s", o->host, o->port,
                    h->start_error[0] ? h->start_error : "address in use or not available");
-        pthread_mutex_destroy(&h->conns_mu);
-        pthread_cond_destroy(&h->conns_cv);
-        pthread_cond_destroy(&h->drained_cv);
-        pthread_mutex_destroy(&h->start_mu);
-        free(h);
+        free_listener(h);
         return -1;
     }
     if (pthread_create(&h->watchdog, NULL, watchdog_main, h) == 0)
@@ -1486,9 +1488,5 @@ void http_in_stop(http_in *h)
         pthread_join(h->watchdog, NULL);
     }
     MHD_stop_daemon(h->d);
-    pthread_mutex_destroy(&h->conns_mu);
-    pthread_cond_destroy(&h->conns_cv);
-    pthread_cond_destroy(&h->drained_cv);
-    pthread_mutex_destroy(&h->start_mu);
-    free(h);
+    free_listener(h);
 }

@@ -350,6 +350,16 @@ static int render_by_feed_and_code(buf *b, const char *name, const char *help,
     return rc;
 }
 
+static int render_by_feed(buf *b, const char *name, const char *help,
+                          const _Atomic uint64_t *counters)
+{
+    int rc = header(b, name, "counter", help);
+    for (int f = 0; f < FEED_COUNT; f++)
+        rc |= buf_printf(b, "%s{feed=\"%s\"} %llu\n", name, FEED_NAMES[f],
+                         (unsigned long long)atomic_load(&counters[f]));
+    return rc;
+}
+
 static _Atomic int64_t start_ms;
 
 void metrics_set_start_time(int64_t unix_ms)
@@ -405,23 +415,15 @@ int metrics_render(buf *b, const struct metrics_gauges *g)
     rc |= render_by_feed_and_code(b, "tributary_mparticle_batches_total",
                                   "Batches sent to mParticle by feed and status of their request.",
                                   M.out_batches);
-    rc |= header(b, "tributary_events_delivered_total", "counter",
-                 "Events accepted by mParticle (202), by feed.");
-    for (int f = 0; f < FEED_COUNT; f++)
-        rc |= buf_printf(b, "tributary_events_delivered_total{feed=\"%s\"} %llu\n", FEED_NAMES[f],
-                         (unsigned long long)atomic_load(&M.delivered[f]));
-    rc |= header(b, "tributary_events_past_name_limit_total", "counter",
-                 "Events put in batches whose event name came past mParticle's limit of unique "
-                 "names (mparticle.event_names_limit): mParticle answers 202 for them and drops "
-                 "them, so once sent they count as delivered too.");
-    for (int f = 0; f < FEED_COUNT; f++)
-        rc |= buf_printf(b, "tributary_events_past_name_limit_total{feed=\"%s\"} %llu\n",
-                         FEED_NAMES[f], (unsigned long long)atomic_load(&M.past_name_limit[f]));
-    rc |= header(b, "tributary_mparticle_retries_total", "counter",
-                 "Requests to mParticle sent again after a failure, by feed.");
-    for (int f = 0; f < FEED_COUNT; f++)
-        rc |= buf_printf(b, "tributary_mparticle_retries_total{feed=\"%s\"} %llu\n", FEED_NAMES[f],
-                         (unsigned long long)atomic_load(&M.retries[f]));
+    rc |= render_by_feed(b, "tributary_events_delivered_total",
+                         "Events accepted by mParticle (202), by feed.", M.delivered);
+    rc |= render_by_feed(b, "tributary_events_past_name_limit_total",
+                         "Events put in batches whose event name came past mParticle's limit of "
+                         "unique names (mparticle.event_names_limit): mParticle answers 202 for "
+                         "them and drops them, so once sent they count as delivered too.",
+                         M.past_name_limit);
+    rc |= render_by_feed(b, "tributary_mparticle_retries_total",
+                         "Requests to mParticle sent again after a failure, by feed.", M.retries);
 
     rc |= header(b, "tributary_events_mapped_total", "counter",
                  "Events mapped, by the rules version that mapped them (recent versions).");

@@ -1167,6 +1167,23 @@ static int is_host_key(const char *k)
     return 0;
 }
 
+/* [-0, +0] Writes the value on top of the stack as the record line of batch
+ * field k (and its name sk in it when the field is a table of names, else
+ * NULL). */
+static int batch_line(lua_State *L, buf *out, const char *k, size_t kn, const char *sk, size_t sn,
+                      struct json_clock *clock, char *err, size_t errlen)
+{
+    if (buf_json_str(out, k, kn) || buf_addc(out, '\t') || (sk && buf_json_str(out, sk, sn)) ||
+        buf_addc(out, '\t') ||
+        write_json(L, lua_gettop(L), out, RULES_MAX_OUTPUT_BYTES, clock, err, errlen) ||
+        buf_addc(out, '\n')) {
+        if (!err[0])
+            str_copy(err, errlen, "batch too large");
+        return -1;
+    }
+    return 0;
+}
+
 /* [-0, +0] Writes the batch table at idx as record lines (see record.h).
  * Adds to *whole a fingerprint of each line of a field written whole (not a
  * table of names: environment, ...), of which a batch holds one value. */
@@ -1199,12 +1216,7 @@ static int flatten_batch(lua_State *L, int idx, buf *out, struct json_clock *clo
                 }
                 size_t sn;
                 const char *sk = lua_tolstring(L, -2, &sn);
-                if (buf_json_str(out, k, kn) || buf_addc(out, '\t') || buf_json_str(out, sk, sn) ||
-                    buf_addc(out, '\t') ||
-                    write_json(L, lua_gettop(L), out, RULES_MAX_OUTPUT_BYTES, clock, err, errlen) ||
-                    buf_addc(out, '\n')) {
-                    if (!err[0])
-                        str_copy(err, errlen, "batch too large");
+                if (batch_line(L, out, k, kn, sk, sn, clock, err, errlen) != 0) {
                     lua_pop(L, 4);
                     return -1;
                 }
@@ -1212,11 +1224,7 @@ static int flatten_batch(lua_State *L, int idx, buf *out, struct json_clock *clo
             }
         } else {
             size_t at = out->len;
-            if (buf_json_str(out, k, kn) || buf_adds(out, "\t\t") ||
-                write_json(L, lua_gettop(L), out, RULES_MAX_OUTPUT_BYTES, clock, err, errlen) ||
-                buf_addc(out, '\n')) {
-                if (!err[0])
-                    str_copy(err, errlen, "batch too large");
+            if (batch_line(L, out, k, kn, NULL, 0, clock, err, errlen) != 0) {
                 lua_pop(L, 2);
                 return -1;
             }
@@ -2532,29 +2540,33 @@ static int decode_events(rules *r, lua_State *L, const char *body, size_t len,
 #define STR_(x) #x
 #define STR(x) STR_(x)
 
+/* Why the event at idx has no non-empty string in field `key` (missing, or
+ * not_text), or NULL. A JSON null reads as missing. */
+static const char *check_text_field(lua_State *L, int idx, const char *key, const char *missing,
+                                    const char *not_text)
+{
+    int t = rawfield(L, idx, key);
+    const char *why = NULL;
+    if (t == LUA_TNIL || t == LUA_TLIGHTUSERDATA)
+        why = missing;
+    else if (t != LUA_TSTRING || lua_rawlen(L, -1) == 0)
+        why = not_text;
+    lua_pop(L, 1);
+    return why;
+}
+
 /* A required field: a non-empty string (number for time). */
 static const char *check_event(lua_State *L, int idx)
 {
     if (!lua_istable(L, idx) || lua_rawlen(L, idx) > 0)
         return "event is not a JSON object";
-    int t = rawfield(L, idx, "event_type");
-    const char *why = NULL;
-    if (t == LUA_TNIL || t == LUA_TLIGHTUSERDATA)
-        why = "missing event_type";
-    else if (t != LUA_TSTRING || lua_rawlen(L, -1) == 0)
-        why = "event_type must be a non-empty string";
-    lua_pop(L, 1);
+    const char *why = check_text_field(L, idx, "event_type", "missing event_type",
+                                       "event_type must be a non-empty string");
+    if (!why)
+        why = check_text_field(L, idx, "id", "missing id", "id must be a non-empty string");
     if (why)
         return why;
-    t = rawfield(L, idx, "id");
-    if (t == LUA_TNIL || t == LUA_TLIGHTUSERDATA)
-        why = "missing id";
-    else if (t != LUA_TSTRING || lua_rawlen(L, -1) == 0)
-        why = "id must be a non-empty string";
-    lua_pop(L, 1);
-    if (why)
-        return why;
-    t = rawfield(L, idx, "time");
+    int t = rawfield(L, idx, "time");
     if (t == LUA_TNIL || t == LUA_TLIGHTUSERDATA)
         why = "missing time";
     else if (t != LUA_TNUMBER)
