@@ -277,9 +277,10 @@ static enum MHD_Result drop(const http_in *h, struct req *r, size_t n)
     r->dropped += n;
     if (r->dropped <= drop_most(h, r))
         return MHD_YES;
+    metrics_add(M_HTTP_REFUSED_BODIES_CUT, 1);
     if (log_due_shared(&logged_ms))
         log_warn("a refused request's body went on past what is read before its answer; "
-                 "connection closed",
+                 "connection closed (see tributary_http_refused_bodies_cut_total)",
                  LOG_S("client", r->client) LOG_I("bytes", (long long)r->dropped));
     return MHD_NO;
 }

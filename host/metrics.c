@@ -102,6 +102,9 @@ static const char *const COUNTER_HELP[M_COUNTER_COUNT][3] = {
     {"tributary_http_requests_abandoned_total", "counter",
      "Requests whose client closed the connection before their answer, most of them in the "
      "middle of the body: nothing of them was stored, and Braze sends them again."},
+    {"tributary_http_refused_bodies_cut_total", "counter",
+     "Refused requests (413, 401, 415, 503) whose body of unknown length (chunked) went on past "
+     "what is read before their answer: their connection closed, unanswered."},
     {"tributary_http_unknown_path_total", "counter",
      "Requests for a path tributary does not serve, answered 404 (Braze's connector posts to "
      "/currents)."},

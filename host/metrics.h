@@ -34,8 +34,9 @@ enum counter {
     M_HTTP_CONNECTIONS_REFUSED_PER_IP, /* closed at http.max_connections_per_ip */
     M_HTTP_REQUESTS_TIMED_OUT,         /* cut off at http.request_timeout_s or http.timeout_s */
     M_HTTP_REQUESTS_ABANDONED,         /* their client closed the connection before the answer */
-    M_HTTP_UNKNOWN_PATH,               /* answered 404 */
-    M_TLS_HANDSHAKE_FAILURES,          /* connections closed in their TLS handshake */
+    M_HTTP_REFUSED_BODIES_CUT, /* a refused request's body went on past what is read of it */
+    M_HTTP_UNKNOWN_PATH,       /* answered 404 */
+    M_TLS_HANDSHAKE_FAILURES,  /* connections closed in their TLS handshake */
     M_COUNTER_COUNT
 };
 

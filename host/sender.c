@@ -2074,7 +2074,12 @@ static void dead_letter(struct sender *s, struct request *r, int status)
  * too); a lone event refused with 400 is dead-lettered. A 413 for one event, within
  * mParticle's batch limit, says that something in between limits bodies: the
  * event is kept, as for any unexpected answer (and failing so alone while the
- * feed's other batches get through, it becomes a dead letter: see failing). */
+ * feed's other batches get through, it becomes a dead letter: see failing).
+ * A batch that may have been sent before (pbatch.sent) is split too, unlike
+ * at retry.max_age_s: mParticle answers the same bytes the same way, so an
+ * earlier request of it that reached mParticle was refused as well, and
+ * stored nothing (only something in between that refused these bytes once
+ * and passed them once could have; see docs/operations.md). */
 static void on_refused_content(struct sender *s, struct request *r, int status,
                                enum mp_action action)
 {
@@ -2093,10 +2098,10 @@ static void on_refused_content(struct sender *s, struct request *r, int status,
     struct pbatch *b = r->batches[0];
     b->in_flight = 0;
     if (b->nrecords > 1) {
-        if (action == MP_REJECTED && refused_line_allowed(&split_lines, LOG_INFO))
+        if (refused_line_allowed(&split_lines, LOG_INFO))
             log_info("mParticle refused a batch; splitting it to find the events it refused",
                      LOG_S("feed", FEED_NAMES[f->feed]) LOG_S("batch", b->srid)
-                         LOG_I("events", (long long)b->nrecords));
+                         LOG_I("status", status) LOG_I("events", (long long)b->nrecords));
         if (split_batch(s, f, b) != 0)
             retry_later(s, r, status, "cannot split the batch");
         return;

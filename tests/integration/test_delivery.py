@@ -958,6 +958,20 @@ class Delivery(ServiceTest):
         self.assertEqual(sum(delivered), 30)
         self.assertLess(max(delivered), 30)
 
+    def test_a_413_for_a_users_batch_splits_it_and_says_so(self):
+        # the split of a lone batch was logged for a 400 only
+        d = self.double()
+        d.fail(413, times=1)
+        s = self.service(env=feed_env(d, TRIBUTARY_BATCH_LINGER_MS=300))
+        events = [event("users.messages.email.Send", user="one-user") for _ in range(6)]
+        self.assertEqual(s.post(events).status, 200)
+        self.assertTrue(d.wait_for_events(6, 20 * SLOW))
+        self.assertEqual(sorted(d.source_message_ids()), sorted(e["id"] for e in events))
+        line = [l for l in s.logs().splitlines() if "splitting it to find the events" in l]
+        self.assertEqual(len(line), 1, line)
+        self.assertIn("status=413", line[0])
+        self.assertIn("events=6", line[0])
+
     def test_a_413_for_a_single_event_keeps_it_until_the_body_limit_in_between_is_lifted(self):
         # An egress proxy with a small body limit answers 413 to every request:
         # splitting ends at single events, which are far below mParticle's

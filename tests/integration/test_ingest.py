@@ -559,11 +559,16 @@ class MalformedInput(ServiceTest):
                                                    b"x" * 4096, chunked=True),
                          b"HTTP/1.1 401 Unauthorized")
         self.assertNotIn("connection closed", s.logs())
+        self.assertEqual(s.metrics()["tributary_http_refused_bodies_cut_total"], 0)
         self.assertNotEqual(self.send_whole_then_read(s, "Authorization: Bearer wrong-token\r\n",
                                                       b"x" * 4097, chunked=True),
                             b"HTTP/1.1 401 Unauthorized")
         self.wait(lambda: "read before its answer; connection closed" in s.logs(),
                   what="the log line")
+        # unanswered, it is counted apart (a 401 answered is in requests_total)
+        m = s.metrics()
+        self.assertEqual(m["tributary_http_refused_bodies_cut_total"], 1)
+        self.assertEqual(m['tributary_http_requests_total{code="401"}'], 1)
 
     def test_chunked_body_over_the_limit_is_413(self):
         s = self.service(env={"TRIBUTARY_INBOUND_MAX_BODY_BYTES": "4096"})
