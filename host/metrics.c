@@ -489,6 +489,16 @@ int metrics_render(buf *b, const struct metrics_gauges *g)
                      "(mparticle.rate_limit, lowered after a 429 for the account).");
         rc |= buf_printf(b, "tributary_mparticle_account_rate_limit_batches_per_second %.1f\n",
                          g->account_rate);
+        rc |= header(b, "tributary_events_requeued_total", "counter",
+                     "Events stored for delivery by tributary dlq requeue beside the service "
+                     "(not in tributary_events_queued_total).");
+        rc |= buf_printf(b, "tributary_events_requeued_total %lld\n", (long long)g->requeued);
+        rc |= header(b, "tributary_dead_letters_removed_total", "counter",
+                     "Dead letters that left the store by a command beside the service other than "
+                     "for delivery: deleted by tributary dlq purge, or dropped by the rules at "
+                     "tributary dlq requeue.");
+        rc |= buf_printf(b, "tributary_dead_letters_removed_total %lld\n",
+                         (long long)g->letters_removed);
         rc |= header(b, "tributary_queue_commits_total", "counter",
                      "Queue transactions committed; concurrent requests share them.");
         rc |= buf_printf(b, "tributary_queue_commits_total %lld\n", (long long)g->queue_commits);

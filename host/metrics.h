@@ -93,6 +93,8 @@ struct metrics_gauges {
     double send_rate[FEED_COUNT];   /* batches a second a feed allows itself */
     double account_rate;            /* the same for all feeds together */
     int64_t dead_letters;
+    int64_t requeued;        /* see queue_gauges */
+    int64_t letters_removed; /* see queue_gauges */
     int64_t queue_commits;
     int64_t queue_operations;
     int64_t dedup_ids;

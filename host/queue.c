@@ -1994,18 +1994,30 @@ static int add_deltas(queue *q, int writing)
         if (rc != SQLITE_OK)
             return -1;
     }
+    /* a command only adds to the feeds (requeue), and each dead letter it
+     * takes out goes to a feed, back to the store (its rules failed again),
+     * or nowhere (purged, or dropped by the rules) */
+    int64_t requeued = 0;
+    for (int f = 0; f < FEED_COUNT; f++)
+        requeued += depth[f];
+    int64_t removed = -(dead + requeued);
+    if (removed < 0)
+        removed = 0;
     if (last > q->deltas_added)
         log_info("counts changed by a command beside the service (tributary dlq requeue or "
                  "purge)",
-                 LOG_I("dead_letters", (long long)dead) LOG_I("ios", (long long)depth[FEED_IOS])
-                     LOG_I("android", (long long)depth[FEED_ANDROID])
-                         LOG_I("web", (long long)depth[FEED_WEB])
-                             LOG_I("unbound", (long long)depth[FEED_UNBOUND]));
+                 LOG_I("dead_letters", (long long)dead) LOG_I("requeued", (long long)requeued)
+                     LOG_I("removed", (long long)removed) LOG_I("ios", (long long)depth[FEED_IOS])
+                         LOG_I("android", (long long)depth[FEED_ANDROID])
+                             LOG_I("web", (long long)depth[FEED_WEB])
+                                 LOG_I("unbound", (long long)depth[FEED_UNBOUND]));
     q->deltas_added = last;
     pthread_mutex_lock(&q->mu);
     for (int f = 0; f < FEED_COUNT; f++)
         q->gauges.depth[f] += depth[f];
     q->gauges.dead += dead;
+    q->gauges.requeued += requeued;
+    q->gauges.letters_removed += removed;
     pthread_mutex_unlock(&q->mu);
     return 0;
 }

@@ -218,8 +218,13 @@ struct queue_gauges {
     int64_t depth[FEED_COUNT];
     int64_t oldest_ms[FEED_COUNT]; /* 0 when empty */
     int64_t dead;
-    int64_t commits;     /* transactions committed (each one fsync with sync=full) */
-    int64_t operations;  /* operations they carried: requests, batches sent, ... */
+    int64_t commits;    /* transactions committed (each one fsync with sync=full) */
+    int64_t operations; /* operations they carried: requests, batches sent, ... */
+    /* since the start, by commands beside the service (see add_deltas):
+     * events requeued from the dead letters, and dead letters that left the
+     * store otherwise (purged, or dropped by the rules at their requeue) */
+    int64_t requeued;
+    int64_t letters_removed;
     int64_t dedup_ids;   /* event ids remembered for the dedup window */
     int64_t dedup_bytes; /* the memory they take */
     int disk_low;        /* new events are refused: less than min_free_bytes free */

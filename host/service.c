@@ -163,6 +163,8 @@ static void hook_gauges(void *ctx, struct metrics_gauges *g)
             qg.oldest_ms[f] && now > qg.oldest_ms[f] ? (double)(now - qg.oldest_ms[f]) / 1000.0 : 0;
     }
     g->dead_letters = qg.dead;
+    g->requeued = qg.requeued;
+    g->letters_removed = qg.letters_removed;
     g->queue_commits = qg.commits;
     g->queue_operations = qg.operations;
     g->dedup_ids = qg.dedup_ids;

@@ -968,6 +968,37 @@ class DeadLetterCommands(ServiceTest):
         self.assertEqual(len(lines), 1, s.logs()[-2000:])
         self.assertIn("dead_letters=-3", lines[0])
         self.assertIn("unbound=0", lines[0])
+        self.assertIn("removed=3", lines[0])
+        m = s.metrics()
+        self.assertEqual(m["tributary_dead_letters_removed_total"], 3)
+        self.assertEqual(m["tributary_events_requeued_total"], 0)
+
+    def test_a_requeue_beside_the_service_is_in_its_counts(self):
+        # the events the rules dropped left the store with no count of the
+        # service, and those queued were in none of its counters of queued
+        s = self.service(rules_dir=self.rules_dir(self.FAILING_RULE))
+        kept = [event("users.messages.email.Send", user="u%d" % i) for i in range(4)]
+        marked = [event("users.messages.email.Send", user="v%d" % i, drop_me="yes")
+                  for i in range(3)]
+        self.assertEqual(s.post(kept + marked).status, 200)
+        self.assertEqual(s.metrics()["tributary_dead_letters"], 7)
+        # fixed, and the marked are dropped
+        s.env["TRIBUTARY_RULES_DIR"] = self.rules_dir({"90-drop.lua": (
+            "return function(e, out)\n"
+            "  if e.properties.drop_me then return false, 'marked' end\n"
+            "end\n")})
+        p = s.cli(["dlq", "requeue", "--all"])
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertIn("4 queued for delivery, 3 dropped by the rules", p.stdout)
+        self.wait(lambda: s.metrics()["tributary_dead_letters"] == 0, what="the service's count")
+        m = s.metrics()
+        self.assertEqual(m["tributary_events_requeued_total"], 4)
+        self.assertEqual(m["tributary_dead_letters_removed_total"], 3)
+        self.assertEqual(m["tributary_events_queued_total"], 0)
+        lines = [l for l in s.logs().splitlines() if "counts changed by a command beside" in l]
+        self.assertEqual(len(lines), 1, lines)
+        for part in ("dead_letters=-7", "requeued=4", "removed=3", "unbound=4"):
+            self.assertIn(part, lines[0])
 
     def test_purge_over_several_pages_deletes_exactly_the_matching_dead_letters(self):
         s, ids = self.dead_letters(1)
