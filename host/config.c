@@ -391,7 +391,12 @@ static void set_list_from_lua(struct loader *ld, lua_State *L, const struct key 
         lua_rawgeti(L, -1, i);
         size_t n;
         const char *s = lua_type(L, -1) == LUA_TSTRING ? lua_tolstring(L, -1, &n) : NULL;
-        if (!s || n == 0)
+        if (lua_isnil(L, -1))
+            file_err(ld, path,
+                     "'%s' item %lld is nil: an os.getenv of a variable that is not set? (set "
+                     "it, or leave the item out)",
+                     path, (long long)i);
+        else if (!s || n == 0)
             file_err(ld, path, "'%s' item %lld must be a non-empty string", path, (long long)i);
         else if (memchr(s, '\0', n))
             file_err(ld, path, "'%s' item %lld must not hold a NUL byte", path, (long long)i);

@@ -354,6 +354,10 @@ static int cmd_map(const struct args *a)
         config_unref(c);
         return 2;
     }
+    if (!(a->workspace && *a->workspace) && config_workspace_problem(c, NULL, 0))
+        fprintf(stderr, "tributary: note: inbound.workspaces is set, and the service answers a "
+                        "request without ?workspace= with 503; mapped as an event stored before "
+                        "the list was (--workspace NAME maps as for a request naming one)\n");
     int rc = 1;
     char err[ERR_LEN];
     ruleset *rs = NULL;

@@ -270,8 +270,14 @@ class Cli(ServiceTest):
         self.assertEqual(p.returncode, 2, p)
         self.assertIn("--workspace: not one of inbound.workspaces", p.stderr)
         # without --workspace, as a request without one (an event stored before workspaces)
+        # with a note: the service would refuse such a request
         p = run_cli(["map", "-"], env=env, stdin=stdin, cwd=self.tmpdir())
         self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertIn("note: inbound.workspaces is set, and the service answers a request "
+                      "without ?workspace= with 503", p.stderr)
+        p = run_cli(["map", "-", "--workspace", "brand-a"], env=env, stdin=stdin,
+                    cwd=self.tmpdir())
+        self.assertEqual((p.returncode, p.stderr), (0, ""))
         p = run_cli(["check", "--workspace", "brand-a"], env=env, cwd=self.tmpdir())
         self.assertEqual(p.returncode, 2, p)
         self.assertIn("--workspace does not apply to check", p.stderr)

@@ -341,6 +341,27 @@ START_TEST(test_os_getenv_is_available_in_config_file)
 }
 END_TEST
 
+/* A rotation's { os.getenv("OLD"), "new" } once OLD is unset: the message
+ * said only that the item must be a non-empty string. */
+START_TEST(test_a_list_item_an_unset_variable_left_nil_is_named_as_such)
+{
+    ck_assert_int_eq(unsetenv("UNIT_UNSET_TOKEN"), 0);
+    const char *path = conf("rotation.lua", "return { inbound = {\n"
+                                            "  tokens = { os.getenv(\"UNIT_UNSET_TOKEN\"), "
+                                            "\"new-token-1234\" },\n"
+                                            "} }\n");
+    struct config *c = NULL;
+    char err[4096] = "", want[512];
+    ck_assert_int_eq(config_load(&c, path, err, sizeof err), -1);
+    snprintf(want, sizeof want,
+             "%s:2: 'inbound.tokens' item 1 is nil: an os.getenv of a variable that is not set? "
+             "(set it, or leave the item out)",
+             path);
+    ck_assert_str_eq(err, want);
+    ck_assert_ptr_null(strstr(err, "new-token-1234"));
+}
+END_TEST
+
 /* ---- the environment wins ------------------------------------------------ */
 
 START_TEST(test_environment_integer_overrides_file)
@@ -1380,6 +1401,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_a_string_value_with_a_nul_byte_is_refused);
     tcase_add_test(tc, test_file_apps_table_maps_app_id_to_feed);
     tcase_add_test(tc, test_os_getenv_is_available_in_config_file);
+    tcase_add_test(tc, test_a_list_item_an_unset_variable_left_nil_is_named_as_such);
 
     tcase_add_test(tc, test_environment_integer_overrides_file);
     tcase_add_test(tc,
