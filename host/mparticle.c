@@ -7,13 +7,29 @@
 #include <strings.h>
 #include <time.h>
 
+/* An event id as hashed for a source_request_id: a newline and a backslash
+ * escaped, so that the newline after each id ends it and no other list of
+ * ids hashes the same text. Any id without them (Braze's UUIDs) is itself. */
+static void add_id(uuid5 *u, str id)
+{
+    size_t from = 0;
+    for (size_t i = 0; i < id.n; i++) {
+        if (id.p[i] == '\n' || id.p[i] == '\\') {
+            uuid5_add(u, id.p + from, i - from);
+            uuid5_add(u, id.p[i] == '\n' ? "\\n" : "\\\\", 2);
+            from = i + 1;
+        }
+    }
+    uuid5_add(u, id.p + from, id.n - from);
+}
+
 int mparticle_source_request_id(const struct batch_part *parts, size_t n, char out[UUID_STR_LEN])
 {
     uuid5 *u = uuid5_new();
     if (!u)
         return -1;
     for (size_t i = 0; i < n; i++) {
-        uuid5_add(u, parts[i].event_id.p, parts[i].event_id.n);
+        add_id(u, parts[i].event_id);
         uuid5_add(u, "\n", 1);
     }
     return uuid5_finish(u, out);

@@ -128,6 +128,43 @@ START_TEST(test_source_request_id_differs_when_ids_are_regrouped)
 }
 END_TEST
 
+/* Ids were joined with newlines as they were: an id with a newline in it
+ * made two other batches' id. An id without one hashes as before. */
+START_TEST(test_source_request_id_differs_when_a_newline_in_an_id_regroups_them)
+{
+    static const struct {
+        const char *one, *a, *b;
+    } cases[] = {{"ev-1\nev-2", "ev-1", "ev-2"},
+                 {"ev-1\\nev-2", "ev-1", "ev-2"},
+                 {"ev-1\\", "ev-1\\", ""}};
+    for (size_t c = 0; c < ARRAY_LEN(cases); c++) {
+        struct batch_part one[] = {{STR_NULL, STR_NULL, str_opt(cases[c].one)}};
+        struct batch_part two[] = {{STR_NULL, STR_NULL, str_opt(cases[c].a)},
+                                   {STR_NULL, STR_NULL, str_opt(cases[c].b)}};
+        char ida[UUID_STR_LEN], idb[UUID_STR_LEN];
+        ck_assert_int_eq(mparticle_source_request_id(one, 1, ida), 0);
+        ck_assert_int_eq(mparticle_source_request_id(two, 2, idb), 0);
+        ck_assert_msg(strcmp(ida, idb) != 0, "case %zu", c);
+    }
+    /* "ev-1\\n" + "ev-2" against "ev-1\\" + "nev-2" */
+    struct batch_part x[] = {ID("ev-1\\n"), ID("ev-2")};
+    struct batch_part y[] = {ID("ev-1\\"), ID("nev-2")};
+    char idx[UUID_STR_LEN], idy[UUID_STR_LEN];
+    ck_assert_int_eq(mparticle_source_request_id(x, 2, idx), 0);
+    ck_assert_int_eq(mparticle_source_request_id(y, 2, idy), 0);
+    ck_assert_str_ne(idx, idy);
+    /* Braze's ids keep the ids batches were sent under */
+    struct batch_part braze[] = {ID("a1b2c3d4-0000-4000-8000-000000000001")};
+    char idz[UUID_STR_LEN], bare[UUID_STR_LEN];
+    ck_assert_int_eq(mparticle_source_request_id(braze, 1, idz), 0);
+    uuid5 *u = uuid5_new();
+    ck_assert_ptr_nonnull(u);
+    uuid5_add(u, "a1b2c3d4-0000-4000-8000-000000000001\n", 37);
+    ck_assert_int_eq(uuid5_finish(u, bare), 0);
+    ck_assert_str_eq(idz, bare);
+}
+END_TEST
+
 START_TEST(test_source_request_id_has_uuid_v5_shape)
 {
     struct batch_part parts[] = {ID("a1b2c3d4-0000-4000-8000-000000000001")};
@@ -540,6 +577,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_source_request_id_differs_when_an_event_id_differs);
     tcase_add_test(tc, test_source_request_id_differs_when_event_order_differs);
     tcase_add_test(tc, test_source_request_id_differs_when_ids_are_regrouped);
+    tcase_add_test(tc, test_source_request_id_differs_when_a_newline_in_an_id_regroups_them);
     tcase_add_test(tc, test_source_request_id_has_uuid_v5_shape);
 
     tcase_add_test(tc, test_build_batch_of_one_part_renders_envelope_sections_and_event);
