@@ -69,7 +69,7 @@
 #define RESPONSE_MAX 16384
 #define CONNECT_TIMEOUT_MS 10000
 #define REQUEST_TIMEOUT_MS 60000
-/* A rate-limit usage at or above this makes the feed slow down. */
+/* A rate-limit usage at or above this makes the feeds slow down. */
 #define RATE_USAGE_HIGH 90
 /* A feed whose endpoint delivered nothing for this long is down there (an
  * outage): the failures of a batch then say nothing of its content (see
@@ -1744,15 +1744,17 @@ static void on_delivered(struct sender *s, struct request *r)
         log_info("feed credentials accepted; feed resumed", LOG_S("feed", FEED_NAMES[f->feed]));
         set_pause(s, f, PAUSE_NONE, NULL);
     }
-    recover(&s->account, (double)s->cfg->mparticle_rate_limit, now);
+    /* the usage names no level: taken, as a 429 without one, for the
+     * account's, which every feed shares */
     if (r->rate_usage >= RATE_USAGE_HIGH) {
-        if (slow_down(&f->rate, 0.8, (double)s->cfg->feeds[f->feed].rate_limit, now))
-            log_info("mParticle rate limit usage high; slowing down",
+        if (slow_down(&s->account, 0.8, (double)s->cfg->mparticle_rate_limit, now))
+            log_info("mParticle rate limit usage high; slowing down every feed",
                      LOG_S("feed", FEED_NAMES[f->feed]) LOG_I("usage_percent", r->rate_usage)
-                         LOG_I("batches_per_s", (long long)f->rate.rate));
+                         LOG_I("batches_per_s", (long long)s->account.rate));
     } else {
-        recover(&f->rate, (double)s->cfg->feeds[f->feed].rate_limit, now);
+        recover(&s->account, (double)s->cfg->mparticle_rate_limit, now);
     }
+    recover(&f->rate, (double)s->cfg->feeds[f->feed].rate_limit, now);
 }
 
 /* Counts one failure per round. The requests in flight together fail together

@@ -2013,13 +2013,20 @@ class Delivery(ServiceTest):
                       if r["time"] >= paused_at)
         self.assertLessEqual(busiest_second(sent), 5, sent)
 
-    def test_high_rate_limit_usage_slows_the_feed(self):
+    def test_high_rate_limit_usage_slows_every_feed(self):
+        # the usage is the account's (as for a 429 without a level): it
+        # slowed only the feed answered
         d = self.double()
         d.rate_limit_percentage = 97
         s = self.service(env=feed_env(d))
         s.post([event("users.messages.email.Send")])
         self.assertTrue(d.wait_for_events(1, 10 * SLOW))
-        self.wait(lambda: "slowing down" in s.logs(), what="slow down log")
+        self.wait(lambda: "slowing down every feed" in s.logs(), what="slow down log")
+        m = s.metrics()
+        self.assertLess(m["tributary_mparticle_account_rate_limit_batches_per_second"], 270)
+        for feed in ("ios", "android", "web", "unbound"):
+            self.assertEqual(
+                m['tributary_mparticle_rate_limit_batches_per_second{feed="%s"}' % feed], 270)
 
     def test_high_usage_slows_the_feed_once_a_second_not_per_answer(self):
         # Usage of 90% or more on every answer, as when the account's other
@@ -2028,7 +2035,7 @@ class Delivery(ServiceTest):
         d = self.double()
         d.rate_limit_percentage = 95
         s = self.service(env=feed_env(d, TRIBUTARY_BATCH_LINGER_MS=10,
-                                      TRIBUTARY_FEEDS_UNBOUND_RATE_LIMIT=100))
+                                      TRIBUTARY_MPARTICLE_RATE_LIMIT=100))
         started = time.monotonic()
         for i in range(40):
             s.post([event("users.messages.email.Send", user="w%d" % i)])

@@ -134,9 +134,8 @@ START_TEST(test_source_request_id_differs_when_a_newline_in_an_id_regroups_them)
 {
     static const struct {
         const char *one, *a, *b;
-    } cases[] = {{"ev-1\nev-2", "ev-1", "ev-2"},
-                 {"ev-1\\nev-2", "ev-1", "ev-2"},
-                 {"ev-1\\", "ev-1\\", ""}};
+    } cases[] = {
+        {"ev-1\nev-2", "ev-1", "ev-2"}, {"ev-1\\nev-2", "ev-1", "ev-2"}, {"ev-1\\", "ev-1\\", ""}};
     for (size_t c = 0; c < ARRAY_LEN(cases); c++) {
         struct batch_part one[] = {{STR_NULL, STR_NULL, str_opt(cases[c].one)}};
         struct batch_part two[] = {{STR_NULL, STR_NULL, str_opt(cases[c].a)},
