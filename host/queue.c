@@ -453,6 +453,7 @@ struct queue {
     /* writer-side bookkeeping, also read under mu */
     int healthy;
     int unclean_stop;   /* the service's last run ended without a clean stop (see mark_running) */
+    int synchronous;    /* PRAGMA synchronous of the writer's connection, as SQLite reads it */
     int marked_running; /* this run's mark, taken away at its clean stop */
     struct queue_gauges gauges;
     dedup *seen; /* NULL when the dedup window is 0 */
@@ -3291,6 +3292,14 @@ int queue_open(queue **out, const struct queue_options *o, char *err, size_t err
              PAGE_SIZE, o->sync_full ? "FULL" : "NORMAL");
     if (exec(q->db, pragmas, err, errlen) != 0)
         goto fail;
+    {
+        sqlite3_stmt *s = NULL;
+        q->synchronous = -1;
+        if (sqlite3_prepare_v2(q->db, "PRAGMA synchronous", -1, &s, NULL) == SQLITE_OK &&
+            sqlite3_step(s) == SQLITE_ROW)
+            q->synchronous = sqlite3_column_int(s, 0);
+        sqlite3_finalize(s);
+    }
     /* Only the service upgrades a queue: a CLI change (dlq purge, requeue)
      * beside an older service still running on it would break that service. */
     if (version != atoi(SCHEMA_VERSION) && (o->readonly || o->existing)) {
@@ -3506,6 +3515,12 @@ void queue_free(queue *q)
         close(q->lock_fd);
     free(q->path);
     free(q);
+}
+
+const char *queue_sync_mode(queue *q)
+{
+    static const char *const MODES[] = {"off", "normal", "full", "extra"};
+    return q->synchronous >= 0 && q->synchronous < 4 ? MODES[q->synchronous] : "unknown";
 }
 
 int queue_unclean_stop(queue *q)

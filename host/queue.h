@@ -79,6 +79,9 @@ void queue_free(queue *q);
 int queue_healthy(queue *q); /* 0 after a storage error until the next good commit */
 /* Whether the service's last run on this queue ended without a clean stop. */
 int queue_unclean_stop(queue *q);
+/* How the writer's commits reach the disk, as SQLite reads its setting back
+ * (PRAGMA synchronous): "full" (each commit synced), "normal", or another. */
+const char *queue_sync_mode(queue *q);
 
 /* ---- ingestion ---------------------------------------------------------- */
 

@@ -622,7 +622,8 @@ int service_run(const char *config_path)
              LOG_S("version", TRIBUTARY_VERSION) LOG_S("listen", listen)
                  LOG_S("rules_version", rules_version) LOG_I("rule_files", rule_files)
                      LOG_S("feeds", feeds) LOG_I("queue_depth", depth)
-                         LOG_S("data_dir", data_dir ? data_dir : cfg->data_dir));
+                         LOG_S("queue_sync", queue_sync_mode(s.q))
+                             LOG_S("data_dir", data_dir ? data_dir : cfg->data_dir));
     free(data_dir);
     if (strcmp(feeds, "none") == 0)
         log_warn("no mParticle credentials configured: events are accepted, queued and held "

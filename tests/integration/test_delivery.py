@@ -597,10 +597,18 @@ class Delivery(ServiceTest):
         self.assertGreaterEqual(statuses[1][1] - statuses[0][1], 1.9)
 
     def test_a_503_in_flight_does_not_cut_short_a_429s_retry_after(self):
+        self.a_503_after_a_429(limit=None)
+
+    def test_a_503_in_flight_does_not_cut_short_a_feed_429s_retry_after(self):
+        # the account's hold hid it: the feed's own wait was replaced by the
+        # 503's shorter backoff
+        self.a_503_after_a_429(limit="feed")
+
+    def a_503_after_a_429(self, limit):
         d = self.double()
         released = threading.Event()
         self.addCleanup(released.set)
-        d.fail(429, times=1, retry_after=3)
+        d.fail(429, times=1, retry_after=3, rate_limit_exceeded=limit)
         d.fail(503, times=1, hold=released)
         s = self.service(env=feed_env(d, TRIBUTARY_BATCH_LINGER_MS=300))
         # 150 batches: two requests (at most 100 batches each) in flight together
@@ -645,7 +653,49 @@ class Delivery(ServiceTest):
         s = self.service(env=feed_env(d))
         s.post([event("users.messages.email.Send")])
         self.assertTrue(d.wait_for_events(1, 15 * SLOW))
-        self.assertEqual([r["status"] for r in d.requests], [429, 429, 429, 202])
+        rs = d.requests
+        self.assertEqual([r["status"] for r in rs], [429, 429, 429, 202])
+        # nothing more goes in the second after a 429
+        for a, b in zip(rs, rs[1:]):
+            self.assertGreaterEqual(b["time"] - a["answered"], 0.9, (a, b))
+
+    def test_a_retry_after_of_minutes_is_waited_out_whole(self):
+        # honoured up to 10 minutes (a longer one is cut to 10)
+        d = self.double()
+        d.fail(429, times=1, retry_after=120)
+        s = self.service(env=feed_env(d))
+        s.post([event("users.messages.email.Send")])
+        self.wait(lambda: any(r["status"] == 429 for r in d.requests), what="the 429")
+        gauge = 'tributary_mparticle_retry_in_seconds{feed="unbound"}'
+        self.wait(lambda: s.metrics().get(gauge, 0) > 0, what="the wait in the metrics")
+        self.assertGreater(s.metrics()[gauge], 100)
+        time.sleep(1)
+        self.assertEqual(len(d.requests), 1)
+
+    def test_no_backoff_is_longer_than_retry_max_ms(self):
+        d = self.double()
+        d.fail(500)
+        s = self.service(env=feed_env(d, TRIBUTARY_RETRY_BASE_MS=300, TRIBUTARY_RETRY_MAX_MS=400))
+        self.assertEqual(s.post([event("users.messages.email.Open", user="z")]).status, 200)
+        self.wait(lambda: len(d.requests) >= 20, timeout=60 * SLOW, what="20 failures")
+        times = [r["time"] for r in d.requests[:20]]
+        gaps = [b - a for a, b in zip(times, times[1:])]
+        self.assertLessEqual(max(gaps), 0.4 + 0.3 * SLOW, gaps)
+
+    def test_an_outage_soon_after_a_delivery_makes_no_dead_letter_failing(self):
+        # a batch failing alone is failing only while mParticle accepts the
+        # feed's others: a delivery before its first failure does not count
+        d = self.double()
+        s = self.service(env=feed_env(d, TRIBUTARY_RETRY_FAILING_S=1))
+        self.assertEqual(s.post([event("users.messages.email.Open", user="w")]).status, 200)
+        self.assertTrue(d.wait_for_events(1, 10 * SLOW))
+        d.fail(500)
+        self.assertEqual(s.post([event("users.messages.email.Open", user="x")]).status, 200)
+        self.wait(lambda: sum(r["status"] == 500 for r in d.requests) >= 5, what="failures")
+        time.sleep(2.5)
+        d.clear_faults()
+        self.assertTrue(d.wait_for_events(2, 20 * SLOW), "delivered %d of 2" % d.event_count())
+        self.assertEqual(s.metrics()['tributary_dead_letters_total{reason="failing"}'], 0)
 
     def test_5xx_storm_ends_with_every_event_delivered_once(self):
         d = self.double()

@@ -325,6 +325,14 @@ class Logs(ServiceTest):
         self.assertIn("feeds=web", line)
         self.assertIn("queue_depth=0", line)
         self.assertNotIn("web-k", line)
+        # the durability in force, as SQLite reads it back: full by default
+        self.assertIn("queue_sync=full", line)
+
+    def test_startup_line_says_a_queue_sync_of_normal(self):
+        s = self.service(env={"TRIBUTARY_QUEUE_SYNC": "normal"})
+        self.wait(lambda: "tributary started" in s.logs(), what="the startup line")
+        line = [l for l in s.logs().splitlines() if "tributary started" in l][0]
+        self.assertIn("queue_sync=normal", line)
 
 
 class Listening(ServiceTest):

@@ -232,6 +232,15 @@ class RequireModes(ServiceTest):
         self.assertEqual(s.post([event()], token=None).status, 401)
         self.assertEqual(s.queued_ids(), [by_token["id"], by_signature["id"]])
 
+    def test_a_wrong_token_without_a_signature_is_invalid_not_missing(self):
+        # with secrets configured too, a wrong token was taken for no
+        # credentials at all
+        s = self.service(env={"TRIBUTARY_INBOUND_HMAC_SECRETS": SECRET})
+        r = s.post([event()], token="wrong-token")
+        self.assertEqual((r.status, r.json()["error"]), (401, "invalid credentials"), r)
+        r = s.post([event()], token=None)
+        self.assertEqual((r.status, r.json()["error"]), (401, "missing credentials"), r)
+
     def test_require_signature_without_secrets_is_a_config_error(self):
         p = run_cli(["check"], cwd=self.tmpdir(), env={
             "TRIBUTARY_RULES_DIR": RULES, "TRIBUTARY_INBOUND_TOKENS": TOKEN,
@@ -345,7 +354,8 @@ class Throttling(ServiceTest):
         r = s.post([event()], token="wrong-token", headers={"X-Forwarded-For": "203.0.113.7"})
         self.assertEqual(r.status, 429, r)
         self.assertIn("too many authentication failures", r.json()["error"])
-        self.assertTrue(1 <= int(r.headers["retry-after"]) <= 60, r.headers)
+        # the refusal lasts a minute from the tenth failure, a few moments ago
+        self.assertTrue(55 <= int(r.headers["retry-after"]) <= 60, r.headers)
 
     def test_a_throttled_client_is_refused_even_with_the_right_token(self):
         s = self.service()
@@ -749,6 +759,12 @@ class TLS(ServiceTest):
     def test_a_key_readable_by_group_or_others_stops_the_start(self):
         loose = os.path.join(self.tmpdir(), "key.pem")
         shutil.copy(self.key, loose)
+        # readable by its group only is refused too
+        os.chmod(loose, 0o640)
+        p = run_cli(["check"], env={"TRIBUTARY_TLS_CERT": self.cert, "TRIBUTARY_TLS_KEY": loose,
+                                    "TRIBUTARY_RULES_DIR": RULES})
+        self.assertEqual(p.returncode, 1, p)
+        self.assertIn("must not be readable by group or others (chmod 600)", p.stderr)
         os.chmod(loose, 0o644)
         s = self.tls_service(key=loose)
         s.expected_exit = 78  # EX_CONFIG

@@ -135,6 +135,29 @@ START_TEST(test_a_failing_hash_makes_credentials_unknown_not_wrong)
 }
 END_TEST
 
+/* inbound.replay_window_s is how far a signature's time may be from now:
+ * that far is taken, one second more is not, either way. */
+START_TEST(test_a_signature_exactly_the_replay_window_away_is_taken)
+{
+    struct config *c =
+        config_of("return { inbound = { hmac_secrets = "
+                  "{ \"secret-0123456789abcdef0123\" }, replay_window_s = 300 } }\n");
+    char sig[128];
+    ck_assert_int_eq(auth_sign("secret-0123456789abcdef0123", T0, "{}", 2, sig, sizeof sig), 0);
+    static const struct {
+        int64_t off;
+        enum auth_result want;
+    } cases[] = {{-300, AUTH_OK}, {300, AUTH_OK}, {-301, AUTH_EXPIRED}, {301, AUTH_EXPIRED}};
+    for (size_t i = 0; i < ARRAY_LEN(cases); i++) {
+        struct auth_request r = {
+            .signature = sig, .body = "{}", .len = 2, .have_body = 1, .now_s = T0 + cases[i].off};
+        ck_assert_msg(auth_check(c, &r) == cases[i].want, "now %+lld s from the signature",
+                      (long long)cases[i].off);
+    }
+    config_unref(c);
+}
+END_TEST
+
 static Suite *suite(void)
 {
     Suite *s = suite_create("auth");
@@ -144,6 +167,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_the_addresses_of_one_ipv6_64_count_together);
     tcase_add_test(tc, test_failures_from_many_addresses_do_not_evict_a_trusted_one);
     tcase_add_test(tc, test_a_failing_hash_makes_credentials_unknown_not_wrong);
+    tcase_add_test(tc, test_a_signature_exactly_the_replay_window_away_is_taken);
     suite_add_tcase(s, tc);
     return s;
 }

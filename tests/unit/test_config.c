@@ -886,6 +886,37 @@ START_TEST(test_retry_base_above_max_is_refused)
 }
 END_TEST
 
+/* The limits between two keys, at their edges: equal is taken, one past is
+ * refused. */
+START_TEST(test_limits_between_two_keys_hold_at_their_edges)
+{
+    static const struct {
+        const char *src;
+        const char *err; /* NULL: loads */
+    } cases[] = {
+        {"return { retry = { base_ms = 4000, max_ms = 4000 } }\n", NULL},
+        {"return { retry = { base_ms = 4001, max_ms = 4000 } }\n",
+         "retry.base_ms (4001) must not exceed retry.max_ms (4000)"},
+        {"return { queue = { max_depth = 10000 }, inbound = { max_events = 10000 } }\n", NULL},
+        {"return { queue = { max_depth = 9999 }, inbound = { max_events = 10000 } }\n",
+         "queue.max_depth (9999) must be at least inbound.max_events (10000)"},
+    };
+    for (size_t i = 0; i < ARRAY_LEN(cases); i++) {
+        const char *path = conf("edge.lua", cases[i].src);
+        struct config *c = NULL;
+        char err[4096] = "";
+        int rc = config_load(&c, path, err, sizeof err);
+        if (!cases[i].err) {
+            ck_assert_msg(rc == 0, "case %zu: %s", i, err);
+            config_unref(c);
+        } else {
+            ck_assert_int_eq(rc, -1);
+            ck_assert_msg(strstr(err, cases[i].err), "case %zu: %s", i, err);
+        }
+    }
+}
+END_TEST
+
 /* An error in values that passed one by one names where they came from: the
  * file and the line that sets them, or the variable; a key at its default
  * adds nothing. */
@@ -1431,6 +1462,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_retry_failing_s_is_bounded_and_defaults_to_an_hour);
     tcase_add_test(tc, test_bad_enum_value_is_refused_with_the_choices);
     tcase_add_test(tc, test_retry_base_above_max_is_refused);
+    tcase_add_test(tc, test_limits_between_two_keys_hold_at_their_edges);
     tcase_add_test(tc,
                    test_errors_after_loading_name_the_file_and_line_or_the_variable_of_the_values);
 
