@@ -40,11 +40,11 @@
 #include <lua.h>
 
 /* The custom attributes of one event together, names and values as JSON text.
- * mParticle takes a batch of at most 128 KB, and the host writes an event of
- * at most RULES_MAX_OUTPUT_BYTES (120 KB, or it is invalid_output): 100
- * attributes within their own limits can reach 1.7 MB, and ten times that as
- * JSON text. The 20 KB this leaves is far more than the rest of the shipped
- * rules' event takes. */
+ * mParticle takes a batch of at most 128 KB, and an event whose batch would
+ * be larger is invalid_output (see RULES_MAX_OUTPUT_BYTES): 100 attributes
+ * within their own limits can reach 1.7 MB, and ten times that as JSON text.
+ * The 25 KB this leaves is far more than the rest of the shipped rules' event
+ * and batch take. */
 #define ATTRIBUTES_MAX_BYTES (100 * 1024)
 
 /* An attribute's text is cut at MPARTICLE_MAX_VALUE_CHARS characters: a text

@@ -867,6 +867,9 @@ static int json_number(struct json_out *j, lua_State *L, int idx)
 /* A table of more items than this cannot be written within room bytes: each
  * takes two at least (a value and a comma). */
 #define JSON_MAX_ITEMS(room) ((lua_Integer)((room) / 2 + 1))
+_Static_assert(RULES_MAX_OUTPUT_BYTES == MPARTICLE_MAX_BATCH_BYTES,
+               "an output is written up to the size of a batch");
+
 /* The most items of a table an output (RULES_MAX_OUTPUT_BYTES) can hold. */
 #define OUTPUT_MAX_ITEMS JSON_MAX_ITEMS(RULES_MAX_OUTPUT_BYTES)
 #define JSON_TOO_MANY_ITEMS (-2)
@@ -1953,7 +1956,7 @@ static int emit(rules *r, lua_State *L, int evi, const struct event_ids *ids, in
     int env_type = bt == LUA_TTABLE ? rawfield(L, top + 3, "environment") : LUA_TNIL;
     if (bt == LUA_TTABLE)
         lua_pop(L, 1);
-    size_t at = r->scratch.len; /* the rule's own, which its limit is about */
+    size_t at = r->scratch.len;
     if (env_type == LUA_TNIL) {
         const char *env = r->rs->cfg->environment;
         if (buf_adds(&r->scratch, "\"environment\"\t\t") != 0 ||
@@ -1964,11 +1967,15 @@ static int emit(rules *r, lua_State *L, int evi, const struct event_ids *ids, in
     }
     tmp.batch = mapping_copy(m, r->scratch.data, r->scratch.len, &failed);
 
-    if (tmp.event.n + at > RULES_MAX_OUTPUT_BYTES) {
+    /* as the sender counts a batch of this event alone: it fits, so that
+     * mParticle does not refuse it for its size */
+    struct batch_part alone = {{r->scratch.data, r->scratch.len}, tmp.event, STR_NULL};
+    size_t size = mparticle_batch_size_bound(&alone, 1);
+    if (size > MPARTICLE_MAX_BATCH_BYTES) {
         str_printf(err, errlen,
-                   "the mapped event and its batch fields take %zu bytes; an mParticle batch "
-                   "holds at most 128 KB",
-                   tmp.event.n + at);
+                   "the mapped event and its batch fields take %zu bytes in a batch; an "
+                   "mParticle batch holds at most 128 KB",
+                   size);
         goto done;
     }
     /* the user, whose events the sender puts in one batch: customer_id, the

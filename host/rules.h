@@ -45,9 +45,11 @@
 #define RULES_TESTS_TIME_S 60
 /* JSON nesting accepted in requests and produced by rules. */
 #define RULES_MAX_JSON_DEPTH 64
-/* A mapped event with its batch-level fields must fit an mParticle batch
- * (128 KB) with room for the envelope; larger ones are invalid output. */
-#define RULES_MAX_OUTPUT_BYTES (120 * 1024)
+/* A mapped event, and its batch-level fields, are written up to the size of
+ * an mParticle batch (MPARTICLE_MAX_BATCH_BYTES, 128 KB); together they must
+ * fit a batch of their own as the sender counts it
+ * (mparticle_batch_size_bound), or the event is invalid output. */
+#define RULES_MAX_OUTPUT_BYTES 128000
 /* cjson.encode called by a rule refuses to make a longer text. */
 #define RULES_MAX_ENCODE_BYTES (1u << 20)
 /* cjson.decode called by a rule refuses a text of n bytes unless the rule has

@@ -13,6 +13,7 @@
 #include "attributes.h"
 #include "config.h"
 #include "metrics.h"
+#include "mparticle.h"
 #include "record.h"
 #include "rules.h"
 #include "sandbox.h"
@@ -1857,6 +1858,57 @@ START_TEST(test_outputs_at_mparticles_limits_are_records)
     ck_assert_int_eq(map(ENVELOPE(EV("u-1") "," EV("u-2")), INPUT_ENVELOPE), 0);
     ck_assert_msg(F.m.ndead == 0, "dead letter: %s", F.m.ndead ? F.m.dead[0].detail.p : "");
     ck_assert_uint_eq(F.m.nrecords, 2);
+}
+END_TEST
+
+/* Maps one event whose custom attributes take about 124,000 bytes and pad
+ * more (its id "p-<pad>"): 1 when it is a record, 0 when it is invalid output
+ * for its size. */
+static int padded_output_taken(long pad)
+{
+    char body[256];
+    snprintf(body, sizeof body, ENVELOPE(EV("p-%ld")), pad);
+    mapping_free(&F.m);
+    mapping_init(&F.m);
+    ck_assert_int_eq(map(body, INPUT_ENVELOPE), 0);
+    if (F.m.nrecords == 1)
+        return 1;
+    ck_assert_uint_eq(F.m.ndead, 1);
+    ck_assert_msg(contains(F.m.dead[0].detail.p, "an mParticle batch holds at most 128 KB"),
+                  "pad %ld: %s", pad, F.m.dead[0].detail.p);
+    return 0;
+}
+
+/* An output was refused past 120 KB of event and batch fields, 5 KB short of
+ * what an mParticle batch holds: the largest taken makes a batch of its own
+ * within 128,000 bytes, and close to them. */
+START_TEST(test_the_largest_output_taken_fits_an_mparticle_batch_of_its_own)
+{
+    rule("50-rule.lua", SCHEMA_BASE "  for i = 1, 31 do a['p' .. i] = string.rep('p', 4000) end\n"
+                                    "  a.pad = string.rep('r', tonumber(event.id:match('%d+$')))\n"
+                                    "  return o\nend\n");
+    build();
+    long lo = 0, hi = 4096; /* taken at lo, refused at hi */
+    ck_assert(padded_output_taken(lo));
+    ck_assert(!padded_output_taken(hi));
+    while (hi - lo > 1) {
+        long mid = lo + (hi - lo) / 2;
+        if (padded_output_taken(mid))
+            lo = mid;
+        else
+            hi = mid;
+    }
+    ck_assert(padded_output_taken(lo));
+    const struct record *rec = &F.m.records[0];
+    struct batch_part part = {rec->batch, rec->event, rec->event_id};
+    buf batch;
+    buf_init(&batch, 1 << 17);
+    ck_assert_int_eq(mparticle_build_batch(&batch, "production",
+                                           "0d3c7f4e-5b1a-5c2d-9e8f-7a6b5c4d3e2f", &part, 1),
+                     0);
+    ck_assert_uint_le(batch.len, MPARTICLE_MAX_BATCH_BYTES);
+    ck_assert_uint_ge(batch.len, MPARTICLE_MAX_BATCH_BYTES - 512);
+    buf_free(&batch);
 }
 END_TEST
 
@@ -4033,6 +4085,7 @@ static Suite *suite(void)
     tcase_add_loop_test(tc, test_an_output_mparticle_would_drop_is_invalid_output_naming_the_field,
                         0, (int)ARRAY_LEN(SCHEMA_CASES));
     tcase_add_test(tc, test_outputs_at_mparticles_limits_are_records);
+    tcase_add_test(tc, test_the_largest_output_taken_fits_an_mparticle_batch_of_its_own);
     tcase_add_loop_test(
         tc, test_an_output_walking_an_emptied_table_in_many_places_ends_at_the_time_limit, 0,
         (int)ARRAY_LEN(HOLLOW_OUTPUTS));
