@@ -479,14 +479,15 @@ int metrics_render(buf *b, const struct metrics_gauges *g)
                              FEED_NAMES[f], g->resume_in_s[f]);
         rc |= header(b, "tributary_mparticle_rate_limit_batches_per_second", "gauge",
                      "Batches a second a feed allows itself now (feeds.<feed>.rate_limit, lowered "
-                     "after a 429 or a high usage, then recovering towards it).");
+                     "after a 429 that names the feed or app, then recovering towards it).");
         for (int f = 0; f < FEED_COUNT; f++)
             rc |= buf_printf(
                 b, "tributary_mparticle_rate_limit_batches_per_second{feed=\"%s\"} %.1f\n",
                 FEED_NAMES[f], g->send_rate[f]);
         rc |= header(b, "tributary_mparticle_account_rate_limit_batches_per_second", "gauge",
                      "Batches a second all feeds together allow themselves now "
-                     "(mparticle.rate_limit, lowered after a 429 for the account).");
+                     "(mparticle.rate_limit, lowered after a 429 that names no level or the "
+                     "account's, or an answer with a rate limit usage of 90% or more).");
         rc |= buf_printf(b, "tributary_mparticle_account_rate_limit_batches_per_second %.1f\n",
                          g->account_rate);
         rc |= header(b, "tributary_events_requeued_total", "counter",

@@ -1999,11 +1999,19 @@ static int add_deltas(queue *q, int writing)
      * takes out goes to a feed, back to the store (its rules failed again),
      * or nowhere (purged, or dropped by the rules) */
     int64_t requeued = 0;
-    for (int f = 0; f < FEED_COUNT; f++)
+    int odd = 0;
+    for (int f = 0; f < FEED_COUNT; f++) {
         requeued += depth[f];
+        odd |= depth[f] < 0;
+    }
     int64_t removed = -(dead + requeued);
-    if (removed < 0)
-        removed = 0;
+    if (odd || removed < 0) {
+        log_error("counts changed by a command beside the service do not add up; "
+                  "tributary_events_requeued_total and tributary_dead_letters_removed_total "
+                  "leave them out (a command of another version?)",
+                  LOG_I("dead_letters", (long long)dead) LOG_I("requeued", (long long)requeued));
+        requeued = removed = 0;
+    }
     if (last > q->deltas_added)
         log_info("counts changed by a command beside the service (tributary dlq requeue or "
                  "purge)",

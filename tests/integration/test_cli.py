@@ -979,6 +979,19 @@ class DeadLetterCommands(ServiceTest):
         self.assertEqual(m["tributary_dead_letters_removed_total"], 3)
         self.assertEqual(m["tributary_events_requeued_total"], 0)
 
+    def test_counts_of_a_command_that_do_not_add_up_are_said_and_left_out(self):
+        # what no dlq requeue or purge writes: events taken out of a feed
+        s = self.service()
+        self.assertEqual(s.post([event()]).status, 200)
+        with s.db() as db:
+            db.execute("INSERT INTO count_deltas(ios, android, web, unbound, dead) "
+                       "VALUES (0, 0, 0, -1, 1)")
+        self.wait(lambda: "do not add up" in s.logs(), what="the error line")
+        m = s.metrics()
+        self.assertEqual(m["tributary_events_requeued_total"], 0)
+        self.assertEqual(m["tributary_dead_letters_removed_total"], 0)
+        self.assertEqual(m["tributary_dead_letters"], 1)
+
     def test_a_requeue_beside_the_service_is_in_its_counts(self):
         # the events the rules dropped left the store with no count of the
         # service, and those queued were in none of its counters of queued

@@ -612,8 +612,8 @@ END_TEST
 
 /* 31 values of 4,096 characters that take two bytes as JSON text (a two-byte
  * character, and a quote, which is escaped) are each within mParticle's
- * limits, and 254 KB together: the event would have been invalid_output (over
- * 120 KB). Taken in name order, those that fit in ATTRIBUTES_MAX_BYTES as JSON
+ * limits, and 254 KB together: the event would have been invalid_output (a
+ * batch over 128 KB). Taken in name order, those that fit in ATTRIBUTES_MAX_BYTES as JSON
  * text go out. */
 static const char *const TWO_BYTE_CHARACTERS[] = {"\xc3\xa9", "\\\""};
 
