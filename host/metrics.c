@@ -363,6 +363,12 @@ static int render_by_feed(buf *b, const char *name, const char *help,
     return rc;
 }
 
+/* One metric of one integer value. */
+static int render_int(buf *b, const char *name, const char *type, const char *help, long long v)
+{
+    return header(b, name, type, help) | buf_printf(b, "%s %lld\n", name, v);
+}
+
 static _Atomic int64_t start_ms;
 
 void metrics_set_start_time(int64_t unix_ms)
@@ -490,40 +496,38 @@ int metrics_render(buf *b, const struct metrics_gauges *g)
                      "account's, or an answer with a rate limit usage of 90% or more).");
         rc |= buf_printf(b, "tributary_mparticle_account_rate_limit_batches_per_second %.1f\n",
                          g->account_rate);
-        rc |= header(b, "tributary_events_requeued_total", "counter",
-                     "Events stored for delivery by tributary dlq requeue beside the service "
-                     "(not in tributary_events_queued_total).");
-        rc |= buf_printf(b, "tributary_events_requeued_total %lld\n", (long long)g->requeued);
-        rc |= header(b, "tributary_dead_letters_removed_total", "counter",
-                     "Dead letters that left the store by a command beside the service other than "
-                     "for delivery: deleted by tributary dlq purge, or dropped by the rules at "
-                     "tributary dlq requeue.");
-        rc |= buf_printf(b, "tributary_dead_letters_removed_total %lld\n",
-                         (long long)g->letters_removed);
-        rc |= header(b, "tributary_queue_commits_total", "counter",
-                     "Queue transactions committed; concurrent requests share them.");
-        rc |= buf_printf(b, "tributary_queue_commits_total %lld\n", (long long)g->queue_commits);
-        rc |= header(b, "tributary_queue_operations_total", "counter",
-                     "Operations carried by those transactions (requests, sent batches, ...).");
-        rc |= buf_printf(b, "tributary_queue_operations_total %lld\n",
-                         (long long)g->queue_operations);
-        rc |= header(b, "tributary_dedup_ids", "gauge",
-                     "Event ids remembered to recognise a repeat within dedup.window_s.");
-        rc |= buf_printf(b, "tributary_dedup_ids %lld\n", (long long)g->dedup_ids);
-        rc |= header(b, "tributary_dedup_memory_bytes", "gauge",
-                     "Memory the remembered event ids take.");
-        rc |= buf_printf(b, "tributary_dedup_memory_bytes %lld\n", (long long)g->dedup_bytes);
-        rc |= header(b, "tributary_event_names", "gauge",
-                     "Unique custom event names put in batches for mParticle, all feeds "
-                     "together (new ones counted up to twice the limit); mParticle drops the "
-                     "events of new names past its limit.");
-        rc |= buf_printf(b, "tributary_event_names %lld\n", (long long)g->event_names);
-        rc |= header(b, "tributary_event_names_limit", "gauge",
-                     "mParticle's limit of unique event names per workspace "
-                     "(mparticle.event_names_limit).");
-        rc |= buf_printf(b, "tributary_event_names_limit %lld\n", (long long)g->event_names_limit);
-        rc |= header(b, "tributary_dead_letters", "gauge", "Events in the dead-letter store.");
-        rc |= buf_printf(b, "tributary_dead_letters %lld\n", (long long)g->dead_letters);
+        rc |= render_int(b, "tributary_events_requeued_total", "counter",
+                         "Events stored for delivery by tributary dlq requeue beside the service "
+                         "(not in tributary_events_queued_total).",
+                         g->requeued);
+        rc |= render_int(
+            b, "tributary_dead_letters_removed_total", "counter",
+            "Dead letters that left the store by a command beside the service other than "
+            "for delivery: deleted by tributary dlq purge, or dropped by the rules at "
+            "tributary dlq requeue.",
+            g->letters_removed);
+        rc |= render_int(b, "tributary_queue_commits_total", "counter",
+                         "Queue transactions committed; concurrent requests share them.",
+                         g->queue_commits);
+        rc |= render_int(b, "tributary_queue_operations_total", "counter",
+                         "Operations carried by those transactions (requests, sent batches, ...).",
+                         g->queue_operations);
+        rc |= render_int(b, "tributary_dedup_ids", "gauge",
+                         "Event ids remembered to recognise a repeat within dedup.window_s.",
+                         g->dedup_ids);
+        rc |= render_int(b, "tributary_dedup_memory_bytes", "gauge",
+                         "Memory the remembered event ids take.", g->dedup_bytes);
+        rc |= render_int(b, "tributary_event_names", "gauge",
+                         "Unique custom event names put in batches for mParticle, all feeds "
+                         "together (new ones counted up to twice the limit); mParticle drops the "
+                         "events of new names past its limit.",
+                         g->event_names);
+        rc |= render_int(b, "tributary_event_names_limit", "gauge",
+                         "mParticle's limit of unique event names per workspace "
+                         "(mparticle.event_names_limit).",
+                         g->event_names_limit);
+        rc |= render_int(b, "tributary_dead_letters", "gauge", "Events in the dead-letter store.",
+                         g->dead_letters);
         rc |= header(b, "tributary_start_time_seconds", "gauge",
                      "When the service started (UNIX seconds).");
         rc |= buf_printf(b, "tributary_start_time_seconds %.3f\n",
@@ -539,14 +543,13 @@ int metrics_render(buf *b, const struct metrics_gauges *g)
                      "last successful reload (UNIX seconds).");
         rc |= buf_printf(b, "tributary_reload_last_success_timestamp_seconds %.3f\n",
                          (double)g->reload_loaded_ms / 1000.0);
-        rc |= header(b, "tributary_http_request_body_bytes", "gauge",
-                     "Memory taken for request bodies (at most inbound.body_memory_mb).");
-        rc |= buf_printf(b, "tributary_http_request_body_bytes %lld\n",
-                         (long long)g->request_body_bytes);
-        rc |= header(b, "tributary_tls_certificate_expiry_timestamp_seconds", "gauge",
-                     "When the listener's TLS certificate expires (UNIX seconds; 0 without TLS).");
-        rc |= buf_printf(b, "tributary_tls_certificate_expiry_timestamp_seconds %lld\n",
-                         (long long)g->tls_not_after);
+        rc |= render_int(b, "tributary_http_request_body_bytes", "gauge",
+                         "Memory taken for request bodies (at most inbound.body_memory_mb).",
+                         g->request_body_bytes);
+        rc |=
+            render_int(b, "tributary_tls_certificate_expiry_timestamp_seconds", "gauge",
+                       "When the listener's TLS certificate expires (UNIX seconds; 0 without TLS).",
+                       g->tls_not_after);
     }
     return rc ? -1 : 0;
 }
