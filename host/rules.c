@@ -1189,9 +1189,10 @@ static int batch_line(lua_State *L, buf *out, const char *k, size_t kn, const ch
 
 /* [-0, +0] Writes the batch table at idx as record lines (see record.h).
  * Adds to *whole a fingerprint of each line of a field written whole (not a
- * table of names: environment, ...), of which a batch holds one value. */
+ * table of names: environment, ...), of which a batch holds one value; sets
+ * *has_env when it has an environment field. */
 static int flatten_batch(lua_State *L, int idx, buf *out, struct json_clock *clock, uint64_t *whole,
-                         char *err, size_t errlen)
+                         int *has_env, char *err, size_t errlen)
 {
     lua_pushnil(L);
     while (lua_next(L, idx)) {
@@ -1207,6 +1208,7 @@ static int flatten_batch(lua_State *L, int idx, buf *out, struct json_clock *clo
             lua_pop(L, 1);
             continue;
         }
+        *has_env |= kn == 11 && memcmp(k, "environment", 11) == 0;
         int object = lua_istable(L, -1) && lua_rawlen(L, -1) == 0;
         if (object) {
             int vi = lua_gettop(L);
@@ -1936,8 +1938,9 @@ static int emit(rules *r, lua_State *L, int evi, const struct event_ids *ids, in
 
     buf_reset(&r->scratch);
     uint64_t whole = 0; /* the batch's fields of one value: environment, ... */
+    int has_env = 0;
     if (bt == LUA_TTABLE &&
-        flatten_batch(L, top + 3, &r->scratch, &clock, &whole, err, errlen) != 0) {
+        flatten_batch(L, top + 3, &r->scratch, &clock, &whole, &has_env, err, errlen) != 0) {
         char why[ERR_LEN];
         str_copy(why, sizeof why, err);
         if (r->scratch.len > RULES_MAX_OUTPUT_BYTES || strcmp(why, JSON_TOO_LARGE) == 0)
@@ -1953,11 +1956,8 @@ static int emit(rules *r, lua_State *L, int evi, const struct event_ids *ids, in
      * the event as the rules' own would be: a reload or a restart that changes
      * it sends a batch built again (after a restart, or parked) as it was,
      * under its source_request_id, and keeps it from events mapped since */
-    int env_type = bt == LUA_TTABLE ? rawfield(L, top + 3, "environment") : LUA_TNIL;
-    if (bt == LUA_TTABLE)
-        lua_pop(L, 1);
     size_t at = r->scratch.len;
-    if (env_type == LUA_TNIL) {
+    if (!has_env) {
         const char *env = r->rs->cfg->environment;
         if (buf_adds(&r->scratch, "\"environment\"\t\t") != 0 ||
             buf_json_str(&r->scratch, env, strlen(env)) != 0 || buf_addc(&r->scratch, '\n') != 0)
@@ -3118,6 +3118,32 @@ static int call_test(rules *r, lua_State *L, size_t k, lua_Integer i, buf *repor
     return t.ok;
 }
 
+/* Calls visit with test i of file k on top of the stack, for each test of the
+ * first `files` files in order, until it returns nonzero (then 1). */
+typedef int (*test_visit)(rules *r, lua_State *L, size_t k, lua_Integer i, void *ctx);
+static int each_test(rules *r, lua_State *L, size_t files, test_visit visit, void *ctx)
+{
+    int top = lua_gettop(L);
+    for (size_t k = 0; k < files; k++) {
+        if (r->tests_refs[k] == LUA_NOREF)
+            continue;
+        lua_rawgeti(L, LUA_REGISTRYINDEX, r->tests_refs[k]);
+        int tt = lua_gettop(L);
+        lua_Integer n = (lua_Integer)lua_rawlen(L, tt);
+        for (lua_Integer i = 1; i <= n; i++) {
+            lua_rawgeti(L, tt, i);
+            int stop = visit(r, L, k, i, ctx);
+            lua_settop(L, tt);
+            if (stop) {
+                lua_settop(L, top);
+                return 1;
+            }
+        }
+        lua_settop(L, top);
+    }
+    return 0;
+}
+
 /* Once every test passed, runs the event of each test through the files after
  * its own too, which see such events in service: one that fails on them (a
  * field it takes for granted) would make each a dead letter, with no test of
@@ -3126,71 +3152,70 @@ static int call_test(rules *r, lua_State *L, size_t k, lua_Integer i, buf *repor
  * theirs to see first), within RULES_AFTER_TIME_S. */
 #define RULES_AFTER_TIME_S 10
 
+struct after_pass {
+    int64_t deadline;
+    int left; /* tests not run: past the deadline, or cancelled */
+};
+
+static int test_after(rules *r, lua_State *L, size_t k, lua_Integer i, void *ctx)
+{
+    struct after_pass *a = ctx;
+    if (clock_mono_ms() > a->deadline || (r->cancel && atomic_load(r->cancel)))
+        a->left++;
+    else
+        (void)call_test(r, L, k, i, NULL, 1);
+    return 0;
+}
+
 static void run_tests_after(rules *r, lua_State *L, buf *warnings)
 {
-    int top = lua_gettop(L);
-    int64_t deadline = clock_mono_ms() + RULES_AFTER_TIME_S * 1000;
-    int left = 0;
-    for (size_t k = 0; k + 1 < r->n; k++) {
-        if (r->tests_refs[k] == LUA_NOREF)
-            continue;
-        lua_rawgeti(L, LUA_REGISTRYINDEX, r->tests_refs[k]);
-        int tt = lua_gettop(L);
-        lua_Integer n = (lua_Integer)lua_rawlen(L, tt);
-        for (lua_Integer i = 1; i <= n; i++) {
-            if (clock_mono_ms() > deadline || (r->cancel && atomic_load(r->cancel))) {
-                left++;
-                continue;
-            }
-            lua_rawgeti(L, tt, i);
-            (void)call_test(r, L, k, i, NULL, 1);
-            lua_pop(L, 1);
-        }
-        lua_settop(L, top);
-    }
-    if (left)
+    struct after_pass a = {clock_mono_ms() + RULES_AFTER_TIME_S * 1000, 0};
+    if (r->n > 1)
+        (void)each_test(r, L, r->n - 1, test_after, &a);
+    if (a.left)
         (void)!buf_printf(warnings,
                           "the events of %d rule test%s were not run through the files after "
                           "theirs: that took more than %d s\n",
-                          left, left == 1 ? "" : "s", RULES_AFTER_TIME_S);
+                          a.left, a.left == 1 ? "" : "s", RULES_AFTER_TIME_S);
+}
+
+struct own_pass {
+    buf *report;
+    int *ntests;
+    int failures;
+    int64_t deadline;
+};
+
+/* A test in its own file: 1 (stop) when no more may run. */
+static int test_own(rules *r, lua_State *L, size_t k, lua_Integer i, void *ctx)
+{
+    struct own_pass *o = ctx;
+    const char *file = r->rs->files[k].name;
+    if (tests_stop(r, o->report, file, i, *o->ntests, o->deadline)) {
+        o->failures++;
+        return 1;
+    }
+    (*o->ntests)++;
+    if (!lua_istable(L, -1)) {
+        (void)!buf_printf(o->report, "%s: test #%lld is not a table\n", file, (long long)i);
+        o->failures++;
+    } else if (!call_test(r, L, k, i, o->report, 0)) {
+        o->failures++;
+    }
+    return 0;
 }
 
 int rules_self_test(rules *r, buf *report, buf *warnings, int *ntests)
 {
     lua_State *L = sandbox_lua(r->sb);
     int top = lua_gettop(L);
-    int failures = 0;
     *ntests = 0;
     r->testing = 1;
     r->dead_after = 0;
     r->refused = 0;
-    int64_t deadline = clock_mono_ms() + RULES_TESTS_TIME_S * 1000;
-    int stopped = 0;
-    for (size_t k = 0; k < r->n && !stopped; k++) {
-        if (r->tests_refs[k] == LUA_NOREF)
-            continue;
-        lua_rawgeti(L, LUA_REGISTRYINDEX, r->tests_refs[k]);
-        int tt = lua_gettop(L);
-        lua_Integer n = (lua_Integer)lua_rawlen(L, tt);
-        for (lua_Integer i = 1; i <= n; i++) {
-            if (tests_stop(r, report, r->rs->files[k].name, i, *ntests, deadline)) {
-                failures++;
-                stopped = 1;
-                break;
-            }
-            lua_rawgeti(L, tt, i);
-            (*ntests)++;
-            if (!lua_istable(L, -1)) {
-                (void)!buf_printf(report, "%s: test #%lld is not a table\n", r->rs->files[k].name,
-                                  (long long)i);
-                failures++;
-            } else if (!call_test(r, L, k, i, report, 0)) {
-                failures++;
-            }
-            lua_pop(L, 1);
-        }
-        lua_settop(L, top);
-    }
+    struct own_pass own = {report, ntests, 0, clock_mono_ms() + RULES_TESTS_TIME_S * 1000};
+    int stopped = each_test(r, L, r->n, test_own, &own);
+    int failures = own.failures;
     if (failures == 0 && !stopped)
         run_tests_after(r, L, warnings);
     r->testing = 0;
