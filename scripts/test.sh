@@ -7,7 +7,8 @@
 # BUILD is the build directory (unit tests in BUILD/tests, objects in
 # BUILD/host); the fuzz corpora replay against those objects.
 # TEST_WRAPPER (e.g. "valgrind ...") runs the binary and the unit tests under a
-# tool. TEST_FILTER selects integration tests by name (unittest -k).
+# tool. TEST_FILTER selects integration tests by name (unittest -k); TEST_JOBS
+# sets how many run side by side (tests/integration/run.py).
 set -u
 build=$1
 unit_dir=$build/tests
@@ -32,7 +33,7 @@ make -s --no-print-directory -f tests/fuzz/fuzz.mk replay BUILD="$build" || { ec
 echo "== integration tests ($bin)"
 export TEST_TRIBUTARY_BIN="$bin"
 export TEST_WRAPPER="${TEST_WRAPPER:-}"
-set -- python3 -m unittest discover -s tests/integration -p 'test_*.py' -t tests/integration
+set -- python3 tests/integration/run.py
 if [ -n "${TEST_FILTER:-}" ]; then
     set -- "$@" -k "$TEST_FILTER"
 fi

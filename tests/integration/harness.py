@@ -79,10 +79,33 @@ def tool_errors(text):
     return [line for line in text.splitlines() if any(m in line for m in TOOL_ERRORS)]
 
 
+# Services listen on ports of a range below the kernel's ephemeral ports (which
+# the doubles and clients take), handed out in turn. Each worker process of
+# run.py has a range of its own, so two workers never hand out the same port
+# between its check here and the service's bind.
+PORT_RANGE_START = 20000
+PORT_RANGE_SIZE = 1000
+_ports = {"first": PORT_RANGE_START, "next": 0}
+
+
+def use_port_range(index):
+    """Makes this process hand out the ports of range index (0, 1, ...)."""
+    _ports["first"] = PORT_RANGE_START + index * PORT_RANGE_SIZE
+    _ports["next"] = 0
+
+
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """The next port of this process's range that nothing listens on or holds."""
+    for _ in range(PORT_RANGE_SIZE):
+        port = _ports["first"] + _ports["next"] % PORT_RANGE_SIZE
+        _ports["next"] += 1
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free port in %d..%d" % (_ports["first"], _ports["first"] + PORT_RANGE_SIZE))
 
 
 def clean_env(extra=None):

@@ -1,10 +1,11 @@
 """Secrets never appear in logs, metrics or error bodies.
 
-Runs last (modules run in name order): it checks everything the service said
-during the whole integration suite against every secret configured anywhere in
-it, after a scenario of its own that touches every secret: inbound tokens, HMAC
-secrets, the admin and metrics tokens and mParticle keys and secrets, with
-failures of each.
+Runs last (run.py runs it after every worker has finished, and unittest runs
+modules in name order): it checks everything the service said during the whole
+integration suite against every secret configured anywhere in it, after a
+scenario of its own that touches every secret: inbound tokens, HMAC secrets,
+the admin and metrics tokens and mParticle keys and secrets, with failures of
+each.
 """
 
 import base64
