@@ -100,6 +100,9 @@ struct pbatch {
      * a batch is not split by age (see class_of, expire_batches): it stays
      * whole until its newest record is past retry.max_age_s */
     unsigned sent;
+    /* sent as it was before the request in flight: a refusal of that request
+     * (401, 403, 429, 400, 413) says mParticle stored none of it (see refused) */
+    unsigned sent_before;
     /* requests with it that mParticle failed (a 5xx, no answer, an unexpected
      * answer), and when the last of those was (monotonic ms); since when each
      * of its failures came while the feed worked, from the first it met alone
@@ -1472,6 +1475,7 @@ static int start_request(struct sender *s, struct feed_state *f, struct pbatch *
         goto fail;
     for (size_t i = 0; i < n; i++) {
         batches[i]->in_flight = 1;
+        batches[i]->sent_before = batches[i]->sent;
         batches[i]->sent |= SENT_TO(r->ep);
     }
     f->in_flight++;
@@ -2114,6 +2118,15 @@ static void on_refused_content(struct sender *s, struct request *r, int status,
         on_unexpected(s, r, status);
 }
 
+/* Whether an answer refuses the whole request, so that mParticle stored none
+ * of its batches: a request it may hold is one that got a 202, a 5xx (after it
+ * stored the batches, say), an unexpected answer or none. */
+static int refused(enum mp_action action)
+{
+    return action == MP_RATE_LIMITED || action == MP_AUTH || action == MP_SPLIT ||
+           action == MP_REJECTED;
+}
+
 static void finish(struct sender *s, CURLMsg *msg)
 {
     struct request *r = NULL;
@@ -2137,6 +2150,10 @@ static void finish(struct sender *s, CURLMsg *msg)
         f->probing = 0;
     metrics_outbound(f->feed, (int)status, r->n, r->events);
     enum mp_action action = mparticle_classify((int)status);
+    if (refused(action)) {
+        for (size_t i = 0; i < r->n; i++)
+            r->batches[i]->sent = r->batches[i]->sent_before;
+    }
     log_debug("answered",
               LOG_S("feed", FEED_NAMES[f->feed]) LOG_I("status", status)
                   LOG_S("action", mparticle_action_name(action)) LOG_I("batches", (long long)r->n));

@@ -153,6 +153,8 @@ def main():
         min(MAX_JOBS, per_cpu * (os.cpu_count() or 1))
 
     ids = discover(args.patterns)
+    if not ids:
+        sys.exit("integration tests: no test matches %s" % " or ".join(args.patterns))
     first = [t for t in ids if not t.startswith(LAST + ".")]
     last = [t for t in ids if t.startswith(LAST + ".")]
     jobs = max(1, min(jobs, MAX_JOBS, len(first) or 1))

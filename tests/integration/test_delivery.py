@@ -428,8 +428,8 @@ class Delivery(ServiceTest):
                     'tributary_dead_letters_total{reason="max_age"}', 0) == 1,
                     timeout=30, what="the batch expired")
                 detail = json.loads(s.cli(["dlq", "list", "--json"]).stdout)[0]["detail"]
-                self.assertRegex(detail, r"not delivered within retry.max_age_s, sent before "
-                                         r"\(mParticle may hold it\); \d+ failed "
+                # every request was refused whole: mParticle holds none of it
+                self.assertRegex(detail, r"^not delivered within retry.max_age_s; \d+ failed "
                                          r"requests, the last answered %d \(%s\)" % (status, says))
 
     def test_a_users_events_from_two_devices_go_in_two_batches(self):
@@ -1156,12 +1156,12 @@ class Delivery(ServiceTest):
         self.assertEqual(sorted(d.source_message_ids()), sorted(e["id"] for e in events))
         self.assertEqual(json.loads(s2.cli(["dlq", "list", "--json"]).stdout), [])
 
-    def old_and_young_in_one_batch(self, d, max_age_s, gap_s, ahead=(), unbound=""):
-        """A service without credentials (retry.max_age_s max_age_s) that holds the events
-        `ahead`, an old event of user "same" and, gap_s later, a young one; then credentials
-        for `unbound` (and its settings in `unbound`) arrive, and the two go into one batch:
-        (service, old, young)."""
-        s = self.service(env=feed_env(d, feeds={}, TRIBUTARY_RETRY_MAX_AGE_S=max_age_s),
+    def old_and_young_in_one_batch(self, d, max_age_s, gap_s, ahead=(), unbound="", **env):
+        """A service without credentials (retry.max_age_s max_age_s, and env) that holds the
+        events `ahead`, an old event of user "same" and, gap_s later, a young one; then
+        credentials for `unbound` (and its settings in `unbound`) arrive, and the two go into
+        one batch: (service, old, young)."""
+        s = self.service(env=feed_env(d, feeds={}, TRIBUTARY_RETRY_MAX_AGE_S=max_age_s, **env),
                          config="return {}\n")
         old = event("users.messages.email.Send", user="same")
         self.assertEqual(s.post(list(ahead) + [old]).status, 200)
@@ -1574,6 +1574,24 @@ class Delivery(ServiceTest):
         self.assertEqual(len(d.source_request_ids()), 1, d.source_request_ids())
         self.assertEqual(sorted(set(d.source_message_ids())), sorted([old["id"], young["id"]]))
         self.assertEqual(json.loads(s.cli(["dlq", "list", "--json"]).stdout), [])
+
+    def test_a_batch_only_refused_is_split_by_age_past_max_age(self):
+        # a 401 (as a 429, 400 or 413) refuses the request whole, so mParticle holds none
+        # of the batch: its old event goes to the dead letters without the young one, and
+        # without the warning that a requeue may store it twice
+        d = self.double()
+        d.fail(401)
+        s, old, young = self.old_and_young_in_one_batch(d, 6 * SLOW, 3 * SLOW,
+                                                        TRIBUTARY_RETRY_PAUSE_MS=200)
+        self.wait(lambda: s.metrics().get('tributary_dead_letters_total{reason="max_age"}'),
+                  timeout=20, what="a dead letter max_age")
+        d.clear_faults()
+        self.assertTrue(d.wait_for_events(1, 20 * SLOW))
+        self.assertEqual(d.source_message_ids(), [young["id"]])
+        dead = json.loads(s.cli(["dlq", "list", "--json"]).stdout)
+        self.assertEqual([x["event_id"] for x in dead], [old["id"]])
+        self.assertRegex(dead[0]["detail"], r"^not delivered within retry.max_age_s; \d+ failed "
+                                            r"requests, the last answered 401")
 
     def test_a_batch_sent_before_goes_whole_to_the_dead_letters_once_all_of_it_is_past_max_age(self):
         d = self.double()
