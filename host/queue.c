@@ -2174,10 +2174,12 @@ static void run_group(queue *q, struct op *ops)
     if (group != QUEUE_OK)
         memcpy(q->ring, group_rings, sizeof group_rings);
 
-    /* healthy: the last group committed and none of its operations met a storage error */
-    int healthy = group == QUEUE_OK;
+    /* healthy: the last group committed, none of its operations met a storage
+     * error, and no acknowledgement failed (a full disk) or waits to be tried
+     * again (see q->retry): a small commit can fit where they do not */
+    int healthy = group == QUEUE_OK && !q->retry;
     for (struct op *op = ops; op && healthy; op = op->next)
-        healthy = op->status != QUEUE_ERROR;
+        healthy = op->status != QUEUE_ERROR && !(op->async && op->status != QUEUE_OK);
     set_healthy(q, healthy);
     pthread_mutex_lock(&q->mu);
     if (group == QUEUE_OK) {
@@ -2264,8 +2266,9 @@ static int64_t file_size(const char *path)
  * of a row as it is (one page of meta written again, through the WAL): its
  * health, which /readyz reports, comes back once the disk has room or works
  * again, without waiting for a request or the sender's next commit. While
- * commits run, theirs is the word (a disk with a few KB free takes this write
- * and not a request's). */
+ * commits run, or failed operations wait to be tried again, theirs is the
+ * word (a disk with a few KB free takes this write and not a request's, nor
+ * the deletion of delivered batches). */
 static void probe_storage(queue *q)
 {
     char err[ERR_LEN];
@@ -2386,6 +2389,7 @@ static void *writer_main(void *arg)
             q->last_disk_check_ms = now;
             check_disk(q);
         }
+        int retrying = q->retry != NULL; /* failed acknowledgements wait or are tried now */
         if (q->retry && (now >= q->retry_at_ms || stopping)) {
             struct op *retry = q->retry;
             q->retry = NULL;
@@ -2405,7 +2409,7 @@ static void *writer_main(void *arg)
             pthread_mutex_lock(&q->mu);
             int healthy = q->healthy;
             pthread_mutex_unlock(&q->mu);
-            if (!healthy && now - q->last_group_ms >= GAUGES_EVERY_MS)
+            if (!healthy && !retrying && now - q->last_group_ms >= GAUGES_EVERY_MS)
                 probe_storage(q);
             /* a command's changes show in the gauges while no request comes */
             char err[ERR_LEN];

@@ -620,7 +620,14 @@ class FullDisk(ServiceTest):
         s, d, disk, acknowledged, _ = self.fill(min_free_mb=0)
         # mParticle recovers, then the disk gets room again
         d.clear_faults()
-        time.sleep(2)
+        self.wait(lambda: "queue: acknowledgements failed" in s.logs(), timeout=10,
+                  what="acknowledgements failing")
+        time.sleep(2.5)
+        # the write tried every second while storage fails takes a page already
+        # there; while deletions wait to be tried again, theirs is the word
+        since = s.logs().index("queue: acknowledgements failed")
+        self.assertNotIn("queue: storage works again", s.logs()[since:])
+        self.assertIn("storage failing", s.get("/readyz").json()["reasons"])
         os.unlink(os.path.join(disk, "filler"))
         self.assert_all_delivered(s, d, acknowledged)
 
