@@ -2166,6 +2166,11 @@ static void finish(struct sender *s, CURLMsg *msg)
             msg->data.result != CURLE_OK ? curl_easy_strerror(msg->data.result) : "server error";
         note_failures(f, r, (int)status, why);
         retry_later(s, r, (int)status, why);
+        if (r->probe && f->pause == PAUSE_AUTH)
+            log_warn("the probe of a feed paused for refused credentials failed without an "
+                     "answer on them; the feed stays paused until mParticle accepts a probe",
+                     LOG_S("feed", FEED_NAMES[f->feed]) LOG_I("status", status)
+                         LOG_S("error", why));
         break;
     }
     case MP_RATE_LIMITED:

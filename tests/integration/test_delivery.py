@@ -1763,8 +1763,14 @@ class Delivery(ServiceTest):
         # with full-jitter backoff of up to 0.6 s, about ten probes in 3 s (probing
         # without waiting sent some forty)
         self.assertLessEqual(len(d.requests) - start, 20)
+        # a 503 says nothing of the credentials: the feed stays paused, and the log says why
+        self.assertEqual(s.metrics()['tributary_feed_paused{feed="unbound",reason="refused"}'], 1)
+        self.assertRegex(s.logs(), r'msg="the probe of a feed paused for refused credentials '
+                                   r'failed without an answer on them; .*" feed=unbound status=503')
         d.clear_faults()
         self.assertTrue(d.wait_for_events(1, 10 * SLOW))
+        self.wait(lambda: s.metrics()['tributary_feed_paused{feed="unbound",reason="refused"}'] == 0,
+                  what="the feed resumed")
 
     def test_readiness_and_metrics_answer_while_the_service_stops(self):
         d = self.double()

@@ -1,0 +1,1 @@
+return { apps = { ["app-ios"] = "ios", ["app-web"] = "web" } }
