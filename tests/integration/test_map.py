@@ -172,22 +172,18 @@ class Feeds(unittest.TestCase):
                 self.assertEqual(out["batch"].get("device_info", {}).get("platform"), device_platform)
 
     def test_app_table_routes_events_without_platform(self):
-        d = os.path.join(os.path.dirname(DATA), "tmp-map-config")
-        os.makedirs(d, exist_ok=True)
+        d = tempfile.mkdtemp(prefix="tributary-it-")
+        self.addCleanup(shutil.rmtree, d, True)
         conf = os.path.join(d, "apps.conf.lua")
         with open(conf, "w") as f:
             f.write('return { apps = { ["app-ios"] = "ios", ["app-web"] = "web" } }\n')
-        try:
-            e1 = event("users.behaviors.Uninstall", app_id="app-ios")
-            e2 = event("users.messages.inappmessage.Click", app_id="app-web")
-            e3 = event("users.behaviors.Uninstall", app_id="app-unknown")
-            out = map_events([e1, e2, e3], config=conf)
-            self.assertEqual([o["feed"] for o in out], ["ios", "web", "unbound"])
-            self.assertEqual(out[0]["batch"]["events"][0]["event_type"], "uninstall")
-            self.assertEqual(out[0]["batch"]["device_info"]["platform"], "iOS")
-        finally:
-            os.remove(conf)
-            os.rmdir(d)
+        e1 = event("users.behaviors.Uninstall", app_id="app-ios")
+        e2 = event("users.messages.inappmessage.Click", app_id="app-web")
+        e3 = event("users.behaviors.Uninstall", app_id="app-unknown")
+        out = map_events([e1, e2, e3], config=conf)
+        self.assertEqual([o["feed"] for o in out], ["ios", "web", "unbound"])
+        self.assertEqual(out[0]["batch"]["events"][0]["event_type"], "uninstall")
+        self.assertEqual(out[0]["batch"]["device_info"]["platform"], "iOS")
 
     def test_platform_without_credentials_falls_back_to_unbound_when_unbound_has_them(self):
         env = {"TRIBUTARY_FEEDS_UNBOUND_KEY": "k", "TRIBUTARY_FEEDS_UNBOUND_SECRET": "s"}

@@ -1,1 +1,0 @@
-return { apps = { ["app-ios"] = "ios", ["app-web"] = "web" } }
