@@ -8,8 +8,9 @@ import re
 import signal
 import threading
 import time
+import unittest
 
-from harness import (SLOW, Service, ServiceTest, busiest_second, claim_blob, event,
+from harness import (SLOW, WRAPPER, Service, ServiceTest, busiest_second, claim_blob, event,
                      lines_per_second, load_event_map, preload, run_cli)
 from mparticle_double import MParticleDouble
 
@@ -1966,6 +1967,8 @@ class Delivery(ServiceTest):
         self.assertLessEqual(busiest_second(sent), 10, sent)
         self.assertEqual([r for r in d.requests if r["status"] == 429], [])
 
+    @unittest.skipIf(WRAPPER, "times mParticle's one-second windows, which valgrind's delays "
+                              "in the sender decide")
     def test_no_second_carries_more_batches_than_the_rate_limit_when_a_request_arrives_late(self):
         # mParticle counts a batch when it arrives: the first request, on its
         # way for 0.3 s (a new connection, a slow network), was counted from

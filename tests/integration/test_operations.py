@@ -11,8 +11,9 @@ import socket
 import sqlite3
 import subprocess
 import time
+import unittest
 
-from harness import BIN, ROOT, SLOW, TOKEN, Service, ServiceTest, event
+from harness import BIN, ROOT, SLOW, TOKEN, WRAPPER, Service, ServiceTest, event
 from mparticle_double import MParticleDouble
 
 FEEDS = {"unbound": ("u-key", "u-secret"), "ios": ("i-key", "i-secret")}
@@ -228,6 +229,8 @@ def open_files_limit(soft, hard):
     return lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
+@unittest.skipIf(WRAPPER, "valgrind keeps open files of its own and sets the limit the "
+                          "process sees")
 class OpenFiles(ServiceTest):
     def limits(self, s):
         with open("/proc/%d/limits" % s.proc.pid) as f:
@@ -274,8 +277,12 @@ class OpenFiles(ServiceTest):
         finally:
             for c in held:
                 c.close()
-        self.wait(lambda: s.metrics()["tributary_http_connections_refused_total"] >= 5,
-                  10 * SLOW, "the refused connections counted")
+        def refused_counted():
+            try:
+                return s.metrics()["tributary_http_connections_refused_total"] >= 5
+            except OSError:  # refused too: the server has not yet seen every close
+                return False
+        self.wait(refused_counted, 10 * SLOW, "the refused connections counted")
         self.assertEqual(s.post([event()]).status, 200)
         self.assertIn("connection refused: http.max_connections are open", s.logs())
 
@@ -362,7 +369,9 @@ class Listening(ServiceTest):
         s.env["TRIBUTARY_LISTEN"] = "[::]:%d" % s.port
         self.addCleanup(s.cleanup)
         s.start()
-        self.assertIn("listen=http://[::]:%d" % s.port, s.logs())
+        # the line follows the start of the listener, which may answer first
+        self.wait(lambda: "listen=http://[::]:%d" % s.port in s.logs(), timeout=5,
+                  what="the startup line")
         self.assertEqual(s.post([event()]).status, 200)  # over IPv4
         conn = http.client.HTTPConnection("::1", s.port, timeout=10 * SLOW)
         try:

@@ -413,7 +413,7 @@ class Reload(ServiceTest):
         answer = {}
         caller = threading.Thread(target=lambda: answer.update(r=self.admin_reload(s)))
         caller.start()
-        time.sleep(0.5)
+        time.sleep(0.5 * SLOW)  # the reload is under way: its rule tests take seconds
         s.proc.send_signal(signal.SIGTERM)
         caller.join(30 * SLOW)
         self.assertEqual(answer["r"].status, 503)
