@@ -1535,7 +1535,7 @@ static int one_as_written(lua_State *L, int idx, const char *s, size_t n, int se
 
 /* The attributes table at idx (`what` in messages): at most max names of at
  * most max_name characters, no two of them one as written, values scalars of
- * at most 4096 characters, or with lists, lists of them. */
+ * at most 4096 characters, or with lists, lists of them; names are strings. */
 static int check_attributes(lua_State *L, int idx, const char *what, size_t max, size_t max_name,
                             int lists, char *err, size_t errlen)
 {
@@ -1562,6 +1562,11 @@ static int check_attributes(lua_State *L, int idx, const char *what, size_t max,
         lua_Integer items = 0;
         if (++count > max) {
             str_printf(err, errlen, "%s: more than %zu attributes", what, max);
+            bad = 1;
+        } else if (lua_type(L, -2) == LUA_TNUMBER) {
+            /* written as text, it could be another of the names: [1] and ["1"]
+             * would be one name twice in a JSON object */
+            str_printf(err, errlen, "%s: names must be strings, not numbers (%.64s)", what, name);
             bad = 1;
         } else if (name && too_long(name, n, max_name)) {
             str_printf(err, errlen, "%s: a name of more than %zu characters (%.64s...)", what,

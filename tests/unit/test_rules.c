@@ -1823,6 +1823,10 @@ static const struct {
     /* names that are one as written would be the same name twice in a JSON
      * object, of which mParticle keeps one it does not say */
     {"a['n\\xff'] = 1; a['n\\xfe'] = 2", "custom_attributes: two names are one as written"},
+    /* a number name is written as text, which another name may be */
+    {"a[2] = 'number'; a['2'] = 'string'",
+     "custom_attributes: names must be strings, not numbers (2)"},
+    {"a[0.5] = 'f'", "custom_attributes: names must be strings, not numbers (0.5)"},
     {"o.batch.user_attributes['n\\xef\\xbf\\xbd'] = 1; o.batch.user_attributes['n\\x80'] = 2",
      "user_attributes: two names are one as written"},
 };
