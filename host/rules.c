@@ -614,6 +614,52 @@ static const char *const TEST_KEYS[] = {"name",        "event",     "expect",
                                         "expect_drop", "workspace", "config"};
 static const char *const TEST_CONFIG_KEYS[] = {"apps", "feeds", "events", "environment"};
 
+/* A test's `config.feeds` (the table at idx): whether each feed has
+ * credentials, a boolean, as the rules see it (a 0 or "false" would be true). */
+static int test_feeds_valid(lua_State *L, int idx, char *err, size_t errlen)
+{
+    idx = lua_absindex(L, idx);
+    for (int f = 0; f < FEED_COUNT; f++) {
+        int t = rawfield(L, idx, FEED_NAMES[f]);
+        lua_pop(L, 1);
+        if (t != LUA_TNIL && t != LUA_TBOOLEAN) {
+            str_printf(err, errlen, "the test's `config.feeds.%s` must be a boolean, not %s",
+                       FEED_NAMES[f], lua_typename(L, t));
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* A test's `config.apps` (the table at idx): app ids to feed names, as the
+ * configuration's `apps` must be. */
+static int test_apps_valid(lua_State *L, int idx, char *err, size_t errlen)
+{
+    idx = lua_absindex(L, idx);
+    lua_pushnil(L);
+    while (lua_next(L, idx)) {
+        size_t n = 0;
+        const char *feed = lua_type(L, -1) == LUA_TSTRING ? lua_tolstring(L, -1, &n) : NULL;
+        if (lua_type(L, -2) != LUA_TSTRING) {
+            str_printf(err, errlen,
+                       "the test's `config.apps` keys must be app ids (strings), not %s",
+                       luaL_typename(L, -2));
+            lua_pop(L, 2);
+            return -1;
+        }
+        if (!feed || feed_from_name(feed, n) < 0) {
+            str_printf(err, errlen,
+                       "the test's `config.apps[\"%.64s\"]` must be \"ios\", \"android\", \"web\" "
+                       "or \"unbound\"",
+                       lua_tostring(L, -2));
+            lua_pop(L, 2);
+            return -1;
+        }
+        lua_pop(L, 1);
+    }
+    return 0;
+}
+
 /* [-1, +0] Takes the value a file returned and records its process function and
  * tests. */
 static int register_file(rules *r, lua_State *L, size_t i, const char *name, char *err,
@@ -2929,8 +2975,12 @@ static int run_test(rules *r, lua_State *L, size_t k, int ti, long index, buf *r
             }
         }
         if (rawfield(L, -1, "feeds") == LUA_TTABLE &&
-            known_keys(L, -1, FEED_NAMES, FEED_COUNT, 0, "the test's `config.feeds`", diff,
-                       sizeof diff) != 0)
+            (known_keys(L, -1, FEED_NAMES, FEED_COUNT, 0, "the test's `config.feeds`", diff,
+                        sizeof diff) != 0 ||
+             test_feeds_valid(L, -1, diff, sizeof diff) != 0))
+            goto done;
+        lua_pop(L, 1);
+        if (rawfield(L, -1, "apps") == LUA_TTABLE && test_apps_valid(L, -1, diff, sizeof diff) != 0)
             goto done;
         lua_pop(L, 1);
         /* a list of names: a set of them selected nothing */

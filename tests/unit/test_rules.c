@@ -3778,6 +3778,21 @@ START_TEST(test_a_misspelt_key_of_a_test_or_its_config_is_reported)
          "    config = {events = {'t', 7}}, expect = {event = {name = 'Seen a'}} },\n",
          "test 'k' failed: the test's `config.events` must be a list of strings, and item 2 is a "
          "number"},
+        /* values the configuration refuses: the rules would have seen a feed
+         * with credentials, or an app on a feed that does not exist */
+        {"  { name = 'k', event = {event_type = 't', id = 'a', time = 1},\n"
+         "    config = {feeds = {ios = 0}}, expect = {event = {name = 'Seen a'}} },\n",
+         "test 'k' failed: the test's `config.feeds.ios` must be a boolean, not number"},
+        {"  { name = 'k', event = {event_type = 't', id = 'a', time = 1},\n"
+         "    config = {feeds = {web = 'false'}}, expect = {event = {name = 'Seen a'}} },\n",
+         "test 'k' failed: the test's `config.feeds.web` must be a boolean, not string"},
+        {"  { name = 'k', event = {event_type = 't', id = 'a', time = 1},\n"
+         "    config = {apps = {A1 = 'iphone'}}, expect = {event = {name = 'Seen a'}} },\n",
+         "test 'k' failed: the test's `config.apps[\"A1\"]` must be \"ios\", \"android\", \"web\" "
+         "or \"unbound\""},
+        {"  { name = 'k', event = {event_type = 't', id = 'a', time = 1},\n"
+         "    config = {apps = {'ios'}}, expect = {event = {name = 'Seen a'}} },\n",
+         "test 'k' failed: the test's `config.apps` keys must be app ids (strings), not number"},
     };
     for (size_t i = 0; i < ARRAY_LEN(cases); i++) {
         const char *text = one_failing_test(cases[i].test);
