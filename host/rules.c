@@ -752,6 +752,10 @@ int rules_new(rules **out, ruleset *rs, char *err, size_t errlen)
             goto fail;
         struct sandbox_error serr;
         enum sandbox_rc rc = sandbox_call(r->sb, 0, 1, &load, &serr);
+        if (rc == SANDBOX_LIMIT && strncmp(serr.msg, "memory", 6) == 0)
+            str_printf(serr.msg, sizeof serr.msg,
+                       "memory limit exceeded (rules.memory_mb: %zu MiB)",
+                       r->limits.memory_bytes >> 20);
         if (rc != SANDBOX_OK) {
             describe_error(err, errlen, f->name, rc, &serr);
             goto fail;

@@ -171,6 +171,21 @@ static int past_deadline(sandbox *sb)
     return sb->tripped != TRIP_NONE;
 }
 
+/* Records in sb->where the innermost line of a script on the stack, from
+ * level on (a C function has none). Neither call allocates, so the allocator
+ * may use it too. */
+static void note_where(sandbox *sb, lua_State *L, int level)
+{
+    sb->where[0] = '\0';
+    lua_Debug ar;
+    for (; lua_getstack(L, level, &ar); level++) {
+        if (lua_getinfo(L, "Sl", &ar) && ar.currentline > 0) {
+            snprintf(sb->where, sizeof sb->where, "%s:%d", ar.short_src, ar.currentline);
+            break;
+        }
+    }
+}
+
 static void *sb_alloc(void *ud, void *ptr, size_t osize, size_t nsize)
 {
     sandbox *sb = ud;
@@ -186,6 +201,9 @@ static void *sb_alloc(void *ud, void *ptr, size_t osize, size_t nsize)
          * trip_on_memory_error) */
         if (sb->refused.ptr == ptr && sb->refused.osize == osize && sb->refused.nsize == nsize)
             sb->refused_twice = 1;
+        /* a memory error calls no message handler: where it happened is noted
+         * here (an error raised later notes its own place) */
+        note_where(sb, sb->L, 0);
         sb->refused.ptr = ptr;
         sb->refused.osize = osize;
         sb->refused.nsize = nsize;
@@ -607,14 +625,7 @@ static void time_lib(lua_State *L)
 static int sb_msgh(lua_State *L)
 {
     sandbox *sb = from_lua(L);
-    sb->where[0] = '\0';
-    lua_Debug ar;
-    for (int level = 1; lua_getstack(L, level, &ar); level++) {
-        if (lua_getinfo(L, "Sl", &ar) && ar.currentline > 0) {
-            snprintf(sb->where, sizeof sb->where, "%s:%d", ar.short_src, ar.currentline);
-            break;
-        }
-    }
+    note_where(sb, L, 1);
     if (!lua_isstring(L, 1)) {
         if (luaL_callmeta(L, 1, "__tostring") && lua_type(L, -1) == LUA_TSTRING)
             return 1;

@@ -2658,6 +2658,10 @@ START_TEST(test_memory_an_event_takes_by_itself_is_not_blamed_on_earlier_events)
     ck_assert_str_eq(F.m.dead[0].reason, DEAD_RULE_LIMIT);
     ck_assert_msg(contains(F.m.dead[0].detail.p, "memory limit exceeded (rules.memory_mb: 64 MiB)"),
                   "detail: %s", F.m.dead[0].detail.p);
+    /* a memory error calls no message handler: the line is noted as the
+     * allocation is refused */
+    ck_assert_msg(contains(F.m.dead[0].detail.p, "10-grow.lua:3)"), "detail: %s",
+                  F.m.dead[0].detail.p);
 }
 END_TEST
 
@@ -3047,6 +3051,18 @@ static const char *rules_new_refuses(const char *name, const char *src)
     ck_assert_ptr_null(F.r);
     return err;
 }
+
+/* A file's top level that meets the memory limit: the setting and the line. */
+START_TEST(test_memory_limit_at_a_files_top_level_names_the_setting_and_the_line)
+{
+    const char *err = rules_new_refuses("20-big.lua", "local keep = {}\n"
+                                                      "local s = string.rep('x', 1e9)\n"
+                                                      "return function(event, out) end\n");
+    ck_assert_msg(contains(err, "memory limit exceeded (rules.memory_mb: 64 MiB)"), "err: %s", err);
+    ck_assert_msg(contains(err, "20-big.lua:2)"), "err: %s", err);
+    release();
+}
+END_TEST
 
 START_TEST(test_syntax_error_fails_rules_new_with_file_and_line)
 {
@@ -4129,6 +4145,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_two_files_using_60_percent_each_for_one_event_exceed_the_memory_limit);
     tcase_add_test(tc, test_memory_kept_from_earlier_events_is_bounded_per_request);
     tcase_add_test(tc, test_memory_an_event_takes_by_itself_is_not_blamed_on_earlier_events);
+    tcase_add_test(tc, test_memory_limit_at_a_files_top_level_names_the_setting_and_the_line);
     tcase_add_test(tc, test_top_level_infinite_loop_fails_rules_new_naming_the_file);
     tcase_add_test(tc, test_syntax_error_fails_rules_new_with_file_and_line);
     tcase_add_loop_test(tc, test_a_top_level_error_fails_rules_new_with_file_and_line, 0,
