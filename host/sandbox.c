@@ -726,6 +726,18 @@ static int sb_print(lua_State *L)
     luaL_pushresult(&b);
     size_t len;
     const char *text = lua_tolstring(L, -1, &len);
+    if (memchr(text, '\0', len)) {
+        /* a log line's fields end at a NUL: each is shown as U+2400 */
+        luaL_buffinit(L, &b);
+        for (size_t i = 0; i < len; i++) {
+            if (text[i])
+                luaL_addchar(&b, text[i]);
+            else
+                luaL_addstring(&b, "\u2400");
+        }
+        luaL_pushresult(&b);
+        text = lua_tolstring(L, -1, &len);
+    }
     if (len <= PRINT_MAX_BYTES) {
         if (at[0])
             log_info("script print", LOG_S("text", text) LOG_S("at", at));

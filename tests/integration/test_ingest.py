@@ -211,12 +211,15 @@ class Ingest(ServiceTest):
         rules = self.rules_dir({"20-print.lua": (
             "return function(event, out)\n"
             "  print('mapped', event.id, 42)\n"
+            "  print('a\\0b', 'after')\n"
             "end\n")})
         s = self.service(rules_dir=rules)
         e = event("users.messages.email.Open")
         self.assertEqual(s.post([e]).status, 200)
-        line = next(l for l in s.logs().splitlines() if "script print" in l)
-        self.assertIn('text="mapped\\t%s\\t42"' % e["id"], line)
+        lines = [l for l in s.logs().splitlines() if "script print" in l]
+        self.assertIn('text="mapped\\t%s\\t42"' % e["id"], lines[0])
+        # a NUL ended the text there, and what came after it was lost
+        self.assertIn('text="a\u2400b\\tafter"', lines[1])
 
     def test_print_of_a_long_text_logs_its_start_and_its_length(self):
         rules = self.rules_dir({"20-print.lua": (
