@@ -517,6 +517,15 @@ int metrics_render(buf *b, const struct metrics_gauges *g)
                          g->dedup_ids);
         rc |= render_int(b, "tributary_dedup_memory_bytes", "gauge",
                          "Memory the remembered event ids take.", g->dedup_bytes);
+        if (g->disk_free_bytes >= 0)
+            rc |= render_int(b, "tributary_queue_disk_free_bytes", "gauge",
+                             "Space free for the service on the file system of data_dir, read "
+                             "every 50 ms (queue.db's own free pages not counted).",
+                             g->disk_free_bytes);
+        rc |= render_int(b, "tributary_queue_min_free_bytes", "gauge",
+                         "queue.min_free_mb in bytes: with less free (queue.db's free pages "
+                         "counted), new events are refused.",
+                         g->min_free_bytes);
         rc |= render_int(b, "tributary_event_names", "gauge",
                          "Unique custom event names put in batches for mParticle, all feeds "
                          "together (new ones counted up to twice the limit); mParticle drops the "

@@ -99,6 +99,8 @@ struct metrics_gauges {
     int64_t queue_operations;
     int64_t dedup_ids;
     int64_t dedup_bytes;
+    int64_t disk_free_bytes;   /* see queue_gauges; -1: not read */
+    int64_t min_free_bytes;    /* queue.min_free_mb */
     int64_t event_names;       /* see event_names.h */
     int64_t event_names_limit; /* mparticle.event_names_limit */
     int ready;

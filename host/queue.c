@@ -2323,6 +2323,7 @@ static void check_disk(queue *q)
     q->disk_low = low;
     pthread_mutex_lock(&q->mu);
     q->gauges.disk_low = low;
+    q->gauges.disk_free_bytes = free_bytes;
     pthread_mutex_unlock(&q->mu);
 }
 
@@ -3239,6 +3240,7 @@ int queue_open(queue **out, const struct queue_options *o, char *err, size_t err
     }
     q->opt = *o;
     q->lock_fd = -1;
+    q->gauges.disk_free_bytes = -1;
     q->healthy = 1;
     q->wal_limit_pages =
         (int)((o->wal_max_bytes > 0 ? o->wal_max_bytes : QUEUE_WAL_MAX_BYTES) / PAGE_SIZE);
@@ -3554,6 +3556,7 @@ void queue_gauges(queue *q, struct queue_gauges *g)
     *g = q->gauges;
     int64_t need = q->refused_need;
     pthread_mutex_unlock(&q->mu);
+    g->min_free_bytes = q->opt.min_free_bytes;
     int64_t depth = 0;
     for (int f = 0; f < FEED_COUNT; f++)
         depth += g->depth[f];

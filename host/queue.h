@@ -231,8 +231,12 @@ struct queue_gauges {
     int64_t dedup_ids;   /* event ids remembered for the dedup window */
     int64_t dedup_bytes; /* the memory they take */
     int disk_low;        /* new events are refused: less than min_free_bytes free */
-    int full;            /* new events are refused: max_depth events queued, or too many
-                          * for the last request refused to fit */
+    /* space free for the service on the file system of data_dir, as last read
+     * (without queue.db's free pages; -1: not read, as without min_free_bytes) */
+    int64_t disk_free_bytes;
+    int64_t min_free_bytes; /* queue.min_free_mb, as the queue was opened with */
+    int full;               /* new events are refused: max_depth events queued, or too many
+                             * for the last request refused to fit */
 };
 void queue_gauges(queue *q, struct queue_gauges *g);
 

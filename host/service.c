@@ -169,6 +169,8 @@ static void hook_gauges(void *ctx, struct metrics_gauges *g)
     g->queue_operations = qg.operations;
     g->dedup_ids = qg.dedup_ids;
     g->dedup_bytes = qg.dedup_bytes;
+    g->disk_free_bytes = qg.disk_free_bytes;
+    g->min_free_bytes = qg.min_free_bytes;
     g->event_names = sender_event_names(s->sender);
     struct feed_status st[FEED_COUNT];
     sender_status(s->sender, st);

@@ -96,6 +96,19 @@ class Metrics(ServiceTest):
                          len(first) + 2)
         self.assertTrue(any(k.startswith("tributary_build_info{") for k in m))
 
+    def test_the_free_space_of_data_dir_and_its_floor_are_gauges(self):
+        s = self.service(env={"TRIBUTARY_QUEUE_MIN_FREE_MB": "100"})
+        m = s.metrics()
+        self.assertEqual(m["tributary_queue_min_free_bytes"], 100 << 20)
+        fs = os.statvfs(s.data_dir)
+        # read every 50 ms, while this machine's other writers go on
+        self.assertLess(abs(m["tributary_queue_disk_free_bytes"] - fs.f_bavail * fs.f_frsize),
+                        256 << 20)
+        s2 = self.service(env={"TRIBUTARY_QUEUE_MIN_FREE_MB": "0"})
+        m = s2.metrics()
+        self.assertEqual(m["tributary_queue_min_free_bytes"], 0)
+        self.assertNotIn("tributary_queue_disk_free_bytes", m)  # not read without a floor
+
     def test_metric_names_follow_prometheus_conventions(self):
         s = self.service()
         text = s.get("/metrics").body
