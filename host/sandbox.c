@@ -131,6 +131,14 @@ struct sandbox {
     int quiet;    /* see sandbox_quiet */
     int base_ref; /* registry reference to the table behind every chunk's globals */
     char where[256];
+    /* Past near (the last eighth of the memory limit), the count hook notes
+     * where a script runs in mem_where, and a library call or pcall that met
+     * a memory error notes the line that made it when none is noted yet: a
+     * memory error calls no message handler, and a memory limit met names
+     * that line. (Not from the allocator: Lua's stack is not always one it
+     * can walk while it allocates.) */
+    size_t near;
+    char mem_where[256];
     /* the call under way, as the watchdog sees it (under call_lock) */
     pthread_mutex_t call_lock;
     pthread_t caller;
@@ -171,19 +179,19 @@ static int past_deadline(sandbox *sb)
     return sb->tripped != TRIP_NONE;
 }
 
-/* Records in sb->where the innermost line of a script on the stack, from
- * level on (a C function has none). Neither call allocates, so the allocator
- * may use it too. */
-static void note_where(sandbox *sb, lua_State *L, int level)
+/* Writes to where ("file:line") the innermost line of a script on the stack,
+ * from level on (a C function has none); 0 when there is none, where
+ * unchanged. */
+static int note_where(char *where, size_t len, lua_State *L, int level)
 {
-    sb->where[0] = '\0';
     lua_Debug ar;
     for (; lua_getstack(L, level, &ar); level++) {
         if (lua_getinfo(L, "Sl", &ar) && ar.currentline > 0) {
-            snprintf(sb->where, sizeof sb->where, "%s:%d", ar.short_src, ar.currentline);
-            break;
+            snprintf(where, len, "%s:%d", ar.short_src, ar.currentline);
+            return 1;
         }
     }
+    return 0;
 }
 
 static void *sb_alloc(void *ud, void *ptr, size_t osize, size_t nsize)
@@ -201,9 +209,6 @@ static void *sb_alloc(void *ud, void *ptr, size_t osize, size_t nsize)
          * trip_on_memory_error) */
         if (sb->refused.ptr == ptr && sb->refused.osize == osize && sb->refused.nsize == nsize)
             sb->refused_twice = 1;
-        /* a memory error calls no message handler: where it happened is noted
-         * here (an error raised later notes its own place) */
-        note_where(sb, sb->L, 0);
         sb->refused.ptr = ptr;
         sb->refused.osize = osize;
         sb->refused.nsize = nsize;
@@ -230,6 +235,8 @@ static void sb_hook(lua_State *L, lua_Debug *ar)
         sb->steps += HOOK_STEP;
     if (sb->tripped == TRIP_NONE && sb->steps > sb->budget)
         sb->tripped = TRIP_INSTRUCTIONS;
+    if (sb->used > sb->near)
+        (void)note_where(sb->mem_where, sizeof sb->mem_where, L, 0);
     if (past_deadline(sb)) {
         /* From now on every instruction raises: handlers cannot keep running. */
         lua_sethook(L, sb_hook, LUA_MASKCOUNT, 1);
@@ -477,6 +484,10 @@ static int protected_call(lua_State *L, int nargs, int nresults, int msgh)
     int status = lua_pcall(L, nargs, nresults, msgh);
     trip_on_memory_error(L, status);
     sb->refused_twice |= outer;
+    /* one large allocation refused (string.rep), before the hook saw the
+     * state near its limit: the line that called */
+    if (status == LUA_ERRMEM && !sb->mem_where[0])
+        (void)note_where(sb->mem_where, sizeof sb->mem_where, L, 0);
     return status;
 }
 
@@ -625,7 +636,8 @@ static void time_lib(lua_State *L)
 static int sb_msgh(lua_State *L)
 {
     sandbox *sb = from_lua(L);
-    note_where(sb, L, 1);
+    sb->where[0] = '\0';
+    (void)note_where(sb->where, sizeof sb->where, L, 1);
     if (!lua_isstring(L, 1)) {
         if (luaL_callmeta(L, 1, "__tostring") && lua_type(L, -1) == LUA_TSTRING)
             return 1;
@@ -724,19 +736,21 @@ static int sb_print(lua_State *L)
         luaL_addvalue(&b);
     }
     luaL_pushresult(&b);
-    size_t len;
+    size_t len, shown;
     const char *text = lua_tolstring(L, -1, &len);
+    shown = len;
     if (memchr(text, '\0', len)) {
-        /* a log line's fields end at a NUL: each is shown as U+2400 */
+        /* a log line's fields end at a NUL: each is shown as U+2400, in what
+         * is logged of the text only (a cut one is read no further) */
         luaL_buffinit(L, &b);
-        for (size_t i = 0; i < len; i++) {
+        for (size_t i = 0; i < len && i < PRINT_MAX_BYTES + 4; i++) {
             if (text[i])
                 luaL_addchar(&b, text[i]);
             else
                 luaL_addstring(&b, "\u2400");
         }
         luaL_pushresult(&b);
-        text = lua_tolstring(L, -1, &len);
+        text = lua_tolstring(L, -1, &shown);
     }
     if (len <= PRINT_MAX_BYTES) {
         if (at[0])
@@ -748,7 +762,7 @@ static int sb_print(lua_State *L)
     /* the start of it, between two characters (the character across the cut
      * is read whole to find its end); the log line has a cap */
     char start[PRINT_MAX_BYTES + 4];
-    size_t head = len < sizeof start - 1 ? len : sizeof start - 1;
+    size_t head = shown < sizeof start - 1 ? shown : sizeof start - 1;
     memcpy(start, text, head);
     start[utf8_sanitize(start, head, PRINT_MAX_BYTES)] = '\0';
     if (at[0])
@@ -1442,7 +1456,7 @@ sandbox *sandbox_new(int flags)
     sandbox *sb = calloc(1, sizeof(*sb));
     if (!sb)
         return NULL;
-    sb->limit = SIZE_MAX;
+    sb->limit = sb->near = SIZE_MAX;
     set_deadline(sb, INT64_MAX);
     sb->base_ref = LUA_NOREF;
     sb->pool = pool_new();
@@ -1561,6 +1575,8 @@ enum sandbox_rc sandbox_call_shared(sandbox *sb, int nargs, int nresults,
         share->deadline_ns = sandbox_deadline_for(started, sb->budget);
     set_deadline(sb, share->deadline_ns);
     sb->limit = lim && lim->memory_bytes > 0 ? sb->used + lim->memory_bytes : SIZE_MAX;
+    sb->near = lim && lim->memory_bytes > 0 ? sb->limit - lim->memory_bytes / 8 : SIZE_MAX;
+    sb->mem_where[0] = '\0';
     sb->where[0] = '\0';
     /* a call that begins past the time limit of the calls before it ends at
      * its first instruction */
@@ -1577,7 +1593,7 @@ enum sandbox_rc sandbox_call_shared(sandbox *sb, int nargs, int nresults,
     share->steps = sb->steps;
     share->cpu_timed = sb->cpu_timed;
     share->deadline_ns = deadline_of(sb); /* as library calls moved it on */
-    sb->limit = SIZE_MAX;
+    sb->limit = sb->near = SIZE_MAX;
     set_deadline(sb, INT64_MAX);
     enum trip tripped = sb->tripped;
     sb->tripped = TRIP_NONE;
@@ -1596,10 +1612,12 @@ enum sandbox_rc sandbox_call_shared(sandbox *sb, int nargs, int nresults,
         return SANDBOX_ERROR;
     sb->damaged = 1;
     if (err) {
-        if (tripped == TRIP_MEMORY)
+        if (tripped == TRIP_MEMORY) {
             str_printf(err->msg, sizeof err->msg, "memory limit exceeded (%zu bytes)",
                        lim ? lim->memory_bytes : 0);
-        else if (tripped == TRIP_TIME)
+            if (sb->mem_where[0])
+                str_copy(err->where, sizeof err->where, sb->mem_where);
+        } else if (tripped == TRIP_TIME)
             str_printf(err->msg, sizeof err->msg,
                        "time limit exceeded: ran for more than %lld ms, %d times what %lld "
                        "instructions take (steps the count does not see: long strings compared "

@@ -194,6 +194,7 @@ struct feed_state {
     int probing;
     unsigned char cred_fp[32]; /* fingerprint of key, secret and url */
     int64_t persist_logged_ms; /* see log_due */
+    int64_t probe_logged_ms;   /* log_due of probes failed while paused for credentials */
     int has_fp;
     struct endpoint_state ep[EP_ENDPOINTS];
     int unexpected;     /* answers outside the API's contract since the last delivery */
@@ -2166,7 +2167,7 @@ static void finish(struct sender *s, CURLMsg *msg)
             msg->data.result != CURLE_OK ? curl_easy_strerror(msg->data.result) : "server error";
         note_failures(f, r, (int)status, why);
         retry_later(s, r, (int)status, why);
-        if (r->probe && f->pause == PAUSE_AUTH)
+        if (r->probe && f->pause == PAUSE_AUTH && log_due(&f->probe_logged_ms))
             log_warn("the probe of a feed paused for refused credentials failed without an "
                      "answer on them; the feed stays paused until mParticle accepts a probe",
                      LOG_S("feed", FEED_NAMES[f->feed]) LOG_I("status", status)

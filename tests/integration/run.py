@@ -87,7 +87,7 @@ def run_one(test_id):
     return status, details, time.monotonic() - started
 
 
-def worker(index, ids, next_index, results):
+def worker(index, ids, next_index, current, results):
     harness.use_port_range(index)
     while True:
         with next_index.get_lock():
@@ -95,7 +95,7 @@ def worker(index, ids, next_index, results):
             next_index.value += 1
         if i >= len(ids):
             break
-        results.put(("start", index, ids[i]))
+        current[index] = i  # shared memory: known even if this process dies at once
         status, details, seconds = run_one(ids[i])
         results.put(("result", index, (ids[i], status, details, seconds)))
     # what this worker's services said, for the secrets check of the whole run
@@ -106,32 +106,37 @@ def run_parallel(ids, jobs, report):
     """Runs ids in jobs workers; calls report(...) for each result."""
     ctx = multiprocessing.get_context("fork")
     next_index = ctx.Value("i", 0)
+    current = ctx.Array("i", [-1] * jobs)  # the index of the test each worker runs
     results = ctx.Queue()
-    procs = [ctx.Process(target=worker, args=(i, ids, next_index, results), daemon=True)
+    procs = [ctx.Process(target=worker, args=(i, ids, next_index, current, results), daemon=True)
              for i in range(jobs)]
     for p in procs:
         p.start()
-    running = {}
+    reported = set()
     done = set()
     while len(done) < len(procs):
         try:
             kind, index, payload = results.get(timeout=1)
         except queue.Empty:
-            for i, p in enumerate(procs):
-                if i not in done and not p.is_alive() and p.exitcode is not None:
+            ended = [i for i, p in enumerate(procs) if i not in done and p.exitcode is not None]
+            if not ended:
+                continue
+            # what an ended worker put on the queue may still be on its way
+            try:
+                kind, index, payload = results.get(timeout=5)
+            except queue.Empty:
+                for i in ended:
                     # a worker that died without saying so: its test failed
                     done.add(i)
-                    if i in running:
-                        report((running.pop(i), "ERROR",
-                                ["worker %d died with exit code %s" % (i, p.exitcode)], 0.0))
+                    why = ["worker %d died with exit code %s" % (i, procs[i].exitcode)]
+                    t = current[i]
+                    if t >= 0 and ids[t] not in reported:
+                        report((ids[t], "ERROR", why, 0.0))
                     else:
-                        report(("worker %d" % i, "ERROR",
-                                ["worker %d died with exit code %s" % (i, p.exitcode)], 0.0))
-            continue
-        if kind == "start":
-            running[index] = payload
-        elif kind == "result":
-            running.pop(index, None)
+                        report(("worker %d" % i, "ERROR", why, 0.0))
+                continue
+        if kind == "result":
+            reported.add(payload[0])
             report(payload)
         else:
             done.add(index)
