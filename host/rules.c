@@ -490,6 +490,17 @@ static int setup_state(lua_State *L)
     return 0;
 }
 
+/* Whether a call met the memory limit; its message then names the setting
+ * (the sandbox knows it in bytes). */
+static int name_memory_limit(const rules *r, enum sandbox_rc rc, struct sandbox_error *serr)
+{
+    if (rc != SANDBOX_LIMIT || strncmp(serr->msg, "memory", 6) != 0)
+        return 0;
+    str_printf(serr->msg, sizeof serr->msg, "memory limit exceeded (rules.memory_mb: %zu MiB)",
+               r->limits.memory_bytes >> 20);
+    return 1;
+}
+
 /* An error raised by a rule file's code, as a dead letter or a refusal says
  * it: with the line it was raised at when the message lacks it, else the file. */
 static void describe_error(char *out, size_t len, const char *fname, enum sandbox_rc rc,
@@ -752,10 +763,7 @@ int rules_new(rules **out, ruleset *rs, char *err, size_t errlen)
             goto fail;
         struct sandbox_error serr;
         enum sandbox_rc rc = sandbox_call(r->sb, 0, 1, &load, &serr);
-        if (rc == SANDBOX_LIMIT && strncmp(serr.msg, "memory", 6) == 0)
-            str_printf(serr.msg, sizeof serr.msg,
-                       "memory limit exceeded (rules.memory_mb: %zu MiB)",
-                       r->limits.memory_bytes >> 20);
+        (void)name_memory_limit(r, rc, &serr);
         if (rc != SANDBOX_OK) {
             describe_error(err, errlen, f->name, rc, &serr);
             goto fail;
@@ -1369,7 +1377,7 @@ static void run_chain(rules *r, lua_State *L, int evi, int wsi, size_t upto,
         lua_pushvalue(L, wsi);
         struct sandbox_error serr;
         enum sandbox_rc rc = sandbox_call_shared(r->sb, 3, 2, &lim, &share, &serr);
-        if (rc == SANDBOX_LIMIT && strncmp(serr.msg, "memory", 6) == 0) {
+        if (name_memory_limit(r, rc, &serr)) {
             /* named by the request's earlier events only when they took a
              * good part of it: an event's garbage stays until a collection */
             size_t whole = r->limits.memory_bytes, start = r->ceiling - whole;
@@ -1380,9 +1388,6 @@ static void run_chain(rules *r, lua_State *L, int evi, int wsi, size_t upto,
                            "taken by what the rules keep from the request's earlier events (in "
                            "globals or upvalues) or by their garbage not collected yet",
                            before, whole >> 20);
-            else
-                str_printf(serr.msg, sizeof serr.msg,
-                           "memory limit exceeded (rules.memory_mb: %zu MiB)", whole >> 20);
         }
         lim.memory_bytes = memory_left(r, base, &by_ceiling);
         if (rc != SANDBOX_OK) {
