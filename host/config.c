@@ -1595,6 +1595,10 @@ static void PRINTF(4, 5)
  * hold a user name and password. */
 static void check_url(struct loader *ld, const char *what, const char *url)
 {
+    if (strlen(url) > MPARTICLE_URL_MAX) {
+        check_err(ld, what, NULL, "%s: longer than %d characters", what, MPARTICLE_URL_MAX);
+        return;
+    }
     const char *api = api_path_of(url);
     if (api)
         check_err(ld, what, NULL,

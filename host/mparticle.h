@@ -31,6 +31,10 @@
 /* Data older than 30 days goes to the historical endpoint instead. */
 #define MPARTICLE_HISTORICAL_PATH "/v2/bulkevents/historical"
 #define MPARTICLE_HISTORICAL_AGE_MS (30LL * 86400 * 1000)
+/* The longest base URL taken (mparticle.url, feeds.<feed>.url), and room for
+ * it with either path appended. */
+#define MPARTICLE_URL_MAX 1024
+#define MPARTICLE_REQUEST_URL_MAX (MPARTICLE_URL_MAX + sizeof MPARTICLE_HISTORICAL_PATH)
 
 /* One event's parts as stored in the queue. */
 struct batch_part {

@@ -1806,18 +1806,22 @@ static int count_rows(sqlite3 *db, struct queue_gauges *g)
             return -1;
         sqlite3_bind_int64(s, 1, claimed);
         sqlite3_bind_int64(s, 2, INT64_MAX);
-        if (sqlite3_step(s) == SQLITE_ROW)
+        int rc = sqlite3_step(s);
+        if (rc == SQLITE_ROW)
             g->depth[f] = sqlite3_column_int64(s, 0);
         sqlite3_finalize(s);
+        if (rc != SQLITE_ROW) /* a count has its row: anything else failed */
+            return -1;
     }
     if (each_live_batch(db, add_live_records, g) != 0)
         return -1;
     if (sqlite3_prepare_v2(db, "SELECT count(*) FROM dead", -1, &s, NULL) != SQLITE_OK)
         return -1;
-    if (sqlite3_step(s) == SQLITE_ROW)
+    int rc = sqlite3_step(s);
+    if (rc == SQLITE_ROW)
         g->dead = sqlite3_column_int64(s, 0);
     sqlite3_finalize(s);
-    return 0;
+    return rc == SQLITE_ROW ? 0 : -1;
 }
 
 /* ---- writer: the loop --------------------------------------------------- */

@@ -1450,6 +1450,16 @@ static int build_env(lua_State *L)
     return 0;
 }
 
+/* A Lua error outside any protected call: only an allocation the pool could
+ * not get (outside a rule call no limit applies) can raise one in the host's
+ * own use of a state. Lua aborts when this returns; the log says why first. */
+static int on_panic(lua_State *L)
+{
+    const char *msg = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : "not a string";
+    log_error("rules: Lua failed outside a protected call, stopping", LOG_S("error", msg));
+    return 0;
+}
+
 sandbox *sandbox_new(int flags)
 {
     pthread_once(&calibrated, calibrate);
@@ -1473,6 +1483,7 @@ sandbox *sandbox_new(int flags)
         return NULL;
     }
     *(sandbox **)lua_getextraspace(sb->L) = sb;
+    lua_atpanic(sb->L, on_panic);
     lua_gc(sb->L, LUA_GCGEN, 0, 0);
     lua_pushcfunction(sb->L, build_env);
     lua_pushinteger(sb->L, flags);

@@ -1405,7 +1405,7 @@ static int start_request(struct sender *s, struct feed_state *f, struct pbatch *
     }
 
     const struct feed_config *fc = &s->cfg->feeds[f->feed];
-    char url[2048];
+    char url[MPARTICLE_REQUEST_URL_MAX];
     const char *base = config_feed_url(s->cfg, f->feed);
     size_t bl = strlen(base);
     while (bl && base[bl - 1] == '/')

@@ -2,6 +2,7 @@
 #include "unit.h"
 
 #include "config.h"
+#include "mparticle.h"
 
 #include <sys/stat.h>
 
@@ -1388,6 +1389,38 @@ START_TEST(test_feed_url_ending_in_the_events_path_and_a_slash_is_refused_as_not
 }
 END_TEST
 
+/* a URL of n characters: https://s2s.mparticle.com/ and a path of x's */
+static const char *url_conf(const char *name, size_t n)
+{
+    static char text[MPARTICLE_URL_MAX + 256];
+    char url[MPARTICLE_URL_MAX + 16];
+    const char *base = "https://s2s.mparticle.com/";
+    size_t bl = strlen(base);
+    ck_assert_uint_lt(n, sizeof url);
+    memcpy(url, base, bl);
+    memset(url + bl, 'x', n - bl);
+    url[n] = '\0';
+    snprintf(text, sizeof text, "return { feeds = { android = { url = \"%s\" } } }\n", url);
+    return conf(name, text);
+}
+
+START_TEST(test_a_url_over_the_length_taken_is_refused)
+{
+    /* the sender appends its path into a buffer of this bound: a longer URL
+     * would lose it and be answered 404 forever */
+    struct config *c = NULL;
+    char err[4096] = "";
+    const char *path = url_conf("url-max.lua", MPARTICLE_URL_MAX);
+    ck_assert_int_eq(config_load(&c, path, err, sizeof err), 0);
+    ck_assert_uint_eq(strlen(config_feed_url(c, FEED_ANDROID)), MPARTICLE_URL_MAX);
+    config_unref(c);
+    c = NULL;
+    path = url_conf("url-long.lua", MPARTICLE_URL_MAX + 1);
+    ck_assert_int_eq(config_load(&c, path, err, sizeof err), -1);
+    ck_assert_err_at(err, path, 1, "feeds.android.url: longer than 1024 characters");
+}
+END_TEST
+
 START_TEST(test_loopback_url_ending_in_the_bulk_path_and_a_slash_is_refused)
 {
     const char *path =
@@ -1494,6 +1527,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_mparticle_url_ending_in_the_bulk_path_is_refused_as_not_a_base_url);
     tcase_add_test(
         tc, test_feed_url_ending_in_the_events_path_and_a_slash_is_refused_as_not_a_base_url);
+    tcase_add_test(tc, test_a_url_over_the_length_taken_is_refused);
     tcase_add_test(tc, test_loopback_url_ending_in_the_bulk_path_and_a_slash_is_refused);
     tcase_add_test(tc, test_base_url_with_a_path_of_its_own_is_accepted);
     tcase_add_test(tc, test_a_ca_bundle_that_cannot_be_read_is_refused);

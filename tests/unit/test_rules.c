@@ -2092,6 +2092,38 @@ START_TEST(test_cjson_decode_takes_at_most_the_memory_the_refusal_counts)
 }
 END_TEST
 
+/* The host's own use of a state outside a rule call (decoding, checking an
+ * output) can meet an allocation failure: the service stops, and says why. */
+START_TEST(test_a_lua_error_outside_a_protected_call_is_logged_before_the_abort)
+{
+    char path[] = "/tmp/tributary-unit-panic-XXXXXX";
+    int fd = mkstemp(path);
+    ck_assert_int_ge(fd, 0);
+    unlink(path);
+    pid_t pid = fork();
+    ck_assert_int_ge(pid, 0);
+    if (pid == 0) {
+        dup2(fd, STDERR_FILENO);
+        sandbox *sb = sandbox_new(0);
+        if (!sb)
+            _exit(2);
+        lua_State *L = sandbox_lua(sb);
+        lua_pushliteral(L, "not enough memory");
+        lua_error(L);
+        _exit(3);
+    }
+    int status;
+    ck_assert_int_eq(waitpid(pid, &status, 0), pid);
+    ck_assert_msg(WIFSIGNALED(status) && WTERMSIG(status) == SIGABRT, "status %d", status);
+    char text[1024] = "";
+    ck_assert_int_ge(pread(fd, text, sizeof text - 1, 0), 0);
+    close(fd);
+    ck_assert_msg(strstr(text, "level=error msg=\"rules: Lua failed outside a protected call, "
+                               "stopping\" error=\"not enough memory\""),
+                  "%s", text);
+}
+END_TEST
+
 /* A __len metamethod could make sort and concat go through any length. */
 START_TEST(test_sort_and_concat_refuse_a_table_with_a_length_of_its_own)
 {
@@ -4181,6 +4213,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_cjson_decode_refuses_a_text_larger_than_the_memory_left_can_take);
     tcase_add_loop_test(tc, test_cjson_decode_takes_at_most_the_memory_the_refusal_counts, 0,
                         (int)ARRAY_LEN(DECODE_SHAPES));
+    tcase_add_test(tc, test_a_lua_error_outside_a_protected_call_is_logged_before_the_abort);
     tcase_add_test(tc, test_infinite_loop_hits_the_instruction_limit);
     tcase_add_test(tc, test_instruction_limit_asks_for_a_rebuild);
     tcase_add_test(tc, test_a_state_that_outgrows_its_memory_asks_for_a_rebuild);
