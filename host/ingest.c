@@ -305,9 +305,10 @@ static int admit(struct ingest *in, const struct config *cfg, const struct inges
     if (a == AUTH_REMOTE) {
         /* no credentials are configured: the client's are not wrong, the
          * configuration is, and a 401 would make Braze stop sending */
-        log_info("refusing a client on another machine: no inbound credentials are configured "
-                 "(inbound.tokens, inbound.hmac_secrets)",
-                 LOG_S("client", req->client));
+        log_repeated(LOG_INFO,
+                     "refusing a client on another machine: no inbound credentials are "
+                     "configured (inbound.tokens, inbound.hmac_secrets)",
+                     LOG_S("client", req->client));
         respond_error(resp, 503, RETRY_AFTER_ERROR, auth_result_text(a), -1, NULL);
         return 0;
     }
