@@ -346,6 +346,17 @@ int auth_failed(const char *client, int64_t now_s)
     return started;
 }
 
+int auth_trusted(const char *client, int64_t now_s)
+{
+    if (!client || !*client)
+        return 0;
+    pthread_mutex_lock(&T.mu);
+    int i = slot_of(client, now_s, SLOT_FIND);
+    int yes = i >= 0 && trusted(i, now_s);
+    pthread_mutex_unlock(&T.mu);
+    return yes;
+}
+
 void auth_succeeded(const char *client, int64_t now_s)
 {
     if (!client || !*client)

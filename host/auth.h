@@ -92,5 +92,7 @@ int auth_throttled(const char *client, int64_t now_s, int64_t *retry_after_s);
 int auth_failed(const char *client, int64_t now_s);
 /* Notes that a request from client authenticated (see auth_failed). */
 void auth_succeeded(const char *client, int64_t now_s);
+/* Whether a request from client authenticated within AUTH_TRUSTED_S. */
+int auth_trusted(const char *client, int64_t now_s);
 
 #endif

@@ -22,7 +22,10 @@
 /* Bodies of requests that only a signature over the body can admit are read
  * before anybody is authenticated: all of them together get this much of the
  * option body_memory, and never the room of the largest body that is left
- * for the others (see unauthenticated_budget). */
+ * for the others (see unauthenticated_budget). But for those from an address
+ * a request authenticated from within AUTH_TRUSTED_S (Braze's, once it has
+ * been served): theirs count as authenticated ones', so that clients that
+ * never complete a body cannot hold a signing sender out. */
 #define UNAUTHENTICATED_BODY_BUDGET ((size_t)64 << 20)
 
 /* Headers and the read buffer of one connection: larger headers get 431. */
@@ -108,7 +111,9 @@ struct req {
     int busy;          /* the body would pass a budget (enum budget): read, dropped, then 503 */
     int unwanted_body; /* a body came for a route that takes none (never stored) */
     int admitted;      /* ingest_precheck: 1 by its headers, 2 only by a signature over
-                          the body (also counted in unauthenticated_bytes) */
+                          the body */
+    int unproven;      /* admitted 2, from an address not trusted by the throttle
+                          (auth_trusted): its body counts in unauthenticated_bytes */
     int tracked;       /* counted in in_progress */
     int close;         /* the answer closes the connection */
     size_t counted;    /* bytes taken from the budgets for the body (take_body) */
@@ -155,7 +160,7 @@ static enum budget take_body(const http_in *h, struct req *r, size_t n)
 {
     if (!reserve(&body_bytes, n, h->opt.body_memory))
         return B_ALL;
-    if (r->admitted == 2 && !reserve(&unauthenticated_bytes, n, h->unauthenticated_budget)) {
+    if (r->unproven && !reserve(&unauthenticated_bytes, n, h->unauthenticated_budget)) {
         atomic_fetch_sub(&body_bytes, n);
         return B_UNAUTHENTICATED;
     }
@@ -168,7 +173,7 @@ static enum budget take_body(const http_in *h, struct req *r, size_t n)
  * split). */
 static size_t body_limit(const http_in *h, const struct req *r)
 {
-    if (r->admitted == 2 && h->unauthenticated_budget < h->opt.max_body)
+    if (r->unproven && h->unauthenticated_budget < h->opt.max_body)
         return h->unauthenticated_budget;
     return h->opt.max_body;
 }
@@ -177,7 +182,7 @@ static size_t body_limit(const http_in *h, const struct req *r)
 static void release_body(struct req *r)
 {
     atomic_fetch_sub(&body_bytes, r->counted);
-    if (r->admitted == 2)
+    if (r->unproven)
         atomic_fetch_sub(&unauthenticated_bytes, r->counted);
     r->counted = 0;
     buf_free(&r->body);
@@ -1077,6 +1082,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         struct ingest_request q = headers_of(c, r);
         int admitted = ingest_precheck(h->in, &q, &resp);
         r->admitted = admitted;
+        r->unproven = admitted == 2 && !auth_trusted(r->client, clock_mono_ms() / 1000);
         int has_length = cl && parse_int64(cl, 0, INT64_MAX, &len) == 0;
         const char *encoding = unsupported_encoding(c);
         int64_t known = has_length ? len : -1;

@@ -2056,6 +2056,37 @@ class UnauthenticatedBodies(ServiceTest):
                    headers={"Tributary-Signature": "t=%d,v1=%s" % (t, mac)})
         self.assertEqual(r.status, 200, r)
 
+    def test_clients_that_never_complete_a_body_cannot_hold_out_a_sender_served_before(self):
+        # Four connections that send all but a few bytes of 16 MiB bodies with
+        # a made-up signature held the whole 64 MiB of bodies awaiting a
+        # signature check, for as long as they trickled: every signed request
+        # got 503. An address a request authenticated from has its bodies
+        # counted as authenticated ones'.
+        s = self.service(tokens=(), env={"TRIBUTARY_INBOUND_HMAC_SECRETS": SECRET,
+                                         "TRIBUTARY_HTTP_REQUEST_TIMEOUT_S": "120"})
+        braze = {"X-Forwarded-For": "198.51.100.7"}
+        self.assertEqual(signed_post(s, envelope(event()), headers=braze).status, 200)
+        length = 16 << 20
+        for _ in range(4):
+            sock = socket.create_connection(("127.0.0.1", s.port), timeout=30 * SLOW)
+            self.addCleanup(sock.close)
+            sock.sendall(("POST /currents HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 203.0.113.9\r\n"
+                          "Tributary-Signature: t=%d,v1=%s\r\nContent-Length: %d\r\n\r\n"
+                          % (now_s(), "0" * 64, length)).encode())
+            sock.sendall(b"x" * (length - 10))
+        deadline = time.time() + 20 * SLOW
+        while s.metrics()["tributary_http_request_body_bytes"] < 4 * (length - 10):
+            self.assertLess(time.time(), deadline, "the bodies were not taken")
+            time.sleep(0.05)
+        # the room of unproven bodies is full: another address's waits
+        r = signed_post(s, envelope(event()), headers={"X-Forwarded-For": "203.0.113.10"})
+        self.assertEqual((r.status, r.json()), (503, {"error": "busy"}))
+        # the sender served before is served
+        e = event()
+        r = signed_post(s, envelope(e), headers=braze)
+        self.assertEqual(r.status, 200, r)
+        self.assertIn(e["id"], s.queued_ids())
+
 
 if __name__ == "__main__":
     unittest.main()

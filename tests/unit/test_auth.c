@@ -80,6 +80,25 @@ START_TEST(test_failures_from_many_addresses_do_not_evict_a_trusted_one)
     }
     ck_assert_int_eq(fail_times(client, 3 * AUTH_THROTTLE_FAILURES, T0 + 3), 0);
     ck_assert(!refused(client, T0 + 3));
+    ck_assert(auth_trusted(client, T0 + 3));
+}
+END_TEST
+
+/* What http_in asks before it counts a signed body as an authenticated one's:
+ * a success within AUTH_TRUSTED_S, never a failure. */
+START_TEST(test_an_address_is_trusted_for_a_day_after_it_authenticated)
+{
+    const char *client = "198.51.100.4";
+    ck_assert(!auth_trusted(client, T0));
+    fail_times(client, 1, T0);
+    ck_assert(!auth_trusted(client, T0));
+    auth_succeeded(client, T0 + 10);
+    ck_assert(auth_trusted(client, T0 + 10));
+    ck_assert(auth_trusted(client, T0 + 10 + AUTH_TRUSTED_S));
+    ck_assert(!auth_trusted(client, T0 + 11 + AUTH_TRUSTED_S));
+    ck_assert(!auth_trusted("198.51.100.5", T0 + 10));
+    ck_assert(!auth_trusted("", T0 + 10));
+    ck_assert(!auth_trusted(NULL, T0 + 10));
 }
 END_TEST
 
@@ -166,6 +185,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_an_address_that_authenticated_within_a_day_is_not_refused);
     tcase_add_test(tc, test_the_addresses_of_one_ipv6_64_count_together);
     tcase_add_test(tc, test_failures_from_many_addresses_do_not_evict_a_trusted_one);
+    tcase_add_test(tc, test_an_address_is_trusted_for_a_day_after_it_authenticated);
     tcase_add_test(tc, test_a_failing_hash_makes_credentials_unknown_not_wrong);
     tcase_add_test(tc, test_a_signature_exactly_the_replay_window_away_is_taken);
     suite_add_tcase(s, tc);
