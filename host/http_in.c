@@ -7,6 +7,7 @@
 #include "tls.h"
 
 #include <arpa/inet.h>
+#include <errno.h>
 #include <microhttpd.h>
 #include <netdb.h>
 #include <pthread.h>
@@ -890,6 +891,21 @@ static void on_connection(void *cls, struct MHD_Connection *c, void **socket_con
             return;
         }
         k->fd = info ? dup(info->connect_fd) : -1;
+        if (info && k->fd < 0) {
+            /* no open file left to watch it by: a connection the watchdog
+             * cannot cut could trickle for ever. Closed at once, as one
+             * past http.max_connections is (the files of connections are
+             * counted at start, see connection_limit: only files taken
+             * by others bring this) */
+            static _Atomic int64_t logged_ms;
+            metrics_add(M_HTTP_CONNECTIONS_REFUSED, 1);
+            if (log_due_shared(&logged_ms))
+                log_warn("connection refused: no open file left to watch it by (raise "
+                         "LimitNOFILE= of the unit, or ulimit -n; see "
+                         "tributary_http_connections_refused_total)",
+                         LOG_S("error", strerror(errno)));
+            (void)shutdown(info->connect_fd, SHUT_RDWR);
+        }
         k->accepted_ms = clock_mono_ms();
         k->deadline = k->accepted_ms + (int64_t)h->opt.request_timeout_s * 1000;
         (void)peer_address(c, k->peer, sizeof k->peer);

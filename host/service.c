@@ -453,14 +453,17 @@ static void systemd_notify(const char *state)
  * resolver threads left to finish a lookup that timed out (a socket pair
  * each), the log, signals, the rules' watch, with room to spare. */
 #define FILES_RESERVED 128
+/* A connection's: its socket, and the copy the request-time watchdog closes
+ * it by (see http_in.c, on_connection). */
+#define FILES_PER_CONNECTION 2
 /* The fewest connections worth starting with. */
 #define MIN_CONNECTIONS 16
 
-/* Every connection takes an open file: the soft limit of open files is
- * raised to the hard one, and http.max_connections kept within it, less
- * FILES_RESERVED (past the limit, the server could accept no connection, nor
- * the queue open a file, and said nothing). Returns the connections to take,
- * or -1 when the limit leaves too few. */
+/* Every connection takes FILES_PER_CONNECTION open files: the soft limit of
+ * open files is raised to the hard one, and http.max_connections kept within
+ * it, less FILES_RESERVED (past the limit, the server could accept no
+ * connection, nor the queue open a file, and said nothing). Returns the
+ * connections to take, or -1 when the limit leaves too few. */
 static int connection_limit(int wanted)
 {
     struct rlimit rl;
@@ -471,9 +474,10 @@ static int connection_limit(int wanted)
         if (setrlimit(RLIMIT_NOFILE, &raised) == 0)
             rl.rlim_cur = rl.rlim_max;
     }
-    if (rl.rlim_cur == RLIM_INFINITY || rl.rlim_cur >= (rlim_t)wanted + FILES_RESERVED)
+    if (rl.rlim_cur == RLIM_INFINITY ||
+        rl.rlim_cur >= (rlim_t)wanted * FILES_PER_CONNECTION + FILES_RESERVED)
         return wanted;
-    long long room = (long long)rl.rlim_cur - FILES_RESERVED;
+    long long room = ((long long)rl.rlim_cur - FILES_RESERVED) / FILES_PER_CONNECTION;
     if (room < MIN_CONNECTIONS) {
         log_error("the open files this process may have leave no room for connections: raise "
                   "the limit (LimitNOFILE= of the unit, or ulimit -n)",

@@ -13,7 +13,7 @@ import subprocess
 import time
 import unittest
 
-from harness import BIN, ROOT, SLOW, TOKEN, WRAPPER, Service, ServiceTest, event
+from harness import BIN, ROOT, SLOW, TOKEN, WRAPPER, Service, ServiceTest, event, preload
 from mparticle_double import MParticleDouble
 
 FEEDS = {"unbound": ("u-key", "u-secret"), "ios": ("i-key", "i-secret")}
@@ -276,7 +276,8 @@ class OpenFiles(ServiceTest):
         self.assertTrue(m, s.logs())
         limit, connections = int(m.group(1)), int(m.group(2))
         self.assertLessEqual(limit, 200)
-        self.assertEqual(connections, limit - 128)
+        # two files a connection: its socket and the watchdog's copy of it
+        self.assertEqual(connections, (limit - 128) // 2)
         held = []
         try:
             for _ in range(connections):
@@ -298,6 +299,18 @@ class OpenFiles(ServiceTest):
         self.wait(refused_counted, 10 * SLOW, "the refused connections counted")
         self.assertEqual(s.post([event()]).status, 200)
         self.assertIn("connection refused: http.max_connections are open", s.logs())
+
+    def test_a_connection_without_a_file_left_to_watch_it_by_is_closed_and_counted(self):
+        # the request-time limit closes a connection by a copy of its socket;
+        # without that copy, a connection trickling its request was never cut
+        s = Service()
+        self.addCleanup(s.cleanup)
+        s.env["FAIL_SOCKET_DUPS"] = "2"
+        preload(s, "dup_errors")
+        s.start()  # its first two checks of /healthz were closed unanswered
+        self.assertEqual(s.metrics()["tributary_http_connections_refused_total"], 2)
+        self.assertIn("connection refused: no open file left to watch it by", s.logs())
+        self.assertEqual(s.post([event()]).status, 200)
 
     def test_too_few_open_files_for_connections_stops_the_start(self):
         s = Service()
