@@ -527,7 +527,8 @@ class Install(ServiceTest):
         self.assertIn("file changes nothing else until you edit it", example)
         # a static user, so that files the service reads itself can be its own
         for option in ("ExecReload=/bin/kill -HUP $MAINPID", "NoNewPrivileges=yes",
-                       "ProtectSystem=strict", "User=tributary", "StateDirectory=tributary"):
+                       "ProtectSystem=strict", "User=tributary", "StateDirectory=tributary",
+                       "LimitCORE=0"):
             self.assertIn(option, unit)
         self.assertNotIn("DynamicUser=yes", unit)
         # a reload the files would refuse fails `systemctl reload` itself
