@@ -468,6 +468,21 @@ static int output_written(int rc)
     return rc ? rc : 1;
 }
 
+/* The commands on the queue write beside the service: stopped inside a
+ * write (Ctrl-Z, or a background job's terminal I/O), one would hold the
+ * queue's lock, and every request to the service would fail with it until
+ * the command went on. They do not stop; Ctrl-C ends them, and what they did
+ * not commit is undone. */
+static void hold_job_control(void)
+{
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGTSTP);
+    sigaddset(&set, SIGTTIN);
+    sigaddset(&set, SIGTTOU);
+    pthread_sigmask(SIG_BLOCK, &set, NULL);
+}
+
 int main(int argc, char **argv)
 {
     open_standard_streams();
@@ -532,8 +547,10 @@ int main(int argc, char **argv)
     } else if (strcmp(a.command, "sign") == 0) {
         rc = cmd_sign(&a);
     } else if (strcmp(a.command, "dlq") == 0) {
+        hold_job_control();
         rc = dlq_main(&o);
     } else if (strcmp(a.command, "queue") == 0) {
+        hold_job_control();
         rc = queue_main(&o);
     } else {
         fprintf(stderr, "tributary: unknown command '%s' (see --help)\n", a.command);

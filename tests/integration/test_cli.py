@@ -6,6 +6,7 @@ import os
 import re
 import resource
 import shutil
+import signal
 import sqlite3
 import subprocess
 import threading
@@ -13,7 +14,7 @@ import time
 import unittest
 
 from harness import (BIN, ROOT, RULES, SANITIZED, SLOW, TIME, WRAPPER, ServiceTest, clean_env,
-                     event, run_cli, run_cli_peak_rss, tool_errors)
+                     event, fault_shim, run_cli, run_cli_peak_rss, tool_errors)
 
 # dlq requeue reads, maps and commits this many dead letters at a time, fewer
 # when their Braze events reach REQUEUE_PAGE_BYTES (host/dlq.c).
@@ -654,6 +655,25 @@ class DeadLetterCommands(ServiceTest):
             self.assertEqual(s.post(events).status, 200)
             ids += [e["id"] for e in events]
         return s, ids
+
+    @unittest.skipIf(WRAPPER, "the fault shim is preloaded into the binary, not into valgrind")
+    def test_a_requeue_beside_the_service_does_not_stop_on_ctrl_z(self):
+        # stopped inside its write, it held the queue's lock: every request
+        # to the service waited 10 s and got 503 until the command went on
+        s, ids = self.dead_letters(3)
+        env = clean_env(dict(s.env, LD_PRELOAD=fault_shim("slow_sync"), SLOW_SYNC_MS="1000",
+                             ASAN_OPTIONS=(os.environ.get("ASAN_OPTIONS", "") +
+                                           ":verify_asan_link_order=0").lstrip(":")))
+        config = ["--config", s.config] if s.config else []
+        p = subprocess.Popen([BIN, "dlq", "requeue", "--all"] + config, env=env,
+                             cwd=s.dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.addCleanup(lambda: p.poll() is None and (p.send_signal(signal.SIGCONT), p.kill()))
+        time.sleep(0.5 * SLOW)
+        p.send_signal(signal.SIGTSTP)
+        out, err = p.communicate(timeout=30 * SLOW)
+        self.assertEqual(p.returncode, 0, err)
+        self.assertIn("requeued 3 events", out)
+        self.assertEqual(s.post([event()]).status, 200)
 
     def test_requeue_routes_as_the_service_or_says_why_not(self):
         s = self.service(rules_dir=self.rules_dir(self.FAILING_RULE),

@@ -1,0 +1,37 @@
+/*
+ * slow_sync.so: a disk slow to sync, LD_PRELOADed into a command by
+ * tests/integration/test_cli.py.
+ *
+ *   SLOW_SYNC_MS=n   every fsync() and fdatasync() takes n ms more
+ */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <stdlib.h>
+#include <time.h>
+
+static void slow(void)
+{
+    const char *ms = getenv("SLOW_SYNC_MS");
+    long n = ms ? atol(ms) : 0;
+    struct timespec ts = {n / 1000, (n % 1000) * 1000000L};
+    while (n > 0 && nanosleep(&ts, &ts) != 0) {
+    }
+}
+
+int fsync(int fd)
+{
+    static int (*real)(int);
+    if (!real)
+        real = (int (*)(int))dlsym(RTLD_NEXT, "fsync");
+    slow();
+    return real(fd);
+}
+
+int fdatasync(int fd)
+{
+    static int (*real)(int);
+    if (!real)
+        real = (int (*)(int))dlsym(RTLD_NEXT, "fdatasync");
+    slow();
+    return real(fd);
+}
