@@ -425,6 +425,7 @@ struct queue {
     char *path;
     struct queue_options opt;
     int lock_fd; /* holds the service's lock on data_dir (-1: none) */
+    int dir_fd;  /* and on data_dir itself (see take_lock) */
 
     pthread_t writer;
     int writer_started;
@@ -3135,6 +3136,49 @@ static int load_dedup(queue *q, char *err, size_t errlen)
  * and claim against the first one's batches. The lock goes with the process
  * (flock), so a crash leaves none behind. The CLI's writes do not take it:
  * they are meant to run beside the service. */
+/* The pid of the process that holds an flock on the file open at fd, where
+ * this process sees it in /proc/locks: "1: FLOCK  ADVISORY  WRITE 1234
+ * fe:00:5678 0 EOF" (a waiter's line has "->" after its number; a lock of
+ * another pid namespace is not listed); 0 when not found. */
+static int lock_holder(int fd)
+{
+    struct stat st;
+    FILE *f = fstat(fd, &st) == 0 ? fopen("/proc/locks", "re") : NULL;
+    if (!f)
+        return 0;
+    char line[256];
+    int pid = 0;
+    while (pid == 0 && fgets(line, sizeof line, f)) {
+        char kind[16];
+        int owner;
+        unsigned maj, min;
+        unsigned long ino;
+        if (!strstr(line, "->") &&
+            sscanf(line, "%*d: %15s %*s %*s %d %x:%x:%lu", kind, &owner, &maj, &min, &ino) == 5 &&
+            strcmp(kind, "FLOCK") == 0 && maj == major(st.st_dev) && min == minor(st.st_dev) &&
+            ino == st.st_ino && owner > 0)
+            pid = owner;
+    }
+    fclose(f);
+    return pid;
+}
+
+/* An exclusive flock on fd: a command's look at a lock (queue_service_running)
+ * holds it for microseconds, so it is tried again for a while before another
+ * service is blamed. 0, or -1 with errno (EWOULDBLOCK: another holds it). */
+static int lock_exclusive(int fd)
+{
+    int rc;
+    for (int tries = 0;
+         (rc = flock(fd, LOCK_EX | LOCK_NB)) != 0 && errno == EWOULDBLOCK && tries < LOCK_TRIES;
+         tries++)
+        clock_sleep_ms(10);
+    return rc;
+}
+
+/* One service per data_dir: it holds the lock file (its pid is found there)
+ * and the directory itself, which an operator cannot remove as a stale lock
+ * file, as the directory holds the queue. */
 static int take_lock(queue *q, char *err, size_t errlen)
 {
     char path[4096];
@@ -3144,18 +3188,25 @@ static int take_lock(queue *q, char *err, size_t errlen)
         str_printf(err, errlen, "%s: %s", path, strerror(errno));
         return -1;
     }
-    /* a command's look at the lock (queue_service_running) holds it for
-     * microseconds: tried again for a while before another service is blamed */
-    int rc;
-    for (int tries = 0; (rc = flock(q->lock_fd, LOCK_EX | LOCK_NB)) != 0 && errno == EWOULDBLOCK &&
-                        tries < LOCK_TRIES;
-         tries++)
-        clock_sleep_ms(10);
-    if (rc != 0) {
-        if (errno == EWOULDBLOCK)
-            str_printf(err, errlen, "another tributary serve is using data_dir %s", q->opt.dir);
+    q->dir_fd = open(q->opt.dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (q->dir_fd < 0) {
+        str_printf(err, errlen, "%s: %s", q->opt.dir, strerror(errno));
+        return -1;
+    }
+    int fds[] = {q->lock_fd, q->dir_fd};
+    for (size_t i = 0; i < ARRAY_LEN(fds); i++) {
+        if (lock_exclusive(fds[i]) == 0)
+            continue;
+        if (errno != EWOULDBLOCK) {
+            str_printf(err, errlen, "%s: %s", i == 0 ? path : q->opt.dir, strerror(errno));
+            return -1;
+        }
+        int pid = lock_holder(fds[i]);
+        if (pid > 0)
+            str_printf(err, errlen, "another tributary serve (pid %d) is using data_dir %s", pid,
+                       q->opt.dir);
         else
-            str_printf(err, errlen, "%s: %s", path, strerror(errno));
+            str_printf(err, errlen, "another tributary serve is using data_dir %s", q->opt.dir);
         return -1;
     }
     return 0;
@@ -3193,43 +3244,40 @@ static void hand_to_dir_owner(const queue *q)
     }
 }
 
+/* Whether a service holds the flock of the file open at fd: a shared lock,
+ * let go at once (a service that starts meanwhile tries its own again for a
+ * while, see lock_exclusive). 1 (*pid its holder, or 0), 0, or -1. */
+static int lock_held(int fd, int *pid)
+{
+    if (flock(fd, LOCK_SH | LOCK_NB) == 0) {
+        (void)flock(fd, LOCK_UN);
+        return 0;
+    }
+    if (errno != EWOULDBLOCK)
+        return -1;
+    *pid = lock_holder(fd);
+    return 1;
+}
+
 int queue_service_running(const char *dir, int *pid)
 {
     *pid = 0;
     char path[4096];
     snprintf(path, sizeof path, "%s/%s", dir, QUEUE_LOCK_FILE);
     int fd = open(path, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0 && errno != ENOENT)
+        return -1;
+    int running = fd >= 0 ? lock_held(fd, pid) : 0;
+    if (fd >= 0)
+        close(fd);
+    if (running != 0)
+        return running;
+    /* the lock file removed under a running service: the directory says it */
+    fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     if (fd < 0)
         return errno == ENOENT ? 0 : -1; /* never started there */
-    /* a shared lock, let go at once: a service that starts meanwhile tries
-     * its own again for a while (take_lock) */
-    int running = -1;
-    if (flock(fd, LOCK_SH | LOCK_NB) == 0)
-        running = 0;
-    else if (errno == EWOULDBLOCK)
-        running = 1;
-    struct stat st;
-    int known = fstat(fd, &st) == 0;
+    running = lock_held(fd, pid);
     close(fd);
-    FILE *f = running == 1 && known ? fopen("/proc/locks", "re") : NULL;
-    if (!f)
-        return running;
-    /* its pid, where this process sees it: "1: FLOCK  ADVISORY  WRITE 1234
-     * fe:00:5678 0 EOF" (a waiter's line has "->" after its number; a lock
-     * of another pid namespace is not listed) */
-    char line[256];
-    while (*pid == 0 && fgets(line, sizeof line, f)) {
-        char kind[16];
-        int owner;
-        unsigned maj, min;
-        unsigned long ino;
-        if (!strstr(line, "->") &&
-            sscanf(line, "%*d: %15s %*s %*s %d %x:%x:%lu", kind, &owner, &maj, &min, &ino) == 5 &&
-            strcmp(kind, "FLOCK") == 0 && maj == major(st.st_dev) && min == minor(st.st_dev) &&
-            ino == st.st_ino && owner > 0)
-            *pid = owner;
-    }
-    fclose(f);
     return running;
 }
 
@@ -3243,7 +3291,7 @@ int queue_open(queue **out, const struct queue_options *o, char *err, size_t err
         return -1;
     }
     q->opt = *o;
-    q->lock_fd = -1;
+    q->lock_fd = q->dir_fd = -1;
     q->gauges.disk_free_bytes = -1;
     q->healthy = 1;
     q->wal_limit_pages =
@@ -3531,6 +3579,8 @@ void queue_free(queue *q)
     dedup_free(q->seen);
     if (q->lock_fd >= 0)
         close(q->lock_fd);
+    if (q->dir_fd >= 0)
+        close(q->dir_fd);
     free(q->path);
     free(q);
 }

@@ -387,6 +387,29 @@ class Listening(ServiceTest):
             self.assertEqual(first.post([e]).status, 200)
         self.assertEqual(first.queued_ids(), [e["id"] for e in events])
 
+    def test_a_second_service_on_the_same_data_dir_is_refused_also_without_its_lock_file(self):
+        # serve.lock removed as a stale lock let a second service take the
+        # same queue: both sent the same events, stored twice in mParticle
+        first = self.service()
+        os.unlink(os.path.join(first.data_dir, "serve.lock"))
+        second = Service(env={"TRIBUTARY_DATA_DIR": first.data_dir})
+        self.addCleanup(second.cleanup)
+        second.start(wait=False)
+        try:
+            code = second.proc.wait(timeout=10 * SLOW)
+        except subprocess.TimeoutExpired:
+            self.fail("a second service started on %s:\n%s" % (first.data_dir,
+                                                                second.logs()[-2000:]))
+        second.expected_exit = code
+        self.assertEqual(code, 1)
+        self.assertIn("another tributary serve (pid %d) is using data_dir %s"
+                      % (first.proc.pid, first.data_dir), second.logs())
+        # and the commands still see it running
+        stats = json.loads(first.cli(["queue", "stats", "--json"]).stdout)
+        self.assertIs(stats["service_running"], True)
+        self.assertEqual(stats["service_pid"], first.proc.pid)
+        self.assertEqual(first.post([event()]).status, 200)
+
     def test_listening_on_every_ipv6_address_takes_ipv4_clients_as_themselves(self):
         # "[::]" listens on IPv4 too; an IPv4 client is its IPv4 address (not
         # ::ffff:127.0.0.1), so it is still a loopback peer whose proxy header
