@@ -2923,6 +2923,10 @@ static int mark_running(queue *q, char *err, size_t errlen)
              "ON CONFLICT(key) DO UPDATE SET value = '1'",
              err, errlen) != 0)
         return -1;
+    /* the mark in queue.db itself, not only in its WAL, which could hold
+     * everything until the first checkpoint: a WAL lost with the commits of
+     * a run that did not stop cleanly is said at the next start */
+    (void)sqlite3_wal_checkpoint_v2(q->db, NULL, SQLITE_CHECKPOINT_PASSIVE, NULL, NULL);
     q->marked_running = 1;
     return 0;
 }

@@ -86,6 +86,20 @@ class LastStop(ServiceTest):
         s.start()
         self.assertEqual(s.logs().count(said), 1)
 
+    def test_a_wal_removed_after_a_kill_does_not_hide_that_the_run_ended_so(self):
+        # the mark was in the WAL alone until the first checkpoint: with the
+        # WAL removed (taken for a leftover), the queue came back empty and
+        # the start said nothing
+        s = self.service()
+        self.assertEqual(s.post([event() for _ in range(50)]).status, 200)
+        s.kill9()
+        for suffix in ("-wal", "-shm"):
+            path = os.path.join(s.data_dir, "queue.db" + suffix)
+            if os.path.exists(path):
+                os.unlink(path)
+        s.start()
+        self.assertEqual(s.logs().count("the last run ended without a clean stop"), 1, s.logs())
+
 
 class SlowClaims(ServiceTest):
     @unittest.skipIf(WRAPPER, "times mParticle's one-second windows, which valgrind's delays "
