@@ -3514,20 +3514,22 @@ int queue_open(queue **out, const struct queue_options *o, char *err, size_t err
     *out = q;
     return 0;
 fail:
-    /* SQLite's own messages ("attempt to write a readonly database") name no file */
-    if (q->path && !strstr(err, q->path)) {
+    /* SQLite's own messages ("attempt to write a readonly database") name no
+     * file; others name the queue's or another file of data_dir */
+    if (q->path && !strstr(err, o->dir)) {
         char *msg = strdup(err);
         if (msg)
             str_printf(err, errlen, "%s: %s", q->path, msg);
         free(msg);
     }
-    /* SQLite writes queue.db-shm beside a WAL database even to read it */
-    if (o->readonly && access(o->dir, W_OK) != 0 && errno == EROFS) {
+    if (access(o->dir, W_OK) != 0 && errno == EROFS) {
         size_t used = strlen(err);
-        str_printf(err + used, errlen - used,
-                   " (data_dir is on a read-only file system; SQLite needs to write "
-                   "queue.db-shm beside the queue even to read it: copy data_dir elsewhere "
-                   "and point --config or TRIBUTARY_DATA_DIR at the copy)");
+        /* SQLite writes queue.db-shm beside a WAL database even to read it */
+        str_printf(err + used, errlen - used, "%s",
+                   o->readonly ? " (data_dir is on a read-only file system; SQLite needs to write "
+                                 "queue.db-shm beside the queue even to read it: copy data_dir "
+                                 "elsewhere and point --config or TRIBUTARY_DATA_DIR at the copy)"
+                               : " (data_dir is on a read-only file system)");
     }
     queue_free(q);
     return refused ? QUEUE_OPEN_REFUSED : -1;

@@ -216,6 +216,17 @@ class Cli(ServiceTest):
                     cwd=self.tmpdir())
         self.assertEqual(p.returncode, 1, p)
         self.assertIn("data_dir is on a read-only file system", p.stderr)
+        # the commands that write, and the service, say it too (they said
+        # "unable to open database file"; the service named its file twice)
+        ro = {"TRIBUTARY_DATA_DIR": os.path.join(mnt, "var"), "TRIBUTARY_RULES_DIR": RULES}
+        p = run_cli(["dlq", "requeue", "--all"], env=ro, cwd=self.tmpdir())
+        self.assertEqual(p.returncode, 1, p)
+        self.assertIn("(data_dir is on a read-only file system)", p.stderr)
+        p = run_cli(["serve"], env=dict(ro, TRIBUTARY_LISTEN="127.0.0.1:%d" % s.port),
+                    cwd=self.tmpdir())
+        self.assertEqual(p.returncode, 1, p)
+        self.assertIn("(data_dir is on a read-only file system)", p.stderr)
+        self.assertEqual(p.stderr.count(mnt), 1, p.stderr)
 
     def test_a_queue_of_another_owner_is_named_with_its_owner(self):
         # a queue.db restored by root, beside a service of its own user:
