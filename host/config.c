@@ -872,15 +872,17 @@ static void scan_source(const char *file, const char *src, struct errs *e, struc
     free(stack);
 }
 
-/* Adds to read the names of the environment variables the file read (os.getenv). */
-static void collect_env_read(lua_State *L, struct string_list *read, struct errs *e)
+/* Adds to read the names of the environment variables the file read
+ * (os.getenv), and to unset those of them that are not set. */
+static void collect_env_read(lua_State *L, struct string_list *read, struct string_list *unset,
+                             struct errs *e)
 {
     if (lua_getfield(L, LUA_REGISTRYINDEX, SANDBOX_ENV_READ) == LUA_TTABLE) {
         lua_pushnil(L);
         while (lua_next(L, -2)) {
             size_t n;
             const char *name = lua_tolstring(L, -2, &n);
-            if (list_add(read, name, n) != 0)
+            if (list_add(read, name, n) != 0 || (!getenv(name) && list_add(unset, name, n) != 0))
                 errs_add(e, "out of memory");
             lua_pop(L, 1);
         }
@@ -888,9 +890,10 @@ static void collect_env_read(lua_State *L, struct string_list *read, struct errs
     lua_pop(L, 1);
 }
 
-/* read: receives the names of the environment variables the file read. */
+/* read: receives the names of the environment variables the file read, and
+ * unset those of them its run read and found not set. */
 static void load_source(struct config *c, const char *path, const char *src, size_t len,
-                        struct errs *e, struct string_list *read)
+                        struct errs *e, struct string_list *read, struct string_list *unset)
 {
     struct loader ld = {.c = c, .e = e, .file = path, .src = src};
     sandbox *sb = sandbox_new(SANDBOX_GETENV);
@@ -935,7 +938,7 @@ static void load_source(struct config *c, const char *path, const char *src, siz
         goto done;
     }
     walk(&ld, L, "");
-    collect_env_read(L, read, e);
+    collect_env_read(L, read, unset, e);
     scan_source(path, src, e, read);
 done:
     sandbox_free(sb);
@@ -2039,10 +2042,10 @@ static int load(struct config **out, const char *path, const char *src, size_t l
     for (size_t i = 0; i < ARRAY_LEN(KEYS); i++)
         defaults[i] = fingerprint(c, &KEYS[i]);
 
-    struct string_list env_read = {0};
+    struct string_list env_read = {0}, env_unset = {0};
     char *text = NULL; /* the file's, kept for the lines the checks name */
     if (src) {
-        load_source(c, path, src, len, &e, &env_read);
+        load_source(c, path, src, len, &e, &env_read, &env_unset);
     } else {
         struct stat st;
         if (!path && stat(CONFIG_DEFAULT_FILE, &st) == 0)
@@ -2051,7 +2054,7 @@ static int load(struct config **out, const char *path, const char *src, size_t l
             c->file = strdup(path);
             text = read_file(path, &len, &e);
             if (text)
-                load_source(c, path, text, len, &e, &env_read);
+                load_source(c, path, text, len, &e, &env_read, &env_unset);
             src = text;
         }
     }
@@ -2076,6 +2079,13 @@ static int load(struct config **out, const char *path, const char *src, size_t l
             warn_short(&warnings, "metrics.token", "token", &c->metrics_token, 1);
         warn_open_metrics(&warnings, c);
         warn_readable_secrets(&warnings, c, src);
+        /* os.getenv of a variable not set gives nil, which is a key not
+         * given: a token so read leaves its endpoint open without a word */
+        for (size_t i = 0; i < env_unset.n; i++)
+            warn_add(&warnings,
+                     "the configuration file reads %s (os.getenv), which is not set: what it "
+                     "gives is taken as not given",
+                     env_unset.items[i]);
         /* a signed request is good for the replay window, and only the dedup
          * window keeps a replay of it from being delivered again */
         if (c->inbound_hmac_secrets.n > 0 && c->dedup_window_s < c->inbound_replay_window_s)
@@ -2093,6 +2103,7 @@ static int load(struct config **out, const char *path, const char *src, size_t l
                      (long long)c->queue_min_free_mb, (long long)(QUEUE_WAL_MAX_BYTES >> 20),
                      MIN_FREE_SAFE_MB);
     }
+    list_free(&env_unset);
 
     free(text);
     if (e.count) {

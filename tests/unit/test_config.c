@@ -151,6 +151,37 @@ START_TEST(test_a_min_free_mb_under_the_wals_room_is_a_warning)
 }
 END_TEST
 
+/* A token read with os.getenv from a variable not set is nil, which is no
+ * token: /metrics answered anyone, and nothing said so. */
+START_TEST(test_a_variable_the_file_reads_and_that_is_not_set_is_a_warning)
+{
+    unsetenv("UNIT_UNSET_METRICS_TOKEN");
+    setenv("UNIT_SET_METRICS_TOKEN", "metrics-token-0123456789", 1);
+    struct config *c = NULL;
+    char err[4096] = "";
+    const char *path = conf("getenv.lua", "return { metrics = { token = "
+                                          "os.getenv('UNIT_UNSET_METRICS_TOKEN') } }\n");
+    ck_assert_msg(config_load(&c, path, err, sizeof err) == 0, "%s", err);
+    ck_assert_ptr_null(c->metrics_token);
+    ck_assert_ptr_nonnull(c->warnings);
+    ck_assert_msg(strstr(c->warnings, "the configuration file reads UNIT_UNSET_METRICS_TOKEN "
+                                      "(os.getenv), which is not set: what it gives is taken as "
+                                      "not given"),
+                  "%s", c->warnings);
+    config_unref(c);
+    /* set, or only written in a comment, it is no warning */
+    c = NULL;
+    path = conf("getenv-set.lua", "-- os.getenv('UNIT_UNSET_METRICS_TOKEN')\n"
+                                  "return { metrics = { token = "
+                                  "os.getenv('UNIT_SET_METRICS_TOKEN') } }\n");
+    ck_assert_msg(config_load(&c, path, err, sizeof err) == 0, "%s", err);
+    ck_assert_str_eq(c->metrics_token, "metrics-token-0123456789");
+    ck_assert_msg(!c->warnings || !strstr(c->warnings, "os.getenv"), "%s", c->warnings);
+    config_unref(c);
+    unsetenv("UNIT_SET_METRICS_TOKEN");
+}
+END_TEST
+
 START_TEST(test_null_path_reads_tributary_conf_lua_in_current_directory)
 {
     char sub[128];
@@ -1528,6 +1559,7 @@ static Suite *suite(void)
     tcase_add_test(
         tc, test_feed_url_ending_in_the_events_path_and_a_slash_is_refused_as_not_a_base_url);
     tcase_add_test(tc, test_a_url_over_the_length_taken_is_refused);
+    tcase_add_test(tc, test_a_variable_the_file_reads_and_that_is_not_set_is_a_warning);
     tcase_add_test(tc, test_loopback_url_ending_in_the_bulk_path_and_a_slash_is_refused);
     tcase_add_test(tc, test_base_url_with_a_path_of_its_own_is_accepted);
     tcase_add_test(tc, test_a_ca_bundle_that_cannot_be_read_is_refused);
