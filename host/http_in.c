@@ -23,11 +23,15 @@
 /* Bodies of requests that only a signature over the body can admit are read
  * before anybody is authenticated: all of them together get this much of the
  * option body_memory, and never the room of the largest body that is left
- * for the others (see unauthenticated_budget). But for those from an address
- * a request authenticated from within AUTH_TRUSTED_S (Braze's, once it has
- * been served): theirs count as authenticated ones', so that clients that
- * never complete a body cannot hold a signing sender out. */
+ * for the others (see pool_budget). Those from an address a request
+ * authenticated from within AUTH_TRUSTED_S (Braze's, once it has been served)
+ * get a room of their own as large, where body_memory leaves room for both:
+ * clients elsewhere that never complete a body cannot hold a signing sender
+ * out. */
 #define UNAUTHENTICATED_BODY_BUDGET ((size_t)64 << 20)
+
+/* The room a body awaiting its signature check is taken from. */
+enum pool { POOL_NONE, POOL_UNKNOWN, POOL_TRUSTED, POOLS };
 
 /* Headers and the read buffer of one connection: larger headers get 431. */
 #define CONNECTION_MEMORY (64 * 1024)
@@ -67,10 +71,12 @@ struct http_in {
     struct http_in_options opt;
     struct http_in_hooks hooks;
     int port;
-    /* UNAUTHENTICATED_BODY_BUDGET, or less so that bodies awaiting their
-     * signature check always leave room in body_memory for a body of
-     * max_body: authenticated requests are never locked out by them */
-    size_t unauthenticated_budget;
+    /* UNAUTHENTICATED_BODY_BUDGET for each pool, or less so that bodies
+     * awaiting their signature check always leave room in body_memory for a
+     * body of max_body: authenticated requests are never locked out by them.
+     * POOL_TRUSTED's is 0 where there is no room for it beside POOL_UNKNOWN's
+     * whole: its requests share that one. */
+    size_t pool_budget[POOLS];
     /* Requests that trickle in (request line, headers or body) are cut off by
      * shutting their socket down from a watchdog, which checks every second.
      * libmicrohttpd's idle timeout cannot do it: every byte resets it. */
@@ -113,8 +119,7 @@ struct req {
     int unwanted_body; /* a body came for a route that takes none (never stored) */
     int admitted;      /* ingest_precheck: 1 by its headers, 2 only by a signature over
                           the body */
-    int unproven;      /* admitted 2, from an address not trusted by the throttle
-                          (auth_trusted): its body counts in unauthenticated_bytes */
+    enum pool pool;    /* admitted 2: where its body is counted (pool_bytes) */
     int tracked;       /* counted in in_progress */
     int close;         /* the answer closes the connection */
     size_t counted;    /* bytes taken from the budgets for the body (take_body) */
@@ -136,7 +141,7 @@ static _Atomic uint64_t request_seq;
 /* The bytes taken for request bodies, all requests together (bounded by the
  * option body_memory), and for those awaiting a signature check. */
 static _Atomic size_t body_bytes;
-static _Atomic size_t unauthenticated_bytes;
+static _Atomic size_t pool_bytes[POOLS];
 /* Set by http_in_drain: every answer closes its connection. */
 static _Atomic int closing_connections;
 
@@ -161,7 +166,7 @@ static enum budget take_body(const http_in *h, struct req *r, size_t n)
 {
     if (!reserve(&body_bytes, n, h->opt.body_memory))
         return B_ALL;
-    if (r->unproven && !reserve(&unauthenticated_bytes, n, h->unauthenticated_budget)) {
+    if (r->pool && !reserve(&pool_bytes[r->pool], n, h->pool_budget[r->pool])) {
         atomic_fetch_sub(&body_bytes, n);
         return B_UNAUTHENTICATED;
     }
@@ -174,8 +179,8 @@ static enum budget take_body(const http_in *h, struct req *r, size_t n)
  * split). */
 static size_t body_limit(const http_in *h, const struct req *r)
 {
-    if (r->unproven && h->unauthenticated_budget < h->opt.max_body)
-        return h->unauthenticated_budget;
+    if (r->pool && h->pool_budget[r->pool] < h->opt.max_body)
+        return h->pool_budget[r->pool];
     return h->opt.max_body;
 }
 
@@ -183,8 +188,8 @@ static size_t body_limit(const http_in *h, const struct req *r)
 static void release_body(struct req *r)
 {
     atomic_fetch_sub(&body_bytes, r->counted);
-    if (r->unproven)
-        atomic_fetch_sub(&unauthenticated_bytes, r->counted);
+    if (r->pool)
+        atomic_fetch_sub(&pool_bytes[r->pool], r->counted);
     r->counted = 0;
     buf_free(&r->body);
 }
@@ -883,11 +888,14 @@ static void on_connection(void *cls, struct MHD_Connection *c, void **socket_con
             MHD_get_connection_info(c, MHD_CONNECTION_INFO_CONNECTION_FD);
         struct conn *k = calloc(1, sizeof(*k));
         if (!k) {
-            /* its TLS handshake cannot be followed: no replaced pair is
-             * released while it is open */
+            /* its TLS handshake cannot be followed (no replaced pair is
+             * released while it is open), nor can the watchdog cut it:
+             * closed at once */
             pthread_mutex_lock(&h->conns_mu);
             h->untracked++;
             pthread_mutex_unlock(&h->conns_mu);
+            if (info)
+                (void)shutdown(info->connect_fd, SHUT_RDWR);
             return;
         }
         k->fd = info ? dup(info->connect_fd) : -1;
@@ -897,13 +905,14 @@ static void on_connection(void *cls, struct MHD_Connection *c, void **socket_con
              * past http.max_connections is (the files of connections are
              * counted at start, see connection_limit: only files taken
              * by others bring this) */
+            int dup_errno = errno;
             static _Atomic int64_t logged_ms;
             metrics_add(M_HTTP_CONNECTIONS_REFUSED, 1);
             if (log_due_shared(&logged_ms))
                 log_warn("connection refused: no open file left to watch it by (raise "
                          "LimitNOFILE= of the unit, or ulimit -n; see "
                          "tributary_http_connections_refused_total)",
-                         LOG_S("error", strerror(errno)));
+                         LOG_S("error", strerror(dup_errno)));
             (void)shutdown(info->connect_fd, SHUT_RDWR);
         }
         k->accepted_ms = clock_mono_ms();
@@ -1098,7 +1107,11 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         struct ingest_request q = headers_of(c, r);
         int admitted = ingest_precheck(h->in, &q, &resp);
         r->admitted = admitted;
-        r->unproven = admitted == 2 && !auth_trusted(r->client, clock_mono_ms() / 1000);
+        if (admitted == 2)
+            r->pool =
+                h->pool_budget[POOL_TRUSTED] && auth_trusted(r->client, clock_mono_ms() / 1000)
+                    ? POOL_TRUSTED
+                    : POOL_UNKNOWN;
         int has_length = cl && parse_int64(cl, 0, INT64_MAX, &len) == 0;
         const char *encoding = unsupported_encoding(c);
         int64_t known = has_length ? len : -1;
@@ -1395,8 +1408,9 @@ int http_in_start(http_in **out, struct ingest *in, const struct http_in_options
     h->in = in;
     h->opt = *o;
     size_t spare = o->body_memory > o->max_body ? o->body_memory - o->max_body : 0;
-    h->unauthenticated_budget =
-        spare < UNAUTHENTICATED_BODY_BUDGET ? spare : UNAUTHENTICATED_BODY_BUDGET;
+    size_t unknown = spare < UNAUTHENTICATED_BODY_BUDGET ? spare : UNAUTHENTICATED_BODY_BUDGET;
+    h->pool_budget[POOL_UNKNOWN] = unknown;
+    h->pool_budget[POOL_TRUSTED] = spare - unknown >= unknown ? unknown : 0;
     if (hooks)
         h->hooks = *hooks;
     pthread_mutex_init(&h->conns_mu, NULL);

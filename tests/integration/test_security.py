@@ -2060,24 +2060,33 @@ class UnauthenticatedBodies(ServiceTest):
         # Four connections that send all but a few bytes of 16 MiB bodies with
         # a made-up signature held the whole 64 MiB of bodies awaiting a
         # signature check, for as long as they trickled: every signed request
-        # got 503. An address a request authenticated from has its bodies
-        # counted as authenticated ones'.
-        s = self.service(tokens=(), env={"TRIBUTARY_INBOUND_HMAC_SECRETS": SECRET,
-                                         "TRIBUTARY_HTTP_REQUEST_TIMEOUT_S": "120"})
+        # got 503. An address a request authenticated from has a room of its
+        # own, as bounded: clients behind it cannot lock token requests out.
+        s = self.service(env={"TRIBUTARY_INBOUND_HMAC_SECRETS": SECRET,
+                              "TRIBUTARY_HTTP_REQUEST_TIMEOUT_S": "120",
+                              "TRIBUTARY_HTTP_TIMEOUT_S": "120"})
         braze = {"X-Forwarded-For": "198.51.100.7"}
         self.assertEqual(signed_post(s, envelope(event()), headers=braze).status, 200)
         length = 16 << 20
-        for _ in range(4):
+
+        def trickle(client, send):
             sock = socket.create_connection(("127.0.0.1", s.port), timeout=30 * SLOW)
             self.addCleanup(sock.close)
-            sock.sendall(("POST /currents HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 203.0.113.9\r\n"
+            sock.sendall(("POST /currents HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: %s\r\n"
                           "Tributary-Signature: t=%d,v1=%s\r\nContent-Length: %d\r\n\r\n"
-                          % (now_s(), "0" * 64, length)).encode())
-            sock.sendall(b"x" * (length - 10))
-        deadline = time.time() + 20 * SLOW
-        while s.metrics()["tributary_http_request_body_bytes"] < 4 * (length - 10):
-            self.assertLess(time.time(), deadline, "the bodies were not taken")
-            time.sleep(0.05)
+                          % (client, now_s(), "0" * 64, length)).encode())
+            sock.sendall(b"x" * send)
+            return sock
+
+        def held(want):
+            deadline = time.time() + 20 * SLOW
+            while s.metrics()["tributary_http_request_body_bytes"] < want:
+                self.assertLess(time.time(), deadline, "the bodies were not taken")
+                time.sleep(0.05)
+
+        for _ in range(4):
+            trickle("203.0.113.9", length - 10)
+        held(4 * (length - 10))
         # the room of unproven bodies is full: another address's waits
         r = signed_post(s, envelope(event()), headers={"X-Forwarded-For": "203.0.113.10"})
         self.assertEqual((r.status, r.json()), (503, {"error": "busy"}))
@@ -2085,8 +2094,20 @@ class UnauthenticatedBodies(ServiceTest):
         e = event()
         r = signed_post(s, envelope(e), headers=braze)
         self.assertEqual(r.status, 200, r)
+        # its own room is bounded too: what shares its address cannot take
+        # the room of token requests
+        for _ in range(4):
+            trickle(braze["X-Forwarded-For"], length - 10)
+        held(8 * (length - 10))
+        fifth = trickle(braze["X-Forwarded-For"], 100)
+        fifth.settimeout(10 * SLOW)
+        answer = fifth.recv(4096)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 503 "), answer)
+        self.assertIn(b'{"error":"busy"}', answer)
+        token = event()
+        self.assertEqual(s.post([token]).status, 200)
         self.assertIn(e["id"], s.queued_ids())
-
+        self.assertIn(token["id"], s.queued_ids())
 
 if __name__ == "__main__":
     unittest.main()

@@ -2188,7 +2188,8 @@ START_TEST(test_a_second_service_on_one_data_dir_is_refused_until_the_first_stop
     ck_assert_ptr_null(second);
     /* named with the pid holding the lock, this process's here */
     char says[64];
-    snprintf(says, sizeof says, "another tributary serve (pid %d) is using data_dir", (int)getpid());
+    snprintf(says, sizeof says, "another tributary serve (pid %d) is using data_dir",
+             (int)getpid());
     ck_assert_msg(strstr(err, says) != NULL, "%s", err);
     /* the CLI's writes run beside the service */
     queue *cli = open_queue(NO_LIMIT, 0);
