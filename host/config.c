@@ -127,6 +127,15 @@ static void list_free(struct string_list *l)
     l->n = 0;
 }
 
+static int list_has(const struct string_list *l, const char *s)
+{
+    for (size_t i = 0; i < l->n; i++) {
+        if (strcmp(l->items[i], s) == 0)
+            return 1;
+    }
+    return 0;
+}
+
 static int list_add(struct string_list *l, const char *s, size_t n)
 {
     char **items = realloc(l->items, (l->n + 1) * sizeof(*items));
@@ -776,8 +785,11 @@ static int getenv_call(int state, const struct token *t)
 
 /* Scans the file for keys given twice (errors in e) and adds to read the
  * names the file passes to os.getenv as text: a variable it reads, whether or
- * not this load ran the call (`os.getenv("A") or os.getenv("B")`). */
-static void scan_source(const char *file, const char *src, struct errs *e, struct string_list *read)
+ * not this load ran the call (`os.getenv("A") or os.getenv("B")`); and to
+ * whole those of them whose call is a table's item or field value as it
+ * stands (followed by ",", ";" or "}"; not `os.getenv("A") or "default"`). */
+static void scan_source(const char *file, const char *src, struct errs *e, struct string_list *read,
+                        struct string_list *whole)
 {
     struct scan_table *stack = calloc(SCAN_DEPTH, sizeof(*stack));
     if (!stack)
@@ -789,11 +801,23 @@ static void scan_source(const char *file, const char *src, struct errs *e, struc
     int key_state = 0;
     struct scan_key value_of = {0}; /* the key of the value that begins now */
     int getenv_state = 0;
+    /* the name of the call just read: 1 inside its parentheses, 2 after */
+    struct scan_key named_var = {0};
+    int var_state = 0;
     struct token t;
     do {
         next_token(&p, &line, &t);
-        if (t.kind == TK_STRING && t.plain && getenv_state >= 3 && list_add(read, t.s, t.n) != 0)
+        int punct = t.kind == TK_PUNCT ? t.c : 0;
+        if (var_state == 2 && (punct == ',' || punct == ';' || punct == '}') &&
+            list_add(whole, named_var.s, named_var.n) != 0)
             errs_add(e, "out of memory");
+        var_state = var_state == 1 && punct == ')' ? 2 : 0;
+        if (t.kind == TK_STRING && t.plain && getenv_state >= 3) {
+            if (list_add(read, t.s, t.n) != 0)
+                errs_add(e, "out of memory");
+            named_var = (struct scan_key){t.s, t.n, t.line};
+            var_state = getenv_state == 4 ? 1 : 2; /* os.getenv("A") or os.getenv "A" */
+        }
         getenv_state = getenv_call(getenv_state, &t);
         struct scan_table *top = depth >= 0 && depth < SCAN_DEPTH ? &stack[depth] : NULL;
         int at_field = top && top->nesting == 0 && top->field_start;
@@ -873,8 +897,10 @@ static void scan_source(const char *file, const char *src, struct errs *e, struc
 }
 
 /* Adds to read the names of the environment variables the file read
- * (os.getenv), and to unset those of them that are not set. */
-static void collect_env_read(lua_State *L, struct string_list *read, struct string_list *unset,
+ * (os.getenv), and to unset those of them that are not set and that whole
+ * names (see scan_source). */
+static void collect_env_read(lua_State *L, struct string_list *read,
+                             const struct string_list *whole, struct string_list *unset,
                              struct errs *e)
 {
     if (lua_getfield(L, LUA_REGISTRYINDEX, SANDBOX_ENV_READ) == LUA_TTABLE) {
@@ -882,7 +908,8 @@ static void collect_env_read(lua_State *L, struct string_list *read, struct stri
         while (lua_next(L, -2)) {
             size_t n;
             const char *name = lua_tolstring(L, -2, &n);
-            if (list_add(read, name, n) != 0 || (!getenv(name) && list_add(unset, name, n) != 0))
+            if (list_add(read, name, n) != 0 ||
+                (!getenv(name) && list_has(whole, name) && list_add(unset, name, n) != 0))
                 errs_add(e, "out of memory");
             lua_pop(L, 1);
         }
@@ -891,7 +918,8 @@ static void collect_env_read(lua_State *L, struct string_list *read, struct stri
 }
 
 /* read: receives the names of the environment variables the file read, and
- * unset those of them its run read and found not set. */
+ * unset those of them its run read and found not set where the file gives
+ * one as a value as it stands. */
 static void load_source(struct config *c, const char *path, const char *src, size_t len,
                         struct errs *e, struct string_list *read, struct string_list *unset)
 {
@@ -938,8 +966,10 @@ static void load_source(struct config *c, const char *path, const char *src, siz
         goto done;
     }
     walk(&ld, L, "");
-    collect_env_read(L, read, unset, e);
-    scan_source(path, src, e, read);
+    struct string_list whole = {0};
+    scan_source(path, src, e, read, &whole);
+    collect_env_read(L, read, &whole, unset, e);
+    list_free(&whole);
 done:
     sandbox_free(sb);
 }
@@ -2083,9 +2113,9 @@ static int load(struct config **out, const char *path, const char *src, size_t l
          * given: a token so read leaves its endpoint open without a word */
         for (size_t i = 0; i < env_unset.n; i++)
             warn_add(&warnings,
-                     "the configuration file reads %s (os.getenv), which is not set: what it "
-                     "gives is taken as not given",
-                     env_unset.items[i]);
+                     "the configuration file gives os.getenv(\"%s\") as a value, and %s is "
+                     "not set: the file gives no value there",
+                     env_unset.items[i], env_unset.items[i]);
         /* a signed request is good for the replay window, and only the dedup
          * window keeps a replay of it from being delivered again */
         if (c->inbound_hmac_secrets.n > 0 && c->dedup_window_s < c->inbound_replay_window_s)
