@@ -155,12 +155,17 @@ def fault_shim(name):
 _SHIMS = {}
 
 
+def preload_env(name):
+    """The environment that preloads the fault shim <name> into the binary."""
+    # a sanitizer build wants its runtime first; the shim only wraps a call
+    return {"LD_PRELOAD": fault_shim(name),
+            "ASAN_OPTIONS": (os.environ.get("ASAN_OPTIONS", "") +
+                             ":verify_asan_link_order=0").lstrip(":")}
+
+
 def preload(s, name):
     """Preloads the fault shim <name> into the next start of s."""
-    s.env["LD_PRELOAD"] = fault_shim(name)
-    # a sanitizer build wants its runtime first; the shim only wraps a call
-    s.env["ASAN_OPTIONS"] = (os.environ.get("ASAN_OPTIONS", "") +
-                             ":verify_asan_link_order=0").lstrip(":")
+    s.env.update(preload_env(name))
 
 
 def run_cli_peak_rss(args, env=None, cwd=None, timeout=60):

@@ -14,7 +14,7 @@ import time
 import unittest
 
 from harness import (BIN, ROOT, RULES, SANITIZED, SLOW, TIME, WRAPPER, ServiceTest, clean_env,
-                     event, fault_shim, run_cli, run_cli_peak_rss, tool_errors)
+                     event, preload_env, run_cli, run_cli_peak_rss, tool_errors)
 
 # dlq requeue reads, maps and commits this many dead letters at a time, fewer
 # when their Braze events reach REQUEUE_PAGE_BYTES (host/dlq.c).
@@ -672,16 +672,17 @@ class DeadLetterCommands(ServiceTest):
         # stopped inside its write, it held the queue's lock: every request
         # to the service waited 10 s and got 503 until the command went on
         s, ids = self.dead_letters(3)
-        env = clean_env(dict(s.env, LD_PRELOAD=fault_shim("slow_sync"), SLOW_SYNC_MS="1000",
-                             ASAN_OPTIONS=(os.environ.get("ASAN_OPTIONS", "") +
-                                           ":verify_asan_link_order=0").lstrip(":")))
+        mark = os.path.join(self.tmpdir(), "syncing")
+        env = clean_env(dict(s.env, SLOW_SYNC_MS="1000", SLOW_SYNC_MARK=mark,
+                             **preload_env("slow_sync")))
         config = ["--config", s.config] if s.config else []
-        p = subprocess.Popen([BIN, "dlq", "requeue", "--all"] + config, env=env,
-                             cwd=s.dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        p = subprocess.Popen([BIN, "dlq", "requeue", "--all"] + config, env=env, cwd=s.dir,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.addCleanup(lambda: p.poll() is None and (p.send_signal(signal.SIGCONT), p.kill()))
-        time.sleep(0.5 * SLOW)
-        p.send_signal(signal.SIGTSTP)
+        self.wait(lambda: os.path.exists(mark), 30, "the command's first sync")
+        p.send_signal(signal.SIGTSTP)  # inside its write
         out, err = p.communicate(timeout=30 * SLOW)
+        self.assertEqual(tool_errors(err), [])
         self.assertEqual(p.returncode, 0, err)
         self.assertIn("requeued 3 events", out)
         self.assertEqual(s.post([event()]).status, 200)

@@ -1583,14 +1583,17 @@ class WithoutCredentials(ServiceTest):
         # the line a forwarded request gets is at most one per 10 s: a client
         # on another machine cannot fill the log through a local proxy
         s = self.service(tokens=())
-        for i in range(40):
+        start = time.monotonic()
+        for i in range(10):
             r = s.post([event()], token=None, headers={"X-Forwarded-For": "203.0.113.%d" % i})
             self.assertEqual(r.status, 503, r)
+        if time.monotonic() - start >= 9:
+            self.skipTest("the requests took longer than the line's 10 s")
         self.assertEqual(s.logs().count("refusing a client on another machine"), 1, s.logs())
         self.assertEqual(s.stop(), 0)
         lines = [l for l in s.logs().splitlines() if "refusing a client on another machine" in l]
         self.assertEqual(len(lines), 2, s.logs())
-        self.assertIn("times=39", lines[1])
+        self.assertIn("times=9", lines[1])
 
     def test_a_local_client_direct_or_forwarded_is_served(self):
         s = self.service(tokens=())
