@@ -2925,7 +2925,9 @@ static int mark_running(queue *q, char *err, size_t errlen)
         return -1;
     /* the mark in queue.db itself, not only in its WAL, which could hold
      * everything until the first checkpoint: a WAL lost with the commits of
-     * a run that did not stop cleanly is said at the next start */
+     * a run that did not stop cleanly is said at the next start. Passive,
+     * so a command reading beside the start can leave it to the first
+     * checkpoint of the run */
     (void)sqlite3_wal_checkpoint_v2(q->db, NULL, SQLITE_CHECKPOINT_PASSIVE, NULL, NULL);
     q->marked_running = 1;
     return 0;
@@ -3136,10 +3138,6 @@ static int load_dedup(queue *q, char *err, size_t errlen)
     return rc;
 }
 
-/* One service per data_dir: a second one would send the same records again
- * and claim against the first one's batches. The lock goes with the process
- * (flock), so a crash leaves none behind. The CLI's writes do not take it:
- * they are meant to run beside the service. */
 /* The pid of the process that holds an flock on the file open at fd, where
  * this process sees it in /proc/locks: "1: FLOCK  ADVISORY  WRITE 1234
  * fe:00:5678 0 EOF" (a waiter's line has "->" after its number; a lock of
@@ -3180,9 +3178,14 @@ static int lock_exclusive(int fd)
     return rc;
 }
 
-/* One service per data_dir: it holds the lock file (its pid is found there)
- * and the directory itself, which an operator cannot remove as a stale lock
- * file, as the directory holds the queue. */
+/* One service per data_dir: a second one would send the same records again
+ * and claim against the first one's batches. It locks the lock file and the
+ * directory itself, which an operator cannot remove as a stale lock file;
+ * the holder's pid is read from /proc/locks (lock_holder). The locks go with
+ * the process (flock), so a crash leaves none behind. The CLI's writes do
+ * not take them: they are meant to run beside the service. A file system
+ * that cannot lock a directory (NFS emulates flock with locks that need a
+ * file open for writing) leaves the lock file alone to it. */
 static int take_lock(queue *q, char *err, size_t errlen)
 {
     char path[4096];
@@ -3201,6 +3204,11 @@ static int take_lock(queue *q, char *err, size_t errlen)
     for (size_t i = 0; i < ARRAY_LEN(fds); i++) {
         if (lock_exclusive(fds[i]) == 0)
             continue;
+        if (i == 1 && (errno == EBADF || errno == ENOLCK || errno == EOPNOTSUPP)) {
+            close(q->dir_fd);
+            q->dir_fd = -1;
+            continue;
+        }
         if (errno != EWOULDBLOCK) {
             str_printf(err, errlen, "%s: %s", i == 0 ? path : q->opt.dir, strerror(errno));
             return -1;
@@ -3515,8 +3523,10 @@ int queue_open(queue **out, const struct queue_options *o, char *err, size_t err
     return 0;
 fail:
     /* SQLite's own messages ("attempt to write a readonly database") name no
-     * file; others name the queue's or another file of data_dir */
-    if (q->path && !strstr(err, o->dir)) {
+     * file; others name the queue, begin with another file of data_dir, or
+     * name data_dir */
+    if (q->path && !strstr(err, q->path) && strncmp(err, o->dir, strlen(o->dir)) != 0 &&
+        !strstr(err, "data_dir ")) {
         char *msg = strdup(err);
         if (msg)
             str_printf(err, errlen, "%s: %s", q->path, msg);
