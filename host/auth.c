@@ -9,6 +9,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/random.h>
+#include <unistd.h>
 
 /* ---- tokens ------------------------------------------------------------- */
 
@@ -236,7 +238,32 @@ static struct {
         int64_t blocked_until;
         int64_t last_ok; /* when a request from it last authenticated */
     } slot[SLOTS];
+    /* the slots' hash is keyed at random, so that no one can tell which
+     * addresses share an address's slots (see slot_of) */
+    uint64_t key;
+    int keyed;
 } T = {.mu = PTHREAD_MUTEX_INITIALIZER};
+
+/* A 64-bit finalizer (splitmix64's): every bit of x moves the slot. */
+static uint64_t mix64(uint64_t x)
+{
+    x ^= x >> 30;
+    x *= 0xbf58476d1ce4e5b9ULL;
+    x ^= x >> 27;
+    x *= 0x94d049bb133111ebULL;
+    return x ^ (x >> 31);
+}
+
+/* Caller holds T.mu. */
+static uint64_t slot_hash(const char *client)
+{
+    if (!T.keyed) {
+        if (getrandom(&T.key, sizeof T.key, GRND_NONBLOCK) != (ssize_t)sizeof T.key)
+            T.key = mix64((uint64_t)clock_mono_ns() ^ ((uint64_t)getpid() << 32));
+        T.keyed = 1;
+    }
+    return mix64(digest_fnv64(DIGEST_FNV64_INIT, client, strlen(client)) ^ T.key);
+}
 
 /* The name of client's slot: the address, or for an IPv6 one its /64. */
 static const char *throttle_key(const char *client, char *out, size_t outlen)
@@ -271,23 +298,29 @@ enum slot_create { SLOT_FIND, SLOT_FOR_FAILURE, SLOT_FOR_SUCCESS };
 
 /* The slot of a client: its own, else a free or idle one (neither seen
  * within the window nor trusted), else the least recently seen one that is not
- * refusing anybody: a refusal in force is never evicted, so flooding the table
- * from many addresses cannot lift it; nor, for a failure, is a trusted client
- * (one that authenticated within AUTH_TRUSTED_S), so failures from many
- * addresses cannot make it one to refuse. -1 when there is no room (the
- * failure goes unrecorded). Caller holds T.mu. */
+ * refusing anybody: a refusal in force is never evicted by another failure,
+ * so flooding the table from many addresses cannot lift it; nor, for a
+ * failure, is a trusted client (one that authenticated within
+ * AUTH_TRUSTED_S), so failures from many addresses cannot make it one to
+ * refuse. A success, which no flood can bring, takes the slot of the refusal
+ * that ends first when there is no other: addresses refused in every slot of
+ * a sender's cannot keep its trust from being noted. -1 when there is no room
+ * (a failure goes unrecorded). Caller holds T.mu. */
 static int slot_of(const char *address, int64_t now_s, enum slot_create create)
 {
     char key[sizeof T.slot[0].client];
     const char *client = throttle_key(address, key, sizeof key);
-    uint64_t h = digest_fnv64(DIGEST_FNV64_INIT, client, strlen(client));
-    int idle = -1, oldest = -1;
+    uint64_t h = slot_hash(client);
+    int idle = -1, oldest = -1, ending = -1;
     for (int probe = 0; probe < 16; probe++) {
         int i = (int)((h + (uint64_t)probe) % SLOTS);
         if (strcmp(T.slot[i].client, client) == 0)
             return i;
-        if (T.slot[i].blocked_until > now_s)
+        if (T.slot[i].blocked_until > now_s) {
+            if (ending < 0 || T.slot[i].blocked_until < T.slot[ending].blocked_until)
+                ending = i;
             continue;
+        }
         if (idle < 0 && (T.slot[i].client[0] == '\0' ||
                          (now_s - last_seen(i) > AUTH_THROTTLE_WINDOW_S && !trusted(i, now_s))))
             idle = i;
@@ -297,6 +330,8 @@ static int slot_of(const char *address, int64_t now_s, enum slot_create create)
             oldest = i;
     }
     int victim = idle >= 0 ? idle : oldest;
+    if (victim < 0 && create == SLOT_FOR_SUCCESS)
+        victim = ending;
     if (create == SLOT_FIND || victim < 0)
         return -1;
     str_copy(T.slot[victim].client, sizeof T.slot[victim].client, client);
@@ -344,6 +379,16 @@ int auth_failed(const char *client, int64_t now_s)
     }
     pthread_mutex_unlock(&T.mu);
     return started;
+}
+
+void auth_log_refusal(const char *client)
+{
+    static struct log_budget lines;
+    if (log_budget_allows(&lines, LOG_WARN, AUTH_LINES_PER_SECOND,
+                          "clients refused after repeated authentication failures: more this "
+                          "second than the log takes; the rest of them are left out of it"))
+        log_warn("refusing a client for a while after repeated authentication failures",
+                 LOG_S("client", client) LOG_I("seconds", AUTH_THROTTLE_BLOCK_S));
 }
 
 int auth_trusted(const char *client, int64_t now_s)

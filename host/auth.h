@@ -84,12 +84,21 @@ int auth_sign(const char *secret, int64_t t, const char *body, size_t len, char 
  *
  * 1 when the client is refused for now (*retry_after_s set). */
 int auth_throttled(const char *client, int64_t now_s, int64_t *retry_after_s);
+/* The lines a second that say failed authentications, and the refusals they
+ * start, each (log_budget_allows): a client with many addresses, or behind a
+ * trusted one, would otherwise write one per request.
+ * tributary_auth_failures_total and the other counters count them all. */
+#define AUTH_LINES_PER_SECOND 20
+
 /* Records a failure; returns 1 when it starts a refusal period. An address
  * from which a request authenticated within AUTH_TRUSTED_S is not refused:
  * its failures are another sender's behind the same address (Braze's
  * addresses serve all its customers, a NAT, a proxy), and refusing it would
  * refuse the real sender too, whose requests, refused, could not lift it. */
 int auth_failed(const char *client, int64_t now_s);
+/* Says that auth_failed started a refusal of client, within
+ * AUTH_LINES_PER_SECOND lines a second. */
+void auth_log_refusal(const char *client);
 /* Notes that a request from client authenticated (see auth_failed). */
 void auth_succeeded(const char *client, int64_t now_s);
 /* Whether a request from client authenticated within AUTH_TRUSTED_S. */

@@ -653,12 +653,17 @@ static int refuse_without_token(struct MHD_Connection *c, struct req *r, enum MH
         /* not Braze's: TributaryInboundAuthFailing reads M_AUTH_FAILURES */
         metrics_add(r->route == R_ADMIN_RELOAD ? M_ADMIN_AUTH_FAILURES : M_METRICS_AUTH_FAILURES,
                     1);
-        log_warn("request refused: no valid token",
-                 LOG_S("path", ROUTE_PATHS[r->route]) LOG_S("client", r->client)
-                     LOG_S("reason", auth_result_text(a)));
+        static struct log_budget failed_lines;
+        if (log_budget_allows(&failed_lines, LOG_WARN, AUTH_LINES_PER_SECOND,
+                              "requests refused without a valid token: more this second than the "
+                              "log takes; the rest of them are left out of it "
+                              "(tributary_metrics_auth_failures_total and "
+                              "tributary_admin_auth_failures_total count them)"))
+            log_warn("request refused: no valid token",
+                     LOG_S("path", ROUTE_PATHS[r->route]) LOG_S("client", r->client)
+                         LOG_S("reason", auth_result_text(a)));
         if (auth_failed(r->client, now))
-            log_warn("refusing a client for a while after repeated authentication failures",
-                     LOG_S("client", r->client) LOG_I("seconds", AUTH_THROTTLE_BLOCK_S));
+            auth_log_refusal(r->client);
         *rc = reply_json(c, r, 401,
                          r->route == R_ADMIN_RELOAD ? "{\"error\":\"admin token required\"}"
                                                     : "{\"error\":\"metrics token required\"}",

@@ -313,11 +313,15 @@ static int admit(struct ingest *in, const struct config *cfg, const struct inges
         return 0;
     }
     metrics_add(M_AUTH_FAILURES, 1);
-    log_info("authentication failed",
-             LOG_S("client", req->client) LOG_S("reason", auth_result_text(a)));
+    static struct log_budget failed_lines;
+    if (log_budget_allows(&failed_lines, LOG_INFO, AUTH_LINES_PER_SECOND,
+                          "authentication failures: more this second than the log takes; the "
+                          "rest of them are left out of it (tributary_auth_failures_total counts "
+                          "them)"))
+        log_info("authentication failed",
+                 LOG_S("client", req->client) LOG_S("reason", auth_result_text(a)));
     if (auth_failed(req->client, now))
-        log_warn("refusing a client for a while after repeated authentication failures",
-                 LOG_S("client", req->client) LOG_I("seconds", AUTH_THROTTLE_BLOCK_S));
+        auth_log_refusal(req->client);
     respond_error(resp, 401, 0, auth_result_text(a), -1, NULL);
     return 0;
 }

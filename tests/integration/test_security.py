@@ -357,6 +357,24 @@ class Throttling(ServiceTest):
         # the refusal lasts a minute from the tenth failure, a few moments ago
         self.assertTrue(55 <= int(r.headers["retry-after"]) <= 60, r.headers)
 
+    def test_failures_from_a_trusted_address_write_at_most_20_lines_a_second(self):
+        # an address a request authenticated from is never refused (Braze's
+        # serve every customer): another customer's wrong token wrote a line
+        # per request there, as fast as it could send
+        s = self.service()
+        self.assertEqual(s.post([event()]).status, 200)
+        start = time.monotonic()
+        statuses = [s.post([event()], token="wrong-token").status for _ in range(60)]
+        elapsed = time.monotonic() - start
+        self.assertEqual(statuses, [401] * 60)
+        self.assertEqual(s.metrics()["tributary_auth_failures_total"], 60)
+        said = s.logs().count('msg="authentication failed"')
+        self.assertLessEqual(said, 20 * (int(elapsed) + 2), s.logs()[-2000:])
+        if elapsed < 1:
+            self.assertLess(said, 60)
+            self.assertIn("authentication failures: more this second than the log takes",
+                          s.logs())
+
     def test_a_throttled_client_is_refused_even_with_the_right_token(self):
         s = self.service()
         self.fail_ten_times(s, "203.0.113.7")

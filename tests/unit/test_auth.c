@@ -84,6 +84,41 @@ START_TEST(test_failures_from_many_addresses_do_not_evict_a_trusted_one)
 }
 END_TEST
 
+/* Addresses refused in every slot a sender's address could take kept its
+ * success from being noted: its signed bodies stayed with everyone's, and its
+ * failures could be refused. A success takes the refusal's slot that ends
+ * first; failures still cannot lift a refusal. */
+START_TEST(test_a_table_full_of_refusals_still_notes_a_success)
+{
+    char other[64];
+    int blocked = 0;
+    for (int i = 0; i < 4000; i++) {
+        snprintf(other, sizeof other, "2001:db8:%x:%x::1", i / 256, i % 256);
+        blocked += fail_times(other, AUTH_THROTTLE_FAILURES, T0);
+    }
+    ck_assert_int_ge(blocked, 1024); /* every slot refuses somebody */
+    const char *sender = "198.51.100.9";
+    ck_assert(!auth_trusted(sender, T0 + 1));
+    auth_succeeded(sender, T0 + 1);
+    ck_assert(auth_trusted(sender, T0 + 1));
+    ck_assert_int_eq(fail_times(sender, 3 * AUTH_THROTTLE_FAILURES, T0 + 2), 0);
+    ck_assert(!refused(sender, T0 + 2));
+    /* failures from one more address do not push a refusal out */
+    int still = 0;
+    for (int i = 0; i < 4000; i++) {
+        snprintf(other, sizeof other, "2001:db8:%x:%x::1", i / 256, i % 256);
+        still += refused(other, T0 + 3);
+    }
+    fail_times("203.0.113.250", AUTH_THROTTLE_FAILURES, T0 + 3);
+    int after = 0;
+    for (int i = 0; i < 4000; i++) {
+        snprintf(other, sizeof other, "2001:db8:%x:%x::1", i / 256, i % 256);
+        after += refused(other, T0 + 3);
+    }
+    ck_assert_int_eq(after, still);
+}
+END_TEST
+
 /* What http_in asks before it counts a signed body as an authenticated one's:
  * a success within AUTH_TRUSTED_S, never a failure. */
 START_TEST(test_an_address_is_trusted_for_a_day_after_it_authenticated)
@@ -186,6 +221,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_the_addresses_of_one_ipv6_64_count_together);
     tcase_add_test(tc, test_failures_from_many_addresses_do_not_evict_a_trusted_one);
     tcase_add_test(tc, test_an_address_is_trusted_for_a_day_after_it_authenticated);
+    tcase_add_test(tc, test_a_table_full_of_refusals_still_notes_a_success);
     tcase_add_test(tc, test_a_failing_hash_makes_credentials_unknown_not_wrong);
     tcase_add_test(tc, test_a_signature_exactly_the_replay_window_away_is_taken);
     suite_add_tcase(s, tc);
