@@ -1,6 +1,7 @@
 #include "config.h"
 
 #include "digest.h"
+#include "http_in.h"
 #include "log.h"
 #include "mparticle.h"
 #include "queue.h"
@@ -2118,6 +2119,16 @@ static int load(struct config **out, const char *path, const char *src, size_t l
                      env_unset.items[i], env_unset.items[i]);
         /* a signed request is good for the replay window, and only the dedup
          * window keeps a replay of it from being delivered again */
+        /* the room of signed bodies from senders served before, which
+         * clients that never finish theirs cannot take (see http_in.h) */
+        long long room_mb = (long long)(2 * UNAUTHENTICATED_BODY_BUDGET >> 20) +
+                            (c->inbound_max_body_bytes + (1 << 20) - 1) / (1 << 20);
+        if (c->inbound_hmac_secrets.n > 0 && c->inbound_body_memory_mb < room_mb)
+            warn_add(&warnings,
+                     "inbound.body_memory_mb (%lld) leaves signed requests from senders served "
+                     "before no room of their own: clients that never finish a body can hold "
+                     "them out; %lld or more gives it (see README, Bounds)",
+                     (long long)c->inbound_body_memory_mb, room_mb);
         if (c->inbound_hmac_secrets.n > 0 && c->dedup_window_s < c->inbound_replay_window_s)
             warn_add(&warnings,
                      "dedup.window_s (%lld) is shorter than inbound.replay_window_s (%lld): a "

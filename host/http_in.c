@@ -20,16 +20,6 @@
 #include <sys/socket.h>
 #include <time.h>
 
-/* Bodies of requests that only a signature over the body can admit are read
- * before anybody is authenticated: all of them together get this much of the
- * option body_memory, and never the room of the largest body that is left
- * for the others (see pool_budget). Those from an address a request
- * authenticated from within AUTH_TRUSTED_S (Braze's, once it has been served)
- * get a room of their own as large, where body_memory leaves room for both:
- * clients elsewhere that never complete a body cannot hold a signing sender
- * out. */
-#define UNAUTHENTICATED_BODY_BUDGET ((size_t)64 << 20)
-
 /* The room a body awaiting its signature check is taken from. */
 enum pool { POOL_NONE, POOL_UNKNOWN, POOL_TRUSTED, POOLS };
 

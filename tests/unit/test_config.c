@@ -193,6 +193,40 @@ START_TEST(test_a_variable_the_file_reads_and_that_is_not_set_is_a_warning)
 }
 END_TEST
 
+/* The room of their own that signed bodies from senders served before get
+ * (see http_in.h) needs 128 MiB beside the largest body: without it they
+ * share everyone's, and a warning says so. */
+START_TEST(test_a_body_memory_without_room_for_trusted_signed_bodies_is_a_warning)
+{
+    static const struct {
+        const char *src;
+        int warned;
+    } cases[] = {
+        {"return { inbound = { hmac_secrets = { 'hmac-secret-0123456789' }, "
+         "body_memory_mb = 128 } }\n",
+         1},
+        {"return { inbound = { hmac_secrets = { 'hmac-secret-0123456789' }, "
+         "body_memory_mb = 144 } }\n",
+         0},
+        {"return { inbound = { hmac_secrets = { 'hmac-secret-0123456789' } } }\n", 0},
+        {"return { inbound = { body_memory_mb = 128 } }\n", 0},
+    };
+    for (size_t i = 0; i < ARRAY_LEN(cases); i++) {
+        struct config *c = NULL;
+        char err[4096] = "";
+        ck_assert_msg(config_load(&c, conf("room.lua", cases[i].src), err, sizeof err) == 0, "%s",
+                      err);
+        const char *w = c->warnings ? c->warnings : "";
+        ck_assert_msg((strstr(w, "inbound.body_memory_mb (128) leaves signed requests from "
+                                 "senders served before no room of their own: clients that never "
+                                 "finish a body can hold them out; 144 or more gives it") !=
+                       NULL) == cases[i].warned,
+                      "%zu: %s", i, w);
+        config_unref(c);
+    }
+}
+END_TEST
+
 START_TEST(test_null_path_reads_tributary_conf_lua_in_current_directory)
 {
     char sub[128];
@@ -1571,6 +1605,7 @@ static Suite *suite(void)
         tc, test_feed_url_ending_in_the_events_path_and_a_slash_is_refused_as_not_a_base_url);
     tcase_add_test(tc, test_a_url_over_the_length_taken_is_refused);
     tcase_add_test(tc, test_a_variable_the_file_reads_and_that_is_not_set_is_a_warning);
+    tcase_add_test(tc, test_a_body_memory_without_room_for_trusted_signed_bodies_is_a_warning);
     tcase_add_test(tc, test_loopback_url_ending_in_the_bulk_path_and_a_slash_is_refused);
     tcase_add_test(tc, test_base_url_with_a_path_of_its_own_is_accepted);
     tcase_add_test(tc, test_a_ca_bundle_that_cannot_be_read_is_refused);
