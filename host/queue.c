@@ -3224,6 +3224,32 @@ static int take_lock(queue *q, char *err, size_t errlen)
     return 0;
 }
 
+/* The lock is data_dir's, and a queue.db that is a symbolic link, or has
+ * another name, may be another data_dir's too: a service there would send
+ * the same events. Refused; 0 when queue.db is data_dir's own (or not there
+ * yet). */
+static int shared_queue(queue *q, char *err, size_t errlen)
+{
+    char path[4096];
+    snprintf(path, sizeof path, "%s/%s", q->opt.dir, QUEUE_FILE);
+    struct stat st;
+    if (lstat(path, &st) != 0)
+        return 0;
+    if (S_ISLNK(st.st_mode))
+        str_printf(err, errlen,
+                   "%s is a symbolic link: a service on another data_dir could use the same "
+                   "queue; set data_dir to the directory that holds the file",
+                   path);
+    else if (st.st_nlink > 1)
+        str_printf(err, errlen,
+                   "%s has %ju names (hard links): a service on another data_dir could use the "
+                   "same queue; remove the others",
+                   path, (uintmax_t)st.st_nlink);
+    else
+        return 0;
+    return -1;
+}
+
 /* Run as root on a data_dir that another user owns (a service started by
  * hand to look into something), the files the service creates would be
  * root's, and the service run as that user could not open them at its next
@@ -3342,6 +3368,10 @@ int queue_open(queue **out, const struct queue_options *o, char *err, size_t err
     if (!o->readonly &&
         (mkdir_p(o->dir, err, errlen) != 0 || (o->exclusive && take_lock(q, err, errlen))))
         goto fail;
+    if (o->exclusive && shared_queue(q, err, errlen) != 0) {
+        refused = 1; /* as it is, every start would meet it */
+        goto fail;
+    }
     struct stat dir_st;
     if (o->exclusive && stat(o->dir, &dir_st) == 0 && (dir_st.st_mode & 077)) {
         char mode[8];

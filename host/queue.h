@@ -70,8 +70,9 @@ const char *queue_status_name(enum queue_status s);
 
 /* Opens (creating when needed) data_dir/queue.db and starts the writer: 0, or
  * -1 (err), or QUEUE_OPEN_REFUSED (err) for a file this version must leave as
- * it is, whatever the retries: another program's database, or the queue of a
- * newer tributary. */
+ * it is, whatever the retries: another program's database, the queue of a
+ * newer tributary, or (for the service) a queue.db that may be another
+ * data_dir's too (a symbolic link, or one of several names). */
 #define QUEUE_OPEN_REFUSED (-2)
 int queue_open(queue **out, const struct queue_options *o, char *err, size_t errlen) WUR;
 /* Stops the writer after the pending operations and closes. Accepts NULL. */

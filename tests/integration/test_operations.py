@@ -410,6 +410,23 @@ class Listening(ServiceTest):
         self.assertEqual(stats["service_pid"], first.proc.pid)
         self.assertEqual(first.post([event()]).status, 200)
 
+    def test_a_queue_db_that_may_be_another_data_dirs_too_is_refused(self):
+        # a queue.db linked from another data_dir let a second service take
+        # the queue of a running one: the lock is the directory's
+        first = self.service()
+        for kind in ("symlink", "link"):
+            other = os.path.join(self.tmpdir(), "var")
+            os.mkdir(other, 0o700)
+            getattr(os, kind)(os.path.join(first.data_dir, "queue.db"),
+                              os.path.join(other, "queue.db"))
+            second = Service(env={"TRIBUTARY_DATA_DIR": other})
+            self.addCleanup(second.cleanup)
+            second.expected_exit = 78
+            second.start(wait=False)
+            self.assertEqual(second.proc.wait(timeout=15 * SLOW), 78, second.logs())
+            self.assertIn("could use the same queue", second.logs())
+        self.assertEqual(first.post([event()]).status, 200)
+
     def test_listening_on_every_ipv6_address_takes_ipv4_clients_as_themselves(self):
         # "[::]" listens on IPv4 too; an IPv4 client is its IPv4 address (not
         # ::ffff:127.0.0.1), so it is still a loopback peer whose proxy header
