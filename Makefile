@@ -9,7 +9,8 @@
 #   make bench      the benchmark (figures as "name value unit" lines)
 #   make bench-instructions   instructions per event by thread (callgrind)
 #   make fuzz       libFuzzer targets, about a minute each
-#   make install    PREFIX=/usr/local DESTDIR=
+#   make install    PREFIX=/usr/local DESTDIR=  (as root without DESTDIR, it also creates
+#                   the system user tributary that the unit runs as)
 #   make fmt lint clean
 
 VERSION := 0.1.0
@@ -149,8 +150,8 @@ install: all
 	chmod 0644 $(DESTDIR)$(PREFIX)/share/tributary/tributary.conf.lua.example
 	install -m 0644 docs/prometheus-alerts.yml $(DESTDIR)$(PREFIX)/share/tributary/
 	install -d $(DESTDIR)$(PREFIX)/share/doc/tributary
-	install -m 0644 README.md docs/operations.md docs/sample-currents-batch.json \
-		$(DESTDIR)$(PREFIX)/share/doc/tributary/
+	install -m 0644 README.md docs/operations.md docs/performance.md \
+		docs/sample-currents-batch.json $(DESTDIR)$(PREFIX)/share/doc/tributary/
 	sed 's|@BINDIR@|$(PREFIX)/bin|g' scripts/tributary.service \
 		> $(DESTDIR)$(PREFIX)/lib/systemd/system/tributary.service
 	chmod 0644 $(DESTDIR)$(PREFIX)/lib/systemd/system/tributary.service

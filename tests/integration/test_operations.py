@@ -549,6 +549,7 @@ class Install(ServiceTest):
                      "share/tributary/tributary.conf.lua.example",
                      "share/tributary/prometheus-alerts.yml",
                      "share/doc/tributary/operations.md", "share/doc/tributary/README.md",
+                     "share/doc/tributary/performance.md",
                      "share/doc/tributary/sample-currents-batch.json",
                      "lib/systemd/system/tributary.service", "lib/sysusers.d/tributary.conf"):
             self.assertTrue(os.path.exists(os.path.join(prefix, path)), path)
