@@ -2117,8 +2117,6 @@ static int load(struct config **out, const char *path, const char *src, size_t l
                      "the configuration file gives os.getenv(\"%s\") as a value, and %s is "
                      "not set: the file gives no value there",
                      env_unset.items[i], env_unset.items[i]);
-        /* a signed request is good for the replay window, and only the dedup
-         * window keeps a replay of it from being delivered again */
         /* the room of signed bodies from senders served before, which
          * clients that never finish theirs cannot take (see http_in.h) */
         long long room_mb = (long long)(2 * UNAUTHENTICATED_BODY_BUDGET >> 20) +
@@ -2129,6 +2127,8 @@ static int load(struct config **out, const char *path, const char *src, size_t l
                      "before no room of their own: clients that never finish a body can hold "
                      "them out; %lld or more gives it (see README, Bounds)",
                      (long long)c->inbound_body_memory_mb, room_mb);
+        /* a signed request is good for the replay window, and only the dedup
+         * window keeps a replay of it from being delivered again */
         if (c->inbound_hmac_secrets.n > 0 && c->dedup_window_s < c->inbound_replay_window_s)
             warn_add(&warnings,
                      "dedup.window_s (%lld) is shorter than inbound.replay_window_s (%lld): a "
