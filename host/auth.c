@@ -303,15 +303,16 @@ enum slot_create { SLOT_FIND, SLOT_FOR_FAILURE, SLOT_FOR_SUCCESS };
  * failure, is a trusted client (one that authenticated within
  * AUTH_TRUSTED_S), so failures from many addresses cannot make it one to
  * refuse. A success, which no flood can bring, takes the slot of the refusal
- * that ends first when there is no other: addresses refused in every slot of
- * a sender's cannot keep its trust from being noted. -1 when there is no room
- * (a failure goes unrecorded). Caller holds T.mu. */
+ * that ends first when there is no other, and only then another trusted
+ * client's: addresses refused in every slot of a sender's cannot keep its
+ * trust from being noted, nor make senders push out each other's. -1 when
+ * there is no room (a failure goes unrecorded). Caller holds T.mu. */
 static int slot_of(const char *address, int64_t now_s, enum slot_create create)
 {
     char key[sizeof T.slot[0].client];
     const char *client = throttle_key(address, key, sizeof key);
     uint64_t h = slot_hash(client);
-    int idle = -1, oldest = -1, ending = -1;
+    int idle = -1, oldest = -1, ending = -1, oldest_trusted = -1;
     for (int probe = 0; probe < 16; probe++) {
         int i = (int)((h + (uint64_t)probe) % SLOTS);
         if (strcmp(T.slot[i].client, client) == 0)
@@ -324,14 +325,17 @@ static int slot_of(const char *address, int64_t now_s, enum slot_create create)
         if (idle < 0 && (T.slot[i].client[0] == '\0' ||
                          (now_s - last_seen(i) > AUTH_THROTTLE_WINDOW_S && !trusted(i, now_s))))
             idle = i;
-        if (create == SLOT_FOR_FAILURE && trusted(i, now_s))
+        if (trusted(i, now_s)) {
+            if (oldest_trusted < 0 || last_seen(i) < last_seen(oldest_trusted))
+                oldest_trusted = i;
             continue;
+        }
         if (oldest < 0 || last_seen(i) < last_seen(oldest))
             oldest = i;
     }
     int victim = idle >= 0 ? idle : oldest;
     if (victim < 0 && create == SLOT_FOR_SUCCESS)
-        victim = ending;
+        victim = ending >= 0 ? ending : oldest_trusted;
     if (create == SLOT_FIND || victim < 0)
         return -1;
     str_copy(T.slot[victim].client, sizeof T.slot[victim].client, client);

@@ -86,8 +86,8 @@ int auth_sign(const char *secret, int64_t t, const char *body, size_t len, char 
 int auth_throttled(const char *client, int64_t now_s, int64_t *retry_after_s);
 /* The lines a second that say failed authentications, and the refusals they
  * start, each (log_budget_allows): a client with many addresses, or behind a
- * trusted one, would otherwise write one per request.
- * tributary_auth_failures_total and the other counters count them all. */
+ * trusted one, would otherwise write one per request. The failures are all
+ * counted (tributary_auth_failures_total and the metrics and admin ones). */
 #define AUTH_LINES_PER_SECOND 20
 
 /* Records a failure; returns 1 when it starts a refusal period. An address

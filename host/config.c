@@ -2118,10 +2118,15 @@ static int load(struct config **out, const char *path, const char *src, size_t l
                      "not set: the file gives no value there",
                      env_unset.items[i], env_unset.items[i]);
         /* the room of signed bodies from senders served before, which
-         * clients that never finish theirs cannot take (see http_in.h) */
+         * clients that never finish theirs cannot take (see http_in.h);
+         * only a signature reads a body before authentication */
+        size_t unknown, trusted;
+        http_in_pool_budgets((size_t)c->inbound_body_memory_mb << 20,
+                             (size_t)c->inbound_max_body_bytes, &unknown, &trusted);
         long long room_mb = (long long)(2 * UNAUTHENTICATED_BODY_BUDGET >> 20) +
                             (c->inbound_max_body_bytes + (1 << 20) - 1) / (1 << 20);
-        if (c->inbound_hmac_secrets.n > 0 && c->inbound_body_memory_mb < room_mb)
+        if (c->inbound_hmac_secrets.n > 0 && strcmp(c->inbound_require, "token") != 0 &&
+            trusted == 0)
             warn_add(&warnings,
                      "inbound.body_memory_mb (%lld) leaves signed requests from senders served "
                      "before no room of their own: clients that never finish a body can hold "

@@ -138,6 +138,13 @@ static _Atomic int closing_connections;
 /* What a body is refused for. */
 enum budget { B_FITS, B_ALL, B_UNAUTHENTICATED };
 
+void http_in_pool_budgets(size_t body_memory, size_t max_body, size_t *unknown, size_t *trusted)
+{
+    size_t spare = body_memory > max_body ? body_memory - max_body : 0;
+    *unknown = spare < UNAUTHENTICATED_BODY_BUDGET ? spare : UNAUTHENTICATED_BODY_BUDGET;
+    *trusted = spare - *unknown >= *unknown ? *unknown : 0;
+}
+
 /* Adds n to *used unless the sum would pass limit; 1 when added. */
 static int reserve(_Atomic size_t *used, size_t n, size_t limit)
 {
@@ -1402,10 +1409,8 @@ int http_in_start(http_in **out, struct ingest *in, const struct http_in_options
     }
     h->in = in;
     h->opt = *o;
-    size_t spare = o->body_memory > o->max_body ? o->body_memory - o->max_body : 0;
-    size_t unknown = spare < UNAUTHENTICATED_BODY_BUDGET ? spare : UNAUTHENTICATED_BODY_BUDGET;
-    h->pool_budget[POOL_UNKNOWN] = unknown;
-    h->pool_budget[POOL_TRUSTED] = spare - unknown >= unknown ? unknown : 0;
+    http_in_pool_budgets(o->body_memory, o->max_body, &h->pool_budget[POOL_UNKNOWN],
+                         &h->pool_budget[POOL_TRUSTED]);
     if (hooks)
         h->hooks = *hooks;
     pthread_mutex_init(&h->conns_mu, NULL);

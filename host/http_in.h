@@ -36,6 +36,11 @@
  * never complete a body cannot hold a signing sender out. */
 #define UNAUTHENTICATED_BODY_BUDGET ((size_t)64 << 20)
 
+/* The room of bodies awaiting a signature check from senders not served
+ * before, and from those served before (0: none of their own, they share the
+ * first), of a body_memory that takes bodies of at most max_body. */
+void http_in_pool_budgets(size_t body_memory, size_t max_body, size_t *unknown, size_t *trusted);
+
 typedef struct http_in http_in;
 
 struct http_in_options {

@@ -3243,8 +3243,8 @@ static int shared_queue(queue *q, char *err, size_t errlen)
     else if (st.st_nlink > 1)
         str_printf(err, errlen,
                    "%s has %ju names (hard links): a service on another data_dir could use the "
-                   "same queue; remove the others",
-                   path, (uintmax_t)st.st_nlink);
+                   "same queue; remove the others (find / -xdev -samefile %s)",
+                   path, (uintmax_t)st.st_nlink, path);
     else
         return 0;
     return -1;
