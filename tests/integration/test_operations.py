@@ -339,7 +339,9 @@ class Logs(ServiceTest):
 
     def test_info_level_is_quiet_under_normal_load(self):
         s = self.service(env={"TRIBUTARY_LOG_LEVEL": "info"})
-        time.sleep(0.2)
+        # the start's last line (slow to come under valgrind)
+        self.wait(lambda: "no mParticle credentials configured" in s.logs(), 10,
+                  "the start's lines")
         before = len(s.logs().splitlines())
         for _ in range(50):
             self.assertEqual(s.post([event() for _ in range(20)]).status, 200)
