@@ -1689,12 +1689,9 @@ const char *config_workspace_problem(const struct config *c, const char *name, s
                                        : NULL;
     if (!workspace_name_ok(name, len))
         return "not a workspace name (UTF-8, at most 128 bytes, no control characters)";
-    if (c->inbound_workspaces.n == 0)
+    /* (len is strlen(name): it has no NUL) */
+    if (c->inbound_workspaces.n == 0 || list_has(&c->inbound_workspaces, name))
         return NULL;
-    for (size_t i = 0; i < c->inbound_workspaces.n; i++) {
-        if (strcmp(c->inbound_workspaces.items[i], name) == 0)
-            return NULL; /* (len is strlen(name): it has no NUL) */
-    }
     return "not one of inbound.workspaces";
 }
 

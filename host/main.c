@@ -468,6 +468,17 @@ static int output_written(int rc)
     return rc ? rc : 1;
 }
 
+/* Blocks three signals in this thread and every thread it starts. */
+static void block_signals(int a, int b, int c)
+{
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, a);
+    sigaddset(&set, b);
+    sigaddset(&set, c);
+    pthread_sigmask(SIG_BLOCK, &set, NULL);
+}
+
 /* The commands on the queue write beside the service: stopped inside a
  * write (Ctrl-Z, or a background job's terminal I/O), one would hold the
  * queue's lock, and every request to the service would fail with it until
@@ -475,12 +486,7 @@ static int output_written(int rc)
  * not commit is undone. */
 static void hold_job_control(void)
 {
-    sigset_t set;
-    sigemptyset(&set);
-    sigaddset(&set, SIGTSTP);
-    sigaddset(&set, SIGTTIN);
-    sigaddset(&set, SIGTTOU);
-    pthread_sigmask(SIG_BLOCK, &set, NULL);
+    block_signals(SIGTSTP, SIGTTIN, SIGTTOU);
 }
 
 int main(int argc, char **argv)
@@ -516,12 +522,7 @@ int main(int argc, char **argv)
          * every thread started afterwards must have them blocked; from the
          * start, so that a SIGHUP sent as the service starts is a reload, not
          * the default action's exit (which systemd counts as a clean stop). */
-        sigset_t set;
-        sigemptyset(&set);
-        sigaddset(&set, SIGTERM);
-        sigaddset(&set, SIGINT);
-        sigaddset(&set, SIGHUP);
-        pthread_sigmask(SIG_BLOCK, &set, NULL);
+        block_signals(SIGTERM, SIGINT, SIGHUP);
     }
     if (serve) {
         /* a client or mParticle that closes its connection is an error of

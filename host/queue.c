@@ -3228,10 +3228,9 @@ static int take_lock(queue *q, char *err, size_t errlen)
  * another name, may be another data_dir's too: a service there would send
  * the same events. Refused; 0 when queue.db is data_dir's own (or not there
  * yet). */
-static int shared_queue(queue *q, char *err, size_t errlen)
+static int shared_queue(const queue *q, char *err, size_t errlen)
 {
-    char path[4096];
-    snprintf(path, sizeof path, "%s/%s", q->opt.dir, QUEUE_FILE);
+    const char *path = q->path;
     struct stat st;
     if (lstat(path, &st) != 0)
         return 0;
